@@ -1,0 +1,58 @@
+"""Backend dispatch: Triton kernels for CUDA tensors, the PyTorch reference for everything else.
+
+`MTP_BACKEND` overrides the choice:
+  - unset / "auto": Triton when every tensor is on CUDA and Triton imports, else reference;
+  - "reference": always the PyTorch reference (useful to A/B a GPU result);
+  - "triton": always Triton. On CPU tensors this needs `TRITON_INTERPRET=1` (set before Triton
+    is imported), which runs the kernels with numpy: that is how the tests exercise them on CPU.
+
+The environment is read at call time, so tests can flip it with `monkeypatch.setenv`.
+Nothing here touches the GPU driver at import time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_CHOICES = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the numpy interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def backend_name() -> str:
+    name = os.environ.get("MTP_BACKEND", "auto").strip().lower() or "auto"
+    if name not in _CHOICES:
+        raise ValueError(f"MTP_BACKEND={name!r} is not one of {_CHOICES}")
+    return name
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Decide whether the Triton kernel should run for these tensors."""
+    name = backend_name()
+    if name == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("MTP_BACKEND=triton but Triton is not importable")
+        if not on_cuda and not interpreting():
+            raise RuntimeError(
+                "MTP_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported"
+            )
+        return True
+    return on_cuda and triton_available()

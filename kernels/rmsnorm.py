@@ -1,0 +1,121 @@
+"""RMSNorm in Triton, forward and backward (Meta's Llama definition).
+
+y = cast_x(x * rstd) * w, with rstd = 1 / sqrt(mean(x^2) + eps) computed in float32.
+The cast back to x's dtype before the scale is what the release does; keeping it makes the
+kernel bit-compatible with `reference.rms_norm`'s rounding.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    stride_x, stride_y, D, eps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    tl.store(rstd_ptr + row, rstd)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs_d, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+    stride_x, stride_dy, stride_dx, M, D, ROWS_PER_PROGRAM,
+    BLOCK_D: tl.constexpr,
+):
+    # Each program owns a contiguous band of rows and writes one partial dw row: the final
+    # sum over programs happens on the host side, so the result is deterministic (no atomics).
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    row_start = pid * ROWS_PER_PROGRAM
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = row_start + i
+        if row < M:
+            x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * stride_dy + offs_d, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            normed = x * rstd
+            dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dn = dy * w
+            dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / D))
+            tl.store(dx_ptr + row * stride_dx + offs_d, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_partial_ptr + pid * D + offs_d, dw_acc, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    x2 = _rows(x)
+    M, D = x2.shape
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty((M, D), dtype=out_dtype, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
+                               BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return y.view(*x.shape[:-1], D), x2, rstd
+
+
+def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    M, D = x2.shape
+    dy2 = _rows(dy)
+    dx = torch.empty_like(x2)
+    # Enough programs to fill the GPU; few under the interpreter (one program runs at a time).
+    target = 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+    rows_per_program = triton.cdiv(M, max(min(M, target), 1))
+    n_programs = triton.cdiv(M, rows_per_program)
+    dw_partial = torch.empty((n_programs, D), dtype=torch.float32, device=x2.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    _rms_norm_bwd_kernel[(n_programs,)](
+        x2, weight, dy2, rstd, dx, dw_partial,
+        x2.stride(0), dy2.stride(0), dx.stride(0), M, D, rows_per_program,
+        BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, x2, rstd = rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(dy, x2, weight, rstd)
+        return dx.view(ctx.x_shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim. x: (..., D) fp32/fp16/bf16; weight: (D,). Differentiable."""
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if x.device != weight.device:
+        raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
+    if not use_triton(x, weight) or x.numel() == 0:
+        return reference.rms_norm(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)

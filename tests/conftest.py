@@ -1,0 +1,33 @@
+"""Test set-up: Triton kernels run under the numpy interpreter unless a GPU run says otherwise.
+
+TRITON_INTERPRET must be set before Triton is imported; benchmarks/gpu_check.sh sets it to 0.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: slower CPU test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton path (interpreted on CPU) for the duration of a test."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true") and not torch.cuda.is_available():
+        pytest.skip("Triton path on CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("MTP_BACKEND", "triton")
+    yield

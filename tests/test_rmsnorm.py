@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from mtp_kernels import reference, rms_norm
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (37, 64), (3, 5, 100), (2, 1001)])
+def test_rmsnorm_triton_matches_reference_fp32(triton_backend, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64).float().requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1])).requires_grad_()
+    y = rms_norm(x, w, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    y64 = reference.rms_norm(x64, w64, 1e-5)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_fp16_rounding_matches_reference(triton_backend):
+    torch.manual_seed(1)
+    x = torch.randn(7, 48).half()
+    w = torch.randn(48).half()
+    torch.testing.assert_close(rms_norm(x, w), reference.rms_norm(x, w), rtol=2e-3, atol=2e-3)
+
+
+def test_rmsnorm_cpu_uses_reference(monkeypatch):
+    monkeypatch.delenv("MTP_BACKEND", raising=False)
+    x = torch.randn(4, 16)
+    w = torch.randn(16)
+    assert torch.equal(rms_norm(x, w), reference.rms_norm(x, w))
+
+
+def test_rmsnorm_bad_weight_shape():
+    with pytest.raises(ValueError, match="weight shape"):
+        rms_norm(torch.randn(2, 8), torch.randn(7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_gpu(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(1000, 4096, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype).requires_grad_()
+    y = rms_norm(x, w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    y64 = reference.rms_norm(x64, w64)
+    y64.backward(dy.double())
+    tol = 2e-2
+    torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+    rel = (w.grad.double() - w64.grad).norm() / w64.grad.norm()
+    assert rel < 1e-2

@@ -1,0 +1,102 @@
+"""SentencePiece tokenizer compatible with Llama's `tokenizer.model`, and a trainer for small ones.
+
+Ids follow Llama: unk 0, bos 1, eos 2, no pad (-1). `encode`/`decode` work on lists of ints.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Union
+
+from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+
+PathLike = Union[str, os.PathLike]
+
+
+class Tokenizer:
+    """Wraps a SentencePiece model file; the same interface as Meta's llama `Tokenizer`."""
+
+    def __init__(self, model_path: PathLike):
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path} (expected a SentencePiece "
+                                    "`tokenizer.model`, e.g. the one shipped with the Llama 2 weights)")
+        self.model_path = str(path)
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(self.model_path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Token ids of `s`, with bos prepended / eos appended when asked."""
+        if not isinstance(s, str):
+            raise ValueError(f"encode expects a str, got {type(s).__name__}")
+        ids = self.sp_model.encode(s)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; control ids (bos/eos) decode to nothing."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_words]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_words})")
+        return self.sp_model.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.model_path!r}, n_words={self.n_words})"
+
+
+def train_tokenizer(files: Iterable[PathLike], vocab_size: int, prefix: PathLike, *,
+                    input_sentence_size: int = 200_000, num_threads: int = 2,
+                    character_coverage: float = 1.0, user_defined_symbols: Optional[List[str]] = None,
+                    ) -> Tokenizer:
+    """Train a Llama-style byte-fallback BPE SentencePiece model and return its `Tokenizer`.
+
+    files: text files, one sentence per line. Writes `{prefix}.model` and `{prefix}.vocab`.
+    Normalization is the identity and whitespace-only pieces are allowed, so source code (indentation,
+    runs of spaces, newlines inside a line are not seen: lines are the unit) round-trips exactly;
+    byte_fallback makes every string encodable, which needs vocab_size >= 259 (3 specials + 256 bytes).
+    """
+    files = [str(f) for f in files]
+    if not files:
+        raise ValueError("train_tokenizer needs at least one text file")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"training text not found: {missing}")
+    if vocab_size < 3 + 256 + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 ids "
+                         "(unk, bos, eos and 256 bytes) plus at least one merge")
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # SentencePiece logs its progress to stderr; minloglevel keeps warnings and errors only.
+    SentencePieceTrainer.train(
+        input=",".join(files),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        character_coverage=character_coverage,
+        max_sentence_length=1 << 16,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=num_threads,
+        user_defined_symbols=user_defined_symbols or [],
+        minloglevel=1,
+    )
+    return Tokenizer(f"{prefix}.model")

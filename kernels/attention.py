@@ -1,0 +1,781 @@
+"""Attention in Triton: flash attention (training / prefill, forward and backward) and KV-cache
+attention (decode and tree verification, split-KV).
+
+Layout is Meta's (batch, time, heads, head_dim). Grouped-query attention (GQA): query head h reads
+kv head h // (H // Hkv); K/V are never repeated in memory.
+
+Flash attention (FA2 structure):
+  forward   one program per (query block, batch*head); online softmax in float32 with exp2 (log2(e)
+            folded into the scale); saves the log-sum-exp (in log2 units) for the backward.
+  backward  delta = rowsum(dO * O); one program per (key block, batch*kv head) computes dK/dV and
+            loops over the query heads of its GQA group itself, so the group sum is deterministic
+            (no atomics); one program per (query block, batch*head) computes dQ.
+  Causal programs skip the blocks above the diagonal and only mask the blocks on it (and the tail).
+
+KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
+GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
+is read once for all of them. Tree masks travel as bits (one int64 word per 64 new nodes per query
+row, packed on the host). When batch*kv_heads is too small to fill the GPU, the cache length is
+split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
+`_kv_combine_kernel` merges them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+
+LOG2E = 1.4426950408889634
+
+# Tests set this to a small number to force the split-KV (flash-decoding) path; None = automatic.
+FORCE_KV_SPLIT_SIZE: int | None = None
+
+# `kv_cache_attention` checks 0 <= cache_seqlens[b] and cache_seqlens[b] + Tq <= S_max. On CUDA
+# that costs one host sync per call (skipped anyway while a CUDA graph is being captured); a caller
+# that guarantees the range itself (the generator's hot loop, the benchmark) may switch it off.
+VALIDATE_CACHE_SEQLENS = True
+
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# ============================================================================================
+# Flash attention: forward
+# ============================================================================================
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+               offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # MASKED=False is the hot loop: every key in [lo, hi) is visible to every query row.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            visible = cols[None, :] < T
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row may see nothing yet: keep m_i = -inf but exponentiate against 0 (no NaN).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, H, GROUP, qk_scale, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks do the most work under a causal mask: launch them first.
+        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        full_hi = start_m                      # keys strictly before the block: all visible
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = (T // BLOCK_N) * BLOCK_N
+        masked_hi = T
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               offs_m, offs_n, offs_d, full_hi, masked_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, True)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ============================================================================================
+# Flash attention: backward
+# ============================================================================================
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    T, H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, lo, hi, T, qk_scale,
+                    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # Scores are built transposed (keys x queries) so dK and dV accumulate without a transpose.
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < T
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        qk_t = tl.dot(k, tl.trans(q))
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASKED:
+            visible = row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(visible, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // HKV).to(tl.int64)
+    kvh = bkv % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query blocks: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, full_hi) are
+    # entirely visible, [full_hi, T) is the ragged tail (masked).
+    if CAUSAL:
+        diag_lo = start_n
+        diag_hi = tl.minimum(start_n + BLOCK_N, T)
+    else:
+        diag_lo = 0
+        diag_hi = 0
+    full_hi = tl.maximum(diag_hi, (T // BLOCK_M) * BLOCK_M)
+
+    # The GQA group's query heads in a fixed order: a deterministic sum with no atomics.
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * T
+        delta_base = DELTA + bh * T
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 offs_n, offs_d, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 offs_n, offs_d, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 offs_n, offs_d, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                  offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < T
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T, H, GROUP, qk_scale, sm_scale, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        full_hi = start_m
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = (T // BLOCK_N) * BLOCK_N
+        masked_hi = T
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n, offs_d, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ============================================================================================
+# Flash attention: launch configuration
+# ============================================================================================
+# Under the interpreter: one small fixed config whose blocks still exercise the multi-block
+# diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
+_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
+_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+
+# Hopper (H100/H200) candidates. The causal stage split needs BLOCK_M % BLOCK_N == 0 in the
+# forward and dQ kernels and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
+_GPU_FWD_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=4),
+]
+_GPU_DKDV_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64), num_warps=4, num_stages=4),
+]
+_GPU_DQ_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=4),
+]
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(which: str):
+    """Autotuned variants, built on first GPU use (never at import, never under the interpreter)."""
+    kernel, configs = {
+        "fwd": (_flash_fwd_kernel, _GPU_FWD_CONFIGS),
+        "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
+        "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
+    }[which]
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+
+
+def _t_bucket(T: int) -> int:
+    # Tune once per power-of-two length band, not once per prompt length.
+    return min(triton.next_power_of_2(max(T, 1)), 16384)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bth_strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float):
+    """q: (B, T, H, D), k/v: (B, T, Hkv, D), last dim contiguous. Returns o (B, T, H, D) in q.dtype
+    and lse (B, H, T) float32 in log2 units (log2 of the softmax denominator, scale included)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
+            T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T))
+    if interpreting():
+        grid = (triton.cdiv(T, _INTERP_FWD["BLOCK_M"]), B * H)
+        _flash_fwd_kernel[grid](*args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_FWD, num_warps=4)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _tuned("fwd")[grid](*args, HEAD_DIM=D, CAUSAL=causal)
+    return o, lse
+
+
+def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+    """Gradients (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    do = _last_dim_contiguous(do)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    block = 16 if interpreting() else 64
+    _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
+        o, do, delta, *_bth_strides(o), *_bth_strides(do), T, H, HEAD_DIM=D, BLOCK_M=block)
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    qk_scale = sm_scale * LOG2E
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv,
+                 *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
+                 *_bth_strides(dk), *_bth_strides(dv),
+                 T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+    dq_args = (q, k, v, do, lse, delta, dq,
+               *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
+               T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+    if interpreting():
+        _flash_bwd_dkdv_kernel[(triton.cdiv(T, _INTERP_DKDV["BLOCK_N"]), B * Hkv)](
+            *dkdv_args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_DKDV, num_warps=4)
+        _flash_bwd_dq_kernel[(triton.cdiv(T, _INTERP_DQ["BLOCK_M"]), B * H)](
+            *dq_args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_DQ, num_warps=4)
+    else:
+        _tuned("dkdv")[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
+            *dkdv_args, HEAD_DIM=D, CAUSAL=causal)
+        _tuned("dq")[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+            *dq_args, HEAD_DIM=D, CAUSAL=causal)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = flash_attention_fwd(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+# ============================================================================================
+# KV-cache attention (decode / tree verification)
+# ============================================================================================
+@triton.jit
+def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, mask_bits,
+              offs_n, offs_d, lo, hi, cache_len, Tq, MASK_WORDS, qk_scale,
+              BLOCK_N: tl.constexpr, TREE: tl.constexpr, MASKED: tl.constexpr):
+    # MASKED=False: keys in [lo, hi) are all old cache entries, visible to every query row.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
+        if MASKED:
+            in_range = cols < hi
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            j = cols - cache_len                       # index of the new node in slot `cols`
+            is_new = (j >= 0) & (j < Tq)
+            if TREE:
+                jc = tl.where(is_new, j, 0)
+                word = tl.load(mask_bits + q_idx[:, None] * MASK_WORDS + (jc // 64)[None, :],
+                               mask=row_ok[:, None] & is_new[None, :], other=0)
+                bit = (word >> (jc % 64).to(tl.int64)[None, :]) & 1
+                sees_new = is_new[None, :] & (bit != 0)
+            else:
+                sees_new = is_new[None, :] & (j[None, :] <= q_idx[:, None])
+            visible = in_range[None, :] & ((cols < cache_len)[None, :] | sees_new)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _kv_attn_kernel(
+    Q, K, V, SEQLENS, MASK_BITS, O, O_PART, LSE_PART,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    Tq, HKV, GROUP, SPLIT_SIZE, N_SPLITS, MASK_WORDS, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TREE: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # Row r of the tile is query q_idx = r // GROUP of head kvh * GROUP + r % GROUP.
+    pid_row = tl.program_id(0)
+    split = tl.program_id(1)
+    bkv = tl.program_id(2)
+    b = (bkv // HKV).to(tl.int64)
+    kvh = bkv % HKV
+    H = HKV * GROUP
+
+    rows = pid_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * Tq
+    q_idx = rows // GROUP
+    h = kvh * GROUP + rows % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * stride_qb + q_idx[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    cache_len = tl.load(SEQLENS + b).to(tl.int32)
+    lo = split * SPLIT_SIZE
+    hi = tl.minimum(lo + SPLIT_SIZE, cache_len + Tq)
+    if not TREE:
+        # Causal: no row of this tile sees past its last query's own slot.
+        last_q = tl.minimum((pid_row * BLOCK_M + BLOCK_M - 1) // GROUP, Tq - 1)
+        hi = tl.minimum(hi, cache_len + last_q + 1)
+    full_hi = tl.maximum(lo, lo + ((tl.minimum(hi, cache_len) - lo) // BLOCK_N) * BLOCK_N)
+
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, MASK_BITS,
+                              offs_n, offs_d, lo, full_hi, cache_len, Tq, MASK_WORDS, qk_scale,
+                              BLOCK_N, TREE, False)
+    acc, l_i, m_i = _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, MASK_BITS,
+                              offs_n, offs_d, full_hi, hi, cache_len, Tq, MASK_WORDS, qk_scale,
+                              BLOCK_N, TREE, True)
+
+    # A row that sees nothing (an empty split, or a tree row without its diagonal) yields 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        part = ((b * Tq + q_idx) * H + h) * N_SPLITS + split
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    else:
+        tl.store(O + b * stride_ob + q_idx[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _kv_combine_kernel(
+    O_PART, LSE_PART, O, Tq, H, N_SPLITS,
+    stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)        # (b * Tq + i) * H + h
+    h = row % H
+    i = (row // H) % Tq
+    b = row // (H * Tq)
+    offs_s = tl.arange(0, SPLITS_POW2)
+    lse_all = tl.load(LSE_PART + row * N_SPLITS + offs_s, mask=offs_s < N_SPLITS, other=float("-inf"))
+    m = tl.max(lse_all, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.math.exp2(lse_all - m), 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, N_SPLITS, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < N_SPLITS
+        w = tl.math.exp2(tl.load(LSE_PART + row * N_SPLITS + offs, mask=ok, other=float("-inf")) - m)
+        part = tl.load(O_PART + (row * N_SPLITS + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pack_tree_mask(tree_mask: torch.Tensor, Tq: int) -> torch.Tensor:
+    """(Tq, Tq) bool -> (Tq, ceil(Tq / 64)) int64: bit j % 64 of word j // 64 = tree_mask[i, j]."""
+    words = triton.cdiv(Tq, 64)
+    padded = torch.zeros((Tq, words * 64), dtype=torch.int64, device=tree_mask.device)
+    padded[:, :Tq] = tree_mask.to(torch.int64)
+    # Bit 63 weighs -2**63 in two's complement; the sum of distinct powers never overflows.
+    weights = torch.ones(64, dtype=torch.int64, device=tree_mask.device) << torch.arange(
+        64, dtype=torch.int64, device=tree_mask.device)
+    return (padded.view(Tq, words, 64) * weights).sum(-1).contiguous()
+
+
+def _kv_launch_config(B: int, Hkv: int, rows: int, S_max: int, D: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, split_size, n_splits)."""
+    if interpreting():
+        block_m = min(max(triton.next_power_of_2(rows), 16), 32)
+        block_n, num_warps, num_stages = 16, 4, 1
+    else:
+        block_m = min(max(triton.next_power_of_2(rows), 16), 128)
+        block_n = 64
+        num_warps = 4 if block_m <= 64 else 8
+        num_stages = 3
+    n_blocks = triton.cdiv(S_max, block_n)
+    row_tiles = triton.cdiv(rows, block_m)
+    if FORCE_KV_SPLIT_SIZE is not None:
+        split_blocks = triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), block_n)
+    elif interpreting() or device.type != "cuda":
+        split_blocks = n_blocks
+    else:
+        # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle;
+        # aim for about four programs per SM so enough loads are in flight to saturate HBM.
+        programs = B * Hkv * row_tiles
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        n_splits = 1 if programs >= target // 2 else min(n_blocks, triton.cdiv(target, programs))
+        split_blocks = triton.cdiv(n_blocks, n_splits)
+    split_size = split_blocks * block_n
+    return block_m, block_n, num_warps, num_stages, split_size, triton.cdiv(S_max, split_size)
+
+
+def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float):
+    """Launcher (inputs already validated). q: (B, Tq, H, D); caches: (B, S_max, Hkv, D)."""
+    B, Tq, H, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = H // Hkv
+    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    seqlens = cache_seqlens.contiguous()
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    rows = group * Tq
+    block_m, block_n, num_warps, num_stages, split_size, n_splits = _kv_launch_config(
+        B, Hkv, rows, S_max, D, q.device)
+    tree = tree_mask is not None
+    mask_bits = _pack_tree_mask(tree_mask, Tq) if tree else seqlens   # unused when not TREE
+    mask_words = triton.cdiv(Tq, 64)
+    split = n_splits > 1
+    if split:
+        o_part = torch.empty((B, Tq, H, n_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Tq, H, n_splits), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out                                          # unused when not SPLIT
+    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
+    _kv_attn_kernel[grid](
+        q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part,
+        *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
+        Tq, Hkv, group, split_size, n_splits, mask_words, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, TREE=tree, SPLIT=split,
+        num_warps=num_warps, num_stages=num_stages)
+    if split:
+        splits_pow2 = triton.next_power_of_2(n_splits)
+        _kv_combine_kernel[(B * Tq * H,)](
+            o_part, lse_part, out, Tq, H, n_splits, *_bth_strides(out),
+            HEAD_DIM=D, SPLITS_POW2=splits_pow2, BLOCK_S=min(splits_pow2, 16), num_warps=1 if D <= 64 else 2)
+    return out
+
+
+# ============================================================================================
+# Public functions
+# ============================================================================================
+def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str):
+    for t, n in ((q, "q"), (k, k_name), (v, v_name)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {n} must be a 4-D tensor (batch, time, heads, head_dim), got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: {k_name} shape {tuple(k.shape)} != {v_name} shape {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{name}: batch of q {tuple(q.shape)} != batch of {k_name} {tuple(k.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{name}: head_dim of q {tuple(q.shape)} != head_dim of {k_name} {tuple(k.shape)}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"{name}: q heads H={q.shape[2]} must be a multiple of kv heads Hkv={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"{name}: q, {k_name}, {v_name} must share one floating dtype, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, {k_name}, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _kernel_supports(q: torch.Tensor) -> bool:
+    """Shapes/dtypes the Triton kernels handle; anything else valid runs on the reference."""
+    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16)
+    return q.dtype in (torch.float32, torch.float16)
+
+
+def _default_scale(sm_scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
+    """Training/prefill attention. q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) with H % Hkv == 0 (GQA: query head h
+    uses kv head h // (H // Hkv)); any strides (a last dim that is not contiguous is copied). Returns
+    (B, T, H, Dh) in q.dtype; differentiable w.r.t. q, k, v. sm_scale defaults to 1/sqrt(Dh).
+    Triton path: Dh in {16, 32, 64, 128}, fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
+    other valid inputs run the reference."""
+    _check_heads("flash_attention", q, k, v, "k", "v")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"flash_attention: q length {q.shape[1]} != k/v length {k.shape[1]} "
+                         f"(use kv_cache_attention for queries against a cache)")
+    scale = _default_scale(sm_scale, q.shape[-1])
+    if not use_triton(q, k, v) or not _kernel_supports(q) or q.numel() == 0:
+        return reference.attention(q, k, v, causal=causal, sm_scale=scale)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+
+
+def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_scale=None) -> torch.Tensor:
+    """Inference attention against a static KV cache (no autograd).
+    q: (B, Tq, H, Dh); k_cache, v_cache: (B, S_max, Hkv, Dh); cache_seqlens: (B,) int32/int64 = tokens already in
+    the cache before the Tq new ones, whose K/V the caller has already written at slots cache_seqlens[b] + j.
+    Query i of sequence b attends to slots [0, cache_seqlens[b]) and to new slot cache_seqlens[b] + j where
+    tree_mask[i, j] (a (Tq, Tq) bool shared by the batch; None = causal, j <= i). Returns (B, Tq, H, Dh) in
+    q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
+    on an empty cache) returns zeros."""
+    name = "kv_cache_attention"
+    _check_heads(name, q, k_cache, v_cache, "k_cache", "v_cache")
+    B, Tq, _, _ = q.shape
+    S_max = k_cache.shape[1]
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,):
+        shape = tuple(cache_seqlens.shape) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+        raise ValueError(f"{name}: cache_seqlens must be a tensor of shape ({B},), got {shape}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{name}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if tree_mask is not None:
+        if not isinstance(tree_mask, torch.Tensor) or tree_mask.shape != (Tq, Tq):
+            shape = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
+            raise ValueError(f"{name}: tree_mask must have shape (Tq, Tq) = ({Tq}, {Tq}), got {shape}")
+        if tree_mask.dtype != torch.bool:
+            raise ValueError(f"{name}: tree_mask must be torch.bool, got {tree_mask.dtype}")
+        if tree_mask.device != q.device:
+            raise ValueError(f"{name}: tree_mask is on {tree_mask.device} but q is on {q.device}")
+    if Tq > S_max:
+        raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
+    check_range = VALIDATE_CACHE_SEQLENS or not cache_seqlens.is_cuda
+    if check_range and B > 0 and not (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        bad = ((cache_seqlens < 0) | (cache_seqlens > S_max - Tq)).any()
+        if bool(bad):
+            raise ValueError(f"{name}: cache_seqlens must lie in [0, S_max - Tq] = [0, {S_max - Tq}] "
+                             f"(S_max={S_max}, Tq={Tq}), got {cache_seqlens.tolist()}")
+    scale = _default_scale(sm_scale, q.shape[-1])
+    with torch.no_grad():
+        if not use_triton(q, k_cache, v_cache) or not _kernel_supports(q) or q.numel() == 0:
+            return reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
+        return kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)

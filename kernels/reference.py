@@ -19,6 +19,58 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 # --------------------------------------------------------------------------------------------
+# Fused n-head linear cross-entropy: the per-chunk step and the whole CPU path
+# --------------------------------------------------------------------------------------------
+def ce_chunk(logits, targets, row_scale, loss_out, lse_out, opts, compute_grad: bool) -> None:
+    """Twin of the Triton chunk kernel in fused_linear_ce.py.
+
+    logits: (R, V) any float dtype, overwritten with d(total)/d(logits) when compute_grad;
+    targets: (R,) int64; row_scale: (R,) float32 gradient factor per row;
+    loss_out, lse_out: (R,) float32, written (per-row loss without row_scale; 0 where ignored).
+    Loss per row, with s = softcap * tanh(z / softcap) (or s = z):
+        lse(s) - (1 - eps) * s[t] - eps * mean(s) + z_loss * lse^2
+    """
+    V = logits.shape[1]
+    z = logits.float()
+    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
+    lse = torch.logsumexp(s, dim=1)
+    valid = targets != opts.ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    s_t = s.gather(1, safe_t[:, None])[:, 0]
+    eps = opts.label_smoothing
+    loss = lse - (1.0 - eps) * s_t + opts.z_loss * lse * lse
+    if eps:
+        loss = loss - eps * s.mean(dim=1)
+    loss_out.copy_(torch.where(valid, loss, torch.zeros_like(loss)))
+    lse_out.copy_(torch.where(valid, lse, torch.zeros_like(lse)))
+    if not compute_grad:
+        return
+    grad = torch.exp(s - lse[:, None]) * (1.0 + 2.0 * opts.z_loss * lse[:, None])
+    grad.scatter_add_(1, safe_t[:, None], torch.full_like(s_t[:, None], -(1.0 - eps)))
+    if eps:
+        grad -= eps / V
+    if opts.softcap is not None:
+        grad *= 1.0 - (s / opts.softcap) ** 2
+    grad *= torch.where(valid, row_scale, torch.zeros_like(row_scale))[:, None]
+    logits.copy_(grad)
+
+
+def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
+                               head_weights=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                               max_scratch_bytes=None, return_per_head=False):
+    """CPU path of `mtp_kernels.fused_linear_cross_entropy`: the same chunked driver, torch per chunk.
+
+    Memory is bounded like the GPU path: logits exist one chunk of rows at a time.
+    """
+    from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, targets, ce_chunk, ignore_index=ignore_index, reduction=reduction,
+                                head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
+                                softcap=softcap, max_scratch_bytes=max_scratch_bytes or DEFAULT_SCRATCH_BYTES,
+                                return_per_head=return_per_head)
+
+
+# --------------------------------------------------------------------------------------------
 # Attention (flash attention for training/prefill; KV-cache attention for decode/tree verify)
 # --------------------------------------------------------------------------------------------
 def _attention_compute_dtype(x: torch.Tensor) -> torch.dtype:

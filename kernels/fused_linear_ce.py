@@ -1,0 +1,139 @@
+"""Fused n-head linear + cross-entropy: the Triton chunk kernel and the public function.
+
+The GEMMs run on cuBLAS (see linear_ce_driver.py for the chunk loop and why); this file holds
+the one step between them that PyTorch would do in many passes: per row of a logits chunk,
+log-sum-exp, loss, and the gradient d(total)/d(logits) written over the logits in place.
+
+Per row (all in float32, s = softcap * tanh(z / softcap) or s = z, eps = label smoothing):
+    lse  = log(sum_j exp(s_j))
+    loss = lse - (1 - eps) s_t - eps mean(s) + z_loss lse^2
+    dz_j = row_scale * (p_j (1 + 2 z_loss lse) - (1 - eps) [j = t] - eps / V) * (1 - (s_j/softcap)^2)
+Pass 1 streams the row once for an online max / sum-exp and the sum of s; pass 2 streams it
+again (mostly from L2) and writes dz in the logits' own dtype. Each element is read and
+written by the same thread, so writing in place is race-free.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy
+
+@triton.jit
+def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        # tanh(x) = sign(x) (1 - 2 / (exp(2|x|) + 1)); |x| is clamped where tanh is already 1 in fp32.
+        x = z / softcap
+        t = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * tl.abs(x), 60.0)) + 1.0)
+        return softcap * tl.where(x < 0, -t, t)
+    else:
+        return z
+
+
+@triton.jit
+def _ce_chunk_kernel(
+    logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr, lse_ptr,
+    V, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(logits_ptr.dtype.element_ty),
+                         mask=cols < V)
+    else:
+        # Pass 1: online max and sum of exp (base 2), and the plain sum of s for label smoothing.
+        # A finite floor instead of -inf keeps (m - m_new) free of inf - inf for masked lanes.
+        m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
+        acc = tl.zeros((BLOCK_V,), tl.float32)
+        s_sum = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, s)
+            acc = acc * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((s - m_new) * 1.4426950408889634)
+            m = m_new
+            s_sum += tl.where(mask, s, 0.0)
+        m_row = tl.max(m, axis=0)
+        sum_exp = tl.sum(acc * tl.exp2((m - m_row) * 1.4426950408889634), axis=0)
+        lse = m_row + tl.log(sum_exp)
+        s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
+        loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
+        loss -= label_smoothing * tl.sum(s_sum, axis=0) / V
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + row)
+            p_factor = scale * (1.0 + 2.0 * z_loss * lse)
+            smooth = scale * label_smoothing / V
+            hit = scale * (1.0 - label_smoothing)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                s = _softcapped(z, softcap, HAS_SOFTCAP)
+                grad = tl.exp2((s - lse) * 1.4426950408889634) * p_factor - smooth
+                grad = tl.where(cols == target, grad - hit, grad)
+                if HAS_SOFTCAP:
+                    grad = grad * (1.0 - (s / softcap) * (s / softcap))
+                tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, loss_out: torch.Tensor,
+             lse_out: torch.Tensor, opts: CEOptions, compute_grad: bool) -> None:
+    """Launcher; same contract as `reference.ce_chunk`. logits: (R, V) with unit column stride."""
+    R, V = logits.shape
+    if R == 0:
+        return
+    if interpreting():
+        block_v, num_warps = 64, 1
+    else:
+        block_v, num_warps = min(triton.next_power_of_2(V), 4096), 16
+    _ce_chunk_kernel[(R,)](
+        logits, logits.stride(0), targets, row_scale, loss_out, lse_out,
+        V, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+        1.0 if opts.softcap is None else opts.softcap,
+        HAS_SOFTCAP=opts.softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               head_weights: Union[None, Sequence[float], torch.Tensor] = None,
+                               label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                               max_scratch_bytes: Optional[int] = None, return_per_head: bool = False):
+    """Cross-entropy of `hidden @ weight.T` for n heads at once, without materializing the logits.
+
+    hidden: (n, N, D) or (N, D), fp32/fp16/bf16; weight: (V, D), same dtype; targets: (n, N) or
+    (N,) integer, entries equal to ignore_index are skipped.
+    reduction "mean": sum_i lambda_i * mean over head i's valid tokens (a head with none gives 0);
+    "sum": sum_i lambda_i * sum_t; "none": (n, N) (or (N,)) per-token losses times lambda_i, 0 where
+    ignored. head_weights: lambda_i, default 1. z_loss adds z_loss * lse^2 per token; softcap
+    applies softcap * tanh(logits / softcap). Scratch memory is at most `max_scratch_bytes`
+    (default 256 MiB) of logits at a time, whatever N is. With return_per_head=True, returns
+    (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
+    """
+    budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else max_scratch_bytes
+    tensors = [t for t in (hidden, weight, targets) if isinstance(t, torch.Tensor)]
+    if len(tensors) == 3 and use_triton(*tensors):
+        chunk_fn = ce_chunk
+    else:
+        chunk_fn = reference.ce_chunk
+    return linear_cross_entropy(hidden, weight, targets, chunk_fn, ignore_index=ignore_index, reduction=reduction,
+                                head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
+                                softcap=softcap, max_scratch_bytes=budget, return_per_head=return_per_head)

@@ -1,0 +1,235 @@
+"""The host side of the fused n-head linear cross-entropy, shared by the Triton and CPU paths.
+
+All n heads share the unembedding, so the heads are one (n*N, D) problem: one pass over the
+vocabulary serves every head. Rows are processed in chunks whose logits fit a fixed scratch
+budget; for each chunk:
+
+    logits = H_c @ W^T                 (GEMM, written into the reused scratch buffer)
+    ce_chunk(logits)                   (per row: lse, loss, and dlogits written over the logits)
+    dH_c   = dlogits @ W               (GEMM, complete per chunk: one rounding)
+    dW    += dlogits^T @ H_c           (GEMM with beta=1)
+
+That is the floor of three matmuls; the full (n*N, V) logits never exist. When the gradient
+is needed the forward computes it right away (the backward only scales it by grad_output), so
+logits are computed once. `ce_chunk` is the only piece that differs between paths: a Triton
+kernel on GPU, `reference.ce_chunk` on CPU. Everything here is plain PyTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class CEOptions:
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+
+
+def rows_per_chunk(M: int, V: int, element_size: int, max_scratch_bytes: int) -> int:
+    """Rows of logits that fit the scratch budget; a multiple of 64 when that many fit (GEMM tiles)."""
+    rows = max(1, int(max_scratch_bytes) // (V * element_size))
+    if rows >= 64:
+        rows -= rows % 64
+    return min(rows, M)
+
+
+def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     row_scale: torch.Tensor, opts: CEOptions, ce_chunk: Callable, *,
+                     grad_rows: bool, grad_weight: bool, max_scratch_bytes: int):
+    """One pass over all rows.
+
+    rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) float32, the
+    factor d(total)/d(row loss) used for the gradient. Returns (loss (M,) fp32 unscaled per-row
+    losses, 0 where ignored; lse (M,) fp32; dH (M, D) or None; dW (V, D) or None).
+    """
+    M, D = rows.shape
+    V = weight.shape[0]
+    loss = torch.empty(M, dtype=torch.float32, device=rows.device)
+    lse = torch.empty(M, dtype=torch.float32, device=rows.device)
+    compute_grad = grad_rows or grad_weight
+    d_rows = torch.empty_like(rows) if grad_rows else None
+    d_weight = None
+    if M == 0:
+        return loss, lse, d_rows, (torch.zeros_like(weight) if grad_weight else None)
+    chunk = rows_per_chunk(M, V, weight.element_size(), max_scratch_bytes)
+    scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
+    w_t = weight.t()
+    for start in range(0, M, chunk):
+        stop = min(start + chunk, M)
+        h = rows[start:stop]
+        logits = torch.mm(h, w_t, out=scratch[: stop - start])
+        ce_chunk(logits, targets[start:stop], row_scale[start:stop], loss[start:stop], lse[start:stop],
+                 opts, compute_grad)
+        if grad_rows:
+            torch.mm(logits, weight, out=d_rows[start:stop])
+        if grad_weight:
+            if d_weight is None:
+                d_weight = torch.mm(logits.t(), h)
+            else:
+                d_weight.addmm_(logits.t(), h)
+    return loss, lse, d_rows, d_weight
+
+
+# ------------------------------------------------------------------------------------------
+# Input checks and the per-row factors
+# ------------------------------------------------------------------------------------------
+def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap):
+    """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), n, N, single_head)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise ValueError("fused_linear_cross_entropy: hidden, weight and targets must be tensors")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    single_head = hidden.dim() == 2
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (n, N, D) or (N, D), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, D), got shape {tuple(weight.shape)}")
+    h3 = hidden.unsqueeze(0) if single_head else hidden
+    n, N, D = h3.shape
+    V = weight.shape[0]
+    if weight.shape[1] != D:
+        raise ValueError(f"weight has D={weight.shape[1]} but hidden has D={D} (hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})")
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary (V=0)")
+    expected_t = (N,) if single_head else (n, N)
+    if tuple(targets.shape) != expected_t:
+        raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) must be on one device")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+    flat_t = targets.reshape(-1).to(torch.int64)
+    bad = ((flat_t < 0) | (flat_t >= V)) & (flat_t != ignore_index)
+    if flat_t.numel() and bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside [0, {V}) "
+                         f"that is not ignore_index={ignore_index}")
+
+    if head_weights is None:
+        lam = torch.ones(n, dtype=torch.float32, device=hidden.device)
+    else:
+        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(hidden.device).reshape(-1)
+        if lam.numel() != n:
+            raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
+    rows = h3.reshape(n * N, D)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
+    return rows, flat_t.contiguous(), lam_rows, lam, n, N, single_head
+
+
+def head_factors(targets: torch.Tensor, lam: torch.Tensor, n: int, N: int, ignore_index: int, reduction: str):
+    """d(total loss)/d(row loss) per row for mean/sum: lambda_i / valid_count_i, or lambda_i."""
+    if reduction == "sum":
+        per_head = lam
+    else:
+        valid = (targets.view(n, N) != ignore_index).sum(1).to(torch.float32)
+        per_head = lam / valid.clamp(min=1.0)
+    return per_head[:, None].expand(n, N).reshape(-1).contiguous()
+
+
+def reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single):
+    """The returned loss: a scalar (mean/sum: rows times their factor), or (n, N) / (N,) for none."""
+    if reduction == "none":
+        out = loss_rows * lam_rows
+        return out.view(N) if single else out.view(n, N)
+    return (loss_rows * scale).sum()
+
+
+def per_head_losses(loss_rows, targets, n, N, ignore_index, reduction):
+    """(n,) float32 unweighted loss of each head (mean over its valid tokens, or sum), for logging."""
+    totals = loss_rows.view(n, N).sum(1)
+    if reduction == "sum":
+        return totals
+    return totals / (targets.view(n, N) != ignore_index).sum(1).clamp(min=1).to(torch.float32)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper around `linear_ce_chunks`, generic over the per-chunk kernel."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing,
+                z_loss, softcap, max_scratch_bytes, ce_chunk):
+        rows, flat_t, lam_rows, lam, n, N, single = prepare(
+            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+        opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+        grad_rows, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # For mean/sum the gradient factor is known now, so the forward computes the gradients
+        # in the same pass; for "none" it depends on grad_output and waits for backward.
+        eager_grad = reduction != "none" and (grad_rows or grad_weight)
+        scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if reduction != "none" else lam_rows
+        loss_rows, _, d_rows, d_weight = linear_ce_chunks(
+            rows, weight, flat_t, scale, opts, ce_chunk,
+            grad_rows=eager_grad and grad_rows, grad_weight=eager_grad and grad_weight,
+            max_scratch_bytes=max_scratch_bytes)
+        ctx.meta = (reduction, opts, ce_chunk, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
+        if eager_grad:
+            ctx.save_for_backward(d_rows, d_weight)
+        else:
+            ctx.save_for_backward(rows, weight, flat_t, lam_rows)
+        per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+        ctx.mark_non_differentiable(per_head)
+        return reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single), per_head
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_per_head=None):
+        reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
+        if reduction != "none":
+            d_rows, d_weight = ctx.saved_tensors
+            # The gradients are ours (made in forward): scale them in place, no copies.
+            if d_rows is not None:
+                d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
+            if d_weight is not None:
+                d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+        else:
+            rows, weight, flat_t, lam_rows = ctx.saved_tensors
+            scale = grad_out.reshape(-1).to(torch.float32) * lam_rows
+            _, _, d_rows, d_weight = linear_ce_chunks(
+                rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
+                grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            if d_rows is not None:
+                d_rows = d_rows.view(hidden_shape)
+        return d_rows, d_weight, None, None, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, ce_chunk, *, ignore_index=-100, reduction="mean",
+                         head_weights: Union[None, Sequence[float], torch.Tensor] = None,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, max_scratch_bytes=DEFAULT_SCRATCH_BYTES,
+                         return_per_head=False):
+    """Shared body of the public function (see fused_linear_ce.fused_linear_cross_entropy)."""
+    if int(max_scratch_bytes) <= 0:
+        raise ValueError(f"max_scratch_bytes must be > 0, got {max_scratch_bytes}")
+    needs_grad = torch.is_grad_enabled() and (
+        getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False))
+    if needs_grad:
+        loss, per_head = LinearCrossEntropyFunction.apply(
+            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+            int(max_scratch_bytes), ce_chunk)
+    else:
+        # Evaluation: loss only, one GEMM per chunk, nothing saved for backward.
+        rows, flat_t, lam_rows, lam, n, N, single = prepare(
+            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+        opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+        loss_rows, _, _, _ = linear_ce_chunks(rows, weight, flat_t, lam_rows, opts, ce_chunk, grad_rows=False,
+                                              grad_weight=False, max_scratch_bytes=int(max_scratch_bytes))
+        scale = lam_rows if reduction == "none" else head_factors(flat_t, lam, n, N, ignore_index, reduction)
+        loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
+        per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+    return (loss, per_head) if return_per_head else loss

@@ -1,0 +1,314 @@
+"""Fused n-head linear cross-entropy vs a naive float64 oracle, on both paths."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mtp_kernels import fused_linear_cross_entropy, reference
+
+IGNORE = -100
+
+
+def naive_loss(hidden, weight, targets, *, ignore_index=IGNORE, reduction="mean", head_weights=None,
+               label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """Unfused oracle: materialize every head's logits (float64 in the tests)."""
+    single = hidden.dim() == 2
+    h = hidden.unsqueeze(0) if single else hidden
+    t = targets.unsqueeze(0) if single else targets
+    n, N, _ = h.shape
+    lam = [1.0] * n if head_weights is None else list(head_weights)
+    per_head = []
+    for i in range(n):
+        z = h[i] @ weight.T
+        s = softcap * torch.tanh(z / softcap) if softcap is not None else z
+        valid = t[i] != ignore_index
+        lse = torch.logsumexp(s, dim=1)
+        ce = F.cross_entropy(s, t[i], ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+        tok = torch.where(valid, ce + z_loss * lse * lse, torch.zeros_like(ce))
+        per_head.append(lam[i] * tok)
+    tok = torch.stack(per_head)
+    if reduction == "none":
+        return tok[0] if single else tok
+    if reduction == "sum":
+        return tok.sum()
+    counts = (t != ignore_index).sum(1).clamp(min=1)
+    return (tok.sum(1) / counts).sum()
+
+
+def make_inputs(n, N, D, V, dtype=torch.float32, ignore_frac=0.2, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, N, D, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) / D ** 0.5).to(dtype)
+    targets = torch.randint(0, V, (n, N), generator=g)
+    targets[torch.rand(n, N, generator=g) < ignore_frac] = IGNORE
+    return hidden, weight, targets
+
+
+def check_against_oracle(n, N, D, V, budget_rows, grad_seed=1, rtol=1e-4, **opts):
+    hidden, weight, targets = make_inputs(n, N, D, V)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fused_linear_cross_entropy(h, w, targets, max_scratch_bytes=budget_rows * V * 4, **opts)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    ref = naive_loss(h64, w64, targets, **opts)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    out.backward(g.float())
+    ref.backward(g)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=rtol, atol=1e-5)
+
+
+OPTION_SETS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"head_weights": [1.0, 0.5, 0.25, 0.125]},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"label_smoothing": 0.05, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none", "head_weights": [2, 1, 1, 0.5]},
+]
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_cpu_path_matches_oracle(opts):
+    check_against_oracle(4, 37, 24, 1001, budget_rows=16, **opts)
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_triton_path_matches_oracle(triton_backend, opts):
+    # Small under the interpreter: it runs one program (one row) at a time.
+    check_against_oracle(4, 5, 16, 201, budget_rows=8, **opts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_single_head_and_odd_shapes(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    N, D, V = (37, 33, 1001) if backend == "cpu" else (7, 9, 131)
+    hidden, weight, targets = make_inputs(1, N, D, V)
+    h = hidden[0].clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, targets[0], max_scratch_bytes=3 * V * 4)
+    loss.backward()
+    h64, w64 = hidden[0].double().requires_grad_(), weight.double().requires_grad_()
+    ref = naive_loss(h64, w64, targets[0])
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_all_ignored_head_contributes_zero(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    hidden, weight, targets = make_inputs(2, 6, 8, 50)
+    targets[1] = IGNORE
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss, per_head = fused_linear_cross_entropy(h, w, targets, return_per_head=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert per_head[1].item() == 0.0
+    assert torch.all(h.grad[1] == 0)
+    only_head0 = fused_linear_cross_entropy(hidden[:1], weight, targets[:1])
+    torch.testing.assert_close(loss.detach(), only_head0, rtol=1e-6, atol=1e-6)
+
+
+def test_everything_ignored_gives_zero_not_nan():
+    hidden, weight, targets = make_inputs(2, 4, 8, 30)
+    targets[:] = IGNORE
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(h.grad == 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_very_large_logits(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    hidden, weight, targets = make_inputs(2, 5, 8, 64, ignore_frac=0.0)
+    hidden = hidden / hidden.norm(dim=-1, keepdim=True) * 1e4 ** 0.5
+    weight = weight / weight.norm(dim=-1, keepdim=True) * 1e4 ** 0.5  # |logits| up to 1e4
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets, reduction="none")
+    loss.sum().backward()
+    h64 = hidden.double().requires_grad_()
+    ref = naive_loss(h64, weight.double(), targets, reduction="none")
+    ref.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(h.grad).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=5e-2)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_non_contiguous_inputs():
+    hidden, weight, targets = make_inputs(3, 11, 10, 97)
+    h_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (n, N, D) with odd strides
+    w_big = torch.randn(97, 20, dtype=torch.float32)
+    w_big[:, ::2] = weight
+    w_nc = w_big[:, ::2].requires_grad_()
+    t_nc = targets.t().contiguous().t()
+    assert not h_nc.is_contiguous() and not w_nc.is_contiguous() and not t_nc.is_contiguous()
+    loss = fused_linear_cross_entropy(h_nc, w_nc, t_nc)
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = naive_loss(h64, w64, targets)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_nc.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_nc.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_mode_matches_training_value():
+    hidden, weight, targets = make_inputs(4, 9, 12, 77)
+    with torch.no_grad():
+        a = fused_linear_cross_entropy(hidden.requires_grad_(), weight, targets, label_smoothing=0.1)
+    b = fused_linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
+    torch.testing.assert_close(a, b.detach())
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every floating tensor any op produces.
+
+    (The Triton interpreter moves raw storage around as uint8 byte tensors; those are not
+    values of the algorithm, so integer tensors are left out.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_tensor_of_N_times_V_elements(request, backend, reduction):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    n, N, D, V = (4, 64, 16, 500) if backend == "cpu" else (2, 12, 8, 96)
+    hidden, weight, targets = make_inputs(n, N, D, V)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    rec = AllocationRecorder()
+    with rec:
+        loss = fused_linear_cross_entropy(h, w, targets, reduction=reduction, max_scratch_bytes=4 * V * 4)
+        loss.sum().backward()
+    assert rec.largest < N * V, f"a tensor of {rec.largest} elements appeared (N*V = {N * V})"
+    assert rec.largest >= V * D  # sanity: the recorder saw the weight gradient
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradients_bit_identical_across_runs(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    hidden, weight, targets = make_inputs(2, 7, 8, 45)
+    grads = []
+    for _ in range(2):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        fused_linear_cross_entropy(h, w, targets, z_loss=1e-3, max_scratch_bytes=3 * 45 * 4).backward()
+        grads.append((h.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_triton_chunk_kernel_equals_reference_fp16(triton_backend):
+    from mtp_kernels.fused_linear_ce import ce_chunk as triton_chunk
+    from mtp_kernels.linear_ce_driver import CEOptions
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 150, generator=g) * 4).half()
+    targets = torch.tensor([0, 149, IGNORE, 7, 77, 3])
+    scale = torch.rand(6, generator=g)
+    opts = CEOptions(IGNORE, 0.1, 1e-3, 8.0)
+    outs = []
+    for fn in (triton_chunk, reference.ce_chunk):
+        lg, loss, lse = logits.clone(), torch.empty(6), torch.empty(6)
+        fn(lg, targets, scale, loss, lse, opts, True)
+        outs.append((lg.float(), loss, lse))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shape", "targets must have shape"),
+    ("dim", "weight has D="),
+    ("range", "token id 500"),
+    ("float_targets", "integer tensor"),
+    ("device", "one device"),
+    ("dtype", "share one floating dtype"),
+    ("head_weights", "head_weights has 3"),
+    ("reduction", "reduction must be"),
+])
+def test_bad_input_errors(case, match):
+    hidden, weight, targets = make_inputs(2, 4, 8, 30)
+    kwargs = {}
+    if case == "shape":
+        targets = targets[:, :3]
+    elif case == "dim":
+        weight = weight[:, :7]
+    elif case == "range":
+        targets[1, 2] = 500
+    elif case == "float_targets":
+        targets = targets.float()
+    elif case == "device":
+        weight = weight.to("meta")
+    elif case == "dtype":
+        weight = weight.double()
+    elif case == "head_weights":
+        kwargs["head_weights"] = [1, 2, 3]
+    elif case == "reduction":
+        kwargs["reduction"] = "avg"
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, {"reduction": "none"}])
+def test_gpu_matches_fp64_oracle(dtype, opts):
+    n, N, D, V = 4, 1000, 512, 32001
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.float32, scale=2.0)
+    hidden, weight, targets = hidden.cuda().to(dtype), weight.cuda().to(dtype), targets.cuda()
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fused_linear_cross_entropy(h, w, targets, max_scratch_bytes=64 * 1024 * 1024, **opts)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = naive_loss(h64, w64, targets, **opts)
+    g = torch.rand(ref.shape, device="cuda", dtype=torch.float64)
+    out.backward(g.to(out.dtype))
+    ref.backward(g)
+    tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]  # tf32 GEMMs for fp32
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, ref) < tol
+    assert rel(h.grad, h64.grad) < tol
+    assert rel(w.grad, w64.grad) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_bit_identical_gradients_and_bounded_memory():
+    n, N, D, V = 4, 2048, 1024, 32000
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.float32)
+    hidden, weight, targets = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), targets.cuda()
+    grads = []
+    for _ in range(2):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fused_linear_cross_entropy(h, w, targets).backward()
+        peak = torch.cuda.max_memory_allocated() - base
+        grads.append((h.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    grad_bytes = hidden.numel() * 2 + weight.numel() * 2
+    assert peak <= grad_bytes + 256 * 2 ** 20 + 16 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"

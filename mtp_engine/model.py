@@ -1,0 +1,338 @@
+"""The MTP transformer, layer for layer the one Meta released with its multi-token checkpoints.
+
+A Llama decoder whose last block forks: trunk `layers[:-1]`, then n prediction heads
+(`layers[-1]` is head 0, `extra_heads[j]` is head j+1), each a full transformer block applied to
+the trunk output, then the shared `norm` and `output`. Head i at position t predicts token t+1+i.
+
+Parameter names match the release's state dict, so `consolidated.NN.pth` loads unchanged.
+Attention and RMSNorm go through `mtp_kernels` (Triton on CUDA, PyTorch reference on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp_kernels import rms_norm
+from mtp_kernels.attention import flash_attention, kv_cache_attention
+
+
+@dataclass
+class ModelArgs:
+    """The fields of Meta's params.json (plus the generation-time sizes the release also keeps)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    n_future_tokens: int = 1
+
+    @classmethod
+    def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        args = cls(**params)
+        args.validate(source)
+        return args
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_trunk_layers(self) -> int:
+        return self.n_layers - self.n_future_tokens
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self, source: str = "params") -> None:
+        if self.vocab_size <= 0:
+            raise ValueError(f"{source}: vocab_size must be set (got {self.vocab_size}); "
+                             "Meta's params.json may say -1: take it from the tokenizer")
+        if self.dim % self.n_heads:
+            raise ValueError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"{source}: head dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"{source}: n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if self.n_future_tokens < 1:
+            raise ValueError(f"{source}: n_future_tokens must be >= 1 (got {self.n_future_tokens})")
+        if self.n_trunk_layers < 0:
+            raise ValueError(f"{source}: n_layers {self.n_layers} must count the {self.n_future_tokens} head blocks")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """Complex rotations (end, head_dim/2) for the interleaved rotary form: pairs (0,1), (2,3), ..."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    t = torch.arange(end, dtype=torch.float32)
+    return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, Dh); freqs_cis: (T, Dh/2) shared by the batch, or (B, T, Dh/2) per sequence."""
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rot = freqs_cis.unsqueeze(-2) if freqs_cis.dim() == 3 else freqs_cis[None, :, None, :]
+    return torch.view_as_real(x_c * rot).flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-block cache. k, v: (max_batch, max_seq, n_kv_heads, head_dim)."""
+
+    def __init__(self, max_batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch, max_seq, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots: (B, T) int64 cache slot of each new token; k, v: (B, T, Hkv, Dh)."""
+        B = k.shape[0]
+        idx = slots[:, :, None, None].expand_as(k)
+        self.k[:B].scatter_(1, idx, k.to(self.k.dtype))
+        self.v[:B].scatter_(1, idx, v.to(self.v.dtype))
+
+
+@dataclass
+class CacheStep:
+    """Where a cached forward reads and writes, shared by every block of one forward.
+
+    cache_seqlens: (B,) tokens already cached per sequence; new token j goes to slot cache_seqlens + j.
+    positions: (B, T) rotary positions of the new tokens (cache_seqlens + depth for tree nodes).
+    tree_mask: (T, T) bool, which new tokens each new token sees; None means causal.
+    """
+
+    cache_seqlens: torch.Tensor
+    positions: torch.Tensor
+    tree_mask: Optional[torch.Tensor] = None
+
+    @property
+    def slots(self) -> torch.Tensor:
+        T = self.positions.shape[1]
+        return self.cache_seqlens[:, None].long() + torch.arange(T, device=self.positions.device)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        if step is None:
+            out = flash_attention(q, k, v, causal=True)
+        else:
+            if self.cache is None:
+                raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
+            self.cache.write(step.slots, k, v)
+            out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        params.validate()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.n_future_tokens = params.n_future_tokens
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        # `layers` = trunk + head 0, `extra_heads` = heads 1..n-1: the release's module names.
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_trunk_layers + 1))
+        self.extra_heads = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_future_tokens - 1))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.register_buffer(
+            "freqs_cis", precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta),
+            persistent=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def trunk(self):
+        return self.layers[:-1]
+
+    @property
+    def heads(self) -> list:
+        return [self.layers[-1], *self.extra_heads]
+
+    def blocks(self) -> list:
+        return [*self.layers, *self.extra_heads]
+
+    # ---------------------------------------------------------------- caches
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Allocate a static KV cache in every trunk and head block."""
+        if max_seq_len > 2 * self.params.max_seq_len:
+            self._grow_rope(max_seq_len)
+        dtype = dtype or self.output.weight.dtype
+        device = device or self.output.weight.device
+        for block in self.blocks():
+            block.attention.cache = KVCache(max_batch_size, max_seq_len, self.params.kv_heads,
+                                            self.params.head_dim, dtype, device)
+        self.cache_batch, self.cache_len = max_batch_size, max_seq_len
+
+    def clear_caches(self) -> None:
+        for block in self.blocks():
+            block.attention.cache = None
+        self.cache_batch = self.cache_len = 0
+
+    def _grow_rope(self, length: int) -> None:
+        self.freqs_cis = precompute_freqs_cis(self.params.head_dim, length, self.params.rope_theta).to(
+            self.freqs_cis.device)
+
+    # ---------------------------------------------------------------- forward passes
+    def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
+        """Trunk once, then the first `n_heads` heads. Returns normed hidden (B, T, n_heads, D)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.trunk:
+            h = layer(h, freqs_cis, step)
+        latents = [head(h, freqs_cis, step) for head in self.heads[:n_heads]]
+        return self.norm(torch.stack(latents, dim=-2))
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                return_all_heads: bool = False) -> torch.Tensor:
+        """The release's forward: float logits (B, T, n_used, V), n_used = n_future_tokens or 1.
+
+        Without caches this is a plain causal forward over `tokens` at positions start_pos.. (int).
+        With caches (setup_caches) it appends to them at start_pos, an int or a (B,) tensor of
+        per-sequence positions, like the release's inference path.
+        """
+        n_used = self.n_future_tokens if return_all_heads else 1
+        if self.cache_len:
+            B = tokens.shape[0]
+            seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
+            return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
+        if not isinstance(start_pos, int):
+            raise ValueError("start_pos must be an int when no KV cache is set up")
+        self._check_tokens(tokens, start_pos)
+        freqs = self.freqs_cis[start_pos:start_pos + tokens.shape[1]]
+        return self.output(self._run(tokens, freqs, None, n_used)).float()
+
+    def head_hidden(self, tokens: torch.Tensor, n_heads: Optional[int] = None) -> torch.Tensor:
+        """Normed hidden states of every head, (n, B, T, D): the input of the fused n-head loss."""
+        self._check_tokens(tokens, 0)
+        n_heads = self.n_future_tokens if n_heads is None else n_heads
+        h = self._run(tokens, self.freqs_cis[: tokens.shape[1]], None, n_heads)
+        return h.permute(2, 0, 1, 3)
+
+    def forward_cached(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                       node_depths: Optional[torch.Tensor] = None, tree_mask: Optional[torch.Tensor] = None,
+                       n_heads: Optional[int] = None) -> torch.Tensor:
+        """Append `tokens` (B, T) to the caches and return normed hidden (B, T, n_heads, D).
+
+        cache_seqlens: (B,) int, tokens already cached per sequence (not advanced here: the caller
+        owns it). New token j is written to slot cache_seqlens + j. For a token tree, node_depths
+        (T,) gives each node's depth below the last accepted token (its rotary position is
+        cache_seqlens + depth) and tree_mask (T, T) bool says which nodes each node sees.
+        """
+        if not self.cache_len:
+            raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
+        B, T = tokens.shape
+        if B > self.cache_batch:
+            raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
+        # No host syncs here (the decode loop must not stall): callers keep lengths in range,
+        # and an out-of-range slot still fails loudly in scatter_ rather than corrupting memory.
+        cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
+        if cache_seqlens.shape != (B,):
+            raise ValueError(f"cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+        offsets = torch.arange(T, device=tokens.device) if node_depths is None else node_depths.to(tokens.device)
+        positions = cache_seqlens[:, None].long() + offsets[None, :].long()
+        if self.freqs_cis.shape[0] < self.cache_len:
+            self._grow_rope(self.cache_len)
+        freqs = self.freqs_cis[positions]  # (B, T, Dh/2)
+        step = CacheStep(cache_seqlens, positions, tree_mask)
+        return self._run(tokens, freqs, step, self.n_future_tokens if n_heads is None else n_heads)
+
+    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if start_pos is not None and start_pos + tokens.shape[1] > self.freqs_cis.shape[0]:
+            raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed the rotary table "
+                             f"({self.freqs_cis.shape[0]} = 2 * max_seq_len)")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,269 @@
+"""Load and save checkpoints in Meta's layout: `params.json` + `consolidated.NN.pth` shards.
+
+Several shards are Meta's model-parallel split (fairscale): column-parallel weights are cut on
+dim 0, row-parallel weights and `tok_embeddings` on dim 1, norms are replicated in every shard.
+Loading builds the model on the meta device and assigns the (memory-mapped) tensors, so a 7B
+checkpoint is read into RAM once, never twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from .model import ModelArgs, Transformer, precompute_freqs_cis
+
+PathLike = Union[str, os.PathLike]
+
+SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
+# Keys some Meta checkpoints carry that the model recomputes (rotary table): dropped on load.
+IGNORED_KEYS = frozenset({"rope.freqs"})
+
+# Split dim per parameter name suffix; None = replicated.
+_COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                    "feed_forward.w1.weight", "feed_forward.w3.weight")
+_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+_REPLICATED = ("attention_norm.weight", "ffn_norm.weight")
+_BLOCK_KEY = re.compile(r"^(layers|extra_heads)\.(\d+)\.(.+)$")
+
+# params.json fields Meta writes (the generation-time sizes max_batch_size/max_seq_len are not among them).
+PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                      "ffn_dim_multiplier", "norm_eps", "rope_theta", "n_future_tokens")
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """Dim along which Meta's model parallelism splits `key` (0 or 1), or None if replicated."""
+    if key == "output.weight":
+        return 0
+    if key == "tok_embeddings.weight":
+        return 1
+    if key == "norm.weight":
+        return None
+    m = _BLOCK_KEY.match(key)
+    if m:
+        suffix = m.group(3)
+        if suffix in _COLUMN_PARALLEL:
+            return 0
+        if suffix in _ROW_PARALLEL:
+            return 1
+        if suffix in _REPLICATED:
+            return None
+    raise KeyError(key)
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu",
+                    dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                    max_batch_size: Optional[int] = None) -> Transformer:
+    """Build a `Transformer` from a Meta-layout checkpoint directory.
+
+    dtype: cast every floating parameter to it (None keeps the checkpoint's dtype, bf16 for Meta's).
+    max_seq_len / max_batch_size: override the generation-time sizes (they are not in params.json);
+    the rotary table covers 2 * max_seq_len positions as in the release.
+    Raises FileNotFoundError for a missing directory, params.json or shard, ValueError for a
+    checkpoint that does not match its params.json (the message names the file and key).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    device = torch.device(device)
+    params_path = ckpt_dir / "params.json"
+    params = _read_params(params_path)
+    if max_seq_len is not None:
+        params["max_seq_len"] = int(max_seq_len)
+    if max_batch_size is not None:
+        params["max_batch_size"] = int(max_batch_size)
+
+    shard_paths = find_shards(ckpt_dir)
+    shards = [_load_shard(p) for p in shard_paths]
+    _check_consistent_keys(shards, shard_paths)
+
+    if params.get("vocab_size", -1) <= 0:
+        # Meta's params.json says -1 (the vocab comes from the tokenizer); the weights know it.
+        params["vocab_size"] = _vocab_from_shards(shards, params_path)
+    args = ModelArgs.from_dict(params, source=str(params_path))
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_head_count(args, shards[0], params_path, shard_paths[0])
+    _check_key_sets(expected, shards[0], shard_paths)
+
+    state = {}
+    for key, shape in expected.items():
+        tensor = _merge(key, [s[key] for s in shards], shard_paths)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{key}: expected shape {shape} from {params_path.name}, got {tuple(tensor.shape)}"
+                             + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
+                             + f" in {ckpt_dir}")
+        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=target_dtype)
+    del shards
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers were built on the meta device; recompute them for real.
+    model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a new parameter or buffer in Transformer that this loader does not know about
+        raise RuntimeError(f"load_checkpoint left tensors on the meta device: {leftover}")
+    return model
+
+
+def find_shards(ckpt_dir: PathLike) -> List[Path]:
+    """The `consolidated.NN.pth` files of `ckpt_dir` in rank order; numbering must be 0..n-1."""
+    ckpt_dir = Path(ckpt_dir)
+    ranks = {}
+    for p in ckpt_dir.iterdir():
+        m = SHARD_PATTERN.match(p.name)
+        if m:
+            ranks[int(m.group(1))] = p
+    if not ranks:
+        raise FileNotFoundError(f"no consolidated.NN.pth shard in {ckpt_dir}")
+    missing = [r for r in range(max(ranks) + 1) if r not in ranks]
+    if missing:
+        names = ", ".join(f"consolidated.{r:02d}.pth" for r in missing)
+        raise FileNotFoundError(f"{ckpt_dir} has shards {sorted(ranks)} but is missing {names}")
+    return [ranks[r] for r in sorted(ranks)]
+
+
+def _read_params(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"params.json not found: {path}")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    return params
+
+
+def _load_shard(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for a corrupt or non-zip file
+        raise ValueError(f"cannot read checkpoint shard {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} must hold a state dict (str -> tensor)")
+    return {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+
+
+def _check_consistent_keys(shards: List[dict], paths: List[Path]) -> None:
+    first = set(shards[0])
+    for sd, path in zip(shards[1:], paths[1:]):
+        extra, lacking = sorted(set(sd) - first), sorted(first - set(sd))
+        if extra or lacking:
+            raise ValueError(f"shard key sets differ: {path.name} has keys {extra} that {paths[0].name} lacks "
+                             f"and lacks keys {lacking} that {paths[0].name} has")
+
+
+def _vocab_from_shards(shards: List[dict], params_path: Path) -> int:
+    if "output.weight" in shards[0]:
+        return sum(int(s["output.weight"].shape[0]) for s in shards)
+    if "tok_embeddings.weight" in shards[0]:
+        return int(shards[0]["tok_embeddings.weight"].shape[0])
+    raise ValueError(f"{params_path}: vocab_size is not set and the checkpoint has neither output.weight "
+                     "nor tok_embeddings.weight to take it from")
+
+
+def _block_indices(keys, kind: str) -> List[int]:
+    return sorted({int(m.group(2)) for k in keys if (m := _BLOCK_KEY.match(k)) and m.group(1) == kind})
+
+
+def _check_head_count(args: ModelArgs, shard: dict, params_path: Path, shard_path: Path) -> None:
+    """A clearer message than a list of missing keys when n_future_tokens does not fit the blocks."""
+    n_layers_found = len(_block_indices(shard, "layers"))
+    n_extra_found = len(_block_indices(shard, "extra_heads"))
+    n_layers_want, n_extra_want = args.n_trunk_layers + 1, args.n_future_tokens - 1
+    if (n_layers_found, n_extra_found) == (n_layers_want, n_extra_want):
+        return
+    if n_layers_found + n_extra_found == args.n_layers and n_extra_found != n_extra_want:
+        raise ValueError(
+            f"{params_path.name} says n_future_tokens={args.n_future_tokens} ({n_extra_want} extra heads) "
+            f"but {shard_path.name} has {n_extra_found} extra_heads blocks (n_future_tokens={n_extra_found + 1} "
+            f"would fit its {n_layers_found} layers + {n_extra_found} extra heads = {args.n_layers} blocks)")
+    raise ValueError(
+        f"{params_path.name} (n_layers={args.n_layers}, n_future_tokens={args.n_future_tokens}) expects "
+        f"{n_layers_want} `layers` and {n_extra_want} `extra_heads` blocks, but {shard_path.name} has "
+        f"{n_layers_found} and {n_extra_found}")
+
+
+def _check_key_sets(expected: dict, shard: dict, paths: List[Path]) -> None:
+    missing = sorted(set(expected) - set(shard))
+    unexpected = sorted(set(shard) - set(expected))
+    where = paths[0].name if len(paths) == 1 else f"{paths[0].name} (and every other shard)"
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        raise ValueError(f"{where} does not match params.json: " + "; ".join(problems))
+
+
+def _merge(key: str, parts: List[torch.Tensor], paths: List[Path]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]  # stays memory-mapped until moved or cast
+    dim = shard_dim(key)
+    if dim is None:
+        for part, path in zip(parts[1:], paths[1:]):
+            if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
+                raise ValueError(f"{key} is replicated across shards but {path.name} differs from {paths[0].name}")
+        return parts[0]
+    shapes = [tuple(p.shape) for p in parts]
+    if any(p.dim() != parts[0].dim() for p in parts) or parts[0].dim() <= dim or any(
+            s[:dim] + s[dim + 1:] != shapes[0][:dim] + shapes[0][dim + 1:] for s in shapes):
+        raise ValueError(f"{key}: shard shapes {shapes} cannot be concatenated on dim {dim}")
+    return torch.cat(parts, dim=dim)
+
+
+# ------------------------------------------------------------------------------------ saving
+def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1) -> List[Path]:
+    """Write `params.json` and `consolidated.00.pth`..`{shards-1}` in Meta's layout.
+
+    Returns the shard paths. Every split dim must be divisible by `shards`. Tensors are saved as
+    contiguous CPU copies so a view never drags its whole storage into the file.
+    """
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be a positive int, got {shards!r}")
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in ckpt_dir.iterdir()
+             if (m := SHARD_PATTERN.match(p.name)) and int(m.group(1)) >= shards]
+    if stale:
+        raise ValueError(f"{ckpt_dir} already holds {sorted(stale)} from a checkpoint with more shards; "
+                         "save into an empty directory")
+
+    state = model.state_dict()
+    for key, tensor in state.items():
+        dim = shard_dim(key)
+        if dim is not None and tensor.shape[dim] % shards:
+            raise ValueError(f"cannot split {key} of shape {tuple(tensor.shape)} into {shards} shards: "
+                             f"dim {dim} ({tensor.shape[dim]}) is not divisible by {shards}")
+
+    params = {k: v for k, v in model.params.to_dict().items() if k in PARAMS_JSON_FIELDS}
+    for optional in ("n_kv_heads", "ffn_dim_multiplier"):
+        if params.get(optional) is None:
+            params.pop(optional, None)
+    with open(ckpt_dir / "params.json", "w") as f:
+        json.dump(params, f, indent=2)
+        f.write("\n")
+
+    paths = []
+    for rank in range(shards):
+        part = {}
+        for key, tensor in state.items():
+            dim = shard_dim(key)
+            if dim is not None and shards > 1:
+                tensor = tensor.chunk(shards, dim=dim)[rank]
+            part[key] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        path = ckpt_dir / f"consolidated.{rank:02d}.pth"
+        torch.save(part, path)
+        paths.append(path)
+    return paths

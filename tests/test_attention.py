@@ -1,0 +1,321 @@
+"""Flash attention and KV-cache attention: Triton (interpreted on CPU, fp32) vs float64 oracles."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtp_kernels import attention as attention_module
+from mtp_kernels import reference
+from mtp_kernels.attention import flash_attention, kv_cache_attention
+
+
+# --------------------------------------------------------------------------------------------
+# Oracles
+# --------------------------------------------------------------------------------------------
+def _sdpa_float64(q, k, v, causal, scale):
+    """Independent oracle: torch SDPA on float64 with K/V repeated per query head."""
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
+    kh = kh.repeat_interleave(group, dim=1)
+    vh = vh.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, scale):
+    """Per (sequence, query) loop over the explicitly listed visible slots, float64."""
+    B, Tq, H, D = q.shape
+    group = H // k_cache.shape[2]
+    kv_head = torch.arange(H) // group
+    out = torch.zeros(B, Tq, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        for i in range(Tq):
+            seen = [j for j in range(Tq) if (bool(tree_mask[i, j]) if tree_mask is not None else j <= i)]
+            slots = list(range(n)) + [n + j for j in seen]
+            if not slots:
+                continue
+            k = k_cache[b, slots][:, kv_head].double()           # (S, H, D)
+            v = v_cache[b, slots][:, kv_head].double()
+            p = torch.softmax(torch.einsum("hd,shd->hs", q[b, i].double(), k) * scale, dim=-1)
+            out[b, i] = torch.einsum("hs,shd->hd", p, v)
+    return out
+
+
+def _random_tree_mask(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Ancestor-or-self mask of a random forest, node order shuffled (not necessarily topological)."""
+    parent = [int(torch.randint(-1, i, (1,), generator=gen)) if i else -1 for i in range(n)]
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(n):
+        a = parent[i]
+        while a >= 0:
+            mask[i, a] = True
+            a = parent[a]
+    perm = torch.randperm(n, generator=gen)
+    return mask[perm][:, perm]
+
+
+def _qkv(B, T, H, Hkv, D, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda h: torch.randn(B, T, h, D, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return make(H), make(Hkv), make(Hkv)
+
+
+# --------------------------------------------------------------------------------------------
+# Flash attention (interpreter, fp32)
+# --------------------------------------------------------------------------------------------
+FLASH_CASES = [
+    # B, T, H, Hkv, D, causal
+    (1, 1, 4, 4, 16, True),
+    (2, 5, 4, 2, 32, True),
+    (1, 37, 4, 1, 64, True),
+    (2, 37, 4, 2, 16, True),
+    (1, 64, 4, 2, 16, True),
+    (1, 37, 4, 2, 32, False),
+    (2, 5, 4, 1, 16, False),
+    (1, 1, 4, 1, 64, False),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal", FLASH_CASES)
+def test_flash_attention_matches_float64(triton_backend, B, T, H, Hkv, D, causal):
+    q, k, v = (t.requires_grad_() for t in _qkv(B, T, H, Hkv, D, seed=T * 7 + D))
+    out = flash_attention(q, k, v, causal=causal)
+    assert out.shape == (B, T, H, D) and out.dtype == torch.float32
+    dout = torch.randn_like(out)
+    out.backward(dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = _sdpa_float64(q64, k64, v64, causal, 1 / math.sqrt(D))
+    out64.backward(dout.double())
+    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(k.grad.double(), k64.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_flash_attention_strided_views_and_custom_scale(triton_backend):
+    # q, k, v as views of one fused projection (head stride != D) and a last-dim-transposed q.
+    B, T, H, Hkv, D = 2, 21, 4, 2, 32
+    g = torch.Generator().manual_seed(3)
+    fused = torch.randn(B, T, H + 2 * Hkv, D, generator=g).requires_grad_()
+    q, k, v = fused.split([H, Hkv, Hkv], dim=2)
+    q_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)     # same values, last dim strided
+    assert q_t.stride(-1) != 1
+    out = flash_attention(q_t, k, v, causal=True, sm_scale=0.3)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+
+    fused64 = fused.detach().double().requires_grad_()
+    q64, k64, v64 = fused64.split([H, Hkv, Hkv], dim=2)
+    out64 = _sdpa_float64(q64, k64, v64, True, 0.3)
+    out64.backward(dout.double())
+    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(fused.grad.double(), fused64.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_flash_attention_gqa_backward_is_deterministic(triton_backend):
+    q, k, v = _qkv(1, 37, 4, 1, 16, seed=5)
+    dout = torch.randn(1, 37, 4, 16, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        flash_attention(*leaves, causal=True).backward(dout)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_flash_attention_fp16_interpreted(triton_backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 19, 4, 2, 32, dtype=torch.float16, seed=8))
+    out = flash_attention(q, k, v)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = _sdpa_float64(q64, k64, v64, True, 1 / math.sqrt(32))
+    out64.sum().backward()
+    torch.testing.assert_close(out.double(), out64, rtol=1e-2, atol=3e-3)
+    torch.testing.assert_close(k.grad.double(), k64.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_attention_matches_sdpa(causal):
+    q, k, v = _qkv(2, 13, 4, 2, 16, dtype=torch.float64, seed=9)
+    torch.testing.assert_close(reference.attention(q, k, v, causal=causal, sm_scale=0.2),
+                               _sdpa_float64(q, k, v, causal, 0.2))
+
+
+def test_flash_attention_cpu_default_uses_reference(monkeypatch):
+    monkeypatch.delenv("MTP_BACKEND", raising=False)
+    q, k, v = _qkv(1, 9, 4, 2, 16, seed=10)
+    assert torch.equal(flash_attention(q, k, v), reference.attention(q, k, v, causal=True, sm_scale=0.25))
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache attention (interpreter, fp32)
+# --------------------------------------------------------------------------------------------
+KV_CASES = [
+    # H, Hkv, D, Tq, mask kind
+    (4, 2, 16, 1, "causal"),
+    (4, 1, 32, 1, "causal"),
+    (4, 2, 16, 6, "causal"),
+    (4, 1, 32, 7, "tree"),
+    (4, 4, 64, 9, "tree"),
+    (4, 2, 16, 5, "tree"),
+]
+
+
+def _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = len(seqlens)
+    q = torch.randn(B, Tq, H, D, generator=g)
+    k_cache = torch.randn(B, S_max, Hkv, D, generator=g)
+    v_cache = torch.randn(B, S_max, Hkv, D, generator=g)
+    return q, k_cache, v_cache, torch.tensor(seqlens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("split_size", [None, 16])
+@pytest.mark.parametrize("H,Hkv,D,Tq,kind", KV_CASES)
+def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_size, H, Hkv, D, Tq, kind):
+    monkeypatch.setattr(attention_module, "FORCE_KV_SPLIT_SIZE", split_size)
+    S_max = 53
+    seqlens = [0, 17, S_max - Tq, 32]             # empty, ragged, full cache, block-aligned
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 11 + D)
+    tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(Tq)) if kind == "tree" else None
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    expected = _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
+    ref = reference.kv_cache_attention(q.double(), k_cache.double(), v_cache.double(), cache_seqlens.long(),
+                                       tree_mask, 1 / math.sqrt(D))
+    torch.testing.assert_close(ref, expected)
+
+
+def test_kv_cache_attention_more_than_64_tree_nodes_with_splits(triton_backend, monkeypatch):
+    # 70 nodes: the packed mask spans two int64 words (bit 63 included).
+    monkeypatch.setattr(attention_module, "FORCE_KV_SPLIT_SIZE", 32)
+    Tq, S_max = 70, 100
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, Tq, S_max, [3, 30], seed=12)
+    tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(13))
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens.long(), tree_mask, sm_scale=0.4)
+    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, 0.4),
+                               rtol=1e-4, atol=2e-5)
+
+
+def test_kv_cache_attention_row_that_sees_nothing_is_zero(triton_backend):
+    Tq = 3
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, Tq, 8, [0, 2], seed=14)
+    tree_mask = torch.eye(Tq, dtype=torch.bool)
+    tree_mask[1, 1] = False
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert out[1, 1].abs().sum() > 0                               # sequence 1 still sees its cache
+    ref = reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_kv_cache_attention_cpu_default_uses_reference(monkeypatch):
+    monkeypatch.delenv("MTP_BACKEND", raising=False)
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 2, 9, [1, 7], seed=15)
+    assert torch.equal(kv_cache_attention(q, k_cache, v_cache, cache_seqlens),
+                       reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, None, 0.25))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+def _flash_bad_inputs():
+    q, k, v = _qkv(1, 5, 4, 2, 16)
+    return [
+        ((q[0], k, v), "4-D"),
+        ((q, k[:, :, :1].expand(1, 5, 3, 16), v[:, :, :1].expand(1, 5, 3, 16)), "multiple"),
+        ((q, k.half(), v.half()), "dtype"),
+        ((q, k, v[..., :8]), "shape"),
+        ((q, k[:, :4], v[:, :4]), "length"),
+        ((q, k[..., :8], v[..., :8]), "head_dim"),
+        ((q.long(), k.long(), v.long()), "dtype"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_flash_attention_rejects_bad_input(case):
+    args, match = _flash_bad_inputs()[case]
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*args)
+
+
+def _kv_bad_inputs():
+    q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 3, 10, [2, 7], seed=16)
+    return [
+        ((q, k_cache, v_cache, seqlens[:1]), "cache_seqlens must be a tensor of shape"),
+        ((q, k_cache, v_cache, seqlens.float()), "int32 or int64"),
+        ((q, k_cache, v_cache, torch.tensor([2, 8], dtype=torch.int32)), r"\[0, S_max - Tq\]"),
+        ((q, k_cache, v_cache, torch.tensor([-1, 0], dtype=torch.int32)), r"\[0, S_max - Tq\]"),
+        ((q, k_cache, v_cache, seqlens, torch.ones(3, 4, dtype=torch.bool)), "tree_mask must have shape"),
+        ((q, k_cache, v_cache, seqlens, torch.ones(3, 3)), "torch.bool"),
+        ((q, k_cache[:, :2], v_cache[:, :2], seqlens), "cannot fit"),
+        ((q, k_cache[:, :, :1], v_cache[:, :, :1].expand(2, 10, 3, 16), seqlens), "shape"),
+        ((q, k_cache.half(), v_cache.half(), seqlens), "dtype"),
+        ((q[:1], k_cache, v_cache, seqlens), "batch"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_kv_cache_attention_rejects_bad_input(case):
+    args, match = _kv_bad_inputs()[case]
+    with pytest.raises(ValueError, match=match):
+        kv_cache_attention(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (bf16 at realistic sizes)
+# --------------------------------------------------------------------------------------------
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,causal", [(1000, True), (1000, False), (4096, True)])
+def test_flash_attention_gpu_bf16(T, causal):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, T, 32, 8, 128, dtype=torch.bfloat16, seed=20, device="cuda"))
+    out = flash_attention(q, k, v, causal=causal)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out32 = reference.attention(q32, k32, v32, causal=causal)
+    out32.backward(dout.float())
+    torch.testing.assert_close(out.float(), out32, rtol=2e-2, atol=2e-2)
+    assert _rel_err(out, out32) < 1e-2
+    for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert _rel_err(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+def test_flash_attention_gpu_fp16_head_dim_64():
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 777, 16, 16, 64, dtype=torch.float16, seed=21, device="cuda"))
+    out = flash_attention(q, k, v)
+    out.float().square().sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out32 = reference.attention(q32, k32, v32)
+    out32.square().sum().backward()
+    assert _rel_err(out, out32) < 5e-3
+    for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tq,kind", [(1, "causal"), (16, "causal"), (64, "tree")])
+def test_kv_cache_attention_gpu_bf16(Tq, kind):
+    S_max = 4096 + 64
+    seqlens = [0, 1000, S_max - Tq, 4000]
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(4, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    k_cache = torch.randn(4, S_max, 8, 128, generator=g).to("cuda", torch.bfloat16)
+    v_cache = torch.randn(4, S_max, 8, 128, generator=g).to("cuda", torch.bfloat16)
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(23)).cuda() if kind == "tree" else None
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, tree_mask)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    assert _rel_err(out, want) < 1e-2

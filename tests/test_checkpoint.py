@@ -1,0 +1,308 @@
+"""Checkpoints in Meta's layout: sharded save/load, round trips, and every loader error message."""
+import json
+
+import pytest
+import torch
+
+import meta_reference as meta
+from mtp_engine.checkpoint import find_shards, load_checkpoint, save_checkpoint, shard_dim
+from mtp_engine.model import ModelArgs, Transformer
+
+# Split dims are all even (wq 64, wk/wv 32, w1/w3 224 = ffn rule, output 102; wo 64, w2 224, embeddings 64):
+# 2 shards work, 3 do not.
+ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=102, multiple_of=16,
+            ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, n_future_tokens=2)
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**ARGS, **overrides}, max_seq_len=16, max_batch_size=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def _tokens(vocab=102):
+    return torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A 1-shard checkpoint of a random model: (model, dir)."""
+    model = _model()
+    save_checkpoint(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def _rewrite_shard(path, edit):
+    sd = torch.load(path, weights_only=True)
+    edit(sd)
+    torch.save(sd, path)
+
+
+def _rewrite_params(ckpt, edit):
+    params = json.loads((ckpt / "params.json").read_text())
+    edit(params)
+    (ckpt / "params.json").write_text(json.dumps(params))
+
+
+# ------------------------------------------------------------------------------- round trips
+def test_round_trip_same_weights_and_logits(saved):
+    model, ckpt = saved
+    loaded = load_checkpoint(ckpt, max_seq_len=16, max_batch_size=2)
+    _assert_same_weights(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(_tokens(), 0, return_all_heads=True), model(_tokens(), 0, return_all_heads=True))
+    assert loaded.params == model.params
+    assert torch.equal(loaded.freqs_cis, model.freqs_cis)
+
+
+def test_params_json_has_only_meta_fields(saved):
+    _, ckpt = saved
+    params = json.loads((ckpt / "params.json").read_text())
+    assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                           "ffn_dim_multiplier", "norm_eps", "rope_theta", "n_future_tokens"}
+    optional_none = _model(n_kv_heads=None, ffn_dim_multiplier=None)
+    save_checkpoint(optional_none, ckpt.parent / "plain")
+    assert "n_kv_heads" not in json.loads((ckpt.parent / "plain" / "params.json").read_text())
+    assert "ffn_dim_multiplier" not in json.loads((ckpt.parent / "plain" / "params.json").read_text())
+
+
+def test_two_shards_load_to_the_same_model(tmp_path):
+    model = _model()
+    paths = save_checkpoint(model, tmp_path / "two", shards=2)
+    assert [p.name for p in paths] == ["consolidated.00.pth", "consolidated.01.pth"]
+    save_checkpoint(model, tmp_path / "one", shards=1)
+    one, two = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    _assert_same_weights(one, two)
+    _assert_same_weights(model, two)
+
+
+def test_shards_split_like_fairscale(tmp_path):
+    """Column-parallel halves on dim 0, row-parallel and embeddings on dim 1, norms replicated."""
+    model = _model()
+    save_checkpoint(model, tmp_path, shards=2)
+    s0 = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    s1 = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    full = model.state_dict()
+    assert torch.equal(s1["layers.0.attention.wq.weight"], full["layers.0.attention.wq.weight"][32:])
+    assert torch.equal(s0["output.weight"], full["output.weight"][:51])
+    assert torch.equal(s1["extra_heads.0.feed_forward.w2.weight"], full["extra_heads.0.feed_forward.w2.weight"][:, 112:])
+    assert torch.equal(s0["tok_embeddings.weight"], full["tok_embeddings.weight"][:, :32])
+    assert torch.equal(s1["norm.weight"], full["norm.weight"])
+    assert torch.equal(s1["layers.2.ffn_norm.weight"], full["layers.2.ffn_norm.weight"])
+    # Saved shards own compact storage: a slice does not drag the whole tensor into the file.
+    for t in s1.values():
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_shard_dim_rule():
+    assert shard_dim("layers.3.attention.wk.weight") == 0
+    assert shard_dim("extra_heads.0.feed_forward.w3.weight") == 0
+    assert shard_dim("output.weight") == 0
+    assert shard_dim("layers.0.attention.wo.weight") == 1
+    assert shard_dim("layers.0.feed_forward.w2.weight") == 1
+    assert shard_dim("tok_embeddings.weight") == 1
+    assert shard_dim("norm.weight") is None
+    assert shard_dim("extra_heads.2.attention_norm.weight") is None
+    with pytest.raises(KeyError):
+        shard_dim("layers.0.attention.bias")
+
+
+def test_meta_checkpoint_with_vocab_minus_one_and_rope_freqs(tmp_path):
+    """Meta's params.json may say vocab_size -1 and old shards carry rope.freqs: both load."""
+    ref = meta.random_reference(meta.ModelArgs(**ARGS, max_seq_len=16), seed=2)
+    params = {k: v for k, v in ARGS.items()}
+    params["vocab_size"] = -1
+    meta.save_like_meta(ref, tmp_path, params=params)
+    _rewrite_shard(tmp_path / "consolidated.00.pth", lambda sd: sd.update({"rope.freqs": torch.randn(8)}))
+    model = load_checkpoint(tmp_path)
+    assert model.vocab_size == 102
+    with torch.no_grad():
+        got = model(_tokens(), 0, return_all_heads=True)
+    assert (got - ref.forward(_tokens(), 0, return_all_heads=True)).abs().max() < 1e-4
+
+
+def test_bf16_load(saved):
+    model, ckpt = saved
+    loaded = load_checkpoint(ckpt, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.freqs_cis.dtype == torch.complex64  # rotary table stays exact
+    assert torch.equal(loaded.output.weight, model.output.weight.to(torch.bfloat16))
+    with torch.no_grad():
+        want = model(_tokens(), 0)
+        got = loaded(_tokens(), 0)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.1
+
+
+def test_max_seq_len_override_sizes_rotary_table(saved):
+    _, ckpt = saved
+    model = load_checkpoint(ckpt, max_seq_len=40, max_batch_size=5)
+    assert model.params.max_seq_len == 40 and model.params.max_batch_size == 5
+    assert model.freqs_cis.shape == (80, 8)
+
+
+def test_single_shard_load_gives_compact_separate_storages(saved):
+    """No parameter left on meta, none sharing or over-holding storage (no duplicated copies kept alive)."""
+    _, ckpt = saved
+    model = load_checkpoint(ckpt)
+    pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    assert not any(p.is_meta for p in model.parameters())
+    total = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert total == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_loaded_model_trains(saved):
+    """Loaded parameters are ordinary leaf Parameters (requires_grad) even though they came from mmap."""
+    _, ckpt = saved
+    model = load_checkpoint(ckpt)
+    assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    model(_tokens(), 0, return_all_heads=True).sum().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------- errors
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_params_json(saved):
+    _, ckpt = saved
+    (ckpt / "params.json").unlink()
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        load_checkpoint(ckpt)
+
+
+def test_invalid_params_json(saved):
+    _, ckpt = saved
+    (ckpt / "params.json").write_text("{dim: 64")
+    with pytest.raises(ValueError, match="params.json is not valid JSON"):
+        load_checkpoint(ckpt)
+
+
+def test_no_shard(saved):
+    _, ckpt = saved
+    (ckpt / "consolidated.00.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="no consolidated"):
+        load_checkpoint(ckpt)
+
+
+def test_gap_in_shard_numbering(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    (tmp_path / "consolidated.01.pth").rename(tmp_path / "consolidated.02.pth")
+    with pytest.raises(FileNotFoundError, match=r"missing consolidated\.01\.pth"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "consolidated.02.pth").rename(tmp_path / "consolidated.1.pth")  # ranks parse as ints
+    assert [p.name for p in find_shards(tmp_path)] == ["consolidated.00.pth", "consolidated.1.pth"]
+
+
+def test_unknown_params_key(saved):
+    _, ckpt = saved
+    _rewrite_params(ckpt, lambda p: p.update(use_scaled_rope=True))
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        load_checkpoint(ckpt)
+
+
+def test_unexpected_key(saved):
+    _, ckpt = saved
+    _rewrite_shard(ckpt / "consolidated.00.pth",
+                   lambda sd: sd.update({"layers.0.attention.wq.bias": torch.zeros(64)}))
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth.*unexpected keys \['layers\.0\.attention\.wq\.bias'\]"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_key(saved):
+    _, ckpt = saved
+    _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.pop("layers.1.ffn_norm.weight"))
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth.*missing keys \['layers\.1\.ffn_norm\.weight'\]"):
+        load_checkpoint(ckpt)
+
+
+def test_wrong_shape(saved):
+    _, ckpt = saved
+    _rewrite_shard(ckpt / "consolidated.00.pth",
+                   lambda sd: sd.update({"layers.0.feed_forward.w1.weight": torch.zeros(224, 63)}))
+    with pytest.raises(ValueError, match=r"layers\.0\.feed_forward\.w1\.weight: expected shape \(224, 64\).*got \(224, 63\)"):
+        load_checkpoint(ckpt)
+
+
+def test_wrong_shape_after_merging_shards(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd.update({"output.weight": torch.zeros(50, 64)}))
+    with pytest.raises(ValueError, match=r"output\.weight: expected shape \(102, 64\).*got \(101, 64\) after merging 2 shards"):
+        load_checkpoint(tmp_path)
+
+
+def test_unmergeable_shard_shapes(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    _rewrite_shard(tmp_path / "consolidated.01.pth",
+                   lambda sd: sd.update({"layers.0.attention.wo.weight": torch.zeros(60, 32)}))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wo\.weight: shard shapes \[\(64, 32\), \(60, 32\)\]"):
+        load_checkpoint(tmp_path)
+
+
+def test_replicated_norm_differs_between_shards(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd["norm.weight"].add_(1))
+    with pytest.raises(ValueError, match=r"norm\.weight is replicated.*consolidated\.01\.pth differs"):
+        load_checkpoint(tmp_path)
+
+
+def test_inconsistent_shard_keys(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd.pop("layers.2.attention.wv.weight"))
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth.*lacks keys \['layers\.2\.attention\.wv\.weight'\]"):
+        load_checkpoint(tmp_path)
+
+
+def test_n_future_tokens_disagrees_with_extra_heads(saved):
+    _, ckpt = saved  # saved with n_future_tokens=2: layers.0..2 + extra_heads.0
+    _rewrite_params(ckpt, lambda p: p.update(n_future_tokens=1))
+    with pytest.raises(ValueError, match=r"n_future_tokens=1 .*has 1 extra_heads.*n_future_tokens=2 would fit"):
+        load_checkpoint(ckpt)
+
+
+def test_n_layers_disagrees_with_blocks(saved):
+    _, ckpt = saved
+    _rewrite_params(ckpt, lambda p: p.update(n_layers=6))
+    with pytest.raises(ValueError, match=r"expects 5 `layers` and 1 `extra_heads` blocks, but consolidated\.00\.pth has 3 and 1"):
+        load_checkpoint(ckpt)
+
+
+def test_corrupt_shard(saved):
+    _, ckpt = saved
+    (ckpt / "consolidated.00.pth").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint shard .*consolidated\.00\.pth"):
+        load_checkpoint(ckpt)
+
+
+def test_bad_dtype_argument(saved):
+    _, ckpt = saved
+    with pytest.raises(ValueError, match="dtype"):
+        load_checkpoint(ckpt, dtype=torch.int8)
+
+
+def test_save_rejects_indivisible_split(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot split .* into 3 shards"):
+        save_checkpoint(_model(), tmp_path, shards=3)
+    with pytest.raises(ValueError, match="shards"):
+        save_checkpoint(_model(), tmp_path, shards=0)
+
+
+def test_save_refuses_to_leave_stale_shards(tmp_path):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth"):
+        save_checkpoint(_model(), tmp_path, shards=1)
+    save_checkpoint(_model(seed=1), tmp_path, shards=2)  # overwriting the same shard count is fine
+    _assert_same_weights(load_checkpoint(tmp_path), _model(seed=1))

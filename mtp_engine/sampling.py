@@ -1,0 +1,51 @@
+"""Choosing the next token from logits: greedy, or temperature + nucleus (top-p) sampling.
+
+The nucleus rule is the Llama release's `sample_top_p`: sort descending, keep the smallest prefix
+whose cumulative probability reaches top_p (the token that crosses top_p is kept, so at least one
+token always survives), renormalize, draw. The release also keeps the next token when the mass
+before it equals top_p exactly; here that tie drops it, so the kept set is the smallest one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def check_sampling_args(temperature: float, top_p: float) -> None:
+    """Raise ValueError unless temperature >= 0 and 0 < top_p <= 1 (both finite numbers)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not math.isfinite(top_p):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """probs: (B, V) float, rows summing to 1. Returns (B,) int64 token ids drawn from the nucleus."""
+    # stable sort: among equal probabilities the lowest id comes first, as with argmax.
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before >= top_p, 0.0)
+    # the first token always has mass_before == 0 < top_p, so no row is all zero.
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits: (B, V) float32. Returns (B,) int64: argmax when temperature == 0, else a draw."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of `tokens` (B,) under the untempered logits (B, V), as the release reports it."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

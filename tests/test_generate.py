@@ -1,0 +1,271 @@
+"""Generator (static-KV-cache batched generation), sampling, and the release-style Llama front end.
+
+Tiny random fp32 models on CPU. The oracle for greedy decoding is a naive loop that re-runs the
+uncached forward over the whole sequence every step.
+"""
+import copy
+
+import pytest
+import torch
+
+from mtp_engine import ModelArgs, Transformer
+from mtp_engine.generate import Generator, GenerationResult, Llama
+from mtp_engine.sampling import sample_next, sample_top_p
+
+VOCAB = 61
+
+
+def make_model(n_future=2, vocab=VOCAB, seed=0, output_scale=4.0):
+    """Random tiny MTP model. The output rows are scaled up so greedy paths vary instead of looping."""
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2 + n_future, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                     multiple_of=16, n_future_tokens=n_future, max_seq_len=64, max_batch_size=4)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(output_scale)
+    return model
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy continuation by full uncached forwards (no KV cache involved)."""
+    ref = copy.deepcopy(model)
+    ref.clear_caches()
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = ref.forward(torch.tensor([seq]))  # (1, T, 1, V)
+            seq.append(int(logits[0, -1, 0].argmax()))
+    return seq[len(prompt):]
+
+
+def random_prompts(lengths, vocab=VOCAB, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+# ------------------------------------------------------------------------------ greedy correctness
+@pytest.mark.parametrize("n_future", [1, 3])
+def test_batched_greedy_equals_one_at_a_time(n_future):
+    model = make_model(n_future=n_future, seed=n_future)
+    prompts = random_prompts([1, 4, 9])
+    gen = Generator(model, max_batch_size=4, max_seq_len=40)
+    batched = gen.generate(prompts, max_gen_len=10).tokens
+    singles = [gen.generate([p], max_gen_len=10).tokens[0] for p in prompts]
+    assert batched == singles
+    assert all(len(t) == 10 for t in batched)
+    # the longest prompt first and a repeated prompt: order and padding must not matter either
+    again = gen.generate([prompts[2], prompts[0], prompts[1], prompts[0]], max_gen_len=10).tokens
+    assert again == [singles[2], singles[0], singles[1], singles[0]]
+
+
+def test_greedy_equals_uncached_reference(model):
+    prompts = random_prompts([1, 4, 9], seed=3)
+    gen = Generator(model, max_batch_size=3, max_seq_len=32)
+    res = gen.generate(prompts, max_gen_len=8)
+    for prompt, toks in zip(prompts, res.tokens):
+        assert toks == naive_greedy(model, prompt, 8)
+    assert len(set(res.tokens[0])) > 1, "degenerate model: greedy repeats one token, test too weak"
+
+
+def test_result_shape_and_stats(model):
+    gen = Generator(model, max_batch_size=2, max_seq_len=32)
+    res = gen.generate(random_prompts([3, 5]), max_gen_len=6)
+    assert isinstance(res, GenerationResult)
+    assert res.text is None and res.logprobs is None
+    assert res.finish_reasons == ["max_gen_len", "max_gen_len"]
+    s = res.stats
+    assert s["generated_tokens"] == 12 and s["prompt_tokens"] == 8 and s["batch_size"] == 2
+    assert s["forwards"] == 6  # one prefill producing token 1, then five single-token decode steps
+    assert s["tokens_per_forward"] == 1.0
+    assert s["wall_time_s"] > 0 and s["tokens_per_s"] > 0
+
+
+def test_max_gen_len_zero_returns_nothing(model):
+    res = Generator(model, max_batch_size=2, max_seq_len=16).generate(random_prompts([2, 3]), max_gen_len=0)
+    assert res.tokens == [[], []] and res.stats["forwards"] == 0
+
+
+def test_max_gen_len_clipped_to_cache_room(model):
+    prompts = random_prompts([10, 3], seed=4)
+    small = Generator(model, max_batch_size=2, max_seq_len=14).generate(prompts, max_gen_len=8)
+    assert [len(t) for t in small.tokens] == [4, 8]  # 14 - 10 = 4 slots left for the first prompt
+    assert small.finish_reasons == ["max_seq_len", "max_gen_len"]
+    big = Generator(model, max_batch_size=2, max_seq_len=40).generate(prompts, max_gen_len=8)
+    assert small.tokens[0] == big.tokens[0][:4] and small.tokens[1] == big.tokens[1]
+
+
+def test_eos_stops_one_sequence_while_others_continue(model):
+    prompts = random_prompts([2, 5, 7], seed=5)
+    gen = Generator(model, max_batch_size=3, max_seq_len=32)
+    free = gen.generate(prompts, max_gen_len=10).tokens
+    # eos = a token one sequence first produces at step 3 and another sequence never produces
+    candidates = [(b, other) for b in range(3) for other in range(3)
+                  if other != b and free[b][3] not in free[b][:3] and free[b][3] not in free[other]]
+    assert candidates, f"no usable eos in {free}"
+    b, other = candidates[0]
+    eos = free[b][3]
+    res = gen.generate(prompts, max_gen_len=10, eos_id=eos)
+    expected = [t[: t.index(eos)] if eos in t else t for t in free]
+    assert res.tokens == expected
+    assert res.tokens[b] == free[b][:3] and res.finish_reasons[b] == "eos"
+    assert res.tokens[other] == free[other] and res.finish_reasons[other] == "max_gen_len"
+    # eos ids < 0 (SentencePiece's "none") disable stopping
+    assert gen.generate(prompts, max_gen_len=10, eos_id=-1).tokens == free
+
+
+def test_logprobs_match_uncached_forward(model):
+    prompt = random_prompts([5], seed=6)[0]
+    res = Generator(model, max_batch_size=1, max_seq_len=32).generate([prompt], max_gen_len=4, logprobs=True)
+    ref = copy.deepcopy(model)
+    ref.clear_caches()
+    seq = prompt + res.tokens[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(ref.forward(torch.tensor([seq]))[0, :, 0], dim=-1)
+    want = [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
+    got = res.prompt_logprobs[0][1:] + res.logprobs[0]
+    assert res.prompt_logprobs[0][0] == 0.0
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_sampling_reproducible_with_seed(model):
+    gen = Generator(model, max_batch_size=2, max_seq_len=32)
+    prompts = random_prompts([3, 6], seed=7)
+    a = gen.generate(prompts, max_gen_len=12, temperature=1.5, top_p=0.95, seed=123).tokens
+    b = gen.generate(prompts, max_gen_len=12, temperature=1.5, top_p=0.95, seed=123).tokens
+    c = gen.generate(prompts, max_gen_len=12, temperature=1.5, top_p=0.95, seed=124).tokens
+    assert a == b
+    assert a != c
+
+
+def test_tiny_top_p_equals_greedy(model):
+    gen = Generator(model, max_batch_size=3, max_seq_len=32)
+    prompts = random_prompts([1, 4, 9], seed=8)
+    greedy = gen.generate(prompts, max_gen_len=8).tokens
+    nucleus_of_one = gen.generate(prompts, max_gen_len=8, temperature=1.0, top_p=1e-6, seed=0).tokens
+    assert nucleus_of_one == greedy
+
+
+def test_sample_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(4000, 1)
+    rng = torch.Generator().manual_seed(0)
+    only_top = sample_top_p(probs, 0.5, rng)
+    assert set(only_top.tolist()) == {1}
+    two = sample_top_p(probs, 0.7, rng)
+    assert set(two.tolist()) == {1, 2}
+    assert (two == 1).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
+    everything = sample_top_p(probs, 1.0, rng)
+    assert set(everything.tolist()) == {0, 1, 2}
+
+
+def test_sample_next_greedy_and_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.0]])
+    assert sample_next(logits, 0.0, 1.0).tolist() == [1, 0]
+    # a very low temperature concentrates all mass on the argmax
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 1e-3, 1.0, rng).tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("prompts, kwargs, match", [
+    ([], {}, "empty"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1]] * 3, {}, "max_batch_size 2"),
+    ([list(range(16))], {}, "shorter than max_seq_len 16"),
+    ([[1, VOCAB]], {}, f"token id {VOCAB} outside"),
+    ([[1, -1]], {}, "token id -1 outside"),
+    ([[1, 2.5]], {}, "non-integer"),
+    ("hello", {}, "list of token-id lists"),
+    ([[1]], {"temperature": -0.1}, "temperature"),
+    ([[1]], {"top_p": 0.0}, "top_p"),
+    ([[1]], {"top_p": 1.5}, "top_p"),
+    ([[1]], {"max_gen_len": -1}, "max_gen_len"),
+    ([[1]], {"speculative": "beam"}, "speculative"),
+    ([[1]], {"heads": 2}, "heads and tree"),
+])
+def test_bad_input_raises_value_error(model, prompts, kwargs, match):
+    gen = Generator(model, max_batch_size=2, max_seq_len=16)
+    with pytest.raises(ValueError, match=match):
+        gen.generate(prompts, **kwargs)
+
+
+def test_prompt_plus_gen_len_over_cache_is_clipped_not_an_error(model):
+    res = Generator(model, max_batch_size=1, max_seq_len=16).generate([list(range(15))], max_gen_len=50)
+    assert len(res.tokens[0]) == 1 and res.finish_reasons == ["max_seq_len"]
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_speculative_not_implemented_yet(model, mode):
+    with pytest.raises(NotImplementedError, match="speculative issue"):
+        Generator(model, max_batch_size=1, max_seq_len=16).generate([[1]], speculative=mode)
+
+
+def test_bad_generator_sizes(model):
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Generator(model, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Generator(model, max_seq_len=-3)
+
+
+def test_two_generators_share_one_model(model):
+    prompts = random_prompts([4], seed=9)
+    a = Generator(model, max_batch_size=1, max_seq_len=24)
+    first = a.generate(prompts, max_gen_len=6).tokens
+    Generator(model, max_batch_size=2, max_seq_len=12)  # re-sizes the model's caches
+    assert a.generate(prompts, max_gen_len=6).tokens == first
+
+
+# ------------------------------------------------------------------------------ Llama front end
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    """A tokenizer trained on a few stdlib files and a matching random checkpoint in Meta's layout."""
+    from mtp_engine.checkpoint import save_checkpoint
+    from mtp_engine.demo import stdlib_sources
+    from mtp_engine.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("release")
+    tok = train_tokenizer(stdlib_sources(2), 512, root / "tokenizer")
+    model = make_model(n_future=2, vocab=tok.n_words, seed=11)
+    save_checkpoint(model, root / "ckpt")
+    return root / "ckpt", root / "tokenizer.model", model
+
+
+def test_llama_text_completion(tiny_release):
+    ckpt, tok_path, model = tiny_release
+    llama = Llama.build(ckpt, tok_path, max_seq_len=48, max_batch_size=2, device="cpu")
+    prompts = ["def add(a, b):", "import"]
+    out = llama.text_completion(prompts, temperature=0.0, max_gen_len=10)
+    assert len(out) == 2 and all(isinstance(r["generation"], str) for r in out)
+    # the same greedy tokens as a Generator on the in-memory model the checkpoint came from
+    enc = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    direct = Generator(model, max_batch_size=2, max_seq_len=48).generate(enc, max_gen_len=10,
+                                                                         eos_id=llama.tokenizer.eos_id)
+    assert [r["generation"] for r in out] == [llama.tokenizer.decode(t) for t in direct.tokens]
+    assert llama.last_stats["batch_size"] == 2
+
+    echoed = llama.text_completion(prompts[:1], temperature=0.0, max_gen_len=10, echo=True, logprobs=True)[0]
+    assert echoed["generation"].startswith(prompts[0])
+    assert len(echoed["tokens"]) == len(echoed["logprobs"]) == len(enc[0]) + len(direct.tokens[0])
+    assert all(lp <= 0 for lp in echoed["logprobs"])
+
+    sampled = llama.text_completion(prompts, temperature=0.8, top_p=0.9, max_gen_len=5)
+    assert all(isinstance(r["generation"], str) for r in sampled)
+
+
+def test_llama_build_errors(tiny_release, tmp_path):
+    ckpt, tok_path, model = tiny_release
+    with pytest.raises(FileNotFoundError, match="checkpoint directory"):
+        Llama.build(tmp_path / "nope", tok_path, 32, 1)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        Llama.build(ckpt, tmp_path / "nope.model", 32, 1)
+    from mtp_engine.checkpoint import save_checkpoint
+    save_checkpoint(make_model(vocab=VOCAB), tmp_path / "other")
+    with pytest.raises(ValueError, match="vocab_size 61 does not match"):
+        Llama.build(tmp_path / "other", tok_path, 32, 1, device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        Llama.build(ckpt, tok_path, 32, 1, device="cpu", dtype="float64x")

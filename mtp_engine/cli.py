@@ -1,0 +1,123 @@
+"""The `mtp` command line (also `python -m mtp_engine`).
+
+User errors (missing files, bad arguments, prompts that do not fit) print one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+EXIT_USAGE = 2
+
+EPILOG = """\
+examples:
+  mtp demo
+  mtp complete --ckpt-dir 7B_1T_4 --tokenizer-path tokenizer.model \\
+      --prompt "def fibonacci(n):" --max-gen-len 64
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtp", description="Multi-token-prediction language models on Triton kernels.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    complete = sub.add_parser(
+        "complete", help="continue text prompts with a checkpoint in Meta's layout",
+        description="Continue each --prompt with a model loaded from a Meta-layout checkpoint "
+                    "(params.json + consolidated.NN.pth) and its SentencePiece tokenizer.",
+        epilog='example:\n  mtp complete --ckpt-dir 7B_1T_4 --tokenizer-path tokenizer.model --prompt "import numpy"',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    complete.add_argument("--ckpt-dir", required=True, help="checkpoint directory (params.json, consolidated.NN.pth)")
+    complete.add_argument("--tokenizer-path", default=None,
+                          help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
+    complete.add_argument("--prompt", action="append", required=True,
+                          help="text to continue; repeat for a batch")
+    complete.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    complete.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
+    complete.add_argument("--max-gen-len", type=int, default=64, help="most new tokens per prompt (default 64)")
+    complete.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length: prompt + new tokens (default 512)")
+    complete.add_argument("--max-batch-size", type=int, default=None, help="KV-cache batch (default: number of prompts)")
+    complete.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    complete.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    complete.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                          help="default: bfloat16 on cuda, float32 on cpu")
+    complete.set_defaults(run=run_complete)
+
+    demo = sub.add_parser(
+        "demo", help="build a tiny random-weight MTP model and run the whole pipeline on CPU (seconds)",
+        description="Train a tiny tokenizer, save a random-weight 4-head MTP model in Meta's format, "
+                    "load it back with Llama.build and complete a Python prompt.")
+    demo.add_argument("--out", default=None, help="keep the tokenizer and checkpoint here (default: a temp dir)")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def _default_tokenizer(ckpt_dir: str) -> str:
+    for candidate in (os.path.join(ckpt_dir, "tokenizer.model"),
+                      os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir} or its parent: pass --tokenizer-path")
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    from .generate import Llama
+
+    if not os.path.isdir(args.ckpt_dir):
+        raise FileNotFoundError(f"checkpoint directory not found: {args.ckpt_dir}")
+    tokenizer_path = args.tokenizer_path or _default_tokenizer(args.ckpt_dir)
+    for name in ("max_gen_len", "max_seq_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
+                        max_batch_size=args.max_batch_size or len(args.prompt),
+                        device=args.device, dtype=args.dtype, seed=args.seed)
+    results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
+                                    max_gen_len=args.max_gen_len)
+    for prompt, result in zip(args.prompt, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print()
+    print(format_stats(llama.last_stats))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    demo(args.out)
+    return 0
+
+
+def format_stats(stats: dict) -> str:
+    return (f"[stats] {stats['batch_size']} prompt(s), {stats['generated_tokens']} tokens in "
+            f"{stats['wall_time_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s), {stats['forwards']} forwards, "
+            f"{stats['tokens_per_forward']:.2f} tokens/forward per sequence")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse usage error (2, message already printed)
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        message = " ".join(str(e).split())
+        print(f"mtp {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The `mtp` command line: help, complete on a tiny checkpoint, user errors (exit 2, one line), demo."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mtp_engine import ModelArgs, Transformer
+from mtp_engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """Meta-layout checkpoint dir with tokenizer.model beside it (as `mtp complete` finds it by default)."""
+    from mtp_engine.checkpoint import save_checkpoint
+    from mtp_engine.demo import stdlib_sources
+    from mtp_engine.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = train_tokenizer(stdlib_sources(2), 512, root / "tokenizer")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                                  n_future_tokens=2))
+    save_checkpoint(model, root / "ckpt")
+    return root / "ckpt", root / "tokenizer.model"
+
+
+def test_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "demo" in out and "examples:" in out
+    assert "continue text prompts" in out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_complete_prints_text_and_stats(tiny_checkpoint, capsys):
+    ckpt, tok = tiny_checkpoint
+    code = main(["complete", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(tok), "--prompt", "import os",
+                 "--prompt", "def f(x):", "--max-gen-len", "6", "--max-seq-len", "32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "import os" and lines[1].startswith("> ")
+    assert "def f(x):" in lines
+    assert lines[-1].startswith("[stats] 2 prompt(s)")
+
+
+def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint, capsys):
+    ckpt, _ = tiny_checkpoint
+    argv = ["complete", "--ckpt-dir", str(ckpt), "--prompt", "x = ", "--max-gen-len", "5",
+            "--max-seq-len", "16", "--temperature", "0.9", "--top-p", "0.9", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[1]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[1] == first  # same seed, same sample
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--ckpt-dir", "/nonexistent/ckpt"], "checkpoint directory not found"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-seq-len", "2"], "max_seq_len 2"),  # the prompt alone does not fit
+    (["--tokenizer-path", "/nonexistent/tok.model"], "tokenizer"),
+])
+def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):
+    ckpt, tok = tiny_checkpoint
+    argv = ["complete", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(tok), "--prompt", "import sys"]
+    code = main(argv + extra)  # later flags override earlier ones
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("mtp complete: error:") and match in err
+
+
+def test_bad_flag_value_is_argparse_exit_2(capsys):
+    assert main(["complete", "--ckpt-dir", "x", "--prompt", "p", "--top-p", "lots"]) == 2
+    assert "invalid float value" in capsys.readouterr().err
+
+
+def test_demo_runs_as_module(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mtp_engine", "demo", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "NOTE: random weights, the text is noise" in proc.stdout
+    assert "def fibonacci(n):" in proc.stdout
+    assert (tmp_path / "ckpt" / "params.json").is_file() and (tmp_path / "tokenizer.model").is_file()
+    assert elapsed < 30

@@ -1,0 +1,360 @@
+"""Shared benchmark helpers: device naming, hardware ceilings, one timing/memory protocol, writers.
+
+Every contender in every benchmark goes through `time_and_peak`, so times and peaks are comparable:
+the same warm-up, the same timer (triton.testing.do_bench median on CUDA, time.perf_counter median
+on CPU) and the same definition of peak memory (bytes allocated above what was allocated right
+before the call). Nothing here touches the GPU driver at import time; matplotlib and Triton are
+imported only when used.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+def device_name(device: torch.device | str) -> str:
+    """Human-readable name: "NVIDIA H200" on CUDA, the CPU model (or "cpu") otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """File-name-safe device name, e.g. "nvidia-h200"; every CPU is "cpu"."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug or "cuda"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def package_version(name: str) -> Optional[str]:
+    """Installed distribution version, or None (works for `pip install --target` dirs on sys.path)."""
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def environment_info(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "date_utc": utc_now(),
+        "device": device_name(device),
+        "device_slug": device_slug(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "cuda": torch.version.cuda,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "MTP_BACKEND": os.environ.get("MTP_BACKEND"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def import_mtp_kernels():
+    """Import the project's `mtp_kernels` package; if it is not installed (a bare checkout on a
+    benchmark machine), load it from `<repo>/kernels` under its package name instead."""
+    try:
+        return importlib.import_module("mtp_kernels")
+    except ModuleNotFoundError as err:
+        if err.name != "mtp_kernels":
+            raise
+    init = REPO_ROOT / "kernels" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "mtp_kernels", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mtp_kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["mtp_kernels"]
+        raise
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Memory hygiene
+# --------------------------------------------------------------------------------------------
+def free_memory() -> None:
+    """Drop unreachable tensors and return cached CUDA blocks, so one case cannot inflate the next."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    return isinstance(err, oom_types) or "out of memory" in str(err).lower()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing protocol
+# --------------------------------------------------------------------------------------------
+def _cpu_median_ms(call: Callable[[], Any], rep_ms: float, min_runs: int = 3, max_runs: int = 50) -> float:
+    samples = []
+    budget_end = time.perf_counter() + rep_ms / 1e3
+    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() < budget_end):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def time_and_peak(
+    fn: Callable[[], Any],
+    setup: Optional[Callable[[], Any]] = None,
+    *,
+    device: torch.device | str = "cuda",
+    rep_ms: float = 150.0,
+    warmup_ms: float = 25.0,
+    min_samples: int = 3,
+    max_rep_ms: float = 2000.0,
+) -> dict[str, Any]:
+    """Median time (ms) and peak memory (MiB) of `fn`, with the same protocol for every contender.
+
+    `setup` (cheap, e.g. setting `.grad = None`) runs before every call of `fn`, timed calls
+    included, so each call starts from the same state. Protocol: two warm-up calls (the first
+    compiles and autotunes, the second sizes the repeats), then the median over repeated calls (CUDA: triton.testing.do_bench with
+    return_mode="median", its repetition budget raised so that at least `min_samples` calls are
+    timed, up to `max_rep_ms`; CPU: time.perf_counter), then one more call whose peak memory above the bytes allocated
+    right before it is the reported peak (CUDA only; "n/a" elsewhere).
+
+    Returns {"status": "ok", "ms", "peak_mib", "result"} where result is what the measured call
+    returned, or {"status": "OOM"} / {"status": "error", "error": text}. Never raises for a failure
+    inside `fn`: one contender failing must not stop a run.
+    """
+    device = torch.device(device)
+    setup = setup or (lambda: None)
+
+    def call():
+        setup()
+        return fn()
+
+    try:
+        call()  # compiles / autotunes: not representative, not timed
+        _synchronize(device)
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        warm_ms = (time.perf_counter() - start) * 1e3
+
+        if device.type == "cuda":
+            from triton.testing import do_bench
+
+            # do_bench sizes its loop from a 5-call estimate; a fn slower than rep/min_samples
+            # would otherwise be timed only once. Capped so one slow contender cannot eat the run.
+            rep = min(max(rep_ms, min_samples * warm_ms), max(rep_ms, max_rep_ms))
+            ms = float(do_bench(call, warmup=warmup_ms, rep=rep, return_mode="median"))
+        else:
+            ms = _cpu_median_ms(call, rep_ms, min_runs=min_samples)
+
+        setup()
+        _synchronize(device)
+        if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            result = fn()
+            torch.cuda.synchronize(device)
+            peak_mib: Any = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        else:
+            result = fn()
+            peak_mib = "n/a"
+        return {"status": "ok", "ms": ms, "peak_mib": peak_mib, "result": result}
+    except Exception as err:  # noqa: BLE001 - any failure is recorded, the run goes on
+        if is_oom(err):
+            return {"status": "OOM", "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        return {"status": "error", "error": f"{type(err).__name__}: {err}"[:2000]}
+    finally:
+        try:
+            setup()
+        except Exception:
+            pass
+        free_memory()
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware ceilings
+# --------------------------------------------------------------------------------------------
+def measure_ceilings(
+    device: torch.device | str = "cuda",
+    *,
+    matmul_size: Optional[int] = None,
+    copy_bytes: Optional[int] = None,
+    rep_ms: float = 100.0,
+) -> dict[str, Any]:
+    """Matmul rate (TFLOP/s) and device copy bandwidth (GB/s, read + write counted) measured now.
+
+    CUDA defaults: bf16 8192^3 torch.mm and a 2 GiB copy, each the do_bench median. CPU (for smoke
+    runs only): float32 1024^3 and a 64 MiB copy, perf_counter median.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    size = matmul_size or (8192 if on_cuda else 1024)
+    nbytes = copy_bytes or (2 * 2**30 if on_cuda else 64 * MIB)
+
+    def median_ms(call):
+        if on_cuda:
+            from triton.testing import do_bench
+
+            return float(do_bench(call, rep=rep_ms, return_mode="median"))
+        call()
+        return _cpu_median_ms(call, rep_ms)
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    mm_ms = median_ms(lambda: torch.mm(a, b))
+    del a, b
+    free_memory()
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    free_memory()
+
+    return {
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_size": size,
+        "matmul_ms": mm_ms,
+        "matmul_tflops": 2 * size**3 / (mm_ms * 1e-3) / 1e12,
+        "copy_bytes": nbytes,
+        "copy_ms": copy_ms,
+        "copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    return path
+
+
+def format_cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 10 ** -(digits - 1) or abs(value) >= 1e6):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path | str, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def write_bar_chart(
+    path: Path | str,
+    groups: list[str],
+    series: dict[str, list[Optional[float]]],
+    *,
+    panels: Optional[list[tuple[str, dict[str, list[Optional[float]]]]]] = None,
+    title: str = "",
+) -> Optional[Path]:
+    """Grouped bar chart: one group per entry of `groups`, one bar per series; missing values
+    (None: failed or not run) leave a gap. `panels` draws several such charts stacked, each
+    (y-label, series). Returns None, with a printed note, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; skipping the chart {path}")
+        return None
+
+    panels = panels or [("", series)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 1.9 * len(groups) + 4), 4.2 * len(panels)), squeeze=False)
+    for ax, (ylabel, panel_series) in zip(axes[:, 0], panels):
+        names = list(panel_series)
+        width = 0.8 / max(1, len(names))
+        for k, name in enumerate(names):
+            xs, ys = [], []
+            for g, value in enumerate(panel_series[name]):
+                if value is not None and isinstance(value, (int, float)) and math.isfinite(value):
+                    xs.append(g - 0.4 + width * (k + 0.5))
+                    ys.append(value)
+            ax.bar(xs, ys, width=width, label=name)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,290 @@
+"""Attention kernels vs torch SDPA (and eager PyTorch), bf16, on one GPU.
+
+    python benchmarks/bench_attention.py --out DIR
+
+1. Flash attention, causal, MHA: B4 H32 T4096 D128 and B8 H16 T2048 D64. TFLOP/s forward and
+   forward+backward. Causal forward FLOPs = 4*B*H*T*T*D / 2; backward counted as 2.5x forward.
+   Contenders: ours (mtp_kernels.attention.flash_attention), torch SDPA (on (B, H, T, D) views of
+   the same tensors), eager (bf16 matmuls, float32 softmax; recorded as OOM where it does not fit).
+2. Decode (Tq = 1) against a KV cache, H32 Hkv8 D128, B in {1, 8, 64}, S in {1024, 8192} cached
+   tokens per sequence. GB/s = bytes of cache the call must read (2 * B * (S + Tq) * Hkv * D * 2)
+   / time, and the ratio to the device copy bandwidth measured here (one large device-to-device
+   copy, read + write counted). Contender: SDPA on the cache sliced to the live length.
+3. Tree verification on the same caches: Tq in {16, 64} nodes with a 4-ary tree mask, time as a
+   multiple of the Tq = 1 decode.
+Timing: triton.testing.do_bench, median. The range check of cache_seqlens (one host sync per
+call) is switched off while timing, as a generator that owns its lengths would do.
+Writes attention_<device-slug>.json and .md into DIR and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+FLASH_SHAPES = [(4, 32, 4096, 128), (8, 16, 2048, 64)]          # B, H, T, D (causal, H == Hkv)
+DECODE_BATCHES = (1, 8, 64)
+DECODE_LENGTHS = (1024, 8192)
+DECODE_HEADS = (32, 8, 128)                                     # H, Hkv, D
+TREE_SIZES = (16, 64)
+
+
+def _import_attention():
+    try:
+        from mtp_kernels import attention
+    except ModuleNotFoundError:  # a bare checkout: `kernels/` is the package
+        import importlib.util
+
+        init = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "__init__.py")
+        spec = importlib.util.spec_from_file_location("mtp_kernels", init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mtp_kernels"] = module
+        spec.loader.exec_module(module)
+        from mtp_kernels import attention
+    return attention
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
+
+
+def _bench_ms(fn, rep: int = 100) -> float | str:
+    """Median ms (CUDA: do_bench; the CPU smoke run: one timed call), or "OOM" / "error: ..." so
+    one failing contender does not end the run."""
+    try:
+        fn()
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize()
+        return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+    except torch.cuda.OutOfMemoryError:
+        return "OOM"
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _copy_bandwidth_gbps(nbytes: int = 2 * 2**30) -> float:
+    from triton.testing import do_bench
+
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), rep=100, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _eager_attention(q, k, v):
+    """(B, T, H, D) bf16; the usual eager recipe: bf16 matmuls, float32 softmax."""
+    T, D = q.shape[1], q.shape[3]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    scores = (qh @ kh.transpose(-1, -2)).float() * D ** -0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
+    return (probs @ vh).transpose(1, 2)
+
+
+def _sdpa_attention(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
+
+
+def _ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
+def bench_flash(attention, shapes=FLASH_SHAPES, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    rows = []
+    for B, H, T, D in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+                   for _ in range(3))
+        dout = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+        fwd_flops = 4 * B * H * T * T * D / 2
+        contenders = [("ours", lambda q, k, v: attention.flash_attention(q, k, v, causal=True)),
+                      ("sdpa", _sdpa_attention), ("eager", _eager_attention)]
+        for name, fn in contenders:
+            with torch.no_grad():
+                fwd = _bench_ms(lambda: fn(q, k, v))
+
+            def fwd_bwd():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(dout)
+
+            fb = _bench_ms(fwd_bwd)
+            q.grad = k.grad = v.grad = None
+            rows.append({
+                "shape": f"B{B} H{H} T{T} D{D} causal", "impl": name,
+                "fwd_ms": fwd, "fwd_tflops": fwd_flops / fwd / 1e9 if isinstance(fwd, float) else None,
+                "fwd_bwd_ms": fb, "fwd_bwd_tflops": 3.5 * fwd_flops / fb / 1e9 if isinstance(fb, float) else None,
+            })
+        sdpa = next(r for r in rows[-3:] if r["impl"] == "sdpa")
+        for r in rows[-3:]:
+            r["fwd_vs_sdpa"] = _ratio(r["fwd_tflops"], sdpa["fwd_tflops"])
+            r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
+        del q, k, v, dout
+    return rows
+
+
+def _tree_mask(n: int, device) -> torch.Tensor:
+    """Ancestor-or-self mask of a 4-ary tree in breadth-first order."""
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        a = (i - 1) // 4
+        while True:
+            mask[i, a] = True
+            if a == 0:
+                break
+            a = (a - 1) // 4
+    return mask.to(device)
+
+
+def bench_decode(attention, copy_gbps: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
+                 heads=DECODE_HEADS, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    H, Hkv, D = heads
+    rows = []
+    for S in lengths:
+        for B in batches:
+            S_max = S + max(TREE_SIZES)
+            gen = torch.Generator(device=device).manual_seed(1)
+            k_cache = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype, generator=gen)
+            v_cache = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype, generator=gen)
+            seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
+            row = {"B": B, "S": S}
+            for Tq in (1,) + TREE_SIZES:
+                q = torch.randn(B, Tq, H, D, device=device, dtype=dtype, generator=gen)
+                mask = None if Tq == 1 else _tree_mask(Tq, device)
+                with torch.no_grad():
+                    ms = _bench_ms(lambda: attention.kv_cache_attention(q, k_cache, v_cache, seqlens, mask), rep=50)
+                row[f"ours_tq{Tq}_ms"] = ms
+                if Tq == 1:
+                    nbytes = 2 * B * (S + Tq) * Hkv * D * k_cache.element_size()
+                    row["cache_MB"] = nbytes / 1e6
+                    row["ours_GBps"] = nbytes / ms / 1e6 if isinstance(ms, float) else None
+                    row["ours_frac_of_copy_bw"] = _ratio(row["ours_GBps"], copy_gbps)
+                    qh = q.transpose(1, 2)
+                    kh = k_cache[:, :S + 1].transpose(1, 2)
+                    vh = v_cache[:, :S + 1].transpose(1, 2)
+
+                    def sdpa():
+                        try:
+                            return F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)
+                        except TypeError:  # torch without enable_gqa
+                            g = H // Hkv
+                            return F.scaled_dot_product_attention(qh, kh.repeat_interleave(g, 1),
+                                                                  vh.repeat_interleave(g, 1))
+
+                    with torch.no_grad():
+                        sms = _bench_ms(sdpa, rep=50)
+                    row["sdpa_tq1_ms"] = sms
+                    row["sdpa_GBps"] = nbytes / sms / 1e6 if isinstance(sms, float) else None
+                    row["sdpa_frac_of_copy_bw"] = _ratio(row["sdpa_GBps"], copy_gbps)
+                else:
+                    row[f"tree{Tq}_vs_decode"] = _ratio(ms, row["ours_tq1_ms"])
+            rows.append(row)
+            del k_cache, v_cache
+    return rows
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# Attention on {result['device']} (torch {result['torch']}, triton {result['triton']})", "",
+             f"Device copy bandwidth (read + write): {result['copy_GBps']:.0f} GB/s", "",
+             f"## Flash attention, {result['dtype']}, causal", "",
+             "| shape | impl | fwd ms | fwd TFLOP/s | fwd vs SDPA | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs SDPA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["flash"]:
+        lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_tflops'])} | "
+                     f"{_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['fwd_bwd_tflops'])} | "
+                     f"{_fmt(r['fwd_bwd_vs_sdpa'])} |")
+    H, Hkv, D = result["decode_heads"]
+    lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
+              f"cache_seqlens range check off)", "",
+              "| B | S | cache MB | ours Tq=1 ms | ours GB/s | ours / copy bw | SDPA ms | SDPA GB/s | SDPA / copy bw | "
+              + " | ".join(f"tree Tq={t} ms | Tq={t} / Tq=1" for t in TREE_SIZES) + " |",
+              "|" + "---|" * (9 + 2 * len(TREE_SIZES))]
+    for r in result["decode"]:
+        cells = [r["B"], r["S"], r["cache_MB"], r["ours_tq1_ms"], r["ours_GBps"], r["ours_frac_of_copy_bw"],
+                 r["sdpa_tq1_ms"], r["sdpa_GBps"], r["sdpa_frac_of_copy_bw"]]
+        for t in TREE_SIZES:
+            cells += [r[f"ours_tq{t}_ms"], r[f"tree{t}_vs_decode"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: str, stem_name: str, result: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, stem_name)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    text = to_markdown(result)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main(out_dir: str) -> dict | None:
+    """The GPU benchmark; writes attention_<device-slug>.json/.md into out_dir."""
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA device; nothing measured")
+        return None
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.pop("MTP_BACKEND", None)
+    import triton
+
+    attention = _import_attention()
+    attention.VALIDATE_CACHE_SEQLENS = False
+    name = torch.cuda.get_device_name()
+    copy_gbps = _copy_bandwidth_gbps()
+    result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_GBps": copy_gbps,
+              "dtype": "bf16", "decode_heads": DECODE_HEADS,
+              "flash": bench_flash(attention), "decode": bench_decode(attention, copy_gbps)}
+    _write(out_dir, f"attention_{_slug(name)}", result)
+    return result
+
+
+def cpu_smoke(out_dir: str) -> dict:
+    """Pipeline check without a GPU: tiny fp32 shapes through the interpreted Triton kernels.
+    Needs TRITON_INTERPRET=1 and MTP_BACKEND=triton in the environment before start-up."""
+    import triton
+
+    attention = _import_attention()
+    attention.VALIDATE_CACHE_SEQLENS = False
+    result = {"device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": triton.__version__,
+              "copy_GBps": float("nan"), "dtype": "fp32", "decode_heads": (4, 2, 16),
+              "flash": bench_flash(attention, shapes=[(1, 2, 40, 16)], device="cpu", dtype=torch.float32),
+              "decode": bench_decode(attention, float("nan"), batches=(2,), lengths=(40,), heads=(4, 2, 16),
+                                     device="cpu", dtype=torch.float32)}
+    _write(out_dir, "attention_cpu-smoke", result)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on CPU through the interpreter (set TRITON_INTERPRET=1 MTP_BACKEND=triton)")
+    args = parser.parse_args()
+    cpu_smoke(args.out) if args.cpu_smoke else main(args.out)

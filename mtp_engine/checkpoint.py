@@ -64,6 +64,8 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     dtype: cast every floating parameter to it (None keeps the checkpoint's dtype, bf16 for Meta's).
     max_seq_len / max_batch_size: override the generation-time sizes (they are not in params.json);
     the rotary table covers 2 * max_seq_len positions as in the release.
+    On CPU with one shard and no cast, parameters stay memory-mapped from the shard file (private
+    mapping: in-place updates never reach the file; `save_checkpoint` replaces files, never rewrites them).
     Raises FileNotFoundError for a missing directory, params.json or shard, ValueError for a
     checkpoint that does not match its params.json (the message names the file and key).
     """
@@ -75,10 +77,11 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     device = torch.device(device)
     params_path = ckpt_dir / "params.json"
     params = _read_params(params_path)
-    if max_seq_len is not None:
-        params["max_seq_len"] = int(max_seq_len)
-    if max_batch_size is not None:
-        params["max_batch_size"] = int(max_batch_size)
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if value is not None:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            params[name] = value
 
     shard_paths = find_shards(ckpt_dir)
     shards = [_load_shard(p) for p in shard_paths]
@@ -251,9 +254,8 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1) -> 
     for optional in ("n_kv_heads", "ffn_dim_multiplier"):
         if params.get(optional) is None:
             params.pop(optional, None)
-    with open(ckpt_dir / "params.json", "w") as f:
-        json.dump(params, f, indent=2)
-        f.write("\n")
+    _replace_atomically(ckpt_dir / "params.json",
+                        lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
 
     paths = []
     for rank in range(shards):
@@ -264,6 +266,22 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1) -> 
                 tensor = tensor.chunk(shards, dim=dim)[rank]
             part[key] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         path = ckpt_dir / f"consolidated.{rank:02d}.pth"
-        torch.save(part, path)
+        _replace_atomically(path, lambda tmp: torch.save(part, tmp))
         paths.append(path)
     return paths
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through a temporary file and rename it over `path`.
+
+    A model loaded from this directory still memory-maps the old shard; rewriting the file in place
+    would change its weights under it or kill it with SIGBUS once the file shrinks. The rename leaves
+    the old inode alive for as long as it is mapped.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -306,3 +306,21 @@ def test_save_refuses_to_leave_stale_shards(tmp_path):
         save_checkpoint(_model(), tmp_path, shards=1)
     save_checkpoint(_model(seed=1), tmp_path, shards=2)  # overwriting the same shard count is fine
     _assert_same_weights(load_checkpoint(tmp_path), _model(seed=1))
+
+
+def test_saving_over_a_loaded_checkpoint_leaves_the_loaded_model_intact(tmp_path):
+    """Loaded weights are memory-mapped: saving into the same directory must not rewrite them in place."""
+    save_checkpoint(_model(seed=0), tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    save_checkpoint(_model(seed=1, vocab_size=2), tmp_path)  # smaller file: in place would mean SIGBUS
+    _assert_same_weights(loaded, _model(seed=0))
+    assert load_checkpoint(tmp_path).vocab_size == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["consolidated.00.pth", "params.json"]
+
+
+def test_bad_size_overrides(saved):
+    _, ckpt = saved
+    with pytest.raises(ValueError, match="max_seq_len"):
+        load_checkpoint(ckpt, max_seq_len=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        load_checkpoint(ckpt, max_batch_size=-2)

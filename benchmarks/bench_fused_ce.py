@@ -249,13 +249,19 @@ def _ours_fn():
     return fn
 
 
-def ours(device: torch.device) -> LossFn:
+def ours(device: torch.device, scratch_mib: Optional[int] = None) -> LossFn:
     fused = _ours_fn()
+    budget = None if scratch_mib is None else scratch_mib * common.MIB
 
     def loss_fn(hidden, weight, targets):
-        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX, max_scratch_bytes=budget)
 
     return loss_fn
+
+
+def ours_with_scratch(mib: int) -> Callable[[torch.device], LossFn]:
+    """Our kernel at a fixed scratch budget: the speed/memory trade-off of the chunk size."""
+    return lambda device: ours(device, mib)
 
 
 REFERENCE = "eager_per_head"
@@ -269,6 +275,9 @@ CONTENDERS: dict[str, Callable[[torch.device], LossFn]] = {
     "cce_per_head": cce_per_head,
     "cce_concat": cce_concat,
     "ours": ours,
+    "ours_scratch64": ours_with_scratch(64),
+    "ours_scratch128": ours_with_scratch(128),
+    "ours_scratch512": ours_with_scratch(512),
 }
 
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device run: GPU tests, then the benchmarks, results under $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce attention (default: all)
+#   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
+# Files come back from the device machine only as a few files, so every stage appends to one
+# log and the results folder is re-packed into results.tar.gz after each stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+RES=$OUT/results
+mkdir -p "$RES"
+LOG=$OUT/gpu_check.log
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+unset MTP_BACKEND
+# Peer libraries for the benchmarks travel as wheels in .whl (benchmark-only, never runtime deps).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The package is imported from the checkout: `mtp_kernels` is the kernels/ folder.
+mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/mtp_kernels && export PYTHONPATH=/tmp/pkgs:$PYTHONPATH
+
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(env tests rmsnorm fused_ce attention)
+summary=()
+pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null; }
+run_stage() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  summary+=("$name: rc=$rc $((SECONDS - t0))s")
+  pack
+}
+for s in "${stages[@]}"; do
+  case $s in
+    env) run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
+    tests) run_stage tests 180 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
+    rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
+    fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
+    attention) run_stage attention 100 python3 benchmarks/bench_attention.py --out "$RES" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+echo "=== summary" | tee -a "$LOG"
+printf '%s\n' "${summary[@]}" | tee -a "$LOG"

@@ -79,9 +79,9 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     params = _read_params(params_path)
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
         if value is not None:
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-            params[name] = value
+            params[name] = value.__index__()
 
     shard_paths = find_shards(ckpt_dir)
     shards = [_load_shard(p) for p in shard_paths]

@@ -34,11 +34,14 @@ class CEOptions:
 
 
 def rows_per_chunk(M: int, V: int, element_size: int, max_scratch_bytes: int) -> int:
-    """Rows of logits that fit the scratch budget; a multiple of 64 when that many fit (GEMM tiles)."""
-    rows = max(1, int(max_scratch_bytes) // (V * element_size))
-    if rows >= 64:
-        rows -= rows % 64
-    return min(rows, M)
+    """Rows of logits per chunk: as few chunks as the budget allows, split evenly (no small last
+    chunk), a multiple of 64 rows when that still fits (GEMM tiles)."""
+    fit = max(1, min(M, int(max_scratch_bytes) // (V * element_size)))
+    n_chunks = -(-M // fit)
+    rows = -(-M // n_chunks)
+    if rows > 64 and -(-rows // 64) * 64 <= fit:
+        rows = -(-rows // 64) * 64
+    return rows
 
 
 def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

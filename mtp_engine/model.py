@@ -220,9 +220,9 @@ class Transformer(nn.Module):
         self.extra_heads = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_future_tokens - 1))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.register_buffer(
-            "freqs_cis", precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta),
-            persistent=False)
+        # A plain attribute, as in the release: a buffer would follow `.to(dtype)` and lose the
+        # imaginary part. It follows the model's device lazily (see `_rope`).
+        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
         self.cache_batch = 0
         self.cache_len = 0
 
@@ -256,8 +256,12 @@ class Transformer(nn.Module):
         self.cache_batch = self.cache_len = 0
 
     def _grow_rope(self, length: int) -> None:
-        self.freqs_cis = precompute_freqs_cis(self.params.head_dim, length, self.params.rope_theta).to(
-            self.freqs_cis.device)
+        self.freqs_cis = precompute_freqs_cis(self.params.head_dim, length, self.params.rope_theta)
+
+    def _rope(self, device: torch.device) -> torch.Tensor:
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
 
     # ---------------------------------------------------------------- forward passes
     def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
@@ -278,20 +282,21 @@ class Transformer(nn.Module):
         """
         n_used = self.n_future_tokens if return_all_heads else 1
         if self.cache_len:
+            self._check_tokens(tokens, None)
             B = tokens.shape[0]
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
             return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
         if not isinstance(start_pos, int):
             raise ValueError("start_pos must be an int when no KV cache is set up")
         self._check_tokens(tokens, start_pos)
-        freqs = self.freqs_cis[start_pos:start_pos + tokens.shape[1]]
+        freqs = self._rope(tokens.device)[start_pos:start_pos + tokens.shape[1]]
         return self.output(self._run(tokens, freqs, None, n_used)).float()
 
     def head_hidden(self, tokens: torch.Tensor, n_heads: Optional[int] = None) -> torch.Tensor:
         """Normed hidden states of every head, (n, B, T, D): the input of the fused n-head loss."""
         self._check_tokens(tokens, 0)
         n_heads = self.n_future_tokens if n_heads is None else n_heads
-        h = self._run(tokens, self.freqs_cis[: tokens.shape[1]], None, n_heads)
+        h = self._run(tokens, self._rope(tokens.device)[: tokens.shape[1]], None, n_heads)
         return h.permute(2, 0, 1, 3)
 
     def forward_cached(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, *,
@@ -306,11 +311,11 @@ class Transformer(nn.Module):
         """
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
         B, T = tokens.shape
         if B > self.cache_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
         # No host syncs here (the decode loop must not stall): callers keep lengths in range,
         # and an out-of-range slot still fails loudly in scatter_ rather than corrupting memory.
         cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
@@ -320,7 +325,7 @@ class Transformer(nn.Module):
         positions = cache_seqlens[:, None].long() + offsets[None, :].long()
         if self.freqs_cis.shape[0] < self.cache_len:
             self._grow_rope(self.cache_len)
-        freqs = self.freqs_cis[positions]  # (B, T, Dh/2)
+        freqs = self._rope(tokens.device)[positions]  # (B, T, Dh/2)
         step = CacheStep(cache_seqlens, positions, tree_mask)
         return self._run(tokens, freqs, step, self.n_future_tokens if n_heads is None else n_heads)
 

@@ -160,3 +160,22 @@ def test_ffn_hidden_size_rule(dim, multiple_of, mult, hidden):
     with torch.device("meta"):
         ff = meta.FeedForward(dim, 4 * dim, multiple_of, mult)
     assert ff.w1.out_features == hidden
+
+
+def test_dtype_cast_keeps_rotary_table():
+    # `.to(dtype)` must not touch the complex rotary table (a buffer would lose its imaginary part).
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16,
+                                  n_future_tokens=2, max_seq_len=32))
+    tokens = torch.randint(0, 50, (2, 7))
+    ref = model(tokens, return_all_heads=True)
+    model64 = model.to(torch.float64)
+    assert model64.freqs_cis.is_complex()
+    torch.testing.assert_close(model64(tokens, return_all_heads=True), ref.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_cached_rejects_1d_tokens():
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=32))
+    model.setup_caches(1, 16)
+    with pytest.raises(ValueError, match=r"tokens must be \(batch, seq\)"):
+        model.forward_cached(torch.tensor([1, 2]), torch.zeros(1, dtype=torch.int32))

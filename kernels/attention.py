@@ -215,7 +215,7 @@ def _flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -251,12 +251,18 @@ def _flash_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + bh * T
         delta_base = DELTA + bh * T
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True)
+        if ONE_LOOP:
+            # One loop that always masks: three specialised loops keep dK, dV, K, V and three
+            # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True)
+        else:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -349,30 +355,39 @@ def _flash_bwd_dq_kernel(
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
 _INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
+_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)
 _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 
 # Hopper (H100/H200) candidates. The causal stage split needs BLOCK_M % BLOCK_N == 0 in the
-# forward and dQ kernels and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
+# forward and dQ kernels and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel. Chosen from sm_90
+# compiles on a CPU box (ptxas register counts, no spills at head_dim 64 and 128; shared memory
+# under 227 KiB); the autotuner picks among them on the device.
 _GPU_FWD_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
 ]
 _GPU_DKDV_CONFIGS = [
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=2),
 ]
 _GPU_DQ_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=4),
 ]
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    # The three-loop dK/dV variant only fits the register file below head_dim 128.
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    if head_dim is None or head_dim <= 64:
+        return configs
+    return [c for c in configs if c.kwargs.get("ONE_LOOP")] or configs
 
 
 @functools.lru_cache(maxsize=None)
@@ -383,7 +398,8 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    prune = {"early_config_prune": _prune_dkdv} if which == "dkdv" else None
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by=prune)(kernel)
 
 
 def _t_bucket(T: int) -> int:
@@ -491,9 +507,14 @@ def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row
             j = cols - cache_len                       # index of the new node in slot `cols`
             is_new = (j >= 0) & (j < Tq)
             if TREE:
+                # BLOCK_N <= 64 keys span at most two mask words: load both per row (a
+                # (rows x keys) gather of words would cost a pipelined int64 tile of shared memory).
                 jc = tl.where(is_new, j, 0)
-                word = tl.load(mask_bits + q_idx[:, None] * MASK_WORDS + (jc // 64)[None, :],
-                               mask=row_ok[:, None] & is_new[None, :], other=0)
+                w0 = tl.maximum(start_n - cache_len, 0) // 64
+                row_bits = mask_bits + q_idx * MASK_WORDS + w0
+                word_lo = tl.load(row_bits, mask=row_ok, other=0)
+                word_hi = tl.load(row_bits + 1, mask=row_ok & (q_idx * 0 + w0 + 1 < MASK_WORDS), other=0)
+                word = tl.where((jc // 64 == w0)[None, :], word_lo[:, None], word_hi[:, None])
                 bit = (word >> (jc % 64).to(tl.int64)[None, :]) & 1
                 sees_new = is_new[None, :] & (bit != 0)
             else:
@@ -531,6 +552,7 @@ def _kv_attn_kernel(
     TREE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Row r of the tile is query q_idx = r // GROUP of head kvh * GROUP + r % GROUP.
+    tl.static_assert(BLOCK_N <= 64)
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
     bkv = tl.program_id(2)

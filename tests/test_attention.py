@@ -95,6 +95,20 @@ def test_flash_attention_matches_float64(triton_backend, B, T, H, Hkv, D, causal
     torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("T,Hkv,causal", [(37, 1, True), (37, 2, False), (5, 4, True)])
+def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T, Hkv, causal):
+    # The GPU autotuner may pick the dK/dV kernel that masks every block in one loop.
+    monkeypatch.setattr(attention_module, "_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True))
+    q, k, v = (t.requires_grad_() for t in _qkv(2, T, 4, Hkv, 32, seed=T + Hkv))
+    out = flash_attention(q, k, v, causal=causal)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _sdpa_float64(q64, k64, v64, causal, 1 / math.sqrt(32)).backward(dout.double())
+    torch.testing.assert_close(k.grad.double(), k64.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-3, atol=1e-4)
+
+
 def test_flash_attention_strided_views_and_custom_scale(triton_backend):
     # q, k, v as views of one fused projection (head stride != D) and a last-dim-transposed q.
     B, T, H, Hkv, D = 2, 21, 4, 2, 32

@@ -10,7 +10,7 @@ import torch
 
 import meta_reference as meta
 from mtp_engine.checkpoint import load_checkpoint
-from mtp_engine.model import ModelArgs
+from mtp_engine.model import ModelArgs, Transformer
 
 ATOL = 1e-4
 MAX_SEQ = 24

@@ -171,7 +171,7 @@ def test_dtype_cast_keeps_rotary_table():
     ref = model(tokens, return_all_heads=True)
     model64 = model.to(torch.float64)
     assert model64.freqs_cis.is_complex()
-    torch.testing.assert_close(model64(tokens, return_all_heads=True), ref.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model64(tokens, return_all_heads=True), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_cached_rejects_1d_tokens():

@@ -1,0 +1,103 @@
+"""Where the time of our fused loss goes: per-kernel CUDA time of one forward+backward (GPU).
+
+    python benchmarks/profile_fused_ce.py --out DIR
+
+For each shape: torch.profiler over a few fwd+bwd calls, CUDA kernel time grouped as GEMM
+(cuBLAS), our Triton chunk kernel, and everything else; plus each GEMM shape timed alone, to
+separate "the GEMMs run below the measured peak" from "time spent outside the GEMMs".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    if "_ce_chunk_kernel" in low:
+        return "ce_chunk (Triton)"
+    if any(k in low for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "nvjet", "matmul")):
+        return "GEMM (cuBLAS)"
+    return "other"
+
+
+def profile_shape(n, N, D, V, calls=3):
+    import triton.testing
+
+    from mtp_kernels import fused_linear_cross_entropy
+    from mtp_kernels.linear_ce_driver import DEFAULT_SCRATCH_BYTES, rows_per_chunk
+
+    torch.manual_seed(0)
+    h = (torch.randn(n, N, D, device="cuda") ).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device="cuda") / D ** 0.5).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (n, N), device="cuda")
+
+    def step():
+        h.grad = w.grad = None
+        fused_linear_cross_entropy(h, w, t).backward()
+
+    step()
+    total_ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if dev_us:
+            g = kernel_group(evt.key)
+            groups[g] = groups.get(g, 0.0) + dev_us / 1000.0 / calls
+    M = n * N
+    rows = rows_per_chunk(M, V, 2, DEFAULT_SCRATCH_BYTES)
+    a = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
+    wt = w.detach()
+    logits = torch.randn(rows, V, device="cuda", dtype=torch.bfloat16)
+    dW = torch.randn(V, D, device="cuda", dtype=torch.bfloat16)
+    flop = 2 * rows * D * V
+    gemms = {
+        "logits = H_c W^T": triton.testing.do_bench(lambda: torch.mm(a, wt.t(), out=logits), rep=100, return_mode="median"),
+        "dH_c = G W": triton.testing.do_bench(lambda: torch.mm(logits, wt), rep=100, return_mode="median"),
+        "dW += G^T H_c": triton.testing.do_bench(lambda: dW.addmm_(logits.t(), a), rep=100, return_mode="median"),
+    }
+    n_chunks = -(-M // rows)
+    return {"n": n, "N": N, "D": D, "V": V, "chunk_rows": rows, "chunks": n_chunks, "total_ms": total_ms,
+            "kernel_ms": groups,
+            "gemm_alone_ms": gemms, "gemm_alone_tflops": {k: flop / v / 1e9 for k, v in gemms.items()},
+            "gemm_alone_sum_ms": n_chunks * sum(gemms.values())}
+
+
+def main(out_dir: str):
+    from common import device_slug
+
+    results = [profile_shape(4, 8192, 4096, 32000), profile_shape(4, 8192, 4096, 128256),
+               profile_shape(4, 16384, 1024, 32000)]
+    slug = device_slug("cuda")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"fused_ce_profile_{slug}.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+    lines = [f"# Fused CE time breakdown on {torch.cuda.get_device_name()} (bf16, n=4, default scratch)", "",
+             "| shape | chunks x rows | total ms | GEMM ms (in run) | ce_chunk ms | other ms | GEMMs alone ms | GEMM TFLOP/s alone (logits / dH / dW) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        k = r["kernel_ms"]
+        tf = " / ".join(f"{v:.0f}" for v in r["gemm_alone_tflops"].values())
+        lines.append(f"| N={r['N']} D={r['D']} V={r['V']} | {r['chunks']} x {r['chunk_rows']} | {r['total_ms']:.1f} | "
+                     f"{k.get('GEMM (cuBLAS)', 0):.1f} | {k.get('ce_chunk (Triton)', 0):.1f} | {k.get('other', 0):.1f} | "
+                     f"{r['gemm_alone_sum_ms']:.1f} | {tf} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    main(p.parse_args().out)

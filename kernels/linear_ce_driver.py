@@ -195,6 +195,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_per_head=None):
         reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
         if reduction != "none":
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
+                                   "(retain_graph=True) is not supported for reduction mean/sum: the "
+                                   "gradients were computed in the forward and handed out by the first one")
+            ctx.consumed = True
             d_rows, d_weight = ctx.saved_tensors
             # The gradients are ours (made in forward): scale them in place, no copies.
             if d_rows is not None:

@@ -312,3 +312,14 @@ def test_gpu_bit_identical_gradients_and_bounded_memory():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     grad_bytes = hidden.numel() * 2 + weight.numel() * 2
     assert peak <= grad_bytes + 256 * 2 ** 20 + 16 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_second_backward_is_a_clear_error_not_a_wrong_gradient():
+    hidden, weight, targets = make_inputs(2, 5, 8, 40)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    assert torch.equal(h.grad, first)

@@ -36,10 +36,6 @@ LOG2E = 1.4426950408889634
 # Tests set this to a small number to force the split-KV (flash-decoding) path; None = automatic.
 FORCE_KV_SPLIT_SIZE: int | None = None
 
-# `kv_cache_attention` checks 0 <= cache_seqlens[b] and cache_seqlens[b] + Tq <= S_max. On CUDA
-# that costs one host sync per call (skipped anyway while a CUDA graph is being captured); a caller
-# that guarantees the range itself (the generator's hot loop, the benchmark) may switch it off.
-VALIDATE_CACHE_SEQLENS = True
 
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -761,14 +757,17 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
 
 
-def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_scale=None) -> torch.Tensor:
+def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_scale=None,
+                       check_seqlens: bool = True) -> torch.Tensor:
     """Inference attention against a static KV cache (no autograd).
     q: (B, Tq, H, Dh); k_cache, v_cache: (B, S_max, Hkv, Dh); cache_seqlens: (B,) int32/int64 = tokens already in
     the cache before the Tq new ones, whose K/V the caller has already written at slots cache_seqlens[b] + j.
     Query i of sequence b attends to slots [0, cache_seqlens[b]) and to new slot cache_seqlens[b] + j where
     tree_mask[i, j] (a (Tq, Tq) bool shared by the batch; None = causal, j <= i). Returns (B, Tq, H, Dh) in
     q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
-    on an empty cache) returns zeros."""
+    on an empty cache) returns zeros. check_seqlens verifies 0 <= cache_seqlens <= S_max - Tq, a host sync
+    on CUDA (skipped during CUDA-graph capture); callers that guarantee the range (the model checks once
+    per forward, not once per layer) pass False."""
     name = "kv_cache_attention"
     _check_heads(name, q, k_cache, v_cache, "k_cache", "v_cache")
     B, Tq, _, _ = q.shape
@@ -790,8 +789,7 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
             raise ValueError(f"{name}: tree_mask is on {tree_mask.device} but q is on {q.device}")
     if Tq > S_max:
         raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
-    check_range = VALIDATE_CACHE_SEQLENS or not cache_seqlens.is_cuda
-    if check_range and B > 0 and not (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if check_seqlens and B > 0 and not (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         bad = ((cache_seqlens < 0) | (cache_seqlens > S_max - Tq)).any()
         if bool(bad):
             raise ValueError(f"{name}: cache_seqlens must lie in [0, S_max - Tq] = [0, {S_max - Tq}] "

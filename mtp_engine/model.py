@@ -137,21 +137,16 @@ class KVCache(nn.Module):
 
 @dataclass
 class CacheStep:
-    """Where a cached forward reads and writes, shared by every block of one forward.
+    """Where a cached forward reads and writes, computed once and shared by every block.
 
-    cache_seqlens: (B,) tokens already cached per sequence; new token j goes to slot cache_seqlens + j.
-    positions: (B, T) rotary positions of the new tokens (cache_seqlens + depth for tree nodes).
-    tree_mask: (T, T) bool, which new tokens each new token sees; None means causal.
+    cache_seqlens: (B,) tokens already cached per sequence; slots: (B, T) int64 cache slot of each
+    new token (cache_seqlens + j); tree_mask: (T, T) bool, which new tokens each new token sees
+    (None means causal).
     """
 
     cache_seqlens: torch.Tensor
-    positions: torch.Tensor
+    slots: torch.Tensor
     tree_mask: Optional[torch.Tensor] = None
-
-    @property
-    def slots(self) -> torch.Tensor:
-        T = self.positions.shape[1]
-        return self.cache_seqlens[:, None].long() + torch.arange(T, device=self.positions.device)
 
 
 class Attention(nn.Module):
@@ -178,7 +173,9 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
             self.cache.write(step.slots, k, v)
-            out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask)
+            # forward_cached checked the lengths once for all blocks: no per-layer check (host sync).
+            out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
+                                     check_seqlens=False)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -301,13 +298,15 @@ class Transformer(nn.Module):
 
     def forward_cached(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, *,
                        node_depths: Optional[torch.Tensor] = None, tree_mask: Optional[torch.Tensor] = None,
-                       n_heads: Optional[int] = None) -> torch.Tensor:
+                       n_heads: Optional[int] = None, check_lengths: bool = True) -> torch.Tensor:
         """Append `tokens` (B, T) to the caches and return normed hidden (B, T, n_heads, D).
 
         cache_seqlens: (B,) int, tokens already cached per sequence (not advanced here: the caller
         owns it). New token j is written to slot cache_seqlens + j. For a token tree, node_depths
         (T,) gives each node's depth below the last accepted token (its rotary position is
         cache_seqlens + depth) and tree_mask (T, T) bool says which nodes each node sees.
+        check_lengths: verify 0 <= cache_seqlens <= cache_len - T (one host sync per forward); a
+        caller that tracks the lengths on the host (the Generator) turns it off.
         """
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
@@ -316,17 +315,19 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if B > self.cache_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
-        # No host syncs here (the decode loop must not stall): callers keep lengths in range,
-        # and an out-of-range slot still fails loudly in scatter_ rather than corrupting memory.
         cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
         if cache_seqlens.shape != (B,):
             raise ValueError(f"cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
-        offsets = torch.arange(T, device=tokens.device) if node_depths is None else node_depths.to(tokens.device)
-        positions = cache_seqlens[:, None].long() + offsets[None, :].long()
+        if check_lengths and B and bool(((cache_seqlens < 0) | (cache_seqlens > self.cache_len - T)).any()):
+            raise ValueError(f"cache_seqlens {cache_seqlens.tolist()} + {T} new tokens do not fit the cache "
+                             f"length {self.cache_len}")
+        offsets = torch.arange(T, device=tokens.device)
+        slots = cache_seqlens[:, None].long() + offsets
+        positions = slots if node_depths is None else cache_seqlens[:, None].long() + node_depths.to(tokens.device).long()
         if self.freqs_cis.shape[0] < self.cache_len:
             self._grow_rope(self.cache_len)
         freqs = self._rope(tokens.device)[positions]  # (B, T, Dh/2)
-        step = CacheStep(cache_seqlens, positions, tree_mask)
+        step = CacheStep(cache_seqlens, slots, tree_mask)
         return self._run(tokens, freqs, step, self.n_future_tokens if n_heads is None else n_heads)
 
     def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:

@@ -179,3 +179,14 @@ def test_forward_cached_rejects_1d_tokens():
     model.setup_caches(1, 16)
     with pytest.raises(ValueError, match=r"tokens must be \(batch, seq\)"):
         model.forward_cached(torch.tensor([1, 2]), torch.zeros(1, dtype=torch.int32))
+
+
+def test_forward_cached_checks_lengths_once_with_a_clear_error():
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=32))
+    model.setup_caches(2, 8)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="do not fit the cache length 8"):
+        model.forward_cached(tokens, torch.tensor([0, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="do not fit"):
+        model.forward_cached(tokens, torch.tensor([-1, 0], dtype=torch.int32))
+    model.forward_cached(tokens, torch.tensor([0, 5], dtype=torch.int32))  # exactly fills the cache

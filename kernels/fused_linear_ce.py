@@ -9,7 +9,7 @@ Per row (all in float32, s = softcap * tanh(z / softcap) or s = z, eps = label s
     loss = lse - (1 - eps) s_t - eps mean(s) + z_loss lse^2
     dz_j = row_scale * (p_j (1 + 2 z_loss lse) - (1 - eps) [j = t] - eps / V) * (1 - (s_j/softcap)^2)
 Pass 1 streams the row once for an online max / sum-exp and the sum of s; pass 2 streams it
-again (mostly from L2) and writes dz in the logits' own dtype. Each element is read and
+again and writes dz in the logits' own dtype. Each element is read and
 written by the same thread, so writing in place is race-free.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_chunk_kernel(
-    logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr, lse_ptr,
+    logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -48,7 +48,6 @@ def _ce_chunk_kernel(
 
     if target == ignore_index:
         tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
         if COMPUTE_GRAD:
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
@@ -76,7 +75,6 @@ def _ce_chunk_kernel(
         loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
         loss -= label_smoothing * tl.sum(s_sum, axis=0) / V
         tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
 
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr + row)
@@ -96,7 +94,7 @@ def _ce_chunk_kernel(
 
 
 def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, loss_out: torch.Tensor,
-             lse_out: torch.Tensor, opts: CEOptions, compute_grad: bool) -> None:
+             opts: CEOptions, compute_grad: bool) -> None:
     """Launcher; same contract as `reference.ce_chunk`. logits: (R, V) with unit column stride."""
     R, V = logits.shape
     if R == 0:
@@ -106,7 +104,7 @@ def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tenso
     else:
         block_v, num_warps = min(triton.next_power_of_2(V), 4096), 16
     _ce_chunk_kernel[(R,)](
-        logits, logits.stride(0), targets, row_scale, loss_out, lse_out,
+        logits, logits.stride(0), targets, row_scale, loss_out,
         V, opts.ignore_index, opts.label_smoothing, opts.z_loss,
         1.0 if opts.softcap is None else opts.softcap,
         HAS_SOFTCAP=opts.softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps)
@@ -129,11 +127,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
     """
     budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else max_scratch_bytes
-    tensors = [t for t in (hidden, weight, targets) if isinstance(t, torch.Tensor)]
-    if len(tensors) == 3 and use_triton(*tensors):
-        chunk_fn = ce_chunk
-    else:
-        chunk_fn = reference.ce_chunk
+    # Non-tensor arguments fall through to the reference, whose input checks name the problem.
+    tensors_given = all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))
+    chunk_fn = ce_chunk if tensors_given and use_triton(hidden, weight, targets) else reference.ce_chunk
     return linear_cross_entropy(hidden, weight, targets, chunk_fn, ignore_index=ignore_index, reduction=reduction,
                                 head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
                                 softcap=softcap, max_scratch_bytes=budget, return_per_head=return_per_head)

@@ -51,17 +51,16 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) float32, the
     factor d(total)/d(row loss) used for the gradient. Returns (loss (M,) fp32 unscaled per-row
-    losses, 0 where ignored; lse (M,) fp32; dH (M, D) or None; dW (V, D) or None).
+    losses, 0 where ignored; dH (M, D) or None; dW (V, D) or None).
     """
     M, D = rows.shape
     V = weight.shape[0]
     loss = torch.empty(M, dtype=torch.float32, device=rows.device)
-    lse = torch.empty(M, dtype=torch.float32, device=rows.device)
     compute_grad = grad_rows or grad_weight
     d_rows = torch.empty_like(rows) if grad_rows else None
     d_weight = None
     if M == 0:
-        return loss, lse, d_rows, (torch.zeros_like(weight) if grad_weight else None)
+        return loss, d_rows, (torch.zeros_like(weight) if grad_weight else None)
     chunk = rows_per_chunk(M, V, weight.element_size(), max_scratch_bytes)
     scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
     w_t = weight.t()
@@ -69,8 +68,7 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         stop = min(start + chunk, M)
         h = rows[start:stop]
         logits = torch.mm(h, w_t, out=scratch[: stop - start])
-        ce_chunk(logits, targets[start:stop], row_scale[start:stop], loss[start:stop], lse[start:stop],
-                 opts, compute_grad)
+        ce_chunk(logits, targets[start:stop], row_scale[start:stop], loss[start:stop], opts, compute_grad)
         if grad_rows:
             torch.mm(logits, weight, out=d_rows[start:stop])
         if grad_weight:
@@ -78,7 +76,7 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                 d_weight = torch.mm(logits.t(), h)
             else:
                 d_weight.addmm_(logits.t(), h)
-    return loss, lse, d_rows, d_weight
+    return loss, d_rows, d_weight
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,32 +162,39 @@ def per_head_losses(loss_rows, targets, n, N, ignore_index, reduction):
     return totals / (targets.view(n, N) != ignore_index).sum(1).clamp(min=1).to(torch.float32)
 
 
+def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+                 max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
+    """Validate, run the chunks, reduce. For mean/sum the gradient factor is known now, so the
+    requested gradients are computed in the same pass; for "none" they wait for grad_output.
+    Returns (loss, per_head, saved) where saved is (dH, dW) or, for "none", what backward needs."""
+    rows, flat_t, lam_rows, lam, n, N, single = prepare(
+        hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    eager_grad = reduction != "none"
+    scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
+    loss_rows, d_rows, d_weight = linear_ce_chunks(
+        rows, weight, flat_t, scale, opts, ce_chunk, grad_rows=eager_grad and grad_rows,
+        grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
+    loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
+    per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+    saved = (d_rows, d_weight) if eager_grad else (rows, weight, flat_t, lam_rows)
+    return loss, per_head, opts, saved
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper around `linear_ce_chunks`, generic over the per-chunk kernel."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing,
                 z_loss, softcap, max_scratch_bytes, ce_chunk):
-        rows, flat_t, lam_rows, lam, n, N, single = prepare(
-            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
-        opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
         grad_rows, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # For mean/sum the gradient factor is known now, so the forward computes the gradients
-        # in the same pass; for "none" it depends on grad_output and waits for backward.
-        eager_grad = reduction != "none" and (grad_rows or grad_weight)
-        scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if reduction != "none" else lam_rows
-        loss_rows, _, d_rows, d_weight = linear_ce_chunks(
-            rows, weight, flat_t, scale, opts, ce_chunk,
-            grad_rows=eager_grad and grad_rows, grad_weight=eager_grad and grad_weight,
-            max_scratch_bytes=max_scratch_bytes)
+        loss, per_head, opts, saved = forward_pass(
+            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+            max_scratch_bytes, ce_chunk, grad_rows, grad_weight)
         ctx.meta = (reduction, opts, ce_chunk, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
-        if eager_grad:
-            ctx.save_for_backward(d_rows, d_weight)
-        else:
-            ctx.save_for_backward(rows, weight, flat_t, lam_rows)
-        per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(per_head)
-        return reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single), per_head
+        return loss, per_head
 
     @staticmethod
     def backward(ctx, grad_out, _grad_per_head=None):
@@ -209,7 +214,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             rows, weight, flat_t, lam_rows = ctx.saved_tensors
             scale = grad_out.reshape(-1).to(torch.float32) * lam_rows
-            _, _, d_rows, d_weight = linear_ce_chunks(
+            _, d_rows, d_weight = linear_ce_chunks(
                 rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
                 grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
             if d_rows is not None:
@@ -224,20 +229,11 @@ def linear_cross_entropy(hidden, weight, targets, ce_chunk, *, ignore_index=-100
     """Shared body of the public function (see fused_linear_ce.fused_linear_cross_entropy)."""
     if int(max_scratch_bytes) <= 0:
         raise ValueError(f"max_scratch_bytes must be > 0, got {max_scratch_bytes}")
-    needs_grad = torch.is_grad_enabled() and (
-        getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False))
-    if needs_grad:
-        loss, per_head = LinearCrossEntropyFunction.apply(
-            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+    args = (hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
             int(max_scratch_bytes), ce_chunk)
+    if torch.is_grad_enabled() and (getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False)):
+        loss, per_head = LinearCrossEntropyFunction.apply(*args)
     else:
-        # Evaluation: loss only, one GEMM per chunk, nothing saved for backward.
-        rows, flat_t, lam_rows, lam, n, N, single = prepare(
-            hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
-        opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-        loss_rows, _, _, _ = linear_ce_chunks(rows, weight, flat_t, lam_rows, opts, ce_chunk, grad_rows=False,
-                                              grad_weight=False, max_scratch_bytes=int(max_scratch_bytes))
-        scale = lam_rows if reduction == "none" else head_factors(flat_t, lam, n, N, ignore_index, reduction)
-        loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
-        per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+        # Evaluation: loss only (one GEMM per chunk), nothing kept for a backward.
+        loss, per_head, _, _ = forward_pass(*args, grad_rows=False, grad_weight=False)
     return (loss, per_head) if return_per_head else loss

@@ -21,12 +21,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 # --------------------------------------------------------------------------------------------
 # Fused n-head linear cross-entropy: the per-chunk step and the whole CPU path
 # --------------------------------------------------------------------------------------------
-def ce_chunk(logits, targets, row_scale, loss_out, lse_out, opts, compute_grad: bool) -> None:
+def ce_chunk(logits, targets, row_scale, loss_out, opts, compute_grad: bool) -> None:
     """Twin of the Triton chunk kernel in fused_linear_ce.py.
 
     logits: (R, V) any float dtype, overwritten with d(total)/d(logits) when compute_grad;
     targets: (R,) int64; row_scale: (R,) float32 gradient factor per row;
-    loss_out, lse_out: (R,) float32, written (per-row loss without row_scale; 0 where ignored).
+    loss_out: (R,) float32, written (per-row loss without row_scale; 0 where ignored).
     Loss per row, with s = softcap * tanh(z / softcap) (or s = z):
         lse(s) - (1 - eps) * s[t] - eps * mean(s) + z_loss * lse^2
     """
@@ -42,7 +42,6 @@ def ce_chunk(logits, targets, row_scale, loss_out, lse_out, opts, compute_grad: 
     if eps:
         loss = loss - eps * s.mean(dim=1)
     loss_out.copy_(torch.where(valid, loss, torch.zeros_like(loss)))
-    lse_out.copy_(torch.where(valid, lse, torch.zeros_like(lse)))
     if not compute_grad:
         return
     grad = torch.exp(s - lse[:, None]) * (1.0 + 2.0 * opts.z_loss * lse[:, None])

@@ -269,3 +269,37 @@ def test_llama_build_errors(tiny_release, tmp_path):
         Llama.build(tmp_path / "other", tok_path, 32, 1, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         Llama.build(ckpt, tok_path, 32, 1, device="cpu", dtype="float64x")
+
+
+EXAMPLE_COMPLETION = '''
+from mtp_engine import Llama  # the release's script, with only this import changed
+
+
+def main(ckpt_dir, tokenizer_path, temperature=0.6, top_p=0.9, max_seq_len=128, max_gen_len=64, max_batch_size=4):
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+    prompts = ["I believe the meaning of life is", "def fibonacci(n):"]
+    results = generator.text_completion(
+        prompts,
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print("\\n==================================\\n")
+'''
+
+
+def test_release_example_completion_script_runs(tiny_release, capsys):
+    ckpt, tok_path, _ = tiny_release
+    namespace = {}
+    exec(compile(EXAMPLE_COMPLETION, "example_completion.py", "exec"), namespace)
+    namespace["main"](str(ckpt), str(tok_path), max_seq_len=48, max_gen_len=8, max_batch_size=2)
+    out = capsys.readouterr().out
+    assert out.count("> ") == 2 and "def fibonacci(n):" in out

@@ -9,7 +9,6 @@ as a ratio to the measured device copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main(out_dir: str) -> list[dict]:
     import triton.testing
 
-    from common import device_slug, measure_ceilings
+    from common import device_slug, markdown_table, measure_ceilings, write_json, write_markdown
     from mtp_kernels import reference, rms_norm
 
     os.environ.pop("MTP_BACKEND", None)
@@ -47,19 +46,13 @@ def main(out_dir: str) -> list[dict]:
                          "fwd_bwd_frac_of_copy_bw": fb_bytes / fb / 1e6 / bw})
     slug = device_slug("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"rmsnorm_{slug}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    lines = [f"# RMSNorm bf16 on {result['device']} (copy bandwidth {bw:.0f} GB/s)", "",
-             "| M x D | impl | fwd ms | fwd GB/s | fwd / copy bw | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / copy bw |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['M']}x{r['D']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | "
-                     f"{r['fwd_frac_of_copy_bw']:.2f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | "
-                     f"{r['fwd_bwd_frac_of_copy_bw']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, f"rmsnorm_{slug}.md"), "w") as f:
-        f.write(text)
+    write_json(os.path.join(out_dir, f"rmsnorm_{slug}.json"), result)
+    headers = ["M x D", "impl", "fwd ms", "fwd GB/s", "fwd / copy bw", "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd / copy bw"]
+    table = markdown_table(headers, [[f"{r['M']}x{r['D']}", r["impl"], r["fwd_ms"], r["fwd_GBps"],
+                                      r["fwd_frac_of_copy_bw"], r["fwd_bwd_ms"], r["fwd_bwd_GBps"],
+                                      r["fwd_bwd_frac_of_copy_bw"]] for r in rows])
+    text = f"# RMSNorm bf16 on {result['device']} (copy bandwidth {bw:.0f} GB/s)\n\n{table}\n"
+    write_markdown(os.path.join(out_dir, f"rmsnorm_{slug}.md"), text)
     print(text)
     return rows
 

@@ -9,7 +9,6 @@ separate "the GEMMs run below the measured peak" from "time spent outside the GE
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -74,28 +73,24 @@ def profile_shape(n, N, D, V, calls=3):
 
 
 def main(out_dir: str):
-    from common import device_slug
+    from common import device_slug, markdown_table, write_json, write_markdown
 
     results = [profile_shape(4, 8192, 4096, 32000), profile_shape(4, 8192, 4096, 128256),
                profile_shape(4, 16384, 1024, 32000)]
     slug = device_slug("cuda")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"fused_ce_profile_{slug}.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
-    lines = [f"# Fused CE time breakdown on {torch.cuda.get_device_name()} (bf16, n=4, default scratch)", "",
-             "| shape | chunks x rows | total ms | GEMM ms (in run) | ce_chunk ms | other ms | GEMMs alone ms | GEMM TFLOP/s alone (logits / dH / dW) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        k = r["kernel_ms"]
-        tf = " / ".join(f"{v:.0f}" for v in r["gemm_alone_tflops"].values())
-        lines.append(f"| N={r['N']} D={r['D']} V={r['V']} | {r['chunks']} x {r['chunk_rows']} | {r['total_ms']:.1f} | "
-                     f"{k.get('GEMM (cuBLAS)', 0):.1f} | {k.get('ce_chunk (Triton)', 0):.1f} | {k.get('other', 0):.1f} | "
-                     f"{r['gemm_alone_sum_ms']:.1f} | {tf} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), "w") as f:
-        f.write(text)
+    write_json(os.path.join(out_dir, f"fused_ce_profile_{slug}.json"),
+               {"device": torch.cuda.get_device_name(), "results": results})
+    headers = ["shape", "chunks x rows", "total ms", "GEMM ms (in run)", "ce_chunk ms", "other ms",
+               "GEMMs alone ms", "GEMM TFLOP/s alone (logits / dH / dW)"]
+    table = markdown_table(headers, [[
+        f"N={r['N']} D={r['D']} V={r['V']}", f"{r['chunks']} x {r['chunk_rows']}", r["total_ms"],
+        r["kernel_ms"].get("GEMM (cuBLAS)", 0.0), r["kernel_ms"].get("ce_chunk (Triton)", 0.0),
+        r["kernel_ms"].get("other", 0.0), r["gemm_alone_sum_ms"],
+        " / ".join(f"{v:.0f}" for v in r["gemm_alone_tflops"].values())] for r in results])
+    text = (f"# Fused CE time breakdown on {torch.cuda.get_device_name()} (bf16, n=4, default scratch)\n\n"
+            f"{table}\n")
+    write_markdown(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), text)
     print(text)
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

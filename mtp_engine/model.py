@@ -118,13 +118,16 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Static per-block cache. k, v: (max_batch, max_seq, n_kv_heads, head_dim)."""
+    """Static per-block cache. k, v: (max_batch, max_seq, n_kv_heads, head_dim).
 
-    def __init__(self, max_batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    Built by `Transformer.setup_caches` as views of one stacked (n_blocks, ...) tensor per K and V,
+    so that one kernel launch can touch every layer's cache (speculative KV compaction).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
-        shape = (max_batch, max_seq, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots: (B, T) int64 cache slot of each new token; k, v: (B, T, Hkv, Dh)."""
@@ -221,6 +224,8 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
         self.cache_batch = 0
         self.cache_len = 0
+        self.k_cache: Optional[torch.Tensor] = None  # (n_blocks, B, S, Hkv, Dh) after setup_caches
+        self.v_cache: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------- structure
     @property
@@ -241,14 +246,19 @@ class Transformer(nn.Module):
             self._grow_rope(max_seq_len)
         dtype = dtype or self.output.weight.dtype
         device = device or self.output.weight.device
-        for block in self.blocks():
-            block.attention.cache = KVCache(max_batch_size, max_seq_len, self.params.kv_heads,
-                                            self.params.head_dim, dtype, device)
+        blocks = self.blocks()
+        shape = (len(blocks), max_batch_size, max_seq_len, self.params.kv_heads, self.params.head_dim)
+        # One tensor per K and V for all blocks, in `blocks()` order: (n_blocks, B, S, Hkv, Dh).
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        for i, block in enumerate(blocks):
+            block.attention.cache = KVCache(self.k_cache[i], self.v_cache[i])
         self.cache_batch, self.cache_len = max_batch_size, max_seq_len
 
     def clear_caches(self) -> None:
         for block in self.blocks():
             block.attention.cache = None
+        self.k_cache = self.v_cache = None
         self.cache_batch = self.cache_len = 0
 
     def _grow_rope(self, length: int) -> None:

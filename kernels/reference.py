@@ -125,3 +125,136 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgts,bhsd->bhgtd", probs, vf)                               # (B, Hkv, G, Tq, D)
     return out.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Token selection from hidden states: linear + argmax / linear + sample (kernels/sampling.py)
+# --------------------------------------------------------------------------------------------
+# Rows of float32 logits materialized at once by the references below: bounds their memory
+# (V = 128256 -> 130 rows, 64 MiB) while the row count grows to batch x tree nodes.
+_LOGIT_ELEMENTS_PER_CHUNK = 1 << 24
+
+
+def _float32_logit_chunks(hidden: torch.Tensor, weight: torch.Tensor):
+    """Yield (row_slice, logits) with logits = hidden[row_slice] @ weight.T in float32, chunked over rows."""
+    weight_f32 = weight.float()
+    rows_per_chunk = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(weight.shape[0], 1))
+    for start in range(0, hidden.shape[0], rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, hidden.shape[0]))
+        yield rows, hidden[rows].float() @ weight_f32.T
+
+
+def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden: (R, D) fp32/fp16/bf16; weight: (V, D) same dtype. Returns (R,) int64
+    argmax_v of hidden @ weight.T in float32; ties go to the smallest index (torch.argmax)."""
+    tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    for rows, logits in _float32_logit_chunks(hidden, weight):
+        tokens[rows] = torch.argmax(logits, dim=-1)
+    return tokens
+
+
+def sample_top_p_logits(logits: torch.Tensor, temperature: float, top_p: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1. Returns (R,) int64: one draw per row
+    from softmax(logits / temperature) restricted to the nucleus.
+
+    The nucleus is mtp_engine.sampling.sample_top_p's: sort descending (stable, so equal
+    probabilities keep id order), keep the smallest prefix whose mass reaches top_p (the token
+    that crosses top_p is kept, so at least one survives), renormalize, draw.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before >= top_p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """hidden: (R, D); weight: (V, D) same dtype. Returns (R,) int64, one draw per row from
+    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top-p nucleus.
+    temperature == 0 -> linear_argmax. top_p == 1: Gumbel-max (argmax of logits / T + Gumbel noise,
+    uniforms from torch.rand with `generator`); top_p < 1: `sample_top_p_logits`. Same
+    distribution as the Triton kernel, not the same draws."""
+    if temperature == 0:
+        return linear_argmax(hidden, weight)
+    tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    for rows, logits in _float32_logit_chunks(hidden, weight):
+        if top_p < 1.0:
+            tokens[rows] = sample_top_p_logits(logits, temperature, top_p, generator)
+        else:
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+            # u == 0 gives -log(-log 0) = -inf: that token simply loses.
+            gumbel = -torch.log(-torch.log(uniform))
+            tokens[rows] = torch.argmax(logits / temperature + gumbel, dim=-1)
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Tree verification: accepted path per sequence, KV-cache compaction (kernels/tree_verify.py)
+# --------------------------------------------------------------------------------------------
+def tree_depths(parents: torch.Tensor) -> list[int]:
+    """parents: (T,) int with parents[0] == -1 and parents[t] < t. Returns depth per node (root 0)."""
+    parent_list = parents.tolist()
+    depths = [0] * len(parent_list)
+    for t in range(1, len(parent_list)):
+        depths[t] = depths[parent_list[t]] + 1
+    return depths
+
+
+def tree_accept(candidates: torch.Tensor, verifier: torch.Tensor, parents: torch.Tensor):
+    """Accepted path of every sequence through a static token tree.
+
+    candidates: (B, T) int64, token at every node (column 0 = root, never checked);
+    verifier: (B, T) int64, the model's token after the path ending at each node;
+    parents: (T,) int64, parents[0] == -1, parents[t] < t (nodes in BFS/depth order).
+    From the root, descend into the first child c (in node order) with
+    candidates[b, c] == verifier[b, current]; stop when no child matches.
+    Returns accepted_nodes (B, max_depth + 1) int64 (root first, padded with -1),
+    accept_len (B,) int64 (>= 1, root included), bonus (B,) int64 = verifier[b, last accepted node].
+    """
+    B, T = candidates.shape
+    device = candidates.device
+    max_depth = max(tree_depths(parents))
+    parents = parents.to(device=device, dtype=torch.int64)
+    node_ids = torch.arange(T, device=device)
+    rows = torch.arange(B, device=device)
+    current = torch.zeros(B, dtype=torch.int64, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    accepted_nodes = torch.full((B, max_depth + 1), -1, dtype=torch.int64, device=device)
+    accepted_nodes[:, 0] = 0
+    accept_len = torch.ones(B, dtype=torch.int64, device=device)
+    for depth in range(1, max_depth + 1):
+        wanted = verifier[rows, current]                                          # (B,)
+        matches = (parents[None, :] == current[:, None]) & (candidates == wanted[:, None])  # (B, T)
+        found = matches.any(dim=1) & active
+        first_match = torch.where(matches, node_ids, T).amin(dim=1)              # first child in node order
+        current = torch.where(found, first_match, current)
+        accepted_nodes[:, depth] = torch.where(found, first_match, -1)
+        accept_len += found.long()
+        active = found
+    bonus = verifier[rows, current]
+    return accepted_nodes, accept_len, bonus
+
+
+def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     accepted_nodes: torch.Tensor, accept_len: torch.Tensor) -> None:
+    """In place. k_cache, v_cache: (L, B_max, S, Hkv, Dh); cache_seqlens: (B_max,) or (B,) int32;
+    accepted_nodes: (B, W) int64 node ids (root first); accept_len: (B,) int64, 0 = copy nothing.
+    For every layer and sequence b < B, slot cache_seqlens[b] + j <- slot cache_seqlens[b] +
+    accepted_nodes[b, j] for j < accept_len[b]; then cache_seqlens[:B] += accept_len."""
+    B = accepted_nodes.shape[0]
+    starts = cache_seqlens[:B].tolist()
+    lengths = accept_len.tolist()
+    for b in range(B):
+        n = lengths[b]
+        if n == 0:
+            continue
+        src = starts[b] + accepted_nodes[b, :n].to(device=k_cache.device, dtype=torch.int64)
+        dst = torch.arange(starts[b], starts[b] + n, device=k_cache.device)
+        # Advanced indexing gathers a copy of every source slot before any write: no overlap hazard.
+        k_cache[:, b, dst] = k_cache[:, b, src]
+        v_cache[:, b, dst] = v_cache[:, b, src]
+    cache_seqlens[:B] += accept_len.to(device=cache_seqlens.device, dtype=cache_seqlens.dtype)

@@ -117,6 +117,15 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     return model
 
 
+def default_checkpoint() -> Path:
+    """The embedded default model shipped in the repository's `models/default` (params, shards, tokenizer)."""
+    path = Path(__file__).resolve().parents[1] / "models" / "default"
+    if not (path / "params.json").is_file():
+        raise FileNotFoundError(f"the default model is not at {path} (it ships with a git checkout of mtp-engine); "
+                                "pass --ckpt-dir")
+    return path
+
+
 def find_shards(ckpt_dir: PathLike) -> List[Path]:
     """The `consolidated.NN.pth` files of `ckpt_dir` in rank order; numbering must be 0..n-1."""
     ckpt_dir = Path(ckpt_dir)
@@ -227,11 +236,15 @@ def _merge(key: str, parts: List[torch.Tensor], paths: List[Path]) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------------ saving
-def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1) -> List[Path]:
+def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                    dtype: Optional[torch.dtype] = None) -> List[Path]:
     """Write `params.json` and `consolidated.00.pth`..`{shards-1}` in Meta's layout.
 
     Returns the shard paths. Every split dim must be divisible by `shards`. Tensors are saved as
     contiguous CPU copies so a view never drags its whole storage into the file.
+    state_dict: save this instead of model.state_dict() (e.g. gathered from FSDP shards; `model`
+    then only supplies params). dtype: cast floating tensors (e.g. torch.bfloat16 for a release).
     """
     if not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be a positive int, got {shards!r}")
@@ -243,7 +256,9 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1) -> 
         raise ValueError(f"{ckpt_dir} already holds {sorted(stale)} from a checkpoint with more shards; "
                          "save into an empty directory")
 
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     for key, tensor in state.items():
         dim = shard_dim(key)
         if dim is not None and tensor.shape[dim] % shards:

@@ -54,6 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "load it back with Llama.build and complete a Python prompt.")
     demo.add_argument("--out", default=None, help="keep the tokenizer and checkpoint here (default: a temp dir)")
     demo.set_defaults(run=run_demo)
+
+    from .train import add_arguments as add_train_arguments
+
+    train = sub.add_parser(
+        "train", help="train an MTP model on a folder of source files (default: Python's standard library)",
+        description="Train a tokenizer and an n-head MTP model on a folder of text/source files; checkpoints in "
+                    "Meta's layout, resumable. Every TrainConfig field is a flag; --preset picks the starting values.",
+        epilog="examples:\n  mtp train --preset tiny --out-dir runs/tiny\n"
+               "  mtp train --preset default --out-dir runs/gpu --max-steps 3000\n"
+               "  torchrun --nproc_per_node 8 -m mtp_engine train --distributed fsdp --out-dir runs/big",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
+
+    from .evaluate import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval", help="per-head held-out loss/accuracy and self-speculative tokens per forward, as a table",
+        description="Evaluate a checkpoint on held-out files: per-head loss and top-1 accuracy, and greedy "
+                    "self-speculative tokens per forward (chain and tree) on held-out prompts.")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
     return parser
 
 
@@ -92,6 +114,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo(args.out)
     return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    return run(args)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run
+
+    return run(args)
 
 
 def format_stats(stats: dict) -> str:

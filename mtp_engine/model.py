@@ -272,11 +272,31 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward passes
     def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
         """Trunk once, then the first `n_heads` heads. Returns normed hidden (B, T, n_heads, D)."""
+        h = self._trunk(tokens, freqs_cis, step)
+        latents = [head(h, freqs_cis, step) for head in self.heads[:n_heads]]
+        return self.norm(torch.stack(latents, dim=-2))
+
+    def _trunk(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None):
         h = self.tok_embeddings(tokens)
         for layer in self.trunk:
             h = layer(h, freqs_cis, step)
-        latents = [head(h, freqs_cis, step) for head in self.heads[:n_heads]]
-        return self.norm(torch.stack(latents, dim=-2))
+        return h
+
+    def trunk_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Trunk output (B, T, D) of a plain causal forward: the input of every head block.
+
+        With `head_hidden_from_trunk` this splits `head_hidden` for the paper's memory-efficient
+        schedule (each head's forward and backward in turn, then the trunk's backward once).
+        """
+        self._check_tokens(tokens, 0)
+        return self._trunk(tokens, self._rope(tokens.device)[: tokens.shape[1]])
+
+    def head_hidden_from_trunk(self, trunk_out: torch.Tensor, head: int) -> torch.Tensor:
+        """Normed hidden (B, T, D) of head `head` (0-based) given the trunk output (B, T, D)."""
+        if not 0 <= head < self.n_future_tokens:
+            raise ValueError(f"head {head} is outside [0, {self.n_future_tokens})")
+        freqs = self._rope(trunk_out.device)[: trunk_out.shape[1]]
+        return self.norm(self.heads[head](trunk_out, freqs, None))
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
                 return_all_heads: bool = False) -> torch.Tensor:

@@ -1,0 +1,253 @@
+"""Training data: a corpus of source files, its tokenizer, a memory-mapped token cache, packed batches.
+
+    corpus = prepare_corpus("data/stdlib", vocab_size=8192)       # default source: Python's own stdlib
+    train = PackedTokens(corpus.train_path, seq_len=512)
+    for tokens in train.batches(batch_size=16, seed=0, start_batch=0): ...   # (B, T) int64
+
+The split is by file and deterministic: files under a held-out folder (`test/`, `tests/`) are held
+out; a folder without any gets a fixed hash-chosen share of its files held out instead. Every file
+becomes `bos + tokens + eos` in one flat token stream per split, stored as a raw little-endian
+array (uint16 when the vocabulary fits) and memory-mapped, so a corpus of any size costs no RAM.
+`prepare_corpus` reuses a cache whose manifest matches the files and options, and rebuilds otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .tokenizer import Tokenizer, train_tokenizer
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_EXTENSIONS = (".py",)
+HELDOUT_DIRS = ("test", "tests")
+# Folders that are not the standard library's own source, or not source at all.
+SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo", "lib2to3", "ensurepip")
+# Whole-line runs of indentation are the most frequent strings in code; as single pieces they give
+# the model one token for "newline + indent" instead of a newline byte and space pieces.
+INDENT_SYMBOLS = ["\n" + "\u2581" * (4 * level) for level in range(9)]  # U+2581: SentencePiece's space
+CACHE_VERSION = 2
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library source folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[Path]:
+    """Every file under `root` with one of `extensions`, sorted, skipping SKIP_DIRS and hidden folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus folder not found: {root}")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(tuple(extensions))]
+    if not files:
+        raise ValueError(f"no files ending in {tuple(extensions)} under {root}")
+    return files
+
+
+def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float = 0.05
+                ) -> Tuple[List[Path], List[Path]]:
+    """(train, heldout) by file. Files inside a HELDOUT_DIRS folder are held out; if there are none,
+    a file is held out when a hash of its relative path falls in the first `heldout_fraction`."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    root = Path(root)
+    rel = [Path(f).relative_to(root) for f in files]
+    in_test_dir = [any(part in HELDOUT_DIRS for part in r.parts[:-1]) for r in rel]
+    if any(in_test_dir) and not all(in_test_dir):
+        held = in_test_dir
+    else:
+        held = [_unit_hash(r.as_posix()) < heldout_fraction for r in rel]
+    train = [f for f, h in zip(files, held) if not h]
+    heldout = [f for f, h in zip(files, held) if h]
+    if not train or not heldout:
+        raise ValueError(f"split of {len(files)} files under {root} left an empty side "
+                         f"({len(train)} train, {len(heldout)} held out): add files")
+    return train, heldout
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2.0 ** 64
+
+
+def read_text(path: Path) -> Optional[str]:
+    """File text as UTF-8, or None for files that are not (a few stdlib test files are Latin-1 on purpose)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------- the token cache
+@dataclass
+class Corpus:
+    """A prepared corpus folder: tokenizer.model, train.bin, heldout.bin, manifest.json."""
+
+    dir: Path
+    tokenizer: Tokenizer
+    train_path: Path
+    heldout_path: Path
+    heldout_files: List[str]
+    manifest: dict
+
+
+def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_size: int = 8192, *,
+                   extensions: Sequence[str] = DEFAULT_EXTENSIONS, heldout_fraction: float = 0.05,
+                   max_train_files: Optional[int] = None, tokenizer_sentences: int = 300_000,
+                   log=print) -> Corpus:
+    """Tokenizer + memory-mapped token streams for the files under `source` (default: the stdlib).
+
+    The tokenizer is trained on the training files only. `max_train_files` keeps the first k of a
+    deterministic shuffle (for quick runs). A matching cache in `out_dir` is reused.
+    """
+    source = stdlib_root() if source is None else Path(source)
+    out = Path(out_dir)
+    files = find_source_files(source, extensions)
+    train_files, heldout_files = split_files(files, source, heldout_fraction)
+    if max_train_files is not None:
+        order = sorted(train_files, key=lambda f: _unit_hash("order:" + f.relative_to(source).as_posix()))
+        train_files = sorted(order[:max_train_files])
+    manifest = {
+        "version": CACHE_VERSION, "source": str(source), "vocab_size": vocab_size,
+        "extensions": list(extensions), "heldout_fraction": heldout_fraction,
+        "train_files": [f.relative_to(source).as_posix() for f in train_files],
+        "heldout_files": [f.relative_to(source).as_posix() for f in heldout_files],
+        "fingerprint": _fingerprint(train_files + heldout_files),
+    }
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in manifest} == manifest and all(
+                (out / name).is_file() for name in ("tokenizer.model", "train.bin", "heldout.bin")):
+            log(f"corpus: reusing the cache in {out}")
+            return _open(out, old)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"corpus: {len(train_files)} train / {len(heldout_files)} held-out files under {source}")
+    texts_file = out / "tokenizer_train.txt"
+    with texts_file.open("w", encoding="utf-8") as fh:
+        for f in train_files:
+            text = read_text(f)
+            if text:
+                fh.write(text if text.endswith("\n") else text + "\n")
+    tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
+                                input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
+    texts_file.unlink()
+    manifest["train_tokens"] = _write_tokens(tokenizer, train_files, out / "train.bin")
+    manifest["heldout_tokens"] = _write_tokens(tokenizer, heldout_files, out / "heldout.bin")
+    log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "
+        f"vocabulary {tokenizer.n_words}")
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return _open(out, manifest)
+
+
+def _open(out: Path, manifest: dict) -> Corpus:
+    return Corpus(dir=out, tokenizer=Tokenizer(out / "tokenizer.model"), train_path=out / "train.bin",
+                  heldout_path=out / "heldout.bin", heldout_files=manifest["heldout_files"], manifest=manifest)
+
+
+def _fingerprint(files: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path) -> int:
+    dtype = token_dtype(tokenizer.n_words)
+    total = 0
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        for f in files:
+            text = read_text(f)
+            if not text:
+                continue
+            ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)
+            fh.write(ids.tobytes())
+            total += ids.size
+    os.replace(tmp, path)
+    (path.parent / (path.name + ".json")).write_text(json.dumps({"dtype": dtype.str, "tokens": total}) + "\n")
+    return total
+
+
+def load_tokens(path: PathLike) -> np.memmap:
+    """The flat token stream of a split, memory-mapped read-only."""
+    path = Path(path)
+    meta_path = path.parent / (path.name + ".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"token file {path} (and its {meta_path.name}) not found: run prepare_corpus")
+    meta = json.loads(meta_path.read_text())
+    if meta["tokens"] == 0:
+        raise ValueError(f"token file {path} is empty")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+
+
+# ---------------------------------------------------------------------- packed batches
+class PackedTokens:
+    """A token stream cut into consecutive windows of `seq_len` tokens (files packed back to back,
+    bos/eos between them; the tail shorter than a window is dropped).
+
+    Batches are drawn from a seeded permutation of the windows, one permutation per epoch, so batch
+    k of a run is a pure function of (seed, k): a resumed run continues the same sequence, and rank
+    r of `world_size` takes batches r, r + world_size, ... of the same global order.
+    """
+
+    def __init__(self, path: PathLike, seq_len: int):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.tokens = load_tokens(path)
+        self.seq_len = seq_len
+        self.n_windows = len(self.tokens) // seq_len
+        if self.n_windows == 0:
+            raise ValueError(f"{path} holds {len(self.tokens)} tokens, fewer than one window of {seq_len}")
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def window(self, i: int) -> torch.Tensor:
+        start = i * self.seq_len
+        return torch.from_numpy(self.tokens[start:start + self.seq_len].astype(np.int64))
+
+    def batch(self, batch_size: int, seed: int, index: int) -> torch.Tensor:
+        """Global batch number `index`: (batch_size, seq_len) int64."""
+        if batch_size > self.n_windows:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.n_windows} windows of the data")
+        per_epoch = self.n_windows // batch_size
+        epoch, k = divmod(index, per_epoch)
+        perm = self._permutation(seed, epoch)
+        return torch.stack([self.window(int(i)) for i in perm[k * batch_size:(k + 1) * batch_size]])
+
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Endless batches start + rank, start + rank + world_size, ... of the global order."""
+        index = start + rank
+        while True:
+            yield self.batch(batch_size, seed, index)
+            index += world_size
+
+    def fixed_windows(self, count: int, seed: int = 1234) -> torch.Tensor:
+        """`count` windows spread over the stream by a fixed permutation (for evaluation): (count, seq_len)."""
+        count = min(count, self.n_windows)
+        perm = self._permutation(seed, 0)[:count]
+        return torch.stack([self.window(int(i)) for i in sorted(perm)])
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        if getattr(self, "_perm_key", None) != (seed, epoch):
+            self._perm = np.random.default_rng([seed, epoch]).permutation(self.n_windows)
+            self._perm_key = (seed, epoch)
+        return self._perm

@@ -1,0 +1,215 @@
+"""`mtp eval`: how good are a checkpoint's heads, and how far would they carry self-speculative decoding?
+
+Two measurements on held-out files (the `test/` folders of the source tree by default):
+  1. per-head cross-entropy and top-1 accuracy on packed held-out windows;
+  2. greedy self-speculative tokens per forward on held-out prompts.
+
+Greedy output does not depend on drafting, so (2) needs no speculative generator: one greedy
+rollout per prompt, then one forward over prompt + rollout gives every head's top-k at every
+position, and the accepted length of each step follows (`chain_tokens_per_forward`,
+`tree_tokens_per_forward`). The step structure is the generator's: the prefill forward yields one
+token; each later forward verifies drafts made at the last accepted position and yields the
+accepted drafts plus one verified token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import default_checkpoint
+from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
+
+CHAIN = "chain"
+
+
+def chain_tokens_per_forward(top1: torch.Tensor, sequence: Sequence[int], prompt_len: int, gen_len: int) -> dict:
+    """Tokens per forward of greedy chain drafting along a fixed greedy rollout.
+
+    top1: (L, k) int, top1[t, i] = head i's argmax at position t of `sequence` (head i predicts t+1+i).
+    sequence: prompt + rollout (length >= prompt_len + gen_len). Returns {'tokens_per_forward',
+    'forwards', 'accepted_per_depth'}.
+    """
+    k = top1.shape[1]
+    paths = {tuple([0] * d) for d in range(1, k)}
+    ranks = [[0 if t + 1 + i < len(sequence) and int(top1[t, i]) == int(sequence[t + 1 + i]) else -1
+              for i in range(k)] for t in range(top1.shape[0])]
+    return _walk(ranks, paths, prompt_len, gen_len, k, len(sequence))
+
+
+def tree_tokens_per_forward(topk: torch.Tensor, sequence: Sequence[int], prompt_len: int, gen_len: int,
+                            tree: Sequence[Sequence[int]]) -> dict:
+    """As chain_tokens_per_forward for a static token tree in Medusa's path format.
+
+    topk: (L, k, K) int, head i's top-K ids at each position (K > every rank used by `tree`).
+    A node [r1, .., rd] holds head d's rank-rd candidate; a step accepts the deepest node whose
+    every candidate along its path equals the rollout.
+    """
+    paths = {tuple(p) for p in tree}
+    k = topk.shape[1]
+    ranks = []
+    for t in range(topk.shape[0]):
+        row = [-1] * k
+        for i in range(1, k):
+            if t + 1 + i < len(sequence):
+                hits = (topk[t, i] == int(sequence[t + 1 + i])).nonzero()
+                row[i] = int(hits[0, 0]) if hits.numel() else -1
+        ranks.append(row)
+    return _walk(ranks, paths, prompt_len, gen_len, k, len(sequence))
+
+
+def _walk(ranks: List[List[int]], paths: set, prompt_len: int, gen_len: int, k: int, length: int) -> dict:
+    produced, forwards = 1, 1           # the prefill forward yields the first token
+    q = prompt_len - 1                  # position whose heads drafted the current step
+    accepted_per_depth = [0] * k
+    steps = 0
+    while produced < gen_len:
+        path: tuple = ()
+        for depth in range(1, k):
+            r = ranks[q][depth] if q < len(ranks) else -1
+            if r < 0 or path + (r,) not in paths:
+                break
+            path += (r,)
+            accepted_per_depth[depth] += 1
+        produced += len(path) + 1
+        forwards += 1
+        steps += 1
+        q += len(path) + 1
+    return {"tokens_per_forward": gen_len / forwards, "forwards": forwards, "steps": steps,
+            "accepted_per_depth": accepted_per_depth[1:]}
+
+
+def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: int = 40) -> List[List[int]]:
+    """Token ids (bos + text + eos) of up to `max_files` held-out files, chosen by a fixed hash order."""
+    source = stdlib_root() if source is None else Path(source)
+    _, heldout = split_files(find_source_files(source), source)
+    heldout = sorted(heldout, key=lambda f: _unit_hash("eval:" + f.relative_to(source).as_posix()))
+    streams = []
+    for f in heldout:
+        text = read_text(f)
+        if text and len(text) > 200:
+            streams.append(tokenizer.encode(text, bos=True, eos=True))
+        if len(streams) >= max_files:
+            break
+    if not streams:
+        raise ValueError(f"no readable held-out files under {source}")
+    return streams
+
+
+def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_files: int = 40,
+                        seq_len: Optional[int] = None, n_prompts: int = 16, prompt_len: int = 64,
+                        gen_len: int = 64, trees: Optional[dict] = None, batch_size: int = 8) -> dict:
+    """Both measurements; returns a dict ready for JSON (see `format_table`)."""
+    from .generate import Generator
+    from .train import evaluate
+
+    n = model.n_future_tokens
+    device = model.output.weight.device
+    streams = heldout_token_stream(tokenizer, source, max_files)
+    seq_len = seq_len or model.params.max_seq_len
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams])
+    n_windows = len(flat) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"held-out text has {len(flat)} tokens, fewer than one window of {seq_len}")
+    windows = torch.from_numpy(flat[: n_windows * seq_len].reshape(n_windows, seq_len))
+    head_eval = evaluate(model, windows, batch_size=batch_size)
+
+    # Prompts: the start of a file is license text and imports; take a fixed place inside each file.
+    prompts = []
+    for s in streams:
+        if len(s) >= prompt_len + gen_len + 2:
+            start = int(_unit_hash(f"prompt:{len(prompts)}:{len(s)}") * (len(s) - prompt_len - gen_len))
+            prompts.append(s[start:start + prompt_len])
+        if len(prompts) >= n_prompts:
+            break
+    gen = Generator(model, tokenizer=None, max_batch_size=len(prompts), max_seq_len=prompt_len + gen_len + 1)
+    rollout = gen.generate(prompts, max_gen_len=gen_len, temperature=0.0, eos_id=-1)
+    trees = trees or {}
+    K = 1 + max([max(p) for tree in trees.values() for p in tree] or [0])
+    results = {CHAIN: []} | {name: [] for name in trees}
+    with torch.no_grad():
+        for prompt, out in zip(prompts, rollout.tokens):
+            sequence = prompt + out
+            logits = model.forward(torch.tensor([sequence], device=device), return_all_heads=True)[0]  # (L, n, V)
+            topk = logits.topk(K, dim=-1).indices.cpu()                                             # (L, n, K)
+            results[CHAIN].append(chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), len(out)))
+            for name, tree in trees.items():
+                results[name].append(tree_tokens_per_forward(topk, sequence, len(prompt), len(out), tree))
+    model.clear_caches()
+    speculative = {}
+    for name, runs in results.items():
+        forwards = sum(r["forwards"] for r in runs)
+        produced = sum(r["tokens_per_forward"] * r["forwards"] for r in runs)
+        steps = sum(r["steps"] for r in runs)
+        depth_hits = np.sum([r["accepted_per_depth"] for r in runs], axis=0).tolist()
+        speculative[name] = {"tokens_per_forward": produced / forwards, "prompts": len(runs),
+                             "acceptance_per_depth": [h / steps for h in depth_hits] if steps else []}
+    return {"heads": n, "heldout_windows": n_windows, "seq_len": seq_len, "head_loss": head_eval["loss"],
+            "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len,
+            "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()}}
+
+
+def format_table(result: dict) -> str:
+    lines = ["| head | predicts | held-out loss | top-1 accuracy |", "|---|---|---|---|"]
+    for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_top1"])):
+        lines.append(f"| {i} | token t+{i + 1} | {loss:.3f} | {acc:.3f} |")
+    lines += ["", f"Greedy self-speculative decoding, {result['speculative'][CHAIN]['prompts']} held-out prompts of "
+              f"{result['prompt_len']} tokens, {result['gen_len']} new tokens each:", "",
+              "| drafting | tokens per forward | acceptance by depth |", "|---|---|---|"]
+    for name, r in result["speculative"].items():
+        label = name if name == CHAIN else f"tree `{name}` ({len(result['trees'][name])} nodes)"
+        acc = " / ".join(f"{a:.2f}" for a in r["acceptance_per_depth"])
+        lines.append(f"| {label} | {r['tokens_per_forward']:.2f} | {acc} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt-dir", default=None, help="checkpoint (default: the embedded models/default)")
+    parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir")
+    parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
+    parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for tokens/forward (default 16)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--tree", action="append", default=None,
+                        help="tree preset name or JSON list of paths; repeatable (default: the preset for the "
+                             "model's head count)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--json", default=None, help="also write the result here")
+
+
+def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
+    from . import speculative
+
+    if not specs:
+        name = speculative.default_tree_name(heads)
+        return {name: speculative.resolve_tree(name, heads)}
+    trees = {}
+    for spec in specs:
+        paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
+        trees[spec if isinstance(paths, str) else f"custom{len(trees)}"] = speculative.resolve_tree(paths, heads)
+    return trees
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .generate import resolve_device
+    from .tokenizer import Tokenizer
+
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
+    tokenizer = Tokenizer(args.tokenizer_path or ckpt_dir / "tokenizer.model")
+    device = resolve_device(args.device)
+    model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model.eval()
+    trees = resolve_trees(args.tree, model.n_future_tokens) if model.n_future_tokens > 1 else {}
+    result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files,
+                                 n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
+    result["checkpoint"] = str(ckpt_dir)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0

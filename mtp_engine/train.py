@@ -1,0 +1,558 @@
+"""Training an MTP model: `mtp train` and `train(TrainConfig)`.
+
+AdamW with linear warmup and cosine decay, gradient clipping and accumulation, bf16 autocast on
+CUDA (float32 on CPU), the fused n-head loss (no logits), periodic held-out evaluation (per-head
+loss and top-1 accuracy), Meta-format checkpoints with the optimizer state beside them (resumable:
+a resumed run takes exactly the step an uninterrupted one would), a progress line with tokens/s
+and ETA, and a JSON log of the run.
+
+Two ways to run the heads (`head_schedule`):
+  - "batched": trunk, then all n heads, one loss, one backward (the usual);
+  - "sequential": the paper's memory-efficient order. The trunk runs forward once; each head in
+    turn runs forward and backward, its gradient accumulating at the (detached) trunk output;
+    then the trunk runs backward once. Only one head's activations are alive at a time, and the
+    gradients equal the batched schedule's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from mtp_kernels import fused_linear_cross_entropy
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import PackedTokens, prepare_corpus
+from .loss import MTPLoss, MTPLossOutput, mtp_targets
+from .model import ModelArgs, Transformer
+
+HEAD_SCHEDULES = ("batched", "sequential")
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    # model
+    dim: int = 384
+    n_layers: int = 8               # trunk + head blocks, as in params.json
+    n_heads: int = 6
+    n_kv_heads: Optional[int] = None
+    n_future_tokens: int = 4
+    multiple_of: int = 64
+    seq_len: int = 1024
+    # data
+    corpus_dir: str = "data/stdlib"  # token cache (tokenizer, train.bin, heldout.bin)
+    source: Optional[str] = None     # folder of source files; None: the Python standard library
+    vocab_size: int = 8192
+    max_train_files: Optional[int] = None
+    # optimization
+    batch_size: int = 32             # sequences per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    head_schedule: str = "batched"
+    head_weights: Optional[List[float]] = None
+    time_budget_s: Optional[float] = None   # stop (and save) after this much training time
+    # bookkeeping
+    out_dir: str = "runs/default"
+    eval_every: int = 200
+    eval_windows: int = 64
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: Optional[str] = None     # None: cuda when available
+    distributed: str = "none"        # "none" | "ddp" | "fsdp" (under torchrun)
+    export_dtype: str = "bfloat16"   # dtype of the final Meta-format checkpoint
+    progress: bool = True
+
+    def model_args(self, vocab_size: int) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                         n_future_tokens=self.n_future_tokens, vocab_size=vocab_size, multiple_of=self.multiple_of,
+                         max_seq_len=self.seq_len, max_batch_size=1)
+
+    def validate(self) -> None:
+        if self.head_schedule not in HEAD_SCHEDULES:
+            raise ValueError(f"head_schedule must be one of {HEAD_SCHEDULES}, got {self.head_schedule!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_windows", "eval_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.head_weights is not None and len(self.head_weights) != self.n_future_tokens:
+            raise ValueError(f"head_weights has {len(self.head_weights)} entries for {self.n_future_tokens} heads")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.head_schedule == "sequential" and self.distributed == "fsdp":
+            raise ValueError("head_schedule 'sequential' runs the blocks outside FSDP's forward hooks; "
+                             "use it with distributed 'none' or 'ddp'")
+        if self.export_dtype not in _EXPORT_DTYPES:
+            raise ValueError(f"export_dtype must be one of {sorted(_EXPORT_DTYPES)}, got {self.export_dtype!r}")
+
+
+_EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Named starting points; any field can be overridden on the command line.
+PRESETS = {
+    # seconds on a laptop: tests and smoke runs
+    "tiny": dict(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, multiple_of=16, seq_len=64, vocab_size=512,
+                 batch_size=4, max_steps=20, warmup_steps=2, lr=3e-3, eval_every=10, eval_windows=4,
+                 save_every=10, max_train_files=20),
+    # the largest model a 2-core CPU trains usefully in about half an hour
+    "cpu": dict(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, multiple_of=64, seq_len=512, vocab_size=8192,
+                batch_size=8, max_steps=1200, warmup_steps=60, lr=3e-3, eval_every=200, eval_windows=32,
+                save_every=200),
+    # one GPU, about 8 minutes (16M parameters)
+    "default": dict(dim=384, n_layers=8, n_heads=6, multiple_of=64, seq_len=1024, vocab_size=8192,
+                    batch_size=32, max_steps=2000, warmup_steps=100, lr=3e-3, eval_every=250, eval_windows=64,
+                    save_every=500),
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields: {unknown}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------------- the loss module
+class MTPTrainModel(nn.Module):
+    """The model plus its n-head loss, as one module: forward(tokens (B, T)) -> MTPLossOutput.
+
+    The unembedding weight is read inside forward, so wrappers that gather parameters around
+    forward (FSDP) hand the fused loss the real, full `output.weight`.
+    """
+
+    def __init__(self, model: Transformer, head_weights: Optional[List[float]] = None, ignore_index: int = -100):
+        super().__init__()
+        self.model = model
+        self.n_future = model.n_future_tokens
+        self.ignore_index = ignore_index
+        self.head_weights = [1.0] * self.n_future if head_weights is None else [float(w) for w in head_weights]
+        self.loss_fn = MTPLoss(self.n_future, ignore_index=ignore_index, head_weights=self.head_weights)
+
+    def forward(self, tokens: torch.Tensor) -> MTPLossOutput:
+        return self.loss_fn(self.model.head_hidden(tokens), self.model.output.weight, tokens)
+
+    def forward_backward_sequential(self, tokens: torch.Tensor, loss_scale: float = 1.0) -> MTPLossOutput:
+        """The memory-efficient schedule: backward of `loss_scale * loss` done here, head by head.
+
+        Returns the same MTPLossOutput as forward (loss detached: the backward has happened).
+        """
+        model = self.model
+        B, T = tokens.shape
+        trunk_out = model.trunk_hidden(tokens)
+        trunk_in = trunk_out.detach().requires_grad_(True)
+        targets = mtp_targets(tokens, self.n_future, self.ignore_index).view(self.n_future, B * T)
+        per_head = torch.zeros(self.n_future, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(self.n_future):
+            hidden = model.head_hidden_from_trunk(trunk_in, i)            # (B, T, D)
+            loss_i = fused_linear_cross_entropy(hidden.reshape(1, B * T, -1), model.output.weight, targets[i:i + 1],
+                                                ignore_index=self.ignore_index)
+            (loss_i * (self.head_weights[i] * loss_scale)).backward()     # frees this head's activations
+            per_head[i] = loss_i.detach().float().cpu()
+            total += self.head_weights[i] * per_head[i]
+        trunk_out.backward(trunk_in.grad)
+        return MTPLossOutput(total, per_head)
+
+
+# ---------------------------------------------------------------------- helpers
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2-style init: N(0, std) everywhere, residual projections (wo, w2) scaled by 1/sqrt(2 L)."""
+    residual_std = std / math.sqrt(2 * model.n_layers)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(("wo.weight", "w2.weight")) else std)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to min_lr_ratio * lr at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not on norm gains)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int = 8, autocast=nullcontext,
+             ignore_index: int = -100) -> dict:
+    """Per-head mean loss and top-1 accuracy on `windows` (W, T): {'loss': [n], 'acc': [n], 'tokens': [n]}."""
+    n = model.n_future_tokens
+    device = model.output.weight.device
+    loss_sum = torch.zeros(n, dtype=torch.float64)
+    correct = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for start in range(0, windows.shape[0], batch_size):
+        tokens = windows[start:start + batch_size].to(device)
+        with autocast():
+            hidden = model.head_hidden(tokens)                              # (n, B, T, D)
+        targets = mtp_targets(tokens, n, ignore_index)                      # (n, B, T)
+        for i in range(n):
+            h = hidden[i].reshape(-1, hidden.shape[-1])
+            t = targets[i].reshape(-1)
+            valid = t != ignore_index
+            # One head's logits for a small eval batch: bounded, and needed for top-1 anyway.
+            logits = (h[valid] @ model.output.weight.t().to(h.dtype)).float()
+            tv = t[valid]
+            loss_sum[i] += torch.nn.functional.cross_entropy(logits, tv, reduction="sum").double().cpu()
+            correct[i] += (logits.argmax(-1) == tv).sum().double().cpu()
+            count[i] += valid.sum().double().cpu()
+    model.train(was_training)
+    denom = count.clamp(min=1)
+    return {"loss": (loss_sum / denom).tolist(), "acc": (correct / denom).tolist(), "tokens": count.long().tolist()}
+
+
+class Progress:
+    """One updating stderr line: step, loss, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, enabled: bool):
+        self.total = total_steps
+        self.enabled = enabled and sys.stderr is not None
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * step / self.total)
+        bar = "#" * done + "." * (width - done)
+        sys.stderr.write(f"\r[{bar}] step {step}/{self.total} loss {loss:.3f} lr {lr:.2e} "
+                         f"{tokens_per_s:,.0f} tok/s ETA {_fmt_time(eta_s)}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Run (or resume) a training run; returns the run's log dict (also written to out_dir/train_log.json).
+
+    out_dir receives the Meta-format checkpoint (params.json, consolidated.00.pth, tokenizer.model)
+    of the latest save, `optimizer.pt` + `trainer_state.json` to resume, and `train_log.json`.
+    """
+    cfg.validate()
+    env = _init_distributed(cfg)
+    is_main = env is None or env.is_main
+    device = env.device if env is not None else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.out_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    quiet = (lambda *a, **k: None)
+    log = log if is_main else quiet
+
+    corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, max_train_files=cfg.max_train_files,
+                            log=log) if is_main else None
+    if env is not None:
+        _barrier(env)
+        corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size,
+                                          max_train_files=cfg.max_train_files, log=quiet)
+    train_data = PackedTokens(corpus.train_path, cfg.seq_len)
+    heldout = PackedTokens(corpus.heldout_path, cfg.seq_len).fixed_windows(cfg.eval_windows)
+
+    torch.manual_seed(cfg.seed)
+    state_path = out / "trainer_state.json"
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
+        source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
+        model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)
+        log(f"resuming {out} at step {state['step']}")
+    else:
+        if resume:
+            log(f"no trainer_state.json in {out}: starting a new run")
+        model = Transformer(cfg.model_args(corpus.tokenizer.n_words))
+        init_weights(model)
+        model.to(device)
+        state = {"step": 0, "tokens": 0, "train_time_s": 0.0}
+    # The rotary table is a plain attribute: move it once rather than per call.
+    model.freqs_cis = model.freqs_cis.to(device)
+    module = MTPTrainModel(model, cfg.head_weights)
+    wrapped = _wrap(module, cfg, env)
+    optimizer = make_optimizer(module, cfg)
+    if resume and (out / "optimizer.pt").is_file() and state["step"] > 0:
+        optimizer.load_state_dict(torch.load(out / "optimizer.pt", map_location=device, weights_only=True))
+
+    run_log = {"config": dataclasses.asdict(cfg), "device": _device_name(device),
+               "params": model.num_params(), "corpus": {k: corpus.manifest[k] for k in
+                                                        ("source", "train_tokens", "heldout_tokens", "vocab_size")},
+               "steps": [], "evals": []}
+    log_path = out / "train_log.json"
+    if resume and log_path.is_file():
+        previous = json.loads(log_path.read_text())
+        run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
+        run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
+    if is_main:
+        shutil.copyfile(corpus.tokenizer.model_path, out / "tokenizer.model")
+    log(f"model: {model.num_params():,} parameters ({model.params.n_trunk_layers} trunk layers + "
+        f"{model.n_future_tokens} heads, dim {cfg.dim}), vocabulary {model.vocab_size}; "
+        f"{len(train_data):,} training windows of {cfg.seq_len}; device {run_log['device']}")
+
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
+    world = env.world_size if env is not None else 1
+    rank = env.rank if env is not None else 0
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
+    progress = Progress(cfg.max_steps, cfg.progress and is_main)
+    module.train()
+    step = state["step"]
+    start_time = time.perf_counter() - state["train_time_s"]
+    window_start, window_tokens = time.perf_counter(), 0
+    micro_index = step * cfg.grad_accum * world
+    last_loss = float("nan")
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            per_head = torch.zeros(model.n_future_tokens)
+            for micro in range(cfg.grad_accum):
+                tokens = train_data.batch(cfg.batch_size, cfg.seed, micro_index + rank).to(device)
+                micro_index += world
+                with _no_sync(wrapped, cfg, last=micro == cfg.grad_accum - 1):
+                    if cfg.head_schedule == "sequential":
+                        with autocast():
+                            result = module.forward_backward_sequential(tokens, 1.0 / cfg.grad_accum)
+                    else:
+                        with autocast():
+                            result = wrapped(tokens)
+                        (result.loss / cfg.grad_accum).backward()
+                per_head += result.per_head.cpu() / cfg.grad_accum
+            if cfg.head_schedule == "sequential" and env is not None:
+                _sync_grads(module, env)
+            grad_norm = _clip(wrapped, module, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += tokens_per_step
+            state["tokens"] += tokens_per_step
+            last_loss = float(per_head.sum())
+            if env is not None:
+                per_head = _all_reduce_mean(per_head.to(device), env).cpu()
+                last_loss = float(per_head.sum())
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                elapsed = now - start_time
+                eta = elapsed / step * (cfg.max_steps - step)
+                run_log["steps"].append({"step": step, "loss": last_loss, "per_head": per_head.tolist(), "lr": lr,
+                                         "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tps,
+                                         "elapsed_s": elapsed})
+                progress.update(step, last_loss, lr, tps, eta)
+            over_time = cfg.time_budget_s is not None and time.perf_counter() - start_time >= cfg.time_budget_s
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or over_time:
+                result = evaluate(model, heldout, autocast=autocast)
+                run_log["evals"].append({"step": step, "tokens": state["tokens"], **result})
+                progress.close()
+                log(f"eval @ step {step}: loss per head " + " ".join(f"{x:.3f}" for x in result["loss"])
+                    + " | top-1 " + " ".join(f"{x:.3f}" for x in result["acc"]))
+            if step % cfg.save_every == 0 or step == cfg.max_steps or over_time:
+                state["step"], state["train_time_s"] = step, time.perf_counter() - start_time
+                _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=False)
+            if over_time:
+                log(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
+                break
+    finally:
+        progress.close()
+    state["step"], state["train_time_s"] = step, time.perf_counter() - start_time
+    run_log["summary"] = {"steps": step, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
+                          "final_loss": last_loss,
+                          "final_eval": run_log["evals"][-1] if run_log["evals"] else None}
+    _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=True)
+    if env is not None:
+        _cleanup(env)
+    return run_log
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _save(out: Path, module: MTPTrainModel, wrapped: nn.Module, optimizer, state: dict, run_log: dict,
+          cfg: TrainConfig, env, final: bool) -> None:
+    """Checkpoint: the model in Meta's layout (float32 while training; export_dtype for the final one),
+    optimizer state and trainer state beside it, and the log."""
+    full = _full_state_dict(module, wrapped, cfg, env)
+    if env is not None and not env.is_main:
+        return
+    dtype = _EXPORT_DTYPES[cfg.export_dtype] if final else torch.float32
+    save_checkpoint(module.model, out, state_dict=full, dtype=dtype)
+    tmp = out / "optimizer.pt.tmp"
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, out / "optimizer.pt")
+    if final and dtype != torch.float32:
+        # The final checkpoint is the release copy; keep the float32 master weights for resuming.
+        save_checkpoint(module.model, out / "resume", state_dict=full, dtype=torch.float32)
+    _write_json(out / "trainer_state.json", {**state, "final": final})
+    _write_json(out / "train_log.json", run_log)
+
+
+# ---------------------------------------------------------------------- distributed glue
+def _init_distributed(cfg: TrainConfig):
+    if cfg.distributed == "none" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from .distributed import init_distributed
+
+    env = init_distributed(cfg.device)
+    if env.world_size == 1:
+        return None
+    if cfg.distributed == "none":
+        raise ValueError("launched by torchrun with several processes: pass --distributed ddp or fsdp")
+    return env
+
+
+def _wrap(module: MTPTrainModel, cfg: TrainConfig, env) -> nn.Module:
+    if env is None:
+        return module
+    from .distributed import wrap_for_training
+
+    return wrap_for_training(module, cfg.distributed, env)
+
+
+def _no_sync(wrapped: nn.Module, cfg: TrainConfig, last: bool):
+    # DDP all-reduces on every backward; accumulation steps before the last need none. The
+    # sequential schedule runs several backwards per micro-batch and syncs by hand (_sync_grads).
+    if cfg.distributed == "ddp" and (cfg.head_schedule == "sequential" or not last) and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+def _sync_grads(module: nn.Module, env) -> None:
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
+
+
+def _clip(wrapped: nn.Module, module: nn.Module, cfg: TrainConfig) -> float:
+    params = [p for p in wrapped.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(norm)
+
+
+def _full_state_dict(module: MTPTrainModel, wrapped: nn.Module, cfg: TrainConfig, env):
+    if env is None:
+        return None
+    from .distributed import full_state_dict
+
+    state = full_state_dict(wrapped, cfg.distributed, env)
+    if state is None:
+        return None
+    # Keys of the wrapper's `model.` submodule, in Meta's names.
+    prefix = "model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _barrier(env) -> None:
+    from .distributed import barrier
+
+    barrier(env)
+
+
+def _all_reduce_mean(t: torch.Tensor, env) -> torch.Tensor:
+    from .distributed import all_reduce_mean
+
+    return all_reduce_mean(t, env)
+
+
+def _cleanup(env) -> None:
+    from .distributed import cleanup
+
+    cleanup(env)
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="starting configuration (default: 'default', one GPU; 'cpu': ~30 min on 2 cores; "
+                             "'tiny': seconds)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last save")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "head_weights":
+            parser.add_argument(flag, type=float, nargs="+", default=None, help="per-head loss factors")
+        elif f.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                                help="no progress bar")
+        elif f.type in ("int", "Optional[int]"):
+            parser.add_argument(flag, type=int, default=None)
+        elif f.type in ("float", "Optional[float]"):
+            parser.add_argument(flag, type=float, default=None)
+        else:
+            choices = {"head_schedule": HEAD_SCHEDULES, "distributed": ("none", "ddp", "fsdp"),
+                       "export_dtype": tuple(_EXPORT_DTYPES)}.get(f.name)
+            parser.add_argument(flag, default=None, choices=choices)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return preset_config(args.preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.resume and cfg.out_dir and (Path(cfg.out_dir) / "trainer_state.json").is_file():
+        # A resumed run keeps its original configuration except the knobs that make sense to change.
+        saved = json.loads((Path(cfg.out_dir) / "train_log.json").read_text())["config"]
+        keep = {"max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress", "device"}
+        cfg = TrainConfig(**{**saved, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                          if k in keep and getattr(args, k, None) is not None}})
+    summary = train(cfg, resume=args.resume)["summary"]
+    print(json.dumps(summary, indent=1))
+    return 0

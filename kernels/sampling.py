@@ -1,0 +1,262 @@
+"""Token selection from hidden states without writing the (rows, V) logits: linear + argmax and
+linear + Gumbel-max sampling.
+
+Speculative decoding picks one token per (sequence, tree node) from head 0's hidden state; the
+rows are few (batch x tree nodes, 1..~2048) and the vocabulary large (up to 128256), so the logits
+`hidden @ weight.T` would be the biggest tensor of a decode step. Here they live only in registers:
+
+  pass 1  one program per (row block, vocab block) computes a BLOCK_R x BLOCK_V tile of logits with
+          tl.dot over D in BLOCK_D steps (float32 accumulation), turns it into scores (the logits for
+          argmax; logits / temperature + Gumbel noise for sampling) and writes, per row, the tile's
+          best score and its smallest index: partials of shape (R, n_vocab_blocks).
+  pass 2  torch on the partials: the first vocab block holding the row maximum (torch.argmax takes
+          the first of equal maxima), then that block's index. No atomics, so the result is
+          deterministic, and ties go to the smallest token id like torch.argmax on float32 logits.
+
+Splitting the vocabulary gives V / BLOCK_V programs even for one row (783 at V = 100k), so a
+batch-1 decode step still spreads the weight read over the whole GPU.
+
+Sampling (Gumbel-max): argmax_v (logits_v / T + G_v) with G_v = -log(-log U_v) i.i.d. Gumbel is an
+exact draw from softmax(logits / T). U comes from Philox (tl.rand) keyed by one int64 seed per call
+and the counter row * V + v, so every (row, token) gets its own uniform whichever program computes
+it. The seed is drawn from the caller's torch.Generator on the device and read by the kernel from
+memory: same generator state -> same tokens, and no host synchronization (CUDA-graph friendly).
+
+top_p < 1 needs the sorted distribution of a whole row; that path writes float32 logits for a
+chunk of rows at a time with the same tile code and samples the nucleus in torch
+(`reference.sample_top_p_logits`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ============================================================================================
+# Kernels
+# ============================================================================================
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, stride_wv,
+                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float32 (BLOCK_R, BLOCK_V) tile of hidden @ weight.T; rows >= R and columns >= V hold 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = hidden_ptr + offs_r[:, None] * stride_hr + offs_d[None, :]       # (BLOCK_R, BLOCK_D)
+    w_ptrs = weight_ptr + offs_v[None, :] * stride_wv + offs_d[:, None]       # (BLOCK_D, BLOCK_V): W^T tile
+    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        d_ok = (d_start + offs_d) < D
+        h = tl.load(h_ptrs, mask=(offs_r[:, None] < R) & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_ok[:, None] & (offs_v[None, :] < V), other=0.0)
+        acc = tl.dot(h, w, acc)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    return acc
+
+
+@triton.jit
+def _linear_select_partial_kernel(
+    hidden_ptr, weight_ptr, seed_ptr, best_score_ptr, best_index_ptr,
+    R, V, D, stride_hr, stride_wv, n_vocab_blocks, inv_temperature,
+    SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Vocab blocks on grid axis 0 (up to ~1000 of them), row blocks on axis 1 (<= 65535).
+    pid_v = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    # int64 row offsets: R * stride_hr can pass 2^31 for long hidden buffers.
+    logits = _logits_tile(hidden_ptr, weight_ptr, offs_r.to(tl.int64), offs_v.to(tl.int64), R, V, D,
+                          stride_hr, stride_wv, BLOCK_R, BLOCK_V, BLOCK_D)
+    if SAMPLE:
+        seed = tl.load(seed_ptr)
+        # Counter of (row, token) = row * V + token: the same uniform for that pair in any tiling.
+        counters = offs_r.to(tl.int64)[:, None] * V + offs_v[None, :]
+        uniform = tl.rand(seed, counters)
+        # U == 0 (probability 2^-31) gives -inf: that token loses, which is harmless.
+        scores = logits * inv_temperature - tl.log(-tl.log(uniform))
+    else:
+        scores = logits
+    scores = tl.where(offs_v[None, :] < V, scores, float("-inf"))
+    row_best = tl.max(scores, axis=1)
+    # Smallest index among the tile's maxima (torch.argmax's tie rule); padding columns are >= V,
+    # after every real column, so they can only win a row whose real scores are all -inf.
+    is_best = scores == row_best[:, None]
+    row_best_index = tl.min(tl.where(is_best, offs_v[None, :], 2147483647), axis=1)
+    row_ok = offs_r < R
+    tl.store(best_score_ptr + offs_r * n_vocab_blocks + pid_v, row_best, mask=row_ok)
+    tl.store(best_index_ptr + offs_r * n_vocab_blocks + pid_v, row_best_index, mask=row_ok)
+
+
+@triton.jit
+def _linear_logits_kernel(
+    hidden_ptr, weight_ptr, logits_ptr, R, V, D, stride_hr, stride_wv, stride_lr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # The top-p fallback: the same float32 tiles as the selection kernel, written out.
+    pid_v = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    logits = _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, stride_wv,
+                          BLOCK_R, BLOCK_V, BLOCK_D)
+    mask = (offs_r[:, None] < R) & (offs_v[None, :] < V)
+    tl.store(logits_ptr + offs_r[:, None] * stride_lr + offs_v[None, :], logits, mask=mask)
+
+
+# ============================================================================================
+# Host launchers
+# ============================================================================================
+def _launch_config(R: int, device: torch.device) -> dict:
+    """Tile sizes and warps. tl.dot needs every tile dim >= 16, so one row still uses BLOCK_R = 16:
+    the extra rows are free while the weight read is the cost (R small, memory bound)."""
+    if interpreting() or device.type != "cuda":
+        # numpy runs one program at a time: few, moderately sized tiles.
+        return dict(BLOCK_R=16, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_stages=1)
+    if R <= 16:
+        return dict(BLOCK_R=16, BLOCK_V=128, BLOCK_D=128, num_warps=4, num_stages=4)
+    if R <= 64:
+        return dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4)
+    # Many rows: the GEMM becomes compute bound; larger square-ish tiles reuse each load more.
+    return dict(BLOCK_R=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+
+
+def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    # Rows may be strided (a head's slice of (B, T, n_heads, D) hidden states); elements may not.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One int64 Philox seed on `device`, drawn from `generator` on its own device (None: the
+    global RNG of `device`). Stays on the device: the kernel loads it, the host never reads it."""
+    seed_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=seed_device, dtype=torch.int64)
+    return seed.to(device)
+
+
+def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                         generator: torch.Generator | None) -> torch.Tensor:
+    """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise.
+    hidden: (R, D), weight: (V, D), same float dtype. Returns (R,) int64."""
+    hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
+    R, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _launch_config(R, hidden.device)
+    n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
+    best_score = torch.empty((R, n_vocab_blocks), dtype=torch.float32, device=hidden.device)
+    best_index = torch.empty((R, n_vocab_blocks), dtype=torch.int32, device=hidden.device)
+    sample = temperature > 0
+    seed = _draw_seed(generator, hidden.device) if sample else best_index  # unused pointer when greedy
+    grid = (n_vocab_blocks, triton.cdiv(R, cfg["BLOCK_R"]))
+    _linear_select_partial_kernel[grid](
+        hidden, weight, seed, best_score, best_index,
+        R, V, D, hidden.stride(0), weight.stride(0), n_vocab_blocks,
+        1.0 / temperature if sample else 1.0,
+        SAMPLE=sample, **cfg)
+    best_block = torch.argmax(best_score, dim=1, keepdim=True)      # first block holding the maximum
+    return best_index.gather(1, best_block).squeeze(1).to(torch.int64)
+
+
+def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 (R, V) logits hidden @ weight.T (float32 accumulation). For the top-p fallback."""
+    hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
+    R, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _launch_config(R, hidden.device)
+    logits = torch.empty((R, V), dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(R, cfg["BLOCK_R"]))
+    _linear_logits_kernel[grid](hidden, weight, logits, R, V, D, hidden.stride(0), weight.stride(0),
+                                logits.stride(0), **cfg)
+    return logits
+
+
+def _sample_top_p_triton(hidden, weight, temperature: float, top_p: float, generator) -> torch.Tensor:
+    # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
+    tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
+    for start in range(0, hidden.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        logits = linear_logits_triton(hidden[rows], weight)
+        tokens[rows] = reference.sample_top_p_logits(logits, temperature, top_p, generator)
+    return tokens
+
+
+# ============================================================================================
+# Public functions
+# ============================================================================================
+def _check_linear_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    for arg, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: {arg} dtype must be float32, float16 or bfloat16, got {t.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: hidden (R, D) = {tuple(hidden.shape)} and weight (V, D) = "
+                         f"{tuple(weight.shape)} disagree on D")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight has no rows (V = 0): there is no token to pick")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{name}: hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{name}: hidden is on {hidden.device} but weight is on {weight.device}")
+
+
+def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"linear_sample: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"linear_sample: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"linear_sample: generator is on {generator.device} but hidden is on {device}")
+
+
+def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Greedy token per row without materializing logits.
+
+    hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
+    Returns (R,) int64: argmax_v of hidden @ weight.T accumulated in float32; ties -> smallest id.
+    """
+    _check_linear_inputs("linear_argmax", hidden, weight)
+    if hidden.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=hidden.device)
+    if not use_triton(hidden, weight):
+        return reference.linear_argmax(hidden, weight)
+    return linear_select_triton(hidden, weight, 0.0, None)
+
+
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the top-p
+    nucleus (mtp_engine.sampling's rule: the smallest prefix of the sorted distribution whose mass
+    reaches top_p).
+
+    hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
+    temperature: >= 0; 0 -> `linear_argmax`. top_p in (0, 1]: 1 -> Gumbel-max in the kernel (no
+    logits written); < 1 -> float32 logits for a chunk of rows at a time, nucleus sampled in torch.
+    generator: a torch.Generator on hidden's device type, or None for the global RNG; the same
+    generator state gives the same tokens. Returns (R,) int64.
+    """
+    _check_linear_inputs("linear_sample", hidden, weight)
+    _check_sampling_args(temperature, top_p, generator, hidden.device)
+    if temperature == 0:
+        return linear_argmax(hidden, weight)
+    if hidden.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=hidden.device)
+    if not use_triton(hidden, weight):
+        return reference.linear_sample(hidden, weight, temperature=temperature, top_p=top_p, generator=generator)
+    if top_p < 1.0:
+        return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), generator)
+    return linear_select_triton(hidden, weight, float(temperature), generator)

@@ -114,7 +114,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                ignore_index: int = -100, reduction: str = "mean",
                                head_weights: Union[None, Sequence[float], torch.Tensor] = None,
                                label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
-                               max_scratch_bytes: Optional[int] = None, return_per_head: bool = False):
+                               max_scratch_bytes: Optional[int] = None, return_per_head: bool = False,
+                               process_group=None):
     """Cross-entropy of `hidden @ weight.T` for n heads at once, without materializing the logits.
 
     hidden: (n, N, D) or (N, D), fp32/fp16/bf16; weight: (V, D), same dtype; targets: (n, N) or
@@ -125,7 +126,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     applies softcap * tanh(logits / softcap). Scratch memory is at most `max_scratch_bytes`
     (default 256 MiB) of logits at a time, whatever N is. With return_per_head=True, returns
     (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
+    process_group: `weight` is this rank's row shard of the unembedding over that group (rank
+    order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
+    every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
     """
+    if process_group is not None:
+        from .vocab_parallel_ce import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(
+            hidden, weight, targets, process_group=process_group, ignore_index=ignore_index, reduction=reduction,
+            head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head)
     budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else max_scratch_bytes
     # Non-tensor arguments fall through to the reference, whose input checks name the problem.
     tensors_given = all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))

@@ -258,3 +258,47 @@ def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens
         k_cache[:, b, dst] = k_cache[:, b, src]
         v_cache[:, b, dst] = v_cache[:, b, src]
     cache_seqlens[:B] += accept_len.to(device=cache_seqlens.device, dtype=cache_seqlens.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary-parallel cross-entropy (vocab_parallel_ce.py): per-chunk steps on a vocabulary shard
+# --------------------------------------------------------------------------------------------
+def vp_chunk_stats(logits, targets, vocab_start: int, stats_out, opts) -> None:
+    """Twin of the stats kernel in vocab_parallel_ce.py.
+
+    logits: (R, V_local) this rank's slice [vocab_start, vocab_start + V_local) of the logits;
+    targets: (R,) int64 global ids; stats_out: (3, R) float32, written: local log-sum-exp of s,
+    local sum of s, s at the target if vocab_start <= target < vocab_start + V_local else 0
+    (all 0 for ignored rows). s = softcap * tanh(z / softcap), or z.
+    """
+    V_local = logits.shape[1]
+    z = logits.float()
+    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
+    valid = targets != opts.ignore_index
+    local_t = targets - vocab_start
+    owned = valid & (local_t >= 0) & (local_t < V_local)
+    s_t = s.gather(1, torch.where(owned, local_t, torch.zeros_like(local_t))[:, None])[:, 0]
+    zero = torch.zeros_like(s_t)
+    stats_out[0].copy_(torch.where(valid, torch.logsumexp(s, dim=1), zero))
+    stats_out[1].copy_(torch.where(valid, s.sum(dim=1), zero))
+    stats_out[2].copy_(torch.where(owned, s_t, zero))
+
+
+def vp_chunk_grad(logits, targets, vocab_start: int, vocab_size: int, lse, row_scale, opts) -> None:
+    """Twin of the gradient kernel in vocab_parallel_ce.py: logits (R, V_local) <- d(total)/d(logits)
+    given the global lse (R,) float32 and the global vocabulary size (label smoothing spreads over it);
+    rows whose target is ignore_index get 0."""
+    V_local = logits.shape[1]
+    z = logits.float()
+    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
+    valid = targets != opts.ignore_index
+    local_t = targets - vocab_start
+    owned = valid & (local_t >= 0) & (local_t < V_local)
+    eps = opts.label_smoothing
+    grad = torch.exp(s - lse[:, None]) * (1.0 + 2.0 * opts.z_loss * lse[:, None]) - eps / vocab_size
+    hit = torch.where(owned, torch.full_like(lse, -(1.0 - eps)), torch.zeros_like(lse))
+    grad.scatter_add_(1, torch.where(owned, local_t, torch.zeros_like(local_t))[:, None], hit[:, None])
+    if opts.softcap is not None:
+        grad *= 1.0 - (s / opts.softcap) ** 2
+    grad *= torch.where(valid, row_scale, torch.zeros_like(row_scale))[:, None]
+    logits.copy_(grad)

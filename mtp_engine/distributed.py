@@ -304,8 +304,9 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
         options = _state_dict_options(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(module, optimizer, optim_state_dict=state if env.is_main else {}, options=options)
     else:
-        set_optimizer_state_dict(module, optimizer, optim_state_dict=state,
-                                 options=_state_dict_options(full_state_dict=True))
+        # One process: the full state is the local one (full_state_dict=True would look for the
+        # device of state tensors that a fresh optimizer does not have yet).
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=_state_dict_options())
 
 
 __all__ = ["DistEnv", "init_distributed", "wrap_for_training", "full_state_dict", "full_optimizer_state",

@@ -1,0 +1,382 @@
+"""Vocabulary-parallel fused n-head linear + cross-entropy: the unembedding sharded by rows over ranks.
+
+Rank r of a process group holds rows [start_r, start_r + V_r) of the (V, D) unembedding (Meta's
+ColumnParallelLinear `output`, in rank order; shard sizes may differ, e.g. an uneven last shard).
+`hidden` and `targets` are the same on every rank. Per chunk of rows (scratch bounded like
+linear_ce_driver.py):
+
+    logits_r = H_c @ W_r^T                              (GEMM, local vocabulary only)
+    stats_r  = (lse_r, sum_r s, s_t if t is local)      (Triton stats kernel, per row)
+    all_gather(stats) -> lse = logsumexp_r lse_r, sum s, s_t      (one small collective: 3 floats per row per rank)
+    dz_r     = row_scale * (p (1 + 2 z_loss lse) - (1 - eps)[j = t] - eps / V) * softcap'   (Triton grad kernel, in place)
+    dH_c    += dz_r @ W_r    (partial over the vocabulary)      dW_r += dz_r^T @ H_c   (this rank's rows: complete)
+
+and after the last chunk one all-reduce sums the partial dH over ranks. No rank ever holds logits
+outside its own vocabulary slice, and the backward needs no gathered logits. The loss per row is
+lse - (1 - eps) s_t - eps * (sum s) / V + z_loss lse^2 with s = softcap * tanh(z / softcap) (or s = z),
+the same as the single-process kernel (fused_linear_ce.py), so the results agree to rounding.
+
+The gathered statistics are combined with a log-sum-exp rather than an all-reduce of (max, sum-exp)
+so that one collective per chunk suffices (an all-reduce would need a MAX and then a SUM).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+from .fused_linear_ce import _softcapped
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, head_factors, per_head_losses, reduce_rows,
+                               rows_per_chunk)
+
+_REDUCTIONS = ("mean", "sum", "none")
+_LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _vp_stats_kernel(
+    logits_ptr, stride_row, targets_ptr, stats_ptr, R,
+    V_local, vocab_start, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row of a local logits chunk -> stats[0, row] = log-sum-exp over the local vocabulary,
+    stats[1, row] = sum of s over it, stats[2, row] = s at the target if this rank owns it, else 0."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    local_t = target - vocab_start
+    offs = tl.arange(0, BLOCK_V)
+
+    lse = 0.0
+    s_total = 0.0
+    s_t = 0.0
+    if target != ignore_index:
+        # Online max and sum of exp (base 2), as in fused_linear_ce.py; a finite floor keeps
+        # (m - m_new) free of inf - inf in masked lanes.
+        m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
+        acc = tl.zeros((BLOCK_V,), tl.float32)
+        s_sum = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + offs
+            mask = cols < V_local
+            z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, s)
+            acc = acc * tl.exp2((m - m_new) * _LOG2E) + tl.exp2((s - m_new) * _LOG2E)
+            m = m_new
+            s_sum += tl.where(mask, s, 0.0)
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(acc * tl.exp2((m - m_row) * _LOG2E), axis=0))
+        s_total = tl.sum(s_sum, axis=0)
+        if (local_t >= 0) & (local_t < V_local):
+            s_t = _softcapped(tl.load(row_ptr + local_t).to(tl.float32), softcap, HAS_SOFTCAP)
+    tl.store(stats_ptr + row, lse)
+    tl.store(stats_ptr + R + row, s_total)
+    tl.store(stats_ptr + 2 * R + row, s_t)
+
+
+@triton.jit
+def _vp_grad_kernel(
+    logits_ptr, stride_row, targets_ptr, lse_ptr, scale_ptr,
+    V_local, vocab_start, vocab_size, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row: overwrite the local logits with d(total)/d(logits), given the global lse."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    local_t = target - vocab_start
+    offs = tl.arange(0, BLOCK_V)
+    if target == ignore_index:
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + offs
+            tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(logits_ptr.dtype.element_ty),
+                     mask=cols < V_local)
+    else:
+        scale = tl.load(scale_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        p_factor = scale * (1.0 + 2.0 * z_loss * lse)
+        smooth = scale * label_smoothing / vocab_size  # eps is spread over the whole vocabulary
+        hit = scale * (1.0 - label_smoothing)
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + offs
+            mask = cols < V_local
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _softcapped(z, softcap, HAS_SOFTCAP)
+            grad = tl.exp2((s - lse) * _LOG2E) * p_factor - smooth
+            grad = tl.where(cols == local_t, grad - hit, grad)  # local_t outside [0, V_local): no hit here
+            if HAS_SOFTCAP:
+                grad = grad * (1.0 - (s / softcap) * (s / softcap))
+            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(V_local: int):
+    if interpreting():
+        return 64, 1
+    return min(triton.next_power_of_2(V_local), 4096), 16
+
+
+def vp_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, stats_out: torch.Tensor,
+                   opts: CEOptions) -> None:
+    """Launcher; same contract as `reference.vp_chunk_stats`. logits: (R, V_local), unit column stride;
+    targets: (R,) int64 global token ids; stats_out: (3, R) float32 contiguous, written."""
+    R, V_local = logits.shape
+    if R == 0:
+        return
+    block_v, num_warps = _block_v(V_local)
+    _vp_stats_kernel[(R,)](
+        logits, logits.stride(0), targets, stats_out, R, V_local, vocab_start, opts.ignore_index,
+        1.0 if opts.softcap is None else opts.softcap,
+        HAS_SOFTCAP=opts.softcap is not None, BLOCK_V=block_v, num_warps=num_warps)
+
+
+def vp_chunk_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int,
+                  lse: torch.Tensor, row_scale: torch.Tensor, opts: CEOptions) -> None:
+    """Launcher; same contract as `reference.vp_chunk_grad`. Overwrites logits (R, V_local) with the
+    gradient; lse: (R,) float32 global log-sum-exp; row_scale: (R,) float32."""
+    R, V_local = logits.shape
+    if R == 0:
+        return
+    block_v, num_warps = _block_v(V_local)
+    _vp_grad_kernel[(R,)](
+        logits, logits.stride(0), targets, lse, row_scale, V_local, vocab_start, vocab_size, opts.ignore_index,
+        opts.label_smoothing, opts.z_loss, 1.0 if opts.softcap is None else opts.softcap,
+        HAS_SOFTCAP=opts.softcap is not None, BLOCK_V=block_v, num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------------ host driver
+class _Shard:
+    """This rank's place in the vocabulary, agreed by all ranks (see `_agree_on_layout`)."""
+
+    def __init__(self, group, vocab_start: int, vocab_size: int, max_local: int):
+        self.group = group
+        self.vocab_start = vocab_start
+        self.vocab_size = vocab_size
+        self.max_local = max_local
+
+
+def _agree_on_layout(group, V_local: int, M: int, D: int, device: torch.device) -> _Shard:
+    """One small all-gather of (V_local, rows, D) per rank: the shard offsets (rank order), the global V,
+    and a check that every rank has the same rows (they must run the same number of chunks and
+    collectives). Every rank sees the same gathered sizes, so every rank raises the same error."""
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    mine = torch.tensor([V_local, M, D], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    sizes = torch.stack(parts).tolist()
+    if len({(m, d) for _, m, d in sizes}) != 1:
+        raise ValueError("vocabulary-parallel cross-entropy: hidden must have the same rows and D on every rank, "
+                         f"got (rows, D) per rank {[(m, d) for _, m, d in sizes]}")
+    local_sizes = [v for v, _, _ in sizes]
+    if min(local_sizes) < 1:
+        raise ValueError(f"every rank needs at least one vocabulary row, got weight rows per rank {local_sizes}")
+    return _Shard(group, sum(local_sizes[:rank]), sum(local_sizes), max(local_sizes))
+
+
+def _combine_stats(stats: torch.Tensor, group) -> torch.Tensor:
+    """stats (3, R) local -> (3, R) global: log-sum-exp of the lse's, sum of sum-s, sum of s_t."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(parts, stats, group=group)
+    gathered = torch.stack(parts)  # (world, 3, R)
+    return torch.stack([torch.logsumexp(gathered[:, 0], dim=0), gathered[:, 1].sum(0), gathered[:, 2].sum(0)])
+
+
+def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard: _Shard, kernels, *,
+                        lse: Optional[torch.Tensor], grad_rows: bool, grad_weight: bool, max_scratch_bytes: int):
+    """One pass over all rows with this rank's vocabulary shard.
+
+    rows: (M, D); weight: (V_local, D); targets: (M,) int64 global ids; row_scale: (M,) float32.
+    lse: None in a forward (computed here, one all-gather per chunk), or the saved (M,) global lse
+    in the backward of reduction "none" (no collective per chunk then).
+    Returns (loss (M,) fp32 per-row loss or None when lse was given, lse (M,), dH (M, D) summed over
+    ranks or None, dW (V_local, D) or None).
+    """
+    stats_fn, grad_fn = kernels
+    M, D = rows.shape
+    compute_grad = grad_rows or grad_weight
+    forward = lse is None
+    if forward:
+        lse = torch.empty(M, dtype=torch.float32, device=rows.device)
+        loss = torch.empty(M, dtype=torch.float32, device=rows.device)
+    d_rows = torch.empty_like(rows) if grad_rows else None
+    d_weight = torch.zeros_like(weight) if grad_weight else None
+    if M:
+        # Same chunk size on every rank (from the largest shard): same number of collectives.
+        chunk = rows_per_chunk(M, shard.max_local, weight.element_size(), max_scratch_bytes)
+        scratch = torch.empty((chunk, weight.shape[0]), dtype=weight.dtype, device=rows.device)
+        for start in range(0, M, chunk):
+            stop = min(start + chunk, M)
+            h, t = rows[start:stop], targets[start:stop]
+            logits = torch.mm(h, weight.t(), out=scratch[: stop - start])
+            if forward:
+                local = torch.empty((3, stop - start), dtype=torch.float32, device=rows.device)
+                stats_fn(logits, t, shard.vocab_start, local, opts)
+                row_lse, s_sum, s_t = _combine_stats(local, shard.group)
+                lse[start:stop] = row_lse
+                eps = opts.label_smoothing
+                row_loss = row_lse - (1.0 - eps) * s_t + opts.z_loss * row_lse * row_lse - eps * s_sum / shard.vocab_size
+                loss[start:stop] = torch.where(t != opts.ignore_index, row_loss, torch.zeros_like(row_loss))
+            if compute_grad:
+                grad_fn(logits, t, shard.vocab_start, shard.vocab_size, lse[start:stop], row_scale[start:stop], opts)
+                if grad_rows:
+                    torch.mm(logits, weight, out=d_rows[start:stop])
+                if grad_weight:
+                    d_weight.addmm_(logits.t(), h)
+    if grad_rows and M:
+        dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=shard.group)  # partial over the vocabulary
+    return (loss if forward else None), lse, d_rows, d_weight
+
+
+def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
+             softcap):
+    """Validate, agree on the layout, flatten to rows. Same checks as the single-process path, with
+    token ids checked against the global vocabulary."""
+    if not all(isinstance(x, torch.Tensor) for x in (hidden, weight, targets)):
+        raise ValueError("fused_linear_cross_entropy: hidden, weight and targets must be tensors")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (n, N, D) or (N, D), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be this rank's (V_local, D) shard, got shape {tuple(weight.shape)}")
+    single = hidden.dim() == 2
+    h3 = hidden.unsqueeze(0) if single else hidden
+    n, N, D = h3.shape
+    if weight.shape[1] != D:
+        raise ValueError(f"weight shard has D={weight.shape[1]} but hidden has D={D}")
+    expected_t = (N,) if single else (n, N)
+    if tuple(targets.shape) != expected_t:
+        raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
+                         "must be on one device")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+    shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device)
+    flat_t = targets.reshape(-1).to(torch.int64)
+    bad = ((flat_t < 0) | (flat_t >= shard.vocab_size)) & (flat_t != ignore_index)
+    if flat_t.numel() and bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside the global "
+                         f"vocabulary [0, {shard.vocab_size}) that is not ignore_index={ignore_index}")
+    if head_weights is None:
+        lam = torch.ones(n, dtype=torch.float32, device=hidden.device)
+    else:
+        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(hidden.device).reshape(-1)
+        if lam.numel() != n:
+            raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
+    rows = h3.reshape(n * N, D)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
+    return rows, flat_t.contiguous(), lam_rows, lam, n, N, single, shard
+
+
+def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
+                  softcap, max_scratch_bytes, kernels, grad_rows, grad_weight):
+    rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
+        hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.
+    eager_grad = reduction != "none"
+    scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
+    loss_rows, lse, d_rows, d_weight = vp_linear_ce_chunks(
+        rows, weight, flat_t, scale, opts, shard, kernels, lse=None, grad_rows=eager_grad and grad_rows,
+        grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
+    loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
+    per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
+    saved = (d_rows, d_weight) if eager_grad else (rows, weight, flat_t, lam_rows, lse)
+    return loss, per_head, opts, shard, saved
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients for hidden (summed over ranks) and for this rank's weight shard."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing,
+                z_loss, softcap, max_scratch_bytes, kernels):
+        grad_rows, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, per_head, opts, shard, saved = _forward_pass(
+            hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
+            softcap, max_scratch_bytes, kernels, grad_rows, grad_weight)
+        ctx.meta = (reduction, opts, shard, kernels, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(per_head)
+        return loss, per_head
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_per_head=None):
+        reduction, opts, shard, kernels, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
+        if reduction != "none":
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
+                                   "(retain_graph=True) is not supported for reduction mean/sum: the "
+                                   "gradients were computed in the forward and handed out by the first one")
+            ctx.consumed = True
+            d_rows, d_weight = ctx.saved_tensors
+            if d_rows is not None:
+                d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
+            if d_weight is not None:
+                d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+        else:
+            # grad_out must be the same on every rank (the loss is replicated): true for any loss
+            # built from this output the same way on every rank.
+            rows, weight, flat_t, lam_rows, lse = ctx.saved_tensors
+            scale = (grad_out.reshape(-1).to(torch.float32) * lam_rows).contiguous()
+            _, _, d_rows, d_weight = vp_linear_ce_chunks(
+                rows, weight, flat_t, scale, opts, shard, kernels, lse=lse,
+                grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            if d_rows is not None:
+                d_rows = d_rows.view(hidden_shape)
+        return d_rows, d_weight, *([None] * 10)
+
+
+def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                 process_group, ignore_index: int = -100, reduction: str = "mean",
+                                 head_weights: Union[None, Sequence[float], torch.Tensor] = None,
+                                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                                 max_scratch_bytes: Optional[int] = None, return_per_head: bool = False):
+    """`fused_linear_cross_entropy` with `weight` sharded by rows over `process_group`.
+
+    hidden: (n, N, D) or (N, D), and targets: (n, N) or (N,) global token ids, identical on every
+    rank; weight: (V_local, D), this rank's rows of the unembedding, rank r's shard following rank
+    r-1's (any sizes >= 1; V = the sum). Returns the same loss (and per_head) on every rank as the
+    single-process function on the full weight; hidden's gradient is the full one (summed over
+    ranks), weight's is this shard's. Every option of the single-process function is supported.
+    Collective: every rank of the group must call it with the same options and shapes.
+    """
+    if process_group is None:
+        raise ValueError("vocab_parallel_cross_entropy needs a process_group (dist.group.WORLD for the default)")
+    if not dist.is_initialized():
+        raise ValueError("process_group given but torch.distributed is not initialized")
+    budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else int(max_scratch_bytes)
+    if budget <= 0:
+        raise ValueError(f"max_scratch_bytes must be > 0, got {max_scratch_bytes}")
+    tensors_given = all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))
+    kernels = ((vp_chunk_stats, vp_chunk_grad) if tensors_given and use_triton(hidden, weight, targets)
+               else (reference.vp_chunk_stats, reference.vp_chunk_grad))
+    args = (hidden, weight, targets, process_group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
+            softcap, budget, kernels)
+    if torch.is_grad_enabled() and (getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False)):
+        loss, per_head = VocabParallelCrossEntropyFunction.apply(*args)
+    else:
+        loss, per_head, _, _, _ = _forward_pass(*args, grad_rows=False, grad_weight=False)
+    return (loss, per_head) if return_per_head else loss

@@ -1,0 +1,273 @@
+"""Spawned workers for tests/test_distributed.py: 2 CPU processes on the gloo backend.
+
+`run_on_ranks(scenario, tmp_dir, **kwargs)` starts `world_size` processes (torch.multiprocessing,
+spawn), each sets torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT on a free port), calls `mtp_engine.distributed.init_distributed("cpu")`, runs
+`SCENARIOS[scenario](env, **kwargs)` and saves what it returns to `tmp_dir/rank{r}.pt`. The parent
+returns the list of per-rank results, or raises with the failing rank's traceback; processes still
+running after `timeout` seconds are killed and the test fails instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------ spawning
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, scenario: str, out_dir: str, kwargs: dict) -> None:
+    torch.set_num_threads(1)  # 2 ranks on a shared 2-core machine
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mtp_engine.distributed import cleanup, init_distributed
+
+    env = init_distributed("cpu", timeout=datetime.timedelta(seconds=60))
+    try:
+        result = SCENARIOS[scenario](env, **kwargs)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        cleanup(env)
+
+
+def run_on_ranks(scenario: str, out_dir, world_size: int = 2, timeout: float = 120.0, **kwargs) -> list:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_entry, args=(world_size, free_port(), scenario, str(out_dir), kwargs),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException on failure
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"scenario {scenario!r} did not finish within {timeout:.0f} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# ------------------------------------------------------------------------------------ shared builders
+def tiny_args(**overrides):
+    from mtp_engine.model import ModelArgs
+
+    cfg = dict(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=67, multiple_of=16, n_future_tokens=2,
+               max_seq_len=32, max_batch_size=2)
+    cfg.update(overrides)
+    return ModelArgs(**cfg)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from mtp_engine.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    with torch.no_grad():  # nn.Linear's default init is tiny for these sizes: make the logits matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+class _MinimalTrainModel(torch.nn.Module):
+    """What wrap_for_training expects of train.py's MTPTrainModel: `.model`, forward(tokens) ->
+    MTPLossOutput, output.weight read inside forward (so FSDP2's root all-gather covers it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        from mtp_engine.loss import MTPLoss
+
+        self.model = model
+        self.loss_fn = MTPLoss(model.n_future_tokens)
+
+    def forward(self, tokens):
+        return self.loss_fn(self.model.head_hidden(tokens), self.model.output.weight, tokens)
+
+
+def train_model(model):
+    """train.py's MTPTrainModel around `model` (a minimal stand-in where train.py is absent)."""
+    try:
+        from mtp_engine.train import MTPTrainModel
+    except ImportError:
+        MTPTrainModel = _MinimalTrainModel
+    return MTPTrainModel(model)
+
+
+def train_batch(batch: int = 4, seq: int = 9, vocab: int = 67, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+TRAIN_STEPS = 2
+LR = 1e-2
+
+
+def make_optimizer(params):
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+
+
+def vp_inputs(n, N, D, V, seed=0, ignore_frac=0.25):
+    """hidden (n, N, D), weight (V, D), targets (n, N) with some ignored entries; float32."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, N, D, generator=g)
+    weight = torch.randn(V, D, generator=g) / D ** 0.5
+    targets = torch.randint(0, V, (n, N), generator=g)
+    targets[torch.rand(n, N, generator=g) < ignore_frac] = IGNORE
+    return hidden, weight, targets
+
+
+# Vocabulary-parallel cases: shapes, how V is split over the 2 ranks, options, backend.
+VP_CASES = {
+    "n4_uneven_mean_chunks": dict(n=4, N=13, D=16, V=1001, split=(600, 401), budget_rows=8, opts={}),
+    "n1_single_head_sum": dict(n=1, N=11, D=16, V=1001, split=(501, 500), budget_rows=4, single=True,
+                               opts={"reduction": "sum"}),
+    "n4_none_all_options": dict(n=4, N=7, D=8, V=1001, split=(333, 668), budget_rows=5,
+                                opts={"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0,
+                                      "head_weights": [1.0, 0.5, 0.25, 2.0]}),
+    "n4_mean_smoothing_zloss": dict(n=4, N=9, D=8, V=1001, split=(700, 301), budget_rows=64,
+                                    opts={"label_smoothing": 0.05, "z_loss": 1e-3, "head_weights": [1, 1, 0.5, 0.5]}),
+    "n2_triton_softcap": dict(n=2, N=5, D=8, V=203, split=(120, 83), budget_rows=3, backend="triton",
+                              opts={"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),
+    "n2_triton_none": dict(n=2, N=4, D=8, V=130, split=(65, 65), budget_rows=64, backend="triton",
+                           opts={"reduction": "none"}),
+    "all_ignored": dict(n=2, N=5, D=8, V=101, split=(51, 50), budget_rows=64, ignore_frac=1.0, opts={}),
+}
+
+
+def vp_shard_bounds(split, rank):
+    start = sum(split[:rank])
+    return start, start + split[rank]
+
+
+def vp_grad_out(case, shape):
+    """The upstream gradient used for case `case`: a fixed scalar, or a random (n, N) for "none"."""
+    if case["opts"].get("reduction") == "none":
+        return torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    return torch.tensor(1.7)
+
+
+# ------------------------------------------------------------------------------------ scenarios
+def scenario_train(env, strategies):
+    """TRAIN_STEPS AdamW steps per strategy; rank r takes rows [r*B/W, (r+1)*B/W) of each batch."""
+    from mtp_engine.distributed import (find_transformer, full_optimizer_state, full_state_dict,
+                                        load_optimizer_state, unwrap, wrap_for_training)
+
+    results = {}
+    for strategy in strategies:
+        # Rank 1 starts from different weights on purpose: wrap_for_training must broadcast rank 0's.
+        module = train_model(tiny_model(seed=0 if env.rank == 0 else 123))
+        wrapped = wrap_for_training(module, strategy, env)
+        optimizer = make_optimizer(wrapped.parameters())
+        output_grads, losses = [], []
+        for step in range(TRAIN_STEPS):
+            tokens = train_batch(seed=1 + step)
+            per_rank = tokens.shape[0] // env.world_size
+            out = wrapped(tokens[env.rank * per_rank:(env.rank + 1) * per_rank])
+            out.loss.backward()
+            grad = find_transformer(unwrap(wrapped)).output.weight.grad
+            output_grads.append((grad.full_tensor() if hasattr(grad, "full_tensor") else grad).detach().clone())
+            losses.append(out.loss.detach().clone())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state = full_state_dict(wrapped, strategy, env)
+        optim_state = full_optimizer_state(wrapped, optimizer, strategy, env)
+        # Round trip: load the full optimizer state into a fresh optimizer over the same shards.
+        fresh = make_optimizer(wrapped.parameters())
+        load_optimizer_state(wrapped, fresh, optim_state, strategy, env)
+        reloaded = full_optimizer_state(wrapped, fresh, strategy, env)
+        results[strategy] = dict(state=state, optim_state=optim_state, reloaded=reloaded,
+                                 output_grads=output_grads, losses=losses)
+    return results
+
+
+def scenario_vocab_parallel(env, cases):
+    import torch.distributed as dist
+
+    from mtp_kernels import fused_linear_cross_entropy
+
+    results = {}
+    for name in cases:
+        case = VP_CASES[name]
+        os.environ["MTP_BACKEND"] = case.get("backend", "reference")
+        hidden, weight, targets = vp_inputs(case["n"], case["N"], case["D"], case["V"],
+                                            ignore_frac=case.get("ignore_frac", 0.25))
+        if case.get("single"):
+            hidden, targets = hidden[0], targets[0]
+        lo, hi = vp_shard_bounds(case["split"], env.rank)
+        h = hidden.clone().requires_grad_()
+        w = weight[lo:hi].clone().requires_grad_()
+        budget = case["budget_rows"] * max(case["split"]) * 4
+        loss, per_head = fused_linear_cross_entropy(h, w, targets, process_group=dist.group.WORLD,
+                                                    max_scratch_bytes=budget, return_per_head=True, **case["opts"])
+        loss.backward(vp_grad_out(case, loss.shape))
+        with torch.no_grad():
+            eval_loss = fused_linear_cross_entropy(hidden, weight[lo:hi], targets, process_group=dist.group.WORLD,
+                                                   max_scratch_bytes=budget, **case["opts"])
+        results[name] = dict(loss=loss.detach(), per_head=per_head, eval_loss=eval_loss, hidden_grad=h.grad,
+                             weight_grad=w.grad)
+    os.environ.pop("MTP_BACKEND", None)
+    return results
+
+
+def scenario_vocab_parallel_errors(env):
+    """Bad input must raise the same ValueError on every rank (no rank left waiting in a collective)."""
+    import torch.distributed as dist
+
+    from mtp_kernels import fused_linear_cross_entropy
+
+    hidden, weight, targets = vp_inputs(2, 5, 8, 101)
+    shard = weight[:51] if env.rank == 0 else weight[51:]
+    messages = {}
+    bad_targets = targets.clone()
+    bad_targets[1, 2] = 101  # valid for no rank: the global vocabulary is [0, 101)
+    cases = {
+        "token_out_of_range": lambda: fused_linear_cross_entropy(hidden, shard, bad_targets,
+                                                                 process_group=dist.group.WORLD),
+        "rows_differ": lambda: fused_linear_cross_entropy(hidden[:, : 4 + env.rank], shard,
+                                                          targets[:, : 4 + env.rank], process_group=dist.group.WORLD),
+        "empty_shard": lambda: fused_linear_cross_entropy(hidden, weight[:0] if env.rank == 1 else weight, targets,
+                                                          process_group=dist.group.WORLD),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    # A token id in the other rank's range is fine (it is a real token, just not this shard's).
+    ok = fused_linear_cross_entropy(hidden, shard, targets, process_group=dist.group.WORLD)
+    messages["ok_loss"] = float(ok)
+    return messages
+
+
+def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_modes):
+    from mtp_engine.generate import Generator
+    from mtp_engine.tensor_parallel import load_tensor_parallel
+
+    model = load_tensor_parallel(ckpt_dir, env)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=64)
+    tokens = {}
+    for mode in speculative_modes:
+        res = gen.generate(prompts, max_gen_len=max_gen_len, temperature=0.0, speculative=mode)
+        tokens[mode or "plain"] = res.tokens
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]]), return_all_heads=True)
+    return dict(tokens=tokens, shapes=shapes, logits=logits)
+
+
+SCENARIOS = {
+    "train": scenario_train,
+    "vocab_parallel": scenario_vocab_parallel,
+    "vocab_parallel_errors": scenario_vocab_parallel_errors,
+    "tensor_parallel": scenario_tensor_parallel,
+}

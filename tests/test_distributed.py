@@ -1,0 +1,258 @@
+"""torch.distributed on CPU: 2 gloo processes spawned by the tests (see _dist_workers.py).
+
+- DDP and FSDP2 training steps give the parameters (and AdamW state) of one process on the
+  concatenated batch, and the fused loss's gradient reaches `output.weight`;
+- the vocabulary-parallel fused loss and its gradients equal the single-process fused loss;
+- tensor-parallel greedy generation equals single-process generation token for token.
+Each scenario runs in one spawn (module-scoped fixture) to keep process start-up to a few seconds.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import _dist_workers as W
+from mtp_engine import distributed as D
+from mtp_kernels import fused_linear_cross_entropy, reference
+from mtp_kernels.linear_ce_driver import CEOptions
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+ATOL = 1e-5
+IGNORE = W.IGNORE
+
+
+# ------------------------------------------------------------------------------------ single process
+def test_single_process_env_without_torchrun(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    env = D.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.local_rank, env.is_main, env.distributed) == (0, 1, 0, True, False)
+    assert env.device == torch.device("cpu")
+    assert not dist.is_initialized()
+    t = torch.tensor([1.5, -2.0])
+    reduced = D.all_reduce_mean(t, env)
+    assert torch.equal(reduced, t) and reduced is not t
+    D.barrier(env)
+    D.cleanup(env)
+
+
+def test_single_process_wrap_and_state_dict_are_plain():
+    env = D.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    module = W.train_model(W.tiny_model())
+    for strategy in D.STRATEGIES:
+        assert D.wrap_for_training(module, strategy, env) is module
+        state = D.full_state_dict(module, strategy, env)
+        assert list(state) == list(module.model.state_dict())  # Meta's key names, no "model." prefix
+        assert all(not t.requires_grad and t.device.type == "cpu" for t in state.values())
+    optimizer = W.make_optimizer(module.parameters())
+    module(W.train_batch(batch=2)).loss.backward()
+    optimizer.step()
+    saved = D.full_optimizer_state(module, optimizer, "none", env)
+    assert "model.output.weight" in saved["state"]
+    fresh = W.make_optimizer(module.parameters())
+    D.load_optimizer_state(module, fresh, saved, "none", env)
+    torch.testing.assert_close(fresh.state_dict()["state"], optimizer.state_dict()["state"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("env_vars, match", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK 2 is outside \[0, WORLD_SIZE=2\)"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+])
+def test_init_distributed_bad_environment(monkeypatch, env_vars, match):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env_vars.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        D.init_distributed("cpu")
+
+
+def test_bad_strategy_and_device():
+    env = D.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        D.wrap_for_training(W.train_model(W.tiny_model()), "zero3", env)
+    with pytest.raises(ValueError, match="holds no mtp_engine Transformer"):
+        D.wrap_for_training(torch.nn.Linear(2, 2), "ddp", env)
+    two = D.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    with pytest.raises(ValueError, match="independent replicas"):
+        D.wrap_for_training(W.train_model(W.tiny_model()), "none", two)
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        D.init_distributed("meta")
+
+
+# ------------------------------------------------------------------------------------ DDP / FSDP2
+@pytest.fixture(scope="module")
+def train_results(tmp_path_factory):
+    ranks = W.run_on_ranks("train", tmp_path_factory.mktemp("train"), strategies=("ddp", "fsdp"))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def single_process_training():
+    """The same steps in one process on the whole (concatenated) batch."""
+    module = W.train_model(W.tiny_model(seed=0))
+    optimizer = W.make_optimizer(module.parameters())
+    output_grads, losses = [], []
+    for step in range(W.TRAIN_STEPS):
+        out = module(W.train_batch(seed=1 + step))
+        out.loss.backward()
+        output_grads.append(module.model.output.weight.grad.clone())
+        losses.append(out.loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    names = {p: n for n, p in module.named_parameters()}
+    optim_state = {names[p]: s for p, s in optimizer.state.items()}
+    return dict(state=module.model.state_dict(), optim_state=optim_state, output_grads=output_grads, losses=losses)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_data_parallel_step_equals_single_process(train_results, single_process_training, strategy):
+    ref = single_process_training
+    rank0, rank1 = train_results[0][strategy], train_results[1][strategy]
+    assert rank1["state"] is None and rank1["optim_state"] is None  # rank 0 alone holds the full copies
+    state = rank0["state"]
+    assert list(state) == list(ref["state"])  # Meta's names, in the model's order
+    start = W.tiny_model(seed=0).state_dict()
+    for key, expected in ref["state"].items():
+        assert state[key].device.type == "cpu" and state[key].dtype == torch.float32
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=ATOL, msg=lambda m: f"{strategy} {key}: {m}")
+    # The weights moved (a step that changed nothing would pass the comparison above trivially).
+    assert not torch.allclose(state["output.weight"], start["output.weight"], atol=1e-4)
+    # Each rank's loss is the mean of its half; their average is the concatenated batch's mean.
+    for step in range(W.TRAIN_STEPS):
+        mean_loss = (rank0["losses"][step] + rank1["losses"][step]) / 2
+        torch.testing.assert_close(mean_loss, ref["losses"][step], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_reaches_output_weight(train_results, single_process_training, strategy):
+    for rank in (0, 1):
+        for step, expected in enumerate(single_process_training["output_grads"]):
+            grad = train_results[rank][strategy]["output_grads"][step]
+            assert grad.abs().sum() > 0
+            torch.testing.assert_close(grad, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_full_optimizer_state_equals_single_process_and_reloads(train_results, single_process_training, strategy):
+    saved = train_results[0][strategy]["optim_state"]
+    ref = single_process_training["optim_state"]
+    assert set(saved["state"]) == set(ref)
+    for name, expected in ref.items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(saved["state"][name][field], expected[field], rtol=0, atol=ATOL,
+                                       msg=lambda m: f"{strategy} {name}.{field}: {m}")
+        assert float(saved["state"][name]["step"]) == W.TRAIN_STEPS
+    reloaded = train_results[0][strategy]["reloaded"]
+    for name in ref:
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(reloaded["state"][name][field], saved["state"][name][field], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ vocabulary-parallel loss
+@pytest.fixture(scope="module")
+def vp_results(tmp_path_factory):
+    return W.run_on_ranks("vocab_parallel", tmp_path_factory.mktemp("vp"), cases=tuple(W.VP_CASES))
+
+
+def _single_process_vp(case):
+    hidden, weight, targets = W.vp_inputs(case["n"], case["N"], case["D"], case["V"],
+                                          ignore_frac=case.get("ignore_frac", 0.25))
+    if case.get("single"):
+        hidden, targets = hidden[0], targets[0]
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, per_head = fused_linear_cross_entropy(h, w, targets, return_per_head=True, **case["opts"])
+    loss.backward(W.vp_grad_out(case, loss.shape))
+    return loss.detach(), per_head, h.grad, w.grad
+
+
+@pytest.mark.parametrize("name", list(W.VP_CASES))
+def test_vocab_parallel_matches_single_process(vp_results, name):
+    case = W.VP_CASES[name]
+    loss, per_head, hidden_grad, weight_grad = _single_process_vp(case)
+    for rank in (0, 1):
+        got = vp_results[rank][name]
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=ATOL)
+        torch.testing.assert_close(got["eval_loss"], loss, rtol=1e-5, atol=ATOL)
+        torch.testing.assert_close(got["per_head"], per_head, rtol=1e-5, atol=ATOL)
+        torch.testing.assert_close(got["hidden_grad"], hidden_grad, rtol=1e-5, atol=ATOL)
+        lo, hi = W.vp_shard_bounds(case["split"], rank)
+        assert got["weight_grad"].shape == (hi - lo, case["D"])
+        torch.testing.assert_close(got["weight_grad"], weight_grad[lo:hi], rtol=1e-5, atol=ATOL)
+    if case.get("ignore_frac") == 1.0:
+        assert float(loss) == 0.0 and hidden_grad.abs().sum() == 0
+    else:
+        assert hidden_grad.abs().sum() > 0 and weight_grad.abs().sum() > 0
+
+
+def test_vocab_parallel_bad_input_raises_on_every_rank(tmp_path):
+    ranks = W.run_on_ranks("vocab_parallel_errors", tmp_path)
+    for messages in ranks:
+        assert "token id 101" in messages["token_out_of_range"] and "[0, 101)" in messages["token_out_of_range"]
+        assert "same rows and D on every rank" in messages["rows_differ"]
+        assert "at least one vocabulary row" in messages["empty_shard"]
+        assert messages["ok_loss"] > 0
+    assert ranks[0]["ok_loss"] == ranks[1]["ok_loss"]
+
+
+def test_vocab_parallel_needs_a_group():
+    from mtp_kernels.vocab_parallel_ce import vocab_parallel_cross_entropy
+
+    hidden, weight, targets = W.vp_inputs(1, 3, 4, 9)
+    with pytest.raises(ValueError, match="needs a process_group"):
+        vocab_parallel_cross_entropy(hidden, weight, targets, process_group=None)
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="not initialized"):
+            fused_linear_cross_entropy(hidden, weight, targets, process_group=object())
+
+
+# The two Triton kernels against their reference twins, in one process (no collectives needed).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("opts", [CEOptions(), CEOptions(label_smoothing=0.1, z_loss=1e-2, softcap=3.0)],
+                         ids=["plain", "all_options"])
+def test_vp_triton_kernels_equal_reference(triton_backend, dtype, opts):
+    from mtp_kernels import vocab_parallel_ce as vp
+
+    g = torch.Generator().manual_seed(3)
+    R, V_local, vocab_start, vocab_size = 7, 83, 120, 250
+    logits = (torch.randn(R, V_local, generator=g) * 3).to(dtype)
+    # Targets inside this shard, in the other one (below and above), and ignored.
+    targets = torch.tensor([120, 150, 202, 5, 119, IGNORE, 230], dtype=torch.int64)
+    stats, ref_stats = torch.empty(3, R), torch.empty(3, R)
+    vp.vp_chunk_stats(logits, targets, vocab_start, stats, opts)
+    reference.vp_chunk_stats(logits, targets, vocab_start, ref_stats, opts)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(stats, ref_stats, rtol=tol, atol=tol)
+    assert stats[2, 3] == stats[2, 4] == stats[2, 6] == 0 and stats[:, 5].abs().sum() == 0  # not owned / ignored
+
+    lse = ref_stats[0] + torch.rand(R, generator=g)  # a global lse >= the local one
+    scale = torch.rand(R, generator=g) + 0.5
+    grad, ref_grad = logits.clone(), logits.clone()
+    vp.vp_chunk_grad(grad, targets, vocab_start, vocab_size, lse, scale, opts)
+    reference.vp_chunk_grad(ref_grad, targets, vocab_start, vocab_size, lse, scale, opts)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol, atol=tol)
+    assert grad[5].abs().sum() == 0
+
+
+def test_vp_reference_kernels_reassemble_the_full_row():
+    """Two shards' stats combined by log-sum-exp give the full row's lse and loss terms."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 30, generator=g)
+    targets = torch.tensor([0, 12, 29, 13, IGNORE])
+    opts = CEOptions(softcap=2.0)
+    parts = []
+    for lo, hi in ((0, 13), (13, 30)):
+        stats = torch.empty(3, 5)
+        reference.vp_chunk_stats(logits[:, lo:hi].contiguous(), targets, lo, stats, opts)
+        parts.append(stats)
+    lse = torch.logsumexp(torch.stack([parts[0][0], parts[1][0]]), dim=0)
+    s = 2.0 * torch.tanh(logits / 2.0)
+    valid = targets != IGNORE
+    torch.testing.assert_close(lse[valid], torch.logsumexp(s, 1)[valid])
+    torch.testing.assert_close((parts[0][2] + parts[1][2])[valid], s[valid, targets[valid]])
+    torch.testing.assert_close((parts[0][1] + parts[1][1])[valid], s.sum(1)[valid])

@@ -55,7 +55,9 @@ def _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, str
         d_ok = (d_start + offs_d) < D
         h = tl.load(h_ptrs, mask=(offs_r[:, None] < R) & d_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=d_ok[:, None] & (offs_v[None, :] < V), other=0.0)
-        acc = tl.dot(h, w, acc)
+        # "ieee": float32 inputs stay float32 (TF32 would round them to 10 mantissa bits and
+        # change which token wins); fp16/bf16 inputs are exact in any mode.
+        acc = tl.dot(h, w, acc, input_precision="ieee")
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
     return acc
@@ -114,18 +116,23 @@ def _linear_logits_kernel(
 # ============================================================================================
 # Host launchers
 # ============================================================================================
-def _launch_config(R: int, device: torch.device) -> dict:
+def _launch_config(R: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and warps. tl.dot needs every tile dim >= 16, so one row still uses BLOCK_R = 16:
     the extra rows are free while the weight read is the cost (R small, memory bound)."""
     if interpreting() or device.type != "cuda":
         # numpy runs one program at a time: few, moderately sized tiles.
         return dict(BLOCK_R=16, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_stages=1)
     if R <= 16:
-        return dict(BLOCK_R=16, BLOCK_V=128, BLOCK_D=128, num_warps=4, num_stages=4)
-    if R <= 64:
-        return dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4)
-    # Many rows: the GEMM becomes compute bound; larger square-ish tiles reuse each load more.
-    return dict(BLOCK_R=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_R=16, BLOCK_V=128, BLOCK_D=128, num_warps=4, num_stages=4)
+    elif R <= 64:
+        cfg = dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4)
+    else:
+        # Many rows: the GEMM becomes compute bound; larger square-ish tiles reuse each load more.
+        cfg = dict(BLOCK_R=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        # 4-byte tiles: a quarter of the D step keeps the pipelined tiles inside shared memory.
+        cfg.update(BLOCK_D=32, num_stages=2)
+    return cfg
 
 
 def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +155,7 @@ def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
     R, D = hidden.shape
     V = weight.shape[0]
-    cfg = _launch_config(R, hidden.device)
+    cfg = _launch_config(R, hidden.dtype, hidden.device)
     n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
     best_score = torch.empty((R, n_vocab_blocks), dtype=torch.float32, device=hidden.device)
     best_index = torch.empty((R, n_vocab_blocks), dtype=torch.int32, device=hidden.device)
@@ -169,7 +176,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
     R, D = hidden.shape
     V = weight.shape[0]
-    cfg = _launch_config(R, hidden.device)
+    cfg = _launch_config(R, hidden.dtype, hidden.device)
     logits = torch.empty((R, V), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _linear_logits_kernel[grid](hidden, weight, logits, R, V, D, hidden.stride(0), weight.stride(0),

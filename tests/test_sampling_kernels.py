@@ -1,0 +1,294 @@
+"""linear_argmax / linear_sample: Triton kernels (interpreted on CPU) against the references."""
+import math
+
+import pytest
+import torch
+
+from mtp_kernels import linear_argmax, linear_sample, reference
+
+
+def _logits(hidden, weight):
+    return hidden.float() @ weight.float().T
+
+
+def _assert_argmax_of(tokens, logits, tol):
+    """tokens pick a maximal logit of each row (within the float32 summation-order noise `tol`),
+    and equal torch.argmax wherever the row's best logit beats every other by more than tol."""
+    best, expected = logits.max(dim=1)
+    chosen = logits.gather(1, tokens[:, None])[:, 0]
+    assert (chosen >= best - tol).all()
+    runner_up = logits.scatter(1, expected[:, None], float("-inf")).max(dim=1).values
+    clear_winner = best - runner_up > tol
+    assert clear_winner.any()
+    assert torch.equal(tokens[clear_winner], expected[clear_winner])
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson goodness of fit; bins with < 5 expected draws are pooled (the chi-square
+    approximation needs it). p = P(chi2_{k-1} >= statistic) = Q((k-1)/2, statistic/2)."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+    if expected[-1] == 0:
+        assert observed[-1] == 0
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = len(expected) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2).item()
+
+
+# --------------------------------------------------------------------------------------------
+# argmax
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("R,V,D", [(1, 1001, 33), (3, 4097, 64), (37, 1001, 64), (3, 1001, 33), (1, 4097, 64)])
+def test_argmax_matches_reference(triton_backend, dtype, R, V, D):
+    gen = torch.Generator().manual_seed(R * 7919 + V + D)
+    hidden = torch.randn(R, D, generator=gen).to(dtype)
+    weight = torch.randn(V, D, generator=gen).to(dtype)
+    tokens = linear_argmax(hidden, weight)
+    assert tokens.dtype == torch.int64 and tokens.shape == (R,)
+    _assert_argmax_of(tokens, _logits(hidden, weight), tol=1e-4 * math.sqrt(D))
+    _assert_argmax_of(reference.linear_argmax(hidden, weight), _logits(hidden, weight), tol=1e-4 * math.sqrt(D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_ties_take_the_smallest_index(triton_backend, dtype):
+    # Small integers: every logit is an exact float32 sum in any order, so ties are real ties.
+    gen = torch.Generator().manual_seed(1)
+    R, V, D = 37, 1001, 33
+    # Planted maximum shared by tokens 5, 9 (same vocab block), 70 and V - 1 (later blocks).
+    hidden = torch.zeros(R, D, dtype=dtype)
+    hidden[:, :4] = torch.tensor([1.0, -1.0, 2.0, 1.0])
+    weight = torch.randint(-2, 3, (V, D), generator=gen).to(dtype)
+    weight[[5, 9, 70, V - 1], :4] = torch.tensor([3.0, -3.0, 3.0, 3.0], dtype=dtype)
+    logits = _logits(hidden, weight)
+    assert (logits[:, [5, 9, 70, V - 1]] == logits.max(dim=1, keepdim=True).values).all()
+    assert torch.equal(linear_argmax(hidden, weight), torch.full((R,), 5))
+    # And random integer data, full of ties among the non-planted tokens too.
+    hidden = torch.randint(-2, 3, (R, D), generator=gen).to(dtype)
+    weight = torch.randint(-1, 2, (V, D), generator=gen).to(dtype)
+    expected = torch.argmax(_logits(hidden, weight), dim=1)
+    assert torch.equal(linear_argmax(hidden, weight), expected)
+    assert torch.equal(reference.linear_argmax(hidden, weight), expected)
+
+
+def test_argmax_tie_across_vocab_blocks_and_a_lone_winner_at_the_end(triton_backend):
+    V, D = 300, 16
+    hidden = torch.ones(2, D)
+    weight = torch.zeros(V, D)
+    weight[[130, 299]] = 1.0          # row 0: equal maxima in different vocab blocks -> 130
+    hidden[1, 0] = -1.0
+    weight[299, 0] = -5.0              # row 1: only the last token wins (masked tail of the last block)
+    weight[130, 0] = 5.0
+    assert linear_argmax(hidden, weight).tolist() == [130, 299]
+
+
+def test_argmax_strided_rows_and_empty(triton_backend):
+    # Head 0's rows of (B, T, n_heads, D) hidden states: a strided 2-D view.
+    gen = torch.Generator().manual_seed(2)
+    heads = torch.randint(-3, 4, (2, 5, 3, 40), generator=gen).float()
+    weight = torch.randint(-3, 4, (257, 40), generator=gen).float()
+    hidden = heads[:, :, 0].reshape(-1, 40)
+    assert hidden.stride(0) == 3 * 40
+    assert torch.equal(linear_argmax(hidden, weight), torch.argmax(_logits(hidden, weight), dim=1))
+    assert linear_argmax(hidden[:0], weight).shape == (0,)
+
+
+def test_single_token_vocabulary(triton_backend):
+    hidden = torch.randn(4, 8)
+    weight = torch.randn(1, 8)
+    assert linear_argmax(hidden, weight).tolist() == [0] * 4
+    assert linear_sample(hidden, weight, temperature=1.0).tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_temperature_zero_is_argmax(request, use_kernel):
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-2, 3, (9, 24), generator=gen).float()
+    weight = torch.randint(-2, 3, (513, 24), generator=gen).float()
+    expected = torch.argmax(_logits(hidden, weight), dim=1)
+    assert torch.equal(linear_sample(hidden, weight, temperature=0.0, top_p=0.5), expected)
+    assert torch.equal(linear_sample(hidden, weight, temperature=0), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling: distribution, nucleus, reproducibility
+# --------------------------------------------------------------------------------------------
+def _one_vector_many_rows(n_rows, V=13, D=16, seed=4):
+    """The same hidden vector in every row: each row is an independent draw from one distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, D, generator=gen).repeat(n_rows, 1)
+    weight = torch.randn(V, D, generator=gen) * 0.4
+    return hidden, weight
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_sampling_follows_softmax(request, use_kernel):
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    temperature = 0.8
+    hidden, weight = _one_vector_many_rows(4000)
+    tokens = linear_sample(hidden, weight, temperature=temperature, generator=torch.Generator().manual_seed(5))
+    counts = torch.bincount(tokens, minlength=weight.shape[0])
+    probs = torch.softmax(_logits(hidden[:1], weight)[0] / temperature, dim=0)
+    assert _chi_square_p_value(counts, probs) > 1e-3
+    # The test has power: the same draws are far from a different temperature's distribution.
+    probs_hot = torch.softmax(_logits(hidden[:1], weight)[0] / (2 * temperature), dim=0)
+    assert _chi_square_p_value(counts, probs_hot) < 1e-6
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_top_p_draws_only_from_the_nucleus(request, use_kernel):
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    temperature, top_p = 1.0, 0.6
+    hidden, weight = _one_vector_many_rows(2000, seed=6)
+    tokens = linear_sample(hidden, weight, temperature=temperature, top_p=top_p,
+                           generator=torch.Generator().manual_seed(7))
+    probs = torch.softmax(_logits(hidden[:1], weight)[0] / temperature, dim=0)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p).sum())
+    nucleus = order[:n_kept]
+    assert 1 < n_kept < weight.shape[0]
+    assert torch.isin(tokens, nucleus).all()
+    counts = torch.bincount(tokens, minlength=weight.shape[0])[nucleus]
+    assert _chi_square_p_value(counts, sorted_probs[:n_kept] / sorted_probs[:n_kept].sum()) > 1e-3
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_same_generator_state_same_tokens(triton_backend, top_p):
+    hidden, weight = _one_vector_many_rows(64, V=50)
+    draw = lambda seed: linear_sample(hidden, weight, temperature=1.5, top_p=top_p,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(seed))
+    first = draw(11)
+    assert torch.equal(first, draw(11))
+    assert not torch.equal(first, draw(12))
+    # Consecutive calls advance the generator: fresh noise every step.
+    gen = torch.Generator().manual_seed(11)
+    step1 = linear_sample(hidden, weight, temperature=1.5, top_p=top_p, generator=gen)
+    step2 = linear_sample(hidden, weight, temperature=1.5, top_p=top_p, generator=gen)
+    assert torch.equal(step1, first) and not torch.equal(step1, step2)
+
+
+def test_gumbel_noise_does_not_depend_on_the_tiling(triton_backend, monkeypatch):
+    # The Philox counter is row * V + token, so a different tile shape gives the same draws.
+    from mtp_kernels import sampling
+
+    hidden, weight = _one_vector_many_rows(40, V=300)
+    draw = lambda: linear_sample(hidden, weight, temperature=1.0, generator=torch.Generator().manual_seed(8))  # noqa: E731
+    first = draw()
+    original = sampling._launch_config
+    monkeypatch.setattr(sampling, "_launch_config",
+                        lambda R, dtype, device: {**original(R, dtype, device), "BLOCK_V": 128, "BLOCK_R": 32})
+    assert torch.equal(first, draw())
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hidden_shape,weight_shape,dtypes,match", [
+    ((4,), (7, 4), (torch.float32, torch.float32), "hidden must be 2-D"),
+    ((2, 4), (7, 4, 1), (torch.float32, torch.float32), "weight must be 2-D"),
+    ((2, 4), (7, 5), (torch.float32, torch.float32), "disagree on D"),
+    ((2, 4), (0, 4), (torch.float32, torch.float32), "V = 0"),
+    ((2, 4), (7, 4), (torch.float32, torch.float16), "hidden dtype torch.float32 != weight dtype"),
+    ((2, 4), (7, 4), (torch.int64, torch.int64), "hidden dtype must be"),
+])
+def test_bad_shapes_and_dtypes(hidden_shape, weight_shape, dtypes, match):
+    hidden = torch.zeros(hidden_shape, dtype=dtypes[0])
+    weight = torch.zeros(weight_shape, dtype=dtypes[1])
+    with pytest.raises(ValueError, match=match):
+        linear_argmax(hidden, weight)
+    with pytest.raises(ValueError, match=match):
+        linear_sample(hidden, weight, temperature=1.0)
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="hidden is on cpu but weight is on meta"):
+        linear_argmax(torch.zeros(2, 4), torch.zeros(7, 4, device="meta"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.5), "temperature must be"),
+    (dict(temperature=float("nan")), "temperature must be"),
+    (dict(temperature=True), "temperature must be"),
+    (dict(temperature=1.0, top_p=0.0), "top_p must be"),
+    (dict(temperature=1.0, top_p=1.5), "top_p must be"),
+    (dict(temperature=1.0, generator=123), "generator must be a torch.Generator"),
+])
+def test_bad_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        linear_sample(torch.zeros(2, 4), torch.zeros(7, 4), **kwargs)
+
+
+def test_generator_on_another_device():
+    with pytest.raises(ValueError, match="generator is on cpu but hidden is on meta"):
+        linear_sample(torch.zeros(2, 4, device="meta"), torch.zeros(7, 4, device="meta"), temperature=1.0,
+                      generator=torch.Generator())
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (bf16, compiled kernels): run by benchmarks/gpu_check.sh
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", [1, 7, 100, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_argmax_matches_reference(R, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(R)
+    V, D = 32000, 4096
+    hidden = torch.randn(R, D, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(V, D, device="cuda", generator=gen) * 0.02).to(dtype)
+    logits = _logits(hidden, weight)
+    _assert_argmax_of(linear_argmax(hidden, weight), logits, tol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_argmax_llama3_vocabulary_one_row():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(1, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(128256, 4096, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    _assert_argmax_of(linear_argmax(hidden, weight), _logits(hidden, weight), tol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_gpu_sampling_follows_softmax(top_p):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    V, D, n = 13, 64, 20000
+    hidden = torch.randn(1, D, device="cuda", generator=gen).repeat(n, 1).bfloat16()
+    weight = (torch.randn(V, D, device="cuda", generator=gen) * 0.15).bfloat16()
+    tokens = linear_sample(hidden, weight, temperature=0.9, top_p=top_p, generator=gen)
+    probs = torch.softmax(_logits(hidden[:1], weight)[0] / 0.9, dim=0).cpu()
+    sorted_probs, order = torch.sort(probs, descending=True)
+    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p).sum())
+    counts = torch.bincount(tokens.cpu(), minlength=V)
+    assert counts[order[n_kept:]].sum() == 0
+    kept = sorted_probs[:n_kept]
+    assert _chi_square_p_value(counts[order[:n_kept]], kept / kept.sum()) > 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_reproducible_and_graph_capturable():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden = torch.randn(64, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(32000, 1024, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.05
+    first = linear_sample(hidden, weight, temperature=1.0, generator=torch.Generator(device="cuda").manual_seed(3))
+    again = linear_sample(hidden, weight, temperature=1.0, generator=torch.Generator(device="cuda").manual_seed(3))
+    assert torch.equal(first, again)
+    # The seed never visits the host, so the step can be captured in a CUDA graph (global RNG).
+    linear_sample(hidden, weight, temperature=1.0)            # compile outside the capture
+    linear_argmax(hidden, weight)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sampled = linear_sample(hidden, weight, temperature=1.0)
+        greedy = linear_argmax(hidden, weight)
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_argmax_of(greedy, _logits(hidden, weight), tol=1e-3)
+    assert ((sampled >= 0) & (sampled < 32000)).all()

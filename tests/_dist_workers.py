@@ -79,27 +79,11 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
-class _MinimalTrainModel(torch.nn.Module):
-    """What wrap_for_training expects of train.py's MTPTrainModel: `.model`, forward(tokens) ->
-    MTPLossOutput, output.weight read inside forward (so FSDP2's root all-gather covers it)."""
-
-    def __init__(self, model):
-        super().__init__()
-        from mtp_engine.loss import MTPLoss
-
-        self.model = model
-        self.loss_fn = MTPLoss(model.n_future_tokens)
-
-    def forward(self, tokens):
-        return self.loss_fn(self.model.head_hidden(tokens), self.model.output.weight, tokens)
-
-
 def train_model(model):
-    """train.py's MTPTrainModel around `model` (a minimal stand-in where train.py is absent)."""
-    try:
-        from mtp_engine.train import MTPTrainModel
-    except ImportError:
-        MTPTrainModel = _MinimalTrainModel
+    """train.py's MTPTrainModel around `model`: forward(tokens) -> MTPLossOutput, reading
+    output.weight inside forward."""
+    from mtp_engine.train import MTPTrainModel
+
     return MTPTrainModel(model)
 
 

@@ -256,3 +256,90 @@ def test_vp_reference_kernels_reassemble_the_full_row():
     torch.testing.assert_close(lse[valid], torch.logsumexp(s, 1)[valid])
     torch.testing.assert_close((parts[0][2] + parts[1][2])[valid], s[valid, targets[valid]])
     torch.testing.assert_close((parts[0][1] + parts[1][1])[valid], s.sum(1)[valid])
+
+
+# ------------------------------------------------------------------------------------ tensor parallel
+TP_PROMPTS = [[1, 5, 9, 13, 2], [7, 3], [60, 61, 62, 63, 64, 65, 1, 2, 3]]
+TP_GEN_LEN = 12
+# Even vocabulary and FFN size: save_checkpoint splits them over 2 shards.
+TP_ARGS = dict(vocab_size=66, n_future_tokens=3, n_layers=5)
+
+
+def _speculative_modes():
+    """Greedy plain decoding, plus self-speculative "chain" where generate.py implements it."""
+    from mtp_engine.generate import Generator
+
+    gen = Generator(W.tiny_model(**TP_ARGS).eval(), max_batch_size=1, max_seq_len=16)
+    try:
+        gen.generate([[1, 2]], max_gen_len=2, temperature=0.0, speculative="chain")
+    except NotImplementedError:
+        return (None,)
+    return (None, "chain")
+
+
+@pytest.fixture(scope="module")
+def tp_checkpoints(tmp_path_factory):
+    from mtp_engine.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tp")
+    model = W.tiny_model(seed=5, **TP_ARGS)
+    save_checkpoint(model, root / "two_shards", shards=2)
+    save_checkpoint(model, root / "one_shard", shards=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tp_reference(tp_checkpoints):
+    from mtp_engine.checkpoint import load_checkpoint
+    from mtp_engine.generate import Generator
+
+    model = load_checkpoint(tp_checkpoints / "one_shard").eval()
+    gen = Generator(model, max_batch_size=len(TP_PROMPTS), max_seq_len=64)
+    modes = _speculative_modes()
+    tokens = {mode or "plain": gen.generate(TP_PROMPTS, max_gen_len=TP_GEN_LEN, temperature=0.0,
+                                            speculative=mode).tokens for mode in modes}
+    with torch.no_grad():
+        logits = model(torch.tensor([TP_PROMPTS[0]]), return_all_heads=True)
+    return dict(tokens=tokens, logits=logits, modes=modes, shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("layout", ["two_shards", "one_shard"])
+def test_tensor_parallel_generation_equals_single_process(tmp_path, tp_checkpoints, tp_reference, layout):
+    ranks = W.run_on_ranks("tensor_parallel", tmp_path, ckpt_dir=str(tp_checkpoints / layout), prompts=TP_PROMPTS,
+                           max_gen_len=TP_GEN_LEN, speculative_modes=tp_reference["modes"])
+    assert len(tp_reference["tokens"]["plain"][0]) == TP_GEN_LEN  # no eos: every step compared
+    for rank, got in enumerate(ranks):
+        assert got["tokens"] == tp_reference["tokens"], f"rank {rank}"
+        torch.testing.assert_close(got["logits"], tp_reference["logits"], rtol=1e-5, atol=1e-5)
+        # Each rank holds half of every block's attention and FFN weights, and the full embedding/output.
+        full = tp_reference["shapes"]
+        assert got["shapes"]["layers.0.attention.wq.weight"][0] * 2 == full["layers.0.attention.wq.weight"][0]
+        assert got["shapes"]["extra_heads.1.attention.wk.weight"][0] * 2 == full["extra_heads.1.attention.wk.weight"][0]
+        assert got["shapes"]["layers.2.attention.wo.weight"][1] * 2 == full["layers.2.attention.wo.weight"][1]
+        assert got["shapes"]["layers.1.feed_forward.w2.weight"][1] * 2 == full["layers.1.feed_forward.w2.weight"][1]
+        assert got["shapes"]["extra_heads.0.feed_forward.w3.weight"][0] * 2 == full["extra_heads.0.feed_forward.w3.weight"][0]
+        for key in ("tok_embeddings.weight", "output.weight", "norm.weight"):
+            assert got["shapes"][key] == full[key]
+
+
+def test_tensor_parallel_rejects_indivisible_heads():
+    from mtp_engine.tensor_parallel import check_tensor_parallel_args
+
+    with pytest.raises(ValueError, match="n_kv_heads 1 .*divisible by 2"):
+        check_tensor_parallel_args(W.tiny_args(n_kv_heads=1), 2)
+    with pytest.raises(ValueError, match="n_heads 6 and n_kv_heads 3 divisible by 4"):
+        check_tensor_parallel_args(W.tiny_args(dim=48, n_heads=6, n_kv_heads=3), 4)
+    check_tensor_parallel_args(W.tiny_args(), 2)
+
+
+def test_tensor_parallel_shard_plan():
+    from pathlib import Path
+
+    from mtp_engine.tensor_parallel import _shard_plan
+
+    paths = [Path(f"consolidated.{i:02d}.pth") for i in range(4)]
+    assert _shard_plan(4, 2, 1, paths) == (paths[2:4], 0, 1)       # two files per rank
+    assert _shard_plan(1, 4, 3, paths[:1]) == (paths[:1], 3, 4)     # every rank slices the one file
+    assert _shard_plan(2, 4, 2, paths[:2]) == (paths[1:2], 0, 2)    # two ranks per file
+    with pytest.raises(ValueError, match="3 checkpoint shard.* cannot be spread over 2 ranks"):
+        _shard_plan(3, 2, 0, paths[:3])

@@ -143,17 +143,33 @@ def compact_kv_cache_triton(k_cache, v_cache, cache_seqlens, accepted_nodes, acc
 # ============================================================================================
 # Public functions
 # ============================================================================================
-# Depth of a parents tensor, checked once per tensor object (and re-checked after an in-place
-# change, which bumps `_version`): the caller builds its tree buffers once and passes the same
-# tensor every step, so steps after the first read nothing back from the device (no host sync,
-# and safe to call while capturing a CUDA graph).
-_CHECKED_TREES: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, int]]" = weakref.WeakKeyDictionary()
+# Depth of a parents tensor, checked once per tensor object: the caller builds its tree buffers
+# once and passes the same tensor every step, so steps after the first read nothing back from the
+# device (no host sync, and safe to call while capturing a CUDA graph). Keyed by id() with a weak
+# reference to tell a live tensor from a new one at a recycled address (a WeakKeyDictionary would
+# compare tensors with ==). An in-place change bumps the tensor's version and forces a re-check;
+# inference-mode tensors keep no version counter, so for them the first check is trusted.
+_CHECKED_TREES: dict[int, tuple[weakref.ref, int | None, int]] = {}
+
+
+def _tensor_version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:          # "Inference tensors do not track version counter"
+        return None
+
+
+def _forget_tree(ref: weakref.ref, key: int) -> None:
+    entry = _CHECKED_TREES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _CHECKED_TREES[key]
 
 
 def _checked_max_depth(parents: torch.Tensor) -> int:
-    cached = _CHECKED_TREES.get(parents)
-    if cached is not None and cached[0] == parents._version:
-        return cached[1]
+    key, version = id(parents), _tensor_version(parents)
+    entry = _CHECKED_TREES.get(key)
+    if entry is not None and entry[0]() is parents and entry[1] == version:
+        return entry[2]
     values = parents.tolist()
     if not values or values[0] != -1:
         raise ValueError(f"tree_accept: parents[0] must be -1 (node 0 is the root), got "
@@ -163,7 +179,8 @@ def _checked_max_depth(parents: torch.Tensor) -> int:
             raise ValueError(f"tree_accept: parents[{t}] = {p}; every node t >= 1 needs a parent in [0, t) "
                              "(nodes in BFS/depth order)")
     max_depth = max(reference.tree_depths(parents))
-    _CHECKED_TREES[parents] = (parents._version, max_depth)
+    ref = weakref.ref(parents, lambda dead, key=key: _forget_tree(dead, key))
+    _CHECKED_TREES[key] = (ref, version, max_depth)
     return max_depth
 
 

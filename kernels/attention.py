@@ -753,8 +753,21 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
                          f"(use kv_cache_attention for queries against a cache)")
     scale = _default_scale(sm_scale, q.shape[-1])
     if not use_triton(q, k, v) or not _kernel_supports(q) or q.numel() == 0:
+        if q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.numel():
+            return _sdpa(q, k, v, causal, scale)
         return reference.attention(q, k, v, causal=causal, sm_scale=scale)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+
+
+def _sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+    """The non-Triton path for float inputs: torch's fused SDPA (flash on CPU), which keeps no T x T matrix;
+    equal to `reference.attention` (the float64-capable oracle the tests use) up to rounding."""
+    group = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if group > 1:  # `enable_gqa` needs torch >= 2.5; repeating is cheap next to the matmuls here
+        kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+    return out.transpose(1, 2)
 
 
 def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_scale=None,

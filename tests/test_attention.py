@@ -160,9 +160,22 @@ def test_reference_attention_matches_sdpa(causal):
                                _sdpa_float64(q, k, v, causal, 0.2))
 
 
-def test_flash_attention_cpu_default_uses_reference(monkeypatch):
+def test_flash_attention_cpu_default_is_sdpa_and_matches_reference(monkeypatch):
+    """On CPU the model runs torch's SDPA (no T x T matrix); it must agree with the eager oracle,
+    forward and gradients, with GQA and causal/non-causal."""
     monkeypatch.delenv("MTP_BACKEND", raising=False)
-    q, k, v = _qkv(1, 9, 4, 2, 16, seed=10)
+    for causal in (True, False):
+        q, k, v = (t.requires_grad_() for t in _qkv(2, 37, 4, 2, 16, seed=10))
+        out = flash_attention(q, k, v, causal=causal)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = reference.attention(q64, k64, v64, causal=causal, sm_scale=0.25)
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q64, k64, v64))
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+    # float64 keeps the exact eager oracle
+    q, k, v = (t.double() for t in _qkv(1, 9, 4, 2, 16, seed=11))
     assert torch.equal(flash_attention(q, k, v), reference.attention(q, k, v, causal=True, sm_scale=0.25))
 
 

@@ -28,24 +28,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, scenario: str, out_dir: str, kwargs: dict) -> None:
+def _entry(rank: int, world_size: int, port: int, scenario: str, out_dir: str, device: str, kwargs: dict) -> None:
     torch.set_num_threads(1)  # 2 ranks on a shared 2-core machine
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from mtp_engine.distributed import cleanup, init_distributed
 
-    env = init_distributed("cpu", timeout=datetime.timedelta(seconds=60))
+    env = init_distributed(device, timeout=datetime.timedelta(seconds=60))
     try:
         result = SCENARIOS[scenario](env, **kwargs)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(_to_cpu(result), Path(out_dir) / f"rank{rank}.pt")
     finally:
         cleanup(env)
 
 
-def run_on_ranks(scenario: str, out_dir, world_size: int = 2, timeout: float = 120.0, **kwargs) -> list:
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def run_on_ranks(scenario: str, out_dir, world_size: int = 2, timeout: float = 120.0, device: str = "cpu",
+                 **kwargs) -> list:
+    """Run SCENARIOS[scenario](env, **kwargs) on `world_size` ranks (gloo on "cpu", nccl on "cuda":
+    one GPU per rank); returns the per-rank results, moved to the CPU."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(world_size, free_port(), scenario, str(out_dir), kwargs),
+    ctx = mp.start_processes(_entry, args=(world_size, free_port(), scenario, str(out_dir), device, kwargs),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException on failure
@@ -96,7 +109,10 @@ LR = 1e-2
 
 
 def make_optimizer(params):
-    return torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    # eps well above fp32 rounding of the gradients: Adam divides by sqrt(v) + eps, and with the
+    # default 1e-8 a gradient entry near 0 turns a 1e-9 summation-order difference (two ranks vs
+    # one batch) into a full lr-sized step in either direction.
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.1, eps=1e-4)
 
 
 def vp_inputs(n, N, D, V, seed=0, ignore_frac=0.25):
@@ -140,7 +156,7 @@ def vp_grad_out(case, shape):
 
 
 # ------------------------------------------------------------------------------------ scenarios
-def scenario_train(env, strategies):
+def scenario_train(env, strategies, mixed_precision=None):
     """TRAIN_STEPS AdamW steps per strategy; rank r takes rows [r*B/W, (r+1)*B/W) of each batch."""
     from mtp_engine.distributed import (find_transformer, full_optimizer_state, full_state_dict,
                                         load_optimizer_state, unwrap, wrap_for_training)
@@ -149,11 +165,11 @@ def scenario_train(env, strategies):
     for strategy in strategies:
         # Rank 1 starts from different weights on purpose: wrap_for_training must broadcast rank 0's.
         module = train_model(tiny_model(seed=0 if env.rank == 0 else 123))
-        wrapped = wrap_for_training(module, strategy, env)
+        wrapped = wrap_for_training(module, strategy, env, mixed_precision=mixed_precision)
         optimizer = make_optimizer(wrapped.parameters())
         output_grads, losses = [], []
         for step in range(TRAIN_STEPS):
-            tokens = train_batch(seed=1 + step)
+            tokens = train_batch(seed=1 + step).to(env.device)
             per_rank = tokens.shape[0] // env.world_size
             out = wrapped(tokens[env.rank * per_rank:(env.rank + 1) * per_rank])
             out.loss.backward()
@@ -173,7 +189,8 @@ def scenario_train(env, strategies):
     return results
 
 
-def scenario_vocab_parallel(env, cases):
+def scenario_vocab_parallel(env, cases, backend=None):
+    """backend: force "triton" / "reference" for every case (default: each case's own, reference on CPU)."""
     import torch.distributed as dist
 
     from mtp_kernels import fused_linear_cross_entropy
@@ -181,9 +198,9 @@ def scenario_vocab_parallel(env, cases):
     results = {}
     for name in cases:
         case = VP_CASES[name]
-        os.environ["MTP_BACKEND"] = case.get("backend", "reference")
-        hidden, weight, targets = vp_inputs(case["n"], case["N"], case["D"], case["V"],
-                                            ignore_frac=case.get("ignore_frac", 0.25))
+        os.environ["MTP_BACKEND"] = backend or case.get("backend", "reference")
+        hidden, weight, targets = (t.to(env.device) for t in vp_inputs(
+            case["n"], case["N"], case["D"], case["V"], ignore_frac=case.get("ignore_frac", 0.25)))
         if case.get("single"):
             hidden, targets = hidden[0], targets[0]
         lo, hi = vp_shard_bounds(case["split"], env.rank)
@@ -192,7 +209,7 @@ def scenario_vocab_parallel(env, cases):
         budget = case["budget_rows"] * max(case["split"]) * 4
         loss, per_head = fused_linear_cross_entropy(h, w, targets, process_group=dist.group.WORLD,
                                                     max_scratch_bytes=budget, return_per_head=True, **case["opts"])
-        loss.backward(vp_grad_out(case, loss.shape))
+        loss.backward(vp_grad_out(case, loss.shape).to(env.device))
         with torch.no_grad():
             eval_loss = fused_linear_cross_entropy(hidden, weight[lo:hi], targets, process_group=dist.group.WORLD,
                                                    max_scratch_bytes=budget, **case["opts"])
@@ -233,11 +250,19 @@ def scenario_vocab_parallel_errors(env):
     return messages
 
 
-def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_modes):
+def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_modes, dtype=None):
+    from mtp_engine import tensor_parallel
     from mtp_engine.generate import Generator
-    from mtp_engine.tensor_parallel import load_tensor_parallel
 
-    model = load_tensor_parallel(ckpt_dir, env)
+    files_read = []
+    load_shard = tensor_parallel._load_shard
+
+    def recording_load_shard(path):
+        files_read.append(path.name)
+        return load_shard(path)
+
+    tensor_parallel._load_shard = recording_load_shard  # this process only
+    model = tensor_parallel.load_tensor_parallel(ckpt_dir, env, dtype=dtype)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     gen = Generator(model, max_batch_size=len(prompts), max_seq_len=64)
     tokens = {}
@@ -245,8 +270,8 @@ def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_mo
         res = gen.generate(prompts, max_gen_len=max_gen_len, temperature=0.0, speculative=mode)
         tokens[mode or "plain"] = res.tokens
     with torch.no_grad():
-        logits = model(torch.tensor([prompts[0]]), return_all_heads=True)
-    return dict(tokens=tokens, shapes=shapes, logits=logits)
+        logits = model(torch.tensor([prompts[0]], device=env.device), return_all_heads=True)
+    return dict(tokens=tokens, shapes=shapes, logits=logits, files_read=files_read)
 
 
 SCENARIOS = {

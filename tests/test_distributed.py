@@ -320,6 +320,8 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path, tp_checkpoin
         assert got["shapes"]["extra_heads.0.feed_forward.w3.weight"][0] * 2 == full["extra_heads.0.feed_forward.w3.weight"][0]
         for key in ("tok_embeddings.weight", "output.weight", "norm.weight"):
             assert got["shapes"][key] == full[key]
+        # Rank r maps only its own shard file; with one shard every rank slices the one file.
+        assert got["files_read"] == [f"consolidated.{rank if layout == 'two_shards' else 0:02d}.pth"]
 
 
 def test_tensor_parallel_rejects_indivisible_heads():
@@ -343,3 +345,72 @@ def test_tensor_parallel_shard_plan():
     assert _shard_plan(2, 4, 2, paths[:2]) == (paths[1:2], 0, 2)    # two ranks per file
     with pytest.raises(ValueError, match="3 checkpoint shard.* cannot be spread over 2 ranks"):
         _shard_plan(3, 2, 0, paths[:3])
+
+
+# ------------------------------------------------------------------------------------ GPU
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL: one GPU per rank)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [CEOptions(), CEOptions(label_smoothing=0.1, z_loss=1e-2, softcap=30.0)],
+                         ids=["plain", "all_options"])
+def test_gpu_vp_triton_kernels_bf16(opts):
+    """Compiled kernels on bf16 logits of a realistic shard width against the reference twins."""
+    from mtp_kernels import vocab_parallel_ce as vp
+
+    g = torch.Generator().manual_seed(5)
+    R, V_local, vocab_start, vocab_size = 257, 16000, 16000, 32000
+    logits = (torch.randn(R, V_local, generator=g) * 4).to(torch.bfloat16).cuda()
+    targets = torch.randint(0, vocab_size, (R,), generator=g)
+    targets[::7] = IGNORE
+    targets = targets.cuda()
+    stats, ref_stats = (torch.empty(3, R, device="cuda") for _ in range(2))
+    vp.vp_chunk_stats(logits, targets, vocab_start, stats, opts)
+    reference.vp_chunk_stats(logits, targets, vocab_start, ref_stats, opts)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-3)
+    lse = ref_stats[0] + 0.5
+    scale = torch.full((R,), 1.0 / R, device="cuda")
+    grad, ref_grad = logits.clone(), logits.clone()
+    vp.vp_chunk_grad(grad, targets, vocab_start, vocab_size, lse, scale, opts)
+    reference.vp_chunk_grad(ref_grad, targets, vocab_start, vocab_size, lse, scale, opts)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_two_rank_ddp_fsdp_nccl(tmp_path, single_process_training):
+    """fp32 on 2 GPUs equals the CPU single process; FSDP2 with bf16 mixed precision stays close."""
+    ref = single_process_training
+    exact = W.run_on_ranks("train", tmp_path / "fp32", device="cuda", strategies=("ddp", "fsdp"),
+                           mixed_precision=False)
+    for strategy in ("ddp", "fsdp"):
+        for key, expected in ref["state"].items():
+            torch.testing.assert_close(exact[0][strategy]["state"][key], expected, rtol=0, atol=1e-4)
+    mixed = W.run_on_ranks("train", tmp_path / "bf16", device="cuda", strategies=("fsdp",))
+    for key, expected in ref["state"].items():
+        torch.testing.assert_close(mixed[0]["fsdp"]["state"][key], expected, rtol=0, atol=3e-2)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_vocab_parallel_nccl_triton(tmp_path):
+    ranks = W.run_on_ranks("vocab_parallel", tmp_path, device="cuda", cases=tuple(W.VP_CASES), backend="triton")
+    for name, case in W.VP_CASES.items():
+        loss, _, hidden_grad, weight_grad = _single_process_vp(case)
+        for rank in (0, 1):
+            got = ranks[rank][name]
+            lo, hi = W.vp_shard_bounds(case["split"], rank)
+            torch.testing.assert_close(got["loss"], loss, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got["hidden_grad"], hidden_grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got["weight_grad"], weight_grad[lo:hi], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_tensor_parallel_nccl(tmp_path, tp_checkpoints, tp_reference):
+    ranks = W.run_on_ranks("tensor_parallel", tmp_path, device="cuda", ckpt_dir=str(tp_checkpoints / "two_shards"),
+                           prompts=TP_PROMPTS, max_gen_len=TP_GEN_LEN, speculative_modes=tp_reference["modes"],
+                           dtype=torch.float32)
+    for got in ranks:
+        assert got["tokens"] == tp_reference["tokens"]
+        torch.testing.assert_close(got["logits"], tp_reference["logits"], rtol=1e-4, atol=1e-4)

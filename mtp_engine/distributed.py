@@ -16,13 +16,17 @@ so one training script serves both cases.
 reads `model.output.weight` inside its own forward: FSDP2's root pre-forward all-gather then covers
 the shared unembedding, and the fused loss's gradient reaches the real (sharded) parameter.
 
-Collectives (`full_state_dict`, `full_optimizer_state`, `load_optimizer_state`, `all_reduce_mean`,
-`barrier`) must be called by every rank.
+Code that calls the Transformer directly instead of `wrapped(tokens)` (evaluation) runs inside
+`with gathered_parameters(wrapped, strategy, env):` so FSDP2's root parameters are gathered.
+
+Collectives (`full_state_dict`, `full_optimizer_state`, `load_optimizer_state`, `gathered_parameters`,
+`all_reduce_mean`, `barrier`) must be called by every rank.
 """
 from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -228,6 +232,26 @@ def wrap_for_training(module: nn.Module, strategy: str, env: DistEnv, *,
     return module
 
 
+@contextmanager
+def gathered_parameters(module: nn.Module, strategy: str, env: DistEnv):
+    """Inside the block, code may call the Transformer's methods directly (evaluation:
+    `model.head_hidden(tokens)`, `model.output.weight`) rather than the wrapped module's forward.
+
+    Under FSDP2 the root's own parameters (tok_embeddings, norm, output) are all-gathered on entry
+    and resharded on exit; the blocks gather theirs in their own forward hooks. A no-op for "none"
+    and "ddp". Collective under "fsdp": every rank must enter it. Use it under torch.no_grad().
+    """
+    _check_strategy(strategy, env)
+    if strategy != "fsdp" or not env.distributed:
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own wrapper)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -309,6 +333,7 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
         set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=_state_dict_options())
 
 
-__all__ = ["DistEnv", "init_distributed", "wrap_for_training", "full_state_dict", "full_optimizer_state",
+__all__ = ["DistEnv", "init_distributed", "wrap_for_training", "gathered_parameters", "full_state_dict",
+           "full_optimizer_state",
            "load_optimizer_state", "all_reduce_mean", "barrier", "cleanup", "find_transformer", "unwrap",
            "STRATEGIES"]

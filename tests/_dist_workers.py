@@ -159,7 +159,7 @@ def vp_grad_out(case, shape):
 def scenario_train(env, strategies, mixed_precision=None):
     """TRAIN_STEPS AdamW steps per strategy; rank r takes rows [r*B/W, (r+1)*B/W) of each batch."""
     from mtp_engine.distributed import (find_transformer, full_optimizer_state, full_state_dict,
-                                        load_optimizer_state, unwrap, wrap_for_training)
+                                        gathered_parameters, load_optimizer_state, unwrap, wrap_for_training)
 
     results = {}
     for strategy in strategies:
@@ -178,13 +178,17 @@ def scenario_train(env, strategies, mixed_precision=None):
             losses.append(out.loss.detach().clone())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        # Evaluation calls the Transformer directly, outside the wrapper's forward.
+        with torch.no_grad(), gathered_parameters(wrapped, strategy, env):
+            model = find_transformer(unwrap(wrapped))
+            eval_logits = model.head_hidden(train_batch(batch=2, seed=9).to(env.device))[0] @ model.output.weight.t()
         state = full_state_dict(wrapped, strategy, env)
         optim_state = full_optimizer_state(wrapped, optimizer, strategy, env)
         # Round trip: load the full optimizer state into a fresh optimizer over the same shards.
         fresh = make_optimizer(wrapped.parameters())
         load_optimizer_state(wrapped, fresh, optim_state, strategy, env)
         reloaded = full_optimizer_state(wrapped, fresh, strategy, env)
-        results[strategy] = dict(state=state, optim_state=optim_state, reloaded=reloaded,
+        results[strategy] = dict(state=state, optim_state=optim_state, reloaded=reloaded, eval_logits=eval_logits,
                                  output_grads=output_grads, losses=losses)
     return results
 

@@ -44,6 +44,8 @@ def test_single_process_wrap_and_state_dict_are_plain():
     module = W.train_model(W.tiny_model())
     for strategy in D.STRATEGIES:
         assert D.wrap_for_training(module, strategy, env) is module
+        with D.gathered_parameters(module, strategy, env):  # nothing to gather in one process
+            pass
         state = D.full_state_dict(module, strategy, env)
         assert list(state) == list(module.model.state_dict())  # Meta's key names, no "model." prefix
         assert all(not t.requires_grad and t.device.type == "cpu" for t in state.values())
@@ -127,6 +129,16 @@ def test_data_parallel_step_equals_single_process(train_results, single_process_
     for step in range(W.TRAIN_STEPS):
         mean_loss = (rank0["losses"][step] + rank1["losses"][step]) / 2
         torch.testing.assert_close(mean_loss, ref["losses"][step], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_direct_model_calls_inside_gathered_parameters(train_results, single_process_training, strategy):
+    model = W.tiny_model()
+    model.load_state_dict(single_process_training["state"])
+    with torch.no_grad():
+        expected = model.head_hidden(W.train_batch(batch=2, seed=9))[0] @ model.output.weight.t()
+    for rank in (0, 1):
+        torch.testing.assert_close(train_results[rank][strategy]["eval_logits"], expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

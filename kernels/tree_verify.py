@@ -16,8 +16,8 @@ compact_kv_cache: one program per (layer, sequence, block of Hkv*Dh features) mo
 the accepted nodes from slots start + accepted_nodes[b, j] to the consecutive slots start + j.
 Source and destination ranges overlap (path [0, 2, 3]: j = 1 reads slot start+2, j = 2 writes
 it), which is safe because each program walks j in increasing order, loading slot j's source
-before storing, and a path's node ids satisfy accepted_nodes[b, j] >= j (a node at depth j comes
-after at least j nodes in depth order): every load at step j reads a slot >= start + j, while the
+before storing, and a path's node ids satisfy accepted_nodes[b, j] >= j (the node at depth j has
+j ancestors, all with smaller ids since parents[t] < t): every load at step j reads a slot >= start + j, while the
 stores so far went to slots < start + j. The same thread loads and stores a given feature (same
 block layout), so its own program order is all the ordering needed; programs share no memory.
 """
@@ -114,7 +114,7 @@ def tree_accept_triton(candidates, verifier, parents, max_depth: int):
     accepted_nodes = torch.empty((B, max_depth + 1), dtype=torch.int64, device=device)
     accept_len = torch.empty(B, dtype=torch.int64, device=device)
     bonus = torch.empty(B, dtype=torch.int64, device=device)
-    BLOCK_T = max(triton.next_power_of_2(T), 16)
+    BLOCK_T = triton.next_power_of_2(T)
     _tree_accept_kernel[(B,)](
         candidates, verifier, parents, accepted_nodes, accept_len, bonus,
         T, candidates.stride(0), verifier.stride(0), accepted_nodes.stride(0), max_depth,

@@ -16,9 +16,9 @@ compact_kv_cache: one program per (layer, sequence, block of Hkv*Dh features) mo
 the accepted nodes from slots start + accepted_nodes[b, j] to the consecutive slots start + j.
 Source and destination ranges overlap (path [0, 2, 3]: j = 1 reads slot start+2, j = 2 writes
 it), which is safe because each program walks j in increasing order, loading slot j's source
-before storing, and a path's node ids satisfy accepted_nodes[b, j] >= j (the node at depth j has
-j ancestors, all with smaller ids since parents[t] < t): every load at step j reads a slot >= start + j, while the
-stores so far went to slots < start + j. The same thread loads and stores a given feature (same
+before storing, and a path's node ids satisfy accepted_nodes[b, j] >= j (the node at depth j
+has j ancestors, all with smaller ids since parents[t] < t): every load at step j reads a slot
+>= start + j, while the stores so far went to slots < start + j. The same thread loads and stores a given feature (same
 block layout), so its own program order is all the ordering needed; programs share no memory.
 """
 from __future__ import annotations

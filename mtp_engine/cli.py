@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
@@ -17,6 +18,7 @@ examples:
   mtp demo
   mtp complete --ckpt-dir 7B_1T_4 --tokenizer-path tokenizer.model \\
       --prompt "def fibonacci(n):" --max-gen-len 64
+  mtp complete --ckpt-dir 7B_1T_4 --prompt "import numpy" --speculative tree --heads 4
 """
 
 
@@ -46,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     complete.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                           help="default: bfloat16 on cuda, float32 on cpu")
+    complete.add_argument("--speculative", choices=("chain", "tree"), default=None,
+                          help="self-speculative decoding with the model's extra heads: chain (top-1 per head) "
+                               "or tree (a static token tree of top-k drafts); default: plain decoding")
+    complete.add_argument("--heads", type=int, default=None,
+                          help="heads taking part in --speculative, 2..n_future_tokens (default: all)")
+    complete.add_argument("--tree", default=None, metavar="PRESET",
+                          help="token tree for --speculative tree: a preset (chain, heads2 .. heads8; default: "
+                               "heads<--heads>) or a JSON list of paths such as '[[0], [1], [0, 0]]'")
     complete.set_defaults(run=run_complete)
 
     demo = sub.add_parser(
@@ -96,11 +106,20 @@ def run_complete(args: argparse.Namespace) -> int:
     for name in ("max_gen_len", "max_seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.speculative is None and (args.heads is not None or args.tree is not None):
+        raise ValueError("--heads and --tree need --speculative chain|tree")
+    tree = args.tree
+    if tree is not None and tree.lstrip().startswith("["):
+        try:
+            tree = json.loads(tree)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--tree is not a valid JSON list of paths: {err}") from None
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
                         max_batch_size=args.max_batch_size or len(args.prompt),
                         device=args.device, dtype=args.dtype, seed=args.seed)
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
-                                    max_gen_len=args.max_gen_len)
+                                    max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
+                                    tree=tree)
     for prompt, result in zip(args.prompt, results):
         print(prompt)
         print(f"> {result['generation']}")
@@ -131,7 +150,16 @@ def run_eval(args: argparse.Namespace) -> int:
 def format_stats(stats: dict) -> str:
     return (f"[stats] {stats['batch_size']} prompt(s), {stats['generated_tokens']} tokens in "
             f"{stats['wall_time_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s), {stats['forwards']} forwards, "
-            f"{stats['tokens_per_forward']:.2f} tokens/forward per sequence")
+            f"{stats['tokens_per_forward']:.2f} tokens/forward per sequence" + _speculative_summary(stats))
+
+
+def _speculative_summary(stats: dict) -> str:
+    """'; tree, 4 heads, 48 nodes, acceptance by depth 0.71/0.45/0.20' for speculative runs, else ''."""
+    if "speculative" not in stats:
+        return ""
+    rates = "/".join("-" if r is None else f"{r:.2f}" for r in stats["acceptance_per_depth"])
+    return (f"; {stats['speculative']}, {stats['heads']} heads, {stats['tree_nodes']} nodes, "
+            f"acceptance by depth {rates}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,22 +7,27 @@ token before anything reads it, so padding changes no result: batched output equ
 one-prompt-at-a-time output token for token.
 
 Per-sequence state (`SequenceState`) is explicit so that self-speculative decoding, which accepts
-a different number of tokens per sequence and step, can reuse the same bookkeeping.
+a different number of tokens per sequence and step, reuses the same bookkeeping
+(`Generator._run_speculative`; trees and the step's tensor logic are in `speculative.py`).
 """
 from __future__ import annotations
 
 import operator
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 
+from mtp_kernels import compact_kv_cache
+
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
-
-SPECULATIVE_MODES = ("chain", "tree")
+from .speculative import (SPECULATIVE_MODES, TokenTree, accept_step, build_candidates, default_tree_name,
+                          draft_tokens, verify_tokens)
+from .speculative import token_tree as speculative_tree
 
 
 @dataclass
@@ -34,7 +39,9 @@ class GenerationResult:
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (model calls), tokens_per_forward
     (tokens produced per sequence per forward it took part in, eos included: 1.0 for plain decoding),
-    prefill_time_s, wall_time_s, tokens_per_s.
+    prefill_time_s, wall_time_s, tokens_per_s. Self-speculative calls add speculative ("chain" |
+    "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
+    acceptance_per_head (see `_speculative_stats`).
     """
 
     tokens: List[List[int]]
@@ -76,19 +83,30 @@ class SequenceState:
 
 
 class Generator:
-    """Plain (and later self-speculative) batched generation with a Transformer's static KV cache.
+    """Plain and self-speculative batched generation with a Transformer's static KV cache.
 
     Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len).
+    cuda_graphs: replay the cached forwards of decode and verify steps as CUDA graphs, one per
+    batch-size bucket and step shape (`CUDAGraphForward`); None means on for a CUDA model, off
+    otherwise. Replay runs the captured kernels on the same inputs; the only difference from eager
+    is the padding of the batch to its bucket (GEMMs of more rows), which the GPU test
+    (test_cuda_graphs_do_not_change_results) checks changes no token. True fails loudly when a
+    graph cannot be captured; None falls back to eager with a warning.
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048):
+    def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048,
+                 cuda_graphs: Optional[bool] = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.cuda_graphs = cuda_graphs
+        self._graphs: Optional[CUDAGraphForward] = None
         model.setup_caches(max_batch_size, max_seq_len)
 
     @property
@@ -107,13 +125,16 @@ class Generator:
         otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with a
         torch.Generator seeded by `seed` (None: torch's global RNG). eos_id: defaults to the
         tokenizer's; None or negative means never stop early.
+
+        speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
+        head: blockwise parallel decoding) or "tree" (a static token tree of the heads' top-k drafts).
+        heads: how many heads take part, 2 <= heads <= n_future_tokens (default all); head 0 verifies,
+        heads 1..heads-1 draft. tree (speculative="tree"): a list of paths in Medusa's format
+        ([[0], [1], [0, 0], ...], see mtp_engine.speculative), "preset" or None (the preset for
+        `heads`), or "chain". Greedy speculative output equals plain greedy output token for token;
+        sampled speculative output has the same distribution as plain sampling (not the same draws).
         """
-        if speculative is not None:
-            if speculative not in SPECULATIVE_MODES:
-                raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {speculative!r}")
-            raise NotImplementedError("self-speculative decoding arrives with the speculative issue")
-        if heads is not None or tree is not None:
-            raise ValueError("heads and tree only apply to self-speculative decoding (speculative='chain'|'tree')")
+        tree_spec = self._check_speculative(speculative, heads, tree)
         check_sampling_args(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
@@ -135,29 +156,16 @@ class Generator:
             rng.manual_seed(int(seed))
 
         start = time.perf_counter()
-        forwards, prefill_time = 0, 0.0
-        prompt_lp = None
+        forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         if not all(s.done for s in seqs):
-            logits, prompt_lp = self._prefill(prompts, logprobs)
-            forwards += 1
-            prefill_time = time.perf_counter() - start
-            cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
-            while True:
-                next_tok = sample_next(logits, temperature, top_p, rng)
-                lps = token_logprobs(logits, next_tok).tolist() if logprobs else None
-                for b, tok in enumerate(next_tok.tolist()):
-                    if not seqs[b].done:
-                        seqs[b].forwards += 1
-                        seqs[b].accept(tok, eos_id, lps[b] if lps else None)
-                live = [not s.done for s in seqs]
-                if not any(live):
-                    break
-                # Rows past the last live one leave the forward (the cache is indexed by leading rows);
-                # finished rows inside it re-write their first free slot, which nothing reads.
-                rows = max(b for b, alive in enumerate(live) if alive) + 1
-                logits = self._decode(next_tok[:rows], cache_seqlens[:rows])
-                forwards += 1
-                cache_seqlens[:rows] += torch.tensor(live[:rows], dtype=torch.int32, device=self.device)
+            if tree_spec is None:
+                forwards, prefill_time, prompt_lp = self._run_plain(
+                    prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start)
+            else:
+                forwards, prefill_time, prompt_lp, extra = self._run_speculative(
+                    prompts, seqs, tree_spec, temperature, top_p, rng, eos_id, logprobs, start)
+        elif tree_spec is not None:
+            extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
         wall = time.perf_counter() - start
 
         tokens = [s.tokens for s in seqs]
@@ -172,17 +180,136 @@ class Generator:
             "prefill_time_s": prefill_time,
             "wall_time_s": wall,
             "tokens_per_s": generated / wall if wall > 0 else 0.0,
+            **extra,
         }
+        if tree_spec is not None:
+            stats["speculative"] = speculative
         text = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
         return GenerationResult(
             tokens=tokens, text=text, stats=stats, finish_reasons=[s.finish for s in seqs],
             logprobs=[s.logprobs for s in seqs] if logprobs else None,
             prompt_logprobs=prompt_lp)
 
+    # ------------------------------------------------------------------ plain decoding
+    def _run_plain(self, prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start):
+        """One token per sequence per forward. Returns (forwards, prefill_time, prompt_logprobs)."""
+        last_hidden, prompt_lp = self._prefill(prompts, logprobs)
+        logits = self.model.output(last_hidden[:, 0]).float()
+        forwards = 1
+        prefill_time = time.perf_counter() - start
+        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
+        while True:
+            next_tok = sample_next(logits, temperature, top_p, rng)
+            lps = token_logprobs(logits, next_tok).tolist() if logprobs else None
+            for b, tok in enumerate(next_tok.tolist()):
+                if not seqs[b].done:
+                    seqs[b].forwards += 1
+                    seqs[b].accept(tok, eos_id, lps[b] if lps else None)
+            live = [not s.done for s in seqs]
+            if not any(live):
+                break
+            # Rows past the last live one leave the forward (the cache is indexed by leading rows);
+            # finished rows inside it re-write their first free slot, which nothing reads.
+            rows = max(b for b, alive in enumerate(live) if alive) + 1
+            logits = self._decode(next_tok[:rows], cache_seqlens[:rows])
+            forwards += 1
+            cache_seqlens[:rows] += torch.tensor(live[:rows], dtype=torch.int32, device=self.device)
+        return forwards, prefill_time, prompt_lp
+
+    # ------------------------------------------------------------------ self-speculative decoding
+    def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, rng, eos_id, want_logprobs,
+                         start):
+        """Draft with heads 1.., verify a whole token tree per forward with head 0.
+
+        Prefill runs every head: at the last prompt position head 0 gives the first token (the
+        root of the first tree) and heads 1.. the drafts. Each step then runs one forward over the
+        T tree nodes of every live row (tree mask, per-node depths), takes head 0's verifier token
+        at every node, walks the tree (tree_accept), emits the accepted drafts and the bonus token,
+        compacts the accepted nodes' K/V into consecutive cache slots (compact_kv_cache) and takes
+        the next drafts from the heads at each row's last accepted node: no extra forward.
+
+        Host syncs: one `.tolist()` per step (accepted lengths and tokens, for eos/limit and the
+        per-sequence bookkeeping); the small host-to-device copies of the live mask happen right
+        after it, when the device is idle. Rows past the last live one leave the forward; finished
+        rows inside it are parked at cache length 0 (their nodes are computed and ignored, their
+        compaction length is 0), so they never write outside the cache.
+
+        Cache room: every node of a live row needs a slot, so a step takes the first
+        min(T, smallest room of a live row) nodes of the tree (a valid subtree: parents come first);
+        near the end of the cache that shrinks to the root alone, i.e. a plain decode step.
+
+        Returns (forwards, prefill_time, prompt_logprobs, extra stats).
+        """
+        model, device = self.model, self.device
+        weight = model.output.weight
+        tree = tree.on(device)
+        counters = SpeculativeCounters(tree.max_depth)
+
+        last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
+        root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, rng)[:, 0]  # (B,)
+        drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
+        lps = token_logprobs(model.output(last_hidden[:, 0]).float(), root).tolist() if want_logprobs else None
+        for b, tok in enumerate(root.tolist()):
+            if not seqs[b].done:
+                seqs[b].forwards += 1
+                seqs[b].accept(tok, eos_id, lps[b] if lps else None)
+        forwards = 1
+        prefill_time = time.perf_counter() - start
+
+        cached = [len(p) for p in prompts]      # host copy of cache_seqlens for the live rows
+        cache_seqlens = torch.tensor(cached, dtype=torch.int32, device=device)
+        parked = [False] * len(seqs)
+        while True:
+            live = [not s.done for s in seqs]
+            if not any(live):
+                break
+            park = [b for b, s in enumerate(seqs) if s.done and not parked[b]]
+            if park:
+                cache_seqlens[torch.tensor(park, device=device)] = 0
+                for b in park:
+                    parked[b] = True
+            rows = max(b for b, alive in enumerate(live) if alive) + 1
+            live_mask = torch.tensor(live[:rows], device=device)
+            room = min(self.max_seq_len - cached[b] for b in range(rows) if live[b])
+            step_tree = tree.prefix(min(tree.size, room))
+
+            candidates = build_candidates(root[:rows], drafts[:rows], step_tree)           # (rows, T)
+            hidden = self._cached_forward(candidates, cache_seqlens[:rows], step_tree,
+                                          graph=step_tree is tree)                          # (rows, T, heads, D)
+            forwards += 1
+            verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)      # (rows, T)
+            outcome = accept_step(candidates, verifier, step_tree)
+            compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens, outcome.accepted_nodes,
+                             torch.where(live_mask, outcome.accept_len, 0))
+            row_ids = torch.arange(rows, device=device)
+            root = outcome.next_root
+            drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, tree.top_k)
+            step_lps = None
+            if want_logprobs:
+                node_logits = model.output(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0]).float()
+                step_lps = torch.log_softmax(node_logits, dim=-1).gather(
+                    -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
+
+            packed = torch.cat([outcome.accept_len[:, None], outcome.emitted], dim=1).tolist()  # the step's sync
+            for b in range(rows):
+                if not live[b]:
+                    continue
+                accept_len, emitted = packed[b][0], packed[b][1:]
+                seq = seqs[b]
+                seq.forwards += 1
+                for j in range(accept_len):
+                    if seq.done:
+                        break
+                    seq.accept(emitted[j], eos_id, step_lps[b][j] if step_lps else None)
+                cached[b] += accept_len
+                counters.add(step_tree.max_depth, accept_len - 1)
+        return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
+
     # ------------------------------------------------------------------ steps
     def _prefill(self, prompts: List[List[int]], want_prompt_logprobs: bool = False, n_heads: int = 1):
-        """One forward over the right-padded batch. Returns last-position logits (B, V) float32 of head 0
-        and, if asked, per-prompt log-probs of each prompt token given the ones before it."""
+        """One forward over the right-padded batch. Returns the normed hidden (B, n_heads, D) of the
+        first n_heads heads at each prompt's last position and, if asked, per-prompt log-probs of
+        each prompt token given the ones before it."""
         B, T = len(prompts), max(len(p) for p in prompts)
         tokens = torch.zeros((B, T), dtype=torch.long)  # 0 is a valid id; pad slots are overwritten later
         for b, p in enumerate(prompts):
@@ -191,23 +318,75 @@ class Generator:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         hidden = self.model.forward_cached(tokens, torch.zeros(B, dtype=torch.int32, device=self.device),
                                            n_heads=n_heads)  # (B, T, n_heads, D)
-        last = hidden[torch.arange(B, device=self.device), lengths - 1, 0]  # (B, D)
-        logits = self.model.output(last).float()
+        last = hidden[torch.arange(B, device=self.device), lengths - 1]  # (B, n_heads, D)
         prompt_lp = None
         if want_prompt_logprobs:
             all_logp = torch.log_softmax(self.model.output(hidden[:, :-1, 0]).float(), dim=-1)  # (B, T-1, V)
             picked = all_logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).tolist() if T > 1 else [[]] * B
             prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
-        return logits, prompt_lp
+        return last, prompt_lp
 
     def _decode(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns (R, V) float32."""
-        # The lengths are kept in range on the host (limit = room left), so no per-step range check (sync).
-        hidden = self.model.forward_cached(tokens[:, None], cache_seqlens, n_heads=1,
-                                           check_lengths=False)  # (R, 1, 1, D)
+        hidden = self._cached_forward(tokens[:, None], cache_seqlens, None, graph=True)  # (R, 1, 1, D)
         return self.model.output(hidden[:, 0, 0]).float()
 
+    def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree],
+                        graph: bool) -> torch.Tensor:
+        """forward_cached over (R, T) new tokens: a plain decode step (tree None, one head) or a
+        verify step over `tree` (its depths and mask, all its heads). Replayed as a CUDA graph when
+        graphs are on and `graph` (the steady-state shapes; the shrunken trees near the end of the
+        cache run eagerly rather than capture a graph each). Returns hidden (R, T, n_heads, D)."""
+        depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.tree_mask, tree.heads)
+        if graph and self._use_cuda_graphs():
+            if self._graphs is None:
+                self._graphs = CUDAGraphForward(self.model)
+            try:
+                return self._graphs(tokens, cache_seqlens, depths, mask, n_heads)
+            except RuntimeError as err:
+                if self.cuda_graphs:  # asked for explicitly: do not hide the failure
+                    raise
+                # Graphs are only a speed-up: a capture that fails (an op that cannot be captured,
+                # e.g. under MTP_BACKEND=reference) leaves this Generator eager, with a warning.
+                warnings.warn(f"CUDA graph capture failed, generating eagerly from now on: {err}")
+                self.cuda_graphs, self._graphs = False, None
+        # The lengths are kept in range on the host (limit and room), so no range check (host sync).
+        return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
+                                         n_heads=n_heads, check_lengths=False)
+
+    def _use_cuda_graphs(self) -> bool:
+        on_cuda = self.device.type == "cuda"
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a model on CUDA, but it is on {self.device}")
+        return on_cuda if self.cuda_graphs is None else self.cuda_graphs
+
     # ------------------------------------------------------------------ checks
+    def _check_speculative(self, speculative, heads, tree) -> Optional[TokenTree]:
+        """The token tree of a speculative call (None for plain decoding); ValueError on bad arguments."""
+        if speculative is None:
+            if heads is not None or tree is not None:
+                raise ValueError("heads and tree only apply to self-speculative decoding (speculative='chain'|'tree')")
+            return None
+        if speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {speculative!r}")
+        n_future = self.model.n_future_tokens
+        if n_future < 2:
+            raise ValueError("self-speculative decoding needs a model with extra heads to draft; this one has "
+                             "n_future_tokens=1")
+        heads = n_future if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 2 <= heads <= n_future:
+            raise ValueError(f"heads must be an int in [2, {n_future}] (head 0 verifies, heads 1.. draft; the model "
+                             f"has {n_future}), got {heads!r}")
+        if speculative == "chain":
+            if tree is not None:
+                raise ValueError("tree= applies to speculative='tree'; speculative='chain' drafts top-1 per head")
+            tree = "chain"
+        token_tree = speculative_tree(default_tree_name(heads) if tree is None else tree, heads)
+        if token_tree.top_k > self.model.vocab_size:
+            raise ValueError(f"tree uses rank {token_tree.top_k - 1}, but the vocabulary has only "
+                             f"{self.model.vocab_size} tokens")
+        return token_tree
+
     def _ensure_caches(self) -> None:
         # Another Generator on the same model may have re-sized its caches since construction.
         if self.model.cache_batch != self.max_batch_size or self.model.cache_len != self.max_seq_len:
@@ -248,6 +427,135 @@ class Generator:
                 raise ValueError(f"prompt {b} has token id {bad[0]} outside the vocabulary [0, {vocab})")
             prompts.append(ids)
         return prompts
+
+
+# ---------------------------------------------------------------------- speculative statistics
+@dataclass
+class SpeculativeCounters:
+    """Per (sequence, verify step) counts: drafted[d-1] = steps whose tree reached depth d,
+    accepted[d-1] = steps that accepted a draft at depth d (what the verifier accepted, before eos or
+    the length limit cut the emitted tokens)."""
+
+    max_depth: int
+    steps: int = 0
+    drafted: List[int] = field(default_factory=list)
+    accepted: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.drafted = [0] * self.max_depth
+        self.accepted = [0] * self.max_depth
+
+    def add(self, drafted_depth: int, accepted_depth: int) -> None:
+        self.steps += 1
+        for d in range(drafted_depth):
+            self.drafted[d] += 1
+        for d in range(accepted_depth):
+            self.accepted[d] += 1
+
+
+def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
+    """heads, tree_nodes (T, root included), verify_steps (sequence-steps), mean_accepted_drafts per
+    verify step, acceptance_per_depth[d-1] = accepted at depth d / steps that drafted depth d (None
+    when never drafted), and acceptance_per_head {"head_d": same}: head d drafts depth d."""
+    per_depth = [a / n if n else None for a, n in zip(counters.accepted, counters.drafted)]
+    return {
+        "heads": tree.heads,
+        "tree_nodes": tree.size,
+        "verify_steps": counters.steps,
+        "mean_accepted_drafts": sum(counters.accepted) / counters.steps if counters.steps else 0.0,
+        "acceptance_per_depth": per_depth,
+        "acceptance_per_head": {f"head_{d}": rate for d, rate in enumerate(per_depth, start=1)},
+    }
+
+
+# ---------------------------------------------------------------------- CUDA graphs
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class _CapturedForward:
+    graph: "torch.cuda.CUDAGraph"
+    tokens: torch.Tensor         # (bucket, T) int64, static input
+    cache_seqlens: torch.Tensor  # (bucket,) int32, static input
+    hidden: torch.Tensor         # (bucket, T, n_heads, D), static output
+    keep_alive: tuple            # the tree buffers the graph reads
+
+
+class CUDAGraphForward:
+    """`model.forward_cached` replayed from CUDA graphs, one per (batch-size bucket, T, heads, tree).
+
+    Buckets are powers of two up to the cache's batch: R rows run in the smallest bucket >= R; the
+    padding rows get token 0 at cache length 0, which writes slots 0..T-1 of cache rows that no
+    live sequence uses (the Generator only drops rows past the last live one, and parks finished
+    rows at length 0 anyway). A graph is captured on the first call of its shape with the real
+    inputs, after two warm-up runs on a side stream (Triton compilation and autotuning, cuBLAS
+    workspaces): those runs write the same K/V into the same slots as the replay does, so they
+    change nothing. All graphs share one memory pool. Re-allocated caches (setup_caches) drop
+    every graph, since graphs hold raw pointers. Sampling stays outside the graphs.
+    """
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self._graphs: dict = {}
+        self._pool = None
+        self._cache_ptrs = None
+
+    def __call__(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, node_depths: Optional[torch.Tensor],
+                 tree_mask: Optional[torch.Tensor], n_heads: int) -> torch.Tensor:
+        """tokens (R, T) int64, cache_seqlens (R,) int32 in range. Returns hidden (R, T, n_heads, D),
+        a view of the graph's output buffer, valid until the next call of the same shape."""
+        model = self.model
+        ptrs = (model.k_cache.data_ptr(), model.v_cache.data_ptr())
+        if ptrs != self._cache_ptrs:
+            self._graphs.clear()
+            self._pool = None
+            self._cache_ptrs = ptrs
+        R, T = tokens.shape
+        bucket = min(_next_power_of_two(R), model.cache_batch)
+        key = (bucket, T, n_heads, None if tree_mask is None else tree_mask.data_ptr())
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(tokens, cache_seqlens, bucket, node_depths, tree_mask, n_heads)
+        else:
+            self._load(entry, tokens, cache_seqlens)
+            entry.graph.replay()
+        return entry.hidden[:R]
+
+    @staticmethod
+    def _load(entry: _CapturedForward, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
+        R = tokens.shape[0]
+        entry.tokens[:R].copy_(tokens)
+        entry.tokens[R:].zero_()
+        entry.cache_seqlens[:R].copy_(cache_seqlens)
+        entry.cache_seqlens[R:].zero_()
+
+    def _capture(self, tokens, cache_seqlens, bucket, node_depths, tree_mask, n_heads) -> _CapturedForward:
+        T = tokens.shape[1]
+        static_tokens = torch.zeros((bucket, T), dtype=torch.int64, device=tokens.device)
+        static_seqlens = torch.zeros((bucket,), dtype=torch.int32, device=tokens.device)
+
+        def run():
+            return self.model.forward_cached(static_tokens, static_seqlens, node_depths=node_depths,
+                                             tree_mask=tree_mask, n_heads=n_heads, check_lengths=False)
+
+        entry = _CapturedForward(None, static_tokens, static_seqlens, None, (node_depths, tree_mask))
+        self._load(entry, tokens, cache_seqlens)
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_RUNS):
+                run()
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            entry.hidden = run()
+        self._pool = graph.pool()
+        entry.graph = graph
+        graph.replay()  # capture records the work without running it
+        return entry
 
 
 # ---------------------------------------------------------------------- release-style front end
@@ -315,10 +623,13 @@ class Llama:
         self.last_stats: Optional[dict] = None
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
-                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False):
-        """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt."""
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
+                 speculative: Optional[str] = None, heads: Optional[int] = None, tree=None):
+        """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
+        speculative, heads, tree (keyword-only, not in the release): as in Generator.generate."""
         res = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
-                                      top_p=top_p, logprobs=logprobs)
+                                      top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
+                                      tree=tree)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -329,14 +640,17 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False) -> List[dict]:
-        """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True)."""
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
+                        speculative: Optional[str] = None, heads: Optional[int] = None, tree=None) -> List[dict]:
+        """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
+        speculative, heads, tree: self-speculative decoding, as in Generator.generate."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single str")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
+                                    speculative=speculative, heads=heads, tree=tree)
         if logprobs:
             return [{"generation": self.tokenizer.decode(t),
                      "tokens": [self.tokenizer.decode([x]) for x in t],

@@ -1,0 +1,230 @@
+"""Self-speculative generation: step costs and end-to-end tokens/s, plain vs chain vs tree.
+
+    python benchmarks/bench_generate.py [--out DIR] [--ckpt-dir DIR] [--tiny]
+
+1. Step costs on a random-weight model of the 7B_1T_4 shape (dim 4096, 28 trunk + 4 head blocks,
+   32 attention heads, V 32000, bf16), KV length 1024 per sequence, batch 1, 8, 32: one plain
+   decode step (cached forward of 1 token with head 0, unembedding, argmax) and one verify step
+   over a 16- and a 64-node tree (candidates from drafts, one forward of all nodes with all 4
+   heads, head-0 linear argmax at every node, tree_accept, KV compaction, next drafts), with
+   CUDA graphs as the Generator uses them. Ratio = verify / plain: at a given tokens per
+   forward, the speedup over plain decoding is tokens_per_forward / ratio.
+2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain and
+   the default tree at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
+   prompts = held-out standard-library code) when there is one, else on the random 7B-shaped model
+   (random heads accept almost nothing: that row shows overheads, not speedups).
+--tiny: a tiny fp32 model on the CPU (a pipeline check in seconds, not a measurement).
+Timing: benchmarks/common.time_and_peak (CUDA: do_bench median). Writes
+generate_<device-slug>.json and .md into --out (default benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+common.import_mtp_kernels()
+sys.path.insert(0, str(common.REPO_ROOT))
+
+from mtp_kernels import compact_kv_cache, linear_argmax  # noqa: E402
+
+from mtp_engine import ModelArgs, Transformer  # noqa: E402
+from mtp_engine.generate import Generator  # noqa: E402
+from mtp_engine.speculative import (TokenTree, accept_step, build_candidates, build_tree, draft_tokens,  # noqa: E402
+                                    prior_rates, verify_tokens)
+
+SHAPE_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
+SHAPE_TINY = dict(dim=64, n_layers=6, n_heads=4, vocab_size=256, multiple_of=16, n_future_tokens=4)
+BATCHES = (1, 8, 32)
+TREE_NODES = (16, 64)
+PAPER_TOKENS_PER_FORWARD = 3.5   # 7B_1T_4 on code (Gloeckle et al. 2024)
+
+
+def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelArgs(**shape, max_seq_len=2048))
+    return model.to(dtype).eval()
+
+
+# ------------------------------------------------------------------------------ step costs
+@torch.inference_mode()
+def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
+    """Plain decode step and verify steps, ms (median), per batch size."""
+    rows = []
+    heads = model.n_future_tokens
+    trees = {T: TokenTree.from_paths(build_tree(prior_rates(heads), T - 1), heads).on(device) for T in tree_nodes}
+    for B in batches:
+        gen = Generator(model, max_batch_size=B, max_seq_len=kv_len + max(tree_nodes))
+        weight = model.output.weight
+        seqlens = torch.full((B,), kv_len, dtype=torch.int32, device=device)
+        tokens = torch.randint(0, model.vocab_size, (B,), device=device)
+        # Fill the caches with something: one prefill-sized forward writes every slot below kv_len.
+        model.forward_cached(torch.randint(0, model.vocab_size, (B, kv_len), device=device),
+                             torch.zeros(B, dtype=torch.int32, device=device), n_heads=heads)
+
+        def plain_step():
+            hidden = gen._cached_forward(tokens[:, None], seqlens, None, graph=True)
+            return linear_argmax(hidden[:, 0, 0], weight)
+
+        row = {"batch": B, "kv_len": kv_len}
+        res = common.time_and_peak(plain_step, device=device)
+        row["plain_ms"] = res.get("ms")
+        row["plain_status"] = res["status"]
+        for T, tree in trees.items():
+            drafts = torch.randint(0, model.vocab_size, (B, heads - 1, tree.top_k), device=device)
+            lengths = seqlens.clone()
+            live = torch.ones(B, dtype=torch.bool, device=device)
+
+            def verify_step(tree=tree, drafts=drafts, lengths=lengths):
+                lengths.copy_(seqlens)   # compaction advances the lengths: start from kv_len every time
+                candidates = build_candidates(tokens, drafts, tree)
+                hidden = gen._cached_forward(candidates, lengths, tree, graph=True)
+                verifier = verify_tokens(hidden[:, :, 0], weight, 0.0, 1.0)
+                out = accept_step(candidates, verifier, tree)
+                compact_kv_cache(model.k_cache, model.v_cache, lengths, out.accepted_nodes,
+                                 torch.where(live, out.accept_len, 0))
+                return draft_tokens(hidden[torch.arange(B, device=device), out.last_node, 1:], weight, tree.top_k)
+
+            res = common.time_and_peak(verify_step, device=device)
+            row[f"verify{T}_ms"] = res.get("ms")
+            row[f"verify{T}_status"] = res["status"]
+            if res["status"] == "ok" and row["plain_ms"]:
+                row[f"ratio{T}"] = res["ms"] / row["plain_ms"]
+        rows.append(row)
+        print(f"step costs B={B}: {row}", flush=True)
+        del gen
+        common.free_memory()
+    return rows
+
+
+# ------------------------------------------------------------------------------ end to end
+def code_prompts(tokenizer, n: int, prompt_len: int) -> list:
+    """n prompts of prompt_len tokens: the openings of standard-library files (held-out-like code)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for path in sorted(root.glob("*.py"))[::7]:
+        ids = tokenizer.encode(path.read_text(errors="ignore"), bos=True, eos=False)
+        if len(ids) >= prompt_len:
+            prompts.append(ids[:prompt_len])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+@torch.inference_mode()
+def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, eos_id=None) -> list:
+    rows = []
+    heads = model.n_future_tokens
+    for B in batches:
+        batch = [prompts[i % len(prompts)] for i in range(B)]
+        gen = Generator(model, max_batch_size=B, max_seq_len=max(len(p) for p in batch) + gen_len + 1)
+        for mode in (None, "chain", "tree"):
+            kwargs = {} if mode is None else {"speculative": mode, "heads": heads}
+            gen.generate(batch, max_gen_len=min(gen_len, 8), eos_id=-1, **kwargs)   # warm-up (graphs, compiles)
+            if model.output.weight.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            res = gen.generate(batch, max_gen_len=gen_len, eos_id=-1 if eos_id is None else eos_id, **kwargs)
+            wall = time.perf_counter() - start
+            s = res.stats
+            rows.append({"batch": B, "mode": mode or "plain", "tokens_per_forward": s["tokens_per_forward"],
+                         "tokens_per_s": s["generated_tokens"] / wall, "forwards": s["forwards"],
+                         "tree_nodes": s.get("tree_nodes", 1), "acceptance_per_depth": s.get("acceptance_per_depth")})
+        plain = next(r for r in rows if r["batch"] == B and r["mode"] == "plain")
+        for r in rows:
+            if r["batch"] == B:
+                r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"]
+        print(f"end to end B={B}: {[r for r in rows if r['batch'] == B]}", flush=True)
+        del gen
+        common.free_memory()
+    return rows
+
+
+# ------------------------------------------------------------------------------ report
+def to_markdown(result: dict) -> str:
+    lines = [f"# Self-speculative generation on {result['env']['device']}", "",
+             f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
+             f"CUDA graphs: {result['cuda_graphs']}.", ""]
+    headers = ["batch", "plain step ms"]
+    for T in result["tree_nodes"]:
+        headers += [f"verify {T} nodes ms", f"ratio {T}"]
+    headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd (64 nodes)"]
+    rows = []
+    for r in result["step_costs"]:
+        row = [r["batch"], r["plain_ms"]]
+        for T in result["tree_nodes"]:
+            row += [r.get(f"verify{T}_ms"), r.get(f"ratio{T}")]
+        last = r.get(f"ratio{result['tree_nodes'][-1]}")
+        row.append(PAPER_TOKENS_PER_FORWARD / last if last else None)
+        rows.append(row)
+    lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
+    lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", ""]
+    rows = [[r["batch"], r["mode"], r["tree_nodes"], r["tokens_per_forward"], r["tokens_per_s"], r["speedup"],
+             " / ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_per_depth"])
+             if r["acceptance_per_depth"] else "-"] for r in result["end_to_end"]]
+    lines.append(common.markdown_table(["batch", "mode", "nodes", "tokens/forward", "tokens/s", "speedup",
+                                        "acceptance by depth"], rows))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--ckpt-dir", default=str(common.REPO_ROOT / "models" / "default"),
+                        help="trained MTP checkpoint for end-to-end acceptance (skipped when absent)")
+    parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
+    parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 128; tiny 8)")
+    args = parser.parse_args()
+
+    tiny = args.tiny or not torch.cuda.is_available()
+    if tiny and not args.tiny:
+        print("bench_generate: no CUDA device, running the --tiny CPU check")
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    kv_len = 32 if tiny else 1024
+    gen_len = args.gen_len or (8 if tiny else 128)
+    batches = (1, 4) if tiny else BATCHES
+
+    step_model = random_model(SHAPE_TINY if tiny else SHAPE_7B, device, dtype)
+    result = {"env": common.environment_info(device), "step_model": ("tiny random " if tiny else "7B-shaped random ")
+              + str(SHAPE_TINY if tiny else SHAPE_7B), "kv_len": kv_len, "tree_nodes": list(TREE_NODES),
+              "cuda_graphs": device.type == "cuda", "gen_len": gen_len}
+    result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
+
+    e2e_model, prompts, label = step_model, None, result["step_model"]
+    ckpt = Path(args.ckpt_dir)
+    if (ckpt / "params.json").is_file():
+        from mtp_engine.checkpoint import load_checkpoint
+        from mtp_engine.tokenizer import Tokenizer
+
+        del step_model
+        common.free_memory()
+        e2e_model = load_checkpoint(ckpt, device=device, dtype=dtype).eval()
+        tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
+        prompts = code_prompts(tokenizer, 32, 64)
+        label = f"trained checkpoint {ckpt}"
+    if not prompts:
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, e2e_model.vocab_size, (n,), generator=g).tolist() for n in (16, 23, 31, 40)]
+    result["e2e_model"] = label
+    result["end_to_end"] = end_to_end(e2e_model, prompts, batches, gen_len)
+
+    stem = Path(args.out) / f"generate_{common.device_slug(device)}"
+    common.write_json(stem.with_suffix(".json"), result)
+    text = to_markdown(result)
+    common.write_markdown(stem.with_suffix(".md"), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Self-speculative decoding with the model's own extra heads: token trees, the tree builder, and
+the tensor logic of one draft/verify step (the loop and the bookkeeping live in `generate.Generator`).
+
+Trees are static and given in Medusa's path format: a list of paths, each a list of top-k ranks,
+one per depth. The path (r1, ..., rd) is the node at depth d whose token is head d's rank-rd
+candidate, below the node (r1, ..., r(d-1)). Every draft comes from the heads at the last accepted
+position: head d (d = 1..k-1) predicts the token d+1 positions after it, i.e. depth d below the
+next token (the "bonus" token head 0 picked, which is the tree's root). `chain` is the paper's
+blockwise parallel decoding: [[0], [0, 0], [0, 0, 0], ...], top-1 of every head.
+
+Node order everywhere (`TokenTree`): node 0 is the root, then the paths sorted by (depth, ranks),
+so parents come before children (parents[t] < t) and siblings are in rank order; `tree_accept`
+takes the first matching child, i.e. the best-ranked one.
+
+Acceptance (see `verify_tokens`): the verifier token at node t is head 0's argmax (greedy) or a
+draw from head 0's distribution (temperature, top-p) after the path ending at t. The walk descends
+into the child whose token equals the verifier token and stops when none does; the verifier token
+at the last accepted node is emitted as the bonus. Greedy output therefore equals plain greedy
+output, and sampled output has the model's distribution exactly: every emitted token is a draw from
+the model's conditional at its own prefix, and the drafts only decide which already computed node
+the walk moves into.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from mtp_kernels import linear_argmax, linear_sample, tree_accept
+
+Path = Tuple[int, ...]
+TreeSpec = Union[str, Sequence[Sequence[int]]]
+
+SPECULATIVE_MODES = ("chain", "tree")
+
+# Prior per-depth acceptance of a head's top-1 candidate (given its parent was accepted) and the
+# share of the remaining mass each further rank takes, used to shape the presets. Rough figures in
+# the range Medusa and the MTP paper report for 7B code models; measure real ones with
+# `measure_acceptance_rates` and build a tree for them with `build_tree`.
+PRIOR_TOP1 = (0.75, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3)
+PRIOR_RANK_DECAY = 0.45   # rank r >= 1 takes (1 - top1) * PRIOR_RANK_SHARE * decay^(r-1)
+PRIOR_RANK_SHARE = 0.4
+PRIOR_TOP_K = 10
+
+# Preset sizes: drafted nodes (the root comes on top) for 2, 3 and 4 heads.
+PRESET_NODES = {2: 7, 3: 23, 4: 47}
+
+
+# ---------------------------------------------------------------------------------- paths
+def chain_paths(heads: int) -> List[List[int]]:
+    """The paper's blockwise parallel decoding: top-1 of heads 1..heads-1, one node per depth."""
+    _check_heads_count(heads)
+    return [[0] * depth for depth in range(1, heads)]
+
+
+def prior_rates(heads: int, top_k: int = PRIOR_TOP_K) -> List[List[float]]:
+    """Assumed acceptance rates rates[d-1][r] for depth d = 1..heads-1, rank r < top_k (see PRIOR_*)."""
+    _check_heads_count(heads)
+    if heads - 1 > len(PRIOR_TOP1):
+        raise ValueError(f"no prior acceptance rates for {heads} heads (at most {len(PRIOR_TOP1) + 1})")
+    rates = []
+    for depth in range(1, heads):
+        top1 = PRIOR_TOP1[depth - 1]
+        rest = [(1 - top1) * PRIOR_RANK_SHARE * PRIOR_RANK_DECAY ** (r - 1) for r in range(1, top_k)]
+        rates.append([top1, *rest])
+    return rates
+
+
+def preset_paths(heads: int) -> List[List[int]]:
+    """The default tree for `heads` heads (preset "heads<k>"): `build_tree(prior_rates(heads), n)`
+    with n = PRESET_NODES[heads] drafted nodes: 2 heads 7 (T = 8 with the root), 3 heads 23 (T = 24),
+    4 heads 47 (T = 48); 5..8 heads 12 nodes per drafting head."""
+    _check_heads_count(heads)
+    if heads == 1:
+        raise ValueError("a token tree needs at least 2 heads (head 0 verifies, heads 1.. draft)")
+    budget = PRESET_NODES.get(heads, 12 * (heads - 1))
+    return build_tree(prior_rates(heads), budget)
+
+
+def preset_names() -> List[str]:
+    """Tree names resolve_tree knows: "chain" and "heads2" .. "heads8" (the preset for that many heads)."""
+    return ["chain"] + [f"heads{k}" for k in range(2, len(PRIOR_TOP1) + 2)]
+
+
+def default_tree_name(heads: int) -> str:
+    """The preset name for `heads` heads ("heads<k>")."""
+    _check_heads_count(heads)
+    name = f"heads{heads}"
+    if name not in preset_names():
+        raise ValueError(f"no tree preset for {heads} heads; presets exist for 2..{len(PRIOR_TOP1) + 1}")
+    return name
+
+
+def resolve_tree(spec: TreeSpec, heads: int) -> List[List[int]]:
+    """Paths (node order) of a tree given by name ("chain", "heads<k>", see preset_names) or as a list
+    of paths, checked for `heads` heads (a preset for fewer heads fits; one for more does not)."""
+    _check_heads_count(heads)
+    if isinstance(spec, str):
+        if spec == "chain":
+            paths = chain_paths(heads)
+        elif spec in preset_names():
+            paths = preset_paths(int(spec[len("heads"):]))
+        else:
+            raise ValueError(f"unknown tree preset {spec!r}; known: {preset_names()} (or give a list of paths)")
+    else:
+        paths = spec
+    return [list(p) for p in validate_paths(paths, heads)]
+
+
+def validate_paths(paths, heads: int) -> List[Path]:
+    """Check a tree in path format for `heads` heads; return its paths as tuples in node order
+    (by depth, then ranks). ValueError when a path is empty, not a list of ints >= 0, deeper than
+    heads - 1, duplicated, or missing one of its prefixes."""
+    _check_heads_count(heads)
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
+        raise ValueError(f"tree must be a list of paths (lists of top-k ranks), got {type(paths).__name__}")
+    if len(paths) == 0:
+        raise ValueError("tree has no paths: give at least one, e.g. [[0]]")
+    seen = set()
+    for i, path in enumerate(paths):
+        if isinstance(path, (str, bytes)) or not isinstance(path, Sequence) or len(path) == 0:
+            raise ValueError(f"tree path {i} must be a non-empty list of ranks, got {path!r}")
+        try:
+            ranks = tuple(operator.index(r) for r in path)
+        except TypeError:
+            raise ValueError(f"tree path {i} {list(path)!r} contains a non-integer rank") from None
+        if any(r < 0 for r in ranks):
+            raise ValueError(f"tree path {i} {list(ranks)} has a negative rank")
+        if len(ranks) > heads - 1:
+            raise ValueError(f"tree path {i} {list(ranks)} has depth {len(ranks)}, but {heads} heads draft "
+                             f"at most depth {heads - 1} (head d drafts depth d)")
+        if ranks in seen:
+            raise ValueError(f"tree path {list(ranks)} appears twice")
+        seen.add(ranks)
+    for ranks in seen:
+        for d in range(1, len(ranks)):
+            if ranks[:d] not in seen:
+                raise ValueError(f"tree path {list(ranks)} needs its prefix {list(ranks[:d])} in the tree")
+    return sorted(seen, key=lambda p: (len(p), p))
+
+
+def _check_heads_count(heads) -> None:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an int >= 1, got {heads!r}")
+
+
+# ---------------------------------------------------------------------------------- tree builder
+def _check_rates(rates) -> List[List[float]]:
+    if isinstance(rates, torch.Tensor):
+        rates = rates.tolist()
+    if not isinstance(rates, Sequence) or len(rates) == 0:
+        raise ValueError("rates must be a non-empty list (one row per depth) of per-rank acceptance rates")
+    rows = []
+    for d, row in enumerate(rates, start=1):
+        if not isinstance(row, Sequence) or len(row) == 0:
+            raise ValueError(f"rates row for depth {d} must be a non-empty list of per-rank rates")
+        row = [float(x) for x in row]
+        if any(not (0.0 <= x <= 1.0) for x in row):
+            raise ValueError(f"rates for depth {d} must lie in [0, 1], got {row}")
+        rows.append(row)
+    return rows
+
+
+def path_probability(path: Sequence[int], rates) -> float:
+    """Probability that the node `path` is accepted: the product of rates[d-1][path[d-1]] along it."""
+    prob = 1.0
+    for depth, rank in enumerate(path, start=1):
+        row = rates[depth - 1]
+        prob *= row[rank] if rank < len(row) else 0.0
+    return prob
+
+
+def expected_accept_length(paths, rates) -> float:
+    """Expected tokens per verify step with this tree: 1 (the bonus token) + the sum over nodes of
+    the probability that the node is accepted (siblings hold distinct tokens, so at most one child
+    of a node is accepted and the node events add up)."""
+    rates = _check_rates(rates)
+    paths = validate_paths(paths, len(rates) + 1)
+    return 1.0 + sum(path_probability(p, rates) for p in paths)
+
+
+def build_tree(rates, budget: int) -> List[List[int]]:
+    """The tree of `budget` nodes (root not counted) that maximizes `expected_accept_length`.
+
+    rates[d-1][r]: probability that head d's rank-r candidate is the accepted token given its parent
+    was accepted (depth d = 1..len(rates), so the tree serves len(rates) + 1 heads). Greedy, as in
+    Medusa and Sequoia: repeatedly add the frontier node (child of a chosen node or of the root) with
+    the largest path probability. A node's probability never exceeds its parent's, so the chosen set
+    stays prefix-closed and, the objective being a sum over nodes, greedy is optimal. Ties go to the
+    shallower, then lexicographically smaller path. Returns paths in node order; fewer than `budget`
+    when every possible node (depth <= len(rates), rank < len(row)) is already in.
+    """
+    rates = _check_rates(rates)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1 (drafted nodes), got {budget!r}")
+    frontier = [(-path_probability((r,), rates), 1, (r,)) for r in range(len(rates[0]))]
+    heapq.heapify(frontier)
+    chosen: List[Path] = []
+    while frontier and len(chosen) < budget:
+        _, depth, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if depth < len(rates):
+            for r in range(len(rates[depth])):
+                child = path + (r,)
+                heapq.heappush(frontier, (-path_probability(child, rates), depth + 1, child))
+    return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
+
+
+@torch.inference_mode()
+def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Optional[int] = None,
+                             top_k: int = 8, max_gen_len: int = 64) -> List[List[float]]:
+    """Per-head top-k acceptance rates for `build_tree`, measured on greedy rollouts of `prompts`.
+
+    Each prompt is continued greedily (plain decoding, `max_gen_len` tokens); one uncached forward
+    over prompt + continuation then gives every head's logits at every position. At a position t
+    (last prompt token onwards), head d's rank-r candidate is accepted when it equals the greedy
+    token at t + 1 + d. rates[d-1][r] = P(rank of that token in head d = r | the tokens of depths
+    1..d-1 are within their heads' top_k), i.e. given that the parent can be in a top_k-wide tree.
+    Returns a (heads - 1) x top_k list of floats.
+    """
+    from .generate import Generator
+
+    heads = model.n_future_tokens if heads is None else heads
+    _check_heads_count(heads)
+    if not 2 <= heads <= model.n_future_tokens:
+        raise ValueError(f"heads must be in [2, {model.n_future_tokens}] (the model's heads), got {heads}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    prompts = [list(p) for p in prompts]
+    longest = max((len(p) for p in prompts), default=0) + max_gen_len + 1
+    # The uncached forward needs no cache; a private Generator re-sizes the model's caches and the
+    # caller's Generator re-sizes them back on its next call (Generator._ensure_caches).
+    rollouts = Generator(model, max_batch_size=1, max_seq_len=longest)
+    hits = torch.zeros(heads - 1, top_k, dtype=torch.float64)
+    trials = torch.zeros(heads - 1, dtype=torch.float64)
+    weight = model.output.weight
+    for prompt in prompts:
+        continuation = rollouts.generate([prompt], max_gen_len=max_gen_len, eos_id=-1).tokens[0]
+        seq = torch.tensor([prompt + continuation], device=weight.device)
+        hidden = model.head_hidden(seq, n_heads=heads)[:, 0]              # (heads, L, D)
+        L, start = seq.shape[1], len(prompt) - 1
+        in_tree = torch.ones(L, dtype=torch.bool, device=weight.device)  # parent reachable at t
+        for depth in range(1, heads):
+            n = L - 1 - depth - start                                    # positions with a target
+            if n <= 0:
+                break
+            logits = (hidden[depth, start:start + n].float() @ weight.float().T)        # (n, V)
+            target = seq[0, start + 1 + depth:start + 1 + depth + n]
+            rank = (logits > logits.gather(1, target[:, None])).sum(dim=1)              # (n,)
+            alive = in_tree[start:start + n]
+            trials[depth - 1] += alive.sum().item()
+            for r in range(top_k):
+                hits[depth - 1, r] += (alive & (rank == r)).sum().item()
+            in_tree[start:start + n] = alive & (rank < top_k)
+            in_tree[start + n:] = False
+    rates = torch.where(trials[:, None] > 0, hits / trials.clamp(min=1)[:, None], torch.zeros_like(hits))
+    return rates.tolist()
+
+
+# ---------------------------------------------------------------------------------- tree buffers
+@dataclass(eq=False)
+class TokenTree:
+    """A validated static tree and the index buffers one verify step needs (T nodes, root = node 0).
+
+    parents (T,) int64 (parents[0] = -1); depths (T,) int64; tree_mask (T, T) bool, node i sees node j
+    when j is i or an ancestor; draft_index (T,) int64: node t > 0 takes draft column
+    draft_index[t] = (depth - 1) * top_k + rank of the (B, heads - 1, top_k) drafts, flattened.
+    Built on the CPU once; `on(device)` copies it once per device; `prefix(n)` is the subtree of the
+    first n nodes (a valid tree: parents come first), used when the cache has less room than T.
+    """
+
+    paths: Tuple[Path, ...]
+    heads: int
+    parents: torch.Tensor
+    depths: torch.Tensor
+    tree_mask: torch.Tensor
+    draft_index: torch.Tensor
+    top_k: int
+    _derived: Dict[tuple, "TokenTree"] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_paths(cls, paths, heads: int) -> "TokenTree":
+        # Built outside inference mode: the buffers outlive any one generate() call and are plain
+        # tensors (tree_accept caches its check of `parents` per tensor, by version counter).
+        with torch.inference_mode(False):
+            return cls._from_paths(paths, heads)
+
+    @classmethod
+    def _from_paths(cls, paths, heads: int) -> "TokenTree":
+        ordered = validate_paths(paths, heads)
+        node_of = {(): 0}
+        for t, path in enumerate(ordered, start=1):
+            node_of[path] = t
+        T = len(ordered) + 1
+        top_k = max(p[-1] for p in ordered) + 1
+        parents = torch.full((T,), -1, dtype=torch.int64)
+        depths = torch.zeros(T, dtype=torch.int64)
+        draft_index = torch.zeros(T, dtype=torch.int64)
+        tree_mask = torch.zeros(T, T, dtype=torch.bool)
+        tree_mask[0, 0] = True
+        for t, path in enumerate(ordered, start=1):
+            parent = node_of[path[:-1]]
+            parents[t] = parent
+            depths[t] = len(path)
+            draft_index[t] = (len(path) - 1) * top_k + path[-1]
+            tree_mask[t] = tree_mask[parent]
+            tree_mask[t, t] = True
+        return cls(tuple(ordered), heads, parents, depths, tree_mask, draft_index, top_k)
+
+    @property
+    def size(self) -> int:
+        """T: nodes including the root."""
+        return self.parents.shape[0]
+
+    @property
+    def max_depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parents.device
+
+    def on(self, device) -> "TokenTree":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = ("device", str(device))
+        if key not in self._derived:
+            with torch.inference_mode(False):
+                self._derived[key] = TokenTree(self.paths, self.heads, *(
+                    t.to(device) for t in (self.parents, self.depths, self.tree_mask, self.draft_index)), self.top_k)
+        return self._derived[key]
+
+    def prefix(self, n_nodes: int) -> "TokenTree":
+        """The subtree of the first n_nodes nodes (root included), same top_k, same device."""
+        if not 1 <= n_nodes <= self.size:
+            raise ValueError(f"prefix needs 1 <= n_nodes <= {self.size}, got {n_nodes}")
+        if n_nodes == self.size:
+            return self
+        key = ("prefix", n_nodes)
+        if key not in self._derived:
+            with torch.inference_mode(False):
+                self._derived[key] = TokenTree(
+                    self.paths[:n_nodes - 1], self.heads, self.parents[:n_nodes].clone(), self.depths[:n_nodes].clone(),
+                    self.tree_mask[:n_nodes, :n_nodes].contiguous(), self.draft_index[:n_nodes].clone(), self.top_k)
+        return self._derived[key]
+
+
+_TREES: Dict[tuple, TokenTree] = {}
+
+
+def token_tree(spec: TreeSpec, heads: int) -> TokenTree:
+    """The TokenTree of `resolve_tree(spec, heads)`, built once per distinct tree and heads."""
+    paths = tuple(tuple(p) for p in resolve_tree(spec, heads))
+    key = (paths, heads)
+    if key not in _TREES:
+        _TREES[key] = TokenTree.from_paths(paths, heads)
+    return _TREES[key]
+
+
+# ---------------------------------------------------------------------------------- step logic
+def draft_tokens(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> torch.Tensor:
+    """hidden: (B, heads - 1, D) normed hidden of heads 1.. at the last accepted position; weight:
+    (V, D). Returns (B, heads - 1, top_k) int64: each head's top_k tokens, best first. Top-1 goes
+    through linear_argmax (no logits); wider trees materialize the (B * (heads - 1), V) logits."""
+    B, n_draft, D = hidden.shape
+    rows = hidden.reshape(B * n_draft, D)
+    if top_k == 1:
+        return linear_argmax(rows, weight).view(B, n_draft, 1)
+    logits = rows.float() @ weight.float().T
+    return torch.topk(logits, top_k, dim=-1).indices.view(B, n_draft, top_k)
+
+
+def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+    """root: (B,) int64 token of node 0; drafts: (B, heads - 1, tree.top_k) from `draft_tokens`.
+    Returns candidates (B, T) int64: node t > 0 holds its head's token of its rank."""
+    flat = drafts[:, : tree.heads - 1].reshape(drafts.shape[0], -1)
+    candidates = flat[:, tree.draft_index]
+    candidates[:, 0] = root
+    return candidates
+
+
+def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature: float, top_p: float,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """hidden0: (B, T, D) head-0 normed hidden at every node. Returns (B, T) int64: head 0's argmax
+    (temperature 0) or one independent draw per node from softmax(logits / temperature) within the
+    top-p nucleus."""
+    B, T, D = hidden0.shape
+    rows = hidden0.reshape(B * T, D)
+    if temperature == 0:
+        tokens = linear_argmax(rows, weight)
+    else:
+        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p, generator=generator)
+    return tokens.view(B, T)
+
+
+@dataclass
+class StepOutcome:
+    """One verify step's result, still on the device.
+
+    accepted_nodes (B, W) int64 node ids (root first, -1 padded), accept_len (B,) int64 (root
+    included), emitted (B, W) int64: the accept_len[b] tokens this step produces for sequence b
+    (the accepted drafts below the root, then the bonus token), -1 padded; next_root (B,) the bonus;
+    last_node (B,) the last accepted node, whose heads draft the next step."""
+
+    accepted_nodes: torch.Tensor
+    accept_len: torch.Tensor
+    emitted: torch.Tensor
+    next_root: torch.Tensor
+    last_node: torch.Tensor
+
+
+def accept_step(candidates: torch.Tensor, verifier: torch.Tensor, tree: TokenTree) -> StepOutcome:
+    """candidates, verifier: (B, T) int64 on tree's device. Walks the tree (tree_accept) and lines up
+    the tokens each sequence emits, without a host sync."""
+    accepted_nodes, accept_len, bonus = tree_accept(candidates, verifier, tree.parents)
+    B, W = accepted_nodes.shape
+    # Drafts below the root in order: candidates at accepted nodes 1..accept_len-1; then the bonus
+    # at position accept_len-1.
+    below_root = candidates.gather(1, accepted_nodes[:, 1:].clamp(min=0))                  # (B, W-1)
+    emitted = torch.cat([below_root, below_root.new_full((B, 1), -1)], dim=1)
+    emitted.scatter_(1, (accept_len - 1)[:, None], bonus[:, None])
+    position = torch.arange(W, device=emitted.device)
+    emitted = emitted.masked_fill(position[None, :] >= accept_len[:, None], -1)
+    last_node = accepted_nodes.gather(1, (accept_len - 1)[:, None]).squeeze(1)
+    return StepOutcome(accepted_nodes, accept_len, emitted, bonus, last_node)

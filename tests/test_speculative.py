@@ -1,0 +1,471 @@
+"""Self-speculative decoding: token trees, the tree builder, greedy exactness, sampling distribution.
+
+Greedy tests use `drafting_model`: a tiny random model made to have partly right drafts. Its
+embedding and unembedding are one-hot, so each head block's feed-forward is a lookup table
+token -> predicted token: head 0 follows a fixed 32-cycle `succ`, head i predicts succ^(i+1)
+(right for about `agreement` of the tokens, random otherwise). The attention and trunk blocks keep
+random weights, so context (and so the KV cache) still changes some greedy tokens: dropping KV
+compaction changes the output (test_output_depends_on_kv_compaction).
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+from mtp_engine import ModelArgs, Transformer
+from mtp_engine import speculative as spec
+from mtp_engine.generate import Generator
+from mtp_engine.speculative import (TokenTree, build_tree, chain_paths, expected_accept_length,
+                                    measure_acceptance_rates, preset_paths, resolve_tree, validate_paths)
+
+VOCAB = 32
+
+
+def drafting_model(heads=4, agreement=0.7, context=1.0, seed=0, vocab=VOCAB, attention_heads=4):
+    """See the module docstring. Returns (model, succ) with succ (V,) the cycle head 0 follows."""
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=vocab, n_layers=2 + heads, n_heads=attention_heads, n_kv_heads=attention_heads // 2,
+                     vocab_size=vocab, multiple_of=16,
+                     n_future_tokens=heads, max_seq_len=64, max_batch_size=4)
+    model = Transformer(args).eval()
+    g = torch.Generator().manual_seed(seed)
+    cycle = torch.randperm(vocab, generator=g)
+    succ = torch.empty(vocab, dtype=torch.long)
+    succ[cycle] = cycle.roll(-1)
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(torch.eye(vocab))
+        model.output.weight.copy_(6.0 * torch.eye(vocab))
+        for block in model.blocks():
+            block.attention.wo.weight.mul_(context)
+            block.feed_forward.w2.weight.mul_(context)
+        for i, head in enumerate(model.heads):
+            target = torch.arange(vocab)
+            for _ in range(i + 1):
+                target = succ[target]
+            if i > 0:
+                wrong = torch.rand(vocab, generator=g) > agreement
+                target = torch.where(wrong, torch.randint(0, vocab, (vocab,), generator=g), target)
+            ff = head.feed_forward
+            for w in (ff.w1, ff.w2, ff.w3):
+                w.weight.zero_()
+            ff.w1.weight[:vocab] = 2.0 * torch.eye(vocab)
+            ff.w3.weight[:vocab] = 2.0 * torch.eye(vocab)
+            ff.w2.weight[target, torch.arange(vocab)] = 1.0
+    return model, succ
+
+
+@pytest.fixture(scope="module")
+def model4():
+    return drafting_model(heads=4)[0]
+
+
+PROMPTS = [[1, 2, 3], [5, 9, 11, 4, 7, 8, 2], list(range(12))]
+
+
+def plain_and_speculative(model, prompts, max_seq_len=64, **kwargs):
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    return gen.generate(prompts, **kwargs), gen.generate(prompts, speculative="tree", **kwargs), gen
+
+
+# ------------------------------------------------------------------------------ trees
+def test_presets_are_valid_and_sized():
+    for heads, nodes in spec.PRESET_NODES.items():
+        paths = preset_paths(heads)
+        assert len(paths) == nodes
+        assert validate_paths(paths, heads) == [tuple(p) for p in paths]  # already in node order
+        assert max(len(p) for p in paths) <= heads - 1
+        assert all(tuple(p[:d]) in {tuple(q) for q in paths} for p in paths for d in range(1, len(p)))
+    lengths = [expected_accept_length(preset_paths(h), spec.prior_rates(h)) for h in (2, 3, 4)]
+    assert lengths == sorted(lengths) and lengths[0] > 1.5
+    for name in spec.preset_names():
+        heads = 2 if name == "chain" else int(name[5:])
+        assert validate_paths(resolve_tree(name, heads), heads)
+    assert resolve_tree("chain", 4) == chain_paths(4) == [[0], [0, 0], [0, 0, 0]]
+    assert spec.default_tree_name(3) == "heads3"
+    assert len(resolve_tree("heads3", 4)) == 23  # a preset for fewer heads fits
+
+
+@pytest.mark.parametrize("paths, heads, match", [
+    ([], 3, "no paths"),
+    ("[[0]]", 3, "list of paths"),
+    ([[0], []], 3, "non-empty"),
+    ([[0], [0, -1]], 3, "negative"),
+    ([[0], [0.5]], 3, "non-integer"),
+    ([[0], [0, 0], [0, 0, 0]], 3, "depth 3"),
+    ([[0], [0]], 3, "twice"),
+    ([[0], [1, 0]], 3, r"prefix \[1\]"),
+    ([[0]], 0, "heads"),
+])
+def test_bad_trees_raise(paths, heads, match):
+    with pytest.raises(ValueError, match=match):
+        validate_paths(paths, heads)
+
+
+def test_resolve_tree_errors():
+    with pytest.raises(ValueError, match="unknown tree preset 'big'"):
+        resolve_tree("big", 3)
+    with pytest.raises(ValueError, match="depth 3"):
+        resolve_tree("heads4", 3)  # a preset for more heads than used
+    with pytest.raises(ValueError, match="no tree preset"):
+        spec.default_tree_name(12)
+
+
+def test_token_tree_buffers():
+    tree = TokenTree.from_paths([[1, 0], [0], [1], [0, 0], [0, 2]], heads=3)
+    # node order: root, [0], [1], [0, 0], [0, 2], [1, 0]
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 2), (1, 0))
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
+    assert tree.top_k == 3 and tree.size == 6 and tree.max_depth == 2
+    # (depth - 1) * top_k + rank
+    assert tree.draft_index.tolist()[1:] == [0, 1, 3, 5, 3]
+    want = torch.tensor([[1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0],
+                         [1, 0, 1, 0, 0, 0],
+                         [1, 1, 0, 1, 0, 0],
+                         [1, 1, 0, 0, 1, 0],
+                         [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(tree.tree_mask, want)
+    small = tree.prefix(3)
+    assert small.size == 3 and small.parents.tolist() == [-1, 0, 0] and small.max_depth == 1
+    assert tree.prefix(3) is small and tree.prefix(6) is tree
+    root_only = tree.prefix(1)
+    assert root_only.tree_mask.tolist() == [[True]] and root_only.max_depth == 0
+
+
+def test_build_candidates_places_each_heads_rank():
+    tree = TokenTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0]], heads=3)
+    drafts = torch.tensor([[[10, 11], [20, 21]], [[30, 31], [40, 41]]])  # (B=2, heads-1=2, top_k=2)
+    cand = spec.build_candidates(torch.tensor([7, 8]), drafts, tree)
+    assert cand.tolist() == [[7, 10, 11, 20, 21, 20], [8, 30, 31, 40, 41, 40]]
+
+
+def test_accept_step_lines_up_emitted_tokens():
+    tree = TokenTree.from_paths([[0], [1], [0, 0], [1, 0]], heads=3)   # nodes: root, [0], [1], [0,0], [1,0]
+    cand = torch.tensor([[5, 1, 2, 3, 4],
+                         [5, 1, 2, 3, 4],
+                         [5, 1, 2, 3, 4]])
+    verifier = torch.tensor([[2, 9, 4, 9, 8],     # root -> [1] (token 2) -> [1,0] (token 4), bonus 8
+                             [7, 9, 9, 9, 9],     # nothing accepted, bonus 7
+                             [1, 3, 9, 6, 9]])    # root -> [0] -> [0,0], bonus 6
+    out = spec.accept_step(cand, verifier, tree)
+    assert out.accept_len.tolist() == [3, 1, 3]
+    assert out.emitted.tolist() == [[2, 4, 8], [7, -1, -1], [1, 3, 6]]
+    assert out.next_root.tolist() == [8, 7, 6]
+    assert out.last_node.tolist() == [4, 0, 3]
+
+
+# ------------------------------------------------------------------------------ tree builder
+def test_build_tree_is_valid_and_greedy_optimal():
+    rates = [[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]]
+    for budget in range(1, 13):
+        paths = build_tree(rates, budget)
+        assert len(paths) == budget and validate_paths(paths, 3)
+    # exhaustive check for budget 4: the greedy tree reaches the best expected length
+    universe = [(a,) for a in range(3)] + [(a, b) for a in range(3) for b in range(3)]
+    from itertools import combinations
+    best = max(expected_accept_length([list(p) for p in subset], rates)
+               for subset in combinations(universe, 4)
+               if all(len(p) == 1 or p[:1] in subset for p in subset))
+    assert expected_accept_length(build_tree(rates, 4), rates) == pytest.approx(best)
+    assert len(build_tree(rates, 100)) == 12  # every possible node
+
+
+def test_build_tree_chain_when_top1_dominates_and_monotone():
+    rates = [[0.9, 0.05, 0.02], [0.85, 0.05, 0.02], [0.8, 0.04, 0.01]]
+    assert build_tree(rates, 3) == chain_paths(4)
+    lengths = [expected_accept_length(build_tree(rates, n), rates) for n in range(1, 20)]
+    assert all(b >= a for a, b in zip(lengths, lengths[1:])) and lengths[-1] > lengths[0]
+    with pytest.raises(ValueError, match="budget"):
+        build_tree(rates, 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_tree([[1.5]], 2)
+
+
+def test_measure_acceptance_rates_on_drafting_model():
+    exact, _ = drafting_model(heads=3, agreement=1.0, context=0.3, seed=2)
+    rates = measure_acceptance_rates(exact, [[1, 2, 3], [4, 5]], top_k=3, max_gen_len=12)
+    assert len(rates) == 2 and all(len(r) == 3 for r in rates)
+    assert rates[0][0] == pytest.approx(1.0) and rates[1][0] == pytest.approx(1.0)
+    partial, _ = drafting_model(heads=3, agreement=0.5, seed=3)
+    rates = measure_acceptance_rates(partial, [[1, 2, 3], [4, 5]], top_k=3, max_gen_len=12)
+    assert all(0.0 <= x <= 1.0 for row in rates for x in row) and all(sum(row) <= 1.0 + 1e-9 for row in rates)
+    assert 0.0 < rates[0][0] < 1.0
+    with pytest.raises(ValueError, match="heads"):
+        measure_acceptance_rates(partial, [[1]], heads=4)
+
+
+# ------------------------------------------------------------------------------ greedy exactness
+@pytest.mark.parametrize("mode, heads", [("chain", 4), ("tree", 4), ("tree", 3), ("chain", 2), ("tree", 2)])
+def test_greedy_speculative_equals_plain(model4, mode, heads):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=30)
+    fast = gen.generate(PROMPTS, max_gen_len=30, speculative=mode, heads=heads)
+    assert fast.tokens == plain.tokens
+    assert fast.finish_reasons == plain.finish_reasons == ["max_gen_len"] * 3
+    assert fast.stats["tokens_per_forward"] > 1.2
+    assert fast.stats["forwards"] < plain.stats["forwards"]
+    assert len(set(plain.tokens[0])) > 5, "degenerate model: greedy repeats, test too weak"
+
+
+def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
+    # max_seq_len 24: the 12-token prompt has 12 slots left (limit 12 < max_gen_len), and fewer
+    # slots than the 48-node tree for most of the run: steps shrink to subtrees, then to the root.
+    prompts = [[1, 2, 3], list(range(12)), [5, 9, 11, 4, 7, 8, 2]]
+    gen = Generator(model4, max_batch_size=3, max_seq_len=24)
+    free = gen.generate(prompts, max_gen_len=16)
+    # eos: a token row 0 first produces late and row 1 never does
+    eos = next(t for i, t in enumerate(free.tokens[0]) if i >= 4 and t not in free.tokens[0][:i] + free.tokens[1])
+    plain = gen.generate(prompts, max_gen_len=16, eos_id=eos)
+    assert plain.finish_reasons[0] == "eos" and plain.finish_reasons[1] == "max_seq_len"
+    for mode in ("chain", "tree"):
+        fast = gen.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
+        assert fast.tokens == plain.tokens, mode
+        assert fast.finish_reasons == plain.finish_reasons
+        assert fast.stats["tokens_per_forward"] > 1.0
+
+
+def test_finished_rows_and_short_limits(model4):
+    # row 0 is finished right after prefill (max_gen_len 1 for every row is too short: use the cache),
+    # the middle row lives longest, the last row ends before it: masked rows inside the forward.
+    prompts = [list(range(15)), [3, 4], list(range(2, 12))]
+    gen = Generator(model4, max_batch_size=3, max_seq_len=16)
+    plain = gen.generate(prompts, max_gen_len=14)
+    assert [len(t) for t in plain.tokens] == [1, 14, 6]
+    for mode in ("chain", "tree"):
+        assert gen.generate(prompts, max_gen_len=14, speculative=mode).tokens == plain.tokens
+
+
+def test_output_depends_on_kv_compaction(model4, monkeypatch):
+    """Power check: the model reads its cache, so skipping the compaction breaks exactness."""
+    import mtp_engine.generate as generate_module
+
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=30)
+
+    def advance_only(k_cache, v_cache, cache_seqlens, accepted_nodes, accept_len):
+        cache_seqlens[: accepted_nodes.shape[0]] += accept_len.to(cache_seqlens.dtype)
+
+    monkeypatch.setattr(generate_module, "compact_kv_cache", advance_only)
+    assert gen.generate(PROMPTS, max_gen_len=30, speculative="tree").tokens != plain.tokens
+
+
+def test_custom_tree_and_chain_preset_agree(model4):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=12).tokens
+    chain = gen.generate(PROMPTS, max_gen_len=12, speculative="chain", heads=3)
+    as_tree = gen.generate(PROMPTS, max_gen_len=12, speculative="tree", heads=3, tree="chain")
+    custom = gen.generate(PROMPTS, max_gen_len=12, speculative="tree", heads=3, tree=[[1], [0], [0, 0], [0, 1]])
+    assert chain.tokens == as_tree.tokens == custom.tokens == plain
+    assert chain.stats["forwards"] == as_tree.stats["forwards"]
+    assert custom.stats["tree_nodes"] == 5 and chain.stats["tree_nodes"] == 3
+
+
+def test_logprobs_match_plain(model4):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=10, logprobs=True)
+    fast = gen.generate(PROMPTS, max_gen_len=10, logprobs=True, speculative="tree")
+    assert fast.tokens == plain.tokens
+    for a, b in zip(fast.logprobs, plain.logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+    for a, b in zip(fast.prompt_logprobs, plain.prompt_logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_speculative_stats_consistent(model4):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    res = gen.generate(PROMPTS, max_gen_len=20, speculative="tree", heads=3)
+    s = res.stats
+    for key in ("batch_size", "prompt_tokens", "generated_tokens", "forwards", "tokens_per_forward", "prefill_time_s",
+                "wall_time_s", "tokens_per_s", "speculative", "heads", "tree_nodes", "verify_steps",
+                "mean_accepted_drafts", "acceptance_per_depth", "acceptance_per_head"):
+        assert key in s, key
+    assert s["speculative"] == "tree" and s["heads"] == 3 and s["tree_nodes"] == 24
+    assert s["generated_tokens"] == 60
+    assert len(s["acceptance_per_depth"]) == 2
+    assert all(0.0 <= r <= 1.0 for r in s["acceptance_per_depth"])
+    assert s["acceptance_per_head"] == {"head_1": s["acceptance_per_depth"][0], "head_2": s["acceptance_per_depth"][1]}
+    # every sequence-step emits 1 + accepted drafts, except where max_gen_len cut it short
+    assert s["generated_tokens"] <= 3 + s["verify_steps"] * (1 + s["mean_accepted_drafts"])
+    assert s["generated_tokens"] > 3 + s["verify_steps"]
+    per_seq_forwards = 3 + s["verify_steps"]
+    assert s["tokens_per_forward"] == pytest.approx(60 / per_seq_forwards)
+    assert s["forwards"] <= per_seq_forwards
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"speculative": "beam"}, "speculative"),
+    ({"speculative": "tree", "heads": 1}, r"heads must be an int in \[2, 4\]"),
+    ({"speculative": "tree", "heads": 5}, r"heads must be an int in \[2, 4\]"),
+    ({"speculative": "chain", "heads": True}, "heads"),
+    ({"speculative": "chain", "tree": [[0]]}, "speculative='chain'"),
+    ({"speculative": "tree", "heads": 2, "tree": [[0], [0, 0]]}, "depth 2"),
+    ({"speculative": "tree", "tree": "huge"}, "unknown tree preset"),
+    ({"speculative": "tree", "tree": [[40]]}, "vocabulary has only 32"),
+    ({"tree": [[0]]}, "heads and tree"),
+])
+def test_bad_speculative_args(model4, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Generator(model4, max_batch_size=1, max_seq_len=16).generate([[1]], **kwargs)
+
+
+def test_single_head_model_and_cuda_graph_flag():
+    torch.manual_seed(0)
+    one_head = Transformer(ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=16, multiple_of=16))
+    with pytest.raises(ValueError, match="n_future_tokens=1"):
+        Generator(one_head, max_batch_size=1, max_seq_len=8).generate([[1]], speculative="chain")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graphs=True needs a model on CUDA"):
+            Generator(one_head, max_batch_size=1, max_seq_len=8, cuda_graphs=True).generate([[1]], max_gen_len=2)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Generator(one_head, cuda_graphs="yes")
+
+
+def test_triton_interpreter_path(triton_backend):
+    """All kernels on the Triton path under the interpreter (fp32; head_dim 16 so attention runs it too)."""
+    model, _ = drafting_model(heads=2, seed=4, attention_heads=2)
+    prompts = [[1, 2, 3], [6, 7]]
+    gen = Generator(model, max_batch_size=2, max_seq_len=16)
+    plain = gen.generate(prompts, max_gen_len=6)
+    fast = gen.generate(prompts, max_gen_len=6, speculative="tree", tree=[[0], [1]])
+    assert fast.tokens == plain.tokens
+
+
+# ------------------------------------------------------------------------------ sampling
+SAMPLE_VOCAB = 8
+
+
+@pytest.fixture(scope="module")
+def sampling_model():
+    """Random 3-head model on 8 tokens with mildly peaked next-token distributions."""
+    torch.manual_seed(5)
+    args = ModelArgs(dim=16, n_layers=4, n_heads=2, vocab_size=SAMPLE_VOCAB, multiple_of=16, n_future_tokens=3,
+                     max_seq_len=32)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(2.0)
+        model.extra_heads[0].load_state_dict(model.layers[-1].state_dict())  # drafts often accepted
+    return model
+
+
+def exact_two_token_probs(model, prompt, temperature, top_p):
+    """P(t1, t2) under plain sampling: (V, V), from uncached forwards (mtp_engine.sampling's nucleus rule)."""
+    ref = copy.deepcopy(model)
+    ref.clear_caches()
+
+    def dist(logits):
+        probs = torch.softmax(logits.double() / temperature, dim=-1)
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p
+        kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+        return kept / kept.sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        p1 = dist(ref.forward(torch.tensor([prompt]))[0, -1, 0])                         # (V,)
+        seqs = torch.tensor([prompt + [t] for t in range(SAMPLE_VOCAB)])
+        p2 = dist(ref.forward(seqs)[:, -1, 0])                                           # (V, V)
+    return p1[:, None] * p2
+
+
+def sampled_pairs(model, prompt, rows, calls, seed, **kwargs):
+    gen = Generator(model, max_batch_size=rows, max_seq_len=16)
+    counts = torch.zeros(SAMPLE_VOCAB, SAMPLE_VOCAB)
+    for call in range(calls):
+        res = gen.generate([prompt] * rows, max_gen_len=2, seed=seed + call, eos_id=-1, **kwargs)
+        for toks in res.tokens:
+            counts[toks[0], toks[1]] += 1
+    return counts, res.stats
+
+
+def chi_square_pvalue(counts, probs):
+    n = counts.sum()
+    expected = (probs.float() * n).flatten()
+    observed = counts.flatten()
+    big = expected >= 5  # pool the rare cells into one
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    statistic = ((obs - exp) ** 2 / exp).sum().double()
+    dof = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.85)])
+def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temperature, top_p):
+    prompt = [1, 5, 2]
+    probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p)
+    counts, stats = sampled_pairs(sampling_model, prompt, rows=500, calls=8, seed=100, temperature=temperature,
+                                  top_p=top_p, speculative="tree", heads=2)
+    assert stats["acceptance_per_depth"][0] > 0.3  # the tree really accepted sampled drafts
+    assert chi_square_pvalue(counts, probs) > 1e-3
+    # power: the same counts reject a slightly different temperature's distribution
+    wrong = exact_two_token_probs(sampling_model, prompt, temperature * 1.25, top_p)
+    assert chi_square_pvalue(counts, wrong) < 1e-6
+    if top_p < 1:
+        assert counts[probs == 0].sum() == 0  # nothing outside the nucleus
+
+
+def test_plain_sampling_passes_the_same_test(sampling_model):
+    prompt = [1, 5, 2]
+    counts, _ = sampled_pairs(sampling_model, prompt, rows=500, calls=8, seed=200, temperature=1.0)
+    assert chi_square_pvalue(counts, exact_two_token_probs(sampling_model, prompt, 1.0, 1.0)) > 1e-3
+
+
+def test_speculative_sampling_reproducible_with_seed(model4):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    a = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=7, speculative="tree").tokens
+    b = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=7, speculative="tree").tokens
+    c = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=8, speculative="tree").tokens
+    assert a == b and a != c
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
+    from mtp_engine.checkpoint import save_checkpoint
+    from mtp_engine.cli import main
+    from mtp_engine.demo import stdlib_sources
+    from mtp_engine.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(stdlib_sources(2), 512, tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                                  n_future_tokens=3))
+    save_checkpoint(model, tmp_path / "ckpt")
+    base = ["complete", "--ckpt-dir", str(tmp_path / "ckpt"), "--tokenizer-path", str(tmp_path / "tokenizer.model"),
+            "--prompt", "import os", "--prompt", "def f(x):", "--max-gen-len", "8", "--max-seq-len", "40",
+            "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert main(base + ["--speculative", "tree", "--heads", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:-1] == plain[:-1]  # greedy: same text
+    assert "tokens/forward" in out[-1] and "tree, 3 heads, 24 nodes, acceptance by depth" in out[-1]
+    assert main(base + ["--speculative", "tree", "--heads", "2", "--tree", json.dumps([[0], [1], [2]])]) == 0
+    assert "tree, 2 heads, 4 nodes" in capsys.readouterr().out
+    for extra, match in ((["--heads", "2"], "need --speculative"),
+                         (["--speculative", "tree", "--tree", "[[0], [0"], "not a valid JSON"),
+                         (["--speculative", "chain", "--heads", "7"], "heads must be")):
+        assert main(base + extra) == 2
+        assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "chain", "tree"])
+def test_cuda_graphs_do_not_change_results(mode):
+    model, _ = drafting_model(heads=4, seed=6)
+    model = model.to("cuda", torch.bfloat16)
+    prompts = [[1, 2, 3], [5, 9, 11, 4, 7, 8, 2], list(range(12))]
+    eager = Generator(model, max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    want = eager.generate(prompts, max_gen_len=24, speculative=mode)
+    graphed = Generator(model, max_batch_size=4, max_seq_len=64, cuda_graphs=True)
+    for _ in range(2):  # first call captures, second replays
+        got = graphed.generate(prompts, max_gen_len=24, speculative=mode)
+        assert got.tokens == want.tokens
+    if mode is not None:
+        plain = eager.generate(prompts, max_gen_len=24)
+        assert got.tokens == plain.tokens  # bf16 on GPU too; real-compile Triton kernels
+        assert got.stats["tokens_per_forward"] > 1.0

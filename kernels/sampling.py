@@ -225,7 +225,8 @@ def _check_sampling_args(temperature, top_p, generator, device: torch.device) ->
         raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise ValueError(f"linear_sample: generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise ValueError("linear_sample: generator must be a torch.Generator or None, "
+                             f"got {type(generator).__name__}")
         if generator.device.type != device.type:
             raise ValueError(f"linear_sample: generator is on {generator.device} but hidden is on {device}")
 

@@ -163,8 +163,10 @@ def test_top_p_draws_only_from_the_nucleus(request, use_kernel):
 @pytest.mark.parametrize("top_p", [1.0, 0.7])
 def test_same_generator_state_same_tokens(triton_backend, top_p):
     hidden, weight = _one_vector_many_rows(64, V=50)
-    draw = lambda seed: linear_sample(hidden, weight, temperature=1.5, top_p=top_p,  # noqa: E731
-                                      generator=torch.Generator().manual_seed(seed))
+    def draw(seed):
+        return linear_sample(hidden, weight, temperature=1.5, top_p=top_p,
+                             generator=torch.Generator().manual_seed(seed))
+
     first = draw(11)
     assert torch.equal(first, draw(11))
     assert not torch.equal(first, draw(12))
@@ -180,7 +182,9 @@ def test_gumbel_noise_does_not_depend_on_the_tiling(triton_backend, monkeypatch)
     from mtp_kernels import sampling
 
     hidden, weight = _one_vector_many_rows(40, V=300)
-    draw = lambda: linear_sample(hidden, weight, temperature=1.0, generator=torch.Generator().manual_seed(8))  # noqa: E731
+    def draw():
+        return linear_sample(hidden, weight, temperature=1.0, generator=torch.Generator().manual_seed(8))
+
     first = draw()
     original = sampling._launch_config
     monkeypatch.setattr(sampling, "_launch_config",

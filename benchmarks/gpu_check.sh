@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device run: GPU tests, then the benchmarks, results under $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate (default: all)
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate head_schedule (default: all)
 #   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
 # Files come back from the device machine only as a few files, so every stage appends to one
 # log and the results folder is re-packed into results.tar.gz after each stage.
@@ -22,7 +22,7 @@ fi
 # The package is imported from the checkout: `mtp_kernels` is the kernels/ folder.
 mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/mtp_kernels && export PYTHONPATH=/tmp/pkgs:$PYTHONPATH
 
-stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(env tests rmsnorm fused_ce profile_ce attention generate)
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(env tests rmsnorm fused_ce profile_ce attention generate head_schedule)
 summary=()
 pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null; }
 run_stage() {  # name, timeout seconds, command...
@@ -43,6 +43,7 @@ for s in "${stages[@]}"; do
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;
     attention) run_stage attention 100 python3 benchmarks/bench_attention.py --out "$RES" ;;
     generate) run_stage generate 300 python3 benchmarks/bench_generate.py --out "$RES" ;;
+    head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

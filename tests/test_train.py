@@ -1,0 +1,218 @@
+"""Training: data pipeline, loss going down, the sequential head schedule, resume, `mtp eval`."""
+import json
+from collections import Counter
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, load_tokens, prepare_corpus,
+                             split_files)
+from mtp_engine.model import ModelArgs, Transformer
+from mtp_engine.train import MTPTrainModel, TrainConfig, init_weights, lr_at, preset_config, train
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SOURCES = ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "colorsys.py")
+
+
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory):
+    """A tiny source folder: a few stdlib modules, a package, and a test/ folder (held out)."""
+    root = tmp_path_factory.mktemp("src")
+    (root / "pkg").mkdir()
+    (root / "test").mkdir()
+    for i, name in enumerate(SOURCES):
+        text = (STDLIB / name).read_text(encoding="utf-8")
+        (root / ("pkg" if i % 2 else ".") / name).write_text(text, encoding="utf-8")
+    (root / "test" / "test_heapq.py").write_text((STDLIB / "test" / "test_heapq.py").read_text(encoding="utf-8"))
+    (root / "notes.txt").write_text("not python")
+    (root / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))   # not UTF-8: skipped, not a crash
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(source_tree, tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"), source_tree, vocab_size=400, log=lambda *a: None)
+
+
+def tiny_config(source_tree, corpus, out_dir, **overrides) -> TrainConfig:
+    return preset_config("tiny", source=str(source_tree), corpus_dir=str(corpus.dir), vocab_size=400,
+                         out_dir=str(out_dir), progress=False, max_train_files=None, seq_len=48, **overrides)
+
+
+# ---------------------------------------------------------------------- data
+def test_split_is_by_file_and_deterministic(source_tree):
+    files = find_source_files(source_tree)
+    assert all(f.suffix == ".py" for f in files)
+    train_files, heldout = split_files(files, source_tree)
+    assert [f.name for f in heldout] == ["test_heapq.py"]
+    assert set(train_files) | set(heldout) == set(files) and not set(train_files) & set(heldout)
+    assert split_files(files, source_tree) == (train_files, heldout)
+
+
+def test_split_without_test_folder_uses_a_fixed_hash_share(tmp_path):
+    for i in range(60):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    files = find_source_files(tmp_path)
+    train_files, heldout = split_files(files, tmp_path, heldout_fraction=0.2)
+    assert 0 < len(heldout) < 30 and len(train_files) + len(heldout) == 60
+    assert split_files(files, tmp_path, heldout_fraction=0.2)[1] == heldout
+
+
+def test_corpus_round_trips_and_is_cached(corpus, source_tree):
+    tok = corpus.tokenizer
+    assert tok.n_words == 400
+    stream = load_tokens(corpus.train_path)
+    assert stream.dtype == np.uint16 and int(stream.max()) < 400
+    # Files are bos + text + eos, back to back: the first file decodes exactly.
+    ids = stream.tolist()
+    first = ids[1:ids.index(tok.eos_id)]
+    assert ids[0] == tok.bos_id
+    texts = {p.read_text(encoding="utf-8") for p in source_tree.rglob("*.py") if "test" not in p.parts
+             and p.name != "latin1.py"}
+    assert tok.decode(first) in texts
+    # Indentation is one piece per level.
+    code = "def f(x):\n    if x:\n        return 1\n"
+    pieces = [tok.sp_model.id_to_piece(i) for i in tok.encode(code, bos=False, eos=False)]
+    assert "\n\u2581\u2581\u2581\u2581\u2581\u2581\u2581\u2581" in pieces and INDENT_SYMBOLS[2] in pieces
+    assert tok.decode(tok.encode(code, bos=False, eos=False)) == code
+    again = prepare_corpus(corpus.dir, source_tree, vocab_size=400, log=lambda *a: None)
+    assert again.manifest == corpus.manifest
+    assert corpus.manifest["heldout_files"] == ["test/test_heapq.py"]
+
+
+def test_corpus_rebuilds_when_files_change(source_tree, tmp_path):
+    messages = []
+    first = prepare_corpus(tmp_path, source_tree, vocab_size=400, log=messages.append)
+    extra = source_tree / "pkg" / "added.py"
+    extra.write_text("def added():\n    return 42\n")
+    try:
+        second = prepare_corpus(tmp_path, source_tree, vocab_size=400, log=messages.append)
+    finally:
+        extra.unlink()
+    assert "pkg/added.py" in second.manifest["train_files"]
+    assert second.manifest["train_tokens"] > first.manifest["train_tokens"]
+    assert not any("reusing" in m for m in messages)
+
+
+def test_packed_batches_are_deterministic_and_cover_windows(corpus):
+    data = PackedTokens(corpus.train_path, 32)
+    a = data.batch(4, seed=3, index=5)
+    assert a.shape == (4, 32) and a.dtype == torch.int64
+    assert torch.equal(a, data.batch(4, seed=3, index=5))
+    assert not torch.equal(a, data.batch(4, seed=4, index=5))
+    # One epoch visits each window at most once.
+    per_epoch = len(data) // 4
+    seen = torch.cat([data.batch(4, 0, i) for i in range(per_epoch)])
+    all_windows = Counter(tuple(data.window(i).tolist()) for i in range(len(data)))
+    drawn = Counter(tuple(r.tolist()) for r in seen)
+    assert all(all_windows[w] >= c for w, c in drawn.items()) and sum(drawn.values()) == per_epoch * 4
+    # Rank r of 2 takes every other global batch.
+    it = data.batches(4, seed=0, start=2, rank=1, world_size=2)
+    assert torch.equal(next(it), data.batch(4, 0, 3)) and torch.equal(next(it), data.batch(4, 0, 5))
+
+
+def test_data_errors_name_the_problem(tmp_path, corpus):
+    with pytest.raises(FileNotFoundError, match="corpus folder not found"):
+        find_source_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files ending in"):
+        find_source_files(tmp_path / "empty")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        PackedTokens(corpus.heldout_path, 10 ** 7)
+    with pytest.raises(ValueError, match="batch_size"):
+        PackedTokens(corpus.heldout_path, 32).batch(10 ** 6, 0, 0)
+
+
+# ---------------------------------------------------------------------- the training step
+def _tiny_model(n_future=4, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=32, n_layers=n_future + 2, n_heads=4, n_kv_heads=2, vocab_size=97,
+                                  multiple_of=16, n_future_tokens=n_future, max_seq_len=64))
+    init_weights(model)
+    return model
+
+
+@pytest.mark.parametrize("n_future", [1, 4])
+def test_sequential_head_schedule_gives_the_batched_gradients(n_future):
+    model = _tiny_model(n_future)
+    tokens = torch.randint(0, 97, (3, 21), generator=torch.Generator().manual_seed(1))
+    weights = [1.0, 0.5, 0.25, 2.0][:n_future]
+    batched = MTPTrainModel(model, head_weights=weights)
+    out = batched(tokens)
+    (out.loss * 0.5).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seq = batched.forward_backward_sequential(tokens, loss_scale=0.5)
+    torch.testing.assert_close(seq.loss, out.loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seq.per_head, out.per_head, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_a_few_steps_lower_the_loss_and_write_a_meta_checkpoint(source_tree, corpus, tmp_path):
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=30, eval_every=30, save_every=30,
+                      lr=1e-2, log_every=1)
+    log = train(cfg, log=lambda *a: None)
+    losses = [s["loss"] for s in log["steps"]]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    out = tmp_path / "run"
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "optimizer.pt", "train_log.json",
+                 "resume/consolidated.00.pth"):
+        assert (out / name).is_file(), name
+    shard = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert shard["output.weight"].dtype == torch.bfloat16                    # release copy in bf16
+    assert torch.load(out / "resume" / "consolidated.00.pth", weights_only=True)["output.weight"].dtype == torch.float32
+    saved = json.loads((out / "train_log.json").read_text())
+    assert saved["summary"]["steps"] == 30 and len(saved["evals"][-1]["loss"]) == 4
+    assert 0 <= saved["evals"][-1]["acc"][0] <= 1
+
+
+def test_resume_takes_the_same_next_step(source_tree, corpus, tmp_path):
+    """Run 6 steps; separately run 3, stop, resume to 6: identical weights (data order, optimizer state,
+    schedule all restored)."""
+    full_cfg = tiny_config(source_tree, corpus, tmp_path / "full", max_steps=6, save_every=3, eval_every=3)
+    train(full_cfg, log=lambda *a: None)
+    part_cfg = tiny_config(source_tree, corpus, tmp_path / "part", max_steps=6, save_every=3, eval_every=3,
+                           time_budget_s=0.0)                                   # stops (and saves) after step 1
+    train(part_cfg, log=lambda *a: None)
+    state = json.loads((tmp_path / "part" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+    part_cfg.time_budget_s = None
+    log = train(part_cfg, resume=True, log=lambda *a: None)
+    assert log["summary"]["steps"] == 6
+    a = torch.load(tmp_path / "full" / "resume" / "consolidated.00.pth", weights_only=True)
+    b = torch.load(tmp_path / "part" / "resume" / "consolidated.00.pth", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):
+    runs = {}
+    for schedule in ("batched", "sequential"):
+        cfg = tiny_config(source_tree, corpus, tmp_path / schedule, max_steps=4, head_schedule=schedule,
+                          eval_every=4, save_every=4)
+        runs[schedule] = train(cfg, log=lambda *a: None)["summary"]["final_loss"]
+    assert runs["batched"] == pytest.approx(runs["sequential"], rel=1e-4)
+
+
+def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
+    with pytest.raises(ValueError, match="head_schedule"):
+        tiny_config(source_tree, corpus, tmp_path, head_schedule="zigzag").validate()
+    with pytest.raises(ValueError, match="head_weights"):
+        tiny_config(source_tree, corpus, tmp_path, head_weights=[1.0]).validate()
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        preset_config("tiny", learning_rate=1.0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")

@@ -4,8 +4,9 @@
 
 1. Step costs on a random-weight model of the 7B_1T_4 shape (dim 4096, 28 trunk + 4 head blocks,
    32 attention heads, V 32000, bf16), KV length 1024 per sequence, batch 1, 8, 32: one plain
-   decode step (cached forward of 1 token with head 0, unembedding, argmax) and one verify step
-   over a 16- and a 64-node tree (candidates from drafts, one forward of all nodes with all 4
+   decode step (as Generator's greedy loop: cached forward of 1 token with head 0, logits,
+   argmax) and one verify step over a 16- and a 64-node tree (candidates from drafts, one
+   forward of all nodes with all 4
    heads, head-0 linear argmax at every node, tree_accept, KV compaction, next drafts), with
    CUDA graphs as the Generator uses them. Ratio = verify / plain: at a given tokens per
    forward, the speedup over plain decoding is tokens_per_forward / ratio.
@@ -32,7 +33,7 @@ import common  # noqa: E402
 common.import_mtp_kernels()
 sys.path.insert(0, str(common.REPO_ROOT))
 
-from mtp_kernels import compact_kv_cache, linear_argmax  # noqa: E402
+from mtp_kernels import compact_kv_cache  # noqa: E402
 
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
 from mtp_engine.generate import Generator  # noqa: E402
@@ -69,9 +70,8 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         model.forward_cached(torch.randint(0, model.vocab_size, (B, kv_len), device=device),
                              torch.zeros(B, dtype=torch.int32, device=device), n_heads=heads)
 
-        def plain_step():
-            hidden = gen._cached_forward(tokens[:, None], seqlens, None, graph=True)
-            return linear_argmax(hidden[:, 0, 0], weight)
+        def plain_step():  # as Generator's plain greedy loop: decode forward, logits, argmax
+            return torch.argmax(gen._decode(tokens, seqlens), dim=-1)
 
         row = {"batch": B, "kv_len": kv_len}
         res = common.time_and_peak(plain_step, device=device)
@@ -99,7 +99,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
                 row[f"ratio{T}"] = res["ms"] / row["plain_ms"]
         rows.append(row)
         print(f"step costs B={B}: {row}", flush=True)
-        del gen
+        gen = None  # drops its CUDA graphs before the next batch size captures its own
         common.free_memory()
     return rows
 
@@ -144,7 +144,7 @@ def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, eos_id=
             if r["batch"] == B:
                 r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"]
         print(f"end to end B={B}: {[r for r in rows if r['batch'] == B]}", flush=True)
-        del gen
+        gen = None  # drops its CUDA graphs before the next batch size captures its own
         common.free_memory()
     return rows
 

@@ -236,7 +236,7 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
     rollouts = Generator(model, max_batch_size=1, max_seq_len=longest)
     hits = torch.zeros(heads - 1, top_k, dtype=torch.float64)
     trials = torch.zeros(heads - 1, dtype=torch.float64)
-    weight = model.output.weight
+    weight = model.output.weight.float()
     for prompt in prompts:
         continuation = rollouts.generate([prompt], max_gen_len=max_gen_len, eos_id=-1).tokens[0]
         seq = torch.tensor([prompt + continuation], device=weight.device)
@@ -247,7 +247,7 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
             n = L - 1 - depth - start                                    # positions with a target
             if n <= 0:
                 break
-            logits = (hidden[depth, start:start + n].float() @ weight.float().T)        # (n, V)
+            logits = hidden[depth, start:start + n].float() @ weight.T                  # (n, V)
             target = seq[0, start + 1 + depth:start + 1 + depth + n]
             rank = (logits > logits.gather(1, target[:, None])).sum(dim=1)              # (n,)
             alive = in_tree[start:start + n]
@@ -365,12 +365,15 @@ def token_tree(spec: TreeSpec, heads: int) -> TokenTree:
 def draft_tokens(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> torch.Tensor:
     """hidden: (B, heads - 1, D) normed hidden of heads 1.. at the last accepted position; weight:
     (V, D). Returns (B, heads - 1, top_k) int64: each head's top_k tokens, best first. Top-1 goes
-    through linear_argmax (no logits); wider trees materialize the (B * (heads - 1), V) logits."""
+    through linear_argmax (no logits); wider trees materialize the (B * (heads - 1), V) logits, a
+    few rows per sequence."""
     B, n_draft, D = hidden.shape
     rows = hidden.reshape(B * n_draft, D)
     if top_k == 1:
         return linear_argmax(rows, weight).view(B, n_draft, 1)
-    logits = rows.float() @ weight.float().T
+    # In the model's dtype: a float32 copy of the (V, D) weight every step would cost more than the
+    # matmul, and a draft's rank only steers the tree, never the output.
+    logits = rows @ weight.T
     return torch.topk(logits, top_k, dim=-1).indices.view(B, n_draft, top_k)
 
 

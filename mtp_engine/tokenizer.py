@@ -78,6 +78,18 @@ def train_tokenizer(files: Iterable[PathLike], vocab_size: int, prefix: PathLike
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # SentencePiece logs its progress to stderr; minloglevel keeps warnings and errors only.
+    try:
+        _train_sentencepiece(files, vocab_size, prefix, input_sentence_size, num_threads, character_coverage,
+                             user_defined_symbols)
+    except RuntimeError as e:
+        # SentencePiece reports a vocabulary that cannot hold every character (or too few pieces) this way.
+        raise ValueError(f"cannot train a {vocab_size}-word tokenizer on {files}: "
+                         f"{str(e).split(']')[-1].strip()}") from None
+    return Tokenizer(f"{prefix}.model")
+
+
+def _train_sentencepiece(files, vocab_size, prefix, input_sentence_size, num_threads, character_coverage,
+                         user_defined_symbols) -> None:
     SentencePieceTrainer.train(
         input=",".join(files),
         model_prefix=str(prefix),
@@ -99,4 +111,3 @@ def train_tokenizer(files: Iterable[PathLike], vocab_size: int, prefix: PathLike
         user_defined_symbols=user_defined_symbols or [],
         minloglevel=1,
     )
-    return Tokenizer(f"{prefix}.model")

@@ -93,3 +93,10 @@ def test_train_argument_errors(tmp_path):
     corpus.write_text("abc\n")
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer([corpus], vocab_size=100, prefix=tmp_path / "m")
+
+
+def test_train_tokenizer_vocab_smaller_than_the_characters_is_a_clear_error(tmp_path):
+    text = tmp_path / "chars.txt"
+    text.write_text("".join(chr(0x4E00 + i) for i in range(400)) + "\n")
+    with pytest.raises(ValueError, match="cannot train a 300-word tokenizer.*Vocabulary size is smaller"):
+        train_tokenizer([text], 300, tmp_path / "tok")

@@ -1,0 +1,102 @@
+"""`mtp eval`: tokens per forward from one greedy rollout, checked against the real speculative generator."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_engine.checkpoint import save_checkpoint
+from mtp_engine.cli import main
+from mtp_engine.evaluate import chain_tokens_per_forward, format_table, tree_tokens_per_forward
+from mtp_engine.generate import Generator
+from mtp_engine.speculative import resolve_tree
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_speculative import drafting_model  # noqa: E402
+
+
+def test_chain_walk_by_hand():
+    # k = 3 heads. sequence = prompt (2 tokens) + rollout of 6. top1[t, i]: head i's guess for t+1+i.
+    seq = [10, 11, 12, 13, 14, 15, 16, 17]
+    L = len(seq)
+    top1 = torch.full((L, 3), -1)
+    # step 1 (prefill at q=1 drafted by heads at 1): head1 -> seq[3]=13 right, head2 -> seq[4]=14 right
+    top1[1, 1], top1[1, 2] = 13, 14
+    # next q = 1 + 3 = 4: head1 right (seq[6]=16), head2 wrong
+    top1[4, 1], top1[4, 2] = 16, 0
+    out = chain_tokens_per_forward(top1, seq, prompt_len=2, gen_len=6)
+    # forwards: prefill (1 token) + step (2 drafts + 1) + step (1 draft + 1) = 6 tokens? 1 + 3 + 2 = 6
+    assert out["forwards"] == 3 and out["tokens_per_forward"] == pytest.approx(2.0)
+    assert out["accepted_per_depth"] == [2, 1]
+
+
+def test_tree_walk_uses_lower_ranks():
+    seq = [5, 6, 7, 8, 9, 10]
+    topk = torch.zeros((len(seq), 3, 2), dtype=torch.long)
+    topk[0, 1] = torch.tensor([99, 7])     # head 1 at q=0: seq[2]=7 is its rank 1
+    topk[0, 2] = torch.tensor([8, 98])     # head 2: seq[3]=8 is rank 0
+    chain = chain_tokens_per_forward(topk[..., 0], seq, 1, 5)
+    tree = tree_tokens_per_forward(topk, seq, 1, 5, [[0], [1], [0, 0], [1, 0]])
+    narrow = tree_tokens_per_forward(topk, seq, 1, 5, [[0], [1], [0, 0]])
+    assert tree["forwards"] < chain["forwards"]
+    assert narrow["accepted_per_depth"][1] < tree["accepted_per_depth"][1]
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_rollout_estimate_equals_the_speculative_generator(mode):
+    """The estimate `mtp eval` reports is exactly what the real speculative generator achieves."""
+    model, _ = drafting_model(heads=4, agreement=0.6, seed=5)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    gen_len = 24
+    tree = resolve_tree("chain" if mode == "chain" else [[0], [1], [0, 0], [1, 0], [0, 1], [0, 0, 0]], 4)
+    gen = Generator(model, max_batch_size=1, max_seq_len=64)
+    for prompt in prompts:
+        real = gen.generate([prompt], max_gen_len=gen_len, temperature=0.0, speculative="tree", tree=tree, eos_id=-1)
+        plain = gen.generate([prompt], max_gen_len=gen_len, temperature=0.0, eos_id=-1)
+        assert real.tokens == plain.tokens
+        sequence = prompt + plain.tokens[0]
+        with torch.no_grad():
+            logits = model.forward(torch.tensor([sequence]), return_all_heads=True)[0]
+        topk = logits.topk(2, dim=-1).indices
+        if mode == "chain":
+            est = chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), gen_len)
+        else:
+            est = tree_tokens_per_forward(topk, sequence, len(prompt), gen_len, tree)
+        model.setup_caches(1, 64)
+        assert real.stats["forwards"] == est["forwards"], (real.stats, est)
+        assert real.stats["tokens_per_forward"] == pytest.approx(est["tokens_per_forward"])
+        assert est["tokens_per_forward"] > 1.2
+
+
+def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
+    from mtp_engine.data import prepare_corpus
+    from test_train import SOURCES, STDLIB
+
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    for name in SOURCES:
+        (src / name).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    for name in ("test_heapq.py", "test_bisect.py"):
+        (src / "test" / name).write_text((STDLIB / "test" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = prepare_corpus(tmp_path / "corpus", src, vocab_size=400, log=lambda *a: None)
+    model, _ = drafting_model(heads=4, vocab=400, seed=1)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(model, ckpt)
+    (ckpt / "tokenizer.model").write_bytes(Path(corpus.tokenizer.model_path).read_bytes())
+    out_json = tmp_path / "eval.json"
+    rc = main(["eval", "--ckpt-dir", str(ckpt), "--source", str(src), "--prompts", "2", "--prompt-len", "16",
+               "--gen-len", "12", "--max-files", "2", "--json", str(out_json), "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert len(result["head_loss"]) == 4 and all(0 <= a <= 1 for a in result["head_top1"])
+    assert set(result["speculative"]) == {"chain", *result["trees"]}
+    for r in result["speculative"].values():
+        assert 1.0 <= r["tokens_per_forward"] <= 4.0
+    assert format_table(result) in printed
+
+
+def test_mtp_eval_errors_name_the_file(tmp_path, capsys):
+    assert main(["eval", "--ckpt-dir", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -36,10 +36,10 @@ TreeSpec = Union[str, Sequence[Sequence[int]]]
 
 SPECULATIVE_MODES = ("chain", "tree")
 
-# Prior per-depth acceptance of a head's top-1 candidate (given its parent was accepted) and the
-# share of the remaining mass each further rank takes, used to shape the presets. Rough figures in
-# the range Medusa and the MTP paper report for 7B code models; measure real ones with
-# `measure_acceptance_rates` and build a tree for them with `build_tree`.
+# Assumed per-depth acceptance of a head's top-1 candidate (given its parent was accepted) and the
+# share of the remaining mass each further rank takes: they only shape the presets (deep where
+# top-1 is likely, wide where it is not) and were not measured here. For a given model, measure the
+# real rates with `measure_acceptance_rates` and build its tree with `build_tree`.
 PRIOR_TOP1 = (0.75, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3)
 PRIOR_RANK_DECAY = 0.45   # rank r >= 1 takes (1 - top1) * PRIOR_RANK_SHARE * decay^(r-1)
 PRIOR_RANK_SHARE = 0.4

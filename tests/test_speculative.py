@@ -196,6 +196,18 @@ def test_measure_acceptance_rates_on_drafting_model():
         measure_acceptance_rates(partial, [[1]], heads=4)
 
 
+def test_tree_built_from_measured_rates_runs_and_beats_chain(model4):
+    rates = measure_acceptance_rates(model4, [[7, 8, 9], [2, 30, 4, 5]], top_k=4, max_gen_len=40)
+    tuned = build_tree(rates, 8)
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=30)
+    chain = gen.generate(PROMPTS, max_gen_len=30, speculative="chain")
+    tree = gen.generate(PROMPTS, max_gen_len=30, speculative="tree", tree=tuned)
+    assert tree.tokens == chain.tokens == plain.tokens
+    assert tree.stats["tree_nodes"] == 9
+    assert tree.stats["tokens_per_forward"] > chain.stats["tokens_per_forward"]
+
+
 # ------------------------------------------------------------------------------ greedy exactness
 @pytest.mark.parametrize("mode, heads", [("chain", 4), ("tree", 4), ("tree", 3), ("chain", 2), ("tree", 2)])
 def test_greedy_speculative_equals_plain(model4, mode, heads):

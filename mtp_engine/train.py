@@ -23,8 +23,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -319,7 +319,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     wrapped = _wrap(module, cfg, env)
     optimizer = make_optimizer(module, cfg)
     if resume and (out / "optimizer.pt").is_file() and state["step"] > 0:
-        optimizer.load_state_dict(torch.load(out / "optimizer.pt", map_location=device, weights_only=True))
+        saved = torch.load(out / "optimizer.pt", map_location=device, weights_only=True) if is_main else None
+        if env is None:
+            optimizer.load_state_dict(saved)
+        else:
+            from .distributed import load_optimizer_state
+
+            load_optimizer_state(wrapped, optimizer, saved, cfg.distributed, env)
 
     run_log = {"config": dataclasses.asdict(cfg), "device": _device_name(device),
                "params": model.num_params(), "corpus": {k: corpus.manifest[k] for k in
@@ -390,7 +396,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 progress.update(step, last_loss, lr, tps, eta)
             over_time = cfg.time_budget_s is not None and time.perf_counter() - start_time >= cfg.time_budget_s
             if step % cfg.eval_every == 0 or step == cfg.max_steps or over_time:
-                result = evaluate(model, heldout, autocast=autocast)
+                with _gathered(wrapped, cfg, env):   # every rank: FSDP gathers collectively
+                    result = evaluate(model, heldout, autocast=autocast)
                 run_log["evals"].append({"step": step, "tokens": state["tokens"], **result})
                 progress.close()
                 log(f"eval @ step {step}: loss per head " + " ".join(f"{x:.3f}" for x in result["loss"])
@@ -424,12 +431,18 @@ def _save(out: Path, module: MTPTrainModel, wrapped: nn.Module, optimizer, state
     """Checkpoint: the model in Meta's layout (float32 while training; export_dtype for the final one),
     optimizer state and trainer state beside it, and the log."""
     full = _full_state_dict(module, wrapped, cfg, env)
+    if env is None:
+        optimizer_state = optimizer.state_dict()
+    else:  # keyed by parameter name, gathered from every rank's shard (collective)
+        from .distributed import full_optimizer_state
+
+        optimizer_state = full_optimizer_state(wrapped, optimizer, cfg.distributed, env)
     if env is not None and not env.is_main:
         return
     dtype = _EXPORT_DTYPES[cfg.export_dtype] if final else torch.float32
     save_checkpoint(module.model, out, state_dict=full, dtype=dtype)
     tmp = out / "optimizer.pt.tmp"
-    torch.save(optimizer.state_dict(), tmp)
+    torch.save(optimizer_state, tmp)
     os.replace(tmp, out / "optimizer.pt")
     if final and dtype != torch.float32:
         # The final checkpoint is the release copy; keep the float32 master weights for resuming.
@@ -458,6 +471,19 @@ def _wrap(module: MTPTrainModel, cfg: TrainConfig, env) -> nn.Module:
     from .distributed import wrap_for_training
 
     return wrap_for_training(module, cfg.distributed, env)
+
+
+@contextmanager
+def _gathered(wrapped: nn.Module, cfg: TrainConfig, env):
+    """no_grad, plus FSDP's all-gather of the root's parameters for direct model calls (evaluation)."""
+    with torch.no_grad():
+        if env is None:
+            yield
+            return
+        from .distributed import gathered_parameters
+
+        with gathered_parameters(wrapped, cfg.distributed, env):
+            yield
 
 
 def _no_sync(wrapped: nn.Module, cfg: TrainConfig, last: bool):
@@ -555,5 +581,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**{**saved, **{k: v for k, v in dataclasses.asdict(cfg).items()
                                           if k in keep and getattr(args, k, None) is not None}})
     summary = train(cfg, resume=args.resume)["summary"]
-    print(json.dumps(summary, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
     return 0

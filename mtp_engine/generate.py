@@ -229,7 +229,8 @@ class Generator:
         the next drafts from the heads at each row's last accepted node: no extra forward.
 
         Host syncs: one `.tolist()` per step (accepted lengths and tokens, for eos/limit and the
-        per-sequence bookkeeping); the small host-to-device copies of the live mask happen right
+        per-sequence bookkeeping; logprobs=True adds a second one for the accepted nodes' log-probs,
+        computed from head 0's logits there); the small host-to-device copies of the live mask happen right
         after it, when the device is idle. Rows past the last live one leave the forward; finished
         rows inside it are parked at cache length 0 (their nodes are computed and ignored, their
         compaction length is 0), so they never write outside the cache.

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(params.json + consolidated.NN.pth) and its SentencePiece tokenizer.",
         epilog='example:\n  mtp complete --ckpt-dir 7B_1T_4 --tokenizer-path tokenizer.model --prompt "import numpy"',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    complete.add_argument("--ckpt-dir", required=True, help="checkpoint directory (params.json, consolidated.NN.pth)")
+    complete.add_argument("--ckpt-dir", default=None,
+                          help="checkpoint directory (params.json, consolidated.NN.pth); default: the embedded "
+                               "models/default")
     complete.add_argument("--tokenizer-path", default=None,
                           help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     complete.add_argument("--prompt", action="append", required=True,
@@ -59,10 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     complete.set_defaults(run=run_complete)
 
     demo = sub.add_parser(
-        "demo", help="build a tiny random-weight MTP model and run the whole pipeline on CPU (seconds)",
-        description="Train a tiny tokenizer, save a random-weight 4-head MTP model in Meta's format, "
-                    "load it back with Llama.build and complete a Python prompt.")
-    demo.add_argument("--out", default=None, help="keep the tokenizer and checkpoint here (default: a temp dir)")
+        "demo", help="the trained default model completes Python code, plain and self-speculative (CPU, seconds)",
+        description="Complete a Python prompt with the embedded default model (models/default), greedily with plain "
+                    "and with tree self-speculative decoding, and print tokens per forward. --random-weights runs "
+                    "the whole pipeline from scratch with a tiny random model instead.")
+    demo.add_argument("--ckpt-dir", default=None, help="another checkpoint (default: models/default)")
+    demo.add_argument("--prompt", default=None, help="text to continue (default: a Python function header)")
+    demo.add_argument("--max-gen-len", type=int, default=48, help="new tokens (default 48)")
+    demo.add_argument("--random-weights", action="store_true",
+                      help="tokenizer + random 4-head model + Meta-format save/load + generation, from nothing")
+    demo.add_argument("--out", default=None, help="with --random-weights: keep its tokenizer and checkpoint here")
     demo.set_defaults(run=run_demo)
 
     from .train import add_arguments as add_train_arguments
@@ -98,8 +106,11 @@ def _default_tokenizer(ckpt_dir: str) -> str:
 
 
 def run_complete(args: argparse.Namespace) -> int:
+    from .checkpoint import default_checkpoint
     from .generate import Llama
 
+    if args.ckpt_dir is None:
+        args.ckpt_dir = str(default_checkpoint())
     if not os.path.isdir(args.ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory not found: {args.ckpt_dir}")
     tokenizer_path = args.tokenizer_path or _default_tokenizer(args.ckpt_dir)
@@ -129,9 +140,14 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
+    from . import demo
 
-    demo(args.out)
+    if args.random_weights:
+        demo.run_demo(args.out)
+    else:
+        if args.out:
+            raise ValueError("--out only applies with --random-weights")
+        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len, args.prompt or demo.DEMO_PROMPT)
     return 0
 
 

@@ -83,7 +83,7 @@ def test_bad_flag_value_is_argparse_exit_2(capsys):
 
 def test_demo_runs_as_module(tmp_path):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mtp_engine", "demo", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mtp_engine", "demo", "--random-weights", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr

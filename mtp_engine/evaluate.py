@@ -83,13 +83,16 @@ def _walk(ranks: List[List[int]], paths: set, prompt_len: int, gen_len: int, k: 
             "accepted_per_depth": accepted_per_depth[1:]}
 
 
-def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: int = 40) -> List[List[int]]:
-    """Token ids (bos + text + eos) of up to `max_files` held-out files, chosen by a fixed hash order."""
+def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: int = 40,
+                         split: str = "heldout") -> List[List[int]]:
+    """Token ids (bos + text + eos) of up to `max_files` files of the held-out (or "train") split,
+    chosen by a fixed hash order."""
     source = stdlib_root() if source is None else Path(source)
-    _, heldout = split_files(find_source_files(source), source)
-    heldout = sorted(heldout, key=lambda f: _unit_hash("eval:" + f.relative_to(source).as_posix()))
+    train, heldout = split_files(find_source_files(source), source)
+    files = sorted(heldout if split == "heldout" else train,
+                   key=lambda f: _unit_hash("eval:" + f.relative_to(source).as_posix()))
     streams = []
-    for f in heldout:
+    for f in files:
         text = read_text(f)
         if text and len(text) > 200:
             streams.append(tokenizer.encode(text, bos=True, eos=True))
@@ -98,6 +101,34 @@ def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: in
     if not streams:
         raise ValueError(f"no readable held-out files under {source}")
     return streams
+
+
+def sample_prompts(streams: List[List[int]], n_prompts: int, prompt_len: int, gen_len: int) -> List[List[int]]:
+    """One prompt per file at a fixed place inside it (a file's start is license text and imports)."""
+    prompts = []
+    for s in streams:
+        if len(s) >= prompt_len + gen_len + 2:
+            start = int(_unit_hash(f"prompt:{len(prompts)}:{len(s)}") * (len(s) - prompt_len - gen_len))
+            prompts.append(s[start:start + prompt_len])
+        if len(prompts) >= n_prompts:
+            break
+    if not prompts:
+        raise ValueError(f"no file has the {prompt_len + gen_len + 2} tokens a prompt and its continuation need")
+    return prompts
+
+
+def build_tree_for_model(model, tokenizer, budget: int, source: Optional[Path] = None, n_prompts: int = 16,
+                         prompt_len: int = 64, gen_len: int = 64, top_k: int = 8) -> dict:
+    """A token tree fitted to `model`: per-head top-k acceptance rates measured on greedy rollouts of
+    prompts from TRAINING files (so held-out evaluation stays untouched), then `build_tree`."""
+    from .speculative import build_tree, expected_accept_length, measure_acceptance_rates
+
+    prompts = sample_prompts(heldout_token_stream(tokenizer, source, 4 * n_prompts, split="train"),
+                             n_prompts, prompt_len, gen_len)
+    rates = measure_acceptance_rates(model, prompts, top_k=top_k, max_gen_len=gen_len)
+    paths = build_tree(rates, budget)
+    return {"paths": paths, "rates": rates, "expected_accept_length": expected_accept_length(paths, rates),
+            "prompts": len(prompts), "budget": budget}
 
 
 def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_files: int = 40,
@@ -118,14 +149,7 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     windows = torch.from_numpy(flat[: n_windows * seq_len].reshape(n_windows, seq_len))
     head_eval = evaluate(model, windows, batch_size=batch_size)
 
-    # Prompts: the start of a file is license text and imports; take a fixed place inside each file.
-    prompts = []
-    for s in streams:
-        if len(s) >= prompt_len + gen_len + 2:
-            start = int(_unit_hash(f"prompt:{len(prompts)}:{len(s)}") * (len(s) - prompt_len - gen_len))
-            prompts.append(s[start:start + prompt_len])
-        if len(prompts) >= n_prompts:
-            break
+    prompts = sample_prompts(streams, n_prompts, prompt_len, gen_len)
     gen = Generator(model, tokenizer=None, max_batch_size=len(prompts), max_seq_len=prompt_len + gen_len + 1)
     rollout = gen.generate(prompts, max_gen_len=gen_len, temperature=0.0, eos_id=-1)
     trees = trees or {}
@@ -178,6 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", action="append", default=None,
                         help="tree preset name or JSON list of paths; repeatable (default: the preset for the "
                              "model's head count)")
+    parser.add_argument("--build-tree", default=None, metavar="JSON",
+                        help="first fit a tree to this model (acceptance rates on training-split prompts) and "
+                             "write it here; it is then evaluated beside the others")
+    parser.add_argument("--tree-budget", type=int, default=47, help="drafted nodes of --build-tree (default 47)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--json", default=None, help="also write the result here")
 
@@ -190,6 +218,9 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
         return {name: speculative.resolve_tree(name, heads)}
     trees = {}
     for spec in specs:
+        if spec.endswith(".json") and Path(spec).is_file():   # a tree file written by --build-tree
+            trees[Path(spec).stem] = speculative.resolve_tree(json.loads(Path(spec).read_text())["paths"], heads)
+            continue
         paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
         trees[spec if isinstance(paths, str) else f"custom{len(trees)}"] = speculative.resolve_tree(paths, heads)
     return trees
@@ -206,6 +237,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     model.eval()
     trees = resolve_trees(args.tree, model.n_future_tokens) if model.n_future_tokens > 1 else {}
+    if args.build_tree:
+        if model.n_future_tokens < 2:
+            raise ValueError("--build-tree needs a model with at least 2 heads")
+        fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=args.source,
+                                      prompt_len=args.prompt_len, gen_len=args.gen_len)
+        Path(args.build_tree).write_text(json.dumps(fitted, indent=1) + "\n")
+        trees[Path(args.build_tree).stem] = fitted["paths"]
+        print(f"fitted tree: {len(fitted['paths'])} nodes, expected accepted length "
+              f"{fitted['expected_accept_length']:.2f} on {fitted['prompts']} training prompts -> {args.build_tree}")
     result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files,
                                  n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
     result["checkpoint"] = str(ckpt_dir)

@@ -86,12 +86,16 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     (ckpt / "tokenizer.model").write_bytes(Path(corpus.tokenizer.model_path).read_bytes())
     out_json = tmp_path / "eval.json"
     rc = main(["eval", "--ckpt-dir", str(ckpt), "--source", str(src), "--prompts", "2", "--prompt-len", "16",
-               "--gen-len", "12", "--max-files", "2", "--json", str(out_json), "--device", "cpu"])
+               "--gen-len", "12", "--max-files", "2", "--json", str(out_json), "--device", "cpu",
+               "--build-tree", str(tmp_path / "fitted.json"), "--tree-budget", "6"])
     assert rc == 0
     printed = capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert len(result["head_loss"]) == 4 and all(0 <= a <= 1 for a in result["head_top1"])
-    assert set(result["speculative"]) == {"chain", *result["trees"]}
+    assert set(result["speculative"]) == {"chain", *result["trees"]} and "fitted" in result["trees"]
+    fitted = json.loads((tmp_path / "fitted.json").read_text())
+    assert len(fitted["paths"]) == 6 and len(fitted["rates"]) == 3 and fitted["expected_accept_length"] >= 1
+    assert "fitted tree: 6 nodes" in printed
     for r in result["speculative"].values():
         assert 1.0 <= r["tokens_per_forward"] <= 4.0
     assert format_table(result) in printed

@@ -133,6 +133,10 @@ class Generator:
         ([[0], [1], [0, 0], ...], see mtp_engine.speculative), "preset" or None (the preset for
         `heads`), or "chain". Greedy speculative output equals plain greedy output token for token;
         sampled speculative output has the same distribution as plain sampling (not the same draws).
+        Exactness holds in float32. In bf16/fp16 a near-tie can break differently: plain decoding
+        ranks logits rounded to the model dtype (ties go to the lowest id, as in the release), the
+        verifier ranks float32-accumulated logits (linear_argmax), and a forward over T tree nodes
+        rounds differently from a one-token forward; after such a tie the two continuations differ.
         """
         tree_spec = self._check_speculative(speculative, heads, tree)
         check_sampling_args(temperature, top_p)

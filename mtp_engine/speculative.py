@@ -18,7 +18,8 @@ into the child whose token equals the verifier token and stops when none does; t
 at the last accepted node is emitted as the bonus. Greedy output therefore equals plain greedy
 output, and sampled output has the model's distribution exactly: every emitted token is a draw from
 the model's conditional at its own prefix, and the drafts only decide which already computed node
-the walk moves into.
+the walk moves into. (Exact in float32; in bf16 near-ties can break differently from plain
+decoding, see Generator.generate.)
 """
 from __future__ import annotations
 

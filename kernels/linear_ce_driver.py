@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
@@ -84,56 +84,69 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 # ------------------------------------------------------------------------------------------
 def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap):
     """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), n, N, single_head)."""
+    h3, single_head = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap)
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V=0)")
+    return flatten_rows(h3, targets, head_weights, weight.shape[0], ignore_index) + (single_head,)
+
+
+def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, weight_name="weight"):
+    """Every check that needs no vocabulary size: types, shapes, dtypes, devices, options.
+    Returns (hidden as (n, N, D), single_head)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ValueError("fused_linear_cross_entropy: hidden, weight and targets must be tensors")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     single_head = hidden.dim() == 2
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be (n, N, D) or (N, D), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be (V, D), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must be (V, D), got shape {tuple(weight.shape)}")
     h3 = hidden.unsqueeze(0) if single_head else hidden
     n, N, D = h3.shape
-    V = weight.shape[0]
     if weight.shape[1] != D:
-        raise ValueError(f"weight has D={weight.shape[1]} but hidden has D={D} (hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})")
-    if V == 0:
-        raise ValueError("weight has an empty vocabulary (V=0)")
+        raise ValueError(f"{weight_name} has D={weight.shape[1]} but hidden has D={D} "
+                         f"(hidden {tuple(hidden.shape)}, {weight_name} {tuple(weight.shape)})")
     expected_t = (N,) if single_head else (n, N)
     if tuple(targets.shape) != expected_t:
         raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+        raise ValueError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share one floating dtype")
     if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) must be on one device")
+        raise ValueError(f"hidden ({hidden.device}), {weight_name} ({weight.device}) and targets ({targets.device}) "
+                         "must be on one device")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    return h3, single_head
 
+
+def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_size: int, ignore_index: int):
+    """Check token ids against [0, vocab_size) and flatten: (rows (M, D), targets (M,), lambda per row (M,),
+    lambda (n,), n, N)."""
+    n, N, D = h3.shape
     flat_t = targets.reshape(-1).to(torch.int64)
-    bad = ((flat_t < 0) | (flat_t >= V)) & (flat_t != ignore_index)
+    bad = ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
     if flat_t.numel() and bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside [0, {V}) "
-                         f"that is not ignore_index={ignore_index}")
-
+        raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside "
+                         f"[0, {vocab_size}) that is not ignore_index={ignore_index}")
     if head_weights is None:
-        lam = torch.ones(n, dtype=torch.float32, device=hidden.device)
+        lam = torch.ones(n, dtype=torch.float32, device=h3.device)
     else:
-        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(hidden.device).reshape(-1)
+        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(h3.device).reshape(-1)
         if lam.numel() != n:
             raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
     rows = h3.reshape(n * N, D)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
-    return rows, flat_t.contiguous(), lam_rows, lam, n, N, single_head
+    return rows, flat_t.contiguous(), lam_rows, lam, n, N
 
 
 def head_factors(targets: torch.Tensor, lam: torch.Tensor, n: int, N: int, ignore_index: int, reduction: str):

@@ -153,22 +153,24 @@ def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def sample_top_p_logits(logits: torch.Tensor, temperature: float, top_p: float,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1. Returns (R,) int64: one draw per row
-    from softmax(logits / temperature) restricted to the nucleus.
-
-    The nucleus is mtp_engine.sampling.sample_top_p's: sort descending (stable, so equal
-    probabilities keep id order), keep the smallest prefix whose mass reaches top_p (the token
-    that crosses top_p is kept, so at least one survives), renormalize, draw.
-    """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs: (R, V) float, rows summing to 1. Returns (R,) int64 ids drawn from the top-p nucleus: the
+    Llama release's rule (sort descending, stable so equal probabilities keep id order; keep the smallest
+    prefix whose mass reaches top_p, the token that crosses top_p included, so one always survives;
+    renormalize; draw)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort = probs_sort.masked_fill(mass_before >= top_p, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def sample_top_p_logits(logits: torch.Tensor, temperature: float, top_p: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1. Returns (R,) int64: one draw per row
+    from softmax(logits / temperature) restricted to the nucleus (`sample_top_p`)."""
+    return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p, generator)
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,

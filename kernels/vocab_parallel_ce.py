@@ -31,10 +31,9 @@ import triton.language as tl
 from . import reference
 from .backend import interpreting, use_triton
 from .fused_linear_ce import _softcapped
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, head_factors, per_head_losses, reduce_rows,
-                               rows_per_chunk)
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
+                               per_head_losses, reduce_rows, rows_per_chunk)
 
-_REDUCTIONS = ("mean", "sum", "none")
 _LOG2E = 1.4426950408889634
 
 
@@ -237,57 +236,13 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
 
 def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
              softcap):
-    """Validate, agree on the layout, flatten to rows. Same checks as the single-process path, with
-    token ids checked against the global vocabulary."""
-    if not all(isinstance(x, torch.Tensor) for x in (hidden, weight, targets)):
-        raise ValueError("fused_linear_cross_entropy: hidden, weight and targets must be tensors")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be (n, N, D) or (N, D), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be this rank's (V_local, D) shard, got shape {tuple(weight.shape)}")
-    single = hidden.dim() == 2
-    h3 = hidden.unsqueeze(0) if single else hidden
+    """Validate, agree on the layout, flatten to rows: the single-process checks, with token ids checked
+    against the global vocabulary."""
+    h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap,
+                              weight_name="weight (this rank's shard)")
     n, N, D = h3.shape
-    if weight.shape[1] != D:
-        raise ValueError(f"weight shard has D={weight.shape[1]} but hidden has D={D}")
-    expected_t = (N,) if single else (n, N)
-    if tuple(targets.shape) != expected_t:
-        raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, "
-                         f"got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
-    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
-                         "must be on one device")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-
     shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device)
-    flat_t = targets.reshape(-1).to(torch.int64)
-    bad = ((flat_t < 0) | (flat_t >= shard.vocab_size)) & (flat_t != ignore_index)
-    if flat_t.numel() and bool(bad.any()):
-        idx = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside the global "
-                         f"vocabulary [0, {shard.vocab_size}) that is not ignore_index={ignore_index}")
-    if head_weights is None:
-        lam = torch.ones(n, dtype=torch.float32, device=hidden.device)
-    else:
-        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(hidden.device).reshape(-1)
-        if lam.numel() != n:
-            raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
-    rows = h3.reshape(n * N, D)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
-    lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
-    return rows, flat_t.contiguous(), lam_rows, lam, n, N, single, shard
+    return flatten_rows(h3, targets, head_weights, shard.vocab_size, ignore_index) + (single, shard)
 
 
 def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
+
 
 def check_sampling_args(temperature: float, top_p: float) -> None:
     """Raise ValueError unless temperature >= 0 and 0 < top_p <= 1 (both finite numbers)."""
@@ -23,18 +25,6 @@ def check_sampling_args(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """probs: (B, V) float, rows summing to 1. Returns (B,) int64 token ids drawn from the nucleus."""
-    # stable sort: among equal probabilities the lowest id comes first, as with argmax.
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    probs_sort = probs_sort.masked_fill(mass_before >= top_p, 0.0)
-    # the first token always has mass_before == 0 < top_p, so no row is all zero.
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

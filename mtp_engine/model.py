@@ -247,7 +247,8 @@ class Transformer(nn.Module):
         dtype = dtype or self.output.weight.dtype
         device = device or self.output.weight.device
         blocks = self.blocks()
-        shape = (len(blocks), max_batch_size, max_seq_len, self.params.kv_heads, self.params.head_dim)
+        # The blocks' own KV-head count: a tensor-parallel rank holds only its share of the heads.
+        shape = (len(blocks), max_batch_size, max_seq_len, blocks[0].attention.n_kv_heads, self.params.head_dim)
         # One tensor per K and V for all blocks, in `blocks()` order: (n_blocks, B, S, Hkv, Dh).
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)

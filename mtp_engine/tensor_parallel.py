@@ -25,7 +25,6 @@ Inference only: the parameters do not require gradients (the all-reduce hook has
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -36,31 +35,10 @@ from torch import nn
 from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, _read_params, find_shards,
                          shard_dim)
 from .distributed import DistEnv
-from .model import KVCache, ModelArgs, Transformer, precompute_freqs_cis
+from .model import ModelArgs, Transformer, precompute_freqs_cis
 
 # Full on every rank although Meta's shards split them: gathered once at load.
 _GATHERED_KEYS = ("tok_embeddings.weight", "output.weight")
-
-
-class TensorParallelTransformer(Transformer):
-    """A `Transformer` whose blocks hold this rank's heads and FFN slice (see the module docstring).
-
-    Only the KV cache differs from the base class: it holds this rank's n_kv_heads / world_size heads.
-    """
-
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        if max_seq_len > 2 * self.params.max_seq_len:
-            self._grow_rope(max_seq_len)
-        dtype = dtype or self.output.weight.dtype
-        device = device or self.output.weight.device
-        blocks = self.blocks()
-        local_kv_heads = blocks[0].attention.n_kv_heads
-        shape = (len(blocks), max_batch_size, max_seq_len, local_kv_heads, self.params.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        for i, block in enumerate(blocks):
-            block.attention.cache = KVCache(self.k_cache[i], self.v_cache[i])
-        self.cache_batch, self.cache_len = max_batch_size, max_seq_len
 
 
 def _all_reduce_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -173,7 +151,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
     check_tensor_parallel_args(args, env.world_size)
 
     with torch.device("meta"):
-        model = (TensorParallelTransformer if env.world_size > 1 else Transformer)(args)
+        model = Transformer(args)
         if env.world_size > 1:
             _shard_block_modules(model, args, env.world_size)
     _check_head_count(args, shards[0], params_path, files[0])

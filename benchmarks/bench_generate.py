@@ -12,7 +12,7 @@
    forward, the speedup over plain decoding is tokens_per_forward / ratio.
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain and
    the default tree at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
-   prompts = held-out standard-library code) when there is one, else on the random 7B-shaped model
+   prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on the random 7B-shaped model
    (random heads accept almost nothing: that row shows overheads, not speedups).
 --tiny: a tiny fp32 model on the CPU (a pipeline check in seconds, not a measurement).
 Timing: benchmarks/common.time_and_peak (CUDA: do_bench median). Writes
@@ -105,19 +105,12 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
 
 
 # ------------------------------------------------------------------------------ end to end
-def code_prompts(tokenizer, n: int, prompt_len: int) -> list:
-    """n prompts of prompt_len tokens: the openings of standard-library files (held-out-like code)."""
-    import sysconfig
+def code_prompts(tokenizer, n: int, prompt_len: int, gen_len: int) -> list:
+    """n prompts of prompt_len tokens from held-out standard-library files (the `test/` folders the
+    default model never trained on), as `mtp eval` samples them."""
+    from mtp_engine.evaluate import heldout_token_stream, sample_prompts
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    prompts = []
-    for path in sorted(root.glob("*.py"))[::7]:
-        ids = tokenizer.encode(path.read_text(errors="ignore"), bos=True, eos=False)
-        if len(ids) >= prompt_len:
-            prompts.append(ids[:prompt_len])
-        if len(prompts) == n:
-            break
-    return prompts
+    return sample_prompts(heldout_token_stream(tokenizer, max_files=4 * n), n, prompt_len, gen_len)
 
 
 @torch.inference_mode()
@@ -185,6 +178,8 @@ def main() -> int:
                         help="trained MTP checkpoint for end-to-end acceptance (skipped when absent)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
     parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 128; tiny 8)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="batch sizes (default 1 8 32 on CUDA, 1 4 on the CPU)")
     args = parser.parse_args()
 
     tiny = args.tiny or not torch.cuda.is_available()
@@ -194,7 +189,7 @@ def main() -> int:
     dtype = torch.float32 if tiny else torch.bfloat16
     kv_len = 32 if tiny else 1024
     gen_len = args.gen_len or (8 if tiny else 128)
-    batches = (1, 4) if tiny else BATCHES
+    batches = tuple(args.batches) if args.batches else (1, 4) if tiny else BATCHES
 
     step_model = random_model(SHAPE_TINY if tiny else SHAPE_7B, device, dtype)
     result = {"env": common.environment_info(device), "step_model": ("tiny random " if tiny else "7B-shaped random ")
@@ -212,7 +207,7 @@ def main() -> int:
         common.free_memory()
         e2e_model = load_checkpoint(ckpt, device=device, dtype=dtype).eval()
         tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
-        prompts = code_prompts(tokenizer, 32, 64)
+        prompts = code_prompts(tokenizer, 32, 64, gen_len)
         label = f"trained checkpoint {ckpt}"
     if not prompts:
         g = torch.Generator().manual_seed(1)

@@ -137,6 +137,9 @@ def init_distributed(device: Optional[str] = None, timeout: datetime.timedelta =
 def cleanup(env: DistEnv) -> None:
     """Destroy the default process group (if one exists). Safe to call more than once."""
     if env.distributed and dist.is_initialized():
+        # Every rank reaches this point before any tears the group down: a gloo rank that exits while
+        # its peer still talks to it can abort in the peer's transport threads.
+        dist.barrier()
         dist.destroy_process_group()
 
 

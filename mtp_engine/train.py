@@ -556,14 +556,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")
-        elif f.type in ("int", "Optional[int]"):
-            parser.add_argument(flag, type=int, default=None)
-        elif f.type in ("float", "Optional[float]"):
-            parser.add_argument(flag, type=float, default=None)
         else:
-            choices = {"head_schedule": HEAD_SCHEDULES, "distributed": ("none", "ddp", "fsdp"),
-                       "export_dtype": tuple(_EXPORT_DTYPES)}.get(f.name)
-            parser.add_argument(flag, default=None, choices=choices)
+            help_text = f"default: the preset's, else {f.default}"
+            if f.type in ("int", "Optional[int]"):
+                parser.add_argument(flag, type=int, default=None, help=help_text)
+            elif f.type in ("float", "Optional[float]"):
+                parser.add_argument(flag, type=float, default=None, help=help_text)
+            else:
+                choices = {"head_schedule": HEAD_SCHEDULES, "distributed": ("none", "ddp", "fsdp"),
+                           "export_dtype": tuple(_EXPORT_DTYPES)}.get(f.name)
+                parser.add_argument(flag, default=None, choices=choices, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

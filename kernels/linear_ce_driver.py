@@ -194,6 +194,22 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     return loss, per_head, opts, saved
 
 
+def scale_forward_grads(ctx, grad_out, hidden_shape):
+    """Backward of a mean/sum loss whose gradients were made in the forward (saved as d_rows, d_weight):
+    scale them in place by grad_out (they are ours, no copies). Only one backward can consume them."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
+                           "(retain_graph=True) is not supported for reduction mean/sum: the "
+                           "gradients were computed in the forward and handed out by the first one")
+    ctx.consumed = True
+    d_rows, d_weight = ctx.saved_tensors
+    if d_rows is not None:
+        d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
+    if d_weight is not None:
+        d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+    return d_rows, d_weight
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper around `linear_ce_chunks`, generic over the per-chunk kernel."""
 
@@ -213,17 +229,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_per_head=None):
         reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
         if reduction != "none":
-            if getattr(ctx, "consumed", False):
-                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
-                                   "(retain_graph=True) is not supported for reduction mean/sum: the "
-                                   "gradients were computed in the forward and handed out by the first one")
-            ctx.consumed = True
-            d_rows, d_weight = ctx.saved_tensors
-            # The gradients are ours (made in forward): scale them in place, no copies.
-            if d_rows is not None:
-                d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
-            if d_weight is not None:
-                d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+            d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
             rows, weight, flat_t, lam_rows = ctx.saved_tensors
             scale = grad_out.reshape(-1).to(torch.float32) * lam_rows

@@ -265,6 +265,17 @@ def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens
 # --------------------------------------------------------------------------------------------
 # Vocabulary-parallel cross-entropy (vocab_parallel_ce.py): per-chunk steps on a vocabulary shard
 # --------------------------------------------------------------------------------------------
+def _vp_scores(logits, targets, vocab_start: int, opts):
+    """Shared by the vocab-parallel twins: float32 (softcapped) scores s of this rank's slice, which rows
+    count, targets relative to the slice, and which rows' targets this rank owns."""
+    z = logits.float()
+    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
+    valid = targets != opts.ignore_index
+    local_t = targets - vocab_start
+    owned = valid & (local_t >= 0) & (local_t < logits.shape[1])
+    return s, valid, local_t, owned
+
+
 def vp_chunk_stats(logits, targets, vocab_start: int, stats_out, opts) -> None:
     """Twin of the stats kernel in vocab_parallel_ce.py.
 
@@ -273,12 +284,7 @@ def vp_chunk_stats(logits, targets, vocab_start: int, stats_out, opts) -> None:
     local sum of s, s at the target if vocab_start <= target < vocab_start + V_local else 0
     (all 0 for ignored rows). s = softcap * tanh(z / softcap), or z.
     """
-    V_local = logits.shape[1]
-    z = logits.float()
-    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
-    valid = targets != opts.ignore_index
-    local_t = targets - vocab_start
-    owned = valid & (local_t >= 0) & (local_t < V_local)
+    s, valid, local_t, owned = _vp_scores(logits, targets, vocab_start, opts)
     s_t = s.gather(1, torch.where(owned, local_t, torch.zeros_like(local_t))[:, None])[:, 0]
     zero = torch.zeros_like(s_t)
     stats_out[0].copy_(torch.where(valid, torch.logsumexp(s, dim=1), zero))
@@ -290,12 +296,7 @@ def vp_chunk_grad(logits, targets, vocab_start: int, vocab_size: int, lse, row_s
     """Twin of the gradient kernel in vocab_parallel_ce.py: logits (R, V_local) <- d(total)/d(logits)
     given the global lse (R,) float32 and the global vocabulary size (label smoothing spreads over it);
     rows whose target is ignore_index get 0."""
-    V_local = logits.shape[1]
-    z = logits.float()
-    s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
-    valid = targets != opts.ignore_index
-    local_t = targets - vocab_start
-    owned = valid & (local_t >= 0) & (local_t < V_local)
+    s, valid, local_t, owned = _vp_scores(logits, targets, vocab_start, opts)
     eps = opts.label_smoothing
     grad = torch.exp(s - lse[:, None]) * (1.0 + 2.0 * opts.z_loss * lse[:, None]) - eps / vocab_size
     hit = torch.where(owned, torch.full_like(lse, -(1.0 - eps)), torch.zeros_like(lse))

@@ -32,7 +32,8 @@ from . import reference
 from .backend import interpreting, use_triton
 from .fused_linear_ce import _softcapped
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
-                               per_head_losses, reduce_rows, rows_per_chunk)
+                               per_head_losses, reduce_rows, rows_per_chunk,
+                               scale_forward_grads)
 
 _LOG2E = 1.4426950408889634
 
@@ -281,16 +282,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_per_head=None):
         reduction, opts, shard, kernels, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
         if reduction != "none":
-            if getattr(ctx, "consumed", False):
-                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
-                                   "(retain_graph=True) is not supported for reduction mean/sum: the "
-                                   "gradients were computed in the forward and handed out by the first one")
-            ctx.consumed = True
-            d_rows, d_weight = ctx.saved_tensors
-            if d_rows is not None:
-                d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
-            if d_weight is not None:
-                d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+            d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
             # grad_out must be the same on every rank (the loss is replicated): true for any loss
             # built from this output the same way on every rank.

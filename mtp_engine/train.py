@@ -169,16 +169,16 @@ class MTPTrainModel(nn.Module):
         trunk_out = model.trunk_hidden(tokens)
         trunk_in = trunk_out.detach().requires_grad_(True)
         targets = mtp_targets(tokens, self.n_future, self.ignore_index).view(self.n_future, B * T)
-        per_head = torch.zeros(self.n_future, dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float32)
+        per_head = []
         for i in range(self.n_future):
             hidden = model.head_hidden_from_trunk(trunk_in, i)            # (B, T, D)
             loss_i = fused_linear_cross_entropy(hidden.reshape(1, B * T, -1), model.output.weight, targets[i:i + 1],
                                                 ignore_index=self.ignore_index)
             (loss_i * (self.head_weights[i] * loss_scale)).backward()     # frees this head's activations
-            per_head[i] = loss_i.detach().float().cpu()
-            total += self.head_weights[i] * per_head[i]
+            per_head.append(loss_i.detach().float())                      # stays on the device: no sync per head
         trunk_out.backward(trunk_in.grad)
+        per_head = torch.stack(per_head)
+        total = (per_head * torch.tensor(self.head_weights, device=per_head.device)).sum()
         return MTPLossOutput(total, per_head)
 
 

@@ -358,7 +358,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            per_head = torch.zeros(model.n_future_tokens)
+            per_head = torch.zeros(model.n_future_tokens, device=device)   # on the device: no sync per step
             for micro in range(cfg.grad_accum):
                 tokens = train_data.batch(cfg.batch_size, cfg.seed, micro_index + rank).to(device)
                 micro_index += world
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                         with autocast():
                             result = wrapped(tokens)
                         (result.loss / cfg.grad_accum).backward()
-                per_head += result.per_head.cpu() / cfg.grad_accum
+                per_head += result.per_head.detach().to(device) / cfg.grad_accum
             if cfg.head_schedule == "sequential" and env is not None:
                 _sync_grads(module, env)
             grad_norm = _clip(wrapped, module, cfg)
@@ -379,22 +379,20 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             step += 1
             window_tokens += tokens_per_step
             state["tokens"] += tokens_per_step
-            last_loss = float(per_head.sum())
-            if env is not None:
-                per_head = _all_reduce_mean(per_head.to(device), env).cpu()
-                last_loss = float(per_head.sum())
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            over_time = cfg.time_budget_s is not None and time.perf_counter() - start_time >= cfg.time_budget_s
+            if step % cfg.log_every == 0 or step == cfg.max_steps or over_time:
+                # Host reads (and the cross-rank mean) only on logging steps.
+                logged = _all_reduce_mean(per_head, env) if env is not None else per_head
+                last_loss = float(logged.sum())
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 elapsed = now - start_time
                 eta = elapsed / step * (cfg.max_steps - step)
-                run_log["steps"].append({"step": step, "loss": last_loss, "per_head": per_head.tolist(), "lr": lr,
-                                         "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tps,
+                run_log["steps"].append({"step": step, "loss": last_loss, "per_head": logged.tolist(), "lr": lr,
+                                         "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": tps,
                                          "elapsed_s": elapsed})
                 progress.update(step, last_loss, lr, tps, eta)
-            over_time = cfg.time_budget_s is not None and time.perf_counter() - start_time >= cfg.time_budget_s
             if step % cfg.eval_every == 0 or step == cfg.max_steps or over_time:
                 with _gathered(wrapped, cfg, env):   # every rank: FSDP gathers collectively
                     result = evaluate(model, heldout, autocast=autocast)
@@ -503,13 +501,13 @@ def _sync_grads(module: nn.Module, env) -> None:
             p.grad.div_(env.world_size)
 
 
-def _clip(wrapped: nn.Module, module: nn.Module, cfg: TrainConfig) -> float:
+def _clip(wrapped: nn.Module, module: nn.Module, cfg: TrainConfig):
+    """Clip in place; returns the pre-clip norm as a tensor (read on logging steps only)."""
     params = [p for p in wrapped.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _full_state_dict(module: MTPTrainModel, wrapped: nn.Module, cfg: TrainConfig, env):

@@ -36,6 +36,26 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of V logits in BLOCK_V lanes: per-lane running max m, sum of exp(s - m)
+    (base 2) and plain sum of s, s = softcapped logits. A finite floor instead of -inf keeps
+    (m - m_new) free of inf - inf in masked lanes. Shared with vocab_parallel_ce.py."""
+    m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    s_sum = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, s)
+        acc = acc * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((s - m_new) * 1.4426950408889634)
+        m = m_new
+        s_sum += tl.where(mask, s, 0.0)
+    return m, acc, s_sum
+
+
+@triton.jit
 def _ce_chunk_kernel(
     logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
@@ -54,20 +74,8 @@ def _ce_chunk_kernel(
                 tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(logits_ptr.dtype.element_ty),
                          mask=cols < V)
     else:
-        # Pass 1: online max and sum of exp (base 2), and the plain sum of s for label smoothing.
-        # A finite floor instead of -inf keeps (m - m_new) free of inf - inf for masked lanes.
-        m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
-        acc = tl.zeros((BLOCK_V,), tl.float32)
-        s_sum = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
-            m_new = tl.maximum(m, s)
-            acc = acc * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((s - m_new) * 1.4426950408889634)
-            m = m_new
-            s_sum += tl.where(mask, s, 0.0)
+        # Pass 1: online max and sum of exp, and the plain sum of s for label smoothing.
+        m, acc, s_sum = _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         m_row = tl.max(m, axis=0)
         sum_exp = tl.sum(acc * tl.exp2((m - m_row) * 1.4426950408889634), axis=0)
         lse = m_row + tl.log(sum_exp)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
-from .fused_linear_ce import _softcapped
+from .fused_linear_ce import _online_lse_lanes, _softcapped
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
                                per_head_losses, reduce_rows, rows_per_chunk,
                                scale_forward_grads)
@@ -57,20 +57,7 @@ def _vp_stats_kernel(
     s_total = 0.0
     s_t = 0.0
     if target != ignore_index:
-        # Online max and sum of exp (base 2), as in fused_linear_ce.py; a finite floor keeps
-        # (m - m_new) free of inf - inf in masked lanes.
-        m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
-        acc = tl.zeros((BLOCK_V,), tl.float32)
-        s_sum = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, V_local, BLOCK_V):
-            cols = start + offs
-            mask = cols < V_local
-            z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
-            m_new = tl.maximum(m, s)
-            acc = acc * tl.exp2((m - m_new) * _LOG2E) + tl.exp2((s - m_new) * _LOG2E)
-            m = m_new
-            s_sum += tl.where(mask, s, 0.0)
+        m, acc, s_sum = _online_lse_lanes(row_ptr, V_local, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         m_row = tl.max(m, axis=0)
         lse = m_row + tl.log(tl.sum(acc * tl.exp2((m - m_row) * _LOG2E), axis=0))
         s_total = tl.sum(s_sum, axis=0)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import gpu_launch, interpreting, sm_count, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -627,11 +627,6 @@ def _kv_combine_kernel(
     tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _pack_tree_mask(tree_mask: torch.Tensor, Tq: int) -> torch.Tensor:
     """(Tq, Tq) bool -> (Tq, ceil(Tq / 64)) int64: bit j % 64 of word j // 64 = tree_mask[i, j]."""
     words = triton.cdiv(Tq, 64)
@@ -657,13 +652,13 @@ def _kv_launch_config(B: int, Hkv: int, rows: int, S_max: int, D: int, device: t
     row_tiles = triton.cdiv(rows, block_m)
     if FORCE_KV_SPLIT_SIZE is not None:
         split_blocks = triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), block_n)
-    elif interpreting() or device.type != "cuda":
+    elif not gpu_launch(device):
         split_blocks = n_blocks
     else:
         # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle;
         # aim for about four programs per SM so enough loads are in flight to saturate HBM.
         programs = B * Hkv * row_tiles
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 4 * sm_count(device)
         n_splits = 1 if programs >= target // 2 else min(n_blocks, triton.cdiv(target, programs))
         split_blocks = triton.cdiv(n_blocks, n_splits)
     split_size = split_blocks * block_n
@@ -732,7 +727,7 @@ def _kernel_supports(q: torch.Tensor) -> bool:
     """Shapes/dtypes the Triton kernels handle; anything else valid runs on the reference."""
     if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
         return False
-    if q.is_cuda:
+    if gpu_launch(q.device):
         return q.dtype in (torch.float16, torch.bfloat16)
     return q.dtype in (torch.float32, torch.float16)
 

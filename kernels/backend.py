@@ -6,6 +6,10 @@
   - "triton": always Triton. On CPU tensors this needs `TRITON_INTERPRET=1` (set before Triton
     is imported), which runs the kernels with numpy: that is how the tests exercise them on CPU.
 
+`MTP_CROSS_COMPILE=<sm>` (e.g. 90) is the one other switch, set only by
+`benchmarks/compile_check.py`: launchers then treat CPU tensors as tensors on an sm_<sm> GPU (its
+tile configs, its SM count) so that the check compiles exactly the kernels a GPU run would launch.
+
 The environment is read at call time, so tests can flip it with `monkeypatch.setenv`.
 Nothing here touches the GPU driver at import time.
 """
@@ -34,6 +38,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cross_compile_arch() -> int | None:
+    """The compute capability (e.g. 90) named by MTP_CROSS_COMPILE, or None in normal use."""
+    value = os.environ.get("MTP_CROSS_COMPILE", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"MTP_CROSS_COMPILE={value!r} must be a compute capability such as 90")
+    return int(value)
+
+
+# SMs of the device a cross-compile stands for (H100 SXM and H200 both have 132).
+CROSS_COMPILE_SM_COUNT = 132
+
+
+def gpu_launch(device: torch.device) -> bool:
+    """True when a launcher should use its GPU tile configs: a CUDA device, or a cross-compile."""
+    return not interpreting() and (device.type == "cuda" or cross_compile_arch() is not None)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (CUDA, or the cross-compile's stand-in)."""
+    if device.type != "cuda":
+        return CROSS_COMPILE_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def backend_name() -> str:
     name = os.environ.get("MTP_BACKEND", "auto").strip().lower() or "auto"
     if name not in _CHOICES:
@@ -47,6 +82,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if name == "reference":
         return False
     on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    if cross_compile_arch() is not None:
+        return triton_available()
     if name == "triton":
         if not triton_available():
             raise RuntimeError("MTP_BACKEND=triton but Triton is not importable")

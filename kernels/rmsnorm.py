@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import gpu_launch, interpreting, sm_count, use_triton
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     dy2 = _rows(dy)
     dx = torch.empty_like(x2)
     # Enough programs to fill the GPU; few under the interpreter (one program runs at a time).
-    target = 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+    target = 4 * sm_count(x2.device) if gpu_launch(x2.device) else 4
     rows_per_program = triton.cdiv(M, max(min(M, target), 1))
     n_programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((n_programs, D), dtype=torch.float32, device=x2.device)

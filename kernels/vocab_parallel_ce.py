@@ -35,7 +35,7 @@ from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, f
                                per_head_losses, reduce_rows, rows_per_chunk,
                                scale_forward_grads)
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
 
 
 # ------------------------------------------------------------------------------------ kernels

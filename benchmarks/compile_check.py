@@ -1,0 +1,321 @@
+"""Compile every Triton kernel for a CUDA GPU on a machine that has none, and check it fits.
+
+The interpreter runs kernels with numpy, so it cannot tell whether a kernel compiles for a real
+GPU, how much shared memory a tile config needs, or whether it runs out of registers. Triton can
+compile ahead of time for any target (its wheel carries ptxas), so this script drives the real
+public functions and launchers on CPU tensors with `MTP_CROSS_COMPILE=<sm>` set: the launchers pick
+exactly the tile configs, constexprs and dtypes a GPU run would, and every launch is compiled to a
+cubin instead of being run. Autotuned kernels compile every config that survives pruning.
+
+Each compiled variant is checked against the device's limits (H100/H200, sm_90):
+  - shared memory per block <= 227 KiB (232448 bytes, the opt-in maximum);
+  - registers per thread <= 255 and registers x threads per block <= 65536;
+  - spills (a stack frame or local memory in the cubin) are reported, not failed: they cost speed,
+    not correctness.
+
+    python benchmarks/compile_check.py [--arch 90] [--quick] [--out benchmarks/results]
+
+--quick compiles bf16 only and the first config of each autotuned kernel (the CI test runs it).
+Writes compile_sm<arch>.json and .md under --out; exits 1 if any variant fails to compile or does
+not fit. Launched kernels do not run, so the values they would write stay uninitialized: the
+scenarios below never read results.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS_PER_THREAD = 255
+
+_TORCH_TO_TRITON = {
+    "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
+    "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8",
+    "torch.uint8": "u8", "torch.bool": "i1",
+}
+
+
+def _arg_type(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[str(value.dtype)]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+def _divisible_by_16(value) -> bool:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
+def _resource_usage(cubin: bytes, cuobjdump: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = {key.lower(): int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    if "reg" not in usage:
+        raise RuntimeError(f"cuobjdump -res-usage gave no register count:\n{text}")
+    return usage
+
+
+class CrossCompiler:
+    """Stands in for the GPU: every kernel launch inside `capture()` is compiled, never run."""
+
+    def __init__(self, arch: int, quick: bool):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        self.arch, self.quick = arch, quick
+        self.target = GPUTarget("cuda", arch, 32)
+        self.cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+        self.records: list[dict] = []
+        self._seen: set = set()
+        self.scenario = ""
+
+    # -------------------------------------------------------------------- one launch -> one cubin
+    def compile_launch(self, jit_fn, args, kwargs) -> None:
+        import triton
+
+        params = inspect.signature(jit_fn.fn).parameters
+        names = list(params)
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in params})
+        for name, p in params.items():
+            if name not in bound and p.default is not inspect.Parameter.empty:
+                bound[name] = p.default
+        options = {k: v for k, v in kwargs.items() if k not in params and k not in ("grid", "warmup")}
+        signature, constexprs, attrs = {}, {}, {}
+        for index, param in enumerate(jit_fn.params):
+            value = bound[param.name]
+            if param.is_constexpr or value is None:
+                signature[param.name], constexprs[param.name] = "constexpr", value
+                continue
+            signature[param.name] = _arg_type(value)
+            if not param.do_not_specialize and _divisible_by_16(value):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        key = (jit_fn.fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        record = dict(scenario=self.scenario, kernel=jit_fn.fn.__name__,
+                      dtypes=sorted({t.lstrip("*") for t in signature.values() if t.startswith("*")}),
+                      constexprs={k: v for k, v in constexprs.items() if v is not None},
+                      num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
+        t0 = time.perf_counter()
+        try:
+            src = triton.compiler.ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=self.target, options=options)
+            usage = _resource_usage(compiled.asm["cubin"], self.cuobjdump)
+            record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
+                          spill_bytes=usage.get("stack", 0) + usage.get("local", 0))
+            record["problems"] = self._problems(record)
+        except Exception as exc:  # a compile error is the finding; keep going to report them all
+            # A CompilationError ends with the cause (e.g. NameError(...)) after the source excerpt.
+            last_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            record["problems"] = [f"compile error: {type(exc).__name__}: {last_line[:300]}"]
+            record["error"] = str(exc)[:4000]
+        record["compile_s"] = round(time.perf_counter() - t0, 2)
+        self.records.append(record)
+        print(f"  {'FAIL' if record['problems'] else 'ok  '} {record['kernel']:<34} "
+              f"{','.join(record['dtypes']):<16} w{record['num_warps']} s{record['num_stages']} "
+              f"smem={record.get('shared_bytes', '-')} regs={record.get('registers', '-')} "
+              f"spill={record.get('spill_bytes', '-')} {'; '.join(record['problems'])}", flush=True)
+
+    def _problems(self, r: dict) -> list[str]:
+        problems = []
+        max_shared = MAX_SHARED_BYTES.get(self.arch, 49152)
+        if r["shared_bytes"] > max_shared:
+            problems.append(f"shared memory {r['shared_bytes']} B > {max_shared} B")
+        if r["registers"] > MAX_REGISTERS_PER_THREAD:
+            problems.append(f"{r['registers']} registers per thread > {MAX_REGISTERS_PER_THREAD}")
+        threads = 32 * r["num_warps"]
+        if r["registers"] * threads > REGISTERS_PER_SM:
+            problems.append(f"{r['registers']} registers x {threads} threads > {REGISTERS_PER_SM}")
+        return problems
+
+    # -------------------------------------------------------------------- patching the runtime
+    @contextmanager
+    def capture(self):
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        compiler = self
+
+        def jit_run(fn, *args, grid, warmup, **kwargs):
+            compiler.compile_launch(fn, args, kwargs)
+
+        def autotuner_run(tuner, *args, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            call_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            configs = tuner.prune_configs(call_kwargs)
+            for config in configs[:1] if compiler.quick else configs:
+                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+
+        with mock.patch.object(JITFunction, "run", jit_run), mock.patch.object(Autotuner, "run", autotuner_run):
+            yield
+
+
+# ============================================================================================
+# Scenarios: the launches a GPU run makes, at shapes that pick its tile configs
+# ============================================================================================
+def scenarios(dtypes):
+    import torch
+
+    import mtp_kernels as K
+    from mtp_kernels import attention, linear_ce_driver, reference, vocab_parallel_ce
+    from mtp_engine.speculative import TokenTree, preset_paths
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype, grad=False):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(grad)
+
+    def fused_ce(dtype):
+        # The chunk kernel's BLOCK_V follows V; the options are constexprs or scalars.
+        for V, opts in ((32000, {}), (128256, {}), (1001, dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4))):
+            hidden = randn(4, 8, 64, dtype=dtype, grad=True)
+            weight = randn(V, 64, dtype=dtype, grad=True)
+            targets = torch.randint(0, V, (4, 8), generator=gen)
+            K.fused_linear_cross_entropy(hidden, weight, targets, **opts).backward()
+
+    def vocab_parallel(dtype):
+        for V_local, softcap in ((16000, None), (501, 30.0)):
+            logits = randn(8, V_local, dtype=dtype)
+            targets = torch.randint(0, 2 * V_local, (8,), generator=gen)
+            opts = linear_ce_driver.CEOptions(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, softcap=softcap)
+            stats = torch.empty(3, 8)
+            vocab_parallel_ce.vp_chunk_stats(logits, targets, V_local, stats, opts)
+            vocab_parallel_ce.vp_chunk_grad(logits, targets, V_local, 2 * V_local, torch.zeros(8), torch.ones(8), opts)
+
+    def rmsnorm(dtype):
+        for D in (4096, 1024, 192):
+            x = randn(8, D, dtype=dtype, grad=True)
+            K.rms_norm(x, randn(D, dtype=dtype, grad=True)).sum().backward()
+
+    def flash(dtype):
+        for D, H, Hkv in ((128, 32, 8), (64, 16, 16)):
+            q, k, v = (randn(1, 256, h, D, dtype=dtype, grad=True) for h in (H, Hkv, Hkv))
+            attention.flash_attention(q, k, v, causal=True).sum().backward()
+        q, k, v = (randn(1, 100, 4, 128, dtype=dtype, grad=True) for _ in range(3))
+        attention.flash_attention(q, k, v, causal=False).sum().backward()
+
+    def kv_cache(dtype):
+        # Decode (Tq=1) unsplit and flash-decoding split, tree verification with 16 and 64 nodes.
+        for D in (128, 64):
+            k_cache, v_cache = (randn(2, 1024, 8, D, dtype=dtype) for _ in range(2))
+            seqlens = torch.tensor([5, 900], dtype=torch.int32)
+            for Tq, split in ((1, None), (1, 256), (16, None), (64, None), (64, 256)):
+                q = randn(2, Tq, 32, D, dtype=dtype)
+                tree = torch.tril(torch.ones(Tq, Tq, dtype=torch.bool)) if Tq > 1 else None
+                with mock.patch.object(attention, "FORCE_KV_SPLIT_SIZE", split):
+                    attention.kv_cache_attention(q, k_cache, v_cache, seqlens, tree)
+
+    def sampling(dtype):
+        for R in (1, 48, 256):
+            hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
+            K.linear_argmax(hidden, weight)
+            K.linear_sample(hidden, weight, temperature=0.8, generator=torch.Generator().manual_seed(1))
+            # The top-p fallback samples on the host from the logits the (skipped) kernel would write.
+            with mock.patch.object(reference, "sample_top_p_logits", lambda logits, *_: logits[:, 0].long()):
+                K.linear_sample(hidden, weight, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+
+    def tree_verify(dtype):
+        tree = TokenTree.from_paths(preset_paths(4), 4)
+        T = len(tree.parents)
+        candidates = torch.randint(0, 100, (8, T), generator=gen)
+        accepted, accept_len, _ = K.tree_accept(candidates, candidates.clone(), tree.parents)
+        caches = [randn(6, 8, 512, 8, 128, dtype=dtype) for _ in range(2)]
+        seqlens = torch.full((8,), 100, dtype=torch.int32)
+        K.compact_kv_cache(*caches, seqlens, torch.arange(4).repeat(8, 1), torch.full((8,), 4))
+
+    return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
+                kv_cache_attention=kv_cache, sampling=sampling, tree_verify=tree_verify)
+
+
+def markdown(records, arch: int, quick: bool) -> str:
+    import triton
+
+    lines = [f"# Triton kernels compiled for sm_{arch} on a CPU machine (Triton {triton.__version__})", "",
+             f"`python benchmarks/compile_check.py --arch {arch}{' --quick' if quick else ''}`: every launch the "
+             "public functions make at these shapes, compiled, not run. Shared memory in bytes per block "
+             f"(limit {MAX_SHARED_BYTES.get(arch, 49152)}), registers per thread (ptxas), spill = stack + local "
+             "bytes per thread.", "",
+             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+        lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {r['num_warps']} | "
+                     f"{r['num_stages']} | {r.get('shared_bytes', '-')} | {r.get('registers', '-')} | "
+                     f"{r.get('spill_bytes', '-')} | {'; '.join(r['problems']) or 'ok'} |")
+    failed = sum(bool(r["problems"]) for r in records)
+    spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)
+    lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
+    parser.add_argument("--quick", action="store_true", help="bf16 only, first config of each autotuned kernel")
+    parser.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+
+    # Before Triton and the kernels are imported: compiled kernels, GPU launch configs for CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["MTP_CROSS_COMPILE"] = str(args.arch)
+    os.environ.pop("MTP_BACKEND", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    compiler = CrossCompiler(args.arch, args.quick)
+    all_scenarios = scenarios(dtypes)
+    unknown = set(args.only or ()) - set(all_scenarios)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {sorted(all_scenarios)}")
+    t0 = time.perf_counter()
+    with compiler.capture():
+        for name, run in all_scenarios.items():
+            if args.only and name not in args.only:
+                continue
+            for dtype in dtypes:
+                compiler.scenario = name
+                print(f"{name} {str(dtype).removeprefix('torch.')}", flush=True)
+                run(dtype)
+    failed = [r for r in compiler.records if r["problems"]]
+    print(f"{len(compiler.records)} variants compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f} s, "
+          f"{len(failed)} failed")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"compile_sm{args.arch}{'_quick' if args.quick else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(compiler.records, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(compiler.records, args.arch, args.quick))
+    return 1 if failed or not compiler.records else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) and fits its limits, checked on a CPU machine.
+
+`benchmarks/compile_check.py` drives the public functions with MTP_CROSS_COMPILE set, so the launchers
+pick their GPU configs and each launch is compiled to a cubin instead of run. Compiling needs Triton
+imported without the interpreter, so everything here runs in a subprocess.
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+triton = pytest.importorskip("triton")
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton build carries no CUDA toolchain")
+
+
+def _compile_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTP_BACKEND", "MTP_CROSS_COMPILE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _jit_kernels_in_package():
+    """Names of the @triton.jit functions ending in `_kernel` (launch entry points) in kernels/."""
+    names = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+def test_every_kernel_compiles_for_sm90_within_limits(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--quick",
+                           "--out", str(tmp_path)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = json.loads((tmp_path / "compile_sm90_quick.json").read_text())
+    assert [r for r in records if r["problems"]] == []
+    # A kernel added to kernels/ without a scenario here would never be compiled before a GPU run.
+    assert {r["kernel"] for r in records} == _jit_kernels_in_package()
+    assert all(r["registers"] > 0 and r["shared_bytes"] >= 0 for r in records)
+    assert "0 failed" in (tmp_path / "compile_sm90_quick.md").read_text()
+
+
+def test_the_check_catches_a_kernel_that_cannot_run(tmp_path):
+    """A jit global that is not a constexpr (a real bug this check found) fails to compile, and a
+    tile config needing more shared memory than sm_90 has is flagged; a sound kernel passes."""
+    script = tmp_path / "bad_kernels.py"
+    script.write_text(textwrap.dedent('''
+        import json, os, sys
+        os.environ["TRITON_INTERPRET"] = "0"
+        sys.path.insert(0, os.path.join(sys.argv[1], "benchmarks"))
+        import torch, triton, triton.language as tl
+        import compile_check
+
+        SCALE = 2.0   # not a tl.constexpr: cannot be read inside a kernel
+
+        @triton.jit
+        def uses_global_kernel(x_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * SCALE, mask=offs < n)
+
+        @triton.jit
+        def matmul_tile_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+            offs_m, offs_n, offs_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = tl.load(a_ptr + offs_m[:, None] * K + (k + offs_k)[None, :])
+                b = tl.load(b_ptr + (k + offs_k)[:, None] * BLOCK_N + offs_n[None, :])
+                acc = tl.dot(a, b, acc)
+            tl.store(c_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :], acc)
+
+        cc = compile_check.CrossCompiler(90, quick=True)
+        x = torch.zeros(64)
+        a, b, c = torch.zeros(256, 1024, dtype=torch.bfloat16), torch.zeros(1024, 256, dtype=torch.bfloat16), torch.zeros(256, 256)
+        with cc.capture():
+            uses_global_kernel[(1,)](x, 64, BLOCK=64)
+            matmul_tile_kernel[(1,)](a, b, c, 1024, BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=4)
+            matmul_tile_kernel[(1,)](a, b, c, 1024, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+        print(json.dumps([r["problems"] for r in cc.records]))
+    '''))
+    proc = subprocess.run([sys.executable, str(script), str(ROOT)], env=_compile_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    global_problems, big_tile_problems, small_tile_problems = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(global_problems) == 1 and "compile error" in global_problems[0] and "SCALE" in global_problems[0]
+    assert any("shared memory" in p for p in big_tile_problems)
+    assert small_tile_problems == []
+
+
+def test_cross_compile_switch(monkeypatch):
+    import torch
+
+    from mtp_kernels import backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MTP_CROSS_COMPILE", raising=False)
+    assert backend.cross_compile_arch() is None and not backend.gpu_launch(cpu)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.cross_compile_arch() == 90 and backend.gpu_launch(cpu)
+    assert backend.sm_count(cpu) == backend.CROSS_COMPILE_SM_COUNT
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the interpreter keeps its own small configs
+    assert not backend.gpu_launch(cpu)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "sm90")
+    with pytest.raises(ValueError, match="MTP_CROSS_COMPILE='sm90' must be a compute capability"):
+        backend.cross_compile_arch()

@@ -80,6 +80,13 @@ def _resource_usage(cubin: bytes, cuobjdump: str) -> dict:
     return usage
 
 
+def _tensor_core_instructions(ptx: str) -> str:
+    """Which matrix instructions the dots became: Hopper's warpgroup `wgmma`, the older warp-level
+    `mma.sync`, or none (a kernel without tl.dot, or a dot lowered to FMAs)."""
+    kinds = [name for name, pattern in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if pattern in ptx]
+    return "+".join(kinds) or "-"
+
+
 class CrossCompiler:
     """Stands in for the GPU: every kernel launch inside `capture()` is compiled, never run."""
 
@@ -130,7 +137,8 @@ class CrossCompiler:
             compiled = triton.compile(src, target=self.target, options=options)
             usage = _resource_usage(compiled.asm["cubin"], self.cuobjdump)
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
-                          spill_bytes=usage.get("stack", 0) + usage.get("local", 0))
+                          spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
+                          tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]))
             record["problems"] = self._problems(record)
         except Exception as exc:  # a compile error is the finding; keep going to report them all
             # A CompilationError ends with the cause (e.g. NameError(...)) after the source excerpt.
@@ -142,7 +150,8 @@ class CrossCompiler:
         print(f"  {'FAIL' if record['problems'] else 'ok  '} {record['kernel']:<34} "
               f"{','.join(record['dtypes']):<16} w{record['num_warps']} s{record['num_stages']} "
               f"smem={record.get('shared_bytes', '-')} regs={record.get('registers', '-')} "
-              f"spill={record.get('spill_bytes', '-')} {'; '.join(record['problems'])}", flush=True)
+              f"spill={record.get('spill_bytes', '-')} mma={record.get('tensor_cores', '-')} "
+              f"{'; '.join(record['problems'])}", flush=True)
 
     def _problems(self, r: dict) -> list[str]:
         problems = []
@@ -262,14 +271,15 @@ def markdown(records, arch: int, quick: bool) -> str:
              f"`python benchmarks/compile_check.py --arch {arch}{' --quick' if quick else ''}`: every launch the "
              "public functions make at these shapes, compiled, not run. Shared memory in bytes per block "
              f"(limit {MAX_SHARED_BYTES.get(arch, 49152)}), registers per thread (ptxas), spill = stack + local "
-             "bytes per thread.", "",
-             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "bytes per thread, MMA = the tensor-core instructions in the PTX (wgmma: Hopper warpgroup MMA; "
+             "mma: warp-level mma.sync).", "",
+             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r.get('shared_bytes', '-')} | {r.get('registers', '-')} | "
-                     f"{r.get('spill_bytes', '-')} | {'; '.join(r['problems']) or 'ok'} |")
+                     f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | {'; '.join(r['problems']) or 'ok'} |")
     failed = sum(bool(r["problems"]) for r in records)
     spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)
     lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill."]

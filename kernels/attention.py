@@ -15,7 +15,7 @@ Flash attention (FA2 structure):
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
 is read once for all of them. Tree masks travel as bits (one int64 word per 64 new nodes per query
-row, packed on the host). When batch*kv_heads is too small to fill the GPU, the cache length is
+row, packed by `pack_tree_mask`). When batch*kv_heads is too small to fill the GPU, the cache length is
 split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
 `_kv_combine_kernel` merges them.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -627,15 +628,31 @@ def _kv_combine_kernel(
     tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-def _pack_tree_mask(tree_mask: torch.Tensor, Tq: int) -> torch.Tensor:
-    """(Tq, Tq) bool -> (Tq, ceil(Tq / 64)) int64: bit j % 64 of word j // 64 = tree_mask[i, j]."""
+@dataclass(frozen=True)
+class PackedTreeMask:
+    """A tree mask packed once for the kernel, to pass to `kv_cache_attention` in place of the bool
+    mask: a model packs once per forward, not once per layer (under a CUDA graph the packing
+    kernels would otherwise replay in every layer). Make it with `pack_tree_mask`.
+    mask: (Tq, Tq) bool, as given; words: (Tq, ceil(Tq / 64)) int64, bit j % 64 of word j // 64 = mask[i, j]."""
+    mask: torch.Tensor
+    words: torch.Tensor
+
+
+def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
+    """(Tq, Tq) bool tree mask -> PackedTreeMask on the same device (a few small tensor ops)."""
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 2 or tree_mask.shape[0] != tree_mask.shape[1]:
+        shape = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
+        raise ValueError(f"pack_tree_mask: tree_mask must be a square (Tq, Tq) tensor, got {shape}")
+    if tree_mask.dtype != torch.bool:
+        raise ValueError(f"pack_tree_mask: tree_mask must be torch.bool, got {tree_mask.dtype}")
+    Tq = tree_mask.shape[0]
     words = triton.cdiv(Tq, 64)
     padded = torch.zeros((Tq, words * 64), dtype=torch.int64, device=tree_mask.device)
     padded[:, :Tq] = tree_mask.to(torch.int64)
     # Bit 63 weighs -2**63 in two's complement; the sum of distinct powers never overflows.
     weights = torch.ones(64, dtype=torch.int64, device=tree_mask.device) << torch.arange(
         64, dtype=torch.int64, device=tree_mask.device)
-    return (padded.view(Tq, words, 64) * weights).sum(-1).contiguous()
+    return PackedTreeMask(tree_mask, (padded.view(Tq, words, 64) * weights).sum(-1).contiguous())
 
 
 def _kv_launch_config(B: int, Hkv: int, rows: int, S_max: int, D: int, device: torch.device):
@@ -665,7 +682,8 @@ def _kv_launch_config(B: int, Hkv: int, rows: int, S_max: int, D: int, device: t
     return block_m, block_n, num_warps, num_stages, split_size, triton.cdiv(S_max, split_size)
 
 
-def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float):
+def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None,
+                              sm_scale: float):
     """Launcher (inputs already validated). q: (B, Tq, H, D); caches: (B, S_max, Hkv, D)."""
     B, Tq, H, D = q.shape
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -677,7 +695,7 @@ def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_
     block_m, block_n, num_warps, num_stages, split_size, n_splits = _kv_launch_config(
         B, Hkv, rows, S_max, D, q.device)
     tree = tree_mask is not None
-    mask_bits = _pack_tree_mask(tree_mask, Tq) if tree else seqlens   # unused when not TREE
+    mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
     mask_words = triton.cdiv(Tq, 64)
     split = n_splits > 1
     if split:
@@ -771,7 +789,8 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     q: (B, Tq, H, Dh); k_cache, v_cache: (B, S_max, Hkv, Dh); cache_seqlens: (B,) int32/int64 = tokens already in
     the cache before the Tq new ones, whose K/V the caller has already written at slots cache_seqlens[b] + j.
     Query i of sequence b attends to slots [0, cache_seqlens[b]) and to new slot cache_seqlens[b] + j where
-    tree_mask[i, j] (a (Tq, Tq) bool shared by the batch; None = causal, j <= i). Returns (B, Tq, H, Dh) in
+    tree_mask[i, j] (a (Tq, Tq) bool shared by the batch, or its `pack_tree_mask`; None = causal, j <= i).
+    Returns (B, Tq, H, Dh) in
     q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
     on an empty cache) returns zeros. check_seqlens verifies 0 <= cache_seqlens <= S_max - Tq, a host sync
     on CUDA (skipped during CUDA-graph capture); callers that guarantee the range (the model checks once
@@ -787,6 +806,9 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
         raise ValueError(f"{name}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"{name}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    packed = tree_mask if isinstance(tree_mask, PackedTreeMask) else None
+    if packed is not None:
+        tree_mask = packed.mask
     if tree_mask is not None:
         if not isinstance(tree_mask, torch.Tensor) or tree_mask.shape != (Tq, Tq):
             shape = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
@@ -806,4 +828,6 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     with torch.no_grad():
         if not use_triton(q, k_cache, v_cache) or not _kernel_supports(q) or q.numel() == 0:
             return reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
-        return kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
+        if tree_mask is not None and packed is None:
+            packed = pack_tree_mask(tree_mask)
+        return kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, packed, scale)

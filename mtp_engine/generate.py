@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mtp_kernels import compact_kv_cache
+from mtp_kernels.attention import PackedTreeMask
 
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
@@ -342,7 +343,7 @@ class Generator:
         verify step over `tree` (its depths and mask, all its heads). Replayed as a CUDA graph when
         graphs are on and `graph` (the steady-state shapes; the shrunken trees near the end of the
         cache run eagerly rather than capture a graph each). Returns hidden (R, T, n_heads, D)."""
-        depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.tree_mask, tree.heads)
+        depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.packed_mask, tree.heads)
         if graph and self._use_cuda_graphs():
             if self._graphs is None:
                 self._graphs = CUDAGraphForward(self.model)
@@ -509,7 +510,7 @@ class CUDAGraphForward:
         self._cache_ptrs = None
 
     def __call__(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, node_depths: Optional[torch.Tensor],
-                 tree_mask: Optional[torch.Tensor], n_heads: int) -> torch.Tensor:
+                 tree_mask: Optional[PackedTreeMask], n_heads: int) -> torch.Tensor:
         """tokens (R, T) int64, cache_seqlens (R,) int32 in range. Returns hidden (R, T, n_heads, D),
         a view of the graph's output buffer, valid until the next call of the same shape."""
         model = self.model
@@ -520,7 +521,7 @@ class CUDAGraphForward:
             self._cache_ptrs = ptrs
         R, T = tokens.shape
         bucket = min(_next_power_of_two(R), model.cache_batch)
-        key = (bucket, T, n_heads, None if tree_mask is None else tree_mask.data_ptr())
+        key = (bucket, T, n_heads, None if tree_mask is None else tree_mask.words.data_ptr())
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(tokens, cache_seqlens, bucket, node_depths, tree_mask, n_heads)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_kernels import rms_norm
-from mtp_kernels.attention import flash_attention, kv_cache_attention
+from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 
 
 @dataclass
@@ -142,13 +142,13 @@ class CacheStep:
     """Where a cached forward reads and writes, computed once and shared by every block.
 
     cache_seqlens: (B,) tokens already cached per sequence; slots: (B, T) int64 cache slot of each
-    new token (cache_seqlens + j); tree_mask: (T, T) bool, which new tokens each new token sees
-    (None means causal).
+    new token (cache_seqlens + j); tree_mask: which new tokens each new token sees, a (T, T) bool
+    mask packed for the kernel (None means causal).
     """
 
     cache_seqlens: torch.Tensor
     slots: torch.Tensor
-    tree_mask: Optional[torch.Tensor] = None
+    tree_mask: Optional[PackedTreeMask] = None
 
 
 class Attention(nn.Module):
@@ -327,14 +327,17 @@ class Transformer(nn.Module):
         return h.permute(2, 0, 1, 3)
 
     def forward_cached(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, *,
-                       node_depths: Optional[torch.Tensor] = None, tree_mask: Optional[torch.Tensor] = None,
+                       node_depths: Optional[torch.Tensor] = None,
+                       tree_mask: Union[None, torch.Tensor, PackedTreeMask] = None,
                        n_heads: Optional[int] = None, check_lengths: bool = True) -> torch.Tensor:
         """Append `tokens` (B, T) to the caches and return normed hidden (B, T, n_heads, D).
 
         cache_seqlens: (B,) int, tokens already cached per sequence (not advanced here: the caller
         owns it). New token j is written to slot cache_seqlens + j. For a token tree, node_depths
         (T,) gives each node's depth below the last accepted token (its rotary position is
-        cache_seqlens + depth) and tree_mask (T, T) bool says which nodes each node sees.
+        cache_seqlens + depth) and tree_mask (T, T) bool says which nodes each node sees (or its
+        `pack_tree_mask`, which a caller that reuses one tree keeps; a bool mask is packed here once
+        for all layers).
         check_lengths: verify 0 <= cache_seqlens <= cache_len - T (one host sync per forward); a
         caller that tracks the lengths on the host (the Generator) turns it off.
         """
@@ -357,6 +360,8 @@ class Transformer(nn.Module):
         if self.freqs_cis.shape[0] < self.cache_len:
             self._grow_rope(self.cache_len)
         freqs = self._rope(tokens.device)[positions]  # (B, T, Dh/2)
+        if isinstance(tree_mask, torch.Tensor):
+            tree_mask = pack_tree_mask(tree_mask.to(tokens.device))
         step = CacheStep(cache_seqlens, slots, tree_mask)
         return self._run(tokens, freqs, step, self.n_future_tokens if n_heads is None else n_heads)
 

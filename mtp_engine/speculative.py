@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mtp_kernels import linear_argmax, linear_sample, tree_accept
+from mtp_kernels.attention import PackedTreeMask, pack_tree_mask
 
 Path = Tuple[int, ...]
 TreeSpec = Union[str, Sequence[Sequence[int]]]
@@ -280,7 +281,7 @@ class TokenTree:
     tree_mask: torch.Tensor
     draft_index: torch.Tensor
     top_k: int
-    _derived: Dict[tuple, "TokenTree"] = field(default_factory=dict, repr=False)
+    _derived: Dict[tuple, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_paths(cls, paths, heads: int) -> "TokenTree":
@@ -323,6 +324,14 @@ class TokenTree:
     @property
     def device(self) -> torch.device:
         return self.parents.device
+
+    @property
+    def packed_mask(self) -> PackedTreeMask:
+        """tree_mask packed for the attention kernel, once per tree and device."""
+        if "packed" not in self._derived:
+            with torch.inference_mode(False):
+                self._derived["packed"] = pack_tree_mask(self.tree_mask)
+        return self._derived["packed"]
 
     def on(self, device) -> "TokenTree":
         device = torch.device(device)

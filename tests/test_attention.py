@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mtp_kernels import attention as attention_module
 from mtp_kernels import reference
-from mtp_kernels.attention import flash_attention, kv_cache_attention
+from mtp_kernels.attention import flash_attention, kv_cache_attention, pack_tree_mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +228,39 @@ def test_kv_cache_attention_more_than_64_tree_nodes_with_splits(triton_backend, 
     out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens.long(), tree_mask, sm_scale=0.4)
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, 0.4),
                                rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("use_triton_path", [True, False])
+def test_packed_tree_mask_gives_the_same_attention(monkeypatch, use_triton_path):
+    """A mask packed once (what the model passes to every layer) equals the bool mask, both paths."""
+    if use_triton_path:
+        monkeypatch.setenv("MTP_BACKEND", "triton")
+    Tq, S_max = 70, 100
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, Tq, S_max, [3, 30], seed=15)
+    tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(16))
+    packed = pack_tree_mask(tree_mask)
+    assert packed.words.shape == (Tq, 2) and packed.words.dtype == torch.int64
+    bits = (packed.words[:, :, None] >> torch.arange(64)) & 1                   # (Tq, 2, 64)
+    assert torch.equal(bits.reshape(Tq, 128)[:, :Tq].bool(), tree_mask)
+    assert not bits.reshape(Tq, 128)[:, Tq:].any()
+    torch.testing.assert_close(kv_cache_attention(q, k_cache, v_cache, cache_seqlens, packed),
+                               kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask,match", [
+    (torch.ones(3, 4, dtype=torch.bool), "square"),
+    (torch.ones(3, 3, dtype=torch.int64), "torch.bool"),
+    ([[True]], "square"),
+])
+def test_pack_tree_mask_bad_input(mask, match):
+    with pytest.raises(ValueError, match=match):
+        pack_tree_mask(mask)
+
+
+def test_kv_cache_attention_checks_a_packed_mask_shape():
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, 3, 8, [0, 2], seed=17)
+    with pytest.raises(ValueError, match=r"tree_mask must have shape \(Tq, Tq\) = \(3, 3\)"):
+        kv_cache_attention(q, k_cache, v_cache, cache_seqlens, pack_tree_mask(torch.eye(4, dtype=torch.bool)))
 
 
 def test_kv_cache_attention_row_that_sees_nothing_is_zero(triton_backend):

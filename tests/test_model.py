@@ -190,3 +190,25 @@ def test_forward_cached_checks_lengths_once_with_a_clear_error():
     with pytest.raises(ValueError, match="do not fit"):
         model.forward_cached(tokens, torch.tensor([-1, 0], dtype=torch.int32))
     model.forward_cached(tokens, torch.tensor([0, 5], dtype=torch.int32))  # exactly fills the cache
+
+
+def test_tree_mask_is_packed_once_per_forward_not_per_layer(monkeypatch):
+    """Under a CUDA graph every packing op would replay per layer; the model packs once and the
+    generator passes its tree's mask pre-packed (no packing at all per step)."""
+    import mtp_engine.model as model_module
+    from mtp_engine.speculative import token_tree
+
+    calls = []
+    original = model_module.pack_tree_mask
+    monkeypatch.setattr(model_module, "pack_tree_mask", lambda mask: calls.append(mask) or original(mask))
+    model = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=32,
+                                  n_future_tokens=2))
+    model.setup_caches(2, 16)
+    tree = token_tree("heads2", 2)
+    tokens = torch.randint(0, 50, (2, tree.size), generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([0, 3], dtype=torch.int32)
+    from_bool = model.forward_cached(tokens, lens, node_depths=tree.depths, tree_mask=tree.tree_mask)
+    assert len(calls) == 1
+    from_packed = model.forward_cached(tokens, lens, node_depths=tree.depths, tree_mask=tree.packed_mask)
+    assert len(calls) == 1 and tree.packed_mask is tree.packed_mask
+    torch.testing.assert_close(from_packed, from_bool, rtol=0, atol=0)

@@ -1,0 +1,72 @@
+"""The benchmark scripts that a GPU session runs through gpu_check.sh work before the GPU is lent.
+
+A device lease is 15 minutes; a script that dies on a Python error wastes it. Each script runs here
+in a subprocess, as gpu_check.sh runs it, in its CPU mode on tiny shapes; the GPU-only scripts are
+at least imported (syntax, imports, module-level names), and gpu_check.sh is parsed by bash.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _run(args, tmp_path, **env_overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("MTP_BACKEND", "MTP_CROSS_COMPILE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               **env_overrides)
+    proc = subprocess.run([sys.executable, *map(str, args), "--out", str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("test_")))
+def test_script_imports(script):
+    spec = importlib.util.spec_from_file_location(f"_bench_{script[:-3]}", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    sys.modules[spec.name] = module       # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)   # every script guards its work behind __main__
+    finally:
+        sys.path.remove(str(BENCH))
+        del sys.modules[spec.name]
+
+
+def test_gpu_check_script_parses_and_knows_its_stages():
+    text = (BENCH / "gpu_check.sh").read_text()
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
+                         "bench_generate.py", "bench_head_schedule.py"):
+        assert stage_script in text and (BENCH / stage_script).exists()
+
+
+def test_bench_attention_cpu_smoke(tmp_path):
+    _run([BENCH / "bench_attention.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
+    result = json.loads((tmp_path / "attention_cpu-smoke.json").read_text())
+    assert {r["impl"] for r in result["flash"]} == {"ours", "sdpa", "eager"}
+    assert all(isinstance(r["fwd_ms"], float) and isinstance(r["fwd_bwd_ms"], float) for r in result["flash"])
+    (decode,) = result["decode"]
+    for key in ("ours_tq1_launch_ms", "ours_tq1_ms", "ours_tq16_ms", "ours_tq64_ms", "sdpa_tq1_ms"):
+        assert isinstance(decode[key], float) and decode[key] > 0, (key, decode[key])
+    assert "| 2 | 40 |" in (tmp_path / "attention_cpu-smoke.md").read_text()
+
+
+def test_bench_fused_ce_cpu_quick(tmp_path):
+    _run([BENCH / "bench_fused_ce.py", "--device", "cpu", "--quick", "--skip-ceilings", "--rep-ms", "5"], tmp_path)
+    rows = {r["contender"]: r for r in json.loads((tmp_path / "fused_ce_cpu.json").read_text())["results"]}
+    assert rows["ours"]["status"] == "ok" and rows["eager_per_head"]["status"] == "ok"
+
+
+def test_bench_generate_tiny(tmp_path):
+    _run([BENCH / "bench_generate.py", "--tiny"], tmp_path)
+    table = (tmp_path / "generate_cpu.md").read_text()
+    for mode in ("plain", "chain", "tree"):
+        assert f"| {mode} |" in table

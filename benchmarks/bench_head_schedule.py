@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # (name, model fields, batch, seq_len): heads dominate activations when the trunk is short.
 CONFIGS = {
     "cpu": [("dim256 2 trunk + 4 heads, V 8192", dict(dim=256, n_layers=6, n_heads=4, vocab_size=8192), 4, 1024)],
-    "cuda": [("default preset (dim384, 4+4 blocks), V 8192", dict(dim=384, n_layers=8, n_heads=6, vocab_size=8192), 32, 1024),
+    "cuda": [("default preset (dim384, 3+4 blocks), V 8192", dict(dim=384, n_layers=7, n_heads=6, vocab_size=8192), 32, 1024),
              ("dim1024 4 trunk + 4 heads, V 32000", dict(dim=1024, n_layers=8, n_heads=16, vocab_size=32000), 16, 2048)],
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,17 @@ class Corpus:
 def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_size: int = 8192, *,
                    extensions: Sequence[str] = DEFAULT_EXTENSIONS, heldout_fraction: float = 0.05,
                    max_train_files: Optional[int] = None, tokenizer_sentences: int = 300_000,
-                   log=print) -> Corpus:
+                   extra_sources: Sequence[PathLike] = (), extra_max_mb: Optional[float] = None,
+                   tokenizer_path: Optional[PathLike] = None, log=print) -> Corpus:
     """Tokenizer + memory-mapped token streams for the files under `source` (default: the stdlib).
 
-    The tokenizer is trained on the training files only. `max_train_files` keeps the first k of a
-    deterministic shuffle (for quick runs). A matching cache in `out_dir` is reused.
+    The tokenizer is trained on `source`'s training files only, unless `tokenizer_path` names an
+    existing SentencePiece model to use as is (its vocabulary must be `vocab_size`).
+    `max_train_files` keeps the first k of a deterministic shuffle (for quick runs).
+    `extra_sources`: more folders whose files all go to training (e.g. a site-packages folder,
+    for a model that needs more tokens than the stdlib has), in a deterministic order, up to
+    `extra_max_mb` megabytes of text; a file whose text equals a held-out file's is dropped, so
+    the held-out set stays unseen. A matching cache in `out_dir` is reused.
     """
     source = stdlib_root() if source is None else Path(source)
     out = Path(out_dir)
@@ -118,12 +125,22 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     if max_train_files is not None:
         order = sorted(train_files, key=lambda f: _unit_hash("order:" + f.relative_to(source).as_posix()))
         train_files = sorted(order[:max_train_files])
+    extra_files = _extra_files(extra_sources, extensions, extra_max_mb, heldout_files)
+    tokenizer_digest = None
+    if tokenizer_path is not None:
+        given = Tokenizer(tokenizer_path)
+        if given.n_words != vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_path} has {given.n_words} pieces but vocab_size is {vocab_size}")
+        tokenizer_digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
     manifest = {
         "version": CACHE_VERSION, "source": str(source), "vocab_size": vocab_size,
         "extensions": list(extensions), "heldout_fraction": heldout_fraction,
         "train_files": [f.relative_to(source).as_posix() for f in train_files],
         "heldout_files": [f.relative_to(source).as_posix() for f in heldout_files],
         "fingerprint": _fingerprint(train_files + heldout_files),
+        "extra_sources": [str(Path(x)) for x in extra_sources], "extra_max_mb": extra_max_mb,
+        "extra_files": len(extra_files), "extra_fingerprint": _fingerprint(extra_files),
+        "tokenizer_sha256": tokenizer_digest,
     }
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -133,17 +150,23 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
             log(f"corpus: reusing the cache in {out}")
             return _open(out, old)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"corpus: {len(train_files)} train / {len(heldout_files)} held-out files under {source}")
-    texts_file = out / "tokenizer_train.txt"
-    with texts_file.open("w", encoding="utf-8") as fh:
-        for f in train_files:
-            text = read_text(f)
-            if text:
-                fh.write(text if text.endswith("\n") else text + "\n")
-    tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
-                                input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
-    texts_file.unlink()
-    manifest["train_tokens"] = _write_tokens(tokenizer, train_files, out / "train.bin")
+    log(f"corpus: {len(train_files)} train / {len(heldout_files)} held-out files under {source}"
+        + (f", {len(extra_files)} more training files under {', '.join(map(str, extra_sources))}"
+           if extra_sources else ""))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+        tokenizer = Tokenizer(out / "tokenizer.model")
+    else:
+        texts_file = out / "tokenizer_train.txt"
+        with texts_file.open("w", encoding="utf-8") as fh:
+            for f in train_files:
+                text = read_text(f)
+                if text:
+                    fh.write(text if text.endswith("\n") else text + "\n")
+        tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
+                                    input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
+        texts_file.unlink()
+    manifest["train_tokens"] = _write_tokens(tokenizer, train_files + extra_files, out / "train.bin")
     manifest["heldout_tokens"] = _write_tokens(tokenizer, heldout_files, out / "heldout.bin")
     log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "
         f"vocabulary {tokenizer.n_words}")
@@ -154,6 +177,30 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
 def _open(out: Path, manifest: dict) -> Corpus:
     return Corpus(dir=out, tokenizer=Tokenizer(out / "tokenizer.model"), train_path=out / "train.bin",
                   heldout_path=out / "heldout.bin", heldout_files=manifest["heldout_files"], manifest=manifest)
+
+
+def _extra_files(folders: Sequence[PathLike], extensions: Sequence[str], max_mb: Optional[float],
+                 heldout_files: Sequence[Path]) -> List[Path]:
+    """Training files from `folders`: all of them (no held-out split), in a fixed hash order, the
+    first ones up to max_mb megabytes; a file with the text of a held-out file is left out."""
+    if not folders:
+        return []
+    heldout_digests = {hashlib.sha256(f.read_bytes()).digest() for f in heldout_files}
+    candidates = []
+    for folder in folders:
+        root = Path(folder)
+        candidates += [(_unit_hash("extra:" + f.relative_to(root).as_posix()), f)
+                       for f in find_source_files(root, extensions)]
+    chosen, total = [], 0
+    for _, f in sorted(candidates):
+        size = f.stat().st_size
+        if max_mb is not None and total + size > max_mb * 1e6:
+            continue
+        if hashlib.sha256(f.read_bytes()).digest() in heldout_digests:
+            continue
+        chosen.append(f)
+        total += size
+    return chosen
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
@@ -168,18 +215,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
-def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path) -> int:
+def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path, batch_files: int = 256) -> int:
     dtype = token_dtype(tokenizer.n_words)
     total = 0
     tmp = path.with_suffix(".tmp")
+    # SentencePiece encodes a batch of texts on all cores (a large extra source is ~100M tokens).
+    threads = max(os.cpu_count() or 1, 1)
     with tmp.open("wb") as fh:
-        for f in files:
-            text = read_text(f)
-            if not text:
-                continue
-            ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)
-            fh.write(ids.tobytes())
-            total += ids.size
+        for start in range(0, len(files), batch_files):
+            texts = [t for t in (read_text(f) for f in files[start:start + batch_files]) if t]
+            for ids in tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=threads):
+                ids = np.asarray(ids, dtype=dtype)
+                fh.write(ids.tobytes())
+                total += ids.size
     os.replace(tmp, path)
     (path.parent / (path.name + ".json")).write_text(json.dumps({"dtype": dtype.str, "tokens": total}) + "\n")
     return total

@@ -43,6 +43,11 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
+        """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
+        batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
+        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""
         ids = [int(i) for i in ids]

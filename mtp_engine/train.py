@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ HEAD_SCHEDULES = ("batched", "sequential")
 class TrainConfig:
     # model
     dim: int = 384
-    n_layers: int = 8               # trunk + head blocks, as in params.json
+    n_layers: int = 7               # trunk + head blocks, as in params.json
     n_heads: int = 6
     n_kv_heads: Optional[int] = None
     n_future_tokens: int = 4
@@ -57,6 +57,9 @@ class TrainConfig:
     source: Optional[str] = None     # folder of source files; None: the Python standard library
     vocab_size: int = 8192
     max_train_files: Optional[int] = None
+    extra_sources: Tuple[str, ...] = ()   # more folders, all for training (e.g. site-packages)
+    extra_max_mb: Optional[float] = None  # cap on the extra sources' text
+    tokenizer: Optional[str] = None  # an existing tokenizer.model to use instead of training one
     # optimization
     batch_size: int = 32             # sequences per micro-batch
     grad_accum: int = 1
@@ -71,6 +74,9 @@ class TrainConfig:
     head_schedule: str = "batched"
     head_weights: Optional[List[float]] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
+    # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
+    # schedule ends when the budget does (a GPU lease of unknown speed); the log records the value.
+    schedule_to_budget: bool = False
     # bookkeeping
     out_dir: str = "runs/default"
     eval_every: int = 200
@@ -106,6 +112,8 @@ class TrainConfig:
         if self.head_schedule == "sequential" and self.distributed == "fsdp":
             raise ValueError("head_schedule 'sequential' runs the blocks outside FSDP's forward hooks; "
                              "use it with distributed 'none' or 'ddp'")
+        if self.schedule_to_budget and (self.time_budget_s is None or self.distributed != "none"):
+            raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {sorted(_EXPORT_DTYPES)}, got {self.export_dtype!r}")
 
@@ -123,8 +131,9 @@ PRESETS = {
     "cpu": dict(dim=192, n_layers=6, n_heads=4, multiple_of=64, seq_len=512, vocab_size=8192,
                 batch_size=4, max_steps=700, warmup_steps=40, lr=3e-3, eval_every=100, eval_windows=32,
                 save_every=100),
-    # one GPU, about 8 minutes (16M parameters)
-    "default": dict(dim=384, n_layers=8, n_heads=6, multiple_of=64, seq_len=1024, vocab_size=8192,
+    # One GPU, about 8 minutes: 18.7M parameters (3 trunk + 4 head blocks, head_dim 64 for the
+    # Triton attention), 35.6 MiB in bf16 so that the model, tokenizer and logs stay under 40 MB.
+    "default": dict(dim=384, n_layers=7, n_heads=6, multiple_of=64, seq_len=1024, vocab_size=8192,
                     batch_size=32, max_steps=2000, warmup_steps=100, lr=3e-3, eval_every=250, eval_windows=64,
                     save_every=500),
 }
@@ -198,6 +207,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+_FIT_FROM_STEP, _FIT_AT_STEP = 5, 25
+# Held back from the budget for the evaluations and saves the run makes on its way.
+_FIT_RESERVE = 0.05
+
+
+def _fit_schedule(cfg: TrainConfig, step: int, step_time_s: float, elapsed_s: float):
+    """cfg with max_steps set so the remaining budget ends the cosine schedule (warmup kept below it)."""
+    remaining = cfg.time_budget_s * (1 - _FIT_RESERVE) - elapsed_s
+    max_steps = max(step + 1, step + int(remaining / max(step_time_s, 1e-9)))
+    fitted = dataclasses.replace(cfg, max_steps=max_steps, warmup_steps=min(cfg.warmup_steps, max_steps // 10))
+    return fitted, {"step_time_s": step_time_s, "max_steps": max_steps, "at_step": step,
+                    "warmup_steps": fitted.warmup_steps}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -289,12 +317,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     quiet = (lambda *a, **k: None)
     log = log if is_main else quiet
 
-    corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, max_train_files=cfg.max_train_files,
-                            log=log) if is_main else None
+    corpus_options = dict(max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
+                          extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
+    corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=log) if is_main else None
     if env is not None:
         _barrier(env)
-        corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size,
-                                          max_train_files=cfg.max_train_files, log=quiet)
+        corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=quiet)
     train_data = PackedTokens(corpus.train_path, cfg.seq_len)
     heldout = PackedTokens(corpus.heldout_path, cfg.seq_len).fixed_windows(cfg.eval_windows)
 
@@ -353,8 +381,24 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     window_start, window_tokens = time.perf_counter(), 0
     micro_index = step * cfg.grad_accum * world
     last_loss = float("nan")
+    fit_schedule = cfg.schedule_to_budget and step == 0
     try:
         while step < cfg.max_steps:
+            if fit_schedule and step in (_FIT_FROM_STEP, _FIT_AT_STEP):
+                if step == _FIT_FROM_STEP:   # the first steps compile kernels: time the ones after
+                    _sync(device)
+                    fit_start = time.perf_counter()
+                else:
+                    _sync(device)
+                    cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (step - _FIT_FROM_STEP),
+                                                time.perf_counter() - start_time)
+                    run_log["config"]["max_steps"] = cfg.max_steps
+                    run_log["config"]["warmup_steps"] = cfg.warmup_steps
+                    run_log["schedule_fit"] = fitted
+                    progress.total = cfg.max_steps
+                    log(f"schedule fitted to the time budget: {fitted['step_time_s'] * 1e3:.1f} ms per step, "
+                        f"max_steps {fitted['max_steps']}")
+                    fit_schedule = False
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -551,6 +595,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "head_weights":
             parser.add_argument(flag, type=float, nargs="+", default=None, help="per-head loss factors")
+        elif f.name == "extra_sources":
+            parser.add_argument("--extra-source", dest="extra_sources", action="append", default=None,
+                                help="another folder of training files (repeatable), e.g. a site-packages")
+        elif f.name == "schedule_to_budget":
+            parser.add_argument(flag, action="store_true", default=None,
+                                help="with --time-budget-s: set max_steps from the measured step time")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")

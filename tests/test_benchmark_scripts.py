@@ -70,3 +70,42 @@ def test_bench_generate_tiny(tmp_path):
     table = (tmp_path / "generate_cpu.md").read_text()
     for mode in ("plain", "chain", "tree"):
         assert f"| {mode} |" in table
+
+
+def test_gpu_train_default_dry_run_on_cpu(tmp_path):
+    """The device lease's training stage end to end, tiny: corpus with extra sources and the shipped
+    tokenizer, a schedule fitted to the budget, eval with a fitted tree, and the checkpoint split into
+    pieces that come back from the device and join into a loadable checkpoint."""
+    import sysconfig
+    import tarfile
+
+    from mtp_engine.checkpoint import load_checkpoint
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    for name in ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py"):
+        (src / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    for name in ("test_heapq.py", "test_bisect.py"):
+        (src / "test" / name).write_text((stdlib / "test" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MTP_BACKEND", "MTP_CROSS_COMPILE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2", SOURCE_DIR=str(src),
+               WORK=str(tmp_path / "work"), TRAIN_ARGS="--vocab-size 8192",
+               EVAL_ARGS="--prompts 2 --max-files 2 --tree-budget 8")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_train_default.sh"), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = sorted((out / "model").glob("consolidated.00.pth.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "consolidated.00.pth").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(out / "model" / "meta.tar.gz") as tar:
+        tar.extractall(ckpt)
+    model = load_checkpoint(ckpt)
+    assert model.n_future_tokens == 4 and model.vocab_size == 8192
+    log = json.loads((ckpt / "train_log.json").read_text())
+    assert log["corpus"]["train_tokens"] > 0 and log["schedule_fit"]["max_steps"] > 25
+    assert json.loads((ckpt / "eval.json").read_text())["heads"] == 4 and (ckpt / "tree.json").is_file()

@@ -97,6 +97,38 @@ def test_corpus_rebuilds_when_files_change(source_tree, tmp_path):
     assert not any("reusing" in m for m in messages)
 
 
+def test_extra_sources_add_training_files_only_and_never_a_heldout_text(source_tree, corpus, tmp_path):
+    """A second folder (a GPU run's site-packages) only adds training tokens; a file whose text is a
+    held-out file's is left out; the size cap keeps a deterministic subset; a given tokenizer is reused."""
+    extra = tmp_path / "site"
+    (extra / "lib").mkdir(parents=True)
+    for i in range(6):
+        (extra / "lib" / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    leaked = (source_tree / "test" / "test_heapq.py").read_text(encoding="utf-8")
+    (extra / "tests").mkdir()
+    (extra / "tests" / "copy_of_heldout.py").write_text(leaked, encoding="utf-8")
+    tokenizer = corpus.dir / "tokenizer.model"
+    messages = []
+    bigger = prepare_corpus(tmp_path / "c1", source_tree, vocab_size=400, extra_sources=[extra],
+                            tokenizer_path=tokenizer, log=messages.append)
+    assert bigger.manifest["extra_files"] == 6                     # the held-out copy is not among them
+    assert bigger.manifest["heldout_files"] == corpus.manifest["heldout_files"]
+    assert bigger.manifest["heldout_tokens"] == corpus.manifest["heldout_tokens"]
+    assert (bigger.dir / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    extra_tokens = sum(len(corpus.tokenizer.encode((extra / "lib" / f"mod{i}.py").read_text(), True, True))
+                       for i in range(6))
+    assert bigger.manifest["train_tokens"] == corpus.manifest["train_tokens"] + extra_tokens
+    capped = prepare_corpus(tmp_path / "c2", source_tree, vocab_size=400, extra_sources=[extra],
+                            extra_max_mb=2.5 * len((extra / "lib" / "mod1.py").read_bytes()) / 1e6,
+                            tokenizer_path=tokenizer, log=messages.append)
+    assert capped.manifest["extra_files"] == 2
+    again = prepare_corpus(tmp_path / "c1", source_tree, vocab_size=400, extra_sources=[extra],
+                           tokenizer_path=tokenizer, log=messages.append)
+    assert again.manifest == bigger.manifest and any("reusing" in m for m in messages)
+    with pytest.raises(ValueError, match="has 400 pieces but vocab_size is 512"):
+        prepare_corpus(tmp_path / "c3", source_tree, vocab_size=512, tokenizer_path=tokenizer, log=messages.append)
+
+
 def test_packed_batches_are_deterministic_and_cover_windows(corpus):
     data = PackedTokens(corpus.train_path, 32)
     a = data.batch(4, seed=3, index=5)
@@ -196,6 +228,24 @@ def test_resume_takes_the_same_next_step(source_tree, corpus, tmp_path):
     b = torch.load(tmp_path / "part" / "resume" / "consolidated.00.pth", weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path):
+    """A fresh run with schedule_to_budget times steps 5..25 and sets max_steps from that; the cosine
+    then ends (lr at its floor) on the last step, and the fitted value is in the log for a resume."""
+    cfg = tiny_config(source_tree, corpus, tmp_path / "fit", max_steps=100_000, warmup_steps=2, log_every=1,
+                      eval_every=100_000, save_every=100_000, time_budget_s=4.0, schedule_to_budget=True)
+    log = train(cfg, log=lambda *a: None)
+    fitted = log["schedule_fit"]
+    assert fitted["at_step"] == 25 and 25 < fitted["max_steps"] < 100_000
+    assert log["config"]["max_steps"] == fitted["max_steps"]
+    # Ends at max_steps, or a little before when later steps run slower than the timed ones (a busy CI box).
+    assert 0.7 * fitted["max_steps"] <= log["summary"]["steps"] <= fitted["max_steps"]
+    last = log["steps"][-1]
+    assert last["lr"] == pytest.approx(lr_at(last["step"] - 1, TrainConfig(**log["config"])))
+    assert last["lr"] < 0.35 * cfg.lr
+    with pytest.raises(ValueError, match="schedule_to_budget needs time_budget_s"):
+        tiny_config(source_tree, corpus, tmp_path, schedule_to_budget=True).validate()
 
 
 def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):

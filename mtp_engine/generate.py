@@ -285,7 +285,7 @@ class Generator:
             forwards += 1
             verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)      # (rows, T)
             outcome = accept_step(candidates, verifier, step_tree)
-            compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens, outcome.accepted_nodes,
+            compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens[:rows], outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
             row_ids = torch.arange(rows, device=device)
             root = outcome.next_root
@@ -549,19 +549,23 @@ class CUDAGraphForward:
 
         entry = _CapturedForward(None, static_tokens, static_seqlens, None, (node_depths, tree_mask))
         self._load(entry, tokens, cache_seqlens)
-        side = torch.cuda.Stream(device=tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        entry.graph, entry.hidden = self._record(run, tokens.device)
+        entry.graph.replay()  # capture records the work without running it
+        return entry
+
+    def _record(self, run, device: torch.device):
+        """(graph, output): `run` captured as a CUDA graph whose replay rewrites `output` in place."""
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_RUNS):
                 run()
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            entry.hidden = run()
+            output = run()
         self._pool = graph.pool()
-        entry.graph = graph
-        graph.replay()  # capture records the work without running it
-        return entry
+        return graph, output
 
 
 # ---------------------------------------------------------------------- release-style front end

@@ -238,6 +238,18 @@ def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
         assert fast.stats["tokens_per_forward"] > 1.0
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_batch_smaller_than_the_cache_when_the_last_row_ends_first(model4, mode):
+    # 3 prompts in a cache of 4 rows; the last row reaches the cache end first, so later steps run
+    # fewer rows than the prompt batch (compaction then sees (rows,) lengths, not (3,)).
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
+    gen = Generator(model4, max_batch_size=4, max_seq_len=24)
+    plain = gen.generate(prompts, max_gen_len=16)
+    assert plain.finish_reasons[2] == "max_seq_len" and len(plain.tokens[2]) < len(plain.tokens[0])
+    fast = gen.generate(prompts, max_gen_len=16, speculative=mode)
+    assert fast.tokens == plain.tokens and fast.finish_reasons == plain.finish_reasons
+
+
 def test_finished_rows_and_short_limits(model4):
     # row 0 is finished right after prefill (max_gen_len 1 for every row is too short: use the cache),
     # the middle row lives longest, the last row ends before it: masked rows inside the forward.
@@ -462,6 +474,61 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
                          (["--speculative", "chain", "--heads", "7"], "heads must be")):
         assert main(base + extra) == 2
         assert match in capsys.readouterr().err
+
+
+class _ReplayByRerun:
+    """Stands in for a CUDA graph on the CPU: replay re-runs the captured forward and writes its
+    result into the output captured first, as a graph replay rewrites its output buffers."""
+
+    def __init__(self, run, output):
+        self.run, self.output, self.replays = run, output, 0
+
+    def replay(self):
+        self.replays += 1
+        self.output.copy_(self.run())
+
+
+@pytest.mark.parametrize("mode", [None, "chain", "tree"])
+def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
+    """The CUDA-graph path's bookkeeping (static inputs, power-of-two batch buckets with padding rows,
+    one graph per shape, reuse across calls, re-capture after setup_caches) emulated on the CPU: the
+    tokens equal the eager run's. Capture itself (allocations, syncs) is left to the GPU test below."""
+    from mtp_engine.generate import CUDAGraphForward
+
+    recorded = []
+
+    def record(self, run, device):
+        graph = _ReplayByRerun(run, run())
+        recorded.append(graph)
+        return graph, graph.output
+
+    monkeypatch.setattr(CUDAGraphForward, "_record", record)
+    # Row 1 stops at an eos (then sits inside the forward), row 2 (12 prompt tokens) reaches the cache
+    # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1. A 48-node tree
+    # needs a longer cache to run full (graphed) steps at all.
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
+    max_seq_len = 24 if mode is None else 80
+    eager = Generator(model4, max_batch_size=4, max_seq_len=max_seq_len, cuda_graphs=False)
+    free = eager.generate(prompts, max_gen_len=16)
+    eos = next(t for i, t in enumerate(free.tokens[1])
+               if i >= 4 and t not in free.tokens[1][:i] + free.tokens[0] + free.tokens[2])
+    want = eager.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
+    graphed = Generator(model4, max_batch_size=4, max_seq_len=max_seq_len, cuda_graphs=False)
+    monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
+    got = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    captured = len(recorded)
+    buckets = {key[0] for key in graphed._graphs._graphs}
+    if mode is None:
+        assert got.finish_reasons == ["max_gen_len", "eos", "max_seq_len"] and buckets == {4, 1}
+    else:
+        assert got.finish_reasons[1] == "eos" and 4 in buckets
+    assert sum(g.replays for g in recorded) > captured
+    again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
+    assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
+    graphed.model.setup_caches(4, max_seq_len)                                # new cache tensors
+    assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
+    assert len(recorded) > captured                                           # graphs were re-captured
 
 
 # ------------------------------------------------------------------------------ GPU

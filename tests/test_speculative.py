@@ -10,6 +10,8 @@ compaction changes the output (test_output_depends_on_kv_compaction).
 import copy
 import json
 
+import random
+
 import pytest
 import torch
 
@@ -248,6 +250,27 @@ def test_batch_smaller_than_the_cache_when_the_last_row_ends_first(model4, mode)
     assert plain.finish_reasons[2] == "max_seq_len" and len(plain.tokens[2]) < len(plain.tokens[0])
     fast = gen.generate(prompts, max_gen_len=16, speculative=mode)
     assert fast.tokens == plain.tokens and fast.finish_reasons == plain.finish_reasons
+
+
+def test_random_batches_speculative_equals_plain(model4):
+    """Random batch shapes against the cache (fewer prompts than rows, ragged lengths, tight caches,
+    eos in some rows, 2-4 heads, chain and tree): greedy speculative output equals plain output."""
+    rng = random.Random(2026)
+    for case in range(40):
+        B = rng.randint(1, 4)
+        max_batch, max_seq_len = rng.randint(B, 5), rng.randint(14, 40)
+        prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))] for _ in range(B)]
+        gen = Generator(model4, max_batch_size=max_batch, max_seq_len=max_seq_len)
+        max_gen_len = rng.randint(1, 20)
+        free = gen.generate(prompts, max_gen_len=max_gen_len)
+        eos = rng.choice([None] + [t for row in free.tokens for t in row[1:3]])
+        plain = gen.generate(prompts, max_gen_len=max_gen_len, eos_id=eos)
+        mode, heads = rng.choice(["chain", "tree"]), rng.randint(2, 4)
+        fast = gen.generate(prompts, max_gen_len=max_gen_len, eos_id=eos, speculative=mode, heads=heads)
+        context = f"case {case}: B={B} cache={max_batch}x{max_seq_len} lens={[len(p) for p in prompts]} " \
+                  f"gen={max_gen_len} eos={eos} {mode} heads={heads}"
+        assert fast.tokens == plain.tokens, context
+        assert fast.finish_reasons == plain.finish_reasons, context
 
 
 def test_finished_rows_and_short_limits(model4):

@@ -45,6 +45,29 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Flash attention: forward
 # ============================================================================================
 @triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v_ptrs, v_ok, MASKED: tl.constexpr):
+    """One online-softmax step over a key block, shared by flash and KV-cache attention.
+    qk: (M, N) float32 scaled scores, -inf where masked; v_ptrs/v_ok: the block's V rows (v_ok is
+    read when MASKED). Returns the updated (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        # A row may see nothing yet: keep m_i = -inf but exponentiate against 0 (no NaN).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=v_ok, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
@@ -64,24 +87,39 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
             if CAUSAL:
                 visible = visible & (offs_m[:, None] >= cols[None, :])
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row may see nothing yet: keep m_i = -inf but exponentiate against 0 (no NaN).
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             qk = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, cols[:, None] < T, MASKED)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _query_block(T, H, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query block and (batch, head) of this program (forward and dQ kernels share the grid)."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks do the most work under a causal mask: launch them first.
+        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return bh, b, h, h // GROUP, start_m, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), offs_m < T
+
+
+@triton.jit
+def _key_ranges(start_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [0, full_hi) are visible to the whole query block (no mask); [full_hi, masked_hi) need
+    the mask (the diagonal block under CAUSAL, else the ragged tail)."""
+    if CAUSAL:
+        full_hi = start_m
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = (T // BLOCK_N) * BLOCK_N
+        masked_hi = T
+    return full_hi, masked_hi
 
 
 @triton.jit
@@ -95,21 +133,8 @@ def _flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        # The last query blocks do the most work under a causal mask: launch them first.
-        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = h // GROUP
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-
+    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, HEAD_DIM, CAUSAL,
+                                                                          BLOCK_M, BLOCK_N)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -119,12 +144,7 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if CAUSAL:
-        full_hi = start_m                      # keys strictly before the block: all visible
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        masked_hi = T
+    full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale,
                                BLOCK_N, CAUSAL, False)
@@ -308,19 +328,8 @@ def _flash_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-
+    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, HEAD_DIM, CAUSAL,
+                                                                          BLOCK_M, BLOCK_N)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
@@ -331,12 +340,7 @@ def _flash_bwd_dq_kernel(
     v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if CAUSAL:
-        full_hi = start_m
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        masked_hi = T
+    full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                        offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
@@ -518,22 +522,9 @@ def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row
                 sees_new = is_new[None, :] & (j[None, :] <= q_idx[:, None])
             visible = in_range[None, :] & ((cols < cache_len)[None, :] | sees_new)
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             qk = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, (cols < hi)[:, None], MASKED)
     return acc, l_i, m_i
 
 

@@ -56,6 +56,24 @@ def _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOC
 
 
 @triton.jit
+def _write_grad_row(row_ptr, V, offs, target_col, lse, p_factor, smooth, hit, softcap,
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Overwrite a row of V logits with d(loss)/d(logits) = softmax * p_factor - smooth, minus hit at
+    target_col (a column outside [0, V) gets none), through the softcap's derivative. Shared with
+    vocab_parallel_ce.py."""
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        s = _softcapped(z, softcap, HAS_SOFTCAP)
+        grad = tl.exp2((s - lse) * 1.4426950408889634) * p_factor - smooth
+        grad = tl.where(cols == target_col, grad - hit, grad)
+        if HAS_SOFTCAP:
+            grad = grad * (1.0 - (s / softcap) * (s / softcap))
+        tl.store(row_ptr + cols, grad.to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ce_chunk_kernel(
     logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
@@ -89,16 +107,7 @@ def _ce_chunk_kernel(
             p_factor = scale * (1.0 + 2.0 * z_loss * lse)
             smooth = scale * label_smoothing / V
             hit = scale * (1.0 - label_smoothing)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                mask = cols < V
-                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                s = _softcapped(z, softcap, HAS_SOFTCAP)
-                grad = tl.exp2((s - lse) * 1.4426950408889634) * p_factor - smooth
-                grad = tl.where(cols == target, grad - hit, grad)
-                if HAS_SOFTCAP:
-                    grad = grad * (1.0 - (s / softcap) * (s / softcap))
-                tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            _write_grad_row(row_ptr, V, offs, target, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP, BLOCK_V)
 
 
 def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, loss_out: torch.Tensor,

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
-from .fused_linear_ce import _online_lse_lanes, _softcapped
+from .fused_linear_ce import _online_lse_lanes, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
                                per_head_losses, reduce_rows, rows_per_chunk,
                                scale_forward_grads)
@@ -91,16 +91,8 @@ def _vp_grad_kernel(
         p_factor = scale * (1.0 + 2.0 * z_loss * lse)
         smooth = scale * label_smoothing / vocab_size  # eps is spread over the whole vocabulary
         hit = scale * (1.0 - label_smoothing)
-        for start in range(0, V_local, BLOCK_V):
-            cols = start + offs
-            mask = cols < V_local
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            s = _softcapped(z, softcap, HAS_SOFTCAP)
-            grad = tl.exp2((s - lse) * _LOG2E) * p_factor - smooth
-            grad = tl.where(cols == local_t, grad - hit, grad)  # local_t outside [0, V_local): no hit here
-            if HAS_SOFTCAP:
-                grad = grad * (1.0 - (s / softcap) * (s / softcap))
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+        # local_t outside [0, V_local): the target lives on another rank, no hit here.
+        _write_grad_row(row_ptr, V_local, offs, local_t, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP, BLOCK_V)
 
 
 def _block_v(V_local: int):

@@ -12,6 +12,12 @@
    copy, read + write counted). Contender: SDPA on the cache sliced to the live length.
 3. Tree verification on the same caches: Tq in {16, 64} nodes with a 4-ary tree mask (packed once,
    as the model does), time as a multiple of the Tq = 1 decode.
+Floors (count them first): flash forward = its FLOPs at the matmul rate measured here (bf16
+8192^3 torch.mm), forward+backward = 3.5x that; KV-cache attention at Tq new tokens =
+max(cache bytes / copy bandwidth, 4 * B * Tq * H * (S + Tq) * D FLOPs / matmul rate). A 64-node
+tree over H/Hkv = 4 query heads per KV head does 256 FLOPs per cache byte, more than the H200's
+~190 (794 TFLOP/s over 4.2 TB/s): it is compute bound, and its floor is above the Tq = 1 floor,
+so the best reachable tree/decode ratio is that of the floors (the "floor ratio" columns).
 Timing: triton.testing.do_bench, median, of eager calls ("launch": includes the host cost of the
 Python launcher, which dominates small calls) and, for decode and tree verification, of the call
 replayed as a CUDA graph ("graph": the generator's condition, where decode and verify steps replay
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -32,6 +37,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 FLASH_SHAPES = [(4, 32, 4096, 128), (8, 16, 2048, 64)]          # B, H, T, D (causal, H == Hkv)
 DECODE_BATCHES = (1, 8, 64)
@@ -103,15 +111,11 @@ def _bench_graph_ms(fn, rep: int = 50) -> float | str:
         torch.cuda.empty_cache()
 
 
-def _copy_bandwidth_gbps(nbytes: int = 2 * 2**30) -> float:
-    from triton.testing import do_bench
-
-    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), rep=100, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+def _kv_floor_ms(B, S, Tq, H, Hkv, D, element_size, copy_gbps, matmul_tflops):
+    """max(cache read time, matmul time) of attending Tq new queries per sequence to S + Tq slots."""
+    nbytes = 2 * B * (S + Tq) * Hkv * D * element_size
+    flops = 4 * B * Tq * H * (S + Tq) * D
+    return max(nbytes / (copy_gbps * 1e6), flops / (matmul_tflops * 1e9))
 
 
 def _eager_attention(q, k, v):
@@ -133,7 +137,8 @@ def _ratio(a, b):
     return a / b if isinstance(a, float) and isinstance(b, float) else None
 
 
-def bench_flash(attention, shapes=FLASH_SHAPES, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cuda", dtype=torch.bfloat16
+                ) -> list[dict]:
     rows = []
     for B, H, T, D in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -157,6 +162,8 @@ def bench_flash(attention, shapes=FLASH_SHAPES, device="cuda", dtype=torch.bfloa
                 "shape": f"B{B} H{H} T{T} D{D} causal", "impl": name,
                 "fwd_ms": fwd, "fwd_tflops": fwd_flops / fwd / 1e9 if isinstance(fwd, float) else None,
                 "fwd_bwd_ms": fb, "fwd_bwd_tflops": 3.5 * fwd_flops / fb / 1e9 if isinstance(fb, float) else None,
+                "fwd_x_floor": _ratio(fwd, fwd_flops / (matmul_tflops * 1e9)),
+                "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
             })
         sdpa = next(r for r in rows[-3:] if r["impl"] == "sdpa")
         for r in rows[-3:]:
@@ -179,7 +186,7 @@ def _tree_mask(n: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
-def bench_decode(attention, copy_gbps: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
+def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
                  heads=DECODE_HEADS, device="cuda", dtype=torch.bfloat16) -> list[dict]:
     H, Hkv, D = heads
     rows = []
@@ -201,6 +208,9 @@ def bench_decode(attention, copy_gbps: float, batches=DECODE_BATCHES, lengths=DE
                 with torch.no_grad():
                     row[f"ours_tq{Tq}_launch_ms"] = _bench_ms(ours, rep=50)
                     ms = row[f"ours_tq{Tq}_ms"] = _bench_graph_ms(ours)
+                floor = row[f"floor_tq{Tq}_ms"] = _kv_floor_ms(B, S, Tq, H, Hkv, D, k_cache.element_size(),
+                                                             copy_gbps, matmul_tflops)
+                row[f"ours_tq{Tq}_x_floor"] = _ratio(ms, floor)
                 if Tq == 1:
                     nbytes = 2 * B * (S + Tq) * Hkv * D * k_cache.element_size()
                     row["cache_MB"] = nbytes / 1e6
@@ -225,6 +235,7 @@ def bench_decode(attention, copy_gbps: float, batches=DECODE_BATCHES, lengths=DE
                     row["sdpa_frac_of_copy_bw"] = _ratio(row["sdpa_GBps"], copy_gbps)
                 else:
                     row[f"tree{Tq}_vs_decode"] = _ratio(ms, row["ours_tq1_ms"])
+                    row[f"tree{Tq}_floor_ratio"] = floor / row["floor_tq1_ms"]
             rows.append(row)
             del k_cache, v_cache
     return rows
@@ -240,28 +251,32 @@ def _fmt(x, digits: int = 3) -> str:
 
 def to_markdown(result: dict) -> str:
     lines = [f"# Attention on {result['device']} (torch {result['torch']}, triton {result['triton']})", "",
-             f"Device copy bandwidth (read + write): {result['copy_GBps']:.0f} GB/s", "",
+             f"Measured here: device copy bandwidth (read + write) {result['copy_GBps']:.0f} GB/s, "
+             f"{result.get('matmul_dtype', 'bf16')} matmul {result.get('matmul_TFLOPs', float('nan')):.0f} TFLOP/s.", "",
              f"## Flash attention, {result['dtype']}, causal", "",
-             "| shape | impl | fwd ms | fwd TFLOP/s | fwd vs SDPA | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs SDPA |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | impl | fwd ms | fwd TFLOP/s | fwd x floor | fwd vs SDPA | fwd+bwd ms | fwd+bwd TFLOP/s | "
+             "fwd+bwd x floor | fwd+bwd vs SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["flash"]:
         lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_tflops'])} | "
-                     f"{_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['fwd_bwd_tflops'])} | "
-                     f"{_fmt(r['fwd_bwd_vs_sdpa'])} |")
+                     f"{_fmt(r.get('fwd_x_floor'))} | {_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | "
+                     f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} |")
     H, Hkv, D = result["decode_heads"]
     lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
               f"cache_seqlens range check off)", "",
               "Times are CUDA-graph replays (the generator's condition); \"launch\" is the same call launched "
               "eagerly from Python, host cost included.", "",
-              "| B | S | cache MB | ours Tq=1 launch ms | ours Tq=1 ms | ours GB/s | ours / copy bw | SDPA ms | "
-              "SDPA GB/s | SDPA / copy bw | "
-              + " | ".join(f"tree Tq={t} ms | Tq={t} / Tq=1" for t in TREE_SIZES) + " |",
-              "|" + "---|" * (10 + 2 * len(TREE_SIZES))]
+              "| B | S | cache MB | ours Tq=1 launch ms | ours Tq=1 ms | x floor | ours GB/s | ours / copy bw | "
+              "SDPA ms | SDPA GB/s | SDPA / copy bw | "
+              + " | ".join(f"tree Tq={t} ms | x floor | Tq={t} / Tq=1 | floor ratio" for t in TREE_SIZES) + " |",
+              "|" + "---|" * (11 + 4 * len(TREE_SIZES))]
     for r in result["decode"]:
-        cells = [r["B"], r["S"], r["cache_MB"], r.get("ours_tq1_launch_ms"), r["ours_tq1_ms"], r["ours_GBps"],
-                 r["ours_frac_of_copy_bw"], r["sdpa_tq1_ms"], r["sdpa_GBps"], r["sdpa_frac_of_copy_bw"]]
+        cells = [r["B"], r["S"], r["cache_MB"], r.get("ours_tq1_launch_ms"), r["ours_tq1_ms"],
+                 r.get("ours_tq1_x_floor"), r["ours_GBps"], r["ours_frac_of_copy_bw"], r["sdpa_tq1_ms"],
+                 r["sdpa_GBps"], r["sdpa_frac_of_copy_bw"]]
         for t in TREE_SIZES:
-            cells += [r[f"ours_tq{t}_ms"], r[f"tree{t}_vs_decode"]]
+            cells += [r[f"ours_tq{t}_ms"], r.get(f"ours_tq{t}_x_floor"), r[f"tree{t}_vs_decode"],
+                      r.get(f"tree{t}_floor_ratio")]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -288,10 +303,12 @@ def main(out_dir: str) -> dict | None:
 
     attention = _import_attention()
     name = torch.cuda.get_device_name()
-    copy_gbps = _copy_bandwidth_gbps()
+    ceilings = common.measure_ceilings("cuda")
+    copy_gbps, tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_GBps": copy_gbps,
-              "dtype": "bf16", "decode_heads": DECODE_HEADS,
-              "flash": bench_flash(attention), "decode": bench_decode(attention, copy_gbps)}
+              "matmul_TFLOPs": tflops, "matmul_dtype": ceilings["matmul_dtype"], "dtype": "bf16",
+              "decode_heads": DECODE_HEADS, "flash": bench_flash(attention, tflops),
+              "decode": bench_decode(attention, copy_gbps, tflops)}
     _write(out_dir, f"attention_{_slug(name)}", result)
     return result
 
@@ -302,10 +319,13 @@ def cpu_smoke(out_dir: str) -> dict:
     import triton
 
     attention = _import_attention()
+    ceilings = common.measure_ceilings("cpu", rep_ms=20)
+    copy_gbps, tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
     result = {"device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": triton.__version__,
-              "copy_GBps": float("nan"), "dtype": "fp32", "decode_heads": (4, 2, 16),
-              "flash": bench_flash(attention, shapes=[(1, 2, 40, 16)], device="cpu", dtype=torch.float32),
-              "decode": bench_decode(attention, float("nan"), batches=(2,), lengths=(40,), heads=(4, 2, 16),
+              "copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": ceilings["matmul_dtype"],
+              "dtype": "fp32", "decode_heads": (4, 2, 16),
+              "flash": bench_flash(attention, tflops, shapes=[(1, 2, 40, 16)], device="cpu", dtype=torch.float32),
+              "decode": bench_decode(attention, copy_gbps, tflops, batches=(2,), lengths=(40,), heads=(4, 2, 16),
                                      device="cpu", dtype=torch.float32)}
     _write(out_dir, "attention_cpu-smoke", result)
     return result

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_train_default.sh OUT        (gpu_check.sh's `train` stage runs it)
 # Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400);
 # for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS,
-# SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder).
+# SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON.
 # Data: the corpus of the CPU-trained default model (this checkout's .gpu_data/stdlib.tar.gz, made by
 # benchmarks/prepare_gpu_data.sh, carried with the run) so the held-out files and the tokenizer stay
 # the same, plus the device's own site-packages as extra training text: 3M stdlib tokens are far too
@@ -13,6 +13,7 @@
 #             tar -xzf OUT/model/meta.tar.gz -C models/default
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 OUT=${1:?usage: gpu_train_default.sh OUT}
 WORK=${WORK:-/tmp/mtp_train_default}
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/model"
@@ -22,17 +23,17 @@ elif [ -f .gpu_data/stdlib.tar.gz ]; then
   SRC=$WORK/stdlib && mkdir -p "$SRC" && tar -xzf .gpu_data/stdlib.tar.gz -C "$SRC"
 else
   echo "no .gpu_data/stdlib.tar.gz: using this machine's stdlib (its held-out files differ from the CPU model's)"
-  SRC=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  SRC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 fi
-PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # max_steps is only a bound until the schedule is fitted to the time budget at step 25; the run saves
 # once, at the end. shellcheck disable=SC2086 (TRAIN_ARGS is a list of flags)
-python3 -m mtp_engine train --preset "${PRESET:-default}" --source "$SRC" --extra-source "$PURELIB" \
+"$PY" -m mtp_engine train --preset "${PRESET:-default}" --source "$SRC" --extra-source "$PURELIB" \
   --extra-max-mb "${EXTRA_MB:-400}" --tokenizer models/default/tokenizer.model --corpus-dir "$WORK/corpus" \
   --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-420}" --schedule-to-budget --no-progress \
   --max-steps 1000000 --eval-every 1000 --save-every 1000000 ${TRAIN_ARGS:-}
 # shellcheck disable=SC2086
-python3 -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "${EVAL_DEVICE:-cuda}" \
+"$PY" -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "${EVAL_DEVICE:-cuda}" \
   --build-tree "$WORK/run/tree.json" --json "$WORK/run/eval.json" ${EVAL_ARGS:-}
 split -b 15m "$WORK/run/consolidated.00.pth" "$OUT/model/consolidated.00.pth.part-"
 tar -czf "$OUT/model/meta.tar.gz" -C "$WORK/run" params.json tokenizer.model train_log.json eval.json tree.json

@@ -91,7 +91,7 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("MTP_BACKEND", "MTP_CROSS_COMPILE")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2", SOURCE_DIR=str(src),
+               PYTHON=sys.executable, PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2", SOURCE_DIR=str(src),
                WORK=str(tmp_path / "work"), TRAIN_ARGS="--vocab-size 8192",
                EVAL_ARGS="--prompts 2 --max-files 2 --tree-budget 8")
     proc = subprocess.run(["bash", str(BENCH / "gpu_train_default.sh"), str(out)], env=env, cwd=ROOT,

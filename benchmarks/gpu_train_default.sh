@@ -5,6 +5,8 @@
 # Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400);
 # for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS,
 # SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON.
+# The n=1 baseline of the same size and data (issue 4's loss comparison), logs only, no checkpoint:
+#   MODEL_NAME=n1 RETURN_CHECKPOINT=0 TRAIN_ARGS="--n-future-tokens 1" bash ... OUT   (7 blocks: 6 trunk + 1 head)
 # Data: the corpus of the CPU-trained default model (this checkout's .gpu_data/stdlib.tar.gz, made by
 # benchmarks/prepare_gpu_data.sh, carried with the run) so the held-out files and the tokenizer stay
 # the same, plus the device's own site-packages as extra training text: 3M stdlib tokens are far too
@@ -16,7 +18,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${1:?usage: gpu_train_default.sh OUT}
 WORK=${WORK:-/tmp/mtp_train_default}
-rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/model"
+NAME=${MODEL_NAME:-model}
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/$NAME"
 if [ -n "${SOURCE_DIR:-}" ]; then
   SRC=$SOURCE_DIR
 elif [ -f .gpu_data/stdlib.tar.gz ]; then
@@ -32,9 +35,15 @@ PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   --extra-max-mb "${EXTRA_MB:-400}" --tokenizer models/default/tokenizer.model --corpus-dir "$WORK/corpus" \
   --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-420}" --schedule-to-budget --no-progress \
   --max-steps 1000000 --eval-every 1000 --save-every 1000000 ${TRAIN_ARGS:-}
+HEADS=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("n_future_tokens", 1))' "$WORK/run/params.json")
+META=(params.json tokenizer.model train_log.json eval.json)
+TREE_ARGS=()
+if [ "$HEADS" -gt 1 ]; then TREE_ARGS=(--build-tree "$WORK/run/tree.json"); META+=(tree.json); fi
 # shellcheck disable=SC2086
 "$PY" -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "${EVAL_DEVICE:-cuda}" \
-  --build-tree "$WORK/run/tree.json" --json "$WORK/run/eval.json" ${EVAL_ARGS:-}
-split -b 15m "$WORK/run/consolidated.00.pth" "$OUT/model/consolidated.00.pth.part-"
-tar -czf "$OUT/model/meta.tar.gz" -C "$WORK/run" params.json tokenizer.model train_log.json eval.json tree.json
-ls -la "$OUT/model"
+  "${TREE_ARGS[@]}" --json "$WORK/run/eval.json" ${EVAL_ARGS:-}
+if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
+  split -b 15m "$WORK/run/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
+fi
+tar -czf "$OUT/$NAME/meta.tar.gz" -C "$WORK/run" "${META[@]}"
+ls -la "$OUT/$NAME"

@@ -109,3 +109,13 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     log = json.loads((ckpt / "train_log.json").read_text())
     assert log["corpus"]["train_tokens"] > 0 and log["schedule_fit"]["max_steps"] > 25
     assert json.loads((ckpt / "eval.json").read_text())["heads"] == 4 and (ckpt / "tree.json").is_file()
+
+    # The n=1 baseline: no tree to fit, logs only.
+    env.update(MODEL_NAME="n1", RETURN_CHECKPOINT="0", TRAIN_ARGS="--vocab-size 8192 --n-future-tokens 1",
+               TRAIN_SECONDS="4")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_train_default.sh"), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "n1").iterdir()) == ["meta.tar.gz"]
+    with tarfile.open(out / "n1" / "meta.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["eval.json", "params.json", "tokenizer.model", "train_log.json"]

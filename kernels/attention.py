@@ -781,8 +781,7 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     the cache before the Tq new ones, whose K/V the caller has already written at slots cache_seqlens[b] + j.
     Query i of sequence b attends to slots [0, cache_seqlens[b]) and to new slot cache_seqlens[b] + j where
     tree_mask[i, j] (a (Tq, Tq) bool shared by the batch, or its `pack_tree_mask`; None = causal, j <= i).
-    Returns (B, Tq, H, Dh) in
-    q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
+    Returns (B, Tq, H, Dh) in q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
     on an empty cache) returns zeros. check_seqlens verifies 0 <= cache_seqlens <= S_max - Tq, a host sync
     on CUDA (skipped during CUDA-graph capture); callers that guarantee the range (the model checks once
     per forward, not once per layer) pass False."""

@@ -190,7 +190,7 @@ class CrossCompiler:
 # ============================================================================================
 # Scenarios: the launches a GPU run makes, at shapes that pick its tile configs
 # ============================================================================================
-def scenarios(dtypes):
+def scenarios():
     import torch
 
     import mtp_kernels as K
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
 
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
     compiler = CrossCompiler(args.arch, args.quick)
-    all_scenarios = scenarios(dtypes)
+    all_scenarios = scenarios()
     unknown = set(args.only or ()) - set(all_scenarios)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {sorted(all_scenarios)}")

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     compiler = CrossCompiler(args.arch, args.quick)
     all_scenarios = scenarios()
     unknown = set(args.only or ()) - set(all_scenarios)

@@ -132,9 +132,10 @@ def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: boo
     if dtype == torch.float32:
         # 4-byte tiles: a quarter of the D step keeps the pipelined tiles inside shared memory.
         cfg.update(BLOCK_D=32, num_stages=2)
-    # The Philox noise needs registers next to the float32 tile: at 64 tile elements per thread the
+    # The Philox noise, or float32 operands (an "ieee" dot runs on FMAs, its operand tiles in
+    # registers), need registers next to the float32 tile: at 64 tile elements per thread the
     # sm_90 compile hits 255 registers and spills (benchmarks/compile_check.py); 32 fit.
-    while sample and cfg["BLOCK_R"] * cfg["BLOCK_V"] > 32 * 32 * cfg["num_warps"]:
+    while (sample or dtype == torch.float32) and cfg["BLOCK_R"] * cfg["BLOCK_V"] > 32 * 32 * cfg["num_warps"]:
         if cfg["num_warps"] < 8:
             cfg["num_warps"] *= 2
         else:

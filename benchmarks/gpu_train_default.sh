@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_train_default.sh OUT        (gpu_check.sh's `train` stage runs it)
 # Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400);
 # for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS,
-# SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON.
+# SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON, PART_SIZE.
 # The n=1 baseline of the same size and data (issue 4's loss comparison), logs only, no checkpoint:
 #   MODEL_NAME=n1 RETURN_CHECKPOINT=0 TRAIN_ARGS="--n-future-tokens 1" bash ... OUT   (7 blocks: 6 trunk + 1 head)
 # Data: the corpus of the CPU-trained default model (this checkout's .gpu_data/stdlib.tar.gz, made by
@@ -43,7 +43,7 @@ if [ "$HEADS" -gt 1 ]; then TREE_ARGS=(--build-tree "$WORK/run/tree.json"); META
 "$PY" -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "${EVAL_DEVICE:-cuda}" \
   "${TREE_ARGS[@]}" --json "$WORK/run/eval.json" ${EVAL_ARGS:-}
 if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
-  split -b 15m "$WORK/run/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
+  split -b "${PART_SIZE:-15m}" "$WORK/run/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
 fi
 tar -czf "$OUT/$NAME/meta.tar.gz" -C "$WORK/run" "${META[@]}"
 ls -la "$OUT/$NAME"

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "self-speculative tokens per forward (chain and tree) on held-out prompts.")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=run_eval)
+
+    from .distill import add_arguments as add_distill_arguments
+
+    distill = sub.add_parser(
+        "distill", help="self-distill the drafting heads on the model's own greedy text (trunk and head 0 frozen)",
+        description="Continue training-split prompts greedily with the model, then train only heads 1..n-1 to "
+                    "predict those continuations: more accepted drafts, the same next-token model.")
+    add_distill_arguments(distill)
+    distill.set_defaults(run=run_distill)
     return parser
 
 
@@ -159,6 +168,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import run
+
+    return run(args)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from .distill import run
 
     return run(args)
 

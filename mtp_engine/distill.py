@@ -1,0 +1,220 @@
+"""Self-distillation of the drafting heads: train heads 1..n-1 on the model's own greedy text.
+
+Greedy self-speculative decoding accepts head i's draft when it equals the token the model itself
+would produce i steps later. Heads trained on the corpus learn to predict the *data* at t+1+i;
+what decoding needs is the *model's greedy continuation*. So (as Medusa-2 and EAGLE do for their
+draft heads) this continues training-split prompts greedily with the model, then trains only the
+extra head blocks on those continuations, with the model's own tokens as targets.
+
+Only `model.extra_heads` (heads 1..n-1) change. The trunk, head 0's block, the shared final norm
+and the unembedding stay frozen, so the next-token distribution, greedy output and the held-out
+next-token loss are exactly those of the input model: the speed-up is free of quality loss.
+
+    mtp distill --ckpt-dir models/default --out-dir runs/distilled        # then: mtp eval --ckpt-dir ...
+
+The prompts come from the training split of the corpus (never from held-out files), and the trunk's
+output for every sequence is computed once up front (it is frozen), so each step runs only the
+extra head blocks and the fused loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from mtp_kernels import fused_linear_cross_entropy
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class DistillConfig:
+    prompts: int = 1024              # greedy continuations to train on
+    prompt_len: int = 64
+    gen_len: int = 128
+    steps: int = 600
+    batch_size: int = 32             # sequences per step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    gen_batch_size: int = 64
+
+    def validate(self) -> None:
+        for name in ("prompts", "prompt_len", "gen_len", "steps", "batch_size", "gen_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"need lr > 0, min_lr_ratio in [0, 1], warmup_steps in [0, steps]; got "
+                             f"{self.lr}, {self.min_lr_ratio}, {self.warmup_steps}")
+
+
+def training_prompts(tokenizer: Tokenizer, n_prompts: int, prompt_len: int, gen_len: int,
+                     source: Optional[Path] = None) -> List[List[int]]:
+    """n_prompts windows of prompt_len tokens from the TRAINING split of `source` (default: the
+    stdlib), at hash-chosen offsets, several per file when the files run out."""
+    source = stdlib_root() if source is None else Path(source)
+    train, _ = split_files(find_source_files(source), source)
+    streams = [s for s in (tokenizer.encode(t, bos=True, eos=True) for t in map(read_text, train) if t)
+               if len(s) >= prompt_len + gen_len + 2]
+    if not streams:
+        raise ValueError(f"no training file under {source} has the {prompt_len + gen_len + 2} tokens a "
+                         "prompt and its continuation need")
+    prompts = []
+    for round_ in range(math.ceil(n_prompts / len(streams))):
+        for i, s in enumerate(streams):
+            start = int(_unit_hash(f"distill:{round_}:{i}") * (len(s) - prompt_len - gen_len))
+            prompts.append(s[start:start + prompt_len])
+            if len(prompts) == n_prompts:
+                return prompts
+    return prompts
+
+
+@torch.no_grad()
+def greedy_sequences(model: Transformer, prompts: List[List[int]], gen_len: int, batch_size: int) -> torch.Tensor:
+    """(P, prompt_len + gen_len) int64: every prompt followed by the model's greedy continuation."""
+    from .generate import Generator
+
+    prompt_len = len(prompts[0])
+    gen = Generator(model, tokenizer=None, max_batch_size=min(batch_size, len(prompts)),
+                    max_seq_len=prompt_len + gen_len + 1)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out = gen.generate(chunk, max_gen_len=gen_len, temperature=0.0, eos_id=-1)
+        rows += [p + t for p, t in zip(chunk, out.tokens)]
+    model.clear_caches()
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def head_targets(sequences: torch.Tensor, n_extra: int, prompt_len: int, ignore_index: int = -100) -> torch.Tensor:
+    """(n_extra, P, L) targets: head i (1-based) at position t predicts sequences[:, t + 1 + i],
+    kept only where that token is part of the greedy continuation (index >= prompt_len)."""
+    P, L = sequences.shape
+    targets = torch.full((n_extra, P, L), ignore_index, dtype=torch.int64)
+    for i in range(1, n_extra + 1):
+        lo = max(prompt_len - 1 - i, 0)          # first t with t + 1 + i >= prompt_len
+        if lo < L - 1 - i:
+            targets[i - 1, :, lo:L - 1 - i] = sequences[:, lo + 1 + i:]
+    return targets
+
+
+def distill_heads(model: Transformer, sequences: torch.Tensor, prompt_len: int, cfg: DistillConfig,
+                  log=print) -> dict:
+    """Train model.extra_heads in place on `sequences`; everything else stays frozen. Returns a log."""
+    cfg.validate()
+    n_extra = model.n_future_tokens - 1
+    if n_extra < 1:
+        raise ValueError("self-distillation trains the extra heads; this model has only head 0")
+    device = model.output.weight.device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.extra_heads.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    P, L = sequences.shape
+    freqs = model._rope(device)[:L]
+    with torch.no_grad():                         # the trunk is frozen: its output once per sequence
+        trunk_out = torch.cat([model.trunk_hidden(sequences[s:s + 64].to(device)) for s in range(0, P, 64)])
+    targets = head_targets(sequences, n_extra, prompt_len).to(device)
+    weight = model.output.weight
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(P, generator=g)
+    run_log = {"config": asdict(cfg), "sequences": P, "steps": []}
+    start = time.perf_counter()
+    model.train()
+    for step in range(cfg.steps):
+        if step < cfg.warmup_steps:
+            lr = cfg.lr * (step + 1) / cfg.warmup_steps
+        else:
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        first = (step * cfg.batch_size) % P
+        idx = order[first:first + cfg.batch_size]
+        if idx.numel() < cfg.batch_size:            # wrap around: a new shuffle each epoch
+            order = torch.randperm(P, generator=g)
+            idx = torch.cat([idx, order[:cfg.batch_size - idx.numel()]])
+        h = trunk_out[idx.to(device)]
+        hidden = torch.stack([model.norm(head(h, freqs, None)) for head in model.extra_heads])   # (n-1, B, L, D)
+        loss, per_head = fused_linear_cross_entropy(hidden.reshape(n_extra, -1, hidden.shape[-1]), weight,
+                                                    targets[:, idx.to(device)].reshape(n_extra, -1),
+                                                    return_per_head=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == cfg.steps - 1:
+            entry = {"step": step + 1, "loss": float(loss.detach()), "per_head": per_head.tolist(), "lr": lr,
+                     "grad_norm": float(grad_norm), "elapsed_s": time.perf_counter() - start}
+            run_log["steps"].append(entry)
+            log(f"distill step {step + 1}/{cfg.steps}: loss per extra head "
+                + " ".join(f"{x:.3f}" for x in entry["per_head"]) + f", lr {lr:.2e}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    run_log["train_time_s"] = time.perf_counter() - start
+    return run_log
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt-dir", default=None, help="MTP checkpoint (default: the embedded models/default)")
+    parser.add_argument("--out-dir", required=True, help="where the distilled checkpoint is written")
+    parser.add_argument("--source", default=None, help="corpus folder whose TRAINING split gives the prompts "
+                                                       "(default: the stdlib)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    for name, value in asdict(DistillConfig()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import default_checkpoint
+    from .generate import resolve_device
+
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
+    cfg = DistillConfig(**{k: getattr(args, k) for k in asdict(DistillConfig())})
+    cfg.validate()
+    device = resolve_device(args.device)
+    model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32)
+    tokenizer = Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    torch.manual_seed(cfg.seed)
+    prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
+                               Path(args.source) if args.source else None)
+    t0 = time.perf_counter()
+    model.eval()
+    sequences = greedy_sequences(model, prompts, cfg.gen_len, cfg.gen_batch_size)
+    print(f"distill: {len(prompts)} greedy continuations of {cfg.gen_len} tokens in {time.perf_counter() - t0:.0f} s")
+    run_log = distill_heads(model, sequences, cfg.prompt_len, cfg)
+    run_log["source_checkpoint"] = str(ckpt_dir)
+    run_log["generation_time_s"] = time.perf_counter() - t0 - run_log["train_time_s"]
+    out = Path(args.out_dir)
+    save_checkpoint(model, out, dtype=load_dtype(ckpt_dir))
+    (out / "tokenizer.model").write_bytes((Path(ckpt_dir) / "tokenizer.model").read_bytes())
+    (out / "distill_log.json").write_text(json.dumps(run_log, indent=1) + "\n")
+    print(f"distill: wrote {out} (extra heads trained {run_log['train_time_s']:.0f} s; the trunk and head 0 "
+          "are unchanged)")
+    return 0
+
+
+def load_dtype(ckpt_dir: Path) -> torch.dtype:
+    """The floating dtype the checkpoint's tensors are stored in (the distilled copy keeps it)."""
+    from .checkpoint import find_shards
+
+    shard = torch.load(find_shards(ckpt_dir)[0], map_location="cpu", weights_only=True, mmap=True)
+    return next(t.dtype for t in shard.values() if t.is_floating_point())

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Train the `default` model on one GPU inside a device lease, evaluate it, and leave it under OUT in
-# pieces that come back from the device machine (at most 8 files of 16 MiB each).
+# Train the `default` model on one GPU inside a device lease, self-distil its drafting heads, evaluate
+# it, and leave it under OUT in pieces that come back from the device machine (at most 8 files of 16
+# MiB each).
 #   bash benchmarks/gpu_train_default.sh OUT        (gpu_check.sh's `train` stage runs it)
-# Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400);
-# for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS,
+# Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400),
+# DISTILL_STEPS (self-distillation of the drafting heads after training, default 600; 0: none);
+# for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS, DISTILL_ARGS,
 # SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON, PART_SIZE.
 # The n=1 baseline of the same size and data (issue 4's loss comparison), logs only, no checkpoint:
 #   MODEL_NAME=n1 RETURN_CHECKPOINT=0 TRAIN_ARGS="--n-future-tokens 1" bash ... OUT   (7 blocks: 6 trunk + 1 head)
@@ -36,14 +38,32 @@ PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-420}" --schedule-to-budget --no-progress \
   --max-steps 1000000 --eval-every 1000 --save-every 1000000 ${TRAIN_ARGS:-}
 HEADS=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("n_future_tokens", 1))' "$WORK/run/params.json")
+DEVICE=${EVAL_DEVICE:-cuda}
+FINAL=$WORK/run
 META=(params.json tokenizer.model train_log.json eval.json)
 TREE_ARGS=()
-if [ "$HEADS" -gt 1 ]; then TREE_ARGS=(--build-tree "$WORK/run/tree.json"); META+=(tree.json); fi
-# shellcheck disable=SC2086
-"$PY" -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "${EVAL_DEVICE:-cuda}" \
-  "${TREE_ARGS[@]}" --json "$WORK/run/eval.json" ${EVAL_ARGS:-}
-if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
-  split -b "${PART_SIZE:-15m}" "$WORK/run/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
+if [ "$HEADS" -gt 1 ]; then
+  TREE_ARGS=(--build-tree "$WORK/final_tree.json")
+  META+=(tree.json)
+  if [ "${DISTILL_STEPS:-600}" -gt 0 ]; then
+    # Self-distil the drafting heads (mtp_engine/distill.py): the pretrained eval is kept beside it.
+    # shellcheck disable=SC2086
+    "$PY" -m mtp_engine eval --ckpt-dir "$WORK/run" --source "$SRC" --device "$DEVICE" \
+      --json "$WORK/run/eval_pretrained.json" ${EVAL_ARGS:-}
+    # shellcheck disable=SC2086
+    "$PY" -m mtp_engine distill --ckpt-dir "$WORK/run" --out-dir "$WORK/final" --source "$SRC" --device "$DEVICE" \
+      --steps "${DISTILL_STEPS:-600}" ${DISTILL_ARGS:-}
+    cp "$WORK/run/train_log.json" "$WORK/run/eval_pretrained.json" "$WORK/final/"
+    FINAL=$WORK/final
+    META+=(distill_log.json eval_pretrained.json)
+  fi
 fi
-tar -czf "$OUT/$NAME/meta.tar.gz" -C "$WORK/run" "${META[@]}"
+# shellcheck disable=SC2086
+"$PY" -m mtp_engine eval --ckpt-dir "$FINAL" --source "$SRC" --device "$DEVICE" \
+  "${TREE_ARGS[@]}" --json "$FINAL/eval.json" ${EVAL_ARGS:-}
+if [ "$HEADS" -gt 1 ]; then mv "$WORK/final_tree.json" "$FINAL/tree.json"; fi
+if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
+  split -b "${PART_SIZE:-15m}" "$FINAL/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
+fi
+tar -czf "$OUT/$NAME/meta.tar.gz" -C "$FINAL" "${META[@]}"
 ls -la "$OUT/$NAME"

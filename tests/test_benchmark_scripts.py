@@ -74,8 +74,8 @@ def test_bench_generate_tiny(tmp_path):
 
 def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     """The device lease's training stage end to end, tiny: corpus with extra sources and the shipped
-    tokenizer, a schedule fitted to the budget, eval with a fitted tree, and the checkpoint split into
-    pieces that come back from the device and join into a loadable checkpoint."""
+    tokenizer, a schedule fitted to the budget, self-distilled heads, eval with a fitted tree, and the
+    checkpoint split into pieces that come back from the device and join into a loadable checkpoint."""
     import sysconfig
     import tarfile
 
@@ -93,7 +93,8 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
                PYTHON=sys.executable, PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2", SOURCE_DIR=str(src),
                WORK=str(tmp_path / "work"), TRAIN_ARGS="--vocab-size 8192", PART_SIZE="200k",
-               EVAL_ARGS="--prompts 2 --max-files 2 --tree-budget 8")
+               EVAL_ARGS="--prompts 2 --max-files 2 --tree-budget 8", DISTILL_STEPS="3",
+               DISTILL_ARGS="--prompts 4 --prompt-len 16 --gen-len 8 --batch-size 2 --warmup-steps 1")
     proc = subprocess.run(["bash", str(BENCH / "gpu_train_default.sh"), str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -109,6 +110,8 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     log = json.loads((ckpt / "train_log.json").read_text())
     assert log["corpus"]["train_tokens"] > 0 and log["schedule_fit"]["max_steps"] > 25
     assert json.loads((ckpt / "eval.json").read_text())["heads"] == 4 and (ckpt / "tree.json").is_file()
+    assert json.loads((ckpt / "distill_log.json").read_text())["steps"][-1]["step"] == 3
+    assert json.loads((ckpt / "eval_pretrained.json").read_text())["heads"] == 4
 
     # The n=1 baseline: no tree to fit, logs only.
     env.update(MODEL_NAME="n1", RETURN_CHECKPOINT="0", TRAIN_ARGS="--vocab-size 8192 --n-future-tokens 1",

@@ -34,6 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
 from .model import Transformer
 from .tokenizer import Tokenizer
+from .train import warmup_cosine_lr
 
 
 @dataclass
@@ -138,11 +139,7 @@ def distill_heads(model: Transformer, sequences: torch.Tensor, prompt_len: int, 
     start = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         first = (step * cfg.batch_size) % P

@@ -85,10 +85,13 @@ def training_prompts(tokenizer: Tokenizer, n_prompts: int, prompt_len: int, gen_
 
 @torch.no_grad()
 def greedy_sequences(model: Transformer, prompts: List[List[int]], gen_len: int, batch_size: int) -> torch.Tensor:
-    """(P, prompt_len + gen_len) int64: every prompt followed by the model's greedy continuation."""
+    """(P, prompt_len + gen_len) int64: every prompt (all of one length) followed by the model's
+    greedy continuation of gen_len tokens (no eos stop)."""
     from .generate import Generator
 
     prompt_len = len(prompts[0])
+    if any(len(p) != prompt_len for p in prompts):
+        raise ValueError(f"greedy_sequences needs prompts of one length, got lengths {sorted({len(p) for p in prompts})}")
     gen = Generator(model, tokenizer=None, max_batch_size=min(batch_size, len(prompts)),
                     max_seq_len=prompt_len + gen_len + 1)
     rows = []
@@ -120,24 +123,36 @@ def distill_heads(model: Transformer, sequences: torch.Tensor, prompt_len: int, 
     if n_extra < 1:
         raise ValueError("self-distillation trains the extra heads; this model has only head 0")
     device = model.output.weight.device
+    P, L = sequences.shape
+    run_log = {"config": asdict(cfg), "sequences": P, "steps": []}
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.extra_heads.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    try:
+        params = list(model.extra_heads.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        freqs = model._rope(device)[:L]
+        with torch.no_grad():                     # the trunk is frozen: its output once per sequence
+            trunk_out = torch.cat([model.trunk_hidden(sequences[s:s + 64].to(device)) for s in range(0, P, 64)])
+        targets = head_targets(sequences, n_extra, prompt_len).to(device)
+        start = time.perf_counter()
+        model.train()
+        _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_log, start, log)
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    run_log["train_time_s"] = time.perf_counter() - start
+    return run_log
 
-    P, L = sequences.shape
-    freqs = model._rope(device)[:L]
-    with torch.no_grad():                         # the trunk is frozen: its output once per sequence
-        trunk_out = torch.cat([model.trunk_hidden(sequences[s:s + 64].to(device)) for s in range(0, P, 64)])
-    targets = head_targets(sequences, n_extra, prompt_len).to(device)
-    weight = model.output.weight
+
+def _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_log, start, log) -> None:
+    n_extra, P = targets.shape[0], trunk_out.shape[0]
+    device, weight = trunk_out.device, model.output.weight
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(P, generator=g)
-    run_log = {"config": asdict(cfg), "sequences": P, "steps": []}
-    start = time.perf_counter()
-    model.train()
     for step in range(cfg.steps):
         lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -162,11 +177,6 @@ def distill_heads(model: Transformer, sequences: torch.Tensor, prompt_len: int, 
             run_log["steps"].append(entry)
             log(f"distill step {step + 1}/{cfg.steps}: loss per extra head "
                 + " ".join(f"{x:.3f}" for x in entry["per_head"]) + f", lr {lr:.2e}")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    run_log["train_time_s"] = time.perf_counter() - start
-    return run_log
 
 
 # ---------------------------------------------------------------------- command line

@@ -61,6 +61,8 @@ def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prom
         log = json.loads(log_path.read_text())
         trained = (f", trained on {log['summary']['tokens']:,} tokens of the Python standard library "
                    f"({log['device']})")
+        if (ckpt / "distill_log.json").is_file():
+            trained += ", drafting heads self-distilled (mtp distill)"
     print(f"model: {ckpt} — {model.num_params():,} parameters, {p.n_trunk_layers} trunk layers + "
           f"{p.n_future_tokens} heads, vocabulary {p.vocab_size}{trained}")
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)

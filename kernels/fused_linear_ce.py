@@ -24,6 +24,9 @@ from . import reference
 from .backend import interpreting, use_triton
 from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy
 
+_LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
+
+
 @triton.jit
 def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
@@ -36,10 +39,11 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over a row of V logits in BLOCK_V lanes: per-lane running max m, sum of exp(s - m)
-    (base 2) and plain sum of s, s = softcapped logits. A finite floor instead of -inf keeps
-    (m - m_new) free of inf - inf in masked lanes. Shared with vocab_parallel_ce.py."""
+def _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of V logits in BLOCK_V lanes. Returns (log-sum-exp of s, sum of s), s =
+    the softcapped logits (float32). Per-lane running max and sum of exp (base 2), merged at the end;
+    a finite floor instead of -inf keeps (m - m_new) free of inf - inf in masked lanes. Shared with
+    vocab_parallel_ce.py."""
     m = tl.full((BLOCK_V,), -1.0e38, tl.float32)
     acc = tl.zeros((BLOCK_V,), tl.float32)
     s_sum = tl.zeros((BLOCK_V,), tl.float32)
@@ -49,10 +53,12 @@ def _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOC
         z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         s = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, s)
-        acc = acc * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((s - m_new) * 1.4426950408889634)
+        acc = acc * tl.exp2((m - m_new) * _LOG2E) + tl.exp2((s - m_new) * _LOG2E)
         m = m_new
         s_sum += tl.where(mask, s, 0.0)
-    return m, acc, s_sum
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(acc * tl.exp2((m - m_row) * _LOG2E), axis=0))
+    return lse, tl.sum(s_sum, axis=0)
 
 
 @triton.jit
@@ -66,7 +72,7 @@ def _write_grad_row(row_ptr, V, offs, target_col, lse, p_factor, smooth, hit, so
         mask = cols < V
         z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         s = _softcapped(z, softcap, HAS_SOFTCAP)
-        grad = tl.exp2((s - lse) * 1.4426950408889634) * p_factor - smooth
+        grad = tl.exp2((s - lse) * _LOG2E) * p_factor - smooth
         grad = tl.where(cols == target_col, grad - hit, grad)
         if HAS_SOFTCAP:
             grad = grad * (1.0 - (s / softcap) * (s / softcap))
@@ -92,14 +98,11 @@ def _ce_chunk_kernel(
                 tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(logits_ptr.dtype.element_ty),
                          mask=cols < V)
     else:
-        # Pass 1: online max and sum of exp, and the plain sum of s for label smoothing.
-        m, acc, s_sum = _online_lse_lanes(row_ptr, V, offs, softcap, HAS_SOFTCAP, BLOCK_V)
-        m_row = tl.max(m, axis=0)
-        sum_exp = tl.sum(acc * tl.exp2((m - m_row) * 1.4426950408889634), axis=0)
-        lse = m_row + tl.log(sum_exp)
+        # Pass 1: log-sum-exp, and the plain sum of s for label smoothing.
+        lse, s_total = _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
         loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
-        loss -= label_smoothing * tl.sum(s_sum, axis=0) / V
+        loss -= label_smoothing * s_total / V
         tl.store(loss_ptr + row, loss)
 
         if COMPUTE_GRAD:

@@ -30,13 +30,10 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
-from .fused_linear_ce import _online_lse_lanes, _softcapped, _write_grad_row
+from .fused_linear_ce import _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
                                per_head_losses, reduce_rows, rows_per_chunk,
                                scale_forward_grads)
-
-_LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
-
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -57,10 +54,7 @@ def _vp_stats_kernel(
     s_total = 0.0
     s_t = 0.0
     if target != ignore_index:
-        m, acc, s_sum = _online_lse_lanes(row_ptr, V_local, offs, softcap, HAS_SOFTCAP, BLOCK_V)
-        m_row = tl.max(m, axis=0)
-        lse = m_row + tl.log(tl.sum(acc * tl.exp2((m - m_row) * _LOG2E), axis=0))
-        s_total = tl.sum(s_sum, axis=0)
+        lse, s_total = _online_lse(row_ptr, V_local, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         if (local_t >= 0) & (local_t < V_local):
             s_t = _softcapped(tl.load(row_ptr + local_t).to(tl.float32), softcap, HAS_SOFTCAP)
     tl.store(stats_ptr + row, lse)

@@ -186,9 +186,9 @@ class MTPTrainModel(nn.Module):
             (loss_i * (self.head_weights[i] * loss_scale)).backward()     # frees this head's activations
             per_head.append(loss_i.detach().float())                      # stays on the device: no sync per head
         trunk_out.backward(trunk_in.grad)
-        per_head = torch.stack(per_head)
-        total = (per_head * torch.tensor(self.head_weights, device=per_head.device)).sum()
-        return MTPLossOutput(total, per_head)
+        # Python-float weights: no host-to-device copy (a blocking one) per step.
+        total = sum(w * loss_i for w, loss_i in zip(self.head_weights, per_head))
+        return MTPLossOutput(total, torch.stack(per_head))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -388,11 +388,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     try:
         while step < cfg.max_steps:
             if fit_schedule and step in (_FIT_FROM_STEP, _FIT_AT_STEP):
+                _sync(device)
                 if step == _FIT_FROM_STEP:   # the first steps compile kernels: time the ones after
-                    _sync(device)
                     fit_start = time.perf_counter()
                 else:
-                    _sync(device)
                     cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (step - _FIT_FROM_STEP),
                                                 time.perf_counter() - start_time)
                     run_log["config"]["max_steps"] = cfg.max_steps

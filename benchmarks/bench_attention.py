@@ -16,7 +16,7 @@ Floors (count them first): flash forward = its FLOPs at the matmul rate measured
 8192^3 torch.mm), forward+backward = 3.5x that; KV-cache attention at Tq new tokens =
 max(cache bytes / copy bandwidth, 4 * B * Tq * H * (S + Tq) * D FLOPs / matmul rate). A 64-node
 tree over H/Hkv = 4 query heads per KV head does 256 FLOPs per cache byte, more than the H200's
-~190 (794 TFLOP/s over 4.2 TB/s): it is compute bound, and its floor is above the Tq = 1 floor,
+~185 (794 TFLOP/s over 4.28 TB/s, measured in session 1): it is compute bound, and its floor is above the Tq = 1 floor,
 so the best reachable tree/decode ratio is that of the floors (the "floor ratio" columns).
 Timing: triton.testing.do_bench, median, of eager calls ("launch": includes the host cost of the
 Python launcher, which dominates small calls) and, for decode and tree verification, of the call

@@ -5,7 +5,8 @@
 #   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
 # `train` (benchmarks/gpu_train_default.sh; run benchmarks/prepare_gpu_data.sh here first and carry
-# .gpu_data) trains, distils, evaluates and returns the default model in about TRAIN_SECONDS + 150 s.
+# .gpu_data) trains, distils, evaluates and returns the default model in an estimated TRAIN_SECONDS +
+# 150 s (not yet run on a GPU).
 # Files come back from the device machine only as a few files, so every stage appends to one
 # log and the results folder is re-packed into results.tar.gz after each stage.
 set -uo pipefail

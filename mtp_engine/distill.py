@@ -2,8 +2,8 @@
 
 Greedy self-speculative decoding accepts head i's draft when it equals the token the model itself
 would produce i steps later. Heads trained on the corpus learn to predict the *data* at t+1+i;
-what decoding needs is the *model's greedy continuation*. So (as Medusa-2 and EAGLE do for their
-draft heads) this continues training-split prompts greedily with the model, then trains only the
+what decoding needs is the *model's greedy continuation*. So (as Medusa-2's self-distillation does
+for its draft heads) this continues training-split prompts greedily with the model, then trains only the
 extra head blocks on those continuations, with the model's own tokens as targets.
 
 Only `model.extra_heads` (heads 1..n-1) change. The trunk, head 0's block, the shared final norm
@@ -162,10 +162,10 @@ def _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_
         if idx.numel() < cfg.batch_size:            # wrap around: a new shuffle each epoch
             order = torch.randperm(P, generator=g)
             idx = torch.cat([idx, order[:cfg.batch_size - idx.numel()]])
-        h = trunk_out[idx.to(device)]
-        hidden = torch.stack([model.norm(head(h, freqs, None)) for head in model.extra_heads])   # (n-1, B, L, D)
+        idx = idx.to(device)
+        hidden = torch.stack([model.norm(head(trunk_out[idx], freqs, None)) for head in model.extra_heads])
         loss, per_head = fused_linear_cross_entropy(hidden.reshape(n_extra, -1, hidden.shape[-1]), weight,
-                                                    targets[:, idx.to(device)].reshape(n_extra, -1),
+                                                    targets[:, idx].reshape(n_extra, -1),
                                                     return_per_head=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -17,12 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 
-def _run(args, tmp_path, **env_overrides):
+def _env(**overrides):
+    """The environment gpu_check.sh gives a stage: the checkout importable, no backend override."""
     env = {k: v for k, v in os.environ.items() if k not in ("MTP_BACKEND", "MTP_CROSS_COMPILE")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               **env_overrides)
-    proc = subprocess.run([sys.executable, *map(str, args), "--out", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+               **overrides)
+    return env
+
+
+def _run(args, tmp_path, **env_overrides):
+    proc = subprocess.run([sys.executable, *map(str, args), "--out", str(tmp_path)], env=_env(**env_overrides),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -89,10 +94,8 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     for name in ("test_heapq.py", "test_bisect.py"):
         (src / "test" / name).write_text((stdlib / "test" / name).read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("MTP_BACKEND", "MTP_CROSS_COMPILE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               PYTHON=sys.executable, PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2", SOURCE_DIR=str(src),
-               WORK=str(tmp_path / "work"), TRAIN_ARGS="--vocab-size 8192", PART_SIZE="200k",
+    env = _env(PYTHON=sys.executable, PRESET="tiny", TRAIN_SECONDS="6", EVAL_DEVICE="cpu", EXTRA_MB="0.2",
+               SOURCE_DIR=str(src), WORK=str(tmp_path / "work"), TRAIN_ARGS="--vocab-size 8192", PART_SIZE="200k",
                EVAL_ARGS="--prompts 2 --max-files 2 --tree-budget 8", DISTILL_STEPS="3",
                DISTILL_ARGS="--prompts 4 --prompt-len 16 --gen-len 8 --batch-size 2 --warmup-steps 1")
     proc = subprocess.run(["bash", str(BENCH / "gpu_train_default.sh"), str(out)], env=env, cwd=ROOT,

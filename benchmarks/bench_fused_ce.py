@@ -24,7 +24,10 @@ Contenders (a peer that is not importable, or needs CUDA on a CPU run, is record
                        cut_cross_entropy.linear_cross_entropy (25.1.1; defaults, so impl="cce" and
                        gradient filtering filter_eps="high").
   ours                 mtp_kernels.fused_linear_cross_entropy(hidden, weight, targets), all heads
-                       in one call.
+                       in one call (defaults: 256 MiB of logits scratch, dW summed in float32).
+  ours_native_accum    the same with accum_dtype=None: dW summed in bf16 across row chunks, as
+                       Liger does by default (V*D*2 bytes lighter). ours_scratch{64,128,512}: other
+                       scratch budgets.
 
 Reported per contender: median ms, peak MiB above the memory allocated before the call (gradients
 included), time / floor where floor = 3 matmuls (logits, dH, dW) of 2*n*N*D*V FLOPs at the matmul
@@ -249,12 +252,14 @@ def _ours_fn():
     return fn
 
 
-def ours(device: torch.device, scratch_mib: Optional[int] = None) -> LossFn:
+def ours(device: torch.device, scratch_mib: Optional[int] = None, accum_dtype=torch.float32) -> LossFn:
     fused = _ours_fn()
     budget = None if scratch_mib is None else scratch_mib * common.MIB
+    # A checkout older than the accum_dtype option (dW summed in the weight's dtype) still runs.
+    extra = {"accum_dtype": accum_dtype} if "accum_dtype" in inspect.signature(fused).parameters else {}
 
     def loss_fn(hidden, weight, targets):
-        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX, max_scratch_bytes=budget)
+        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX, max_scratch_bytes=budget, **extra)
 
     return loss_fn
 
@@ -275,6 +280,7 @@ CONTENDERS: dict[str, Callable[[torch.device], LossFn]] = {
     "cce_per_head": cce_per_head,
     "cce_concat": cce_concat,
     "ours": ours,
+    "ours_native_accum": lambda device: ours(device, accum_dtype=None),
     "ours_scratch64": ours_with_scratch(64),
     "ours_scratch128": ours_with_scratch(128),
     "ours_scratch512": ours_with_scratch(512),

@@ -134,6 +134,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                ignore_index: int = -100, reduction: str = "mean",
                                head_weights: Union[None, Sequence[float], torch.Tensor] = None,
                                label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                               accum_dtype: Optional[torch.dtype] = torch.float32,
                                max_scratch_bytes: Optional[int] = None, return_per_head: bool = False,
                                process_group=None):
     """Cross-entropy of `hidden @ weight.T` for n heads at once, without materializing the logits.
@@ -144,7 +145,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     "sum": sum_i lambda_i * sum_t; "none": (n, N) (or (N,)) per-token losses times lambda_i, 0 where
     ignored. head_weights: lambda_i, default 1. z_loss adds z_loss * lse^2 per token; softcap
     applies softcap * tanh(logits / softcap). Scratch memory is at most `max_scratch_bytes`
-    (default 256 MiB) of logits at a time, whatever N is. With return_per_head=True, returns
+    (default 256 MiB) of logits at a time, whatever N is. accum_dtype: what weight's gradient sums
+    the row chunks in before its one cast to weight's dtype; the float32 default costs V * D * 4
+    bytes beyond the gradient for 16-bit weights (none when one chunk holds every row), None sums
+    in weight's own dtype (lighter, one rounding per chunk). With return_per_head=True, returns
     (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
@@ -156,11 +160,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         return vocab_parallel_cross_entropy(
             hidden, weight, targets, process_group=process_group, ignore_index=ignore_index, reduction=reduction,
             head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head)
+            accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head)
     budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else max_scratch_bytes
     # Non-tensor arguments fall through to the reference, whose input checks name the problem.
     tensors_given = all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))
     chunk_fn = ce_chunk if tensors_given and use_triton(hidden, weight, targets) else reference.ce_chunk
     return linear_cross_entropy(hidden, weight, targets, chunk_fn, ignore_index=ignore_index, reduction=reduction,
                                 head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
-                                softcap=softcap, max_scratch_bytes=budget, return_per_head=return_per_head)
+                                softcap=softcap, accum_dtype=accum_dtype, max_scratch_bytes=budget,
+                                return_per_head=return_per_head)

@@ -7,12 +7,17 @@ budget; for each chunk:
     logits = H_c @ W^T                 (GEMM, written into the reused scratch buffer)
     ce_chunk(logits)                   (per row: lse, loss, and dlogits written over the logits)
     dH_c   = dlogits @ W               (GEMM, complete per chunk: one rounding)
-    dW    += dlogits^T @ H_c           (GEMM with beta=1)
+    dW    += dlogits^T @ H_c           (GEMM with beta=1, into a float32 accumulator)
 
 That is the floor of three matmuls; the full (n*N, V) logits never exist. When the gradient
 is needed the forward computes it right away (the backward only scales it by grad_output), so
 logits are computed once. `ce_chunk` is the only piece that differs between paths: a Triton
 kernel on GPU, `reference.ce_chunk` on CPU. Everything here is plain PyTorch.
+
+dH is complete per chunk, so cuBLAS's float32 accumulator rounds it once. dW sums over every
+chunk: adding each chunk into a 16-bit dW would round the running sum once per chunk (Liger's
+default), so 16-bit weights get a float32 accumulator (V x D x 4 bytes, beyond the gradient
+itself) and one cast at the end. `accum_dtype=None` keeps the lighter 16-bit accumulation.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class CEOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
+    accum_dtype: Optional[torch.dtype] = None  # what dW sums the row chunks in; None: the weight's dtype
 
 
 def rows_per_chunk(M: int, V: int, element_size: int, max_scratch_bytes: int) -> int:
@@ -50,8 +56,9 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """One pass over all rows.
 
     rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) float32, the
-    factor d(total)/d(row loss) used for the gradient. Returns (loss (M,) fp32 unscaled per-row
-    losses, 0 where ignored; dH (M, D) or None; dW (V, D) or None).
+    factor d(total)/d(row loss) used for the gradient; opts.accum_dtype: what dW sums the chunks in
+    (None: weight's dtype). Returns (loss (M,) fp32 unscaled per-row losses, 0 where ignored;
+    dH (M, D) or None; dW (V, D) in weight's dtype, or None).
     """
     M, D = rows.shape
     V = weight.shape[0]
@@ -64,6 +71,7 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     chunk = rows_per_chunk(M, V, weight.element_size(), max_scratch_bytes)
     scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
     w_t = weight.t()
+    single_chunk = chunk >= M
     for start in range(0, M, chunk):
         stop = min(start + chunk, M)
         h = rows[start:stop]
@@ -72,11 +80,81 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         if grad_rows:
             torch.mm(logits, weight, out=d_rows[start:stop])
         if grad_weight:
-            if d_weight is None:
-                d_weight = torch.mm(logits.t(), h)
-            else:
-                d_weight.addmm_(logits.t(), h)
-    return loss, d_rows, d_weight
+            d_weight = accumulate_dw(d_weight, logits.t(), h, weight, opts.accum_dtype, single_chunk)
+    del scratch, logits  # before the cast: the peak holds the accumulator and dW, not the chunk too
+    return loss, d_rows, finish_dw(d_weight, weight)
+
+
+def accumulate_dw(d_weight: Optional[torch.Tensor], g_t: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                  accum_dtype: Optional[torch.dtype], single_chunk: bool) -> torch.Tensor:
+    """d_weight += g_t @ h (g_t: (V, R) dlogits^T, h: (R, D)); d_weight is None before the first chunk.
+    The sum lives in accum_dtype (None: weight's dtype) until `finish_dw`."""
+    if single_chunk:  # one GEMM rounds once: no accumulator needed
+        return torch.mm(g_t, h)
+    if d_weight is None:
+        d_weight = torch.zeros(weight.shape, dtype=accum_dtype or weight.dtype, device=weight.device)
+    add_matmul(d_weight, g_t, h)
+    return d_weight
+
+
+def finish_dw(d_weight: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The accumulated dW cast once to weight's dtype."""
+    return d_weight if d_weight is None or d_weight.dtype == weight.dtype else d_weight.to(weight.dtype)
+
+
+def check_accum_dtype(accum_dtype, weight: torch.Tensor):
+    """The dtype dW is summed in across chunks: float32 (or float64), or None for the weight's own."""
+    if accum_dtype is None or accum_dtype == weight.dtype:
+        return None
+    if accum_dtype not in (torch.float32, torch.float64) or accum_dtype.itemsize < weight.element_size():
+        raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as weight's "
+                         f"({weight.dtype}), got {accum_dtype}")
+    return accum_dtype
+
+
+_FP32_OUT_GEMM = {}  # device -> whether torch.addmm(..., out_dtype=float32) works there (torch >= 2.8, CUDA)
+
+
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, where acc may be wider than a and b (a float32 accumulator for 16-bit operands).
+
+    On CUDA with torch >= 2.8 cuBLAS adds its float32 result straight into acc. A CPU BLAS has no
+    16-bit speed to lose, so it multiplies float32 copies. A GPU without the out_dtype GEMM makes
+    each product in the operands' dtype (float32 inside cuBLAS, one rounding) and adds it in
+    float32. The last two go a slab of rows at a time, so temporaries stay below a quarter of acc.
+    """
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if _fp32_out_gemm_works(acc.device, a.dtype, acc.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return
+    on_cpu = acc.device.type == "cpu"
+    b_wide = b.to(acc.dtype) if on_cpu else b
+    step = max(1, -(-a.shape[0] // 4))
+    for start in range(0, a.shape[0], step):
+        a_slab = a[start:start + step]
+        if on_cpu:
+            acc[start:start + step].addmm_(a_slab.to(acc.dtype), b_wide)
+        else:
+            acc[start:start + step] += torch.mm(a_slab, b)
+
+
+def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtypes) on tiny tensors; any failure means the generic path."""
+    if device.type != "cuda" or out_dtype != torch.float32:
+        return False
+    key = (str(device), in_dtype)
+    if key not in _FP32_OUT_GEMM:
+        try:
+            a = torch.ones(8, 16, dtype=in_dtype, device=device)
+            acc = torch.full((8, 8), 2.0 ** 24, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            # 2^24 + 16 is exact in float32 but not in any 16-bit float: a 16-bit detour would show.
+            _FP32_OUT_GEMM[key] = bool((acc == 2.0 ** 24 + 16).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_GEMM[key] = False
+    return _FP32_OUT_GEMM[key]
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,13 +254,14 @@ def per_head_losses(loss_rows, targets, n, N, ignore_index, reduction):
 
 
 def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
-                 max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
+                 accum_dtype, max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
     """Validate, run the chunks, reduce. For mean/sum the gradient factor is known now, so the
     requested gradients are computed in the same pass; for "none" they wait for grad_output.
     Returns (loss, per_head, saved) where saved is (dH, dW) or, for "none", what backward needs."""
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
-    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+                     check_accum_dtype(accum_dtype, weight))
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
     loss_rows, d_rows, d_weight = linear_ce_chunks(
@@ -215,11 +294,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing,
-                z_loss, softcap, max_scratch_bytes, ce_chunk):
+                z_loss, softcap, accum_dtype, max_scratch_bytes, ce_chunk):
         grad_rows, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, per_head, opts, saved = forward_pass(
             hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
-            max_scratch_bytes, ce_chunk, grad_rows, grad_weight)
+            accum_dtype, max_scratch_bytes, ce_chunk, grad_rows, grad_weight)
         ctx.meta = (reduction, opts, ce_chunk, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(per_head)
@@ -238,18 +317,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
             if d_rows is not None:
                 d_rows = d_rows.view(hidden_shape)
-        return d_rows, d_weight, None, None, None, None, None, None, None, None, None
+        return d_rows, d_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, targets, ce_chunk, *, ignore_index=-100, reduction="mean",
                          head_weights: Union[None, Sequence[float], torch.Tensor] = None,
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, max_scratch_bytes=DEFAULT_SCRATCH_BYTES,
-                         return_per_head=False):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, accum_dtype=torch.float32,
+                         max_scratch_bytes=DEFAULT_SCRATCH_BYTES, return_per_head=False):
     """Shared body of the public function (see fused_linear_ce.fused_linear_cross_entropy)."""
     if int(max_scratch_bytes) <= 0:
         raise ValueError(f"max_scratch_bytes must be > 0, got {max_scratch_bytes}")
     args = (hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
-            int(max_scratch_bytes), ce_chunk)
+            accum_dtype, int(max_scratch_bytes), ce_chunk)
     if torch.is_grad_enabled() and (getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False)):
         loss, per_head = LinearCrossEntropyFunction.apply(*args)
     else:

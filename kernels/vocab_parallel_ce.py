@@ -31,8 +31,8 @@ import triton.language as tl
 from . import reference
 from .backend import interpreting, use_triton
 from .fused_linear_ce import _online_lse, _softcapped, _write_grad_row
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_inputs, flatten_rows, head_factors,
-                               per_head_losses, reduce_rows, rows_per_chunk,
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, check_accum_dtype, check_inputs,
+                               finish_dw, flatten_rows, head_factors, per_head_losses, reduce_rows, rows_per_chunk,
                                scale_forward_grads)
 
 # ------------------------------------------------------------------------------------ kernels
@@ -180,7 +180,7 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
         lse = torch.empty(M, dtype=torch.float32, device=rows.device)
         loss = torch.empty(M, dtype=torch.float32, device=rows.device)
     d_rows = torch.empty_like(rows) if grad_rows else None
-    d_weight = torch.zeros_like(weight) if grad_weight else None
+    d_weight = None
     if M:
         # Same chunk size on every rank (from the largest shard): same number of collectives.
         chunk = rows_per_chunk(M, shard.max_local, weight.element_size(), max_scratch_bytes)
@@ -202,10 +202,13 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
                 if grad_rows:
                     torch.mm(logits, weight, out=d_rows[start:stop])
                 if grad_weight:
-                    d_weight.addmm_(logits.t(), h)
+                    d_weight = accumulate_dw(d_weight, logits.t(), h, weight, opts.accum_dtype, chunk >= M)
+        del scratch, logits
+    if grad_weight and d_weight is None:
+        d_weight = torch.zeros_like(weight)
     if grad_rows and M:
         dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=shard.group)  # partial over the vocabulary
-    return (loss if forward else None), lse, d_rows, d_weight
+    return (loss if forward else None), lse, d_rows, finish_dw(d_weight, weight)
 
 
 def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
@@ -220,10 +223,11 @@ def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weigh
 
 
 def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
-                  softcap, max_scratch_bytes, kernels, grad_rows, grad_weight):
+                  softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight):
     rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
         hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
-    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+                     check_accum_dtype(accum_dtype, weight))
     # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
@@ -241,11 +245,11 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing,
-                z_loss, softcap, max_scratch_bytes, kernels):
+                z_loss, softcap, accum_dtype, max_scratch_bytes, kernels):
         grad_rows, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, per_head, opts, shard, saved = _forward_pass(
             hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
-            softcap, max_scratch_bytes, kernels, grad_rows, grad_weight)
+            softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight)
         ctx.meta = (reduction, opts, shard, kernels, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(per_head)
@@ -266,13 +270,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
             if d_rows is not None:
                 d_rows = d_rows.view(hidden_shape)
-        return d_rows, d_weight, *([None] * 10)
+        return d_rows, d_weight, *([None] * 11)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                  process_group, ignore_index: int = -100, reduction: str = "mean",
                                  head_weights: Union[None, Sequence[float], torch.Tensor] = None,
                                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                                 accum_dtype: Optional[torch.dtype] = torch.float32,
                                  max_scratch_bytes: Optional[int] = None, return_per_head: bool = False):
     """`fused_linear_cross_entropy` with `weight` sharded by rows over `process_group`.
 
@@ -294,7 +299,7 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     kernels = ((vp_chunk_stats, vp_chunk_grad) if tensors_given and use_triton(hidden, weight, targets)
                else (reference.vp_chunk_stats, reference.vp_chunk_grad))
     args = (hidden, weight, targets, process_group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
-            softcap, budget, kernels)
+            softcap, accum_dtype, budget, kernels)
     if torch.is_grad_enabled() and (getattr(hidden, "requires_grad", False) or getattr(weight, "requires_grad", False)):
         loss, per_head = VocabParallelCrossEntropyFunction.apply(*args)
     else:

@@ -46,7 +46,7 @@ class MTPLoss(nn.Module):
 
     def __init__(self, n_future: int, *, ignore_index: int = -100, head_weights: Optional[Sequence[float]] = None,
                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
-                 max_scratch_bytes: Optional[int] = None):
+                 accum_dtype: Optional[torch.dtype] = torch.float32, max_scratch_bytes: Optional[int] = None):
         super().__init__()
         if head_weights is not None and len(head_weights) != n_future:
             raise ValueError(f"head_weights has {len(head_weights)} entries for {n_future} heads")
@@ -56,6 +56,7 @@ class MTPLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.accum_dtype = accum_dtype
         self.max_scratch_bytes = max_scratch_bytes
 
     def forward(self, head_hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> MTPLossOutput:
@@ -68,5 +69,6 @@ class MTPLoss(nn.Module):
         loss, per_head = fused_linear_cross_entropy(
             head_hidden.reshape(n, B * T, D), weight, targets, ignore_index=self.ignore_index,
             head_weights=self.head_weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            softcap=self.softcap, max_scratch_bytes=self.max_scratch_bytes, return_per_head=True)
+            softcap=self.softcap, accum_dtype=self.accum_dtype, max_scratch_bytes=self.max_scratch_bytes,
+            return_per_head=True)
         return MTPLossOutput(loss, per_head)

@@ -247,6 +247,7 @@ def test_triton_chunk_kernel_equals_reference_fp16(triton_backend):
     ("dtype", "share one floating dtype"),
     ("head_weights", "head_weights has 3"),
     ("reduction", "reduction must be"),
+    ("accum_dtype", "accum_dtype must be"),
 ])
 def test_bad_input_errors(case, match):
     hidden, weight, targets = make_inputs(2, 4, 8, 30)
@@ -267,8 +268,42 @@ def test_bad_input_errors(case, match):
         kwargs["head_weights"] = [1, 2, 3]
     elif case == "reduction":
         kwargs["reduction"] = "avg"
+    elif case == "accum_dtype":
+        kwargs["accum_dtype"] = torch.float16  # narrower than the float32 weight
     with pytest.raises(ValueError, match=match):
         fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradient_sums_chunks_in_float32(dtype):
+    """16 row chunks: summing dW in the weight's dtype rounds the running sum 15 times; the float32
+    accumulator must stay as close to float64 as a single chunk (one GEMM, one rounding) does."""
+    n, N, D, V = 2, 512, 32, 256
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=dtype, ignore_frac=0.0)
+    h64, w64 = hidden.double(), weight.double().requires_grad_()
+    naive_loss(h64, w64, targets).backward()
+    errors = {}
+    for name, accum, rows in [("fp32", torch.float32, 64), ("native", None, 64), ("one_chunk", None, n * N)]:
+        w = weight.clone().requires_grad_()
+        fused_linear_cross_entropy(hidden, w, targets, accum_dtype=accum,
+                                   max_scratch_bytes=rows * V * weight.element_size()).backward()
+        assert w.grad.dtype == dtype
+        errors[name] = ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+    assert errors["fp32"] <= 1.25 * errors["one_chunk"], errors
+    assert errors["native"] > 2.0 * errors["fp32"], errors
+
+
+def test_add_matmul_sums_16bit_products_in_float32():
+    from mtp_kernels.linear_ce_driver import add_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 5, generator=g).bfloat16()
+    b = torch.randn(5, 11, generator=g).bfloat16()
+    acc = torch.full((37, 11), 1000.0)
+    add_matmul(acc, a, b)  # the CPU takes the slab path (odd row count: 4 slabs of 10, 10, 10, 7)
+    exact = 1000.0 + a.double() @ b.double()
+    # float32 near 1000 is exact to 6e-5; a bf16 sum would be off by up to 4
+    assert (acc.double() - exact).abs().max() < 2e-4
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -295,7 +330,8 @@ def test_gpu_matches_fp64_oracle(dtype, opts):
 
 
 @pytest.mark.gpu
-def test_gpu_bit_identical_gradients_and_bounded_memory():
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None])
+def test_gpu_bit_identical_gradients_and_bounded_memory(accum_dtype):
     n, N, D, V = 4, 2048, 1024, 32000
     hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.float32)
     hidden, weight, targets = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), targets.cuda()
@@ -306,12 +342,31 @@ def test_gpu_bit_identical_gradients_and_bounded_memory():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fused_linear_cross_entropy(h, w, targets).backward()
+        fused_linear_cross_entropy(h, w, targets, accum_dtype=accum_dtype).backward()
         peak = torch.cuda.max_memory_allocated() - base
         grads.append((h.grad, w.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     grad_bytes = hidden.numel() * 2 + weight.numel() * 2
-    assert peak <= grad_bytes + 256 * 2 ** 20 + 16 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"
+    accumulator = weight.numel() * 4 if accum_dtype is not None else 0
+    assert peak <= grad_bytes + accumulator + 256 * 2 ** 20 + 16 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_add_matmul_rounds_once():
+    """On CUDA the float32 accumulator takes cuBLAS's float32 result directly (torch's out_dtype
+    GEMM); where torch lacks it, the generic path must still be within one bf16 rounding per product."""
+    from mtp_kernels.linear_ce_driver import _fp32_out_gemm_works, add_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
+    b = torch.randn(512, 1024, device="cuda", generator=g).bfloat16()
+    acc = torch.zeros(4096, 1024, device="cuda")
+    for _ in range(8):
+        add_matmul(acc, a, b)
+    exact = 8 * (a.double() @ b.double())
+    rel = ((acc.double() - exact).norm() / exact.norm()).item()
+    bound = 1e-5 if _fp32_out_gemm_works(acc.device, torch.bfloat16, torch.float32) else 4e-3
+    assert rel < bound, (rel, bound)
 
 
 def test_second_backward_is_a_clear_error_not_a_wrong_gradient():

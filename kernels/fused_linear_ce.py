@@ -140,7 +140,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """Cross-entropy of `hidden @ weight.T` for n heads at once, without materializing the logits.
 
     hidden: (n, N, D) or (N, D), fp32/fp16/bf16; weight: (V, D), same dtype; targets: (n, N) or
-    (N,) integer, entries equal to ignore_index are skipped.
+    (N,) integer, entries equal to ignore_index are skipped. Under torch.autocast the matmuls run in
+    the autocast dtype whatever the inputs' float dtypes (float32 master weights included), and the
+    gradients come back in each input's own dtype.
     reduction "mean": sum_i lambda_i * mean over head i's valid tokens (a head with none gives 0);
     "sum": sum_i lambda_i * sum_t; "none": (n, N) (or (N,)) per-token losses times lambda_i, 0 where
     ignored. head_weights: lambda_i, default 1. z_loss adds z_loss * lse^2 per token; softcap

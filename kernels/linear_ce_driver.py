@@ -58,7 +58,7 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) float32, the
     factor d(total)/d(row loss) used for the gradient; opts.accum_dtype: what dW sums the chunks in
     (None: weight's dtype). Returns (loss (M,) fp32 unscaled per-row losses, 0 where ignored;
-    dH (M, D) or None; dW (V, D) in weight's dtype, or None).
+    dH (M, D) or None; dW (V, D) in the accumulator's dtype, or None: `cast_grad` casts it).
     """
     M, D = rows.shape
     V = weight.shape[0]
@@ -81,14 +81,13 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             torch.mm(logits, weight, out=d_rows[start:stop])
         if grad_weight:
             d_weight = accumulate_dw(d_weight, logits.t(), h, weight, opts.accum_dtype, single_chunk)
-    del scratch, logits  # before the cast: the peak holds the accumulator and dW, not the chunk too
-    return loss, d_rows, finish_dw(d_weight, weight)
+    return loss, d_rows, d_weight
 
 
 def accumulate_dw(d_weight: Optional[torch.Tensor], g_t: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                   accum_dtype: Optional[torch.dtype], single_chunk: bool) -> torch.Tensor:
     """d_weight += g_t @ h (g_t: (V, R) dlogits^T, h: (R, D)); d_weight is None before the first chunk.
-    The sum lives in accum_dtype (None: weight's dtype) until `finish_dw`."""
+    The sum lives in accum_dtype (None: weight's dtype) until `cast_grad`."""
     if single_chunk:  # one GEMM rounds once: no accumulator needed
         return torch.mm(g_t, h)
     if d_weight is None:
@@ -97,19 +96,40 @@ def accumulate_dw(d_weight: Optional[torch.Tensor], g_t: torch.Tensor, h: torch.
     return d_weight
 
 
-def finish_dw(d_weight: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """The accumulated dW cast once to weight's dtype."""
-    return d_weight if d_weight is None or d_weight.dtype == weight.dtype else d_weight.to(weight.dtype)
+def cast_grad(grad: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A gradient (the accumulated dW, or dH made in the compute dtype) cast once to its input's dtype."""
+    return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
 
-def check_accum_dtype(accum_dtype, weight: torch.Tensor):
-    """The dtype dW is summed in across chunks: float32 (or float64), or None for the weight's own."""
-    if accum_dtype is None or accum_dtype == weight.dtype:
-        return None
-    if accum_dtype not in (torch.float32, torch.float64) or accum_dtype.itemsize < weight.element_size():
-        raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as weight's "
-                         f"({weight.dtype}), got {accum_dtype}")
-    return accum_dtype
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast would run `hidden @ weight.T` in on this device, or None when autocast
+    is off there (float64 inputs are left alone, as autocast leaves them)."""
+    device_type = hidden.device.type
+    if hidden.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE and \
+            torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def to_compute_dtype(rows: torch.Tensor, weight: torch.Tensor, accum_dtype: Optional[torch.dtype]):
+    """(rows, weight, accum) for the chunk loop: rows and weight in the dtype the GEMMs run in (the
+    inputs' own, or under torch.autocast the autocast dtype, as a Linear's would), and the dtype dW
+    sums the chunks in: accum_dtype, or weight's own dtype when None (so float32 master weights under
+    autocast sum straight into their float32 gradient). accum is None when it is the compute dtype."""
+    compute = autocast_dtype(rows, weight) or weight.dtype
+    accum = weight.dtype if accum_dtype is None else accum_dtype
+    if accum != compute and (accum not in (torch.float32, torch.float64) or accum.itemsize < compute.itemsize):
+        raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as the {compute} the "
+                         f"matmuls run in (weight {weight.dtype}), got {accum_dtype}")
+    return rows.to(compute), weight.to(compute), (None if accum == compute else accum)
+
+
+def autocast_off(device: torch.device):
+    """The chunk loop picks its own dtypes; autocast must not recast its GEMMs."""
+    return torch.autocast(device.type, enabled=False)
 
 
 _FP32_OUT_GEMM = {}  # device -> whether torch.addmm(..., out_dtype=float32) works there (torch >= 2.8, CUDA)
@@ -190,8 +210,10 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
         raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
-    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share one floating dtype")
+    if not hidden.is_floating_point() or not weight.is_floating_point() or \
+            (hidden.dtype != weight.dtype and autocast_dtype(hidden, weight) is None):
+        raise ValueError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share one floating dtype "
+                         "(or be float32/float16/bfloat16 under torch.autocast, which runs both in its dtype)")
     if hidden.device != weight.device or targets.device != hidden.device:
         raise ValueError(f"hidden ({hidden.device}), {weight_name} ({weight.device}) and targets ({targets.device}) "
                          "must be on one device")
@@ -260,16 +282,21 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     Returns (loss, per_head, saved) where saved is (dH, dW) or, for "none", what backward needs."""
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+    rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
     opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-                     check_accum_dtype(accum_dtype, weight))
+                     accum)
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
-    loss_rows, d_rows, d_weight = linear_ce_chunks(
-        rows, weight, flat_t, scale, opts, ce_chunk, grad_rows=eager_grad and grad_rows,
-        grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
+    with autocast_off(rows.device):
+        loss_rows, d_rows, d_weight = linear_ce_chunks(
+            rows, compute_weight, flat_t, scale, opts, ce_chunk, grad_rows=eager_grad and grad_rows,
+            grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
     loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
     per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
-    saved = (d_rows, d_weight) if eager_grad else (rows, weight, flat_t, lam_rows)
+    if eager_grad:
+        saved = (cast_grad(d_rows, hidden.dtype), cast_grad(d_weight, weight.dtype))
+    else:
+        saved = (rows, compute_weight, flat_t, lam_rows)
     return loss, per_head, opts, saved
 
 
@@ -299,24 +326,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, per_head, opts, saved = forward_pass(
             hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
             accum_dtype, max_scratch_bytes, ce_chunk, grad_rows, grad_weight)
-        ctx.meta = (reduction, opts, ce_chunk, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
+        ctx.meta = (reduction, opts, ce_chunk, max_scratch_bytes, hidden.shape, grad_rows, grad_weight,
+                    hidden.dtype, weight.dtype)
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(per_head)
         return loss, per_head
 
     @staticmethod
     def backward(ctx, grad_out, _grad_per_head=None):
-        reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
+        reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight, hidden_dtype, weight_dtype = ctx.meta
         if reduction != "none":
             d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
             rows, weight, flat_t, lam_rows = ctx.saved_tensors
             scale = grad_out.reshape(-1).to(torch.float32) * lam_rows
-            _, d_rows, d_weight = linear_ce_chunks(
-                rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
-                grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            with autocast_off(rows.device):
+                _, d_rows, d_weight = linear_ce_chunks(
+                    rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
+                    grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            d_weight = cast_grad(d_weight, weight_dtype)
             if d_rows is not None:
-                d_rows = d_rows.view(hidden_shape)
+                d_rows = cast_grad(d_rows, hidden_dtype).view(hidden_shape)
         return d_rows, d_weight, None, None, None, None, None, None, None, None, None, None
 
 

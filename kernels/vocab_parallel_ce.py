@@ -31,9 +31,9 @@ import triton.language as tl
 from . import reference
 from .backend import interpreting, use_triton
 from .fused_linear_ce import _online_lse, _softcapped, _write_grad_row
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, check_accum_dtype, check_inputs,
-                               finish_dw, flatten_rows, head_factors, per_head_losses, reduce_rows, rows_per_chunk,
-                               scale_forward_grads)
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
+                               check_inputs, flatten_rows, head_factors, per_head_losses, reduce_rows,
+                               rows_per_chunk, scale_forward_grads, to_compute_dtype)
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -203,12 +203,11 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
                     torch.mm(logits, weight, out=d_rows[start:stop])
                 if grad_weight:
                     d_weight = accumulate_dw(d_weight, logits.t(), h, weight, opts.accum_dtype, chunk >= M)
-        del scratch, logits
     if grad_weight and d_weight is None:
         d_weight = torch.zeros_like(weight)
     if grad_rows and M:
         dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=shard.group)  # partial over the vocabulary
-    return (loss if forward else None), lse, d_rows, finish_dw(d_weight, weight)
+    return (loss if forward else None), lse, d_rows, d_weight
 
 
 def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
@@ -226,17 +225,22 @@ def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_
                   softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight):
     rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
         hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+    rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
     opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-                     check_accum_dtype(accum_dtype, weight))
+                     accum)
     # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
-    loss_rows, lse, d_rows, d_weight = vp_linear_ce_chunks(
-        rows, weight, flat_t, scale, opts, shard, kernels, lse=None, grad_rows=eager_grad and grad_rows,
-        grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
+    with autocast_off(rows.device):
+        loss_rows, lse, d_rows, d_weight = vp_linear_ce_chunks(
+            rows, compute_weight, flat_t, scale, opts, shard, kernels, lse=None, grad_rows=eager_grad and grad_rows,
+            grad_weight=eager_grad and grad_weight, max_scratch_bytes=max_scratch_bytes)
     loss = reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single)
     per_head = per_head_losses(loss_rows, flat_t, n, N, ignore_index, reduction)
-    saved = (d_rows, d_weight) if eager_grad else (rows, weight, flat_t, lam_rows, lse)
+    if eager_grad:
+        saved = (cast_grad(d_rows, hidden.dtype), cast_grad(d_weight, weight.dtype))
+    else:
+        saved = (rows, compute_weight, flat_t, lam_rows, lse)
     return loss, per_head, opts, shard, saved
 
 
@@ -250,14 +254,16 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         loss, per_head, opts, shard, saved = _forward_pass(
             hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
             softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight)
-        ctx.meta = (reduction, opts, shard, kernels, max_scratch_bytes, hidden.shape, grad_rows, grad_weight)
+        ctx.meta = (reduction, opts, shard, kernels, max_scratch_bytes, hidden.shape, grad_rows, grad_weight,
+                    hidden.dtype, weight.dtype)
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(per_head)
         return loss, per_head
 
     @staticmethod
     def backward(ctx, grad_out, _grad_per_head=None):
-        reduction, opts, shard, kernels, budget, hidden_shape, grad_rows, grad_weight = ctx.meta
+        (reduction, opts, shard, kernels, budget, hidden_shape, grad_rows, grad_weight, hidden_dtype,
+         weight_dtype) = ctx.meta
         if reduction != "none":
             d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
@@ -265,11 +271,13 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             # built from this output the same way on every rank.
             rows, weight, flat_t, lam_rows, lse = ctx.saved_tensors
             scale = (grad_out.reshape(-1).to(torch.float32) * lam_rows).contiguous()
-            _, _, d_rows, d_weight = vp_linear_ce_chunks(
-                rows, weight, flat_t, scale, opts, shard, kernels, lse=lse,
-                grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            with autocast_off(rows.device):
+                _, _, d_rows, d_weight = vp_linear_ce_chunks(
+                    rows, weight, flat_t, scale, opts, shard, kernels, lse=lse,
+                    grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
+            d_weight = cast_grad(d_weight, weight_dtype)
             if d_rows is not None:
-                d_rows = d_rows.view(hidden_shape)
+                d_rows = cast_grad(d_rows, hidden_dtype).view(hidden_shape)
         return d_rows, d_weight, *([None] * 11)
 
 

@@ -306,6 +306,60 @@ def test_add_matmul_sums_16bit_products_in_float32():
     assert (acc.double() - exact).abs().max() < 2e-4
 
 
+class GemmDtypes(TorchDispatchMode):
+    """Records the dtypes of every matrix multiply's operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.seen.add(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.bfloat16), ("triton", torch.float16)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_runs_the_gemms_in_its_dtype_and_returns_float32_gradients(request, backend, dtype, reduction):
+    """float32 master weights under torch.autocast: the matmuls run in the autocast dtype (as a
+    Linear's would), gradients come back in float32, and dW sums in float32 (its own dtype)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    n, N, D, V = (2, 96, 16, 203) if backend == "cpu" else (2, 12, 8, 45)
+    hidden, weight, targets = make_inputs(n, N, D, V)
+    rows_per_chunk = 16
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    gemms = GemmDtypes()
+    with torch.autocast("cpu", dtype=dtype), gemms:
+        loss = fused_linear_cross_entropy(h, w, targets, reduction=reduction, max_scratch_bytes=rows_per_chunk * V * 2)
+    loss.sum().backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert gemms.seen == {(dtype, dtype)}, gemms.seen  # logits and dH (dW's CPU sum multiplies float32 copies)
+    # The same as casting the inputs by hand, with dW kept in float32 rather than rounded to `dtype`.
+    h16, w16 = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    by_hand = fused_linear_cross_entropy(h16, w16, targets, reduction=reduction, max_scratch_bytes=rows_per_chunk * V * 2)
+    by_hand.sum().backward()
+    assert torch.equal(loss, by_hand)
+    assert torch.equal(h.grad, h16.grad.float())
+    w64 = w16.detach().double().requires_grad_()
+    naive_loss(h16.detach().double(), w64, targets, reduction=reduction).sum().backward()
+    err = lambda g: ((g.double() - w64.grad).norm() / w64.grad.norm()).item()  # noqa: E731
+    assert err(w.grad) < err(w16.grad)
+
+
+def test_mixed_dtypes_need_autocast():
+    hidden, weight, targets = make_inputs(2, 6, 8, 30)
+    with pytest.raises(ValueError, match="share one floating dtype .*torch.autocast"):
+        fused_linear_cross_entropy(hidden.bfloat16(), weight, targets)
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_linear_cross_entropy(h, w, targets).backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

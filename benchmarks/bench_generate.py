@@ -114,10 +114,10 @@ def code_prompts(tokenizer, n: int, prompt_len: int, gen_len: int) -> list:
 
 
 @torch.inference_mode()
-def end_to_end(model: Transformer, prompts: list, batches, gen_len: int) -> list:
+def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: list, on_batch_done=None) -> list:
     """Greedy generation of exactly gen_len tokens per prompt (eos ignored, so every mode does the
-    same work), after a short warm-up call that compiles kernels and captures the CUDA graphs."""
-    rows = []
+    same work), after a short warm-up call that compiles kernels and captures the CUDA graphs.
+    Appends to `rows` and calls on_batch_done() after each batch size (to save what is measured)."""
     heads = model.n_future_tokens
     for B in batches:
         batch = [prompts[i % len(prompts)] for i in range(B)]
@@ -141,14 +141,28 @@ def end_to_end(model: Transformer, prompts: list, batches, gen_len: int) -> list
         print(f"end to end B={B}: {[r for r in rows if r['batch'] == B]}", flush=True)
         gen = None  # drops its CUDA graphs before the next batch size captures its own
         common.free_memory()
+        if on_batch_done:
+            on_batch_done()
     return rows
+
+
+def attention_path(model: Transformer, device: torch.device, dtype: torch.dtype) -> str:
+    """Which KV-cache attention the model's decode and verify steps run: the Triton kernel, or the
+    reference for head dims or dtypes the kernel does not take (the numbers then are not the kernel's)."""
+    from mtp_kernels.attention import _kernel_supports
+
+    head_dim = model.params.head_dim
+    q = torch.empty(1, 1, model.params.n_heads, head_dim, device=device, dtype=dtype)
+    if device.type == "cuda" and _kernel_supports(q):
+        return f"Triton KV-cache kernel (head dim {head_dim})"
+    return f"reference attention (head dim {head_dim}, {str(dtype).replace('torch.', '')}, {device.type})"
 
 
 # ------------------------------------------------------------------------------ report
 def to_markdown(result: dict) -> str:
     lines = [f"# Self-speculative generation on {result['env']['device']}", "",
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
-             f"CUDA graphs: {result['cuda_graphs']}.", ""]
+             f"CUDA graphs: {result['cuda_graphs']}; attention: {result['step_attention']}.", ""]
     headers = ["batch", "plain step ms"]
     for T in result["tree_nodes"]:
         headers += [f"verify {T} nodes ms", f"ratio {T}"]
@@ -162,7 +176,8 @@ def to_markdown(result: dict) -> str:
         row.append(PAPER_TOKENS_PER_FORWARD / last if last else None)
         rows.append(row)
     lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
-    lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", ""]
+    lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", "",
+              f"Attention: {result['e2e_attention']}.", ""]
     rows = [[r["batch"], r["mode"], r["tree_nodes"], r["tokens_per_forward"], r["tokens_per_s"], r["speedup"],
              " / ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_per_depth"])
              if r["acceptance_per_depth"] else "-"] for r in result["end_to_end"]]
@@ -194,8 +209,20 @@ def main() -> int:
     step_model = random_model(SHAPE_TINY if tiny else SHAPE_7B, device, dtype)
     result = {"env": common.environment_info(device), "step_model": ("tiny random " if tiny else "7B-shaped random ")
               + str(SHAPE_TINY if tiny else SHAPE_7B), "kv_len": kv_len, "tree_nodes": list(TREE_NODES),
-              "cuda_graphs": device.type == "cuda", "gen_len": gen_len}
+              "cuda_graphs": device.type == "cuda", "gen_len": gen_len,
+              "step_attention": attention_path(step_model, device, dtype)}
+    stem = Path(args.out) / f"generate_{common.device_slug(device)}"
+
+    def save(quiet=True):  # after each part, so a run cut off by its time limit keeps what it measured
+        common.write_json(stem.with_suffix(".json"), result)
+        text = to_markdown(result)
+        common.write_markdown(stem.with_suffix(".md"), text)
+        if not quiet:
+            print(text)
+
     result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
+    result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])
+    save()
 
     e2e_model, prompts, label = step_model, None, result["step_model"]
     ckpt = Path(args.ckpt_dir)
@@ -213,13 +240,9 @@ def main() -> int:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, e2e_model.vocab_size, (n,), generator=g).tolist() for n in (16, 23, 31, 40)]
     result["e2e_model"] = label
-    result["end_to_end"] = end_to_end(e2e_model, prompts, batches, gen_len)
-
-    stem = Path(args.out) / f"generate_{common.device_slug(device)}"
-    common.write_json(stem.with_suffix(".json"), result)
-    text = to_markdown(result)
-    common.write_markdown(stem.with_suffix(".md"), text)
-    print(text)
+    result["e2e_attention"] = attention_path(e2e_model, device, dtype)
+    end_to_end(e2e_model, prompts, batches, gen_len, result["end_to_end"], on_batch_done=save)
+    save(quiet=False)
     return 0
 
 

@@ -3,7 +3,7 @@
 # it, and leave it under OUT in pieces that come back from the device machine (at most 8 files of 16
 # MiB each).
 #   bash benchmarks/gpu_train_default.sh OUT        (gpu_check.sh's `train` stage runs it)
-# Env: TRAIN_SECONDS (training time, default 420), EXTRA_MB (text taken from site-packages, default 400),
+# Env: TRAIN_SECONDS (training time, default 240), EXTRA_MB (text taken from site-packages, default 400),
 # DISTILL_STEPS (self-distillation of the drafting heads after training, default 600; 0: none);
 # for a dry run on a CPU (tests/test_benchmark_scripts.py): PRESET, EVAL_DEVICE, TRAIN_ARGS, EVAL_ARGS, DISTILL_ARGS,
 # SOURCE_DIR (a source folder instead of the carried stdlib), WORK (scratch folder), PYTHON, PART_SIZE.
@@ -35,8 +35,19 @@ PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # once, at the end. shellcheck disable=SC2086 (TRAIN_ARGS is a list of flags)
 "$PY" -m mtp_engine train --preset "${PRESET:-default}" --source "$SRC" --extra-source "$PURELIB" \
   --extra-max-mb "${EXTRA_MB:-400}" --tokenizer models/default/tokenizer.model --corpus-dir "$WORK/corpus" \
-  --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-420}" --schedule-to-budget --no-progress \
+  --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-240}" --schedule-to-budget --no-progress \
   --max-steps 1000000 --eval-every 1000 --save-every 1000000 ${TRAIN_ARGS:-}
+return_checkpoint() {  # folder, meta files...: the checkpoint in pieces plus its metadata, replacing any before
+  local from=$1; shift
+  rm -f "$OUT/$NAME"/consolidated.00.pth.part-* "$OUT/$NAME/meta.tar.gz"
+  if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
+    split -b "${PART_SIZE:-15m}" "$from/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
+  fi
+  tar -czf "$OUT/$NAME/meta.tar.gz" -C "$from" "$@"
+}
+# The trained model goes back at once: if the lease ends during distillation or evaluation, it still
+# returns (without eval.json); the final model replaces it below.
+return_checkpoint "$WORK/run" params.json tokenizer.model train_log.json
 HEADS=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("n_future_tokens", 1))' "$WORK/run/params.json")
 DEVICE=${EVAL_DEVICE:-cuda}
 FINAL=$WORK/run
@@ -62,8 +73,5 @@ fi
 "$PY" -m mtp_engine eval --ckpt-dir "$FINAL" --source "$SRC" --device "$DEVICE" \
   "${TREE_ARGS[@]}" --json "$FINAL/eval.json" ${EVAL_ARGS:-}
 if [ "$HEADS" -gt 1 ]; then mv "$WORK/final_tree.json" "$FINAL/tree.json"; fi
-if [ "${RETURN_CHECKPOINT:-1}" = 1 ]; then
-  split -b "${PART_SIZE:-15m}" "$FINAL/consolidated.00.pth" "$OUT/$NAME/consolidated.00.pth.part-"
-fi
-tar -czf "$OUT/$NAME/meta.tar.gz" -C "$FINAL" "${META[@]}"
+return_checkpoint "$FINAL" "${META[@]}"
 ls -la "$OUT/$NAME"

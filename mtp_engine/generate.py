@@ -507,18 +507,21 @@ class CUDAGraphForward:
         self.model = model
         self._graphs: dict = {}
         self._pool = None
-        self._cache_ptrs = None
+        self._captured_ptrs = None
 
     def __call__(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, node_depths: Optional[torch.Tensor],
                  tree_mask: Optional[PackedTreeMask], n_heads: int) -> torch.Tensor:
         """tokens (R, T) int64, cache_seqlens (R,) int32 in range. Returns hidden (R, T, n_heads, D),
         a view of the graph's output buffer, valid until the next call of the same shape."""
         model = self.model
-        ptrs = (model.k_cache.data_ptr(), model.v_cache.data_ptr())
-        if ptrs != self._cache_ptrs:
+        # A graph holds raw addresses: of the caches, and of the rotary table and weights it read.
+        # New caches, a grown rotary table (_grow_rope) or moved weights (model.to) mean new graphs.
+        ptrs = (model.k_cache.data_ptr(), model.v_cache.data_ptr(), model._rope(tokens.device).data_ptr(),
+                model.tok_embeddings.weight.data_ptr(), model.output.weight.data_ptr())
+        if ptrs != self._captured_ptrs:
             self._graphs.clear()
             self._pool = None
-            self._cache_ptrs = ptrs
+            self._captured_ptrs = ptrs
         R, T = tokens.shape
         bucket = min(_next_power_of_two(R), model.cache_batch)
         key = (bucket, T, n_heads, None if tree_mask is None else tree_mask.words.data_ptr())

@@ -46,3 +46,29 @@ def test_triton_generation_batched_equals_single():
     single = [gen.generate([p], max_gen_len=20).tokens[0] for p in prompts]
     assert batched == single
     assert all(len(t) == 20 for t in batched)
+
+
+@pytest.mark.parametrize("speculative", [None, "tree"])
+def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative):
+    """bf16 is where the Triton KV-cache kernel runs (float32 goes to the reference). Every token the
+    graphed generator picks on the kernels must be an argmax of the reference model's (uncached,
+    teacher-forced) logits, up to bf16 noise: a wrong cache slot, mask bit or compaction would pick
+    tokens far from it."""
+    from mtp_kernels.attention import _kernel_supports
+
+    model = small_model(torch.bfloat16)
+    assert _kernel_supports(torch.empty(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16))
+    prompts = [[1, 5, 9, 33], [7], list(range(40, 70))]
+    got = Generator(model, max_batch_size=4, max_seq_len=256).generate(prompts, max_gen_len=24,
+                                                                       speculative=speculative)
+    model.clear_caches()  # the check below is an uncached forward
+    monkeypatch.setenv("MTP_BACKEND", "reference")
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, got.tokens):
+            assert len(tokens) == 24
+            logits = model(torch.tensor([prompt + tokens], device="cuda"))[0, :, 0].float()
+            pred = logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)]          # (24, V)
+            chosen = pred.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+            gap = pred.max(1).values - chosen
+            spread = pred.max(1).values - pred.median(1).values
+            assert (gap <= 0.05 * spread).all(), (gap / spread).max().item()

@@ -552,14 +552,23 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     graphed.model.setup_caches(4, max_seq_len)                                # new cache tensors
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # graphs were re-captured
+    captured = len(recorded)
+    graphed.model._grow_rope(graphed.model.freqs_cis.shape[0] * 2)            # a new rotary table
+    assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
+    assert len(recorded) > captured                                           # re-captured again
 
 
 # ------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "chain", "tree"])
 def test_cuda_graphs_do_not_change_results(mode):
-    model, _ = drafting_model(heads=4, seed=6)
+    from mtp_kernels.attention import _kernel_supports
+
+    # 2 attention heads of dim 16 (GQA 2:1): a head dim the Triton KV-cache kernel takes, so the
+    # graphs replay the real kernels (head dim 8 would fall back to the reference attention).
+    model, _ = drafting_model(heads=4, seed=6, attention_heads=2)
     model = model.to("cuda", torch.bfloat16)
+    assert _kernel_supports(torch.empty(1, 1, 2, VOCAB // 2, device="cuda", dtype=torch.bfloat16))
     prompts = [[1, 2, 3], [5, 9, 11, 4, 7, 8, 2], list(range(12))]
     eager = Generator(model, max_batch_size=4, max_seq_len=64, cuda_graphs=False)
     want = eager.generate(prompts, max_gen_len=24, speculative=mode)

@@ -225,7 +225,8 @@ def scenarios():
             K.rms_norm(x, randn(D, dtype=dtype, grad=True)).sum().backward()
 
     def flash(dtype):
-        for D, H, Hkv in ((128, 32, 8), (64, 16, 16)):
+        # 96 and 48: head dims that are not a power of two run on a padded, masked tile.
+        for D, H, Hkv in ((128, 32, 8), (64, 16, 16), (96, 8, 8), (48, 4, 2)):
             q, k, v = (randn(1, 256, h, D, dtype=dtype, grad=True) for h in (H, Hkv, Hkv))
             attention.flash_attention(q, k, v, causal=True).sum().backward()
         q, k, v = (randn(1, 100, 4, 128, dtype=dtype, grad=True) for _ in range(3))
@@ -233,7 +234,7 @@ def scenarios():
 
     def kv_cache(dtype):
         # Decode (Tq=1) unsplit and flash-decoding split, tree verification with 16 and 64 nodes.
-        for D in (128, 64):
+        for D in (128, 64, 48):
             k_cache, v_cache = (randn(2, 1024, 8, D, dtype=dtype) for _ in range(2))
             seqlens = torch.tensor([5, 900], dtype=torch.int32)
             for Tq, split in ((1, None), (1, 256), (16, None), (64, None), (64, 256)):

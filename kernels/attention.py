@@ -38,17 +38,52 @@ LOG2E = 1.4426950408889634
 FORCE_KV_SPLIT_SIZE: int | None = None
 
 
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Any head dim up to 128 runs on the kernels: a tile of the next power of two (at least 16, tl.dot's
+# smallest K) with the padding columns masked to zero. Powers of two take the unmasked code.
+MAX_HEAD_DIM = 128
+
+
+def _head_dim_tile(head_dim: int) -> dict:
+    """The head-dim constexprs of every attention kernel: HEAD_DIM (real), BLOCK_D (the tile), EVEN_D."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim)
 
 
 # ============================================================================================
 # Flash attention: forward
 # ============================================================================================
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v_ptrs, v_ok, MASKED: tl.constexpr):
+def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile of q, k, v, o or do. Rows outside the sequence (row_ok, read when
+    MASK_ROWS) and the padding columns of a head dim that is not a power of two (d_ok, read unless
+    EVEN_D) load as 0, so they add nothing to any dot product."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, value, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile: rows where row_ok, head-dim columns where d_ok."""
+    if EVEN_D:
+        tl.store(ptrs, value, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, value, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v_ptrs, v_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     """One online-softmax step over a key block, shared by flash and KV-cache attention.
-    qk: (M, N) float32 scaled scores, -inf where masked; v_ptrs/v_ok: the block's V rows (v_ok is
-    read when MASKED). Returns the updated (acc, l_i, m_i)."""
+    qk: (M, N) float32 scaled scores, -inf where masked; v_ptrs: the block's V rows, v_ok (N,) which
+    of them exist (read when MASKED); d_ok: the real head-dim columns. Returns (acc, l_i, m_i)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if MASKED:
         # A row may see nothing yet: keep m_i = -inf but exponentiate against 0 (no NaN).
@@ -59,28 +94,22 @@ def _softmax_step(acc, l_i, m_i, qk, v_ptrs, v_ok, MASKED: tl.constexpr):
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(v_ptrs, mask=v_ok, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = _load_tile(v_ptrs, v_ok, d_ok, MASKED, EVEN_D)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-               offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+               offs_m, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     # MASKED=False is the hot loop: every key in [lo, hi) is visible to every query row.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_tile(k_ptrs, cols < T, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             visible = cols[None, :] < T
@@ -89,12 +118,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, cols[:, None] < T, MASKED)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, cols < T, d_ok, MASKED, EVEN_D)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _query_block(T, H, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+def _query_block(T, H, GROUP, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query block and (batch, head) of this program (forward and dQ kernels share the grid)."""
     pid_m = tl.program_id(0)
@@ -106,7 +135,7 @@ def _query_block(T, H, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     h = bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    return bh, b, h, h // GROUP, start_m, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), offs_m < T
+    return bh, b, h, h // GROUP, start_m, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D), offs_m < T
 
 
 @triton.jit
@@ -130,34 +159,35 @@ def _flash_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, H, GROUP, qk_scale, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, HEAD_DIM, CAUSAL,
+    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                               offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale,
-                               BLOCK_N, CAUSAL, False)
+                               offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, False, EVEN_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                               offs_m, offs_n, offs_d, full_hi, masked_hi, T, qk_scale,
-                               BLOCK_N, CAUSAL, True)
+                               offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, True, EVEN_D)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(o_ptrs, out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 # ============================================================================================
@@ -169,26 +199,27 @@ def _bwd_delta_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     T, H,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                   row_ok, d_ok, True, EVEN_D).to(tl.float32)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                    row_ok, d_ok, True, EVEN_D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, lo, hi, T, qk_scale,
-                    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                    offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
+                    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate without a transpose.
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -196,15 +227,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        row_ok = offs_m < T
+        q = _load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
+        do = _load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if MASKED:
-            row_ok = offs_m < T
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         qk_t = tl.dot(k, tl.trans(q))
@@ -231,7 +260,7 @@ def _flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -240,15 +269,16 @@ def _flash_bwd_dkdv_kernel(
     kvh = bkv % HKV
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     key_ok = offs_n < T
 
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = _load_tile(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                   key_ok, d_ok, True, EVEN_D)
+    v = _load_tile(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                   key_ok, d_ok, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, full_hi) are
     # entirely visible, [full_hi, T) is the ragged tail (masked).
@@ -272,37 +302,35 @@ def _flash_bwd_dkdv_kernel(
             # One loop that always masks: three specialised loops keep dK, dV, K, V and three
             # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True)
+                                     offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True)
+                                     offs_n, offs_d, d_ok, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True,
+                                     EVEN_D)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False)
+                                     offs_n, offs_d, d_ok, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False,
+                                     EVEN_D)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True)
+                                     offs_n, offs_d, d_ok, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), key_ok, d_ok, EVEN_D)
+    _store_tile(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), key_ok, d_ok, EVEN_D)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                  offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                  offs_m, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_tile(k_ptrs, cols < T, d_ok, MASKED, EVEN_D)
+        v = _load_tile(v_ptrs, cols < T, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -325,29 +353,30 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     T, H, GROUP, qk_scale, sm_scale, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, HEAD_DIM, CAUSAL,
+    bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                   row_ok, d_ok, True, EVEN_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                    row_ok, d_ok, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False)
+                       offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False, EVEN_D)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True)
+                       offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True, EVEN_D)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 # ============================================================================================
@@ -385,7 +414,7 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 def _prune_dkdv(configs, named_args, **kwargs):
     # The three-loop dK/dV variant only fits the register file below head_dim 128.
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if head_dim is None or head_dim <= 64:
         return configs
     return [c for c in configs if c.kwargs.get("ONE_LOOP")] or configs
@@ -427,10 +456,10 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float):
             T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T))
     if interpreting():
         grid = (triton.cdiv(T, _INTERP_FWD["BLOCK_M"]), B * H)
-        _flash_fwd_kernel[grid](*args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_FWD, num_warps=4)
+        _flash_fwd_kernel[grid](*args, **_head_dim_tile(D), CAUSAL=causal, **_INTERP_FWD, num_warps=4)
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _tuned("fwd")[grid](*args, HEAD_DIM=D, CAUSAL=causal)
+        _tuned("fwd")[grid](*args, **_head_dim_tile(D), CAUSAL=causal)
     return o, lse
 
 
@@ -442,7 +471,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     block = 16 if interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *_bth_strides(o), *_bth_strides(do), T, H, HEAD_DIM=D, BLOCK_M=block)
+        o, do, delta, *_bth_strides(o), *_bth_strides(do), T, H, **_head_dim_tile(D), BLOCK_M=block)
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -457,14 +486,14 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
                T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
     if interpreting():
         _flash_bwd_dkdv_kernel[(triton.cdiv(T, _INTERP_DKDV["BLOCK_N"]), B * Hkv)](
-            *dkdv_args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_DKDV, num_warps=4)
+            *dkdv_args, **_head_dim_tile(D), CAUSAL=causal, **_INTERP_DKDV, num_warps=4)
         _flash_bwd_dq_kernel[(triton.cdiv(T, _INTERP_DQ["BLOCK_M"]), B * H)](
-            *dq_args, HEAD_DIM=D, CAUSAL=causal, **_INTERP_DQ, num_warps=4)
+            *dq_args, **_head_dim_tile(D), CAUSAL=causal, **_INTERP_DQ, num_warps=4)
     else:
         _tuned("dkdv")[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-            *dkdv_args, HEAD_DIM=D, CAUSAL=causal)
+            *dkdv_args, **_head_dim_tile(D), CAUSAL=causal)
         _tuned("dq")[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-            *dq_args, HEAD_DIM=D, CAUSAL=causal)
+            *dq_args, **_head_dim_tile(D), CAUSAL=causal)
     return dq, dk, dv
 
 
@@ -490,19 +519,16 @@ class FlashAttentionFunction(torch.autograd.Function):
 # ============================================================================================
 @triton.jit
 def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, mask_bits,
-              offs_n, offs_d, lo, hi, cache_len, Tq, MASK_WORDS, qk_scale,
-              BLOCK_N: tl.constexpr, TREE: tl.constexpr, MASKED: tl.constexpr):
+              offs_n, offs_d, d_ok, lo, hi, cache_len, Tq, MASK_WORDS, qk_scale,
+              BLOCK_N: tl.constexpr, TREE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     # MASKED=False: keys in [lo, hi) are all old cache entries, visible to every query row.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
         v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
-        if MASKED:
-            in_range = cols < hi
-            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        in_range = cols < hi
+        k = _load_tile(k_ptrs, in_range, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             j = cols - cache_len                       # index of the new node in slot `cols`
@@ -524,7 +550,7 @@ def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, (cols < hi)[:, None], MASKED)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_ptrs, in_range, d_ok, MASKED, EVEN_D)
     return acc, l_i, m_i
 
 
@@ -536,8 +562,8 @@ def _kv_attn_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_ot, stride_oh,
     Tq, HKV, GROUP, SPLIT_SIZE, N_SPLITS, MASK_WORDS, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TREE: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TREE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Row r of the tile is query q_idx = r // GROUP of head kvh * GROUP + r % GROUP.
     tl.static_assert(BLOCK_N <= 64)
@@ -553,10 +579,11 @@ def _kv_attn_kernel(
     q_idx = rows // GROUP
     h = kvh * GROUP + rows % GROUP
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + b * stride_qb + q_idx[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _load_tile(Q + b * stride_qb + q_idx[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                   row_ok, d_ok, True, EVEN_D)
     cache_len = tl.load(SEQLENS + b).to(tl.int32)
     lo = split * SPLIT_SIZE
     hi = tl.minimum(lo + SPLIT_SIZE, cache_len + Tq)
@@ -570,13 +597,13 @@ def _kv_attn_kernel(
     v_base = V + b * stride_vb + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, MASK_BITS,
-                              offs_n, offs_d, lo, full_hi, cache_len, Tq, MASK_WORDS, qk_scale,
-                              BLOCK_N, TREE, False)
+                              offs_n, offs_d, d_ok, lo, full_hi, cache_len, Tq, MASK_WORDS, qk_scale,
+                              BLOCK_N, TREE, False, EVEN_D)
     acc, l_i, m_i = _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row_ok, MASK_BITS,
-                              offs_n, offs_d, full_hi, hi, cache_len, Tq, MASK_WORDS, qk_scale,
-                              BLOCK_N, TREE, True)
+                              offs_n, offs_d, d_ok, full_hi, hi, cache_len, Tq, MASK_WORDS, qk_scale,
+                              BLOCK_N, TREE, True, EVEN_D)
 
     # A row that sees nothing (an empty split, or a tree row without its diagonal) yields 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -585,17 +612,17 @@ def _kv_attn_kernel(
         part = ((b * Tq + q_idx) * H + h) * N_SPLITS + split
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(LSE_PART + part, lse, mask=row_ok)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        _store_tile(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, row_ok, d_ok, EVEN_D)
     else:
-        tl.store(O + b * stride_ob + q_idx[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        _store_tile(O + b * stride_ob + q_idx[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+                    out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 @triton.jit
 def _kv_combine_kernel(
     O_PART, LSE_PART, O, Tq, H, N_SPLITS,
     stride_ob, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)        # (b * Tq + i) * H + h
     h = row % H
@@ -606,17 +633,18 @@ def _kv_combine_kernel(
     m = tl.max(lse_all, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.sum(tl.math.exp2(lse_all - m), 0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, N_SPLITS, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)
         ok = offs < N_SPLITS
         w = tl.math.exp2(tl.load(LSE_PART + row * N_SPLITS + offs, mask=ok, other=float("-inf")) - m)
         part = tl.load(O_PART + (row * N_SPLITS + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=ok[:, None], other=0.0)
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(w[:, None] * part, 0)
     out = acc / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
 @dataclass(frozen=True)
@@ -699,13 +727,14 @@ def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask: Pac
         q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part,
         *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
         Tq, Hkv, group, split_size, n_splits, mask_words, sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, TREE=tree, SPLIT=split,
+        **_head_dim_tile(D), BLOCK_M=block_m, BLOCK_N=block_n, TREE=tree, SPLIT=split,
         num_warps=num_warps, num_stages=num_stages)
     if split:
         splits_pow2 = triton.next_power_of_2(n_splits)
         _kv_combine_kernel[(B * Tq * H,)](
             o_part, lse_part, out, Tq, H, n_splits, *_bth_strides(out),
-            HEAD_DIM=D, SPLITS_POW2=splits_pow2, BLOCK_S=min(splits_pow2, 16), num_warps=1 if D <= 64 else 2)
+            HEAD_DIM=D, BLOCK_D=_head_dim_tile(D)["BLOCK_D"], SPLITS_POW2=splits_pow2, BLOCK_S=min(splits_pow2, 16),
+            num_warps=1 if D <= 64 else 2)
     return out
 
 
@@ -734,7 +763,7 @@ def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 
 def _kernel_supports(q: torch.Tensor) -> bool:
     """Shapes/dtypes the Triton kernels handle; anything else valid runs on the reference."""
-    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         return False
     if gpu_launch(q.device):
         return q.dtype in (torch.float16, torch.bfloat16)
@@ -749,7 +778,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     """Training/prefill attention. q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) with H % Hkv == 0 (GQA: query head h
     uses kv head h // (H // Hkv)); any strides (a last dim that is not contiguous is copied). Returns
     (B, T, H, Dh) in q.dtype; differentiable w.r.t. q, k, v. sm_scale defaults to 1/sqrt(Dh).
-    Triton path: Dh in {16, 32, 64, 128}, fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
+    Triton path: Dh <= 128 (a power of two, or padded to one), fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
     other valid inputs run the reference."""
     _check_heads("flash_attention", q, k, v, "k", "v")
     if q.shape[1] != k.shape[1]:

@@ -75,12 +75,18 @@ FLASH_CASES = [
     (1, 37, 4, 2, 32, False),
     (2, 5, 4, 1, 16, False),
     (1, 1, 4, 1, 64, False),
+    # head dims that are not a power of two: a padded tile with masked columns
+    (2, 37, 4, 2, 48, True),
+    (1, 21, 2, 1, 24, False),
+    (1, 9, 2, 2, 8, True),
+    (1, 37, 4, 2, 80, True),
 ]
 
 
 @pytest.mark.parametrize("B,T,H,Hkv,D,causal", FLASH_CASES)
 def test_flash_attention_matches_float64(triton_backend, B, T, H, Hkv, D, causal):
     q, k, v = (t.requires_grad_() for t in _qkv(B, T, H, Hkv, D, seed=T * 7 + D))
+    assert attention_module._kernel_supports(q)  # the Triton kernels run, not the fallback
     out = flash_attention(q, k, v, causal=causal)
     assert out.shape == (B, T, H, D) and out.dtype == torch.float32
     dout = torch.randn_like(out)
@@ -109,9 +115,10 @@ def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T
     torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-3, atol=1e-4)
 
 
-def test_flash_attention_strided_views_and_custom_scale(triton_backend):
+@pytest.mark.parametrize("D", [32, 24])
+def test_flash_attention_strided_views_and_custom_scale(triton_backend, D):
     # q, k, v as views of one fused projection (head stride != D) and a last-dim-transposed q.
-    B, T, H, Hkv, D = 2, 21, 4, 2, 32
+    B, T, H, Hkv = 2, 21, 4, 2
     g = torch.Generator().manual_seed(3)
     fused = torch.randn(B, T, H + 2 * Hkv, D, generator=g).requires_grad_()
     q, k, v = fused.split([H, Hkv, Hkv], dim=2)
@@ -190,6 +197,9 @@ KV_CASES = [
     (4, 1, 32, 7, "tree"),
     (4, 4, 64, 9, "tree"),
     (4, 2, 16, 5, "tree"),
+    (4, 2, 48, 9, "tree"),      # head dims that are not a power of two
+    (4, 1, 24, 1, "causal"),
+    (2, 2, 80, 6, "causal"),
 ]
 
 
@@ -210,6 +220,7 @@ def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_si
     seqlens = [0, 17, S_max - Tq, 32]             # empty, ragged, full cache, block-aligned
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 11 + D)
     tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(Tq)) if kind == "tree" else None
+    assert attention_module._kernel_supports(q)
     out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, 1 / math.sqrt(D))

@@ -564,8 +564,7 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
 def test_cuda_graphs_do_not_change_results(mode):
     from mtp_kernels.attention import _kernel_supports
 
-    # 2 attention heads of dim 16 (GQA 2:1): a head dim the Triton KV-cache kernel takes, so the
-    # graphs replay the real kernels (head dim 8 would fall back to the reference attention).
+    # 2 attention heads of dim 16 (GQA 2:1) in bf16: the graphs replay the Triton KV-cache kernel.
     model, _ = drafting_model(heads=4, seed=6, attention_heads=2)
     model = model.to("cuda", torch.bfloat16)
     assert _kernel_supports(torch.empty(1, 1, 2, VOCAB // 2, device="cuda", dtype=torch.bfloat16))

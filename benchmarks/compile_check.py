@@ -243,6 +243,14 @@ def scenarios():
                 with mock.patch.object(attention, "FORCE_KV_SPLIT_SIZE", split):
                     attention.kv_cache_attention(q, k_cache, v_cache, seqlens, tree)
 
+    def rope_cache(dtype):
+        # Decode (one token per sequence) and a prefill chunk at the 7B shape; a head dim of 48.
+        for D, H, Hkv, T in ((128, 32, 8, 1), (128, 32, 8, 64), (48, 4, 4, 1)):
+            q, k, v = (randn(2, T, h, D, dtype=dtype) for h in (H, Hkv, Hkv))
+            k_cache, v_cache = (randn(2, 256, Hkv, D, dtype=dtype) for _ in range(2))
+            freqs = torch.polar(torch.ones(2, T, D // 2), randn(2, T, D // 2, dtype=torch.float32))
+            K.rope_cache_write(q, k, v, freqs, torch.arange(T).repeat(2, 1), k_cache, v_cache)
+
     def sampling(dtype):
         for R in (1, 48, 256):
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
@@ -262,7 +270,7 @@ def scenarios():
         K.compact_kv_cache(*caches, seqlens, torch.arange(4).repeat(8, 1), torch.full((8,), 4))
 
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
-                kv_cache_attention=kv_cache, sampling=sampling, tree_verify=tree_verify)
+                kv_cache_attention=kv_cache, rope_cache=rope_cache, sampling=sampling, tree_verify=tree_verify)
 
 
 def markdown(records, arch: int, quick: bool) -> str:

@@ -71,6 +71,30 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, re
 
 
 # --------------------------------------------------------------------------------------------
+# Rotary embedding + KV-cache write (the cached forward's step between the projections and attention)
+# --------------------------------------------------------------------------------------------
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Meta's interleaved rotary form: pairs (0,1), (2,3), ... of each head dim rotated in float32.
+    x: (B, T, H, Dh); freqs_cis: complex (T, Dh/2) shared by the batch, or (B, T, Dh/2) per sequence."""
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rot = freqs_cis.unsqueeze(-2) if freqs_cis.dim() == 3 else freqs_cis[None, :, None, :]
+    return torch.view_as_real(x_c * rot).flatten(3).type_as(x)
+
+
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_cis: torch.Tensor,
+                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k, write rotated k and v into the caches at `slots`, return rotated q.
+    q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh); freqs_cis: complex (B, T, Dh/2) or (T, Dh/2); slots: (B, T)
+    int64 cache slot of each new token; k_cache, v_cache: (>= B, S, Hkv, Dh), written in place."""
+    q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+    B = k.shape[0]
+    idx = slots[:, :, None, None].expand_as(k)
+    k_cache[:B].scatter_(1, idx, k.to(k_cache.dtype))
+    v_cache[:B].scatter_(1, idx, v.to(v_cache.dtype))
+    return q
+
+
+# --------------------------------------------------------------------------------------------
 # Attention (flash attention for training/prefill; KV-cache attention for decode/tree verify)
 # --------------------------------------------------------------------------------------------
 def _attention_compute_dtype(x: torch.Tensor) -> torch.dtype:

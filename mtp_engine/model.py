@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_kernels import rms_norm
+from mtp_kernels import rms_norm, rope_cache_write
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
+from mtp_kernels.reference import apply_rotary as apply_rotary_emb
 
 
 @dataclass
@@ -110,31 +111,18 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> tor
     return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, Dh); freqs_cis: (T, Dh/2) shared by the batch, or (B, T, Dh/2) per sequence."""
-    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rot = freqs_cis.unsqueeze(-2) if freqs_cis.dim() == 3 else freqs_cis[None, :, None, :]
-    return torch.view_as_real(x_c * rot).flatten(3).type_as(x)
-
-
 class KVCache(nn.Module):
     """Static per-block cache. k, v: (max_batch, max_seq, n_kv_heads, head_dim).
 
     Built by `Transformer.setup_caches` as views of one stacked (n_blocks, ...) tensor per K and V,
-    so that one kernel launch can touch every layer's cache (speculative KV compaction).
+    so that one kernel launch can touch every layer's cache (speculative KV compaction). New tokens
+    are written by `rope_cache_write`, which rotates k on the way in.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
-
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots: (B, T) int64 cache slot of each new token; k, v: (B, T, Hkv, Dh)."""
-        B = k.shape[0]
-        idx = slots[:, :, None, None].expand_as(k)
-        self.k[:B].scatter_(1, idx, k.to(self.k.dtype))
-        self.v[:B].scatter_(1, idx, v.to(self.v.dtype))
 
 
 @dataclass
@@ -168,13 +156,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         if step is None:
+            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
             out = flash_attention(q, k, v, causal=True)
         else:
             if self.cache is None:
                 raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
-            self.cache.write(step.slots, k, v)
+            # Rotate q and k and write k, v into the cache: one kernel on a GPU (rope_cache.py).
+            q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v)
             # forward_cached checked the lengths once for all blocks: no per-layer check (host sync).
             out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
                                      check_seqlens=False)

@@ -92,6 +92,26 @@ def test_incremental_decode_matches_reference(name, all_heads, tmp_path):
         _close(ours(tokens, 0, return_all_heads=all_heads)[:, 12:], got)
 
 
+@pytest.mark.parametrize("name", ["gqa_4heads", "mqa_2heads"])
+def test_incremental_decode_on_triton_kernels_matches_reference(triton_backend, name, tmp_path):
+    """The same check with every kernel on the Triton path (interpreted, fp32): RMSNorm, the fused
+    rotary + cache write, KV-cache attention and, for the uncached forward, flash attention. Head
+    dims 16 and 8 (the latter on a padded tile)."""
+    from mtp_kernels.attention import _kernel_supports
+
+    ref, ours = _pair(name, tmp_path)
+    assert _kernel_supports(torch.empty(1, 1, 1, ours.params.head_dim))
+    B = 2
+    tokens = _tokens(ours.vocab_size, B, 13, seed=3)
+    ours.setup_caches(MAX_BATCH, MAX_SEQ)
+    with torch.no_grad():
+        for start, end in [(0, 6), (6, 7), (7, 10), (10, 11)]:
+            _close(ours(tokens[:, start:end], start, return_all_heads=True),
+                   ref.forward(tokens[:, start:end], start, return_all_heads=True))
+        ours.clear_caches()
+        _close(ours(tokens[:, :11], 0, return_all_heads=True), ref.forward(tokens[:, :11], 0, return_all_heads=True))
+
+
 def test_per_sequence_positions_match_each_sequence_alone(tmp_path):
     """Rows of one batch at different lengths (cache_seqlens differ) = each sequence decoded alone."""
     ref, ours = _pair("gqa_4heads", tmp_path)

@@ -1,0 +1,146 @@
+"""Rotary embedding and KV-cache write in one Triton kernel, for the cached (inference) forward.
+
+Between the q/k/v projections and attention, the eager path rotates q and k (a float32 copy, a
+complex multiply and a cast back, for each) and scatters k and v into the caches: about eight
+small kernels per layer, each a few microseconds at decode sizes, beside the projections' hundred
+or so on a 7B layer. Here three programs per new token do it all, in parallel: one rotates the
+token's q heads into the output, one its k heads into the cache slot, one copies its v heads there.
+
+Meta's interleaved form: the pairs (x[2i], x[2i+1]) of a head are rotated by the angle of
+freqs_cis[..., i], in float32, then cast back (what `reference.apply_rotary` does).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import interpreting, use_triton
+
+
+@triton.jit
+def _rotate_heads(src, stride_src_h, dst, stride_dst_h, n_heads, cos, sin, offs_p, p_ok,
+                  ROTATE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Heads [0, n_heads) of one token: src[h, 2i], src[h, 2i+1] -> dst (rotated when ROTATE)."""
+    for h0 in range(0, n_heads, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        ok = (offs_h < n_heads)[:, None] & p_ok[None, :]
+        even = offs_h[:, None].to(tl.int64) * stride_src_h + 2 * offs_p[None, :]
+        x0 = tl.load(src + even, mask=ok, other=0.0).to(tl.float32)
+        x1 = tl.load(src + even + 1, mask=ok, other=0.0).to(tl.float32)
+        if ROTATE:
+            y0 = x0 * cos[None, :] - x1 * sin[None, :]
+            y1 = x0 * sin[None, :] + x1 * cos[None, :]
+        else:
+            y0 = x0
+            y1 = x1
+        out = dst + offs_h[:, None].to(tl.int64) * stride_dst_h + 2 * offs_p[None, :]
+        tl.store(out, y0.to(dst.dtype.element_ty), mask=ok)
+        tl.store(out + 1, y1.to(dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rope_cache_kernel(
+    Q, K, V, FREQS, SLOTS, Q_OUT, K_CACHE, V_CACHE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_fb, stride_ft,
+    stride_sb, stride_st,
+    stride_ob, stride_ot, stride_oh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    T, H, HKV, HALF,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    which = tl.program_id(1)              # 0: q, 1: k, 2: v
+    b = (token // T).to(tl.int64)
+    t = (token % T).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HALF
+    # freqs as float32 (cos, sin) pairs: view_as_real of the complex table.
+    f = FREQS + b * stride_fb + t * stride_ft + 2 * offs_p
+    cos = tl.load(f, mask=p_ok, other=1.0)
+    sin = tl.load(f + 1, mask=p_ok, other=0.0)
+    slot = tl.load(SLOTS + b * stride_sb + t * stride_st).to(tl.int64)
+
+    if which == 0:
+        _rotate_heads(Q + b * stride_qb + t * stride_qt, stride_qh, Q_OUT + b * stride_ob + t * stride_ot,
+                      stride_oh, H, cos, sin, offs_p, p_ok, True, BLOCK_H)
+    elif which == 1:
+        _rotate_heads(K + b * stride_kb + t * stride_kt, stride_kh, K_CACHE + b * stride_kcb + slot * stride_kcs,
+                      stride_kch, HKV, cos, sin, offs_p, p_ok, True, BLOCK_H)
+    else:
+        _rotate_heads(V + b * stride_vb + t * stride_vt, stride_vh, V_CACHE + b * stride_vcb + slot * stride_vcs,
+                      stride_vch, HKV, cos, sin, offs_p, p_ok, False, BLOCK_H)
+
+
+def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torch.Tensor:
+    """Launcher (inputs already validated); same contract as `reference.rope_cache_write`."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    q_out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return q_out
+    if freqs_cis.stride(-1) != 1:
+        freqs_cis = freqs_cis.contiguous()
+    freqs = torch.view_as_real(freqs_cis)                      # (..., D/2, 2) float32, no copy
+    if freqs.dim() == 3:                                       # (T, D/2, 2): shared by the batch
+        stride_fb, stride_ft = 0, freqs.stride(0)
+    else:
+        stride_fb, stride_ft = freqs.stride(0), freqs.stride(1)
+    half = D // 2
+    block_p = triton.next_power_of_2(half)
+    # Heads per step: a (BLOCK_H, BLOCK_P) tile of about 2K elements (64 under the interpreter).
+    block_h = max(1, min(triton.next_power_of_2(max(H, Hkv)), (64 if interpreting() else 2048) // block_p))
+    _rope_cache_kernel[(B * T, 3)](
+        q, k, v, freqs, slots, q_out, k_cache, v_cache,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_fb, stride_ft,
+        slots.stride(0), slots.stride(1),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        T, H, Hkv, half,
+        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=1 if interpreting() else 4)
+    return q_out
+
+
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_cis: torch.Tensor,
+                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k (Meta's interleaved rotary form, in float32), write rotated k and v into the
+    caches at `slots`, and return rotated q (B, T, H, Dh) in q's dtype. No autograd (inference).
+
+    q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides with a unit last stride, e.g. views of
+    one projection); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
+    slots: (B, T) int64, the cache slot of each new token (distinct within a sequence); k_cache,
+    v_cache: (>= B, S, Hkv, Dh), written in place. Slots are not range-checked here: the model
+    derives them from lengths it has checked.
+    """
+    name = "rope_cache_write"
+    for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {n} must be a 4-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, T, H, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D or D % 2:
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share "
+                         "(B, T) and an even head dim")
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] < B or k_cache.shape[2:] != k.shape[2:]:
+        raise ValueError(f"{name}: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit k {tuple(k.shape)}")
+    expected_f = [(B, T, D // 2), (T, D // 2)]
+    if not freqs_cis.is_complex() or tuple(freqs_cis.shape) not in expected_f:
+        raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
+                         f"got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
+    if tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {tuple(slots.shape)} {slots.dtype}")
+    tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
+    unit_last = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
+    if not use_triton(*tensors) or not unit_last or freqs_cis.dtype != torch.complex64 or \
+            q.dtype == torch.float64 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return reference.rope_cache_write(*tensors)
+    return rope_cache_write_triton(*tensors)

@@ -1,0 +1,91 @@
+"""Rotary embedding + KV-cache write: the Triton kernel (interpreted on CPU) against its reference."""
+import pytest
+import torch
+
+from mtp_kernels import reference, rope_cache_write
+from mtp_kernels.rope_cache import rope_cache_write_triton
+
+
+def _freqs(T, D, B=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (T, D // 2) if B is None else (B, T, D // 2)
+    return torch.polar(torch.ones(shape), torch.rand(shape, generator=g) * 6.28)
+
+
+def _inputs(B, T, H, Hkv, D, S, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # q, k, v as views of one fused projection: head strides that are not D apart from each other.
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=g).to(dtype)
+    q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+    caches = [torch.randn(B + 1, S, Hkv, D, generator=g).to(dtype) for _ in range(2)]
+    # Distinct slots per sequence, in any order (a tree's nodes go to consecutive slots; any works).
+    slots = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
+    return q, k, v, slots, caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,H,Hkv,D,shared", [
+    (3, 5, 4, 2, 16, False),
+    (2, 1, 8, 2, 48, False),     # decode; a head dim that is not a power of two
+    (1, 7, 2, 2, 6, True),       # three pairs; one rotation table for the batch
+    (2, 4, 6, 3, 32, True),
+])
+def test_kernel_equals_reference(triton_backend, dtype, B, T, H, Hkv, D, shared):
+    q, k, v, slots, (k_cache, v_cache) = _inputs(B, T, H, Hkv, D, S=11, dtype=dtype, seed=T + D)
+    freqs = _freqs(T, D, None if shared else B, seed=D)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = reference.rope_cache_write(q, k, v, freqs, slots, want_k, want_v)
+    got_q = rope_cache_write_triton(q, k, v, freqs, slots, k_cache, v_cache)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    # float32: same products, maybe fused differently (one ulp); fp16: the same up to one rounding
+    torch.testing.assert_close(got_q, want_q, **(tol if dtype != torch.float32 else dict(rtol=1e-6, atol=1e-6)))
+    torch.testing.assert_close(k_cache, want_k, **(tol if dtype != torch.float32 else dict(rtol=1e-6, atol=1e-6)))
+    assert torch.equal(v_cache, want_v)          # v is copied, not rotated: exact
+    untouched = torch.ones(B + 1, 11, dtype=torch.bool)
+    untouched[torch.arange(B)[:, None], slots] = False
+    assert torch.equal(k_cache[untouched], want_k[untouched])
+
+
+def test_rotation_is_meta_interleaved_form():
+    """Pair (x0, x1) rotated by angle a: (x0 cos a - x1 sin a, x0 sin a + x1 cos a), float64 by hand."""
+    q, k, v, slots, (k_cache, v_cache) = _inputs(1, 2, 2, 1, 4, S=3, dtype=torch.float32)
+    freqs = _freqs(2, 4, B=1, seed=1)
+    out = rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
+    a = torch.angle(freqs)[0].double()                                    # (T, 2)
+    x = q[0].double().reshape(2, 2, 2, 2)                                 # (T, H, pairs, 2)
+    c, s = torch.cos(a)[:, None, :], torch.sin(a)[:, None, :]
+    want = torch.stack([x[..., 0] * c - x[..., 1] * s, x[..., 0] * s + x[..., 1] * c], -1).reshape(2, 2, 4)
+    torch.testing.assert_close(out[0].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_backend):
+    q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
+    q = q.clone().requires_grad_()
+    out = rope_cache_write(q, k, v, _freqs(3, 16, B=2), slots, k_cache, v_cache)
+    assert out.requires_grad                       # the kernel has no backward: the reference ran
+    out.sum().backward()
+    assert q.grad is not None
+
+
+@pytest.mark.parametrize("case,match", [
+    ("odd_dim", "even head dim"),
+    ("freqs_shape", "freqs_cis must be complex"),
+    ("freqs_real", "freqs_cis must be complex"),
+    ("slots", "slots must be an integer"),
+    ("cache", "caches"),
+])
+def test_bad_input_is_a_clear_error(case, match):
+    q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
+    freqs = _freqs(3, 16, B=2)
+    if case == "odd_dim":
+        q, k, v = q[..., :15], k[..., :15], v[..., :15]
+    elif case == "freqs_shape":
+        freqs = freqs[:, :2]
+    elif case == "freqs_real":
+        freqs = torch.view_as_real(freqs)[..., 0]
+    elif case == "slots":
+        slots = slots.float()
+    elif case == "cache":
+        k_cache = k_cache[..., :8]
+    with pytest.raises(ValueError, match=match):
+        rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)

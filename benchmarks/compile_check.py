@@ -223,6 +223,7 @@ def scenarios():
         for D in (4096, 1024, 192):
             x = randn(8, D, dtype=dtype, grad=True)
             K.rms_norm(x, randn(D, dtype=dtype, grad=True)).sum().backward()
+            K.add_rms_norm(randn(64, D, dtype=dtype), randn(64, D, dtype=dtype), randn(D, dtype=dtype))
 
     def flash(dtype):
         # 96 and 48: head dims that are not a power of two run on a padded, masked tile.
@@ -251,6 +252,9 @@ def scenarios():
             freqs = torch.polar(torch.ones(2, T, D // 2), randn(2, T, D // 2, dtype=torch.float32))
             K.rope_cache_write(q, k, v, freqs, torch.arange(T).repeat(2, 1), k_cache, v_cache)
 
+    def swiglu(dtype):
+        K.swiglu(randn(1, 11008, dtype=dtype), randn(1, 11008, dtype=dtype))
+
     def sampling(dtype):
         for R in (1, 48, 256):
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
@@ -270,7 +274,8 @@ def scenarios():
         K.compact_kv_cache(*caches, seqlens, torch.arange(4).repeat(8, 1), torch.full((8,), 4))
 
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
-                kv_cache_attention=kv_cache, rope_cache=rope_cache, sampling=sampling, tree_verify=tree_verify)
+                kv_cache_attention=kv_cache, rope_cache=rope_cache, swiglu=swiglu, sampling=sampling,
+                tree_verify=tree_verify)
 
 
 def markdown(records, arch: int, quick: bool) -> str:

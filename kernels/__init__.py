@@ -5,10 +5,11 @@ Every public function dispatches (see `backend.py`): Triton for CUDA tensors, th
 """
 from .backend import backend_name, use_triton
 from .fused_linear_ce import fused_linear_cross_entropy
-from .rmsnorm import rms_norm
+from .rmsnorm import add_rms_norm, rms_norm
 from .rope_cache import rope_cache_write
+from .swiglu import swiglu
 from .sampling import linear_argmax, linear_sample
 from .tree_verify import compact_kv_cache, tree_accept
 
-__all__ = ["backend_name", "use_triton", "fused_linear_cross_entropy", "rms_norm", "rope_cache_write",
-           "linear_argmax", "linear_sample", "tree_accept", "compact_kv_cache"]
+__all__ = ["backend_name", "use_triton", "fused_linear_cross_entropy", "rms_norm", "add_rms_norm",
+           "rope_cache_write", "swiglu", "linear_argmax", "linear_sample", "tree_accept", "compact_kv_cache"]

@@ -18,6 +18,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return normed.type_as(x) * weight
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(h, rms_norm(h)) with h = x + residual: a block's residual add and the next norm."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU (the feed-forward's gate: silu(w1 x) * (w3 x))
+# --------------------------------------------------------------------------------------------
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
 # --------------------------------------------------------------------------------------------
 # Fused n-head linear cross-entropy: the per-chunk step and the whole CPU path
 # --------------------------------------------------------------------------------------------

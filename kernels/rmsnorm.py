@@ -59,6 +59,27 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_partial_ptr + pid * D + offs_d, dw_acc, mask=mask)
 
 
+@triton.jit
+def _add_rms_norm_fwd_kernel(
+    x_ptr, r_ptr, w_ptr, h_ptr, y_ptr,
+    stride_x, stride_r, stride_h, stride_y, D, eps,
+    BLOCK_D: tl.constexpr,
+):
+    # h = x + r rounded to x's dtype (what torch's add does), then the forward above on h.
+    row = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + offs_d, mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    normed = (hf * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs_d, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -119,3 +140,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if not use_triton(x, weight) or x.numel() == 0:
         return reference.rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(h, rms_norm(h, weight)) with h = x + residual, in one pass on a GPU: a transformer block's
+    residual add fused with the norm that follows it. x, residual: (..., D), same shape and dtype.
+    With autograd (training) it is the plain add and the differentiable `rms_norm`."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
+                         f"{residual.dtype} must match")
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"add_rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
+        h = x + residual
+        return h, rms_norm(h, weight, eps)
+    if not use_triton(x, residual, weight) or x.numel() == 0:
+        return reference.add_rms_norm(x, residual, weight, eps)
+    x2, r2 = _rows(x), _rows(residual)
+    M, D = x2.shape
+    h = torch.empty((M, D), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    _add_rms_norm_fwd_kernel[(M,)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
+                                   D, eps, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return h.view(x.shape), y.view(x.shape)

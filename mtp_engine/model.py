@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mtp_kernels import rms_norm, rope_cache_write
+from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
 
@@ -178,7 +177,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -190,8 +189,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # h = x + attention(...) and ffn_norm(h) in one pass on a GPU when no gradient is needed.
+        h, normed = add_rms_norm(x, self.attention(self.attention_norm(x), freqs_cis, step), self.ffn_norm.weight,
+                                 self.ffn_norm.eps)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

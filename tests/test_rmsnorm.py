@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtp_kernels import reference, rms_norm
+from mtp_kernels import add_rms_norm, reference, rms_norm
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (37, 64), (3, 5, 100), (2, 1001)])
@@ -33,6 +33,41 @@ def test_rmsnorm_cpu_uses_reference(monkeypatch):
     x = torch.randn(4, 16)
     w = torch.randn(16)
     assert torch.equal(rms_norm(x, w), reference.rms_norm(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 5, 100), (2, 1001)])
+def test_add_rms_norm_kernel_matches_reference(triton_backend, dtype, shape):
+    """The fused residual add + norm: h exactly the rounded sum, y the norm of that h."""
+    g = torch.Generator().manual_seed(2)
+    x, r = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    h, y = add_rms_norm(x, r, w, 1e-5)
+    h_ref, y_ref = reference.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, h_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+
+
+def test_add_rms_norm_with_autograd_is_the_differentiable_pair(triton_backend):
+    x = torch.randn(4, 32, requires_grad=True)
+    r = torch.randn(4, 32)
+    w = torch.ones(32, requires_grad=True)
+    h, y = add_rms_norm(x, r, w)
+    (h.sum() + y.square().sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    h64, y64 = reference.add_rms_norm(x64, r.double(), w64)
+    (h64.sum() + y64.square().sum()).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_add_rms_norm_bad_input():
+    with pytest.raises(ValueError, match="must match"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 8).half(), torch.ones(8))
+    with pytest.raises(ValueError, match="weight shape"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7))
 
 
 def test_rmsnorm_bad_weight_shape():

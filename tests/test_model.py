@@ -112,6 +112,56 @@ def test_incremental_decode_on_triton_kernels_matches_reference(triton_backend, 
         _close(ours(tokens[:, :11], 0, return_all_heads=True), ref.forward(tokens[:, :11], 0, return_all_heads=True))
 
 
+def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path):
+    """A decode step on the Triton path: per block, the 7 projections (cuBLAS on a GPU) and 6
+    Triton kernels (norm, rotary + cache write, attention, add + norm, SwiGLU, and one eager
+    residual add), not the ~15 small eager kernels of the unfused block. Counted under the
+    interpreter: Triton launches, and aten ops that would launch a kernel."""
+    import collections
+
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches = collections.Counter()
+    run = interpreter.GridExecutor.__call__
+
+    def counting(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    class EagerOps(TorchDispatchMode):
+        """Compute ops only: views, allocations and the interpreter's own host copies left out."""
+        skip = {"view", "_unsafe_view", "permute", "unsqueeze", "t", "expand", "slice", "select", "reshape",
+                "as_strided", "view_as_real", "view_as_complex", "transpose", "split", "split_with_sizes",
+                "squeeze", "alias", "detach", "empty", "empty_strided", "empty_like", "lift_fresh", "set_",
+                "copy_", "promote_types", "new_empty"}
+
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in self.skip:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    _, model = _pair("gqa_4heads", tmp_path)
+    model.setup_caches(1, MAX_SEQ)
+    tokens = _tokens(model.vocab_size, 1, 5)
+    blocks = len(model.trunk) + 1  # the trunk and head 0: what a plain decode step runs
+    with torch.no_grad():
+        model.forward_cached(tokens[:, :4], torch.zeros(1, dtype=torch.int32), n_heads=1, check_lengths=False)
+        eager = EagerOps()
+        with eager, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interpreter.GridExecutor, "__call__", counting)
+            model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
+    assert eager.ops["mm"] == 7 * blocks
+    assert sum(launches.values()) == 5 * blocks + 1, launches          # + the final norm
+    per_step = {"embedding", "index", "arange", "full", "stack", "_to_copy"}   # once per forward, not per block
+    elementwise = {op: n for op, n in eager.ops.items() if op != "mm" and op not in per_step}
+    assert elementwise == {"add": blocks + 1}, elementwise   # a residual add per block; the step's slots
+
+
 def test_per_sequence_positions_match_each_sequence_alone(tmp_path):
     """Rows of one batch at different lengths (cache_seqlens differ) = each sequence decoded alone."""
     ref, ours = _pair("gqa_4heads", tmp_path)

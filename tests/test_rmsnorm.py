@@ -93,3 +93,14 @@ def test_rmsnorm_gpu(dtype):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
     rel = (w.grad.double() - w64.grad).norm() / w64.grad.norm()
     assert rel < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_gpu(dtype):
+    x, r = (torch.randn(64, 4096, device="cuda").to(dtype) for _ in range(2))
+    w = torch.randn(4096, device="cuda").to(dtype)
+    h, y = add_rms_norm(x, r, w)
+    h_ref, y_ref = reference.add_rms_norm(x, r, w)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)

@@ -89,3 +89,19 @@ def test_bad_input_is_a_clear_error(case, match):
         k_cache = k_cache[..., :8]
     with pytest.raises(ValueError, match=match):
         rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,T", [(128, 1), (128, 64), (48, 3)])
+def test_gpu_bf16_equals_reference(D, T):
+    q, k, v, slots, (k_cache, v_cache) = _inputs(4, T, 32 if D == 128 else 4, 8 if D == 128 else 2, D, S=80,
+                                                 dtype=torch.bfloat16)
+    q, k, v, slots, k_cache, v_cache = (t.cuda() for t in (q, k, v, slots, k_cache, v_cache))
+    freqs = _freqs(T, D, B=4).cuda()
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = reference.rope_cache_write(q, k, v, freqs, slots, want_k, want_v)
+    got_q = rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
+    # float32 rotation, one bf16 rounding: at most one bf16 ulp apart from the complex-multiply path
+    torch.testing.assert_close(got_q, want_q, rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(k_cache, want_k, rtol=8e-3, atol=8e-3)
+    assert torch.equal(v_cache, want_v)

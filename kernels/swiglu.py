@@ -3,7 +3,9 @@
 Eager PyTorch runs it as two kernels (silu, then the product), each reading and writing the
 (tokens, ffn_dim) activations; at decode sizes each is a launch of a few microseconds. The rounding
 follows PyTorch's: silu in float32, rounded to the input dtype, then the product in float32,
-rounded again. With autograd (training) the public function is the eager expression.
+rounded again. gate and up may be column slices of one fused (tokens, 2 * ffn_dim) projection: rows
+are read through their strides, nothing is copied. With autograd (training) the public function
+is the eager expression.
 """
 from __future__ import annotations
 
@@ -16,19 +18,31 @@ from .backend import interpreting, use_triton
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
     e = tl.exp(-tl.abs(g))                    # never overflows: sigmoid from the side it is small on
     sigmoid = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     silu = (g * sigmoid).to(gate_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(rows, F) with a unit column stride, as a view when the layout allows it."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:                      # leading dims that do not flatten without a copy
+        return x.reshape(-1, x.shape[-1])
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up. gate, up: same shape and dtype. Differentiable (eager) when autograd needs it."""
+    """silu(gate) * up, (..., F) in their dtype. gate, up: same shape and dtype, any row strides
+    (e.g. the two halves of one fused projection). Differentiable (eager) when autograd needs it."""
     if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor) or gate.shape != up.shape \
             or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate and up must be tensors of one shape and dtype, got "
@@ -37,9 +51,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or not gate.is_floating_point():
         return reference.swiglu(gate, up)
-    gate_c, up_c = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate_c)
-    n = gate_c.numel()
-    block = 256 if interpreting() else 2048
-    _swiglu_kernel[(triton.cdiv(n, block),)](gate_c, up_c, out, n, BLOCK=block, num_warps=1 if interpreting() else 8)
-    return out
+    g2, u2 = _rows(gate), _rows(up)
+    R, F = g2.shape
+    out = torch.empty((R, F), dtype=gate.dtype, device=gate.device)
+    block = 256 if interpreting() else 1024
+    _swiglu_kernel[(R, triton.cdiv(F, block))](g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), F,
+                                               BLOCK=block, num_warps=1 if interpreting() else 4)
+    return out.view(gate.shape)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
@@ -138,6 +139,41 @@ class CacheStep:
     tree_mask: Optional[PackedTreeMask] = None
 
 
+def fuse_rows(*linears: nn.Linear) -> None:
+    """Store the weights of `linears` back to back in one tensor and make each weight a view of its
+    rows, so that `rows_view` can multiply by all of them in one GEMM. Values, parameters and
+    state-dict names are unchanged (an optimizer keeps its parameters); `.to()` or loading separate
+    tensors undoes it, and the model then runs the separate GEMMs again."""
+    with torch.no_grad():
+        if rows_view(*linears) is not None:   # already fused: keep the storage (captured CUDA graphs read it)
+            return
+        fused = torch.cat([lin.weight for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = fused[start:start + rows]
+            start += rows
+
+
+def rows_view(*linears: nn.Linear) -> Optional[torch.Tensor]:
+    """The (sum of out_features, in_features) weight of `linears` as one view, when `fuse_rows` laid
+    them out back to back (and nothing has moved them since); else None. Inference only: a view
+    through the first weight would send every gradient to it."""
+    if torch.is_grad_enabled():
+        return None
+    first = linears[0].weight
+    expected = first.data_ptr()
+    for lin in linears:
+        w = lin.weight
+        if w.dtype != first.dtype or w.device != first.device or not w.is_contiguous() or w.data_ptr() != expected:
+            return None
+        expected += w.numel() * w.element_size()
+    if first.untyped_storage().nbytes() < expected - first.untyped_storage().data_ptr():
+        return None
+    rows = sum(lin.weight.shape[0] for lin in linears)
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -152,9 +188,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep]) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        wqkv = rows_view(self.wq, self.wk, self.wv)
+        if wqkv is not None:  # one GEMM for q, k and v (Transformer.fuse_projections)
+            q, k, v = F.linear(x, wqkv).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if step is None:
             q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
             out = flash_attention(q, k, v, causal=True)
@@ -177,7 +218,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        w13 = rows_view(self.w1, self.w3)
+        if w13 is not None:  # one GEMM for the gate and the up projection (Transformer.fuse_projections)
+            gate, up = F.linear(x, w13).split([self.w1.out_features, self.w3.out_features], -1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -228,6 +274,15 @@ class Transformer(nn.Module):
 
     def blocks(self) -> list:
         return [*self.layers, *self.extra_heads]
+
+    def fuse_projections(self) -> None:
+        """Lay out each block's wq/wk/wv and w1/w3 weights back to back, so that inference
+        (no autograd) runs one GEMM for q, k, v and one for the gate and up projections: on a
+        GPU decode step, 4 projection GEMMs per block instead of 7. Values are unchanged; `.to()`
+        undoes it (call again after). The Generator calls it."""
+        for block in self.blocks():
+            fuse_rows(block.attention.wq, block.attention.wk, block.attention.wv)
+            fuse_rows(block.feed_forward.w1, block.feed_forward.w3)
 
     # ---------------------------------------------------------------- caches
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:

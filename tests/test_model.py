@@ -160,6 +160,48 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path):
     per_step = {"embedding", "index", "arange", "full", "stack", "_to_copy"}   # once per forward, not per block
     elementwise = {op: n for op, n in eager.ops.items() if op != "mm" and op not in per_step}
     assert elementwise == {"add": blocks + 1}, elementwise   # a residual add per block; the step's slots
+    # With the projections fused (what the Generator does), 4 GEMMs per block.
+    model.fuse_projections()
+    fused = EagerOps()
+    with torch.no_grad(), fused:
+        model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
+    assert fused.ops["mm"] == 4 * blocks, fused.ops
+
+
+def test_fused_projections_change_no_value_and_no_gradient(tmp_path):
+    """fuse_projections lays wq/wk/wv and w1/w3 out back to back: inference then runs one GEMM for
+    each group; parameters, state dict, outputs, gradients and optimizer steps stay those of the
+    separate weights, and a dtype cast simply returns to separate GEMMs."""
+    from mtp_engine.model import rows_view
+
+    ref, ours = _pair("gqa_4heads", tmp_path)
+    _, plain = _pair("gqa_4heads", tmp_path)
+    params_before = {name: id(p) for name, p in ours.named_parameters()}
+    ours.fuse_projections()
+    block = ours.layers[0]
+    assert {name: id(p) for name, p in ours.named_parameters()} == params_before
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
+    tokens = _tokens(ours.vocab_size, 2, 9, seed=4)
+    with torch.no_grad():
+        assert rows_view(block.attention.wq, block.attention.wk, block.attention.wv) is not None
+        assert rows_view(block.feed_forward.w1, block.feed_forward.w3) is not None
+        _close(ours(tokens, 0, return_all_heads=True), plain(tokens, 0, return_all_heads=True))
+    # Training: autograd takes the separate weights (a view through wq would send every gradient to it).
+    assert rows_view(block.attention.wq, block.attention.wk, block.attention.wv) is None
+    for model in (ours, plain):
+        model(tokens, 0, return_all_heads=True).square().mean().backward()
+    for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    opt.step()
+    with torch.no_grad():
+        assert rows_view(block.attention.wq, block.attention.wk, block.attention.wv) is not None  # still fused
+        ours.fuse_projections()                                   # idempotent: the same storage
+        assert rows_view(block.feed_forward.w1, block.feed_forward.w3).data_ptr() == block.feed_forward.w1.weight.data_ptr()
+    ours.double()
+    with torch.no_grad():
+        assert rows_view(block.attention.wq, block.attention.wk, block.attention.wv) is None  # moved apart
+        assert ours(tokens, 0).dtype == torch.float32
 
 
 def test_per_sequence_positions_match_each_sequence_alone(tmp_path):

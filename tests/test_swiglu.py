@@ -19,6 +19,12 @@ def test_kernel_matches_reference(triton_backend, dtype, shape):
     torch.testing.assert_close(out.double(), exact, rtol=1e-2 if dtype == torch.float16 else 1e-6, atol=1e-3)
 
 
+def test_halves_of_one_fused_projection_are_read_in_place(triton_backend):
+    fused = torch.randn(2, 3, 2 * 37)
+    gate, up = fused[..., :37], fused[..., 37:]          # row stride 74, not 37
+    torch.testing.assert_close(swiglu(gate, up), reference.swiglu(gate, up), rtol=1e-6, atol=1e-6)
+
+
 def test_extreme_gates_give_no_nan(triton_backend):
     gate = torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4])
     out = swiglu(gate, torch.ones(5))

@@ -406,6 +406,24 @@ def test_gpu_bit_identical_gradients_and_bounded_memory(accum_dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_autocast_float32_weights_train_in_bf16():
+    """The usual mixed-precision setup: float32 master weights under torch.autocast. The GEMMs run in
+    bf16 (as a Linear's would), gradients come back float32, close to the float64 oracle."""
+    n, N, D, V = 4, 1000, 512, 32001
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.float32)
+    h, w, t = hidden.cuda().requires_grad_(), weight.cuda().requires_grad_(), targets.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, t, max_scratch_bytes=32 * 1024 * 1024)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    h64, w64 = hidden.double().cuda().requires_grad_(), weight.double().cuda().requires_grad_()
+    naive_loss(h64, w64, t).backward()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(loss, naive_loss(h64.detach(), w64.detach(), t)) < 2e-2
+    assert rel(h.grad, h64.grad) < 2e-2 and rel(w.grad, w64.grad) < 2e-2
+
+
+@pytest.mark.gpu
 def test_gpu_add_matmul_rounds_once():
     """On CUDA the float32 accumulator takes cuBLAS's float32 result directly (torch's out_dtype
     GEMM); where torch lacks it, the generic path must still be within one bf16 rounding per product."""

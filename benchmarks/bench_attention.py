@@ -165,12 +165,26 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_x_floor": _ratio(fwd, fwd_flops / (matmul_tflops * 1e9)),
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
             })
+        ours = next(r for r in rows[-3:] if r["impl"] == "ours")
+        ours["tuned_configs"] = _tuned_configs(attention)
         sdpa = next(r for r in rows[-3:] if r["impl"] == "sdpa")
         for r in rows[-3:]:
             r["fwd_vs_sdpa"] = _ratio(r["fwd_tflops"], sdpa["fwd_tflops"])
             r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
         del q, k, v, dout
     return rows
+
+
+def _tuned_configs(attention) -> dict:
+    """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next)."""
+    picks = {}
+    for which in ("fwd", "dkdv", "dq"):
+        try:
+            best = getattr(attention._tuned(which), "best_config", None)
+        except Exception:  # an older checkout without the autotuned variants
+            best = None
+        picks[which] = None if best is None else str(best)
+    return picks
 
 
 def _tree_mask(n: int, device) -> torch.Tensor:

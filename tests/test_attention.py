@@ -115,6 +115,15 @@ def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T
     torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_forward_without_the_folded_scale(triton_backend, monkeypatch, causal):
+    # The GPU autotuner may pick the forward that scales the scores before the softmax step.
+    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False))
+    q, k, v = _qkv(1, 37, 4, 2, 48, seed=9)
+    out = flash_attention(q, k, v, causal=causal, sm_scale=0.3)
+    torch.testing.assert_close(out.double(), _sdpa_float64(q, k, v, causal, 0.3), rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("D", [32, 24])
 def test_flash_attention_strided_views_and_custom_scale(triton_backend, D):
     # q, k, v as views of one fused projection (head stride != D) and a last-dim-transposed q.

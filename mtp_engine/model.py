@@ -234,11 +234,20 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None) -> torch.Tensor:
-        # h = x + attention(...) and ffn_norm(h) in one pass on a GPU when no gradient is needed.
-        h, normed = add_rms_norm(x, self.attention(self.attention_norm(x), freqs_cis, step), self.ffn_norm.weight,
-                                 self.ffn_norm.eps)
-        return h + self.feed_forward(normed)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None,
+                delta: Optional[torch.Tensor] = None, unadded: bool = False):
+        """The block on the input x + delta (delta None: x). Returns its output, or with unadded=True
+        a pair (h, delta') whose sum is the output: the last residual add is then left to the next
+        norm, which does it in the same pass (add_rms_norm: one kernel on a GPU without autograd), as
+        the add before ffn_norm is. (Blocks are called, not their methods, so that module hooks,
+        FSDP's among them, run.)"""
+        if delta is None:
+            normed = self.attention_norm(x)
+        else:
+            x, normed = add_rms_norm(x, delta, self.attention_norm.weight, self.attention_norm.eps)
+        x, normed = add_rms_norm(x, self.attention(normed, freqs_cis, step), self.ffn_norm.weight, self.ffn_norm.eps)
+        out = self.feed_forward(normed)
+        return (x, out) if unadded else x + out
 
 
 class Transformer(nn.Module):
@@ -318,15 +327,23 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward passes
     def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
         """Trunk once, then the first `n_heads` heads. Returns normed hidden (B, T, n_heads, D)."""
-        h = self._trunk(tokens, freqs_cis, step)
-        latents = [head(h, freqs_cis, step) for head in self.heads[:n_heads]]
-        return self.norm(torch.stack(latents, dim=-2))
+        h, delta = self._trunk_parts(tokens, freqs_cis, step)
+        normed = []
+        for head in self.heads[:n_heads]:
+            h_i, delta_i = head(h, freqs_cis, step, delta=delta, unadded=True)
+            normed.append(add_rms_norm(h_i, delta_i, self.norm.weight, self.norm.eps)[1])
+        return torch.stack(normed, dim=-2)
+
+    def _trunk_parts(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None):
+        """The trunk's output as (h, delta), h + delta unadded (see TransformerBlock.forward)."""
+        h, delta = self.tok_embeddings(tokens), None
+        for layer in self.trunk:
+            h, delta = layer(h, freqs_cis, step, delta=delta, unadded=True)
+        return h, delta
 
     def _trunk(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None):
-        h = self.tok_embeddings(tokens)
-        for layer in self.trunk:
-            h = layer(h, freqs_cis, step)
-        return h
+        h, delta = self._trunk_parts(tokens, freqs_cis, step)
+        return h if delta is None else h + delta
 
     def trunk_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Trunk output (B, T, D) of a plain causal forward: the input of every head block.

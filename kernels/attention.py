@@ -791,7 +791,11 @@ def _kernel_supports(q: torch.Tensor) -> bool:
 
 
 def _default_scale(sm_scale, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not float(sm_scale) > 0:  # the FOLD_SCALE forward takes max(q.k) before scaling: a positive scale
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    return float(sm_scale)
 
 
 def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:

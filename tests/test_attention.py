@@ -348,6 +348,15 @@ def test_kv_cache_attention_rejects_bad_input(case):
         kv_cache_attention(*args)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_non_positive_softmax_scale_is_rejected(scale):
+    q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 3, 10, [2, 7], seed=16)
+    with pytest.raises(ValueError, match="sm_scale must be > 0"):
+        kv_cache_attention(q, k_cache, v_cache, seqlens, sm_scale=scale)
+    with pytest.raises(ValueError, match="sm_scale must be > 0"):
+        flash_attention(q, k_cache[:, :3], v_cache[:, :3], sm_scale=scale)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU (bf16 at realistic sizes)
 # --------------------------------------------------------------------------------------------

@@ -93,28 +93,39 @@ def main() -> None:
 
     from common import device_slug, environment_info, markdown_table, write_json, write_markdown
 
+    env = environment_info(args.device)
+    slug = device_slug(args.device)
+
+    def save(rows, records):  # after each model size: a run cut off by its time limit keeps the rest
+        write_json(os.path.join(args.out, f"head_schedule_{slug}.json"), {"env": env, "results": records})
+        table = markdown_table(["model", "tokens", "params", "batched peak MiB", "sequential peak MiB",
+                                "sequential / batched", "batched step s", "sequential step s"], rows)
+        write_markdown(os.path.join(args.out, f"head_schedule_{slug}.md"),
+                       f"# Training step memory: all heads vs sequential heads ({env['device']}, {env['date_utc']})\n\n"
+                       f"{table}\n\nPeak above the memory held before the step (model, AdamW state, inputs); "
+                       f"{'CUDA allocator peak' if args.device == 'cuda' else 'CPU peak resident set, coarse'}.\n")
+
     rows, records = [], []
     for name, fields, batch, seq_len in CONFIGS["cuda" if args.device == "cuda" else "cpu"]:
         result = {}
         for schedule in ("batched", "sequential"):
             spec = dict(schedule=schedule, fields=fields, batch=batch, seq_len=seq_len, device=args.device)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, check=True)
+                                  text=True)
+            if proc.returncode != 0:  # one failed size (out of memory, say) is recorded, not fatal
+                result[schedule] = {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
+                continue
             result[schedule] = json.loads(proc.stdout.strip().splitlines()[-1])
+        records.append({"config": name, "batch": batch, "seq_len": seq_len, **result})
         b, s = result["batched"], result["sequential"]
-        records.append({"config": name, "batch": batch, "seq_len": seq_len, **{k: result[k] for k in result}})
+        if "error" in b or "error" in s:
+            print(f"{name}: {b.get('error') or s.get('error')}", flush=True)
+            continue
         rows.append([name, f"{batch}x{seq_len}", b["params"], b["peak_mib"], s["peak_mib"],
                      s["peak_mib"] / b["peak_mib"], b["step_s"], s["step_s"]])
         print(rows[-1], flush=True)
-    env = environment_info(args.device)
-    slug = device_slug(args.device)
-    write_json(os.path.join(args.out, f"head_schedule_{slug}.json"), {"env": env, "results": records})
-    table = markdown_table(["model", "tokens", "params", "batched peak MiB", "sequential peak MiB",
-                            "sequential / batched", "batched step s", "sequential step s"], rows)
-    write_markdown(os.path.join(args.out, f"head_schedule_{slug}.md"),
-                   f"# Training step memory: all heads vs sequential heads ({env['device']}, {env['date_utc']})\n\n"
-                   f"{table}\n\nPeak above the memory held before the step (model, AdamW state, inputs); "
-                   f"{'CUDA allocator peak' if args.device == 'cuda' else 'CPU peak resident set, coarse'}.\n")
+        save(rows, records)
+    save(rows, records)
 
 
 if __name__ == "__main__":

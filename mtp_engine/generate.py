@@ -266,6 +266,7 @@ class Generator:
         cached = [len(p) for p in prompts]      # host copy of cache_seqlens for the live rows
         cache_seqlens = torch.tensor(cached, dtype=torch.int32, device=device)
         parked = [False] * len(seqs)
+        live_key, live_mask, row_ids = None, None, None
         while True:
             live = [not s.done for s in seqs]
             if not any(live):
@@ -276,7 +277,10 @@ class Generator:
                 for b in park:
                     parked[b] = True
             rows = max(b for b, alive in enumerate(live) if alive) + 1
-            live_mask = torch.tensor(live[:rows], device=device)
+            if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
+                live_key = tuple(live[:rows])
+                live_mask = torch.tensor(live_key, device=device)
+                row_ids = torch.arange(rows, device=device)
             room = min(self.max_seq_len - cached[b] for b in range(rows) if live[b])
             step_tree = tree.prefix(min(tree.size, room))
 
@@ -288,7 +292,6 @@ class Generator:
             outcome = accept_step(candidates, verifier, step_tree)
             compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens[:rows], outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
-            row_ids = torch.arange(rows, device=device)
             root = outcome.next_root
             drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, tree.top_k)
             step_lps = None

@@ -70,8 +70,8 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         model.forward_cached(torch.randint(0, model.vocab_size, (B, kv_len), device=device),
                              torch.zeros(B, dtype=torch.int32, device=device), n_heads=heads)
 
-        def plain_step():  # as Generator's plain greedy loop: decode forward, logits, argmax
-            return torch.argmax(gen._decode(tokens, seqlens), dim=-1)
+        def plain_step():  # as Generator's plain greedy loop: decode forward, then linear + argmax
+            return gen._next_tokens(gen._decode(tokens, seqlens), 0.0, 1.0, None, False)[0]
 
         row = {"batch": B, "kv_len": kv_len}
         res = common.time_and_peak(plain_step, device=device)

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mtp_kernels import compact_kv_cache
+from mtp_kernels import compact_kv_cache, linear_argmax
 from mtp_kernels.attention import PackedTreeMask
 
 from .model import Transformer
@@ -200,13 +200,12 @@ class Generator:
     def _run_plain(self, prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start):
         """One token per sequence per forward. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
-        logits = self.model.output(last_hidden[:, 0]).float()
+        hidden = last_hidden[:, 0]
         forwards = 1
         prefill_time = time.perf_counter() - start
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         while True:
-            next_tok = sample_next(logits, temperature, top_p, rng)
-            lps = token_logprobs(logits, next_tok).tolist() if logprobs else None
+            next_tok, lps = self._next_tokens(hidden, temperature, top_p, rng, logprobs)
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
                     seqs[b].forwards += 1
@@ -217,7 +216,7 @@ class Generator:
             # Rows past the last live one leave the forward (the cache is indexed by leading rows);
             # finished rows inside it re-write their first free slot, which nothing reads.
             rows = max(b for b, alive in enumerate(live) if alive) + 1
-            logits = self._decode(next_tok[:rows], cache_seqlens[:rows])
+            hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
             forwards += 1
             cache_seqlens[:rows] += torch.tensor(live[:rows], dtype=torch.int32, device=self.device)
         return forwards, prefill_time, prompt_lp
@@ -337,9 +336,19 @@ class Generator:
         return last, prompt_lp
 
     def _decode(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns (R, V) float32."""
-        hidden = self._cached_forward(tokens[:, None], cache_seqlens, None, graph=True)  # (R, 1, 1, D)
-        return self.model.output(hidden[:, 0, 0]).float()
+        """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns head 0's
+        normed hidden (R, D) at the new position."""
+        return self._cached_forward(tokens[:, None], cache_seqlens, None, graph=True)[:, 0, 0]
+
+    def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, rng, logprobs: bool):
+        """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
+        Greedy takes `linear_argmax`, the verifier's own kernel: no logits written, and plain and
+        speculative greedy choose by the same float32 scores, so they agree in bf16 too."""
+        if temperature == 0 and not logprobs:
+            return linear_argmax(hidden, self.model.output.weight), None
+        logits = self.model.output(hidden).float()
+        tokens = sample_next(logits, temperature, top_p, rng)
+        return tokens, (token_logprobs(logits, tokens).tolist() if logprobs else None)
 
     def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree],
                         graph: bool) -> torch.Tensor:

@@ -151,6 +151,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                          f"{residual.dtype} must match")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"add_rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if not (x.device == residual.device == weight.device):
+        raise ValueError(f"add_rms_norm: x ({x.device}), residual ({residual.device}) and weight ({weight.device}) "
+                         "must be on one device")
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
         h = x + residual
         return h, rms_norm(h, weight, eps)

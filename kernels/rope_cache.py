@@ -139,6 +139,9 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     if tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {tuple(slots.shape)} {slots.dtype}")
     tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"{name}: q, k, v, freqs_cis, slots and the caches must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
     unit_last = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
     if not use_triton(*tensors) or not unit_last or freqs_cis.dtype != torch.complex64 or \
             q.dtype == torch.float64 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

@@ -73,6 +73,7 @@ def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_b
     ("freqs_real", "freqs_cis must be complex"),
     ("slots", "slots must be an integer"),
     ("cache", "caches"),
+    ("device", "one device"),
 ])
 def test_bad_input_is_a_clear_error(case, match):
     q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
@@ -87,6 +88,8 @@ def test_bad_input_is_a_clear_error(case, match):
         slots = slots.float()
     elif case == "cache":
         k_cache = k_cache[..., :8]
+    elif case == "device":
+        slots = slots.to("meta")
     with pytest.raises(ValueError, match=match):
         rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
 

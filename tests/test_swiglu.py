@@ -44,6 +44,8 @@ def test_autograd_uses_the_eager_expression(triton_backend):
 def test_bad_input():
     with pytest.raises(ValueError, match="one shape and dtype"):
         swiglu(torch.randn(2, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="on meta"):
+        swiglu(torch.randn(2, 3), torch.randn(2, 3, device="meta"))
 
 
 @pytest.mark.gpu

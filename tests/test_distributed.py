@@ -6,7 +6,6 @@
 - tensor-parallel greedy generation equals single-process generation token for token.
 Each scenario runs in one spawn (module-scoped fixture) to keep process start-up to a few seconds.
 """
-import os
 
 import pytest
 import torch

@@ -370,7 +370,7 @@ def test_single_head_model_and_cuda_graph_flag():
 
 
 def test_triton_interpreter_path(triton_backend):
-    """All kernels on the Triton path under the interpreter (fp32; head_dim 16 so attention runs it too)."""
+    """All kernels on the Triton path under the interpreter (fp32), attention included."""
     model, _ = drafting_model(heads=2, seed=4, attention_heads=2)
     prompts = [[1, 2, 3], [6, 7]]
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

@@ -4,12 +4,13 @@
 
 1. Step costs on a random-weight model of the 7B_1T_4 shape (dim 4096, 28 trunk + 4 head blocks,
    32 attention heads, V 32000, bf16), KV length 1024 per sequence, batch 1, 8, 32: one plain
-   decode step (as Generator's greedy loop: cached forward of 1 token with head 0, logits,
+   decode step (as Generator's greedy loop: cached forward of 1 token with head 0, then linear +
    argmax) and one verify step over a 16- and a 64-node tree (candidates from drafts, one
    forward of all nodes with all 4
    heads, head-0 linear argmax at every node, tree_accept, KV compaction, next drafts), with
    CUDA graphs as the Generator uses them. Ratio = verify / plain: at a given tokens per
-   forward, the speedup over plain decoding is tokens_per_forward / ratio.
+   forward, the speedup over plain decoding is tokens_per_forward / ratio. Also the CUDA kernels
+   one eager decode forward launches (torch.profiler), per block: the fused inference path's budget.
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain and
    the default tree at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
    prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on the random 7B-shaped model
@@ -55,6 +56,19 @@ def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> Trans
 
 
 # ------------------------------------------------------------------------------ step costs
+def kernels_per_decode_forward(model: Transformer, tokens: torch.Tensor, seqlens: torch.Tensor):
+    """CUDA kernels (memsets and copies included) that one eager plain-decode forward launches, as
+    torch.profiler counts them; None off CUDA."""
+    if tokens.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 @torch.inference_mode()
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
     """Plain decode step and verify steps, ms (median), per batch size."""
@@ -73,7 +87,11 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         def plain_step():  # as Generator's plain greedy loop: decode forward, then linear + argmax
             return gen._next_tokens(gen._decode(tokens, seqlens), 0.0, 1.0, None, False)[0]
 
-        row = {"batch": B, "kv_len": kv_len}
+        row = {"batch": B, "kv_len": kv_len, "blocks_per_decode": len(model.trunk) + 1}
+        try:
+            row["kernels_per_decode"] = kernels_per_decode_forward(model, tokens, seqlens)
+        except Exception as exc:  # the count is a diagnostic: never lose the timings to it
+            row["kernels_per_decode"] = f"failed: {exc}"[:200]
         res = common.time_and_peak(plain_step, device=device)
         row["plain_ms"] = res.get("ms")
         row["plain_status"] = res["status"]
@@ -166,7 +184,7 @@ def to_markdown(result: dict) -> str:
     headers = ["batch", "plain step ms"]
     for T in result["tree_nodes"]:
         headers += [f"verify {T} nodes ms", f"ratio {T}"]
-    headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd (64 nodes)"]
+    headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd (64 nodes)", "kernels per decode forward"]
     rows = []
     for r in result["step_costs"]:
         row = [r["batch"], r["plain_ms"]]
@@ -174,6 +192,9 @@ def to_markdown(result: dict) -> str:
             row += [r.get(f"verify{T}_ms"), r.get(f"ratio{T}")]
         last = r.get(f"ratio{result['tree_nodes'][-1]}")
         row.append(PAPER_TOKENS_PER_FORWARD / last if last else None)
+        kernels = r.get("kernels_per_decode")
+        row.append(f"{kernels} ({kernels / r['blocks_per_decode']:.1f} per block)" if isinstance(kernels, int)
+                   else kernels if kernels else "-")
         rows.append(row)
     lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
     lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", "",

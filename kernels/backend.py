@@ -69,6 +69,13 @@ def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) as (rows, D) with a unit column stride for a row-per-program launcher: a view
+    (row strides kept, e.g. a column slice of a wider tensor) when the layout allows, else a copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def backend_name() -> str:
     name = os.environ.get("MTP_BACKEND", "auto").strip().lower() or "auto"
     if name not in _CHOICES:

@@ -11,7 +11,18 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import gpu_launch, interpreting, sm_count, use_triton
+from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
+
+
+@triton.jit
+def _norm_row(x, x_dtype: tl.constexpr, w_ptr, y_row_ptr, offs_d, mask, D, eps):
+    """Normalize one row x (float32 values of dtype x_dtype), scale by w, store it at y_row_ptr;
+    returns rstd. Shared by the plain and the residual-add forward."""
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    normed = (x * rstd).to(x_dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_row_ptr + offs_d, (normed * w).to(y_row_ptr.dtype.element_ty), mask=mask)
+    return rstd
 
 
 @triton.jit
@@ -24,11 +35,8 @@ def _rms_norm_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
     x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    rstd = _norm_row(x, x_ptr.dtype.element_ty, w_ptr, y_ptr + row * stride_y, offs_d, mask, D, eps)
     tl.store(rstd_ptr + row, rstd)
-    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs_d, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,26 +81,29 @@ def _add_rms_norm_fwd_kernel(
     r = tl.load(r_ptr + row * stride_r + offs_d, mask=mask, other=0.0).to(tl.float32)
     h = (x + r).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask)
-    hf = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
-    normed = (hf * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs_d, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    _norm_row(h.to(tl.float32), h_ptr.dtype.element_ty, w_ptr, y_ptr + row * stride_y, offs_d, mask, D, eps)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+def _row_tile(D: int):
+    """(BLOCK_D, num_warps) for one program per row of D elements."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, 1 if interpreting() else min(max(block_d // 256, 1), 16)
+
+
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: x is on {x.device} but weight is on {weight.device}")
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    x2 = _rows(x)
+    x2 = as_rows(x)
     M, D = x2.shape
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty((M, D), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    BLOCK_D = triton.next_power_of_2(D)
-    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    BLOCK_D, num_warps = _row_tile(D)
     _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
                                BLOCK_D=BLOCK_D, num_warps=num_warps)
     return y.view(*x.shape[:-1], D), x2, rstd
@@ -100,15 +111,14 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     M, D = x2.shape
-    dy2 = _rows(dy)
+    dy2 = as_rows(dy)
     dx = torch.empty_like(x2)
     # Enough programs to fill the GPU; few under the interpreter (one program runs at a time).
     target = 4 * sm_count(x2.device) if gpu_launch(x2.device) else 4
     rows_per_program = triton.cdiv(M, max(min(M, target), 1))
     n_programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((n_programs, D), dtype=torch.float32, device=x2.device)
-    BLOCK_D = triton.next_power_of_2(D)
-    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    BLOCK_D, num_warps = _row_tile(D)
     _rms_norm_bwd_kernel[(n_programs,)](
         x2, weight, dy2, rstd, dx, dw_partial,
         x2.stride(0), dy2.stride(0), dx.stride(0), M, D, rows_per_program,
@@ -133,10 +143,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim. x: (..., D) fp32/fp16/bf16; weight: (D,). Differentiable."""
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    if x.device != weight.device:
-        raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
+    _check_weight("rms_norm", x, weight)
     if not use_triton(x, weight) or x.numel() == 0:
         return reference.rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
@@ -146,25 +153,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(h, rms_norm(h, weight)) with h = x + residual, in one pass on a GPU: a transformer block's
     residual add fused with the norm that follows it. x, residual: (..., D), same shape and dtype.
     With autograd (training) it is the plain add and the differentiable `rms_norm`."""
-    if x.shape != residual.shape or x.dtype != residual.dtype:
-        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
-                         f"{residual.dtype} must match")
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
-        raise ValueError(f"add_rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    if not (x.device == residual.device == weight.device):
-        raise ValueError(f"add_rms_norm: x ({x.device}), residual ({residual.device}) and weight ({weight.device}) "
-                         "must be on one device")
+    if x.shape != residual.shape or x.dtype != residual.dtype or x.device != residual.device:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} {x.device} and residual "
+                         f"{tuple(residual.shape)} {residual.dtype} {residual.device} must match")
+    _check_weight("add_rms_norm", x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
         h = x + residual
         return h, rms_norm(h, weight, eps)
     if not use_triton(x, residual, weight) or x.numel() == 0:
         return reference.add_rms_norm(x, residual, weight, eps)
-    x2, r2 = _rows(x), _rows(residual)
+    x2, r2 = as_rows(x), as_rows(residual)
     M, D = x2.shape
     h = torch.empty((M, D), dtype=x.dtype, device=x.device)
     y = torch.empty((M, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    BLOCK_D = triton.next_power_of_2(D)
-    num_warps = 1 if interpreting() else min(max(BLOCK_D // 256, 1), 16)
+    BLOCK_D, num_warps = _row_tile(D)
     _add_rms_norm_fwd_kernel[(M,)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
                                    D, eps, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return h.view(x.shape), y.view(x.shape)

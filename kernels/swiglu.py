@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import as_rows, interpreting, use_triton
 
 
 @triton.jit
@@ -30,16 +30,6 @@ def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out
     tl.store(out_ptr + row * stride_out + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(rows, F) with a unit column stride, as a view when the layout allows it."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:                      # leading dims that do not flatten without a copy
-        return x.reshape(-1, x.shape[-1])
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, (..., F) in their dtype. gate, up: same shape and dtype, any row strides
     (e.g. the two halves of one fused projection). Differentiable (eager) when autograd needs it."""
@@ -53,7 +43,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or not gate.is_floating_point():
         return reference.swiglu(gate, up)
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     R, F = g2.shape
     out = torch.empty((R, F), dtype=gate.dtype, device=gate.device)
     block = 256 if interpreting() else 1024

@@ -179,10 +179,7 @@ def _tuned_configs(attention) -> dict:
     """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next)."""
     picks = {}
     for which in ("fwd", "dkdv", "dq"):
-        try:
-            best = getattr(attention._tuned(which), "best_config", None)
-        except Exception:  # an older checkout without the autotuned variants
-            best = None
+        best = getattr(attention._tuned(which), "best_config", None)   # None until a GPU run tuned it
         picks[which] = None if best is None else str(best)
     return picks
 

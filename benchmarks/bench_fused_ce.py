@@ -255,11 +255,9 @@ def _ours_fn():
 def ours(device: torch.device, scratch_mib: Optional[int] = None, accum_dtype=torch.float32) -> LossFn:
     fused = _ours_fn()
     budget = None if scratch_mib is None else scratch_mib * common.MIB
-    # A checkout older than the accum_dtype option (dW summed in the weight's dtype) still runs.
-    extra = {"accum_dtype": accum_dtype} if "accum_dtype" in inspect.signature(fused).parameters else {}
-
     def loss_fn(hidden, weight, targets):
-        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX, max_scratch_bytes=budget, **extra)
+        return fused(hidden, weight, targets, ignore_index=IGNORE_INDEX, max_scratch_bytes=budget,
+                     accum_dtype=accum_dtype)
 
     return loss_fn
 

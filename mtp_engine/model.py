@@ -328,11 +328,13 @@ class Transformer(nn.Module):
     def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
         """Trunk once, then the first `n_heads` heads. Returns normed hidden (B, T, n_heads, D)."""
         h, delta = self._trunk_parts(tokens, freqs_cis, step)
-        normed = []
-        for head in self.heads[:n_heads]:
-            h_i, delta_i = head(h, freqs_cis, step, delta=delta, unadded=True)
-            normed.append(add_rms_norm(h_i, delta_i, self.norm.weight, self.norm.eps)[1])
-        return torch.stack(normed, dim=-2)
+        parts = [head(h, freqs_cis, step, delta=delta, unadded=True) for head in self.heads[:n_heads]]
+        # One add + final norm over all heads (a plain decode step's single head needs no stack).
+        if len(parts) == 1:
+            hs, deltas = parts[0][0].unsqueeze(-2), parts[0][1].unsqueeze(-2)
+        else:
+            hs, deltas = (torch.stack([part[i] for part in parts], dim=-2) for i in (0, 1))
+        return add_rms_norm(hs, deltas, self.norm.weight, self.norm.eps)[1]
 
     def _trunk_parts(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None):
         """The trunk's output as (h, delta), h + delta unadded (see TransformerBlock.forward)."""

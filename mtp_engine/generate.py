@@ -204,6 +204,7 @@ class Generator:
         forwards = 1
         prefill_time = time.perf_counter() - start
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
+        live_key, advance = None, None
         while True:
             next_tok, lps = self._next_tokens(hidden, temperature, top_p, rng, logprobs)
             for b, tok in enumerate(next_tok.tolist()):
@@ -218,7 +219,10 @@ class Generator:
             rows = max(b for b, alive in enumerate(live) if alive) + 1
             hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
             forwards += 1
-            cache_seqlens[:rows] += torch.tensor(live[:rows], dtype=torch.int32, device=self.device)
+            if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
+                live_key = tuple(live[:rows])
+                advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
+            cache_seqlens[:rows] += advance
         return forwards, prefill_time, prompt_lp
 
     # ------------------------------------------------------------------ self-speculative decoding

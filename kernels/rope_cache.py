@@ -2,9 +2,9 @@
 
 Between the q/k/v projections and attention, the eager path rotates q and k (a float32 copy, a
 complex multiply and a cast back, for each) and scatters k and v into the caches: about eight
-small kernels per layer, each a few microseconds at decode sizes, beside the projections' hundred
-or so on a 7B layer. Here three programs per new token do it all, in parallel: one rotates the
-token's q heads into the output, one its k heads into the cache slot, one copies its v heads there.
+small kernels per layer, each a separate launch beside the layer's projections. Here three
+programs per new token do it all, in parallel: one rotates the token's q heads into the output,
+one its k heads into the cache slot, one copies its v heads there.
 
 Meta's interleaved form: the pairs (x[2i], x[2i+1]) of a head are rotated by the angle of
 freqs_cis[..., i], in float32, then cast back (what `reference.apply_rotary` does).

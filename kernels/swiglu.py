@@ -1,7 +1,7 @@
 """SwiGLU, the feed-forward's gate silu(gate) * up, in one Triton pass (inference).
 
 Eager PyTorch runs it as two kernels (silu, then the product), each reading and writing the
-(tokens, ffn_dim) activations; at decode sizes each is a launch of a few microseconds. The rounding
+(tokens, ffn_dim) activations, each a separate launch. The rounding
 follows PyTorch's: silu in float32, rounded to the input dtype, then the product in float32,
 rounded again. gate and up may be column slices of one fused (tokens, 2 * ffn_dim) projection: rows
 are read through their strides, nothing is copied. With autograd (training) the public function

@@ -347,7 +347,7 @@ class Generator:
     def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, rng, logprobs: bool):
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
         Greedy takes `linear_argmax`, the verifier's own kernel: no logits written, and plain and
-        speculative greedy choose by the same float32 scores, so they agree in bf16 too."""
+        speculative greedy choose by the same float32 scores: a bf16 near-tie cannot split them."""
         if temperature == 0 and not logprobs:
             return linear_argmax(hidden, self.model.output.weight), None
         logits = self.model.output(hidden).float()

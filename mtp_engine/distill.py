@@ -163,7 +163,7 @@ def _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_
             order = torch.randperm(P, generator=g)
             idx = torch.cat([idx, order[:cfg.batch_size - idx.numel()]])
         idx = idx.to(device)
-        hidden = torch.stack([model.norm(head(trunk_out[idx], freqs, None)) for head in model.extra_heads])
+        hidden = model.norm(torch.stack([head(trunk_out[idx], freqs, None) for head in model.extra_heads]))
         loss, per_head = fused_linear_cross_entropy(hidden.reshape(n_extra, -1, hidden.shape[-1]), weight,
                                                     targets[:, idx].reshape(n_extra, -1),
                                                     return_per_head=True)

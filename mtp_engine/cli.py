@@ -73,36 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="with --random-weights: keep its tokenizer and checkpoint here")
     demo.set_defaults(run=run_demo)
 
-    from .train import add_arguments as add_train_arguments
+    from . import distill, evaluate, train
 
-    train = sub.add_parser(
-        "train", help="train an MTP model on a folder of source files (default: Python's standard library)",
-        description="Train a tokenizer and an n-head MTP model on a folder of text/source files; checkpoints in "
-                    "Meta's layout, resumable. Every TrainConfig field is a flag; --preset picks the starting values.",
-        epilog="examples:\n  mtp train --preset tiny --out-dir runs/tiny\n"
-               "  mtp train --preset default --out-dir runs/gpu --max-steps 3000\n"
-               "  torchrun --nproc_per_node 8 -m mtp_engine train --distributed fsdp --out-dir runs/big",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(train)
-    train.set_defaults(run=run_train)
-
-    from .evaluate import add_arguments as add_eval_arguments
-
-    evaluate = sub.add_parser(
-        "eval", help="per-head held-out loss/accuracy and self-speculative tokens per forward, as a table",
-        description="Evaluate a checkpoint on held-out files: per-head loss and top-1 accuracy, and greedy "
-                    "self-speculative tokens per forward (chain and tree) on held-out prompts.")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=run_eval)
-
-    from .distill import add_arguments as add_distill_arguments
-
-    distill = sub.add_parser(
-        "distill", help="self-distill the drafting heads on the model's own greedy text (trunk and head 0 frozen)",
-        description="Continue training-split prompts greedily with the model, then train only heads 1..n-1 to "
-                    "predict those continuations: more accepted drafts, the same next-token model.")
-    add_distill_arguments(distill)
-    distill.set_defaults(run=run_distill)
+    # Commands whose module brings its own flags (`add_arguments`) and entry point (`run`).
+    for module, name, kwargs in (
+        (train, "train", dict(
+            help="train an MTP model on a folder of source files (default: Python's standard library)",
+            description="Train a tokenizer and an n-head MTP model on a folder of text/source files; checkpoints "
+                        "in Meta's layout, resumable. Every TrainConfig field is a flag; --preset picks the "
+                        "starting values.",
+            epilog="examples:\n  mtp train --preset tiny --out-dir runs/tiny\n"
+                   "  mtp train --preset default --out-dir runs/gpu --max-steps 3000\n"
+                   "  torchrun --nproc_per_node 8 -m mtp_engine train --distributed fsdp --out-dir runs/big",
+            formatter_class=argparse.RawDescriptionHelpFormatter)),
+        (evaluate, "eval", dict(
+            help="per-head held-out loss/accuracy and self-speculative tokens per forward, as a table",
+            description="Evaluate a checkpoint on held-out files: per-head loss and top-1 accuracy, and greedy "
+                        "self-speculative tokens per forward (chain and tree) on held-out prompts.")),
+        (distill, "distill", dict(
+            help="self-distill the drafting heads on the model's own greedy text (trunk and head 0 frozen)",
+            description="Continue training-split prompts greedily with the model, then train only heads 1..n-1 "
+                        "to predict those continuations: more accepted drafts, the same next-token model.")),
+    ):
+        command = sub.add_parser(name, **kwargs)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
     return parser
 
 
@@ -158,24 +153,6 @@ def run_demo(args: argparse.Namespace) -> int:
             raise ValueError("--out only applies with --random-weights")
         demo.run_trained_demo(args.ckpt_dir, args.max_gen_len, args.prompt or demo.DEMO_PROMPT)
     return 0
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from .train import run
-
-    return run(args)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run
-
-    return run(args)
-
-
-def run_distill(args: argparse.Namespace) -> int:
-    from .distill import run
-
-    return run(args)
 
 
 def format_stats(stats: dict) -> str:

@@ -46,7 +46,9 @@ run_stage() {  # name, timeout seconds, command...
 for s in "${stages[@]}"; do
   case $s in
     env) run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-    tests) run_stage tests 300 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
+    tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
+           workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
+           run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;

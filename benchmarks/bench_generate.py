@@ -58,7 +58,7 @@ def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> Trans
 # ------------------------------------------------------------------------------ step costs
 def kernels_per_decode_forward(model: Transformer, tokens: torch.Tensor, seqlens: torch.Tensor):
     """CUDA kernels (memsets and copies included) that one eager plain-decode forward launches, as
-    torch.profiler counts them; None off CUDA."""
+    torch.profiler counts them, and the count per kernel name; None off CUDA."""
     if tokens.device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -66,12 +66,26 @@ def kernels_per_decode_forward(model: Transformer, tokens: torch.Tensor, seqlens
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = {e.key: e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return sum(kernels.values()), dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+
+
+def decode_bytes(model: Transformer, batch: int, kv_len: int) -> int:
+    """Bytes a plain decode step must read at least: the weights of `layers` (trunk + head 0), the
+    final norm and the unembedding, plus every sequence's K and V cache in those blocks."""
+    weights = sum(p.numel() * p.element_size() for m in (model.layers, model.norm, model.output)
+                  for p in m.parameters())
+    cache = 2 * len(model.layers) * batch * kv_len * model.k_cache.shape[-2] * model.k_cache.shape[-1] \
+        * model.k_cache.element_size()
+    return weights + cache
 
 
 @torch.inference_mode()
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
-    """Plain decode step and verify steps, ms (median), per batch size."""
+    """Plain decode step and verify steps, ms (median), per batch size; the plain step also as a
+    ratio to its bytes floor (decode_bytes over the copy bandwidth measured now, read + write
+    counted, so reading alone is held to the same rate)."""
+    copy_gbps = common.measure_ceilings(device)["copy_gbps"]
     rows = []
     heads = model.n_future_tokens
     trees = {T: TokenTree.from_paths(build_tree(prior_rates(heads), T - 1), heads).on(device) for T in tree_nodes}
@@ -89,12 +103,18 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
 
         row = {"batch": B, "kv_len": kv_len, "blocks_per_decode": len(model.trunk) + 1}
         try:
-            row["kernels_per_decode"] = kernels_per_decode_forward(model, tokens, seqlens)
+            counted = kernels_per_decode_forward(model, tokens, seqlens)
+            if counted is not None:  # the names say which op launched more than one kernel (cuBLAS split-K, ...)
+                row["kernels_per_decode"], row["decode_kernel_names"] = counted
         except Exception as exc:  # the count is a diagnostic: never lose the timings to it
             row["kernels_per_decode"] = f"failed: {exc}"[:200]
         res = common.time_and_peak(plain_step, device=device)
         row["plain_ms"] = res.get("ms")
         row["plain_status"] = res["status"]
+        row["copy_gbps"] = copy_gbps
+        row["plain_floor_ms"] = decode_bytes(model, B, kv_len) / (copy_gbps * 1e6)
+        if row["plain_ms"]:
+            row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
         for T, tree in trees.items():
             drafts = torch.randint(0, model.vocab_size, (B, heads - 1, tree.top_k), device=device)
             lengths = seqlens.clone()
@@ -181,13 +201,13 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Self-speculative generation on {result['env']['device']}", "",
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
              f"CUDA graphs: {result['cuda_graphs']}; attention: {result['step_attention']}.", ""]
-    headers = ["batch", "plain step ms"]
+    headers = ["batch", "plain step ms", "bytes floor ms", "x floor"]
     for T in result["tree_nodes"]:
         headers += [f"verify {T} nodes ms", f"ratio {T}"]
     headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd (64 nodes)", "kernels per decode forward"]
     rows = []
     for r in result["step_costs"]:
-        row = [r["batch"], r["plain_ms"]]
+        row = [r["batch"], r["plain_ms"], r.get("plain_floor_ms"), r.get("plain_x_floor")]
         for T in result["tree_nodes"]:
             row += [r.get(f"verify{T}_ms"), r.get(f"ratio{T}")]
         last = r.get(f"ratio{result['tree_nodes'][-1]}")

@@ -183,10 +183,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     "sum": sum_i lambda_i * sum_t; "none": (n, N) (or (N,)) per-token losses times lambda_i, 0 where
     ignored. head_weights: lambda_i, default 1. z_loss adds z_loss * lse^2 per token; softcap
     applies softcap * tanh(logits / softcap). Scratch memory is at most `max_scratch_bytes`
-    (default 256 MiB) of logits at a time, whatever N is. accum_dtype: what weight's gradient sums
+    (default 256 MiB) of logits at a time, whatever N is; with the float32 dW accumulator, at most
+    the size of dW itself (V x D in weight's dtype, which its final cast allocates once the scratch
+    is freed, so the peak does not grow) when that is larger. accum_dtype: what weight's gradient sums
     the row chunks in before its one cast to weight's dtype; the float32 default costs V * D * 4
-    bytes beyond the gradient for 16-bit weights (none when one chunk holds every row), None sums
-    in weight's own dtype (lighter, one rounding per chunk). With return_per_head=True, returns
+    bytes beyond the gradient for 16-bit weights (none when one chunk holds every row; float64
+    inputs keep float64), None sums in weight's own dtype (lighter, one rounding per chunk). With return_per_head=True, returns
     (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on

@@ -68,7 +68,13 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     d_weight = None
     if M == 0:
         return loss, d_rows, (torch.zeros_like(weight) if grad_weight else None)
-    chunk = rows_per_chunk(M, V, weight.element_size(), max_scratch_bytes)
+    budget = max_scratch_bytes
+    if grad_weight and opts.accum_dtype is not None:
+        # dW's final cast (`cast_grad`) allocates V x D in weight's dtype after the scratch is freed,
+        # so a scratch up to that size leaves the peak unchanged, and fewer chunks mean fewer
+        # read-modify-writes of the float32 accumulator (at V=128256, D=4096: 8 instead of 32).
+        budget = max(budget, V * D * weight.element_size())
+    chunk = rows_per_chunk(M, V, weight.element_size(), budget)
     scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
     w_t = weight.t()
     single_chunk = chunk >= M
@@ -121,6 +127,8 @@ def to_compute_dtype(rows: torch.Tensor, weight: torch.Tensor, accum_dtype: Opti
     autocast sum straight into their float32 gradient). accum is None when it is the compute dtype."""
     compute = autocast_dtype(rows, weight) or weight.dtype
     accum = weight.dtype if accum_dtype is None else accum_dtype
+    if accum == torch.float32 and compute == torch.float64:
+        accum = compute  # float32 (the default) means "at least float32": float64 stays float64
     if accum != compute and (accum not in (torch.float32, torch.float64) or accum.itemsize < compute.itemsize):
         raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as the {compute} the "
                          f"matmuls run in (weight {weight.dtype}), got {accum_dtype}")

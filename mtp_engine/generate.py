@@ -86,7 +86,8 @@ class SequenceState:
 class Generator:
     """Plain and self-speculative batched generation with a Transformer's static KV cache.
 
-    Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len).
+    Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len); the first
+    speculative call grows it by the tree's size - 1 slots (see _ensure_caches).
     cuda_graphs: replay the cached forwards of decode and verify steps as CUDA graphs, one per
     batch-size bucket and step shape (`CUDAGraphForward`); None means on for a CUDA model, off
     otherwise. Replay runs the captured kernels on the same inputs; the only difference from eager
@@ -108,6 +109,7 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
         self._graphs: Optional[CUDAGraphForward] = None
+        self._cache_len = max_seq_len   # grows by a verify tree's size on the first speculative call
         model.fuse_projections()  # one GEMM for q/k/v and one for w1/w3 in every step (values unchanged)
         model.setup_caches(max_batch_size, max_seq_len)
 
@@ -146,7 +148,7 @@ class Generator:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens)
         eos_id = self._resolve_eos(eos_id)
-        self._ensure_caches()
+        self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
 
         seqs = []
         for p in prompts:
@@ -244,9 +246,9 @@ class Generator:
         rows inside it are parked at cache length 0 (their nodes are computed and ignored, their
         compaction length is 0), so they never write outside the cache.
 
-        Cache room: every node of a live row needs a slot, so a step takes the first
-        min(T, smallest room of a live row) nodes of the tree (a valid subtree: parents come first);
-        near the end of the cache that shrinks to the root alone, i.e. a plain decode step.
+        Cache room: every node of a live row needs a slot, also past max_seq_len for the nodes that
+        cannot be accepted there; _ensure_caches keeps T - 1 slots beyond max_seq_len for them, so
+        every step verifies the whole tree (one shape: one CUDA graph, one set of kernel tunings).
 
         Returns (forwards, prefill_time, prompt_logprobs, extra stats).
         """
@@ -284,15 +286,12 @@ class Generator:
                 live_key = tuple(live[:rows])
                 live_mask = torch.tensor(live_key, device=device)
                 row_ids = torch.arange(rows, device=device)
-            room = min(self.max_seq_len - cached[b] for b in range(rows) if live[b])
-            step_tree = tree.prefix(min(tree.size, room))
 
-            candidates = build_candidates(root[:rows], drafts[:rows], step_tree)           # (rows, T)
-            hidden = self._cached_forward(candidates, cache_seqlens[:rows], step_tree,
-                                          graph=step_tree is tree)                          # (rows, T, heads, D)
+            candidates = build_candidates(root[:rows], drafts[:rows], tree)                # (rows, T)
+            hidden = self._cached_forward(candidates, cache_seqlens[:rows], tree, graph=True)  # (rows, T, heads, D)
             forwards += 1
             verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)      # (rows, T)
-            outcome = accept_step(candidates, verifier, step_tree)
+            outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens[:rows], outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
             root = outcome.next_root
@@ -315,7 +314,7 @@ class Generator:
                         break
                     seq.accept(emitted[j], eos_id, step_lps[b][j] if step_lps else None)
                 cached[b] += accept_len
-                counters.add(step_tree.max_depth, accept_len - 1)
+                counters.add(tree.max_depth, accept_len - 1)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
     # ------------------------------------------------------------------ steps
@@ -410,10 +409,16 @@ class Generator:
                              f"{self.model.vocab_size} tokens")
         return token_tree
 
-    def _ensure_caches(self) -> None:
+    def _ensure_caches(self, tree_size: int = 1) -> None:
+        """The cache holds max_seq_len tokens and, once a speculative call has asked, tree_size - 1
+        more slots: a live row has at most max_seq_len - 2 tokens cached, so a verify step's whole
+        tree always fits. (A tree cut to the room left would be a new shape per step near the end:
+        eager, or a new graph and kernel tunings each time.)"""
+        self._cache_len = max(self._cache_len, self.max_seq_len + tree_size - 1)
         # Another Generator on the same model may have re-sized its caches since construction.
-        if self.model.cache_batch != self.max_batch_size or self.model.cache_len != self.max_seq_len:
-            self.model.setup_caches(self.max_batch_size, self.max_seq_len)
+        if self.model.cache_batch != self.max_batch_size or self.model.cache_len != self._cache_len:
+            with torch.inference_mode(False):  # normal tensors: the model's own forwards write them too
+                self.model.setup_caches(self.max_batch_size, self._cache_len)
 
     def _resolve_eos(self, eos_id: Optional[int]) -> Optional[int]:
         if eos_id is None and self.tokenizer is not None:
@@ -531,10 +536,12 @@ class CUDAGraphForward:
         """tokens (R, T) int64, cache_seqlens (R,) int32 in range. Returns hidden (R, T, n_heads, D),
         a view of the graph's output buffer, valid until the next call of the same shape."""
         model = self.model
-        # A graph holds raw addresses: of the caches, and of the rotary table and weights it read.
-        # New caches, a grown rotary table (_grow_rope) or moved weights (model.to) mean new graphs.
-        ptrs = (model.k_cache.data_ptr(), model.v_cache.data_ptr(), model._rope(tokens.device).data_ptr(),
-                model.tok_embeddings.weight.data_ptr(), model.output.weight.data_ptr())
+        # A graph holds raw addresses and strides: of the caches, and of the rotary table and weights
+        # it read. New caches (a re-sized one may reuse the old address), a grown rotary table
+        # (_grow_rope) or moved weights (model.to) mean new graphs.
+        ptrs = (model.k_cache.shape, model.k_cache.data_ptr(), model.v_cache.data_ptr(),
+                model._rope(tokens.device).data_ptr(), model.tok_embeddings.weight.data_ptr(),
+                model.output.weight.data_ptr())
         if ptrs != self._captured_ptrs:
             self._graphs.clear()
             self._pool = None

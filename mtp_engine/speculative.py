@@ -270,8 +270,7 @@ class TokenTree:
     parents (T,) int64 (parents[0] = -1); depths (T,) int64; tree_mask (T, T) bool, node i sees node j
     when j is i or an ancestor; draft_index (T,) int64: node t > 0 takes draft column
     draft_index[t] = (depth - 1) * top_k + rank of the (B, heads - 1, top_k) drafts, flattened.
-    Built on the CPU once; `on(device)` copies it once per device; `prefix(n)` is the subtree of the
-    first n nodes (a valid tree: parents come first), used when the cache has less room than T.
+    Built on the CPU once; `on(device)` copies it once per device.
     """
 
     paths: Tuple[Path, ...]
@@ -342,20 +341,6 @@ class TokenTree:
             with torch.inference_mode(False):
                 self._derived[key] = TokenTree(self.paths, self.heads, *(
                     t.to(device) for t in (self.parents, self.depths, self.tree_mask, self.draft_index)), self.top_k)
-        return self._derived[key]
-
-    def prefix(self, n_nodes: int) -> "TokenTree":
-        """The subtree of the first n_nodes nodes (root included), same top_k, same device."""
-        if not 1 <= n_nodes <= self.size:
-            raise ValueError(f"prefix needs 1 <= n_nodes <= {self.size}, got {n_nodes}")
-        if n_nodes == self.size:
-            return self
-        key = ("prefix", n_nodes)
-        if key not in self._derived:
-            with torch.inference_mode(False):
-                self._derived[key] = TokenTree(
-                    self.paths[:n_nodes - 1], self.heads, self.parents[:n_nodes].clone(), self.depths[:n_nodes].clone(),
-                    self.tree_mask[:n_nodes, :n_nodes].contiguous(), self.draft_index[:n_nodes].clone(), self.top_k)
         return self._derived[key]
 
 

@@ -295,6 +295,44 @@ def test_weight_gradient_sums_chunks_in_float32(dtype):
     assert errors["native"] > 2.0 * errors["fp32"], errors
 
 
+def test_float32_accumulator_grows_the_scratch_to_the_size_of_dw(monkeypatch):
+    """With a float32 dW accumulator for 16-bit weights, the chunk may hold up to V x D logits (the
+    bytes dW's final cast allocates once the scratch is gone): fewer accumulator passes, same peak.
+    Without the accumulator the budget is the caller's."""
+    from mtp_kernels import linear_ce_driver
+
+    seen = []
+    rows_per_chunk = linear_ce_driver.rows_per_chunk
+    monkeypatch.setattr(linear_ce_driver, "rows_per_chunk", lambda *a: seen.append(rows_per_chunk(*a)) or seen[-1])
+    n, N, D, V = 2, 64, 32, 100
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.bfloat16, ignore_frac=0.0)
+    h64, w64 = hidden.double(), weight.double().requires_grad_()
+    naive_loss(h64, w64, targets).backward()
+    for accum, want_rows in [(torch.float32, D), (None, 4)]:
+        seen.clear()
+        w = weight.clone().requires_grad_()
+        fused_linear_cross_entropy(hidden, w, targets, accum_dtype=accum, max_scratch_bytes=4 * V * 2).backward()
+        assert seen == [want_rows], (accum, seen)
+        assert ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item() < 1e-2
+
+
+def test_float64_inputs_keep_float64_under_the_default_accumulator():
+    """accum_dtype=float32 (the default) means "at least float32": float64 inputs must run (they
+    used to be refused) and sum dW in float64 across chunks, not round it to float32."""
+    from mtp_kernels.linear_ce_driver import to_compute_dtype
+
+    n, N, D, V = 2, 64, 16, 37
+    hidden, weight, targets = make_inputs(n, N, D, V, dtype=torch.float64, ignore_frac=0.1)
+    assert to_compute_dtype(hidden, weight, torch.float32)[2] is None  # no separate (float32) accumulator
+    w_ref = weight.clone().requires_grad_()
+    naive_loss(hidden, w_ref, targets).backward()
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, targets, max_scratch_bytes=8 * V * 8).backward()  # 16 chunks
+    assert w.grad.dtype == torch.float64
+    # the chunk's softmax statistics are float32 by design (as on the GPU): float32-level agreement
+    assert ((w.grad - w_ref.grad).norm() / w_ref.grad.norm()).item() < 1e-6
+
+
 def test_add_matmul_sums_16bit_products_in_float32():
     from mtp_kernels.linear_ce_driver import add_matmul
 

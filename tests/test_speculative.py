@@ -129,11 +129,6 @@ def test_token_tree_buffers():
                          [1, 1, 0, 0, 1, 0],
                          [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(tree.tree_mask, want)
-    small = tree.prefix(3)
-    assert small.size == 3 and small.parents.tolist() == [-1, 0, 0] and small.max_depth == 1
-    assert tree.prefix(3) is small and tree.prefix(6) is tree
-    root_only = tree.prefix(1)
-    assert root_only.tree_mask.tolist() == [[True]] and root_only.max_depth == 0
 
 
 def test_build_candidates_places_each_heads_rank():
@@ -224,8 +219,8 @@ def test_greedy_speculative_equals_plain(model4, mode, heads):
 
 
 def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
-    # max_seq_len 24: the 12-token prompt has 12 slots left (limit 12 < max_gen_len), and fewer
-    # slots than the 48-node tree for most of the run: steps shrink to subtrees, then to the root.
+    # max_seq_len 24: the 12-token prompt has 12 slots left (limit 12 < max_gen_len), fewer than the
+    # 48-node tree: the cache keeps room for a whole tree past max_seq_len, so no step shrinks it.
     prompts = [[1, 2, 3], list(range(12)), [5, 9, 11, 4, 7, 8, 2]]
     gen = Generator(model4, max_batch_size=3, max_seq_len=24)
     free = gen.generate(prompts, max_gen_len=16)
@@ -233,11 +228,17 @@ def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
     eos = next(t for i, t in enumerate(free.tokens[0]) if i >= 4 and t not in free.tokens[0][:i] + free.tokens[1])
     plain = gen.generate(prompts, max_gen_len=16, eos_id=eos)
     assert plain.finish_reasons[0] == "eos" and plain.finish_reasons[1] == "max_seq_len"
-    for mode in ("chain", "tree"):
+    shapes = []
+    forward = gen._cached_forward
+    gen._cached_forward = lambda tokens, *args, **kw: shapes.append(tokens.shape[1]) or forward(tokens, *args, **kw)
+    for mode, size in (("chain", 4), ("tree", 48)):
+        shapes.clear()
         fast = gen.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
         assert fast.tokens == plain.tokens, mode
         assert fast.finish_reasons == plain.finish_reasons
         assert fast.stats["tokens_per_forward"] > 1.0
+        assert set(shapes) == {size}, (mode, shapes)   # every verify step runs the whole tree
+    assert model4.cache_len == 24 + 48 - 1
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
@@ -549,7 +550,7 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
-    graphed.model.setup_caches(4, max_seq_len)                                # new cache tensors
+    graphed.model.setup_caches(4, graphed.model.cache_len)                    # new cache tensors
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # graphs were re-captured
     captured = len(recorded)

@@ -80,6 +80,23 @@ def decode_bytes(model: Transformer, batch: int, kv_len: int) -> int:
     return weights + cache
 
 
+STEP_KERNEL_GROUPS = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma")),
+                      ("attention", ("_kv_attn",)), ("norms", ("rms_norm",)), ("rotary + cache write", ("_rope_cache",)),
+                      ("swiglu", ("_swiglu",)), ("linear argmax / logits", ("_linear_select", "_linear_logits")),
+                      ("tree accept + compaction", ("_tree_accept", "_compact_kv")))
+
+
+def step_kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in STEP_KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def kernel_breakdown(step) -> dict:
+    """CUDA kernel ms per step by group (common.cuda_kernel_ms), and their sum."""
+    groups = common.cuda_kernel_ms(step, step_kernel_group)
+    return {"kernels_ms": sum(groups.values()), **{k: round(v, 4) for k, v in sorted(groups.items())}}
+
+
 @torch.inference_mode()
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
     """Plain decode step and verify steps, ms (median), per batch size; the plain step also as a
@@ -112,6 +129,8 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         row["plain_ms"] = res.get("ms")
         row["plain_status"] = res["status"]
         row["copy_gbps"] = copy_gbps
+        if device.type == "cuda" and res["status"] == "ok":  # where the time goes: kernels by group
+            row["plain_kernel_ms"] = kernel_breakdown(plain_step)
         row["plain_floor_ms"] = decode_bytes(model, B, kv_len) / (copy_gbps * 1e6)
         if row["plain_ms"]:
             row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
@@ -133,6 +152,8 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
+            if device.type == "cuda" and res["status"] == "ok":
+                row[f"verify{T}_kernel_ms"] = kernel_breakdown(verify_step)
             if res["status"] == "ok" and row["plain_ms"]:
                 row[f"ratio{T}"] = res["ms"] / row["plain_ms"]
         rows.append(row)
@@ -217,6 +238,15 @@ def to_markdown(result: dict) -> str:
                    else kernels if kernels else "-")
         rows.append(row)
     lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
+    breakdown = [(r["batch"], step, r[f"{key}_ms"], r[f"{key}_kernel_ms"]) for r in result["step_costs"]
+                 for step, key in [("plain", "plain")] + [(f"verify {T}", f"verify{T}") for T in result["tree_nodes"]]
+                 if r.get(f"{key}_kernel_ms")]
+    if breakdown:
+        groups = [g for g, _ in STEP_KERNEL_GROUPS] + ["other"]
+        lines += ["### CUDA kernel ms per step, by group (torch.profiler; wall minus kernels = gaps)", "",
+                  common.markdown_table(["batch", "step", "wall ms", "kernels ms"] + groups,
+                                        [[b, step, wall, k["kernels_ms"]] + [k.get(g, 0.0) for g in groups]
+                                         for b, step, wall, k in breakdown]), ""]
     lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", "",
               f"Attention: {result['e2e_attention']}.", ""]
     rows = [[r["batch"], r["mode"], r["tree_nodes"], r["tokens_per_forward"], r["tokens_per_s"], r["speedup"],

@@ -216,6 +216,23 @@ def time_and_peak(
 # --------------------------------------------------------------------------------------------
 # Hardware ceilings
 # --------------------------------------------------------------------------------------------
+def cuda_kernel_ms(call: Callable[[], Any], group: Callable[[str], str], calls: int = 5) -> dict[str, float]:
+    """CUDA kernel time per call (ms) of `call`, summed by group(kernel name), from torch.profiler
+    over `calls` calls (after the caller's warm-up). Time between kernels (launch gaps, host work
+    the GPU waits for) is not in it: compare the sum with the wall time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if dev_us:
+            name = group(evt.key)
+            groups[name] = groups.get(name, 0.0) + dev_us / 1000.0 / calls
+    return groups
+
+
 def measure_ceilings(
     device: torch.device | str = "cuda",
     *,

@@ -15,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -30,7 +31,8 @@ def profile_shape(n, N, D, V, calls=3):
     import triton.testing
 
     from mtp_kernels import fused_linear_cross_entropy
-    from mtp_kernels.linear_ce_driver import DEFAULT_SCRATCH_BYTES, _fp32_out_gemm_works, add_matmul, rows_per_chunk
+    from mtp_kernels.linear_ce_driver import (DEFAULT_SCRATCH_BYTES, _fp32_out_gemm_works, add_matmul,
+                                               rows_per_chunk, scratch_budget)
 
     torch.manual_seed(0)
     h = (torch.randn(n, N, D, device="cuda") ).bfloat16().requires_grad_()
@@ -43,18 +45,9 @@ def profile_shape(n, N, D, V, calls=3):
 
     step()
     total_ms = triton.testing.do_bench(step, rep=200, return_mode="median")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    groups: dict[str, float] = {}
-    for evt in prof.key_averages():
-        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if dev_us:
-            g = kernel_group(evt.key)
-            groups[g] = groups.get(g, 0.0) + dev_us / 1000.0 / calls
+    groups = common.cuda_kernel_ms(step, kernel_group, calls)
     M = n * N
-    rows = rows_per_chunk(M, V, 2, DEFAULT_SCRATCH_BYTES)
+    rows = rows_per_chunk(M, V, 2, scratch_budget(DEFAULT_SCRATCH_BYTES, V, D, 2, wide_dw_sum=True))  # as the default runs
     a = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     wt = w.detach()
     logits = torch.randn(rows, V, device="cuda", dtype=torch.bfloat16)
@@ -77,17 +70,16 @@ def profile_shape(n, N, D, V, calls=3):
 
 
 def main(out_dir: str):
-    from common import device_slug, markdown_table, write_json, write_markdown
 
     results = [profile_shape(4, 8192, 4096, 32000), profile_shape(4, 8192, 4096, 128256),
                profile_shape(4, 16384, 1024, 32000)]
-    slug = device_slug("cuda")
-    write_json(os.path.join(out_dir, f"fused_ce_profile_{slug}.json"),
-               {"device": torch.cuda.get_device_name(), "results": results})
+    slug = common.device_slug("cuda")
+    common.write_json(os.path.join(out_dir, f"fused_ce_profile_{slug}.json"),
+                      {"device": torch.cuda.get_device_name(), "results": results})
     headers = ["shape", "chunks x rows", "total ms", "GEMM ms (in run)", "ce_chunk ms", "other ms",
                "GEMMs alone ms", "GEMM TFLOP/s alone (logits / dH / dW fp32 sum)", "dW bf16 sum TFLOP/s",
                "cuBLAS fp32-out dW"]
-    table = markdown_table(headers, [[
+    table = common.markdown_table(headers, [[
         f"N={r['N']} D={r['D']} V={r['V']}", f"{r['chunks']} x {r['chunk_rows']}", r["total_ms"],
         r["kernel_ms"].get("GEMM (cuBLAS)", 0.0), r["kernel_ms"].get("ce_chunk (Triton)", 0.0),
         r["kernel_ms"].get("other", 0.0), r["gemm_alone_sum_ms"],
@@ -95,7 +87,7 @@ def main(out_dir: str):
         2 * r["chunk_rows"] * r["D"] * r["V"] / r["dw_bf16_sum_alone_ms"] / 1e9, r["fp32_out_gemm"]] for r in results])
     text = (f"# Fused CE time breakdown on {torch.cuda.get_device_name()} (bf16, n=4, default scratch)\n\n"
             f"{table}\n")
-    write_markdown(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), text)
+    common.write_markdown(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), text)
     print(text)
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ class CEOptions:
     accum_dtype: Optional[torch.dtype] = None  # what dW sums the row chunks in; None: the weight's dtype
 
 
+def scratch_budget(max_scratch_bytes: int, V: int, D: int, element_size: int, wide_dw_sum: bool) -> int:
+    """Bytes the logits chunk may take. With a wider dW accumulator (wide_dw_sum), dW's final cast
+    (`cast_grad`) allocates V x D in weight's dtype after the scratch is freed, so a scratch up to
+    that size leaves the peak unchanged, and fewer chunks mean fewer read-modify-writes of the
+    float32 accumulator (at V=128256, D=4096 in bf16: 8 chunks instead of 32)."""
+    return max(max_scratch_bytes, V * D * element_size) if wide_dw_sum else max_scratch_bytes
+
+
 def rows_per_chunk(M: int, V: int, element_size: int, max_scratch_bytes: int) -> int:
     """Rows of logits per chunk: as few chunks as the budget allows, split evenly (no small last
     chunk), a multiple of 64 rows when that still fits (GEMM tiles)."""
@@ -68,12 +76,8 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     d_weight = None
     if M == 0:
         return loss, d_rows, (torch.zeros_like(weight) if grad_weight else None)
-    budget = max_scratch_bytes
-    if grad_weight and opts.accum_dtype is not None:
-        # dW's final cast (`cast_grad`) allocates V x D in weight's dtype after the scratch is freed,
-        # so a scratch up to that size leaves the peak unchanged, and fewer chunks mean fewer
-        # read-modify-writes of the float32 accumulator (at V=128256, D=4096: 8 instead of 32).
-        budget = max(budget, V * D * weight.element_size())
+    budget = scratch_budget(max_scratch_bytes, V, D, weight.element_size(),
+                            wide_dw_sum=grad_weight and opts.accum_dtype is not None)
     chunk = rows_per_chunk(M, V, weight.element_size(), budget)
     scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
     w_t = weight.t()

@@ -20,24 +20,22 @@ from .backend import interpreting, use_triton
 
 
 @triton.jit
-def _rotate_heads(src, stride_src_h, dst, stride_dst_h, n_heads, cos, sin, offs_p, p_ok,
-                  ROTATE: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Heads [0, n_heads) of one token: src[h, 2i], src[h, 2i+1] -> dst (rotated when ROTATE)."""
+def _rotate_heads(src, stride_src_h, dst, stride_dst_h, n_heads, cos, sin, offs_d, d_ok,
+                  ROTATE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Heads [0, n_heads) of one token: src[h, 2i], src[h, 2i+1] -> dst (rotated when ROTATE).
+    Whole head rows are loaded and stored (coalesced); the pairs are split in registers."""
     for h0 in range(0, n_heads, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
-        ok = (offs_h < n_heads)[:, None] & p_ok[None, :]
-        even = offs_h[:, None].to(tl.int64) * stride_src_h + 2 * offs_p[None, :]
-        x0 = tl.load(src + even, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(src + even + 1, mask=ok, other=0.0).to(tl.float32)
+        ok = (offs_h < n_heads)[:, None] & d_ok[None, :]
+        x = tl.load(src + offs_h[:, None].to(tl.int64) * stride_src_h + offs_d[None, :], mask=ok, other=0.0)
         if ROTATE:
+            x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_H, BLOCK_P, 2)))
             y0 = x0 * cos[None, :] - x1 * sin[None, :]
             y1 = x0 * sin[None, :] + x1 * cos[None, :]
+            y = tl.reshape(tl.join(y0, y1), (BLOCK_H, 2 * BLOCK_P)).to(dst.dtype.element_ty)
         else:
-            y0 = x0
-            y1 = x1
-        out = dst + offs_h[:, None].to(tl.int64) * stride_dst_h + 2 * offs_p[None, :]
-        tl.store(out, y0.to(dst.dtype.element_ty), mask=ok)
-        tl.store(out + 1, y1.to(dst.dtype.element_ty), mask=ok)
+            y = x.to(dst.dtype.element_ty)
+        tl.store(dst + offs_h[:, None].to(tl.int64) * stride_dst_h + offs_d[None, :], y, mask=ok)
 
 
 @triton.jit
@@ -58,23 +56,22 @@ def _rope_cache_kernel(
     which = tl.program_id(1)              # 0: q, 1: k, 2: v
     b = (token // T).to(tl.int64)
     t = (token % T).to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
-    p_ok = offs_p < HALF
+    offs_d = tl.arange(0, 2 * BLOCK_P)    # a head's dims, as BLOCK_P (even, odd) pairs
+    d_ok = offs_d < 2 * HALF
     # freqs as float32 (cos, sin) pairs: view_as_real of the complex table.
-    f = FREQS + b * stride_fb + t * stride_ft + 2 * offs_p
-    cos = tl.load(f, mask=p_ok, other=1.0)
-    sin = tl.load(f + 1, mask=p_ok, other=0.0)
+    f = tl.load(FREQS + b * stride_fb + t * stride_ft + offs_d, mask=d_ok, other=0.0)
+    cos, sin = tl.split(tl.reshape(f, (BLOCK_P, 2)))
     slot = tl.load(SLOTS + b * stride_sb + t * stride_st).to(tl.int64)
 
     if which == 0:
         _rotate_heads(Q + b * stride_qb + t * stride_qt, stride_qh, Q_OUT + b * stride_ob + t * stride_ot,
-                      stride_oh, H, cos, sin, offs_p, p_ok, True, BLOCK_H)
+                      stride_oh, H, cos, sin, offs_d, d_ok, True, BLOCK_H, BLOCK_P)
     elif which == 1:
         _rotate_heads(K + b * stride_kb + t * stride_kt, stride_kh, K_CACHE + b * stride_kcb + slot * stride_kcs,
-                      stride_kch, HKV, cos, sin, offs_p, p_ok, True, BLOCK_H)
+                      stride_kch, HKV, cos, sin, offs_d, d_ok, True, BLOCK_H, BLOCK_P)
     else:
         _rotate_heads(V + b * stride_vb + t * stride_vt, stride_vh, V_CACHE + b * stride_vcb + slot * stride_vcs,
-                      stride_vch, HKV, cos, sin, offs_p, p_ok, False, BLOCK_H)
+                      stride_vch, HKV, cos, sin, offs_d, d_ok, False, BLOCK_H, BLOCK_P)
 
 
 def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torch.Tensor:
@@ -93,8 +90,8 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
         stride_fb, stride_ft = freqs.stride(0), freqs.stride(1)
     half = D // 2
     block_p = triton.next_power_of_2(half)
-    # Heads per step: a (BLOCK_H, BLOCK_P) tile of about 2K elements (64 under the interpreter).
-    block_h = max(1, min(triton.next_power_of_2(max(H, Hkv)), (64 if interpreting() else 2048) // block_p))
+    # Heads per step: a (BLOCK_H, 2 * BLOCK_P) tile of at most 4K elements (64 under the interpreter).
+    block_h = max(1, min(triton.next_power_of_2(max(H, Hkv)), (64 if interpreting() else 4096) // (2 * block_p)))
     _rope_cache_kernel[(B * T, 3)](
         q, k, v, freqs, slots, q_out, k_cache, v_cache,
         q.stride(0), q.stride(1), q.stride(2),

@@ -34,12 +34,9 @@ import common  # noqa: E402
 common.import_mtp_kernels()
 sys.path.insert(0, str(common.REPO_ROOT))
 
-from mtp_kernels import compact_kv_cache  # noqa: E402
-
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
 from mtp_engine.generate import Generator  # noqa: E402
-from mtp_engine.speculative import (TokenTree, accept_step, build_candidates, build_tree, draft_tokens,  # noqa: E402
-                                    prior_rates, verify_tokens)
+from mtp_engine.speculative import TokenTree, build_tree, prior_rates  # noqa: E402
 
 SHAPE_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
 SHAPE_TINY = dict(dim=64, n_layers=6, n_heads=4, vocab_size=256, multiple_of=16, n_future_tokens=4)
@@ -81,8 +78,9 @@ def decode_bytes(model: Transformer, batch: int, kv_len: int) -> int:
 
 
 STEP_KERNEL_GROUPS = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma")),
-                      ("attention", ("_kv_attn",)), ("norms", ("rms_norm",)), ("rotary + cache write", ("_rope_cache",)),
-                      ("swiglu", ("_swiglu",)), ("linear argmax / logits", ("_linear_select", "_linear_logits")),
+                      ("attention", ("_kv_attn",)), ("norms", ("rms_norm",)),
+                      ("rotary + cache write", ("_rope_cache",)), ("swiglu", ("_swiglu",)),
+                      ("linear argmax / logits", ("_linear_select", "_linear_logits")),
                       ("tree accept + compaction", ("_tree_accept", "_compact_kv")))
 
 
@@ -108,7 +106,6 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
     trees = {T: TokenTree.from_paths(build_tree(prior_rates(heads), T - 1), heads).on(device) for T in tree_nodes}
     for B in batches:
         gen = Generator(model, max_batch_size=B, max_seq_len=kv_len + max(tree_nodes))
-        weight = model.output.weight
         seqlens = torch.full((B,), kv_len, dtype=torch.int32, device=device)
         tokens = torch.randint(0, model.vocab_size, (B,), device=device)
         # Fill the caches with something: one prefill-sized forward writes every slot below kv_len.
@@ -139,15 +136,9 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             lengths = seqlens.clone()
             live = torch.ones(B, dtype=torch.bool, device=device)
 
-            def verify_step(tree=tree, drafts=drafts, lengths=lengths):
+            def verify_step(tree=tree, drafts=drafts, lengths=lengths):  # as Generator's greedy loop
                 lengths.copy_(seqlens)   # compaction advances the lengths: start from kv_len every time
-                candidates = build_candidates(tokens, drafts, tree)
-                hidden = gen._cached_forward(candidates, lengths, tree, graph=True)
-                verifier = verify_tokens(hidden[:, :, 0], weight, 0.0, 1.0)
-                out = accept_step(candidates, verifier, tree)
-                compact_kv_cache(model.k_cache, model.v_cache, lengths, out.accepted_nodes,
-                                 torch.where(live, out.accept_len, 0))
-                return draft_tokens(hidden[torch.arange(B, device=device), out.last_node, 1:], weight, tree.top_k)
+                return gen._verify_step(tokens, drafts, lengths, live, tree, 0.0, 1.0, None, False)[2]
 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")

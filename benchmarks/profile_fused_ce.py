@@ -47,7 +47,8 @@ def profile_shape(n, N, D, V, calls=3):
     total_ms = triton.testing.do_bench(step, rep=200, return_mode="median")
     groups = common.cuda_kernel_ms(step, kernel_group, calls)
     M = n * N
-    rows = rows_per_chunk(M, V, 2, scratch_budget(DEFAULT_SCRATCH_BYTES, V, D, 2, wide_dw_sum=True))  # as the default runs
+    # the chunk the default runs (float32 dW sum)
+    rows = rows_per_chunk(M, V, 2, scratch_budget(DEFAULT_SCRATCH_BYTES, V, D, 2, wide_dw_sum=True))
     a = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     wt = w.detach()
     logits = torch.randn(rows, V, device="cuda", dtype=torch.bfloat16)

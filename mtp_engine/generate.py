@@ -22,7 +22,6 @@ from typing import List, Optional, Sequence
 import torch
 
 from mtp_kernels import compact_kv_cache, linear_argmax
-from mtp_kernels.attention import PackedTreeMask
 
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
@@ -89,7 +88,8 @@ class Generator:
     Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len); the first
     speculative call grows it by the tree's size - 1 slots (see _ensure_caches).
     cuda_graphs: replay the cached forwards of decode and verify steps as CUDA graphs, one per
-    batch-size bucket and step shape (`CUDAGraphForward`); None means on for a CUDA model, off
+    batch-size bucket and step shape, and a greedy verify step whole, drafts to next drafts
+    (`CUDAGraphSteps`); None means on for a CUDA model, off
     otherwise. Replay runs the captured kernels on the same inputs; the only difference from eager
     is the padding of the batch to its bucket (GEMMs of more rows), which the GPU test
     (test_cuda_graphs_do_not_change_results) checks changes no token. True fails loudly when a
@@ -108,7 +108,7 @@ class Generator:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
-        self._graphs: Optional[CUDAGraphForward] = None
+        self._graphs: Optional[CUDAGraphSteps] = None
         self._cache_len = max_seq_len   # grows by a verify tree's size on the first speculative call
         model.fuse_projections()  # one GEMM for q/k/v and one for w1/w3 in every step (values unchanged)
         model.setup_caches(max_batch_size, max_seq_len)
@@ -242,9 +242,10 @@ class Generator:
         Host syncs: one `.tolist()` per step (accepted lengths and tokens, for eos/limit and the
         per-sequence bookkeeping; logprobs=True adds a second one for the accepted nodes' log-probs,
         computed from head 0's logits there); the small host-to-device copies of the live mask happen right
-        after it, when the device is idle. Rows past the last live one leave the forward; finished
-        rows inside it are parked at cache length 0 (their nodes are computed and ignored, their
-        compaction length is 0), so they never write outside the cache.
+        after it, when the device is idle. With CUDA graphs a greedy step is one graph (`_verify_step`).
+        Rows past the last live one leave the forward; finished rows inside it are parked at cache
+        length 0 (their nodes are computed and ignored, their compaction length is 0), so they never
+        write outside the cache.
 
         Cache room: every node of a live row needs a slot, also past max_seq_len for the nodes that
         cannot be accepted there; _ensure_caches keeps T - 1 slots beyond max_seq_len for them, so
@@ -252,15 +253,15 @@ class Generator:
 
         Returns (forwards, prefill_time, prompt_logprobs, extra stats).
         """
-        model, device = self.model, self.device
-        weight = model.output.weight
+        device = self.device
+        weight = self.model.output.weight
         tree = tree.on(device)
         counters = SpeculativeCounters(tree.max_depth)
 
         last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
         root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, rng)[:, 0]  # (B,)
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
-        lps = token_logprobs(model.output(last_hidden[:, 0]).float(), root).tolist() if want_logprobs else None
+        lps = token_logprobs(self.model.output(last_hidden[:, 0]).float(), root).tolist() if want_logprobs else None
         for b, tok in enumerate(root.tolist()):
             if not seqs[b].done:
                 seqs[b].forwards += 1
@@ -271,7 +272,7 @@ class Generator:
         cached = [len(p) for p in prompts]      # host copy of cache_seqlens for the live rows
         cache_seqlens = torch.tensor(cached, dtype=torch.int32, device=device)
         parked = [False] * len(seqs)
-        live_key, live_mask, row_ids = None, None, None
+        live_key, live_mask = None, None
         while True:
             live = [not s.done for s in seqs]
             if not any(live):
@@ -285,24 +286,11 @@ class Generator:
             if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
                 live_key = tuple(live[:rows])
                 live_mask = torch.tensor(live_key, device=device)
-                row_ids = torch.arange(rows, device=device)
 
-            candidates = build_candidates(root[:rows], drafts[:rows], tree)                # (rows, T)
-            hidden = self._cached_forward(candidates, cache_seqlens[:rows], tree, graph=True)  # (rows, T, heads, D)
+            packed, root, drafts, step_lps = self._verify_step(root[:rows], drafts[:rows], cache_seqlens[:rows],
+                                                               live_mask, tree, temperature, top_p, rng, want_logprobs)
             forwards += 1
-            verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)      # (rows, T)
-            outcome = accept_step(candidates, verifier, tree)
-            compact_kv_cache(model.k_cache, model.v_cache, cache_seqlens[:rows], outcome.accepted_nodes,
-                             torch.where(live_mask, outcome.accept_len, 0))
-            root = outcome.next_root
-            drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, tree.top_k)
-            step_lps = None
-            if want_logprobs:
-                node_logits = model.output(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0]).float()
-                step_lps = torch.log_softmax(node_logits, dim=-1).gather(
-                    -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
-
-            packed = torch.cat([outcome.accept_len[:, None], outcome.emitted], dim=1).tolist()  # the step's sync
+            packed = packed.tolist()  # the step's sync
             for b in range(rows):
                 if not live[b]:
                     continue
@@ -341,7 +329,7 @@ class Generator:
     def _decode(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns head 0's
         normed hidden (R, D) at the new position."""
-        return self._cached_forward(tokens[:, None], cache_seqlens, None, graph=True)[:, 0, 0]
+        return self._cached_forward(tokens[:, None], cache_seqlens, None)[:, 0, 0]
 
     def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, rng, logprobs: bool):
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
@@ -353,18 +341,77 @@ class Generator:
         tokens = sample_next(logits, temperature, top_p, rng)
         return tokens, (token_logprobs(logits, tokens).tolist() if logprobs else None)
 
-    def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree],
-                        graph: bool) -> torch.Tensor:
+    def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor,
+                        tree: Optional[TokenTree]) -> torch.Tensor:
         """forward_cached over (R, T) new tokens: a plain decode step (tree None, one head) or a
-        verify step over `tree` (its depths and mask, all its heads). Replayed as a CUDA graph when
-        graphs are on and `graph` (the steady-state shapes; the shrunken trees near the end of the
-        cache run eagerly rather than capture a graph each). Returns hidden (R, T, n_heads, D)."""
+        verify step over `tree` (its depths and mask, all its heads), replayed as a CUDA graph when
+        graphs are on. Returns hidden (R, T, n_heads, D)."""
         depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.packed_mask, tree.heads)
-        if graph and self._use_cuda_graphs():
+
+        def forward(tokens, cache_seqlens):
+            # The lengths are kept in range on the host (limit and room): no range check (host sync).
+            return (self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
+                                              n_heads=n_heads, check_lengths=False),)
+
+        key = ("forward", tokens.shape[1], n_heads, None if mask is None else mask.words.data_ptr())
+        return self._graphed(key, forward, (tokens, cache_seqlens), keep_alive=(depths, mask))[0]
+
+    def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, temperature, top_p, rng,
+                     want_logprobs: bool):
+        """One verify step for R rows: root (R,) and drafts (R, heads - 1, top_k) build the tree's
+        candidates; one forward over them; head 0's verifier token at every node; tree_accept;
+        compaction of the accepted nodes' K/V (rows with live_mask (R,) False compact nothing), which
+        advances cache_seqlens (R,) int32 in place; the next drafts from the heads at each row's last
+        accepted node. Returns (packed (R, 1 + W) int64 on the device: accept_len, then the emitted
+        tokens, -1 padded; next root (R,); next drafts; the accepted tokens' log-probs, a list, or
+        None). A greedy step without log-probs is one CUDA graph when graphs are on: no launch from
+        Python inside it. Otherwise the forward is graphed and the rest runs eagerly."""
+        weight = self.model.output.weight
+
+        def step(root, drafts, cache_seqlens, live_mask, forward):
+            candidates = build_candidates(root, drafts, tree)                              # (R, T)
+            hidden = forward(candidates, cache_seqlens)                                    # (R, T, heads, D)
+            verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)    # (R, T)
+            outcome = accept_step(candidates, verifier, tree)
+            compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
+                             torch.where(live_mask, outcome.accept_len, 0))
+            row_ids = torch.arange(root.shape[0], device=root.device)
+            next_drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, tree.top_k)
+            packed = torch.cat([outcome.accept_len[:, None], outcome.emitted], dim=1)
+            return packed, outcome.next_root, next_drafts, hidden, outcome
+
+        inputs = (root, drafts, cache_seqlens, live_mask)
+        if temperature == 0 and not want_logprobs and self._use_cuda_graphs():
+            def graphed_step(*static):
+                def forward(tokens, lengths):
+                    return self.model.forward_cached(tokens, lengths, node_depths=tree.depths,
+                                                     tree_mask=tree.packed_mask, n_heads=tree.heads,
+                                                     check_lengths=False)
+                packed, next_root, next_drafts, _, _ = step(*static, forward)
+                return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
+            key = ("verify", tree.size, tree.heads, tree.top_k, tree.packed_mask.words.data_ptr())
+            packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,))
+            if lengths is not cache_seqlens:  # replayed: the graph advanced its own copy
+                cache_seqlens.copy_(lengths)
+            return packed, next_root, next_drafts, None
+        packed, next_root, next_drafts, hidden, outcome = step(
+            *inputs, lambda tokens, lengths: self._cached_forward(tokens, lengths, tree))
+        step_lps = None
+        if want_logprobs:
+            row_ids = torch.arange(root.shape[0], device=root.device)
+            node_logits = self.model.output(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0]).float()
+            step_lps = torch.log_softmax(node_logits, dim=-1).gather(
+                -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
+        return packed, next_root, next_drafts, step_lps
+
+    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = ()):
+        """fn(*inputs) -> tuple of per-row tensors: replayed from a CUDA graph (CUDAGraphSteps) when
+        graphs are on, else (or after a failed capture) called."""
+        if self._use_cuda_graphs():
             if self._graphs is None:
-                self._graphs = CUDAGraphForward(self.model)
+                self._graphs = CUDAGraphSteps(self.model)
             try:
-                return self._graphs(tokens, cache_seqlens, depths, mask, n_heads)
+                return self._graphs(key, fn, inputs, keep_alive)
             except RuntimeError as err:
                 if self.cuda_graphs:  # asked for explicitly: do not hide the failure
                     raise
@@ -372,9 +419,7 @@ class Generator:
                 # e.g. under MTP_BACKEND=reference) leaves this Generator eager, with a warning.
                 warnings.warn(f"CUDA graph capture failed, generating eagerly from now on: {err}")
                 self.cuda_graphs, self._graphs = False, None
-        # The lengths are kept in range on the host (limit and room), so no range check (host sync).
-        return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
-                                         n_heads=n_heads, check_lengths=False)
+        return fn(*inputs)
 
     def _use_cuda_graphs(self) -> bool:
         on_cuda = self.device.type == "cuda"
@@ -502,26 +547,26 @@ def _next_power_of_two(n: int) -> int:
 
 
 @dataclass
-class _CapturedForward:
+class _CapturedStep:
     graph: "torch.cuda.CUDAGraph"
-    tokens: torch.Tensor         # (bucket, T) int64, static input
-    cache_seqlens: torch.Tensor  # (bucket,) int32, static input
-    hidden: torch.Tensor         # (bucket, T, n_heads, D), static output
-    keep_alive: tuple            # the tree buffers the graph reads
+    inputs: tuple        # static inputs, (bucket, ...) each
+    outputs: tuple       # static outputs, (bucket, ...) each
+    keep_alive: tuple    # what the graph reads besides the model (tree buffers)
 
 
-class CUDAGraphForward:
-    """`model.forward_cached` replayed from CUDA graphs, one per (batch-size bucket, T, heads, tree).
+class CUDAGraphSteps:
+    """Step functions replayed from CUDA graphs, one per (batch-size bucket, step key).
 
-    Buckets are powers of two up to the cache's batch: R rows run in the smallest bucket >= R; the
-    padding rows get token 0 at cache length 0, which writes slots 0..T-1 of cache rows that no
-    live sequence uses (the Generator only drops rows past the last live one, and parks finished
-    rows at length 0 anyway). A graph is captured on the first call of its shape with the real
-    inputs, after two warm-up runs on a side stream (Triton compilation and autotuning, cuBLAS
-    workspaces): those runs write the same K/V into the same slots as the replay does, so they
-    change nothing. All graphs share one memory pool. Re-allocated caches (setup_caches) drop
-    every graph, since graphs hold raw pointers. Sampling stays outside the graphs.
-    """
+    A step takes per-row tensors (leading dim R) and returns a tuple of per-row tensors: the plain
+    decode or verify forward (`Generator._cached_forward`), or a whole greedy verify step
+    (`Generator._verify_step`). R rounds up to a power-of-two bucket (at most the cache's batch): the
+    padding rows get zeros, i.e. cache length 0 and not live, so their work lands in their own
+    rows' first slots and is ignored. A graph is captured on the first call of its key with the
+    real inputs. The inputs are loaded again before every warm-up run, before the capture and before
+    every replay, so a step that updates an input in place (the verify step advances the lengths)
+    starts from the same state each time; what it writes into the KV cache beyond the lengths is
+    rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table
+    or moved weights drop every graph, since graphs hold raw pointers. Sampling stays outside."""
 
     WARMUP_RUNS = 2
 
@@ -531,68 +576,64 @@ class CUDAGraphForward:
         self._pool = None
         self._captured_ptrs = None
 
-    def __call__(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, node_depths: Optional[torch.Tensor],
-                 tree_mask: Optional[PackedTreeMask], n_heads: int) -> torch.Tensor:
-        """tokens (R, T) int64, cache_seqlens (R,) int32 in range. Returns hidden (R, T, n_heads, D),
-        a view of the graph's output buffer, valid until the next call of the same shape."""
+    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = ()) -> tuple:
+        """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
+        buffers, valid until the next call of the same key."""
         model = self.model
         # A graph holds raw addresses and strides: of the caches, and of the rotary table and weights
         # it read. New caches (a re-sized one may reuse the old address), a grown rotary table
         # (_grow_rope) or moved weights (model.to) mean new graphs.
         ptrs = (model.k_cache.shape, model.k_cache.data_ptr(), model.v_cache.data_ptr(),
-                model._rope(tokens.device).data_ptr(), model.tok_embeddings.weight.data_ptr(),
+                model._rope(inputs[0].device).data_ptr(), model.tok_embeddings.weight.data_ptr(),
                 model.output.weight.data_ptr())
         if ptrs != self._captured_ptrs:
             self._graphs.clear()
             self._pool = None
             self._captured_ptrs = ptrs
-        R, T = tokens.shape
+        R = inputs[0].shape[0]
         bucket = min(_next_power_of_two(R), model.cache_batch)
-        key = (bucket, T, n_heads, None if tree_mask is None else tree_mask.words.data_ptr())
-        entry = self._graphs.get(key)
+        entry = self._graphs.get((bucket, *key))
         if entry is None:
-            entry = self._graphs[key] = self._capture(tokens, cache_seqlens, bucket, node_depths, tree_mask, n_heads)
+            entry = self._graphs[(bucket, *key)] = self._capture(fn, inputs, bucket, keep_alive)
         else:
-            self._load(entry, tokens, cache_seqlens)
+            self._load(entry.inputs, inputs)
             entry.graph.replay()
-        return entry.hidden[:R]
+        return tuple(out[:R] for out in entry.outputs)
 
     @staticmethod
-    def _load(entry: _CapturedForward, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
-        R = tokens.shape[0]
-        entry.tokens[:R].copy_(tokens)
-        entry.tokens[R:].zero_()
-        entry.cache_seqlens[:R].copy_(cache_seqlens)
-        entry.cache_seqlens[R:].zero_()
+    def _load(static: tuple, inputs: tuple) -> None:
+        for buffer, value in zip(static, inputs):
+            R = value.shape[0]
+            buffer[:R].copy_(value)
+            if R < buffer.shape[0]:
+                buffer[R:].zero_()
 
-    def _capture(self, tokens, cache_seqlens, bucket, node_depths, tree_mask, n_heads) -> _CapturedForward:
-        T = tokens.shape[1]
-        static_tokens = torch.zeros((bucket, T), dtype=torch.int64, device=tokens.device)
-        static_seqlens = torch.zeros((bucket,), dtype=torch.int32, device=tokens.device)
+    def _capture(self, fn, inputs: tuple, bucket: int, keep_alive: tuple) -> _CapturedStep:
+        static = tuple(torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
 
-        def run():
-            return self.model.forward_cached(static_tokens, static_seqlens, node_depths=node_depths,
-                                             tree_mask=tree_mask, n_heads=n_heads, check_lengths=False)
+        def load():
+            self._load(static, inputs)
 
-        entry = _CapturedForward(None, static_tokens, static_seqlens, None, (node_depths, tree_mask))
-        self._load(entry, tokens, cache_seqlens)
-        entry.graph, entry.hidden = self._record(run, tokens.device)
-        entry.graph.replay()  # capture records the work without running it
-        return entry
+        graph, outputs = self._record(lambda: fn(*static), load, inputs[0].device)
+        load()
+        graph.replay()  # capture records the work without running it
+        return _CapturedStep(graph, static, outputs, keep_alive)
 
-    def _record(self, run, device: torch.device):
-        """(graph, output): `run` captured as a CUDA graph whose replay rewrites `output` in place."""
+    def _record(self, run, load, device: torch.device):
+        """(graph, outputs): `run` captured as a CUDA graph whose replay rewrites `outputs` in place;
+        `load` restores the static inputs before each warm-up run (autotuning happens there)."""
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_RUNS):
+                load()
                 run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = run()
+            outputs = run()
         self._pool = graph.pool()
-        return graph, output
+        return graph, outputs
 
 
 # ---------------------------------------------------------------------- release-style front end

@@ -501,15 +501,16 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
 
 
 class _ReplayByRerun:
-    """Stands in for a CUDA graph on the CPU: replay re-runs the captured forward and writes its
-    result into the output captured first, as a graph replay rewrites its output buffers."""
+    """Stands in for a CUDA graph on the CPU: replay re-runs the captured step and writes its
+    results into the outputs captured first, as a graph replay rewrites its output buffers."""
 
-    def __init__(self, run, output):
-        self.run, self.output, self.replays = run, output, 0
+    def __init__(self, run, outputs):
+        self.run, self.outputs, self.replays = run, outputs, 0
 
     def replay(self):
         self.replays += 1
-        self.output.copy_(self.run())
+        for buffer, value in zip(self.outputs, self.run()):
+            buffer.copy_(value)
 
 
 @pytest.mark.parametrize("mode", [None, "chain", "tree"])
@@ -517,16 +518,19 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     """The CUDA-graph path's bookkeeping (static inputs, power-of-two batch buckets with padding rows,
     one graph per shape, reuse across calls, re-capture after setup_caches) emulated on the CPU: the
     tokens equal the eager run's. Capture itself (allocations, syncs) is left to the GPU test below."""
-    from mtp_engine.generate import CUDAGraphForward
+    from mtp_engine.generate import CUDAGraphSteps
 
     recorded = []
 
-    def record(self, run, device):
-        graph = _ReplayByRerun(run, run())
+    def record(self, run, load, device):
+        for _ in range(2):  # warm-up runs as on the GPU: each from the loaded inputs
+            load()
+            outputs = run()
+        graph = _ReplayByRerun(run, tuple(out.clone() for out in outputs))
         recorded.append(graph)
-        return graph, graph.output
+        return graph, graph.outputs
 
-    monkeypatch.setattr(CUDAGraphForward, "_record", record)
+    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
     # Row 1 stops at an eos (then sits inside the forward), row 2 (12 prompt tokens) reaches the cache
     # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1. A 48-node tree
     # needs a longer cache to run full (graphed) steps at all.
@@ -543,10 +547,13 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     captured = len(recorded)
     buckets = {key[0] for key in graphed._graphs._graphs}
+    steps = {key[1] for key in graphed._graphs._graphs}
     if mode is None:
         assert got.finish_reasons == ["max_gen_len", "eos", "max_seq_len"] and buckets == {4, 1}
+        assert steps == {"forward"}
     else:
         assert got.finish_reasons[1] == "eos" and 4 in buckets
+        assert steps == {"verify"}   # greedy: the whole verify step is one graph
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
@@ -557,6 +564,30 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     graphed.model._grow_rope(graphed.model.freqs_cis.shape[0] * 2)            # a new rotary table
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # re-captured again
+
+
+def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monkeypatch):
+    """Sampling (its generator stays outside graphs) and log-probs graph only the forward of a
+    verify step; draws and log-probs equal the eager run's for the same seed."""
+    from mtp_engine.generate import CUDAGraphSteps
+
+    def record(self, run, load, device):
+        load()
+        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
+        return graph, graph.outputs
+
+    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
+    eager = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+    graphed = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+    monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
+    for kwargs in (dict(temperature=0.8, seed=3), dict(logprobs=True)):
+        want = eager.generate(prompts, max_gen_len=12, speculative="tree", **kwargs)
+        got = graphed.generate(prompts, max_gen_len=12, speculative="tree", **kwargs)
+        assert got.tokens == want.tokens, kwargs
+        if "logprobs" in kwargs:
+            assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
+    assert {key[1] for key in graphed._graphs._graphs} == {"forward"}
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -5,16 +5,18 @@
 1. Step costs on a random-weight model of the 7B_1T_4 shape (dim 4096, 28 trunk + 4 head blocks,
    32 attention heads, V 32000, bf16), KV length 1024 per sequence, batch 1, 8, 32: one plain
    decode step (as Generator's greedy loop: cached forward of 1 token with head 0, then linear +
-   argmax) and one verify step over a 16- and a 64-node tree (candidates from drafts, one
-   forward of all nodes with all 4
-   heads, head-0 linear argmax at every node, tree_accept, KV compaction, next drafts), with
-   CUDA graphs as the Generator uses them. Ratio = verify / plain: at a given tokens per
-   forward, the speedup over plain decoding is tokens_per_forward / ratio. Also the CUDA kernels
-   one eager decode forward launches (torch.profiler), per block: the fused inference path's budget.
+   argmax) and one verify step (Generator._verify_step: candidates from drafts, one forward of all
+   nodes with all 4 heads, head-0 linear argmax at every node, tree_accept, KV compaction, next
+   drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them. Ratio =
+   verify / plain: at a given tokens per forward, the speedup over plain decoding is
+   tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
+   kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
+   time by group.
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain and
    the default tree at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
-   prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on the random 7B-shaped model
-   (random heads accept almost nothing: that row shows overheads, not speedups).
+   prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on
+   the random 7B-shaped model (random heads accept almost nothing: that row shows overheads, not
+   speedups).
 --tiny: a tiny fp32 model on the CPU (a pipeline check in seconds, not a measurement).
 Timing: benchmarks/common.time_and_peak (CUDA: do_bench median). Writes
 generate_<device-slug>.json and .md into --out (default benchmarks/results).
@@ -36,12 +38,12 @@ sys.path.insert(0, str(common.REPO_ROOT))
 
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
 from mtp_engine.generate import Generator  # noqa: E402
-from mtp_engine.speculative import TokenTree, build_tree, prior_rates  # noqa: E402
+from mtp_engine.speculative import TokenTree, build_tree, expected_accept_length, prior_rates  # noqa: E402
 
 SHAPE_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
 SHAPE_TINY = dict(dim=64, n_layers=6, n_heads=4, vocab_size=256, multiple_of=16, n_future_tokens=4)
 BATCHES = (1, 8, 32)
-TREE_NODES = (16, 64)
+TREE_NODES = (4, 8, 16, 32, 64)   # nodes with the root; prior-rate trees (build_tree)
 PAPER_TOKENS_PER_FORWARD = 3.5   # 7B_1T_4 on code (Gloeckle et al. 2024)
 
 
@@ -103,7 +105,10 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
     copy_gbps = common.measure_ceilings(device)["copy_gbps"]
     rows = []
     heads = model.n_future_tokens
-    trees = {T: TokenTree.from_paths(build_tree(prior_rates(heads), T - 1), heads).on(device) for T in tree_nodes}
+    rates = prior_rates(heads)
+    paths = {T: build_tree(rates, T - 1) for T in tree_nodes}
+    trees = {T: TokenTree.from_paths(paths[T], heads).on(device) for T in tree_nodes}
+    expected = {T: expected_accept_length(paths[T], rates) for T in tree_nodes}
     for B in batches:
         gen = Generator(model, max_batch_size=B, max_seq_len=kv_len + max(tree_nodes))
         seqlens = torch.full((B,), kv_len, dtype=torch.int32, device=device)
@@ -147,6 +152,9 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
                 row[f"verify{T}_kernel_ms"] = kernel_breakdown(verify_step)
             if res["status"] == "ok" and row["plain_ms"]:
                 row[f"ratio{T}"] = res["ms"] / row["plain_ms"]
+                # at the prior acceptance rates: tokens per forward over the step's cost in plain steps
+                row[f"expected_tokens{T}"] = expected[T]
+                row[f"est_speedup{T}"] = expected[T] / row[f"ratio{T}"]
         rows.append(row)
         print(f"step costs B={B}: {row}", flush=True)
         gen = None  # drops its CUDA graphs before the next batch size captures its own
@@ -213,22 +221,29 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Self-speculative generation on {result['env']['device']}", "",
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
              f"CUDA graphs: {result['cuda_graphs']}; attention: {result['step_attention']}.", ""]
-    headers = ["batch", "plain step ms", "bytes floor ms", "x floor"]
-    for T in result["tree_nodes"]:
-        headers += [f"verify {T} nodes ms", f"ratio {T}"]
-    headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd (64 nodes)", "kernels per decode forward"]
+    nodes = result["tree_nodes"]
+    headers = ["batch", "plain step ms", "bytes floor ms", "x floor"] + [f"verify {T} nodes / plain" for T in nodes]
+    headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd ({nodes[-1]} nodes)", "kernels per decode forward"]
     rows = []
     for r in result["step_costs"]:
         row = [r["batch"], r["plain_ms"], r.get("plain_floor_ms"), r.get("plain_x_floor")]
-        for T in result["tree_nodes"]:
-            row += [r.get(f"verify{T}_ms"), r.get(f"ratio{T}")]
-        last = r.get(f"ratio{result['tree_nodes'][-1]}")
+        row += [r.get(f"ratio{T}") for T in nodes]
+        last = r.get(f"ratio{nodes[-1]}")
         row.append(PAPER_TOKENS_PER_FORWARD / last if last else None)
         kernels = r.get("kernels_per_decode")
         row.append(f"{kernels} ({kernels / r['blocks_per_decode']:.1f} per block)" if isinstance(kernels, int)
                    else kernels if kernels else "-")
         rows.append(row)
     lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
+    lines += ["### Estimated speedup by tree size", "",
+              "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
+              "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
+              "the tree size to prefer there (the Generator's default tree does not depend on the batch yet).", "",
+              common.markdown_table(["batch"] + [f"{T} nodes ({r0:.2f} tok/fwd)" for T, r0 in
+                                                 zip(nodes, [result["step_costs"][0].get(f"expected_tokens{T}", 0.0)
+                                                             for T in nodes])],
+                                    [[r["batch"]] + [r.get(f"est_speedup{T}") for T in nodes]
+                                     for r in result["step_costs"]]), ""]
     breakdown = [(r["batch"], step, r[f"{key}_ms"], r[f"{key}_kernel_ms"]) for r in result["step_costs"]
                  for step, key in [("plain", "plain")] + [(f"verify {T}", f"verify{T}") for T in result["tree_nodes"]]
                  if r.get(f"{key}_kernel_ms")]

@@ -188,8 +188,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     is freed, so the peak does not grow) when that is larger. accum_dtype: what weight's gradient sums
     the row chunks in before its one cast to weight's dtype; the float32 default costs V * D * 4
     bytes beyond the gradient for 16-bit weights (none when one chunk holds every row; float64
-    inputs keep float64), None sums in weight's own dtype (lighter, one rounding per chunk). With return_per_head=True, returns
-    (loss, per_head) where per_head is the detached (n,) float32 unweighted loss of each head.
+    inputs keep float64), None sums in weight's own dtype (lighter, one rounding per chunk). With
+    return_per_head=True, returns (loss, per_head) where per_head is the detached (n,) float32
+    unweighted loss of each head.
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.

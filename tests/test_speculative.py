@@ -532,8 +532,7 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
 
     monkeypatch.setattr(CUDAGraphSteps, "_record", record)
     # Row 1 stops at an eos (then sits inside the forward), row 2 (12 prompt tokens) reaches the cache
-    # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1. A 48-node tree
-    # needs a longer cache to run full (graphed) steps at all.
+    # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1.
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
     max_seq_len = 24 if mode is None else 80
     eager = Generator(model4, max_batch_size=4, max_seq_len=max_seq_len, cuda_graphs=False)

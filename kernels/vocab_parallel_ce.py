@@ -33,7 +33,7 @@ from .backend import interpreting, use_triton
 from .fused_linear_ce import _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
                                check_inputs, flatten_rows, head_factors, per_head_losses, reduce_rows,
-                               rows_per_chunk, scale_forward_grads, to_compute_dtype)
+                               rows_per_chunk, scale_forward_grads, scratch_budget, to_compute_dtype)
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -183,7 +183,9 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
     d_weight = None
     if M:
         # Same chunk size on every rank (from the largest shard): same number of collectives.
-        chunk = rows_per_chunk(M, shard.max_local, weight.element_size(), max_scratch_bytes)
+        budget = scratch_budget(max_scratch_bytes, shard.max_local, D, weight.element_size(),
+                                wide_dw_sum=grad_weight and opts.accum_dtype is not None)
+        chunk = rows_per_chunk(M, shard.max_local, weight.element_size(), budget)
         scratch = torch.empty((chunk, weight.shape[0]), dtype=weight.dtype, device=rows.device)
         for start in range(0, M, chunk):
             stop = min(start + chunk, M)

@@ -254,6 +254,32 @@ def test_vp_triton_kernels_equal_reference(triton_backend, dtype, opts):
     assert grad[5].abs().sum() == 0
 
 
+def test_vp_chunks_follow_the_single_process_scratch_rule(monkeypatch):
+    """The vocabulary-parallel loop sizes its chunks as the single-process one does: with a float32
+    dW accumulator for 16-bit weights the chunk may grow to dW's size (from the largest shard, so
+    every rank runs as many chunks). A backward pass of reduction "none" needs no collective."""
+    from mtp_kernels import vocab_parallel_ce as vp
+
+    seen = []
+    rows_per_chunk = vp.rows_per_chunk
+    monkeypatch.setattr(vp, "rows_per_chunk", lambda *a: seen.append(rows_per_chunk(*a)) or seen[-1])
+    g = torch.Generator().manual_seed(5)
+    M, D, V_local = 64, 16, 40
+    rows = torch.randn(M, D, generator=g).bfloat16()
+    weight = torch.randn(V_local, D, generator=g).bfloat16()
+    targets = torch.randint(0, 2 * V_local, (M,), generator=g)
+    shard = vp._Shard(None, vocab_start=0, vocab_size=2 * V_local, max_local=V_local)
+    kernels = (reference.vp_chunk_stats, reference.vp_chunk_grad)
+    lse = torch.full((M,), 5.0)
+    for accum, want_rows in [(torch.float32, D), (None, 4)]:
+        seen.clear()
+        *_, d_weight = vp.vp_linear_ce_chunks(rows, weight, targets, torch.ones(M), CEOptions(accum_dtype=accum),
+                                              shard, kernels, lse=lse, grad_rows=False, grad_weight=True,
+                                              max_scratch_bytes=4 * V_local * 2)
+        assert seen == [want_rows], (accum, seen)
+        assert d_weight.dtype == (accum or torch.bfloat16)
+
+
 def test_vp_reference_kernels_reassemble_the_full_row():
     """Two shards' stats combined by log-sum-exp give the full row's lse and loss terms."""
     g = torch.Generator().manual_seed(4)

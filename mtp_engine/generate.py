@@ -269,8 +269,7 @@ class Generator:
         forwards = 1
         prefill_time = time.perf_counter() - start
 
-        cached = [len(p) for p in prompts]      # host copy of cache_seqlens for the live rows
-        cache_seqlens = torch.tensor(cached, dtype=torch.int32, device=device)
+        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
         parked = [False] * len(seqs)
         live_key, live_mask = None, None
         while True:
@@ -301,7 +300,6 @@ class Generator:
                     if seq.done:
                         break
                     seq.accept(emitted[j], eos_id, step_lps[b][j] if step_lps else None)
-                cached[b] += accept_len
                 counters.add(tree.max_depth, accept_len - 1)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
@@ -346,15 +344,16 @@ class Generator:
         """forward_cached over (R, T) new tokens: a plain decode step (tree None, one head) or a
         verify step over `tree` (its depths and mask, all its heads), replayed as a CUDA graph when
         graphs are on. Returns hidden (R, T, n_heads, D)."""
+        key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
+        return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
+                             (tokens, cache_seqlens), keep_alive=(tree,))[0]
+
+    def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
+        """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
         depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.packed_mask, tree.heads)
-
-        def forward(tokens, cache_seqlens):
-            # The lengths are kept in range on the host (limit and room): no range check (host sync).
-            return (self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
-                                              n_heads=n_heads, check_lengths=False),)
-
-        key = ("forward", tokens.shape[1], n_heads, None if mask is None else mask.words.data_ptr())
-        return self._graphed(key, forward, (tokens, cache_seqlens), keep_alive=(depths, mask))[0]
+        # The lengths are kept in range on the host (limit and room): no range check (host sync).
+        return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
+                                         n_heads=n_heads, check_lengths=False)
 
     def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, temperature, top_p, rng,
                      want_logprobs: bool):
@@ -383,16 +382,11 @@ class Generator:
         inputs = (root, drafts, cache_seqlens, live_mask)
         if temperature == 0 and not want_logprobs and self._use_cuda_graphs():
             def graphed_step(*static):
-                def forward(tokens, lengths):
-                    return self.model.forward_cached(tokens, lengths, node_depths=tree.depths,
-                                                     tree_mask=tree.packed_mask, n_heads=tree.heads,
-                                                     check_lengths=False)
-                packed, next_root, next_drafts, _, _ = step(*static, forward)
+                packed, next_root, next_drafts, _, _ = step(*static, lambda t, lengths: self._forward(t, lengths, tree))
                 return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
             key = ("verify", tree.size, tree.heads, tree.top_k, tree.packed_mask.words.data_ptr())
             packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,))
-            if lengths is not cache_seqlens:  # replayed: the graph advanced its own copy
-                cache_seqlens.copy_(lengths)
+            cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
             *inputs, lambda tokens, lengths: self._cached_forward(tokens, lengths, tree))

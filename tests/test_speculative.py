@@ -565,6 +565,32 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert len(recorded) > captured                                           # re-captured again
 
 
+@pytest.mark.parametrize("mode", [None, "tree"])
+def test_failed_capture_falls_back_to_eager_or_raises_when_asked(model4, monkeypatch, mode):
+    """A capture that fails (forward graph, or the whole greedy verify step) leaves the Generator
+    eager with a warning and the same tokens; cuda_graphs=True re-raises instead."""
+    from mtp_engine.generate import CUDAGraphSteps
+
+    def record(self, run, load, device):
+        load()
+        run()  # the warm-up ran, then capture failed: state must not leak into the result
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
+    want = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False).generate(
+        prompts, max_gen_len=12, speculative=mode)
+    gen = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+    gen.cuda_graphs = None
+    monkeypatch.setattr(gen, "_use_cuda_graphs", lambda: gen.cuda_graphs is not False)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        got = gen.generate(prompts, max_gen_len=12, speculative=mode)
+    assert got.tokens == want.tokens and gen.cuda_graphs is False
+    gen.cuda_graphs = True
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        gen.generate(prompts, max_gen_len=12, speculative=mode)
+
+
 def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monkeypatch):
     """Sampling (its generator stays outside graphs) and log-probs graph only the forward of a
     verify step; draws and log-probs equal the eager run's for the same seed."""

@@ -12,8 +12,9 @@
    tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
    time by group.
-2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain and
-   the default tree at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
+2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain, the
+   default tree (sized to the batch, built from the checkpoint's tree.json rates) and the fixed
+   preset of the heads ("tree heads<k>") at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
    prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on
    the random 7B-shaped model (random heads accept almost nothing: that row shows overheads, not
    speedups).
@@ -37,7 +38,7 @@ common.import_mtp_kernels()
 sys.path.insert(0, str(common.REPO_ROOT))
 
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
-from mtp_engine.generate import Generator  # noqa: E402
+from mtp_engine.generate import Generator, read_tree_rates  # noqa: E402
 from mtp_engine.speculative import TokenTree, build_tree, expected_accept_length, prior_rates  # noqa: E402
 
 SHAPE_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
@@ -172,16 +173,22 @@ def code_prompts(tokenizer, n: int, prompt_len: int, gen_len: int) -> list:
 
 
 @torch.inference_mode()
-def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: list, on_batch_done=None) -> list:
+def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: list, on_batch_done=None,
+               tree_rates=None) -> list:
     """Greedy generation of exactly gen_len tokens per prompt (eos ignored, so every mode does the
     same work), after a short warm-up call that compiles kernels and captures the CUDA graphs.
+    tree_rates: the checkpoint's measured rates for the default tree (None: the priors).
     Appends to `rows` and calls on_batch_done() after each batch size (to save what is measured)."""
     heads = model.n_future_tokens
+    preset = f"tree heads{heads}"
     for B in batches:
         batch = [prompts[i % len(prompts)] for i in range(B)]
-        gen = Generator(model, max_batch_size=B, max_seq_len=max(len(p) for p in batch) + gen_len + 1)
-        for mode in (None, "chain", "tree"):
-            kwargs = {} if mode is None else {"speculative": mode, "heads": heads}
+        gen = Generator(model, max_batch_size=B, max_seq_len=max(len(p) for p in batch) + gen_len + 1,
+                        tree_rates=tree_rates)
+        for mode in (None, "chain", "tree", preset):
+            kwargs = {} if mode is None else {"speculative": mode.split()[0], "heads": heads}
+            if mode == preset:
+                kwargs["tree"] = mode.split()[1]
             gen.generate(batch, max_gen_len=min(gen_len, 8), eos_id=-1, **kwargs)   # warm-up (graphs, compiles)
             if model.output.weight.is_cuda:
                 torch.cuda.synchronize()
@@ -301,7 +308,7 @@ def main() -> int:
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])
     save()
 
-    e2e_model, prompts, label = step_model, None, result["step_model"]
+    e2e_model, prompts, label, tree_rates = step_model, None, result["step_model"], None
     ckpt = Path(args.ckpt_dir)
     if (ckpt / "params.json").is_file():
         from mtp_engine.checkpoint import load_checkpoint
@@ -312,13 +319,14 @@ def main() -> int:
         e2e_model = load_checkpoint(ckpt, device=device, dtype=dtype).eval()
         tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
         prompts = code_prompts(tokenizer, 32, 64, gen_len)
+        tree_rates = read_tree_rates(ckpt)
         label = f"trained checkpoint {ckpt}"
     if not prompts:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, e2e_model.vocab_size, (n,), generator=g).tolist() for n in (16, 23, 31, 40)]
     result["e2e_model"] = label
     result["e2e_attention"] = attention_path(e2e_model, device, dtype)
-    end_to_end(e2e_model, prompts, batches, gen_len, result["end_to_end"], on_batch_done=save)
+    end_to_end(e2e_model, prompts, batches, gen_len, result["end_to_end"], on_batch_done=save, tree_rates=tree_rates)
     save(quiet=False)
     return 0
 

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--heads", type=int, default=None,
                           help="heads taking part in --speculative, 2..n_future_tokens (default: all)")
     complete.add_argument("--tree", default=None, metavar="PRESET",
-                          help="token tree for --speculative tree: a preset (chain, heads2 .. heads8; default: "
-                               "heads<--heads>) or a JSON list of paths such as '[[0], [1], [0, 0]]'")
+                          help="token tree for --speculative tree: a preset (chain, heads2 .. heads8) or a JSON list "
+                               "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most 256 "
+                               "tree tokens per forward on cuda, 16 on cpu), built from the checkpoint's tree.json "
+                               "rates when it has one")
     complete.set_defaults(run=run_complete)
 
     demo = sub.add_parser(

@@ -45,7 +45,7 @@ def demo_args(vocab_size: int):
 def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prompt: str = DEMO_PROMPT) -> str:
     """Greedy completion of `prompt` by the default model, plain and tree-speculative; returns the text."""
     from .checkpoint import default_checkpoint, load_checkpoint
-    from .generate import Generator
+    from .generate import Generator, read_tree_rates
     from .tokenizer import Tokenizer
 
     start = time.perf_counter()
@@ -66,7 +66,8 @@ def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prom
     print(f"model: {ckpt} — {model.num_params():,} parameters, {p.n_trunk_layers} trunk layers + "
           f"{p.n_future_tokens} heads, vocabulary {p.vocab_size}{trained}")
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    gen = Generator(model, tokenizer, max_batch_size=1, max_seq_len=len(prompt_ids) + max_gen_len + 64)
+    gen = Generator(model, tokenizer, max_batch_size=1, max_seq_len=len(prompt_ids) + max_gen_len + 64,
+                    tree_rates=read_tree_rates(ckpt))
     plain = gen.generate([prompt_ids], max_gen_len=max_gen_len, temperature=0.0)
     print("\n--- greedy completion ---")
     print(prompt + plain.text[0])

@@ -12,6 +12,7 @@ a different number of tokens per sequence and step, reuses the same bookkeeping
 """
 from __future__ import annotations
 
+import json
 import operator
 import os
 import time
@@ -25,8 +26,8 @@ from mtp_kernels import compact_kv_cache, linear_argmax
 
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
-from .speculative import (SPECULATIVE_MODES, TokenTree, accept_step, build_candidates, default_tree_name,
-                          draft_tokens, verify_tokens)
+from .speculative import (DEFAULT_TREE_TOKENS, SPECULATIVE_MODES, TokenTree, accept_step, build_candidates,
+                          check_rates, default_tree, draft_tokens, verify_tokens)
 from .speculative import token_tree as speculative_tree
 
 
@@ -94,15 +95,26 @@ class Generator:
     is the padding of the batch to its bucket (GEMMs of more rows), which the GPU test
     (test_cuda_graphs_do_not_change_results) checks changes no token. True fails loudly when a
     graph cannot be captured; None falls back to eager with a warning.
+    tree_tokens: tree tokens per verify forward (all rows) that the default tree aims for
+    (speculative.default_tree); None: DEFAULT_TREE_TOKENS for the model's device type.
+    tree_rates: measured per-depth acceptance rates the default tree is built from (a checkpoint's
+    tree.json "rates"; None: speculative.prior_rates).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, tree_tokens: Optional[int] = None, tree_rates=None):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        if tree_tokens is not None and (isinstance(tree_tokens, bool) or not isinstance(tree_tokens, int)
+                                        or tree_tokens < 1):
+            raise ValueError(f"tree_tokens must be None or a positive int, got {tree_tokens!r}")
+        if tree_rates is not None:
+            tree_rates = check_rates(tree_rates)
+        self.tree_tokens = tree_tokens
+        self.tree_rates = tree_rates
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -134,19 +146,20 @@ class Generator:
         head: blockwise parallel decoding) or "tree" (a static token tree of the heads' top-k drafts).
         heads: how many heads take part, 2 <= heads <= n_future_tokens (default all); head 0 verifies,
         heads 1..heads-1 draft. tree (speculative="tree"): a list of paths in Medusa's format
-        ([[0], [1], [0, 0], ...], see mtp_engine.speculative), "preset" or None (the preset for
-        `heads`), or "chain". Greedy speculative output equals plain greedy output token for token;
+        ([[0], [1], [0, 0], ...], see mtp_engine.speculative), a preset name ("heads<k>", "chain"),
+        or None: the default tree for this many prompts (speculative.default_tree: at most
+        `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree). Greedy speculative output equals plain greedy output token for token;
         sampled speculative output has the same distribution as plain sampling (not the same draws).
         Exactness holds in float32. In bf16/fp16 a near-tie can break differently: plain decoding
         ranks logits rounded to the model dtype (ties go to the lowest id, as in the release), the
         verifier ranks float32-accumulated logits (linear_argmax), and a forward over T tree nodes
         rounds differently from a one-token forward; after such a tie the two continuations differ.
         """
-        tree_spec = self._check_speculative(speculative, heads, tree)
         check_sampling_args(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens)
+        tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
         eos_id = self._resolve_eos(eos_id)
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
 
@@ -422,8 +435,9 @@ class Generator:
         return on_cuda if self.cuda_graphs is None else self.cuda_graphs
 
     # ------------------------------------------------------------------ checks
-    def _check_speculative(self, speculative, heads, tree) -> Optional[TokenTree]:
-        """The token tree of a speculative call (None for plain decoding); ValueError on bad arguments."""
+    def _check_speculative(self, speculative, heads, tree, rows: int) -> Optional[TokenTree]:
+        """The token tree of a speculative call over `rows` prompts (None for plain decoding);
+        ValueError on bad arguments."""
         if speculative is None:
             if heads is not None or tree is not None:
                 raise ValueError("heads and tree only apply to self-speculative decoding (speculative='chain'|'tree')")
@@ -442,7 +456,10 @@ class Generator:
             if tree is not None:
                 raise ValueError("tree= applies to speculative='tree'; speculative='chain' drafts top-1 per head")
             tree = "chain"
-        token_tree = speculative_tree(default_tree_name(heads) if tree is None else tree, heads)
+        if tree is None:
+            tree_tokens = self.tree_tokens or DEFAULT_TREE_TOKENS.get(self.device.type, DEFAULT_TREE_TOKENS["cuda"])
+            tree = default_tree(heads, max(rows, 1), tree_tokens, self.tree_rates)
+        token_tree = speculative_tree(tree, heads)
         if token_tree.top_k > self.model.vocab_size:
             raise ValueError(f"tree uses rank {token_tree.top_k - 1}, but the vocabulary has only "
                              f"{self.model.vocab_size} tokens")
@@ -656,6 +673,20 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def read_tree_rates(ckpt_dir) -> Optional[List[List[float]]]:
+    """The measured acceptance rates in a checkpoint's tree.json (written by `mtp evaluate
+    --build-tree`), which the default tree is then built from; None when the file is absent."""
+    path = os.path.join(ckpt_dir, "tree.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            rates = json.load(f)["rates"]
+        return check_rates(rates)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a tree file with per-depth acceptance \"rates\" ({err})") from None
+
+
 class Llama:
     """The Llama release's generation front end (generation.py), on top of `Generator`.
 
@@ -683,15 +714,16 @@ class Llama:
             raise ValueError(f"checkpoint vocab_size {model.vocab_size} does not match the tokenizer's "
                              f"{tokenizer.n_words} words ({tokenizer_path}): wrong tokenizer for this model?")
         model.eval()
-        return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                     tree_rates=read_tree_rates(ckpt_dir))
 
     def __init__(self, model: Transformer, tokenizer, max_seq_len: Optional[int] = None,
-                 max_batch_size: Optional[int] = None):
+                 max_batch_size: Optional[int] = None, tree_rates=None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.params.max_seq_len
         self.generator = Generator(model, tokenizer, max_batch_size=max_batch_size or model.params.max_batch_size,
-                                   max_seq_len=self.max_seq_len)
+                                   max_seq_len=self.max_seq_len, tree_rates=tree_rates)
         self.last_stats: Optional[dict] = None
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,

@@ -50,6 +50,15 @@ PRIOR_TOP_K = 10
 # Preset sizes: drafted nodes (the root comes on top) for 2, 3 and 4 heads.
 PRESET_NODES = {2: 7, 3: 23, 4: 47}
 
+# Tree tokens per verify forward, all rows together, that the default tree aims for (`default_tree`).
+# In bf16 a token costs 2 FLOPs per 2-byte weight, so a forward of M tokens stays bound by reading
+# the weights while M is below the matmul rate over the bandwidth: about 260 on the H100 (793
+# TFLOP/s, 3.0 TB/s) and 190 on the H200 (benchmarks/results/NOTES.md). Past that, every tree
+# token costs compute. On the H100 the 16-node tree beat the 64-node one at batch 8 (estimated 2.5x
+# vs 1.6x over plain) and at batch 32 (1.9x vs 0.7x). A CPU forward is compute bound from a few
+# tokens: a 16-node verify cost 3x a plain step at batch 1 on the test model (generate_cpu.md).
+DEFAULT_TREE_TOKENS = {"cuda": 256, "cpu": 16}
+
 
 # ---------------------------------------------------------------------------------- paths
 def chain_paths(heads: int) -> List[List[int]]:
@@ -80,6 +89,34 @@ def preset_paths(heads: int) -> List[List[int]]:
         raise ValueError("a token tree needs at least 2 heads (head 0 verifies, heads 1.. draft)")
     budget = PRESET_NODES.get(heads, 12 * (heads - 1))
     return build_tree(prior_rates(heads), budget)
+
+
+def default_tree_nodes(heads: int, rows: int, tree_tokens: int) -> int:
+    """Drafted nodes of the default tree for `rows` sequences: the tree tokens of one verify forward
+    (rows x (nodes + 1)) stay within `tree_tokens`, the preset's size caps it, and it never drops
+    below heads - 1 nodes (a chain's worth, so every head still drafts)."""
+    _check_heads_count(heads)
+    for name, value in (("rows", rows), ("tree_tokens", tree_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    cap = PRESET_NODES.get(heads, 12 * (heads - 1))
+    return min(cap, max(heads - 1, tree_tokens // rows - 1))
+
+
+def default_tree(heads: int, rows: int, tree_tokens: int, rates=None) -> List[List[int]]:
+    """The tree `Generator.generate` verifies when none is given: `build_tree` over `rates` (measured
+    per-depth rates, e.g. a checkpoint's tree.json; None = prior_rates) with
+    `default_tree_nodes(heads, rows, tree_tokens)` nodes. Rates for more heads than `heads` are cut
+    to the first heads - 1 depths."""
+    nodes = default_tree_nodes(heads, rows, tree_tokens)
+    if rates is None:
+        rates = prior_rates(heads)
+    else:
+        rates = check_rates(rates)
+        if len(rates) < heads - 1:
+            raise ValueError(f"rates cover {len(rates)} drafting depths, but {heads} heads need {heads - 1}")
+        rates = rates[:heads - 1]
+    return build_tree(rates, nodes)
 
 
 def preset_names() -> List[str]:
@@ -150,7 +187,8 @@ def _check_heads_count(heads) -> None:
 
 
 # ---------------------------------------------------------------------------------- tree builder
-def _check_rates(rates) -> List[List[float]]:
+def check_rates(rates) -> List[List[float]]:
+    """Per-depth, per-rank acceptance rates (rates[d-1][r] in [0, 1]) as lists of floats; ValueError otherwise."""
     if isinstance(rates, torch.Tensor):
         rates = rates.tolist()
     if not isinstance(rates, Sequence) or len(rates) == 0:
@@ -179,7 +217,7 @@ def expected_accept_length(paths, rates) -> float:
     """Expected tokens per verify step with this tree: 1 (the bonus token) + the sum over nodes of
     the probability that the node is accepted (siblings hold distinct tokens, so at most one child
     of a node is accepted and the node events add up)."""
-    rates = _check_rates(rates)
+    rates = check_rates(rates)
     paths = validate_paths(paths, len(rates) + 1)
     return 1.0 + sum(path_probability(p, rates) for p in paths)
 
@@ -195,7 +233,7 @@ def build_tree(rates, budget: int) -> List[List[int]]:
     shallower, then lexicographically smaller path. Returns paths in node order; fewer than `budget`
     when every possible node (depth <= len(rates), rank < len(row)) is already in.
     """
-    rates = _check_rates(rates)
+    rates = check_rates(rates)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be an int >= 1 (drafted nodes), got {budget!r}")
     frontier = [(-path_probability((r,), rates), 1, (r,)) for r in range(len(rates[0]))]

@@ -193,6 +193,68 @@ def test_measure_acceptance_rates_on_drafting_model():
         measure_acceptance_rates(partial, [[1]], heads=4)
 
 
+def test_default_tree_size_follows_the_batch():
+    # At most tree_tokens tree tokens per forward over all rows, capped by the preset, never below a chain.
+    assert [spec.default_tree_nodes(4, rows, 256) for rows in (1, 8, 32, 64)] == [47, 31, 7, 3]
+    for heads in (2, 3, 4, 6):
+        for rows in (1, 2, 5, 8, 13, 32, 64, 300):
+            for tokens in (16, 100, 256):
+                n = spec.default_tree_nodes(heads, rows, tokens)
+                assert heads - 1 <= n <= spec.PRESET_NODES.get(heads, 12 * (heads - 1))
+                assert rows * (n + 1) <= tokens or n == heads - 1
+    paths = spec.default_tree(4, 8, 256)
+    assert paths == build_tree(spec.prior_rates(4), 31) and validate_paths(paths, 4)
+    # measured rates: those of a model with more heads fit fewer heads (first depths)
+    rates = [[0.2, 0.7], [0.6, 0.3], [0.5, 0.1]]
+    assert spec.default_tree(3, 1, 256, rates) == build_tree(rates[:2], 23) == [[0], [1], [0, 0], [0, 1],
+                                                                                    [1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="rates cover 1 drafting depths, but 3 heads need 2"):
+        spec.default_tree(3, 1, 256, rates[:1])
+    with pytest.raises(ValueError, match="rows must be an int >= 1"):
+        spec.default_tree_nodes(3, 0, 256)
+    with pytest.raises(ValueError, match="tree_tokens must be an int >= 1"):
+        spec.default_tree_nodes(3, 1, 0.5)
+
+
+def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(model4):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=48)
+    one = gen.generate(PROMPTS[:1], max_gen_len=12, speculative="tree")
+    three = gen.generate(PROMPTS, max_gen_len=12, speculative="tree")
+    assert one.stats["tree_nodes"] == 48      # the 4-head preset's 47 nodes + root: 48 tokens
+    assert three.stats["tree_nodes"] == 16    # 3 rows x 16 = 48 tree tokens per forward
+    assert three.tokens == gen.generate(PROMPTS, max_gen_len=12).tokens
+    assert one.tokens[0] == three.tokens[0]
+    # CPU default without tree_tokens: DEFAULT_TREE_TOKENS["cpu"]
+    cpu = Generator(model4, max_batch_size=3, max_seq_len=64)._check_speculative("tree", 4, None, rows=1)
+    assert cpu.size == 1 + spec.default_tree_nodes(4, 1, spec.DEFAULT_TREE_TOKENS["cpu"])
+    # measured rates that favour rank 1 at depth 1 put [1] first among the drafts
+    rates = [[0.1, 0.8, 0.05], [0.9, 0.05], [0.9, 0.05]]
+    tuned = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=4, tree_rates=rates)
+    tree = tuned._check_speculative("tree", 4, None, rows=1)
+    assert tree.paths == ((1,), (1, 0), (1, 0, 0))
+    out = tuned.generate(PROMPTS, max_gen_len=12, speculative="tree")
+    assert out.tokens == three.tokens and out.stats["tree_nodes"] == 4
+    for kwargs, match in (({"tree_tokens": 0}, "tree_tokens"), ({"tree_tokens": True}, "tree_tokens"),
+                          ({"tree_rates": [[1.5]]}, "rates for depth 1 must lie in")):
+        with pytest.raises(ValueError, match=match):
+            Generator(model4, max_batch_size=1, max_seq_len=16, **kwargs)
+
+
+def test_tree_rates_read_from_a_checkpoint(tmp_path):
+    from mtp_engine.checkpoint import default_checkpoint
+    from mtp_engine.generate import Llama, read_tree_rates
+
+    ckpt = default_checkpoint()
+    rates = read_tree_rates(ckpt)
+    assert rates == json.loads((ckpt / "tree.json").read_text())["rates"] and len(rates) == 3
+    llama = Llama.build(ckpt, ckpt / "tokenizer.model", max_seq_len=32, max_batch_size=1, device="cpu")
+    assert llama.generator.tree_rates == rates
+    assert read_tree_rates(tmp_path) is None
+    (tmp_path / "tree.json").write_text('{"paths": [[0]]}')
+    with pytest.raises(ValueError, match=r"tree.json: not a tree file"):
+        read_tree_rates(tmp_path)
+
+
 def test_tree_built_from_measured_rates_runs_and_beats_chain(model4):
     rates = measure_acceptance_rates(model4, [[7, 8, 9], [2, 30, 4, 5]], top_k=4, max_gen_len=40)
     tuned = build_tree(rates, 8)
@@ -206,11 +268,12 @@ def test_tree_built_from_measured_rates_runs_and_beats_chain(model4):
 
 
 # ------------------------------------------------------------------------------ greedy exactness
-@pytest.mark.parametrize("mode, heads", [("chain", 4), ("tree", 4), ("tree", 3), ("chain", 2), ("tree", 2)])
-def test_greedy_speculative_equals_plain(model4, mode, heads):
+@pytest.mark.parametrize("mode, heads, tree", [("chain", 4, None), ("tree", 4, None), ("tree", 4, "heads4"),
+                                              ("tree", 3, None), ("chain", 2, None), ("tree", 2, None)])
+def test_greedy_speculative_equals_plain(model4, mode, heads, tree):
     gen = Generator(model4, max_batch_size=3, max_seq_len=64)
     plain = gen.generate(PROMPTS, max_gen_len=30)
-    fast = gen.generate(PROMPTS, max_gen_len=30, speculative=mode, heads=heads)
+    fast = gen.generate(PROMPTS, max_gen_len=30, speculative=mode, heads=heads, tree=tree)
     assert fast.tokens == plain.tokens
     assert fast.finish_reasons == plain.finish_reasons == ["max_gen_len"] * 3
     assert fast.stats["tokens_per_forward"] > 1.2
@@ -231,9 +294,9 @@ def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
     shapes = []
     forward = gen._cached_forward
     gen._cached_forward = lambda tokens, *args, **kw: shapes.append(tokens.shape[1]) or forward(tokens, *args, **kw)
-    for mode, size in (("chain", 4), ("tree", 48)):
+    for mode, tree, size in (("chain", None, 4), ("tree", "heads4", 48)):
         shapes.clear()
-        fast = gen.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
+        fast = gen.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode, tree=tree)
         assert fast.tokens == plain.tokens, mode
         assert fast.finish_reasons == plain.finish_reasons
         assert fast.stats["tokens_per_forward"] > 1.0
@@ -329,7 +392,8 @@ def test_speculative_stats_consistent(model4):
                 "wall_time_s", "tokens_per_s", "speculative", "heads", "tree_nodes", "verify_steps",
                 "mean_accepted_drafts", "acceptance_per_depth", "acceptance_per_head"):
         assert key in s, key
-    assert s["speculative"] == "tree" and s["heads"] == 3 and s["tree_nodes"] == 24
+    assert s["speculative"] == "tree" and s["heads"] == 3
+    assert s["tree_nodes"] == 1 + spec.default_tree_nodes(3, rows=3, tree_tokens=spec.DEFAULT_TREE_TOKENS["cpu"])
     assert s["generated_tokens"] == 60
     assert len(s["acceptance_per_depth"]) == 2
     assert all(0.0 <= r <= 1.0 for r in s["acceptance_per_depth"])
@@ -446,7 +510,7 @@ def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temp
     prompt = [1, 5, 2]
     probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p)
     counts, stats = sampled_pairs(sampling_model, prompt, rows=500, calls=8, seed=100, temperature=temperature,
-                                  top_p=top_p, speculative="tree", heads=2)
+                                  top_p=top_p, speculative="tree", heads=2, tree="heads2")
     assert stats["acceptance_per_depth"][0] > 0.3  # the tree really accepted sampled drafts
     assert chi_square_pvalue(counts, probs) > 1e-3
     # power: the same counts reject a slightly different temperature's distribution
@@ -490,7 +554,7 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
     assert main(base + ["--speculative", "tree", "--heads", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:-1] == plain[:-1]  # greedy: same text
-    assert "tokens/forward" in out[-1] and "tree, 3 heads, 24 nodes, acceptance by depth" in out[-1]
+    assert "tokens/forward" in out[-1] and "tree, 3 heads, 8 nodes, acceptance by depth" in out[-1]  # 2 rows x 8 = 16 cpu tree tokens
     assert main(base + ["--speculative", "tree", "--heads", "2", "--tree", json.dumps([[0], [1], [2]])]) == 0
     assert "tree, 2 heads, 4 nodes" in capsys.readouterr().out
     for extra, match in ((["--heads", "2"], "need --speculative"),

@@ -23,7 +23,8 @@ Python launcher, which dominates small calls) and, for decode and tree verificat
 replayed as a CUDA graph ("graph": the generator's condition, where decode and verify steps replay
 graphs; this is the kernel time the bandwidth and tree targets are judged on). The range check of
 cache_seqlens (one host sync per call) is switched off while timing, as a generator that owns its
-lengths would do.
+lengths would do. KV-cache launches are tuned per shape before timing (kernels/attention.py,
+tune_kv_launch); a table lists every candidate launch's time, the heuristic's and the tuned one.
 Writes attention_<device-slug>.json and .md into DIR and prints the tables.
 """
 from __future__ import annotations
@@ -197,6 +198,24 @@ def _tree_mask(n: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
+def _launch_name(launch) -> str:
+    return f"M{launch.block_m} x{launch.n_splits}"
+
+
+def _tune_record(attention, q, k_cache, v_cache, seqlens, mask) -> dict:
+    """Tune the KV launch for this shape (as the first real call would) and record every candidate's
+    CUDA-graph time, the heuristic's choice and the tuned one (ms, full cache). The CPU smoke run
+    times one interpreted call per candidate instead."""
+    timer = None if torch.cuda.is_available() else _bench_ms
+    times = attention.tune_kv_launch(q, k_cache, v_cache, seqlens, mask, q.shape[-1] ** -0.5, timer=timer)
+    B, Tq, H, _ = q.shape
+    heuristic = attention._kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
+    best = min(times, key=times.get)
+    return {"times_ms": {_launch_name(k): v for k, v in times.items()},
+            "heuristic": _launch_name(heuristic), "heuristic_ms": times.get(heuristic),
+            "tuned": _launch_name(best), "tuned_ms": times[best]}
+
+
 def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
                  heads=DECODE_HEADS, device="cuda", dtype=torch.bfloat16) -> list[dict]:
     H, Hkv, D = heads
@@ -217,6 +236,7 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
                     return attention.kv_cache_attention(q, k_cache, v_cache, seqlens, mask, check_seqlens=False)
 
                 with torch.no_grad():
+                    row[f"tq{Tq}_launches"] = _tune_record(attention, q, k_cache, v_cache, seqlens, mask)
                     row[f"ours_tq{Tq}_launch_ms"] = _bench_ms(ours, rep=50)
                     ms = row[f"ours_tq{Tq}_ms"] = _bench_graph_ms(ours)
                 floor = row[f"floor_tq{Tq}_ms"] = _kv_floor_ms(B, S, Tq, H, Hkv, D, k_cache.element_size(),
@@ -289,6 +309,18 @@ def to_markdown(result: dict) -> str:
             cells += [r[f"ours_tq{t}_ms"], r.get(f"ours_tq{t}_x_floor"), r[f"tree{t}_vs_decode"],
                       r.get(f"tree{t}_floor_ratio")]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    tuned = [(r, t) for r in result["decode"] for t in (1,) + TREE_SIZES if r.get(f"tq{t}_launches")]
+    if tuned:
+        lines += ["", "### Launch tuning (tune_kv_launch: CUDA-graph ms per candidate on a full cache; "
+                  "M = query rows per tile, x = KV splits)", "",
+                  "| B | S | Tq | heuristic | ms | tuned | ms | heuristic / tuned | all candidates |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r, t in tuned:
+            rec = r[f"tq{t}_launches"]
+            every = ", ".join(f"{k}: {_fmt(v)}" for k, v in rec["times_ms"].items())
+            lines.append(f"| {r['B']} | {r['S']} | {t} | {rec['heuristic']} | {_fmt(rec['heuristic_ms'])} | "
+                         f"{rec['tuned']} | {_fmt(rec['tuned_ms'])} | {_fmt(_ratio(rec['heuristic_ms'], rec['tuned_ms']))} "
+                         f"| {every} |")
     return "\n".join(lines) + "\n"
 
 

@@ -235,15 +235,19 @@ def scenarios():
         attention.flash_attention(q, k, v, causal=False).sum().backward()
 
     def kv_cache(dtype):
-        # Decode (Tq=1) unsplit and flash-decoding split, tree verification with 16 and 64 nodes.
+        # Decode (Tq=1) and tree verification with 16 and 64 nodes, every launch the GPU tuner may
+        # pick (row tiles x split counts; kv_launch_candidates).
         for D in (128, 64, 48):
             k_cache, v_cache = (randn(2, 1024, 8, D, dtype=dtype) for _ in range(2))
             seqlens = torch.tensor([5, 900], dtype=torch.int32)
-            for Tq, split in ((1, None), (1, 256), (16, None), (64, None), (64, 256)):
+            for Tq in (1, 16, 64):
                 q = randn(2, Tq, 32, D, dtype=dtype)
-                tree = torch.tril(torch.ones(Tq, Tq, dtype=torch.bool)) if Tq > 1 else None
-                with mock.patch.object(attention, "FORCE_KV_SPLIT_SIZE", split):
+                tree = attention.pack_tree_mask(torch.tril(torch.ones(Tq, Tq, dtype=torch.bool))) if Tq > 1 else None
+                if not attention._kernel_supports(q):   # float32 runs the reference on a GPU
                     attention.kv_cache_attention(q, k_cache, v_cache, seqlens, tree)
+                    continue
+                for launch in attention.kv_launch_candidates(2, 8, 4 * Tq, 1024, q.device):
+                    attention._kv_run(q, k_cache, v_cache, seqlens, tree, D ** -0.5, launch)
 
     def rope_cache(dtype):
         # Decode (one token per sequence) and a prefill chunk at the 7B shape; a head dim of 48.

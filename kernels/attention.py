@@ -17,12 +17,16 @@ GQA group's query heads x the Tq new queries, packed as the M dimension of tl.do
 is read once for all of them. Tree masks travel as bits (one int64 word per 64 new nodes per query
 row, packed by `pack_tree_mask`). When batch*kv_heads is too small to fill the GPU, the cache length is
 split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
-`_kv_combine_kernel` merges them.
+`_kv_combine_kernel` merges them. The launch (row tile, split count) is timed per shape on the
+GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`), as Triton's
+autotuner does for tile configs; the split count changes the grid, the partial buffers and whether
+the combine runs, which a kernel autotuner cannot choose. `_kv_heuristic` is the fallback.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -642,27 +646,34 @@ def _kv_attn_kernel(
 def _kv_combine_kernel(
     O_PART, LSE_PART, O, Tq, H, N_SPLITS,
     stride_ob, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Two passes over the splits in BLOCK_S chunks (the max, then the weighted sum), so one compiled
+    # kernel serves every split count the launch tuner tries.
     row = tl.program_id(0).to(tl.int64)        # (b * Tq + i) * H + h
     h = row % H
     i = (row // H) % Tq
     b = row // (H * Tq)
-    offs_s = tl.arange(0, SPLITS_POW2)
-    lse_all = tl.load(LSE_PART + row * N_SPLITS + offs_s, mask=offs_s < N_SPLITS, other=float("-inf"))
-    m = tl.max(lse_all, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.math.exp2(lse_all - m), 0)
+    m_parts = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, N_SPLITS, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(LSE_PART + row * N_SPLITS + offs, mask=offs < N_SPLITS, other=float("-inf"))
+        m_parts = tl.maximum(m_parts, lse)
+    m = tl.max(m_parts, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)     # every split empty: the row yields 0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(0, N_SPLITS, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)
         ok = offs < N_SPLITS
         w = tl.math.exp2(tl.load(LSE_PART + row * N_SPLITS + offs, mask=ok, other=float("-inf")) - m)
+        w_sum += w
         part = tl.load(O_PART + (row * N_SPLITS + offs)[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(w[:, None] * part, 0)
+    denom = tl.sum(w_sum, 0)
     out = acc / tl.where(denom == 0.0, 1.0, denom)
     tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
@@ -694,68 +705,182 @@ def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
     return PackedTreeMask(tree_mask, (padded.view(Tq, words, 64) * weights).sum(-1).contiguous())
 
 
-def _kv_launch_config(B: int, Hkv: int, rows: int, S_max: int, D: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, split_size, n_splits)."""
-    if interpreting():
-        block_m = min(max(triton.next_power_of_2(rows), 16), 32)
-        block_n, num_warps, num_stages = 16, 4, 1
-    else:
-        block_m = min(max(triton.next_power_of_2(rows), 16), 128)
-        block_n = 64
-        num_warps = 4 if block_m <= 64 else 8
-        num_stages = 3
+@dataclass(frozen=True)
+class KVLaunch:
+    """Launch geometry of KV-cache attention: tile sizes, and the cache split into n_splits ranges
+    of split_size slots (n_splits > 1 adds float32 partials and the combine kernel)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_size: int
+    n_splits: int
+
+
+def _kv_launch(block_m: int, S_max: int, split_blocks: int | None, gpu: bool) -> KVLaunch:
+    block_n, num_stages = (64, 3) if gpu else (16, 1)
+    num_warps = 4 if block_m <= 64 or not gpu else 8
     n_blocks = triton.cdiv(S_max, block_n)
-    row_tiles = triton.cdiv(rows, block_m)
+    split_size = min(split_blocks or n_blocks, n_blocks) * block_n
+    return KVLaunch(block_m, block_n, num_warps, num_stages, split_size, triton.cdiv(S_max, split_size))
+
+
+def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> KVLaunch:
+    """The launch used without tuning: rows = GROUP * Tq query rows per (sequence, kv head)."""
+    gpu = gpu_launch(device)
+    block_m = min(max(triton.next_power_of_2(rows), 16), 128 if gpu else 32)
+    n_blocks = triton.cdiv(S_max, 64 if gpu else 16)
     if FORCE_KV_SPLIT_SIZE is not None:
-        split_blocks = triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), block_n)
-    elif not gpu_launch(device):
-        split_blocks = n_blocks
+        return _kv_launch(block_m, S_max, triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), 64 if gpu else 16), gpu)
+    if not gpu:
+        return _kv_launch(block_m, S_max, None, gpu)
+    # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle; aim for
+    # about four programs per SM so enough loads are in flight to saturate HBM.
+    programs = B * Hkv * triton.cdiv(rows, block_m)
+    target = 4 * sm_count(device)
+    n_splits = 1 if programs >= target // 2 else min(n_blocks, triton.cdiv(target, programs))
+    # Each split writes float32 partials of all `rows` rows, which the combine reads back:
+    # 8 * rows * D bytes per split against the 4 * S * D bytes of bf16 K and V it reads. Keep them
+    # within a quarter of the cache. Unbounded, a 64-node tree (256 rows) at batch 1 over a
+    # 1024-slot cache took 16 splits, whose partials were 8x the cache: 3.35x a decode (H100).
+    n_splits = max(1, min(n_splits, S_max // (8 * rows)))
+    return _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
+
+
+def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> list[KVLaunch]:
+    """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and a smaller one
+    (more programs with fewer registers each, for trees of many rows) every power-of-two split
+    count up to eight programs per SM (two splits per tile under the interpreter)."""
+    gpu = gpu_launch(device)
+    base = _kv_heuristic(B, Hkv, rows, S_max, device)
+    small = 64 if gpu else 16
+    block_ms = [base.block_m] + ([small] if rows > small and base.block_m > small else [])
+    n_blocks = triton.cdiv(S_max, base.block_n)
+    max_programs = 8 * sm_count(device) if gpu else 2 * B * Hkv * triton.cdiv(rows, small)
+    out = [base]
+    for block_m in block_ms:
+        programs = B * Hkv * triton.cdiv(rows, block_m)
+        n_splits = 1
+        while n_splits <= n_blocks and (n_splits == 1 or programs * n_splits <= max_programs):
+            launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
+            if launch not in out:
+                out.append(launch)
+            n_splits *= 2
+    return out
+
+
+# Tuned launches per shape (see tune_kv_launch). MTP_KV_TUNE=0 keeps the heuristic: tuning may pick
+# a different split count in another process, which changes the float32 summation order.
+KV_TUNE = os.environ.get("MTP_KV_TUNE", "1").strip() != "0"
+_KV_TUNED: dict[tuple, KVLaunch] = {}
+
+
+def _kv_key(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> tuple:
+    return (str(q.device), q.dtype, *q.shape, k_cache.shape[1], k_cache.shape[2], tree)
+
+
+def _graph_replay_ms(fn, calls: int = 10, replays: int = 5, rounds: int = 3) -> float:
+    """GPU ms of one fn() as the generator runs it: `calls` back-to-back calls captured in a CUDA
+    graph (so host launch cost does not count), replayed; the best of `rounds` timings."""
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    best = float("inf")
+    with torch.cuda.stream(stream):
+        fn()   # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(replays):
+                graph.replay()
+            end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / (calls * replays))
+    torch.cuda.current_stream().wait_stream(stream)
+    del graph
+    return best
+
+
+def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
+                   timer=None) -> dict[KVLaunch, float]:
+    """Time every `kv_launch_candidates` launch on these tensors with a full cache (cache_seqlens =
+    S_max - Tq, the length the split plan is made for), keep the fastest for this shape and return
+    the times (ms). timer(fn) -> ms; default: CUDA-graph replay time. A launch that fails (e.g.
+    out of shared memory) counts as infinitely slow. KV-cache attention calls this once per shape
+    on CUDA (outside graph capture) unless MTP_KV_TUNE=0."""
+    B, Tq, H, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    full = torch.full_like(cache_seqlens, S_max - Tq)
+    timer = timer or _graph_replay_ms
+    times = {}
+    for launch in kv_launch_candidates(B, Hkv, (H // Hkv) * Tq, S_max, q.device):
+        try:
+            times[launch] = float(timer(lambda launch=launch: _kv_run(q, k_cache, v_cache, full, tree_mask,
+                                                                      sm_scale, launch)))
+        except (RuntimeError, triton.runtime.errors.OutOfResources):
+            times[launch] = float("inf")
+    best = min(times, key=times.get)
+    if times[best] == float("inf"):
+        raise RuntimeError(f"kv_cache_attention: no launch of {list(times)} runs for q {tuple(q.shape)}, "
+                           f"cache {tuple(k_cache.shape)}")
+    _KV_TUNED[_kv_key(q, k_cache, tree_mask is not None)] = best
+    return times
+
+
+def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
+    B, Tq, H, _ = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if FORCE_KV_SPLIT_SIZE is not None:
+        return _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+    key = _kv_key(q, k_cache, tree_mask is not None)
+    if key not in _KV_TUNED and KV_TUNE and q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
+    return _KV_TUNED.get(key) or _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+
+
+def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
+            launch: KVLaunch) -> torch.Tensor:
+    """One KV-cache attention with the given launch (tensors already in kernel layout)."""
+    B, Tq, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = H // Hkv
+    rows = group * Tq
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    tree = tree_mask is not None
+    mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
+    split = launch.n_splits > 1
+    if split:
+        o_part = torch.empty((B, Tq, H, launch.n_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Tq, H, launch.n_splits), dtype=torch.float32, device=q.device)
     else:
-        # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle;
-        # aim for about four programs per SM so enough loads are in flight to saturate HBM.
-        programs = B * Hkv * row_tiles
-        target = 4 * sm_count(device)
-        n_splits = 1 if programs >= target // 2 else min(n_blocks, triton.cdiv(target, programs))
-        split_blocks = triton.cdiv(n_blocks, n_splits)
-    split_size = split_blocks * block_n
-    return block_m, block_n, num_warps, num_stages, split_size, triton.cdiv(S_max, split_size)
+        o_part = lse_part = out                                          # unused when not SPLIT
+    grid = (triton.cdiv(rows, launch.block_m), launch.n_splits, B * Hkv)
+    _kv_attn_kernel[grid](
+        q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part,
+        *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
+        Tq, Hkv, group, launch.split_size, launch.n_splits, triton.cdiv(Tq, 64), sm_scale * LOG2E,
+        **_head_dim_tile(D), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, TREE=tree, SPLIT=split,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if split:
+        _kv_combine_kernel[(B * Tq * H,)](
+            o_part, lse_part, out, Tq, H, launch.n_splits, *_bth_strides(out),
+            HEAD_DIM=D, BLOCK_D=_head_dim_tile(D)["BLOCK_D"], BLOCK_S=16, num_warps=1 if D <= 64 else 2)
+    return out
 
 
 def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None,
                               sm_scale: float):
-    """Launcher (inputs already validated). q: (B, Tq, H, D); caches: (B, S_max, Hkv, D)."""
-    B, Tq, H, D = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    group = H // Hkv
+    """Launcher (inputs already validated). q: (B, Tq, H, D); caches: (B, S_max, Hkv, D). The launch
+    is the one tuned for this shape (tune_kv_launch, on CUDA), else the heuristic's."""
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
-    rows = group * Tq
-    block_m, block_n, num_warps, num_stages, split_size, n_splits = _kv_launch_config(
-        B, Hkv, rows, S_max, D, q.device)
-    tree = tree_mask is not None
-    mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
-    mask_words = triton.cdiv(Tq, 64)
-    split = n_splits > 1
-    if split:
-        o_part = torch.empty((B, Tq, H, n_splits, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, Tq, H, n_splits), dtype=torch.float32, device=q.device)
-    else:
-        o_part = lse_part = out                                          # unused when not SPLIT
-    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
-    _kv_attn_kernel[grid](
-        q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part,
-        *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
-        Tq, Hkv, group, split_size, n_splits, mask_words, sm_scale * LOG2E,
-        **_head_dim_tile(D), BLOCK_M=block_m, BLOCK_N=block_n, TREE=tree, SPLIT=split,
-        num_warps=num_warps, num_stages=num_stages)
-    if split:
-        splits_pow2 = triton.next_power_of_2(n_splits)
-        _kv_combine_kernel[(B * Tq * H,)](
-            o_part, lse_part, out, Tq, H, n_splits, *_bth_strides(out),
-            HEAD_DIM=D, BLOCK_D=_head_dim_tile(D)["BLOCK_D"], SPLITS_POW2=splits_pow2, BLOCK_S=min(splits_pow2, 16),
-            num_warps=1 if D <= 64 else 2)
-    return out
+    launch = _kv_launch_for(q, k_cache, v_cache, seqlens, tree_mask, sm_scale)
+    return _kv_run(q, k_cache, v_cache, seqlens, tree_mask, sm_scale, launch)
 
 
 # ============================================================================================

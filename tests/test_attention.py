@@ -239,6 +239,72 @@ def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_si
     torch.testing.assert_close(ref, expected)
 
 
+def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backend, monkeypatch):
+    """Every launch the tuner may pick (row tiles x split counts) gives the oracle's result on a full
+    cache; the fastest by the timer is kept for the shape and later calls use it."""
+    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
+    B, H, Hkv, D, Tq, S_max = 3, 4, 2, 16, 9, 70
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, [5, 40, 61], seed=31)
+    packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(32)))
+    full = torch.full((B,), S_max - Tq, dtype=torch.int32)
+    want = _kv_oracle(q, k_cache, v_cache, full, packed.mask, 0.3)
+    candidates = attention_module.kv_launch_candidates(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+    assert len({c.block_m for c in candidates}) == 2 and len({c.n_splits for c in candidates}) >= 2
+    ran = []
+
+    def timer(fn):
+        torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=2e-5)
+        ran.append(fn)
+        return 0.5 if len(ran) == 2 else 1.0 + len(ran)   # the 2nd candidate is the fastest
+    times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=timer)
+    assert list(times) == candidates and len(ran) == len(candidates)
+    chosen = min(times, key=times.get)
+    assert chosen == candidates[1]
+    used = []
+    run = attention_module._kv_run
+    monkeypatch.setattr(attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, packed, sm_scale=0.3)
+    assert used == [chosen]
+    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
+                               rtol=1e-4, atol=2e-5)
+    # a launch that fails counts as infinitely slow; none running is an error naming the shapes
+    calls = []
+
+    def first_fails(fn):
+        calls.append(fn)
+        if len(calls) == 1:
+            raise RuntimeError("out of shared memory")
+        return 2.0
+    times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=first_fails)
+    assert times[candidates[0]] == float("inf") and attention_module._KV_TUNED.popitem()[1] == candidates[1]
+
+    def broken(fn):
+        raise RuntimeError("out of shared memory")
+    with pytest.raises(RuntimeError, match=r"no launch .* runs for q \(3, 9, 4, 16\)"):
+        attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=broken)
+
+
+def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
+    """The untuned GPU launch (cross-compile stands in for an H100's 132 SMs): splits fill the GPU
+    for decode, but the float32 partials of all query rows stay within a quarter of the cache bytes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    cpu = torch.device("cpu")
+    heuristic = attention_module._kv_heuristic
+    assert heuristic(1, 8, 4, 1088, cpu).n_splits == 17             # decode, batch 1: a split per 64-key block
+    assert heuristic(1, 8, 64, 1088, cpu).n_splits == 2             # 16-node tree, GQA 4: 64 rows
+    assert heuristic(1, 8, 256, 1088, cpu).n_splits == 1            # 64 nodes: partials would outweigh the cache
+    assert heuristic(64, 8, 4, 8192, cpu).n_splits == 1             # enough programs without splitting
+    for B in (1, 2, 8, 64):
+        for rows in (1, 4, 16, 64, 256):
+            for S_max in (64, 1000, 1088, 8256):
+                launch = heuristic(B, 8, rows, S_max, cpu)
+                assert launch.n_splits == 1 or 2 * rows * launch.n_splits <= S_max / 4
+                assert launch.n_splits == -(-S_max // launch.split_size) and launch.split_size % 64 == 0
+                cands = attention_module.kv_launch_candidates(B, 8, rows, S_max, cpu)
+                assert cands[0] == launch and len(set(cands)) == len(cands)
+
+
 def test_kv_cache_attention_more_than_64_tree_nodes_with_splits(triton_backend, monkeypatch):
     # 70 nodes: the packed mask spans two int64 words (bit 63 included).
     monkeypatch.setattr(attention_module, "FORCE_KV_SPLIT_SIZE", 32)
@@ -391,6 +457,47 @@ def test_flash_attention_gpu_fp16_head_dim_64():
     assert _rel_err(out, out32) < 5e-3
     for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
         assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Tq", [(1, 1), (2, 64)])
+def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
+    """On the GPU every candidate launch (row tiles x split counts, real CUDA-graph timing) matches
+    the reference; the tuned launch is kept; a shape first seen inside a graph capture is not tuned
+    there (no timing in a capture) but runs the heuristic's launch."""
+    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
+    S_max = 1024 + 64
+    g = torch.Generator().manual_seed(40 + Tq)
+    q = torch.randn(B, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    k_cache, v_cache = (torch.randn(B, S_max, 8, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([700, 1024][:B], dtype=torch.int32, device="cuda")
+    mask = _random_tree_mask(Tq, torch.Generator().manual_seed(41)).cuda() if Tq > 1 else None
+    packed = pack_tree_mask(mask) if mask is not None else None
+    full = torch.full_like(seqlens, S_max - Tq)
+    want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), full, mask)
+
+    def checked_timer(fn):
+        assert _rel_err(fn(), want) < 1e-2
+        return attention_module._graph_replay_ms(fn)
+    times = attention_module.tune_kv_launch(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, timer=checked_timer)
+    assert len(times) >= 3 and all(0 < t < 1.0 for t in times.values()), times
+    out = kv_cache_attention(q, k_cache, v_cache, seqlens, mask)
+    want_real = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
+    assert _rel_err(out, want_real) < 1e-2
+    # untuned shape under capture: the heuristic's launch, compiled beforehand with tuning off
+    q2 = q[:, :, :16].contiguous()
+    k2, v2 = k_cache[:, :, :4].contiguous(), v_cache[:, :, :4].contiguous()
+    monkeypatch.setattr(attention_module, "KV_TUNE", False)
+    kv_cache_attention(q2, k2, v2, seqlens, mask, check_seqlens=False)
+    monkeypatch.setattr(attention_module, "KV_TUNE", True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kv_cache_attention(q2, k2, v2, seqlens, mask, check_seqlens=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(attention_module._KV_TUNED) == 1
+    want2 = reference.kv_cache_attention(q2.float(), k2.float(), v2.float(), seqlens, mask)
+    assert _rel_err(captured, want2) < 1e-2
 
 
 @pytest.mark.gpu

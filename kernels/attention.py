@@ -750,7 +750,8 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
 def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> list[KVLaunch]:
     """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and a smaller one
     (more programs with fewer registers each, for trees of many rows) every power-of-two split
-    count up to eight programs per SM (two splits per tile under the interpreter)."""
+    count and one key block per split, up to eight programs per SM (two splits per tile under the
+    interpreter)."""
     gpu = gpu_launch(device)
     base = _kv_heuristic(B, Hkv, rows, S_max, device)
     small = 64 if gpu else 16
@@ -760,12 +761,13 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
     out = [base]
     for block_m in block_ms:
         programs = B * Hkv * triton.cdiv(rows, block_m)
-        n_splits = 1
-        while n_splits <= n_blocks and (n_splits == 1 or programs * n_splits <= max_programs):
+        counts = [1 << i for i in range(n_blocks.bit_length()) if (1 << i) < n_blocks] + [n_blocks]
+        for n_splits in counts:   # powers of two, then one key block per split
+            if n_splits > 1 and programs * n_splits > max_programs:
+                break
             launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
             if launch not in out:
                 out.append(launch)
-            n_splits *= 2
     return out
 
 

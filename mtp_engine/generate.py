@@ -148,8 +148,9 @@ class Generator:
         heads 1..heads-1 draft. tree (speculative="tree"): a list of paths in Medusa's format
         ([[0], [1], [0, 0], ...], see mtp_engine.speculative), a preset name ("heads<k>", "chain"),
         or None: the default tree for this many prompts (speculative.default_tree: at most
-        `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree). Greedy speculative output equals plain greedy output token for token;
-        sampled speculative output has the same distribution as plain sampling (not the same draws).
+        `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree).
+        Greedy speculative output equals plain greedy output token for token; sampled speculative
+        output has the same distribution as plain sampling (not the same draws).
         Exactness holds in float32. In bf16/fp16 a near-tie can break differently: plain decoding
         ranks logits rounded to the model dtype (ties go to the lowest id, as in the release), the
         verifier ranks float32-accumulated logits (linear_argmax), and a forward over T tree nodes
@@ -674,8 +675,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def read_tree_rates(ckpt_dir) -> Optional[List[List[float]]]:
-    """The measured acceptance rates in a checkpoint's tree.json (written by `mtp evaluate
-    --build-tree`), which the default tree is then built from; None when the file is absent."""
+    """The measured acceptance rates in a checkpoint's tree.json (written by `mtp eval --build-tree`),
+    which the default tree is then built from; None when the file is absent."""
     path = os.path.join(ckpt_dir, "tree.json")
     if not os.path.isfile(path):
         return None

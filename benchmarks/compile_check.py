@@ -203,9 +203,11 @@ def scenarios():
         return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(grad)
 
     def fused_ce(dtype):
-        # The chunk kernel's BLOCK_V follows V; the options are constexprs or scalars.
-        # 32000 and 128256 stream the row in two passes; 16000 and 1001 keep it in registers (ONE_PASS).
-        for V, opts in ((32000, {}), (128256, {}), (16000, {}), (1001, dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4))):
+        # The chunk kernel's BLOCK_V follows V; softcap and label smoothing are constexprs.
+        # 128256 streams the row in two passes, and so does 32000 with a softcap; 32000 (also with
+        # label smoothing), 16000 and 1001 keep it in registers (ONE_PASS).
+        for V, opts in ((32000, {}), (32000, dict(label_smoothing=0.1, z_loss=1e-4)), (32000, dict(softcap=30.0)),
+                        (128256, {}), (16000, {}), (1001, dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4))):
             hidden = randn(4, 8, 64, dtype=dtype, grad=True)
             weight = randn(V, 64, dtype=dtype, grad=True)
             targets = torch.randint(0, V, (4, 8), generator=gen)

@@ -9,9 +9,12 @@ Per row (all in float32, s = softcap * tanh(z / softcap) or s = z, eps = label s
     loss = lse - (1 - eps) s_t - eps mean(s) + z_loss lse^2
     dz_j = row_scale * (p_j (1 + 2 z_loss lse) - (1 - eps) [j = t] - eps / V) * (1 - (s_j/softcap)^2)
 Pass 1 streams the row once for an online max / sum-exp and the sum of s; pass 2 streams it
-again and writes dz in the logits' own dtype. When the row fits one tile (V <= 16384 on a GPU: 32
-values per thread at 16 warps; at 32768 the sm_90 compile spills) it is read once and kept in
-registers for both (ONE_PASS): a third less traffic. Each element is read and written by the same thread, so writing in place is race-free.
+again and writes dz in the logits' own dtype. When the row fits one tile (V <= 32768 on a GPU: 64
+values per thread at 16 warps, 128 registers without a spill on sm_90; 16384 with a softcap) it is
+read once and kept in registers for both (ONE_PASS): a third less traffic. The target's logit is a
+scalar load and label smoothing's sum a constexpr-gated reduction, which keeps the 32768 tile
+inside 128 registers. Each element is read and written by the same thread, so writing in place is
+race-free.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def _write_grad_row(row_ptr, V, offs, target_col, lse, p_factor, smooth, hit, so
 
 @triton.jit
 def _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, softcap,
-                     HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
     """A whole row in one tile (BLOCK_V >= V): loaded once, lse and the gradient from registers.
     Returns the row's loss."""
     mask = offs < V
@@ -90,9 +93,11 @@ def _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, s
     s = _softcapped(z, softcap, HAS_SOFTCAP)
     s_max = tl.max(tl.where(mask, s, float("-inf")), axis=0)
     lse = s_max + tl.log(tl.sum(tl.where(mask, tl.exp2((s - s_max) * _LOG2E), 0.0), axis=0))
-    s_t = tl.sum(tl.where(offs == target, s, 0.0), axis=0)
+    # The target's logit by a scalar load, not a reduction over the tile: fewer live registers.
+    s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
     loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
-    loss -= label_smoothing * tl.sum(tl.where(mask, s, 0.0), axis=0) / V
+    if HAS_SMOOTHING:
+        loss -= label_smoothing * tl.sum(tl.where(mask, s, 0.0), axis=0) / V
     if COMPUTE_GRAD:
         p_factor = scale * (1.0 + 2.0 * z_loss * lse)
         # The exponentials again rather than kept: only s stays live across the reductions.
@@ -108,7 +113,8 @@ def _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, s
 def _ce_chunk_kernel(
     logits_ptr, stride_row, targets_ptr, scale_ptr, loss_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ONE_PASS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -125,7 +131,7 @@ def _ce_chunk_kernel(
     elif ONE_PASS:
         scale = tl.load(scale_ptr + row)
         loss = _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, softcap,
-                                HAS_SOFTCAP, COMPUTE_GRAD)
+                                HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_GRAD)
         tl.store(loss_ptr + row, loss)
     else:
         # Pass 1: log-sum-exp, and the plain sum of s for label smoothing.
@@ -149,9 +155,11 @@ def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tenso
     R, V = logits.shape
     if R == 0:
         return
-    # One pass when the row fits a tile: at most 32 values per thread at 16 warps on a GPU (a
-    # smaller limit under the interpreter, so that its tests run both variants).
-    one_pass_limit = 256 if interpreting() else 16384
+    # One pass when the row fits a tile: at most 64 values per thread at 16 warps on a GPU (sm_90:
+    # 128 registers, the most 512 threads may take, and no spill), 32 with a softcap, whose tanh
+    # spills at 64 (compile_check.py); a smaller limit under the interpreter, so that its tests run
+    # both variants.
+    one_pass_limit = 256 if interpreting() else 16384 if opts.softcap is not None else 32768
     if triton.next_power_of_2(V) <= one_pass_limit:
         block_v, one_pass = triton.next_power_of_2(V), True
         num_warps = 1 if interpreting() else min(16, max(1, block_v // 1024))
@@ -162,8 +170,8 @@ def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tenso
         logits, logits.stride(0), targets, row_scale, loss_out,
         V, opts.ignore_index, opts.label_smoothing, opts.z_loss,
         1.0 if opts.softcap is None else opts.softcap,
-        HAS_SOFTCAP=opts.softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, ONE_PASS=one_pass,
-        num_warps=num_warps)
+        HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing != 0.0,
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, ONE_PASS=one_pass, num_warps=num_warps)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

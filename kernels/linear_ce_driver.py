@@ -100,8 +100,10 @@ def accumulate_dw(d_weight: Optional[torch.Tensor], g_t: torch.Tensor, h: torch.
     The sum lives in accum_dtype (None: weight's dtype) until `cast_grad`."""
     if single_chunk:  # one GEMM rounds once: no accumulator needed
         return torch.mm(g_t, h)
-    if d_weight is None:
-        d_weight = torch.zeros(weight.shape, dtype=accum_dtype or weight.dtype, device=weight.device)
+    if d_weight is None:  # the first chunk overwrites it: no zero fill, no read of zeros
+        d_weight = torch.empty(weight.shape, dtype=accum_dtype or weight.dtype, device=weight.device)
+        add_matmul(d_weight, g_t, h, overwrite=True)
+        return d_weight
     add_matmul(d_weight, g_t, h)
     return d_weight
 
@@ -147,19 +149,21 @@ def autocast_off(device: torch.device):
 _FP32_OUT_GEMM = {}  # device -> whether torch.addmm(..., out_dtype=float32) works there (torch >= 2.8, CUDA)
 
 
-def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, where acc may be wider than a and b (a float32 accumulator for 16-bit operands).
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool = False) -> None:
+    """acc += a @ b (overwrite: acc = a @ b, acc's old values, even NaN, never read), where acc may
+    be wider than a and b (a float32 accumulator for 16-bit operands).
 
     On CUDA with torch >= 2.8 cuBLAS adds its float32 result straight into acc. A CPU BLAS has no
     16-bit speed to lose, so it multiplies float32 copies. A GPU without the out_dtype GEMM makes
     each product in the operands' dtype (float32 inside cuBLAS, one rounding) and adds it in
     float32. The last two go a slab of rows at a time, so temporaries stay below a quarter of acc.
     """
+    beta = 0.0 if overwrite else 1.0
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
         return
-    if _fp32_out_gemm_works(acc.device, a.dtype, acc.dtype):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    if _fp32_out_gemm_works(acc.device, a.dtype, acc.dtype, overwrite):
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
         return
     on_cpu = acc.device.type == "cpu"
     b_wide = b.to(acc.dtype) if on_cpu else b
@@ -167,23 +171,27 @@ def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     for start in range(0, a.shape[0], step):
         a_slab = a[start:start + step]
         if on_cpu:
-            acc[start:start + step].addmm_(a_slab.to(acc.dtype), b_wide)
+            acc[start:start + step].addmm_(a_slab.to(acc.dtype), b_wide, beta=beta)
+        elif overwrite:
+            acc[start:start + step] = torch.mm(a_slab, b)
         else:
             acc[start:start + step] += torch.mm(a_slab, b)
 
 
-def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Probe once per (device, dtypes) on tiny tensors; any failure means the generic path."""
+def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype,
+                         overwrite: bool = False) -> bool:
+    """Probe once per (device, dtypes, beta) on tiny tensors; any failure means the generic path."""
     if device.type != "cuda" or out_dtype != torch.float32:
         return False
-    key = (str(device), in_dtype)
+    key = (str(device), in_dtype, overwrite)
     if key not in _FP32_OUT_GEMM:
         try:
             a = torch.ones(8, 16, dtype=in_dtype, device=device)
-            acc = torch.full((8, 8), 2.0 ** 24, dtype=torch.float32, device=device)
-            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-            # 2^24 + 16 is exact in float32 but not in any 16-bit float: a 16-bit detour would show.
-            _FP32_OUT_GEMM[key] = bool((acc == 2.0 ** 24 + 16).all())
+            # beta=1: 2^24 + 16 is exact in float32 but not in any 16-bit float, so a 16-bit detour
+            # would show. beta=0: NaN in acc must not leak into the product.
+            acc = torch.full((8, 8), float("nan") if overwrite else 2.0 ** 24, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a.t(), beta=0.0 if overwrite else 1.0, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_GEMM[key] = bool((acc == (16.0 if overwrite else 2.0 ** 24 + 16)).all())
         except (RuntimeError, TypeError, NotImplementedError):
             _FP32_OUT_GEMM[key] = False
     return _FP32_OUT_GEMM[key]

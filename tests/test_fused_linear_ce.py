@@ -346,6 +346,20 @@ def test_add_matmul_sums_16bit_products_in_float32():
     assert (acc.double() - exact).abs().max() < 2e-4
 
 
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.bfloat16])
+def test_add_matmul_overwrite_never_reads_the_old_values(acc_dtype):
+    """The first chunk of the dW sum writes an uninitialized accumulator: NaN there must not leak."""
+    from mtp_kernels.linear_ce_driver import add_matmul
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(37, 5, generator=g).bfloat16()
+    b = torch.randn(5, 11, generator=g).bfloat16()
+    acc = torch.full((37, 11), float("nan"), dtype=acc_dtype)
+    add_matmul(acc, a, b, overwrite=True)
+    torch.testing.assert_close(acc.double(), a.double() @ b.double(), rtol=1e-2 if acc_dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-2 if acc_dtype == torch.bfloat16 else 1e-5)
+
+
 class GemmDtypes(TorchDispatchMode):
     """Records the dtypes of every matrix multiply's operands."""
 
@@ -472,9 +486,9 @@ def test_gpu_add_matmul_rounds_once():
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
     b = torch.randn(512, 1024, device="cuda", generator=g).bfloat16()
-    acc = torch.zeros(4096, 1024, device="cuda")
-    for _ in range(8):
-        add_matmul(acc, a, b)
+    acc = torch.full((4096, 1024), float("nan"), device="cuda")
+    for i in range(8):
+        add_matmul(acc, a, b, overwrite=i == 0)   # the first overwrites the NaN fill
     exact = 8 * (a.double() @ b.double())
     rel = ((acc.double() - exact).norm() / exact.norm()).item()
     bound = 1e-5 if _fp32_out_gemm_works(acc.device, torch.bfloat16, torch.float32) else 4e-3

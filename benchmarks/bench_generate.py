@@ -319,7 +319,7 @@ def main() -> int:
         e2e_model = load_checkpoint(ckpt, device=device, dtype=dtype).eval()
         tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
         prompts = code_prompts(tokenizer, 32, 64, gen_len)
-        tree_rates = read_tree_rates(ckpt)
+        tree_rates = read_tree_rates(ckpt, e2e_model.n_future_tokens)
         label = f"trained checkpoint {ckpt}"
     if not prompts:
         g = torch.Generator().manual_seed(1)

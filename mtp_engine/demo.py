@@ -67,7 +67,7 @@ def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prom
           f"{p.n_future_tokens} heads, vocabulary {p.vocab_size}{trained}")
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     gen = Generator(model, tokenizer, max_batch_size=1, max_seq_len=len(prompt_ids) + max_gen_len + 64,
-                    tree_rates=read_tree_rates(ckpt))
+                    tree_rates=read_tree_rates(ckpt, model.n_future_tokens))
     plain = gen.generate([prompt_ids], max_gen_len=max_gen_len, temperature=0.0)
     print("\n--- greedy completion ---")
     print(prompt + plain.text[0])

@@ -674,18 +674,22 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def read_tree_rates(ckpt_dir) -> Optional[List[List[float]]]:
+def read_tree_rates(ckpt_dir, heads: Optional[int] = None) -> Optional[List[List[float]]]:
     """The measured acceptance rates in a checkpoint's tree.json (written by `mtp eval --build-tree`),
-    which the default tree is then built from; None when the file is absent."""
+    which the default tree is then built from; None when the file is absent. heads: the model's
+    heads, whose drafting depths (heads - 1) the rates must cover."""
     path = os.path.join(ckpt_dir, "tree.json")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            rates = json.load(f)["rates"]
-        return check_rates(rates)
+            rates = check_rates(json.load(f)["rates"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a tree file with per-depth acceptance \"rates\" ({err})") from None
+    if heads is not None and len(rates) < heads - 1:
+        raise ValueError(f"{path}: rates cover {len(rates)} drafting depths, but the model's {heads} heads "
+                         f"need {heads - 1} (rebuild it with `mtp eval --build-tree`)")
+    return rates
 
 
 class Llama:
@@ -716,7 +720,7 @@ class Llama:
                              f"{tokenizer.n_words} words ({tokenizer_path}): wrong tokenizer for this model?")
         model.eval()
         return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                     tree_rates=read_tree_rates(ckpt_dir))
+                     tree_rates=read_tree_rates(ckpt_dir, model.n_future_tokens))
 
     def __init__(self, model: Transformer, tokenizer, max_seq_len: Optional[int] = None,
                  max_batch_size: Optional[int] = None, tree_rates=None):

@@ -253,6 +253,10 @@ def test_tree_rates_read_from_a_checkpoint(tmp_path):
     (tmp_path / "tree.json").write_text('{"paths": [[0]]}')
     with pytest.raises(ValueError, match=r"tree.json: not a tree file"):
         read_tree_rates(tmp_path)
+    (tmp_path / "tree.json").write_text('{"rates": [[0.5, 0.2], [0.4]]}')
+    assert read_tree_rates(tmp_path, heads=3) == [[0.5, 0.2], [0.4]]
+    with pytest.raises(ValueError, match=r"tree.json: rates cover 2 drafting depths, but the model's 4 heads need 3"):
+        read_tree_rates(tmp_path, heads=4)
 
 
 def test_tree_built_from_measured_rates_runs_and_beats_chain(model4):

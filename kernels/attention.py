@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -834,15 +835,27 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     return times
 
 
+def _tuning_enabled(q: torch.Tensor) -> bool:
+    """Tune on CUDA, outside a graph capture (timing needs its own captures), unless MTP_KV_TUNE=0."""
+    return KV_TUNE and q.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
     B, Tq, H, _ = q.shape
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    heuristic = _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
-        return _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+        return heuristic
     key = _kv_key(q, k_cache, tree_mask is not None)
-    if key not in _KV_TUNED and KV_TUNE and q.is_cuda and not torch.cuda.is_current_stream_capturing():
-        tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
-    return _KV_TUNED.get(key) or _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+    if key not in _KV_TUNED and _tuning_enabled(q):
+        try:
+            tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
+        except RuntimeError as err:
+            # Tuning is only a speed-up: a failure (e.g. a capture refused) keeps the heuristic.
+            warnings.warn(f"kv_cache_attention: launch tuning failed for q {tuple(q.shape)}, keeping the "
+                          f"heuristic launch: {err}")
+            _KV_TUNED[key] = heuristic
+    return _KV_TUNED.get(key) or heuristic
 
 
 def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,

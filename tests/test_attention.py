@@ -284,6 +284,26 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
         attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=broken)
 
 
+def test_kv_launch_tuning_failure_keeps_the_heuristic(triton_backend, monkeypatch):
+    """Tuning is a speed-up: when it fails (on a GPU, e.g. a refused capture) the call still runs, on
+    the heuristic's launch, with a warning, and the shape is not tuned again."""
+    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
+    monkeypatch.setattr(attention_module, "_tuning_enabled", lambda q: True)
+    tries = []
+
+    def failing_tune(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(attention_module, "tune_kv_launch", failing_tune)
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 3, 40, [0, 17], seed=33)
+    with pytest.warns(UserWarning, match="launch tuning failed .* keeping the heuristic"):
+        out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens)
+    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, None, 0.25),
+                               rtol=1e-4, atol=2e-5)
+    kv_cache_attention(q, k_cache, v_cache, cache_seqlens)
+    assert tries == [1]
+
+
 def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
     """The untuned GPU launch (cross-compile stands in for an H100's 132 SMs): splits fill the GPU
     for decode, but the float32 partials of all query rows stay within a quarter of the cache bytes."""

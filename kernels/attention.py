@@ -18,16 +18,13 @@ is read once for all of them. Tree masks travel as bits (one int64 word per 64 n
 row, packed by `pack_tree_mask`). When batch*kv_heads is too small to fill the GPU, the cache length is
 split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
 `_kv_combine_kernel` merges them. The launch (row tile, split count) is timed per shape on the
-GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`), as Triton's
-autotuner does for tile configs; the split count changes the grid, the partial buffers and whether
-the combine runs, which a kernel autotuner cannot choose. `_kv_heuristic` is the fallback.
+GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`, launch_tuner.py);
+`_kv_heuristic` is the fallback.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +33,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import gpu_launch, interpreting, sm_count, use_triton
+from .launch_tuner import LaunchTuner
 
 LOG2E = 1.4426950408889634
 
@@ -772,72 +770,28 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
     return out
 
 
-# Tuned launches per shape (see tune_kv_launch). MTP_KV_TUNE=0 keeps the heuristic: tuning may pick
-# a different split count in another process, which changes the float32 summation order.
-KV_TUNE = os.environ.get("MTP_KV_TUNE", "1").strip() != "0"
-_KV_TUNED: dict[tuple, KVLaunch] = {}
+# The tuned launch of every shape seen (see tune_kv_launch; MTP_TUNE=0 keeps the heuristic).
+_KV_TUNER = LaunchTuner("kv_cache_attention")
 
 
 def _kv_key(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> tuple:
     return (str(q.device), q.dtype, *q.shape, k_cache.shape[1], k_cache.shape[2], tree)
 
 
-def _graph_replay_ms(fn, calls: int = 10, replays: int = 5, rounds: int = 3) -> float:
-    """GPU ms of one fn() as the generator runs it: `calls` back-to-back calls captured in a CUDA
-    graph (so host launch cost does not count), replayed; the best of `rounds` timings."""
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    best = float("inf")
-    with torch.cuda.stream(stream):
-        fn()   # compiles outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-        graph.replay()
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for _ in range(replays):
-                graph.replay()
-            end.record(stream)
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / (calls * replays))
-    torch.cuda.current_stream().wait_stream(stream)
-    del graph
-    return best
+def _kv_candidates_for(q, k_cache) -> list[KVLaunch]:
+    B, Tq, H, _ = q.shape
+    return kv_launch_candidates(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
 
 
 def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
                    timer=None) -> dict[KVLaunch, float]:
     """Time every `kv_launch_candidates` launch on these tensors with a full cache (cache_seqlens =
     S_max - Tq, the length the split plan is made for), keep the fastest for this shape and return
-    the times (ms). timer(fn) -> ms; default: CUDA-graph replay time. A launch that fails (e.g.
-    out of shared memory) counts as infinitely slow. KV-cache attention calls this once per shape
-    on CUDA (outside graph capture) unless MTP_KV_TUNE=0."""
-    B, Tq, H, D = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    full = torch.full_like(cache_seqlens, S_max - Tq)
-    timer = timer or _graph_replay_ms
-    times = {}
-    for launch in kv_launch_candidates(B, Hkv, (H // Hkv) * Tq, S_max, q.device):
-        try:
-            times[launch] = float(timer(lambda launch=launch: _kv_run(q, k_cache, v_cache, full, tree_mask,
-                                                                      sm_scale, launch)))
-        except (RuntimeError, triton.runtime.errors.OutOfResources):
-            times[launch] = float("inf")
-    best = min(times, key=times.get)
-    if times[best] == float("inf"):
-        raise RuntimeError(f"kv_cache_attention: no launch of {list(times)} runs for q {tuple(q.shape)}, "
-                           f"cache {tuple(k_cache.shape)}")
-    _KV_TUNED[_kv_key(q, k_cache, tree_mask is not None)] = best
-    return times
-
-
-def _tuning_enabled(q: torch.Tensor) -> bool:
-    """Tune on CUDA, outside a graph capture (timing needs its own captures), unless MTP_KV_TUNE=0."""
-    return KV_TUNE and q.is_cuda and not torch.cuda.is_current_stream_capturing()
+    the times (ms). timer(fn) -> ms; default: CUDA-graph replay time (launch_tuner.py). KV-cache
+    attention calls this at the first call of a shape on CUDA outside a graph capture."""
+    full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
+    return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None), _kv_candidates_for(q, k_cache),
+                          lambda launch: _kv_run(q, k_cache, v_cache, full, tree_mask, sm_scale, launch), timer)
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
@@ -846,16 +800,10 @@ def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> K
     heuristic = _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic
-    key = _kv_key(q, k_cache, tree_mask is not None)
-    if key not in _KV_TUNED and _tuning_enabled(q):
-        try:
-            tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
-        except RuntimeError as err:
-            # Tuning is only a speed-up: a failure (e.g. a capture refused) keeps the heuristic.
-            warnings.warn(f"kv_cache_attention: launch tuning failed for q {tuple(q.shape)}, keeping the "
-                          f"heuristic launch: {err}")
-            _KV_TUNED[key] = heuristic
-    return _KV_TUNED.get(key) or heuristic
+    full = torch.full_like(cache_seqlens, S_max - Tq)
+    return _KV_TUNER.choose(
+        _kv_key(q, k_cache, tree_mask is not None), q.device, lambda: _kv_candidates_for(q, k_cache),
+        lambda launch: _kv_run(q, k_cache, v_cache, full, tree_mask, sm_scale, launch), heuristic)
 
 
 def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,

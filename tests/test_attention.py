@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from mtp_kernels import attention as attention_module
 from mtp_kernels import reference
 from mtp_kernels.attention import flash_attention, kv_cache_attention, pack_tree_mask
+from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +242,9 @@ def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_si
 
 def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backend, monkeypatch):
     """Every launch the tuner may pick (row tiles x split counts) gives the oracle's result on a full
-    cache; the fastest by the timer is kept for the shape and later calls use it."""
-    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
+    cache; the fastest by the timer is kept for the shape and later calls use it. (The tuner itself:
+    test_launch_tuner.py.)"""
+    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
     B, H, Hkv, D, Tq, S_max = 3, 4, 2, 16, 9, 70
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, [5, 40, 61], seed=31)
     packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(32)))
@@ -267,41 +269,6 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     assert used == [chosen]
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
                                rtol=1e-4, atol=2e-5)
-    # a launch that fails counts as infinitely slow; none running is an error naming the shapes
-    calls = []
-
-    def first_fails(fn):
-        calls.append(fn)
-        if len(calls) == 1:
-            raise RuntimeError("out of shared memory")
-        return 2.0
-    times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=first_fails)
-    assert times[candidates[0]] == float("inf") and attention_module._KV_TUNED.popitem()[1] == candidates[1]
-
-    def broken(fn):
-        raise RuntimeError("out of shared memory")
-    with pytest.raises(RuntimeError, match=r"no launch .* runs for q \(3, 9, 4, 16\)"):
-        attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=broken)
-
-
-def test_kv_launch_tuning_failure_keeps_the_heuristic(triton_backend, monkeypatch):
-    """Tuning is a speed-up: when it fails (on a GPU, e.g. a refused capture) the call still runs, on
-    the heuristic's launch, with a warning, and the shape is not tuned again."""
-    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
-    monkeypatch.setattr(attention_module, "_tuning_enabled", lambda q: True)
-    tries = []
-
-    def failing_tune(*args, **kwargs):
-        tries.append(1)
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(attention_module, "tune_kv_launch", failing_tune)
-    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 3, 40, [0, 17], seed=33)
-    with pytest.warns(UserWarning, match="launch tuning failed .* keeping the heuristic"):
-        out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens)
-    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, None, 0.25),
-                               rtol=1e-4, atol=2e-5)
-    kv_cache_attention(q, k_cache, v_cache, cache_seqlens)
-    assert tries == [1]
 
 
 def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
@@ -485,7 +452,8 @@ def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
     """On the GPU every candidate launch (row tiles x split counts, real CUDA-graph timing) matches
     the reference; the tuned launch is kept; a shape first seen inside a graph capture is not tuned
     there (no timing in a capture) but runs the heuristic's launch."""
-    monkeypatch.setattr(attention_module, "_KV_TUNED", {})
+    tuner = LaunchTuner("kv_cache_attention")
+    monkeypatch.setattr(attention_module, "_KV_TUNER", tuner)
     S_max = 1024 + 64
     g = torch.Generator().manual_seed(40 + Tq)
     q = torch.randn(B, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
@@ -495,27 +463,29 @@ def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
     packed = pack_tree_mask(mask) if mask is not None else None
     full = torch.full_like(seqlens, S_max - Tq)
     want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), full, mask)
+    errors = []
 
     def checked_timer(fn):
-        assert _rel_err(fn(), want) < 1e-2
-        return attention_module._graph_replay_ms(fn)
+        errors.append(_rel_err(fn(), want))
+        return cuda_graph_ms(fn)
     times = attention_module.tune_kv_launch(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, timer=checked_timer)
     assert len(times) >= 3 and all(0 < t < 1.0 for t in times.values()), times
+    assert len(errors) == len(times) and max(errors) < 1e-2, errors
     out = kv_cache_attention(q, k_cache, v_cache, seqlens, mask)
     want_real = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
     assert _rel_err(out, want_real) < 1e-2
     # untuned shape under capture: the heuristic's launch, compiled beforehand with tuning off
     q2 = q[:, :, :16].contiguous()
     k2, v2 = k_cache[:, :, :4].contiguous(), v_cache[:, :, :4].contiguous()
-    monkeypatch.setattr(attention_module, "KV_TUNE", False)
+    monkeypatch.setenv("MTP_TUNE", "0")
     kv_cache_attention(q2, k2, v2, seqlens, mask, check_seqlens=False)
-    monkeypatch.setattr(attention_module, "KV_TUNE", True)
+    monkeypatch.setenv("MTP_TUNE", "1")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = kv_cache_attention(q2, k2, v2, seqlens, mask, check_seqlens=False)
     graph.replay()
     torch.cuda.synchronize()
-    assert len(attention_module._KV_TUNED) == 1
+    assert len(tuner.chosen) == 1
     want2 = reference.kv_cache_attention(q2.float(), k2.float(), v2.float(), seqlens, mask)
     assert _rel_err(captured, want2) < 1e-2
 

@@ -1,0 +1,90 @@
+"""Per-shape launch choice by timing on the device, for launches `triton.autotune` cannot choose.
+
+Triton's autotuner picks among configs of one kernel, timed with eager launches. Two choices here
+need more: KV-cache attention's split count changes its grid, its scratch buffers and whether a
+second kernel runs, and a skinny GEMM may be better left to cuBLAS. Their kernels also take a few
+microseconds, less than a Python launch, so an eager timing measures the host. `LaunchTuner` times
+each candidate as the generator runs it, replayed from a CUDA graph, at the first call of a shape
+outside a graph capture, and keeps the fastest for that shape. Inside a capture (no timing there) or
+with tuning off, a shape not yet tuned takes the caller's fallback. A failed tuning run only warns:
+tuning is a speed-up, never a new way to fail. `MTP_TUNE=0` turns every tuner off (another process
+may otherwise pick another launch, which changes float summation order in the last bits).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, Hashable, Sequence
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """Tune on CUDA, outside a graph capture, unless MTP_TUNE=0 (read at call time)."""
+    return (os.environ.get("MTP_TUNE", "1").strip() != "0" and device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def cuda_graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 5, rounds: int = 3) -> float:
+    """GPU ms of one fn() as a CUDA-graph step runs it: `calls` back-to-back calls captured in one
+    graph (host launch cost does not count), replayed `replays` times; the best of `rounds`."""
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    best = float("inf")
+    with torch.cuda.stream(stream):
+        fn()   # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(replays):
+                graph.replay()
+            end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / (calls * replays))
+    torch.cuda.current_stream().wait_stream(stream)
+    del graph
+    return best
+
+
+class LaunchTuner:
+    """Remembers, per shape key, the fastest of a set of candidate launches."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.chosen: Dict[Hashable, object] = {}
+
+    def tune(self, key: Hashable, candidates: Sequence, run: Callable[[object], object],
+             timer: Callable | None = None) -> dict:
+        """Time run(candidate) for every candidate (timer(fn) -> ms, default `cuda_graph_ms`), keep
+        the fastest under `key` and return {candidate: ms}. A candidate that raises RuntimeError or
+        OutOfResources counts as infinitely slow; RuntimeError when none runs."""
+        timer = timer or cuda_graph_ms
+        times = {}
+        for candidate in candidates:
+            try:
+                times[candidate] = float(timer(lambda candidate=candidate: run(candidate)))
+            except (RuntimeError, OutOfResources):   # a launch that cannot run (resources, capture) loses
+                times[candidate] = float("inf")
+        best = min(times, key=times.get)
+        if times[best] == float("inf"):
+            raise RuntimeError(f"{self.name}: none of {list(times)} runs for {key}")
+        self.chosen[key] = best
+        return times
+
+    def choose(self, key: Hashable, device: torch.device, candidates: Callable[[], Sequence],
+               run: Callable[[object], object], fallback):
+        """The launch for `key`: the tuned one, tuning it now when allowed, else `fallback`."""
+        if key not in self.chosen and tuning_enabled(device):
+            try:
+                self.tune(key, candidates(), run)
+            except RuntimeError as err:
+                warnings.warn(f"{self.name}: launch tuning failed for {key}, keeping the default launch: {err}")
+                self.chosen[key] = fallback
+        return self.chosen.get(key, fallback)

@@ -1,0 +1,59 @@
+"""LaunchTuner: per-shape launch choice by timing (the GPU timer itself runs in the GPU tests of
+its users: test_attention.py, test_skinny_linear.py)."""
+import pytest
+import torch
+
+from mtp_kernels import launch_tuner
+from mtp_kernels.launch_tuner import LaunchTuner
+
+
+def test_tune_keeps_the_fastest_and_failures_lose():
+    tuner = LaunchTuner("demo")
+    ran = []
+    times = tuner.tune(("shape", 1), ["a", "b", "c"], lambda c: ran.append(c), timer=lambda fn: fn() or 1.0)
+    assert ran == ["a", "b", "c"] and times == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert tuner.chosen[("shape", 1)] == "a"          # ties go to the first candidate
+
+    cost = {"a": 3.0, "b": 2.0, None: 2.5}
+
+    def timer(fn):
+        return cost[fn()]
+    times = tuner.tune("k", ["a", "b", None], lambda c: c, timer)
+    assert tuner.chosen["k"] == "b" and times[None] == 2.5
+
+    def run(c):
+        if c == "b":
+            raise RuntimeError("out of resources")
+        return c
+    times = tuner.tune("k", ["a", "b", None], run, timer)
+    assert times["b"] == float("inf") and tuner.chosen["k"] is None   # None is a real choice (e.g. cuBLAS)
+    with pytest.raises(RuntimeError, match=r"demo: none of \['a', 'b'\] runs for k2"):
+        tuner.tune("k2", ["a", "b"], lambda c: (_ for _ in ()).throw(RuntimeError("no")), timer)
+    with pytest.raises(AssertionError):   # a wrong result in a checking timer is not swallowed
+        tuner.tune("k3", ["a"], lambda c: c, lambda fn: (_ for _ in ()).throw(AssertionError("mismatch")))
+
+
+def test_choose_tunes_once_and_falls_back(monkeypatch):
+    tuner = LaunchTuner("demo")
+    cpu = torch.device("cpu")
+    # not on CUDA: no tuning, the fallback, nothing remembered
+    assert tuner.choose("k", cpu, lambda: ["a", "b"], lambda c: c, fallback="f") == "f" and not tuner.chosen
+    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
+    calls = []
+    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn: calls.append(fn()) or {"a": 2.0, "b": 1.0}[calls[-1]])
+    assert tuner.choose("k", cpu, lambda: ["a", "b"], lambda c: c, fallback="f") == "b"
+    assert tuner.choose("k", cpu, lambda: ["a", "b"], lambda c: c, fallback="f") == "b" and calls == ["a", "b"]
+    # a tuning failure warns, keeps the fallback for the shape and does not retry
+    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn: (_ for _ in ()).throw(RuntimeError("capture")))
+    with pytest.warns(UserWarning, match="demo: launch tuning failed for k2, keeping the default launch"):
+        assert tuner.choose("k2", cpu, lambda: ["a"], lambda c: c, fallback="f") == "f"
+    assert tuner.choose("k2", cpu, lambda: ["a"], lambda c: pytest.fail("retuned"), fallback="f") == "f"
+
+
+def test_tuning_enabled_reads_the_environment(monkeypatch):
+    assert not launch_tuner.tuning_enabled(torch.device("cpu"))
+    if torch.cuda.is_available():
+        monkeypatch.setenv("MTP_TUNE", "0")
+        assert not launch_tuner.tuning_enabled(torch.device("cuda"))
+        monkeypatch.setenv("MTP_TUNE", "1")
+        assert launch_tuner.tuning_enabled(torch.device("cuda"))

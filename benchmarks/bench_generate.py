@@ -80,11 +80,33 @@ def decode_bytes(model: Transformer, batch: int, kv_len: int) -> int:
     return weights + cache
 
 
-STEP_KERNEL_GROUPS = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma")),
+STEP_KERNEL_GROUPS = (("GEMM (cuBLAS or skinny)",
+                       ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma", "_skinny_linear")),
                       ("attention", ("_kv_attn",)), ("norms", ("rms_norm",)),
                       ("rotary + cache write", ("_rope_cache",)), ("swiglu", ("_swiglu",)),
                       ("linear argmax / logits", ("_linear_select", "_linear_logits")),
                       ("tree accept + compaction", ("_tree_accept", "_compact_kv")))
+
+
+def skinny_launch_report() -> list:
+    """What the decode GEMM tuner measured for every projection shape the step costs ran (empty
+    on a CPU, where nothing is tuned): cuBLAS against the best kernel tile, and the choice."""
+    from mtp_kernels import skinny_linear
+
+    rows = []
+    for key, times in skinny_linear._TUNER.times.items():
+        _, dtype, M, N, K = key
+        weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
+        kernel = min((c for c in times if c is not None), key=times.get, default=None)
+        chosen = skinny_linear._TUNER.chosen[key]
+        tile = (f"{kernel.block_n}x{kernel.block_k} {'dot' if kernel.use_dot else 'fma'} "
+                f"w{kernel.num_warps} s{kernel.num_stages}") if kernel else "-"
+        rows.append({"M": M, "N": N, "K": K, "cublas_ms": times.get(None),
+                     "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
+                     "best_tile": tile, "kernel_ms": times.get(kernel),
+                     "kernel_GBps": weight_mb / times[kernel] if kernel and times[kernel] < float("inf") else None,
+                     "chosen": "cuBLAS" if chosen is None else tile})
+    return rows
 
 
 def step_kernel_group(name: str) -> str:
@@ -242,10 +264,18 @@ def to_markdown(result: dict) -> str:
                    else kernels if kernels else "-")
         rows.append(row)
     lines += ["## Step costs", "", common.markdown_table(headers, rows), ""]
+    if result.get("decode_gemm_launches"):
+        lines += ["### Decode GEMM launches (`skinny_linear` tuning: CUDA-graph ms of one call, weight GB/s)", "",
+                  common.markdown_table(
+                      ["rows", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "best kernel tile", "kernel ms", "kernel GB/s",
+                       "chosen"],
+                      [[r["M"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
+                        r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
-              "the tree size to prefer there (the Generator's default tree does not depend on the batch yet).", "",
+              "the tree size to prefer there (the Generator's default tree keeps at most "
+              "`speculative.DEFAULT_TREE_TOKENS` tree tokens per forward).", "",
               common.markdown_table(["batch"] + [f"{T} nodes ({r0:.2f} tok/fwd)" for T, r0 in
                                                  zip(nodes, [result["step_costs"][0].get(f"expected_tokens{T}", 0.0)
                                                              for T in nodes])],
@@ -305,6 +335,7 @@ def main() -> int:
             print(text)
 
     result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
+    result["decode_gemm_launches"] = skinny_launch_report()
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])
     save()
 

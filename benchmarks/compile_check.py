@@ -262,6 +262,18 @@ def scenarios():
     def swiglu(dtype):
         K.swiglu(randn(1, 11008, dtype=dtype), randn(1, 11008, dtype=dtype))
 
+    def skinny_linear(dtype):
+        # The decode projections of the 7B shape (fused qkv, w2, fused w13, wo) and an odd one, with
+        # every tile the launch tuner may pick (cuBLAS, the other candidate, is not ours to compile).
+        from mtp_kernels import skinny_linear as sl
+
+        for M, N, K in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096), (1, 1000, 333)):
+            x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
+            if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
+                continue
+            for launch in sl.skinny_candidates(M, x.device)[1:]:
+                sl.skinny_linear_run(x, w, launch)
+
     def sampling(dtype):
         for R in (1, 48, 256):
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
@@ -282,7 +294,7 @@ def scenarios():
 
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
                 kv_cache_attention=kv_cache, rope_cache=rope_cache, swiglu=swiglu, sampling=sampling,
-                tree_verify=tree_verify)
+                tree_verify=tree_verify, skinny_linear=skinny_linear)
 
 
 def markdown(records, arch: int, quick: bool) -> str:

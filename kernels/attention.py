@@ -800,10 +800,8 @@ def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> K
     heuristic = _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic
-    full = torch.full_like(cache_seqlens, S_max - Tq)
-    return _KV_TUNER.choose(
-        _kv_key(q, k_cache, tree_mask is not None), q.device, lambda: _kv_candidates_for(q, k_cache),
-        lambda launch: _kv_run(q, k_cache, v_cache, full, tree_mask, sm_scale, launch), heuristic)
+    return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
+                            lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale), heuristic)
 
 
 def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,

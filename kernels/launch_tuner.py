@@ -59,6 +59,7 @@ class LaunchTuner:
     def __init__(self, name: str):
         self.name = name
         self.chosen: Dict[Hashable, object] = {}
+        self.times: Dict[Hashable, dict] = {}   # key -> {candidate: ms} of its tuning run, for reports
 
     def tune(self, key: Hashable, candidates: Sequence, run: Callable[[object], object],
              timer: Callable | None = None) -> dict:
@@ -76,14 +77,15 @@ class LaunchTuner:
         if times[best] == float("inf"):
             raise RuntimeError(f"{self.name}: none of {list(times)} runs for {key}")
         self.chosen[key] = best
+        self.times[key] = times
         return times
 
-    def choose(self, key: Hashable, device: torch.device, candidates: Callable[[], Sequence],
-               run: Callable[[object], object], fallback):
-        """The launch for `key`: the tuned one, tuning it now when allowed, else `fallback`."""
+    def choose(self, key: Hashable, device: torch.device, tune: Callable[[], object], fallback):
+        """The launch for `key`: the tuned one, tuning it now (tune(), which calls `self.tune` for
+        `key`) when allowed, else `fallback`. Nothing but a dict lookup once `key` is known."""
         if key not in self.chosen and tuning_enabled(device):
             try:
-                self.tune(key, candidates(), run)
+                tune()
             except RuntimeError as err:
                 warnings.warn(f"{self.name}: launch tuning failed for {key}, keeping the default launch: {err}")
                 self.chosen[key] = fallback

@@ -32,6 +32,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Skinny linear (a decode step's projections: few rows times a weight)
+# --------------------------------------------------------------------------------------------
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T, no bias."""
+    return torch.nn.functional.linear(x, weight)
+
+
+# --------------------------------------------------------------------------------------------
 # Fused n-head linear cross-entropy: the per-chunk step and the whole CPU path
 # --------------------------------------------------------------------------------------------
 def ce_chunk(logits, targets, row_scale, loss_out, opts, compute_grad: bool) -> None:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
+from mtp_kernels.skinny_linear import skinny_linear
 
 
 @dataclass
@@ -139,6 +139,17 @@ class CacheStep:
     tree_mask: Optional[PackedTreeMask] = None
 
 
+class Linear(nn.Linear):
+    """nn.Linear for a block's projections (same parameters, state dict and hooks). Without autograd
+    a few rows (a decode step) go through `skinny_linear`: cuBLAS or the weight-streaming kernel,
+    whichever was measured faster for the shape on this GPU; everything else is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and not torch.is_grad_enabled():
+            return skinny_linear(x, self.weight)
+        return super().forward(x)
+
+
 def fuse_rows(*linears: nn.Linear) -> None:
     """Store the weights of `linears` back to back in one tensor and make each weight a view of its
     rows, so that `rows_view` can multiply by all of them in one GEMM. Values, parameters and
@@ -180,17 +191,17 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.kv_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep]) -> torch.Tensor:
         B, T, _ = x.shape
         wqkv = rows_view(self.wq, self.wk, self.wv)
         if wqkv is not None:  # one GEMM for q, k and v (Transformer.fuse_projections)
-            q, k, v = F.linear(x, wqkv).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+            q, k, v = skinny_linear(x, wqkv).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -213,14 +224,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w13 = rows_view(self.w1, self.w3)
         if w13 is not None:  # one GEMM for the gate and the up projection (Transformer.fuse_projections)
-            gate, up = F.linear(x, w13).split([self.w1.out_features, self.w3.out_features], -1)
+            gate, up = skinny_linear(x, w13).split([self.w1.out_features, self.w3.out_features], -1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(swiglu(gate, up))

@@ -35,7 +35,7 @@ from torch import nn
 from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, _read_params, find_shards,
                          shard_dim)
 from .distributed import DistEnv
-from .model import ModelArgs, Transformer, precompute_freqs_cis
+from .model import Linear, ModelArgs, Transformer, precompute_freqs_cis
 
 # Full on every rank although Meta's shards split them: gathered once at load.
 _GATHERED_KEYS = ("tok_embeddings.weight", "output.weight")
@@ -108,13 +108,13 @@ def _shard_block_modules(model: Transformer, args: ModelArgs, world_size: int) -
     for block in model.blocks():
         attn, ffn = block.attention, block.feed_forward
         attn.n_heads, attn.n_kv_heads = heads, kv_heads
-        attn.wq = nn.Linear(dim, heads * dh, bias=False)
-        attn.wk = nn.Linear(dim, kv_heads * dh, bias=False)
-        attn.wv = nn.Linear(dim, kv_heads * dh, bias=False)
-        attn.wo = nn.Linear(heads * dh, dim, bias=False)
-        ffn.w1 = nn.Linear(dim, hidden, bias=False)
-        ffn.w2 = nn.Linear(hidden, dim, bias=False)
-        ffn.w3 = nn.Linear(dim, hidden, bias=False)
+        attn.wq = Linear(dim, heads * dh, bias=False)
+        attn.wk = Linear(dim, kv_heads * dh, bias=False)
+        attn.wv = Linear(dim, kv_heads * dh, bias=False)
+        attn.wo = Linear(heads * dh, dim, bias=False)
+        ffn.w1 = Linear(dim, hidden, bias=False)
+        ffn.w2 = Linear(hidden, dim, bias=False)
+        ffn.w3 = Linear(dim, hidden, bias=False)
 
 
 def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = None,

@@ -147,3 +147,27 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     assert sorted(p.name for p in (out / "n1").iterdir()) == ["meta.tar.gz"]
     with tarfile.open(out / "n1" / "meta.tar.gz") as tar:
         assert sorted(tar.getnames()) == ["eval.json", "params.json", "tokenizer.model", "train_log.json"]
+
+
+def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
+    """The report of what the skinny-GEMM tuner measured (filled only on a GPU): GB/s and choice."""
+    import torch
+
+    from mtp_kernels import skinny_linear as sl
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    spec = importlib.util.spec_from_file_location("_bench_generate_report", BENCH / "bench_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    tuner = LaunchTuner("skinny_linear")
+    monkeypatch.setattr(sl, "_TUNER", tuner)
+    tile = sl.SkinnyLaunch(16, 256, use_dot=False, num_warps=4, num_stages=4)
+    key = ("cuda:0", torch.bfloat16, 1, 4096, 4096)
+    tuner.times[key] = {None: 0.0125, tile: 0.0100, sl.SkinnyLaunch(32, 256, True): float("inf")}
+    tuner.chosen[key] = tile
+    (row,) = module.skinny_launch_report()
+    assert row["M"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
+    assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
+    assert row["chosen"] == row["best_tile"] == "16x256 fma w4 s4"

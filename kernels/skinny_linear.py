@@ -1,0 +1,159 @@
+"""x @ W^T for the few rows of a decode step: a weight-streaming Triton kernel, or cuBLAS, by measurement.
+
+A decode step multiplies 1 to 16 rows (batch x new tokens) by every weight matrix, so its GEMMs
+cost the time to read the weights. On the H100 the 7B decode step's cuBLAS GEMMs took 4.50 ms for
+about 11.7 GB of weights at batch 1 (2.6 TB/s), and cuBLAS split K for two of the four projections,
+adding a reduction kernel each (benchmarks/results/NOTES.md).
+
+Each program owns BLOCK_N output features and streams their weight rows over K in BLOCK_K tiles.
+K is not split, so there is no second kernel and no atomic: the result is deterministic.
+  USE_DOT  tl.dot on a 16-row tile of x (any M <= 16; rows past M load as 0);
+  else     M = 1: a float32 multiply-add per weight element into a (BLOCK_N, BLOCK_K) accumulator,
+           reduced over K once at the end.
+Which launch runs, per (M, N, K, dtype), is measured: `LaunchTuner` times cuBLAS and these tiles as
+CUDA-graph replays at the shape's first call outside a capture and keeps the fastest (cuBLAS on a
+tie, and whenever nothing is tuned yet). So the kernel can only take over where it is faster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backend import gpu_launch, interpreting, use_triton
+from .launch_tuner import LaunchTuner
+
+MAX_ROWS = 16   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, 16)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    if USE_DOT:
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    else:
+        x_ptrs = X + offs_k
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_ptrs)
+        elif EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if USE_DOT:
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
+
+
+@dataclass(frozen=True)
+class SkinnyLaunch:
+    """One tile config of the kernel (None in its place means cuBLAS)."""
+    block_n: int
+    block_k: int
+    use_dot: bool
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (block_n, block_k, num_warps, num_stages). Multiply-add tiles keep a float32 (BLOCK_N, BLOCK_K)
+# accumulator: 8192 values = 64 per thread at 4 warps. Chosen from sm_90 compiles (compile_check.py).
+_GPU_FMA_TILES = ((8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 3))
+_GPU_DOT_TILES = ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 8, 3), (32, 512, 8, 3))
+_INTERP_FMA_TILES = ((16, 32, 1, 1), (8, 64, 1, 1))
+_INTERP_DOT_TILES = ((16, 32, 1, 1), (32, 16, 1, 1))
+
+
+def skinny_candidates(M: int, device: torch.device) -> list:
+    """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, tl.dot
+    ones for any M <= MAX_ROWS."""
+    gpu = gpu_launch(device)
+    fma, dot = (_GPU_FMA_TILES, _GPU_DOT_TILES) if gpu else (_INTERP_FMA_TILES, _INTERP_DOT_TILES)
+    out: list = [None]
+    if M == 1:
+        out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
+    if M <= MAX_ROWS:
+        out += [SkinnyLaunch(n, k, True, w, s) for n, k, w, s in dot]
+    return out
+
+
+def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch]) -> torch.Tensor:
+    """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride."""
+    if launch is None:
+        return reference.skinny_linear(x2, weight)
+    M, K = x2.shape
+    N = weight.shape[0]
+    if launch.use_dot is False and M != 1:
+        raise ValueError(f"skinny_linear: a multiply-add launch takes one row, got {M}")
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    _skinny_linear_kernel[(triton.cdiv(N, launch.block_n),)](
+        x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
+        EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return y
+
+
+_TUNER = LaunchTuner("skinny_linear")
+
+
+def _kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dtype != weight.dtype or weight.dim() != 2 or weight.stride(-1) != 1 or not use_triton(x, weight):
+        return False
+    if gpu_launch(x.device):
+        return x.dtype in (torch.float16, torch.bfloat16)
+    return x.dtype in (torch.float32, torch.float16) and interpreting()
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias: x (..., K), weight (N, K) -> (..., N) in x.dtype.
+
+    Without autograd, with at most MAX_ROWS rows and a CUDA fp16/bf16 weight, the launch is the one
+    tuned for this shape (cuBLAS or a kernel tile, see the module docstring); everything else, and
+    every shape not tuned yet (inside a CUDA-graph capture), is F.linear."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return reference.skinny_linear(x, weight)
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if not 1 <= M <= MAX_ROWS or weight.shape[-1] != K or not _kernel_takes(x, weight):
+        return reference.skinny_linear(x, weight)
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    N = weight.shape[0]
+    key = (str(x.device), x.dtype, M, N, K)
+    launch = _TUNER.choose(key, x.device, lambda: _TUNER.tune(key, skinny_candidates(M, x.device),
+                                                              lambda c: skinny_linear_run(x2, weight, c)), None)
+    return skinny_linear_run(x2, weight, launch).view(*x.shape[:-1], N)

@@ -9,9 +9,7 @@ from .rmsnorm import add_rms_norm, rms_norm
 from .rope_cache import rope_cache_write
 from .swiglu import swiglu
 from .sampling import linear_argmax, linear_sample
-from .skinny_linear import skinny_linear
 from .tree_verify import compact_kv_cache, tree_accept
 
 __all__ = ["backend_name", "use_triton", "fused_linear_cross_entropy", "rms_norm", "add_rms_norm",
-           "rope_cache_write", "swiglu", "linear_argmax", "linear_sample", "tree_accept", "compact_kv_cache",
-           "skinny_linear"]
+           "rope_cache_write", "swiglu", "linear_argmax", "linear_sample", "tree_accept", "compact_kv_cache"]

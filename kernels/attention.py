@@ -795,12 +795,14 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
+    key = _kv_key(q, k_cache, tree_mask is not None)
+    if FORCE_KV_SPLIT_SIZE is None and key in _KV_TUNER.chosen:   # the steady state: one lookup
+        return _KV_TUNER.chosen[key]
     B, Tq, H, _ = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    heuristic = _kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+    heuristic = _kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic
-    return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
+    return _KV_TUNER.choose(key, q.device,
                             lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale), heuristic)
 
 

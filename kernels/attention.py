@@ -716,8 +716,13 @@ class KVLaunch:
     n_splits: int
 
 
+def _kv_block_n(gpu: bool) -> int:
+    """Keys per tile (the kernel reads at most two tree-mask words per tile: <= 64)."""
+    return 64 if gpu else 16
+
+
 def _kv_launch(block_m: int, S_max: int, split_blocks: int | None, gpu: bool) -> KVLaunch:
-    block_n, num_stages = (64, 3) if gpu else (16, 1)
+    block_n, num_stages = _kv_block_n(gpu), (3 if gpu else 1)
     num_warps = 4 if block_m <= 64 or not gpu else 8
     n_blocks = triton.cdiv(S_max, block_n)
     split_size = min(split_blocks or n_blocks, n_blocks) * block_n
@@ -728,9 +733,9 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
     """The launch used without tuning: rows = GROUP * Tq query rows per (sequence, kv head)."""
     gpu = gpu_launch(device)
     block_m = min(max(triton.next_power_of_2(rows), 16), 128 if gpu else 32)
-    n_blocks = triton.cdiv(S_max, 64 if gpu else 16)
+    n_blocks = triton.cdiv(S_max, _kv_block_n(gpu))
     if FORCE_KV_SPLIT_SIZE is not None:
-        return _kv_launch(block_m, S_max, triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), 64 if gpu else 16), gpu)
+        return _kv_launch(block_m, S_max, triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), _kv_block_n(gpu)), gpu)
     if not gpu:
         return _kv_launch(block_m, S_max, None, gpu)
     # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle; aim for
@@ -795,14 +800,13 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
-    key = _kv_key(q, k_cache, tree_mask is not None)
-    if FORCE_KV_SPLIT_SIZE is None and key in _KV_TUNER.chosen:   # the steady state: one lookup
-        return _KV_TUNER.chosen[key]
     B, Tq, H, _ = q.shape
-    heuristic = _kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
+
+    def heuristic():
+        return _kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
-        return heuristic
-    return _KV_TUNER.choose(key, q.device,
+        return heuristic()
+    return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
                             lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale), heuristic)
 
 

@@ -80,13 +80,17 @@ class LaunchTuner:
         self.times[key] = times
         return times
 
-    def choose(self, key: Hashable, device: torch.device, tune: Callable[[], object], fallback):
+    def choose(self, key: Hashable, device: torch.device, tune: Callable[[], object],
+               fallback: Callable[[], object]):
         """The launch for `key`: the tuned one, tuning it now (tune(), which calls `self.tune` for
-        `key`) when allowed, else `fallback`. Nothing but a dict lookup once `key` is known."""
-        if key not in self.chosen and tuning_enabled(device):
+        `key`) when allowed, else fallback(). Nothing but a dict lookup once `key` is known."""
+        if key in self.chosen:
+            return self.chosen[key]
+        if tuning_enabled(device):
             try:
                 tune()
             except RuntimeError as err:
                 warnings.warn(f"{self.name}: launch tuning failed for {key}, keeping the default launch: {err}")
-                self.chosen[key] = fallback
-        return self.chosen.get(key, fallback)
+                self.chosen[key] = fallback()
+            return self.chosen[key]
+        return fallback()

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import gpu_launch, interpreting, use_triton
+from .backend import as_rows, gpu_launch, interpreting, use_triton
 from .launch_tuner import LaunchTuner
 
 MAX_ROWS = 16   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
@@ -149,11 +149,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     M = x.numel() // K if K else 0
     if not 1 <= M <= MAX_ROWS or weight.shape[-1] != K or not _kernel_takes(x, weight):
         return reference.skinny_linear(x, weight)
-    x2 = x.reshape(M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     N = weight.shape[0]
     key = (str(x.device), x.dtype, M, N, K)
     launch = _TUNER.choose(key, x.device, lambda: _TUNER.tune(key, skinny_candidates(M, x.device),
-                                                              lambda c: skinny_linear_run(x2, weight, c)), None)
+                                                              lambda c: skinny_linear_run(x2, weight, c)),
+                           lambda: None)
     return skinny_linear_run(x2, weight, launch).view(*x.shape[:-1], N)

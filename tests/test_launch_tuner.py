@@ -39,17 +39,19 @@ def test_choose_tunes_once_and_falls_back(monkeypatch):
     # not on CUDA: no tuning, the fallback, nothing remembered
     def tune_k(key, candidates=("a", "b")):
         return lambda: tuner.tune(key, list(candidates), lambda c: c)
-    assert tuner.choose("k", cpu, tune_k("k"), fallback="f") == "f" and not tuner.chosen
+    assert tuner.choose("k", cpu, tune_k("k"), fallback=lambda: "f") == "f" and not tuner.chosen
     monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
     calls = []
     monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn: calls.append(fn()) or {"a": 2.0, "b": 1.0}[calls[-1]])
-    assert tuner.choose("k", cpu, tune_k("k"), fallback="f") == "b"
-    assert tuner.choose("k", cpu, tune_k("k"), fallback="f") == "b" and calls == ["a", "b"]
+    assert tuner.choose("k", cpu, tune_k("k"), fallback=lambda: "f") == "b"
+    assert tuner.choose("k", cpu, tune_k("k"), fallback=lambda: "f") == "b" and calls == ["a", "b"]
+    # a known key is one lookup: the fallback is not even built
+    assert tuner.choose("k", cpu, lambda: pytest.fail("retuned"), fallback=lambda: pytest.fail("built")) == "b"
     # a tuning failure warns, keeps the fallback for the shape and does not retry
     monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn: (_ for _ in ()).throw(RuntimeError("capture")))
     with pytest.warns(UserWarning, match="demo: launch tuning failed for k2, keeping the default launch"):
-        assert tuner.choose("k2", cpu, tune_k("k2", "a"), fallback="f") == "f"
-    assert tuner.choose("k2", cpu, lambda: pytest.fail("retuned"), fallback="f") == "f"
+        assert tuner.choose("k2", cpu, tune_k("k2", "a"), fallback=lambda: "f") == "f"
+    assert tuner.choose("k2", cpu, lambda: pytest.fail("retuned"), fallback=lambda: "f") == "f"
 
 
 def test_tuning_enabled_reads_the_environment(monkeypatch):

@@ -66,20 +66,38 @@ def _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: t
 
 
 @triton.jit
+def _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss):
+    """A row's loss from its log-sum-exp, target score and sum of scores (see the module docstring)."""
+    return lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse - label_smoothing * s_total / V
+
+
+@triton.jit
+def _grad_factors(scale, lse, label_smoothing, z_loss, vocab_size):
+    """(p_factor, smooth, hit) of a row's gradient: dz_j = p_j * p_factor - smooth - hit [j = t].
+    Shared with vocab_parallel_ce.py (where vocab_size is the whole vocabulary's)."""
+    return scale * (1.0 + 2.0 * z_loss * lse), scale * label_smoothing / vocab_size, scale * (1.0 - label_smoothing)
+
+
+@triton.jit
+def _grad_values(s, cols, target_col, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d(loss)/d(logits) at columns `cols` from their scores s (float32), through the softcap's derivative."""
+    grad = tl.exp2((s - lse) * _LOG2E) * p_factor - smooth
+    grad = tl.where(cols == target_col, grad - hit, grad)
+    if HAS_SOFTCAP:
+        grad = grad * (1.0 - (s / softcap) * (s / softcap))
+    return grad
+
+
+@triton.jit
 def _write_grad_row(row_ptr, V, offs, target_col, lse, p_factor, smooth, hit, softcap,
                     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Overwrite a row of V logits with d(loss)/d(logits) = softmax * p_factor - smooth, minus hit at
-    target_col (a column outside [0, V) gets none), through the softcap's derivative. Shared with
-    vocab_parallel_ce.py."""
+    """Overwrite a row of V logits with its gradient (`_grad_values`; a target_col outside [0, V)
+    gets no hit), streamed in BLOCK_V tiles. Shared with vocab_parallel_ce.py."""
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        s = _softcapped(z, softcap, HAS_SOFTCAP)
-        grad = tl.exp2((s - lse) * _LOG2E) * p_factor - smooth
-        grad = tl.where(cols == target_col, grad - hit, grad)
-        if HAS_SOFTCAP:
-            grad = grad * (1.0 - (s / softcap) * (s / softcap))
+        s = _softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        grad = _grad_values(s, cols, target_col, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP)
         tl.store(row_ptr + cols, grad.to(row_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,16 +113,14 @@ def _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, s
     lse = s_max + tl.log(tl.sum(tl.where(mask, tl.exp2((s - s_max) * _LOG2E), 0.0), axis=0))
     # The target's logit by a scalar load, not a reduction over the tile: fewer live registers.
     s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
-    loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
+    s_total = 0.0
     if HAS_SMOOTHING:
-        loss -= label_smoothing * tl.sum(tl.where(mask, s, 0.0), axis=0) / V
+        s_total = tl.sum(tl.where(mask, s, 0.0), axis=0)
+    loss = _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss)
     if COMPUTE_GRAD:
-        p_factor = scale * (1.0 + 2.0 * z_loss * lse)
+        p_factor, smooth, hit = _grad_factors(scale, lse, label_smoothing, z_loss, V)
         # The exponentials again rather than kept: only s stays live across the reductions.
-        grad = tl.exp2((s - lse) * _LOG2E) * p_factor - scale * label_smoothing / V
-        grad = tl.where(offs == target, grad - scale * (1.0 - label_smoothing), grad)
-        if HAS_SOFTCAP:
-            grad = grad * (1.0 - (s / softcap) * (s / softcap))
+        grad = _grad_values(s, offs, target, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP)
         tl.store(row_ptr + offs, grad.to(row_ptr.dtype.element_ty), mask=mask)
     return loss
 
@@ -137,15 +153,10 @@ def _ce_chunk_kernel(
         # Pass 1: log-sum-exp, and the plain sum of s for label smoothing.
         lse, s_total = _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
-        loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
-        loss -= label_smoothing * s_total / V
-        tl.store(loss_ptr + row, loss)
+        tl.store(loss_ptr + row, _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss))
 
         if COMPUTE_GRAD:
-            scale = tl.load(scale_ptr + row)
-            p_factor = scale * (1.0 + 2.0 * z_loss * lse)
-            smooth = scale * label_smoothing / V
-            hit = scale * (1.0 - label_smoothing)
+            p_factor, smooth, hit = _grad_factors(tl.load(scale_ptr + row), lse, label_smoothing, z_loss, V)
             _write_grad_row(row_ptr, V, offs, target, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP, BLOCK_V)
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
-from .fused_linear_ce import _online_lse, _softcapped, _write_grad_row
+from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
                                check_inputs, flatten_rows, head_factors, per_head_losses, reduce_rows,
                                rows_per_chunk, scale_forward_grads, scratch_budget, to_compute_dtype)
@@ -80,11 +80,9 @@ def _vp_grad_kernel(
             tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(logits_ptr.dtype.element_ty),
                      mask=cols < V_local)
     else:
-        scale = tl.load(scale_ptr + row)
         lse = tl.load(lse_ptr + row)
-        p_factor = scale * (1.0 + 2.0 * z_loss * lse)
-        smooth = scale * label_smoothing / vocab_size  # eps is spread over the whole vocabulary
-        hit = scale * (1.0 - label_smoothing)
+        # eps is spread over the whole vocabulary, not this rank's part
+        p_factor, smooth, hit = _grad_factors(tl.load(scale_ptr + row), lse, label_smoothing, z_loss, vocab_size)
         # local_t outside [0, V_local): the target lives on another rank, no hit here.
         _write_grad_row(row_ptr, V_local, offs, local_t, lse, p_factor, smooth, hit, softcap, HAS_SOFTCAP, BLOCK_V)
 

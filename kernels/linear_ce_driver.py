@@ -7,7 +7,7 @@ budget; for each chunk:
     logits = H_c @ W^T                 (GEMM, written into the reused scratch buffer)
     ce_chunk(logits)                   (per row: lse, loss, and dlogits written over the logits)
     dH_c   = dlogits @ W               (GEMM, complete per chunk: one rounding)
-    dW    += dlogits^T @ H_c           (GEMM with beta=1, into a float32 accumulator)
+    dW    += dlogits^T @ H_c           (GEMM into a float32 accumulator; the first chunk overwrites it)
 
 That is the floor of three matmuls; the full (n*N, V) logits never exist. When the gradient
 is needed the forward computes it right away (the backward only scales it by grad_output), so
@@ -146,7 +146,7 @@ def autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-_FP32_OUT_GEMM = {}  # device -> whether torch.addmm(..., out_dtype=float32) works there (torch >= 2.8, CUDA)
+_FP32_OUT_GEMM = {}  # (device, dtype, overwrite) -> whether torch.addmm(..., out_dtype=float32) works there
 
 
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool = False) -> None:

@@ -23,6 +23,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .speculative import DEFAULT_TREE_TOKENS
+
     parser = argparse.ArgumentParser(
         prog="mtp", description="Multi-token-prediction language models on Triton kernels.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="heads taking part in --speculative, 2..n_future_tokens (default: all)")
     complete.add_argument("--tree", default=None, metavar="PRESET",
                           help="token tree for --speculative tree: a preset (chain, heads2 .. heads8) or a JSON list "
-                               "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most 256 "
-                               "tree tokens per forward on cuda, 16 on cpu), built from the checkpoint's tree.json "
-                               "rates when it has one")
+                               "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most "
+                               + ", ".join(f"{n} tree tokens per forward on {d}" for d, n in DEFAULT_TREE_TOKENS.items())
+                               + "), built from the checkpoint's tree.json rates when it has one")
     complete.set_defaults(run=run_complete)
 
     demo = sub.add_parser(

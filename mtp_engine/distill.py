@@ -127,7 +127,6 @@ def distill_heads(model: Transformer, sequences: torch.Tensor, prompt_len: int, 
     run_log = {"config": asdict(cfg), "sequences": P, "steps": []}
     for p in model.parameters():
         p.requires_grad_(False)
-    start = time.perf_counter()
     try:
         params = list(model.extra_heads.parameters())
         for p in params:

@@ -1,6 +1,7 @@
 """Self-speculative generation: step costs and end-to-end tokens/s, plain vs chain vs tree.
 
-    python benchmarks/bench_generate.py [--out DIR] [--ckpt-dir DIR] [--tiny]
+    python benchmarks/bench_generate.py [--out DIR] [--ckpt-dir DIR] [--tiny] [--gen-len N] [--batches B ...]
+                                        [--tree-tokens N ...]
 
 1. Step costs on a random-weight model of the 7B_1T_4 shape (dim 4096, 28 trunk + 4 head blocks,
    32 attention heads, V 32000, bf16), KV length 1024 per sequence, batch 1, 8, 32: one plain
@@ -13,8 +14,9 @@
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
    time by group.
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain, the
-   default tree (sized to the batch, built from the checkpoint's tree.json rates) and the fixed
-   preset of the heads ("tree heads<k>") at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
+   default tree (sized to the batch, built from the checkpoint's tree.json rates), the fixed
+   preset of the heads ("tree heads<k>") and, with --tree-tokens, the default tree at other
+   tree-token budgets, at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
    prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on
    the random 7B-shaped model (random heads accept almost nothing: that row shows overheads, not
    speedups).
@@ -63,6 +65,9 @@ def kernels_per_decode_forward(model: Transformer, tokens: torch.Tensor, seqlens
         return None
     from torch.profiler import ProfilerActivity, profile
 
+    # Once outside the profile: a shape's first call tunes its launches (many kernels, once).
+    model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
         torch.cuda.synchronize()
@@ -196,21 +201,24 @@ def code_prompts(tokenizer, n: int, prompt_len: int, gen_len: int) -> list:
 
 @torch.inference_mode()
 def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: list, on_batch_done=None,
-               tree_rates=None) -> list:
+               tree_rates=None, tree_tokens=()) -> list:
     """Greedy generation of exactly gen_len tokens per prompt (eos ignored, so every mode does the
     same work), after a short warm-up call that compiles kernels and captures the CUDA graphs.
-    tree_rates: the checkpoint's measured rates for the default tree (None: the priors).
-    Appends to `rows` and calls on_batch_done() after each batch size (to save what is measured)."""
+    Modes: plain, chain, the default tree, the heads' fixed preset, and the default tree at each
+    budget in `tree_tokens` (Generator.tree_tokens). tree_rates: the checkpoint's measured rates for
+    the default tree (None: the priors). Appends to `rows` and calls on_batch_done() after each
+    batch size (to save what is measured)."""
     heads = model.n_future_tokens
-    preset = f"tree heads{heads}"
+    spec = {"speculative": "tree", "heads": heads}
+    modes = [("plain", {}, None), ("chain", {"speculative": "chain", "heads": heads}, None), ("tree", spec, None),
+             (f"tree heads{heads}", {**spec, "tree": f"heads{heads}"}, None)]
+    modes += [(f"tree, {n} tree tokens", spec, n) for n in tree_tokens]
     for B in batches:
         batch = [prompts[i % len(prompts)] for i in range(B)]
         gen = Generator(model, max_batch_size=B, max_seq_len=max(len(p) for p in batch) + gen_len + 1,
                         tree_rates=tree_rates)
-        for mode in (None, "chain", "tree", preset):
-            kwargs = {} if mode is None else {"speculative": mode.split()[0], "heads": heads}
-            if mode == preset:
-                kwargs["tree"] = mode.split()[1]
+        for mode, kwargs, budget in modes:
+            gen.tree_tokens = budget
             gen.generate(batch, max_gen_len=min(gen_len, 8), eos_id=-1, **kwargs)   # warm-up (graphs, compiles)
             if model.output.weight.is_cuda:
                 torch.cuda.synchronize()
@@ -218,7 +226,7 @@ def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: l
             res = gen.generate(batch, max_gen_len=gen_len, eos_id=-1, **kwargs)
             wall = time.perf_counter() - start
             s = res.stats
-            rows.append({"batch": B, "mode": mode or "plain", "tokens_per_forward": s["tokens_per_forward"],
+            rows.append({"batch": B, "mode": mode, "tokens_per_forward": s["tokens_per_forward"],
                          "tokens_per_s": s["generated_tokens"] / wall, "forwards": s["forwards"],
                          "tree_nodes": s.get("tree_nodes", 1), "acceptance_per_depth": s.get("acceptance_per_depth")})
         plain = next(r for r in rows if r["batch"] == B and r["mode"] == "plain")
@@ -307,6 +315,8 @@ def main() -> int:
                         help="trained MTP checkpoint for end-to-end acceptance (skipped when absent)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
     parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 128; tiny 8)")
+    parser.add_argument("--tree-tokens", type=int, nargs="*", default=(),
+                        help="also run the default tree at these tree-token budgets per forward (end to end)")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="batch sizes (default 1 8 32 on CUDA, 1 4 on the CPU)")
     args = parser.parse_args()
@@ -357,7 +367,8 @@ def main() -> int:
         prompts = [torch.randint(0, e2e_model.vocab_size, (n,), generator=g).tolist() for n in (16, 23, 31, 40)]
     result["e2e_model"] = label
     result["e2e_attention"] = attention_path(e2e_model, device, dtype)
-    end_to_end(e2e_model, prompts, batches, gen_len, result["end_to_end"], on_batch_done=save, tree_rates=tree_rates)
+    end_to_end(e2e_model, prompts, batches, gen_len, result["end_to_end"], on_batch_done=save, tree_rates=tree_rates,
+               tree_tokens=tuple(args.tree_tokens))
     save(quiet=False)
     return 0
 

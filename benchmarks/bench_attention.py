@@ -177,11 +177,16 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
 
 
 def _tuned_configs(attention) -> dict:
-    """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next)."""
+    """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next),
+    and every config's time (ms, median) from the last tuning run of each kernel."""
     picks = {}
     for which in ("fwd", "dkdv", "dq"):
-        best = getattr(attention._tuned(which), "best_config", None)   # None until a GPU run tuned it
+        tuner = attention._tuned(which)
+        best = getattr(tuner, "best_config", None)   # None until a GPU run tuned it
         picks[which] = None if best is None else str(best)
+        timings = getattr(tuner, "configs_timings", None) or {}
+        picks[which + "_timings_ms"] = {str(config): (t[0] if isinstance(t, (list, tuple)) else t)
+                                        for config, t in timings.items()}
     return picks
 
 
@@ -292,6 +297,14 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_tflops'])} | "
                      f"{_fmt(r.get('fwd_x_floor'))} | {_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | "
                      f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} |")
+    tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
+    if tuned_flash:
+        lines += ["", "### Forward configs (the autotuner's median ms for each; USE_TMA: K/V through tensor "
+                  "descriptors)", "", "| shape | config | ms | chosen |", "|---|---|---|---|"]
+        for r in tuned_flash:
+            picks = r["tuned_configs"]
+            for config, ms in sorted(picks["fwd_timings_ms"].items(), key=lambda item: item[1]):
+                lines.append(f"| {r['shape']} | {config} | {_fmt(ms)} | {'yes' if config == picks['fwd'] else ''} |")
     H, Hkv, D = result["decode_heads"]
     lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
               f"cache_seqlens range check off)", "",

@@ -87,6 +87,11 @@ def _tensor_core_instructions(ptx: str) -> str:
     return "+".join(kinds) or "-"
 
 
+def _tma_loads(ptx: str) -> int:
+    """Tensor-descriptor copies (Hopper's TMA engine) in the PTX: 0 where every load is a pointer load."""
+    return ptx.count("cp.async.bulk.tensor")
+
+
 class CrossCompiler:
     """Stands in for the GPU: every kernel launch inside `capture()` is compiled, never run."""
 
@@ -138,7 +143,8 @@ class CrossCompiler:
             usage = _resource_usage(compiled.asm["cubin"], self.cuobjdump)
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
-                          tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]))
+                          tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]),
+                          tma_loads=_tma_loads(compiled.asm["ptx"]))
             record["problems"] = self._problems(record)
         except Exception as exc:  # a compile error is the finding; keep going to report them all
             # A CompilationError ends with the cause (e.g. NameError(...)) after the source excerpt.
@@ -151,6 +157,7 @@ class CrossCompiler:
               f"{','.join(record['dtypes']):<16} w{record['num_warps']} s{record['num_stages']} "
               f"smem={record.get('shared_bytes', '-')} regs={record.get('registers', '-')} "
               f"spill={record.get('spill_bytes', '-')} mma={record.get('tensor_cores', '-')} "
+              f"tma={record.get('tma_loads', '-')} "
               f"{'; '.join(record['problems'])}", flush=True)
 
     def _problems(self, r: dict) -> list[str]:
@@ -305,14 +312,15 @@ def markdown(records, arch: int, quick: bool) -> str:
              "public functions make at these shapes, compiled, not run. Shared memory in bytes per block "
              f"(limit {MAX_SHARED_BYTES.get(arch, 49152)}), registers per thread (ptxas), spill = stack + local "
              "bytes per thread, MMA = the tensor-core instructions in the PTX (wgmma: Hopper warpgroup MMA; "
-             "mma: warp-level mma.sync).", "",
-             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mma: warp-level mma.sync), TMA = tensor-descriptor copies (cp.async.bulk.tensor) in the PTX.", "",
+             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | TMA | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r.get('shared_bytes', '-')} | {r.get('registers', '-')} | "
-                     f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | {'; '.join(r['problems']) or 'ok'} |")
+                     f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | {r.get('tma_loads', '-')} | "
+                     f"{'; '.join(r['problems']) or 'ok'} |")
     failed = sum(bool(r["problems"]) for r in records)
     spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)
     lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill."]

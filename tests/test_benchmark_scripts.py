@@ -83,6 +83,16 @@ def test_bench_attention_cpu_smoke(tmp_path):
         assert isinstance(decode[key], float) and decode[key] > 0, (key, decode[key])
     assert "| 2 | 40 |" in (tmp_path / "attention_cpu-smoke.md").read_text()
 
+    # A GPU run also lists every forward config the autotuner timed (none tune on a CPU): fake one.
+    spec = importlib.util.spec_from_file_location("_bench_attention_md", BENCH / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ours = next(r for r in result["flash"] if r["impl"] == "ours")
+    ours["tuned_configs"] = {"fwd": "USE_TMA: True", "fwd_timings_ms": {"USE_TMA: False": 1.25, "USE_TMA: True": 1.0}}
+    table = bench.to_markdown(result)
+    assert "| USE_TMA: True | 1 | yes |" in table and "| USE_TMA: False | 1.25 |  |" in table
+    assert table.index("USE_TMA: True | 1 |") < table.index("USE_TMA: False | 1.25")
+
 
 def test_bench_fused_ce_cpu_quick(tmp_path):
     _run([BENCH / "bench_fused_ce.py", "--device", "cpu", "--quick", "--skip-ceilings", "--rep-ms", "5"], tmp_path)

@@ -233,6 +233,40 @@ def cuda_kernel_ms(call: Callable[[], Any], group: Callable[[str], str], calls: 
     return groups
 
 
+def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 3) -> dict[str, Any]:
+    """From the device intervals (start_us, end_us, kernel name) of one call: its span (first start to
+    last end), the busy time (union of the intervals) and the idle time in ms, and the `top` largest
+    gaps between kernels, each with the kernels before and after it (where the GPU waited for the host)."""
+    if not intervals:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    intervals = sorted(intervals)
+    busy_us, gaps = 0.0, []
+    cur_start, cur_end, cur_name = intervals[0]
+    for start, end, name in intervals[1:]:
+        if start > cur_end:
+            busy_us += cur_end - cur_start
+            gaps.append({"ms": (start - cur_end) / 1000.0, "after": cur_name, "before": name})
+            cur_start, cur_end, cur_name = start, end, name
+        elif end > cur_end:
+            cur_end, cur_name = end, name
+    busy_us += cur_end - cur_start
+    span_us = cur_end - intervals[0][0]
+    gaps.sort(key=lambda g: -g["ms"])
+    return {"span_ms": span_us / 1000.0, "busy_ms": busy_us / 1000.0, "idle_ms": (span_us - busy_us) / 1000.0,
+            "gaps": gaps[:top]}
+
+
+def cuda_idle_gaps(call: Callable[[], Any], top: int = 3) -> dict[str, Any]:
+    """`idle_gaps` of one call() (after the caller's warm-up), from torch.profiler's CUDA events."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    intervals = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    return idle_gaps(intervals, top)
+
+
 def measure_ceilings(
     device: torch.device | str = "cuda",
     *,

@@ -46,6 +46,7 @@ def profile_shape(n, N, D, V, calls=3):
     step()
     total_ms = triton.testing.do_bench(step, rep=200, return_mode="median")
     groups = common.cuda_kernel_ms(step, kernel_group, calls)
+    timeline = common.cuda_idle_gaps(step)
     M = n * N
     # the chunk the default runs (float32 dW sum)
     rows = rows_per_chunk(M, V, 2, scratch_budget(DEFAULT_SCRATCH_BYTES, V, D, 2, wide_dw_sum=True))
@@ -65,9 +66,15 @@ def profile_shape(n, N, D, V, calls=3):
     n_chunks = -(-M // rows)
     return {"n": n, "N": N, "D": D, "V": V, "chunk_rows": rows, "chunks": n_chunks, "total_ms": total_ms,
             "fp32_out_gemm": _fp32_out_gemm_works(dW32.device, torch.bfloat16, torch.float32),
-            "dw_bf16_sum_alone_ms": bf16_sum_ms, "kernel_ms": groups,
+            "dw_bf16_sum_alone_ms": bf16_sum_ms, "kernel_ms": groups, "timeline": timeline,
             "gemm_alone_ms": gemms, "gemm_alone_tflops": {k: flop / v / 1e9 for k, v in gemms.items()},
             "gemm_alone_sum_ms": n_chunks * sum(gemms.values())}
+
+
+def _idle_cell(timeline: dict) -> str:
+    gap = (timeline["gaps"] or [None])[0]
+    largest = f"; {gap['ms']:.2f} ms: {gap['after'][:40]} -> {gap['before'][:40]}" if gap else ""
+    return f"{timeline['idle_ms']:.2f} of {timeline['span_ms']:.1f}{largest}"
 
 
 def main(out_dir: str):
@@ -79,13 +86,14 @@ def main(out_dir: str):
                       {"device": torch.cuda.get_device_name(), "results": results})
     headers = ["shape", "chunks x rows", "total ms", "GEMM ms (in run)", "ce_chunk ms", "other ms",
                "GEMMs alone ms", "GEMM TFLOP/s alone (logits / dH / dW fp32 sum)", "dW bf16 sum TFLOP/s",
-               "cuBLAS fp32-out dW"]
+               "cuBLAS fp32-out dW", "GPU idle in one step ms (largest gap: after -> before)"]
     table = common.markdown_table(headers, [[
         f"N={r['N']} D={r['D']} V={r['V']}", f"{r['chunks']} x {r['chunk_rows']}", r["total_ms"],
         r["kernel_ms"].get("GEMM (cuBLAS)", 0.0), r["kernel_ms"].get("ce_chunk (Triton)", 0.0),
         r["kernel_ms"].get("other", 0.0), r["gemm_alone_sum_ms"],
         " / ".join(f"{v:.0f}" for v in r["gemm_alone_tflops"].values()),
-        2 * r["chunk_rows"] * r["D"] * r["V"] / r["dw_bf16_sum_alone_ms"] / 1e9, r["fp32_out_gemm"]] for r in results])
+        2 * r["chunk_rows"] * r["D"] * r["V"] / r["dw_bf16_sum_alone_ms"] / 1e9, r["fp32_out_gemm"],
+        _idle_cell(r["timeline"])] for r in results])
     text = (f"# Fused CE time breakdown on {torch.cuda.get_device_name()} (bf16, n=4, default scratch)\n\n"
             f"{table}\n")
     common.write_markdown(os.path.join(out_dir, f"fused_ce_profile_{slug}.md"), text)

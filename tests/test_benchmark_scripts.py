@@ -181,3 +181,18 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
     assert row["M"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
     assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
     assert row["chosen"] == row["best_tile"] == "16x256 fma w4 s4"
+
+
+def test_idle_gaps_finds_where_the_gpu_waited():
+    """profile_fused_ce reports the GPU's idle time inside one step from the profiler's kernel intervals."""
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    intervals = [(0.0, 100.0, "gemm"), (50.0, 120.0, "ce_chunk"),     # overlapping: one busy stretch
+                 (620.0, 700.0, "gemm"),                                # 500 us idle before it
+                 (710.0, 800.0, "cast")]                                # 10 us idle
+    timeline = common.idle_gaps(intervals, top=1)
+    assert timeline["span_ms"] == 0.8 and timeline["busy_ms"] == pytest.approx(0.29)
+    assert timeline["idle_ms"] == pytest.approx(0.51)
+    assert timeline["gaps"] == [{"ms": 0.5, "after": "ce_chunk", "before": "gemm"}]
+    assert common.idle_gaps([])["idle_ms"] == 0.0

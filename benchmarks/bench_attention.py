@@ -158,6 +158,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 fn(q, k, v).backward(dout)
 
             fb = _bench_ms(fwd_bwd)
+            deterministic = _backward_is_deterministic(fn, q, k, v, dout) if name != "eager" else None
             q.grad = k.grad = v.grad = None
             rows.append({
                 "shape": f"B{B} H{H} T{T} D{D} causal", "impl": name,
@@ -165,6 +166,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_bwd_ms": fb, "fwd_bwd_tflops": 3.5 * fwd_flops / fb / 1e9 if isinstance(fb, float) else None,
                 "fwd_x_floor": _ratio(fwd, fwd_flops / (matmul_tflops * 1e9)),
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
+                "bwd_bitwise_deterministic": deterministic,
             })
         ours = next(r for r in rows[-3:] if r["impl"] == "ours")
         ours["tuned_configs"] = _tuned_configs(attention)
@@ -174,6 +176,17 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
             r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
         del q, k, v, dout
     return rows
+
+
+def _backward_is_deterministic(fn, q, k, v, dout) -> bool:
+    """Whether two backward passes over the same inputs give bit-identical gradients. A backward
+    that sums dQ with float atomics (FlashAttention-2's) generally does not; ours must."""
+    grads = []
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    return all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def _tuned_configs(attention) -> dict:
@@ -291,12 +304,13 @@ def to_markdown(result: dict) -> str:
              f"{result.get('matmul_dtype', 'bf16')} matmul {result.get('matmul_TFLOPs', float('nan')):.0f} TFLOP/s.", "",
              f"## Flash attention, {result['dtype']}, causal", "",
              "| shape | impl | fwd ms | fwd TFLOP/s | fwd x floor | fwd vs SDPA | fwd+bwd ms | fwd+bwd TFLOP/s | "
-             "fwd+bwd x floor | fwd+bwd vs SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd x floor | fwd+bwd vs SDPA | bwd bit-identical in 2 runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["flash"]:
         lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_tflops'])} | "
                      f"{_fmt(r.get('fwd_x_floor'))} | {_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | "
-                     f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} |")
+                     f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} | "
+                     f"{_fmt(r.get('bwd_bitwise_deterministic'))} |")
     tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
     if tuned_flash:
         lines += ["", "### Forward configs (the autotuner's median ms for each; USE_TMA: K/V through tensor "

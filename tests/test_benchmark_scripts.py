@@ -78,6 +78,7 @@ def test_bench_attention_cpu_smoke(tmp_path):
     result = json.loads((tmp_path / "attention_cpu-smoke.json").read_text())
     assert {r["impl"] for r in result["flash"]} == {"ours", "sdpa", "eager"}
     assert all(isinstance(r["fwd_ms"], float) and isinstance(r["fwd_bwd_ms"], float) for r in result["flash"])
+    assert next(r for r in result["flash"] if r["impl"] == "ours")["bwd_bitwise_deterministic"] is True
     (decode,) = result["decode"]
     for key in ("ours_tq1_launch_ms", "ours_tq1_ms", "ours_tq16_ms", "ours_tq64_ms", "sdpa_tq1_ms"):
         assert isinstance(decode[key], float) and decode[key] > 0, (key, decode[key])

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import charts  # noqa: E402
 import common  # noqa: E402
 
 FLASH_SHAPES = [(4, 32, 4096, 128), (8, 16, 2048, 64)]          # B, H, T, D (causal, H == Hkv)
@@ -360,6 +361,10 @@ def _write(out_dir: str, stem_name: str, result: dict) -> None:
     with open(stem + ".md", "w") as f:
         f.write(text)
     print(text)
+    try:
+        charts.chart_for(stem + ".json")
+    except Exception as err:  # noqa: BLE001 - the numbers are already written
+        print(f"note: chart failed: {type(err).__name__}: {err}")
 
 
 def _measure(out_dir: str, stem: str, result: dict, attention, flash_kwargs: dict, decode_kwargs: dict) -> dict:

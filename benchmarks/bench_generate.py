@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import charts  # noqa: E402
 import common  # noqa: E402
 
 common.import_mtp_kernels()
@@ -341,6 +342,10 @@ def main() -> int:
         common.write_json(stem.with_suffix(".json"), result)
         text = to_markdown(result)
         common.write_markdown(stem.with_suffix(".md"), text)
+        try:
+            charts.chart_for(stem.with_suffix(".json"))
+        except Exception as err:  # noqa: BLE001 - the numbers are already written
+            print(f"note: chart failed: {type(err).__name__}: {err}")
         if not quiet:
             print(text)
 

@@ -370,11 +370,13 @@ def write_bar_chart(
     series: dict[str, list[Optional[float]]],
     *,
     panels: Optional[list[tuple[str, dict[str, list[Optional[float]]]]]] = None,
+    panel_groups: Optional[list[list[str]]] = None,
     title: str = "",
 ) -> Optional[Path]:
     """Grouped bar chart: one group per entry of `groups`, one bar per series; missing values
     (None: failed or not run) leave a gap. `panels` draws several such charts stacked, each
-    (y-label, series). Returns None, with a printed note, when matplotlib is not installed."""
+    (y-label, series), over `groups` or, per panel, over `panel_groups`. Returns None, with a
+    printed note, when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -385,8 +387,10 @@ def write_bar_chart(
         return None
 
     panels = panels or [("", series)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 1.9 * len(groups) + 4), 4.2 * len(panels)), squeeze=False)
-    for ax, (ylabel, panel_series) in zip(axes[:, 0], panels):
+    panel_groups = panel_groups or [groups] * len(panels)
+    widest = max(len(g) for g in panel_groups)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 1.9 * widest + 4), 4.2 * len(panels)), squeeze=False)
+    for ax, (ylabel, panel_series), groups in zip(axes[:, 0], panels, panel_groups):
         names = list(panel_series)
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):

@@ -197,3 +197,47 @@ def test_idle_gaps_finds_where_the_gpu_waited():
     assert timeline["idle_ms"] == pytest.approx(0.51)
     assert timeline["gaps"] == [{"ms": 0.5, "after": "ce_chunk", "before": "gemm"}]
     assert common.idle_gaps([])["idle_ms"] == 0.0
+
+
+def _charts_module():
+    sys.path.insert(0, str(BENCH))
+    import charts
+    return charts
+
+
+@pytest.mark.parametrize("stem", ["attention_nvidia-h100-80gb-hbm3", "generate_nvidia-h100-80gb-hbm3", "generate_cpu"])
+def test_charts_carry_the_tables_numbers(stem):
+    """The PNG charts of bench_attention / bench_generate draw exactly the result's numbers."""
+    charts = _charts_module()
+    result = json.loads((BENCH / "results" / f"{stem}.json").read_text())
+    if stem.startswith("attention"):
+        panels = charts.attention_panels(result)
+        (_, groups, tflops), (_, decode_groups, bandwidth), (_, _, tree) = panels
+        ours = next(r for r in result["flash"] if r["impl"] == "ours")
+        assert tflops["ours"][:2] == [ours["fwd_tflops"], ours["fwd_bwd_tflops"]]
+        assert len(groups) == 2 * len({r["shape"] for r in result["flash"]}) and set(tflops) == {"ours", "sdpa", "eager"}
+        assert bandwidth["ours"] == [r["ours_frac_of_copy_bw"] for r in result["decode"]]
+        assert decode_groups[0] == f"B{result['decode'][0]['B']} S{result['decode'][0]['S']}"
+        assert tree["Tq=64 / Tq=1"] == [r["tree64_vs_decode"] for r in result["decode"]]
+    else:
+        panels = charts.generate_panels(result)
+        (_, groups, plain), (_, _, verify), (_, e2e_groups, e2e) = panels
+        assert plain["plain"] == [r["plain_x_floor"] for r in result["step_costs"]]
+        assert verify["16 nodes"] == [r["ratio16"] for r in result["step_costs"]]
+        assert "plain" not in e2e and e2e_groups == [f"batch {b}" for b in dict.fromkeys(r["batch"] for r in result["end_to_end"])]
+        tree_b1 = next(r for r in result["end_to_end"] if r["mode"] == "tree" and r["batch"] == 1)
+        assert e2e["tree"][0] == tree_b1["speedup"]
+
+
+def test_charts_draw_or_say_why_not(tmp_path):
+    charts = _charts_module()
+    src = BENCH / "results" / "attention_nvidia-h100-80gb-hbm3.json"
+    copy = tmp_path / src.name
+    copy.write_text(src.read_text())
+    png = charts.chart_for(copy)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert png is None                       # noted and skipped: matplotlib is benchmark-only
+    else:
+        assert png == copy.with_suffix(".png") and png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="not an attention"):
+        charts.chart_for(BENCH / "results" / "fused_ce_nvidia-h100-80gb-hbm3.json")

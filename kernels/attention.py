@@ -11,6 +11,8 @@ Flash attention (FA2 structure):
             loops over the query heads of its GQA group itself, so the group sum is deterministic
             (no atomics); one program per (query block, batch*head) computes dQ.
   Causal programs skip the blocks above the diagonal and only mask the blocks on it (and the tail).
+  The unmasked loops may read their streamed tiles through device-side tensor descriptors (USE_TMA,
+  Hopper's TMA engine) where the layout allows (`_tma_ok`); the autotuner chooses per shape.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
@@ -525,14 +527,15 @@ def _tuned(which: str):
 
 
 def _tma_ok(x: torch.Tensor, T: int) -> bool:
-    """Whether the forward may read x (B, T, Hkv, D) through a (B*T, Hkv*D) tensor descriptor: a
-    16-bit or float32 row-major view (heads packed, batches T rows apart; a column slice of a fused
-    qkv projection qualifies) with the 16-byte alignment TMA requires of the base and row stride,
-    and a power-of-two head dim."""
-    B, _, Hkv, D = x.shape
+    """Whether a flash kernel may read x (B, T, heads, D) through a (B*T, heads*D) tensor descriptor:
+    a 16-bit or float32 row-major view (heads packed, rows not overlapping, batches T rows apart; a
+    column slice of a fused qkv projection qualifies) with the 16-byte alignment TMA requires of the
+    base and row stride, and a power-of-two head dim."""
+    B, _, heads, D = x.shape
     row_bytes = x.stride(1) * x.element_size()
     return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and D >= 16 and D & (D - 1) == 0
-            and x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == T * x.stride(1))
+            and x.stride(3) == 1 and x.stride(2) == D and x.stride(1) >= heads * D
+            and (B == 1 or x.stride(0) == T * x.stride(1))
             and row_bytes % 16 == 0 and x.data_ptr() % 16 == 0)
 
 

@@ -173,6 +173,7 @@ def test_flash_attention_descriptor_loads_only_where_the_layout_allows():
     assert not ok(odd_rows, T)
     misaligned = torch.randn(B * T * Hkv * D + 1)[1:].view(B, T, Hkv, D)
     assert not ok(misaligned, T)
+    assert not ok(torch.randn(B, 1, Hkv, D).expand(B, T, Hkv, D), T)   # rows overlap (stride 0)
 
 
 @pytest.mark.parametrize("D", [32, 24])

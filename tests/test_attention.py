@@ -1,4 +1,5 @@
 """Flash attention and KV-cache attention: Triton (interpreted on CPU, fp32) vs float64 oracles."""
+import functools
 import math
 
 import pytest
@@ -485,8 +486,8 @@ def test_flash_attention_gpu_bf16(T, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-def test_flash_attention_gpu_every_config(D):
+@pytest.mark.parametrize("D,causal", [(64, True), (128, True), (128, False)])
+def test_flash_attention_gpu_every_config(D, causal):
     # The autotuner may pick any config that survives pruning: pointer or tensor-descriptor (TMA)
     # loads, each tile, in all three kernels. Two sequences of a ragged length, q, k and v as views of
     # a fused qkv projection (as the model runs them).
@@ -496,24 +497,22 @@ def test_flash_attention_gpu_every_config(D):
     q, k, v = fused.split([H, Hkv, Hkv], dim=2)
     assert all(attention_module._tma_ok(x, T) for x in (q, k, v))
     scale = D ** -0.5
-    for causal in (True, False):
-        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-        want = reference.attention(q32, k32, v32, causal=causal)
-        dout = torch.randn_like(want).to(torch.bfloat16)
-        want.backward(dout.float())
-        tuned = attention_module._prune
-        args = dict(TMA_OK=1, BLOCK_D=D)
-        for config in tuned(attention_module._GPU_FWD_CONFIGS, {}, **args):
-            out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
-            assert _rel_err(out, want) < 1e-2, (causal, config)
-        dkdv_configs = tuned(attention_module._GPU_DKDV_CONFIGS, {}, **args)
-        dq_configs = tuned(attention_module._GPU_DQ_CONFIGS, {}, **args)
-        for i in range(max(len(dkdv_configs), len(dq_configs))):
-            dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]
-            dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale,
-                                                              dkdv_config=dkdv_config, dq_config=dq_config)
-            for got, ref in ((dq, q32.grad), (dk, k32.grad), (dv, v32.grad)):
-                assert _rel_err(got, ref) < 2e-2, (causal, dkdv_config, dq_config)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = reference.attention(q32, k32, v32, causal=causal)
+    dout = torch.randn_like(want).to(torch.bfloat16)
+    want.backward(dout.float())
+    survivors = functools.partial(attention_module._prune, named_args={}, TMA_OK=1, BLOCK_D=D)
+    for config in survivors(attention_module._GPU_FWD_CONFIGS):
+        out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
+        assert _rel_err(out, want) < 1e-2, config
+    dkdv_configs = survivors(attention_module._GPU_DKDV_CONFIGS)
+    dq_configs = survivors(attention_module._GPU_DQ_CONFIGS)
+    for i in range(max(len(dkdv_configs), len(dq_configs))):   # every config of both kernels, paired
+        dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]
+        dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale,
+                                                          dkdv_config=dkdv_config, dq_config=dq_config)
+        for got, ref in ((dq, q32.grad), (dk, k32.grad), (dv, v32.grad)):
+            assert _rel_err(got, ref) < 2e-2, (dkdv_config, dq_config)
 
 
 @pytest.mark.gpu

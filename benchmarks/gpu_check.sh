@@ -52,7 +52,7 @@ for s in "${stages[@]}"; do
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;
-    attention) run_stage attention 180 python3 benchmarks/bench_attention.py --out "$RES" ;;   # ~50 s + launch tuning
+    attention) run_stage attention 240 python3 benchmarks/bench_attention.py --out "$RES" ;;   # ~50 s + KV launch tuning + 42 flash configs to compile
     generate) run_stage generate 300 python3 benchmarks/bench_generate.py --out "$RES" ;;
     head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     train) limit=$(( ${TRAIN_SECONDS:-240} + 240 )); [ "$limit" -gt 570 ] && limit=570

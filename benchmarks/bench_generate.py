@@ -101,12 +101,12 @@ def skinny_launch_report() -> list:
 
     rows = []
     for key, times in skinny_linear._TUNER.times.items():
-        _, dtype, M, N, K = key
+        _, dtype, M, N, K = key   # M: the row tile (1, 16, 32 or 64), what a tuning covers
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         kernel = min((c for c in times if c is not None), key=times.get, default=None)
         chosen = skinny_linear._TUNER.chosen[key]
-        tile = (f"{kernel.block_n}x{kernel.block_k} {'dot' if kernel.use_dot else 'fma'} "
-                f"w{kernel.num_warps} s{kernel.num_stages}") if kernel else "-"
+        tile = (f"{kernel.block_m if kernel.use_dot else 1}x{kernel.block_n}x{kernel.block_k} "
+                f"{'dot' if kernel.use_dot else 'fma'} w{kernel.num_warps} s{kernel.num_stages}") if kernel else "-"
         rows.append({"M": M, "N": N, "K": K, "cublas_ms": times.get(None),
                      "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": tile, "kernel_ms": times.get(kernel),
@@ -276,7 +276,7 @@ def to_markdown(result: dict) -> str:
     if result.get("decode_gemm_launches"):
         lines += ["### Decode GEMM launches (`skinny_linear` tuning: CUDA-graph ms of one call, weight GB/s)", "",
                   common.markdown_table(
-                      ["rows", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "best kernel tile", "kernel ms", "kernel GB/s",
+                      ["rows (up to)", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "best kernel tile", "kernel ms", "kernel GB/s",
                        "chosen"],
                       [[r["M"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
                         r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]

@@ -270,11 +270,13 @@ def scenarios():
         K.swiglu(randn(1, 11008, dtype=dtype), randn(1, 11008, dtype=dtype))
 
     def skinny_linear(dtype):
-        # The decode projections of the 7B shape (fused qkv, w2, fused w13, wo) and an odd one, with
-        # every tile the launch tuner may pick (cuBLAS, the other candidate, is not ours to compile).
+        # The decode and verify projections of the 7B shape (fused qkv, w2, fused w13, wo) and odd
+        # ones, every row tile (1, 16, 32, 64 rows), with every tile the launch tuner may pick
+        # (cuBLAS, the other candidate, is not ours to compile).
         from mtp_kernels import skinny_linear as sl
 
-        for M, N, K in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096), (1, 1000, 333)):
+        for M, N, K in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096), (1, 1000, 333),
+                        (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)):
             x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
             if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
                 continue

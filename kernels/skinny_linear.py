@@ -1,18 +1,23 @@
-"""x @ W^T for the few rows of a decode step: a weight-streaming Triton kernel, or cuBLAS, by measurement.
+"""x @ W^T for the few rows of a decode or verify step: a weight-streaming Triton kernel, or cuBLAS,
+by measurement.
 
-A decode step multiplies 1 to 16 rows (batch x new tokens) by every weight matrix, so its GEMMs
-cost the time to read the weights. On the H100 the 7B decode step's cuBLAS GEMMs took 4.50 ms for
-about 11.7 GB of weights at batch 1 (2.6 TB/s), and cuBLAS split K for two of the four projections,
-adding a reduction kernel each (benchmarks/results/NOTES.md).
+A decode step multiplies 1 to 32 rows (batch x new tokens) by every weight matrix, a tree verify
+step up to 64 (batch x tree nodes), so these GEMMs cost the time to read the weights. On the H100
+the 7B decode step's cuBLAS GEMMs took 4.50 ms for about 11.7 GB of weights at batch 1 (2.6 TB/s),
+and cuBLAS split K for two of the four projections, adding a reduction kernel each; with 64 tree
+nodes they took 0.97 ms more than that (benchmarks/results/NOTES.md).
 
 Each program owns BLOCK_N output features and streams their weight rows over K in BLOCK_K tiles.
 K is not split, so there is no second kernel and no atomic: the result is deterministic.
-  USE_DOT  tl.dot on a 16-row tile of x (any M <= 16; rows past M load as 0);
+  USE_DOT  tl.dot on a BLOCK_M-row tile of x (16, 32 or 64: the smallest that holds M; rows past M
+           load as 0);
   else     M = 1: a float32 multiply-add per weight element into a (BLOCK_N, BLOCK_K) accumulator,
            reduced over K once at the end.
-Which launch runs, per (M, N, K, dtype), is measured: `LaunchTuner` times cuBLAS and these tiles as
-CUDA-graph replays at the shape's first call outside a capture and keeps the fastest (cuBLAS on a
-tie, and whenever nothing is tuned yet). So the kernel can only take over where it is faster.
+Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
+tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
+(cuBLAS on a tie, and whenever nothing is tuned yet). The rows count only through their tile (1,
+16, 32 or 64), so prompts of every length below 64 tokens share four tunings per projection. The
+kernel can only take over where it is faster.
 """
 from __future__ import annotations
 
@@ -27,25 +32,25 @@ from . import reference
 from .backend import as_rows, gpu_launch, interpreting, use_triton
 from .launch_tuner import LaunchTuner
 
-MAX_ROWS = 16   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
+MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
 
 
 @triton.jit
 def _skinny_linear_kernel(
     X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, 16)
+    offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
     w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     if USE_DOT:
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         x_ptrs = X + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -86,26 +91,38 @@ class SkinnyLaunch:
     use_dot: bool
     num_warps: int = 4
     num_stages: int = 3
+    block_m: int = 16   # x rows per tl.dot tile (multiply-add launches take one row)
 
 
 # (block_n, block_k, num_warps, num_stages). Multiply-add tiles keep a float32 (BLOCK_N, BLOCK_K)
-# accumulator: 8192 values = 64 per thread at 4 warps. Chosen from sm_90 compiles (compile_check.py).
+# accumulator: 8192 values = 64 per thread at 4 warps. tl.dot tiles per row tile: taller x tiles
+# take narrower weight tiles (each program re-reads all of x from L2: N / BLOCK_N times M x K).
+# Chosen from sm_90 compiles (compile_check.py).
 _GPU_FMA_TILES = ((8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 3))
-_GPU_DOT_TILES = ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 8, 3), (32, 512, 8, 3))
+_GPU_DOT_TILES = {16: ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 8, 3), (32, 512, 8, 3)),
+                  32: ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3)),
+                  64: ((16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3))}
 _INTERP_FMA_TILES = ((16, 32, 1, 1), (8, 64, 1, 1))
-_INTERP_DOT_TILES = ((16, 32, 1, 1), (32, 16, 1, 1))
+_INTERP_DOT_TILES = {16: ((16, 32, 1, 1), (32, 16, 1, 1)), 32: ((16, 32, 1, 1),), 64: ((16, 16, 1, 1),)}
+
+
+def row_tile(M: int) -> int:
+    """The tuning bucket of M rows: 1 (a multiply-add row), else the tl.dot row tile that holds M."""
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"skinny_linear takes 1 to {MAX_ROWS} rows, got {M}")
+    return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 
 
 def skinny_candidates(M: int, device: torch.device) -> list:
-    """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, tl.dot
-    ones for any M <= MAX_ROWS."""
+    """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
+    the tl.dot ones of M's row tile (16 rows for M = 1)."""
     gpu = gpu_launch(device)
     fma, dot = (_GPU_FMA_TILES, _GPU_DOT_TILES) if gpu else (_INTERP_FMA_TILES, _INTERP_DOT_TILES)
+    block_m = max(16, row_tile(M))
     out: list = [None]
     if M == 1:
         out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
-    if M <= MAX_ROWS:
-        out += [SkinnyLaunch(n, k, True, w, s) for n, k, w, s in dot]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m) for n, k, w, s in dot[block_m]]
     return out
 
 
@@ -117,10 +134,12 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     N = weight.shape[0]
     if launch.use_dot is False and M != 1:
         raise ValueError(f"skinny_linear: a multiply-add launch takes one row, got {M}")
+    if launch.use_dot and M > launch.block_m:
+        raise ValueError(f"skinny_linear: a {launch.block_m}-row tile takes at most {launch.block_m} rows, got {M}")
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     _skinny_linear_kernel[(triton.cdiv(N, launch.block_n),)](
         x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
         EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     return y
@@ -141,8 +160,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) without bias: x (..., K), weight (N, K) -> (..., N) in x.dtype.
 
     Without autograd, with at most MAX_ROWS rows and a CUDA fp16/bf16 weight, the launch is the one
-    tuned for this shape (cuBLAS or a kernel tile, see the module docstring); everything else, and
-    every shape not tuned yet (inside a CUDA-graph capture), is F.linear."""
+    tuned for this row tile and weight shape (cuBLAS or a kernel tile, see the module docstring);
+    everything else, and every shape not tuned yet (inside a CUDA-graph capture), is F.linear."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return reference.skinny_linear(x, weight)
     K = x.shape[-1]
@@ -151,7 +170,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return reference.skinny_linear(x, weight)
     x2 = as_rows(x)
     N = weight.shape[0]
-    key = (str(x.device), x.dtype, M, N, K)
+    key = (str(x.device), x.dtype, row_tile(M), N, K)
     launch = _TUNER.choose(key, x.device, lambda: _TUNER.tune(key, skinny_candidates(M, x.device),
                                                               lambda c: skinny_linear_run(x2, weight, c)),
                            lambda: None)

@@ -181,7 +181,7 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
     (row,) = module.skinny_launch_report()
     assert row["M"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
     assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
-    assert row["chosen"] == row["best_tile"] == "16x256 fma w4 s4"
+    assert row["chosen"] == row["best_tile"] == "1x16x256 fma w4 s4"
 
 
 def test_idle_gaps_finds_where_the_gpu_waited():

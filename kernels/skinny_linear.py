@@ -1,8 +1,8 @@
 """x @ W^T for the few rows of a decode or verify step: a weight-streaming Triton kernel, or cuBLAS,
 by measurement.
 
-A decode step multiplies 1 to 32 rows (batch x new tokens) by every weight matrix, a tree verify
-step up to 64 (batch x tree nodes), so these GEMMs cost the time to read the weights. On the H100
+A decode step multiplies a few rows (one per sequence) by every weight matrix, a tree verify step
+batch x tree nodes, so up to 64 rows these GEMMs cost the time to read the weights. On the H100
 the 7B decode step's cuBLAS GEMMs took 4.50 ms for about 11.7 GB of weights at batch 1 (2.6 TB/s),
 and cuBLAS split K for two of the four projections, adding a reduction kernel each; with 64 tree
 nodes they took 0.97 ms more than that (benchmarks/results/NOTES.md).
@@ -16,7 +16,7 @@ K is not split, so there is no second kernel and no atomic: the result is determ
 Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
 tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
 (cuBLAS on a tie, and whenever nothing is tuned yet). The rows count only through their tile (1,
-16, 32 or 64), so prompts of every length below 64 tokens share four tunings per projection. The
+16, 32 or 64), so prompts of every length up to 64 tokens share four tunings per projection. The
 kernel can only take over where it is faster.
 """
 from __future__ import annotations

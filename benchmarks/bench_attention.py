@@ -227,8 +227,7 @@ def _tune_record(attention, q, k_cache, v_cache, seqlens, mask) -> dict:
     times one interpreted call per candidate instead."""
     timer = None if torch.cuda.is_available() else _bench_ms
     times = attention.tune_kv_launch(q, k_cache, v_cache, seqlens, mask, q.shape[-1] ** -0.5, timer=timer)
-    B, Tq, H, _ = q.shape
-    heuristic = attention._kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
+    heuristic = attention._kv_heuristic(*attention.kv_problem(q, k_cache), q.device)
     best = min(times, key=times.get)
     return {"times_ms": {_launch_name(k): v for k, v in times.items()},
             "heuristic": _launch_name(heuristic), "heuristic_ms": times.get(heuristic),

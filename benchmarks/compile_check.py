@@ -255,7 +255,7 @@ def scenarios():
                 if not attention._kernel_supports(q):   # float32 runs the reference on a GPU
                     attention.kv_cache_attention(q, k_cache, v_cache, seqlens, tree)
                     continue
-                for launch in attention.kv_launch_candidates(2, 8, 4 * Tq, 1024, q.device):
+                for launch in attention.kv_launch_candidates(*attention.kv_problem(q, k_cache), q.device):
                     attention._kv_run(q, k_cache, v_cache, seqlens, tree, D ** -0.5, launch)
 
     def rope_cache(dtype):
@@ -275,12 +275,12 @@ def scenarios():
         # (cuBLAS, the other candidate, is not ours to compile).
         from mtp_kernels import skinny_linear as sl
 
-        for M, N, K in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096), (1, 1000, 333),
-                        (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)):
-            x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
+        for rows, n_out, n_in in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096),
+                                  (1, 1000, 333), (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)):
+            x, w = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype)
             if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
                 continue
-            for launch in sl.skinny_candidates(M, x.device)[1:]:
+            for launch in sl.skinny_candidates(rows, x.device)[1:]:
                 sl.skinny_linear_run(x, w, launch)
 
     def sampling(dtype):

@@ -78,7 +78,6 @@ def _idle_cell(timeline: dict) -> str:
 
 
 def main(out_dir: str):
-
     results = [profile_shape(4, 8192, 4096, 32000), profile_shape(4, 8192, 4096, 128256),
                profile_shape(4, 16384, 1024, 32000)]
     slug = common.device_slug("cuda")

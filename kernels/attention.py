@@ -902,9 +902,12 @@ def _kv_key(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> tuple:
     return (str(q.device), q.dtype, *q.shape, k_cache.shape[1], k_cache.shape[2], tree)
 
 
-def _kv_candidates_for(q, k_cache) -> list[KVLaunch]:
+def kv_problem(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
+    """(B, Hkv, rows, S_max) of a KV-cache attention call, what its launch is chosen from:
+    rows = GROUP * Tq query rows per (sequence, kv head)."""
     B, Tq, H, _ = q.shape
-    return kv_launch_candidates(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
+    Hkv = k_cache.shape[2]
+    return B, Hkv, (H // Hkv) * Tq, k_cache.shape[1]
 
 
 def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
@@ -914,15 +917,14 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     the times (ms). timer(fn) -> ms; default: CUDA-graph replay time (launch_tuner.py). KV-cache
     attention calls this at the first call of a shape on CUDA outside a graph capture."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
-    return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None), _kv_candidates_for(q, k_cache),
+    return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
+                          kv_launch_candidates(*kv_problem(q, k_cache), q.device),
                           lambda launch: _kv_run(q, k_cache, v_cache, full, tree_mask, sm_scale, launch), timer)
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:
-    B, Tq, H, _ = q.shape
-
     def heuristic():
-        return _kv_heuristic(B, k_cache.shape[2], (H // k_cache.shape[2]) * Tq, k_cache.shape[1], q.device)
+        return _kv_heuristic(*kv_problem(q, k_cache), q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic()
     return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,

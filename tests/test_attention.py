@@ -302,7 +302,8 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(32)))
     full = torch.full((B,), S_max - Tq, dtype=torch.int32)
     want = _kv_oracle(q, k_cache, v_cache, full, packed.mask, 0.3)
-    candidates = attention_module.kv_launch_candidates(B, Hkv, (H // Hkv) * Tq, S_max, q.device)
+    assert attention_module.kv_problem(q, k_cache) == (B, Hkv, (H // Hkv) * Tq, S_max)
+    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
     assert len({c.block_m for c in candidates}) == 2 and len({c.n_splits for c in candidates}) >= 2
     ran = []
 

@@ -101,13 +101,13 @@ def skinny_launch_report() -> list:
 
     rows = []
     for key, times in skinny_linear._TUNER.times.items():
-        _, dtype, M, N, K = key   # M: the row tile (1, 16, 32 or 64), what a tuning covers
+        _, dtype, row_tile, N, K = key   # a tuning covers every row count up to its row tile (1, 16, 32, 64)
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         kernel = min((c for c in times if c is not None), key=times.get, default=None)
         chosen = skinny_linear._TUNER.chosen[key]
         tile = (f"{kernel.block_m if kernel.use_dot else 1}x{kernel.block_n}x{kernel.block_k} "
                 f"{'dot' if kernel.use_dot else 'fma'} w{kernel.num_warps} s{kernel.num_stages}") if kernel else "-"
-        rows.append({"M": M, "N": N, "K": K, "cublas_ms": times.get(None),
+        rows.append({"row_tile": row_tile, "N": N, "K": K, "cublas_ms": times.get(None),
                      "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": tile, "kernel_ms": times.get(kernel),
                      "kernel_GBps": weight_mb / times[kernel] if kernel and times[kernel] < float("inf") else None,
@@ -278,7 +278,7 @@ def to_markdown(result: dict) -> str:
                   common.markdown_table(
                       ["rows (up to)", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "best kernel tile", "kernel ms", "kernel GB/s",
                        "chosen"],
-                      [[r["M"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
+                      [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
                         r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "

@@ -179,7 +179,7 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
     tuner.times[key] = {None: 0.0125, tile: 0.0100, sl.SkinnyLaunch(32, 256, True): float("inf")}
     tuner.chosen[key] = tile
     (row,) = module.skinny_launch_report()
-    assert row["M"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
+    assert row["row_tile"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
     assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
     assert row["chosen"] == row["best_tile"] == "1x16x256 fma w4 s4"
 

@@ -632,8 +632,9 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     dq_args = (q, k, v, do, lse, delta, dq,
                *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
                B, T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
-    dkdv_tma = _descriptors_allowed() and _tma_ok(q, T) and _tma_ok(do, T)
-    dq_tma = _descriptors_allowed() and _tma_ok(k, T) and _tma_ok(v, T)
+    allowed = _descriptors_allowed()
+    dkdv_tma = allowed and _tma_ok(q, T) and _tma_ok(do, T)
+    dq_tma = allowed and _tma_ok(k, T) and _tma_ok(v, T)
     _launch("dkdv", dkdv_args + (int(dkdv_tma),), T, "BLOCK_N", B * Hkv, D, causal, dkdv_tma, dkdv_config)
     _launch("dq", dq_args + (int(dq_tma),), T, "BLOCK_M", B * H, D, causal, dq_tma, dq_config)
     return dq, dk, dv

@@ -4,10 +4,8 @@
 
 1. Flash attention, causal, MHA: B4 H32 T4096 D128 and B8 H16 T2048 D64. TFLOP/s forward and
    forward+backward. Causal forward FLOPs = 4*B*H*T*T*D / 2; backward counted as 2.5x forward.
-   Contenders: ours (mtp_kernels.attention.flash_attention, deterministic backward), ours_atomic_dq
-   (deterministic=False: dQ summed with float atomics, as SDPA's backward does), torch SDPA (on
-   (B, H, T, D) views of the same tensors), eager (bf16 matmuls, float32 softmax; recorded as OOM
-   where it does not fit).
+   Contenders: ours (mtp_kernels.attention.flash_attention), torch SDPA (on (B, H, T, D) views of
+   the same tensors), eager (bf16 matmuls, float32 softmax; recorded as OOM where it does not fit).
 2. Decode (Tq = 1) against a KV cache, H32 Hkv8 D128, B in {1, 8, 64}, S in {1024, 8192} cached
    tokens per sequence. GB/s = bytes of cache the call must read (2 * B * (S + Tq) * Hkv * D * 2)
    / time, and the ratio to the device copy bandwidth measured here (one large device-to-device
@@ -151,8 +149,6 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
         dout = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
         fwd_flops = 4 * B * H * T * T * D / 2
         contenders = [("ours", lambda q, k, v: attention.flash_attention(q, k, v, causal=True)),
-                      ("ours_atomic_dq",
-                       lambda q, k, v: attention.flash_attention(q, k, v, causal=True, deterministic=False)),
                       ("sdpa", _sdpa_attention), ("eager", _eager_attention)]
         for name, fn in contenders:
             with torch.no_grad():
@@ -173,11 +169,10 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
                 "bwd_bitwise_deterministic": deterministic,
             })
-        shape_rows = rows[-len(contenders):]
-        ours = next(r for r in shape_rows if r["impl"] == "ours")
+        ours = next(r for r in rows[-3:] if r["impl"] == "ours")
         ours["tuned_configs"] = _tuned_configs(attention)
-        sdpa = next(r for r in shape_rows if r["impl"] == "sdpa")
-        for r in shape_rows:
+        sdpa = next(r for r in rows[-3:] if r["impl"] == "sdpa")
+        for r in rows[-3:]:
             r["fwd_vs_sdpa"] = _ratio(r["fwd_tflops"], sdpa["fwd_tflops"])
             r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
         del q, k, v, dout
@@ -199,7 +194,7 @@ def _tuned_configs(attention) -> dict:
     """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next),
     and every config's time (ms, median) from the last tuning run of each kernel."""
     picks = {}
-    for which in ("fwd", "dkdv", "dq", "dkdv_atomic_dq"):
+    for which in ("fwd", "dkdv", "dq"):
         tuner = attention._tuned(which)
         best = getattr(tuner, "best_config", None)   # None until a GPU run tuned it
         picks[which] = None if best is None else str(best)

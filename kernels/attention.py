@@ -272,13 +272,11 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base, delta_base,
-                    dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, d_ok, lo, hi, T, qk_scale, sm_scale,
+                    stride_qt, stride_dot, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
                     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                    USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    USE_TMA: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate without a transpose.
     # USE_TMA (unmasked loop only): Q and dO through descriptors at [q_row0 + query, q_col0].
-    # ATOMIC_DQ: this block's share of dQ = dS K is added into a float32 dQ with atomics (one matmul
-    # here instead of the dQ kernel's three); the order of those adds varies from run to run.
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -305,34 +303,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_co
             p_t = tl.where(visible, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k) * sm_scale
-            dq_ptrs = dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :]
-            if MASKED or not EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    stride_dqb, stride_dqt, stride_dqh,
     B, T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET, TMA_OK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # DQ (B, T, H, D) float32, zeroed, is only touched under ATOMIC_DQ (else the dQ kernel makes dQ).
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // HKV).to(tl.int64)
@@ -372,24 +360,22 @@ def _flash_bwd_dkdv_kernel(
         q_col0 = h * HEAD_DIM
         lse_base = LSE + bh * T
         delta_base = DELTA + bh * T
-        dq_base = DQ + b * stride_dqb + h * stride_dqh
         if ONE_LOOP:
             # One loop that always masks: three specialised loops keep dK, dV, K, V and three
             # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, d_ok, diag_lo, T,
-                                     T, qk_scale, sm_scale, BLOCK_M, CAUSAL, True, EVEN_D, False, ATOMIC_DQ)
+                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale,
+                                     BLOCK_M, CAUSAL, True, EVEN_D, False)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, d_ok, diag_lo,
-                                     diag_hi, T, qk_scale, sm_scale, BLOCK_M, CAUSAL, True, EVEN_D, False, ATOMIC_DQ)
+                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_lo, diag_hi, T,
+                                     qk_scale, BLOCK_M, CAUSAL, True, EVEN_D, False)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, d_ok, diag_hi,
-                                     full_hi, T, qk_scale, sm_scale, BLOCK_M, CAUSAL, False, EVEN_D, USE_TMA,
-                                     ATOMIC_DQ)
+                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_hi, full_hi, T,
+                                     qk_scale, BLOCK_M, CAUSAL, False, EVEN_D, USE_TMA)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, d_ok, full_hi, T,
-                                     T, qk_scale, sm_scale, BLOCK_M, CAUSAL, True, EVEN_D, False, ATOMIC_DQ)
+                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, full_hi, T, T, qk_scale,
+                                     BLOCK_M, CAUSAL, True, EVEN_D, False)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -529,19 +515,15 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-_KERNELS = {"fwd": _flash_fwd_kernel, "dkdv": _flash_bwd_dkdv_kernel, "dkdv_atomic_dq": _flash_bwd_dkdv_kernel,
-            "dq": _flash_bwd_dq_kernel}
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned(which: str):
-    """Autotuned variants, built on first GPU use (never at import, never under the interpreter).
-    The atomic-dQ dK/dV kernel is tuned on its own (its best tile may differ), and its float32 dQ sum
-    is zeroed before every timed run and before the real one."""
-    configs = {"fwd": _GPU_FWD_CONFIGS, "dq": _GPU_DQ_CONFIGS}.get(which, _GPU_DKDV_CONFIGS)
-    reset = ["DQ"] if which == "dkdv_atomic_dq" else None
-    return triton.autotune(configs=configs, key=_TUNE_KEY, reset_to_zero=reset,
-                           prune_configs_by={"early_config_prune": _prune})(_KERNELS[which])
+    """Autotuned variants, built on first GPU use (never at import, never under the interpreter)."""
+    kernel, configs = {
+        "fwd": (_flash_fwd_kernel, _GPU_FWD_CONFIGS),
+        "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
+        "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
+    }[which]
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 def _tma_ok(x: torch.Tensor, T: int) -> bool:
@@ -599,19 +581,17 @@ def _launch(which: str, args: tuple, T: int, block: str, programs: int, D: int, 
     """Launch flash kernel `which` over (cdiv(T, config[block]), programs): with `config` if given, the
     interpreter's fixed config under the interpreter (USE_TMA there where tma_ok allows), else the
     autotuned one."""
-    kernel = _KERNELS[which]
-    constants = dict(_head_dim_tile(D), CAUSAL=causal)
-    if kernel is _flash_bwd_dkdv_kernel:
-        constants["ATOMIC_DQ"] = which == "dkdv_atomic_dq"
+    kernel = {"fwd": _flash_fwd_kernel, "dkdv": _flash_bwd_dkdv_kernel, "dq": _flash_bwd_dq_kernel}[which]
     if config is None and not interpreting():
-        _tuned(which)[lambda meta: (triton.cdiv(T, meta[block]), programs)](*args, **constants)
+        _tuned(which)[lambda meta: (triton.cdiv(T, meta[block]), programs)](*args, **_head_dim_tile(D), CAUSAL=causal)
         return
     if config is None:
-        fixed = {"fwd": _INTERP_FWD, "dq": _INTERP_DQ}.get(which, _INTERP_DKDV)
+        fixed = {"fwd": _INTERP_FWD, "dkdv": _INTERP_DKDV, "dq": _INTERP_DQ}[which]
         config = triton.Config(dict(fixed, USE_TMA=fixed["USE_TMA"] and tma_ok), num_warps=4)
     elif config.kwargs["USE_TMA"] and not tma_ok:
         raise ValueError(f"flash attention ({which}): a USE_TMA config needs tensors laid out as `_tma_ok` says")
-    kernel[(triton.cdiv(T, config.kwargs[block]), programs)](*args, **constants, **config.all_kwargs())
+    kernel[(triton.cdiv(T, config.kwargs[block]), programs)](*args, **_head_dim_tile(D), CAUSAL=causal,
+                                                             **config.all_kwargs())
 
 
 def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.Config | None = None):
@@ -629,16 +609,13 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     return o, lse
 
 
-def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, deterministic: bool = True,
+def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
                         dkdv_config: triton.Config | None = None, dq_config: triton.Config | None = None):
     """Gradients (dq, dk, dv) with the shapes and dtypes of (q, k, v). The configs launch one of
-    `_GPU_DKDV_CONFIGS` / `_GPU_DQ_CONFIGS` instead of the autotuned choice (GPU tests).
-    deterministic=False: the dK/dV kernel also adds each block's dQ share into a float32 dQ with
-    atomics (FlashAttention-2's scheme: 5 matmuls per block pair instead of 7), so dQ may differ
-    in its last bits from run to run; dK and dV stay bit-identical."""
+    `_GPU_DKDV_CONFIGS` / `_GPU_DQ_CONFIGS` instead of the autotuned choice (GPU tests)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    do = do.contiguous()   # dO as a dense (B, T, H, D): descriptor loads (`_tma_ok`) need its rows packed
+    do = do.contiguous()   # dense (B, T, H, D) rows: the descriptor loads of dO (`_tma_ok`) need them packed
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     block = 16 if interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
@@ -647,11 +624,10 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, dete
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dq_sum = dq if deterministic else torch.zeros((B, T, H, D), dtype=torch.float32, device=q.device)
     qk_scale = sm_scale * LOG2E
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_sum,
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv,
                  *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
-                 *_bth_strides(dk), *_bth_strides(dv), *_bth_strides(dq_sum),
+                 *_bth_strides(dk), *_bth_strides(dv),
                  B, T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
     dq_args = (q, k, v, do, lse, delta, dq,
                *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
@@ -659,30 +635,26 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, dete
     allowed = _descriptors_allowed()
     dkdv_tma = allowed and _tma_ok(q, T) and _tma_ok(do, T)
     dq_tma = allowed and _tma_ok(k, T) and _tma_ok(v, T)
-    _launch("dkdv" if deterministic else "dkdv_atomic_dq", dkdv_args + (int(dkdv_tma),), T, "BLOCK_N", B * Hkv,
-            D, causal, dkdv_tma, dkdv_config)
-    if not deterministic:
-        return dq.copy_(dq_sum), dk, dv
+    _launch("dkdv", dkdv_args + (int(dkdv_tma),), T, "BLOCK_N", B * Hkv, D, causal, dkdv_tma, dkdv_config)
     _launch("dq", dq_args + (int(dq_tma),), T, "BLOCK_M", B * H, D, causal, dq_tma, dq_config)
     return dq, dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, deterministic):
+    def forward(ctx, q, k, v, causal, sm_scale):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         o, lse = flash_attention_fwd(q, k, v, causal, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal = causal
         ctx.sm_scale = sm_scale
-        ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.deterministic)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
 
 
 # ============================================================================================
@@ -1040,14 +1012,10 @@ def _default_scale(sm_scale, head_dim: int) -> float:
     return float(sm_scale)
 
 
-def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None,
-                    deterministic: bool = True) -> torch.Tensor:
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
     """Training/prefill attention. q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) with H % Hkv == 0 (GQA: query head h
     uses kv head h // (H // Hkv)); any strides (a last dim that is not contiguous is copied). Returns
     (B, T, H, Dh) in q.dtype; differentiable w.r.t. q, k, v. sm_scale defaults to 1/sqrt(Dh).
-    deterministic (default): bit-identical gradients run to run. False trades that for a faster
-    backward that sums dQ with float atomics, as FlashAttention-2 and torch's SDPA do (dQ's last bits
-    then vary; see `flash_attention_bwd`).
     Triton path: Dh <= 128 (a power of two, or padded to one), fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
     other valid inputs run the reference."""
     _check_heads("flash_attention", q, k, v, "k", "v")
@@ -1059,7 +1027,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None,
         if q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.numel():
             return _sdpa(q, k, v, causal, scale)
         return reference.attention(q, k, v, causal=causal, sm_scale=scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, bool(deterministic))
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
 
 
 def _sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:

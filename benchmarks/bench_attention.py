@@ -5,7 +5,9 @@
 1. Flash attention, causal, MHA: B4 H32 T4096 D128 and B8 H16 T2048 D64. TFLOP/s forward and
    forward+backward. Causal forward FLOPs = 4*B*H*T*T*D / 2; backward counted as 2.5x forward.
    Contenders: ours (mtp_kernels.attention.flash_attention), torch SDPA (on (B, H, T, D) views of
-   the same tensors), eager (bf16 matmuls, float32 softmax; recorded as OOM where it does not fit).
+   the same tensors; the targets' reference), SDPA held to its FlashAttention-2 and its cuDNN
+   backend (so the table says which kernel "sdpa" is), eager (bf16 matmuls, float32 softmax;
+   recorded as OOM where it does not fit).
 2. Decode (Tq = 1) against a KV cache, H32 Hkv8 D128, B in {1, 8, 64}, S in {1024, 8192} cached
    tokens per sequence. GB/s = bytes of cache the call must read (2 * B * (S + Tq) * Hkv * D * 2)
    / time, and the ratio to the device copy bandwidth measured here (one large device-to-device
@@ -135,6 +137,17 @@ def _sdpa_attention(q, k, v):
                                           is_causal=True).transpose(1, 2)
 
 
+def _sdpa_on_backend(backend_name: str):
+    """SDPA held to one backend (torch.nn.attention.SDPBackend name); the backward follows the
+    forward's kernel. A backend this torch or GPU lacks is recorded as that contender's error."""
+    def run(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return _sdpa_attention(q, k, v)
+    return run
+
+
 def _ratio(a, b):
     return a / b if isinstance(a, float) and isinstance(b, float) else None
 
@@ -149,7 +162,11 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
         dout = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
         fwd_flops = 4 * B * H * T * T * D / 2
         contenders = [("ours", lambda q, k, v: attention.flash_attention(q, k, v, causal=True)),
-                      ("sdpa", _sdpa_attention), ("eager", _eager_attention)]
+                      ("sdpa", _sdpa_attention)]
+        if device == "cuda":   # which kernel "sdpa" is: each of its GPU backends on its own
+            contenders += [("sdpa_flash2", _sdpa_on_backend("FLASH_ATTENTION")),
+                           ("sdpa_cudnn", _sdpa_on_backend("CUDNN_ATTENTION"))]
+        contenders.append(("eager", _eager_attention))
         for name, fn in contenders:
             with torch.no_grad():
                 fwd = _bench_ms(lambda: fn(q, k, v))
@@ -159,7 +176,8 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 fn(q, k, v).backward(dout)
 
             fb = _bench_ms(fwd_bwd)
-            deterministic = _backward_is_deterministic(fn, q, k, v, dout) if name != "eager" else None
+            deterministic = (_backward_is_deterministic(fn, q, k, v, dout)
+                             if name != "eager" and isinstance(fb, float) else None)
             q.grad = k.grad = v.grad = None
             rows.append({
                 "shape": f"B{B} H{H} T{T} D{D} causal", "impl": name,
@@ -169,10 +187,11 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
                 "bwd_bitwise_deterministic": deterministic,
             })
-        ours = next(r for r in rows[-3:] if r["impl"] == "ours")
+        shape_rows = rows[-len(contenders):]
+        ours = next(r for r in shape_rows if r["impl"] == "ours")
         ours["tuned_configs"] = _tuned_configs(attention)
-        sdpa = next(r for r in rows[-3:] if r["impl"] == "sdpa")
-        for r in rows[-3:]:
+        sdpa = next(r for r in shape_rows if r["impl"] == "sdpa")
+        for r in shape_rows:
             r["fwd_vs_sdpa"] = _ratio(r["fwd_tflops"], sdpa["fwd_tflops"])
             r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
         del q, k, v, dout

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -93,6 +94,18 @@ def test_bench_attention_cpu_smoke(tmp_path):
     table = bench.to_markdown(result)
     assert "| USE_TMA: True | 1 | yes |" in table and "| USE_TMA: False | 1.25 |  |" in table
     assert table.index("USE_TMA: True | 1 |") < table.index("USE_TMA: False | 1.25")
+
+
+def test_bench_attention_holds_sdpa_to_one_backend():
+    # On a GPU the table times SDPA's FlashAttention-2 and cuDNN backends beside its default pick.
+    spec = importlib.util.spec_from_file_location("_bench_attention_sdpa", BENCH / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(bench._sdpa_on_backend("MATH")(q, k, v), bench._eager_attention(q, k, v),
+                               rtol=1e-5, atol=1e-5)
+    # A backend this machine lacks (cuDNN on a CPU) is that contender's recorded error, not a crash.
+    assert bench._bench_ms(lambda: bench._sdpa_on_backend("CUDNN_ATTENTION")(q, k, v)).startswith("error:")
 
 
 def test_bench_fused_ce_cpu_quick(tmp_path):

@@ -151,10 +151,10 @@ class Generator:
         `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree).
         Greedy speculative output equals plain greedy output token for token; sampled speculative
         output has the same distribution as plain sampling (not the same draws).
-        Exactness holds in float32. In bf16/fp16 a near-tie can break differently: plain decoding
-        ranks logits rounded to the model dtype (ties go to the lowest id, as in the release), the
-        verifier ranks float32-accumulated logits (linear_argmax), and a forward over T tree nodes
-        rounds differently from a one-token forward; after such a tie the two continuations differ.
+        Exactness holds in float32. Both pick greedy tokens from float32-accumulated scores
+        (`linear_argmax`, with or without log-probs), but in bf16/fp16 a forward over T tree nodes
+        rounds the hidden states differently from a one-token forward, so a near-tie can break
+        differently; after such a tie the two continuations differ.
         """
         check_sampling_args(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
@@ -347,10 +347,14 @@ class Generator:
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
         Greedy takes `linear_argmax`, the verifier's own kernel: no logits written, and plain and
         speculative greedy choose by the same float32 scores: a bf16 near-tie cannot split them."""
-        if temperature == 0 and not logprobs:
-            return linear_argmax(hidden, self.model.output.weight), None
-        logits = self.model.output(hidden).float()
-        tokens = sample_next(logits, temperature, top_p, rng)
+        if temperature == 0:
+            tokens = linear_argmax(hidden, self.model.output.weight)
+            if not logprobs:
+                return tokens, None
+            logits = self.model.output(hidden).float()   # only for the log-probs: the choice stays the kernel's
+        else:
+            logits = self.model.output(hidden).float()
+            tokens = sample_next(logits, temperature, top_p, rng)
         return tokens, (token_logprobs(logits, tokens).tolist() if logprobs else None)
 
     def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor,

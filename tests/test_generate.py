@@ -132,6 +132,22 @@ def test_logprobs_match_uncached_forward(model):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_greedy_choice_does_not_depend_on_logprobs(model, monkeypatch):
+    # Plain greedy picks its token with `linear_argmax` (float32 scores) whether or not log-probs are
+    # asked for; only the log-probs need the logits. Here the "kernel" disagrees with the logits'
+    # argmax on purpose: the flag must not switch which one decides.
+    import mtp_engine.generate as generate_module
+    vocab = model.output.weight.shape[0]
+    monkeypatch.setattr(generate_module, "linear_argmax",
+                        lambda hidden, weight: torch.full((hidden.shape[0],), vocab - 1, dtype=torch.long))
+    gen = Generator(model, max_batch_size=1, max_seq_len=32)
+    prompt = random_prompts([5], seed=6)[0]
+    plain = gen.generate([prompt], max_gen_len=3).tokens[0]
+    with_lp = gen.generate([prompt], max_gen_len=3, logprobs=True)
+    assert plain == with_lp.tokens[0] == [vocab - 1] * 3
+    assert len(with_lp.logprobs[0]) == 3 and all(lp <= 0 for lp in with_lp.logprobs[0])
+
+
 # ------------------------------------------------------------------------------ sampling
 def test_sampling_reproducible_with_seed(model):
     gen = Generator(model, max_batch_size=2, max_seq_len=32)

@@ -37,13 +37,24 @@ class CEOptions:
     z_loss: float = 0.0
     softcap: Optional[float] = None
     accum_dtype: Optional[torch.dtype] = None  # what dW sums the row chunks in; None: the weight's dtype
+    dw_cast: bool = False   # the sum is cast to a narrower dtype at the end (a new V x D tensor): `ce_options`
+
+
+def ce_options(ignore_index, label_smoothing, z_loss, softcap, accum: Optional[torch.dtype],
+               weight_dtype: torch.dtype) -> CEOptions:
+    """The chunk loop's options. accum: `to_compute_dtype`'s accumulator dtype; weight_dtype: the
+    caller's weight's, which dW is returned in (under autocast, float32 master weights sum in float32
+    and are never cast)."""
+    return CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+                     accum, accum is not None and accum != weight_dtype)
 
 
 def scratch_budget(max_scratch_bytes: int, V: int, D: int, element_size: int, wide_dw_sum: bool) -> int:
-    """Bytes the logits chunk may take. With a wider dW accumulator (wide_dw_sum), dW's final cast
-    (`cast_grad`) allocates V x D in weight's dtype after the scratch is freed, so a scratch up to
-    that size leaves the peak unchanged, and fewer chunks mean fewer read-modify-writes of the
-    float32 accumulator (at V=128256, D=4096 in bf16: 8 chunks instead of 32)."""
+    """Bytes the logits chunk may take. When dW is summed wider and cast at the end (wide_dw_sum:
+    `CEOptions.dw_cast` and dW wanted), the cast (`cast_grad`) allocates V x D in weight's dtype after
+    the scratch is freed, so a scratch up to that size leaves the peak unchanged, and fewer chunks
+    mean fewer read-modify-writes of the float32 accumulator (at N=8192, n=4, V=128256, D=4096 in
+    bf16: 8 chunks instead of 32)."""
     return max(max_scratch_bytes, V * D * element_size) if wide_dw_sum else max_scratch_bytes
 
 
@@ -77,7 +88,7 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if M == 0:
         return loss, d_rows, (torch.zeros_like(weight) if grad_weight else None)
     budget = scratch_budget(max_scratch_bytes, V, D, weight.element_size(),
-                            wide_dw_sum=grad_weight and opts.accum_dtype is not None)
+                            wide_dw_sum=grad_weight and opts.dw_cast)
     chunk = rows_per_chunk(M, V, weight.element_size(), budget)
     scratch = torch.empty((chunk, V), dtype=weight.dtype, device=rows.device)
     w_t = weight.t()
@@ -303,8 +314,7 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
-    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-                     accum)
+    opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
     with autocast_off(rows.device):

@@ -32,8 +32,9 @@ from . import reference
 from .backend import interpreting, use_triton
 from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
-                               check_inputs, flatten_rows, head_factors, per_head_losses, reduce_rows,
-                               rows_per_chunk, scale_forward_grads, scratch_budget, to_compute_dtype)
+                               ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
+                               reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
+                               to_compute_dtype)
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -182,7 +183,7 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
     if M:
         # Same chunk size on every rank (from the largest shard): same number of collectives.
         budget = scratch_budget(max_scratch_bytes, shard.max_local, D, weight.element_size(),
-                                wide_dw_sum=grad_weight and opts.accum_dtype is not None)
+                                wide_dw_sum=grad_weight and opts.dw_cast)
         chunk = rows_per_chunk(M, shard.max_local, weight.element_size(), budget)
         scratch = torch.empty((chunk, weight.shape[0]), dtype=weight.dtype, device=rows.device)
         for start in range(0, M, chunk):
@@ -226,8 +227,7 @@ def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_
     rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
         hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
-    opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-                     accum)
+    opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
     # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows

@@ -273,7 +273,8 @@ def test_vp_chunks_follow_the_single_process_scratch_rule(monkeypatch):
     lse = torch.full((M,), 5.0)
     for accum, want_rows in [(torch.float32, D), (None, 4)]:
         seen.clear()
-        *_, d_weight = vp.vp_linear_ce_chunks(rows, weight, targets, torch.ones(M), CEOptions(accum_dtype=accum),
+        opts = CEOptions(accum_dtype=accum, dw_cast=accum is not None)
+        *_, d_weight = vp.vp_linear_ce_chunks(rows, weight, targets, torch.ones(M), opts,
                                               shard, kernels, lse=lse, grad_rows=False, grad_weight=True,
                                               max_scratch_bytes=4 * V_local * 2)
         assert seen == [want_rows], (accum, seen)

@@ -314,6 +314,13 @@ def test_float32_accumulator_grows_the_scratch_to_the_size_of_dw(monkeypatch):
         fused_linear_cross_entropy(hidden, w, targets, accum_dtype=accum, max_scratch_bytes=4 * V * 2).backward()
         assert seen == [want_rows], (accum, seen)
         assert ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item() < 1e-2
+    # float32 master weights under autocast sum dW in float32 and are never cast: no cast to make room
+    # for, so the caller's budget holds.
+    seen.clear()
+    w32 = weight.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_linear_cross_entropy(hidden.float(), w32, targets, max_scratch_bytes=4 * V * 2).backward()
+    assert seen == [4] and w32.grad.dtype == torch.float32
 
 
 def test_float64_inputs_keep_float64_under_the_default_accumulator():

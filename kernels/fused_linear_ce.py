@@ -11,10 +11,11 @@ Per row (all in float32, s = softcap * tanh(z / softcap) or s = z, eps = label s
 Pass 1 streams the row once for an online max / sum-exp and the sum of s; pass 2 streams it
 again and writes dz in the logits' own dtype. When the row fits one tile (V <= 32768 on a GPU: 64
 values per thread at 16 warps, 128 registers without a spill on sm_90; 16384 with a softcap) it is
-read once and kept in registers for both (ONE_PASS): a third less traffic. The target's logit is a
-scalar load and label smoothing's sum a constexpr-gated reduction, which keeps the 32768 tile
-inside 128 registers. Each element is read and written by the same thread, so writing in place is
-race-free.
+read once and kept in registers for both (ONE_PASS): with the gradient, a third less DRAM traffic
+by count, though on the H100 the streamed second read mostly hit L2 and the one-pass kernel saved
+only 2% of its time (benchmarks/results/NOTES.md). The target's logit is a scalar load (no reduction
+over the tile), and label smoothing's sum runs only when asked (HAS_SMOOTHING). Each element is read
+and written by the same thread, so writing in place is race-free.
 """
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def chart_for(json_path: Path) -> Optional[Path]:
     name = Path(json_path).name
     if name.startswith("attention_"):
         device = result.get("device", "")
-        return draw(attention_panels(result), Path(json_path).with_suffix(".png"), f"attention, bf16, {device}")
+        return draw(attention_panels(result), Path(json_path).with_suffix(".png"), f"attention, {result.get('dtype', 'bf16')}, {device}")
     if name.startswith("generate_"):
         device = (result.get("env") or {}).get("device", "")
         return draw(generate_panels(result), Path(json_path).with_suffix(".png"), f"generation, {device}")

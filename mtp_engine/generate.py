@@ -463,8 +463,11 @@ class Generator:
             tree = "chain"
         if tree is None:
             tree_tokens = self.tree_tokens or DEFAULT_TREE_TOKENS.get(self.device.type, DEFAULT_TREE_TOKENS["cuda"])
-            tree = default_tree(heads, max(rows, 1), tree_tokens, self.tree_rates)
+            tree = default_tree(heads, rows, tree_tokens, self.tree_rates)
         token_tree = speculative_tree(tree, heads)
+        if token_tree.max_depth + 1 < heads:
+            # A head no node reaches would run in every verify forward and draft for nothing.
+            token_tree = speculative_tree(tree, token_tree.max_depth + 1)
         if token_tree.top_k > self.model.vocab_size:
             raise ValueError(f"tree uses rank {token_tree.top_k - 1}, but the vocabulary has only "
                              f"{self.model.vocab_size} tokens")

@@ -234,6 +234,10 @@ def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(m
     assert tree.paths == ((1,), (1, 0), (1, 0, 0))
     out = tuned.generate(PROMPTS, max_gen_len=12, speculative="tree")
     assert out.tokens == three.tokens and out.stats["tree_nodes"] == 4
+    # rates that favour width: the 3-node tree stops at depth 2, so head 3 is not run at all
+    wide = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=4,
+                     tree_rates=[[0.5, 0.4], [0.3], [0.3]])._check_speculative("tree", 4, None, rows=1)
+    assert wide.max_depth == 2 and wide.heads == 3
     for kwargs, match in (({"tree_tokens": 0}, "tree_tokens"), ({"tree_tokens": True}, "tree_tokens"),
                           ({"tree_rates": [[1.5]]}, "rates for depth 1 must lie in")):
         with pytest.raises(ValueError, match=match):

@@ -338,6 +338,11 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward passes
     def _run(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep], n_heads: int):
         """Trunk once, then the first `n_heads` heads. Returns normed hidden (B, T, n_heads, D)."""
+        if torch.is_grad_enabled():
+            # Under autograd add_rms_norm is a plain add and a norm anyway: add the trunk's output once
+            # (not once per head) and stack the heads' outputs once (not their two unadded halves).
+            x = self._trunk(tokens, freqs_cis, step)
+            return self.norm(torch.stack([head(x, freqs_cis, step) for head in self.heads[:n_heads]], dim=-2))
         h, delta = self._trunk_parts(tokens, freqs_cis, step)
         parts = [head(h, freqs_cis, step, delta=delta, unadded=True) for head in self.heads[:n_heads]]
         # One add + final norm over all heads (a plain decode step's single head needs no stack).

@@ -239,6 +239,11 @@ def test_head_hidden_feeds_output(tmp_path):
         _close(ours.output(hidden).float(), logits.permute(2, 0, 1, 3))
         _close(ours.output(hidden).float(), ref.forward(tokens, 0, return_all_heads=True).permute(2, 0, 1, 3))
         assert ours.head_hidden(tokens, n_heads=2).shape == (2, 2, 9, 64)
+    # Training (autograd) adds each residual once instead of passing unadded pairs: same values.
+    trained = ours.head_hidden(tokens)
+    assert trained.requires_grad and torch.equal(trained.detach(), hidden)
+    trained.float().square().sum().backward()
+    assert all(p.grad is not None for p in ours.extra_heads.parameters())
 
 
 def test_heads_predict_different_offsets(tmp_path):

@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .backend import as_rows
+
 DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -111,11 +113,10 @@ def accumulate_dw(d_weight: Optional[torch.Tensor], g_t: torch.Tensor, h: torch.
     The sum lives in accum_dtype (None: weight's dtype) until `cast_grad`."""
     if single_chunk:  # one GEMM rounds once: no accumulator needed
         return torch.mm(g_t, h)
-    if d_weight is None:  # the first chunk overwrites it: no zero fill, no read of zeros
+    first = d_weight is None   # the first chunk overwrites it: no zero fill, no read of zeros
+    if first:
         d_weight = torch.empty(weight.shape, dtype=accum_dtype or weight.dtype, device=weight.device)
-        add_matmul(d_weight, g_t, h, overwrite=True)
-        return d_weight
-    add_matmul(d_weight, g_t, h)
+    add_matmul(d_weight, g_t, h, overwrite=first)
     return d_weight
 
 
@@ -260,7 +261,7 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
 def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_size: int, ignore_index: int):
     """Check token ids against [0, vocab_size) and flatten: (rows (M, D), targets (M,), lambda per row (M,),
     lambda (n,), n, N)."""
-    n, N, D = h3.shape
+    n, N, _ = h3.shape
     flat_t = targets.reshape(-1).to(torch.int64)
     bad = ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
     if flat_t.numel() and bool(bad.any()):
@@ -273,9 +274,7 @@ def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_si
         lam = torch.as_tensor(head_weights, dtype=torch.float32).to(h3.device).reshape(-1)
         if lam.numel() != n:
             raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
-    rows = h3.reshape(n * N, D)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+    rows = as_rows(h3)
     lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
     return rows, flat_t.contiguous(), lam_rows, lam, n, N
 

@@ -80,6 +80,11 @@ def prior_rates(heads: int, top_k: int = PRIOR_TOP_K) -> List[List[float]]:
     return rates
 
 
+def preset_nodes(heads: int) -> int:
+    """Drafted nodes of the preset tree for `heads` heads (its size; the default tree's cap)."""
+    return PRESET_NODES.get(heads, 12 * (heads - 1))
+
+
 def preset_paths(heads: int) -> List[List[int]]:
     """The default tree for `heads` heads (preset "heads<k>"): `build_tree(prior_rates(heads), n)`
     with n = PRESET_NODES[heads] drafted nodes: 2 heads 7 (T = 8 with the root), 3 heads 23 (T = 24),
@@ -87,8 +92,7 @@ def preset_paths(heads: int) -> List[List[int]]:
     _check_heads_count(heads)
     if heads == 1:
         raise ValueError("a token tree needs at least 2 heads (head 0 verifies, heads 1.. draft)")
-    budget = PRESET_NODES.get(heads, 12 * (heads - 1))
-    return build_tree(prior_rates(heads), budget)
+    return build_tree(prior_rates(heads), preset_nodes(heads))
 
 
 def default_tree_nodes(heads: int, rows: int, tree_tokens: int) -> int:
@@ -99,8 +103,7 @@ def default_tree_nodes(heads: int, rows: int, tree_tokens: int) -> int:
     for name, value in (("rows", rows), ("tree_tokens", tree_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    cap = PRESET_NODES.get(heads, 12 * (heads - 1))
-    return min(cap, max(heads - 1, tree_tokens // rows - 1))
+    return min(preset_nodes(heads), max(heads - 1, tree_tokens // rows - 1))
 
 
 def default_tree(heads: int, rows: int, tree_tokens: int, rates=None) -> List[List[int]]:

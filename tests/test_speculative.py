@@ -200,7 +200,7 @@ def test_default_tree_size_follows_the_batch():
         for rows in (1, 2, 5, 8, 13, 32, 64, 300):
             for tokens in (16, 100, 256):
                 n = spec.default_tree_nodes(heads, rows, tokens)
-                assert heads - 1 <= n <= spec.PRESET_NODES.get(heads, 12 * (heads - 1))
+                assert heads - 1 <= n <= spec.preset_nodes(heads)
                 assert rows * (n + 1) <= tokens or n == heads - 1
     paths = spec.default_tree(4, 8, 256)
     assert paths == build_tree(spec.prior_rates(4), 31) and validate_paths(paths, 4)

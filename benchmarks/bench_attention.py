@@ -210,8 +210,8 @@ def _backward_is_deterministic(fn, q, k, v, dout) -> bool:
 
 
 def _tuned_configs(attention) -> dict:
-    """The autotuner's pick for each flash kernel after the last shape ran (what to tune from next),
-    and every config's time (ms, median) from the last tuning run of each kernel."""
+    """The autotuner's pick for each flash kernel after the shape just run (what to tune from next),
+    and every config's time (ms, median) from its latest tuning run."""
     picks = {}
     for which in ("fwd", "dkdv", "dq"):
         tuner = attention._tuned(which)
@@ -385,10 +385,7 @@ def _write(out_dir: str, stem_name: str, result: dict) -> None:
     with open(stem + ".md", "w") as f:
         f.write(text)
     print(text)
-    try:
-        charts.chart_for(stem + ".json")
-    except Exception as err:  # noqa: BLE001 - the numbers are already written
-        print(f"note: chart failed: {type(err).__name__}: {err}")
+    charts.try_chart_for(stem + ".json")
 
 
 def _measure(out_dir: str, stem: str, result: dict, attention, flash_kwargs: dict, decode_kwargs: dict) -> dict:

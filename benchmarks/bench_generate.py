@@ -42,7 +42,8 @@ sys.path.insert(0, str(common.REPO_ROOT))
 
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
 from mtp_engine.generate import Generator, read_tree_rates  # noqa: E402
-from mtp_engine.speculative import TokenTree, build_tree, expected_accept_length, prior_rates  # noqa: E402
+from mtp_engine.speculative import (TokenTree, build_tree, default_tree_name, expected_accept_length,  # noqa: E402
+                                    prior_rates)
 
 SHAPE_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
 SHAPE_TINY = dict(dim=64, n_layers=6, n_heads=4, vocab_size=256, multiple_of=16, n_future_tokens=4)
@@ -212,7 +213,7 @@ def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: l
     heads = model.n_future_tokens
     spec = {"speculative": "tree", "heads": heads}
     modes = [("plain", {}, None), ("chain", {"speculative": "chain", "heads": heads}, None), ("tree", spec, None),
-             (f"tree heads{heads}", {**spec, "tree": f"heads{heads}"}, None)]
+             (f"tree heads{heads}", {**spec, "tree": default_tree_name(heads)}, None)]
     modes += [(f"tree, {n} tree tokens", spec, n) for n in tree_tokens]
     for B in batches:
         batch = [prompts[i % len(prompts)] for i in range(B)]
@@ -316,7 +317,7 @@ def main() -> int:
                         help="trained MTP checkpoint for end-to-end acceptance (skipped when absent)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
     parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 128; tiny 8)")
-    parser.add_argument("--tree-tokens", type=int, nargs="*", default=(),
+    parser.add_argument("--tree-tokens", type=_positive_int, nargs="*", default=(),
                         help="also run the default tree at these tree-token budgets per forward (end to end)")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="batch sizes (default 1 8 32 on CUDA, 1 4 on the CPU)")
@@ -342,10 +343,7 @@ def main() -> int:
         common.write_json(stem.with_suffix(".json"), result)
         text = to_markdown(result)
         common.write_markdown(stem.with_suffix(".md"), text)
-        try:
-            charts.chart_for(stem.with_suffix(".json"))
-        except Exception as err:  # noqa: BLE001 - the numbers are already written
-            print(f"note: chart failed: {type(err).__name__}: {err}")
+        charts.try_chart_for(stem.with_suffix(".json"))
         if not quiet:
             print(text)
 
@@ -376,6 +374,14 @@ def main() -> int:
                tree_tokens=tuple(args.tree_tokens))
     save(quiet=False)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    # A budget the run assigns to Generator.tree_tokens directly, past the constructor's own check.
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
 
 
 if __name__ == "__main__":

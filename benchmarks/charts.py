@@ -85,6 +85,16 @@ def draw(panels: Panels, path: Path, title: str) -> Optional[Path]:
                                   panel_groups=[groups for _, groups, _ in panels])
 
 
+def try_chart_for(json_path) -> Optional[Path]:
+    """`chart_for`, for the benchmarks: a chart that fails is reported, never fatal (the numbers are
+    already written)."""
+    try:
+        return chart_for(json_path)
+    except Exception as err:  # noqa: BLE001
+        print(f"note: chart failed: {type(err).__name__}: {err}")
+        return None
+
+
 def chart_for(json_path: Path) -> Optional[Path]:
     """Redraw the chart of one attention_*.json or generate_*.json next to it."""
     result = json.loads(Path(json_path).read_text())

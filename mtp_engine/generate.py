@@ -314,7 +314,7 @@ class Generator:
                     if seq.done:
                         break
                     seq.accept(emitted[j], eos_id, step_lps[b][j] if step_lps else None)
-                counters.add(tree.max_depth, accept_len - 1)
+                counters.add(accept_len - 1)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
     # ------------------------------------------------------------------ steps
@@ -524,32 +524,28 @@ class Generator:
 # ---------------------------------------------------------------------- speculative statistics
 @dataclass
 class SpeculativeCounters:
-    """Per (sequence, verify step) counts: drafted[d-1] = steps whose tree reached depth d,
-    accepted[d-1] = steps that accepted a draft at depth d (what the verifier accepted, before eos or
-    the length limit cut the emitted tokens)."""
+    """Per (sequence, verify step) counts: steps, and accepted[d-1] = steps that accepted a draft at
+    depth d (what the verifier accepted, before eos or the length limit cut the emitted tokens). Every
+    step verifies the whole tree, so every step drafts every depth."""
 
     max_depth: int
     steps: int = 0
-    drafted: List[int] = field(default_factory=list)
     accepted: List[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.drafted = [0] * self.max_depth
         self.accepted = [0] * self.max_depth
 
-    def add(self, drafted_depth: int, accepted_depth: int) -> None:
+    def add(self, accepted_depth: int) -> None:
         self.steps += 1
-        for d in range(drafted_depth):
-            self.drafted[d] += 1
         for d in range(accepted_depth):
             self.accepted[d] += 1
 
 
 def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
     """heads, tree_nodes (T, root included), verify_steps (sequence-steps), mean_accepted_drafts per
-    verify step, acceptance_per_depth[d-1] = accepted at depth d / steps that drafted depth d (None
-    when never drafted), and acceptance_per_head {"head_d": same}: head d drafts depth d."""
-    per_depth = [a / n if n else None for a, n in zip(counters.accepted, counters.drafted)]
+    verify step, acceptance_per_depth[d-1] = accepted at depth d / verify steps (None before any
+    step), and acceptance_per_head {"head_d": same}: head d drafts depth d."""
+    per_depth = [a / counters.steps if counters.steps else None for a in counters.accepted]
     return {
         "heads": tree.heads,
         "tree_nodes": tree.size,

@@ -114,3 +114,65 @@ def test_cross_compile_switch(monkeypatch):
     monkeypatch.setenv("MTP_CROSS_COMPILE", "sm90")
     with pytest.raises(ValueError, match="MTP_CROSS_COMPILE='sm90' must be a compute capability"):
         backend.cross_compile_arch()
+
+
+def test_overlapped_flash_forward_keeps_its_softmax_under_the_pv_matmul(tmp_path):
+    """OVERLAP_SOFTMAX only pays if the compiled sm_90 kernel exponentiates while the P V wgmma is
+    still running. Triton's wait placement and ptxas's wgmma serialization (a second loop after the
+    overlapped one once caused it) can both undo that silently, with the same results."""
+    script = tmp_path / "overlap.py"
+    script.write_text(textwrap.dedent('''
+        import json, os, sys
+        os.environ["TRITON_INTERPRET"] = "0"
+        os.environ["MTP_CROSS_COMPILE"] = "90"
+        sys.path.insert(0, os.path.join(sys.argv[1], "benchmarks"))
+        import torch, triton
+        import compile_check
+        from mtp_kernels import attention
+
+        cc = compile_check.CrossCompiler(90, quick=True)
+        q, k, v = (torch.randn(1, 256, h, 128).bfloat16() for h in (32, 8, 8))
+        with cc.capture():
+            for overlap in (True, False):
+                config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False,
+                                            OVERLAP_SOFTMAX=overlap), num_warps=8, num_stages=3)
+                attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
+        print(json.dumps([{key: r.get(key) for key in ("problems", "spill_bytes", "exp2_under_mma", "wgmma_serialized")}
+                          for r in cc.records]))
+    '''))
+    proc = subprocess.run([sys.executable, str(script), str(ROOT)], env=_compile_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    overlapped, plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert overlapped["problems"] == [] and overlapped["spill_bytes"] == 0
+    assert overlapped["exp2_under_mma"] > 0 and not overlapped["wgmma_serialized"]
+    assert plain["exp2_under_mma"] == 0 and not plain["wgmma_serialized"]
+
+
+def test_overlap_and_serialization_readers(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
+    compile_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compile_check)
+    waited = textwrap.dedent("""
+        %qk = ttng.warp_group_dot %q, %k, %c {isAsync = true} : x
+        %qk_1:3 = ttng.warp_group_dot_wait %qk, %q, %k {pendings = 0 : i32} : x
+        %p = math.exp2 %qk_1#0 : x
+        %acc = ttng.warp_group_dot %p, %v, %acc_0 {isAsync = true} : x
+        scf.yield %acc : x
+    """)
+    # the same P V issue, but the next block's exponentials come before the loop's end
+    overlapped = waited.replace("scf.yield", "%p_2 = math.exp2 %s : x\n%a = math.exp2 %m : x\nscf.yield")
+    assert compile_check._exp2_under_wgmma(waited) == 0
+    assert compile_check._exp2_under_wgmma(overlapped) == 2
+    fake_ptxas = tmp_path / "ptxas"
+    fake_ptxas.write_text("#!/bin/sh\necho \"ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
+                          "instructions are serialized\" >&2\n")
+    fake_ptxas.chmod(0o755)
+    assert compile_check._wgmma_serialized("wgmma.mma_async.sync", 90, str(fake_ptxas))
+    assert not compile_check._wgmma_serialized("mma.sync", 90, str(fake_ptxas))    # no wgmma: ptxas not asked
+    quiet_ptxas = tmp_path / "quiet"
+    quiet_ptxas.write_text("#!/bin/sh\necho 'ptxas info    : Used 182 registers' >&2\n")
+    quiet_ptxas.chmod(0o755)
+    assert not compile_check._wgmma_serialized("wgmma.mma_async.sync", 90, str(quiet_ptxas))

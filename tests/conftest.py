@@ -2,7 +2,9 @@
 
 TRITON_INTERPRET must be set before Triton is imported; benchmarks/gpu_check.sh sets it to 0.
 """
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -37,3 +39,17 @@ def triton_backend(monkeypatch):
         pytest.skip("Triton path on CPU tensors needs TRITON_INTERPRET=1")
     monkeypatch.setenv("MTP_BACKEND", "triton")
     yield
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """Import a script (a benchmark) as a module for the duration of a test: its imports of sibling
+    modules resolve, and sys.path and sys.modules are restored afterwards."""
+    def load(path):
+        monkeypatch.syspath_prepend(str(path.parent))
+        spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)   # dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -34,16 +34,8 @@ def _run(args, tmp_path, **env_overrides):
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("test_")))
-def test_script_imports(script):
-    spec = importlib.util.spec_from_file_location(f"_bench_{script[:-3]}", BENCH / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    sys.modules[spec.name] = module       # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)   # every script guards its work behind __main__
-    finally:
-        sys.path.remove(str(BENCH))
-        del sys.modules[spec.name]
+def test_script_imports(script, load_script):
+    load_script(BENCH / script)   # every script guards its work behind __main__
 
 
 def test_gpu_check_script_parses_and_knows_its_stages():
@@ -74,7 +66,7 @@ def test_gpu_check_survives_peer_wheels_that_do_not_install(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "results.tar.gz"]
 
 
-def test_bench_attention_cpu_smoke(tmp_path):
+def test_bench_attention_cpu_smoke(tmp_path, load_script):
     _run([BENCH / "bench_attention.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
     result = json.loads((tmp_path / "attention_cpu-smoke.json").read_text())
     assert {r["impl"] for r in result["flash"]} == {"ours", "sdpa", "eager"}
@@ -86,9 +78,7 @@ def test_bench_attention_cpu_smoke(tmp_path):
     assert "| 2 | 40 |" in (tmp_path / "attention_cpu-smoke.md").read_text()
 
     # A GPU run also lists every forward config the autotuner timed (none tune on a CPU): fake one.
-    spec = importlib.util.spec_from_file_location("_bench_attention_md", BENCH / "bench_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCH / "bench_attention.py")
     ours = next(r for r in result["flash"] if r["impl"] == "ours")
     ours["tuned_configs"] = {"fwd": "USE_TMA: True", "fwd_timings_ms": {"USE_TMA: False": 1.25, "USE_TMA: True": 1.0}}
     table = bench.to_markdown(result)
@@ -96,11 +86,9 @@ def test_bench_attention_cpu_smoke(tmp_path):
     assert table.index("USE_TMA: True | 1 |") < table.index("USE_TMA: False | 1.25")
 
 
-def test_bench_attention_holds_sdpa_to_one_backend():
+def test_bench_attention_holds_sdpa_to_one_backend(load_script):
     # On a GPU the table times SDPA's FlashAttention-2 and cuDNN backends beside its default pick.
-    spec = importlib.util.spec_from_file_location("_bench_attention_sdpa", BENCH / "bench_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCH / "bench_attention.py")
     q, k, v = (torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     torch.testing.assert_close(bench._sdpa_on_backend("MATH")(q, k, v), bench._eager_attention(q, k, v),
                                rtol=1e-5, atol=1e-5)
@@ -173,18 +161,14 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
         assert sorted(tar.getnames()) == ["eval.json", "params.json", "tokenizer.model", "train_log.json"]
 
 
-def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
+def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script):
     """The report of what the skinny-GEMM tuner measured (filled only on a GPU): GB/s and choice."""
     import torch
 
     from mtp_kernels import skinny_linear as sl
     from mtp_kernels.launch_tuner import LaunchTuner
 
-    spec = importlib.util.spec_from_file_location("_bench_generate_report", BENCH / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(BENCH / "bench_generate.py")
     tuner = LaunchTuner("skinny_linear")
     monkeypatch.setattr(sl, "_TUNER", tuner)
     tile = sl.SkinnyLaunch(16, 256, use_dot=False, num_warps=4, num_stages=4)
@@ -197,10 +181,9 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch):
     assert row["chosen"] == row["best_tile"] == "1x16x256 fma w4 s4"
 
 
-def test_idle_gaps_finds_where_the_gpu_waited():
+def test_idle_gaps_finds_where_the_gpu_waited(load_script):
     """profile_fused_ce reports the GPU's idle time inside one step from the profiler's kernel intervals."""
-    sys.path.insert(0, str(BENCH))
-    import common
+    common = load_script(BENCH / "common.py")
 
     intervals = [(0.0, 100.0, "gemm"), (50.0, 120.0, "ce_chunk"),     # overlapping: one busy stretch
                  (620.0, 700.0, "gemm"),                                # 500 us idle before it
@@ -212,16 +195,10 @@ def test_idle_gaps_finds_where_the_gpu_waited():
     assert common.idle_gaps([])["idle_ms"] == 0.0
 
 
-def _charts_module():
-    sys.path.insert(0, str(BENCH))
-    import charts
-    return charts
-
-
 @pytest.mark.parametrize("stem", ["attention_nvidia-h100-80gb-hbm3", "generate_nvidia-h100-80gb-hbm3", "generate_cpu"])
-def test_charts_carry_the_tables_numbers(stem):
+def test_charts_carry_the_tables_numbers(stem, load_script):
     """The PNG charts of bench_attention / bench_generate draw exactly the result's numbers."""
-    charts = _charts_module()
+    charts = load_script(BENCH / "charts.py")
     result = json.loads((BENCH / "results" / f"{stem}.json").read_text())
     if stem.startswith("attention"):
         panels = charts.attention_panels(result)
@@ -242,8 +219,8 @@ def test_charts_carry_the_tables_numbers(stem):
         assert e2e["tree"][0] == tree_b1["speedup"]
 
 
-def test_charts_draw_or_say_why_not(tmp_path):
-    charts = _charts_module()
+def test_charts_draw_or_say_why_not(tmp_path, load_script):
+    charts = load_script(BENCH / "charts.py")
     src = BENCH / "results" / "attention_nvidia-h100-80gb-hbm3.json"
     copy = tmp_path / src.name
     copy.write_text(src.read_text())

@@ -149,12 +149,8 @@ def test_overlapped_flash_forward_keeps_its_softmax_under_the_pv_matmul(tmp_path
     assert plain["exp2_under_mma"] == 0 and not plain["wgmma_serialized"]
 
 
-def test_overlap_and_serialization_readers(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
-    compile_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compile_check)
+def test_overlap_and_serialization_readers(tmp_path, load_script):
+    compile_check = load_script(ROOT / "benchmarks" / "compile_check.py")
     waited = textwrap.dedent("""
         %qk = ttng.warp_group_dot %q, %k, %c {isAsync = true} : x
         %qk_1:3 = ttng.warp_group_dot_wait %qk, %q, %k {pendings = 0 : i32} : x

@@ -185,6 +185,10 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     R, D = hidden.shape
     V = weight.shape[0]
     cfg = _launch_config(R, hidden.dtype, hidden.device)
+    if cfg["num_warps"] == 8 and cfg["BLOCK_V"] == 128 and hidden.dtype != torch.float32:
+        # Stored straight from the accumulator, a 128-wide tile at 8 warps made ptxas serialize the
+        # kernel's wgmma instructions (C7515, sm_90 with Triton 3.6); 64 wide it does not.
+        cfg = dict(cfg, BLOCK_V=64)
     logits = torch.empty((R, V), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _linear_logits_kernel[grid](hidden, weight, logits, R, V, D, hidden.stride(0), weight.stride(0),

@@ -524,7 +524,8 @@ def _flash_bwd_dq_kernel(
 # ============================================================================================
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
-# USE_TMA here means "where `_tma_ok` allows" (tests switch it off to cover the pointer loads).
+# USE_TMA here means "where `_tma_ok` allows" (tests switch it on and off to cover both loads). The
+# forward runs its softmax-overlapped loop by default (tests also run the two-loop one).
 _INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, USE_TMA=False, OVERLAP_SOFTMAX=True)
 _INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False, USE_TMA=True)
 _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)

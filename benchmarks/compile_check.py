@@ -25,7 +25,9 @@ scenarios below never read results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import os
 import re
@@ -33,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -107,17 +108,10 @@ def _exp2_under_wgmma(ttgir: str) -> int:
     return count
 
 
-def _wgmma_serialized(ptx: str, arch: int, ptxas: str) -> bool:
-    """Whether ptxas serializes the kernel's wgmma instructions (its note C7515, which Triton does not
-    show): each then waits for the previous one, and nothing overlaps a matmul."""
-    if "wgmma.mma_async" not in ptx:
-        return False
-    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
-        f.write(ptx)
-        f.flush()
-        proc = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                              text=True)
-    return "C7515" in proc.stdout + proc.stderr
+def _wgmma_serialized(ptxas_log: str) -> bool:
+    """Whether ptxas serialized the kernel's wgmma instructions (its note C7515 in the log of Triton's
+    own ptxas run): each then waits for the previous one, and nothing overlaps a matmul."""
+    return "C7515" in ptxas_log
 
 
 def _tma_loads(ptx: str) -> int:
@@ -135,8 +129,6 @@ class CrossCompiler:
         self.arch, self.quick = arch, quick
         self.target = GPUTarget("cuda", arch, 32)
         self.cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-        from triton.backends.nvidia.compiler import get_ptxas
-        self.ptxas = get_ptxas(arch).path   # the ptxas Triton itself runs for this arch
         self.records: list[dict] = []
         self._seen: set = set()
         self.scenario = ""
@@ -174,14 +166,17 @@ class CrossCompiler:
         t0 = time.perf_counter()
         try:
             src = triton.compiler.ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(src, target=self.target, options=options)
+            with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:   # printed by Triton (capture())
+                compiled = triton.compile(src, target=self.target, options=options)
+            if "registers" not in ptxas_log.getvalue():
+                raise RuntimeError("no ptxas log for this compile: was it served from Triton's cache?")
             usage = _resource_usage(compiled.asm["cubin"], self.cuobjdump)
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
                           tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]),
                           tma_loads=_tma_loads(compiled.asm["ptx"]),
                           exp2_under_mma=_exp2_under_wgmma(compiled.asm["ttgir"]),
-                          wgmma_serialized=_wgmma_serialized(compiled.asm["ptx"], self.arch, self.ptxas))
+                          wgmma_serialized=_wgmma_serialized(ptxas_log.getvalue()))
             record["problems"] = self._problems(record)
         except Exception as exc:  # a compile error is the finding; keep going to report them all
             # A CompilationError ends with the cause (e.g. NameError(...)) after the source excerpt.
@@ -211,8 +206,11 @@ class CrossCompiler:
         return problems
 
     # -------------------------------------------------------------------- patching the runtime
-    @contextmanager
+    @contextlib.contextmanager
     def capture(self):
+        """Compile instead of launching. Every compile inside runs ptxas (Triton's cache bypassed) and
+        Triton prints its log, which `compile_launch` reads for the notes Triton otherwise drops."""
+        from triton import knobs
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
 
@@ -228,7 +226,9 @@ class CrossCompiler:
             for config in configs[:1] if compiler.quick else configs:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs())
 
-        with mock.patch.object(JITFunction, "run", jit_run), mock.patch.object(Autotuner, "run", autotuner_run):
+        with mock.patch.object(JITFunction, "run", jit_run), mock.patch.object(Autotuner, "run", autotuner_run), \
+                mock.patch.object(knobs.nvidia, "dump_ptxas_log", True), \
+                mock.patch.object(knobs.compilation, "always_compile", True):
             yield
 
 

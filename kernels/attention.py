@@ -213,8 +213,9 @@ def _fwd_overlapped(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
     #   - nothing in its own iteration reads its result, so block j's rescale waits for iteration j+1;
     #   - P crosses iterations in float32 registers and becomes bf16 right before its dot (a carried
     #     bf16 P went to shared memory, and that dot was waited on at once);
-    #   - one loop: a second (masked) loop after this one made ptxas serialize every wgmma of the
-    #     kernel (C7515), hence the in-loop mask and the clamped rows instead of masked loads.
+    #   - one loop: an earlier form, this loop inside an `if` and the masked loop after it, made
+    #     ptxas serialize every wgmma of the kernel (C7515), hence the in-loop mask and the clamped
+    #     rows instead of masked loads.
     qk = _overlapped_scores(q, k_base, 0, full_hi, stride_kt, offs_m, offs_n, offs_d, d_ok, T, qk_scale,
                             CAUSAL, EVEN_D, FOLD_SCALE)
     p, alpha, l_i, m_i = _softmax_weights(l_i, m_i, qk, qk_scale, True, FOLD_SCALE)

@@ -149,7 +149,7 @@ def test_overlapped_flash_forward_keeps_its_softmax_under_the_pv_matmul(tmp_path
     assert plain["exp2_under_mma"] == 0 and not plain["wgmma_serialized"]
 
 
-def test_overlap_and_serialization_readers(tmp_path, load_script):
+def test_overlap_and_serialization_readers(load_script):
     compile_check = load_script(ROOT / "benchmarks" / "compile_check.py")
     waited = textwrap.dedent("""
         %qk = ttng.warp_group_dot %q, %k, %c {isAsync = true} : x
@@ -162,13 +162,6 @@ def test_overlap_and_serialization_readers(tmp_path, load_script):
     overlapped = waited.replace("scf.yield", "%p_2 = math.exp2 %s : x\n%a = math.exp2 %m : x\nscf.yield")
     assert compile_check._exp2_under_wgmma(waited) == 0
     assert compile_check._exp2_under_wgmma(overlapped) == 2
-    fake_ptxas = tmp_path / "ptxas"
-    fake_ptxas.write_text("#!/bin/sh\necho \"ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
-                          "instructions are serialized\" >&2\n")
-    fake_ptxas.chmod(0o755)
-    assert compile_check._wgmma_serialized("wgmma.mma_async.sync", 90, str(fake_ptxas))
-    assert not compile_check._wgmma_serialized("mma.sync", 90, str(fake_ptxas))    # no wgmma: ptxas not asked
-    quiet_ptxas = tmp_path / "quiet"
-    quiet_ptxas.write_text("#!/bin/sh\necho 'ptxas info    : Used 182 registers' >&2\n")
-    quiet_ptxas.chmod(0o755)
-    assert not compile_check._wgmma_serialized("wgmma.mma_async.sync", 90, str(quiet_ptxas))
+    assert compile_check._wgmma_serialized("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
+                                           "instructions are serialized due to ...\nptxas info    : Used 182 registers")
+    assert not compile_check._wgmma_serialized("ptxas info    : Used 182 registers, used 1 barriers")

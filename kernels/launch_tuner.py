@@ -19,6 +19,11 @@ from typing import Callable, Dict, Hashable, Sequence
 import torch
 from triton.runtime.errors import OutOfResources
 
+try:   # the base of Triton's compile, ptxas and resource errors (OutOfResources alone before it existed)
+    from triton.errors import TritonError
+except ImportError:  # pragma: no cover - older Triton
+    TritonError = OutOfResources
+
 
 def tuning_enabled(device: torch.device) -> bool:
     """Tune on CUDA, outside a graph capture, unless MTP_TUNE=0 (read at call time)."""
@@ -64,14 +69,15 @@ class LaunchTuner:
     def tune(self, key: Hashable, candidates: Sequence, run: Callable[[object], object],
              timer: Callable | None = None) -> dict:
         """Time run(candidate) for every candidate (timer(fn) -> ms, default `cuda_graph_ms`), keep
-        the fastest under `key` and return {candidate: ms}. A candidate that raises RuntimeError or
-        OutOfResources counts as infinitely slow; RuntimeError when none runs."""
+        the fastest under `key` and return {candidate: ms}. A candidate that raises RuntimeError or a
+        Triton error (resources, compilation, ptxas) counts as infinitely slow; RuntimeError when
+        none runs."""
         timer = timer or cuda_graph_ms
         times = {}
         for candidate in candidates:
             try:
                 times[candidate] = float(timer(lambda candidate=candidate: run(candidate)))
-            except (RuntimeError, OutOfResources):   # a launch that cannot run (resources, capture) loses
+            except (RuntimeError, TritonError):   # a launch that cannot run (resources, compile, capture) loses
                 times[candidate] = float("inf")
         best = min(times, key=times.get)
         if times[best] == float("inf"):
@@ -89,7 +95,7 @@ class LaunchTuner:
         if tuning_enabled(device):
             try:
                 tune()
-            except RuntimeError as err:
+            except (RuntimeError, TritonError) as err:
                 warnings.warn(f"{self.name}: launch tuning failed for {key}, keeping the default launch: {err}")
                 self.chosen[key] = fallback()
             return self.chosen[key]

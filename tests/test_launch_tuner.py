@@ -2,6 +2,8 @@
 its users: test_attention.py, test_skinny_linear.py)."""
 import pytest
 import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import PTXASError
 
 from mtp_kernels import launch_tuner
 from mtp_kernels.launch_tuner import LaunchTuner
@@ -27,6 +29,13 @@ def test_tune_keeps_the_fastest_and_failures_lose():
         return c
     times = tuner.tune("k", ["a", "b", None], run, timer)
     assert times["b"] == float("inf") and tuner.chosen["k"] is None   # None is a real choice (e.g. cuBLAS)
+
+    def fails_ptxas(c):   # Triton's compile and ptxas errors are not RuntimeErrors
+        if c == "a":
+            raise PTXASError("ptxas failed")
+        return c
+    times = tuner.tune("k", ["a", "b"], fails_ptxas, timer)
+    assert times["a"] == float("inf") and tuner.chosen["k"] == "b"
     with pytest.raises(RuntimeError, match=r"demo: none of \['a', 'b'\] runs for k2"):
         tuner.tune("k2", ["a", "b"], lambda c: (_ for _ in ()).throw(RuntimeError("no")), timer)
     with pytest.raises(AssertionError):   # a wrong result in a checking timer is not swallowed
@@ -52,6 +61,10 @@ def test_choose_tunes_once_and_falls_back(monkeypatch):
     with pytest.warns(UserWarning, match="demo: launch tuning failed for k2, keeping the default launch"):
         assert tuner.choose("k2", cpu, tune_k("k2", "a"), fallback=lambda: "f") == "f"
     assert tuner.choose("k2", cpu, lambda: pytest.fail("retuned"), fallback=lambda: "f") == "f"
+    def tune_fails_to_compile():
+        raise CompilationError("kernel.py", None, "bad")
+    with pytest.warns(UserWarning, match="demo: launch tuning failed for k3"):
+        assert tuner.choose("k3", cpu, tune_fails_to_compile, fallback=lambda: "f") == "f"
 
 
 def test_tuning_enabled_reads_the_environment(monkeypatch):

@@ -116,9 +116,11 @@ def _linear_logits_kernel(
 # ============================================================================================
 # Host launchers
 # ============================================================================================
-def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: bool = False) -> dict:
-    """Tile sizes and warps. tl.dot needs every tile dim >= 16, so one row still uses BLOCK_R = 16:
-    the extra rows are free while the weight read is the cost (R small, memory bound)."""
+def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: bool = False,
+                   logits: bool = False) -> dict:
+    """Tile sizes and warps (logits: for the kernel that writes them out). tl.dot needs every tile
+    dim >= 16, so one row still uses BLOCK_R = 16: the extra rows are free while the weight read is
+    the cost (R small, memory bound)."""
     if not gpu_launch(device):
         # numpy runs one program at a time: few, moderately sized tiles.
         return dict(BLOCK_R=16, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_stages=1)
@@ -128,7 +130,9 @@ def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: boo
         cfg = dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4)
     else:
         # Many rows: the GEMM becomes compute bound; larger square-ish tiles reuse each load more.
-        cfg = dict(BLOCK_R=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        # Stored straight from the accumulator, a 128-wide logits tile at 8 warps made ptxas serialize
+        # the kernel's wgmma instructions (C7515, sm_90 with Triton 3.6); 64 wide it does not.
+        cfg = dict(BLOCK_R=128, BLOCK_V=64 if logits else 128, BLOCK_D=64, num_warps=8, num_stages=3)
     if dtype == torch.float32:
         # 4-byte tiles: a quarter of the D step keeps the pipelined tiles inside shared memory.
         cfg.update(BLOCK_D=32, num_stages=2)
@@ -184,11 +188,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
     R, D = hidden.shape
     V = weight.shape[0]
-    cfg = _launch_config(R, hidden.dtype, hidden.device)
-    if cfg["num_warps"] == 8 and cfg["BLOCK_V"] == 128 and hidden.dtype != torch.float32:
-        # Stored straight from the accumulator, a 128-wide tile at 8 warps made ptxas serialize the
-        # kernel's wgmma instructions (C7515, sm_90 with Triton 3.6); 64 wide it does not.
-        cfg = dict(cfg, BLOCK_V=64)
+    cfg = _launch_config(R, hidden.dtype, hidden.device, logits=True)
     logits = torch.empty((R, V), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _linear_logits_kernel[grid](hidden, weight, logits, R, V, D, hidden.stride(0), weight.stride(0),

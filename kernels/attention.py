@@ -180,6 +180,7 @@ def _clamped_kv_tile(base, start_n, stride_t, offs_n, offs_d, d_ok, T, EVEN_D: t
     key: every load stays inside the tensor and unmasked (so it pipelines), and the caller's mask
     gives those keys zero weight."""
     rows = tl.minimum(start_n + offs_n, T - 1)
+    # MASK_ROWS=False: the row_ok argument (offs_n here) is not read.
     return _load_tile(base + rows[:, None] * stride_t + offs_d[None, :], offs_n, d_ok, False, EVEN_D)
 
 
@@ -948,7 +949,8 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
     # Each split writes float32 partials of all `rows` rows, which the combine reads back:
     # 8 * rows * D bytes per split against the 4 * S * D bytes of bf16 K and V it reads. Keep them
     # within a quarter of the cache. Unbounded, a 64-node tree (256 rows) at batch 1 over a
-    # 1024-slot cache took 16 splits, whose partials were 8x the cache: 3.35x a decode (H100).
+    # 1024-slot cache took 16 splits, whose partials were 8x the cache; that tree step cost 3.35x a
+    # decode on the H100 (fifth session), the partials' traffic the likely cause.
     n_splits = max(1, min(n_splits, S_max // (8 * rows)))
     return _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
 

@@ -545,7 +545,7 @@ _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)
 # pointer tiles: 230-242 instead of 254 at 128 x 128 (so the folded scale fits there), 177-204
 # instead of 246-248 in the 128 x 64 dQ kernel at head dim 128. Offered beside the pointer loads,
 # pruned where the layout does not allow it (`_tma_ok`). On the H100 with Triton 3.6 the pointer
-# loads won every kernel at both benchmark shapes (TMA 2-9% slower; attention_nvidia-h100-*.json).
+# loads won every kernel at both benchmark shapes (best TMA config 1-13% slower; attention_nvidia-h100-*.json).
 _GPU_FWD_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False, OVERLAP_SOFTMAX=False),
                   num_warps=8, num_stages=3),

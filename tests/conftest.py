@@ -44,7 +44,8 @@ def triton_backend(monkeypatch):
 @pytest.fixture
 def load_script(monkeypatch):
     """Import a script (a benchmark) as a module for the duration of a test: its imports of sibling
-    modules resolve, and sys.path and sys.modules are restored afterwards."""
+    modules resolve, and sys.path and the script's own sys.modules entry are restored afterwards
+    (siblings it imports, such as benchmarks/common.py, stay imported under their own names)."""
     def load(path):
         monkeypatch.syspath_prepend(str(path.parent))
         spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)

@@ -163,8 +163,6 @@ def test_gpu_train_default_dry_run_on_cpu(tmp_path):
 
 def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script):
     """The report of what the skinny-GEMM tuner measured (filled only on a GPU): GB/s and choice."""
-    import torch
-
     from mtp_kernels import skinny_linear as sl
     from mtp_kernels.launch_tuner import LaunchTuner
 

@@ -463,7 +463,9 @@ class Generator:
             tree = "chain"
         if tree is None:
             tree_tokens = self.tree_tokens or DEFAULT_TREE_TOKENS.get(self.device.type, DEFAULT_TREE_TOKENS["cuda"])
-            tree = default_tree(heads, rows, tree_tokens, self.tree_rates)
+            # Sized for the batch bucket the CUDA graphs run (rows rounded up to a power of two), so
+            # every batch size in a bucket verifies the same tree: one set of graphs and tunings.
+            tree = default_tree(heads, _next_power_of_two(rows), tree_tokens, self.tree_rates)
         token_tree = speculative_tree(tree, heads)
         if token_tree.max_depth + 1 < heads:
             # A head no node reaches would run in every verify forward and draft for nothing.

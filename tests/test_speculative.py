@@ -221,7 +221,9 @@ def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(m
     one = gen.generate(PROMPTS[:1], max_gen_len=12, speculative="tree")
     three = gen.generate(PROMPTS, max_gen_len=12, speculative="tree")
     assert one.stats["tree_nodes"] == 48      # the 4-head preset's 47 nodes + root: 48 tokens
-    assert three.stats["tree_nodes"] == 16    # 3 rows x 16 = 48 tree tokens per forward
+    assert three.stats["tree_nodes"] == 12    # 3 rows in a bucket of 4: 4 x 12 = 48 tree tokens per forward
+    trees = [gen._check_speculative("tree", 4, None, rows=rows) for rows in (3, 4, 5)]
+    assert trees[0].paths == trees[1].paths and trees[2].size == 6    # 5 rows: a bucket of 8, 8 x 6 = 48
     assert three.tokens == gen.generate(PROMPTS, max_gen_len=12).tokens
     assert one.tokens[0] == three.tokens[0]
     # CPU default without tree_tokens: DEFAULT_TREE_TOKENS["cpu"]
@@ -366,8 +368,11 @@ def test_output_depends_on_kv_compaction(model4, monkeypatch):
     def advance_only(k_cache, v_cache, cache_seqlens, accepted_nodes, accept_len):
         cache_seqlens[: accepted_nodes.shape[0]] += accept_len.to(cache_seqlens.dtype)
 
+    # A tree whose accepted nodes are not the first slots (rank 1 comes first): compaction must move them.
+    tree = [[1], [0], [0, 0], [0, 1], [0, 0, 0]]
+    assert gen.generate(PROMPTS, max_gen_len=30, speculative="tree", tree=tree).tokens == plain.tokens
     monkeypatch.setattr(generate_module, "compact_kv_cache", advance_only)
-    assert gen.generate(PROMPTS, max_gen_len=30, speculative="tree").tokens != plain.tokens
+    assert gen.generate(PROMPTS, max_gen_len=30, speculative="tree", tree=tree).tokens != plain.tokens
 
 
 def test_custom_tree_and_chain_preset_agree(model4):
@@ -401,7 +406,7 @@ def test_speculative_stats_consistent(model4):
                 "mean_accepted_drafts", "acceptance_per_depth", "acceptance_per_head"):
         assert key in s, key
     assert s["speculative"] == "tree" and s["heads"] == 3
-    assert s["tree_nodes"] == 1 + spec.default_tree_nodes(3, rows=3, tree_tokens=spec.DEFAULT_TREE_TOKENS["cpu"])
+    assert spec.DEFAULT_TREE_TOKENS["cpu"] == 16 and s["tree_nodes"] == 4    # 3 rows in a bucket of 4: 4 x 4 = 16
     assert s["generated_tokens"] == 60
     assert len(s["acceptance_per_depth"]) == 2
     assert all(0.0 <= r <= 1.0 for r in s["acceptance_per_depth"])

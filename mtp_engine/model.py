@@ -311,6 +311,7 @@ class Transformer(nn.Module):
             self._grow_rope(max_seq_len)
         dtype = dtype or self.output.weight.dtype
         device = device or self.output.weight.device
+        self.clear_caches()   # a re-size frees the old cache first: never two caches in memory at once
         blocks = self.blocks()
         # The blocks' own KV-head count: a tensor-parallel rank holds only its share of the heads.
         shape = (len(blocks), max_batch_size, max_seq_len, blocks[0].attention.n_kv_heads, self.params.head_dim)

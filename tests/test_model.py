@@ -4,6 +4,7 @@ Weights are made in the reference, saved the way Meta's release ships them and r
 `load_checkpoint`, so these tests also pin the state-dict layout. fp32 throughout, max |diff| < 1e-4.
 """
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -330,3 +331,19 @@ def test_tree_mask_is_packed_once_per_forward_not_per_layer(monkeypatch):
     from_packed = model.forward_cached(tokens, lens, node_depths=tree.depths, tree_mask=tree.packed_mask)
     assert len(calls) == 1 and tree.packed_mask is tree.packed_mask
     torch.testing.assert_close(from_packed, from_bool, rtol=0, atol=0)
+
+
+def test_setup_caches_frees_the_old_cache_before_allocating(monkeypatch):
+    # A generator grows the cache for a speculative tree: holding both caches would double its memory.
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=32))
+    model.setup_caches(2, 16)
+    old = [weakref.ref(model.k_cache), weakref.ref(model.v_cache)]   # alive while the model holds them
+    held = []
+    zeros = torch.zeros
+
+    def recording_zeros(*args, **kwargs):
+        held.append(any(ref() is not None for ref in old))
+        return zeros(*args, **kwargs)
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    model.setup_caches(2, 24)
+    assert held == [False, False] and model.k_cache.shape[2] == 24 and model.cache_len == 24

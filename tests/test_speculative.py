@@ -633,9 +633,11 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
+    old_caches = (graphed.model.k_cache, graphed.model.v_cache)   # held: the new ones get other addresses
     graphed.model.setup_caches(4, graphed.model.cache_len)                    # new cache tensors
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # graphs were re-captured
+    del old_caches
     captured = len(recorded)
     graphed.model._grow_rope(graphed.model.freqs_cis.shape[0] * 2)            # a new rotary table
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens

@@ -53,10 +53,12 @@ PRESET_NODES = {2: 7, 3: 23, 4: 47}
 # Tree tokens per verify forward, all rows together, that the default tree aims for (`default_tree`).
 # In bf16 a token costs 2 FLOPs per 2-byte weight, so a forward of M tokens stays bound by reading
 # the weights while M is below the matmul rate over the bandwidth: about 260 on the H100 (793
-# TFLOP/s, 3.0 TB/s) and 190 on the H200 (benchmarks/results/NOTES.md). Past that, every tree
-# token costs compute. On the H100 the 16-node tree beat the 64-node one at batch 8 (estimated 2.5x
-# vs 1.6x over plain) and at batch 32 (1.9x vs 0.7x). A CPU forward is compute bound from a few
-# tokens: a 16-node verify cost 3x a plain step at batch 1 on the test model (generate_cpu.md).
+# TFLOP/s, 3.0 TB/s) and 185 on the H200 (benchmarks/results/NOTES.md). Past that, every tree
+# token costs compute. On the H100 the 16-node tree beat the 64-node one at batch 8 (estimated at
+# prior acceptance rates: 2.5x vs 1.6x over plain) and at batch 32 (1.9x vs 0.7x). Both values
+# are provisional: one constant for every CUDA device, and the tree sizes in between are not
+# measured. A CPU forward is compute bound from a few tokens: a 16-node verify cost 3x a plain step
+# at batch 1 on the test model; end to end 4 to 16 tree tokens ran within 5% (generate_cpu.md).
 DEFAULT_TREE_TOKENS = {"cuda": 256, "cpu": 16}
 
 

@@ -339,7 +339,7 @@ def to_markdown(result: dict) -> str:
     tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
     if tuned_flash:
         lines += ["", "### Forward configs (the autotuner's median ms for each; USE_TMA: K/V through tensor "
-                  "descriptors; OVERLAP_SOFTMAX: each block's P V runs under the next block's softmax)", "",
+                  "descriptors)", "",
                   "| shape | config | ms | chosen |", "|---|---|---|---|"]
         for r in tuned_flash:
             picks = r["tuned_configs"]

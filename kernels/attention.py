@@ -12,9 +12,7 @@ Flash attention (FA2 structure):
             (no atomics); one program per (query block, batch*head) computes dQ.
   Causal programs skip the blocks above the diagonal and only mask the blocks on it (and the tail).
   The unmasked loops may read their streamed tiles through device-side tensor descriptors (USE_TMA,
-  Hopper's TMA engine) where the layout allows (`_tma_ok`). The forward may instead run every key
-  block in one loop software-pipelined by a block (OVERLAP_SOFTMAX, `_fwd_overlapped`), so that
-  each block's P V matmul runs while the next block's softmax is computed. The autotuner chooses.
+  Hopper's TMA engine) where the layout allows (`_tma_ok`). The autotuner chooses.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
@@ -175,66 +173,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col
 
 
 @triton.jit
-def _clamped_kv_tile(base, start_n, stride_t, offs_n, offs_d, d_ok, T, EVEN_D: tl.constexpr):
-    """K or V rows [start_n, start_n + BLOCK_N) with the rows past the sequence clamped to its last
-    key: every load stays inside the tensor and unmasked (so it pipelines), and the caller's mask
-    gives those keys zero weight."""
-    rows = tl.minimum(start_n + offs_n, T - 1)
-    # MASK_ROWS=False: the row_ok argument (offs_n here) is not read.
-    return _load_tile(base + rows[:, None] * stride_t + offs_d[None, :], offs_n, d_ok, False, EVEN_D)
-
-
-@triton.jit
-def _overlapped_scores(q, k_base, start_n, full_hi, stride_kt, offs_m, offs_n, offs_d, d_ok, T, qk_scale,
-                       CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, FOLD_SCALE: tl.constexpr):
-    """Scores of key block start_n for `_fwd_overlapped`, -inf where masked (blocks from full_hi on)."""
-    k = _clamped_kv_tile(k_base, start_n, stride_kt, offs_n, offs_d, d_ok, T, EVEN_D)
-    qk = tl.dot(q, tl.trans(k))
-    if not FOLD_SCALE:
-        qk = qk * qk_scale
-    if start_n >= full_hi:
-        cols = start_n + offs_n
-        visible = cols[None, :] < T
-        if CAUSAL:
-            visible = visible & (offs_m[:, None] >= cols[None, :])
-        qk = tl.where(visible, qk, float("-inf"))
-    return qk
-
-
-@triton.jit
-def _fwd_overlapped(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok,
-                    full_hi, hi, T, qk_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                    FOLD_SCALE: tl.constexpr):
-    # Both `_fwd_inner` loops as one ([0, hi), masking the blocks from full_hi on), software-pipelined
-    # by one block so that the tensor cores compute a block's P V while the warps exponentiate the
-    # next block's scores (FlashAttention-3's intra-warpgroup overlap). Iteration j issues Q K_j^T and
-    # waits for it, which also retires the P V left in flight by iteration j-1; then rescales the
-    # output and issues P_{j-1} V_{j-1} without waiting; then runs block j's softmax. What makes
-    # Triton 3.6 and ptxas keep that P V in flight (sm_90 compiles, compile_check's "exp2 under MMA"):
-    #   - nothing in its own iteration reads its result, so block j's rescale waits for iteration j+1;
-    #   - P crosses iterations in float32 registers and becomes bf16 right before its dot (a carried
-    #     bf16 P went to shared memory, and that dot was waited on at once);
-    #   - one loop: an earlier form, this loop inside an `if` and the masked loop after it, made
-    #     ptxas serialize every wgmma of the kernel (C7515), hence the in-loop mask and the clamped
-    #     rows instead of masked loads.
-    qk = _overlapped_scores(q, k_base, 0, full_hi, stride_kt, offs_m, offs_n, offs_d, d_ok, T, qk_scale,
-                            CAUSAL, EVEN_D, FOLD_SCALE)
-    p, alpha, l_i, m_i = _softmax_weights(l_i, m_i, qk, qk_scale, True, FOLD_SCALE)
-    for start_n in range(BLOCK_N, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        qk = _overlapped_scores(q, k_base, start_n, full_hi, stride_kt, offs_m, offs_n, offs_d, d_ok, T, qk_scale,
-                                CAUSAL, EVEN_D, FOLD_SCALE)
-        acc = acc * alpha[:, None]
-        v = _clamped_kv_tile(v_base, start_n - BLOCK_N, stride_vt, offs_n, offs_d, d_ok, T, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        p, alpha, l_i, m_i = _softmax_weights(l_i, m_i, qk, qk_scale, True, FOLD_SCALE)
-    acc = acc * alpha[:, None]
-    v = _clamped_kv_tile(v_base, ((hi - 1) // BLOCK_N) * BLOCK_N, stride_vt, offs_n, offs_d, d_ok, T, EVEN_D)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _query_block(T, H, GROUP, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query block and (batch, head) of this program (forward and dQ kernels share the grid)."""
@@ -273,7 +211,6 @@ def _flash_fwd_kernel(
     B, T, H, GROUP, qk_scale, T_BUCKET, TMA_OK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr, USE_TMA: tl.constexpr,
-    OVERLAP_SOFTMAX: tl.constexpr,
 ):
     bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
@@ -292,18 +229,12 @@ def _flash_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    if OVERLAP_SOFTMAX:
-        tl.static_assert(not USE_TMA, "the overlapped loop reads K and V through pointers")
-        acc, l_i, m_i = _fwd_overlapped(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n,
-                                        offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, EVEN_D,
-                                        FOLD_SCALE)
-    else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
-                                   stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
-                                   BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE, USE_TMA)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
-                                   stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T,
-                                   qk_scale, BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
+                               stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
+                               stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T,
+                               qk_scale, BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE, False)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -526,9 +457,8 @@ def _flash_bwd_dq_kernel(
 # ============================================================================================
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
-# USE_TMA here means "where `_tma_ok` allows" (tests switch it on and off to cover both loads). The
-# forward runs its softmax-overlapped loop by default (tests also run the two-loop one).
-_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, USE_TMA=False, OVERLAP_SOFTMAX=True)
+# USE_TMA here means "where `_tma_ok` allows" (tests switch it on and off to cover both loads).
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, USE_TMA=True)
 _INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False, USE_TMA=True)
 _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)
 
@@ -547,26 +477,20 @@ _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)
 # pruned where the layout does not allow it (`_tma_ok`). On the H100 with Triton 3.6 the pointer
 # loads won every kernel at both benchmark shapes (best TMA config 1-13% slower; attention_nvidia-h100-*.json).
 _GPU_FWD_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False),
                   num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False),
                   num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, FOLD_SCALE=False, USE_TMA=False, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, FOLD_SCALE=False, USE_TMA=False),
                   num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
                   num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
                   num_warps=8, num_stages=4),
 ] + [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold, USE_TMA=True, OVERLAP_SOFTMAX=False),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold, USE_TMA=True),
                   num_warps=8, num_stages=stages)
     for block_n, fold, stages in ((64, False, 3), (64, True, 3), (64, True, 4), (128, False, 3), (128, True, 3))
-] + [
-    # The softmax-overlapped loop (pointer loads only): 219 registers at 128 x 64, head dim 128, no
-    # spill and no wgmma serialization on sm_90 with Triton 3.6; at 128 x 128 it spills.
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=fold, USE_TMA=False, OVERLAP_SOFTMAX=True),
-                  num_warps=8, num_stages=stages)
-    for fold in (False, True) for stages in (3, 4)
 ]
 _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False, USE_TMA=False), num_warps=8, num_stages=3),

@@ -121,25 +121,20 @@ def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_forward_without_the_folded_scale(triton_backend, monkeypatch, causal):
     # The GPU autotuner may pick the forward that scales the scores before the softmax step.
-    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False, USE_TMA=True,
-                                                              OVERLAP_SOFTMAX=False))
+    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False, USE_TMA=True))
     q, k, v = _qkv(1, 37, 4, 2, 48, seed=9)
     out = flash_attention(q, k, v, causal=causal, sm_scale=0.3)
     torch.testing.assert_close(out.double(), _sdpa_float64(q, k, v, causal, 0.3), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("overlap,fold,use_tma", [(True, True, False), (True, False, False), (False, True, True),
-                                                  (False, False, False)])
+@pytest.mark.parametrize("fold,use_tma", [(True, True), (False, False)])
 @pytest.mark.parametrize("T,causal", [(1, False), (16, True), (20, False), (37, False), (100, False), (64, True),
                                       (100, True)])
-def test_flash_forward_overlapped_softmax_loop(triton_backend, monkeypatch, overlap, fold, use_tma, T, causal):
-    # OVERLAP_SOFTMAX runs every key block in one loop software-pipelined by one block (P V of block
-    # j-1 issued after block j's scores), masking from the diagonal or ragged tail on, rows past T
-    # clamped. 16-key blocks: T=1 and 16 give a single block (no loop iteration), 20 one unmasked
-    # block and a ragged one, 100 seven blocks; causal, the query blocks see 0 to 4 unmasked blocks
-    # before their diagonal.
+def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatch, fold, use_tma, T, causal):
+    # 16-key blocks: T=1 and 16 give a single block, 20 one unmasked block and a ragged one, 100
+    # seven blocks; causal, the query blocks see 0 to 4 unmasked blocks before their diagonal.
     monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=fold,
-                                                              USE_TMA=use_tma, OVERLAP_SOFTMAX=overlap))
+                                                              USE_TMA=use_tma))
     q, k, v = _qkv(2, T, 4, 2, 32, seed=T)
     q = q * 4.0       # scores of tens: the running max moves from block to block
     out, lse = attention_module.flash_attention_fwd(q, k, v, causal, 0.3)
@@ -161,7 +156,7 @@ def test_flash_attention_pointer_and_descriptor_loads_agree(triton_backend, monk
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
     expected.backward(dout.double())
     for use_tma in (True, False):
-        for name, config in (("_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, OVERLAP_SOFTMAX=False)),
+        for name, config in (("_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True)),
                              ("_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)),
                              ("_INTERP_DQ", dict(BLOCK_M=32, BLOCK_N=16))):
             monkeypatch.setattr(attention_module, name, dict(config, USE_TMA=use_tma))

@@ -116,11 +116,10 @@ def test_cross_compile_switch(monkeypatch):
         backend.cross_compile_arch()
 
 
-def test_overlapped_flash_forward_keeps_its_softmax_under_the_pv_matmul(tmp_path):
-    """OVERLAP_SOFTMAX only pays if the compiled sm_90 kernel exponentiates while the P V wgmma is
-    still running. Triton's wait placement and ptxas's wgmma serialization (a second loop after the
-    overlapped one once caused it) can both undo that silently, with the same results."""
-    script = tmp_path / "overlap.py"
+def test_flash_forward_sm90_compile_reads_ptxas_log(tmp_path):
+    """The flash forward's main config compiles for sm_90 without spill, and the check reads ptxas's
+    own log for it (wgmma serialization is False, not unknown: a compile without a log would fail)."""
+    script = tmp_path / "flash_fwd.py"
     script.write_text(textwrap.dedent('''
         import json, os, sys
         os.environ["TRITON_INTERPRET"] = "0"
@@ -133,20 +132,18 @@ def test_overlapped_flash_forward_keeps_its_softmax_under_the_pv_matmul(tmp_path
         cc = compile_check.CrossCompiler(90, quick=True)
         q, k, v = (torch.randn(1, 256, h, 128).bfloat16() for h in (32, 8, 8))
         with cc.capture():
-            for overlap in (True, False):
-                config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False,
-                                            OVERLAP_SOFTMAX=overlap), num_warps=8, num_stages=3)
-                attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
+            config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
+                                   num_warps=8, num_stages=3)
+            attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
         print(json.dumps([{key: r.get(key) for key in ("problems", "spill_bytes", "exp2_under_mma", "wgmma_serialized")}
                           for r in cc.records]))
     '''))
     proc = subprocess.run([sys.executable, str(script), str(ROOT)], env=_compile_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    overlapped, plain = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert overlapped["problems"] == [] and overlapped["spill_bytes"] == 0
-    assert overlapped["exp2_under_mma"] > 0 and not overlapped["wgmma_serialized"]
-    assert plain["exp2_under_mma"] == 0 and not plain["wgmma_serialized"]
+    (plain,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plain["problems"] == [] and plain["spill_bytes"] == 0
+    assert plain["wgmma_serialized"] is False
 
 
 def test_overlap_and_serialization_readers(load_script):

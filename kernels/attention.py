@@ -19,12 +19,13 @@ GQA group's query heads x the Tq new queries, packed as the M dimension of tl.do
 is read once for all of them. Tree masks travel as bits (one int64 word per 64 new nodes per query
 row, packed by `pack_tree_mask`). When batch*kv_heads is too small to fill the GPU, the cache length is
 split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
-`_kv_combine_kernel` merges them. The launch (row tile, split count) is timed per shape on the
+`_kv_combine_kernel` merges them, or the last split program of each row tile does (arrival.py). The launch (row tile, split count) is timed per shape on the
 GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`, launch_tuner.py);
 `_kv_heuristic` is the fallback.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
+from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner
 
 LOG2E = 1.4426950408889634
@@ -706,14 +708,15 @@ def _kv_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, q_idx, row
 
 @triton.jit
 def _kv_attn_kernel(
-    Q, K, V, SEQLENS, MASK_BITS, O, O_PART, LSE_PART,
+    Q, K, V, SEQLENS, MASK_BITS, O, O_PART, LSE_PART, COUNTERS,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_ot, stride_oh,
     Tq, HKV, GROUP, SPLIT_SIZE, N_SPLITS, MASK_WORDS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TREE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, TREE: tl.constexpr, SPLIT: tl.constexpr, COMBINE_LAST: tl.constexpr,
+    COMBINE_R: tl.constexpr, COMBINE_S: tl.constexpr,
 ):
     # Row r of the tile is query q_idx = r // GROUP of head kvh * GROUP + r % GROUP.
     tl.static_assert(BLOCK_N <= 64)
@@ -759,49 +762,74 @@ def _kv_attn_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if SPLIT:
-        part = ((b * Tq + q_idx) * H + h) * N_SPLITS + split
+        part = ((b * Tq + q_idx) * H + h) * N_SPLITS + split     # output row (b, i, h), then split
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(LSE_PART + part, lse, mask=row_ok)
         _store_tile(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, row_ok, d_ok, EVEN_D)
+        if COMBINE_LAST:
+            # The last split of this row tile to finish combines all of them (arrival.py): no
+            # second kernel in the step. COMBINE_R rows at a time keep the (rows, splits, D) loads
+            # and their 64-bit addresses within the registers the attention loop needed.
+            if last_to_arrive(COUNTERS + bkv * tl.num_programs(0) + pid_row, N_SPLITS):
+                for r0 in range(0, BLOCK_M, COMBINE_R):
+                    c_rows = pid_row * BLOCK_M + r0 + tl.arange(0, COMBINE_R)
+                    c_ok = c_rows < GROUP * Tq
+                    c_q = c_rows // GROUP
+                    c_h = kvh * GROUP + c_rows % GROUP
+                    merged = _combine_splits(O_PART, LSE_PART, (b * Tq + c_q) * H + c_h, c_ok, offs_d, d_ok,
+                                             N_SPLITS, HEAD_DIM, COMBINE_S)
+                    _store_tile(O + b * stride_ob + c_q[:, None] * stride_ot + c_h[:, None] * stride_oh
+                                + offs_d[None, :], merged.to(O.dtype.element_ty), c_ok, d_ok, EVEN_D)
     else:
         _store_tile(O + b * stride_ob + q_idx[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
                     out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 @triton.jit
-def _kv_combine_kernel(
-    O_PART, LSE_PART, O, Tq, H, N_SPLITS,
-    stride_ob, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # Two passes over the splits in BLOCK_S chunks (the max, then the weighted sum), so one compiled
-    # kernel serves every split count the launch tuner tries.
-    row = tl.program_id(0).to(tl.int64)        # (b * Tq + i) * H + h
-    h = row % H
-    i = (row // H) % Tq
-    b = row // (H * Tq)
-    m_parts = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+def _combine_splits(O_PART, LSE_PART, part_row, row_ok, offs_d, d_ok, N_SPLITS, HEAD_DIM: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    """Merge the N_SPLITS float32 partials (out, lse in log2 units) of the rows part_row (R,) into
+    their (R, BLOCK_D) output: the max lse, then the weighted sum, BLOCK_S splits per load so their
+    latencies overlap (one split per iteration would wait out an L2 round trip each), in a fixed
+    order. Loads go through L2 (.cg): in a combining split program, other programs wrote them."""
+    offs_s = tl.arange(0, BLOCK_S)
+    m = tl.full(part_row.shape, float("-inf"), dtype=tl.float32)
     for s0 in range(0, N_SPLITS, BLOCK_S):
-        offs = s0 + tl.arange(0, BLOCK_S)
-        lse = tl.load(LSE_PART + row * N_SPLITS + offs, mask=offs < N_SPLITS, other=float("-inf"))
-        m_parts = tl.maximum(m_parts, lse)
-    m = tl.max(m_parts, 0)
+        part = part_row[:, None] * N_SPLITS + s0 + offs_s[None, :]                       # (R, BLOCK_S)
+        ok = row_ok[:, None] & (s0 + offs_s < N_SPLITS)[None, :]
+        m = tl.maximum(m, tl.max(tl.load(LSE_PART + part, mask=ok, other=float("-inf"), cache_modifier=".cg"), 1))
     m = tl.where(m == float("-inf"), 0.0, m)     # every split empty: the row yields 0
+    acc = tl.zeros((part_row.shape[0], offs_d.shape[0]), dtype=tl.float32)
+    denom = tl.zeros(part_row.shape, dtype=tl.float32)
+    for s0 in range(0, N_SPLITS, BLOCK_S):
+        part = part_row[:, None] * N_SPLITS + s0 + offs_s[None, :]
+        ok = row_ok[:, None] & (s0 + offs_s < N_SPLITS)[None, :]
+        w = tl.math.exp2(tl.load(LSE_PART + part, mask=ok, other=float("-inf"), cache_modifier=".cg") - m[:, None])
+        denom += tl.sum(w, 1)
+        o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * o, 1)
+    return acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+
+
+@triton.jit
+def _kv_combine_kernel(
+    O_PART, LSE_PART, O, N_ROWS, Tq, H, N_SPLITS,
+    stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # BLOCK_R output rows per program, row = (b * Tq + i) * H + h.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N_ROWS
+    h = rows % H
+    i = (rows // H) % Tq
+    b = (rows // (H * Tq)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, N_SPLITS, BLOCK_S):
-        offs = s0 + tl.arange(0, BLOCK_S)
-        ok = offs < N_SPLITS
-        w = tl.math.exp2(tl.load(LSE_PART + row * N_SPLITS + offs, mask=ok, other=float("-inf")) - m)
-        w_sum += w
-        part = tl.load(O_PART + (row * N_SPLITS + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * part, 0)
-    denom = tl.sum(w_sum, 0)
-    out = acc / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(O + b * stride_ob + i * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    out = _combine_splits(O_PART, LSE_PART, rows.to(tl.int64), row_ok, offs_d, d_ok, N_SPLITS, HEAD_DIM, BLOCK_S)
+    _store_tile(O + b[:, None] * stride_ob + i[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+                out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 @dataclass(frozen=True)
@@ -834,13 +862,15 @@ def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
 @dataclass(frozen=True)
 class KVLaunch:
     """Launch geometry of KV-cache attention: tile sizes, and the cache split into n_splits ranges
-    of split_size slots (n_splits > 1 adds float32 partials and the combine kernel)."""
+    of split_size slots. n_splits > 1 adds float32 partials, merged by `_kv_combine_kernel` or, with
+    combine_last, by the last split program of each row tile (arrival.py: no second kernel)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     split_size: int
     n_splits: int
+    combine_last: bool = False
 
 
 def _kv_block_n(gpu: bool) -> int:
@@ -883,7 +913,7 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
     """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and a smaller one
     (more programs with fewer registers each, for trees of many rows) every power-of-two split
     count and one key block per split, up to eight programs per SM (two splits per tile under the
-    interpreter)."""
+    interpreter); each split launch both with the combine kernel and with combine_last."""
     gpu = gpu_launch(device)
     base = _kv_heuristic(B, Hkv, rows, S_max, device)
     small = 64 if gpu else 16
@@ -898,8 +928,8 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
             if n_splits > 1 and programs * n_splits > max_programs:
                 break
             launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
-            if launch not in out:
-                out.append(launch)
+            split = [launch, dataclasses.replace(launch, combine_last=True)] if launch.n_splits > 1 else [launch]
+            out += [c for c in split if c not in out]
     return out
 
 
@@ -951,23 +981,36 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
     tree = tree_mask is not None
     mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
     split = launch.n_splits > 1
+    combine_last = split and launch.combine_last
+    grid = (triton.cdiv(rows, launch.block_m), launch.n_splits, B * Hkv)
     if split:
         o_part = torch.empty((B, Tq, H, launch.n_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Tq, H, launch.n_splits), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out                                          # unused when not SPLIT
-    grid = (triton.cdiv(rows, launch.block_m), launch.n_splits, B * Hkv)
+    # one arrival counter per row tile (grid[0] x grid[2]) when the last split combines
+    counters = arrival_counters(q.device, grid[0] * grid[2]) if combine_last else seqlens
+    combine_rows = min(launch.block_m, 16, triton.next_power_of_2(rows))
     _kv_attn_kernel[grid](
-        q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part,
+        q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part, counters,
         *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
         Tq, Hkv, group, launch.split_size, launch.n_splits, triton.cdiv(Tq, 64), sm_scale * LOG2E,
         **_head_dim_tile(D), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, TREE=tree, SPLIT=split,
+        COMBINE_LAST=combine_last, COMBINE_R=combine_rows, COMBINE_S=_combine_block_s(combine_rows, D),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    if split:
-        _kv_combine_kernel[(B * Tq * H,)](
-            o_part, lse_part, out, Tq, H, launch.n_splits, *_bth_strides(out),
-            HEAD_DIM=D, BLOCK_D=_head_dim_tile(D)["BLOCK_D"], BLOCK_S=16, num_warps=1 if D <= 64 else 2)
+    if split and not combine_last:
+        block_r = 2
+        _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
+            o_part, lse_part, out, B * Tq * H, Tq, H, launch.n_splits, *_bth_strides(out),
+            **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
     return out
+
+
+def _combine_block_s(rows: int, head_dim: int) -> int:
+    """Splits merged per load by `_combine_splits` for `rows` rows: at most 4096 float32 partial
+    values per load (32 registers a thread at 4 warps, and twice that for their addresses; 8192
+    took the sm_90 compile to 255 registers), at most 16 splits."""
+    return max(1, min(16, 4096 // (rows * _head_dim_tile(head_dim)["BLOCK_D"])))
 
 
 def kv_cache_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None,

@@ -1,4 +1,5 @@
 """Flash attention and KV-cache attention: Triton (interpreted on CPU, fp32) vs float64 oracles."""
+import dataclasses
 import functools
 import math
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 import triton
 
 from mtp_kernels import attention as attention_module
+from mtp_kernels.arrival import arrival_counters
 from mtp_kernels import reference
 from mtp_kernels.attention import flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
@@ -328,6 +330,27 @@ def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_si
     torch.testing.assert_close(ref, expected)
 
 
+@pytest.mark.parametrize("H,Hkv,D,Tq,kind", KV_CASES)
+def test_kv_splits_merged_by_the_last_split_program(triton_backend, H, Hkv, D, Tq, kind):
+    """combine_last: the last split program of each row tile merges the partials (no combine kernel).
+    Same result as the combine kernel, with 2 and 4 splits, one or several row tiles (GQA x Tq rows
+    over 16-row tiles), empty splits (the empty and short sequences); the counters end at zero."""
+    S_max = 53
+    seqlens = [0, 17, S_max - Tq, 32]
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 7 + D)
+    mask = _random_tree_mask(Tq, torch.Generator().manual_seed(Tq + 1)) if kind == "tree" else None
+    packed = pack_tree_mask(mask) if mask is not None else None
+    expected = _kv_oracle(q, k_cache, v_cache, cache_seqlens, mask, 0.3)
+    for blocks_per_split in (1, 2):            # 16-key blocks: 4 or 2 splits of the 53 slots
+        split = attention_module._kv_launch(16, S_max, blocks_per_split, gpu=False)
+        assert split.n_splits == 4 // blocks_per_split and not split.combine_last
+        for launch in (split, dataclasses.replace(split, combine_last=True)):
+            out = attention_module._kv_run(q, k_cache, v_cache, cache_seqlens, packed, 0.3, launch)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5,
+                                       msg=lambda m: f"{launch}: {m}")
+    assert int(arrival_counters(q.device, 1).abs().sum()) == 0
+
+
 def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backend, monkeypatch):
     """Every launch the tuner may pick (row tiles x split counts) gives the oracle's result on a full
     cache; the fastest by the timer is kept for the shape and later calls use it. (The tuner itself:
@@ -341,6 +364,9 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     assert attention_module.kv_problem(q, k_cache) == (B, Hkv, (H // Hkv) * Tq, S_max)
     candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
     assert len({c.block_m for c in candidates}) == 2 and len({c.n_splits for c in candidates}) >= 2
+    split_launches = [c for c in candidates if c.n_splits > 1]
+    assert {dataclasses.replace(c, combine_last=True) for c in split_launches} == {c for c in split_launches
+                                                                                  if c.combine_last}
     ran = []
 
     def timer(fn):
@@ -607,6 +633,32 @@ def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
     assert len(tuner.chosen) == 1
     want2 = reference.kv_cache_attention(q2.float(), k2.float(), v2.float(), seqlens, mask)
     assert _rel_err(captured, want2) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Tq,block_m", [(1, 1, 16), (2, 64, 64)])
+def test_kv_combine_last_gpu_race_free_and_deterministic(B, Tq, block_m):
+    """combine_last on the GPU: many row tiles and splits arriving at once (B=2, 64 nodes: 4 row tiles
+    x 17 splits x 16 (sequence, kv head) pairs) give the combine kernel's result, bit-identical in
+    every run, and leave the arrival counters at zero."""
+    S_max = 4096 + 64
+    g = torch.Generator().manual_seed(50 + Tq)
+    q = torch.randn(B, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    k_cache, v_cache = (torch.randn(B, S_max, 8, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([S_max - Tq, 1500][:B], dtype=torch.int32, device="cuda")
+    mask = _random_tree_mask(Tq, torch.Generator().manual_seed(51)).cuda() if Tq > 1 else None
+    packed = pack_tree_mask(mask) if mask is not None else None
+    split = attention_module._kv_launch(block_m, S_max, 4, gpu=True)
+    assert split.n_splits == 17
+    by_kernel = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, split)
+    last = dataclasses.replace(split, combine_last=True)
+    first = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last)
+    assert _rel_err(first, by_kernel) < 5e-3   # bf16 rounding of two float32 summation orders
+    for _ in range(10):
+        assert torch.equal(attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last), first)
+    assert int(arrival_counters(q.device, 1).abs().sum()) == 0
+    want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
+    assert _rel_err(first, want) < 1e-2
 
 
 @pytest.mark.gpu

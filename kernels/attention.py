@@ -490,6 +490,12 @@ _GPU_FWD_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
                   num_warps=8, num_stages=4),
 ] + [
+    # One warpgroup per 64-row tile: 168 registers at head dim 128 (128 at 64), so two or three
+    # CTAs share an SM and the warp schedulers interleave one CTA's softmax with another's
+    # matmuls, where the 128-row tiles run one CTA (two warpgroups) per SM.
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, FOLD_SCALE=fold, USE_TMA=False), num_warps=4, num_stages=stages)
+    for fold, stages in ((True, 2), (True, 3), (False, 3))
+] + [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold, USE_TMA=True),
                   num_warps=8, num_stages=stages)
     for block_n, fold, stages in ((64, False, 3), (64, True, 3), (64, True, 4), (128, False, 3), (128, True, 3))

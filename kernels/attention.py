@@ -777,7 +777,7 @@ def _kv_attn_kernel(
             # second kernel in the step. COMBINE_R rows at a time keep the (rows, splits, D) loads
             # and their 64-bit addresses within the registers the attention loop needed.
             if last_to_arrive(COUNTERS + bkv * tl.num_programs(0) + pid_row, N_SPLITS):
-                for r0 in range(0, BLOCK_M, COMBINE_R):
+                for r0 in range(0, tl.minimum(BLOCK_M, GROUP * Tq - pid_row * BLOCK_M), COMBINE_R):
                     c_rows = pid_row * BLOCK_M + r0 + tl.arange(0, COMBINE_R)
                     c_ok = c_rows < GROUP * Tq
                     c_q = c_rows // GROUP

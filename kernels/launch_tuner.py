@@ -9,9 +9,14 @@ outside a graph capture, and keeps the fastest for that shape. Inside a capture 
 with tuning off, a shape not yet tuned takes the caller's fallback. A failed tuning run only warns:
 tuning is a speed-up, never a new way to fail. `MTP_TUNE=0` turns every tuner off (another process
 may otherwise pick another launch, which changes float summation order in the last bits).
+
+A timing must also not find its operands where a real step never does: `rotating_copies` gives a
+launch the next of several copies of an operand at each call, so that one smaller than the L2 cache
+is read from HBM every time, as it is between two uses in a decode step.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from typing import Callable, Dict, Hashable, Sequence
@@ -31,7 +36,43 @@ def tuning_enabled(device: torch.device) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def cuda_graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 5, rounds: int = 3) -> float:
+GRAPH_CALLS = 10   # fn() calls captured in one graph by cuda_graph_ms
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """The L2 cache size of a CUDA device in bytes (H100: 50 MiB)."""
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def rotation_count(nbytes: int, l2_bytes: int, calls: int = GRAPH_CALLS) -> int:
+    """How many copies of an operand of `nbytes` a timing of `calls` back-to-back calls rotates over:
+    the fewest that together hold at least twice the L2, so that each copy has left the cache
+    before its next use; at most `calls`. Rounded up to a divisor of `calls`: a graph of `calls` calls
+    then cycles through whole rounds of copies, so the copy of its last call is never the one of the
+    first call of the next replay, wherever the cycle stood when the capture began."""
+    need = max(1, -(-2 * l2_bytes // max(nbytes, 1)))
+    return next(d for d in range(min(need, calls), calls + 1) if calls % d == 0)
+
+
+def rotating_copies(tensor: torch.Tensor, l2_bytes: int | None = None,
+                    calls: int = GRAPH_CALLS) -> Callable[[], torch.Tensor]:
+    """A function that returns `tensor` or one of its clones, the next one at every call, cycling over
+    `rotation_count` of them (l2_bytes: the L2 size, by default that of tensor's device).
+
+    `cuda_graph_ms` captures `calls` calls of one launch back to back. A weight smaller than the L2
+    (the 7B model's 32 MB `wo` against the H100's 50 MB) would then stay in L2 from one call to the
+    next and read faster than HBM allows (up to 5.2 TB/s on the H100), which a decode step, where
+    the other 31 layers' weights pass through L2 between two uses, never sees; and the kernels
+    compared need not gain alike from it. Each timed call instead reads the next copy. The copies
+    live as long as the returned function: drop it after tuning to free them."""
+    if l2_bytes is None:
+        l2_bytes = l2_cache_bytes(tensor.device)
+    count = rotation_count(tensor.numel() * tensor.element_size(), l2_bytes, calls)
+    copies = [tensor] + [tensor.clone() for _ in range(count - 1)]
+    return itertools.cycle(copies).__next__
+
+
+def cuda_graph_ms(fn: Callable[[], object], calls: int = GRAPH_CALLS, replays: int = 5, rounds: int = 3) -> float:
     """GPU ms of one fn() as a CUDA-graph step runs it: `calls` back-to-back calls captured in one
     graph (host launch cost does not count), replayed `replays` times; the best of `rounds`."""
     torch.cuda.synchronize()

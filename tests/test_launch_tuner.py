@@ -74,3 +74,43 @@ def test_tuning_enabled_reads_the_environment(monkeypatch):
         assert not launch_tuner.tuning_enabled(torch.device("cuda"))
         monkeypatch.setenv("MTP_TUNE", "1")
         assert launch_tuner.tuning_enabled(torch.device("cuda"))
+
+
+def test_rotation_count_holds_twice_the_l2_and_divides_the_calls():
+    mib = 1 << 20
+    l2 = 50 * mib                                                      # the H100's L2
+    # the 7B projections in bf16: wo (32 MiB) needs 4 copies for 100 MiB, 5 divide the 10 calls;
+    # fused qkv (96 MiB) and w2 (86 MiB) need 2, the fused w13 (172 MiB) is read from HBM alone
+    assert [launch_tuner.rotation_count(n * k * 2, l2) for n, k in
+            ((4096, 4096), (12288, 4096), (4096, 11008), (22016, 4096))] == [5, 2, 2, 1]
+    assert launch_tuner.rotation_count(1000, l2) == launch_tuner.GRAPH_CALLS   # at most one copy per call
+    assert launch_tuner.rotation_count(0, l2) == launch_tuner.GRAPH_CALLS
+    assert launch_tuner.rotation_count(2 * l2, l2) == 1
+    assert launch_tuner.rotation_count(2 * l2 - 1, l2) == 2
+    # other graph sizes: 4 copies divide 12 calls, 5 become 6, 8 become 12
+    assert [launch_tuner.rotation_count(n, l2, calls=12) for n in (l2 // 2, l2 * 2 // 5, l2 // 4)] == [4, 6, 12]
+    for nbytes in range(1, 3 * l2, l2 // 7):
+        count = launch_tuner.rotation_count(nbytes, l2)
+        assert launch_tuner.GRAPH_CALLS % count == 0
+        assert count * nbytes >= 2 * l2 or count == launch_tuner.GRAPH_CALLS
+
+
+def test_rotating_copies_cycle_through_clones(monkeypatch):
+    weight = torch.randn(8, 16)                                        # 512 bytes
+    nxt = launch_tuner.rotating_copies(weight, l2_bytes=512)           # 2x the L2 in 2 copies
+    seen = [nxt() for _ in range(5)]
+    assert seen[0] is weight and seen[1] is not weight and seen[2] is weight and seen[3] is seen[1]
+    assert torch.equal(seen[1], weight) and seen[1].data_ptr() != weight.data_ptr()
+    # the L2 size defaults to the device's (a CUDA query, stood in for here); here 10 copies
+    monkeypatch.setattr(launch_tuner, "l2_cache_bytes", lambda device: 50 << 20)
+    nxt = launch_tuner.rotating_copies(weight)
+    ptrs = [nxt().data_ptr() for _ in range(2 * launch_tuner.GRAPH_CALLS)]
+    assert len(set(ptrs)) == launch_tuner.GRAPH_CALLS and ptrs[:10] == ptrs[10:]
+    # a graph of GRAPH_CALLS calls captured after any number of other calls never repeats a copy,
+    # not even from its last call to the first of the next replay
+    for need in (2, 3, 4):   # copies to hold 2x the L2; 3 and 4 become 5
+        nxt = launch_tuner.rotating_copies(weight, l2_bytes=need * 512 // 2)
+        for warmup in range(3):
+            graph = [nxt().data_ptr() for _ in range(launch_tuner.GRAPH_CALLS)]
+            replayed = graph + graph
+            assert all(a != b for a, b in zip(replayed, replayed[1:]))

@@ -106,8 +106,7 @@ def skinny_launch_report() -> list:
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         kernel = min((c for c in times if c is not None), key=times.get, default=None)
         chosen = skinny_linear._TUNER.chosen[key]
-        tile = (f"{kernel.block_m if kernel.use_dot else 1}x{kernel.block_n}x{kernel.block_k} "
-                f"{'dot' if kernel.use_dot else 'fma'} w{kernel.num_warps} s{kernel.num_stages}") if kernel else "-"
+        tile = kernel.label() if kernel else "-"   # e.g. "64x64x128 dot w4 s4 k2" (k2: K split in 2)
         rows.append({"row_tile": row_tile, "N": N, "K": K, "cublas_ms": times.get(None),
                      "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": tile, "kernel_ms": times.get(kernel),

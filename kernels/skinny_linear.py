@@ -7,12 +7,18 @@ the 7B decode step's cuBLAS GEMMs took 4.50 ms for about 11.7 GB of weights at b
 and cuBLAS split K for two of the four projections, adding a reduction kernel each; with 64 tree
 nodes they took 0.97 ms more than that (benchmarks/results/NOTES.md).
 
-Each program owns BLOCK_N output features and streams their weight rows over K in BLOCK_K tiles.
-K is not split, so there is no second kernel and no atomic: the result is deterministic.
+Each program owns BLOCK_N output features and streams their weight rows over K in BLOCK_K tiles:
   USE_DOT  tl.dot on a BLOCK_M-row tile of x (16, 32 or 64: the smallest that holds M; rows past M
            load as 0);
   else     M = 1: a float32 multiply-add per weight element into a (BLOCK_N, BLOCK_K) accumulator,
            reduced over K once at the end.
+A split-K launch (SPLIT_K > 1, tl.dot only) gives each BLOCK_N tile SPLIT_K programs, each over a
+range of whole BLOCK_K tiles. Every program re-reads x (its K range) from L2, so wider weight tiles
+cut that traffic, and the splits give the program count back (N = 4096 in 32-wide tiles is only 128
+programs for the H100's 132 SMs). Each split stores a float32 partial; the last program of its n
+tile to arrive (kernels/arrival.py) adds the partials in split order and writes Y, in the same
+kernel. No float atomics, no second kernel and a fixed summation order: every launch gives the same
+bits at every run.
 Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
 tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
 (cuBLAS on a tie, and whenever nothing is tuned yet). The rows count only through their tile (1,
@@ -29,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, use_triton
 from .launch_tuner import LaunchTuner
 
@@ -37,10 +44,11 @@ MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEM
 
 @triton.jit
 def _skinny_linear_kernel(
-    X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -54,7 +62,18 @@ def _skinny_linear_kernel(
     else:
         x_ptrs = X + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        # Split s takes whole BLOCK_K tiles [s * tiles_per_split, (s + 1) * tiles_per_split), so the
+        # masks below stay those of an unsplit launch; at odd shapes the last splits may get no tile.
+        tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_lo = tl.program_id(1) * tiles_per_split * BLOCK_K
+        k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+        w_ptrs += k_lo
+        x_ptrs += k_lo
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         if EVEN_N and EVEN_K:
             w = tl.load(w_ptrs)
@@ -78,7 +97,20 @@ def _skinny_linear_kernel(
         x_ptrs += BLOCK_K
     if USE_DOT:
         y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        y_ok = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        else:
+            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N); the last of the
+            # n tile's SPLIT_K programs to arrive adds them in split order, never in arrival order,
+            # so Y is the same bits at every run (no second kernel, no float atomics).
+            part_ptrs = PARTIALS + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(part_ptrs + tl.program_id(1) * M * N, acc, mask=y_ok)
+            if last_to_arrive(COUNTERS + pid, SPLIT_K):
+                y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    y += tl.load(part_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=y_ok)
     else:
         tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
 
@@ -92,18 +124,41 @@ class SkinnyLaunch:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16   # x rows per tl.dot tile (multiply-add launches take one row)
+    split_k: int = 1    # programs per n tile, each over a K range (tl.dot launches only)
+
+    def label(self) -> str:
+        """E.g. "64x64x128 dot w4 s4 k2": rows x BLOCK_N x BLOCK_K, dot or fma, warps, stages, and
+        the K split when there is one."""
+        rows = self.block_m if self.use_dot else 1
+        split = f" k{self.split_k}" if self.split_k > 1 else ""
+        return (f"{rows}x{self.block_n}x{self.block_k} {'dot' if self.use_dot else 'fma'} "
+                f"w{self.num_warps} s{self.num_stages}{split}")
 
 
-# (block_n, block_k, num_warps, num_stages). Multiply-add tiles keep a float32 (BLOCK_N, BLOCK_K)
-# accumulator: 8192 values = 64 per thread at 4 warps. tl.dot tiles per row tile: taller x tiles
-# take narrower weight tiles (each program re-reads all of x from L2: N / BLOCK_N times M x K).
-# Chosen from sm_90 compiles (compile_check.py).
+# Multiply-add tiles (block_n, block_k, num_warps, num_stages) keep a float32 (BLOCK_N, BLOCK_K)
+# accumulator: 8192 values = 64 per thread at 4 warps. tl.dot tiles (block_n, block_k, num_warps,
+# num_stages, split_k) per row tile: unsplit, taller x tiles take narrower weight tiles, since each
+# program re-reads x from L2 (N / BLOCK_N times M x K in all); but at N = 4096 a 32-wide tile makes
+# 128 programs for 132 SMs, too few loads in flight. Split in 2, the same tiles make 256. Timed on
+# the H100 (rotated weights, N = 4096 and 12288, 28 split tiles per row tile), 32- and 64-wide tiles
+# split in 2 did best; 128-wide ones (less x traffic, fewer programs) led only at one row. The tuner
+# then chose a split tile at (4096, 11008) for every row tile, 2.48-2.72 TB/s against cuBLAS's
+# 2.35-2.54, and nowhere else (unsplit tiles or cuBLAS stay ahead there).
+# Chosen from sm_90 compiles (compile_check.py): no split-K tile spills or serializes its wgmma, at
+# the 7B shapes or at an odd one (masked K raises the 64-row tiles to 200-255 registers there).
 _GPU_FMA_TILES = ((8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 3))
-_GPU_DOT_TILES = {16: ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 8, 3), (32, 512, 8, 3)),
-                  32: ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3)),
-                  64: ((16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3))}
+_GPU_DOT_TILES = {16: ((16, 256, 4, 4, 1), (32, 256, 4, 3, 1), (64, 128, 8, 3, 1), (32, 512, 8, 3, 1),
+                       (32, 256, 4, 3, 2), (32, 128, 4, 4, 2), (64, 128, 8, 3, 4), (128, 128, 4, 3, 4)),
+                  32: ((16, 256, 4, 4, 1), (32, 256, 4, 3, 1), (32, 128, 4, 4, 1), (64, 128, 8, 3, 1),
+                       (32, 128, 4, 4, 2), (32, 256, 4, 3, 2), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4)),
+                  64: ((16, 256, 4, 3, 1), (32, 128, 4, 4, 1), (32, 256, 8, 3, 1), (64, 128, 8, 3, 1),
+                       (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (64, 128, 8, 4, 2))}
+# Interpreter tiles are small, to keep the CPU tests fast; a split-K tile per row tile covers the
+# combine (with empty splits at the tests' small K).
 _INTERP_FMA_TILES = ((16, 32, 1, 1), (8, 64, 1, 1))
-_INTERP_DOT_TILES = {16: ((16, 32, 1, 1), (32, 16, 1, 1)), 32: ((16, 32, 1, 1),), 64: ((16, 16, 1, 1),)}
+_INTERP_DOT_TILES = {16: ((16, 32, 1, 1, 1), (32, 16, 1, 1, 1), (16, 16, 1, 1, 3)),
+                     32: ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2)),
+                     64: ((16, 16, 1, 1, 1), (32, 16, 1, 1, 4))}
 
 
 def row_tile(M: int) -> int:
@@ -115,14 +170,14 @@ def row_tile(M: int) -> int:
 
 def skinny_candidates(M: int, device: torch.device) -> list:
     """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones of M's row tile (16 rows for M = 1)."""
+    the tl.dot ones (split-K among them) of M's row tile (16 rows for M = 1)."""
     gpu = gpu_launch(device)
     fma, dot = (_GPU_FMA_TILES, _GPU_DOT_TILES) if gpu else (_INTERP_FMA_TILES, _INTERP_DOT_TILES)
     block_m = max(16, row_tile(M))
     out: list = [None]
     if M == 1:
         out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
-    out += [SkinnyLaunch(n, k, True, w, s, block_m) for n, k, w, s in dot[block_m]]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
     return out
 
 
@@ -136,11 +191,18 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         raise ValueError(f"skinny_linear: a multiply-add launch takes one row, got {M}")
     if launch.use_dot and M > launch.block_m:
         raise ValueError(f"skinny_linear: a {launch.block_m}-row tile takes at most {launch.block_m} rows, got {M}")
+    if launch.split_k < 1 or (launch.split_k > 1 and not launch.use_dot):
+        raise ValueError(f"skinny_linear: split_k={launch.split_k} needs split_k >= 1, and a tl.dot launch when > 1")
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    _skinny_linear_kernel[(triton.cdiv(N, launch.block_n),)](
-        x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+    n_tiles = triton.cdiv(N, launch.block_n)
+    partials = counters = None
+    if launch.split_k > 1:   # float32 partials of every split, and one arrival counter per n tile
+        partials = torch.empty((launch.split_k, M, N), dtype=torch.float32, device=x2.device)
+        counters = arrival_counters(x2.device, n_tiles)
+    _skinny_linear_kernel[(n_tiles, launch.split_k)](
+        x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
-        EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0,
+        EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0, SPLIT_K=launch.split_k,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     return y
 

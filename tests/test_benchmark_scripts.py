@@ -177,6 +177,11 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["row_tile"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
     assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
     assert row["chosen"] == row["best_tile"] == "1x16x256 fma w4 s4"
+    split = sl.SkinnyLaunch(64, 128, True, num_warps=4, num_stages=4, block_m=64, split_k=2)
+    tuner.times[key] = {None: 0.0125, split: 0.0110}
+    tuner.chosen[key] = split
+    (row,) = module.skinny_launch_report()
+    assert row["chosen"] == row["best_tile"] == "64x64x128 dot w4 s4 k2"   # the K split shows
 
 
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):

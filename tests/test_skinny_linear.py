@@ -1,9 +1,12 @@
 """The decode GEMM kernel (skinny_linear.py): every tile the tuner may pick against a float64 oracle
-(interpreter), the dispatch rules, and on a GPU the bf16 launches and the tuned choice."""
+(interpreter), split-K launches (every split counted once, in split order, empty splits included),
+the dispatch rules, and on a GPU the bf16 launches, the tuned choice and the split launches'
+determinism."""
 import pytest
 import torch
 
 from mtp_kernels import skinny_linear as sl
+from mtp_kernels.arrival import arrival_counters
 from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
 
 
@@ -19,8 +22,9 @@ def test_every_candidate_matches_the_oracle(triton_backend, dtype, M, N, K):
     x, w = _inputs(M, N, K, dtype, seed=M * 100 + N + K)
     want = x.double() @ w.double().T
     candidates = sl.skinny_candidates(M, x.device)
-    assert candidates[0] is None and len(candidates) == {1: 5, 16: 3, 32: 2, 64: 2}[sl.row_tile(M)]
+    assert candidates[0] is None and len(candidates) == {1: 6, 16: 4, 32: 3, 64: 3}[sl.row_tile(M)]
     assert all(c.block_m == max(16, sl.row_tile(M)) for c in candidates[1:] if c.use_dot)
+    assert any(c.split_k > 1 for c in candidates[1:])   # every row tile tries a split-K launch
     for launch in candidates:
         y = sl.skinny_linear_run(x, w, launch)
         assert y.shape == (M, N) and y.dtype == dtype
@@ -39,6 +43,80 @@ def test_strided_weight_rows_and_a_multiply_add_launch_needs_one_row(triton_back
         sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, use_dot=False))
     with pytest.raises(ValueError, match="16-row tile takes at most 16 rows, got 17"):
         sl.skinny_linear_run(torch.randn(17, 24), w, sl.SkinnyLaunch(16, 32, use_dot=True))
+
+
+def _nan_scratch(monkeypatch):
+    """torch.empty fills with NaN: a split that never stores its partial (an empty one) shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.mark.parametrize("M,N,K,launch", [
+    (2, 37, 40, sl.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=2)),    # 3 K tiles: 2 + 1
+    (2, 37, 40, sl.SkinnyLaunch(32, 16, True, 1, 1, 16, split_k=4)),    # 1 + 1 + 1, the last split empty
+    (17, 21, 33, sl.SkinnyLaunch(16, 16, True, 1, 1, 32, split_k=3)),   # K not a multiple of BLOCK_K
+    (37, 37, 70, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=4)),   # 5 K tiles: 2 + 2 + 1 + empty
+    (64, 16, 16, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=4)),   # one K tile, three empty splits
+    (64, 50, 64, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=2)),   # even K: 2 + 2
+])
+def test_split_k_launches_match_the_oracle_and_leave_the_counters_at_zero(triton_backend, monkeypatch, M, N, K, launch):
+    _nan_scratch(monkeypatch)
+    x, w = _inputs(M, N, K, torch.float32, seed=M + N + K)
+    want = x.double() @ w.double().T
+    first = sl.skinny_linear_run(x, w, launch)
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-4)
+    assert int(arrival_counters(x.device, -(-N // launch.block_n)).abs().sum()) == 0
+    assert torch.equal(sl.skinny_linear_run(x, w, launch), first)   # the counters were reset for it
+
+
+def test_split_k_adds_the_partials_in_split_order(triton_backend, monkeypatch):
+    """One K tile per split, with partials 2^24, 1, -2^24, 1 in output 0: float32 gives 1 in split
+    order (2^24 + 1 rounds to 2^24), 2 in reverse order and 0 if the combining split (the last)
+    started from its own partial; a missed split gives something else again. The other outputs
+    are integers, exact in any order."""
+    _nan_scratch(monkeypatch)
+    M, N, K, block_k, split = 2, 3, 64, 16, 4
+    x = torch.ones(M, K)
+    w = torch.zeros(N, K)
+    w[0, [0, 16, 32, 48]] = torch.tensor([2.0 ** 24, 1.0, -2.0 ** 24, 1.0])
+    w[1, :] = torch.arange(K) % 7 - 3
+    w[2, 5::16] = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    launch = sl.SkinnyLaunch(16, block_k, True, 1, 1, 16, split_k=split)
+    y = sl.skinny_linear_run(x, w, launch)
+    in_order = torch.zeros((), dtype=torch.float32)
+    for s in range(split):
+        in_order = in_order + (x[0, s * block_k:(s + 1) * block_k] @ w[0, s * block_k:(s + 1) * block_k])
+    assert float(in_order) == 1.0
+    assert y[:, 0].tolist() == [1.0, 1.0]
+    assert y[:, 1:].tolist() == [[float(w[1].sum()), 15.0]] * M
+
+
+def test_split_k_launch_rules_and_labels():
+    x, w = torch.randn(2, 24), torch.randn(40, 24)
+    with pytest.raises(ValueError, match="split_k=2 needs .* a tl.dot launch"):
+        sl.skinny_linear_run(x[:1], w, sl.SkinnyLaunch(16, 32, use_dot=False, split_k=2))
+    with pytest.raises(ValueError, match="split_k=0 needs split_k >= 1"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, use_dot=True, split_k=0))
+    assert sl.SkinnyLaunch(128, 64, True, 8, 4, 64, split_k=4).label() == "64x128x64 dot w8 s4 k4"
+    assert sl.SkinnyLaunch(32, 128, True, 4, 4, 64).label() == "64x32x128 dot w4 s4"
+    assert sl.SkinnyLaunch(8, 1024, False, 4, 3).label() == "1x8x1024 fma w4 s3"
+
+
+def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
+    """The sm_90 tables: 3-4 split-K tiles per tl.dot row tile, none on multiply-add launches."""
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for M in (1, 16, 32, 64):
+        launches = sl.skinny_candidates(M, cpu)[1:]
+        split = [c for c in launches if c.split_k > 1]
+        assert 3 <= len(split) <= 4 and all(c.use_dot and c.split_k in (2, 4) for c in split)
+        assert all(c.block_m == max(16, sl.row_tile(M)) for c in split)
+        assert len(set(launches)) == len(launches)
 
 
 def test_rows_share_a_tuning_per_row_tile():
@@ -78,8 +156,9 @@ def test_dispatch_uses_the_tuned_launch_and_falls_back_to_f_linear(triton_backen
 @pytest.mark.parametrize("M,N,K", [(1, 12288, 4096), (1, 4096, 11008), (4, 22016, 4096), (16, 4096, 4096),
                                    (1, 1000, 333), (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)])
 def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
-    """Every launch against a float64 product on the 7B projections' shapes (and an odd one); the
-    tuner times them as CUDA-graph replays and the dispatcher then runs its choice."""
+    """Every launch (split-K ones included) against a float64 product on the 7B projections' shapes
+    (and an odd one); the tuner times them as CUDA-graph replays and the dispatcher then runs its
+    choice."""
     tuner = LaunchTuner("skinny_linear")
     monkeypatch.setattr(sl, "_TUNER", tuner)
     g = torch.Generator(device="cuda").manual_seed(M + N)
@@ -93,9 +172,38 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
     times = tuner.tune(key, sl.skinny_candidates(M, x.device), lambda c: sl.skinny_linear_run(x, w, c), checked)
+    assert list(times) == sl.skinny_candidates(M, x.device) and any(c and c.split_k > 1 for c in times)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     chosen = min(times, key=times.get)
     out = sl.skinny_linear(x, w)
     assert tuner.chosen[key] == chosen and list(tuner.times) == [key]    # dispatched, not tuned again
     assert ((out.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(64, 4096, 4096), (64, 22016, 4096), (16, 4096, 11008), (1, 12288, 4096),
+                                   (48, 1000, 333), (32, 4096, 11008)])
+def test_gpu_split_k_launches_are_deterministic(M, N, K):
+    """Hundreds of programs race for the arrival counters: every split launch gives the same bits at
+    every run (the partials are added in split order, whichever program arrives last), inside a
+    CUDA graph too, and leaves its counters at zero."""
+    g = torch.Generator(device="cuda").manual_seed(M * N)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    want = x.double() @ w.double().T
+    for launch in [c for c in sl.skinny_candidates(M, x.device)[1:] if c.split_k > 1]:
+        first = sl.skinny_linear_run(x, w, launch)
+        assert ((first.double() - want).norm() / want.norm()).item() < 1e-2, launch
+        for _ in range(10):
+            assert torch.equal(sl.skinny_linear_run(x, w, launch), first), launch
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            outs = [sl.skinny_linear_run(x, w, launch) for _ in range(3)]
+        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(3):
+            graph.replay()
+            assert all(torch.equal(out, first) for out in outs), launch
+        torch.cuda.synchronize()
+        assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch

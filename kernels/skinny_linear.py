@@ -21,9 +21,10 @@ kernel. No float atomics, no second kernel and a fixed summation order: every la
 bits at every run.
 Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
 tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
-(cuBLAS on a tie, and whenever nothing is tuned yet). The rows count only through their tile (1,
-16, 32 or 64), so prompts of every length up to 64 tokens share four tunings per projection. The
-kernel can only take over where it is faster.
+(cuBLAS on a tie, and whenever nothing is tuned yet). Each timed call reads another copy of the
+weight (`tune_skinny`), so that no launch is timed on a weight held in L2. The rows count only
+through their tile (1, 16, 32 or 64), so prompts of every length up to 64 tokens share four tunings
+per projection. The kernel can only take over where it is faster.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import triton.language as tl
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, use_triton
-from .launch_tuner import LaunchTuner
+from .launch_tuner import LaunchTuner, rotating_copies
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
 
@@ -210,6 +211,16 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
 _TUNER = LaunchTuner("skinny_linear")
 
 
+def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_bytes: Optional[int] = None) -> dict:
+    """Time cuBLAS and every tile for x2's rows and weight's shape and keep the fastest under `key`
+    (LaunchTuner.tune, timer included). Each timed call reads the next of a few copies of the weight
+    (`rotating_copies`, l2_bytes: the L2 size, by default the device's), so that a weight smaller
+    than the L2 is read from HBM as in a decode step; the copies are freed on return."""
+    next_weight = rotating_copies(weight, l2_bytes)
+    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device),
+                       lambda c: skinny_linear_run(x2, next_weight(), c), timer)
+
+
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != weight.dtype or weight.dim() != 2 or weight.stride(-1) != 1 or not use_triton(x, weight):
         return False
@@ -233,7 +244,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2 = as_rows(x)
     N = weight.shape[0]
     key = (str(x.device), x.dtype, row_tile(M), N, K)
-    launch = _TUNER.choose(key, x.device, lambda: _TUNER.tune(key, skinny_candidates(M, x.device),
-                                                              lambda c: skinny_linear_run(x2, weight, c)),
-                           lambda: None)
+    launch = _TUNER.choose(key, x.device, lambda: tune_skinny(key, x2, weight), lambda: None)
     return skinny_linear_run(x2, weight, launch).view(*x.shape[:-1], N)

@@ -1,13 +1,16 @@
 """The decode GEMM kernel (skinny_linear.py): every tile the tuner may pick against a float64 oracle
 (interpreter), split-K launches (every split counted once, in split order, empty splits included),
-the dispatch rules, and on a GPU the bf16 launches, the tuned choice and the split launches'
-determinism."""
+the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the tuned
+choice and the split launches' determinism."""
+import gc
+import weakref
+
 import pytest
 import torch
 
 from mtp_kernels import skinny_linear as sl
 from mtp_kernels.arrival import arrival_counters
-from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
+from mtp_kernels.launch_tuner import GRAPH_CALLS, LaunchTuner, cuda_graph_ms
 
 
 def _inputs(M, N, K, dtype, seed):
@@ -119,6 +122,40 @@ def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
         assert len(set(launches)) == len(launches)
 
 
+def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
+    """tune_skinny times every candidate on weight copies that hold twice the L2 (given here), the
+    next copy at each call, and frees the copies when it returns."""
+    tuner = LaunchTuner("skinny_linear")
+    monkeypatch.setattr(sl, "_TUNER", tuner)
+    x, w = _inputs(3, 40, 24, torch.float32, seed=7)
+    nbytes = w.numel() * w.element_size()
+    used, refs = [], {}
+    run = sl.skinny_linear_run
+
+    def recording_run(a, b, c):
+        used.append(b.data_ptr())
+        refs.setdefault(b.data_ptr(), weakref.ref(b))
+        assert torch.equal(b, w)
+        return run(a, b, c)
+    monkeypatch.setattr(sl, "skinny_linear_run", recording_run)
+
+    def timer(fn):   # as cuda_graph_ms: a call outside the capture, then GRAPH_CALLS captured
+        for _ in range(1 + GRAPH_CALLS):
+            torch.testing.assert_close(fn(), x @ w.T, rtol=1e-5, atol=1e-4)
+        return 1.0
+    key = ("cpu", torch.float32, 16, 40, 24)
+    times = sl.tune_skinny(key, x, w, timer, l2_bytes=2 * nbytes)    # 4 copies' worth -> 5 (divides 10)
+    assert list(times) == sl.skinny_candidates(3, x.device) and tuner.chosen[key] is None
+    assert len(set(used)) == 5 and w.data_ptr() in used
+    assert all(a != b for a, b in zip(used, used[1:]))                 # no call reads the copy of the one before
+    assert used == (used[:5] * len(used))[:len(used)]                  # in a fixed cycle
+    gc.collect()
+    assert [p for p, ref in refs.items() if ref() is not None] == [w.data_ptr()]   # the clones are freed
+    used.clear()
+    sl.tune_skinny(key, x, w, timer, l2_bytes=nbytes // 4)             # larger than twice the L2: no copy
+    assert set(used) == {w.data_ptr()}
+
+
 def test_rows_share_a_tuning_per_row_tile():
     assert [sl.row_tile(M) for M in (1, 2, 16, 17, 32, 33, 64)] == [1, 16, 16, 32, 32, 64, 64]
     for bad in (0, 65):
@@ -157,8 +194,8 @@ def test_dispatch_uses_the_tuned_launch_and_falls_back_to_f_linear(triton_backen
                                    (1, 1000, 333), (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)])
 def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
     """Every launch (split-K ones included) against a float64 product on the 7B projections' shapes
-    (and an odd one); the tuner times them as CUDA-graph replays and the dispatcher then runs its
-    choice."""
+    (and an odd one); the tuner times them as CUDA-graph replays on rotated weight copies and the
+    dispatcher then runs its choice."""
     tuner = LaunchTuner("skinny_linear")
     monkeypatch.setattr(sl, "_TUNER", tuner)
     g = torch.Generator(device="cuda").manual_seed(M + N)
@@ -171,7 +208,7 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
         errors[len(errors)] = ((fn().double() - want).norm() / want.norm()).item()
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
-    times = tuner.tune(key, sl.skinny_candidates(M, x.device), lambda c: sl.skinny_linear_run(x, w, c), checked)
+    times = sl.tune_skinny(key, x, w, checked)
     assert list(times) == sl.skinny_candidates(M, x.device) and any(c and c.split_k > 1 for c in times)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times

@@ -37,7 +37,7 @@ import triton.language as tl
 from . import reference
 from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
-from .launch_tuner import LaunchTuner
+from .launch_tuner import LaunchTuner, l2_cache_bytes, rotating_copies
 
 LOG2E = 1.4426950408889634
 
@@ -956,15 +956,21 @@ def kv_problem(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
 
 
 def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
-                   timer=None) -> dict[KVLaunch, float]:
+                   timer=None, l2_bytes: int | None = None) -> dict[KVLaunch, float]:
     """Time every `kv_launch_candidates` launch on these tensors with a full cache (cache_seqlens =
     S_max - Tq, the length the split plan is made for), keep the fastest for this shape and return
-    the times (ms). timer(fn) -> ms; default: CUDA-graph replay time (launch_tuner.py). KV-cache
-    attention calls this at the first call of a shape on CUDA outside a graph capture."""
+    the times (ms). timer(fn) -> ms; default: CUDA-graph replay time (launch_tuner.py). Each timed
+    call reads the next of a few copies of the cache (`rotating_copies`; l2_bytes: the L2 size, by
+    default the device's, none on a CPU), so that a cache smaller than the L2 is read from HBM as in
+    a decode step, where the other layers' caches and weights pass through L2 between two uses.
+    KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
+    if l2_bytes is None:
+        l2_bytes = l2_cache_bytes(q.device) if q.device.type == "cuda" else 0
+    next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
                           kv_launch_candidates(*kv_problem(q, k_cache), q.device),
-                          lambda launch: _kv_run(q, k_cache, v_cache, full, tree_mask, sm_scale, launch), timer)
+                          lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer)
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:

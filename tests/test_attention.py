@@ -386,6 +386,27 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
                                rtol=1e-4, atol=2e-5)
 
 
+def test_kv_launch_tuning_reads_a_new_cache_copy_at_each_call(triton_backend, monkeypatch):
+    """With an L2 of twice the cache, each timed call reads another copy of K and V (the same copy
+    of both), so no launch is timed on a cache held in L2; the copies hold the cache's values."""
+    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 1, 40, [5, 30], seed=3)
+    seen = []
+    run = attention_module._kv_run
+
+    def spy(q_, k, v, *rest):
+        seen.append((k.data_ptr(), v.data_ptr()))
+        assert torch.equal(k, k_cache) and torch.equal(v, v_cache)
+        return run(q_, k, v, *rest)
+    monkeypatch.setattr(attention_module, "_kv_run", spy)
+    nbytes = k_cache.numel() * k_cache.element_size()
+    attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, None, 0.3,
+                                    timer=lambda fn: [fn(), fn()] and 1.0, l2_bytes=2 * nbytes)
+    assert len(seen) >= 4
+    assert all(a != b for a, b in zip(seen, seen[1:]))                      # never the same copy twice in a row
+    assert len({k for k, _ in seen}) == len({pair for pair in seen}) >= 2   # K and V copies move together
+
+
 def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
     """The untuned GPU launch (cross-compile stands in for an H100's 132 SMs): splits fill the GPU
     for decode, but the float32 partials of all query rows stay within a quarter of the cache bytes."""

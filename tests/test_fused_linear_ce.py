@@ -437,7 +437,9 @@ def test_gpu_matches_fp64_oracle(dtype, opts):
     g = torch.rand(ref.shape, device="cuda", dtype=torch.float64)
     out.backward(g.to(out.dtype))
     ref.backward(g)
-    tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]  # tf32 GEMMs for fp32
+    # float32 runs tf32 GEMMs (10 mantissa bits, unit roundoff 4.9e-4): the loss's relative error
+    # read 1.2e-3 in one of two H100 runs (cuBLAS may pick another tf32 algorithm per run)
+    tol = {torch.float32: 3e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(out, ref) < tol
     assert rel(h.grad, h64.grad) < tol

@@ -239,10 +239,6 @@ def _tree_mask(n: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
-def _launch_name(launch) -> str:
-    return f"M{launch.block_m} x{launch.n_splits}{'+last' if launch.combine_last else ''}"
-
-
 def _one_call_ms(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -257,9 +253,9 @@ def _tune_record(attention, q, k_cache, v_cache, seqlens, mask) -> dict:
     times = attention.tune_kv_launch(q, k_cache, v_cache, seqlens, mask, q.shape[-1] ** -0.5, timer=timer)
     heuristic = attention._kv_heuristic(*attention.kv_problem(q, k_cache), q.device)
     best = min(times, key=times.get)   # the same pick as the tuner's
-    return {"times_ms": {_launch_name(k): v for k, v in times.items()},
-            "heuristic": _launch_name(heuristic), "heuristic_ms": times.get(heuristic),
-            "tuned": _launch_name(best), "tuned_ms": times[best]}
+    return {"times_ms": {k.label(): v for k, v in times.items()},
+            "heuristic": heuristic.label(), "heuristic_ms": times.get(heuristic),
+            "tuned": best.label(), "tuned_ms": times[best]}
 
 
 def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,

@@ -89,7 +89,7 @@ def decode_bytes(model: Transformer, batch: int, kv_len: int) -> int:
 
 STEP_KERNEL_GROUPS = (("GEMM (cuBLAS or skinny)",
                        ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma", "_skinny_linear")),
-                      ("attention", ("_kv_attn",)), ("norms", ("rms_norm",)),
+                      ("attention", ("_kv_attn", "_kv_combine")), ("norms", ("rms_norm",)),
                       ("rotary + cache write", ("_rope_cache",)), ("swiglu", ("_swiglu",)),
                       ("linear argmax / logits", ("_linear_select", "_linear_logits")),
                       ("tree accept + compaction", ("_tree_accept", "_compact_kv")))
@@ -112,6 +112,23 @@ def skinny_launch_report() -> list:
                      "best_tile": tile, "kernel_ms": times.get(kernel),
                      "kernel_GBps": weight_mb / times[kernel] if kernel and times[kernel] < float("inf") else None,
                      "chosen": "cuBLAS" if chosen is None else tile})
+    return rows
+
+
+def kv_launch_report() -> list:
+    """What the KV-cache attention tuner measured for every attention shape the step costs ran
+    (empty on a CPU): the heuristic's launch, the chosen one and every candidate's CUDA-graph ms."""
+    from mtp_kernels import attention
+
+    rows = []
+    for key, times in attention._KV_TUNER.times.items():
+        device, _, B, Tq, H, D, S_max, Hkv, tree = key
+        heuristic = attention._kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, torch.device(device))
+        chosen = attention._KV_TUNER.chosen[key]
+        rows.append({"B": B, "Tq": Tq, "H": H, "Hkv": Hkv, "D": D, "S_max": S_max, "tree": tree,
+                     "heuristic": heuristic.label(), "heuristic_ms": times.get(heuristic),
+                     "chosen": chosen.label(), "chosen_ms": times.get(chosen),
+                     "times_ms": {c.label(): ms for c, ms in times.items()}})
     return rows
 
 
@@ -285,6 +302,14 @@ def to_markdown(result: dict) -> str:
                        "chosen"],
                       [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
                         r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
+    if result.get("kv_launches"):
+        lines += ["### KV-cache attention launches (`tune_kv_launch`: CUDA-graph ms of one layer's call, "
+                  "cache copies rotated; M = query rows per tile, x = KV splits, +last = the last split combines)", "",
+                  common.markdown_table(
+                      ["B", "Tq", "H / Hkv", "S_max", "heuristic", "ms", "chosen", "ms", "all candidates"],
+                      [[r["B"], r["Tq"], f"{r['H']} / {r['Hkv']}", r["S_max"], r["heuristic"], r["heuristic_ms"],
+                        r["chosen"], r["chosen_ms"], ", ".join(f"{k}: {v:.4g}" for k, v in r["times_ms"].items())]
+                       for r in result["kv_launches"]]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -353,6 +378,7 @@ def main() -> int:
 
     result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
     result["decode_gemm_launches"] = skinny_launch_report()
+    result["kv_launches"] = kv_launch_report()
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])
     save()
 

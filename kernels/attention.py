@@ -878,6 +878,10 @@ class KVLaunch:
     n_splits: int
     combine_last: bool = False
 
+    def label(self) -> str:
+        """e.g. "M16 x9+last": query rows per tile, KV splits, +last when the last split combines."""
+        return f"M{self.block_m} x{self.n_splits}{'+last' if self.combine_last else ''}"
+
 
 def _kv_block_n(gpu: bool) -> int:
     """Keys per tile (the kernel reads at most two tree-mask words per tile: <= 64)."""

@@ -184,6 +184,33 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["chosen"] == row["best_tile"] == "64x64x128 dot w4 s4 k2"   # the K split shows
 
 
+def test_bench_generate_reports_the_kv_launch_tuning(monkeypatch, load_script):
+    """The report of what the KV-attention tuner measured per shape (filled only on a GPU): the
+    heuristic's launch, the chosen one and every candidate, by label; its markdown table."""
+    from mtp_kernels import attention
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    module = load_script(BENCH / "bench_generate.py")
+    tuner = LaunchTuner("kv_cache_attention")
+    monkeypatch.setattr(attention, "_KV_TUNER", tuner)
+    key = ("cpu", torch.bfloat16, 1, 1, 32, 128, 1088, 8, False)     # device, dtype, q shape, S_max, Hkv, tree
+    heuristic = attention._kv_heuristic(1, 8, 4, 1088, torch.device("cpu"))
+    last = attention.KVLaunch(16, 16, 1, 1, 128, 9, combine_last=True)
+    tuner.times[key] = {heuristic: 0.0097, last: 0.0084}
+    tuner.chosen[key] = last
+    (row,) = module.kv_launch_report()
+    assert (row["B"], row["Tq"], row["H"], row["Hkv"], row["S_max"], row["tree"]) == (1, 1, 32, 8, 1088, False)
+    assert row["heuristic"] == heuristic.label() and row["heuristic_ms"] == 0.0097
+    assert row["chosen"] == "M16 x9+last" and row["chosen_ms"] == 0.0084
+    text = module.to_markdown({"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+                               "step_attention": "a", "tree_nodes": [4],
+                               "step_costs": [{"batch": 1, "plain_ms": 5.0}], "kv_launches": [row],
+                               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []})
+    assert "| 1 | 1 | 32 / 8 | 1088 | " in text and "M16 x9+last: 0.0084" in text
+    # the split path's combine kernel counts as attention in the step breakdown (it fell in "other")
+    assert module.step_kernel_group("_kv_combine_kernel") == module.step_kernel_group("_kv_attn_kernel") == "attention"
+
+
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):
     """profile_fused_ce reports the GPU's idle time inside one step from the profiler's kernel intervals."""
     common = load_script(BENCH / "common.py")

@@ -905,18 +905,22 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
         return _kv_launch(block_m, S_max, triton.cdiv(max(int(FORCE_KV_SPLIT_SIZE), 1), _kv_block_n(gpu)), gpu)
     if not gpu:
         return _kv_launch(block_m, S_max, None, gpu)
-    # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle; aim for
-    # about four programs per SM so enough loads are in flight to saturate HBM.
+    # Flash-decoding: split the cache when (batch x kv heads x row tiles) leaves SMs idle, up to
+    # about one program per SM. On the H100 (tenth session, tune_kv_launch over 18 shapes, caches
+    # read from HBM) the tuner's pick at batch 1 and 8 ran 64-128 programs at every shape, and four
+    # programs per SM (this rule before) cost up to 1.48x.
     programs = B * Hkv * triton.cdiv(rows, block_m)
-    target = 4 * sm_count(device)
-    n_splits = 1 if programs >= target // 2 else min(n_blocks, triton.cdiv(target, programs))
-    # Each split writes float32 partials of all `rows` rows, which the combine reads back:
-    # 8 * rows * D bytes per split against the 4 * S * D bytes of bf16 K and V it reads. Keep them
-    # within a quarter of the cache. Unbounded, a 64-node tree (256 rows) at batch 1 over a
-    # 1024-slot cache took 16 splits, whose partials were 8x the cache; that tree step cost 3.35x a
-    # decode on the H100 (fifth session), the partials' traffic the likely cause.
-    n_splits = max(1, min(n_splits, S_max // (8 * rows)))
-    return _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
+    target = sm_count(device)
+    n_splits = 1 if programs >= target // 2 else min(n_blocks, target // programs)
+    # Each split writes float32 partials of all `rows` rows, which the merge reads back: 8 * rows * D
+    # bytes per split against the 4 * S * D bytes of bf16 K and V it reads. Keep that traffic within
+    # twice the cache: at 16 splits a 64-node tree (256 rows) over a 1024-slot cache moved 8x the
+    # cache in partials and cost 3.35x a decode (fifth session), while the tuner's picks reach 1.4x.
+    n_splits = max(1, min(n_splits, S_max // rows))
+    launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
+    # The last split merges (no combine kernel): faster at every decode shape measured, slower for
+    # tree tiles, where one program merges up to 128 rows.
+    return dataclasses.replace(launch, combine_last=launch.n_splits > 1 and block_m <= 16)
 
 
 def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> list[KVLaunch]:

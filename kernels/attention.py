@@ -37,7 +37,7 @@ import triton.language as tl
 from . import reference
 from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
-from .launch_tuner import LaunchTuner, l2_cache_bytes, rotating_copies
+from .launch_tuner import LaunchTuner, rotating_copies
 
 LOG2E = 1.4426950408889634
 
@@ -973,8 +973,6 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     a decode step, where the other layers' caches and weights pass through L2 between two uses.
     KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
-    if l2_bytes is None:
-        l2_bytes = l2_cache_bytes(q.device) if q.device.type == "cuda" else 0
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
                           kv_launch_candidates(*kv_problem(q, k_cache), q.device),

@@ -40,8 +40,8 @@ GRAPH_CALLS = 10   # fn() calls captured in one graph by cuda_graph_ms
 
 
 def l2_cache_bytes(device: torch.device) -> int:
-    """The L2 cache size of a CUDA device in bytes (H100: 50 MiB)."""
-    return torch.cuda.get_device_properties(device).L2_cache_size
+    """The L2 cache size of a CUDA device in bytes (H100: 50 MiB); 0 elsewhere (nothing to rotate)."""
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
 def rotation_count(nbytes: int, l2_bytes: int, calls: int = GRAPH_CALLS) -> int:

@@ -173,6 +173,10 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
         for name, fn in contenders:
             with torch.no_grad():
                 fwd = _bench_ms(lambda: fn(q, k, v))
+                # Per-kernel CUDA time of one forward (torch.profiler): says whether a gap between the
+                # call's time and its kernel's autotuned time is the kernel or work around it.
+                fwd_kernels = (common.cuda_kernel_ms(lambda: fn(q, k, v), lambda kernel: kernel)
+                               if device == "cuda" and name in ("ours", "sdpa") and isinstance(fwd, float) else None)
 
             def fwd_bwd():
                 q.grad = k.grad = v.grad = None
@@ -188,7 +192,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_bwd_ms": fb, "fwd_bwd_tflops": 3.5 * fwd_flops / fb / 1e9 if isinstance(fb, float) else None,
                 "fwd_x_floor": _ratio(fwd, fwd_flops / (matmul_tflops * 1e9)),
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
-                "bwd_bitwise_deterministic": deterministic,
+                "bwd_bitwise_deterministic": deterministic, "fwd_kernels_ms": fwd_kernels,
             })
         shape_rows = rows[-len(contenders):]
         ours = next(r for r in shape_rows if r["impl"] == "ours")
@@ -351,6 +355,14 @@ def to_markdown(result: dict) -> str:
                      f"{_fmt(r.get('fwd_x_floor'))} | {_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | "
                      f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} | "
                      f"{_fmt(r.get('bwd_bitwise_deterministic'))} |")
+    profiled = [r for r in result["flash"] if r.get("fwd_kernels_ms")]
+    if profiled:
+        lines += ["", "### Forward kernels (torch.profiler, CUDA ms per call)", "",
+                  "| shape | impl | call ms | kernels |", "|---|---|---|---|"]
+        for r in profiled:
+            kernels = ", ".join(f"{name[:60]}: {_fmt(ms)}" for name, ms in
+                                sorted(r["fwd_kernels_ms"].items(), key=lambda item: -item[1]))
+            lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {kernels} |")
     tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
     if tuned_flash:
         lines += ["", "### Forward configs (the autotuner's median ms for each; USE_TMA: K/V through tensor "

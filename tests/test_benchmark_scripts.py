@@ -84,6 +84,10 @@ def test_bench_attention_cpu_smoke(tmp_path, load_script):
     table = bench.to_markdown(result)
     assert "| USE_TMA: True | 1 | yes |" in table and "| USE_TMA: False | 1.25 |  |" in table
     assert table.index("USE_TMA: True | 1 |") < table.index("USE_TMA: False | 1.25")
+    # and the forward's kernels from the profiler, largest first
+    assert "### Forward kernels" not in table and ours["fwd_kernels_ms"] is None
+    ours["fwd_kernels_ms"] = {"copy_kernel": 0.09, "_flash_fwd_kernel": 1.22}
+    assert "_flash_fwd_kernel: 1.22, copy_kernel: 0.09 |" in bench.to_markdown(result)
 
 
 def test_bench_attention_holds_sdpa_to_one_backend(load_script):

@@ -365,8 +365,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {kernels} |")
     tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
     if tuned_flash:
-        lines += ["", "### Forward configs (the autotuner's median ms for each; USE_TMA: K/V through tensor "
-                  "descriptors)", "",
+        lines += ["", "### Forward configs (the autotuner's median ms for each)", "",
                   "| shape | config | ms | chosen |", "|---|---|---|---|"]
         for r in tuned_flash:
             picks = r["tuned_configs"]

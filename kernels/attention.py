@@ -11,16 +11,14 @@ Flash attention (FA2 structure):
             loops over the query heads of its GQA group itself, so the group sum is deterministic
             (no atomics); one program per (query block, batch*head) computes dQ.
   Causal programs skip the blocks above the diagonal and only mask the blocks on it (and the tail).
-  The unmasked loops may read their streamed tiles through device-side tensor descriptors (USE_TMA,
-  Hopper's TMA engine) where the layout allows (`_tma_ok`). The autotuner chooses.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
 is read once for all of them. Tree masks travel as bits (one int64 word per 64 new nodes per query
 row, packed by `pack_tree_mask`). When batch*kv_heads is too small to fill the GPU, the cache length is
 split over several programs (flash-decoding); each writes a float32 partial (out, lse) and
-`_kv_combine_kernel` merges them, or the last split program of each row tile does (arrival.py). The launch (row tile, split count) is timed per shape on the
-GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`, launch_tuner.py);
+`_kv_combine_kernel` merges them, or the last split program of each row tile does (arrival.py).
+The launch (row tile, split count) is timed per shape on the GPU the first time the shape runs outside a CUDA-graph capture (`tune_kv_launch`, launch_tuner.py);
 `_kv_heuristic` is the fallback.
 """
 from __future__ import annotations
@@ -35,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
+from .backend import gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -87,12 +85,13 @@ def _store_tile(ptrs, value, row_ok, d_ok, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _softmax_weights(l_i, m_i, qk, qk_scale, MASKED: tl.constexpr, FOLD_SCALE: tl.constexpr):
-    """The online-softmax update for one key block, shared by flash and KV-cache attention.
+def _softmax_step(acc, l_i, m_i, qk, qk_scale, v_ptrs, v_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                  FOLD_SCALE: tl.constexpr):
+    """One online-softmax step over a key block, shared by flash and KV-cache attention.
     qk: (M, N) float32 scores, -inf where masked: already scaled, or raw q.k when FOLD_SCALE, which
     multiplies by qk_scale (> 0) inside the exponent's FMA instead of over the whole tile (the max
-    of raw scores times the scale is the max of scaled ones). Returns (p, alpha, l_i, m_new): the
-    block's weights, the factor that rescales the running output, and the new running sum and max."""
+    of raw scores times the scale is the max of scaled ones). v_ptrs: the block's V rows, v_ok (N,)
+    which of them exist (read when MASKED); d_ok: the real head-dim columns. Returns (acc, l_i, m_i)."""
     if FOLD_SCALE:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     else:
@@ -108,15 +107,6 @@ def _softmax_weights(l_i, m_i, qk, qk_scale, MASKED: tl.constexpr, FOLD_SCALE: t
         p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, l_i, m_new
-
-
-@triton.jit
-def _softmax_step(acc, l_i, m_i, qk, qk_scale, v_ptrs, v_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                  FOLD_SCALE: tl.constexpr):
-    """`_softmax_weights`, then the block's V rows (v_ptrs; v_ok (N,) which of them exist, read when
-    MASKED; d_ok the real head-dim columns) into the output. Returns (acc, l_i, m_i)."""
-    p, alpha, l_i, m_new = _softmax_weights(l_i, m_i, qk, qk_scale, MASKED, FOLD_SCALE)
     acc = acc * alpha[:, None]
     v = _load_tile(v_ptrs, v_ok, d_ok, MASKED, EVEN_D)
     acc = tl.dot(p.to(v.dtype), v, acc)
@@ -124,34 +114,17 @@ def _softmax_step(acc, l_i, m_i, qk, qk_scale, v_ptrs, v_ok, d_ok, MASKED: tl.co
 
 
 @triton.jit
-def _heads_descriptor(X, rows, n_heads, stride_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      USE_TMA: tl.constexpr):
-    """A tensor descriptor over X (B, T, n_heads, HEAD_DIM) seen as (rows = B*T, n_heads*HEAD_DIM),
-    read in (BLOCK_ROWS, HEAD_DIM) blocks at [b*T + t, head*HEAD_DIM]; X itself when not USE_TMA.
-    Launchers set USE_TMA only where `_tma_ok` holds for X."""
-    if USE_TMA:
-        return tl.make_tensor_descriptor(X, shape=[rows, n_heads * HEAD_DIM], strides=[stride_row, 1],
-                                         block_shape=[BLOCK_ROWS, HEAD_DIM])
-    else:
-        return X
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0, stride_kt, stride_vt,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                offs_m, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-               FOLD_SCALE: tl.constexpr, USE_TMA: tl.constexpr):
+               FOLD_SCALE: tl.constexpr):
     # MASKED=False is the hot loop: every key in [lo, hi) is visible to every query row.
-    # USE_TMA (unmasked loop only) reads K and V through tensor descriptors over the (B*T, Hkv*D)
-    # view, row kv_row0 + key, column kv_col0: the copy engine computes the addresses (no pointer
-    # tiles in registers). Every row it reads is a key of this sequence, so no bounds are needed.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if USE_TMA:
-            k = desc_k.load([kv_row0 + start_n, kv_col0])
-        else:
-            k = _load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols < T, d_ok, MASKED, EVEN_D)
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        k = _load_tile(k_ptrs, cols < T, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             visible = cols[None, :] < T
@@ -164,13 +137,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col
         else:
             if not FOLD_SCALE:
                 qk = qk * qk_scale
-        p, alpha, l_i, m_i = _softmax_weights(l_i, m_i, qk, qk_scale, MASKED, FOLD_SCALE)
-        acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = desc_v.load([kv_row0 + start_n, kv_col0])
-        else:
-            v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols < T, d_ok, MASKED, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v_ptrs, cols < T, d_ok, MASKED, EVEN_D,
+                                      FOLD_SCALE)
     return acc, l_i, m_i
 
 
@@ -210,9 +178,9 @@ def _flash_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    B, T, H, GROUP, qk_scale, T_BUCKET, TMA_OK,
+    T, H, GROUP, qk_scale, T_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
@@ -221,22 +189,18 @@ def _flash_fwd_kernel(
     q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    desc_k = _heads_descriptor(K, B * T, H // GROUP, stride_kt, BLOCK_N, HEAD_DIM, USE_TMA)
-    desc_v = _heads_descriptor(V, B * T, H // GROUP, stride_vt, BLOCK_N, HEAD_DIM, USE_TMA)
-    kv_row0 = (b * T).to(tl.int32)
-    kv_col0 = kvh * HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
-                               stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
-                               BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0,
-                               stride_kt, stride_vt, offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T,
-                               qk_scale, BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale,
+                               BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -273,23 +237,19 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base, delta_base,
-                    stride_qt, stride_dot, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
-                    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
+                    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate without a transpose.
-    # USE_TMA (unmasked loop only): Q and dO through descriptors at [q_row0 + query, q_col0].
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
         row_ok = offs_m < T
-        if USE_TMA:
-            q = desc_q.load([q_row0 + start_m, q_col0])
-            do = desc_do.load([q_row0 + start_m, q_col0])
-        else:
-            q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, MASKED, EVEN_D)
-            do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, MASKED, EVEN_D)
+        q = _load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
+        do = _load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -319,9 +279,9 @@ def _flash_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    B, T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET, TMA_OK,
+    T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -349,9 +309,6 @@ def _flash_bwd_dkdv_kernel(
         diag_lo = 0
         diag_hi = 0
     full_hi = tl.maximum(diag_hi, (T // BLOCK_M) * BLOCK_M)
-    desc_q = _heads_descriptor(Q, B * T, H, stride_qt, BLOCK_M, HEAD_DIM, USE_TMA)
-    desc_do = _heads_descriptor(DO, B * T, H, stride_dot, BLOCK_M, HEAD_DIM, USE_TMA)
-    q_row0 = (b * T).to(tl.int32)
 
     # The GQA group's query heads in a fixed order: a deterministic sum with no atomics.
     for g in range(0, GROUP):
@@ -359,25 +316,22 @@ def _flash_bwd_dkdv_kernel(
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        q_col0 = h * HEAD_DIM
         lse_base = LSE + bh * T
         delta_base = DELTA + bh * T
         if ONE_LOOP:
             # One loop that always masks: three specialised loops keep dK, dV, K, V and three
             # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale,
-                                     BLOCK_M, CAUSAL, True, EVEN_D, False)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_lo, diag_hi, T,
-                                     qk_scale, BLOCK_M, CAUSAL, True, EVEN_D, False)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, diag_hi, full_hi, T,
-                                     qk_scale, BLOCK_M, CAUSAL, False, EVEN_D, USE_TMA)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, desc_q, desc_do, q_row0, q_col0, lse_base,
-                                     delta_base, stride_qt, stride_dot, offs_n, offs_d, d_ok, full_hi, T, T, qk_scale,
-                                     BLOCK_M, CAUSAL, True, EVEN_D, False)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, d_ok, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True,
+                                     EVEN_D)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, d_ok, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False,
+                                     EVEN_D)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     offs_n, offs_d, d_ok, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -387,20 +341,16 @@ def _flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0, stride_kt, stride_vt,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                   offs_m, offs_n, offs_d, d_ok, lo, hi, T, qk_scale,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                  USE_TMA: tl.constexpr):
-    # USE_TMA (unmasked loop only): K and V through descriptors, as in `_fwd_inner`.
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if USE_TMA:
-            k = desc_k.load([kv_row0 + start_n, kv_col0])
-            v = desc_v.load([kv_row0 + start_n, kv_col0])
-        else:
-            k = _load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols < T, d_ok, MASKED, EVEN_D)
-            v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols < T, d_ok, MASKED, EVEN_D)
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        k = _load_tile(k_ptrs, cols < T, d_ok, MASKED, EVEN_D)
+        v = _load_tile(v_ptrs, cols < T, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -422,9 +372,9 @@ def _flash_bwd_dq_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    B, T, H, GROUP, qk_scale, sm_scale, T_BUCKET, TMA_OK,
+    T, H, GROUP, qk_scale, sm_scale, T_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
@@ -437,18 +387,13 @@ def _flash_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    desc_k = _heads_descriptor(K, B * T, H // GROUP, stride_kt, BLOCK_N, HEAD_DIM, USE_TMA)
-    desc_v = _heads_descriptor(V, B * T, H // GROUP, stride_vt, BLOCK_N, HEAD_DIM, USE_TMA)
-    kv_row0 = (b * T).to(tl.int32)
-    kv_col0 = kvh * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False, EVEN_D, USE_TMA)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, desc_k, desc_v, kv_row0, kv_col0, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True, EVEN_D,
-                       False)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False, EVEN_D)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True, EVEN_D)
     dq = dq * sm_scale
     _store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
@@ -459,10 +404,9 @@ def _flash_bwd_dq_kernel(
 # ============================================================================================
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
-# USE_TMA here means "where `_tma_ok` allows" (tests switch it on and off to cover both loads).
-_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, USE_TMA=True)
-_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False, USE_TMA=True)
-_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True)
+_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)
+_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 
 # Hopper (H100/H200) candidates. The causal stage split needs BLOCK_M % BLOCK_N == 0 in the
 # forward and dQ kernels and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel. Chosen from sm_90
@@ -470,64 +414,40 @@ _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, USE_TMA=True)
 # under 227 KiB); the autotuner picks among them on the device.
 # FOLD_SCALE (the softmax scale inside the exponent's FMA, as Triton's tutorial does) saves a
 # multiply per score; it is offered beside the plain variant for the autotuner to judge, at 128 x 64
-# only with pointer loads: at 128 x 128, where the plain variant already uses 254 registers, its
-# sm_90 compile spilled.
-# USE_TMA reads the streamed tiles of the unmasked loop (K and V in the forward and dQ kernels, Q and
-# dO in dK/dV) through tensor descriptors, Hopper's TMA copy engine. That frees the registers of the
-# pointer tiles: 230-242 instead of 254 at 128 x 128 (so the folded scale fits there), 177-204
-# instead of 246-248 in the 128 x 64 dQ kernel at head dim 128. Offered beside the pointer loads,
-# pruned where the layout does not allow it (`_tma_ok`). On the H100 with Triton 3.6 the pointer
-# loads won every kernel at both benchmark shapes (best TMA config 1-13% slower; attention_nvidia-h100-*.json).
+# only: at 128 x 128, where the plain variant already uses 254 registers, its sm_90 compile spilled.
+# Tried and dropped after H100 runs (NOTES.md): K/V (and Q/dO) through TMA tensor descriptors (fewer
+# registers, but 1-13% slower in every kernel at both shapes in three runs; removed in the tenth
+# session, code in git before that) and a softmax-overlapped forward (7-24% slower).
 _GPU_FWD_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False),
-                  num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=False, USE_TMA=False),
-                  num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, FOLD_SCALE=False, USE_TMA=False),
-                  num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
-                  num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
-                  num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold), num_warps=8, num_stages=stages)
+    for block_n, fold, stages in ((64, False, 3), (64, False, 4), (128, False, 3), (64, True, 3), (64, True, 4))
 ] + [
-    # One warpgroup per 64-row tile: 168 registers at head dim 128 (128 at 64), so two or three
-    # CTAs share an SM and the warp schedulers interleave one CTA's softmax with another's
-    # matmuls, where the 128-row tiles run one CTA (two warpgroups) per SM.
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, FOLD_SCALE=fold, USE_TMA=False), num_warps=4, num_stages=stages)
+    # One warpgroup per 64-row tile: 168 registers at head dim 128 (128 at 64), so two CTAs share an
+    # SM and the warp schedulers interleave one CTA's softmax with another's matmuls (the 128-row
+    # tiles run one CTA of two warpgroups per SM). Chosen at both benchmark shapes on the H100.
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, FOLD_SCALE=fold), num_warps=4, num_stages=stages)
     for fold, stages in ((True, 2), (True, 3), (False, 3))
-] + [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold, USE_TMA=True),
-                  num_warps=8, num_stages=stages)
-    for block_n, fold, stages in ((64, False, 3), (64, True, 3), (64, True, 4), (128, False, 3), (128, True, 3))
 ]
 _GPU_DKDV_CONFIGS = [
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False, USE_TMA=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False, USE_TMA=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True, USE_TMA=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True, USE_TMA=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True, USE_TMA=False), num_warps=8, num_stages=2),
-    # TMA only changes the three-loop variant (the one-loop variant masks every block). Triton 3.9
-    # compiles these with 17-24 registers fewer than the pointer loads; Triton 3.6 (the GPU machine's)
-    # with 16-48 bytes of spill at head dim 64 (compile_sm90_triton-3.6.md): the autotuner judges.
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False, USE_TMA=True), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False, USE_TMA=True), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=2),
 ]
 _GPU_DQ_CONFIGS = [
-    triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma), num_warps=warps, num_stages=3)
-    for tma in (False, True) for block_m, block_n, warps in ((128, 64, 8), (128, 32, 8), (64, 64, 4))
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
 ]
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET", "TMA_OK"]
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop the USE_TMA configs where the layout does not allow descriptors (TMA_OK = 0), and the
-    three-loop dK/dV variant at head dims above 64, where it spills on sm_90 (with TMA too, causal)."""
-    def arg(name):
-        return kwargs.get(name, named_args.get(name))
-    kept = [c for c in configs if arg("TMA_OK") or not c.kwargs.get("USE_TMA")]
-    if (arg("BLOCK_D") or 0) > 64:
-        kept = [c for c in kept if c.kwargs.get("ONE_LOOP", True)]
-    return kept
+def _prune_dkdv(configs, named_args, **kwargs):
+    """The three-loop dK/dV variant only fits the register file below head dim 128 (sm_90)."""
+    if (kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0) <= 64:
+        return configs
+    return [c for c in configs if c.kwargs["ONE_LOOP"]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -538,44 +458,8 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-def _tma_ok(x: torch.Tensor, T: int) -> bool:
-    """Whether a flash kernel may read x (B, T, heads, D) through a (B*T, heads*D) tensor descriptor:
-    a 16-bit or float32 row-major view (heads packed, rows not overlapping, batches T rows apart; a
-    column slice of a fused qkv projection qualifies) with the 16-byte alignment TMA requires of the
-    base and row stride, and a power-of-two head dim."""
-    B, _, heads, D = x.shape
-    row_bytes = x.stride(1) * x.element_size()
-    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and D >= 16 and D & (D - 1) == 0
-            and x.stride(3) == 1 and x.stride(2) == D and x.stride(1) >= heads * D
-            and (B == 1 or x.stride(0) == T * x.stride(1))
-            and row_bytes % 16 == 0 and x.data_ptr() % 16 == 0)
-
-
-def _descriptors_allowed() -> bool:
-    """Whether kernels may build tensor descriptors here: always under the interpreter and in a
-    cross-compile (nothing runs on a device), on a GPU once the scratch allocator is in place."""
-    return interpreting() or cross_compile_arch() is not None or _tma_allocator_ready()
-
-
-def _scratch_alloc(size: int, alignment: int, stream):
-    # Device-side tensor descriptors keep their 128-byte TMA descriptor in global scratch memory.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _tma_allocator_ready() -> bool:
-    """Install a torch-backed scratch allocator for device-side tensor descriptors unless the caller
-    has set one. Triton keeps it in a context variable, which a new thread (autograd's backward
-    thread) does not inherit, hence a check per launch. False where this Triton has no such hook."""
-    try:
-        from triton.runtime import _allocation
-        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            triton.set_allocator(_scratch_alloc)
-        return True
-    except (ImportError, AttributeError):
-        return False
+    prune = {"early_config_prune": _prune_dkdv} if which == "dkdv" else None
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by=prune)(kernel)
 
 
 def _t_bucket(T: int) -> int:
@@ -591,20 +475,17 @@ def _bth_strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch(which: str, args: tuple, T: int, block: str, programs: int, D: int, causal: bool, tma_ok: bool,
+def _launch(which: str, args: tuple, T: int, block: str, programs: int, D: int, causal: bool,
             config: triton.Config | None) -> None:
-    """Launch flash kernel `which` over (cdiv(T, config[block]), programs): with `config` if given, the
-    interpreter's fixed config under the interpreter (USE_TMA there where tma_ok allows), else the
-    autotuned one."""
+    """Launch flash kernel `which` over (cdiv(T, config[block]), programs): with `config` if given,
+    the interpreter's fixed config under the interpreter, else the autotuned one."""
     kernel = {"fwd": _flash_fwd_kernel, "dkdv": _flash_bwd_dkdv_kernel, "dq": _flash_bwd_dq_kernel}[which]
     if config is None and not interpreting():
         _tuned(which)[lambda meta: (triton.cdiv(T, meta[block]), programs)](*args, **_head_dim_tile(D), CAUSAL=causal)
         return
     if config is None:
         fixed = {"fwd": _INTERP_FWD, "dkdv": _INTERP_DKDV, "dq": _INTERP_DQ}[which]
-        config = triton.Config(dict(fixed, USE_TMA=fixed["USE_TMA"] and tma_ok), num_warps=4)
-    elif config.kwargs["USE_TMA"] and not tma_ok:
-        raise ValueError(f"flash attention ({which}): a USE_TMA config needs tensors laid out as `_tma_ok` says")
+        config = triton.Config(dict(fixed), num_warps=4)
     kernel[(triton.cdiv(T, config.kwargs[block]), programs)](*args, **_head_dim_tile(D), CAUSAL=causal,
                                                              **config.all_kwargs())
 
@@ -617,10 +498,9 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     Hkv = k.shape[2]
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    tma_ok = _descriptors_allowed() and _tma_ok(k, T) and _tma_ok(v, T)
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
-            B, T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T), int(tma_ok))
-    _launch("fwd", args, T, "BLOCK_M", B * H, D, causal, tma_ok, config)
+            T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T))
+    _launch("fwd", args, T, "BLOCK_M", B * H, D, causal, config)
     return o, lse
 
 
@@ -630,7 +510,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     `_GPU_DKDV_CONFIGS` / `_GPU_DQ_CONFIGS` instead of the autotuned choice (GPU tests)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    do = do.contiguous()   # dense (B, T, H, D) rows: the descriptor loads of dO (`_tma_ok`) need them packed
+    do = _last_dim_contiguous(do)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     block = 16 if interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
@@ -643,15 +523,12 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     dkdv_args = (q, k, v, do, lse, delta, dk, dv,
                  *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
                  *_bth_strides(dk), *_bth_strides(dv),
-                 B, T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+                 T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
     dq_args = (q, k, v, do, lse, delta, dq,
                *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
-               B, T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
-    allowed = _descriptors_allowed()
-    dkdv_tma = allowed and _tma_ok(q, T) and _tma_ok(do, T)
-    dq_tma = allowed and _tma_ok(k, T) and _tma_ok(v, T)
-    _launch("dkdv", dkdv_args + (int(dkdv_tma),), T, "BLOCK_N", B * Hkv, D, causal, dkdv_tma, dkdv_config)
-    _launch("dq", dq_args + (int(dq_tma),), T, "BLOCK_M", B * H, D, causal, dq_tma, dq_config)
+               T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+    _launch("dkdv", dkdv_args, T, "BLOCK_N", B * Hkv, D, causal, dkdv_config)
+    _launch("dq", dq_args, T, "BLOCK_M", B * H, D, causal, dq_config)
     return dq, dk, dv
 
 

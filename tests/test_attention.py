@@ -1,12 +1,10 @@
 """Flash attention and KV-cache attention: Triton (interpreted on CPU, fp32) vs float64 oracles."""
 import dataclasses
-import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 from mtp_kernels import attention as attention_module
 from mtp_kernels.arrival import arrival_counters
@@ -109,7 +107,7 @@ def test_flash_attention_matches_float64(triton_backend, B, T, H, Hkv, D, causal
 @pytest.mark.parametrize("T,Hkv,causal", [(37, 1, True), (37, 2, False), (5, 4, True)])
 def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T, Hkv, causal):
     # The GPU autotuner may pick the dK/dV kernel that masks every block in one loop.
-    monkeypatch.setattr(attention_module, "_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, USE_TMA=False))
+    monkeypatch.setattr(attention_module, "_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True))
     q, k, v = (t.requires_grad_() for t in _qkv(2, T, 4, Hkv, 32, seed=T + Hkv))
     out = flash_attention(q, k, v, causal=causal)
     dout = torch.randn_like(out)
@@ -123,20 +121,19 @@ def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_forward_without_the_folded_scale(triton_backend, monkeypatch, causal):
     # The GPU autotuner may pick the forward that scales the scores before the softmax step.
-    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False, USE_TMA=True))
+    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False))
     q, k, v = _qkv(1, 37, 4, 2, 48, seed=9)
     out = flash_attention(q, k, v, causal=causal, sm_scale=0.3)
     torch.testing.assert_close(out.double(), _sdpa_float64(q, k, v, causal, 0.3), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("fold,use_tma", [(True, True), (False, False)])
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("T,causal", [(1, False), (16, True), (20, False), (37, False), (100, False), (64, True),
                                       (100, True)])
-def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatch, fold, use_tma, T, causal):
+def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatch, fold, T, causal):
     # 16-key blocks: T=1 and 16 give a single block, 20 one unmasked block and a ragged one, 100
     # seven blocks; causal, the query blocks see 0 to 4 unmasked blocks before their diagonal.
-    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=fold,
-                                                              USE_TMA=use_tma))
+    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=fold))
     q, k, v = _qkv(2, T, 4, 2, 32, seed=T)
     q = q * 4.0       # scores of tens: the running max moves from block to block
     out, lse = attention_module.flash_attention_fwd(q, k, v, causal, 0.3)
@@ -147,40 +144,14 @@ def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatc
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1) / math.log(2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B,T,H,Hkv,D,causal", [(2, 37, 4, 2, 32, True), (2, 37, 4, 1, 16, False), (1, 64, 2, 2, 64, True)])
-def test_flash_attention_pointer_and_descriptor_loads_agree(triton_backend, monkeypatch, B, T, H, Hkv, D,
-                                                                    causal):
-    # The GPU autotuner picks between K/V loads through pointers and through tensor descriptors (TMA).
-    q, k, v = _qkv(B, T, H, Hkv, D, seed=B + T + D)
-    assert attention_module._tma_ok(k, T) and attention_module._tma_ok(v, T)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    expected = _sdpa_float64(q64, k64, v64, causal, 1 / math.sqrt(D))
-    dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    expected.backward(dout.double())
-    for use_tma in (True, False):
-        for name, config in (("_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True)),
-                             ("_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)),
-                             ("_INTERP_DQ", dict(BLOCK_M=32, BLOCK_N=16))):
-            monkeypatch.setattr(attention_module, name, dict(config, USE_TMA=use_tma))
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = flash_attention(*leaves, causal=causal)
-        out.backward(dout)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
-        for got, want in zip(leaves, (q64, k64, v64)):
-            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-3, atol=1e-4)
-
-
-def test_flash_attention_backward_reads_a_strided_grad_through_descriptors(triton_backend):
+def test_flash_attention_backward_takes_a_strided_grad(triton_backend):
     # The gradient arriving from autograd may be any view (here (B, H, T, D) memory seen as (B, T, H, D)).
-    # The backward makes it dense first, so a descriptor (TMA) config of the dK/dV kernel still applies.
     B, T, H, D = 2, 37, 4, 32
     q, k, v = _qkv(B, T, H, 2, D, seed=5)
     scale = D ** -0.5
     out, lse = attention_module.flash_attention_fwd(q, k, v, True, scale)
     dout = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(6)).transpose(1, 2)
-    assert not attention_module._tma_ok(dout, T)
-    tma_dkdv = triton.Config(dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False, USE_TMA=True), num_warps=4)
-    grads = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dkdv_config=tma_dkdv)
+    grads = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     _sdpa_float64(q64, k64, v64, True, scale).backward(dout.double())
     for got, want in zip(grads, (q64, k64, v64)):
@@ -188,31 +159,11 @@ def test_flash_attention_backward_reads_a_strided_grad_through_descriptors(trito
 
 
 def test_flash_attention_config_pruning():
-    prune = attention_module._prune
-    for configs in (attention_module._GPU_FWD_CONFIGS, attention_module._GPU_DKDV_CONFIGS,
-                    attention_module._GPU_DQ_CONFIGS):
-        assert any(c.kwargs["USE_TMA"] for c in configs)
-        assert prune(configs, {"TMA_OK": 0}, BLOCK_D=64) == [c for c in configs if not c.kwargs["USE_TMA"]]
-        assert prune(configs, {"TMA_OK": 1}, BLOCK_D=64) == configs
-    dkdv_128 = prune(attention_module._GPU_DKDV_CONFIGS, {"TMA_OK": 1}, BLOCK_D=128)
+    prune = attention_module._prune_dkdv
+    configs = attention_module._GPU_DKDV_CONFIGS
+    assert prune(configs, {}, BLOCK_D=64) == configs
+    dkdv_128 = prune(configs, {}, BLOCK_D=128)
     assert dkdv_128 and all(c.kwargs["ONE_LOOP"] for c in dkdv_128)    # the three-loop variant spills there
-
-
-def test_flash_attention_descriptor_loads_only_where_the_layout_allows():
-    B, T, Hkv, D = 2, 21, 2, 32
-    ok = attention_module._tma_ok
-    assert ok(torch.randn(B, T, Hkv, D), T)
-    fused = torch.randn(B, T, 4 + 2 * Hkv, D)                # k and v as views of a fused qkv projection
-    assert ok(fused[:, :, 4:4 + Hkv], T)
-    assert ok(torch.randn(1, T, Hkv, D), T)
-    assert not ok(torch.randn(B, T, Hkv, 24), T)              # head dim not a power of two
-    assert not ok(torch.randn(B, T, D, Hkv).transpose(2, 3), T)   # heads not packed
-    assert not ok(torch.randn(T, B, Hkv, D).transpose(0, 1), T)   # batches not T rows apart
-    odd_rows = torch.randn(B, T, 3 * Hkv * D + 1)[:, :, :Hkv * D].view(B, T, Hkv, D)   # row stride not 16-byte
-    assert not ok(odd_rows, T)
-    misaligned = torch.randn(B * T * Hkv * D + 1)[1:].view(B, T, Hkv, D)
-    assert not ok(misaligned, T)
-    assert not ok(torch.randn(B, 1, Hkv, D).expand(B, T, Hkv, D), T)   # rows overlap (stride 0)
 
 
 @pytest.mark.parametrize("D", [32, 24])
@@ -578,25 +529,22 @@ def test_flash_attention_gpu_bf16(T, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,causal", [(64, True), (128, True), (128, False)])
 def test_flash_attention_gpu_every_config(D, causal):
-    # The autotuner may pick any config that survives pruning: pointer or tensor-descriptor (TMA)
-    # loads, each tile, in all three kernels. Two sequences of a ragged length, q, k and v as views of
-    # a fused qkv projection (as the model runs them).
+    # The autotuner may pick any config that survives pruning, each tile, in all three kernels. Two
+    # sequences of a ragged length, q, k and v as views of a fused qkv projection (as the model runs them).
     B, T, H, Hkv = 2, 1000, 8, 2
     g = torch.Generator().manual_seed(22)
     fused = torch.randn(B, T, H + 2 * Hkv, D, generator=g).to("cuda", torch.bfloat16)
     q, k, v = fused.split([H, Hkv, Hkv], dim=2)
-    assert all(attention_module._tma_ok(x, T) for x in (q, k, v))
     scale = D ** -0.5
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     want = reference.attention(q32, k32, v32, causal=causal)
     dout = torch.randn_like(want).to(torch.bfloat16)
     want.backward(dout.float())
-    survivors = functools.partial(attention_module._prune, named_args={}, TMA_OK=1, BLOCK_D=D)
-    for config in survivors(attention_module._GPU_FWD_CONFIGS):
+    for config in attention_module._GPU_FWD_CONFIGS:
         out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
         assert _rel_err(out, want) < 1e-2, config
-    dkdv_configs = survivors(attention_module._GPU_DKDV_CONFIGS)
-    dq_configs = survivors(attention_module._GPU_DQ_CONFIGS)
+    dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {}, BLOCK_D=D)
+    dq_configs = attention_module._GPU_DQ_CONFIGS
     for i in range(max(len(dkdv_configs), len(dq_configs))):   # every config of both kernels, paired
         dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]
         dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale,

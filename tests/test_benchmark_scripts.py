@@ -80,10 +80,10 @@ def test_bench_attention_cpu_smoke(tmp_path, load_script):
     # A GPU run also lists every forward config the autotuner timed (none tune on a CPU): fake one.
     bench = load_script(BENCH / "bench_attention.py")
     ours = next(r for r in result["flash"] if r["impl"] == "ours")
-    ours["tuned_configs"] = {"fwd": "USE_TMA: True", "fwd_timings_ms": {"USE_TMA: False": 1.25, "USE_TMA: True": 1.0}}
+    ours["tuned_configs"] = {"fwd": "BLOCK_M: 64", "fwd_timings_ms": {"BLOCK_M: 128": 1.25, "BLOCK_M: 64": 1.0}}
     table = bench.to_markdown(result)
-    assert "| USE_TMA: True | 1 | yes |" in table and "| USE_TMA: False | 1.25 |  |" in table
-    assert table.index("USE_TMA: True | 1 |") < table.index("USE_TMA: False | 1.25")
+    assert "| BLOCK_M: 64 | 1 | yes |" in table and "| BLOCK_M: 128 | 1.25 |  |" in table
+    assert table.index("BLOCK_M: 64 | 1 |") < table.index("BLOCK_M: 128 | 1.25")
     # and the forward's kernels from the profiler, largest first
     assert "### Forward kernels" not in table and ours["fwd_kernels_ms"] is None
     ours["fwd_kernels_ms"] = {"copy_kernel": 0.09, "_flash_fwd_kernel": 1.22}

@@ -132,7 +132,7 @@ def test_flash_forward_sm90_compile_reads_ptxas_log(tmp_path):
         cc = compile_check.CrossCompiler(90, quick=True)
         q, k, v = (torch.randn(1, 256, h, 128).bfloat16() for h in (32, 8, 8))
         with cc.capture():
-            config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, USE_TMA=False),
+            config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True),
                                    num_warps=8, num_stages=3)
             attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
         print(json.dumps([{key: r.get(key) for key in ("problems", "spill_bytes", "exp2_under_mma", "wgmma_serialized")}

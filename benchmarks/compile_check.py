@@ -94,7 +94,7 @@ def _exp2_under_wgmma(ttgir: str) -> int:
     """math.exp2 ops that Triton places while a Hopper warpgroup MMA is still running: after an async
     ttng.warp_group_dot that is not waited on at once, before the next warp_group_dot_wait. These are
     the softmax exponentials that overlap a matmul; 0 means every exponential waits for the tensor
-    cores to finish first. (A flash forward built for that overlap lost 7-24% on the H100, tenth
+    cores to finish first. (A flash forward built for that overlap lost 7-31% on the H100, tenth
     session, NOTES.md; the count stays as a reading of every compile.)"""
     count, in_flight, lines = 0, False, ttgir.splitlines()
     for line, following in zip(lines, lines[1:] + [""]):

@@ -3,7 +3,7 @@
 A split launch (KV splits of a decode attention, K splits of a skinny GEMM) has several programs
 write partial results that a second kernel used to combine. Each extra kernel in a decode step costs
 its launch and its ramp (on the H100, merging KV splits in the attention kernel instead saved 0.7-1.3
-us, 7-10%, of each decode call; tenth session, NOTES.md). Here instead every
+us, 1-10%, of each decode call at batch 1 and 8; tenth session, NOTES.md). Here instead every
 program of a group writes its partial and then takes a ticket: an atomic add on the group's counter.
 The program that draws the last ticket reads all partials of its group in a fixed order, writes the
 result and puts the counter back to 0. The combine order does not depend on which program came

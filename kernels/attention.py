@@ -416,8 +416,9 @@ _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 # multiply per score; it is offered beside the plain variant for the autotuner to judge, at 128 x 64
 # only: at 128 x 128, where the plain variant already uses 254 registers, its sm_90 compile spilled.
 # Tried and dropped after H100 runs (NOTES.md): K/V (and Q/dO) through TMA tensor descriptors (fewer
-# registers, but 1-13% slower in every kernel at both shapes in three runs; removed in the tenth
-# session, code in git before that) and a softmax-overlapped forward (7-24% slower).
+# registers, but never chosen: the best one 0.5-13% slower than the best pointer config in every
+# kernel at both shapes in three runs; removed in the tenth session, the code is in git before
+# e79b81f) and a softmax-overlapped forward (7-31% slower; 98a89e9).
 _GPU_FWD_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold), num_warps=8, num_stages=stages)
     for block_n, fold, stages in ((64, False, 3), (64, False, 4), (128, False, 3), (64, True, 3), (64, True, 4))
@@ -792,11 +793,11 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
     # Each split writes float32 partials of all `rows` rows, which the merge reads back: 8 * rows * D
     # bytes per split against the 4 * S * D bytes of bf16 K and V it reads. Keep that traffic within
     # twice the cache: at 16 splits a 64-node tree (256 rows) over a 1024-slot cache moved 8x the
-    # cache in partials and cost 3.35x a decode (fifth session), while the tuner's picks reach 1.4x.
+    # cache in partials and cost 3.35x a decode (fifth session); the tuner's picks reach 2x.
     n_splits = max(1, min(n_splits, S_max // rows))
     launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
-    # The last split merges (no combine kernel): faster at every decode shape measured, slower for
-    # tree tiles, where one program merges up to 128 rows.
+    # The last split merges (no combine kernel): 1-10% faster at every batch-1 and batch-8 decode
+    # shape measured (a tie at batch 64), slower for tree tiles, where one program merges up to 128 rows.
     return dataclasses.replace(launch, combine_last=launch.n_splits > 1 and block_m <= 16)
 
 
@@ -904,7 +905,7 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
 def _combine_block_s(rows: int, head_dim: int) -> int:
     """Splits merged per load by `_combine_splits` for `rows` rows: at most 4096 float32 partial
     values per load (32 registers a thread at 4 warps, and twice that for their addresses; 8192
-    took the sm_90 compile to 255 registers), at most 16 splits."""
+    reached 255 registers in a trial sm_90 compile, not kept), at most 16 splits."""
     return max(1, min(16, 4096 // (rows * _head_dim_tile(head_dim)["BLOCK_D"])))
 
 

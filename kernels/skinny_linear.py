@@ -140,13 +140,14 @@ class SkinnyLaunch:
 # accumulator: 8192 values = 64 per thread at 4 warps. tl.dot tiles (block_n, block_k, num_warps,
 # num_stages, split_k) per row tile: unsplit, taller x tiles take narrower weight tiles, since each
 # program re-reads x from L2 (N / BLOCK_N times M x K in all); but at N = 4096 a 32-wide tile makes
-# 128 programs for 132 SMs, too few loads in flight. Split in 2, the same tiles make 256. Timed on
-# the H100 (rotated weights, N = 4096 and 12288, 28 split tiles per row tile), 32- and 64-wide tiles
-# split in 2 did best; 128-wide ones (less x traffic, fewer programs) led only at one row. The tuner
-# then chose a split tile at (4096, 11008) for every row tile, 2.48-2.72 TB/s against cuBLAS's
-# 2.35-2.54, and nowhere else (unsplit tiles or cuBLAS stay ahead there).
-# Chosen from sm_90 compiles (compile_check.py): no split-K tile spills or serializes its wgmma, at
-# the 7B shapes or at an odd one (masked K raises the 64-row tiles to 200-255 registers there).
+# 128 programs for 132 SMs, too few loads in flight. Split in 2, the same tiles make 256. The split
+# tiles below were picked from a helper's H100 timings of 28 split tiles (rotated weights, N = 4096
+# and 12288; those timings are not in the repo): 32- and 64-wide tiles split in 2 did best, 128-wide
+# ones led only at one row. In the tenth session's benchmark the tuner chose a split tile at
+# (4096, 11008) for every row tile, 2.48-2.70 TB/s against cuBLAS's 2.35-2.55, and nowhere else
+# (generate_nvidia-h100-80gb-hbm3.md). No split-K tile spills or serializes its wgmma in the sm_90
+# compiles (compile_sm90*.md), at the 7B shapes or at an odd one (masked K raises the 64-row tiles
+# to 226-255 registers there).
 _GPU_FMA_TILES = ((8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 3))
 _GPU_DOT_TILES = {16: ((16, 256, 4, 4, 1), (32, 256, 4, 3, 1), (64, 128, 8, 3, 1), (32, 512, 8, 3, 1),
                        (32, 256, 4, 3, 2), (32, 128, 4, 4, 2), (64, 128, 8, 3, 4), (128, 128, 4, 3, 4)),

@@ -360,19 +360,20 @@ def test_kv_launch_tuning_reads_a_new_cache_copy_at_each_call(triton_backend, mo
 
 def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
     """The untuned GPU launch (cross-compile stands in for an H100's 132 SMs): splits fill the GPU
-    to about one program per SM (the tuner's picks on the H100 at these shapes), the float32 partials'
+    to about one program per SM (as the tuner's picks on the H100 did), the float32 partials'
     traffic stays within twice the cache bytes, and decode tiles merge in their last split."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     cpu = torch.device("cpu")
     heuristic = attention_module._kv_heuristic
-    # the H100 tuner's picks (attention_nvidia-h100-80gb-hbm3.md, tenth session)
+    # these five are the H100 tuner's picks (attention_nvidia-h100-80gb-hbm3.md, tenth session)
     assert heuristic(1, 8, 4, 1088, cpu).label() == "M16 x9+last"     # decode, batch 1
     assert heuristic(1, 8, 4, 8256, cpu).label() == "M16 x15+last"
     assert heuristic(8, 8, 4, 1088, cpu).label() == "M16 x2+last"
     assert heuristic(1, 8, 64, 1088, cpu).label() == "M64 x9"          # 16-node tree, GQA 4: 64 rows
     assert heuristic(1, 8, 256, 8256, cpu).label() == "M128 x8"        # 64 nodes
-    assert heuristic(1, 8, 256, 1088, cpu).n_splits == 4               # partials' traffic capped at twice the cache
+    # the tuner took M64 x4 here (1.18x faster); the cap on the partials' traffic (twice the cache) holds
+    assert heuristic(1, 8, 256, 1088, cpu).label() == "M128 x4"
     assert heuristic(64, 8, 4, 8192, cpu).n_splits == 1                # enough programs without splitting
     for B in (1, 2, 8, 64):
         for rows in (1, 4, 16, 64, 256):

@@ -26,7 +26,8 @@ replayed as a CUDA graph ("graph": the generator's condition, where decode and v
 graphs; this is the kernel time the bandwidth and tree targets are judged on). The range check of
 cache_seqlens (one host sync per call) is switched off while timing, as a generator that owns its
 lengths would do. Timed calls cycle through copies of the cache that together hold twice the L2
-(`_cache_copies`), so every call reads its cache from HBM, as in a real decode step. KV-cache
+(launch_tuner.rotating_copies), so every call reads its cache from HBM, as in a real decode step
+(where 31 other layers' caches and weights pass through L2 between two uses of one). KV-cache
 launches are tuned per shape before timing (kernels/attention.py,
 tune_kv_launch); a table lists every candidate launch's time, the heuristic's and the tuned one.
 Writes attention_<device-slug>.json and .md into DIR and prints the tables.
@@ -34,7 +35,6 @@ Writes attention_<device-slug>.json and .md into DIR and prints the tables.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -264,6 +264,8 @@ def _tune_record(attention, q, k_cache, v_cache, seqlens, mask) -> dict:
 
 def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
                  heads=DECODE_HEADS, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    from mtp_kernels.launch_tuner import l2_cache_bytes, rotating_copies, rotation_count
+
     H, Hkv, D = heads
     rows = []
     for S in lengths:
@@ -273,16 +275,16 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
             k_cache = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype, generator=gen)
             v_cache = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype, generator=gen)
             seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
-            copies = _cache_copies(k_cache, v_cache)
-            row = {"B": B, "S": S, "cache_copies": len(copies)}
+            # K and V copies in lockstep (same size, same count); up to 64, as a graph replays many calls
+            next_k, next_v = rotating_copies(k_cache, calls=64), rotating_copies(v_cache, calls=64)
+            copies = rotation_count(k_cache.numel() * k_cache.element_size(), l2_cache_bytes(k_cache.device), 64)
+            row = {"B": B, "S": S, "cache_copies": copies}
             for Tq in (1,) + TREE_SIZES:
                 q = torch.randn(B, Tq, H, D, device=device, dtype=dtype, generator=gen)
                 mask = None if Tq == 1 else attention.pack_tree_mask(_tree_mask(Tq, device))
-                next_ours = itertools.cycle(copies).__next__
 
                 def ours():
-                    k, v = next_ours()
-                    return attention.kv_cache_attention(q, k, v, seqlens, mask, check_seqlens=False)
+                    return attention.kv_cache_attention(q, next_k(), next_v(), seqlens, mask, check_seqlens=False)
 
                 with torch.no_grad():
                     row[f"tq{Tq}_launches"] = _tune_record(attention, q, k_cache, v_cache, seqlens, mask)
@@ -297,11 +299,9 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
                     row["ours_GBps"] = nbytes / ms / 1e6 if isinstance(ms, float) else None
                     row["ours_frac_of_copy_bw"] = _ratio(row["ours_GBps"], copy_gbps)
                     qh = q.transpose(1, 2)
-                    next_sdpa = itertools.cycle([(k[:, :S + 1].transpose(1, 2), v[:, :S + 1].transpose(1, 2))
-                                                 for k, v in copies]).__next__
 
                     def sdpa():
-                        kh, vh = next_sdpa()
+                        kh, vh = (x[:, :S + 1].transpose(1, 2) for x in (next_k(), next_v()))
                         try:
                             return F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)
                         except TypeError:  # torch without enable_gqa
@@ -318,20 +318,8 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
                     row[f"tree{Tq}_vs_decode"] = _ratio(ms, row["ours_tq1_ms"])
                     row[f"tree{Tq}_floor_ratio"] = floor / row["floor_tq1_ms"]
             rows.append(row)
-            del k_cache, v_cache, copies
+            del k_cache, v_cache, next_k, next_v
     return rows
-
-
-def _cache_copies(k_cache, v_cache) -> list:
-    """(k, v) and clones of them, together at least twice the GPU's L2 (at most 64 copies): the
-    timed calls cycle through them, so each reads its cache from HBM, as each layer's decode does in
-    a real step (31 other layers' caches and weights pass through L2 between two uses). Replaying one
-    call on one cache of 4-34 MB, as the eighth session did, let the H100's 50 MB L2 serve it."""
-    if not k_cache.is_cuda:
-        return [(k_cache, v_cache)]
-    nbytes = 2 * k_cache.numel() * k_cache.element_size()
-    count = min(64, -(-2 * torch.cuda.get_device_properties(k_cache.device).L2_cache_size // nbytes))
-    return [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone()) for _ in range(count - 1)]
 
 
 def _fmt(x, digits: int = 3) -> str:

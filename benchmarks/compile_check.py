@@ -11,9 +11,8 @@ Each compiled variant is checked against the device's limits (H100/H200, sm_90):
   - shared memory per block <= 227 KiB (232448 bytes, the opt-in maximum);
   - registers per thread <= 255 and registers x threads per block <= 65536;
   - spills (a stack frame or local memory in the cubin) are reported, not failed: they cost speed,
-    not correctness. So are two facts about Hopper's asynchronous matmuls (wgmma): how many exp2 ops
-    Triton places while one is still running (a softmax under a matmul), and whether ptxas
-    serialized them (its note C7515, which makes every wgmma wait for the one before).
+    not correctness. So is whether ptxas serialized Hopper's asynchronous matmuls (wgmma; its note
+    C7515, which makes every wgmma wait for the one before).
 
     python benchmarks/compile_check.py [--arch 90] [--quick] [--out benchmarks/results]
 
@@ -90,34 +89,10 @@ def _tensor_core_instructions(ptx: str) -> str:
     return "+".join(kinds) or "-"
 
 
-def _exp2_under_wgmma(ttgir: str) -> int:
-    """math.exp2 ops that Triton places while a Hopper warpgroup MMA is still running: after an async
-    ttng.warp_group_dot that is not waited on at once, before the next warp_group_dot_wait. These are
-    the softmax exponentials that overlap a matmul; 0 means every exponential waits for the tensor
-    cores to finish first. (A flash forward built for that overlap lost 7-31% on the H100, tenth
-    session, NOTES.md; the count stays as a reading of every compile.)"""
-    count, in_flight, lines = 0, False, ttgir.splitlines()
-    for line, following in zip(lines, lines[1:] + [""]):
-        if "ttng.warp_group_dot_wait" in line or "scf.yield" in line or "tt.return" in line:
-            in_flight = False
-        issued = re.match(r"\s*(%[\w]+)(:\d+)? = ttng\.warp_group_dot .*isAsync = true", line)
-        if issued is not None:
-            in_flight = in_flight or not ("ttng.warp_group_dot_wait " + issued.group(1) in following
-                                          and "pendings = 0" in following)
-        elif in_flight and "math.exp2" in line:
-            count += 1
-    return count
-
-
 def _wgmma_serialized(ptxas_log: str) -> bool:
     """Whether ptxas serialized the kernel's wgmma instructions (its note C7515 in the log of Triton's
     own ptxas run): each then waits for the previous one, and nothing overlaps a matmul."""
     return "C7515" in ptxas_log
-
-
-def _tma_loads(ptx: str) -> int:
-    """Tensor-descriptor copies (Hopper's TMA engine) in the PTX: 0 where every load is a pointer load."""
-    return ptx.count("cp.async.bulk.tensor")
 
 
 class CrossCompiler:
@@ -175,8 +150,6 @@ class CrossCompiler:
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
                           tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]),
-                          tma_loads=_tma_loads(compiled.asm["ptx"]),
-                          exp2_under_mma=_exp2_under_wgmma(compiled.asm["ttgir"]),
                           wgmma_serialized=_wgmma_serialized(ptxas_log.getvalue()))
             record["problems"] = self._problems(record)
         except Exception as exc:  # a compile error is the finding; keep going to report them all
@@ -190,7 +163,6 @@ class CrossCompiler:
               f"{','.join(record['dtypes']):<16} w{record['num_warps']} s{record['num_stages']} "
               f"smem={record.get('shared_bytes', '-')} regs={record.get('registers', '-')} "
               f"spill={record.get('spill_bytes', '-')} mma={record.get('tensor_cores', '-')} "
-              f"tma={record.get('tma_loads', '-')} exp2|mma={record.get('exp2_under_mma', '-')} "
               f"{'SERIALIZED ' if record.get('wgmma_serialized') else ''}"
               f"{'; '.join(record['problems'])}", flush=True)
 
@@ -352,18 +324,16 @@ def markdown(records, arch: int, quick: bool) -> str:
              "public functions make at these shapes, compiled, not run. Shared memory in bytes per block "
              f"(limit {MAX_SHARED_BYTES.get(arch, 49152)}), registers per thread (ptxas), spill = stack + local "
              "bytes per thread, MMA = the tensor-core instructions in the PTX (wgmma: Hopper warpgroup MMA; "
-             "mma: warp-level mma.sync), TMA = tensor-descriptor copies (cp.async.bulk.tensor) in the PTX, "
-             "exp2 under MMA = exponentials placed while a wgmma is still running (a softmax overlapping a "
-             "matmul; 0: every exp2 waits for the tensor cores), serialized = ptxas made each wgmma wait for the "
-             "previous one (its note C7515).", "",
-             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | TMA | exp2 under MMA | serialized | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mma: warp-level mma.sync), serialized = ptxas made each wgmma wait for the previous one (its "
+             "note C7515).", "",
+             "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | serialized | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r.get('shared_bytes', '-')} | {r.get('registers', '-')} | "
-                     f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | {r.get('tma_loads', '-')} | "
-                     f"{r.get('exp2_under_mma', '-')} | {'yes' if r.get('wgmma_serialized') else '-'} | "
+                     f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | "
+                     f"{'yes' if r.get('wgmma_serialized') else '-'} | "
                      f"{'; '.join(r['problems']) or 'ok'} |")
     failed = sum(bool(r["problems"]) for r in records)
     spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)

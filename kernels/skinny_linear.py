@@ -19,6 +19,10 @@ programs for the H100's 132 SMs). Each split stores a float32 partial; the last 
 tile to arrive (kernels/arrival.py) adds the partials in split order and writes Y, in the same
 kernel. No float atomics, no second kernel and a fixed summation order: every launch gives the same
 bits at every run.
+A stream-K launch (`_skinny_stream_k_kernel`) runs a fixed number of programs (per SM) over the
+(n tile, k tile) units in equal ranges, so a tile wide enough to cut the x re-reads still keeps every
+SM busy to the end; the programs that share a tile combine through the same counters, in program
+order.
 Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
 tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
 (cuBLAS on a tie, and whenever nothing is tuned yet). Each timed call reads another copy of the
@@ -37,7 +41,7 @@ import triton.language as tl
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
-from .backend import as_rows, gpu_launch, interpreting, use_triton
+from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
@@ -116,6 +120,76 @@ def _skinny_linear_kernel(
         tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _owner(unit, units, programs):
+    """The stream-K program whose unit range [p * units // programs, (p + 1) * units // programs)
+    holds `unit` (programs <= units, so no range is empty)."""
+    return ((unit + 1) * programs + units - 1) // units - 1
+
+
+@triton.jit
+def _skinny_stream_k_kernel(
+    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Stream-K: the (n tile, k tile) work units, n tile after n tile, cut into one equal range per
+    program, so wide weight tiles (few n tiles, hence few re-reads of x) still give every SM the same
+    share. A program writes the n tiles its range covers whole; for a tile it shares it stores a
+    float32 partial in PARTIALS (programs, 2, M, BLOCK_N), slot 0 for its first tile and 1 for its
+    last, and the tile's last sharer to arrive adds the sharers' partials in program order."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    units = tl.cdiv(N, BLOCK_N) * k_tiles
+    unit_lo = pid * units // programs
+    unit_hi = (pid + 1) * units // programs
+    first_tile = unit_lo // k_tiles
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    for tile in range(first_tile, tl.cdiv(unit_hi, k_tiles)):
+        kt_lo = tl.maximum(unit_lo - tile * k_tiles, 0)
+        kt_hi = tl.minimum(unit_hi - tile * k_tiles, k_tiles)
+        offs_n = tile * BLOCK_N + offs_j
+        n_ok = offs_n < N
+        w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        x_rows = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(kt_lo, kt_hi):
+            k0 = kt * BLOCK_K
+            k_ok = (k0 + offs_k) < K
+            if EVEN_N and EVEN_K:
+                w = tl.load(w_rows + k0)
+            elif EVEN_K:
+                w = tl.load(w_rows + k0, mask=n_ok[:, None], other=0.0)
+            else:
+                w = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if EVEN_K:
+                x = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_ok = m_ok[:, None] & n_ok[None, :]
+        if (kt_lo == 0) & (kt_hi == k_tiles):
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        else:
+            slot = (tile != first_tile).to(tl.int32)
+            tl.store(PARTIALS + ((pid * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :], acc,
+                     mask=m_ok[:, None])
+            sharer_lo = _owner(tile * k_tiles, units, programs)
+            sharer_hi = _owner((tile + 1) * k_tiles - 1, units, programs)
+            if last_to_arrive(COUNTERS + tile, sharer_hi - sharer_lo + 1):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)   # its own partial is added in turn
+                for p in range(sharer_lo, sharer_hi + 1):
+                    p_slot = (tile != (p * units // programs) // k_tiles).to(tl.int32)
+                    acc += tl.load(PARTIALS + ((p * 2 + p_slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :],
+                                   mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+
+
 @dataclass(frozen=True)
 class SkinnyLaunch:
     """One tile config of the kernel (None in its place means cuBLAS)."""
@@ -126,14 +200,16 @@ class SkinnyLaunch:
     num_stages: int = 3
     block_m: int = 16   # x rows per tl.dot tile (multiply-add launches take one row)
     split_k: int = 1    # programs per n tile, each over a K range (tl.dot launches only)
+    stream_k: int = 0   # > 0: a stream-K launch of stream_k programs per SM (tl.dot, unsplit)
 
     def label(self) -> str:
         """E.g. "64x64x128 dot w4 s4 k2": rows x BLOCK_N x BLOCK_K, dot or fma, warps, stages, and
-        the K split when there is one."""
+        the K split when there is one ("k2") or the stream-K programs per SM ("sk1")."""
         rows = self.block_m if self.use_dot else 1
         split = f" k{self.split_k}" if self.split_k > 1 else ""
+        stream = f" sk{self.stream_k}" if self.stream_k else ""
         return (f"{rows}x{self.block_n}x{self.block_k} {'dot' if self.use_dot else 'fma'} "
-                f"w{self.num_warps} s{self.num_stages}{split}")
+                f"w{self.num_warps} s{self.num_stages}{split}{stream}")
 
 
 # Multiply-add tiles (block_n, block_k, num_warps, num_stages) keep a float32 (BLOCK_N, BLOCK_K)
@@ -155,12 +231,23 @@ _GPU_DOT_TILES = {16: ((16, 256, 4, 4, 1), (32, 256, 4, 3, 1), (64, 128, 8, 3, 1
                        (32, 128, 4, 4, 2), (32, 256, 4, 3, 2), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4)),
                   64: ((16, 256, 4, 3, 1), (32, 128, 4, 4, 1), (32, 256, 8, 3, 1), (64, 128, 8, 3, 1),
                        (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (64, 128, 8, 4, 2))}
+# Stream-K tiles (block_n, block_k, num_warps, num_stages, programs per SM) per row tile: 128- and
+# 256-wide weight tiles, which re-read x 4-8 times less than the 32-wide tiles above (at 64 rows a
+# 32-wide tile reads 2 bytes of x from L2 per weight byte from HBM; 1-row tiles read next to
+# none and run at 2.5-3.0 TB/s against 2.25-2.68 at 64 rows, tenth session) and which unsplit
+# would leave SMs idle in a last partial wave (22016 / 128 = 172 tiles on 132 SMs). Shared memory
+# per stage: (block_n + rows) x block_k x 2 bytes, at most 160 KB per SM in all. Not yet timed on a
+# GPU: the tuner keeps one only where it beats cuBLAS and the tiles above.
+_GPU_STREAM_K_TILES = {16: ((128, 128, 4, 4, 1),),
+                       32: ((128, 128, 4, 4, 1), (256, 64, 8, 4, 1)),
+                       64: ((128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (256, 64, 8, 3, 1))}
 # Interpreter tiles are small, to keep the CPU tests fast; a split-K tile per row tile covers the
-# combine (with empty splits at the tests' small K).
+# combine (with empty splits at the tests' small K), a stream-K one (3 programs) the shared tiles.
 _INTERP_FMA_TILES = ((16, 32, 1, 1), (8, 64, 1, 1))
 _INTERP_DOT_TILES = {16: ((16, 32, 1, 1, 1), (32, 16, 1, 1, 1), (16, 16, 1, 1, 3)),
                      32: ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2)),
                      64: ((16, 16, 1, 1, 1), (32, 16, 1, 1, 4))}
+_INTERP_STREAM_K_TILES = {16: ((16, 16, 1, 1, 1),), 32: ((16, 16, 1, 1, 1),), 64: ((16, 16, 1, 1, 1),)}
 
 
 def row_tile(M: int) -> int:
@@ -170,21 +257,34 @@ def row_tile(M: int) -> int:
     return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 
 
-def skinny_candidates(M: int, device: torch.device) -> list:
+def skinny_candidates(M: int, device: torch.device, N: Optional[int] = None, K: Optional[int] = None) -> list:
     """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones (split-K among them) of M's row tile (16 rows for M = 1)."""
+    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1). On a GPU
+    the stream-K tiles come only for an (N, K) weight they divide: with a ragged tile their sm_90
+    compiles spill 1.3-3.6 KB (the masks' registers on top of the partial merge's)."""
     gpu = gpu_launch(device)
-    fma, dot = (_GPU_FMA_TILES, _GPU_DOT_TILES) if gpu else (_INTERP_FMA_TILES, _INTERP_DOT_TILES)
+    fma, dot, stream = ((_GPU_FMA_TILES, _GPU_DOT_TILES, _GPU_STREAM_K_TILES) if gpu else
+                        (_INTERP_FMA_TILES, _INTERP_DOT_TILES, _INTERP_STREAM_K_TILES))
     block_m = max(16, row_tile(M))
     out: list = [None]
     if M == 1:
         out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
     out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]
+            if not gpu or (N is not None and K is not None and N % n == 0 and K % k == 0)]
     return out
 
 
-def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch]) -> torch.Tensor:
-    """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride."""
+def stream_k_programs(device: torch.device, per_sm: int) -> int:
+    """Programs of a stream-K launch: per_sm per SM on a GPU; under the interpreter per_sm x 3, so
+    that the tests' small shapes split tiles between programs unevenly."""
+    return per_sm * (sm_count(device) if gpu_launch(device) else 3)
+
+
+def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch],
+                      programs: Optional[int] = None) -> torch.Tensor:
+    """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride.
+    programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it)."""
     if launch is None:
         return reference.skinny_linear(x2, weight)
     M, K = x2.shape
@@ -195,8 +295,25 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         raise ValueError(f"skinny_linear: a {launch.block_m}-row tile takes at most {launch.block_m} rows, got {M}")
     if launch.split_k < 1 or (launch.split_k > 1 and not launch.use_dot):
         raise ValueError(f"skinny_linear: split_k={launch.split_k} needs split_k >= 1, and a tl.dot launch when > 1")
+    if launch.stream_k < 0 or (launch.stream_k and (not launch.use_dot or launch.split_k > 1)):
+        raise ValueError(f"skinny_linear: stream_k={launch.stream_k} needs stream_k >= 0, and an unsplit tl.dot "
+                         f"launch when > 0")
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     n_tiles = triton.cdiv(N, launch.block_n)
+    even = dict(EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0)
+    if launch.stream_k:
+        units = n_tiles * triton.cdiv(K, launch.block_k)
+        # At most one program per unit: then no program's range is empty and every one that takes
+        # a ticket on a tile's counter is counted among its sharers.
+        programs = min(units, programs or stream_k_programs(x2.device, launch.stream_k))
+        if programs < 1 or (programs + 1) * units >= 2 ** 31:   # pid * units is int32 in the kernel
+            raise ValueError(f"skinny_linear: a stream-K launch of {programs} programs over {units} units")
+        partials = torch.empty((programs, 2, M, launch.block_n), dtype=torch.float32, device=x2.device)
+        _skinny_stream_k_kernel[(programs,)](
+            x2, weight, y, partials, arrival_counters(x2.device, n_tiles), M, N, K,
+            x2.stride(0), weight.stride(0), y.stride(0), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            BLOCK_K=launch.block_k, **even, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        return y
     partials = counters = None
     if launch.split_k > 1:   # float32 partials of every split, and one arrival counter per n tile
         partials = torch.empty((launch.split_k, M, N), dtype=torch.float32, device=x2.device)
@@ -204,8 +321,7 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
-        EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0, SPLIT_K=launch.split_k,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        **even, SPLIT_K=launch.split_k, num_warps=launch.num_warps, num_stages=launch.num_stages)
     return y
 
 
@@ -218,7 +334,7 @@ def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_byte
     (`rotating_copies`, l2_bytes: the L2 size, by default the device's), so that a weight smaller
     than the L2 is read from HBM as in a decode step; the copies are freed on return."""
     next_weight = rotating_copies(weight, l2_bytes)
-    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device),
+    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device, *weight.shape),
                        lambda c: skinny_linear_run(x2, next_weight(), c), timer)
 
 

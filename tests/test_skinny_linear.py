@@ -1,7 +1,8 @@
 """The decode GEMM kernel (skinny_linear.py): every tile the tuner may pick against a float64 oracle
 (interpreter), split-K launches (every split counted once, in split order, empty splits included),
-the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the tuned
-choice and the split launches' determinism."""
+stream-K launches (every program count from 1 to one per unit; shared tiles combined in program
+order), the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the
+tuned choice and the split and stream-K launches' determinism."""
 import gc
 import weakref
 
@@ -25,9 +26,10 @@ def test_every_candidate_matches_the_oracle(triton_backend, dtype, M, N, K):
     x, w = _inputs(M, N, K, dtype, seed=M * 100 + N + K)
     want = x.double() @ w.double().T
     candidates = sl.skinny_candidates(M, x.device)
-    assert candidates[0] is None and len(candidates) == {1: 6, 16: 4, 32: 3, 64: 3}[sl.row_tile(M)]
+    assert candidates[0] is None and len(candidates) == {1: 7, 16: 5, 32: 4, 64: 4}[sl.row_tile(M)]
     assert all(c.block_m == max(16, sl.row_tile(M)) for c in candidates[1:] if c.use_dot)
     assert any(c.split_k > 1 for c in candidates[1:])   # every row tile tries a split-K launch
+    assert any(c.stream_k for c in candidates[1:])      # and a stream-K one
     for launch in candidates:
         y = sl.skinny_linear_run(x, w, launch)
         assert y.shape == (M, N) and y.dtype == dtype
@@ -98,19 +100,97 @@ def test_split_k_adds_the_partials_in_split_order(triton_backend, monkeypatch):
     assert y[:, 1:].tolist() == [[float(w[1].sum()), 15.0]] * M
 
 
+def _stream_k_ranges(units: int, programs: int) -> list:
+    """Each program's unit range, as the kernel cuts them."""
+    return [(p * units // programs, (p + 1) * units // programs) for p in range(programs)]
+
+
+@pytest.mark.parametrize("M,N,K,block_n,block_k,block_m", [
+    (2, 37, 40, 16, 16, 16),    # 3 n tiles (the last ragged) x 3 k tiles (the last ragged)
+    (17, 21, 33, 16, 16, 32),   # K not a multiple of BLOCK_K, rows not a multiple of the row tile
+    (64, 50, 64, 16, 16, 64),   # a full 64-row tile, 4 x 4 units
+    (5, 64, 128, 32, 32, 16),   # even N and K: the unmasked loads
+    (1, 7, 5, 16, 16, 16),      # one unit
+    (3, 16, 160, 16, 16, 16),   # one n tile of 10 k tiles: every program shares it
+])
+def test_stream_k_launches_match_the_oracle_at_every_program_count(triton_backend, monkeypatch, M, N, K,
+                                                                    block_n, block_k, block_m):
+    """From one program (every tile whole) to one program per unit (every k tile a partial), and
+    more programs than units (capped); counters back at zero after each launch."""
+    _nan_scratch(monkeypatch)
+    x, w = _inputs(M, N, K, torch.float32, seed=M + N + K)
+    want = x.double() @ w.double().T
+    units = -(-N // block_n) * -(-K // block_k)
+    launch = sl.SkinnyLaunch(block_n, block_k, True, 1, 1, block_m, stream_k=1)
+    counts = sorted({1, 2, 3, 5, 7, units, units + 3})
+    shared_somewhere = False
+    for programs in counts:
+        y = sl.skinny_linear_run(x, w, launch, programs=programs)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4, msg=lambda m: f"{programs} programs: {m}")
+        assert int(arrival_counters(x.device, -(-N // block_n)).abs().sum()) == 0, programs
+        ranges = _stream_k_ranges(units, min(programs, units))
+        shared_somewhere |= any(lo % (-(-K // block_k)) or hi - lo < -(-K // block_k) for lo, hi in ranges)
+    assert shared_somewhere or units == 1   # the shapes do exercise the shared-tile combine
+
+
+def test_stream_k_adds_a_shared_tile_in_program_order(triton_backend, monkeypatch):
+    """One n tile of 4 k tiles, one per program, with partials 2^24, 1, -2^24, 1 in output 0:
+    float32 gives 1 only in program order (see the split-K test), whichever program arrives last;
+    a program whose partial went to the wrong slot or was missed gives something else."""
+    _nan_scratch(monkeypatch)
+    M, N, K, block_k = 2, 3, 64, 16
+    x = torch.ones(M, K)
+    w = torch.zeros(N, K)
+    w[0, [0, 16, 32, 48]] = torch.tensor([2.0 ** 24, 1.0, -2.0 ** 24, 1.0])
+    w[1, :] = torch.arange(K) % 7 - 3
+    w[2, 5::16] = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    launch = sl.SkinnyLaunch(16, block_k, True, 1, 1, 16, stream_k=1)
+    for programs in (4, 3):   # 4: one k tile each; 3: ranges 1 + 1 + 2 units (the last program's 2 summed first)
+        y = sl.skinny_linear_run(x, w, launch, programs=programs)
+        assert y[:, 0].tolist() == [1.0, 1.0], programs
+        assert y[:, 1:].tolist() == [[float(w[1].sum()), 15.0]] * M, programs
+
+
+def test_stream_k_ranges_and_the_program_count():
+    """The kernel's ranges cover every unit once; a tile's sharers are the programs _owner names
+    (here in Python, the same integer formula); the GPU count is per_sm x the SMs."""
+    for units in range(1, 40):
+        for programs in range(1, units + 1):
+            ranges = _stream_k_ranges(units, programs)
+            assert ranges[0][0] == 0 and ranges[-1][1] == units
+            assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            for unit in range(units):
+                owner = ((unit + 1) * programs + units - 1) // units - 1   # _owner
+                assert ranges[owner][0] <= unit < ranges[owner][1]
+    cpu = torch.device("cpu")
+    assert sl.stream_k_programs(cpu, 2) == 6   # the interpreter's 3 stand-in SMs
+
+
+def test_stream_k_programs_on_a_gpu_are_per_sm(monkeypatch):
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert sl.stream_k_programs(torch.device("cpu"), 2) == 264   # the cross-compile's 132 SMs
+
+
 def test_split_k_launch_rules_and_labels():
     x, w = torch.randn(2, 24), torch.randn(40, 24)
     with pytest.raises(ValueError, match="split_k=2 needs .* a tl.dot launch"):
         sl.skinny_linear_run(x[:1], w, sl.SkinnyLaunch(16, 32, use_dot=False, split_k=2))
     with pytest.raises(ValueError, match="split_k=0 needs split_k >= 1"):
         sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, use_dot=True, split_k=0))
+    with pytest.raises(ValueError, match="stream_k=1 needs .* an unsplit tl.dot launch"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, use_dot=True, split_k=2, stream_k=1))
+    with pytest.raises(ValueError, match="stream_k=1 needs .* an unsplit tl.dot launch"):
+        sl.skinny_linear_run(x[:1], w, sl.SkinnyLaunch(16, 32, use_dot=False, stream_k=1))
     assert sl.SkinnyLaunch(128, 64, True, 8, 4, 64, split_k=4).label() == "64x128x64 dot w8 s4 k4"
+    assert sl.SkinnyLaunch(256, 64, True, 8, 3, 64, stream_k=1).label() == "64x256x64 dot w8 s3 sk1"
     assert sl.SkinnyLaunch(32, 128, True, 4, 4, 64).label() == "64x32x128 dot w4 s4"
     assert sl.SkinnyLaunch(8, 1024, False, 4, 3).label() == "1x8x1024 fma w4 s3"
 
 
 def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
-    """The sm_90 tables: 3-4 split-K tiles per tl.dot row tile, none on multiply-add launches."""
+    """The sm_90 tables: 3-4 split-K tiles per tl.dot row tile, none on multiply-add launches; the
+    stream-K tiles where they divide the weight (and without its shape, none)."""
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu = torch.device("cpu")
@@ -119,7 +199,13 @@ def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
         split = [c for c in launches if c.split_k > 1]
         assert 3 <= len(split) <= 4 and all(c.use_dot and c.split_k in (2, 4) for c in split)
         assert all(c.block_m == max(16, sl.row_tile(M)) for c in split)
-        assert len(set(launches)) == len(launches)
+        assert len(set(launches)) == len(launches) and not any(c.stream_k for c in launches)
+        # stream-K tiles only for weights they divide: every one at the 7B shapes, none at a ragged one
+        for N, K in ((4096, 4096), (22016, 4096), (4096, 11008), (12288, 4096)):
+            stream = [c for c in sl.skinny_candidates(M, cpu, N, K)[1:] if c.stream_k]
+            assert len(stream) == len(sl._GPU_STREAM_K_TILES[max(16, sl.row_tile(M))]) >= 1
+            assert all(c.use_dot and c.split_k == 1 and N % c.block_n == 0 and K % c.block_k == 0 for c in stream)
+        assert not any(c.stream_k for c in sl.skinny_candidates(M, cpu, 4096, 4000)[1:])
 
 
 def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
@@ -209,7 +295,8 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
     times = sl.tune_skinny(key, x, w, checked)
-    assert list(times) == sl.skinny_candidates(M, x.device) and any(c and c.split_k > 1 for c in times)
+    assert list(times) == sl.skinny_candidates(M, x.device, N, K) and any(c and c.split_k > 1 for c in times)
+    assert any(c and c.stream_k for c in times) == (N % 128 == 0)   # stream-K tiles where they divide W
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     chosen = min(times, key=times.get)
@@ -222,14 +309,14 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
 @pytest.mark.parametrize("M,N,K", [(64, 4096, 4096), (64, 22016, 4096), (16, 4096, 11008), (1, 12288, 4096),
                                    (48, 1000, 333), (32, 4096, 11008)])
 def test_gpu_split_k_launches_are_deterministic(M, N, K):
-    """Hundreds of programs race for the arrival counters: every split launch gives the same bits at
-    every run (the partials are added in split order, whichever program arrives last), inside a
-    CUDA graph too, and leaves its counters at zero."""
+    """Hundreds of programs race for the arrival counters: every split-K and stream-K launch gives
+    the same bits at every run (the partials are added in split or program order, whichever program
+    arrives last), inside a CUDA graph too, and leaves its counters at zero."""
     g = torch.Generator(device="cuda").manual_seed(M * N)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
     w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
     want = x.double() @ w.double().T
-    for launch in [c for c in sl.skinny_candidates(M, x.device)[1:] if c.split_k > 1]:
+    for launch in [c for c in sl.skinny_candidates(M, x.device, N, K)[1:] if c.split_k > 1 or c.stream_k]:
         first = sl.skinny_linear_run(x, w, launch)
         assert ((first.double() - want).norm() / want.norm()).item() < 1e-2, launch
         for _ in range(10):

@@ -137,10 +137,21 @@ def step_kernel_group(name: str) -> str:
     return next((group for group, keys in STEP_KERNEL_GROUPS if any(k in low for k in keys)), "other")
 
 
+def group_kernel_ms(per_kernel: dict, top_other: int = 4) -> dict:
+    """Kernel ms per name -> ms per STEP_KERNEL_GROUPS group, their sum, and under "other_kernels"
+    the `top_other` largest kernels that no group names (what "other" is made of), largest first."""
+    groups: dict = {}
+    for name, ms in per_kernel.items():
+        groups[step_kernel_group(name)] = groups.get(step_kernel_group(name), 0.0) + ms
+    other = sorted(((name, ms) for name, ms in per_kernel.items() if step_kernel_group(name) == "other"),
+                   key=lambda item: -item[1])
+    return {"kernels_ms": sum(groups.values()), **{k: round(v, 4) for k, v in sorted(groups.items())},
+            "other_kernels": {name[:80]: round(ms, 4) for name, ms in other[:top_other]}}
+
+
 def kernel_breakdown(step) -> dict:
-    """CUDA kernel ms per step by group (common.cuda_kernel_ms), and their sum."""
-    groups = common.cuda_kernel_ms(step, step_kernel_group)
-    return {"kernels_ms": sum(groups.values()), **{k: round(v, 4) for k, v in sorted(groups.items())}}
+    """CUDA kernel ms per step by group (common.cuda_kernel_ms, see group_kernel_ms)."""
+    return group_kernel_ms(common.cuda_kernel_ms(step, lambda name: name))
 
 
 @torch.inference_mode()
@@ -329,6 +340,11 @@ def to_markdown(result: dict) -> str:
                   common.markdown_table(["batch", "step", "wall ms", "kernels ms"] + groups,
                                         [[b, step, wall, k["kernels_ms"]] + [k.get(g, 0.0) for g in groups]
                                          for b, step, wall, k in breakdown]), ""]
+        lines += ["Largest kernels under \"other\" (ms per step):", ""]
+        lines += [f"- batch {b}, {step}: " + (", ".join(f"`{name}` {ms:.4g}" for name, ms in k["other_kernels"].items())
+                                              or "none")
+                  for b, step, _, k in breakdown if "other_kernels" in k]
+        lines += [""]
     lines += [f"## End to end (greedy, {result['gen_len']} new tokens per prompt) on {result['e2e_model']}", "",
               f"Attention: {result['e2e_attention']}.", ""]
     rows = [[r["batch"], r["mode"], r["tree_nodes"], r["tokens_per_forward"], r["tokens_per_s"], r["speedup"],

@@ -48,6 +48,26 @@ MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEM
 
 
 @triton.jit
+def _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """A (BLOCK_N, BLOCK_K) weight tile; masked only along the dimensions the shape leaves ragged."""
+    if EVEN_N and EVEN_K:
+        return tl.load(w_ptrs)
+    elif EVEN_K:
+        return tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        return tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
+    """A (BLOCK_M, BLOCK_K) tile of x; rows past M read as 0."""
+    if EVEN_K:
+        return tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+    else:
+        return tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _skinny_linear_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
@@ -80,18 +100,9 @@ def _skinny_linear_kernel(
         x_ptrs += k_lo
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs)
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
         if USE_DOT:
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            else:
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(_load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
         else:
             if EVEN_K:
                 x = tl.load(x_ptrs)
@@ -160,17 +171,8 @@ def _skinny_stream_k_kernel(
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
             k_ok = (k0 + offs_k) < K
-            if EVEN_N and EVEN_K:
-                w = tl.load(w_rows + k0)
-            elif EVEN_K:
-                w = tl.load(w_rows + k0, mask=n_ok[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if EVEN_K:
-                x = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)
-            else:
-                x = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            w = _load_weight_tile(w_rows + k0, n_ok, k_ok, EVEN_N, EVEN_K)
+            acc = tl.dot(_load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
         y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
         y_ok = m_ok[:, None] & n_ok[None, :]
         if (kt_lo == 0) & (kt_hi == k_tiles):

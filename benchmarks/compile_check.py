@@ -290,7 +290,7 @@ def scenarios():
             x, w = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype)
             if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
                 continue
-            for launch in sl.skinny_candidates(rows, x.device, n_out, n_in)[1:]:
+            for launch in sl.skinny_candidates(rows, x.device)[1:]:
                 sl.skinny_linear_run(x, w, launch)
 
     def sampling(dtype):

@@ -139,6 +139,27 @@ def _owner(unit, units, programs):
 
 
 @triton.jit
+def _merge_shared_tile(Y, PARTIALS, COUNTERS, tile, k_tiles, units, programs, M, N, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Take a ticket on a shared tile's counter (this program stored its partial); the tile's last
+    sharer to arrive adds every sharer's partial in program order and writes the tile of Y."""
+    sharer_lo = _owner(tile * k_tiles, units, programs)
+    sharer_hi = _owner((tile + 1) * k_tiles - 1, units, programs)
+    if last_to_arrive(COUNTERS + tile, sharer_hi - sharer_lo + 1):
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p in range(sharer_lo, sharer_hi + 1):
+            slot = (tile != (p * units // programs) // k_tiles).to(tl.int32)   # 0: p's first tile
+            y += tl.load(PARTIALS + ((p * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+        offs_n = tile * BLOCK_N + offs_j
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _skinny_stream_k_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -146,9 +167,11 @@ def _skinny_stream_k_kernel(
 ):
     """Stream-K: the (n tile, k tile) work units, n tile after n tile, cut into one equal range per
     program, so wide weight tiles (few n tiles, hence few re-reads of x) still give every SM the same
-    share. A program writes the n tiles its range covers whole; for a tile it shares it stores a
-    float32 partial in PARTIALS (programs, 2, M, BLOCK_N), slot 0 for its first tile and 1 for its
-    last, and the tile's last sharer to arrive adds the sharers' partials in program order."""
+    share. One flat loop runs over the program's units, so the load pipeline never drains at a tile
+    boundary. A tile the range covers whole is written at once; only the range's first and last
+    tiles can be shared, and for those the program stores a float32 partial in PARTIALS (programs,
+    2, M, BLOCK_N) (slot 0 for its first tile, 1 for its last) and, after the loop, merges them
+    through the arrival counters (_merge_shared_tile)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -156,40 +179,39 @@ def _skinny_stream_k_kernel(
     unit_lo = pid * units // programs
     unit_hi = (pid + 1) * units // programs
     first_tile = unit_lo // k_tiles
+    last_tile = (unit_hi - 1) // k_tiles
     offs_m = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    for tile in range(first_tile, tl.cdiv(unit_hi, k_tiles)):
-        kt_lo = tl.maximum(unit_lo - tile * k_tiles, 0)
-        kt_hi = tl.minimum(unit_hi - tile * k_tiles, k_tiles)
+    x_rows = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for unit in range(unit_lo, unit_hi):
+        tile = unit // k_tiles
+        k0 = (unit - tile * k_tiles) * BLOCK_K
         offs_n = tile * BLOCK_N + offs_j
         n_ok = offs_n < N
-        w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        x_rows = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(kt_lo, kt_hi):
-            k0 = kt * BLOCK_K
-            k_ok = (k0 + offs_k) < K
-            w = _load_weight_tile(w_rows + k0, n_ok, k_ok, EVEN_N, EVEN_K)
-            acc = tl.dot(_load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
-        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-        y_ok = m_ok[:, None] & n_ok[None, :]
-        if (kt_lo == 0) & (kt_hi == k_tiles):
-            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
-        else:
-            slot = (tile != first_tile).to(tl.int32)
-            tl.store(PARTIALS + ((pid * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :], acc,
-                     mask=m_ok[:, None])
-            sharer_lo = _owner(tile * k_tiles, units, programs)
-            sharer_hi = _owner((tile + 1) * k_tiles - 1, units, programs)
-            if last_to_arrive(COUNTERS + tile, sharer_hi - sharer_lo + 1):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)   # its own partial is added in turn
-                for p in range(sharer_lo, sharer_hi + 1):
-                    p_slot = (tile != (p * units // programs) // k_tiles).to(tl.int32)
-                    acc += tl.load(PARTIALS + ((p * 2 + p_slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :],
-                                   mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-                tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        k_ok = (k0 + offs_k) < K
+        w = _load_weight_tile(W + offs_n[:, None].to(tl.int64) * stride_wn + k0 + offs_k[None, :], n_ok, k_ok,
+                              EVEN_N, EVEN_K)
+        acc = tl.dot(_load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
+        if (k0 + BLOCK_K >= K) | (unit == unit_hi - 1):   # the end of this tile's segment
+            if (unit - tile * k_tiles + 1 >= k_tiles) & (unit_lo <= tile * k_tiles):   # the whole tile
+                tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                         mask=m_ok[:, None] & n_ok[None, :])
+            else:
+                slot = (tile != first_tile).to(tl.int32)
+                tl.store(PARTIALS + ((pid * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :], acc,
+                         mask=m_ok[:, None])
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Shared tiles: the first if the range starts inside it or ends before its end; the last if it
+    # differs from the first and the range ends inside it.
+    if (unit_lo > first_tile * k_tiles) | (unit_hi < (first_tile + 1) * k_tiles):
+        _merge_shared_tile(Y, PARTIALS, COUNTERS, first_tile, k_tiles, units, programs, M, N, stride_ym,
+                           BLOCK_M, BLOCK_N)
+    if (last_tile != first_tile) & (unit_hi < (last_tile + 1) * k_tiles):
+        _merge_shared_tile(Y, PARTIALS, COUNTERS, last_tile, k_tiles, units, programs, M, N, stride_ym,
+                           BLOCK_M, BLOCK_N)
 
 
 @dataclass(frozen=True)
@@ -237,12 +259,14 @@ _GPU_DOT_TILES = {16: ((16, 256, 4, 4, 1), (32, 256, 4, 3, 1), (64, 128, 8, 3, 1
 # 256-wide weight tiles, which re-read x 4-8 times less than the 32-wide tiles above (at 64 rows a
 # 32-wide tile reads 2 bytes of x from L2 per weight byte from HBM; 1-row tiles read next to
 # none and run at 2.5-3.0 TB/s against 2.25-2.68 at 64 rows, tenth session) and which unsplit
-# would leave SMs idle in a last partial wave (22016 / 128 = 172 tiles on 132 SMs). Shared memory
-# per stage: (block_n + rows) x block_k x 2 bytes, at most 160 KB per SM in all. Not yet timed on a
-# GPU: the tuner keeps one only where it beats cuBLAS and the tiles above.
+# would leave SMs idle in a last partial wave (22016 / 128 = 172 tiles on 132 SMs). Shared memory:
+# (block_n + rows) x block_k x 2 bytes per stage, plus the float32 accumulator's tile for the
+# epilogue's stores; 104-184 KB per CTA in the sm_90 compiles, so 2 CTAs per SM only for the
+# 64 x 128 x 64 tile at 3 stages. Not yet timed on a GPU: the tuner keeps one only where it beats
+# cuBLAS and the tiles above.
 _GPU_STREAM_K_TILES = {16: ((128, 128, 4, 4, 1),),
                        32: ((128, 128, 4, 4, 1), (256, 64, 8, 4, 1)),
-                       64: ((128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (256, 64, 8, 3, 1))}
+                       64: ((128, 128, 8, 3, 1), (128, 64, 4, 3, 2), (256, 64, 8, 3, 1))}
 # Interpreter tiles are small, to keep the CPU tests fast; a split-K tile per row tile covers the
 # combine (with empty splits at the tests' small K), a stream-K one (3 programs) the shared tiles.
 _INTERP_FMA_TILES = ((16, 32, 1, 1), (8, 64, 1, 1))
@@ -259,11 +283,9 @@ def row_tile(M: int) -> int:
     return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 
 
-def skinny_candidates(M: int, device: torch.device, N: Optional[int] = None, K: Optional[int] = None) -> list:
+def skinny_candidates(M: int, device: torch.device) -> list:
     """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1). On a GPU
-    the stream-K tiles come only for an (N, K) weight they divide: with a ragged tile their sm_90
-    compiles spill 1.3-3.6 KB (the masks' registers on top of the partial merge's)."""
+    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1)."""
     gpu = gpu_launch(device)
     fma, dot, stream = ((_GPU_FMA_TILES, _GPU_DOT_TILES, _GPU_STREAM_K_TILES) if gpu else
                         (_INTERP_FMA_TILES, _INTERP_DOT_TILES, _INTERP_STREAM_K_TILES))
@@ -272,8 +294,7 @@ def skinny_candidates(M: int, device: torch.device, N: Optional[int] = None, K: 
     if M == 1:
         out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
     out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
-    out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]
-            if not gpu or (N is not None and K is not None and N % n == 0 and K % k == 0)]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]]
     return out
 
 
@@ -336,7 +357,7 @@ def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_byte
     (`rotating_copies`, l2_bytes: the L2 size, by default the device's), so that a weight smaller
     than the L2 is read from HBM as in a decode step; the copies are freed on return."""
     next_weight = rotating_copies(weight, l2_bytes)
-    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device, *weight.shape),
+    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device),
                        lambda c: skinny_linear_run(x2, next_weight(), c), timer)
 
 

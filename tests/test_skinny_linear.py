@@ -189,8 +189,8 @@ def test_split_k_launch_rules_and_labels():
 
 
 def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
-    """The sm_90 tables: 3-4 split-K tiles per tl.dot row tile, none on multiply-add launches; the
-    stream-K tiles where they divide the weight (and without its shape, none)."""
+    """The sm_90 tables: 3-4 split-K tiles per tl.dot row tile, none on multiply-add launches, and
+    1-3 stream-K tiles at least 128 wide."""
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu = torch.device("cpu")
@@ -199,13 +199,9 @@ def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
         split = [c for c in launches if c.split_k > 1]
         assert 3 <= len(split) <= 4 and all(c.use_dot and c.split_k in (2, 4) for c in split)
         assert all(c.block_m == max(16, sl.row_tile(M)) for c in split)
-        assert len(set(launches)) == len(launches) and not any(c.stream_k for c in launches)
-        # stream-K tiles only for weights they divide: every one at the 7B shapes, none at a ragged one
-        for N, K in ((4096, 4096), (22016, 4096), (4096, 11008), (12288, 4096)):
-            stream = [c for c in sl.skinny_candidates(M, cpu, N, K)[1:] if c.stream_k]
-            assert len(stream) == len(sl._GPU_STREAM_K_TILES[max(16, sl.row_tile(M))]) >= 1
-            assert all(c.use_dot and c.split_k == 1 and N % c.block_n == 0 and K % c.block_k == 0 for c in stream)
-        assert not any(c.stream_k for c in sl.skinny_candidates(M, cpu, 4096, 4000)[1:])
+        assert len(set(launches)) == len(launches)
+        stream = [c for c in launches if c.stream_k]
+        assert 1 <= len(stream) <= 3 and all(c.use_dot and c.split_k == 1 and c.block_n >= 128 for c in stream)
 
 
 def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
@@ -295,8 +291,8 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
     times = sl.tune_skinny(key, x, w, checked)
-    assert list(times) == sl.skinny_candidates(M, x.device, N, K) and any(c and c.split_k > 1 for c in times)
-    assert any(c and c.stream_k for c in times) == (N % 128 == 0)   # stream-K tiles where they divide W
+    assert list(times) == sl.skinny_candidates(M, x.device) and any(c and c.split_k > 1 for c in times)
+    assert any(c and c.stream_k for c in times)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     chosen = min(times, key=times.get)
@@ -316,7 +312,7 @@ def test_gpu_split_k_launches_are_deterministic(M, N, K):
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
     w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
     want = x.double() @ w.double().T
-    for launch in [c for c in sl.skinny_candidates(M, x.device, N, K)[1:] if c.split_k > 1 or c.stream_k]:
+    for launch in [c for c in sl.skinny_candidates(M, x.device)[1:] if c.split_k > 1 or c.stream_k]:
         first = sl.skinny_linear_run(x, w, launch)
         assert ((first.double() - want).norm() / want.norm()).item() < 1e-2, launch
         for _ in range(10):

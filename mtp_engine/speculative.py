@@ -32,6 +32,7 @@ import torch
 
 from mtp_kernels import linear_argmax, linear_sample, tree_accept
 from mtp_kernels.attention import PackedTreeMask, pack_tree_mask
+from mtp_kernels.skinny_linear import skinny_linear
 
 Path = Tuple[int, ...]
 TreeSpec = Union[str, Sequence[Sequence[int]]]
@@ -404,14 +405,16 @@ def draft_tokens(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> torc
     """hidden: (B, heads - 1, D) normed hidden of heads 1.. at the last accepted position; weight:
     (V, D). Returns (B, heads - 1, top_k) int64: each head's top_k tokens, best first. Top-1 goes
     through linear_argmax (no logits); wider trees materialize the (B * (heads - 1), V) logits, a
-    few rows per sequence."""
+    few rows per sequence, through `skinny_linear` (up to 64 rows: cuBLAS or the weight-streaming
+    kernel, whichever the tuner timed faster; this product reads the whole unembedding a second
+    time in each verify step, 262 MB at the 7B shape)."""
     B, n_draft, D = hidden.shape
     rows = hidden.reshape(B * n_draft, D)
     if top_k == 1:
         return linear_argmax(rows, weight).view(B, n_draft, 1)
     # In the model's dtype: a float32 copy of the (V, D) weight every step would cost more than the
     # matmul, and a draft's rank only steers the tree, never the output.
-    logits = rows @ weight.T
+    logits = skinny_linear(rows, weight)
     return torch.topk(logits, top_k, dim=-1).indices.view(B, n_draft, top_k)
 
 

@@ -154,6 +154,17 @@ def test_accept_step_lines_up_emitted_tokens():
 
 
 # ------------------------------------------------------------------------------ tree builder
+@pytest.mark.parametrize("B,top_k", [(1, 1), (1, 4), (3, 10), (30, 2)])   # 90 rows: past skinny_linear's 64
+def test_draft_tokens_are_each_heads_top_k(B, top_k):
+    """Each head's top_k tokens, best first, against float64 logits (random: no near-ties)."""
+    g = torch.Generator().manual_seed(B * 10 + top_k)
+    hidden, weight = torch.randn(B, 3, 24, generator=g), torch.randn(101, 24, generator=g)
+    drafts = spec.draft_tokens(hidden, weight, top_k)
+    want = torch.topk(hidden.double() @ weight.double().T, top_k, dim=-1).indices
+    assert drafts.shape == (B, 3, top_k) and drafts.dtype == torch.int64
+    assert torch.equal(drafts, want)
+
+
 def test_build_tree_is_valid_and_greedy_optimal():
     rates = [[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]]
     for budget in range(1, 13):

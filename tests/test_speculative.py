@@ -153,7 +153,6 @@ def test_accept_step_lines_up_emitted_tokens():
     assert out.last_node.tolist() == [4, 0, 3]
 
 
-# ------------------------------------------------------------------------------ tree builder
 @pytest.mark.parametrize("B,top_k", [(1, 1), (1, 4), (3, 10), (30, 2)])   # 90 rows: past skinny_linear's 64
 def test_draft_tokens_are_each_heads_top_k(B, top_k):
     """Each head's top_k tokens, best first, against float64 logits (random: no near-ties)."""
@@ -165,6 +164,7 @@ def test_draft_tokens_are_each_heads_top_k(B, top_k):
     assert torch.equal(drafts, want)
 
 
+# ------------------------------------------------------------------------------ tree builder
 def test_build_tree_is_valid_and_greedy_optimal():
     rates = [[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]]
     for budget in range(1, 13):

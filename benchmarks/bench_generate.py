@@ -141,10 +141,13 @@ def group_kernel_ms(per_kernel: dict, top_other: int = 4) -> dict:
     """Kernel ms per name -> ms per STEP_KERNEL_GROUPS group, their sum, and under "other_kernels"
     the `top_other` largest kernels that no group names (what "other" is made of), largest first."""
     groups: dict = {}
+    other = []
     for name, ms in per_kernel.items():
-        groups[step_kernel_group(name)] = groups.get(step_kernel_group(name), 0.0) + ms
-    other = sorted(((name, ms) for name, ms in per_kernel.items() if step_kernel_group(name) == "other"),
-                   key=lambda item: -item[1])
+        group = step_kernel_group(name)
+        groups[group] = groups.get(group, 0.0) + ms
+        if group == "other":
+            other.append((name, ms))
+    other.sort(key=lambda item: -item[1])
     return {"kernels_ms": sum(groups.values()), **{k: round(v, 4) for k, v in sorted(groups.items())},
             "other_kernels": {name[:80]: round(ms, 4) for name, ms in other[:top_other]}}
 

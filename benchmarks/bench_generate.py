@@ -8,7 +8,8 @@
    decode step (as Generator's greedy loop: cached forward of 1 token with head 0, then linear +
    argmax) and one verify step (Generator._verify_step: candidates from drafts, one forward of all
    nodes with all 4 heads, head-0 linear argmax at every node, tree_accept, KV compaction, next
-   drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them. Ratio =
+   drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them (the head blocks
+   as concurrent graph branches, and once more in order for comparison). Ratio =
    verify / plain: at a given tokens per forward, the speedup over plain decoding is
    tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
@@ -208,6 +209,14 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
+            if device.type == "cuda":
+                # The same step with the head blocks in order on one stream (another graph): what
+                # running them as concurrent graph branches (mtp_engine/branches.py) gains or loses.
+                model.concurrent_heads = False
+                try:
+                    row[f"verify{T}_heads_in_order_ms"] = common.time_and_peak(verify_step, device=device).get("ms")
+                finally:
+                    model.concurrent_heads = True
             if device.type == "cuda" and res["status"] == "ok":
                 row[f"verify{T}_kernel_ms"] = kernel_breakdown(verify_step)
             if res["status"] == "ok" and row["plain_ms"]:
@@ -324,6 +333,15 @@ def to_markdown(result: dict) -> str:
                       [[r["B"], r["Tq"], f"{r['H']} / {r['Hkv']}", r["S_max"], r["heuristic"], r["heuristic_ms"],
                         r["chosen"], r["chosen_ms"], ", ".join(f"{k}: {v:.4g}" for k, v in r["times_ms"].items())]
                        for r in result["kv_launches"]]), ""]
+    in_order = [r for r in result["step_costs"] if any(r.get(f"verify{T}_heads_in_order_ms") for T in nodes)]
+    if in_order:
+        lines += ["### Head blocks as concurrent CUDA-graph branches (`mtp_engine/branches.py`)", "",
+                  "Verify step ms with the 4 head blocks on concurrent streams of the captured graph (the "
+                  "default, timed above) and in order on one stream.", "",
+                  common.markdown_table(["batch"] + [f"{T} nodes: concurrent / in order ms" for T in nodes],
+                                        [[r["batch"]] + [_pair_text(r.get(f"verify{T}_ms"),
+                                                                    r.get(f"verify{T}_heads_in_order_ms"))
+                                                         for T in nodes] for r in in_order]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -339,7 +357,8 @@ def to_markdown(result: dict) -> str:
                  if r.get(f"{key}_kernel_ms")]
     if breakdown:
         groups = [g for g, _ in STEP_KERNEL_GROUPS] + ["other"]
-        lines += ["### CUDA kernel ms per step, by group (torch.profiler; wall minus kernels = gaps)", "",
+        lines += ["### CUDA kernel ms per step, by group (torch.profiler; wall minus kernels = gaps, or overlap "
+                  "where it is negative: the concurrent head branches of a verify step)", "",
                   common.markdown_table(["batch", "step", "wall ms", "kernels ms"] + groups,
                                         [[b, step, wall, k["kernels_ms"]] + [k.get(g, 0.0) for g in groups]
                                          for b, step, wall, k in breakdown]), ""]
@@ -356,6 +375,12 @@ def to_markdown(result: dict) -> str:
     lines.append(common.markdown_table(["batch", "mode", "nodes", "tokens/forward", "tokens/s", "speedup",
                                         "acceptance by depth"], rows))
     return "\n".join(lines)
+
+
+def _pair_text(concurrent, in_order) -> str:
+    if not concurrent or not in_order:
+        return "-"
+    return f"{concurrent:.3f} / {in_order:.3f} ({concurrent / in_order:.3f}x)"
 
 
 def main() -> int:

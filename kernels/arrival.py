@@ -13,30 +13,37 @@ Memory ordering (GPU): `tl.debug_barrier()` before the ticket makes every thread
 happen before the atomic, whose acq_rel semantics publish them at device scope; the last program
 reads the partials through L2 (`cache_modifier=".cg"`), never a stale L1 line.
 
-Counters are int32 zeros kept per device for the life of the process, so that CUDA graphs captured
-with them stay valid, and every launch leaves them at zero. A launch that needs more counters than
-exist gets a larger buffer (the old one is kept for graphs that use it). Inside a graph capture a
-new buffer cannot be zeroed before the graph first runs, so there the call gets counters of its own,
-zeroed by a memset node in the graph. Two launches on different streams must not use them at once:
-the engine runs its kernels on one stream.
+Counters are int32 zeros kept per device and stream for the life of the process, so that CUDA
+graphs captured with them stay valid, and every launch leaves them at zero. Launches on one stream
+run one after another, so they can share a buffer; launches on different streams may run at once
+(the head blocks of a captured verify step, `mtp_engine/branches.py`), so each stream has its own.
+A launch that needs more counters than exist gets a larger buffer (the old one is kept for graphs
+that use it). Inside a graph capture a new buffer cannot be zeroed before the graph first runs, so
+there the call gets counters of its own, zeroed by a memset node in the graph.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-_POOLS: Dict[str, List[torch.Tensor]] = {}   # str(device) -> buffers, the newest (largest) last
+_POOLS: Dict[Tuple[str, int], List[torch.Tensor]] = {}   # (device, stream) -> buffers, the newest (largest) last
 _MIN_COUNTERS = 4096
 
 
+def _pool_key(device: torch.device) -> Tuple[str, int]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return str(device), stream
+
+
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zero int32 counters on `device`, which the kernels using them leave at zero."""
+    """At least n zero int32 counters on `device` for launches on the current stream, which the
+    kernels using them leave at zero."""
     if n < 1:
         raise ValueError(f"arrival_counters: need at least one counter, got {n}")
-    pool = _POOLS.setdefault(str(device), [])
+    pool = _POOLS.setdefault(_pool_key(device), [])
     if pool and pool[-1].numel() >= n:
         return pool[-1]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -592,6 +592,7 @@ class CUDAGraphSteps:
         self._graphs: dict = {}
         self._pool = None
         self._captured_ptrs = None
+        self._warmup_stream = None
 
     def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = ()) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
@@ -609,9 +610,10 @@ class CUDAGraphSteps:
             self._captured_ptrs = ptrs
         R = inputs[0].shape[0]
         bucket = min(_next_power_of_two(R), model.cache_batch)
-        entry = self._graphs.get((bucket, *key))
+        key = (bucket, model.concurrent_heads, *key)   # the flag changes what a capture records
+        entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[(bucket, *key)] = self._capture(fn, inputs, bucket, keep_alive)
+            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive)
         else:
             self._load(entry.inputs, inputs)
             entry.graph.replay()
@@ -639,7 +641,9 @@ class CUDAGraphSteps:
     def _record(self, run, load, device: torch.device):
         """(graph, outputs): `run` captured as a CUDA graph whose replay rewrites `outputs` in place;
         `load` restores the static inputs before each warm-up run (autotuning happens there)."""
-        side = torch.cuda.Stream(device=device)
+        if self._warmup_stream is None:   # one per instance, so the arrival counters kept per stream stay few
+            self._warmup_stream = torch.cuda.Stream(device=device)
+        side = self._warmup_stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_RUNS):

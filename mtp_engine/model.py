@@ -10,6 +10,7 @@ Attention and RMSNorm go through `mtp_kernels` (Triton on CUDA, PyTorch referenc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -21,6 +22,8 @@ from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
 from mtp_kernels.skinny_linear import skinny_linear
+
+from .branches import run_branches
 
 
 @dataclass
@@ -282,6 +285,9 @@ class Transformer(nn.Module):
         self.cache_len = 0
         self.k_cache: Optional[torch.Tensor] = None  # (n_blocks, B, S, Hkv, Dh) after setup_caches
         self.v_cache: Optional[torch.Tensor] = None
+        # Head blocks as concurrent branches of captured CUDA graphs (branches.run_branches); off
+        # where the blocks communicate (tensor parallelism) or to measure the difference.
+        self.concurrent_heads = True
 
     # ---------------------------------------------------------------- structure
     @property
@@ -345,7 +351,10 @@ class Transformer(nn.Module):
             x = self._trunk(tokens, freqs_cis, step)
             return self.norm(torch.stack([head(x, freqs_cis, step) for head in self.heads[:n_heads]], dim=-2))
         h, delta = self._trunk_parts(tokens, freqs_cis, step)
-        parts = [head(h, freqs_cis, step, delta=delta, unadded=True) for head in self.heads[:n_heads]]
+        # The heads read the trunk's output and nothing from each other: inside a CUDA-graph capture
+        # they become parallel branches of the graph (branches.py).
+        parts = run_branches([functools.partial(head, h, freqs_cis, step, delta=delta, unadded=True)
+                              for head in self.heads[:n_heads]], h.device, self.concurrent_heads)
         # One add + final norm over all heads (a plain decode step's single head needs no stack).
         if len(parts) == 1:
             hs, deltas = parts[0][0].unsqueeze(-2), parts[0][1].unsqueeze(-2)

@@ -181,6 +181,8 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
         for block in model.blocks():
             block.attention.wo.register_forward_hook(_all_reduce_output)
             block.feed_forward.w2.register_forward_hook(_all_reduce_output)
+        # Every rank must issue its all-reduces in one order: no head blocks on concurrent streams.
+        model.concurrent_heads = False
     return model
 
 

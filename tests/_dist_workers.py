@@ -286,7 +286,8 @@ def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_mo
         tokens[mode or "plain"] = res.tokens
     with torch.no_grad():
         logits = model(torch.tensor([prompts[0]], device=env.device), return_all_heads=True)
-    return dict(tokens=tokens, shapes=shapes, logits=logits, files_read=files_read)
+    return dict(tokens=tokens, shapes=shapes, logits=logits, files_read=files_read,
+                concurrent_heads=model.concurrent_heads)
 
 
 SCENARIOS = {

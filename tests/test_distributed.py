@@ -362,6 +362,8 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path, tp_checkpoin
         assert got["shapes"]["extra_heads.0.feed_forward.w3.weight"][0] * 2 == full["extra_heads.0.feed_forward.w3.weight"][0]
         for key in ("tok_embeddings.weight", "output.weight", "norm.weight"):
             assert got["shapes"][key] == full[key]
+        # Blocks that all-reduce keep one stream: every rank issues its collectives in one order.
+        assert got["concurrent_heads"] is False
         # Rank r maps only its own shard file; with one shard every rank slices the one file.
         assert got["files_read"] == [f"consolidated.{rank if layout == 'two_shards' else 0:02d}.pth"]
 

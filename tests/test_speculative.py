@@ -634,7 +634,7 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     captured = len(recorded)
     buckets = {key[0] for key in graphed._graphs._graphs}
-    steps = {key[1] for key in graphed._graphs._graphs}
+    steps = {key[2] for key in graphed._graphs._graphs}
     if mode is None:
         assert got.finish_reasons == ["max_gen_len", "eos", "max_seq_len"] and buckets == {4, 1}
         assert steps == {"forward"}
@@ -702,7 +702,7 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         assert got.tokens == want.tokens, kwargs
         if "logprobs" in kwargs:
             assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
-    assert {key[1] for key in graphed._graphs._graphs} == {"forward"}
+    assert {key[2] for key in graphed._graphs._graphs} == {"forward"}
 
 
 # ------------------------------------------------------------------------------ GPU

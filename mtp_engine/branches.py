@@ -28,16 +28,27 @@ _SIDE_STREAMS: Dict[str, List["torch.cuda.Stream"]] = {}   # str(device) -> stre
 
 
 def side_streams(device: torch.device, n: int) -> list:
-    """n CUDA streams of `device` for concurrent branches, the same ones on every call. Each gets its
-    arrival counters here, so that a capture on it reuses them instead of adding memsets to the graph
-    (call this once outside a capture, as `run_branches` does in eager calls)."""
+    """n CUDA streams of `device` for concurrent branches, the same ones on every call, each prepared
+    for capture (`_prepare_stream`) when made: call this once outside a capture, as `run_branches`
+    does in eager calls."""
     streams = _SIDE_STREAMS.setdefault(str(device), [])
     while len(streams) < n:
         stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(stream):
-            arrival_counters(device, 1)
+            _prepare_stream(device)
         streams.append(stream)
     return streams[:n]
+
+
+def _prepare_stream(device: torch.device) -> None:
+    """What the current stream would otherwise allocate inside its first capture: its arrival
+    counters (else a memset node per launch in the graph), and cuBLAS's workspace, which torch keeps
+    per stream (else it lands in the graph's memory pool; warming side streams before a capture is
+    torch's documented practice)."""
+    arrival_counters(device, 1)
+    probe = torch.ones(8, 8, device=device)
+    torch.addmm(probe[0], probe, probe)   # bias epilogue: the cuBLASLt path and its workspace
+    torch.mm(probe, probe)
 
 
 def run_branches(calls: Sequence[Callable[[], object]], device: torch.device, concurrent: bool = True) -> list:

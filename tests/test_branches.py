@@ -48,8 +48,8 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "stream", use)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
-        monkeypatch.setattr(branches, "arrival_counters",
-                            lambda device, n: self.log.append(("counters", self.current.name)))
+        monkeypatch.setattr(branches, "_prepare_stream",
+                            lambda device: self.log.append(("prepared", self.current.name)))
         monkeypatch.setattr(branches, "_SIDE_STREAMS", {})
 
     def call(self, i):
@@ -67,8 +67,8 @@ def test_captured_calls_fork_onto_side_streams_and_join(monkeypatch):
     fake.install(monkeypatch)
     assert branches.run_branches([fake.call(i) for i in range(3)], CUDA) == [0, 10, 20]
     log = fake.log
-    # Streams made on first use get their arrival counters on themselves, before any work.
-    assert log[:2] == [("counters", "side1"), ("counters", "side2")]
+    # Streams made on first use are prepared on themselves (counters, cuBLAS), before any work.
+    assert log[:2] == [("prepared", "side1"), ("prepared", "side2")]
     for i, side in ((1, "side1"), (2, "side2")):
         fork, run, join = log.index(("wait", side, "main")), log.index(("call", i, side)), \
             log.index(("wait", "main", side))
@@ -85,12 +85,12 @@ def test_captured_calls_fork_onto_side_streams_and_join(monkeypatch):
 
 def test_eager_calls_stay_on_the_current_stream_but_make_the_streams(monkeypatch):
     # Eager (warm-up) calls run in order on one stream, where launch tuners may time new shapes,
-    # and leave the side streams and their counters ready for the capture that follows.
+    # and leave the side streams ready for the capture that follows.
     fake = _FakeCuda(capturing=False)
     fake.install(monkeypatch)
     assert branches.run_branches([fake.call(i) for i in range(4)], CUDA) == [0, 10, 20, 30]
     assert [e for e in fake.log if e[0] == "call"] == [("call", i, "main") for i in range(4)]
-    assert [e for e in fake.log if e[0] == "counters"] == [("counters", f"side{i}") for i in (1, 2, 3)]
+    assert [e for e in fake.log if e[0] == "prepared"] == [("prepared", f"side{i}") for i in (1, 2, 3)]
     assert not [e for e in fake.log if e[0] == "wait"]
 
 

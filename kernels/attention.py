@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import gpu_launch, interpreting, sm_count, use_triton
+from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -143,6 +143,44 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.jit
+def _fwd_ws_loop(acc, l_i, m_i, q, K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt, b, kv_col0,
+                 offs_m, offs_n, hi, qk_scale,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr):
+    """All key blocks [0, hi) in one loop that Triton warp-specializes on Hopper: a producer warp
+    streams K and V tiles with TMA while two consumer warpgroups (64 query rows each) run the
+    matmuls and the softmax, so one group's exponentials overlap the other's wgmma (FlashAttention-3's
+    split, by Triton's automatic warp specialization). The pass keeps only a loop that is its
+    kernel's only loop and has no branch inside, hence one loop masking every block, not an unmasked
+    loop plus a diagonal one. K, V are read through (B, T, kv_cols) descriptors, so key rows past T
+    load as zeros from this sequence, never the next one's. A causal mask alone hides them from every
+    real query row (a key past T is past every row below T); rows past T are never stored.
+    qk_scale (> 0) is applied inside the exponent, as FOLD_SCALE does."""
+    k_desc = tl.make_tensor_descriptor(K, shape=[B, T, kv_cols], strides=[stride_kb, stride_kt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B, T, kv_cols], strides=[stride_vb, stride_vt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        cols = start_n + offs_n
+        k = k_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        if CAUSAL:
+            visible = offs_m[:, None] >= cols[None, :]
+        else:
+            visible = cols[None, :] < T
+        qk = tl.where(visible, qk, float("-inf"))
+        # Every row sees key 0 in the first block, so m_new is finite from then on: no -inf guard.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _query_block(T, H, GROUP, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query block and (batch, head) of this program (forward and dQ kernels share the grid)."""
@@ -178,29 +216,41 @@ def _flash_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    T, H, GROUP, qk_scale, T_BUCKET,
+    B, T, H, GROUP, qk_scale, T_BUCKET, WS_OK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    # WS_OK (1 where `_ws_ok` holds for q, k, v) is read by the autotuner's prune only: WARP_SPEC
+    # configs run only where their descriptors are valid.
     bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                               offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
-                               BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                               offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale,
-                               BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE)
+    if WARP_SPEC:
+        # q through a (B*T, H*D) descriptor (Triton 3.9's partitioner splits a 2-D block, not a 3-D
+        # one): rows past T read the next sequence's queries, which only ever reach rows not stored.
+        b32 = b.to(tl.int32)
+        q_desc = tl.make_tensor_descriptor(Q, shape=[B * T, H * HEAD_DIM], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q = q_desc.load([b32 * T + start_m, h * HEAD_DIM])
+        hi = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
+        acc, l_i, m_i = _fwd_ws_loop(acc, l_i, m_i, q, K, V, B, T, (H // GROUP) * HEAD_DIM, stride_kb, stride_kt,
+                                     stride_vb, stride_vt, b32, kvh * HEAD_DIM, offs_m, offs_n, hi, qk_scale,
+                                     BLOCK_N, HEAD_DIM, CAUSAL)
+    else:
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale,
+                                   BLOCK_N, CAUSAL, False, EVEN_D, FOLD_SCALE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale,
+                                   BLOCK_N, CAUSAL, True, EVEN_D, FOLD_SCALE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -404,7 +454,7 @@ def _flash_bwd_dq_kernel(
 # ============================================================================================
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
-_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True)
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=False)
 _INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)
 _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 
@@ -420,14 +470,22 @@ _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 # kernel at both shapes in three runs; removed in the tenth session, the code is in git before
 # e79b81f) and a softmax-overlapped forward (7-31% slower; 98a89e9).
 _GPU_FWD_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold), num_warps=8, num_stages=stages)
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=fold, WARP_SPEC=False), num_warps=8, num_stages=stages)
     for block_n, fold, stages in ((64, False, 3), (64, False, 4), (128, False, 3), (64, True, 3), (64, True, 4))
 ] + [
     # One warpgroup per 64-row tile: 168 registers at head dim 128 (128 at 64), so two CTAs share an
     # SM and the warp schedulers interleave one CTA's softmax with another's matmuls (the 128-row
     # tiles run one CTA of two warpgroups per SM). Chosen at both benchmark shapes on the H100.
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, FOLD_SCALE=fold), num_warps=4, num_stages=stages)
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, FOLD_SCALE=fold, WARP_SPEC=False), num_warps=4, num_stages=stages)
     for fold, stages in ((True, 2), (True, 3), (False, 3))
+] + [
+    # Warp-specialized (`_fwd_ws_loop`): num_warps=4 per partition, and Triton adds a TMA producer
+    # and a second consumer warpgroup: 12 warps, the 128 rows split 64 + 64. sm_90 compiles (Triton
+    # 3.6 and 3.9): 168 registers, no spill; 115-181 KB of shared memory at head dim 128. Both
+    # versions compile it only with num_warps=4 and only as a single, branch-free loop. Pruned where
+    # the layout does not allow its descriptors (`_ws_ok`).
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=True, WARP_SPEC=True), num_warps=4, num_stages=stages)
+    for block_n, stages in ((64, 2), (64, 3), (128, 2))
 ]
 _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False), num_warps=8, num_stages=3),
@@ -442,6 +500,13 @@ _GPU_DQ_CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
 ]
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
+    if named_args.get("WS_OK", kwargs.get("WS_OK")):
+        return configs
+    return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
@@ -459,8 +524,53 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    prune = {"early_config_prune": _prune_dkdv} if which == "dkdv" else None
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by=prune)(kernel)
+    prune = {"fwd": _prune_fwd, "dkdv": _prune_dkdv}.get(which)
+    key = _TUNE_KEY + ["WS_OK"] if which == "fwd" else _TUNE_KEY
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+
+
+def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the warp-specialized forward may read q (B, T, H, D) through a (B*T, H*D) tensor
+    descriptor and k, v (B, T, Hkv, D) through (B, T, Hkv*D) ones: heads packed, a power-of-two head
+    dim of 16 to 128, 16-byte aligned bases and row and batch strides (TMA's rule), q's batches T rows
+    apart (a column slice of a fused qkv projection qualifies), and where kernels can build
+    descriptors (`_descriptors_allowed`)."""
+    B, T, H, D = q.shape
+    if D < 16 or D > MAX_HEAD_DIM or D & (D - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+
+    def packed(x: torch.Tensor) -> bool:
+        size = x.element_size()
+        return (x.stride(3) == 1 and x.stride(2) == D and x.stride(1) >= x.shape[2] * D
+                and (x.stride(1) * size) % 16 == 0 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+    return (packed(q) and packed(k) and packed(v) and (B == 1 or q.stride(0) == T * q.stride(1))
+            and B * T < 2 ** 31 and _descriptors_allowed())
+
+
+def _descriptors_allowed() -> bool:
+    """Whether kernels may build tensor descriptors here: always under the interpreter and in a
+    cross-compile (nothing runs on a device), on a GPU once the scratch allocator is in place."""
+    return interpreting() or cross_compile_arch() is not None or _descriptor_allocator_ready()
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    # Device-side tensor descriptors keep their 128-byte TMA descriptor in global scratch memory.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _descriptor_allocator_ready() -> bool:
+    """Install a torch-backed scratch allocator for device-side tensor descriptors unless the caller
+    has set one. Triton keeps it in a context variable, which a new thread (autograd's backward
+    thread) does not inherit, hence a check per launch. False where this Triton has no such hook."""
+    try:
+        from triton.runtime import _allocation
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_descriptor_scratch)
+        return True
+    except (ImportError, AttributeError):
+        return False
 
 
 def _t_bucket(T: int) -> int:
@@ -499,8 +609,14 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     Hkv = k.shape[2]
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    ws_ok = _ws_ok(q, k, v)
+    if config is None and interpreting() and _INTERP_FWD["WARP_SPEC"] and not ws_ok:   # tests that set it
+        config = triton.Config(dict(_INTERP_FWD, WARP_SPEC=False), num_warps=4)
+    if config is not None and config.kwargs.get("WARP_SPEC") and not ws_ok:
+        raise ValueError("flash attention: a WARP_SPEC config needs q, k, v laid out as `_ws_ok` says "
+                         f"(got q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()})")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
-            T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T))
+            B, T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T), int(ws_ok))
     _launch("fwd", args, T, "BLOCK_M", B * H, D, causal, config)
     return o, lse
 

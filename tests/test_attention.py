@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 from mtp_kernels import attention as attention_module
@@ -121,19 +122,22 @@ def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_forward_without_the_folded_scale(triton_backend, monkeypatch, causal):
     # The GPU autotuner may pick the forward that scales the scores before the softmax step.
-    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False))
+    monkeypatch.setattr(attention_module, "_INTERP_FWD",
+                        dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=False, WARP_SPEC=False))
     q, k, v = _qkv(1, 37, 4, 2, 48, seed=9)
     out = flash_attention(q, k, v, causal=causal, sm_scale=0.3)
     torch.testing.assert_close(out.double(), _sdpa_float64(q, k, v, causal, 0.3), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("variant", ["fold", "scale", "warp_spec"])
 @pytest.mark.parametrize("T,causal", [(1, False), (16, True), (20, False), (37, False), (100, False), (64, True),
-                                      (100, True)])
-def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatch, fold, T, causal):
+                                      (100, True), (37, True)])
+def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatch, variant, T, causal):
     # 16-key blocks: T=1 and 16 give a single block, 20 one unmasked block and a ragged one, 100
     # seven blocks; causal, the query blocks see 0 to 4 unmasked blocks before their diagonal.
-    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=fold))
+    # warp_spec: the single masked loop over TMA descriptors (`_fwd_ws_loop`).
+    monkeypatch.setattr(attention_module, "_INTERP_FWD",
+                        dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=variant != "scale", WARP_SPEC=variant == "warp_spec"))
     q, k, v = _qkv(2, T, 4, 2, 32, seed=T)
     q = q * 4.0       # scores of tens: the running max moves from block to block
     out, lse = attention_module.flash_attention_fwd(q, k, v, causal, 0.3)
@@ -142,6 +146,48 @@ def test_flash_forward_output_and_lse_against_float64(triton_backend, monkeypatc
     if causal:
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1) / math.log(2), rtol=1e-5, atol=1e-5)
+
+
+WS_INTERP = triton.Config(dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=True), num_warps=4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_warp_specialized_forward_reads_only_its_own_sequence(triton_backend, causal):
+    """The warp-specialized forward reads q through a (B*T, H*D) descriptor, whose ragged last
+    query block runs into the next sequence's rows, and k, v through (B, T, Hkv*D) ones, which read
+    zeros past T. With every value of sequence 1 NaN, sequence 0's output and lse stay exact, and
+    the other way round; T = 37 leaves a ragged 16-key block and a ragged 32-row query block."""
+    B, T, H, Hkv, D = 2, 37, 4, 2, 32
+    for poisoned in (1, 0):
+        q, k, v = _qkv(B, T, H, Hkv, D, seed=11)
+        clean = 1 - poisoned
+        want = _sdpa_float64(q[clean:clean + 1], k[clean:clean + 1], v[clean:clean + 1], causal, 0.3)
+        for t in (q, k, v):
+            t[poisoned] = float("nan")
+        out, lse = attention_module.flash_attention_fwd(q, k, v, causal, 0.3, config=WS_INTERP)
+        torch.testing.assert_close(out[clean:clean + 1].double(), want, rtol=1e-4, atol=2e-5)
+        assert torch.isfinite(lse[clean]).all()
+
+
+def test_warp_specialized_forward_layouts(triton_backend):
+    """Column slices of a fused qkv projection qualify for the descriptors (and give the float64
+    result, GQA 4:1, head dim 64); a layout they cannot describe (heads not packed), a head dim
+    that is not a power of two, or a row stride that is not 16-byte aligned falls back to the
+    pointer loads, and asking for the warp-specialized config there is an error."""
+    B, T, H, Hkv, D = 2, 21, 8, 2, 64
+    fused = torch.randn(B, T, H + 2 * Hkv, D, generator=torch.Generator().manual_seed(4))
+    q, k, v = fused.split([H, Hkv, Hkv], dim=2)
+    assert attention_module._ws_ok(q, k, v)
+    out, _ = attention_module.flash_attention_fwd(q, k, v, True, D ** -0.5, config=WS_INTERP)
+    torch.testing.assert_close(out.double(), _sdpa_float64(q, k, v, True, D ** -0.5), rtol=1e-4, atol=2e-5)
+
+    heads_apart = torch.randn(B, H, T, D).transpose(1, 2)          # (B, T, H, D) seen through (B, H, T, D)
+    odd_dim = _qkv(B, T, H, Hkv, 48, seed=2)
+    unaligned = torch.randn(B, T, 1, 2 * 32 + 2)[..., 2:].reshape(B, T, 2, 32)   # rows 264 bytes apart
+    for bad_q, bad_k, bad_v in ((heads_apart, k, v), odd_dim, (unaligned, unaligned, unaligned)):
+        assert not attention_module._ws_ok(bad_q, bad_k, bad_v)
+        with pytest.raises(ValueError, match="WARP_SPEC config needs"):
+            attention_module.flash_attention_fwd(bad_q, bad_k, bad_v, True, 0.3, config=WS_INTERP)
 
 
 def test_flash_attention_backward_takes_a_strided_grad(triton_backend):

@@ -147,7 +147,11 @@ class CrossCompiler:
             if "registers" not in ptxas_log.getvalue():
                 raise RuntimeError("no ptxas log for this compile: was it served from Triton's cache?")
             usage = _resource_usage(compiled.asm["cubin"], self.cuobjdump)
+            # A warp-specialized kernel runs more warps than num_warps asked for (Triton adds a
+            # producer and consumer partitions): the register budget counts them all.
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
+                          warps_run=int(compiled.metadata.num_warps),
+                          warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
                           tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]),
                           wgmma_serialized=_wgmma_serialized(ptxas_log.getvalue()))
@@ -173,7 +177,7 @@ class CrossCompiler:
             problems.append(f"shared memory {r['shared_bytes']} B > {max_shared} B")
         if r["registers"] > MAX_REGISTERS_PER_THREAD:
             problems.append(f"{r['registers']} registers per thread > {MAX_REGISTERS_PER_THREAD}")
-        threads = 32 * r["num_warps"]
+        threads = 32 * r.get("warps_run", r["num_warps"])
         if r["registers"] * threads > REGISTERS_PER_SM:
             problems.append(f"{r['registers']} registers x {threads} threads > {REGISTERS_PER_SM}")
         return problems
@@ -325,12 +329,14 @@ def markdown(records, arch: int, quick: bool) -> str:
              f"(limit {MAX_SHARED_BYTES.get(arch, 49152)}), registers per thread (ptxas), spill = stack + local "
              "bytes per thread, MMA = the tensor-core instructions in the PTX (wgmma: Hopper warpgroup MMA; "
              "mma: warp-level mma.sync), serialized = ptxas made each wgmma wait for the previous one (its "
-             "note C7515).", "",
+             "note C7515). Warps: num_warps, and after an arrow the warps a warp-specialized kernel runs "
+             "(Triton's producer and consumer partitions).", "",
              "| scenario | kernel | dtypes | constexprs | warps | stages | shared B | regs | spill B | MMA | serialized | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
-        lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {r['num_warps']} | "
+        warps = f"{r['num_warps']} -> {r['warps_run']} (WS)" if r.get("warp_specialized") else r["num_warps"]
+        lines.append(f"| {r['scenario']} | {r['kernel']} | {','.join(r['dtypes'])} | {consts} | {warps} | "
                      f"{r['num_stages']} | {r.get('shared_bytes', '-')} | {r.get('registers', '-')} | "
                      f"{r.get('spill_bytes', '-')} | {r.get('tensor_cores', '-')} | "
                      f"{'yes' if r.get('wgmma_serialized') else '-'} | "
@@ -338,7 +344,9 @@ def markdown(records, arch: int, quick: bool) -> str:
     failed = sum(bool(r["problems"]) for r in records)
     spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)
     serialized = sum(bool(r.get("wgmma_serialized")) for r in records)
-    lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill, {serialized} with serialized wgmma."]
+    specialized = sum(bool(r.get("warp_specialized")) for r in records)
+    lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill, {serialized} with serialized wgmma, "
+              f"{specialized} warp-specialized."]
     return "\n".join(lines) + "\n"
 
 

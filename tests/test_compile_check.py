@@ -132,18 +132,24 @@ def test_flash_forward_sm90_compile_reads_ptxas_log(tmp_path):
         cc = compile_check.CrossCompiler(90, quick=True)
         q, k, v = (torch.randn(1, 256, h, 128).bfloat16() for h in (32, 8, 8))
         with cc.capture():
-            config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True),
-                                   num_warps=8, num_stages=3)
-            attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
-        print(json.dumps([{key: r.get(key) for key in ("problems", "spill_bytes", "wgmma_serialized")}
+            for ws in (False, True):
+                config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64, FOLD_SCALE=True, WARP_SPEC=ws),
+                                       num_warps=4 if ws else 8, num_stages=2 if ws else 3)
+                attention.flash_attention_fwd(q, k, v, True, 128 ** -0.5, config=config)
+        print(json.dumps([{key: r.get(key) for key in ("problems", "spill_bytes", "wgmma_serialized",
+                                                       "warp_specialized", "warps_run")}
                           for r in cc.records]))
     '''))
     proc = subprocess.run([sys.executable, str(script), str(ROOT)], env=_compile_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (plain,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, specialized = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["problems"] == [] and plain["spill_bytes"] == 0
-    assert plain["wgmma_serialized"] is False
+    assert plain["wgmma_serialized"] is False and plain["warp_specialized"] is False and plain["warps_run"] == 8
+    # The WARP_SPEC config really is split into partitions (Triton keeps the loop whole, silently,
+    # when a branch or a second loop gets in the way): a producer and two consumer warpgroups.
+    assert specialized["problems"] == [] and specialized["spill_bytes"] == 0
+    assert specialized["warp_specialized"] is True and specialized["warps_run"] == 12
 
 
 def test_serialization_reader(load_script):

@@ -351,14 +351,16 @@ def to_markdown(result: dict) -> str:
             kernels = ", ".join(f"{name[:60]}: {_fmt(ms)}" for name, ms in
                                 sorted(r["fwd_kernels_ms"].items(), key=lambda item: -item[1]))
             lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {kernels} |")
-    tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get("fwd_timings_ms")]
-    if tuned_flash:
-        lines += ["", "### Forward configs (the autotuner's median ms for each)", "",
+    for which, title in (("fwd", "Forward"), ("dq", "dQ"), ("dkdv", "dK/dV")):   # WARP_SPEC: warp-specialized
+        tuned_flash = [r for r in result["flash"] if (r.get("tuned_configs") or {}).get(f"{which}_timings_ms")]
+        if not tuned_flash:
+            continue
+        lines += ["", f"### {title} configs (the autotuner's median ms for each)", "",
                   "| shape | config | ms | chosen |", "|---|---|---|---|"]
         for r in tuned_flash:
             picks = r["tuned_configs"]
-            for config, ms in sorted(picks["fwd_timings_ms"].items(), key=lambda item: item[1]):
-                lines.append(f"| {r['shape']} | {config} | {_fmt(ms)} | {'yes' if config == picks['fwd'] else ''} |")
+            for config, ms in sorted(picks[f"{which}_timings_ms"].items(), key=lambda item: item[1]):
+                lines.append(f"| {r['shape']} | {config} | {_fmt(ms)} | {'yes' if config == picks[which] else ''} |")
     H, Hkv, D = result["decode_heads"]
     lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
               f"cache_seqlens range check off)", "",

@@ -216,7 +216,7 @@ def _flash_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    B, T, H, GROUP, qk_scale, T_BUCKET, WS_OK,
+    B, T, H, GROUP, qk_scale, T_BUCKET, WS_OK, stride_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
@@ -255,7 +255,7 @@ def _flash_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * stride_lse + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     _store_tile(o_ptrs, out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
@@ -268,7 +268,7 @@ def _bwd_delta_kernel(
     O, DO, DELTA,
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
-    T, H,
+    T, H, stride_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -283,7 +283,7 @@ def _bwd_delta_kernel(
                    row_ok, d_ok, True, EVEN_D).to(tl.float32)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                     row_ok, d_ok, True, EVEN_D).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    tl.store(DELTA + bh.to(tl.int64) * stride_lse + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
@@ -329,7 +329,7 @@ def _flash_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET,
+    T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET, stride_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
@@ -366,8 +366,8 @@ def _flash_bwd_dkdv_kernel(
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * T
-        delta_base = DELTA + bh * T
+        lse_base = LSE + bh * stride_lse
+        delta_base = DELTA + bh * stride_lse
         if ONE_LOOP:
             # One loop that always masks: three specialised loops keep dK, dV, K, V and three
             # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
@@ -415,6 +415,33 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.jit
+def _bwd_dq_ws_loop(dq, q, do, lse, delta, K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt, b,
+                    kv_col0, offs_m, offs_n, hi, qk_scale,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr):
+    """dQ over all key blocks [0, hi) in one branch-free loop over (B, T, kv_cols) descriptors, which
+    Triton warp-specializes on Hopper (see `_fwd_ws_loop`: the same rules, the same zero rows past
+    T). Masked scores go to -inf before the exponent, so their p, and so their dS, are 0."""
+    k_desc = tl.make_tensor_descriptor(K, shape=[B, T, kv_cols], strides=[stride_kb, stride_kt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B, T, kv_cols], strides=[stride_vb, stride_vt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        cols = start_n + offs_n
+        k = k_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        if CAUSAL:
+            visible = offs_m[:, None] >= cols[None, :]
+        else:
+            visible = cols[None, :] < T
+        p = tl.math.exp2(tl.where(visible, qk * qk_scale, float("-inf")) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
 def _flash_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -422,28 +449,49 @@ def _flash_bwd_dq_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    T, H, GROUP, qk_scale, sm_scale, T_BUCKET,
+    B, T, H, GROUP, qk_scale, sm_scale, T_BUCKET, WS_OK, stride_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    # WS_OK: as in the forward, read by the autotuner's prune only.
     bh, b, h, kvh, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(T, H, GROUP, BLOCK_D, CAUSAL,
                                                                           BLOCK_M, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                   row_ok, d_ok, True, EVEN_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                    row_ok, d_ok, True, EVEN_D)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False, EVEN_D)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True, EVEN_D)
+    if WARP_SPEC:
+        # Everything the loop's dots and rows read comes through descriptors (the pass gives up on a
+        # pointer load): q and dO as (B*T, H*D) rows, lse and delta as flat vectors of rows
+        # stride_lse apart (a multiple of 4, so every block starts 16-byte aligned). Rows past T read
+        # other rows' values and are never stored.
+        b32 = b.to(tl.int32)
+        bh32 = bh.to(tl.int32)
+        q = tl.make_tensor_descriptor(Q, shape=[B * T, H * HEAD_DIM], strides=[stride_qt, 1],
+                                      block_shape=[BLOCK_M, HEAD_DIM]).load([b32 * T + start_m, h * HEAD_DIM])
+        do = tl.make_tensor_descriptor(DO, shape=[B * T, H * HEAD_DIM], strides=[stride_dot, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM]).load([b32 * T + start_m, h * HEAD_DIM])
+        lse = tl.make_tensor_descriptor(LSE, shape=[B * H * stride_lse], strides=[1], block_shape=[BLOCK_M]).load(
+            [bh32 * stride_lse + start_m])
+        delta = tl.make_tensor_descriptor(DELTA, shape=[B * H * stride_lse], strides=[1], block_shape=[BLOCK_M]).load(
+            [bh32 * stride_lse + start_m])
+        hi = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
+        dq = _bwd_dq_ws_loop(dq, q, do, lse, delta, K, V, B, T, (H // GROUP) * HEAD_DIM, stride_kb, stride_kt,
+                             stride_vb, stride_vt, b32, kvh * HEAD_DIM, offs_m, offs_n, hi, qk_scale,
+                             BLOCK_N, HEAD_DIM, CAUSAL)
+    else:
+        q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                       row_ok, d_ok, True, EVEN_D)
+        do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                        row_ok, d_ok, True, EVEN_D)
+        lse = tl.load(LSE + bh.to(tl.int64) * stride_lse + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * stride_lse + offs_m, mask=row_ok, other=0.0)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        full_hi, masked_hi = _key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                           offs_m, offs_n, offs_d, d_ok, 0, full_hi, T, qk_scale, BLOCK_N, CAUSAL, False, EVEN_D)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                           offs_m, offs_n, offs_d, d_ok, full_hi, masked_hi, T, qk_scale, BLOCK_N, CAUSAL, True,
+                           EVEN_D)
     dq = dq * sm_scale
     _store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
@@ -456,7 +504,7 @@ def _flash_bwd_dq_kernel(
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
 _INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=False)
 _INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)
-_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=False)
 
 # Hopper (H100/H200) candidates. The causal stage split needs BLOCK_M % BLOCK_N == 0 in the
 # forward and dQ kernels and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel. Chosen from sm_90
@@ -495,15 +543,20 @@ _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=2),
 ]
 _GPU_DQ_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, WARP_SPEC=False), num_warps=4, num_stages=3),
+] + [
+    # Warp-specialized (`_bwd_dq_ws_loop`), as the forward's: 12 warps, 168 registers, no spill,
+    # 149-190 KB of shared memory at head dim 128 (sm_90, Triton 3.6 and 3.9).
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, WARP_SPEC=True), num_warps=4, num_stages=stages)
+    for stages in (2, 3)
 ]
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
+def _prune_ws(configs, named_args, **kwargs):
+    """WARP_SPEC configs (forward, dQ) only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
     if named_args.get("WS_OK", kwargs.get("WS_OK")):
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
@@ -524,18 +577,19 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    prune = {"fwd": _prune_fwd, "dkdv": _prune_dkdv}.get(which)
-    key = _TUNE_KEY + ["WS_OK"] if which == "fwd" else _TUNE_KEY
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+    prune = {"fwd": _prune_ws, "dkdv": _prune_dkdv, "dq": _prune_ws}[which]
+    key = _TUNE_KEY + ["WS_OK"] if prune is _prune_ws else _TUNE_KEY
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the warp-specialized forward may read q (B, T, H, D) through a (B*T, H*D) tensor
-    descriptor and k, v (B, T, Hkv, D) through (B, T, Hkv*D) ones: heads packed, a power-of-two head
-    dim of 16 to 128, 16-byte aligned bases and row and batch strides (TMA's rule), q's batches T rows
-    apart (a column slice of a fused qkv projection qualifies), and where kernels can build
-    descriptors (`_descriptors_allowed`)."""
+def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None = None) -> bool:
+    """Whether the warp-specialized forward (and dQ, given dO) may read q (and dO) (B, T, H, D)
+    through (B*T, H*D) tensor descriptors and k, v (B, T, Hkv, D) through (B, T, Hkv*D) ones: heads
+    packed, a power-of-two head dim of 16 to 128, 16-byte aligned bases and row and batch strides
+    (TMA's rule), q's batches T rows apart (a column slice of a fused qkv projection qualifies), and
+    where kernels can build descriptors (`_descriptors_allowed`)."""
+    if do is not None and not _ws_ok(do, k, v):
+        return False
     B, T, H, D = q.shape
     if D < 16 or D > MAX_HEAD_DIM or D & (D - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -573,6 +627,12 @@ def _descriptor_allocator_ready() -> bool:
         return False
 
 
+def _lse_rows(B: int, H: int, T: int, device) -> torch.Tensor:
+    """An empty (B, H, T) float32 log-sum-exp whose rows are padded to a multiple of 4 floats, so
+    that each row starts 16-byte aligned, as the warp-specialized dQ's descriptors need."""
+    return torch.empty((B, H, triton.cdiv(T, 4) * 4), dtype=torch.float32, device=device)[..., :T]
+
+
 def _t_bucket(T: int) -> int:
     # Tune once per power-of-two length band, not once per prompt length.
     return min(triton.next_power_of_2(max(T, 1)), 16384)
@@ -608,7 +668,7 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    lse = _lse_rows(B, H, T, q.device)
     ws_ok = _ws_ok(q, k, v)
     if config is None and interpreting() and _INTERP_FWD["WARP_SPEC"] and not ws_ok:   # tests that set it
         config = triton.Config(dict(_INTERP_FWD, WARP_SPEC=False), num_warps=4)
@@ -616,7 +676,7 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
         raise ValueError("flash attention: a WARP_SPEC config needs q, k, v laid out as `_ws_ok` says "
                          f"(got q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()})")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
-            B, T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T), int(ws_ok))
+            B, T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T), int(ws_ok), lse.stride(1))
     _launch("fwd", args, T, "BLOCK_M", B * H, D, causal, config)
     return o, lse
 
@@ -628,10 +688,14 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     do = _last_dim_contiguous(do)
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if lse.shape != (B, H, T) or lse.stride(2) != 1 or lse.stride(0) != H * lse.stride(1):
+        raise ValueError(f"flash attention backward: lse must be (B, H, T) = {(B, H, T)} rows with a unit last "
+                         f"stride, as flash_attention_fwd returns it; got {tuple(lse.shape)} strides {lse.stride()}")
+    stride_lse = lse.stride(1)
+    delta = torch.empty((B, H, stride_lse), dtype=torch.float32, device=q.device)[..., :T]   # lse's row stride
     block = 16 if interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *_bth_strides(o), *_bth_strides(do), T, H, **_head_dim_tile(D), BLOCK_M=block)
+        o, do, delta, *_bth_strides(o), *_bth_strides(do), T, H, stride_lse, **_head_dim_tile(D), BLOCK_M=block)
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -640,10 +704,17 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     dkdv_args = (q, k, v, do, lse, delta, dk, dv,
                  *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
                  *_bth_strides(dk), *_bth_strides(dv),
-                 T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+                 T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T), stride_lse)
+    # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
+    ws_ok = _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0
+    if dq_config is not None and dq_config.kwargs.get("WARP_SPEC") and not ws_ok:
+        raise ValueError("flash attention backward: a WARP_SPEC dQ config needs q, k, v and dO laid out as "
+                         f"`_ws_ok` says (got q strides {q.stride()}, dO strides {do.stride()})")
+    if dq_config is None and interpreting() and _INTERP_DQ["WARP_SPEC"] and not ws_ok:   # tests that set it
+        dq_config = triton.Config(dict(_INTERP_DQ, WARP_SPEC=False), num_warps=4)
     dq_args = (q, k, v, do, lse, delta, dq,
                *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
-               T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T))
+               B, T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T), int(ws_ok), stride_lse)
     _launch("dkdv", dkdv_args, T, "BLOCK_N", B * Hkv, D, causal, dkdv_config)
     _launch("dq", dq_args, T, "BLOCK_M", B * H, D, causal, dq_config)
     return dq, dk, dv

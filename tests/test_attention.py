@@ -192,6 +192,7 @@ def test_warp_specialized_forward_layouts(triton_backend):
 
 def test_flash_attention_backward_takes_a_strided_grad(triton_backend):
     # The gradient arriving from autograd may be any view (here (B, H, T, D) memory seen as (B, T, H, D)).
+    # Its heads are not packed, so the warp-specialized dQ cannot describe it: asked for, it refuses.
     B, T, H, D = 2, 37, 4, 32
     q, k, v = _qkv(B, T, H, 2, D, seed=5)
     scale = D ** -0.5
@@ -202,6 +203,47 @@ def test_flash_attention_backward_takes_a_strided_grad(triton_backend):
     _sdpa_float64(q64, k64, v64, True, scale).backward(dout.double())
     for got, want in zip(grads, (q64, k64, v64)):
         torch.testing.assert_close(got.double(), want.grad, rtol=1e-3, atol=1e-4)
+    assert not attention_module._ws_ok(q, k, v, dout)
+    with pytest.raises(ValueError, match="WARP_SPEC dQ config needs"):
+        attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dq_config=WS_DQ_INTERP)
+
+
+WS_DQ_INTERP = triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True), num_warps=4)
+
+
+@pytest.mark.parametrize("T,causal", [(1, True), (16, True), (37, True), (100, True), (37, False), (64, False)])
+def test_warp_specialized_dq_against_float64(triton_backend, T, causal):
+    """dQ from the warp-specialized loop (one masked loop over descriptors, lse and delta read as flat
+    vectors) equals float64 autograd, GQA 2:1, ragged lengths; dK and dV are unchanged kernels."""
+    B, H, Hkv, D = 2, 4, 2, 32
+    q, k, v = _qkv(B, T, H, Hkv, D, seed=T + 3)
+    q = q * 3.0
+    scale = D ** -0.5
+    out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale)
+    dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(T))
+    dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale, dq_config=WS_DQ_INTERP)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    _sdpa_float64(q64, k64, v64, causal, scale).backward(dout.double())
+    for got, want in ((dq, q64), (dk, k64), (dv, v64)):
+        torch.testing.assert_close(got.double(), want.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_warp_specialized_dq_reads_only_its_own_sequence(triton_backend):
+    """As the forward: with every input of the other sequence NaN (q, k, v, dO; its lse and delta
+    NaN too), a sequence's dQ stays exact, for a ragged T = 37."""
+    B, T, H, Hkv, D = 2, 37, 4, 2, 32
+    scale = D ** -0.5
+    for poisoned in (1, 0):
+        clean = 1 - poisoned
+        q, k, v = _qkv(B, T, H, Hkv, D, seed=17)
+        dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(18))
+        out, lse = attention_module.flash_attention_fwd(q, k, v, True, scale)
+        q64, k64, v64 = (t[clean:clean + 1].double().requires_grad_() for t in (q, k, v))
+        _sdpa_float64(q64, k64, v64, True, scale).backward(dout[clean:clean + 1].double())
+        for t in (q, k, v, dout, out, lse):
+            t[poisoned] = float("nan")
+        dq, _, _ = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dq_config=WS_DQ_INTERP)
+        torch.testing.assert_close(dq[clean:clean + 1].double(), q64.grad, rtol=1e-3, atol=1e-4)
 
 
 def test_flash_attention_config_pruning():

@@ -84,6 +84,11 @@ def test_bench_attention_cpu_smoke(tmp_path, load_script):
     table = bench.to_markdown(result)
     assert "| BLOCK_M: 64 | 1 | yes |" in table and "| BLOCK_M: 128 | 1.25 |  |" in table
     assert table.index("BLOCK_M: 64 | 1 |") < table.index("BLOCK_M: 128 | 1.25")
+    assert "### dQ configs" not in table
+    ours["tuned_configs"].update(dq="WARP_SPEC: True", dq_timings_ms={"WARP_SPEC: True": 0.9, "WARP_SPEC: False": 1.1})
+    table = bench.to_markdown(result)
+    assert "### dQ configs" in table and "| WARP_SPEC: True | 0.9 | yes |" in table
+    assert "### dK/dV configs" not in table
     # and the forward's kernels from the profiler, largest first
     assert "### Forward kernels" not in table and ours["fwd_kernels_ms"] is None
     ours["fwd_kernels_ms"] = {"copy_kernel": 0.09, "_flash_fwd_kernel": 1.22}

@@ -321,6 +321,45 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 
 @triton.jit
+def _bwd_dkdv_ws_loop(dk, dv, k, v, Q, DO, LSE, DELTA, B, T, H, stride_qb, stride_qt, stride_dob, stride_dot,
+                      stride_lse, b, kvh, GROUP, start_n, offs_n, qk_scale,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr):
+    """dK, dV of one key block over every (query head of the GQA group, query block) pair that can
+    see it, in one flat, branch-free loop over descriptors, which Triton warp-specializes on Hopper
+    (see `_fwd_ws_loop`). Here the query rows are summed over, so rows past T must add exactly
+    nothing: q and dO come through (B, T, H*D) descriptors, which read zeros there, and p and dS
+    are selected to 0 outside the mask (lse and delta past T are other rows' values, or padding)."""
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B, T, H * HEAD_DIM], strides=[stride_qb, stride_qt, 1],
+                                       block_shape=[1, BLOCK_M, HEAD_DIM])
+    do_desc = tl.make_tensor_descriptor(DO, shape=[B, T, H * HEAD_DIM], strides=[stride_dob, stride_dot, 1],
+                                        block_shape=[1, BLOCK_M, HEAD_DIM])
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[B * H * stride_lse], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[B * H * stride_lse], strides=[1], block_shape=[BLOCK_M])
+    offs_m0 = tl.arange(0, BLOCK_M)
+    # Causal: the first query block that reaches this key block's first key; before it, nothing.
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    n_blocks = tl.cdiv(T - lo, BLOCK_M)
+    for i in tl.range(0, GROUP * n_blocks, warp_specialize=True):
+        h = kvh * GROUP + i // n_blocks
+        start_m = lo + (i % n_blocks) * BLOCK_M
+        offs_m = start_m + offs_m0
+        q = q_desc.load([b, start_m, h * HEAD_DIM]).reshape(BLOCK_M, HEAD_DIM)
+        do = do_desc.load([b, start_m, h * HEAD_DIM]).reshape(BLOCK_M, HEAD_DIM)
+        lse = lse_desc.load([(b * H + h) * stride_lse + start_m])
+        delta = delta_desc.load([(b * H + h) * stride_lse + start_m])
+        visible = offs_m[None, :] < T
+        if CAUSAL:
+            visible = visible & (offs_m[None, :] >= offs_n[:, None])
+        qk_t = tl.dot(k, tl.trans(q))
+        p_t = tl.where(visible, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
 def _flash_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -329,10 +368,11 @@ def _flash_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET, stride_lse,
+    B, T, H, HKV, GROUP, qk_scale, sm_scale, T_BUCKET, WS_OK, stride_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    # WS_OK: as in the forward, read by the autotuner's prune only.
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // HKV).to(tl.int64)
@@ -342,13 +382,30 @@ def _flash_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     key_ok = offs_n < T
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if WARP_SPEC:
+        # k, v through (B*T, Hkv*D) descriptors (Triton 3.9 cannot split a 3-D block between the
+        # consumers): key rows past T read the next sequence and only reach their own rows, not stored.
+        b32 = b.to(tl.int32)
+        k = tl.make_tensor_descriptor(K, shape=[B * T, HKV * HEAD_DIM], strides=[stride_kt, 1],
+                                      block_shape=[BLOCK_N, HEAD_DIM]).load([b32 * T + start_n, kvh * HEAD_DIM])
+        v = tl.make_tensor_descriptor(V, shape=[B * T, HKV * HEAD_DIM], strides=[stride_vt, 1],
+                                      block_shape=[BLOCK_N, HEAD_DIM]).load([b32 * T + start_n, kvh * HEAD_DIM])
+        dk, dv = _bwd_dkdv_ws_loop(dk, dv, k, v, Q, DO, LSE, DELTA, B, T, H, stride_qb, stride_qt, stride_dob,
+                                   stride_dot, stride_lse, b32, kvh, GROUP, start_n, offs_n, qk_scale, BLOCK_M,
+                                   HEAD_DIM, CAUSAL)
+        dk = dk * sm_scale
+        _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+                    dk.to(DK.dtype.element_ty), key_ok, d_ok, EVEN_D)
+        _store_tile(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+                    dv.to(DV.dtype.element_ty), key_ok, d_ok, EVEN_D)
+        return
 
     k = _load_tile(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                    key_ok, d_ok, True, EVEN_D)
     v = _load_tile(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                    key_ok, d_ok, True, EVEN_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, full_hi) are
     # entirely visible, [full_hi, T) is the ragged tail (masked).
@@ -503,7 +560,7 @@ def _flash_bwd_dq_kernel(
 # Under the interpreter: one small fixed config whose blocks still exercise the multi-block
 # diagonal logic (BLOCK_M = 2 * BLOCK_N in the forward and dQ, the reverse in dK/dV).
 _INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=False)
-_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False)
+_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=False, WARP_SPEC=False)
 _INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=False)
 
 # Hopper (H100/H200) candidates. The causal stage split needs BLOCK_M % BLOCK_N == 0 in the
@@ -536,11 +593,17 @@ _GPU_FWD_CONFIGS = [
     for block_n, stages in ((64, 2), (64, 3), (128, 2))
 ]
 _GPU_DKDV_CONFIGS = [
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=False, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=2),
+] + [
+    # Warp-specialized (`_bwd_dkdv_ws_loop`; ONE_LOOP unused there): the consumers split the 128
+    # keys. sm_90 with Triton 3.6: 168 registers; 32-row query blocks do not spill at head dim 128,
+    # 64-row ones spill 40 bytes there (none at 64, none with Triton 3.9).
+    triton.Config(dict(BLOCK_M=block_m, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=True), num_warps=4, num_stages=2)
+    for block_m in (32, 64)
 ]
 _GPU_DQ_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, WARP_SPEC=False), num_warps=8, num_stages=3),
@@ -556,14 +619,16 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
 def _prune_ws(configs, named_args, **kwargs):
-    """WARP_SPEC configs (forward, dQ) only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
+    """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
     if named_args.get("WS_OK", kwargs.get("WS_OK")):
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    """The three-loop dK/dV variant only fits the register file below head dim 128 (sm_90)."""
+    """The three-loop dK/dV variant only fits the register file below head dim 128 (sm_90); WARP_SPEC
+    configs as `_prune_ws` says."""
+    configs = _prune_ws(configs, named_args, **kwargs)
     if (kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0) <= 64:
         return configs
     return [c for c in configs if c.kwargs["ONE_LOOP"]]
@@ -577,9 +642,8 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    prune = {"fwd": _prune_ws, "dkdv": _prune_dkdv, "dq": _prune_ws}[which]
-    key = _TUNE_KEY + ["WS_OK"] if prune is _prune_ws else _TUNE_KEY
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    prune = _prune_dkdv if which == "dkdv" else _prune_ws
+    return triton.autotune(configs=configs, key=_TUNE_KEY + ["WS_OK"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None = None) -> bool:
@@ -701,17 +765,20 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     qk_scale = sm_scale * LOG2E
+    # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
+    ws_ok = _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0
+    configs = {"dK/dV": dkdv_config, "dQ": dq_config}
+    for name, fixed in (("dK/dV", _INTERP_DKDV), ("dQ", _INTERP_DQ)):
+        if configs[name] is not None and configs[name].kwargs.get("WARP_SPEC") and not ws_ok:
+            raise ValueError(f"flash attention backward: a WARP_SPEC {name} config needs q, k, v and dO laid out "
+                             f"as `_ws_ok` says (got q strides {q.stride()}, dO strides {do.stride()})")
+        if configs[name] is None and interpreting() and fixed["WARP_SPEC"] and not ws_ok:   # tests that set it
+            configs[name] = triton.Config(dict(fixed, WARP_SPEC=False), num_warps=4)
+    dkdv_config, dq_config = configs["dK/dV"], configs["dQ"]
     dkdv_args = (q, k, v, do, lse, delta, dk, dv,
                  *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
                  *_bth_strides(dk), *_bth_strides(dv),
-                 T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T), stride_lse)
-    # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
-    ws_ok = _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0
-    if dq_config is not None and dq_config.kwargs.get("WARP_SPEC") and not ws_ok:
-        raise ValueError("flash attention backward: a WARP_SPEC dQ config needs q, k, v and dO laid out as "
-                         f"`_ws_ok` says (got q strides {q.stride()}, dO strides {do.stride()})")
-    if dq_config is None and interpreting() and _INTERP_DQ["WARP_SPEC"] and not ws_ok:   # tests that set it
-        dq_config = triton.Config(dict(_INTERP_DQ, WARP_SPEC=False), num_warps=4)
+                 B, T, H, Hkv, H // Hkv, qk_scale, sm_scale, _t_bucket(T), int(ws_ok), stride_lse)
     dq_args = (q, k, v, do, lse, delta, dq,
                *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do), *_bth_strides(dq),
                B, T, H, H // Hkv, qk_scale, sm_scale, _t_bucket(T), int(ws_ok), stride_lse)

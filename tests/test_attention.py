@@ -108,7 +108,7 @@ def test_flash_attention_matches_float64(triton_backend, B, T, H, Hkv, D, causal
 @pytest.mark.parametrize("T,Hkv,causal", [(37, 1, True), (37, 2, False), (5, 4, True)])
 def test_flash_attention_single_loop_dkdv_variant(triton_backend, monkeypatch, T, Hkv, causal):
     # The GPU autotuner may pick the dK/dV kernel that masks every block in one loop.
-    monkeypatch.setattr(attention_module, "_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True))
+    monkeypatch.setattr(attention_module, "_INTERP_DKDV", dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, WARP_SPEC=False))
     q, k, v = (t.requires_grad_() for t in _qkv(2, T, 4, Hkv, 32, seed=T + Hkv))
     out = flash_attention(q, k, v, causal=causal)
     dout = torch.randn_like(out)
@@ -204,54 +204,71 @@ def test_flash_attention_backward_takes_a_strided_grad(triton_backend):
     for got, want in zip(grads, (q64, k64, v64)):
         torch.testing.assert_close(got.double(), want.grad, rtol=1e-3, atol=1e-4)
     assert not attention_module._ws_ok(q, k, v, dout)
-    with pytest.raises(ValueError, match="WARP_SPEC dQ config needs"):
-        attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dq_config=WS_DQ_INTERP)
+    for name, kwargs in (("dQ", dict(dq_config=WS_DQ_INTERP)), ("dK/dV", dict(dkdv_config=WS_DKDV_INTERP))):
+        with pytest.raises(ValueError, match=f"WARP_SPEC {name} config needs"):
+            attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, **kwargs)
 
 
 WS_DQ_INTERP = triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True), num_warps=4)
+WS_DKDV_INTERP = triton.Config(dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, WARP_SPEC=True), num_warps=4)
+WS_BACKWARDS = {"dq": dict(dq_config=WS_DQ_INTERP), "dkdv": dict(dkdv_config=WS_DKDV_INTERP),
+                "both": dict(dq_config=WS_DQ_INTERP, dkdv_config=WS_DKDV_INTERP)}
 
 
+@pytest.mark.parametrize("which", list(WS_BACKWARDS))
 @pytest.mark.parametrize("T,causal", [(1, True), (16, True), (37, True), (100, True), (37, False), (64, False)])
-def test_warp_specialized_dq_against_float64(triton_backend, T, causal):
-    """dQ from the warp-specialized loop (one masked loop over descriptors, lse and delta read as flat
-    vectors) equals float64 autograd, GQA 2:1, ragged lengths; dK and dV are unchanged kernels."""
+def test_warp_specialized_backward_against_float64(triton_backend, which, T, causal):
+    """dQ and dK/dV from the warp-specialized loops (one masked loop over descriptors each; lse and
+    delta read as flat vectors; dK/dV's loop runs over the GQA group's heads and the query blocks at
+    once) equal float64 autograd, GQA 2:1, ragged lengths, alone and together."""
     B, H, Hkv, D = 2, 4, 2, 32
     q, k, v = _qkv(B, T, H, Hkv, D, seed=T + 3)
     q = q * 3.0
     scale = D ** -0.5
     out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale)
     dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(T))
-    dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale, dq_config=WS_DQ_INTERP)
+    dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale, **WS_BACKWARDS[which])
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     _sdpa_float64(q64, k64, v64, causal, scale).backward(dout.double())
     for got, want in ((dq, q64), (dk, k64), (dv, v64)):
         torch.testing.assert_close(got.double(), want.grad, rtol=1e-3, atol=1e-4)
 
 
-def test_warp_specialized_dq_reads_only_its_own_sequence(triton_backend):
-    """As the forward: with every input of the other sequence NaN (q, k, v, dO; its lse and delta
-    NaN too), a sequence's dQ stays exact, for a ragged T = 37."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_warp_specialized_backward_reads_only_its_own_sequence(triton_backend, causal):
+    """As the forward: with every input of the other sequence NaN (q, k, v, dO, its lse and delta
+    too, and the padding of lse's rows), a sequence's gradients stay exact, for a ragged T = 37.
+    dK/dV sums over query rows, so rows past T must add exactly nothing, not NaN times 0."""
     B, T, H, Hkv, D = 2, 37, 4, 2, 32
     scale = D ** -0.5
     for poisoned in (1, 0):
         clean = 1 - poisoned
         q, k, v = _qkv(B, T, H, Hkv, D, seed=17)
         dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(18))
-        out, lse = attention_module.flash_attention_fwd(q, k, v, True, scale)
+        out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale)
         q64, k64, v64 = (t[clean:clean + 1].double().requires_grad_() for t in (q, k, v))
-        _sdpa_float64(q64, k64, v64, True, scale).backward(dout[clean:clean + 1].double())
+        _sdpa_float64(q64, k64, v64, causal, scale).backward(dout[clean:clean + 1].double())
         for t in (q, k, v, dout, out, lse):
             t[poisoned] = float("nan")
-        dq, _, _ = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dq_config=WS_DQ_INTERP)
-        torch.testing.assert_close(dq[clean:clean + 1].double(), q64.grad, rtol=1e-3, atol=1e-4)
+        lse.as_strided((B, H, lse.stride(1)), lse.stride())[..., T:] = float("nan")   # the rows' padding
+        grads = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale, **WS_BACKWARDS["both"])
+        for got, want in zip(grads, (q64, k64, v64)):
+            torch.testing.assert_close(got[clean:clean + 1].double(), want.grad, rtol=1e-3, atol=1e-4)
 
 
 def test_flash_attention_config_pruning():
     prune = attention_module._prune_dkdv
     configs = attention_module._GPU_DKDV_CONFIGS
-    assert prune(configs, {}, BLOCK_D=64) == configs
-    dkdv_128 = prune(configs, {}, BLOCK_D=128)
+    assert prune(configs, {"WS_OK": 1}, BLOCK_D=64) == configs
+    dkdv_128 = prune(configs, {"WS_OK": 1}, BLOCK_D=128)
     assert dkdv_128 and all(c.kwargs["ONE_LOOP"] for c in dkdv_128)    # the three-loop variant spills there
+    assert any(c.kwargs["WARP_SPEC"] for c in dkdv_128)
+    # Where the layout does not allow descriptors (WS_OK = 0) no kernel keeps a warp-specialized config.
+    for kernel_configs, kernel_prune in ((configs, prune), (attention_module._GPU_FWD_CONFIGS, attention_module._prune_ws),
+                                         (attention_module._GPU_DQ_CONFIGS, attention_module._prune_ws)):
+        kept = kernel_prune(kernel_configs, {"WS_OK": 0}, BLOCK_D=64)
+        assert kept and not any(c.kwargs["WARP_SPEC"] for c in kept)
+        assert any(c.kwargs["WARP_SPEC"] for c in kernel_prune(kernel_configs, {"WS_OK": 1}, BLOCK_D=64))
 
 
 @pytest.mark.parametrize("D", [32, 24])
@@ -632,7 +649,7 @@ def test_flash_attention_gpu_every_config(D, causal):
     for config in attention_module._GPU_FWD_CONFIGS:
         out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
         assert _rel_err(out, want) < 1e-2, config
-    dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {}, BLOCK_D=D)
+    dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=D)
     dq_configs = attention_module._GPU_DQ_CONFIGS
     for i in range(max(len(dkdv_configs), len(dq_configs))):   # every config of both kernels, paired
         dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]

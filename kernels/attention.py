@@ -11,6 +11,12 @@ Flash attention (FA2 structure):
             loops over the query heads of its GQA group itself, so the group sum is deterministic
             (no atomics); one program per (query block, batch*head) computes dQ.
   Causal programs skip the blocks above the diagonal and only mask the blocks on it (and the tail).
+  Each of the three kernels also has a warp-specialized variant for Hopper (WARP_SPEC configs, the
+  autotuner chooses): one branch-free loop over TMA tensor descriptors, which Triton splits into a
+  producer warp and two consumer warpgroups (FlashAttention-3's division of labour). Triton's pass
+  only takes a kernel whose loop is its only loop and whose dot operands all come through
+  descriptors, so these loops mask every block, and they run only where the layout allows the
+  descriptors (`_ws_ok`). MTP_WARP_SPEC=0 switches them off.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -619,8 +626,10 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
 def _prune_ws(configs, named_args, **kwargs):
-    """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1)."""
-    if named_args.get("WS_OK", kwargs.get("WS_OK")):
+    """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1), and
+    unless MTP_WARP_SPEC=0 (read at tuning time: a switch for a Triton build whose warp
+    specialization misbehaves, without a code change)."""
+    if named_args.get("WS_OK", kwargs.get("WS_OK")) and os.environ.get("MTP_WARP_SPEC", "1").strip() != "0":
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 

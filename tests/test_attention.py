@@ -271,6 +271,15 @@ def test_flash_attention_config_pruning():
         assert any(c.kwargs["WARP_SPEC"] for c in kernel_prune(kernel_configs, {"WS_OK": 1}, BLOCK_D=64))
 
 
+def test_warp_specialized_configs_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("MTP_WARP_SPEC", "0")
+    for configs in (attention_module._GPU_FWD_CONFIGS, attention_module._GPU_DQ_CONFIGS):
+        kept = attention_module._prune_ws(configs, {"WS_OK": 1})
+        assert kept and not any(c.kwargs["WARP_SPEC"] for c in kept)
+    kept = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=128)
+    assert kept and not any(c.kwargs["WARP_SPEC"] for c in kept)
+
+
 @pytest.mark.parametrize("D", [32, 24])
 def test_flash_attention_strided_views_and_custom_scale(triton_backend, D):
     # q, k, v as views of one fused projection (head stride != D) and a last-dim-transposed q.

@@ -259,6 +259,31 @@ def test_bench_generate_compares_concurrent_heads_with_heads_in_order(load_scrip
     assert "concurrent / in order" not in module.to_markdown(result)
 
 
+def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
+    """gpu_check.sh keeps the warp-specialized flash configs in the benchmarks only when their
+    every-config GPU test ran and passed."""
+    common = load_script(BENCH / "common.py")
+
+    def junit(*cases):
+        path = tmp_path / "gpu_tests.xml"
+        body = "".join(f'<testcase classname="tests.test_attention" name="{name}">{inner}</testcase>'
+                       for name, inner in cases)
+        path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+        return str(path)
+
+    every = "test_flash_attention_gpu_every_config"
+    assert not common.warp_spec_tests_failed(junit((f"{every}[64-True]", ""), (f"{every}[128-True]", ""),
+                                                   ("test_other", '<failure message="x"/>')))
+    assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", ""), (f"{every}[128-True]", '<failure message="x"/>')))
+    assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", '<error message="hang"/>')))
+    assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", '<skipped message="needs CUDA"/>')))
+    assert common.warp_spec_tests_failed(junit(("test_other", "")))          # not run (GPU_TESTS left it out)
+    assert common.warp_spec_tests_failed(str(tmp_path / "missing.xml"))     # the stage died first
+    (tmp_path / "cut.xml").write_text("<testsuites><testsuite")
+    assert common.warp_spec_tests_failed(str(tmp_path / "cut.xml"))
+    assert "warp_spec_guard" in (BENCH / "gpu_check.sh").read_text()
+
+
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):
     """profile_fused_ce reports the GPU's idle time inside one step from the profiler's kernel intervals."""
     common = load_script(BENCH / "common.py")

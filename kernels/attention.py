@@ -736,7 +736,8 @@ def _launch(which: str, args: tuple, T: int, block: str, programs: int, D: int, 
 
 def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.Config | None = None):
     """q: (B, T, H, D), k/v: (B, T, Hkv, D), last dim contiguous. Returns o (B, T, H, D) in q.dtype
-    and lse (B, H, T) float32 in log2 units (log2 of the softmax denominator, scale included).
+    and lse (B, H, T) float32 in log2 units (log2 of the softmax denominator, scale included), a
+    view of rows padded to a multiple of 4 floats (`_lse_rows`).
     `config` launches one of `_GPU_FWD_CONFIGS` instead of the autotuned choice (GPU tests)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]

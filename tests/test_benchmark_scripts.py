@@ -277,6 +277,8 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", ""), (f"{every}[128-True]", '<failure message="x"/>')))
     assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", '<error message="hang"/>')))
     assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", '<skipped message="needs CUDA"/>')))
+    apart = "test_flash_attention_gpu_warp_specialized_sequences_stay_apart"
+    assert common.warp_spec_tests_failed(junit((f"{every}[64-True]", ""), (f"{apart}[True]", '<failure message="x"/>')))
     assert common.warp_spec_tests_failed(junit(("test_other", "")))          # not run (GPU_TESTS left it out)
     assert common.warp_spec_tests_failed(str(tmp_path / "missing.xml"))     # the stage died first
     (tmp_path / "cut.xml").write_text("<testsuites><testsuite")

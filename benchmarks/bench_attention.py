@@ -97,6 +97,33 @@ def _bench_ms(fn, rep: int = 100) -> float | str:
             torch.cuda.empty_cache()
 
 
+def _bench_back_to_back_ms(fn, calls: int = 10, reps: int = 5) -> float | str | None:
+    """Median over `reps` of the mean ms of `calls` back-to-back calls between two CUDA events, no
+    cache flush between them: the host queues the next call while the GPU runs this one, as in a
+    training step, so a call's Python and launch overhead is hidden when its kernels take longer.
+    do_bench (`_bench_ms`) instead flushes the L2 before every call and times each one alone, so the
+    GPU waits for whatever host time exceeds the flush. None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        return float(sorted(times)[len(times) // 2])
+    except torch.cuda.OutOfMemoryError:
+        return "OOM"
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
 def _bench_graph_ms(fn, rep: int = 50) -> float | str:
     """Median ms of `fn` replayed from a CUDA graph (the CPU smoke run: one timed eager call)."""
     if not torch.cuda.is_available():
@@ -173,6 +200,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
         for name, fn in contenders:
             with torch.no_grad():
                 fwd = _bench_ms(lambda: fn(q, k, v))
+                fwd_b2b = _bench_back_to_back_ms(lambda: fn(q, k, v)) if isinstance(fwd, float) else None
                 # Per-kernel CUDA time of one forward (torch.profiler): says whether a gap between the
                 # call's time and its kernel's autotuned time is the kernel or work around it.
                 fwd_kernels = (common.cuda_kernel_ms(lambda: fn(q, k, v), lambda kernel: kernel)
@@ -183,6 +211,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 fn(q, k, v).backward(dout)
 
             fb = _bench_ms(fwd_bwd)
+            fb_b2b = _bench_back_to_back_ms(fwd_bwd) if isinstance(fb, float) else None
             deterministic = (_backward_is_deterministic(fn, q, k, v, dout)
                              if name != "eager" and isinstance(fb, float) else None)
             q.grad = k.grad = v.grad = None
@@ -193,6 +222,7 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
                 "fwd_x_floor": _ratio(fwd, fwd_flops / (matmul_tflops * 1e9)),
                 "fwd_bwd_x_floor": _ratio(fb, 3.5 * fwd_flops / (matmul_tflops * 1e9)),
                 "bwd_bitwise_deterministic": deterministic, "fwd_kernels_ms": fwd_kernels,
+                "fwd_ms_back_to_back": fwd_b2b, "fwd_bwd_ms_back_to_back": fb_b2b,
             })
         shape_rows = rows[-len(contenders):]
         ours = next(r for r in shape_rows if r["impl"] == "ours")
@@ -201,6 +231,10 @@ def bench_flash(attention, matmul_tflops: float, shapes=FLASH_SHAPES, device="cu
         for r in shape_rows:
             r["fwd_vs_sdpa"] = _ratio(r["fwd_tflops"], sdpa["fwd_tflops"])
             r["fwd_bwd_vs_sdpa"] = _ratio(r["fwd_bwd_tflops"], sdpa["fwd_bwd_tflops"])
+            # speed ratios (SDPA's time over ours) of the back-to-back timings
+            r["fwd_vs_sdpa_back_to_back"] = _ratio(sdpa.get("fwd_ms_back_to_back"), r.get("fwd_ms_back_to_back"))
+            r["fwd_bwd_vs_sdpa_back_to_back"] = _ratio(sdpa.get("fwd_bwd_ms_back_to_back"),
+                                                       r.get("fwd_bwd_ms_back_to_back"))
         del q, k, v, dout
     return rows
 
@@ -343,6 +377,16 @@ def to_markdown(result: dict) -> str:
                      f"{_fmt(r.get('fwd_x_floor'))} | {_fmt(r['fwd_vs_sdpa'])} | {_fmt(r['fwd_bwd_ms'])} | "
                      f"{_fmt(r['fwd_bwd_tflops'])} | {_fmt(r.get('fwd_bwd_x_floor'))} | {_fmt(r['fwd_bwd_vs_sdpa'])} | "
                      f"{_fmt(r.get('bwd_bitwise_deterministic'))} |")
+    pipelined = [r for r in result["flash"] if isinstance(r.get("fwd_ms_back_to_back"), float)]
+    if pipelined:
+        lines += ["", "### Back-to-back calls (10 calls between two events, no L2 flush: the host queues the next "
+                  "call while the GPU runs this one, as in training; the table above times each call alone "
+                  "after an L2 flush, host overhead included where it outlasts the flush)", "",
+                  "| shape | impl | fwd ms | fwd vs SDPA | fwd+bwd ms | fwd+bwd vs SDPA |", "|---|---|---|---|---|---|"]
+        for r in pipelined:
+            lines.append(f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms_back_to_back'])} | "
+                         f"{_fmt(r.get('fwd_vs_sdpa_back_to_back'))} | {_fmt(r.get('fwd_bwd_ms_back_to_back'))} | "
+                         f"{_fmt(r.get('fwd_bwd_vs_sdpa_back_to_back'))} |")
     profiled = [r for r in result["flash"] if r.get("fwd_kernels_ms")]
     if profiled:
         lines += ["", "### Forward kernels (torch.profiler, CUDA ms per call)", "",

@@ -89,6 +89,14 @@ def test_bench_attention_cpu_smoke(tmp_path, load_script):
     table = bench.to_markdown(result)
     assert "### dQ configs" in table and "| WARP_SPEC: True | 0.9 | yes |" in table
     assert "### dK/dV configs" not in table
+    # and, timed back to back (GPU only: none on a CPU), the same calls with their host overhead hidden
+    assert "### Back-to-back" not in table and bench._bench_back_to_back_ms(lambda: None) is None
+    sdpa = next(r for r in result["flash"] if r["impl"] == "sdpa")
+    ours.update(fwd_ms_back_to_back=1.2, fwd_bwd_ms_back_to_back=4.0, fwd_vs_sdpa_back_to_back=0.8,
+                fwd_bwd_vs_sdpa_back_to_back=0.75)
+    sdpa.update(fwd_ms_back_to_back=0.96, fwd_bwd_ms_back_to_back=3.0)
+    table = bench.to_markdown(result)
+    assert "### Back-to-back" in table and "| ours | 1.2 | 0.8 | 4 | 0.75 |" in table
     # and the forward's kernels from the profiler, largest first
     assert "### Forward kernels" not in table and ours["fwd_kernels_ms"] is None
     ours["fwd_kernels_ms"] = {"copy_kernel": 0.09, "_flash_fwd_kernel": 1.22}

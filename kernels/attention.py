@@ -150,6 +150,29 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.jit
+def _kv_descriptors(K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V (B, T, Hkv, D) as (B, T, kv_cols = Hkv*D) tensor descriptors read in (1, BLOCK_N, D)
+    blocks: rows past T load as zeros from the same sequence, never the next one's."""
+    k_desc = tl.make_tensor_descriptor(K, shape=[B, T, kv_cols], strides=[stride_kb, stride_kt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B, T, kv_cols], strides=[stride_vb, stride_vt, 1],
+                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    return k_desc, v_desc
+
+
+@triton.jit
+def _ws_visible(offs_m, cols, T, CAUSAL: tl.constexpr):
+    """The (rows, keys) mask of a warp-specialized loop's block. Causal, keys past T need no test of
+    their own: they are past every real query row (rows past T are never stored)."""
+    if CAUSAL:
+        visible = offs_m[:, None] >= cols[None, :]
+    else:
+        visible = cols[None, :] < T
+    return visible
+
+
+@triton.jit
 def _fwd_ws_loop(acc, l_i, m_i, q, K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt, b, kv_col0,
                  offs_m, offs_n, hi, qk_scale,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr):
@@ -158,23 +181,14 @@ def _fwd_ws_loop(acc, l_i, m_i, q, K, V, B, T, kv_cols, stride_kb, stride_kt, st
     matmuls and the softmax, so one group's exponentials overlap the other's wgmma (FlashAttention-3's
     split, by Triton's automatic warp specialization). The pass keeps only a loop that is its
     kernel's only loop and has no branch inside, hence one loop masking every block, not an unmasked
-    loop plus a diagonal one. K, V are read through (B, T, kv_cols) descriptors, so key rows past T
-    load as zeros from this sequence, never the next one's. A causal mask alone hides them from every
-    real query row (a key past T is past every row below T); rows past T are never stored.
-    qk_scale (> 0) is applied inside the exponent, as FOLD_SCALE does."""
-    k_desc = tl.make_tensor_descriptor(K, shape=[B, T, kv_cols], strides=[stride_kb, stride_kt, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B, T, kv_cols], strides=[stride_vb, stride_vt, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    loop plus a diagonal one (`_ws_visible`). K, V come through `_kv_descriptors`. qk_scale (> 0)
+    is applied inside the exponent, as FOLD_SCALE does."""
+    k_desc, v_desc = _kv_descriptors(K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N,
+                                     HEAD_DIM)
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         cols = start_n + offs_n
         k = k_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        if CAUSAL:
-            visible = offs_m[:, None] >= cols[None, :]
-        else:
-            visible = cols[None, :] < T
-        qk = tl.where(visible, qk, float("-inf"))
+        qk = tl.where(_ws_visible(offs_m, cols, T, CAUSAL), tl.dot(q, tl.trans(k)), float("-inf"))
         # Every row sees key 0 in the first block, so m_new is finite from then on: no -inf guard.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -485,20 +499,14 @@ def _bwd_dq_ws_loop(dq, q, do, lse, delta, K, V, B, T, kv_cols, stride_kb, strid
     """dQ over all key blocks [0, hi) in one branch-free loop over (B, T, kv_cols) descriptors, which
     Triton warp-specializes on Hopper (see `_fwd_ws_loop`: the same rules, the same zero rows past
     T). Masked scores go to -inf before the exponent, so their p, and so their dS, are 0."""
-    k_desc = tl.make_tensor_descriptor(K, shape=[B, T, kv_cols], strides=[stride_kb, stride_kt, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B, T, kv_cols], strides=[stride_vb, stride_vt, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    k_desc, v_desc = _kv_descriptors(K, V, B, T, kv_cols, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N,
+                                     HEAD_DIM)
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         cols = start_n + offs_n
         k = k_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([b, start_n, kv_col0]).reshape(BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k))
-        if CAUSAL:
-            visible = offs_m[:, None] >= cols[None, :]
-        else:
-            visible = cols[None, :] < T
-        p = tl.math.exp2(tl.where(visible, qk * qk_scale, float("-inf")) - lse[:, None])
+        p = tl.math.exp2(tl.where(_ws_visible(offs_m, cols, T, CAUSAL), qk * qk_scale, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)

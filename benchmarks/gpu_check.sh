@@ -43,13 +43,13 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# The warp-specialized flash configs are new to the GPU: unless their every-config test ran and
-# passed, the benchmarks run without them (the autotuner would otherwise pick a fast config whatever
-# its results).
+# The warp-specialized kernels (flash configs, tree launches) are new to the GPU: unless their GPU
+# tests ran and passed, the benchmarks run without them (a tuner would otherwise pick a fast one
+# whatever its results).
 warp_spec_guard() {
   if python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(0 if common.warp_spec_tests_failed(sys.argv[1]) else 1)" "$RES/gpu_tests.xml"; then
     export MTP_WARP_SPEC=0
-    echo "warp-specialized flash configs not confirmed by their GPU test (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
+    echo "warp-specialized kernels not confirmed by their GPU tests (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
   fi
 }
 for s in "${stages[@]}"; do

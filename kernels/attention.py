@@ -43,6 +43,7 @@ from . import reference
 from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner, rotating_copies
+from .tree_attention_ws import _tree_attn_ws_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -633,11 +634,16 @@ _GPU_DQ_CONFIGS = [
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
+def warp_spec_allowed() -> bool:
+    """False when MTP_WARP_SPEC=0: no warp-specialized flash config or tree launch is tried."""
+    return os.environ.get("MTP_WARP_SPEC", "1").strip() != "0"
+
+
 def _prune_ws(configs, named_args, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1), and
     unless MTP_WARP_SPEC=0 (read at tuning time: a switch for a Triton build whose warp
     specialization misbehaves, without a code change)."""
-    if named_args.get("WS_OK", kwargs.get("WS_OK")) and os.environ.get("MTP_WARP_SPEC", "1").strip() != "0":
+    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed():
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
@@ -996,6 +1002,18 @@ class PackedTreeMask:
     mask: (Tq, Tq) bool, as given; words: (Tq, ceil(Tq / 64)) int64, bit j % 64 of word j // 64 = mask[i, j]."""
     mask: torch.Tensor
     words: torch.Tensor
+    _row_words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def row_words(self, group: int) -> torch.Tensor:
+        """(Tq * group,) int64: row t * group + g holds query t's word (trees of at most 64 nodes),
+        the rows of the warp-specialized tree kernel (tree_attention_ws.py). Made at the first call
+        for a group size and kept, so that a call inside a CUDA-graph capture finds it made."""
+        if self.words.shape[1] != 1:
+            raise ValueError(f"row_words: a tree of {self.words.shape[0]} nodes needs more than one mask word "
+                             "per row (at most 64 nodes)")
+        if group not in self._row_words:
+            self._row_words[group] = self.words[:, 0].repeat_interleave(group).contiguous()
+        return self._row_words[group]
 
 
 def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
@@ -1027,10 +1045,12 @@ class KVLaunch:
     split_size: int
     n_splits: int
     combine_last: bool = False
+    warp_spec: bool = False   # trees only: tree_attention_ws.py (its partials merge in a second kernel)
 
     def label(self) -> str:
-        """e.g. "M16 x9+last": query rows per tile, KV splits, +last when the last split combines."""
-        return f"M{self.block_m} x{self.n_splits}{'+last' if self.combine_last else ''}"
+        """e.g. "M16 x9+last": query rows per tile, KV splits, +last when the last split combines,
+        ws for the warp-specialized tree kernel."""
+        return f"M{self.block_m} x{self.n_splits}{'+last' if self.combine_last else ''}{' ws' if self.warp_spec else ''}"
 
 
 def _kv_block_n(gpu: bool) -> int:
@@ -1073,11 +1093,14 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
     return dataclasses.replace(launch, combine_last=launch.n_splits > 1 and block_m <= 16)
 
 
-def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> list[KVLaunch]:
+def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device,
+                         ws: bool = False) -> list[KVLaunch]:
     """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and a smaller one
     (more programs with fewer registers each, for trees of many rows) every power-of-two split
     count and one key block per split, up to eight programs per SM (two splits per tile under the
-    interpreter); each split launch both with the combine kernel and with combine_last."""
+    interpreter); each split launch both with the combine kernel and with combine_last. ws (a call
+    `tree_ws_ok` takes): also the warp-specialized tree kernel's 128-row tile (32 rows under the
+    interpreter) at every power-of-two split count, unless MTP_WARP_SPEC=0."""
     gpu = gpu_launch(device)
     base = _kv_heuristic(B, Hkv, rows, S_max, device)
     small = 64 if gpu else 16
@@ -1094,6 +1117,17 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
             launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
             split = [launch, dataclasses.replace(launch, combine_last=True)] if launch.n_splits > 1 else [launch]
             out += [c for c in split if c not in out]
+    if ws and warp_spec_allowed():
+        # num_warps=4 per partition (12 run), 2 stages: 165 KB of shared memory at head dim 128.
+        block_m = 128 if gpu else 32
+        programs = B * Hkv * triton.cdiv(rows, block_m)
+        for n_splits in [1 << i for i in range(n_blocks.bit_length()) if (1 << i) < n_blocks] + [n_blocks]:
+            if n_splits > 1 and programs * n_splits > max_programs:
+                break
+            launch = dataclasses.replace(_kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu),
+                                         num_warps=4, num_stages=2 if gpu else 1, warp_spec=True)
+            if launch not in out:
+                out.append(launch)
     return out
 
 
@@ -1124,8 +1158,9 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
+    ws = tree_mask is not None and tree_ws_ok(q, k_cache, True) and tree_ws_ok(q, v_cache, True)
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
-                          kv_launch_candidates(*kv_problem(q, k_cache), q.device),
+                          kv_launch_candidates(*kv_problem(q, k_cache), q.device, ws=ws),
                           lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer)
 
 
@@ -1134,8 +1169,13 @@ def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> K
         return _kv_heuristic(*kv_problem(q, k_cache), q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic()
-    return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
-                            lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale), heuristic)
+    launch = _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
+                              lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale),
+                              heuristic)
+    if launch.warp_spec and not (tree_mask is not None and tree_ws_ok(q, k_cache, True)
+                                 and tree_ws_ok(q, v_cache, True) and warp_spec_allowed()):
+        return heuristic()   # tuned on another layout of this shape, or switched off since
+    return launch
 
 
 def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
@@ -1145,6 +1185,8 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
     Hkv = k_cache.shape[2]
     group = H // Hkv
     rows = group * Tq
+    if launch.warp_spec:
+        return _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask, sm_scale, launch)
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     tree = tree_mask is not None
     mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
@@ -1167,6 +1209,52 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
         COMBINE_LAST=combine_last, COMBINE_R=combine_rows, COMBINE_S=_combine_block_s(combine_rows, D),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     if split and not combine_last:
+        block_r = 2
+        _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
+            o_part, lse_part, out, B * Tq * H, Tq, H, launch.n_splits, *_bth_strides(out),
+            **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
+    return out
+
+
+def tree_ws_ok(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> bool:
+    """Whether the warp-specialized tree kernel takes this call: a tree of 2 to 64 nodes, a head dim
+    of 16 to 128 that is a power of two, the cache's heads packed with 16-byte aligned strides and
+    base (TMA's rule), and where kernels may build descriptors (`_descriptors_allowed`)."""
+    B, Tq, H, D = q.shape
+    size = k_cache.element_size()
+    return (tree and 2 <= Tq <= 64 and 16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
+            and k_cache.stride(3) == 1 and k_cache.stride(2) == D
+            and (k_cache.stride(1) * size) % 16 == 0 and (k_cache.stride(0) * size) % 16 == 0
+            and k_cache.data_ptr() % 16 == 0 and _descriptors_allowed())
+
+
+def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_scale: float,
+                 launch: KVLaunch) -> torch.Tensor:
+    """A warp-specialized tree launch (tree_attention_ws.py): q regrouped to (B, Hkv, Tq, GROUP, D)
+    by one copy, the mask's words expanded per row, partials merged by `_kv_combine_kernel`."""
+    B, Tq, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = H // Hkv
+    if tree_mask is None or not (tree_ws_ok(q, k_cache, True) and tree_ws_ok(q, v_cache, True)):
+        raise ValueError(f"kv_cache_attention: the warp-specialized launch {launch.label()} takes trees of 2 to 64 "
+                         f"nodes over packed, 16-byte aligned caches; got q {tuple(q.shape)}, cache strides "
+                         f"{k_cache.stride()} and {v_cache.stride()}, tree {tree_mask is not None}")
+    q_grouped = q.reshape(B, Tq, Hkv, group, D).transpose(1, 2).contiguous()
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    split = launch.n_splits > 1
+    if split:
+        o_part = torch.empty((B, Tq, H, launch.n_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Tq, H, launch.n_splits), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out                                          # unused when not SPLIT
+    grid = (triton.cdiv(group * Tq, launch.block_m), launch.n_splits, B * Hkv)
+    _tree_attn_ws_kernel[grid](
+        q_grouped, k_cache, v_cache, seqlens, tree_mask.row_words(group), out, o_part, lse_part,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *_bth_strides(out),
+        B, k_cache.shape[1], Tq, Hkv, group, launch.split_size, launch.n_splits, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, SPLIT=split,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if split:
         block_r = 2
         _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
             o_part, lse_part, out, B * Tq * H, Tq, H, launch.n_splits, *_bth_strides(out),

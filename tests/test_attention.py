@@ -427,9 +427,14 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     full = torch.full((B,), S_max - Tq, dtype=torch.int32)
     want = _kv_oracle(q, k_cache, v_cache, full, packed.mask, 0.3)
     assert attention_module.kv_problem(q, k_cache) == (B, Hkv, (H // Hkv) * Tq, S_max)
-    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
+    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device, ws=True)
     assert len({c.block_m for c in candidates}) == 2 and len({c.n_splits for c in candidates}) >= 2
-    split_launches = [c for c in candidates if c.n_splits > 1]
+    # the warp-specialized tree kernel at every power-of-two split count too (tree_attention_ws.py)
+    ws_splits = [c.n_splits for c in candidates if c.warp_spec]
+    assert ws_splits[0] == 1 and len(set(ws_splits)) == len(ws_splits) >= 2
+    assert not any(c.warp_spec for c in attention_module.kv_launch_candidates(
+        *attention_module.kv_problem(q, k_cache), q.device))
+    split_launches = [c for c in candidates if c.n_splits > 1 and not c.warp_spec]
     assert {dataclasses.replace(c, combine_last=True) for c in split_launches} == {c for c in split_launches
                                                                                   if c.combine_last}
     ran = []
@@ -449,6 +454,60 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     assert used == [chosen]
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
                                rtol=1e-4, atol=2e-5)
+
+
+def _ws_launch(S_max: int, split_blocks=None, block_m: int = 32):
+    launch = attention_module._kv_launch(block_m, S_max, split_blocks, gpu=False)
+    return dataclasses.replace(launch, num_warps=4, warp_spec=True)
+
+
+@pytest.mark.parametrize("split_blocks", [None, 1, 2])
+@pytest.mark.parametrize("H,Hkv,D,Tq", [(4, 2, 16, 9), (8, 2, 32, 16), (4, 4, 16, 2), (8, 2, 16, 64), (4, 1, 16, 5)])
+def test_warp_specialized_tree_attention_matches_oracle(triton_backend, split_blocks, H, Hkv, D, Tq):
+    """The warp-specialized tree kernel (tree_attention_ws.py: q regrouped, one word per row, one
+    loop over old and new keys) against the float64 oracle: random trees, ragged lengths (empty,
+    ragged, full, block-aligned), one split or several (merged by the combine kernel), GQA 1 to 4."""
+    S_max = 53 + Tq
+    seqlens = [0, 17, S_max - Tq, 32]
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 7 + D)
+    packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(Tq + 1)))
+    assert attention_module.tree_ws_ok(q, k_cache, True)
+    launch = _ws_launch(S_max, split_blocks)
+    out = attention_module._kv_run(q, k_cache, v_cache, cache_seqlens, packed, 0.3, launch)
+    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
+                               rtol=1e-4, atol=2e-5)
+
+
+def test_warp_specialized_tree_attention_takes_only_what_it_can_describe(triton_backend, monkeypatch):
+    """Trees of 2 to 64 nodes, power-of-two head dims, packed caches: anything else is refused by the
+    launch (a clear error) and never offered by the tuner; a tuned warp-specialized launch met by a
+    call it cannot take, or switched off by MTP_WARP_SPEC=0, falls back to the heuristic's launch."""
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 9, 40, [3, 20], seed=5)
+    packed = pack_tree_mask(_random_tree_mask(9, torch.Generator().manual_seed(6)))
+    ok = attention_module.tree_ws_ok
+    assert ok(q, k_cache, True) and not ok(q, k_cache, False)
+    assert not ok(q[:, :1], k_cache, True)                                          # a decode, Tq = 1
+    assert not ok(torch.randn(2, 65, 4, 16), k_cache, True)                         # 65 nodes: two words
+    assert not ok(torch.randn(2, 9, 4, 48), torch.randn(2, 40, 2, 48), True)        # head dim 48
+    strided = torch.randn(2, 40, 2, 17)[..., 1:]                                     # rows 68 bytes apart
+    assert not ok(q, strided, True)
+    with pytest.raises(ValueError, match="warp-specialized launch"):
+        attention_module._kv_run(q, strided, strided, cache_seqlens, packed, 0.3, _ws_launch(40))
+    with pytest.raises(ValueError, match="more than one mask word"):
+        pack_tree_mask(torch.eye(65, dtype=torch.bool)).row_words(4)
+    words = packed.row_words(2)
+    assert torch.equal(words, packed.words[:, 0].repeat_interleave(2)) and packed.row_words(2) is words
+
+    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    key = attention_module._kv_key(q, k_cache, True)
+    attention_module._KV_TUNER.chosen[key] = _ws_launch(40)       # as if tuned on a GPU
+    chosen = lambda *args: attention_module._kv_launch_for(q, *args, cache_seqlens, packed, 0.3)   # noqa: E731
+    assert chosen(k_cache, v_cache).warp_spec
+    other = torch.randn(2, 40, 2, 32)[..., :16]                                      # same shape, heads not packed
+    assert not chosen(other, other).warp_spec
+    monkeypatch.setenv("MTP_WARP_SPEC", "0")
+    assert not chosen(k_cache, v_cache).warp_spec
+    assert not any(c.warp_spec for c in attention_module.kv_launch_candidates(2, 2, 18, 40, q.device, ws=True))
 
 
 def test_kv_launch_tuning_reads_a_new_cache_copy_at_each_call(triton_backend, monkeypatch):
@@ -779,6 +838,30 @@ def test_kv_combine_last_gpu_race_free_and_deterministic(B, Tq, block_m):
     assert int(arrival_counters(q.device, 1).abs().sum()) == 0
     want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
     assert _rel_err(first, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tq", [16, 64])
+def test_tree_attention_gpu_warp_specialized(Tq):
+    """The warp-specialized tree kernel on the real TMA engine, bf16: ragged lengths (empty, ragged,
+    full, near full), one split and many (merged by the combine kernel), against float32; the same
+    bits on every run."""
+    S_max = 4096 + 64
+    g = torch.Generator().manual_seed(60 + Tq)
+    q = torch.randn(4, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    k_cache, v_cache = (torch.randn(4, S_max, 8, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([0, 1000, S_max - Tq, 4000], dtype=torch.int32, device="cuda")
+    mask = _random_tree_mask(Tq, torch.Generator().manual_seed(61)).cuda()
+    packed = pack_tree_mask(mask)
+    assert attention_module.tree_ws_ok(q, k_cache, True)
+    want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
+    for split_blocks in (None, 8, 1):
+        launch = dataclasses.replace(attention_module._kv_launch(128, S_max, split_blocks, gpu=True),
+                                     num_warps=4, num_stages=2, warp_spec=True)
+        out = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, launch)
+        assert _rel_err(out, want) < 1e-2, launch
+        again = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, launch)
+        assert torch.equal(out, again), launch
 
 
 @pytest.mark.gpu

@@ -461,8 +461,8 @@ def _ws_launch(S_max: int, split_blocks=None, block_m: int = 32):
     return dataclasses.replace(launch, num_warps=4, warp_spec=True)
 
 
-@pytest.mark.parametrize("split_blocks", [None, 1, 2])
-@pytest.mark.parametrize("H,Hkv,D,Tq", [(4, 2, 16, 9), (8, 2, 32, 16), (4, 4, 16, 2), (8, 2, 16, 64), (4, 1, 16, 5)])
+@pytest.mark.parametrize("split_blocks", [None, 2, 3])
+@pytest.mark.parametrize("H,Hkv,D,Tq", [(4, 2, 16, 9), (8, 2, 32, 16), (4, 4, 16, 2), (4, 2, 16, 64), (4, 1, 16, 5)])
 def test_warp_specialized_tree_attention_matches_oracle(triton_backend, split_blocks, H, Hkv, D, Tq):
     """The warp-specialized tree kernel (tree_attention_ws.py: q regrouped, one word per row, one
     loop over old and new keys) against the float64 oracle: random trees, ragged lengths (empty,

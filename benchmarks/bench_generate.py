@@ -9,7 +9,8 @@
    argmax) and one verify step (Generator._verify_step: candidates from drafts, one forward of all
    nodes with all 4 heads, head-0 linear argmax at every node, tree_accept, KV compaction, next
    drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them (the head blocks
-   as concurrent graph branches, and once more in order for comparison). Ratio =
+   as concurrent graph branches or in order, whichever its capture measured faster; and once more
+   forced in order, for comparison). Ratio =
    verify / plain: at a given tokens per forward, the speedup over plain decoding is
    tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
@@ -210,8 +211,13 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
             if device.type == "cuda":
-                # The same step with the head blocks in order on one stream (another graph): what
-                # running them as concurrent graph branches (mtp_engine/branches.py) gains or loses.
+                # Which way the capture kept the heads (concurrent graph branches or in order, each
+                # timed over a few replays there; mtp_engine/branches.py), and the step forced in
+                # order (another graph), timed as the default was.
+                for key, concurrent_ms, in_order_ms, kept in (gen._graphs.branch_choices() if gen._graphs else []):
+                    if key[1] and key[2] == "verify" and key[3] == tree.size:
+                        row[f"verify{T}_heads_kept"] = kept
+                        row[f"verify{T}_capture_ms"] = {"concurrent": concurrent_ms, "in order": in_order_ms}
                 model.concurrent_heads = False
                 try:
                     row[f"verify{T}_heads_in_order_ms"] = common.time_and_peak(verify_step, device=device).get("ms")
@@ -336,12 +342,14 @@ def to_markdown(result: dict) -> str:
     in_order = [r for r in result["step_costs"] if any(r.get(f"verify{T}_heads_in_order_ms") for T in nodes)]
     if in_order:
         lines += ["### Head blocks as concurrent CUDA-graph branches (`mtp_engine/branches.py`)", "",
-                  "Verify step ms with the 4 head blocks on concurrent streams of the captured graph (the "
-                  "default, timed above) and in order on one stream.", "",
-                  common.markdown_table(["batch"] + [f"{T} nodes: concurrent / in order ms" for T in nodes],
-                                        [[r["batch"]] + [_pair_text(r.get(f"verify{T}_ms"),
-                                                                    r.get(f"verify{T}_heads_in_order_ms"))
-                                                         for T in nodes] for r in in_order]), ""]
+                  "A verify step is captured twice, its 4 head blocks on concurrent streams and in order, each "
+                  "timed over 5 replays, and the faster is kept. Per cell: the step as the Generator runs it "
+                  "(timed above) / the step forced in order (ms, their ratio), then which way the capture kept.",
+                  "", common.markdown_table(["batch"] + [f"{T} nodes" for T in nodes],
+                                            [[r["batch"]] + [_pair_text(r.get(f"verify{T}_ms"),
+                                                                        r.get(f"verify{T}_heads_in_order_ms"),
+                                                                        r.get(f"verify{T}_heads_kept"))
+                                                             for T in nodes] for r in in_order]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -377,10 +385,10 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _pair_text(concurrent, in_order) -> str:
-    if not concurrent or not in_order:
+def _pair_text(default, in_order, kept=None) -> str:
+    if not default or not in_order:
         return "-"
-    return f"{concurrent:.3f} / {in_order:.3f} ({concurrent / in_order:.3f}x)"
+    return f"{default:.3f} / {in_order:.3f} ({default / in_order:.3f}x)" + (f", kept {kept}" if kept else "")
 
 
 def main() -> int:

@@ -364,7 +364,8 @@ class Generator:
         graphs are on. Returns hidden (R, T, n_heads, D)."""
         key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
         return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
-                             (tokens, cache_seqlens), keep_alive=(tree,))[0]
+                             (tokens, cache_seqlens), keep_alive=(tree,),
+                             compare_branches=tree is not None and tree.heads > 1)[0]
 
     def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
         """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
@@ -403,7 +404,8 @@ class Generator:
                 packed, next_root, next_drafts, _, _ = step(*static, lambda t, lengths: self._forward(t, lengths, tree))
                 return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
             key = ("verify", tree.size, tree.heads, tree.top_k, tree.packed_mask.words.data_ptr())
-            packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,))
+            packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,),
+                                                                    compare_branches=tree.heads > 1)
             cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
@@ -416,14 +418,15 @@ class Generator:
                 -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
         return packed, next_root, next_drafts, step_lps
 
-    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = ()):
+    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), compare_branches: bool = False):
         """fn(*inputs) -> tuple of per-row tensors: replayed from a CUDA graph (CUDAGraphSteps) when
-        graphs are on, else (or after a failed capture) called."""
+        graphs are on, else (or after a failed capture) called. compare_branches: fn runs several
+        head blocks (see CUDAGraphSteps)."""
         if self._use_cuda_graphs():
             if self._graphs is None:
                 self._graphs = CUDAGraphSteps(self.model)
             try:
-                return self._graphs(key, fn, inputs, keep_alive)
+                return self._graphs(key, fn, inputs, keep_alive, compare_branches)
             except RuntimeError as err:
                 if self.cuda_graphs:  # asked for explicitly: do not hide the failure
                     raise
@@ -569,6 +572,8 @@ class _CapturedStep:
     inputs: tuple        # static inputs, (bucket, ...) each
     outputs: tuple       # static outputs, (bucket, ...) each
     keep_alive: tuple    # what the graph reads besides the model (tree buffers)
+    concurrent_heads: bool = False   # captured with the head blocks as concurrent branches
+    branch_ms: Optional[dict] = None  # where both were captured: replay ms of each, {True: .., False: ..}
 
 
 class CUDAGraphSteps:
@@ -583,7 +588,10 @@ class CUDAGraphSteps:
     every replay, so a step that updates an input in place (the verify step advances the lengths)
     starts from the same state each time; what it writes into the KV cache beyond the lengths is
     rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table
-    or moved weights drop every graph, since graphs hold raw pointers. Sampling stays outside."""
+    or moved weights drop every graph, since graphs hold raw pointers. Sampling stays outside.
+    A step that runs several head blocks (compare_branches) is captured twice, the heads as
+    concurrent branches and in order (branches.py), each timed over a few replays, and the faster
+    is kept: which one wins depends on the GPU and the step's size."""
 
     WARMUP_RUNS = 2
 
@@ -594,7 +602,7 @@ class CUDAGraphSteps:
         self._captured_ptrs = None
         self._warmup_stream = None
 
-    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = ()) -> tuple:
+    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), compare_branches: bool = False) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
         buffers, valid until the next call of the same key."""
         model = self.model
@@ -613,7 +621,8 @@ class CUDAGraphSteps:
         key = (bucket, model.concurrent_heads, *key)   # the flag changes what a capture records
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive)
+            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive,
+                                                      compare_branches and model.concurrent_heads)
         else:
             self._load(entry.inputs, inputs)
             entry.graph.replay()
@@ -627,16 +636,55 @@ class CUDAGraphSteps:
             if R < buffer.shape[0]:
                 buffer[R:].zero_()
 
-    def _capture(self, fn, inputs: tuple, bucket: int, keep_alive: tuple) -> _CapturedStep:
+    def _capture(self, fn, inputs: tuple, bucket: int, keep_alive: tuple, compare_branches: bool = False
+                 ) -> _CapturedStep:
         static = tuple(torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
 
         def load():
             self._load(static, inputs)
 
-        graph, outputs = self._record(lambda: fn(*static), load, inputs[0].device)
+        device = inputs[0].device
+        model = self.model
+        branch_ms = None
+        if compare_branches:
+            captured = {}
+            for concurrent in (True, False):
+                model.concurrent_heads = concurrent
+                try:
+                    captured[concurrent] = self._record(lambda: fn(*static), load, device)
+                finally:
+                    model.concurrent_heads = True
+            branch_ms = {concurrent: self._replay_ms(graph, load) for concurrent, (graph, _) in captured.items()}
+            concurrent = min(branch_ms, key=lambda c: (branch_ms[c], not c))   # a tie keeps concurrent
+            graph, outputs = captured.pop(concurrent)
+            captured.clear()   # the other graph and its outputs go back to the shared pool
+        else:
+            concurrent = model.concurrent_heads
+            graph, outputs = self._record(lambda: fn(*static), load, device)
         load()
         graph.replay()  # capture records the work without running it
-        return _CapturedStep(graph, static, outputs, keep_alive)
+        return _CapturedStep(graph, static, outputs, keep_alive, concurrent, branch_ms)
+
+    @staticmethod
+    def _replay_ms(graph, load, reps: int = 5) -> float:
+        """Median ms of `reps` replays of a captured step, each from the loaded inputs (what a replay
+        writes into the caches past the lengths, the real run rewrites)."""
+        times = []
+        for _ in range(reps):
+            load()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[reps // 2]
+
+    def branch_choices(self) -> list:
+        """(key, replay ms with the heads concurrent, in order, the one kept) of every step captured
+        both ways: what `compare_branches` measured."""
+        return [(key, e.branch_ms[True], e.branch_ms[False], "concurrent" if e.concurrent_heads else "in order")
+                for key, e in self._graphs.items() if e.branch_ms]
 
     def _record(self, run, load, device: torch.device):
         """(graph, outputs): `run` captured as a CUDA graph whose replay rewrites `outputs` in place;

@@ -251,20 +251,20 @@ def test_bench_generate_names_the_kernels_under_other(load_script):
 
 
 def test_bench_generate_compares_concurrent_heads_with_heads_in_order(load_script):
-    """The verify step is timed twice on a GPU, head blocks as concurrent graph branches and in
-    order; the markdown puts the pair side by side with their ratio, and leaves the table out when
-    nothing was timed in order (CPU runs)."""
+    """The verify step is timed twice on a GPU, as the Generator runs it and forced in order; the
+    markdown puts the pair side by side with their ratio and the way the capture kept the heads, and
+    leaves the table out when nothing was timed in order (CPU runs)."""
     module = load_script(BENCH / "bench_generate.py")
     row = {"batch": 1, "plain_ms": 5.0, "verify4_ms": 5.5, "verify4_heads_in_order_ms": 5.8,
-           "verify64_ms": 6.2, "verify64_heads_in_order_ms": 6.0}
+           "verify4_heads_kept": "concurrent", "verify64_ms": 6.2, "verify64_heads_in_order_ms": 6.0}
     result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
               "step_attention": "a", "tree_nodes": [4, 16, 64], "step_costs": [row],
               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
     text = module.to_markdown(result)
-    assert "| 1 | 5.500 / 5.800 (0.948x) | - | 6.200 / 6.000 (1.033x) |" in text
+    assert "| 1 | 5.500 / 5.800 (0.948x), kept concurrent | - | 6.200 / 6.000 (1.033x) |" in text
     for key in ("verify4_heads_in_order_ms", "verify64_heads_in_order_ms"):
         del row[key]
-    assert "concurrent / in order" not in module.to_markdown(result)
+    assert "Head blocks as concurrent" not in module.to_markdown(result)
 
 
 def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):

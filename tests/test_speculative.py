@@ -615,10 +615,17 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
             load()
             outputs = run()
         graph = _ReplayByRerun(run, tuple(out.clone() for out in outputs))
+        graph.concurrent = self.model.concurrent_heads
         recorded.append(graph)
         return graph, graph.outputs
 
+    def replay_ms(graph, load):   # a verify step captured both ways: here the in-order one is faster
+        load()
+        graph.replay()
+        return 2.0 if graph.concurrent else 1.0
+
     monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
     # Row 1 stops at an eos (then sits inside the forward), row 2 (12 prompt tokens) reaches the cache
     # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1.
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
@@ -641,6 +648,10 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     else:
         assert got.finish_reasons[1] == "eos" and 4 in buckets
         assert steps == {"verify"}   # greedy: the whole verify step is one graph
+        # each verify graph was captured with the heads concurrent and in order, and the faster kept
+        choices = graphed._graphs.branch_choices()
+        assert choices and all(c[1:] == (2.0, 1.0, "in order") for c in choices)
+        assert all(not e.concurrent_heads for e in graphed._graphs._graphs.values())
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
@@ -691,7 +702,13 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
         return graph, graph.outputs
 
+    def replay_ms(graph, load):   # a tie: the concurrent capture is kept
+        load()
+        graph.replay()
+        return 1.0
+
     monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
     eager = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
     graphed = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
@@ -703,6 +720,7 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         if "logprobs" in kwargs:
             assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
     assert {key[2] for key in graphed._graphs._graphs} == {"forward"}
+    assert all(e.concurrent_heads for e in graphed._graphs._graphs.values())   # the tie
 
 
 # ------------------------------------------------------------------------------ GPU

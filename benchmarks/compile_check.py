@@ -269,7 +269,7 @@ def scenarios():
                 tree = attention.pack_tree_mask(torch.tril(torch.ones(Tq, Tq, dtype=torch.bool))) if Tq > 1 else None
                 if not attention._kernel_supports(q):   # float32 runs the reference on a GPU: nothing to compile
                     continue
-                ws = tree is not None and attention.tree_ws_ok(q, k_cache, True)   # + tree_attention_ws.py
+                ws = attention.tree_ws_ok(q, k_cache, v_cache, tree)   # + tree_attention_ws.py's launches
                 for launch in attention.kv_launch_candidates(*attention.kv_problem(q, k_cache), q.device, ws=ws):
                     attention._kv_run(q, k_cache, v_cache, seqlens, tree, D ** -0.5, launch)
 

@@ -1158,9 +1158,9 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
-    ws = tree_mask is not None and tree_ws_ok(q, k_cache, True) and tree_ws_ok(q, v_cache, True)
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
-                          kv_launch_candidates(*kv_problem(q, k_cache), q.device, ws=ws),
+                          kv_launch_candidates(*kv_problem(q, k_cache), q.device,
+                                               ws=tree_ws_ok(q, k_cache, v_cache, tree_mask)),
                           lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer)
 
 
@@ -1172,8 +1172,7 @@ def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> K
     launch = _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
                               lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale),
                               heuristic)
-    if launch.warp_spec and not (tree_mask is not None and tree_ws_ok(q, k_cache, True)
-                                 and tree_ws_ok(q, v_cache, True) and warp_spec_allowed()):
+    if launch.warp_spec and not (tree_ws_ok(q, k_cache, v_cache, tree_mask) and warp_spec_allowed()):
         return heuristic()   # tuned on another layout of this shape, or switched off since
     return launch
 
@@ -1193,11 +1192,7 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
     split = launch.n_splits > 1
     combine_last = split and launch.combine_last
     grid = (triton.cdiv(rows, launch.block_m), launch.n_splits, B * Hkv)
-    if split:
-        o_part = torch.empty((B, Tq, H, launch.n_splits, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, Tq, H, launch.n_splits), dtype=torch.float32, device=q.device)
-    else:
-        o_part = lse_part = out                                          # unused when not SPLIT
+    o_part, lse_part = _kv_partials(out, launch.n_splits)
     # one arrival counter per row tile (grid[0] x grid[2]) when the last split combines
     counters = arrival_counters(q.device, grid[0] * grid[2]) if combine_last else seqlens
     combine_rows = min(launch.block_m, 16, triton.next_power_of_2(rows))
@@ -1209,23 +1204,43 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
         COMBINE_LAST=combine_last, COMBINE_R=combine_rows, COMBINE_S=_combine_block_s(combine_rows, D),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     if split and not combine_last:
-        block_r = 2
-        _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
-            o_part, lse_part, out, B * Tq * H, Tq, H, launch.n_splits, *_bth_strides(out),
-            **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
+        _kv_combine(o_part, lse_part, out)
     return out
 
 
-def tree_ws_ok(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> bool:
-    """Whether the warp-specialized tree kernel takes this call: a tree of 2 to 64 nodes, a head dim
-    of 16 to 128 that is a power of two, the cache's heads packed with 16-byte aligned strides and
-    base (TMA's rule), and where kernels may build descriptors (`_descriptors_allowed`)."""
+def _kv_partials(out: torch.Tensor, n_splits: int):
+    """(o_part (B, Tq, H, n_splits, D), lse_part (B, Tq, H, n_splits)) float32 for a split launch
+    writing `out` (B, Tq, H, D); out itself twice when unsplit (the kernels do not touch them then)."""
+    if n_splits == 1:
+        return out, out
+    return (torch.empty((*out.shape[:3], n_splits, out.shape[3]), dtype=torch.float32, device=out.device),
+            torch.empty((*out.shape[:3], n_splits), dtype=torch.float32, device=out.device))
+
+
+def _kv_combine(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge the split partials of `_kv_partials` into out with `_kv_combine_kernel`."""
+    B, Tq, H, D = out.shape
+    block_r = 2
+    _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
+        o_part, lse_part, out, B * Tq * H, Tq, H, lse_part.shape[-1], *_bth_strides(out),
+        **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
+
+
+def tree_ws_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               tree_mask: PackedTreeMask | None) -> bool:
+    """Whether the warp-specialized tree kernel takes this call: a tree (tree_mask given) of 2 to 64
+    nodes, a head dim of 16 to 128 that is a power of two, both caches' heads packed with 16-byte
+    aligned strides and base (TMA's rule), and where kernels may build descriptors
+    (`_descriptors_allowed`)."""
     B, Tq, H, D = q.shape
-    size = k_cache.element_size()
-    return (tree and 2 <= Tq <= 64 and 16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
-            and k_cache.stride(3) == 1 and k_cache.stride(2) == D
-            and (k_cache.stride(1) * size) % 16 == 0 and (k_cache.stride(0) * size) % 16 == 0
-            and k_cache.data_ptr() % 16 == 0 and _descriptors_allowed())
+
+    def described(cache: torch.Tensor) -> bool:
+        size = cache.element_size()
+        return (cache.stride(3) == 1 and cache.stride(2) == D and (cache.stride(1) * size) % 16 == 0
+                and (cache.stride(0) * size) % 16 == 0 and cache.data_ptr() % 16 == 0)
+
+    return (tree_mask is not None and 2 <= Tq <= 64 and 16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
+            and described(k_cache) and described(v_cache) and _descriptors_allowed())
 
 
 def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_scale: float,
@@ -1235,18 +1250,14 @@ def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_sca
     B, Tq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
-    if tree_mask is None or not (tree_ws_ok(q, k_cache, True) and tree_ws_ok(q, v_cache, True)):
+    if not tree_ws_ok(q, k_cache, v_cache, tree_mask):
         raise ValueError(f"kv_cache_attention: the warp-specialized launch {launch.label()} takes trees of 2 to 64 "
                          f"nodes over packed, 16-byte aligned caches; got q {tuple(q.shape)}, cache strides "
                          f"{k_cache.stride()} and {v_cache.stride()}, tree {tree_mask is not None}")
     q_grouped = q.reshape(B, Tq, Hkv, group, D).transpose(1, 2).contiguous()
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     split = launch.n_splits > 1
-    if split:
-        o_part = torch.empty((B, Tq, H, launch.n_splits, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, Tq, H, launch.n_splits), dtype=torch.float32, device=q.device)
-    else:
-        o_part = lse_part = out                                          # unused when not SPLIT
+    o_part, lse_part = _kv_partials(out, launch.n_splits)
     grid = (triton.cdiv(group * Tq, launch.block_m), launch.n_splits, B * Hkv)
     _tree_attn_ws_kernel[grid](
         q_grouped, k_cache, v_cache, seqlens, tree_mask.row_words(group), out, o_part, lse_part,
@@ -1255,10 +1266,7 @@ def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_sca
         HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, SPLIT=split,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     if split:
-        block_r = 2
-        _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
-            o_part, lse_part, out, B * Tq * H, Tq, H, launch.n_splits, *_bth_strides(out),
-            **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
+        _kv_combine(o_part, lse_part, out)
     return out
 
 

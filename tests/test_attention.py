@@ -471,7 +471,7 @@ def test_warp_specialized_tree_attention_matches_oracle(triton_backend, split_bl
     seqlens = [0, 17, S_max - Tq, 32]
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 7 + D)
     packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(Tq + 1)))
-    assert attention_module.tree_ws_ok(q, k_cache, True)
+    assert attention_module.tree_ws_ok(q, k_cache, v_cache, packed)
     launch = _ws_launch(S_max, split_blocks)
     out = attention_module._kv_run(q, k_cache, v_cache, cache_seqlens, packed, 0.3, launch)
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
@@ -485,12 +485,13 @@ def test_warp_specialized_tree_attention_takes_only_what_it_can_describe(triton_
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 9, 40, [3, 20], seed=5)
     packed = pack_tree_mask(_random_tree_mask(9, torch.Generator().manual_seed(6)))
     ok = attention_module.tree_ws_ok
-    assert ok(q, k_cache, True) and not ok(q, k_cache, False)
-    assert not ok(q[:, :1], k_cache, True)                                          # a decode, Tq = 1
-    assert not ok(torch.randn(2, 65, 4, 16), k_cache, True)                         # 65 nodes: two words
-    assert not ok(torch.randn(2, 9, 4, 48), torch.randn(2, 40, 2, 48), True)        # head dim 48
+    assert ok(q, k_cache, v_cache, packed) and not ok(q, k_cache, v_cache, None)
+    assert not ok(q[:, :1], k_cache, v_cache, packed)                               # a decode, Tq = 1
+    assert not ok(torch.randn(2, 65, 4, 16), k_cache, v_cache, packed)              # 65 nodes: two words
+    cache48 = torch.randn(2, 40, 2, 48)
+    assert not ok(torch.randn(2, 9, 4, 48), cache48, cache48, packed)               # head dim 48
     strided = torch.randn(2, 40, 2, 17)[..., 1:]                                     # rows 68 bytes apart
-    assert not ok(q, strided, True)
+    assert not ok(q, strided, v_cache, packed) and not ok(q, k_cache, strided, packed)
     with pytest.raises(ValueError, match="warp-specialized launch"):
         attention_module._kv_run(q, strided, strided, cache_seqlens, packed, 0.3, _ws_launch(40))
     with pytest.raises(ValueError, match="more than one mask word"):
@@ -853,7 +854,7 @@ def test_tree_attention_gpu_warp_specialized(Tq):
     seqlens = torch.tensor([0, 1000, S_max - Tq, 4000], dtype=torch.int32, device="cuda")
     mask = _random_tree_mask(Tq, torch.Generator().manual_seed(61)).cuda()
     packed = pack_tree_mask(mask)
-    assert attention_module.tree_ws_ok(q, k_cache, True)
+    assert attention_module.tree_ws_ok(q, k_cache, v_cache, packed)
     want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
     for split_blocks in (None, 8, 1):
         launch = dataclasses.replace(attention_module._kv_launch(128, S_max, split_blocks, gpu=True),

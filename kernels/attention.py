@@ -690,6 +690,17 @@ def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor |
             and B * T < 2 ** 31 and _descriptors_allowed())
 
 
+def _check_warp_spec(kernel: str, config: triton.Config | None, interp_config: dict, ws_ok: bool,
+                     layout: str) -> None:
+    """A WARP_SPEC config asked for (`config`, or under the interpreter the fixed `interp_config` a
+    test set) where `_ws_ok` refused the layout: a ValueError naming the kernel and the layout, not
+    a failure inside the kernel. The autotuner never gets there: `_prune_ws` drops those configs."""
+    asked = config.kwargs if config is not None else interp_config if interpreting() else {}
+    if asked.get("WARP_SPEC") and not ws_ok:
+        raise ValueError(f"flash attention: a WARP_SPEC {kernel} config needs q, k, v (and dO, lse in the "
+                         f"backward) laid out as `_ws_ok` says; got {layout}")
+
+
 def _descriptors_allowed() -> bool:
     """Whether kernels may build tensor descriptors here: always under the interpreter and in a
     cross-compile (nothing runs on a device), on a GPU once the scratch allocator is in place."""
@@ -758,11 +769,8 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = _lse_rows(B, H, T, q.device)
     ws_ok = _ws_ok(q, k, v)
-    if config is None and interpreting() and _INTERP_FWD["WARP_SPEC"] and not ws_ok:   # tests that set it
-        config = triton.Config(dict(_INTERP_FWD, WARP_SPEC=False), num_warps=4)
-    if config is not None and config.kwargs.get("WARP_SPEC") and not ws_ok:
-        raise ValueError("flash attention: a WARP_SPEC config needs q, k, v laid out as `_ws_ok` says "
-                         f"(got q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()})")
+    _check_warp_spec("forward", config, _INTERP_FWD, ws_ok,
+                     f"q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()}")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
             B, T, H, H // Hkv, sm_scale * LOG2E, _t_bucket(T), int(ws_ok), lse.stride(1))
     _launch("fwd", args, T, "BLOCK_M", B * H, D, causal, config)
@@ -791,14 +799,9 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     qk_scale = sm_scale * LOG2E
     # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
     ws_ok = _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0
-    configs = {"dK/dV": dkdv_config, "dQ": dq_config}
-    for name, fixed in (("dK/dV", _INTERP_DKDV), ("dQ", _INTERP_DQ)):
-        if configs[name] is not None and configs[name].kwargs.get("WARP_SPEC") and not ws_ok:
-            raise ValueError(f"flash attention backward: a WARP_SPEC {name} config needs q, k, v and dO laid out "
-                             f"as `_ws_ok` says (got q strides {q.stride()}, dO strides {do.stride()})")
-        if configs[name] is None and interpreting() and fixed["WARP_SPEC"] and not ws_ok:   # tests that set it
-            configs[name] = triton.Config(dict(fixed, WARP_SPEC=False), num_warps=4)
-    dkdv_config, dq_config = configs["dK/dV"], configs["dQ"]
+    for name, config, fixed in (("dK/dV", dkdv_config, _INTERP_DKDV), ("dQ", dq_config, _INTERP_DQ)):
+        _check_warp_spec(name, config, fixed, ws_ok, f"q strides {q.stride()}, dO strides {do.stride()}, "
+                                                     f"lse strides {lse.stride()}")
     dkdv_args = (q, k, v, do, lse, delta, dk, dv,
                  *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(do),
                  *_bth_strides(dk), *_bth_strides(dv),

@@ -169,7 +169,7 @@ def test_warp_specialized_forward_reads_only_its_own_sequence(triton_backend, ca
         assert torch.isfinite(lse[clean]).all()
 
 
-def test_warp_specialized_forward_layouts(triton_backend):
+def test_warp_specialized_forward_layouts(triton_backend, monkeypatch):
     """Column slices of a fused qkv projection qualify for the descriptors (and give the float64
     result, GQA 4:1, head dim 64); a layout they cannot describe (heads not packed), a head dim
     that is not a power of two, or a row stride that is not 16-byte aligned falls back to the
@@ -186,8 +186,12 @@ def test_warp_specialized_forward_layouts(triton_backend):
     unaligned = torch.randn(B, T, 1, 2 * 32 + 2)[..., 2:].reshape(B, T, 2, 32)   # rows 264 bytes apart
     for bad_q, bad_k, bad_v in ((heads_apart, k, v), odd_dim, (unaligned, unaligned, unaligned)):
         assert not attention_module._ws_ok(bad_q, bad_k, bad_v)
-        with pytest.raises(ValueError, match="WARP_SPEC config needs"):
+        with pytest.raises(ValueError, match="WARP_SPEC forward config needs"):
             attention_module.flash_attention_fwd(bad_q, bad_k, bad_v, True, 0.3, config=WS_INTERP)
+    # so is the interpreter's fixed config when a test makes it the warp-specialized one
+    monkeypatch.setattr(attention_module, "_INTERP_FWD", dict(WS_INTERP.kwargs))
+    with pytest.raises(ValueError, match="WARP_SPEC forward config needs"):
+        attention_module.flash_attention_fwd(heads_apart, k, v, True, 0.3)
 
 
 def test_flash_attention_backward_takes_a_strided_grad(triton_backend):

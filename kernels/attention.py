@@ -417,50 +417,44 @@ def _flash_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_ws_loop(dk, dv, k, v, Q, DO, LSE, DELTA, B, T, H, stride_qb, stride_qt, stride_dob,
                                    stride_dot, stride_lse, b32, kvh, GROUP, start_n, offs_n, qk_scale, BLOCK_M,
                                    HEAD_DIM, CAUSAL)
-        dk = dk * sm_scale
-        _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-                    dk.to(DK.dtype.element_ty), key_ok, d_ok, EVEN_D)
-        _store_tile(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-                    dv.to(DV.dtype.element_ty), key_ok, d_ok, EVEN_D)
-        return
-
-    k = _load_tile(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                   key_ok, d_ok, True, EVEN_D)
-    v = _load_tile(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                   key_ok, d_ok, True, EVEN_D)
-
-    # Query blocks: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, full_hi) are
-    # entirely visible, [full_hi, T) is the ragged tail (masked).
-    if CAUSAL:
-        diag_lo = start_n
-        diag_hi = tl.minimum(start_n + BLOCK_N, T)
     else:
-        diag_lo = 0
-        diag_hi = 0
-    full_hi = tl.maximum(diag_hi, (T // BLOCK_M) * BLOCK_M)
+        k = _load_tile(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                       key_ok, d_ok, True, EVEN_D)
+        v = _load_tile(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                       key_ok, d_ok, True, EVEN_D)
 
-    # The GQA group's query heads in a fixed order: a deterministic sum with no atomics.
-    for g in range(0, GROUP):
-        h = kvh * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * stride_lse
-        delta_base = DELTA + bh * stride_lse
-        if ONE_LOOP:
-            # One loop that always masks: three specialised loops keep dK, dV, K, V and three
-            # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
+        # Query blocks: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, full_hi) are
+        # entirely visible, [full_hi, T) is the ragged tail (masked).
+        if CAUSAL:
+            diag_lo = start_n
+            diag_hi = tl.minimum(start_n + BLOCK_N, T)
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, d_ok, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True,
-                                     EVEN_D)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, d_ok, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False,
-                                     EVEN_D)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     offs_n, offs_d, d_ok, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
+            diag_lo = 0
+            diag_hi = 0
+        full_hi = tl.maximum(diag_hi, (T // BLOCK_M) * BLOCK_M)
+
+        # The GQA group's query heads in a fixed order: a deterministic sum with no atomics.
+        for g in range(0, GROUP):
+            h = kvh * GROUP + g
+            bh = b * H + h
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            lse_base = LSE + bh * stride_lse
+            delta_base = DELTA + bh * stride_lse
+            if ONE_LOOP:
+                # One loop that always masks: three specialised loops keep dK, dV, K, V and three
+                # pipelines live at once and spill registers at head_dim 128 (sm_90, 8 warps).
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                         offs_n, offs_d, d_ok, diag_lo, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
+            else:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                         offs_n, offs_d, d_ok, diag_lo, diag_hi, T, qk_scale, BLOCK_M, CAUSAL, True,
+                                         EVEN_D)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                         offs_n, offs_d, d_ok, diag_hi, full_hi, T, qk_scale, BLOCK_M, CAUSAL, False,
+                                         EVEN_D)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                         offs_n, offs_d, d_ok, full_hi, T, T, qk_scale, BLOCK_M, CAUSAL, True, EVEN_D)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],

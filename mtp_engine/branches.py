@@ -42,9 +42,9 @@ def side_streams(device: torch.device, n: int) -> list:
 
 def _prepare_stream(device: torch.device) -> None:
     """What the current stream would otherwise allocate inside its first capture: its arrival
-    counters (else a memset node per launch in the graph), and cuBLAS's workspace, which torch keeps
-    per stream (else it lands in the graph's memory pool; warming side streams before a capture is
-    torch's documented practice)."""
+    counters (else a memset node per launch in the graph), and cuBLAS's workspaces, which torch
+    keeps per stream and allocates at a stream's first GEMM (warming streams up before a capture is
+    what torch's CUDA-graph notes ask for)."""
     arrival_counters(device, 1)
     probe = torch.ones(8, 8, device=device)
     torch.addmm(probe[0], probe, probe)   # bias epilogue: the cuBLASLt path and its workspace

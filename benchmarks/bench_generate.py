@@ -9,8 +9,8 @@
    argmax) and one verify step (Generator._verify_step: candidates from drafts, one forward of all
    nodes with all 4 heads, head-0 linear argmax at every node, tree_accept, KV compaction, next
    drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them (the head blocks
-   as concurrent graph branches or in order, whichever its capture measured faster; and once more
-   forced in order, for comparison). Ratio =
+   as concurrent graph branches or in order, whichever its capture measured faster; both timings
+   reported). Ratio =
    verify / plain: at a given tokens per forward, the speedup over plain decoding is
    tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
@@ -134,6 +134,15 @@ def kv_launch_report() -> list:
     return rows
 
 
+def verify_branch_choice(gen: Generator, tree_size: int):
+    """({"concurrent": ms, "in order": ms}, the way kept) that the capture of the greedy verify step
+    over a tree of tree_size nodes measured (CUDAGraphSteps.branch_choices); None without graphs."""
+    for key, concurrent_ms, in_order_ms, kept in (gen._graphs.branch_choices() if gen._graphs else []):
+        if key[2:4] == ("verify", tree_size):
+            return {"concurrent": concurrent_ms, "in order": in_order_ms}, kept
+    return None
+
+
 def step_kernel_group(name: str) -> str:
     low = name.lower()
     return next((group for group, keys in STEP_KERNEL_GROUPS if any(k in low for k in keys)), "other")
@@ -210,19 +219,9 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
-            if device.type == "cuda":
-                # Which way the capture kept the heads (concurrent graph branches or in order, each
-                # timed over a few replays there; mtp_engine/branches.py), and the step forced in
-                # order (another graph), timed as the default was.
-                for key, concurrent_ms, in_order_ms, kept in (gen._graphs.branch_choices() if gen._graphs else []):
-                    if key[1] and key[2] == "verify" and key[3] == tree.size:
-                        row[f"verify{T}_heads_kept"] = kept
-                        row[f"verify{T}_capture_ms"] = {"concurrent": concurrent_ms, "in order": in_order_ms}
-                model.concurrent_heads = False
-                try:
-                    row[f"verify{T}_heads_in_order_ms"] = common.time_and_peak(verify_step, device=device).get("ms")
-                finally:
-                    model.concurrent_heads = True
+            choice = verify_branch_choice(gen, tree.size)
+            if choice:   # the capture's two timings of this step, heads concurrent and in order
+                row[f"verify{T}_capture_ms"], row[f"verify{T}_heads_kept"] = choice
             if device.type == "cuda" and res["status"] == "ok":
                 row[f"verify{T}_kernel_ms"] = kernel_breakdown(verify_step)
             if res["status"] == "ok" and row["plain_ms"]:
@@ -339,17 +338,16 @@ def to_markdown(result: dict) -> str:
                       [[r["B"], r["Tq"], f"{r['H']} / {r['Hkv']}", r["S_max"], r["heuristic"], r["heuristic_ms"],
                         r["chosen"], r["chosen_ms"], ", ".join(f"{k}: {v:.4g}" for k, v in r["times_ms"].items())]
                        for r in result["kv_launches"]]), ""]
-    in_order = [r for r in result["step_costs"] if any(r.get(f"verify{T}_heads_in_order_ms") for T in nodes)]
-    if in_order:
+    compared = [r for r in result["step_costs"] if any(r.get(f"verify{T}_capture_ms") for T in nodes)]
+    if compared:
         lines += ["### Head blocks as concurrent CUDA-graph branches (`mtp_engine/branches.py`)", "",
                   "A verify step is captured twice, its 4 head blocks on concurrent streams and in order, each "
-                  "timed over 5 replays, and the faster is kept. Per cell: the step as the Generator runs it "
-                  "(timed above) / the step forced in order (ms, their ratio), then which way the capture kept.",
-                  "", common.markdown_table(["batch"] + [f"{T} nodes" for T in nodes],
-                                            [[r["batch"]] + [_pair_text(r.get(f"verify{T}_ms"),
-                                                                        r.get(f"verify{T}_heads_in_order_ms"),
-                                                                        r.get(f"verify{T}_heads_kept"))
-                                                             for T in nodes] for r in in_order]), ""]
+                  "timed there over 5 replays (median ms), and the faster is kept; the step costs above time "
+                  "the kept one. Per cell: concurrent / in order ms (their ratio), the way kept.", "",
+                  common.markdown_table(["batch"] + [f"{T} nodes" for T in nodes],
+                                        [[r["batch"]] + [_choice_text(r.get(f"verify{T}_capture_ms"),
+                                                                      r.get(f"verify{T}_heads_kept"))
+                                                         for T in nodes] for r in compared]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -385,10 +383,11 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _pair_text(default, in_order, kept=None) -> str:
-    if not default or not in_order:
+def _choice_text(capture_ms, kept) -> str:
+    if not capture_ms:
         return "-"
-    return f"{default:.3f} / {in_order:.3f} ({default / in_order:.3f}x)" + (f", kept {kept}" if kept else "")
+    concurrent, in_order = capture_ms["concurrent"], capture_ms["in order"]
+    return f"{concurrent:.3f} / {in_order:.3f} ({concurrent / in_order:.3f}x), kept {kept}"
 
 
 def main() -> int:

@@ -250,19 +250,34 @@ def test_bench_generate_names_the_kernels_under_other(load_script):
     assert "- batch 1, plain: `void at::native::CatArrayBatchedCopy<...>` 0.08, `void at::native::index" in text
 
 
-def test_bench_generate_compares_concurrent_heads_with_heads_in_order(load_script):
-    """The verify step is timed twice on a GPU, as the Generator runs it and forced in order; the
-    markdown puts the pair side by side with their ratio and the way the capture kept the heads, and
-    leaves the table out when nothing was timed in order (CPU runs)."""
+def test_bench_generate_reports_the_heads_branch_choice(load_script):
+    """On a GPU each verify step's capture times its heads concurrent and in order and keeps the
+    faster: the report takes those two timings for each tree size from the Generator's graphs and
+    prints them with their ratio and the way kept; without graphs (CPU runs) there is no table."""
     module = load_script(BENCH / "bench_generate.py")
-    row = {"batch": 1, "plain_ms": 5.0, "verify4_ms": 5.5, "verify4_heads_in_order_ms": 5.8,
-           "verify4_heads_kept": "concurrent", "verify64_ms": 6.2, "verify64_heads_in_order_ms": 6.0}
+
+    class Graphs:
+        def branch_choices(self):
+            return [((1, True, "forward", 16), 9.0, 9.0, "concurrent"),      # a sampling step's forward
+                    ((1, True, "verify", 4, 4, 2, 123), 5.5, 5.8, "concurrent"),
+                    ((1, True, "verify", 64, 4, 2, 456), 6.2, 6.0, "in order")]
+
+    class Gen:
+        _graphs = Graphs()
+
+    assert module.verify_branch_choice(Gen(), 64) == ({"concurrent": 6.2, "in order": 6.0}, "in order")
+    assert module.verify_branch_choice(Gen(), 16) is None
+    Gen._graphs = None
+    assert module.verify_branch_choice(Gen(), 4) is None
+    row = {"batch": 1, "plain_ms": 5.0, "verify4_capture_ms": {"concurrent": 5.5, "in order": 5.8},
+           "verify4_heads_kept": "concurrent", "verify64_capture_ms": {"concurrent": 6.2, "in order": 6.0},
+           "verify64_heads_kept": "in order"}
     result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
               "step_attention": "a", "tree_nodes": [4, 16, 64], "step_costs": [row],
               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
     text = module.to_markdown(result)
-    assert "| 1 | 5.500 / 5.800 (0.948x), kept concurrent | - | 6.200 / 6.000 (1.033x) |" in text
-    for key in ("verify4_heads_in_order_ms", "verify64_heads_in_order_ms"):
+    assert "| 1 | 5.500 / 5.800 (0.948x), kept concurrent | - | 6.200 / 6.000 (1.033x), kept in order |" in text
+    for key in ("verify4_capture_ms", "verify64_capture_ms"):
         del row[key]
     assert "Head blocks as concurrent" not in module.to_markdown(result)
 

@@ -75,6 +75,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
 
 
+def _timing_error(err: Exception) -> str:
+    """What a contender's table cell says when timing it failed: "OOM", or the error's first line."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
 def _bench_ms(fn, rep: int = 100) -> float | str:
     """Median ms (CUDA: do_bench; the CPU smoke run: one timed call), or "OOM" / "error: ..." so
     one failing contender does not end the run."""
@@ -88,10 +95,8 @@ def _bench_ms(fn, rep: int = 100) -> float | str:
 
         torch.cuda.synchronize()
         return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
-    except torch.cuda.OutOfMemoryError:
-        return "OOM"
     except Exception as err:  # noqa: BLE001 - recorded in the table
-        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return _timing_error(err)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -118,10 +123,8 @@ def _bench_back_to_back_ms(fn, calls: int = 10, reps: int = 5) -> float | str | 
             end.synchronize()
             times.append(start.elapsed_time(end) / calls)
         return float(sorted(times)[len(times) // 2])
-    except torch.cuda.OutOfMemoryError:
-        return "OOM"
     except Exception as err:  # noqa: BLE001 - recorded in the table
-        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return _timing_error(err)
 
 
 def _bench_graph_ms(fn, rep: int = 50) -> float | str:
@@ -137,10 +140,8 @@ def _bench_graph_ms(fn, rep: int = 50) -> float | str:
             return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
         except TypeError:  # a Triton whose do_bench_cudagraph has no return_mode
             return float(do_bench_cudagraph(fn, rep=rep))
-    except torch.cuda.OutOfMemoryError:
-        return "OOM"
     except Exception as err:  # noqa: BLE001 - recorded in the table
-        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return _timing_error(err)
     finally:
         torch.cuda.empty_cache()
 

@@ -43,7 +43,6 @@ from . import reference
 from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner, rotating_copies
-from .tree_attention_ws import _tree_attn_ws_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -1251,6 +1250,8 @@ def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_sca
         raise ValueError(f"kv_cache_attention: the warp-specialized launch {launch.label()} takes trees of 2 to 64 "
                          f"nodes over packed, 16-byte aligned caches; got q {tuple(q.shape)}, cache strides "
                          f"{k_cache.stride()} and {v_cache.stride()}, tree {tree_mask is not None}")
+    from .tree_attention_ws import _tree_attn_ws_kernel   # here: that module uses this one's helpers
+
     q_grouped = q.reshape(B, Tq, Hkv, group, D).transpose(1, 2).contiguous()
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     split = launch.n_splits > 1

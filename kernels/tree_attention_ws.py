@@ -12,7 +12,7 @@ read as plain 2-D blocks:
     kvh * GROUP + g at row t * GROUP + g, are then consecutive rows, as the KV-cache kernel orders them;
   - the tree mask expanded to one int64 word per row (`PackedTreeMask.row_words`), which is why
     trees of at most 64 nodes only;
-  - the cache read as (B, S_max, Hkv*D): slots past S_max load as zeros.
+  - the cache read as (B, S_max, Hkv*D) (`attention._kv_descriptors`): slots past S_max load as zeros.
 Rows past the last query read other rows' queries and words and are never stored. A split's blocks
 end on its boundary (split_size is a multiple of BLOCK_N), and keys past the new nodes are masked,
 so no key is counted twice or from a stale slot. Partials (n_splits > 1) go to the same float32
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .attention import _kv_descriptors
 
 
 @triton.jit
@@ -49,10 +51,8 @@ def _tree_attn_ws_kernel(
                                   block_shape=[BLOCK_M, HEAD_DIM]).load([bkv * n_rows + pid_row * BLOCK_M, 0])
     words = tl.make_tensor_descriptor(ROW_WORDS, shape=[n_rows], strides=[1], block_shape=[BLOCK_M]).load(
         [pid_row * BLOCK_M])
-    k_desc = tl.make_tensor_descriptor(K, shape=[B, S_MAX, HKV * HEAD_DIM], strides=[stride_kb, stride_ks, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B, S_MAX, HKV * HEAD_DIM], strides=[stride_vb, stride_vs, 1],
-                                       block_shape=[1, BLOCK_N, HEAD_DIM])
+    k_desc, v_desc = _kv_descriptors(K, V, B, S_MAX, HKV * HEAD_DIM, stride_kb, stride_ks, stride_vb, stride_vs,
+                                     BLOCK_N, HEAD_DIM)
     cache_len = tl.load(SEQLENS + b).to(tl.int32)   # a scalar load: the warp-specialization pass allows it
     lo = split * SPLIT_SIZE
     hi = tl.minimum(lo + SPLIT_SIZE, cache_len + Tq)

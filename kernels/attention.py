@@ -662,24 +662,27 @@ def _tuned(which: str):
     return triton.autotune(configs=configs, key=_TUNE_KEY + ["WS_OK"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
+def _tma_rows_ok(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether x (B, rows, heads, head_dim) reads as (B, rows, heads * head_dim) through a TMA tensor
+    descriptor: heads packed after a unit last stride, rows not overlapping, and the base, row and
+    batch strides 16-byte aligned (TMA's rule)."""
+    size = x.element_size()
+    return (x.stride(3) == 1 and x.stride(2) == head_dim and x.stride(1) >= x.shape[2] * head_dim
+            and (x.stride(1) * size) % 16 == 0 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
 def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None = None) -> bool:
-    """Whether the warp-specialized forward (and dQ, given dO) may read q (and dO) (B, T, H, D)
-    through (B*T, H*D) tensor descriptors and k, v (B, T, Hkv, D) through (B, T, Hkv*D) ones: heads
-    packed, a power-of-two head dim of 16 to 128, 16-byte aligned bases and row and batch strides
-    (TMA's rule), q's batches T rows apart (a column slice of a fused qkv projection qualifies), and
-    where kernels can build descriptors (`_descriptors_allowed`)."""
-    if do is not None and not _ws_ok(do, k, v):
-        return False
+    """Whether the warp-specialized forward (and dQ and dK/dV, given dO) may read q (and dO)
+    (B, T, H, D) through (B*T, H*D) tensor descriptors and k, v (B, T, Hkv, D) through (B, T, Hkv*D)
+    ones: a power-of-two head dim of 16 to 128, every tensor as `_tma_rows_ok` says, q's (and dO's)
+    batches T rows apart (a column slice of a fused qkv projection qualifies), and where kernels can
+    build descriptors (`_descriptors_allowed`)."""
     B, T, H, D = q.shape
-    if D < 16 or D > MAX_HEAD_DIM or D & (D - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-
-    def packed(x: torch.Tensor) -> bool:
-        size = x.element_size()
-        return (x.stride(3) == 1 and x.stride(2) == D and x.stride(1) >= x.shape[2] * D
-                and (x.stride(1) * size) % 16 == 0 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0)
-
-    return (packed(q) and packed(k) and packed(v) and (B == 1 or q.stride(0) == T * q.stride(1))
+    rows = (q,) if do is None else (q, do)
+    return (16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
+            and all(x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in rows)
+            and all(_tma_rows_ok(x, D) for x in (*rows, k, v))
+            and all(B == 1 or x.stride(0) == T * x.stride(1) for x in rows)
             and B * T < 2 ** 31 and _descriptors_allowed())
 
 
@@ -1225,18 +1228,11 @@ def _kv_combine(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor)
 def tree_ws_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                tree_mask: PackedTreeMask | None) -> bool:
     """Whether the warp-specialized tree kernel takes this call: a tree (tree_mask given) of 2 to 64
-    nodes, a head dim of 16 to 128 that is a power of two, both caches' heads packed with 16-byte
-    aligned strides and base (TMA's rule), and where kernels may build descriptors
-    (`_descriptors_allowed`)."""
+    nodes, a head dim of 16 to 128 that is a power of two, both caches as `_tma_rows_ok` says, and
+    where kernels may build descriptors (`_descriptors_allowed`)."""
     B, Tq, H, D = q.shape
-
-    def described(cache: torch.Tensor) -> bool:
-        size = cache.element_size()
-        return (cache.stride(3) == 1 and cache.stride(2) == D and (cache.stride(1) * size) % 16 == 0
-                and (cache.stride(0) * size) % 16 == 0 and cache.data_ptr() % 16 == 0)
-
     return (tree_mask is not None and 2 <= Tq <= 64 and 16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
-            and described(k_cache) and described(v_cache) and _descriptors_allowed())
+            and _tma_rows_ok(k_cache, D) and _tma_rows_ok(v_cache, D) and _descriptors_allowed())
 
 
 def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_scale: float,

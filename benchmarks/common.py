@@ -37,7 +37,18 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or "cpu"
+    return _cpu_model_name() or platform.processor() or "cpu"
+
+
+def _cpu_model_name() -> Optional[str]:
+    """The "model name" line of /proc/cpuinfo (Linux, where platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
 
 
 def device_slug(device: torch.device | str) -> str:

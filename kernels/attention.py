@@ -1393,6 +1393,11 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     scale = _default_scale(sm_scale, q.shape[-1])
     with torch.no_grad():
         if not use_triton(q, k_cache, v_cache) or not _kernel_supports(q) or q.numel() == 0:
+            if q.device.type == "cpu" and B > 0:
+                # The eager reference costs S_max, not the sequences' lengths: on the CPU (where
+                # reading the longest length is no device sync) it gets only the slots in use.
+                live = min(S_max, max(int(cache_seqlens.max()), 0) + Tq)
+                k_cache, v_cache = k_cache[:, :live], v_cache[:, :live]
             return reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
         if tree_mask is not None and packed is None:
             packed = pack_tree_mask(tree_mask)

@@ -627,6 +627,20 @@ def test_kv_cache_attention_cpu_default_uses_reference(monkeypatch):
                        reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, None, 0.25))
 
 
+@pytest.mark.parametrize("kind", ["causal", "tree"])
+def test_kv_cache_attention_cpu_reads_only_the_slots_in_use(monkeypatch, kind):
+    """On the CPU the reference gets the cache up to the longest sequence's last new slot, not S_max
+    (its cost grew with S_max): NaN in every slot past that changes nothing."""
+    monkeypatch.delenv("MTP_BACKEND", raising=False)
+    Tq, S_max = 3, 40
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, Tq, S_max, [0, 11, 5], seed=17)
+    tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(3)) if kind == "tree" else None
+    expected = _kv_oracle(q, k_cache, v_cache, cache_seqlens, tree_mask, 0.25)
+    k_cache[:, 11 + Tq:], v_cache[:, 11 + Tq:] = float("nan"), float("nan")
+    out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------

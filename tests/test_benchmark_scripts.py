@@ -359,3 +359,26 @@ def test_charts_draw_or_say_why_not(tmp_path, load_script):
         assert png == copy.with_suffix(".png") and png.stat().st_size > 10_000
     with pytest.raises(ValueError, match="not an attention"):
         charts.chart_for(BENCH / "results" / "fused_ce_nvidia-h100-80gb-hbm3.json")
+
+
+def test_bench_cpu_decode_times_both_gemm_layouts(monkeypatch, load_script):
+    """Both phases on a tiny model: F.linear first (MTP_TUNE=0, nothing timed or remembered), then the
+    timed layouts, whose choices the report lists; MTP_TUNE is given back as it was."""
+    from mtp_kernels import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_chosen", {})
+    monkeypatch.setattr(cpu_linear, "_times", {})
+    monkeypatch.setenv("MTP_TUNE", "1")
+    module = load_script(BENCH / "bench_cpu_decode.py")
+    monkeypatch.setattr(module, "SHAPE_CPU", dict(dim=64, n_layers=5, n_heads=4, vocab_size=300, multiple_of=16,
+                                                  n_future_tokens=4))
+    monkeypatch.setattr(module, "TREE_NODES", (4,))
+    result = module.run((1, 2), kv_len=12)
+    assert os.environ["MTP_TUNE"] == "1"
+    assert list(result["phases"]) == ["F.linear", "timed layouts"]
+    for steps in result["phases"].values():
+        assert [r["batch"] for r in steps] == [1, 2] and all(r["ratio4"] > 0 for r in steps)
+    shapes = {(r["rows"], r["N"], r["K"]) for r in result["layouts"]}
+    assert (1, 300, 64) in shapes and (8, 300, 64) in shapes   # plain rows, and 2 x 4 verify rows
+    text = module.to_markdown(result)
+    assert "| F.linear | 1 |" in text and "| timed layouts | 2 |" in text and "## Layout chosen per shape" in text

@@ -417,7 +417,8 @@ def test_speculative_stats_consistent(model4):
                 "mean_accepted_drafts", "acceptance_per_depth", "acceptance_per_head"):
         assert key in s, key
     assert s["speculative"] == "tree" and s["heads"] == 3
-    assert spec.DEFAULT_TREE_TOKENS["cpu"] == 16 and s["tree_nodes"] == 4    # 3 rows in a bucket of 4: 4 x 4 = 16
+    # 3 rows in a bucket of 4 with 4 tree tokens: never below a chain (2 drafted nodes and the root)
+    assert spec.DEFAULT_TREE_TOKENS["cpu"] == 4 and s["tree_nodes"] == 3
     assert s["generated_tokens"] == 60
     assert len(s["acceptance_per_depth"]) == 2
     assert all(0.0 <= r <= 1.0 for r in s["acceptance_per_depth"])
@@ -578,7 +579,8 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
     assert main(base + ["--speculative", "tree", "--heads", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:-1] == plain[:-1]  # greedy: same text
-    assert "tokens/forward" in out[-1] and "tree, 3 heads, 8 nodes, acceptance by depth" in out[-1]  # 2 rows x 8 = 16 cpu tree tokens
+    # 2 rows and 4 cpu tree tokens: a chain's 2 drafted nodes and the root
+    assert "tokens/forward" in out[-1] and "tree, 3 heads, 3 nodes, acceptance by depth" in out[-1]
     assert main(base + ["--speculative", "tree", "--heads", "2", "--tree", json.dumps([[0], [1], [2]])]) == 0
     assert "tree, 2 heads, 4 nodes" in capsys.readouterr().out
     for extra, match in ((["--heads", "2"], "need --speculative"),

@@ -67,9 +67,10 @@ def to_markdown(result: dict) -> str:
             rows.append([label, r["batch"], r["plain_ms"]] + [r.get(f"verify{T}_ms") for T in nodes]
                         + [r.get(f"ratio{T}") for T in nodes] + [r.get(f"est_speedup{T}") for T in nodes])
     lines += [common.markdown_table(headers, rows), ""]
-    lines += ["## Layout chosen per shape (ms per call of each, best of 3 timed samples)", "",
+    lines += ["## Layout chosen per shape (ms per call of each, best of 3 timed samples; "
+              "\"-\": not timed, see `cpu_linear.time_layouts`)", "",
               common.markdown_table(["rows", "N", "K", "F.linear ms", "transposed ms", "padded ms", "chosen"],
-                                    [[r["rows"], r["N"], r["K"], r["ms"]["linear"], r["ms"]["transposed"],
+                                    [[r["rows"], r["N"], r["K"], r["ms"]["linear"], r["ms"].get("transposed"),
                                       r["ms"].get("padded"), r["layout"]]
                                      for r in sorted(result["layouts"], key=lambda r: (r["N"], r["K"], r["rows"]))])]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import torch
 MAX_ROWS = 64            # the rows of a decode or verify step (batch x tree nodes) this file takes
 LAYOUTS = ("linear", "transposed", "padded")   # "padded": one row only
 _MIN_TIMED_S = 2e-4      # a timed sample repeats a call until it lasts this long (perf_counter noise)
+_WORTH_TIMING_S = 2e-5   # products faster than this keep F.linear untimed (a one-shot run pays the timing)
 
 _chosen: Dict[Tuple, str] = {}
 _times: Dict[Tuple, Dict[str, float]] = {}   # key -> {layout: ms per call} of its timing, for reports
@@ -60,10 +61,14 @@ def _seconds(fn: Callable[[], object], repeat: int) -> float:
 def time_layouts(x: torch.Tensor, weight: torch.Tensor, rounds: int = 3) -> Dict[str, float]:
     """ms per call of each layout: the best of `rounds` samples, the layouts sampled in turn (so
     that a frequency change or a neighbour's load hits both), each sample repeating the call until
-    it lasts _MIN_TIMED_S."""
+    it lasts _MIN_TIMED_S. A product whose first F.linear call took under _WORTH_TIMING_S is not
+    timed further: {"linear": that call's ms}."""
     calls = {layout: (lambda layout=layout: rows_times_weight_t(x, weight, layout))
              for layout in layouts_for(x.shape[0])}
-    repeats = {layout: max(1, int(_MIN_TIMED_S / max(_seconds(fn, 1), 1e-9))) for layout, fn in calls.items()}
+    first = {layout: _seconds(fn, 1) for layout, fn in calls.items()}
+    if first["linear"] < _WORTH_TIMING_S:   # a layout could save microseconds; timing costs a millisecond
+        return {"linear": first["linear"] * 1e3}
+    repeats = {layout: max(1, int(_MIN_TIMED_S / max(seconds, 1e-9))) for layout, seconds in first.items()}
     best = {layout: float("inf") for layout in calls}
     for _ in range(rounds):
         for layout, fn in calls.items():

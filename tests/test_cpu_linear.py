@@ -69,10 +69,18 @@ def test_matmul_t_runs_the_chosen_layout(monkeypatch):
 
 
 @pytest.mark.parametrize("M,layouts", [(1, {"linear", "transposed", "padded"}), (4, {"linear", "transposed"})])
-def test_timing_measures_the_rows_layouts(M, layouts):
+def test_timing_measures_the_rows_layouts(monkeypatch, M, layouts):
+    monkeypatch.setattr(cpu_linear, "_WORTH_TIMING_S", 0.0)
     x, w = _inputs(M, 256, 64)
     times = cpu_linear.time_layouts(x, w, rounds=1)
     assert set(times) == layouts and all(0 < ms < 1e3 for ms in times.values())
+
+
+def test_a_product_too_small_to_matter_keeps_f_linear_untimed(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_WORTH_TIMING_S", 10.0)   # every product is "too small"
+    x, w = _inputs(4, 256, 64)
+    times = cpu_linear.time_layouts(x, w)
+    assert list(times) == ["linear"] and cpu_linear.cpu_layout(x, w) == "linear"
 
 
 def test_tuning_off_keeps_f_linear_and_remembers_nothing(monkeypatch):

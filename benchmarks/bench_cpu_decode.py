@@ -1,15 +1,15 @@
 """CPU decode and verify steps, with F.linear and with the GEMM layouts `cpu_linear` times faster.
 
-    python benchmarks/bench_cpu_decode.py [--out DIR] [--batches 1 4] [--kv-len 512]
+    python benchmarks/bench_cpu_decode.py [--out DIR] [--batches 1 4] [--kv-len 512] [--dtypes float32 bfloat16]
 
-A random float32 MTP model of SHAPE_CPU (dim 1024, 5 trunk + 4 head blocks, 8 attention heads,
-V 32000: 160M parameters, 0.64 GB, a size a laptop decodes) on the CPU. Step costs as
-bench_generate measures them (`bench_generate.step_costs`: a plain greedy decode step; verify steps
-over trees of 4, 8 and 16 nodes, drafts, tree acceptance and KV compaction included; the speedup each
-ratio allows at the prior acceptance rates), twice in one process: first with MTP_TUNE=0, so every
-projection is F.linear (the CPU path before `kernels/cpu_linear.py`), then with the layouts timed.
-Writes cpu_decode_<device-slug>.json and .md into --out (default benchmarks/results), with the CPU's
-name, its thread count and the layout chosen for every shape.
+A random MTP model of SHAPE_CPU (dim 1024, 5 trunk + 4 head blocks, 8 attention heads, V 32000: 160M
+parameters, 0.64 GB in float32, a size a laptop decodes) on the CPU, in each of --dtypes. Step costs
+as bench_generate measures them (`bench_generate.step_costs`: a plain greedy decode step; verify
+steps over trees of 4, 8 and 16 nodes, drafts, tree acceptance and KV compaction included; the
+speedup each ratio allows at the prior acceptance rates), twice per dtype in one process: first with
+MTP_TUNE=0, so every projection is F.linear (the CPU path before `kernels/cpu_linear.py`), then with
+the layouts timed. Writes cpu_decode_<device-slug>.json and .md into --out (default
+benchmarks/results), with the CPU's name, its thread count and the layout chosen for every shape.
 """
 from __future__ import annotations
 
@@ -31,17 +31,19 @@ TREE_NODES = (4, 8, 16)
 PHASES = (("F.linear", "0"), ("timed layouts", "1"))   # (label, MTP_TUNE)
 
 
-def run(batches, kv_len: int) -> dict:
+def run(batches, kv_len: int, dtypes=("float32",)) -> dict:
     device = torch.device("cpu")
-    model = bench_generate.random_model(SHAPE_CPU, device, torch.float32)
-    model.fuse_projections()
     result = {"env": {**common.environment_info(device), "threads": torch.get_num_threads()},
-              "model": f"random {SHAPE_CPU}, float32", "kv_len": kv_len, "tree_nodes": list(TREE_NODES), "phases": {}}
+              "model": f"random {SHAPE_CPU}", "kv_len": kv_len, "tree_nodes": list(TREE_NODES), "phases": {}}
     before = os.environ.get("MTP_TUNE")
     try:
-        for label, tune in PHASES:
-            os.environ["MTP_TUNE"] = tune
-            result["phases"][label] = bench_generate.step_costs(model, batches, kv_len, TREE_NODES, device)
+        for dtype in dtypes:
+            model = bench_generate.random_model(SHAPE_CPU, device, getattr(torch, dtype))
+            model.fuse_projections()
+            for label, tune in PHASES:
+                os.environ["MTP_TUNE"] = tune
+                result["phases"][f"{dtype}, {label}"] = bench_generate.step_costs(model, batches, kv_len,
+                                                                                   TREE_NODES, device)
     finally:
         if before is None:
             os.environ.pop("MTP_TUNE", None)
@@ -59,7 +61,7 @@ def to_markdown(result: dict) -> str:
              f"Model: {result['model']}; KV length {result['kv_len']}. Median ms per step "
              "(`bench_generate.step_costs`); ratio = verify / plain; speedup = expected tokens per forward at "
              "the prior acceptance rates over that ratio.", ""]
-    headers = ["GEMMs", "batch", "plain ms"] + [f"verify {T} ms" for T in nodes] + [f"verify {T} / plain" for T in nodes]
+    headers = ["dtype, GEMMs", "batch", "plain ms"] + [f"verify {T} ms" for T in nodes] + [f"verify {T} / plain" for T in nodes]
     headers += [f"speedup {T} nodes" for T in nodes]
     rows = []
     for label, steps in result["phases"].items():
@@ -69,10 +71,11 @@ def to_markdown(result: dict) -> str:
     lines += [common.markdown_table(headers, rows), ""]
     lines += ["## Layout chosen per shape (ms per call of each, best of 3 timed samples; "
               "\"-\": not timed, see `cpu_linear.time_layouts`)", "",
-              common.markdown_table(["rows", "N", "K", "F.linear ms", "transposed ms", "padded ms", "chosen"],
-                                    [[r["rows"], r["N"], r["K"], r["ms"]["linear"], r["ms"].get("transposed"),
+              common.markdown_table(["dtype", "rows", "N", "K", "F.linear ms", "transposed ms", "padded ms", "chosen"],
+                                    [[r["dtype"], r["rows"], r["N"], r["K"], r["ms"]["linear"], r["ms"].get("transposed"),
                                       r["ms"].get("padded"), r["layout"]]
-                                     for r in sorted(result["layouts"], key=lambda r: (r["N"], r["K"], r["rows"]))])]
+                                     for r in sorted(result["layouts"],
+                                                     key=lambda r: (r["dtype"], r["N"], r["K"], r["rows"]))])]
     return "\n".join(lines)
 
 
@@ -81,8 +84,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--kv-len", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
-    result = run(tuple(args.batches), args.kv_len)
+    result = run(tuple(args.batches), args.kv_len, tuple(args.dtypes))
     slug = result["env"]["device_slug"]
     common.write_json(Path(args.out) / f"cpu_decode_{slug}.json", result)
     text = to_markdown(result)

@@ -373,12 +373,16 @@ def test_bench_cpu_decode_times_both_gemm_layouts(monkeypatch, load_script):
     monkeypatch.setattr(module, "SHAPE_CPU", dict(dim=64, n_layers=5, n_heads=4, vocab_size=300, multiple_of=16,
                                                   n_future_tokens=4))
     monkeypatch.setattr(module, "TREE_NODES", (4,))
-    result = module.run((1, 2), kv_len=12)
+    result = module.run((1, 2), kv_len=12, dtypes=("float32", "bfloat16"))
     assert os.environ["MTP_TUNE"] == "1"
-    assert list(result["phases"]) == ["F.linear", "timed layouts"]
+    assert list(result["phases"]) == [f"{dtype}, {label}" for dtype in ("float32", "bfloat16")
+                                      for label in ("F.linear", "timed layouts")]
     for steps in result["phases"].values():
         assert [r["batch"] for r in steps] == [1, 2] and all(r["ratio4"] > 0 for r in steps)
-    shapes = {(r["rows"], r["N"], r["K"]) for r in result["layouts"]}
-    assert (1, 300, 64) in shapes and (8, 300, 64) in shapes   # plain rows, and 2 x 4 verify rows
+    shapes = {(r["dtype"], r["rows"], r["N"], r["K"]) for r in result["layouts"]}
+    for dtype in ("float32", "bfloat16"):   # the fused wqkv at a plain step's row and 2 x 4 verify rows
+        assert (dtype, 1, 192, 64) in shapes and (dtype, 8, 192, 64) in shapes
+    assert ("float32", 8, 300, 64) in shapes    # the unembedding: float32 logits in both dtypes
     text = module.to_markdown(result)
-    assert "| F.linear | 1 |" in text and "| timed layouts | 2 |" in text and "## Layout chosen per shape" in text
+    assert "| float32, F.linear | 1 |" in text and "| bfloat16, timed layouts | 2 |" in text
+    assert "## Layout chosen per shape" in text

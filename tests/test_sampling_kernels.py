@@ -104,6 +104,36 @@ def test_single_token_vocabulary(triton_backend):
     assert linear_sample(hidden, weight, temperature=1.0).tolist() == [0] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_logits_convert_a_16_bit_weight_block_by_block(monkeypatch, dtype):
+    """The CPU path's float32 logits of a 16-bit weight equal those of its float32 copy, without
+    making that copy: no float32 tensor the size of the weight exists at any point."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    monkeypatch.setattr(reference, "_WEIGHT_ROWS_PER_BLOCK", 100)   # V 1001: 10 blocks and one of a row
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, 24, generator=gen).to(dtype)
+    weight = torch.randn(1001, 24, generator=gen).to(dtype)
+    largest = LargestFloat32()
+    with largest:
+        logits = reference._float32_logits(hidden, weight)
+    assert largest.numel < weight.numel() // 4, largest.numel      # blocks of 100 rows, the (5, 1001) logits
+    torch.testing.assert_close(logits, _logits(hidden, weight), rtol=1e-6, atol=1e-6)
+    assert torch.equal(reference.linear_argmax(hidden, weight), torch.argmax(_logits(hidden, weight), dim=1))
+
+
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_temperature_zero_is_argmax(request, use_kernel):
     if use_kernel:

@@ -8,7 +8,8 @@ as bench_generate measures them (`bench_generate.step_costs`: a plain greedy dec
 steps over trees of 4, 8 and 16 nodes, drafts, tree acceptance and KV compaction included; the
 speedup each ratio allows at the prior acceptance rates), twice per dtype in one process: first with
 MTP_TUNE=0, so every projection is F.linear (the CPU path before `kernels/cpu_linear.py`), then with
-the layouts timed. Writes cpu_decode_<device-slug>.json and .md into --out (default
+the layouts timed. Both phases take a 16-bit unembedding's float32 logits block by block
+(`reference._float32_logits`). Writes cpu_decode_<device-slug>.json and .md into --out (default
 benchmarks/results), with the CPU's name, its thread count and the layout chosen for every shape.
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ def to_markdown(result: dict) -> str:
     lines = [f"# CPU decode steps on {env['device']} ({env['threads']} threads, torch {env['torch']})", "",
              f"Model: {result['model']}; KV length {result['kv_len']}. Median ms per step "
              "(`bench_generate.step_costs`); ratio = verify / plain; speedup = expected tokens per forward at "
-             "the prior acceptance rates over that ratio.", ""]
+             "the prior acceptance rates over that ratio. GEMMs: \"F.linear\" with MTP_TUNE=0, \"timed layouts\" "
+             "as `kernels/cpu_linear.py` chooses; both take a 16-bit unembedding's float32 logits block by block.", ""]
     headers = ["dtype, GEMMs", "batch", "plain ms"] + [f"verify {T} ms" for T in nodes] + [f"verify {T} / plain" for T in nodes]
     headers += [f"speedup {T} nodes" for T in nodes]
     rows = []

@@ -58,9 +58,9 @@ PRESET_NODES = {2: 7, 3: 23, 4: 47}
 # token costs compute. On the H100 the 16-node tree beat the 64-node one at batch 8 (estimated at
 # prior acceptance rates: 2.5x vs 1.6x over plain) and at batch 32 (1.9x vs 0.7x). Both values
 # are provisional: one constant for every CUDA device, and the tree sizes in between are not
-# measured. A CPU forward is compute bound from a few tokens (2 cores: 4 rows of a dim-1024 model
-# already ran its GEMMs at the rate 64 rows did, cpu_decode_cpu.md); on the default model at batch
-# 1, 4 tree tokens ran at 1.17x plain tokens/s, 8 at 0.92x, 16 at 0.90x (generate_cpu.md).
+# measured. A CPU forward is compute bound from a few tokens (2 cores: past 4 rows a GEMM of a
+# dim-1024 model cost more with every row, cpu_decode_cpu.md); on the default model at batch 1,
+# 4 tree tokens ran at 1.15x plain tokens/s, 8 at 0.91x, 16 at 0.90x (generate_cpu.md).
 DEFAULT_TREE_TOKENS = {"cuda": 256, "cpu": 4}
 
 

@@ -73,7 +73,7 @@ def to_markdown(result: dict) -> str:
     lines += [common.markdown_table(headers, rows), ""]
     lines += ["## Layout chosen per shape (ms per call of each, best of 3 timed samples; "
               "\"-\": not timed, see `cpu_linear.time_layouts`)", "",
-              common.markdown_table(["dtype", "rows", "N", "K", "F.linear ms", "transposed ms", "padded ms", "chosen"],
+              common.markdown_table(["dtype", "rows up to", "N", "K", "F.linear ms", "transposed ms", "padded ms", "chosen"],
                                     [[r["dtype"], r["rows"], r["N"], r["K"], r["ms"]["linear"], r["ms"].get("transposed"),
                                       r["ms"].get("padded"), r["layout"]]
                                      for r in sorted(result["layouts"],

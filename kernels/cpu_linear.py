@@ -9,8 +9,10 @@ product asked as weight (N, K) times x^T (M columns; the (N, M) result transpose
 weight once for all rows: 358 us for those 4 rows. A single row is a matrix-vector product, which
 MKL ran at 21 GB/s on a 131 MB weight where two rows as above read it at 48 GB/s, so one row is also
 tried padded with a zero row ("padded"). Which layout wins depends on the BLAS, the CPU, the shape
-and the thread count, so it is timed at the first call of each (dtype, M, N, K, threads) and
-remembered (benchmarks/results/cpu_decode_cpu.md lists the timings). `MTP_TUNE=0` keeps F.linear
+and the thread count, so it is timed at the first call of each (dtype, rows up to a power of two, N,
+K, threads) and remembered (benchmarks/results/cpu_decode_cpu.md lists the timings). The rows count
+through their power of two so that prompts of every length share a few timings: each timing costs a
+few calls of the product (75 ms per new prompt length on a dim-1024 model, before this bucketing). `MTP_TUNE=0` keeps F.linear
 (the layouts sum in different orders, so another process could otherwise round the last bits
 differently). Autograd and more than MAX_ROWS rows (prefill, training) always take F.linear.
 """
@@ -77,10 +79,16 @@ def time_layouts(x: torch.Tensor, weight: torch.Tensor, rounds: int = 3) -> Dict
     return {layout: seconds * 1e3 for layout, seconds in best.items()}
 
 
+def row_bucket(rows: int) -> int:
+    """The power of two at or above `rows`: the row count of a timing's key."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def cpu_layout(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The layout for x (M, K) against weight (N, K) on the CPU: the remembered one, else timed now
-    (MTP_TUNE=0: "linear", untimed). A tie keeps "linear"."""
-    key = (x.dtype, x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+    """The layout for x (M, K) against weight (N, K) on the CPU: the one remembered for M's
+    `row_bucket`, else timed now on x (MTP_TUNE=0: "linear", untimed). A tie keeps "linear".
+    "padded" is kept for one row only: a bucket of more rows times the other two."""
+    key = (x.dtype, row_bucket(x.shape[0]), weight.shape[0], weight.shape[1], torch.get_num_threads())
     layout = _chosen.get(key)
     if layout is None:
         if os.environ.get("MTP_TUNE", "1").strip() == "0":

@@ -36,6 +36,10 @@ def test_every_layout_matches_the_float64_oracle(layout, M, N, K):
     torch.testing.assert_close(y64, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
+def test_row_buckets_are_powers_of_two():
+    assert [cpu_linear.row_bucket(rows) for rows in (1, 2, 3, 4, 5, 8, 9, 33, 64)] == [1, 2, 4, 4, 8, 8, 16, 64, 64]
+
+
 def test_an_unknown_layout_is_an_error():
     x, w = _inputs(2, 3, 4)
     with pytest.raises(ValueError, match="unknown layout 'columns'"):
@@ -52,8 +56,11 @@ def test_the_faster_layout_is_chosen_once_per_shape(monkeypatch, times, want):
     for _ in range(3):
         assert cpu_linear.cpu_layout(x, w) == want
     assert calls == [((5, 24), (40, 24))]                     # timed at the first call only
-    assert cpu_linear.cpu_layout(x[:3], w) == want and len(calls) == 2   # another row count: timed again
-    key = (torch.float32, 5, 40, 24, torch.get_num_threads())
+    x8 = torch.cat([x, x[:3]])
+    assert cpu_linear.cpu_layout(x8, w) == want and len(calls) == 1      # 5 and 8 rows: one bucket of 8
+    assert cpu_linear.cpu_layout(x[:3], w) == want and len(calls) == 2   # 3 rows, a bucket of 4: timed
+    assert cpu_linear.cpu_layout(x[:4], w) == want and len(calls) == 2
+    key = (torch.float32, 8, 40, 24, torch.get_num_threads())
     assert cpu_linear.chosen_layouts()[key] == {"layout": want, "ms": times}
 
 
@@ -122,4 +129,4 @@ def test_the_cpu_paths_use_it(monkeypatch):
     torch.testing.assert_close(reference.skinny_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
     assert torch.equal(reference.linear_argmax(x, w), (x.double() @ w.double().T).argmax(-1))
     layouts = {key[1:4]: value["layout"] for key, value in cpu_linear.chosen_layouts().items()}
-    assert layouts == {(3, 1001, 48): "transposed"}
+    assert layouts == {(4, 1001, 48): "transposed"}   # 3 rows: the bucket of 4

@@ -60,7 +60,7 @@ PRESET_NODES = {2: 7, 3: 23, 4: 47}
 # are provisional: one constant for every CUDA device, and the tree sizes in between are not
 # measured. A CPU forward is compute bound from a few tokens (2 cores: past 4 rows a GEMM of a
 # dim-1024 model cost more with every row, cpu_decode_cpu.md); on the default model at batch 1,
-# 4 tree tokens ran at 1.15x plain tokens/s, 8 at 0.91x, 16 at 0.90x (generate_cpu.md).
+# 4 tree tokens ran at 1.14x plain tokens/s, 8 at 0.92x, 16 at 0.81x (generate_cpu.md).
 DEFAULT_TREE_TOKENS = {"cuda": 256, "cpu": 4}
 
 

@@ -2,19 +2,19 @@
 
 A decode step multiplies one row per sequence by every weight; a verify step batch x tree nodes
 rows. On the CPU, F.linear hands the BLAS x (M, K) times weight^T, and with MKL (the x86 build of
-torch) that costs nearly M one-row calls for small M: on a 2-core AMD EPYC, 4 rows against a
-4096 x 1024 float32 weight took 987 us where one row took 282, so a 4-node verify step of a
-dim-1024 model cost 3.9 plain steps and speculative decoding could not pay on the CPU. The same
-product asked as weight (N, K) times x^T (M columns; the (N, M) result transposed back) streams the
-weight once for all rows: 358 us for those 4 rows. A single row is a matrix-vector product, which
-MKL ran at 21 GB/s on a 131 MB weight where two rows as above read it at 48 GB/s, so one row is also
-tried padded with a zero row ("padded"). Which layout wins depends on the BLAS, the CPU, the shape
-and the thread count, so it is timed at the first call of each (dtype, rows up to a power of two, N,
-K, threads) and remembered (benchmarks/results/cpu_decode_cpu.md lists the timings). The rows count
-through their power of two so that prompts of every length share a few timings: each timing costs a
-few calls of the product (75 ms per new prompt length on a dim-1024 model, before this bucketing). `MTP_TUNE=0` keeps F.linear
-(the layouts sum in different orders, so another process could otherwise round the last bits
-differently). Autograd and more than MAX_ROWS rows (prefill, training) always take F.linear.
+torch) 4 rows cost 2.0-3.7x one row on a 2-core AMD EPYC (the float32 weights of a dim-1024 model,
+benchmarks/results/cpu_decode_cpu.md), so a 4-node verify step cost 3.5-3.9 plain steps and
+speculative decoding could not pay on the CPU. The same product asked as weight (N, K) times x^T
+(M columns; the (N, M) result transposed back) took 0.5-1.8x the one-row F.linear for those 4 rows.
+A single row is a matrix-vector product, which read the 131 MB unembedding there at 21 GB/s (6.2 ms)
+where the same call on the row and a row of zeros read it at 41 GB/s (3.2 ms), so one row also tries
+that ("padded"). Which layout wins depends on the BLAS, the CPU, the shape and the thread count, so
+it is timed at the first call of each (dtype, rows up to a power of two, N, K, threads) and
+remembered; the benchmark lists every timing. A timing costs a few calls of the product, so the rows
+count through their power of two (prompts of every length share a few timings) and products under
+_WORTH_TIMING_S are not timed at all. `MTP_TUNE=0` keeps F.linear (the layouts sum in different
+orders, so another process could otherwise round the last bits differently). Autograd and more than
+MAX_ROWS rows (long prefills, training) always take F.linear.
 """
 from __future__ import annotations
 

@@ -191,8 +191,9 @@ _WEIGHT_ROWS_PER_BLOCK = 2048
 def _float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden (R, D) @ weight (V, D)^T as float32 (R, V) from float32 operands. A weight in another
     dtype is converted _WEIGHT_ROWS_PER_BLOCK rows at a time into one reused buffer: converting it
-    whole made a float32 copy of the weight at every call, which on the CPU cost 10x the product
-    (a 32000 x 1024 bf16 unembedding: 40 ms, against 3.8 ms block by block)."""
+    whole made a float32 copy of the weight at every call, which on the CPU cost more than the
+    product (a bf16 dim-1024 model's plain decode step took 51-59 ms that way, 15 ms block by block:
+    benchmarks/results/NOTES.md, thirteenth session)."""
     h = hidden.float()
     if weight.dtype == torch.float32:
         return matmul_t(h, weight)

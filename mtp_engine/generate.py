@@ -648,12 +648,13 @@ class CUDAGraphSteps:
         branch_ms = None
         if compare_branches:
             captured = {}
+            before = model.concurrent_heads
             for concurrent in (True, False):
                 model.concurrent_heads = concurrent
                 try:
                     captured[concurrent] = self._record(lambda: fn(*static), load, device)
                 finally:
-                    model.concurrent_heads = True
+                    model.concurrent_heads = before
             branch_ms = {concurrent: self._replay_ms(graph, load) for concurrent, (graph, _) in captured.items()}
             concurrent = min(branch_ms, key=lambda c: (branch_ms[c], not c))   # a tie keeps concurrent
             graph, outputs = captured.pop(concurrent)

@@ -364,6 +364,7 @@ def main(argv=None) -> int:
     os.environ["MTP_CROSS_COMPILE"] = str(args.arch)
     os.environ.pop("MTP_BACKEND", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["MTP_WARP_SPEC"] = "1"   # compile the opt-in warp-specialized kernels too
     sys.path.insert(0, str(ROOT))
     import torch
 

@@ -42,7 +42,7 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     text = (BENCH / "gpu_check.sh").read_text()
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
-                         "bench_generate.py", "bench_head_schedule.py"):
+                         "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -64,6 +64,16 @@ def test_gpu_check_survives_peer_wheels_that_do_not_install(tmp_path):
     assert "did not install" in proc.stdout and "unknown stage no_such_stage" in proc.stdout
     assert "=== summary" in (tmp_path / "out" / "gpu_check.log").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "results.tar.gz"]
+
+
+def test_bench_host_overhead_cpu_smoke(tmp_path):
+    """Every row of the host-time table, the flash forward taken apart, and its profile."""
+    _run([BENCH / "bench_host_overhead.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
+    result = json.loads((tmp_path / "host_overhead_cpu.json").read_text())
+    calls = [r["call"] for r in result["rows"]]
+    assert len(calls) == 8 and "forward: kernel with the chosen config" in calls
+    assert all(isinstance(r["host_us"], float) and r["host_us"] > 0 for r in result["rows"])
+    assert "function calls" in result["profiles"][0] and "tottime" in result["profiles"][0]
 
 
 def test_bench_attention_cpu_smoke(tmp_path, load_script):

@@ -437,9 +437,9 @@ WARP_SPEC_GUARD_TESTS = ("test_flash_attention_gpu_every_config",
 def warp_spec_tests_failed(junit_xml: str) -> bool:
     """False only when the GPU test run's JUnit file shows WARP_SPEC_GUARD_TESTS ran and none failed,
     errored or was skipped; True when one did, when they did not run (GPU_TESTS left them out), or
-    when the file is missing or unreadable (the run hung or died before writing it). gpu_check.sh
-    then runs the benchmarks with MTP_WARP_SPEC=0, so that no tuner can pick a fast warp-specialized
-    launch whose results no test has checked on this device."""
+    when the file is missing or unreadable (the run hung or died before writing it). A gpu_check.sh
+    run that opted in (MTP_WARP_SPEC=1) then runs the benchmarks with MTP_WARP_SPEC=0, so that no
+    tuner can pick a fast warp-specialized launch whose results no test has checked on this device."""
     import xml.etree.ElementTree as ET
 
     try:

@@ -7,9 +7,10 @@ Each row times `calls` calls that only enqueue GPU work (no synchronize between 
 time.perf_counter: the host's cost per call, whatever the kernel's GPU time. Where it exceeds the
 kernel's time, the call is host bound: do_bench and back-to-back timings then measure the host, not
 the kernel (bench_attention.py's "forward kernels" table shows such a gap). The flash forward is
-also taken apart: the public function, the host launcher `flash_attention_fwd`, the autotuned launch
-alone, and the raw kernel launched with the autotuner's chosen config; then a cProfile of the public
-forward lists where the host time goes. SDPA is the yardstick. CUDA; `--cpu-smoke` runs the same
+also taken apart: the public function, the host launcher `flash_attention_fwd`, `_launch` alone
+(which launches the autotuner's kept choice), the autotuner's own launch (what `_launch` did at every
+call before it kept the choice), and the kernel launched with the chosen config; then cProfiles of
+the public forward and of forward+backward list where the host time goes. SDPA is the yardstick. CUDA; `--cpu-smoke` runs the same
 code on one tiny float32 shape on the CPU (TRITON_INTERPRET=1 for the Triton path), numbers meaningless.
 Writes host_overhead_<device-slug>.json and .md into DIR.
 """

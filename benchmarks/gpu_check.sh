@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device run: GPU tests, then the benchmarks, results under $OUT (or ./gpu_out).
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate head_schedule
-#                                                (default: those), host_overhead and train (only when named)
+#                                                (default: those), host_overhead, warp_spec_probe and train
+#                                                (only when named)
 #   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
 # `train` (benchmarks/gpu_train_default.sh; run benchmarks/prepare_gpu_data.sh here first and carry
@@ -67,6 +68,7 @@ for s in "${stages[@]}"; do
     attention) run_stage attention 240 python3 benchmarks/bench_attention.py --out "$RES" ;;   # ~50 s + KV launch tuning + 42 flash configs to compile
     generate) run_stage generate 300 python3 benchmarks/bench_generate.py --out "$RES" ;;
     host_overhead) run_stage host_overhead 120 python3 benchmarks/bench_host_overhead.py --out "$RES" ;;   # ~30 s of autotuning
+    warp_spec_probe) run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ;;   # opts in by itself
     head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     train) limit=$(( ${TRAIN_SECONDS:-240} + 240 )); [ "$limit" -gt 570 ] && limit=570
            run_stage train "$limit" bash benchmarks/gpu_train_default.sh "$OUT" ;;

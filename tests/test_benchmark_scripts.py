@@ -42,7 +42,8 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     text = (BENCH / "gpu_check.sh").read_text()
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
-                         "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py"):
+                         "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
+                         "probe_warp_spec.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -74,6 +75,26 @@ def test_bench_host_overhead_cpu_smoke(tmp_path):
     assert len(calls) == 8 and "forward: kernel with the chosen config" in calls
     assert all(isinstance(r["host_us"], float) and r["host_us"] > 0 for r in result["rows"])
     assert "function calls" in result["profiles"][0] and "tottime" in result["profiles"][0]
+
+
+def test_probe_warp_spec_cpu_smoke(tmp_path):
+    """Every warp-specialized launch of the probe runs and is judged right under the interpreter."""
+    _run([BENCH / "probe_warp_spec.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
+    rows = json.loads((tmp_path / "warp_spec_probe_cpu.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"forward", "dQ", "dK/dV", "tree"}
+    assert all("error" not in r and r["bad_rows"] == 0 and r["rel_err"] < 1e-5 for r in rows), rows
+
+
+def test_probe_warp_spec_locates_bad_rows(load_script):
+    """A wrong row is found in its query block and in the half of the block a consumer takes."""
+    probe = load_script(BENCH / "probe_warp_spec.py")
+    want = torch.randn(2, 256, 3, 8, generator=torch.Generator().manual_seed(0))
+    got = want.clone()
+    got[1, 128 + 70, 2] = float("nan")     # block 1, second half
+    got[0, 5, 0] += 10.0                    # block 0, first half
+    got[0, 6, 1] += 1e-4                    # within tolerance
+    found = probe.bad_rows(got, want, block_m=128, tol=0.05)
+    assert found == {"bad_rows": 2, "of_rows": 2 * 256 * 3, "blocks": [0, 1], "halves": ["first", "second"]}
 
 
 def test_bench_attention_cpu_smoke(tmp_path, load_script):

@@ -1,0 +1,204 @@
+"""Where the warp-specialized kernels go wrong on a GPU: one device minute that narrows the search.
+
+    python benchmarks/probe_warp_spec.py [--out DIR] [--cpu-smoke]
+
+On an H100 with Triton 3.6 (fourteenth session) the warp-specialized flash forward gave NaN rows and
+the warp-specialized tree kernel a relative error of 1.7 at 64 nodes (16 passed), while every
+interpreter test passes. This script runs each warp-specialized launch over a grid of cases, one
+factor changed at a time, and says for each which rows went wrong:
+
+- flash forward, dQ and dK/dV: every warp-specialized config (tile, num_stages) x one sequence
+  against two, a length that is a multiple of the block against a ragged one, causal or not, head
+  dim 64 or 128, contiguous tensors or views of a fused qkv projection;
+- tree attention: 16, 32, 48 and 64 nodes, one split or several, one batch row or four.
+
+A bad output row (`BAD_ROW_TOL`) is located by its query block and by its half of the block: the two consumer
+warpgroups each take one half, so a fault that always sits in one half points at the partition.
+Results (relative error against float32, bad rows, where) go to warp_spec_probe_<slug>.json / .md.
+It switches MTP_WARP_SPEC=1 on for itself. `--cpu-smoke` runs the interpreter's small tiles on the
+CPU in float32 (the numbers there only show that the script runs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# A bad row: error above this share of the mean row norm. bf16 rows stay well under it; what the
+# probe hunts (NaN, another row's values, stale buffers) lands far above.
+BAD_ROW_TOL = 0.2
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("nan")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def bad_rows(got: torch.Tensor, want: torch.Tensor, block_m: int, tol: float) -> dict:
+    """got, want: (B, T, H, D). A row (b, t, h) is bad when it is not finite or its error passes
+    `tol` times the mean row norm of `want` (a row's own norm can be 0: dQ of a causal first row).
+    Returns how many, and which query blocks and block halves (of `block_m` rows) hold them:
+    "first" / "second" half, the rows each consumer warpgroup takes."""
+    got, want = got.double(), want.double()
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1).mean().clamp_min(1e-30)
+    bad = ~torch.isfinite(got).all(dim=-1) | (err > tol)                      # (B, T, H)
+    where = bad.nonzero().tolist()
+    blocks = sorted({t // block_m for _, t, _ in where})
+    halves = sorted({"first" if (t % block_m) < block_m // 2 else "second" for _, t, _ in where})
+    return {"bad_rows": len(where), "of_rows": bad.numel(), "blocks": blocks[:12], "halves": halves}
+
+
+def _flash_inputs(B, T, H, Hkv, D, fused: bool, dtype, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if fused:
+        qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=g).to(device, dtype)
+        return qkv.split([H, Hkv, Hkv], dim=2)
+    return tuple(torch.randn(B, T, h, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
+
+
+def flash_cases(smoke: bool):
+    """(label, B, T, H, Hkv, D, causal, fused), one factor changed at a time from the first."""
+    if smoke:
+        return [("B1 T64 causal", 1, 64, 2, 1, 16, True, False), ("B2 T37 fused", 2, 37, 4, 2, 32, False, True)]
+    base = dict(B=1, T=1024, H=8, Hkv=2, D=128, causal=True, fused=False)
+    variants = [("base: B1 T1024 D128 causal", {}), ("non-causal", dict(causal=False)),
+                ("T1000 (ragged)", dict(T=1000)), ("two sequences", dict(B=2)),
+                ("D64", dict(D=64)), ("fused qkv views", dict(fused=True)),
+                ("failing test: B2 T1000 fused, non-causal", dict(B=2, T=1000, fused=True, causal=False))]
+    return [(label, *({**base, **change}[k] for k in ("B", "T", "H", "Hkv", "D", "causal", "fused")))
+            for label, change in variants]
+
+
+def probe_flash(attention, reference, smoke: bool, device, dtype) -> list[dict]:
+    import triton
+
+    if smoke:
+        fwd_configs = [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=True), num_warps=4)]
+        dq_configs = [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True), num_warps=4)]
+        dkdv_configs = [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, WARP_SPEC=True), num_warps=4)]
+    else:
+        ws = lambda configs: [c for c in configs if c.kwargs["WARP_SPEC"]]   # noqa: E731
+        fwd_configs, dq_configs = ws(attention._GPU_FWD_CONFIGS), ws(attention._GPU_DQ_CONFIGS)
+        dkdv_configs = ws(attention._GPU_DKDV_CONFIGS)
+    # Pointer-load configs for the other kernel of each call (the autotuner, switched on here, might
+    # pick a warp-specialized one); None under the interpreter: its fixed configs are those.
+    plain_fwd, plain_dkdv, plain_dq = ((None, None, None) if smoke else (
+        attention._GPU_FWD_CONFIGS[0], attention._GPU_DKDV_CONFIGS[0], attention._GPU_DQ_CONFIGS[0]))
+    rows = []
+    for label, B, T, H, Hkv, D, causal, fused in flash_cases(smoke):
+        q, k, v = _flash_inputs(B, T, H, Hkv, D, fused, dtype, device, seed=T + D)
+        scale = D ** -0.5
+        if not attention._ws_ok(q, k, v):
+            rows.append({"kernel": "forward", "case": label, "config": "-", "error": "layout refused (_ws_ok)"})
+            continue
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        want = reference.attention(q32, k32, v32, causal=causal, sm_scale=scale)
+        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        want.backward(dout.float())
+        # The backward's inputs from the pointer-load forward, so a backward row is judged alone.
+        out_plain, lse_plain = attention.flash_attention_fwd(q, k, v, causal, scale, config=plain_fwd)
+        for kernel, configs in (("forward", fwd_configs), ("dQ", dq_configs), ("dK/dV", dkdv_configs)):
+            for config in configs:
+                record = {"kernel": kernel, "case": label, "config": _config_label(config)}
+                try:
+                    if kernel == "forward":
+                        got, ref = attention.flash_attention_fwd(q, k, v, causal, scale, config=config)[0], want
+                        block = config.kwargs["BLOCK_M"]
+                    elif kernel == "dQ":
+                        got = attention.flash_attention_bwd(dout, q, k, v, out_plain, lse_plain, causal, scale,
+                                                            dkdv_config=plain_dkdv, dq_config=config)[0]
+                        ref, block = q32.grad, config.kwargs["BLOCK_M"]
+                    else:
+                        got = attention.flash_attention_bwd(dout, q, k, v, out_plain, lse_plain, causal, scale,
+                                                            dkdv_config=config, dq_config=plain_dq)[1]
+                        ref, block = k32.grad, config.kwargs["BLOCK_N"]
+                    record.update(rel_err=_rel_err(got, ref), **bad_rows(got, ref, block, BAD_ROW_TOL))
+                except Exception as err:  # noqa: BLE001 - recorded: a compile failure is a finding too
+                    record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                rows.append(record)
+    return rows
+
+
+def probe_tree(attention, reference, smoke: bool, device, dtype) -> list[dict]:
+    sizes = (2, 5) if smoke else (16, 32, 48, 64)
+    H, Hkv, D, S_max = (4, 2, 16, 48) if smoke else (32, 8, 128, 4096 + 64)
+    rows = []
+    for B in (1, 4) if not smoke else (2,):
+        for Tq in sizes:
+            g = torch.Generator().manual_seed(70 + Tq + B)
+            q = torch.randn(B, Tq, H, D, generator=g).to(device, dtype)
+            k_cache, v_cache = (torch.randn(B, S_max, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+            lengths = [S_max - Tq, 1000, 0, 4000][:B] if not smoke else [S_max - Tq, 3]
+            seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+            mask = torch.tril(torch.ones(Tq, Tq, dtype=torch.bool))
+            packed = attention.pack_tree_mask(mask.to(device))
+            want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask.to(device))
+            gpu = device != "cpu"
+            block_m = 128 if gpu else 32
+            for split_blocks in (None, 8, 1) if gpu else (None, 2):
+                launch = dataclasses.replace(attention._kv_launch(block_m, S_max, split_blocks, gpu=gpu),
+                                             num_warps=4, num_stages=2 if gpu else 1, warp_spec=True)
+                record = {"kernel": "tree", "case": f"B{B} Tq{Tq} ({Tq * H // Hkv} rows per KV head)",
+                          "config": launch.label()}
+                try:
+                    got = attention._kv_run(q, k_cache, v_cache, seqlens, packed, D ** -0.5, launch)
+                    # rows of one tile: the GQA group's heads x the Tq nodes, node-major
+                    # (`_tree_ws_run`'s regrouping), so a row's tile is (node * group + head) // block_m
+                    grouped = lambda x: x.reshape(B, Tq, Hkv, H // Hkv, D).transpose(1, 2).reshape(  # noqa: E731
+                        B * Hkv, Tq * (H // Hkv), 1, D)
+                    record.update(rel_err=_rel_err(got, want),
+                                  **bad_rows(grouped(got), grouped(want), block_m, BAD_ROW_TOL))
+                except Exception as err:  # noqa: BLE001 - recorded
+                    record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                rows.append(record)
+    return rows
+
+
+def _config_label(config) -> str:
+    kw = {k: v for k, v in config.kwargs.items() if k not in ("WARP_SPEC",)}
+    return ", ".join(f"{k}={v}" for k, v in kw.items()) + f", warps={config.num_warps}, stages={config.num_stages}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--cpu-smoke", action="store_true", help="interpreter tiles on the CPU, float32")
+    args = parser.parse_args(argv)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("probe_warp_spec: needs CUDA (--cpu-smoke checks the script under TRITON_INTERPRET=1)")
+        return 0
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    os.environ["MTP_WARP_SPEC"] = "1"   # this process only: the probe is about these kernels
+    from mtp_kernels import attention, reference
+
+    rows = probe_flash(attention, reference, smoke, device, dtype) + probe_tree(attention, reference, smoke,
+                                                                               device, dtype)
+    headers = ["kernel", "case", "config", "rel err", "bad rows", "of rows", "blocks", "halves", "error"]
+    table = common.markdown_table(headers, [[r.get("kernel"), r.get("case"), r.get("config"), r.get("rel_err"),
+                                             r.get("bad_rows"), r.get("of_rows"), r.get("blocks"), r.get("halves"),
+                                             r.get("error")] for r in rows])
+    name = common.device_name(device)
+    md = "\n".join([f"# Warp-specialized kernels, case by case, on {name}", "",
+                    f"Relative error against float32; a row is bad when it is not finite or its error passes "
+                    f"{BAD_ROW_TOL} of the mean row norm; blocks: the query blocks (tree: row tiles) holding "
+                    f"bad rows; halves: which half of those blocks (the two consumer warpgroups' rows).", "", table])
+    out = Path(args.out)
+    slug = common.device_slug(device)
+    common.write_json(out / f"warp_spec_probe_{slug}.json", {"env": common.environment_info(device), "rows": rows})
+    common.write_markdown(out / f"warp_spec_probe_{slug}.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from bench_attention import _sdpa_attention as _sdpa  # noqa: E402  (bench_attention's SDPA contender)
 
 SHAPES = [(8, 16, 2048, 64), (4, 32, 4096, 128)]   # bench_attention's flash shapes: B, H, T, D
 SMOKE_SHAPES = [(1, 2, 40, 16)]
@@ -51,11 +52,6 @@ def host_us(fn, calls: int) -> float:
         rounds.append((time.perf_counter() - start) / calls * 1e6)
         _sync()
     return sorted(rounds)[2]
-
-
-def _sdpa(q, k, v):
-    return torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
 
 
 def _captured_launch(attention, q, k, v, scale):

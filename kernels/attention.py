@@ -764,7 +764,7 @@ def _launch(which: str, args: tuple, T: int, block: str, programs: int, D: int, 
     """Launch flash kernel `which` over (cdiv(T, config[block]), programs): with `config` if given,
     the interpreter's fixed config under the interpreter, else the autotuned one. The autotuner runs
     once per key (its key: head dim, causal, length band, WS_OK and the tensors' dtypes); later calls
-    launch its choice directly, which saves the autotuner's per-call work on the host (30-35 us a
+    launch its choice directly, which saves the autotuner's per-call work on the host (29-35 us a
     launch on an H200 host, 3 launches per training step of each layer: host_overhead_*.md)."""
     head_dim = _head_dim_tile(D)
     if config is None and not interpreting():

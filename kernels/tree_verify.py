@@ -41,15 +41,15 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 @triton.jit
 def _tree_accept_kernel(
     candidates_ptr, verifier_ptr, parents_ptr, accepted_nodes_ptr, accept_len_ptr, bonus_ptr,
-    T, stride_cb, stride_vb, stride_ab, MAX_DEPTH,
+    T, stride_cb, stride_ct, stride_vb, stride_vt, stride_p, stride_ab, MAX_DEPTH,
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     in_tree = offs_t < T
     # Padding nodes get parent -2: never equal to a real node id, so never a child.
-    parents = tl.load(parents_ptr + offs_t, mask=in_tree, other=-2).to(tl.int64)
-    candidates = tl.load(candidates_ptr + b * stride_cb + offs_t, mask=in_tree, other=0)
+    parents = tl.load(parents_ptr + offs_t * stride_p, mask=in_tree, other=-2).to(tl.int64)
+    candidates = tl.load(candidates_ptr + b * stride_cb + offs_t * stride_ct, mask=in_tree, other=0)
     verifier_row = verifier_ptr + b * stride_vb
     out_row = accepted_nodes_ptr + b * stride_ab
 
@@ -58,7 +58,7 @@ def _tree_accept_kernel(
     length = tl.full((), 1, dtype=tl.int64)
     alive = current == 0                       # still descending (a scalar True)
     for depth in range(1, MAX_DEPTH + 1):
-        wanted = tl.load(verifier_row + current)
+        wanted = tl.load(verifier_row + current * stride_vt)
         is_match = (parents == current) & (candidates == wanted)
         first_match = tl.min(tl.where(is_match, offs_t, BLOCK_T), axis=0).to(tl.int64)
         found = alive & (first_match < T)
@@ -67,7 +67,7 @@ def _tree_accept_kernel(
         length += found.to(tl.int64)
         alive = found
     tl.store(accept_len_ptr + b, length)
-    tl.store(bonus_ptr + b, tl.load(verifier_row + current))
+    tl.store(bonus_ptr + b, tl.load(verifier_row + current * stride_vt))
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _compact_kv_kernel(
     B, F, Dh, W,
     stride_kl, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vl, stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ab,
+    stride_ab, stride_aw, stride_seqlens, stride_len,
     BLOCK_F: tl.constexpr,
 ):
     pid_lb = tl.program_id(0).to(tl.int64)
@@ -90,11 +90,11 @@ def _compact_kv_kernel(
     k_row = k_ptr + layer * stride_kl + b * stride_kb
     v_row = v_ptr + layer * stride_vl + b * stride_vb
 
-    start = tl.load(cache_seqlens_ptr + b).to(tl.int64)
-    n_accepted = tl.load(accept_len_ptr + b)
+    start = tl.load(cache_seqlens_ptr + b * stride_seqlens).to(tl.int64)
+    n_accepted = tl.load(accept_len_ptr + b * stride_len)
     # Increasing j, load before store: see the module docstring for why the overlap is safe.
     for j in range(0, W):
-        node = tl.load(accepted_nodes_ptr + b * stride_ab + j)
+        node = tl.load(accepted_nodes_ptr + b * stride_ab + j * stride_aw)
         # node == j: already in place (the root, and every chain prefix).
         if (j < n_accepted) & (node != j):
             src = start + node
@@ -117,7 +117,8 @@ def tree_accept_triton(candidates, verifier, parents, max_depth: int):
     BLOCK_T = triton.next_power_of_2(T)
     _tree_accept_kernel[(B,)](
         candidates, verifier, parents, accepted_nodes, accept_len, bonus,
-        T, candidates.stride(0), verifier.stride(0), accepted_nodes.stride(0), max_depth,
+        # Any strides: a verifier may be a column of (B, T, heads) tokens (speculative.verify_and_score).
+        T, *candidates.stride(), *verifier.stride(), parents.stride(0), accepted_nodes.stride(0), max_depth,
         BLOCK_T=BLOCK_T, num_warps=1 if interpreting() or BLOCK_T <= 128 else 4)
     return accepted_nodes, accept_len, bonus
 
@@ -135,8 +136,8 @@ def compact_kv_cache_triton(k_cache, v_cache, cache_seqlens, accepted_nodes, acc
     _compact_kv_kernel[grid](
         k_cache, v_cache, cache_seqlens, accepted_nodes, accept_len,
         B, F, Dh, W,
-        *k_cache.stride(), *v_cache.stride(), accepted_nodes.stride(0),
-        BLOCK_F=BLOCK_F, num_warps=num_warps)
+        *k_cache.stride(), *v_cache.stride(), *accepted_nodes.stride(), cache_seqlens.stride(0),
+        accept_len.stride(0), BLOCK_F=BLOCK_F, num_warps=num_warps)
     cache_seqlens[:B] += accept_len.to(cache_seqlens.dtype)
 
 

@@ -103,6 +103,20 @@ def test_tree_accept_int32_parents_strided_rows_and_empty_batch(triton_backend):
     assert [tuple(t.shape) for t in empty] == [(0, max(reference.tree_depths(parents)) + 1), (0,), (0,)]
 
 
+def test_tree_accept_column_strides(triton_backend):
+    """Columns need not be adjacent: a verifier that is head 0's column of (B, T, heads) tokens
+    (speculative.verify_and_score), candidates transposed, parents a strided view."""
+    gen = torch.Generator().manual_seed(4)
+    parents = _random_parents(19, gen)
+    candidates, verifier, _ = _planted_acceptance(parents, 5, gen)
+    per_head = torch.randint(0, 1000, (5, 19, 3), generator=gen)
+    per_head[:, :, 0] = verifier
+    transposed = candidates.T.contiguous().T                         # strides (1, B)
+    spread_parents = torch.stack([parents, parents], dim=1)[:, 0]    # stride 2
+    out = tree_accept(transposed, per_head[:, :, 0], spread_parents)
+    _assert_same(out, reference.tree_accept(candidates, verifier, parents))
+
+
 @pytest.mark.parametrize("parents,match", [
     ([0, 0, 1], r"parents\[0\] must be -1"),
     ([-1, 0, 2], r"parents\[2\] = 2"),
@@ -241,6 +255,26 @@ def test_compaction_skips_finished_rows_and_takes_a_short_cache_seqlens(triton_b
     assert sl.tolist() == slr.tolist() == [4, 6, 2]
     assert torch.equal(kc[:, 2:], k[:, 2:]) and torch.equal(vc[:, 2:], v[:, 2:])
     assert torch.equal(kc[:, 0, 2], k[:, 0, 3]) and torch.equal(kc[:, 0, 3], k[:, 0, 6])
+
+
+def test_compaction_strided_index_tensors(triton_backend):
+    """accepted_nodes, accept_len and cache_seqlens as strided views: each element read at its stride."""
+    gen = torch.Generator().manual_seed(11)
+    k = torch.randn(2, 3, 12, 2, 4, generator=gen)
+    v = torch.randn(2, 3, 12, 2, 4, generator=gen)
+    accepted_nodes = torch.tensor([[0, 2, 5], [0, 1, -1], [0, 3, 4]])
+    accept_len = torch.tensor([3, 2, 3])
+    seqlens = torch.tensor([1, 4, 2], dtype=torch.int32)
+    strided_nodes = accepted_nodes.T.contiguous().T                   # strides (1, 3)
+    strided_len = torch.stack([accept_len, accept_len], dim=1)[:, 0]   # stride 2
+    wide_seqlens = torch.zeros(3, 2, dtype=torch.int32)
+    wide_seqlens[:, 0] = seqlens
+    kc, vc = k.clone(), v.clone()
+    compact_kv_cache(kc, vc, wide_seqlens[:, 0], strided_nodes, strided_len)
+    kr, vr, slr = k.clone(), v.clone(), seqlens.clone()
+    reference.compact_kv_cache(kr, vr, slr, accepted_nodes, accept_len)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    assert wide_seqlens[:, 0].tolist() == slr.tolist() == [4, 6, 5] and not wide_seqlens[:, 1].any()
 
 
 def test_compaction_strided_cache(triton_backend):

@@ -302,6 +302,8 @@ def scenarios():
         for R in (1, 48, 256):
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
             K.linear_argmax(hidden, weight)
+            for k in (4, K.sampling.MAX_KERNEL_TOP_K):   # a tree's draft width, and the widest in-kernel
+                K.linear_candidates(hidden, weight, k)
             K.linear_sample(hidden, weight, temperature=0.8, generator=torch.Generator().manual_seed(1))
             # The top-p fallback samples on the host from the logits the (skipped) kernel would write.
             with mock.patch.object(reference, "sample_top_p_logits", lambda logits, *_: logits[:, 0].long()):

@@ -13,6 +13,12 @@ rows are few (batch x tree nodes, 1..~2048) and the vocabulary large (up to 1282
           the first of equal maxima), then that block's index. No atomics, so the result is
           deterministic, and ties go to the smallest token id like torch.argmax on float32 logits.
 
+Top-k (a drafter's candidates, `linear_topk`): pass 1 keeps each row's TOP_K best of its tile, one
+max-and-mask sweep of the tile per rank, as partials (R, n_vocab_blocks, TOP_K); pass 2 ranks those
+n_vocab_blocks * TOP_K candidates (`reference.top_k_positions`), not the whole vocabulary. The
+partials of one launch serve an argmax and a top-k of the same rows (`linear_candidates`): a verify
+step gets head 0's verdict and the drafting heads' candidates from one read of the unembedding.
+
 Splitting the vocabulary gives V / BLOCK_V programs even for one row (783 at V = 100k), so a
 batch-1 decode step still spreads the weight read over the whole GPU.
 
@@ -29,6 +35,7 @@ chunk of rows at a time with the same tile code and samples the nucleus in torch
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -67,7 +74,8 @@ def _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, str
 def _linear_select_partial_kernel(
     hidden_ptr, weight_ptr, seed_ptr, best_score_ptr, best_index_ptr,
     R, V, D, stride_hr, stride_wv, n_vocab_blocks, inv_temperature,
-    SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    SAMPLE: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Vocab blocks on grid axis 0 (up to ~1000 of them), row blocks on axis 1 (<= 65535).
     pid_v = tl.program_id(0)
@@ -87,14 +95,20 @@ def _linear_select_partial_kernel(
     else:
         scores = logits
     scores = tl.where(offs_v[None, :] < V, scores, float("-inf"))
-    row_best = tl.max(scores, axis=1)
-    # Smallest index among the tile's maxima (torch.argmax's tie rule); padding columns are >= V,
-    # after every real column, so they can only win a row whose real scores are all -inf.
-    is_best = scores == row_best[:, None]
-    row_best_index = tl.min(tl.where(is_best, offs_v[None, :], 2147483647), axis=1)
     row_ok = offs_r < R
-    tl.store(best_score_ptr + offs_r * n_vocab_blocks + pid_v, row_best, mask=row_ok)
-    tl.store(best_index_ptr + offs_r * n_vocab_blocks + pid_v, row_best_index, mask=row_ok)
+    # Partials are (R, n_vocab_blocks, TOP_K): the tile's TOP_K best per row, best first.
+    out_offs = offs_r.to(tl.int64) * (n_vocab_blocks * TOP_K) + pid_v * TOP_K
+    for rank in tl.static_range(TOP_K):
+        row_best = tl.max(scores, axis=1)
+        # Smallest index among the tile's maxima (torch.argmax's tie rule); padding columns are
+        # >= V, after every real column, so they can only win a row whose real scores are all -inf.
+        is_best = scores == row_best[:, None]
+        row_best_index = tl.min(tl.where(is_best, offs_v[None, :], 2147483647), axis=1)
+        tl.store(best_score_ptr + out_offs + rank, row_best, mask=row_ok)
+        tl.store(best_index_ptr + out_offs + rank, row_best_index, mask=row_ok)
+        if rank + 1 < TOP_K:
+            # Take the winner out; the next rank is the best of the rest (ties: next smallest id).
+            scores = tl.where(offs_v[None, :] == row_best_index[:, None], float("-inf"), scores)
 
 
 @triton.jit
@@ -111,6 +125,59 @@ def _linear_logits_kernel(
                           BLOCK_R, BLOCK_V, BLOCK_D)
     mask = (offs_r[:, None] < R) & (offs_v[None, :] < V)
     tl.store(logits_ptr + offs_r[:, None] * stride_lr + offs_v[None, :], logits, mask=mask)
+
+
+# ============================================================================================
+# Pass 2: from per-block candidates to tokens
+# ============================================================================================
+# Widest top-k the kernel extracts per tile (one max-and-mask sweep of the tile per rank); wider
+# requests write float32 logits, a chunk of rows at a time, and rank them in torch.
+MAX_KERNEL_TOP_K = 16
+
+
+@dataclass
+class TokenCandidates:
+    """Each row's best k tokens within each vocabulary block, best first: what pass 1 leaves.
+
+    score: (R, n_blocks, k) float32; index: (R, n_blocks, k) int32 or int64 token ids. Within a block,
+    equal scores come in id order, and blocks come in id order, so flattened positions keep id order
+    among equal scores: ranking positions with ties to the smaller position ranks ids the same way.
+    The reference path has one block (n_blocks = 1). One kernel launch can serve both a verifier's
+    argmax and a drafter's top-k of the same rows (`linear_candidates`)."""
+
+    score: torch.Tensor
+    index: torch.Tensor
+
+    def argmax(self) -> torch.Tensor:
+        """(R,) int64: the best token per row, ties to the smallest id (torch.argmax's rule, which
+        takes the first block holding the row maximum)."""
+        best_block = torch.argmax(self.score[:, :, 0], dim=1, keepdim=True)
+        return self.index[:, :, 0].gather(1, best_block).squeeze(1).to(torch.int64)
+
+    def topk(self, k: int) -> torch.Tensor:
+        """(R, k) int64: each row's k best tokens, best first, ties to the smallest id; k <= the
+        candidates kept per block."""
+        if not 1 <= k <= self.score.shape[2]:
+            raise ValueError(f"TokenCandidates.topk: k={k} but {self.score.shape[2]} candidates are kept per block")
+        R, n_blocks, kept = self.score.shape
+        positions = reference.top_k_positions(self.score.reshape(R, n_blocks * kept), k)
+        return self.index.reshape(R, n_blocks * kept).gather(1, positions).to(torch.int64)
+
+    def rows(self, row_ids: torch.Tensor) -> "TokenCandidates":
+        """The candidates of rows `row_ids` (int64, any shape flattened), in that order."""
+        flat = row_ids.reshape(-1)
+        return TokenCandidates(self.score[flat], self.index[flat])
+
+
+def _reference_candidates(logit_chunks, R: int, top_k: int, device: torch.device) -> TokenCandidates:
+    """One block per row: the top_k of float32 logits given as (row slice, logits) chunks."""
+    score = torch.empty((R, 1, top_k), dtype=torch.float32, device=device)
+    index = torch.empty((R, 1, top_k), dtype=torch.int64, device=device)
+    for rows, logits in logit_chunks:
+        ids = reference.top_k_positions(logits, top_k)
+        index[rows, 0] = ids
+        score[rows, 0] = logits.gather(1, ids)
+    return TokenCandidates(score, index)
 
 
 # ============================================================================================
@@ -160,27 +227,36 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
     return seed.to(device)
 
 
-def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                         generator: torch.Generator | None) -> torch.Tensor:
-    """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise.
-    hidden: (R, D), weight: (V, D), same float dtype. Returns (R,) int64."""
+def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                                  generator: torch.Generator | None, top_k: int = 1):
+    """Pass 1: each row's top_k scores within each vocab block. hidden: (R, D), weight: (V, D), same
+    float dtype; scores are the logits (temperature == 0) or logits / temperature + Gumbel noise.
+    Returns (score (R, n_vocab_blocks, top_k) float32, index (R, n_vocab_blocks, top_k) int32)."""
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
     R, D = hidden.shape
     V = weight.shape[0]
     sample = temperature > 0
+    # Up to 16 ranks add no spills at these tiles on sm_90 in bf16/fp16 (compile_check: 106-148
+    # registers); float32 at 8 warps spills 8 bytes.
     cfg = _launch_config(R, hidden.dtype, hidden.device, sample)
     n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
-    best_score = torch.empty((R, n_vocab_blocks), dtype=torch.float32, device=hidden.device)
-    best_index = torch.empty((R, n_vocab_blocks), dtype=torch.int32, device=hidden.device)
+    best_score = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.float32, device=hidden.device)
+    best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)
     seed = _draw_seed(generator, hidden.device) if sample else best_index  # unused pointer when greedy
     grid = (n_vocab_blocks, triton.cdiv(R, cfg["BLOCK_R"]))
     _linear_select_partial_kernel[grid](
         hidden, weight, seed, best_score, best_index,
         R, V, D, hidden.stride(0), weight.stride(0), n_vocab_blocks,
         1.0 / temperature if sample else 1.0,
-        SAMPLE=sample, **cfg)
-    best_block = torch.argmax(best_score, dim=1, keepdim=True)      # first block holding the maximum
-    return best_index.gather(1, best_block).squeeze(1).to(torch.int64)
+        SAMPLE=sample, TOP_K=top_k, **cfg)
+    return best_score, best_index
+
+
+def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                         generator: torch.Generator | None) -> torch.Tensor:
+    """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise.
+    hidden: (R, D), weight: (V, D), same float dtype. Returns (R,) int64."""
+    return TokenCandidates(*linear_select_partials_triton(hidden, weight, temperature, generator)).argmax()
 
 
 def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -280,3 +356,42 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
     if top_p < 1.0:
         return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), generator)
     return linear_select_triton(hidden, weight, float(temperature), generator)
+
+
+def _check_top_k(name: str, k, V: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"{name}: k must be an int in [1, V = {V}], got {k!r}")
+
+
+def linear_candidates(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> TokenCandidates:
+    """Per-block top-k candidates of hidden @ weight.T (float32 accumulation) without writing the
+    (R, V) logits: one read of the weight answers both `.argmax()` (equal to `linear_argmax`) and
+    `.topk(j)` for any j <= k (equal to `linear_topk`), for all rows or a subset (`.rows`).
+
+    hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device; 1 <= k <= V."""
+    _check_linear_inputs("linear_candidates", hidden, weight)
+    _check_top_k("linear_candidates", k, weight.shape[0])
+    R = hidden.shape[0]
+    if R == 0 or not use_triton(hidden, weight):   # no rows: the reference's empty loop
+        return _reference_candidates(reference._float32_logit_chunks(hidden, weight), R, k, hidden.device)
+    if k <= MAX_KERNEL_TOP_K:
+        return TokenCandidates(*linear_select_partials_triton(hidden, weight, 0.0, None, top_k=k))
+    rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
+    chunks = ((slice(start, start + rows_per_chunk), linear_logits_triton(hidden[start:start + rows_per_chunk], weight))
+              for start in range(0, R, rows_per_chunk))
+    return _reference_candidates(chunks, R, k, hidden.device)
+
+
+def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most likely tokens per row without materializing logits (a drafter's candidates).
+
+    hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device; 1 <= k <= V.
+    Returns (R, k) int64: the ids of the k largest logits hidden @ weight.T (float32 accumulation),
+    best first; equal logits go to the smaller id. k == 1 gives `linear_argmax`'s token."""
+    _check_linear_inputs("linear_topk", hidden, weight)
+    _check_top_k("linear_topk", k, weight.shape[0])
+    if hidden.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.int64, device=hidden.device)
+    if not use_triton(hidden, weight):
+        return reference.linear_topk(hidden, weight, k)
+    return linear_candidates(hidden, weight, k).topk(k)

@@ -8,9 +8,10 @@
    decode step (as Generator's greedy loop: cached forward of 1 token with head 0, then linear +
    argmax) and one verify step (Generator._verify_step: candidates from drafts, one forward of all
    nodes with all 4 heads, head-0 linear argmax at every node, tree_accept, KV compaction, next
-   drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them (the head blocks
-   as concurrent graph branches or in order, whichever its capture measured faster; both timings
-   reported). Ratio =
+   drafts) over trees of 4 to 64 nodes, with CUDA graphs as the Generator uses them: each step is
+   captured four ways, the head blocks as concurrent graph branches or in order, times one or two
+   reads of the unembedding (`Generator.shared_unembed`), and the fastest kept; all four timings
+   reported. Ratio =
    verify / plain: at a given tokens per forward, the speedup over plain decoding is
    tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
@@ -134,12 +135,12 @@ def kv_launch_report() -> list:
     return rows
 
 
-def verify_branch_choice(gen: Generator, tree_size: int):
-    """({"concurrent": ms, "in order": ms}, the way kept) that the capture of the greedy verify step
-    over a tree of tree_size nodes measured (CUDAGraphSteps.branch_choices); None without graphs."""
-    for key, concurrent_ms, in_order_ms, kept in (gen._graphs.branch_choices() if gen._graphs else []):
+def verify_variant_choice(gen: Generator, tree_size: int):
+    """({variant label: replay ms}, the label kept) that the capture of the greedy verify step over a
+    tree of tree_size nodes measured (CUDAGraphSteps.variant_choices); None without graphs."""
+    for key, variant_ms, kept in (gen._graphs.variant_choices() if gen._graphs else []):
         if key[2:4] == ("verify", tree_size):
-            return {"concurrent": concurrent_ms, "in order": in_order_ms}, kept
+            return variant_ms, kept
     return None
 
 
@@ -219,9 +220,9 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
-            choice = verify_branch_choice(gen, tree.size)
-            if choice:   # the capture's two timings of this step, heads concurrent and in order
-                row[f"verify{T}_capture_ms"], row[f"verify{T}_heads_kept"] = choice
+            choice = verify_variant_choice(gen, tree.size)
+            if choice:   # the capture's timings of this step, one per variant
+                row[f"verify{T}_capture_ms"], row[f"verify{T}_kept"] = choice
             if device.type == "cuda" and res["status"] == "ok":
                 row[f"verify{T}_kernel_ms"] = kernel_breakdown(verify_step)
             if res["status"] == "ok" and row["plain_ms"]:
@@ -338,16 +339,21 @@ def to_markdown(result: dict) -> str:
                       [[r["B"], r["Tq"], f"{r['H']} / {r['Hkv']}", r["S_max"], r["heuristic"], r["heuristic_ms"],
                         r["chosen"], r["chosen_ms"], ", ".join(f"{k}: {v:.4g}" for k, v in r["times_ms"].items())]
                        for r in result["kv_launches"]]), ""]
-    compared = [r for r in result["step_costs"] if any(r.get(f"verify{T}_capture_ms") for T in nodes)]
+    compared = [(r["batch"], T, r[f"verify{T}_capture_ms"], r.get(f"verify{T}_kept"))
+                for r in result["step_costs"] for T in nodes if r.get(f"verify{T}_capture_ms")]
     if compared:
-        lines += ["### Head blocks as concurrent CUDA-graph branches (`mtp_engine/branches.py`)", "",
-                  "A verify step is captured twice, its 4 head blocks on concurrent streams and in order, each "
-                  "timed there over 5 replays (median ms), and the faster is kept; the step costs above time "
-                  "the kept one. Per cell: concurrent / in order ms (their ratio), the way kept.", "",
-                  common.markdown_table(["batch"] + [f"{T} nodes" for T in nodes],
-                                        [[r["batch"]] + [_choice_text(r.get(f"verify{T}_capture_ms"),
-                                                                      r.get(f"verify{T}_heads_kept"))
-                                                         for T in nodes] for r in compared]), ""]
+        labels = list(dict.fromkeys(label for _, _, ms, _ in compared for label in ms))
+        lines += ["### Verify step variants (CUDA-graph captures, timed)", "",
+                  "Each greedy verify step is captured once per variant: its head blocks as concurrent graph "
+                  "branches (`mtp_engine/branches.py`) or in order, times one read of the unembedding (every "
+                  "head scored at every node by `linear_candidates`, the next drafts ranked from those scores) "
+                  "or two (head 0 at every node, then the drafting heads at the last accepted node). Each is "
+                  "timed over 5 replays (median ms) and the fastest kept; the step costs above time the kept "
+                  "one. Last column: the best one-read capture over the best two-read one.", "",
+                  common.markdown_table(["batch", "nodes"] + [f"{label} ms" for label in labels]
+                                        + ["kept", "one read / two reads"],
+                                        [[b, T] + [ms.get(label) for label in labels] + [kept, _read_ratio(ms)]
+                                         for b, T, ms, kept in compared]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -383,11 +389,11 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _choice_text(capture_ms, kept) -> str:
-    if not capture_ms:
-        return "-"
-    concurrent, in_order = capture_ms["concurrent"], capture_ms["in order"]
-    return f"{concurrent:.3f} / {in_order:.3f} ({concurrent / in_order:.3f}x), kept {kept}"
+def _read_ratio(variant_ms: dict):
+    """Best one-read capture ms over the best two-read one; None unless both were captured."""
+    best = {reads: min((ms for label, ms in variant_ms.items() if label.endswith(reads)), default=None)
+            for reads in ("one read", "two reads")}
+    return None if None in best.values() else best["one read"] / best["two reads"]
 
 
 def main() -> int:

@@ -12,6 +12,8 @@ a different number of tokens per sequence and step, reuses the same bookkeeping
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import operator
 import os
@@ -26,8 +28,9 @@ from mtp_kernels import compact_kv_cache, linear_argmax
 
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
-from .speculative import (DEFAULT_TREE_TOKENS, SPECULATIVE_MODES, TokenTree, accept_step, build_candidates,
-                          check_rates, default_tree, draft_tokens, verify_tokens)
+from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
+                          build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
+                          verify_and_score, verify_tokens)
 from .speculative import token_tree as speculative_tree
 
 
@@ -99,15 +102,24 @@ class Generator:
     (speculative.default_tree); None: DEFAULT_TREE_TOKENS for the model's device type.
     tree_rates: measured per-depth acceptance rates the default tree is built from (a checkpoint's
     tree.json "rates"; None: speculative.prior_rates).
+    shared_unembed: how a greedy verify step reads the unembedding. True: once, scoring every head
+    at every node (`speculative.verify_and_score`), the next drafts ranked from those scores; False:
+    twice, head 0 at every node, then the drafting heads at each row's last accepted node. Same
+    tokens either way. None: a graphed step of at most speculative.ONE_READ_MAX_ROWS scored rows
+    (rows x nodes x heads) is captured both ways and the faster kept (one read saves a 262 MB weight
+    read at the 7B shape but multiplies the rows by the heads, so it wins for few rows only); larger
+    and eager steps read twice.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048,
-                 cuda_graphs: Optional[bool] = None, tree_tokens: Optional[int] = None, tree_rates=None):
+                 cuda_graphs: Optional[bool] = None, tree_tokens: Optional[int] = None, tree_rates=None,
+                 shared_unembed: Optional[bool] = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        for name, value in (("cuda_graphs", cuda_graphs), ("shared_unembed", shared_unembed)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be None, True or False, got {value!r}")
         if tree_tokens is not None and (isinstance(tree_tokens, bool) or not isinstance(tree_tokens, int)
                                         or tree_tokens < 1):
             raise ValueError(f"tree_tokens must be None or a positive int, got {tree_tokens!r}")
@@ -120,6 +132,8 @@ class Generator:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
+        self.shared_unembed = shared_unembed
+        self._one_read = False   # what the verify step being traced does (_verify_step's variants)
         self._graphs: Optional[CUDAGraphSteps] = None
         self._cache_len = max_seq_len   # grows by a verify tree's size on the first speculative call
         model.fuse_projections()  # one GEMM for q/k/v and one for w1/w3 in every step (values unchanged)
@@ -365,7 +379,7 @@ class Generator:
         key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
         return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
                              (tokens, cache_seqlens), keep_alive=(tree,),
-                             compare_branches=tree is not None and tree.heads > 1)[0]
+                             variants=None if tree is None else self._step_variants(tree.heads))[0]
 
     def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
         """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
@@ -385,27 +399,38 @@ class Generator:
         None). A greedy step without log-probs is one CUDA graph when graphs are on: no launch from
         Python inside it. Otherwise the forward is graphed and the rest runs eagerly."""
         weight = self.model.output.weight
+        T, heads, top_k = tree.size, tree.heads, tree.top_k
 
         def step(root, drafts, cache_seqlens, live_mask, forward):
             candidates = build_candidates(root, drafts, tree)                              # (R, T)
             hidden = forward(candidates, cache_seqlens)                                    # (R, T, heads, D)
-            verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)    # (R, T)
+            one_read = self._one_read and temperature == 0
+            if one_read:   # every head at every node scored in the verifier's read
+                verifier, scored = verify_and_score(hidden, weight, top_k)
+            else:
+                verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)    # (R, T)
             outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
-            row_ids = torch.arange(root.shape[0], device=root.device)
-            next_drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, tree.top_k)
+            if one_read:
+                next_drafts = drafts_from_scores(scored, outcome.last_node, T, heads, top_k)
+            else:
+                row_ids = torch.arange(root.shape[0], device=root.device)
+                next_drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, top_k)
             packed = torch.cat([outcome.accept_len[:, None], outcome.emitted], dim=1)
             return packed, outcome.next_root, next_drafts, hidden, outcome
 
         inputs = (root, drafts, cache_seqlens, live_mask)
+        self._one_read = bool(self.shared_unembed)   # eager steps (and a failed capture's fallback)
         if temperature == 0 and not want_logprobs and self._use_cuda_graphs():
             def graphed_step(*static):
                 packed, next_root, next_drafts, _, _ = step(*static, lambda t, lengths: self._forward(t, lengths, tree))
                 return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
-            key = ("verify", tree.size, tree.heads, tree.top_k, tree.packed_mask.words.data_ptr())
+            key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
+            rows = _graph_bucket(root.shape[0], self.model.cache_batch)   # the rows the graph runs
+            variants = self._step_variants(heads, scored_rows=rows * T * heads)
             packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,),
-                                                                    compare_branches=tree.heads > 1)
+                                                                    variants=variants)
             cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
@@ -418,15 +443,48 @@ class Generator:
                 -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
         return packed, next_root, next_drafts, step_lps
 
-    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), compare_branches: bool = False):
+    def _step_variants(self, heads: int, scored_rows: Optional[int] = None) -> dict:
+        """The ways a verify step may be captured (CUDAGraphSteps variants): its head blocks as
+        concurrent graph branches or in order (where there are several and concurrency is on),
+        times, for a whole greedy step of scored_rows = rows x nodes x heads, one or two reads of
+        the unembedding (shared_unembed, or both where it is None and scored_rows is at most
+        speculative.ONE_READ_MAX_ROWS). Label -> a context that sets the switches while the step is
+        traced."""
+        model = self.model
+        concurrency = (True, False) if heads > 1 and model.concurrent_heads else (model.concurrent_heads,)
+        if scored_rows is None:
+            one_read = (None,)   # a forward alone: no unembedding read in it
+        elif self.shared_unembed is None:
+            one_read = (True, False) if scored_rows <= ONE_READ_MAX_ROWS else (False,)
+        else:
+            one_read = (self.shared_unembed,)
+
+        @contextlib.contextmanager
+        def setting(concurrent: bool, read_once: Optional[bool]):
+            before = model.concurrent_heads, self._one_read
+            model.concurrent_heads = concurrent
+            if read_once is not None:
+                self._one_read = read_once
+            try:
+                yield
+            finally:
+                model.concurrent_heads, self._one_read = before
+
+        def label(concurrent: bool, read_once: Optional[bool]) -> str:
+            heads_way = "concurrent" if concurrent else "in order"
+            return heads_way if read_once is None else f"{heads_way}, {'one read' if read_once else 'two reads'}"
+
+        return {label(c, r): functools.partial(setting, c, r) for c in concurrency for r in one_read}
+
+    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants: Optional[dict] = None):
         """fn(*inputs) -> tuple of per-row tensors: replayed from a CUDA graph (CUDAGraphSteps) when
-        graphs are on, else (or after a failed capture) called. compare_branches: fn runs several
-        head blocks (see CUDAGraphSteps)."""
+        graphs are on, else (or after a failed capture) called. variants: see CUDAGraphSteps; an
+        eager call runs fn as the switches stand."""
         if self._use_cuda_graphs():
             if self._graphs is None:
                 self._graphs = CUDAGraphSteps(self.model)
             try:
-                return self._graphs(key, fn, inputs, keep_alive, compare_branches)
+                return self._graphs(key, fn, inputs, keep_alive, variants)
             except RuntimeError as err:
                 if self.cuda_graphs:  # asked for explicitly: do not hide the failure
                     raise
@@ -566,14 +624,20 @@ def _next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _graph_bucket(rows: int, cache_batch: int) -> int:
+    """The batch a CUDA graph of `rows` rows is captured for: the next power of two, at most the
+    cache's batch (CUDAGraphSteps)."""
+    return min(_next_power_of_two(rows), cache_batch)
+
+
 @dataclass
 class _CapturedStep:
     graph: "torch.cuda.CUDAGraph"
     inputs: tuple        # static inputs, (bucket, ...) each
     outputs: tuple       # static outputs, (bucket, ...) each
     keep_alive: tuple    # what the graph reads besides the model (tree buffers)
-    concurrent_heads: bool = False   # captured with the head blocks as concurrent branches
-    branch_ms: Optional[dict] = None  # where both were captured: replay ms of each, {True: .., False: ..}
+    variant: Optional[str] = None       # the variant captured (its label), None without variants
+    variant_ms: Optional[dict] = None   # where several were captured: replay ms of each, by label
 
 
 class CUDAGraphSteps:
@@ -589,9 +653,11 @@ class CUDAGraphSteps:
     starts from the same state each time; what it writes into the KV cache beyond the lengths is
     rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table
     or moved weights drop every graph, since graphs hold raw pointers. Sampling stays outside.
-    A step that runs several head blocks (compare_branches) is captured twice, the heads as
-    concurrent branches and in order (branches.py), each timed over a few replays, and the faster
-    is kept: which one wins depends on the GPU and the step's size."""
+    A step that can run several ways gives `variants`, label -> a context that sets the switches
+    while the step is traced (a greedy verify step: its head blocks as concurrent branches
+    (branches.py) or in order, times one or two reads of the unembedding): each is captured, timed
+    over a few replays, and the fastest kept (a tie keeps the first listed). Which wins depends on
+    the GPU and the step's size."""
 
     WARMUP_RUNS = 2
 
@@ -602,7 +668,8 @@ class CUDAGraphSteps:
         self._captured_ptrs = None
         self._warmup_stream = None
 
-    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), compare_branches: bool = False) -> tuple:
+    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants: Optional[dict] = None
+                 ) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
         buffers, valid until the next call of the same key."""
         model = self.model
@@ -617,12 +684,11 @@ class CUDAGraphSteps:
             self._pool = None
             self._captured_ptrs = ptrs
         R = inputs[0].shape[0]
-        bucket = min(_next_power_of_two(R), model.cache_batch)
+        bucket = _graph_bucket(R, model.cache_batch)
         key = (bucket, model.concurrent_heads, *key)   # the flag changes what a capture records
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive,
-                                                      compare_branches and model.concurrent_heads)
+            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive, variants)
         else:
             self._load(entry.inputs, inputs)
             entry.graph.replay()
@@ -636,7 +702,7 @@ class CUDAGraphSteps:
             if R < buffer.shape[0]:
                 buffer[R:].zero_()
 
-    def _capture(self, fn, inputs: tuple, bucket: int, keep_alive: tuple, compare_branches: bool = False
+    def _capture(self, fn, inputs: tuple, bucket: int, keep_alive: tuple, variants: Optional[dict] = None
                  ) -> _CapturedStep:
         static = tuple(torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
 
@@ -644,27 +710,23 @@ class CUDAGraphSteps:
             self._load(static, inputs)
 
         device = inputs[0].device
-        model = self.model
-        branch_ms = None
-        if compare_branches:
-            captured = {}
-            before = model.concurrent_heads
-            for concurrent in (True, False):
-                model.concurrent_heads = concurrent
-                try:
-                    captured[concurrent] = self._record(lambda: fn(*static), load, device)
-                finally:
-                    model.concurrent_heads = before
-            branch_ms = {concurrent: self._replay_ms(graph, load) for concurrent, (graph, _) in captured.items()}
-            concurrent = min(branch_ms, key=lambda c: (branch_ms[c], not c))   # a tie keeps concurrent
-            graph, outputs = captured.pop(concurrent)
-            captured.clear()   # the other graph and its outputs go back to the shared pool
+        variants = variants or {None: contextlib.nullcontext}
+        captured = {}
+        for label, setting in variants.items():
+            with setting():
+                captured[label] = self._record(lambda: fn(*static), load, device)
+        variant_ms = None
+        if len(captured) > 1:
+            variant_ms = {label: self._replay_ms(graph, load) for label, (graph, _) in captured.items()}
+            order = list(captured)
+            kept = min(order, key=lambda label: (variant_ms[label], order.index(label)))
         else:
-            concurrent = model.concurrent_heads
-            graph, outputs = self._record(lambda: fn(*static), load, device)
+            (kept,) = captured
+        graph, outputs = captured.pop(kept)
+        captured.clear()   # the other graphs and their outputs go back to the shared pool
         load()
         graph.replay()  # capture records the work without running it
-        return _CapturedStep(graph, static, outputs, keep_alive, concurrent, branch_ms)
+        return _CapturedStep(graph, static, outputs, keep_alive, kept, variant_ms)
 
     @staticmethod
     def _replay_ms(graph, load, reps: int = 5) -> float:
@@ -681,11 +743,9 @@ class CUDAGraphSteps:
             times.append(start.elapsed_time(end))
         return sorted(times)[reps // 2]
 
-    def branch_choices(self) -> list:
-        """(key, replay ms with the heads concurrent, in order, the one kept) of every step captured
-        both ways: what `compare_branches` measured."""
-        return [(key, e.branch_ms[True], e.branch_ms[False], "concurrent" if e.concurrent_heads else "in order")
-                for key, e in self._graphs.items() if e.branch_ms]
+    def variant_choices(self) -> list:
+        """(key, {label: replay ms}, the label kept) of every step captured several ways."""
+        return [(key, e.variant_ms, e.variant) for key, e in self._graphs.items() if e.variant_ms]
 
     def _record(self, run, load, device: torch.device):
         """(graph, outputs): `run` captured as a CUDA graph whose replay rewrites `outputs` in place;

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mtp_kernels import linear_argmax, linear_sample, tree_accept
+from mtp_kernels import (TokenCandidates, linear_argmax, linear_candidates, linear_sample, linear_topk, reference,
+                         tree_accept, use_triton)
 from mtp_kernels.attention import PackedTreeMask, pack_tree_mask
 from mtp_kernels.skinny_linear import skinny_linear
 
@@ -404,19 +405,53 @@ def token_tree(spec: TreeSpec, heads: int) -> TokenTree:
 # ---------------------------------------------------------------------------------- step logic
 def draft_tokens(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> torch.Tensor:
     """hidden: (B, heads - 1, D) normed hidden of heads 1.. at the last accepted position; weight:
-    (V, D). Returns (B, heads - 1, top_k) int64: each head's top_k tokens, best first. Top-1 goes
-    through linear_argmax (no logits); wider trees materialize the (B * (heads - 1), V) logits, a
-    few rows per sequence, through `skinny_linear` (up to 64 rows: cuBLAS or the weight-streaming
-    kernel, whichever the tuner timed faster; this product reads the whole unembedding a second
-    time in each verify step, 262 MB at the 7B shape)."""
+    (V, D). Returns (B, heads - 1, top_k) int64: each head's top_k tokens, best first, equal logits
+    in id order. On the Triton path `linear_topk` (float32 accumulation, no logits written, no top-k
+    over the whole vocabulary). This product reads the whole unembedding a second time in a verify
+    step (262 MB at the 7B shape); `verify_and_score` + `drafts_from_scores` read it once instead."""
     B, n_draft, D = hidden.shape
     rows = hidden.reshape(B * n_draft, D)
-    if top_k == 1:
-        return linear_argmax(rows, weight).view(B, n_draft, 1)
-    # In the model's dtype: a float32 copy of the (V, D) weight every step would cost more than the
-    # matmul, and a draft's rank only steers the tree, never the output.
-    logits = skinny_linear(rows, weight)
-    return torch.topk(logits, top_k, dim=-1).indices.view(B, n_draft, top_k)
+    if use_triton(rows, weight):
+        return linear_topk(rows, weight, top_k).view(B, n_draft, top_k)
+    # Elsewhere the logits in the model's dtype: float32 ones of a 16-bit unembedding convert the
+    # whole weight, 2.4 -> 5.8 ms at (3 rows, V 32000, D 1024) in bf16 on 2 CPU threads; a draft's
+    # rank only steers the tree, never the output. A float32 model gets linear_topk's exact ids.
+    return reference.top_k_positions(skinny_linear(rows, weight), top_k).view(B, n_draft, top_k)
+
+
+# Scored rows (batch x tree nodes x heads) up to which a verify step is also captured reading the
+# unembedding once (Generator.shared_unembed None). One read saves reading the weight, 2VD bytes,
+# and scores heads - 1 more rows per node, 2VD FLOPs each: with the drafts' rows few, it wins while
+# the scored rows stay below about 2 x matmul rate / bandwidth, 374 on the H200 and 523 on the H100
+# at the measured peaks (benchmarks/results/NOTES.md). Past 512 it cannot win, and capturing it
+# would only cost time and memory (its partials are rows x V / 128 x top_k x 8 bytes).
+ONE_READ_MAX_ROWS = 512
+
+
+def verify_and_score(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
+    """A greedy verify whose read of the unembedding also drafts: every head at every node is scored
+    in one `linear_candidates` launch (B * T * heads rows instead of B * T), so that after acceptance
+    the next drafts are a ranking of candidates already computed (`drafts_from_scores`), not a second
+    read of the weight. Pays off while the extra rows cost less than reading the weight again: few
+    rows (batch 1, small trees), which the Generator finds out by timing both ways at capture.
+
+    hidden: (B, T, heads, D) normed hidden states; weight: (V, D). Returns (verifier (B, T) int64:
+    head 0's argmax at every node, equal to `verify_tokens` at temperature 0; the TokenCandidates of
+    the B * T * heads rows in (b, t, head) order)."""
+    B, T, heads, D = hidden.shape
+    scored = linear_candidates(hidden.reshape(B * T * heads, D), weight, top_k)
+    return scored.argmax().view(B, T, heads)[:, :, 0], scored
+
+
+def drafts_from_scores(scored: TokenCandidates, last_node: torch.Tensor, T: int, heads: int,
+                       top_k: int) -> torch.Tensor:
+    """The next drafts from `verify_and_score`'s candidates: heads 1.. at each row's last accepted
+    node last_node (B,) int64. Returns (B, heads - 1, top_k) int64, equal to `draft_tokens` on those
+    hidden states."""
+    B = last_node.shape[0]
+    first_row = (torch.arange(B, device=last_node.device) * T + last_node) * heads          # head 0's row
+    rows = first_row[:, None] + torch.arange(1, heads, device=last_node.device)            # (B, heads - 1)
+    return scored.rows(rows).topk(top_k).view(B, heads - 1, top_k)
 
 
 def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) -> torch.Tensor:

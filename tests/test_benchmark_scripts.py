@@ -281,36 +281,41 @@ def test_bench_generate_names_the_kernels_under_other(load_script):
     assert "- batch 1, plain: `void at::native::CatArrayBatchedCopy<...>` 0.08, `void at::native::index" in text
 
 
-def test_bench_generate_reports_the_heads_branch_choice(load_script):
-    """On a GPU each verify step's capture times its heads concurrent and in order and keeps the
-    faster: the report takes those two timings for each tree size from the Generator's graphs and
-    prints them with their ratio and the way kept; without graphs (CPU runs) there is no table."""
+def test_bench_generate_reports_the_verify_variants(load_script):
+    """On a GPU each verify step's capture times its variants (heads concurrent or in order, one or
+    two reads of the unembedding) and keeps the fastest: the report takes those timings for each tree
+    size from the Generator's graphs and prints them with the way kept and the best one-read over
+    the best two-read time; without graphs (CPU runs) there is no table."""
     module = load_script(BENCH / "bench_generate.py")
+    four = {"concurrent, one read": 6.0, "concurrent, two reads": 6.3, "in order, one read": 6.1,
+            "in order, two reads": 6.4}
 
     class Graphs:
-        def branch_choices(self):
-            return [((1, True, "forward", 16), 9.0, 9.0, "concurrent"),      # a sampling step's forward
-                    ((1, True, "verify", 4, 4, 2, 123), 5.5, 5.8, "concurrent"),
-                    ((1, True, "verify", 64, 4, 2, 456), 6.2, 6.0, "in order")]
+        def variant_choices(self):
+            return [((1, True, "forward", 16), {"concurrent": 9.0, "in order": 9.0}, "concurrent"),   # a forward
+                    ((1, True, "verify", 4, 4, 2, 123, None), {"concurrent, two reads": 5.5}, "concurrent, two reads"),
+                    ((1, True, "verify", 64, 4, 2, 456, None), four, "concurrent, one read")]
 
     class Gen:
         _graphs = Graphs()
 
-    assert module.verify_branch_choice(Gen(), 64) == ({"concurrent": 6.2, "in order": 6.0}, "in order")
-    assert module.verify_branch_choice(Gen(), 16) is None
+    assert module.verify_variant_choice(Gen(), 64) == (four, "concurrent, one read")
+    assert module.verify_variant_choice(Gen(), 16) is None
     Gen._graphs = None
-    assert module.verify_branch_choice(Gen(), 4) is None
-    row = {"batch": 1, "plain_ms": 5.0, "verify4_capture_ms": {"concurrent": 5.5, "in order": 5.8},
-           "verify4_heads_kept": "concurrent", "verify64_capture_ms": {"concurrent": 6.2, "in order": 6.0},
-           "verify64_heads_kept": "in order"}
+    assert module.verify_variant_choice(Gen(), 4) is None
+    row = {"batch": 1, "plain_ms": 5.0, "verify4_capture_ms": {"concurrent, two reads": 5.5},
+           "verify4_kept": "concurrent, two reads", "verify64_capture_ms": four, "verify64_kept": "concurrent, one read"}
     result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
               "step_attention": "a", "tree_nodes": [4, 16, 64], "step_costs": [row],
               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
     text = module.to_markdown(result)
-    assert "| 1 | 5.500 / 5.800 (0.948x), kept concurrent | - | 6.200 / 6.000 (1.033x), kept in order |" in text
+    assert ("| batch | nodes | concurrent, two reads ms | concurrent, one read ms | in order, one read ms | "
+            "in order, two reads ms | kept | one read / two reads |") in text
+    assert "| 1 | 4 | 5.5 | - | - | - | concurrent, two reads | - |" in text
+    assert "| 1 | 64 | 6.3 | 6 | 6.1 | 6.4 | concurrent, one read | 0.952 |" in text
     for key in ("verify4_capture_ms", "verify64_capture_ms"):
         del row[key]
-    assert "Head blocks as concurrent" not in module.to_markdown(result)
+    assert "Verify step variants" not in module.to_markdown(result)
 
 
 def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):

@@ -203,9 +203,20 @@ def test_gpu_captured_concurrent_heads_equal_sequential_bits():
             assert torch.equal(got, want), concurrent
     assert {key[1] for key in graphs._graphs} == {True, False}
     # Captured both ways and timed (as the Generator's verify steps are): the kept one gives the bits too.
-    got = graphs(("verify-compared",), forward, (tokens, seqlens), compare_branches=True)[0]
+    def heads_way(concurrent):
+        @contextlib.contextmanager
+        def setting():
+            before, model.concurrent_heads = model.concurrent_heads, concurrent
+            try:
+                yield
+            finally:
+                model.concurrent_heads = before
+        return setting
+
+    variants = {"concurrent": heads_way(True), "in order": heads_way(False)}
+    got = graphs(("verify-compared",), forward, (tokens, seqlens), variants=variants)[0]
     torch.cuda.synchronize()
     assert torch.equal(got, want)
-    (choice,) = graphs.branch_choices()
-    assert choice[0][2] == "verify-compared" and choice[1] > 0 and choice[2] > 0
-    assert choice[3] in ("concurrent", "in order")
+    (choice,) = graphs.variant_choices()
+    assert choice[0][2] == "verify-compared" and set(choice[1]) == {"concurrent", "in order"}
+    assert min(choice[1].values()) > 0 and choice[2] in ("concurrent", "in order")

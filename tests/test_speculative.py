@@ -153,7 +153,7 @@ def test_accept_step_lines_up_emitted_tokens():
     assert out.last_node.tolist() == [4, 0, 3]
 
 
-@pytest.mark.parametrize("B,top_k", [(1, 1), (1, 4), (3, 10), (30, 2)])   # 90 rows: past skinny_linear's 64
+@pytest.mark.parametrize("B,top_k", [(1, 1), (1, 4), (3, 10), (30, 2)])   # 90 rows: two row tiles on a GPU
 def test_draft_tokens_are_each_heads_top_k(B, top_k):
     """Each head's top_k tokens, best first, against float64 logits (random: no near-ties)."""
     g = torch.Generator().manual_seed(B * 10 + top_k)
@@ -162,6 +162,25 @@ def test_draft_tokens_are_each_heads_top_k(B, top_k):
     want = torch.topk(hidden.double() @ weight.double().T, top_k, dim=-1).indices
     assert drafts.shape == (B, 3, top_k) and drafts.dtype == torch.int64
     assert torch.equal(drafts, want)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("B,T,heads,top_k", [(1, 5, 4, 3), (3, 7, 2, 1), (2, 4, 3, 17)])
+def test_one_read_verify_and_drafts_equal_the_two_read_ones(request, use_kernel, B, T, heads, top_k):
+    """verify_and_score + drafts_from_scores (one read of the unembedding for every head at every
+    node) give verify_tokens' greedy tokens and draft_tokens' drafts at each row's last node.
+    Integer-valued inputs: exact logits, ties included, so the tie rules must agree too."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(B * 100 + T * 10 + heads)
+    hidden = torch.randint(-2, 3, (B, T, heads, 24), generator=g).float()
+    weight = torch.randint(-1, 2, (101, 24), generator=g).float()
+    verifier, scored = spec.verify_and_score(hidden, weight, top_k)
+    assert torch.equal(verifier, spec.verify_tokens(hidden[:, :, 0], weight, 0.0, 1.0))
+    last_node = torch.randint(0, T, (B,), generator=g)
+    drafts = spec.drafts_from_scores(scored, last_node, T, heads, top_k)
+    want = spec.draft_tokens(hidden[torch.arange(B), last_node, 1:], weight, top_k)
+    assert drafts.shape == (B, heads - 1, top_k) and torch.equal(drafts, want)
 
 
 # ------------------------------------------------------------------------------ tree builder
@@ -467,6 +486,24 @@ def test_triton_interpreter_path(triton_backend):
     plain = gen.generate(prompts, max_gen_len=6)
     fast = gen.generate(prompts, max_gen_len=6, speculative="tree", tree=[[0], [1]])
     assert fast.tokens == plain.tokens
+    one_read = Generator(model, max_batch_size=2, max_seq_len=16, shared_unembed=True)   # linear_candidates
+    assert one_read.generate(prompts, max_gen_len=6, speculative="tree", tree=[[0], [1]]).tokens == plain.tokens
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_one_read_of_the_unembedding_gives_the_same_tokens(model4, mode):
+    """shared_unembed=True (every head scored at every node in the verifier's read, drafts ranked
+    from those scores) and False (a second read for the drafts) emit the same greedy tokens,
+    equal to plain decoding's; sampling ignores the switch (same draws for the same seed)."""
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
+    plain = Generator(model4, max_batch_size=3, max_seq_len=60).generate(prompts, max_gen_len=14)
+    runs = {flag: Generator(model4, max_batch_size=3, max_seq_len=60, shared_unembed=flag) for flag in (True, False)}
+    greedy = {flag: gen.generate(prompts, max_gen_len=14, speculative=mode) for flag, gen in runs.items()}
+    assert greedy[True].tokens == greedy[False].tokens == plain.tokens
+    assert greedy[True].stats["tokens_per_forward"] == greedy[False].stats["tokens_per_forward"] > 1.0
+    sampled = {flag: gen.generate(prompts, max_gen_len=8, speculative=mode, temperature=0.9, seed=4).tokens
+               for flag, gen in runs.items()}
+    assert sampled[True] == sampled[False]
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -617,14 +654,14 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
             load()
             outputs = run()
         graph = _ReplayByRerun(run, tuple(out.clone() for out in outputs))
-        graph.concurrent = self.model.concurrent_heads
+        graph.concurrent, graph.one_read = self.model.concurrent_heads, graphed._one_read
         recorded.append(graph)
         return graph, graph.outputs
 
-    def replay_ms(graph, load):   # a verify step captured both ways: here the in-order one is faster
+    def replay_ms(graph, load):   # a verify step captured four ways: here in order, one read is fastest
         load()
         graph.replay()
-        return 2.0 if graph.concurrent else 1.0
+        return (2.0 if graph.concurrent else 1.0) + (0.0 if graph.one_read else 0.5)
 
     monkeypatch.setattr(CUDAGraphSteps, "_record", record)
     monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
@@ -650,10 +687,14 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     else:
         assert got.finish_reasons[1] == "eos" and 4 in buckets
         assert steps == {"verify"}   # greedy: the whole verify step is one graph
-        # each verify graph was captured with the heads concurrent and in order, and the faster kept
-        choices = graphed._graphs.branch_choices()
-        assert choices and all(c[1:] == (2.0, 1.0, "in order") for c in choices)
-        assert all(not e.concurrent_heads for e in graphed._graphs._graphs.values())
+        # each verify graph was captured with the heads concurrent and in order, reading the
+        # unembedding once and twice, and the fastest kept; its tokens are the eager ones (above)
+        choices = graphed._graphs.variant_choices()
+        timed = {"concurrent, one read": 2.0, "concurrent, two reads": 2.5, "in order, one read": 1.0,
+                 "in order, two reads": 1.5}
+        assert choices and all(c[1:] == (timed, "in order, one read") for c in choices)
+        assert all(e.variant == "in order, one read" for e in graphed._graphs._graphs.values())
+        assert graphed.model.concurrent_heads and not graphed._one_read   # the switches restored
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
@@ -666,6 +707,31 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     graphed.model._grow_rope(graphed.model.freqs_cis.shape[0] * 2)            # a new rotary table
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # re-captured again
+
+
+def test_verify_step_variants(model4):
+    """Which captures a verify step compares: heads concurrent / in order (several heads, concurrency
+    on) times one / two reads of the unembedding (a whole greedy step with shared_unembed None, up to
+    ONE_READ_MAX_ROWS scored rows); each variant's context sets the switches and restores them."""
+    from mtp_engine.speculative import ONE_READ_MAX_ROWS
+
+    gen = Generator(model4, max_batch_size=2, max_seq_len=16)
+    both = ["concurrent, one read", "concurrent, two reads", "in order, one read", "in order, two reads"]
+    assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS)) == both
+    assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS + 1)) == ["concurrent, two reads",
+                                                                             "in order, two reads"]
+    assert list(gen._step_variants(4)) == ["concurrent", "in order"]          # a forward alone
+    assert list(gen._step_variants(1, scored_rows=8)) == ["concurrent, one read", "concurrent, two reads"]
+    with gen._step_variants(4, scored_rows=8)["in order, one read"]():
+        assert not gen.model.concurrent_heads and gen._one_read
+    assert gen.model.concurrent_heads and not gen._one_read
+    gen.shared_unembed, gen.model.concurrent_heads = True, False
+    try:
+        assert list(gen._step_variants(4, scored_rows=10 ** 6)) == ["in order, one read"]
+    finally:
+        gen.model.concurrent_heads = True
+    with pytest.raises(ValueError, match="shared_unembed must be None, True or False"):
+        Generator(model4, max_batch_size=2, max_seq_len=16, shared_unembed=1)
 
 
 @pytest.mark.parametrize("mode", [None, "tree"])
@@ -722,7 +788,7 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         if "logprobs" in kwargs:
             assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
     assert {key[2] for key in graphed._graphs._graphs} == {"forward"}
-    assert all(e.concurrent_heads for e in graphed._graphs._graphs.values())   # the tie
+    assert all(e.variant == "concurrent" for e in graphed._graphs._graphs.values())   # the tie
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -746,3 +812,7 @@ def test_cuda_graphs_do_not_change_results(mode):
         plain = eager.generate(prompts, max_gen_len=24)
         assert got.tokens == plain.tokens  # bf16 on GPU too; real-compile Triton kernels
         assert got.stats["tokens_per_forward"] > 1.0
+        for shared in (True, False):   # each read of the unembedding forced, graphed and eager
+            for graphs in (True, False):
+                gen = Generator(model, max_batch_size=4, max_seq_len=64, cuda_graphs=graphs, shared_unembed=shared)
+                assert gen.generate(prompts, max_gen_len=24, speculative=mode).tokens == want.tokens, (shared, graphs)

@@ -679,14 +679,15 @@ def _tma_rows_ok(x: torch.Tensor, head_dim: int) -> bool:
 def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None = None) -> bool:
     """Whether the warp-specialized forward (and dQ and dK/dV, given dO) may read q (and dO)
     (B, T, H, D) through (B*T, H*D) tensor descriptors and k, v (B, T, Hkv, D) through (B, T, Hkv*D)
-    ones: a power-of-two head dim of 16 to 128, every tensor as `_tma_rows_ok` says, q's (and dO's)
-    batches T rows apart (a column slice of a fused qkv projection qualifies), and where kernels can
-    build descriptors (`_descriptors_allowed`)."""
+    ones (the forward, dQ) or (B*T, Hkv*D) ones (dK/dV): a power-of-two head dim of 16 to 128, every
+    tensor as `_tma_rows_ok` says, the batches of every tensor read flat T rows apart (a column
+    slice of a fused qkv projection qualifies; k, v as the first T slots of a longer buffer do not),
+    and where kernels can build descriptors (`_descriptors_allowed`)."""
     B, T, H, D = q.shape
-    rows = (q,) if do is None else (q, do)
+    rows = (q,) if do is None else (q, do, k, v)
     return (16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
             and all(x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in rows)
-            and all(_tma_rows_ok(x, D) for x in (*rows, k, v))
+            and all(_tma_rows_ok(x, D) for x in (q, k, v, *rows))
             and all(B == 1 or x.stride(0) == T * x.stride(1) for x in rows)
             and B * T < 2 ** 31 and _descriptors_allowed())
 

@@ -15,12 +15,14 @@ from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
 
 
 @triton.jit
-def _norm_row(x, x_dtype: tl.constexpr, w_ptr, y_row_ptr, offs_d, mask, D, eps):
+def _norm_row(x, x_dtype: tl.constexpr, w_ptr, stride_w, y_row_ptr, offs_d, mask, D, eps):
     """Normalize one row x (float32 values of dtype x_dtype), scale by w, store it at y_row_ptr;
     returns rstd. Shared by the plain and the residual-add forward."""
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     normed = (x * rstd).to(x_dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    # The weight at its stride: a (D,) view such as a column of a wider tensor is not contiguous
+    # (a unit stride is specialized by Triton, so the common case pays nothing).
+    w = tl.load(w_ptr + offs_d * stride_w, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_row_ptr + offs_d, (normed * w).to(y_row_ptr.dtype.element_ty), mask=mask)
     return rstd
 
@@ -28,21 +30,21 @@ def _norm_row(x, x_dtype: tl.constexpr, w_ptr, y_row_ptr, offs_d, mask, D, eps):
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
-    stride_x, stride_y, D, eps,
+    stride_x, stride_y, stride_w, D, eps,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
     x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
-    rstd = _norm_row(x, x_ptr.dtype.element_ty, w_ptr, y_ptr + row * stride_y, offs_d, mask, D, eps)
+    rstd = _norm_row(x, x_ptr.dtype.element_ty, w_ptr, stride_w, y_ptr + row * stride_y, offs_d, mask, D, eps)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
     x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    stride_x, stride_dy, stride_dx, M, D, ROWS_PER_PROGRAM,
+    stride_x, stride_dy, stride_dx, stride_w, M, D, ROWS_PER_PROGRAM,
     BLOCK_D: tl.constexpr,
 ):
     # Each program owns a contiguous band of rows and writes one partial dw row: the final
@@ -50,7 +52,7 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
-    w = tl.load(w_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs_d * stride_w, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROGRAM
     for i in range(0, ROWS_PER_PROGRAM):
@@ -70,7 +72,7 @@ def _rms_norm_bwd_kernel(
 @triton.jit
 def _add_rms_norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, h_ptr, y_ptr,
-    stride_x, stride_r, stride_h, stride_y, D, eps,
+    stride_x, stride_r, stride_h, stride_y, stride_w, D, eps,
     BLOCK_D: tl.constexpr,
 ):
     # h = x + r rounded to x's dtype (what torch's add does), then the forward above on h.
@@ -81,7 +83,8 @@ def _add_rms_norm_fwd_kernel(
     r = tl.load(r_ptr + row * stride_r + offs_d, mask=mask, other=0.0).to(tl.float32)
     h = (x + r).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask)
-    _norm_row(h.to(tl.float32), h_ptr.dtype.element_ty, w_ptr, y_ptr + row * stride_y, offs_d, mask, D, eps)
+    _norm_row(h.to(tl.float32), h_ptr.dtype.element_ty, w_ptr, stride_w, y_ptr + row * stride_y, offs_d, mask,
+              D, eps)
 
 
 def _row_tile(D: int):
@@ -104,7 +107,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty((M, D), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     BLOCK_D, num_warps = _row_tile(D)
-    _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
+    _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), weight.stride(0), D, eps,
                                BLOCK_D=BLOCK_D, num_warps=num_warps)
     return y.view(*x.shape[:-1], D), x2, rstd
 
@@ -121,7 +124,7 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     BLOCK_D, num_warps = _row_tile(D)
     _rms_norm_bwd_kernel[(n_programs,)](
         x2, weight, dy2, rstd, dx, dw_partial,
-        x2.stride(0), dy2.stride(0), dx.stride(0), M, D, rows_per_program,
+        x2.stride(0), dy2.stride(0), dx.stride(0), weight.stride(0), M, D, rows_per_program,
         BLOCK_D=BLOCK_D, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
@@ -168,5 +171,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     y = torch.empty((M, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     BLOCK_D, num_warps = _row_tile(D)
     _add_rms_norm_fwd_kernel[(M,)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
-                                   D, eps, BLOCK_D=BLOCK_D, num_warps=num_warps)
+                                   weight.stride(0), D, eps, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return h.view(x.shape), y.view(x.shape)

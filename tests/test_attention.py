@@ -213,6 +213,28 @@ def test_flash_attention_backward_takes_a_strided_grad(triton_backend):
             attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, **kwargs)
 
 
+def test_warp_specialized_backward_refuses_keys_cut_from_a_longer_buffer(triton_backend):
+    """k, v as the first T slots of a (B, S > T) buffer: the forward's (B, T, Hkv*D) descriptors
+    take them, but the dK/dV kernel reads them flat as (B*T, Hkv*D), where sequence 1 would start
+    at sequence 0's slot T. The backward refuses the warp-specialized kernels there (asked for:
+    an error naming the layout), and the pointer kernels give the float64 gradients."""
+    B, T, S, H, Hkv, D = 2, 16, 24, 4, 2, 16
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(B, T, H, D, generator=gen)
+    k, v = (torch.randn(B, S, Hkv, D, generator=gen)[:, :T] for _ in range(2))
+    dout = torch.randn(B, T, H, D, generator=gen)
+    assert attention_module._ws_ok(q, k, v) and not attention_module._ws_ok(q, k, v, dout)
+    scale = D ** -0.5
+    out, lse = attention_module.flash_attention_fwd(q, k, v, True, scale)
+    with pytest.raises(ValueError, match="WARP_SPEC dK/dV config needs"):
+        attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, dkdv_config=WS_DKDV_INTERP)
+    grads = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, True, scale)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    _sdpa_float64(q64, k64, v64, True, scale).backward(dout.double())
+    for got, want in zip(grads, (q64, k64, v64)):
+        torch.testing.assert_close(got.double(), want.grad, rtol=1e-3, atol=1e-4)
+
+
 WS_DQ_INTERP = triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True), num_warps=4)
 WS_DKDV_INTERP = triton.Config(dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, WARP_SPEC=True), num_warps=4)
 WS_BACKWARDS = {"dq": dict(dq_config=WS_DQ_INTERP), "dkdv": dict(dkdv_config=WS_DKDV_INTERP),

@@ -21,6 +21,30 @@ def test_rmsnorm_triton_matches_reference_fp32(triton_backend, shape):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_rmsnorm_strided_weight(triton_backend):
+    """A (D,) weight that is a column of a wider tensor (stride 2): read at its stride, forward,
+    fused add + norm, and both gradients (dw lands in the column it came from)."""
+    torch.manual_seed(2)
+    D = 40
+    x = torch.randn(6, D)
+    table = (1 + 0.1 * torch.randn(D, 2)).requires_grad_()
+    w_ref = table.detach()[:, 0].clone().requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = rms_norm(x1, table[:, 0]), reference.rms_norm(x2, w_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(table.grad[:, 0], w_ref.grad, rtol=1e-4, atol=1e-5)
+    assert not table.grad[:, 1].any()
+    with torch.no_grad():
+        h, y = add_rms_norm(x, 0.5 * x, table[:, 0])
+        h_ref, y_ref = reference.add_rms_norm(x, 0.5 * x, w_ref)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rmsnorm_fp16_rounding_matches_reference(triton_backend):
     torch.manual_seed(1)
     x = torch.randn(7, 48).half()

@@ -77,9 +77,11 @@ def _linear_select_partial_kernel(
     SAMPLE: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Vocab blocks on grid axis 0 (up to ~1000 of them), row blocks on axis 1 (<= 65535).
-    pid_v = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    # Row blocks on grid axis 0, the fastest: the row blocks of one vocab block run side by side and
+    # share its weight tile through L2, so the weight is read from memory once however many rows.
+    # Vocab blocks on axis 1 (<= 65535 of them).
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     # int64 row offsets: R * stride_hr can pass 2^31 for long hidden buffers.
@@ -117,8 +119,8 @@ def _linear_logits_kernel(
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The top-p fallback: the same float32 tiles as the selection kernel, written out.
-    pid_v = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)   # grid order as in the selection kernel
+    pid_v = tl.program_id(1)
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     logits = _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, stride_wv,
@@ -214,6 +216,13 @@ def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: boo
     return cfg
 
 
+def _vocab_grid(n_vocab_blocks: int) -> int:
+    if n_vocab_blocks > 65535:   # CUDA's limit on grid axis 1
+        raise ValueError(f"linear selection: {n_vocab_blocks} vocabulary blocks exceed the 65535 a launch can "
+                         "take on grid axis 1 (vocabulary too large for these tiles)")
+    return n_vocab_blocks
+
+
 def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     # Rows may be strided (a head's slice of (B, T, n_heads, D) hidden states); elements may not.
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -243,7 +252,7 @@ def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, te
     best_score = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.float32, device=hidden.device)
     best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)
     seed = _draw_seed(generator, hidden.device) if sample else best_index  # unused pointer when greedy
-    grid = (n_vocab_blocks, triton.cdiv(R, cfg["BLOCK_R"]))
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), _vocab_grid(n_vocab_blocks))
     _linear_select_partial_kernel[grid](
         hidden, weight, seed, best_score, best_index,
         R, V, D, hidden.stride(0), weight.stride(0), n_vocab_blocks,
@@ -266,7 +275,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     V = weight.shape[0]
     cfg = _launch_config(R, hidden.dtype, hidden.device, logits=True)
     logits = torch.empty((R, V), dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(R, cfg["BLOCK_R"]))
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), _vocab_grid(triton.cdiv(V, cfg["BLOCK_V"])))
     _linear_logits_kernel[grid](hidden, weight, logits, R, V, D, hidden.stride(0), weight.stride(0),
                                 logits.stride(0), **cfg)
     return logits

@@ -303,11 +303,16 @@ def scenarios():
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
             K.linear_argmax(hidden, weight)
             for k in (4, K.sampling.MAX_KERNEL_TOP_K):   # a tree's draft width, and the widest in-kernel
-                K.linear_candidates(hidden, weight, k)
+                K.linear_candidates(hidden, weight, k).topk(k)
             K.linear_sample(hidden, weight, temperature=0.8, generator=torch.Generator().manual_seed(1))
             # The top-p fallback samples on the host from the logits the (skipped) kernel would write.
             with mock.patch.object(reference, "sample_top_p_logits", lambda logits, *_: logits[:, 0].long()):
                 K.linear_sample(hidden, weight, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+
+    def sampling_llama3_vocabulary(dtype):
+        # Pass 2's widest row: 1002 vocab blocks x 16 ranks in one merge program (16 warps).
+        hidden, weight = randn(1, 256, dtype=dtype), randn(128256, 256, dtype=dtype)
+        K.linear_topk(hidden, weight, K.sampling.MAX_KERNEL_TOP_K)
 
     def tree_verify(dtype):
         tree = TokenTree.from_paths(preset_paths(4), 4)
@@ -320,6 +325,7 @@ def scenarios():
 
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
                 kv_cache_attention=kv_cache, rope_cache=rope_cache, swiglu=swiglu, sampling=sampling,
+                sampling_llama3_vocabulary=sampling_llama3_vocabulary,
                 tree_verify=tree_verify, skinny_linear=skinny_linear)
 
 

@@ -9,9 +9,10 @@ rows are few (batch x tree nodes, 1..~2048) and the vocabulary large (up to 1282
           tl.dot over D in BLOCK_D steps (float32 accumulation), turns it into scores (the logits for
           argmax; logits / temperature + Gumbel noise for sampling) and writes, per row, the tile's
           best score and its smallest index: partials of shape (R, n_vocab_blocks).
-  pass 2  torch on the partials: the first vocab block holding the row maximum (torch.argmax takes
-          the first of equal maxima), then that block's index. No atomics, so the result is
+  pass 2  one program per row (`_merge_candidates_kernel`) over the partials: the row maximum, and
+          the first vocab block holding it, then that block's index. No atomics, so the result is
           deterministic, and ties go to the smallest token id like torch.argmax on float32 logits.
+          (On the reference path, and for rows too wide for one program, the same in torch.)
 
 Top-k (a drafter's candidates, `linear_topk`): pass 1 keeps each row's TOP_K best of its tile, one
 max-and-mask sweep of the tile per rank, as partials (R, n_vocab_blocks, TOP_K); pass 2 ranks those
@@ -129,6 +130,34 @@ def _linear_logits_kernel(
     tl.store(logits_ptr + offs_r[:, None] * stride_lr + offs_v[None, :], logits, mask=mask)
 
 
+@triton.jit
+def _merge_candidates_kernel(
+    score_ptr, index_ptr, rows_ptr, out_ptr, N, stride_row, stride_cand,
+    HAS_ROWS: tl.constexpr, OUT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Pass 2 on the GPU, one program per output row: the OUT_K best of a row's N candidates (scores
+    # at stride_cand: 1 for every kept rank, k for each block's best only), ties to the smaller
+    # position, which is the smaller id (see TokenCandidates); NaN counts as -inf. One launch
+    # where the torch route (`reference.top_k_positions`) takes a dozen small kernels.
+    pid = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pid).to(tl.int64)
+    else:
+        row = pid.to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    alive = offs < N
+    score = tl.load(score_ptr + row * stride_row + offs * stride_cand, mask=alive, other=float("-inf"))
+    score = tl.where(score == score, score, float("-inf"))
+    ids = tl.load(index_ptr + row * stride_row + offs * stride_cand, mask=alive, other=0).to(tl.int64)
+    for rank in tl.static_range(OUT_K):
+        live = tl.where(alive, score, float("-inf"))
+        best = tl.max(live, axis=0)
+        position = tl.min(tl.where(alive & (live == best), offs, BLOCK_N), axis=0)
+        token = tl.sum(tl.where(offs == position, ids, 0), axis=0)
+        tl.store(out_ptr + pid * OUT_K + rank, token)
+        alive = alive & (offs != position)
+
+
 # ============================================================================================
 # Pass 2: from per-block candidates to tokens
 # ============================================================================================
@@ -150,25 +179,83 @@ class TokenCandidates:
     score: torch.Tensor
     index: torch.Tensor
 
-    def argmax(self) -> torch.Tensor:
-        """(R,) int64: the best token per row, ties to the smallest id (torch.argmax's rule, which
-        takes the first block holding the row maximum)."""
-        best_block = torch.argmax(self.score[:, :, 0], dim=1, keepdim=True)
-        return self.index[:, :, 0].gather(1, best_block).squeeze(1).to(torch.int64)
+    def argmax(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The best token of every row, or of rows `rows` (int64 row ids, any shape): int64 of shape
+        (R,) or rows.shape. Ties go to the smallest id (torch.argmax's rule: the first block
+        holding the row maximum)."""
+        self._check_rows(rows)
+        if _merge_on_device(self.score):
+            return _merge_triton(self.score, self.index, rows, 1, first_only=True).view(_out_shape(self, rows))
+        score, index = self._rows(rows)
+        best_block = torch.argmax(score[:, :, 0], dim=1, keepdim=True)
+        return index[:, :, 0].gather(1, best_block).squeeze(1).to(torch.int64).view(_out_shape(self, rows))
 
-    def topk(self, k: int) -> torch.Tensor:
-        """(R, k) int64: each row's k best tokens, best first, ties to the smallest id; k <= the
-        candidates kept per block."""
+    def topk(self, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The k best tokens of every row, or of rows `rows` (int64 row ids, any shape), best first,
+        ties to the smallest id: int64 of shape (R, k) or (*rows.shape, k); k <= the candidates kept
+        per block."""
         if not 1 <= k <= self.score.shape[2]:
             raise ValueError(f"TokenCandidates.topk: k={k} but {self.score.shape[2]} candidates are kept per block")
-        R, n_blocks, kept = self.score.shape
-        positions = reference.top_k_positions(self.score.reshape(R, n_blocks * kept), k)
-        return self.index.reshape(R, n_blocks * kept).gather(1, positions).to(torch.int64)
+        self._check_rows(rows)
+        shape = (*_out_shape(self, rows), k)
+        if _merge_on_device(self.score):
+            return _merge_triton(self.score, self.index, rows, k, first_only=False).view(shape)
+        score, index = self._rows(rows)
+        R, n_blocks, kept = score.shape
+        positions = reference.top_k_positions(score.reshape(R, n_blocks * kept), k)
+        return index.reshape(R, n_blocks * kept).gather(1, positions).to(torch.int64).view(shape)
 
-    def rows(self, row_ids: torch.Tensor) -> "TokenCandidates":
-        """The candidates of rows `row_ids` (int64, any shape flattened), in that order."""
-        flat = row_ids.reshape(-1)
-        return TokenCandidates(self.score[flat], self.index[flat])
+    def _rows(self, rows):
+        if rows is None:
+            return self.score, self.index
+        flat = rows.reshape(-1)
+        return self.score[flat], self.index[flat]
+
+    def _check_rows(self, rows) -> None:
+        """Row ids must be integers in [0, R): checked on the host for CPU tensors (reading a CUDA
+        tensor's values would synchronize; the Generator builds its ids in range)."""
+        if rows is None:
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"TokenCandidates: rows must be an int32/int64 tensor of row ids, got "
+                             f"{rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+        R = self.score.shape[0]
+        if rows.device.type == "cpu" and rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < R):
+            raise ValueError(f"TokenCandidates: row ids must be in [0, {R}), got {int(rows.min())}..{int(rows.max())}")
+
+
+def _out_shape(candidates: TokenCandidates, rows) -> tuple:
+    return (candidates.score.shape[0],) if rows is None else tuple(rows.shape)
+
+
+# Candidates per row up to which one program of the merge kernel holds a row (16 warps, 32 of
+# each per thread); Llama 3's vocabulary at 16 ranks per block is 16032.
+MAX_MERGE_CANDIDATES = 16384
+
+
+def _merge_on_device(score: torch.Tensor) -> bool:
+    """Pass 2 in the merge kernel: Triton candidates of a size one program holds."""
+    return use_triton(score) and score.shape[1] * score.shape[2] <= MAX_MERGE_CANDIDATES and score.shape[0] > 0
+
+
+def _merge_triton(score: torch.Tensor, index: torch.Tensor, rows, k: int, first_only: bool) -> torch.Tensor:
+    """(n_rows, k) int64 from candidates score / index (R, n_blocks, kept), both contiguous as pass
+    1 writes them: the k best of each row in `rows` (all rows when None); first_only: each block's
+    best alone (an argmax needs no more)."""
+    R, n_blocks, kept = score.shape
+    score, index = score.contiguous(), index.contiguous()
+    row_ids = None if rows is None else rows.reshape(-1)
+    n_rows = R if row_ids is None else row_ids.numel()
+    out = torch.empty((n_rows, k), dtype=torch.int64, device=score.device)
+    if n_rows == 0:
+        return out
+    n = n_blocks if first_only else n_blocks * kept
+    block_n = triton.next_power_of_2(n)
+    num_warps = 1 if not gpu_launch(score.device) else max(1, min(16, block_n // 512))
+    _merge_candidates_kernel[(n_rows,)](
+        score, index, out if row_ids is None else row_ids, out, n, n_blocks * kept, kept if first_only else 1,
+        HAS_ROWS=row_ids is not None, OUT_K=k, BLOCK_N=block_n, num_warps=num_warps)
+    return out
 
 
 def _reference_candidates(logit_chunks, R: int, top_k: int, device: torch.device) -> TokenCandidates:

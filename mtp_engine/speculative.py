@@ -440,7 +440,8 @@ def verify_and_score(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     the B * T * heads rows in (b, t, head) order)."""
     B, T, heads, D = hidden.shape
     scored = linear_candidates(hidden.reshape(B * T * heads, D), weight, top_k)
-    return scored.argmax().view(B, T, heads)[:, :, 0], scored
+    head0_rows = torch.arange(B * T, device=hidden.device).view(B, T) * heads
+    return scored.argmax(head0_rows), scored
 
 
 def drafts_from_scores(scored: TokenCandidates, last_node: torch.Tensor, T: int, heads: int,
@@ -451,7 +452,7 @@ def drafts_from_scores(scored: TokenCandidates, last_node: torch.Tensor, T: int,
     B = last_node.shape[0]
     first_row = (torch.arange(B, device=last_node.device) * T + last_node) * heads          # head 0's row
     rows = first_row[:, None] + torch.arange(1, heads, device=last_node.device)            # (B, heads - 1)
-    return scored.rows(rows).topk(top_k).view(B, heads - 1, top_k)
+    return scored.topk(top_k, rows)
 
 
 def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) -> torch.Tensor:

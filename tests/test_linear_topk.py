@@ -128,10 +128,15 @@ def test_candidates_serve_argmax_topk_and_row_subsets(request, use_kernel, k):
     assert torch.equal(candidates.argmax(), linear_argmax(hidden, weight))
     for j in sorted({1, k // 2 or 1, k}):
         assert torch.equal(candidates.topk(j), _stable_topk(logits, j))
-    rows = torch.tensor([[7, 0], [11, 7]])
-    assert torch.equal(candidates.rows(rows).topk(k), _stable_topk(logits[rows.flatten()], k))
+    rows = torch.tensor([[7, 0, 3], [11, 7, 7]])
+    assert torch.equal(candidates.topk(k, rows), _stable_topk(logits[rows.flatten()], k).view(2, 3, k))
+    assert torch.equal(candidates.argmax(rows), torch.argmax(logits, dim=1)[rows])
     with pytest.raises(ValueError, match=f"k={k + 1} but {k} candidates are kept per block"):
         candidates.topk(k + 1)
+    with pytest.raises(ValueError, match=r"row ids must be in \[0, 12\), got 0..12"):
+        candidates.argmax(torch.tensor([0, 12]))
+    with pytest.raises(ValueError, match="rows must be an int32/int64 tensor"):
+        candidates.topk(1, torch.tensor([0.0]))
 
 
 def test_kernel_keeps_each_blocks_best_in_order(triton_backend, monkeypatch):
@@ -146,6 +151,29 @@ def test_kernel_keeps_each_blocks_best_in_order(triton_backend, monkeypatch):
         expected = _stable_topk(cols, 3) + b * block
         assert torch.equal(index[:, b].long(), expected)
         assert torch.equal(score[:, b], cols.gather(1, expected - b * block))
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_merge_kernel_ranks_candidates_like_the_torch_route(triton_backend, id_dtype):
+    """Pass 2's kernel (one program per row, rows picked by id or all) against
+    reference.top_k_positions on hand-made candidates: ties by position, NaN as -inf, -0.0 equal to
+    +0.0, and each block's first rank alone for an argmax."""
+    gen = torch.Generator().manual_seed(13)
+    R, n_blocks, kept = 9, 37, 3
+    score = torch.randint(-3, 4, (R, n_blocks, kept), generator=gen).float()
+    score[0, 5, 1], score[1, :, :] = float("nan"), -0.0
+    score[1, 7, 2] = 0.0
+    index = torch.randperm(R * n_blocks * kept, generator=gen).view(R, n_blocks, kept).to(id_dtype)
+    candidates = TokenCandidates(score, index)
+    flat_score, flat_index = score.reshape(R, -1), index.reshape(R, -1).long()
+    for k in (1, 2, kept):
+        expected = flat_index.gather(1, reference.top_k_positions(flat_score, k))
+        assert torch.equal(candidates.topk(k), expected)
+        rows = torch.tensor([[8, 0], [1, 1]])
+        assert torch.equal(candidates.topk(k, rows), expected[rows.flatten()].view(2, 2, k))
+    firsts = index[:, :, 0].long().gather(1, reference.top_k_positions(score[:, :, 0], 1)).squeeze(1)
+    assert torch.equal(candidates.argmax(), firsts)
+    assert torch.equal(candidates.argmax(torch.tensor([3, 3, 2])), firsts[[3, 3, 2]])
 
 
 @pytest.mark.parametrize("k,match", [(0, "k must be an int in"), (8, r"in \[1, V = 7\]"), (True, "got True"),

@@ -94,7 +94,7 @@ STEP_KERNEL_GROUPS = (("GEMM (cuBLAS or skinny)",
                        ("nvjet", "gemm", "cutlass", "splitk", "cublas", "xmma", "_skinny_linear")),
                       ("attention", ("_kv_attn", "_kv_combine")), ("norms", ("rms_norm",)),
                       ("rotary + cache write", ("_rope_cache",)), ("swiglu", ("_swiglu",)),
-                      ("linear argmax / logits", ("_linear_select", "_linear_logits")),
+                      ("linear argmax / logits", ("_linear_select", "_linear_logits", "_merge_candidates")),
                       ("tree accept + compaction", ("_tree_accept", "_compact_kv")))
 
 

@@ -304,6 +304,12 @@ def scenarios():
             K.linear_argmax(hidden, weight)
             for k in (4, K.sampling.MAX_KERNEL_TOP_K):   # a tree's draft width, and the widest in-kernel
                 K.linear_candidates(hidden, weight, k).topk(k)
+        # Every tile the selection tuner may time past 64 rows (no tuning on a CPU): an argmax, a
+        # one-read verify step's ranks (4) and the widest.
+        hidden, weight = randn(256, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
+        for tile in K.sampling.select_tiles(256, dtype, hidden.device)[1:]:
+            for k in (1, 4, K.sampling.MAX_KERNEL_TOP_K):
+                K.sampling._select_launch(hidden, weight, 0.0, None, k, tile)
             K.linear_sample(hidden, weight, temperature=0.8, generator=torch.Generator().manual_seed(1))
             # The top-p fallback samples on the host from the logits the (skipped) kernel would write.
             with mock.patch.object(reference, "sample_top_p_logits", lambda logits, *_: logits[:, 0].long()):

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import gpu_launch, use_triton
+from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -303,6 +304,65 @@ def _launch_config(R: int, dtype: torch.dtype, device: torch.device, sample: boo
     return cfg
 
 
+@dataclass(frozen=True)
+class SelectTile:
+    """One tile config of the selection kernel (a LaunchTuner candidate)."""
+
+    block_r: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def config(self) -> dict:
+        return dict(BLOCK_R=self.block_r, BLOCK_V=self.block_v, BLOCK_D=self.block_d, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+    def label(self) -> str:
+        return f"{self.block_r}x{self.block_v}x{self.block_d} w{self.num_warps} s{self.num_stages}"
+
+
+# Past 64 rows a greedy selection turns compute bound (a verify step's head 0 at batch 8 and more, or
+# every head of a one-read verify step), and which tile runs fastest is the GPU's to say: these are
+# timed against `_launch_config`'s at the first call of a shape (`_SELECT_TUNER`). Wider tiles reuse
+# each loaded tile more; all compile for sm_90 without spills (benchmarks/compile_check.py).
+_GPU_MANY_ROW_TILES = (SelectTile(128, 256, 64, 8, 3), SelectTile(64, 256, 64, 4, 4),
+                       SelectTile(128, 128, 64, 8, 4), SelectTile(128, 64, 64, 4, 4))
+_SELECT_TUNER = LaunchTuner("linear_select")
+
+
+def select_tiles(R: int, dtype: torch.dtype, device: torch.device) -> list:
+    """The tiles a greedy selection over R rows may run: `_launch_config`'s first (the fallback),
+    then, past 64 rows on a GPU in fp16/bf16, `_GPU_MANY_ROW_TILES`."""
+    base = SelectTile(*(_launch_config(R, dtype, device)[name] for name in
+                        ("BLOCK_R", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")))
+    if R <= 64 or not gpu_launch(device) or dtype not in (torch.float16, torch.bfloat16):
+        return [base]
+    return [base] + [tile for tile in _GPU_MANY_ROW_TILES if tile != base]
+
+
+def _select_tile(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> SelectTile:
+    """The tuned tile for a greedy selection of hidden's rows (tuned now on a first CUDA call
+    outside a graph capture; `select_tiles`' first otherwise)."""
+    R, D = hidden.shape
+    tiles = select_tiles(R, hidden.dtype, hidden.device)
+    if len(tiles) == 1:
+        return tiles[0]
+    key = (str(hidden.device), hidden.dtype, min(triton.next_power_of_2(R), 4096), weight.shape[0], D, top_k)
+    return _SELECT_TUNER.choose(key, hidden.device, lambda: tune_select(key, hidden, weight, top_k, tiles),
+                                lambda: tiles[0])
+
+
+def tune_select(key, hidden: torch.Tensor, weight: torch.Tensor, top_k: int, tiles: list, timer=None,
+                l2_bytes: int | None = None) -> dict:
+    """Time a greedy selection of hidden's rows with every tile and keep the fastest under `key`
+    (LaunchTuner.tune, timer included); each timed call reads the next of a few weight copies
+    (`rotating_copies`), as a step reads the unembedding from memory."""
+    next_weight = rotating_copies(weight, l2_bytes)
+    return _SELECT_TUNER.tune(key, tiles, lambda tile: _select_launch(hidden, next_weight(), 0.0, None, top_k, tile),
+                              timer)
+
+
 def _vocab_grid(n_vocab_blocks: int) -> int:
     if n_vocab_blocks > 65535:   # CUDA's limit on grid axis 1
         raise ValueError(f"linear selection: {n_vocab_blocks} vocabulary blocks exceed the 65535 a launch can "
@@ -329,12 +389,19 @@ def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, te
     float dtype; scores are the logits (temperature == 0) or logits / temperature + Gumbel noise.
     Returns (score (R, n_vocab_blocks, top_k) float32, index (R, n_vocab_blocks, top_k) int32)."""
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
+    sample = temperature > 0
+    tile = None if sample else _select_tile(hidden, weight, top_k)
+    return _select_launch(hidden, weight, temperature, generator, top_k, tile)
+
+
+def _select_launch(hidden, weight, temperature: float, generator, top_k: int, tile: SelectTile | None):
+    """One launch of the selection kernel with `tile` (None: `_launch_config`'s)."""
     R, D = hidden.shape
     V = weight.shape[0]
     sample = temperature > 0
     # Up to 16 ranks add no spills at these tiles on sm_90 in bf16/fp16 (compile_check: 106-148
     # registers); float32 at 8 warps spills 8 bytes.
-    cfg = _launch_config(R, hidden.dtype, hidden.device, sample)
+    cfg = _launch_config(R, hidden.dtype, hidden.device, sample) if tile is None else tile.config()
     n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
     best_score = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.float32, device=hidden.device)
     best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mtp_kernels import TokenCandidates, linear_argmax, linear_candidates, linear_topk, reference
+from mtp_kernels import TokenCandidates, linear_argmax, linear_candidates, linear_sample, linear_topk, reference
 from mtp_kernels import sampling
 
 
@@ -176,6 +176,49 @@ def test_merge_kernel_ranks_candidates_like_the_torch_route(triton_backend, id_d
     assert torch.equal(candidates.argmax(torch.tensor([3, 3, 2])), firsts[[3, 3, 2]])
 
 
+def test_every_many_row_tile_gives_the_same_candidates(triton_backend):
+    """Each tile the tuner may pick past 64 rows (and the fixed rule's) selects the same tokens,
+    under the interpreter: the tile changes the grid, not the answer."""
+    R, V, D = 70, 600, 64
+    hidden, weight = _integer_inputs(R, V, D, torch.float32, seed=21)
+    logits = hidden.double() @ weight.double().T
+    for tile in (sampling.SelectTile(16, 64, 32, 1, 1), *sampling._GPU_MANY_ROW_TILES):
+        score, index = sampling._select_launch(hidden, weight, 0.0, None, 5, tile)
+        candidates = TokenCandidates(score, index)
+        assert score.shape == (R, math.ceil(V / tile.block_v), 5), tile
+        assert torch.equal(candidates.topk(5), _stable_topk(logits, 5)), tile
+        assert torch.equal(candidates.argmax(), torch.argmax(logits, dim=1)), tile
+
+
+def test_selection_tuning(triton_backend, monkeypatch):
+    """tune_select times every tile on rotating weight copies and keeps the fastest; a selection
+    then launches the kept tile (a dict lookup); greedy only, and on the CPU one tile, no tuning."""
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    tuner = LaunchTuner("linear_select")
+    monkeypatch.setattr(sampling, "_SELECT_TUNER", tuner)
+    hidden, weight = _integer_inputs(20, 300, 32, torch.float32, seed=22)
+    tiles = [sampling.SelectTile(16, 64, 32, 1, 1), sampling.SelectTile(32, 32, 32, 1, 1)]
+    timed = iter([2.0, 1.0])
+
+    def timer(fn):
+        torch.testing.assert_close(TokenCandidates(*fn()).topk(3), _stable_topk(hidden.double() @ weight.double().T, 3),
+                                   rtol=0, atol=0)
+        return next(timed)
+    key = ("cpu", torch.float32, 32, 300, 32, 3)
+    times = sampling.tune_select(key, hidden, weight, 3, tiles, timer, l2_bytes=0)
+    assert times == {tiles[0]: 2.0, tiles[1]: 1.0} and tuner.chosen[key] == tiles[1]
+    assert sampling.select_tiles(200, torch.float32, hidden.device) == [
+        sampling.SelectTile(16, 64, 32, 1, 1)]   # interpreter: the fixed rule's tile alone
+    monkeypatch.setattr(sampling, "select_tiles", lambda *args: tiles)
+    launched = []
+    launch = sampling._select_launch
+    monkeypatch.setattr(sampling, "_select_launch", lambda *args: launched.append(args[-1]) or launch(*args))
+    linear_topk(hidden, weight, 3)
+    linear_sample(hidden, weight, temperature=0.7)            # sampling keeps the fixed rule (None)
+    assert launched == [tiles[1], None]
+
+
 @pytest.mark.parametrize("k,match", [(0, "k must be an int in"), (8, r"in \[1, V = 7\]"), (True, "got True"),
                                      (2.0, "got 2.0")])
 def test_bad_k(k, match):
@@ -203,9 +246,11 @@ def test_gpu_topk_and_shared_argmax(R, k):
     weight = (torch.randn(V, D, device="cuda", generator=gen) * 0.02).bfloat16()
     logits = (hidden.double() @ weight.double().T).cpu()
     _assert_topk_of(linear_topk(hidden, weight, k).cpu(), logits, k, tol=1e-3)
-    # The same tile code and config as linear_argmax for the same rows: the same winners, bit for bit.
     candidates = linear_candidates(hidden, weight, k)
-    assert torch.equal(candidates.argmax(), linear_argmax(hidden, weight))
+    if R <= 64:   # the same tile code and config as linear_argmax's: the same winners, bit for bit
+        assert torch.equal(candidates.argmax(), linear_argmax(hidden, weight))
+    for tokens in (candidates.argmax(), linear_argmax(hidden, weight)):   # past 64 rows each its tuned tile
+        _assert_topk_of(tokens.cpu()[:, None], logits, 1, tol=1e-3)
 
 
 @pytest.mark.gpu

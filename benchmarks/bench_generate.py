@@ -118,6 +118,24 @@ def skinny_launch_report() -> list:
     return rows
 
 
+def select_launch_report() -> list:
+    """What the token-selection tuner measured past 64 rows (empty on a CPU): for each shape
+    (rows up to, V, D, ranks kept), every tile's CUDA-graph ms, the fixed rule's tile (listed
+    first) and the chosen one, with the chosen tile's TFLOP/s."""
+    from mtp_kernels import sampling
+
+    rows = []
+    for key, times in sampling._SELECT_TUNER.times.items():
+        _, _, rows_up_to, V, D, top_k = key
+        first, chosen = next(iter(times)), sampling._SELECT_TUNER.chosen[key]
+        ms = times[chosen]
+        rows.append({"rows": rows_up_to, "V": V, "D": D, "top_k": top_k, "fixed_tile": first.label(),
+                     "fixed_ms": times[first], "chosen": chosen.label(), "chosen_ms": ms,
+                     "chosen_TFLOPs": 2 * rows_up_to * V * D / ms / 1e9 if ms < float("inf") else None,
+                     "times_ms": {tile.label(): t for tile, t in times.items()}})
+    return rows
+
+
 def kv_launch_report() -> list:
     """What the KV-cache attention tuner measured for every attention shape the step costs ran
     (empty on a CPU): the heuristic's launch, the chosen one and every candidate's CUDA-graph ms."""
@@ -331,6 +349,14 @@ def to_markdown(result: dict) -> str:
                        "chosen"],
                       [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
                         r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
+    if result.get("select_launches"):
+        lines += ["### Token selection launches past 64 rows (`linear_select` tuning: CUDA-graph ms of one call; "
+                  "TFLOP/s at the rows tuned for)", "",
+                  common.markdown_table(
+                      ["rows (up to)", "V", "D", "ranks", "fixed tile", "ms", "chosen", "ms", "TFLOP/s", "all tiles"],
+                      [[r["rows"], r["V"], r["D"], r["top_k"], r["fixed_tile"], r["fixed_ms"], r["chosen"],
+                        r["chosen_ms"], r["chosen_TFLOPs"], ", ".join(f"{k}: {v:.4g}" for k, v in r["times_ms"].items())]
+                       for r in result["select_launches"]]), ""]
     if result.get("kv_launches"):
         lines += ["### KV-cache attention launches (`tune_kv_launch`: CUDA-graph ms of one layer's call, "
                   "cache copies rotated; M = query rows per tile, x = KV splits, +last = the last split combines)", "",
@@ -435,6 +461,7 @@ def main() -> int:
 
     result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
     result["decode_gemm_launches"] = skinny_launch_report()
+    result["select_launches"] = select_launch_report()
     result["kv_launches"] = kv_launch_report()
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])
     save()

@@ -234,6 +234,31 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["chosen"] == row["best_tile"] == "64x64x128 dot w4 s4 k2"   # the K split shows
 
 
+def test_bench_generate_reports_the_selection_tuning(monkeypatch, load_script):
+    """The report of what the token-selection tuner measured past 64 rows (filled only on a GPU):
+    the fixed rule's tile, the chosen one with its TFLOP/s, every tile; its markdown table."""
+    from mtp_kernels import sampling
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    module = load_script(BENCH / "bench_generate.py")
+    tuner = LaunchTuner("linear_select")
+    monkeypatch.setattr(sampling, "_SELECT_TUNER", tuner)
+    fixed, wide = sampling.SelectTile(128, 128, 64, 8, 3), sampling.SelectTile(128, 256, 64, 8, 3)
+    key = ("cuda:0", torch.bfloat16, 256, 32000, 4096, 4)
+    tuner.times[key] = {fixed: 0.2, wide: 0.125, sampling.SelectTile(64, 256, 64, 4, 4): float("inf")}
+    tuner.chosen[key] = wide
+    (row,) = module.select_launch_report()
+    assert (row["rows"], row["top_k"], row["fixed_tile"], row["fixed_ms"]) == (256, 4, "128x128x64 w8 s3", 0.2)
+    assert row["chosen"] == "128x256x64 w8 s3" and row["chosen_ms"] == 0.125
+    assert abs(row["chosen_TFLOPs"] - 2 * 256 * 32000 * 4096 / 0.125 / 1e9) < 1e-6
+    result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+              "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
+              "select_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
+    text = module.to_markdown(result)
+    assert "### Token selection launches past 64 rows" in text
+    assert "| 256 | 32000 | 4096 | 4 | 128x128x64 w8 s3 | 0.2 | 128x256x64 w8 s3 | 0.125 | 537 |" in text
+
+
 def test_bench_generate_reports_the_kv_launch_tuning(monkeypatch, load_script):
     """The report of what the KV-attention tuner measured per shape (filled only on a GPU): the
     heuristic's launch, the chosen one and every candidate, by label; its markdown table."""

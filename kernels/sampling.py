@@ -15,8 +15,8 @@ rows are few (batch x tree nodes, 1..~2048) and the vocabulary large (up to 1282
           (On the reference path, and for rows too wide for one program, the same in torch.)
 
 Top-k (a drafter's candidates, `linear_topk`): pass 1 keeps each row's TOP_K best of its tile, one
-max-and-mask sweep of the tile per rank, as partials (R, n_vocab_blocks, TOP_K); pass 2 ranks those
-n_vocab_blocks * TOP_K candidates (`reference.top_k_positions`), not the whole vocabulary. The
+max-and-mask sweep of the tile per rank, as partials (R, n_vocab_blocks, TOP_K); pass 2 (the same
+merge kernel) ranks those n_vocab_blocks * TOP_K candidates, not the whole vocabulary. The
 partials of one launch serve an argmax and a top-k of the same rows (`linear_candidates`): a verify
 step gets head 0's verdict and the drafting heads' candidates from one read of the unembedding.
 
@@ -80,7 +80,7 @@ def _linear_select_partial_kernel(
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Row blocks on grid axis 0, the fastest: the row blocks of one vocab block run side by side and
-    # share its weight tile through L2, so the weight is read from memory once however many rows.
+    # can share its weight tile through L2 instead of each reading the whole weight from memory.
     # Vocab blocks on axis 1 (<= 65535 of them).
     pid_r = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -399,8 +399,8 @@ def _select_launch(hidden, weight, temperature: float, generator, top_k: int, ti
     R, D = hidden.shape
     V = weight.shape[0]
     sample = temperature > 0
-    # Up to 16 ranks add no spills at these tiles on sm_90 in bf16/fp16 (compile_check: 106-148
-    # registers); float32 at 8 warps spills 8 bytes.
+    # Up to 16 ranks add no spills at any of these tiles on sm_90 in bf16/fp16 (compile_check:
+    # 106-254 registers, the most at 256 wide); float32 at 8 warps spills 8 bytes.
     cfg = _launch_config(R, hidden.dtype, hidden.device, sample) if tile is None else tile.config()
     n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
     best_score = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.float32, device=hidden.device)
@@ -529,7 +529,7 @@ def _check_top_k(name: str, k, V: int) -> None:
 def linear_candidates(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> TokenCandidates:
     """Per-block top-k candidates of hidden @ weight.T (float32 accumulation) without writing the
     (R, V) logits: one read of the weight answers both `.argmax()` (equal to `linear_argmax`) and
-    `.topk(j)` for any j <= k (equal to `linear_topk`), for all rows or a subset (`.rows`).
+    `.topk(j)` for any j <= k (equal to `linear_topk`), for all rows or a subset (`rows=`).
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device; 1 <= k <= V."""
     _check_linear_inputs("linear_candidates", hidden, weight)

@@ -423,8 +423,9 @@ def draft_tokens(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> torc
 # unembedding once (Generator.shared_unembed None). One read saves reading the weight, 2VD bytes,
 # and scores heads - 1 more rows per node, 2VD FLOPs each: with the drafts' rows few, it wins while
 # the scored rows stay below about 2 x matmul rate / bandwidth, 374 on the H200 and 523 on the H100
-# at the measured peaks (benchmarks/results/NOTES.md). Past 512 it cannot win, and capturing it
-# would only cost time and memory (its partials are rows x V / 128 x top_k x 8 bytes).
+# at the measured peaks (benchmarks/results/NOTES.md), which no kernel reaches, so the real break-even
+# sits lower. Past 512 rows capturing it would cost time and memory for a variant that loses (its
+# partials are rows x V / 128 x top_k x 8 bytes).
 ONE_READ_MAX_ROWS = 512
 
 

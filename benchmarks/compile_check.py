@@ -325,6 +325,7 @@ def scenarios():
         T = len(tree.parents)
         candidates = torch.randint(0, 100, (8, T), generator=gen)
         accepted, accept_len, _ = K.tree_accept(candidates, candidates.clone(), tree.parents)
+        K.tree_accept_tokens(candidates, candidates.clone(), tree.parents)
         caches = [randn(6, 8, 512, 8, 128, dtype=dtype) for _ in range(2)]
         seqlens = torch.full((8,), 100, dtype=torch.int32)
         K.compact_kv_cache(*caches, seqlens, torch.arange(4).repeat(8, 1), torch.full((8,), 4))

@@ -352,6 +352,20 @@ def tree_accept(candidates: torch.Tensor, verifier: torch.Tensor, parents: torch
     return accepted_nodes, accept_len, bonus
 
 
+def tree_accept_tokens(candidates: torch.Tensor, verifier: torch.Tensor, parents: torch.Tensor):
+    """tree_accept plus the emitted tokens: (accepted_nodes (B, W), packed (B, 1 + W), bonus (B,),
+    last_node (B,)), int64, W = max_depth + 1; packed[b] = [accept_len, the candidates at the accepted
+    nodes below the root, the bonus, -1 padding]; last_node[b] = the last accepted node."""
+    accepted_nodes, accept_len, bonus = tree_accept(candidates, verifier, parents)
+    B, W = accepted_nodes.shape
+    below_root = candidates.gather(1, accepted_nodes[:, 1:].clamp(min=0))                 # (B, W - 1)
+    emitted = torch.cat([below_root, below_root.new_full((B, 1), -1)], dim=1)
+    emitted.scatter_(1, (accept_len - 1)[:, None], bonus[:, None])
+    emitted = emitted.masked_fill(torch.arange(W, device=emitted.device)[None, :] >= accept_len[:, None], -1)
+    last_node = accepted_nodes.gather(1, (accept_len - 1)[:, None]).squeeze(1)
+    return accepted_nodes, torch.cat([accept_len[:, None], emitted], dim=1), bonus, last_node
+
+
 def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      accepted_nodes: torch.Tensor, accept_len: torch.Tensor) -> None:
     """In place. k_cache, v_cache: (L, B_max, S, Hkv, Dh); cache_seqlens: (B_max,) or (B,) int32;

@@ -41,9 +41,12 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 @triton.jit
 def _tree_accept_kernel(
     candidates_ptr, verifier_ptr, parents_ptr, accepted_nodes_ptr, accept_len_ptr, bonus_ptr,
-    T, stride_cb, stride_ct, stride_vb, stride_vt, stride_p, stride_ab, MAX_DEPTH,
-    BLOCK_T: tl.constexpr,
+    packed_ptr, last_node_ptr,
+    T, stride_cb, stride_ct, stride_vb, stride_vt, stride_p, stride_ab, stride_pb, MAX_DEPTH,
+    BLOCK_T: tl.constexpr, EMIT: tl.constexpr,
 ):
+    # EMIT: also write each sequence's packed row [accept_len, emitted tokens, -1 padding] and its
+    # last accepted node, which a verify step otherwise assembles from the outputs in ~8 small kernels.
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     in_tree = offs_t < T
@@ -52,6 +55,8 @@ def _tree_accept_kernel(
     candidates = tl.load(candidates_ptr + b * stride_cb + offs_t * stride_ct, mask=in_tree, other=0)
     verifier_row = verifier_ptr + b * stride_vb
     out_row = accepted_nodes_ptr + b * stride_ab
+
+    packed_row = packed_ptr + b * stride_pb
 
     tl.store(out_row, 0)                       # the root is always accepted
     current = tl.zeros((), dtype=tl.int64)     # last accepted node
@@ -64,10 +69,19 @@ def _tree_accept_kernel(
         found = alive & (first_match < T)
         current = tl.where(found, first_match, current)
         tl.store(out_row + depth, tl.where(found, first_match, -1))
+        if EMIT:
+            # Emitted token depth - 1: the accepted draft (it equals `wanted`); at the first depth
+            # without a match, the bonus (the verifier's token there, `wanted` again); then -1.
+            tl.store(packed_row + depth, tl.where(alive, wanted, -1))
         length += found.to(tl.int64)
         alive = found
+    bonus = tl.load(verifier_row + current * stride_vt)
     tl.store(accept_len_ptr + b, length)
-    tl.store(bonus_ptr + b, tl.load(verifier_row + current * stride_vt))
+    tl.store(bonus_ptr + b, bonus)
+    if EMIT:
+        tl.store(packed_row, length)
+        tl.store(packed_row + MAX_DEPTH + 1, tl.where(alive, bonus, -1))   # every depth accepted: the bonus
+        tl.store(last_node_ptr + b, current)
 
 
 @triton.jit
@@ -108,19 +122,22 @@ def _compact_kv_kernel(
 # ============================================================================================
 # Host launchers
 # ============================================================================================
-def tree_accept_triton(candidates, verifier, parents, max_depth: int):
+def tree_accept_triton(candidates, verifier, parents, max_depth: int, emit: bool = False):
+    """tree_accept's outputs; emit: also (packed (B, max_depth + 2), last_node (B,)), see tree_accept_tokens."""
     B, T = candidates.shape
     device = candidates.device
     accepted_nodes = torch.empty((B, max_depth + 1), dtype=torch.int64, device=device)
     accept_len = torch.empty(B, dtype=torch.int64, device=device)
     bonus = torch.empty(B, dtype=torch.int64, device=device)
+    packed = torch.empty((B, max_depth + 2), dtype=torch.int64, device=device) if emit else accepted_nodes
+    last_node = torch.empty(B, dtype=torch.int64, device=device) if emit else accept_len
     BLOCK_T = triton.next_power_of_2(T)
     _tree_accept_kernel[(B,)](
-        candidates, verifier, parents, accepted_nodes, accept_len, bonus,
-        # Any strides: a verifier may be a column of (B, T, heads) tokens (speculative.verify_and_score).
-        T, *candidates.stride(), *verifier.stride(), parents.stride(0), accepted_nodes.stride(0), max_depth,
-        BLOCK_T=BLOCK_T, num_warps=1 if interpreting() or BLOCK_T <= 128 else 4)
-    return accepted_nodes, accept_len, bonus
+        candidates, verifier, parents, accepted_nodes, accept_len, bonus, packed, last_node,
+        # Any strides: a verifier may be a column of (B, T, heads) tokens.
+        T, *candidates.stride(), *verifier.stride(), parents.stride(0), accepted_nodes.stride(0), packed.stride(0),
+        max_depth, BLOCK_T=BLOCK_T, EMIT=emit, num_warps=1 if interpreting() or BLOCK_T <= 128 else 4)
+    return (accepted_nodes, accept_len, bonus) + ((packed, last_node) if emit else ())
 
 
 def compact_kv_cache_triton(k_cache, v_cache, cache_seqlens, accepted_nodes, accept_len) -> None:
@@ -197,26 +214,47 @@ def tree_accept(candidates: torch.Tensor, verifier: torch.Tensor, parents: torch
     int64 (>= 1, root included), bonus (B,) int64 = verifier[b, last accepted node].
     The tree is checked (and its depth read) on the host the first time a parents tensor is seen.
     """
-    for arg, t in (("candidates", candidates), ("verifier", verifier), ("parents", parents)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tree_accept: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if candidates.dim() != 2 or verifier.shape != candidates.shape:
-        raise ValueError(f"tree_accept: candidates and verifier must both be (B, T), got "
-                         f"{tuple(candidates.shape)} and {tuple(verifier.shape)}")
-    if candidates.dtype != torch.int64 or verifier.dtype != torch.int64:
-        raise ValueError(f"tree_accept: candidates and verifier must be int64, got {candidates.dtype} "
-                         f"and {verifier.dtype}")
-    if parents.dim() != 1 or parents.shape[0] != candidates.shape[1]:
-        raise ValueError(f"tree_accept: parents must be (T,) = ({candidates.shape[1]},), got {tuple(parents.shape)}")
-    if parents.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"tree_accept: parents must be int32 or int64, got {parents.dtype}")
-    if not candidates.device == verifier.device == parents.device:
-        raise ValueError(f"tree_accept: candidates, verifier, parents must be on one device, got "
-                         f"{candidates.device}, {verifier.device}, {parents.device}")
-    max_depth = _checked_max_depth(parents)
+    max_depth = _check_accept_inputs("tree_accept", candidates, verifier, parents)
     if candidates.shape[0] == 0 or not use_triton(candidates, verifier, parents):
         return reference.tree_accept(candidates, verifier, parents)
     return tree_accept_triton(candidates, verifier, parents, max_depth)
+
+
+def tree_accept_tokens(candidates: torch.Tensor, verifier: torch.Tensor, parents: torch.Tensor):
+    """`tree_accept` and the tokens it makes each sequence emit, from the same launch.
+
+    Arguments as tree_accept's. Returns (accepted_nodes (B, W), packed (B, 1 + W), bonus (B,),
+    last_node (B,)), all int64, W = max_depth + 1: packed[b, 0] = accept_len[b], then the
+    accept_len[b] emitted tokens (the candidates at the accepted nodes below the root, then the
+    bonus), then -1; last_node[b] = the last accepted node, whose heads draft the next step.
+    """
+    max_depth = _check_accept_inputs("tree_accept_tokens", candidates, verifier, parents)
+    if candidates.shape[0] == 0 or not use_triton(candidates, verifier, parents):
+        return reference.tree_accept_tokens(candidates, verifier, parents)
+    accepted_nodes, _, bonus, packed, last_node = tree_accept_triton(candidates, verifier, parents, max_depth,
+                                                                     emit=True)
+    return accepted_nodes, packed, bonus, last_node
+
+
+def _check_accept_inputs(name: str, candidates, verifier, parents) -> int:
+    """Types, shapes, dtypes and devices of a tree_accept call; the tree's depth (checked once)."""
+    for arg, t in (("candidates", candidates), ("verifier", verifier), ("parents", parents)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if candidates.dim() != 2 or verifier.shape != candidates.shape:
+        raise ValueError(f"{name}: candidates and verifier must both be (B, T), got "
+                         f"{tuple(candidates.shape)} and {tuple(verifier.shape)}")
+    if candidates.dtype != torch.int64 or verifier.dtype != torch.int64:
+        raise ValueError(f"{name}: candidates and verifier must be int64, got {candidates.dtype} "
+                         f"and {verifier.dtype}")
+    if parents.dim() != 1 or parents.shape[0] != candidates.shape[1]:
+        raise ValueError(f"{name}: parents must be (T,) = ({candidates.shape[1]},), got {tuple(parents.shape)}")
+    if parents.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name}: parents must be int32 or int64, got {parents.dtype}")
+    if not candidates.device == verifier.device == parents.device:
+        raise ValueError(f"{name}: candidates, verifier, parents must be on one device, got "
+                         f"{candidates.device}, {verifier.device}, {parents.device}")
+    return _checked_max_depth(parents)
 
 
 def _check_compaction_values(k_cache, cache_seqlens, accepted_nodes, accept_len) -> None:

@@ -417,8 +417,7 @@ class Generator:
             else:
                 row_ids = torch.arange(root.shape[0], device=root.device)
                 next_drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, top_k)
-            packed = torch.cat([outcome.accept_len[:, None], outcome.emitted], dim=1)
-            return packed, outcome.next_root, next_drafts, hidden, outcome
+            return outcome.packed, outcome.next_root, next_drafts, hidden, outcome
 
         inputs = (root, drafts, cache_seqlens, live_mask)
         self._one_read = bool(self.shared_unembed)   # eager steps (and a failed capture's fallback)

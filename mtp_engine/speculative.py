@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mtp_kernels import (TokenCandidates, linear_argmax, linear_candidates, linear_sample, linear_topk, reference,
-                         tree_accept, use_triton)
+                         tree_accept_tokens, use_triton)
 from mtp_kernels.attention import PackedTreeMask, pack_tree_mask
 from mtp_kernels.skinny_linear import skinny_linear
 
@@ -483,29 +483,27 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature: floa
 class StepOutcome:
     """One verify step's result, still on the device.
 
-    accepted_nodes (B, W) int64 node ids (root first, -1 padded), accept_len (B,) int64 (root
-    included), emitted (B, W) int64: the accept_len[b] tokens this step produces for sequence b
-    (the accepted drafts below the root, then the bonus token), -1 padded; next_root (B,) the bonus;
-    last_node (B,) the last accepted node, whose heads draft the next step."""
+    accepted_nodes (B, W) int64 node ids (root first, -1 padded); packed (B, 1 + W) int64: accept_len
+    (root included), then the accept_len[b] tokens this step produces for sequence b (the accepted
+    drafts below the root, then the bonus token), -1 padded; accept_len and emitted are views of its
+    first column and the rest; next_root (B,) the bonus; last_node (B,) the last accepted node,
+    whose heads draft the next step."""
 
     accepted_nodes: torch.Tensor
-    accept_len: torch.Tensor
-    emitted: torch.Tensor
+    packed: torch.Tensor
     next_root: torch.Tensor
     last_node: torch.Tensor
 
+    @property
+    def accept_len(self) -> torch.Tensor:
+        return self.packed[:, 0]
+
+    @property
+    def emitted(self) -> torch.Tensor:
+        return self.packed[:, 1:]
+
 
 def accept_step(candidates: torch.Tensor, verifier: torch.Tensor, tree: TokenTree) -> StepOutcome:
-    """candidates, verifier: (B, T) int64 on tree's device. Walks the tree (tree_accept) and lines up
-    the tokens each sequence emits, without a host sync."""
-    accepted_nodes, accept_len, bonus = tree_accept(candidates, verifier, tree.parents)
-    B, W = accepted_nodes.shape
-    # Drafts below the root in order: candidates at accepted nodes 1..accept_len-1; then the bonus
-    # at position accept_len-1.
-    below_root = candidates.gather(1, accepted_nodes[:, 1:].clamp(min=0))                  # (B, W-1)
-    emitted = torch.cat([below_root, below_root.new_full((B, 1), -1)], dim=1)
-    emitted.scatter_(1, (accept_len - 1)[:, None], bonus[:, None])
-    position = torch.arange(W, device=emitted.device)
-    emitted = emitted.masked_fill(position[None, :] >= accept_len[:, None], -1)
-    last_node = accepted_nodes.gather(1, (accept_len - 1)[:, None]).squeeze(1)
-    return StepOutcome(accepted_nodes, accept_len, emitted, bonus, last_node)
+    """candidates, verifier: (B, T) int64 on tree's device. Walks the tree and lines up the tokens
+    each sequence emits (`tree_accept_tokens`: one launch on the Triton path), without a host sync."""
+    return StepOutcome(*tree_accept_tokens(candidates, verifier, tree.parents))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mtp_kernels import compact_kv_cache, reference, tree_accept
+from mtp_kernels import compact_kv_cache, reference, tree_accept, tree_accept_tokens
 
 
 def _random_parents(T, gen):
@@ -89,6 +89,43 @@ def test_tree_accept_full_depth_root_only_and_ties(triton_backend):
     assert accept_len.tolist() == [4, 1, 3]
     assert bonus.tolist() == [42, 3, 43]
     _assert_same((accepted_nodes, accept_len, bonus), reference.tree_accept(candidates, verifier, parents))
+
+
+@pytest.mark.parametrize("T,B", [(1, 2), (5, 3), (26, 7), (64, 4)])
+def test_tree_accept_tokens_lines_up_what_each_sequence_emits(triton_backend, T, B):
+    """The kernel's packed rows [accept_len, the accepted drafts, the bonus, -1 ...] and last nodes,
+    against the reference and against the path itself; planted paths, then tokens from {0, 1, 2}
+    (siblings collide, paths of every length)."""
+    gen = torch.Generator().manual_seed(T * 10 + B)
+    parents = _random_parents(T, gen)
+    max_depth = max(reference.tree_depths(parents))
+    planted = _planted_acceptance(parents, B, gen)[:2]
+    small = (torch.randint(0, 3, (B, T), generator=gen), torch.randint(0, 3, (B, T), generator=gen))
+    for candidates, verifier in (planted, small):
+        out = tree_accept_tokens(candidates, verifier, parents)
+        _assert_same(out, reference.tree_accept_tokens(candidates, verifier, parents))
+        accepted_nodes, packed, bonus, last_node = out
+        assert packed.shape == (B, max_depth + 2)
+        _assert_same((accepted_nodes, packed[:, 0], bonus), tree_accept(candidates, verifier, parents))
+        for b in range(B):
+            n = int(packed[b, 0])
+            path = accepted_nodes[b, :n].tolist()
+            assert packed[b, 1:].tolist() == ([int(candidates[b, t]) for t in path[1:]] + [int(bonus[b])]
+                                              + [-1] * (max_depth + 1 - n))
+            assert last_node[b] == path[-1]
+
+
+def test_tree_accept_tokens_full_depth_and_root_only(triton_backend):
+    parents = torch.tensor([-1, 0, 0, 1, 3, 2])
+    candidates = torch.tensor([[50, 7, 7, 8, 9, 10], [50, 7, 7, 8, 9, 10]])
+    verifier = torch.tensor([[7, 8, 99, 9, 42, 0], [3, 8, 99, 9, 42, 0]])
+    accepted_nodes, packed, bonus, last_node = tree_accept_tokens(candidates, verifier, parents)
+    assert packed.tolist() == [[4, 7, 8, 9, 42], [1, 3, -1, -1, -1]]   # full depth: the bonus in the last column
+    assert last_node.tolist() == [4, 0] and bonus.tolist() == [42, 3]
+    empty = tree_accept_tokens(candidates[:0], verifier[:0], parents)
+    assert [tuple(t.shape) for t in empty] == [(0, 4), (0, 5), (0,), (0,)]
+    with pytest.raises(ValueError, match="tree_accept_tokens: candidates and verifier must be int64"):
+        tree_accept_tokens(candidates.int(), verifier, parents)
 
 
 def test_tree_accept_int32_parents_strided_rows_and_empty_batch(triton_backend):
@@ -331,6 +368,8 @@ def test_gpu_tree_accept_matches_reference(T, B):
     expected = reference.tree_accept(candidates, verifier, parents)
     out = tree_accept(candidates.cuda(), verifier.cuda(), parents.cuda())
     _assert_same([t.cpu() for t in out], expected)
+    out = tree_accept_tokens(candidates.cuda(), verifier.cuda(), parents.cuda())
+    _assert_same([t.cpu() for t in out], reference.tree_accept_tokens(candidates, verifier, parents))
 
 
 @pytest.mark.gpu

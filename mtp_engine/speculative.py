@@ -441,7 +441,7 @@ def verify_and_score(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     the B * T * heads rows in (b, t, head) order)."""
     B, T, heads, D = hidden.shape
     scored = linear_candidates(hidden.reshape(B * T * heads, D), weight, top_k)
-    head0_rows = torch.arange(B * T, device=hidden.device).view(B, T) * heads
+    head0_rows, _ = _scored_row_ids(B, T, heads, hidden.device)
     return scored.argmax(head0_rows), scored
 
 
@@ -451,9 +451,23 @@ def drafts_from_scores(scored: TokenCandidates, last_node: torch.Tensor, T: int,
     node last_node (B,) int64. Returns (B, heads - 1, top_k) int64, equal to `draft_tokens` on those
     hidden states."""
     B = last_node.shape[0]
-    first_row = (torch.arange(B, device=last_node.device) * T + last_node) * heads          # head 0's row
-    rows = first_row[:, None] + torch.arange(1, heads, device=last_node.device)            # (B, heads - 1)
+    _, draft_rows_at_node_0 = _scored_row_ids(B, T, heads, last_node.device)
+    rows = draft_rows_at_node_0.add(last_node[:, None], alpha=heads)                       # (B, heads - 1)
     return scored.topk(top_k, rows)
+
+
+_ROW_IDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scored_row_ids(B: int, T: int, heads: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row ids into verify_and_score's (b, t, head) rows: head 0's at every node (B, T), and heads
+    1.. at node 0 (B, heads - 1), to which a node's offset t * heads is added. Built once per shape
+    (the eager warm-up before a capture), so a captured step launches no kernel for them."""
+    key = (B, T, heads, str(device))
+    if key not in _ROW_IDS:
+        node_rows = torch.arange(B * T, device=device).view(B, T) * heads
+        _ROW_IDS[key] = node_rows, node_rows[:, :1] + torch.arange(1, heads, device=device)
+    return _ROW_IDS[key]
 
 
 def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) -> torch.Tensor:

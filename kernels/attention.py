@@ -1127,18 +1127,21 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
 
 def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device,
                          ws: bool = False) -> list[KVLaunch]:
-    """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and a smaller one
-    (more programs with fewer registers each, for trees of many rows) every power-of-two split
-    count and one key block per split, up to eight programs per SM (two splits per tile under the
-    interpreter); each split launch both with the combine kernel and with combine_last. ws (a call
+    """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and the smaller
+    ones down to 16 rows (more programs with fewer registers each, for trees of many rows; 16 alone
+    under the interpreter) every power-of-two split count and one key block per split, up to eight
+    programs per SM (two splits per tile under the interpreter); each split launch both with the
+    combine kernel and with combine_last. ws (a call
     `tree_ws_ok` takes): also the warp-specialized tree kernel's 128-row tile (32 rows under the
     interpreter) at every power-of-two split count, with MTP_WARP_SPEC=1."""
     gpu = gpu_launch(device)
     base = _kv_heuristic(B, Hkv, rows, S_max, device)
-    small = 64 if gpu else 16
-    block_ms = [base.block_m] + ([small] if rows > small and base.block_m > small else [])
+    # A 64-node tree at batch 1 ran its fastest launch, M64 x4, at 128 programs (one per SM, 1.28x
+    # a decode on the H100): 32- and 16-row tiles give 2-4x the programs over the same cache.
+    smaller = (64, 32, 16) if gpu else (16,)
+    block_ms = [base.block_m] + [m for m in smaller if rows > m and base.block_m > m]
     n_blocks = triton.cdiv(S_max, base.block_n)
-    max_programs = 8 * sm_count(device) if gpu else 2 * B * Hkv * triton.cdiv(rows, small)
+    max_programs = 8 * sm_count(device) if gpu else 2 * B * Hkv * triton.cdiv(rows, 16)
     out = [base]
     for block_m in block_ms:
         programs = B * Hkv * triton.cdiv(rows, block_m)

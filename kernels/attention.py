@@ -1350,10 +1350,14 @@ def _kernel_supports(q: torch.Tensor) -> bool:
 
 
 def _default_scale(sm_scale, head_dim: int) -> float:
+    if head_dim < 1:
+        raise ValueError(f"attention: head dim must be >= 1, got {head_dim}")
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not float(sm_scale) > 0:  # the FOLD_SCALE forward takes max(q.k) before scaling: a positive scale
-        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    # The FOLD_SCALE forward takes max(q.k) before scaling: a positive scale (and a finite one).
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) \
+            or not sm_scale > 0:
+        raise ValueError(f"sm_scale must be None or a finite number > 0, got {sm_scale!r}")
     return float(sm_scale)
 
 
@@ -1364,6 +1368,8 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     Triton path: Dh <= 128 (a power of two, or padded to one), fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
     other valid inputs run the reference."""
     _check_heads("flash_attention", q, k, v, "k", "v")
+    if not isinstance(causal, bool):
+        raise ValueError(f"flash_attention: causal must be True or False, got {causal!r}")
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"flash_attention: q length {q.shape[1]} != k/v length {k.shape[1]} "
                          f"(use kv_cache_attention for queries against a cache)")

@@ -21,6 +21,7 @@ itself) and one cast at the end. `accum_dtype=None` keeps the lighter 16-bit acc
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -249,19 +250,36 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
     if hidden.device != weight.device or targets.device != hidden.device:
         raise ValueError(f"hidden ({hidden.device}), {weight_name} ({weight.device}) and targets ({targets.device}) "
                          "must be on one device")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    check_loss_options(label_smoothing, z_loss, softcap)
     return h3, single_head
+
+
+def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -100, head_weights=None) -> None:
+    """The loss options' types and ranges (finite numbers: a NaN would pass every comparison and give
+    a NaN loss); also run where a loss module is built, before any data."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    if not number(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (not number(softcap) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if head_weights is not None:
+        values = head_weights.tolist() if isinstance(head_weights, torch.Tensor) else head_weights
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
+                number(w) and w >= 0 for w in values):
+            raise ValueError(f"head_weights must be a sequence of finite numbers >= 0, got {head_weights!r}")
 
 
 def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_size: int, ignore_index: int):
     """Check token ids against [0, vocab_size) and flatten: (rows (M, D), targets (M,), lambda per row (M,),
     lambda (n,), n, N)."""
     n, N, _ = h3.shape
+    check_loss_options(0.0, 0.0, None, ignore_index, head_weights)
     flat_t = targets.reshape(-1).to(torch.int64)
     bad = ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
     if flat_t.numel() and bool(bad.any()):

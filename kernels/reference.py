@@ -271,7 +271,9 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     renormalize; draw)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    probs_sort = probs_sort.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p
+    drop[..., 0] = False   # the most likely token always survives (a top_p below float32's range is 0 there)
+    probs_sort = probs_sort.masked_fill(drop, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)

@@ -6,6 +6,8 @@ kernel bit-compatible with `reference.rms_norm`'s rounding.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -93,7 +95,16 @@ def _row_tile(D: int):
     return block_d, 1 if interpreting() else min(max(block_d // 256, 1), 16)
 
 
-def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> None:
+    for arg, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {arg} must be a floating tensor, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name}: x must have a last dim to normalize, got a 0-d tensor")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     if x.device != weight.device:
@@ -146,7 +157,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim. x: (..., D) fp32/fp16/bf16; weight: (D,). Differentiable."""
-    _check_weight("rms_norm", x, weight)
+    _check_weight("rms_norm", x, weight, eps)
     if not use_triton(x, weight) or x.numel() == 0:
         return reference.rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
@@ -156,10 +167,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(h, rms_norm(h, weight)) with h = x + residual, in one pass on a GPU: a transformer block's
     residual add fused with the norm that follows it. x, residual: (..., D), same shape and dtype.
     With autograd (training) it is the plain add and the differentiable `rms_norm`."""
-    if x.shape != residual.shape or x.dtype != residual.dtype or x.device != residual.device:
-        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} {x.device} and residual "
-                         f"{tuple(residual.shape)} {residual.dtype} {residual.device} must match")
-    _check_weight("add_rms_norm", x, weight)
+    _check_weight("add_rms_norm", x, weight, eps)
+    if not isinstance(residual, torch.Tensor) or x.shape != residual.shape or x.dtype != residual.dtype \
+            or x.device != residual.device:
+        got = (f"{tuple(residual.shape)} {residual.dtype} {residual.device}" if isinstance(residual, torch.Tensor)
+               else type(residual).__name__)
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} {x.device} and residual {got} must match")
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
         h = x + residual
         return h, rms_norm(h, weight, eps)

@@ -108,15 +108,19 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
 
 
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_cis: torch.Tensor,
-                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     check_slots: bool = True) -> torch.Tensor:
     """Rotate q and k (Meta's interleaved rotary form, in float32), write rotated k and v into the
     caches at `slots`, and return rotated q (B, T, H, Dh) in q's dtype. No autograd (inference).
 
     q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides with a unit last stride, e.g. views of
     one projection); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
-    slots: (B, T) int64, the cache slot of each new token (distinct within a sequence); k_cache,
-    v_cache: (>= B, S, Hkv, Dh), written in place. Slots are not range-checked here: the model
-    derives them from lengths it has checked.
+    slots: (B, T) int64, the cache slot of each new token (distinct within a sequence), in [0, S);
+    k_cache, v_cache: (>= B, S, Hkv, Dh), written in place. q, k, v, caches: float32/float16/bfloat16.
+    Slots are range-checked on the host for CPU tensors (check_slots); on CUDA reading them would
+    synchronize, so there the caller keeps them in range. The model derives them from lengths it
+    has checked and turns the check off: it would cost every block of a CPU decode step two
+    reductions and two reads.
     """
     name = "rope_cache_write"
     for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
@@ -129,12 +133,23 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
                          "(B, T) and an even head dim")
     if k_cache.shape != v_cache.shape or k_cache.shape[0] < B or k_cache.shape[2:] != k.shape[2:]:
         raise ValueError(f"{name}: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit k {tuple(k.shape)}")
+    if not isinstance(freqs_cis, torch.Tensor):
+        raise ValueError(f"{name}: freqs_cis must be a complex tensor, got {type(freqs_cis).__name__}")
     expected_f = [(B, T, D // 2), (T, D // 2)]
     if not freqs_cis.is_complex() or tuple(freqs_cis.shape) not in expected_f:
         raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
                          f"got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
-    if tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {tuple(slots.shape)} {slots.dtype}")
+    if not isinstance(slots, torch.Tensor) or tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64,
+                                                                                                 torch.int32):
+        got = f"{tuple(slots.shape)} {slots.dtype}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {got}")
+    for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"{name}: {n} must be a floating tensor, got {t.dtype}")
+    if check_slots and slots.device.type == "cpu" and slots.numel():
+        low, high = int(slots.min()), int(slots.max())
+        if low < 0 or high >= k_cache.shape[1]:
+            raise ValueError(f"{name}: slots must be in [0, S = {k_cache.shape[1]}), got {low}..{high}")
     tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"{name}: q, k, v, freqs_cis, slots and the caches must be on one device, got "

@@ -98,7 +98,8 @@ def _linear_select_partial_kernel(
         scores = logits * inv_temperature - tl.log(-tl.log(uniform))
     else:
         scores = logits
-    scores = tl.where(offs_v[None, :] < V, scores, float("-inf"))
+    # NaN scores (a NaN hidden state) count as -inf: a row of them still picks a real token id.
+    scores = tl.where((offs_v[None, :] < V) & (scores == scores), scores, float("-inf"))
     row_ok = offs_r < R
     # Partials are (R, n_vocab_blocks, TOP_K): the tile's TOP_K best per row, best first.
     out_offs = offs_r.to(tl.int64) * (n_vocab_blocks * TOP_K) + pid_v * TOP_K
@@ -472,6 +473,8 @@ def _check_sampling_args(temperature, top_p, generator, device: torch.device) ->
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"linear_sample: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if 0 < temperature < 1e-30:   # 1 / temperature must be finite in float32 (mtp_engine.sampling.MIN_TEMPERATURE)
+        raise ValueError(f"linear_sample: temperature must be 0 (greedy) or at least 1e-30, got {temperature}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
     if generator is not None:

@@ -40,6 +40,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                          f"{getattr(up, 'shape', type(up))} {getattr(up, 'dtype', '')}")
     if gate.device != up.device:
         raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}")
+    if not gate.is_floating_point():
+        raise ValueError(f"swiglu: gate and up must be floating tensors, got {gate.dtype}")
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or not gate.is_floating_point():
         return reference.swiglu(gate, up)

@@ -105,9 +105,13 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
             raise ValueError(f"{key}: expected shape {shape} from {params_path.name}, got {tuple(tensor.shape)}"
                              + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
                              + f" in {ckpt_dir}")
-        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        state[key] = tensor.to(device=device, dtype=target_dtype)
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key}: a model weight must be a floating tensor, got {tensor.dtype} in {ckpt_dir}")
+        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     del shards
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    if len(dtypes) > 1:   # every matmul needs one dtype: name the mix here, not in the first forward
+        raise ValueError(f"{ckpt_dir}: the weights mix dtypes {dtypes}; pass dtype= to load them in one")
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers were built on the meta device; recompute them for real.
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(device)

@@ -134,7 +134,7 @@ def run_complete(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as err:
             raise ValueError(f"--tree is not a valid JSON list of paths: {err}") from None
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
-                        max_batch_size=args.max_batch_size or len(args.prompt),
+                        max_batch_size=len(args.prompt) if args.max_batch_size is None else args.max_batch_size,
                         device=args.device, dtype=args.dtype, seed=args.seed)
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
                                     max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,

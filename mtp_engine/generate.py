@@ -187,6 +187,8 @@ class Generator:
             seqs.append(seq)
 
         rng = None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
         if temperature > 0 and seed is not None:
             rng = torch.Generator(device=self.device)
             rng.manual_seed(int(seed))
@@ -551,7 +553,12 @@ class Generator:
             eos_id = self.tokenizer.eos_id
         if eos_id is None:
             return None
-        eos_id = operator.index(eos_id)
+        if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+            raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
+        vocab = self.model.vocab_size
+        if eos_id >= vocab:
+            raise ValueError(f"eos_id {eos_id} is not a token id of this model (vocab_size {vocab}); "
+                             "None or a negative id means never stop early")
         return eos_id if eos_id >= 0 else None
 
     def _check_prompts(self, prompt_tokens) -> List[List[int]]:
@@ -573,9 +580,11 @@ class Generator:
                 raise ValueError(f"prompt {b} has {len(prompt)} tokens; it must be shorter than "
                                  f"max_seq_len {self.max_seq_len} to leave room for one new token")
             try:
+                if any(isinstance(t, bool) for t in prompt):
+                    raise TypeError
                 ids = [operator.index(t) for t in prompt]
             except TypeError:
-                raise ValueError(f"prompt {b} contains a non-integer token id") from None
+                raise ValueError(f"prompt {b} contains a non-integer token id (bools are not ids)") from None
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {b} has token id {bad[0]} outside the vocabulary [0, {vocab})")
@@ -822,6 +831,8 @@ class Llama:
         from .checkpoint import load_checkpoint
         from .tokenizer import Tokenizer
 
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist")
         if not os.path.isfile(tokenizer_path):

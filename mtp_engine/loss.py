@@ -13,15 +13,19 @@ import torch
 from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
+from mtp_kernels.linear_ce_driver import check_loss_options
 
 
 def mtp_targets(tokens: torch.Tensor, n: int, ignore_index: int = -100) -> torch.Tensor:
     """tokens: (B, T) int. Returns (n, B, T) int64: head i at position t gets tokens[t+1+i],
     ignore_index where t+1+i runs past the end."""
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a (batch, seq) tensor, got {shape}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"tokens must be an integer tensor of token ids, got {tokens.dtype}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
     B, T = tokens.shape
     out = torch.full((n, B, T), ignore_index, dtype=torch.int64, device=tokens.device)
     for i in range(n):
@@ -48,6 +52,9 @@ class MTPLoss(nn.Module):
                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                  accum_dtype: Optional[torch.dtype] = torch.float32, max_scratch_bytes: Optional[int] = None):
         super().__init__()
+        if isinstance(n_future, bool) or not isinstance(n_future, int) or n_future < 1:
+            raise ValueError(f"n_future must be an int >= 1, got {n_future!r}")
+        check_loss_options(label_smoothing, z_loss, softcap, ignore_index, head_weights)
         if head_weights is not None and len(head_weights) != n_future:
             raise ValueError(f"head_weights has {len(head_weights)} entries for {n_future} heads")
         self.n_future = n_future
@@ -60,6 +67,10 @@ class MTPLoss(nn.Module):
         self.max_scratch_bytes = max_scratch_bytes
 
     def forward(self, head_hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> MTPLossOutput:
+        for name, value in (("head_hidden", head_hidden), ("weight", weight), ("tokens", tokens)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"MTPLoss: {name} must be a tensor, got {type(value).__name__}"
+                                 + (" (tokens must be a (batch, seq) tensor)" if name == "tokens" else ""))
         if head_hidden.dim() != 4 or head_hidden.shape[0] != self.n_future:
             raise ValueError(f"head_hidden must be ({self.n_future}, B, T, D), got {tuple(head_hidden.shape)}")
         n, B, T, D = head_hidden.shape

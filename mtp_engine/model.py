@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -82,6 +83,28 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def validate(self, source: str = "params") -> None:
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len", "n_future_tokens"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{source}: {name} must be a positive int, got {value!r}")
+        if not is_int(self.vocab_size):
+            raise ValueError(f"{source}: vocab_size must be an int, got {self.vocab_size!r}")
+        if self.n_kv_heads is not None and (not is_int(self.n_kv_heads) or self.n_kv_heads < 1):
+            raise ValueError(f"{source}: n_kv_heads must be null or a positive int, got {self.n_kv_heads!r}")
+        if self.ffn_dim_multiplier is not None and (not is_number(self.ffn_dim_multiplier)
+                                                    or self.ffn_dim_multiplier <= 0):
+            raise ValueError(f"{source}: ffn_dim_multiplier must be null or a positive number, "
+                             f"got {self.ffn_dim_multiplier!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not is_number(value) or value <= 0:
+                raise ValueError(f"{source}: {name} must be a positive finite number, got {value!r}")
         if self.vocab_size <= 0:
             raise ValueError(f"{source}: vocab_size must be set (got {self.vocab_size}); "
                              "Meta's params.json may say -1: take it from the tokenizer")
@@ -217,7 +240,7 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
             # Rotate q and k and write k, v into the cache: one kernel on a GPU (rope_cache.py).
-            q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v)
+            q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v, check_slots=False)
             # forward_cached checked the lengths once for all blocks: no per-layer check (host sync).
             out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
                                      check_seqlens=False)
@@ -313,6 +336,9 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- caches
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
         """Allocate a static KV cache in every trunk and head block."""
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"setup_caches: {name} must be a positive int, got {value!r}")
         if max_seq_len > 2 * self.params.max_seq_len:
             self._grow_rope(max_seq_len)
         dtype = dtype or self.output.weight.dtype
@@ -412,7 +438,7 @@ class Transformer(nn.Module):
     def head_hidden(self, tokens: torch.Tensor, n_heads: Optional[int] = None) -> torch.Tensor:
         """Normed hidden states of every head, (n, B, T, D): the input of the fused n-head loss."""
         self._check_tokens(tokens, 0)
-        n_heads = self.n_future_tokens if n_heads is None else n_heads
+        n_heads = self._checked_heads(n_heads)
         h = self._run(tokens, self._rope(tokens.device)[: tokens.shape[1]], None, n_heads)
         return h.permute(2, 0, 1, 3)
 
@@ -433,8 +459,11 @@ class Transformer(nn.Module):
         """
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
+        n_heads = self._checked_heads(n_heads)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
+        if check_lengths:   # the same host sync allows the token ids' range check
+            self._check_tokens(tokens, None)
         B, T = tokens.shape
         if B > self.cache_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
@@ -453,11 +482,21 @@ class Transformer(nn.Module):
         if isinstance(tree_mask, torch.Tensor):
             tree_mask = pack_tree_mask(tree_mask.to(tokens.device))
         step = CacheStep(cache_seqlens, slots, tree_mask)
-        return self._run(tokens, freqs, step, self.n_future_tokens if n_heads is None else n_heads)
+        return self._run(tokens, freqs, step, n_heads)
+
+    def _checked_heads(self, n_heads: Optional[int]) -> int:
+        """n_heads (None: all) as an int in [1, n_future_tokens]."""
+        if n_heads is None:
+            return self.n_future_tokens
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or not 1 <= n_heads <= self.n_future_tokens:
+            raise ValueError(f"n_heads must be an int in [1, n_future_tokens = {self.n_future_tokens}], got {n_heads!r}")
+        return n_heads
 
     def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if start_pos is not None and start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if start_pos is not None and start_pos + tokens.shape[1] > self.freqs_cis.shape[0]:
             raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed the rotary table "
                              f"({self.freqs_cis.shape[0]} = 2 * max_seq_len)")

@@ -95,6 +95,10 @@ class TrainConfig:
                          max_seq_len=self.seq_len, max_batch_size=1)
 
     def validate(self) -> None:
+        # The model's shape first: before minutes of corpus preparation, not after.
+        self.model_args(self.vocab_size).validate("TrainConfig")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"seq_len must be an int >= 2 (a window needs an input and a target), got {self.seq_len!r}")
         if self.head_schedule not in HEAD_SCHEDULES:
             raise ValueError(f"head_schedule must be one of {HEAD_SCHEDULES}, got {self.head_schedule!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_windows", "eval_every", "save_every", "log_every"):
@@ -103,8 +107,30 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.weight_decay < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"need weight_decay >= 0 and betas in [0, 1), got {self.weight_decay}, "
+                             f"({self.beta1}, {self.beta2})")
+        if self.grad_clip <= 0:   # a negative clip norm reverses every update
+            raise ValueError(f"grad_clip must be > 0 (the gradient norm to clip to), got {self.grad_clip}")
+        for name in ("time_budget_s", "extra_max_mb"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+        if self.max_train_files is not None and (isinstance(self.max_train_files, bool)
+                                                 or not isinstance(self.max_train_files, int)
+                                                 or self.max_train_files < 1):
+            raise ValueError(f"max_train_files must be None or a positive int, got {self.max_train_files!r}")
+        if self.head_weights is not None and not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                for w in self.head_weights):
+            raise ValueError(f"head_weights must be finite numbers >= 0, got {self.head_weights}")
         if self.head_weights is not None and len(self.head_weights) != self.n_future_tokens:
             raise ValueError(f"head_weights has {len(self.head_weights)} entries for {self.n_future_tokens} heads")
         if self.distributed not in ("none", "ddp", "fsdp"):

@@ -760,13 +760,19 @@ def test_kv_cache_attention_rejects_bad_input(case):
         kv_cache_attention(*args)
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.5])
-def test_non_positive_softmax_scale_is_rejected(scale):
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan"), "a"])
+def test_non_positive_or_non_finite_softmax_scale_is_rejected(scale):
     q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 3, 10, [2, 7], seed=16)
-    with pytest.raises(ValueError, match="sm_scale must be > 0"):
+    with pytest.raises(ValueError, match="sm_scale must be None or a finite number > 0"):
         kv_cache_attention(q, k_cache, v_cache, seqlens, sm_scale=scale)
-    with pytest.raises(ValueError, match="sm_scale must be > 0"):
+    with pytest.raises(ValueError, match="sm_scale must be None or a finite number > 0"):
         flash_attention(q, k_cache[:, :3], v_cache[:, :3], sm_scale=scale)
+
+
+def test_flash_attention_causal_must_be_a_bool():
+    q, k_cache, v_cache, _ = _kv_inputs(4, 2, 16, 3, 10, [2, 7], seed=17)
+    with pytest.raises(ValueError, match="causal must be True or False, got 'no'"):
+        flash_attention(q, k_cache[:, :3], v_cache[:, :3], causal="no")
 
 
 # --------------------------------------------------------------------------------------------

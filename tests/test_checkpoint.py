@@ -237,6 +237,19 @@ def test_wrong_shape(saved):
         load_checkpoint(ckpt)
 
 
+def test_weights_of_an_integer_or_mixed_dtype(saved):
+    _, ckpt = saved
+    key = "layers.0.attention_norm.weight"
+    original = torch.load(ckpt / "consolidated.00.pth")[key].clone()
+    _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.long()}))
+    with pytest.raises(ValueError, match=rf"{key}: a model weight must be a floating tensor, got torch.int64"):
+        load_checkpoint(ckpt)
+    _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.half()}))
+    with pytest.raises(ValueError, match=r"the weights mix dtypes \['float16', 'float32'\]; pass dtype="):
+        load_checkpoint(ckpt)
+    assert load_checkpoint(ckpt, dtype=torch.float32).layers[0].attention_norm.weight.dtype == torch.float32
+
+
 def test_wrong_shape_after_merging_shards(tmp_path):
     save_checkpoint(_model(), tmp_path, shards=2)
     _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd.update({"output.weight": torch.zeros(50, 64)}))

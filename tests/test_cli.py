@@ -65,6 +65,8 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--temperature", "-1"], "temperature"),
     (["--max-seq-len", "2"], "max_seq_len 2"),  # the prompt alone does not fit
     (["--tokenizer-path", "/nonexistent/tok.model"], "tokenizer"),
+    (["--max-batch-size", "0"], "max_batch_size must be a positive int, got 0"),
+    (["--seed", "99999999999999999999999"], "seed"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):
     ckpt, tok = tiny_checkpoint

@@ -185,6 +185,8 @@ def test_sample_next_greedy_and_temperature():
     # a very low temperature concentrates all mass on the argmax
     rng = torch.Generator().manual_seed(0)
     assert sample_next(logits, 1e-3, 1.0, rng).tolist() == [1, 0]
+    # and so does a nucleus too small for float32 (the most likely token always survives)
+    assert sample_next(logits, 1.0, 1e-300, rng).tolist() == [1, 0]
 
 
 # ------------------------------------------------------------------------------ errors
@@ -203,6 +205,13 @@ def test_sample_next_greedy_and_temperature():
     ([[1]], {"max_gen_len": -1}, "max_gen_len"),
     ([[1]], {"speculative": "beam"}, "speculative"),
     ([[1]], {"heads": 2}, "heads and tree"),
+    ([[1, True]], {}, "non-integer token id"),
+    ([[1]], {"temperature": 1e-40}, "at least 1e-30"),
+    ([[1]], {"eos_id": VOCAB}, f"eos_id {VOCAB} is not a token id"),
+    ([[1]], {"eos_id": 2.0}, "eos_id must be an int"),
+    ([[1]], {"temperature": 0.5, "seed": 1.7}, "seed must be None or an int"),
+    ([[1]], {"seed": True}, "seed must be None or an int"),
+    ([[1]], {"seed": 2 ** 70}, "seed must be None or an int"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

@@ -219,6 +219,19 @@ def test_selection_tuning(triton_backend, monkeypatch):
     assert launched == [tiles[1], None]
 
 
+def test_nan_hidden_states_still_give_token_ids(triton_backend):
+    """A NaN hidden row (a diverged model) must not turn into an id past the vocabulary, which the
+    next embedding lookup would fault on: NaN logits count as -inf, so the row picks id 0."""
+    hidden, weight = _integer_inputs(3, 100, 16, torch.float32, seed=23)
+    hidden[1] = float("nan")
+    tokens = linear_argmax(hidden, weight)
+    assert tokens[1] == 0 and torch.equal(tokens[[0, 2]], torch.argmax(hidden[[0, 2]] @ weight.T, dim=1))
+    top = linear_topk(hidden, weight, 4)
+    assert ((top >= 0) & (top < 100)).all()
+    assert ((linear_sample(hidden, weight, temperature=1.0) >= 0) & (linear_sample(hidden, weight, temperature=1.0)
+                                                                      < 100)).all()
+
+
 @pytest.mark.parametrize("k,match", [(0, "k must be an int in"), (8, r"in \[1, V = 7\]"), (True, "got True"),
                                      (2.0, "got 2.0")])
 def test_bad_k(k, match):

@@ -43,3 +43,35 @@ def test_mtp_loss_shape_errors():
         MTPLoss(2, head_weights=[1.0])
     with pytest.raises(ValueError, match="head_hidden must be"):
         MTPLoss(2)(torch.randn(3, 1, 4, 8), torch.randn(10, 8), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_future=-1), "n_future must be an int >= 1"),
+    (dict(n_future=2.0), "n_future must be an int >= 1"),
+    (dict(label_smoothing=2.0), r"label_smoothing must be a number in \[0, 1\)"),
+    (dict(label_smoothing="0.1"), "label_smoothing"),
+    (dict(z_loss=float("nan")), "z_loss must be a finite number"),
+    (dict(z_loss=None), "z_loss must be a finite number"),
+    (dict(softcap=float("inf")), "softcap must be None or a finite number"),
+    (dict(head_weights=[1.0, float("nan")]), "head_weights must be a sequence of finite numbers"),
+    (dict(head_weights=5), "head_weights must be a sequence"),
+    (dict(ignore_index="x"), "ignore_index must be an int"),
+])
+def test_mtp_loss_options_are_checked_at_construction(kwargs, match):
+    """A bad option is an error when the loss is built, before any data: a NaN would pass every range
+    check and make the loss NaN."""
+    kwargs = {"n_future": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MTPLoss(kwargs.pop("n_future"), **kwargs)
+
+
+def test_tokens_must_be_integer_ids():
+    """Float tokens were truncated and bools taken as ids 0 and 1, silently."""
+    tokens = torch.randint(0, 10, (1, 6))
+    for bad in (tokens.float() + 0.7, tokens > 4):
+        with pytest.raises(ValueError, match="tokens must be an integer tensor of token ids"):
+            mtp_targets(bad, 2)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        mtp_targets(tokens, 2.5)
+    with pytest.raises(ValueError, match="MTPLoss: tokens must be a tensor, got list"):
+        MTPLoss(2)(torch.randn(2, 1, 6, 8), torch.randn(10, 8), tokens.tolist())

@@ -262,6 +262,46 @@ def test_model_args_rejects_unknown_key():
         ModelArgs.from_dict({"dim": 64, "n_heads": 4, "vocab_size": 10, "n_future_tokenz": 4})
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"dim": "16"}, "dim must be a positive int, got '16'"),
+    ({"n_layers": 3.0}, "n_layers must be a positive int, got 3.0"),
+    ({"n_heads": 0}, "n_heads must be a positive int, got 0"),
+    ({"n_kv_heads": 0}, "n_kv_heads must be null or a positive int"),
+    ({"multiple_of": 0}, "multiple_of must be a positive int"),
+    ({"vocab_size": None}, "vocab_size must be an int"),
+    ({"ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier must be null or a positive number"),
+    ({"ffn_dim_multiplier": -1}, "ffn_dim_multiplier must be null or a positive number"),
+    ({"norm_eps": -1}, "norm_eps must be a positive finite number"),
+    ({"rope_theta": 0}, "rope_theta must be a positive finite number"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a positive finite number"),
+    ({"max_seq_len": 0}, "max_seq_len must be a positive int"),
+    ({"n_future_tokens": 2.0}, "n_future_tokens must be a positive int"),
+])
+def test_model_args_rejects_bad_values_naming_the_key(change, match):
+    params = {"dim": 64, "n_layers": 4, "n_heads": 4, "vocab_size": 10, "n_future_tokens": 2, **change}
+    with pytest.raises(ValueError, match=f"params.json: {match}"):
+        ModelArgs.from_dict(params, source="params.json")
+
+
+def test_model_rejects_bad_heads_positions_tokens_and_cache_sizes():
+    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=32,
+                                  n_future_tokens=2))
+    tokens = torch.randint(0, 50, (1, 5))
+    for bad in (0, -1, 3, True, 1.0):
+        with pytest.raises(ValueError, match=r"n_heads must be an int in \[1, n_future_tokens = 2\]"):
+            model.head_hidden(tokens, n_heads=bad)
+    with pytest.raises(ValueError, match="start_pos must be >= 0, got -1"):
+        model(tokens, start_pos=-1)
+    for size in ((0, 8), (2, -1), (2, 8.0)):
+        with pytest.raises(ValueError, match="setup_caches: max_"):
+            model.setup_caches(*size)
+    model.setup_caches(1, 16)
+    with pytest.raises(ValueError, match="token id 50 is outside the vocabulary"):
+        model.forward_cached(torch.tensor([[1, 50]]), torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="n_heads must be an int"):
+        model.forward_cached(tokens, torch.zeros(1, dtype=torch.int32), n_heads=9)
+
+
 def test_model_args_fields_match_release():
     ours = {f.name: f.default for f in dataclasses.fields(ModelArgs)}
     theirs = {f.name: f.default for f in dataclasses.fields(meta.ModelArgs)}

@@ -132,3 +132,16 @@ def test_add_rms_norm_gpu(dtype):
     h_ref, y_ref = reference.add_rms_norm(x, r, w)
     assert torch.equal(h, h_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: rms_norm(torch.arange(8).view(2, 4), torch.ones(4, dtype=torch.long)), "x must be a floating tensor"),
+    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), eps=-1.0), "eps must be a finite number >= 0"),
+    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), eps="a"), "eps must be a finite number"),
+    (lambda: rms_norm(torch.tensor(1.0), torch.ones(1)), "0-d tensor"),
+    (lambda: rms_norm([[1.0]], torch.ones(1)), "x must be a tensor, got list"),
+    (lambda: add_rms_norm(torch.ones(2, 4), [1.0], torch.ones(4)), "residual list must match"),
+])
+def test_rmsnorm_bad_types_and_eps(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -74,6 +74,10 @@ def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_b
     ("slots", "slots must be an integer"),
     ("cache", "caches"),
     ("device", "one device"),
+    ("slot_past_end", r"slots must be in \[0, S = 8\), got 0..8"),
+    ("slot_negative", r"slots must be in \[0, S = 8\), got -1"),
+    ("int_q", "q must be a floating tensor"),
+    ("freqs_list", "freqs_cis must be a complex tensor, got list"),
 ])
 def test_bad_input_is_a_clear_error(case, match):
     q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
@@ -90,6 +94,16 @@ def test_bad_input_is_a_clear_error(case, match):
         k_cache = k_cache[..., :8]
     elif case == "device":
         slots = slots.to("meta")
+    elif case == "slot_past_end":   # the cache may be a view of a longer buffer: nothing else stops it
+        slots = slots.clone()
+        slots[0, 0], slots[1, -1] = 0, 8
+    elif case == "slot_negative":
+        slots = slots.clone()
+        slots[1, 1] = -1
+    elif case == "int_q":
+        q = q.long()
+    elif case == "freqs_list":
+        freqs = freqs.tolist()
     with pytest.raises(ValueError, match=match):
         rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
 

@@ -54,3 +54,8 @@ def test_gpu_matches_reference(dtype):
     gate = (torch.randn(8, 11008, device="cuda") * 3).to(dtype)
     up = torch.randn(8, 11008, device="cuda").to(dtype)
     torch.testing.assert_close(swiglu(gate, up), reference.swiglu(gate, up), rtol=1e-2, atol=1e-2)
+
+
+def test_integer_inputs_are_a_clear_error():
+    with pytest.raises(ValueError, match="swiglu: gate and up must be floating tensors, got torch.int64"):
+        swiglu(torch.arange(4), torch.arange(4))

@@ -263,6 +263,20 @@ def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
         tiny_config(source_tree, corpus, tmp_path, head_schedule="zigzag").validate()
     with pytest.raises(ValueError, match="head_weights"):
         tiny_config(source_tree, corpus, tmp_path, head_weights=[1.0]).validate()
+    for change, match in (({"grad_clip": -1.0}, "grad_clip must be > 0"), ({"grad_clip": float("nan")}, "grad_clip"),
+                          ({"lr": float("inf")}, "lr must be a finite number"), ({"beta2": 1.0}, "betas"),
+                          ({"head_weights": [1.0, float("nan"), 1.0, 1.0]}, "head_weights must be finite"),
+                          ({"time_budget_s": -5.0}, "time_budget_s"), ({"extra_max_mb": float("nan")}, "extra_max_mb"),
+                          ({"n_heads": 0}, "TrainConfig: n_heads must be a positive int"),
+                          ({"dim": 30}, "not divisible by n_heads")):
+        with pytest.raises(ValueError, match=match):
+            tiny_config(source_tree, corpus, tmp_path, **change).validate()
+    for name, value, match in (("max_train_files", 0, "max_train_files must be None or a positive int"),
+                               ("seq_len", 1, "seq_len must be an int >= 2")):   # fields tiny_config sets
+        cfg = tiny_config(source_tree, corpus, tmp_path)
+        setattr(cfg, name, value)
+        with pytest.raises(ValueError, match=match):
+            cfg.validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         preset_config("tiny", learning_rate=1.0)
     with pytest.raises(ValueError, match="unknown preset"):

@@ -215,6 +215,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
     """
+    if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
+                                          or max_scratch_bytes < 1):
+        raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
     if process_group is not None:
         from .vocab_parallel_ce import vocab_parallel_cross_entropy
 

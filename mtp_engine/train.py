@@ -200,6 +200,9 @@ class MTPTrainModel(nn.Module):
         Returns the same MTPLossOutput as forward (loss detached: the backward has happened).
         """
         model = self.model
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, seq) tensor, got {shape}")
         B, T = tokens.shape
         trunk_out = model.trunk_hidden(tokens)
         trunk_in = trunk_out.detach().requires_grad_(True)

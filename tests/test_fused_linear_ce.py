@@ -513,3 +513,17 @@ def test_second_backward_is_a_clear_error_not_a_wrong_gradient():
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
     assert torch.equal(h.grad, first)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_scratch_bytes="x"), "max_scratch_bytes must be None or a positive int"),
+    (dict(max_scratch_bytes=0), "max_scratch_bytes must be None or a positive int"),
+    (dict(ignore_index="x"), "ignore_index must be an int"),
+    (dict(head_weights=[float("nan")]), "head_weights must be a sequence of finite numbers"),
+    (dict(z_loss=float("nan")), "z_loss must be a finite number"),
+    (dict(softcap=float("inf")), "softcap must be None or a finite number"),
+])
+def test_option_types_and_non_finite_values_are_clear_errors(kwargs, match):
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(hidden, weight, torch.zeros(1, 4, dtype=torch.long), **kwargs)

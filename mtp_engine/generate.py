@@ -381,7 +381,7 @@ class Generator:
         key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
         return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
                              (tokens, cache_seqlens), keep_alive=(tree,),
-                             variants=None if tree is None else self._step_variants(tree.heads))[0]
+                             variants=None if tree is None else lambda: self._step_variants(tree.heads))[0]
 
     def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
         """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
@@ -429,9 +429,9 @@ class Generator:
                 return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
             key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
             rows = _graph_bucket(root.shape[0], self.model.cache_batch)   # the rows the graph runs
-            variants = self._step_variants(heads, scored_rows=rows * T * heads)
-            packed, next_root, next_drafts, lengths = self._graphed(key, graphed_step, inputs, keep_alive=(tree,),
-                                                                    variants=variants)
+            packed, next_root, next_drafts, lengths = self._graphed(
+                key, graphed_step, inputs, keep_alive=(tree,),
+                variants=lambda: self._step_variants(heads, scored_rows=rows * T * heads))
             cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
@@ -477,10 +477,10 @@ class Generator:
 
         return {label(c, r): functools.partial(setting, c, r) for c in concurrency for r in one_read}
 
-    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants: Optional[dict] = None):
+    def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants=None):
         """fn(*inputs) -> tuple of per-row tensors: replayed from a CUDA graph (CUDAGraphSteps) when
-        graphs are on, else (or after a failed capture) called. variants: see CUDAGraphSteps; an
-        eager call runs fn as the switches stand."""
+        graphs are on, else (or after a failed capture) called. variants: a function returning
+        CUDAGraphSteps' variants, called only to capture; an eager call runs fn as the switches stand."""
         if self._use_cuda_graphs():
             if self._graphs is None:
                 self._graphs = CUDAGraphSteps(self.model)
@@ -676,10 +676,10 @@ class CUDAGraphSteps:
         self._captured_ptrs = None
         self._warmup_stream = None
 
-    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants: Optional[dict] = None
-                 ) -> tuple:
+    def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants=None) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
-        buffers, valid until the next call of the same key."""
+        buffers, valid until the next call of the same key. variants: None, or a function that
+        returns them (called at a capture only: a replay does no Python work for them)."""
         model = self.model
         # A graph holds raw addresses and strides: of the caches, and of the rotary table and weights
         # it read. New caches (a re-sized one may reuse the old address), a grown rotary table
@@ -696,7 +696,8 @@ class CUDAGraphSteps:
         key = (bucket, model.concurrent_heads, *key)   # the flag changes what a capture records
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive, variants)
+            entry = self._graphs[key] = self._capture(fn, inputs, bucket, keep_alive,
+                                                      variants() if variants is not None else None)
         else:
             self._load(entry.inputs, inputs)
             entry.graph.replay()

@@ -214,7 +214,7 @@ def test_gpu_captured_concurrent_heads_equal_sequential_bits():
         return setting
 
     variants = {"concurrent": heads_way(True), "in order": heads_way(False)}
-    got = graphs(("verify-compared",), forward, (tokens, seqlens), variants=variants)[0]
+    got = graphs(("verify-compared",), forward, (tokens, seqlens), variants=lambda: variants)[0]
     torch.cuda.synchronize()
     assert torch.equal(got, want)
     (choice,) = graphs.variant_choices()

@@ -150,13 +150,14 @@ def _merge_candidates_kernel(
     alive = offs < N
     score = tl.load(score_ptr + row * stride_row + offs * stride_cand, mask=alive, other=float("-inf"))
     score = tl.where(score == score, score, float("-inf"))
-    ids = tl.load(index_ptr + row * stride_row + offs * stride_cand, mask=alive, other=0).to(tl.int64)
+    # Token ids fit int32 (the selection kernel writes them so): half the registers of int64.
+    ids = tl.load(index_ptr + row * stride_row + offs * stride_cand, mask=alive, other=0).to(tl.int32)
     for rank in tl.static_range(OUT_K):
         live = tl.where(alive, score, float("-inf"))
         best = tl.max(live, axis=0)
         position = tl.min(tl.where(alive & (live == best), offs, BLOCK_N), axis=0)
         token = tl.sum(tl.where(offs == position, ids, 0), axis=0)
-        tl.store(out_ptr + pid * OUT_K + rank, token)
+        tl.store(out_ptr + pid * OUT_K + rank, token.to(tl.int64))
         alive = alive & (offs != position)
 
 
@@ -230,9 +231,10 @@ def _out_shape(candidates: TokenCandidates, rows) -> tuple:
     return (candidates.score.shape[0],) if rows is None else tuple(rows.shape)
 
 
-# Candidates per row up to which one program of the merge kernel holds a row (16 warps, 32 of
-# each per thread); Llama 3's vocabulary at 16 ranks per block is 16032.
-MAX_MERGE_CANDIDATES = 16384
+# Candidates per row up to which one program of the merge kernel holds a row: at 16 warps, 16 of
+# each per thread (compiled for sm_90 without spills; 16384 spilled 264 bytes). Llama 3's
+# vocabulary keeps 8 ranks per block in it (8016); wider rows take the torch route.
+MAX_MERGE_CANDIDATES = 8192
 
 
 def _merge_on_device(score: torch.Tensor) -> bool:

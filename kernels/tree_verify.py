@@ -10,7 +10,8 @@ tree_accept: one program per sequence holds its (T,) parents and candidates rows
 walks down from the root, one depth per loop step: the children of the current node are the
 positions where parents == current; the first of them (node order) whose candidate equals the
 verifier's token at the current node is accepted. T <= a few hundred, so a step is one vector
-compare and a min-reduction.
+compare and a min-reduction. tree_accept_tokens: the same walk also writes what each sequence emits
+(the accepted drafts and the bonus, packed behind the accepted length) and its last node.
 
 compact_kv_cache: one program per (layer, sequence, block of Hkv*Dh features) moves the K and V of
 the accepted nodes from slots start + accepted_nodes[b, j] to the consecutive slots start + j.

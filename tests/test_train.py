@@ -182,6 +182,8 @@ def test_sequential_head_schedule_gives_the_batched_gradients(n_future):
     torch.testing.assert_close(seq.per_head, out.per_head, rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match=r"tokens must be a \(batch, seq\) tensor, got \(21,\)"):
+        batched.forward_backward_sequential(tokens[0])
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -215,13 +215,15 @@ def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype:
 # ------------------------------------------------------------------------------------------
 def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap):
     """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), n, N, single_head)."""
-    h3, single_head = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap)
+    h3, single_head = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap,
+                                   ignore_index, head_weights)
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V=0)")
     return flatten_rows(h3, targets, head_weights, weight.shape[0], ignore_index) + (single_head,)
 
 
-def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, weight_name="weight"):
+def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, head_weights,
+                 weight_name="weight"):
     """Every check that needs no vocabulary size: types, shapes, dtypes, devices, options.
     Returns (hidden as (n, N, D), single_head)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(targets, torch.Tensor):
@@ -250,7 +252,7 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
     if hidden.device != weight.device or targets.device != hidden.device:
         raise ValueError(f"hidden ({hidden.device}), {weight_name} ({weight.device}) and targets ({targets.device}) "
                          "must be on one device")
-    check_loss_options(label_smoothing, z_loss, softcap)
+    check_loss_options(label_smoothing, z_loss, softcap, ignore_index, head_weights)
     return h3, single_head
 
 
@@ -279,7 +281,6 @@ def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_si
     """Check token ids against [0, vocab_size) and flatten: (rows (M, D), targets (M,), lambda per row (M,),
     lambda (n,), n, N)."""
     n, N, _ = h3.shape
-    check_loss_options(0.0, 0.0, None, ignore_index, head_weights)
     flat_t = targets.reshape(-1).to(torch.int64)
     bad = ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
     if flat_t.numel() and bool(bad.any()):

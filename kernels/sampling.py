@@ -48,6 +48,10 @@ from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Smallest positive temperature: 1 / temperature must stay finite in float32, where the kernels
+# scale the logits (1e-40 made it inf, and the draws garbage).
+MIN_TEMPERATURE = 1e-30
+
 
 # ============================================================================================
 # Kernels
@@ -475,8 +479,9 @@ def _check_sampling_args(temperature, top_p, generator, device: torch.device) ->
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"linear_sample: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if 0 < temperature < 1e-30:   # 1 / temperature must be finite in float32 (mtp_engine.sampling.MIN_TEMPERATURE)
-        raise ValueError(f"linear_sample: temperature must be 0 (greedy) or at least 1e-30, got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"linear_sample: temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+                         f"(1 / temperature must be finite in float32), got {temperature}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
     if generator is not None:

@@ -187,8 +187,8 @@ class Generator:
             seqs.append(seq)
 
         rng = None
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-            raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        if seed is not None:
+            _check_seed(seed)
         if temperature > 0 and seed is not None:
             rng = torch.Generator(device=self.device)
             rng.manual_seed(int(seed))
@@ -632,6 +632,12 @@ def _next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _check_seed(seed) -> None:
+    """A torch.Generator seed: an int in [0, 2**63) (torch rejects larger ones from deep inside)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
 def _graph_bucket(rows: int, cache_batch: int) -> int:
     """The batch a CUDA graph of `rows` rows is captured for: the next power of two, at most the
     cache's batch (CUDAGraphSteps)."""
@@ -832,8 +838,7 @@ class Llama:
         from .checkpoint import load_checkpoint
         from .tokenizer import Tokenizer
 
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        _check_seed(seed)
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist")
         if not os.path.isfile(tokenizer_path):

@@ -13,11 +13,7 @@ from typing import Optional
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
-
-
-# Smallest positive temperature: 1 / temperature must stay finite in float32, where the kernels
-# scale the logits (1e-40 made it inf, and the draws garbage).
-MIN_TEMPERATURE = 1e-30
+from mtp_kernels.sampling import MIN_TEMPERATURE
 
 
 def check_sampling_args(temperature: float, top_p: float) -> None:

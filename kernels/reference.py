@@ -234,7 +234,8 @@ def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
                               neginf=float("-inf"))   # + 0.0 turns -0.0 into +0.0: they are equal
     if scores.device.type == "cpu":
         # torch.topk, then ties ordered by position: right unless the k-th score has an equal
-        # outside the k taken (checked on the host). 8x cheaper than the keys below at (3, 32000).
+        # outside the k taken (checked on the host). At (3, 32000) on 2 threads this whole function
+        # took 0.15 ms against the keys' 0.40 (timed by hand, not a benchmark in the repo).
         values, positions = torch.topk(scores, k, dim=-1)
         if bool(((scores >= values[:, -1:]).sum(dim=-1) == k).all()):
             positions, by_position = positions.sort(dim=-1)

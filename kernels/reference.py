@@ -218,11 +218,17 @@ def _float32_logit_chunks(hidden: torch.Tensor, weight: torch.Tensor):
 
 def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden: (R, D) fp32/fp16/bf16; weight: (V, D) same dtype. Returns (R,) int64
-    argmax_v of hidden @ weight.T in float32; ties go to the smallest index (torch.argmax)."""
+    argmax_v of hidden @ weight.T in float32; ties go to the smallest index (torch.argmax); NaN
+    counts as -inf, as in the kernel (a row of NaN picks id 0, never an id past the vocabulary)."""
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
-        tokens[rows] = torch.argmax(logits, dim=-1)
+        tokens[rows] = _argmax_nan_as_low(logits)
     return tokens
+
+
+def _argmax_nan_as_low(scores: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dim with NaN counted as -inf (torch.argmax lets NaN win)."""
+    return torch.argmax(scores.masked_fill(scores.isnan(), float("-inf")), dim=-1)
 
 
 def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -304,7 +310,7 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
             uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
             # u == 0 gives -log(-log 0) = -inf: that token simply loses.
             gumbel = -torch.log(-torch.log(uniform))
-            tokens[rows] = torch.argmax(logits / temperature + gumbel, dim=-1)
+            tokens[rows] = _argmax_nan_as_low(logits / temperature + gumbel)
     return tokens
 
 

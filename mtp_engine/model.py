@@ -454,8 +454,8 @@ class Transformer(nn.Module):
         cache_seqlens + depth) and tree_mask (T, T) bool says which nodes each node sees (or its
         `pack_tree_mask`, which a caller that reuses one tree keeps; a bool mask is packed here once
         for all layers).
-        check_lengths: verify 0 <= cache_seqlens <= cache_len - T (one host sync per forward); a
-        caller that tracks the lengths on the host (the Generator) turns it off.
+        check_lengths: verify 0 <= cache_seqlens <= cache_len - T and the token ids (host syncs); a
+        caller that tracks the lengths on the host and checked its tokens (the Generator) turns it off.
         """
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")

@@ -224,8 +224,11 @@ def test_nan_hidden_states_still_give_token_ids(triton_backend):
     next embedding lookup would fault on: NaN logits count as -inf, so the row picks id 0."""
     hidden, weight = _integer_inputs(3, 100, 16, torch.float32, seed=23)
     hidden[1] = float("nan")
+    weight[7] = float("nan")            # and one NaN logit in every row: it never wins
     tokens = linear_argmax(hidden, weight)
-    assert tokens[1] == 0 and torch.equal(tokens[[0, 2]], torch.argmax(hidden[[0, 2]] @ weight.T, dim=1))
+    logits = (hidden @ weight.T).nan_to_num(nan=float("-inf"))
+    assert tokens[1] == 0 and torch.equal(tokens[[0, 2]], torch.argmax(logits[[0, 2]], dim=1))
+    assert torch.equal(reference.linear_argmax(hidden, weight), tokens)   # the twin agrees
     top = linear_topk(hidden, weight, 4)
     assert ((top >= 0) & (top < 100)).all()
     assert ((linear_sample(hidden, weight, temperature=1.0) >= 0) & (linear_sample(hidden, weight, temperature=1.0)

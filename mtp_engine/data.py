@@ -2,7 +2,7 @@
 
     corpus = prepare_corpus("data/stdlib", vocab_size=8192)       # default source: Python's own stdlib
     train = PackedTokens(corpus.train_path, seq_len=512)
-    for tokens in train.batches(batch_size=16, seed=0, start_batch=0): ...   # (B, T) int64
+    for tokens in train.batches(batch_size=16, seed=0, start=0): ...   # (B, T) int64
 
 The split is by file and deterministic: files under a held-out folder (`test/`, `tests/`) are held
 out; a folder without any gets a fixed hash-chosen share of its files held out instead. Every file

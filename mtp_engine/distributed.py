@@ -169,6 +169,16 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return (buf / env.world_size).to(device=t.device, dtype=t.dtype)
 
 
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is True on at least one (a decision all ranks must share, such as
+    stopping: a rank that left alone would leave the others waiting in a collective)."""
+    if not env.distributed:
+        return bool(flag)
+    buf = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return bool(buf.item())
+
+
 # ------------------------------------------------------------------------------------ wrapping
 def find_transformer(module: nn.Module) -> Transformer:
     """The `Transformer` inside `module` (module itself, `.model`, or the first one found)."""

@@ -247,12 +247,38 @@ _FIT_RESERVE = 0.05
 
 
 def _fit_schedule(cfg: TrainConfig, step: int, step_time_s: float, elapsed_s: float):
-    """cfg with max_steps set so the remaining budget ends the cosine schedule (warmup kept below it)."""
+    """cfg with max_steps set so the remaining budget ends the cosine schedule. The warmup is kept:
+    at the fit it is under way (or over), and a shorter one would make the learning rate jump. Only
+    a budget too short for the warmup itself cuts it, to end on the last step."""
     remaining = cfg.time_budget_s * (1 - _FIT_RESERVE) - elapsed_s
     max_steps = max(step + 1, step + int(remaining / max(step_time_s, 1e-9)))
-    fitted = dataclasses.replace(cfg, max_steps=max_steps, warmup_steps=min(cfg.warmup_steps, max_steps // 10))
-    return fitted, {"step_time_s": step_time_s, "max_steps": max_steps, "at_step": step,
-                    "warmup_steps": fitted.warmup_steps}
+    warmup = min(cfg.warmup_steps, max_steps)
+    return dataclasses.replace(cfg, max_steps=max_steps, warmup_steps=warmup), {
+        "step_time_s": step_time_s, "max_steps": max_steps, "at_step": step, "warmup_steps": warmup}
+
+
+def _refit(cfg: TrainConfig, fitted: dict) -> TrainConfig:
+    """A resumed run's cfg with the schedule fitted before the interruption (trainer_state.json)."""
+    return dataclasses.replace(cfg, max_steps=fitted["max_steps"], warmup_steps=fitted["warmup_steps"])
+
+
+# A distributed run with a time budget checks it every this many steps, all ranks together: each rank
+# keeps its own clock, and a rank that stopped alone would leave the others in a collective.
+_BUDGET_CHECK_EVERY_DIST = 8
+
+
+def _over_time(cfg: TrainConfig, step: int, elapsed_s: float, env) -> bool:
+    """Whether the run stops for its time budget after `step`; every rank gets the same answer."""
+    if cfg.time_budget_s is None:
+        return False
+    over = elapsed_s >= cfg.time_budget_s
+    if env is None:
+        return over
+    if step % _BUDGET_CHECK_EVERY_DIST:
+        return False
+    from .distributed import any_rank
+
+    return any_rank(over, env)
 
 
 def _sync(device: torch.device) -> None:
@@ -413,19 +439,27 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     window_start, window_tokens = time.perf_counter(), 0
     micro_index = step * cfg.grad_accum * world
     last_loss = float("nan")
-    fit_schedule = cfg.schedule_to_budget and step == 0
+    # A resumed run keeps the schedule fitted before the interruption; one interrupted before its fit
+    # fits from here (the first steps after a start compile kernels again, so the timing starts later).
+    fit_schedule = cfg.schedule_to_budget and "schedule_fit" not in state
+    if cfg.schedule_to_budget and not fit_schedule:
+        cfg = _refit(cfg, state["schedule_fit"])
+        run_log["config"].update(max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
+        run_log["schedule_fit"] = state["schedule_fit"]
+        progress.total = cfg.max_steps
+    fit_from, fit_at = step + _FIT_FROM_STEP, step + _FIT_AT_STEP
     try:
         while step < cfg.max_steps:
-            if fit_schedule and step in (_FIT_FROM_STEP, _FIT_AT_STEP):
+            if fit_schedule and step in (fit_from, fit_at):
                 _sync(device)
-                if step == _FIT_FROM_STEP:   # the first steps compile kernels: time the ones after
+                if step == fit_from:   # the first steps compile kernels: time the ones after
                     fit_start = time.perf_counter()
                 else:
-                    cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (step - _FIT_FROM_STEP),
+                    cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (fit_at - fit_from),
                                                 time.perf_counter() - start_time)
                     run_log["config"]["max_steps"] = cfg.max_steps
                     run_log["config"]["warmup_steps"] = cfg.warmup_steps
-                    run_log["schedule_fit"] = fitted
+                    run_log["schedule_fit"] = state["schedule_fit"] = fitted
                     progress.total = cfg.max_steps
                     log(f"schedule fitted to the time budget: {fitted['step_time_s'] * 1e3:.1f} ms per step, "
                         f"max_steps {fitted['max_steps']}")
@@ -454,11 +488,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             step += 1
             window_tokens += tokens_per_step
             state["tokens"] += tokens_per_step
-            over_time = cfg.time_budget_s is not None and time.perf_counter() - start_time >= cfg.time_budget_s
+            over_time = _over_time(cfg, step, time.perf_counter() - start_time, env)
             if step % cfg.log_every == 0 or step == cfg.max_steps or over_time:
                 # Host reads (and the cross-rank mean) only on logging steps.
                 logged = _all_reduce_mean(per_head, env) if env is not None else per_head
-                last_loss = float(logged.sum())
+                # The objective the optimizer sees: the head-weighted sum (per_head stays unweighted).
+                last_loss = sum(w * x for w, x in zip(module.head_weights, logged.tolist()))
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
@@ -659,8 +694,10 @@ def run(args: argparse.Namespace) -> int:
         # A resumed run keeps its original configuration except the knobs that make sense to change.
         saved = json.loads((Path(cfg.out_dir) / "train_log.json").read_text())["config"]
         keep = {"max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress", "device"}
-        cfg = TrainConfig(**{**saved, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                          if k in keep and getattr(args, k, None) is not None}})
+        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep and getattr(args, k, None) is not None}
+        if "max_steps" in changed:   # an explicit length replaces a schedule fitted to the time budget
+            changed["schedule_to_budget"] = False
+        cfg = TrainConfig(**{**saved, **changed})
     summary = train(cfg, resume=args.resume)["summary"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))

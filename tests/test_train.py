@@ -1,4 +1,5 @@
 """Training: data pipeline, loss going down, the sequential head schedule, resume, `mtp eval`."""
+import dataclasses
 import json
 from collections import Counter
 import sysconfig
@@ -251,6 +252,47 @@ def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path):
         tiny_config(source_tree, corpus, tmp_path, schedule_to_budget=True).validate()
 
 
+def test_resumed_run_keeps_the_fitted_schedule(source_tree, corpus, tmp_path, monkeypatch):
+    """A run stopped after its schedule fit (step 25) resumes on the fitted max_steps and warmup, from
+    trainer_state.json: `train(cfg, resume=True)` with the original cfg, as the CLI's path does."""
+    import mtp_engine.train as train_module
+
+    class Stop(Exception):
+        pass
+
+    save = train_module._save
+
+    def save_then_stop(out, module, wrapped, optimizer, state, run_log, cfg, env, final):
+        save(out, module, wrapped, optimizer, state, run_log, cfg, env, final)
+        if state["step"] == 26 and not final:
+            raise Stop
+
+    cfg = tiny_config(source_tree, corpus, tmp_path / "fit", max_steps=100_000, warmup_steps=40, log_every=1,
+                      eval_every=100_000, save_every=26, time_budget_s=4.0, schedule_to_budget=True)
+    monkeypatch.setattr(train_module, "_save", save_then_stop)
+    with pytest.raises(Stop):
+        train(dataclasses.replace(cfg), log=lambda *a: None)
+    monkeypatch.setattr(train_module, "_save", save)
+    fitted = json.loads((tmp_path / "fit" / "trainer_state.json").read_text())["schedule_fit"]
+    assert fitted["at_step"] == 25 and fitted["warmup_steps"] == min(40, fitted["max_steps"])   # warmup kept
+    log = train(dataclasses.replace(cfg), resume=True, log=lambda *a: None)
+    fitted_cfg = dataclasses.replace(cfg, max_steps=fitted["max_steps"], warmup_steps=fitted["warmup_steps"])
+    assert log["config"]["max_steps"] == fitted["max_steps"] and log["schedule_fit"] == fitted
+    assert log["summary"]["steps"] <= fitted["max_steps"]
+    for entry in log["steps"]:
+        assert entry["lr"] == pytest.approx(lr_at(entry["step"] - 1, fitted_cfg)), entry["step"]
+
+
+def test_logged_loss_is_the_head_weighted_objective(source_tree, corpus, tmp_path):
+    weights = [1.0, 0.5, 0.0, 2.0]
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=2, log_every=1, eval_every=2, save_every=2,
+                      head_weights=weights)
+    log = train(cfg, log=lambda *a: None)
+    for entry in log["steps"]:
+        assert entry["loss"] == pytest.approx(sum(w * x for w, x in zip(weights, entry["per_head"])))
+    assert log["summary"]["final_loss"] == log["steps"][-1]["loss"]
+
+
 def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):
     runs = {}
     for schedule in ("batched", "sequential"):
@@ -288,7 +330,9 @@ def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, strategy):
     """`mtp train` end to end under torchrun (gloo, 2 CPU processes): steps, evaluation (FSDP gathers
-    the root's parameters), a Meta checkpoint from the sharded model, then a resumed run."""
+    the root's parameters), a Meta checkpoint from the sharded model, then a resumed run whose rank 1
+    alone passes the time budget (its clock runs fast): both ranks stop together, at the budget check
+    of step 8, and save (a rank that stopped alone left the other in a collective: a crash or a hang)."""
     import os
     import subprocess
     import sys
@@ -299,17 +343,19 @@ def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, s
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-            "-m", "mtp_engine", "train", "--preset", "tiny", "--source", str(source_tree), "--corpus-dir",
-            str(corpus.dir), "--vocab-size", "400", "--seq-len", "48", "--out-dir", str(out), "--no-progress",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    args = ["train", "--preset", "tiny", "--source", str(source_tree), "--corpus-dir", str(corpus.dir),
+            "--vocab-size", "400", "--seq-len", "48", "--out-dir", str(out), "--no-progress",
             "--distributed", strategy, "--eval-every", "2", "--save-every", "2"]
+    skewed = str(Path(__file__).parent / "_skewed_clock_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for steps, extra in (("2", []), ("4", ["--resume"])):
-        proc = subprocess.run(base + ["--max-steps", steps] + extra, capture_output=True, text=True, env=env,
-                              timeout=240)
+    for entry, extra in ((["-m", "mtp_engine"], ["--max-steps", "2"]),
+                         ([skewed], ["--max-steps", "100", "--time-budget-s", "1e6", "--resume"])):
+        proc = subprocess.run(launch + entry + args + extra, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "train_log.json").read_text())
-    assert log["summary"]["steps"] == 4 and [e["step"] for e in log["evals"]] == [2, 4]
+    assert log["summary"]["steps"] == 8 and [e["step"] for e in log["evals"]] == [2, 4, 6, 8]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 8
     model_state = torch.load(out / "resume" / "consolidated.00.pth", weights_only=True)
     assert model_state["output.weight"].shape == (400, 32)
     assert "resuming" in proc.stdout

@@ -202,8 +202,12 @@ class Generator:
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
                     prompts, seqs, tree_spec, temperature, top_p, rng, eos_id, logprobs, start)
-        elif tree_spec is not None:
-            extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
+        else:
+            if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
+                _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
+                forwards, prefill_time = 1, time.perf_counter() - start
+            if tree_spec is not None:
+                extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
         wall = time.perf_counter() - start
 
         tokens = [s.tokens for s in seqs]
@@ -527,7 +531,8 @@ class Generator:
             tree_tokens = self.tree_tokens or DEFAULT_TREE_TOKENS.get(self.device.type, DEFAULT_TREE_TOKENS["cuda"])
             # Sized for the batch bucket the CUDA graphs run (rows rounded up to a power of two), so
             # every batch size in a bucket verifies the same tree: one set of graphs and tunings.
-            tree = default_tree(heads, _next_power_of_two(rows), tree_tokens, self.tree_rates)
+            tree = default_tree(heads, _next_power_of_two(rows), tree_tokens, self.tree_rates,
+                                vocab_size=self.model.vocab_size)
         token_tree = speculative_tree(tree, heads)
         if token_tree.max_depth + 1 < heads:
             # A head no node reaches would run in every verify forward and draft for nothing.

@@ -111,11 +111,12 @@ def default_tree_nodes(heads: int, rows: int, tree_tokens: int) -> int:
     return min(preset_nodes(heads), max(heads - 1, tree_tokens // rows - 1))
 
 
-def default_tree(heads: int, rows: int, tree_tokens: int, rates=None) -> List[List[int]]:
+def default_tree(heads: int, rows: int, tree_tokens: int, rates=None,
+                 vocab_size: Optional[int] = None) -> List[List[int]]:
     """The tree `Generator.generate` verifies when none is given: `build_tree` over `rates` (measured
     per-depth rates, e.g. a checkpoint's tree.json; None = prior_rates) with
     `default_tree_nodes(heads, rows, tree_tokens)` nodes. Rates for more heads than `heads` are cut
-    to the first heads - 1 depths."""
+    to the first heads - 1 depths, and to `vocab_size` ranks (a head has no more candidates)."""
     nodes = default_tree_nodes(heads, rows, tree_tokens)
     if rates is None:
         rates = prior_rates(heads)
@@ -124,6 +125,10 @@ def default_tree(heads: int, rows: int, tree_tokens: int, rates=None) -> List[Li
         if len(rates) < heads - 1:
             raise ValueError(f"rates cover {len(rates)} drafting depths, but {heads} heads need {heads - 1}")
         rates = rates[:heads - 1]
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+        rates = [row[:vocab_size] for row in rates]
     return build_tree(rates, nodes)
 
 

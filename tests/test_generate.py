@@ -86,8 +86,18 @@ def test_result_shape_and_stats(model):
 
 
 def test_max_gen_len_zero_returns_nothing(model):
-    res = Generator(model, max_batch_size=2, max_seq_len=16).generate(random_prompts([2, 3]), max_gen_len=0)
-    assert res.tokens == [[], []] and res.stats["forwards"] == 0
+    gen = Generator(model, max_batch_size=2, max_seq_len=16)
+    prompts = random_prompts([2, 3])
+    res = gen.generate(prompts, max_gen_len=0)
+    assert res.tokens == [[], []] and res.stats["forwards"] == 0 and res.prompt_logprobs is None
+    # Asked for log-probs: the prompts' still come (one prefill), for plain and speculative alike.
+    want = gen.generate(prompts, max_gen_len=1, logprobs=True).prompt_logprobs
+    for speculative in (None, "tree"):
+        res = gen.generate(prompts, max_gen_len=0, logprobs=True, speculative=speculative)
+        assert res.tokens == [[], []] and res.logprobs == [[], []]
+        assert [len(lp) for lp in res.prompt_logprobs] == [2, 3]
+        for got, expected in zip(res.prompt_logprobs, want):
+            assert got == pytest.approx(expected, abs=1e-5)
 
 
 def test_max_gen_len_clipped_to_cache_room(model):

@@ -240,6 +240,10 @@ def test_default_tree_size_follows_the_batch():
                                                                                     [1, 0], [1, 1]]
     with pytest.raises(ValueError, match="rates cover 1 drafting depths, but 3 heads need 2"):
         spec.default_tree(3, 1, 256, rates[:1])
+    # A vocabulary of 2 tokens: at most ranks 0 and 1 per head, so 2 + 4 = 6 nodes for 3 heads.
+    assert spec.default_tree(3, 1, 256, vocab_size=2) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1"):
+        spec.default_tree(3, 1, 256, vocab_size=0)
     with pytest.raises(ValueError, match="rows must be an int >= 1"):
         spec.default_tree_nodes(3, 0, 256)
     with pytest.raises(ValueError, match="tree_tokens must be an int >= 1"):
@@ -270,6 +274,14 @@ def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(m
     wide = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=4,
                      tree_rates=[[0.5, 0.4], [0.3], [0.3]])._check_speculative("tree", 4, None, rows=1)
     assert wide.max_depth == 2 and wide.heads == 3
+    # A vocabulary smaller than the default tree's ranks: the tree keeps to the ranks that exist.
+    torch.manual_seed(0)
+    tiny = Transformer(ModelArgs(dim=16, n_layers=3, n_heads=2, vocab_size=2, multiple_of=16, n_future_tokens=2,
+                                 max_seq_len=32, max_batch_size=1)).eval()
+    tiny_gen = Generator(tiny, max_batch_size=1, max_seq_len=16, tree_tokens=256)
+    assert tiny_gen._check_speculative("tree", 2, None, rows=1).paths == ((0,), (1,))
+    assert (tiny_gen.generate([[0, 1]], max_gen_len=5, speculative="tree").tokens
+            == tiny_gen.generate([[0, 1]], max_gen_len=5).tokens)
     for kwargs, match in (({"tree_tokens": 0}, "tree_tokens"), ({"tree_tokens": True}, "tree_tokens"),
                           ({"tree_rates": [[1.5]]}, "rates for depth 1 must lie in")):
         with pytest.raises(ValueError, match=match):

@@ -12,8 +12,9 @@ Contenders (a peer that is not importable, or needs CUDA on a CPU run, is record
   eager_all_heads      logits = hidden @ weight.T for all heads at once (bf16), then
                        F.cross_entropy(logits.float().view(-1, V), targets.view(-1)) * n: the usual
                        "upcast the logits to float32, then cross-entropy" recipe.
-  eager_per_head       the same per head, head losses summed, one backward. Also the correctness
-                       reference for every other contender.
+  eager_per_head       the same per head. Also the correctness reference for every other contender.
+  Every *_per_head contender runs as the paper runs heads: each head's forward, then its backward,
+  before the next head's forward (`per_head_backward`), so one head's buffers are alive at a time.
   torch_lce_per_head   torch.nn.functional.linear_cross_entropy per head (only in torch builds that
                        have it), with its chunked path (options=LinearCrossEntropyOptions()) when
                        the signature offers one.
@@ -24,10 +25,12 @@ Contenders (a peer that is not importable, or needs CUDA on a CPU run, is record
                        cut_cross_entropy.linear_cross_entropy (25.1.1; defaults, so impl="cce" and
                        gradient filtering filter_eps="high").
   ours                 mtp_kernels.fused_linear_cross_entropy(hidden, weight, targets), all heads
-                       in one call (defaults: 256 MiB of logits scratch, dW summed in float32).
+                       in one call (defaults: 256 MiB of logits scratch asked for, dW summed in
+                       float32; the driver raises the scratch to V*D*2 bytes when that is larger,
+                       since the final cast of dW takes that much anyway: `scratch_budget`).
   ours_native_accum    the same with accum_dtype=None: dW summed in bf16 across row chunks, as
                        Liger does by default (V*D*2 bytes lighter). ours_scratch{64,128,512}: other
-                       scratch budgets.
+                       scratch budgets asked for; the "scratch MiB" column gives the one that ran.
 
 Reported per contender: median ms, peak MiB above the memory allocated before the call (gradients
 included), time / floor where floor = 3 matmuls (logits, dH, dW) of 2*n*N*D*V FLOPs at the matmul
@@ -134,16 +137,34 @@ def eager_all_heads(device: torch.device) -> LossFn:
     return loss_fn
 
 
-def eager_per_head(device: torch.device) -> LossFn:
+def per_head_backward(head_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
+    """A per-head contender: head i's loss head_loss(hidden[i], weight, targets[i]), then its backward,
+    before head i+1's forward (the paper's order: one head's logits and buffers alive at a time).
+    Returns the summed loss detached: its backward has run (`forward_backward`)."""
     def loss_fn(hidden, weight, targets):
         total = None
         for i in range(hidden.shape[0]):
-            logits = hidden[i] @ weight.T
-            head = F.cross_entropy(logits.float(), targets[i], ignore_index=IGNORE_INDEX)
-            total = head if total is None else total + head
+            head = head_loss(hidden[i], weight, targets[i])
+            head.backward()
+            total = head.detach() if total is None else total + head.detach()
         return total
 
     return loss_fn
+
+
+def forward_backward(loss_fn: LossFn, hidden, weight, targets) -> torch.Tensor:
+    """One contender step: the loss, and its backward unless the contender ran it per head."""
+    loss = loss_fn(hidden, weight, targets)
+    if loss.requires_grad:
+        loss.backward()
+    return loss.detach()
+
+
+def eager_per_head(device: torch.device) -> LossFn:
+    def head_loss(hidden, weight, targets):
+        return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)
+
+    return per_head_backward(head_loss)
 
 
 def torch_lce_per_head(device: torch.device) -> LossFn:
@@ -160,14 +181,7 @@ def torch_lce_per_head(device: torch.device) -> LossFn:
         # selects the chunked, memory-saving one, which is the point of this function.
         kwargs["options"] = options_cls()
 
-    def loss_fn(hidden, weight, targets):
-        total = None
-        for i in range(hidden.shape[0]):
-            head = lce(hidden[i], weight, targets[i], **kwargs)
-            total = head if total is None else total + head
-        return total
-
-    return loss_fn
+    return per_head_backward(lambda hidden, weight, targets: lce(hidden, weight, targets, **kwargs))
 
 
 def _needs_cuda(device: torch.device, who: str) -> None:
@@ -193,14 +207,8 @@ def liger_per_head(device: torch.device) -> LossFn:
     liger = _liger()
     _needs_cuda(device, "liger-kernel")
 
-    def loss_fn(hidden, weight, targets):
-        total = None
-        for i in range(hidden.shape[0]):
-            head = liger(hidden[i], weight, targets[i], ignore_index=IGNORE_INDEX, reduction="mean")
-            total = head if total is None else total + head
-        return total
-
-    return loss_fn
+    return per_head_backward(lambda hidden, weight, targets: liger(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                                                   reduction="mean"))
 
 
 def liger_concat(device: torch.device) -> LossFn:
@@ -223,14 +231,8 @@ def cce_per_head(device: torch.device) -> LossFn:
     cce = _cce()
     _needs_cuda(device, "cut-cross-entropy")
 
-    def loss_fn(hidden, weight, targets):
-        total = None
-        for i in range(hidden.shape[0]):
-            head = cce(hidden[i], weight, targets[i], ignore_index=IGNORE_INDEX, reduction="mean")
-            total = head if total is None else total + head
-        return total
-
-    return loss_fn
+    return per_head_backward(lambda hidden, weight, targets: cce(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                                                 reduction="mean"))
 
 
 def cce_concat(device: torch.device) -> LossFn:
@@ -262,9 +264,27 @@ def ours(device: torch.device, scratch_mib: Optional[int] = None, accum_dtype=to
     return loss_fn
 
 
-def ours_with_scratch(mib: int) -> Callable[[torch.device], LossFn]:
-    """Our kernel at a fixed scratch budget: the speed/memory trade-off of the chunk size."""
-    return lambda device: ours(device, mib)
+# Our variants: (logits scratch asked for in MiB, None = the default; dW accumulation dtype).
+OUR_VARIANTS: dict[str, tuple[Optional[int], Optional[torch.dtype]]] = {
+    "ours": (None, torch.float32),
+    "ours_native_accum": (None, None),
+    "ours_scratch64": (64, torch.float32),
+    "ours_scratch128": (128, torch.float32),
+    "ours_scratch512": (512, torch.float32),
+}
+
+
+def our_scratch_mib(name: str, shape: Shape, dtype: torch.dtype) -> float:
+    """The logits scratch variant `name` runs with at `shape` (MiB): the budget asked for, raised by the
+    driver to V*D bytes of the weight's dtype when dW is summed wider and cast at the end."""
+    common.import_mtp_kernels()
+    from mtp_kernels.linear_ce_driver import DEFAULT_SCRATCH_BYTES, scratch_budget
+
+    mib, accum = OUR_VARIANTS[name]
+    asked = DEFAULT_SCRATCH_BYTES if mib is None else mib * common.MIB
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    wide = accum is not None and accum != dtype
+    return scratch_budget(asked, shape.V, shape.D, element_size, wide) / common.MIB
 
 
 REFERENCE = "eager_per_head"
@@ -277,11 +297,8 @@ CONTENDERS: dict[str, Callable[[torch.device], LossFn]] = {
     "liger_concat": liger_concat,
     "cce_per_head": cce_per_head,
     "cce_concat": cce_concat,
-    "ours": ours,
-    "ours_native_accum": lambda device: ours(device, accum_dtype=None),
-    "ours_scratch64": ours_with_scratch(64),
-    "ours_scratch128": ours_with_scratch(128),
-    "ours_scratch512": ours_with_scratch(512),
+    **{name: (lambda device, mib=mib, accum=accum: ours(device, mib, accum))
+       for name, (mib, accum) in OUR_VARIANTS.items()},
 }
 
 
@@ -352,6 +369,8 @@ def run_shape(
     order = [REFERENCE] + [c for c in contenders if c != REFERENCE]
     for name in order:
         row: dict[str, Any] = {"shape": shape.name, **shape.__dict__, "contender": name, "floor_ms": floor_ms}
+        if name in OUR_VARIANTS:
+            row["scratch_mib"] = our_scratch_mib(name, shape, dtype)
         print(f"[{shape.name}] {name} ...", flush=True)
         start = time.perf_counter()
         try:
@@ -366,9 +385,7 @@ def run_shape(
             continue
 
         def step(loss_fn=loss_fn):
-            loss = loss_fn(hidden, weight, targets)
-            loss.backward()
-            return loss.detach(), hidden.grad, weight.grad
+            return forward_backward(loss_fn, hidden, weight, targets), hidden.grad, weight.grad
 
         measured = common.time_and_peak(step, clear_grads, device=device, rep_ms=rep_ms)
         result = measured.pop("result", None)
@@ -427,7 +444,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 # Report
 # --------------------------------------------------------------------------------------------
 TABLE_HEADERS = [
-    "shape", "contender", "ms", "peak MiB", "x floor", "ours/peer time", "ours/peer mem",
+    "shape", "contender", "scratch MiB", "ms", "peak MiB", "x floor", "ours/peer time", "ours/peer mem",
     "loss rel err", "dH rel err", "dW rel err", "status",
 ]
 
@@ -443,7 +460,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
         elif "head_loss_error" in r:
             status = f"ok; head-loss check failed: {r['head_loss_error']}"[:160]
         out.append([
-            r["shape"], r["contender"], r.get("ms"), r.get("peak_mib"), r.get("x_floor"),
+            r["shape"], r["contender"], r.get("scratch_mib", "-"), r.get("ms"), r.get("peak_mib"), r.get("x_floor"),
             r.get("ours_over_peer_time"), r.get("ours_over_peer_mem"),
             r.get("loss_rel_err"), r.get("dh_rel_err"), r.get("dw_rel_err"), status,
         ])
@@ -462,7 +479,9 @@ def render_markdown(meta: dict[str, Any], ceilings: dict[str, Any], shapes: list
         f"{ceilings['matmul_tflops']:.1f} TFLOP/s; copy {ceilings['copy_gbps']:.0f} GB/s (read + write).",
         "",
         "Loss = sum over heads of the per-head mean CE (5% of targets ignored, equally per head); ms = median "
-        "fwd+bwd; peak = MiB allocated above the pre-call level (gradients included); floor = logits, dH, dW "
+        "fwd+bwd; per-head contenders run each head's backward before the next head's forward; scratch = "
+        "the logits scratch our variant ran with; peak = MiB allocated above the pre-call level (gradients "
+        "included); floor = logits, dH, dW "
         "matmuls at the measured matmul rate; ours/peer < 1 means ours is faster / smaller; errors are "
         "relative to eager_per_head (matmul in the input dtype, CE in float32).",
         "",

@@ -45,9 +45,8 @@ def inputs():
 def eager_result(inputs):
     hidden, weight, targets = inputs
     hidden.grad = weight.grad = None
-    loss = bench.eager_per_head(torch.device("cpu"))(hidden, weight, targets)
-    loss.backward()
-    result = loss.detach(), hidden.grad.clone(), weight.grad.clone()
+    loss = bench.forward_backward(bench.eager_per_head(torch.device("cpu")), hidden, weight, targets)
+    result = loss, hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     return result
 
@@ -63,9 +62,7 @@ def test_fused_ce_fwd_bwd_cpu(benchmark, reference_backend, inputs, eager_result
         hidden.grad = weight.grad = None
 
     def step():
-        loss = loss_fn(hidden, weight, targets)
-        loss.backward()
-        return loss.detach()
+        return bench.forward_backward(loss_fn, hidden, weight, targets)
 
     benchmark.group = f"fused_ce fwd+bwd {SHAPE.label()}"
     loss = benchmark.pedantic(step, setup=clear_grads, rounds=10, warmup_rounds=1, iterations=1)

@@ -150,6 +150,31 @@ def test_bench_fused_ce_cpu_quick(tmp_path):
     assert rows["ours"]["status"] == "ok" and rows["eager_per_head"]["status"] == "ok"
 
 
+def test_bench_fused_ce_per_head_peers_and_scratch_labels(load_script):
+    """Per-head contenders run each head's backward before the next head's forward (the paper's
+    order, one head's buffers alive at a time): same loss and gradients as one backward of the sum.
+    The scratch column gives what our variants ran with: the driver raises a budget below V*D
+    bytes when it sums dW in float32 and casts at the end."""
+    bench = load_script(BENCH / "bench_fused_ce.py")
+    shape = bench.Shape("odd", n=3, N=37, D=16, V=101)
+    hidden, weight, targets = bench.make_inputs(shape, torch.device("cpu"), torch.float32)
+    loss = bench.forward_backward(bench.eager_per_head(torch.device("cpu")), hidden, weight, targets)
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    summed = sum(torch.nn.functional.cross_entropy(hidden[i] @ weight.T, targets[i], ignore_index=bench.IGNORE_INDEX)
+                 for i in range(shape.n))
+    summed.backward()
+    torch.testing.assert_close(loss, summed.detach())
+    torch.testing.assert_close(dh, hidden.grad)
+    torch.testing.assert_close(dw, weight.grad)
+    v32k, v128k = bench.SHAPES["v32k"], bench.SHAPES["v128k"]
+    assert bench.our_scratch_mib("ours_scratch64", v32k, torch.bfloat16) == 32000 * 4096 * 2 / 2**20   # 250 MiB
+    assert bench.our_scratch_mib("ours_scratch512", v32k, torch.bfloat16) == 512
+    assert bench.our_scratch_mib("ours", v128k, torch.bfloat16) == 128256 * 4096 * 2 / 2**20          # 1002 MiB
+    assert bench.our_scratch_mib("ours_native_accum", v128k, torch.bfloat16) == 256                   # no cast
+    assert bench.our_scratch_mib("ours_scratch64", v32k, torch.float32) == 64                         # no cast
+
+
 def test_bench_generate_tiny(tmp_path):
     _run([BENCH / "bench_generate.py", "--tiny"], tmp_path)
     table = (tmp_path / "generate_cpu.md").read_text()

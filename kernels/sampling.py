@@ -51,6 +51,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Smallest positive temperature: 1 / temperature must stay finite in float32, where the kernels
 # scale the logits (1e-40 made it inf, and the draws garbage).
 MIN_TEMPERATURE = 1e-30
+# float32's largest finite value: the selection kernel ranks NaN and -inf scores at -FLOAT32_MAX.
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # ============================================================================================
@@ -102,15 +104,19 @@ def _linear_select_partial_kernel(
         scores = logits * inv_temperature - tl.log(-tl.log(uniform))
     else:
         scores = logits
-    # NaN scores (a NaN hidden state) count as -inf: a row of them still picks a real token id.
-    scores = tl.where((offs_v[None, :] < V) & (scores == scores), scores, float("-inf"))
+    # NaN and -inf scores (a NaN hidden state, an infinite logit) rank last, at the lowest finite
+    # float: a row of them still picks real token ids. The winners taken out below go to -inf,
+    # strictly under every real column still in the running, so a row with fewer than TOP_K finite
+    # scores still takes TOP_K distinct ids (ties: smallest id). Padding columns (>= V) sit at -inf.
+    scores = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
+    scores = tl.where(offs_v[None, :] < V, scores, float("-inf"))
     row_ok = offs_r < R
     # Partials are (R, n_vocab_blocks, TOP_K): the tile's TOP_K best per row, best first.
     out_offs = offs_r.to(tl.int64) * (n_vocab_blocks * TOP_K) + pid_v * TOP_K
     for rank in tl.static_range(TOP_K):
         row_best = tl.max(scores, axis=1)
-        # Smallest index among the tile's maxima (torch.argmax's tie rule); padding columns are
-        # >= V, after every real column, so they can only win a row whose real scores are all -inf.
+        # Smallest index among the tile's maxima (torch.argmax's tie rule); padding columns can
+        # only win once every real column of the tile is taken (a last block narrower than TOP_K).
         is_best = scores == row_best[:, None]
         row_best_index = tl.min(tl.where(is_best, offs_v[None, :], 2147483647), axis=1)
         tl.store(best_score_ptr + out_offs + rank, row_best, mask=row_ok)

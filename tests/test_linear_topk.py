@@ -231,6 +231,18 @@ def test_nan_hidden_states_still_give_token_ids(triton_backend):
     assert torch.equal(reference.linear_argmax(hidden, weight), tokens)   # the twin agrees
     top = linear_topk(hidden, weight, 4)
     assert ((top >= 0) & (top < 100)).all()
+    assert torch.equal(top, reference.linear_topk(hidden, weight, 4))
+    assert top[1].tolist() == [0, 1, 2, 3]   # distinct ids: a taken winner must not tie with the NaN rest
+    # Fewer than k finite logits (two +inf, the rest -inf), at k = 4 and at the kernel's widest k:
+    weight = torch.zeros(100, 16)
+    weight[:, 0], weight[10, 0], weight[20, 0] = -1.0, 1.0, 1.0
+    hidden = torch.zeros(1, 16)
+    hidden[0, 0] = float("inf")
+    for k in (4, sampling.MAX_KERNEL_TOP_K):
+        top = linear_topk(hidden, weight, k)
+        assert top[0].tolist() == [10, 20] + [i for i in range(k) if i not in (10, 20)][: k - 2], k
+        assert torch.equal(top, reference.linear_topk(hidden, weight, k))
+        assert torch.equal(linear_candidates(hidden, weight, k).topk(k), top)
     assert ((linear_sample(hidden, weight, temperature=1.0) >= 0) & (linear_sample(hidden, weight, temperature=1.0)
                                                                       < 100)).all()
 

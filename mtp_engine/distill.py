@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
 from .model import Transformer
 from .tokenizer import Tokenizer
-from .train import warmup_cosine_lr
+from .train import check_optimizer_options, warmup_cosine_lr
 
 
 @dataclass
@@ -57,9 +57,9 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"need lr > 0, min_lr_ratio in [0, 1], warmup_steps in [0, steps]; got "
-                             f"{self.lr}, {self.min_lr_ratio}, {self.warmup_steps}")
+        check_optimizer_options(self)
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
 
 
 def training_prompts(tokenizer: Tokenizer, n_prompts: int, prompt_len: int, gen_len: int,

@@ -107,17 +107,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
-        if self.weight_decay < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"need weight_decay >= 0 and betas in [0, 1), got {self.weight_decay}, "
-                             f"({self.beta1}, {self.beta2})")
-        if self.grad_clip <= 0:   # a negative clip norm reverses every update
-            raise ValueError(f"grad_clip must be > 0 (the gradient norm to clip to), got {self.grad_clip}")
+        check_optimizer_options(self)
         for name in ("time_budget_s", "extra_max_mb"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -227,6 +217,24 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         if p.dim() == 2:
             nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(("wo.weight", "w2.weight")) else std)
+
+
+def check_optimizer_options(cfg) -> None:
+    """ValueError unless cfg's lr, min_lr_ratio, weight_decay, grad_clip (and beta1, beta2 where it
+    has them) are finite and in range: a TrainConfig or a DistillConfig."""
+    names = [n for n in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip") if hasattr(cfg, n)]
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if cfg.lr <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {cfg.lr}, {cfg.min_lr_ratio}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"need weight_decay >= 0, got {cfg.weight_decay}")
+    if not all(0 <= getattr(cfg, n) < 1 for n in ("beta1", "beta2") if n in names):
+        raise ValueError(f"need betas in [0, 1), got ({cfg.beta1}, {cfg.beta2})")
+    if cfg.grad_clip <= 0:   # a negative clip norm reverses every update; 0 stops training
+        raise ValueError(f"grad_clip must be > 0 (the gradient norm to clip to), got {cfg.grad_clip}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -100,6 +100,12 @@ def test_distill_needs_extra_heads_and_valid_config():
                       DistillConfig(steps=1, batch_size=1, warmup_steps=0))
     with pytest.raises(ValueError, match="steps must be a positive int"):
         DistillConfig(steps=0).validate()
+    # A negative clip norm trained the heads backwards, silently; 0 froze them.
+    for change, match in (({"grad_clip": -1.0}, "grad_clip must be > 0"), ({"grad_clip": 0.0}, "grad_clip must be > 0"),
+                          ({"weight_decay": -0.1}, "weight_decay >= 0"), ({"lr": float("nan")}, "lr must be a finite"),
+                          ({"warmup_steps": 700}, r"warmup_steps must be in \[0, steps=600\]")):
+        with pytest.raises(ValueError, match=match):
+            DistillConfig(**change).validate()
 
 
 def test_mtp_distill_command_end_to_end(tmp_path, capsys):

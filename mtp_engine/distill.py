@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32)
     tokenizer = Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    tokenizer.check_vocab(model.vocab_size)
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
                                Path(args.source) if args.source else None)

@@ -117,12 +117,21 @@ def sample_prompts(streams: List[List[int]], n_prompts: int, prompt_len: int, ge
     return prompts
 
 
+def _check_counts(**values) -> None:
+    """ValueError naming the first value that is not an int >= 1 (0 prompts or files used to run
+    with 1, silently; 0 new tokens printed a tokens-per-forward of 0)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def build_tree_for_model(model, tokenizer, budget: int, source: Optional[Path] = None, n_prompts: int = 16,
                          prompt_len: int = 64, gen_len: int = 64, top_k: int = 8) -> dict:
     """A token tree fitted to `model`: per-head top-k acceptance rates measured on greedy rollouts of
     prompts from TRAINING files (so held-out evaluation stays untouched), then `build_tree`."""
     from .speculative import build_tree, expected_accept_length, measure_acceptance_rates
 
+    _check_counts(budget=budget, n_prompts=n_prompts, prompt_len=prompt_len, gen_len=gen_len, top_k=top_k)
     prompts = sample_prompts(heldout_token_stream(tokenizer, source, 4 * n_prompts, split="train"),
                              n_prompts, prompt_len, gen_len)
     rates = measure_acceptance_rates(model, prompts, top_k=top_k, max_gen_len=gen_len)
@@ -138,6 +147,10 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     from .generate import Generator
     from .train import evaluate
 
+    _check_counts(max_files=max_files, n_prompts=n_prompts, prompt_len=prompt_len, gen_len=gen_len,
+                  batch_size=batch_size, **({} if seq_len is None else {"seq_len": seq_len}))
+    if trees and CHAIN in trees:
+        raise ValueError(f"a tree may not be named {CHAIN!r}: that is the chain row's name (see add_tree)")
     n = model.n_future_tokens
     device = model.output.weight.device
     streams = heldout_token_stream(tokenizer, source, max_files)
@@ -219,11 +232,23 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
     trees = {}
     for spec in specs:
         if spec.endswith(".json") and Path(spec).is_file():   # a tree file written by --build-tree
-            trees[Path(spec).stem] = speculative.resolve_tree(json.loads(Path(spec).read_text())["paths"], heads)
+            add_tree(trees, Path(spec).stem,
+                     speculative.resolve_tree(json.loads(Path(spec).read_text())["paths"], heads))
             continue
         paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
-        trees[spec if isinstance(paths, str) else f"custom{len(trees)}"] = speculative.resolve_tree(paths, heads)
+        add_tree(trees, spec if isinstance(paths, str) else f"custom{len(trees)}", speculative.resolve_tree(paths, heads))
     return trees
+
+
+def add_tree(trees: dict, name: str, paths) -> str:
+    """trees[name] = paths under a name no other tree and not the chain row has ("name#2", ...): two
+    trees under one name, or a tree called "chain", would pool their results in one row."""
+    unique, k = name, 1
+    while unique in trees or unique == CHAIN:
+        k += 1
+        unique = f"{name}#{k}"
+    trees[unique] = paths
+    return unique
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,10 +256,17 @@ def run(args: argparse.Namespace) -> int:
     from .generate import resolve_device
     from .tokenizer import Tokenizer
 
+    # Before minutes of evaluation, not after: the sizes, and where the results go.
+    _check_counts(max_files=args.max_files, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                  tree_budget=args.tree_budget)
+    for option, path in (("--json", args.json), ("--build-tree", args.build_tree)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{option} {path}: its folder does not exist")
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     tokenizer = Tokenizer(args.tokenizer_path or ckpt_dir / "tokenizer.model")
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    tokenizer.check_vocab(model.vocab_size)
     model.eval()
     trees = resolve_trees(args.tree, model.n_future_tokens) if model.n_future_tokens > 1 else {}
     if args.build_tree:
@@ -243,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=args.source,
                                       prompt_len=args.prompt_len, gen_len=args.gen_len)
         Path(args.build_tree).write_text(json.dumps(fitted, indent=1) + "\n")
-        trees[Path(args.build_tree).stem] = fitted["paths"]
+        add_tree(trees, Path(args.build_tree).stem, fitted["paths"])
         print(f"fitted tree: {len(fitted['paths'])} nodes, expected accepted length "
               f"{fitted['expected_accept_length']:.2f} on {fitted['prompts']} training prompts -> {args.build_tree}")
     result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files,

@@ -854,9 +854,7 @@ class Llama:
         tokenizer = Tokenizer(str(tokenizer_path))
         model = load_checkpoint(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len,
                                 max_batch_size=max_batch_size)
-        if model.vocab_size != tokenizer.n_words:
-            raise ValueError(f"checkpoint vocab_size {model.vocab_size} does not match the tokenizer's "
-                             f"{tokenizer.n_words} words ({tokenizer_path}): wrong tokenizer for this model?")
+        tokenizer.check_vocab(model.vocab_size)
         model.eval()
         return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                      tree_rates=read_tree_rates(ckpt_dir, model.n_future_tokens))

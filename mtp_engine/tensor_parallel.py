@@ -219,9 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = load_tensor_parallel(args.ckpt_dir, env, dtype=resolve_dtype(args.dtype, env.device),
                                      max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
         tokenizer = Tokenizer(tokenizer_path)
-        if model.vocab_size != tokenizer.n_words:
-            raise ValueError(f"checkpoint vocab_size {model.vocab_size} does not match the tokenizer's "
-                             f"{tokenizer.n_words} words ({tokenizer_path})")
+        tokenizer.check_vocab(model.vocab_size)
         llama = Llama(model, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
         results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len)

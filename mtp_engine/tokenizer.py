@@ -32,6 +32,13 @@ class Tokenizer:
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError unless a model of `vocab_size` words goes with this tokenizer: with another, ids
+        decode to the wrong text and evaluation scores the wrong targets, silently."""
+        if vocab_size != self.n_words:
+            raise ValueError(f"checkpoint vocab_size {vocab_size} does not match the tokenizer's {self.n_words} "
+                             f"words ({self.model_path}): wrong tokenizer for this model?")
+
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with bos prepended / eos appended when asked."""
         if not isinstance(s, str):
@@ -45,12 +52,14 @@ class Tokenizer:
 
     def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
         """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("encode_batch expects a list of str (a str alone would be split into characters)")
         batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
         return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""
-        ids = [int(i) for i in ids]
+        ids = [_token_id(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.n_words]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_words})")
@@ -58,6 +67,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, n_words={self.n_words})"
+
+
+def _token_id(value) -> int:
+    """A token id as a Python int: ints, numpy and torch integer scalars; a float or a bool is a
+    ValueError (int() would truncate 300.9 to another token, silently)."""
+    plain = value.item() if hasattr(value, "item") else value
+    if isinstance(plain, bool) or not isinstance(plain, int):
+        raise ValueError(f"token ids must be ints, got {value!r}")
+    return plain
 
 
 def train_tokenizer(files: Iterable[PathLike], vocab_size: int, prefix: PathLike, *,

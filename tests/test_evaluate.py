@@ -99,8 +99,44 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     for r in result["speculative"].values():
         assert 1.0 <= r["tokens_per_forward"] <= 4.0
     assert format_table(result) in printed
+    # The wrong tokenizer for the model (8192 words against 400) is refused, not scored.
+    from mtp_engine.checkpoint import default_checkpoint
+
+    rc = main(["eval", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(default_checkpoint() / "tokenizer.model"),
+               "--source", str(src), "--device", "cpu"])
+    assert rc == 2 and "vocab_size 400 does not match the tokenizer's 8192" in capsys.readouterr().err
 
 
 def test_mtp_eval_errors_name_the_file(tmp_path, capsys):
     assert main(["eval", "--ckpt-dir", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [(["--prompts", "0"], "prompts must be an int >= 1"),
+                                        (["--gen-len", "0"], "gen_len must be an int >= 1"),
+                                        (["--max-files", "-1"], "max_files must be an int >= 1"),
+                                        (["--tree-budget", "0"], "tree_budget must be an int >= 1"),
+                                        (["--json", "/nonexistent-folder/eval.json"], "--json .*folder does not exist")])
+def test_mtp_eval_checks_its_arguments_before_evaluating(args, match, capsys):
+    import re
+
+    assert main(["eval", "--device", "cpu"] + args) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_tree_names_never_pool_two_trees_in_one_row(tmp_path):
+    """A tree file named chain.json, or two files with one stem, each keep their own row: before,
+    they shared a list and the printed figure averaged both."""
+    from mtp_engine.evaluate import CHAIN, add_tree, evaluate_checkpoint, resolve_trees
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, paths in (("a", [[0], [1]]), ("b", [[0], [0, 0]])):
+        (tmp_path / folder / "chain.json").write_text(json.dumps({"paths": paths}))
+    trees = resolve_trees([str(tmp_path / "a" / "chain.json"), str(tmp_path / "b" / "chain.json"), "chain"], 3)
+    assert list(trees) == ["chain#2", "chain#3", "chain#4"]
+    assert trees["chain#2"] == [[0], [1]] and trees["chain#3"] == [[0], [0, 0]]
+    named = {}
+    assert [add_tree(named, "t", [[0]]) for _ in range(3)] == ["t", "t#2", "t#3"]
+    with pytest.raises(ValueError, match="may not be named 'chain'"):
+        evaluate_checkpoint(None, None, trees={CHAIN: [[0]]})

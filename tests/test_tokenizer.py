@@ -86,6 +86,23 @@ def test_decode_rejects_out_of_range_ids(tokenizer):
         tokenizer.decode([5, 411])
 
 
+def test_ids_and_texts_of_the_wrong_type_are_refused(tokenizer):
+    import numpy as np
+    import torch
+
+    ids = tokenizer.encode("def f(x):", bos=False, eos=False)
+    text = tokenizer.decode(ids)
+    assert tokenizer.decode(np.array(ids)) == tokenizer.decode(torch.tensor(ids)) == text
+    for bad in ([ids[0] + 0.9], [True]):   # 300.9 decoded as 300 before
+        with pytest.raises(ValueError, match="token ids must be ints"):
+            tokenizer.decode(bad)
+    with pytest.raises(ValueError, match="encode_batch expects a list of str"):
+        tokenizer.encode_batch("ab", bos=False, eos=False)   # split into characters before
+    tokenizer.check_vocab(tokenizer.n_words)
+    with pytest.raises(ValueError, match=f"vocab_size 8 does not match the tokenizer's {tokenizer.n_words}"):
+        tokenizer.check_vocab(8)
+
+
 def test_train_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         train_tokenizer([tmp_path / "missing.txt"], vocab_size=300, prefix=tmp_path / "m")

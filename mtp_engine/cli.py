@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the whole pipeline from scratch with a tiny random model instead.")
     demo.add_argument("--ckpt-dir", default=None, help="another checkpoint (default: models/default)")
     demo.add_argument("--prompt", default=None, help="text to continue (default: a Python function header)")
-    demo.add_argument("--max-gen-len", type=int, default=48, help="new tokens (default 48)")
+    demo.add_argument("--max-gen-len", type=int, default=None,
+                      help="new tokens (default 48; 24 with --random-weights)")
     demo.add_argument("--random-weights", action="store_true",
                       help="tokenizer + random 4-head model + Meta-format save/load + generation, from nothing")
     demo.add_argument("--out", default=None, help="with --random-weights: keep its tokenizer and checkpoint here")
@@ -150,12 +151,16 @@ def run_complete(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
 
+    if args.max_gen_len is not None and args.max_gen_len < 1:
+        raise ValueError(f"--max-gen-len must be >= 1, got {args.max_gen_len}")
     if args.random_weights:
-        demo.run_demo(args.out)
+        if args.prompt is not None or args.ckpt_dir is not None:   # its own model and prompt: not silently ignored
+            raise ValueError("--prompt and --ckpt-dir do not apply with --random-weights (it builds its own model)")
+        demo.run_demo(args.out, **({} if args.max_gen_len is None else {"max_gen_len": args.max_gen_len}))
     else:
         if args.out:
             raise ValueError("--out only applies with --random-weights")
-        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len, args.prompt or demo.DEMO_PROMPT)
+        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len or 48, args.prompt or demo.DEMO_PROMPT)
     return 0
 
 

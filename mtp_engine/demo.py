@@ -77,7 +77,7 @@ def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prom
     if p.n_future_tokens > 1:
         spec = gen.generate([prompt_ids], max_gen_len=max_gen_len, temperature=0.0, speculative="tree")
         same = "identical text" if spec.tokens == plain.tokens else "DIFFERENT TEXT (a bug: please report)"
-        depth = " / ".join(f"{a:.2f}" for a in spec.stats.get("acceptance_per_depth", []))
+        depth = " / ".join("-" if a is None else f"{a:.2f}" for a in spec.stats.get("acceptance_per_depth", []))
         print(f"tree self-speculative: {spec.stats['generated_tokens']} tokens, {spec.stats['forwards']} forwards, "
               f"{spec.stats['tokens_per_forward']:.2f} tokens/forward, {spec.stats['tokens_per_s']:.0f} tokens/s; "
               f"acceptance by depth {depth}; {same}")

@@ -83,6 +83,21 @@ def test_bad_flag_value_is_argparse_exit_2(capsys):
     assert "invalid float value" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,match", [(["--max-gen-len", "0"], "--max-gen-len must be >= 1"),
+                                        (["--random-weights", "--prompt", "x"], "do not apply with --random-weights"),
+                                        (["--random-weights", "--ckpt-dir", "x"], "do not apply with --random-weights"),
+                                        (["--out", "x"], "--out only applies with --random-weights")])
+def test_demo_flags_that_cannot_apply_are_errors(args, match, capsys):
+    assert main(["demo"] + args) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_trained_demo_at_one_new_token_prints_no_acceptance(capsys):
+    """One new token comes from the prefill: no verify step ran, and the acceptance prints as '-'."""
+    assert main(["demo", "--max-gen-len", "1"]) == 0
+    assert "acceptance by depth - / - / -" in capsys.readouterr().out
+
+
 def test_demo_runs_as_module(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mtp_engine", "demo", "--random-weights", "--out", str(tmp_path)],

@@ -87,7 +87,7 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     shards = [_load_shard(p) for p in shard_paths]
     _check_consistent_keys(shards, shard_paths)
 
-    if params.get("vocab_size", -1) <= 0:
+    if params_vocab_size(params, params_path) is None:
         # Meta's params.json says -1 (the vocab comes from the tokenizer); the weights know it.
         params["vocab_size"] = _vocab_from_shards(shards, params_path)
     args = ModelArgs.from_dict(params, source=str(params_path))
@@ -160,11 +160,25 @@ def _read_params(path: Path) -> dict:
     return params
 
 
+def params_vocab_size(params: dict, params_path: Path) -> Optional[int]:
+    """params.json's vocab_size, or None where the weights must give it (Meta writes -1; absent,
+    null or <= 0 alike). ValueError naming the file for a value that is not an int ("8192")."""
+    value = params.get("vocab_size", -1)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{params_path}: vocab_size must be an int (-1: from the weights), got {value!r}")
+    return value if value > 0 else None
+
+
 def _load_shard(path: Path) -> Dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for a corrupt or non-zip file
-        raise ValueError(f"cannot read checkpoint shard {path}: {type(e).__name__}: {e}") from None
+    except Exception:  # noqa: BLE001 - torch raises several types for a corrupt or non-zip file
+        try:   # torch's legacy (pre-zip) format cannot be memory-mapped, but reads whole
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read checkpoint shard {path}: {type(e).__name__}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} must hold a state dict (str -> tensor)")
     return {k: v for k, v in sd.items() if k not in IGNORED_KEYS}

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, _read_params, find_shards,
+                         params_vocab_size,
                          shard_dim)
 from .distributed import DistEnv
 from .model import Linear, ModelArgs, Transformer, precompute_freqs_cis
@@ -142,7 +143,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
     paths = find_shards(ckpt_dir)
     files, piece, pieces = _shard_plan(len(paths), env.world_size, env.rank, paths)
     shards = [_load_shard(p) for p in files]  # memory-mapped: only this rank's files
-    if params.get("vocab_size", -1) <= 0:
+    if params_vocab_size(params, params_path) is None:
         # Meta writes -1; tok_embeddings (split on dim 1) has every vocabulary row in every shard.
         if "tok_embeddings.weight" not in shards[0]:
             raise ValueError(f"{params_path}: vocab_size is not set and {files[0].name} has no tok_embeddings.weight")

@@ -132,6 +132,26 @@ def test_meta_checkpoint_with_vocab_minus_one_and_rope_freqs(tmp_path):
     assert (got - ref.forward(_tokens(), 0, return_all_heads=True)).abs().max() < 1e-4
 
 
+def test_params_vocab_size_null_or_not_an_int(tmp_path):
+    """null counts as unset (as -1: the weights say); a string is a clear error naming params.json."""
+    ref = meta.random_reference(meta.ModelArgs(**ARGS, max_seq_len=16), seed=2)
+    for value in (None, "102"):
+        meta.save_like_meta(ref, tmp_path, params={**ARGS, "vocab_size": value})
+        if value is None:
+            assert load_checkpoint(tmp_path).vocab_size == 102
+        else:
+            with pytest.raises(ValueError, match=r"params\.json: vocab_size must be an int .*got '102'"):
+                load_checkpoint(tmp_path)
+
+
+def test_legacy_serialization_shard_loads(saved):
+    """A shard in torch's pre-zip format cannot be memory-mapped; it is read whole instead of refused."""
+    model, ckpt = saved
+    path = ckpt / "consolidated.00.pth"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(ckpt).output.weight, model.output.weight)
+
+
 def test_bf16_load(saved):
     model, ckpt = saved
     loaded = load_checkpoint(ckpt, dtype=torch.bfloat16)

@@ -75,7 +75,8 @@ class TrainConfig:
     head_weights: Optional[List[float]] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
-    # schedule ends when the budget does (a GPU lease of unknown speed); the log records the value.
+    # schedule ends when the budget does (a GPU lease of unknown speed); the log records the value,
+    # trainer_state.json keeps it, and a resumed run uses it whatever max_steps its cfg says.
     schedule_to_budget: bool = False
     # bookkeeping
     out_dir: str = "runs/default"

@@ -273,12 +273,12 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Ten
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """probs: (R, V) float, rows summing to 1. Returns (R,) int64 ids drawn from the top-p nucleus: the
-    Llama release's rule (sort descending, stable so equal probabilities keep id order; keep the smallest
-    prefix whose mass reaches top_p, the token that crosses top_p included, so one always survives;
-    renormalize; draw)."""
+    Llama release's rule (sort descending, stable so equal probabilities keep id order; drop a token
+    only when the mass before it exceeds top_p, so the token that crosses top_p stays, and so does
+    one whose mass before equals top_p exactly; renormalize; draw)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    drop = mass_before >= top_p
+    drop = mass_before > top_p   # the release's `probs_sum - probs_sort > p`
     drop[..., 0] = False   # the most likely token always survives (a top_p below float32's range is 0 there)
     probs_sort = probs_sort.masked_fill(drop, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)

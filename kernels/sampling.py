@@ -516,8 +516,8 @@ def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the top-p
-    nucleus (mtp_engine.sampling's rule: the smallest prefix of the sorted distribution whose mass
-    reaches top_p).
+    nucleus (the Llama release's rule, `reference.sample_top_p`: a token is dropped when the mass
+    sorted before it exceeds top_p).
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
     temperature: >= 0; 0 -> `linear_argmax`. top_p in (0, 1]: 1 -> Gumbel-max in the kernel (no

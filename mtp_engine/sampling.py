@@ -1,9 +1,9 @@
 """Choosing the next token from logits: greedy, or temperature + nucleus (top-p) sampling.
 
-The nucleus rule is the Llama release's `sample_top_p`: sort descending, keep the smallest prefix
-whose cumulative probability reaches top_p (the token that crosses top_p is kept, so at least one
-token always survives), renormalize, draw. The release also keeps the next token when the mass
-before it equals top_p exactly; here that tie drops it, so the kept set is the smallest one.
+The nucleus rule is the Llama release's `sample_top_p`: sort descending, drop a token only when the
+cumulative probability before it exceeds top_p (so the token that crosses top_p is kept, and at least
+one token always survives), renormalize, draw. A token whose mass before equals top_p exactly is
+kept, as in the release (uniform or zeroed logits make such ties).
 """
 from __future__ import annotations
 

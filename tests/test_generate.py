@@ -177,14 +177,18 @@ def test_tiny_top_p_equals_greedy(model):
     assert nucleus_of_one == greedy
 
 
-def test_sample_top_p_keeps_smallest_nucleus():
+def test_sample_top_p_keeps_the_release_nucleus():
     probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(4000, 1)
     rng = torch.Generator().manual_seed(0)
-    only_top = sample_top_p(probs, 0.5, rng)
+    only_top = sample_top_p(probs, 0.45, rng)
     assert set(only_top.tolist()) == {1}
     two = sample_top_p(probs, 0.7, rng)
     assert set(two.tolist()) == {1, 2}
     assert (two == 1).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
+    # The mass before token 2 is exactly 0.5: the release's `probs_sum - probs_sort > p` keeps it.
+    assert set(sample_top_p(probs, 0.5, rng).tolist()) == {1, 2}
+    equal = torch.full((4000, 4), 0.25)
+    assert set(sample_top_p(equal, 0.25, rng).tolist()) == {0, 1}
     everything = sample_top_p(probs, 1.0, rng)
     assert set(everything.tolist()) == {0, 1, 2}
 

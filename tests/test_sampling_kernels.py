@@ -182,7 +182,7 @@ def test_top_p_draws_only_from_the_nucleus(request, use_kernel):
                            generator=torch.Generator().manual_seed(7))
     probs = torch.softmax(_logits(hidden[:1], weight)[0] / temperature, dim=0)
     sorted_probs, order = torch.sort(probs, descending=True)
-    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p).sum())
+    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) <= top_p).sum())
     nucleus = order[:n_kept]
     assert 1 < n_kept < weight.shape[0]
     assert torch.isin(tokens, nucleus).all()
@@ -299,7 +299,7 @@ def test_gpu_sampling_follows_softmax(top_p):
     tokens = linear_sample(hidden, weight, temperature=0.9, top_p=top_p, generator=gen)
     probs = torch.softmax(_logits(hidden[:1], weight)[0] / 0.9, dim=0).cpu()
     sorted_probs, order = torch.sort(probs, descending=True)
-    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p).sum())
+    n_kept = int(((torch.cumsum(sorted_probs, 0) - sorted_probs) <= top_p).sum())
     counts = torch.bincount(tokens.cpu(), minlength=V)
     assert counts[order[n_kept:]].sum() == 0
     kept = sorted_probs[:n_kept]

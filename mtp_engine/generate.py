@@ -173,7 +173,7 @@ class Generator:
         check_sampling_args(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
-        prompts = self._check_prompts(prompt_tokens)
+        prompts = self._check_prompts(prompt_tokens, scoring_only=max_gen_len == 0)
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
         eos_id = self._resolve_eos(eos_id)
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
@@ -566,7 +566,10 @@ class Generator:
                              "None or a negative id means never stop early")
         return eos_id if eos_id >= 0 else None
 
-    def _check_prompts(self, prompt_tokens) -> List[List[int]]:
+    def _check_prompts(self, prompt_tokens, scoring_only: bool = False) -> List[List[int]]:
+        """The prompts as lists of ints; ValueError naming the prompt otherwise. A prompt must leave room
+        for one new token, unless nothing is generated (scoring_only: max_gen_len == 0, as for the
+        prompt's log-probs), where it may fill max_seq_len, as the release allows."""
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise ValueError("prompt_tokens must be a list of token-id lists, "
                              f"got {type(prompt_tokens).__name__}")
@@ -581,9 +584,10 @@ class Generator:
                 raise ValueError(f"prompt {b} must be a list of token ids, got {type(prompt).__name__}")
             if len(prompt) == 0:
                 raise ValueError(f"prompt {b} is empty: every prompt needs at least one token (e.g. bos)")
-            if len(prompt) >= self.max_seq_len:
+            if len(prompt) > self.max_seq_len or (len(prompt) == self.max_seq_len and not scoring_only):
                 raise ValueError(f"prompt {b} has {len(prompt)} tokens; it must be shorter than "
-                                 f"max_seq_len {self.max_seq_len} to leave room for one new token")
+                                 f"max_seq_len {self.max_seq_len} to leave room for one new token "
+                                 "(max_gen_len=0 may fill it)")
             try:
                 if any(isinstance(t, bool) for t in prompt):
                     raise TypeError
@@ -872,7 +876,9 @@ class Llama:
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
                  speculative: Optional[str] = None, heads: Optional[int] = None, tree=None):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree (keyword-only, not in the release): as in Generator.generate."""
+        speculative, heads, tree (keyword-only, not in the release): as in Generator.generate.
+        One difference: an eos inside an echoed prompt is kept with everything after it (the release
+        cuts the echoed output at the prompt's first eos); only generated tokens stop at eos."""
         res = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
                                       tree=tree)

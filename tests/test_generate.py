@@ -128,6 +128,23 @@ def test_eos_stops_one_sequence_while_others_continue(model):
     assert gen.generate(prompts, max_gen_len=10, eos_id=-1).tokens == free
 
 
+def test_a_prompt_filling_max_seq_len_can_be_scored(model):
+    """max_gen_len=0 with logprobs scores a prompt of max_seq_len tokens (the release allows it); one
+    token more, or any generation, is still an error."""
+    prompt = random_prompts([16], seed=9)[0]
+    gen = Generator(model, max_batch_size=1, max_seq_len=16)
+    res = gen.generate([prompt], max_gen_len=0, logprobs=True)
+    ref = copy.deepcopy(model)
+    ref.clear_caches()
+    with torch.no_grad():
+        logp = torch.log_softmax(ref.forward(torch.tensor([prompt]))[0, :, 0], dim=-1)
+    want = [0.0] + [float(logp[t - 1, prompt[t]]) for t in range(1, 16)]
+    assert res.tokens == [[]] and res.prompt_logprobs[0] == pytest.approx(want, abs=1e-4)
+    for tokens, max_gen_len in ((prompt, 1), (prompt + [1], 0)):
+        with pytest.raises(ValueError, match="shorter than max_seq_len 16"):
+            gen.generate([tokens], max_gen_len=max_gen_len)
+
+
 def test_logprobs_match_uncached_forward(model):
     prompt = random_prompts([5], seed=6)[0]
     res = Generator(model, max_batch_size=1, max_seq_len=32).generate([prompt], max_gen_len=4, logprobs=True)

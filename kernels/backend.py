@@ -6,7 +6,8 @@
   - "triton": always Triton. On CPU tensors this needs `TRITON_INTERPRET=1` (set before Triton
     is imported), which runs the kernels with numpy: that is how the tests exercise them on CPU.
 
-`MTP_CROSS_COMPILE=<sm>` (e.g. 90) is the one other switch, set only by
+`MTP_TUNE=0` keeps every launch tuner's default (`tuning_switched_off`), also for shapes tuned
+before. `MTP_CROSS_COMPILE=<sm>` (e.g. 90) is the one other switch, set only by
 `benchmarks/compile_check.py`: launchers then treat CPU tensors as tensors on an sm_<sm> GPU (its
 tile configs, its SM count) so that the check compiles exactly the kernels a GPU run would launch.
 
@@ -21,6 +22,11 @@ import os
 import torch
 
 _CHOICES = ("auto", "reference", "triton")
+
+
+def tuning_switched_off() -> bool:
+    """MTP_TUNE=0: every tuner keeps its default launch or layout, also for shapes tuned before."""
+    return os.environ.get("MTP_TUNE", "1").strip() == "0"
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,11 +18,12 @@ MAX_ROWS rows (long prefills, training) always take F.linear.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Dict, Tuple
 
 import torch
+
+from .backend import tuning_switched_off
 
 MAX_ROWS = 64            # the rows of a decode or verify step (batch x tree nodes) this file takes
 LAYOUTS = ("linear", "transposed", "padded")   # "padded": one row only
@@ -88,11 +89,11 @@ def cpu_layout(x: torch.Tensor, weight: torch.Tensor) -> str:
     """The layout for x (M, K) against weight (N, K) on the CPU: the one remembered for M's
     `row_bucket`, else timed now on x (MTP_TUNE=0: "linear", untimed). A tie keeps "linear".
     "padded" is kept for one row only: a bucket of more rows times the other two."""
+    if tuning_switched_off():   # also for shapes timed before the switch
+        return "linear"
     key = (x.dtype, row_bucket(x.shape[0]), weight.shape[0], weight.shape[1], torch.get_num_threads())
     layout = _chosen.get(key)
     if layout is None:
-        if os.environ.get("MTP_TUNE", "1").strip() == "0":
-            return "linear"
         times = time_layouts(x, weight)
         layout = min(times, key=lambda name: (times[name], name != "linear"))
         _chosen[key], _times[key] = layout, times

@@ -17,12 +17,13 @@ is read from HBM every time, as it is between two uses in a decode step.
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from typing import Callable, Dict, Hashable, Sequence
 
 import torch
 from triton.runtime.errors import OutOfResources
+
+from .backend import tuning_switched_off
 
 try:   # the base of Triton's compile, ptxas and resource errors (OutOfResources alone before it existed)
     from triton.errors import TritonError
@@ -32,8 +33,7 @@ except ImportError:  # pragma: no cover - older Triton
 
 def tuning_enabled(device: torch.device) -> bool:
     """Tune on CUDA, outside a graph capture, unless MTP_TUNE=0 (read at call time)."""
-    return (os.environ.get("MTP_TUNE", "1").strip() != "0" and device.type == "cuda"
-            and not torch.cuda.is_current_stream_capturing())
+    return not tuning_switched_off() and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
 GRAPH_CALLS = 10   # fn() calls captured in one graph by cuda_graph_ms
@@ -130,7 +130,10 @@ class LaunchTuner:
     def choose(self, key: Hashable, device: torch.device, tune: Callable[[], object],
                fallback: Callable[[], object]):
         """The launch for `key`: the tuned one, tuning it now (tune(), which calls `self.tune` for
-        `key`) when allowed, else fallback(). Nothing but a dict lookup once `key` is known."""
+        `key`) when allowed, else fallback(). Nothing but a dict lookup once `key` is known;
+        MTP_TUNE=0 gives fallback() whatever was tuned before."""
+        if tuning_switched_off():
+            return fallback()
         if key in self.chosen:
             return self.chosen[key]
         if tuning_enabled(device):

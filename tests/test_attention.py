@@ -532,6 +532,30 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
                                rtol=1e-4, atol=2e-5)
 
 
+def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
+    """Prefill chunks (no tree) of lengths in one power-of-two band share a key, so a server does not
+    tune again at every prompt length; the launch tuned at one length gives the right result at
+    another. Decode and tree calls keep their exact length."""
+    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    H, Hkv, D, S_max = 4, 2, 16, 80
+    keys = {}
+    for Tq in (1, 9, 13, 16, 17):
+        q, k_cache, _, _ = _kv_inputs(H, Hkv, D, Tq, S_max, [0, 3], seed=Tq)
+        keys[Tq] = (attention_module._kv_key(q, k_cache, False), attention_module._kv_key(q, k_cache, True))
+    assert keys[9][0] == keys[13][0] == keys[16][0] != keys[17][0] and keys[1][0] != keys[9][0]
+    assert len({tree_key for _, tree_key in keys.values()}) == 5
+    q, k_cache, v_cache, seqlens = _kv_inputs(H, Hkv, D, 13, S_max, [0, 40], seed=3)
+    q9 = q[:, :9].contiguous()
+    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q9, k_cache), q.device)
+    attention_module._KV_TUNER.chosen[attention_module._kv_key(q9, k_cache, False)] = candidates[-1]   # "tuned at 9"
+    used = []
+    run = attention_module._kv_run
+    monkeypatch.setattr(attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
+    out = kv_cache_attention(q, k_cache, v_cache, seqlens, sm_scale=0.3)
+    assert used == [candidates[-1]]
+    torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, seqlens, None, 0.3), rtol=1e-4, atol=2e-5)
+
+
 def _ws_launch(S_max: int, split_blocks=None, block_m: int = 32):
     launch = attention_module._kv_launch(block_m, S_max, split_blocks, gpu=False)
     return dataclasses.replace(launch, num_warps=4, warp_spec=True)

@@ -95,6 +95,10 @@ def test_tuning_off_keeps_f_linear_and_remembers_nothing(monkeypatch):
     monkeypatch.setattr(cpu_linear, "time_layouts", lambda x, w: pytest.fail("timed with MTP_TUNE=0"))
     x, w = _inputs(4, 30, 8)
     assert cpu_linear.cpu_layout(x, w) == "linear" and cpu_linear.chosen_layouts() == {}
+    # also for a shape timed before the switch
+    monkeypatch.setattr(cpu_linear, "_chosen", {(x.dtype, cpu_linear.row_bucket(4), 30, 8, torch.get_num_threads()):
+                                                "transposed"})
+    assert cpu_linear.cpu_layout(x, w) == "linear"
 
 
 @pytest.mark.parametrize("case", ["rows65", "no_rows", "grad", "dtype_mismatch", "strided_3d"])

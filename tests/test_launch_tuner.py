@@ -56,6 +56,10 @@ def test_choose_tunes_once_and_falls_back(monkeypatch):
     assert tuner.choose("k", cpu, tune_k("k"), fallback=lambda: "f") == "b" and calls == ["a", "b"]
     # a known key is one lookup: the fallback is not even built
     assert tuner.choose("k", cpu, lambda: pytest.fail("retuned"), fallback=lambda: pytest.fail("built")) == "b"
+    # MTP_TUNE=0 keeps the default also for a shape tuned before the switch
+    monkeypatch.setenv("MTP_TUNE", "0")
+    assert tuner.choose("k", cpu, lambda: pytest.fail("retuned"), fallback=lambda: "f") == "f"
+    monkeypatch.delenv("MTP_TUNE")
     # a tuning failure warns, keeps the fallback for the shape and does not retry
     monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn: (_ for _ in ()).throw(RuntimeError("capture")))
     with pytest.warns(UserWarning, match="demo: launch tuning failed for k2, keeping the default launch"):

@@ -167,7 +167,8 @@ def compact_kv_cache_triton(k_cache, v_cache, cache_seqlens, accepted_nodes, acc
 # device (no host sync, and safe to call while capturing a CUDA graph). Keyed by id() with a weak
 # reference to tell a live tensor from a new one at a recycled address (a WeakKeyDictionary would
 # compare tensors with ==). An in-place change bumps the tensor's version and forces a re-check;
-# inference-mode tensors keep no version counter, so for them the first check is trusted.
+# inference-mode tensors keep no version counter, so they are checked again at every call, except
+# inside a CUDA-graph capture (no host read possible there), where the last check is trusted.
 _CHECKED_TREES: dict[int, tuple[weakref.ref, int | None, int]] = {}
 
 
@@ -176,6 +177,10 @@ def _tensor_version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:          # "Inference tensors do not track version counter"
         return None
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _forget_tree(ref: weakref.ref, key: int) -> None:
@@ -187,7 +192,8 @@ def _forget_tree(ref: weakref.ref, key: int) -> None:
 def _checked_max_depth(parents: torch.Tensor) -> int:
     key, version = id(parents), _tensor_version(parents)
     entry = _CHECKED_TREES.get(key)
-    if entry is not None and entry[0]() is parents and entry[1] == version:
+    if entry is not None and entry[0]() is parents and (
+            entry[1] == version if version is not None else _capturing(parents)):
         return entry[2]
     values = parents.tolist()
     if not values or values[0] != -1:

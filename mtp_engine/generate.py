@@ -177,6 +177,8 @@ class Generator:
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
         eos_id = self._resolve_eos(eos_id)
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
+        if self._graphs is not None:
+            self._graphs.drop_if_weights_replaced()
 
         seqs = []
         for p in prompts:
@@ -674,8 +676,10 @@ class CUDAGraphSteps:
     real inputs. The inputs are loaded again before every warm-up run, before the capture and before
     every replay, so a step that updates an input in place (the verify step advances the lengths)
     starts from the same state each time; what it writes into the KV cache beyond the lengths is
-    rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table
-    or moved weights drop every graph, since graphs hold raw pointers. Sampling stays outside.
+    rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table,
+    moved weights or a replaced weight (`drop_if_weights_replaced`) drop every graph, since graphs
+    hold raw pointers. Graphs are kept per step key, a tree's included, until then: a server that
+    verifies many distinct trees keeps a graph for each. Sampling stays outside.
     A step that can run several ways gives `variants`, label -> a context that sets the switches
     while the step is traced (a greedy verify step: its head blocks as concurrent branches
     (branches.py) or in order, times one or two reads of the unembedding): each is captured, timed
@@ -689,7 +693,22 @@ class CUDAGraphSteps:
         self._graphs: dict = {}
         self._pool = None
         self._captured_ptrs = None
+        self._weights = self._weights_key()
         self._warmup_stream = None
+
+    def _weights_key(self) -> tuple:
+        return tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
+
+    def drop_if_weights_replaced(self) -> None:
+        """Drop every graph when any weight is another tensor than at the last call (a block's weight
+        replaced: load_state_dict(assign=True), a merged adapter, a swapped layer): a graph would
+        replay the freed address. Generator.generate calls it once per call: a few hundred pointer
+        reads, kept out of the per-step check in __call__."""
+        weights = self._weights_key()
+        if weights != self._weights:
+            self._graphs.clear()
+            self._pool = None
+            self._weights = weights
 
     def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants=None) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output

@@ -719,6 +719,11 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     graphed.model._grow_rope(graphed.model.freqs_cis.shape[0] * 2)            # a new rotary table
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # re-captured again
+    captured = len(recorded)
+    wo = graphed.model.layers[0].attention.wo                                 # a replaced block weight
+    wo.weight = torch.nn.Parameter(wo.weight.detach().clone(), requires_grad=wo.weight.requires_grad)
+    assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
+    assert len(recorded) > captured                                           # its graphs read the old one
 
 
 def test_verify_step_variants(model4):

@@ -184,14 +184,24 @@ def test_tree_accept_reads_a_tree_back_once(triton_backend, monkeypatch):
     original = reference.tree_depths
     monkeypatch.setattr(tree_verify.reference, "tree_depths", lambda p: reads.append(1) or original(p))
     gen = torch.Generator().manual_seed(4)
-    for make in (lambda: _random_parents(9, gen), lambda: _inference_tensor(_random_parents(9, gen))):
+    # Inference tensors keep no version counter: an in-place change could not be seen, so they are
+    # read at every call (outside a CUDA-graph capture), and a change to an invalid tree is caught.
+    for make, reads_per_call in ((lambda: _random_parents(9, gen), 0),
+                                 (lambda: _inference_tensor(_random_parents(9, gen)), 1)):
         reads.clear()
         parents = make()
         candidates, verifier, _ = _planted_acceptance(parents, 2, gen)
         first = tree_accept(candidates, verifier, parents)
         second = tree_accept(candidates, verifier, parents)
-        assert len(reads) == 1
+        assert len(reads) == 1 + reads_per_call
         _assert_same(first, second)
+    with torch.inference_mode():
+        parents = torch.tensor([-1, 0, 1, 2])
+        tokens = torch.tensor([[5, 7, 8, 9]])
+        tree_accept(tokens, tokens, parents)
+        parents.copy_(torch.tensor([-1, 2, 0, 1]))   # in place: node 1's parent comes after it
+        with pytest.raises(ValueError, match=r"parents\[1\] = 2"):
+            tree_accept(tokens, tokens, parents)
 
 
 def _inference_tensor(t):

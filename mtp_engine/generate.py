@@ -178,7 +178,7 @@ class Generator:
         eos_id = self._resolve_eos(eos_id)
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
         if self._graphs is not None:
-            self._graphs.drop_if_weights_replaced()
+            self._graphs.start_call()
 
         seqs = []
         for p in prompts:
@@ -677,9 +677,10 @@ class CUDAGraphSteps:
     every replay, so a step that updates an input in place (the verify step advances the lengths)
     starts from the same state each time; what it writes into the KV cache beyond the lengths is
     rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table,
-    moved weights or a replaced weight (`drop_if_weights_replaced`) drop every graph, since graphs
-    hold raw pointers. Graphs are kept per step key, a tree's included, until then: a server that
-    verifies many distinct trees keeps a graph for each. Sampling stays outside.
+    moved weights or a replaced weight (`start_call`) drop every graph, since graphs hold raw
+    pointers. So does a call that finds more than MAX_GRAPHS kept (one per step key, a tree's
+    included: a server verifying many distinct trees would otherwise keep one for each). Sampling
+    stays outside.
     A step that can run several ways gives `variants`, label -> a context that sets the switches
     while the step is traced (a greedy verify step: its head blocks as concurrent branches
     (branches.py) or in order, times one or two reads of the unembedding): each is captured, timed
@@ -687,6 +688,9 @@ class CUDAGraphSteps:
     the GPU and the step's size."""
 
     WARMUP_RUNS = 2
+    # A bound, not a working size: batch buckets (1..64) x plain and verify steps of a few trees
+    # stay far under it; only a caller cycling through many distinct trees reaches it.
+    MAX_GRAPHS = 256
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -699,13 +703,14 @@ class CUDAGraphSteps:
     def _weights_key(self) -> tuple:
         return tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
 
-    def drop_if_weights_replaced(self) -> None:
-        """Drop every graph when any weight is another tensor than at the last call (a block's weight
-        replaced: load_state_dict(assign=True), a merged adapter, a swapped layer): a graph would
-        replay the freed address. Generator.generate calls it once per call: a few hundred pointer
-        reads, kept out of the per-step check in __call__."""
+    def start_call(self) -> None:
+        """Generator.generate calls this first, when no step's outputs are in use. Drops every graph
+        when any weight is another tensor than at the last call (a block's weight replaced:
+        load_state_dict(assign=True), a merged adapter, a swapped layer), since a graph would replay
+        the freed address (a few hundred pointer reads, kept out of the per-step check in __call__),
+        or when more than MAX_GRAPHS are kept."""
         weights = self._weights_key()
-        if weights != self._weights:
+        if weights != self._weights or len(self._graphs) > self.MAX_GRAPHS:
             self._graphs.clear()
             self._pool = None
             self._weights = weights

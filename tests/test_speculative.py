@@ -724,6 +724,10 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     wo.weight = torch.nn.Parameter(wo.weight.detach().clone(), requires_grad=wo.weight.requires_grad)
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens
     assert len(recorded) > captured                                           # its graphs read the old one
+    graphs = graphed._graphs
+    graphs.MAX_GRAPHS = len(graphs._graphs) - 1            # more graphs kept than allowed: the next call
+    graphs.start_call()                                    # starts afresh
+    assert not graphs._graphs
 
 
 def test_verify_step_variants(model4):

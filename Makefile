@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU machines keep torch on the local CPU build; a machine with a GPU keeps whatever torch it has.
+# torch is pinned into the fresh venv: on these machines pip's configuration resolves the pin to a
+# local CPU build (an unpinned torch would pull a CUDA build of several GB).
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: install demo test test-fast clean

@@ -8,7 +8,6 @@ setup(
     # `kernels/` installs as `mtp_kernels`: the name `kernels` belongs to another PyPI package.
     package_dir={"mtp_kernels": "kernels", "mtp_engine": "mtp_engine"},
     packages=["mtp_kernels", "mtp_engine"],
-    package_data={"mtp_engine": ["models/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

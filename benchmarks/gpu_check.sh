@@ -7,7 +7,7 @@
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
 # `train` (benchmarks/gpu_train_default.sh; run benchmarks/prepare_gpu_data.sh here first and carry
 # .gpu_data) trains, distils, evaluates and returns the default model in an estimated TRAIN_SECONDS
-# (default 240) + 150 s, capped at 570 s so it ends inside one device call (not yet run on a GPU).
+# (default 240) + 240 s, capped at 570 s so it ends inside one device call (not yet run on a GPU).
 # At most 8 files come back from the device machine, so every stage appends to one log and the
 # results folder (kept outside OUT) is re-packed into OUT/results.tar.gz after each stage; with the
 # train stage's checkpoint pieces that is at most 7 files. Here: tar -xzf results.tar.gz -C DIR.

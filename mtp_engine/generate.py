@@ -153,8 +153,8 @@ class Generator:
         prompt_tokens: list of token-id lists. max_gen_len: most new tokens per prompt, clipped per
         prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
         otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with a
-        torch.Generator seeded by `seed` (None: torch's global RNG). eos_id: defaults to the
-        tokenizer's; None or negative means never stop early.
+        torch.Generator seeded by `seed` (None: torch's global RNG). eos_id: None means the
+        tokenizer's eos (never stop early without a tokenizer); a negative id never stops early.
 
         speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
         head: blockwise parallel decoding) or "tree" (a static token tree of the heads' top-k drafts).
@@ -565,7 +565,7 @@ class Generator:
         vocab = self.model.vocab_size
         if eos_id >= vocab:
             raise ValueError(f"eos_id {eos_id} is not a token id of this model (vocab_size {vocab}); "
-                             "None or a negative id means never stop early")
+                             "a negative id means never stop early (None: the tokenizer's eos)")
         return eos_id if eos_id >= 0 else None
 
     def _check_prompts(self, prompt_tokens, scoring_only: bool = False) -> List[List[int]]:

@@ -184,9 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, help="where the distilled checkpoint is written")
     parser.add_argument("--source", default=None, help="corpus folder whose TRAINING split gives the prompts "
                                                        "(default: the stdlib)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     for name, value in asdict(DistillConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"DistillConfig.{name} (default {value})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -210,8 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
     parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for tokens/forward (default 16)")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per held-out prompt (default 64)")
+    parser.add_argument("--gen-len", type=int, default=64, help="greedy new tokens per prompt (default 64)")
     parser.add_argument("--tree", action="append", default=None,
                         help="tree preset name or JSON list of paths; repeatable (default: the preset for the "
                              "model's head count)")
@@ -219,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first fit a tree to this model (acceptance rates on training-split prompts) and "
                              "write it here; it is then evaluated beside the others")
     parser.add_argument("--tree-budget", type=int, default=47, help="drafted nodes of --build-tree (default 47)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--json", default=None, help="also write the result here")
 
 

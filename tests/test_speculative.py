@@ -490,8 +490,11 @@ def test_single_head_model_and_cuda_graph_flag():
         Generator(one_head, cuda_graphs="yes")
 
 
-def test_triton_interpreter_path(triton_backend):
-    """All kernels on the Triton path under the interpreter (fp32), attention included."""
+def test_triton_interpreter_path(triton_backend, monkeypatch):
+    """All kernels on the Triton path under the interpreter (fp32), attention included: the drafting
+    model's speculative tokens equal its plain ones there, and a random model whose tokens hang on
+    attention, rotary, norms and SwiGLU (the drafting model's come mostly from its embeddings, so a
+    broken attention kernel passed) gives the reference backend's tokens."""
     model, _ = drafting_model(heads=2, seed=4, attention_heads=2)
     prompts = [[1, 2, 3], [6, 7]]
     gen = Generator(model, max_batch_size=2, max_seq_len=16)
@@ -500,6 +503,18 @@ def test_triton_interpreter_path(triton_backend):
     assert fast.tokens == plain.tokens
     one_read = Generator(model, max_batch_size=2, max_seq_len=16, shared_unembed=True)   # linear_candidates
     assert one_read.generate(prompts, max_gen_len=6, speculative="tree", tree=[[0], [1]]).tokens == plain.tokens
+    torch.manual_seed(4)
+    dense = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=2, n_kv_heads=1, vocab_size=32, multiple_of=16,
+                                  n_future_tokens=2, max_seq_len=64, max_batch_size=4)).eval()
+    with torch.no_grad():
+        for weight in (p for p in dense.parameters() if p.dim() == 2):
+            weight.normal_(0.0, 0.3)
+    on_triton = Generator(dense, max_batch_size=2, max_seq_len=16)
+    plain = on_triton.generate(prompts, max_gen_len=6)
+    fast = on_triton.generate(prompts, max_gen_len=6, speculative="tree", tree=[[0], [1]])
+    monkeypatch.setenv("MTP_BACKEND", "reference")
+    want = Generator(dense, max_batch_size=2, max_seq_len=16).generate(prompts, max_gen_len=6)
+    assert plain.tokens == fast.tokens == want.tokens
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])

@@ -354,6 +354,19 @@ class Transformer(nn.Module):
             block.attention.cache = KVCache(self.k_cache[i], self.v_cache[i])
         self.cache_batch, self.cache_len = max_batch_size, max_seq_len
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.half()`, `.cuda()`, ... convert each block's cache buffers one by one, which would
+        cut them loose from the stacked k_cache / v_cache that KV compaction and CUDA graphs use (a
+        silent stale copy). Caches are scratch: they are set up again, empty, at the new dtype and
+        device (the weights')."""
+        cached = (self.cache_batch, self.cache_len) if self.cache_len else None
+        if cached:
+            self.clear_caches()
+        module = super()._apply(fn, *args, **kwargs)
+        if cached:
+            self.setup_caches(*cached)
+        return module
+
     def clear_caches(self) -> None:
         for block in self.blocks():
             block.attention.cache = None
@@ -419,18 +432,31 @@ class Transformer(nn.Module):
                 return_all_heads: bool = False) -> torch.Tensor:
         """The release's forward: float logits (B, T, n_used, V), n_used = n_future_tokens or 1.
 
-        Without caches this is a plain causal forward over `tokens` at positions start_pos.. (int).
-        With caches (setup_caches) it appends to them at start_pos, an int or a (B,) tensor of
-        per-sequence positions, like the release's inference path.
+        Without caches this is a plain causal forward over `tokens` from position 0. With caches
+        (setup_caches) it appends to them at start_pos, an int or a (B,) integer tensor of
+        per-sequence positions, like the release's inference path. start_pos > 0 without caches is
+        an error: the release's model always has its cache, and a forward at shifted positions
+        without the earlier tokens would silently drop their context.
         """
         n_used = self.n_future_tokens if return_all_heads else 1
+        B = tokens.shape[0] if tokens.dim() else 0
+        if isinstance(start_pos, torch.Tensor):
+            if start_pos.is_floating_point() or start_pos.is_complex() or start_pos.dtype == torch.bool \
+                    or start_pos.shape not in ((), (B,)):
+                raise ValueError(f"start_pos must be an int or a ({B},) integer tensor, got "
+                                 f"{start_pos.dtype} {tuple(start_pos.shape)}")
+        elif isinstance(start_pos, bool) or not isinstance(start_pos, int):
+            raise ValueError(f"start_pos must be an int or a ({B},) integer tensor, got {start_pos!r}")
+        elif start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if self.cache_len:
             self._check_tokens(tokens, None)
-            B = tokens.shape[0]
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
             return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
-        if not isinstance(start_pos, int):
-            raise ValueError("start_pos must be an int when no KV cache is set up")
+        if not isinstance(start_pos, int) or start_pos != 0:
+            raise ValueError(f"start_pos {start_pos} needs the KV cache: call setup_caches(max_batch_size, "
+                             "max_seq_len) first (the release's model sets its cache up when built); without "
+                             "it, forward runs a whole sequence from position 0")
         self._check_tokens(tokens, start_pos)
         freqs = self._rope(tokens.device)[start_pos:start_pos + tokens.shape[1]]
         return self.output(self._run(tokens, freqs, None, n_used)).float()
@@ -467,6 +493,10 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if B > self.cache_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.is_floating_point() \
+                or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
+            raise ValueError("cache_seqlens must be a (B,) integer tensor, got "
+                             f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)}")
         cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
         if cache_seqlens.shape != (B,):
             raise ValueError(f"cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
@@ -495,11 +525,13 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
         if start_pos is not None and start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if start_pos is not None and start_pos + tokens.shape[1] > self.freqs_cis.shape[0]:
             raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed the rotary table "
-                             f"({self.freqs_cis.shape[0]} = 2 * max_seq_len)")
+                             f"({self.freqs_cis.shape[0]} positions: 2 * max_seq_len, or the caches' length)")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

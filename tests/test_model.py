@@ -292,6 +292,15 @@ def test_model_rejects_bad_heads_positions_tokens_and_cache_sizes():
             model.head_hidden(tokens, n_heads=bad)
     with pytest.raises(ValueError, match="start_pos must be >= 0, got -1"):
         model(tokens, start_pos=-1)
+    # Without caches a later position would run without the earlier tokens: the release's model always
+    # has its cache, so code ported from it got logits without context, silently.
+    with pytest.raises(ValueError, match="start_pos 4 needs the KV cache: call setup_caches"):
+        model(tokens, start_pos=4)
+    for bad in (True, 4.9, torch.tensor([0.0]), torch.zeros(3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"start_pos must be an int or a \(1,\) integer tensor"):
+            model(tokens, start_pos=bad)
+    with pytest.raises(ValueError, match="has no positions"):
+        model(tokens[:, :0])
     for size in ((0, 8), (2, -1), (2, 8.0)):
         with pytest.raises(ValueError, match="setup_caches: max_"):
             model.setup_caches(*size)
@@ -300,6 +309,25 @@ def test_model_rejects_bad_heads_positions_tokens_and_cache_sizes():
         model.forward_cached(torch.tensor([[1, 50]]), torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="n_heads must be an int"):
         model.forward_cached(tokens, torch.zeros(1, dtype=torch.int32), n_heads=9)
+    with pytest.raises(ValueError, match="cache_seqlens must be a \\(B,\\) integer tensor"):
+        model.forward_cached(tokens, torch.tensor([2.7]))   # truncated to 2 before
+
+
+def test_casting_the_model_sets_its_caches_up_again():
+    """.to() converted each block's cache buffer alone, cutting it loose from the stacked k_cache /
+    v_cache that KV compaction and CUDA graphs use; the caches are now set up again at the new dtype."""
+    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                                  max_seq_len=32, n_future_tokens=2))
+    model.setup_caches(2, 16)
+    model.to(torch.float64)
+    assert model.k_cache.dtype == torch.float64 and (model.cache_batch, model.cache_len) == (2, 16)
+    for i, block in enumerate(model.blocks()):
+        assert block.attention.cache.k.data_ptr() == model.k_cache[i].data_ptr()
+        assert block.attention.cache.v.data_ptr() == model.v_cache[i].data_ptr()
+    tokens = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        model.forward_cached(tokens, torch.zeros(2, dtype=torch.int32))
+    assert model.k_cache[:, :, :6].abs().sum() > 0   # the stacked cache is the one written
 
 
 def test_model_args_fields_match_release():

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import graph_capturing
+
 _POOLS: Dict[Tuple[str, int], List[torch.Tensor]] = {}   # (device, stream) -> buffers, the newest (largest) last
 _MIN_COUNTERS = 4096
 
@@ -46,8 +48,7 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     pool = _POOLS.setdefault(_pool_key(device), [])
     if pool and pool[-1].numel() >= n:
         return pool[-1]
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if graph_capturing(device):
         return torch.zeros(n, dtype=torch.int32, device=device)
     size = max(_MIN_COUNTERS, triton.next_power_of_2(n))
     pool.append(torch.zeros(size, dtype=torch.int32, device=device))

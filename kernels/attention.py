@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import cross_compile_arch, gpu_launch, interpreting, sm_count, use_triton
+from .backend import cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -1436,7 +1436,7 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
             raise ValueError(f"{name}: tree_mask is on {tree_mask.device} but q is on {q.device}")
     if Tq > S_max:
         raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
-    if check_seqlens and B > 0 and not (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if check_seqlens and B > 0 and not graph_capturing(cache_seqlens.device):
         bad = ((cache_seqlens < 0) | (cache_seqlens > S_max - Tq)).any()
         if bool(bad):
             raise ValueError(f"{name}: cache_seqlens must lie in [0, S_max - Tq] = [0, {S_max - Tq}] "

@@ -24,6 +24,12 @@ import torch
 _CHOICES = ("auto", "reference", "triton")
 
 
+def graph_capturing(device: torch.device) -> bool:
+    """Whether the current stream of a CUDA `device` is capturing a CUDA graph: no host reads of
+    device values (they would synchronize) and no tuning there. False for any other device."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def tuning_switched_off() -> bool:
     """MTP_TUNE=0: every tuner keeps its default launch or layout, also for shapes tuned before."""
     return os.environ.get("MTP_TUNE", "1").strip() == "0"

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Hashable, Sequence
 import torch
 from triton.runtime.errors import OutOfResources
 
-from .backend import tuning_switched_off
+from .backend import graph_capturing, tuning_switched_off
 
 try:   # the base of Triton's compile, ptxas and resource errors (OutOfResources alone before it existed)
     from triton.errors import TritonError
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - older Triton
 
 def tuning_enabled(device: torch.device) -> bool:
     """Tune on CUDA, outside a graph capture, unless MTP_TUNE=0 (read at call time)."""
-    return not tuning_switched_off() and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    return not tuning_switched_off() and device.type == "cuda" and not graph_capturing(device)
 
 
 GRAPH_CALLS = 10   # fn() calls captured in one graph by cuda_graph_ms

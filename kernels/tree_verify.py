@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import graph_capturing, interpreting, use_triton
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -179,10 +179,6 @@ def _tensor_version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _forget_tree(ref: weakref.ref, key: int) -> None:
     entry = _CHECKED_TREES.get(key)
     if entry is not None and entry[0] is ref:
@@ -193,7 +189,7 @@ def _checked_max_depth(parents: torch.Tensor) -> int:
     key, version = id(parents), _tensor_version(parents)
     entry = _CHECKED_TREES.get(key)
     if entry is not None and entry[0]() is parents and (
-            entry[1] == version if version is not None else _capturing(parents)):
+            entry[1] == version if version is not None else graph_capturing(parents.device)):
         return entry[2]
     values = parents.tolist()
     if not values or values[0] != -1:

@@ -59,7 +59,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""
-        ids = [_token_id(i) for i in ids]
+        # A tensor or array as Python numbers in one read (item by item, a CUDA tensor syncs per id).
+        ids = [_token_id(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         bad = [i for i in ids if not 0 <= i < self.n_words]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_words})")
@@ -72,7 +73,7 @@ class Tokenizer:
 def _token_id(value) -> int:
     """A token id as a Python int: ints, numpy and torch integer scalars; a float or a bool is a
     ValueError (int() would truncate 300.9 to another token, silently)."""
-    plain = value.item() if hasattr(value, "item") else value
+    plain = value.item() if hasattr(value, "item") else value   # numpy / torch scalars in a list
     if isinstance(plain, bool) or not isinstance(plain, int):
         raise ValueError(f"token ids must be ints, got {value!r}")
     return plain

@@ -1374,8 +1374,8 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     (B, T, H, Dh) in q.dtype; differentiable w.r.t. q, k, v. sm_scale defaults to 1/sqrt(Dh).
     Triton path: Dh <= 128 (a power of two, or padded to one), fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
     other valid inputs run the reference. fp16 backward: dS = P (dP - delta) is cast to fp16 before
-    its matmuls, as in FlashAttention-2, so |dP - delta| past 65504 gives inf in dq, dk (loss
-    scaling's back-off handles it); bf16 has the range."""
+    its matmuls, so |dP - delta| past 65504 gives inf in dq, dk (a loss scaler skips such steps and
+    backs off); bf16 has the range."""
     _check_heads("flash_attention", q, k, v, "k", "v")
     if not isinstance(causal, bool):
         raise ValueError(f"flash_attention: causal must be True or False, got {causal!r}")

@@ -212,8 +212,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return_per_head=True, returns (loss, per_head) where per_head is the detached (n,) float32
     unweighted loss of each head.
     fp16: the logits' gradient (softmax - onehot) times each row's factor (1 / valid tokens for a
-    mean) is stored in fp16 before the dH and dW matmuls, as eager fp16 logits' gradient is, so
-    entries under fp16's range flush to zero: train fp16 with loss scaling (torch.amp.GradScaler).
+    mean) is stored in fp16 before the dH and dW matmuls, so entries under fp16's range flush to
+    zero. For mean and sum that gradient is made in the forward, before grad_output is known, so a
+    loss scaler's factor arrives only afterwards and does not prevent it; with reduction "none" the
+    gradient waits for grad_output, which then multiplies in before the cast. bf16 has the range.
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.

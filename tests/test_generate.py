@@ -316,6 +316,12 @@ def test_llama_text_completion(tiny_release):
     sampled = llama.text_completion(prompts, temperature=0.8, top_p=0.9, max_gen_len=5)
     assert all(isinstance(r["generation"], str) for r in sampled)
 
+    # An eos inside an echoed prompt stays, with what follows it (the release cuts there): only
+    # generated tokens stop at eos.
+    with_eos = enc[0][:2] + [llama.tokenizer.eos_id] + enc[0][2:]
+    tokens, _ = llama.generate([with_eos], max_gen_len=3, temperature=0.0, echo=True)
+    assert tokens[0][:len(with_eos)] == with_eos and len(tokens[0]) > len(with_eos)
+
 
 def test_llama_build_errors(tiny_release, tmp_path):
     ckpt, tok_path, model = tiny_release

@@ -68,7 +68,8 @@ for s in "${stages[@]}"; do
     attention) run_stage attention 240 python3 benchmarks/bench_attention.py --out "$RES" ;;   # ~50 s + KV launch tuning + 42 flash configs to compile
     generate) run_stage generate 420 python3 benchmarks/bench_generate.py --out "$RES" ;;   # 144 s on an H100 before the selection tuner and the one-read captures (est. +60-90 s)
     host_overhead) run_stage host_overhead 120 python3 benchmarks/bench_host_overhead.py --out "$RES" ;;   # 54-59 s on an H200, mostly autotuning
-    warp_spec_probe) run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ;;   # opts in by itself
+    warp_spec_probe) # opts in by itself; PROBE_PARTS="tree timing" runs those parts only (default: flash tree timing)
+                     run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ${PROBE_PARTS:+--parts $PROBE_PARTS} ;;
     head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     train) limit=$(( ${TRAIN_SECONDS:-240} + 240 )); [ "$limit" -gt 570 ] && limit=570
            run_stage train "$limit" bash benchmarks/gpu_train_default.sh "$OUT" ;;

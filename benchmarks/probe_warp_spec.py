@@ -163,6 +163,110 @@ def probe_tree(attention, reference, smoke: bool, device, dtype) -> list[dict]:
     return rows
 
 
+# The shapes bench_attention.py times: flash (B, H, T, D), causal with H == Hkv; a 64-node tree over
+# caches of 1024 and 8192 slots at batch 1 (H, Hkv, D = 32, 8, 128).
+TIMED_FLASH_SHAPES = [(4, 32, 4096, 128), (8, 16, 2048, 64)]
+TIMED_TREE = dict(B=1, Tq=64, H=32, Hkv=8, D=128, lengths=(1024, 8192))
+
+
+def time_flash(attention, device, dtype) -> list[dict]:
+    """Do the warp-specialized configs pay? At the benchmark's shapes, one forward and backward
+    through the autotuner (warp-specialized configs included) records every config's time as the
+    autotuner measured it; each warp-specialized config is then run alone and compared with SDPA's
+    output and gradients (bf16 against bf16: a wrong config lands far above the others)."""
+    import torch.nn.functional as F
+
+    rows = []
+    for B, H, T, D in TIMED_FLASH_SHAPES:
+        gen = torch.Generator(device=device).manual_seed(T + D)
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+                   for _ in range(3))
+        dout = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+        want = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True).transpose(1, 2)
+        want_grads = torch.autograd.grad(want, (q, k, v), dout)
+        attention.flash_attention(q, k, v, causal=True).backward(dout)   # tunes all three kernels
+        shape = f"B{B} H{H} T{T} D{D} causal"
+        scale = D ** -0.5
+        out, lse = attention.flash_attention_fwd(q.detach(), k.detach(), v.detach(), True, scale)
+        for which, kernel in (("fwd", "forward"), ("dq", "dQ"), ("dkdv", "dK/dV")):
+            tuner = attention._tuned(which)
+            best = getattr(tuner, "best_config", None)
+            for config, t in (getattr(tuner, "configs_timings", None) or {}).items():
+                record = {"shape": shape, "kernel": kernel, "config": _config_label(config),
+                          "warp_spec": bool(config.kwargs["WARP_SPEC"]),
+                          "ms": t[0] if isinstance(t, (list, tuple)) else t, "chosen": config == best}
+                if record["warp_spec"]:
+                    try:
+                        if which == "fwd":
+                            got, ref = attention.flash_attention_fwd(q.detach(), k.detach(), v.detach(), True,
+                                                                     scale, config=config)[0], want
+                        else:
+                            grads = attention.flash_attention_bwd(
+                                dout, q.detach(), k.detach(), v.detach(), out, lse, True, scale,
+                                dkdv_config=config if which == "dkdv" else None,
+                                dq_config=config if which == "dq" else None)
+                            got, ref = (grads[0], want_grads[0]) if which == "dq" else (grads[1], want_grads[1])
+                        record["rel_err_vs_sdpa"] = _rel_err(got, ref)
+                    except Exception as err:  # noqa: BLE001 - recorded
+                        record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                rows.append(record)
+        del q, k, v, dout, want, want_grads
+    return rows
+
+
+def time_tree(attention, reference, device, dtype, timer=None) -> list[dict]:
+    """The KV tuner's CUDA-graph time for every launch of a 64-node tree (warp-specialized ones
+    included), with the error of each warp-specialized launch against float32."""
+    cfg = TIMED_TREE
+    B, Tq, H, Hkv, D = (cfg[k] for k in ("B", "Tq", "H", "Hkv", "D"))
+    rows = []
+    for S in cfg["lengths"]:
+        g = torch.Generator().manual_seed(S)
+        q = torch.randn(B, Tq, H, D, generator=g).to(device, dtype)
+        k_cache, v_cache = (torch.randn(B, S + Tq, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+        seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
+        mask = torch.tril(torch.ones(Tq, Tq, dtype=torch.bool, device=device))
+        packed = attention.pack_tree_mask(mask)
+        times = attention.tune_kv_launch(q, k_cache, v_cache, seqlens, packed, D ** -0.5, timer=timer)
+        want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
+        best = min(times, key=times.get)
+        for launch, ms in sorted(times.items(), key=lambda item: item[1]):
+            record = {"shape": f"B{B} S{S} Tq{Tq} H{H}/{Hkv} D{D}", "kernel": "tree", "config": launch.label(),
+                      "warp_spec": launch.warp_spec, "ms": ms, "chosen": launch == best}
+            if launch.warp_spec:
+                got = attention._kv_run(q, k_cache, v_cache, seqlens, packed, D ** -0.5, launch)
+                record["rel_err_vs_float32"] = _rel_err(got, want)
+            rows.append(record)
+    return rows
+
+
+def timing_markdown(rows: list[dict]) -> str:
+    """Per shape and kernel: the best plain and the best warp-specialized time, then every row."""
+    lines = ["## Do they pay? Times at the benchmark's shapes (autotuner / KV tuner ms)", "",
+             "| shape | kernel | best plain ms | best warp-specialized ms | plain / warp-specialized | "
+             "warp-specialized errors |", "|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["kernel"]), []).append(r)
+    for (shape, kernel), group in groups.items():
+        plain = [r["ms"] for r in group if not r["warp_spec"] and isinstance(r.get("ms"), float)]
+        ws = [r for r in group if r["warp_spec"]]
+        ws_ms = [r["ms"] for r in ws if isinstance(r.get("ms"), float)]
+        errs = ", ".join(f"{r.get('rel_err_vs_sdpa', r.get('rel_err_vs_float32', r.get('error'))):.3g}"
+                         if isinstance(r.get("rel_err_vs_sdpa", r.get("rel_err_vs_float32")), float)
+                         else str(r.get("error")) for r in ws)
+        best_plain, best_ws = (min(plain) if plain else None), (min(ws_ms) if ws_ms else None)
+        ratio = best_plain / best_ws if best_plain and best_ws else None
+        lines.append(f"| {shape} | {kernel} | {best_plain} | {best_ws} | {ratio} | {errs} |")
+    lines += ["", "| shape | kernel | config | warp-specialized | ms | chosen | rel err |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = r.get("rel_err_vs_sdpa", r.get("rel_err_vs_float32", r.get("error", "")))
+        lines.append(f"| {r['shape']} | {r['kernel']} | {r['config']} | {r['warp_spec']} | {r['ms']} | "
+                     f"{'yes' if r['chosen'] else ''} | {err} |")
+    return "\n".join(lines)
+
+
 def _config_label(config) -> str:
     kw = {k: v for k, v in config.kwargs.items() if k not in ("WARP_SPEC",)}
     return ", ".join(f"{k}={v}" for k, v in kw.items()) + f", warps={config.num_warps}, stages={config.num_stages}"
@@ -172,6 +276,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--cpu-smoke", action="store_true", help="interpreter tiles on the CPU, float32")
+    parser.add_argument("--parts", nargs="+", choices=("flash", "tree", "timing"), default=("flash", "tree", "timing"),
+                        help="which to run: the flash cases, the tree cases, the timing at the benchmark's "
+                             "shapes (GPU only)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -181,8 +288,11 @@ def main(argv=None) -> int:
     os.environ["MTP_WARP_SPEC"] = "1"   # this process only: the probe is about these kernels
     from mtp_kernels import attention, reference
 
-    rows = probe_flash(attention, reference, smoke, device, dtype) + probe_tree(attention, reference, smoke,
-                                                                               device, dtype)
+    rows = ((probe_flash(attention, reference, smoke, device, dtype) if "flash" in args.parts else [])
+            + (probe_tree(attention, reference, smoke, device, dtype) if "tree" in args.parts else []))
+    timing = []
+    if "timing" in args.parts and not smoke:
+        timing = time_flash(attention, device, dtype) + time_tree(attention, reference, device, dtype)
     headers = ["kernel", "case", "config", "rel err", "bad rows", "of rows", "blocks", "halves", "error"]
     table = common.markdown_table(headers, [[r.get("kernel"), r.get("case"), r.get("config"), r.get("rel_err"),
                                              r.get("bad_rows"), r.get("of_rows"), r.get("blocks"), r.get("halves"),
@@ -191,11 +301,13 @@ def main(argv=None) -> int:
     md = "\n".join([f"# Warp-specialized kernels, case by case, on {name}", "",
                     f"Relative error against float32; a row is bad when it is not finite or its error passes "
                     f"{BAD_ROW_TOL} of the mean row norm; blocks: the query blocks (tree: row tiles) holding "
-                    f"bad rows; halves: which half of those blocks (the two consumer warpgroups' rows).", "", table])
+                    f"bad rows; halves: which half of those blocks (the two consumer warpgroups' rows).", "", table]
+                   + (["", timing_markdown(timing)] if timing else []))
     out = Path(args.out)
     slug = common.device_slug(device)
-    common.write_json(out / f"warp_spec_probe_{slug}.json", {"env": common.environment_info(device), "rows": rows})
-    common.write_markdown(out / f"warp_spec_probe_{slug}.md", md)
+    stem = f"warp_spec_probe_{slug}" + ("" if len(args.parts) == 3 else "_" + "-".join(args.parts))
+    common.write_json(out / f"{stem}.json", {"env": common.environment_info(device), "rows": rows, "timing": timing})
+    common.write_markdown(out / f"{stem}.md", md)
     print(md)
     return 0
 

@@ -600,9 +600,11 @@ _GPU_FWD_CONFIGS = [
     # and a second consumer warpgroup: 12 warps, the 128 rows split 64 + 64. sm_90 compiles (Triton
     # 3.6 and 3.9): 168 registers, no spill; 115-181 KB of shared memory at head dim 128. Both
     # versions compile it only with num_warps=4 and only as a single, branch-free loop. Pruned where
-    # the layout does not allow its descriptors (`_ws_ok`).
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=True, WARP_SPEC=True), num_warps=4, num_stages=stages)
-    for block_n, stages in ((64, 2), (64, 3), (128, 2))
+    # the layout does not allow its descriptors (`_ws_ok`). num_stages=3 (a ring of three K/V buffers)
+    # gave NaN rows on an H100 with Triton 3.6 in every case of probe_warp_spec.py, num_stages=2 none:
+    # only the latter are offered.
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=block_n, FOLD_SCALE=True, WARP_SPEC=True), num_warps=4, num_stages=2)
+    for block_n in (64, 128)
 ]
 _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=False, WARP_SPEC=False), num_warps=8, num_stages=3),
@@ -612,10 +614,11 @@ _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=2),
 ] + [
     # Warp-specialized (`_bwd_dkdv_ws_loop`; ONE_LOOP unused there): the consumers split the 128
-    # keys. sm_90 with Triton 3.6: 168 registers; 32-row query blocks do not spill at head dim 128,
-    # 64-row ones spill 40 bytes there (none at 64, none with Triton 3.9).
-    triton.Config(dict(BLOCK_M=block_m, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=True), num_warps=4, num_stages=2)
-    for block_m in (32, 64)
+    # keys. sm_90 with Triton 3.6: 168 registers; 64-row query blocks spill 40 bytes at head dim 128
+    # (none at 64, none with Triton 3.9). 32-row query blocks gave a NaN key row per block on an H100
+    # with Triton 3.6 in every case of probe_warp_spec.py (their lse and delta loads are 128-byte
+    # 1-D descriptor blocks); 64-row ones none: only those are offered.
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=True), num_warps=4, num_stages=2)
 ]
 _GPU_DQ_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, WARP_SPEC=False), num_warps=8, num_stages=3),

@@ -97,6 +97,39 @@ def test_probe_warp_spec_locates_bad_rows(load_script):
     assert found == {"bad_rows": 2, "of_rows": 2 * 256 * 3, "blocks": [0, 1], "halves": ["first", "second"]}
 
 
+def test_probe_warp_spec_timing_tables(triton_backend, load_script, monkeypatch):
+    """The timing part (GPU only in a run) on interpreter shapes: every tuned config gets a row, each
+    warp-specialized one an error against SDPA (tree: against float32), and the summary table pairs
+    the best plain time with the best warp-specialized one."""
+    import triton
+    from mtp_kernels import attention, reference
+
+    probe = load_script(BENCH / "probe_warp_spec.py")
+    monkeypatch.setenv("MTP_WARP_SPEC", "1")
+    monkeypatch.setattr(probe, "TIMED_FLASH_SHAPES", [(1, 2, 40, 16)])
+    monkeypatch.setattr(probe, "TIMED_TREE", dict(B=1, Tq=5, H=4, Hkv=2, D=16, lengths=(40,)))
+    configs = {"fwd": [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=w), num_warps=4)
+                       for w in (False, True)],
+               "dq": [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=w), num_warps=4) for w in (False, True)],
+               "dkdv": [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, ONE_LOOP=True, WARP_SPEC=w), num_warps=4)
+                        for w in (False, True)]}
+
+    class Tuned:   # what the autotuner leaves after a GPU run: every config's time, the pick
+        def __init__(self, which):
+            self.configs_timings = {c: [1.0 + i] for i, c in enumerate(configs[which])}
+            self.best_config = configs[which][0]
+    monkeypatch.setattr(attention, "_tuned", Tuned)
+    flash_rows = probe.time_flash(attention, "cpu", torch.float32)
+    assert [(r["kernel"], r["warp_spec"], r["chosen"]) for r in flash_rows] == [
+        (k, ws, not ws) for k in ("forward", "dQ", "dK/dV") for ws in (False, True)]
+    assert all(r["rel_err_vs_sdpa"] < 1e-5 for r in flash_rows if r["warp_spec"]), flash_rows
+    tree_rows = probe.time_tree(attention, reference, "cpu", torch.float32, timer=lambda fn: (fn(), 1.0)[1])
+    assert any(r["warp_spec"] for r in tree_rows) and any(not r["warp_spec"] for r in tree_rows)
+    assert all(r["rel_err_vs_float32"] < 1e-5 for r in tree_rows if r["warp_spec"]), tree_rows
+    table = probe.timing_markdown(flash_rows + tree_rows)
+    assert "| B1 H2 T40 D16 causal | forward | 1.0 | 2.0 | 0.5 |" in table, table
+
+
 def test_bench_attention_cpu_smoke(tmp_path, load_script):
     _run([BENCH / "bench_attention.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
     result = json.loads((tmp_path / "attention_cpu-smoke.json").read_text())

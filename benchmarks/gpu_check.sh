@@ -44,12 +44,11 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# The warp-specialized kernels (flash configs, tree launches) are opt-in (MTP_WARP_SPEC=1: they
-# failed their GPU tests on an H100 with Triton 3.6). A run that opts in keeps them for the
-# benchmarks only if their GPU tests ran and passed (a tuner would otherwise pick a fast one
-# whatever its results).
+# The warp-specialized flash configs (on by default on Hopper with Triton 3.6, MTP_WARP_SPEC=1 or 0
+# overrides: `attention.warp_spec_allowed`) stay in the benchmarks only if their GPU tests ran and
+# passed (an autotuner would otherwise pick a fast one whatever its results).
 warp_spec_guard() {
-  [ "${MTP_WARP_SPEC:-0}" = "1" ] || return 0
+  [ "${MTP_WARP_SPEC:-}" = "0" ] && return 0
   if python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(0 if common.warp_spec_tests_failed(sys.argv[1]) else 1)" "$RES/gpu_tests.xml"; then
     export MTP_WARP_SPEC=0
     echo "warp-specialized kernels not confirmed by their GPU tests (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
@@ -66,9 +65,9 @@ for s in "${stages[@]}"; do
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;
     attention) run_stage attention 240 python3 benchmarks/bench_attention.py --out "$RES" ;;   # ~50 s + KV launch tuning + 42 flash configs to compile
-    generate) run_stage generate 420 python3 benchmarks/bench_generate.py --out "$RES" ;;   # 144 s on an H100 before the selection tuner and the one-read captures (est. +60-90 s)
+    generate) run_stage generate 420 python3 benchmarks/bench_generate.py --out "$RES" ;;   # 177 s on an H100 (seventeenth session)
     host_overhead) run_stage host_overhead 120 python3 benchmarks/bench_host_overhead.py --out "$RES" ;;   # 54-59 s on an H200, mostly autotuning
-    warp_spec_probe) # opts in by itself; PROBE_PARTS="tree timing" runs those parts only (default: flash tree timing)
+    warp_spec_probe) # opts in by itself; PROBE_PARTS=timing runs that part only (default: flash timing)
                      run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ${PROBE_PARTS:+--parts $PROBE_PARTS} ;;
     head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     train) limit=$(( ${TRAIN_SECONDS:-240} + 240 )); [ "$limit" -gt 570 ] && limit=570

@@ -16,9 +16,9 @@ Flash attention (FA2 structure):
   producer warp and two consumer warpgroups (FlashAttention-3's division of labour). Triton's pass
   only takes a kernel whose loop is its only loop and whose dot operands all come through
   descriptors, so these loops mask every block, and they run only where the layout allows the
-  descriptors (`_ws_ok`). They are off unless MTP_WARP_SPEC=1: on an H100 with Triton 3.6 (the
-  fourteenth session) their GPU tests failed, NaN rows from the forward and wrong outputs from the
-  tree kernel at 64 nodes, while every interpreter test passes (`warp_spec_allowed`).
+  descriptors (`_ws_ok`). They are on for the Triton versions checked on a GPU (3.6) and
+  MTP_WARP_SPEC=1 or 0 overrides (`warp_spec_allowed`): configs that passed every interpreter
+  test gave NaN rows on an H100 (since removed), so a new Triton is not trusted untested.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
@@ -633,17 +633,34 @@ _GPU_DQ_CONFIGS = [
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 
 
+# Triton versions whose warp-specialized flash configs were checked on a GPU: 3.6 on an H100
+# (probe_warp_spec.py, every case, seventeenth session) and an H200 (the benchmark's shapes). The
+# configs that failed there (forward num_stages=3, dK/dV 32-row query blocks) are gone from the lists.
+WARP_SPEC_VALIDATED_TRITON = ("3.6.",)
+
+
 def warp_spec_allowed() -> bool:
-    """True only with MTP_WARP_SPEC=1: otherwise no warp-specialized flash config or tree launch is
-    tried. Opt-in, because their first GPU run (H100, Triton 3.6) gave wrong results: NaN rows from
-    the flash forward on ragged two-sequence inputs, a relative error of 1.7 from the tree kernel at
-    64 nodes (benchmarks/results/NOTES.md). Their GPU tests run only when it is set."""
-    return os.environ.get("MTP_WARP_SPEC", "0").strip() == "1"
+    """Whether the autotuner may try the warp-specialized flash configs. MTP_WARP_SPEC=1 or 0 decides;
+    otherwise they are on only on Hopper (the GPUs they were checked on) with the Triton versions in
+    WARP_SPEC_VALIDATED_TRITON: Hopper's automatic warp specialization is experimental upstream, and
+    the first GPU run of these kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from
+    configs since removed. On the H200 the dK/dV one was 1.20x faster than the best plain config at
+    head dim 128 (NOTES.md)."""
+    setting = os.environ.get("MTP_WARP_SPEC", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return (triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON) and torch.cuda.is_available()
+            and _compute_major(torch.cuda.current_device()) == 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _prune_ws(configs, named_args, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1),
-    and only with MTP_WARP_SPEC=1 (read at tuning time; `warp_spec_allowed` says why)."""
+    and only where `warp_spec_allowed` (read at tuning time)."""
     if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed():
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
@@ -1037,18 +1054,6 @@ class PackedTreeMask:
     mask: (Tq, Tq) bool, as given; words: (Tq, ceil(Tq / 64)) int64, bit j % 64 of word j // 64 = mask[i, j]."""
     mask: torch.Tensor
     words: torch.Tensor
-    _row_words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    def row_words(self, group: int) -> torch.Tensor:
-        """(Tq * group,) int64: row t * group + g holds query t's word (trees of at most 64 nodes),
-        the rows of the warp-specialized tree kernel (tree_attention_ws.py). Made at the first call
-        for a group size and kept, so that a call inside a CUDA-graph capture finds it made."""
-        if self.words.shape[1] != 1:
-            raise ValueError(f"row_words: a tree of {self.words.shape[0]} nodes needs more than one mask word "
-                             "per row (at most 64 nodes)")
-        if group not in self._row_words:
-            self._row_words[group] = self.words[:, 0].repeat_interleave(group).contiguous()
-        return self._row_words[group]
 
 
 def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
@@ -1080,12 +1085,10 @@ class KVLaunch:
     split_size: int
     n_splits: int
     combine_last: bool = False
-    warp_spec: bool = False   # trees only: tree_attention_ws.py (its partials merge in a second kernel)
 
     def label(self) -> str:
-        """e.g. "M16 x9+last": query rows per tile, KV splits, +last when the last split combines,
-        ws for the warp-specialized tree kernel."""
-        return f"M{self.block_m} x{self.n_splits}{'+last' if self.combine_last else ''}{' ws' if self.warp_spec else ''}"
+        """e.g. "M16 x9+last": query rows per tile, KV splits, +last when the last split combines."""
+        return f"M{self.block_m} x{self.n_splits}{'+last' if self.combine_last else ''}"
 
 
 def _kv_block_n(gpu: bool) -> int:
@@ -1128,15 +1131,12 @@ def _kv_heuristic(B: int, Hkv: int, rows: int, S_max: int, device: torch.device)
     return dataclasses.replace(launch, combine_last=launch.n_splits > 1 and block_m <= 16)
 
 
-def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device,
-                         ws: bool = False) -> list[KVLaunch]:
+def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.device) -> list[KVLaunch]:
     """The launches `tune_kv_launch` times: the heuristic's, and for its row tile and the smaller
     ones down to 16 rows (more programs with fewer registers each, for trees of many rows; 16 alone
     under the interpreter) every power-of-two split count and one key block per split, up to eight
     programs per SM (two splits per tile under the interpreter); each split launch both with the
-    combine kernel and with combine_last. ws (a call
-    `tree_ws_ok` takes): also the warp-specialized tree kernel's 128-row tile (32 rows under the
-    interpreter) at every power-of-two split count, with MTP_WARP_SPEC=1."""
+    combine kernel and with combine_last."""
     gpu = gpu_launch(device)
     base = _kv_heuristic(B, Hkv, rows, S_max, device)
     # A 64-node tree at batch 1 ran its fastest launch, M64 x4, at 128 programs (one per SM, 1.28x
@@ -1155,17 +1155,6 @@ def kv_launch_candidates(B: int, Hkv: int, rows: int, S_max: int, device: torch.
             launch = _kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu)
             split = [launch, dataclasses.replace(launch, combine_last=True)] if launch.n_splits > 1 else [launch]
             out += [c for c in split if c not in out]
-    if ws and warp_spec_allowed():
-        # num_warps=4 per partition (12 run), 2 stages: 165 KB of shared memory at head dim 128.
-        block_m = 128 if gpu else 32
-        programs = B * Hkv * triton.cdiv(rows, block_m)
-        for n_splits in [1 << i for i in range(n_blocks.bit_length()) if (1 << i) < n_blocks] + [n_blocks]:
-            if n_splits > 1 and programs * n_splits > max_programs:
-                break
-            launch = dataclasses.replace(_kv_launch(block_m, S_max, triton.cdiv(n_blocks, n_splits), gpu),
-                                         num_warps=4, num_stages=2 if gpu else 1, warp_spec=True)
-            if launch not in out:
-                out.append(launch)
     return out
 
 
@@ -1204,8 +1193,7 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
-                          kv_launch_candidates(*kv_problem(q, k_cache), q.device,
-                                               ws=tree_ws_ok(q, k_cache, v_cache, tree_mask)),
+                          kv_launch_candidates(*kv_problem(q, k_cache), q.device),
                           lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer)
 
 
@@ -1214,12 +1202,9 @@ def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> K
         return _kv_heuristic(*kv_problem(q, k_cache), q.device)
     if FORCE_KV_SPLIT_SIZE is not None:
         return heuristic()
-    launch = _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
-                              lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale),
-                              heuristic)
-    if launch.warp_spec and not (tree_ws_ok(q, k_cache, v_cache, tree_mask) and warp_spec_allowed()):
-        return heuristic()   # tuned on another layout of this shape, or switched off since
-    return launch
+    return _KV_TUNER.choose(_kv_key(q, k_cache, tree_mask is not None), q.device,
+                            lambda: tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale),
+                            heuristic)
 
 
 def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
@@ -1229,8 +1214,6 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
     Hkv = k_cache.shape[2]
     group = H // Hkv
     rows = group * Tq
-    if launch.warp_spec:
-        return _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask, sm_scale, launch)
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     tree = tree_mask is not None
     mask_bits = tree_mask.words if tree else seqlens   # unused when not TREE
@@ -1269,45 +1252,6 @@ def _kv_combine(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor)
     _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
         o_part, lse_part, out, B * Tq * H, Tq, H, lse_part.shape[-1], *_bth_strides(out),
         **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
-
-
-def tree_ws_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               tree_mask: PackedTreeMask | None) -> bool:
-    """Whether the warp-specialized tree kernel takes this call: a tree (tree_mask given) of 2 to 64
-    nodes, a head dim of 16 to 128 that is a power of two, both caches as `_tma_rows_ok` says, and
-    where kernels may build descriptors (`_descriptors_allowed`)."""
-    B, Tq, H, D = q.shape
-    return (tree_mask is not None and 2 <= Tq <= 64 and 16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
-            and _tma_rows_ok(k_cache, D) and _tma_rows_ok(v_cache, D) and _descriptors_allowed())
-
-
-def _tree_ws_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask, sm_scale: float,
-                 launch: KVLaunch) -> torch.Tensor:
-    """A warp-specialized tree launch (tree_attention_ws.py): q regrouped to (B, Hkv, Tq, GROUP, D)
-    by one copy, the mask's words expanded per row, partials merged by `_kv_combine_kernel`."""
-    B, Tq, H, D = q.shape
-    Hkv = k_cache.shape[2]
-    group = H // Hkv
-    if not tree_ws_ok(q, k_cache, v_cache, tree_mask):
-        raise ValueError(f"kv_cache_attention: the warp-specialized launch {launch.label()} takes trees of 2 to 64 "
-                         f"nodes over packed, 16-byte aligned caches; got q {tuple(q.shape)}, cache strides "
-                         f"{k_cache.stride()} and {v_cache.stride()}, tree {tree_mask is not None}")
-    from .tree_attention_ws import _tree_attn_ws_kernel   # here: that module uses this one's helpers
-
-    q_grouped = q.reshape(B, Tq, Hkv, group, D).transpose(1, 2).contiguous()
-    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
-    split = launch.n_splits > 1
-    o_part, lse_part = _kv_partials(out, launch.n_splits)
-    grid = (triton.cdiv(group * Tq, launch.block_m), launch.n_splits, B * Hkv)
-    _tree_attn_ws_kernel[grid](
-        q_grouped, k_cache, v_cache, seqlens, tree_mask.row_words(group), out, o_part, lse_part,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *_bth_strides(out),
-        B, k_cache.shape[1], Tq, Hkv, group, launch.split_size, launch.n_splits, sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, SPLIT=split,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
-    if split:
-        _kv_combine(o_part, lse_part, out)
-    return out
 
 
 def _combine_block_s(rows: int, head_dim: int) -> int:

@@ -81,7 +81,7 @@ def test_probe_warp_spec_cpu_smoke(tmp_path):
     """Every warp-specialized launch of the probe runs and is judged right under the interpreter."""
     _run([BENCH / "probe_warp_spec.py", "--cpu-smoke"], tmp_path, TRITON_INTERPRET="1", MTP_BACKEND="triton")
     rows = json.loads((tmp_path / "warp_spec_probe_cpu.json").read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"forward", "dQ", "dK/dV", "tree"}
+    assert {r["kernel"] for r in rows} == {"forward", "dQ", "dK/dV"}
     assert all("error" not in r and r["bad_rows"] == 0 and r["rel_err"] < 1e-5 for r in rows), rows
 
 
@@ -99,15 +99,14 @@ def test_probe_warp_spec_locates_bad_rows(load_script):
 
 def test_probe_warp_spec_timing_tables(triton_backend, load_script, monkeypatch):
     """The timing part (GPU only in a run) on interpreter shapes: every tuned config gets a row, each
-    warp-specialized one an error against SDPA (tree: against float32), and the summary table pairs
-    the best plain time with the best warp-specialized one."""
+    warp-specialized one an error against SDPA, and the summary table pairs the best plain time with
+    the best warp-specialized one."""
     import triton
-    from mtp_kernels import attention, reference
+    from mtp_kernels import attention
 
     probe = load_script(BENCH / "probe_warp_spec.py")
     monkeypatch.setenv("MTP_WARP_SPEC", "1")
     monkeypatch.setattr(probe, "TIMED_FLASH_SHAPES", [(1, 2, 40, 16)])
-    monkeypatch.setattr(probe, "TIMED_TREE", dict(B=1, Tq=5, H=4, Hkv=2, D=16, lengths=(40,)))
     configs = {"fwd": [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, FOLD_SCALE=True, WARP_SPEC=w), num_warps=4)
                        for w in (False, True)],
                "dq": [triton.Config(dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=w), num_warps=4) for w in (False, True)],
@@ -123,10 +122,7 @@ def test_probe_warp_spec_timing_tables(triton_backend, load_script, monkeypatch)
     assert [(r["kernel"], r["warp_spec"], r["chosen"]) for r in flash_rows] == [
         (k, ws, not ws) for k in ("forward", "dQ", "dK/dV") for ws in (False, True)]
     assert all(r["rel_err_vs_sdpa"] < 1e-5 for r in flash_rows if r["warp_spec"]), flash_rows
-    tree_rows = probe.time_tree(attention, reference, "cpu", torch.float32, timer=lambda fn: (fn(), 1.0)[1])
-    assert any(r["warp_spec"] for r in tree_rows) and any(not r["warp_spec"] for r in tree_rows)
-    assert all(r["rel_err_vs_float32"] < 1e-5 for r in tree_rows if r["warp_spec"]), tree_rows
-    table = probe.timing_markdown(flash_rows + tree_rows)
+    table = probe.timing_markdown(flash_rows)
     assert "| B1 H2 T40 D16 causal | forward | 1.0 | 2.0 | 0.5 |" in table, table
 
 

@@ -44,7 +44,7 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# The warp-specialized flash configs (on by default on Hopper with Triton 3.6, MTP_WARP_SPEC=1 or 0
+# The warp-specialized flash configs (dK/dV's offered by default on Hopper with Triton 3.6, MTP_WARP_SPEC=1 or 0
 # overrides: `attention.warp_spec_allowed`) stay in the benchmarks only if their GPU tests ran and
 # passed (an autotuner would otherwise pick a fast one whatever its results).
 warp_spec_guard() {

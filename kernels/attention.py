@@ -16,9 +16,10 @@ Flash attention (FA2 structure):
   producer warp and two consumer warpgroups (FlashAttention-3's division of labour). Triton's pass
   only takes a kernel whose loop is its only loop and whose dot operands all come through
   descriptors, so these loops mask every block, and they run only where the layout allows the
-  descriptors (`_ws_ok`). They are on for the Triton versions checked on a GPU (3.6) and
-  MTP_WARP_SPEC=1 or 0 overrides (`warp_spec_allowed`): configs that passed every interpreter
-  test gave NaN rows on an H100 (since removed), so a new Triton is not trusted untested.
+  descriptors (`_ws_ok`). By default only dK/dV's are offered (the one measured to pay), on Hopper
+  with the Triton versions checked on a GPU (3.6); MTP_WARP_SPEC=1 or 0 overrides for all three
+  (`warp_spec_allowed`): configs that passed every interpreter test gave NaN rows on an H100 (since
+  removed), so a new Triton is not trusted untested.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
 GQA group's query heads x the Tq new queries, packed as the M dimension of tl.dot, so each K/V tile
@@ -637,20 +638,25 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 # (probe_warp_spec.py, every case, seventeenth session) and an H200 (the benchmark's shapes). The
 # configs that failed there (forward num_stages=3, dK/dV 32-row query blocks) are gone from the lists.
 WARP_SPEC_VALIDATED_TRITON = ("3.6.",)
+# The kernels whose warp-specialized configs are offered by default: those measured to pay. On the
+# H200 (Triton 3.6) dK/dV's ran 1.20x faster than the best plain config at head dim 128; the
+# forward's tied there and lost at 64, dQ's lost at both (warp_spec_probe_nvidia-h200_timing.md).
+WARP_SPEC_DEFAULT_KERNELS = ("dkdv",)
 
 
-def warp_spec_allowed() -> bool:
-    """Whether the autotuner may try the warp-specialized flash configs. MTP_WARP_SPEC=1 or 0 decides;
-    otherwise they are on only on Hopper (the GPUs they were checked on) with the Triton versions in
-    WARP_SPEC_VALIDATED_TRITON: Hopper's automatic warp specialization is experimental upstream, and
-    the first GPU run of these kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from
-    configs since removed. On the H200 the dK/dV one was 1.20x faster than the best plain config at
-    head dim 128 (NOTES.md)."""
+def warp_spec_allowed(kernel: str) -> bool:
+    """Whether the autotuner may try `kernel`'s ("fwd", "dq", "dkdv") warp-specialized configs.
+    MTP_WARP_SPEC=1 or 0 decides for all three; otherwise only WARP_SPEC_DEFAULT_KERNELS', only on
+    Hopper (the GPUs they were checked on) with the Triton versions in WARP_SPEC_VALIDATED_TRITON:
+    Hopper's automatic warp specialization is experimental upstream, and the first GPU run of these
+    kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from configs since removed."""
+    if kernel not in ("fwd", "dq", "dkdv"):
+        raise ValueError(f"warp_spec_allowed: kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
     setting = os.environ.get("MTP_WARP_SPEC", "").strip()
     if setting in ("0", "1"):
         return setting == "1"
-    return (triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON) and torch.cuda.is_available()
-            and _compute_major(torch.cuda.current_device()) == 9)
+    return (kernel in WARP_SPEC_DEFAULT_KERNELS and triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON)
+            and torch.cuda.is_available() and _compute_major(torch.cuda.current_device()) == 9)
 
 
 @functools.lru_cache(maxsize=None)
@@ -658,10 +664,10 @@ def _compute_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def _prune_ws(configs, named_args, **kwargs):
+def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1),
-    and only where `warp_spec_allowed` (read at tuning time)."""
-    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed():
+    and only where `warp_spec_allowed(kernel)` (read at tuning time)."""
+    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed(kernel):
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
@@ -669,7 +675,7 @@ def _prune_ws(configs, named_args, **kwargs):
 def _prune_dkdv(configs, named_args, **kwargs):
     """The three-loop dK/dV variant only fits the register file below head dim 128 (sm_90); WARP_SPEC
     configs as `_prune_ws` says."""
-    configs = _prune_ws(configs, named_args, **kwargs)
+    configs = _prune_ws(configs, named_args, kernel="dkdv", **kwargs)
     if (kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0) <= 64:
         return configs
     return [c for c in configs if c.kwargs["ONE_LOOP"]]
@@ -683,7 +689,7 @@ def _tuned(which: str):
         "dkdv": (_flash_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS),
         "dq": (_flash_bwd_dq_kernel, _GPU_DQ_CONFIGS),
     }[which]
-    prune = _prune_dkdv if which == "dkdv" else _prune_ws
+    prune = _prune_dkdv if which == "dkdv" else functools.partial(_prune_ws, kernel=which)
     return triton.autotune(configs=configs, key=_TUNE_KEY + ["WS_OK"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -815,7 +821,7 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = _lse_rows(B, H, T, q.device)
     # The layout check costs host time at every call: only where a warp-specialized config may run.
-    ws_ok = (warp_spec_allowed() or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
+    ws_ok = (warp_spec_allowed("fwd") or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
     _check_warp_spec("forward", config, _INTERP_FWD, ws_ok,
                      lambda: f"q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()}")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
@@ -846,7 +852,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     qk_scale = sm_scale * LOG2E
     # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
     kernels = (("dK/dV", dkdv_config, _INTERP_DKDV), ("dQ", dq_config, _INTERP_DQ))
-    ws_ok = ((warp_spec_allowed() or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
+    ws_ok = ((warp_spec_allowed("dkdv") or warp_spec_allowed("dq") or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
              and _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0)
     for name, config, fixed in kernels:
         _check_warp_spec(name, config, fixed, ws_ok,

@@ -1,6 +1,7 @@
 """Flash attention and KV-cache attention: Triton (interpreted on CPU, fp32) vs float64 oracles."""
 import dataclasses
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -291,8 +292,9 @@ def test_flash_attention_config_pruning(monkeypatch):
     assert dkdv_128 and all(c.kwargs["ONE_LOOP"] for c in dkdv_128)    # the three-loop variant spills there
     assert any(c.kwargs["WARP_SPEC"] for c in dkdv_128)
     # Where the layout does not allow descriptors (WS_OK = 0) no kernel keeps a warp-specialized config.
-    for kernel_configs, kernel_prune in ((configs, prune), (attention_module._GPU_FWD_CONFIGS, attention_module._prune_ws),
-                                         (attention_module._GPU_DQ_CONFIGS, attention_module._prune_ws)):
+    for kernel_configs, kernel_prune in ((configs, prune),
+                                         (attention_module._GPU_FWD_CONFIGS, partial(attention_module._prune_ws, kernel="fwd")),
+                                         (attention_module._GPU_DQ_CONFIGS, partial(attention_module._prune_ws, kernel="dq"))):
         kept = kernel_prune(kernel_configs, {"WS_OK": 0}, BLOCK_D=64)
         assert kept and not any(c.kwargs["WARP_SPEC"] for c in kept)
         assert any(c.kwargs["WARP_SPEC"] for c in kernel_prune(kernel_configs, {"WS_OK": 1}, BLOCK_D=64))
@@ -339,17 +341,18 @@ def test_flash_launch_keeps_the_autotuners_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("setting,version,major,offered", [
-    (None, "3.6.0", 9, True),       # checked on an H100 and an H200 with Triton 3.6
-    (None, "3.9.0", 9, False),      # a Triton no GPU has run them with
-    (None, "3.6.0", 8, False),      # not Hopper
-    (None, "3.6.0", None, False),   # no GPU
-    ("yes", "3.6.0", 9, True),      # neither 0 nor 1: the default
-    ("0", "3.6.0", 9, False),
-    ("1", "3.9.0", None, True),
+    (None, "3.6.0", 9, {"dkdv"}),   # checked on an H100 and an H200 with Triton 3.6; only dK/dV's paid
+    (None, "3.9.0", 9, set()),      # a Triton no GPU has run them with
+    (None, "3.6.0", 8, set()),      # not Hopper
+    (None, "3.6.0", None, set()),   # no GPU
+    ("yes", "3.6.0", 9, {"dkdv"}),  # neither 0 nor 1: the default
+    ("0", "3.6.0", 9, set()),
+    ("1", "3.9.0", None, {"fwd", "dq", "dkdv"}),
 ])
 def test_warp_specialized_configs_default(monkeypatch, setting, version, major, offered):
-    """MTP_WARP_SPEC=1 or 0 decides; otherwise they are offered on Hopper with a Triton version they
-    were checked with on a GPU (configs that passed every interpreter test gave NaN rows on an H100)."""
+    """MTP_WARP_SPEC=1 or 0 decides for all three kernels; otherwise dK/dV's (the one measured to pay)
+    are offered on Hopper with a Triton version they were checked with on a GPU (configs that passed
+    every interpreter test gave NaN rows on an H100)."""
     if setting is None:
         monkeypatch.delenv("MTP_WARP_SPEC", raising=False)
     else:
@@ -358,13 +361,15 @@ def test_warp_specialized_configs_default(monkeypatch, setting, version, major, 
     monkeypatch.setattr(attention_module.torch.cuda, "is_available", lambda: major is not None)
     monkeypatch.setattr(attention_module.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(attention_module, "_compute_major", lambda index: major)
-    assert attention_module.warp_spec_allowed() is offered
-    for configs in (attention_module._GPU_FWD_CONFIGS, attention_module._GPU_DQ_CONFIGS):
-        kept = attention_module._prune_ws(configs, {"WS_OK": 1})
-        assert kept and any(c.kwargs["WARP_SPEC"] for c in kept) is offered
-        assert not any(c.kwargs["WARP_SPEC"] for c in attention_module._prune_ws(configs, {"WS_OK": 0}))
+    assert {k for k in ("fwd", "dq", "dkdv") if attention_module.warp_spec_allowed(k)} == offered
+    for kernel, configs in (("fwd", attention_module._GPU_FWD_CONFIGS), ("dq", attention_module._GPU_DQ_CONFIGS)):
+        kept = attention_module._prune_ws(configs, {"WS_OK": 1}, kernel=kernel)
+        assert kept and any(c.kwargs["WARP_SPEC"] for c in kept) is (kernel in offered)
+        assert not any(c.kwargs["WARP_SPEC"] for c in attention_module._prune_ws(configs, {"WS_OK": 0}, kernel=kernel))
     kept = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=128)
-    assert kept and any(c.kwargs["WARP_SPEC"] for c in kept) is offered
+    assert kept and any(c.kwargs["WARP_SPEC"] for c in kept) is ("dkdv" in offered)
+    with pytest.raises(ValueError, match="kernel must be"):
+        attention_module.warp_spec_allowed("bwd")
 
 
 def test_warp_specialized_configs_left_are_the_ones_the_gpu_passed():
@@ -795,11 +800,11 @@ def test_flash_attention_gpu_every_config(D, causal):
     want = reference.attention(q32, k32, v32, causal=causal)
     dout = torch.randn_like(want).to(torch.bfloat16)
     want.backward(dout.float())
-    for config in attention_module._prune_ws(attention_module._GPU_FWD_CONFIGS, {"WS_OK": 1}):
+    for config in attention_module._prune_ws(attention_module._GPU_FWD_CONFIGS, {"WS_OK": 1}, kernel="fwd"):
         out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
         assert _rel_err(out, want) < 1e-2, config
     dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=D)
-    dq_configs = attention_module._prune_ws(attention_module._GPU_DQ_CONFIGS, {"WS_OK": 1})
+    dq_configs = attention_module._prune_ws(attention_module._GPU_DQ_CONFIGS, {"WS_OK": 1}, kernel="dq")
     for i in range(max(len(dkdv_configs), len(dq_configs))):   # every config of both kernels, paired
         dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]
         dq, dk, dv = attention_module.flash_attention_bwd(dout, q, k, v, out, lse, causal, scale,
@@ -820,7 +825,7 @@ def test_flash_attention_gpu_launches_the_kept_config():
 
 # Only where the autotuner may pick them (`warp_spec_allowed`: Hopper with a checked Triton, or
 # MTP_WARP_SPEC=1).
-_needs_warp_spec = pytest.mark.skipif(not attention_module.warp_spec_allowed(),
+_needs_warp_spec = pytest.mark.skipif(not attention_module.warp_spec_allowed("dkdv"),
                                       reason="warp-specialized kernels not offered here (see warp_spec_allowed)")
 
 

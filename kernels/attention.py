@@ -644,10 +644,11 @@ WARP_SPEC_VALIDATED_TRITON = ("3.6.",)
 WARP_SPEC_DEFAULT_KERNELS = ("dkdv",)
 
 
-def warp_spec_allowed(kernel: str) -> bool:
-    """Whether the autotuner may try `kernel`'s ("fwd", "dq", "dkdv") warp-specialized configs.
-    MTP_WARP_SPEC=1 or 0 decides for all three; otherwise only WARP_SPEC_DEFAULT_KERNELS', only on
-    Hopper (the GPUs they were checked on) with the Triton versions in WARP_SPEC_VALIDATED_TRITON:
+def warp_spec_allowed(kernel: str, device: torch.device | None = None) -> bool:
+    """Whether the autotuner may try `kernel`'s ("fwd", "dq", "dkdv") warp-specialized configs on
+    `device` (a CUDA device; None: the current one). MTP_WARP_SPEC=1 or 0 decides for all three;
+    otherwise only WARP_SPEC_DEFAULT_KERNELS', only on Hopper (the GPUs they were checked on) with
+    the Triton versions in WARP_SPEC_VALIDATED_TRITON:
     Hopper's automatic warp specialization is experimental upstream, and the first GPU run of these
     kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from configs since removed."""
     if kernel not in ("fwd", "dq", "dkdv"):
@@ -655,8 +656,14 @@ def warp_spec_allowed(kernel: str) -> bool:
     setting = os.environ.get("MTP_WARP_SPEC", "").strip()
     if setting in ("0", "1"):
         return setting == "1"
-    return (kernel in WARP_SPEC_DEFAULT_KERNELS and triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON)
-            and torch.cuda.is_available() and _compute_major(torch.cuda.current_device()) == 9)
+    if kernel not in WARP_SPEC_DEFAULT_KERNELS or not triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON):
+        return False
+    if device is not None and device.type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _compute_major(index) == 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -666,8 +673,9 @@ def _compute_major(device_index: int) -> int:
 
 def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1),
-    and only where `warp_spec_allowed(kernel)` (read at tuning time)."""
-    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed(kernel):
+    and only where `warp_spec_allowed(kernel)` on Q's device (read at tuning time)."""
+    device = getattr(named_args.get("Q"), "device", None)
+    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed(kernel, device):
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
@@ -821,7 +829,7 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = _lse_rows(B, H, T, q.device)
     # The layout check costs host time at every call: only where a warp-specialized config may run.
-    ws_ok = (warp_spec_allowed("fwd") or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
+    ws_ok = (warp_spec_allowed("fwd", q.device) or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
     _check_warp_spec("forward", config, _INTERP_FWD, ws_ok,
                      lambda: f"q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()}")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
@@ -852,7 +860,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     qk_scale = sm_scale * LOG2E
     # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
     kernels = (("dK/dV", dkdv_config, _INTERP_DKDV), ("dQ", dq_config, _INTERP_DQ))
-    ws_ok = ((warp_spec_allowed("dkdv") or warp_spec_allowed("dq") or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
+    ws_ok = ((warp_spec_allowed("dkdv", q.device) or warp_spec_allowed("dq", q.device) or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
              and _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0)
     for name, config, fixed in kernels:
         _check_warp_spec(name, config, fixed, ws_ok,

@@ -372,6 +372,27 @@ def test_warp_specialized_configs_default(monkeypatch, setting, version, major, 
         attention_module.warp_spec_allowed("bwd")
 
 
+def test_warp_specialized_default_asks_the_tensors_gpu(monkeypatch):
+    """The default looks at the GPU the call runs on (Q's device in the autotuner's prune), not the
+    current one: a Hopper and an older GPU in one machine each get their own answer; a CPU tensor none."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("MTP_WARP_SPEC", raising=False)
+    monkeypatch.setattr(attention_module.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(attention_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention_module.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(attention_module, "_compute_major", {0: 9, 1: 8}.__getitem__)
+    hopper, ampere = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert attention_module.warp_spec_allowed("dkdv", hopper)
+    assert not attention_module.warp_spec_allowed("dkdv", ampere)
+    assert not attention_module.warp_spec_allowed("dkdv")                  # the current device: 1
+    assert not attention_module.warp_spec_allowed("dkdv", torch.device("cpu"))
+    ws = lambda configs: any(c.kwargs["WARP_SPEC"] for c in configs)      # noqa: E731
+    configs = attention_module._GPU_DKDV_CONFIGS
+    assert ws(attention_module._prune_dkdv(configs, {"WS_OK": 1, "Q": SimpleNamespace(device=hopper)}, BLOCK_D=128))
+    assert not ws(attention_module._prune_dkdv(configs, {"WS_OK": 1, "Q": SimpleNamespace(device=ampere)}, BLOCK_D=128))
+
+
 def test_warp_specialized_configs_left_are_the_ones_the_gpu_passed():
     """On an H100 with Triton 3.6 the forward with num_stages=3 gave NaN rows in every probed case,
     and so did dK/dV with 32-row query blocks (probe_warp_spec.py): neither is offered."""

@@ -17,7 +17,8 @@ Flash attention (FA2 structure):
   only takes a kernel whose loop is its only loop and whose dot operands all come through
   descriptors, so these loops mask every block, and they run only where the layout allows the
   descriptors (`_ws_ok`). By default only dK/dV's are offered (the one measured to pay), on Hopper
-  with the Triton versions checked on a GPU (3.6); MTP_WARP_SPEC=1 or 0 overrides for all three
+  with the Triton versions checked on a GPU (3.6), at the head dims checked (64, 128);
+  MTP_WARP_SPEC=1 or 0 overrides for all three
   (`warp_spec_allowed`): configs that passed every interpreter test gave NaN rows on an H100 (since
   removed), so a new Triton is not trusted untested.
 
@@ -642,13 +643,16 @@ WARP_SPEC_VALIDATED_TRITON = ("3.6.",)
 # H200 (Triton 3.6) dK/dV's ran 1.20x faster than the best plain config at head dim 128; the
 # forward's tied there and lost at 64, dQ's lost at both (warp_spec_probe_nvidia-h200_timing.md).
 WARP_SPEC_DEFAULT_KERNELS = ("dkdv",)
+# The head dims those checks ran at (the probe's and the benchmark's).
+WARP_SPEC_CHECKED_HEAD_DIMS = (64, 128)
 
 
-def warp_spec_allowed(kernel: str, device: torch.device | None = None) -> bool:
+def warp_spec_allowed(kernel: str, device: torch.device | None = None, head_dim: int | None = None) -> bool:
     """Whether the autotuner may try `kernel`'s ("fwd", "dq", "dkdv") warp-specialized configs on
-    `device` (a CUDA device; None: the current one). MTP_WARP_SPEC=1 or 0 decides for all three;
-    otherwise only WARP_SPEC_DEFAULT_KERNELS', only on Hopper (the GPUs they were checked on) with
-    the Triton versions in WARP_SPEC_VALIDATED_TRITON:
+    `device` (a CUDA device; None: the current one) at `head_dim` (None: any). MTP_WARP_SPEC=1 or 0
+    decides for all three; otherwise only WARP_SPEC_DEFAULT_KERNELS', at WARP_SPEC_CHECKED_HEAD_DIMS,
+    only on Hopper (the GPUs they were checked on) with the Triton versions in
+    WARP_SPEC_VALIDATED_TRITON:
     Hopper's automatic warp specialization is experimental upstream, and the first GPU run of these
     kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from configs since removed."""
     if kernel not in ("fwd", "dq", "dkdv"):
@@ -657,6 +661,8 @@ def warp_spec_allowed(kernel: str, device: torch.device | None = None) -> bool:
     if setting in ("0", "1"):
         return setting == "1"
     if kernel not in WARP_SPEC_DEFAULT_KERNELS or not triton.__version__.startswith(WARP_SPEC_VALIDATED_TRITON):
+        return False
+    if head_dim is not None and head_dim not in WARP_SPEC_CHECKED_HEAD_DIMS:
         return False
     if device is not None and device.type != "cuda":
         return False
@@ -673,9 +679,10 @@ def _compute_major(device_index: int) -> int:
 
 def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1),
-    and only where `warp_spec_allowed(kernel)` on Q's device (read at tuning time)."""
+    and only where `warp_spec_allowed(kernel)` on Q's device and head dim (read at tuning time)."""
     device = getattr(named_args.get("Q"), "device", None)
-    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed(kernel, device):
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    if named_args.get("WS_OK", kwargs.get("WS_OK")) and warp_spec_allowed(kernel, device, head_dim):
         return configs
     return [c for c in configs if not c.kwargs["WARP_SPEC"]]
 
@@ -829,7 +836,7 @@ def flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, config: triton.C
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = _lse_rows(B, H, T, q.device)
     # The layout check costs host time at every call: only where a warp-specialized config may run.
-    ws_ok = (warp_spec_allowed("fwd", q.device) or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
+    ws_ok = (warp_spec_allowed("fwd", q.device, q.shape[-1]) or _asks_warp_spec(config, _INTERP_FWD)) and _ws_ok(q, k, v)
     _check_warp_spec("forward", config, _INTERP_FWD, ws_ok,
                      lambda: f"q {tuple(q.shape)} strides {q.stride()}, k strides {k.stride()}, v strides {v.stride()}")
     args = (q, k, v, o, lse, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(o),
@@ -860,7 +867,8 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     qk_scale = sm_scale * LOG2E
     # lse, delta: read by WARP_SPEC as flat vectors whose rows start 16-byte aligned (`_lse_rows`).
     kernels = (("dK/dV", dkdv_config, _INTERP_DKDV), ("dQ", dq_config, _INTERP_DQ))
-    ws_ok = ((warp_spec_allowed("dkdv", q.device) or warp_spec_allowed("dq", q.device) or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
+    allowed = any(warp_spec_allowed(kernel, q.device, q.shape[-1]) for kernel in ("dkdv", "dq"))
+    ws_ok = ((allowed or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
              and _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0)
     for name, config, fixed in kernels:
         _check_warp_spec(name, config, fixed, ws_ok,

@@ -370,6 +370,14 @@ def test_warp_specialized_configs_default(monkeypatch, setting, version, major, 
     assert kept and any(c.kwargs["WARP_SPEC"] for c in kept) is ("dkdv" in offered)
     with pytest.raises(ValueError, match="kernel must be"):
         attention_module.warp_spec_allowed("bwd")
+    # by default only at the head dims checked on a GPU; MTP_WARP_SPEC=1 at any
+    for head_dim in (16, 32, 64, 128):
+        checked = head_dim in attention_module.WARP_SPEC_CHECKED_HEAD_DIMS
+        assert attention_module.warp_spec_allowed("dkdv", head_dim=head_dim) is ("dkdv" in offered and
+                                                                                 (checked or setting == "1"))
+        kept = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=head_dim,
+                                            HEAD_DIM=head_dim)
+        assert any(c.kwargs["WARP_SPEC"] for c in kept) is ("dkdv" in offered and (checked or setting == "1"))
 
 
 def test_warp_specialized_default_asks_the_tensors_gpu(monkeypatch):

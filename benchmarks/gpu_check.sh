@@ -44,22 +44,29 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# The warp-specialized flash configs (dK/dV's offered by default on Hopper with Triton 3.6, MTP_WARP_SPEC=1 or 0
-# overrides: `attention.warp_spec_allowed`) stay in the benchmarks only if their GPU tests ran and
-# passed (an autotuner would otherwise pick a fast one whatever its results).
+# The warp-specialized flash configs (`attention.warp_spec_allowed`: MTP_WARP_SPEC=1, or by default
+# the kernels in WARP_SPEC_DEFAULT_KERNELS) stay in the benchmarks only if their GPU tests ran in
+# this call and passed (an autotuner would otherwise pick a fast one whatever its results). The
+# tests stage runs those tests whatever the setting (MTP_WARP_SPEC=1 for pytest, unless 0); a call
+# without a tests stage runs with MTP_WARP_SPEC=0 unless it was set to 1 by hand.
 warp_spec_guard() {
   [ "${MTP_WARP_SPEC:-}" = "0" ] && return 0
-  if python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(0 if common.warp_spec_tests_failed(sys.argv[1]) else 1)" "$RES/gpu_tests.xml"; then
+  # exit 0 only when the tests confirm them: a crash of the check itself also switches them off
+  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.warp_spec_tests_failed(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
     export MTP_WARP_SPEC=0
     echo "warp-specialized kernels not confirmed by their GPU tests (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
   fi
 }
+if [ -z "${MTP_WARP_SPEC:-}" ] && [[ " ${stages[*]} " != *" tests "* ]]; then
+  export MTP_WARP_SPEC=0
+  echo "no tests stage in this call: warp-specialized kernels off (MTP_WARP_SPEC=0)" | tee -a "$LOG"
+fi
 for s in "${stages[@]}"; do
   case $s in
     env) run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
-           run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
+           MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
            warp_spec_guard ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;

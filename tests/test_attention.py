@@ -350,9 +350,11 @@ def test_flash_launch_keeps_the_autotuners_choice(monkeypatch):
     ("1", "3.9.0", None, {"fwd", "dq", "dkdv"}),
 ])
 def test_warp_specialized_configs_default(monkeypatch, setting, version, major, offered):
-    """MTP_WARP_SPEC=1 or 0 decides for all three kernels; otherwise dK/dV's (the one measured to pay)
-    are offered on Hopper with a Triton version they were checked with on a GPU (configs that passed
-    every interpreter test gave NaN rows on an H100)."""
+    """MTP_WARP_SPEC=1 or 0 decides for all three kernels; otherwise the kernels of
+    WARP_SPEC_DEFAULT_KERNELS (here dK/dV's, the one measured to pay; the shipped tuple is empty until
+    a GPU checks its dV) are offered on Hopper with a Triton version they were checked with on a GPU
+    (configs that passed every interpreter test gave NaN rows on an H100)."""
+    monkeypatch.setattr(attention_module, "WARP_SPEC_DEFAULT_KERNELS", ("dkdv",))
     if setting is None:
         monkeypatch.delenv("MTP_WARP_SPEC", raising=False)
     else:
@@ -386,6 +388,7 @@ def test_warp_specialized_default_asks_the_tensors_gpu(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.delenv("MTP_WARP_SPEC", raising=False)
+    monkeypatch.setattr(attention_module, "WARP_SPEC_DEFAULT_KERNELS", ("dkdv",))
     monkeypatch.setattr(attention_module.triton, "__version__", "3.6.0")
     monkeypatch.setattr(attention_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention_module.torch.cuda, "current_device", lambda: 1)
@@ -399,6 +402,21 @@ def test_warp_specialized_default_asks_the_tensors_gpu(monkeypatch):
     configs = attention_module._GPU_DKDV_CONFIGS
     assert ws(attention_module._prune_dkdv(configs, {"WS_OK": 1, "Q": SimpleNamespace(device=hopper)}, BLOCK_D=128))
     assert not ws(attention_module._prune_dkdv(configs, {"WS_OK": 1, "Q": SimpleNamespace(device=ampere)}, BLOCK_D=128))
+
+
+def test_flash_launchers_ask_about_their_own_kernels_device_and_head_dim(triton_backend, monkeypatch):
+    """The forward asks about "fwd", the backward about "dkdv" and "dq", each with q's device and head
+    dim (what sets WS_OK, the autotuner's key for whether warp-specialized configs may be tried)."""
+    asked = []
+    monkeypatch.setattr(attention_module, "warp_spec_allowed",
+                        lambda kernel, device=None, head_dim=None: asked.append((kernel, device, head_dim)) or False)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 20, 2, 1, 32, seed=3))
+    out = flash_attention(q, k, v)
+    assert asked == [("fwd", q.device, 32)]
+    asked.clear()
+    out.sum().backward()
+    assert sorted(kernel for kernel, _, _ in asked) == ["dkdv", "dq"]
+    assert all(device == q.device and head_dim == 32 for _, device, head_dim in asked)
 
 
 def test_warp_specialized_configs_left_are_the_ones_the_gpu_passed():
@@ -832,7 +850,7 @@ def test_flash_attention_gpu_every_config(D, causal):
     for config in attention_module._prune_ws(attention_module._GPU_FWD_CONFIGS, {"WS_OK": 1}, kernel="fwd"):
         out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)
         assert _rel_err(out, want) < 1e-2, config
-    dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=D)
+    dkdv_configs = attention_module._prune_dkdv(attention_module._GPU_DKDV_CONFIGS, {"WS_OK": 1}, BLOCK_D=D, HEAD_DIM=D)
     dq_configs = attention_module._prune_ws(attention_module._GPU_DQ_CONFIGS, {"WS_OK": 1}, kernel="dq")
     for i in range(max(len(dkdv_configs), len(dq_configs))):   # every config of both kernels, paired
         dkdv_config, dq_config = dkdv_configs[i % len(dkdv_configs)], dq_configs[i % len(dq_configs)]
@@ -852,8 +870,8 @@ def test_flash_attention_gpu_launches_the_kept_config():
     assert torch.equal(flash_attention(q, k, v), first)
 
 
-# Only where the autotuner may pick them (`warp_spec_allowed`: Hopper with a checked Triton, or
-# MTP_WARP_SPEC=1).
+# Only where the autotuner may pick them (`warp_spec_allowed`: MTP_WARP_SPEC=1, which gpu_check.sh's
+# tests stage sets, or a kernel of WARP_SPEC_DEFAULT_KERNELS on Hopper with a checked Triton).
 _needs_warp_spec = pytest.mark.skipif(not attention_module.warp_spec_allowed("dkdv"),
                                       reason="warp-specialized kernels not offered here (see warp_spec_allowed)")
 

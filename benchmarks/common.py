@@ -435,10 +435,10 @@ WARP_SPEC_GUARD_TESTS = ("test_flash_attention_gpu_every_config",
 
 def warp_spec_tests_failed(junit_xml: str) -> bool:
     """False only when the GPU test run's JUnit file shows every one of WARP_SPEC_GUARD_TESTS ran and
-    none failed, errored or was skipped; True when one did, when they did not run (GPU_TESTS left them out), or
-    when the file is missing or unreadable (the run hung or died before writing it). gpu_check.sh
-    (unless MTP_WARP_SPEC=0 already) then runs the benchmarks with MTP_WARP_SPEC=0, so that no
-    tuner can pick a fast warp-specialized config whose results no test has checked on this device."""
+    none failed, errored or was skipped; True when one did, when one did not run (GPU_TESTS left it
+    out), or when the file is missing or unreadable (the run hung or died before writing it).
+    gpu_check.sh (unless MTP_WARP_SPEC=0 already) then runs the benchmarks with MTP_WARP_SPEC=0, so
+    that no tuner can pick a fast warp-specialized config whose results no test has checked here."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -446,6 +446,5 @@ def warp_spec_tests_failed(junit_xml: str) -> bool:
     except (OSError, ET.ParseError):
         return True
     guarded = [case for case in root.iter("testcase") if case.get("name", "").startswith(WARP_SPEC_GUARD_TESTS)]
-    bad = ("failure", "error", "skipped")
-    ran_all = all(any(case.get("name", "").startswith(name) for case in guarded) for name in WARP_SPEC_GUARD_TESTS)
-    return not ran_all or any(case.find(tag) is not None for case in guarded for tag in bad)
+    ran_all = all(any(case.get("name").startswith(name) for case in guarded) for name in WARP_SPEC_GUARD_TESTS)
+    return not ran_all or any(case.find(tag) is not None for case in guarded for tag in ("failure", "error", "skipped"))

@@ -653,11 +653,11 @@ WARP_SPEC_CHECKED_HEAD_DIMS = (64, 128)
 def warp_spec_allowed(kernel: str, device: torch.device | None = None, head_dim: int | None = None) -> bool:
     """Whether the autotuner may try `kernel`'s ("fwd", "dq", "dkdv") warp-specialized configs on
     `device` (a CUDA device; None: the current one) at `head_dim` (None: any). MTP_WARP_SPEC=1 or 0
-    decides for all three; otherwise only WARP_SPEC_DEFAULT_KERNELS', at WARP_SPEC_CHECKED_HEAD_DIMS,
-    only on Hopper (the GPUs they were checked on) with the Triton versions in
-    WARP_SPEC_VALIDATED_TRITON:
-    Hopper's automatic warp specialization is experimental upstream, and the first GPU run of these
-    kernels (H100, Triton 3.6, fourteenth session) gave NaN rows from configs since removed."""
+    decides for all three kernels. Otherwise a kernel's configs are offered only where they were
+    checked on a GPU: the kernel in WARP_SPEC_DEFAULT_KERNELS, a head dim in
+    WARP_SPEC_CHECKED_HEAD_DIMS, a Hopper GPU, a Triton version in WARP_SPEC_VALIDATED_TRITON. Hopper's
+    automatic warp specialization is experimental upstream, and the first GPU run of these kernels
+    (H100, Triton 3.6, fourteenth session) gave NaN rows from configs since removed."""
     if kernel not in ("fwd", "dq", "dkdv"):
         raise ValueError(f"warp_spec_allowed: kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
     setting = os.environ.get("MTP_WARP_SPEC", "").strip()

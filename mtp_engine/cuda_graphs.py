@@ -78,9 +78,13 @@ class CUDAGraphSteps:
         or when more than MAX_GRAPHS are kept."""
         weights = self._weights_key()
         if weights != self._weights or len(self._graphs) > self.MAX_GRAPHS:
-            self._graphs.clear()
-            self._pool = None
+            self._drop_graphs()
             self._weights = weights
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph and their memory pool (raw pointers that no longer hold)."""
+        self._graphs.clear()
+        self._pool = None
 
     def __call__(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants=None) -> tuple:
         """Returns fn's outputs for the R = inputs[0].shape[0] rows: views of the graph's output
@@ -94,8 +98,7 @@ class CUDAGraphSteps:
                 model._rope(inputs[0].device).data_ptr(), model.tok_embeddings.weight.data_ptr(),
                 model.output.weight.data_ptr())
         if ptrs != self._captured_ptrs:
-            self._graphs.clear()
-            self._pool = None
+            self._drop_graphs()
             self._captured_ptrs = ptrs
         R = inputs[0].shape[0]
         bucket = graph_bucket(R, model.cache_batch)

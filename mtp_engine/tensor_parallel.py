@@ -33,8 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, _read_params, find_shards,
-                         params_vocab_size,
-                         shard_dim)
+                         params_vocab_size, shard_dim)
 from .distributed import DistEnv
 from .model import Linear, ModelArgs, Transformer, precompute_freqs_cis
 

@@ -48,17 +48,24 @@ def test_gpu_check_script_parses_and_knows_its_stages():
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
+def _scratch_gpu_check(tmp_path):
+    """A copy of gpu_check.sh (and common.py, which its guard reads) in a scratch checkout, and the
+    environment to run it with: (script, env)."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "kernels").mkdir()
+    for name in ("gpu_check.sh", "common.py"):
+        (tmp_path / "benchmarks" / name).write_text((BENCH / name).read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MTP_WARP_SPEC")}
+    env.update(OUT=str(tmp_path / "out"), RESULTS_DIR=str(tmp_path / "results"))
+    return tmp_path / "benchmarks" / "gpu_check.sh", env
+
+
 def test_gpu_check_survives_peer_wheels_that_do_not_install(tmp_path):
     """A broken .whl used to leave PYTHONPATH unset, and `set -u` then killed the script before any
     stage ran. Run a copy of the script in a scratch checkout with a bad wheel."""
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "kernels").mkdir()
+    script, env = _scratch_gpu_check(tmp_path)
     (tmp_path / ".whl").mkdir()
     (tmp_path / ".whl" / "broken-0.0-py3-none-any.whl").write_bytes(b"not a zip file")
-    script = tmp_path / "benchmarks" / "gpu_check.sh"
-    script.write_text((BENCH / "gpu_check.sh").read_text())
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OUT=str(tmp_path / "out"), RESULTS_DIR=str(tmp_path / "results"))
     # `env` fails on a machine without a GPU, but as a stage: it is logged and packed, the run goes on.
     proc = subprocess.run(["bash", str(script), "env", "no_such_stage"], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -75,13 +82,8 @@ def test_gpu_check_without_tests_runs_without_warp_specialization(tmp_path, sett
     MTP_WARP_SPEC=1 was asked for by hand, its benchmarks run with MTP_WARP_SPEC=0. (The tests stage
     here collects a file that does not exist, so pytest stops at once; the guard after it then
     switches them off, with its own message.)"""
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "kernels").mkdir()
-    script = tmp_path / "benchmarks" / "gpu_check.sh"
-    script.write_text((BENCH / "gpu_check.sh").read_text())
-    (tmp_path / "benchmarks" / "common.py").write_text((BENCH / "common.py").read_text())   # the guard reads it
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MTP_WARP_SPEC")}
-    env.update(OUT=str(tmp_path / "out"), RESULTS_DIR=str(tmp_path / "results"), GPU_TESTS="no_such_test_file.py")
+    script, env = _scratch_gpu_check(tmp_path)
+    env["GPU_TESTS"] = "no_such_test_file.py"
     if setting is not None:
         env["MTP_WARP_SPEC"] = setting
     proc = subprocess.run(["bash", str(script), *stages], env=env, capture_output=True, text=True, timeout=300)

@@ -298,6 +298,14 @@ def scenarios(quick: bool = False):
                 continue
             for launch in sl.skinny_candidates(rows, x.device)[1:]:
                 sl.skinny_linear_run(x, w, launch)
+        # The gate/up GEMM with SwiGLU in its epilogue: the 7B w13 at every row tile, and an odd one.
+        for rows, n_out, n_in in ((1, 22016, 4096), (16, 22016, 4096), (32, 22016, 4096), (64, 22016, 4096),
+                                  (1, 1000, 333), (48, 1000, 333)):
+            x, w13 = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype)
+            if not sl._kernel_takes(x, w13):
+                continue
+            for launch in sl.skinny_candidates(rows, x.device, swiglu=True)[1:]:
+                sl.skinny_linear_run(x, w13, launch, swiglu=True)
 
     def sampling(dtype):
         for R in (1, 48, 256):

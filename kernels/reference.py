@@ -42,6 +42,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return matmul_t(x, weight)
 
 
+def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """silu(x @ w1^T) * (x @ w3^T) for w13 = [w1; w3] (2F, K): x (..., K) -> (..., F), each
+    product rounded to x's dtype before the gate, as the fused kernel's epilogue rounds them."""
+    gate, up = skinny_linear(x, w13).chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 # --------------------------------------------------------------------------------------------
 # Fused n-head linear cross-entropy: the per-chunk step and the whole CPU path
 # --------------------------------------------------------------------------------------------

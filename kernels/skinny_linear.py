@@ -29,6 +29,14 @@ tiles as CUDA-graph replays at the first call of a shape outside a capture and k
 weight (`tune_skinny`), so that no launch is timed on a weight held in L2. The rows count only
 through their tile (1, 16, 32 or 64), so prompts of every length up to 64 tokens share four tunings
 per projection. The kernel can only take over where it is faster.
+
+The feed-forward's gate/up GEMM can also form SwiGLU in its epilogue (`skinny_linear_swiglu`):
+each program sums a gate tile and the matching up tile of the fused (2F, K) weight over the same
+x tiles and stores silu(gate) * up, (rows, F), rounded as the unfused pair rounds it. That saves
+the swiglu kernel's launch and the (rows, 2F) write and read: in the H100's step profiles the
+swiglu kernels took 0.104 ms of the 6.1 ms 64-node verify step at batch 1 and 0.044 ms of a plain
+step (seventeenth session). A
+separate tuner times it against the unfused pair (the GEMM chosen above, then the swiglu kernel).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
+from .swiglu import silu_times_up, swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
 
@@ -68,11 +77,23 @@ def _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _output(acc, acc_up, dtype: tl.constexpr, SWIGLU: tl.constexpr):
+    """The float32 sums as Y's values: acc rounded to dtype, or with SWIGLU silu(gate) * up from the
+    gate and up sums, each rounded to dtype first as the unfused GEMM's outputs are."""
+    if SWIGLU:
+        return silu_times_up(acc.to(dtype).to(tl.float32), acc_up.to(dtype).to(tl.float32), dtype)
+    else:
+        return acc.to(dtype)
+
+
+@triton.jit
 def _skinny_linear_kernel(
-    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr,
 ):
+    """Y = X @ W^T, or with SWIGLU Y = silu(X @ Wg^T) * (X @ Wu^T): W's N gate rows, and up rows UP
+    elements after each (a fused gate/up weight), summed side by side over one x tile."""
     tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,6 +108,7 @@ def _skinny_linear_kernel(
     else:
         x_ptrs = X + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)   # the up rows' sums (SWIGLU only: otherwise never used, compiled away)
     if SPLIT_K == 1:
         k_lo = 0
         k_hi = K
@@ -101,34 +123,49 @@ def _skinny_linear_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
+        if SWIGLU:
+            w_up = _load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)
         if USE_DOT:
-            acc = tl.dot(_load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
+            x_tile = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
+            acc = tl.dot(x_tile, tl.trans(w), acc)
+            if SWIGLU:
+                acc_up = tl.dot(x_tile, tl.trans(w_up), acc_up)
         else:
             if EVEN_K:
                 x = tl.load(x_ptrs)
             else:
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:
         y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
         y_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+            tl.store(y_ptrs, _output(acc, acc_up, Y.dtype.element_ty, SWIGLU), mask=y_ok)
         else:
-            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N); the last of the
-            # n tile's SPLIT_K programs to arrive adds them in split order, never in arrival order,
-            # so Y is the same bits at every run (no second kernel, no float atomics).
+            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N) (with SWIGLU, the
+            # up sums' follow: (2, SPLIT_K, M, N)); the last of the n tile's SPLIT_K programs to
+            # arrive adds them in split order, never in arrival order, so Y is the same bits at
+            # every run (no second kernel, no float atomics).
             part_ptrs = PARTIALS + offs_m[:, None] * N + offs_n[None, :]
             tl.store(part_ptrs + tl.program_id(1) * M * N, acc, mask=y_ok)
+            if SWIGLU:
+                tl.store(part_ptrs + (SPLIT_K + tl.program_id(1)) * M * N, acc_up, mask=y_ok)
             if last_to_arrive(COUNTERS + pid, SPLIT_K):
                 y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                y_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s in tl.static_range(SPLIT_K):
                     y += tl.load(part_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=y_ok)
+                    if SWIGLU:
+                        y_up += tl.load(part_ptrs + (SPLIT_K + s) * M * N, mask=y_ok, other=0.0,
+                                        cache_modifier=".cg")
+                tl.store(y_ptrs, _output(y, y_up, Y.dtype.element_ty, SWIGLU), mask=y_ok)
     else:
-        tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
+        tl.store(Y + offs_n, _output(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), Y.dtype.element_ty, SWIGLU),
+                 mask=n_ok)
 
 
 @triton.jit
@@ -139,8 +176,18 @@ def _owner(unit, units, programs):
 
 
 @triton.jit
+def _partial_ptrs(PARTIALS, program, slot, half, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SWIGLU: tl.constexpr):
+    """A stream-K program's float32 partial of one tile in PARTIALS (programs, 2, halves, M, BLOCK_N):
+    slot 0 for its first tile, 1 for its last; half 0 the (gate) sums, 1 the up sums (SWIGLU only)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    row0 = ((program * 2 + slot) * (1 + SWIGLU) + half) * M
+    return PARTIALS + (row0 + offs_m[:, None]) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+
+
+@triton.jit
 def _merge_shared_tile(Y, PARTIALS, COUNTERS, tile, k_tiles, units, programs, M, N, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
     """Take a ticket on a shared tile's counter (this program stored its partial); the tile's last
     sharer to arrive adds every sharer's partial in program order and writes the tile of Y."""
     sharer_lo = _owner(tile * k_tiles, units, programs)
@@ -150,28 +197,32 @@ def _merge_shared_tile(Y, PARTIALS, COUNTERS, tile, k_tiles, units, programs, M,
         offs_j = tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        y_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for p in range(sharer_lo, sharer_hi + 1):
             slot = (tile != (p * units // programs) // k_tiles).to(tl.int32)   # 0: p's first tile
-            y += tl.load(PARTIALS + ((p * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :],
+            y += tl.load(_partial_ptrs(PARTIALS, p, slot, 0, M, BLOCK_M, BLOCK_N, SWIGLU),
                          mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            if SWIGLU:
+                y_up += tl.load(_partial_ptrs(PARTIALS, p, slot, 1, M, BLOCK_M, BLOCK_N, SWIGLU),
+                                mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
         offs_n = tile * BLOCK_N + offs_j
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], _output(y, y_up, Y.dtype.element_ty, SWIGLU),
                  mask=m_ok[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
 def _skinny_stream_k_kernel(
-    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
 ):
     """Stream-K: the (n tile, k tile) work units, n tile after n tile, cut into one equal range per
     program, so wide weight tiles (few n tiles, hence few re-reads of x) still give every SM the same
     share. One flat loop runs over the program's units, so the load pipeline never drains at a tile
     boundary. A tile the range covers whole is written at once; only the range's first and last
-    tiles can be shared, and for those the program stores a float32 partial in PARTIALS (programs,
-    2, M, BLOCK_N) (slot 0 for its first tile, 1 for its last) and, after the loop, merges them
-    through the arrival counters (_merge_shared_tile)."""
+    tiles can be shared, and for those the program stores a float32 partial (`_partial_ptrs`) and,
+    after the loop, merges them through the arrival counters (_merge_shared_tile). SWIGLU and UP as
+    in `_skinny_linear_kernel`."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -186,32 +237,41 @@ def _skinny_stream_k_kernel(
     m_ok = offs_m < M
     x_rows = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)   # SWIGLU only
     for unit in range(unit_lo, unit_hi):
         tile = unit // k_tiles
         k0 = (unit - tile * k_tiles) * BLOCK_K
         offs_n = tile * BLOCK_N + offs_j
         n_ok = offs_n < N
         k_ok = (k0 + offs_k) < K
-        w = _load_weight_tile(W + offs_n[:, None].to(tl.int64) * stride_wn + k0 + offs_k[None, :], n_ok, k_ok,
-                              EVEN_N, EVEN_K)
-        acc = tl.dot(_load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K), tl.trans(w), acc)
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + k0 + offs_k[None, :]
+        w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
+        x_tile = _load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K)
+        acc = tl.dot(x_tile, tl.trans(w), acc)
+        if SWIGLU:
+            acc_up = tl.dot(x_tile, tl.trans(_load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)), acc_up)
         if (k0 + BLOCK_K >= K) | (unit == unit_hi - 1):   # the end of this tile's segment
             if (unit - tile * k_tiles + 1 >= k_tiles) & (unit_lo <= tile * k_tiles):   # the whole tile
-                tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                         mask=m_ok[:, None] & n_ok[None, :])
+                tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         _output(acc, acc_up, Y.dtype.element_ty, SWIGLU), mask=m_ok[:, None] & n_ok[None, :])
             else:
                 slot = (tile != first_tile).to(tl.int32)
-                tl.store(PARTIALS + ((pid * 2 + slot) * M + offs_m[:, None]) * BLOCK_N + offs_j[None, :], acc,
+                tl.store(_partial_ptrs(PARTIALS, pid, slot, 0, M, BLOCK_M, BLOCK_N, SWIGLU), acc,
                          mask=m_ok[:, None])
+                if SWIGLU:
+                    tl.store(_partial_ptrs(PARTIALS, pid, slot, 1, M, BLOCK_M, BLOCK_N, SWIGLU), acc_up,
+                             mask=m_ok[:, None])
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if SWIGLU:
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Shared tiles: the first if the range starts inside it or ends before its end; the last if it
     # differs from the first and the range ends inside it.
     if (unit_lo > first_tile * k_tiles) | (unit_hi < (first_tile + 1) * k_tiles):
         _merge_shared_tile(Y, PARTIALS, COUNTERS, first_tile, k_tiles, units, programs, M, N, stride_ym,
-                           BLOCK_M, BLOCK_N)
+                           BLOCK_M, BLOCK_N, SWIGLU)
     if (last_tile != first_tile) & (unit_hi < (last_tile + 1) * k_tiles):
         _merge_shared_tile(Y, PARTIALS, COUNTERS, last_tile, k_tiles, units, programs, M, N, stride_ym,
-                           BLOCK_M, BLOCK_N)
+                           BLOCK_M, BLOCK_N, SWIGLU)
 
 
 @dataclass(frozen=True)
@@ -283,19 +343,28 @@ def row_tile(M: int) -> int:
     return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 
 
-def skinny_candidates(M: int, device: torch.device) -> list:
+def skinny_candidates(M: int, device: torch.device, swiglu: bool = False) -> list:
     """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1)."""
+    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1).
+
+    swiglu=True: the launches of `skinny_linear_swiglu` (None there is the unfused pair). Each
+    program then reads a gate and an up tile per K step, so every tile is half as wide (16 at least,
+    tl.dot's smallest; 4 for multiply-add), which keeps its weight bytes per stage, its shared memory
+    and its accumulator registers those of the plain tile the timings above chose."""
     gpu = gpu_launch(device)
     fma, dot, stream = ((_GPU_FMA_TILES, _GPU_DOT_TILES, _GPU_STREAM_K_TILES) if gpu else
                         (_INTERP_FMA_TILES, _INTERP_DOT_TILES, _INTERP_STREAM_K_TILES))
     block_m = max(16, row_tile(M))
+
+    def width(n: int, least: int) -> int:
+        return max(n // 2, least) if swiglu else n
     out: list = [None]
     if M == 1:
-        out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
-    out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
-    out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]]
-    return out
+        out += [SkinnyLaunch(width(n, 4), k, False, w, s) for n, k, w, s in fma]
+    out += [SkinnyLaunch(width(n, 16), k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
+    out += [SkinnyLaunch(width(n, 16), k, True, w, s, block_m, stream_k=per_sm)
+            for n, k, w, s, per_sm in stream[block_m]]
+    return list(dict.fromkeys(out))   # halving can make two tiles one
 
 
 def stream_k_programs(device: torch.device, per_sm: int) -> int:
@@ -304,14 +373,28 @@ def stream_k_programs(device: torch.device, per_sm: int) -> int:
     return per_sm * (sm_count(device) if gpu_launch(device) else 3)
 
 
+def _unfused_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) as two kernels: the GEMM `skinny_linear` picks for the fused
+    (2F, K) weight, then the swiglu kernel on its two column halves (read in place)."""
+    gate, up = skinny_linear(x, weight).chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch],
-                      programs: Optional[int] = None) -> torch.Tensor:
+                      programs: Optional[int] = None, swiglu: bool = False) -> torch.Tensor:
     """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride.
-    programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it)."""
+    programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it).
+    swiglu=True: weight is a fused gate/up weight (2F, K), gate rows first, and the result is
+    silu(x2 @ gate^T) * (x2 @ up^T), (M, F), formed in the launch's epilogue (None: the unfused
+    pair, `_unfused_swiglu`)."""
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"skinny_linear: a SwiGLU launch takes a (2F, K) gate/up weight, got {tuple(weight.shape)}")
     if launch is None:
-        return reference.skinny_linear(x2, weight)
+        return _unfused_swiglu(x2, weight) if swiglu else reference.skinny_linear(x2, weight)
     M, K = x2.shape
-    N = weight.shape[0]
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    up = N * weight.stride(0) if swiglu else 0   # elements from a gate row to its up row
+    halves = 2 if swiglu else 1
     if launch.use_dot is False and M != 1:
         raise ValueError(f"skinny_linear: a multiply-add launch takes one row, got {M}")
     if launch.use_dot and M > launch.block_m:
@@ -331,20 +414,20 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         programs = min(units, programs or stream_k_programs(x2.device, launch.stream_k))
         if programs < 1 or (programs + 1) * units >= 2 ** 31:   # pid * units is int32 in the kernel
             raise ValueError(f"skinny_linear: a stream-K launch of {programs} programs over {units} units")
-        partials = torch.empty((programs, 2, M, launch.block_n), dtype=torch.float32, device=x2.device)
+        partials = torch.empty((programs, 2, halves, M, launch.block_n), dtype=torch.float32, device=x2.device)
         _skinny_stream_k_kernel[(programs,)](
             x2, weight, y, partials, arrival_counters(x2.device, n_tiles), M, N, K,
-            x2.stride(0), weight.stride(0), y.stride(0), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-            BLOCK_K=launch.block_k, **even, num_warps=launch.num_warps, num_stages=launch.num_stages)
+            x2.stride(0), weight.stride(0), y.stride(0), up, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            BLOCK_K=launch.block_k, **even, SWIGLU=swiglu, num_warps=launch.num_warps, num_stages=launch.num_stages)
         return y
     partials = counters = None
     if launch.split_k > 1:   # float32 partials of every split, and one arrival counter per n tile
-        partials = torch.empty((launch.split_k, M, N), dtype=torch.float32, device=x2.device)
+        partials = torch.empty((halves, launch.split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = arrival_counters(x2.device, n_tiles)
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
-        x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+        x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
-        **even, SPLIT_K=launch.split_k, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, num_warps=launch.num_warps, num_stages=launch.num_stages)
     return y
 
 
@@ -386,3 +469,40 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     key = (str(x.device), x.dtype, row_tile(M), N, K)
     launch = _TUNER.choose(key, x.device, lambda: tune_skinny(key, x2, weight), lambda: None)
     return skinny_linear_run(x2, weight, launch).view(*x.shape[:-1], N)
+
+
+_SWIGLU_TUNER = LaunchTuner("skinny_linear_swiglu")
+
+
+def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
+                       l2_bytes: Optional[int] = None) -> dict:
+    """As `tune_skinny`, for `skinny_linear_swiglu`: the unfused pair (None; its GEMM tuned first,
+    outside the timings) against every fused tile, each call on the next weight copy."""
+    skinny_linear(x2, weight)   # tune the unfused pair's GEMM now, not inside a timing
+    next_weight = rotating_copies(weight, l2_bytes)
+    return _SWIGLU_TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device, swiglu=True),
+                              lambda c: skinny_linear_run(x2, next_weight(), c, swiglu=True), timer)
+
+
+def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """The feed-forward's gate: silu(x @ w1^T) * (x @ w3^T) for a fused gate/up weight
+    w13 = [w1; w3] (2F, K), gate rows first: x (..., K) -> (..., F) in x.dtype.
+
+    Where `skinny_linear` would take w13 (no autograd, 1 to MAX_ROWS rows, a CUDA fp16/bf16
+    weight), the launch is the one tuned for this row tile and shape: the unfused pair (the GEMM
+    skinny_linear picks, then the swiglu kernel) or a kernel tile that forms SwiGLU in its epilogue,
+    which saves the swiglu launch and the (rows, 2F) round trip. Everything else, and a shape not
+    tuned yet, is the unfused pair (eager under autograd)."""
+    if not isinstance(w13, torch.Tensor) or w13.dim() != 2 or w13.shape[0] % 2 or w13.shape[1] != x.shape[-1]:
+        raise ValueError(f"skinny_linear_swiglu: w13 must be a (2F, K) gate/up weight with K = x's last dim "
+                         f"{x.shape[-1]}, got shape {tuple(getattr(w13, 'shape', ()))}")
+    F = w13.shape[0] // 2
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad)) or not 1 <= M <= MAX_ROWS \
+            or not _kernel_takes(x, w13):
+        return _unfused_swiglu(x, w13)
+    x2 = as_rows(x)
+    key = (str(x.device), x.dtype, row_tile(M), F, K)
+    launch = _SWIGLU_TUNER.choose(key, x.device, lambda: tune_skinny_swiglu(key, x2, w13), lambda: None)
+    return skinny_linear_run(x2, w13, launch, swiglu=True).view(*x.shape[:-1], F)

@@ -18,16 +18,24 @@ from .backend import as_rows, interpreting, use_triton
 
 
 @triton.jit
+def silu_times_up(g, u, dtype: tl.constexpr):
+    """silu(g) * u rounded to `dtype` as PyTorch rounds it: g, u are float32 holding `dtype` values;
+    silu in float32, rounded to dtype, then the product in float32, rounded again. Shared with the
+    gate/up GEMM's SwiGLU epilogue (skinny_linear.py), so both give the same bits."""
+    e = tl.exp(-tl.abs(g))                    # never overflows: sigmoid from the side it is small on
+    sigmoid = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    silu = (g * sigmoid).to(dtype).to(tl.float32)
+    return (silu * u).to(dtype)
+
+
+@triton.jit
 def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out, F, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
     g = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.exp(-tl.abs(g))                    # never overflows: sigmoid from the side it is small on
-    sigmoid = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    silu = (g * sigmoid).to(gate_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out + offs, silu_times_up(g, u, out_ptr.dtype.element_ty), mask=mask)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -322,6 +322,33 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["chosen"] == row["best_tile"] == "64x64x128 dot w4 s4 k2"   # the K split shows
 
 
+def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):
+    """The gate/up tuner's report (filled only on a GPU): the unfused pair against the best fused
+    tile, GB/s over the whole (2F, K) weight, the choice; and its markdown table."""
+    from mtp_kernels import skinny_linear as sl
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    module = load_script(BENCH / "bench_generate.py")
+    tuner = LaunchTuner("skinny_linear_swiglu")
+    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    tile = sl.SkinnyLaunch(16, 256, True, num_warps=4, num_stages=3, block_m=64, split_k=2)
+    key = ("cuda:0", torch.bfloat16, 64, 11008, 4096)
+    tuner.times[key] = {None: 0.040, tile: 0.036, sl.SkinnyLaunch(64, 64, True, block_m=64): float("inf")}
+    tuner.chosen[key] = tile
+    (row,) = module.swiglu_launch_report()
+    assert (row["row_tile"], row["F"], row["K"], row["unfused_ms"], row["fused_ms"]) == (64, 11008, 4096, 0.040, 0.036)
+    assert abs(row["fused_GBps"] - 2 * 11008 * 4096 * 2 / 1e6 / 0.036) < 1e-6
+    assert row["chosen"] == row["best_tile"] == "64x16x256 dot w4 s3 k2"
+    tuner.chosen[key] = None
+    (row,) = module.swiglu_launch_report()
+    assert row["chosen"] == "unfused"
+    result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+              "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
+              "swiglu_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
+    text = module.to_markdown(result)
+    assert "SwiGLU in its epilogue" in text and "64x16x256 dot w4 s3 k2" in text and "| unfused |" in text
+
+
 def test_bench_generate_reports_the_selection_tuning(monkeypatch, load_script):
     """The report of what the token-selection tuner measured past 64 rows (filled only on a GPU):
     the fixed rule's tile, the chosen one with its TFLOP/s, every tile; its markdown table."""

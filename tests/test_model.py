@@ -115,7 +115,7 @@ def test_incremental_decode_on_triton_kernels_matches_reference(triton_backend, 
 
 def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, monkeypatch):
     """A decode step on the Triton path: per block, the 7 projections (cuBLAS on a GPU; 4 once
-    fused) and 5 Triton kernels (add + norm, rotary + cache write, attention, add + norm, SwiGLU;
+    fused, 3 with SwiGLU in the gate/up GEMM's epilogue) and 5 Triton kernels (add + norm, rotary + cache write, attention, add + norm, SwiGLU;
     the block's last residual add is done by the next norm), not the ~15 small eager kernels of
     the unfused block. Counted under the interpreter: Triton launches, and aten ops that would
     launch a kernel."""
@@ -167,8 +167,24 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     model.fuse_projections()
     fused = EagerOps()
     with torch.no_grad(), fused:
-        model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
+        unfused_out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1,
+                                           check_lengths=False)
     assert fused.ops["mm"] == 4 * blocks, fused.ops
+    # Where the tuner picks a gate/up launch with SwiGLU in its epilogue (a GPU, where timed faster):
+    # 3 GEMMs per block left, the gate/up one ours, and no swiglu kernel; the same logits.
+    from mtp_kernels import skinny_linear
+
+    launch = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16)
+    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: launch)
+    launches.clear()
+    epilogue = EagerOps()
+    with torch.no_grad(), epilogue, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.GridExecutor, "__call__", counting)
+        out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
+    assert epilogue.ops["mm"] == 3 * blocks, epilogue.ops
+    assert launches["_skinny_linear_kernel"] == blocks and "_swiglu_kernel" not in launches, launches
+    assert sum(launches.values()) == 5 * blocks + 1, launches
+    torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_projections_change_no_value_and_no_gradient(tmp_path):

@@ -327,3 +327,203 @@ def test_gpu_split_k_launches_are_deterministic(M, N, K):
             assert all(torch.equal(out, first) for out in outs), launch
         torch.cuda.synchronize()
         assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
+
+
+# ------------------------------------------------------------------ SwiGLU in the epilogue
+def _swiglu_inputs(M, F, K, dtype, seed, gate_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w13 = torch.randn(2 * F, K, generator=g) * K ** -0.5
+    w13[:F] *= gate_scale
+    return x.to(dtype), w13.to(dtype)
+
+
+def _swiglu_oracle(x, w13):
+    gate, up = (x.double() @ w13.double().T).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,F,K", [(1, 37, 33), (1, 64, 128), (3, 37, 96), (17, 21, 33), (37, 21, 40),
+                                   (64, 16, 16), (5, 1, 5)])
+def test_every_swiglu_candidate_matches_the_oracle(triton_backend, dtype, M, F, K):
+    """silu(x @ w1^T) * (x @ w3^T) from every launch the SwiGLU tuner may pick (the unfused pair
+    first), odd F and K, every row tile, against float64."""
+    x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M * 100 + F + K)
+    want = _swiglu_oracle(x, w13)
+    candidates = sl.skinny_candidates(M, x.device, swiglu=True)
+    assert candidates[0] is None and any(c.split_k > 1 for c in candidates[1:]) and any(c.stream_k for c in candidates[1:])
+    for launch in candidates:
+        y = sl.skinny_linear_run(x, w13, launch, swiglu=True)
+        assert y.shape == (M, F) and y.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=2e-3)
+        torch.testing.assert_close(y.double(), want, **tol, msg=lambda m: f"{launch}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,F,K,gate_scale", [(1, 37, 33, 1.0), (3, 37, 96, 1.0), (17, 21, 33, 1.0),
+                                              (64, 16, 16, 1.0), (2, 24, 64, 400.0)])
+def test_swiglu_epilogue_gives_the_unfused_pair_bits(triton_backend, monkeypatch, dtype, M, F, K, gate_scale):
+    """The same tile run plain over w13 and then the swiglu kernel, against the tile with SwiGLU in
+    its epilogue: the same bits (both round each product to the dtype, then silu, then the product),
+    split-K partials (NaN scratch: a missed one shows) and one-program stream-K launches included.
+    gate_scale 400: gates of +-hundreds, where exp overflows unless sigmoid is taken from its small side."""
+    _nan_scratch(monkeypatch)
+    from mtp_kernels.swiglu import swiglu
+
+    x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M + F + K, gate_scale=gate_scale)
+    for launch in sl.skinny_candidates(M, x.device, swiglu=True)[1:]:
+        programs = 1 if launch.stream_k else None   # several programs cut the two GEMMs' units apart differently
+        gate, up = sl.skinny_linear_run(x, w13, launch, programs=programs).chunk(2, dim=-1)
+        fused = sl.skinny_linear_run(x, w13, launch, programs=programs, swiglu=True)
+        assert torch.isfinite(fused).all(), launch
+        assert torch.equal(fused, swiglu(gate, up)), launch
+    if gate_scale > 1:
+        assert x.double().matmul(w13[:F].double().T).abs().max() > 100   # the large gates were there
+
+
+@pytest.mark.parametrize("M,F,K,block_n,block_k,block_m", [
+    (2, 37, 40, 16, 16, 16),    # 3 n tiles (the last ragged) x 3 k tiles (the last ragged)
+    (17, 21, 33, 16, 16, 32),   # K not a multiple of BLOCK_K
+    (3, 16, 160, 16, 16, 16),   # one n tile of 10 k tiles: every program shares it
+])
+def test_swiglu_stream_k_launches_at_every_program_count(triton_backend, monkeypatch, M, F, K, block_n, block_k,
+                                                         block_m):
+    """Shared tiles carry both halves' partials (gate and up) to the merge; counters back at zero."""
+    _nan_scratch(monkeypatch)
+    x, w13 = _swiglu_inputs(M, F, K, torch.float32, seed=M + F + K)
+    want = _swiglu_oracle(x, w13)
+    units = -(-F // block_n) * -(-K // block_k)
+    launch = sl.SkinnyLaunch(block_n, block_k, True, 1, 1, block_m, stream_k=1)
+    for programs in sorted({1, 2, 3, 5, 7, units}):
+        y = sl.skinny_linear_run(x, w13, launch, programs=programs, swiglu=True)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{programs} programs: {m}")
+        assert int(arrival_counters(x.device, -(-F // block_n)).abs().sum()) == 0, programs
+
+
+def test_swiglu_candidates_are_half_as_wide(monkeypatch):
+    """On the sm_90 tables each SwiGLU tile is its plain tile at half the width (16 at least for
+    tl.dot, 4 for multiply-add), so a program's weight bytes per K step stay the plain tile's."""
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for M in (1, 16, 32, 64):
+        plain = sl.skinny_candidates(M, cpu)
+        fused = sl.skinny_candidates(M, cpu, swiglu=True)
+        assert fused[0] is None and len(set(fused)) == len(fused)
+        halved = [c if c is None else
+                  sl.SkinnyLaunch(max(c.block_n // 2, 16 if c.use_dot else 4), c.block_k, c.use_dot, c.num_warps,
+                                  c.num_stages, c.block_m, c.split_k, c.stream_k) for c in plain]
+        assert fused == list(dict.fromkeys(halved))
+        assert all(c.block_n >= 4 for c in fused[1:]) and all(c.block_n >= 16 for c in fused[1:] if c.use_dot)
+
+
+def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
+    """Untuned (a CPU tensor is never tuned): the unfused pair; a chosen tile runs; autograd gets the
+    eager pair and its gradients; too many rows the unfused pair; a bad weight a clear error."""
+    tuner = LaunchTuner("skinny_linear_swiglu")
+    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    x, w13 = _swiglu_inputs(3, 20, 24, torch.float32, seed=9)
+    x3 = x.view(1, 3, 24)
+    want = _swiglu_oracle(x, w13).view(1, 3, 20)
+    used = []
+    run = sl.skinny_linear_run
+    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: used.append((a[2], k.get("swiglu"))) or run(*a, **k))
+    torch.testing.assert_close(sl.skinny_linear_swiglu(x3, w13).double(), want, rtol=1e-5, atol=1e-5)
+    assert used == [(None, True), (None, None)]   # the pair: skinny_linear's own (untuned: cuBLAS's stand-in)
+    launch = sl.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=2)
+    tuner.chosen[("cpu", torch.float32, 16, 20, 24)] = launch
+    used.clear()
+    out = sl.skinny_linear_swiglu(x3, w13)
+    assert used == [(launch, True)] and out.shape == (1, 3, 20)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    used.clear()
+    big = torch.randn(65, 24)
+    torch.testing.assert_close(sl.skinny_linear_swiglu(big, w13).double(), _swiglu_oracle(big, w13), rtol=1e-5, atol=1e-5)
+    wg = w13.clone().requires_grad_()
+    sl.skinny_linear_swiglu(x3, wg).sum().backward()
+    wd = w13.double().requires_grad_()
+    _swiglu_oracle(x, wd).sum().backward()
+    torch.testing.assert_close(wg.grad.double(), wd.grad, rtol=1e-4, atol=1e-5)
+    assert used == []
+    for bad, why in ((torch.randn(41, 24), r"\(2F, K\) gate/up weight .* got shape \(41, 24\)"),
+                     (torch.randn(40, 23), r"K = x's last dim 24, got shape \(40, 23\)"),
+                     (torch.randn(40), r"got shape \(40,\)")):
+        with pytest.raises(ValueError, match=why):
+            sl.skinny_linear_swiglu(x3, bad)
+    with pytest.raises(ValueError, match=r"SwiGLU launch takes a \(2F, K\) gate/up weight, got \(41, 24\)"):
+        run(x, torch.randn(41, 24), launch, swiglu=True)
+
+
+def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, monkeypatch):
+    """tune_skinny_swiglu times the unfused pair (None) and every fused tile, each on the next weight
+    copy, and keeps the fastest; the dispatcher then runs it without tuning again."""
+    tuner = LaunchTuner("skinny_linear_swiglu")
+    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    x, w13 = _swiglu_inputs(5, 24, 32, torch.float32, seed=3)
+    want = _swiglu_oracle(x, w13)
+    candidates = sl.skinny_candidates(5, x.device, swiglu=True)
+    pick = candidates[2]
+    seen, ptrs = [], []
+    run = sl.skinny_linear_run
+
+    def recording_run(a, b, c, **kw):
+        if kw.get("swiglu"):   # not the unfused pair's own GEMM call inside
+            ptrs.append(b.data_ptr())
+        return run(a, b, c, **kw)
+    monkeypatch.setattr(sl, "skinny_linear_run", recording_run)
+
+    def timer(fn):
+        out = fn()
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        seen.append(len(seen))
+        return 0.5 if len(seen) == 3 else 1.0   # the third candidate timed is the fastest
+    key = ("cpu", torch.float32, 16, 24, 32)
+    nbytes = w13.numel() * w13.element_size()
+    times = sl.tune_skinny_swiglu(key, x, w13, timer, l2_bytes=nbytes)   # 2 copies rotate
+    assert list(times) == candidates and tuner.chosen[key] == pick
+    assert len(set(ptrs)) == 2 and all(a != b for a, b in zip(ptrs, ptrs[1:]))
+    ptrs.clear()
+    monkeypatch.setattr(sl, "tune_skinny_swiglu", lambda *a, **k: pytest.fail("tuned twice"))
+    torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13).double(), want, rtol=1e-5, atol=1e-5)
+    assert ptrs == [w13.data_ptr()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,F,K", [(1, 11008, 4096), (16, 11008, 4096), (64, 11008, 4096), (37, 500, 333)])
+def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
+    """Every SwiGLU launch in bf16 on the 7B gate/up shape (and an odd one) against float64; the
+    tuner's timings; split-K and stream-K launches give the same bits at every run, in a CUDA graph
+    too; the dispatcher runs the choice."""
+    tuner = LaunchTuner("skinny_linear_swiglu")
+    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    g = torch.Generator(device="cuda").manual_seed(M + F)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w13 = (torch.randn(2 * F, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    want = _swiglu_oracle(x, w13)
+    errors = {}
+
+    def checked(fn):
+        errors[len(errors)] = ((fn().double() - want).norm() / want.norm()).item()
+        return cuda_graph_ms(fn)
+    key = (str(x.device), torch.bfloat16, sl.row_tile(M), F, K)
+    times = sl.tune_skinny_swiglu(key, x, w13, checked)
+    assert list(times) == sl.skinny_candidates(M, x.device, swiglu=True)
+    assert max(errors.values()) < 2e-2, errors
+    assert all(0 < t < 5.0 for t in times.values()), times
+    out = sl.skinny_linear_swiglu(x, w13)
+    assert tuner.chosen[key] == min(times, key=times.get) and list(tuner.times) == [key]
+    assert ((out.double() - want).norm() / want.norm()).item() < 2e-2
+    for launch in [c for c in times if c is not None and (c.split_k > 1 or c.stream_k)]:
+        first = sl.skinny_linear_run(x, w13, launch, swiglu=True)
+        for _ in range(5):
+            assert torch.equal(sl.skinny_linear_run(x, w13, launch, swiglu=True), first), launch
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            outs = [sl.skinny_linear_run(x, w13, launch, swiglu=True) for _ in range(2)]
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, first) for o in outs), launch
+        assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch

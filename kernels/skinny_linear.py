@@ -36,11 +36,13 @@ x tiles and stores silu(gate) * up, (rows, F), rounded as the unfused pair round
 the swiglu kernel's launch and the (rows, 2F) write and read: in the H100's step profiles the
 swiglu kernels took 0.104 ms of the 6.1 ms 64-node verify step at batch 1 and 0.044 ms of a plain
 step (seventeenth session). A
-separate tuner times it against the unfused pair (the GEMM chosen above, then the swiglu kernel).
+separate tuner times it against the unfused pair (the GEMM chosen above, then the swiglu kernel):
+the SwiGLU twins (half as wide) of the three plain tiles timed fastest for the fused weight, so a
+first call compiles three more launches, not the whole list again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -343,28 +345,41 @@ def row_tile(M: int) -> int:
     return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 
 
-def skinny_candidates(M: int, device: torch.device, swiglu: bool = False) -> list:
+def skinny_candidates(M: int, device: torch.device) -> list:
     """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1).
-
-    swiglu=True: the launches of `skinny_linear_swiglu` (None there is the unfused pair). Each
-    program then reads a gate and an up tile per K step, so every tile is half as wide (16 at least,
-    tl.dot's smallest; 4 for multiply-add), which keeps its weight bytes per stage, its shared memory
-    and its accumulator registers those of the plain tile the timings above chose."""
+    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1)."""
     gpu = gpu_launch(device)
     fma, dot, stream = ((_GPU_FMA_TILES, _GPU_DOT_TILES, _GPU_STREAM_K_TILES) if gpu else
                         (_INTERP_FMA_TILES, _INTERP_DOT_TILES, _INTERP_STREAM_K_TILES))
     block_m = max(16, row_tile(M))
-
-    def width(n: int, least: int) -> int:
-        return max(n // 2, least) if swiglu else n
     out: list = [None]
     if M == 1:
-        out += [SkinnyLaunch(width(n, 4), k, False, w, s) for n, k, w, s in fma]
-    out += [SkinnyLaunch(width(n, 16), k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
-    out += [SkinnyLaunch(width(n, 16), k, True, w, s, block_m, stream_k=per_sm)
-            for n, k, w, s, per_sm in stream[block_m]]
-    return list(dict.fromkeys(out))   # halving can make two tiles one
+        out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
+    out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]]
+    return out
+
+
+def swiglu_twin(launch: SkinnyLaunch) -> SkinnyLaunch:
+    """The SwiGLU form of a plain tile: each program reads a gate and an up tile per K step, so it is
+    half as wide (16 at least, tl.dot's smallest; 4 for multiply-add). Its weight bytes per stage,
+    shared memory, accumulator registers and re-reads of x are then those of the plain tile."""
+    return replace(launch, block_n=max(launch.block_n // 2, 16 if launch.use_dot else 4))
+
+
+SWIGLU_TILES_KEPT = 3   # plain tiles whose twins the SwiGLU tuner times, the fastest first
+
+
+def swiglu_candidates(M: int, device: torch.device, plain_times: Optional[dict] = None) -> list:
+    """The launches `skinny_linear_swiglu` times: the unfused pair (None) first, then the twins
+    (`swiglu_twin`) of the plain tiles for M rows. Given the plain tuner's times for the fused
+    weight's shape (plain_times, {launch: ms}), only the twins of its SWIGLU_TILES_KEPT fastest tiles:
+    a twin streams the weight as its plain tile does, and each one timed is a compile at a first call."""
+    tiles = skinny_candidates(M, device)[1:]
+    if plain_times:
+        timed = [c for c in tiles if plain_times.get(c, float("inf")) < float("inf")]
+        tiles = sorted(timed, key=plain_times.get)[:SWIGLU_TILES_KEPT] or tiles
+    return [None, *dict.fromkeys(swiglu_twin(c) for c in tiles)]   # halving can make two tiles one
 
 
 def stream_k_programs(device: torch.device, per_sm: int) -> int:
@@ -476,11 +491,14 @@ _SWIGLU_TUNER = LaunchTuner("skinny_linear_swiglu")
 
 def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
                        l2_bytes: Optional[int] = None) -> dict:
-    """As `tune_skinny`, for `skinny_linear_swiglu`: the unfused pair (None; its GEMM tuned first,
-    outside the timings) against every fused tile, each call on the next weight copy."""
-    skinny_linear(x2, weight)   # tune the unfused pair's GEMM now, not inside a timing
+    """As `tune_skinny`, for `skinny_linear_swiglu`: the unfused pair (None) against the SwiGLU
+    twins of the plain tiles timed fastest for the fused weight (`swiglu_candidates`), each call on
+    the next weight copy. The plain GEMM is tuned first (outside the timings), which gives both the
+    unfused pair's GEMM and that ranking."""
+    skinny_linear(x2, weight)
+    plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
     next_weight = rotating_copies(weight, l2_bytes)
-    return _SWIGLU_TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device, swiglu=True),
+    return _SWIGLU_TUNER.tune(key, swiglu_candidates(x2.shape[0], x2.device, plain_times),
                               lambda c: skinny_linear_run(x2, next_weight(), c, swiglu=True), timer)
 
 

@@ -351,7 +351,7 @@ def test_every_swiglu_candidate_matches_the_oracle(triton_backend, dtype, M, F, 
     first), odd F and K, every row tile, against float64."""
     x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M * 100 + F + K)
     want = _swiglu_oracle(x, w13)
-    candidates = sl.skinny_candidates(M, x.device, swiglu=True)
+    candidates = sl.swiglu_candidates(M, x.device)
     assert candidates[0] is None and any(c.split_k > 1 for c in candidates[1:]) and any(c.stream_k for c in candidates[1:])
     for launch in candidates:
         y = sl.skinny_linear_run(x, w13, launch, swiglu=True)
@@ -372,7 +372,7 @@ def test_swiglu_epilogue_gives_the_unfused_pair_bits(triton_backend, monkeypatch
     from mtp_kernels.swiglu import swiglu
 
     x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M + F + K, gate_scale=gate_scale)
-    for launch in sl.skinny_candidates(M, x.device, swiglu=True)[1:]:
+    for launch in sl.swiglu_candidates(M, x.device)[1:]:
         programs = 1 if launch.stream_k else None   # several programs cut the two GEMMs' units apart differently
         gate, up = sl.skinny_linear_run(x, w13, launch, programs=programs).chunk(2, dim=-1)
         fused = sl.skinny_linear_run(x, w13, launch, programs=programs, swiglu=True)
@@ -401,21 +401,29 @@ def test_swiglu_stream_k_launches_at_every_program_count(triton_backend, monkeyp
         assert int(arrival_counters(x.device, -(-F // block_n)).abs().sum()) == 0, programs
 
 
-def test_swiglu_candidates_are_half_as_wide(monkeypatch):
-    """On the sm_90 tables each SwiGLU tile is its plain tile at half the width (16 at least for
-    tl.dot, 4 for multiply-add), so a program's weight bytes per K step stay the plain tile's."""
+def test_swiglu_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch):
+    """On the sm_90 tables each SwiGLU tile is a plain tile at half the width (16 at least for
+    tl.dot, 4 for multiply-add), so a program's weight bytes per K step stay the plain tile's.
+    Untimed: every plain tile's twin. With the plain tuner's times for the fused weight: the twins of
+    its 3 fastest kernel tiles, fastest first (cuBLAS and launches that failed left out)."""
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu = torch.device("cpu")
     for M in (1, 16, 32, 64):
         plain = sl.skinny_candidates(M, cpu)
-        fused = sl.skinny_candidates(M, cpu, swiglu=True)
-        assert fused[0] is None and len(set(fused)) == len(fused)
-        halved = [c if c is None else
-                  sl.SkinnyLaunch(max(c.block_n // 2, 16 if c.use_dot else 4), c.block_k, c.use_dot, c.num_warps,
-                                  c.num_stages, c.block_m, c.split_k, c.stream_k) for c in plain]
-        assert fused == list(dict.fromkeys(halved))
-        assert all(c.block_n >= 4 for c in fused[1:]) and all(c.block_n >= 16 for c in fused[1:] if c.use_dot)
+        fused = sl.swiglu_candidates(M, cpu)
+        assert fused[0] is None and len(set(fused)) == len(fused) == len(plain)   # no two twins alike here
+        assert fused[1:] == [sl.SkinnyLaunch(max(c.block_n // 2, 16 if c.use_dot else 4), c.block_k, c.use_dot,
+                                             c.num_warps, c.num_stages, c.block_m, c.split_k, c.stream_k)
+                             for c in plain[1:]]
+        times = {c: float(i) for i, c in enumerate(reversed(plain))}   # the last tile the fastest
+        times[None] = -1.0                                              # cuBLAS is no tile to pair
+        times[plain[-1]] = float("inf")                                 # a launch that failed
+        kept = sl.swiglu_candidates(M, cpu, times)
+        assert kept == [None] + [sl.swiglu_twin(c) for c in (plain[-2], plain[-3], plain[-4])]
+        assert sl.swiglu_candidates(M, cpu, {None: 1.0}) == fused      # nothing timed: every twin
+    assert sl.swiglu_twin(sl.SkinnyLaunch(16, 256, True, block_m=64)).block_n == 16
+    assert sl.swiglu_twin(sl.SkinnyLaunch(8, 1024, False)).block_n == 4
 
 
 def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
@@ -462,7 +470,7 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
     x, w13 = _swiglu_inputs(5, 24, 32, torch.float32, seed=3)
     want = _swiglu_oracle(x, w13)
-    candidates = sl.skinny_candidates(5, x.device, swiglu=True)
+    candidates = sl.swiglu_candidates(5, x.device)
     pick = candidates[2]
     seen, ptrs = [], []
     run = sl.skinny_linear_run
@@ -484,13 +492,23 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     assert list(times) == candidates and tuner.chosen[key] == pick
     assert len(set(ptrs)) == 2 and all(a != b for a, b in zip(ptrs, ptrs[1:]))
     ptrs.clear()
+    tune = sl.tune_skinny_swiglu
     monkeypatch.setattr(sl, "tune_skinny_swiglu", lambda *a, **k: pytest.fail("tuned twice"))
     torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13).double(), want, rtol=1e-5, atol=1e-5)
     assert ptrs == [w13.data_ptr()]
+    # Once the plain tuner has timed the fused weight (here by hand: a CPU tensor is never tuned),
+    # only the twins of its three fastest tiles are timed.
+    plain = LaunchTuner("skinny_linear")
+    monkeypatch.setattr(sl, "_TUNER", plain)
+    tiles = sl.skinny_candidates(5, x.device)
+    plain.times[("cpu", torch.float32, 16, 48, 32)] = {c: float(len(tiles) - i) for i, c in enumerate(tiles)}
+    seen.clear()
+    times = tune(("cpu", torch.float32, 16, 24, 32, "again"), x, w13, timer)
+    assert list(times) == [None] + [sl.swiglu_twin(c) for c in tiles[:0:-1][:3]]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,F,K", [(1, 11008, 4096), (16, 11008, 4096), (64, 11008, 4096), (37, 500, 333)])
+@pytest.mark.parametrize("M,F,K", [(1, 11008, 4096), (64, 11008, 4096), (37, 500, 333)])
 def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
     """Every SwiGLU launch in bf16 on the 7B gate/up shape (and an odd one) against float64; the
     tuner's timings; split-K and stream-K launches give the same bits at every run, in a CUDA graph
@@ -508,7 +526,8 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), F, K)
     times = sl.tune_skinny_swiglu(key, x, w13, checked)
-    assert list(times) == sl.skinny_candidates(M, x.device, swiglu=True)
+    plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)]   # tuned first
+    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times) and len(times) == 1 + sl.SWIGLU_TILES_KEPT
     assert max(errors.values()) < 2e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     out = sl.skinny_linear_swiglu(x, w13)

@@ -2,7 +2,8 @@
 (interpreter), split-K launches (every split counted once, in split order, empty splits included),
 stream-K launches (every program count from 1 to one per unit; shared tiles combined in program
 order), the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the
-tuned choice and the split and stream-K launches' determinism."""
+tuned choice and the split and stream-K launches' determinism. The same for the gate/up form with
+SwiGLU in the epilogue (`skinny_linear_swiglu`), which also gives the unfused pair's bits."""
 import gc
 import weakref
 

@@ -114,8 +114,13 @@ def skinny_launch_report() -> list:
                      "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": tile, "kernel_ms": times.get(kernel),
                      "kernel_GBps": weight_mb / times[kernel] if kernel and times[kernel] < float("inf") else None,
-                     "chosen": "cuBLAS" if chosen is None else tile})
+                     "chosen": "cuBLAS" if chosen is None else tile, "times_ms": _labelled(times, "cuBLAS")})
     return rows
+
+
+def _labelled(times: dict, none_label: str) -> dict:
+    """A tuner's {launch: ms} by label (None: none_label), every candidate, for the JSON."""
+    return {none_label if c is None else c.label(): ms for c, ms in times.items()}
 
 
 def swiglu_launch_report() -> list:
@@ -134,7 +139,7 @@ def swiglu_launch_report() -> list:
                      "unfused_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": fused.label() if fused else "-", "fused_ms": ms,
                      "fused_GBps": weight_mb / ms if ms and ms < float("inf") else None,
-                     "chosen": "unfused" if chosen is None else chosen.label()})
+                     "chosen": "unfused" if chosen is None else chosen.label(), "times_ms": _labelled(times, "unfused")})
     return rows
 
 

@@ -315,6 +315,7 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["row_tile"] == 1 and row["cublas_ms"] == 0.0125 and row["kernel_ms"] == 0.0100
     assert abs(row["kernel_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
     assert row["chosen"] == row["best_tile"] == "1x16x256 fma w4 s4"
+    assert row["times_ms"] == {"cuBLAS": 0.0125, "1x16x256 fma w4 s4": 0.0100, "16x32x256 dot w4 s3": float("inf")}
     split = sl.SkinnyLaunch(64, 128, True, num_warps=4, num_stages=4, block_m=64, split_k=2)
     tuner.times[key] = {None: 0.0125, split: 0.0110}
     tuner.chosen[key] = split
@@ -339,6 +340,7 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     assert (row["row_tile"], row["F"], row["K"], row["unfused_ms"], row["fused_ms"]) == (64, 11008, 4096, 0.040, 0.036)
     assert abs(row["fused_GBps"] - 2 * 11008 * 4096 * 2 / 1e6 / 0.036) < 1e-6
     assert row["chosen"] == row["best_tile"] == "64x16x256 dot w4 s3 k2"
+    assert row["times_ms"] == {"unfused": 0.040, "64x16x256 dot w4 s3 k2": 0.036, "64x64x64 dot w4 s3": float("inf")}
     tuner.chosen[key] = None
     (row,) = module.swiglu_launch_report()
     assert row["chosen"] == "unfused"

@@ -510,10 +510,12 @@ def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     weight), the launch is the one tuned for this row tile and shape: the unfused pair (the GEMM
     skinny_linear picks, then the swiglu kernel) or a kernel tile that forms SwiGLU in its epilogue,
     which saves the swiglu launch and the (rows, 2F) round trip. Everything else, and a shape not
-    tuned yet, is the unfused pair (eager under autograd)."""
+    tuned yet, is the unfused pair (eager under autograd); CPU tensors take the reference."""
     if not isinstance(w13, torch.Tensor) or w13.dim() != 2 or w13.shape[0] % 2 or w13.shape[1] != x.shape[-1]:
         raise ValueError(f"skinny_linear_swiglu: w13 must be a (2F, K) gate/up weight with K = x's last dim "
                          f"{x.shape[-1]}, got shape {tuple(getattr(w13, 'shape', ()))}")
+    if not use_triton(x, w13):   # the CPU path (autograd included)
+        return reference.skinny_linear_swiglu(x, w13)
     F = w13.shape[0] // 2
     K = x.shape[-1]
     M = x.numel() // K if K else 0

@@ -464,6 +464,22 @@ def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
         run(x, torch.randn(41, 24), launch, swiglu=True)
 
 
+def test_swiglu_on_the_reference_path_is_the_reference_twin(monkeypatch):
+    """CPU tensors on the reference backend: the twin in reference.py (F.linear, then silu * up,
+    each rounded to the dtype), with autograd; no launch."""
+    from mtp_kernels import reference
+
+    monkeypatch.setenv("MTP_BACKEND", "reference")
+    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: pytest.fail("launched"))
+    x, w13 = _swiglu_inputs(4, 10, 12, torch.bfloat16, seed=2)
+    gate, up = torch.nn.functional.linear(x, w13).chunk(2, dim=-1)
+    torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(sl.skinny_linear_swiglu(x, w13), reference.skinny_linear_swiglu(x, w13))
+    wg = w13.float().requires_grad_()
+    sl.skinny_linear_swiglu(x.float(), wg).sum().backward()
+    assert wg.grad is not None and wg.grad.shape == (20, 12)
+
+
 def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, monkeypatch):
     """tune_skinny_swiglu times the unfused pair (None) and every fused tile, each on the next weight
     copy, and keeps the fastest; the dispatcher then runs it without tuning again."""

@@ -615,6 +615,13 @@ _GPU_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=16, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=32, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=2),
 ] + [
+    # 64-row query blocks, head dim 64 and below only (`_prune_dkdv`): half the loop trips of the
+    # 32-row ones, whose 0.494 ms at D64 on the H100 is 2.3x the dQ kernel's time for 4/3 of its
+    # matmuls (seventeenth session). sm_90 at D64: 228 registers with Triton 3.9, 245 with 3.6, no
+    # spill, 83 KB of shared memory; the three-loop form spills 32-40 bytes (3.9), so only the
+    # one-loop form is offered. Not yet timed on a GPU.
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, ONE_LOOP=True, WARP_SPEC=False), num_warps=8, num_stages=3),
+] + [
     # Warp-specialized (`_bwd_dkdv_ws_loop`; ONE_LOOP unused there): the consumers split the 128
     # keys. sm_90 with Triton 3.6: 168 registers; 64-row query blocks spill 24-40 bytes at head dim
     # 128 (none at 64, none with Triton 3.9). 32-row query blocks gave a NaN key row per block on an H100
@@ -691,12 +698,12 @@ def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    """The three-loop dK/dV variant only fits the register file below head dim 128 (sm_90); WARP_SPEC
-    configs as `_prune_ws` says."""
+    """The three-loop dK/dV variant and the plain 64-row query blocks only fit the register file
+    below head dim 128 (sm_90); WARP_SPEC configs as `_prune_ws` says."""
     configs = _prune_ws(configs, named_args, kernel="dkdv", **kwargs)
     if (kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0) <= 64:
         return configs
-    return [c for c in configs if c.kwargs["ONE_LOOP"]]
+    return [c for c in configs if c.kwargs["ONE_LOOP"] and (c.kwargs["WARP_SPEC"] or c.kwargs["BLOCK_M"] < 64)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -289,7 +289,9 @@ def test_flash_attention_config_pruning(monkeypatch):
     configs = attention_module._GPU_DKDV_CONFIGS
     assert prune(configs, {"WS_OK": 1}, BLOCK_D=64) == configs
     dkdv_128 = prune(configs, {"WS_OK": 1}, BLOCK_D=128)
-    assert dkdv_128 and all(c.kwargs["ONE_LOOP"] for c in dkdv_128)    # the three-loop variant spills there
+    assert dkdv_128 and all(c.kwargs["ONE_LOOP"] for c in dkdv_128)    # the three-loop variant spills there,
+    assert not any(c.kwargs["BLOCK_M"] == 64 and not c.kwargs["WARP_SPEC"] for c in dkdv_128)   # plain 64-row too
+    assert any(c.kwargs["BLOCK_M"] == 64 and not c.kwargs["WARP_SPEC"] for c in configs)        # kept at D64
     assert any(c.kwargs["WARP_SPEC"] for c in dkdv_128)
     # Where the layout does not allow descriptors (WS_OK = 0) no kernel keeps a warp-specialized config.
     for kernel_configs, kernel_prune in ((configs, prune),

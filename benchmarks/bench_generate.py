@@ -123,19 +123,22 @@ def _labelled(times: dict, none_label: str) -> dict:
     return {none_label if c is None else c.label(): ms for c, ms in times.items()}
 
 
-def swiglu_launch_report() -> list:
-    """What the gate/up tuner measured (empty on a CPU): the unfused pair (the chosen GEMM, then
-    the swiglu kernel) against the best tile with SwiGLU in its epilogue, weight GB/s of both."""
+def epilogue_launch_report(kind: str) -> list:
+    """What an epilogue's tuner measured (empty on a CPU), kind "swiglu" (the gate/up GEMM) or
+    "rope" (the q/k/v GEMM): the unfused pair (the chosen GEMM, then the swiglu or rotary kernel)
+    against the best tile with the epilogue, weight GB/s of both. N: the fused weight's rows."""
     from mtp_kernels import skinny_linear
 
+    tuner = {"swiglu": skinny_linear._SWIGLU_TUNER, "rope": skinny_linear._ROPE_TUNER}[kind]
     rows = []
-    for key, times in skinny_linear._SWIGLU_TUNER.times.items():
-        _, dtype, row_tile, F, K = key
-        weight_mb = 2 * F * K * torch.empty((), dtype=dtype).element_size() / 1e6
+    for key, times in tuner.times.items():
+        dtype, row_tile = key[1], key[2]
+        N, K = (2 * key[3], key[4]) if kind == "swiglu" else (key[3], key[4])   # swiglu keys hold F
+        weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         fused = min((c for c in times if c is not None), key=times.get, default=None)
-        chosen = skinny_linear._SWIGLU_TUNER.chosen[key]
+        chosen = tuner.chosen[key]
         ms = times.get(fused) if fused else None
-        rows.append({"row_tile": row_tile, "F": F, "K": K, "unfused_ms": times.get(None),
+        rows.append({"row_tile": row_tile, "N": N, "K": K, "unfused_ms": times.get(None),
                      "unfused_GBps": weight_mb / times[None] if times.get(None) else None,
                      "best_tile": fused.label() if fused else "-", "fused_ms": ms,
                      "fused_GBps": weight_mb / ms if ms and ms < float("inf") else None,
@@ -374,14 +377,16 @@ def to_markdown(result: dict) -> str:
                        "chosen"],
                       [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
                         r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
-    if result.get("swiglu_launches"):
-        lines += ["### Gate/up GEMM with SwiGLU in its epilogue (`skinny_linear_swiglu` tuning: CUDA-graph ms of "
-                  "one call, (2F, K) weight GB/s; unfused: the GEMM chosen above, then the swiglu kernel)", "",
-                  common.markdown_table(
-                      ["rows (up to)", "F", "K", "unfused ms", "unfused GB/s", "best fused tile", "fused ms",
-                       "fused GB/s", "chosen"],
-                      [[r["row_tile"], r["F"], r["K"], r["unfused_ms"], r["unfused_GBps"], r["best_tile"],
-                        r["fused_ms"], r["fused_GBps"], r["chosen"]] for r in result["swiglu_launches"]]), ""]
+    for kind, title in (("swiglu", "Gate/up GEMM with SwiGLU in its epilogue (`skinny_linear_swiglu`"),
+                        ("rope", "Q/k/v GEMM with rotary and the cache write in its epilogue (`skinny_linear_rope`")):
+        if result.get(f"{kind}_launches"):
+            lines += [f"### {title} tuning: CUDA-graph ms of one call, weight GB/s; unfused: the GEMM chosen above, "
+                      f"then the {'swiglu' if kind == 'swiglu' else 'rotary'} kernel)", "",
+                      common.markdown_table(
+                          ["rows (up to)", "N", "K", "unfused ms", "unfused GB/s", "best fused tile", "fused ms",
+                           "fused GB/s", "chosen"],
+                          [[r["row_tile"], r["N"], r["K"], r["unfused_ms"], r["unfused_GBps"], r["best_tile"],
+                            r["fused_ms"], r["fused_GBps"], r["chosen"]] for r in result[f"{kind}_launches"]]), ""]
     if result.get("select_launches"):
         lines += ["### Token selection launches past 64 rows (`linear_select` tuning: CUDA-graph ms of one call; "
                   "TFLOP/s at the rows tuned for)", "",
@@ -494,7 +499,8 @@ def main() -> int:
 
     result["step_costs"] = step_costs(step_model, batches, kv_len, TREE_NODES, device)
     result["decode_gemm_launches"] = skinny_launch_report()
-    result["swiglu_launches"] = swiglu_launch_report()
+    result["swiglu_launches"] = epilogue_launch_report("swiglu")
+    result["rope_launches"] = epilogue_launch_report("rope")
     result["select_launches"] = select_launch_report()
     result["kv_launches"] = kv_launch_report()
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])

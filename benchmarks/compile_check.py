@@ -306,6 +306,19 @@ def scenarios(quick: bool = False):
                 continue
             for launch in sl.swiglu_candidates(rows, x.device)[1:]:   # every twin: the tuner may time any
                 sl.skinny_linear_run(x, w13, launch, swiglu=True)
+        # The q/k/v GEMM with rotary and the cache write in its epilogue: the 7B's heads (32 + 2 x 8 of
+        # 128) at every row tile, and odd ones (6 + 2 x 2 heads of 64, K 333).
+        for (B, T), H, Hkv, D, n_in in (((1, 1), 32, 8, 128, 4096), ((1, 16), 32, 8, 128, 4096),
+                                        ((4, 8), 32, 8, 128, 4096), ((1, 64), 32, 8, 128, 4096),
+                                        ((1, 1), 6, 2, 64, 333), ((3, 16), 6, 2, 64, 333)):
+            x, wqkv = randn(B * T, n_in, dtype=dtype), randn((H + 2 * Hkv) * D, n_in, dtype=dtype)
+            if not sl._kernel_takes(x, wqkv):
+                continue
+            freqs = torch.polar(torch.ones(B, T, D // 2), randn(B, T, D // 2, dtype=torch.float32))
+            caches = [randn(B, 128, Hkv, D, dtype=dtype) for _ in range(2)]
+            rope = sl.RotaryCacheWrite(freqs, torch.arange(T).repeat(B, 1), *caches, H, Hkv)
+            for launch in sl.rope_candidates(B * T, x.device)[1:]:
+                sl.skinny_linear_run(x, wqkv, launch, rope=rope)
 
     def sampling(dtype):
         for R in (1, 48, 256):

@@ -20,6 +20,13 @@ from .backend import interpreting, use_triton
 
 
 @triton.jit
+def rotate(x0, x1, cos, sin):
+    """The pairs (x0, x1) rotated by the angles whose cos and sin are given, in float32. Shared with
+    the q/k/v GEMM's rotary epilogue (skinny_linear.py), so both give the same values."""
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+@triton.jit
 def _rotate_heads(src, stride_src_h, dst, stride_dst_h, n_heads, cos, sin, offs_d, d_ok,
                   ROTATE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Heads [0, n_heads) of one token: src[h, 2i], src[h, 2i+1] -> dst (rotated when ROTATE).
@@ -30,8 +37,7 @@ def _rotate_heads(src, stride_src_h, dst, stride_dst_h, n_heads, cos, sin, offs_
         x = tl.load(src + offs_h[:, None].to(tl.int64) * stride_src_h + offs_d[None, :], mask=ok, other=0.0)
         if ROTATE:
             x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_H, BLOCK_P, 2)))
-            y0 = x0 * cos[None, :] - x1 * sin[None, :]
-            y1 = x0 * sin[None, :] + x1 * cos[None, :]
+            y0, y1 = rotate(x0, x1, cos[None, :], sin[None, :])
             y = tl.reshape(tl.join(y0, y1), (BLOCK_H, 2 * BLOCK_P)).to(dst.dtype.element_ty)
         else:
             y = x.to(dst.dtype.element_ty)

@@ -39,6 +39,11 @@ step (seventeenth session). A
 separate tuner times it against the unfused pair (the GEMM chosen above, then the swiglu kernel):
 the SwiGLU twins (half as wide) of the three plain tiles timed fastest for the fused weight, so a
 first call compiles three more launches, not the whole list again.
+
+The q/k/v GEMM of a cached step can likewise rotate q and k and write k and v into the KV caches in
+its epilogue (`skinny_linear_rope`, unsplit launches only), in place of the rotary kernel
+(rope_cache.py): 0.145 ms of the 64-node verify step and 0.072 ms of a plain step in the same
+profiles. A third tuner times it against the unfused pair.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
+from .rope_cache import rope_cache_write, rotate
 from .swiglu import silu_times_up, swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
@@ -89,28 +95,90 @@ def _output(acc, acc_up, dtype: tl.constexpr, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _rope_store(even, odd, offs_m, offs_pair, m_ok, pair_ok, Q, stride_qm, FREQS, stride_fb, stride_ft, SLOTS,
+                stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM):
+    """The rotary epilogue of a fused q/k/v projection. even, odd: the float32 sums of columns
+    2 offs_pair and 2 offs_pair + 1 of [q | k | v] ((H + 2 Hkv) x HEAD_DIM columns, Q_COLS =
+    H x HEAD_DIM, KV_COLS = Hkv x HEAD_DIM) for rows offs_m (token b * T + t). Each is rounded to
+    the dtype as the unfused GEMM's outputs are; q and k pairs are rotated by the token's angles
+    (FREQS: float32 (cos, sin) pairs, (B, T, HEAD_DIM/2, 2), or stride_fb 0: shared by the batch)
+    as `rope_cache.py` rotates them; q goes to Q (B*T, Q_COLS), k and v to the caches (B, S, Hkv,
+    HEAD_DIM, heads packed: stride_cb, stride_cs) at the token's slot. A pair never straddles a head
+    (HEAD_DIM is even)."""
+    dtype = Q.dtype.element_ty
+    x0 = even.to(dtype).to(tl.float32)
+    x1 = odd.to(dtype).to(tl.float32)
+    b = (offs_m // T).to(tl.int64)
+    t = (offs_m % T).to(tl.int64)
+    col = 2 * offs_pair
+    f_ptrs = FREQS + b[:, None] * stride_fb + t[:, None] * stride_ft + (col % HEAD_DIM)[None, :]
+    ok = m_ok[:, None] & pair_ok[None, :]
+    y0, y1 = rotate(x0, x1, tl.load(f_ptrs, mask=ok, other=1.0), tl.load(f_ptrs + 1, mask=ok, other=0.0))
+    is_v = (col >= Q_COLS + KV_COLS)[None, :]
+    y0 = tl.where(is_v, x0, y0).to(dtype)
+    y1 = tl.where(is_v, x1, y1).to(dtype)
+    q_ptrs = Q + offs_m[:, None] * stride_qm + col[None, :]
+    q_ok = ok & (col < Q_COLS)[None, :]
+    tl.store(q_ptrs, y0, mask=q_ok)
+    tl.store(q_ptrs + 1, y1, mask=q_ok)
+    slot = tl.load(SLOTS + b * stride_sb + t * stride_st, mask=m_ok, other=0).to(tl.int64)
+    row = (b * stride_cb + slot * stride_cs)[:, None]
+    k_ok = ok & ((col >= Q_COLS)[None, :] & ~is_v)
+    tl.store(K_CACHE + row + (col - Q_COLS)[None, :], y0, mask=k_ok)
+    tl.store(K_CACHE + row + (col - Q_COLS + 1)[None, :], y1, mask=k_ok)
+    v_ok = ok & is_v
+    tl.store(V_CACHE + row + (col - Q_COLS - KV_COLS)[None, :], y0, mask=v_ok)
+    tl.store(V_CACHE + row + (col - Q_COLS - KV_COLS + 1)[None, :], y1, mask=v_ok)
+
+
+@triton.jit
+def _store_out(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS, stride_sb,
+               stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
+               SWIGLU: tl.constexpr, ROPE: tl.constexpr):
+    """Store a tile of sums (rows offs_m, outputs offs_n): Y's values (`_output`), or with ROPE the
+    rotary epilogue (`_rope_store`: offs_n count column pairs, acc the even columns, acc_up the odd)."""
+    if ROPE:
+        _rope_store(acc, acc_up, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, FREQS, stride_fb, stride_ft, SLOTS,
+                    stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM)
+    else:
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], _output(acc, acc_up, Y.dtype.element_ty, SWIGLU),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _skinny_linear_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
+    FREQS, stride_fb, stride_ft, SLOTS, stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE,
+    stride_cb, stride_cs, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
-    """Y = X @ W^T, or with SWIGLU Y = silu(X @ Wg^T) * (X @ Wu^T): W's N gate rows, and up rows UP
-    elements after each (a fused gate/up weight), summed side by side over one x tile."""
+    """Y = X @ W^T. Paired launches sum two weight rows per output side by side over one x tile, a
+    first one and the one UP elements further: with SWIGLU, W is a fused gate/up weight (N gate rows,
+    then the up rows; UP = N rows) and Y = silu(X @ Wg^T) * (X @ Wu^T); with ROPE, W is a fused
+    q/k/v weight, its outputs are the N column pairs (rows 2n and 2n + 1, UP = one row) and the
+    epilogue rotates q and k and writes k and v into the caches (`_rope_store`, arguments FREQS to
+    HEAD_DIM; Y is q)."""
     tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
+    tl.static_assert(not (SWIGLU and ROPE), "one epilogue at a time")
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    if ROPE:
+        w_ptrs = W + (2 * offs_n)[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    else:
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     if USE_DOT:
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         x_ptrs = X + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros_like(acc)   # the up rows' sums (SWIGLU only: otherwise never used, compiled away)
+    acc_up = tl.zeros_like(acc)   # the second rows' sums (paired launches only: otherwise compiled away)
     if SPLIT_K == 1:
         k_lo = 0
         k_hi = K
@@ -125,12 +193,12 @@ def _skinny_linear_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-        if SWIGLU:
+        if SWIGLU or ROPE:
             w_up = _load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)
         if USE_DOT:
             x_tile = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
             acc = tl.dot(x_tile, tl.trans(w), acc)
-            if SWIGLU:
+            if SWIGLU or ROPE:
                 acc_up = tl.dot(x_tile, tl.trans(w_up), acc_up)
         else:
             if EVEN_K:
@@ -138,36 +206,41 @@ def _skinny_linear_kernel(
             else:
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            if SWIGLU:
+            if SWIGLU or ROPE:
                 acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:
-        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
         y_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
-            tl.store(y_ptrs, _output(acc, acc_up, Y.dtype.element_ty, SWIGLU), mask=y_ok)
+            _store_out(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS,
+                       stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
+                       SWIGLU, ROPE)
         else:
-            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N) (with SWIGLU, the
-            # up sums' follow: (2, SPLIT_K, M, N)); the last of the n tile's SPLIT_K programs to
-            # arrive adds them in split order, never in arrival order, so Y is the same bits at
+            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N) (paired launches:
+            # the second sums' follow, (2, SPLIT_K, M, N)); the last of the n tile's SPLIT_K programs
+            # to arrive adds them in split order, never in arrival order, so Y is the same bits at
             # every run (no second kernel, no float atomics).
             part_ptrs = PARTIALS + offs_m[:, None] * N + offs_n[None, :]
             tl.store(part_ptrs + tl.program_id(1) * M * N, acc, mask=y_ok)
-            if SWIGLU:
+            if SWIGLU or ROPE:
                 tl.store(part_ptrs + (SPLIT_K + tl.program_id(1)) * M * N, acc_up, mask=y_ok)
             if last_to_arrive(COUNTERS + pid, SPLIT_K):
                 y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 y_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s in tl.static_range(SPLIT_K):
                     y += tl.load(part_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
-                    if SWIGLU:
+                    if SWIGLU or ROPE:
                         y_up += tl.load(part_ptrs + (SPLIT_K + s) * M * N, mask=y_ok, other=0.0,
                                         cache_modifier=".cg")
-                tl.store(y_ptrs, _output(y, y_up, Y.dtype.element_ty, SWIGLU), mask=y_ok)
-    else:
-        tl.store(Y + offs_n, _output(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), Y.dtype.element_ty, SWIGLU),
-                 mask=n_ok)
+                _store_out(Y, stride_ym, y, y_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS,
+                           stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
+                           SWIGLU, ROPE)
+    else:   # one row (M = 1)
+        _store_out(Y, stride_ym, tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :],
+                   tl.zeros((1,), dtype=tl.int32), offs_n, tl.full((1,), True, tl.int1), n_ok, FREQS, stride_fb,
+                   stride_ft, SLOTS, stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs,
+                   HEAD_DIM, SWIGLU, ROPE)
 
 
 @triton.jit
@@ -367,19 +440,36 @@ def swiglu_twin(launch: SkinnyLaunch) -> SkinnyLaunch:
     return replace(launch, block_n=max(launch.block_n // 2, 16 if launch.use_dot else 4))
 
 
-SWIGLU_TILES_KEPT = 3   # plain tiles whose twins the SwiGLU tuner times, the fastest first
+def rope_twin(launch: SkinnyLaunch) -> Optional[SkinnyLaunch]:
+    """The rotary-epilogue form of a plain tile: each program sums the even and the odd weight rows
+    of its column pairs side by side, so, as a SwiGLU twin, it is half as wide (`swiglu_twin`); None
+    for stream-K tiles (their kernel has no rotary epilogue)."""
+    return None if launch.stream_k else swiglu_twin(launch)
+
+
+EPILOGUE_TILES_KEPT = 3   # plain tiles whose twins an epilogue's tuner times, the fastest first
+
+
+def _epilogue_candidates(M: int, device: torch.device, plain_times: Optional[dict], twin) -> list:
+    """The unfused pair (None) first, then twin(tile) of every plain tile for M rows that has one;
+    given the plain tuner's times for the fused weight's shape (plain_times, {launch: ms}), only the
+    twins of the EPILOGUE_TILES_KEPT fastest such tiles: a twin streams the weight as its plain tile
+    does, and each one timed is a compile at a first call."""
+    tiles = [c for c in skinny_candidates(M, device)[1:] if twin(c) is not None]
+    if plain_times:
+        timed = [c for c in tiles if plain_times.get(c, float("inf")) < float("inf")]
+        tiles = sorted(timed, key=plain_times.get)[:EPILOGUE_TILES_KEPT] or tiles
+    return [None, *dict.fromkeys(twin(c) for c in tiles)]   # halving can make two tiles one
 
 
 def swiglu_candidates(M: int, device: torch.device, plain_times: Optional[dict] = None) -> list:
-    """The launches `skinny_linear_swiglu` times: the unfused pair (None) first, then the twins
-    (`swiglu_twin`) of the plain tiles for M rows. Given the plain tuner's times for the fused
-    weight's shape (plain_times, {launch: ms}), only the twins of its SWIGLU_TILES_KEPT fastest tiles:
-    a twin streams the weight as its plain tile does, and each one timed is a compile at a first call."""
-    tiles = skinny_candidates(M, device)[1:]
-    if plain_times:
-        timed = [c for c in tiles if plain_times.get(c, float("inf")) < float("inf")]
-        tiles = sorted(timed, key=plain_times.get)[:SWIGLU_TILES_KEPT] or tiles
-    return [None, *dict.fromkeys(swiglu_twin(c) for c in tiles)]   # halving can make two tiles one
+    """The launches `skinny_linear_swiglu` times (`_epilogue_candidates` with `swiglu_twin`)."""
+    return _epilogue_candidates(M, device, plain_times, swiglu_twin)
+
+
+def rope_candidates(M: int, device: torch.device, plain_times: Optional[dict] = None) -> list:
+    """The launches `skinny_linear_rope` times (`_epilogue_candidates` with `rope_twin`)."""
+    return _epilogue_candidates(M, device, plain_times, rope_twin)
 
 
 def stream_k_programs(device: torch.device, per_sm: int) -> int:
@@ -395,21 +485,73 @@ def _unfused_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return swiglu(gate, up)
 
 
+@dataclass
+class RotaryCacheWrite:
+    """The rotary epilogue's operands (`skinny_linear_rope`, checked there): rotated q goes to the
+    result, rotated k and v to the caches at `slots`, as `rope_cache_write` does.
+    freqs_cis: complex64 (B, T, D/2) or (T, D/2); slots: (B, T) int; k_cache, v_cache: (>= B, S,
+    Hkv, D) in the GEMM's dtype, heads packed (strides (.., .., D, 1)), the same strides."""
+    freqs_cis: torch.Tensor
+    slots: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    n_heads: int
+    n_kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[-1]
+
+    def kernel_args(self) -> tuple:
+        """FREQS .. HEAD_DIM of `_skinny_linear_kernel`."""
+        freqs = torch.view_as_real(self.freqs_cis)   # (.., D/2, 2) float32, no copy
+        stride_fb, stride_ft = (0, freqs.stride(0)) if freqs.dim() == 3 else (freqs.stride(0), freqs.stride(1))
+        D = self.head_dim
+        return (freqs, stride_fb, stride_ft, self.slots, self.slots.stride(0), self.slots.stride(1),
+                self.slots.shape[1], self.n_heads * D, self.n_kv_heads * D, self.k_cache, self.v_cache,
+                self.k_cache.stride(0), self.k_cache.stride(1), D)
+
+
+_NO_ROPE = (None, 0, 0, None, 0, 0, 1, 0, 0, None, None, 0, 0, 2)   # FREQS .. HEAD_DIM, unused
+
+
+def _unfused_rope(x2: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite) -> torch.Tensor:
+    """The q/k/v GEMM `skinny_linear` picks, then `rope_cache_write`: rotated q as (B*T, H*D)."""
+    B, T = rope.slots.shape
+    D, kv_cols = rope.head_dim, rope.n_kv_heads * rope.head_dim
+    q, k, v = skinny_linear(x2, weight).view(B, T, -1).split([rope.n_heads * D, kv_cols, kv_cols], -1)
+    q = rope_cache_write(q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D), rope.freqs_cis, rope.slots,
+                         rope.k_cache, rope.v_cache, check_slots=False)
+    return q.view(B * T, -1)
+
+
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch],
-                      programs: Optional[int] = None, swiglu: bool = False) -> torch.Tensor:
+                      programs: Optional[int] = None, swiglu: bool = False,
+                      rope: Optional[RotaryCacheWrite] = None) -> torch.Tensor:
     """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride.
     programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it).
     swiglu=True: weight is a fused gate/up weight (2F, K), gate rows first, and the result is
     silu(x2 @ gate^T) * (x2 @ up^T), (M, F), formed in the launch's epilogue (None: the unfused
-    pair, `_unfused_swiglu`)."""
+    pair, `_unfused_swiglu`).
+    rope: weight is a fused q/k/v weight ((H + 2 Hkv) D, K) and x2's rows the B x T new tokens; the
+    launch (not stream-K) rotates q and k in its epilogue, writes k and v into the caches and
+    returns q, (M, H D) (None: the unfused pair, `_unfused_rope`)."""
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"skinny_linear: a SwiGLU launch takes a (2F, K) gate/up weight, got {tuple(weight.shape)}")
+    if rope is not None and weight.shape[0] != (rope.n_heads + 2 * rope.n_kv_heads) * rope.head_dim:
+        raise ValueError(f"skinny_linear: a rotary launch takes a ({rope.n_heads} + 2 x {rope.n_kv_heads}) x "
+                         f"{rope.head_dim}-row q/k/v weight, got {tuple(weight.shape)}")
+    if rope is not None and (swiglu or (launch is not None and launch.stream_k)):
+        raise ValueError(f"skinny_linear: the rotary epilogue needs a launch without SwiGLU, not stream-K, got {launch}")
     if launch is None:
+        if rope is not None:
+            return _unfused_rope(x2, weight, rope)
         return _unfused_swiglu(x2, weight) if swiglu else reference.skinny_linear(x2, weight)
     M, K = x2.shape
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    up = N * weight.stride(0) if swiglu else 0   # elements from a gate row to its up row
-    halves = 2 if swiglu else 1
+    paired = swiglu or rope is not None
+    N = weight.shape[0] // 2 if paired else weight.shape[0]   # outputs: F, or column pairs with rope
+    up = N * weight.stride(0) if swiglu else weight.stride(0) if paired else 0   # from a first row to its pair
+    halves = 2 if paired else 1
     if launch.use_dot is False and M != 1:
         raise ValueError(f"skinny_linear: a multiply-add launch takes one row, got {M}")
     if launch.use_dot and M > launch.block_m:
@@ -419,7 +561,7 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     if launch.stream_k < 0 or (launch.stream_k and (not launch.use_dot or launch.split_k > 1)):
         raise ValueError(f"skinny_linear: stream_k={launch.stream_k} needs stream_k >= 0, and an unsplit tl.dot "
                          f"launch when > 0")
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((M, rope.n_heads * rope.head_dim if rope is not None else N), dtype=x2.dtype, device=x2.device)
     n_tiles = triton.cdiv(N, launch.block_n)
     even = dict(EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0)
     if launch.stream_k:
@@ -441,8 +583,10 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         counters = arrival_counters(x2.device, n_tiles)
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
+        *(rope.kernel_args() if rope is not None else _NO_ROPE),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
-        **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     return y
 
 
@@ -526,3 +670,86 @@ def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     key = (str(x.device), x.dtype, row_tile(M), F, K)
     launch = _SWIGLU_TUNER.choose(key, x.device, lambda: tune_skinny_swiglu(key, x2, w13), lambda: None)
     return skinny_linear_run(x2, w13, launch, swiglu=True).view(*x.shape[:-1], F)
+
+
+_ROPE_TUNER = LaunchTuner("skinny_linear_rope")
+
+
+def tune_skinny_rope(key, x2: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite, timer=None,
+                     l2_bytes: Optional[int] = None) -> dict:
+    """As `tune_skinny_swiglu`, for `skinny_linear_rope`: the unfused pair (None) against the
+    unsplit tiles among the plain ones timed fastest for the q/k/v weight (`rope_candidates`). Every
+    timed call writes the same k and v into the same cache slots."""
+    skinny_linear(x2, weight)
+    plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
+    next_weight = rotating_copies(weight, l2_bytes)
+    return _ROPE_TUNER.tune(key, rope_candidates(x2.shape[0], x2.device, plain_times),
+                            lambda c: skinny_linear_run(x2, next_weight(), c, rope=rope), timer)
+
+
+def _rope_epilogue_takes(x: torch.Tensor, wqkv: torch.Tensor, rope: RotaryCacheWrite) -> bool:
+    caches = (rope.k_cache, rope.v_cache)
+    return (_kernel_takes(x, wqkv) and rope.freqs_cis.dtype == torch.complex64 and rope.freqs_cis.stride(-1) == 1
+            and all(c.dtype == x.dtype and c.stride(-1) == 1 and c.stride(-2) == rope.head_dim for c in caches)
+            and rope.k_cache.stride()[:2] == rope.v_cache.stride()[:2])
+
+
+def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_heads: int, freqs_cis: torch.Tensor,
+                       slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       check_slots: bool = True) -> torch.Tensor:
+    """The attention's input side of a cached step: q, k, v = x @ wqkv^T with wqkv = [wq; wk; wv]
+    ((H + 2 Hkv) Dh, K), then `rope_cache_write` (q and k rotated, k and v written into the caches
+    at `slots`): x (B, T, K) -> rotated q (B, T, H, Dh). Arguments as `rope_cache_write`'s.
+
+    Where `skinny_linear` would take wqkv (no autograd, 1 to MAX_ROWS tokens, a CUDA fp16/bf16
+    weight) and the caches have x's dtype with heads packed, the launch is the one tuned for this
+    row tile and shape: the unfused pair (the GEMM skinny_linear picks, then the rotary kernel) or
+    an unsplit kernel tile that rotates and writes in its epilogue (`_rope_store`), which saves the
+    rotary kernel's launch and the (tokens, (H + 2 Hkv) Dh) round trip. Everything else, and a
+    shape not tuned yet, is the unfused pair."""
+    name = "skinny_linear_rope"
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not isinstance(wqkv, torch.Tensor) or wqkv.dim() != 2:
+        raise ValueError(f"{name}: x must be (B, T, K) and wqkv 2-D, got {tuple(getattr(x, 'shape', ()))} and "
+                         f"{tuple(getattr(wqkv, 'shape', ()))}")
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError(f"{name}: k_cache must be (B, S, Hkv, Dh), got {tuple(getattr(k_cache, 'shape', ()))}")
+    B, T, K = x.shape
+    D = k_cache.shape[-1]
+    if wqkv.shape != ((n_heads + 2 * n_kv_heads) * D, K):
+        raise ValueError(f"{name}: wqkv must be ((n_heads + 2 n_kv_heads) x head_dim, K) = "
+                         f"({(n_heads + 2 * n_kv_heads) * D}, {K}) for {n_heads} + 2 x {n_kv_heads} heads of "
+                         f"{D}, got {tuple(wqkv.shape)}")
+    rope = RotaryCacheWrite(freqs_cis, slots, k_cache, v_cache, n_heads, n_kv_heads)
+    M = B * T
+    fused = (not torch.is_grad_enabled() or not (x.requires_grad or wqkv.requires_grad)) and 1 <= M <= MAX_ROWS \
+        and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
+        and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
+    if fused:   # the checks rope_cache_write makes, on the shapes the kernel will write through
+        _check_rope_operands(name, x, B, T, n_kv_heads, D, rope)
+    else:
+        q, k, v = skinny_linear(x, wqkv).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
+        return rope_cache_write(q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), v.view(B, T, n_kv_heads, D),
+                                freqs_cis, slots, k_cache, v_cache, check_slots=check_slots)
+    x2 = as_rows(x)
+    key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
+    launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)
+    return skinny_linear_run(x2, wqkv, launch, rope=rope).view(B, T, n_heads, D)
+
+
+def _check_rope_operands(name: str, x: torch.Tensor, B: int, T: int, Hkv: int, D: int, rope: RotaryCacheWrite) -> None:
+    """rope_cache_write's shape, dtype and device rules for the fused path (slots are not read: a CUDA
+    step keeps them in range, as there)."""
+    if D % 2 or rope.v_cache.shape != rope.k_cache.shape or rope.k_cache.shape[0] < B or rope.k_cache.shape[2] != Hkv:
+        raise ValueError(f"{name}: caches {tuple(rope.k_cache.shape)} / {tuple(rope.v_cache.shape)} do not fit "
+                         f"{B} sequences of {Hkv} heads of an even head dim")
+    expected_f = [(B, T, D // 2), (T, D // 2)]
+    if not rope.freqs_cis.is_complex() or tuple(rope.freqs_cis.shape) not in expected_f:
+        raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
+                         f"got {tuple(rope.freqs_cis.shape)} {rope.freqs_cis.dtype}")
+    if tuple(rope.slots.shape) != (B, T) or rope.slots.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {tuple(rope.slots.shape)} "
+                         f"{rope.slots.dtype}")
+    devices = {t.device for t in (x, rope.freqs_cis, rope.slots, rope.k_cache, rope.v_cache)}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: x, freqs_cis, slots and the caches must be on one device, got "
+                         f"{sorted(map(str, devices))}")

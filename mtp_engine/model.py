@@ -22,7 +22,7 @@ from torch import nn
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
-from mtp_kernels.skinny_linear import skinny_linear, skinny_linear_swiglu
+from mtp_kernels.skinny_linear import skinny_linear, skinny_linear_rope, skinny_linear_swiglu
 
 from .branches import run_branches
 
@@ -225,25 +225,31 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep]) -> torch.Tensor:
         B, T, _ = x.shape
+        if step is not None and self.cache is None:
+            raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
         wqkv = rows_view(self.wq, self.wk, self.wv)
-        if wqkv is not None:  # one GEMM for q, k and v (Transformer.fuse_projections)
-            q, k, v = skinny_linear(x, wqkv).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        if step is not None and wqkv is not None:
+            # One GEMM for q, k and v (Transformer.fuse_projections), then q and k rotated and k, v
+            # written into the cache: one kernel on a GPU (rope_cache.py), or none where the GEMM's
+            # epilogue was timed faster doing it (skinny_linear_rope). forward_cached checked the
+            # slots' lengths once for all blocks: no per-layer check (host sync).
+            q = skinny_linear_rope(x, wqkv, self.n_heads, self.n_kv_heads, freqs_cis, step.slots, self.cache.k,
+                                   self.cache.v, check_slots=False)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        if step is None:
-            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-            out = flash_attention(q, k, v, causal=True)
-        else:
-            if self.cache is None:
-                raise RuntimeError("cached forward needs Transformer.setup_caches(...) first")
-            # Rotate q and k and write k, v into the cache: one kernel on a GPU (rope_cache.py).
+            if wqkv is not None:
+                q, k, v = skinny_linear(x, wqkv).split([self.wq.out_features, self.wk.out_features,
+                                                        self.wv.out_features], -1)
+            else:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim)
+            if step is None:
+                q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+                return self.wo(flash_attention(q, k, v, causal=True).reshape(B, T, -1))
             q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v, check_slots=False)
-            # forward_cached checked the lengths once for all blocks: no per-layer check (host sync).
-            out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
-                                     check_seqlens=False)
+        out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
+                                 check_seqlens=False)
         return self.wo(out.reshape(B, T, -1))
 
 

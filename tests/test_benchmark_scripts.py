@@ -336,19 +336,30 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     key = ("cuda:0", torch.bfloat16, 64, 11008, 4096)
     tuner.times[key] = {None: 0.040, tile: 0.036, sl.SkinnyLaunch(64, 64, True, block_m=64): float("inf")}
     tuner.chosen[key] = tile
-    (row,) = module.swiglu_launch_report()
-    assert (row["row_tile"], row["F"], row["K"], row["unfused_ms"], row["fused_ms"]) == (64, 11008, 4096, 0.040, 0.036)
+    (row,) = module.epilogue_launch_report("swiglu")
+    assert (row["row_tile"], row["N"], row["K"], row["unfused_ms"], row["fused_ms"]) == (64, 22016, 4096, 0.040, 0.036)
     assert abs(row["fused_GBps"] - 2 * 11008 * 4096 * 2 / 1e6 / 0.036) < 1e-6
     assert row["chosen"] == row["best_tile"] == "64x16x256 dot w4 s3 k2"
     assert row["times_ms"] == {"unfused": 0.040, "64x16x256 dot w4 s3 k2": 0.036, "64x64x64 dot w4 s3": float("inf")}
     tuner.chosen[key] = None
-    (row,) = module.swiglu_launch_report()
+    (row,) = module.epilogue_launch_report("swiglu")
     assert row["chosen"] == "unfused"
+    rope_tuner = LaunchTuner("skinny_linear_rope")
+    monkeypatch.setattr(sl, "_ROPE_TUNER", rope_tuner)
+    rope_key = ("cuda:0", torch.bfloat16, 1, 6144, 4096, 4096)
+    rope_tile = sl.SkinnyLaunch(8, 1024, False)
+    rope_tuner.times[rope_key] = {None: 0.020, rope_tile: 0.018}
+    rope_tuner.chosen[rope_key] = rope_tile
+    (rope_row,) = module.epilogue_launch_report("rope")
+    assert (rope_row["N"], rope_row["K"], rope_row["chosen"]) == (6144, 4096, "1x8x1024 fma w4 s3")
+    assert abs(rope_row["fused_GBps"] - 6144 * 4096 * 2 / 1e6 / 0.018) < 1e-6
     result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
               "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
-              "swiglu_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
+              "swiglu_launches": [row], "rope_launches": [rope_row], "gen_len": 8, "e2e_model": "-",
+              "e2e_attention": "-", "end_to_end": []}
     text = module.to_markdown(result)
     assert "SwiGLU in its epilogue" in text and "64x16x256 dot w4 s3 k2" in text and "| unfused |" in text
+    assert "rotary and the cache write in its epilogue" in text and "1x8x1024 fma w4 s3" in text
 
 
 def test_bench_generate_reports_the_selection_tuning(monkeypatch, load_script):

@@ -115,7 +115,8 @@ def test_incremental_decode_on_triton_kernels_matches_reference(triton_backend, 
 
 def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, monkeypatch):
     """A decode step on the Triton path: per block, the 7 projections (cuBLAS on a GPU; 4 once
-    fused, 3 with SwiGLU in the gate/up GEMM's epilogue) and 5 Triton kernels (add + norm, rotary + cache write, attention, add + norm, SwiGLU;
+    fused; 3 with SwiGLU in the gate/up GEMM's epilogue, 2 with rotary and the cache write in the
+    q/k/v GEMM's too) and 5 Triton kernels (add + norm, rotary + cache write, attention, add + norm, SwiGLU;
     the block's last residual add is done by the next norm), not the ~15 small eager kernels of
     the unfused block. Counted under the interpreter: Triton launches, and aten ops that would
     launch a kernel."""
@@ -183,6 +184,18 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
         out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
     assert epilogue.ops["mm"] == 3 * blocks, epilogue.ops
     assert launches["_skinny_linear_kernel"] == blocks and "_swiglu_kernel" not in launches, launches
+    assert sum(launches.values()) == 5 * blocks + 1, launches
+    torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
+    # And a q/k/v launch that rotates and writes the cache in its epilogue: 2 GEMMs per block left
+    # (wo, w2), no rotary kernel; the same logits.
+    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: launch)
+    launches.clear()
+    both = EagerOps()
+    with torch.no_grad(), both, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.GridExecutor, "__call__", counting)
+        out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
+    assert both.ops["mm"] == 2 * blocks, both.ops
+    assert launches["_skinny_linear_kernel"] == 2 * blocks and "_rope_cache_kernel" not in launches, launches
     assert sum(launches.values()) == 5 * blocks + 1, launches
     torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
 

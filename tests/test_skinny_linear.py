@@ -544,7 +544,7 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), F, K)
     times = sl.tune_skinny_swiglu(key, x, w13, checked)
     plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)]   # tuned first
-    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times) and len(times) == 1 + sl.SWIGLU_TILES_KEPT
+    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times) and len(times) == 1 + sl.EPILOGUE_TILES_KEPT
     assert max(errors.values()) < 2e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     out = sl.skinny_linear_swiglu(x, w13)
@@ -563,3 +563,211 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
         torch.cuda.synchronize()
         assert all(torch.equal(o, first) for o in outs), launch
         assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
+
+
+# ------------------------------------------------------------------ rotary + cache write in the epilogue
+def _rope_inputs(B, T, K, H, Hkv, D, dtype, seed, shared_freqs=False, S=24):
+    """x (B, T, K), wqkv, freqs_cis, ragged slots (distinct per sequence, any order) and caches one
+    sequence larger than B (whose extra row must stay untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, K, generator=g).to(dtype)
+    wqkv = (torch.randn((H + 2 * Hkv) * D, K, generator=g) * K ** -0.5).to(dtype)
+    shape = (T, D // 2) if shared_freqs else (B, T, D // 2)
+    freqs = torch.polar(torch.ones(shape), torch.randn(shape, generator=g) * 3)
+    slots = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
+    caches = [torch.randn(B + 1, S, Hkv, D, generator=g).to(dtype) for _ in range(2)]
+    return x, wqkv, freqs, slots, caches
+
+
+def _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=None):
+    """The unfused pair on the reference path: the GEMM (in float64 when dtype says so, rounded to
+    x's dtype), then reference.rope_cache_write; returns q and the written caches."""
+    from mtp_kernels import reference
+
+    B, T, _ = x.shape
+    D = caches[0].shape[-1]
+    qkv = (x.to(dtype or x.dtype) @ wqkv.to(dtype or x.dtype).T).to(x.dtype)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = reference.rope_cache_write(q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D), freqs,
+                                   slots, k_cache, v_cache)
+    return q, k_cache, v_cache
+
+
+ROPE_SHAPES = [(1, 1, 33, 3, 1, 10, True),     # one token: the multiply-add launches; regions straddle tiles
+               (2, 3, 40, 4, 2, 16, False),    # GQA, per-sequence angles
+               (3, 5, 24, 3, 1, 10, False),    # odd head counts: q|k|v boundaries inside tiles
+               (2, 20, 64, 2, 2, 8, True)]     # 40 tokens: the 64-row tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,K,H,Hkv,D,shared", ROPE_SHAPES)
+def test_every_rope_candidate_matches_the_reference(triton_backend, dtype, B, T, K, H, Hkv, D, shared):
+    """Rotated q, and rotated k and v in their caches' slots (the other slots and the extra sequence
+    untouched), from every launch the rotary tuner may pick, against the reference pair on a
+    float64 GEMM."""
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, dtype, seed=B * 100 + T + K, shared_freqs=shared)
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    candidates = sl.rope_candidates(B * T, x.device)
+    assert candidates[0] is None and not any(c.stream_k for c in candidates[1:])
+    assert any(c.split_k > 1 for c in candidates[1:])   # the rotary epilogue after a split-K combine too
+    assert (T == 1 and B == 1) is any(not c.use_dot for c in candidates[1:])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3)
+    for launch in candidates:
+        k_cache, v_cache = (c.clone() for c in caches)
+        rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+        q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=rope)
+        assert q.shape == (B * T, H * D) and q.dtype == dtype
+        for got, expected in zip((q.view(B, T, H, D), k_cache, v_cache), want):
+            torch.testing.assert_close(got.double(), expected.double(), **tol, msg=lambda m: f"{launch}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,K,H,Hkv,D,shared", ROPE_SHAPES)
+def test_rope_epilogue_gives_the_unfused_pair_bits(triton_backend, dtype, B, T, K, H, Hkv, D, shared):
+    """The same tile run plain over wqkv and then the rotary kernel, against the tile with the
+    rotary epilogue: the same bits in q and in both caches."""
+    from mtp_kernels.rope_cache import rope_cache_write
+
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, dtype, seed=B + T + K, shared_freqs=shared)
+    x2 = x.reshape(B * T, K)
+    for launch in sl.rope_candidates(B * T, x.device)[1:]:
+        unfused = [c.clone() for c in caches]
+        q, k, v = sl.skinny_linear_run(x2, wqkv, launch).view(B, T, -1).split([H * D, Hkv * D, Hkv * D], -1)
+        q = rope_cache_write(q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D), freqs, slots,
+                             *unfused)
+        fused = [c.clone() for c in caches]
+        q_fused = sl.skinny_linear_run(x2, wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, *fused, H, Hkv))
+        assert torch.equal(q_fused.view(B, T, H, D), q), launch
+        assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[1], unfused[1]), launch
+
+
+def test_rope_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch):
+    """On the sm_90 tables: the plain tiles but stream-K ones, half as wide (a program sums the even
+    and the odd rows of its column pairs, as a SwiGLU twin sums gate and up rows); with the plain
+    tuner's times, the twins of the 3 fastest of them. Stream-K or SwiGLU launches refused."""
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for M in (1, 16, 32, 64):
+        plain = [c for c in sl.skinny_candidates(M, cpu)[1:] if not c.stream_k]
+        assert sl.rope_candidates(M, cpu) == [None, *[sl.swiglu_twin(c) for c in plain]]
+        times = {c: float(i) for i, c in enumerate(reversed(sl.skinny_candidates(M, cpu)[1:]))}   # the last fastest
+        assert sl.rope_candidates(M, cpu, times) == [None, *[sl.swiglu_twin(c) for c in plain[::-1][:3]]]
+    x, w = torch.randn(2, 24), torch.randn(24, 24)
+    rope = sl.RotaryCacheWrite(torch.ones(1, 2, dtype=torch.complex64), torch.zeros(1, 2, dtype=torch.int64),
+                               torch.zeros(1, 4, 1, 4), torch.zeros(1, 4, 1, 4), 4, 1)
+    with pytest.raises(ValueError, match="rotary epilogue needs a launch without SwiGLU, not stream-K"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, stream_k=1), rope=rope)
+    with pytest.raises(ValueError, match="rotary epilogue needs a launch without SwiGLU, not stream-K"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True), swiglu=True, rope=rope)
+    with pytest.raises(ValueError, match=r"rotary launch takes a \(4 \+ 2 x 1\) x 4-row q/k/v weight, got \(40, 24\)"):
+        sl.skinny_linear_run(x, torch.randn(40, 24), sl.SkinnyLaunch(16, 32, True), rope=rope)
+
+
+def test_rope_dispatch_rules_and_errors(triton_backend, monkeypatch):
+    """Untuned: the unfused pair; a chosen tile runs; autograd, too many rows or caches in another
+    dtype take the unfused pair; a weight or operands that do not fit the heads get a clear error."""
+    tuner = LaunchTuner("skinny_linear_rope")
+    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    B, T, K, H, Hkv, D = 2, 3, 40, 4, 2, 16
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=8)
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    used = []
+    run = sl.skinny_linear_run
+    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: used.append((a[2], k.get("rope") is not None)) or
+                        run(*a, **k))
+
+    def call(**kw):
+        args = dict(x=x, wqkv=wqkv, n_heads=H, n_kv_heads=Hkv, freqs_cis=freqs, slots=slots)
+        args.update(kw)
+        k_cache, v_cache = kw.pop("caches", None) or [c.clone() for c in caches]
+        args.pop("caches", None)
+        q = sl.skinny_linear_rope(k_cache=k_cache, v_cache=v_cache, **args)
+        return q, k_cache, v_cache
+
+    def close(got):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+    close(call())
+    assert used == [(None, True), (None, False)]   # untuned: the pair, skinny_linear's GEMM then the rotary kernel
+    launch = sl.SkinnyLaunch(16, 16, True, 1, 1, 16)
+    tuner.chosen[("cpu", torch.float32, 16, (H + 2 * Hkv) * D, K, H * D)] = launch
+    used.clear()
+    close(call())
+    assert used == [(launch, True)]
+    used.clear()
+    wg = wqkv.clone().requires_grad_()
+    q, *_ = call(wqkv=wg)
+    q.sum().backward()
+    assert wg.grad is not None and used == []            # autograd: F.linear and the eager rotary path
+    used.clear()
+    call(caches=[c.half() for c in caches])                  # caches in another dtype: written by the rotary kernel
+    assert used == [(None, False)]
+    with pytest.raises(ValueError, match=r"wqkv must be \(\(n_heads \+ 2 n_kv_heads\) x head_dim, K\) = \(128, 40\)"):
+        call(wqkv=wqkv[:-16])
+    with pytest.raises(ValueError, match=r"x must be \(B, T, K\)"):
+        sl.skinny_linear_rope(x[0], wqkv, H, Hkv, freqs, slots, *caches)
+    with pytest.raises(ValueError, match=r"slots must be an integer \(2, 3\) tensor"):
+        call(slots=slots[:, :2])
+    with pytest.raises(ValueError, match=r"freqs_cis must be complex with shape \(2, 3, 8\) or \(3, 8\)"):
+        call(freqs_cis=freqs[:, :2])
+    with pytest.raises(ValueError, match="caches .* do not fit 2 sequences of 2 heads"):
+        call(caches=[c[:1] for c in caches])
+
+
+def test_rope_tuning_times_the_unfused_pair_and_the_unsplit_tiles(triton_backend, monkeypatch):
+    """tune_skinny_rope times the unfused pair and every unsplit tile (each call writing the same k
+    and v into the same slots), keeps the fastest, and the dispatcher then runs it."""
+    tuner = LaunchTuner("skinny_linear_rope")
+    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    B, T, K, H, Hkv, D = 1, 5, 32, 2, 1, 8
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=4)
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    k_cache, v_cache = (c.clone() for c in caches)
+    rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+    candidates = sl.rope_candidates(B * T, x.device)
+    timed = []
+
+    def timer(fn):
+        q = fn()
+        torch.testing.assert_close(q.view(B, T, H, D).double(), want[0].double(), rtol=1e-5, atol=1e-5)
+        timed.append(len(timed))
+        return 0.5 if len(timed) == 2 else 1.0
+    key = ("cpu", torch.float32, 16, (H + 2 * Hkv) * D, K, H * D)
+    times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer)
+    assert list(times) == candidates and tuner.chosen[key] == candidates[1]
+    torch.testing.assert_close(k_cache.double(), want[1].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,K,H,Hkv,D", [(1, 1, 4096, 32, 8, 128), (1, 64, 4096, 32, 8, 128), (3, 5, 333, 6, 2, 64)])
+def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
+    """Every rotary launch in bf16 on the 7B q/k/v shape (and an odd one) against the reference pair
+    on a float64 GEMM, the tuner's timings, and the dispatcher's choice."""
+    tuner = LaunchTuner("skinny_linear_rope")
+    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    x, wqkv, freqs, slots, caches = (t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
+                                     for t in _rope_inputs(B, T, K, H, Hkv, D, torch.bfloat16, seed=B + T, S=80))
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    k_cache, v_cache = (c.clone() for c in caches)
+    rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+    errors = {}
+
+    def checked(fn):
+        q = fn().view(B, T, H, D)
+        errors[len(errors)] = max(((a.double() - b.double()).norm() / b.double().norm()).item()
+                                  for a, b in zip((q, k_cache, v_cache), want))
+        return cuda_graph_ms(fn)
+    key = (str(x.device), torch.bfloat16, sl.row_tile(B * T), *wqkv.shape, H * D)
+    times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, checked)
+    plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(B * T), *wqkv.shape)]
+    assert list(times) == sl.rope_candidates(B * T, x.device, plain_times)
+    assert max(errors.values()) < 1e-2, errors
+    assert all(0 < t < 5.0 for t in times.values()), times
+    k2, v2 = (c.clone() for c in caches)
+    q = sl.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, k2, v2)
+    assert tuner.chosen[key] == min(times, key=times.get) and list(tuner.times) == [key]
+    for a, b in zip((q, k2, v2), want):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2

@@ -41,7 +41,7 @@ the SwiGLU twins (half as wide) of the three plain tiles timed fastest for the f
 first call compiles three more launches, not the whole list again.
 
 The q/k/v GEMM of a cached step can likewise rotate q and k and write k and v into the KV caches in
-its epilogue (`skinny_linear_rope`, unsplit launches only), in place of the rotary kernel
+its epilogue (`skinny_linear_rope`; all but stream-K launches), in place of the rotary kernel
 (rope_cache.py): 0.145 ms of the 64-node verify step and 0.072 ms of a plain step in the same
 profiles. A third tuner times it against the unfused pair.
 """
@@ -725,7 +725,7 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
         and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
         and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
     if fused:   # the checks rope_cache_write makes, on the shapes the kernel will write through
-        _check_rope_operands(name, x, B, T, n_kv_heads, D, rope)
+        _check_rope_operands(name, x, B, T, n_kv_heads, D, rope, check_slots)
     else:
         q, k, v = skinny_linear(x, wqkv).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
         return rope_cache_write(q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), v.view(B, T, n_kv_heads, D),
@@ -736,9 +736,10 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     return skinny_linear_run(x2, wqkv, launch, rope=rope).view(B, T, n_heads, D)
 
 
-def _check_rope_operands(name: str, x: torch.Tensor, B: int, T: int, Hkv: int, D: int, rope: RotaryCacheWrite) -> None:
-    """rope_cache_write's shape, dtype and device rules for the fused path (slots are not read: a CUDA
-    step keeps them in range, as there)."""
+def _check_rope_operands(name: str, x: torch.Tensor, B: int, T: int, Hkv: int, D: int, rope: RotaryCacheWrite,
+                         check_slots: bool) -> None:
+    """rope_cache_write's shape, dtype, device and slot rules for the fused path (slots are read only
+    on the CPU, with check_slots: a CUDA step keeps them in range, as there)."""
     if D % 2 or rope.v_cache.shape != rope.k_cache.shape or rope.k_cache.shape[0] < B or rope.k_cache.shape[2] != Hkv:
         raise ValueError(f"{name}: caches {tuple(rope.k_cache.shape)} / {tuple(rope.v_cache.shape)} do not fit "
                          f"{B} sequences of {Hkv} heads of an even head dim")
@@ -753,3 +754,7 @@ def _check_rope_operands(name: str, x: torch.Tensor, B: int, T: int, Hkv: int, D
     if len(devices) > 1:
         raise ValueError(f"{name}: x, freqs_cis, slots and the caches must be on one device, got "
                          f"{sorted(map(str, devices))}")
+    if check_slots and rope.slots.device.type == "cpu" and rope.slots.numel():
+        low, high = int(rope.slots.min()), int(rope.slots.max())
+        if low < 0 or high >= rope.k_cache.shape[1]:
+            raise ValueError(f"{name}: slots must be in [0, S = {rope.k_cache.shape[1]}), got {low}..{high}")

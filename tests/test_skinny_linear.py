@@ -714,6 +714,8 @@ def test_rope_dispatch_rules_and_errors(triton_backend, monkeypatch):
         call(freqs_cis=freqs[:, :2])
     with pytest.raises(ValueError, match="caches .* do not fit 2 sequences of 2 heads"):
         call(caches=[c[:1] for c in caches])
+    with pytest.raises(ValueError, match=r"slots must be in \[0, S = 24\), got \d+..24"):
+        call(slots=slots.clamp(max=23).index_fill(1, torch.tensor([0]), 24))
 
 
 def test_rope_tuning_times_the_unfused_pair_and_the_unsplit_tiles(triton_backend, monkeypatch):

@@ -633,17 +633,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 _SWIGLU_TUNER = LaunchTuner("skinny_linear_swiglu")
 
 
-def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
-                       l2_bytes: Optional[int] = None) -> dict:
-    """As `tune_skinny`, for `skinny_linear_swiglu`: the unfused pair (None) against the SwiGLU
-    twins of the plain tiles timed fastest for the fused weight (`swiglu_candidates`), each call on
-    the next weight copy. The plain GEMM is tuned first (outside the timings), which gives both the
-    unfused pair's GEMM and that ranking."""
+def _tune_epilogue(tuner: LaunchTuner, key, x2: torch.Tensor, weight: torch.Tensor, candidates, timer, l2_bytes,
+                   **epilogue) -> dict:
+    """As `tune_skinny`, for an epilogue's launches: the unfused pair (None) against
+    candidates(M, device, plain_times), each call on the next weight copy. The plain GEMM is tuned
+    first (outside the timings), which gives both the unfused pair's GEMM and plain_times."""
     skinny_linear(x2, weight)
     plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
     next_weight = rotating_copies(weight, l2_bytes)
-    return _SWIGLU_TUNER.tune(key, swiglu_candidates(x2.shape[0], x2.device, plain_times),
-                              lambda c: skinny_linear_run(x2, next_weight(), c, swiglu=True), timer)
+    return tuner.tune(key, candidates(x2.shape[0], x2.device, plain_times),
+                      lambda c: skinny_linear_run(x2, next_weight(), c, **epilogue), timer)
+
+
+def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
+                       l2_bytes: Optional[int] = None) -> dict:
+    """`skinny_linear_swiglu`'s tuning: the unfused pair against the SwiGLU twins of the plain tiles
+    timed fastest for the fused weight (`swiglu_candidates`, `_tune_epilogue`)."""
+    return _tune_epilogue(_SWIGLU_TUNER, key, x2, weight, swiglu_candidates, timer, l2_bytes, swiglu=True)
 
 
 def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
@@ -677,14 +683,10 @@ _ROPE_TUNER = LaunchTuner("skinny_linear_rope")
 
 def tune_skinny_rope(key, x2: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite, timer=None,
                      l2_bytes: Optional[int] = None) -> dict:
-    """As `tune_skinny_swiglu`, for `skinny_linear_rope`: the unfused pair (None) against the
-    unsplit tiles among the plain ones timed fastest for the q/k/v weight (`rope_candidates`). Every
-    timed call writes the same k and v into the same cache slots."""
-    skinny_linear(x2, weight)
-    plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
-    next_weight = rotating_copies(weight, l2_bytes)
-    return _ROPE_TUNER.tune(key, rope_candidates(x2.shape[0], x2.device, plain_times),
-                            lambda c: skinny_linear_run(x2, next_weight(), c, rope=rope), timer)
+    """`skinny_linear_rope`'s tuning: the unfused pair against the rotary twins of the plain tiles
+    timed fastest for the q/k/v weight (`rope_candidates`, `_tune_epilogue`). Every timed call
+    writes the same k and v into the same cache slots."""
+    return _tune_epilogue(_ROPE_TUNER, key, x2, weight, rope_candidates, timer, l2_bytes, rope=rope)
 
 
 def _rope_epilogue_takes(x: torch.Tensor, wqkv: torch.Tensor, rope: RotaryCacheWrite) -> bool:

@@ -171,32 +171,34 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
         unfused_out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1,
                                            check_lengths=False)
     assert fused.ops["mm"] == 4 * blocks, fused.ops
-    # Where the tuner picks a gate/up launch with SwiGLU in its epilogue (a GPU, where timed faster):
-    # 3 GEMMs per block left, the gate/up one ours, and no swiglu kernel; the same logits.
     from mtp_kernels import skinny_linear
 
+    def counted_step():
+        """One decode step: (its eager ops, its Triton launches, its logits)."""
+        launches.clear()
+        ops = EagerOps()
+        with torch.no_grad(), ops, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interpreter.GridExecutor, "__call__", counting)
+            out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1,
+                                       check_lengths=False)
+        return ops.ops, dict(launches), out
+
+    # Where the tuner picks a gate/up launch with SwiGLU in its epilogue (a GPU, where timed faster):
+    # 3 GEMMs per block left, the gate/up one ours, and no swiglu kernel; the same logits.
     launch = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16)
     monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: launch)
-    launches.clear()
-    epilogue = EagerOps()
-    with torch.no_grad(), epilogue, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.GridExecutor, "__call__", counting)
-        out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
-    assert epilogue.ops["mm"] == 3 * blocks, epilogue.ops
-    assert launches["_skinny_linear_kernel"] == blocks and "_swiglu_kernel" not in launches, launches
-    assert sum(launches.values()) == 5 * blocks + 1, launches
+    ops, counts, out = counted_step()
+    assert ops["mm"] == 3 * blocks, ops
+    assert counts["_skinny_linear_kernel"] == blocks and "_swiglu_kernel" not in counts, counts
+    assert sum(counts.values()) == 5 * blocks + 1, counts
     torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
     # And a q/k/v launch that rotates and writes the cache in its epilogue: 2 GEMMs per block left
     # (wo, w2), no rotary kernel; the same logits.
     monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: launch)
-    launches.clear()
-    both = EagerOps()
-    with torch.no_grad(), both, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.GridExecutor, "__call__", counting)
-        out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1, check_lengths=False)
-    assert both.ops["mm"] == 2 * blocks, both.ops
-    assert launches["_skinny_linear_kernel"] == 2 * blocks and "_rope_cache_kernel" not in launches, launches
-    assert sum(launches.values()) == 5 * blocks + 1, launches
+    ops, counts, out = counted_step()
+    assert ops["mm"] == 2 * blocks, ops
+    assert counts["_skinny_linear_kernel"] == 2 * blocks and "_rope_cache_kernel" not in counts, counts
+    assert sum(counts.values()) == 5 * blocks + 1, counts
     torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
 
 

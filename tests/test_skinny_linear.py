@@ -544,7 +544,7 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), F, K)
     times = sl.tune_skinny_swiglu(key, x, w13, checked)
     plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)]   # tuned first
-    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times) and len(times) == 1 + sl.EPILOGUE_TILES_KEPT
+    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times)
     assert max(errors.values()) < 2e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     out = sl.skinny_linear_swiglu(x, w13)

@@ -298,19 +298,21 @@ def scenarios(quick: bool = False):
                 continue
             for launch in sl.skinny_candidates(rows, x.device)[1:]:
                 sl.skinny_linear_run(x, w, launch)
-        # The gate/up GEMM with SwiGLU in its epilogue: the 7B w13 at every row tile, and an odd one.
-        for rows, n_out, n_in in ((1, 22016, 4096), (16, 22016, 4096), (32, 22016, 4096), (64, 22016, 4096),
-                                  (1, 1000, 333), (48, 1000, 333)):
+        # The gate/up GEMM with SwiGLU in its epilogue: the 7B w13 at every row tile, and an odd one
+        # (--quick: 1 and 64 rows, and the odd one at 48).
+        swiglu_shapes = ((1, 22016, 4096), (16, 22016, 4096), (32, 22016, 4096), (64, 22016, 4096),
+                         (1, 1000, 333), (48, 1000, 333))
+        for rows, n_out, n_in in swiglu_shapes[::3] + swiglu_shapes[5:] if quick else swiglu_shapes:
             x, w13 = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype)
             if not sl._kernel_takes(x, w13):
                 continue
             for launch in sl.swiglu_candidates(rows, x.device)[1:]:   # every twin: the tuner may time any
                 sl.skinny_linear_run(x, w13, launch, swiglu=True)
         # The q/k/v GEMM with rotary and the cache write in its epilogue: the 7B's heads (32 + 2 x 8 of
-        # 128) at every row tile, and odd ones (6 + 2 x 2 heads of 64, K 333).
-        for (B, T), H, Hkv, D, n_in in (((1, 1), 32, 8, 128, 4096), ((1, 16), 32, 8, 128, 4096),
-                                        ((4, 8), 32, 8, 128, 4096), ((1, 64), 32, 8, 128, 4096),
-                                        ((1, 1), 6, 2, 64, 333), ((3, 16), 6, 2, 64, 333)):
+        # 128) at every row tile, and odd ones (6 + 2 x 2 heads of 64, K 333); --quick as above.
+        rope_shapes = (((1, 1), 32, 8, 128, 4096), ((1, 16), 32, 8, 128, 4096), ((4, 8), 32, 8, 128, 4096),
+                       ((1, 64), 32, 8, 128, 4096), ((1, 1), 6, 2, 64, 333), ((3, 16), 6, 2, 64, 333))
+        for (B, T), H, Hkv, D, n_in in rope_shapes[::3] + rope_shapes[5:] if quick else rope_shapes:
             x, wqkv = randn(B * T, n_in, dtype=dtype), randn((H + 2 * Hkv) * D, n_in, dtype=dtype)
             if not sl._kernel_takes(x, wqkv):
                 continue

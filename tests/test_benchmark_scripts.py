@@ -44,7 +44,7 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
-                         "probe_warp_spec.py"):
+                         "probe_warp_spec.py", "probe_skinny_rows.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -360,6 +360,54 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     text = module.to_markdown(result)
     assert "SwiGLU in its epilogue" in text and "64x16x256 dot w4 s3 k2" in text and "| unfused |" in text
     assert "rotary and the cache write in its epilogue" in text and "1x8x1024 fma w4 s3" in text
+
+
+def test_probe_skinny_rows_times_every_64_row_tile_at_64_rows_and_at_one(triton_backend, load_script):
+    """The probe (GPU) on a CPU under the interpreter, tiny shapes, a stand-in timer: every 64-row
+    tile runs with 64 rows and with 1 row of x on rotated weight copies (right products both), every
+    one-row launch once; GB/s and the speedup come out of the timer's ms; the markdown lists them."""
+    from mtp_kernels import skinny_linear as sl
+
+    module = load_script(BENCH / "probe_skinny_rows.py")
+    seen = []
+
+    def timer(fn):
+        out = fn()
+        seen.append(out.shape[0])
+        return 2.0 if out.shape[0] == 64 else 1.0
+    result = module.probe([(40, 24)], torch.device("cpu"), torch.float32, timer, l2_bytes=40 * 24 * 4)
+    tiles = sl.skinny_candidates(64, torch.device("cpu"))[1:]
+    one_row = sl.skinny_candidates(1, torch.device("cpu"))[1:]
+    assert seen == [64, 1] * len(tiles) + [1] * len(one_row)
+    assert [r["tile"] for r in result["tiles"]] == [t.label() for t in tiles]
+    row = result["tiles"][0]
+    assert (row["ms_64_rows"], row["ms_1_row"], row["one_row_speedup"]) == (2.0, 1.0, 2.0)
+    assert abs(row["GBps_1_row"] - 40 * 24 * 4 / 1e9 / 1.0 * 1e3) < 1e-12
+    (best,) = result["one_row"]
+    assert best["ms"] == 1.0 and set(best["times_ms"]) == {t.label() for t in one_row}
+    result["env"] = {"device": "test"}
+    text = module.to_markdown(result)
+    assert "64 rows / 1 row" in text and tiles[0].label() in text and best["best_tile"] in text
+
+
+def test_probe_skinny_rows_products_are_right(triton_backend, load_script):
+    """What the probe times is the product it names: each launch's output against x @ w^T."""
+    module = load_script(BENCH / "probe_skinny_rows.py")
+    from mtp_kernels import skinny_linear as sl
+
+    checked = []
+    run = sl.skinny_linear_run
+
+    def checking_run(x, w, launch):
+        out = run(x, w, launch)
+        torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
+        checked.append(launch)
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sl, "skinny_linear_run", checking_run)
+        module.probe([(37, 33)], torch.device("cpu"), torch.float32, lambda fn: fn() is not None and 1.0)
+    assert len(checked) == 2 * len(sl.skinny_candidates(64, torch.device("cpu"))[1:]) + \
+        len(sl.skinny_candidates(1, torch.device("cpu"))[1:])
 
 
 def test_bench_generate_reports_the_selection_tuning(monkeypatch, load_script):

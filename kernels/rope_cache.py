@@ -113,6 +113,37 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
     return q_out
 
 
+def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, slots, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, check_slots: bool, *inputs: torch.Tensor) -> None:
+    """The rules for writing B x T new tokens' rotated k and v (Hkv heads of D) into the caches at
+    `slots`, with `rope_cache_write`'s messages (`name` first): caches that fit, freqs_cis and slots
+    of the tokens' shape, slots in [0, S) (read on the host only for CPU tensors, with check_slots:
+    on CUDA it would synchronize), and everything, `inputs` included, on one device. Shared by
+    `rope_cache_write` and the q/k/v GEMM's rotary epilogue (`skinny_linear.skinny_linear_rope`)."""
+    if not isinstance(v_cache, torch.Tensor) or k_cache.shape != v_cache.shape or k_cache.dim() != 4 \
+            or k_cache.shape[0] < B or k_cache.shape[2:] != (Hkv, D) or D % 2:
+        raise ValueError(f"{name}: caches {tuple(k_cache.shape)} / {tuple(getattr(v_cache, 'shape', ()))} do not fit "
+                         f"{B} sequences of {Hkv} heads of an even head dim {D}")
+    if not isinstance(freqs_cis, torch.Tensor):
+        raise ValueError(f"{name}: freqs_cis must be a complex tensor, got {type(freqs_cis).__name__}")
+    expected_f = [(B, T, D // 2), (T, D // 2)]
+    if not freqs_cis.is_complex() or tuple(freqs_cis.shape) not in expected_f:
+        raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
+                         f"got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
+    if not isinstance(slots, torch.Tensor) or tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64,
+                                                                                                 torch.int32):
+        got = f"{tuple(slots.shape)} {slots.dtype}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {got}")
+    if check_slots and slots.device.type == "cpu" and slots.numel():
+        low, high = int(slots.min()), int(slots.max())
+        if low < 0 or high >= k_cache.shape[1]:
+            raise ValueError(f"{name}: slots must be in [0, S = {k_cache.shape[1]}), got {low}..{high}")
+    devices = {t.device for t in (*inputs, freqs_cis, slots, k_cache, v_cache)}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: the inputs, freqs_cis, slots and the caches must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+
+
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_cis: torch.Tensor,
                      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      check_slots: bool = True) -> torch.Tensor:
@@ -137,29 +168,11 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D or D % 2:
         raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share "
                          "(B, T) and an even head dim")
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] < B or k_cache.shape[2:] != k.shape[2:]:
-        raise ValueError(f"{name}: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit k {tuple(k.shape)}")
-    if not isinstance(freqs_cis, torch.Tensor):
-        raise ValueError(f"{name}: freqs_cis must be a complex tensor, got {type(freqs_cis).__name__}")
-    expected_f = [(B, T, D // 2), (T, D // 2)]
-    if not freqs_cis.is_complex() or tuple(freqs_cis.shape) not in expected_f:
-        raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
-                         f"got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
-    if not isinstance(slots, torch.Tensor) or tuple(slots.shape) != (B, T) or slots.dtype not in (torch.int64,
-                                                                                                 torch.int32):
-        got = f"{tuple(slots.shape)} {slots.dtype}" if isinstance(slots, torch.Tensor) else type(slots).__name__
-        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {got}")
     for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"{name}: {n} must be a floating tensor, got {t.dtype}")
-    if check_slots and slots.device.type == "cpu" and slots.numel():
-        low, high = int(slots.min()), int(slots.max())
-        if low < 0 or high >= k_cache.shape[1]:
-            raise ValueError(f"{name}: slots must be in [0, S = {k_cache.shape[1]}), got {low}..{high}")
+    check_cache_write(name, B, T, k.shape[2], D, freqs_cis, slots, k_cache, v_cache, check_slots, q, k, v)
     tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
-    if len({t.device for t in tensors}) > 1:
-        raise ValueError(f"{name}: q, k, v, freqs_cis, slots and the caches must be on one device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
     unit_last = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
     if not use_triton(*tensors) or not unit_last or freqs_cis.dtype != torch.complex64 or \
             q.dtype == torch.float64 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

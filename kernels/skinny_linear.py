@@ -58,7 +58,7 @@ from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
-from .rope_cache import rope_cache_write, rotate
+from .rope_cache import check_cache_write, rope_cache_write, rotate
 from .swiglu import silu_times_up, swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
@@ -728,8 +728,8 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     fused = (not torch.is_grad_enabled() or not (x.requires_grad or wqkv.requires_grad)) and 1 <= M <= MAX_ROWS \
         and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
         and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
-    if fused:   # the checks rope_cache_write makes, on the shapes the kernel will write through
-        _check_rope_operands(name, x, B, T, n_kv_heads, D, rope, check_slots)
+    if fused:   # rope_cache_write's rules, on the shapes the kernel will write through
+        check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x, wqkv)
     else:
         q, k, v = skinny_linear(x, wqkv).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
         return rope_cache_write(q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), v.view(B, T, n_kv_heads, D),
@@ -738,27 +738,3 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
     launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)
     return skinny_linear_run(x2, wqkv, launch, rope=rope).view(B, T, n_heads, D)
-
-
-def _check_rope_operands(name: str, x: torch.Tensor, B: int, T: int, Hkv: int, D: int, rope: RotaryCacheWrite,
-                         check_slots: bool) -> None:
-    """rope_cache_write's shape, dtype, device and slot rules for the fused path (slots are read only
-    on the CPU, with check_slots: a CUDA step keeps them in range, as there)."""
-    if D % 2 or rope.v_cache.shape != rope.k_cache.shape or rope.k_cache.shape[0] < B or rope.k_cache.shape[2] != Hkv:
-        raise ValueError(f"{name}: caches {tuple(rope.k_cache.shape)} / {tuple(rope.v_cache.shape)} do not fit "
-                         f"{B} sequences of {Hkv} heads of an even head dim")
-    expected_f = [(B, T, D // 2), (T, D // 2)]
-    if not rope.freqs_cis.is_complex() or tuple(rope.freqs_cis.shape) not in expected_f:
-        raise ValueError(f"{name}: freqs_cis must be complex with shape {expected_f[0]} or {expected_f[1]}, "
-                         f"got {tuple(rope.freqs_cis.shape)} {rope.freqs_cis.dtype}")
-    if tuple(rope.slots.shape) != (B, T) or rope.slots.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name}: slots must be an integer ({B}, {T}) tensor, got {tuple(rope.slots.shape)} "
-                         f"{rope.slots.dtype}")
-    devices = {t.device for t in (x, rope.freqs_cis, rope.slots, rope.k_cache, rope.v_cache)}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: x, freqs_cis, slots and the caches must be on one device, got "
-                         f"{sorted(map(str, devices))}")
-    if check_slots and rope.slots.device.type == "cpu" and rope.slots.numel():
-        low, high = int(rope.slots.min()), int(rope.slots.max())
-        if low < 0 or high >= rope.k_cache.shape[1]:
-            raise ValueError(f"{name}: slots must be in [0, S = {rope.k_cache.shape[1]}), got {low}..{high}")

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from mtp_kernels.arrival import arrival_counters
+from mtp_kernels.backend import graph_capturing
 
 _SIDE_STREAMS: Dict[str, List["torch.cuda.Stream"]] = {}   # str(device) -> streams, made outside captures
 
@@ -58,7 +59,7 @@ def run_branches(calls: Sequence[Callable[[], object]], device: torch.device, co
     graph. Otherwise in order, on the current stream."""
     if len(calls) < 2 or not concurrent or device.type != "cuda":
         return [call() for call in calls]
-    if not torch.cuda.is_current_stream_capturing():
+    if not graph_capturing(device):
         side_streams(device, len(calls) - 1)   # made (with their counters) before the first capture
         return [call() for call in calls]
     main = torch.cuda.current_stream(device)

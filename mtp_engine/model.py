@@ -424,7 +424,7 @@ class Transformer(nn.Module):
         With `head_hidden_from_trunk` this splits `head_hidden` for the paper's memory-efficient
         schedule (each head's forward and backward in turn, then the trunk's backward once).
         """
-        self._check_tokens(tokens, 0)
+        self._check_tokens(tokens, True)
         return self._trunk(tokens, self._rope(tokens.device)[: tokens.shape[1]])
 
     def head_hidden_from_trunk(self, trunk_out: torch.Tensor, head: int) -> torch.Tensor:
@@ -456,20 +456,20 @@ class Transformer(nn.Module):
         elif start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if self.cache_len:
-            self._check_tokens(tokens, None)
+            self._check_tokens(tokens, False)
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
             return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
         if not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError(f"start_pos {start_pos} needs the KV cache: call setup_caches(max_batch_size, "
                              "max_seq_len) first (the release's model sets its cache up when built); without "
                              "it, forward runs a whole sequence from position 0")
-        self._check_tokens(tokens, start_pos)
-        freqs = self._rope(tokens.device)[start_pos:start_pos + tokens.shape[1]]
+        self._check_tokens(tokens, True)
+        freqs = self._rope(tokens.device)[:tokens.shape[1]]
         return self.output(self._run(tokens, freqs, None, n_used)).float()
 
     def head_hidden(self, tokens: torch.Tensor, n_heads: Optional[int] = None) -> torch.Tensor:
         """Normed hidden states of every head, (n, B, T, D): the input of the fused n-head loss."""
-        self._check_tokens(tokens, 0)
+        self._check_tokens(tokens, True)
         n_heads = self._checked_heads(n_heads)
         h = self._run(tokens, self._rope(tokens.device)[: tokens.shape[1]], None, n_heads)
         return h.permute(2, 0, 1, 3)
@@ -495,7 +495,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
         if check_lengths:   # the same host sync allows the token ids' range check
-            self._check_tokens(tokens, None)
+            self._check_tokens(tokens, False)
         B, T = tokens.shape
         if B > self.cache_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
@@ -528,15 +528,15 @@ class Transformer(nn.Module):
             raise ValueError(f"n_heads must be an int in [1, n_future_tokens = {self.n_future_tokens}], got {n_heads!r}")
         return n_heads
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, from_start: bool) -> None:
+        """Integer (batch, seq) tokens of the vocabulary, at least one per row; from_start (a forward
+        without caches, from position 0): the rotary table covers them."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
-        if start_pos is not None and start_pos < 0:
-            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-        if start_pos is not None and start_pos + tokens.shape[1] > self.freqs_cis.shape[0]:
-            raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed the rotary table "
+        if from_start and tokens.shape[1] > self.freqs_cis.shape[0]:
+            raise ValueError(f"positions up to {tokens.shape[1]} exceed the rotary table "
                              f"({self.freqs_cis.shape[0]} positions: 2 * max_seq_len, or the caches' length)")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()

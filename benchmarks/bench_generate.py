@@ -132,8 +132,7 @@ def epilogue_launch_report(kind: str) -> list:
     tuner = {"swiglu": skinny_linear._SWIGLU_TUNER, "rope": skinny_linear._ROPE_TUNER}[kind]
     rows = []
     for key, times in tuner.times.items():
-        dtype, row_tile = key[1], key[2]
-        N, K = (2 * key[3], key[4]) if kind == "swiglu" else (key[3], key[4])   # swiglu keys hold F
+        dtype, row_tile, N, K = key[1:5]   # N, K: the fused weight's shape
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         fused = min((c for c in times if c is not None), key=times.get, default=None)
         chosen = tuner.chosen[key]

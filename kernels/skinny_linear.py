@@ -675,7 +675,7 @@ def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
             or not _kernel_takes(x, w13):
         return _unfused_swiglu(x, w13)
     x2 = as_rows(x)
-    key = (str(x.device), x.dtype, row_tile(M), F, K)
+    key = (str(x.device), x.dtype, row_tile(M), *w13.shape)
     launch = _SWIGLU_TUNER.choose(key, x.device, lambda: tune_skinny_swiglu(key, x2, w13), lambda: None)
     return skinny_linear_run(x2, w13, launch, swiglu=True).view(*x.shape[:-1], F)
 

@@ -441,7 +441,7 @@ def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
     torch.testing.assert_close(sl.skinny_linear_swiglu(x3, w13).double(), want, rtol=1e-5, atol=1e-5)
     assert used == [(None, True), (None, None)]   # the pair: skinny_linear's own (untuned: cuBLAS's stand-in)
     launch = sl.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=2)
-    tuner.chosen[("cpu", torch.float32, 16, 20, 24)] = launch
+    tuner.chosen[("cpu", torch.float32, 16, 40, 24)] = launch
     used.clear()
     out = sl.skinny_linear_swiglu(x3, w13)
     assert used == [(launch, True)] and out.shape == (1, 3, 20)
@@ -492,9 +492,12 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     seen, ptrs = [], []
     run = sl.skinny_linear_run
 
+    launches = []
+
     def recording_run(a, b, c, **kw):
         if kw.get("swiglu"):   # not the unfused pair's own GEMM call inside
             ptrs.append(b.data_ptr())
+            launches.append(c)
         return run(a, b, c, **kw)
     monkeypatch.setattr(sl, "skinny_linear_run", recording_run)
 
@@ -503,16 +506,17 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
         seen.append(len(seen))
         return 0.5 if len(seen) == 3 else 1.0   # the third candidate timed is the fastest
-    key = ("cpu", torch.float32, 16, 24, 32)
+    key = ("cpu", torch.float32, 16, 48, 32)   # the key skinny_linear_swiglu looks up: row tile, w13's shape
     nbytes = w13.numel() * w13.element_size()
     times = sl.tune_skinny_swiglu(key, x, w13, timer, l2_bytes=nbytes)   # 2 copies rotate
     assert list(times) == candidates and tuner.chosen[key] == pick
     assert len(set(ptrs)) == 2 and all(a != b for a, b in zip(ptrs, ptrs[1:]))
     ptrs.clear()
+    launches.clear()
     tune = sl.tune_skinny_swiglu
     monkeypatch.setattr(sl, "tune_skinny_swiglu", lambda *a, **k: pytest.fail("tuned twice"))
     torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13).double(), want, rtol=1e-5, atol=1e-5)
-    assert ptrs == [w13.data_ptr()]
+    assert ptrs == [w13.data_ptr()] and launches == [pick]
     # Once the plain tuner has timed the fused weight (here by hand: a CPU tensor is never tuned),
     # only the twins of its three fastest tiles are timed.
     plain = LaunchTuner("skinny_linear")
@@ -520,7 +524,7 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     tiles = sl.skinny_candidates(5, x.device)
     plain.times[("cpu", torch.float32, 16, 48, 32)] = {c: float(len(tiles) - i) for i, c in enumerate(tiles)}
     seen.clear()
-    times = tune(("cpu", torch.float32, 16, 24, 32, "again"), x, w13, timer)
+    times = tune(("cpu", torch.float32, 16, 48, 32, "again"), x, w13, timer)
     assert list(times) == [None] + [sl.swiglu_twin(c) for c in tiles[:0:-1][:3]]
 
 
@@ -541,7 +545,7 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
     def checked(fn):
         errors[len(errors)] = ((fn().double() - want).norm() / want.norm()).item()
         return cuda_graph_ms(fn)
-    key = (str(x.device), torch.bfloat16, sl.row_tile(M), F, K)
+    key = (str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)
     times = sl.tune_skinny_swiglu(key, x, w13, checked)
     plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)]   # tuned first
     assert list(times) == sl.swiglu_candidates(M, x.device, plain_times)

@@ -517,14 +517,15 @@ class RotaryCacheWrite:
 _NO_ROPE = (None, 0, 0, None, 0, 0, 1, 0, 0, None, None, 0, 0, 2)   # FREQS .. HEAD_DIM, unused
 
 
-def _unfused_rope(x2: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite) -> torch.Tensor:
-    """The q/k/v GEMM `skinny_linear` picks, then `rope_cache_write`: rotated q as (B*T, H*D)."""
-    B, T = rope.slots.shape
+def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
+                  check_slots: bool = False) -> torch.Tensor:
+    """The q/k/v GEMM `skinny_linear` picks for x (B, T, K), then `rope_cache_write` (which checks
+    the operands): rotated q (B, T, H, D)."""
+    B, T, _ = x.shape
     D, kv_cols = rope.head_dim, rope.n_kv_heads * rope.head_dim
-    q, k, v = skinny_linear(x2, weight).view(B, T, -1).split([rope.n_heads * D, kv_cols, kv_cols], -1)
-    q = rope_cache_write(q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D), rope.freqs_cis, rope.slots,
-                         rope.k_cache, rope.v_cache, check_slots=False)
-    return q.view(B * T, -1)
+    q, k, v = skinny_linear(x, weight).split([rope.n_heads * D, kv_cols, kv_cols], -1)
+    return rope_cache_write(q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D), rope.freqs_cis,
+                            rope.slots, rope.k_cache, rope.v_cache, check_slots=check_slots)
 
 
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch],
@@ -546,8 +547,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     if rope is not None and (swiglu or (launch is not None and launch.stream_k)):
         raise ValueError(f"skinny_linear: the rotary epilogue needs a launch without SwiGLU, not stream-K, got {launch}")
     if launch is None:
-        if rope is not None:
-            return _unfused_rope(x2, weight, rope)
+        if rope is not None:   # x2's rows are the slots' (B, T) tokens
+            return _unfused_rope(x2.view(*rope.slots.shape, -1), weight, rope).view(x2.shape[0], -1)
         return _unfused_swiglu(x2, weight) if swiglu else reference.skinny_linear(x2, weight)
     M, K = x2.shape
     paired = swiglu or rope is not None
@@ -731,9 +732,7 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     if fused:   # rope_cache_write's rules, on the shapes the kernel will write through
         check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x, wqkv)
     else:
-        q, k, v = skinny_linear(x, wqkv).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
-        return rope_cache_write(q.view(B, T, n_heads, D), k.view(B, T, n_kv_heads, D), v.view(B, T, n_kv_heads, D),
-                                freqs_cis, slots, k_cache, v_cache, check_slots=check_slots)
+        return _unfused_rope(x, wqkv, rope, check_slots)
     x2 = as_rows(x)
     key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
     launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)

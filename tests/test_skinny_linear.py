@@ -3,7 +3,8 @@
 stream-K launches (every program count from 1 to one per unit; shared tiles combined in program
 order), the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the
 tuned choice and the split and stream-K launches' determinism. The same for the gate/up form with
-SwiGLU in the epilogue (`skinny_linear_swiglu`), which also gives the unfused pair's bits."""
+SwiGLU in the epilogue (`skinny_linear_swiglu`) and the q/k/v form with rotary and the cache write
+in it (`skinny_linear_rope`), which also give the unfused pairs' bits."""
 import gc
 import weakref
 

@@ -22,7 +22,8 @@ from .backend import interpreting, use_triton
 @triton.jit
 def rotate(x0, x1, cos, sin):
     """The pairs (x0, x1) rotated by the angles whose cos and sin are given, in float32. Shared with
-    the q/k/v GEMM's rotary epilogue (skinny_linear.py), so both give the same values."""
+    the q/k/v GEMM's rotary epilogue (skinny_linear.py), so both do the same arithmetic (the same
+    bits under the interpreter, tested; on a GPU the compiler may contract differently per kernel)."""
     return x0 * cos - x1 * sin, x0 * sin + x1 * cos
 
 

@@ -21,7 +21,8 @@ from .backend import as_rows, interpreting, use_triton
 def silu_times_up(g, u, dtype: tl.constexpr):
     """silu(g) * u rounded to `dtype` as PyTorch rounds it: g, u are float32 holding `dtype` values;
     silu in float32, rounded to dtype, then the product in float32, rounded again. Shared with the
-    gate/up GEMM's SwiGLU epilogue (skinny_linear.py), so both give the same bits."""
+    gate/up GEMM's SwiGLU epilogue (skinny_linear.py), so both do the same arithmetic (the same bits
+    under the interpreter, tested; on a GPU the compiler may contract differently per kernel)."""
     e = tl.exp(-tl.abs(g))                    # never overflows: sigmoid from the side it is small on
     sigmoid = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     silu = (g * sigmoid).to(dtype).to(tl.float32)

@@ -646,13 +646,11 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
 # (probe_warp_spec.py, every case, seventeenth session) and an H200 (the benchmark's shapes). The
 # configs that failed there (forward num_stages=3, dK/dV 32-row query blocks) are gone from the lists.
 WARP_SPEC_VALIDATED_TRITON = ("3.6.",)
-# The kernels whose warp-specialized configs are offered by default: none yet. dK/dV's is the one
-# measured to pay: on the H200 (Triton 3.6) 1.20x faster than the best plain config at head dim 128,
-# where the forward's tied and dQ's lost (warp_spec_probe_nvidia-h200_timing.md). But the GPU
-# checked its dK only, not its dV (the seventeenth session's probe compared dK; the GPU tests that
-# compare all three gradients have not run on the reduced config lists). Once they pass on a GPU,
-# ("dkdv",) switches it on by default (benchmarks/results/NOTES.md, "The next GPU session").
-WARP_SPEC_DEFAULT_KERNELS: tuple = ()
+# The kernels whose warp-specialized configs are offered by default: dK/dV's, the one measured to
+# pay: on the H200 (Triton 3.6) 1.20x faster than the best plain config at head dim 128, where the
+# forward's tied and dQ's lost (warp_spec_probe_nvidia-h200_timing.md). Its GPU tests, all three
+# gradients on the reduced config lists, passed on an H200 (nineteenth session).
+WARP_SPEC_DEFAULT_KERNELS: tuple = ("dkdv",)
 # The head dims those checks ran at (the probe's and the benchmark's).
 WARP_SPEC_CHECKED_HEAD_DIMS = (64, 128)
 

@@ -847,7 +847,9 @@ def test_flash_attention_gpu_every_config(D, causal):
     scale = D ** -0.5
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     want = reference.attention(q32, k32, v32, causal=causal)
-    dout = torch.randn_like(want).to(torch.bfloat16)
+    # dO contiguous, as autograd hands it over from the next layer's matmul: the reference's output
+    # is a transposed view, and a dO of its strides is a layout `_ws_ok` refuses
+    dout = torch.randn(want.shape, generator=g).to("cuda", torch.bfloat16)
     want.backward(dout.float())
     for config in attention_module._prune_ws(attention_module._GPU_FWD_CONFIGS, {"WS_OK": 1}, kernel="fwd"):
         out, lse = attention_module.flash_attention_fwd(q, k, v, causal, scale, config=config)

@@ -45,8 +45,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
 from .arrival import arrival_counters, last_to_arrive
+from .backend import compute_major, cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
+from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 
 LOG2E = 1.4426950408889634
@@ -677,12 +678,9 @@ def warp_spec_allowed(kernel: str, device: torch.device | None = None, head_dim:
     if not torch.cuda.is_available():
         return False
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _compute_major(index) == 9
+    return compute_major(index) == 9
 
 
-@functools.lru_cache(maxsize=None)
-def _compute_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
@@ -960,10 +958,11 @@ def _kv_attn_kernel(
     Tq, HKV, GROUP, SPLIT_SIZE, N_SPLITS, MASK_WORDS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TREE: tl.constexpr, SPLIT: tl.constexpr, COMBINE_LAST: tl.constexpr,
-    COMBINE_R: tl.constexpr, COMBINE_S: tl.constexpr,
+    COMBINE_R: tl.constexpr, COMBINE_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # Row r of the tile is query q_idx = r // GROUP of head kvh * GROUP + r % GROUP.
     tl.static_assert(BLOCK_N <= 64)
+    await_prior_grid(PDL)   # PDL: a programmatic dependent launch (dependent_launch.py)
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
     bkv = tl.program_id(2)
@@ -1061,9 +1060,10 @@ def _kv_combine_kernel(
     O_PART, LSE_PART, O, N_ROWS, Tq, H, N_SPLITS,
     stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # BLOCK_R output rows per program, row = (b * Tq + i) * H + h.
+    await_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N_ROWS
     h = rows % H
@@ -1254,13 +1254,14 @@ def _kv_run(q, k_cache, v_cache, seqlens, tree_mask: PackedTreeMask | None, sm_s
     # one arrival counter per row tile (grid[0] x grid[2]) when the last split combines
     counters = arrival_counters(q.device, grid[0] * grid[2]) if combine_last else seqlens
     combine_rows = min(launch.block_m, 16, triton.next_power_of_2(rows))
+    pdl = launch_programmatic(q.device)
     _kv_attn_kernel[grid](
         q, k_cache, v_cache, seqlens, mask_bits, out, o_part, lse_part, counters,
         *_bth_strides(q), *_bth_strides(k_cache), *_bth_strides(v_cache), *_bth_strides(out),
         Tq, Hkv, group, launch.split_size, launch.n_splits, triton.cdiv(Tq, 64), sm_scale * LOG2E,
         **_head_dim_tile(D), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, TREE=tree, SPLIT=split,
         COMBINE_LAST=combine_last, COMBINE_R=combine_rows, COMBINE_S=_combine_block_s(combine_rows, D),
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl)
     if split and not combine_last:
         _kv_combine(o_part, lse_part, out)
     return out
@@ -1279,9 +1280,11 @@ def _kv_combine(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor)
     """Merge the split partials of `_kv_partials` into out with `_kv_combine_kernel`."""
     B, Tq, H, D = out.shape
     block_r = 2
+    pdl = launch_programmatic(out.device)
     _kv_combine_kernel[(triton.cdiv(B * Tq * H, block_r),)](
         o_part, lse_part, out, B * Tq * H, Tq, H, lse_part.shape[-1], *_bth_strides(out),
-        **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), num_warps=2)
+        **_head_dim_tile(D), BLOCK_R=block_r, BLOCK_S=_combine_block_s(block_r, D), PDL=pdl, num_warps=2,
+        launch_pdl=pdl)
 
 
 def _combine_block_s(rows: int, head_dim: int) -> int:

@@ -81,6 +81,12 @@ def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def compute_major(device_index: int) -> int:
+    """The major compute capability of CUDA device `device_index` (9: Hopper)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., D) as (rows, D) with a unit column stride for a row-per-program launcher: a view
     (row strides kept, e.g. a column slice of a wider tensor) when the layout allows, else a copy."""

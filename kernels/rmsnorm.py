@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
+from .dependent_launch import await_prior_grid, launch_programmatic
 
 
 @triton.jit
@@ -33,8 +34,9 @@ def _norm_row(x, x_dtype: tl.constexpr, w_ptr, stride_w, y_row_ptr, offs_d, mask
 def _rms_norm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     stride_x, stride_y, stride_w, D, eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_prior_grid(PDL)   # PDL: a programmatic dependent launch (dependent_launch.py)
     row = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
@@ -75,9 +77,10 @@ def _rms_norm_bwd_kernel(
 def _add_rms_norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, h_ptr, y_ptr,
     stride_x, stride_r, stride_h, stride_y, stride_w, D, eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     # h = x + r rounded to x's dtype (what torch's add does), then the forward above on h.
+    await_prior_grid(PDL)
     row = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
@@ -118,8 +121,9 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty((M, D), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     BLOCK_D, num_warps = _row_tile(D)
+    pdl = launch_programmatic(x.device)
     _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), weight.stride(0), D, eps,
-                               BLOCK_D=BLOCK_D, num_warps=num_warps)
+                               BLOCK_D=BLOCK_D, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return y.view(*x.shape[:-1], D), x2, rstd
 
 
@@ -183,6 +187,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     h = torch.empty((M, D), dtype=x.dtype, device=x.device)
     y = torch.empty((M, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     BLOCK_D, num_warps = _row_tile(D)
+    pdl = launch_programmatic(x.device)
     _add_rms_norm_fwd_kernel[(M,)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
-                                   weight.stride(0), D, eps, BLOCK_D=BLOCK_D, num_warps=num_warps)
+                                   weight.stride(0), D, eps, BLOCK_D=BLOCK_D, PDL=pdl, num_warps=num_warps,
+                                   launch_pdl=pdl)
     return h.view(x.shape), y.view(x.shape)

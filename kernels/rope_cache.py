@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
+from .dependent_launch import await_prior_grid, launch_programmatic
 
 
 @triton.jit
@@ -57,8 +58,9 @@ def _rope_cache_kernel(
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     T, H, HKV, HALF,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_prior_grid(PDL)   # PDL: a programmatic dependent launch (dependent_launch.py)
     token = tl.program_id(0)
     which = tl.program_id(1)              # 0: q, 1: k, 2: v
     b = (token // T).to(tl.int64)
@@ -99,6 +101,7 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
     block_p = triton.next_power_of_2(half)
     # Heads per step: a (BLOCK_H, 2 * BLOCK_P) tile of at most 4K elements (64 under the interpreter).
     block_h = max(1, min(triton.next_power_of_2(max(H, Hkv)), (64 if interpreting() else 4096) // (2 * block_p)))
+    pdl = launch_programmatic(q.device)
     _rope_cache_kernel[(B * T, 3)](
         q, k, v, freqs, slots, q_out, k_cache, v_cache,
         q.stride(0), q.stride(1), q.stride(2),
@@ -110,7 +113,7 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T, H, Hkv, half,
-        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=1 if interpreting() else 4)
+        BLOCK_P=block_p, BLOCK_H=block_h, PDL=pdl, num_warps=1 if interpreting() else 4, launch_pdl=pdl)
     return q_out
 
 

@@ -57,6 +57,7 @@ import triton.language as tl
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
+from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 from .rope_cache import check_cache_write, rope_cache_write, rotate
 from .swiglu import silu_times_up, swiglu
@@ -82,6 +83,28 @@ def _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
         return tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
     else:
         return tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT: tl.constexpr, PAIRED: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """One K step of the sums: acc += x @ w^T (PAIRED: acc_up += x @ w_up^T as well), by tl.dot on a
+    (BLOCK_M, BLOCK_K) x tile, or by a float32 multiply-add of one x row into the (BLOCK_N, BLOCK_K)
+    accumulators."""
+    if USE_DOT:
+        x_tile = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
+        acc = tl.dot(x_tile, tl.trans(w), acc)
+        if PAIRED:
+            acc_up = tl.dot(x_tile, tl.trans(w_up), acc_up)
+    else:
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if PAIRED:
+            acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc, acc_up
 
 
 @triton.jit
@@ -152,14 +175,15 @@ def _skinny_linear_kernel(
     stride_cb, stride_cs, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Y = X @ W^T. Paired launches sum two weight rows per output side by side over one x tile, a
     first one and the one UP elements further: with SWIGLU, W is a fused gate/up weight (N gate rows,
     then the up rows; UP = N rows) and Y = silu(X @ Wg^T) * (X @ Wu^T); with ROPE, W is a fused
     q/k/v weight, its outputs are the N column pairs (rows 2n and 2n + 1, UP = one row) and the
     epilogue rotates q and k and writes k and v into the caches (`_rope_store`, arguments FREQS to
-    HEAD_DIM; Y is q)."""
+    HEAD_DIM; Y is q). PDL: a programmatic dependent launch (dependent_launch.py), which loads its
+    first weight tile before it waits for the kernel before it."""
     tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
     tl.static_assert(not (SWIGLU and ROPE), "one epilogue at a time")
     pid = tl.program_id(0)
@@ -190,24 +214,27 @@ def _skinny_linear_kernel(
         k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
         w_ptrs += k_lo
         x_ptrs += k_lo
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_next = k_lo
+    if PDL:
+        # Weights are constants of a step: this program's first weight tile can stream in while the
+        # kernel before it ends. Masked to this split's range (an empty split loads nothing).
+        k_ok = (k_lo + offs_k) < k_hi
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_up = w
+        if SWIGLU or ROPE:
+            w_up = tl.load(w_ptrs + UP, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        await_prior_grid(PDL)
+        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT, SWIGLU or ROPE, False)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_next = k_lo + BLOCK_K
+    for k0 in range(k_next, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
+        w_up = w
         if SWIGLU or ROPE:
             w_up = _load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)
-        if USE_DOT:
-            x_tile = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
-            acc = tl.dot(x_tile, tl.trans(w), acc)
-            if SWIGLU or ROPE:
-                acc_up = tl.dot(x_tile, tl.trans(w_up), acc_up)
-        else:
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            if SWIGLU or ROPE:
-                acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT, SWIGLU or ROPE, EVEN_K)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:
@@ -291,7 +318,7 @@ def _merge_shared_tile(Y, PARTIALS, COUNTERS, tile, k_tiles, units, programs, M,
 def _skinny_stream_k_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):
     """Stream-K: the (n tile, k tile) work units, n tile after n tile, cut into one equal range per
     program, so wide weight tiles (few n tiles, hence few re-reads of x) still give every SM the same
@@ -299,7 +326,8 @@ def _skinny_stream_k_kernel(
     boundary. A tile the range covers whole is written at once; only the range's first and last
     tiles can be shared, and for those the program stores a float32 partial (`_partial_ptrs`) and,
     after the loop, merges them through the arrival counters (_merge_shared_tile). SWIGLU and UP as
-    in `_skinny_linear_kernel`."""
+    in `_skinny_linear_kernel`; PDL: a programmatic dependent launch, which waits first."""
+    await_prior_grid(PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -566,6 +594,7 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
                          f"launch when > 0")
     y = torch.empty((M, rope.n_heads * rope.head_dim if rope is not None else N), dtype=x2.dtype, device=x2.device)
     n_tiles = triton.cdiv(N, launch.block_n)
+    pdl = launch_programmatic(x2.device)
     even = dict(EVEN_N=N % launch.block_n == 0, EVEN_K=K % launch.block_k == 0)
     if launch.stream_k:
         units = n_tiles * triton.cdiv(K, launch.block_k)
@@ -578,7 +607,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         _skinny_stream_k_kernel[(programs,)](
             x2, weight, y, partials, arrival_counters(x2.device, n_tiles), M, N, K,
             x2.stride(0), weight.stride(0), y.stride(0), up, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-            BLOCK_K=launch.block_k, **even, SWIGLU=swiglu, num_warps=launch.num_warps, num_stages=launch.num_stages)
+            BLOCK_K=launch.block_k, **even, SWIGLU=swiglu, PDL=pdl, num_warps=launch.num_warps,
+            num_stages=launch.num_stages, launch_pdl=pdl)
         return y
     partials = counters = None
     if launch.split_k > 1:   # float32 partials of every split, and one arrival counter per n tile
@@ -588,8 +618,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
         *(rope.kernel_args() if rope is not None else _NO_ROPE),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
-        **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, num_warps=launch.num_warps,
-        num_stages=launch.num_stages)
+        **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, PDL=pdl,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl)
     return y
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import as_rows, interpreting, use_triton
+from .dependent_launch import await_prior_grid, launch_programmatic
 
 
 @triton.jit
@@ -30,7 +31,9 @@ def silu_times_up(g, u, dtype: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out, F, BLOCK: tl.constexpr):
+def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out, F, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    await_prior_grid(PDL)   # PDL: a programmatic dependent launch (dependent_launch.py)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -58,6 +61,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     R, F = g2.shape
     out = torch.empty((R, F), dtype=gate.dtype, device=gate.device)
     block = 256 if interpreting() else 1024
+    pdl = launch_programmatic(gate.device)
     _swiglu_kernel[(R, triton.cdiv(F, block))](g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), F,
-                                               BLOCK=block, num_warps=1 if interpreting() else 4)
+                                               BLOCK=block, PDL=pdl, num_warps=1 if interpreting() else 4,
+                                               launch_pdl=pdl)
     return out.view(gate.shape)

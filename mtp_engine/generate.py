@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mtp_kernels import compact_kv_cache, linear_argmax
+from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax
 
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
@@ -388,7 +388,8 @@ class Generator:
         key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
         return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
                              (tokens, cache_seqlens), keep_alive=(tree,),
-                             variants=None if tree is None else lambda: self._step_variants(tree.heads))[0]
+                             variants=lambda: self._with_programmatic_launch(
+                                 None if tree is None else self._step_variants(tree.heads)))[0]
 
     def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
         """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
@@ -438,7 +439,8 @@ class Generator:
             rows = graph_bucket(root.shape[0], self.model.cache_batch)   # the rows the graph runs
             packed, next_root, next_drafts, lengths = self._graphed(
                 key, graphed_step, inputs, keep_alive=(tree,),
-                variants=lambda: self._step_variants(heads, scored_rows=rows * T * heads))
+                variants=lambda: self._with_programmatic_launch(
+                    self._step_variants(heads, scored_rows=rows * T * heads)))
             cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
@@ -483,6 +485,23 @@ class Generator:
             return heads_way if read_once is None else f"{heads_way}, {'one read' if read_once else 'two reads'}"
 
         return {label(c, r): functools.partial(setting, c, r) for c in concurrency for r in one_read}
+
+    def _with_programmatic_launch(self, variants: Optional[dict]) -> Optional[dict]:
+        """A step's capture variants (label -> context; None: one way), each also with the step's
+        Triton kernels launched programmatically (kernels/dependent_launch.py: a kernel starts while
+        the one before it ends) where the device supports it, listed after the ordinary ones (a tie
+        keeps those). Unchanged elsewhere."""
+        if not dependent_launch.programmatic_supported(self.model.output.weight.device):
+            return variants
+        base = variants or {"ordinary launches": contextlib.nullcontext}
+
+        @contextlib.contextmanager
+        def programmatic(setting):
+            with setting(), dependent_launch.programmatic_launch():
+                yield
+
+        return {**base, **{(f"{label}, programmatic launch" if variants else "programmatic launch"):
+                           functools.partial(programmatic, setting) for label, setting in base.items()}}
 
     def _graphed(self, key: tuple, fn, inputs: tuple, keep_alive: tuple = (), variants=None):
         """fn(*inputs) -> tuple of per-row tensors: replayed from a CUDA graph (CUDAGraphSteps) when

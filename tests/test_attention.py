@@ -364,7 +364,7 @@ def test_warp_specialized_configs_default(monkeypatch, setting, version, major, 
     monkeypatch.setattr(attention_module.triton, "__version__", version)
     monkeypatch.setattr(attention_module.torch.cuda, "is_available", lambda: major is not None)
     monkeypatch.setattr(attention_module.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(attention_module, "_compute_major", lambda index: major)
+    monkeypatch.setattr(attention_module, "compute_major", lambda index: major)
     assert {k for k in ("fwd", "dq", "dkdv") if attention_module.warp_spec_allowed(k)} == offered
     for kernel, configs in (("fwd", attention_module._GPU_FWD_CONFIGS), ("dq", attention_module._GPU_DQ_CONFIGS)):
         kept = attention_module._prune_ws(configs, {"WS_OK": 1}, kernel=kernel)
@@ -394,7 +394,7 @@ def test_warp_specialized_default_asks_the_tensors_gpu(monkeypatch):
     monkeypatch.setattr(attention_module.triton, "__version__", "3.6.0")
     monkeypatch.setattr(attention_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention_module.torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(attention_module, "_compute_major", {0: 9, 1: 8}.__getitem__)
+    monkeypatch.setattr(attention_module, "compute_major", {0: 9, 1: 8}.__getitem__)
     hopper, ampere = torch.device("cuda", 0), torch.device("cuda", 1)
     assert attention_module.warp_spec_allowed("dkdv", hopper)
     assert not attention_module.warp_spec_allowed("dkdv", ampere)

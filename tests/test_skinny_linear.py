@@ -570,6 +570,7 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
         assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
 
 
+
 # ------------------------------------------------------------------ rotary + cache write in the epilogue
 def _rope_inputs(B, T, K, H, Hkv, D, dtype, seed, shared_freqs=False, S=24):
     """x (B, T, K), wqkv, freqs_cis, ragged slots (distinct per sequence, any order) and caches one
@@ -778,3 +779,35 @@ def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
     assert tuner.chosen[key] == min(times, key=times.get) and list(tuner.times) == [key]
     for a, b in zip((q, k2, v2), want):
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2
+
+
+# ------------------------------------------------------------------ programmatic dependent launch
+@pytest.mark.parametrize("M,N,K", [(1, 37, 33), (1, 64, 128), (3, 37, 96), (17, 21, 33), (64, 16, 16)])
+def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatch, M, N, K):
+    """A programmatic dependent launch (dependent_launch.py) loads each program's first weight tile
+    before it waits for the kernel before it, then runs the rest of its K range: every candidate
+    (multiply-add, tl.dot, stream-K, split-K with empty splits and NaN scratch), plain, with SwiGLU
+    and with the rotary epilogue, gives the bits of the ordinary launch. (The wait itself is a no-op
+    under the interpreter.)"""
+    _nan_scratch(monkeypatch)
+    x, w = _inputs(M, N, K, torch.float16, seed=M + N + K)
+    w13 = torch.cat([w, w.flip(0)])
+    launches = [c for c in sl.skinny_candidates(M, x.device)[1:]]
+    launches += [sl.SkinnyLaunch(16, 16, True, 1, 1, max(16, sl.row_tile(M)), split_k=s) for s in (3, 4)]
+    B, T, H, Hkv, D = 1, M, 3, 1, 10
+    _, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float16, seed=M, S=max(24, T))
+
+    def results(launch):
+        out = [sl.skinny_linear_run(x, w, launch), sl.skinny_linear_run(x, w13, sl.swiglu_twin(launch), swiglu=True)]
+        if sl.rope_twin(launch) is not None:
+            written = [c.clone() for c in caches]
+            rope = sl.RotaryCacheWrite(freqs, slots, *written, H, Hkv)
+            out += [sl.skinny_linear_run(x, wqkv, sl.rope_twin(launch), rope=rope), *written]
+        return out
+
+    ordinary = {launch: results(launch) for launch in launches}
+    monkeypatch.setattr(sl, "launch_programmatic", lambda device: True)
+    for launch in launches:
+        for got, want in zip(results(launch), ordinary[launch], strict=True):
+            assert torch.equal(got, want), launch
+

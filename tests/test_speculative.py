@@ -770,6 +770,57 @@ def test_verify_step_variants(model4):
         Generator(model4, max_batch_size=2, max_seq_len=16, shared_unembed=1)
 
 
+def test_steps_are_also_captured_with_programmatic_launches_where_supported(model4, monkeypatch):
+    """On a device with programmatic dependent launch every step's variants come twice, the second
+    time with the switch on (kernels/dependent_launch.py), after the ordinary ones (a tie keeps
+    those); a plain step gets the two. Elsewhere nothing changes."""
+    from mtp_kernels import dependent_launch
+    from mtp_kernels.dependent_launch import launch_programmatic
+
+    gen = Generator(model4, max_batch_size=2, max_seq_len=16)
+    verify = gen._step_variants(4, scored_rows=10 ** 6)
+    assert gen._with_programmatic_launch(verify) is verify and gen._with_programmatic_launch(None) is None
+    monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+    both = gen._with_programmatic_launch(verify)
+    assert list(both) == ["concurrent, two reads", "in order, two reads", "concurrent, two reads, programmatic launch",
+                          "in order, two reads, programmatic launch"]
+    plain = gen._with_programmatic_launch(None)
+    assert list(plain) == ["ordinary launches", "programmatic launch"]
+    device = torch.device("cpu")
+    for label, setting in (*both.items(), *plain.items()):
+        with setting():
+            assert launch_programmatic(device) is label.endswith("programmatic launch"), label
+            assert gen.model.concurrent_heads is not label.startswith("in order"), label
+    assert not launch_programmatic(device) and gen.model.concurrent_heads   # the switches restored
+
+
+def test_a_variant_whose_capture_fails_is_left_out(model4, monkeypatch):
+    """Where one way of a step cannot be captured (a driver without programmatic launches in graphs),
+    the others are kept and timed, with a warning; the tokens are the eager ones."""
+    from mtp_engine.generate import CUDAGraphSteps
+    from mtp_kernels import dependent_launch
+    from mtp_kernels.dependent_launch import launch_programmatic
+
+    def record(self, run, load, device):
+        if launch_programmatic(device):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        load()
+        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
+        return graph, graph.outputs
+
+    monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(lambda graph, load: 1.0))
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
+    want = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False).generate(prompts, max_gen_len=12)
+    graphed = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+    monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
+    with pytest.warns(UserWarning, match=r"variant\(s\) \['programmatic launch'\] failed"):
+        got = graphed.generate(prompts, max_gen_len=12)
+    assert got.tokens == want.tokens
+    assert all(e.variant == "ordinary launches" for e in graphed._graphs._graphs.values())
+
+
 @pytest.mark.parametrize("mode", [None, "tree"])
 def test_failed_capture_falls_back_to_eager_or_raises_when_asked(model4, monkeypatch, mode):
     """A capture that fails (forward graph, or the whole greedy verify step) leaves the Generator

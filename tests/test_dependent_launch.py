@@ -1,0 +1,89 @@
+"""Programmatic dependent launch (kernels/dependent_launch.py): when launches are programmatic, and a
+whole decode step launched that way under the interpreter (every Triton kernel of the step asks
+for it, and the logits keep their bits). The wait itself is PTX that only a GPU runs
+(`test_gpu_programmatic_decode_step_in_a_graph`)."""
+import collections
+
+import pytest
+import torch
+
+from mtp_engine.model import ModelArgs, Transformer
+from mtp_kernels import dependent_launch, skinny_linear
+from mtp_kernels.dependent_launch import launch_programmatic, programmatic_launch, programmatic_supported
+
+
+def test_launches_are_programmatic_only_inside_the_switch_on_hopper(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not launch_programmatic(cpu)
+    with programmatic_launch():
+        assert not launch_programmatic(cpu)   # a CPU tensor, interpreted or not: no grid to wait for
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")   # compile_check: CPU tensors stand for an sm_90 GPU
+    assert programmatic_supported(cpu) and not launch_programmatic(cpu)
+    with programmatic_launch():
+        assert launch_programmatic(cpu)
+        with programmatic_launch(False):
+            assert not launch_programmatic(cpu)
+        assert launch_programmatic(cpu)
+    assert not launch_programmatic(cpu)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "80")   # Ampere has no programmatic launch
+    with programmatic_launch():
+        assert not launch_programmatic(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    assert not programmatic_supported(cpu)   # the interpreter runs no PTX
+
+
+def _small_model():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                     n_future_tokens=2, max_seq_len=32, max_batch_size=2)
+    model = Transformer(args).eval()
+    model.fuse_projections()
+    model.setup_caches(2, 32)
+    return model
+
+
+def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits(triton_backend, monkeypatch):
+    """Inside `programmatic_launch()` on a device that supports it, every Triton kernel of a decode
+    step (the fused q/k/v GEMM with its rotary epilogue, KV attention, split-K and SwiGLU GEMMs,
+    the add + norm kernels) is launched with launch_pdl and its PDL constexpr, and the step's logits
+    are the bits of the ordinary launches: the skinny GEMMs' early first weight tile changes no sum."""
+    import triton.runtime.interpreter as interpreter
+
+    monkeypatch.setenv("MTP_TUNE", "0")
+    model = _small_model()
+    tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    # Launches the tuners would keep on a GPU: a split-K tile with an empty split for the plain GEMMs,
+    # and tiles with the SwiGLU and rotary epilogues.
+    split = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=4)
+    paired = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16)
+    monkeypatch.setattr(skinny_linear._TUNER, "choose", lambda *args: split)
+    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: paired)
+    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: paired)
+    launches = []
+    run = interpreter.GridExecutor.__call__
+
+    def recording(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("PDL"), kwargs.get("launch_pdl")))
+        return run(self, *args, **kwargs)
+
+    def step():
+        model.setup_caches(2, 32)
+        lengths = torch.zeros(2, dtype=torch.int32)
+        model.forward_cached(tokens[:, :4], lengths, n_heads=1, check_lengths=False)
+        launches.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interpreter.GridExecutor, "__call__", recording)
+            return model.forward_cached(tokens[:, 4:], lengths + 4, n_heads=1, check_lengths=False)
+
+    with torch.no_grad():
+        ordinary = step()
+        assert launches and all(pdl is False and not launch_pdl for _, pdl, launch_pdl in launches), launches
+        monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+        with programmatic_launch():
+            programmatic = step()
+    kernels = collections.Counter(name for name, _, _ in launches)
+    assert {"_skinny_linear_kernel", "_kv_attn_kernel", "_add_rms_norm_fwd_kernel"} <= set(kernels), kernels
+    assert all(pdl is True and launch_pdl is True for _, pdl, launch_pdl in launches), launches
+    assert torch.equal(programmatic, ordinary)

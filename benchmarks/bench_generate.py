@@ -180,11 +180,12 @@ def kv_launch_report() -> list:
     return rows
 
 
-def verify_variant_choice(gen: Generator, tree_size: int):
-    """({variant label: replay ms}, the label kept) that the capture of the greedy verify step over a
-    tree of tree_size nodes measured (CUDAGraphSteps.variant_choices); None without graphs."""
+def step_variant_choice(gen: Generator, step: str, size: int):
+    """({variant label: replay ms}, the label kept) that the capture of a step measured
+    (CUDAGraphSteps.variant_choices): step "verify" for the greedy verify step over a tree of `size`
+    nodes, "forward" with size 1 for the plain decode step; None without graphs or variants."""
     for key, variant_ms, kept in (gen._graphs.variant_choices() if gen._graphs else []):
-        if key[2:4] == ("verify", tree_size):
+        if key[2:4] == (step, size):
             return variant_ms, kept
     return None
 
@@ -253,6 +254,9 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         row["plain_floor_ms"] = decode_bytes(model, B, kv_len) / (copy_gbps * 1e6)
         if row["plain_ms"]:
             row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
+        choice = step_variant_choice(gen, "forward", 1)
+        if choice:   # captured with ordinary and programmatic launches (Hopper)
+            row["plain_capture_ms"], row["plain_kept"] = choice
         for T, tree in trees.items():
             drafts = torch.randint(0, model.vocab_size, (B, heads - 1, tree.top_k), device=device)
             lengths = seqlens.clone()
@@ -265,7 +269,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
-            choice = verify_variant_choice(gen, tree.size)
+            choice = step_variant_choice(gen, "verify", tree.size)
             if choice:   # the capture's timings of this step, one per variant
                 row[f"verify{T}_capture_ms"], row[f"verify{T}_kept"] = choice
             if device.type == "cuda" and res["status"] == "ok":
@@ -410,13 +414,27 @@ def to_markdown(result: dict) -> str:
                   "Each greedy verify step is captured once per variant: its head blocks as concurrent graph "
                   "branches (`mtp_engine/branches.py`) or in order, times one read of the unembedding (every "
                   "head scored at every node by `linear_candidates`, the next drafts ranked from those scores) "
-                  "or two (head 0 at every node, then the drafting heads at the last accepted node). Each is "
-                  "timed over 5 replays (median ms) and the fastest kept; the step costs above time the kept "
-                  "one. Last column: the best one-read capture over the best two-read one.", "",
+                  "or two (head 0 at every node, then the drafting heads at the last accepted node), on Hopper "
+                  "each also with its Triton kernels launched programmatically (`kernels/dependent_launch.py`: "
+                  "a kernel starts while the one before it ends). Each is timed over 5 replays (median ms) and "
+                  "the fastest kept; the step costs above time the kept one. Last columns: the best one-read "
+                  "capture over the best two-read one, the best programmatic one over the best ordinary one.", "",
                   common.markdown_table(["batch", "nodes"] + [f"{label} ms" for label in labels]
-                                        + ["kept", "one read / two reads"],
-                                        [[b, T] + [ms.get(label) for label in labels] + [kept, _read_ratio(ms)]
+                                        + ["kept", "one read / two reads", "programmatic / ordinary"],
+                                        [[b, T] + [ms.get(label) for label in labels]
+                                         + [kept, _read_ratio(ms), _programmatic_ratio(ms)]
                                          for b, T, ms, kept in compared]), ""]
+    plain = [r for r in result["step_costs"] if r.get("plain_capture_ms")]
+    if plain:
+        lines += ["### Plain step launches (CUDA-graph captures, timed)", "",
+                  "The plain decode step captured with ordinary launches and with its Triton kernels launched "
+                  "programmatically (Hopper), each timed over 5 replays (median ms); the faster is kept.", "",
+                  common.markdown_table(["batch", "ordinary launches ms", "programmatic launch ms",
+                                         "programmatic / ordinary", "kept"],
+                                        [[r["batch"], r["plain_capture_ms"].get("ordinary launches"),
+                                          r["plain_capture_ms"].get("programmatic launch"),
+                                          _programmatic_ratio(r["plain_capture_ms"]), r["plain_kept"]]
+                                         for r in plain]), ""]
     lines += ["### Estimated speedup by tree size", "",
               "Expected tokens per forward at the prior acceptance rates (`speculative.prior_rates`, assumed, "
               "not measured) over the verify step's cost in plain steps: per batch, the largest value marks "
@@ -454,9 +472,16 @@ def to_markdown(result: dict) -> str:
 
 def _read_ratio(variant_ms: dict):
     """Best one-read capture ms over the best two-read one; None unless both were captured."""
-    best = {reads: min((ms for label, ms in variant_ms.items() if label.endswith(reads)), default=None)
+    best = {reads: min((ms for label, ms in variant_ms.items() if reads in label), default=None)
             for reads in ("one read", "two reads")}
     return None if None in best.values() else best["one read"] / best["two reads"]
+
+
+def _programmatic_ratio(variant_ms: dict):
+    """Best capture with programmatic launches over the best ordinary one; None unless both ran."""
+    programmatic = [ms for label, ms in variant_ms.items() if label.endswith("programmatic launch")]
+    ordinary = [ms for label, ms in variant_ms.items() if not label.endswith("programmatic launch")]
+    return min(programmatic) / min(ordinary) if programmatic and ordinary else None
 
 
 def main() -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import io
 import json
@@ -153,6 +154,7 @@ class CrossCompiler:
             record.update(shared_bytes=int(compiled.metadata.shared), registers=usage["reg"],
                           warps_run=int(compiled.metadata.num_warps),
                           warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
+                          programmatic="griddepcontrol.wait" in compiled.asm["ptx"],
                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
                           tensor_cores=_tensor_core_instructions(compiled.asm["ptx"]),
                           wgmma_serialized=_wgmma_serialized(ptxas_log.getvalue()))
@@ -322,6 +324,41 @@ def scenarios(quick: bool = False):
             for launch in sl.rope_candidates(B * T, x.device)[1:]:
                 sl.skinny_linear_run(x, wqkv, launch, rope=rope)
 
+    def programmatic_launch(dtype):
+        # A decode step's kernels as programmatic dependent launches (Hopper; dependent_launch.py):
+        # the skinny GEMM tiles of the 7B's one-row and 64-row steps (the early first weight tile
+        # changes the loop) with their epilogue twins, and the kernels that only wait first.
+        from mtp_kernels import skinny_linear as sl
+        from mtp_kernels.dependent_launch import programmatic_launch
+
+        with programmatic_launch():
+            for rows in (1, 64):
+                x, w = randn(rows, 4096, dtype=dtype), randn(12288, 4096, dtype=dtype)
+                if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
+                    return
+                launches = sl.skinny_candidates(rows, x.device)[1:]
+                for launch in launches if not quick else launches[:2] + [c for c in launches if c.split_k > 1][:1]:
+                    sl.skinny_linear_run(x, w, launch)
+                    sl.skinny_linear_run(x, w, sl.swiglu_twin(launch), swiglu=True)
+                    if sl.rope_twin(launch) is not None:
+                        freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
+                        caches = [randn(1, 128, 32, 128, dtype=dtype) for _ in range(2)]   # 32 + 2 x 32 heads
+                        rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *caches, 32, 32)
+                        sl.skinny_linear_run(x, w, sl.rope_twin(launch), rope=rope)
+            K.rms_norm(randn(1, 4096, dtype=dtype), randn(4096, dtype=dtype))
+            K.add_rms_norm(randn(1, 4096, dtype=dtype), randn(1, 4096, dtype=dtype), randn(4096, dtype=dtype))
+            K.swiglu(randn(1, 11008, dtype=dtype), randn(1, 11008, dtype=dtype))
+            q, k, v = (randn(1, 1, h, 128, dtype=dtype) for h in (32, 8, 8))
+            k_cache, v_cache = (randn(1, 1024, 8, 128, dtype=dtype) for _ in range(2))
+            freqs = torch.polar(torch.ones(1, 1, 64), randn(1, 1, 64, dtype=torch.float32))
+            K.rope_cache_write(q, k, v, freqs, torch.zeros(1, 1, dtype=torch.long), k_cache, v_cache)
+            seqlens = torch.tensor([900], dtype=torch.int32)
+            for launch in attention.kv_launch_candidates(*attention.kv_problem(q, k_cache), q.device)[:2]:
+                attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5, launch)
+                if launch.n_splits > 1 and launch.combine_last:   # the separate combine kernel too
+                    attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5,
+                                      dataclasses.replace(launch, combine_last=False))
+
     def sampling(dtype):
         for R in (1, 48, 256):
             hidden, weight = randn(R, 256, dtype=dtype), randn(32000, 256, dtype=dtype)
@@ -357,7 +394,7 @@ def scenarios(quick: bool = False):
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
                 kv_cache_attention=kv_cache, rope_cache=rope_cache, swiglu=swiglu, sampling=sampling,
                 sampling_llama3_vocabulary=sampling_llama3_vocabulary,
-                tree_verify=tree_verify, skinny_linear=skinny_linear)
+                tree_verify=tree_verify, skinny_linear=skinny_linear, programmatic_launch=programmatic_launch)
 
 
 def markdown(records, arch: int, quick: bool) -> str:
@@ -385,8 +422,10 @@ def markdown(records, arch: int, quick: bool) -> str:
     spilling = sum(r.get("spill_bytes", 0) > 0 for r in records)
     serialized = sum(bool(r.get("wgmma_serialized")) for r in records)
     specialized = sum(bool(r.get("warp_specialized")) for r in records)
+    programmatic = sum(bool(r.get("programmatic")) for r in records)
     lines += ["", f"{len(records)} variants, {failed} failed, {spilling} spill, {serialized} with serialized wgmma, "
-              f"{specialized} warp-specialized."]
+              f"{specialized} warp-specialized, {programmatic} waiting for the kernel before them (programmatic "
+              "dependent launch: griddepcontrol.wait in the PTX)."]
     return "\n".join(lines) + "\n"
 
 

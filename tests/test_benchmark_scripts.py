@@ -482,41 +482,54 @@ def test_bench_generate_names_the_kernels_under_other(load_script):
     assert "- batch 1, plain: `void at::native::CatArrayBatchedCopy<...>` 0.08, `void at::native::index" in text
 
 
-def test_bench_generate_reports_the_verify_variants(load_script):
+def test_bench_generate_reports_the_step_variants(load_script):
     """On a GPU each verify step's capture times its variants (heads concurrent or in order, one or
-    two reads of the unembedding) and keeps the fastest: the report takes those timings for each tree
-    size from the Generator's graphs and prints them with the way kept and the best one-read over
-    the best two-read time; without graphs (CPU runs) there is no table."""
+    two reads of the unembedding, on Hopper each also with programmatic launches) and keeps the
+    fastest, and the plain step's its ordinary and programmatic launches: the report takes those
+    timings from the Generator's graphs and prints them with the way kept, the best one-read over the
+    best two-read time and the best programmatic over the best ordinary one; without graphs (CPU
+    runs) there are no tables."""
     module = load_script(BENCH / "bench_generate.py")
     four = {"concurrent, one read": 6.0, "concurrent, two reads": 6.3, "in order, one read": 6.1,
             "in order, two reads": 6.4}
+    plain = {"ordinary launches": 5.0, "programmatic launch": 4.8}
 
     class Graphs:
         def variant_choices(self):
             return [((1, True, "forward", 16), {"concurrent": 9.0, "in order": 9.0}, "concurrent"),   # a forward
+                    ((1, True, "forward", 1), plain, "programmatic launch"),                        # the plain step
                     ((1, True, "verify", 4, 4, 2, 123, None), {"concurrent, two reads": 5.5}, "concurrent, two reads"),
                     ((1, True, "verify", 64, 4, 2, 456, None), four, "concurrent, one read")]
 
     class Gen:
         _graphs = Graphs()
 
-    assert module.verify_variant_choice(Gen(), 64) == (four, "concurrent, one read")
-    assert module.verify_variant_choice(Gen(), 16) is None
+    assert module.step_variant_choice(Gen(), "verify", 64) == (four, "concurrent, one read")
+    assert module.step_variant_choice(Gen(), "verify", 16) is None
+    assert module.step_variant_choice(Gen(), "forward", 1) == (plain, "programmatic launch")
     Gen._graphs = None
-    assert module.verify_variant_choice(Gen(), 4) is None
+    assert module.step_variant_choice(Gen(), "verify", 4) is None
+    with_pdl = {**four, "concurrent, one read, programmatic launch": 5.7, "in order, two reads, programmatic launch": 6.0}
     row = {"batch": 1, "plain_ms": 5.0, "verify4_capture_ms": {"concurrent, two reads": 5.5},
-           "verify4_kept": "concurrent, two reads", "verify64_capture_ms": four, "verify64_kept": "concurrent, one read"}
+           "verify4_kept": "concurrent, two reads", "verify64_capture_ms": with_pdl,
+           "verify64_kept": "concurrent, one read, programmatic launch",
+           "plain_capture_ms": plain, "plain_kept": "programmatic launch"}
     result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
               "step_attention": "a", "tree_nodes": [4, 16, 64], "step_costs": [row],
               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
     text = module.to_markdown(result)
     assert ("| batch | nodes | concurrent, two reads ms | concurrent, one read ms | in order, one read ms | "
-            "in order, two reads ms | kept | one read / two reads |") in text
-    assert "| 1 | 4 | 5.5 | - | - | - | concurrent, two reads | - |" in text
-    assert "| 1 | 64 | 6.3 | 6 | 6.1 | 6.4 | concurrent, one read | 0.952 |" in text
-    for key in ("verify4_capture_ms", "verify64_capture_ms"):
+            "in order, two reads ms | concurrent, one read, programmatic launch ms | "
+            "in order, two reads, programmatic launch ms | kept | one read / two reads | "
+            "programmatic / ordinary |") in text
+    assert "| 1 | 4 | 5.5 | - | - | - | - | - | concurrent, two reads | - | - |" in text
+    assert ("| 1 | 64 | 6.3 | 6 | 6.1 | 6.4 | 5.7 | 6 | concurrent, one read, programmatic launch | 0.95 | "
+            "0.95 |") in text
+    assert "| 1 | 5 | 4.8 | 0.96 | programmatic launch |" in text
+    for key in ("verify4_capture_ms", "verify64_capture_ms", "plain_capture_ms"):
         del row[key]
-    assert "Verify step variants" not in module.to_markdown(result)
+    text = module.to_markdown(result)
+    assert "Verify step variants" not in text and "Plain step launches" not in text
 
 
 def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):

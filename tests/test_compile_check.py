@@ -48,6 +48,12 @@ def test_every_kernel_compiles_for_sm90_within_limits(tmp_path):
     assert {r["kernel"] for r in records} == _jit_kernels_in_package()
     assert all(r["registers"] > 0 and r["shared_bytes"] >= 0 for r in records)
     assert "0 failed" in (tmp_path / "compile_sm90_quick.md").read_text()
+    # Programmatic dependent launches wait for the kernel before them (griddepcontrol.wait), in
+    # every decode-step kernel; ordinary launches never do.
+    programmatic = {r["kernel"] for r in records if r["scenario"] == "programmatic_launch"}
+    assert {"_skinny_linear_kernel", "_add_rms_norm_fwd_kernel", "_rms_norm_fwd_kernel", "_swiglu_kernel",
+            "_rope_cache_kernel", "_kv_attn_kernel", "_kv_combine_kernel"} <= programmatic, programmatic
+    assert all(r["programmatic"] is (r["scenario"] == "programmatic_launch") for r in records)
 
 
 def test_the_check_catches_a_kernel_that_cannot_run(tmp_path):

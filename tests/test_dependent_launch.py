@@ -87,3 +87,54 @@ def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits
     assert {"_skinny_linear_kernel", "_kv_attn_kernel", "_add_rms_norm_fwd_kernel"} <= set(kernels), kernels
     assert all(pdl is True and launch_pdl is True for _, pdl, launch_pdl in launches), launches
     assert torch.equal(programmatic, ordinary)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,launch", [
+    (1, skinny_linear.SkinnyLaunch(16, 256, False, 4, 4)),                       # one row: multiply-add
+    (3, skinny_linear.SkinnyLaunch(32, 128, True, 4, 3, 16, split_k=4)),         # tl.dot, split-K
+])
+def test_gpu_programmatic_decode_step_in_a_graph(monkeypatch, batch, launch):
+    """On Hopper, a bf16 decode step whose kernels are programmatic dependent launches (the skinny
+    GEMMs plain and with both epilogues, KV attention, the norms) gives the ordinary launches'
+    logits, eagerly and replayed from a CUDA graph, the same bits at every replay."""
+    device = torch.device("cuda")
+    if not programmatic_supported(device):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or more")
+    monkeypatch.setattr(skinny_linear._TUNER, "choose", lambda *args: launch)
+    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: skinny_linear.swiglu_twin(launch))
+    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: skinny_linear.rope_twin(launch))
+    torch.manual_seed(0)
+    args = ModelArgs(dim=512, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=64,
+                     n_future_tokens=2, max_seq_len=64, max_batch_size=batch)
+    model = Transformer(args).eval().to(device, torch.bfloat16)
+    model.fuse_projections()
+    model.setup_caches(batch, 64)
+    tokens = torch.randint(0, 1000, (batch, 9), device=device)
+    lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def step():
+        return model.forward_cached(tokens[:, 8:], lengths + 8, n_heads=1, check_lengths=False)
+
+    with torch.no_grad():
+        model.forward_cached(tokens[:, :8], lengths, n_heads=1, check_lengths=False)
+        ordinary = step()
+        with programmatic_launch():
+            eager = step()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()   # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = step()
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append(captured.clone())
+    torch.cuda.synchronize()
+    assert torch.isfinite(ordinary).all()
+    for got in (eager, *replays):
+        torch.testing.assert_close(got, ordinary, rtol=2e-2, atol=2e-2)
+    assert all(torch.equal(r, replays[0]) for r in replays)

@@ -86,6 +86,8 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "MTP_BACKEND": os.environ.get("MTP_BACKEND"),
+        "MTP_WARP_SPEC": os.environ.get("MTP_WARP_SPEC"),
+        "MTP_PDL": os.environ.get("MTP_PDL"),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -433,18 +435,37 @@ WARP_SPEC_GUARD_TESTS = ("test_flash_attention_gpu_every_config",
                          "test_flash_attention_gpu_warp_specialized_sequences_stay_apart")
 
 
-def warp_spec_tests_failed(junit_xml: str) -> bool:
-    """False only when the GPU test run's JUnit file shows every one of WARP_SPEC_GUARD_TESTS ran and
-    none failed, errored or was skipped; True when one did, when one did not run (GPU_TESTS left it
-    out), or when the file is missing or unreadable (the run hung or died before writing it).
-    gpu_check.sh (unless MTP_WARP_SPEC=0 already) then runs the benchmarks with MTP_WARP_SPEC=0, so
-    that no tuner can pick a fast warp-specialized config whose results no test has checked here."""
+# The GPU test whose failure means programmatic dependent launches (kernels/dependent_launch.py)
+# give wrong results on this device (`tests/test_dependent_launch.py`: a decode step, eagerly and
+# from a CUDA graph).
+PROGRAMMATIC_GUARD_TESTS = ("test_gpu_programmatic_decode_step_in_a_graph",)
+
+
+def guard_tests_failed(junit_xml: str, names: tuple) -> bool:
+    """False only when the GPU test run's JUnit file shows every test named in `names` (by prefix:
+    all its parameters) ran and none failed, errored or was skipped; True when one did, when one did
+    not run (GPU_TESTS left it out), or when the file is missing or unreadable (the run hung or died
+    before writing it)."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.parse(junit_xml).getroot()
     except (OSError, ET.ParseError):
         return True
-    guarded = [case for case in root.iter("testcase") if case.get("name", "").startswith(WARP_SPEC_GUARD_TESTS)]
-    ran_all = all(any(case.get("name").startswith(name) for case in guarded) for name in WARP_SPEC_GUARD_TESTS)
+    guarded = [case for case in root.iter("testcase") if case.get("name", "").startswith(names)]
+    ran_all = all(any(case.get("name").startswith(name) for case in guarded) for name in names)
     return not ran_all or any(case.find(tag) is not None for case in guarded for tag in ("failure", "error", "skipped"))
+
+
+def warp_spec_tests_failed(junit_xml: str) -> bool:
+    """`guard_tests_failed` for WARP_SPEC_GUARD_TESTS. gpu_check.sh (unless MTP_WARP_SPEC=0 already)
+    then runs the benchmarks with MTP_WARP_SPEC=0, so that no tuner can pick a fast warp-specialized
+    config whose results no test has checked here."""
+    return guard_tests_failed(junit_xml, WARP_SPEC_GUARD_TESTS)
+
+
+def programmatic_tests_failed(junit_xml: str) -> bool:
+    """`guard_tests_failed` for PROGRAMMATIC_GUARD_TESTS. gpu_check.sh (unless MTP_PDL=0 already) then
+    runs the benchmarks with MTP_PDL=0, so that no capture keeps programmatic launches that no test
+    has checked here."""
+    return guard_tests_failed(junit_xml, PROGRAMMATIC_GUARD_TESTS)

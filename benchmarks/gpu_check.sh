@@ -57,9 +57,23 @@ warp_spec_guard() {
     echo "warp-specialized kernels not confirmed by their GPU tests (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
   fi
 }
+# Programmatic dependent launches (kernels/dependent_launch.py; the generator captures steps with
+# and without them) likewise stay in the benchmarks only if their GPU test ran in this call and
+# passed; a call without a tests stage runs with MTP_PDL=0 unless it was set by hand.
+programmatic_guard() {
+  [ "${MTP_PDL:-}" = "0" ] && return 0
+  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.programmatic_tests_failed(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
+    export MTP_PDL=0
+    echo "programmatic dependent launches not confirmed by their GPU test (failed, not run, or the tests did not finish): MTP_PDL=0 from here" | tee -a "$LOG"
+  fi
+}
 if [ -z "${MTP_WARP_SPEC:-}" ] && [[ " ${stages[*]} " != *" tests "* ]]; then
   export MTP_WARP_SPEC=0
   echo "no tests stage in this call: warp-specialized kernels off (MTP_WARP_SPEC=0)" | tee -a "$LOG"
+fi
+if [ -z "${MTP_PDL:-}" ] && [[ " ${stages[*]} " != *" tests "* ]]; then
+  export MTP_PDL=0
+  echo "no tests stage in this call: programmatic dependent launches off (MTP_PDL=0)" | tee -a "$LOG"
 fi
 for s in "${stages[@]}"; do
   case $s in
@@ -67,7 +81,8 @@ for s in "${stages[@]}"; do
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
            MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
-           warp_spec_guard ;;
+           warp_spec_guard
+           programmatic_guard ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;

@@ -21,6 +21,7 @@ memory order is exactly that of ordinary launches:
 The generator captures its decode and verify steps with PDL and without, times both and keeps the
 faster (`CUDAGraphSteps` variants), so it only runs where it pays. Launches traced inside
 `programmatic_launch()` are programmatic; a launcher asks `launch_programmatic(device)`.
+`MTP_PDL=0` switches it off everywhere (read at call time).
 
 Under the interpreter each launch ends before the next starts, so there is nothing to wait for, and
 the interpreter cannot run the PTX of the wait: `await_prior_grid` does nothing there, which lets the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import triton
@@ -56,8 +58,9 @@ def programmatic_launch(enabled: bool = True):
 
 def programmatic_supported(device: torch.device) -> bool:
     """Whether launches on `device` can be programmatic: a CUDA device of compute capability 9 or more
-    (or a cross-compile for one, benchmarks/compile_check.py); never under the interpreter."""
-    if interpreting():
+    (or a cross-compile for one, benchmarks/compile_check.py); never under the interpreter, nor
+    with MTP_PDL=0."""
+    if interpreting() or os.environ.get("MTP_PDL", "").strip() == "0":
         return False
     arch = cross_compile_arch()
     if arch is not None:

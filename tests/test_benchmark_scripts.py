@@ -560,6 +560,12 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.warp_spec_tests_failed(str(tmp_path / "cut.xml"))
     script = (BENCH / "gpu_check.sh").read_text()
     assert "warp_spec_guard" in script and "MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests" in script
+    # The same guard for programmatic dependent launches (one test, every parameter of it).
+    pdl = "test_gpu_programmatic_decode_step_in_a_graph"
+    assert not common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", "")))
+    assert common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", '<failure message="x"/>')))
+    assert common.programmatic_tests_failed(junit((f"{every}[64-True]", "")))   # not run
+    assert "programmatic_guard" in script and "export MTP_PDL=0" in script
 
 
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):

@@ -20,6 +20,9 @@ def test_launches_are_programmatic_only_inside_the_switch_on_hopper(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")   # compile_check: CPU tensors stand for an sm_90 GPU
     assert programmatic_supported(cpu) and not launch_programmatic(cpu)
+    monkeypatch.setenv("MTP_PDL", "0")   # switched off everywhere
+    assert not programmatic_supported(cpu)
+    monkeypatch.delenv("MTP_PDL")
     with programmatic_launch():
         assert launch_programmatic(cpu)
         with programmatic_launch(False):

@@ -681,8 +681,6 @@ def warp_spec_allowed(kernel: str, device: torch.device | None = None, head_dim:
     return compute_major(index) == 9
 
 
-
-
 def _prune_ws(configs, named_args, *, kernel: str, **kwargs):
     """WARP_SPEC configs only where `_ws_ok` allowed their tensor descriptors (WS_OK = 1),
     and only where `warp_spec_allowed(kernel)` on Q's device and head dim (read at tuning time)."""

@@ -104,9 +104,14 @@ def test_gpu_programmatic_decode_step_in_a_graph(monkeypatch, batch, launch):
     device = torch.device("cuda")
     if not programmatic_supported(device):
         pytest.skip("programmatic dependent launch needs compute capability 9 or more")
-    monkeypatch.setattr(skinny_linear._TUNER, "choose", lambda *args: launch)
-    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: skinny_linear.swiglu_twin(launch))
-    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: skinny_linear.rope_twin(launch))
+    decode_rows = skinny_linear.row_tile(batch)   # the prefill's rows (8 a sequence) get cuBLAS
+
+    def chooser(tile):
+        return lambda key, *args: tile if key[2] == decode_rows else None
+
+    monkeypatch.setattr(skinny_linear._TUNER, "choose", chooser(launch))
+    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", chooser(skinny_linear.swiglu_twin(launch)))
+    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", chooser(skinny_linear.rope_twin(launch)))
     torch.manual_seed(0)
     args = ModelArgs(dim=512, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=64,
                      n_future_tokens=2, max_seq_len=64, max_batch_size=batch)

@@ -326,25 +326,31 @@ def scenarios(quick: bool = False):
 
     def programmatic_launch(dtype):
         # A decode step's kernels as programmatic dependent launches (Hopper; dependent_launch.py):
-        # the skinny GEMM tiles of the 7B's one-row and 64-row steps (the early first weight tile
-        # changes the loop) with their epilogue twins, and the kernels that only wait first.
+        # the skinny GEMM tiles of the 7B's one-row and 64-row steps with their epilogue twins, both
+        # with the early first weight tile (it changes the loop) and waiting first (--quick: the early
+        # tile only), and the kernels that only wait first.
         from mtp_kernels import skinny_linear as sl
         from mtp_kernels.dependent_launch import programmatic_launch
 
+        def skinny(rows):
+            x, w = randn(rows, 4096, dtype=dtype), randn(12288, 4096, dtype=dtype)   # 32 + 2 x 32 heads
+            launches = sl.skinny_candidates(rows, x.device)[1:]
+            for launch in launches if not quick else launches[:2] + [c for c in launches if c.split_k > 1][:1]:
+                sl.skinny_linear_run(x, w, launch)
+                sl.skinny_linear_run(x, w, sl.swiglu_twin(launch), swiglu=True)
+                if sl.rope_twin(launch) is not None:
+                    freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
+                    caches = [randn(1, 128, 32, 128, dtype=dtype) for _ in range(2)]
+                    rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *caches, 32, 32)
+                    sl.skinny_linear_run(x, w, sl.rope_twin(launch), rope=rope)
+
+        if not sl._kernel_takes(randn(1, 4096, dtype=dtype), randn(16, 4096, dtype=dtype)):
+            return   # float32 stays on cuBLAS, and on the reference elsewhere in a step
         with programmatic_launch():
-            for rows in (1, 64):
-                x, w = randn(rows, 4096, dtype=dtype), randn(12288, 4096, dtype=dtype)
-                if not sl._kernel_takes(x, w):   # float32 stays on cuBLAS
-                    return
-                launches = sl.skinny_candidates(rows, x.device)[1:]
-                for launch in launches if not quick else launches[:2] + [c for c in launches if c.split_k > 1][:1]:
-                    sl.skinny_linear_run(x, w, launch)
-                    sl.skinny_linear_run(x, w, sl.swiglu_twin(launch), swiglu=True)
-                    if sl.rope_twin(launch) is not None:
-                        freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
-                        caches = [randn(1, 128, 32, 128, dtype=dtype) for _ in range(2)]   # 32 + 2 x 32 heads
-                        rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *caches, 32, 32)
-                        sl.skinny_linear_run(x, w, sl.rope_twin(launch), rope=rope)
+            for early in (True,) if quick else (True, False):
+                with mock.patch.object(sl, "EARLY_WEIGHT_TILE", early):
+                    for rows in (1, 64):
+                        skinny(rows)
             K.rms_norm(randn(1, 4096, dtype=dtype), randn(4096, dtype=dtype))
             K.add_rms_norm(randn(1, 4096, dtype=dtype), randn(1, 4096, dtype=dtype), randn(4096, dtype=dtype))
             K.swiglu(randn(1, 11008, dtype=dtype), randn(1, 11008, dtype=dtype))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device run: GPU tests, then the benchmarks, results under $OUT (or ./gpu_out).
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate head_schedule
-#                                                (default: those), host_overhead, warp_spec_probe, skinny_rows
-#                                                and train (only when named)
+#                                                (default: those), host_overhead, warp_spec_probe, skinny_rows,
+#                                                pdl_probe and train (only when named)
 #   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
 # `train` (benchmarks/gpu_train_default.sh; run benchmarks/prepare_gpu_data.sh here first and carry
@@ -93,6 +93,8 @@ for s in "${stages[@]}"; do
                      run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ${PROBE_PARTS:+--parts $PROBE_PARTS} ;;
     head_schedule) run_stage head_schedule 120 python3 benchmarks/bench_head_schedule.py --device cuda --out "$RES" ;;
     skinny_rows) run_stage skinny_rows 150 python3 benchmarks/probe_skinny_rows.py --out "$RES" ;;   # x's cost in the 64-row GEMM tiles
+    pdl_probe) # opts in by itself (MTP_PDL=1): ordinary, programmatic, programmatic waiting first
+               MTP_PDL=1 run_stage pdl_probe 180 python3 benchmarks/probe_dependent_launch.py --out "$RES" ;;
     train) limit=$(( ${TRAIN_SECONDS:-240} + 240 )); [ "$limit" -gt 570 ] && limit=570
            run_stage train "$limit" bash benchmarks/gpu_train_default.sh "$OUT" ;;
     *) echo "unknown stage $s" ;;

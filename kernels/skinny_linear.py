@@ -63,6 +63,11 @@ from .rope_cache import check_cache_write, rope_cache_write, rotate
 from .swiglu import silu_times_up, swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
+# A programmatic dependent launch (dependent_launch.py) loads each program's first weight tile before
+# it waits for the kernel before it (the weights are constants of a step), at the cost of that tile's
+# registers or shared-memory stage (compile_sm90.md); False: it waits first, as the other kernels do.
+# benchmarks/probe_dependent_launch.py times both.
+EARLY_WEIGHT_TILE = True
 
 
 @triton.jit
@@ -175,17 +180,20 @@ def _skinny_linear_kernel(
     stride_cb, stride_cs, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr,
-    ROPE: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr,
 ):
     """Y = X @ W^T. Paired launches sum two weight rows per output side by side over one x tile, a
     first one and the one UP elements further: with SWIGLU, W is a fused gate/up weight (N gate rows,
     then the up rows; UP = N rows) and Y = silu(X @ Wg^T) * (X @ Wu^T); with ROPE, W is a fused
     q/k/v weight, its outputs are the N column pairs (rows 2n and 2n + 1, UP = one row) and the
     epilogue rotates q and k and writes k and v into the caches (`_rope_store`, arguments FREQS to
-    HEAD_DIM; Y is q). PDL: a programmatic dependent launch (dependent_launch.py), which loads its
-    first weight tile before it waits for the kernel before it."""
+    HEAD_DIM; Y is q). PDL: a programmatic dependent launch (dependent_launch.py), which waits for
+    the kernel before it first, or with EARLY_TILE after loading its first weight tile."""
     tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
     tl.static_assert(not (SWIGLU and ROPE), "one epilogue at a time")
+    tl.static_assert(PDL or not EARLY_TILE, "the early weight tile is a programmatic launch's")
+    if not EARLY_TILE:
+        await_prior_grid(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -215,7 +223,7 @@ def _skinny_linear_kernel(
         w_ptrs += k_lo
         x_ptrs += k_lo
     k_next = k_lo
-    if PDL:
+    if EARLY_TILE:
         # Weights are constants of a step: this program's first weight tile can stream in while the
         # kernel before it ends. Masked to this split's range (an empty split loads nothing).
         k_ok = (k_lo + offs_k) < k_hi
@@ -619,7 +627,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         *(rope.kernel_args() if rope is not None else _NO_ROPE),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
         **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, PDL=pdl,
-        num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl)
+        EARLY_TILE=pdl and EARLY_WEIGHT_TILE, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        launch_pdl=pdl)
     return y
 
 

@@ -44,7 +44,7 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
-                         "probe_warp_spec.py", "probe_skinny_rows.py"):
+                         "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -360,6 +360,42 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     text = module.to_markdown(result)
     assert "SwiGLU in its epilogue" in text and "64x16x256 dot w4 s3 k2" in text and "| unfused |" in text
     assert "rotary and the cache write in its epilogue" in text and "1x8x1024 fma w4 s3" in text
+
+
+def test_probe_dependent_launch_times_a_decode_step_three_ways(triton_backend, load_script, monkeypatch):
+    """The probe (GPU) on a CPU under the interpreter, a tiny model, a stand-in timer: at each batch
+    the decode step runs under each variant, with ordinary launches, programmatic ones with the early
+    weight tile and programmatic ones that wait first (the switches set while it runs and restored
+    after); the saving per kernel comes out of the timer's ms; the markdown lists them."""
+    from mtp_engine.model import ModelArgs, Transformer
+    from mtp_kernels import dependent_launch, skinny_linear
+    from mtp_kernels.dependent_launch import launch_programmatic
+
+    module = load_script(BENCH / "probe_dependent_launch.py")
+    monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+    monkeypatch.setenv("MTP_TUNE", "0")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, multiple_of=16,
+                                  max_seq_len=32, max_batch_size=2)).eval()
+    model.fuse_projections()
+    seen = []
+    ms = {"ordinary": 3.0, "programmatic, early weight tile": 2.5, "programmatic, waiting first": 2.8}
+
+    def timer(step, setting):
+        with setting():
+            out = step()
+            state = (launch_programmatic(out.device), skinny_linear.EARLY_WEIGHT_TILE)
+        seen.append((out.shape[0], state))
+        return {(False, True): 3.0, (True, True): 2.5, (True, False): 2.8}[state]
+
+    rows = module.probe(model, (1, 2), 4, timer, kernel_count=lambda tokens, lengths: 100)
+    assert seen == [(B, state) for B in (1, 2) for state in ((False, True), (True, True), (True, False))]
+    assert skinny_linear.EARLY_WEIGHT_TILE is True and not launch_programmatic(torch.device("cpu"))
+    assert [r["ms"] for r in rows] == [ms, ms] and rows[0]["kernels"] == 100
+    assert rows[0]["saved_us_per_kernel"] == pytest.approx({"programmatic, early weight tile": 5.0,
+                                                            "programmatic, waiting first": 2.0})
+    text = module.to_markdown({"env": {"device": "test"}, "shape": module.SHAPE, "kv_len": 4, "rows": rows})
+    assert "| 2 | 100 | 3 | 2.5 | 2.8 | 5 | 2 |" in text
 
 
 def test_probe_skinny_rows_times_every_64_row_tile_at_64_rows_and_at_one(triton_backend, load_script):

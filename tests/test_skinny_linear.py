@@ -782,13 +782,14 @@ def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
 
 
 # ------------------------------------------------------------------ programmatic dependent launch
+@pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("M,N,K", [(1, 37, 33), (1, 64, 128), (3, 37, 96), (17, 21, 33), (64, 16, 16)])
-def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatch, M, N, K):
+def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatch, M, N, K, early):
     """A programmatic dependent launch (dependent_launch.py) loads each program's first weight tile
-    before it waits for the kernel before it, then runs the rest of its K range: every candidate
-    (multiply-add, tl.dot, stream-K, split-K with empty splits and NaN scratch), plain, with SwiGLU
-    and with the rotary epilogue, gives the bits of the ordinary launch. (The wait itself is a no-op
-    under the interpreter.)"""
+    before it waits for the kernel before it and then runs the rest of its K range (EARLY_WEIGHT_TILE),
+    or waits first: every candidate (multiply-add, tl.dot, stream-K, split-K with empty splits and NaN
+    scratch), plain, with SwiGLU and with the rotary epilogue, gives the bits of the ordinary launch.
+    (The wait itself is a no-op under the interpreter.)"""
     _nan_scratch(monkeypatch)
     x, w = _inputs(M, N, K, torch.float16, seed=M + N + K)
     w13 = torch.cat([w, w.flip(0)])
@@ -807,6 +808,7 @@ def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatc
 
     ordinary = {launch: results(launch) for launch in launches}
     monkeypatch.setattr(sl, "launch_programmatic", lambda device: True)
+    monkeypatch.setattr(sl, "EARLY_WEIGHT_TILE", early)
     for launch in launches:
         for got, want in zip(results(launch), ordinary[launch], strict=True):
             assert torch.equal(got, want), launch

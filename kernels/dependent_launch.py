@@ -12,7 +12,9 @@ until that kernel has ended and its writes are visible. The rules every launch h
 memory order is exactly that of ordinary launches:
   - a programmatic kernel calls `await_prior_grid` before it loads anything a kernel before it may
     have written and before any store; the only work before the wait is loading weights, which no
-    kernel of a step writes (the skinny GEMMs load their first weight tile there);
+    kernel of ours writes (the skinny GEMMs load their first weight tile there unless
+    `skinny_linear.EARLY_WEIGHT_TILE` is False; a kernel of PyTorch's that wrote weights, a copy,
+    has no programmatic trigger, so the next kernel starts only once it has ended);
   - it signals its dependents only after its own wait, so at most two kernels' programs share the
     GPU, and the next kernel's programs are placed only once this kernel's last programs have started:
     they take no room this kernel still needs;

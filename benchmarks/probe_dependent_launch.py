@@ -80,6 +80,8 @@ def probe(model, batches, kv_len: int, timer: Callable, kernel_count: Optional[C
 def graph_ms(step: Callable, setting: Callable, replays: int = 30) -> float:
     """Median ms of `replays` replays of `step` captured as a CUDA graph under `setting` (two eager
     warm-up runs first, on a side stream: the launch tuners time there)."""
+    from mtp_engine.cuda_graphs import CUDAGraphSteps
+
     with setting():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -90,15 +92,7 @@ def graph_ms(step: Callable, setting: Callable, replays: int = 30) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[replays // 2]
+    return CUDAGraphSteps._replay_ms(graph, lambda: None, reps=replays)   # the generator's own timing
 
 
 def to_markdown(result: dict) -> str:

@@ -180,12 +180,12 @@ def kv_launch_report() -> list:
     return rows
 
 
-def step_variant_choice(gen: Generator, step: str, size: int):
+def step_variant_choice(gen: Generator, step: tuple):
     """({variant label: replay ms}, the label kept) that the capture of a step measured
-    (CUDAGraphSteps.variant_choices): step "verify" for the greedy verify step over a tree of `size`
-    nodes, "forward" with size 1 for the plain decode step; None without graphs or variants."""
+    (CUDAGraphSteps.variant_choices): step ("verify", nodes) for the greedy verify step over a tree of
+    that many nodes, ("plain",) for the greedy plain step; None without graphs or variants."""
     for key, variant_ms, kept in (gen._graphs.variant_choices() if gen._graphs else []):
-        if key[2:4] == (step, size):
+        if key[2:2 + len(step)] == step:
             return variant_ms, kept
     return None
 
@@ -235,8 +235,10 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         model.forward_cached(torch.randint(0, model.vocab_size, (B, kv_len), device=device),
                              torch.zeros(B, dtype=torch.int32, device=device), n_heads=heads)
 
-        def plain_step():  # as Generator's plain greedy loop: decode forward, then linear + argmax
-            return gen._next_tokens(gen._decode(tokens, seqlens), 0.0, 1.0, None, False)[0]
+        stay = torch.zeros(B, dtype=torch.int32, device=device)   # lengths not advanced: every step alike
+
+        def plain_step():  # as Generator's greedy plain loop: decode forward and linear + argmax, one graph
+            return gen._plain_step(tokens, seqlens, stay)[0]
 
         row = {"batch": B, "kv_len": kv_len, "blocks_per_decode": len(model.trunk) + 1}
         try:
@@ -254,7 +256,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         row["plain_floor_ms"] = decode_bytes(model, B, kv_len) / (copy_gbps * 1e6)
         if row["plain_ms"]:
             row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
-        choice = step_variant_choice(gen, "forward", 1)
+        choice = step_variant_choice(gen, ("plain",))
         if choice:   # captured with ordinary and programmatic launches (Hopper)
             row["plain_capture_ms"], row["plain_kept"] = choice
         for T, tree in trees.items():
@@ -269,7 +271,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")
             row[f"verify{T}_status"] = res["status"]
-            choice = step_variant_choice(gen, "verify", tree.size)
+            choice = step_variant_choice(gen, ("verify", tree.size))
             if choice:   # the capture's timings of this step, one per variant
                 row[f"verify{T}_capture_ms"], row[f"verify{T}_kept"] = choice
             if device.type == "cuda" and res["status"] == "ok":

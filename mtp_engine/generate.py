@@ -239,13 +239,13 @@ class Generator:
     def _run_plain(self, prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start):
         """One token per sequence per forward. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
-        hidden = last_hidden[:, 0]
         forwards = 1
         prefill_time = time.perf_counter() - start
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
+        next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, rng, logprobs)
+        whole_step = temperature == 0 and not logprobs   # forward and argmax as one step (one graph)
         while True:
-            next_tok, lps = self._next_tokens(hidden, temperature, top_p, rng, logprobs)
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
                     seqs[b].forwards += 1
@@ -256,13 +256,30 @@ class Generator:
             # Rows past the last live one leave the forward (the cache is indexed by leading rows);
             # finished rows inside it re-write their first free slot, which nothing reads.
             rows = max(b for b, alive in enumerate(live) if alive) + 1
-            hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
-            forwards += 1
             if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
                 live_key = tuple(live[:rows])
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
-            cache_seqlens[:rows] += advance
+            if whole_step:
+                next_tok, lengths = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance)
+                cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
+            else:
+                hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
+                cache_seqlens[:rows] += advance
+                next_tok, lps = self._next_tokens(hidden, temperature, top_p, rng, logprobs)
+            forwards += 1
         return forwards, prefill_time, prompt_lp
+
+    def _plain_step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, advance: torch.Tensor):
+        """A greedy plain step for R rows as one function, one CUDA graph when graphs are on (as the
+        greedy verify step is): the decode forward of tokens (R,) at slots cache_seqlens (R,) int32,
+        head 0's next tokens by `linear_argmax`, and the lengths plus `advance` (R,) int32 (1 for a live
+        row). Returns (next tokens (R,), advanced lengths (R,)); cache_seqlens is not changed."""
+        def step(tokens, lengths, advance):
+            hidden = self._forward(tokens[:, None], lengths, None)[:, 0, 0]
+            return linear_argmax(hidden, self.model.output.weight), lengths + advance
+
+        return self._graphed(("plain",), step, (tokens, cache_seqlens, advance),
+                             variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
     def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, rng, eos_id, want_logprobs,

@@ -533,18 +533,18 @@ def test_bench_generate_reports_the_step_variants(load_script):
     class Graphs:
         def variant_choices(self):
             return [((1, True, "forward", 16), {"concurrent": 9.0, "in order": 9.0}, "concurrent"),   # a forward
-                    ((1, True, "forward", 1), plain, "programmatic launch"),                        # the plain step
+                    ((1, True, "plain"), plain, "programmatic launch"),                             # the plain step
                     ((1, True, "verify", 4, 4, 2, 123, None), {"concurrent, two reads": 5.5}, "concurrent, two reads"),
                     ((1, True, "verify", 64, 4, 2, 456, None), four, "concurrent, one read")]
 
     class Gen:
         _graphs = Graphs()
 
-    assert module.step_variant_choice(Gen(), "verify", 64) == (four, "concurrent, one read")
-    assert module.step_variant_choice(Gen(), "verify", 16) is None
-    assert module.step_variant_choice(Gen(), "forward", 1) == (plain, "programmatic launch")
+    assert module.step_variant_choice(Gen(), ("verify", 64)) == (four, "concurrent, one read")
+    assert module.step_variant_choice(Gen(), ("verify", 16)) is None
+    assert module.step_variant_choice(Gen(), ("plain",)) == (plain, "programmatic launch")
     Gen._graphs = None
-    assert module.step_variant_choice(Gen(), "verify", 4) is None
+    assert module.step_variant_choice(Gen(), ("verify", 4)) is None
     with_pdl = {**four, "concurrent, one read, programmatic launch": 5.7, "in order, two reads, programmatic launch": 6.0}
     row = {"batch": 1, "plain_ms": 5.0, "verify4_capture_ms": {"concurrent, two reads": 5.5},
            "verify4_kept": "concurrent, two reads", "verify64_capture_ms": with_pdl,

@@ -359,6 +359,8 @@ def _skinny_stream_k_kernel(
         k_ok = (k0 + offs_k) < K
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + k0 + offs_k[None, :]
         w = _load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
+        # Its own K step, not `_accumulate`: written that way, ptxas gave these tiles 98-158 registers
+        # where this form takes 116-129 (Triton 3.9), with no GPU timing to choose between them.
         x_tile = _load_x_tile(x_rows + k0, m_ok, k_ok, EVEN_K)
         acc = tl.dot(x_tile, tl.trans(w), acc)
         if SWIGLU:
@@ -768,10 +770,10 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     fused = (not torch.is_grad_enabled() or not (x.requires_grad or wqkv.requires_grad)) and 1 <= M <= MAX_ROWS \
         and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
         and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
-    if fused:   # rope_cache_write's rules, on the shapes the kernel will write through
-        check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x, wqkv)
-    else:
+    if not fused:   # rope_cache_write checks the operands there
         return _unfused_rope(x, wqkv, rope, check_slots)
+    # rope_cache_write's rules, on the shapes the kernel will write through
+    check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x, wqkv)
     x2 = as_rows(x)
     key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
     launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)

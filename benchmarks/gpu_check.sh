@@ -44,36 +44,30 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# The warp-specialized flash configs (`attention.warp_spec_allowed`: MTP_WARP_SPEC=1, or by default
-# the kernels in WARP_SPEC_DEFAULT_KERNELS) stay in the benchmarks only if their GPU tests ran in
-# this call and passed (an autotuner would otherwise pick a fast one whatever its results). The
-# tests stage runs those tests whatever the setting (MTP_WARP_SPEC=1 for pytest, unless 0); a call
-# without a tests stage runs with MTP_WARP_SPEC=0 unless it was set to 1 by hand.
-warp_spec_guard() {
-  [ "${MTP_WARP_SPEC:-}" = "0" ] && return 0
+# Two kinds of launch stay in the benchmarks only if their GPU tests ran in this call and passed (a
+# tuner or a capture would otherwise keep a fast one whatever its results):
+#  - the warp-specialized flash configs (`attention.warp_spec_allowed`: MTP_WARP_SPEC=1, or by
+#    default the kernels in WARP_SPEC_DEFAULT_KERNELS); the tests stage runs their tests whatever the
+#    setting (MTP_WARP_SPEC=1 for pytest, unless 0);
+#  - programmatic dependent launches (kernels/dependent_launch.py: MTP_PDL, on unless 0).
+# A call without a tests stage runs with both off unless they were set by hand.
+guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches
+  local var=$1 check=$2 what=$3
+  [ "${!var:-}" = "0" ] && return 0
   # exit 0 only when the tests confirm them: a crash of the check itself also switches them off
-  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.warp_spec_tests_failed(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
-    export MTP_WARP_SPEC=0
-    echo "warp-specialized kernels not confirmed by their GPU tests (failed, not run, or the tests did not finish): MTP_WARP_SPEC=0 from here" | tee -a "$LOG"
+  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.$check(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
+    export "$var=0"
+    echo "$what not confirmed by their GPU tests (failed, not run, or the tests did not finish): $var=0 from here" | tee -a "$LOG"
   fi
 }
-# Programmatic dependent launches (kernels/dependent_launch.py; the generator captures steps with
-# and without them) likewise stay in the benchmarks only if their GPU test ran in this call and
-# passed; a call without a tests stage runs with MTP_PDL=0 unless it was set by hand.
-programmatic_guard() {
-  [ "${MTP_PDL:-}" = "0" ] && return 0
-  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.programmatic_tests_failed(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
-    export MTP_PDL=0
-    echo "programmatic dependent launches not confirmed by their GPU test (failed, not run, or the tests did not finish): MTP_PDL=0 from here" | tee -a "$LOG"
-  fi
-}
-if [ -z "${MTP_WARP_SPEC:-}" ] && [[ " ${stages[*]} " != *" tests "* ]]; then
-  export MTP_WARP_SPEC=0
-  echo "no tests stage in this call: warp-specialized kernels off (MTP_WARP_SPEC=0)" | tee -a "$LOG"
-fi
-if [ -z "${MTP_PDL:-}" ] && [[ " ${stages[*]} " != *" tests "* ]]; then
-  export MTP_PDL=0
-  echo "no tests stage in this call: programmatic dependent launches off (MTP_PDL=0)" | tee -a "$LOG"
+if [[ " ${stages[*]} " != *" tests "* ]]; then
+  for guarded in "MTP_WARP_SPEC:warp-specialized kernels" "MTP_PDL:programmatic dependent launches"; do
+    var=${guarded%%:*}
+    if [ -z "${!var:-}" ]; then
+      export "$var=0"
+      echo "no tests stage in this call: ${guarded#*:} off ($var=0)" | tee -a "$LOG"
+    fi
+  done
 fi
 for s in "${stages[@]}"; do
   case $s in
@@ -81,8 +75,8 @@ for s in "${stages[@]}"; do
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
            MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
-           warp_spec_guard
-           programmatic_guard ;;
+           guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed "warp-specialized kernels"
+           guard_by_tests MTP_PDL programmatic_tests_failed "programmatic dependent launches" ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;

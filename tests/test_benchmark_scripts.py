@@ -55,7 +55,7 @@ def _scratch_gpu_check(tmp_path):
     (tmp_path / "kernels").mkdir()
     for name in ("gpu_check.sh", "common.py"):
         (tmp_path / "benchmarks" / name).write_text((BENCH / name).read_text())
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MTP_WARP_SPEC")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MTP_WARP_SPEC", "MTP_PDL")}
     env.update(OUT=str(tmp_path / "out"), RESULTS_DIR=str(tmp_path / "results"))
     return tmp_path / "benchmarks" / "gpu_check.sh", env
 
@@ -79,9 +79,9 @@ def test_gpu_check_survives_peer_wheels_that_do_not_install(tmp_path):
                                                           (None, ["tests"], False)])
 def test_gpu_check_without_tests_runs_without_warp_specialization(tmp_path, setting, stages, switched_off):
     """A call without a tests stage has no GPU check of the warp-specialized kernels behind it: unless
-    MTP_WARP_SPEC=1 was asked for by hand, its benchmarks run with MTP_WARP_SPEC=0. (The tests stage
-    here collects a file that does not exist, so pytest stops at once; the guard after it then
-    switches them off, with its own message.)"""
+    MTP_WARP_SPEC=1 was asked for by hand, its benchmarks run with MTP_WARP_SPEC=0; likewise
+    programmatic dependent launches (MTP_PDL=0). (The tests stage here collects a file that does not
+    exist, so pytest stops at once; the guards after it then switch both off, each with its message.)"""
     script, env = _scratch_gpu_check(tmp_path)
     env["GPU_TESTS"] = "no_such_test_file.py"
     if setting is not None:
@@ -90,6 +90,10 @@ def test_gpu_check_without_tests_runs_without_warp_specialization(tmp_path, sett
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ("no tests stage in this call: warp-specialized kernels off" in proc.stdout) is switched_off
     assert ("not confirmed by their GPU tests" in proc.stdout) is (stages == ["tests"])
+    assert ("no tests stage in this call: programmatic dependent launches off (MTP_PDL=0)" in proc.stdout) \
+        is (stages == ["env"])
+    assert ("programmatic dependent launches not confirmed by their GPU tests" in proc.stdout) is (stages == ["tests"])
+    assert ("warp-specialized kernels not confirmed by their GPU tests" in proc.stdout) is (stages == ["tests"])
 
 
 def test_bench_host_overhead_cpu_smoke(tmp_path):
@@ -595,13 +599,14 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     (tmp_path / "cut.xml").write_text("<testsuites><testsuite")
     assert common.warp_spec_tests_failed(str(tmp_path / "cut.xml"))
     script = (BENCH / "gpu_check.sh").read_text()
-    assert "warp_spec_guard" in script and "MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests" in script
+    assert "guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed" in script
+    assert "MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests" in script
     # The same guard for programmatic dependent launches (one test, every parameter of it).
     pdl = "test_gpu_programmatic_decode_step_in_a_graph"
     assert not common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", "")))
     assert common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", '<failure message="x"/>')))
     assert common.programmatic_tests_failed(junit((f"{every}[64-True]", "")))   # not run
-    assert "programmatic_guard" in script and "export MTP_PDL=0" in script
+    assert "guard_by_tests MTP_PDL programmatic_tests_failed" in script
 
 
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):

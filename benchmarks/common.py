@@ -377,6 +377,18 @@ def write_markdown(path: Path | str, text: str) -> Path:
     return path
 
 
+def probe_command_line(doc: str, main: Callable[[str], Any]) -> None:
+    """A probe script's command line (its docstring's first line as the description): --out DIR,
+    made if missing, then main(DIR)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    out = parser.parse_args().out
+    os.makedirs(out, exist_ok=True)
+    main(out)
+
+
 def write_bar_chart(
     path: Path | str,
     groups: list[str],

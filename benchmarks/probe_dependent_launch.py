@@ -13,7 +13,6 @@ the early tile's registers and shared memory are the cause.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -116,20 +115,19 @@ def to_markdown(result: dict) -> str:
 def main(out_dir: str) -> dict:
     from bench_generate import kernels_per_decode_forward, random_model
     from common import device_slug, environment_info, write_json, write_markdown
+    from mtp_kernels.dependent_launch import programmatic_supported
 
     os.environ.pop("MTP_BACKEND", None)
     device = torch.device("cuda")
+    if not programmatic_supported(device):   # then all three variants would be the ordinary one
+        raise SystemExit(f"programmatic dependent launch is off here ({torch.cuda.get_device_name(device)}, "
+                         f"MTP_PDL={os.environ.get('MTP_PDL')!r}): nothing to probe")
     model = random_model(SHAPE, device, torch.bfloat16)
     model.fuse_projections()
 
     def kernel_count(tokens, lengths):
         return kernels_per_decode_forward(model, tokens, lengths)[0]
 
-    from mtp_kernels.dependent_launch import programmatic_supported
-
-    if not programmatic_supported(device):   # then all three variants would be the ordinary one
-        raise SystemExit(f"programmatic dependent launch is off here ({torch.cuda.get_device_name(device)}, "
-                         f"MTP_PDL={os.environ.get('MTP_PDL')!r}): nothing to probe")
     result = {"env": environment_info(device), "shape": SHAPE, "kv_len": KV_LEN,
               "rows": probe(model, BATCHES, KV_LEN, graph_ms, kernel_count)}
     stem = os.path.join(out_dir, f"dependent_launch_{device_slug(device)}")
@@ -138,10 +136,7 @@ def main(out_dir: str) -> dict:
     print(to_markdown(result))
     return result
 
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    main(args.out)
+    from common import probe_command_line
+
+    probe_command_line(__doc__, main)

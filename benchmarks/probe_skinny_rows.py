@@ -14,7 +14,6 @@ eighteenth session); if the two runs tie, x is not the cost.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Optional
@@ -89,8 +88,6 @@ def main(out_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    main(args.out)
+    from common import probe_command_line
+
+    probe_command_line(__doc__, main)

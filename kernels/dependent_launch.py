@@ -4,7 +4,8 @@ one before it finishes, and waits for it only where it touches memory.
 A decode step of the 7B model at batch 1 is about 210 kernels of 5 to 45 us. Between two of them the
 GPU drains: the last programs of one kernel run on a few SMs while the others idle, then the next
 kernel's programs are placed and their first loads wait a microsecond or so on HBM. In the H200's
-step profile (nineteenth session) the one-row GEMMs ran 2-3 us above their bytes' time each.
+decode GEMM tuning (nineteenth session, generate_nvidia-h200.md) the one-row GEMMs ran 2-4 us
+above their bytes' time at the measured copy bandwidth.
 
 A kernel launched with `launch_pdl=True` may be started once every program of the kernel before it
 on the stream has called `gdc_launch_dependents` (or ended). Its programs then stop in `gdc_wait`

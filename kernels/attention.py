@@ -46,7 +46,7 @@ import triton.language as tl
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
-from .backend import compute_major, cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
+from .backend import check_one_device, compute_major, cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -1321,8 +1321,7 @@ def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"{name}: q, {k_name}, {v_name} must share one floating dtype, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, {k_name}, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_one_device(name, q=q, **{k_name: k, v_name: v})
 
 
 def _kernel_supports(q: torch.Tensor) -> bool:
@@ -1399,8 +1398,7 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
         raise ValueError(f"{name}: cache_seqlens must be a tensor of shape ({B},), got {shape}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"{name}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    check_one_device(name, q=q, cache_seqlens=cache_seqlens)
     packed = tree_mask if isinstance(tree_mask, PackedTreeMask) else None
     if packed is not None:
         tree_mask = packed.mask
@@ -1410,8 +1408,7 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
             raise ValueError(f"{name}: tree_mask must have shape (Tq, Tq) = ({Tq}, {Tq}), got {shape}")
         if tree_mask.dtype != torch.bool:
             raise ValueError(f"{name}: tree_mask must be torch.bool, got {tree_mask.dtype}")
-        if tree_mask.device != q.device:
-            raise ValueError(f"{name}: tree_mask is on {tree_mask.device} but q is on {q.device}")
+        check_one_device(name, q=q, tree_mask=tree_mask)
     if Tq > S_max:
         raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
     if check_seqlens and B > 0 and not graph_capturing(cache_seqlens.device):

@@ -94,6 +94,18 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def check_one_device(name: str, **tensors) -> None:
+    """A ValueError from op `name` unless every tensor given (by argument name; None skipped) is on
+    one device. The message names each argument's device, e.g. "swiglu: gate and up must be on one
+    device, got gate on cuda:0, up on cpu"."""
+    named = {arg: t for arg, t in tensors.items() if t is not None}
+    if len({t.device for t in named.values()}) > 1:
+        args = list(named)
+        listed = args[0] if len(args) == 1 else ", ".join(args[:-1]) + " and " + args[-1]
+        raise ValueError(f"{name}: {listed} must be on one device, got "
+                         + ", ".join(f"{arg} on {t.device}" for arg, t in named.items()))
+
+
 def backend_name() -> str:
     name = os.environ.get("MTP_BACKEND", "auto").strip().lower() or "auto"
     if name not in _CHOICES:

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .backend import as_rows
+from .backend import as_rows, check_one_device
 
 DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
 REDUCTIONS = ("mean", "sum", "none")
@@ -223,11 +223,11 @@ def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, labe
 
 
 def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, head_weights,
-                 weight_name="weight"):
+                 weight_name="weight", op="fused_linear_cross_entropy"):
     """Every check that needs no vocabulary size: types, shapes, dtypes, devices, options.
     Returns (hidden as (n, N, D), single_head)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("fused_linear_cross_entropy: hidden, weight and targets must be tensors")
+        raise ValueError(f"{op}: hidden, weight and targets must be tensors")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     single_head = hidden.dim() == 2
@@ -249,9 +249,7 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
             (hidden.dtype != weight.dtype and autocast_dtype(hidden, weight) is None):
         raise ValueError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share one floating dtype "
                          "(or be float32/float16/bfloat16 under torch.autocast, which runs both in its dtype)")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"hidden ({hidden.device}), {weight_name} ({weight.device}) and targets ({targets.device}) "
-                         "must be on one device")
+    check_one_device(op, hidden=hidden, **{weight_name: weight}, targets=targets)
     check_loss_options(label_smoothing, z_loss, softcap, ignore_index, head_weights)
     return h3, single_head
 

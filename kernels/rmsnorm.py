@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
+from .backend import as_rows, check_one_device, gpu_launch, interpreting, sm_count, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -110,8 +110,7 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, eps: float =
         raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    if x.device != weight.device:
-        raise ValueError(f"{name}: x is on {x.device} but weight is on {weight.device}")
+    check_one_device(name, x=x, weight=weight)
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import check_one_device, interpreting, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -118,11 +118,11 @@ def rope_cache_write_triton(q, k, v, freqs_cis, slots, k_cache, v_cache) -> torc
 
 
 def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, slots, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, check_slots: bool, *inputs: torch.Tensor) -> None:
+                      v_cache: torch.Tensor, check_slots: bool, **inputs: torch.Tensor) -> None:
     """The rules for writing B x T new tokens' rotated k and v (Hkv heads of D) into the caches at
     `slots`, with `rope_cache_write`'s messages (`name` first): caches that fit, freqs_cis and slots
     of the tokens' shape, slots in [0, S) (read on the host only for CPU tensors, with check_slots:
-    on CUDA it would synchronize), and everything, `inputs` included, on one device. Shared by
+    on CUDA it would synchronize), and everything, `inputs` (by name) included, on one device. Shared by
     `rope_cache_write` and the q/k/v GEMM's rotary epilogue (`skinny_linear.skinny_linear_rope`)."""
     if not isinstance(v_cache, torch.Tensor) or k_cache.shape != v_cache.shape or k_cache.dim() != 4 \
             or k_cache.shape[0] < B or k_cache.shape[2:] != (Hkv, D) or D % 2:
@@ -142,10 +142,7 @@ def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, sl
         low, high = int(slots.min()), int(slots.max())
         if low < 0 or high >= k_cache.shape[1]:
             raise ValueError(f"{name}: slots must be in [0, S = {k_cache.shape[1]}), got {low}..{high}")
-    devices = {t.device for t in (*inputs, freqs_cis, slots, k_cache, v_cache)}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: the inputs, freqs_cis, slots and the caches must be on one device, got "
-                         f"{sorted(map(str, devices))}")
+    check_one_device(name, **inputs, freqs_cis=freqs_cis, slots=slots, k_cache=k_cache, v_cache=v_cache)
 
 
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_cis: torch.Tensor,
@@ -175,7 +172,7 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"{name}: {n} must be a floating tensor, got {t.dtype}")
-    check_cache_write(name, B, T, k.shape[2], D, freqs_cis, slots, k_cache, v_cache, check_slots, q, k, v)
+    check_cache_write(name, B, T, k.shape[2], D, freqs_cis, slots, k_cache, v_cache, check_slots, q=q, k=k, v=v)
     tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
     unit_last = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
     if not use_triton(*tensors) or not unit_last or freqs_cis.dtype != torch.complex64 or \

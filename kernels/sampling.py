@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import gpu_launch, use_triton
+from .backend import check_one_device, gpu_launch, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -478,8 +478,7 @@ def _check_linear_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor) 
         raise ValueError(f"{name}: weight has no rows (V = 0): there is no token to pick")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{name}: hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
-    if hidden.device != weight.device:
-        raise ValueError(f"{name}: hidden is on {hidden.device} but weight is on {weight.device}")
+    check_one_device(name, hidden=hidden, weight=weight)
 
 
 def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:

@@ -773,7 +773,7 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     if not fused:   # rope_cache_write checks the operands there
         return _unfused_rope(x, wqkv, rope, check_slots)
     # rope_cache_write's rules, on the shapes the kernel will write through
-    check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x, wqkv)
+    check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x=x, wqkv=wqkv)
     x2 = as_rows(x)
     key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
     launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import as_rows, interpreting, use_triton
+from .backend import as_rows, check_one_device, interpreting, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -50,8 +50,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate and up must be tensors of one shape and dtype, got "
                          f"{getattr(gate, 'shape', type(gate))} {getattr(gate, 'dtype', '')} and "
                          f"{getattr(up, 'shape', type(up))} {getattr(up, 'dtype', '')}")
-    if gate.device != up.device:
-        raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}")
+    check_one_device("swiglu", gate=gate, up=up)
     if not gate.is_floating_point():
         raise ValueError(f"swiglu: gate and up must be floating tensors, got {gate.dtype}")
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import graph_capturing, interpreting, use_triton
+from .backend import check_one_device, graph_capturing, interpreting, use_triton
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -254,9 +254,7 @@ def _check_accept_inputs(name: str, candidates, verifier, parents) -> int:
         raise ValueError(f"{name}: parents must be (T,) = ({candidates.shape[1]},), got {tuple(parents.shape)}")
     if parents.dtype not in _INDEX_DTYPES:
         raise ValueError(f"{name}: parents must be int32 or int64, got {parents.dtype}")
-    if not candidates.device == verifier.device == parents.device:
-        raise ValueError(f"{name}: candidates, verifier, parents must be on one device, got "
-                         f"{candidates.device}, {verifier.device}, {parents.device}")
+    check_one_device(name, candidates=candidates, verifier=verifier, parents=parents)
     return _checked_max_depth(parents)
 
 
@@ -317,10 +315,7 @@ def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape not in ((B_max,), (B,)):
         raise ValueError(f"compact_kv_cache: cache_seqlens must be int32 of shape ({B_max},) or ({B},), got "
                          f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}")
-    devices = {t.device for _, t in tensors}
-    if len(devices) != 1:
-        raise ValueError("compact_kv_cache: all tensors must be on one device, got "
-                         + ", ".join(f"{arg} on {t.device}" for arg, t in tensors))
+    check_one_device("compact_kv_cache", **dict(tensors))
     if k_cache.device.type == "cpu":
         _check_compaction_values(k_cache, cache_seqlens, accepted_nodes, accept_len)
     if B == 0:

@@ -216,7 +216,8 @@ def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weigh
     """Validate, agree on the layout, flatten to rows: the single-process checks, with token ids checked
     against the global vocabulary."""
     h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
-                              head_weights, weight_name="weight (this rank's shard)")
+                              head_weights, weight_name="weight (this rank's shard)",
+                              op="vocab_parallel_cross_entropy")
     n, N, D = h3.shape
     shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device)
     return flatten_rows(h3, targets, head_weights, shard.vocab_size, ignore_index) + (single, shard)

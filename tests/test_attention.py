@@ -763,10 +763,11 @@ def _flash_bad_inputs():
         ((q, k[:, :4], v[:, :4]), "length"),
         ((q, k[..., :8], v[..., :8]), "head_dim"),
         ((q.long(), k.long(), v.long()), "dtype"),
+        ((q, k, v.to("meta")), "q, k and v must be on one device, got q on cpu, k on cpu, v on meta"),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_flash_attention_rejects_bad_input(case):
     args, match = _flash_bad_inputs()[case]
     with pytest.raises(ValueError, match=match):
@@ -786,10 +787,13 @@ def _kv_bad_inputs():
         ((q, k_cache[:, :, :1], v_cache[:, :, :1].expand(2, 10, 3, 16), seqlens), "shape"),
         ((q, k_cache.half(), v_cache.half(), seqlens), "dtype"),
         ((q[:1], k_cache, v_cache, seqlens), "batch"),
+        ((q, k_cache, v_cache.to("meta"), seqlens), "v_cache on meta"),
+        ((q, k_cache, v_cache, seqlens.to("meta")), "q and cache_seqlens must be on one device"),
+        ((q, k_cache, v_cache, seqlens, torch.ones(3, 3, dtype=torch.bool, device="meta")), "tree_mask on meta"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(13))
 def test_kv_cache_attention_rejects_bad_input(case):
     args, match = _kv_bad_inputs()[case]
     with pytest.raises(ValueError, match=match):

@@ -243,7 +243,7 @@ def test_bad_shapes_and_dtypes(hidden_shape, weight_shape, dtypes, match):
 
 
 def test_bad_device():
-    with pytest.raises(ValueError, match="hidden is on cpu but weight is on meta"):
+    with pytest.raises(ValueError, match="hidden on cpu, weight on meta"):
         linear_argmax(torch.zeros(2, 4), torch.zeros(7, 4, device="meta"))
 
 

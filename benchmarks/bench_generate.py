@@ -68,14 +68,11 @@ def kernels_per_decode_forward(model: Transformer, tokens: torch.Tensor, seqlens
     torch.profiler counts them, and the count per kernel name; None off CUDA."""
     if tokens.device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
-    # Once outside the profile: a shape's first call tunes its launches (many kernels, once).
-    model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def forward():
         model.forward_cached(tokens[:, None], seqlens, n_heads=1, check_lengths=False)
-        torch.cuda.synchronize()
+
+    forward()   # once outside the profile: a shape's first call tunes its launches (many kernels, once)
+    prof = common.cuda_profile(forward)
     kernels = {e.key: e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
     return sum(kernels.values()), dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
 

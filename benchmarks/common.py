@@ -229,14 +229,22 @@ def time_and_peak(
 # --------------------------------------------------------------------------------------------
 # Hardware ceilings
 # --------------------------------------------------------------------------------------------
-def cuda_kernel_ms(call: Callable[[], Any], group: Callable[[str], str], calls: int = 5) -> dict[str, float]:
-    """CUDA kernel time per call (ms) of `call`, summed by group(kernel name), from torch.profiler
-    over `calls` calls (after the caller's warm-up). Time between kernels (launch gaps, host work
-    the GPU waits for) is not in it: compare the sum with the wall time."""
+def cuda_profile(call: Callable[[], Any], calls: int = 1):
+    """torch.profiler's record of the CUDA work of `calls` calls of `call` (after the caller's
+    warm-up), from an idle device to the last kernel's end."""
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             call()
         torch.cuda.synchronize()
+    return prof
+
+
+def cuda_kernel_ms(call: Callable[[], Any], group: Callable[[str], str], calls: int = 5) -> dict[str, float]:
+    """CUDA kernel time per call (ms) of `call`, summed by group(kernel name), from torch.profiler
+    over `calls` calls (after the caller's warm-up). Time between kernels (launch gaps, host work
+    the GPU waits for) is not in it: compare the sum with the wall time."""
+    prof = cuda_profile(call, calls)
     groups: dict[str, float] = {}
     for evt in prof.key_averages():
         dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
@@ -271,10 +279,7 @@ def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 3) -> dict[s
 
 def cuda_idle_gaps(call: Callable[[], Any], top: int = 3) -> dict[str, Any]:
     """`idle_gaps` of one call() (after the caller's warm-up), from torch.profiler's CUDA events."""
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
+    prof = cuda_profile(call)
     intervals = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
     return idle_gaps(intervals, top)

@@ -97,22 +97,29 @@ STEP_KERNEL_GROUPS = (("GEMM (cuBLAS or skinny)",
 
 def skinny_launch_report() -> list:
     """What the decode GEMM tuner measured for every projection shape the step costs ran (empty
-    on a CPU, where nothing is tuned): cuBLAS against the best kernel tile, and the choice."""
+    on a CPU, where nothing is tuned): cuBLAS and cuBLASLt against the best kernel tile, and the choice."""
     from mtp_kernels import skinny_linear
 
     rows = []
     for key, times in skinny_linear._TUNER.times.items():
         _, dtype, row_tile, N, K = key   # a tuning covers every row count up to its row tile (1, 16, 32, 64)
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
-        kernel = min((c for c in times if c is not None), key=times.get, default=None)
+        kernel = min((c for c in times if isinstance(c, skinny_linear.SkinnyLaunch)), key=times.get, default=None)
+        lt = skinny_linear.BlasLaunch("cublaslt")
         chosen = skinny_linear._TUNER.chosen[key]
         tile = kernel.label() if kernel else "-"   # e.g. "64x64x128 dot w4 s4 k2" (k2: K split in 2)
         rows.append({"row_tile": row_tile, "N": N, "K": K, "cublas_ms": times.get(None),
-                     "cublas_GBps": weight_mb / times[None] if times.get(None) else None,
+                     "cublas_GBps": _rate(weight_mb, times.get(None)),
+                     "cublaslt_ms": times.get(lt), "cublaslt_GBps": _rate(weight_mb, times.get(lt)),
                      "best_tile": tile, "kernel_ms": times.get(kernel),
-                     "kernel_GBps": weight_mb / times[kernel] if kernel and times[kernel] < float("inf") else None,
-                     "chosen": "cuBLAS" if chosen is None else tile, "times_ms": _labelled(times, "cuBLAS")})
+                     "kernel_GBps": _rate(weight_mb, times.get(kernel)),
+                     "chosen": "cuBLAS" if chosen is None else chosen.label(), "times_ms": _labelled(times, "cuBLAS")})
     return rows
+
+
+def _rate(megabytes: float, ms) -> float | None:
+    """GB/s of `megabytes` read in `ms` (None where not timed or the launch failed: inf)."""
+    return megabytes / ms if ms and ms < float("inf") else None
 
 
 def _labelled(times: dict, none_label: str) -> dict:
@@ -375,10 +382,11 @@ def to_markdown(result: dict) -> str:
     if result.get("decode_gemm_launches"):
         lines += ["### Decode GEMM launches (`skinny_linear` tuning: CUDA-graph ms of one call, weight GB/s)", "",
                   common.markdown_table(
-                      ["rows (up to)", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "best kernel tile", "kernel ms", "kernel GB/s",
-                       "chosen"],
-                      [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r["best_tile"], r["kernel_ms"],
-                        r["kernel_GBps"], r["chosen"]] for r in result["decode_gemm_launches"]]), ""]
+                      ["rows (up to)", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "cuBLASLt ms", "cuBLASLt GB/s",
+                       "best kernel tile", "kernel ms", "kernel GB/s", "chosen"],
+                      [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r.get("cublaslt_ms"),
+                        r.get("cublaslt_GBps"), r["best_tile"], r["kernel_ms"], r["kernel_GBps"], r["chosen"]]
+                       for r in result["decode_gemm_launches"]]), ""]
     for kind, title in (("swiglu", "Gate/up GEMM with SwiGLU in its epilogue (`skinny_linear_swiglu`"),
                         ("rope", "Q/k/v GEMM with rotary and the cache write in its epilogue (`skinny_linear_rope`")):
         if result.get(f"{kind}_launches"):

@@ -23,8 +23,10 @@ A stream-K launch (`_skinny_stream_k_kernel`) runs a fixed number of programs (p
 (n tile, k tile) units in equal ranges, so a tile wide enough to cut the x re-reads still keeps every
 SM busy to the end; the programs that share a tile combine through the same counters, in program
 order.
-Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS and these
-tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
+Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS, cuBLASLt
+(F.linear with torch's preferred BLAS library switched for the call, `BlasLaunch`; at 64 rows cuBLAS
+beat our tiles at three of the four 7B shapes on the H200, and its rate there, 2.8-3.7 TB/s, is
+short of the 4.0 TB/s our one-row tiles reach) and these tiles as CUDA-graph replays at the first call of a shape outside a capture and keeps the fastest
 (cuBLAS on a tie, and whenever nothing is tuned yet). Each timed call reads another copy of the
 weight (`tune_skinny`), so that no launch is timed on a weight held in L2. The rows count only
 through their tile (1, 16, 32 or 64), so prompts of every length up to 64 tokens share four tunings
@@ -473,6 +475,45 @@ def skinny_candidates(M: int, device: torch.device) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class BlasLaunch:
+    """F.linear with torch's preferred BLAS library set to `library` for the call (then restored),
+    timed beside cuBLAS (None): cuBLASLt's heuristics choose their own kernels, and for a few rows
+    torch's choice of library and kernel is not always the fastest one (vLLM's and FlashInfer's
+    reports of skinny bf16 GEMMs). Offered on CUDA only (`blas_candidates`)."""
+    library: str = "cublaslt"
+
+    def label(self) -> str:
+        return {"cublaslt": "cuBLASLt", "cublas": "cuBLAS forced"}.get(self.library, self.library)
+
+
+def blas_candidates(device: torch.device) -> list:
+    """The BLAS launches timed beside cuBLAS on `device`: cuBLASLt on a CUDA device whose torch
+    can prefer it; none elsewhere (a CPU build refuses the switch, a cross-compile has nothing
+    of ours to compile in it)."""
+    if device.type != "cuda" or not hasattr(torch.backends.cuda, "preferred_blas_library"):
+        return []
+    return [BlasLaunch("cublaslt")]
+
+
+def blas_linear(x2: torch.Tensor, weight: torch.Tensor, launch: BlasLaunch) -> torch.Tensor:
+    """x2 @ weight^T by F.linear with `launch.library` preferred for this call only. A library
+    this build lacks raises torch's RuntimeError (a tuner counts that launch out)."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(launch.library)
+    try:
+        return reference.skinny_linear(x2, weight)
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def tuned_candidates(M: int, device: torch.device) -> list:
+    """What `tune_skinny` times: cuBLAS (None), the other BLAS launches (`blas_candidates`), then
+    the kernel's tiles (`skinny_candidates`)."""
+    cublas, *tiles = skinny_candidates(M, device)
+    return [cublas, *blas_candidates(device), *tiles]
+
+
 def swiglu_twin(launch: SkinnyLaunch) -> SkinnyLaunch:
     """The SwiGLU form of a plain tile: each program reads a gate and an up tile per K step, so it is
     half as wide (16 at least, tl.dot's smallest; 4 for multiply-add). Its weight bytes per stage,
@@ -566,10 +607,11 @@ def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
                             rope.slots, rope.k_cache, rope.v_cache, check_slots=check_slots)
 
 
-def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch],
+def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch | BlasLaunch],
                       programs: Optional[int] = None, swiglu: bool = False,
                       rope: Optional[RotaryCacheWrite] = None) -> torch.Tensor:
-    """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS); both with a unit last stride.
+    """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS; a BlasLaunch: F.linear with that
+    library preferred); both with a unit last stride.
     programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it).
     swiglu=True: weight is a fused gate/up weight (2F, K), gate rows first, and the result is
     silu(x2 @ gate^T) * (x2 @ up^T), (M, F), formed in the launch's epilogue (None: the unfused
@@ -584,6 +626,10 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
                          f"{rope.head_dim}-row q/k/v weight, got {tuple(weight.shape)}")
     if rope is not None and (swiglu or (launch is not None and launch.stream_k)):
         raise ValueError(f"skinny_linear: the rotary epilogue needs a launch without SwiGLU, not stream-K, got {launch}")
+    if isinstance(launch, BlasLaunch):
+        if swiglu or rope is not None:
+            raise ValueError(f"skinny_linear: {launch.label()} has no epilogue; the unfused pair (None) runs it")
+        return blas_linear(x2, weight, launch)
     if launch is None:
         if rope is not None:   # x2's rows are the slots' (B, T) tokens
             return _unfused_rope(x2.view(*rope.slots.shape, -1), weight, rope).view(x2.shape[0], -1)
@@ -638,12 +684,13 @@ _TUNER = LaunchTuner("skinny_linear")
 
 
 def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_bytes: Optional[int] = None) -> dict:
-    """Time cuBLAS and every tile for x2's rows and weight's shape and keep the fastest under `key`
+    """Time cuBLAS, cuBLASLt (CUDA) and every tile for x2's rows and weight's shape (`tuned_candidates`)
+    and keep the fastest under `key`
     (LaunchTuner.tune, timer included). Each timed call reads the next of a few copies of the weight
     (`rotating_copies`, l2_bytes: the L2 size, by default the device's), so that a weight smaller
     than the L2 is read from HBM as in a decode step; the copies are freed on return."""
     next_weight = rotating_copies(weight, l2_bytes)
-    return _TUNER.tune(key, skinny_candidates(x2.shape[0], x2.device),
+    return _TUNER.tune(key, tuned_candidates(x2.shape[0], x2.device),
                        lambda c: skinny_linear_run(x2, next_weight(), c), timer)
 
 

@@ -325,6 +325,19 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     tuner.chosen[key] = split
     (row,) = module.skinny_launch_report()
     assert row["chosen"] == row["best_tile"] == "64x64x128 dot w4 s4 k2"   # the K split shows
+    assert row["cublaslt_ms"] is None and row["cublaslt_GBps"] is None     # not timed (a CPU tuning)
+    # cuBLASLt timed fastest: chosen, in its own columns, never the "best kernel tile".
+    tuner.times[key] = {None: 0.0125, sl.BlasLaunch("cublaslt"): 0.0100, split: 0.0110}
+    tuner.chosen[key] = sl.BlasLaunch("cublaslt")
+    (row,) = module.skinny_launch_report()
+    assert row["chosen"] == "cuBLASLt" and row["best_tile"] == "64x64x128 dot w4 s4 k2"
+    assert row["cublaslt_ms"] == 0.0100 and abs(row["cublaslt_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
+    assert row["times_ms"] == {"cuBLAS": 0.0125, "cuBLASLt": 0.0100, "64x64x128 dot w4 s4 k2": 0.0110}
+    text = module.to_markdown({"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+                               "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
+                               "decode_gemm_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-",
+                               "end_to_end": []})
+    assert "| cuBLAS ms | cuBLAS GB/s | cuBLASLt ms | cuBLASLt GB/s |" in text and "| cuBLASLt |" in text
 
 
 def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):

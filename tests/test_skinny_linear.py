@@ -240,6 +240,77 @@ def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch)
     assert set(used) == {w.data_ptr()}
 
 
+def test_cublaslt_is_timed_beside_cublas_on_cuda_only():
+    """The tuner's candidates: cuBLAS (None), cuBLASLt on a CUDA device only (a CPU build refuses the
+    switch), then the kernel tiles unchanged."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sl.blas_candidates(cpu) == [] and sl.tuned_candidates(3, cpu) == sl.skinny_candidates(3, cpu)
+    tuned = sl.tuned_candidates(3, cuda)
+    assert tuned[:2] == [None, sl.BlasLaunch("cublaslt")] and tuned[2:] == sl.skinny_candidates(3, cuda)[1:]
+    assert sl.BlasLaunch("cublaslt").label() == "cuBLASLt"
+
+
+@pytest.fixture
+def fake_blas_switch(monkeypatch):
+    """torch's preferred-BLAS switch as a plain variable (the CPU build refuses 'cublaslt'), and
+    reference.skinny_linear recording the library preferred at each call."""
+    state = {"library": "default", "seen": []}
+
+    def preferred(backend=None):
+        if backend is not None:
+            state["library"] = backend
+        return state["library"]
+
+    linear = sl.reference.skinny_linear
+
+    def recording_linear(x, w):
+        state["seen"].append(state["library"])
+        return linear(x, w)
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred)
+    monkeypatch.setattr(sl.reference, "skinny_linear", recording_linear)
+    return state
+
+
+def test_blas_launch_prefers_its_library_for_its_call_only(fake_blas_switch, monkeypatch):
+    x, w = _inputs(3, 5, 8, torch.float32, seed=11)
+    y = sl.skinny_linear_run(x, w, sl.BlasLaunch("cublaslt"))
+    torch.testing.assert_close(y, x @ w.T)
+    assert fake_blas_switch["seen"] == ["cublaslt"] and fake_blas_switch["library"] == "default"
+
+    def missing(x, w):
+        raise RuntimeError("Cannot set preferred backend to cuBLASLt")
+    monkeypatch.setattr(sl.reference, "skinny_linear", missing)
+    with pytest.raises(RuntimeError, match="cuBLASLt"):        # a tuner counts this launch out
+        sl.skinny_linear_run(x, w, sl.BlasLaunch("cublaslt"))
+    assert fake_blas_switch["library"] == "default"           # restored all the same
+    with pytest.raises(ValueError, match="cuBLASLt has no epilogue"):
+        sl.skinny_linear_run(x, torch.randn(10, 8), sl.BlasLaunch("cublaslt"), swiglu=True)
+
+
+def test_tuner_keeps_cublaslt_where_it_times_fastest(triton_backend, fake_blas_switch, monkeypatch):
+    """With cuBLASLt offered and timed fastest, the tuner keeps it, and the launch of that shape
+    (also the unfused pair of the SwiGLU epilogue's tuner) runs F.linear with cuBLASLt preferred."""
+    tuner = LaunchTuner("skinny_linear")
+    monkeypatch.setattr(sl, "_TUNER", tuner)
+    monkeypatch.setattr(sl, "blas_candidates", lambda device: [sl.BlasLaunch("cublaslt")])
+    x, w = _inputs(3, 40, 24, torch.float32, seed=7)
+    calls = iter(range(1000))
+
+    def timer(fn):   # the second candidate (cuBLASLt) is the fastest
+        fn()
+        return 0.5 if next(calls) == 1 else 1.0
+    key = ("cpu", torch.float32, 16, 40, 24)
+    times = sl.tune_skinny(key, x, w, timer)
+    assert list(times)[:2] == [None, sl.BlasLaunch("cublaslt")] and tuner.chosen[key] == sl.BlasLaunch("cublaslt")
+    fake_blas_switch["seen"].clear()
+    launch = tuner.choose(key, x.device, lambda: None, lambda: None)
+    torch.testing.assert_close(sl.skinny_linear_run(x, w, launch), x @ w.T)
+    assert fake_blas_switch["seen"] == ["cublaslt"]
+    gate, up = (x @ w.T).chunk(2, dim=-1)
+    torch.testing.assert_close(sl._unfused_swiglu(x, w), torch.nn.functional.silu(gate) * up)
+    assert fake_blas_switch["seen"] == ["cublaslt"] * 2
+
+
 def test_rows_share_a_tuning_per_row_tile():
     assert [sl.row_tile(M) for M in (1, 2, 16, 17, 32, 33, 64)] == [1, 16, 16, 32, 32, 64, 64]
     for bad in (0, 65):
@@ -293,8 +364,9 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
     times = sl.tune_skinny(key, x, w, checked)
-    assert list(times) == sl.skinny_candidates(M, x.device) and any(c and c.split_k > 1 for c in times)
-    assert any(c and c.stream_k for c in times)
+    tiles = [c for c in times if isinstance(c, sl.SkinnyLaunch)]
+    assert list(times) == sl.tuned_candidates(M, x.device) and sl.BlasLaunch("cublaslt") in times
+    assert any(c.split_k > 1 for c in tiles) and any(c.stream_k for c in tiles)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     chosen = min(times, key=times.get)

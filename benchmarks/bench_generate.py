@@ -130,10 +130,14 @@ def _labelled(times: dict, none_label: str) -> dict:
 def epilogue_launch_report(kind: str) -> list:
     """What an epilogue's tuner measured (empty on a CPU), kind "swiglu" (the gate/up GEMM) or
     "rope" (the q/k/v GEMM): the unfused pair (the chosen GEMM, then the swiglu or rotary kernel)
-    against the best tile with the epilogue, weight GB/s of both. N: the fused weight's rows."""
+    against the best tile with the epilogue, weight GB/s of both. N: the fused weight's rows.
+    "swiglu_norm", "rope_norm": the norm prologue's tuners (the unfused pair: add_rms_norm, then the
+    projection as its tuner chose it), with "add": whether the rows carried a residual add."""
     from mtp_kernels import skinny_linear
 
-    tuner = {"swiglu": skinny_linear._SWIGLU_TUNER, "rope": skinny_linear._ROPE_TUNER}[kind]
+    tuner = {"swiglu": skinny_linear._SWIGLU_TUNER, "rope": skinny_linear._ROPE_TUNER,
+             "swiglu_norm": skinny_linear._NORM_TUNERS["skinny_linear_swiglu"],
+             "rope_norm": skinny_linear._NORM_TUNERS["skinny_linear_rope"]}[kind]
     rows = []
     for key, times in tuner.times.items():
         dtype, row_tile, N, K = key[1:5]   # N, K: the fused weight's shape
@@ -146,6 +150,8 @@ def epilogue_launch_report(kind: str) -> list:
                      "best_tile": fused.label() if fused else "-", "fused_ms": ms,
                      "fused_GBps": weight_mb / ms if ms and ms < float("inf") else None,
                      "chosen": "unfused" if chosen is None else chosen.label(), "times_ms": _labelled(times, "unfused")})
+        if kind.endswith("_norm"):
+            rows[-1]["add"] = key[6]
     return rows
 
 
@@ -387,16 +393,25 @@ def to_markdown(result: dict) -> str:
                       [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r.get("cublaslt_ms"),
                         r.get("cublaslt_GBps"), r["best_tile"], r["kernel_ms"], r["kernel_GBps"], r["chosen"]]
                        for r in result["decode_gemm_launches"]]), ""]
+    unfused_pair = {"swiglu": "the GEMM chosen above, then the swiglu kernel",
+                    "rope": "the GEMM chosen above, then the rotary kernel",
+                    "swiglu_norm": "add_rms_norm, then the gate/up launch chosen above",
+                    "rope_norm": "add_rms_norm, then the q/k/v launch chosen above"}
     for kind, title in (("swiglu", "Gate/up GEMM with SwiGLU in its epilogue (`skinny_linear_swiglu`"),
-                        ("rope", "Q/k/v GEMM with rotary and the cache write in its epilogue (`skinny_linear_rope`")):
+                        ("rope", "Q/k/v GEMM with rotary and the cache write in its epilogue (`skinny_linear_rope`"),
+                        ("swiglu_norm", "Gate/up GEMM with the residual add and norm in its prologue "
+                                        "(`skinny_linear_swiglu(norm=...)`"),
+                        ("rope_norm", "Q/k/v GEMM with the residual add and norm in its prologue "
+                                      "(`skinny_linear_rope(norm=...)`")):
         if result.get(f"{kind}_launches"):
-            lines += [f"### {title} tuning: CUDA-graph ms of one call, weight GB/s; unfused: the GEMM chosen above, "
-                      f"then the {'swiglu' if kind == 'swiglu' else 'rotary'} kernel)", "",
+            norm = kind.endswith("_norm")
+            lines += [f"### {title} tuning: CUDA-graph ms of one call, weight GB/s; unfused: {unfused_pair[kind]})", "",
                       common.markdown_table(
-                          ["rows (up to)", "N", "K", "unfused ms", "unfused GB/s", "best fused tile", "fused ms",
-                           "fused GB/s", "chosen"],
-                          [[r["row_tile"], r["N"], r["K"], r["unfused_ms"], r["unfused_GBps"], r["best_tile"],
-                            r["fused_ms"], r["fused_GBps"], r["chosen"]] for r in result[f"{kind}_launches"]]), ""]
+                          ["rows (up to)", "N", "K", *(["add"] if norm else []), "unfused ms", "unfused GB/s",
+                           "best fused tile", "fused ms", "fused GB/s", "chosen"],
+                          [[r["row_tile"], r["N"], r["K"], *([r["add"]] if norm else []), r["unfused_ms"],
+                            r["unfused_GBps"], r["best_tile"], r["fused_ms"], r["fused_GBps"], r["chosen"]]
+                           for r in result[f"{kind}_launches"]]), ""]
     if result.get("select_launches"):
         lines += ["### Token selection launches past 64 rows (`linear_select` tuning: CUDA-graph ms of one call; "
                   "TFLOP/s at the rows tuned for)", "",
@@ -532,6 +547,8 @@ def main() -> int:
     result["decode_gemm_launches"] = skinny_launch_report()
     result["swiglu_launches"] = epilogue_launch_report("swiglu")
     result["rope_launches"] = epilogue_launch_report("rope")
+    result["swiglu_norm_launches"] = epilogue_launch_report("swiglu_norm")
+    result["rope_norm_launches"] = epilogue_launch_report("rope_norm")
     result["select_launches"] = select_launch_report()
     result["kv_launches"] = kv_launch_report()
     result.update(e2e_model="(not measured yet)", e2e_attention="-", end_to_end=[])

@@ -324,6 +324,37 @@ def scenarios(quick: bool = False):
             for launch in sl.rope_candidates(B * T, x.device)[1:]:
                 sl.skinny_linear_run(x, wqkv, launch, rope=rope)
 
+    def norm_prologue(dtype):
+        # A block's residual add and RMSNorm inside the q/k/v (rotary) and gate/up (SwiGLU) launches:
+        # every launch the norm tuners may time (`norm_candidates`; none past 32 rows) at the 7B's
+        # shapes, one row, 16 and 32, with the add (a block's second and later norms) and without (the
+        # first block's); the programmatic form with the early weight tile for one row. --quick: the
+        # first two launches of each at one row and 16 rows, with the add.
+        from mtp_kernels import skinny_linear as sl
+        from mtp_kernels.dependent_launch import programmatic_launch
+
+        def launches(rows, with_delta):
+            x = randn(rows, 4096, dtype=dtype)
+            if not sl._kernel_takes(x, randn(16, 4096, dtype=dtype)):
+                return
+            delta = randn(rows, 4096, dtype=dtype) if with_delta else None
+            norm = (sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta), delta, torch.empty_like(x) if with_delta else None)
+            w13 = randn(22016, 4096, dtype=dtype)
+            for launch in sl.norm_candidates(rows, x.device, None, sl.swiglu_candidates)[1:3 if quick else None]:
+                sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm)
+            wqkv = randn(12288, 4096, dtype=dtype)   # 32 + 2 x 32 heads of 128
+            freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
+            rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
+                                                                          for _ in range(2)), 32, 32)
+            for launch in sl.norm_candidates(rows, x.device, None, sl.rope_candidates)[1:3 if quick else None]:
+                sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm)
+
+        for rows, with_delta in ((1, True), (16, True)) if quick else ((1, True), (1, False), (16, True), (32, True)):
+            launches(rows, with_delta)
+        if not quick:
+            with programmatic_launch():
+                launches(1, True)
+
     def programmatic_launch(dtype):
         # A decode step's kernels as programmatic dependent launches (Hopper; dependent_launch.py):
         # the skinny GEMM tiles of the 7B's one-row and 64-row steps with their epilogue twins, both
@@ -400,7 +431,8 @@ def scenarios(quick: bool = False):
     return dict(fused_ce=fused_ce, vocab_parallel_ce=vocab_parallel, rmsnorm=rmsnorm, flash_attention=flash,
                 kv_cache_attention=kv_cache, rope_cache=rope_cache, swiglu=swiglu, sampling=sampling,
                 sampling_llama3_vocabulary=sampling_llama3_vocabulary,
-                tree_verify=tree_verify, skinny_linear=skinny_linear, programmatic_launch=programmatic_launch)
+                tree_verify=tree_verify, skinny_linear=skinny_linear, norm_prologue=norm_prologue,
+                programmatic_launch=programmatic_launch)
 
 
 def markdown(records, arch: int, quick: bool) -> str:

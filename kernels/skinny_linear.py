@@ -58,9 +58,10 @@ import triton.language as tl
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
-from .backend import as_rows, gpu_launch, interpreting, sm_count, use_triton
+from .backend import as_rows, check_one_device, gpu_launch, interpreting, sm_count, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
+from .rmsnorm import add_rms_norm, rms_norm
 from .rope_cache import check_cache_write, rope_cache_write, rotate
 from .swiglu import silu_times_up, swiglu
 
@@ -93,25 +94,65 @@ def _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT: tl.constexpr, PAIRED: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """One K step of the sums: acc += x @ w^T (PAIRED: acc_up += x @ w_up^T as well), by tl.dot on a
-    (BLOCK_M, BLOCK_K) x tile, or by a float32 multiply-add of one x row into the (BLOCK_N, BLOCK_K)
-    accumulators."""
+def _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT: tl.constexpr,
+               EVEN_K: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr):
+    """One K step's x operand: a (BLOCK_M, BLOCK_K) tile of x in its dtype (USE_DOT), or x's row as
+    (BLOCK_K,) float32. With NORM the norm prologue: x is the residual stream h (ADD: h = x + delta,
+    rounded to x's dtype as add_rms_norm rounds it, and stored through h_ptrs where store_h, a
+    (BLOCK_K,) mask that is all True in program 0 only); the operand is h * g (g the norm weight;
+    rounded to the dtype for tl.dot), and h's squares are added to ss ((BLOCK_M,) per row; one row:
+    (BLOCK_K,) lanes, summed at the end). The per-row 1/rms is applied to the sums after the K loop
+    (`_rms_scale`). Returns (operand, ss)."""
     if USE_DOT:
-        x_tile = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
-        acc = tl.dot(x_tile, tl.trans(w), acc)
-        if PAIRED:
-            acc_up = tl.dot(x_tile, tl.trans(w_up), acc_up)
+        x = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
+        if NORM:
+            if ADD:
+                x = (x.to(tl.float32) + _load_x_tile(d_ptrs, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
+                tl.store(h_ptrs, x, mask=m_ok[:, None] & (store_h & k_ok)[None, :])
+            h = x.to(tl.float32)
+            ss += tl.sum(h * h, axis=1)
+            x = (h * tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
     else:
         if EVEN_K:
             x = tl.load(x_ptrs)
         else:
             x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if NORM:
+            if ADD:
+                x = (x.to(tl.float32) + tl.load(d_ptrs, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
+                tl.store(h_ptrs, x, mask=store_h & k_ok)
+            h = x.to(tl.float32)
+            ss += h * h
+            x = h * tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
+    return x, ss
+
+
+@triton.jit
+def _accumulate(acc, acc_up, w, w_up, x, USE_DOT: tl.constexpr, PAIRED: tl.constexpr):
+    """One K step of the sums: acc += x @ w^T (PAIRED: acc_up += x @ w_up^T as well), by tl.dot on a
+    (BLOCK_M, BLOCK_K) x tile, or by a float32 multiply-add of one (BLOCK_K,) float32 x row into the
+    (BLOCK_N, BLOCK_K) accumulators (`_x_operand` gives x)."""
+    if USE_DOT:
+        acc = tl.dot(x, tl.trans(w), acc)
         if PAIRED:
-            acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    else:
+        acc += w.to(tl.float32) * x[None, :]
+        if PAIRED:
+            acc_up += w_up.to(tl.float32) * x[None, :]
     return acc, acc_up
+
+
+@triton.jit
+def _rms_scale(acc, acc_up, ss, K, EPS, USE_DOT: tl.constexpr):
+    """The norm prologue's last step: the sums times each row's 1 / sqrt(mean(h^2) + eps), the
+    scale rms_norm applies to h before its weight (over the K columns h has)."""
+    if USE_DOT:
+        rstd = tl.math.rsqrt(ss / K + EPS)[:, None]
+    else:
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / K + EPS)
+    return acc * rstd, acc_up * rstd
 
 
 @triton.jit
@@ -179,10 +220,10 @@ def _store_out(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, str
 def _skinny_linear_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
     FREQS, stride_fb, stride_ft, SLOTS, stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE,
-    stride_cb, stride_cs, HEAD_DIM,
+    stride_cb, stride_cs, HEAD_DIM, DELTA, stride_dm, NORM_W, H_OUT, stride_hm, EPS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr,
-    ROPE: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr,
+    ROPE: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
 ):
     """Y = X @ W^T. Paired launches sum two weight rows per output side by side over one x tile, a
     first one and the one UP elements further: with SWIGLU, W is a fused gate/up weight (N gate rows,
@@ -190,8 +231,13 @@ def _skinny_linear_kernel(
     q/k/v weight, its outputs are the N column pairs (rows 2n and 2n + 1, UP = one row) and the
     epilogue rotates q and k and writes k and v into the caches (`_rope_store`, arguments FREQS to
     HEAD_DIM; Y is q). PDL: a programmatic dependent launch (dependent_launch.py), which waits for
-    the kernel before it first, or with EARLY_TILE after loading its first weight tile."""
+    the kernel before it first, or with EARLY_TILE after loading its first weight tile.
+    NORM: the norm prologue (`_x_operand`, `_rms_scale`): Y = rms_norm(h) * NORM_W @ W^T with h = X
+    (ADD: h = X + DELTA, which program 0 writes to H_OUT), a block's residual add and norm fused
+    into the projection that reads them; unsplit launches only (1/rms needs the whole row)."""
     tl.static_assert(USE_DOT or SPLIT_K == 1, "split-K launches are tl.dot launches")
+    tl.static_assert(SPLIT_K == 1 or not NORM, "the norm prologue needs the whole row in one program")
+    tl.static_assert(NORM or not ADD, "the residual add comes with the norm prologue")
     tl.static_assert(not (SWIGLU and ROPE), "one epilogue at a time")
     tl.static_assert(PDL or not EARLY_TILE, "the early weight tile is a programmatic launch's")
     if not EARLY_TILE:
@@ -209,10 +255,26 @@ def _skinny_linear_kernel(
     if USE_DOT:
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         x_ptrs = X + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     acc_up = tl.zeros_like(acc)   # the second rows' sums (paired launches only: otherwise compiled away)
+    # The norm prologue's operands (NORM only; else never read): delta and h_out in x's layout.
+    d_ptrs = x_ptrs
+    g_ptrs = offs_k
+    h_ptrs = x_ptrs
+    if NORM:
+        g_ptrs = NORM_W + offs_k
+        if ADD:
+            if USE_DOT:
+                d_ptrs = DELTA + offs_m[:, None] * stride_dm + offs_k[None, :]
+                h_ptrs = H_OUT + offs_m[:, None] * stride_hm + offs_k[None, :]
+            else:
+                d_ptrs = DELTA + offs_k
+                h_ptrs = H_OUT + offs_k
+    store_h = (offs_k * 0 + pid) == 0   # (BLOCK_K,): the interpreter (Triton 3.9) refuses a scalar mask term
     if SPLIT_K == 1:
         k_lo = 0
         k_hi = K
@@ -234,9 +296,13 @@ def _skinny_linear_kernel(
         if SWIGLU or ROPE:
             w_up = tl.load(w_ptrs + UP, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         await_prior_grid(PDL)
-        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT, SWIGLU or ROPE, False)
+        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, False, NORM, ADD)
+        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x, USE_DOT, SWIGLU or ROPE)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        d_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        h_ptrs += BLOCK_K
         k_next = k_lo + BLOCK_K
     for k0 in range(k_next, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
@@ -244,9 +310,15 @@ def _skinny_linear_kernel(
         w_up = w
         if SWIGLU or ROPE:
             w_up = _load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)
-        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x_ptrs, m_ok, k_ok, USE_DOT, SWIGLU or ROPE, EVEN_K)
+        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, EVEN_K, NORM, ADD)
+        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x, USE_DOT, SWIGLU or ROPE)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        d_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        h_ptrs += BLOCK_K
+    if NORM:
+        acc, acc_up = _rms_scale(acc, acc_up, ss, K, EPS, USE_DOT)
     if USE_DOT:
         y_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
@@ -596,6 +668,32 @@ class RotaryCacheWrite:
 _NO_ROPE = (None, 0, 0, None, 0, 0, 1, 0, 0, None, None, 0, 0, 2)   # FREQS .. HEAD_DIM, unused
 
 
+@dataclass
+class NormPrologue:
+    """A block's residual add and RMSNorm in front of a projection (`skinny_linear_swiglu` and
+    `skinny_linear_rope` with norm=...): the projection reads rms_norm(h) * weight, h = x + delta
+    (x where delta is None), and the caller gets h back as the block's residual stream.
+    weight: (K,) in x's dtype; delta: x's shape and dtype, or None; eps: rms_norm's."""
+    weight: torch.Tensor
+    eps: float
+    delta: Optional[torch.Tensor] = None
+
+    def unfused(self, x: torch.Tensor) -> tuple:
+        """(h, normed) as the block computes them without the prologue: add_rms_norm, or rms_norm."""
+        if self.delta is None:
+            return x, rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, self.delta, self.weight, self.eps)
+
+    def kernel_args(self, delta2: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> tuple:
+        """DELTA .. EPS of `_skinny_linear_kernel` for rows delta2 (as x's rows) and h_out (x's shape)."""
+        if delta2 is None:
+            return (None, 0, self.weight, None, 0, float(self.eps))
+        return (delta2, delta2.stride(0), self.weight, h_out, h_out.stride(0), float(self.eps))
+
+
+_NO_NORM = (None, 0, None, None, 0, 0.0)   # DELTA .. EPS, unused
+
+
 def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
                   check_slots: bool = False) -> torch.Tensor:
     """The q/k/v GEMM `skinny_linear` picks for x (B, T, K), then `rope_cache_write` (which checks
@@ -609,7 +707,8 @@ def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
 
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch | BlasLaunch],
                       programs: Optional[int] = None, swiglu: bool = False,
-                      rope: Optional[RotaryCacheWrite] = None) -> torch.Tensor:
+                      rope: Optional[RotaryCacheWrite] = None,
+                      norm: Optional[tuple] = None) -> torch.Tensor:
     """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS; a BlasLaunch: F.linear with that
     library preferred); both with a unit last stride.
     programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it).
@@ -618,7 +717,9 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     pair, `_unfused_swiglu`).
     rope: weight is a fused q/k/v weight ((H + 2 Hkv) D, K) and x2's rows the B x T new tokens; the
     launch (not stream-K) rotates q and k in its epilogue, writes k and v into the caches and
-    returns q, (M, H D) (None: the unfused pair, `_unfused_rope`)."""
+    returns q, (M, H D) (None: the unfused pair, `_unfused_rope`).
+    norm: (NormPrologue, delta2 (M, K) or None, h_out (M, K) or None): the launch (unsplit, not
+    stream-K) reads x2 through the norm prologue and, with a delta, writes h = x2 + delta2 to h_out."""
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"skinny_linear: a SwiGLU launch takes a (2F, K) gate/up weight, got {tuple(weight.shape)}")
     if rope is not None and weight.shape[0] != (rope.n_heads + 2 * rope.n_kv_heads) * rope.head_dim:
@@ -626,6 +727,9 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
                          f"{rope.head_dim}-row q/k/v weight, got {tuple(weight.shape)}")
     if rope is not None and (swiglu or (launch is not None and launch.stream_k)):
         raise ValueError(f"skinny_linear: the rotary epilogue needs a launch without SwiGLU, not stream-K, got {launch}")
+    if norm is not None and (launch is None or isinstance(launch, BlasLaunch) or launch.split_k > 1
+                             or launch.stream_k):
+        raise ValueError(f"skinny_linear: the norm prologue needs an unsplit kernel launch, got {launch}")
     if isinstance(launch, BlasLaunch):
         if swiglu or rope is not None:
             raise ValueError(f"skinny_linear: {launch.label()} has no epilogue; the unfused pair (None) runs it")
@@ -673,10 +777,11 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
         *(rope.kernel_args() if rope is not None else _NO_ROPE),
+        *(norm[0].kernel_args(norm[1], norm[2]) if norm is not None else _NO_NORM),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
         **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, PDL=pdl,
-        EARLY_TILE=pdl and EARLY_WEIGHT_TILE, num_warps=launch.num_warps, num_stages=launch.num_stages,
-        launch_pdl=pdl)
+        EARLY_TILE=pdl and EARLY_WEIGHT_TILE, NORM=norm is not None, ADD=norm is not None and norm[1] is not None,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl)
     return y
 
 
@@ -743,9 +848,11 @@ def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
     return _tune_epilogue(_SWIGLU_TUNER, key, x2, weight, swiglu_candidates, timer, l2_bytes, swiglu=True)
 
 
-def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor, norm: Optional[NormPrologue] = None):
     """The feed-forward's gate: silu(x @ w1^T) * (x @ w3^T) for a fused gate/up weight
     w13 = [w1; w3] (2F, K), gate rows first: x (..., K) -> (..., F) in x.dtype.
+    With norm (a NormPrologue): the gate of rms_norm(h) (h = x + norm.delta), returned as the pair
+    (gate, h) (`normed_projection`).
 
     Where `skinny_linear` would take w13 (no autograd, 1 to MAX_ROWS rows, a CUDA fp16/bf16
     weight), the launch is the one tuned for this row tile and shape: the unfused pair (the GEMM
@@ -755,6 +862,9 @@ def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     if not isinstance(w13, torch.Tensor) or w13.dim() != 2 or w13.shape[0] % 2 or w13.shape[1] != x.shape[-1]:
         raise ValueError(f"skinny_linear_swiglu: w13 must be a (2F, K) gate/up weight with K = x's last dim "
                          f"{x.shape[-1]}, got shape {tuple(getattr(w13, 'shape', ()))}")
+    if norm is not None:
+        return normed_projection("skinny_linear_swiglu", x, w13, norm, lambda normed: skinny_linear_swiglu(normed, w13),
+                                 swiglu_candidates, swiglu=True)
     if not use_triton(x, w13):   # the CPU path (autograd included)
         return reference.skinny_linear_swiglu(x, w13)
     F = w13.shape[0] // 2
@@ -789,7 +899,7 @@ def _rope_epilogue_takes(x: torch.Tensor, wqkv: torch.Tensor, rope: RotaryCacheW
 
 def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_heads: int, freqs_cis: torch.Tensor,
                        slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       check_slots: bool = True) -> torch.Tensor:
+                       check_slots: bool = True, norm: Optional[NormPrologue] = None):
     """The attention's input side of a cached step: q, k, v = x @ wqkv^T with wqkv = [wq; wk; wv]
     ((H + 2 Hkv) Dh, K), then `rope_cache_write` (q and k rotated, k and v written into the caches
     at `slots`): x (B, T, K) -> rotated q (B, T, H, Dh). Arguments as `rope_cache_write`'s.
@@ -799,7 +909,9 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     row tile and shape: the unfused pair (the GEMM skinny_linear picks, then the rotary kernel) or
     an unsplit kernel tile that rotates and writes in its epilogue (`_rope_store`), which saves the
     rotary kernel's launch and the (tokens, (H + 2 Hkv) Dh) round trip. Everything else, and a
-    shape not tuned yet, is the unfused pair."""
+    shape not tuned yet, is the unfused pair.
+    With norm (a NormPrologue): q of rms_norm(h) (h = x + norm.delta), returned as the pair (q, h)
+    (`normed_projection`)."""
     name = "skinny_linear_rope"
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not isinstance(wqkv, torch.Tensor) or wqkv.dim() != 2:
         raise ValueError(f"{name}: x must be (B, T, K) and wqkv 2-D, got {tuple(getattr(x, 'shape', ()))} and "
@@ -814,6 +926,17 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
                          f"{D}, got {tuple(wqkv.shape)}")
     rope = RotaryCacheWrite(freqs_cis, slots, k_cache, v_cache, n_heads, n_kv_heads)
     M = B * T
+    if norm is not None:
+        def unfused(normed):
+            return skinny_linear_rope(normed, wqkv, n_heads, n_kv_heads, freqs_cis, slots, k_cache, v_cache,
+                                      check_slots)
+        if not (isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor)
+                and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)):
+            h, normed = norm.unfused(x)
+            return unfused(normed), h
+        check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x=x, wqkv=wqkv)
+        q, h = normed_projection(name, x, wqkv, norm, unfused, rope_candidates, rope=rope)
+        return q.view(B, T, n_heads, D), h
     fused = (not torch.is_grad_enabled() or not (x.requires_grad or wqkv.requires_grad)) and 1 <= M <= MAX_ROWS \
         and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
         and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
@@ -825,3 +948,89 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     key = (str(x.device), x.dtype, row_tile(M), *wqkv.shape, n_heads * D)
     launch = _ROPE_TUNER.choose(key, x.device, lambda: tune_skinny_rope(key, x2, wqkv, rope), lambda: None)
     return skinny_linear_run(x2, wqkv, launch, rope=rope).view(B, T, n_heads, D)
+
+
+# ============================================================================================
+# The norm prologue: a block's residual add and RMSNorm inside the projection that reads them
+# ============================================================================================
+# A decode block runs add_rms_norm before its q/k/v GEMM and before its gate/up GEMM: two kernels
+# of about 2 us each that read and write a few rows (0.128 ms of the H200's 3.63 ms plain step at
+# batch 1, 59 launches). The prologue moves them into the GEMM: every program forms h = x + delta
+# and h * weight for its K tiles (the x row is read by every program anyway), sums h's squares on the
+# way and scales its sums by 1/rms at the end; program 0 writes h, the residual stream. The rounding
+# differs from the unfused pair's (h * weight is rounded once before the GEMM, 1/rms is applied to the
+# float32 sums, where the pair rounds h / rms and then its product with the weight): no less exact,
+# but not the same bits. A tuner per epilogue
+# times the unfused pair (add_rms_norm, then the projection as its own tuner chose it) against the
+# unsplit twins that epilogue's tuner would time.
+_NORM_TUNERS = {"skinny_linear_swiglu": LaunchTuner("skinny_linear_swiglu_norm"),
+                "skinny_linear_rope": LaunchTuner("skinny_linear_rope_norm")}
+
+
+# The prologue holds its x tile (and delta's) in float32 registers: tl.dot tiles of more x elements
+# than this spilled in the sm_90 compiles (16 x 512 and every 64-row tile: 64-4944 bytes, Triton 3.9),
+# so the norm tuners do not time them (at 64 rows the unfused pair, with cuBLAS, is left alone).
+NORM_MAX_X_TILE = 16 * 256
+
+
+def norm_candidates(M: int, device: torch.device, plain_times: Optional[dict], epilogue_candidates) -> list:
+    """The unfused pair (None), then the epilogue's twins (`epilogue_candidates(M, device,
+    plain_times)`, e.g. `swiglu_candidates`) that the prologue can run in: unsplit, not stream-K,
+    and a tl.dot x tile of at most NORM_MAX_X_TILE elements."""
+    return [None, *(c for c in epilogue_candidates(M, device, plain_times)[1:] if c.split_k == 1 and not c.stream_k
+                    and (not c.use_dot or c.block_m * c.block_k <= NORM_MAX_X_TILE))]
+
+
+def _check_norm(name: str, x: torch.Tensor, norm: NormPrologue) -> None:
+    K = x.shape[-1]
+    if not isinstance(norm, NormPrologue):
+        raise ValueError(f"{name}: norm must be a NormPrologue, got {type(norm).__name__}")
+    if not isinstance(norm.weight, torch.Tensor) or tuple(norm.weight.shape) != (K,):
+        raise ValueError(f"{name}: the norm weight must be ({K},) for x's last dim, got "
+                         f"{tuple(getattr(norm.weight, 'shape', ()))}")
+    if norm.delta is not None and (not isinstance(norm.delta, torch.Tensor) or norm.delta.shape != x.shape
+                                   or norm.delta.dtype != x.dtype):
+        raise ValueError(f"{name}: the norm's delta must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(getattr(norm.delta, 'shape', ()))} {getattr(norm.delta, 'dtype', '')}")
+    check_one_device(name, x=x, norm_weight=norm.weight, delta=norm.delta)
+
+
+def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: NormPrologue, unfused,
+                      epilogue_candidates, swiglu: bool = False, rope: Optional[RotaryCacheWrite] = None) -> tuple:
+    """(y, h): h = x + norm.delta (x without a delta), y = unfused(normed) for normed =
+    rms_norm(h) * norm.weight, where unfused is the projection as `name` runs it (its epilogue
+    tuned on its own). Where the projection's launch could take the prologue (no autograd, 1 to
+    MAX_ROWS rows of a CUDA fp16/bf16 weight, norm weight and delta in x's dtype), the launch is
+    the one tuned for the row tile and shape: the unfused pair, or one kernel launch with the
+    prologue and the epilogue (`norm_candidates`). y: (..., N_out) as unfused gives it, or the
+    kernel's (..., N_out) rows (q's heads unsplit: the caller views them); h has x's shape."""
+    _check_norm(name, x, norm)
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, norm.weight, norm.delta))
+    if grad or not 1 <= M <= MAX_ROWS or not _kernel_takes(x, weight) or norm.weight.dtype != x.dtype \
+            or norm.weight.stride(0) != 1 or len(norm_candidates(M, x.device, None, epilogue_candidates)) == 1:
+        h, normed = norm.unfused(x)
+        return unfused(normed), h
+    x2 = as_rows(x)
+    delta2 = None if norm.delta is None else as_rows(norm.delta)
+    tuner = _NORM_TUNERS[name]
+    key = (str(x.device), x.dtype, row_tile(M), *weight.shape, rope.n_heads if rope is not None else 0,
+           norm.delta is not None)
+
+    def run(launch, w=weight):
+        if launch is None:
+            h, normed = norm.unfused(x)
+            return unfused(normed), h
+        h_out = None if delta2 is None else torch.empty_like(x2)
+        y = skinny_linear_run(x2, w, launch, swiglu=swiglu, rope=rope, norm=(norm, delta2, h_out))
+        return y.view(*x.shape[:-1], -1), (x if h_out is None else h_out.view(x.shape))
+
+    def tune():
+        run(None)   # tunes the projection's own launches first, outside the timings
+        plain_times = _TUNER.times.get((str(x.device), x.dtype, row_tile(M), *weight.shape))
+        next_weight = rotating_copies(weight)
+        tuner.tune(key, norm_candidates(M, x.device, plain_times, epilogue_candidates),
+                   lambda c: run(c, next_weight())[0])
+    return run(tuner.choose(key, x.device, tune, lambda: None))
+

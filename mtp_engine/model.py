@@ -22,7 +22,7 @@ from torch import nn
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
-from mtp_kernels.skinny_linear import skinny_linear, skinny_linear_rope, skinny_linear_swiglu
+from mtp_kernels.skinny_linear import NormPrologue, skinny_linear, skinny_linear_rope, skinny_linear_swiglu
 
 from .branches import run_branches
 
@@ -248,6 +248,11 @@ class Attention(nn.Module):
                 q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
                 return self.wo(flash_attention(q, k, v, causal=True).reshape(B, T, -1))
             q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v, check_slots=False)
+        return self.attend(q, step)
+
+    def attend(self, q: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        """Rotated q (B, T, H, Dh) against the cache (its k, v already written): wo of the attention."""
+        B, T = q.shape[:2]
         out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
                                  check_seqlens=False)
         return self.wo(out.reshape(B, T, -1))
@@ -284,12 +289,31 @@ class TransformerBlock(nn.Module):
         norm, which does it in the same pass (add_rms_norm: one kernel on a GPU without autograd), as
         the add before ffn_norm is. (Blocks are called, not their methods, so that module hooks,
         FSDP's among them, run.)"""
+        if step is not None and not torch.is_grad_enabled():
+            attention, ffn = self.attention, self.feed_forward
+            wqkv, w13 = rows_view(attention.wq, attention.wk, attention.wv), rows_view(ffn.w1, ffn.w3)
+            if wqkv is not None and w13 is not None and attention.cache is not None:
+                return self._cached_step(x, delta, freqs_cis, step, wqkv, w13, unadded)
         if delta is None:
             normed = self.attention_norm(x)
         else:
             x, normed = add_rms_norm(x, delta, self.attention_norm.weight, self.attention_norm.eps)
         x, normed = add_rms_norm(x, self.attention(normed, freqs_cis, step), self.ffn_norm.weight, self.ffn_norm.eps)
         out = self.feed_forward(normed)
+        return (x, out) if unadded else x + out
+
+    def _cached_step(self, x, delta, freqs_cis, step: CacheStep, wqkv, w13, unadded: bool):
+        """The block of a cached inference step with fused projections (Transformer.fuse_projections):
+        each residual add and norm goes into the projection that reads it (`NormPrologue`), which on a
+        GPU decode step runs them in that GEMM's launch where that was timed faster; elsewhere they
+        are add_rms_norm as in `forward`. Same arguments and result as `forward`."""
+        attention = self.attention
+        q, x = skinny_linear_rope(x, wqkv, attention.n_heads, attention.n_kv_heads, freqs_cis, step.slots,
+                                  attention.cache.k, attention.cache.v, check_slots=False,
+                                  norm=NormPrologue(self.attention_norm.weight, self.attention_norm.eps, delta))
+        hidden, x = skinny_linear_swiglu(x, w13, norm=NormPrologue(self.ffn_norm.weight, self.ffn_norm.eps,
+                                                                   attention.attend(q, step)))
+        out = self.feed_forward.w2(hidden)
         return (x, out) if unadded else x + out
 
 

@@ -379,6 +379,31 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     assert "rotary and the cache write in its epilogue" in text and "1x8x1024 fma w4 s3" in text
 
 
+def test_bench_generate_reports_the_norm_prologue_tuning(monkeypatch, load_script):
+    """The norm prologue's tuners (filled only on a GPU): the unfused pair against the best launch
+    with the prologue, whether the rows carried a residual add, and the markdown table."""
+    from mtp_kernels import skinny_linear as sl
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    module = load_script(BENCH / "bench_generate.py")
+    tuner = LaunchTuner("skinny_linear_swiglu_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_rope", LaunchTuner("skinny_linear_rope_norm"))
+    tile = sl.SkinnyLaunch(8, 512, False)
+    key = ("cuda:0", torch.bfloat16, 1, 22016, 4096, 0, True)
+    tuner.times[key] = {None: 0.048, tile: 0.046}
+    tuner.chosen[key] = tile
+    (row,) = module.epilogue_launch_report("swiglu_norm")
+    assert (row["N"], row["add"], row["chosen"], row["unfused_ms"]) == (22016, True, "1x8x512 fma w4 s3", 0.048)
+    assert module.epilogue_launch_report("rope_norm") == []
+    result = {"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+              "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
+              "swiglu_norm_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []}
+    text = module.to_markdown(result)
+    assert "residual add and norm in its prologue" in text and "add_rms_norm, then the gate/up launch" in text
+    assert "| 1 | 22016 | 4096 | True | 0.048 |" in text
+
+
 def test_probe_dependent_launch_times_a_decode_step_three_ways(triton_backend, load_script, monkeypatch):
     """The probe (GPU) on a CPU under the interpreter, a tiny model, a stand-in timer: at each batch
     the decode step runs under each variant, with ordinary launches, programmatic ones with the early

@@ -117,7 +117,8 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     """A decode step on the Triton path: per block, the 7 projections (cuBLAS on a GPU; 4 once
     fused; 3 with SwiGLU in the gate/up GEMM's epilogue, 2 with rotary and the cache write in the
     q/k/v GEMM's too) and 5 Triton kernels (add + norm, rotary + cache write, attention, add + norm, SwiGLU;
-    the block's last residual add is done by the next norm), not the ~15 small eager kernels of
+    the block's last residual add is done by the next norm; 3 with the adds and norms in the q/k/v
+    and gate/up launches' prologues), not the ~15 small eager kernels of
     the unfused block. Counted under the interpreter: Triton launches, and aten ops that would
     launch a kernel."""
     import collections
@@ -200,6 +201,16 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     assert counts["_skinny_linear_kernel"] == 2 * blocks and "_rope_cache_kernel" not in counts, counts
     assert sum(counts.values()) == 5 * blocks + 1, counts
     torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
+    # And each residual add + norm in the prologue of the launch that reads it (NormPrologue): 3
+    # Triton launches per block (q/k/v, attention, gate/up), no norm kernel but the final one; the
+    # logits within float32 rounding (the prologue rounds differently, not the same bits).
+    for tuner in skinny_linear._NORM_TUNERS.values():
+        monkeypatch.setattr(tuner, "choose", lambda *args: launch)
+    ops, counts, out = counted_step()
+    assert ops["mm"] == 2 * blocks, ops
+    assert counts["_skinny_linear_kernel"] == 2 * blocks and sum(counts.values()) == 3 * blocks + 1, counts
+    assert counts.get("_add_rms_norm_fwd_kernel", 0) + counts.get("_rms_norm_fwd_kernel", 0) == 1, counts
+    torch.testing.assert_close(out, unfused_out, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_projections_change_no_value_and_no_gradient(tmp_path):

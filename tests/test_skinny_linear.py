@@ -885,3 +885,227 @@ def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatc
         for got, want in zip(results(launch), ordinary[launch], strict=True):
             assert torch.equal(got, want), launch
 
+
+
+# ------------------------------------------------------------------ residual add + RMSNorm in the prologue
+def _normed_oracle(x, delta, g, eps):
+    """(h, rms_norm(h) * g) in float64, h = x + delta rounded to x's dtype as add_rms_norm rounds it."""
+    h = x if delta is None else x + delta
+    hd = h.double()
+    return h, hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
+def _norm_inputs(shape, dtype, seed, with_delta):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    delta = torch.randn(*shape, generator=gen).to(dtype) if with_delta else None
+    g = (1 + 0.5 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    return x, delta, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("M,F,K", [(1, 37, 33), (3, 21, 40), (17, 16, 64), (37, 9, 24)])
+def test_every_norm_prologue_swiglu_launch_matches_the_oracle(triton_backend, dtype, with_delta, M, F, K):
+    """rms_norm(x + delta) * g through the gate/up projection and SwiGLU, from every launch the norm
+    tuner may pick (odd K, every row tile, one row's multiply-add): against float64; h = x + delta
+    written with add_rms_norm's bits."""
+    x, delta, g = _norm_inputs((M, K), dtype, seed=M * 10 + F + K, with_delta=with_delta)
+    _, w13 = _swiglu_inputs(M, F, K, dtype, seed=M + F)
+    h_want, normed = _normed_oracle(x, delta, g, 1e-5)
+    want = _swiglu_oracle(normed, w13)
+    norm = sl.NormPrologue(g, 1e-5, delta)
+    launches = sl.norm_candidates(M, x.device, None, sl.swiglu_candidates)[1:]
+    assert launches and all(c.split_k == 1 and not c.stream_k for c in launches)
+    assert (M == 1) is any(not c.use_dot for c in launches)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for launch in launches:
+        h_out = torch.full_like(x, float("nan")) if with_delta else None
+        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=(norm, delta, h_out))
+        torch.testing.assert_close(y.double(), want, **tol, msg=lambda m: f"{launch}: {m}")
+        if with_delta:
+            assert torch.equal(h_out, h_want), launch   # every row, every column: program 0 wrote them all
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,K,H,Hkv,D,shared", ROPE_SHAPES[:3])
+def test_every_norm_prologue_rope_launch_matches_the_reference(triton_backend, dtype, B, T, K, H, Hkv, D, shared):
+    """The q/k/v projection of rms_norm(x + delta) * g with the rotary epilogue: q and both caches
+    against the reference pair on float64 inputs."""
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, dtype, seed=B * 7 + T + K, shared_freqs=shared)
+    _, delta, g = _norm_inputs((B, T, K), dtype, seed=B + T, with_delta=True)
+    h_want, normed = _normed_oracle(x, delta, g, 1e-6)
+    want = _rope_reference(normed, wqkv.double(), H, Hkv, freqs, slots, [c.double() for c in caches])
+    norm = sl.NormPrologue(g, 1e-6, delta)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for launch in sl.norm_candidates(B * T, x.device, None, sl.rope_candidates)[1:]:
+        k_cache, v_cache = (c.clone() for c in caches)
+        h_out = torch.empty(B * T, K, dtype=dtype)
+        q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, k_cache,
+                                                                                             v_cache, H, Hkv),
+                                 norm=(norm, delta.reshape(B * T, K), h_out))
+        assert torch.equal(h_out.view(B, T, K), h_want), launch
+        for got, expected in zip((q.view(B, T, H, D), k_cache, v_cache), want):
+            torch.testing.assert_close(got.double(), expected, **tol, msg=lambda m: f"{launch}: {m}")
+
+
+def test_norm_prologue_dispatch_tuned_launch_and_unfused_pair(triton_backend, monkeypatch):
+    """skinny_linear_swiglu(norm=...): the unfused pair (add_rms_norm, then the projection) until a
+    launch is tuned for the key, then that launch; both give (gate, h) with h = x + delta."""
+    from mtp_kernels import add_rms_norm
+
+    tuner = LaunchTuner("skinny_linear_swiglu_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    x, delta, g = _norm_inputs((1, 3, 40), torch.float32, seed=5, with_delta=True)
+    _, w13 = _swiglu_inputs(3, 21, 40, torch.float32, seed=6)
+    norm = sl.NormPrologue(g, 1e-5, delta)
+    y, h = sl.skinny_linear_swiglu(x, w13, norm=norm)            # nothing tuned on a CPU: the unfused pair
+    h_pair, normed = add_rms_norm(x, delta, g, 1e-5)
+    assert torch.equal(h, h_pair) and torch.equal(y, sl.skinny_linear_swiglu(normed, w13)) and y.shape == (1, 3, 21)
+    launch = sl.norm_candidates(3, x.device, None, sl.swiglu_candidates)[1]
+    tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, True)] = launch
+    y_fused, h_fused = sl.skinny_linear_swiglu(x, w13, norm=norm)
+    assert torch.equal(h_fused, h_pair) and y_fused.shape == (1, 3, 21)
+    torch.testing.assert_close(y_fused, y, rtol=1e-4, atol=1e-4)
+    no_delta = sl.NormPrologue(g, 1e-5)
+    y0, h0 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)     # no delta: h is x itself, a key of its own
+    assert h0 is x
+    tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, False)] = launch
+    y1, h1 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)
+    assert h1 is x
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_prologue_tuning_times_the_unfused_pair_and_unsplit_twins(triton_backend, monkeypatch):
+    """A stand-in timer on the tuning path: the unfused pair first, then the SwiGLU twins without a
+    K split or stream-K; the fastest kept."""
+    tuner = LaunchTuner("skinny_linear_swiglu_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    from mtp_kernels import launch_tuner
+    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
+    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
+    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=9)
+    y, h = sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
+    (key, times), = tuner.times.items()
+    assert list(times)[0] is None and len(times) > 1
+    assert all(c.split_k == 1 and not c.stream_k for c in list(times)[1:])
+    assert tuner.chosen[key] is None    # a tie keeps the unfused pair
+
+
+def test_norm_prologue_errors(triton_backend):
+    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=3, with_delta=True)
+    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=4)
+    with pytest.raises(ValueError, match=r"norm weight must be \(40,\)"):
+        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g[:7], 1e-5, delta))
+    with pytest.raises(ValueError, match="delta must have x's shape"):
+        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta[:1]))
+    with pytest.raises(ValueError, match="delta on meta"):
+        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta.to("meta")))
+    split = next(c for c in sl.swiglu_candidates(2, x.device)[1:] if c.split_k > 1)
+    with pytest.raises(ValueError, match="norm prologue needs an unsplit kernel launch"):
+        sl.skinny_linear_run(x, w13, split, swiglu=True, norm=(sl.NormPrologue(g, 1e-5, delta), delta, x.clone()))
+
+
+def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_backend, monkeypatch):
+    """A model's decode step with every block's add + norm in its q/k/v and gate/up launches: logits
+    as the unfused step's (float32), no norm kernel left but the final one, and, launched
+    programmatically (the early weight tile before the prologue), the same bits again."""
+    import collections
+
+    import triton.runtime.interpreter as interpreter
+
+    from mtp_engine.model import ModelArgs, Transformer
+    from mtp_kernels import dependent_launch
+
+    monkeypatch.setenv("MTP_TUNE", "0")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                                  n_future_tokens=2, max_seq_len=32, max_batch_size=2)).eval()
+    for p in model.parameters():   # norm weights away from 1, so that a missing weight would show
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    model.fuse_projections()
+    tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    launches = collections.Counter()
+    run = interpreter.GridExecutor.__call__
+
+    def recording(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    def step():
+        model.setup_caches(2, 32)
+        lengths = torch.zeros(2, dtype=torch.int32)
+        model.forward_cached(tokens[:, :4], lengths, n_heads=2, check_lengths=False)
+        launches.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interpreter.GridExecutor, "__call__", recording)
+            return model.forward_cached(tokens[:, 4:], lengths + 4, n_heads=2, check_lengths=False)
+
+    with torch.no_grad():
+        unfused = step()
+        assert launches["_add_rms_norm_fwd_kernel"] + launches["_rms_norm_fwd_kernel"] == 2 * 3 + 1
+        tile = sl.SkinnyLaunch(16, 16, True, 1, 1, 16)
+        for tuner in sl._NORM_TUNERS.values():
+            monkeypatch.setattr(tuner, "choose", lambda key, *args: tile if key[2] == 16 else None)
+        fused = step()
+        assert launches["_add_rms_norm_fwd_kernel"] + launches["_rms_norm_fwd_kernel"] == 1   # the final norm
+        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+        with dependent_launch.programmatic_launch():
+            assert torch.equal(step(), fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16, 32])
+def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
+    """bf16 on a GPU: every launch the norm tuners may pick, with SwiGLU (the 7B's gate/up weight)
+    and with rotary + cache write (8 + 2 x 2 heads of 128), against float64, h with add_rms_norm's
+    bits; then the tuners time the unfused pair against them as CUDA-graph replays, dispatch their
+    choice, and a CUDA graph of the dispatched call replays the same bits."""
+    from mtp_kernels import add_rms_norm
+
+    for name in sl._NORM_TUNERS:
+        monkeypatch.setitem(sl._NORM_TUNERS, name, LaunchTuner(name + "_norm"))
+    g = torch.Generator(device="cuda").manual_seed(M)
+    K, F = 4096, 11008
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16() * 3
+    delta = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    weight = (1 + 0.5 * torch.randn(K, device="cuda", generator=g)).bfloat16()
+    w13 = (torch.randn(2 * F, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    h_want, normed = _normed_oracle(x, delta, weight, 1e-5)
+    want = _swiglu_oracle(normed, w13)
+    norm = sl.NormPrologue(weight, 1e-5, delta)
+    launches = sl.norm_candidates(M, x.device, None, sl.swiglu_candidates)[1:]
+    assert launches
+    for launch in launches:
+        h_out = torch.empty_like(x)
+        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=(norm, delta, h_out))
+        assert torch.equal(h_out, h_want), launch
+        assert ((y.double() - want).norm() / want.norm()).item() < 2e-2, launch
+    y, h = sl.skinny_linear_swiglu(x, w13, norm=norm)          # tunes, then runs the choice
+    (key, times), = sl._NORM_TUNERS["skinny_linear_swiglu"].times.items()
+    assert all(0 < t < 5.0 for t in times.values()), times
+    assert torch.equal(h, add_rms_norm(x, delta, weight, 1e-5)[0])
+    assert ((y.double() - want).norm() / want.norm()).item() < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph, _ = sl.skinny_linear_swiglu(x, w13, norm=norm)
+    graph.replay()
+    assert torch.equal(y_graph, y)
+    # The rotary form, on a smaller q/k/v weight: q and both caches against the float64 pair.
+    B, T, H, Hkv, D, K2 = 1, M, 8, 2, 128, 1024
+    x3 = torch.randn(B, T, K2, device="cuda", generator=g).bfloat16()
+    d3 = torch.randn(B, T, K2, device="cuda", generator=g).bfloat16()
+    w3 = (1 + 0.5 * torch.randn(K2, device="cuda", generator=g)).bfloat16()
+    wqkv = (torch.randn((H + 2 * Hkv) * D, K2, device="cuda", generator=g) * K2 ** -0.5).bfloat16()
+    freqs = torch.polar(torch.ones(B, T, D // 2, device="cuda"), torch.randn(B, T, D // 2, device="cuda", generator=g))
+    slots = torch.arange(T, device="cuda")[None]
+    caches = [torch.zeros(B, 64, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    h3_want, normed3 = _normed_oracle(x3, d3, w3, 1e-6)
+    want3 = _rope_reference(normed3, wqkv.double(), H, Hkv, freqs, slots, [c.double() for c in caches])
+    q, h3 = sl.skinny_linear_rope(x3, wqkv, H, Hkv, freqs, slots, *caches, norm=sl.NormPrologue(w3, 1e-6, d3))
+    assert torch.equal(h3, h3_want)
+    for got, expected in zip((q, *caches), want3):
+        assert ((got.double() - expected).norm() / expected.norm()).item() < 2e-2

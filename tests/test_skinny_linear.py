@@ -1058,7 +1058,7 @@ def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_back
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 4, 16, 32])
+@pytest.mark.parametrize("M", [1, 16])   # the multiply-add launches and the 16-row tiles (32 rows: interpreter)
 def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
     """bf16 on a GPU: every launch the norm tuners may pick, with SwiGLU (the 7B's gate/up weight)
     and with rotary + cache write (8 + 2 x 2 heads of 128), against float64, h with add_rms_norm's

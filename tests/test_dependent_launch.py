@@ -11,6 +11,8 @@ from mtp_engine.model import ModelArgs, Transformer
 from mtp_kernels import dependent_launch, skinny_linear
 from mtp_kernels.dependent_launch import launch_programmatic, programmatic_launch, programmatic_supported
 
+from _decode_steps import recorded_decode_step
+
 
 def test_launches_are_programmatic_only_inside_the_switch_on_hopper(monkeypatch):
     cpu = torch.device("cpu")
@@ -52,8 +54,6 @@ def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits
     step (the fused q/k/v GEMM with its rotary epilogue, KV attention, split-K and SwiGLU GEMMs,
     the add + norm kernels) is launched with launch_pdl and its PDL constexpr, and the step's logits
     are the bits of the ordinary launches: the skinny GEMMs' early first weight tile changes no sum."""
-    import triton.runtime.interpreter as interpreter
-
     monkeypatch.setenv("MTP_TUNE", "0")
     model = _small_model()
     tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -65,20 +65,11 @@ def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits
     monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: paired)
     monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: paired)
     launches = []
-    run = interpreter.GridExecutor.__call__
-
-    def recording(self, *args, **kwargs):
-        launches.append((self.fn.__name__, kwargs.get("PDL"), kwargs.get("launch_pdl")))
-        return run(self, *args, **kwargs)
 
     def step():
-        model.setup_caches(2, 32)
-        lengths = torch.zeros(2, dtype=torch.int32)
-        model.forward_cached(tokens[:, :4], lengths, n_heads=1, check_lengths=False)
         launches.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(interpreter.GridExecutor, "__call__", recording)
-            return model.forward_cached(tokens[:, 4:], lengths + 4, n_heads=1, check_lengths=False)
+        return recorded_decode_step(model, tokens, 1, lambda name, kwargs: launches.append(
+            (name, kwargs.get("PDL"), kwargs.get("launch_pdl"))))
 
     with torch.no_grad():
         ordinary = step()

@@ -1013,8 +1013,7 @@ def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_back
     programmatically (the early weight tile before the prologue), the same bits again."""
     import collections
 
-    import triton.runtime.interpreter as interpreter
-
+    from _decode_steps import recorded_decode_step
     from mtp_engine.model import ModelArgs, Transformer
     from mtp_kernels import dependent_launch
 
@@ -1028,20 +1027,10 @@ def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_back
     model.fuse_projections()
     tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     launches = collections.Counter()
-    run = interpreter.GridExecutor.__call__
-
-    def recording(self, *args, **kwargs):
-        launches[self.fn.__name__] += 1
-        return run(self, *args, **kwargs)
 
     def step():
-        model.setup_caches(2, 32)
-        lengths = torch.zeros(2, dtype=torch.int32)
-        model.forward_cached(tokens[:, :4], lengths, n_heads=2, check_lengths=False)
         launches.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(interpreter.GridExecutor, "__call__", recording)
-            return model.forward_cached(tokens[:, 4:], lengths + 4, n_heads=2, check_lengths=False)
+        return recorded_decode_step(model, tokens, 2, lambda name, kwargs: launches.update([name]))
 
     with torch.no_grad():
         unfused = step()

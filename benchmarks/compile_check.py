@@ -324,42 +324,41 @@ def scenarios(quick: bool = False):
             for launch in sl.rope_candidates(B * T, x.device)[1:]:
                 sl.skinny_linear_run(x, wqkv, launch, rope=rope)
 
+    def norm_launches(dtype, rows, with_delta):
+        # Every launch the norm tuners may time (`norm_candidates`; none past 32 rows) for `rows` rows
+        # of the 7B: the gate/up weight with SwiGLU, the q/k/v weight (32 + 2 x 32 heads of 128) with
+        # rotary; --quick: the first two of each.
+        from mtp_kernels import skinny_linear as sl
+
+        x = randn(rows, 4096, dtype=dtype)
+        if not sl._kernel_takes(x, randn(16, 4096, dtype=dtype)):
+            return
+        delta = randn(rows, 4096, dtype=dtype) if with_delta else None
+        norm = (sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta), delta, torch.empty_like(x) if with_delta else None)
+        w13 = randn(22016, 4096, dtype=dtype)
+        for launch in sl.norm_candidates(rows, x.device, None, sl.swiglu_candidates)[1:3 if quick else None]:
+            sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm)
+        wqkv = randn(12288, 4096, dtype=dtype)
+        freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
+        rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
+                                                                      for _ in range(2)), 32, 32)
+        for launch in sl.norm_candidates(rows, x.device, None, sl.rope_candidates)[1:3 if quick else None]:
+            sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm)
+
     def norm_prologue(dtype):
         # A block's residual add and RMSNorm inside the q/k/v (rotary) and gate/up (SwiGLU) launches:
-        # every launch the norm tuners may time (`norm_candidates`; none past 32 rows) at the 7B's
-        # shapes, one row, 16 and 32, with the add (a block's second and later norms) and without (the
-        # first block's); the programmatic form with the early weight tile for one row. --quick: the
-        # first two launches of each at one row and 16 rows, with the add.
-        from mtp_kernels import skinny_linear as sl
-        from mtp_kernels.dependent_launch import programmatic_launch
-
-        def launches(rows, with_delta):
-            x = randn(rows, 4096, dtype=dtype)
-            if not sl._kernel_takes(x, randn(16, 4096, dtype=dtype)):
-                return
-            delta = randn(rows, 4096, dtype=dtype) if with_delta else None
-            norm = (sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta), delta, torch.empty_like(x) if with_delta else None)
-            w13 = randn(22016, 4096, dtype=dtype)
-            for launch in sl.norm_candidates(rows, x.device, None, sl.swiglu_candidates)[1:3 if quick else None]:
-                sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm)
-            wqkv = randn(12288, 4096, dtype=dtype)   # 32 + 2 x 32 heads of 128
-            freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
-            rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
-                                                                          for _ in range(2)), 32, 32)
-            for launch in sl.norm_candidates(rows, x.device, None, sl.rope_candidates)[1:3 if quick else None]:
-                sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm)
-
+        # one row, 16 and 32, with the add (a block's second and later norms) and without (the
+        # first block's); --quick: one row and 16 rows, with the add. (Their programmatic form:
+        # programmatic_launch below.)
         for rows, with_delta in ((1, True), (16, True)) if quick else ((1, True), (1, False), (16, True), (32, True)):
-            launches(rows, with_delta)
-        if not quick:
-            with programmatic_launch():
-                launches(1, True)
+            norm_launches(dtype, rows, with_delta)
 
     def programmatic_launch(dtype):
         # A decode step's kernels as programmatic dependent launches (Hopper; dependent_launch.py):
         # the skinny GEMM tiles of the 7B's one-row and 64-row steps with their epilogue twins, both
         # with the early first weight tile (it changes the loop) and waiting first (--quick: the early
-        # tile only), and the kernels that only wait first.
+        # tile only), the kernels that only wait first, and the norm prologue's launches at one row
+        # (not --quick).
         from mtp_kernels import skinny_linear as sl
         from mtp_kernels.dependent_launch import programmatic_launch
 
@@ -395,6 +394,8 @@ def scenarios(quick: bool = False):
                 if launch.n_splits > 1 and launch.combine_last:   # the separate combine kernel too
                     attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5,
                                       dataclasses.replace(launch, combine_last=False))
+            if not quick:   # the norm prologue's launches at one row, with the early weight tile
+                norm_launches(dtype, 1, True)
 
     def sampling(dtype):
         for R in (1, 48, 256):

@@ -306,7 +306,9 @@ class TransformerBlock(nn.Module):
         """The block of a cached inference step with fused projections (Transformer.fuse_projections):
         each residual add and norm goes into the projection that reads it (`NormPrologue`), which on a
         GPU decode step runs them in that GEMM's launch where that was timed faster; elsewhere they
-        are add_rms_norm as in `forward`. Same arguments and result as `forward`."""
+        are add_rms_norm as in `forward`. Same arguments and result as `forward`. Inference only: it
+        calls the attention's and the norms' parts, not those modules, so hooks on them do not run;
+        wo and w2 stay module calls (tensor parallelism's all-reduce hooks sit there)."""
         attention = self.attention
         q, x = skinny_linear_rope(x, wqkv, attention.n_heads, attention.n_kv_heads, freqs_cis, step.slots,
                                   attention.cache.k, attention.cache.v, check_slots=False,

@@ -146,9 +146,9 @@ def epilogue_launch_report(kind: str) -> list:
         chosen = tuner.chosen[key]
         ms = times.get(fused) if fused else None
         rows.append({"row_tile": row_tile, "N": N, "K": K, "unfused_ms": times.get(None),
-                     "unfused_GBps": weight_mb / times[None] if times.get(None) else None,
+                     "unfused_GBps": _rate(weight_mb, times.get(None)),
                      "best_tile": fused.label() if fused else "-", "fused_ms": ms,
-                     "fused_GBps": weight_mb / ms if ms and ms < float("inf") else None,
+                     "fused_GBps": _rate(weight_mb, ms),
                      "chosen": "unfused" if chosen is None else chosen.label(), "times_ms": _labelled(times, "unfused")})
         if kind.endswith("_norm"):
             rows[-1]["add"] = key[6]

@@ -334,16 +334,17 @@ def scenarios(quick: bool = False):
         if not sl._kernel_takes(x, randn(16, 4096, dtype=dtype)):
             return
         delta = randn(rows, 4096, dtype=dtype) if with_delta else None
-        norm = (sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta), delta, torch.empty_like(x) if with_delta else None)
+        norm = sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta)
+        h_out = torch.empty_like(x) if with_delta else None
         w13 = randn(22016, 4096, dtype=dtype)
         for launch in sl.norm_candidates(rows, x.device, None, sl.swiglu_candidates)[1:3 if quick else None]:
-            sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm)
+            sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm, h_out=h_out)
         wqkv = randn(12288, 4096, dtype=dtype)
         freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
         rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
                                                                       for _ in range(2)), 32, 32)
         for launch in sl.norm_candidates(rows, x.device, None, sl.rope_candidates)[1:3 if quick else None]:
-            sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm)
+            sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm, h_out=h_out)
 
     def norm_prologue(dtype):
         # A block's residual add and RMSNorm inside the q/k/v (rotary) and gate/up (SwiGLU) launches:

@@ -94,12 +94,13 @@ def _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT: tl.constexpr,
+def _x_operand(x_ptrs, m_ok, k_ok, ss, k0, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT: tl.constexpr,
                EVEN_K: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr):
     """One K step's x operand: a (BLOCK_M, BLOCK_K) tile of x in its dtype (USE_DOT), or x's row as
     (BLOCK_K,) float32. With NORM the norm prologue: x is the residual stream h (ADD: h = x + delta,
     rounded to x's dtype as add_rms_norm rounds it, and stored through h_ptrs where store_h, a
-    (BLOCK_K,) mask that is all True in program 0 only); the operand is h * g (g the norm weight;
+    (BLOCK_K,) mask that is all True in program 0 only; d_ptrs, g_ptrs, h_ptrs point at K = 0 and
+    this step's tile starts at k0, where x_ptrs already points); the operand is h * g (g the norm weight;
     rounded to the dtype for tl.dot), and h's squares are added to ss ((BLOCK_M,) per row; one row:
     (BLOCK_K,) lanes, summed at the end). The per-row 1/rms is applied to the sums after the K loop
     (`_rms_scale`). Returns (operand, ss)."""
@@ -107,11 +108,11 @@ def _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT:
         x = _load_x_tile(x_ptrs, m_ok, k_ok, EVEN_K)
         if NORM:
             if ADD:
-                x = (x.to(tl.float32) + _load_x_tile(d_ptrs, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
-                tl.store(h_ptrs, x, mask=m_ok[:, None] & (store_h & k_ok)[None, :])
+                x = (x.to(tl.float32) + _load_x_tile(d_ptrs + k0, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
+                tl.store(h_ptrs + k0, x, mask=m_ok[:, None] & (store_h & k_ok)[None, :])
             h = x.to(tl.float32)
             ss += tl.sum(h * h, axis=1)
-            x = (h * tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+            x = (h * tl.load(g_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
     else:
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -119,11 +120,11 @@ def _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT:
             x = tl.load(x_ptrs, mask=k_ok, other=0.0)
         if NORM:
             if ADD:
-                x = (x.to(tl.float32) + tl.load(d_ptrs, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
-                tl.store(h_ptrs, x, mask=store_h & k_ok)
+                x = (x.to(tl.float32) + tl.load(d_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
+                tl.store(h_ptrs + k0, x, mask=store_h & k_ok)
             h = x.to(tl.float32)
             ss += h * h
-            x = h * tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            x = h * tl.load(g_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
         x = x.to(tl.float32)
     return x, ss
 
@@ -261,7 +262,8 @@ def _skinny_linear_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     acc_up = tl.zeros_like(acc)   # the second rows' sums (paired launches only: otherwise compiled away)
-    # The norm prologue's operands (NORM only; else never read): delta and h_out in x's layout.
+    # The norm prologue's operands at K = 0 (NORM only; else never read): delta and h_out in x's
+    # layout. Each K step offsets them by its k0 (`_x_operand`); the prologue runs unsplit, k_lo = 0.
     d_ptrs = x_ptrs
     g_ptrs = offs_k
     h_ptrs = x_ptrs
@@ -296,13 +298,10 @@ def _skinny_linear_kernel(
         if SWIGLU or ROPE:
             w_up = tl.load(w_ptrs + UP, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         await_prior_grid(PDL)
-        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, False, NORM, ADD)
+        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, k_lo, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, False, NORM, ADD)
         acc, acc_up = _accumulate(acc, acc_up, w, w_up, x, USE_DOT, SWIGLU or ROPE)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        d_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        h_ptrs += BLOCK_K
         k_next = k_lo + BLOCK_K
     for k0 in range(k_next, k_hi, BLOCK_K):
         k_ok = (k0 + offs_k) < K
@@ -310,13 +309,10 @@ def _skinny_linear_kernel(
         w_up = w
         if SWIGLU or ROPE:
             w_up = _load_weight_tile(w_ptrs + UP, n_ok, k_ok, EVEN_N, EVEN_K)
-        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, EVEN_K, NORM, ADD)
+        x, ss = _x_operand(x_ptrs, m_ok, k_ok, ss, k0, d_ptrs, g_ptrs, h_ptrs, store_h, USE_DOT, EVEN_K, NORM, ADD)
         acc, acc_up = _accumulate(acc, acc_up, w, w_up, x, USE_DOT, SWIGLU or ROPE)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        d_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        h_ptrs += BLOCK_K
     if NORM:
         acc, acc_up = _rms_scale(acc, acc_up, ss, K, EPS, USE_DOT)
     if USE_DOT:
@@ -551,19 +547,18 @@ def skinny_candidates(M: int, device: torch.device) -> list:
 class BlasLaunch:
     """F.linear with torch's preferred BLAS library set to `library` for the call (then restored),
     timed beside cuBLAS (None): cuBLASLt's heuristics choose their own kernels, and for a few rows
-    torch's choice of library and kernel is not always the fastest one (vLLM's and FlashInfer's
-    reports of skinny bf16 GEMMs). Offered on CUDA only (`blas_candidates`)."""
+    torch's F.linear is not always the fastest GEMM (vLLM issues 27173 and 35467, FlashInfer issue
+    1974). Offered on CUDA only (`blas_candidates`)."""
     library: str = "cublaslt"
 
     def label(self) -> str:
-        return {"cublaslt": "cuBLASLt", "cublas": "cuBLAS forced"}.get(self.library, self.library)
+        return {"cublaslt": "cuBLASLt"}.get(self.library, self.library)
 
 
 def blas_candidates(device: torch.device) -> list:
-    """The BLAS launches timed beside cuBLAS on `device`: cuBLASLt on a CUDA device whose torch
-    can prefer it; none elsewhere (a CPU build refuses the switch, a cross-compile has nothing
-    of ours to compile in it)."""
-    if device.type != "cuda" or not hasattr(torch.backends.cuda, "preferred_blas_library"):
+    """The BLAS launches timed beside cuBLAS on `device`: cuBLASLt on a CUDA device; none elsewhere
+    (a CPU build refuses the switch, a cross-compile has nothing of ours to compile in it)."""
+    if device.type != "cuda":
         return []
     return [BlasLaunch("cublaslt")]
 
@@ -684,10 +679,11 @@ class NormPrologue:
             return x, rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, self.delta, self.weight, self.eps)
 
-    def kernel_args(self, delta2: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> tuple:
-        """DELTA .. EPS of `_skinny_linear_kernel` for rows delta2 (as x's rows) and h_out (x's shape)."""
-        if delta2 is None:
+    def kernel_args(self, h_out: Optional[torch.Tensor]) -> tuple:
+        """DELTA .. EPS of `_skinny_linear_kernel`: delta as rows, and h_out (M, K) for h (with a delta)."""
+        if self.delta is None:
             return (None, 0, self.weight, None, 0, float(self.eps))
+        delta2 = as_rows(self.delta)
         return (delta2, delta2.stride(0), self.weight, h_out, h_out.stride(0), float(self.eps))
 
 
@@ -707,8 +703,8 @@ def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
 
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch | BlasLaunch],
                       programs: Optional[int] = None, swiglu: bool = False,
-                      rope: Optional[RotaryCacheWrite] = None,
-                      norm: Optional[tuple] = None) -> torch.Tensor:
+                      rope: Optional[RotaryCacheWrite] = None, norm: Optional[NormPrologue] = None,
+                      h_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x2 (M, K) @ weight (N, K)^T with one launch (None: cuBLAS; a BlasLaunch: F.linear with that
     library preferred); both with a unit last stride.
     programs: a stream-K launch's program count (None: `stream_k_programs`; tests set it).
@@ -718,8 +714,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     rope: weight is a fused q/k/v weight ((H + 2 Hkv) D, K) and x2's rows the B x T new tokens; the
     launch (not stream-K) rotates q and k in its epilogue, writes k and v into the caches and
     returns q, (M, H D) (None: the unfused pair, `_unfused_rope`).
-    norm: (NormPrologue, delta2 (M, K) or None, h_out (M, K) or None): the launch (unsplit, not
-    stream-K) reads x2 through the norm prologue and, with a delta, writes h = x2 + delta2 to h_out."""
+    norm: the launch (unsplit, not stream-K) reads x2 through the norm prologue and, with a delta
+    (x2's rows in any shape), writes h = x2 + delta to h_out (M, K)."""
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"skinny_linear: a SwiGLU launch takes a (2F, K) gate/up weight, got {tuple(weight.shape)}")
     if rope is not None and weight.shape[0] != (rope.n_heads + 2 * rope.n_kv_heads) * rope.head_dim:
@@ -730,6 +726,11 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     if norm is not None and (launch is None or isinstance(launch, BlasLaunch) or launch.split_k > 1
                              or launch.stream_k):
         raise ValueError(f"skinny_linear: the norm prologue needs an unsplit kernel launch, got {launch}")
+    if norm is not None and (norm.delta is None) != (h_out is None):
+        raise ValueError("skinny_linear: the norm prologue writes h = x + delta to h_out: give both or neither")
+    if norm is not None and h_out is not None and not (h_out.shape == x2.shape == as_rows(norm.delta).shape):
+        raise ValueError(f"skinny_linear: the norm prologue's delta and h_out must be x's {tuple(x2.shape)} rows, got "
+                         f"{tuple(norm.delta.shape)} and {tuple(h_out.shape)}")
     if isinstance(launch, BlasLaunch):
         if swiglu or rope is not None:
             raise ValueError(f"skinny_linear: {launch.label()} has no epilogue; the unfused pair (None) runs it")
@@ -777,10 +778,10 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
         *(rope.kernel_args() if rope is not None else _NO_ROPE),
-        *(norm[0].kernel_args(norm[1], norm[2]) if norm is not None else _NO_NORM),
+        *(norm.kernel_args(h_out) if norm is not None else _NO_NORM),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot,
         **even, SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, PDL=pdl,
-        EARLY_TILE=pdl and EARLY_WEIGHT_TILE, NORM=norm is not None, ADD=norm is not None and norm[1] is not None,
+        EARLY_TILE=pdl and EARLY_WEIGHT_TILE, NORM=norm is not None, ADD=norm is not None and norm.delta is not None,
         num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl)
     return y
 
@@ -926,20 +927,21 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
                          f"{D}, got {tuple(wqkv.shape)}")
     rope = RotaryCacheWrite(freqs_cis, slots, k_cache, v_cache, n_heads, n_kv_heads)
     M = B * T
+    # Operands the rotary epilogue can write through (rope_cache_write checks the rest on the pair's path).
+    epilogue_ok = isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
+        and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
     if norm is not None:
         def unfused(normed):
             return skinny_linear_rope(normed, wqkv, n_heads, n_kv_heads, freqs_cis, slots, k_cache, v_cache,
                                       check_slots)
-        if not (isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor)
-                and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)):
+        if not epilogue_ok:
             h, normed = norm.unfused(x)
             return unfused(normed), h
         check_cache_write(name, B, T, n_kv_heads, D, freqs_cis, slots, k_cache, v_cache, check_slots, x=x, wqkv=wqkv)
         q, h = normed_projection(name, x, wqkv, norm, unfused, rope_candidates, rope=rope)
         return q.view(B, T, n_heads, D), h
     fused = (not torch.is_grad_enabled() or not (x.requires_grad or wqkv.requires_grad)) and 1 <= M <= MAX_ROWS \
-        and use_triton(x, wqkv, k_cache) and isinstance(freqs_cis, torch.Tensor) and isinstance(slots, torch.Tensor) \
-        and isinstance(v_cache, torch.Tensor) and _rope_epilogue_takes(x, wqkv, rope)
+        and use_triton(x, wqkv, k_cache) and epilogue_ok
     if not fused:   # rope_cache_write checks the operands there
         return _unfused_rope(x, wqkv, rope, check_slots)
     # rope_cache_write's rules, on the shapes the kernel will write through
@@ -968,8 +970,9 @@ _NORM_TUNERS = {"skinny_linear_swiglu": LaunchTuner("skinny_linear_swiglu_norm")
 
 
 # The prologue holds its x tile (and delta's) in float32 registers: tl.dot tiles of more x elements
-# than this spilled in the sm_90 compiles (16 x 512 and every 64-row tile: 64-4944 bytes, Triton 3.9),
-# so the norm tuners do not time them (at 64 rows the unfused pair, with cuBLAS, is left alone).
+# than this spilled in the sm_90 compiles (16 x 512 and every 64-row tile: 64-4944 bytes, Triton 3.9;
+# raise it and run `compile_check.py --only norm_prologue` to see them), so the norm tuners do not
+# time them (at 64 rows the unfused pair, with cuBLAS, is left alone).
 NORM_MAX_X_TILE = 16 * 256
 
 
@@ -1009,11 +1012,10 @@ def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: No
     M = x.numel() // K if K else 0
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, norm.weight, norm.delta))
     if grad or not 1 <= M <= MAX_ROWS or not _kernel_takes(x, weight) or norm.weight.dtype != x.dtype \
-            or norm.weight.stride(0) != 1 or len(norm_candidates(M, x.device, None, epilogue_candidates)) == 1:
+            or norm.weight.stride(0) != 1:
         h, normed = norm.unfused(x)
         return unfused(normed), h
     x2 = as_rows(x)
-    delta2 = None if norm.delta is None else as_rows(norm.delta)
     tuner = _NORM_TUNERS[name]
     key = (str(x.device), x.dtype, row_tile(M), *weight.shape, rope.n_heads if rope is not None else 0,
            norm.delta is not None)
@@ -1022,8 +1024,8 @@ def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: No
         if launch is None:
             h, normed = norm.unfused(x)
             return unfused(normed), h
-        h_out = None if delta2 is None else torch.empty_like(x2)
-        y = skinny_linear_run(x2, w, launch, swiglu=swiglu, rope=rope, norm=(norm, delta2, h_out))
+        h_out = None if norm.delta is None else torch.empty_like(x2)
+        y = skinny_linear_run(x2, w, launch, swiglu=swiglu, rope=rope, norm=norm, h_out=h_out)
         return y.view(*x.shape[:-1], -1), (x if h_out is None else h_out.view(x.shape))
 
     def tune():

@@ -921,7 +921,7 @@ def test_every_norm_prologue_swiglu_launch_matches_the_oracle(triton_backend, dt
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for launch in launches:
         h_out = torch.full_like(x, float("nan")) if with_delta else None
-        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=(norm, delta, h_out))
+        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm, h_out=h_out)
         torch.testing.assert_close(y.double(), want, **tol, msg=lambda m: f"{launch}: {m}")
         if with_delta:
             assert torch.equal(h_out, h_want), launch   # every row, every column: program 0 wrote them all
@@ -943,7 +943,7 @@ def test_every_norm_prologue_rope_launch_matches_the_reference(triton_backend, d
         h_out = torch.empty(B * T, K, dtype=dtype)
         q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, k_cache,
                                                                                              v_cache, H, Hkv),
-                                 norm=(norm, delta.reshape(B * T, K), h_out))
+                                 norm=norm, h_out=h_out)
         assert torch.equal(h_out.view(B, T, K), h_want), launch
         for got, expected in zip((q.view(B, T, H, D), k_cache, v_cache), want):
             torch.testing.assert_close(got.double(), expected, **tol, msg=lambda m: f"{launch}: {m}")
@@ -1004,7 +1004,10 @@ def test_norm_prologue_errors(triton_backend):
         sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta.to("meta")))
     split = next(c for c in sl.swiglu_candidates(2, x.device)[1:] if c.split_k > 1)
     with pytest.raises(ValueError, match="norm prologue needs an unsplit kernel launch"):
-        sl.skinny_linear_run(x, w13, split, swiglu=True, norm=(sl.NormPrologue(g, 1e-5, delta), delta, x.clone()))
+        sl.skinny_linear_run(x, w13, split, swiglu=True, norm=sl.NormPrologue(g, 1e-5, delta), h_out=x.clone())
+    unsplit = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]
+    with pytest.raises(ValueError, match="give both or neither"):
+        sl.skinny_linear_run(x, w13, unsplit, swiglu=True, norm=sl.NormPrologue(g, 1e-5, delta))
 
 
 def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_backend, monkeypatch):
@@ -1070,7 +1073,7 @@ def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
     assert launches
     for launch in launches:
         h_out = torch.empty_like(x)
-        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=(norm, delta, h_out))
+        y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm, h_out=h_out)
         assert torch.equal(h_out, h_want), launch
         assert ((y.double() - want).norm() / want.norm()).item() < 2e-2, launch
     y, h = sl.skinny_linear_swiglu(x, w13, norm=norm)          # tunes, then runs the choice

@@ -163,3 +163,18 @@ def test_serialization_reader(load_script):
     assert compile_check._wgmma_serialized("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
                                            "instructions are serialized due to ...\nptxas info    : Used 182 registers")
     assert not compile_check._wgmma_serialized("ptxas info    : Used 182 registers, used 1 barriers")
+
+
+def test_ordered_dq_probe_reports_each_loop_form(tmp_path):
+    """benchmarks/probe_ordered_dq.py compiles its three dK/dV-shaped loops for sm_90: the plain loop
+    is one Triton's pass warp-specializes (else the probe would say nothing), and every form comes
+    out as a warp count or the compiler's error, in the JSON and the table."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_ordered_dq.py"), "--out", str(tmp_path)],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("ordered_dq_ws_probe_triton-*.json")
+    rows = {r["form"]: r for r in json.loads(path.read_text())["rows"]}
+    assert list(rows) == ["loop", "loop + dQ add (unordered)", "loop + dQ add in order (spin)"]
+    assert (rows["loop"].get("warps_run"), rows["loop"].get("warp_specialized")) == (12, True)
+    assert all(("error" in r) != ("warps_run" in r) for r in rows.values())
+    assert "| loop | 12 | True | - |" in path.with_suffix(".md").read_text()

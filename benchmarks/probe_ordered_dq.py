@@ -23,11 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)   # compiling, not interpreting
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -77,6 +75,9 @@ def compile_form(dq_add: bool, in_order: bool, num_warps: int = 4) -> dict:
 
 
 def main(out: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
+        raise SystemExit("probe_ordered_dq.py compiles for sm_90: run it without TRITON_INTERPRET "
+                         "(the interpreter replaces the kernel it compiles)")
     rows = [{"form": name, **compile_form(*flags)} for name, flags in FORMS.items()]
     stem = Path(out) / f"ordered_dq_ws_probe_triton-{triton.__version__}"
     stem.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")

@@ -46,7 +46,8 @@ import triton.language as tl
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
-from .backend import check_one_device, compute_major, cross_compile_arch, gpu_launch, graph_capturing, interpreting, sm_count, use_triton
+from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch,
+                      graph_capturing, interpreting, sm_count, use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -727,14 +728,14 @@ def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor |
     ones (the forward, dQ) or (B*T, Hkv*D) ones (dK/dV): a power-of-two head dim of 16 to 128, every
     tensor as `_tma_rows_ok` says, the batches of every tensor read flat T rows apart (a column
     slice of a fused qkv projection qualifies; k, v as the first T slots of a longer buffer do not),
-    and where kernels can build descriptors (`_descriptors_allowed`)."""
+    and where kernels can build descriptors (`backend.descriptors_allowed`)."""
     B, T, H, D = q.shape
     rows = (q,) if do is None else (q, do, k, v)
     return (16 <= D <= MAX_HEAD_DIM and D & (D - 1) == 0
             and all(x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in rows)
             and all(_tma_rows_ok(x, D) for x in (q, k, v, *rows))
             and all(B == 1 or x.stride(0) == T * x.stride(1) for x in rows)
-            and B * T < 2 ** 31 and _descriptors_allowed())
+            and B * T < 2 ** 31 and descriptors_allowed())
 
 
 def _asks_warp_spec(config: triton.Config | None, interp_config: dict) -> bool:
@@ -752,30 +753,6 @@ def _check_warp_spec(kernel: str, config: triton.Config | None, interp_config: d
     if not ws_ok and _asks_warp_spec(config, interp_config):
         raise ValueError(f"flash attention: a WARP_SPEC {kernel} config needs q, k, v (and dO, lse in the "
                          f"backward) laid out as `_ws_ok` says; got {layout()}")
-
-
-def _descriptors_allowed() -> bool:
-    """Whether kernels may build tensor descriptors here: always under the interpreter and in a
-    cross-compile (nothing runs on a device), on a GPU once the scratch allocator is in place."""
-    return interpreting() or cross_compile_arch() is not None or _descriptor_allocator_ready()
-
-
-def _descriptor_scratch(size: int, alignment: int, stream):
-    # Device-side tensor descriptors keep their 128-byte TMA descriptor in global scratch memory.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _descriptor_allocator_ready() -> bool:
-    """Install a torch-backed scratch allocator for device-side tensor descriptors unless the caller
-    has set one. Triton keeps it in a context variable, which a new thread (autograd's backward
-    thread) does not inherit, hence a check per launch. False where this Triton has no such hook."""
-    try:
-        from triton.runtime import _allocation
-        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            triton.set_allocator(_descriptor_scratch)
-        return True
-    except (ImportError, AttributeError):
-        return False
 
 
 def _lse_rows(B: int, H: int, T: int, device) -> torch.Tensor:

@@ -87,6 +87,33 @@ def compute_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+def descriptors_allowed() -> bool:
+    """Whether kernels may build device-side TMA tensor descriptors here: always under the
+    interpreter and in a cross-compile (nothing runs on a device), on a GPU once the scratch
+    allocator is in place."""
+    return interpreting() or cross_compile_arch() is not None or _descriptor_allocator_ready()
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    # Device-side tensor descriptors keep their 128-byte TMA descriptor in global scratch memory;
+    # inside a CUDA-graph capture this comes from the graph's pool, as every other allocation there.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _descriptor_allocator_ready() -> bool:
+    """Install a torch-backed scratch allocator for device-side tensor descriptors unless the caller
+    has set one. Triton keeps it in a context variable, which a new thread (autograd's backward
+    thread) does not inherit, hence a check per launch. False where this Triton has no such hook."""
+    try:
+        import triton
+        from triton.runtime import _allocation
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_descriptor_scratch)
+        return True
+    except (ImportError, AttributeError):
+        return False
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., D) as (rows, D) with a unit column stride for a row-per-program launcher: a view
     (row strides kept, e.g. a column slice of a wider tensor) when the layout allows, else a copy."""

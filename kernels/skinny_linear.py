@@ -62,8 +62,10 @@ from .backend import as_rows, check_one_device, gpu_launch, interpreting, sm_cou
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 from .rmsnorm import add_rms_norm, rms_norm
-from .rope_cache import check_cache_write, rope_cache_write, rotate
-from .swiglu import silu_times_up, swiglu
+from .rope_cache import check_cache_write, rope_cache_write
+from .skinny_epilogue import rope_store, store_split, store_tile, tile_values
+from .skinny_ws import skinny_ws_kernel, skinny_ws_allowed, tma_layout_ok
+from .swiglu import swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
 # A programmatic dependent launch (dependent_launch.py) loads each program's first weight tile before
@@ -157,67 +159,6 @@ def _rms_scale(acc, acc_up, ss, K, EPS, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _output(acc, acc_up, dtype: tl.constexpr, SWIGLU: tl.constexpr):
-    """The float32 sums as Y's values: acc rounded to dtype, or with SWIGLU silu(gate) * up from the
-    gate and up sums, each rounded to dtype first as the unfused GEMM's outputs are."""
-    if SWIGLU:
-        return silu_times_up(acc.to(dtype).to(tl.float32), acc_up.to(dtype).to(tl.float32), dtype)
-    else:
-        return acc.to(dtype)
-
-
-@triton.jit
-def _rope_store(even, odd, offs_m, offs_pair, m_ok, pair_ok, Q, stride_qm, FREQS, stride_fb, stride_ft, SLOTS,
-                stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM):
-    """The rotary epilogue of a fused q/k/v projection. even, odd: the float32 sums of columns
-    2 offs_pair and 2 offs_pair + 1 of [q | k | v] ((H + 2 Hkv) x HEAD_DIM columns, Q_COLS =
-    H x HEAD_DIM, KV_COLS = Hkv x HEAD_DIM) for rows offs_m (token b * T + t). Each is rounded to
-    the dtype as the unfused GEMM's outputs are; q and k pairs are rotated by the token's angles
-    (FREQS: float32 (cos, sin) pairs, (B, T, HEAD_DIM/2, 2), or stride_fb 0: shared by the batch)
-    as `rope_cache.py` rotates them; q goes to Q (B*T, Q_COLS), k and v to the caches (B, S, Hkv,
-    HEAD_DIM, heads packed: stride_cb, stride_cs) at the token's slot. A pair never straddles a head
-    (HEAD_DIM is even)."""
-    dtype = Q.dtype.element_ty
-    x0 = even.to(dtype).to(tl.float32)
-    x1 = odd.to(dtype).to(tl.float32)
-    b = (offs_m // T).to(tl.int64)
-    t = (offs_m % T).to(tl.int64)
-    col = 2 * offs_pair
-    f_ptrs = FREQS + b[:, None] * stride_fb + t[:, None] * stride_ft + (col % HEAD_DIM)[None, :]
-    ok = m_ok[:, None] & pair_ok[None, :]
-    y0, y1 = rotate(x0, x1, tl.load(f_ptrs, mask=ok, other=1.0), tl.load(f_ptrs + 1, mask=ok, other=0.0))
-    is_v = (col >= Q_COLS + KV_COLS)[None, :]
-    y0 = tl.where(is_v, x0, y0).to(dtype)
-    y1 = tl.where(is_v, x1, y1).to(dtype)
-    q_ptrs = Q + offs_m[:, None] * stride_qm + col[None, :]
-    q_ok = ok & (col < Q_COLS)[None, :]
-    tl.store(q_ptrs, y0, mask=q_ok)
-    tl.store(q_ptrs + 1, y1, mask=q_ok)
-    slot = tl.load(SLOTS + b * stride_sb + t * stride_st, mask=m_ok, other=0).to(tl.int64)
-    row = (b * stride_cb + slot * stride_cs)[:, None]
-    k_ok = ok & ((col >= Q_COLS)[None, :] & ~is_v)
-    tl.store(K_CACHE + row + (col - Q_COLS)[None, :], y0, mask=k_ok)
-    tl.store(K_CACHE + row + (col - Q_COLS + 1)[None, :], y1, mask=k_ok)
-    v_ok = ok & is_v
-    tl.store(V_CACHE + row + (col - Q_COLS - KV_COLS)[None, :], y0, mask=v_ok)
-    tl.store(V_CACHE + row + (col - Q_COLS - KV_COLS + 1)[None, :], y1, mask=v_ok)
-
-
-@triton.jit
-def _store_out(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS, stride_sb,
-               stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
-               SWIGLU: tl.constexpr, ROPE: tl.constexpr):
-    """Store a tile of sums (rows offs_m, outputs offs_n): Y's values (`_output`), or with ROPE the
-    rotary epilogue (`_rope_store`: offs_n count column pairs, acc the even columns, acc_up the odd)."""
-    if ROPE:
-        _rope_store(acc, acc_up, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, FREQS, stride_fb, stride_ft, SLOTS,
-                    stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM)
-    else:
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], _output(acc, acc_up, Y.dtype.element_ty, SWIGLU),
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
 def _skinny_linear_kernel(
     X, W, Y, PARTIALS, COUNTERS, M, N, K, stride_xm, stride_wn, stride_ym, UP,
     FREQS, stride_fb, stride_ft, SLOTS, stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE,
@@ -230,7 +171,7 @@ def _skinny_linear_kernel(
     first one and the one UP elements further: with SWIGLU, W is a fused gate/up weight (N gate rows,
     then the up rows; UP = N rows) and Y = silu(X @ Wg^T) * (X @ Wu^T); with ROPE, W is a fused
     q/k/v weight, its outputs are the N column pairs (rows 2n and 2n + 1, UP = one row) and the
-    epilogue rotates q and k and writes k and v into the caches (`_rope_store`, arguments FREQS to
+    epilogue rotates q and k and writes k and v into the caches (`rope_store`, arguments FREQS to
     HEAD_DIM; Y is q). PDL: a programmatic dependent launch (dependent_launch.py), which waits for
     the kernel before it first, or with EARLY_TILE after loading its first weight tile.
     NORM: the norm prologue (`_x_operand`, `_rms_scale`): Y = rms_norm(h) * NORM_W @ W^T with h = X
@@ -316,37 +257,20 @@ def _skinny_linear_kernel(
     if NORM:
         acc, acc_up = _rms_scale(acc, acc_up, ss, K, EPS, USE_DOT)
     if USE_DOT:
-        y_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
-            _store_out(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS,
+            store_tile(Y, stride_ym, acc, acc_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS,
                        stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
                        SWIGLU, ROPE)
         else:
-            # Every split stores its float32 partial to PARTIALS (SPLIT_K, M, N) (paired launches:
-            # the second sums' follow, (2, SPLIT_K, M, N)); the last of the n tile's SPLIT_K programs
-            # to arrive adds them in split order, never in arrival order, so Y is the same bits at
-            # every run (no second kernel, no float atomics).
-            part_ptrs = PARTIALS + offs_m[:, None] * N + offs_n[None, :]
-            tl.store(part_ptrs + tl.program_id(1) * M * N, acc, mask=y_ok)
-            if SWIGLU or ROPE:
-                tl.store(part_ptrs + (SPLIT_K + tl.program_id(1)) * M * N, acc_up, mask=y_ok)
-            if last_to_arrive(COUNTERS + pid, SPLIT_K):
-                y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                y_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    y += tl.load(part_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
-                    if SWIGLU or ROPE:
-                        y_up += tl.load(part_ptrs + (SPLIT_K + s) * M * N, mask=y_ok, other=0.0,
-                                        cache_modifier=".cg")
-                _store_out(Y, stride_ym, y, y_up, offs_m, offs_n, m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS,
-                           stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM,
-                           SWIGLU, ROPE)
+            store_split(Y, stride_ym, acc, acc_up, PARTIALS, COUNTERS, pid, tl.program_id(1), M, N, offs_m, offs_n,
+                        m_ok, n_ok, FREQS, stride_fb, stride_ft, SLOTS, stride_sb, stride_st, T, Q_COLS, KV_COLS,
+                        K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT_K, SWIGLU, ROPE)
     elif ROPE:   # one row (M = 1)
-        _rope_store(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], tl.zeros((1,), dtype=tl.int32),
+        rope_store(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], tl.zeros((1,), dtype=tl.int32),
                     offs_n, tl.full((1,), True, tl.int1), n_ok, Y, stride_ym, FREQS, stride_fb, stride_ft, SLOTS,
                     stride_sb, stride_st, T, Q_COLS, KV_COLS, K_CACHE, V_CACHE, stride_cb, stride_cs, HEAD_DIM)
-    else:   # one row, stored as a vector (the 2-D store of `_store_out` costs this tile 24-35 registers)
-        tl.store(Y + offs_n, _output(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), Y.dtype.element_ty, SWIGLU),
+    else:   # one row, stored as a vector (the 2-D store of `store_tile` costs this tile 24-35 registers)
+        tl.store(Y + offs_n, tile_values(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), Y.dtype.element_ty, SWIGLU),
                  mask=n_ok)
 
 
@@ -388,7 +312,7 @@ def _merge_shared_tile(Y, PARTIALS, COUNTERS, tile, k_tiles, units, programs, M,
                 y_up += tl.load(_partial_ptrs(PARTIALS, p, slot, 1, M, BLOCK_M, BLOCK_N, SWIGLU),
                                 mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
         offs_n = tile * BLOCK_N + offs_j
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], _output(y, y_up, Y.dtype.element_ty, SWIGLU),
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], tile_values(y, y_up, Y.dtype.element_ty, SWIGLU),
                  mask=m_ok[:, None] & (offs_n < N)[None, :])
 
 
@@ -438,7 +362,7 @@ def _skinny_stream_k_kernel(
         if (k0 + BLOCK_K >= K) | (unit == unit_hi - 1):   # the end of this tile's segment
             if (unit - tile * k_tiles + 1 >= k_tiles) & (unit_lo <= tile * k_tiles):   # the whole tile
                 tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :],
-                         _output(acc, acc_up, Y.dtype.element_ty, SWIGLU), mask=m_ok[:, None] & n_ok[None, :])
+                         tile_values(acc, acc_up, Y.dtype.element_ty, SWIGLU), mask=m_ok[:, None] & n_ok[None, :])
             else:
                 slot = (tile != first_tile).to(tl.int32)
                 tl.store(_partial_ptrs(PARTIALS, pid, slot, 0, M, BLOCK_M, BLOCK_N, SWIGLU), acc,
@@ -470,15 +394,19 @@ class SkinnyLaunch:
     block_m: int = 16   # x rows per tl.dot tile (multiply-add launches take one row)
     split_k: int = 1    # programs per n tile, each over a K range (tl.dot launches only)
     stream_k: int = 0   # > 0: a stream-K launch of stream_k programs per SM (tl.dot, unsplit)
+    ws: bool = False    # the TMA-fed warp-specialized tile (skinny_ws.py; tl.dot, not stream-K)
+    swap_ab: bool = False   # ws only: the weight rows as the matmul's M (skinny_ws.py)
 
     def label(self) -> str:
         """E.g. "64x64x128 dot w4 s4 k2": rows x BLOCK_N x BLOCK_K, dot or fma, warps, stages, and
-        the K split when there is one ("k2") or the stream-K programs per SM ("sk1")."""
+        the K split when there is one ("k2") or the stream-K programs per SM ("sk1"); "ws" (and
+        "swap") for the warp-specialized tile."""
         rows = self.block_m if self.use_dot else 1
         split = f" k{self.split_k}" if self.split_k > 1 else ""
         stream = f" sk{self.stream_k}" if self.stream_k else ""
+        ws = (" ws swap" if self.swap_ab else " ws") if self.ws else ""
         return (f"{rows}x{self.block_n}x{self.block_k} {'dot' if self.use_dot else 'fma'} "
-                f"w{self.num_warps} s{self.num_stages}{split}{stream}")
+                f"w{self.num_warps} s{self.num_stages}{split}{stream}{ws}")
 
 
 # Multiply-add tiles (block_n, block_k, num_warps, num_stages) keep a float32 (BLOCK_N, BLOCK_K)
@@ -519,6 +447,15 @@ _INTERP_DOT_TILES = {16: ((16, 32, 1, 1, 1), (32, 16, 1, 1, 1), (16, 16, 1, 1, 3
                      32: ((16, 32, 1, 1, 1), (16, 16, 1, 1, 2)),
                      64: ((16, 16, 1, 1, 1), (32, 16, 1, 1, 4))}
 _INTERP_STREAM_K_TILES = {16: ((16, 16, 1, 1, 1),), 32: ((16, 16, 1, 1, 1),), 64: ((16, 16, 1, 1, 1),)}
+# Warp-specialized TMA tiles (skinny_ws.py; block_n, block_k, num_stages, split_k, swap_ab; 4 warps,
+# to which Triton adds the producer's) at the row tiles where the pointer-fed ones lost to cuBLAS
+# (32, 64). Swapped, the weight rows are wgmma's M (64 or 128) and 32 x rows its N. 1 CTA per SM
+# (168 registers x 384 threads in the sm_90 compiles), so split-K gives the N = 4096 shapes their
+# programs. Not yet timed on a GPU.
+_GPU_WS_TILES = {32: ((64, 128, 4, 1, True), (128, 128, 3, 2, True), (64, 128, 4, 2, True)),
+                 64: ((64, 128, 4, 1, False), (64, 128, 3, 2, False), (128, 128, 3, 2, True))}
+_INTERP_WS_TILES = {16: ((16, 16, 1, 1, True), (16, 32, 1, 3, False)), 32: ((16, 16, 1, 2, True),),
+                    64: ((16, 32, 1, 1, False),)}
 
 
 def row_tile(M: int) -> int:
@@ -529,8 +466,9 @@ def row_tile(M: int) -> int:
 
 
 def skinny_candidates(M: int, device: torch.device) -> list:
-    """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, and
-    the tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1)."""
+    """cuBLAS (None) first, then the kernel's tiles for M rows: multiply-add ones for M = 1, the
+    tl.dot ones (split-K and stream-K among them) of M's row tile (16 rows for M = 1), and for
+    M > 1 the warp-specialized TMA tiles of that row tile where `skinny_ws_allowed`."""
     gpu = gpu_launch(device)
     fma, dot, stream = ((_GPU_FMA_TILES, _GPU_DOT_TILES, _GPU_STREAM_K_TILES) if gpu else
                         (_INTERP_FMA_TILES, _INTERP_DOT_TILES, _INTERP_STREAM_K_TILES))
@@ -540,6 +478,10 @@ def skinny_candidates(M: int, device: torch.device) -> list:
         out += [SkinnyLaunch(n, k, False, w, s) for n, k, w, s in fma]
     out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
     out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]]
+    if M > 1 and skinny_ws_allowed(device):
+        ws = _GPU_WS_TILES if gpu else _INTERP_WS_TILES
+        out += [SkinnyLaunch(n, k, True, 4, s, block_m, split, ws=True, swap_ab=swap)
+                for n, k, s, split, swap in ws.get(block_m, ())]
     return out
 
 
@@ -583,9 +525,26 @@ def tuned_candidates(M: int, device: torch.device) -> list:
 
 def swiglu_twin(launch: SkinnyLaunch) -> SkinnyLaunch:
     """The SwiGLU form of a plain tile: each program reads a gate and an up tile per K step, so it is
-    half as wide (16 at least, tl.dot's smallest; 4 for multiply-add). Its weight bytes per stage,
-    shared memory, accumulator registers and re-reads of x are then those of the plain tile."""
+    half as wide (16 at least, tl.dot's smallest; 4 for multiply-add; 64 for a swapped
+    warp-specialized tile, whose weight rows are wgmma's M). Its weight bytes per stage, shared
+    memory, accumulator registers and re-reads of x are then those of the plain tile; a
+    warp-specialized tile that cannot halve keeps its width and drops stages (`ws_paired_stages`)."""
+    if launch.ws:
+        narrowest = 64 if launch.swap_ab else 16
+        if launch.block_n // 2 >= narrowest:
+            return replace(launch, block_n=launch.block_n // 2)
+        return replace(launch, num_stages=ws_paired_stages(launch))
     return replace(launch, block_n=max(launch.block_n // 2, 16 if launch.use_dot else 4))
+
+
+WS_SHARED_BYTES = 200 * 1024   # the ring's budget per CTA (sm_90 allows 227 KB; the epilogue needs some)
+
+
+def ws_paired_stages(launch: SkinnyLaunch, element_size: int = 2) -> int:
+    """Stages of a warp-specialized tile that reads two weight tiles per K step at launch's width:
+    launch.num_stages, or fewer (2 at least) where its ring would pass WS_SHARED_BYTES."""
+    stage = (launch.block_m + 2 * launch.block_n) * launch.block_k * element_size
+    return max(2, min(launch.num_stages, WS_SHARED_BYTES // stage))
 
 
 def rope_twin(launch: SkinnyLaunch) -> Optional[SkinnyLaunch]:
@@ -651,7 +610,7 @@ class RotaryCacheWrite:
         return self.k_cache.shape[-1]
 
     def kernel_args(self) -> tuple:
-        """FREQS .. HEAD_DIM of `_skinny_linear_kernel`."""
+        """FREQS .. HEAD_DIM of `_skinny_linear_kernel` (and of `skinny_ws_kernel`)."""
         freqs = torch.view_as_real(self.freqs_cis)   # (.., D/2, 2) float32, no copy
         stride_fb, stride_ft = (0, freqs.stride(0)) if freqs.dim() == 3 else (freqs.stride(0), freqs.stride(1))
         D = self.head_dim
@@ -724,7 +683,7 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     if rope is not None and (swiglu or (launch is not None and launch.stream_k)):
         raise ValueError(f"skinny_linear: the rotary epilogue needs a launch without SwiGLU, not stream-K, got {launch}")
     if norm is not None and (launch is None or isinstance(launch, BlasLaunch) or launch.split_k > 1
-                             or launch.stream_k):
+                             or launch.stream_k or launch.ws):
         raise ValueError(f"skinny_linear: the norm prologue needs an unsplit kernel launch, got {launch}")
     if norm is not None and (norm.delta is None) != (h_out is None):
         raise ValueError("skinny_linear: the norm prologue writes h = x + delta to h_out: give both or neither")
@@ -735,6 +694,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         if swiglu or rope is not None:
             raise ValueError(f"skinny_linear: {launch.label()} has no epilogue; the unfused pair (None) runs it")
         return blas_linear(x2, weight, launch)
+    if launch is not None and launch.ws and not tma_layout_ok(x2, weight):
+        launch = None   # a layout TMA cannot read: the unfused launch (cuBLAS, or the unfused pair)
     if launch is None:
         if rope is not None:   # x2's rows are the slots' (B, T) tokens
             return _unfused_rope(x2.view(*rope.slots.shape, -1), weight, rope).view(x2.shape[0], -1)
@@ -750,6 +711,8 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         raise ValueError(f"skinny_linear: a {launch.block_m}-row tile takes at most {launch.block_m} rows, got {M}")
     if launch.split_k < 1 or (launch.split_k > 1 and not launch.use_dot):
         raise ValueError(f"skinny_linear: split_k={launch.split_k} needs split_k >= 1, and a tl.dot launch when > 1")
+    if launch.ws and (not launch.use_dot or launch.stream_k):
+        raise ValueError(f"skinny_linear: a warp-specialized launch is an unstreamed tl.dot launch, got {launch}")
     if launch.stream_k < 0 or (launch.stream_k and (not launch.use_dot or launch.split_k > 1)):
         raise ValueError(f"skinny_linear: stream_k={launch.stream_k} needs stream_k >= 0, and an unsplit tl.dot "
                          f"launch when > 0")
@@ -775,6 +738,14 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
     if launch.split_k > 1:   # float32 partials of every split, and one arrival counter per n tile
         partials = torch.empty((halves, launch.split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = arrival_counters(x2.device, n_tiles)
+    if launch.ws:
+        skinny_ws_kernel[(n_tiles, launch.split_k)](
+            x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), weight.shape[0],
+            *(rope.kernel_args() if rope is not None else _NO_ROPE),
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SWAP_AB=launch.swap_ab,
+            SPLIT_K=launch.split_k, SWIGLU=swiglu, ROPE=rope is not None, PDL=pdl, num_warps=launch.num_warps,
+            num_stages=launch.num_stages, launch_pdl=pdl)
+        return y
     _skinny_linear_kernel[(n_tiles, launch.split_k)](
         x2, weight, y, partials, counters, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), up,
         *(rope.kernel_args() if rope is not None else _NO_ROPE),
@@ -908,7 +879,7 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     Where `skinny_linear` would take wqkv (no autograd, 1 to MAX_ROWS tokens, a CUDA fp16/bf16
     weight) and the caches have x's dtype with heads packed, the launch is the one tuned for this
     row tile and shape: the unfused pair (the GEMM skinny_linear picks, then the rotary kernel) or
-    an unsplit kernel tile that rotates and writes in its epilogue (`_rope_store`), which saves the
+    an unsplit kernel tile that rotates and writes in its epilogue (`rope_store`), which saves the
     rotary kernel's launch and the (tokens, (H + 2 Hkv) Dh) round trip. Everything else, and a
     shape not tuned yet, is the unfused pair.
     With norm (a NormPrologue): q of rms_norm(h) (h = x + norm.delta), returned as the pair (q, h)
@@ -979,8 +950,9 @@ NORM_MAX_X_TILE = 16 * 256
 def norm_candidates(M: int, device: torch.device, plain_times: Optional[dict], epilogue_candidates) -> list:
     """The unfused pair (None), then the epilogue's twins (`epilogue_candidates(M, device,
     plain_times)`, e.g. `swiglu_candidates`) that the prologue can run in: unsplit, not stream-K,
-    and a tl.dot x tile of at most NORM_MAX_X_TILE elements."""
-    return [None, *(c for c in epilogue_candidates(M, device, plain_times)[1:] if c.split_k == 1 and not c.stream_k
+    not warp-specialized, and a tl.dot x tile of at most NORM_MAX_X_TILE elements."""
+    return [None, *(c for c in epilogue_candidates(M, device, plain_times)[1:]
+                    if c.split_k == 1 and not c.stream_k and not c.ws
                     and (not c.use_dot or c.block_m * c.block_k <= NORM_MAX_X_TILE))]
 
 

@@ -28,10 +28,11 @@ def test_every_candidate_matches_the_oracle(triton_backend, dtype, M, N, K):
     x, w = _inputs(M, N, K, dtype, seed=M * 100 + N + K)
     want = x.double() @ w.double().T
     candidates = sl.skinny_candidates(M, x.device)
-    assert candidates[0] is None and len(candidates) == {1: 7, 16: 5, 32: 4, 64: 4}[sl.row_tile(M)]
+    assert candidates[0] is None and len(candidates) == {1: 7, 16: 7, 32: 5, 64: 5}[sl.row_tile(M)]
     assert all(c.block_m == max(16, sl.row_tile(M)) for c in candidates[1:] if c.use_dot)
     assert any(c.split_k > 1 for c in candidates[1:])   # every row tile tries a split-K launch
     assert any(c.stream_k for c in candidates[1:])      # and a stream-K one
+    assert any(c.ws for c in candidates[1:]) == (M > 1)   # and, past one row, a warp-specialized one
     for launch in candidates:
         y = sl.skinny_linear_run(x, w, launch)
         assert y.shape == (M, N) and y.dtype == dtype
@@ -198,12 +199,100 @@ def test_gpu_candidates_split_k_per_row_tile(monkeypatch):
     cpu = torch.device("cpu")
     for M in (1, 16, 32, 64):
         launches = sl.skinny_candidates(M, cpu)[1:]
-        split = [c for c in launches if c.split_k > 1]
+        split = [c for c in launches if c.split_k > 1 and not c.ws]
         assert 3 <= len(split) <= 4 and all(c.use_dot and c.split_k in (2, 4) for c in split)
         assert all(c.block_m == max(16, sl.row_tile(M)) for c in split)
         assert len(set(launches)) == len(launches)
         stream = [c for c in launches if c.stream_k]
         assert 1 <= len(stream) <= 3 and all(c.use_dot and c.split_k == 1 and c.block_n >= 128 for c in stream)
+
+
+def test_gpu_candidates_warp_specialized_tiles(monkeypatch):
+    """The sm_90 tables offer warp-specialized tiles at 32 and 64 rows only (16 rows and one row
+    read near their bytes' time already), 4 warps each; swapped where x's rows are too few for
+    wgmma's M of 64. On a GPU they are offered only as `skinny_ws_allowed` says: with
+    MTP_SKINNY_WS=1 on Hopper, never with 0, never off Hopper, and not by default until a Triton
+    version is validated."""
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for M in (1, 16, 32, 64):
+        ws = [c for c in sl.skinny_candidates(M, cpu)[1:] if c.ws]
+        assert len(ws) == (3 if M in (32, 64) else 0)
+        assert all(c.use_dot and not c.stream_k and c.num_warps == 4 and c.block_m == M for c in ws)
+        assert all(c.swap_ab == (M < 64) for c in ws[:2])
+        assert all(c.block_n >= 64 for c in ws if c.swap_ab)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "100")
+    assert not any(c.ws for c in sl.skinny_candidates(64, cpu)[1:])
+    monkeypatch.delenv("MTP_CROSS_COMPILE")
+    from mtp_kernels import skinny_ws
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for major, setting, validated, offered in ((9, "1", (), True), (9, "0", (), False), (9, "", (), False),
+                                               (9, "", ("",), True), (9, "0", ("",), False), (10, "1", (), False),
+                                               (8, "1", (), False)):
+        monkeypatch.setattr(skinny_ws, "compute_major", lambda index, major=major: major)
+        monkeypatch.setattr(skinny_ws, "SKINNY_WS_VALIDATED_TRITON", validated)
+        monkeypatch.setenv("MTP_SKINNY_WS", setting)
+        assert skinny_ws.skinny_ws_allowed(cuda) == offered, (major, setting, validated)
+    assert not skinny_ws.skinny_ws_allowed(cpu)
+
+
+def test_warp_specialized_launch_rules_twins_and_labels(triton_backend, monkeypatch):
+    """A warp-specialized launch is an unstreamed tl.dot launch and takes no norm prologue; its
+    SwiGLU and rotary twins halve its width where wgmma's M allows (swapped: 64 rows of weight at
+    least), else keep it and drop stages to fit their two weight tiles per K step."""
+    x, w = torch.randn(2, 24), torch.randn(40, 24)
+    with pytest.raises(ValueError, match="warp-specialized launch is an unstreamed tl.dot launch"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, stream_k=1, ws=True))
+    with pytest.raises(ValueError, match="warp-specialized launch is an unstreamed tl.dot launch"):
+        sl.skinny_linear_run(x[:1], w, sl.SkinnyLaunch(16, 32, False, ws=True))
+    norm = sl.NormPrologue(torch.ones(24), 1e-5)
+    with pytest.raises(ValueError, match="norm prologue needs an unsplit kernel launch"):
+        sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, ws=True), norm=norm)
+    assert sl.SkinnyLaunch(64, 128, True, 4, 4, 32, ws=True, swap_ab=True).label() == "32x64x128 dot w4 s4 ws swap"
+    assert sl.SkinnyLaunch(64, 128, True, 4, 3, 64, 2, ws=True).label() == "64x64x128 dot w4 s3 k2 ws"
+    assert sl.swiglu_twin(sl.SkinnyLaunch(128, 128, True, 4, 3, 64, ws=True, swap_ab=True)).block_n == 64
+    assert sl.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 4, 64, ws=True)).block_n == 32
+    kept = sl.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 6, 64, ws=True, swap_ab=True))
+    assert (kept.block_n, kept.num_stages) == (64, 4)    # (64 + 2 x 64) x 128 x 2 = 48 KB a stage: 4 in 200 KB
+    assert sl.ws_paired_stages(sl.SkinnyLaunch(256, 256, True, 4, 4, 64, ws=True)) == 2
+    assert sl.rope_twin(kept) == sl.swiglu_twin(kept)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for M in (32, 64):
+        assert any(c.ws for c in sl.swiglu_candidates(M, cpu)[1:])
+        assert not any(c.ws for c in sl.norm_candidates(M, cpu, None, sl.swiglu_candidates)[1:])
+
+
+def test_warp_specialized_tiles_leave_layouts_tma_cannot_read_to_the_unfused_launch(triton_backend, monkeypatch):
+    """TMA needs 16-byte aligned bases and row strides: x and weight rows of 37 halves (74 bytes)
+    or a base 2 bytes past an aligned one go to the unfused launch (F.linear here), never into the
+    kernel; an aligned layout does launch it."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+    monkeypatch.setattr(sl, "skinny_ws_kernel", Recorder(sl.skinny_ws_kernel))
+    launch = sl.SkinnyLaunch(16, 16, True, 4, 1, 16, ws=True, swap_ab=True)
+    x, w = _inputs(3, 20, 37, torch.float16, seed=7)
+    torch.testing.assert_close(sl.skinny_linear_run(x, w, launch), x @ w.T)
+    wide = torch.zeros(21, 40, dtype=torch.float16)
+    wide.view(-1)[1:1 + 20 * 40].view(20, 40).copy_(torch.randn(20, 40).half())
+    shifted = wide.view(-1)[1:1 + 20 * 40].view(20, 40)     # rows 80 bytes apart, the base 2 bytes off
+    x40 = torch.randn(3, 40).half()
+    assert not sl.tma_layout_ok(x40, shifted) and sl.tma_layout_ok(x40, shifted.clone())
+    torch.testing.assert_close(sl.skinny_linear_run(x40, shifted, launch), x40 @ shifted.T)
+    assert launched == []
+    torch.testing.assert_close(sl.skinny_linear_run(x40, shifted.clone(), launch).float(),
+                               (x40.double() @ shifted.double().T).float(), rtol=2e-3, atol=5e-3)
+    assert len(launched) == 1
 
 
 def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
@@ -403,6 +492,19 @@ def test_gpu_split_k_launches_are_deterministic(M, N, K):
         assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
 
 
+def _assert_same_bits(fused, unfused, launch):
+    """Equal bits, except for a swapped warp-specialized tile in float32 under the interpreter: it
+    forms each K step by numpy's matmul of (weight rows, K) by (K, x rows), whose float32 result for
+    one weight row depends on where in the tile that row sits (BLAS's edge kernels), and the fused
+    and unfused launches place a gate or pair row differently. There: within a few ulps of the
+    largest value (a sum's rounding error scales with its terms, not with the sum)."""
+    if launch.ws and launch.swap_ab and fused.dtype == torch.float32:
+        scale = float(unfused.abs().max())
+        torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=4e-7 * scale, msg=lambda m: f"{launch}: {m}")
+    else:
+        assert torch.equal(fused, unfused), launch
+
+
 # ------------------------------------------------------------------ SwiGLU in the epilogue
 def _swiglu_inputs(M, F, K, dtype, seed, gate_scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -451,7 +553,7 @@ def test_swiglu_epilogue_gives_the_unfused_pair_bits(triton_backend, monkeypatch
         gate, up = sl.skinny_linear_run(x, w13, launch, programs=programs).chunk(2, dim=-1)
         fused = sl.skinny_linear_run(x, w13, launch, programs=programs, swiglu=True)
         assert torch.isfinite(fused).all(), launch
-        assert torch.equal(fused, swiglu(gate, up)), launch
+        _assert_same_bits(fused, swiglu(gate, up), launch)
     if gate_scale > 1:
         assert x.double().matmul(w13[:F].double().T).abs().max() > 100   # the large gates were there
 
@@ -489,7 +591,7 @@ def test_swiglu_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch)
         assert fused[0] is None and len(set(fused)) == len(fused) == len(plain)   # no two twins alike here
         assert fused[1:] == [sl.SkinnyLaunch(max(c.block_n // 2, 16 if c.use_dot else 4), c.block_k, c.use_dot,
                                              c.num_warps, c.num_stages, c.block_m, c.split_k, c.stream_k)
-                             for c in plain[1:]]
+                             if not c.ws else sl.swiglu_twin(c) for c in plain[1:]]
         times = {c: float(i) for i, c in enumerate(reversed(plain))}   # the last tile the fastest
         times[None] = -1.0                                              # cuBLAS is no tile to pair
         times[plain[-1]] = float("inf")                                 # a launch that failed
@@ -716,8 +818,9 @@ def test_rope_epilogue_gives_the_unfused_pair_bits(triton_backend, dtype, B, T, 
                              *unfused)
         fused = [c.clone() for c in caches]
         q_fused = sl.skinny_linear_run(x2, wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, *fused, H, Hkv))
-        assert torch.equal(q_fused.view(B, T, H, D), q), launch
-        assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[1], unfused[1]), launch
+        _assert_same_bits(q_fused.view(B, T, H, D), q, launch)
+        _assert_same_bits(fused[0], unfused[0], launch)
+        _assert_same_bits(fused[1], unfused[1], launch)
 
 
 def test_rope_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch):

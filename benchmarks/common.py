@@ -88,6 +88,7 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
         "MTP_BACKEND": os.environ.get("MTP_BACKEND"),
         "MTP_WARP_SPEC": os.environ.get("MTP_WARP_SPEC"),
         "MTP_PDL": os.environ.get("MTP_PDL"),
+        "MTP_SKINNY_WS": os.environ.get("MTP_SKINNY_WS"),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -458,6 +459,12 @@ WARP_SPEC_GUARD_TESTS = ("test_flash_attention_gpu_every_config",
 PROGRAMMATIC_GUARD_TESTS = ("test_gpu_programmatic_decode_step_in_a_graph",)
 
 
+# The GPU test whose failure (or skip: not Hopper) means the skinny GEMM's warp-specialized TMA
+# tiles (kernels/skinny_ws.py) are not to be offered on this device (`tests/test_skinny_linear.py`:
+# every plain, SwiGLU and rotary tile against float64, the same bits eagerly and from a CUDA graph).
+SKINNY_WS_GUARD_TESTS = ("test_gpu_bf16_warp_specialized_tiles",)
+
+
 def guard_tests_failed(junit_xml: str, names: tuple) -> bool:
     """False only when the GPU test run's JUnit file shows every test named in `names` (by prefix:
     all its parameters) ran and none failed, errored or was skipped; True when one did, when one did
@@ -479,6 +486,13 @@ def warp_spec_tests_failed(junit_xml: str) -> bool:
     then runs the benchmarks with MTP_WARP_SPEC=0, so that no tuner can pick a fast warp-specialized
     config whose results no test has checked here."""
     return guard_tests_failed(junit_xml, WARP_SPEC_GUARD_TESTS)
+
+
+def skinny_ws_tests_failed(junit_xml: str) -> bool:
+    """`guard_tests_failed` for SKINNY_WS_GUARD_TESTS. gpu_check.sh then runs the benchmarks with
+    MTP_SKINNY_WS=0, and with MTP_SKINNY_WS=1 where they passed (the tiles are not offered by default
+    until a Triton version is validated, `skinny_ws.SKINNY_WS_VALIDATED_TRITON`)."""
+    return guard_tests_failed(junit_xml, SKINNY_WS_GUARD_TESTS)
 
 
 def programmatic_tests_failed(junit_xml: str) -> bool:

@@ -49,8 +49,11 @@ run_stage() {  # name, timeout seconds, command...
 #  - the warp-specialized flash configs (`attention.warp_spec_allowed`: MTP_WARP_SPEC=1, or by
 #    default the kernels in WARP_SPEC_DEFAULT_KERNELS); the tests stage runs their tests whatever the
 #    setting (MTP_WARP_SPEC=1 for pytest, unless 0);
-#  - programmatic dependent launches (kernels/dependent_launch.py: MTP_PDL, on unless 0).
-# A call without a tests stage runs with both off unless they were set by hand.
+#  - programmatic dependent launches (kernels/dependent_launch.py: MTP_PDL, on unless 0);
+#  - the skinny GEMM's warp-specialized TMA tiles (kernels/skinny_ws.py: MTP_SKINNY_WS, off by default
+#    until a Triton version is validated; the tests stage runs their tests with it on, and the
+#    benchmarks get MTP_SKINNY_WS=1 where those passed).
+# A call without a tests stage runs with all three off unless they were set by hand.
 guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches
   local var=$1 check=$2 what=$3
   [ "${!var:-}" = "0" ] && return 0
@@ -61,7 +64,8 @@ guard_by_tests() {  # variable, the common.py check of the JUnit file, what it s
   fi
 }
 if [[ " ${stages[*]} " != *" tests "* ]]; then
-  for guarded in "MTP_WARP_SPEC:warp-specialized kernels" "MTP_PDL:programmatic dependent launches"; do
+  for guarded in "MTP_WARP_SPEC:warp-specialized kernels" "MTP_PDL:programmatic dependent launches" \
+                 "MTP_SKINNY_WS:warp-specialized skinny GEMM tiles"; do
     var=${guarded%%:*}
     if [ -z "${!var:-}" ]; then
       export "$var=0"
@@ -74,9 +78,12 @@ for s in "${stages[@]}"; do
     env) run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
-           MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
+           MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} MTP_SKINNY_WS=${MTP_SKINNY_WS:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
            guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed "warp-specialized kernels"
-           guard_by_tests MTP_PDL programmatic_tests_failed "programmatic dependent launches" ;;
+           guard_by_tests MTP_PDL programmatic_tests_failed "programmatic dependent launches"
+           guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles"
+           if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi   # their tests passed: offer them
+           ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;

@@ -956,6 +956,68 @@ def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2
 
 
+# ------------------------------------------------------------------ the warp-specialized tile on a GPU
+def _same_bits_in_a_graph(run, first):
+    """run() three times eagerly and three times from one CUDA graph: first's bits every time."""
+    for _ in range(3):
+        assert torch.equal(run(), first)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        outs = [run() for _ in range(3)]
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, first) for out in outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [17, 32, 64])
+def test_gpu_bf16_warp_specialized_tiles(monkeypatch, M):
+    """The TMA-fed warp-specialized tiles (skinny_ws.py) with MTP_SKINNY_WS=1 on Hopper: every plain,
+    SwiGLU and rotary tile in bf16 at the 7B shapes against float64 oracles, the same bits at every
+    run and from a CUDA graph (split-K tiles race for their counters; descriptors come from the
+    graph's pool), counters left at zero, and a layout TMA cannot read sent to cuBLAS.
+    benchmarks/gpu_check.sh offers these tiles to the benchmarks only where this test passed."""
+    monkeypatch.setenv("MTP_SKINNY_WS", "1")
+    device = torch.device("cuda")
+    if not sl.skinny_ws_allowed(device):
+        pytest.skip("the warp-specialized tiles are Hopper's (compute capability 9)")
+    g = torch.Generator(device="cuda").manual_seed(M)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()   # noqa: E731
+    tiles = [c for c in sl.skinny_candidates(M, device)[1:] if c.ws]
+    for N, K in ((12288, 4096), (4096, 11008), (4096, 4096)):
+        x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+        want = x.double() @ w.double().T
+        for launch in tiles:
+            first = sl.skinny_linear_run(x, w, launch)
+            assert rel(first, want) < 1e-2, (launch, N, K)
+            _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w, launch), first)
+            assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
+    x = torch.randn(M, 4096, device="cuda", generator=g).bfloat16()
+    w13 = (torch.randn(2 * 11008, 4096, device="cuda", generator=g) * 4096 ** -0.5).bfloat16()
+    want = _swiglu_oracle(x, w13)
+    for launch in [c for c in sl.swiglu_candidates(M, device)[1:] if c.ws]:
+        first = sl.skinny_linear_run(x, w13, launch, swiglu=True)
+        assert rel(first, want) < 1e-2, launch
+        _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w13, launch, swiglu=True), first)
+    B, T, H, Hkv, D = (1, M, 32, 8, 128)
+    x, wqkv, freqs, slots, caches = (t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
+                                     for t in _rope_inputs(B, T, 4096, H, Hkv, D, torch.bfloat16, seed=M, S=80))
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    for launch in [c for c in sl.rope_candidates(B * T, device)[1:] if c.ws]:
+        k_cache, v_cache = (c.clone() for c in caches)
+        q = sl.skinny_linear_run(x.reshape(B * T, -1), wqkv, launch,
+                                 rope=sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)).view(B, T, H, D)
+        assert max(rel(a, b) for a, b in zip((q, k_cache, v_cache), want)) < 1e-2, launch
+    odd = torch.randn(M, 333, device="cuda", generator=g).bfloat16()     # 666-byte rows: no TMA
+    w_odd = torch.randn(1000, 333, device="cuda", generator=g).bfloat16()
+    assert not sl.tma_layout_ok(odd, w_odd)
+    torch.testing.assert_close(sl.skinny_linear_run(odd, w_odd, tiles[0]), odd @ w_odd.T)
+
+
 # ------------------------------------------------------------------ programmatic dependent launch
 @pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("M,N,K", [(1, 37, 33), (1, 64, 128), (3, 37, 96), (17, 21, 33), (64, 16, 16)])

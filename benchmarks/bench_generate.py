@@ -97,7 +97,8 @@ STEP_KERNEL_GROUPS = (("GEMM (cuBLAS or skinny)",
 
 def skinny_launch_report() -> list:
     """What the decode GEMM tuner measured for every projection shape the step costs ran (empty
-    on a CPU, where nothing is tuned): cuBLAS and cuBLASLt against the best kernel tile, and the choice."""
+    on a CPU, where nothing is tuned): cuBLAS and cuBLASLt against the best kernel tile, the best
+    warp-specialized tile on its own (skinny_ws.py; "-" where none was timed), and the choice."""
     from mtp_kernels import skinny_linear
 
     rows = []
@@ -105,14 +106,17 @@ def skinny_launch_report() -> list:
         _, dtype, row_tile, N, K = key   # a tuning covers every row count up to its row tile (1, 16, 32, 64)
         weight_mb = N * K * torch.empty((), dtype=dtype).element_size() / 1e6
         kernel = min((c for c in times if isinstance(c, skinny_linear.SkinnyLaunch)), key=times.get, default=None)
+        ws = min((c for c in times if isinstance(c, skinny_linear.SkinnyLaunch) and c.ws), key=times.get, default=None)
         lt = skinny_linear.BlasLaunch("cublaslt")
         chosen = skinny_linear._TUNER.chosen[key]
         tile = kernel.label() if kernel else "-"   # e.g. "64x64x128 dot w4 s4 k2" (k2: K split in 2)
+        kernel_ms = times[kernel] if kernel else None   # (times.get(None) would be cuBLAS's)
+        ws_ms = times[ws] if ws else None
         rows.append({"row_tile": row_tile, "N": N, "K": K, "cublas_ms": times.get(None),
                      "cublas_GBps": _rate(weight_mb, times.get(None)),
                      "cublaslt_ms": times.get(lt), "cublaslt_GBps": _rate(weight_mb, times.get(lt)),
-                     "best_tile": tile, "kernel_ms": times.get(kernel),
-                     "kernel_GBps": _rate(weight_mb, times.get(kernel)),
+                     "best_tile": tile, "kernel_ms": kernel_ms, "kernel_GBps": _rate(weight_mb, kernel_ms),
+                     "ws_tile": ws.label() if ws else "-", "ws_ms": ws_ms, "ws_GBps": _rate(weight_mb, ws_ms),
                      "chosen": "cuBLAS" if chosen is None else chosen.label(), "times_ms": _labelled(times, "cuBLAS")})
     return rows
 
@@ -389,9 +393,11 @@ def to_markdown(result: dict) -> str:
         lines += ["### Decode GEMM launches (`skinny_linear` tuning: CUDA-graph ms of one call, weight GB/s)", "",
                   common.markdown_table(
                       ["rows (up to)", "N", "K", "cuBLAS ms", "cuBLAS GB/s", "cuBLASLt ms", "cuBLASLt GB/s",
-                       "best kernel tile", "kernel ms", "kernel GB/s", "chosen"],
+                       "best kernel tile", "kernel ms", "kernel GB/s", "best warp-specialized tile", "ws ms",
+                       "ws GB/s", "chosen"],
                       [[r["row_tile"], r["N"], r["K"], r["cublas_ms"], r["cublas_GBps"], r.get("cublaslt_ms"),
-                        r.get("cublaslt_GBps"), r["best_tile"], r["kernel_ms"], r["kernel_GBps"], r["chosen"]]
+                        r.get("cublaslt_GBps"), r["best_tile"], r["kernel_ms"], r["kernel_GBps"],
+                        r.get("ws_tile", "-"), r.get("ws_ms"), r.get("ws_GBps"), r["chosen"]]
                        for r in result["decode_gemm_launches"]]), ""]
     unfused_pair = {"swiglu": "the GEMM chosen above, then the swiglu kernel",
                     "rope": "the GEMM chosen above, then the rotary kernel",

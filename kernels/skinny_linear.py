@@ -23,6 +23,10 @@ A stream-K launch (`_skinny_stream_k_kernel`) runs a fixed number of programs (p
 (n tile, k tile) units in equal ranges, so a tile wide enough to cut the x re-reads still keeps every
 SM busy to the end; the programs that share a tile combine through the same counters, in program
 order.
+At 32 and 64 rows the tuner also times a TMA-fed, warp-specialized tile (skinny_ws.py; on Hopper,
+where `skinny_ws_allowed`): a producer warp group streams x and weight tiles through tensor
+descriptors into a ring of shared-memory stages while a consumer warp group runs wgmma, the way
+Hopper's own GEMMs are built; it takes the SwiGLU and rotary epilogues and split-K as these tiles do.
 Which launch runs is measured per (dtype, row tile, N, K): `LaunchTuner` times cuBLAS, cuBLASLt
 (F.linear with torch's preferred BLAS library switched for the call, `BlasLaunch`; at 64 rows cuBLAS
 beat our tiles at three of the four 7B shapes on the H200, and its rate there, 2.8-3.7 TB/s, is
@@ -450,10 +454,11 @@ _INTERP_STREAM_K_TILES = {16: ((16, 16, 1, 1, 1),), 32: ((16, 16, 1, 1, 1),), 64
 # Warp-specialized TMA tiles (skinny_ws.py; block_n, block_k, num_stages, split_k, swap_ab; 4 warps,
 # to which Triton adds the producer's) at the row tiles where the pointer-fed ones lost to cuBLAS
 # (32, 64). Swapped, the weight rows are wgmma's M (64 or 128) and 32 x rows its N. 1 CTA per SM
-# (168 registers x 384 threads in the sm_90 compiles), so split-K gives the N = 4096 shapes their
-# programs. Not yet timed on a GPU.
-_GPU_WS_TILES = {32: ((64, 128, 4, 1, True), (128, 128, 3, 2, True), (64, 128, 4, 2, True)),
-                 64: ((64, 128, 4, 1, False), (64, 128, 3, 2, False), (128, 128, 3, 2, True))}
+# (168 registers x 384 threads in the sm_90 compiles), so the splits set the waves on 132 SMs:
+# 64-wide unsplit, 192 programs at N = 12288 (1.45 waves) and 64 at N = 4096; split in 2, 384 and
+# 128; 128-wide split in 4, the same. Not yet timed on a GPU.
+_GPU_WS_TILES = {32: ((64, 128, 4, 1, True), (64, 128, 4, 2, True), (128, 128, 3, 4, True)),
+                 64: ((64, 128, 4, 1, False), (64, 128, 3, 2, False), (128, 128, 3, 4, True))}
 _INTERP_WS_TILES = {16: ((16, 16, 1, 1, True), (16, 32, 1, 3, False)), 32: ((16, 16, 1, 2, True),),
                     64: ((16, 32, 1, 1, False),)}
 

@@ -333,11 +333,19 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
     assert row["chosen"] == "cuBLASLt" and row["best_tile"] == "64x64x128 dot w4 s4 k2"
     assert row["cublaslt_ms"] == 0.0100 and abs(row["cublaslt_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0100) < 1e-6
     assert row["times_ms"] == {"cuBLAS": 0.0125, "cuBLASLt": 0.0100, "64x64x128 dot w4 s4 k2": 0.0110}
+    assert row["ws_tile"] == "-" and row["ws_ms"] is None and row["ws_GBps"] is None   # none timed
+    # A warp-specialized tile has its own columns, slower than the best tile here.
+    ws = sl.SkinnyLaunch(64, 128, True, 4, 4, 64, ws=True)
+    tuner.times[key][ws] = 0.0120
+    (row,) = module.skinny_launch_report()
+    assert row["best_tile"] == "64x64x128 dot w4 s4 k2" and row["ws_tile"] == "64x64x128 dot w4 s4 ws"
+    assert row["ws_ms"] == 0.0120 and abs(row["ws_GBps"] - 4096 * 4096 * 2 / 1e6 / 0.0120) < 1e-6
     text = module.to_markdown({"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
                                "step_attention": "a", "tree_nodes": [4], "step_costs": [{"batch": 1, "plain_ms": 5.0}],
                                "decode_gemm_launches": [row], "gen_len": 8, "e2e_model": "-", "e2e_attention": "-",
                                "end_to_end": []})
     assert "| cuBLAS ms | cuBLAS GB/s | cuBLASLt ms | cuBLASLt GB/s |" in text and "| cuBLASLt |" in text
+    assert "| best warp-specialized tile | ws ms | ws GB/s | chosen |" in text and "| 64x64x128 dot w4 s4 ws |" in text
 
 
 def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):

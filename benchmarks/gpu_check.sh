@@ -51,14 +51,14 @@ run_stage() {  # name, timeout seconds, command...
 #    setting (MTP_WARP_SPEC=1 for pytest, unless 0);
 #  - programmatic dependent launches (kernels/dependent_launch.py: MTP_PDL, on unless 0);
 #  - the skinny GEMM's warp-specialized TMA tiles (kernels/skinny_ws.py: MTP_SKINNY_WS, off by default
-#    until a Triton version is validated; the tests stage runs their tests with it on, and the
-#    benchmarks get MTP_SKINNY_WS=1 where those passed).
+#    until a Triton version is validated; the tests stage runs their GPU test first, in its own
+#    pytest run, and the other GPU tests and the benchmarks get MTP_SKINNY_WS=1 where it passed).
 # A call without a tests stage runs with all three off unless they were set by hand.
-guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches
-  local var=$1 check=$2 what=$3
+guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches[, JUnit file]
+  local var=$1 check=$2 what=$3 junit=${4:-$RES/gpu_tests.xml}
   [ "${!var:-}" = "0" ] && return 0
   # exit 0 only when the tests confirm them: a crash of the check itself also switches them off
-  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.$check(sys.argv[1]) else 0)" "$RES/gpu_tests.xml"; then
+  if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.$check(sys.argv[1]) else 0)" "$junit"; then
     export "$var=0"
     echo "$what not confirmed by their GPU tests (failed, not run, or the tests did not finish): $var=0 from here" | tee -a "$LOG"
   fi
@@ -78,12 +78,17 @@ for s in "${stages[@]}"; do
     env) run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
-           MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} MTP_SKINNY_WS=${MTP_SKINNY_WS:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
+           # The warp-specialized skinny tiles first, alone and under their own limit (an experimental
+           # compiler pass that hung would otherwise take the whole tests stage with it); where their
+           # test passed, the other GPU tests and the benchmarks get them (MTP_SKINNY_WS=1).
+           if [ "${MTP_SKINNY_WS:-}" != "0" ]; then
+             run_stage skinny_ws_tests 150 python3 -m pytest -q -m gpu tests/test_skinny_linear.py -k warp_specialized_tiles -p no:cacheprovider --junitxml="$RES/gpu_tests_skinny_ws.xml"
+             guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles" "$RES/gpu_tests_skinny_ws.xml"
+             if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi
+           fi
+           MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -k "not warp_specialized_tiles" -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
            guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed "warp-specialized kernels"
-           guard_by_tests MTP_PDL programmatic_tests_failed "programmatic dependent launches"
-           guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles"
-           if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi   # their tests passed: offer them
-           ;;
+           guard_by_tests MTP_PDL programmatic_tests_failed "programmatic dependent launches" ;;
     rmsnorm) run_stage rmsnorm 40 python3 benchmarks/bench_rmsnorm.py --out "$RES" ;;
     fused_ce) run_stage fused_ce 180 python3 benchmarks/bench_fused_ce.py --out "$RES" ;;
     profile_ce) run_stage profile_ce 120 python3 benchmarks/profile_fused_ce.py --out "$RES" ;;

@@ -646,7 +646,7 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.warp_spec_tests_failed(str(tmp_path / "cut.xml"))
     script = (BENCH / "gpu_check.sh").read_text()
     assert "guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed" in script
-    assert "MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} MTP_SKINNY_WS=${MTP_SKINNY_WS:-1} run_stage tests" in script
+    assert "MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests" in script
     # The same guard for programmatic dependent launches (one test, every parameter of it).
     pdl = "test_gpu_programmatic_decode_step_in_a_graph"
     assert not common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", "")))
@@ -658,7 +658,9 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert not common.skinny_ws_tests_failed(junit((f"{ws}[17]", ""), (f"{ws}[32]", ""), (f"{ws}[64]", "")))
     assert common.skinny_ws_tests_failed(junit((f"{ws}[17]", ""), (f"{ws}[64]", '<skipped message="not Hopper"/>')))
     assert common.skinny_ws_tests_failed(junit((f"{pdl}[1-launch0]", "")))   # not run
-    assert "guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed" in script
+    assert ('guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles" '
+            '"$RES/gpu_tests_skinny_ws.xml"') in script
+    assert "-k warp_specialized_tiles" in script and '-k "not warp_specialized_tiles"' in script
     assert 'if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi' in script
 
 

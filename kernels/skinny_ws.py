@@ -1,4 +1,4 @@
-"""The skinny GEMM's TMA-fed, warp-specialized tile: Y = X @ W^T for 16 to 64 rows on Hopper.
+"""The skinny GEMM's TMA-fed, warp-specialized tile: Y = X @ W^T for 17 to 64 rows on Hopper.
 
 At 32 and 64 rows (tree-verify steps) the pointer-fed tl.dot tiles of skinny_linear.py read the
 7B weights at 2.60-3.46 TB/s on the H200 and cuBLAS kept three of the four shapes at 3.53-3.75,
@@ -10,12 +10,13 @@ This tile streams its operands the way Hopper's own GEMMs do: each K step's x ti
 BLOCK_K) and weight tile (BLOCK_N, BLOCK_K) come through device-side TMA tensor descriptors, and the
 K loop is warp-specialized (`tl.range(..., warp_specialize=True)`): Triton gives the loads a
 producer warp group that runs num_stages tiles ahead on a ring of shared-memory buffers, while the
-consumer warp group issues the wgmma; no thread computes an address or waits on a load it issued.
+consumer warp group issues the wgmma and neither computes an address nor issues a load.
 Rows past M and columns past K read as zeros (TMA fills them), so nothing in the loop is masked.
 
 SWAP_AB: the tile computes (W_tile @ x_tile^T)^T, the weight rows as wgmma's M (64 or 128), so
 that 16 and 32 rows of x (wgmma's N may be 8 to 256) still run on Hopper's asynchronous wgmma;
-without it a 16- or 32-row x tile as M would take the synchronous warp-level mma (compile_sm90.md).
+without it a 16- or 32-row x tile as M would take the synchronous warp-level mma, and Triton's
+warp-specialization pass then leaves the loop whole (checked in sm_90 compiles).
 
 Epilogues, split-K and the bits: as the pointer-fed tiles (skinny_epilogue.py): SWIGLU pairs the
 gate tile n with the up tile N + n of a fused (2F, K) weight; ROPE pairs rows 2n and 2n + 1 of a

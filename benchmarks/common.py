@@ -459,9 +459,9 @@ WARP_SPEC_GUARD_TESTS = ("test_flash_attention_gpu_every_config",
 PROGRAMMATIC_GUARD_TESTS = ("test_gpu_programmatic_decode_step_in_a_graph",)
 
 
-# The GPU test whose failure (or skip: not Hopper) means the skinny GEMM's warp-specialized TMA
-# tiles (kernels/skinny_ws.py) are not to be offered on this device (`tests/test_skinny_linear.py`:
-# every plain, SwiGLU and rotary tile against float64, the same bits eagerly and from a CUDA graph).
+# The GPU test of the skinny GEMM's warp-specialized TMA tiles (kernels/skinny_ws.py;
+# `tests/test_skinny_linear.py`: per tile, its plain, SwiGLU and rotary launches against float64, the
+# same bits eagerly and from a CUDA graph): a tile is offered on this device where its cases passed.
 SKINNY_WS_GUARD_TESTS = ("test_gpu_bf16_warp_specialized_tiles",)
 
 
@@ -488,11 +488,30 @@ def warp_spec_tests_failed(junit_xml: str) -> bool:
     return guard_tests_failed(junit_xml, WARP_SPEC_GUARD_TESTS)
 
 
-def skinny_ws_tests_failed(junit_xml: str) -> bool:
-    """`guard_tests_failed` for SKINNY_WS_GUARD_TESTS. gpu_check.sh then runs the benchmarks with
-    MTP_SKINNY_WS=0, and with MTP_SKINNY_WS=1 where they passed (the tiles are not offered by default
-    until a Triton version is validated, `skinny_ws.SKINNY_WS_VALIDATED_TRITON`)."""
-    return guard_tests_failed(junit_xml, SKINNY_WS_GUARD_TESTS)
+def skinny_ws_selection(junit_xml: str) -> str:
+    """MTP_SKINNY_WS for the benchmarks from the JUnit file of the warp-specialized tiles' GPU test
+    (SKINNY_WS_GUARD_TESTS, one case per row count and tile, ids "<M>-<tile id>"): "1" when cases
+    ran and every one passed; else the comma-separated ids of the tiles all of whose cases passed
+    (a failure of some tiles, e.g. one ring depth, leaves the others measured); "0" when none did,
+    or the file is missing or unreadable (the run hung or died). The tiles are not offered by
+    default until a Triton version is validated (`skinny_ws.SKINNY_WS_VALIDATED_TRITON`)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(junit_xml).getroot()
+    except (OSError, ET.ParseError):
+        return "0"
+    verdicts: dict = {}
+    for case in root.iter("testcase"):
+        name = case.get("name", "")
+        if not name.startswith(SKINNY_WS_GUARD_TESTS) or "[" not in name:
+            continue
+        tile = name[name.index("[") + 1:].rstrip("]").split("-", 1)[-1]
+        ok = all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
+        verdicts[tile] = verdicts.get(tile, True) and ok
+    if verdicts and all(verdicts.values()):
+        return "1"
+    return ",".join(tile for tile, ok in verdicts.items() if ok) or "0"
 
 
 def programmatic_tests_failed(junit_xml: str) -> bool:

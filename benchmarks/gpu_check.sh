@@ -52,7 +52,7 @@ run_stage() {  # name, timeout seconds, command...
 #  - programmatic dependent launches (kernels/dependent_launch.py: MTP_PDL, on unless 0);
 #  - the skinny GEMM's warp-specialized TMA tiles (kernels/skinny_ws.py: MTP_SKINNY_WS, off by default
 #    until a Triton version is validated; the tests stage runs their GPU test first, in its own
-#    pytest run, and the other GPU tests and the benchmarks get MTP_SKINNY_WS=1 where it passed).
+#    pytest run, and the other GPU tests and the benchmarks get the tiles whose cases passed).
 # A call without a tests stage runs with all three off unless they were set by hand.
 guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches[, JUnit file]
   local var=$1 check=$2 what=$3 junit=${4:-$RES/gpu_tests.xml}
@@ -79,12 +79,15 @@ for s in "${stages[@]}"; do
     tests) # pytest-xdist (in the device image) spreads the tests, so Triton's compiles run on several cores
            workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
            # The warp-specialized skinny tiles first, alone and under their own limit (an experimental
-           # compiler pass that hung would otherwise take the whole tests stage with it); where their
-           # test passed, the other GPU tests and the benchmarks get them (MTP_SKINNY_WS=1).
+           # compiler pass that hung would otherwise take the whole tests stage with it); the other GPU
+           # tests and the benchmarks get the tiles whose cases passed (MTP_SKINNY_WS).
            if [ "${MTP_SKINNY_WS:-}" != "0" ]; then
              run_stage skinny_ws_tests 150 python3 -m pytest -q -m gpu tests/test_skinny_linear.py -k warp_specialized_tiles -p no:cacheprovider --junitxml="$RES/gpu_tests_skinny_ws.xml"
-             guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles" "$RES/gpu_tests_skinny_ws.xml"
-             if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi
+             if [ -z "${MTP_SKINNY_WS:-}" ]; then   # "1", the tiles that passed, or "0" (common.skinny_ws_selection)
+               MTP_SKINNY_WS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.skinny_ws_selection(sys.argv[1]))" "$RES/gpu_tests_skinny_ws.xml" || echo 0)
+               export MTP_SKINNY_WS
+               echo "warp-specialized skinny GEMM tiles from their GPU test: MTP_SKINNY_WS=$MTP_SKINNY_WS" | tee -a "$LOG"
+             fi
            fi
            MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -k "not warp_specialized_tiles" -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
            guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed "warp-specialized kernels"

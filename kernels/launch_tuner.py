@@ -6,7 +6,9 @@ second kernel runs, and a skinny GEMM may be better left to cuBLAS. Their kernel
 microseconds, less than a Python launch, so an eager timing measures the host. `LaunchTuner` times
 each candidate as the generator runs it, replayed from a CUDA graph, at the first call of a shape
 outside a graph capture, and keeps the fastest for that shape. Inside a capture (no timing there) or
-with tuning off, a shape not yet tuned takes the caller's fallback. A failed tuning run only warns:
+with tuning off, a shape not yet tuned takes the caller's fallback. A tuner given a reference
+(`close_to`) runs every candidate once against it and leaves out one that computes other values, so
+a launch wrong on some device can lose but never win. A failed tuning run only warns:
 tuning is a speed-up, never a new way to fail. `MTP_TUNE=0` turns every tuner off (another process
 may otherwise pick another launch, which changes float summation order in the last bits).
 
@@ -99,6 +101,19 @@ def cuda_graph_ms(fn: Callable[[], object], calls: int = GRAPH_CALLS, replays: i
     return best
 
 
+def close_to(reference: torch.Tensor, rtol: float = 1e-2) -> Callable[[torch.Tensor], bool]:
+    """A tuner's `agrees`: whether a result is finite and within rtol of `reference` in norm,
+    |out - reference| <= rtol |reference| over all elements (float32; any shape with reference's
+    number of elements). 1e-2 passes every rounding of a bf16 GEMM's sums and fails wrong rows."""
+    ref = reference.detach().float().reshape(-1)
+    bound = rtol * float(ref.norm())
+
+    def agrees(out: torch.Tensor) -> bool:
+        out = out.detach().float().reshape(-1)
+        return bool(torch.isfinite(out).all()) and float((out - ref).norm()) <= bound
+    return agrees
+
+
 class LaunchTuner:
     """Remembers, per shape key, the fastest of a set of candidate launches."""
 
@@ -108,15 +123,22 @@ class LaunchTuner:
         self.times: Dict[Hashable, dict] = {}   # key -> {candidate: ms} of its tuning run, for reports
 
     def tune(self, key: Hashable, candidates: Sequence, run: Callable[[object], object],
-             timer: Callable | None = None) -> dict:
+             timer: Callable | None = None, agrees: Callable[[object], bool] | None = None) -> dict:
         """Time run(candidate) for every candidate (timer(fn) -> ms, default `cuda_graph_ms`), keep
         the fastest under `key` and return {candidate: ms}. A candidate that raises RuntimeError or a
-        Triton error (resources, compilation, ptxas) counts as infinitely slow; RuntimeError when
-        none runs."""
+        Triton error (resources, compilation, ptxas) counts as infinitely slow, and so, with a
+        warning, does one whose result agrees(run(candidate)) refuses (e.g. `close_to` a reference:
+        a launch that computes wrong values on this device must never win on speed); RuntimeError
+        when none runs."""
         timer = timer or cuda_graph_ms
         times = {}
         for candidate in candidates:
             try:
+                if agrees is not None and not agrees(run(candidate)):
+                    warnings.warn(f"{self.name}: {candidate} gives results that disagree with the reference for "
+                                  f"{key}; left out")
+                    times[candidate] = float("inf")
+                    continue
                 times[candidate] = float(timer(lambda candidate=candidate: run(candidate)))
             except (RuntimeError, TritonError):   # a launch that cannot run (resources, compile, capture) loses
                 times[candidate] = float("inf")

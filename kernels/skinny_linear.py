@@ -64,11 +64,11 @@ from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import as_rows, check_one_device, gpu_launch, interpreting, sm_count, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
-from .launch_tuner import LaunchTuner, rotating_copies
+from .launch_tuner import LaunchTuner, close_to, rotating_copies
 from .rmsnorm import add_rms_norm, rms_norm
 from .rope_cache import check_cache_write, rope_cache_write
 from .skinny_epilogue import rope_store, store_split, store_tile, tile_values
-from .skinny_ws import skinny_ws_kernel, skinny_ws_allowed, tma_layout_ok
+from .skinny_ws import skinny_ws_allowed, skinny_ws_kernel, skinny_ws_offered, tma_layout_ok
 from .swiglu import swiglu
 
 MAX_ROWS = 64   # x rows the kernel takes (one tl.dot tile); more rows are a GEMM for cuBLAS
@@ -412,6 +412,11 @@ class SkinnyLaunch:
         return (f"{rows}x{self.block_n}x{self.block_k} {'dot' if self.use_dot else 'fma'} "
                 f"w{self.num_warps} s{self.num_stages}{split}{stream}{ws}")
 
+    def tile_id(self) -> str:
+        """The label without spaces, e.g. "64x64x128_dot_w4_s3_k2_ws": a test id, and an item of
+        MTP_SKINNY_WS's list (skinny_ws.skinny_ws_offered)."""
+        return self.label().replace(" ", "_")
+
 
 # Multiply-add tiles (block_n, block_k, num_warps, num_stages) keep a float32 (BLOCK_N, BLOCK_K)
 # accumulator: 8192 values = 64 per thread at 4 warps. tl.dot tiles (block_n, block_k, num_warps,
@@ -484,10 +489,16 @@ def skinny_candidates(M: int, device: torch.device) -> list:
     out += [SkinnyLaunch(n, k, True, w, s, block_m, split) for n, k, w, s, split in dot[block_m]]
     out += [SkinnyLaunch(n, k, True, w, s, block_m, stream_k=per_sm) for n, k, w, s, per_sm in stream[block_m]]
     if M > 1 and skinny_ws_allowed(device):
-        ws = _GPU_WS_TILES if gpu else _INTERP_WS_TILES
-        out += [SkinnyLaunch(n, k, True, 4, s, block_m, split, ws=True, swap_ab=swap)
-                for n, k, s, split, swap in ws.get(block_m, ())]
+        out += [c for c in ws_tiles(block_m, gpu) if skinny_ws_offered(c.tile_id())]
     return out
+
+
+def ws_tiles(block_m: int, gpu: bool) -> list:
+    """The warp-specialized tiles of a row tile (16, 32 or 64): the GPU's (`_GPU_WS_TILES`, gpu=True)
+    or the interpreter's, whatever `skinny_ws_allowed` says."""
+    table = _GPU_WS_TILES if gpu else _INTERP_WS_TILES
+    return [SkinnyLaunch(n, k, True, 4, s, block_m, split, ws=True, swap_ab=swap)
+            for n, k, s, split, swap in table.get(block_m, ())]
 
 
 @dataclass(frozen=True)
@@ -770,10 +781,12 @@ def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_byte
     and keep the fastest under `key`
     (LaunchTuner.tune, timer included). Each timed call reads the next of a few copies of the weight
     (`rotating_copies`, l2_bytes: the L2 size, by default the device's), so that a weight smaller
-    than the L2 is read from HBM as in a decode step; the copies are freed on return."""
+    than the L2 is read from HBM as in a decode step; the copies are freed on return. A launch whose
+    result is not `close_to` F.linear's is left out."""
+    agrees = close_to(reference.skinny_linear(x2, weight))
     next_weight = rotating_copies(weight, l2_bytes)
     return _TUNER.tune(key, tuned_candidates(x2.shape[0], x2.device),
-                       lambda c: skinny_linear_run(x2, next_weight(), c), timer)
+                       lambda c: skinny_linear_run(x2, next_weight(), c), timer, agrees)
 
 
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -810,12 +823,14 @@ def _tune_epilogue(tuner: LaunchTuner, key, x2: torch.Tensor, weight: torch.Tens
                    **epilogue) -> dict:
     """As `tune_skinny`, for an epilogue's launches: the unfused pair (None) against
     candidates(M, device, plain_times), each call on the next weight copy. The plain GEMM is tuned
-    first (outside the timings), which gives both the unfused pair's GEMM and plain_times."""
+    first (outside the timings), which gives both the unfused pair's GEMM and plain_times; a launch
+    whose result is not `close_to` the unfused pair's is left out."""
     skinny_linear(x2, weight)
     plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
     next_weight = rotating_copies(weight, l2_bytes)
+    agrees = close_to(skinny_linear_run(x2, next_weight(), None, **epilogue))
     return tuner.tune(key, candidates(x2.shape[0], x2.device, plain_times),
-                      lambda c: skinny_linear_run(x2, next_weight(), c, **epilogue), timer)
+                      lambda c: skinny_linear_run(x2, next_weight(), c, **epilogue), timer, agrees)
 
 
 def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
@@ -1006,10 +1021,10 @@ def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: No
         return y.view(*x.shape[:-1], -1), (x if h_out is None else h_out.view(x.shape))
 
     def tune():
-        run(None)   # tunes the projection's own launches first, outside the timings
+        agrees = close_to(run(None)[0])   # tunes the projection's own launches first, outside the timings
         plain_times = _TUNER.times.get((str(x.device), x.dtype, row_tile(M), *weight.shape))
         next_weight = rotating_copies(weight)
         tuner.tune(key, norm_candidates(M, x.device, plain_times, epilogue_candidates),
-                   lambda c: run(c, next_weight())[0])
+                   lambda c: run(c, next_weight())[0], agrees=agrees)
     return run(tuner.choose(key, x.device, tune, lambda: None))
 

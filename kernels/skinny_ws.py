@@ -47,11 +47,11 @@ SKINNY_WS_VALIDATED_TRITON: tuple = ()
 
 
 def skinny_ws_allowed(device: torch.device) -> bool:
-    """Whether the skinny tuners may time the warp-specialized tiles on `device`: under the
+    """Whether the skinny tuners may time warp-specialized tiles on `device`: under the
     interpreter (the tests) and in an sm_90 cross-compile (compile_check.py) always; on a GPU when
-    MTP_SKINNY_WS=1, or, unless MTP_SKINNY_WS=0, on Hopper with a Triton version in
-    SKINNY_WS_VALIDATED_TRITON. Never elsewhere (Triton's pass targets Hopper's wgmma; Blackwell's
-    differs and is unchecked)."""
+    MTP_SKINNY_WS is 1 or a list of tiles (`skinny_ws_offered`), or, unless MTP_SKINNY_WS=0, on
+    Hopper with a Triton version in SKINNY_WS_VALIDATED_TRITON. Never elsewhere (Triton's pass
+    targets Hopper's wgmma; Blackwell's differs and is unchecked)."""
     if interpreting():
         return True
     arch = cross_compile_arch()
@@ -65,7 +65,19 @@ def skinny_ws_allowed(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if compute_major(index) != 9:
         return False
-    return setting == "1" or any(triton.__version__.startswith(v) for v in SKINNY_WS_VALIDATED_TRITON)
+    if setting:   # "1", or a list of tiles
+        return True
+    return any(triton.__version__.startswith(v) for v in SKINNY_WS_VALIDATED_TRITON)
+
+
+def skinny_ws_offered(tile_id: str) -> bool:
+    """Whether the tile `tile_id` (`SkinnyLaunch.tile_id()`) is offered where `skinny_ws_allowed`:
+    every tile, unless MTP_SKINNY_WS is a comma-separated list of tile ids (gpu_check.sh sets the
+    tiles whose GPU test passed), then those only."""
+    setting = os.environ.get("MTP_SKINNY_WS", "").strip()
+    if setting in ("", "0", "1"):
+        return True
+    return tile_id in {t.strip() for t in setting.split(",")}
 
 
 def tma_layout_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:

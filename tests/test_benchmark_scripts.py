@@ -653,13 +653,16 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", '<failure message="x"/>')))
     assert common.programmatic_tests_failed(junit((f"{every}[64-True]", "")))   # not run
     assert "guard_by_tests MTP_PDL programmatic_tests_failed" in script
-    # And for the skinny GEMM's warp-specialized tiles, which the benchmarks get only where it passed.
+    # The skinny GEMM's warp-specialized tiles: the benchmarks get the tiles whose every case passed.
     ws = "test_gpu_bf16_warp_specialized_tiles"
-    assert not common.skinny_ws_tests_failed(junit((f"{ws}[17]", ""), (f"{ws}[32]", ""), (f"{ws}[64]", "")))
-    assert common.skinny_ws_tests_failed(junit((f"{ws}[17]", ""), (f"{ws}[64]", '<skipped message="not Hopper"/>')))
-    assert common.skinny_ws_tests_failed(junit((f"{pdl}[1-launch0]", "")))   # not run
-    assert ('guard_by_tests MTP_SKINNY_WS skinny_ws_tests_failed "warp-specialized skinny GEMM tiles" '
-            '"$RES/gpu_tests_skinny_ws.xml"') in script
+    a, b = "32x64x128_dot_w4_s4_ws_swap", "64x64x128_dot_w4_s3_k2_ws"
+    assert common.skinny_ws_selection(junit((f"{ws}[17-{a}]", ""), (f"{ws}[32-{a}]", ""), (f"{ws}[64-{b}]", ""))) == "1"
+    assert common.skinny_ws_selection(junit((f"{ws}[17-{a}]", ""), (f"{ws}[32-{a}]", '<failure message="nan"/>'),
+                                            (f"{ws}[64-{b}]", ""))) == b
+    assert common.skinny_ws_selection(junit((f"{ws}[17-{a}]", '<skipped message="not Hopper"/>'))) == "0"
+    assert common.skinny_ws_selection(junit((f"{pdl}[1-launch0]", ""))) == "0"   # not run
+    assert common.skinny_ws_selection(str(tmp_path / "missing.xml")) == "0"
+    assert "common.skinny_ws_selection" in script
     assert "-k warp_specialized_tiles" in script and '-k "not warp_specialized_tiles"' in script
     assert 'if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi' in script
 

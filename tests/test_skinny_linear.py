@@ -13,7 +13,7 @@ import torch
 
 from mtp_kernels import skinny_linear as sl
 from mtp_kernels.arrival import arrival_counters
-from mtp_kernels.launch_tuner import GRAPH_CALLS, LaunchTuner, cuda_graph_ms
+from mtp_kernels.launch_tuner import GRAPH_CALLS, LaunchTuner, close_to, cuda_graph_ms
 
 
 def _inputs(M, N, K, dtype, seed):
@@ -236,6 +236,16 @@ def test_gpu_candidates_warp_specialized_tiles(monkeypatch):
         monkeypatch.setenv("MTP_SKINNY_WS", setting)
         assert skinny_ws.skinny_ws_allowed(cuda) == offered, (major, setting, validated)
     assert not skinny_ws.skinny_ws_allowed(cpu)
+    # A list of tile ids (gpu_check.sh: the tiles whose GPU test passed) offers those only.
+    monkeypatch.setattr(skinny_ws, "compute_major", lambda index: 9)
+    monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
+    monkeypatch.setenv("MTP_SKINNY_WS", "1")
+    every = [c for c in sl.skinny_candidates(64, cpu)[1:] if c.ws]
+    monkeypatch.setenv("MTP_SKINNY_WS", f"{every[1].tile_id()}, {every[2].tile_id()}")
+    assert [c for c in sl.skinny_candidates(64, cpu)[1:] if c.ws] == every[1:]
+    assert every[1].tile_id() == every[1].label().replace(" ", "_") and " " not in every[1].tile_id()
+    monkeypatch.delenv("MTP_CROSS_COMPILE")
+    assert skinny_ws.skinny_ws_allowed(cuda)
 
 
 def test_warp_specialized_launch_rules_twins_and_labels(triton_backend, monkeypatch):
@@ -293,6 +303,43 @@ def test_warp_specialized_tiles_leave_layouts_tma_cannot_read_to_the_unfused_lau
     torch.testing.assert_close(sl.skinny_linear_run(x40, shifted.clone(), launch).float(),
                                (x40.double() @ shifted.double().T).float(), rtol=2e-3, atol=5e-3)
     assert len(launched) == 1
+
+
+def test_tuners_leave_out_a_launch_whose_results_disagree(triton_backend, monkeypatch):
+    """A launch that computes wrong values (here: one tile's output 5% off, another's with a NaN)
+    never wins on speed: the tuner runs every candidate once against its reference (F.linear for
+    tune_skinny; the unfused pair for the epilogue and norm tuners) and counts one that disagrees as
+    infinitely slow, with a warning, even where it times fastest."""
+    x, w = _inputs(3, 40, 24, torch.float32, seed=11)
+    candidates = sl.skinny_candidates(3, x.device)
+    bad, nan = candidates[1], candidates[2]
+    run, launched = sl.skinny_linear_run, []
+
+    def faulty(x2, weight, launch, *args, **kwargs):
+        launched.append(launch)
+        y = run(x2, weight, launch, *args, **kwargs)
+        if launch == bad:
+            return y * 1.05
+        if launch == nan:
+            y = y.clone()
+            y[0, 0] = float("nan")
+        return y
+
+    def timer(fn):   # the faulty launches would time fastest
+        fn()
+        return 0.001 if launched[-1] in (bad, nan) else 1.0
+    monkeypatch.setattr(sl, "skinny_linear_run", faulty)
+    monkeypatch.setattr(sl, "_TUNER", LaunchTuner("skinny_linear"))
+    key = ("cpu", torch.float32, 16, 40, 24)
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        times = sl.tune_skinny(key, x, w, timer)
+    assert times[bad] == times[nan] == float("inf")
+    assert all(t == 1.0 for c, t in times.items() if c not in (bad, nan)) and sl._TUNER.chosen[key] not in (bad, nan)
+    # close_to: finite and within rtol in norm, whatever the shape.
+    ref = torch.tensor([[3.0, 4.0]])
+    agrees = close_to(ref)
+    assert agrees(torch.tensor([3.0, 4.04])) and not agrees(torch.tensor([3.0, 4.1]))
+    assert not agrees(torch.tensor([3.0, float("nan")])) and close_to(torch.zeros(3))(torch.zeros(1, 3))
 
 
 def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
@@ -972,50 +1019,52 @@ def _same_bits_in_a_graph(run, first):
         assert all(torch.equal(out, first) for out in outs)
 
 
+_GPU_WS_CASES = [(M, tile) for block_m, rows in ((32, (17, 32)), (64, (33, 64)))
+                 for tile in sl.ws_tiles(block_m, gpu=True) for M in rows]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [17, 32, 64])
-def test_gpu_bf16_warp_specialized_tiles(monkeypatch, M):
-    """The TMA-fed warp-specialized tiles (skinny_ws.py) with MTP_SKINNY_WS=1 on Hopper: every plain,
-    SwiGLU and rotary tile in bf16 at the 7B shapes against float64 oracles, the same bits at every
-    run and from a CUDA graph (split-K tiles race for their counters; descriptors come from the
-    graph's pool), counters left at zero, and a layout TMA cannot read sent to cuBLAS.
-    benchmarks/gpu_check.sh offers these tiles to the benchmarks only where this test passed."""
+@pytest.mark.parametrize("M,tile", _GPU_WS_CASES, ids=[f"{M}-{t.tile_id()}" for M, t in _GPU_WS_CASES])
+def test_gpu_bf16_warp_specialized_tiles(monkeypatch, M, tile):
+    """One TMA-fed warp-specialized tile (skinny_ws.py) with MTP_SKINNY_WS=1 on Hopper, at a ragged
+    and a full row count: bf16 plain launches at the 7B shapes, its SwiGLU and rotary twins, each
+    against a float64 oracle and giving the same bits at every run and from a CUDA graph (split-K
+    ones race for their counters; descriptors come from the graph's pool), counters left at zero,
+    and a layout TMA cannot read sent to cuBLAS. benchmarks/gpu_check.sh offers the benchmarks the
+    tiles whose every case passed here (MTP_SKINNY_WS)."""
     monkeypatch.setenv("MTP_SKINNY_WS", "1")
     device = torch.device("cuda")
     if not sl.skinny_ws_allowed(device):
         pytest.skip("the warp-specialized tiles are Hopper's (compute capability 9)")
+    assert tile in sl.skinny_candidates(M, device)
     g = torch.Generator(device="cuda").manual_seed(M)
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()   # noqa: E731
-    tiles = [c for c in sl.skinny_candidates(M, device)[1:] if c.ws]
     for N, K in ((12288, 4096), (4096, 11008), (4096, 4096)):
         x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
         w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
-        want = x.double() @ w.double().T
-        for launch in tiles:
-            first = sl.skinny_linear_run(x, w, launch)
-            assert rel(first, want) < 1e-2, (launch, N, K)
-            _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w, launch), first)
-            assert int(arrival_counters(x.device, 1).abs().sum()) == 0, launch
+        first = sl.skinny_linear_run(x, w, tile)
+        assert rel(first, x.double() @ w.double().T) < 1e-2, (N, K)
+        _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w, tile), first)
+        assert int(arrival_counters(x.device, 1).abs().sum()) == 0
     x = torch.randn(M, 4096, device="cuda", generator=g).bfloat16()
     w13 = (torch.randn(2 * 11008, 4096, device="cuda", generator=g) * 4096 ** -0.5).bfloat16()
-    want = _swiglu_oracle(x, w13)
-    for launch in [c for c in sl.swiglu_candidates(M, device)[1:] if c.ws]:
-        first = sl.skinny_linear_run(x, w13, launch, swiglu=True)
-        assert rel(first, want) < 1e-2, launch
-        _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w13, launch, swiglu=True), first)
+    twin = sl.swiglu_twin(tile)
+    first = sl.skinny_linear_run(x, w13, twin, swiglu=True)
+    assert rel(first, _swiglu_oracle(x, w13)) < 1e-2, twin
+    _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w13, twin, swiglu=True), first)
     B, T, H, Hkv, D = (1, M, 32, 8, 128)
     x, wqkv, freqs, slots, caches = (t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
                                      for t in _rope_inputs(B, T, 4096, H, Hkv, D, torch.bfloat16, seed=M, S=80))
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
-    for launch in [c for c in sl.rope_candidates(B * T, device)[1:] if c.ws]:
-        k_cache, v_cache = (c.clone() for c in caches)
-        q = sl.skinny_linear_run(x.reshape(B * T, -1), wqkv, launch,
-                                 rope=sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)).view(B, T, H, D)
-        assert max(rel(a, b) for a, b in zip((q, k_cache, v_cache), want)) < 1e-2, launch
+    k_cache, v_cache = (c.clone() for c in caches)
+    twin = sl.rope_twin(tile)
+    q = sl.skinny_linear_run(x.reshape(B * T, -1), wqkv, twin,
+                             rope=sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)).view(B, T, H, D)
+    assert max(rel(a, b) for a, b in zip((q, k_cache, v_cache), want)) < 1e-2, twin
     odd = torch.randn(M, 333, device="cuda", generator=g).bfloat16()     # 666-byte rows: no TMA
     w_odd = torch.randn(1000, 333, device="cuda", generator=g).bfloat16()
     assert not sl.tma_layout_ok(odd, w_odd)
-    torch.testing.assert_close(sl.skinny_linear_run(odd, w_odd, tiles[0]), odd @ w_odd.T)
+    torch.testing.assert_close(sl.skinny_linear_run(odd, w_odd, tile), odd @ w_odd.T)
 
 
 # ------------------------------------------------------------------ programmatic dependent launch

@@ -82,7 +82,7 @@ for s in "${stages[@]}"; do
            # compiler pass that hung would otherwise take the whole tests stage with it); the other GPU
            # tests and the benchmarks get the tiles whose cases passed (MTP_SKINNY_WS).
            if [ "${MTP_SKINNY_WS:-}" != "0" ]; then
-             run_stage skinny_ws_tests 150 python3 -m pytest -q -m gpu tests/test_skinny_linear.py -k warp_specialized_tiles -p no:cacheprovider --junitxml="$RES/gpu_tests_skinny_ws.xml"
+             run_stage skinny_ws_tests 150 python3 -m pytest -q -m gpu "${workers[@]}" tests/test_skinny_linear.py -k warp_specialized_tiles -p no:cacheprovider --junitxml="$RES/gpu_tests_skinny_ws.xml"
              if [ -z "${MTP_SKINNY_WS:-}" ]; then   # "1", the tiles that passed, or "0" (common.skinny_ws_selection)
                MTP_SKINNY_WS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.skinny_ws_selection(sys.argv[1]))" "$RES/gpu_tests_skinny_ws.xml" || echo 0)
                export MTP_SKINNY_WS

@@ -70,10 +70,14 @@ def _nan_scratch(monkeypatch):
     (37, 37, 70, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=4)),   # 5 K tiles: 2 + 2 + 1 + empty
     (64, 16, 16, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=4)),   # one K tile, three empty splits
     (64, 50, 64, sl.SkinnyLaunch(16, 16, True, 1, 1, 64, split_k=2)),   # even K: 2 + 2
+    # The warp-specialized tile: one K tile and three empty splits; 5 K tiles 2 + 2 + 1 + empty, swapped
+    (64, 16, 16, sl.SkinnyLaunch(16, 16, True, 4, 1, 64, split_k=4, ws=True)),
+    (37, 37, 72, sl.SkinnyLaunch(16, 16, True, 4, 1, 64, split_k=4, ws=True, swap_ab=True)),
 ])
 def test_split_k_launches_match_the_oracle_and_leave_the_counters_at_zero(triton_backend, monkeypatch, M, N, K, launch):
     _nan_scratch(monkeypatch)
     x, w = _inputs(M, N, K, torch.float32, seed=M + N + K)
+    assert not launch.ws or sl.tma_layout_ok(x, w)   # the kernel runs, not the unfused fallback
     want = x.double() @ w.double().T
     first = sl.skinny_linear_run(x, w, launch)
     torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-4)

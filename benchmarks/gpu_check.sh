@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate head_schedule
 #                                                (default: those), host_overhead, warp_spec_probe, skinny_rows,
 #                                                pdl_probe and train (only when named)
-#   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files.
+#   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files (the warp-specialized
+#   skinny tiles' test runs first in any case, unless MTP_SKINNY_WS=0).
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
 # `train` (benchmarks/gpu_train_default.sh; run benchmarks/prepare_gpu_data.sh here first and carry
 # .gpu_data) trains, distils, evaluates and returns the default model in an estimated TRAIN_SECONDS

@@ -41,8 +41,9 @@ from .backend import compute_major, cross_compile_arch, descriptors_allowed, int
 from .dependent_launch import await_prior_grid
 from .skinny_epilogue import store_split, store_tile
 
-# Triton versions whose GPU tests of these tiles passed on Hopper (none yet: MTP_SKINNY_WS=1 offers
-# them anyway, as benchmarks/gpu_check.sh does once their GPU test has passed in the same call).
+# Triton versions whose GPU tests of these tiles passed on Hopper (none yet). Until then MTP_SKINNY_WS
+# offers them: "1" all, or a list of tile ids, as benchmarks/gpu_check.sh sets the ones whose GPU test
+# passed in the same call.
 SKINNY_WS_VALIDATED_TRITON: tuple = ()
 
 

@@ -664,7 +664,6 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.skinny_ws_selection(str(tmp_path / "missing.xml")) == "0"
     assert "common.skinny_ws_selection" in script
     assert "-k warp_specialized_tiles" in script and '-k "not warp_specialized_tiles"' in script
-    assert 'if [ -z "${MTP_SKINNY_WS:-}" ]; then export MTP_SKINNY_WS=1; fi' in script
 
 
 def test_idle_gaps_finds_where_the_gpu_waited(load_script):

@@ -16,7 +16,8 @@ Rows past M and columns past K read as zeros (TMA fills them), so nothing in the
 SWAP_AB: the tile computes (W_tile @ x_tile^T)^T, the weight rows as wgmma's M (64 or 128), so
 that 16 and 32 rows of x (wgmma's N may be 8 to 256) still run on Hopper's asynchronous wgmma;
 without it a 16- or 32-row x tile as M would take the synchronous warp-level mma, and Triton's
-warp-specialization pass then leaves the loop whole (checked in sm_90 compiles).
+warp-specialization pass then leaves the loop whole (benchmarks/probe_skinny_ws_forms.py, Triton 3.6
+and 3.9).
 
 Epilogues, split-K and the bits: as the pointer-fed tiles (skinny_epilogue.py): SWIGLU pairs the
 gate tile n with the up tile N + n of a fused (2F, K) weight; ROPE pairs rows 2n and 2n + 1 of a

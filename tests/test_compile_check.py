@@ -178,3 +178,21 @@ def test_ordered_dq_probe_reports_each_loop_form(tmp_path):
     assert (rows["loop"].get("warps_run"), rows["loop"].get("warp_specialized")) == (12, True)
     assert all(("error" in r) != ("warps_run" in r) for r in rows.values())
     assert "| loop | 12 | True | - |" in path.with_suffix(".md").read_text()
+
+
+def test_skinny_ws_forms_probe_reports_each_form(tmp_path):
+    """benchmarks/probe_skinny_ws_forms.py compiles the TMA tile's forms for sm_90: the two that
+    kernels/skinny_ws.py offers (64 rows as M; 32 rows swapped) are split into producer and consumer
+    warps on wgmma, which is what the skinny_ws docstring and README claim; the forms it leaves out
+    come out as a warp count or the compiler's error, in the JSON and the table."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_skinny_ws_forms.py"), "--out", str(tmp_path)],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("skinny_ws_forms_triton-*.json")
+    rows = {r["form"]: r for r in json.loads(path.read_text())["rows"]}
+    offered = [r for r in rows.values() if r["offered"]]
+    assert len(rows) == 4 and len(offered) == 2
+    assert all((r.get("warps_run"), r.get("warp_specialized"), r.get("tensor_cores")) == (12, True, "wgmma")
+               for r in offered)
+    assert all(("error" in r) != ("warps_run" in r) for r in rows.values())
+    assert "| 32 rows, weight rows as M (swap_ab) | True | 12 | True | wgmma | - |" in path.with_suffix(".md").read_text()

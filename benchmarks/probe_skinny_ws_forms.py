@@ -1,0 +1,106 @@
+"""Which forms of the skinny GEMM's TMA tile does Triton warp-specialize for sm_90?
+
+kernels/skinny_ws.py offers its tiles in two forms: 64 rows of x as wgmma's M, and, for 32 rows,
+the weight rows as M (`swap_ab`). This compiles those two and two forms it does not offer, on a CPU
+(nothing runs), and reports whether Triton's automatic pass split the K loop into producer and
+consumer warps (warps run > num_warps asked) and which matrix instructions the dots became:
+  - 32 rows of x as M, not swapped: the dot is too short for wgmma's M of 64;
+  - a persistent program per SM over the n tiles, one flattened (tile, K) loop
+    (`tl.range(..., flatten=True, warp_specialize=True)`), the form Triton's persistent matmul
+    tutorial uses.
+
+    python benchmarks/probe_skinny_ws_forms.py [--out benchmarks/results]
+
+Writes skinny_ws_forms_triton-<version>.{json,md}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NUM_WARPS = 4
+# form: (BLOCK_M, SWAP_AB, persistent, offered)
+FORMS = {"64 rows as M": (64, False, False, True),
+         "32 rows, weight rows as M (swap_ab)": (32, True, False, True),
+         "32 rows as M": (32, False, False, False),
+         "64 rows as M, persistent (flattened loop)": (64, False, True, False)}
+
+
+@triton.jit
+def _persistent_tile_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0), flatten=True,
+                         warp_specialize=True):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            acc = tl.dot(x_desc.load([0, kt * BLOCK_K]), tl.trans(w_desc.load([tile * BLOCK_N, kt * BLOCK_K])), acc)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _source(block_m: int, swap_ab: bool, persistent: bool):
+    """The ASTSource of one form: the shipped `skinny_ws_kernel` (plain epilogue, unsplit, bf16,
+    64 x 128 weight tiles) or the probe's persistent kernel."""
+    if persistent:
+        signature = dict(X="*bf16", W="*bf16", Y="*bf16", M="i32", N="i32", K="i32", stride_xm="i32",
+                         stride_wn="i32", stride_ym="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                         BLOCK_K="constexpr")
+        return triton.compiler.ASTSource(fn=_persistent_tile_kernel, signature=signature,
+                                         constexprs=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128))
+    common.import_mtp_kernels()   # installed, or loaded from kernels/
+    from mtp_kernels.skinny_ws import skinny_ws_kernel as kernel
+    pointers = dict(X="*bf16", W="*bf16", Y="*bf16")
+    constexprs = dict(PARTIALS=None, COUNTERS=None, FREQS=None, SLOTS=None, K_CACHE=None, V_CACHE=None,
+                      BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, SWAP_AB=swap_ab, SPLIT_K=1, SWIGLU=False,
+                      ROPE=False, PDL=False)
+    signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, "i32") for p in kernel.params}
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+
+
+def compile_form(block_m: int, swap_ab: bool, persistent: bool) -> dict:
+    """Compile one form for sm_90 (4 stages): {"warps_run", "warp_specialized", "tensor_cores"},
+    or {"error": the compiler's last line}."""
+    try:
+        compiled = triton.compile(_source(block_m, swap_ab, persistent), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=NUM_WARPS, num_stages=4))
+    except Exception as exc:   # a compile failure is a finding too
+        return {"error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"}
+    ptx = compiled.asm["ptx"]
+    tensor_cores = "+".join(n for n, p in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if p in ptx) or "-"
+    warps = int(compiled.metadata.num_warps)
+    return {"warps_run": warps, "warp_specialized": warps > NUM_WARPS, "tensor_cores": tensor_cores}
+
+
+def main(out: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
+        raise SystemExit("probe_skinny_ws_forms.py compiles for sm_90: run it without TRITON_INTERPRET "
+                         "(the interpreter replaces the kernels it compiles)")
+    rows = [{"form": name, "offered": offered, **compile_form(block_m, swap, persistent)}
+            for name, (block_m, swap, persistent, offered) in FORMS.items()]
+    stem = Path(out) / f"skinny_ws_forms_triton-{triton.__version__}"
+    stem.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
+    table = common.markdown_table(
+        ["form", "offered", f"warps run (asked {NUM_WARPS})", "warp-specialized", "matrix instructions", "compile error"],
+        [[r["form"], r["offered"], r.get("warps_run"), r.get("warp_specialized"), r.get("tensor_cores"), r.get("error")]
+         for r in rows])
+    stem.with_suffix(".md").write_text(f"# Skinny GEMM TMA tile forms (sm_90, Triton {triton.__version__}, compiled "
+                                       "on a CPU)\n\n`benchmarks/probe_skinny_ws_forms.py`.\n\n" + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    common.probe_command_line(__doc__, main)

@@ -47,7 +47,7 @@ import triton.language as tl
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch,
-                      graph_capturing, interpreting, sm_count, use_triton)
+                      graph_capturing, interpreting, sm_count, tma_aligned, use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -715,11 +715,8 @@ def _tuned(which: str):
 
 def _tma_rows_ok(x: torch.Tensor, head_dim: int) -> bool:
     """Whether x (B, rows, heads, head_dim) reads as (B, rows, heads * head_dim) through a TMA tensor
-    descriptor: heads packed after a unit last stride, rows not overlapping, and the base, row and
-    batch strides 16-byte aligned (TMA's rule)."""
-    size = x.element_size()
-    return (x.stride(3) == 1 and x.stride(2) == head_dim and x.stride(1) >= x.shape[2] * head_dim
-            and (x.stride(1) * size) % 16 == 0 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0)
+    descriptor: heads packed, rows not overlapping, and TMA's alignment (`backend.tma_aligned`)."""
+    return x.stride(2) == head_dim and x.stride(1) >= x.shape[2] * head_dim and tma_aligned(x)
 
 
 def _ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None = None) -> bool:

@@ -94,6 +94,13 @@ def descriptors_allowed() -> bool:
     return interpreting() or cross_compile_arch() is not None or _descriptor_allocator_ready()
 
 
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA's layout rule for tensors read through descriptors: a unit last stride, a 16-byte
+    aligned base, and every other stride a multiple of 16 bytes."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
 def _descriptor_scratch(size: int, alignment: int, stream):
     # Device-side tensor descriptors keep their 128-byte TMA descriptor in global scratch memory;
     # inside a CUDA-graph capture this comes from the graph's pool, as every other allocation there.

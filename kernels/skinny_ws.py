@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import compute_major, cross_compile_arch, descriptors_allowed, interpreting
+from .backend import compute_major, cross_compile_arch, descriptors_allowed, interpreting, tma_aligned
 from .dependent_launch import await_prior_grid
 from .skinny_epilogue import store_split, store_tile
 
@@ -83,11 +83,9 @@ def skinny_ws_offered(tile_id: str) -> bool:
 
 
 def tma_layout_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x2 (M, K) and weight (rows, K) read through TMA descriptors: unit last strides, base
-    addresses and row strides 16-byte aligned (TMA's rule), and where kernels may build descriptors."""
-    size = x2.element_size()
-    return (x2.stride(-1) == 1 and weight.stride(-1) == 1 and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and (x2.stride(0) * size) % 16 == 0 and (weight.stride(0) * size) % 16 == 0 and descriptors_allowed())
+    """Whether x2 (M, K) and weight (rows, K) read through TMA descriptors (`backend.tma_aligned`)
+    where kernels may build them."""
+    return tma_aligned(x2, weight) and descriptors_allowed()
 
 
 @triton.jit

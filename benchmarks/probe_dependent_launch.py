@@ -136,6 +136,7 @@ def main(out_dir: str) -> dict:
     print(to_markdown(result))
     return result
 
+
 if __name__ == "__main__":
     from common import probe_command_line
 

@@ -168,15 +168,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """(h, rms_norm(h, weight)) with h = x + residual, in one pass on a GPU: a transformer block's
-    residual add fused with the norm that follows it. x, residual: (..., D), same shape and dtype.
-    With autograd (training) it is the plain add and the differentiable `rms_norm`."""
+    residual add fused with the norm that follows it. x, residual: (..., D), same shape and dtype,
+    except under torch.autocast, where a block's output comes back in the autocast dtype while the
+    residual stream keeps its own: the two are then added as torch adds them (promoted). With
+    autograd (training) it is the plain add and the differentiable `rms_norm`."""
     _check_weight("add_rms_norm", x, weight, eps)
-    if not isinstance(residual, torch.Tensor) or x.shape != residual.shape or x.dtype != residual.dtype \
-            or x.device != residual.device:
+    promoted = (isinstance(residual, torch.Tensor) and x.dtype != residual.dtype
+                and residual.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type))
+    if not isinstance(residual, torch.Tensor) or x.shape != residual.shape or x.device != residual.device \
+            or (x.dtype != residual.dtype and not promoted):
         got = (f"{tuple(residual.shape)} {residual.dtype} {residual.device}" if isinstance(residual, torch.Tensor)
                else type(residual).__name__)
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} {x.device} and residual {got} must match")
-    if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
+    if promoted or (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad)):
         h = x + residual
         return h, rms_norm(h, weight, eps)
     if not use_triton(x, residual, weight) or x.numel() == 0:

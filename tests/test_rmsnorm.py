@@ -98,6 +98,19 @@ def test_add_rms_norm_bad_input():
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8, device="meta"), torch.ones(8))
 
 
+def test_add_rms_norm_promotes_a_mixed_pair_only_under_autocast():
+    """Under autocast a block's output is bfloat16 while the residual stream stays float32: the pair is
+    added as torch adds it. Outside autocast the same pair is an error (above)."""
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8).bfloat16(), torch.rand(8) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, y = add_rms_norm(x, r, w)
+    h_ref, y_ref = reference.add_rms_norm(x, r.float(), w)
+    assert h.dtype == torch.float32 and torch.equal(h, h_ref)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="must match"):
+        add_rms_norm(x, r[:2], w)
+
+
 def test_rmsnorm_bad_weight_shape():
     with pytest.raises(ValueError, match="weight shape"):
         rms_norm(torch.randn(2, 8), torch.randn(7))

@@ -12,7 +12,7 @@ import torch
 from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, load_tokens, prepare_corpus,
                              split_files)
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_engine.train import MTPTrainModel, TrainConfig, init_weights, lr_at, preset_config, train
+from mtp_engine.train import MTPTrainModel, TrainConfig, evaluate, init_weights, lr_at, preset_config, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "colorsys.py")
@@ -185,6 +185,37 @@ def test_sequential_head_schedule_gives_the_batched_gradients(n_future):
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match=r"tokens must be a \(batch, seq\) tensor, got \(21,\)"):
         batched.forward_backward_sequential(tokens[0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_and_eval_run_under_bf16_autocast(device):
+    """`mtp train` runs its steps and evals under bf16 autocast on CUDA: a block's output then comes back
+    in bfloat16 while the residual stream stays float32, and the fused add + norm must take the pair.
+    CPU autocast runs the same model code."""
+    model = _tiny_model(4).to(device)
+    tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(3)).to(device)
+    trainer = MTPTrainModel(model)
+    ref = trainer(tokens)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = trainer(tokens)
+        out.loss.backward()
+    torch.testing.assert_close(out.per_head, ref.per_head, rtol=2e-2, atol=2e-2)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        assert torch.linalg.vector_norm(p.grad - ref_grads[name]) <= 0.1 * torch.linalg.vector_norm(ref_grads[name]), name
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        seq = trainer.forward_backward_sequential(tokens)
+    torch.testing.assert_close(seq.per_head, out.per_head.detach(), rtol=1e-2, atol=1e-2)
+    result = evaluate(model, tokens, autocast=lambda: torch.autocast(device, dtype=torch.bfloat16))
+    plain = evaluate(model, tokens)
+    np.testing.assert_allclose(result["loss"], plain["loss"], rtol=2e-2)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        logits = model(tokens, return_all_heads=True)
+    assert logits.shape == (2, 19, 4, 97) and torch.isfinite(logits).all()
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -210,7 +210,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     bytes beyond the gradient for 16-bit weights (none when one chunk holds every row; float64
     inputs keep float64), None sums in weight's own dtype (lighter, one rounding per chunk). With
     return_per_head=True, returns (loss, per_head) where per_head is the detached (n,) float32
-    unweighted loss of each head.
+    unweighted loss of each head. Float64 inputs run in float64 throughout (loss, per_head and the
+    softmax math, on the chunk's PyTorch twin), so torch.autograd.gradcheck applies.
     fp16: the logits' gradient (softmax - onehot) times each row's factor (1 / valid tokens for a
     mean) is stored in fp16 before the dH and dW matmuls, so entries under fp16's range flush to
     zero. For mean and sum that gradient is made in the forward, before grad_output is known, so a
@@ -233,7 +234,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     budget = DEFAULT_SCRATCH_BYTES if max_scratch_bytes is None else max_scratch_bytes
     # Non-tensor arguments fall through to the reference, whose input checks name the problem.
     tensors_given = all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))
-    chunk_fn = ce_chunk if tensors_given and use_triton(hidden, weight, targets) else reference.ce_chunk
+    # The Triton chunk does its softmax in float32: float64 inputs (gradcheck, oracles) take the twin.
+    chunk_fn = (ce_chunk if tensors_given and use_triton(hidden, weight, targets)
+                and torch.float64 not in (hidden.dtype, weight.dtype) else reference.ce_chunk)
     return linear_cross_entropy(hidden, weight, targets, chunk_fn, ignore_index=ignore_index, reduction=reduction,
                                 head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
                                 softcap=softcap, accum_dtype=accum_dtype, max_scratch_bytes=budget,

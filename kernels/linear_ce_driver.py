@@ -77,14 +77,15 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                      grad_rows: bool, grad_weight: bool, max_scratch_bytes: int):
     """One pass over all rows.
 
-    rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) float32, the
-    factor d(total)/d(row loss) used for the gradient; opts.accum_dtype: what dW sums the chunks in
-    (None: weight's dtype). Returns (loss (M,) fp32 unscaled per-row losses, 0 where ignored;
-    dH (M, D) or None; dW (V, D) in the accumulator's dtype, or None: `cast_grad` casts it).
+    rows: (M, D); weight: (V, D), same dtype; targets: (M,) int64; row_scale: (M,) in
+    `loss_dtype(weight.dtype)`, the factor d(total)/d(row loss) used for the gradient;
+    opts.accum_dtype: what dW sums the chunks in (None: weight's dtype). Returns (loss (M,) unscaled
+    per-row losses in `loss_dtype`, 0 where ignored; dH (M, D) or None; dW (V, D) in the accumulator's
+    dtype, or None: `cast_grad` casts it).
     """
     M, D = rows.shape
     V = weight.shape[0]
-    loss = torch.empty(M, dtype=torch.float32, device=rows.device)
+    loss = torch.empty(M, dtype=loss_dtype(weight.dtype), device=rows.device)
     compute_grad = grad_rows or grad_weight
     d_rows = torch.empty_like(rows) if grad_rows else None
     d_weight = None
@@ -152,6 +153,12 @@ def to_compute_dtype(rows: torch.Tensor, weight: torch.Tensor, accum_dtype: Opti
         raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as the {compute} the "
                          f"matmuls run in (weight {weight.dtype}), got {accum_dtype}")
     return rows.to(compute), weight.to(compute), (None if accum == compute else accum)
+
+
+def loss_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax math, the per-row losses and their factors: float32 at least, float64
+    for float64 inputs (which run on the reference chunk, so that gradcheck sees float64 throughout)."""
+    return torch.float64 if compute == torch.float64 else torch.float32
 
 
 def autocast_off(device: torch.device):
@@ -301,7 +308,7 @@ def head_factors(targets: torch.Tensor, lam: torch.Tensor, n: int, N: int, ignor
     if reduction == "sum":
         per_head = lam
     else:
-        valid = (targets.view(n, N) != ignore_index).sum(1).to(torch.float32)
+        valid = (targets.view(n, N) != ignore_index).sum(1).to(lam.dtype)
         per_head = lam / valid.clamp(min=1.0)
     return per_head[:, None].expand(n, N).reshape(-1).contiguous()
 
@@ -315,11 +322,11 @@ def reduce_rows(loss_rows, lam_rows, scale, reduction, n, N, single):
 
 
 def per_head_losses(loss_rows, targets, n, N, ignore_index, reduction):
-    """(n,) float32 unweighted loss of each head (mean over its valid tokens, or sum), for logging."""
+    """(n,) unweighted loss of each head (mean over its valid tokens, or sum) in loss_rows' dtype, for logging."""
     totals = loss_rows.view(n, N).sum(1)
     if reduction == "sum":
         return totals
-    return totals / (targets.view(n, N) != ignore_index).sum(1).clamp(min=1).to(torch.float32)
+    return totals / (targets.view(n, N) != ignore_index).sum(1).clamp(min=1).to(totals.dtype)
 
 
 def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
@@ -330,6 +337,7 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
+    lam, lam_rows = lam.to(loss_dtype(compute_weight.dtype)), lam_rows.to(loss_dtype(compute_weight.dtype))
     opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
@@ -385,7 +393,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
             rows, weight, flat_t, lam_rows = ctx.saved_tensors
-            scale = grad_out.reshape(-1).to(torch.float32) * lam_rows
+            scale = grad_out.reshape(-1).to(lam_rows.dtype) * lam_rows
             with autocast_off(rows.device):
                 _, d_rows, d_weight = linear_ce_chunks(
                     rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,

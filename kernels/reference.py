@@ -56,13 +56,14 @@ def ce_chunk(logits, targets, row_scale, loss_out, opts, compute_grad: bool) -> 
     """Twin of the Triton chunk kernel in fused_linear_ce.py.
 
     logits: (R, V) any float dtype, overwritten with d(total)/d(logits) when compute_grad;
-    targets: (R,) int64; row_scale: (R,) float32 gradient factor per row;
-    loss_out: (R,) float32, written (per-row loss without row_scale; 0 where ignored).
+    targets: (R,) int64; row_scale: (R,) float32 gradient factor per row (float64 for float64 logits);
+    loss_out: (R,) like row_scale, written (per-row loss without row_scale; 0 where ignored). The
+    math runs in float32, or in float64 for float64 logits.
     Loss per row, with s = softcap * tanh(z / softcap) (or s = z):
         lse(s) - (1 - eps) * s[t] - eps * mean(s) + z_loss * lse^2
     """
     V = logits.shape[1]
-    z = logits.float()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     s = opts.softcap * torch.tanh(z / opts.softcap) if opts.softcap is not None else z
     lse = torch.logsumexp(s, dim=1)
     valid = targets != opts.ignore_index

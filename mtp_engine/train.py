@@ -100,6 +100,10 @@ class TrainConfig:
         self.model_args(self.vocab_size).validate("TrainConfig")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2 (a window needs an input and a target), got {self.seq_len!r}")
+        if self.seq_len <= self.n_future_tokens:
+            raise ValueError(f"seq_len {self.seq_len} leaves head {self.n_future_tokens - 1} (token t+"
+                             f"{self.n_future_tokens}) no target in a window: it must be at least "
+                             f"n_future_tokens + 1 = {self.n_future_tokens + 1}")
         if self.head_schedule not in HEAD_SCHEDULES:
             raise ValueError(f"head_schedule must be one of {HEAD_SCHEDULES}, got {self.head_schedule!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_windows", "eval_every", "save_every", "log_every"):
@@ -133,6 +137,14 @@ class TrainConfig:
             raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {sorted(_EXPORT_DTYPES)}, got {self.export_dtype!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device} was asked for but this torch ({torch.__version__}) "
+                                 "sees no CUDA device")
 
 
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -295,6 +307,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _read_json(path: Path) -> dict:
+    """A run file (trainer_state.json, train_log.json); a damaged one is an error that names it."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it or start a new run") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object: restore it or start a new run")
+    return value
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices only (not on norm gains)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -383,6 +406,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     quiet = (lambda *a, **k: None)
     log = log if is_main else quiet
+    if env is None and cfg.distributed != "none":
+        log(f"distributed {cfg.distributed}: one process (not launched by torchrun with several), so one device")
 
     corpus_options = dict(max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
                           extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
@@ -396,7 +421,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     state_path = out / "trainer_state.json"
     if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
+        state = _read_json(state_path)
         # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
         source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
         model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)
@@ -413,7 +438,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     module = MTPTrainModel(model, cfg.head_weights)
     wrapped = _wrap(module, cfg, env)
     optimizer = make_optimizer(module, cfg)
-    if resume and (out / "optimizer.pt").is_file() and state["step"] > 0:
+    if resume and state["step"] > 0:
+        if not (out / "optimizer.pt").is_file():
+            # AdamW restarted from empty moments would not take the step the interrupted run would have.
+            raise ValueError(f"{out / 'optimizer.pt'} is missing: the run cannot resume at step {state['step']} "
+                             "with its optimizer state; restore the file or start a new run")
         saved = torch.load(out / "optimizer.pt", map_location=device, weights_only=True) if is_main else None
         if env is None:
             optimizer.load_state_dict(saved)
@@ -428,7 +457,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "steps": [], "evals": []}
     log_path = out / "train_log.json"
     if resume and log_path.is_file():
-        previous = json.loads(log_path.read_text())
+        previous = _read_json(log_path)
         run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
         run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
     if is_main:
@@ -697,16 +726,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return preset_config(args.preset, **overrides)
 
 
+# What a resumed run may change; every other flag must repeat the saved value or be left out.
+RESUMABLE = frozenset({"out_dir", "max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress",
+                       "device"})
+_PATHS = ("corpus_dir", "source", "tokenizer", "out_dir")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """cfg with its folders and files absolute, as the run log keeps them: a run resumed from another
+    working folder finds its corpus."""
+    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in _PATHS if getattr(cfg, k) is not None}
+    return dataclasses.replace(cfg, **paths, extra_sources=tuple(str(Path(p).resolve()) for p in cfg.extra_sources))
+
+
+def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
+    """The configuration `mtp train --resume` continues with: the run's own (out_dir/train_log.json),
+    in the given out_dir (the folder may have been moved or copied), with the RESUMABLE knobs among the
+    `given` (command-line) fields. Any other given field that differs from the saved value is an error
+    naming it: it would otherwise be dropped without a word."""
+    saved = _read_json(Path(cfg.out_dir) / "train_log.json").get("config")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or not set(saved) <= names:
+        raise ValueError(f"{Path(cfg.out_dir) / 'train_log.json'} has no training configuration this version reads")
+
+    def same(name, value, old):
+        if name in _PATHS and value is not None and old is not None:
+            return Path(value).resolve() == Path(old).resolve()
+        return json.loads(json.dumps(value)) == old     # tuples were saved as lists
+    clashes = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})"
+               for k in sorted(given - RESUMABLE) if not same(k, getattr(cfg, k), saved.get(k))]
+    if clashes:
+        raise ValueError("--resume continues the run with its saved configuration, and these flags differ from "
+                         f"it: {'; '.join(clashes)}. Leave them out, or start a new run in another --out-dir "
+                         f"(a resumed run may change {', '.join(sorted(RESUMABLE))})")
+    changed = {k: getattr(cfg, k) for k in given & RESUMABLE}
+    if "max_steps" in changed:   # an explicit length replaces a schedule fitted to the time budget
+        changed["schedule_to_budget"] = False
+    return TrainConfig(**{**saved, **changed})
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = absolute_paths(config_from_args(args))
     if args.resume and cfg.out_dir and (Path(cfg.out_dir) / "trainer_state.json").is_file():
-        # A resumed run keeps its original configuration except the knobs that make sense to change.
-        saved = json.loads((Path(cfg.out_dir) / "train_log.json").read_text())["config"]
-        keep = {"max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress", "device"}
-        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep and getattr(args, k, None) is not None}
-        if "max_steps" in changed:   # an explicit length replaces a schedule fitted to the time budget
-            changed["schedule_to_budget"] = False
-        cfg = TrainConfig(**{**saved, **changed})
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+        cfg = resumed_config(cfg, given | {"out_dir"})
     summary = train(cfg, resume=args.resume)["summary"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))

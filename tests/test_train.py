@@ -1,6 +1,9 @@
 """Training: data pipeline, loss going down, the sequential head schedule, resume, `mtp eval`."""
+import argparse
 import dataclasses
 import json
+import os
+import shutil
 from collections import Counter
 import sysconfig
 from pathlib import Path
@@ -12,7 +15,8 @@ import torch
 from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, load_tokens, prepare_corpus,
                              split_files)
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_engine.train import MTPTrainModel, TrainConfig, evaluate, init_weights, lr_at, preset_config, train
+from mtp_engine.train import (MTPTrainModel, TrainConfig, absolute_paths, add_arguments, evaluate, init_weights, lr_at,
+                              preset_config, run, train)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "colorsys.py")
@@ -324,6 +328,34 @@ def test_logged_loss_is_the_head_weighted_objective(source_tree, corpus, tmp_pat
     assert log["summary"]["final_loss"] == log["steps"][-1]["loss"]
 
 
+def test_cli_resume_continues_the_given_folder_and_refuses_changed_flags(source_tree, corpus, tmp_path, monkeypatch):
+    """`mtp train --resume --out-dir D` continues the run in D even when D is a copy made elsewhere
+    (the log's paths are absolute, so another working folder finds the corpus), takes the resumable
+    knobs (--max-steps), and names any other flag whose value differs from the run's instead of
+    dropping it. A damaged run folder is an error naming the file."""
+    cfg = tiny_config(source_tree, corpus, tmp_path / "first", max_steps=2, save_every=2, eval_every=2)
+    train(absolute_paths(cfg), log=lambda *a: None)
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.chdir(tmp_path / "copy")
+    base = ["--preset", "tiny", "--resume", "--out-dir", ".", "--no-progress"]
+    with pytest.raises(ValueError, match=r"flags differ from it: --batch-size 2 \(the run has 4\); --lr 1e-05 "
+                                         r"\(the run has 0\.003\)\. Leave them out"):
+        run(parser.parse_args(base + ["--max-steps", "3", "--lr", "1e-5", "--batch-size", "2"]))
+    # the same values as the run's are no clash (paths compared as folders, relative or not)
+    assert run(parser.parse_args(base + ["--max-steps", "3", "--lr", "0.003", "--seq-len", "48",
+                                         "--corpus-dir", os.path.relpath(corpus.dir)])) == 0
+    assert json.loads((tmp_path / "copy" / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "first" / "trainer_state.json").read_text())["step"] == 2
+    (tmp_path / "copy" / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match=r"optimizer\.pt is missing: the run cannot resume at step 3"):
+        run(parser.parse_args(base + ["--max-steps", "4"]))
+    (tmp_path / "copy" / "trainer_state.json").write_text("{'step': 3")
+    with pytest.raises(ValueError, match=r"copy/trainer_state\.json is not valid JSON"):
+        run(parser.parse_args(base + ["--max-steps", "4"]))
+
+
 def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):
     runs = {}
     for schedule in ("batched", "sequential"):
@@ -347,11 +379,16 @@ def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
         with pytest.raises(ValueError, match=match):
             tiny_config(source_tree, corpus, tmp_path, **change).validate()
     for name, value, match in (("max_train_files", 0, "max_train_files must be None or a positive int"),
-                               ("seq_len", 1, "seq_len must be an int >= 2")):   # fields tiny_config sets
+                               ("seq_len", 1, "seq_len must be an int >= 2"),   # fields tiny_config sets
+                               ("seq_len", 4, r"seq_len 4 leaves head 3 \(token t\+4\) no target"),
+                               ("device", "bogus", "'bogus' is not a torch device")):
         cfg = tiny_config(source_tree, corpus, tmp_path)
         setattr(cfg, name, value)
         with pytest.raises(ValueError, match=match):
             cfg.validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda was asked for but this torch .* sees no CUDA device"):
+            tiny_config(source_tree, corpus, tmp_path, device="cuda").validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         preset_config("tiny", learning_rate=1.0)
     with pytest.raises(ValueError, match="unknown preset"):

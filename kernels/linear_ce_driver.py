@@ -244,13 +244,15 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
         raise ValueError(f"{weight_name} must be (V, D), got shape {tuple(weight.shape)}")
     h3 = hidden.unsqueeze(0) if single_head else hidden
     n, N, D = h3.shape
+    if D == 0:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and {weight_name} {tuple(weight.shape)} have no features (D=0)")
     if weight.shape[1] != D:
         raise ValueError(f"{weight_name} has D={weight.shape[1]} but hidden has D={D} "
                          f"(hidden {tuple(hidden.shape)}, {weight_name} {tuple(weight.shape)})")
     expected_t = (N,) if single_head else (n, N)
     if tuple(targets.shape) != expected_t:
         raise ValueError(f"targets must have shape {expected_t} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if not is_token_dtype(targets.dtype):
         raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
     if not hidden.is_floating_point() or not weight.is_floating_point() or \
             (hidden.dtype != weight.dtype and autocast_dtype(hidden, weight) is None):
@@ -259,6 +261,11 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
     check_one_device(op, hidden=hidden, **{weight_name: weight}, targets=targets)
     check_loss_options(label_smoothing, z_loss, softcap, ignore_index, head_weights)
     return h3, single_head
+
+
+def is_token_dtype(dtype: torch.dtype) -> bool:
+    """Any integer dtype holds token ids (uint16: the corpus's own token streams); bool does not."""
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -100, head_weights=None) -> None:
@@ -275,6 +282,9 @@ def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -10
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(head_weights, torch.Tensor) and head_weights.requires_grad:
+        raise ValueError("head_weights are constant loss factors and get no gradient: pass a tensor that does not "
+                         "require grad (head_weights.detach())")
     if head_weights is not None:
         values = head_weights.tolist() if isinstance(head_weights, torch.Tensor) else head_weights
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
@@ -354,6 +364,15 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     return loss, per_head, opts, saved
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in a backward: with create_graph=True autograd runs it in grad mode, and the
+    gradients below are made by kernels outside autograd, so a second-order gradient through them
+    would silently be zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported: its gradients are "
+                           "computed outside autograd, so their own gradient would silently be zero")
+
+
 def scale_forward_grads(ctx, grad_out, hidden_shape):
     """Backward of a mean/sum loss whose gradients were made in the forward (saved as d_rows, d_weight):
     scale them in place by grad_out (they are ours, no copies). Only one backward can consume them."""
@@ -388,6 +407,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_per_head=None):
+        refuse_double_backward("fused_linear_cross_entropy")
         reduction, opts, ce_chunk, budget, hidden_shape, grad_rows, grad_weight, hidden_dtype, weight_dtype = ctx.meta
         if reduction != "none":
             d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)

@@ -33,8 +33,8 @@ from .backend import interpreting, use_triton
 from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
                                ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
-                               reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
-                               to_compute_dtype)
+                               reduce_rows, refuse_double_backward, rows_per_chunk, scale_forward_grads,
+                               scratch_budget, to_compute_dtype)
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -263,6 +263,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_per_head=None):
+        refuse_double_backward("vocab_parallel_cross_entropy")
         (reduction, opts, shard, kernels, budget, hidden_shape, grad_rows, grad_weight, hidden_dtype,
          weight_dtype) = ctx.meta
         if reduction != "none":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
-from mtp_kernels.linear_ce_driver import check_loss_options
+from mtp_kernels.linear_ce_driver import check_loss_options, is_token_dtype
 
 
 def mtp_targets(tokens: torch.Tensor, n: int, ignore_index: int = -100) -> torch.Tensor:
@@ -22,10 +22,12 @@ def mtp_targets(tokens: torch.Tensor, n: int, ignore_index: int = -100) -> torch
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be a (batch, seq) tensor, got {shape}")
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if not is_token_dtype(tokens.dtype):
         raise ValueError(f"tokens must be an integer tensor of token ids, got {tokens.dtype}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     B, T = tokens.shape
     out = torch.full((n, B, T), ignore_index, dtype=torch.int64, device=tokens.device)
     for i in range(n):

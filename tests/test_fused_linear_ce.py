@@ -245,6 +245,8 @@ def test_triton_chunk_kernel_equals_reference_fp16(triton_backend):
     ("dim", "weight has D="),
     ("range", "token id 500"),
     ("float_targets", "integer tensor"),
+    ("bool_targets", "integer tensor"),
+    ("no_features", r"have no features \(D=0\)"),
     ("device", "one device"),
     ("dtype", "share one floating dtype"),
     ("head_weights", "head_weights has 3"),
@@ -262,6 +264,10 @@ def test_bad_input_errors(case, match):
         targets[1, 2] = 500
     elif case == "float_targets":
         targets = targets.float()
+    elif case == "bool_targets":
+        targets = targets > 0
+    elif case == "no_features":
+        hidden, weight = hidden[..., :0], weight[:, :0]
     elif case == "device":
         weight = weight.to("meta")
     elif case == "dtype":
@@ -530,10 +536,29 @@ def test_second_backward_is_a_clear_error_not_a_wrong_gradient():
     assert torch.equal(h.grad, first)
 
 
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_a_clear_error(reduction):
+    hidden, weight, targets = make_inputs(2, 5, 8, 40)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint16, torch.int32])
+def test_any_integer_dtype_holds_targets(dtype):
+    """uint16 is the corpus's own token stream dtype (data.py); int8 holds a small vocabulary."""
+    hidden, weight, targets = make_inputs(2, 7, 8, 100, ignore_frac=0.0)
+    ref = fused_linear_cross_entropy(hidden, weight, targets)
+    assert torch.equal(fused_linear_cross_entropy(hidden, weight, targets.to(dtype)), ref)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_scratch_bytes="x"), "max_scratch_bytes must be None or a positive int"),
     (dict(max_scratch_bytes=0), "max_scratch_bytes must be None or a positive int"),
     (dict(ignore_index="x"), "ignore_index must be an int"),
+    (dict(head_weights=torch.ones(2, requires_grad=True)), r"constant loss factors and get no gradient"),
     (dict(head_weights=[float("nan")]), "head_weights must be a sequence of finite numbers"),
     (dict(z_loss=float("nan")), "z_loss must be a finite number"),
     (dict(softcap=float("inf")), "softcap must be None or a finite number"),

@@ -14,6 +14,11 @@ def test_mtp_targets_shift_and_ignore():
     assert t[1, 0].tolist() == [12, 13, 14, -1, -1]
     assert t[2, 0].tolist() == [13, 14, -1, -1, -1]
     assert mtp_targets(torch.tensor([[5]]), 2).tolist() == [[[-100]], [[-100]]]
+    # the corpus's uint16 token streams are token ids too; a fractional ignore_index is not
+    assert torch.equal(mtp_targets(torch.tensor([[5, 6, 7]], dtype=torch.uint16), 2),
+                       mtp_targets(torch.tensor([[5, 6, 7]]), 2))
+    with pytest.raises(ValueError, match="ignore_index must be an int, got -100.5"):
+        mtp_targets(torch.tensor([[5, 6]]), 2, ignore_index=-100.5)
 
 
 def test_mtp_loss_matches_per_head_cross_entropy_on_model():

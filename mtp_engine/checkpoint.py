@@ -35,6 +35,9 @@ PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", 
                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "n_future_tokens")
 
 
+_REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
+
+
 def shard_dim(key: str) -> Optional[int]:
     """Dim along which Meta's model parallelism splits `key` (0 or 1), or None if replicated."""
     if key == "output.weight":
@@ -56,6 +59,21 @@ def shard_dim(key: str) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------------ loading
+def resolve_device(device=None) -> torch.device:
+    """None -> cuda when available, else cpu. A name torch does not know, or cuda on a machine
+    without it, is a ValueError before any file is read."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available on this machine "
+                         f"(torch {torch.__version__})")
+    return device
+
+
 def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
                     max_batch_size: Optional[int] = None) -> Transformer:
@@ -74,7 +92,7 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    device = torch.device(device)
+    device = resolve_device(device)
     params_path = ckpt_dir / "params.json"
     params = _read_params(params_path)
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -137,7 +155,11 @@ def find_shards(ckpt_dir: PathLike) -> List[Path]:
     for p in ckpt_dir.iterdir():
         m = SHARD_PATTERN.match(p.name)
         if m:
-            ranks[int(m.group(1))] = p
+            rank = int(m.group(1))
+            if rank in ranks:
+                first, second = sorted((ranks[rank].name, p.name))
+                raise ValueError(f"{ckpt_dir} has two shards for rank {rank}: {first} and {second}")
+            ranks[rank] = p
     if not ranks:
         raise FileNotFoundError(f"no consolidated.NN.pth shard in {ckpt_dir}")
     missing = [r for r in range(max(ranks) + 1) if r not in ranks]
@@ -157,6 +179,10 @@ def _read_params(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    # Meta writes these sizes in every params.json; a default in their place would blame the weights.
+    missing = [k for k in _REQUIRED_PARAMS if k not in params]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(repr(k) for k in missing)}")
     return params
 
 

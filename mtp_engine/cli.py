@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and with tree self-speculative decoding, and print tokens per forward. --random-weights runs "
                     "the whole pipeline from scratch with a tiny random model instead.")
     demo.add_argument("--ckpt-dir", default=None, help="another checkpoint (default: models/default)")
+    demo.add_argument("--tokenizer-path", default=None,
+                      help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     demo.add_argument("--prompt", default=None, help="text to continue (default: a Python function header)")
     demo.add_argument("--max-gen-len", type=int, default=None,
                       help="new tokens (default 48; 24 with --random-weights)")
@@ -106,23 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_tokenizer(ckpt_dir: str) -> str:
-    for candidate in (os.path.join(ckpt_dir, "tokenizer.model"),
-                      os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")):
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir} or its parent: pass --tokenizer-path")
-
-
 def run_complete(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint
     from .generate import Llama
+    from .tokenizer import find_tokenizer
 
     if args.ckpt_dir is None:
         args.ckpt_dir = str(default_checkpoint())
     if not os.path.isdir(args.ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory not found: {args.ckpt_dir}")
-    tokenizer_path = args.tokenizer_path or _default_tokenizer(args.ckpt_dir)
+    tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
     for name in ("max_gen_len", "max_seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -154,13 +149,16 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.max_gen_len is not None and args.max_gen_len < 1:
         raise ValueError(f"--max-gen-len must be >= 1, got {args.max_gen_len}")
     if args.random_weights:
-        if args.prompt is not None or args.ckpt_dir is not None:   # its own model and prompt: not silently ignored
-            raise ValueError("--prompt and --ckpt-dir do not apply with --random-weights (it builds its own model)")
+        if args.prompt is not None or args.ckpt_dir is not None or args.tokenizer_path is not None:
+            # its own model, tokenizer and prompt: not silently ignored
+            raise ValueError("--prompt, --ckpt-dir and --tokenizer-path do not apply with --random-weights "
+                             "(it builds its own model)")
         demo.run_demo(args.out, **({} if args.max_gen_len is None else {"max_gen_len": args.max_gen_len}))
     else:
         if args.out:
             raise ValueError("--out only applies with --random-weights")
-        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len or 48, args.prompt or demo.DEMO_PROMPT)
+        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len or 48, args.prompt or demo.DEMO_PROMPT,
+                              tokenizer_path=args.tokenizer_path)
     return 0
 
 
@@ -190,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (OSError, ValueError, NotImplementedError) as e:   # OSError: a path that exists as the wrong kind
         message = " ".join(str(e).split())
         print(f"mtp {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -42,16 +42,18 @@ def demo_args(vocab_size: int):
                      multiple_of=32, max_seq_len=256, max_batch_size=1)
 
 
-def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prompt: str = DEMO_PROMPT) -> str:
+def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prompt: str = DEMO_PROMPT,
+                     tokenizer_path: Optional[str] = None) -> str:
     """Greedy completion of `prompt` by the default model, plain and tree-speculative; returns the text."""
     from .checkpoint import default_checkpoint, load_checkpoint
     from .generate import Generator, read_tree_rates
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, find_tokenizer
 
     start = time.perf_counter()
     ckpt = Path(ckpt_dir) if ckpt_dir else default_checkpoint()
+    tokenizer = Tokenizer(find_tokenizer(ckpt, tokenizer_path))
     model = load_checkpoint(ckpt, device="cpu", dtype=torch.float32).eval()
-    tokenizer = Tokenizer(ckpt / "tokenizer.model")
+    tokenizer.check_vocab(model.vocab_size)
     p = model.params
     trained = ""
     log_path = ckpt / "train_log.json"
@@ -98,6 +100,8 @@ def run_demo(out: Optional[str] = None, max_gen_len: int = 24) -> str:
         if out is None:
             with tempfile.TemporaryDirectory(prefix="mtp-demo-") as tmp:
                 return _run(Path(tmp), max_gen_len)
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out} is a file; it must be a folder (new or existing)")
         return _run(Path(out), max_gen_len)
     finally:
         torch.set_num_threads(threads)

@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint
-    from .generate import resolve_device
+    from .checkpoint import resolve_device
 
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     cfg = DistillConfig(**{k: getattr(args, k) for k in asdict(DistillConfig())})

@@ -206,7 +206,7 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None, help="checkpoint (default: the embedded models/default)")
-    parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir")
+    parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir or its parent")
     parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
     parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for tokens/forward (default 16)")
@@ -253,8 +253,8 @@ def add_tree(trees: dict, name: str, paths) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .generate import resolve_device
-    from .tokenizer import Tokenizer
+    from .checkpoint import resolve_device
+    from .tokenizer import Tokenizer, find_tokenizer
 
     # Before minutes of evaluation, not after: the sizes, and where the results go.
     _check_counts(max_files=args.max_files, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len,
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{option} {path}: its folder does not exist")
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
-    tokenizer = Tokenizer(args.tokenizer_path or ckpt_dir / "tokenizer.model")
+    tokenizer = Tokenizer(find_tokenizer(ckpt_dir, args.tokenizer_path))
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     tokenizer.check_vocab(model.vocab_size)

@@ -26,6 +26,7 @@ import torch
 
 from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax
 
+from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
 from .sampling import check_sampling_args, sample_next, token_logprobs
@@ -684,16 +685,6 @@ def _check_seed(seed) -> None:
 # ---------------------------------------------------------------------- release-style front end
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device=None) -> torch.device:
-    """None -> cuda when available, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but CUDA is not available on this machine")
-    return device
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -13,6 +13,18 @@ from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 PathLike = Union[str, os.PathLike]
 
 
+def find_tokenizer(ckpt_dir: PathLike, tokenizer_path: Optional[PathLike] = None) -> Path:
+    """tokenizer_path when given, else `tokenizer.model` in ckpt_dir or its parent folder (Meta ships
+    one tokenizer beside the 7B_* folders; `mtp demo --random-weights --out` writes it there too)."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    ckpt_dir = Path(ckpt_dir)
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.resolve().parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir} or its parent: pass --tokenizer-path")
+
+
 class Tokenizer:
     """Wraps a SentencePiece model file; the same interface as Meta's llama `Tokenizer`."""
 

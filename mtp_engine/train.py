@@ -33,7 +33,7 @@ from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from .data import PackedTokens, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
@@ -138,13 +138,7 @@ class TrainConfig:
         if self.export_dtype not in _EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {sorted(_EXPORT_DTYPES)}, got {self.export_dtype!r}")
         if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.device} was asked for but this torch ({torch.__version__}) "
-                                 "sees no CUDA device")
+            resolve_device(self.device)
 
 
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

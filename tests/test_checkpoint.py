@@ -225,6 +225,9 @@ def test_gap_in_shard_numbering(tmp_path):
         load_checkpoint(tmp_path)
     (tmp_path / "consolidated.02.pth").rename(tmp_path / "consolidated.1.pth")  # ranks parse as ints
     assert [p.name for p in find_shards(tmp_path)] == ["consolidated.00.pth", "consolidated.1.pth"]
+    (tmp_path / "consolidated.01.pth").write_bytes((tmp_path / "consolidated.1.pth").read_bytes())
+    with pytest.raises(ValueError, match=r"two shards for rank 1: consolidated\.01\.pth and consolidated\.1\.pth"):
+        load_checkpoint(tmp_path)
 
 
 def test_unknown_params_key(saved):
@@ -324,6 +327,24 @@ def test_bad_dtype_argument(saved):
     _, ckpt = saved
     with pytest.raises(ValueError, match="dtype"):
         load_checkpoint(ckpt, dtype=torch.int8)
+
+
+def test_bad_device_is_an_error_before_any_shard_is_read(saved, monkeypatch):
+    _, ckpt = saved
+    monkeypatch.setattr("mtp_engine.checkpoint._load_shard", lambda path: pytest.fail("read a shard"))
+    with pytest.raises(ValueError, match=r"device 'tpu0' is not a torch device"):
+        load_checkpoint(ckpt, device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda was asked for but CUDA is not available"):
+            load_checkpoint(ckpt, device="cuda")
+
+
+@pytest.mark.parametrize("field", ["dim", "n_layers", "n_heads"])
+def test_params_json_without_a_size_names_it(saved, field):
+    _, ckpt = saved
+    _rewrite_params(ckpt, lambda p: p.pop(field))
+    with pytest.raises(ValueError, match=f"params.json has no '{field}'"):
+        load_checkpoint(ckpt)
 
 
 def test_save_rejects_indivisible_split(tmp_path):

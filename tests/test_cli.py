@@ -86,10 +86,25 @@ def test_bad_flag_value_is_argparse_exit_2(capsys):
 @pytest.mark.parametrize("args,match", [(["--max-gen-len", "0"], "--max-gen-len must be >= 1"),
                                         (["--random-weights", "--prompt", "x"], "do not apply with --random-weights"),
                                         (["--random-weights", "--ckpt-dir", "x"], "do not apply with --random-weights"),
-                                        (["--out", "x"], "--out only applies with --random-weights")])
+                                        (["--out", "x"], "--out only applies with --random-weights"),
+                                        (["--random-weights", "--out", __file__], "is a file; it must be a folder"),
+                                        (["--random-weights", "--tokenizer-path", "t"],
+                                         "do not apply with --random-weights")])
 def test_demo_flags_that_cannot_apply_are_errors(args, match, capsys):
     assert main(["demo"] + args) == 2
     assert match in capsys.readouterr().err
+
+
+def test_demo_and_eval_find_the_tokenizer_beside_the_checkpoint_as_complete_does(tiny_checkpoint, capsys):
+    """Meta's layout (and `mtp demo --random-weights --out`'s): tokenizer.model in the checkpoint's parent."""
+    ckpt, tok = tiny_checkpoint
+    assert main(["demo", "--ckpt-dir", str(ckpt), "--max-gen-len", "3"]) == 0
+    assert "demo took" in capsys.readouterr().out
+    assert main(["eval", "--ckpt-dir", str(ckpt), "--max-files", "2", "--prompts", "1", "--prompt-len", "8",
+                 "--gen-len", "3"]) == 0
+    assert "| 1 | token t+2 |" in capsys.readouterr().out
+    assert main(["demo", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(ckpt / "nothing.model")]) == 2
+    assert "tokenizer model not found" in capsys.readouterr().err
 
 
 def test_trained_demo_at_one_new_token_prints_no_acceptance(capsys):

@@ -387,7 +387,7 @@ def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
         with pytest.raises(ValueError, match=match):
             cfg.validate()
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device cuda was asked for but this torch .* sees no CUDA device"):
+        with pytest.raises(ValueError, match="device cuda was asked for but CUDA is not available"):
             tiny_config(source_tree, corpus, tmp_path, device="cuda").validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         preset_config("tiny", learning_rate=1.0)

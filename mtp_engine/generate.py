@@ -155,7 +155,9 @@ class Generator:
         prompt_tokens: list of token-id lists. max_gen_len: most new tokens per prompt, clipped per
         prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
         otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with a
-        torch.Generator seeded by `seed` (None: torch's global RNG). eos_id: None means the
+        torch.Generator seeded by `seed` (None: torch's global RNG); one generator draws for the
+        whole batch, so with a seed the output is reproducible for the same batch of prompts, and
+        a prompt's sample changes with the prompts beside it (as in Meta's release). eos_id: None means the
         tokenizer's eos (never stop early without a tokenizer); a negative id never stops early.
 
         speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
@@ -173,7 +175,8 @@ class Generator:
         differently; after such a tie the two continuations differ.
         """
         check_sampling_args(temperature, top_p)
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+        max_gen_len, heads, seed = integer(max_gen_len), integer(heads), integer(seed)
+        if not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens, scoring_only=max_gen_len == 0)
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
@@ -560,7 +563,7 @@ class Generator:
             raise ValueError("self-speculative decoding needs a model with extra heads to draft; this one has "
                              "n_future_tokens=1")
         heads = n_future if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or not 2 <= heads <= n_future:
+        if not isinstance(heads, int) or not 2 <= heads <= n_future:
             raise ValueError(f"heads must be an int in [2, {n_future}] (head 0 verifies, heads 1.. draft; the model "
                              f"has {n_future}), got {heads!r}")
         if speculative == "chain":
@@ -598,7 +601,8 @@ class Generator:
             eos_id = self.tokenizer.eos_id
         if eos_id is None:
             return None
-        if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+        eos_id = integer(eos_id)
+        if not isinstance(eos_id, int):
             raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
         vocab = self.model.vocab_size
         if eos_id >= vocab:
@@ -674,6 +678,17 @@ def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
         "acceptance_per_depth": per_depth,
         "acceptance_per_head": {f"head_{d}": rate for d, rate in enumerate(per_depth, start=1)},
     }
+
+
+def integer(value):
+    """value as a Python int when it is an integer (numpy's included), else value unchanged; bools
+    stay bools, which the callers' checks refuse."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _check_seed(seed) -> None:

@@ -176,9 +176,11 @@ def validate_paths(paths, heads: int) -> List[Path]:
         if isinstance(path, (str, bytes)) or not isinstance(path, Sequence) or len(path) == 0:
             raise ValueError(f"tree path {i} must be a non-empty list of ranks, got {path!r}")
         try:
+            if any(isinstance(r, bool) for r in path):
+                raise TypeError
             ranks = tuple(operator.index(r) for r in path)
         except TypeError:
-            raise ValueError(f"tree path {i} {list(path)!r} contains a non-integer rank") from None
+            raise ValueError(f"tree path {i} {list(path)!r} contains a non-integer rank (bools are not ranks)") from None
         if any(r < 0 for r in ranks):
             raise ValueError(f"tree path {i} {list(ranks)} has a negative rank")
         if len(ranks) > heads - 1:

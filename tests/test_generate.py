@@ -5,6 +5,7 @@ uncached forward over the whole sequence every step.
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,12 +243,22 @@ def test_sample_next_greedy_and_temperature():
     ([[1]], {"eos_id": 2.0}, "eos_id must be an int"),
     ([[1]], {"temperature": 0.5, "seed": 1.7}, "seed must be None or an int"),
     ([[1]], {"seed": True}, "seed must be None or an int"),
+    ([[1]], {"max_gen_len": np.bool_(True)}, "max_gen_len must be an int"),
     ([[1]], {"seed": 2 ** 70}, "seed must be None or an int"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)
     with pytest.raises(ValueError, match=match):
         gen.generate(prompts, **kwargs)
+
+
+def test_numpy_integers_are_ints(model):
+    """Sizes and ids read from numpy arrays (a config, a dataset) work as the Python ints they are."""
+    gen = Generator(model, max_batch_size=2, max_seq_len=16)
+    as_int = gen.generate([[1, 2]], max_gen_len=4, temperature=0.8, seed=5, eos_id=3)
+    as_numpy = gen.generate([[np.int64(1), np.int32(2)]], max_gen_len=np.int64(4), temperature=0.8,
+                            seed=np.uint32(5), eos_id=np.int16(3))
+    assert as_numpy.tokens == as_int.tokens
 
 
 def test_prompt_plus_gen_len_over_cache_is_clipped_not_an_error(model):

@@ -94,6 +94,7 @@ def test_presets_are_valid_and_sized():
     ([[0], []], 3, "non-empty"),
     ([[0], [0, -1]], 3, "negative"),
     ([[0], [0.5]], 3, "non-integer"),
+    ([[True], [False]], 3, "bools are not ranks"),
     ([[0], [0, 0], [0, 0, 0]], 3, "depth 3"),
     ([[0], [0]], 3, "twice"),
     ([[0], [1, 0]], 3, r"prefix \[1\]"),

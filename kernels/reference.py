@@ -121,9 +121,12 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
     # Indexed writes, not scatter_: torch's CPU scatter_ along the slot dim costs time in proportion
     # to the cache's length (15 ms per call for 64K slots), an index_put_ only to what it writes.
-    rows = torch.arange(k.shape[0], device=slots.device)[:, None].expand_as(slots)
-    k_cache.index_put_((rows, slots), k.to(k_cache.dtype))
-    v_cache.index_put_((rows, slots), v.to(v_cache.dtype))
+    # (Through fresh views, as scatter_ went: a view made before autograd touched the cache cannot
+    # take a write that needs grad.)
+    B = k.shape[0]
+    rows = torch.arange(B, device=slots.device)[:, None].expand_as(slots)
+    k_cache[:B].index_put_((rows, slots), k.to(k_cache.dtype))
+    v_cache[:B].index_put_((rows, slots), v.to(v_cache.dtype))
     return q
 
 

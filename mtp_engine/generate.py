@@ -745,6 +745,9 @@ class Llama:
         from .tokenizer import Tokenizer
 
         _check_seed(seed)
+        for name, value in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path, got {value!r}")
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist")
         if not os.path.isfile(tokenizer_path):

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -130,8 +131,26 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def ensure_fits(nbytes: int, device: Union[str, torch.device], what: str) -> None:
+    """A ValueError naming `what` when it alone needs more memory than the device has in all: past
+    that, an allocation ends in the allocator's error from deep inside torch, or on Linux in the OOM
+    killer (a --max-seq-len of 10^8 asks for a 19 GB rotary table)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if nbytes > total:
+        raise ValueError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB, more than the {total / 2 ** 30:.1f} GiB "
+                         f"this {device.type} device has")
+
+
 def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
     """Complex rotations (end, head_dim/2) for the interleaved rotary form: pairs (0,1), (2,3), ..."""
+    # the angles (float32) and the table (complex64) are alive together
+    ensure_fits(end * (head_dim // 2) * 12, "cpu", f"a rotary table of {end} positions (2 x max_seq_len)")
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     t = torch.arange(end, dtype=torch.float32)
     return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))
@@ -371,14 +390,16 @@ class Transformer(nn.Module):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"setup_caches: {name} must be a positive int, got {value!r}")
-        if max_seq_len > 2 * self.params.max_seq_len:
-            self._grow_rope(max_seq_len)
         dtype = dtype or self.output.weight.dtype
         device = device or self.output.weight.device
-        self.clear_caches()   # a re-size frees the old cache first: never two caches in memory at once
         blocks = self.blocks()
         # The blocks' own KV-head count: a tensor-parallel rank holds only its share of the heads.
         shape = (len(blocks), max_batch_size, max_seq_len, blocks[0].attention.n_kv_heads, self.params.head_dim)
+        ensure_fits(2 * math.prod(shape) * dtype.itemsize, device,
+                    f"the KV caches for max_batch_size {max_batch_size} x max_seq_len {max_seq_len}")
+        if max_seq_len > 2 * self.params.max_seq_len:
+            self._grow_rope(max_seq_len)
+        self.clear_caches()   # a re-size frees the old cache first: never two caches in memory at once
         # One tensor per K and V for all blocks, in `blocks()` order: (n_blocks, B, S, Hkv, Dh).
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)

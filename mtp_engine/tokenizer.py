@@ -4,6 +4,7 @@ Ids follow Llama: unk 0, bos 1, eos 2, no pad (-1). `encode`/`decode` work on li
 """
 from __future__ import annotations
 
+import collections.abc
 import os
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
@@ -29,6 +30,8 @@ class Tokenizer:
     """Wraps a SentencePiece model file; the same interface as Meta's llama `Tokenizer`."""
 
     def __init__(self, model_path: PathLike):
+        if not isinstance(model_path, (str, os.PathLike)):
+            raise ValueError(f"Tokenizer takes the path of a tokenizer.model, got {model_path!r}")
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path} (expected a SentencePiece "
@@ -72,7 +75,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""
         # A tensor or array as Python numbers in one read (item by item, a CUDA tensor syncs per id).
-        ids = [_token_id(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        if isinstance(ids, (int, str, bytes)) or not isinstance(ids, collections.abc.Iterable):
+            raise ValueError(f"decode takes a sequence of token ids, got {ids!r}")
+        ids = [_token_id(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.n_words]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_words})")

@@ -67,6 +67,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--tokenizer-path", "/nonexistent/tok.model"], "tokenizer"),
     (["--max-batch-size", "0"], "max_batch_size must be a positive int, got 0"),
     (["--seed", "99999999999999999999999"], "seed"),
+    (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):
     ckpt, tok = tiny_checkpoint

@@ -346,6 +346,8 @@ def test_llama_build_errors(tiny_release, tmp_path):
         Llama.build(tmp_path / "other", tok_path, 32, 1, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         Llama.build(ckpt, tok_path, 32, 1, device="cpu", dtype="float64x")
+    with pytest.raises(ValueError, match="ckpt_dir must be a path, got None"):
+        Llama.build(None, tok_path, 32, 1)
 
 
 EXAMPLE_COMPLETION = '''

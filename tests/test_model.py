@@ -11,7 +11,7 @@ import torch
 
 import meta_reference as meta
 from mtp_engine.checkpoint import load_checkpoint
-from mtp_engine.model import ModelArgs, Transformer
+from mtp_engine.model import ModelArgs, Transformer, precompute_freqs_cis
 
 ATOL = 1e-4
 MAX_SEQ = 24
@@ -348,6 +348,12 @@ def test_model_rejects_bad_heads_positions_tokens_and_cache_sizes():
     for size in ((0, 8), (2, -1), (2, 8.0)):
         with pytest.raises(ValueError, match="setup_caches: max_"):
             model.setup_caches(*size)
+    # more than the machine has in all: refused by name before anything is allocated (or killed)
+    with pytest.raises(ValueError, match=r"the KV caches for max_batch_size 4 x max_seq_len 10000000000000 needs "
+                                         r"[0-9.]+ GiB, more than the [0-9.]+ GiB this cpu device has"):
+        model.setup_caches(4, 10 ** 13)
+    with pytest.raises(ValueError, match=r"a rotary table of 10000000000000 positions \(2 x max_seq_len\) needs"):
+        precompute_freqs_cis(8, 10 ** 13)
     model.setup_caches(1, 16)
     with pytest.raises(ValueError, match="token id 50 is outside the vocabulary"):
         model.forward_cached(torch.tensor([[1, 50]]), torch.zeros(1, dtype=torch.int32))

@@ -96,6 +96,11 @@ def test_ids_and_texts_of_the_wrong_type_are_refused(tokenizer):
     for bad in ([ids[0] + 0.9], [True]):   # 300.9 decoded as 300 before
         with pytest.raises(ValueError, match="token ids must be ints"):
             tokenizer.decode(bad)
+    for bad in (5, torch.tensor(5), "abc"):   # one id, not a sequence of them
+        with pytest.raises(ValueError, match="decode takes a sequence of token ids"):
+            tokenizer.decode(bad)
+    with pytest.raises(ValueError, match="Tokenizer takes the path of a tokenizer.model, got None"):
+        Tokenizer(None)
     with pytest.raises(ValueError, match="encode_batch expects a list of str"):
         tokenizer.encode_batch("ab", bos=False, eos=False)   # split into characters before
     tokenizer.check_vocab(tokenizer.n_words)

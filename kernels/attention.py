@@ -47,7 +47,8 @@ import triton.language as tl
 from . import reference
 from .arrival import arrival_counters, last_to_arrive
 from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch,
-                      graph_capturing, interpreting, sm_count, tma_aligned, use_triton)
+                      graph_capturing, interpreting, refuse_double_backward, sm_count, tma_aligned,
+                      use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 from .launch_tuner import LaunchTuner, rotating_copies
 
@@ -875,6 +876,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        refuse_double_backward("flash_attention")
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
         return dq, dk, dv, None, None
@@ -1362,7 +1364,9 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     Returns (B, Tq, H, Dh) in q.dtype. A query row that sees no slot at all (possible only with a tree mask whose diagonal is False
     on an empty cache) returns zeros. check_seqlens verifies 0 <= cache_seqlens <= S_max - Tq, a host sync
     on CUDA (skipped during CUDA-graph capture); callers that guarantee the range (the model checks once
-    per forward, not once per layer) pass False."""
+    per forward, not once per layer) pass False. Slots past a sequence's cache_seqlens[b] + Tq never
+    reach its output, whatever they hold; as in FlashAttention, a masked-out new slot inside the
+    range (a sibling tree node) still meets a zero weight, so an inf or NaN value there gives NaN."""
     name = "kv_cache_attention"
     _check_heads(name, q, k_cache, v_cache, "k_cache", "v_cache")
     B, Tq, _, _ = q.shape
@@ -1383,6 +1387,16 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
         if tree_mask.dtype != torch.bool:
             raise ValueError(f"{name}: tree_mask must be torch.bool, got {tree_mask.dtype}")
         check_one_device(name, q=q, tree_mask=tree_mask)
+    if packed is not None:
+        words = packed.words
+        # The kernel reads words, the reference the bool mask: one made elsewhere must at least have
+        # the packed layout (words past its end would be read out of bounds on a GPU).
+        if not isinstance(words, torch.Tensor) or words.shape != (Tq, -(-Tq // 64)) \
+                or words.dtype != torch.int64:
+            got = (f"{tuple(words.shape)} {words.dtype}" if isinstance(words, torch.Tensor) else type(words).__name__)
+            raise ValueError(f"{name}: a PackedTreeMask's words must be ({Tq}, {-(-Tq // 64)}) int64 for "
+                             f"Tq={Tq}, got {got}: make it with pack_tree_mask")
+        check_one_device(name, q=q, tree_mask_words=words)
     if Tq > S_max:
         raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
     if check_seqlens and B > 0 and not graph_capturing(cache_seqlens.device):

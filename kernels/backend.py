@@ -147,11 +147,20 @@ def backend_name() -> str:
     return name
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in a kernel's backward: with create_graph=True autograd runs it in grad mode, and
+    the gradients it makes come from kernels outside autograd, so a second-order gradient through
+    them would silently be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported: its gradients are "
+                           "computed outside autograd, so their own gradient would silently be wrong")
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Decide whether the Triton kernel should run for these tensors."""
     name = backend_name()
-    if name == "reference":
-        return False
+    if name == "reference" or any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        return False   # (meta tensors have shapes and no data: the reference gives the shapes)
     on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if cross_compile_arch() is not None:
         return triton_available()

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .backend import as_rows, check_one_device
+from .backend import as_rows, check_one_device, refuse_double_backward
 
 DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
 REDUCTIONS = ("mean", "sum", "none")
@@ -362,15 +362,6 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     else:
         saved = (rows, compute_weight, flat_t, lam_rows)
     return loss, per_head, opts, saved
-
-
-def refuse_double_backward(op: str) -> None:
-    """Called first in a backward: with create_graph=True autograd runs it in grad mode, and the
-    gradients below are made by kernels outside autograd, so a second-order gradient through them
-    would silently be zero."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported: its gradients are "
-                           "computed outside autograd, so their own gradient would silently be zero")
 
 
 def scale_forward_grads(ctx, grad_out, hidden_shape):

@@ -180,7 +180,9 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     visible = (new_idx < 0) | ((new_idx < Tq) & sees_new)                            # (B, Tq, S)
     qf = q.to(ct).view(B, Tq, Hkv, group, D).permute(0, 2, 3, 1, 4)                 # (B, Hkv, G, Tq, D)
     kf = k_cache.to(ct).permute(0, 2, 1, 3)                                          # (B, Hkv, S, D)
-    vf = v_cache.to(ct).permute(0, 2, 1, 3)
+    # Slots no query of the sequence sees (past its own length: stale values of another sequence's
+    # longer step, maybe inf) must not reach the output through 0 * inf, as the kernel never loads them.
+    vf = v_cache.to(ct).masked_fill(~visible.any(1)[:, :, None, None], 0).permute(0, 2, 1, 3)
     scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf) * scale
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import as_rows, check_one_device, gpu_launch, interpreting, sm_count, use_triton
+from .backend import (as_rows, check_one_device, gpu_launch, interpreting, refuse_double_backward, sm_count,
+                      use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -153,6 +154,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("rms_norm")
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_bwd(dy, x2, weight, rstd)
         return dx.view(ctx.x_shape), dw, None

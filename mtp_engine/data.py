@@ -163,9 +163,11 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
                 text = read_text(f)
                 if text:
                     fh.write(text if text.endswith("\n") else text + "\n")
-        tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
-                                    input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
-        texts_file.unlink()
+        try:
+            tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
+                                        input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
+        finally:   # a failed training (a vocabulary too large for the text) leaves no copy of the corpus behind
+            texts_file.unlink()
     manifest["train_tokens"] = _write_tokens(tokenizer, train_files + extra_files, out / "train.bin")
     manifest["heldout_tokens"] = _write_tokens(tokenizer, heldout_files, out / "heldout.bin")
     log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "

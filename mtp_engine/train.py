@@ -396,8 +396,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     is_main = env is None or env.is_main
     device = env.device if env is not None else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(cfg.out_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; it must be a folder (new or existing)")
     quiet = (lambda *a, **k: None)
     log = log if is_main else quiet
     if env is None and cfg.distributed != "none":
@@ -454,7 +454,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         previous = _read_json(log_path)
         run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
         run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
-    if is_main:
+    if is_main:   # made only now: a run that fails on its data or tokenizer leaves no empty folder
+        out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(corpus.tokenizer.model_path, out / "tokenizer.model")
     log(f"model: {model.num_params():,} parameters ({model.params.n_trunk_layers} trunk layers + "
         f"{model.n_future_tokens} heads, dim {cfg.dim}), vocabulary {model.vocab_size}; "

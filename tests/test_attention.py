@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mtp_kernels import attention as attention_module
 from mtp_kernels.arrival import arrival_counters
 from mtp_kernels import reference
-from mtp_kernels.attention import flash_attention, kv_cache_attention, pack_tree_mask
+from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
 from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
 
 
@@ -715,6 +715,40 @@ def test_kv_cache_attention_checks_a_packed_mask_shape():
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, 3, 8, [0, 2], seed=17)
     with pytest.raises(ValueError, match=r"tree_mask must have shape \(Tq, Tq\) = \(3, 3\)"):
         kv_cache_attention(q, k_cache, v_cache, cache_seqlens, pack_tree_mask(torch.eye(4, dtype=torch.bool)))
+    mask = torch.eye(3, dtype=torch.bool)
+    words = pack_tree_mask(mask).words
+    for bad in (words[:1], words.int(), words.float()):   # the kernel would read past them, or misread them
+        with pytest.raises(ValueError, match=r"PackedTreeMask's words must be \(3, 1\) int64 for Tq=3"):
+            kv_cache_attention(q, k_cache, v_cache, cache_seqlens, PackedTreeMask(mask, bad))
+
+
+def test_second_order_gradients_are_a_clear_error(triton_backend):
+    """The Triton backward kernels run outside autograd: a gradient of their gradients would silently be
+    wrong, so create_graph=True through them is refused by name."""
+    from mtp_kernels import rms_norm
+
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 5, 2, 2, 16, seed=3))
+    with pytest.raises(RuntimeError, match=r"flash_attention: double backward \(create_graph=True\)"):
+        torch.autograd.grad(attention_module.flash_attention(q, k, v).sum(), q, create_graph=True)
+    x, w = torch.randn(3, 16, requires_grad=True), torch.rand(16) + 0.5
+    with pytest.raises(RuntimeError, match=r"rms_norm: double backward \(create_graph=True\)"):
+        torch.autograd.grad(rms_norm(x, w).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_stale_slots_past_a_sequence_do_not_reach_its_output(request, monkeypatch, path):
+    """Slots past a sequence's own length hold what earlier, longer steps left there (an overflowed
+    rejected draft: inf). The CPU path attends to the batch's longest live range: the shorter
+    sequence's stale slots must still not turn its output into NaN through 0 * inf."""
+    if path == "triton":
+        request.getfixturevalue("triton_backend")
+    else:
+        monkeypatch.setenv("MTP_BACKEND", "reference")
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, 1, 8, [1, 6], seed=21)
+    clean = kv_cache_attention(q, k_cache, v_cache, cache_seqlens)
+    v_cache[0, 2:] = float("inf")    # sequence 0 sees slots 0 and 1 (its new token) only
+    k_cache[0, 2:] = float("nan")
+    torch.testing.assert_close(kv_cache_attention(q, k_cache, v_cache, cache_seqlens), clean, rtol=0, atol=0)
 
 
 def test_kv_cache_attention_row_that_sees_nothing_is_zero(triton_backend):

@@ -151,7 +151,7 @@ def test_packed_batches_are_deterministic_and_cover_windows(corpus):
     assert torch.equal(next(it), data.batch(4, 0, 3)) and torch.equal(next(it), data.batch(4, 0, 5))
 
 
-def test_data_errors_name_the_problem(tmp_path, corpus):
+def test_data_errors_name_the_problem(tmp_path, corpus, source_tree):
     with pytest.raises(FileNotFoundError, match="corpus folder not found"):
         find_source_files(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -161,6 +161,9 @@ def test_data_errors_name_the_problem(tmp_path, corpus):
         PackedTokens(corpus.heldout_path, 10 ** 7)
     with pytest.raises(ValueError, match="batch_size"):
         PackedTokens(corpus.heldout_path, 32).batch(10 ** 6, 0, 0)
+    with pytest.raises(ValueError, match="vocab"):   # more pieces than the text has
+        prepare_corpus(tmp_path / "big_vocab", source_tree, vocab_size=60000, log=lambda *a: None)
+    assert not (tmp_path / "big_vocab" / "tokenizer_train.txt").exists()   # no copy of the corpus left behind
 
 
 # ---------------------------------------------------------------------- the training step

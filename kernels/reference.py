@@ -303,8 +303,16 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 def sample_top_p_logits(logits: torch.Tensor, temperature: float, top_p: float,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1. Returns (R,) int64: one draw per row
-    from softmax(logits / temperature) restricted to the nucleus (`sample_top_p`)."""
-    return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p, generator)
+    from softmax(logits / temperature) restricted to the nucleus (`sample_top_p`). Non-finite logits
+    follow the Gumbel-max path's rules: NaN counts as -inf, +inf logits share the row (softmax's limit),
+    and a row with nothing above -inf gives token 0."""
+    scores = logits.float() / temperature
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    top = scores == float("inf")
+    scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    scores = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, scores)
+    return sample_top_p(torch.softmax(scores, dim=-1), top_p, generator)
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,

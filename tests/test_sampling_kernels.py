@@ -190,6 +190,25 @@ def test_top_p_draws_only_from_the_nucleus(request, use_kernel):
     assert _chi_square_p_value(counts, sorted_probs[:n_kept] / sorted_probs[:n_kept].sum()) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")   # the interpreter's numpy
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_non_finite_logits_follow_the_same_rules_with_and_without_a_nucleus(request, use_kernel):
+    """+inf logits (a float32 overflow) take the row, NaN counts as -inf, a row with nothing above -inf
+    gives token 0: with top_p < 1 as in the Gumbel-max path (torch.multinomial refused those rows)."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(8))
+    weight[3] = 3e38                                   # logit 3 overflows to +inf for a row of ones
+    hidden = torch.ones(3, 4)
+    hidden[1, 0] = float("nan")                        # every logit NaN
+    hidden[2] = -1.0                                   # logit 3 is -inf, the others finite
+    for seed in range(4):
+        for top_p in (1.0, 0.5):
+            tokens = linear_sample(hidden, weight, temperature=0.7, top_p=top_p,
+                                   generator=torch.Generator().manual_seed(seed))
+            assert tokens[:2].tolist() == [3, 0] and tokens[2] != 3, (seed, top_p)
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.7])
 def test_same_generator_state_same_tokens(triton_backend, top_p):
     hidden, weight = _one_vector_many_rows(64, V=50)

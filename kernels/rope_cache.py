@@ -142,6 +142,13 @@ def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, sl
         low, high = int(slots.min()), int(slots.max())
         if low < 0 or high >= k_cache.shape[1]:
             raise ValueError(f"{name}: slots must be in [0, S = {k_cache.shape[1]}), got {low}..{high}")
+        repeated = (slots.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+        if bool(repeated.any()):
+            b = int(repeated.nonzero()[0, 0])
+            raise ValueError(f"{name}: the slots of sequence {b} must be distinct (two tokens would write one "
+                             f"slot), got {slots[b].tolist()}")
+    if k_cache.device.type != "meta" and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError(f"{name}: k_cache and v_cache are the same memory: v would overwrite k")
     check_one_device(name, **inputs, freqs_cis=freqs_cis, slots=slots, k_cache=k_cache, v_cache=v_cache)
 
 

@@ -207,8 +207,9 @@ class TokenCandidates:
         """The k best tokens of every row, or of rows `rows` (int64 row ids, any shape), best first,
         ties to the smallest id: int64 of shape (R, k) or (*rows.shape, k); k <= the candidates kept
         per block."""
-        if not 1 <= k <= self.score.shape[2]:
-            raise ValueError(f"TokenCandidates.topk: k={k} but {self.score.shape[2]} candidates are kept per block")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.score.shape[2]:
+            raise ValueError(f"TokenCandidates.topk: k must be an int in [1, {self.score.shape[2]}] (the "
+                             f"candidates kept per block), got {k!r}")
         self._check_rows(rows)
         shape = (*_out_shape(self, rows), k)
         if _merge_on_device(self.score):

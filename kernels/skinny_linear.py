@@ -803,6 +803,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Without autograd, with at most MAX_ROWS rows and a CUDA fp16/bf16 weight, the launch is the one
     tuned for this row tile and weight shape (cuBLAS or a kernel tile, see the module docstring);
     everything else, and every shape not tuned yet (inside a CUDA-graph capture), is F.linear."""
+    _check_operands("skinny_linear", x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return reference.skinny_linear(x, weight)
     K = x.shape[-1]
@@ -851,6 +852,7 @@ def skinny_linear_swiglu(x: torch.Tensor, w13: torch.Tensor, norm: Optional[Norm
     skinny_linear picks, then the swiglu kernel) or a kernel tile that forms SwiGLU in its epilogue,
     which saves the swiglu launch and the (rows, 2F) round trip. Everything else, and a shape not
     tuned yet, is the unfused pair (eager under autograd); CPU tensors take the reference."""
+    _check_operands("skinny_linear_swiglu", x, w13)
     if not isinstance(w13, torch.Tensor) or w13.dim() != 2 or w13.shape[0] % 2 or w13.shape[1] != x.shape[-1]:
         raise ValueError(f"skinny_linear_swiglu: w13 must be a (2F, K) gate/up weight with K = x's last dim "
                          f"{x.shape[-1]}, got shape {tuple(getattr(w13, 'shape', ()))}")
@@ -974,6 +976,22 @@ def norm_candidates(M: int, device: torch.device, plain_times: Optional[dict], e
     return [None, *(c for c in epilogue_candidates(M, device, plain_times)[1:]
                     if c.split_k == 1 and not c.stream_k and not c.ws
                     and (not c.use_dot or c.block_m * c.block_k <= NORM_MAX_X_TILE))]
+
+
+def _check_operands(name: str, x, weight) -> None:
+    """x (..., K) and weight (N, K): floating, on one device, in one dtype (except under autocast,
+    where F.linear casts both)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating tensor (..., K), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__} "
+                         f"{getattr(x, 'dtype', '')}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1] \
+            or not weight.is_floating_point():
+        raise ValueError(f"{name}: weight must be a floating (N, K) tensor with K = x's last dim {x.shape[-1]}, "
+                         f"got shape {tuple(getattr(weight, 'shape', ()))} {getattr(weight, 'dtype', '')}")
+    check_one_device(name, x=x, weight=weight)
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name}: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
 
 
 def _check_norm(name: str, x: torch.Tensor, norm: NormPrologue) -> None:

@@ -54,7 +54,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not gate.is_floating_point():
         raise ValueError(f"swiglu: gate and up must be floating tensors, got {gate.dtype}")
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
-    if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or not gate.is_floating_point():
+    if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or gate.dim() == 0:
         return reference.swiglu(gate, up)
     g2, u2 = as_rows(gate), as_rows(up)
     R, F = g2.shape

@@ -131,8 +131,9 @@ def test_candidates_serve_argmax_topk_and_row_subsets(request, use_kernel, k):
     rows = torch.tensor([[7, 0, 3], [11, 7, 7]])
     assert torch.equal(candidates.topk(k, rows), _stable_topk(logits[rows.flatten()], k).view(2, 3, k))
     assert torch.equal(candidates.argmax(rows), torch.argmax(logits, dim=1)[rows])
-    with pytest.raises(ValueError, match=f"k={k + 1} but {k} candidates are kept per block"):
-        candidates.topk(k + 1)
+    for bad in (k + 1, 0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"k must be an int in \[1, {k}\] .* got {bad!r}"):
+            candidates.topk(bad)
     with pytest.raises(ValueError, match=r"row ids must be in \[0, 12\), got 0..12"):
         candidates.argmax(torch.tensor([0, 12]))
     with pytest.raises(ValueError, match="rows must be an int32/int64 tensor"):

@@ -78,6 +78,8 @@ def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_b
     ("slot_negative", r"slots must be in \[0, S = 8\), got -1"),
     ("int_q", "q must be a floating tensor"),
     ("freqs_list", "freqs_cis must be a complex tensor, got list"),
+    ("slot_twice", r"the slots of sequence 1 must be distinct \(two tokens would write one slot\), got \[4, 6, 4\]"),
+    ("one_cache", "k_cache and v_cache are the same memory"),
 ])
 def test_bad_input_is_a_clear_error(case, match):
     q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
@@ -104,6 +106,10 @@ def test_bad_input_is_a_clear_error(case, match):
         q = q.long()
     elif case == "freqs_list":
         freqs = freqs.tolist()
+    elif case == "slot_twice":
+        slots = torch.tensor([[0, 1, 2], [4, 6, 4]])
+    elif case == "one_cache":
+        v_cache = k_cache
     with pytest.raises(ValueError, match=match):
         rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
 

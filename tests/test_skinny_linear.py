@@ -690,6 +690,22 @@ def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
         run(x, torch.randn(41, 24), launch, swiglu=True)
 
 
+@pytest.mark.parametrize("fn", [sl.skinny_linear, sl.skinny_linear_swiglu])
+def test_operand_errors_name_the_problem(fn):
+    """Before F.linear's or a kernel's own message from deep inside; autocast keeps its mixed dtypes."""
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    for bad_x, bad_w, why in ((x, torch.randn(6, 7), r"K = x's last dim 8, got shape \(6, 7\)"),
+                              (x, torch.randn(2, 6, 8), r"got shape \(2, 6, 8\)"),
+                              (torch.tensor(1.0), w, r"x must be a floating tensor \(\.\.\., K\), got \(\) "),
+                              (x.long(), w, "x must be a floating tensor"),
+                              (x, w.double(), r"x \(torch.float32\) and weight \(torch.float64\) must share a dtype"),
+                              (x.to("meta"), w, "one device")):
+        with pytest.raises(ValueError, match=why):
+            fn(bad_x, bad_w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fn(x.bfloat16(), w).dtype == torch.bfloat16
+
+
 def test_swiglu_on_the_reference_path_is_the_reference_twin(monkeypatch):
     """CPU tensors on the reference backend: the twin in reference.py (F.linear, then silu * up,
     each rounded to the dtype), with autograd; no launch."""

@@ -19,6 +19,11 @@ def test_kernel_matches_reference(triton_backend, dtype, shape):
     torch.testing.assert_close(out.double(), exact, rtol=1e-2 if dtype == torch.float16 else 1e-6, atol=1e-3)
 
 
+def test_zero_dim_inputs_give_the_scalar(triton_backend):
+    gate, up = torch.tensor(0.7), torch.tensor(-2.0)
+    torch.testing.assert_close(swiglu(gate, up), torch.nn.functional.silu(gate) * up)
+
+
 def test_halves_of_one_fused_projection_are_read_in_place(triton_backend):
     fused = torch.randn(2, 3, 2 * 37)
     gate, up = fused[..., :37], fused[..., 37:]          # row stride 74, not 37

@@ -191,7 +191,8 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
 
 
 def format_table(result: dict) -> str:
-    lines = ["| head | predicts | held-out loss | top-1 accuracy |", "|---|---|---|---|"]
+    lines = [f"Held-out loss and top-1 accuracy over {result['heldout_windows']} windows of {result['seq_len']} tokens:",
+             "", "| head | predicts | held-out loss | top-1 accuracy |", "|---|---|---|---|"]
     for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_top1"])):
         lines.append(f"| {i} | token t+{i + 1} | {loss:.3f} | {acc:.3f} |")
     lines += ["", f"Greedy self-speculative decoding, {result['speculative'][CHAIN]['prompts']} held-out prompts of "
@@ -209,6 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir or its parent")
     parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
     parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per held-out loss window (default: the context the checkpoint was trained "
+                             "on, from its train_log.json; else the model's max_seq_len)")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for tokens/forward (default 16)")
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per held-out prompt (default 64)")
     parser.add_argument("--gen-len", type=int, default=64, help="greedy new tokens per prompt (default 64)")
@@ -231,13 +235,34 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
         return {name: speculative.resolve_tree(name, heads)}
     trees = {}
     for spec in specs:
-        if spec.endswith(".json") and Path(spec).is_file():   # a tree file written by --build-tree
-            add_tree(trees, Path(spec).stem,
-                     speculative.resolve_tree(json.loads(Path(spec).read_text())["paths"], heads))
+        if spec.endswith(".json"):   # a tree file: --build-tree's {"paths": ...}, or a plain list of paths
+            path = Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"--tree {spec}: no such tree file")
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--tree {spec}: not valid JSON ({e})") from None
+            paths = data.get("paths") if isinstance(data, dict) else data
+            if not isinstance(paths, list):
+                raise ValueError(f"--tree {spec}: holds no list of paths (a list, or an object with \"paths\")")
+            add_tree(trees, path.stem, speculative.resolve_tree(paths, heads))
             continue
-        paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
+        try:
+            paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--tree {spec!r}: not a valid JSON list of paths ({e})") from None
         add_tree(trees, spec if isinstance(paths, str) else f"custom{len(trees)}", speculative.resolve_tree(paths, heads))
     return trees
+
+
+def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
+    """The window a checkpoint was trained on (train_log.json's config, as `mtp train` writes it), or None."""
+    try:
+        value = json.loads((Path(ckpt_dir) / "train_log.json").read_text())["config"]["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def add_tree(trees: dict, name: str, paths) -> str:
@@ -258,16 +283,20 @@ def run(args: argparse.Namespace) -> int:
 
     # Before minutes of evaluation, not after: the sizes, and where the results go.
     _check_counts(max_files=args.max_files, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                  tree_budget=args.tree_budget)
+                  tree_budget=args.tree_budget, **({} if args.seq_len is None else {"seq_len": args.seq_len}))
     for option, path in (("--json", args.json), ("--build-tree", args.build_tree)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{option} {path}: its folder does not exist")
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{option} {path} is a folder; it must name the file to write")
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     tokenizer = Tokenizer(find_tokenizer(ckpt_dir, args.tokenizer_path))
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     tokenizer.check_vocab(model.vocab_size)
     model.eval()
+    if model.n_future_tokens < 2 and args.tree:
+        raise ValueError("--tree needs a model with at least 2 heads (this one has only head 0: nothing drafts)")
     trees = resolve_trees(args.tree, model.n_future_tokens) if model.n_future_tokens > 1 else {}
     if args.build_tree:
         if model.n_future_tokens < 2:
@@ -278,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
         add_tree(trees, Path(args.build_tree).stem, fitted["paths"])
         print(f"fitted tree: {len(fitted['paths'])} nodes, expected accepted length "
               f"{fitted['expected_accept_length']:.2f} on {fitted['prompts']} training prompts -> {args.build_tree}")
-    result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files,
+    # Loss windows longer than the trained context would measure positions the model never learned.
+    seq_len = args.seq_len or trained_seq_len(ckpt_dir)
+    result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files, seq_len=seq_len,
                                  n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
     result["checkpoint"] = str(ckpt_dir)
     print(format_table(result))

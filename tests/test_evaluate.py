@@ -84,6 +84,8 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     save_checkpoint(model, ckpt)
     (ckpt / "tokenizer.model").write_bytes(Path(corpus.tokenizer.model_path).read_bytes())
+    # the loss windows are the context the checkpoint was trained on (its train_log.json), not max_seq_len
+    (ckpt / "train_log.json").write_text(json.dumps({"config": {"seq_len": 48}}))
     out_json = tmp_path / "eval.json"
     rc = main(["eval", "--ckpt-dir", str(ckpt), "--source", str(src), "--prompts", "2", "--prompt-len", "16",
                "--gen-len", "12", "--max-files", "2", "--json", str(out_json), "--device", "cpu",
@@ -92,6 +94,7 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert len(result["head_loss"]) == 4 and all(0 <= a <= 1 for a in result["head_top1"])
+    assert result["seq_len"] == 48 and f"over {result['heldout_windows']} windows of 48 tokens" in printed
     assert set(result["speculative"]) == {"chain", *result["trees"]} and "fitted" in result["trees"]
     fitted = json.loads((tmp_path / "fitted.json").read_text())
     assert len(fitted["paths"]) == 6 and len(fitted["rates"]) == 3 and fitted["expected_accept_length"] >= 1
@@ -116,12 +119,40 @@ def test_mtp_eval_errors_name_the_file(tmp_path, capsys):
                                         (["--gen-len", "0"], "gen_len must be an int >= 1"),
                                         (["--max-files", "-1"], "max_files must be an int >= 1"),
                                         (["--tree-budget", "0"], "tree_budget must be an int >= 1"),
-                                        (["--json", "/nonexistent-folder/eval.json"], "--json .*folder does not exist")])
+                                        (["--json", "/nonexistent-folder/eval.json"], "--json .*folder does not exist"),
+                                        (["--json", "/"], "--json / is a folder; it must name the file"),
+                                        (["--seq-len", "0"], "seq_len must be an int >= 1")])
 def test_mtp_eval_checks_its_arguments_before_evaluating(args, match, capsys):
     import re
 
     assert main(["eval", "--device", "cpu"] + args) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_tree_files_and_specs_are_read_or_refused_by_name(tmp_path):
+    from mtp_engine.evaluate import resolve_trees
+
+    (tmp_path / "plain.json").write_text("[[0], [1], [0, 0]]")                 # a list, not {"paths": ...}
+    assert resolve_trees([str(tmp_path / "plain.json")], 3) == {"plain": [[0], [1], [0, 0]]}
+    (tmp_path / "broken.json").write_text("[[0], [1")
+    (tmp_path / "other.json").write_text('{"rates": [0.5]}')
+    for spec, error, match in ((str(tmp_path / "missing.json"), FileNotFoundError, r"missing\.json: no such tree file"),
+                               (str(tmp_path / "broken.json"), ValueError, r"broken\.json: not valid JSON"),
+                               (str(tmp_path / "other.json"), ValueError, r"other\.json: holds no list of paths"),
+                               ("[[0], [0, 0", ValueError, r"--tree '\[\[0\], \[0, 0': not a valid JSON list")):
+        with pytest.raises(error, match=match):
+            resolve_trees([spec], 3)
+
+
+def test_mtp_eval_refuses_a_tree_for_a_model_without_drafting_heads(tmp_path, capsys):
+    from mtp_engine import ModelArgs, Transformer
+    from mtp_engine.checkpoint import default_checkpoint
+
+    save_checkpoint(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=8192, multiple_of=16)),
+                    tmp_path / "one_head")
+    assert main(["eval", "--ckpt-dir", str(tmp_path / "one_head"), "--tree", "heads2", "--device", "cpu",
+                 "--tokenizer-path", str(default_checkpoint() / "tokenizer.model")]) == 2
+    assert "--tree needs a model with at least 2 heads" in capsys.readouterr().err
 
 
 def test_tree_names_never_pool_two_trees_in_one_row(tmp_path):

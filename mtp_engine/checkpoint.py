@@ -280,6 +280,25 @@ def _merge(key: str, parts: List[torch.Tensor], paths: List[Path]) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------------ saving
+def check_save_target(ckpt_dir: PathLike, shards: int = 1) -> None:
+    """What `save_checkpoint(..., shards=shards)` would refuse, checked before the work that produces
+    the weights: a path that is a file (or under one), or shards of a checkpoint with more of them."""
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise ValueError(f"shards must be a positive int, got {shards!r}")
+    ckpt_dir = Path(ckpt_dir)
+    for folder in (ckpt_dir, *ckpt_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"cannot save a checkpoint in {ckpt_dir}: {folder} is a file")
+            break
+    if ckpt_dir.is_dir():
+        stale = [p.name for p in ckpt_dir.iterdir()
+                 if (m := SHARD_PATTERN.match(p.name)) and int(m.group(1)) >= shards]
+        if stale:
+            raise ValueError(f"{ckpt_dir} already holds {sorted(stale)} from a checkpoint with more shards; "
+                             "save into an empty directory")
+
+
 def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
                     state_dict: Optional[Dict[str, torch.Tensor]] = None,
                     dtype: Optional[torch.dtype] = None) -> List[Path]:
@@ -290,15 +309,9 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     state_dict: save this instead of model.state_dict() (e.g. gathered from FSDP shards; `model`
     then only supplies params). dtype: cast floating tensors (e.g. torch.bfloat16 for a release).
     """
-    if not isinstance(shards, int) or shards < 1:
-        raise ValueError(f"shards must be a positive int, got {shards!r}")
+    check_save_target(ckpt_dir, shards)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stale = [p.name for p in ckpt_dir.iterdir()
-             if (m := SHARD_PATTERN.match(p.name)) and int(m.group(1)) >= shards]
-    if stale:
-        raise ValueError(f"{ckpt_dir} already holds {sorted(stale)} from a checkpoint with more shards; "
-                         "save into an empty directory")
 
     state = model.state_dict() if state_dict is None else state_dict
     if dtype is not None:

@@ -181,6 +181,8 @@ def _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_
 # ---------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None, help="MTP checkpoint (default: the embedded models/default)")
+    parser.add_argument("--tokenizer-path", default=None,
+                        help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     parser.add_argument("--out-dir", required=True, help="where the distilled checkpoint is written")
     parser.add_argument("--source", default=None, help="corpus folder whose TRAINING split gives the prompts "
                                                        "(default: the stdlib)")
@@ -191,16 +193,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import default_checkpoint
-    from .checkpoint import resolve_device
+    from .checkpoint import check_save_target, default_checkpoint, find_shards, resolve_device
+    from .tokenizer import find_tokenizer
 
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     cfg = DistillConfig(**{k: getattr(args, k) for k in asdict(DistillConfig())})
     cfg.validate()
     device = resolve_device(args.device)
+    tokenizer_path = find_tokenizer(ckpt_dir, args.tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32)
-    tokenizer = Tokenizer(Path(ckpt_dir) / "tokenizer.model")
     tokenizer.check_vocab(model.vocab_size)
+    # Before minutes of generation and training, not after: what the work needs and where it goes.
+    if model.n_future_tokens < 2:
+        raise ValueError("self-distillation trains the extra heads; this model has only head 0")
+    shards = len(find_shards(ckpt_dir))   # the distilled copy keeps the checkpoint's layout
+    out = Path(args.out_dir)
+    check_save_target(out, shards)
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
                                Path(args.source) if args.source else None)
@@ -211,9 +220,8 @@ def run(args: argparse.Namespace) -> int:
     run_log = distill_heads(model, sequences, cfg.prompt_len, cfg)
     run_log["source_checkpoint"] = str(ckpt_dir)
     run_log["generation_time_s"] = time.perf_counter() - t0 - run_log["train_time_s"]
-    out = Path(args.out_dir)
-    save_checkpoint(model, out, dtype=load_dtype(ckpt_dir))
-    (out / "tokenizer.model").write_bytes((Path(ckpt_dir) / "tokenizer.model").read_bytes())
+    save_checkpoint(model, out, shards=shards, dtype=load_dtype(ckpt_dir))
+    (out / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     (out / "distill_log.json").write_text(json.dumps(run_log, indent=1) + "\n")
     print(f"distill: wrote {out} (extra heads trained {run_log['train_time_s']:.0f} s; the trunk and head 0 "
           "are unchanged)")

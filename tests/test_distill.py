@@ -1,5 +1,6 @@
 """Self-distillation of the drafting heads: targets, prompts, frozen parts, and the gain it is for."""
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -109,8 +110,9 @@ def test_distill_needs_extra_heads_and_valid_config():
 
 
 def test_mtp_distill_command_end_to_end(tmp_path, capsys):
-    """On a tiny checkpoint that uses the shipped tokenizer: writes a loadable checkpoint in the input
-    dtype, the tokenizer and a log; only extra-head tensors differ from the input."""
+    """On a tiny 2-shard checkpoint with the shipped tokenizer beside it (Meta's layout): writes a
+    loadable checkpoint in the input dtype and shard count, the tokenizer and a log; only extra-head
+    tensors differ from the input. What it cannot do is refused before any generation."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("heapq.py", "bisect.py", "textwrap.py", "string.py"):
@@ -119,8 +121,8 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
     model = Transformer(ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=8192, multiple_of=16, max_seq_len=64,
                                   n_future_tokens=4))
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(model, ckpt, dtype=torch.bfloat16)
-    (ckpt / "tokenizer.model").write_bytes((default_checkpoint() / "tokenizer.model").read_bytes())
+    save_checkpoint(model, ckpt, dtype=torch.bfloat16, shards=2)
+    (tmp_path / "tokenizer.model").write_bytes((default_checkpoint() / "tokenizer.model").read_bytes())
     out = tmp_path / "out"
     code = main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--source", str(src), "--prompts", "8",
                  "--prompt-len", "16", "--gen-len", "8", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1",
@@ -129,12 +131,21 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
     distilled = load_checkpoint(out)
     original = load_checkpoint(ckpt)
     shard = torch.load(out / "consolidated.00.pth", weights_only=True)
-    assert shard["output.weight"].dtype == torch.bfloat16
+    assert shard["output.weight"].dtype == torch.bfloat16 and (out / "consolidated.01.pth").is_file()
     for key, value in original.state_dict().items():
         same = torch.equal(distilled.state_dict()[key], value)
         assert same or key.startswith("extra_heads."), key
     log = json.loads((out / "distill_log.json").read_text())
     assert log["sequences"] == 8 and log["steps"][-1]["step"] == 3
-    assert (out / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
     assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--steps", "0"]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+    one_head = tmp_path / "one_head"
+    save_checkpoint(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=8192, multiple_of=16)), one_head)
+    for ckpt_dir, out_dir, match in ((one_head, out, "this model has only head 0"),
+                                     (ckpt, tmp_path / "tokenizer.model", r"tokenizer\.model is a file"),
+                                     (ckpt, tmp_path / "tokenizer.model" / "sub", r"tokenizer\.model is a file")):
+        assert main(["distill", "--ckpt-dir", str(ckpt_dir), "--out-dir", str(out_dir), "--source", str(src)]) == 2
+        captured = capsys.readouterr()
+        assert re.search(match, captured.err), captured.err
+        assert "greedy continuations" not in captured.out      # refused before any work

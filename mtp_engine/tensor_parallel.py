@@ -25,6 +25,7 @@ Inference only: the parameters do not require gradients (the all-reduce hook has
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -192,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     `mtp complete` with the model split over N ranks; rank 0 prints."""
     from .distributed import cleanup, init_distributed
     from .generate import Llama, resolve_dtype
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, find_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m mtp_engine.tensor_parallel", description=main.__doc__)
     parser.add_argument("--ckpt-dir", required=True)
@@ -207,14 +208,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="same on every rank, so sampling agrees")
     args = parser.parse_args(argv)
-
-    env = init_distributed(args.device)
     try:
-        tokenizer_path = args.tokenizer_path or next(
-            (str(p) for p in (Path(args.ckpt_dir) / "tokenizer.model", Path(args.ckpt_dir).parent / "tokenizer.model")
-             if p.is_file()), None)
-        if tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer.model in {args.ckpt_dir} or its parent: pass --tokenizer-path")
+        # The user's mistakes are one line and exit 2, as `mtp complete`'s (from every rank: each checks).
+        if not Path(args.ckpt_dir).is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {args.ckpt_dir}")
+        for name in ("max_gen_len", "max_seq_len"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        env = init_distributed(args.device)
+    except (OSError, ValueError, NotImplementedError) as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer_path = find_tokenizer(args.ckpt_dir, args.tokenizer_path)
         torch.manual_seed(args.seed)
         model = load_tensor_parallel(args.ckpt_dir, env, dtype=resolve_dtype(args.dtype, env.device),
                                      max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
@@ -228,6 +234,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(prompt)
                 print(f"> {result['generation']}")
                 print()
+    except (OSError, ValueError, NotImplementedError) as e:
+        rank = f" (rank {env.rank})" if env.world_size > 1 else ""
+        print(f"{parser.prog}: error{rank}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     finally:
         cleanup(env)
     return 0

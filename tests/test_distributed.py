@@ -368,6 +368,20 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path, tp_checkpoin
         assert got["files_read"] == [f"consolidated.{rank if layout == 'two_shards' else 0:02d}.pth"]
 
 
+def test_tensor_parallel_command_errors_are_one_line(tmp_path, tp_checkpoints, capsys, monkeypatch):
+    """As `mtp complete`'s: exit 2 and one line naming the problem, not a traceback from every rank."""
+    from mtp_engine.tensor_parallel import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)   # one process, no torchrun
+    for args, match in ((["--ckpt-dir", str(tmp_path / "nope")], "checkpoint directory not found"),
+                        (["--max-gen-len", "0"], "--max-gen-len must be >= 1, got 0"),
+                        ([], "no tokenizer.model in")):
+        argv = ["--ckpt-dir", str(tp_checkpoints / "one_shard"), "--prompt", "x", "--device", "cpu"] + args
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and match in err, err
+
+
 def test_tensor_parallel_rejects_indivisible_heads():
     from mtp_engine.tensor_parallel import check_tensor_parallel_args
 

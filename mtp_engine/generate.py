@@ -740,11 +740,15 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int, device=None, dtype=None,
-              seed: int = 1) -> "Llama":
+              seed: int = 1, *, model_parallel_size: Optional[int] = None) -> "Llama":
         from .checkpoint import load_checkpoint
         from .tokenizer import Tokenizer
 
         _check_seed(seed)
+        if model_parallel_size not in (None, 1):   # the release's keyword: here one process holds the model
+            raise ValueError(f"model_parallel_size={model_parallel_size!r}: Llama.build runs the whole model in "
+                             "this process; for tensor parallelism over N GPUs run `torchrun --nproc_per_node N "
+                             "-m mtp_engine.tensor_parallel` (any shard count loads either way)")
         for name, value in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
             if not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path, got {value!r}")

@@ -348,6 +348,9 @@ def test_llama_build_errors(tiny_release, tmp_path):
         Llama.build(ckpt, tok_path, 32, 1, device="cpu", dtype="float64x")
     with pytest.raises(ValueError, match="ckpt_dir must be a path, got None"):
         Llama.build(None, tok_path, 32, 1)
+    with pytest.raises(ValueError, match="model_parallel_size=2: Llama.build runs the whole model"):
+        Llama.build(ckpt, tok_path, 32, 1, model_parallel_size=2)
+    assert Llama.build(ckpt, tok_path, 32, 1, device="cpu", model_parallel_size=1).model is not None
 
 
 EXAMPLE_COMPLETION = '''

@@ -515,15 +515,21 @@ def _programmatic_ratio(variant_ms: dict):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--ckpt-dir", default=str(common.REPO_ROOT / "models" / "default"),
-                        help="trained MTP checkpoint for end-to-end acceptance (skipped when absent)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="trained MTP checkpoint for end-to-end acceptance (default: models/default, skipped "
+                             "when absent; one named here must exist)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
-    parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 128; tiny 8)")
+    parser.add_argument("--gen-len", type=_positive_int, default=None,
+                        help="new tokens per prompt (default 128; tiny 8)")
     parser.add_argument("--tree-tokens", type=_positive_int, nargs="*", default=(),
                         help="also run the default tree at these tree-token budgets per forward (end to end)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None,
+    parser.add_argument("--batches", type=_positive_int, nargs="+", default=None,
                         help="batch sizes (default 1 8 32 on CUDA, 1 4 on the CPU)")
     args = parser.parse_args()
+    if args.ckpt_dir is not None and not (Path(args.ckpt_dir) / "params.json").is_file():
+        parser.error(f"--ckpt-dir {args.ckpt_dir}: no params.json there (a typo would measure a random model)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; it must be a folder")
 
     tiny = args.tiny or not torch.cuda.is_available()
     if tiny and not args.tiny:
@@ -561,7 +567,7 @@ def main() -> int:
     save()
 
     e2e_model, prompts, label, tree_rates = step_model, None, result["step_model"], None
-    ckpt = Path(args.ckpt_dir)
+    ckpt = Path(args.ckpt_dir or common.REPO_ROOT / "models" / "default")
     if (ckpt / "params.json").is_file():
         from mtp_engine.checkpoint import load_checkpoint
         from mtp_engine.tokenizer import Tokenizer
@@ -585,8 +591,11 @@ def main() -> int:
 
 
 def _positive_int(text: str) -> int:
-    # A budget the run assigns to Generator.tree_tokens directly, past the constructor's own check.
-    value = int(text)
+    # (--tree-tokens: a budget the run assigns to Generator.tree_tokens directly, past its own check.)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
     return value

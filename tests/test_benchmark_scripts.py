@@ -251,6 +251,16 @@ def test_bench_generate_tiny(tmp_path):
     assert "Attention: reference attention (head dim 48, float32, cpu)" in table
 
 
+@pytest.mark.parametrize("args,match", [(["--ckpt-dir", "/nonexistent/ckpt"], "no params.json there"),
+                                        (["--gen-len", "0"], "--gen-len: must be an int >= 1, got 0"),
+                                        (["--batches", "1", "0"], "--batches: must be an int >= 1, got 0")])
+def test_bench_generate_refuses_arguments_that_would_measure_something_else(tmp_path, args, match):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_generate.py"), "--tiny", "--out", str(tmp_path), *args],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())   # refused before measuring
+
+
 def test_gpu_train_default_dry_run_on_cpu(tmp_path):
     """The device lease's training stage end to end, tiny: corpus with extra sources and the shipped
     tokenizer, a schedule fitted to the budget, self-distilled heads, eval with a fitted tree, and the

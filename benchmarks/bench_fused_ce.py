@@ -528,27 +528,36 @@ def write_reports(out: Path, stem: str, meta, ceilings, shapes: list[Shape], row
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"), help="output folder")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="cuda (default when available) or cpu")
     p.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (default all; --quick: tiny shapes)")
     p.add_argument("--contenders", default=None, help=f"comma list of {list(CONTENDERS)} (default all)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short repeats: a smoke test")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per contender (default 150, quick 20)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default bf16 on CUDA, float32 on CPU")
     p.add_argument("--skip-ceilings", action="store_true", help="skip the matmul/copy measurement (uses 1 TFLOP/s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rep_ms is not None and not args.rep_ms > 0:
+        p.error(f"--rep-ms must be > 0, got {args.rep_ms}")
+    for option in ("shapes", "contenders"):
+        names = (getattr(args, option) or "").split(",")
+        if len(set(names)) != len(names):
+            p.error(f"--{option} names one entry twice: {getattr(args, option)}")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+        print("bench_fused_ce: error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     table = {**SHAPES, **QUICK_SHAPES}
     if args.shapes:
         unknown = [s for s in args.shapes.split(",") if s not in table]
         if unknown:
-            raise SystemExit(f"unknown --shapes {unknown}; choose from {sorted(table)}")
+            print(f"bench_fused_ce: error: unknown --shapes {unknown}; choose from {sorted(table)}", file=sys.stderr)
+            return 2
         shapes = [table[s] for s in args.shapes.split(",")]
     else:
         shapes = list(QUICK_SHAPES.values()) if args.quick else list(SHAPES.values())
@@ -557,7 +566,9 @@ def main(argv=None) -> int:
         contenders = args.contenders.split(",")
         unknown = [c for c in contenders if c not in CONTENDERS]
         if unknown:
-            raise SystemExit(f"unknown --contenders {unknown}; choose from {list(CONTENDERS)}")
+            print(f"bench_fused_ce: error: unknown --contenders {unknown}; choose from {list(CONTENDERS)}",
+                  file=sys.stderr)
+            return 2
     rep_ms = args.rep_ms or (20.0 if args.quick else 150.0)
 
     started = time.perf_counter()

@@ -217,6 +217,19 @@ def test_bench_fused_ce_cpu_quick(tmp_path):
     assert rows["ours"]["status"] == "ok" and rows["eager_per_head"]["status"] == "ok"
 
 
+@pytest.mark.parametrize("args,match", [(["--rep-ms", "0"], "--rep-ms must be > 0"),
+                                        (["--contenders", "ours,ours"], "--contenders names one entry twice"),
+                                        (["--contenders", "nobody"], "unknown --contenders ['nobody']"),
+                                        (["--device", "tpu"], "invalid choice: 'tpu'")])
+def test_bench_fused_ce_argument_errors_exit_2(load_script, capsys, args, match):
+    bench = load_script(BENCH / "bench_fused_ce.py")
+    try:
+        code = bench.main(["--quick", "--skip-ceilings"] + args)
+    except SystemExit as e:   # argparse's own refusals
+        code = e.code
+    assert code == 2 and match in capsys.readouterr().err
+
+
 def test_bench_fused_ce_per_head_peers_and_scratch_labels(load_script):
     """Per-head contenders run each head's backward before the next head's forward (the paper's
     order, one head's buffers alive at a time): same loss and gradients as one backward of the sum.

@@ -409,9 +409,11 @@ def to_markdown(result: dict) -> str:
     H, Hkv, D = result["decode_heads"]
     lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
               f"cache_seqlens range check off)", "",
-              "Times are CUDA-graph replays (the generator's condition); \"launch\" is the same call launched "
-              "eagerly from Python, host cost included. Calls cycle through \"copies\" of the cache (together "
-              "twice the L2), so each reads its cache from HBM.", "",
+              ("CPU smoke run: each time is one eager call under the Triton interpreter, a check that the "
+               "pipeline runs, not a speed." if result["device"].startswith("cpu") else
+               "Times are CUDA-graph replays (the generator's condition); \"launch\" is the same call launched "
+               "eagerly from Python, host cost included. Calls cycle through \"copies\" of the cache (together "
+               "twice the L2), so each reads its cache from HBM."), "",
               "| B | S | cache MB | copies | ours Tq=1 launch ms | ours Tq=1 ms | x floor | ours GB/s | ours / copy bw | "
               "SDPA ms | SDPA GB/s | SDPA / copy bw | "
               + " | ".join(f"tree Tq={t} ms | x floor | Tq={t} / Tq=1 | floor ratio" for t in TREE_SIZES) + " |",

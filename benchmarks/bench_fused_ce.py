@@ -475,8 +475,10 @@ def render_markdown(meta: dict[str, Any], ceilings: dict[str, Any], shapes: list
         f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; {meta['date_utc']}.",
         f"Peers: liger-kernel {meta.get('liger_kernel') or 'not installed'}, "
         f"cut-cross-entropy {meta.get('cut_cross_entropy') or 'not installed'}.",
-        f"Measured ceilings: {ceilings['matmul_dtype']} {ceilings['matmul_size']}^3 matmul "
-        f"{ceilings['matmul_tflops']:.1f} TFLOP/s; copy {ceilings['copy_gbps']:.0f} GB/s (read + write).",
+        (f"Measured ceilings: {ceilings['matmul_dtype']} {ceilings['matmul_size']}^3 matmul "
+         f"{ceilings['matmul_tflops']:.1f} TFLOP/s; copy {ceilings['copy_gbps']:.0f} GB/s (read + write)."
+         if ceilings["matmul_size"] else "Ceilings not measured (--skip-ceilings): the floors assume a matmul rate "
+         "of 1 TFLOP/s, so the x floor column is not a ratio to this device's floor."),
         "",
         "Loss = sum over heads of the per-head mean CE (5% of targets ignored, equally per head); ms = median "
         "fwd+bwd; per-head contenders run each head's backward before the next head's forward; scratch = "

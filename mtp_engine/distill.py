@@ -222,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
     run_log["generation_time_s"] = time.perf_counter() - t0 - run_log["train_time_s"]
     save_checkpoint(model, out, shards=shards, dtype=load_dtype(ckpt_dir))
     (out / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    # The trunk's training record travels with it: `mtp eval` reads the trained context from it.
+    train_log = Path(ckpt_dir) / "train_log.json"
+    if train_log.is_file() and train_log.resolve() != (out / "train_log.json").resolve():
+        (out / "train_log.json").write_bytes(train_log.read_bytes())
     (out / "distill_log.json").write_text(json.dumps(run_log, indent=1) + "\n")
     print(f"distill: wrote {out} (extra heads trained {run_log['train_time_s']:.0f} s; the trunk and head 0 "
           "are unchanged)")

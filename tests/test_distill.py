@@ -122,6 +122,7 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
                                   n_future_tokens=4))
     ckpt = tmp_path / "ckpt"
     save_checkpoint(model, ckpt, dtype=torch.bfloat16, shards=2)
+    (ckpt / "train_log.json").write_text(json.dumps({"config": {"seq_len": 48}}))   # read by `mtp eval`
     (tmp_path / "tokenizer.model").write_bytes((default_checkpoint() / "tokenizer.model").read_bytes())
     out = tmp_path / "out"
     code = main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--source", str(src), "--prompts", "8",
@@ -138,6 +139,7 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
     log = json.loads((out / "distill_log.json").read_text())
     assert log["sequences"] == 8 and log["steps"][-1]["step"] == 3
     assert (out / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
+    assert (out / "train_log.json").read_bytes() == (ckpt / "train_log.json").read_bytes()
     assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--steps", "0"]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
     one_head = tmp_path / "one_head"

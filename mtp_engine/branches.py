@@ -30,18 +30,18 @@ _SIDE_STREAMS: Dict[str, List["torch.cuda.Stream"]] = {}   # str(device) -> stre
 
 def side_streams(device: torch.device, n: int) -> list:
     """n CUDA streams of `device` for concurrent branches, the same ones on every call, each prepared
-    for capture (`_prepare_stream`) when made: call this once outside a capture, as `run_branches`
+    for capture (`prepare_stream`) when made: call this once outside a capture, as `run_branches`
     does in eager calls."""
     streams = _SIDE_STREAMS.setdefault(str(device), [])
     while len(streams) < n:
         stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(stream):
-            _prepare_stream(device)
+            prepare_stream(device)
         streams.append(stream)
     return streams[:n]
 
 
-def _prepare_stream(device: torch.device) -> None:
+def prepare_stream(device: torch.device) -> None:
     """What the current stream would otherwise allocate inside its first capture: its arrival
     counters (else a memset node per launch in the graph), and cuBLAS's workspaces, which torch
     keeps per stream and allocates at a stream's first GEMM (warming streams up before a capture is

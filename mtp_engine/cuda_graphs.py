@@ -10,6 +10,9 @@ from typing import Optional
 
 import torch
 
+from mtp_kernels.launch_tuner import TritonError, close_to
+
+from .branches import prepare_stream
 from .model import Transformer
 
 
@@ -54,8 +57,11 @@ class CUDAGraphSteps:
     (branches.py) or in order, times one or two reads of the unembedding; on Hopper every step also
     with its kernels launched programmatically, kernels/dependent_launch.py): each is captured, timed
     over a few replays, and the fastest kept (a tie keeps the first listed); a variant whose capture
-    fails is left out, with a warning, while another one captures. Which wins depends on the GPU
-    and the step's size."""
+    fails is left out, with a warning, while another one captures. So is one whose replay does not
+    give the first listed variant's results (integers equal, floats within 1%: `close_to`): a way of
+    launching that computes wrong values on some GPU (a programmatic launch reading too early, an
+    experimental compiler pass) can be the fastest, so the first listed must be the plainest. Which
+    wins depends on the GPU and the step's size."""
 
     WARMUP_RUNS = 2
     # A bound, not a working size: batch buckets (1..64) x plain and verify steps of a few trees
@@ -68,7 +74,7 @@ class CUDAGraphSteps:
         self._pool = None
         self._captured_ptrs = None
         self._weights = self._weights_key()
-        self._warmup_stream = None
+        self._stream = None
 
     def _weights_key(self) -> tuple:
         return tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
@@ -137,7 +143,7 @@ class CUDAGraphSteps:
             try:
                 with setting():
                     captured[label] = self._record(lambda: fn(*static), load, device)
-            except RuntimeError as err:
+            except (RuntimeError, TritonError) as err:   # TritonError: a kernel first compiled here
                 failed[label] = err
         if not captured:   # every way failed (or the only one): the caller falls back or raises
             raise next(iter(failed.values()))
@@ -145,6 +151,8 @@ class CUDAGraphSteps:
             warnings.warn(f"CUDA graph capture of step variant(s) {sorted(failed)} failed, kept the others: "
                           f"{next(iter(failed.values()))}", stacklevel=2)
         variant_ms = None
+        if len(captured) > 1:
+            captured = self._agreeing(captured, load)
         if len(captured) > 1:
             variant_ms = {label: self._replay_ms(graph, load) for label, (graph, _) in captured.items()}
             order = list(captured)
@@ -156,6 +164,25 @@ class CUDAGraphSteps:
         load()
         graph.replay()  # capture records the work without running it
         return _CapturedStep(graph, static, outputs, keep_alive, kept, variant_ms)
+
+    @staticmethod
+    def _agreeing(captured: dict, load) -> dict:
+        """The captured variants whose replay from the loaded inputs gives the first one's outputs:
+        integer outputs (tokens, lengths) equal, float ones (hidden states) finite and within 1% in
+        norm (`close_to`). The others are left out, with a warning."""
+        results = {}
+        for label, (graph, outputs) in captured.items():   # each copied out: the graphs share a pool
+            load()
+            graph.replay()
+            results[label] = [out.clone() for out in outputs]
+        first, *others = captured
+        checks = [close_to(ref) if ref.is_floating_point() else (lambda out, ref=ref: torch.equal(out, ref))
+                  for ref in results[first]]
+        wrong = [label for label in others if not all(check(out) for check, out in zip(checks, results[label]))]
+        if wrong:
+            warnings.warn(f"CUDA graph step variant(s) {wrong} gave other results than {first!r} from the same "
+                          "inputs: left out", stacklevel=3)
+        return {label: entry for label, entry in captured.items() if label not in wrong}
 
     @staticmethod
     def _replay_ms(graph, load, reps: int = 5) -> float:
@@ -178,18 +205,28 @@ class CUDAGraphSteps:
 
     def _record(self, run, load, device: torch.device):
         """(graph, outputs): `run` captured as a CUDA graph whose replay rewrites `outputs` in place;
-        `load` restores the static inputs before each warm-up run (autotuning happens there)."""
-        if self._warmup_stream is None:   # one per instance, so the arrival counters kept per stream stay few
-            self._warmup_stream = torch.cuda.Stream(device=device)
-        side = self._warmup_stream
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_RUNS):
-                load()
-                run()
-        torch.cuda.current_stream(device).wait_stream(side)
+        `load` restores the static inputs before each warm-up run (autotuning happens there).
+        Warm-up and capture run on this instance's own stream, prepared before its first capture
+        (`branches.prepare_stream`): torch's default capture stream would meet its first split launch
+        inside a capture, and every split launch there would get counters zeroed by a memset node of
+        its own. The stream is ours, so the current stream comes back even when the capture fails."""
+        current = torch.cuda.current_stream(device)
+        if self._stream is None:   # one per instance, so the arrival counters kept per stream stay few
+            self._stream = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(self._stream):
+                prepare_stream(device)
+        side = self._stream
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_RUNS):
+                    load()
+                    run()
+        finally:   # also after a failed warm-up: an eager fallback must not race its queued kernels
+            current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.stream(side), torch.cuda.graph(graph, pool=self._pool, stream=side):
             outputs = run()
+        current.wait_stream(side)
         self._pool = graph.pool()
         return graph, outputs

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax
+from mtp_kernels.launch_tuner import TritonError
 
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
@@ -482,7 +483,8 @@ class Generator:
         speculative.ONE_READ_MAX_ROWS). Label -> a context that sets the switches while the step is
         traced."""
         model = self.model
-        concurrency = (True, False) if heads > 1 and model.concurrent_heads else (model.concurrent_heads,)
+        # In order first: CUDAGraphSteps checks every variant against the first listed.
+        concurrency = (False, True) if heads > 1 and model.concurrent_heads else (model.concurrent_heads,)
         if scored_rows is None:
             one_read = (None,)   # a forward alone: no unembedding read in it
         elif self.shared_unembed is None:
@@ -533,7 +535,7 @@ class Generator:
                 self._graphs = CUDAGraphSteps(self.model)
             try:
                 return self._graphs(key, fn, inputs, keep_alive, variants)
-            except RuntimeError as err:
+            except (RuntimeError, TritonError) as err:   # TritonError: a kernel first compiled in a capture
                 if self.cuda_graphs:  # asked for explicitly: do not hide the failure
                     raise
                 # Graphs are only a speed-up: a capture that fails (an op that cannot be captured,

@@ -48,7 +48,7 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "stream", use)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
-        monkeypatch.setattr(branches, "_prepare_stream",
+        monkeypatch.setattr(branches, "prepare_stream",
                             lambda device: self.log.append(("prepared", self.current.name)))
         monkeypatch.setattr(branches, "_SIDE_STREAMS", {})
 

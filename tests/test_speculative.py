@@ -747,17 +747,18 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
 
 
 def test_verify_step_variants(model4):
-    """Which captures a verify step compares: heads concurrent / in order (several heads, concurrency
-    on) times one / two reads of the unembedding (a whole greedy step with shared_unembed None, up to
-    ONE_READ_MAX_ROWS scored rows); each variant's context sets the switches and restores them."""
+    """Which captures a verify step compares: heads in order / concurrent (several heads, concurrency
+    on; in order first, the plainest, which CUDAGraphSteps checks the others against) times one / two
+    reads of the unembedding (a whole greedy step with shared_unembed None, up to ONE_READ_MAX_ROWS
+    scored rows); each variant's context sets the switches and restores them."""
     from mtp_engine.speculative import ONE_READ_MAX_ROWS
 
     gen = Generator(model4, max_batch_size=2, max_seq_len=16)
-    both = ["concurrent, one read", "concurrent, two reads", "in order, one read", "in order, two reads"]
+    both = ["in order, one read", "in order, two reads", "concurrent, one read", "concurrent, two reads"]
     assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS)) == both
-    assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS + 1)) == ["concurrent, two reads",
-                                                                             "in order, two reads"]
-    assert list(gen._step_variants(4)) == ["concurrent", "in order"]          # a forward alone
+    assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS + 1)) == ["in order, two reads",
+                                                                             "concurrent, two reads"]
+    assert list(gen._step_variants(4)) == ["in order", "concurrent"]          # a forward alone
     assert list(gen._step_variants(1, scored_rows=8)) == ["concurrent, one read", "concurrent, two reads"]
     with gen._step_variants(4, scored_rows=8)["in order, one read"]():
         assert not gen.model.concurrent_heads and gen._one_read
@@ -783,8 +784,8 @@ def test_steps_are_also_captured_with_programmatic_launches_where_supported(mode
     assert gen._with_programmatic_launch(verify) is verify and gen._with_programmatic_launch(None) is None
     monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
     both = gen._with_programmatic_launch(verify)
-    assert list(both) == ["concurrent, two reads", "in order, two reads", "concurrent, two reads, programmatic launch",
-                          "in order, two reads, programmatic launch"]
+    assert list(both) == ["in order, two reads", "concurrent, two reads", "in order, two reads, programmatic launch",
+                          "concurrent, two reads, programmatic launch"]
     plain = gen._with_programmatic_launch(None)
     assert list(plain) == ["ordinary launches", "programmatic launch"]
     device = torch.device("cpu")
@@ -820,6 +821,61 @@ def test_a_variant_whose_capture_fails_is_left_out(model4, monkeypatch):
         got = graphed.generate(prompts, max_gen_len=12)
     assert got.tokens == want.tokens
     assert all(e.variant == "ordinary launches" for e in graphed._graphs._graphs.values())
+
+
+def test_a_variant_whose_replay_disagrees_is_left_out_however_fast(model4, monkeypatch):
+    """A way of launching that computes wrong values on some GPU (a programmatic launch reading too
+    early) can time fastest: every variant's replay is checked against the first listed's from the
+    same inputs, and one that disagrees is left out with a warning. A Triton error while a variant
+    first compiles its kernels is a failed capture, as a driver's RuntimeError is, and where every
+    variant fails the Generator goes on eagerly. The tokens are the eager ones throughout."""
+    from triton.runtime.errors import OutOfResources
+
+    from mtp_engine.generate import CUDAGraphSteps
+    from mtp_kernels import dependent_launch
+    from mtp_kernels.dependent_launch import launch_programmatic
+
+    def wrong_record(self, run, load, device):
+        load()
+        bad = launch_programmatic(device)
+        step = (lambda: tuple(out + 1 for out in run())) if bad else run   # its tokens and lengths off by one
+        graph = _ReplayByRerun(step, tuple(out.clone() for out in step()))
+        graph.programmatic = bad
+        return graph, graph.outputs
+
+    monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: True)
+    monkeypatch.setattr(CUDAGraphSteps, "_record", wrong_record)
+    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms",
+                        staticmethod(lambda graph, load: 0.5 if graph.programmatic else 1.0))
+    prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
+    want = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False).generate(prompts, max_gen_len=12)
+
+    def graphed_generator():
+        gen = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+        monkeypatch.setattr(gen, "_use_cuda_graphs", lambda: gen.cuda_graphs is not False)
+        gen.cuda_graphs = None
+        return gen
+
+    graphed = graphed_generator()
+    with pytest.warns(UserWarning, match=r"variant\(s\) \['programmatic launch'\] gave other results than "
+                                         r"'ordinary launches'"):
+        assert graphed.generate(prompts, max_gen_len=12).tokens == want.tokens
+    assert all(e.variant == "ordinary launches" and e.variant_ms is None for e in graphed._graphs._graphs.values())
+
+    def failing_record(self, run, load, device):
+        if launch_programmatic(device):
+            raise OutOfResources(300000, 232448, "shared memory")
+        return wrong_record(self, run, load, device)
+
+    monkeypatch.setattr(CUDAGraphSteps, "_record", failing_record)
+    with pytest.warns(UserWarning, match=r"variant\(s\) \['programmatic launch'\] failed, kept the others"):
+        assert graphed_generator().generate(prompts, max_gen_len=12).tokens == want.tokens
+    monkeypatch.setattr(dependent_launch, "programmatic_supported", lambda device: False)
+    monkeypatch.setattr(CUDAGraphSteps, "_record", lambda *a: (_ for _ in ()).throw(OutOfResources(1, 0, "x")))
+    gen = graphed_generator()
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, generating eagerly"):
+        assert gen.generate(prompts, max_gen_len=12).tokens == want.tokens
+    assert gen.cuda_graphs is False
 
 
 @pytest.mark.parametrize("mode", [None, "tree"])
@@ -858,7 +914,7 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
         return graph, graph.outputs
 
-    def replay_ms(graph, load):   # a tie: the concurrent capture is kept
+    def replay_ms(graph, load):   # a tie: the first listed (heads in order) is kept
         load()
         graph.replay()
         return 1.0
@@ -876,7 +932,7 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
         if "logprobs" in kwargs:
             assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
     assert {key[2] for key in graphed._graphs._graphs} == {"forward"}
-    assert all(e.variant == "concurrent" for e in graphed._graphs._graphs.values())   # the tie
+    assert all(e.variant == "in order" for e in graphed._graphs._graphs.values())   # the tie
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -3,12 +3,13 @@ whole decode step launched that way under the interpreter (every Triton kernel o
 for it, and the logits keep their bits). The wait itself is PTX that only a GPU runs
 (`test_gpu_programmatic_decode_step_in_a_graph`)."""
 import collections
+import os
 
 import pytest
 import torch
 
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_kernels import dependent_launch, skinny_linear
+from mtp_kernels import dependent_launch, skinny_linear, skinny_ws
 from mtp_kernels.dependent_launch import launch_programmatic, programmatic_launch, programmatic_supported
 
 from _decode_steps import recorded_decode_step
@@ -87,14 +88,22 @@ def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits
 @pytest.mark.parametrize("batch,launch", [
     (1, skinny_linear.SkinnyLaunch(16, 256, False, 4, 4)),                       # one row: multiply-add
     (3, skinny_linear.SkinnyLaunch(32, 128, True, 4, 3, 16, split_k=4)),         # tl.dot, split-K
+    (17, skinny_linear.ws_tiles(32, gpu=True)[0]),     # TMA-fed, warp-specialized: swapped 64 x 128
+    (33, skinny_linear.ws_tiles(64, gpu=True)[1]),     # the same, 64 rows, split in 2
 ])
 def test_gpu_programmatic_decode_step_in_a_graph(monkeypatch, batch, launch):
     """On Hopper, a bf16 decode step whose kernels are programmatic dependent launches (the skinny
     GEMMs plain and with both epilogues, KV attention, the norms) gives the ordinary launches'
-    logits, eagerly and replayed from a CUDA graph, the same bits at every replay."""
+    logits, eagerly and replayed from a CUDA graph, the same bits at every replay. The
+    warp-specialized tiles wait in their default warp group while Triton's producer warps issue the
+    TMA loads: this is their only GPU check with programmatic launches."""
     device = torch.device("cuda")
     if not programmatic_supported(device):
         pytest.skip("programmatic dependent launch needs compute capability 9 or more")
+    if launch.ws:
+        monkeypatch.setenv("MTP_SKINNY_WS", os.environ.get("MTP_SKINNY_WS") or "1")   # gpu_check.sh's choice, if any
+        if not skinny_ws.skinny_ws_allowed(device) or not skinny_ws.skinny_ws_offered(launch.tile_id()):
+            pytest.skip("warp-specialized tile not offered here (not Hopper, or it failed its own GPU test)")
     decode_rows = skinny_linear.row_tile(batch)   # the prefill's rows (8 a sequence) get cuBLAS
 
     def chooser(tile):

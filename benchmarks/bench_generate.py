@@ -295,6 +295,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
                 # at the prior acceptance rates: tokens per forward over the step's cost in plain steps
                 row[f"expected_tokens{T}"] = expected[T]
                 row[f"est_speedup{T}"] = expected[T] / row[f"ratio{T}"]
+        row["cuda_graphs"] = gen._use_cuda_graphs()   # False if a capture failed and the steps ran eagerly
         rows.append(row)
         print(f"step costs B={B}: {row}", flush=True)
         gen = None  # drops its CUDA graphs before the next batch size captures its own
@@ -345,7 +346,8 @@ def end_to_end(model: Transformer, prompts: list, batches, gen_len: int, rows: l
             rows.append({"batch": B, "mode": mode, "tokens_per_forward": s["tokens_per_forward"],
                          "tokens_per_s": s["generated_tokens"] / min(walls),
                          "tokens_per_s_runs": [s["generated_tokens"] / w for w in walls], "forwards": s["forwards"],
-                         "tree_nodes": s.get("tree_nodes", 1), "acceptance_per_depth": s.get("acceptance_per_depth")})
+                         "tree_nodes": s.get("tree_nodes", 1), "acceptance_per_depth": s.get("acceptance_per_depth"),
+                         "cuda_graphs": gen._use_cuda_graphs()})
         plain = next(r for r in rows if r["batch"] == B and r["mode"] == "plain")
         for r in rows:
             if r["batch"] == B:
@@ -372,9 +374,13 @@ def attention_path(model: Transformer, device: torch.device, dtype: torch.dtype)
 
 # ------------------------------------------------------------------------------ report
 def to_markdown(result: dict) -> str:
+    eager = [f"step costs at batch {r['batch']}" for r in result.get("step_costs", []) if r.get("cuda_graphs") is False]
+    eager += [f"{r['mode']} at batch {r['batch']}" for r in result.get("end_to_end", []) if r.get("cuda_graphs") is False]
+    graphs = str(result["cuda_graphs"]) + (f" (a capture failed, so these ran eagerly: {', '.join(eager)})"
+                                           if result["cuda_graphs"] and eager else "")
     lines = [f"# Self-speculative generation on {result['env']['device']}", "",
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
-             f"CUDA graphs: {result['cuda_graphs']}; attention: {result['step_attention']}.", ""]
+             f"CUDA graphs: {graphs}; attention: {result['step_attention']}.", ""]
     nodes = result["tree_nodes"]
     headers = ["batch", "plain step ms", "bytes floor ms", "x floor"] + [f"verify {T} nodes / plain" for T in nodes]
     headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd ({nodes[-1]} nodes)", "kernels per decode forward"]

@@ -371,6 +371,13 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
                                "end_to_end": []})
     assert "| cuBLAS ms | cuBLAS GB/s | cuBLASLt ms | cuBLASLt GB/s |" in text and "| cuBLASLt |" in text
     assert "| best warp-specialized tile | ws ms | ws GB/s | chosen |" in text and "| 64x64x128 dot w4 s4 ws |" in text
+    assert "CUDA graphs: True;" in text
+    # A generator whose capture failed ran its steps eagerly: the report says which, not "CUDA graphs: True".
+    text = module.to_markdown({"env": {"device": "test"}, "step_model": "m", "kv_len": 1024, "cuda_graphs": True,
+                               "step_attention": "a", "tree_nodes": [4],
+                               "step_costs": [{"batch": 1, "plain_ms": 5.0, "cuda_graphs": False}],
+                               "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []})
+    assert "CUDA graphs: True (a capture failed, so these ran eagerly: step costs at batch 1)" in text
 
 
 def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):

@@ -200,7 +200,9 @@ def format_table(result: dict) -> str:
               "| drafting | tokens per forward | acceptance by depth |", "|---|---|---|"]
     for name, r in result["speculative"].items():
         label = name if name == CHAIN else f"tree `{name}` ({len(result['trees'][name])} nodes)"
-        acc = " / ".join(f"{a:.2f}" for a in r["acceptance_per_depth"])
+        depth = len(r["acceptance_per_depth"]) if name == CHAIN else max(map(len, result["trees"][name]))
+        # a depth the tree has no node at is "-", not an acceptance of 0
+        acc = " / ".join(f"{a:.2f}" if d < depth else "-" for d, a in enumerate(r["acceptance_per_depth"]))
         lines.append(f"| {label} | {r['tokens_per_forward']:.2f} | {acc} |")
     return "\n".join(lines)
 

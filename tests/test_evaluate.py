@@ -144,6 +144,17 @@ def test_tree_files_and_specs_are_read_or_refused_by_name(tmp_path):
             resolve_trees([spec], 3)
 
 
+def test_a_depth_a_tree_cannot_reach_prints_as_a_dash():
+    from mtp_engine.evaluate import CHAIN
+
+    result = {"heldout_windows": 1, "seq_len": 8, "head_loss": [1.0, 2.0, 3.0], "head_top1": [0.1] * 3,
+              "prompt_len": 4, "gen_len": 4, "trees": {"flat": [[0], [1]]},
+              "speculative": {CHAIN: {"tokens_per_forward": 1.5, "prompts": 1, "acceptance_per_depth": [0.5, 0.0]},
+                              "flat": {"tokens_per_forward": 1.7, "prompts": 1, "acceptance_per_depth": [0.73, 0.0]}}}
+    table = format_table(result)
+    assert "| chain | 1.50 | 0.50 / 0.00 |" in table and "| tree `flat` (2 nodes) | 1.70 | 0.73 / - |" in table
+
+
 def test_mtp_eval_refuses_a_tree_for_a_model_without_drafting_heads(tmp_path, capsys):
     from mtp_engine import ModelArgs, Transformer
     from mtp_engine.checkpoint import default_checkpoint

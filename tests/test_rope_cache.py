@@ -58,13 +58,35 @@ def test_rotation_is_meta_interleaved_form():
     torch.testing.assert_close(out[0].double(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_backend):
+def test_public_function_dispatches_and_keeps_autograd_on_the_reference(triton_backend, monkeypatch):
+    """Without autograd the public function launches the kernel; with a q that needs a gradient it
+    runs the differentiable reference. Both write the caches and rotate q as float64 does."""
+    import mtp_kernels.rope_cache as rope_module
+
+    launched = []
+    monkeypatch.setattr(rope_module, "rope_cache_write_triton",
+                        lambda *a: launched.append(1) or rope_cache_write_triton(*a))
     q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 16, S=8, dtype=torch.float32)
+    freqs = _freqs(3, 16, B=2)
+    want_k, want_v = k_cache.double(), v_cache.double()
+    want_q = reference.rope_cache_write(q.double(), k.double(), v.double(), freqs.to(torch.complex128), slots,
+                                        want_k, want_v)
+    with torch.no_grad():
+        got = rope_cache_write(q, k, v, freqs, slots, k_cache.clone(), v_cache.clone())
+    assert launched == [1]
+    torch.testing.assert_close(got.double(), want_q, rtol=1e-6, atol=1e-6)
     q = q.clone().requires_grad_()
-    out = rope_cache_write(q, k, v, _freqs(3, 16, B=2), slots, k_cache, v_cache)
-    assert out.requires_grad                       # the kernel has no backward: the reference ran
-    out.sum().backward()
-    assert q.grad is not None
+    out = rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
+    assert launched == [1] and out.requires_grad   # the kernel has no backward: the reference ran
+    torch.testing.assert_close(out.detach().double(), want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_cache.double(), want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache.double(), want_v)
+    (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+    q64 = q.detach().double().requires_grad_()
+    ref = reference.rope_cache_write(q64, k.double(), v.double(), freqs.to(torch.complex128), slots,
+                                     k_cache.double(), v_cache.double())
+    (ref * torch.arange(ref.numel()).view(ref.shape)).sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("case,match", [

@@ -159,15 +159,15 @@ def test_stream_k_adds_a_shared_tile_in_program_order(triton_backend, monkeypatc
 
 
 def test_stream_k_ranges_and_the_program_count():
-    """The kernel's ranges cover every unit once; a tile's sharers are the programs _owner names
-    (here in Python, the same integer formula); the GPU count is per_sm x the SMs."""
+    """The kernel's ranges cover every unit once; a tile's sharers are the programs the kernel's own
+    _owner names (its Python body: integer arithmetic only); the GPU count is per_sm x the SMs."""
     for units in range(1, 40):
         for programs in range(1, units + 1):
             ranges = _stream_k_ranges(units, programs)
             assert ranges[0][0] == 0 and ranges[-1][1] == units
             assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             for unit in range(units):
-                owner = ((unit + 1) * programs + units - 1) // units - 1   # _owner
+                owner = sl._owner.fn(unit, units, programs)
                 assert ranges[owner][0] <= unit < ranges[owner][1]
     cpu = torch.device("cpu")
     assert sl.stream_k_programs(cpu, 2) == 6   # the interpreter's 3 stand-in SMs
@@ -1197,16 +1197,23 @@ def test_norm_prologue_dispatch_tuned_launch_and_unfused_pair(triton_backend, mo
     h_pair, normed = add_rms_norm(x, delta, g, 1e-5)
     assert torch.equal(h, h_pair) and torch.equal(y, sl.skinny_linear_swiglu(normed, w13)) and y.shape == (1, 3, 21)
     launch = sl.norm_candidates(3, x.device, None, sl.swiglu_candidates)[1]
+    used = []   # (launch, with a norm prologue) of every skinny launch: the tuned one must be the one run
+    run = sl.skinny_linear_run
+    monkeypatch.setattr(sl, "skinny_linear_run",
+                        lambda *a, **k: used.append((a[2], k.get("norm") is not None)) or run(*a, **k))
     tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, True)] = launch
     y_fused, h_fused = sl.skinny_linear_swiglu(x, w13, norm=norm)
+    assert used == [(launch, True)]
     assert torch.equal(h_fused, h_pair) and y_fused.shape == (1, 3, 21)
     torch.testing.assert_close(y_fused, y, rtol=1e-4, atol=1e-4)
     no_delta = sl.NormPrologue(g, 1e-5)
+    used.clear()
     y0, h0 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)     # no delta: h is x itself, a key of its own
-    assert h0 is x
+    assert h0 is x and all(not with_norm for _, with_norm in used)   # untuned: the unfused pair
     tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, False)] = launch
+    used.clear()
     y1, h1 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)
-    assert h1 is x
+    assert h1 is x and used == [(launch, True)]
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4)
 
 

@@ -165,7 +165,10 @@ def test_tree_accept_rejects_bad_trees(parents, match):
         tree_accept(tokens, tokens, torch.tensor(parents))
 
 
-def test_tree_accept_rechecks_a_parents_tensor_changed_in_place():
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_tree_accept_rechecks_a_parents_tensor_changed_in_place(request, path):
+    if path == "triton":   # the path that caches a tree's depth
+        request.getfixturevalue("triton_backend")
     parents = torch.tensor([-1, 0, 1])
     tokens = torch.zeros(2, 3, dtype=torch.int64)
     assert tree_accept(tokens, tokens, parents)[0].shape == (2, 3)

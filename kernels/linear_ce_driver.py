@@ -286,7 +286,8 @@ def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -10
         raise ValueError("head_weights are constant loss factors and get no gradient: pass a tensor that does not "
                          "require grad (head_weights.detach())")
     if head_weights is not None:
-        values = head_weights.tolist() if isinstance(head_weights, torch.Tensor) else head_weights
+        # a tensor or a numpy array as the numbers it holds
+        values = head_weights.tolist() if hasattr(head_weights, "tolist") else head_weights
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
                 number(w) and w >= 0 for w in values):
             raise ValueError(f"head_weights must be a sequence of finite numbers >= 0, got {head_weights!r}")

@@ -554,6 +554,14 @@ def test_any_integer_dtype_holds_targets(dtype):
     assert torch.equal(fused_linear_cross_entropy(hidden, weight, targets.to(dtype)), ref)
 
 
+def test_head_weights_may_be_a_numpy_array():
+    import numpy as np
+
+    hidden, weight, targets = make_inputs(2, 7, 8, 100)
+    assert torch.equal(fused_linear_cross_entropy(hidden, weight, targets, head_weights=np.array([1.0, 0.25])),
+                       fused_linear_cross_entropy(hidden, weight, targets, head_weights=[1.0, 0.25]))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_scratch_bytes="x"), "max_scratch_bytes must be None or a positive int"),
     (dict(max_scratch_bytes=0), "max_scratch_bytes must be None or a positive int"),

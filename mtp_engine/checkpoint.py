@@ -326,34 +326,40 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     for optional in ("n_kv_heads", "ffn_dim_multiplier"):
         if params.get(optional) is None:
             params.pop(optional, None)
-    _replace_atomically(ckpt_dir / "params.json",
-                        lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
+    def shard_writer(rank: int):
+        def write(tmp: Path) -> None:
+            part = {}
+            for key, tensor in state.items():
+                dim = shard_dim(key)
+                if dim is not None and shards > 1:
+                    tensor = tensor.chunk(shards, dim=dim)[rank]
+                part[key] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            torch.save(part, tmp)
+        return write
 
-    paths = []
-    for rank in range(shards):
-        part = {}
-        for key, tensor in state.items():
-            dim = shard_dim(key)
-            if dim is not None and shards > 1:
-                tensor = tensor.chunk(shards, dim=dim)[rank]
-            part[key] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        path = ckpt_dir / f"consolidated.{rank:02d}.pth"
-        _replace_atomically(path, lambda tmp: torch.save(part, tmp))
-        paths.append(path)
+    paths = [ckpt_dir / f"consolidated.{rank:02d}.pth" for rank in range(shards)]
+    _replace_together([(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))]
+                      + [(path, shard_writer(rank)) for rank, path in enumerate(paths)])
     return paths
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file and rename it over `path`.
+def _replace_together(files) -> None:
+    """files: [(path, write)]. Every file is written to a temporary one first, and only when all are
+    written are they renamed over their paths, so a save that fails (a full disk, an interrupt) leaves
+    the old checkpoint whole, never new params.json and shard 0 beside an old shard 1.
 
-    A model loaded from this directory still memory-maps the old shard; rewriting the file in place
-    would change its weights under it or kill it with SIGBUS once the file shrinks. The rename leaves
-    the old inode alive for as long as it is mapped.
-    """
-    tmp = path.with_name(path.name + ".tmp")
+    A model loaded from this directory still memory-maps the old shards; rewriting a file in place
+    would change its weights under it or kill it with SIGBUS once the file shrinks. A rename leaves
+    the old inode alive for as long as it is mapped."""
+    written = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in files:
+            tmp = path.with_name(path.name + ".tmp")
+            written.append((tmp, path))
+            write(tmp)
+        for tmp, path in written:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp, _ in written:
+            if tmp.exists():
+                tmp.unlink()

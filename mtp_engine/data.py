@@ -44,14 +44,16 @@ def stdlib_root() -> Path:
 
 
 def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[Path]:
-    """Every file under `root` with one of `extensions`, sorted, skipping SKIP_DIRS and hidden folders."""
+    """Every file under `root` with one of `extensions`, sorted, skipping SKIP_DIRS and hidden folders
+    and names that are not readable files (a dangling or looping symlink)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {root}")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(tuple(extensions))]
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if f.endswith(tuple(extensions)) and (Path(dirpath) / f).is_file()]
     if not files:
         raise ValueError(f"no files ending in {tuple(extensions)} under {root}")
     return files
@@ -125,7 +127,7 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     if max_train_files is not None:
         order = sorted(train_files, key=lambda f: _unit_hash("order:" + f.relative_to(source).as_posix()))
         train_files = sorted(order[:max_train_files])
-    extra_files = _extra_files(extra_sources, extensions, extra_max_mb, heldout_files)
+    extra_files = _extra_files(extra_sources, extensions, extra_max_mb, heldout_files, train_files)
     tokenizer_digest = None
     if tokenizer_path is not None:
         given = Tokenizer(tokenizer_path)
@@ -170,6 +172,9 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
             texts_file.unlink()
     manifest["train_tokens"] = _write_tokens(tokenizer, train_files + extra_files, out / "train.bin")
     manifest["heldout_tokens"] = _write_tokens(tokenizer, heldout_files, out / "heldout.bin")
+    if manifest["heldout_tokens"] == 0:   # every held-out file empty or not UTF-8: nothing to evaluate on
+        raise ValueError(f"the {len(heldout_files)} held-out file(s) under {source} hold no readable text "
+                         f"(empty or not UTF-8): {[f.relative_to(source).as_posix() for f in heldout_files[:5]]}")
     log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "
         f"vocabulary {tokenizer.n_words}")
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -182,12 +187,14 @@ def _open(out: Path, manifest: dict) -> Corpus:
 
 
 def _extra_files(folders: Sequence[PathLike], extensions: Sequence[str], max_mb: Optional[float],
-                 heldout_files: Sequence[Path]) -> List[Path]:
+                 heldout_files: Sequence[Path], train_files: Sequence[Path] = ()) -> List[Path]:
     """Training files from `folders`: all of them (no held-out split), in a fixed hash order, the
-    first ones up to max_mb megabytes; a file with the text of a held-out file is left out."""
+    first ones up to max_mb megabytes; a file with the text of a held-out file is left out, and so
+    is a training file of the source itself (a folder given twice would count its files twice)."""
     if not folders:
         return []
     heldout_digests = {hashlib.sha256(f.read_bytes()).digest() for f in heldout_files}
+    already = {f.resolve() for f in train_files}
     candidates = []
     for folder in folders:
         root = Path(folder)
@@ -195,6 +202,9 @@ def _extra_files(folders: Sequence[PathLike], extensions: Sequence[str], max_mb:
                        for f in find_source_files(root, extensions)]
     chosen, total = [], 0
     for _, f in sorted(candidates):
+        if f.resolve() in already:
+            continue
+        already.add(f.resolve())   # also a file reached through two extra folders
         size = f.stat().st_size
         if max_mb is not None and total + size > max_mb * 1e6:
             continue

@@ -362,6 +362,27 @@ def test_save_refuses_to_leave_stale_shards(tmp_path):
     _assert_same_weights(load_checkpoint(tmp_path), _model(seed=1))
 
 
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    """Shard 1 fails to write (a full disk): the folder must still hold the old checkpoint, not the
+    new params.json and shard 0 beside the old shard 1 (which loaded without a word), and no temp file."""
+    save_checkpoint(_model(seed=0), tmp_path, shards=2)
+    save = torch.save
+    calls = []
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(_model(seed=1, n_layers=5), tmp_path, shards=2)   # another shape, too
+    monkeypatch.setattr(torch, "save", save)
+    _assert_same_weights(load_checkpoint(tmp_path), _model(seed=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+
+
 def test_saving_over_a_loaded_checkpoint_leaves_the_loaded_model_intact(tmp_path):
     """Loaded weights are memory-mapped: saving into the same directory must not rewrite them in place."""
     save_checkpoint(_model(seed=0), tmp_path)

@@ -132,6 +132,29 @@ def test_extra_sources_add_training_files_only_and_never_a_heldout_text(source_t
     assert again.manifest == bigger.manifest and any("reusing" in m for m in messages)
     with pytest.raises(ValueError, match="has 400 pieces but vocab_size is 512"):
         prepare_corpus(tmp_path / "c3", source_tree, vocab_size=512, tokenizer_path=tokenizer, log=messages.append)
+    # the source given again as an extra folder adds nothing: its training files are in already
+    twice = prepare_corpus(tmp_path / "c4", source_tree, vocab_size=400, extra_sources=[source_tree, extra],
+                           tokenizer_path=tokenizer, log=messages.append)
+    assert twice.manifest["extra_files"] == 6 and twice.manifest["train_tokens"] == bigger.manifest["train_tokens"]
+
+
+def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tmp_path):
+    """A dangling or looping symlink is not a source file (it crashed the cache's fingerprint); held-out
+    files that are all empty or not UTF-8 leave nothing to evaluate: refused when the corpus is built,
+    not at the first evaluation."""
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    for name in SOURCES[:3]:
+        (src / name).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    (src / "test" / "test_heapq.py").write_text((STDLIB / "test" / "test_heapq.py").read_text(encoding="utf-8"))
+    (src / "dangling.py").symlink_to(src / "nowhere.py")
+    (src / "loop.py").symlink_to(src / "loop.py")
+    assert [f.name for f in find_source_files(src)] == sorted(SOURCES[:3]) + ["test_heapq.py"]
+    corpus = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=lambda *a: None)
+    assert corpus.manifest["heldout_tokens"] > 0
+    (src / "test" / "test_heapq.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"held-out file\(s\) under .* hold no readable text .*test/test_heapq.py"):
+        prepare_corpus(tmp_path / "c2", src, vocab_size=400, log=lambda *a: None)
 
 
 def test_packed_batches_are_deterministic_and_cover_windows(corpus):

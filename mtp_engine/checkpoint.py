@@ -316,6 +316,12 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     state = model.state_dict() if state_dict is None else state_dict
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # Meta's model-parallel code gives each rank n_heads / shards query heads and n_kv_heads / shards
+    # KV heads: a split inside a head loads here but not in the release, so it is not written.
+    for name, count in (("n_heads", model.params.n_heads), ("n_kv_heads", model.params.n_kv_heads or model.params.n_heads)):
+        if count % shards:
+            raise ValueError(f"cannot save {shards} shards of a model with {name}={count}: Meta's layout gives every "
+                             f"shard whole attention heads ({name} must be divisible by the shard count)")
     for key, tensor in state.items():
         dim = shard_dim(key)
         if dim is not None and tensor.shape[dim] % shards:

@@ -120,6 +120,9 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     `extra_max_mb` megabytes of text; a file whose text equals a held-out file's is dropped, so
     the held-out set stays unseen. A matching cache in `out_dir` is reused.
     """
+    if max_train_files is not None and (isinstance(max_train_files, bool) or not isinstance(max_train_files, int)
+                                        or max_train_files < 1):
+        raise ValueError(f"max_train_files must be None or a positive int, got {max_train_files!r}")
     source = stdlib_root() if source is None else Path(source)
     out = Path(out_dir)
     files = find_source_files(source, extensions)
@@ -143,6 +146,8 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
         "extra_sources": [str(Path(x)) for x in extra_sources], "extra_max_mb": extra_max_mb,
         "extra_files": len(extra_files), "extra_fingerprint": _fingerprint(extra_files),
         "tokenizer_sha256": tokenizer_digest,
+        # what the trained tokenizer depends on besides the files: another setting, another cache
+        "tokenizer_sentences": None if tokenizer_path is not None else tokenizer_sentences,
     }
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():

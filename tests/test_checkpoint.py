@@ -348,10 +348,15 @@ def test_params_json_without_a_size_names_it(saved, field):
 
 
 def test_save_rejects_indivisible_split(tmp_path):
-    with pytest.raises(ValueError, match=r"cannot split .* into 3 shards"):
+    with pytest.raises(ValueError, match=r"cannot save 3 shards of a model with n_heads=4"):
         save_checkpoint(_model(), tmp_path, shards=3)
+    with pytest.raises(ValueError, match=r"cannot split .* into 2 shards"):   # heads divide, the vocabulary does not
+        save_checkpoint(_model(vocab_size=101), tmp_path, shards=2)
     with pytest.raises(ValueError, match="shards"):
         save_checkpoint(_model(), tmp_path, shards=0)
+    # 2 KV heads over 4 shards: every tensor divides, but a shard would hold half a KV head
+    with pytest.raises(ValueError, match=r"cannot save 4 shards of a model with n_kv_heads=2: .*whole attention heads"):
+        save_checkpoint(_model(), tmp_path, shards=4)
 
 
 def test_save_refuses_to_leave_stale_shards(tmp_path):

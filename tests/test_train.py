@@ -155,6 +155,9 @@ def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tm
     (src / "test" / "test_heapq.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"held-out file\(s\) under .* hold no readable text .*test/test_heapq.py"):
         prepare_corpus(tmp_path / "c2", src, vocab_size=400, log=lambda *a: None)
+    for bad in (0, -1, 2.5):   # -1 silently dropped one file (order[:-1])
+        with pytest.raises(ValueError, match="max_train_files must be None or a positive int"):
+            prepare_corpus(tmp_path / "c3", src, vocab_size=400, max_train_files=bad, log=lambda *a: None)
 
 
 def test_packed_batches_are_deterministic_and_cover_windows(corpus):

@@ -64,7 +64,7 @@ if [ "$HEADS" -gt 1 ]; then
     # shellcheck disable=SC2086
     "$PY" -m mtp_engine distill --ckpt-dir "$WORK/run" --out-dir "$WORK/final" --source "$SRC" --device "$DEVICE" \
       --steps "${DISTILL_STEPS:-600}" ${DISTILL_ARGS:-}
-    cp "$WORK/run/train_log.json" "$WORK/run/eval_pretrained.json" "$WORK/final/"
+    cp "$WORK/run/eval_pretrained.json" "$WORK/final/"   # (mtp distill carries train_log.json itself)
     FINAL=$WORK/final
     META+=(distill_log.json eval_pretrained.json)
   fi

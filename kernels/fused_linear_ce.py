@@ -211,7 +211,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     inputs keep float64), None sums in weight's own dtype (lighter, one rounding per chunk). With
     return_per_head=True, returns (loss, per_head) where per_head is the detached (n,) float32
     unweighted loss of each head. Float64 inputs run in float64 throughout (loss, per_head and the
-    softmax math, on the chunk's PyTorch twin), so torch.autograd.gradcheck applies.
+    softmax math, on the chunk's PyTorch twin), so torch.autograd.gradcheck applies; not with a
+    process_group, whose vocabulary-parallel statistics stay float32.
     fp16: the logits' gradient (softmax - onehot) times each row's factor (1 / valid tokens for a
     mean) is stored in fp16 before the dH and dW matmuls, so entries under fp16's range flush to
     zero. For mean and sum that gradient is made in the forward, before grad_output is known, so a

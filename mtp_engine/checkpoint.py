@@ -169,16 +169,22 @@ def find_shards(ckpt_dir: PathLike) -> List[Path]:
     return [ranks[r] for r in sorted(ranks)]
 
 
-def _read_params(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path` (params.json, a run's trainer_state.json or train_log.json); a missing,
+    damaged or non-object file is an error that names it."""
     if not path.is_file():
-        raise FileNotFoundError(f"params.json not found: {path}")
+        raise FileNotFoundError(f"{path.name} not found: {path}")
     try:
-        with open(path) as f:
-            params = json.load(f)
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_params(path: Path) -> dict:
+    params = read_json_object(path)
     # Meta writes these sizes in every params.json; a default in their place would blame the weights.
     missing = [k for k in _REQUIRED_PARAMS if k not in params]
     if missing:

@@ -227,6 +227,5 @@ class CUDAGraphSteps:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side), torch.cuda.graph(graph, pool=self._pool, stream=side):
             outputs = run()
-        current.wait_stream(side)
         self._pool = graph.pool()
         return graph, outputs

@@ -79,15 +79,10 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
 
 def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
     """`device` None -> cuda:local_rank when CUDA is available, else cpu; "cuda" -> cuda:local_rank."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    from .checkpoint import resolve_device
+
+    dev = resolve_device(device)   # the rule every command uses for names and CUDA without CUDA
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for but CUDA is not available")
         if dev.index is None:
             count = torch.cuda.device_count()
             if local_rank >= count:

@@ -33,7 +33,7 @@ from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
 
-from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
+from .checkpoint import load_checkpoint, read_json_object, resolve_device, save_checkpoint
 from .data import PackedTokens, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
@@ -301,17 +301,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _read_json(path: Path) -> dict:
-    """A run file (trainer_state.json, train_log.json); a damaged one is an error that names it."""
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): restore it or start a new run") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object: restore it or start a new run")
-    return value
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices only (not on norm gains)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -415,7 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     state_path = out / "trainer_state.json"
     if resume and state_path.is_file():
-        state = _read_json(state_path)
+        state = read_json_object(state_path)
         # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
         source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
         model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)
@@ -451,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "steps": [], "evals": []}
     log_path = out / "train_log.json"
     if resume and log_path.is_file():
-        previous = _read_json(log_path)
+        previous = read_json_object(log_path)
         run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
         run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
     if is_main:   # made only now: a run that fails on its data or tokenizer leaves no empty folder
@@ -739,7 +728,7 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
     in the given out_dir (the folder may have been moved or copied), with the RESUMABLE knobs among the
     `given` (command-line) fields. Any other given field that differs from the saved value is an error
     naming it: it would otherwise be dropped without a word."""
-    saved = _read_json(Path(cfg.out_dir) / "train_log.json").get("config")
+    saved = read_json_object(Path(cfg.out_dir) / "train_log.json").get("config")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved, dict) or not set(saved) <= names:
         raise ValueError(f"{Path(cfg.out_dir) / 'train_log.json'} has no training configuration this version reads")

@@ -681,7 +681,7 @@ def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
     _swiglu_oracle(x, wd).sum().backward()
     torch.testing.assert_close(wg.grad.double(), wd.grad, rtol=1e-4, atol=1e-5)
     assert used == []
-    for bad, why in ((torch.randn(41, 24), r"\(2F, K\) gate/up weight .* got shape \(41, 24\)"),
+    for bad, why in ((torch.randn(41, 24), r"\(2F, K\) gate/up weight, got shape \(41, 24\)"),
                      (torch.randn(40, 23), r"K = x's last dim 24, got shape \(40, 23\)"),
                      (torch.randn(40), r"got shape \(40,\)")):
         with pytest.raises(ValueError, match=why):

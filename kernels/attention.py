@@ -1055,9 +1055,24 @@ class PackedTreeMask:
     """A tree mask packed once for the kernel, to pass to `kv_cache_attention` in place of the bool
     mask: a model packs once per forward, not once per layer (under a CUDA graph the packing
     kernels would otherwise replay in every layer). Make it with `pack_tree_mask`.
-    mask: (Tq, Tq) bool, as given; words: (Tq, ceil(Tq / 64)) int64, bit j % 64 of word j // 64 = mask[i, j]."""
+    mask: (Tq, Tq) bool, as given; words: (Tq, ceil(Tq / 64)) int64, bit j % 64 of word j // 64 = mask[i, j],
+    contiguous (the kernel reads word w of row i at i * ceil(Tq / 64) + w). One made by hand is checked
+    here, once, not at every layer's call."""
     mask: torch.Tensor
     words: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.mask, torch.Tensor) or self.mask.dim() != 2:
+            raise ValueError(f"PackedTreeMask: mask must be a (Tq, Tq) tensor, got "
+                             f"{tuple(getattr(self.mask, 'shape', ())) or type(self.mask).__name__}")
+        Tq = self.mask.shape[0]
+        words = self.words
+        if not isinstance(words, torch.Tensor) or words.shape != (Tq, triton.cdiv(Tq, 64)) \
+                or words.dtype != torch.int64 or not words.is_contiguous():
+            got = (f"{tuple(words.shape)} {words.dtype}{'' if words.is_contiguous() else ' not contiguous'}"
+                   if isinstance(words, torch.Tensor) else type(words).__name__)
+            raise ValueError(f"PackedTreeMask: words must be a contiguous ({Tq}, {triton.cdiv(Tq, 64)}) int64 "
+                             f"tensor for a ({Tq}, {Tq}) mask, got {got}: make it with pack_tree_mask")
 
 
 def pack_tree_mask(tree_mask: torch.Tensor) -> PackedTreeMask:
@@ -1387,16 +1402,8 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
         if tree_mask.dtype != torch.bool:
             raise ValueError(f"{name}: tree_mask must be torch.bool, got {tree_mask.dtype}")
         check_one_device(name, q=q, tree_mask=tree_mask)
-    if packed is not None:
-        words = packed.words
-        # The kernel reads words, the reference the bool mask: one made elsewhere must at least have
-        # the packed layout (words past its end would be read out of bounds on a GPU).
-        if not isinstance(words, torch.Tensor) or words.shape != (Tq, -(-Tq // 64)) \
-                or words.dtype != torch.int64:
-            got = (f"{tuple(words.shape)} {words.dtype}" if isinstance(words, torch.Tensor) else type(words).__name__)
-            raise ValueError(f"{name}: a PackedTreeMask's words must be ({Tq}, {-(-Tq // 64)}) int64 for "
-                             f"Tq={Tq}, got {got}: make it with pack_tree_mask")
-        check_one_device(name, q=q, tree_mask_words=words)
+    if packed is not None:   # (its layout is checked when it is made: PackedTreeMask.__post_init__)
+        check_one_device(name, q=q, tree_mask_words=packed.words)
     if Tq > S_max:
         raise ValueError(f"{name}: Tq={Tq} new tokens cannot fit a cache of S_max={S_max} slots")
     if check_seqlens and B > 0 and not graph_capturing(cache_seqlens.device):

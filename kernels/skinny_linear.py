@@ -790,7 +790,8 @@ def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_byte
 
 
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x.dtype != weight.dtype or weight.dim() != 2 or weight.stride(-1) != 1 or not use_triton(x, weight):
+    """Whether a kernel launch may take these operands (their shapes are checked: _check_operands)."""
+    if x.dtype != weight.dtype or weight.stride(-1) != 1 or not use_triton(x, weight):
         return False
     if gpu_launch(x.device):
         return x.dtype in (torch.float16, torch.bfloat16)
@@ -808,7 +809,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return reference.skinny_linear(x, weight)
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    if not 1 <= M <= MAX_ROWS or weight.shape[-1] != K or not _kernel_takes(x, weight):
+    if not 1 <= M <= MAX_ROWS or not _kernel_takes(x, weight):
         return reference.skinny_linear(x, weight)
     x2 = as_rows(x)
     N = weight.shape[0]
@@ -909,6 +910,7 @@ def skinny_linear_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv_h
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not isinstance(wqkv, torch.Tensor) or wqkv.dim() != 2:
         raise ValueError(f"{name}: x must be (B, T, K) and wqkv 2-D, got {tuple(getattr(x, 'shape', ()))} and "
                          f"{tuple(getattr(wqkv, 'shape', ()))}")
+    _check_operands(name, x, wqkv)
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
         raise ValueError(f"{name}: k_cache must be (B, S, Hkv, Dh), got {tuple(getattr(k_cache, 'shape', ()))}")
     B, T, K = x.shape

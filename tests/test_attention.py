@@ -717,9 +717,11 @@ def test_kv_cache_attention_checks_a_packed_mask_shape():
         kv_cache_attention(q, k_cache, v_cache, cache_seqlens, pack_tree_mask(torch.eye(4, dtype=torch.bool)))
     mask = torch.eye(3, dtype=torch.bool)
     words = pack_tree_mask(mask).words
-    for bad in (words[:1], words.int(), words.float()):   # the kernel would read past them, or misread them
-        with pytest.raises(ValueError, match=r"PackedTreeMask's words must be \(3, 1\) int64 for Tq=3"):
-            kv_cache_attention(q, k_cache, v_cache, cache_seqlens, PackedTreeMask(mask, bad))
+    strided = torch.zeros(3, 2, dtype=torch.int64)[:, :1]
+    for bad in (words[:1], words.int(), words.float(), strided):   # the kernel would read past them, or misread them
+        with pytest.raises(ValueError, match=r"PackedTreeMask: words must be a contiguous \(3, 1\) int64 tensor "
+                                             r"for a \(3, 3\) mask"):
+            PackedTreeMask(mask, bad)
 
 
 def test_second_order_gradients_are_a_clear_error(triton_backend):

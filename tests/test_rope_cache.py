@@ -46,6 +46,23 @@ def test_kernel_equals_reference(triton_backend, dtype, B, T, H, Hkv, D, shared)
     assert torch.equal(k_cache[untouched], want_k[untouched])
 
 
+def test_reference_writes_only_the_new_slots(monkeypatch):
+    """The CPU path's cache write touches the new slots only: torch's CPU scatter_ walks the whole slot
+    dim (a decode step's cost grew with max_seq_len: 15 ms a call at 64K slots), so it must not be the
+    way in; the values are the rotated k and v at their slots, the rest of the cache untouched."""
+    monkeypatch.setattr(torch.Tensor, "scatter_", lambda *a, **k: pytest.fail("scatter_ walks the whole cache"))
+    q, k, v, slots, (k_cache, v_cache) = _inputs(2, 3, 4, 2, 8, S=4096, dtype=torch.float32)
+    freqs = _freqs(3, 8, B=2)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    reference.rope_cache_write(q, k, v, freqs, slots, k_cache, v_cache)
+    rows = torch.arange(2)[:, None]
+    torch.testing.assert_close(k_cache[rows, slots], reference.apply_rotary(k, freqs), rtol=0, atol=0)
+    assert torch.equal(v_cache[rows, slots], v)
+    written = torch.zeros(3, 4096, dtype=torch.bool)
+    written[rows, slots] = True
+    assert torch.equal(k_cache[~written], before_k[~written]) and torch.equal(v_cache[~written], before_v[~written])
+
+
 def test_rotation_is_meta_interleaved_form():
     """Pair (x0, x1) rotated by angle a: (x0 cos a - x1 sin a, x0 sin a + x1 cos a), float64 by hand."""
     q, k, v, slots, (k_cache, v_cache) = _inputs(1, 2, 2, 1, 4, S=3, dtype=torch.float32)

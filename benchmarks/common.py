@@ -488,13 +488,15 @@ def warp_spec_tests_failed(junit_xml: str) -> bool:
     return guard_tests_failed(junit_xml, WARP_SPEC_GUARD_TESTS)
 
 
-def skinny_ws_selection(junit_xml: str) -> str:
+def skinny_ws_selection(junit_xml: str, chosen: str = "") -> str:
     """MTP_SKINNY_WS for the benchmarks from the JUnit file of the warp-specialized tiles' GPU test
     (SKINNY_WS_GUARD_TESTS, one case per row count and tile, ids "<M>-<tile id>"): "1" when cases
     ran and every one passed; else the comma-separated ids of the tiles all of whose cases passed
     (a failure of some tiles, e.g. one ring depth, leaves the others measured); "0" when none did,
     or the file is missing or unreadable (the run hung or died). The tiles are not offered by
-    default until a Triton version is validated (`skinny_ws.SKINNY_WS_VALIDATED_TRITON`)."""
+    default until a Triton version is validated (`skinny_ws.SKINNY_WS_VALIDATED_TRITON`).
+    chosen: MTP_SKINNY_WS as set by hand ("" or "1": any tile; a list: those only), narrowed to the
+    tiles that passed, as every guarded launch is."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -509,9 +511,10 @@ def skinny_ws_selection(junit_xml: str) -> str:
         tile = name[name.index("[") + 1:].rstrip("]").split("-", 1)[-1]
         ok = all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
         verdicts[tile] = verdicts.get(tile, True) and ok
-    if verdicts and all(verdicts.values()):
+    picked = {t.strip() for t in chosen.split(",")} if chosen.strip() not in ("", "1") else None
+    if picked is None and verdicts and all(verdicts.values()):
         return "1"
-    return ",".join(tile for tile, ok in verdicts.items() if ok) or "0"
+    return ",".join(tile for tile, ok in verdicts.items() if ok and (picked is None or tile in picked)) or "0"
 
 
 def programmatic_tests_failed(junit_xml: str) -> bool:

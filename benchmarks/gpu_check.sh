@@ -45,7 +45,7 @@ run_stage() {  # name, timeout seconds, command...
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
 }
-# Two kinds of launch stay in the benchmarks only if their GPU tests ran in this call and passed (a
+# Three kinds of launch stay in the benchmarks only if their GPU tests ran in this call and passed (a
 # tuner or a capture would otherwise keep a fast one whatever its results):
 #  - the warp-specialized flash configs (`attention.warp_spec_allowed`: MTP_WARP_SPEC=1, or by
 #    default the kernels in WARP_SPEC_DEFAULT_KERNELS); the tests stage runs their tests whatever the
@@ -55,8 +55,8 @@ run_stage() {  # name, timeout seconds, command...
 #    until a Triton version is validated; the tests stage runs their GPU test first, in its own
 #    pytest run, and the other GPU tests and the benchmarks get the tiles whose cases passed).
 # A call without a tests stage runs with all three off unless they were set by hand.
-guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches[, JUnit file]
-  local var=$1 check=$2 what=$3 junit=${4:-$RES/gpu_tests.xml}
+guard_by_tests() {  # variable, the common.py check of the JUnit file, what it switches
+  local var=$1 check=$2 what=$3 junit=$RES/gpu_tests.xml
   [ "${!var:-}" = "0" ] && return 0
   # exit 0 only when the tests confirm them: a crash of the check itself also switches them off
   if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; sys.exit(1 if common.$check(sys.argv[1]) else 0)" "$junit"; then
@@ -84,11 +84,10 @@ for s in "${stages[@]}"; do
            # tests and the benchmarks get the tiles whose cases passed (MTP_SKINNY_WS).
            if [ "${MTP_SKINNY_WS:-}" != "0" ]; then
              run_stage skinny_ws_tests 150 python3 -m pytest -q -m gpu "${workers[@]}" tests/test_skinny_linear.py -k warp_specialized_tiles -p no:cacheprovider --junitxml="$RES/gpu_tests_skinny_ws.xml"
-             if [ -z "${MTP_SKINNY_WS:-}" ]; then   # "1", the tiles that passed, or "0" (common.skinny_ws_selection)
-               MTP_SKINNY_WS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.skinny_ws_selection(sys.argv[1]))" "$RES/gpu_tests_skinny_ws.xml" || echo 0)
-               export MTP_SKINNY_WS
-               echo "warp-specialized skinny GEMM tiles from their GPU test: MTP_SKINNY_WS=$MTP_SKINNY_WS" | tee -a "$LOG"
-             fi
+             # "1", the tiles that passed (of those set by hand, if any), or "0" (common.skinny_ws_selection)
+             MTP_SKINNY_WS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.skinny_ws_selection(sys.argv[1], sys.argv[2]))" "$RES/gpu_tests_skinny_ws.xml" "${MTP_SKINNY_WS:-}" || echo 0)
+             export MTP_SKINNY_WS
+             echo "warp-specialized skinny GEMM tiles from their GPU test: MTP_SKINNY_WS=$MTP_SKINNY_WS" | tee -a "$LOG"
            fi
            MTP_WARP_SPEC=${MTP_WARP_SPEC:-1} run_stage tests 300 python3 -m pytest -q -m gpu "${workers[@]}" ${GPU_TESTS:-tests} -k "not warp_specialized_tiles" -p no:cacheprovider --junitxml="$RES/gpu_tests.xml"
            guard_by_tests MTP_WARP_SPEC warp_spec_tests_failed "warp-specialized kernels"

@@ -694,6 +694,11 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert common.skinny_ws_selection(junit((f"{ws}[17-{a}]", '<skipped message="not Hopper"/>'))) == "0"
     assert common.skinny_ws_selection(junit((f"{pdl}[1-launch0]", ""))) == "0"   # not run
     assert common.skinny_ws_selection(str(tmp_path / "missing.xml")) == "0"
+    # set by hand: narrowed to the hand-picked tiles that passed, never kept past a failure
+    passed_all = junit((f"{ws}[17-{a}]", ""), (f"{ws}[64-{b}]", ""))
+    assert common.skinny_ws_selection(passed_all, "1") == "1" and common.skinny_ws_selection(passed_all, a) == a
+    one_failed = junit((f"{ws}[17-{a}]", '<failure message="nan"/>'), (f"{ws}[64-{b}]", ""))
+    assert common.skinny_ws_selection(one_failed, a) == "0" and common.skinny_ws_selection(one_failed, "1") == b
     assert "common.skinny_ws_selection" in script
     assert "-k warp_specialized_tiles" in script and '-k "not warp_specialized_tiles"' in script
 

@@ -376,7 +376,8 @@ def attention_path(model: Transformer, device: torch.device, dtype: torch.dtype)
 def to_markdown(result: dict) -> str:
     eager = [f"step costs at batch {r['batch']}" for r in result.get("step_costs", []) if r.get("cuda_graphs") is False]
     eager += [f"{r['mode']} at batch {r['batch']}" for r in result.get("end_to_end", []) if r.get("cuda_graphs") is False]
-    graphs = str(result["cuda_graphs"]) + (f" (a capture failed, so these ran eagerly: {', '.join(eager)})"
+    graphs = str(result["cuda_graphs"]) + (f" (a capture failed during these, which ran eagerly from then on: "
+                                           f"{', '.join(eager)})"
                                            if result["cuda_graphs"] and eager else "")
     lines = [f"# Self-speculative generation on {result['env']['device']}", "",
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "

@@ -377,7 +377,7 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
                                "step_attention": "a", "tree_nodes": [4],
                                "step_costs": [{"batch": 1, "plain_ms": 5.0, "cuda_graphs": False}],
                                "gen_len": 8, "e2e_model": "-", "e2e_attention": "-", "end_to_end": []})
-    assert "CUDA graphs: True (a capture failed, so these ran eagerly: step costs at batch 1)" in text
+    assert "CUDA graphs: True (a capture failed during these, which ran eagerly from then on: step costs at batch 1)" in text
 
 
 def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):

@@ -251,6 +251,16 @@ def test_training_and_eval_run_under_bf16_autocast(device):
     assert logits.shape == (2, 19, 4, 97) and torch.isfinite(logits).all()
 
 
+def test_fitted_schedule_keeps_the_warmup_unless_the_budget_is_shorter():
+    from mtp_engine.train import _fit_schedule
+
+    cfg = TrainConfig(max_steps=100_000, warmup_steps=40, time_budget_s=100.0, schedule_to_budget=True)
+    long_run, fit = _fit_schedule(cfg, step=25, step_time_s=0.1, elapsed_s=5.0)
+    assert long_run.warmup_steps == 40 and long_run.max_steps == fit["max_steps"] > 40
+    short_run, fit = _fit_schedule(cfg, step=25, step_time_s=10.0, elapsed_s=5.0)   # 9 steps left: 34 in all
+    assert short_run.max_steps == fit["max_steps"] < 40 and short_run.warmup_steps == short_run.max_steps
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]

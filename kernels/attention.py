@@ -848,7 +848,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     kernels = (("dK/dV", dkdv_config, _INTERP_DKDV), ("dQ", dq_config, _INTERP_DQ))
     allowed = any(warp_spec_allowed(kernel, q.device, q.shape[-1]) for kernel in ("dkdv", "dq"))
     ws_ok = ((allowed or any(_asks_warp_spec(config, fixed) for _, config, fixed in kernels))
-             and _ws_ok(q, k, v, do) and stride_lse % 4 == 0 and lse.data_ptr() % 16 == 0)
+             and _ws_ok(q, k, v, do) and tma_aligned(lse))
     for name, config, fixed in kernels:
         _check_warp_spec(name, config, fixed, ws_ok,
                          lambda: f"q strides {q.stride()}, dO strides {do.stride()}, lse strides {lse.stride()}")

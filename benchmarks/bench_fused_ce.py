@@ -540,37 +540,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rep_ms is not None and not args.rep_ms > 0:
         p.error(f"--rep-ms must be > 0, got {args.rep_ms}")
-    for option in ("shapes", "contenders"):
+    for option, known in (("shapes", {**SHAPES, **QUICK_SHAPES}), ("contenders", CONTENDERS)):
         names = (getattr(args, option) or "").split(",")
         if len(set(names)) != len(names):
             p.error(f"--{option} names one entry twice: {getattr(args, option)}")
+        unknown = [name for name in names if name not in known]
+        if getattr(args, option) and unknown:
+            p.error(f"unknown --{option} {unknown}; choose from {sorted(known)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_fused_ce: error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     table = {**SHAPES, **QUICK_SHAPES}
     if args.shapes:
-        unknown = [s for s in args.shapes.split(",") if s not in table]
-        if unknown:
-            print(f"bench_fused_ce: error: unknown --shapes {unknown}; choose from {sorted(table)}", file=sys.stderr)
-            return 2
         shapes = [table[s] for s in args.shapes.split(",")]
     else:
         shapes = list(QUICK_SHAPES.values()) if args.quick else list(SHAPES.values())
-    contenders = list(CONTENDERS)
-    if args.contenders:
-        contenders = args.contenders.split(",")
-        unknown = [c for c in contenders if c not in CONTENDERS]
-        if unknown:
-            print(f"bench_fused_ce: error: unknown --contenders {unknown}; choose from {list(CONTENDERS)}",
-                  file=sys.stderr)
-            return 2
+    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
     rep_ms = args.rep_ms or (20.0 if args.quick else 150.0)
 
     started = time.perf_counter()

@@ -225,11 +225,9 @@ def test_bench_fused_ce_cpu_quick(tmp_path):
                                         (["--device", "tpu"], "invalid choice: 'tpu'")])
 def test_bench_fused_ce_argument_errors_exit_2(load_script, capsys, args, match):
     bench = load_script(BENCH / "bench_fused_ce.py")
-    try:
-        code = bench.main(["--quick", "--skip-ceilings"] + args)
-    except SystemExit as e:   # argparse's own refusals
-        code = e.code
-    assert code == 2 and match in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:   # argparse's usage error, before any work
+        bench.main(["--quick", "--skip-ceilings"] + args)
+    assert refused.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_bench_fused_ce_per_head_peers_and_scratch_labels(load_script):

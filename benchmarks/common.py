@@ -465,20 +465,29 @@ PROGRAMMATIC_GUARD_TESTS = ("test_gpu_programmatic_decode_step_in_a_graph",)
 SKINNY_WS_GUARD_TESTS = ("test_gpu_bf16_warp_specialized_tiles",)
 
 
-def guard_tests_failed(junit_xml: str, names: tuple) -> bool:
-    """False only when the GPU test run's JUnit file shows every test named in `names` (by prefix:
-    all its parameters) ran and none failed, errored or was skipped; True when one did, when one did
-    not run (GPU_TESTS left it out), or when the file is missing or unreadable (the run hung or died
+def _junit_verdicts(junit_xml: str, names: tuple):
+    """{test case name: passed (not failed, errored or skipped)} of the JUnit file's cases whose names
+    start with one of `names`, or None when the file is missing or unreadable (the run hung or died
     before writing it)."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.parse(junit_xml).getroot()
     except (OSError, ET.ParseError):
+        return None
+    return {case.get("name"): all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
+            for case in root.iter("testcase") if case.get("name", "").startswith(names)}
+
+
+def guard_tests_failed(junit_xml: str, names: tuple) -> bool:
+    """False only when the GPU test run's JUnit file shows every test named in `names` (by prefix:
+    all its parameters) ran and none failed, errored or was skipped; True when one did, when one did
+    not run (GPU_TESTS left it out), or when the file is missing or unreadable."""
+    verdicts = _junit_verdicts(junit_xml, names)
+    if verdicts is None:
         return True
-    guarded = [case for case in root.iter("testcase") if case.get("name", "").startswith(names)]
-    ran_all = all(any(case.get("name").startswith(name) for case in guarded) for name in names)
-    return not ran_all or any(case.find(tag) is not None for case in guarded for tag in ("failure", "error", "skipped"))
+    ran_all = all(any(case.startswith(name) for case in verdicts) for name in names)
+    return not ran_all or not all(verdicts.values())
 
 
 def warp_spec_tests_failed(junit_xml: str) -> bool:
@@ -497,20 +506,12 @@ def skinny_ws_selection(junit_xml: str, chosen: str = "") -> str:
     default until a Triton version is validated (`skinny_ws.SKINNY_WS_VALIDATED_TRITON`).
     chosen: MTP_SKINNY_WS as set by hand ("" or "1": any tile; a list: those only), narrowed to the
     tiles that passed, as every guarded launch is."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.parse(junit_xml).getroot()
-    except (OSError, ET.ParseError):
-        return "0"
-    verdicts: dict = {}
-    for case in root.iter("testcase"):
-        name = case.get("name", "")
-        if not name.startswith(SKINNY_WS_GUARD_TESTS) or "[" not in name:
-            continue
-        tile = name[name.index("[") + 1:].rstrip("]").split("-", 1)[-1]
-        ok = all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
-        verdicts[tile] = verdicts.get(tile, True) and ok
+    cases = _junit_verdicts(junit_xml, SKINNY_WS_GUARD_TESTS)
+    verdicts: dict = {}   # tile id -> every case of it passed
+    for name, ok in (cases or {}).items():
+        if "[" in name:
+            tile = name[name.index("[") + 1:].rstrip("]").split("-", 1)[-1]
+            verdicts[tile] = verdicts.get(tile, True) and ok
     picked = {t.strip() for t in chosen.split(",")} if chosen.strip() not in ("", "1") else None
     if picked is None and verdicts and all(verdicts.values()):
         return "1"

@@ -1,7 +1,8 @@
 """Which forms of the skinny GEMM's TMA tile does Triton warp-specialize for sm_90?
 
-kernels/skinny_ws.py offers its tiles in two forms: 64 rows of x as wgmma's M, and, for 32 rows,
-the weight rows as M (`swap_ab`). This compiles those two and two forms it does not offer, on a CPU
+kernels/skinny_ws.py offers its tiles in two forms: rows of x as wgmma's M (64-row tiles), and the
+weight rows as M (`swap_ab`: every 32-row tile, one 64-row tile). This compiles a 64-row tile of the
+first and a 32-row tile of the second, and two forms it does not offer, on a CPU
 (nothing runs), and reports whether Triton's automatic pass split the K loop into producer and
 consumer warps (warps run > num_warps asked) and which matrix instructions the dots became:
   - 32 rows of x as M, not swapped: the dot is too short for wgmma's M of 64;
@@ -28,11 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NUM_WARPS = 4
-# form: (BLOCK_M, SWAP_AB, persistent, offered)
-FORMS = {"64 rows as M": (64, False, False, True),
-         "32 rows, weight rows as M (swap_ab)": (32, True, False, True),
-         "32 rows as M": (32, False, False, False),
-         "64 rows as M, persistent (flattened loop)": (64, False, True, False)}
+# form: (BLOCK_M, SWAP_AB, persistent); whether it is offered comes from skinny_linear's tile table
+FORMS = {"64 rows as M": (64, False, False),
+         "32 rows, weight rows as M (swap_ab)": (32, True, False),
+         "32 rows as M": (32, False, False),
+         "64 rows as M, persistent (flattened loop)": (64, False, True)}
+
+
+def offered(block_m: int, swap: bool, persistent: bool) -> bool:
+    """Whether the GPU tile table (`skinny_linear.ws_tiles`) has a tile of this form (none is persistent)."""
+    common.import_mtp_kernels()
+    from mtp_kernels.skinny_linear import ws_tiles
+
+    return not persistent and any(t.swap_ab == swap for t in ws_tiles(block_m, gpu=True))
 
 
 @triton.jit
@@ -89,8 +98,8 @@ def main(out: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
         raise SystemExit("probe_skinny_ws_forms.py compiles for sm_90: run it without TRITON_INTERPRET "
                          "(the interpreter replaces the kernels it compiles)")
-    rows = [{"form": name, "offered": offered, **compile_form(block_m, swap, persistent)}
-            for name, (block_m, swap, persistent, offered) in FORMS.items()]
+    rows = [{"form": name, "offered": offered(block_m, swap, persistent), **compile_form(block_m, swap, persistent)}
+            for name, (block_m, swap, persistent) in FORMS.items()]
     stem = Path(out) / f"skinny_ws_forms_triton-{triton.__version__}"
     stem.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
     table = common.markdown_table(

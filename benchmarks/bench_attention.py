@@ -410,7 +410,7 @@ def to_markdown(result: dict) -> str:
     lines += ["", f"## KV-cache attention, {result['dtype']}, H{H} Hkv{Hkv} D{D} (cache bytes read / time; "
               f"cache_seqlens range check off)", "",
               ("CPU smoke run: each time is one eager call under the Triton interpreter, a check that the "
-               "pipeline runs, not a speed." if result["device"].startswith("cpu") else
+               "pipeline runs, not a speed." if result.get("smoke") else
                "Times are CUDA-graph replays (the generator's condition); \"launch\" is the same call launched "
                "eagerly from Python, host cost included. Calls cycle through \"copies\" of the cache (together "
                "twice the L2), so each reads its cache from HBM."), "",
@@ -491,7 +491,7 @@ def cpu_smoke(out_dir: str) -> dict:
     attention = _import_attention()
     ceilings = common.measure_ceilings("cpu", rep_ms=20)
     copy_gbps, tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
-    result = {"device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": triton.__version__,
+    result = {"smoke": True, "device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": triton.__version__,
               "copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": ceilings["matmul_dtype"],
               "dtype": "fp32", "decode_heads": (4, 2, 16)}
     return _measure(out_dir, "attention_cpu-smoke", result, attention,

@@ -477,8 +477,8 @@ def render_markdown(meta: dict[str, Any], ceilings: dict[str, Any], shapes: list
         f"cut-cross-entropy {meta.get('cut_cross_entropy') or 'not installed'}.",
         (f"Measured ceilings: {ceilings['matmul_dtype']} {ceilings['matmul_size']}^3 matmul "
          f"{ceilings['matmul_tflops']:.1f} TFLOP/s; copy {ceilings['copy_gbps']:.0f} GB/s (read + write)."
-         if ceilings["matmul_size"] else "Ceilings not measured (--skip-ceilings): the floors assume a matmul rate "
-         "of 1 TFLOP/s, so the x floor column is not a ratio to this device's floor."),
+         if ceilings.get("measured", True) else "Ceilings not measured (--skip-ceilings): the floors assume a matmul rate "
+         f"of {ceilings['matmul_tflops']:g} TFLOP/s, so the x floor column is not a ratio to this device's floor."),
         "",
         "Loss = sum over heads of the per-head mean CE (5% of targets ignored, equally per head); ms = median "
         "fwd+bwd; per-head contenders run each head's backward before the next head's forward; scratch = "
@@ -580,7 +580,8 @@ def main(argv=None) -> int:
     print(f"device {meta['device']}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
 
     if args.skip_ceilings:
-        ceilings = {"matmul_dtype": "none", "matmul_size": 0, "matmul_tflops": 1.0, "copy_gbps": float("nan")}
+        ceilings = {"measured": False, "matmul_dtype": "none", "matmul_size": 0, "matmul_tflops": 1.0,
+                    "copy_gbps": float("nan")}
     else:
         ceilings = common.measure_ceilings(device, rep_ms=50.0 if args.quick else 100.0)
     print(f"ceilings: {ceilings['matmul_tflops']:.1f} TFLOP/s matmul, {ceilings['copy_gbps']:.0f} GB/s copy", flush=True)

@@ -217,6 +217,8 @@ def test_bench_fused_ce_cpu_quick(tmp_path):
     _run([BENCH / "bench_fused_ce.py", "--device", "cpu", "--quick", "--skip-ceilings", "--rep-ms", "5"], tmp_path)
     rows = {r["contender"]: r for r in json.loads((tmp_path / "fused_ce_cpu.json").read_text())["results"]}
     assert rows["ours"]["status"] == "ok" and rows["eager_per_head"]["status"] == "ok"
+    assert "Ceilings not measured (--skip-ceilings): the floors assume a matmul rate of 1 TFLOP/s" in \
+        (tmp_path / "fused_ce_cpu.md").read_text()
 
 
 @pytest.mark.parametrize("args,match", [(["--rep-ms", "0"], "--rep-ms must be > 0"),

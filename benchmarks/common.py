@@ -395,6 +395,41 @@ def probe_command_line(doc: str, main: Callable[[str], Any]) -> None:
     main(out)
 
 
+def refuse_interpreter(script: str) -> None:
+    """A compile probe builds sm_90 code on a CPU: under TRITON_INTERPRET the interpreter would
+    replace the kernels it compiles."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
+        raise SystemExit(f"{script} compiles for sm_90: run it without TRITON_INTERPRET (the interpreter "
+                         "replaces the kernels it compiles)")
+
+
+def compile_sm90(src, num_warps: int, num_stages: int):
+    """(compiled, None) for a Triton ASTSource compiled for sm_90 on any machine (nothing runs), or
+    (None, "ErrorType: the compiler's last line"): for a probe a failed compile is a finding."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages)), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
+
+
+def write_probe(out: str, stem: str, title: str, script: str, rows: list, headers: list, cells: list) -> None:
+    """A compile probe's results: <out>/<stem>_triton-<major.minor>.json ({"triton", "rows"}) and .md (a
+    title, the script, the table), and the table on stdout. (with_suffix takes the version's last
+    ".N" for the suffix it replaces: 3.9.0 names the files 3.9, as the committed tables are named.)"""
+    import triton
+
+    path = Path(out) / f"{stem}_triton-{triton.__version__}"
+    path.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
+    table = markdown_table(headers, cells)
+    path.with_suffix(".md").write_text(f"# {title} (sm_90, Triton {triton.__version__}, compiled on a CPU)\n\n"
+                                       f"`benchmarks/{script}`.\n\n{table}\n")
+    print(table)
+
+
 def write_bar_chart(
     path: Path | str,
     groups: list[str],

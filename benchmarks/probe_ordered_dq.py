@@ -18,14 +18,11 @@ Writes ordered_dq_ws_probe_triton-<version>.{json,md}.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -66,26 +63,19 @@ def compile_form(dq_add: bool, in_order: bool, num_warps: int = 4) -> dict:
                      BLOCK="constexpr", HEAD_DIM="constexpr", DQ_ADD="constexpr", IN_ORDER="constexpr")
     src = triton.compiler.ASTSource(fn=_dkdv_like_kernel, signature=signature,
                                     constexprs=dict(BLOCK=64, HEAD_DIM=128, DQ_ADD=dq_add, IN_ORDER=in_order))
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=2))
-    except Exception as exc:   # the pass's failure is the finding
-        return {"error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"}
+    compiled, error = common.compile_sm90(src, num_warps, num_stages=2)
+    if error:   # the pass's failure is the finding
+        return {"error": error}
     warps = int(compiled.metadata.num_warps)
     return {"warps_run": warps, "warp_specialized": warps > num_warps}
 
 
 def main(out: str) -> None:
-    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
-        raise SystemExit("probe_ordered_dq.py compiles for sm_90: run it without TRITON_INTERPRET "
-                         "(the interpreter replaces the kernel it compiles)")
+    common.refuse_interpreter("probe_ordered_dq.py")
     rows = [{"form": name, **compile_form(*flags)} for name, flags in FORMS.items()]
-    stem = Path(out) / f"ordered_dq_ws_probe_triton-{triton.__version__}"
-    stem.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
-    table = common.markdown_table(["loop form", "warps run (asked 4)", "warp-specialized", "compile error"],
-                                  [[r["form"], r.get("warps_run"), r.get("warp_specialized"), r.get("error")] for r in rows])
-    stem.with_suffix(".md").write_text(f"# Ordered dQ in a warp-specialized loop (sm_90, Triton {triton.__version__}, "
-                                       "compiled on a CPU)\n\n`benchmarks/probe_ordered_dq.py`.\n\n" + table + "\n")
-    print(table)
+    common.write_probe(out, "ordered_dq_ws_probe", "Ordered dQ in a warp-specialized loop", "probe_ordered_dq.py", rows,
+                       ["loop form", "warps run (asked 4)", "warp-specialized", "compile error"],
+                       [[r["form"], r.get("warps_run"), r.get("warp_specialized"), r.get("error")] for r in rows])
 
 
 if __name__ == "__main__":

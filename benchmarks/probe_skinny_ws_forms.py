@@ -16,14 +16,11 @@ Writes skinny_ws_forms_triton-<version>.{json,md}.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -83,11 +80,9 @@ def _source(block_m: int, swap_ab: bool, persistent: bool):
 def compile_form(block_m: int, swap_ab: bool, persistent: bool) -> dict:
     """Compile one form for sm_90 (4 stages): {"warps_run", "warp_specialized", "tensor_cores"},
     or {"error": the compiler's last line}."""
-    try:
-        compiled = triton.compile(_source(block_m, swap_ab, persistent), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=NUM_WARPS, num_stages=4))
-    except Exception as exc:   # a compile failure is a finding too
-        return {"error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"}
+    compiled, error = common.compile_sm90(_source(block_m, swap_ab, persistent), NUM_WARPS, num_stages=4)
+    if error:
+        return {"error": error}
     ptx = compiled.asm["ptx"]
     tensor_cores = "+".join(n for n, p in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if p in ptx) or "-"
     warps = int(compiled.metadata.num_warps)
@@ -95,20 +90,14 @@ def compile_form(block_m: int, swap_ab: bool, persistent: bool) -> dict:
 
 
 def main(out: str) -> None:
-    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
-        raise SystemExit("probe_skinny_ws_forms.py compiles for sm_90: run it without TRITON_INTERPRET "
-                         "(the interpreter replaces the kernels it compiles)")
+    common.refuse_interpreter("probe_skinny_ws_forms.py")
     rows = [{"form": name, "offered": offered(block_m, swap, persistent), **compile_form(block_m, swap, persistent)}
             for name, (block_m, swap, persistent) in FORMS.items()]
-    stem = Path(out) / f"skinny_ws_forms_triton-{triton.__version__}"
-    stem.with_suffix(".json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
-    table = common.markdown_table(
+    common.write_probe(
+        out, "skinny_ws_forms", "Skinny GEMM TMA tile forms", "probe_skinny_ws_forms.py", rows,
         ["form", "offered", f"warps run (asked {NUM_WARPS})", "warp-specialized", "matrix instructions", "compile error"],
         [[r["form"], r["offered"], r.get("warps_run"), r.get("warp_specialized"), r.get("tensor_cores"), r.get("error")]
          for r in rows])
-    stem.with_suffix(".md").write_text(f"# Skinny GEMM TMA tile forms (sm_90, Triton {triton.__version__}, compiled "
-                                       "on a CPU)\n\n`benchmarks/probe_skinny_ws_forms.py`.\n\n" + table + "\n")
-    print(table)
 
 
 if __name__ == "__main__":

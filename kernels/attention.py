@@ -50,7 +50,7 @@ from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_
                       graph_capturing, interpreting, refuse_double_backward, sm_count, tma_aligned,
                       use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
-from .launch_tuner import LaunchTuner, rotating_copies
+from .launch_tuner import LaunchTuner, close_to, rotating_copies
 
 LOG2E = 1.4426950408889634
 
@@ -1208,12 +1208,19 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     call reads the next of a few copies of the cache (`rotating_copies`; l2_bytes: the L2 size, by
     default the device's, none on a CPU), so that a cache smaller than the L2 is read from HBM as in
     a decode step, where the other layers' caches and weights pass through L2 between two uses.
-    KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture."""
+    KV-cache attention calls this at the first call of a shape on CUDA outside a graph capture.
+    A launch whose result is not `close_to` the eager reference's (a race in a split launch's
+    combine can be fast and wrong) is left out."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
+    dense = None if tree_mask is None else tree_mask.mask
+    # One sequence at a time: the eager reference holds float32 scores and repeated heads.
+    want = torch.cat([reference.kv_cache_attention(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], full[b:b + 1],
+                                                   dense, sm_scale) for b in range(q.shape[0])])
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
                           kv_launch_candidates(*kv_problem(q, k_cache), q.device),
-                          lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer)
+                          lambda launch: _kv_run(q, next_k(), next_v(), full, tree_mask, sm_scale, launch), timer,
+                          close_to(want))
 
 
 def _kv_launch_for(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale) -> KVLaunch:

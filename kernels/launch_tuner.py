@@ -101,17 +101,22 @@ def cuda_graph_ms(fn: Callable[[], object], calls: int = GRAPH_CALLS, replays: i
     return best
 
 
-def close_to(reference: torch.Tensor, rtol: float = 1e-2) -> Callable[[torch.Tensor], bool]:
+def close_to(reference, rtol: float = 1e-2) -> Callable[[object], bool]:
     """A tuner's `agrees`: whether a result is finite and within rtol of `reference` in norm,
     |out - reference| <= rtol |reference| over all elements (float32; any shape with reference's
-    number of elements). 1e-2 passes any rounding of a bf16 GEMM's sums (about 1e-3) and fails one
-    wrong row among 64 (a row of garbage of the right size is about 18% of the norm), any NaN or inf."""
+    number of elements). reference may be a tuple of tensors (a launch's several outputs): then
+    each element of the result must agree with its own. 1e-2 passes any rounding of a bf16 GEMM's
+    sums (about 1e-3) and fails one wrong row among 64 (a row of garbage of the right size is about
+    18% of the norm), any NaN or inf."""
+    if isinstance(reference, (tuple, list)):
+        parts = [close_to(r, rtol) for r in reference]
+        return lambda out: len(out) == len(parts) and all(agrees(o) for agrees, o in zip(parts, out))
     ref = reference.detach().float().reshape(-1)
     bound = rtol * float(ref.norm())
 
     def agrees(out: torch.Tensor) -> bool:
         out = out.detach().float().reshape(-1)
-        return bool(torch.isfinite(out).all()) and float((out - ref).norm()) <= bound
+        return out.numel() == ref.numel() and bool(torch.isfinite(out).all()) and float((out - ref).norm()) <= bound
     return agrees
 
 
@@ -124,18 +129,21 @@ class LaunchTuner:
         self.times: Dict[Hashable, dict] = {}   # key -> {candidate: ms} of its tuning run, for reports
 
     def tune(self, key: Hashable, candidates: Sequence, run: Callable[[object], object],
-             timer: Callable | None = None, agrees: Callable[[object], bool] | None = None) -> dict:
+             timer: Callable | None = None, agrees: Callable[[object], bool] | None = None,
+             probe: Callable[[object], object] | None = None) -> dict:
         """Time run(candidate) for every candidate (timer(fn) -> ms, default `cuda_graph_ms`), keep
         the fastest under `key` and return {candidate: ms}. A candidate that raises RuntimeError or a
         Triton error (resources, compilation, ptxas) counts as infinitely slow, and so, with a
-        warning, does one whose result agrees(run(candidate)) refuses (e.g. `close_to` a reference:
-        a launch that computes wrong values on this device must never win on speed); RuntimeError
-        when none runs."""
+        warning, does one whose result agrees(probe(candidate)) refuses (e.g. `close_to` a reference:
+        a launch that computes wrong values on this device must never win on speed). probe defaults
+        to run; a launch that also writes elsewhere (a cache, a residual stream) probes those writes
+        too, outside the timings. RuntimeError when none runs."""
         timer = timer or cuda_graph_ms
+        probe = probe or run
         times = {}
         for candidate in candidates:
             try:
-                if agrees is not None and not agrees(run(candidate)):
+                if agrees is not None and not agrees(probe(candidate)):
                     warnings.warn(f"{self.name}: {candidate} gives results that disagree with the reference for "
                                   f"{key}; left out")
                     times[candidate] = float("inf")

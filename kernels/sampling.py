@@ -372,10 +372,43 @@ def tune_select(key, hidden: torch.Tensor, weight: torch.Tensor, top_k: int, til
                 l2_bytes: int | None = None) -> dict:
     """Time a greedy selection of hidden's rows with every tile and keep the fastest under `key`
     (LaunchTuner.tune, timer included); each timed call reads the next of a few weight copies
-    (`rotating_copies`), as a step reads the unembedding from memory."""
+    (`rotating_copies`), as a step reads the unembedding from memory. A tile whose top_k tokens'
+    logits are not the top_k logits (`_selects_the_best`) is left out."""
     next_weight = rotating_copies(weight, l2_bytes)
+
+    def probe(tile):
+        return TokenCandidates(*_select_launch(hidden, next_weight(), 0.0, None, top_k, tile)).topk(top_k)
     return _SELECT_TUNER.tune(key, tiles, lambda tile: _select_launch(hidden, next_weight(), 0.0, None, top_k, tile),
-                              timer)
+                              timer, _selects_the_best(hidden, weight, top_k), probe)
+
+
+def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
+                  chunk: int = 8192) -> torch.Tensor:
+    """float32 logits of hidden (R, D) against weight (V, D), NaN as -inf (the kernels' rule): of
+    tokens (R, k) when given, else of the whole vocabulary (R, V), in chunks of `chunk` weight rows
+    so that the float32 copies stay small."""
+    h = hidden.float()
+    if tokens is not None:
+        return torch.einsum("rd,rkd->rk", h, weight[tokens].float()).nan_to_num(nan=float("-inf"))
+    return torch.cat([(h @ weight[v0:v0 + chunk].float().T).nan_to_num(nan=float("-inf"))
+                      for v0 in range(0, weight.shape[0], chunk)], dim=1)
+
+
+def _selects_the_best(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, rtol: float = 1e-3, rows: int = 256):
+    """A selection tuner's `agrees`: whether tokens (R, top_k) have the top_k logits of their rows,
+    best first, in float32 from the same inputs within rtol (so a tie may go either way, a wrong
+    token may not: the kernel's float32 sums differ from these by summation order only). `rows`
+    rows at a time."""
+    starts = range(0, hidden.shape[0], rows)
+    want = [torch.topk(_float_logits(hidden[r:r + rows], weight), top_k, dim=1).values for r in starts]
+
+    def agrees(tokens: torch.Tensor) -> bool:
+        for r, best in zip(starts, want):
+            got = _float_logits(hidden[r:r + rows], weight, tokens[r:r + rows])
+            if not bool(((got - best).abs() <= rtol * (1 + best.abs())).logical_or(got == best).all()):
+                return False
+        return True
+    return agrees
 
 
 def _vocab_grid(n_vocab_blocks: int) -> int:

@@ -54,7 +54,7 @@ profiles. A third tuner times it against the unfused pair.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -556,10 +556,11 @@ def swiglu_twin(launch: SkinnyLaunch) -> SkinnyLaunch:
 WS_SHARED_BYTES = 200 * 1024   # the ring's budget per CTA (sm_90 allows 227 KB; the epilogue needs some)
 
 
-def ws_paired_stages(launch: SkinnyLaunch, element_size: int = 2) -> int:
+def ws_paired_stages(launch: SkinnyLaunch) -> int:
     """Stages of a warp-specialized tile that reads two weight tiles per K step at launch's width:
-    launch.num_stages, or fewer (2 at least) where its ring would pass WS_SHARED_BYTES."""
-    stage = (launch.block_m + 2 * launch.block_n) * launch.block_k * element_size
+    launch.num_stages, or fewer (2 at least) where its ring of fp16/bf16 tiles (the only dtypes
+    these tiles take) would pass WS_SHARED_BYTES."""
+    stage = (launch.block_m + 2 * launch.block_n) * launch.block_k * 2
     return max(2, min(launch.num_stages, WS_SHARED_BYTES // stage))
 
 
@@ -633,6 +634,22 @@ class RotaryCacheWrite:
         return (freqs, stride_fb, stride_ft, self.slots, self.slots.stride(0), self.slots.stride(1),
                 self.slots.shape[1], self.n_heads * D, self.n_kv_heads * D, self.k_cache, self.v_cache,
                 self.k_cache.stride(0), self.k_cache.stride(1), D)
+
+    def _written_rows(self) -> tuple:
+        rows = torch.arange(self.slots.shape[0], device=self.slots.device)[:, None].expand_as(self.slots)
+        return rows, self.slots.long()
+
+    def probe(self, write: Callable[[], object]) -> tuple:
+        """A tuner's probe of a launch that writes k and v into the caches: write() after the slots
+        it writes are filled with NaN, so a launch that writes nothing or writes some rows wrong shows:
+        write()'s outputs (a tuple, or one tensor), then the k and v it left at the slots (copies)."""
+        index = self._written_rows()
+        B = self.slots.shape[0]
+        for cache in (self.k_cache, self.v_cache):
+            cache[:B].index_put_(index, torch.tensor(float("nan"), dtype=cache.dtype, device=cache.device))
+        out = write()
+        out = out if isinstance(out, tuple) else (out,)
+        return (*out, self.k_cache[:B][index].clone(), self.v_cache[:B][index].clone())
 
 
 _NO_ROPE = (None, 0, 0, None, 0, 0, 1, 0, 0, None, None, 0, 0, 2)   # FREQS .. HEAD_DIM, unused
@@ -830,9 +847,13 @@ def _tune_epilogue(tuner: LaunchTuner, key, x2: torch.Tensor, weight: torch.Tens
     skinny_linear(x2, weight)
     plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
     next_weight = rotating_copies(weight, l2_bytes)
-    agrees = close_to(skinny_linear_run(x2, next_weight(), None, **epilogue))
-    return tuner.tune(key, candidates(x2.shape[0], x2.device, plain_times),
-                      lambda c: skinny_linear_run(x2, next_weight(), c, **epilogue), timer, agrees)
+
+    def run(launch):
+        return skinny_linear_run(x2, next_weight(), launch, **epilogue)
+    rope = epilogue.get("rope")
+    probe = run if rope is None else (lambda launch: rope.probe(lambda: run(launch)))
+    agrees = close_to(probe(None))
+    return tuner.tune(key, candidates(x2.shape[0], x2.device, plain_times), run, timer, agrees, probe)
 
 
 def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,
@@ -1040,10 +1061,15 @@ def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: No
         return y.view(*x.shape[:-1], -1), (x if h_out is None else h_out.view(x.shape))
 
     def tune():
-        agrees = close_to(run(None)[0])   # tunes the projection's own launches first, outside the timings
-        plain_times = _TUNER.times.get((str(x.device), x.dtype, row_tile(M), *weight.shape))
         next_weight = rotating_copies(weight)
+
+        def probe(launch):   # y and h, and with rope the k and v it wrote
+            def write():
+                return run(launch, next_weight())
+            return write() if rope is None else rope.probe(write)
+        agrees = close_to(probe(None))   # tunes the projection's own launches first, outside the timings
+        plain_times = _TUNER.times.get((str(x.device), x.dtype, row_tile(M), *weight.shape))
         tuner.tune(key, norm_candidates(M, x.device, plain_times, epilogue_candidates),
-                   lambda c: run(c, next_weight())[0], agrees=agrees)
+                   lambda c: run(c, next_weight())[0], agrees=agrees, probe=probe)
     return run(tuner.choose(key, x.device, tune, lambda: None))
 

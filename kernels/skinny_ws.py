@@ -48,6 +48,11 @@ from .skinny_epilogue import store_split, store_tile
 SKINNY_WS_VALIDATED_TRITON: tuple = ()
 
 
+def _ws_setting() -> str:
+    """MTP_SKINNY_WS, stripped: "" (unset), "0", "1" or a comma-separated list of tile ids."""
+    return os.environ.get("MTP_SKINNY_WS", "").strip()
+
+
 def skinny_ws_allowed(device: torch.device) -> bool:
     """Whether the skinny tuners may time warp-specialized tiles on `device`: under the
     interpreter (the tests) and in an sm_90 cross-compile (compile_check.py) always; on a GPU when
@@ -61,7 +66,7 @@ def skinny_ws_allowed(device: torch.device) -> bool:
         return arch == 90
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    setting = os.environ.get("MTP_SKINNY_WS", "").strip()
+    setting = _ws_setting()
     if setting == "0":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -76,7 +81,7 @@ def skinny_ws_offered(tile_id: str) -> bool:
     """Whether the tile `tile_id` (`SkinnyLaunch.tile_id()`) is offered where `skinny_ws_allowed`:
     every tile, unless MTP_SKINNY_WS is a comma-separated list of tile ids (gpu_check.sh sets the
     tiles whose GPU test passed), then those only."""
-    setting = os.environ.get("MTP_SKINNY_WS", "").strip()
+    setting = _ws_setting()
     if setting in ("", "0", "1"):
         return True
     return tile_id in {t.strip() for t in setting.split(",")}

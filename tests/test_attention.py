@@ -600,6 +600,28 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
                                rtol=1e-4, atol=2e-5)
 
 
+def test_kv_launch_tuning_leaves_out_a_launch_that_disagrees(triton_backend, monkeypatch):
+    """A split launch whose combine drops one sequence's output (as a race in it would) never wins,
+    however fast it times: every candidate is checked against the eager reference first."""
+    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 3, 70, [5, 40], seed=33)
+    packed = pack_tree_mask(_random_tree_mask(3, torch.Generator().manual_seed(34)))
+    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
+    bad = next(c for c in candidates if c.n_splits > 1 and c.combine_last)
+    run = attention_module._kv_run
+
+    def faulty(*args):
+        out = run(*args)
+        if args[-1] == bad:
+            out[1] = 0
+        return out
+    monkeypatch.setattr(attention_module, "_kv_run", faulty)
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3,
+                                                timer=lambda fn: (fn(), 1.0)[1])
+    assert times[bad] == float("inf") and all(t == 1.0 for c, t in times.items() if c != bad)
+
+
 def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
     """Prefill chunks (no tree) of lengths in one power-of-two band share a key, so a server does not
     tune again at every prompt length; the launch tuned at one length gives the right result at

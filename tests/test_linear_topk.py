@@ -220,6 +220,36 @@ def test_selection_tuning(triton_backend, monkeypatch):
     assert launched == [tiles[1], None]
 
 
+def test_selection_tuning_leaves_out_a_tile_that_selects_wrong_tokens(triton_backend, monkeypatch):
+    """A tile whose partials name a worse token for one row (as a race in its reduction would) never
+    wins, however fast it times; ties are not held against a tile (the check compares logits)."""
+    from mtp_kernels.launch_tuner import LaunchTuner
+
+    monkeypatch.setattr(sampling, "_SELECT_TUNER", LaunchTuner("linear_select"))
+    hidden, weight = _integer_inputs(20, 300, 32, torch.float32, seed=24)
+    weight[5] = weight[17] = 4 * hidden[0]      # row 0's best two tokens tie
+    tiles = [sampling.SelectTile(16, 64, 32, 1, 1), sampling.SelectTile(32, 32, 32, 1, 1)]
+    launch = sampling._select_launch
+
+    def faulty(hidden_, weight_, temperature, generator, top_k, tile):
+        score, index = launch(hidden_, weight_, temperature, generator, top_k, tile)
+        if tile == tiles[1]:
+            index[3] = torch.argmin(hidden_[3] @ weight_.T).to(index.dtype)   # row 3: the worst token
+        return score, index
+    monkeypatch.setattr(sampling, "_select_launch", faulty)
+    key = ("cpu", torch.float32, 32, 300, 32, 3)
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        times = sampling.tune_select(key, hidden, weight, 3, tiles, lambda fn: (fn(), 1.0)[1], l2_bytes=0)
+    assert times == {tiles[0]: 1.0, tiles[1]: float("inf")}
+    agrees = sampling._selects_the_best(hidden, weight, 1, rows=7)
+    logits = hidden @ weight.T
+    best = torch.argmax(logits, dim=1, keepdim=True)
+    assert agrees(best) and not agrees(torch.argmin(logits, dim=1, keepdim=True))
+    assert int(best[0]) == 5
+    best[0] = 17                                # the other of the tied pair
+    assert agrees(best)
+
+
 def test_nan_hidden_states_still_give_token_ids(triton_backend):
     """A NaN hidden row (a diverged model) must not turn into an id past the vocabulary, which the
     next embedding lookup would fault on: NaN logits count as -inf, so the row picks id 0."""

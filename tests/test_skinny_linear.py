@@ -1183,6 +1183,57 @@ def test_every_norm_prologue_rope_launch_matches_the_reference(triton_backend, d
             torch.testing.assert_close(got.double(), expected, **tol, msg=lambda m: f"{launch}: {m}")
 
 
+def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypatch):
+    """A rotary launch that returns the right q but writes a wrong v into the cache, and a norm
+    prologue launch that returns the right gate but a wrong residual stream h, are left out by their
+    tuners (with a warning) however fast they time: the tuners check all that a launch writes."""
+    run = sl.skinny_linear_run
+    B, T, K, H, Hkv, D = 1, 3, 32, 2, 1, 8
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=7)
+    want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
+    rope = sl.RotaryCacheWrite(freqs, slots, *(c.clone() for c in caches), H, Hkv)
+    bad = sl.rope_candidates(B * T, x.device)[1]
+
+    def faulty(x2, weight, launch, *args, **kwargs):
+        y = run(x2, weight, launch, *args, **kwargs)
+        if launch == bad and kwargs.get("rope") is not None:
+            kwargs["rope"].v_cache[0, kwargs["rope"].slots[0]] += 1.0   # q right, one sequence's v off
+        if launch == bad and kwargs.get("h_out") is not None:
+            kwargs["h_out"].mul_(1.05)                # gate right, h 5% off
+        return y
+    monkeypatch.setattr(sl, "skinny_linear_run", faulty)
+    monkeypatch.setattr(sl, "_ROPE_TUNER", LaunchTuner("skinny_linear_rope"))
+    key = ("cpu", torch.float32, 16, (H + 2 * Hkv) * D, K, H * D)
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer=lambda fn: (fn(), 1.0)[1])
+    assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
+    # The probes leave the caches as the launches write them, here the last candidate's (a right one).
+    torch.testing.assert_close(rope.v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
+
+    tuner = LaunchTuner("skinny_linear_swiglu_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    from mtp_kernels import launch_tuner
+    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
+    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
+    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=9)
+    bad = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
+    (_, times), = tuner.times.items()
+    assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
+    # The rotary projection behind a norm prologue: its tuner checks q, h and the cache writes.
+    tuner = LaunchTuner("skinny_linear_rope_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_rope", tuner)
+    x, wqkv, freqs, slots, caches = _rope_inputs(B, T, 40, H, Hkv, D, torch.float32, seed=10)
+    delta, g = x.flip(-1).clone(), 1 + x[0, 0].abs()
+    bad = sl.norm_candidates(B * T, x.device, None, sl.rope_candidates)[1]
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        sl.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, *caches, norm=sl.NormPrologue(g, 1e-5, delta))
+    (_, times), = tuner.times.items()
+    assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
+
+
 def test_norm_prologue_dispatch_tuned_launch_and_unfused_pair(triton_backend, monkeypatch):
     """skinny_linear_swiglu(norm=...): the unfused pair (add_rms_norm, then the projection) until a
     launch is tuned for the key, then that launch; both give (gate, h) with h = x + delta."""

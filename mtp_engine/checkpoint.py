@@ -105,9 +105,11 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     shards = [_load_shard(p) for p in shard_paths]
     _check_consistent_keys(shards, shard_paths)
 
+    source = params_path.name
     if params_vocab_size(params, params_path) is None:
         # Meta's params.json says -1 (the vocab comes from the tokenizer); the weights know it.
         params["vocab_size"] = _vocab_from_shards(shards, params_path)
+        source += f" (vocab_size {params['vocab_size']} from the weights)"
     args = ModelArgs.from_dict(params, source=str(params_path))
 
     with torch.device("meta"):
@@ -120,16 +122,20 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     for key, shape in expected.items():
         tensor = _merge(key, [s[key] for s in shards], shard_paths)
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{key}: expected shape {shape} from {params_path.name}, got {tuple(tensor.shape)}"
+            raise ValueError(f"{key}: expected shape {shape} from {source}, got {tuple(tensor.shape)}"
                              + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
-                             + f" in {ckpt_dir}")
+                             + f" in {ckpt_dir}" + _missing_shard_hint(key, tuple(tensor.shape), shape, len(shards)))
         if not tensor.is_floating_point():
             raise ValueError(f"{key}: a model weight must be a floating tensor, got {tensor.dtype} in {ckpt_dir}")
         state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     del shards
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
-    if len(dtypes) > 1:   # every matmul needs one dtype: name the mix here, not in the first forward
-        raise ValueError(f"{ckpt_dir}: the weights mix dtypes {dtypes}; pass dtype= to load them in one")
+    by_dtype = {}
+    for key, tensor in state.items():
+        by_dtype.setdefault(str(tensor.dtype).removeprefix("torch."), []).append(key)
+    if len(by_dtype) > 1:   # every matmul needs one dtype: name the mix here, not in the first forward
+        mix = "; ".join(f"{dtype}: {len(keys)} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                        for dtype, keys in sorted(by_dtype.items(), key=lambda item: len(item[1])))
+        raise ValueError(f"{ckpt_dir}: the weights mix dtypes, {mix}; pass dtype= to load them in one")
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers were built on the meta device; recompute them for real.
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(device)
@@ -245,6 +251,19 @@ def _check_head_count(args: ModelArgs, shard: dict, params_path: Path, shard_pat
     n_layers_want, n_extra_want = args.n_trunk_layers + 1, args.n_future_tokens - 1
     if (n_layers_found, n_extra_found) == (n_layers_want, n_extra_want):
         return
+    # A block with fewer keys than the others (a stray key, a half-written block) is named as such.
+    blocks = {}
+    for key in shard:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            blocks.setdefault(f"{m.group(1)}.{m.group(2)}", set()).add(m.group(3))
+    full = max(blocks.values(), key=len, default=set())
+    partial = {name: sorted(f"{name}.{k}" for k in keys) for name, keys in blocks.items() if keys != full}
+    if partial:
+        name, keys = sorted(partial.items())[0]
+        raise ValueError(f"{shard_path.name}: block {name} has {len(keys)} of a block's {len(full)} keys "
+                         f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}): a stray or partly written "
+                         f"block ({params_path.name}: n_layers={args.n_layers}, n_future_tokens={args.n_future_tokens})")
     if n_layers_found + n_extra_found == args.n_layers and n_extra_found != n_extra_want:
         raise ValueError(
             f"{params_path.name} says n_future_tokens={args.n_future_tokens} ({n_extra_want} extra heads) "
@@ -269,9 +288,22 @@ def _check_key_sets(expected: dict, shard: dict, paths: List[Path]) -> None:
         raise ValueError(f"{where} does not match params.json: " + "; ".join(problems))
 
 
+def _missing_shard_hint(key: str, got: tuple, want: tuple, n_shards: int) -> str:
+    """For a merged weight whose split dim is a whole fraction of params.json's: the likely cause."""
+    dim = shard_dim(key)
+    if dim is None or len(got) != len(want) or not 0 < got[dim] < want[dim] or want[dim] % got[dim]:
+        return ""
+    return (f": its dim {dim} is 1/{want[dim] // got[dim]} of the expected size; is a consolidated.NN.pth shard "
+            f"missing? ({n_shards} found)")
+
+
 def _merge(key: str, parts: List[torch.Tensor], paths: List[Path]) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]  # stays memory-mapped until moved or cast
+    for part, path in zip(parts[1:], paths[1:]):
+        if part.dtype != parts[0].dtype:   # torch.cat would promote the merged weight without a word
+            raise ValueError(f"{key} is {str(part.dtype).removeprefix('torch.')} in {path.name} but "
+                             f"{str(parts[0].dtype).removeprefix('torch.')} in {paths[0].name}")
     dim = shard_dim(key)
     if dim is None:
         for part, path in zip(parts[1:], paths[1:]):
@@ -314,7 +346,19 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     contiguous CPU copies so a view never drags its whole storage into the file.
     state_dict: save this instead of model.state_dict() (e.g. gathered from FSDP shards; `model`
     then only supplies params). dtype: cast floating tensors (e.g. torch.bfloat16 for a release).
+    Every file replaces its old one only once all are written (`replace_together`).
     """
+    files = checkpoint_files(model, ckpt_dir, shards, state_dict=state_dict, dtype=dtype)
+    replace_together(files)
+    return [path for path, _ in files[1:]]
+
+
+def checkpoint_files(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
+                     state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                     dtype: Optional[torch.dtype] = None) -> list:
+    """`save_checkpoint`'s files as [(path, write)] for `replace_together`, params.json first, after
+    its checks (which raise before anything is written); ckpt_dir is created. A caller that writes
+    other files with a checkpoint (a trainer's state) passes them to the same `replace_together`."""
     check_save_target(ckpt_dir, shards)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -350,14 +394,13 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
         return write
 
     paths = [ckpt_dir / f"consolidated.{rank:02d}.pth" for rank in range(shards)]
-    _replace_together([(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))]
-                      + [(path, shard_writer(rank)) for rank, path in enumerate(paths)])
-    return paths
+    return ([(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))]
+            + [(path, shard_writer(rank)) for rank, path in enumerate(paths)])
 
 
-def _replace_together(files) -> None:
-    """files: [(path, write)]. Every file is written to a temporary one first, and only when all are
-    written are they renamed over their paths, so a save that fails (a full disk, an interrupt) leaves
+def replace_together(files) -> None:
+    """files: [(path, write)]. Every file is written to a temporary one first (write(tmp_path)), and
+    only when all are written are they renamed over their paths, in the order given, so a save that fails (a full disk, an interrupt) leaves
     the old checkpoint whole, never new params.json and shard 0 beside an old shard 1.
 
     A model loaded from this directory still memory-maps the old shards; rewriting a file in place

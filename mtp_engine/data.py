@@ -267,9 +267,10 @@ class PackedTokens:
     """A token stream cut into consecutive windows of `seq_len` tokens (files packed back to back,
     bos/eos between them; the tail shorter than a window is dropped).
 
-    Batches are drawn from a seeded permutation of the windows, one permutation per epoch, so batch
-    k of a run is a pure function of (seed, k): a resumed run continues the same sequence, and rank
-    r of `world_size` takes batches r, r + world_size, ... of the same global order.
+    Windows are drawn from a seeded permutation of the windows, one permutation per epoch, so the
+    p-th window a run reads is a pure function of (seed, p) (`windows`): a resumed run continues the
+    same sequence, and rank r of `world_size` takes batches r, r + world_size, ... of the same global
+    order.
     """
 
     def __init__(self, path: PathLike, seq_len: int):
@@ -288,14 +289,25 @@ class PackedTokens:
         start = i * self.seq_len
         return torch.from_numpy(self.tokens[start:start + self.seq_len].astype(np.int64))
 
+    def windows(self, start: int, count: int, seed: int) -> torch.Tensor:
+        """Windows start .. start + count - 1 of the run's global order: (count, seq_len) int64.
+        Position p is window perm_e[p % n] of epoch e = p // n (n windows, one seeded permutation
+        per epoch), so what a run reads depends only on how many windows it has read, not on how it
+        cuts them into batches: world_size ranks of B windows read what one process of
+        world_size x B reads, k micro-batches what one batch k times larger reads, across epochs
+        and across a resume on another number of ranks."""
+        if count > self.n_windows:
+            raise ValueError(f"batch_size {count} exceeds the {self.n_windows} windows of the data")
+        rows = []
+        for p in range(start, start + count):
+            epoch, k = divmod(p, self.n_windows)
+            rows.append(self.window(int(self._permutation(seed, epoch)[k])))
+        return torch.stack(rows)
+
     def batch(self, batch_size: int, seed: int, index: int) -> torch.Tensor:
-        """Global batch number `index`: (batch_size, seq_len) int64."""
-        if batch_size > self.n_windows:
-            raise ValueError(f"batch_size {batch_size} exceeds the {self.n_windows} windows of the data")
-        per_epoch = self.n_windows // batch_size
-        epoch, k = divmod(index, per_epoch)
-        perm = self._permutation(seed, epoch)
-        return torch.stack([self.window(int(i)) for i in perm[k * batch_size:(k + 1) * batch_size]])
+        """Global batch number `index`, windows index x batch_size onwards (`windows`): (batch_size,
+        seq_len) int64."""
+        return self.windows(index * batch_size, batch_size, seed)
 
     def batches(self, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0,
                 world_size: int = 1) -> Iterator[torch.Tensor]:

@@ -324,18 +324,46 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
     return state if env.is_main else None
 
 
+def name_keyed_optimizer_state(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`state` keyed by parameter name, as `full_optimizer_state` keys it. A state keyed by index
+    (`optimizer.state_dict()`, what a one-process run saves) names index i after the i-th parameter
+    of `optimizer`'s groups, which must be built as the saving run built its optimizer (same module,
+    same grouping); one keyed by name is returned as it is. (torch's set_optimizer_state_dict would
+    file index keys under no parameter and start AdamW's moments from zero without a word.)"""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
+        raise ValueError(f"optimizer state must be a dict with 'state' and 'param_groups', got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    saved = [i for g in groups for i in g["params"]]
+    if not saved or not all(isinstance(i, int) for i in saved):
+        return state
+    names = {id(p): n for n, p in unwrap(module).named_parameters()}
+    current = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    if None in current:
+        raise ValueError("optimizer state keyed by index: the optimizer holds parameters that are not the module's")
+    if len(saved) != len(current) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer state keyed by index has {len(saved)} parameters in {len(groups)} groups; this "
+                         f"model's optimizer has {len(current)} in {len(optimizer.param_groups)}: not the same model")
+    name_of = dict(zip(saved, current))
+    return {"state": {name_of[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in groups]}
+
+
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: Optional[dict],
                          strategy: str, env: DistEnv) -> None:
     """Load a `full_optimizer_state` result into `optimizer` (built on the wrapped module).
 
     Distributed: only rank 0 needs the state (others may pass None); it is broadcast and each rank
-    keeps its shard. Collective: every rank must call it.
+    keeps its shard. Collective: every rank must call it. A state keyed by index (what a one-process
+    run saves, `optimizer.state_dict()`) is keyed by name first (`name_keyed_optimizer_state`).
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     _check_strategy(strategy, env)
     if env.is_main and state is None:
         raise ValueError("load_optimizer_state: rank 0 must pass the optimizer state, got None")
+    if state is not None:
+        state = name_keyed_optimizer_state(state, module, optimizer)
     if env.distributed:
         options = _state_dict_options(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(module, optimizer, optim_state_dict=state if env.is_main else {}, options=options)
@@ -346,6 +374,6 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
 
 
 __all__ = ["DistEnv", "init_distributed", "wrap_for_training", "gathered_parameters", "full_state_dict",
-           "full_optimizer_state",
+           "full_optimizer_state", "name_keyed_optimizer_state",
            "load_optimizer_state", "all_reduce_mean", "barrier", "cleanup", "find_transformer", "unwrap",
            "STRATEGIES"]

@@ -33,7 +33,7 @@ from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
 
-from .checkpoint import load_checkpoint, read_json_object, resolve_device, save_checkpoint
+from .checkpoint import checkpoint_files, load_checkpoint, read_json_object, replace_together, resolve_device
 from .data import PackedTokens, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
@@ -367,6 +367,16 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _check_resume_step(optimizer_state: dict, step: int, out: Path) -> None:
+    """Refuse an optimizer state that has taken another number of steps than trainer_state.json says
+    (AdamW counts them per parameter): the files of two saves, which a resume must not mix."""
+    taken = {int(s["step"]) for s in optimizer_state.get("state", {}).values() if isinstance(s, dict) and "step" in s}
+    if taken and max(taken) != step:
+        raise ValueError(f"{out / 'optimizer.pt'} has taken {max(taken)} steps but {out / 'trainer_state.json'} "
+                         f"says step {step}: the files come from different saves (one was cut short); restore a "
+                         "whole save or start a new run")
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
@@ -427,6 +437,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             raise ValueError(f"{out / 'optimizer.pt'} is missing: the run cannot resume at step {state['step']} "
                              "with its optimizer state; restore the file or start a new run")
         saved = torch.load(out / "optimizer.pt", map_location=device, weights_only=True) if is_main else None
+        if is_main:
+            _check_resume_step(saved, state["step"], out)
         if env is None:
             optimizer.load_state_dict(saved)
         else:
@@ -459,7 +471,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     step = state["step"]
     start_time = time.perf_counter() - state["train_time_s"]
     window_start, window_tokens = time.perf_counter(), 0
-    micro_index = step * cfg.grad_accum * world
+    # Windows of the global order read so far (PackedTokens.windows): a resume on another number of
+    # ranks continues where the run stopped. (Saves before this was kept: batches of this run's size.)
+    windows_read = state.get("windows_read", step * cfg.grad_accum * world * cfg.batch_size)
     last_loss = float("nan")
     # A resumed run keeps the schedule fitted before the interruption; one interrupted before its fit
     # fits from here (the first steps after a start compile kernels again, so the timing starts later).
@@ -491,8 +505,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 group["lr"] = lr
             per_head = torch.zeros(model.n_future_tokens, device=device)   # on the device: no sync per step
             for micro in range(cfg.grad_accum):
-                tokens = train_data.batch(cfg.batch_size, cfg.seed, micro_index + rank).to(device)
-                micro_index += world
+                tokens = train_data.windows(windows_read + rank * cfg.batch_size, cfg.batch_size, cfg.seed).to(device)
+                windows_read += world * cfg.batch_size
                 with _no_sync(wrapped, cfg, last=micro == cfg.grad_accum - 1):
                     if cfg.head_schedule == "sequential":
                         with autocast():
@@ -510,6 +524,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             step += 1
             window_tokens += tokens_per_step
             state["tokens"] += tokens_per_step
+            state["windows_read"] = windows_read
             over_time = _over_time(cfg, step, time.perf_counter() - start_time, env)
             if step % cfg.log_every == 0 or step == cfg.max_steps or over_time:
                 # Host reads (and the cross-rank mean) only on logging steps.
@@ -570,14 +585,17 @@ def _save(out: Path, module: MTPTrainModel, wrapped: nn.Module, optimizer, state
     if env is not None and not env.is_main:
         return
     dtype = _EXPORT_DTYPES[cfg.export_dtype] if final else torch.float32
-    save_checkpoint(module.model, out, state_dict=full, dtype=dtype)
-    tmp = out / "optimizer.pt.tmp"
-    torch.save(optimizer_state, tmp)
-    os.replace(tmp, out / "optimizer.pt")
+    # All that a resume reads is replaced together, once every file is written (a full disk or an
+    # interrupt leaves the previous save whole); the optimizer state is renamed first and
+    # trainer_state.json last, so that even a rename cut short shows at resume (`_check_resume_step`).
+    files = [(out / "optimizer.pt", lambda tmp: torch.save(optimizer_state, tmp))]
+    files += checkpoint_files(module.model, out, state_dict=full, dtype=dtype)
     if final and dtype != torch.float32:
         # The final checkpoint is the release copy; keep the float32 master weights for resuming.
-        save_checkpoint(module.model, out / "resume", state_dict=full, dtype=torch.float32)
-    _write_json(out / "trainer_state.json", {**state, "final": final})
+        files += checkpoint_files(module.model, out / "resume", state_dict=full, dtype=torch.float32)
+    trainer_state = json.dumps({**state, "final": final}, indent=1) + "\n"
+    files.append((out / "trainer_state.json", lambda tmp: tmp.write_text(trainer_state)))
+    replace_together(files)
     _write_json(out / "train_log.json", run_log)
 
 

@@ -198,8 +198,18 @@ def scenario_train(env, strategies, mixed_precision=None):
         fresh = make_optimizer(wrapped.parameters())
         load_optimizer_state(wrapped, fresh, optim_state, strategy, env)
         reloaded = full_optimizer_state(wrapped, fresh, strategy, env)
+        # The same state keyed by index, as a one-process run saves it, loads under every strategy too.
+        index_keyed = None
+        if env.is_main:
+            index_of = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
+            index_keyed = {"state": {index_of[n]: s for n, s in optim_state["state"].items()},
+                           "param_groups": [{**g, "params": [index_of[n] for n in g["params"]]}
+                                            for g in optim_state["param_groups"]]}
+        from_index = make_optimizer(wrapped.parameters())
+        load_optimizer_state(wrapped, from_index, index_keyed, strategy, env)
+        reloaded_from_index = full_optimizer_state(wrapped, from_index, strategy, env)
         results[strategy] = dict(state=state, optim_state=optim_state, reloaded=reloaded, eval_logits=eval_logits,
-                                 output_grads=output_grads, losses=losses)
+                                 output_grads=output_grads, losses=losses, reloaded_from_index=reloaded_from_index)
     return results
 
 

@@ -56,6 +56,13 @@ def test_single_process_wrap_and_state_dict_are_plain():
     fresh = W.make_optimizer(module.parameters())
     D.load_optimizer_state(module, fresh, saved, "none", env)
     torch.testing.assert_close(fresh.state_dict()["state"], optimizer.state_dict()["state"], rtol=0, atol=0)
+    # What a one-process run saves (optimizer.state_dict(), keyed by index) loads the same.
+    from_index = W.make_optimizer(module.parameters())
+    D.load_optimizer_state(module, from_index, optimizer.state_dict(), "none", env)
+    torch.testing.assert_close(from_index.state_dict()["state"], optimizer.state_dict()["state"], rtol=0, atol=0)
+    other = W.train_model(W.tiny_model(n_layers=3))
+    with pytest.raises(ValueError, match="not the same model"):
+        D.load_optimizer_state(other, W.make_optimizer(other.parameters()), optimizer.state_dict(), "none", env)
 
 
 @pytest.mark.parametrize("env_vars, match", [
@@ -159,10 +166,11 @@ def test_full_optimizer_state_equals_single_process_and_reloads(train_results, s
             torch.testing.assert_close(saved["state"][name][field], expected[field], rtol=0, atol=ATOL,
                                        msg=lambda m: f"{strategy} {name}.{field}: {m}")
         assert float(saved["state"][name]["step"]) == W.TRAIN_STEPS
-    reloaded = train_results[0][strategy]["reloaded"]
-    for name in ref:
-        for field in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(reloaded["state"][name][field], saved["state"][name][field], rtol=0, atol=0)
+    for reloaded in (train_results[0][strategy]["reloaded"], train_results[0][strategy]["reloaded_from_index"]):
+        for name in ref:
+            for field in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(reloaded["state"][name][field], saved["state"][name][field], rtol=0,
+                                           atol=0)
 
 
 # ------------------------------------------------------------------------------------ vocabulary-parallel loss

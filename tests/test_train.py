@@ -307,6 +307,69 @@ def test_resume_takes_the_same_next_step(source_tree, corpus, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_save_cut_short_leaves_the_previous_save_whole(source_tree, corpus, tmp_path, monkeypatch):
+    """A full disk while the step-4 save writes its weights (after its optimizer state): the step-2
+    save stays whole (weights, optimizer state, trainer state), so --resume takes step 2's next step.
+    Files of two saves (a rename cut short) are refused at resume, by AdamW's step count."""
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=6, save_every=2, eval_every=100)
+    real_save, written = torch.save, []   # (file name, object) of every torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if Path(path).name == "consolidated.00.pth.tmp" and len(written) == 3:   # the step-4 save's weights
+            raise OSError(28, "No space left on device")
+        written.append((Path(path).name, obj))
+        real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, log=lambda *a: None)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = tmp_path / "run"
+    assert [name for name, _ in written] == ["optimizer.pt.tmp", "consolidated.00.pth.tmp", "optimizer.pt.tmp"]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2 and not list(out.glob("*.tmp"))
+    assert all(int(s["step"]) == 2 for s in torch.load(out / "optimizer.pt", weights_only=True)["state"].values())
+    shard = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(shard[k], v) for k, v in written[1][1].items())   # step 2's weights
+    # A trainer state from another save than the optimizer's is refused by name.
+    state = json.loads((out / "trainer_state.json").read_text())
+    (out / "trainer_state.json").write_text(json.dumps({**state, "step": 4}))
+    with pytest.raises(ValueError, match=r"optimizer.pt has taken 2 steps but .*trainer_state.json says step 4"):
+        train(cfg, resume=True, log=lambda *a: None)
+
+
+def test_data_order_depends_only_on_the_windows_read(corpus):
+    """Two ranks of B windows read what one process of 2B reads, and two micro-batches what one
+    batch twice as large reads, across the epoch boundary too (a batch there takes the last windows
+    of one epoch's permutation and the first of the next's)."""
+    data = PackedTokens(corpus.train_path, 32)
+    n = len(data)
+    for start in (0, 8, n - 6, 2 * n - 3):
+        two_ranks = torch.cat([data.windows(start + r * 4, 4, seed=5) for r in range(2)])
+        assert torch.equal(two_ranks, data.windows(start, 8, seed=5)), start
+    epoch_one = data.windows(n, n, seed=5)
+    assert sorted(map(tuple, epoch_one.tolist())) == sorted(map(tuple, data.windows(0, n, seed=5).tolist()))
+    assert not torch.equal(epoch_one, data.windows(0, n, seed=5))       # another permutation
+
+
+def test_resume_reads_on_from_the_windows_read(source_tree, corpus, tmp_path, monkeypatch):
+    """A resumed run starts at the window count trainer_state.json holds (as a run on another number
+    of ranks left it), not at its own step x batch."""
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=4, save_every=2, eval_every=100,
+                      time_budget_s=0.0)
+    train(cfg, log=lambda *a: None)                                   # stops after step 1
+    path = tmp_path / "run" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    assert state["step"] == 1 and state["windows_read"] == cfg.batch_size
+    path.write_text(json.dumps({**state, "windows_read": 40}))         # as 2 ranks of 20 windows left it
+    starts = []
+    windows = PackedTokens.windows
+    monkeypatch.setattr(PackedTokens, "windows", lambda self, start, count, seed: starts.append(start)
+                        or windows(self, start, count, seed))
+    cfg.time_budget_s = None
+    train(cfg, resume=True, log=lambda *a: None)
+    assert starts == [40, 44, 48]
+    assert json.loads(path.read_text())["windows_read"] == 52
+
+
 def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path):
     """A fresh run with schedule_to_budget times steps 5..25 and sets max_steps from that; the cosine
     then ends (lr at its floor) on the last step, and the fitted value is in the log for a resume."""
@@ -436,10 +499,13 @@ def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, strategy):
-    """`mtp train` end to end under torchrun (gloo, 2 CPU processes): steps, evaluation (FSDP gathers
-    the root's parameters), a Meta checkpoint from the sharded model, then a resumed run whose rank 1
-    alone passes the time budget (its clock runs fast): both ranks stop together, at the budget check
-    of step 8, and save (a rank that stopped alone left the other in a collective: a crash or a hang)."""
+    """`mtp train` end to end under torchrun (gloo, 2 CPU processes), resuming a run that one process
+    started with the same command (its optimizer state is keyed by index; the ranks must key it by
+    name, or AdamW restarts from zero and the next save fails): steps, evaluation (FSDP gathers the
+    root's parameters), a Meta checkpoint from the sharded model; rank 1 alone passes the time budget
+    (its clock runs fast): both ranks stop together, at the budget check of step 8, and save (a rank
+    that stopped alone left the other in a collective: a crash or a hang). The data goes on from the
+    windows the one process read; then one process resumes the ranks' run."""
     import os
     import subprocess
     import sys
@@ -456,13 +522,22 @@ def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, s
             "--distributed", strategy, "--eval-every", "2", "--save-every", "2"]
     skewed = str(Path(__file__).parent / "_skewed_clock_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for entry, extra in ((["-m", "mtp_engine"], ["--max-steps", "2"]),
-                         ([skewed], ["--max-steps", "100", "--time-budget-s", "1e6", "--resume"])):
-        proc = subprocess.run(launch + entry + args + extra, capture_output=True, text=True, env=env, timeout=240)
+    for command in ([sys.executable, "-m", "mtp_engine"] + args + ["--max-steps", "2"],
+                    launch + [skewed] + args + ["--max-steps", "100", "--time-budget-s", "1e6", "--resume"]):
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "train_log.json").read_text())
     assert log["summary"]["steps"] == 8 and [e["step"] for e in log["evals"]] == [2, 4, 6, 8]
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 8
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["windows_read"] == 4 * (2 + 2 * 6)   # batch 4: 2 steps of 1 rank, 6 of 2
+    assert all(int(s["step"]) == 8 for s in torch.load(out / "optimizer.pt", weights_only=True)["state"].values())
     model_state = torch.load(out / "resume" / "consolidated.00.pth", weights_only=True)
     assert model_state["output.weight"].shape == (400, 32)
     assert "resuming" in proc.stdout
+    # And back to one process: the ranks' state (keyed by name) loads there too.
+    proc = subprocess.run([sys.executable, "-m", "mtp_engine"] + args + ["--max-steps", "9", "--resume"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == 9 and state["windows_read"] == 4 * (2 + 2 * 6 + 1)
+    assert all(int(s["step"]) == 9 for s in torch.load(out / "optimizer.pt", weights_only=True)["state"].values())

@@ -177,7 +177,7 @@ class Generator:
         """
         check_sampling_args(temperature, top_p)
         max_gen_len, heads, seed = integer(max_gen_len), integer(heads), integer(seed)
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens, scoring_only=max_gen_len == 0)
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
@@ -564,15 +564,16 @@ class Generator:
         if n_future < 2:
             raise ValueError("self-speculative decoding needs a model with extra heads to draft; this one has "
                              "n_future_tokens=1")
-        heads = n_future if heads is None else heads
-        if not isinstance(heads, int) or not 2 <= heads <= n_future:
+        asked_heads, heads = heads, n_future if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 2 <= heads <= n_future:
             raise ValueError(f"heads must be an int in [2, {n_future}] (head 0 verifies, heads 1.. draft; the model "
                              f"has {n_future}), got {heads!r}")
         if speculative == "chain":
             if tree is not None:
                 raise ValueError("tree= applies to speculative='tree'; speculative='chain' drafts top-1 per head")
             tree = "chain"
-        if tree is None:
+        default = tree is None
+        if default:
             tree_tokens = self.tree_tokens or DEFAULT_TREE_TOKENS.get(self.device.type, DEFAULT_TREE_TOKENS["cuda"])
             # Sized for the batch bucket the CUDA graphs run (rows rounded up to a power of two), so
             # every batch size in a bucket verifies the same tree: one set of graphs and tunings.
@@ -581,6 +582,11 @@ class Generator:
         token_tree = speculative_tree(tree, heads)
         if token_tree.max_depth + 1 < heads:
             # A head no node reaches would run in every verify forward and draft for nothing.
+            if asked_heads is not None and default:
+                warnings.warn(f"heads={heads}: the default tree for {rows} row(s) ({len(token_tree.paths)} nodes, "
+                              f"depth {token_tree.max_depth}) drafts with {token_tree.max_depth + 1} heads, which its "
+                              "rates say pays more than depth at that size; pass speculative='chain' or a deeper tree= "
+                              f"to draft with all {heads}", stacklevel=3)
             token_tree = speculative_tree(tree, token_tree.max_depth + 1)
         if token_tree.top_k > self.model.vocab_size:
             raise ValueError(f"tree uses rank {token_tree.top_k - 1}, but the vocabulary has only "
@@ -604,7 +610,7 @@ class Generator:
         if eos_id is None:
             return None
         eos_id = integer(eos_id)
-        if not isinstance(eos_id, int):
+        if isinstance(eos_id, bool) or not isinstance(eos_id, int):
             raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
         vocab = self.model.vocab_size
         if eos_id >= vocab:
@@ -737,12 +743,14 @@ class Llama:
     """The Llama release's generation front end (generation.py), on top of `Generator`.
 
     `Llama.build(...).text_completion(prompts, ...)` returns [{"generation": str}, ...] exactly as
-    the release's example_completion.py reads it.
+    the release's example_completion.py reads it. `build` takes the release's arguments in the
+    release's order (ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size,
+    seed); device and dtype, which the release does not have, are keywords.
     """
 
     @staticmethod
-    def build(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int, device=None, dtype=None,
-              seed: int = 1, *, model_parallel_size: Optional[int] = None) -> "Llama":
+    def build(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int,
+              model_parallel_size: Optional[int] = None, seed: int = 1, *, device=None, dtype=None) -> "Llama":
         from .checkpoint import load_checkpoint
         from .tokenizer import Tokenizer
 

@@ -24,6 +24,7 @@ decoding, see Generator.generate.)
 from __future__ import annotations
 
 import heapq
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -103,7 +104,9 @@ def preset_paths(heads: int) -> List[List[int]]:
 def default_tree_nodes(heads: int, rows: int, tree_tokens: int) -> int:
     """Drafted nodes of the default tree for `rows` sequences: the tree tokens of one verify forward
     (rows x (nodes + 1)) stay within `tree_tokens`, the preset's size caps it, and it never drops
-    below heads - 1 nodes (a chain's worth, so every head still drafts)."""
+    below heads - 1 nodes (a chain's worth). `build_tree` may spend them on width rather than depth
+    where the rates say that pays more, so at small sizes fewer heads may draft (generate warns
+    when heads were asked for)."""
     _check_heads_count(heads)
     for name, value in (("rows", rows), ("tree_tokens", tree_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -119,6 +122,10 @@ def default_tree(heads: int, rows: int, tree_tokens: int, rates=None,
     to the first heads - 1 depths, and to `vocab_size` ranks (a head has no more candidates)."""
     nodes = default_tree_nodes(heads, rows, tree_tokens)
     if rates is None:
+        if heads - 1 > len(PRIOR_TOP1):
+            raise ValueError(f"the default tree has assumed acceptance rates for up to {len(PRIOR_TOP1) + 1} heads, "
+                             f"not {heads}: pass heads<={len(PRIOR_TOP1) + 1}, speculative='chain', a tree= of "
+                             "paths, or measured rates (`mtp eval --build-tree` writes them beside the checkpoint)")
         rates = prior_rates(heads)
     else:
         rates = check_rates(rates)
@@ -212,6 +219,8 @@ def check_rates(rates) -> List[List[float]]:
     for d, row in enumerate(rates, start=1):
         if not isinstance(row, Sequence) or len(row) == 0:
             raise ValueError(f"rates row for depth {d} must be a non-empty list of per-rank rates")
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in row):
+            raise ValueError(f"rates for depth {d} must be numbers, got {list(row)}")
         row = [float(x) for x in row]
         if any(not (0.0 <= x <= 1.0) for x in row):
             raise ValueError(f"rates for depth {d} must lie in [0, 1], got {row}")

@@ -268,9 +268,31 @@ def test_weights_of_an_integer_or_mixed_dtype(saved):
     with pytest.raises(ValueError, match=rf"{key}: a model weight must be a floating tensor, got torch.int64"):
         load_checkpoint(ckpt)
     _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.half()}))
-    with pytest.raises(ValueError, match=r"the weights mix dtypes \['float16', 'float32'\]; pass dtype="):
+    with pytest.raises(ValueError, match=rf"the weights mix dtypes, float16: 1 keys \({key}\); float32: \d+ keys "
+                                         r"\(tok_embeddings\.weight, .*; pass dtype="):
         load_checkpoint(ckpt)
     assert load_checkpoint(ckpt, dtype=torch.float32).layers[0].attention_norm.weight.dtype == torch.float32
+
+
+def test_one_shard_of_another_dtype_is_named(tmp_path):
+    """torch.cat would promote the merged weights of a float32 shard among float16 ones silently."""
+    save_checkpoint(_model(), tmp_path, shards=2, dtype=torch.float16)
+    _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd.update({k: v.float() for k, v in sd.items()}))
+    with pytest.raises(ValueError, match=r"tok_embeddings\.weight is float32 in consolidated\.01\.pth but float16 "
+                                         r"in consolidated\.00\.pth"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("vocab_size", [102, -1])
+def test_missing_last_shard_is_named_as_the_likely_cause(tmp_path, vocab_size):
+    save_checkpoint(_model(), tmp_path, shards=2)
+    _rewrite_params(tmp_path, lambda p: p.update(vocab_size=vocab_size))
+    (tmp_path / "consolidated.01.pth").unlink()
+    source = r"params\.json" if vocab_size > 0 else r"params\.json \(vocab_size 51 from the weights\)"
+    with pytest.raises(ValueError, match=rf"tok_embeddings\.weight: expected shape \({abs(vocab_size) if vocab_size > 0 else 51}, "
+                                         rf"64\) from {source}, got \(102, 32\).*dim 1 is 1/2 of the expected size; "
+                                         r"is a consolidated\.NN\.pth shard missing\? \(1 found\)"):
+        load_checkpoint(tmp_path)
 
 
 def test_wrong_shape_after_merging_shards(tmp_path):
@@ -313,6 +335,14 @@ def test_n_layers_disagrees_with_blocks(saved):
     _, ckpt = saved
     _rewrite_params(ckpt, lambda p: p.update(n_layers=6))
     with pytest.raises(ValueError, match=r"expects 5 `layers` and 1 `extra_heads` blocks, but consolidated\.00\.pth has 3 and 1"):
+        load_checkpoint(ckpt)
+
+
+def test_a_stray_block_key_is_named(saved):
+    _, ckpt = saved
+    _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({"layers.7.attention.wq.weight": torch.zeros(64, 64)}))
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: block layers\.7 has 1 of a block's 9 keys "
+                                         r"\(layers\.7\.attention\.wq\.weight\): a stray or partly written block"):
         load_checkpoint(ckpt)
 
 

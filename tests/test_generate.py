@@ -244,6 +244,8 @@ def test_sample_next_greedy_and_temperature():
     ([[1]], {"temperature": 0.5, "seed": 1.7}, "seed must be None or an int"),
     ([[1]], {"seed": True}, "seed must be None or an int"),
     ([[1]], {"max_gen_len": np.bool_(True)}, "max_gen_len must be an int"),
+    ([[1]], {"max_gen_len": True}, "max_gen_len must be an int"),
+    ([[1]], {"eos_id": True}, "eos_id must be an int"),
     ([[1]], {"seed": 2 ** 70}, "seed must be None or an int"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
@@ -351,6 +353,12 @@ def test_llama_build_errors(tiny_release, tmp_path):
     with pytest.raises(ValueError, match="model_parallel_size=2: Llama.build runs the whole model"):
         Llama.build(ckpt, tok_path, 32, 1, model_parallel_size=2)
     assert Llama.build(ckpt, tok_path, 32, 1, device="cpu", model_parallel_size=1).model is not None
+    # The release's positional order: (..., max_batch_size, model_parallel_size, seed).
+    torch.manual_seed(0)
+    Llama.build(ckpt, tok_path, 32, 1, None, 7, device="cpu")
+    seeded = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(seeded, torch.rand(1))
 
 
 EXAMPLE_COMPLETION = '''

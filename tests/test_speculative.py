@@ -11,6 +11,7 @@ import copy
 import json
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -245,6 +246,12 @@ def test_default_tree_size_follows_the_batch():
     assert spec.default_tree(3, 1, 256, vocab_size=2) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
     with pytest.raises(ValueError, match="vocab_size must be an int >= 1"):
         spec.default_tree(3, 1, 256, vocab_size=0)
+    with pytest.raises(ValueError, match=r"assumed acceptance rates for up to 8 heads, not 9: pass heads<=8"):
+        spec.default_tree(9, 1, 256)
+    assert validate_paths(spec.default_tree(9, 1, 256, rates=[[0.5]] * 8), 9)   # measured rates: any count
+    for bad in ([["0.9", 0.5]], [[0.9, True]]):
+        with pytest.raises(ValueError, match="rates for depth 1 must be numbers"):
+            spec.check_rates(bad)
     with pytest.raises(ValueError, match="rows must be an int >= 1"):
         spec.default_tree_nodes(3, 0, 256)
     with pytest.raises(ValueError, match="tree_tokens must be an int >= 1"):
@@ -272,8 +279,9 @@ def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(m
     out = tuned.generate(PROMPTS, max_gen_len=12, speculative="tree")
     assert out.tokens == three.tokens and out.stats["tree_nodes"] == 4
     # rates that favour width: the 3-node tree stops at depth 2, so head 3 is not run at all
-    wide = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=4,
-                     tree_rates=[[0.5, 0.4], [0.3], [0.3]])._check_speculative("tree", 4, None, rows=1)
+    with pytest.warns(UserWarning, match="drafts with 3 heads"):
+        wide = Generator(model4, max_batch_size=3, max_seq_len=64, tree_tokens=4,
+                         tree_rates=[[0.5, 0.4], [0.3], [0.3]])._check_speculative("tree", 4, None, rows=1)
     assert wide.max_depth == 2 and wide.heads == 3
     # A vocabulary smaller than the default tree's ranks: the tree keeps to the ranks that exist.
     torch.manual_seed(0)
@@ -477,6 +485,19 @@ def test_speculative_stats_consistent(model4):
 def test_bad_speculative_args(model4, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Generator(model4, max_batch_size=1, max_seq_len=16).generate([[1]], **kwargs)
+
+
+def test_heads_asked_for_that_the_default_tree_leaves_out_are_warned_of(model4):
+    """A default tree too small to reach every head asked for (3 nodes: these rates put the second on
+    width) drafts with the heads it reaches, and says so where heads were asked for."""
+    gen = Generator(model4, max_batch_size=1, max_seq_len=16, tree_tokens=1, tree_rates=[[0.3, 0.3]] * 3)
+    with pytest.warns(UserWarning, match=r"heads=4: the default tree for 1 row\(s\) \(3 nodes, depth 2\) drafts "
+                                         r"with 3 heads"):
+        out = gen.generate([[1]], max_gen_len=3, speculative="tree", heads=4)
+    assert out.stats["heads"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gen.generate([[1]], max_gen_len=3, speculative="tree").stats["heads"] == 3   # all heads: no warning
 
 
 def test_single_head_model_and_cuda_graph_flag():

@@ -793,6 +793,16 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
 _TUNER = LaunchTuner("skinny_linear")
 
 
+def _run_as_themselves(candidates: list, x2: torch.Tensor, weight: torch.Tensor) -> list:
+    """The candidates that run as themselves on x2 and weight: on a layout TMA cannot read
+    (`tma_layout_ok`) a warp-specialized tile would run, and be timed, as the unfused launch
+    (`skinny_linear_run`'s fallback), so it is left out of that tuning rather than kept for a key
+    whose later calls may be aligned."""
+    if tma_layout_ok(x2, weight):
+        return list(candidates)
+    return [c for c in candidates if not (isinstance(c, SkinnyLaunch) and c.ws)]
+
+
 def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_bytes: Optional[int] = None) -> dict:
     """Time cuBLAS, cuBLASLt (CUDA) and every tile for x2's rows and weight's shape (`tuned_candidates`)
     and keep the fastest under `key`
@@ -802,7 +812,7 @@ def tune_skinny(key, x2: torch.Tensor, weight: torch.Tensor, timer=None, l2_byte
     result is not `close_to` F.linear's is left out."""
     agrees = close_to(reference.skinny_linear(x2, weight))
     next_weight = rotating_copies(weight, l2_bytes)
-    return _TUNER.tune(key, tuned_candidates(x2.shape[0], x2.device),
+    return _TUNER.tune(key, _run_as_themselves(tuned_candidates(x2.shape[0], x2.device), x2, weight),
                        lambda c: skinny_linear_run(x2, next_weight(), c), timer, agrees)
 
 
@@ -853,7 +863,8 @@ def _tune_epilogue(tuner: LaunchTuner, key, x2: torch.Tensor, weight: torch.Tens
     rope = epilogue.get("rope")
     probe = run if rope is None else (lambda launch: rope.probe(lambda: run(launch)))
     agrees = close_to(probe(None))
-    return tuner.tune(key, candidates(x2.shape[0], x2.device, plain_times), run, timer, agrees, probe)
+    return tuner.tune(key, _run_as_themselves(candidates(x2.shape[0], x2.device, plain_times), x2, weight), run,
+                      timer, agrees, probe)
 
 
 def tune_skinny_swiglu(key, x2: torch.Tensor, weight: torch.Tensor, timer=None,

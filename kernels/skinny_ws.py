@@ -26,7 +26,7 @@ in whole tiles and the last split of each n tile to arrive adds the partials in 
 
 Device-side descriptors keep 128 bytes each in global scratch (`backend.descriptors_allowed`
 installs the allocator). A launch needs TMA's layout (`tma_layout_ok`); skinny_linear_run gives any
-other layout the unfused launch. Hopper's automatic warp specialization is experimental upstream,
+other layout the unfused launch, and the tuners do not time these tiles on such a layout. Hopper's automatic warp specialization is experimental upstream,
 and a warp-specialized attention config that passed every interpreter test gave NaN rows on an H100
 (fourteenth session), so these tiles are offered only where `skinny_ws_allowed` says.
 """

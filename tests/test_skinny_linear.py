@@ -346,6 +346,20 @@ def test_tuners_leave_out_a_launch_whose_results_disagree(triton_backend, monkey
     assert not agrees(torch.tensor([3.0, float("nan")])) and close_to(torch.zeros(3))(torch.zeros(1, 3))
 
 
+def test_tuning_leaves_out_warp_specialized_tiles_on_a_layout_tma_cannot_read(triton_backend, monkeypatch):
+    """x rows that start off TMA's 16-byte alignment: a warp-specialized tile would run as the unfused
+    launch there, so it is not timed (under its own name) for the key; on aligned rows it is."""
+    x, w = _inputs(3, 40, 24, torch.float32, seed=12)
+    shifted = torch.empty(3 * 24 + 1)[1:].view(3, 24).copy_(x)     # 4 bytes off a 16-byte boundary
+    assert not sl.tma_layout_ok(shifted, w) and sl.tma_layout_ok(x, w)
+    assert any(c.ws for c in sl.tuned_candidates(3, x.device)[1:])
+    for operand, with_ws in ((shifted, False), (x, True)):
+        monkeypatch.setattr(sl, "_TUNER", LaunchTuner("skinny_linear"))
+        times = sl.tune_skinny(("cpu", torch.float32, 16, 40, 24), operand, w, timer=lambda fn: (fn(), 1.0)[1])
+        assert any(getattr(c, "ws", False) for c in times) == with_ws
+        assert all(c in sl.tuned_candidates(3, x.device) for c in times)
+
+
 def test_tuning_reads_a_rotating_copy_of_the_weight(triton_backend, monkeypatch):
     """tune_skinny times every candidate on weight copies that hold twice the L2 (given here), the
     next copy at each call, and frees the copies when it returns."""

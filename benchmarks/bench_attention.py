@@ -16,7 +16,8 @@
    as the model does), time as a multiple of the Tq = 1 decode.
 Floors (count them first): flash forward = its FLOPs at the matmul rate measured here (bf16
 8192^3 torch.mm), forward+backward = 3.5x that; KV-cache attention at Tq new tokens =
-max(cache bytes / copy bandwidth, 4 * B * Tq * H * (S + Tq) * D FLOPs / matmul rate). A 64-node
+max(cache bytes / copy bandwidth, 4 * B * H * D * (Tq * S + the tree pairs the mask keeps) FLOPs /
+matmul rate) (before 2026-11-27, Tq * (S + Tq): every node seeing every tree slot). A 64-node
 tree over H/Hkv = 4 query heads per KV head does 256 FLOPs per cache byte, more than the H200's
 ~185 (794 TFLOP/s over 4.28 TB/s, measured in session 1): it is compute bound, and its floor is above the Tq = 1 floor,
 so the best reachable tree/decode ratio is that of the floors (the "floor ratio" columns).
@@ -146,10 +147,13 @@ def _bench_graph_ms(fn, rep: int = 50) -> float | str:
         torch.cuda.empty_cache()
 
 
-def _kv_floor_ms(B, S, Tq, H, Hkv, D, element_size, copy_gbps, matmul_tflops):
-    """max(cache read time, matmul time) of attending Tq new queries per sequence to S + Tq slots."""
+def _kv_floor_ms(B, S, Tq, H, Hkv, D, element_size, copy_gbps, matmul_tflops, tree_pairs=None):
+    """max(cache read time, matmul time) of attending Tq new queries per sequence to the S cached
+    slots and to the new slots each may see: tree_pairs (query, new slot) pairs, the tree mask's
+    true entries (default Tq, each query itself), so the matmul time counts only scores the mask keeps
+    (a lower bound: a kernel computes whole tiles)."""
     nbytes = 2 * B * (S + Tq) * Hkv * D * element_size
-    flops = 4 * B * Tq * H * (S + Tq) * D
+    flops = 4 * B * H * D * (Tq * S + (Tq if tree_pairs is None else tree_pairs))
     return max(nbytes / (copy_gbps * 1e6), flops / (matmul_tflops * 1e9))
 
 
@@ -326,7 +330,8 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
                     row[f"ours_tq{Tq}_launch_ms"] = _bench_ms(ours, rep=50)
                     ms = row[f"ours_tq{Tq}_ms"] = _bench_graph_ms(ours)
                 floor = row[f"floor_tq{Tq}_ms"] = _kv_floor_ms(B, S, Tq, H, Hkv, D, k_cache.element_size(),
-                                                             copy_gbps, matmul_tflops)
+                                                             copy_gbps, matmul_tflops,
+                                                             None if mask is None else int(mask.mask.sum()))
                 row[f"ours_tq{Tq}_x_floor"] = _ratio(ms, floor)
                 if Tq == 1:
                     nbytes = 2 * B * (S + Tq) * Hkv * D * k_cache.element_size()

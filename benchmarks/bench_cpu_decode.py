@@ -2,8 +2,8 @@
 
     python benchmarks/bench_cpu_decode.py [--out DIR] [--batches 1 4] [--kv-len 512] [--dtypes float32 bfloat16]
 
-A random MTP model of SHAPE_CPU (dim 1024, 5 trunk + 4 head blocks, 8 attention heads, V 32000: 160M
-parameters, 0.64 GB in float32, a size a laptop decodes) on the CPU, in each of --dtypes. Step costs
+A random MTP model of SHAPE_CPU (dim 1024, 4 trunk + 4 head blocks, 8 attention heads, V 32000: 168M
+parameters, 0.67 GB in float32, a size a laptop decodes) on the CPU, in each of --dtypes. Step costs
 as bench_generate measures them (`bench_generate.step_costs`: a plain greedy decode step; verify
 steps over trees of 4, 8 and 16 nodes, drafts, tree acceptance and KV compaction included; the
 speedup each ratio allows at the prior acceptance rates), twice per dtype in one process: first with

@@ -13,7 +13,8 @@
    reads of the unembedding (`Generator.shared_unembed`), and the fastest kept; all four timings
    reported. Ratio =
    verify / plain: at a given tokens per forward, the speedup over plain decoding is
-   tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. Also the CUDA
+   tokens_per_forward / ratio, estimated per tree at the prior acceptance rates. The peer, timed in
+   the same run: the plain step in eager PyTorch (MTP_BACKEND=reference, no CUDA graphs). Also the CUDA
    kernels one eager decode forward launches (torch.profiler), per block, and each step's kernel
    time by group.
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain, the
@@ -30,6 +31,8 @@ generate_<device-slug>.json and .md into --out (default benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -230,10 +233,25 @@ def kernel_breakdown(step) -> dict:
 
 
 @torch.inference_mode()
+@contextlib.contextmanager
+def reference_backend():
+    """MTP_BACKEND=reference inside: every op on its PyTorch twin (`kernels/reference.py`), CUDA or not."""
+    saved = os.environ.get("MTP_BACKEND")
+    os.environ["MTP_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MTP_BACKEND"]
+        else:
+            os.environ["MTP_BACKEND"] = saved
+
+
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
     """Plain decode step and verify steps, ms (median), per batch size; the plain step also as a
     ratio to its bytes floor (decode_bytes over the copy bandwidth measured now, read + write
-    counted, so reading alone is held to the same rate)."""
+    counted, so reading alone is held to the same rate) and to the same step in eager PyTorch
+    (`reference_backend`, no CUDA graphs), timed in the same run."""
     copy_gbps = common.measure_ceilings(device)["copy_gbps"]
     rows = []
     heads = model.n_future_tokens
@@ -270,6 +288,15 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
         row["plain_floor_ms"] = decode_bytes(model, B, kv_len) / (copy_gbps * 1e6)
         if row["plain_ms"]:
             row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
+        # The peer in the same run: the same step in eager PyTorch (the reference path: cuBLAS GEMMs,
+        # eager attention and norms, no CUDA graphs), as DESIGN's "eager PyTorch is 9.7 ms" was timed.
+        eager_gen = Generator(model, max_batch_size=B, max_seq_len=kv_len + max(tree_nodes), cuda_graphs=False)
+        with reference_backend():
+            res = common.time_and_peak(lambda: eager_gen._plain_step(tokens, seqlens, stay)[0], device=device)
+        row["eager_plain_ms"], row["eager_plain_status"] = res.get("ms"), res["status"]
+        if row["plain_ms"] and row["eager_plain_ms"]:
+            row["plain_vs_eager"] = row["plain_ms"] / row["eager_plain_ms"]
+        eager_gen = None
         choice = step_variant_choice(gen, ("plain",))
         if choice:   # captured with ordinary and programmatic launches (Hopper)
             row["plain_capture_ms"], row["plain_kept"] = choice
@@ -383,11 +410,13 @@ def to_markdown(result: dict) -> str:
              f"Model for step costs: {result['step_model']}; KV length {result['kv_len']}; "
              f"CUDA graphs: {graphs}; attention: {result['step_attention']}.", ""]
     nodes = result["tree_nodes"]
-    headers = ["batch", "plain step ms", "bytes floor ms", "x floor"] + [f"verify {T} nodes / plain" for T in nodes]
+    headers = ["batch", "plain step ms", "bytes floor ms", "x floor", "eager PyTorch ms", "plain / eager"]
+    headers += [f"verify {T} nodes / plain" for T in nodes]
     headers += [f"speedup at {PAPER_TOKENS_PER_FORWARD} tok/fwd ({nodes[-1]} nodes)", "kernels per decode forward"]
     rows = []
     for r in result["step_costs"]:
-        row = [r["batch"], r["plain_ms"], r.get("plain_floor_ms"), r.get("plain_x_floor")]
+        row = [r["batch"], r["plain_ms"], r.get("plain_floor_ms"), r.get("plain_x_floor"),
+               r.get("eager_plain_ms", r.get("eager_plain_status", "-")), r.get("plain_vs_eager")]
         row += [r.get(f"ratio{T}") for T in nodes]
         last = r.get(f"ratio{nodes[-1]}")
         row.append(PAPER_TOKENS_PER_FORWARD / last if last else None)

@@ -104,8 +104,10 @@ def main() -> None:
                                 "sequential / batched", "batched step s", "sequential step s"], rows)
         write_markdown(os.path.join(args.out, f"head_schedule_{slug}.md"),
                        f"# Training step memory: all heads vs sequential heads ({env['device']}, {env['date_utc']})\n\n"
-                       f"{table}\n\nPeak above the memory held before the step (model, AdamW state, inputs); "
-                       f"{'CUDA allocator peak' if args.device == 'cuda' else 'CPU peak resident set, coarse'}.\n")
+                       f"{table}\n\nPeak above the memory held before the step; "
+                       + ("CUDA allocator peak (model, AdamW state and inputs held before it).\n" if args.device == "cuda"
+                          else "CPU peak resident set, coarse: the model and inputs held before it; the step "
+                          "creates the AdamW state (2 x params x 4 bytes, in both peaks).\n"))
 
     rows, records = [], []
     for name, fields, batch, seq_len in CONFIGS["cuda" if args.device == "cuda" else "cpu"]:

@@ -1200,6 +1200,20 @@ def kv_problem(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
     return B, Hkv, (H // Hkv) * Tq, k_cache.shape[1]
 
 
+def _kv_reference_in_pieces(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
+                            score_bytes: int = 1 << 28) -> torch.Tensor:
+    """reference.kv_cache_attention one sequence at a time and, without a tree mask (a prefill of
+    thousands of tokens), in query chunks whose float32 scores stay under score_bytes: chunk
+    [i0, i1) with i0 more tokens counted as cached sees what its queries see in the whole call."""
+    B, Tq, H, _ = q.shape
+    step = Tq if tree_mask is not None else max(1, score_bytes // (4 * H * k_cache.shape[1]))
+    dense = None if tree_mask is None else tree_mask.mask
+    return torch.cat([torch.cat([reference.kv_cache_attention(q[b:b + 1, i0:i0 + step], k_cache[b:b + 1],
+                                                              v_cache[b:b + 1], cache_seqlens[b:b + 1] + i0, dense,
+                                                              sm_scale)
+                                 for i0 in range(0, Tq, step)], dim=1) for b in range(B)])
+
+
 def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
                    timer=None, l2_bytes: int | None = None) -> dict[KVLaunch, float]:
     """Time every `kv_launch_candidates` launch on these tensors with a full cache (cache_seqlens =
@@ -1212,10 +1226,7 @@ def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask
     A launch whose result is not `close_to` the eager reference's (a race in a split launch's
     combine can be fast and wrong) is left out."""
     full = torch.full_like(cache_seqlens, k_cache.shape[1] - q.shape[1])
-    dense = None if tree_mask is None else tree_mask.mask
-    # One sequence at a time: the eager reference holds float32 scores and repeated heads.
-    want = torch.cat([reference.kv_cache_attention(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], full[b:b + 1],
-                                                   dense, sm_scale) for b in range(q.shape[0])])
+    want = _kv_reference_in_pieces(q, k_cache, v_cache, full, tree_mask, sm_scale)
     next_k, next_v = rotating_copies(k_cache, l2_bytes), rotating_copies(v_cache, l2_bytes)   # in lockstep
     return _KV_TUNER.tune(_kv_key(q, k_cache, tree_mask is not None),
                           kv_launch_candidates(*kv_problem(q, k_cache), q.device),

@@ -403,6 +403,8 @@ def _selects_the_best(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, rt
     want = [torch.topk(_float_logits(hidden[r:r + rows], weight), top_k, dim=1).values for r in starts]
 
     def agrees(tokens: torch.Tensor) -> bool:
+        if not bool(((tokens >= 0) & (tokens < weight.shape[0])).all()):   # garbage ids: no lookup with them
+            return False
         for r, best in zip(starts, want):
             got = _float_logits(hidden[r:r + rows], weight, tokens[r:r + rows])
             if not bool(((got - best).abs() <= rtol * (1 + best.abs())).logical_or(got == best).all()):

@@ -120,7 +120,7 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
 
     state = {}
     for key, shape in expected.items():
-        tensor = _merge(key, [s[key] for s in shards], shard_paths)
+        tensor = _merge(key, [s[key] for s in shards], shard_paths, dtype)
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{key}: expected shape {shape} from {source}, got {tuple(tensor.shape)}"
                              + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
@@ -297,13 +297,17 @@ def _missing_shard_hint(key: str, got: tuple, want: tuple, n_shards: int) -> str
             f"missing? ({n_shards} found)")
 
 
-def _merge(key: str, parts: List[torch.Tensor], paths: List[Path]) -> torch.Tensor:
+def _merge(key: str, parts: List[torch.Tensor], paths: List[Path], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]  # stays memory-mapped until moved or cast
     for part, path in zip(parts[1:], paths[1:]):
         if part.dtype != parts[0].dtype:   # torch.cat would promote the merged weight without a word
-            raise ValueError(f"{key} is {str(part.dtype).removeprefix('torch.')} in {path.name} but "
-                             f"{str(parts[0].dtype).removeprefix('torch.')} in {paths[0].name}")
+            if dtype is None or not all(p.is_floating_point() for p in parts):
+                raise ValueError(f"{key} is {str(part.dtype).removeprefix('torch.')} in {path.name} but "
+                                 f"{str(parts[0].dtype).removeprefix('torch.')} in {paths[0].name}; pass dtype= "
+                                 "to load the shards in one")
+            parts = [p.to(dtype) for p in parts]
+            break
     dim = shard_dim(key)
     if dim is None:
         for part, path in zip(parts[1:], paths[1:]):

@@ -341,9 +341,11 @@ def name_keyed_optimizer_state(state: dict, module: nn.Module, optimizer: torch.
     current = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
     if None in current:
         raise ValueError("optimizer state keyed by index: the optimizer holds parameters that are not the module's")
-    if len(saved) != len(current) or len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"optimizer state keyed by index has {len(saved)} parameters in {len(groups)} groups; this "
-                         f"model's optimizer has {len(current)} in {len(optimizer.param_groups)}: not the same model")
+    saved_sizes = [len(g["params"]) for g in groups]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise ValueError(f"optimizer state keyed by index has groups of {saved_sizes} parameters; this model's "
+                         f"optimizer has {sizes}: not the same model")
     name_of = dict(zip(saved, current))
     return {"state": {name_of[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in groups]}

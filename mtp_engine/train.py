@@ -472,8 +472,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     start_time = time.perf_counter() - state["train_time_s"]
     window_start, window_tokens = time.perf_counter(), 0
     # Windows of the global order read so far (PackedTokens.windows): a resume on another number of
-    # ranks continues where the run stopped. (Saves before this was kept: batches of this run's size.)
-    windows_read = state.get("windows_read", step * cfg.grad_accum * world * cfg.batch_size)
+    # ranks continues where the run stopped. (Saves from before it was kept: their token count.)
+    windows_read = state.get("windows_read", state["tokens"] // cfg.seq_len)
     last_loss = float("nan")
     # A resumed run keeps the schedule fitted before the interruption; one interrupted before its fit
     # fits from here (the first steps after a start compile kernels again, so the timing starts later).
@@ -587,14 +587,18 @@ def _save(out: Path, module: MTPTrainModel, wrapped: nn.Module, optimizer, state
     dtype = _EXPORT_DTYPES[cfg.export_dtype] if final else torch.float32
     # All that a resume reads is replaced together, once every file is written (a full disk or an
     # interrupt leaves the previous save whole); the optimizer state is renamed first and
-    # trainer_state.json last, so that even a rename cut short shows at resume (`_check_resume_step`).
+    # trainer_state.json after the weights it goes with, so that a rename cut short between a periodic
+    # save and the next shows at resume (`_check_resume_step`).
+    # A final save in another dtype is a release copy in `out` and the float32 master weights in
+    # out/resume, which a resume reads once trainer_state.json says final: the release copy is renamed
+    # last, so a resume never takes it for the master weights.
+    release = final and dtype != torch.float32
     files = [(out / "optimizer.pt", lambda tmp: torch.save(optimizer_state, tmp))]
-    files += checkpoint_files(module.model, out, state_dict=full, dtype=dtype)
-    if final and dtype != torch.float32:
-        # The final checkpoint is the release copy; keep the float32 master weights for resuming.
-        files += checkpoint_files(module.model, out / "resume", state_dict=full, dtype=torch.float32)
+    files += checkpoint_files(module.model, out / "resume" if release else out, state_dict=full, dtype=torch.float32)
     trainer_state = json.dumps({**state, "final": final}, indent=1) + "\n"
     files.append((out / "trainer_state.json", lambda tmp: tmp.write_text(trainer_state)))
+    if release:
+        files += checkpoint_files(module.model, out, state_dict=full, dtype=dtype)
     replace_together(files)
     _write_json(out / "train_log.json", run_log)
 

@@ -203,6 +203,19 @@ def test_bench_attention_cpu_smoke(tmp_path, load_script):
     assert "_flash_fwd_kernel: 1.22, copy_kernel: 0.09 |" in bench.to_markdown(result)
 
 
+def test_tree_attention_floor_counts_only_the_scores_the_mask_keeps(load_script):
+    """A 64-node tree's floor: 64 x S cached scores plus its mask's true entries (each node sees its
+    ancestors and itself), not 64 x (S + 64); compute bound at this rate, so the count decides."""
+    bench = load_script(BENCH / "bench_attention.py")
+    mask = bench._tree_mask(64, "cpu")
+    pairs = int(mask.sum())
+    assert 64 < pairs < 64 * 64 / 4
+    B, S, H, Hkv, D = 1, 1024, 32, 8, 128
+    floor = bench._kv_floor_ms(B, S, 64, H, Hkv, D, 2, copy_gbps=1e12, matmul_tflops=1.0, tree_pairs=pairs)
+    assert floor == pytest.approx(4 * B * H * D * (64 * S + pairs) / 1e9)
+    assert bench._kv_floor_ms(B, S, 1, H, Hkv, D, 2, 1e12, 1.0) == pytest.approx(4 * H * D * (S + 1) / 1e9)
+
+
 def test_bench_attention_holds_sdpa_to_one_backend(load_script):
     # On a GPU the table times SDPA's FlashAttention-2 and cuDNN backends beside its default pick.
     bench = load_script(BENCH / "bench_attention.py")
@@ -257,11 +270,21 @@ def test_bench_fused_ce_per_head_peers_and_scratch_labels(load_script):
     assert bench.our_scratch_mib("ours_scratch64", v32k, torch.float32) == 64                         # no cast
 
 
-def test_bench_generate_tiny(tmp_path):
+def test_bench_generate_tiny(tmp_path, load_script, monkeypatch):
     _run([BENCH / "bench_generate.py", "--tiny"], tmp_path)
     table = (tmp_path / "generate_cpu.md").read_text()
     for mode in ("plain", "chain", "tree"):
         assert f"| {mode} |" in table
+    # The peer of the plain step, timed in the same run: eager PyTorch.
+    result = json.loads((tmp_path / "generate_cpu.json").read_text())
+    for row in result["step_costs"]:
+        assert row["eager_plain_ms"] > 0 and row["plain_vs_eager"] == row["plain_ms"] / row["eager_plain_ms"]
+    assert "| eager PyTorch ms | plain / eager |" in table
+    bench = load_script(BENCH / "bench_generate.py")
+    monkeypatch.setenv("MTP_BACKEND", "triton")
+    with bench.reference_backend():
+        assert os.environ["MTP_BACKEND"] == "reference"
+    assert os.environ["MTP_BACKEND"] == "triton"
     # The shipped model's head dim (48) is not a kernel head dim: the table must say what ran.
     assert "Attention: reference attention (head dim 48, float32, cpu)" in table
 

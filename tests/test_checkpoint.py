@@ -279,8 +279,9 @@ def test_one_shard_of_another_dtype_is_named(tmp_path):
     save_checkpoint(_model(), tmp_path, shards=2, dtype=torch.float16)
     _rewrite_shard(tmp_path / "consolidated.01.pth", lambda sd: sd.update({k: v.float() for k, v in sd.items()}))
     with pytest.raises(ValueError, match=r"tok_embeddings\.weight is float32 in consolidated\.01\.pth but float16 "
-                                         r"in consolidated\.00\.pth"):
+                                         r"in consolidated\.00\.pth; pass dtype="):
         load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, dtype=torch.float32).tok_embeddings.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("vocab_size", [102, -1])

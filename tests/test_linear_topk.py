@@ -245,6 +245,8 @@ def test_selection_tuning_leaves_out_a_tile_that_selects_wrong_tokens(triton_bac
     logits = hidden @ weight.T
     best = torch.argmax(logits, dim=1, keepdim=True)
     assert agrees(best) and not agrees(torch.argmin(logits, dim=1, keepdim=True))
+    for garbage in (10 ** 6, -1):   # an unwritten partial's ids: refused, not looked up
+        assert not agrees(best.clone().fill_(garbage))
     assert int(best[0]) == 5
     best[0] = 17                                # the other of the tied pair
     assert agrees(best)

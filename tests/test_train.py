@@ -368,6 +368,39 @@ def test_resume_reads_on_from_the_windows_read(source_tree, corpus, tmp_path, mo
     train(cfg, resume=True, log=lambda *a: None)
     assert starts == [40, 44, 48]
     assert json.loads(path.read_text())["windows_read"] == 52
+    # A save from before the count was kept: its token count says how many windows were read.
+    state = json.loads(path.read_text())
+    del state["windows_read"]
+    path.write_text(json.dumps({**state, "tokens": 20 * cfg.seq_len}))
+    starts.clear()
+    cfg.max_steps = 5
+    train(cfg, resume=True, log=lambda *a: None)
+    assert starts == [20]
+
+
+def test_a_final_save_cut_short_never_leaves_the_release_copy_as_master_weights(source_tree, corpus, tmp_path,
+                                                                               monkeypatch):
+    """The final save's renames cut short at trainer_state.json: `out` must still hold the float32
+    weights of the periodic save a resume reads (the bf16 release copy is renamed last)."""
+    from mtp_engine import checkpoint
+
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=2, save_every=2, eval_every=100)
+    renames, real_replace = [], os.replace
+
+    def cut(src, dst):
+        renames.append(Path(dst).name)
+        if Path(dst).name == "trainer_state.json" and renames.count("trainer_state.json") == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda *a: None)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    out = tmp_path / "run"
+    assert json.loads((out / "trainer_state.json").read_text())["final"] is False
+    assert torch.load(out / "consolidated.00.pth", weights_only=True)["output.weight"].dtype == torch.float32
+    cfg.max_steps = 3
+    assert train(cfg, resume=True, log=lambda *a: None)["summary"]["steps"] == 3
 
 
 def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path):

@@ -89,6 +89,9 @@ class SequenceState:
             self.finish = "max_gen_len" if self.limit_is_gen_len else "max_seq_len"
 
 
+GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the token selection kernels' dtypes
+
+
 class Generator:
     """Plain and self-speculative batched generation with a Transformer's static KV cache.
 
@@ -139,8 +142,11 @@ class Generator:
         self._one_read = False   # what the verify step being traced does (_verify_step's variants)
         self._graphs: Optional[CUDAGraphSteps] = None
         self._cache_len = max_seq_len   # grows by a verify tree's size on the first speculative call
-        model.fuse_projections()  # one GEMM for q/k/v and one for w1/w3 in every step (values unchanged)
-        model.setup_caches(max_batch_size, max_seq_len)
+        # Normal tensors even when built inside inference mode (a sampling function in a training loop,
+        # measure_acceptance_rates): inference-mode weights and caches would leave the model untrainable.
+        with torch.inference_mode(False):
+            model.fuse_projections()  # one GEMM for q/k/v and one for w1/w3 in every step (values unchanged)
+            model.setup_caches(max_batch_size, max_seq_len)
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +182,10 @@ class Generator:
         differently; after such a tie the two continuations differ.
         """
         check_sampling_args(temperature, top_p)
+        dtype = self.model.output.weight.dtype
+        if dtype not in GENERATION_DTYPES:
+            raise ValueError(f"the model is {dtype}; generation runs in {', '.join(map(str, GENERATION_DTYPES))}: "
+                             "model.to(torch.float32) first")
         max_gen_len, heads, seed = integer(max_gen_len), integer(heads), integer(seed)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")

@@ -489,7 +489,8 @@ class Transformer(nn.Module):
         (setup_caches) it appends to them at start_pos, an int or a (B,) integer tensor of
         per-sequence positions, like the release's inference path. start_pos > 0 without caches is
         an error: the release's model always has its cache, and a forward at shifted positions
-        without the earlier tokens would silently drop their context.
+        without the earlier tokens would silently drop their context. The cached path is inference
+        only (the caches are written in place): under autograd it is an error, not wrong gradients.
         """
         n_used = self.n_future_tokens if return_all_heads else 1
         B = tokens.shape[0] if tokens.dim() else 0
@@ -503,6 +504,13 @@ class Transformer(nn.Module):
         elif start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if self.cache_len:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                # The cached path writes the caches in place outside autograd: its gradients would be
+                # silently wrong (no gradient for q/k/v, say).
+                raise RuntimeError("model(tokens) with KV caches set up (a Generator was built on this model) is "
+                                   "the release's inference path, which autograd cannot go through: run it under "
+                                   "torch.no_grad() or torch.inference_mode(), or call model.clear_caches() to "
+                                   "train through model(tokens)")
             self._check_tokens(tokens, False)
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
             return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()

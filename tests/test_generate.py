@@ -254,6 +254,46 @@ def test_bad_input_raises_value_error(model, prompts, kwargs, match):
         gen.generate(prompts, **kwargs)
 
 
+@pytest.mark.parametrize("build", ["generator_in_inference_mode", "measure_acceptance_rates"])
+def test_building_a_generator_in_inference_mode_leaves_the_model_trainable(build):
+    """A Generator made inside inference mode (a sampling function in a training loop, or
+    measure_acceptance_rates, itself in inference mode) must not turn the fused weights or the caches
+    into inference tensors: the next training step would fail."""
+    from mtp_engine.speculative import measure_acceptance_rates
+
+    model = make_model(n_future=2)
+    if build == "measure_acceptance_rates":
+        measure_acceptance_rates(model, [[1, 2, 3]], top_k=2, max_gen_len=4)
+    else:
+        with torch.inference_mode():
+            Generator(model, max_batch_size=1, max_seq_len=16).generate([[1, 2]], max_gen_len=3)
+    attention = model.layers[0].attention
+    assert not any(t.is_inference() for t in (attention.wq.weight, model.k_cache, model.v_cache))
+    model.train()
+    loss = model.head_hidden(torch.tensor([[1, 2, 3, 4]])).square().mean()
+    loss.backward()
+    assert attention.wq.weight.grad is not None
+
+
+def test_forward_with_caches_refuses_autograd_and_generation_refuses_other_dtypes(model):
+    """model(tokens) after a Generator set the caches up is the release's cached inference path: under
+    autograd it would give wrong gradients, so it is refused; under no_grad it runs, and without the
+    caches it trains. A float64 model is refused by name at generate()."""
+    trained = make_model(n_future=2, seed=3)
+    Generator(trained, max_batch_size=2, max_seq_len=16)
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match=r"autograd cannot go through: run it under torch.no_grad\(\)"):
+        trained(tokens)
+    with torch.no_grad():
+        assert trained(tokens).shape == (1, 3, 1, VOCAB)
+    trained.clear_caches()
+    trained(tokens).sum().backward()
+    assert trained.layers[0].attention.wq.weight.grad is not None
+    gen = Generator(make_model(n_future=2, seed=4).double(), max_batch_size=1, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"the model is torch.float64; generation runs in torch.float32"):
+        gen.generate([[1, 2]], max_gen_len=2)
+
+
 def test_numpy_integers_are_ints(model):
     """Sizes and ids read from numpy arrays (a config, a dataset) work as the Python ints they are."""
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

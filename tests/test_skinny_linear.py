@@ -1197,6 +1197,20 @@ def test_every_norm_prologue_rope_launch_matches_the_reference(triton_backend, d
             torch.testing.assert_close(got.double(), expected, **tol, msg=lambda m: f"{launch}: {m}")
 
 
+def _swiglu_norm_tuning(monkeypatch):
+    """A fresh gate/up norm tuner that tunes on a CPU (every launch timed at 1 ms), and its inputs:
+    (tuner, x (2, 40), delta, norm weight, w13 (42, 40))."""
+    from mtp_kernels import launch_tuner
+
+    tuner = LaunchTuner("skinny_linear_swiglu_norm")
+    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
+    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
+    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=9)
+    return tuner, x, delta, g, w13
+
+
 def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypatch):
     """A rotary launch that returns the right q but writes a wrong v into the cache, and a norm
     prologue launch that returns the right gate but a wrong residual stream h, are left out by their
@@ -1226,13 +1240,7 @@ def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypat
     # The probes leave the caches as the launches write them, here the last candidate's (a right one).
     torch.testing.assert_close(rope.v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
 
-    tuner = LaunchTuner("skinny_linear_swiglu_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
-    from mtp_kernels import launch_tuner
-    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
-    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
-    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
-    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=9)
+    tuner, x, delta, g, w13 = _swiglu_norm_tuning(monkeypatch)
     bad = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]
     with pytest.warns(UserWarning, match="disagree with the reference"):
         sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
@@ -1289,13 +1297,7 @@ def test_norm_prologue_dispatch_tuned_launch_and_unfused_pair(triton_backend, mo
 def test_norm_prologue_tuning_times_the_unfused_pair_and_unsplit_twins(triton_backend, monkeypatch):
     """A stand-in timer on the tuning path: the unfused pair first, then the SwiGLU twins without a
     K split or stream-K; the fastest kept."""
-    tuner = LaunchTuner("skinny_linear_swiglu_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
-    from mtp_kernels import launch_tuner
-    monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
-    monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
-    x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
-    _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=9)
+    tuner, x, delta, g, w13 = _swiglu_norm_tuning(monkeypatch)
     y, h = sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
     (key, times), = tuner.times.items()
     assert list(times)[0] is None and len(times) > 1

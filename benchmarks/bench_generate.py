@@ -234,24 +234,28 @@ def kernel_breakdown(step) -> dict:
 
 @torch.inference_mode()
 @contextlib.contextmanager
-def reference_backend():
-    """MTP_BACKEND=reference inside: every op on its PyTorch twin (`kernels/reference.py`), CUDA or not."""
-    saved = os.environ.get("MTP_BACKEND")
-    os.environ["MTP_BACKEND"] = "reference"
+def eager_pytorch(gen: Generator):
+    """gen's steps in eager PyTorch inside: MTP_BACKEND=reference (every op on its PyTorch twin,
+    `kernels/reference.py`, CUDA or not) and no CUDA graphs; both restored after. (The same
+    Generator, not a second one: a new Generator would set the model's caches up again under the
+    first one's captured graphs.)"""
+    saved_backend, saved_graphs = os.environ.get("MTP_BACKEND"), gen.cuda_graphs
+    os.environ["MTP_BACKEND"], gen.cuda_graphs = "reference", False
     try:
         yield
     finally:
-        if saved is None:
+        gen.cuda_graphs = saved_graphs
+        if saved_backend is None:
             del os.environ["MTP_BACKEND"]
         else:
-            os.environ["MTP_BACKEND"] = saved
+            os.environ["MTP_BACKEND"] = saved_backend
 
 
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
     """Plain decode step and verify steps, ms (median), per batch size; the plain step also as a
     ratio to its bytes floor (decode_bytes over the copy bandwidth measured now, read + write
     counted, so reading alone is held to the same rate) and to the same step in eager PyTorch
-    (`reference_backend`, no CUDA graphs), timed in the same run."""
+    (`eager_pytorch`, no CUDA graphs), timed in the same run."""
     copy_gbps = common.measure_ceilings(device)["copy_gbps"]
     rows = []
     heads = model.n_future_tokens
@@ -290,13 +294,11 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
             row["plain_x_floor"] = row["plain_ms"] / row["plain_floor_ms"]
         # The peer in the same run: the same step in eager PyTorch (the reference path: cuBLAS GEMMs,
         # eager attention and norms, no CUDA graphs), as DESIGN's "eager PyTorch is 9.7 ms" was timed.
-        eager_gen = Generator(model, max_batch_size=B, max_seq_len=kv_len + max(tree_nodes), cuda_graphs=False)
-        with reference_backend():
-            res = common.time_and_peak(lambda: eager_gen._plain_step(tokens, seqlens, stay)[0], device=device)
+        with eager_pytorch(gen):
+            res = common.time_and_peak(plain_step, device=device)
         row["eager_plain_ms"], row["eager_plain_status"] = res.get("ms"), res["status"]
         if row["plain_ms"] and row["eager_plain_ms"]:
             row["plain_vs_eager"] = row["plain_ms"] / row["eager_plain_ms"]
-        eager_gen = None
         choice = step_variant_choice(gen, ("plain",))
         if choice:   # captured with ordinary and programmatic launches (Hopper)
             row["plain_capture_ms"], row["plain_kept"] = choice

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -282,9 +283,10 @@ def test_bench_generate_tiny(tmp_path, load_script, monkeypatch):
     assert "| eager PyTorch ms | plain / eager |" in table
     bench = load_script(BENCH / "bench_generate.py")
     monkeypatch.setenv("MTP_BACKEND", "triton")
-    with bench.reference_backend():
-        assert os.environ["MTP_BACKEND"] == "reference"
-    assert os.environ["MTP_BACKEND"] == "triton"
+    gen = types.SimpleNamespace(cuda_graphs=None)
+    with bench.eager_pytorch(gen):
+        assert os.environ["MTP_BACKEND"] == "reference" and gen.cuda_graphs is False
+    assert os.environ["MTP_BACKEND"] == "triton" and gen.cuda_graphs is None
     # The shipped model's head dim (48) is not a kernel head dim: the table must say what ran.
     assert "Attention: reference attention (head dim 48, float32, cpu)" in table
 

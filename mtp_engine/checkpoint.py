@@ -404,8 +404,9 @@ def checkpoint_files(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
 
 def replace_together(files) -> None:
     """files: [(path, write)]. Every file is written to a temporary one first (write(tmp_path)), and
-    only when all are written are they renamed over their paths, in the order given, so a save that fails (a full disk, an interrupt) leaves
-    the old checkpoint whole, never new params.json and shard 0 beside an old shard 1.
+    only when all are written are they renamed over their paths, in the order given, so a save that
+    fails (a full disk, an interrupt) leaves the old checkpoint whole, never new params.json and
+    shard 0 beside an old shard 1.
 
     A model loaded from this directory still memory-maps the old shards; rewriting a file in place
     would change its weights under it or kill it with SIGBUS once the file shrinks. A rename leaves

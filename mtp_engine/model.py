@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -356,6 +357,7 @@ class Transformer(nn.Module):
         # imaginary part. It follows the model's device lazily (see `_rope`).
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
         self.cache_batch = 0
+        self._told_cached_forward_is_inference = False
         self.cache_len = 0
         self.k_cache: Optional[torch.Tensor] = None  # (n_blocks, B, S, Hkv, Dh) after setup_caches
         self.v_cache: Optional[torch.Tensor] = None
@@ -490,7 +492,7 @@ class Transformer(nn.Module):
         per-sequence positions, like the release's inference path. start_pos > 0 without caches is
         an error: the release's model always has its cache, and a forward at shifted positions
         without the earlier tokens would silently drop their context. The cached path is inference
-        only (the caches are written in place): under autograd it is an error, not wrong gradients.
+        only, as the release's: it builds no autograd graph (warned once where autograd was on).
         """
         n_used = self.n_future_tokens if return_all_heads else 1
         B = tokens.shape[0] if tokens.dim() else 0
@@ -504,16 +506,19 @@ class Transformer(nn.Module):
         elif start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if self.cache_len:
-            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-                # The cached path writes the caches in place outside autograd: its gradients would be
-                # silently wrong (no gradient for q/k/v, say).
-                raise RuntimeError("model(tokens) with KV caches set up (a Generator was built on this model) is "
-                                   "the release's inference path, which autograd cannot go through: run it under "
-                                   "torch.no_grad() or torch.inference_mode(), or call model.clear_caches() to "
-                                   "train through model(tokens)")
+            # The release's forward is inference only (@torch.inference_mode()), and the cached path
+            # writes the caches in place outside autograd: under autograd its gradients would be
+            # silently wrong (none for q/k/v), so it runs without a graph, as the release's does.
+            if torch.is_grad_enabled() and not self._told_cached_forward_is_inference \
+                    and any(p.requires_grad for p in self.parameters()):
+                self._told_cached_forward_is_inference = True
+                warnings.warn("model(tokens) with KV caches set up (a Generator was built on this model) is the "
+                              "release's inference path and builds no autograd graph; call model.clear_caches() "
+                              "to train through model(tokens)", stacklevel=2)
             self._check_tokens(tokens, False)
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
-            return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
+            with torch.no_grad():
+                return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
         if not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError(f"start_pos {start_pos} needs the KV cache: call setup_caches(max_batch_size, "
                              "max_seq_len) first (the release's model sets its cache up when built); without "

@@ -4,6 +4,7 @@ Tiny random fp32 models on CPU. The oracle for greedy decoding is a naive loop t
 uncached forward over the whole sequence every step.
 """
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -276,16 +277,22 @@ def test_building_a_generator_in_inference_mode_leaves_the_model_trainable(build
 
 
 def test_forward_with_caches_refuses_autograd_and_generation_refuses_other_dtypes(model):
-    """model(tokens) after a Generator set the caches up is the release's cached inference path: under
-    autograd it would give wrong gradients, so it is refused; under no_grad it runs, and without the
+    """model(tokens) after a Generator set the caches up is the release's cached inference path: it
+    builds no autograd graph (its in-place cache writes would give wrong gradients), says so once
+    where autograd was on, and a backward through it fails instead of training wrongly; without the
     caches it trains. A float64 model is refused by name at generate()."""
     trained = make_model(n_future=2, seed=3)
     Generator(trained, max_batch_size=2, max_seq_len=16)
     tokens = torch.tensor([[1, 2, 3]])
-    with pytest.raises(RuntimeError, match=r"autograd cannot go through: run it under torch.no_grad\(\)"):
-        trained(tokens)
-    with torch.no_grad():
-        assert trained(tokens).shape == (1, 3, 1, VOCAB)
+    with pytest.warns(UserWarning, match=r"release's inference path and builds no autograd graph; call "
+                                         r"model.clear_caches\(\)"):
+        logits = trained(tokens)
+    assert logits.shape == (1, 3, 1, VOCAB) and not logits.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        logits.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained(tokens, start_pos=3)                        # said once
     trained.clear_caches()
     trained(tokens).sum().backward()
     assert trained.layers[0].attention.wq.weight.grad is not None

@@ -322,6 +322,23 @@ def _merge(key: str, parts: List[torch.Tensor], paths: List[Path], dtype: Option
 
 
 # ------------------------------------------------------------------------------------ saving
+# Files that describe the model in a folder: a new model written there would leave them behind.
+MODEL_FILES = ("params.json", "trainer_state.json", "optimizer.pt", "tree.json", "train_log.json", "distill_log.json")
+
+
+def refuse_overwrite(out_dir: PathLike, command: str, hint: str) -> None:
+    """ValueError when out_dir already holds a model (a checkpoint, a training run's state, a fitted
+    tree.json): `command` writes a new one and would replace it without a word, or leave companions
+    that describe the old one (tree rates, a resume/ copy, a run's state). hint: the way out."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    found = sorted(p.name for p in out.iterdir() if p.name in MODEL_FILES or SHARD_PATTERN.match(p.name))
+    if found:
+        raise ValueError(f"{out} already holds a model ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}): "
+                         f"{command} would write over it; {hint}, or give another output folder")
+
+
 def check_save_target(ckpt_dir: PathLike, shards: int = 1) -> None:
     """What `save_checkpoint(..., shards=shards)` would refuse, checked before the work that produces
     the weights: a path that is a file (or under one), or shards of a checkpoint with more of them."""

@@ -6,7 +6,6 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
@@ -58,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--heads", type=int, default=None,
                           help="heads taking part in --speculative, 2..n_future_tokens (default: all)")
     complete.add_argument("--tree", default=None, metavar="PRESET",
-                          help="token tree for --speculative tree: a preset (chain, heads2 .. heads8) or a JSON list "
+                          help="token tree for --speculative tree: a preset (chain, heads2 .. heads8), a tree file "
+                               "(`mtp eval --build-tree`'s .json) or a JSON list "
                                "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most "
                                + ", ".join(f"{n} tree tokens per forward on {d}" for d, n in DEFAULT_TREE_TOKENS.items())
                                + "), built from the checkpoint's tree.json rates when it has one")
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_complete(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint
     from .generate import Llama
+    from .speculative import tree_argument
     from .tokenizer import find_tokenizer
 
     if args.ckpt_dir is None:
@@ -123,12 +124,7 @@ def run_complete(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative is None and (args.heads is not None or args.tree is not None):
         raise ValueError("--heads and --tree need --speculative chain|tree")
-    tree = args.tree
-    if tree is not None and tree.lstrip().startswith("["):
-        try:
-            tree = json.loads(tree)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--tree is not a valid JSON list of paths: {err}") from None
+    tree = None if args.tree is None else tree_argument(args.tree)
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
                         max_batch_size=len(args.prompt) if args.max_batch_size is None else args.max_batch_size,
                         device=args.device, dtype=args.dtype, seed=args.seed)

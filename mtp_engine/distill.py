@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import check_save_target, default_checkpoint, find_shards, resolve_device
+    from .checkpoint import check_save_target, default_checkpoint, find_shards, refuse_overwrite, resolve_device
     from .tokenizer import find_tokenizer
 
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
     shards = len(find_shards(ckpt_dir))   # the distilled copy keeps the checkpoint's layout
     out = Path(args.out_dir)
     check_save_target(out, shards)
+    # Into the source's own folder (or another model's) the old tree.json, resume/ copy or run state
+    # would describe the old heads, and a later `mtp train --resume` would load the undistilled ones.
+    refuse_overwrite(out, "mtp distill", "distill into a new folder")
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
                                Path(args.source) if args.source else None)

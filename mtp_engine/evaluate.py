@@ -239,31 +239,21 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
         return {name: speculative.resolve_tree(name, heads)}
     trees = {}
     for spec in specs:
-        if spec.endswith(".json"):   # a tree file: --build-tree's {"paths": ...}, or a plain list of paths
-            path = Path(spec)
-            if not path.is_file():
-                raise FileNotFoundError(f"--tree {spec}: no such tree file")
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--tree {spec}: not valid JSON ({e})") from None
-            paths = data.get("paths") if isinstance(data, dict) else data
-            if not isinstance(paths, list):
-                raise ValueError(f"--tree {spec}: holds no list of paths (a list, or an object with \"paths\")")
-            add_tree(trees, path.stem, speculative.resolve_tree(paths, heads))
-            continue
-        try:
-            paths = json.loads(spec) if spec.lstrip().startswith("[") else spec
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--tree {spec!r}: not a valid JSON list of paths ({e})") from None
-        add_tree(trees, spec if isinstance(paths, str) else f"custom{len(trees)}", speculative.resolve_tree(paths, heads))
+        paths = speculative.tree_argument(spec)
+        name = Path(spec).stem if spec.endswith(".json") else spec if isinstance(paths, str) else f"custom{len(trees)}"
+        add_tree(trees, name, speculative.resolve_tree(paths, heads))
     return trees
 
 
 def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
-    """The window a checkpoint was trained on (train_log.json's config, as `mtp train` writes it), or None."""
+    """The window a checkpoint was trained on (train_log.json's config, as `mtp train` writes it), or None.
+    A training run's resume/ copy (its float32 master weights) has the run's log in the folder above."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "train_log.json").is_file() and ckpt_dir.name == "resume" \
+            and (ckpt_dir.parent / "trainer_state.json").is_file():
+        ckpt_dir = ckpt_dir.parent
     try:
-        value = json.loads((Path(ckpt_dir) / "train_log.json").read_text())["config"]["seq_len"]
+        value = json.loads((ckpt_dir / "train_log.json").read_text())["config"]["seq_len"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -24,8 +24,10 @@ decoding, see Generator.generate.)
 from __future__ import annotations
 
 import heapq
+import json
 import numbers
 import operator
+import pathlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -167,6 +169,30 @@ def resolve_tree(spec: TreeSpec, heads: int) -> List[List[int]]:
     else:
         paths = spec
     return [list(p) for p in validate_paths(paths, heads)]
+
+
+def tree_argument(spec: str, option: str = "--tree"):
+    """A command line's tree, as `resolve_tree` takes it: a preset name as it is, a JSON list of
+    paths, or a .json file holding one (or `mtp eval --build-tree`'s {"paths": ...}) read into its
+    paths. ValueError / FileNotFoundError naming `option` otherwise."""
+    if spec.endswith(".json"):
+        path = pathlib.Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{option} {spec}: no such tree file")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{option} {spec}: not valid JSON ({e})") from None
+        paths = data.get("paths") if isinstance(data, dict) else data
+        if not isinstance(paths, list):
+            raise ValueError(f"{option} {spec}: holds no list of paths (a list, or an object with \"paths\")")
+        return paths
+    if spec.lstrip().startswith("["):
+        try:
+            return json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{option} {spec!r}: not a valid JSON list of paths ({e})") from None
+    return spec
 
 
 def validate_paths(paths, heads: int) -> List[Path]:

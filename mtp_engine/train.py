@@ -33,7 +33,8 @@ from torch import nn
 
 from mtp_kernels import fused_linear_cross_entropy
 
-from .checkpoint import checkpoint_files, load_checkpoint, read_json_object, replace_together, resolve_device
+from .checkpoint import (checkpoint_files, load_checkpoint, read_json_object, refuse_overwrite, replace_together,
+                         resolve_device)
 from .data import PackedTokens, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
@@ -367,6 +368,21 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _nothing_to_train(out: Path, state: dict, cfg: TrainConfig) -> Optional[str]:
+    """Why a resume of the run in `out` (trainer_state.json `state`) would train nothing, or None: its
+    final save is made and cfg asks no more steps, or no more time. (It would otherwise rewrite the
+    run's summary from a loop that never ran.)"""
+    if not state.get("final"):
+        return None
+    if state["step"] >= cfg.max_steps:
+        return (f"nothing to train: the run in {out} is at step {state['step']} and --max-steps is {cfg.max_steps}; "
+                "pass a larger --max-steps to train on")
+    if cfg.time_budget_s is not None and state["train_time_s"] >= cfg.time_budget_s:
+        return (f"nothing to train: the run in {out} has trained {state['train_time_s']:.0f} s of its "
+                f"--time-budget-s {cfg.time_budget_s:g} (the budget counts every resume); pass a larger one")
+    return None
+
+
 def _check_resume_step(optimizer_state: dict, step: int, out: Path) -> None:
     """Refuse an optimizer state that has taken another number of steps than trainer_state.json says
     (AdamW counts them per parameter): the files of two saves, which a resume must not mix."""
@@ -384,13 +400,17 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 # ---------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[str] = None) -> dict:
     """Run (or resume) a training run; returns the run's log dict (also written to out_dir/train_log.json).
 
     out_dir receives the Meta-format checkpoint (params.json, consolidated.00.pth, tokenizer.model)
     of the latest save, `optimizer.pt` + `trainer_state.json` to resume, and `train_log.json`.
     """
     cfg.validate()
+    run_state = Path(cfg.out_dir) / "trainer_state.json"
+    if not (resume and run_state.is_file()):   # a new run: never over another model
+        refuse_overwrite(Path(cfg.out_dir), "mtp train", "pass --resume to continue its run" if run_state.is_file()
+                         else "it has no trainer_state.json, so it is no run --resume continues")
     env = _init_distributed(cfg)
     is_main = env is None or env.is_main
     device = env.device if env is not None else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -401,6 +421,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     log = log if is_main else quiet
     if env is None and cfg.distributed != "none":
         log(f"distributed {cfg.distributed}: one process (not launched by torchrun with several), so one device")
+    if resume and (out / "trainer_state.json").is_file():
+        done = _nothing_to_train(out, read_json_object(out / "trainer_state.json"), cfg)
+        if done is not None:
+            log(done)
+            if env is not None:
+                _cleanup(env)
+            return read_json_object(out / "train_log.json")
 
     corpus_options = dict(max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
                           extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
@@ -450,9 +477,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "params": model.num_params(), "corpus": {k: corpus.manifest[k] for k in
                                                         ("source", "train_tokens", "heldout_tokens", "vocab_size")},
                "steps": [], "evals": []}
+    if preset is not None:   # the --preset the run was started with (a resume may repeat it, not change it)
+        run_log["preset"] = preset
     log_path = out / "train_log.json"
     if resume and log_path.is_file():
         previous = read_json_object(log_path)
+        if "preset" in previous:
+            run_log["preset"] = previous["preset"]
         run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
         run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
     if is_main:   # made only now: a run that fails on its data or tokenizer leaves no empty folder
@@ -474,7 +505,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     # Windows of the global order read so far (PackedTokens.windows): a resume on another number of
     # ranks continues where the run stopped. (Saves from before it was kept: their token count.)
     windows_read = state.get("windows_read", state["tokens"] // cfg.seq_len)
-    last_loss = float("nan")
+    last_loss = run_log["steps"][-1]["loss"] if run_log["steps"] else float("nan")
     # A resumed run keeps the schedule fitted before the interruption; one interrupted before its fit
     # fits from here (the first steps after a start compile kernels again, so the timing starts later).
     fit_schedule = cfg.schedule_to_budget and "schedule_fit" not in state
@@ -551,13 +582,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 state["step"], state["train_time_s"] = step, time.perf_counter() - start_time
                 _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=False)
             if over_time:
-                log(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
+                log(f"time budget of {cfg.time_budget_s:g} s reached at step {step}")
                 break
     finally:
         progress.close()
     state["step"], state["train_time_s"] = step, time.perf_counter() - start_time
     run_log["summary"] = {"steps": step, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
-                          "final_loss": last_loss,
+                          "final_loss": None if math.isnan(last_loss) else last_loss,
                           "final_eval": run_log["evals"][-1] if run_log["evals"] else None}
     _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=True)
     if env is not None:
@@ -697,7 +728,7 @@ def _cleanup(env) -> None:
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="starting configuration (default: 'default', one GPU; 'cpu': ~30 min on 2 cores; "
                              "'tiny': seconds)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last save")
@@ -729,7 +760,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
-    return preset_config(args.preset, **overrides)
+    return preset_config(args.preset or "default", **overrides)
 
 
 # What a resumed run may change; every other flag must repeat the saved value or be left out.
@@ -745,12 +776,14 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **paths, extra_sources=tuple(str(Path(p).resolve()) for p in cfg.extra_sources))
 
 
-def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
+def resumed_config(cfg: TrainConfig, given: set, preset: Optional[str] = None) -> TrainConfig:
     """The configuration `mtp train --resume` continues with: the run's own (out_dir/train_log.json),
     in the given out_dir (the folder may have been moved or copied), with the RESUMABLE knobs among the
     `given` (command-line) fields. Any other given field that differs from the saved value is an error
-    naming it: it would otherwise be dropped without a word."""
-    saved = read_json_object(Path(cfg.out_dir) / "train_log.json").get("config")
+    naming it: it would otherwise be dropped without a word; so is a `preset` other than the one the
+    run was started with (where its log says)."""
+    run_log = read_json_object(Path(cfg.out_dir) / "train_log.json")
+    saved = run_log.get("config")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved, dict) or not set(saved) <= names:
         raise ValueError(f"{Path(cfg.out_dir) / 'train_log.json'} has no training configuration this version reads")
@@ -761,6 +794,8 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
         return json.loads(json.dumps(value)) == old     # tuples were saved as lists
     clashes = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})"
                for k in sorted(given - RESUMABLE) if not same(k, getattr(cfg, k), saved.get(k))]
+    if preset is not None and run_log.get("preset", preset) != preset:
+        clashes.append(f"--preset {preset} (the run was started with --preset {run_log['preset']})")
     if clashes:
         raise ValueError("--resume continues the run with its saved configuration, and these flags differ from "
                          f"it: {'; '.join(clashes)}. Leave them out, or start a new run in another --out-dir "
@@ -775,8 +810,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = absolute_paths(config_from_args(args))
     if args.resume and cfg.out_dir and (Path(cfg.out_dir) / "trainer_state.json").is_file():
         given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
-        cfg = resumed_config(cfg, given | {"out_dir"})
-    summary = train(cfg, resume=args.resume)["summary"]
+        cfg = resumed_config(cfg, given | {"out_dir"}, args.preset)
+    summary = train(cfg, resume=args.resume, preset=args.preset or "default")["summary"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))
     return 0

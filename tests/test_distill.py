@@ -142,6 +142,12 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
     assert (out / "train_log.json").read_bytes() == (ckpt / "train_log.json").read_bytes()
     assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--steps", "0"]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+    # Into a folder that holds a model (the source's own, or the first distillation's): refused, since
+    # its tree.json, resume/ copy or run state would describe the old heads.
+    for taken in (ckpt, out):
+        assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(taken), "--source", str(src)]) == 2
+        err = capsys.readouterr().err
+        assert f"{taken} already holds a model" in err and "distill into a new folder" in err
     one_head = tmp_path / "one_head"
     save_checkpoint(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=8192, multiple_of=16)), one_head)
     for ckpt_dir, out_dir, match in ((one_head, out, "this model has only head 0"),

@@ -98,6 +98,19 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     assert set(result["speculative"]) == {"chain", *result["trees"]} and "fitted" in result["trees"]
     fitted = json.loads((tmp_path / "fitted.json").read_text())
     assert len(fitted["paths"]) == 6 and len(fitted["rates"]) == 3 and fitted["expected_accept_length"] >= 1
+    # `mtp complete` takes the same tree file, and a training run's resume/ copy is scored on the run's
+    # window (its log is in the run's folder).
+    assert main(["complete", "--ckpt-dir", str(ckpt), "--prompt", "import os", "--max-gen-len", "4", "--device",
+                 "cpu", "--speculative", "tree", "--tree", str(tmp_path / "fitted.json")]) == 0
+    depth = max(len(p) for p in fitted["paths"])
+    assert f"; tree, {depth + 1} heads, 7 nodes" in capsys.readouterr().out   # its 6 drafts and the root
+    from mtp_engine.evaluate import trained_seq_len
+    run_dir = tmp_path / "run"
+    save_checkpoint(model, run_dir / "resume")
+    (run_dir / "train_log.json").write_text(json.dumps({"config": {"seq_len": 40}}))
+    assert trained_seq_len(run_dir / "resume") is None                    # not a training run yet
+    (run_dir / "trainer_state.json").write_text("{}")
+    assert trained_seq_len(run_dir / "resume") == 40
     assert "fitted tree: 6 nodes" in printed
     for r in result["speculative"].values():
         assert 1.0 <= r["tokens_per_forward"] <= 4.0

@@ -491,6 +491,41 @@ def test_cli_resume_continues_the_given_folder_and_refuses_changed_flags(source_
         run(parser.parse_args(base + ["--max-steps", "4"]))
 
 
+def test_train_never_writes_over_another_model_and_a_finished_run_trains_nothing(source_tree, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """A new run into a folder that holds a model is refused (the model would be replaced without a
+    word), and so is --resume there when the folder holds no run to resume (a distilled copy); a run
+    already at its --max-steps, or past its time budget, trains nothing and keeps its log (no NaN
+    summary); --preset other than the run's is an error."""
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=2, save_every=2, eval_every=2)
+    train(absolute_paths(cfg), log=lambda *a: None, preset="tiny")
+    out = tmp_path / "run"
+    before = (out / "train_log.json").read_text()
+    with pytest.raises(ValueError, match=r"run already holds a model \(consolidated\.00\.pth, optimizer\.pt, "
+                                         r"params\.json.*: mtp train would write over it; pass --resume to continue"):
+        train(cfg, log=lambda *a: None)
+    model_only = tmp_path / "model_only"
+    model_only.mkdir()
+    for name in ("params.json", "consolidated.00.pth", "tree.json"):
+        shutil.copyfile(out / name if name != "tree.json" else out / "params.json", model_only / name)
+    with pytest.raises(ValueError, match="no trainer_state.json, so it is no run --resume continues"):
+        train(dataclasses.replace(cfg, out_dir=str(model_only)), resume=True, log=lambda *a: None)
+    said = []
+    assert train(cfg, resume=True, log=said.append)["summary"]["steps"] == 2
+    assert said == [f"nothing to train: the run in {out} is at step 2 and --max-steps is 2; pass a larger "
+                    "--max-steps to train on"]
+    assert (out / "train_log.json").read_text() == before and "NaN" not in before
+    spent = json.loads((out / "trainer_state.json").read_text())["train_time_s"]
+    said.clear()
+    train(dataclasses.replace(cfg, max_steps=5, time_budget_s=spent / 2), resume=True, log=said.append)
+    assert said[0].startswith("nothing to train") and "--time-budget-s" in said[0]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match=r"--preset cpu \(the run was started with --preset tiny\)"):
+        run(parser.parse_args(["--preset", "cpu", "--resume", "--out-dir", str(out), "--max-steps", "3"]))
+
+
 def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):
     runs = {}
     for schedule in ("batched", "sequential"):

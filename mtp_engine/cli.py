@@ -165,11 +165,12 @@ def format_stats(stats: dict) -> str:
 
 
 def _speculative_summary(stats: dict) -> str:
-    """'; tree, 4 heads, 48 nodes, acceptance by depth 0.71/0.45/0.20' for speculative runs, else ''."""
+    """'; tree, 4 heads, 47 drafted nodes, acceptance by depth 0.71/0.45/0.20' for speculative runs,
+    else '' (drafted nodes as `mtp eval` and tree files count them: the root is not drafted)."""
     if "speculative" not in stats:
         return ""
     rates = "/".join("-" if r is None else f"{r:.2f}" for r in stats["acceptance_per_depth"])
-    return (f"; {stats['speculative']}, {stats['heads']} heads, {stats['tree_nodes']} nodes, "
+    return (f"; {stats['speculative']}, {stats['heads']} heads, {stats['tree_nodes'] - 1} drafted nodes, "
             f"acceptance by depth {rates}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
     # Into the source's own folder (or another model's) the old tree.json, resume/ copy or run state
     # would describe the old heads, and a later `mtp train --resume` would load the undistilled ones.
     refuse_overwrite(out, "mtp distill", "distill into a new folder")
+    from .evaluate import trained_seq_len
+    trained = trained_seq_len(ckpt_dir)
+    if trained is not None and cfg.prompt_len + cfg.gen_len > trained:
+        print(f"distill: warning: prompts of {cfg.prompt_len} + {cfg.gen_len} new tokens run past the {trained}-token "
+              "context the model was trained on (its train_log.json); the heads learn continuations it never saw "
+              "there (--prompt-len / --gen-len)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
                                Path(args.source) if args.source else None)

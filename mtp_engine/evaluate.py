@@ -188,7 +188,7 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
         speculative[name] = {"tokens_per_forward": produced / forwards, "prompts": len(runs),
                              "acceptance_per_depth": [h / steps for h in depth_hits] if steps else []}
     return {"heads": n, "heldout_windows": n_windows, "seq_len": seq_len, "head_loss": head_eval["loss"],
-            "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len,
+            "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len, "prompts_asked": n_prompts,
             "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()}}
 
 
@@ -197,7 +197,9 @@ def format_table(result: dict) -> str:
              "", "| head | predicts | held-out loss | top-1 accuracy |", "|---|---|---|---|"]
     for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_top1"])):
         lines.append(f"| {i} | token t+{i + 1} | {loss:.3f} | {acc:.3f} |")
-    lines += ["", f"Greedy self-speculative decoding, {result['speculative'][CHAIN]['prompts']} held-out prompts of "
+    used, asked = result["speculative"][CHAIN]["prompts"], result.get("prompts_asked")
+    fewer = f" (of {asked} asked: one per held-out file long enough, see --max-files)" if asked and used < asked else ""
+    lines += ["", f"Greedy self-speculative decoding, {used} held-out prompts{fewer} of "
               f"{result['prompt_len']} tokens, {result['gen_len']} new tokens each:", "",
               "| drafting | tokens per forward | acceptance by depth |", "|---|---|---|"]
     for name, r in result["speculative"].items():

@@ -142,6 +142,11 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
     assert (out / "train_log.json").read_bytes() == (ckpt / "train_log.json").read_bytes()
     assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--steps", "0"]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+    # Prompts longer than the trained context (train_log.json's 48 tokens): said, then done.
+    assert main(["distill", "--ckpt-dir", str(ckpt), "--out-dir", str(tmp_path / "long"), "--source", str(src),
+                 "--prompts", "4", "--prompt-len", "40", "--gen-len", "16", "--steps", "1", "--batch-size", "4",
+                 "--warmup-steps", "1", "--device", "cpu"]) == 0
+    assert "run past the 48-token context the model was trained on" in capsys.readouterr().err
     # Into a folder that holds a model (the source's own, or the first distillation's): refused, since
     # its tree.json, resume/ copy or run state would describe the old heads.
     for taken in (ckpt, out):

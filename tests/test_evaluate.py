@@ -98,12 +98,16 @@ def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
     assert set(result["speculative"]) == {"chain", *result["trees"]} and "fitted" in result["trees"]
     fitted = json.loads((tmp_path / "fitted.json").read_text())
     assert len(fitted["paths"]) == 6 and len(fitted["rates"]) == 3 and fitted["expected_accept_length"] >= 1
+    from mtp_engine.evaluate import format_table
+    assert "held-out prompts of" in format_table(result) and "asked" not in format_table(result)
+    assert f"{result['speculative']['chain']['prompts']} held-out prompts (of 99 asked: one per held-out file" \
+        in format_table({**result, "prompts_asked": 99})
     # `mtp complete` takes the same tree file, and a training run's resume/ copy is scored on the run's
     # window (its log is in the run's folder).
     assert main(["complete", "--ckpt-dir", str(ckpt), "--prompt", "import os", "--max-gen-len", "4", "--device",
                  "cpu", "--speculative", "tree", "--tree", str(tmp_path / "fitted.json")]) == 0
     depth = max(len(p) for p in fitted["paths"])
-    assert f"; tree, {depth + 1} heads, 7 nodes" in capsys.readouterr().out   # its 6 drafts and the root
+    assert f"; tree, {depth + 1} heads, 6 drafted nodes" in capsys.readouterr().out
     from mtp_engine.evaluate import trained_seq_len
     run_dir = tmp_path / "run"
     save_checkpoint(model, run_dir / "resume")

@@ -666,9 +666,9 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[:-1] == plain[:-1]  # greedy: same text
     # 2 rows and 4 cpu tree tokens: a chain's 2 drafted nodes and the root
-    assert "tokens/forward" in out[-1] and "tree, 3 heads, 3 nodes, acceptance by depth" in out[-1]
+    assert "tokens/forward" in out[-1] and "tree, 3 heads, 2 drafted nodes, acceptance by depth" in out[-1]
     assert main(base + ["--speculative", "tree", "--heads", "2", "--tree", json.dumps([[0], [1], [2]])]) == 0
-    assert "tree, 2 heads, 4 nodes" in capsys.readouterr().out
+    assert "tree, 2 heads, 3 drafted nodes" in capsys.readouterr().out
     for extra, match in ((["--heads", "2"], "need --speculative"),
                          (["--speculative", "tree", "--tree", "[[0], [0"], "not a valid JSON"),
                          (["--speculative", "chain", "--heads", "7"], "heads must be")):

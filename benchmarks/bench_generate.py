@@ -232,7 +232,6 @@ def kernel_breakdown(step) -> dict:
     return group_kernel_ms(common.cuda_kernel_ms(step, lambda name: name))
 
 
-@torch.inference_mode()
 @contextlib.contextmanager
 def eager_pytorch(gen: Generator):
     """gen's steps in eager PyTorch inside: MTP_BACKEND=reference (every op on its PyTorch twin,
@@ -251,6 +250,7 @@ def eager_pytorch(gen: Generator):
             os.environ["MTP_BACKEND"] = saved_backend
 
 
+@torch.inference_mode()
 def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> list:
     """Plain decode step and verify steps, ms (median), per batch size; the plain step also as a
     ratio to its bytes floor (decode_bytes over the copy bandwidth measured now, read + write

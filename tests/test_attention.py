@@ -622,6 +622,19 @@ def test_kv_launch_tuning_leaves_out_a_launch_that_disagrees(triton_backend, mon
     assert times[bad] == float("inf") and all(t == 1.0 for c, t in times.items() if c != bad)
 
 
+def test_kv_tuner_reference_in_query_chunks_equals_the_whole_call():
+    """The KV tuner's eager reference for a long prefill runs in query chunks (scores bounded); each
+    chunk, counted as i0 more cached tokens, sees what its queries see in the whole call."""
+    q, k_cache, v_cache, _ = _kv_inputs(4, 2, 16, 13, 40, [0, 20], seed=35)
+    full = torch.tensor([40 - 13, 40 - 13], dtype=torch.int32)
+    whole = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3)
+    one_query_per_chunk = 4 * 4 * 40        # score_bytes for a step of 1 query: 13 chunks
+    chunked = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3,
+                                                       score_bytes=one_query_per_chunk)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole.double(), _kv_oracle(q, k_cache, v_cache, full, None, 0.3), rtol=1e-4, atol=2e-5)
+
+
 def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
     """Prefill chunks (no tree) of lengths in one power-of-two band share a key, so a server does not
     tune again at every prompt length; the launch tuned at one length gives the right result at

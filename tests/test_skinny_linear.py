@@ -1212,9 +1212,10 @@ def _swiglu_norm_tuning(monkeypatch):
 
 
 def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypatch):
-    """A rotary launch that returns the right q but writes a wrong v into the cache, and a norm
-    prologue launch that returns the right gate but a wrong residual stream h, are left out by their
-    tuners (with a warning) however fast they time: the tuners check all that a launch writes."""
+    """A rotary launch that returns the right q but writes a wrong v into the cache, a SwiGLU launch
+    with a wrong gate, and a norm prologue launch that returns the right gate but a wrong residual
+    stream h, are left out by their tuners (with a warning) however fast they time: the tuners check
+    all that a launch writes."""
     run = sl.skinny_linear_run
     B, T, K, H, Hkv, D = 1, 3, 32, 2, 1, 8
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=7)
@@ -1239,6 +1240,19 @@ def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypat
     assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
     # The probes leave the caches as the launches write them, here the last candidate's (a right one).
     torch.testing.assert_close(rope.v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
+    # The SwiGLU epilogue: a launch whose gate is 5% off.
+    xs, w13 = _swiglu_inputs(3, 21, 40, torch.float32, seed=6)
+    bad_swiglu = sl.swiglu_candidates(3, xs.device, None)[1]
+
+    def wrong_gate(x2, weight, launch, *args, **kwargs):
+        y = run(x2, weight, launch, *args, **kwargs)
+        return y * 1.05 if launch == bad_swiglu and kwargs.get("swiglu") else y
+    monkeypatch.setattr(sl, "skinny_linear_run", wrong_gate)
+    monkeypatch.setattr(sl, "_SWIGLU_TUNER", LaunchTuner("skinny_linear_swiglu"))
+    with pytest.warns(UserWarning, match="disagree with the reference"):
+        times = sl.tune_skinny_swiglu(("cpu", torch.float32, 16, 42, 40), xs, w13, timer=lambda fn: (fn(), 1.0)[1])
+    assert times[bad_swiglu] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
+    monkeypatch.setattr(sl, "skinny_linear_run", faulty)
 
     tuner, x, delta, g, w13 = _swiglu_norm_tuning(monkeypatch)
     bad = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]

@@ -19,6 +19,7 @@ and written by the same thread, so writing in place is race-free.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from . import reference
 from .backend import interpreting, use_triton
-from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy
+from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy, plain_loss_options
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
 
@@ -216,15 +217,35 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     fp16: the logits' gradient (softmax - onehot) times each row's factor (1 / valid tokens for a
     mean) is stored in fp16 before the dH and dW matmuls, so entries under fp16's range flush to
     zero. For mean and sum that gradient is made in the forward, before grad_output is known, so a
-    loss scaler's factor arrives only afterwards and does not prevent it; with reduction "none" the
-    gradient waits for grad_output, which then multiplies in before the cast. bf16 has the range.
+    loss scaler's factor arrives only afterwards and does not prevent it (it multiplies the finished
+    gradients in float32, rounded once: a GradScaler's 65536 does not overflow fp16 on the way); with
+    reduction "none" the gradient waits for grad_output, which then multiplies in before the cast.
+    bf16 has the range.
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
     """
+    return _outside_compile()(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
+                              head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
+                              softcap=softcap, accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes,
+                              return_per_head=return_per_head, process_group=process_group)
+
+
+@functools.lru_cache(maxsize=None)
+def _outside_compile():
+    """`_fused_loss` as torch.compile leaves it: inside a compiled model the loss runs as its own eager
+    call (its launchers tune, check and sync on the host, and Dynamo tracing into them, the
+    interpreter's numpy included, fails). Made at the first call: torch.compiler.disable imports
+    Dynamo, which would double this package's import time."""
+    return torch.compiler.disable(_fused_loss)
+
+
+def _fused_loss(hidden, weight, targets, *, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+                accum_dtype, max_scratch_bytes, return_per_head, process_group):
     if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
                                           or max_scratch_bytes < 1):
         raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
+    label_smoothing, z_loss, softcap, ignore_index = plain_loss_options(label_smoothing, z_loss, softcap, ignore_index)
     if process_group is not None:
         from .vocab_parallel_ce import vocab_parallel_cross_entropy
 

@@ -22,6 +22,7 @@ itself) and one cast at the end. `accum_dtype=None` keeps the lighter 16-bit acc
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -263,6 +264,16 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
     return h3, single_head
 
 
+def plain_loss_options(label_smoothing, z_loss, softcap, ignore_index):
+    """The loss options as Python numbers (numpy's scalars, which `check_loss_options` accepts, as the
+    floats and ints the kernels take); anything else as it is, for the checks to name."""
+    def as_float(value):
+        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int)) else value
+    index = int(ignore_index) if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool) \
+        else ignore_index
+    return as_float(label_smoothing), as_float(z_loss), as_float(softcap), index
+
+
 def is_token_dtype(dtype: torch.dtype) -> bool:
     """Any integer dtype holds token ids (uint16: the corpus's own token streams); bool does not."""
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
@@ -271,8 +282,8 @@ def is_token_dtype(dtype: torch.dtype) -> bool:
 def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -100, head_weights=None) -> None:
     """The loss options' types and ranges (finite numbers: a NaN would pass every comparison and give
     a NaN loss); also run where a loss module is built, before any data."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    def number(value) -> bool:   # numpy's numbers included
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
     if not number(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
@@ -280,7 +291,7 @@ def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -10
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not number(softcap) or not softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if isinstance(head_weights, torch.Tensor) and head_weights.requires_grad:
         raise ValueError("head_weights are constant loss factors and get no gradient: pass a tensor that does not "
@@ -303,10 +314,11 @@ def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_si
         idx = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside "
                          f"[0, {vocab_size}) that is not ignore_index={ignore_index}")
+    lam_dtype = torch.float64 if h3.dtype == torch.float64 else torch.float32   # float64 stays float64 throughout
     if head_weights is None:
-        lam = torch.ones(n, dtype=torch.float32, device=h3.device)
+        lam = torch.ones(n, dtype=lam_dtype, device=h3.device)
     else:
-        lam = torch.as_tensor(head_weights, dtype=torch.float32).to(h3.device).reshape(-1)
+        lam = torch.as_tensor(head_weights, dtype=lam_dtype).to(h3.device).reshape(-1)
         if lam.numel() != n:
             raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
     rows = as_rows(h3)
@@ -375,10 +387,25 @@ def scale_forward_grads(ctx, grad_out, hidden_shape):
     ctx.consumed = True
     d_rows, d_weight = ctx.saved_tensors
     if d_rows is not None:
-        d_rows = d_rows.mul_(grad_out.to(d_rows.dtype)).view(hidden_shape)
+        d_rows = scale_in_place(d_rows, grad_out).view(hidden_shape)
     if d_weight is not None:
-        d_weight = d_weight.mul_(grad_out.to(d_weight.dtype))
+        d_weight = scale_in_place(d_weight, grad_out)
     return d_rows, d_weight
+
+
+def scale_in_place(t: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """t *= scale (a 0-dim tensor) in place, the product formed in float32 or wider and rounded once:
+    a 16-bit scale would overflow first (a loss scaler's 65536 is inf in fp16) or round (a 1/k of
+    gradient accumulation in bf16). Rows of at most chunk_bytes of float32 at a time."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(scale.to(t.dtype))
+    scale = scale.to(device=t.device, dtype=torch.float32)
+    flat = t.view(-1)
+    step = max(1, chunk_bytes // 4)
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        part.copy_(part.float().mul_(scale))
+    return t
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

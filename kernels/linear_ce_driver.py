@@ -400,6 +400,8 @@ def scale_in_place(t: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 1 <<
     if t.dtype in (torch.float32, torch.float64):
         return t.mul_(scale.to(t.dtype))
     scale = scale.to(device=t.device, dtype=torch.float32)
+    if not t.is_contiguous():
+        return t.copy_(t.float().mul_(scale))
     flat = t.view(-1)
     step = max(1, chunk_bytes // 4)
     for start in range(0, flat.numel(), step):

@@ -6,6 +6,7 @@ Each function has the same signature as its Triton counterpart. They are the CPU
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cpu_linear import matmul_t
 
@@ -163,31 +164,53 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """q: (B, Tq, H, Dh); k_cache, v_cache: (B, S_max, Hkv, Dh); cache_seqlens: (B,) int = tokens in the cache
     before the Tq new ones (whose K/V already sit at slots cache_seqlens[b] + j). Query i sees slots
     [0, cache_seqlens[b]) and new slot cache_seqlens[b] + j where tree_mask[i, j] ((Tq, Tq) bool; None =
-    causal j <= i). Eager with an explicit boolean mask, float32 softmax; a row that sees nothing gives 0.
-    Returns (B, Tq, H, Dh) in q.dtype."""
+    causal j <= i). A row that sees nothing gives 0. Returns (B, Tq, H, Dh) in q.dtype.
+
+    One sequence at a time over its own slots only (reading the lengths is a host sync on a GPU,
+    where this runs as the eager peer and the oracle), in float32 (float64 stays float64) through
+    torch's scaled_dot_product_attention: no slot past a sequence's length is read, so a stale inf
+    there cannot reach the output, and no (T, S) float32 scores are kept (a long prefill's were
+    gigabytes, and every decode step copied the live K and V twice)."""
     B, Tq, H, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    group = H // Hkv
     scale = D ** -0.5 if sm_scale is None else sm_scale
     ct = _attention_compute_dtype(q)
-    new_idx = (torch.arange(S, device=q.device).view(1, 1, S)
-               - cache_seqlens.to(device=q.device, dtype=torch.long).view(B, 1, 1))   # (B, 1, S)
-    query_idx = torch.arange(Tq, device=q.device).view(1, Tq, 1)
+    out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
+    if B == 0 or Tq == 0:
+        return out
     if tree_mask is None:
-        sees_new = new_idx <= query_idx
+        sees_new = torch.ones(Tq, Tq, dtype=torch.bool, device=q.device).tril()
     else:
-        sees_new = tree_mask.to(device=q.device, dtype=torch.bool)[query_idx, new_idx.clamp(0, Tq - 1)]
-    visible = (new_idx < 0) | ((new_idx < Tq) & sees_new)                            # (B, Tq, S)
-    qf = q.to(ct).view(B, Tq, Hkv, group, D).permute(0, 2, 3, 1, 4)                 # (B, Hkv, G, Tq, D)
-    kf = k_cache.to(ct).permute(0, 2, 1, 3)                                          # (B, Hkv, S, D)
-    # Slots no query of the sequence sees (past its own length: stale values of another sequence's
-    # longer step, maybe inf) must not reach the output through 0 * inf, as the kernel never loads them.
-    vf = v_cache.to(ct).masked_fill(~visible.any(1)[:, :, None, None], 0).permute(0, 2, 1, 3)
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf) * scale
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs, vf)                               # (B, Hkv, G, Tq, D)
-    return out.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D).to(q.dtype)
+        sees_new = tree_mask.to(device=q.device, dtype=torch.bool)
+    sees_nothing = ~sees_new.any(1)                      # (past slots aside: a hand-made tree's empty row)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        live = slice(0, length + Tq)
+        qb = q[b:b + 1].to(ct).transpose(1, 2)                                      # (1, H, Tq, D)
+        kb, vb = (c[b:b + 1, live].to(ct).transpose(1, 2) for c in (k_cache, v_cache))   # (1, Hkv, S_b, D)
+        # Decode (one query, causal) sees every live slot, and a prefill from an empty cache is plain
+        # causal attention: no mask, torch's fused paths (a mask of a long prefill takes the matmul path).
+        causal = tree_mask is None and length == 0 and Tq > 1
+        mask = None if (Tq == 1 and tree_mask is None) or causal else \
+            torch.cat([sees_new.new_ones(Tq, length), sees_new], dim=1)
+        ob = _sdpa_gqa(qb, kb, vb, mask, scale, causal)[0]                   # (H, Tq, D)
+        if length == 0 and bool(sees_nothing.any()):
+            ob[:, sees_nothing] = 0
+        out[b] = ob.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
+              causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention of q (1, H, T, D) against k, v (1, Hkv, S, D), query head h on
+    kv head h // (H // Hkv), without repeating K and V where torch can (enable_gqa). 4-D: torch's fused
+    CPU kernel takes no 3-D inputs (they take the matmul path, 8x slower at a 4096-token prefill)."""
+    if q.shape[1] != k.shape[1]:
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                                  enable_gqa=True)
+        except TypeError:   # a torch without enable_gqa
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,11 +166,11 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     [0, cache_seqlens[b]) and new slot cache_seqlens[b] + j where tree_mask[i, j] ((Tq, Tq) bool; None =
     causal j <= i). A row that sees nothing gives 0. Returns (B, Tq, H, Dh) in q.dtype.
 
-    One sequence at a time over its own slots only (reading the lengths is a host sync on a GPU,
-    where this runs as the eager peer and the oracle), in float32 (float64 stays float64) through
-    torch's scaled_dot_product_attention: no slot past a sequence's length is read, so a stale inf
-    there cannot reach the output, and no (T, S) float32 scores are kept (a long prefill's were
-    gigabytes, and every decode step copied the live K and V twice)."""
+    One call per cache length, over those sequences' own slots only (reading the lengths is a host
+    sync on a GPU, where this runs as the eager peer and the oracle), in float32 (float64 stays
+    float64) through torch's scaled_dot_product_attention: no slot past a sequence's length is read,
+    so a stale inf there cannot reach the output, and no (T, S) float32 scores are kept (a long
+    prefill's were gigabytes, and every decode step copied the live K and V twice)."""
     B, Tq, H, D = q.shape
     scale = D ** -0.5 if sm_scale is None else sm_scale
     ct = _attention_compute_dtype(q)
@@ -182,19 +182,25 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     else:
         sees_new = tree_mask.to(device=q.device, dtype=torch.bool)
     sees_nothing = ~sees_new.any(1)                      # (past slots aside: a hand-made tree's empty row)
+    rows_of = {}                                         # sequences of one length share a call
     for b, length in enumerate(cache_seqlens.tolist()):
+        rows_of.setdefault(length, []).append(b)
+    for length, rows in rows_of.items():
+        # consecutive rows as a view (no copy of their K and V), others gathered
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        pick = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=q.device)
         live = slice(0, length + Tq)
-        qb = q[b:b + 1].to(ct).transpose(1, 2)                                      # (1, H, Tq, D)
-        kb, vb = (c[b:b + 1, live].to(ct).transpose(1, 2) for c in (k_cache, v_cache))   # (1, Hkv, S_b, D)
+        qb = q[pick].to(ct).transpose(1, 2)                                         # (b, H, Tq, D)
+        kb, vb = (c[pick][:, live].to(ct).transpose(1, 2) for c in (k_cache, v_cache))   # (b, Hkv, S_b, D)
         # Decode (one query, causal) sees every live slot, and a prefill from an empty cache is plain
         # causal attention: no mask, torch's fused paths (a mask of a long prefill takes the matmul path).
         causal = tree_mask is None and length == 0 and Tq > 1
         mask = None if (Tq == 1 and tree_mask is None) or causal else \
             torch.cat([sees_new.new_ones(Tq, length), sees_new], dim=1)
-        ob = _sdpa_gqa(qb, kb, vb, mask, scale, causal)[0]                   # (H, Tq, D)
+        ob = _sdpa_gqa(qb, kb, vb, mask, scale, causal)                      # (b, H, Tq, D)
         if length == 0 and bool(sees_nothing.any()):
-            ob[:, sees_nothing] = 0
-        out[b] = ob.transpose(0, 1).to(q.dtype)
+            ob[:, :, sees_nothing] = 0
+        out[pick] = ob.transpose(1, 2).to(q.dtype)
     return out
 
 

@@ -623,7 +623,7 @@ def test_kv_launch_tuning_leaves_out_a_launch_that_disagrees(triton_backend, mon
 
 
 def test_cpu_kv_attention_reads_each_sequence_s_own_slots_through_the_fused_kernel(monkeypatch):
-    """The CPU path (kernels/reference.py) attends one sequence at a time over its live slots only,
+    """The CPU path (kernels/reference.py) attends each cache length's sequences over their live slots only,
     with 4-D inputs and no mask where none is needed (decode; a prefill from an empty cache is
     is_causal), so torch takes its fused CPU kernel: a 4096-token prefill of the default model
     went from 1.6 s and +880 MB of float32 scores to 0.25-0.29 s and +80-90 MB (hand timings)."""
@@ -646,6 +646,13 @@ def test_cpu_kv_attention_reads_each_sequence_s_own_slots_through_the_fused_kern
     got = reference.kv_cache_attention(q, k_cache, v_cache, seqlens, sm_scale=0.3)
     assert calls == [(4, 9, True, True), (4, 21, False, False)]          # from empty: causal; after 12: a mask
     torch.testing.assert_close(got.double(), _kv_oracle(q, k_cache, v_cache, seqlens, None, 0.3), rtol=1e-4,
+                               atol=2e-5)
+    calls.clear()   # sequences of one length share a call (rows 0 and 2 gathered, row 1 alone)
+    q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 3, 40, [7, 11, 7], seed=38)
+    packed = pack_tree_mask(_random_tree_mask(3, torch.Generator().manual_seed(39)))
+    got = reference.kv_cache_attention(q, k_cache, v_cache, seqlens, packed.mask, sm_scale=0.3)
+    assert calls == [(4, 10, False, False), (4, 14, False, False)]
+    torch.testing.assert_close(got.double(), _kv_oracle(q, k_cache, v_cache, seqlens, packed.mask, 0.3), rtol=1e-4,
                                atol=2e-5)
 
 

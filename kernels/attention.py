@@ -1202,16 +1202,15 @@ def kv_problem(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
 
 def _kv_reference_in_pieces(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,
                             score_bytes: int = 1 << 28) -> torch.Tensor:
-    """reference.kv_cache_attention one sequence at a time and, without a tree mask (a prefill of
-    thousands of tokens), in query chunks whose float32 scores stay under score_bytes: chunk
-    [i0, i1) with i0 more tokens counted as cached sees what its queries see in the whole call."""
+    """reference.kv_cache_attention, without a tree mask (a prefill of thousands of tokens) in query
+    chunks whose float32 scores would stay under score_bytes were they materialized (a GPU's
+    attention with a mask may take the matmul path): chunk [i0, i1), with i0 more tokens counted as
+    cached, sees what its queries see in the whole call."""
     B, Tq, H, _ = q.shape
-    step = Tq if tree_mask is not None else max(1, score_bytes // (4 * H * k_cache.shape[1]))
+    step = Tq if tree_mask is not None else max(1, score_bytes // (4 * B * H * k_cache.shape[1]))
     dense = None if tree_mask is None else tree_mask.mask
-    return torch.cat([torch.cat([reference.kv_cache_attention(q[b:b + 1, i0:i0 + step], k_cache[b:b + 1],
-                                                              v_cache[b:b + 1], cache_seqlens[b:b + 1] + i0, dense,
-                                                              sm_scale)
-                                 for i0 in range(0, Tq, step)], dim=1) for b in range(B)])
+    return torch.cat([reference.kv_cache_attention(q[:, i0:i0 + step], k_cache, v_cache, cache_seqlens + i0, dense,
+                                                   sm_scale) for i0 in range(0, Tq, step)], dim=1)
 
 
 def tune_kv_launch(q, k_cache, v_cache, cache_seqlens, tree_mask: PackedTreeMask | None, sm_scale: float,

@@ -382,16 +382,10 @@ def tune_select(key, hidden: torch.Tensor, weight: torch.Tensor, top_k: int, til
                               timer, _selects_the_best(hidden, weight, top_k), probe)
 
 
-def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
-                  chunk: int = 8192) -> torch.Tensor:
-    """float32 logits of hidden (R, D) against weight (V, D), NaN as -inf (the kernels' rule): of
-    tokens (R, k) when given, else of the whole vocabulary (R, V), in chunks of `chunk` weight rows
-    so that the float32 copies stay small."""
-    h = hidden.float()
-    if tokens is not None:
-        return torch.einsum("rd,rkd->rk", h, weight[tokens].float()).nan_to_num(nan=float("-inf"))
-    return torch.cat([(h @ weight[v0:v0 + chunk].float().T).nan_to_num(nan=float("-inf"))
-                      for v0 in range(0, weight.shape[0], chunk)], dim=1)
+def _token_logits(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 logits (R, k) of hidden (R, D) for tokens (R, k) of weight (V, D), NaN as -inf (the
+    kernels' rule)."""
+    return torch.einsum("rd,rkd->rk", hidden.float(), weight[tokens].float()).nan_to_num(nan=float("-inf"))
 
 
 def _selects_the_best(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, rtol: float = 1e-3, rows: int = 256):
@@ -400,13 +394,14 @@ def _selects_the_best(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, rt
     token may not: the kernel's float32 sums differ from these by summation order only). `rows`
     rows at a time."""
     starts = range(0, hidden.shape[0], rows)
-    want = [torch.topk(_float_logits(hidden[r:r + rows], weight), top_k, dim=1).values for r in starts]
+    want = [torch.topk(reference._float32_logits(hidden[r:r + rows], weight).nan_to_num(nan=float("-inf")), top_k,
+                       dim=1).values for r in starts]
 
     def agrees(tokens: torch.Tensor) -> bool:
         if not bool(((tokens >= 0) & (tokens < weight.shape[0])).all()):   # garbage ids: no lookup with them
             return False
         for r, best in zip(starts, want):
-            got = _float_logits(hidden[r:r + rows], weight, tokens[r:r + rows])
+            got = _token_logits(hidden[r:r + rows], weight, tokens[r:r + rows])
             if not bool(((got - best).abs() <= rtol * (1 + best.abs())).logical_or(got == best).all()):
                 return False
         return True

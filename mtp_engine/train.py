@@ -407,22 +407,23 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     of the latest save, `optimizer.pt` + `trainer_state.json` to resume, and `train_log.json`.
     """
     cfg.validate()
-    run_state = Path(cfg.out_dir) / "trainer_state.json"
-    if not (resume and run_state.is_file()):   # a new run: never over another model
-        refuse_overwrite(Path(cfg.out_dir), "mtp train", "pass --resume to continue its run" if run_state.is_file()
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; it must be a folder (new or existing)")
+    state_path = out / "trainer_state.json"
+    saved_state = read_json_object(state_path) if resume and state_path.is_file() else None
+    if saved_state is None:   # a new run: never over another model
+        refuse_overwrite(out, "mtp train", "pass --resume to continue its run" if state_path.is_file()
                          else "it has no trainer_state.json, so it is no run --resume continues")
     env = _init_distributed(cfg)
     is_main = env is None or env.is_main
     device = env.device if env is not None else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} is a file; it must be a folder (new or existing)")
     quiet = (lambda *a, **k: None)
     log = log if is_main else quiet
     if env is None and cfg.distributed != "none":
         log(f"distributed {cfg.distributed}: one process (not launched by torchrun with several), so one device")
-    if resume and (out / "trainer_state.json").is_file():
-        done = _nothing_to_train(out, read_json_object(out / "trainer_state.json"), cfg)
+    if saved_state is not None:
+        done = _nothing_to_train(out, saved_state, cfg)
         if done is not None:
             log(done)
             if env is not None:
@@ -439,9 +440,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     heldout = PackedTokens(corpus.heldout_path, cfg.seq_len).fixed_windows(cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
-    state_path = out / "trainer_state.json"
-    if resume and state_path.is_file():
-        state = read_json_object(state_path)
+    if saved_state is not None:
+        state = saved_state
         # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
         source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
         model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)

@@ -662,7 +662,7 @@ def test_kv_tuner_reference_in_query_chunks_equals_the_whole_call():
     q, k_cache, v_cache, _ = _kv_inputs(4, 2, 16, 13, 40, [0, 20], seed=35)
     full = torch.tensor([40 - 13, 40 - 13], dtype=torch.int32)
     whole = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3)
-    one_query_per_chunk = 4 * 4 * 40        # score_bytes for a step of 1 query: 13 chunks
+    one_query_per_chunk = 4 * 2 * 4 * 40    # score_bytes for a step of 1 query (2 sequences): 13 chunks
     chunked = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3,
                                                        score_bytes=one_query_per_chunk)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -1183,12 +1183,13 @@ _KV_TUNER = LaunchTuner("kv_cache_attention")
 
 def _kv_key(q: torch.Tensor, k_cache: torch.Tensor, tree: bool) -> tuple:
     """The tuning key of a call. Prefill chunks (several new tokens, no tree) share one key per
-    power-of-two length: every launch fits any Tq, and a key per prompt length would time 13-40
-    launches again at each new length and keep their timings forever. Decode and tree calls, the
-    ones CUDA graphs replay, keep their exact Tq."""
+    power-of-two length and power-of-two batch: every launch fits any Tq and B, and a key per
+    prompt length (or per group of a prefill in groups, see Generator._prefill) would time 13-40
+    launches again at each new shape and keep their timings forever. Decode and tree calls, the
+    ones CUDA graphs replay, keep their exact B and Tq."""
     B, Tq, H, D = q.shape
     if not tree and Tq > 1:
-        Tq = triton.next_power_of_2(Tq)
+        B, Tq = triton.next_power_of_2(B), triton.next_power_of_2(Tq)
     return (str(q.device), q.dtype, B, Tq, H, D, k_cache.shape[1], k_cache.shape[2], tree)
 
 

@@ -177,12 +177,14 @@ class CacheStep:
 
     cache_seqlens: (B,) tokens already cached per sequence; slots: (B, T) int64 cache slot of each
     new token (cache_seqlens + j); tree_mask: which new tokens each new token sees, a (T, T) bool
-    mask packed for the kernel (None means causal).
+    mask packed for the kernel (None means causal); first_row: sequence b is the cache's row
+    first_row + b.
     """
 
     cache_seqlens: torch.Tensor
     slots: torch.Tensor
     tree_mask: Optional[PackedTreeMask] = None
+    first_row: int = 0
 
 
 class Linear(nn.Linear):
@@ -253,8 +255,8 @@ class Attention(nn.Module):
             # written into the cache: one kernel on a GPU (rope_cache.py), or none where the GEMM's
             # epilogue was timed faster doing it (skinny_linear_rope). forward_cached checked the
             # slots' lengths once for all blocks: no per-layer check (host sync).
-            q = skinny_linear_rope(x, wqkv, self.n_heads, self.n_kv_heads, freqs_cis, step.slots, self.cache.k,
-                                   self.cache.v, check_slots=False)
+            q = skinny_linear_rope(x, wqkv, self.n_heads, self.n_kv_heads, freqs_cis, step.slots,
+                                   *self.cache_rows(step, B), check_slots=False)
         else:
             if wqkv is not None:
                 q, k, v = skinny_linear(x, wqkv).split([self.wq.out_features, self.wk.out_features,
@@ -267,13 +269,18 @@ class Attention(nn.Module):
             if step is None:
                 q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
                 return self.wo(flash_attention(q, k, v, causal=True).reshape(B, T, -1))
-            q = rope_cache_write(q, k, v, freqs_cis, step.slots, self.cache.k, self.cache.v, check_slots=False)
+            q = rope_cache_write(q, k, v, freqs_cis, step.slots, *self.cache_rows(step, B), check_slots=False)
         return self.attend(q, step)
+
+    def cache_rows(self, step: CacheStep, batch: int):
+        """The (batch, S, Hkv, Dh) views of the K and V caches that this step's sequences use."""
+        rows = slice(step.first_row, step.first_row + batch)
+        return self.cache.k[rows], self.cache.v[rows]
 
     def attend(self, q: torch.Tensor, step: CacheStep) -> torch.Tensor:
         """Rotated q (B, T, H, Dh) against the cache (its k, v already written): wo of the attention."""
         B, T = q.shape[:2]
-        out = kv_cache_attention(q, self.cache.k[:B], self.cache.v[:B], step.cache_seqlens, step.tree_mask,
+        out = kv_cache_attention(q, *self.cache_rows(step, B), step.cache_seqlens, step.tree_mask,
                                  check_seqlens=False)
         return self.wo(out.reshape(B, T, -1))
 
@@ -331,7 +338,7 @@ class TransformerBlock(nn.Module):
         wo and w2 stay module calls (tensor parallelism's all-reduce hooks sit there)."""
         attention = self.attention
         q, x = skinny_linear_rope(x, wqkv, attention.n_heads, attention.n_kv_heads, freqs_cis, step.slots,
-                                  attention.cache.k, attention.cache.v, check_slots=False,
+                                  *attention.cache_rows(step, x.shape[0]), check_slots=False,
                                   norm=NormPrologue(self.attention_norm.weight, self.attention_norm.eps, delta))
         hidden, x = skinny_linear_swiglu(x, w13, norm=NormPrologue(self.ffn_norm.weight, self.ffn_norm.eps,
                                                                    attention.attend(q, step)))
@@ -537,7 +544,8 @@ class Transformer(nn.Module):
     def forward_cached(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, *,
                        node_depths: Optional[torch.Tensor] = None,
                        tree_mask: Union[None, torch.Tensor, PackedTreeMask] = None,
-                       n_heads: Optional[int] = None, check_lengths: bool = True) -> torch.Tensor:
+                       n_heads: Optional[int] = None, check_lengths: bool = True,
+                       first_row: int = 0) -> torch.Tensor:
         """Append `tokens` (B, T) to the caches and return normed hidden (B, T, n_heads, D).
 
         cache_seqlens: (B,) int, tokens already cached per sequence (not advanced here: the caller
@@ -548,6 +556,8 @@ class Transformer(nn.Module):
         for all layers).
         check_lengths: verify 0 <= cache_seqlens <= cache_len - T and the token ids (host syncs); a
         caller that tracks the lengths on the host and checked its tokens (the Generator) turns it off.
+        first_row: sequence b lives in the cache's row first_row + b (a batch prefilled in groups of
+        similar prompt length gives each group its own rows).
         """
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
@@ -557,8 +567,10 @@ class Transformer(nn.Module):
         if check_lengths:   # the same host sync allows the token ids' range check
             self._check_tokens(tokens, False)
         B, T = tokens.shape
-        if B > self.cache_batch:
-            raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.cache_batch}")
+        if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+            raise ValueError(f"first_row must be an int >= 0, got {first_row!r}")
+        if first_row + B > self.cache_batch:
+            raise ValueError(f"batch {B} from row {first_row} exceeds the cache's max_batch_size {self.cache_batch}")
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.is_floating_point() \
                 or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
             raise ValueError("cache_seqlens must be a (B,) integer tensor, got "
@@ -577,7 +589,7 @@ class Transformer(nn.Module):
         freqs = self._rope(tokens.device)[positions]  # (B, T, Dh/2)
         if isinstance(tree_mask, torch.Tensor):
             tree_mask = pack_tree_mask(tree_mask.to(tokens.device))
-        step = CacheStep(cache_seqlens, slots, tree_mask)
+        step = CacheStep(cache_seqlens, slots, tree_mask, first_row)
         return self._run(tokens, freqs, step, n_heads)
 
     def _checked_heads(self, n_heads: Optional[int]) -> int:

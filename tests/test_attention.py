@@ -681,6 +681,13 @@ def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
         keys[Tq] = (attention_module._kv_key(q, k_cache, False), attention_module._kv_key(q, k_cache, True))
     assert keys[9][0] == keys[13][0] == keys[16][0] != keys[17][0] and keys[1][0] != keys[9][0]
     assert len({tree_key for _, tree_key in keys.values()}) == 5
+    batch_keys = {}
+    for B in (1, 3, 4, 5):
+        q, k_cache, _, _ = _kv_inputs(H, Hkv, D, 9, S_max, [0] * B, seed=B)
+        batch_keys[B] = (attention_module._kv_key(q, k_cache, False), attention_module._kv_key(q, k_cache, True),
+                         attention_module._kv_key(q[:, :1], k_cache, False))
+    assert batch_keys[3][0] == batch_keys[4][0] != batch_keys[5][0] != batch_keys[1][0]   # prefill: B banded
+    assert len({k[1] for k in batch_keys.values()}) == len({k[2] for k in batch_keys.values()}) == 4   # exact B
     q, k_cache, v_cache, seqlens = _kv_inputs(H, Hkv, D, 13, S_max, [0, 40], seed=3)
     q9 = q[:, :9].contiguous()
     candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q9, k_cache), q.device)

@@ -65,6 +65,92 @@ def test_batched_greedy_equals_one_at_a_time(n_future):
     assert again == [singles[2], singles[0], singles[1], singles[0]]
 
 
+def test_prefill_groups_is_the_cheapest_split():
+    """Against every split of a few sorted batches: the fewest padded tokens plus forward costs."""
+    from itertools import combinations
+    from mtp_engine.generate import prefill_groups
+
+    def cost(lengths, groups, forward_tokens):
+        return sum((end - start) * lengths[end - 1] + forward_tokens for start, end in groups)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        lengths = sorted(torch.randint(1, 300, (n,), generator=g).tolist())
+        forward_tokens = int(torch.randint(0, 200, (1,), generator=g))
+        groups = prefill_groups(lengths, forward_tokens)
+        assert groups[0][0] == 0 and groups[-1][1] == n and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        best = min(cost(lengths, list(zip((0,) + cuts, cuts + (n,))), forward_tokens)
+                   for k in range(n) for cuts in combinations(range(1, n), k))
+        assert cost(lengths, groups, forward_tokens) == best
+    assert prefill_groups([7] * 5, 0) == [(0, 5)]          # equal lengths: one forward
+    assert prefill_groups([10, 1000], 16) == [(0, 1), (1, 2)]
+    assert prefill_groups([10, 20], 16) == [(0, 2)]        # 10 padded tokens cost less than a forward
+    assert prefill_groups([], 16) == []
+    with pytest.raises(ValueError, match="shortest first"):
+        prefill_groups([5, 3], 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ragged_batch_prefills_in_groups(request, monkeypatch, backend):
+    """Prompts of very different lengths prefill in groups of similar length, each in its own cache
+    rows (forward_cached(first_row=...)), fewer tokens than padding all to the longest; the tokens,
+    log-probs and finish reasons equal one-prompt-at-a-time generation, in the caller's order, for
+    plain and speculative decoding."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = make_model(n_future=2, seed=5)
+    lengths = [30, 2, 3, 29, 1] if backend == "reference" else [9, 1, 2, 8]
+    prompts = random_prompts(lengths, seed=7)
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=48)
+    calls = []
+    forward_cached = model.forward_cached
+
+    def recording(tokens, cache_seqlens, **kwargs):
+        calls.append((tuple(tokens.shape), kwargs.get("first_row", 0)))
+        return forward_cached(tokens, cache_seqlens, **kwargs)
+
+    monkeypatch.setattr(model, "forward_cached", recording)
+    monkeypatch.setattr("mtp_engine.generate.PREFILL_FORWARD_TOKENS_DEFAULT", 4)
+    for speculative in (None, "tree"):
+        calls.clear()
+        res = gen.generate(prompts, max_gen_len=6, speculative=speculative, logprobs=True)
+        prefill = calls[:res.stats["prefill_forwards"]]
+        short = sorted(lengths)
+        assert res.stats["prefill_forwards"] == 2 and res.stats["forwards"] == len(calls) - 1
+        assert [first_row for _, first_row in prefill] == [0, 3 if backend == "reference" else 2]
+        assert [shape[1] for shape, _ in prefill] == [short[2] if backend == "reference" else 2, max(lengths)]
+        assert sum(B * T for (B, T), _ in prefill) < len(prompts) * max(lengths)
+        singles = [gen.generate([p], max_gen_len=6, speculative=speculative, logprobs=True) for p in prompts]
+        assert res.tokens == [r.tokens[0] for r in singles]
+        assert res.finish_reasons == [r.finish_reasons[0] for r in singles]
+        for got, want in zip(res.prompt_logprobs + res.logprobs,
+                             [r.prompt_logprobs[0] for r in singles] + [r.logprobs[0] for r in singles]):
+            assert got == pytest.approx(want, abs=1e-4)
+        assert [len(lp) for lp in res.prompt_logprobs] == lengths
+
+
+def test_forward_cached_in_rows_from_first_row(model):
+    """forward_cached(first_row=r) reads and writes cache rows r.. only: the same hidden states as the
+    rows' part of a whole-batch call, the rows before r untouched; rows past the cache are refused."""
+    m = copy.deepcopy(model)
+    m.setup_caches(3, 16)
+    tokens = torch.tensor(random_prompts([5, 5, 5], seed=2))
+    with torch.no_grad():
+        whole = m.forward_cached(tokens, torch.zeros(3, dtype=torch.int32))
+        k_whole = m.k_cache.clone()
+        m.k_cache.zero_()
+        m.v_cache.zero_()
+        rows = m.forward_cached(tokens[1:], torch.zeros(2, dtype=torch.int32), first_row=1)
+        torch.testing.assert_close(rows, whole[1:])
+        torch.testing.assert_close(m.k_cache[:, 1:], k_whole[:, 1:])
+        assert not m.k_cache[:, 0].any() and not m.v_cache[:, 0].any()
+        with pytest.raises(ValueError, match="batch 2 from row 2 exceeds the cache's max_batch_size 3"):
+            m.forward_cached(tokens[1:], torch.zeros(2, dtype=torch.int32), first_row=2)
+        with pytest.raises(ValueError, match="first_row must be an int >= 0"):
+            m.forward_cached(tokens[1:], torch.zeros(2, dtype=torch.int32), first_row=-1)
+
+
 def test_greedy_equals_uncached_reference(model):
     prompts = random_prompts([1, 4, 9], seed=3)
     gen = Generator(model, max_batch_size=3, max_seq_len=32)

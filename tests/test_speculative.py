@@ -641,8 +641,10 @@ def test_speculative_sampling_reproducible_with_seed(model4):
     gen = Generator(model4, max_batch_size=3, max_seq_len=64)
     a = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=7, speculative="tree").tokens
     b = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=7, speculative="tree").tokens
-    c = gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=8, speculative="tree").tokens
-    assert a == b and a != c
+    # the drafting model is nearly deterministic: some other seed, not every one, draws otherwise
+    others = [gen.generate(PROMPTS, max_gen_len=12, temperature=1.0, seed=seed, speculative="tree").tokens
+              for seed in range(8, 12)]
+    assert a == b and any(a != c for c in others)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -714,8 +716,9 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
 
     monkeypatch.setattr(CUDAGraphSteps, "_record", record)
     monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
-    # Row 1 stops at an eos (then sits inside the forward), row 2 (12 prompt tokens) reaches the cache
-    # end next, so the batch drops from bucket 4 (3 rows + a padding row) to bucket 1.
+    # The Generator's rows go shortest prompt first: row 0 ([1, 2, 3]) stops at an eos (then sits
+    # inside the forward), row 2 (12 prompt tokens) reaches the cache end and leaves the forward, so
+    # the batch drops from bucket 4 (3 rows + a padding row) to bucket 2.
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3], list(range(12))]
     max_seq_len = 24 if mode is None else 80
     eager = Generator(model4, max_batch_size=4, max_seq_len=max_seq_len, cuda_graphs=False)
@@ -731,7 +734,7 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     buckets = {key[0] for key in graphed._graphs._graphs}
     steps = {key[2] for key in graphed._graphs._graphs}
     if mode is None:
-        assert got.finish_reasons == ["max_gen_len", "eos", "max_seq_len"] and buckets == {4, 1}
+        assert got.finish_reasons == ["max_gen_len", "eos", "max_seq_len"] and buckets == {4, 2}
         assert steps == {"plain"}   # greedy: forward and argmax as one graph, as a verify step
     else:
         assert got.finish_reasons[1] == "eos" and 4 in buckets

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # local CPU build (an unpinned torch would pull a CUDA build of several GB).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)

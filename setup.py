@@ -8,9 +8,12 @@ setup(
     # `kernels/` installs as `mtp_kernels`: the name `kernels` belongs to another PyPI package.
     package_dir={"mtp_kernels": "kernels", "mtp_engine": "mtp_engine"},
     packages=["mtp_kernels", "mtp_engine"],
+    # Floors by the APIs used (torch.distributed.fsdp.fully_shard: torch 2.6; programmatic launch's
+    # gdc_wait: Triton 3.4); tested with torch 2.11 + Triton 3.6 (GPU) and torch 2.13 + Triton 3.9
+    # (CPU). Without Triton (no wheel off Linux) everything runs on the PyTorch reference path.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.6",
+        "triton>=3.4; platform_system == 'Linux'",
         "sentencepiece>=0.1.99",
         "numpy",
     ],

@@ -26,8 +26,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from .backend import graph_capturing
 

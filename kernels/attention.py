@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from .triton_import import HAVE_TRITON, MISSING
+
 _CHOICES = ("auto", "reference", "triton")
 
 
@@ -35,14 +37,9 @@ def tuning_switched_off() -> bool:
     return os.environ.get("MTP_TUNE", "1").strip() == "0"
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether Triton imported (triton_import.py stands in for it where it is not installed)."""
+    return HAVE_TRITON
 
 
 def interpreting() -> bool:
@@ -166,7 +163,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return triton_available()
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("MTP_BACKEND=triton but Triton is not importable")
+            raise RuntimeError(f"MTP_BACKEND=triton: {MISSING}")
         if not on_cuda and not interpreting():
             raise RuntimeError(
                 "MTP_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported"

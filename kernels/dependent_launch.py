@@ -37,9 +37,7 @@ import contextvars
 import os
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from .triton_import import gdc_launch_dependents, gdc_wait, tl, triton
 
 from .backend import compute_major, cross_compile_arch, interpreting
 

@@ -23,8 +23,7 @@ import functools
 from typing import Optional, Sequence, Union
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import interpreting, use_triton

@@ -23,14 +23,8 @@ import warnings
 from typing import Callable, Dict, Hashable, Sequence
 
 import torch
-from triton.runtime.errors import OutOfResources
-
 from .backend import graph_capturing, tuning_switched_off
-
-try:   # the base of Triton's compile, ptxas and resource errors (OutOfResources alone before it existed)
-    from triton.errors import TritonError
-except ImportError:  # pragma: no cover - older Triton
-    TritonError = OutOfResources
+from .triton_import import TritonError
 
 
 def tuning_enabled(device: torch.device) -> bool:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import (as_rows, check_one_device, gpu_launch, interpreting, refuse_double_backward, sm_count,

@@ -12,8 +12,7 @@ freqs_cis[..., i], in float32, then cast back (what `reference.apply_rotary` doe
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import check_one_device, interpreting, use_triton

@@ -39,8 +39,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import check_one_device, gpu_launch, use_triton

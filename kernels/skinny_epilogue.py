@@ -6,8 +6,7 @@ to arrive adds them all in split order.
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from .arrival import last_to_arrive
 from .rope_cache import rotate

@@ -57,8 +57,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .arrival import arrival_counters, last_to_arrive

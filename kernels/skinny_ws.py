@@ -35,8 +35,7 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from .backend import compute_major, cross_compile_arch, descriptors_allowed, interpreting, tma_aligned
 from .dependent_launch import await_prior_grid

@@ -10,8 +10,7 @@ is the eager expression.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import as_rows, check_one_device, interpreting, use_triton

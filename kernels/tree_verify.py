@@ -27,8 +27,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import check_one_device, graph_capturing, interpreting, use_triton

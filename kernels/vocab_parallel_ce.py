@@ -25,8 +25,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
+from .triton_import import tl, triton
 
 from . import reference
 from .backend import interpreting, refuse_double_backward, use_triton

@@ -20,7 +20,7 @@
 2. End to end with `Generator.generate` (greedy): tokens/s and tokens/forward for plain, chain, the
    default tree (sized to the batch, built from the checkpoint's tree.json rates), the fixed
    preset of the heads ("tree heads<k>") and, with --tree-tokens, the default tree at other
-   tree-token budgets, at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default models/default,
+   tree-token budgets, at batch 1, 8, 32, on the trained checkpoint (--ckpt-dir, default mtp_engine/default_model,
    prompts = held-out standard-library code, as `mtp eval` picks them) when there is one, else on
    the random 7B-shaped model (random heads accept almost nothing: that row shows overheads, not
    speedups).
@@ -554,7 +554,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--ckpt-dir", default=None,
-                        help="trained MTP checkpoint for end-to-end acceptance (default: models/default, skipped "
+                        help="trained MTP checkpoint for end-to-end acceptance (default: mtp_engine/default_model, skipped "
                              "when absent; one named here must exist)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
     parser.add_argument("--gen-len", type=_positive_int, default=None,
@@ -605,7 +605,7 @@ def main() -> int:
     save()
 
     e2e_model, prompts, label, tree_rates = step_model, None, result["step_model"], None
-    ckpt = Path(args.ckpt_dir or common.REPO_ROOT / "models" / "default")
+    ckpt = Path(args.ckpt_dir or common.REPO_ROOT / "mtp_engine" / "default_model")
     if (ckpt / "params.json").is_file():
         from mtp_engine.checkpoint import load_checkpoint
         from mtp_engine.tokenizer import Tokenizer

@@ -13,8 +13,8 @@
 # benchmarks/prepare_gpu_data.sh, carried with the run) so the held-out files and the tokenizer stay
 # the same, plus the device's own site-packages as extra training text: 3M stdlib tokens are far too
 # few for what a GPU trains in minutes.
-# Back here:  cat OUT/model/consolidated.00.pth.part-* > models/default/consolidated.00.pth
-#             tar -xzf OUT/model/meta.tar.gz -C models/default
+# Back here:  cat OUT/model/consolidated.00.pth.part-* > mtp_engine/default_model/consolidated.00.pth
+#             tar -xzf OUT/model/meta.tar.gz -C mtp_engine/default_model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,7 +34,7 @@ PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # max_steps is only a bound until the schedule is fitted to the time budget at step 25; the run saves
 # once, at the end. shellcheck disable=SC2086 (TRAIN_ARGS is a list of flags)
 "$PY" -m mtp_engine train --preset "${PRESET:-default}" --source "$SRC" --extra-source "$PURELIB" \
-  --extra-max-mb "${EXTRA_MB:-400}" --tokenizer models/default/tokenizer.model --corpus-dir "$WORK/corpus" \
+  --extra-max-mb "${EXTRA_MB:-400}" --tokenizer mtp_engine/default_model/tokenizer.model --corpus-dir "$WORK/corpus" \
   --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-240}" --schedule-to-budget --no-progress \
   --max-steps 1000000 --eval-every 1000 --save-every 1000000 ${TRAIN_ARGS:-}
 return_checkpoint() {  # folder, meta files...: the checkpoint in pieces plus its metadata, replacing any before

@@ -146,11 +146,12 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
 
 
 def default_checkpoint() -> Path:
-    """The embedded default model shipped in the repository's `models/default` (params, shards, tokenizer)."""
-    path = Path(__file__).resolve().parents[1] / "models" / "default"
+    """The embedded default model, `mtp_engine/default_model` (params, shard, tokenizer, logs): package
+    data, so that an installed wheel has it as a checkout does."""
+    path = Path(__file__).resolve().parent / "default_model"
     if not (path / "params.json").is_file():
-        raise FileNotFoundError(f"the default model is not at {path} (it ships with a git checkout of mtp-engine); "
-                                "pass --ckpt-dir")
+        raise FileNotFoundError(f"the default model is not at {path} (this installation of mtp-engine lacks its "
+                                "package data); pass --ckpt-dir")
     return path
 
 

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     complete.add_argument("--ckpt-dir", default=None,
                           help="checkpoint directory (params.json, consolidated.NN.pth); default: the embedded "
-                               "models/default")
+                               "mtp_engine/default_model")
     complete.add_argument("--tokenizer-path", default=None,
                           help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     complete.add_argument("--prompt", action="append", required=True,
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="the trained default model completes Python code, plain and self-speculative (CPU, seconds)",
-        description="Complete a Python prompt with the embedded default model (models/default), greedily with plain "
+        description="Complete a Python prompt with the embedded default model (mtp_engine/default_model), greedily with plain "
                     "and with tree self-speculative decoding, and print tokens per forward. --random-weights runs "
                     "the whole pipeline from scratch with a tiny random model instead.")
-    demo.add_argument("--ckpt-dir", default=None, help="another checkpoint (default: models/default)")
+    demo.add_argument("--ckpt-dir", default=None, help="another checkpoint (default: mtp_engine/default_model)")
     demo.add_argument("--tokenizer-path", default=None,
                       help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     demo.add_argument("--prompt", default=None, help="text to continue (default: a Python function header)")

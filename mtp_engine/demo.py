@@ -1,6 +1,6 @@
 """`mtp demo`: the trained default model completes Python code, plainly and self-speculatively, on CPU.
 
-Loads the embedded default model (`models/default`: a 4-head MTP model trained on the Python
+Loads the embedded default model (`mtp_engine/default_model`: a 4-head MTP model trained on the Python
 standard library), completes a prompt greedily with plain decoding and with tree self-speculative
 decoding, checks that both give the same text, and prints how many tokens each forward produced.
 

@@ -10,7 +10,7 @@ Only `model.extra_heads` (heads 1..n-1) change. The trunk, head 0's block, the s
 and the unembedding stay frozen, so the next-token distribution, greedy output and the held-out
 next-token loss are exactly those of the input model: the speed-up is free of quality loss.
 
-    mtp distill --ckpt-dir models/default --out-dir runs/distilled        # then: mtp eval --ckpt-dir ...
+    mtp distill --ckpt-dir mtp_engine/default_model --out-dir runs/distilled        # then: mtp eval --ckpt-dir ...
 
 The prompts come from the training split of the corpus (never from held-out files), and the trunk's
 output for every sequence is computed once up front (it is frozen), so each step runs only the
@@ -181,7 +181,7 @@ def _distill_loop(model, params, optimizer, trunk_out, targets, freqs, cfg, run_
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt-dir", default=None, help="MTP checkpoint (default: the embedded models/default)")
+    parser.add_argument("--ckpt-dir", default=None, help="MTP checkpoint (default: the embedded mtp_engine/default_model)")
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     parser.add_argument("--out-dir", required=True, help="where the distilled checkpoint is written")

@@ -212,7 +212,7 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt-dir", default=None, help="checkpoint (default: the embedded models/default)")
+    parser.add_argument("--ckpt-dir", default=None, help="checkpoint (default: the embedded mtp_engine/default_model)")
     parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir or its parent")
     parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
     parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")

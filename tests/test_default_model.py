@@ -1,6 +1,7 @@
-"""The embedded default model (models/default): it loads, it writes Python, self-speculation is exact on it,
+"""The embedded default model (mtp_engine/default_model): it loads, it writes Python, self-speculation is exact on it,
 and `mtp complete` / `mtp demo` use it when no checkpoint is given."""
 import json
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,30 @@ def test_mtp_demo_runs_the_default_model():
     assert proc.returncode == 0, proc.stderr
     assert "def fibonacci(n):" in proc.stdout and "identical text" in proc.stdout
     assert "tokens/forward" in proc.stdout
+
+
+def test_an_installed_wheel_carries_the_default_model(tmp_path):
+    """A wheel built from the sources (not an editable install) has the default model as package
+    data: installed elsewhere, `mtp complete` without --ckpt-dir finds and runs it."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(repo / "setup.py", src)
+    for package in ("kernels", "mtp_engine"):
+        shutil.copytree(repo / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", str(src), "-w", str(tmp_path / "wheel")], check=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("mtp_engine-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
+    script = ("import mtp_engine, sys\n"
+              f"assert mtp_engine.__file__.startswith({str(target)!r}), mtp_engine.__file__\n"
+              "from mtp_engine.cli import main\n"
+              "sys.exit(main(['complete', '--prompt', 'def add(a, b):', '--max-gen-len', '4']))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "def add(a, b):" in run.stdout and "[stats]" in run.stdout + run.stderr

@@ -567,6 +567,19 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
     return linear_select_triton(hidden, weight, float(temperature), generator)
 
 
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 logits hidden @ weight.T, accumulated in float32 as the selection kernels score: for
+    log-probabilities, which logits rounded to a 16-bit model's dtype would shift (or overflow in
+    fp16, where the selection does not).
+
+    hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device. Returns (R, V)
+    float32; mind its size (the selection functions never write it)."""
+    _check_linear_inputs("linear_logits", hidden, weight)
+    if hidden.shape[0] == 0 or not use_triton(hidden, weight):
+        return reference._float32_logits(hidden, weight)
+    return linear_logits_triton(hidden, weight)
+
+
 def _check_top_k(name: str, k, V: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
         raise ValueError(f"{name}: k must be an int in [1, V = {V}], got {k!r}")

@@ -24,13 +24,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax
+from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax, linear_logits
 from mtp_kernels.launch_tuner import TritonError
 
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
-from .sampling import check_sampling_args, sample_next, token_logprobs
+from .sampling import check_sampling_args, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
                           verify_and_score, verify_tokens)
@@ -371,7 +371,7 @@ class Generator:
         last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
         root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, rng)[:, 0]  # (B,)
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
-        lps = token_logprobs(self.model.output(last_hidden[:, 0]).float(), root).tolist() if want_logprobs else None
+        lps = token_logprobs(self._logits(last_hidden[:, 0]), root).tolist() if want_logprobs else None
         for b, tok in enumerate(root.tolist()):
             if not seqs[b].done:
                 seqs[b].forwards += 1
@@ -441,7 +441,7 @@ class Generator:
         last = hidden[torch.arange(B, device=self.device), lengths - 1]  # (B, n_heads, D)
         prompt_lp = None
         if want_prompt_logprobs:
-            all_logp = torch.log_softmax(self.model.output(hidden[:, :-1, 0]).float(), dim=-1)  # (B, T-1, V)
+            all_logp = torch.log_softmax(self._logits(hidden[:, :-1, 0]), dim=-1)  # (B, T-1, V)
             picked = all_logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).tolist() if T > 1 else [[]] * B
             prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
         return last, prompt_lp
@@ -453,17 +453,17 @@ class Generator:
 
     def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, rng, logprobs: bool):
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
-        Greedy takes `linear_argmax`, the verifier's own kernel: no logits written, and plain and
-        speculative greedy choose by the same float32 scores: a bf16 near-tie cannot split them."""
-        if temperature == 0:
-            tokens = linear_argmax(hidden, self.model.output.weight)
-            if not logprobs:
-                return tokens, None
-            logits = self.model.output(hidden).float()   # only for the log-probs: the choice stays the kernel's
-        else:
-            logits = self.model.output(hidden).float()
-            tokens = sample_next(logits, temperature, top_p, rng)
-        return tokens, (token_logprobs(logits, tokens).tolist() if logprobs else None)
+        The verifier's own selection (`verify_tokens`: linear_argmax or linear_sample): no logits
+        written for it, and plain and speculative decoding choose from the same float32 scores, so
+        a bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
+        tokens = verify_tokens(hidden[:, None], self.model.output.weight, temperature, top_p, rng)[:, 0]
+        return tokens, (token_logprobs(self._logits(hidden), tokens).tolist() if logprobs else None)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
+        kernels score (`linear_logits`): for log-probs only."""
+        weight = self.model.output.weight
+        return linear_logits(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], weight.shape[0])
 
     def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor,
                         tree: Optional[TokenTree]) -> torch.Tensor:
@@ -533,7 +533,7 @@ class Generator:
         step_lps = None
         if want_logprobs:
             row_ids = torch.arange(root.shape[0], device=root.device)
-            node_logits = self.model.output(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0]).float()
+            node_logits = self._logits(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0])
             step_lps = torch.log_softmax(node_logits, dim=-1).gather(
                 -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
         return packed, next_root, next_drafts, step_lps

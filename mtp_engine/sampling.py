@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or temperature + nucleus (top-p) sampling.
+"""Sampling arguments and log-probabilities. Tokens are chosen by the kernels' `linear_argmax` and
+`linear_sample` (mtp_kernels.sampling), plain and speculative decoding alike.
 
 The nucleus rule is the Llama release's `sample_top_p`: sort descending, drop a token only when the
 cumulative probability before it exceeds top_p (so the token that crosses top_p is kept, and at least
@@ -8,7 +9,6 @@ kept, as in the release (uniform or zeroed logits make such ties).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -30,15 +30,6 @@ def check_sampling_args(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits: (B, V) float32. Returns (B,) int64: argmax when temperature == 0, else a draw."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return sample_top_p(probs, top_p, generator)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

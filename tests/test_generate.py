@@ -4,6 +4,7 @@ Tiny random fp32 models on CPU. The oracle for greedy decoding is a naive loop t
 uncached forward over the whole sequence every step.
 """
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 from mtp_engine import ModelArgs, Transformer
 from mtp_engine.generate import Generator, GenerationResult, Llama
-from mtp_engine.sampling import sample_next, sample_top_p
+from mtp_engine.sampling import sample_top_p
+from mtp_kernels import linear_sample
 
 VOCAB = 61
 
@@ -252,15 +254,40 @@ def test_greedy_choice_does_not_depend_on_logprobs(model, monkeypatch):
     # asked for; only the log-probs need the logits. Here the "kernel" disagrees with the logits'
     # argmax on purpose: the flag must not switch which one decides.
     import mtp_engine.generate as generate_module
+    import mtp_engine.speculative as speculative_module
     vocab = model.output.weight.shape[0]
-    monkeypatch.setattr(generate_module, "linear_argmax",
-                        lambda hidden, weight: torch.full((hidden.shape[0],), vocab - 1, dtype=torch.long))
+    for module in (generate_module, speculative_module):   # the whole greedy step's, and verify_tokens'
+        monkeypatch.setattr(module, "linear_argmax",
+                            lambda hidden, weight: torch.full((hidden.shape[0],), vocab - 1, dtype=torch.long))
     gen = Generator(model, max_batch_size=1, max_seq_len=32)
     prompt = random_prompts([5], seed=6)[0]
     plain = gen.generate([prompt], max_gen_len=3).tokens[0]
     with_lp = gen.generate([prompt], max_gen_len=3, logprobs=True)
     assert plain == with_lp.tokens[0] == [vocab - 1] * 3
     assert len(with_lp.logprobs[0]) == 3 and all(lp <= 0 for lp in with_lp.logprobs[0])
+
+
+def test_fp16_logits_past_fp16_range_sample_and_score(model):
+    """A fp16 model whose logits pass fp16's 65504: plain sampling draws (it took softmax of fp16
+    logits, inf - inf = NaN, and torch.multinomial failed), as greedy and speculative sampling do,
+    and log-probs are finite and equal float64's (they were NaN)."""
+    fp16 = copy.deepcopy(model)
+    with torch.no_grad():
+        fp16.output.weight.mul_(3e4)
+    fp16 = fp16.half()
+    gen = Generator(fp16, max_batch_size=2, max_seq_len=24)
+    prompts = random_prompts([3, 5], seed=4)
+    for kwargs in ({}, {"temperature": 0.7, "seed": 0}, {"temperature": 0.7, "seed": 0, "speculative": "tree"}):
+        res = gen.generate(prompts, max_gen_len=4, logprobs=True, **kwargs)
+        assert all(len(t) == 4 for t in res.tokens)
+        for lps in res.logprobs + res.prompt_logprobs:
+            assert all(math.isfinite(lp) and lp <= 0 for lp in lps), (kwargs, lps)
+    greedy = gen.generate(prompts[:1], max_gen_len=1, logprobs=True)
+    with torch.no_grad():
+        hidden = fp16.head_hidden(torch.tensor([prompts[0]]))[0, 0, -1]   # head 0's normed hidden, last position
+    want = torch.log_softmax(hidden.double() @ fp16.output.weight.double().T, dim=-1)
+    assert greedy.logprobs[0][0] == pytest.approx(want[greedy.tokens[0][0]].item(), abs=2e-2)
+    assert want.max() > -1e-3 and torch.isfinite(want).all()
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -298,14 +325,16 @@ def test_sample_top_p_keeps_the_release_nucleus():
     assert set(everything.tolist()) == {0, 1, 2}
 
 
-def test_sample_next_greedy_and_temperature():
+def test_sampling_at_the_limits_is_greedy():
+    """linear_sample, which plain and speculative decoding both draw with: temperature 0, a very low
+    temperature, and a nucleus too small for float32 (the most likely token always survives) pick
+    the argmax. hidden @ eye = the logits."""
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.0]])
-    assert sample_next(logits, 0.0, 1.0).tolist() == [1, 0]
-    # a very low temperature concentrates all mass on the argmax
+    eye = torch.eye(3)
     rng = torch.Generator().manual_seed(0)
-    assert sample_next(logits, 1e-3, 1.0, rng).tolist() == [1, 0]
-    # and so does a nucleus too small for float32 (the most likely token always survives)
-    assert sample_next(logits, 1.0, 1e-300, rng).tolist() == [1, 0]
+    assert linear_sample(logits, eye, temperature=0.0).tolist() == [1, 0]
+    assert linear_sample(logits, eye, temperature=1e-3, generator=rng).tolist() == [1, 0]
+    assert linear_sample(logits, eye, temperature=1.0, top_p=1e-300, generator=rng).tolist() == [1, 0]
 
 
 # ------------------------------------------------------------------------------ errors

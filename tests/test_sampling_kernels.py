@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mtp_kernels import linear_argmax, linear_sample, reference
+from mtp_kernels import linear_argmax, linear_logits, linear_sample, reference
 
 
 def _logits(hidden, weight):
@@ -102,6 +102,26 @@ def test_single_token_vocabulary(triton_backend):
     weight = torch.randn(1, 8)
     assert linear_argmax(hidden, weight).tolist() == [0] * 4
     assert linear_sample(hidden, weight, temperature=1.0).tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_logits_are_float32_accumulated(request, use_kernel, dtype):
+    """float32 logits of 16-bit operands, against float64: no rounding to the operands' dtype, so
+    fp16 logits past fp16's range stay finite (the log-probs' input). Strided rows and none."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 2 * 33, generator=g).to(dtype)[:, ::2]
+    weight = (torch.randn(1001, 33, generator=g) * 6000).to(dtype)   # |logits| up to ~1e5 > fp16 max 65504
+    logits = linear_logits(hidden, weight)
+    want = hidden.double() @ weight.double().T
+    assert logits.dtype == torch.float32 and logits.shape == (5, 1001) and torch.isfinite(logits).all()
+    assert want.abs().max() > 65504
+    torch.testing.assert_close(logits.double(), want, rtol=1e-5, atol=0.5)
+    assert linear_logits(hidden[:0], weight).shape == (0, 1001)
+    with pytest.raises(ValueError, match="linear_logits: hidden dtype"):
+        linear_logits(hidden.double(), weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

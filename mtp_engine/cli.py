@@ -136,6 +136,10 @@ def run_complete(args: argparse.Namespace) -> int:
         print(f"> {result['generation']}")
         print()
     print(format_stats(llama.last_stats))
+    full = llama.last_stats["finish_counts"]["max_seq_len"]
+    if full:   # asked for more than the cache holds: say why the text is short
+        print(f"[note] {full} of {len(args.prompt)} sequence(s) stopped at --max-seq-len {args.max_seq_len} "
+              f"(prompt + generated tokens) before --max-gen-len {args.max_gen_len}")
     return 0
 
 

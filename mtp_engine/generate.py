@@ -41,13 +41,15 @@ from .speculative import token_tree as speculative_tree
 class GenerationResult:
     """tokens[b]: generated ids of prompt b (eos excluded); text[b]: their decoding (None without a tokenizer).
 
-    finish_reasons[b]: "eos", "max_gen_len", or "max_seq_len" (the cache was full).
+    finish_reasons[b]: "eos", "max_gen_len", or "max_seq_len" (the cache was full; a prompt of
+    max_seq_len tokens generates nothing).
     logprobs[b] / prompt_logprobs[b]: only when generate(logprobs=True); prompt_logprobs[b][0] is 0.0
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
     prefill counts as one), prefill_forwards (the forwards the prefill ran, one per group of similar
     prompt lengths), tokens_per_forward (tokens produced per sequence per forward it took part in,
-    eos included: 1.0 for plain decoding), prefill_time_s, wall_time_s, tokens_per_s. Self-speculative calls add speculative ("chain" |
+    eos included: 1.0 for plain decoding), prefill_time_s, wall_time_s, tokens_per_s, finish_counts
+    (sequences per finish reason). Self-speculative calls add speculative ("chain" |
     "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
     acceptance_per_head (see `_speculative_stats`).
     """
@@ -91,6 +93,7 @@ class SequenceState:
 
 
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the token selection kernels' dtypes
+FINISH_REASONS = ("eos", "max_gen_len", "max_seq_len")
 
 # What one more prefill forward costs, counted in prompt tokens (see prefill_groups). A forward reads
 # every weight once whatever its length: on a GPU that read takes as long as the matmuls of about
@@ -220,7 +223,7 @@ class Generator:
         max_gen_len, heads, seed = integer(max_gen_len), integer(heads), integer(seed)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
-        prompts = self._check_prompts(prompt_tokens, scoring_only=max_gen_len == 0)
+        prompts = self._check_prompts(prompt_tokens)
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
         # long generation ends first, are the last ones, which then leave the forward. Results come
@@ -238,7 +241,7 @@ class Generator:
             room = self.max_seq_len - len(p)
             seq = SequenceState(prompt=p, limit=min(max_gen_len, room), limit_is_gen_len=max_gen_len <= room)
             if seq.limit == 0:
-                seq.finish = "max_gen_len"
+                seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
 
         rng = None
@@ -277,6 +280,7 @@ class Generator:
             "generated_tokens": generated,
             "forwards": forwards,
             "prefill_forwards": self._prefill_forwards,
+            "finish_counts": {reason: sum(s.finish == reason for s in seqs) for reason in FINISH_REASONS},
             "tokens_per_forward": (sum(s.produced for s in seqs) / seq_forwards) if seq_forwards else 0.0,
             "prefill_time_s": prefill_time,
             "wall_time_s": wall,
@@ -681,10 +685,10 @@ class Generator:
                              "a negative id means never stop early (None: the tokenizer's eos)")
         return eos_id if eos_id >= 0 else None
 
-    def _check_prompts(self, prompt_tokens, scoring_only: bool = False) -> List[List[int]]:
-        """The prompts as lists of ints; ValueError naming the prompt otherwise. A prompt must leave room
-        for one new token, unless nothing is generated (scoring_only: max_gen_len == 0, as for the
-        prompt's log-probs), where it may fill max_seq_len, as the release allows."""
+    def _check_prompts(self, prompt_tokens) -> List[List[int]]:
+        """The prompts as lists of ints; ValueError naming the prompt otherwise. A prompt may fill
+        max_seq_len, as the release allows: it then generates nothing (finish reason "max_seq_len")
+        while the rest of the batch goes on."""
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise ValueError("prompt_tokens must be a list of token-id lists, "
                              f"got {type(prompt_tokens).__name__}")
@@ -699,10 +703,8 @@ class Generator:
                 raise ValueError(f"prompt {b} must be a list of token ids, got {type(prompt).__name__}")
             if len(prompt) == 0:
                 raise ValueError(f"prompt {b} is empty: every prompt needs at least one token (e.g. bos)")
-            if len(prompt) > self.max_seq_len or (len(prompt) == self.max_seq_len and not scoring_only):
-                raise ValueError(f"prompt {b} has {len(prompt)} tokens; it must be shorter than "
-                                 f"max_seq_len {self.max_seq_len} to leave room for one new token "
-                                 "(max_gen_len=0 may fill it)")
+            if len(prompt) > self.max_seq_len:
+                raise ValueError(f"prompt {b} has {len(prompt)} tokens, more than max_seq_len {self.max_seq_len}")
             try:
                 if any(isinstance(t, bool) for t in prompt):
                     raise TypeError

@@ -602,14 +602,15 @@ class Transformer(nn.Module):
 
     def _check_tokens(self, tokens: torch.Tensor, from_start: bool) -> None:
         """Integer (batch, seq) tokens of the vocabulary, at least one per row; from_start (a forward
-        without caches, from position 0): the rotary table covers them."""
+        without caches, from position 0): at most the release's rotary table, 2 * max_seq_len
+        positions (a Generator's longer cache grows the table, which must not move this limit)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
-        if from_start and tokens.shape[1] > self.freqs_cis.shape[0]:
+        if from_start and tokens.shape[1] > 2 * self.params.max_seq_len:
             raise ValueError(f"positions up to {tokens.shape[1]} exceed the rotary table "
-                             f"({self.freqs_cis.shape[0]} positions: 2 * max_seq_len, or the caches' length)")
+                             f"({2 * self.params.max_seq_len} positions: 2 * max_seq_len)")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

@@ -50,6 +50,18 @@ def test_complete_prints_text_and_stats(tiny_checkpoint, capsys):
     assert lines[-1].startswith("[stats] 2 prompt(s)")
 
 
+def test_complete_says_when_the_cache_cut_a_generation_short(tiny_checkpoint, capsys):
+    ckpt, tok = tiny_checkpoint
+    base = ["complete", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(tok), "--prompt", "import os",
+            "--max-gen-len", "20"]
+    assert main(base + ["--max-seq-len", "8"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "[note] 1 of 1 sequence(s) stopped at --max-seq-len 8 (prompt + generated tokens) " \
+                   "before --max-gen-len 20"
+    assert main(base + ["--max-seq-len", "64"]) == 0
+    assert "[note]" not in capsys.readouterr().out
+
+
 def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint, capsys):
     ckpt, _ = tiny_checkpoint
     argv = ["complete", "--ckpt-dir", str(ckpt), "--prompt", "x = ", "--max-gen-len", "5",

@@ -153,6 +153,22 @@ def test_forward_cached_in_rows_from_first_row(model):
             m.forward_cached(tokens[1:], torch.zeros(2, dtype=torch.int32), first_row=-1)
 
 
+@pytest.mark.parametrize("speculative", [None, "tree"])
+def test_a_prompt_that_fills_the_cache_generates_nothing(model, speculative):
+    """A prompt of max_seq_len tokens is accepted, as the release accepts it: it generates nothing
+    (finish reason max_seq_len) while the rest of the batch generates what it would alone."""
+    prompts = random_prompts([20, 3, 20], seed=9)
+    gen = Generator(model, max_batch_size=3, max_seq_len=20)
+    res = gen.generate(prompts, max_gen_len=5, speculative=speculative, logprobs=True)
+    alone = gen.generate([prompts[1]], max_gen_len=5, speculative=speculative)
+    assert res.tokens == [[], alone.tokens[0], []] and res.logprobs[0] == []
+    assert res.finish_reasons == ["max_seq_len", "max_gen_len", "max_seq_len"]
+    assert res.stats["finish_counts"] == {"eos": 0, "max_gen_len": 1, "max_seq_len": 2}
+    assert len(res.prompt_logprobs[0]) == 20
+    nothing = gen.generate(prompts[:1], max_gen_len=0)
+    assert nothing.tokens == [[]] and nothing.finish_reasons == ["max_gen_len"]
+
+
 def test_greedy_equals_uncached_reference(model):
     prompts = random_prompts([1, 4, 9], seed=3)
     gen = Generator(model, max_batch_size=3, max_seq_len=32)
@@ -219,8 +235,8 @@ def test_eos_stops_one_sequence_while_others_continue(model):
 
 
 def test_a_prompt_filling_max_seq_len_can_be_scored(model):
-    """max_gen_len=0 with logprobs scores a prompt of max_seq_len tokens (the release allows it); one
-    token more, or any generation, is still an error."""
+    """max_gen_len=0 with logprobs scores a prompt of max_seq_len tokens (the release allows it);
+    one token more is an error."""
     prompt = random_prompts([16], seed=9)[0]
     gen = Generator(model, max_batch_size=1, max_seq_len=16)
     res = gen.generate([prompt], max_gen_len=0, logprobs=True)
@@ -230,9 +246,9 @@ def test_a_prompt_filling_max_seq_len_can_be_scored(model):
         logp = torch.log_softmax(ref.forward(torch.tensor([prompt]))[0, :, 0], dim=-1)
     want = [0.0] + [float(logp[t - 1, prompt[t]]) for t in range(1, 16)]
     assert res.tokens == [[]] and res.prompt_logprobs[0] == pytest.approx(want, abs=1e-4)
-    for tokens, max_gen_len in ((prompt, 1), (prompt + [1], 0)):
-        with pytest.raises(ValueError, match="shorter than max_seq_len 16"):
-            gen.generate([tokens], max_gen_len=max_gen_len)
+    for max_gen_len in (0, 1):
+        with pytest.raises(ValueError, match="prompt 0 has 17 tokens, more than max_seq_len 16"):
+            gen.generate([prompt + [1]], max_gen_len=max_gen_len)
 
 
 def test_logprobs_match_uncached_forward(model):
@@ -342,7 +358,7 @@ def test_sampling_at_the_limits_is_greedy():
     ([], {}, "empty"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
     ([[1]] * 3, {}, "max_batch_size 2"),
-    ([list(range(16))], {}, "shorter than max_seq_len 16"),
+    ([list(range(17))], {}, "17 tokens, more than max_seq_len 16"),
     ([[1, VOCAB]], {}, f"token id {VOCAB} outside"),
     ([[1, -1]], {}, "token id -1 outside"),
     ([[1, 2.5]], {}, "non-integer"),

@@ -35,7 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
 from .model import Transformer
 from .tokenizer import Tokenizer
-from .train import check_optimizer_options, warmup_cosine_lr
+from .train import check_optimizer_options, shorter_warmup, warmup_cosine_lr
 
 
 @dataclass
@@ -189,6 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "(default: the stdlib)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     for name, value in asdict(DistillConfig()).items():
+        if name == "warmup_steps":   # None: the default share of --steps (see run)
+            parser.add_argument("--warmup-steps", type=int, default=None,
+                                help=f"DistillConfig.warmup_steps (default {value} for {DistillConfig.steps} steps, "
+                                     "the same share of fewer)")
+            continue
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                             help=f"DistillConfig.{name} (default {value})")
 
@@ -198,7 +203,11 @@ def run(args: argparse.Namespace) -> int:
     from .tokenizer import find_tokenizer
 
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
-    cfg = DistillConfig(**{k: getattr(args, k) for k in asdict(DistillConfig())})
+    given = {k: getattr(args, k) for k in asdict(DistillConfig()) if getattr(args, k) is not None}
+    if "warmup_steps" not in given and isinstance(given.get("steps"), int) \
+            and 0 < given["steps"] < DistillConfig.warmup_steps:
+        given["warmup_steps"] = shorter_warmup(DistillConfig.warmup_steps, DistillConfig.steps, given["steps"])
+    cfg = DistillConfig(**given)
     cfg.validate()
     device = resolve_device(args.device)
     tokenizer_path = find_tokenizer(ckpt_dir, args.tokenizer_path)

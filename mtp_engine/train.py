@@ -760,7 +760,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
-    return preset_config(args.preset or "default", **overrides)
+    name = args.preset or "default"
+    preset, max_steps = PRESETS.get(name, {}), overrides.get("max_steps")
+    if "warmup_steps" not in overrides and isinstance(max_steps, int) and 0 < max_steps < preset.get("warmup_steps", 0):
+        # --max-steps shorter than the preset's warmup, no --warmup-steps: the preset's warmup share
+        overrides["warmup_steps"] = shorter_warmup(preset["warmup_steps"], preset["max_steps"], max_steps)
+    return preset_config(name, **overrides)
+
+
+def shorter_warmup(warmup_steps: int, steps: int, shorter: int) -> int:
+    """The warmup of a `shorter` run with the share warmup_steps / steps of a full one."""
+    return warmup_steps * shorter // steps
 
 
 # What a resumed run may change; every other flag must repeat the saved value or be left out.

@@ -609,3 +609,34 @@ def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, s
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["step"] == 9 and state["windows_read"] == 4 * (2 + 2 * 6 + 1)
     assert all(int(s["step"]) == 9 for s in torch.load(out / "optimizer.pt", weights_only=True)["state"].values())
+
+
+def test_a_run_shorter_than_the_warmup_keeps_the_presets_warmup_share(monkeypatch):
+    """`mtp train --max-steps 40` (the default preset warms up for 100 of 2000 steps) warms up for
+    the same 5%, as `mtp distill --steps 10` does (30 of 600), instead of refusing the run; a given
+    --warmup-steps is kept, and an out-of-range one is still an error."""
+    import argparse
+    from mtp_engine import distill
+    from mtp_engine.train import PRESETS, add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = PRESETS["default"]
+    assert config_from_args(parser.parse_args(["--max-steps", "40"])).warmup_steps \
+        == default["warmup_steps"] * 40 // default["max_steps"] == 2
+    assert config_from_args(parser.parse_args(["--max-steps", "400"])).warmup_steps == default["warmup_steps"]
+    assert config_from_args(parser.parse_args(["--max-steps", "40", "--warmup-steps", "7"])).warmup_steps == 7
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, max_steps=40\], got 50"):
+        config_from_args(parser.parse_args(["--max-steps", "40", "--warmup-steps", "50"])).validate()
+
+    def stop_at_validation(cfg):   # the config run() builds, before any model is loaded
+        raise SystemExit(cfg)
+
+    monkeypatch.setattr(distill.DistillConfig, "validate", stop_at_validation)
+    parser = argparse.ArgumentParser()
+    distill.add_arguments(parser)
+    for argv, want in ((["--steps", "10"], 30 * 10 // 600), (["--steps", "200"], 30),
+                       (["--steps", "10", "--warmup-steps", "4"], 4)):
+        with pytest.raises(SystemExit) as stopped:
+            distill.run(parser.parse_args(["--out-dir", "x"] + argv))
+        assert stopped.value.code.warmup_steps == want

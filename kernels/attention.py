@@ -16,10 +16,10 @@ Flash attention (FA2 structure):
   producer warp and two consumer warpgroups (FlashAttention-3's division of labour). Triton's pass
   only takes a kernel whose loop is its only loop and whose dot operands all come through
   descriptors, so these loops mask every block, and they run only where the layout allows the
-  descriptors (`_ws_ok`). They are offered only with MTP_WARP_SPEC=1 (`warp_spec_allowed`), or by
-  default for the kernels in WARP_SPEC_DEFAULT_KERNELS (none yet: dK/dV's, the one measured to pay,
-  waits for a GPU check of its dV) on Hopper with a Triton version and head dim checked on a GPU:
-  configs that passed every interpreter test gave NaN rows on an H100 (since removed), so nothing is
+  descriptors (`_ws_ok`). They are offered with MTP_WARP_SPEC=1 (`warp_spec_allowed`), and by
+  default for the kernels in WARP_SPEC_DEFAULT_KERNELS (dK/dV's, the one measured to pay; its GPU
+  tests passed on an H200) on Hopper with a Triton version and head dim checked on a GPU: configs
+  that passed every interpreter test gave NaN rows on an H100 (since removed), so nothing is
   trusted untested.
 
 KV-cache attention: one program per (row tile, KV split, batch*kv head). The rows of a tile are the
@@ -1333,7 +1333,7 @@ def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 
 
 def _kernel_supports(q: torch.Tensor) -> bool:
-    """Shapes/dtypes the Triton kernels handle; anything else valid runs on the reference."""
+    """Shapes/dtypes the Triton kernels handle; anything else valid runs without them."""
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         return False
     if gpu_launch(q.device):
@@ -1358,7 +1358,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     uses kv head h // (H // Hkv)); any strides (a last dim that is not contiguous is copied). Returns
     (B, T, H, Dh) in q.dtype; differentiable w.r.t. q, k, v. sm_scale defaults to 1/sqrt(Dh).
     Triton path: Dh <= 128 (a power of two, or padded to one), fp16/bf16 on CUDA (fp32/fp16 under the interpreter);
-    other valid inputs run the reference. fp16 backward: dS = P (dP - delta) is cast to fp16 before
+    other valid inputs run torch's SDPA (`_sdpa`; non-float inputs the eager reference). fp16 backward: dS = P (dP - delta) is cast to fp16 before
     its matmuls, so |dP - delta| past 65504 gives inf in dq, dk (a loss scaler skips such steps and
     backs off); bf16 has the range."""
     _check_heads("flash_attention", q, k, v, "k", "v")
@@ -1376,13 +1376,10 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
 
 
 def _sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """The non-Triton path for float inputs: torch's fused SDPA (flash on CPU), which keeps no T x T matrix;
-    equal to `reference.attention` (the float64-capable oracle the tests use) up to rounding."""
-    group = q.shape[2] // k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if group > 1:  # `enable_gqa` needs torch >= 2.5; repeating is cheap next to the matmuls here
-        kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+    """The non-Triton path for float inputs: torch's fused SDPA (flash on CPU), which keeps no T x T
+    matrix and, unlike the eager `reference.attention` (the float64-capable oracle the tests use),
+    computes in the inputs' dtype; equal to it up to rounding. The KV reference's GQA call."""
+    out = reference._sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, scale, causal)
     return out.transpose(1, 2)
 
 
@@ -1431,11 +1428,6 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask=None, sm_sc
     scale = _default_scale(sm_scale, q.shape[-1])
     with torch.no_grad():
         if not use_triton(q, k_cache, v_cache) or not _kernel_supports(q) or q.numel() == 0:
-            if q.device.type == "cpu" and B > 0:
-                # The eager reference costs S_max, not the sequences' lengths: on the CPU (where
-                # reading the longest length is no device sync) it gets only the slots in use.
-                live = min(S_max, max(int(cache_seqlens.max()), 0) + Tq)
-                k_cache, v_cache = k_cache[:, :live], v_cache[:, :live]
             return reference.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
         if tree_mask is not None and packed is None:
             packed = pack_tree_mask(tree_mask)

@@ -7,9 +7,13 @@
     is imported), which runs the kernels with numpy: that is how the tests exercise them on CPU.
 
 `MTP_TUNE=0` keeps every launch tuner's default (`tuning_switched_off`), also for shapes tuned
-before. `MTP_CROSS_COMPILE=<sm>` (e.g. 90) is the one other switch, set only by
-`benchmarks/compile_check.py`: launchers then treat CPU tensors as tensors on an sm_<sm> GPU (its
-tile configs, its SM count) so that the check compiles exactly the kernels a GPU run would launch.
+before. `MTP_CROSS_COMPILE=<sm>` (e.g. 90), set only by `benchmarks/compile_check.py`: launchers
+then treat CPU tensors as tensors on an sm_<sm> GPU (its tile configs, its SM count) so that the
+check compiles exactly the kernels a GPU run would launch. Three switches for Hopper features, each
+read where it applies: `MTP_WARP_SPEC=0|1` (the flash kernels' warp-specialized configs,
+attention.warp_spec_allowed), `MTP_SKINNY_WS=0|1` (the skinny GEMM's warp-specialized tile,
+skinny_ws.skinny_ws_allowed), `MTP_PDL=0` (no programmatic dependent launch,
+dependent_launch.programmatic_supported).
 
 The environment is read at call time, so tests can flip it with `monkeypatch.setenv`.
 Nothing here touches the GPU driver at import time.

@@ -222,7 +222,8 @@ def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype:
 # Input checks and the per-row factors
 # ------------------------------------------------------------------------------------------
 def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap):
-    """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), n, N, single_head)."""
+    """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), lambda per head
+    (n,), n, N, single_head)."""
     h3, single_head = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap,
                                    ignore_index, head_weights)
     if weight.shape[0] == 0:
@@ -356,7 +357,8 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
                  accum_dtype, max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
     """Validate, run the chunks, reduce. For mean/sum the gradient factor is known now, so the
     requested gradients are computed in the same pass; for "none" they wait for grad_output.
-    Returns (loss, per_head, saved) where saved is (dH, dW) or, for "none", what backward needs."""
+    Returns (loss, per_head, opts, saved): opts the chunk options, saved (dH, dW) or, for "none",
+    what backward needs."""
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)

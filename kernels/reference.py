@@ -87,22 +87,6 @@ def ce_chunk(logits, targets, row_scale, loss_out, opts, compute_grad: bool) -> 
     logits.copy_(grad)
 
 
-def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
-                               head_weights=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                               accum_dtype=torch.float32, max_scratch_bytes=None, return_per_head=False):
-    """CPU path of `mtp_kernels.fused_linear_cross_entropy`: the same chunked driver, torch per chunk.
-
-    Memory is bounded like the GPU path: logits exist one chunk of rows at a time.
-    """
-    from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, linear_cross_entropy
-
-    return linear_cross_entropy(hidden, weight, targets, ce_chunk, ignore_index=ignore_index, reduction=reduction,
-                                head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
-                                softcap=softcap, accum_dtype=accum_dtype,
-                                max_scratch_bytes=max_scratch_bytes or DEFAULT_SCRATCH_BYTES,
-                                return_per_head=return_per_head)
-
-
 # --------------------------------------------------------------------------------------------
 # Rotary embedding + KV-cache write (the cached forward's step between the projections and attention)
 # --------------------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
 
     q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides with a unit last stride, e.g. views of
     one projection); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
-    slots: (B, T) int64, the cache slot of each new token (distinct within a sequence), in [0, S);
-    k_cache, v_cache: (>= B, S, Hkv, Dh), written in place. q, k, v, caches: float32/float16/bfloat16.
+    slots: (B, T) int64 or int32, the cache slot of each new token (distinct within a sequence), in
+    [0, S); k_cache, v_cache: (>= B, S, Hkv, Dh), written in place. q, k, v, caches:
+    float32/float16/bfloat16 (float64 runs the reference).
     Slots are range-checked on the host for CPU tensors (check_slots); on CUDA reading them would
     synchronize, so there the caller keeps them in range. The model derives them from lengths it
     has checked and turns the check off: it would cost every block of a CPU decode step two

@@ -839,9 +839,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return reference.skinny_linear(x, weight)
     x2 = as_rows(x)
     N = weight.shape[0]
-    key = (str(x.device), x.dtype, row_tile(M), N, K)
+    key = _plain_key(x2, weight)
     launch = _TUNER.choose(key, x.device, lambda: tune_skinny(key, x2, weight), lambda: None)
     return skinny_linear_run(x2, weight, launch).view(*x.shape[:-1], N)
+
+
+def _plain_key(x2: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """The plain GEMM's tuning key for rows x2 (M, K) and weight (N, K): the epilogue tuners read
+    its times under the same key."""
+    return (str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape)
 
 
 _SWIGLU_TUNER = LaunchTuner("skinny_linear_swiglu")
@@ -854,7 +860,7 @@ def _tune_epilogue(tuner: LaunchTuner, key, x2: torch.Tensor, weight: torch.Tens
     first (outside the timings), which gives both the unfused pair's GEMM and plain_times; a launch
     whose result is not `close_to` the unfused pair's is left out."""
     skinny_linear(x2, weight)
-    plain_times = _TUNER.times.get((str(x2.device), x2.dtype, row_tile(x2.shape[0]), *weight.shape))
+    plain_times = _TUNER.times.get(_plain_key(x2, weight))
     next_weight = rotating_copies(weight, l2_bytes)
 
     def run(launch):
@@ -1078,7 +1084,7 @@ def normed_projection(name: str, x: torch.Tensor, weight: torch.Tensor, norm: No
                 return run(launch, next_weight())
             return write() if rope is None else rope.probe(write)
         agrees = close_to(probe(None))   # tunes the projection's own launches first, outside the timings
-        plain_times = _TUNER.times.get((str(x.device), x.dtype, row_tile(M), *weight.shape))
+        plain_times = _TUNER.times.get(_plain_key(x2, weight))
         tuner.tune(key, norm_candidates(M, x.device, plain_times, epilogue_candidates),
                    lambda c: run(c, next_weight())[0], agrees=agrees, probe=probe)
     return run(tuner.choose(key, x.device, tune, lambda: None))

@@ -606,7 +606,7 @@ def _save(out: Path, module: MTPTrainModel, wrapped: nn.Module, optimizer, state
           cfg: TrainConfig, env, final: bool) -> None:
     """Checkpoint: the model in Meta's layout (float32 while training; export_dtype for the final one),
     optimizer state and trainer state beside it, and the log."""
-    full = _full_state_dict(module, wrapped, cfg, env)
+    full = _full_state_dict(wrapped, cfg, env)
     if env is None:
         optimizer_state = optimizer.state_dict()
     else:  # keyed by parameter name, gathered from every rank's shard (collective)
@@ -695,17 +695,13 @@ def _clip(wrapped: nn.Module, module: nn.Module, cfg: TrainConfig):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _full_state_dict(module: MTPTrainModel, wrapped: nn.Module, cfg: TrainConfig, env):
+def _full_state_dict(wrapped: nn.Module, cfg: TrainConfig, env):
+    """The Transformer's full state dict in Meta's names on rank 0 of a distributed run, else None."""
     if env is None:
         return None
     from .distributed import full_state_dict
 
-    state = full_state_dict(wrapped, cfg.distributed, env)
-    if state is None:
-        return None
-    # Keys of the wrapper's `model.` submodule, in Meta's names.
-    prefix = "model."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return full_state_dict(wrapped, cfg.distributed, env)
 
 
 def _barrier(env) -> None:

@@ -87,20 +87,8 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     Raises FileNotFoundError for a missing directory, params.json or shard, ValueError for a
     checkpoint that does not match its params.json (the message names the file and key).
     """
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    ckpt_dir, params_path, params = read_params(ckpt_dir, dtype, max_seq_len, max_batch_size)
     device = resolve_device(device)
-    params_path = ckpt_dir / "params.json"
-    params = _read_params(params_path)
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if value is not None:
-            if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-            params[name] = value.__index__()
-
     shard_paths = find_shards(ckpt_dir)
     shards = [_load_shard(p) for p in shard_paths]
     _check_consistent_keys(shards, shard_paths)
@@ -125,17 +113,9 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
             raise ValueError(f"{key}: expected shape {shape} from {source}, got {tuple(tensor.shape)}"
                              + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
                              + f" in {ckpt_dir}" + _missing_shard_hint(key, tuple(tensor.shape), shape, len(shards)))
-        if not tensor.is_floating_point():
-            raise ValueError(f"{key}: a model weight must be a floating tensor, got {tensor.dtype} in {ckpt_dir}")
         state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     del shards
-    by_dtype = {}
-    for key, tensor in state.items():
-        by_dtype.setdefault(str(tensor.dtype).removeprefix("torch."), []).append(key)
-    if len(by_dtype) > 1:   # every matmul needs one dtype: name the mix here, not in the first forward
-        mix = "; ".join(f"{dtype}: {len(keys)} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                        for dtype, keys in sorted(by_dtype.items(), key=lambda item: len(item[1])))
-        raise ValueError(f"{ckpt_dir}: the weights mix dtypes, {mix}; pass dtype= to load them in one")
+    check_weight_dtypes(state, ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers were built on the meta device; recompute them for real.
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(device)
@@ -143,6 +123,40 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
     if leftover:  # a new parameter or buffer in Transformer that this loader does not know about
         raise RuntimeError(f"load_checkpoint left tensors on the meta device: {leftover}")
     return model
+
+
+def read_params(ckpt_dir: PathLike, dtype: Optional[torch.dtype], max_seq_len: Optional[int],
+                max_batch_size: Optional[int]):
+    """A loader's first steps (load_checkpoint, tensor_parallel.load_tensor_parallel): the directory
+    and dtype checked, params.json read, the generation-time sizes given (they are not in it) set.
+    Returns (ckpt_dir Path, params_path, params dict)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    params_path = ckpt_dir / "params.json"
+    params = _read_params(params_path)
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if value is not None:
+            if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            params[name] = value.__index__()
+    return ckpt_dir, params_path, params
+
+
+def check_weight_dtypes(state: dict, ckpt_dir: Path) -> None:
+    """Every weight floating and all of one dtype (every matmul needs one): named here, not in the
+    first forward. ValueError naming the keys otherwise."""
+    by_dtype = {}
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key}: a model weight must be a floating tensor, got {tensor.dtype} in {ckpt_dir}")
+        by_dtype.setdefault(str(tensor.dtype).removeprefix("torch."), []).append(key)
+    if len(by_dtype) > 1:
+        mix = "; ".join(f"{dtype}: {len(keys)} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                        for dtype, keys in sorted(by_dtype.items(), key=lambda item: len(item[1])))
+        raise ValueError(f"{ckpt_dir}: the weights mix dtypes, {mix}; pass dtype= to load them in one")
 
 
 def default_checkpoint() -> Path:

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, _read_params, find_shards,
-                         params_vocab_size, shard_dim)
+from .checkpoint import (_check_head_count, _check_key_sets, _load_shard, check_weight_dtypes, find_shards,
+                         params_vocab_size, read_params, shard_dim)
 from .distributed import DistEnv
 from .model import Linear, ModelArgs, Transformer, precompute_freqs_cis
 
@@ -127,19 +127,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
     (None keeps the checkpoint's). Raises ValueError when heads, KV heads or the FFN size do not
     split over the ranks, or the shard count and world size do not divide one another.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    params_path = ckpt_dir / "params.json"
-    params = _read_params(params_path)
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-            params[name] = value
-
+    ckpt_dir, params_path, params = read_params(ckpt_dir, dtype, max_seq_len, max_batch_size)
     paths = find_shards(ckpt_dir)
     files, piece, pieces = _shard_plan(len(paths), env.world_size, env.rank, paths)
     shards = [_load_shard(p) for p in files]  # memory-mapped: only this rank's files
@@ -174,6 +162,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
                              f"and {env.world_size} ranks, got {tuple(tensor.shape)} from {[f.name for f in files]}")
         state[key] = tensor
     del shards
+    check_weight_dtypes(state, ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(env.device)
     model.requires_grad_(False)

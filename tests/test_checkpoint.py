@@ -1,6 +1,7 @@
 """Checkpoints in Meta's layout: sharded save/load, round trips, and every loader error message."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,18 +261,29 @@ def test_wrong_shape(saved):
         load_checkpoint(ckpt)
 
 
-def test_weights_of_an_integer_or_mixed_dtype(saved):
+def _one_rank_tensor_parallel(ckpt, **kwargs):
+    from mtp_engine.distributed import DistEnv
+    from mtp_engine.tensor_parallel import load_tensor_parallel
+    return load_tensor_parallel(ckpt, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                              is_main=True), **kwargs)
+
+
+@pytest.mark.parametrize("load", [load_checkpoint, _one_rank_tensor_parallel])
+def test_weights_of_an_integer_or_mixed_dtype(saved, load):
+    """Both loaders (the tensor-parallel one shares the checks) name an integer weight and a mix of
+    dtypes, and take numpy ints for the sizes."""
     _, ckpt = saved
     key = "layers.0.attention_norm.weight"
     original = torch.load(ckpt / "consolidated.00.pth")[key].clone()
     _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.long()}))
     with pytest.raises(ValueError, match=rf"{key}: a model weight must be a floating tensor, got torch.int64"):
-        load_checkpoint(ckpt)
+        load(ckpt)
     _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.half()}))
     with pytest.raises(ValueError, match=rf"the weights mix dtypes, float16: 1 keys \({key}\); float32: \d+ keys "
                                          r"\(tok_embeddings\.weight, .*; pass dtype="):
-        load_checkpoint(ckpt)
-    assert load_checkpoint(ckpt, dtype=torch.float32).layers[0].attention_norm.weight.dtype == torch.float32
+        load(ckpt)
+    model = load(ckpt, dtype=torch.float32, max_seq_len=np.int64(40))
+    assert model.layers[0].attention_norm.weight.dtype == torch.float32 and model.params.max_seq_len == 40
 
 
 def test_one_shard_of_another_dtype_is_named(tmp_path):

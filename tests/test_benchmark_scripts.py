@@ -45,7 +45,8 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
-                         "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py"):
+                         "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py",
+                         "bench_prefill.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -95,6 +96,19 @@ def test_gpu_check_without_tests_runs_without_warp_specialization(tmp_path, sett
         is (stages == ["env"])
     assert ("programmatic dependent launches not confirmed by their GPU tests" in proc.stdout) is (stages == ["tests"])
     assert ("warp-specialized kernels not confirmed by their GPU tests" in proc.stdout) is (stages == ["tests"])
+
+
+def test_bench_prefill_tiny(tmp_path):
+    """Grouped against one-forward prefill on a tiny model: both timed, the tokens each computes
+    counted (groups compute no more than padding to the longest, equal lengths are one forward)."""
+    out = _run([BENCH / "bench_prefill.py", "--tiny"], tmp_path)
+    assert "| one long |" in out
+    result = json.loads(next(tmp_path.glob("prefill_*_tiny.json")).read_text())
+    rows = {r["case"]: r for r in result["rows"]}
+    assert all(r["one forward"]["status"] == r["groups"]["status"] == "ok" for r in rows.values())
+    assert rows["one long"]["grouped_tokens"] < rows["one long"]["padded_tokens"]
+    assert rows["one long"]["groups"]["forwards"] == 2 and rows["equal"]["groups"]["forwards"] == 1
+    assert all(r["prompt_tokens"] <= r["grouped_tokens"] <= r["padded_tokens"] for r in rows.values())
 
 
 def test_bench_host_overhead_cpu_smoke(tmp_path):

@@ -1,0 +1,137 @@
+"""Prefill of a ragged batch: in groups of similar prompt length (Generator's default) against one
+forward over every prompt right-padded to the longest (what the Generator did before).
+
+    python benchmarks/bench_prefill.py [--out DIR] [--tiny]
+
+Model: on CUDA a random-weight model of the 7B_1T_4 shape in bf16 (bench_generate.SHAPE_7B); on the
+CPU the embedded default model in float32. Batches of 8 prompts (lengths scaled to the model's
+context): lengths spread evenly, seven short prompts beside one long one, and equal lengths (the
+control: grouping must cost nothing there). Each case times `Generator.generate(prompts,
+max_gen_len=1)` (the prefill and the first token's selection) both ways with
+benchmarks/common.time_and_peak. Reported: the prompt tokens, the tokens each way computes
+(padding included), the forwards, the time, and the floor: the matmul FLOPs of the real tokens
+(2 x parameters per token, the unembedding only at the last position) over the matmul rate measured
+in the same run. Writes prefill_<device-slug>.json and .md into --out (default benchmarks/results).
+--tiny: a tiny random model on the CPU (a pipeline check in seconds, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_generate  # noqa: E402
+import common  # noqa: E402
+
+from mtp_engine import generate as generate_module  # noqa: E402
+from mtp_engine.checkpoint import default_checkpoint, load_checkpoint  # noqa: E402
+from mtp_engine.generate import Generator, prefill_groups  # noqa: E402
+
+BATCH = 8
+
+
+def cases(context: int) -> dict:
+    """Prompt lengths per case, for a model whose prompts may reach `context` tokens."""
+    longest = context
+    return {
+        "spread": [round(longest * (i + 1) / BATCH) for i in range(BATCH)],
+        "one long": [max(1, longest // 32)] * (BATCH - 1) + [longest],
+        "equal": [longest // 2] * BATCH,
+    }
+
+
+@contextlib.contextmanager
+def one_forward():
+    """The prefill as one forward over the right-padded batch: a forward costed at infinitely many
+    tokens never splits the batch."""
+    saved = dict(generate_module.PREFILL_FORWARD_TOKENS), generate_module.PREFILL_FORWARD_TOKENS_DEFAULT
+    generate_module.PREFILL_FORWARD_TOKENS = {key: 1 << 62 for key in ("cuda", "cpu")}
+    generate_module.PREFILL_FORWARD_TOKENS_DEFAULT = 1 << 62
+    try:
+        yield
+    finally:
+        generate_module.PREFILL_FORWARD_TOKENS, generate_module.PREFILL_FORWARD_TOKENS_DEFAULT = saved
+
+
+def run(tiny: bool = False) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    if tiny:
+        model, context = bench_generate.random_model(bench_generate.SHAPE_TINY, device, torch.float32), 48
+    elif device.type == "cuda":
+        model, context = bench_generate.random_model(bench_generate.SHAPE_7B, device, torch.bfloat16), 2048
+    else:
+        model, context = load_checkpoint(default_checkpoint(), device=device, dtype=torch.float32), 1024
+    model.eval()
+    ceilings = common.measure_ceilings(device)
+    params = model.num_params() - model.output.weight.numel()   # the unembedding reads only last positions
+    result = {"env": common.environment_info(device), "ceilings": ceilings,
+              "model": f"{'random ' if tiny or device.type == 'cuda' else ''}{dict(vars(model.params))}",
+              "dtype": str(model.output.weight.dtype).replace("torch.", ""), "rows": []}
+    gen = Generator(model, max_batch_size=BATCH, max_seq_len=context + 1, cuda_graphs=False)
+    g = torch.Generator().manual_seed(0)
+    forward_tokens = generate_module.PREFILL_FORWARD_TOKENS.get(device.type,
+                                                                generate_module.PREFILL_FORWARD_TOKENS_DEFAULT)
+    for name, lengths in cases(context).items():
+        prompts = [torch.randint(3, model.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        row = {"case": name, "lengths": lengths, "prompt_tokens": sum(lengths),
+               "floor_ms": 2 * params * sum(lengths) / (ceilings["matmul_tflops"] * 1e12) * 1e3}
+        groups = prefill_groups(sorted(lengths), forward_tokens)
+        ordered = sorted(lengths)
+        row["grouped_tokens"] = sum((end - start) * ordered[end - 1] for start, end in groups)
+        row["padded_tokens"] = BATCH * max(lengths)
+        for label, context_manager in (("one forward", one_forward), ("groups", contextlib.nullcontext)):
+            with context_manager():
+                timed = common.time_and_peak(lambda: gen.generate(prompts, max_gen_len=1).stats, device=device)
+            row[label] = {key: timed.get(key) for key in ("status", "ms", "peak_mib", "error")}
+            if timed["status"] == "ok":
+                row[label]["forwards"] = timed["result"]["prefill_forwards"]
+        if row["one forward"]["status"] == row["groups"]["status"] == "ok":
+            row["speedup"] = row["one forward"]["ms"] / row["groups"]["ms"]
+            row["groups_vs_floor"] = row["groups"]["ms"] / row["floor_ms"]
+        result["rows"].append(row)
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    env, ceil = result["env"], result["ceilings"]
+    lines = [f"# Ragged-batch prefill on {env['device']} ({result['dtype']})", "",
+             f"Model: {result['model']}. Batch {BATCH}; `Generator.generate(prompts, max_gen_len=1)` timed "
+             f"(prefill and the first token's selection), median. Floor: 2 x parameters (unembedding "
+             f"aside) x prompt tokens over the matmul rate measured in this run "
+             f"({ceil['matmul_tflops']:.1f} TFLOP/s {ceil['matmul_dtype']}). torch {env.get('torch')}, "
+             f"{env['date_utc']}.", ""]
+    headers = ["case", "prompt tokens", "computed: one forward", "computed: groups", "forwards",
+               "one forward ms", "groups ms", "speedup", "groups / floor"]
+    rows = []
+    for r in result["rows"]:
+        one, grouped = r["one forward"], r["groups"]
+        rows.append([r["case"], r["prompt_tokens"], r["padded_tokens"], r["grouped_tokens"],
+                     grouped.get("forwards", "-"),
+                     one["ms"] if one["status"] == "ok" else one["status"],
+                     grouped["ms"] if grouped["status"] == "ok" else grouped["status"],
+                     r.get("speedup", "-"), r.get("groups_vs_floor", "-")])
+    lines.append(common.markdown_table(headers, rows))
+    lines += ["", "Lengths: " + "; ".join(f"{r['case']}: {r['lengths']}" for r in result["rows"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU: a check in seconds")
+    args = parser.parse_args()
+    result = run(args.tiny)
+    slug = result["env"]["device_slug"] + ("_tiny" if args.tiny else "")
+    common.write_json(Path(args.out) / f"prefill_{slug}.json", result)
+    text = to_markdown(result)
+    common.write_markdown(Path(args.out) / f"prefill_{slug}.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from mtp_engine import generate as generate_module
 from mtp_engine.generate import Generator
 from mtp_engine.loss import MTPLoss
 from mtp_engine.model import ModelArgs, Transformer
@@ -42,7 +43,12 @@ def test_triton_model_logits_and_grads_match_reference(monkeypatch, dtype):
         assert ((g - r).norm() / r.norm().clamp(min=1e-12)).item() < 5e-2, k
 
 
-def test_triton_generation_batched_equals_single():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_triton_generation_batched_equals_single(monkeypatch, grouped):
+    """grouped: every prompt prefills in its own forward and cache rows (forward_cached(first_row=...)
+    on the GPU kernels' cache views), as a ragged batch of long prompts does."""
+    if grouped:
+        monkeypatch.setitem(generate_module.PREFILL_FORWARD_TOKENS, "cuda", 0)
     model = small_model(torch.float32)
     gen = Generator(model, max_batch_size=4, max_seq_len=256)
     prompts = [[1, 5, 9, 33], [7], [2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -52,13 +58,17 @@ def test_triton_generation_batched_equals_single():
     assert all(len(t) == 20 for t in batched)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("speculative", [None, "tree"])
-def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative):
+def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative, grouped):
     """bf16 is where the Triton KV-cache kernel runs (float32 goes to the reference). Every token the
     graphed generator picks on the kernels must be an argmax of the reference model's (uncached,
     teacher-forced) logits, up to bf16 noise: a wrong cache slot, mask bit or compaction would pick
-    tokens far from it."""
+    tokens far from it. grouped: each prompt prefills in its own forward and cache rows."""
     from mtp_kernels.attention import _kernel_supports
+
+    if grouped:
+        monkeypatch.setitem(generate_module.PREFILL_FORWARD_TOKENS, "cuda", 0)
 
     model = small_model(torch.bfloat16)
     assert _kernel_supports(torch.empty(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16))

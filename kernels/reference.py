@@ -175,7 +175,8 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         pick = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=q.device)
         live = slice(0, length + Tq)
         qb = q[pick].to(ct).transpose(1, 2)                                         # (b, H, Tq, D)
-        kb, vb = (c[pick][:, live].to(ct).transpose(1, 2) for c in (k_cache, v_cache))   # (b, Hkv, S_b, D)
+        # live slots first: gathering scattered rows copies only them, not every slot to S_max
+        kb, vb = (c[:, live][pick].to(ct).transpose(1, 2) for c in (k_cache, v_cache))   # (b, Hkv, S_b, D)
         # Decode (one query, causal) sees every live slot, and a prefill from an empty cache is plain
         # causal attention: no mask, torch's fused paths (a mask of a long prefill takes the matmul path).
         causal = tree_mask is None and length == 0 and Tq > 1
@@ -190,16 +191,21 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
               causal: bool = False) -> torch.Tensor:
-    """F.scaled_dot_product_attention of q (1, H, T, D) against k, v (1, Hkv, S, D), query head h on
-    kv head h // (H // Hkv), without repeating K and V where torch can (enable_gqa). 4-D: torch's fused
-    CPU kernel takes no 3-D inputs (they take the matmul path, 8x slower at a 4096-token prefill)."""
+    """F.scaled_dot_product_attention of q (b, H, T, D) against k, v (b, Hkv, S, D), query head h on
+    kv head h // (H // Hkv), without repeating K and V where torch can (enable_gqa: on the CPU, and
+    for 16-bit inputs on CUDA, whose flash backend takes it; float32 there would fall to the math
+    backend's T x S scores, so K and V are repeated for the memory-efficient one). 4-D: torch's
+    fused CPU kernel takes no 3-D inputs (they take the matmul path, 8x slower at a 4096-token
+    prefill)."""
     if q.shape[1] != k.shape[1]:
-        try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
-                                                  enable_gqa=True)
-        except TypeError:   # a torch without enable_gqa
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        if q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                                      enable_gqa=True)
+            except TypeError:   # a torch without enable_gqa
+                pass
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
 
 

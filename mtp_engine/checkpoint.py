@@ -113,7 +113,8 @@ def load_checkpoint(ckpt_dir: PathLike, device: Union[str, torch.device] = "cpu"
             raise ValueError(f"{key}: expected shape {shape} from {source}, got {tuple(tensor.shape)}"
                              + (f" after merging {len(shards)} shards" if len(shards) > 1 else "")
                              + f" in {ckpt_dir}" + _missing_shard_hint(key, tuple(tensor.shape), shape, len(shards)))
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        # dtype= casts floating weights only: an integer (quantized) weight must reach the check as one
+        state[key] = tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else tensor.dtype)
     del shards
     check_weight_dtypes(state, ckpt_dir)
     model.load_state_dict(state, strict=True, assign=True)

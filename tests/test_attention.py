@@ -629,11 +629,12 @@ def test_cpu_kv_attention_reads_each_sequence_s_own_slots_through_the_fused_kern
     went from 1.6 s and +880 MB of float32 scores to 0.25-0.29 s and +80-90 MB (hand timings)."""
     from mtp_kernels import reference
 
-    calls = []
+    calls, held = [], []
     sdpa = reference.F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, scale=None, is_causal=False, **kw):
         calls.append((q.dim(), k.shape[2], attn_mask is None, is_causal))
+        held.append(k.untyped_storage().nbytes() // k.element_size())   # elements behind k: a copy's size
         return sdpa(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal, **kw)
     monkeypatch.setattr(reference.F, "scaled_dot_product_attention", spy)
     q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 1, 40, [5, 30], seed=36)
@@ -648,10 +649,14 @@ def test_cpu_kv_attention_reads_each_sequence_s_own_slots_through_the_fused_kern
     torch.testing.assert_close(got.double(), _kv_oracle(q, k_cache, v_cache, seqlens, None, 0.3), rtol=1e-4,
                                atol=2e-5)
     calls.clear()   # sequences of one length share a call (rows 0 and 2 gathered, row 1 alone)
+    held.clear()
     q, k_cache, v_cache, seqlens = _kv_inputs(4, 2, 16, 3, 40, [7, 11, 7], seed=38)
     packed = pack_tree_mask(_random_tree_mask(3, torch.Generator().manual_seed(39)))
     got = reference.kv_cache_attention(q, k_cache, v_cache, seqlens, packed.mask, sm_scale=0.3)
     assert calls == [(4, 10, False, False), (4, 14, False, False)]
+    # rows 0 and 2 are gathered: only their 10 live slots are copied, not all 40 (a CPU decode step
+    # with an eos-finished row between equal-length ones ran 2-5x slower copying every slot)
+    assert held[0] == 2 * 2 * 10 * 16
     torch.testing.assert_close(got.double(), _kv_oracle(q, k_cache, v_cache, seqlens, packed.mask, 0.3), rtol=1e-4,
                                atol=2e-5)
 

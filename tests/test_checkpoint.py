@@ -276,8 +276,9 @@ def test_weights_of_an_integer_or_mixed_dtype(saved, load):
     key = "layers.0.attention_norm.weight"
     original = torch.load(ckpt / "consolidated.00.pth")[key].clone()
     _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.long()}))
-    with pytest.raises(ValueError, match=rf"{key}: a model weight must be a floating tensor, got torch.int64"):
-        load(ckpt)
+    for dtype in (None, torch.float32, torch.bfloat16):   # dtype= must not cast it into a float first
+        with pytest.raises(ValueError, match=rf"{key}: a model weight must be a floating tensor, got torch.int64"):
+            load(ckpt, dtype=dtype)
     _rewrite_shard(ckpt / "consolidated.00.pth", lambda sd: sd.update({key: original.half()}))
     with pytest.raises(ValueError, match=rf"the weights mix dtypes, float16: 1 keys \({key}\); float32: \d+ keys "
                                          r"\(tok_embeddings\.weight, .*; pass dtype="):

@@ -67,9 +67,12 @@ def _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: t
 
 
 @triton.jit
-def _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss):
+def _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss, HAS_SMOOTHING: tl.constexpr):
     """A row's loss from its log-sum-exp, target score and sum of scores (see the module docstring)."""
-    return lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse - label_smoothing * s_total / V
+    loss = lse - (1.0 - label_smoothing) * s_t + z_loss * lse * lse
+    if HAS_SMOOTHING:
+        loss = loss - label_smoothing * s_total / V
+    return loss
 
 
 @triton.jit
@@ -117,7 +120,7 @@ def _ce_row_one_pass(row_ptr, V, offs, target, scale, label_smoothing, z_loss, s
     s_total = 0.0
     if HAS_SMOOTHING:
         s_total = tl.sum(tl.where(mask, s, 0.0), axis=0)
-    loss = _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss)
+    loss = _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss, HAS_SMOOTHING)
     if COMPUTE_GRAD:
         p_factor, smooth, hit = _grad_factors(scale, lse, label_smoothing, z_loss, V)
         # The exponentials again rather than kept: only s stays live across the reductions.
@@ -154,7 +157,7 @@ def _ce_chunk_kernel(
         # Pass 1: log-sum-exp, and the plain sum of s for label smoothing.
         lse, s_total = _online_lse(row_ptr, V, offs, softcap, HAS_SOFTCAP, BLOCK_V)
         s_t = _softcapped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
-        tl.store(loss_ptr + row, _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss))
+        tl.store(loss_ptr + row, _row_loss(lse, s_t, s_total, V, label_smoothing, z_loss, HAS_SMOOTHING))
 
         if COMPUTE_GRAD:
             p_factor, smooth, hit = _grad_factors(tl.load(scale_ptr + row), lse, label_smoothing, z_loss, V)

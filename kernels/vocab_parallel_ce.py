@@ -132,19 +132,42 @@ class _Shard:
         self.max_local = max_local
 
 
-def _agree_on_layout(group, V_local: int, M: int, D: int, device: torch.device) -> _Shard:
-    """One small all-gather of (V_local, rows, D) per rank: the shard offsets (rank order), the global V,
-    and a check that every rank has the same rows (they must run the same number of chunks and
-    collectives). Every rank sees the same gathered sizes, so every rank raises the same error."""
+# dtype codes for the layout all-gather (every rank must compute in one dtype: its chunk sizes and
+# collectives follow from it)
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+
+
+def _agree_on_layout(group, V_local: int, M: int, D: int, device: torch.device, *, dtype=None,
+                     grads=(False, False), refused: Optional[Exception] = None) -> _Shard:
+    """One small all-gather per rank of (V_local, rows, D, dtype, the gradients asked for, whether its
+    own input checks refused): the shard offsets (rank order), the global V, and a check that every
+    rank runs the same chunks and collectives. Every rank sees the same gathered values, so every
+    rank raises, also when only one rank's inputs were refused (the others would otherwise wait in
+    the next collective until the process group's timeout): that rank raises its own error."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    mine = torch.tensor([V_local, M, D], dtype=torch.int64, device=device)
+    mine = torch.tensor([V_local, M, D, _DTYPE_CODES.get(dtype, 0), *map(int, grads), refused is not None],
+                        dtype=torch.int64, device=device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
-    sizes = torch.stack(parts).tolist()
+    gathered = torch.stack(parts).tolist()
+    if refused is not None:
+        raise refused
+    failed = [r for r, row in enumerate(gathered) if row[-1]]
+    if failed:
+        raise ValueError(f"vocabulary-parallel cross-entropy: rank(s) {failed} of the group refused their inputs "
+                         "(their error names the problem)")
+    sizes = [row[:3] for row in gathered]
     if len({(m, d) for _, m, d in sizes}) != 1:
         raise ValueError("vocabulary-parallel cross-entropy: hidden must have the same rows and D on every rank, "
                          f"got (rows, D) per rank {[(m, d) for _, m, d in sizes]}")
+    names = {code: str(t).removeprefix("torch.") for t, code in _DTYPE_CODES.items()}
+    if len({row[3] for row in gathered}) != 1:
+        raise ValueError("vocabulary-parallel cross-entropy: every rank must compute in one dtype, got "
+                         f"{[names.get(row[3], '?') for row in gathered]} per rank")
+    if len({tuple(row[4:6]) for row in gathered}) != 1:
+        raise ValueError("vocabulary-parallel cross-entropy: every rank must ask for the same gradients (hidden "
+                         f"and weight requires_grad), got {[tuple(map(bool, row[4:6])) for row in gathered]} per rank")
     local_sizes = [v for v, _, _ in sizes]
     if min(local_sizes) < 1:
         raise ValueError(f"every rank needs at least one vocabulary row, got weight rows per rank {local_sizes}")
@@ -195,7 +218,9 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
                 row_lse, s_sum, s_t = _combine_stats(local, shard.group)
                 lse[start:stop] = row_lse
                 eps = opts.label_smoothing
-                row_loss = row_lse - (1.0 - eps) * s_t + opts.z_loss * row_lse * row_lse - eps * s_sum / shard.vocab_size
+                row_loss = row_lse - (1.0 - eps) * s_t + opts.z_loss * row_lse * row_lse
+                if eps:
+                    row_loss = row_loss - eps * s_sum / shard.vocab_size
                 loss[start:stop] = torch.where(t != opts.ignore_index, row_loss, torch.zeros_like(row_loss))
             if compute_grad:
                 grad_fn(logits, t, shard.vocab_start, shard.vocab_size, lse[start:stop], row_scale[start:stop], opts)
@@ -211,21 +236,29 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
 
 
 def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
-             softcap):
+             softcap, grads=(False, False)):
     """Validate, agree on the layout, flatten to rows: the single-process checks, with token ids checked
-    against the global vocabulary."""
-    h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
-                              head_weights, weight_name="weight (this rank's shard)",
-                              op="vocab_parallel_cross_entropy")
+    against the global vocabulary. A rank whose own checks refuse its inputs still joins the layout
+    all-gather, so that every rank raises (see _agree_on_layout)."""
+    try:
+        h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
+                                  head_weights, weight_name="weight (this rank's shard)",
+                                  op="vocab_parallel_cross_entropy")
+    except ValueError as error:
+        device = next((t.device for t in (hidden, weight) if isinstance(t, torch.Tensor)), None)
+        if device is None:   # nothing to place the all-gather on: this rank cannot take part
+            raise
+        _agree_on_layout(group, 0, 0, 0, device, refused=error)
     n, N, D = h3.shape
-    shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device)
+    shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device, dtype=weight.dtype, grads=grads)
     return flatten_rows(h3, targets, head_weights, shard.vocab_size, ignore_index) + (single, shard)
 
 
 def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
                   softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight):
     rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
-        hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
+        hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+        grads=(grad_rows, grad_weight))
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
     opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
     # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.

@@ -262,6 +262,17 @@ def scenario_vocab_parallel_errors(env):
                                                           targets[:, : 4 + env.rank], process_group=dist.group.WORLD),
         "empty_shard": lambda: fused_linear_cross_entropy(hidden, weight[:0] if env.rank == 1 else weight, targets,
                                                           process_group=dist.group.WORLD),
+        # refused by rank 1's own checks only: rank 0 must not wait in a collective for it
+        "one_rank_dtype": lambda: fused_linear_cross_entropy(hidden, shard.bfloat16() if env.rank == 1 else shard,
+                                                             targets, process_group=dist.group.WORLD),
+        "one_rank_width": lambda: fused_linear_cross_entropy(hidden, shard[:, :7] if env.rank == 1 else shard,
+                                                             targets, process_group=dist.group.WORLD),
+        # each rank consistent, the ranks not: other chunk sizes, other collectives
+        "dtypes_differ": lambda: fused_linear_cross_entropy(*((hidden.bfloat16(), shard.bfloat16()) if env.rank == 1
+                                                              else (hidden, shard)), targets,
+                                                            process_group=dist.group.WORLD),
+        "grads_differ": lambda: fused_linear_cross_entropy(hidden.clone().requires_grad_(env.rank == 0), shard,
+                                                           targets, process_group=dist.group.WORLD),
     }
     for name, call in cases.items():
         try:
@@ -272,6 +283,15 @@ def scenario_vocab_parallel_errors(env):
     # A token id in the other rank's range is fine (it is a real token, just not this shard's).
     ok = fused_linear_cross_entropy(hidden, shard, targets, process_group=dist.group.WORLD)
     messages["ok_loss"] = float(ok)
+    # An fp16 logit past the range (-inf) without label smoothing: its exp is 0 and the loss finite
+    # (the smoothing term's 0 * -inf had made it NaN), as in one process.
+    far = weight.clone()
+    far[3] = -8000.0
+    positive = hidden.abs() + 0.5
+    local = far[:51] if env.rank == 0 else far[51:]
+    messages["neg_inf_loss"] = float(fused_linear_cross_entropy(positive.half(), local.half(), targets.clamp(min=4),
+                                                                process_group=dist.group.WORLD))
+    messages["neg_inf_single"] = float(fused_linear_cross_entropy(positive.half(), far.half(), targets.clamp(min=4)))
     return messages
 
 

@@ -7,6 +7,8 @@
 Each scenario runs in one spawn (module-scoped fixture) to keep process start-up to a few seconds.
 """
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -219,7 +221,14 @@ def test_vocab_parallel_bad_input_raises_on_every_rank(tmp_path):
         assert "token id 101" in messages["token_out_of_range"] and "[0, 101)" in messages["token_out_of_range"]
         assert "same rows and D on every rank" in messages["rows_differ"]
         assert "at least one vocabulary row" in messages["empty_shard"]
+        assert "every rank must compute in one dtype, got ['float32', 'bfloat16']" in messages["dtypes_differ"]
+        assert "same gradients" in messages["grads_differ"]
         assert messages["ok_loss"] > 0
+        assert math.isfinite(messages["neg_inf_loss"])
+        assert messages["neg_inf_loss"] == pytest.approx(messages["neg_inf_single"], rel=1e-3)
+    for name, problem in (("one_rank_dtype", "dtype"), ("one_rank_width", "D")):
+        assert "rank(s) [1] of the group refused their inputs" in ranks[0][name]
+        assert problem in ranks[1][name] and "refused their inputs" not in ranks[1][name]
     assert ranks[0]["ok_loss"] == ranks[1]["ok_loss"]
 
 

@@ -147,6 +147,24 @@ def test_very_large_logits(request, backend):
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("V", [201, 301], ids=["one_pass", "streamed"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_an_fp16_logit_past_the_range_without_smoothing(request, backend, V):
+    """A logit below fp16's range is -inf in the fp16 logits: its exp is 0 and the loss finite, on
+    every path; the label-smoothing term (eps * sum of scores) is left out at eps 0 (0 * -inf was
+    NaN on the streamed Triton path)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.rand(1, 6, 16, generator=g) + 0.5
+    weight = torch.randn(V, 16, generator=g) / 4
+    weight[3] = -8000.0                                   # logit ~ -1e5: -inf in fp16
+    targets = torch.randint(4, V, (1, 6), generator=g)
+    loss = fused_linear_cross_entropy(hidden.half(), weight.half(), targets)
+    want = F.cross_entropy(hidden.half().double()[0] @ weight.half().double().T, targets[0])
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(want), rel=1e-3)
+
+
 def test_non_contiguous_inputs():
     hidden, weight, targets = make_inputs(3, 11, 10, 97)
     h_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (n, N, D) with odd strides

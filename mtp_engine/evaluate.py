@@ -101,7 +101,8 @@ def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: in
         if len(streams) >= max_files:
             break
     if not streams:
-        raise ValueError(f"no readable held-out files under {source}")
+        raise ValueError(f"no readable {'held-out' if split == 'heldout' else 'training'} files of more than "
+                         f"200 characters under {source}")
     return streams
 
 
@@ -164,21 +165,31 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     windows = torch.from_numpy(flat[: n_windows * seq_len].reshape(n_windows, seq_len))
     head_eval = evaluate(model, windows, batch_size=batch_size)
 
-    prompts = sample_prompts(streams, n_prompts, prompt_len, gen_len)
-    gen = Generator(model, tokenizer=None, max_batch_size=len(prompts), max_seq_len=prompt_len + gen_len + 1)
-    rollout = gen.generate(prompts, max_gen_len=gen_len, temperature=0.0, eos_id=-1)
     trees = trees or {}
     K = 1 + max([max(p) for tree in trees.values() for p in tree] or [0])
+    if K > model.vocab_size:
+        name = next(name for name, tree in trees.items() if any(max(p) >= model.vocab_size for p in tree))
+        raise ValueError(f"tree {name!r} has a node of rank {K - 1}, but a head has only {model.vocab_size} tokens "
+                         "to rank")
+    # The rollout runs n - 1 tokens past gen_len: the last verify step's drafts reach past it, and
+    # the generator counts their acceptance (SpeculativeCounters), so the walks check them too.
+    rollout_len = gen_len + n - 1
+    if prompt_len + rollout_len > 2 * model.params.max_seq_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} (+ {n - 1} drafted past it) exceed the "
+                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
+    prompts = sample_prompts(streams, n_prompts, prompt_len, gen_len)
+    gen = Generator(model, tokenizer=None, max_batch_size=len(prompts), max_seq_len=prompt_len + rollout_len + 1)
+    rollout = gen.generate(prompts, max_gen_len=rollout_len, temperature=0.0, eos_id=-1)
+    model.clear_caches()   # the forwards below are uncached, from position 0
     results = {CHAIN: []} | {name: [] for name in trees}
     with torch.no_grad():
         for prompt, out in zip(prompts, rollout.tokens):
             sequence = prompt + out
             logits = model.forward(torch.tensor([sequence], device=device), return_all_heads=True)[0]  # (L, n, V)
             topk = logits.topk(K, dim=-1).indices.cpu()                                             # (L, n, K)
-            results[CHAIN].append(chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), len(out)))
+            results[CHAIN].append(chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), gen_len))
             for name, tree in trees.items():
-                results[name].append(tree_tokens_per_forward(topk, sequence, len(prompt), len(out), tree))
-    model.clear_caches()
+                results[name].append(tree_tokens_per_forward(topk, sequence, len(prompt), gen_len, tree))
     speculative = {}
     for name, runs in results.items():
         forwards = sum(r["forwards"] for r in runs)
@@ -297,14 +308,18 @@ def run(args: argparse.Namespace) -> int:
     if args.build_tree:
         if model.n_future_tokens < 2:
             raise ValueError("--build-tree needs a model with at least 2 heads")
-        fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=args.source,
+        fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=args.source, n_prompts=args.prompts,
                                       prompt_len=args.prompt_len, gen_len=args.gen_len)
         Path(args.build_tree).write_text(json.dumps(fitted, indent=1) + "\n")
         add_tree(trees, Path(args.build_tree).stem, fitted["paths"])
         print(f"fitted tree: {len(fitted['paths'])} nodes, expected accepted length "
               f"{fitted['expected_accept_length']:.2f} on {fitted['prompts']} training prompts -> {args.build_tree}")
     # Loss windows longer than the trained context would measure positions the model never learned.
-    seq_len = args.seq_len or trained_seq_len(ckpt_dir)
+    trained = trained_seq_len(ckpt_dir)
+    seq_len = args.seq_len or trained
+    if trained and args.prompt_len + args.gen_len > trained:
+        print(f"eval: warning: prompts of {args.prompt_len} + {args.gen_len} new tokens run past the {trained}-token "
+              "context the model was trained on: the speculative figures measure positions it never learned")
     result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files, seq_len=seq_len,
                                  n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
     result["checkpoint"] = str(ckpt_dir)

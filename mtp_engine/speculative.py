@@ -317,10 +317,18 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
     _check_heads_count(heads)
     if not 2 <= heads <= model.n_future_tokens:
         raise ValueError(f"heads must be in [2, {model.n_future_tokens}] (the model's heads), got {heads}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size:
+        raise ValueError(f"top_k must be an int in [1, vocab_size = {model.vocab_size}], got {top_k!r}")
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < heads:
+        raise ValueError(f"max_gen_len must be an int >= heads = {heads} (every depth needs a target), "
+                         f"got {max_gen_len!r}")
     prompts = [list(p) for p in prompts]
-    longest = max((len(p) for p in prompts), default=0) + max_gen_len + 1
+    if not prompts:
+        raise ValueError("measure_acceptance_rates needs at least one prompt")
+    longest = max(len(p) for p in prompts) + max_gen_len + 1
+    if longest - 1 > 2 * model.params.max_seq_len:   # the uncached forward's limit, before any rollout
+        raise ValueError(f"a prompt of {longest - 1 - max_gen_len} tokens + max_gen_len {max_gen_len} exceed the "
+                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
     # The uncached forward needs no cache; a private Generator re-sizes the model's caches and the
     # caller's Generator re-sizes them back on its next call (Generator._ensure_caches).
     rollouts = Generator(model, max_batch_size=1, max_seq_len=longest)

@@ -45,7 +45,9 @@ def test_tree_walk_uses_lower_ranks():
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_rollout_estimate_equals_the_speculative_generator(mode):
-    """The estimate `mtp eval` reports is exactly what the real speculative generator achieves."""
+    """The estimate `mtp eval` reports is exactly what the real speculative generator achieves: its
+    forwards and, with the rollout running heads - 1 tokens past gen_len as eval's does (the last
+    step's drafts reach past it and the generator counts them), its acceptance by depth."""
     model, _ = drafting_model(heads=4, agreement=0.6, seed=5)
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
     gen_len = 24
@@ -53,8 +55,8 @@ def test_rollout_estimate_equals_the_speculative_generator(mode):
     gen = Generator(model, max_batch_size=1, max_seq_len=64)
     for prompt in prompts:
         real = gen.generate([prompt], max_gen_len=gen_len, temperature=0.0, speculative="tree", tree=tree, eos_id=-1)
-        plain = gen.generate([prompt], max_gen_len=gen_len, temperature=0.0, eos_id=-1)
-        assert real.tokens == plain.tokens
+        plain = gen.generate([prompt], max_gen_len=gen_len + 3, temperature=0.0, eos_id=-1)
+        assert real.tokens[0] == plain.tokens[0][:gen_len]
         sequence = prompt + plain.tokens[0]
         with torch.no_grad():
             logits = model.forward(torch.tensor([sequence]), return_all_heads=True)[0]
@@ -67,6 +69,7 @@ def test_rollout_estimate_equals_the_speculative_generator(mode):
         assert real.stats["forwards"] == est["forwards"], (real.stats, est)
         assert real.stats["tokens_per_forward"] == pytest.approx(est["tokens_per_forward"])
         assert est["tokens_per_forward"] > 1.2
+        assert real.stats["acceptance_per_depth"] == pytest.approx([a / est["steps"] for a in est["accepted_per_depth"]])
 
 
 def test_mtp_eval_on_a_tiny_checkpoint(tmp_path, capsys):
@@ -199,3 +202,37 @@ def test_tree_names_never_pool_two_trees_in_one_row(tmp_path):
     assert [add_tree(named, "t", [[0]]) for _ in range(3)] == ["t", "t#2", "t#3"]
     with pytest.raises(ValueError, match="may not be named 'chain'"):
         evaluate_checkpoint(None, None, trees={CHAIN: [[0]]})
+
+
+def test_measurements_refuse_what_would_measure_nothing(tmp_path):
+    """measure_acceptance_rates refuses no prompts, too few new tokens for every depth, a top_k past
+    the vocabulary and a prompt past the rotary table, before any rollout; eval refuses a tree rank
+    past the vocabulary and lengths past the rotary table by name, and names the split it found
+    no files of."""
+    from mtp_engine.evaluate import evaluate_checkpoint, heldout_token_stream
+    from mtp_engine.speculative import measure_acceptance_rates
+
+    model, _ = drafting_model(heads=4, vocab=32, seed=1)   # max_seq_len 64 (rotary table 128)
+    for kwargs, match in (({"prompts": []}, "at least one prompt"),
+                          ({"prompts": [[1, 2]], "max_gen_len": 3}, r"max_gen_len must be an int >= heads = 4"),
+                          ({"prompts": [[1, 2]], "top_k": 33}, r"top_k must be an int in \[1, vocab_size = 32\]"),
+                          ({"prompts": [[1] * 120], "max_gen_len": 9}, "exceed the 128 positions")):
+        with pytest.raises(ValueError, match=match):
+            measure_acceptance_rates(model, **kwargs)
+
+    class Words:
+        def encode(self, text, bos, eos):
+            return [1] + [2 + ord(c) % 29 for c in text] + [1]
+
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    (src / "test" / "test_a.py").write_text("x = 1\n" * 100)
+    (src / "a.py").write_text("y")
+    with pytest.raises(ValueError, match="no readable training files of more than 200 characters"):
+        heldout_token_stream(Words(), src, split="train")
+    with pytest.raises(ValueError, match=r"tree 'wide' has a node of rank 40, but a head has only 32 tokens"):
+        evaluate_checkpoint(model, Words(), source=src, max_files=1, seq_len=16, n_prompts=1, prompt_len=8,
+                            gen_len=8, trees={"wide": [[40]]})
+    with pytest.raises(ValueError, match=r"--prompt-len 100 \+ --gen-len 28 \(\+ 3 drafted past it\) exceed the 128"):
+        evaluate_checkpoint(model, Words(), source=src, max_files=1, seq_len=16, n_prompts=1, prompt_len=100,
+                            gen_len=28)

@@ -6,12 +6,12 @@ Two measurements on held-out files (the `test/` folders of the source tree by de
 
 Greedy output does not depend on drafting, so (2) needs no speculative generator: one greedy
 rollout per prompt, then one forward over prompt + rollout gives every head's top-k at every
-position, and the accepted length of each step follows (`chain_tokens_per_forward`,
-`tree_tokens_per_forward`). The step structure is the generator's: the prefill forward yields one
-token; each later forward verifies drafts made at the last accepted position and yields the
-accepted drafts plus one verified token. (Tested equal to the generator's count in float32; in
-bf16 the uncached forward here and the generator's cached ones round differently, so a near-tie
-can cost or save a forward.)
+position, ranked by the generator's own drafting function (`draft_ranks`), and the accepted length
+of each step follows (`chain_tokens_per_forward`, `tree_tokens_per_forward`). The step structure is
+the generator's: the prefill forward yields one token; each later forward verifies drafts made at
+the last accepted position and yields the accepted drafts plus one verified token. (Tested equal to
+the generator's count in float32; in bf16 the uncached forward here and the generator's cached ones
+round differently, so a near-tie can cost or save a forward.)
 """
 from __future__ import annotations
 
@@ -155,7 +155,6 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     if trees and CHAIN in trees:
         raise ValueError(f"a tree may not be named {CHAIN!r}: that is the chain row's name (see add_tree)")
     n = model.n_future_tokens
-    device = model.output.weight.device
     streams = heldout_token_stream(tokenizer, source, max_files)
     seq_len = seq_len or model.params.max_seq_len
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams])
@@ -185,8 +184,7 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     with torch.no_grad():
         for prompt, out in zip(prompts, rollout.tokens):
             sequence = prompt + out
-            logits = model.forward(torch.tensor([sequence], device=device), return_all_heads=True)[0]  # (L, n, V)
-            topk = logits.topk(K, dim=-1).indices.cpu()                                             # (L, n, K)
+            topk = draft_ranks(model, sequence, K)                                                     # (L, n, K)
             results[CHAIN].append(chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), gen_len))
             for name, tree in trees.items():
                 results[name].append(tree_tokens_per_forward(topk, sequence, len(prompt), gen_len, tree))
@@ -201,6 +199,17 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     return {"heads": n, "heldout_windows": n_windows, "seq_len": seq_len, "head_loss": head_eval["loss"],
             "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len, "prompts_asked": n_prompts,
             "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()}}
+
+
+def draft_ranks(model, sequence: Sequence[int], K: int) -> torch.Tensor:
+    """(L, n, K) int64 on the CPU: at every position of `sequence` each drafting head's top K tokens,
+    ranked as the generator drafts them (`speculative.draft_tokens`: its scores, its tie order), from
+    one uncached forward; head 0's column is -1 (it verifies, never drafts)."""
+    from .speculative import draft_tokens
+
+    hidden = model.head_hidden(torch.tensor([sequence], device=model.output.weight.device))[:, 0]   # (n, L, D)
+    drafts = draft_tokens(hidden[1:].transpose(0, 1).contiguous(), model.output.weight, K).cpu()    # (L, n-1, K)
+    return torch.cat([torch.full((drafts.shape[0], 1, K), -1, dtype=torch.int64), drafts], dim=1)
 
 
 def format_table(result: dict) -> str:

@@ -334,7 +334,7 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
     rollouts = Generator(model, max_batch_size=1, max_seq_len=longest)
     hits = torch.zeros(heads - 1, top_k, dtype=torch.float64)
     trials = torch.zeros(heads - 1, dtype=torch.float64)
-    weight = model.output.weight.float()
+    weight = model.output.weight
     for prompt in prompts:
         continuation = rollouts.generate([prompt], max_gen_len=max_gen_len, eos_id=-1).tokens[0]
         seq = torch.tensor([prompt + continuation], device=weight.device)
@@ -345,9 +345,11 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
             n = L - 1 - depth - start                                    # positions with a target
             if n <= 0:
                 break
-            logits = hidden[depth, start:start + n].float() @ weight.T                  # (n, V)
+            # ranked as the generator drafts (its scores, its tie order); top_k when not among them
+            drafts = draft_tokens(hidden[depth, start:start + n, None], weight, top_k)[:, 0]   # (n, top_k)
             target = seq[0, start + 1 + depth:start + 1 + depth + n]
-            rank = (logits > logits.gather(1, target[:, None])).sum(dim=1)              # (n,)
+            hit = torch.cat([drafts == target[:, None], torch.ones_like(drafts[:, :1], dtype=torch.bool)], dim=1)
+            rank = hit.int().argmax(dim=1)                                              # (n,)
             alive = in_tree[start:start + n]
             trials[depth - 1] += alive.sum().item()
             for r in range(top_k):

@@ -8,7 +8,7 @@ import torch
 
 from mtp_engine.checkpoint import save_checkpoint
 from mtp_engine.cli import main
-from mtp_engine.evaluate import chain_tokens_per_forward, format_table, tree_tokens_per_forward
+from mtp_engine.evaluate import chain_tokens_per_forward, draft_ranks, format_table, tree_tokens_per_forward
 from mtp_engine.generate import Generator
 from mtp_engine.speculative import resolve_tree
 
@@ -58,9 +58,9 @@ def test_rollout_estimate_equals_the_speculative_generator(mode):
         plain = gen.generate([prompt], max_gen_len=gen_len + 3, temperature=0.0, eos_id=-1)
         assert real.tokens[0] == plain.tokens[0][:gen_len]
         sequence = prompt + plain.tokens[0]
+        model.clear_caches()
         with torch.no_grad():
-            logits = model.forward(torch.tensor([sequence]), return_all_heads=True)[0]
-        topk = logits.topk(2, dim=-1).indices
+            topk = draft_ranks(model, sequence, 2)   # eval's ranking: the generator's drafting function
         if mode == "chain":
             est = chain_tokens_per_forward(topk[..., 0], sequence, len(prompt), gen_len)
         else:

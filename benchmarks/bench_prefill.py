@@ -10,8 +10,9 @@ control: grouping must cost nothing there). Each case times `Generator.generate(
 max_gen_len=1)` (the prefill and the first token's selection) both ways with
 benchmarks/common.time_and_peak. Reported: the prompt tokens, the tokens each way computes
 (padding included), the forwards, the time, and the floor: the matmul FLOPs of the real tokens
-(2 x parameters per token, the unembedding only at the last position) over the matmul rate measured
-in the same run. Writes prefill_<device-slug>.json and .md into --out (default benchmarks/results).
+(2 x the trunk's and head 0's parameters per token, which a plain prefill runs, plus the unembedding
+at each prompt's last position; attention's scores left out) over the matmul rate measured in the
+same run. Writes prefill_<device-slug>.json and .md into --out (default benchmarks/results).
 --tiny: a tiny random model on the CPU (a pipeline check in seconds, not a measurement).
 """
 from __future__ import annotations
@@ -67,9 +68,14 @@ def run(tiny: bool = False) -> dict:
         model, context = load_checkpoint(default_checkpoint(), device=device, dtype=torch.float32), 1024
     model.eval()
     ceilings = common.measure_ceilings(device)
-    params = model.num_params() - model.output.weight.numel()   # the unembedding reads only last positions
+    # A plain prefill runs the trunk and head 0 (`layers`) at every position, the unembedding at each
+    # prompt's last one; the embedding is a lookup.
+    params = sum(p.numel() for p in model.layers.parameters())
+    unembed_flops = 2 * model.output.weight.numel() * BATCH
     result = {"env": common.environment_info(device), "ceilings": ceilings,
-              "model": f"{'random ' if tiny or device.type == 'cuda' else ''}{dict(vars(model.params))}",
+              "model": ("the default model (mtp_engine/default_model) " if not tiny and device.type == "cpu" else "random ")
+                       + str({k: getattr(model.params, k) for k in ("dim", "n_layers", "n_heads", "vocab_size",
+                                                                     "n_future_tokens")}),
               "dtype": str(model.output.weight.dtype).replace("torch.", ""), "rows": []}
     gen = Generator(model, max_batch_size=BATCH, max_seq_len=context + 1, cuda_graphs=False)
     g = torch.Generator().manual_seed(0)
@@ -78,7 +84,7 @@ def run(tiny: bool = False) -> dict:
     for name, lengths in cases(context).items():
         prompts = [torch.randint(3, model.vocab_size, (n,), generator=g).tolist() for n in lengths]
         row = {"case": name, "lengths": lengths, "prompt_tokens": sum(lengths),
-               "floor_ms": 2 * params * sum(lengths) / (ceilings["matmul_tflops"] * 1e12) * 1e3}
+               "floor_ms": (2 * params * sum(lengths) + unembed_flops) / (ceilings["matmul_tflops"] * 1e12) * 1e3}
         groups = prefill_groups(sorted(lengths), forward_tokens)
         ordered = sorted(lengths)
         row["grouped_tokens"] = sum((end - start) * ordered[end - 1] for start, end in groups)
@@ -100,8 +106,9 @@ def to_markdown(result: dict) -> str:
     env, ceil = result["env"], result["ceilings"]
     lines = [f"# Ragged-batch prefill on {env['device']} ({result['dtype']})", "",
              f"Model: {result['model']}. Batch {BATCH}; `Generator.generate(prompts, max_gen_len=1)` timed "
-             f"(prefill and the first token's selection), median. Floor: 2 x parameters (unembedding "
-             f"aside) x prompt tokens over the matmul rate measured in this run "
+             f"(prefill and the first token's selection), median. Floor: 2 x the trunk's and head 0's "
+             f"parameters x prompt tokens, plus the unembedding at each last position, over the matmul rate "
+             f"measured in this run "
              f"({ceil['matmul_tflops']:.1f} TFLOP/s {ceil['matmul_dtype']}). torch {env.get('torch')}, "
              f"{env['date_utc']}.", ""]
     headers = ["case", "prompt tokens", "computed: one forward", "computed: groups", "forwards",

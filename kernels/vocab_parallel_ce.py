@@ -33,7 +33,7 @@ from .triton_import import tl, triton
 from . import reference
 from .backend import interpreting, refuse_double_backward, use_triton
 from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_off, cast_grad,
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_dtype, autocast_off, cast_grad,
                                ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
                                reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
                                to_compute_dtype)
@@ -138,43 +138,67 @@ class _Shard:
 # dtype codes for the layout all-gather (every rank must compute in one dtype: its chunk sizes and
 # collectives follow from it)
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+_DTYPE_NAMES = {code: str(t).removeprefix("torch.") for t, code in _DTYPE_CODES.items()}
+# The layout all-gather's fields, one int64 each per rank.
+_LAYOUT = ("V_local", "rows", "D", "compute_dtype", "accum_dtype", "scratch_bytes", "grad_rows", "grad_weight",
+           "target_min", "target_max", "refused")
 
 
-def _agree_on_layout(group, V_local: int, M: int, D: int, device: torch.device, *, dtype=None,
-                     grads=(False, False), refused: Optional[Exception] = None) -> _Shard:
-    """One small all-gather per rank of (V_local, rows, D, dtype, the gradients asked for, whether its
-    own input checks refused): the shard offsets (rank order), the global V, and a check that every
-    rank runs the same chunks and collectives. Every rank sees the same gathered values, so every
-    rank raises, also when only one rank's inputs were refused (the others would otherwise wait in
-    the next collective until the process group's timeout): that rank raises its own error."""
+def _gather_device(group) -> torch.device:
+    """Where the layout all-gather's tensor lives: the group backend's device, not the inputs' (a
+    rank whose inputs were refused may have none, or a CPU one under NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree_on_layout(group, mine: dict, refused: Optional[Exception] = None) -> _Shard:
+    """One small all-gather per rank of its _LAYOUT fields: the shard offsets (rank order), the global
+    V, and checks that every rank runs the same chunks and collectives (rows, D, compute and
+    accumulation dtypes, scratch budget, gradients) and that every target id lies in the global
+    vocabulary. Every rank sees the same gathered values, so every rank raises the same error, also
+    when only one rank's own checks refused its inputs (`refused`: that rank raises its own error;
+    the others would otherwise wait in the next collective until the process group's timeout)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    mine = torch.tensor([V_local, M, D, _DTYPE_CODES.get(dtype, 0), *map(int, grads), refused is not None],
-                        dtype=torch.int64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    gathered = torch.stack(parts).tolist()
+    mine = {**mine, "refused": refused is not None}
+    row = torch.tensor([int(mine.get(name, 0)) for name in _LAYOUT], dtype=torch.int64, device=_gather_device(group))
+    parts = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(parts, row, group=group)
+    ranks = [dict(zip(_LAYOUT, part)) for part in torch.stack(parts).tolist()]
     if refused is not None:
         raise refused
-    failed = [r for r, row in enumerate(gathered) if row[-1]]
+    name = "vocabulary-parallel cross-entropy"
+    failed = [r for r, got in enumerate(ranks) if got["refused"]]
     if failed:
-        raise ValueError(f"vocabulary-parallel cross-entropy: rank(s) {failed} of the group refused their inputs "
-                         "(their error names the problem)")
-    sizes = [row[:3] for row in gathered]
-    if len({(m, d) for _, m, d in sizes}) != 1:
-        raise ValueError("vocabulary-parallel cross-entropy: hidden must have the same rows and D on every rank, "
-                         f"got (rows, D) per rank {[(m, d) for _, m, d in sizes]}")
-    names = {code: str(t).removeprefix("torch.") for t, code in _DTYPE_CODES.items()}
-    if len({row[3] for row in gathered}) != 1:
-        raise ValueError("vocabulary-parallel cross-entropy: every rank must compute in one dtype, got "
-                         f"{[names.get(row[3], '?') for row in gathered]} per rank")
-    if len({tuple(row[4:6]) for row in gathered}) != 1:
-        raise ValueError("vocabulary-parallel cross-entropy: every rank must ask for the same gradients (hidden "
-                         f"and weight requires_grad), got {[tuple(map(bool, row[4:6])) for row in gathered]} per rank")
-    local_sizes = [v for v, _, _ in sizes]
+        raise ValueError(f"{name}: rank(s) {failed} of the group refused their inputs (their error names the problem)")
+
+    def per_rank(*fields):
+        return [tuple(got[f] for f in fields) if len(fields) > 1 else got[fields[0]] for got in ranks]
+    if len(set(per_rank("rows", "D"))) != 1:
+        raise ValueError(f"{name}: hidden must have the same rows and D on every rank, got (rows, D) per rank "
+                         f"{per_rank('rows', 'D')}")
+    for field, what in (("compute_dtype", "compute in one dtype (autocast included)"),
+                        ("accum_dtype", "accumulate dW in one dtype (accum_dtype)")):
+        if len(set(per_rank(field))) != 1:
+            raise ValueError(f"{name}: every rank must {what}, got "
+                             f"{[_DTYPE_NAMES.get(code, 'none') for code in per_rank(field)]} per rank")
+    if len(set(per_rank("scratch_bytes"))) != 1:
+        raise ValueError(f"{name}: every rank must give the same max_scratch_bytes (it sets the chunks), got "
+                         f"{per_rank('scratch_bytes')} per rank")
+    if len(set(per_rank("grad_rows", "grad_weight"))) != 1:
+        raise ValueError(f"{name}: every rank must ask for the same gradients (hidden and weight requires_grad), "
+                         f"got {[tuple(map(bool, g)) for g in per_rank('grad_rows', 'grad_weight')]} per rank")
+    local_sizes = per_rank("V_local")
     if min(local_sizes) < 1:
         raise ValueError(f"every rank needs at least one vocabulary row, got weight rows per rank {local_sizes}")
-    return _Shard(group, sum(local_sizes[:rank]), sum(local_sizes), max(local_sizes))
+    vocab = sum(local_sizes)
+    for r, got in enumerate(ranks):
+        if got["target_min"] <= got["target_max"] and (got["target_min"] < 0 or got["target_max"] >= vocab):
+            bad = got["target_min"] if got["target_min"] < 0 else got["target_max"]
+            raise ValueError(f"targets contain token id {bad} (on rank {r}) outside [0, {vocab}), the global "
+                             "vocabulary, that is not ignore_index")
+    return _Shard(group, sum(local_sizes[:rank]), vocab, max(local_sizes))
 
 
 def _combine_stats(stats: torch.Tensor, group) -> torch.Tensor:
@@ -239,21 +263,29 @@ def vp_linear_ce_chunks(rows, weight, targets, row_scale, opts: CEOptions, shard
 
 
 def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,
-             softcap, grads=(False, False)):
+             softcap, grads=(False, False), accum_dtype=None, max_scratch_bytes=0):
     """Validate, agree on the layout, flatten to rows: the single-process checks, with token ids checked
-    against the global vocabulary. A rank whose own checks refuse its inputs still joins the layout
-    all-gather, so that every rank raises (see _agree_on_layout)."""
+    against the global vocabulary. Every check that one rank alone could fail runs before the layout
+    all-gather, and a rank that fails one still joins it, so that every rank raises (_agree_on_layout)."""
     try:
         h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
                                   head_weights, weight_name="weight (this rank's shard)",
                                   op="vocab_parallel_cross_entropy")
+        n, N, D = h3.shape
+        if head_weights is not None and torch.as_tensor(head_weights).numel() != n:
+            raise ValueError(f"head_weights has {torch.as_tensor(head_weights).numel()} entries but there are {n} heads")
+        flat_t = targets.reshape(-1)
+        counted = flat_t[flat_t != ignore_index]
+        compute = autocast_dtype(hidden, weight) or weight.dtype
+        accum = weight.dtype if accum_dtype is None else accum_dtype
+        mine = {"V_local": weight.shape[0], "rows": n * N, "D": D, "compute_dtype": _DTYPE_CODES.get(compute, 0),
+                "accum_dtype": _DTYPE_CODES.get(accum, 0), "scratch_bytes": max_scratch_bytes,
+                "grad_rows": grads[0], "grad_weight": grads[1],
+                "target_min": int(counted.min()) if counted.numel() else 0,
+                "target_max": int(counted.max()) if counted.numel() else -1}
     except ValueError as error:
-        device = next((t.device for t in (hidden, weight) if isinstance(t, torch.Tensor)), None)
-        if device is None:   # nothing to place the all-gather on: this rank cannot take part
-            raise
-        _agree_on_layout(group, 0, 0, 0, device, refused=error)
-    n, N, D = h3.shape
-    shard = _agree_on_layout(group, weight.shape[0], n * N, D, hidden.device, dtype=weight.dtype, grads=grads)
+        _agree_on_layout(group, {}, refused=error)
+    shard = _agree_on_layout(group, mine)
     return flatten_rows(h3, targets, head_weights, shard.vocab_size, ignore_index) + (single, shard)
 
 
@@ -261,7 +293,7 @@ def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_
                   softcap, accum_dtype, max_scratch_bytes, kernels, grad_rows, grad_weight):
     rows, flat_t, lam_rows, lam, n, N, single, shard = _prepare(
         hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
-        grads=(grad_rows, grad_weight))
+        grads=(grad_rows, grad_weight), accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
     opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
     # mean/sum: the gradient factor is known now, so the gradients come out of the same pass.

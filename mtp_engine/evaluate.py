@@ -155,6 +155,11 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     if trees and CHAIN in trees:
         raise ValueError(f"a tree may not be named {CHAIN!r}: that is the chain row's name (see add_tree)")
     n = model.n_future_tokens
+    trees = trees or {}
+    K = check_speculative_measurement(model, trees, prompt_len, gen_len)
+    # The rollout runs n - 1 tokens past gen_len: the last verify step's drafts reach past it, and
+    # the generator counts their acceptance (SpeculativeCounters), so the walks check them too.
+    rollout_len = gen_len + n - 1
     streams = heldout_token_stream(tokenizer, source, max_files)
     seq_len = seq_len or model.params.max_seq_len
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams])
@@ -164,18 +169,6 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     windows = torch.from_numpy(flat[: n_windows * seq_len].reshape(n_windows, seq_len))
     head_eval = evaluate(model, windows, batch_size=batch_size)
 
-    trees = trees or {}
-    K = 1 + max([max(p) for tree in trees.values() for p in tree] or [0])
-    if K > model.vocab_size:
-        name = next(name for name, tree in trees.items() if any(max(p) >= model.vocab_size for p in tree))
-        raise ValueError(f"tree {name!r} has a node of rank {K - 1}, but a head has only {model.vocab_size} tokens "
-                         "to rank")
-    # The rollout runs n - 1 tokens past gen_len: the last verify step's drafts reach past it, and
-    # the generator counts their acceptance (SpeculativeCounters), so the walks check them too.
-    rollout_len = gen_len + n - 1
-    if prompt_len + rollout_len > 2 * model.params.max_seq_len:
-        raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} (+ {n - 1} drafted past it) exceed the "
-                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
     prompts = sample_prompts(streams, n_prompts, prompt_len, gen_len)
     gen = Generator(model, tokenizer=None, max_batch_size=len(prompts), max_seq_len=prompt_len + rollout_len + 1)
     rollout = gen.generate(prompts, max_gen_len=rollout_len, temperature=0.0, eos_id=-1)
@@ -199,6 +192,21 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     return {"heads": n, "heldout_windows": n_windows, "seq_len": seq_len, "head_loss": head_eval["loss"],
             "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len, "prompts_asked": n_prompts,
             "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()}}
+
+
+def check_speculative_measurement(model, trees: dict, prompt_len: int, gen_len: int) -> int:
+    """Before any work: every tree rank within the vocabulary and prompt + rollout within the rotary
+    table (ValueError naming the tree or the lengths). Returns K, the ranks the trees use."""
+    K = 1 + max([max(p) for tree in trees.values() for p in tree] or [0])
+    if K > model.vocab_size:
+        name = next(name for name, tree in trees.items() if any(max(p) >= model.vocab_size for p in tree))
+        raise ValueError(f"tree {name!r} has a node of rank {K - 1}, but a head has only {model.vocab_size} tokens "
+                         "to rank")
+    past = model.n_future_tokens - 1
+    if prompt_len + gen_len + past > 2 * model.params.max_seq_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} (+ {past} drafted past it) exceed the "
+                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
+    return K
 
 
 def draft_ranks(model, sequence: Sequence[int], K: int) -> torch.Tensor:
@@ -314,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
     if model.n_future_tokens < 2 and args.tree:
         raise ValueError("--tree needs a model with at least 2 heads (this one has only head 0: nothing drafts)")
     trees = resolve_trees(args.tree, model.n_future_tokens) if model.n_future_tokens > 1 else {}
+    check_speculative_measurement(model, trees, args.prompt_len, args.gen_len)   # before minutes of work
     if args.build_tree:
         if model.n_future_tokens < 2:
             raise ValueError("--build-tree needs a model with at least 2 heads")

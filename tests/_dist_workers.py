@@ -244,6 +244,12 @@ def scenario_vocab_parallel(env, cases, backend=None):
     return results
 
 
+def autocast_if(on: bool, call):
+    """call() under CPU bf16 autocast where `on`, plainly elsewhere."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+        return call()
+
+
 def scenario_vocab_parallel_errors(env):
     """Bad input must raise the same ValueError on every rank (no rank left waiting in a collective)."""
     import torch.distributed as dist
@@ -273,6 +279,17 @@ def scenario_vocab_parallel_errors(env):
                                                             process_group=dist.group.WORLD),
         "grads_differ": lambda: fused_linear_cross_entropy(hidden.clone().requires_grad_(env.rank == 0), shard,
                                                            targets, process_group=dist.group.WORLD),
+        "autocast_one_rank": lambda: autocast_if(env.rank == 1, lambda: fused_linear_cross_entropy(
+            hidden, shard, targets, process_group=dist.group.WORLD)),
+        "scratch_differs": lambda: fused_linear_cross_entropy(hidden, shard, targets, process_group=dist.group.WORLD,
+                                                              max_scratch_bytes=4096 * (1 + env.rank)),
+        "targets_bad_one_rank": lambda: fused_linear_cross_entropy(
+            hidden, shard, bad_targets.fill_(1000000) if env.rank == 1 else targets, process_group=dist.group.WORLD),
+        "one_rank_head_weights": lambda: fused_linear_cross_entropy(
+            hidden, shard, targets, head_weights=[1.0, 1.0, 1.0] if env.rank == 1 else None,
+            process_group=dist.group.WORLD),
+        "one_rank_not_tensors": lambda: fused_linear_cross_entropy(
+            *((None, None) if env.rank == 1 else (hidden, shard)), targets, process_group=dist.group.WORLD),
     }
     for name, call in cases.items():
         try:
@@ -283,6 +300,9 @@ def scenario_vocab_parallel_errors(env):
     # A token id in the other rank's range is fine (it is a real token, just not this shard's).
     ok = fused_linear_cross_entropy(hidden, shard, targets, process_group=dist.group.WORLD)
     messages["ok_loss"] = float(ok)
+    both = (hidden.bfloat16(), shard.bfloat16()) if env.rank == 1 else (hidden, shard)
+    messages["both_bf16_compute"] = float(autocast_if(env.rank == 0, lambda: fused_linear_cross_entropy(
+        *both, targets, process_group=dist.group.WORLD)))
     # An fp16 logit past the range (-inf) without label smoothing: its exp is 0 and the loss finite
     # (the smoothing term's 0 * -inf had made it NaN), as in one process.
     far = weight.clone()

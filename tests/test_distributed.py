@@ -221,12 +221,19 @@ def test_vocab_parallel_bad_input_raises_on_every_rank(tmp_path):
         assert "token id 101" in messages["token_out_of_range"] and "[0, 101)" in messages["token_out_of_range"]
         assert "same rows and D on every rank" in messages["rows_differ"]
         assert "at least one vocabulary row" in messages["empty_shard"]
-        assert "every rank must compute in one dtype, got ['float32', 'bfloat16']" in messages["dtypes_differ"]
+        assert "every rank must compute in one dtype (autocast included), got ['float32', 'bfloat16']" \
+            in messages["dtypes_differ"]
+        assert "every rank must compute in one dtype (autocast included), got ['float32', 'bfloat16']" \
+            in messages["autocast_one_rank"]
+        assert messages["both_bf16_compute"] > 0    # bf16 tensors beside fp32 under bf16 autocast: one dtype
+        assert "same max_scratch_bytes" in messages["scratch_differs"]
+        assert "token id 1000000 (on rank 1) outside [0, 101)" in messages["targets_bad_one_rank"]
         assert "same gradients" in messages["grads_differ"]
         assert messages["ok_loss"] > 0
         assert math.isfinite(messages["neg_inf_loss"])
         assert messages["neg_inf_loss"] == pytest.approx(messages["neg_inf_single"], rel=1e-3)
-    for name, problem in (("one_rank_dtype", "dtype"), ("one_rank_width", "D")):
+    for name, problem in (("one_rank_dtype", "dtype"), ("one_rank_width", "D"), ("one_rank_head_weights", "heads"),
+                          ("one_rank_not_tensors", "must be tensors")):
         assert "rank(s) [1] of the group refused their inputs" in ranks[0][name]
         assert problem in ranks[1][name] and "refused their inputs" not in ranks[1][name]
     assert ranks[0]["ok_loss"] == ranks[1]["ok_loss"]

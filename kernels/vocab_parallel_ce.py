@@ -274,15 +274,17 @@ def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weigh
         n, N, D = h3.shape
         if head_weights is not None and torch.as_tensor(head_weights).numel() != n:
             raise ValueError(f"head_weights has {torch.as_tensor(head_weights).numel()} entries but there are {n} heads")
-        flat_t = targets.reshape(-1)
-        counted = flat_t[flat_t != ignore_index]
+        flat_t = targets.reshape(-1).to(torch.int64)
+        counted = flat_t != ignore_index   # their id range, read in one host sync (none: min > max)
+        target_min, target_max = torch.stack([torch.where(counted, flat_t, torch.iinfo(torch.int64).max).min(),
+                                              torch.where(counted, flat_t, -1).max()]).tolist() \
+            if flat_t.numel() else (0, -1)
         compute = autocast_dtype(hidden, weight) or weight.dtype
         accum = weight.dtype if accum_dtype is None else accum_dtype
         mine = {"V_local": weight.shape[0], "rows": n * N, "D": D, "compute_dtype": _DTYPE_CODES.get(compute, 0),
                 "accum_dtype": _DTYPE_CODES.get(accum, 0), "scratch_bytes": max_scratch_bytes,
                 "grad_rows": grads[0], "grad_weight": grads[1],
-                "target_min": int(counted.min()) if counted.numel() else 0,
-                "target_max": int(counted.max()) if counted.numel() else -1}
+                "target_min": target_min, "target_max": target_max}
     except ValueError as error:
         _agree_on_layout(group, {}, refused=error)
     shard = _agree_on_layout(group, mine)

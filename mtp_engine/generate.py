@@ -94,6 +94,9 @@ class SequenceState:
 
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the token selection kernels' dtypes
 FINISH_REASONS = ("eos", "max_gen_len", "max_seq_len")
+# The float32 log-softmax a prefill's prompt log-probs take at once (logprobs=True): a batch of 8
+# prompts of 4096 tokens at V 32000 would otherwise hold 4.2 GB of it.
+PROMPT_LOGPROB_BYTES = 1 << 28
 
 # What one more prefill forward costs, counted in prompt tokens (see prefill_groups). A forward reads
 # every weight once whatever its length: on a GPU that read takes as long as the matmuls of about
@@ -444,9 +447,14 @@ class Generator:
                                            n_heads=n_heads, first_row=first_row)  # (B, T, n_heads, D)
         last = hidden[torch.arange(B, device=self.device), lengths - 1]  # (B, n_heads, D)
         prompt_lp = None
-        if want_prompt_logprobs:
-            all_logp = torch.log_softmax(self._logits(hidden[:, :-1, 0]), dim=-1)  # (B, T-1, V)
-            picked = all_logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).tolist() if T > 1 else [[]] * B
+        if want_prompt_logprobs:   # float32 log-softmax a few positions at a time: (B, T, V) would not fit
+            picked = torch.zeros(B, T - 1, dtype=torch.float32, device=self.device)
+            step = max(1, PROMPT_LOGPROB_BYTES // (4 * B * self.model.vocab_size))
+            for t0 in range(0, T - 1, step):
+                t1 = min(T - 1, t0 + step)
+                logp = torch.log_softmax(self._logits(hidden[:, t0:t1, 0]), dim=-1)   # (B, t1 - t0, V)
+                picked[:, t0:t1] = logp.gather(-1, tokens[:, t0 + 1:t1 + 1, None]).squeeze(-1)
+            picked = picked.tolist()
             prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
         return last, prompt_lp
 

@@ -234,9 +234,13 @@ def test_eos_stops_one_sequence_while_others_continue(model):
     assert gen.generate(prompts, max_gen_len=10, eos_id=-1).tokens == free
 
 
-def test_a_prompt_filling_max_seq_len_can_be_scored(model):
-    """max_gen_len=0 with logprobs scores a prompt of max_seq_len tokens (the release allows it);
-    one token more is an error."""
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * VOCAB * 3])   # 3 positions at a time
+def test_a_prompt_filling_max_seq_len_can_be_scored(model, monkeypatch, chunk_bytes):
+    """max_gen_len=0 with logprobs scores a prompt of max_seq_len tokens (the release allows it), also
+    a few positions at a time (PROMPT_LOGPROB_BYTES bounds the float32 log-softmax); one token more is
+    an error."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr("mtp_engine.generate.PROMPT_LOGPROB_BYTES", chunk_bytes)
     prompt = random_prompts([16], seed=9)[0]
     gen = Generator(model, max_batch_size=1, max_seq_len=16)
     res = gen.generate([prompt], max_gen_len=0, logprobs=True)

@@ -152,8 +152,13 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in manifest} == manifest and all(
-                (out / name).is_file() for name in ("tokenizer.model", "train.bin", "heldout.bin")):
+        same = {k: old.get(k) for k in manifest} == manifest
+        if not same and tokenizer_digest is not None and (out / "tokenizer.model").is_file():
+            # a cache that trained the very tokenizer given (a resumed run pins its own) is as good
+            loose = ("tokenizer_sha256", "tokenizer_sentences")
+            same = all(old.get(k) == v for k, v in manifest.items() if k not in loose) and \
+                hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest() == tokenizer_digest
+        if same and all((out / name).is_file() for name in ("tokenizer.model", "train.bin", "heldout.bin")):
             log(f"corpus: reusing the cache in {out}")
             return _open(out, old)
     out.mkdir(parents=True, exist_ok=True)

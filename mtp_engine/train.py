@@ -432,10 +432,20 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
 
     corpus_options = dict(max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
                           extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
+    if saved_state is not None and (out / "tokenizer.model").is_file():
+        # A resume keeps the run's tokenizer: a changed corpus (files added, another Python's stdlib)
+        # would train another one, and the run's weights would go on over other token ids.
+        corpus_options["tokenizer_path"] = str(out / "tokenizer.model")
     corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=log) if is_main else None
     if env is not None:
         _barrier(env)
         corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=quiet)
+    if saved_state is not None:
+        before = read_json_object(out / "train_log.json").get("corpus", {}) if (out / "train_log.json").is_file() else {}
+        if before.get("train_tokens") not in (None, corpus.manifest["train_tokens"]):
+            log(f"resume: warning: the corpus changed since the run started ({before['train_tokens']:,} training "
+                f"tokens then, {corpus.manifest['train_tokens']:,} now): it reads other windows than an "
+                "uninterrupted run would")
     train_data = PackedTokens(corpus.train_path, cfg.seq_len)
     heldout = PackedTokens(corpus.heldout_path, cfg.seq_len).fixed_windows(cfg.eval_windows)
 

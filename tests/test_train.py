@@ -640,3 +640,35 @@ def test_a_run_shorter_than_the_warmup_keeps_the_presets_warmup_share(monkeypatc
         with pytest.raises(SystemExit) as stopped:
             distill.run(parser.parse_args(["--out-dir", "x"] + argv))
         assert stopped.value.code.warmup_steps == want
+
+
+def test_a_resume_over_a_changed_corpus_keeps_the_runs_tokenizer(source_tree, tmp_path):
+    """Files added to the source since the run started: a resume tokenizes them with the run's own
+    tokenizer.model (a new one would give the run's weights other token ids) and says the corpus
+    changed."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source_tree, src)
+    cfg = preset_config("tiny", source=str(src), corpus_dir=str(tmp_path / "corpus"), vocab_size=400,
+                        out_dir=str(tmp_path / "run"), progress=False, max_train_files=None, seq_len=48,
+                        max_steps=4, time_budget_s=0.0)                       # stops after step 1
+    train(cfg, log=lambda *a: None)
+    tokenizer = (tmp_path / "run" / "tokenizer.model").read_bytes()
+    lines = []
+    cfg.time_budget_s, cfg.max_steps = None, 2
+    train(cfg, resume=True, log=lambda *a: lines.append(" ".join(map(str, a))))   # unchanged: the cache as is
+    assert any("corpus: reusing the cache" in line for line in lines)
+    for name in ("argparse.py", "dataclasses.py"):
+        shutil.copy(STDLIB / name, src / name)
+    lines.clear()
+    cfg.max_steps = 4
+    train(cfg, resume=True, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == tokenizer
+    assert (tmp_path / "corpus" / "tokenizer.model").read_bytes() == tokenizer
+    assert any("warning: the corpus changed since the run started" in line for line in lines)
+    lines.clear()   # an unchanged corpus: the cache (built with the run's tokenizer) is reused as is
+    cfg.max_steps = 5
+    train(cfg, resume=True, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("corpus: reusing the cache" in line for line in lines)
+    assert not any("corpus changed" in line for line in lines)

@@ -157,7 +157,8 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         if args.out:
             raise ValueError("--out only applies with --random-weights")
-        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len or 48, args.prompt or demo.DEMO_PROMPT,
+        prompt = demo.DEMO_PROMPT if args.prompt is None else args.prompt   # "" is a prompt (bos alone)
+        demo.run_trained_demo(args.ckpt_dir, args.max_gen_len or 48, prompt,
                               tokenizer_path=args.tokenizer_path)
     return 0
 
@@ -187,6 +188,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    for stream in (sys.stdout, sys.stderr):
+        # Generated text on a console that cannot show every character (a Windows code page, a pipe
+        # with PYTHONIOENCODING=ascii) is escaped, not an error after minutes of generation.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.run(args)
     except (OSError, ValueError, NotImplementedError) as e:   # OSError: a path that exists as the wrong kind

@@ -49,8 +49,14 @@ def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENS
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {root}")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    files, seen = [], set()
+    # Symlinked folders are followed (a corpus of linked projects), each real folder once (no loops).
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if f.endswith(tuple(extensions)) and (Path(dirpath) / f).is_file()]
@@ -81,13 +87,15 @@ def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float =
 
 
 def _unit_hash(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2.0 ** 64
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes, not as an error
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "little") / 2.0 ** 64
 
 
 def read_text(path: Path) -> Optional[str]:
-    """File text as UTF-8, or None for files that are not (a few stdlib test files are Latin-1 on purpose)."""
+    """File text as UTF-8 (a byte-order mark dropped), or None for files that are not (a few stdlib
+    test files are Latin-1 on purpose)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError):
         return None
 
@@ -150,15 +158,15 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
         "tokenizer_sentences": None if tokenizer_path is not None else tokenizer_sentences,
     }
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+    old = _intact_cache(out)
+    if old is not None:
         same = {k: old.get(k) for k in manifest} == manifest
         if not same and tokenizer_digest is not None and (out / "tokenizer.model").is_file():
             # a cache that trained the very tokenizer given (a resumed run pins its own) is as good
             loose = ("tokenizer_sha256", "tokenizer_sentences")
             same = all(old.get(k) == v for k, v in manifest.items() if k not in loose) and \
                 hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest() == tokenizer_digest
-        if same and all((out / name).is_file() for name in ("tokenizer.model", "train.bin", "heldout.bin")):
+        if same:
             log(f"corpus: reusing the cache in {out}")
             return _open(out, old)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,11 +178,19 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
         tokenizer = Tokenizer(out / "tokenizer.model")
     else:
         texts_file = out / "tokenizer_train.txt"
+        unreadable = 0
         with texts_file.open("w", encoding="utf-8") as fh:
             for f in train_files:
                 text = read_text(f)
+                unreadable += text is None
                 if text:
                     fh.write(text if text.endswith("\n") else text + "\n")
+        if unreadable:
+            log(f"corpus: {unreadable} of {len(train_files)} training files are not UTF-8 text: skipped")
+        if texts_file.stat().st_size == 0:
+            texts_file.unlink()
+            raise ValueError(f"none of the {len(train_files)} training files under {source} holds UTF-8 text "
+                             "to train a tokenizer on")
         try:
             tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
                                         input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
@@ -187,8 +203,27 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
                          f"(empty or not UTF-8): {[f.relative_to(source).as_posix() for f in heldout_files[:5]]}")
     log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "
         f"vocabulary {tokenizer.n_words}")
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp = manifest_path.with_suffix(".tmp")   # written whole or not at all: a cut write is no cache
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, manifest_path)
     return _open(out, manifest)
+
+
+def _intact_cache(out: Path) -> Optional[dict]:
+    """The manifest of a prepared corpus in `out` whose files are all there, readable and of the sizes
+    it records; None otherwise (no cache, or one an interrupted write or a truncation damaged: it is
+    rebuilt rather than failing later in a memory map)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        Tokenizer(out / "tokenizer.model")
+        for split in ("train", "heldout"):
+            meta = json.loads((out / f"{split}.bin.json").read_text())
+            expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+            if meta["tokens"] != manifest[f"{split}_tokens"] or (out / f"{split}.bin").stat().st_size != expected:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
 
 
 def _open(out: Path, manifest: dict) -> Corpus:
@@ -229,7 +264,7 @@ def _fingerprint(files: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
         st = f.stat()
-        digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -58,17 +58,21 @@ class Tokenizer:
         """Token ids of `s`, with bos prepended / eos appended when asked."""
         if not isinstance(s, str):
             raise ValueError(f"encode expects a str, got {type(s).__name__}")
-        ids = self.sp_model.encode(s)
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        return self.encode_batch([s], bos, eos)[0]
 
     def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
         """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode_batch expects a list of str (a str alone would be split into characters)")
+        for flag, name, token in ((bos, "bos", self.bos_id), (eos, "eos", self.eos_id)):
+            if flag and token < 0:   # a T5-style model: -1 would go into the ids
+                raise ValueError(f"{self.model_path} has no {name} token, but {name}=True asked for one")
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:   # a lone surrogate (undecodable bytes on a command line)
+                raise ValueError(f"text to encode is not valid Unicode at position {e.start} ({t[e.start]!r}): "
+                                 "pass UTF-8 text") from None
         batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
         return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
 
@@ -132,6 +136,8 @@ def train_tokenizer(files: Iterable[PathLike], vocab_size: int, prefix: PathLike
 
 def _train_sentencepiece(files, vocab_size, prefix, input_sentence_size, num_threads, character_coverage,
                          user_defined_symbols) -> None:
+    if any("," in f for f in files):   # SentencePiece splits `input` at commas
+        raise ValueError(f"SentencePiece cannot read a training file whose path has a comma: {files}")
     SentencePieceTrainer.train(
         input=",".join(files),
         model_prefix=str(prefix),

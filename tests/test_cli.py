@@ -136,3 +136,23 @@ def test_demo_runs_as_module(tmp_path):
     assert "def fibonacci(n):" in proc.stdout
     assert (tmp_path / "ckpt" / "params.json").is_file() and (tmp_path / "tokenizer.model").is_file()
     assert elapsed < 30
+
+
+def test_text_the_console_cannot_show_is_escaped_and_an_empty_demo_prompt_kept(monkeypatch, capsys):
+    """On a console whose encoding lacks a character (a Windows code page, PYTHONIOENCODING=ascii),
+    the finished generation is printed escaped, not lost to an encoding error; `mtp demo --prompt ""`
+    completes the empty prompt, not the default one."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mtp_engine", "complete", "--prompt", 'name = "café',
+                          "--max-gen-len", "2", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'name = "caf\\xe9' in run.stdout
+    from mtp_engine import demo
+    seen = []
+    monkeypatch.setattr(demo, "run_trained_demo", lambda ckpt, n, prompt, **kw: seen.append(prompt))
+    assert main(["demo", "--prompt", ""]) == 0 and seen == [""]
+    assert main(["demo"]) == 0 and seen[-1] == demo.DEMO_PROMPT

@@ -122,3 +122,23 @@ def test_train_tokenizer_vocab_smaller_than_the_characters_is_a_clear_error(tmp_
     text.write_text("".join(chr(0x4E00 + i) for i in range(400)) + "\n")
     with pytest.raises(ValueError, match="cannot train a 300-word tokenizer.*Vocabulary size is smaller"):
         train_tokenizer([text], 300, tmp_path / "tok")
+
+
+def test_text_that_cannot_be_encoded_is_refused_by_name(tokenizer, tmp_path):
+    """A lone surrogate (undecodable bytes of a command line) and a bos/eos the model lacks (T5-style,
+    id -1) are refused with a message, not a pybind11 cast error or an id of -1; SentencePiece cannot
+    read a training file whose path has a comma (it splits its input there)."""
+    with pytest.raises(ValueError, match=r"not valid Unicode at position 2 \('\\udcff'\)"):
+        tokenizer.encode("ab\udcff", bos=True, eos=False)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tokenizer.encode_batch(["ok", "\ud800"], bos=False, eos=False)
+    no_bos = Tokenizer(tokenizer.model_path)
+    no_bos.bos_id = -1
+    with pytest.raises(ValueError, match="has no bos token, but bos=True asked for one"):
+        no_bos.encode("x", bos=True, eos=False)
+    assert no_bos.encode("x", bos=False, eos=True)[-1] == tokenizer.eos_id
+    comma = tmp_path / "a,b"
+    comma.mkdir()
+    (comma / "text.txt").write_text("x = 1\n" * 50)
+    with pytest.raises(ValueError, match="path has a comma"):
+        train_tokenizer([comma / "text.txt"], vocab_size=300, prefix=tmp_path / "t")

@@ -138,6 +138,43 @@ def test_extra_sources_add_training_files_only_and_never_a_heldout_text(source_t
     assert twice.manifest["extra_files"] == 6 and twice.manifest["train_tokens"] == bigger.manifest["train_tokens"]
 
 
+def test_corpus_folders_as_users_have_them(tmp_path):
+    """Symlinked project folders are followed (each real folder once, a loop included); a byte-order
+    mark is not text; a file name that is not UTF-8 is hashed, not a crash; a training side with no
+    UTF-8 text is refused by name before SentencePiece; a damaged cache (a truncated token file, an
+    empty manifest) is rebuilt, not reused into an mmap error."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    (src / "test").mkdir(parents=True)
+    other.mkdir()
+    for name in SOURCES[:2]:
+        (src / name).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    (other / "with_bom.py").write_bytes(b"\xef\xbb\xbf" + (STDLIB / SOURCES[2]).read_bytes())
+    (src / "linked").symlink_to(other, target_is_directory=True)
+    (other / "back").symlink_to(src, target_is_directory=True)          # a loop
+    (src / "test" / "test_heapq.py").write_text((STDLIB / "test" / "test_heapq.py").read_text(encoding="utf-8"))
+    (src / os.fsdecode(b"caf\xe9.py")).write_text("y = 2\n" * 40)
+    found = [f.relative_to(src).as_posix() for f in find_source_files(src)]
+    assert "linked/with_bom.py" in found and len(found) == len(set(found)) == 5
+    corpus = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=lambda *a: None)
+    stream = corpus.tokenizer.decode(load_tokens(corpus.train_path).tolist())
+    assert "\ufeff" not in stream and (STDLIB / SOURCES[2]).read_text(encoding="utf-8")[:200] in stream
+    (tmp_path / "c" / "train.bin").write_bytes((tmp_path / "c" / "train.bin").read_bytes()[:100])
+    messages = []
+    again = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=messages.append)
+    assert not any("reusing" in m for m in messages) and len(load_tokens(again.train_path)) > 50
+    (tmp_path / "c" / "manifest.json").write_text("")
+    messages.clear()
+    prepare_corpus(tmp_path / "c", src, vocab_size=400, log=messages.append)
+    assert not any("reusing" in m for m in messages)
+    latin = tmp_path / "latin"
+    (latin / "test").mkdir(parents=True)
+    for i in range(3):
+        (latin / f"m{i}.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1") * 50)
+    (latin / "test" / "test_m.py").write_text("x = 1\n" * 50)
+    with pytest.raises(ValueError, match=r"none of the 3 training files under .* holds UTF-8 text"):
+        prepare_corpus(tmp_path / "c4", latin, vocab_size=400, log=lambda *a: None)
+
+
 def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tmp_path):
     """A dangling or looping symlink is not a source file (it crashed the cache's fingerprint); held-out
     files that are all empty or not UTF-8 leave nothing to evaluate: refused when the corpus is built,

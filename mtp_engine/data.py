@@ -272,22 +272,63 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
-def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path, batch_files: int = 256) -> int:
+# Characters of text SentencePiece encodes per batch: its ids come back as Python ints (~36 bytes a
+# token), so a batch of 256 files of 10 MB took ~100 GB; this keeps a batch near 1 GB.
+BATCH_CHARS = 1 << 24
+
+
+def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path, batch_files: int = 256,
+                  batch_chars: int = BATCH_CHARS) -> int:
+    """Each file's bos + tokens + eos, appended to `path` in file order. Returns the token count. A
+    file longer than batch_chars is encoded in pieces cut after blank lines (bos before the first,
+    eos after the last), which decode to its exact text."""
     dtype = token_dtype(tokenizer.n_words)
     total = 0
     tmp = path.with_suffix(".tmp")
     # SentencePiece encodes a batch of texts on all cores (a large extra source is ~100M tokens).
     threads = max(os.cpu_count() or 1, 1)
+    batch, flags, chars = [], [], 0
+
+    def flush(fh):
+        nonlocal total, batch, flags, chars
+        for (bos, eos), ids in zip(flags, tokenizer.encode_batch(batch, bos=False, eos=False, num_threads=threads)):
+            ids = np.asarray(([tokenizer.bos_id] if bos else []) + ids + ([tokenizer.eos_id] if eos else []),
+                             dtype=dtype)
+            fh.write(ids.tobytes())
+            total += ids.size
+        batch, flags, chars = [], [], 0
+
     with tmp.open("wb") as fh:
-        for start in range(0, len(files), batch_files):
-            texts = [t for t in (read_text(f) for f in files[start:start + batch_files]) if t]
-            for ids in tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=threads):
-                ids = np.asarray(ids, dtype=dtype)
-                fh.write(ids.tobytes())
-                total += ids.size
+        for f in files:
+            text = read_text(f)
+            if not text:
+                continue
+            pieces = _pieces(text, batch_chars)
+            for i, piece in enumerate(pieces):
+                batch.append(piece)
+                flags.append((i == 0, i == len(pieces) - 1))
+                chars += len(piece)
+                if chars >= batch_chars or len(batch) >= batch_files:
+                    flush(fh)
+        flush(fh)
     os.replace(tmp, path)
     (path.parent / (path.name + ".json")).write_text(json.dumps({"dtype": dtype.str, "tokens": total}) + "\n")
     return total
+
+
+def _pieces(text: str, size: int) -> List[str]:
+    """text cut into pieces of about `size` characters, each cut after a blank line where there is
+    one (a cut inside an indented block would tokenize its indentation otherwise), else after a line."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = text.rfind("\n\n", start, start + size)
+        end = end + 2 if end > start else text.rfind("\n", start, start + size) + 1
+        if end <= start:   # one line longer than `size`
+            end = start + size
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def load_tokens(path: PathLike) -> np.memmap:

@@ -175,6 +175,33 @@ def test_corpus_folders_as_users_have_them(tmp_path):
         prepare_corpus(tmp_path / "c4", latin, vocab_size=400, log=lambda *a: None)
 
 
+def test_token_files_are_written_in_batches_of_bounded_text(corpus, tmp_path, monkeypatch):
+    """_write_tokens hands SentencePiece about batch_chars of text at a time (256 files of 10 MB took
+    ~100 GB as Python ints), a long file in pieces cut after blank lines; the stream decodes to each
+    file's exact text between bos and eos."""
+    from mtp_engine import data as data_module
+
+    files = [STDLIB / name for name in SOURCES[:3]] + [tmp_path / "one_line.py"]
+    (tmp_path / "one_line.py").write_text("x = 1; " * 400)
+    tokenizer = corpus.tokenizer
+    batches = []
+    encode_batch = tokenizer.encode_batch
+    monkeypatch.setattr(tokenizer, "encode_batch", lambda texts, **kw: batches.append(texts) or encode_batch(texts, **kw))
+    total = data_module._write_tokens(tokenizer, files, tmp_path / "t.bin", batch_chars=1000)
+    assert max(sum(map(len, b)) for b in batches) < 2000 and len(batches) > 4
+    ids = np.fromfile(tmp_path / "t.bin", dtype=data_module.token_dtype(tokenizer.n_words)).tolist()
+    assert len(ids) == total and ids.count(tokenizer.bos_id) == ids.count(tokenizer.eos_id) == len(files)
+    texts, current = [], None
+    for i in ids:
+        if i == tokenizer.bos_id:
+            current = []
+        elif i == tokenizer.eos_id:
+            texts.append(tokenizer.decode(current))
+        else:
+            current.append(i)
+    assert texts == [f.read_text(encoding="utf-8") for f in files]
+
+
 def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tmp_path):
     """A dangling or looping symlink is not a source file (it crashed the cache's fingerprint); held-out
     files that are all empty or not UTF-8 leave nothing to evaluate: refused when the corpus is built,

@@ -12,5 +12,6 @@ from .sampling import TokenCandidates, linear_argmax, linear_candidates, linear_
 from .tree_verify import compact_kv_cache, tree_accept, tree_accept_tokens
 
 __all__ = ["backend_name", "use_triton", "fused_linear_cross_entropy", "rms_norm", "add_rms_norm",
-           "rope_cache_write", "swiglu", "linear_argmax", "linear_logits", "linear_sample", "linear_topk", "linear_candidates",
+           "rope_cache_write", "swiglu", "linear_argmax", "linear_logits", "linear_sample", "linear_topk",
+           "linear_candidates",
            "TokenCandidates", "tree_accept", "tree_accept_tokens", "compact_kv_cache"]

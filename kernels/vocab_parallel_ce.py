@@ -33,8 +33,8 @@ from .triton_import import tl, triton
 from . import reference
 from .backend import interpreting, refuse_double_backward, use_triton
 from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_dtype, autocast_off, cast_grad,
-                               ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_dtype, autocast_off,
+                               cast_grad, ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
                                reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
                                to_compute_dtype)
 

@@ -13,5 +13,4 @@ from .tree_verify import compact_kv_cache, tree_accept, tree_accept_tokens
 
 __all__ = ["backend_name", "use_triton", "fused_linear_cross_entropy", "rms_norm", "add_rms_norm",
            "rope_cache_write", "swiglu", "linear_argmax", "linear_logits", "linear_sample", "linear_topk",
-           "linear_candidates",
-           "TokenCandidates", "tree_accept", "tree_accept_tokens", "compact_kv_cache"]
+           "linear_candidates", "TokenCandidates", "tree_accept", "tree_accept_tokens", "compact_kv_cache"]

@@ -188,11 +188,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # Generated text on a console that cannot show every character (a Windows code page, a pipe with
+    # PYTHONIOENCODING=ascii) is escaped, not an error after minutes of generation; the caller's
+    # streams get their own setting back afterwards.
+    restore = []
     for stream in (sys.stdout, sys.stderr):
-        # Generated text on a console that cannot show every character (a Windows code page, a pipe
-        # with PYTHONIOENCODING=ascii) is escaped, not an error after minutes of generation.
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+        try:
+            if hasattr(stream, "reconfigure") and stream.errors in ("strict", "surrogateescape"):
+                restore.append((stream, stream.errors))
+                stream.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError, AttributeError):   # a closed or unusual stream: leave it as it is
+            pass
     try:
         return args.run(args)
     except (OSError, ValueError, NotImplementedError) as e:   # OSError: a path that exists as the wrong kind
@@ -201,6 +207,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        for stream, errors in restore:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError):
+                pass
 
 
 if __name__ == "__main__":

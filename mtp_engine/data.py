@@ -49,20 +49,31 @@ def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENS
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {root}")
-    files, seen = [], set()
-    # Symlinked folders are followed (a corpus of linked projects), each real folder once (no loops).
+    files, seen, real_root = [], set(), root.resolve()
+    # Symlinked folders that lead outside the root are followed (a corpus of linked projects), each
+    # real folder once (no loops); a link to a folder inside the root is not (the folder is walked
+    # under its own name: an alias would rename its files, and the split hashes names).
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")
+                             and not _links_inside(Path(dirpath) / d, real_root))
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if f.endswith(tuple(extensions)) and (Path(dirpath) / f).is_file()]
     if not files:
         raise ValueError(f"no files ending in {tuple(extensions)} under {root}")
     return files
+
+
+def _links_inside(folder: Path, real_root: Path) -> bool:
+    """Whether `folder` is a symlink to a folder inside real_root."""
+    if not folder.is_symlink():
+        return False
+    target = folder.resolve()
+    return target == real_root or real_root in target.parents
 
 
 def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float = 0.05
@@ -170,6 +181,9 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
             log(f"corpus: reusing the cache in {out}")
             return _open(out, old)
     out.mkdir(parents=True, exist_ok=True)
+    # No manifest while the files change: a rebuild cut short must not leave the old manifest
+    # vouching for a new tokenizer beside old token files.
+    manifest_path.unlink(missing_ok=True)
     log(f"corpus: {len(train_files)} train / {len(heldout_files)} held-out files under {source}"
         + (f", {len(extra_files)} more training files under {', '.join(map(str, extra_sources))}"
            if extra_sources else ""))

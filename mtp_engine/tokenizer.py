@@ -58,12 +58,19 @@ class Tokenizer:
         """Token ids of `s`, with bos prepended / eos appended when asked."""
         if not isinstance(s, str):
             raise ValueError(f"encode expects a str, got {type(s).__name__}")
-        return self.encode_batch([s], bos, eos)[0]
+        self._check_encodable([s], bos, eos)
+        return ([self.bos_id] if bos else []) + self.sp_model.encode(s) + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
         """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode_batch expects a list of str (a str alone would be split into characters)")
+        self._check_encodable(texts, bos, eos)
+        batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
+        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
+
+    def _check_encodable(self, texts: List[str], bos: bool, eos: bool) -> None:
+        """ValueError for a bos/eos this model lacks, or text that is not valid Unicode."""
         for flag, name, token in ((bos, "bos", self.bos_id), (eos, "eos", self.eos_id)):
             if flag and token < 0:   # a T5-style model: -1 would go into the ids
                 raise ValueError(f"{self.model_path} has no {name} token, but {name}=True asked for one")
@@ -73,8 +80,6 @@ class Tokenizer:
             except UnicodeEncodeError as e:   # a lone surrogate (undecodable bytes on a command line)
                 raise ValueError(f"text to encode is not valid Unicode at position {e.start} ({t[e.start]!r}): "
                                  "pass UTF-8 text") from None
-        batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
-        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""

@@ -151,6 +151,12 @@ def test_text_the_console_cannot_show_is_escaped_and_an_empty_demo_prompt_kept(m
                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'name = "caf\\xe9' in run.stdout
+    import io
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["complete", "--ckpt-dir", "/nonexistent", "--prompt", "x"]) == 2
+    assert stream.errors == "strict"   # the caller's stream as it was
+    monkeypatch.undo()
     from mtp_engine import demo
     seen = []
     monkeypatch.setattr(demo, "run_trained_demo", lambda ckpt, n, prompt, **kw: seen.append(prompt))

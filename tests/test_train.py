@@ -153,8 +153,10 @@ def test_corpus_folders_as_users_have_them(tmp_path):
     (other / "back").symlink_to(src, target_is_directory=True)          # a loop
     (src / "test" / "test_heapq.py").write_text((STDLIB / "test" / "test_heapq.py").read_text(encoding="utf-8"))
     (src / os.fsdecode(b"caf\xe9.py")).write_text("y = 2\n" * 40)
+    (src / "alias").symlink_to(src / "test", target_is_directory=True)   # inside the root: not followed
     found = [f.relative_to(src).as_posix() for f in find_source_files(src)]
     assert "linked/with_bom.py" in found and len(found) == len(set(found)) == 5
+    assert "test/test_heapq.py" in found and not any(f.startswith("alias/") for f in found)
     corpus = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=lambda *a: None)
     stream = corpus.tokenizer.decode(load_tokens(corpus.train_path).tolist())
     assert "\ufeff" not in stream and (STDLIB / SOURCES[2]).read_text(encoding="utf-8")[:200] in stream
@@ -166,6 +168,22 @@ def test_corpus_folders_as_users_have_them(tmp_path):
     messages.clear()
     prepare_corpus(tmp_path / "c", src, vocab_size=400, log=messages.append)
     assert not any("reusing" in m for m in messages)
+    # A rebuild (another vocabulary) cut short while writing tokens leaves no manifest vouching for
+    # its new tokenizer beside the old token files: the next call rebuilds, it does not reuse them.
+    from mtp_engine import data as data_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    write_tokens = data_module._write_tokens
+    data_module._write_tokens = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_corpus(tmp_path / "c", src, vocab_size=420, log=lambda *a: None)
+    finally:
+        data_module._write_tokens = write_tokens
+    messages.clear()
+    rebuilt = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=messages.append)
+    assert not any("reusing" in m for m in messages) and rebuilt.tokenizer.n_words == 400
     latin = tmp_path / "latin"
     (latin / "test").mkdir(parents=True)
     for i in range(3):

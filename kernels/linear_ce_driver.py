@@ -305,13 +305,15 @@ def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -10
             raise ValueError(f"head_weights must be a sequence of finite numbers >= 0, got {head_weights!r}")
 
 
-def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_size: int, ignore_index: int):
+def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_size: Optional[int],
+                 ignore_index: int):
     """Check token ids against [0, vocab_size) and flatten: (rows (M, D), targets (M,), lambda per row (M,),
-    lambda (n,), n, N)."""
+    lambda (n,), n, N). vocab_size None: the caller checked the ids (the vocabulary-parallel layout
+    gather, against the global vocabulary, in its own host read)."""
     n, N, _ = h3.shape
     flat_t = targets.reshape(-1).to(torch.int64)
-    bad = ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
-    if flat_t.numel() and bool(bad.any()):
+    bad = None if vocab_size is None else ((flat_t < 0) | (flat_t >= vocab_size)) & (flat_t != ignore_index)
+    if bad is not None and flat_t.numel() and bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets contain token id {int(flat_t[idx])} (at flat index {idx}) outside "
                          f"[0, {vocab_size}) that is not ignore_index={ignore_index}")

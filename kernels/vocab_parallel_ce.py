@@ -12,8 +12,8 @@ linear_ce_driver.py):
     dH_c    += dz_r @ W_r    (partial over the vocabulary)      dW_r += dz_r^T @ H_c   (this rank's rows: complete)
 
 and after the last chunk one all-reduce sums the partial dH over ranks (in the compute dtype, as
-Megatron does: a 16-bit dH is rounded once per rank, a review measured 1.3-1.6x the single-process
-error against float64 at 2-4 ranks; float32 partials would double the traffic). No rank ever holds logits
+Megatron does: a 16-bit dH is rounded once more per rank than in one process, within the tests'
+tolerance; float32 partials would double the traffic). No rank ever holds logits
 outside its own vocabulary slice, and the backward needs no gathered logits. The loss per row is
 lse - (1 - eps) s_t - eps * (sum s) / V + z_loss lse^2 with s = softcap * tanh(z / softcap) (or s = z;
 the eps term only where eps > 0, so a -inf score of a 16-bit logit cannot make it NaN), the same as
@@ -288,7 +288,7 @@ def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weigh
     except ValueError as error:
         _agree_on_layout(group, {}, refused=error)
     shard = _agree_on_layout(group, mine)
-    return flatten_rows(h3, targets, head_weights, shard.vocab_size, ignore_index) + (single, shard)
+    return flatten_rows(h3, targets, head_weights, None, ignore_index) + (single, shard)
 
 
 def _forward_pass(hidden, weight, targets, group, ignore_index, reduction, head_weights, label_smoothing, z_loss,

@@ -286,8 +286,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
-# Characters of text SentencePiece encodes per batch: its ids come back as Python ints (~36 bytes a
-# token), so a batch of 256 files of 10 MB took ~100 GB; this keeps a batch near 1 GB.
+# Characters of text SentencePiece encodes per batch: its ids come back as Python ints (36 bytes a
+# token: a pointer and an int object, about 10x the text), so a batch of 256 files of 10 MB would
+# hold tens of GB; 16M characters keep a batch's ids under 1 GB.
 BATCH_CHARS = 1 << 24
 
 
@@ -306,8 +307,7 @@ def _write_tokens(tokenizer: Tokenizer, files: Sequence[Path], path: Path, batch
     def flush(fh):
         nonlocal total, batch, flags, chars
         for (bos, eos), ids in zip(flags, tokenizer.encode_batch(batch, bos=False, eos=False, num_threads=threads)):
-            ids = np.asarray(([tokenizer.bos_id] if bos else []) + ids + ([tokenizer.eos_id] if eos else []),
-                             dtype=dtype)
+            ids = np.asarray(tokenizer.add_specials([ids], bos, eos)[0], dtype=dtype)
             fh.write(ids.tobytes())
             total += ids.size
         batch, flags, chars = [], [], 0

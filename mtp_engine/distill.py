@@ -204,9 +204,8 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     given = {k: getattr(args, k) for k in asdict(DistillConfig()) if getattr(args, k) is not None}
-    if "warmup_steps" not in given and isinstance(given.get("steps"), int) \
-            and 0 < given["steps"] < DistillConfig.warmup_steps:
-        given["warmup_steps"] = shorter_warmup(DistillConfig.warmup_steps, DistillConfig.steps, given["steps"])
+    if "warmup_steps" not in given:
+        given["warmup_steps"] = shorter_warmup(DistillConfig.warmup_steps, DistillConfig.steps, given.get("steps"))
     cfg = DistillConfig(**given)
     cfg.validate()
     device = resolve_device(args.device)
@@ -223,12 +222,11 @@ def run(args: argparse.Namespace) -> int:
     # Into the source's own folder (or another model's) the old tree.json, resume/ copy or run state
     # would describe the old heads, and a later `mtp train --resume` would load the undistilled ones.
     refuse_overwrite(out, "mtp distill", "distill into a new folder")
-    from .evaluate import trained_seq_len
-    trained = trained_seq_len(ckpt_dir)
-    if trained is not None and cfg.prompt_len + cfg.gen_len > trained:
-        print(f"distill: warning: prompts of {cfg.prompt_len} + {cfg.gen_len} new tokens run past the {trained}-token "
-              "context the model was trained on (its train_log.json); the heads learn continuations it never saw "
-              "there (--prompt-len / --gen-len)", file=sys.stderr)
+    from .evaluate import past_trained_context
+    warning = past_trained_context(ckpt_dir, cfg.prompt_len, cfg.gen_len)
+    if warning:
+        print(f"distill: warning: {warning}; the heads learn continuations it never saw there "
+              "(--prompt-len / --gen-len)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
                                Path(args.source) if args.source else None)

@@ -203,9 +203,8 @@ def check_speculative_measurement(model, trees: dict, prompt_len: int, gen_len: 
         raise ValueError(f"tree {name!r} has a node of rank {K - 1}, but a head has only {model.vocab_size} tokens "
                          "to rank")
     past = model.n_future_tokens - 1
-    if prompt_len + gen_len + past > 2 * model.params.max_seq_len:
-        raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} (+ {past} drafted past it) exceed the "
-                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
+    model.check_uncached_length(prompt_len + gen_len + past,
+                                f"--prompt-len {prompt_len} + --gen-len {gen_len} (+ {past} drafted past it)")
     return K
 
 
@@ -289,6 +288,16 @@ def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def past_trained_context(ckpt_dir, prompt_len: int, gen_len: int) -> Optional[str]:
+    """What to warn of when prompts of prompt_len + gen_len new tokens run past the window the
+    checkpoint was trained on (trained_seq_len), or None."""
+    trained = trained_seq_len(ckpt_dir)
+    if trained is None or prompt_len + gen_len <= trained:
+        return None
+    return (f"prompts of {prompt_len} + {gen_len} new tokens run past the {trained}-token context the model "
+            "was trained on (its train_log.json)")
+
+
 def add_tree(trees: dict, name: str, paths) -> str:
     """trees[name] = paths under a name no other tree and not the chain row has ("name#2", ...): two
     trees under one name, or a tree called "chain", would pool their results in one row."""
@@ -333,11 +342,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fitted tree: {len(fitted['paths'])} nodes, expected accepted length "
               f"{fitted['expected_accept_length']:.2f} on {fitted['prompts']} training prompts -> {args.build_tree}")
     # Loss windows longer than the trained context would measure positions the model never learned.
-    trained = trained_seq_len(ckpt_dir)
-    seq_len = args.seq_len or trained
-    if trained and args.prompt_len + args.gen_len > trained:
-        print(f"eval: warning: prompts of {args.prompt_len} + {args.gen_len} new tokens run past the {trained}-token "
-              "context the model was trained on: the speculative figures measure positions it never learned")
+    seq_len = args.seq_len or trained_seq_len(ckpt_dir)
+    warning = past_trained_context(ckpt_dir, args.prompt_len, args.gen_len)
+    if warning:
+        print(f"eval: warning: {warning}: the speculative figures measure positions it never learned")
     result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files, seq_len=seq_len,
                                  n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
     result["checkpoint"] = str(ckpt_dir)

@@ -600,17 +600,23 @@ class Transformer(nn.Module):
             raise ValueError(f"n_heads must be an int in [1, n_future_tokens = {self.n_future_tokens}], got {n_heads!r}")
         return n_heads
 
+    def check_uncached_length(self, length: int, what: str) -> None:
+        """ValueError naming `what` when a forward without caches over `length` positions would run
+        past the release's rotary table, 2 * max_seq_len positions (a Generator's longer cache grows
+        the table, which must not move this limit)."""
+        limit = 2 * self.params.max_seq_len
+        if length > limit:
+            raise ValueError(f"{what} exceed the rotary table ({limit} positions: 2 x max_seq_len)")
+
     def _check_tokens(self, tokens: torch.Tensor, from_start: bool) -> None:
         """Integer (batch, seq) tokens of the vocabulary, at least one per row; from_start (a forward
-        without caches, from position 0): at most the release's rotary table, 2 * max_seq_len
-        positions (a Generator's longer cache grows the table, which must not move this limit)."""
+        without caches, from position 0): within the release's rotary table (check_uncached_length)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
-        if from_start and tokens.shape[1] > 2 * self.params.max_seq_len:
-            raise ValueError(f"positions up to {tokens.shape[1]} exceed the rotary table "
-                             f"({2 * self.params.max_seq_len} positions: 2 * max_seq_len)")
+        if from_start:
+            self.check_uncached_length(tokens.shape[1], f"positions up to {tokens.shape[1]}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

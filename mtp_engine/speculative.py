@@ -326,9 +326,9 @@ def measure_acceptance_rates(model, prompts: Sequence[Sequence[int]], heads: Opt
     if not prompts:
         raise ValueError("measure_acceptance_rates needs at least one prompt")
     longest = max(len(p) for p in prompts) + max_gen_len + 1
-    if longest - 1 > 2 * model.params.max_seq_len:   # the uncached forward's limit, before any rollout
-        raise ValueError(f"a prompt of {longest - 1 - max_gen_len} tokens + max_gen_len {max_gen_len} exceed the "
-                         f"{2 * model.params.max_seq_len} positions of the model's rotary table (2 x max_seq_len)")
+    # the uncached forward's limit, before any rollout
+    model.check_uncached_length(longest - 1, f"a prompt of {longest - 1 - max_gen_len} tokens + max_gen_len "
+                                             f"{max_gen_len}")
     # The uncached forward needs no cache; a private Generator re-sizes the model's caches and the
     # caller's Generator re-sizes them back on its next call (Generator._ensure_caches).
     rollouts = Generator(model, max_batch_size=1, max_seq_len=longest)

@@ -58,28 +58,35 @@ class Tokenizer:
         """Token ids of `s`, with bos prepended / eos appended when asked."""
         if not isinstance(s, str):
             raise ValueError(f"encode expects a str, got {type(s).__name__}")
-        self._check_encodable([s], bos, eos)
-        return ([self.bos_id] if bos else []) + self.sp_model.encode(s) + ([self.eos_id] if eos else [])
+        return self.add_specials([self._sp_encode(s, [s])], bos, eos)[0]
 
     def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
         """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode_batch expects a list of str (a str alone would be split into characters)")
-        self._check_encodable(texts, bos, eos)
-        batch = self.sp_model.encode(list(texts), num_threads=num_threads) if texts else []
-        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
+        texts = list(texts)
+        return self.add_specials(self._sp_encode(texts, texts, num_threads=num_threads) if texts else [], bos, eos)
 
-    def _check_encodable(self, texts: List[str], bos: bool, eos: bool) -> None:
-        """ValueError for a bos/eos this model lacks, or text that is not valid Unicode."""
+    def _sp_encode(self, arg, texts: List[str], **options):
+        """sp_model.encode(arg); text that is not valid Unicode (a lone surrogate: undecodable bytes on
+        a command line) fails in its C++ binding with a cast error, named here by position instead."""
+        try:
+            return self.sp_model.encode(arg, **options)
+        except (RuntimeError, TypeError):
+            for t in texts:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"text to encode is not valid Unicode at position {e.start} "
+                                     f"({t[e.start]!r}): pass UTF-8 text") from None
+            raise
+
+    def add_specials(self, batch: List[List[int]], bos: bool, eos: bool) -> List[List[int]]:
+        """Each id list with bos prepended / eos appended when asked; ValueError for one the model lacks."""
         for flag, name, token in ((bos, "bos", self.bos_id), (eos, "eos", self.eos_id)):
             if flag and token < 0:   # a T5-style model: -1 would go into the ids
                 raise ValueError(f"{self.model_path} has no {name} token, but {name}=True asked for one")
-        for t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:   # a lone surrogate (undecodable bytes on a command line)
-                raise ValueError(f"text to encode is not valid Unicode at position {e.start} ({t[e.start]!r}): "
-                                 "pass UTF-8 text") from None
+        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos) decode to nothing."""

@@ -440,8 +440,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     if env is not None:
         _barrier(env)
         corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=quiet)
+    log_path = out / "train_log.json"
+    previous = read_json_object(log_path) if resume and log_path.is_file() else None
     if saved_state is not None:
-        before = read_json_object(out / "train_log.json").get("corpus", {}) if (out / "train_log.json").is_file() else {}
+        before = (previous or {}).get("corpus", {})
         if before.get("train_tokens") not in (None, corpus.manifest["train_tokens"]):
             log(f"resume: warning: the corpus changed since the run started ({before['train_tokens']:,} training "
                 f"tokens then, {corpus.manifest['train_tokens']:,} now): it reads other windows than an "
@@ -489,9 +491,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                "steps": [], "evals": []}
     if preset is not None:   # the --preset the run was started with (a resume may repeat it, not change it)
         run_log["preset"] = preset
-    log_path = out / "train_log.json"
-    if resume and log_path.is_file():
-        previous = read_json_object(log_path)
+    if previous is not None:
         if "preset" in previous:
             run_log["preset"] = previous["preset"]
         run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
@@ -767,16 +767,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     name = args.preset or "default"
-    preset, max_steps = PRESETS.get(name, {}), overrides.get("max_steps")
-    if "warmup_steps" not in overrides and isinstance(max_steps, int) and 0 < max_steps < preset.get("warmup_steps", 0):
-        # --max-steps shorter than the preset's warmup, no --warmup-steps: the preset's warmup share
-        overrides["warmup_steps"] = shorter_warmup(preset["warmup_steps"], preset["max_steps"], max_steps)
+    if "warmup_steps" not in overrides:
+        preset = PRESETS[name]
+        overrides["warmup_steps"] = shorter_warmup(preset["warmup_steps"], preset["max_steps"],
+                                                   overrides.get("max_steps"))
     return preset_config(name, **overrides)
 
 
-def shorter_warmup(warmup_steps: int, steps: int, shorter: int) -> int:
-    """The warmup of a `shorter` run with the share warmup_steps / steps of a full one."""
-    return warmup_steps * shorter // steps
+def shorter_warmup(warmup_steps: int, steps: int, given_steps) -> int:
+    """The warmup of a run of given_steps (None: the default `steps`) when no warmup is given: the
+    default warmup_steps, or its share warmup_steps / steps of a run shorter than that warmup (which
+    the default would not fit)."""
+    if isinstance(given_steps, int) and not isinstance(given_steps, bool) and 0 < given_steps < warmup_steps:
+        return warmup_steps * given_steps // steps
+    return warmup_steps
 
 
 # What a resumed run may change; every other flag must repeat the saved value or be left out.

@@ -216,7 +216,8 @@ def test_measurements_refuse_what_would_measure_nothing(tmp_path):
     for kwargs, match in (({"prompts": []}, "at least one prompt"),
                           ({"prompts": [[1, 2]], "max_gen_len": 3}, r"max_gen_len must be an int >= heads = 4"),
                           ({"prompts": [[1, 2]], "top_k": 33}, r"top_k must be an int in \[1, vocab_size = 32\]"),
-                          ({"prompts": [[1] * 120], "max_gen_len": 9}, "exceed the 128 positions")):
+                          ({"prompts": [[1] * 120], "max_gen_len": 9},
+                           r"a prompt of 120 tokens \+ max_gen_len 9 exceed the rotary table \(128 positions")):
         with pytest.raises(ValueError, match=match):
             measure_acceptance_rates(model, **kwargs)
 
@@ -233,6 +234,6 @@ def test_measurements_refuse_what_would_measure_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"tree 'wide' has a node of rank 40, but a head has only 32 tokens"):
         evaluate_checkpoint(model, Words(), source=src, max_files=1, seq_len=16, n_prompts=1, prompt_len=8,
                             gen_len=8, trees={"wide": [[40]]})
-    with pytest.raises(ValueError, match=r"--prompt-len 100 \+ --gen-len 28 \(\+ 3 drafted past it\) exceed the 128"):
+    with pytest.raises(ValueError, match=r"--prompt-len 100 \+ --gen-len 28 \(\+ 3 drafted past it\) exceed the rotary table \(128 "):
         evaluate_checkpoint(model, Words(), source=src, max_files=1, seq_len=16, n_prompts=1, prompt_len=100,
                             gen_len=28)

@@ -343,12 +343,12 @@ def test_model_rejects_bad_heads_positions_tokens_and_cache_sizes():
             model(tokens, start_pos=bad)
     with pytest.raises(ValueError, match="has no positions"):
         model(tokens[:, :0])
-    with pytest.raises(ValueError, match=r"positions up to 65 exceed the rotary table \(64 positions"):
+    with pytest.raises(ValueError, match=r"positions up to 65 exceed the rotary table \(64 positions: 2 x max_seq_len\)"):
         model(torch.randint(0, 50, (1, 65)))   # 2 x max_seq_len positions, and no more
     model.setup_caches(1, 100)   # a longer cache grows the table; the uncached forward's limit stays
     model.clear_caches()
     assert model.freqs_cis.shape[0] >= 100
-    with pytest.raises(ValueError, match=r"positions up to 65 exceed the rotary table \(64 positions"):
+    with pytest.raises(ValueError, match=r"positions up to 65 exceed the rotary table \(64 positions: 2 x max_seq_len\)"):
         model(torch.randint(0, 50, (1, 65)))
     for size in ((0, 8), (2, -1), (2, 8.0)):
         with pytest.raises(ValueError, match="setup_caches: max_"):

@@ -137,6 +137,10 @@ def test_text_that_cannot_be_encoded_is_refused_by_name(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="has no bos token, but bos=True asked for one"):
         no_bos.encode("x", bos=True, eos=False)
     assert no_bos.encode("x", bos=False, eos=True)[-1] == tokenizer.eos_id
+    from mtp_engine.data import _write_tokens   # a corpus's token files wrap every file in bos/eos
+    (tmp_path / "a.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="has no bos token"):
+        _write_tokens(no_bos, [tmp_path / "a.py"], tmp_path / "a.bin")
     comma = tmp_path / "a,b"
     comma.mkdir()
     (comma / "text.txt").write_text("x = 1\n" * 50)

@@ -89,11 +89,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     result = run(tuple(args.batches), args.kv_len, tuple(args.dtypes))
-    slug = result["env"]["device_slug"]
-    common.write_json(Path(args.out) / f"cpu_decode_{slug}.json", result)
-    text = to_markdown(result)
-    common.write_markdown(Path(args.out) / f"cpu_decode_{slug}.md", text)
-    print(text)
+    common.write_results(args.out, f"cpu_decode_{result['env']['device_slug']}", result, to_markdown(result))
     return 0
 
 

@@ -133,10 +133,7 @@ def main() -> int:
     args = parser.parse_args()
     result = run(args.tiny)
     slug = result["env"]["device_slug"] + ("_tiny" if args.tiny else "")
-    common.write_json(Path(args.out) / f"prefill_{slug}.json", result)
-    text = to_markdown(result)
-    common.write_markdown(Path(args.out) / f"prefill_{slug}.md", text)
-    print(text)
+    common.write_results(args.out, f"prefill_{slug}", result, to_markdown(result))
     return 0
 
 

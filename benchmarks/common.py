@@ -383,6 +383,13 @@ def write_markdown(path: Path | str, text: str) -> Path:
     return path
 
 
+def write_results(out: Path | str, stem: str, result: dict[str, Any], text: str) -> None:
+    """A benchmark's results: `stem`.json (result) and `stem`.md (text) in `out`, and the text printed."""
+    write_json(Path(out) / f"{stem}.json", result)
+    write_markdown(Path(out) / f"{stem}.md", text)
+    print(text)
+
+
 def probe_command_line(doc: str, main: Callable[[str], Any]) -> None:
     """A probe script's command line (its docstring's first line as the description): --out DIR,
     made if missing, then main(DIR)."""

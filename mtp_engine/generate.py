@@ -100,9 +100,9 @@ PROMPT_LOGPROB_BYTES = 1 << 28
 
 # What one more prefill forward costs, counted in prompt tokens (see prefill_groups). A forward reads
 # every weight once whatever its length: on a GPU that read takes as long as the matmuls of about
-# 200-300 tokens (matmul rate over bandwidth, per weight byte). A CPU computes about as fast as it
-# reads; there a small model's forward costs its Python and launches: the default model's, on a
-# 2-core CPU, 2.9 ms for 1 token, 13 ms for 128, 51 ms for 512 (hand-timed).
+# 200-300 tokens (matmul rate over bandwidth, per weight byte: DESIGN.md's figures). A CPU computes
+# about as fast as it reads; there a small model's forward costs mostly its Python and launches. 64
+# is a setting, not a measurement: bench_prefill.py times the grouping it gives against one forward.
 PREFILL_FORWARD_TOKENS = {"cuda": 256}
 PREFILL_FORWARD_TOKENS_DEFAULT = 64
 

@@ -5,7 +5,8 @@
     for tokens in train.batches(batch_size=16, seed=0, start=0): ...   # (B, T) int64
 
 The split is by file and deterministic: files under a held-out folder (`test/`, `tests/`) are held
-out; a folder without any gets a fixed hash-chosen share of its files held out instead. Every file
+out; a folder without any gets a fixed hash-chosen share of its files held out instead (at least one
+file on each side, so a corpus of two files splits). Every file
 becomes `bos + tokens + eos` in one flat token stream per split, stored as a raw little-endian
 array (uint16 when the vocabulary fits) and memory-mapped, so a corpus of any size costs no RAM.
 `prepare_corpus` reuses a cache whose manifest matches the files and options, and rebuilds otherwise.
@@ -43,9 +44,23 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def check_extensions(extensions: Sequence[str]) -> Tuple[str, ...]:
+    """The file endings a corpus reads, as a tuple; ValueError naming one that is not a string starting
+    with "." (`txt` would also match `footxt`), or an empty list."""
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    extensions = tuple(extensions)
+    bad = [e for e in extensions if not isinstance(e, str) or len(e) < 2 or not e.startswith(".")]
+    if bad or not extensions:
+        raise ValueError(f"file extensions must be one or more endings such as '.py' or '.txt', got "
+                         f"{bad[0] if bad else 'none'!r}")
+    return extensions
+
+
 def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[Path]:
     """Every file under `root` with one of `extensions`, sorted, skipping SKIP_DIRS and hidden folders
     and names that are not readable files (a dangling or looping symlink)."""
+    extensions = check_extensions(extensions)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {root}")
@@ -79,22 +94,55 @@ def _links_inside(folder: Path, real_root: Path) -> bool:
 def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float = 0.05
                 ) -> Tuple[List[Path], List[Path]]:
     """(train, heldout) by file. Files inside a HELDOUT_DIRS folder are held out; if there are none,
-    a file is held out when a hash of its relative path falls in the first `heldout_fraction`."""
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    a file is held out when a hash of its relative path falls in the first `heldout_fraction`, and
+    at least one file goes to each side (the lowest hash held out, the highest trained on)."""
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
     root = Path(root)
+    if len(files) < 2:
+        raise ValueError(f"{root} has {len(files)} corpus file(s); the held-out split is by file, so it needs "
+                         "at least 2 (cut a single text into several files)")
     rel = [Path(f).relative_to(root) for f in files]
     in_test_dir = [any(part in HELDOUT_DIRS for part in r.parts[:-1]) for r in rel]
     if any(in_test_dir) and not all(in_test_dir):
         held = in_test_dir
     else:
-        held = [_unit_hash(r.as_posix()) < heldout_fraction for r in rel]
+        scores = [_unit_hash(r.as_posix()) for r in rel]
+        held = [score < heldout_fraction for score in scores]
+        if not any(held):      # a corpus of a few files: a 5% share rounds to none
+            held[scores.index(min(scores))] = True
+        if all(held):
+            held[scores.index(max(scores))] = False
     train = [f for f, h in zip(files, held) if not h]
     heldout = [f for f, h in zip(files, held) if h]
-    if not train or not heldout:
-        raise ValueError(f"split of {len(files)} files under {root} left an empty side "
-                         f"({len(train)} train, {len(heldout)} held out): add files")
     return train, heldout
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where a corpus's files come from and how they split: the folder (None: the stdlib), the file
+    endings read, and the held-out share of a folder without held-out folders. `prepare_corpus`
+    splits by it; evaluation and distillation split again by the same one (`CorpusSource.of`)."""
+
+    folder: Optional[str] = None
+    extensions: Tuple[str, ...] = DEFAULT_EXTENSIONS
+    heldout_fraction: float = 0.05
+
+    @classmethod
+    def of(cls, source: Union[None, PathLike, "CorpusSource"]) -> "CorpusSource":
+        """`source` as a CorpusSource: a folder (or None, the stdlib) with the default endings and share."""
+        return source if isinstance(source, CorpusSource) else cls(None if source is None else str(source))
+
+    @property
+    def root(self) -> Path:
+        return stdlib_root() if self.folder is None else Path(self.folder)
+
+    def split(self) -> Tuple[Path, List[Path], List[Path]]:
+        """(root folder, training files, held-out files)."""
+        root = self.root
+        train, heldout = split_files(find_source_files(root, self.extensions), root, self.heldout_fraction)
+        return root, train, heldout
 
 
 def _unit_hash(text: str) -> float:
@@ -142,10 +190,10 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     if max_train_files is not None and (isinstance(max_train_files, bool) or not isinstance(max_train_files, int)
                                         or max_train_files < 1):
         raise ValueError(f"max_train_files must be None or a positive int, got {max_train_files!r}")
-    source = stdlib_root() if source is None else Path(source)
+    extensions = check_extensions(extensions)
     out = Path(out_dir)
-    files = find_source_files(source, extensions)
-    train_files, heldout_files = split_files(files, source, heldout_fraction)
+    source, train_files, heldout_files = CorpusSource(None if source is None else str(source), extensions,
+                                                      heldout_fraction).split()
     if max_train_files is not None:
         order = sorted(train_files, key=lambda f: _unit_hash("order:" + f.relative_to(source).as_posix()))
         train_files = sorted(order[:max_train_files])

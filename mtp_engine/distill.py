@@ -25,14 +25,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Union
 
 import torch
 
 from mtp_kernels import fused_linear_cross_entropy
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
+from .data import CorpusSource, _unit_hash, read_text
+from .evaluate import add_source_arguments, past_trained_context, trained_source
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .train import check_optimizer_options, shorter_warmup, warmup_cosine_lr
@@ -64,11 +65,10 @@ class DistillConfig:
 
 
 def training_prompts(tokenizer: Tokenizer, n_prompts: int, prompt_len: int, gen_len: int,
-                     source: Optional[Path] = None) -> List[List[int]]:
-    """n_prompts windows of prompt_len tokens from the TRAINING split of `source` (default: the
-    stdlib), at hash-chosen offsets, several per file when the files run out."""
-    source = stdlib_root() if source is None else Path(source)
-    train, _ = split_files(find_source_files(source), source)
+                     source: Union[None, Path, CorpusSource] = None) -> List[List[int]]:
+    """n_prompts windows of prompt_len tokens from the TRAINING split of `source` (a folder, None for
+    the stdlib, or a CorpusSource), at hash-chosen offsets, several per file when the files run out."""
+    source, train, _ = CorpusSource.of(source).split()
     streams = [s for s in (tokenizer.encode(t, bos=True, eos=True) for t in map(read_text, train) if t)
                if len(s) >= prompt_len + gen_len + 2]
     if not streams:
@@ -185,8 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer.model (default: in --ckpt-dir or its parent, as Meta ships it)")
     parser.add_argument("--out-dir", required=True, help="where the distilled checkpoint is written")
-    parser.add_argument("--source", default=None, help="corpus folder whose TRAINING split gives the prompts "
-                                                       "(default: the stdlib)")
+    add_source_arguments(parser, "training")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     for name, value in asdict(DistillConfig()).items():
         if name == "warmup_steps":   # None: the default share of --steps (see run)
@@ -222,14 +221,13 @@ def run(args: argparse.Namespace) -> int:
     # Into the source's own folder (or another model's) the old tree.json, resume/ copy or run state
     # would describe the old heads, and a later `mtp train --resume` would load the undistilled ones.
     refuse_overwrite(out, "mtp distill", "distill into a new folder")
-    from .evaluate import past_trained_context
+    source = trained_source(ckpt_dir, args.source, args.extensions, args.heldout_fraction)
     warning = past_trained_context(ckpt_dir, cfg.prompt_len, cfg.gen_len)
     if warning:
         print(f"distill: warning: {warning}; the heads learn continuations it never saw there "
               "(--prompt-len / --gen-len)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len,
-                               Path(args.source) if args.source else None)
+    prompts = training_prompts(tokenizer, cfg.prompts, cfg.prompt_len, cfg.gen_len, source)
     t0 = time.perf_counter()
     model.eval()
     sequences = greedy_sequences(model, prompts, cfg.gen_len, cfg.gen_batch_size)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .checkpoint import default_checkpoint
-from .data import _unit_hash, find_source_files, read_text, split_files, stdlib_root
+from .data import CorpusSource, _unit_hash, check_extensions, read_text
 
 CHAIN = "chain"
 
@@ -85,12 +85,12 @@ def _walk(ranks: List[List[int]], paths: set, prompt_len: int, gen_len: int, k: 
             "accepted_per_depth": accepted_per_depth[1:]}
 
 
-def heldout_token_stream(tokenizer, source: Optional[Path] = None, max_files: int = 40,
+def heldout_token_stream(tokenizer, source: Union[None, Path, CorpusSource] = None, max_files: int = 40,
                          split: str = "heldout") -> List[List[int]]:
-    """Token ids (bos + text + eos) of up to `max_files` files of the held-out (or "train") split,
-    chosen by a fixed hash order."""
-    source = stdlib_root() if source is None else Path(source)
-    train, heldout = split_files(find_source_files(source), source)
+    """Token ids (bos + text + eos) of up to `max_files` files of the held-out (or "train") split of
+    `source` (a folder, None for the stdlib, or a CorpusSource with its endings and share), chosen by
+    a fixed hash order."""
+    source, train, heldout = CorpusSource.of(source).split()
     files = sorted(heldout if split == "heldout" else train,
                    key=lambda f: _unit_hash("eval:" + f.relative_to(source).as_posix()))
     streams = []
@@ -128,8 +128,8 @@ def _check_counts(**values) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def build_tree_for_model(model, tokenizer, budget: int, source: Optional[Path] = None, n_prompts: int = 16,
-                         prompt_len: int = 64, gen_len: int = 64, top_k: int = 8) -> dict:
+def build_tree_for_model(model, tokenizer, budget: int, source: Union[None, Path, CorpusSource] = None,
+                         n_prompts: int = 16, prompt_len: int = 64, gen_len: int = 64, top_k: int = 8) -> dict:
     """A token tree fitted to `model`: per-head top-k acceptance rates measured on greedy rollouts of
     prompts from TRAINING files (so held-out evaluation stays untouched), then `build_tree`."""
     from .speculative import build_tree, expected_accept_length, measure_acceptance_rates
@@ -143,7 +143,7 @@ def build_tree_for_model(model, tokenizer, budget: int, source: Optional[Path] =
             "prompts": len(prompts), "budget": budget}
 
 
-def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_files: int = 40,
+def evaluate_checkpoint(model, tokenizer, *, source: Union[None, Path, CorpusSource] = None, max_files: int = 40,
                         seq_len: Optional[int] = None, n_prompts: int = 16, prompt_len: int = 64,
                         gen_len: int = 64, trees: Optional[dict] = None, batch_size: int = 8) -> dict:
     """Both measurements; returns a dict ready for JSON (see `format_table`)."""
@@ -160,6 +160,7 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
     # The rollout runs n - 1 tokens past gen_len: the last verify step's drafts reach past it, and
     # the generator counts their acceptance (SpeculativeCounters), so the walks check them too.
     rollout_len = gen_len + n - 1
+    source = CorpusSource.of(source)
     streams = heldout_token_stream(tokenizer, source, max_files)
     seq_len = seq_len or model.params.max_seq_len
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams])
@@ -191,7 +192,9 @@ def evaluate_checkpoint(model, tokenizer, *, source: Optional[Path] = None, max_
                              "acceptance_per_depth": [h / steps for h in depth_hits] if steps else []}
     return {"heads": n, "heldout_windows": n_windows, "seq_len": seq_len, "head_loss": head_eval["loss"],
             "head_top1": head_eval["acc"], "prompt_len": prompt_len, "gen_len": gen_len, "prompts_asked": n_prompts,
-            "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()}}
+            "speculative": speculative, "trees": {k: [list(p) for p in v] for k, v in trees.items()},
+            "corpus": {"folder": str(source.root), "extensions": list(source.extensions),
+                       "heldout_fraction": source.heldout_fraction}}
 
 
 def check_speculative_measurement(model, trees: dict, prompt_len: int, gen_len: int) -> int:
@@ -220,7 +223,9 @@ def draft_ranks(model, sequence: Sequence[int], K: int) -> torch.Tensor:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"Held-out loss and top-1 accuracy over {result['heldout_windows']} windows of {result['seq_len']} tokens:",
+    where = f" (held-out files of {result['corpus']['folder']})" if "corpus" in result else ""
+    lines = [f"Held-out loss and top-1 accuracy over {result['heldout_windows']} windows of {result['seq_len']} "
+             f"tokens{where}:",
              "", "| head | predicts | held-out loss | top-1 accuracy |", "|---|---|---|---|"]
     for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_top1"])):
         lines.append(f"| {i} | token t+{i + 1} | {loss:.3f} | {acc:.3f} |")
@@ -241,7 +246,7 @@ def format_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None, help="checkpoint (default: the embedded mtp_engine/default_model)")
     parser.add_argument("--tokenizer-path", default=None, help="default: tokenizer.model in --ckpt-dir or its parent")
-    parser.add_argument("--source", default=None, help="folder whose held-out files are used (default: the stdlib)")
+    add_source_arguments(parser, "held-out")
     parser.add_argument("--max-files", type=int, default=40, help="held-out files to read (default 40)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per held-out loss window (default: the context the checkpoint was trained "
@@ -274,18 +279,53 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
     return trees
 
 
-def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
-    """The window a checkpoint was trained on (train_log.json's config, as `mtp train` writes it), or None.
-    A training run's resume/ copy (its float32 master weights) has the run's log in the folder above."""
+def trained_config(ckpt_dir: Path) -> dict:
+    """The training configuration of a checkpoint (train_log.json's "config", as `mtp train` writes it
+    and `mtp distill` carries over), or {} without one. A training run's resume/ copy (its float32
+    master weights) has the run's log in the folder above."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "train_log.json").is_file() and ckpt_dir.name == "resume" \
             and (ckpt_dir.parent / "trainer_state.json").is_file():
         ckpt_dir = ckpt_dir.parent
     try:
-        value = json.loads((ckpt_dir / "train_log.json").read_text())["config"]["seq_len"]
+        config = json.loads((ckpt_dir / "train_log.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
+    """The window a checkpoint was trained on (its `trained_config`), or None."""
+    value = trained_config(ckpt_dir).get("seq_len")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def trained_source(ckpt_dir: Path, folder=None, extensions=None, heldout_fraction=None) -> CorpusSource:
+    """The corpus a checkpoint was trained on, split as its run split it (its `trained_config`: folder,
+    file endings, held-out share), with what is given (not None) in place of the run's. A checkpoint
+    without a training log, or an older log, gets the stdlib and the default endings and share."""
+    config = trained_config(ckpt_dir)
+    if folder is None and config.get("source") is not None:
+        folder = config["source"]
+        if not Path(folder).is_dir():
+            raise ValueError(f"{ckpt_dir} was trained on the files under {folder}, which is not here: give --source")
+    extensions = extensions or config.get("extensions") or CorpusSource.extensions
+    if heldout_fraction is None:
+        heldout_fraction = config.get("heldout_fraction", CorpusSource.heldout_fraction)
+    return CorpusSource(None if folder is None else str(folder), check_extensions(extensions), heldout_fraction)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """--source, --extension and --heldout-fraction: which corpus's `split` files a command reads
+    (default: the one the checkpoint was trained on, see `trained_source`)."""
+    parser.add_argument("--source", default=None,
+                        help=f"corpus folder whose {split} files are read (default: the checkpoint's training "
+                             "corpus, from its train_log.json; else the stdlib)")
+    parser.add_argument("--extension", dest="extensions", action="append", default=None,
+                        help="file ending read from --source, repeatable (default: the training run's, else .py)")
+    parser.add_argument("--heldout-fraction", type=float, default=None,
+                        help="held-out share of a folder without test/ folders (default: the training run's, "
+                             "else 0.05)")
 
 
 def past_trained_context(ckpt_dir, prompt_len: int, gen_len: int) -> Optional[str]:
@@ -323,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and Path(path).is_dir():
             raise ValueError(f"{option} {path} is a folder; it must name the file to write")
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
+    source = trained_source(ckpt_dir, args.source, args.extensions, args.heldout_fraction)
     tokenizer = Tokenizer(find_tokenizer(ckpt_dir, args.tokenizer_path))
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -335,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     if args.build_tree:
         if model.n_future_tokens < 2:
             raise ValueError("--build-tree needs a model with at least 2 heads")
-        fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=args.source, n_prompts=args.prompts,
+        fitted = build_tree_for_model(model, tokenizer, args.tree_budget, source=source, n_prompts=args.prompts,
                                       prompt_len=args.prompt_len, gen_len=args.gen_len)
         Path(args.build_tree).write_text(json.dumps(fitted, indent=1) + "\n")
         add_tree(trees, Path(args.build_tree).stem, fitted["paths"])
@@ -346,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     warning = past_trained_context(ckpt_dir, args.prompt_len, args.gen_len)
     if warning:
         print(f"eval: warning: {warning}: the speculative figures measure positions it never learned")
-    result = evaluate_checkpoint(model, tokenizer, source=args.source, max_files=args.max_files, seq_len=seq_len,
+    result = evaluate_checkpoint(model, tokenizer, source=source, max_files=args.max_files, seq_len=seq_len,
                                  n_prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, trees=trees)
     result["checkpoint"] = str(ckpt_dir)
     print(format_table(result))

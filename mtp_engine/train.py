@@ -35,7 +35,7 @@ from mtp_kernels import fused_linear_cross_entropy
 
 from .checkpoint import (checkpoint_files, load_checkpoint, read_json_object, refuse_overwrite, replace_together,
                          resolve_device)
-from .data import PackedTokens, prepare_corpus
+from .data import DEFAULT_EXTENSIONS, PackedTokens, check_extensions, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
 
@@ -56,6 +56,8 @@ class TrainConfig:
     # data
     corpus_dir: str = "data/stdlib"  # token cache (tokenizer, train.bin, heldout.bin)
     source: Optional[str] = None     # folder of source files; None: the Python standard library
+    extensions: Tuple[str, ...] = DEFAULT_EXTENSIONS   # the endings of its files that are read
+    heldout_fraction: float = 0.05   # held-out share of a source without test/ folders
     vocab_size: int = 8192
     max_train_files: Optional[int] = None
     extra_sources: Tuple[str, ...] = ()   # more folders, all for training (e.g. site-packages)
@@ -114,6 +116,10 @@ class TrainConfig:
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         check_optimizer_options(self)
+        check_extensions(self.extensions)
+        if isinstance(self.heldout_fraction, bool) or not isinstance(self.heldout_fraction, (int, float)) \
+                or not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         for name in ("time_budget_s", "extra_max_mb"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -430,7 +436,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                 _cleanup(env)
             return read_json_object(out / "train_log.json")
 
-    corpus_options = dict(max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
+    corpus_options = dict(extensions=cfg.extensions, heldout_fraction=cfg.heldout_fraction,
+                          max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
                           extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
     if saved_state is not None and (out / "tokenizer.model").is_file():
         # A resume keeps the run's tokenizer: a changed corpus (files added, another Python's stdlib)
@@ -742,6 +749,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "head_weights":
             parser.add_argument(flag, type=float, nargs="+", default=None, help="per-head loss factors")
+        elif f.name == "extensions":
+            parser.add_argument("--extension", dest="extensions", action="append", default=None,
+                                help="file ending read from --source and --extra-source, repeatable "
+                                     "(default .py), e.g. --extension .txt --extension .md")
         elif f.name == "extra_sources":
             parser.add_argument("--extra-source", dest="extra_sources", action="append", default=None,
                                 help="another folder of training files (repeatable), e.g. a site-packages")
@@ -808,12 +819,16 @@ def resumed_config(cfg: TrainConfig, given: set, preset: Optional[str] = None) -
     if not isinstance(saved, dict) or not set(saved) <= names:
         raise ValueError(f"{Path(cfg.out_dir) / 'train_log.json'} has no training configuration this version reads")
 
+    def saved_value(name):   # a log older than a field ran with the field's default
+        return saved[name] if name in saved else json.loads(json.dumps(getattr(TrainConfig, name, None)))
+
     def same(name, value, old):
         if name in _PATHS and value is not None and old is not None:
             return Path(value).resolve() == Path(old).resolve()
         return json.loads(json.dumps(value)) == old     # tuples were saved as lists
-    clashes = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the run has {saved.get(k)!r})"
-               for k in sorted(given - RESUMABLE) if not same(k, getattr(cfg, k), saved.get(k))]
+    flags = {"extensions": "--extension", "extra_sources": "--extra-source"}   # repeatable flags' names
+    clashes = [f"{flags.get(k, '--' + k.replace('_', '-'))} {getattr(cfg, k)!r} (the run has {saved_value(k)!r})"
+               for k in sorted(given - RESUMABLE) if not same(k, getattr(cfg, k), saved_value(k))]
     if preset is not None and run_log.get("preset", preset) != preset:
         clashes.append(f"--preset {preset} (the run was started with --preset {run_log['preset']})")
     if clashes:

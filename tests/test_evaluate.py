@@ -1,5 +1,6 @@
 """`mtp eval`: tokens per forward from one greedy rollout, checked against the real speculative generator."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from mtp_engine.checkpoint import save_checkpoint
 from mtp_engine.cli import main
 from mtp_engine.evaluate import chain_tokens_per_forward, draft_ranks, format_table, tree_tokens_per_forward
 from mtp_engine.generate import Generator
+from mtp_engine.tokenizer import Tokenizer
 from mtp_engine.speculative import resolve_tree
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -237,3 +239,46 @@ def test_measurements_refuse_what_would_measure_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"--prompt-len 100 \+ --gen-len 28 \(\+ 3 drafted past it\) exceed the rotary table \(128 "):
         evaluate_checkpoint(model, Words(), source=src, max_files=1, seq_len=16, n_prompts=1, prompt_len=100,
                             gen_len=28)
+
+
+def test_a_run_on_text_files_is_evaluated_and_distilled_on_its_own_corpus(tmp_path, capsys):
+    """`mtp train --source D --extension .txt --heldout-fraction F`: the run's corpus is D's .txt files
+    split by F, and `mtp eval` / `mtp distill` on its checkpoint read that corpus, split the same way,
+    without being told (its train_log.json); flags still override, and a corpus that is gone is named."""
+    from test_train import SOURCES, STDLIB
+
+    src = tmp_path / "texts"
+    src.mkdir()
+    for name in SOURCES:
+        (src / name.replace(".py", ".txt")).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--source", str(src), "--extension", ".txt", "--heldout-fraction", "0.3",
+                 "--corpus-dir", str(tmp_path / "corpus"), "--out-dir", str(run), "--vocab-size", "400",
+                 "--seq-len", "48", "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--no-progress",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert manifest["extensions"] == [".txt"] and manifest["heldout_fraction"] == 0.3
+    assert all(f.endswith(".txt") for f in manifest["train_files"] + manifest["heldout_files"])
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt-dir", str(run), "--prompts", "1", "--prompt-len", "8", "--gen-len", "4",
+                 "--max-files", "2", "--json", str(out_json), "--device", "cpu"]) == 0, capsys.readouterr().err
+    result = json.loads(out_json.read_text())
+    assert result["corpus"] == {"folder": str(src.resolve()), "extensions": [".txt"], "heldout_fraction": 0.3}
+    assert f"(held-out files of {src.resolve()})" in capsys.readouterr().out
+
+    from mtp_engine.evaluate import heldout_token_stream, trained_source
+    tokenizer = Tokenizer(run / "tokenizer.model")
+    heldout_text = [tokenizer.decode(s[1:-1]) for s in heldout_token_stream(tokenizer, trained_source(run))]
+    expected = [(src / f).read_text(encoding="utf-8") for f in manifest["heldout_files"]]
+    assert sorted(heldout_text) == sorted(t for t in expected if len(t) > 200)
+    assert trained_source(run, extensions=[".md"], heldout_fraction=0.5).extensions == (".md",)
+    assert main(["distill", "--ckpt-dir", str(run), "--out-dir", str(tmp_path / "distilled"), "--prompts", "2",
+                 "--prompt-len", "8", "--gen-len", "4", "--steps", "1", "--batch-size", "2", "--warmup-steps", "0",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    shutil.rmtree(src)
+    for command in (["eval", "--ckpt-dir", str(run)],
+                    ["distill", "--ckpt-dir", str(run), "--out-dir", str(tmp_path / "again")]):
+        assert main(command + ["--device", "cpu"]) == 2
+        assert f"was trained on the files under {src.resolve()}, which is not here: give --source" \
+            in capsys.readouterr().err

@@ -16,7 +16,7 @@ from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, lo
                              split_files)
 from mtp_engine.model import ModelArgs, Transformer
 from mtp_engine.train import (MTPTrainModel, TrainConfig, absolute_paths, add_arguments, evaluate, init_weights, lr_at,
-                              preset_config, run, train)
+                              preset_config, resumed_config, run, train)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "colorsys.py")
@@ -64,6 +64,30 @@ def test_split_without_test_folder_uses_a_fixed_hash_share(tmp_path):
     train_files, heldout = split_files(files, tmp_path, heldout_fraction=0.2)
     assert 0 < len(heldout) < 30 and len(train_files) + len(heldout) == 60
     assert split_files(files, tmp_path, heldout_fraction=0.2)[1] == heldout
+
+
+def test_a_small_corpus_keeps_a_file_on_each_side_and_one_file_is_refused(tmp_path):
+    """A 5% share of a few files rounds to none held out (the split used to refuse the corpus): the
+    lowest-hash file is held out then, and the highest-hash one trained on when the share takes all."""
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text(f"{name}\n")
+    files = find_source_files(tmp_path, [".txt"])
+    for fraction, held in ((1e-9, 1), (0.999999, 2)):
+        train_files, heldout = split_files(files, tmp_path, heldout_fraction=fraction)
+        assert len(heldout) == held and len(train_files) == 3 - held
+        assert split_files(files, tmp_path, heldout_fraction=fraction) == (train_files, heldout)
+    with pytest.raises(ValueError, match=r"has 1 corpus file\(s\); the held-out split is by file, so it needs at least 2"):
+        split_files(files[:1], tmp_path)
+    for bad in (0, 1, True, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="heldout_fraction must be in"):
+            split_files(files, tmp_path, heldout_fraction=bad)
+    for bad in (["txt"], [], [""], [".txt", 3]):
+        with pytest.raises(ValueError, match="file extensions must be one or more endings such as"):
+            find_source_files(tmp_path, bad)
+    with pytest.raises(ValueError, match="file extensions must be"):
+        preset_config("tiny", extensions=("md",)).validate()
+    with pytest.raises(ValueError, match="heldout_fraction must be in"):
+        preset_config("tiny", heldout_fraction=1.5).validate()
 
 
 def test_corpus_round_trips_and_is_cached(corpus, source_tree):
@@ -565,6 +589,15 @@ def test_cli_resume_continues_the_given_folder_and_refuses_changed_flags(source_
                                          "--corpus-dir", os.path.relpath(corpus.dir)])) == 0
     assert json.loads((tmp_path / "copy" / "trainer_state.json").read_text())["step"] == 3
     assert json.loads((tmp_path / "first" / "trainer_state.json").read_text())["step"] == 2
+    # A log older than a field ran with the field's default: repeating the default is no clash.
+    log = json.loads((tmp_path / "copy" / "train_log.json").read_text())
+    del log["config"]["extensions"], log["config"]["heldout_fraction"]
+    (tmp_path / "copy" / "train_log.json").write_text(json.dumps(log))
+    resumed = resumed_config(dataclasses.replace(cfg, out_dir=str(tmp_path / "copy"), extensions=[".py"],
+                                                 heldout_fraction=0.05), {"extensions", "heldout_fraction"})
+    assert tuple(resumed.extensions) == (".py",) and resumed.heldout_fraction == 0.05
+    with pytest.raises(ValueError, match=r"--extension \['\.txt'\] \(the run has \['\.py'\]\)"):
+        resumed_config(dataclasses.replace(cfg, out_dir=str(tmp_path / "copy"), extensions=[".txt"]), {"extensions"})
     (tmp_path / "copy" / "optimizer.pt").unlink()
     with pytest.raises(ValueError, match=r"optimizer\.pt is missing: the run cannot resume at step 3"):
         run(parser.parse_args(base + ["--max-steps", "4"]))

@@ -1,10 +1,12 @@
 """Batched autoregressive generation on the static KV cache, and the release-style `Llama` front end.
 
 Every sequence keeps its own cache length (`cache_seqlens[b]`, per-sequence rotary positions):
-prompts of similar length are right-padded for one prefill forward (`prefill_groups`), never
-left-padded. A real prompt position only attends causally to earlier real ones, and a pad slot is
+prompts of similar length are right-padded for one prefill forward (`prefill_groups`; a long one
+in chunks of PREFILL_CHUNK_TOKENS tokens), never left-padded. A real prompt position only attends causally to earlier real ones, and a pad slot is
 overwritten by the sequence's next token before anything reads it, so padding changes no result:
-batched output equals one-prompt-at-a-time output token for token.
+batched output equals one-prompt-at-a-time output token for token, up to float rounding (matmuls
+over other row counts sum in other orders: two tokens whose scores tie within it can break either
+way; see Generator.generate).
 
 Per-sequence state (`SequenceState`) is explicit so that self-speculative decoding, which accepts
 a different number of tokens per sequence and step, reuses the same bookkeeping
@@ -12,6 +14,7 @@ a different number of tokens per sequence and step, reuses the same bookkeeping
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import json
@@ -47,7 +50,7 @@ class GenerationResult:
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
     prefill counts as one), prefill_forwards (the forwards the prefill ran, one per group of similar
-    prompt lengths), tokens_per_forward (tokens produced per sequence per forward it took part in,
+    prompt lengths and chunk of PREFILL_CHUNK_TOKENS), tokens_per_forward (tokens produced per sequence per forward it took part in,
     eos included: 1.0 for plain decoding), prefill_time_s, wall_time_s, tokens_per_s, finish_counts
     (sequences per finish reason). Self-speculative calls add speculative ("chain" |
     "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
@@ -105,6 +108,13 @@ PROMPT_LOGPROB_BYTES = 1 << 28
 # is a setting, not a measurement: bench_prefill.py times the grouping it gives against one forward.
 PREFILL_FORWARD_TOKENS = {"cuda": 256}
 PREFILL_FORWARD_TOKENS_DEFAULT = 64
+# The most prompt tokens (rows x positions) one prefill forward takes: a group's prompts go through in
+# chunks of positions, each attending to the chunks before it in the cache. Its activations are then
+# bounded (at the 7B shape about 90 kB a token in 16-bit: the MLP's two hidden projections, q/k/v and
+# the heads' outputs), where 64 prompts of 4096 tokens in one forward held about 24 GB; and a row whose
+# prompt has ended leaves the next chunks. 16k tokens of matmuls take ~100x a weight read on a GPU.
+PREFILL_CHUNK_TOKENS = {"cuda": 16384}
+PREFILL_CHUNK_TOKENS_DEFAULT = 8192
 
 
 def prefill_groups(lengths: Sequence[int], forward_tokens: int) -> List[Tuple[int, int]]:
@@ -200,8 +210,10 @@ class Generator:
         prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
         otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with a
         torch.Generator seeded by `seed` (None: torch's global RNG); one generator draws for the
-        whole batch, so with a seed the output is reproducible for the same batch of prompts, and
-        a prompt's sample changes with the prompts beside it (as in Meta's release). eos_id: None means the
+        whole batch, so with a seed the output is reproducible for the same prompts in the same
+        order, and a prompt's sample changes with the prompts beside it (as in Meta's release): the
+        rows draw in length order (two prompts of one length swapped swap draws) and a row that
+        finishes leaves the later draws to the others. eos_id: None means the
         tokenizer's eos (never stop early without a tokenizer); a negative id never stops early.
 
         speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
@@ -213,10 +225,13 @@ class Generator:
         `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree).
         Greedy speculative output equals plain greedy output token for token; sampled speculative
         output has the same distribution as plain sampling (not the same draws).
-        Exactness holds in float32. Both pick greedy tokens from float32-accumulated scores
-        (`linear_argmax`, with or without log-probs), but in bf16/fp16 a forward over T tree nodes
-        rounds the hidden states differently from a one-token forward, so a near-tie can break
-        differently; after such a tie the two continuations differ.
+        "Equal" means up to ties within rounding: both pick greedy tokens from float32-accumulated
+        scores (`linear_argmax`, with or without log-probs), but a forward over T tree nodes rounds
+        the hidden states differently from a one-token forward (by ~1e-7 relative in float32, ~1e-2 in
+        bf16/fp16: matmuls of other shapes sum in other orders), so two tokens whose scores are that
+        close can break differently, and the continuations differ after that. The same holds for a
+        prompt alone against it in a batch (other rows, other padding). The tests' random models
+        have no such ties; a bf16 model meets them now and then.
         """
         check_sampling_args(temperature, top_p)
         dtype = self.model.output.weight.dtype
@@ -422,41 +437,61 @@ class Generator:
 
     # ------------------------------------------------------------------ steps
     def _prefill(self, prompts: List[List[int]], want_prompt_logprobs: bool = False, n_heads: int = 1):
-        """The prompts (shortest first, row b in cache row b) in groups of similar length, one forward
-        over each group's right-padded prompts (`prefill_groups`). Returns the normed hidden
-        (B, n_heads, D) of the first n_heads heads at each prompt's last position and, if asked,
-        per-prompt log-probs of each prompt token given the ones before it."""
+        """The prompts (shortest first, row b in cache row b) in groups of similar length, forwards over
+        each group's right-padded prompts (`prefill_groups`, in chunks: `_prefill_rows`). Returns the
+        normed hidden (B, n_heads, D) of the first n_heads heads at each prompt's last position and,
+        if asked, per-prompt log-probs of each prompt token given the ones before it."""
         forward_tokens = PREFILL_FORWARD_TOKENS.get(self.device.type, PREFILL_FORWARD_TOKENS_DEFAULT)
         last, prompt_lp = [], []
         for start, end in prefill_groups([len(p) for p in prompts], forward_tokens):
             group_last, group_lp = self._prefill_rows(prompts[start:end], start, want_prompt_logprobs, n_heads)
             last.append(group_last)
             prompt_lp += group_lp or []
-            self._prefill_forwards += 1
         return torch.cat(last), (prompt_lp if want_prompt_logprobs else None)
 
     def _prefill_rows(self, prompts: List[List[int]], first_row: int, want_prompt_logprobs: bool, n_heads: int):
-        """One forward over `prompts`, right-padded, in cache rows first_row.. (see _prefill)."""
+        """`prompts` (shortest first), right-padded, into cache rows first_row..: one forward per chunk
+        of positions of at most PREFILL_CHUNK_TOKENS tokens in all, each over the rows whose prompt
+        reaches it (see _prefill)."""
         B, T = len(prompts), max(len(p) for p in prompts)
+        lengths = [len(p) for p in prompts]
         tokens = torch.zeros((B, T), dtype=torch.long)  # 0 is a valid id; pad slots are overwritten later
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        hidden = self.model.forward_cached(tokens, torch.zeros(B, dtype=torch.int32, device=self.device),
-                                           n_heads=n_heads, first_row=first_row)  # (B, T, n_heads, D)
-        last = hidden[torch.arange(B, device=self.device), lengths - 1]  # (B, n_heads, D)
+        budget = PREFILL_CHUNK_TOKENS.get(self.device.type, PREFILL_CHUNK_TOKENS_DEFAULT)
+        last = [None] * B
+        picked = torch.zeros(B, T - 1, dtype=torch.float32, device=self.device) if want_prompt_logprobs else None
+        t0 = 0
+        while t0 < T:
+            r = bisect.bisect_right(lengths, t0)   # rows r.. still have prompt at position t0
+            t1 = min(T, t0 + max(1, budget // (B - r)))
+            hidden = self.model.forward_cached(tokens[r:, t0:t1], torch.full((B - r,), t0, dtype=torch.int32,
+                                                                             device=self.device),
+                                               n_heads=n_heads, first_row=first_row + r)  # (B - r, t1 - t0, n_heads, D)
+            self._prefill_forwards += 1
+            for b in range(r, B):
+                if t0 < lengths[b] <= t1:
+                    last[b] = hidden[b - r, lengths[b] - 1 - t0]
+            if picked is not None:
+                self._pick_prompt_logprobs(picked[r:], hidden[:, : min(t1, T - 1) - t0, 0], tokens[r:], t0)
+            t0 = t1
         prompt_lp = None
-        if want_prompt_logprobs:   # float32 log-softmax a few positions at a time: (B, T, V) would not fit
-            picked = torch.zeros(B, T - 1, dtype=torch.float32, device=self.device)
-            step = max(1, PROMPT_LOGPROB_BYTES // (4 * B * self.model.vocab_size))
-            for t0 in range(0, T - 1, step):
-                t1 = min(T - 1, t0 + step)
-                logp = torch.log_softmax(self._logits(hidden[:, t0:t1, 0]), dim=-1)   # (B, t1 - t0, V)
-                picked[:, t0:t1] = logp.gather(-1, tokens[:, t0 + 1:t1 + 1, None]).squeeze(-1)
+        if picked is not None:
             picked = picked.tolist()
             prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
-        return last, prompt_lp
+        return torch.stack(last), prompt_lp
+
+    def _pick_prompt_logprobs(self, picked: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, t0: int) -> None:
+        """picked[:, t0 + j] = log-prob of tokens[:, t0 + j + 1] given head 0's normed hidden[:, j] (R, n, D),
+        the float32 log-softmax a few positions at a time: (R, n, V) would not fit."""
+        R, n = hidden.shape[:2]
+        step = max(1, PROMPT_LOGPROB_BYTES // (4 * max(R, 1) * self.model.vocab_size))
+        for j0 in range(0, n, step):
+            j1 = min(n, j0 + step)
+            logp = torch.log_softmax(self._logits(hidden[:, j0:j1]), dim=-1)   # (R, j1 - j0, V)
+            target = tokens[:, t0 + j0 + 1:t0 + j1 + 1, None]
+            picked[:, t0 + j0:t0 + j1] = logp.gather(-1, target).squeeze(-1)
 
     def _decode(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns head 0's

@@ -1,3 +1,4 @@
+import itertools
 """Generator (static-KV-cache batched generation), sampling, and the release-style Llama front end.
 
 Tiny random fp32 models on CPU. The oracle for greedy decoding is a naive loop that re-runs the
@@ -130,6 +131,50 @@ def test_ragged_batch_prefills_in_groups(request, monkeypatch, backend):
                              [r.prompt_logprobs[0] for r in singles] + [r.logprobs[0] for r in singles]):
             assert got == pytest.approx(want, abs=1e-4)
         assert [len(lp) for lp in res.prompt_logprobs] == lengths
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prefill_in_chunks_equals_one_forward(backend, request, monkeypatch):
+    """PREFILL_CHUNK_TOKENS bounds a prefill forward's tokens (rows x positions): a group goes through
+    in chunks of positions, each attending to the cached chunks before it, and rows whose prompt has
+    ended leave the later chunks. Tokens, log-probs and finish reasons equal the unchunked prefill's."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = make_model(n_future=2, seed=5)
+    lengths = [30, 2, 3, 29, 1] if backend == "reference" else [9, 1, 2, 8]
+    prompts = random_prompts(lengths, seed=7)
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=48)
+    monkeypatch.setattr("mtp_engine.generate.PREFILL_FORWARD_TOKENS_DEFAULT", 1 << 30)   # one group
+    calls = []
+    forward_cached = model.forward_cached
+
+    def recording(tokens, cache_seqlens, **kwargs):
+        calls.append((tuple(tokens.shape), int(cache_seqlens.max()), kwargs.get("first_row", 0)))
+        return forward_cached(tokens, cache_seqlens, **kwargs)
+
+    monkeypatch.setattr(model, "forward_cached", recording)
+    for speculative in (None, "tree"):
+        whole = gen.generate(prompts, max_gen_len=6, speculative=speculative, logprobs=True)
+        assert whole.stats["prefill_forwards"] == 1
+        budget = 7
+        monkeypatch.setattr("mtp_engine.generate.PREFILL_CHUNK_TOKENS_DEFAULT", budget)
+        calls.clear()
+        chunked = gen.generate(prompts, max_gen_len=6, speculative=speculative, logprobs=True)
+        monkeypatch.setattr("mtp_engine.generate.PREFILL_CHUNK_TOKENS_DEFAULT", 1 << 30)
+        prefill = calls[:chunked.stats["prefill_forwards"]]
+        assert len(prefill) > 2 and chunked.stats["forwards"] == whole.stats["forwards"]
+        # consecutive chunks of positions from 0 to the longest prompt, each within the budget
+        assert [start for _, start, _ in prefill] == [0] + list(itertools.accumulate(T for (_, T), _, _ in prefill))[:-1]
+        assert sum(T for (_, T), _, _ in prefill) == max(lengths)
+        assert all(B * T <= budget or T == 1 for (B, T), _, _ in prefill)
+        # a row leaves once its prompt has ended: the rows of a chunk are those still reaching its start
+        short = sorted(lengths)
+        for (B, _), start, first_row in prefill:
+            assert first_row == sum(n <= start for n in short) and first_row + B == len(lengths)
+        assert chunked.tokens == whole.tokens and chunked.finish_reasons == whole.finish_reasons
+        for got, want in zip(chunked.prompt_logprobs + chunked.logprobs, whole.prompt_logprobs + whole.logprobs):
+            assert got == pytest.approx(want, abs=1e-4)
+        assert [len(lp) for lp in chunked.prompt_logprobs] == lengths
 
 
 def test_forward_cached_in_rows_from_first_row(model):

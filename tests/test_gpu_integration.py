@@ -58,17 +58,20 @@ def test_triton_generation_batched_equals_single(monkeypatch, grouped):
     assert all(len(t) == 20 for t in batched)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("prefill", ["one", "grouped", "chunked"])
 @pytest.mark.parametrize("speculative", [None, "tree"])
-def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative, grouped):
+def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative, prefill):
     """bf16 is where the Triton KV-cache kernel runs (float32 goes to the reference). Every token the
     graphed generator picks on the kernels must be an argmax of the reference model's (uncached,
     teacher-forced) logits, up to bf16 noise: a wrong cache slot, mask bit or compaction would pick
-    tokens far from it. grouped: each prompt prefills in its own forward and cache rows."""
+    tokens far from it. grouped: each prompt prefills in its own forward and cache rows; chunked: the
+    prompts go through in chunks of a few positions, each attending to the cached ones before it."""
     from mtp_kernels.attention import _kernel_supports
 
-    if grouped:
+    if prefill == "grouped":
         monkeypatch.setitem(generate_module.PREFILL_FORWARD_TOKENS, "cuda", 0)
+    if prefill == "chunked":
+        monkeypatch.setitem(generate_module.PREFILL_CHUNK_TOKENS, "cuda", 16)
 
     model = small_model(torch.bfloat16)
     assert _kernel_supports(torch.empty(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16))

@@ -2,8 +2,9 @@
 
 Every sequence keeps its own cache length (`cache_seqlens[b]`, per-sequence rotary positions):
 prompts of similar length are right-padded for one prefill forward (`prefill_groups`; a long one
-in chunks of PREFILL_CHUNK_TOKENS tokens), never left-padded. A real prompt position only attends causally to earlier real ones, and a pad slot is
-overwritten by the sequence's next token before anything reads it, so padding changes no result:
+in chunks of PREFILL_CHUNK_TOKENS tokens), never left-padded. A real prompt position only attends
+causally to earlier real ones, and a pad slot is overwritten by the sequence's next token before
+anything reads it, so padding changes no result:
 batched output equals one-prompt-at-a-time output token for token, up to float rounding (matmuls
 over other row counts sum in other orders: two tokens whose scores tie within it can break either
 way; see Generator.generate).
@@ -50,10 +51,10 @@ class GenerationResult:
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
     prefill counts as one), prefill_forwards (the forwards the prefill ran, one per group of similar
-    prompt lengths and chunk of PREFILL_CHUNK_TOKENS), tokens_per_forward (tokens produced per sequence per forward it took part in,
-    eos included: 1.0 for plain decoding), prefill_time_s, wall_time_s, tokens_per_s, finish_counts
-    (sequences per finish reason). Self-speculative calls add speculative ("chain" |
-    "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
+    prompt lengths and chunk of PREFILL_CHUNK_TOKENS), tokens_per_forward (tokens produced per
+    sequence per forward it took part in, eos included: 1.0 for plain decoding), prefill_time_s,
+    wall_time_s, tokens_per_s, finish_counts (sequences per finish reason). Self-speculative calls
+    add speculative ("chain" | "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
     acceptance_per_head (see `_speculative_stats`).
     """
 
@@ -472,7 +473,7 @@ class Generator:
             self._prefill_forwards += 1
             for b in range(r, B):
                 if t0 < lengths[b] <= t1:
-                    last[b] = hidden[b - r, lengths[b] - 1 - t0]
+                    last[b] = hidden[b - r, lengths[b] - 1 - t0].clone()   # not a view keeping the chunk alive
             if picked is not None:
                 self._pick_prompt_logprobs(picked[r:], hidden[:, : min(t1, T - 1) - t0, 0], tokens[r:], t0)
             t0 = t1

@@ -108,7 +108,7 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, eps: float =
         raise ValueError(f"{name}: x must have a last dim to normalize, got a 0-d tensor")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     check_one_device(name, x=x, weight=weight)
 

@@ -180,8 +180,12 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"{name}: {n} must be a floating tensor, got {t.dtype}")
     check_cache_write(name, B, T, k.shape[2], D, freqs_cis, slots, k_cache, v_cache, check_slots, q=q, k=k, v=v)
+    if q.numel() == 0 or k.numel() == 0:   # no token to rotate or write
+        return q.clone()
+    # Complex views of the rotary pairs need a unit last stride: a strided q/k/v is copied once.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tensors = (q, k, v, freqs_cis, slots, k_cache, v_cache)
-    unit_last = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
+    unit_last = all(t.stride(-1) == 1 for t in (k_cache, v_cache))
     if not use_triton(*tensors) or not unit_last or freqs_cis.dtype != torch.complex64 or \
             q.dtype == torch.float64 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return reference.rope_cache_write(*tensors)

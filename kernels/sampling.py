@@ -36,6 +36,7 @@ chunk of rows at a time with the same tile code and samples the nucleus in torch
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,19 @@ class TokenCandidates:
 
     score: torch.Tensor
     index: torch.Tensor
+
+    def __post_init__(self):
+        # The merge kernels read both by one shape: a mismatch would read past a tensor, silently.
+        for name, value in (("score", self.score), ("index", self.index)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"TokenCandidates: {name} must be a (rows, n_blocks, k) tensor, got {got}")
+        if self.score.shape != self.index.shape or self.score.device != self.index.device:
+            raise ValueError(f"TokenCandidates: score {tuple(self.score.shape)} on {self.score.device} and index "
+                             f"{tuple(self.index.shape)} on {self.index.device} must match")
+        if self.score.dtype != torch.float32 or self.index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"TokenCandidates: score must be float32 and index int32/int64, got {self.score.dtype} "
+                             f"and {self.index.dtype}")
 
     def argmax(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The best token of every row, or of rows `rows` (int64 row ids, any shape): int64 of shape
@@ -512,13 +526,13 @@ def _check_linear_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor) 
 
 
 def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"linear_sample: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if 0 < temperature < MIN_TEMPERATURE:
         raise ValueError(f"linear_sample: temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
                          f"(1 / temperature must be finite in float32), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -573,8 +587,14 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     fp16, where the selection does not).
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device. Returns (R, V)
-    float32; mind its size (the selection functions never write it)."""
+    float32; mind its size (the selection functions never write it). Inference only: the kernel has
+    no backward, so a call that autograd would differentiate is refused on every device (a training
+    loss is `fused_linear_cross_entropy`'s work)."""
     _check_linear_inputs("linear_logits", hidden, weight)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise ValueError("linear_logits has no backward (it scores for log-probs at inference): call it under "
+                         "torch.no_grad(), or use fused_linear_cross_entropy for a loss, hidden @ weight.T for "
+                         "differentiable logits")
     if hidden.shape[0] == 0 or not use_triton(hidden, weight):
         return reference._float32_logits(hidden, weight)
     return linear_logits_triton(hidden, weight)

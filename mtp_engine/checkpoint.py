@@ -131,6 +131,8 @@ def read_params(ckpt_dir: PathLike, dtype: Optional[torch.dtype], max_seq_len: O
     """A loader's first steps (load_checkpoint, tensor_parallel.load_tensor_parallel): the directory
     and dtype checked, params.json read, the generation-time sizes given (they are not in it) set.
     Returns (ckpt_dir Path, params_path, params dict)."""
+    if not isinstance(ckpt_dir, (str, os.PathLike)):
+        raise ValueError(f"ckpt_dir must be a checkpoint folder's path, got {type(ckpt_dir).__name__}")
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
@@ -390,6 +392,28 @@ def save_checkpoint(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     return [path for path, _ in files[1:]]
 
 
+def _check_state_matches(state_dict, model: Transformer) -> None:
+    """ValueError unless state_dict has the model's keys, as floating tensors of its shapes: what
+    `load_checkpoint` would refuse is not written (over a good checkpoint, perhaps)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing:
+        problems.append(f"missing keys {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}")
+    for key in sorted(set(expected) & set(state_dict)):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            problems.append(f"{key} is {getattr(value, 'dtype', type(value).__name__)}, not a floating tensor")
+        elif tuple(value.shape) != expected[key]:
+            problems.append(f"{key} {tuple(value.shape)} != {expected[key]}")
+    if problems:
+        raise ValueError(f"state_dict does not match the model it is saved with: {'; '.join(problems[:6])}")
+
+
 def checkpoint_files(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
                      state_dict: Optional[Dict[str, torch.Tensor]] = None,
                      dtype: Optional[torch.dtype] = None) -> list:
@@ -397,10 +421,15 @@ def checkpoint_files(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     its checks (which raise before anything is written); ckpt_dir is created. A caller that writes
     other files with a checkpoint (a trainer's state) passes them to the same `replace_together`."""
     check_save_target(ckpt_dir, shards)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"save_checkpoint needs a Transformer, got {type(model).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    state = model.state_dict() if state_dict is None else state_dict
+    if state_dict is not None:
+        _check_state_matches(state_dict, model)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    state = model.state_dict() if state_dict is None else state_dict
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     # Meta's model-parallel code gives each rank n_heads / shards query heads and n_kv_heads / shards

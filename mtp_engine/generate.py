@@ -179,6 +179,13 @@ class Generator:
             raise ValueError(f"tree_tokens must be None or a positive int, got {tree_tokens!r}")
         if tree_rates is not None:
             tree_rates = check_rates(tree_rates)
+        if not isinstance(model, Transformer):
+            raise ValueError(f"Generator needs a Transformer (load_checkpoint gives one), got {type(model).__name__}")
+        if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "eos_id")):
+            raise ValueError(f"tokenizer must be None or a Tokenizer (encode, decode, eos_id), got "
+                             f"{type(tokenizer).__name__}: Tokenizer(path) reads a tokenizer.model")
+        if cuda_graphs and model.output.weight.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on CUDA, but it is on {model.output.weight.device}")
         self.tree_tokens = tree_tokens
         self.tree_rates = tree_rates
         self.model = model
@@ -235,6 +242,9 @@ class Generator:
         have no such ties; a bf16 model meets them now and then.
         """
         check_sampling_args(temperature, top_p)
+        temperature, top_p = float(temperature), float(top_p)   # a numpy scalar too
+        if not isinstance(logprobs, bool):
+            raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
         dtype = self.model.output.weight.dtype
         if dtype not in GENERATION_DTYPES:
             raise ValueError(f"the model is {dtype}; generation runs in {', '.join(map(str, GENERATION_DTYPES))}: "
@@ -448,7 +458,14 @@ class Generator:
             group_last, group_lp = self._prefill_rows(prompts[start:end], start, want_prompt_logprobs, n_heads)
             last.append(group_last)
             prompt_lp += group_lp or []
-        return torch.cat(last), (prompt_lp if want_prompt_logprobs else None)
+        last = torch.cat(last)
+        # One check (a host sync) per call: NaN or inf here would come out as token 0 and NaN log-probs.
+        finite = torch.isfinite(last).flatten(1).all(1)
+        if not bool(finite.all()):
+            raise ValueError(f"the model's hidden state at the end of {int((~finite).sum())} of {len(prompts)} "
+                             "prompt(s) is not finite (NaN or inf: broken weights, or an fp16 overflow): its "
+                             "tokens would mean nothing")
+        return last, (prompt_lp if want_prompt_logprobs else None)
 
     def _prefill_rows(self, prompts: List[List[int]], first_row: int, want_prompt_logprobs: bool, n_heads: int):
         """`prompts` (shortest first), right-padded, into cache rows first_row..: one forward per chunk

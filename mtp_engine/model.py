@@ -502,7 +502,9 @@ class Transformer(nn.Module):
         only, as the release's: it builds no autograd graph (warned once where autograd was on).
         """
         n_used = self.n_future_tokens if return_all_heads else 1
-        B = tokens.shape[0] if tokens.dim() else 0
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            self._check_tokens(tokens, False)   # the error naming what tokens is
+        B = tokens.shape[0]
         if isinstance(start_pos, torch.Tensor):
             if start_pos.is_floating_point() or start_pos.is_complex() or start_pos.dtype == torch.bool \
                     or start_pos.shape not in ((), (B,)):
@@ -523,7 +525,10 @@ class Transformer(nn.Module):
                               "release's inference path and builds no autograd graph; call model.clear_caches() "
                               "to train through model(tokens)", stacklevel=2)
             self._check_tokens(tokens, False)
-            seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B).to(torch.int32)
+            # The range is checked before the int32 cast: 2**32 would wrap to slot 0 and overwrite it.
+            seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B)
+            self._check_cache_range(seqlens, tokens.shape[1], "start_pos")
+            seqlens = seqlens.to(torch.int32)
             with torch.no_grad():
                 return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
         if not isinstance(start_pos, int) or start_pos != 0:
@@ -562,8 +567,9 @@ class Transformer(nn.Module):
         if not self.cache_len:
             raise RuntimeError("forward_cached needs setup_caches(max_batch_size, max_seq_len) first")
         n_heads = self._checked_heads(n_heads)
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq), got {tuple(tokens.shape)}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError("tokens must be (batch, seq), a tensor; got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if check_lengths:   # the same host sync allows the token ids' range check
             self._check_tokens(tokens, False)
         B, T = tokens.shape
@@ -575,15 +581,16 @@ class Transformer(nn.Module):
                 or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
             raise ValueError("cache_seqlens must be a (B,) integer tensor, got "
                              f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)}")
-        cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
         if cache_seqlens.shape != (B,):
             raise ValueError(f"cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
-        if check_lengths and B and bool(((cache_seqlens < 0) | (cache_seqlens > self.cache_len - T)).any()):
-            raise ValueError(f"cache_seqlens {cache_seqlens.tolist()} + {T} new tokens do not fit the cache "
-                             f"length {self.cache_len}")
+        if check_lengths:   # before the int32 cast: 2**32 would wrap to slot 0
+            self._check_cache_range(cache_seqlens, T, "cache_seqlens")
+        cache_seqlens = cache_seqlens.to(device=tokens.device, dtype=torch.int32)
+        if node_depths is not None:
+            node_depths = self._checked_depths(node_depths, cache_seqlens, T, check_lengths)
         offsets = torch.arange(T, device=tokens.device)
         slots = cache_seqlens[:, None].long() + offsets
-        positions = slots if node_depths is None else cache_seqlens[:, None].long() + node_depths.to(tokens.device).long()
+        positions = slots if node_depths is None else cache_seqlens[:, None].long() + node_depths.long()
         if self.freqs_cis.shape[0] < self.cache_len:
             self._grow_rope(self.cache_len)
         freqs = self._rope(tokens.device)[positions]  # (B, T, Dh/2)
@@ -591,6 +598,27 @@ class Transformer(nn.Module):
             tree_mask = pack_tree_mask(tree_mask.to(tokens.device))
         step = CacheStep(cache_seqlens, slots, tree_mask, first_row)
         return self._run(tokens, freqs, step, n_heads)
+
+    def _check_cache_range(self, lengths: torch.Tensor, T: int, name: str) -> None:
+        """ValueError unless every length in `lengths` (integers) leaves room for T new tokens."""
+        if lengths.numel() and bool(((lengths < 0) | (lengths > self.cache_len - T)).any()):
+            raise ValueError(f"{name} {lengths.tolist()} + {T} new tokens do not fit the cache length {self.cache_len} "
+                             f"(each must be in [0, {self.cache_len - T}])")
+
+    def _checked_depths(self, node_depths, cache_seqlens: torch.Tensor, T: int, check_values: bool) -> torch.Tensor:
+        """node_depths as a (T,) integer tensor on the tokens' device; with check_values (a host sync)
+        every depth in [0, T) (a negative one would index the rotary table from its end), which with
+        cache_seqlens <= cache_len - T keeps every node's position inside the cache."""
+        if not isinstance(node_depths, torch.Tensor) or node_depths.is_floating_point() or node_depths.is_complex() \
+                or node_depths.dtype == torch.bool or node_depths.shape != (T,):
+            got = f"{node_depths.dtype} {tuple(node_depths.shape)}" if isinstance(node_depths, torch.Tensor) \
+                else type(node_depths).__name__
+            raise ValueError(f"node_depths must be a ({T},) integer tensor (each tree node's depth), got {got}")
+        node_depths = node_depths.to(cache_seqlens.device)
+        if check_values and T and (int(node_depths.min()) < 0 or int(node_depths.max()) >= T):
+            raise ValueError(f"node_depths {node_depths.tolist()} must be in [0, {T}): a node's depth below the "
+                             "last accepted token")
+        return node_depths
 
     def _checked_heads(self, n_heads: Optional[int]) -> int:
         """n_heads (None: all) as an int in [1, n_future_tokens]."""
@@ -611,8 +639,12 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, from_start: bool) -> None:
         """Integer (batch, seq) tokens of the vocabulary, at least one per row; from_start (a forward
         without caches, from position 0): within the release's rotary table (check_uncached_length)."""
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got a {type(tokens).__name__}")
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"tokens {tuple(tokens.shape)} has no rows: give at least one sequence")
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
         if from_start:

@@ -62,8 +62,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: List[str], bos: bool, eos: bool, num_threads: int = 1) -> List[List[int]]:
         """`encode` of every text, SentencePiece spreading the batch over num_threads threads."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("encode_batch expects a list of str (a str alone would be split into characters)")
+        if isinstance(texts, str):
+            raise ValueError("encode_batch expects a list of str, got one str (it would be split into characters)")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"encode_batch expects a list of str; text {bad} is a {type(texts[bad]).__name__}")
         texts = list(texts)
         return self.add_specials(self._sp_encode(texts, texts, num_threads=num_threads) if texts else [], bos, eos)
 

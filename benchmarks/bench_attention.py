@@ -29,7 +29,7 @@ cache_seqlens (one host sync per call) is switched off while timing, as a genera
 lengths would do. Timed calls cycle through copies of the cache that together hold twice the L2
 (launch_tuner.rotating_copies), so every call reads its cache from HBM, as in a real decode step
 (where 31 other layers' caches and weights pass through L2 between two uses of one). KV-cache
-launches are tuned per shape before timing (kernels/attention.py,
+launches are tuned per shape before timing (kernels/kv_cache_attention.py,
 tune_kv_launch); a table lists every candidate launch's time, the heuristic's and the tuned one.
 Writes attention_<device-slug>.json and .md into DIR and prints the tables.
 """
@@ -57,8 +57,9 @@ TREE_SIZES = (16, 64)
 
 
 def _import_attention():
+    """(attention, kv_cache_attention): the flash and the KV-cache attention modules."""
     try:
-        from mtp_kernels import attention
+        from mtp_kernels import attention, kv_cache_attention
     except ModuleNotFoundError:  # a bare checkout: `kernels/` is the package
         import importlib.util
 
@@ -68,8 +69,8 @@ def _import_attention():
         module = importlib.util.module_from_spec(spec)
         sys.modules["mtp_kernels"] = module
         spec.loader.exec_module(module)
-        from mtp_kernels import attention
-    return attention
+        from mtp_kernels import attention, kv_cache_attention
+    return attention, kv_cache_attention
 
 
 def _slug(name: str) -> str:
@@ -288,20 +289,20 @@ def _one_call_ms(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _tune_record(attention, q, k_cache, v_cache, seqlens, mask) -> dict:
+def _tune_record(kv_attention, q, k_cache, v_cache, seqlens, mask) -> dict:
     """Tune the KV launch for this shape (as the first real call would) and record every candidate's
     CUDA-graph time, the heuristic's choice and the tuned one (ms, full cache). The CPU smoke run
     times one interpreted call per candidate instead (a failing one raises: it is the pipeline check)."""
     timer = None if q.is_cuda else _one_call_ms
-    times = attention.tune_kv_launch(q, k_cache, v_cache, seqlens, mask, q.shape[-1] ** -0.5, timer=timer)
-    heuristic = attention._kv_heuristic(*attention.kv_problem(q, k_cache), q.device)
+    times = kv_attention.tune_kv_launch(q, k_cache, v_cache, seqlens, mask, q.shape[-1] ** -0.5, timer=timer)
+    heuristic = kv_attention._kv_heuristic(*kv_attention.kv_problem(q, k_cache), q.device)
     best = min(times, key=times.get)   # the same pick as the tuner's
     return {"times_ms": {k.label(): v for k, v in times.items()},
             "heuristic": heuristic.label(), "heuristic_ms": times.get(heuristic),
             "tuned": best.label(), "tuned_ms": times[best]}
 
 
-def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
+def bench_decode(kv_attention, copy_gbps: float, matmul_tflops: float, batches=DECODE_BATCHES, lengths=DECODE_LENGTHS,
                  heads=DECODE_HEADS, device="cuda", dtype=torch.bfloat16) -> list[dict]:
     from mtp_kernels.launch_tuner import l2_cache_bytes, rotating_copies, rotation_count
 
@@ -320,13 +321,13 @@ def bench_decode(attention, copy_gbps: float, matmul_tflops: float, batches=DECO
             row = {"B": B, "S": S, "cache_copies": copies}
             for Tq in (1,) + TREE_SIZES:
                 q = torch.randn(B, Tq, H, D, device=device, dtype=dtype, generator=gen)
-                mask = None if Tq == 1 else attention.pack_tree_mask(_tree_mask(Tq, device))
+                mask = None if Tq == 1 else kv_attention.pack_tree_mask(_tree_mask(Tq, device))
 
                 def ours():
-                    return attention.kv_cache_attention(q, next_k(), next_v(), seqlens, mask, check_seqlens=False)
+                    return kv_attention.kv_cache_attention(q, next_k(), next_v(), seqlens, mask, check_seqlens=False)
 
                 with torch.no_grad():
-                    row[f"tq{Tq}_launches"] = _tune_record(attention, q, k_cache, v_cache, seqlens, mask)
+                    row[f"tq{Tq}_launches"] = _tune_record(kv_attention, q, k_cache, v_cache, seqlens, mask)
                     row[f"ours_tq{Tq}_launch_ms"] = _bench_ms(ours, rep=50)
                     ms = row[f"ours_tq{Tq}_ms"] = _bench_graph_ms(ours)
                 floor = row[f"floor_tq{Tq}_ms"] = _kv_floor_ms(B, S, Tq, H, Hkv, D, k_cache.element_size(),
@@ -458,13 +459,14 @@ def _write(out_dir: str, stem_name: str, result: dict) -> None:
     charts.try_chart_for(stem + ".json")
 
 
-def _measure(out_dir: str, stem: str, result: dict, attention, flash_kwargs: dict, decode_kwargs: dict) -> dict:
+def _measure(out_dir: str, stem: str, result: dict, attention, kv_attention, flash_kwargs: dict,
+             decode_kwargs: dict) -> dict:
     """Flash attention, then KV-cache attention, writing the files after each: a run cut off by its
     time limit during the second keeps the first."""
     result["flash"] = bench_flash(attention, result["matmul_TFLOPs"], **flash_kwargs)
     result["decode"] = []
     _write(out_dir, stem, result)
-    result["decode"] = bench_decode(attention, result["copy_GBps"], result["matmul_TFLOPs"], **decode_kwargs)
+    result["decode"] = bench_decode(kv_attention, result["copy_GBps"], result["matmul_TFLOPs"], **decode_kwargs)
     _write(out_dir, stem, result)
     return result
 
@@ -478,14 +480,14 @@ def main(out_dir: str) -> dict | None:
     os.environ.pop("MTP_BACKEND", None)
     import triton
 
-    attention = _import_attention()
+    attention, kv_attention = _import_attention()
     name = torch.cuda.get_device_name()
     ceilings = common.measure_ceilings("cuda")
     copy_gbps, tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_GBps": copy_gbps,
               "matmul_TFLOPs": tflops, "matmul_dtype": ceilings["matmul_dtype"], "dtype": "bf16",
               "decode_heads": DECODE_HEADS}
-    return _measure(out_dir, f"attention_{_slug(name)}", result, attention, {}, {})
+    return _measure(out_dir, f"attention_{_slug(name)}", result, attention, kv_attention, {}, {})
 
 
 def cpu_smoke(out_dir: str) -> dict:
@@ -493,13 +495,13 @@ def cpu_smoke(out_dir: str) -> dict:
     Needs TRITON_INTERPRET=1 and MTP_BACKEND=triton in the environment before start-up."""
     import triton
 
-    attention = _import_attention()
+    attention, kv_attention = _import_attention()
     ceilings = common.measure_ceilings("cpu", rep_ms=20)
     copy_gbps, tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
     result = {"smoke": True, "device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": triton.__version__,
               "copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": ceilings["matmul_dtype"],
               "dtype": "fp32", "decode_heads": (4, 2, 16)}
-    return _measure(out_dir, "attention_cpu-smoke", result, attention,
+    return _measure(out_dir, "attention_cpu-smoke", result, attention, kv_attention,
                     dict(shapes=[(1, 2, 40, 16)], device="cpu", dtype=torch.float32),
                     dict(batches=(2,), lengths=(40,), heads=(4, 2, 16), device="cpu", dtype=torch.float32))
 

@@ -183,13 +183,13 @@ def select_launch_report() -> list:
 def kv_launch_report() -> list:
     """What the KV-cache attention tuner measured for every attention shape the step costs ran
     (empty on a CPU): the heuristic's launch, the chosen one and every candidate's CUDA-graph ms."""
-    from mtp_kernels import attention
+    from mtp_kernels import kv_cache_attention
 
     rows = []
-    for key, times in attention._KV_TUNER.times.items():
+    for key, times in kv_cache_attention._KV_TUNER.times.items():
         device, _, B, Tq, H, D, S_max, Hkv, tree = key
-        heuristic = attention._kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, torch.device(device))
-        chosen = attention._KV_TUNER.chosen[key]
+        heuristic = kv_cache_attention._kv_heuristic(B, Hkv, (H // Hkv) * Tq, S_max, torch.device(device))
+        chosen = kv_cache_attention._KV_TUNER.chosen[key]
         rows.append({"B": B, "Tq": Tq, "H": H, "Hkv": Hkv, "D": D, "S_max": S_max, "tree": tree,
                      "heuristic": heuristic.label(), "heuristic_ms": times.get(heuristic),
                      "chosen": chosen.label(), "chosen_ms": times.get(chosen),

@@ -219,7 +219,7 @@ def scenarios(quick: bool = False):
     import torch
 
     import mtp_kernels as K
-    from mtp_kernels import attention, linear_ce_driver, reference, vocab_parallel_ce
+    from mtp_kernels import attention, kv_cache_attention, linear_ce_driver, reference, vocab_parallel_ce
     from mtp_engine.speculative import TokenTree, preset_paths
 
     gen = torch.Generator().manual_seed(0)
@@ -270,11 +270,13 @@ def scenarios(quick: bool = False):
             seqlens = torch.tensor([5, 900], dtype=torch.int32)
             for Tq in (1, 16, 64):
                 q = randn(2, Tq, 32, D, dtype=dtype)
-                tree = attention.pack_tree_mask(torch.tril(torch.ones(Tq, Tq, dtype=torch.bool))) if Tq > 1 else None
+                tree = (kv_cache_attention.pack_tree_mask(torch.tril(torch.ones(Tq, Tq, dtype=torch.bool)))
+                        if Tq > 1 else None)
                 if not attention._kernel_supports(q):   # float32 runs the reference on a GPU: nothing to compile
                     continue
-                for launch in attention.kv_launch_candidates(*attention.kv_problem(q, k_cache), q.device):
-                    attention._kv_run(q, k_cache, v_cache, seqlens, tree, D ** -0.5, launch)
+                problem = kv_cache_attention.kv_problem(q, k_cache)
+                for launch in kv_cache_attention.kv_launch_candidates(*problem, q.device):
+                    kv_cache_attention._kv_run(q, k_cache, v_cache, seqlens, tree, D ** -0.5, launch)
 
     def rope_cache(dtype):
         # Decode (one token per sequence) and a prefill chunk at the 7B shape; a head dim of 48.
@@ -390,11 +392,12 @@ def scenarios(quick: bool = False):
             freqs = torch.polar(torch.ones(1, 1, 64), randn(1, 1, 64, dtype=torch.float32))
             K.rope_cache_write(q, k, v, freqs, torch.zeros(1, 1, dtype=torch.long), k_cache, v_cache)
             seqlens = torch.tensor([900], dtype=torch.int32)
-            for launch in attention.kv_launch_candidates(*attention.kv_problem(q, k_cache), q.device)[:2]:
-                attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5, launch)
+            problem = kv_cache_attention.kv_problem(q, k_cache)
+            for launch in kv_cache_attention.kv_launch_candidates(*problem, q.device)[:2]:
+                kv_cache_attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5, launch)
                 if launch.n_splits > 1 and launch.combine_last:   # the separate combine kernel too
-                    attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5,
-                                      dataclasses.replace(launch, combine_last=False))
+                    kv_cache_attention._kv_run(q, k_cache, v_cache, seqlens, None, 128 ** -0.5,
+                                               dataclasses.replace(launch, combine_last=False))
             if not quick:   # the norm prologue's launches at one row, with the early weight tile
                 norm_launches(dtype, 1, True)
 

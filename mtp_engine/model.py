@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
-from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
+from mtp_kernels.attention import flash_attention
+from mtp_kernels.kv_cache_attention import PackedTreeMask, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
 from mtp_kernels.skinny_linear import NormPrologue, skinny_linear, skinny_linear_rope, skinny_linear_swiglu
 

@@ -35,7 +35,7 @@ import torch
 
 from mtp_kernels import (TokenCandidates, linear_argmax, linear_candidates, linear_sample, linear_topk, reference,
                          tree_accept_tokens, use_triton)
-from mtp_kernels.attention import PackedTreeMask, pack_tree_mask
+from mtp_kernels.kv_cache_attention import PackedTreeMask, pack_tree_mask
 from mtp_kernels.skinny_linear import skinny_linear
 
 Path = Tuple[int, ...]

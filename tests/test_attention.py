@@ -9,9 +9,11 @@ import triton
 import torch.nn.functional as F
 
 from mtp_kernels import attention as attention_module
+from mtp_kernels import kv_cache_attention as kv_attention_module
 from mtp_kernels.arrival import arrival_counters
 from mtp_kernels import reference
-from mtp_kernels.attention import PackedTreeMask, flash_attention, kv_cache_attention, pack_tree_mask
+from mtp_kernels.attention import flash_attention
+from mtp_kernels.kv_cache_attention import PackedTreeMask, kv_cache_attention, pack_tree_mask
 from mtp_kernels.launch_tuner import LaunchTuner, cuda_graph_ms
 
 
@@ -529,7 +531,7 @@ def _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed):
 @pytest.mark.parametrize("split_size", [None, 16])
 @pytest.mark.parametrize("H,Hkv,D,Tq,kind", KV_CASES)
 def test_kv_cache_attention_matches_oracle(triton_backend, monkeypatch, split_size, H, Hkv, D, Tq, kind):
-    monkeypatch.setattr(attention_module, "FORCE_KV_SPLIT_SIZE", split_size)
+    monkeypatch.setattr(kv_attention_module, "FORCE_KV_SPLIT_SIZE", split_size)
     S_max = 53
     seqlens = [0, 17, S_max - Tq, 32]             # empty, ragged, full cache, block-aligned
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, seqlens, seed=Tq * 11 + D)
@@ -556,10 +558,10 @@ def test_kv_splits_merged_by_the_last_split_program(triton_backend, H, Hkv, D, T
     packed = pack_tree_mask(mask) if mask is not None else None
     expected = _kv_oracle(q, k_cache, v_cache, cache_seqlens, mask, 0.3)
     for blocks_per_split in (1, 2):            # 16-key blocks: 4 or 2 splits of the 53 slots
-        split = attention_module._kv_launch(16, S_max, blocks_per_split, gpu=False)
+        split = kv_attention_module._kv_launch(16, S_max, blocks_per_split, gpu=False)
         assert split.n_splits == 4 // blocks_per_split and not split.combine_last
         for launch in (split, dataclasses.replace(split, combine_last=True)):
-            out = attention_module._kv_run(q, k_cache, v_cache, cache_seqlens, packed, 0.3, launch)
+            out = kv_attention_module._kv_run(q, k_cache, v_cache, cache_seqlens, packed, 0.3, launch)
             torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5,
                                        msg=lambda m: f"{launch}: {m}")
     assert int(arrival_counters(q.device, 1).abs().sum()) == 0
@@ -569,14 +571,14 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
     """Every launch the tuner may pick (row tiles x split counts) gives the oracle's result on a full
     cache; the fastest by the timer is kept for the shape and later calls use it. (The tuner itself:
     test_launch_tuner.py.)"""
-    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    monkeypatch.setattr(kv_attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
     B, H, Hkv, D, Tq, S_max = 3, 4, 2, 16, 9, 70
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(H, Hkv, D, Tq, S_max, [5, 40, 61], seed=31)
     packed = pack_tree_mask(_random_tree_mask(Tq, torch.Generator().manual_seed(32)))
     full = torch.full((B,), S_max - Tq, dtype=torch.int32)
     want = _kv_oracle(q, k_cache, v_cache, full, packed.mask, 0.3)
-    assert attention_module.kv_problem(q, k_cache) == (B, Hkv, (H // Hkv) * Tq, S_max)
-    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
+    assert kv_attention_module.kv_problem(q, k_cache) == (B, Hkv, (H // Hkv) * Tq, S_max)
+    candidates = kv_attention_module.kv_launch_candidates(*kv_attention_module.kv_problem(q, k_cache), q.device)
     assert len({c.block_m for c in candidates}) == 2 and len({c.n_splits for c in candidates}) >= 2
     split_launches = [c for c in candidates if c.n_splits > 1]
     assert {dataclasses.replace(c, combine_last=True) for c in split_launches} == {c for c in split_launches
@@ -587,13 +589,13 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
         torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=2e-5)
         ran.append(fn)
         return 0.5 if len(ran) == 2 else 1.0 + len(ran)   # the 2nd candidate is the fastest
-    times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=timer)
+    times = kv_attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3, timer=timer)
     assert list(times) == candidates and len(ran) == len(candidates)
     chosen = min(times, key=times.get)
     assert chosen == candidates[1]
     used = []
-    run = attention_module._kv_run
-    monkeypatch.setattr(attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
+    run = kv_attention_module._kv_run
+    monkeypatch.setattr(kv_attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
     out = kv_cache_attention(q, k_cache, v_cache, cache_seqlens, packed, sm_scale=0.3)
     assert used == [chosen]
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, cache_seqlens, packed.mask, 0.3),
@@ -603,21 +605,21 @@ def test_kv_launch_tuner_runs_every_candidate_and_keeps_the_fastest(triton_backe
 def test_kv_launch_tuning_leaves_out_a_launch_that_disagrees(triton_backend, monkeypatch):
     """A split launch whose combine drops one sequence's output (as a race in it would) never wins,
     however fast it times: every candidate is checked against the eager reference first."""
-    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    monkeypatch.setattr(kv_attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 3, 70, [5, 40], seed=33)
     packed = pack_tree_mask(_random_tree_mask(3, torch.Generator().manual_seed(34)))
-    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q, k_cache), q.device)
+    candidates = kv_attention_module.kv_launch_candidates(*kv_attention_module.kv_problem(q, k_cache), q.device)
     bad = next(c for c in candidates if c.n_splits > 1 and c.combine_last)
-    run = attention_module._kv_run
+    run = kv_attention_module._kv_run
 
     def faulty(*args):
         out = run(*args)
         if args[-1] == bad:
             out[1] = 0
         return out
-    monkeypatch.setattr(attention_module, "_kv_run", faulty)
+    monkeypatch.setattr(kv_attention_module, "_kv_run", faulty)
     with pytest.warns(UserWarning, match="disagree with the reference"):
-        times = attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3,
+        times = kv_attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, packed, 0.3,
                                                 timer=lambda fn: (fn(), 1.0)[1])
     assert times[bad] == float("inf") and all(t == 1.0 for c, t in times.items() if c != bad)
 
@@ -666,9 +668,9 @@ def test_kv_tuner_reference_in_query_chunks_equals_the_whole_call():
     chunk, counted as i0 more cached tokens, sees what its queries see in the whole call."""
     q, k_cache, v_cache, _ = _kv_inputs(4, 2, 16, 13, 40, [0, 20], seed=35)
     full = torch.tensor([40 - 13, 40 - 13], dtype=torch.int32)
-    whole = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3)
+    whole = kv_attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3)
     one_query_per_chunk = 4 * 2 * 4 * 40    # score_bytes for a step of 1 query (2 sequences): 13 chunks
-    chunked = attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3,
+    chunked = kv_attention_module._kv_reference_in_pieces(q, k_cache, v_cache, full, None, 0.3,
                                                        score_bytes=one_query_per_chunk)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     torch.testing.assert_close(whole.double(), _kv_oracle(q, k_cache, v_cache, full, None, 0.3), rtol=1e-4, atol=2e-5)
@@ -678,28 +680,29 @@ def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
     """Prefill chunks (no tree) of lengths in one power-of-two band share a key, so a server does not
     tune again at every prompt length; the launch tuned at one length gives the right result at
     another. Decode and tree calls keep their exact length."""
-    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    monkeypatch.setattr(kv_attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
     H, Hkv, D, S_max = 4, 2, 16, 80
     keys = {}
     for Tq in (1, 9, 13, 16, 17):
         q, k_cache, _, _ = _kv_inputs(H, Hkv, D, Tq, S_max, [0, 3], seed=Tq)
-        keys[Tq] = (attention_module._kv_key(q, k_cache, False), attention_module._kv_key(q, k_cache, True))
+        keys[Tq] = (kv_attention_module._kv_key(q, k_cache, False), kv_attention_module._kv_key(q, k_cache, True))
     assert keys[9][0] == keys[13][0] == keys[16][0] != keys[17][0] and keys[1][0] != keys[9][0]
     assert len({tree_key for _, tree_key in keys.values()}) == 5
     batch_keys = {}
     for B in (1, 3, 4, 5):
         q, k_cache, _, _ = _kv_inputs(H, Hkv, D, 9, S_max, [0] * B, seed=B)
-        batch_keys[B] = (attention_module._kv_key(q, k_cache, False), attention_module._kv_key(q, k_cache, True),
-                         attention_module._kv_key(q[:, :1], k_cache, False))
+        batch_keys[B] = (kv_attention_module._kv_key(q, k_cache, False), kv_attention_module._kv_key(q, k_cache, True),
+                         kv_attention_module._kv_key(q[:, :1], k_cache, False))
     assert batch_keys[3][0] == batch_keys[4][0] != batch_keys[5][0] != batch_keys[1][0]   # prefill: B banded
     assert len({k[1] for k in batch_keys.values()}) == len({k[2] for k in batch_keys.values()}) == 4   # exact B
     q, k_cache, v_cache, seqlens = _kv_inputs(H, Hkv, D, 13, S_max, [0, 40], seed=3)
     q9 = q[:, :9].contiguous()
-    candidates = attention_module.kv_launch_candidates(*attention_module.kv_problem(q9, k_cache), q.device)
-    attention_module._KV_TUNER.chosen[attention_module._kv_key(q9, k_cache, False)] = candidates[-1]   # "tuned at 9"
+    candidates = kv_attention_module.kv_launch_candidates(*kv_attention_module.kv_problem(q9, k_cache), q.device)
+    kv_attention_module._KV_TUNER.chosen[kv_attention_module._kv_key(q9, k_cache, False)] = \
+        candidates[-1]   # "tuned at 9"
     used = []
-    run = attention_module._kv_run
-    monkeypatch.setattr(attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
+    run = kv_attention_module._kv_run
+    monkeypatch.setattr(kv_attention_module, "_kv_run", lambda *a: used.append(a[-1]) or run(*a))
     out = kv_cache_attention(q, k_cache, v_cache, seqlens, sm_scale=0.3)
     assert used == [candidates[-1]]
     torch.testing.assert_close(out.double(), _kv_oracle(q, k_cache, v_cache, seqlens, None, 0.3), rtol=1e-4, atol=2e-5)
@@ -708,18 +711,18 @@ def test_prefill_lengths_share_a_tuning_key(triton_backend, monkeypatch):
 def test_kv_launch_tuning_reads_a_new_cache_copy_at_each_call(triton_backend, monkeypatch):
     """With an L2 of twice the cache, each timed call reads another copy of K and V (the same copy
     of both), so no launch is timed on a cache held in L2; the copies hold the cache's values."""
-    monkeypatch.setattr(attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
+    monkeypatch.setattr(kv_attention_module, "_KV_TUNER", LaunchTuner("kv_cache_attention"))
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(4, 2, 16, 1, 40, [5, 30], seed=3)
     seen = []
-    run = attention_module._kv_run
+    run = kv_attention_module._kv_run
 
     def spy(q_, k, v, *rest):
         seen.append((k.data_ptr(), v.data_ptr()))
         assert torch.equal(k, k_cache) and torch.equal(v, v_cache)
         return run(q_, k, v, *rest)
-    monkeypatch.setattr(attention_module, "_kv_run", spy)
+    monkeypatch.setattr(kv_attention_module, "_kv_run", spy)
     nbytes = k_cache.numel() * k_cache.element_size()
-    attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, None, 0.3,
+    kv_attention_module.tune_kv_launch(q, k_cache, v_cache, cache_seqlens, None, 0.3,
                                     timer=lambda fn: [fn(), fn()] and 1.0, l2_bytes=2 * nbytes)
     assert len(seen) >= 4
     assert all(a != b for a, b in zip(seen, seen[1:]))                      # never the same copy twice in a row
@@ -733,7 +736,7 @@ def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     cpu = torch.device("cpu")
-    heuristic = attention_module._kv_heuristic
+    heuristic = kv_attention_module._kv_heuristic
     # these five are the H100 tuner's picks (attention_nvidia-h100-80gb-hbm3.md, tenth session)
     assert heuristic(1, 8, 4, 1088, cpu).label() == "M16 x9+last"     # decode, batch 1
     assert heuristic(1, 8, 4, 8256, cpu).label() == "M16 x15+last"
@@ -750,13 +753,13 @@ def test_kv_split_heuristic_bounds_the_partials(monkeypatch):
                 assert launch.n_splits == 1 or rows * launch.n_splits <= S_max
                 assert launch.combine_last == (launch.n_splits > 1 and launch.block_m == 16)
                 assert launch.n_splits == -(-S_max // launch.split_size) and launch.split_size % 64 == 0
-                cands = attention_module.kv_launch_candidates(B, 8, rows, S_max, cpu)
+                cands = kv_attention_module.kv_launch_candidates(B, 8, rows, S_max, cpu)
                 assert cands[0] == launch and len(set(cands)) == len(cands)
 
 
 def test_kv_cache_attention_more_than_64_tree_nodes_with_splits(triton_backend, monkeypatch):
     # 70 nodes: the packed mask spans two int64 words (bit 63 included).
-    monkeypatch.setattr(attention_module, "FORCE_KV_SPLIT_SIZE", 32)
+    monkeypatch.setattr(kv_attention_module, "FORCE_KV_SPLIT_SIZE", 32)
     Tq, S_max = 70, 100
     q, k_cache, v_cache, cache_seqlens = _kv_inputs(2, 1, 16, Tq, S_max, [3, 30], seed=12)
     tree_mask = _random_tree_mask(Tq, torch.Generator().manual_seed(13))
@@ -1052,7 +1055,7 @@ def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
     the reference; the tuned launch is kept; a shape first seen inside a graph capture is not tuned
     there (no timing in a capture) but runs the heuristic's launch."""
     tuner = LaunchTuner("kv_cache_attention")
-    monkeypatch.setattr(attention_module, "_KV_TUNER", tuner)
+    monkeypatch.setattr(kv_attention_module, "_KV_TUNER", tuner)
     S_max = 1024 + 64
     g = torch.Generator().manual_seed(40 + Tq)
     q = torch.randn(B, Tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
@@ -1067,7 +1070,7 @@ def test_kv_launch_tuning_gpu_bf16(monkeypatch, B, Tq):
     def checked_timer(fn):
         errors.append(_rel_err(fn(), want))
         return cuda_graph_ms(fn)
-    times = attention_module.tune_kv_launch(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, timer=checked_timer)
+    times = kv_attention_module.tune_kv_launch(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, timer=checked_timer)
     assert len(times) >= 3 and all(0 < t < 1.0 for t in times.values()), times
     assert len(errors) == len(times) and max(errors) < 1e-2, errors
     out = kv_cache_attention(q, k_cache, v_cache, seqlens, mask)
@@ -1102,14 +1105,14 @@ def test_kv_combine_last_gpu_race_free_and_deterministic(B, Tq, block_m):
     seqlens = torch.tensor([S_max - Tq, 1500][:B], dtype=torch.int32, device="cuda")
     mask = _random_tree_mask(Tq, torch.Generator().manual_seed(51)).cuda() if Tq > 1 else None
     packed = pack_tree_mask(mask) if mask is not None else None
-    split = attention_module._kv_launch(block_m, S_max, 4, gpu=True)
+    split = kv_attention_module._kv_launch(block_m, S_max, 4, gpu=True)
     assert split.n_splits == 17
-    by_kernel = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, split)
+    by_kernel = kv_attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, split)
     last = dataclasses.replace(split, combine_last=True)
-    first = attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last)
+    first = kv_attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last)
     assert _rel_err(first, by_kernel) < 5e-3   # bf16 rounding of two float32 summation orders
     for _ in range(10):
-        assert torch.equal(attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last), first)
+        assert torch.equal(kv_attention_module._kv_run(q, k_cache, v_cache, seqlens, packed, 128 ** -0.5, last), first)
     assert int(arrival_counters(q.device, 1).abs().sum()) == 0
     want = reference.kv_cache_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, mask)
     assert _rel_err(first, want) < 1e-2

@@ -595,15 +595,15 @@ def test_bench_generate_reports_the_selection_tuning(monkeypatch, load_script):
 def test_bench_generate_reports_the_kv_launch_tuning(monkeypatch, load_script):
     """The report of what the KV-attention tuner measured per shape (filled only on a GPU): the
     heuristic's launch, the chosen one and every candidate, by label; its markdown table."""
-    from mtp_kernels import attention
+    from mtp_kernels import kv_cache_attention
     from mtp_kernels.launch_tuner import LaunchTuner
 
     module = load_script(BENCH / "bench_generate.py")
     tuner = LaunchTuner("kv_cache_attention")
-    monkeypatch.setattr(attention, "_KV_TUNER", tuner)
+    monkeypatch.setattr(kv_cache_attention, "_KV_TUNER", tuner)
     key = ("cpu", torch.bfloat16, 1, 1, 32, 128, 1088, 8, False)     # device, dtype, q shape, S_max, Hkv, tree
-    heuristic = attention._kv_heuristic(1, 8, 4, 1088, torch.device("cpu"))
-    last = attention.KVLaunch(16, 16, 1, 1, 128, 9, combine_last=True)
+    heuristic = kv_cache_attention._kv_heuristic(1, 8, 4, 1088, torch.device("cpu"))
+    last = kv_cache_attention.KVLaunch(16, 16, 1, 1, 128, 9, combine_last=True)
     tuner.times[key] = {heuristic: 0.0097, last: 0.0084}
     tuner.chosen[key] = last
     (row,) = module.kv_launch_report()

@@ -35,8 +35,8 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch, interpreting,
-                      refuse_double_backward, tma_aligned, use_triton)
+from .backend import (check_one_device, compute_major, descriptors_allowed, eager_under_compile, gpu_launch,
+                      interpreting, refuse_double_backward, tma_aligned, use_triton)
 
 LOG2E = 1.4426950408889634
 
@@ -927,7 +927,12 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
         if q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.numel():
             return _sdpa(q, k, v, causal, scale)
         return reference.attention(q, k, v, causal=causal, sm_scale=scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+    return _flash_attention_triton(q, k, v, bool(causal), scale)
+
+
+@eager_under_compile
+def _flash_attention_triton(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)
 
 
 def _sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:

@@ -19,14 +19,13 @@ and written by the same thread, so writing in place is race-free.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import interpreting, use_triton
+from .backend import eager_under_compile, interpreting, use_triton
 from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy, plain_loss_options
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
@@ -227,21 +226,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
     """
-    return _outside_compile()(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
-                              head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss,
-                              softcap=softcap, accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes,
-                              return_per_head=return_per_head, process_group=process_group)
+    return _fused_loss(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
+                       head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                       accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head,
+                       process_group=process_group)
 
 
-@functools.lru_cache(maxsize=None)
-def _outside_compile():
-    """`_fused_loss` as torch.compile leaves it: inside a compiled model the loss runs as its own eager
-    call (its launchers tune, check and sync on the host, and Dynamo tracing into them, the
-    interpreter's numpy included, fails). Made at the first call: torch.compiler.disable imports
-    Dynamo, which would double this package's import time."""
-    return torch.compiler.disable(_fused_loss)
-
-
+# Inside a compiled model the loss runs as its own eager call (eager_under_compile), on every path:
+# its checks read the targets on the host.
+@eager_under_compile
 def _fused_loss(hidden, weight, targets, *, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
                 accum_dtype, max_scratch_bytes, return_per_head, process_group):
     if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)

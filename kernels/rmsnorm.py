@@ -12,8 +12,8 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (as_rows, check_one_device, gpu_launch, interpreting, refuse_double_backward, sm_count,
-                      use_triton)
+from .backend import (as_rows, check_one_device, eager_under_compile, gpu_launch, interpreting,
+                      refuse_double_backward, sm_count, use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -164,6 +164,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     _check_weight("rms_norm", x, weight, eps)
     if not use_triton(x, weight) or x.numel() == 0:
         return reference.rms_norm(x, weight, eps)
+    return _rms_norm_triton(x, weight, eps)
+
+
+@eager_under_compile
+def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -186,6 +191,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         return h, rms_norm(h, weight, eps)
     if not use_triton(x, residual, weight) or x.numel() == 0:
         return reference.add_rms_norm(x, residual, weight, eps)
+    return _add_rms_norm_triton(x, residual, weight, eps)
+
+
+@eager_under_compile
+def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     x2, r2 = as_rows(x), as_rows(residual)
     M, D = x2.shape
     h = torch.empty((M, D), dtype=x.dtype, device=x.device)

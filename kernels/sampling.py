@@ -43,7 +43,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, gpu_launch, use_triton
+from .backend import check_one_device, eager_under_compile, gpu_launch, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,6 +267,7 @@ def _merge_on_device(score: torch.Tensor) -> bool:
     return use_triton(score) and score.shape[1] * score.shape[2] <= MAX_MERGE_CANDIDATES and score.shape[0] > 0
 
 
+@eager_under_compile
 def _merge_triton(score: torch.Tensor, index: torch.Tensor, rows, k: int, first_only: bool) -> torch.Tensor:
     """(n_rows, k) int64 from candidates score / index (R, n_blocks, kept), both contiguous as pass
     1 writes them: the k best of each row in `rows` (all rows when None); first_only: each block's
@@ -441,6 +442,7 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
     return seed.to(device)
 
 
+@eager_under_compile
 def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                                   generator: torch.Generator | None, top_k: int = 1):
     """Pass 1: each row's top_k scores within each vocab block. hidden: (R, D), weight: (V, D), same
@@ -473,6 +475,7 @@ def _select_launch(hidden, weight, temperature: float, generator, top_k: int, ti
     return best_score, best_index
 
 
+@eager_under_compile
 def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                          generator: torch.Generator | None) -> torch.Tensor:
     """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise.
@@ -480,6 +483,7 @@ def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature
     return TokenCandidates(*linear_select_partials_triton(hidden, weight, temperature, generator)).argmax()
 
 
+@eager_under_compile
 def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """float32 (R, V) logits hidden @ weight.T (float32 accumulation). For the top-p fallback."""
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
@@ -493,6 +497,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return logits
 
 
+@eager_under_compile
 def _sample_top_p_triton(hidden, weight, temperature: float, top_p: float, generator) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)

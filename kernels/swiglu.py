@@ -13,7 +13,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import as_rows, check_one_device, interpreting, use_triton
+from .backend import as_rows, check_one_device, eager_under_compile, interpreting, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -55,6 +55,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or gate.dim() == 0:
         return reference.swiglu(gate, up)
+    return _swiglu_triton(gate, up)
+
+
+@eager_under_compile
+def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     R, F = g2.shape
     out = torch.empty((R, F), dtype=gate.dtype, device=gate.device)

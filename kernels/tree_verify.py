@@ -30,7 +30,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, graph_capturing, interpreting, use_triton
+from .backend import check_one_device, eager_under_compile, graph_capturing, interpreting, use_triton
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -122,6 +122,7 @@ def _compact_kv_kernel(
 # ============================================================================================
 # Host launchers
 # ============================================================================================
+@eager_under_compile
 def tree_accept_triton(candidates, verifier, parents, max_depth: int, emit: bool = False):
     """tree_accept's outputs; emit: also (packed (B, max_depth + 2), last_node (B,)), see tree_accept_tokens."""
     B, T = candidates.shape
@@ -140,6 +141,7 @@ def tree_accept_triton(candidates, verifier, parents, max_depth: int, emit: bool
     return (accepted_nodes, accept_len, bonus) + ((packed, last_node) if emit else ())
 
 
+@eager_under_compile
 def compact_kv_cache_triton(k_cache, v_cache, cache_seqlens, accepted_nodes, accept_len) -> None:
     L, _, _, Hkv, Dh = k_cache.shape
     B, W = accepted_nodes.shape

@@ -650,7 +650,11 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens {tuple(tokens.shape)} has no positions: give at least one token per row")
         if from_start:
             self.check_uncached_length(tokens.shape[1], f"positions up to {tokens.shape[1]}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+        # The range check reads the ids on the host: a compiled forward would break its graph there
+        # (three times) and fullgraph=True would fail, so compiled code skips it (the embedding's own
+        # lookup still fails on an id past the table).
+        if tokens.numel() and not torch.compiler.is_compiling() and (
+                int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mtp_kernels import linear_argmax, linear_logits, linear_sample, reference
+from mtp_kernels import linear_argmax, linear_logits, linear_sample, linear_topk, reference
 
 
 def _logits(hidden, weight):
@@ -365,3 +365,21 @@ def test_gpu_sampling_reproducible_and_graph_capturable():
     torch.cuda.synchronize()
     _assert_argmax_of(greedy, _logits(hidden, weight), tol=1e-3)
     assert ((sampled >= 0) & (sampled < 32000)).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_selection_inside_torch_compile_equals_eager(backend, request):
+    """A compiled function around the selection kernels: their Triton launches run as their own eager
+    calls (Dynamo traced into the interpreter's numpy and failed) and choose eager's tokens."""
+    import torch._dynamo
+
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 16), torch.randn(37, 16)
+
+    def pick(h):
+        return linear_argmax(torch.tanh(h), weight), linear_topk(torch.tanh(h), weight, 3)
+    for got, want in zip(torch.compile(pick, backend="aot_eager")(hidden), pick(hidden)):
+        assert torch.equal(got, want)

@@ -48,14 +48,18 @@ def cases(context: int) -> dict:
 @contextlib.contextmanager
 def one_forward():
     """The prefill as one forward over the right-padded batch: a forward costed at infinitely many
-    tokens never splits the batch."""
-    saved = dict(generate_module.PREFILL_FORWARD_TOKENS), generate_module.PREFILL_FORWARD_TOKENS_DEFAULT
-    generate_module.PREFILL_FORWARD_TOKENS = {key: 1 << 62 for key in ("cuda", "cpu")}
-    generate_module.PREFILL_FORWARD_TOKENS_DEFAULT = 1 << 62
+    tokens never splits the batch, and a chunk of infinitely many tokens never cuts it."""
+    names = ("PREFILL_FORWARD_TOKENS", "PREFILL_CHUNK_TOKENS")
+    saved = {name: getattr(generate_module, name) for name in names}
+    saved.update({name + "_DEFAULT": getattr(generate_module, name + "_DEFAULT") for name in names})
+    for name in names:
+        setattr(generate_module, name, {key: 1 << 62 for key in ("cuda", "cpu")})
+        setattr(generate_module, name + "_DEFAULT", 1 << 62)
     try:
         yield
     finally:
-        generate_module.PREFILL_FORWARD_TOKENS, generate_module.PREFILL_FORWARD_TOKENS_DEFAULT = saved
+        for name, value in saved.items():
+            setattr(generate_module, name, value)
 
 
 def run(tiny: bool = False) -> dict:

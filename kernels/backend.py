@@ -161,10 +161,18 @@ def eager_under_compile(fn):
     """`fn` as torch.compile sees it: one opaque eager call (a graph break), never traced. The Triton
     launchers tune, check and synchronize on the host, and Dynamo tracing into them (into the
     interpreter's numpy on a CPU) fails; run eagerly, a compiled model gets eager's results and
-    gradients. torch._disable_dynamo imports Dynamo at the first call, not at import (that would
-    double the package's import time); a call costs about 0.4 us more."""
+    gradients. Outside a compile `fn` is called as it is: torch._disable_dynamo's wrapper imports
+    Dynamo at its first call (about 1 s, as long as torch's own import), which code that never
+    compiles should not pay."""
     disable = getattr(torch, "_disable_dynamo", None)
-    return fn if disable is None else disable(fn)
+    if disable is None:
+        return fn
+    disabled = disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return disabled(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+    return call
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

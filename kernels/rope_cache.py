@@ -157,8 +157,8 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     """Rotate q and k (Meta's interleaved rotary form, in float32), write rotated k and v into the
     caches at `slots`, and return rotated q (B, T, H, Dh) in q's dtype. No autograd (inference).
 
-    q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides with a unit last stride, e.g. views of
-    one projection); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
+    q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides, e.g. views of one projection; one whose
+    last stride is not 1 is copied first); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
     slots: (B, T) int64 or int32, the cache slot of each new token (distinct within a sequence), in
     [0, S); k_cache, v_cache: (>= B, S, Hkv, Dh), written in place. q, k, v, caches:
     float32/float16/bfloat16 (float64 runs the reference).

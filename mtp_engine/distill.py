@@ -33,7 +33,7 @@ from mtp_kernels import fused_linear_cross_entropy
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CorpusSource, _unit_hash, read_text
-from .evaluate import add_source_arguments, past_trained_context, trained_source
+from .evaluate import add_source_arguments, past_trained_context, trained_source, training_log
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .train import check_optimizer_options, shorter_warmup, warmup_cosine_lr
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(model, out, shards=shards, dtype=load_dtype(ckpt_dir))
     (out / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     # The trunk's training record travels with it: `mtp eval` reads the trained context from it.
-    train_log = Path(ckpt_dir) / "train_log.json"
+    train_log = training_log(ckpt_dir)   # a run's resume/ copy has it in the run's folder
     if train_log.is_file() and train_log.resolve() != (out / "train_log.json").resolve():
         (out / "train_log.json").write_bytes(train_log.read_bytes())
     (out / "distill_log.json").write_text(json.dumps(run_log, indent=1) + "\n")

@@ -279,16 +279,21 @@ def resolve_trees(specs: Optional[List[str]], heads: int) -> dict:
     return trees
 
 
-def trained_config(ckpt_dir: Path) -> dict:
-    """The training configuration of a checkpoint (train_log.json's "config", as `mtp train` writes it
-    and `mtp distill` carries over), or {} without one. A training run's resume/ copy (its float32
-    master weights) has the run's log in the folder above."""
+def training_log(ckpt_dir: Path) -> Path:
+    """Where a checkpoint's train_log.json is (`mtp train` writes it, `mtp distill` carries it over):
+    in its folder, or for a training run's resume/ copy (its float32 master weights) in the run's
+    folder above. The path may not exist."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "train_log.json").is_file() and ckpt_dir.name == "resume" \
             and (ckpt_dir.parent / "trainer_state.json").is_file():
-        ckpt_dir = ckpt_dir.parent
+        return ckpt_dir.parent / "train_log.json"
+    return ckpt_dir / "train_log.json"
+
+
+def trained_config(ckpt_dir: Path) -> dict:
+    """The training configuration of a checkpoint (its `training_log`'s "config"), or {} without one."""
     try:
-        config = json.loads((ckpt_dir / "train_log.json").read_text())["config"]
+        config = json.loads(training_log(ckpt_dir).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return config if isinstance(config, dict) else {}

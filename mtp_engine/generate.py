@@ -181,8 +181,8 @@ class Generator:
             tree_rates = check_rates(tree_rates)
         if not isinstance(model, Transformer):
             raise ValueError(f"Generator needs a Transformer (load_checkpoint gives one), got {type(model).__name__}")
-        if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "eos_id")):
-            raise ValueError(f"tokenizer must be None or a Tokenizer (encode, decode, eos_id), got "
+        if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("decode", "eos_id")):
+            raise ValueError(f"tokenizer must be None or a Tokenizer (decode, eos_id), got "
                              f"{type(tokenizer).__name__}: Tokenizer(path) reads a tokenizer.model")
         if cuda_graphs and model.output.weight.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on CUDA, but it is on {model.output.weight.device}")
@@ -478,7 +478,8 @@ class Generator:
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
         budget = PREFILL_CHUNK_TOKENS.get(self.device.type, PREFILL_CHUNK_TOKENS_DEFAULT)
-        last = [None] * B
+        ends = torch.tensor(lengths, device=self.device) - 1   # each row's last prompt position
+        last = None
         picked = torch.zeros(B, T - 1, dtype=torch.float32, device=self.device) if want_prompt_logprobs else None
         t0 = 0
         while t0 < T:
@@ -488,9 +489,12 @@ class Generator:
                                                                              device=self.device),
                                                n_heads=n_heads, first_row=first_row + r)  # (B - r, t1 - t0, n_heads, D)
             self._prefill_forwards += 1
-            for b in range(r, B):
-                if t0 < lengths[b] <= t1:
-                    last[b] = hidden[b - r, lengths[b] - 1 - t0].clone()   # not a view keeping the chunk alive
+            if last is None:
+                last = hidden.new_empty((B,) + hidden.shape[2:])   # (B, n_heads, D)
+            done = [b for b in range(r, B) if t0 < lengths[b] <= t1]   # rows whose prompt ends in this chunk
+            if done:
+                rows = torch.tensor(done, device=self.device)
+                last[rows] = hidden[rows - r, ends[rows] - t0]   # a gather: no view keeps the chunk alive
             if picked is not None:
                 self._pick_prompt_logprobs(picked[r:], hidden[:, : min(t1, T - 1) - t0, 0], tokens[r:], t0)
             t0 = t1
@@ -498,7 +502,7 @@ class Generator:
         if picked is not None:
             picked = picked.tolist()
             prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
-        return torch.stack(last), prompt_lp
+        return last, prompt_lp
 
     def _pick_prompt_logprobs(self, picked: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, t0: int) -> None:
         """picked[:, t0 + j] = log-prob of tokens[:, t0 + j + 1] given head 0's normed hidden[:, j] (R, n, D),

@@ -530,8 +530,9 @@ class Transformer(nn.Module):
             seqlens = torch.as_tensor(start_pos, device=tokens.device).expand(B)
             self._check_cache_range(seqlens, tokens.shape[1], "start_pos")
             seqlens = seqlens.to(torch.int32)
-            with torch.no_grad():
-                return self.output(self.forward_cached(tokens, seqlens, n_heads=n_used)).float()
+            with torch.no_grad():   # tokens and lengths checked above: not again
+                hidden = self.forward_cached(tokens, seqlens, n_heads=n_used, check_lengths=False)
+                return self.output(hidden).float()
         if not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError(f"start_pos {start_pos} needs the KV cache: call setup_caches(max_batch_size, "
                              "max_seq_len) first (the release's model sets its cache up when built); without "
@@ -602,6 +603,7 @@ class Transformer(nn.Module):
 
     def _check_cache_range(self, lengths: torch.Tensor, T: int, name: str) -> None:
         """ValueError unless every length in `lengths` (integers) leaves room for T new tokens."""
+        lengths = lengths.to(torch.int64)   # compared in its own dtype, uint8 100 > 300 would be True
         if lengths.numel() and bool(((lengths < 0) | (lengths > self.cache_len - T)).any()):
             raise ValueError(f"{name} {lengths.tolist()} + {T} new tokens do not fit the cache length {self.cache_len} "
                              f"(each must be in [0, {self.cache_len - T}])")

@@ -168,3 +168,29 @@ def test_rope_cache_write_takes_strided_heads_and_no_tokens():
     assert torch.equal(out, want) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     empty = rope_cache_write(q[:, :0], k[:, :0], v[:, :0], freqs[:0], slots[:, :0], k_cache, v_cache)
     assert empty.shape == (B, 0, H, D) and torch.equal(k_cache, k_ref)
+
+
+def test_small_integer_cache_lengths_are_compared_as_numbers():
+    """The range check runs before the int32 cast, in int64: in uint8, 100 > 300 would be True."""
+    model = tiny()
+    model.setup_caches(1, 300)
+    tokens = torch.randint(0, 50, (1, 1))
+    for dtype in (torch.uint8, torch.int16):
+        assert model.forward_cached(tokens, torch.tensor([100], dtype=dtype)).shape == (1, 1, 2, 32)
+        with torch.no_grad():
+            assert model(tokens, start_pos=torch.tensor([100], dtype=dtype)).shape == (1, 1, 1, 50)
+
+
+def test_the_triton_path_imports_dynamo_only_when_compiling():
+    """eager_under_compile calls its launcher directly outside a compile: torch._disable_dynamo's own
+    wrapper imports Dynamo at its first call, about 1 s that code which never compiles would pay."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\nfrom mtp_kernels import rms_norm\n"
+              "rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+              "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
+    env = {**os.environ, "MTP_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "no dynamo", out.stderr[-2000:]

@@ -162,3 +162,25 @@ def test_mtp_distill_command_end_to_end(tmp_path, capsys):
         captured = capsys.readouterr()
         assert re.search(match, captured.err), captured.err
         assert "greedy continuations" not in captured.out      # refused before any work
+
+
+def test_distilling_a_runs_resume_copy_carries_the_runs_log(tmp_path, capsys):
+    """A training run's resume/ copy has its train_log.json in the run's folder: the distilled model
+    gets it (mtp eval reads the trained context and corpus from it)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=16, max_seq_len=64,
+                                  n_future_tokens=2))
+    run_dir = tmp_path / "run"
+    save_checkpoint(model, run_dir / "resume")
+    (run_dir / "trainer_state.json").write_text("{}")
+    (run_dir / "train_log.json").write_text(json.dumps({"config": {"seq_len": 48}}))
+    (run_dir / "tokenizer.model").write_bytes((default_checkpoint() / "tokenizer.model").read_bytes())
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("heapq.py", "bisect.py", "textwrap.py"):
+        (src / name).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["distill", "--ckpt-dir", str(run_dir / "resume"), "--out-dir", str(out), "--source", str(src),
+                 "--prompts", "2", "--prompt-len", "8", "--gen-len", "4", "--steps", "1", "--batch-size", "2",
+                 "--warmup-steps", "0", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert (out / "train_log.json").read_bytes() == (run_dir / "train_log.json").read_bytes()

@@ -1,10 +1,10 @@
-import itertools
 """Generator (static-KV-cache batched generation), sampling, and the release-style Llama front end.
 
 Tiny random fp32 models on CPU. The oracle for greedy decoding is a naive loop that re-runs the
 uncached forward over the whole sequence every step.
 """
 import copy
+import itertools
 import math
 import warnings
 

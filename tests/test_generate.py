@@ -94,18 +94,24 @@ def test_prefill_groups_is_the_cheapest_split():
         prefill_groups([5, 3], 16)
 
 
+def ragged_batch(backend, request):
+    """(model, prompt lengths, prompts, Generator) of a batch of very different prompt lengths (fewer
+    and shorter on the interpreted Triton path)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = make_model(n_future=2, seed=5)
+    lengths = [30, 2, 3, 29, 1] if backend == "reference" else [9, 1, 2, 8]
+    prompts = random_prompts(lengths, seed=7)
+    return model, lengths, prompts, Generator(model, max_batch_size=len(prompts), max_seq_len=48)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_ragged_batch_prefills_in_groups(request, monkeypatch, backend):
     """Prompts of very different lengths prefill in groups of similar length, each in its own cache
     rows (forward_cached(first_row=...)), fewer tokens than padding all to the longest; the tokens,
     log-probs and finish reasons equal one-prompt-at-a-time generation, in the caller's order, for
     plain and speculative decoding."""
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
-    model = make_model(n_future=2, seed=5)
-    lengths = [30, 2, 3, 29, 1] if backend == "reference" else [9, 1, 2, 8]
-    prompts = random_prompts(lengths, seed=7)
-    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=48)
+    model, lengths, prompts, gen = ragged_batch(backend, request)
     calls = []
     forward_cached = model.forward_cached
 
@@ -138,12 +144,7 @@ def test_prefill_in_chunks_equals_one_forward(backend, request, monkeypatch):
     """PREFILL_CHUNK_TOKENS bounds a prefill forward's tokens (rows x positions): a group goes through
     in chunks of positions, each attending to the cached chunks before it, and rows whose prompt has
     ended leave the later chunks. Tokens, log-probs and finish reasons equal the unchunked prefill's."""
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
-    model = make_model(n_future=2, seed=5)
-    lengths = [30, 2, 3, 29, 1] if backend == "reference" else [9, 1, 2, 8]
-    prompts = random_prompts(lengths, seed=7)
-    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=48)
+    model, lengths, prompts, gen = ragged_batch(backend, request)
     monkeypatch.setattr("mtp_engine.generate.PREFILL_FORWARD_TOKENS_DEFAULT", 1 << 30)   # one group
     calls = []
     forward_cached = model.forward_cached

@@ -20,7 +20,7 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,13 +58,17 @@ def check_extensions(extensions: Sequence[str]) -> Tuple[str, ...]:
 
 
 def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[Path]:
-    """Every file under `root` with one of `extensions`, sorted, skipping SKIP_DIRS and hidden folders
-    and names that are not readable files (a dangling or looping symlink)."""
+    """Every file under `root` with one of `extensions` (in any case: `.MD` is `.md`), sorted,
+    skipping SKIP_DIRS and hidden folders and names that are not readable files (a dangling or
+    looping symlink). A file reached under two names (a symlink to it) is listed once, under its own
+    name where the root holds it: the split hashes names, and an alias could put one text on both
+    sides."""
     extensions = check_extensions(extensions)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {root}")
     files, seen, real_root = [], set(), root.resolve()
+    endings = tuple(e.lower() for e in extensions)
     # Symlinked folders that lead outside the root are followed (a corpus of linked projects), each
     # real folder once (no loops); a link to a folder inside the root is not (the folder is walked
     # under its own name: an alias would rename its files, and the split hashes names).
@@ -77,10 +81,14 @@ def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENS
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")
                              and not _links_inside(Path(dirpath) / d, real_root))
         files += [Path(dirpath) / f for f in sorted(filenames)
-                  if f.endswith(tuple(extensions)) and (Path(dirpath) / f).is_file()]
+                  if f.lower().endswith(endings) and (Path(dirpath) / f).is_file()]
     if not files:
         raise ValueError(f"no files ending in {tuple(extensions)} under {root}")
-    return files
+    by_target = {}
+    for f in files:   # a real file before the links to it
+        by_target.setdefault(f.resolve(), []).append(f)
+    kept = {min(names, key=lambda f: (f.is_symlink(), files.index(f))) for names in by_target.values()}
+    return [f for f in files if f in kept]
 
 
 def _links_inside(folder: Path, real_root: Path) -> bool:
@@ -119,15 +127,32 @@ def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float =
     return train, heldout
 
 
+class CorpusSplit(NamedTuple):
+    """What `CorpusSource.split` found: the root folder, the training and held-out files, and what it
+    left out or decided (for the log)."""
+
+    root: Path
+    train: List[Path]
+    heldout: List[Path]
+    unreadable: int = 0          # empty or not UTF-8: on neither side
+    copies_of_heldout: int = 0   # training files with a held-out file's exact bytes: left out
+    by_folder: bool = False      # held out by test/ folders, not by the share
+
+
 @dataclass(frozen=True)
 class CorpusSource:
     """Where a corpus's files come from and how they split: the folder (None: the stdlib), the file
     endings read, and the held-out share of a folder without held-out folders. `prepare_corpus`
-    splits by it; evaluation and distillation split again by the same one (`CorpusSource.of`)."""
+    splits by it; evaluation and distillation split by the same one (`CorpusSource.of`), or take a
+    run's own lists (train_files / heldout_files, relative paths, from its corpus manifest: then
+    nothing is split again, and a file added or removed since cannot move a training file into the
+    held-out set)."""
 
     folder: Optional[str] = None
     extensions: Tuple[str, ...] = DEFAULT_EXTENSIONS
     heldout_fraction: float = 0.05
+    train_files: Optional[Tuple[str, ...]] = None
+    heldout_files: Optional[Tuple[str, ...]] = None
 
     @classmethod
     def of(cls, source: Union[None, PathLike, "CorpusSource"]) -> "CorpusSource":
@@ -138,11 +163,51 @@ class CorpusSource:
     def root(self) -> Path:
         return stdlib_root() if self.folder is None else Path(self.folder)
 
-    def split(self) -> Tuple[Path, List[Path], List[Path]]:
-        """(root folder, training files, held-out files)."""
+    def split(self) -> CorpusSplit:
+        """The training and held-out files. Files that are empty or not UTF-8 are on neither side (a
+        held-out side of them would leave nothing to evaluate), and a training file with a held-out
+        file's exact bytes is left out (a copy of a held-out text would be trained on)."""
         root = self.root
-        train, heldout = split_files(find_source_files(root, self.extensions), root, self.heldout_fraction)
-        return root, train, heldout
+        if self.heldout_files is not None:
+            return CorpusSplit(root, self._pinned(root, self.train_files or ()), self._pinned(root, self.heldout_files))
+        files, digests, unreadable = [], {}, 0
+        for f in find_source_files(root, self.extensions):
+            data = f.read_bytes()
+            readable = _utf8_text(data)
+            if readable:
+                files.append(f)
+                digests[f] = hashlib.sha256(data).digest()
+            unreadable += not readable
+        if len(files) < 2 and unreadable:
+            raise ValueError(f"only {len(files)} of the {len(files) + unreadable} files ending in "
+                             f"{tuple(self.extensions)} under {root} hold UTF-8 text (the others are empty or not "
+                             "UTF-8), and the held-out split by file needs at least 2")
+        train, heldout = split_files(files, root, self.heldout_fraction)
+        held = {digests[f] for f in heldout}
+        kept = [f for f in train if digests[f] not in held]
+        if not kept:
+            raise ValueError(f"every training file under {root} is a copy of a held-out file")
+        in_folder = [any(part in HELDOUT_DIRS for part in f.relative_to(root).parts[:-1]) for f in files]
+        by_folder = any(in_folder) and not all(in_folder)   # split_files' rule
+        return CorpusSplit(root, kept, heldout, unreadable, len(train) - len(kept), by_folder)
+
+    @staticmethod
+    def _pinned(root: Path, names: Sequence[str]) -> List[Path]:
+        files = [root / name for name in names]
+        missing = [name for name, f in zip(names, files) if not f.is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} of the run's {len(files)} files are not under {root} (e.g. "
+                             f"{missing[:3]}): the corpus changed since the run; give --source, or "
+                             "--extension / --heldout-fraction to split the folder anew")
+        return files
+
+
+def _utf8_text(data: bytes) -> bool:
+    """Whether a file's bytes hold text as read_text reads it: UTF-8, not empty."""
+    try:
+        return bool(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return False
 
 
 def _unit_hash(text: str) -> float:
@@ -192,8 +257,9 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
         raise ValueError(f"max_train_files must be None or a positive int, got {max_train_files!r}")
     extensions = check_extensions(extensions)
     out = Path(out_dir)
-    source, train_files, heldout_files = CorpusSource(None if source is None else str(source), extensions,
-                                                      heldout_fraction).split()
+    split = CorpusSource(None if source is None else str(source), extensions, heldout_fraction).split()
+    source, train_files, heldout_files = split.root, split.train, split.heldout
+    found = len(train_files)
     if max_train_files is not None:
         order = sorted(train_files, key=lambda f: _unit_hash("order:" + f.relative_to(source).as_posix()))
         train_files = sorted(order[:max_train_files])
@@ -232,27 +298,24 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
     # No manifest while the files change: a rebuild cut short must not leave the old manifest
     # vouching for a new tokenizer beside old token files.
     manifest_path.unlink(missing_ok=True)
-    log(f"corpus: {len(train_files)} train / {len(heldout_files)} held-out files under {source}"
+    log(f"corpus: {len(train_files)} train"
+        + (f" (of {found}: max_train_files {max_train_files})" if len(train_files) < found else "")
+        + f" / {len(heldout_files)} held-out files under {source}"
+        + (" (the files under test/ or tests/ folders; heldout_fraction unused)" if split.by_folder else "")
         + (f", {len(extra_files)} more training files under {', '.join(map(str, extra_sources))}"
            if extra_sources else ""))
+    if split.unreadable or split.copies_of_heldout:
+        log(f"corpus: left out {split.unreadable} file(s) empty or not UTF-8 and {split.copies_of_heldout} "
+            "training file(s) with a held-out file's exact text")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
         tokenizer = Tokenizer(out / "tokenizer.model")
     else:
         texts_file = out / "tokenizer_train.txt"
-        unreadable = 0
-        with texts_file.open("w", encoding="utf-8") as fh:
+        with texts_file.open("w", encoding="utf-8") as fh:   # the split kept only files of UTF-8 text
             for f in train_files:
-                text = read_text(f)
-                unreadable += text is None
-                if text:
-                    fh.write(text if text.endswith("\n") else text + "\n")
-        if unreadable:
-            log(f"corpus: {unreadable} of {len(train_files)} training files are not UTF-8 text: skipped")
-        if texts_file.stat().st_size == 0:
-            texts_file.unlink()
-            raise ValueError(f"none of the {len(train_files)} training files under {source} holds UTF-8 text "
-                             "to train a tokenizer on")
+                text = read_text(f) or ""
+                fh.write(text if text.endswith("\n") else text + "\n")
         try:
             tokenizer = train_tokenizer([texts_file], vocab_size, out / "tokenizer",
                                         input_sentence_size=tokenizer_sentences, user_defined_symbols=INDENT_SYMBOLS)
@@ -260,9 +323,6 @@ def prepare_corpus(out_dir: PathLike, source: Optional[PathLike] = None, vocab_s
             texts_file.unlink()
     manifest["train_tokens"] = _write_tokens(tokenizer, train_files + extra_files, out / "train.bin")
     manifest["heldout_tokens"] = _write_tokens(tokenizer, heldout_files, out / "heldout.bin")
-    if manifest["heldout_tokens"] == 0:   # every held-out file empty or not UTF-8: nothing to evaluate on
-        raise ValueError(f"the {len(heldout_files)} held-out file(s) under {source} hold no readable text "
-                         f"(empty or not UTF-8): {[f.relative_to(source).as_posix() for f in heldout_files[:5]]}")
     log(f"corpus: {manifest['train_tokens']:,} train / {manifest['heldout_tokens']:,} held-out tokens, "
         f"vocabulary {tokenizer.n_words}")
     tmp = manifest_path.with_suffix(".tmp")   # written whole or not at all: a cut write is no cache
@@ -315,7 +375,8 @@ def _extra_files(folders: Sequence[PathLike], extensions: Sequence[str], max_mb:
         size = f.stat().st_size
         if max_mb is not None and total + size > max_mb * 1e6:
             continue
-        if hashlib.sha256(f.read_bytes()).digest() in heldout_digests:
+        data = f.read_bytes()
+        if hashlib.sha256(data).digest() in heldout_digests or not _utf8_text(data):
             continue
         chosen.append(f)
         total += size

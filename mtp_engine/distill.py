@@ -33,7 +33,8 @@ from mtp_kernels import fused_linear_cross_entropy
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CorpusSource, _unit_hash, read_text
-from .evaluate import add_source_arguments, past_trained_context, trained_source, training_log
+from .evaluate import (add_source_arguments, past_trained_context, split_against_run, trained_source,
+                       training_log)
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .train import check_optimizer_options, shorter_warmup, warmup_cosine_lr
@@ -68,7 +69,8 @@ def training_prompts(tokenizer: Tokenizer, n_prompts: int, prompt_len: int, gen_
                      source: Union[None, Path, CorpusSource] = None) -> List[List[int]]:
     """n_prompts windows of prompt_len tokens from the TRAINING split of `source` (a folder, None for
     the stdlib, or a CorpusSource), at hash-chosen offsets, several per file when the files run out."""
-    source, train, _ = CorpusSource.of(source).split()
+    found = CorpusSource.of(source).split()
+    source, train = found.root, found.train
     streams = [s for s in (tokenizer.encode(t, bos=True, eos=True) for t in map(read_text, train) if t)
                if len(s) >= prompt_len + gen_len + 2]
     if not streams:
@@ -222,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
     # would describe the old heads, and a later `mtp train --resume` would load the undistilled ones.
     refuse_overwrite(out, "mtp distill", "distill into a new folder")
     source = trained_source(ckpt_dir, args.source, args.extensions, args.heldout_fraction)
+    crossed = split_against_run(source, ckpt_dir, "train")
+    if crossed:
+        print(f"distill: warning: {crossed}: the heads would learn the held-out text `mtp eval` scores them on",
+              file=sys.stderr)
     warning = past_trained_context(ckpt_dir, cfg.prompt_len, cfg.gen_len)
     if warning:
         print(f"distill: warning: {warning}; the heads learn continuations it never saw there "

@@ -16,6 +16,7 @@ round differently, so a near-tie can cost or save a forward.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import default_checkpoint
-from .data import CorpusSource, _unit_hash, check_extensions, read_text
+from .data import CorpusSource, _unit_hash, check_extensions, read_text, stdlib_root
 
 CHAIN = "chain"
 
@@ -90,8 +91,9 @@ def heldout_token_stream(tokenizer, source: Union[None, Path, CorpusSource] = No
     """Token ids (bos + text + eos) of up to `max_files` files of the held-out (or "train") split of
     `source` (a folder, None for the stdlib, or a CorpusSource with its endings and share), chosen by
     a fixed hash order."""
-    source, train, heldout = CorpusSource.of(source).split()
-    files = sorted(heldout if split == "heldout" else train,
+    found = CorpusSource.of(source).split()
+    source = found.root
+    files = sorted(found.heldout if split == "heldout" else found.train,
                    key=lambda f: _unit_hash("eval:" + f.relative_to(source).as_posix()))
     streams = []
     for f in files:
@@ -305,19 +307,64 @@ def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def run_manifest(ckpt_dir: Path) -> Optional[dict]:
+    """The corpus manifest (data.prepare_corpus) of the run that trained a checkpoint: manifest.json in
+    its config's corpus_dir, if that cache is still the run's (its folder, endings and share; another
+    run may have rebuilt a shared cache). None otherwise."""
+    config = trained_config(ckpt_dir)
+    try:
+        manifest = json.loads((Path(config["corpus_dir"]) / "manifest.json").read_text())
+        run_folder = stdlib_root() if config.get("source") is None else Path(config["source"])
+        run_extensions = config.get("extensions") or CorpusSource.extensions
+        same = (Path(manifest["source"]).resolve() == run_folder.resolve()
+                and sorted(manifest["extensions"]) == sorted(run_extensions)
+                and manifest["heldout_fraction"] == config.get("heldout_fraction", CorpusSource.heldout_fraction)
+                and all(isinstance(manifest[k], list) for k in ("train_files", "heldout_files")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if same else None
+
+
 def trained_source(ckpt_dir: Path, folder=None, extensions=None, heldout_fraction=None) -> CorpusSource:
-    """The corpus a checkpoint was trained on, split as its run split it (its `trained_config`: folder,
-    file endings, held-out share), with what is given (not None) in place of the run's. A checkpoint
-    without a training log, or an older log, gets the stdlib and the default endings and share."""
+    """The corpus a checkpoint was trained on (its `trained_config`: folder, file endings, held-out
+    share), with what is given (not None) in place of the run's. Without endings or share given, and
+    with the run's corpus manifest at hand (`run_manifest`), the run's own file lists are used, in the
+    given folder too (a corpus moved elsewhere) where all its files are there: a file added or removed
+    since cannot move a training file into the held-out set. A checkpoint without a training log, or
+    an older log, gets the stdlib and the default endings and share."""
     config = trained_config(ckpt_dir)
     if folder is None and config.get("source") is not None:
         folder = config["source"]
         if not Path(folder).is_dir():
             raise ValueError(f"{ckpt_dir} was trained on the files under {folder}, which is not here: give --source")
-    extensions = extensions or config.get("extensions") or CorpusSource.extensions
+    manifest = run_manifest(ckpt_dir) if extensions is None and heldout_fraction is None else None
+    extensions = check_extensions(extensions or config.get("extensions") or CorpusSource.extensions)
     if heldout_fraction is None:
         heldout_fraction = config.get("heldout_fraction", CorpusSource.heldout_fraction)
-    return CorpusSource(None if folder is None else str(folder), check_extensions(extensions), heldout_fraction)
+    source = CorpusSource(None if folder is None else str(folder), extensions, heldout_fraction)
+    if manifest is not None and all((source.root / f).is_file() for f in manifest["heldout_files"]):
+        source = dataclasses.replace(source, train_files=tuple(manifest["train_files"]),
+                                     heldout_files=tuple(manifest["heldout_files"]))
+    return source
+
+
+def split_against_run(source: CorpusSource, ckpt_dir: Path, side: str) -> Optional[str]:
+    """What to warn of when `source` is split anew (not the run's own lists) and its `side` ("heldout"
+    or "train") holds files the run used the other way (its corpus manifest, by relative name); None
+    when there is nothing to say."""
+    manifest = run_manifest(ckpt_dir)
+    if manifest is None or source.heldout_files is not None:
+        return None
+    found = source.split()
+    files = found.heldout if side == "heldout" else found.train
+    other = set(manifest["train_files"] if side == "heldout" else manifest["heldout_files"])
+    crossed = [f for f in files if f.relative_to(found.root).as_posix() in other]
+    what = "held-out" if side == "heldout" else "training"
+    if crossed:
+        return (f"{len(crossed)} of the {len(files)} {what} files of this split were "
+                f"{'training' if side == 'heldout' else 'held-out'} files of the run (its corpus manifest), "
+                f"e.g. {crossed[0].relative_to(found.root).as_posix()}")
+    return None
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, split: str) -> None:
@@ -369,6 +416,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} {path} is a folder; it must name the file to write")
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint()
     source = trained_source(ckpt_dir, args.source, args.extensions, args.heldout_fraction)
+    crossed = split_against_run(source, ckpt_dir, "heldout")
+    if crossed:
+        print(f"eval: warning: {crossed}: the held-out figures below include text the model was trained on")
     tokenizer = Tokenizer(find_tokenizer(ckpt_dir, args.tokenizer_path))
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt_dir, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)

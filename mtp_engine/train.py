@@ -794,9 +794,11 @@ def shorter_warmup(warmup_steps: int, steps: int, given_steps) -> int:
     return warmup_steps
 
 
-# What a resumed run may change; every other flag must repeat the saved value or be left out.
+# What a resumed run may change; every other flag must repeat the saved value or be left out. The
+# source folder may move (its files are rebuilt into the cache with the run's own tokenizer, and a
+# resume that finds other token counts says the corpus changed).
 RESUMABLE = frozenset({"out_dir", "max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress",
-                       "device"})
+                       "device", "source"})
 _PATHS = ("corpus_dir", "source", "tokenizer", "out_dir")
 
 
@@ -825,6 +827,8 @@ def resumed_config(cfg: TrainConfig, given: set, preset: Optional[str] = None) -
     def same(name, value, old):
         if name in _PATHS and value is not None and old is not None:
             return Path(value).resolve() == Path(old).resolve()
+        if name == "extensions":   # a set of endings: order and repeats do not matter
+            return sorted(set(value)) == sorted(set(old))
         return json.loads(json.dumps(value)) == old     # tuples were saved as lists
     flags = {"extensions": "--extension", "extra_sources": "--extra-source"}   # repeatable flags' names
     clashes = [f"{flags.get(k, '--' + k.replace('_', '-'))} {getattr(cfg, k)!r} (the run has {saved_value(k)!r})"

@@ -276,9 +276,28 @@ def test_a_run_on_text_files_is_evaluated_and_distilled_on_its_own_corpus(tmp_pa
     assert main(["distill", "--ckpt-dir", str(run), "--out-dir", str(tmp_path / "distilled"), "--prompts", "2",
                  "--prompt-len", "8", "--gen-len", "4", "--steps", "1", "--batch-size", "2", "--warmup-steps", "0",
                  "--device", "cpu"]) == 0, capsys.readouterr().err
-    shutil.rmtree(src)
+    capsys.readouterr()
+    # Split anew (another share): the held-out files the run trained on are named, as are, for
+    # distill, prompts from files it held out.
+    small = ["--prompts", "1", "--prompt-len", "8", "--gen-len", "4", "--max-files", "2", "--device", "cpu"]
+    assert main(["eval", "--ckpt-dir", str(run), "--heldout-fraction", "0.95"] + small) == 0
+    assert "were training files of the run (its corpus manifest)" in capsys.readouterr().out
+    assert main(["distill", "--ckpt-dir", str(run), "--out-dir", str(tmp_path / "d2"), "--heldout-fraction", "0.01",
+                 "--prompts", "2", "--prompt-len", "8", "--gen-len", "4", "--steps", "1", "--batch-size", "2",
+                 "--warmup-steps", "0", "--device", "cpu"]) == 0
+    assert "were held-out files of the run" in capsys.readouterr().err
+    # The corpus moved: eval reads the run's own lists there, and the run resumes on it.
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    assert main(["eval", "--ckpt-dir", str(run), "--source", str(moved), "--json", str(out_json)] + small) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["corpus"]["folder"] == str(moved)
+    assert main(["train", "--resume", "--out-dir", str(run), "--source", str(moved), "--max-steps", "3",
+                 "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "train_log.json").read_text())["config"]["source"] == str(moved.resolve())
+    shutil.rmtree(moved)
     for command in (["eval", "--ckpt-dir", str(run)],
                     ["distill", "--ckpt-dir", str(run), "--out-dir", str(tmp_path / "again")]):
         assert main(command + ["--device", "cpu"]) == 2
-        assert f"was trained on the files under {src.resolve()}, which is not here: give --source" \
+        assert f"was trained on the files under {moved.resolve()}, which is not here: give --source" \
             in capsys.readouterr().err

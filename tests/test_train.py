@@ -213,7 +213,7 @@ def test_corpus_folders_as_users_have_them(tmp_path):
     for i in range(3):
         (latin / f"m{i}.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1") * 50)
     (latin / "test" / "test_m.py").write_text("x = 1\n" * 50)
-    with pytest.raises(ValueError, match=r"none of the 3 training files under .* holds UTF-8 text"):
+    with pytest.raises(ValueError, match=r"only 1 of the 4 files ending in \('\.py',\) under .* hold UTF-8 text"):
         prepare_corpus(tmp_path / "c4", latin, vocab_size=400, log=lambda *a: None)
 
 
@@ -244,10 +244,10 @@ def test_token_files_are_written_in_batches_of_bounded_text(corpus, tmp_path, mo
     assert texts == [f.read_text(encoding="utf-8") for f in files]
 
 
-def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tmp_path):
+def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_is_split_anew(tmp_path):
     """A dangling or looping symlink is not a source file (it crashed the cache's fingerprint); held-out
-    files that are all empty or not UTF-8 leave nothing to evaluate: refused when the corpus is built,
-    not at the first evaluation."""
+    files that are all empty or not UTF-8 would leave nothing to evaluate: such files are on neither
+    side of the split."""
     src = tmp_path / "src"
     (src / "test").mkdir(parents=True)
     for name in SOURCES[:3]:
@@ -259,8 +259,11 @@ def test_unreadable_names_are_skipped_and_a_heldout_side_without_text_refused(tm
     corpus = prepare_corpus(tmp_path / "c", src, vocab_size=400, log=lambda *a: None)
     assert corpus.manifest["heldout_tokens"] > 0
     (src / "test" / "test_heapq.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"held-out file\(s\) under .* hold no readable text .*test/test_heapq.py"):
-        prepare_corpus(tmp_path / "c2", src, vocab_size=400, log=lambda *a: None)
+    # its only held-out file not UTF-8: on neither side, and the share holds out one of the others
+    messages = []
+    again = prepare_corpus(tmp_path / "c2", src, vocab_size=400, log=messages.append)
+    assert len(again.manifest["heldout_files"]) == 1 and "test/test_heapq.py" not in again.manifest["heldout_files"]
+    assert again.manifest["heldout_tokens"] > 0 and any("left out 1 file(s) empty or not UTF-8" in m for m in messages)
     for bad in (0, -1, 2.5):   # -1 silently dropped one file (order[:-1])
         with pytest.raises(ValueError, match="max_train_files must be None or a positive int"):
             prepare_corpus(tmp_path / "c3", src, vocab_size=400, max_train_files=bad, log=lambda *a: None)
@@ -787,3 +790,42 @@ def test_a_resume_over_a_changed_corpus_keeps_the_runs_tokenizer(source_tree, tm
     train(cfg, resume=True, log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any("corpus: reusing the cache" in line for line in lines)
     assert not any("corpus changed" in line for line in lines)
+
+
+def test_no_heldout_text_is_trained_on_through_links_copies_or_empty_files(tmp_path):
+    """A symlink to a held-out file (the split hashes names: the alias went to training), a copy of
+    one, and empty or non-UTF-8 files (an empty one could be the only held-out file, and the run then
+    refused to start): the held-out text is never in training, the unreadable files are on neither
+    side, and the log says what was left out and which rule held out what."""
+    from mtp_engine.data import CorpusSource
+
+    src = tmp_path / "notes"
+    (src / "journal").mkdir(parents=True)
+    texts = {f"journal/n{i}.md": f"note {i}\n" + "words and more words\n" * (i + 3) for i in range(8)}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    (src / "journal" / "EMPTY.MD").write_text("")
+    (src / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    split = CorpusSource(str(src), (".md", ".txt"), 0.3).split()
+    assert split.unreadable == 2 and not split.by_folder
+    held = split.heldout[0]
+    (src / "journal" / "alias.md").symlink_to(held.name)
+    (src / "copy.md").write_bytes(held.read_bytes())
+    split = CorpusSource(str(src), (".md", ".txt"), 0.3).split()
+    names = lambda files: sorted(f.relative_to(src).as_posix() for f in files)   # noqa: E731
+    assert "journal/alias.md" not in names(split.train + split.heldout)
+    assert "copy.md" not in names(split.train) and split.copies_of_heldout == ("copy.md" not in names(split.heldout))
+    held_text = {f.read_bytes() for f in split.heldout}
+    assert not any(f.read_bytes() in held_text for f in split.train)
+    logs = []
+    corpus = prepare_corpus(tmp_path / "corpus", src, vocab_size=300, extensions=[".md", ".txt"],
+                            heldout_fraction=0.3, log=logs.append)
+    assert set(corpus.manifest["heldout_files"]) == set(names(split.heldout))
+    assert any("left out 2 file(s) empty or not UTF-8" in line for line in logs)
+    (src / "tests").mkdir()
+    (src / "tests" / "t.md").write_text("a test note\n" * 5)
+    logs.clear()
+    prepare_corpus(tmp_path / "corpus2", src, vocab_size=300, extensions=[".MD"], heldout_fraction=0.3,
+                   log=logs.append)
+    assert any("1 held-out files" in line and "test/ or tests/ folders; heldout_fraction unused" in line
+               for line in logs)

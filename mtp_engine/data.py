@@ -85,10 +85,11 @@ def find_source_files(root: PathLike, extensions: Sequence[str] = DEFAULT_EXTENS
     if not files:
         raise ValueError(f"no files ending in {tuple(extensions)} under {root}")
     by_target = {}
-    for f in files:   # a real file before the links to it
-        by_target.setdefault(f.resolve(), []).append(f)
-    kept = {min(names, key=lambda f: (f.is_symlink(), files.index(f))) for names in by_target.values()}
-    return [f for f in files if f in kept]
+    for position, f in enumerate(files):
+        by_target.setdefault(f.resolve(), []).append((position, f))
+    # one name per file: a real file before the links to it, else the first link
+    kept = {min(names, key=lambda item: (item[1].is_symlink(), item[0]))[0] for names in by_target.values()}
+    return [f for position, f in enumerate(files) if position in kept]
 
 
 def _links_inside(folder: Path, real_root: Path) -> bool:

@@ -169,8 +169,9 @@ class CorpusSource:
         held-out side of them would leave nothing to evaluate), and a training file with a held-out
         file's exact bytes is left out (a copy of a held-out text would be trained on)."""
         root = self.root
-        if self.heldout_files is not None:
-            return CorpusSplit(root, self._pinned(root, self.train_files or ()), self._pinned(root, self.heldout_files))
+        if self.heldout_files is not None:   # a training file gone since is only a prompt fewer
+            train = [root / name for name in self.train_files or () if (root / name).is_file()]
+            return CorpusSplit(root, train, self._pinned(root, self.heldout_files))
         files, digests, unreadable = [], {}, 0
         for f in find_source_files(root, self.extensions):
             data = f.read_bytes()
@@ -197,7 +198,7 @@ class CorpusSource:
         files = [root / name for name in names]
         missing = [name for name, f in zip(names, files) if not f.is_file()]
         if missing:
-            raise ValueError(f"{len(missing)} of the run's {len(files)} files are not under {root} (e.g. "
+            raise ValueError(f"{len(missing)} of the run's {len(files)} held-out files are not under {root} (e.g. "
                              f"{missing[:3]}): the corpus changed since the run; give --source, or "
                              "--extension / --heldout-fraction to split the folder anew")
         return files

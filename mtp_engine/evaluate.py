@@ -329,9 +329,11 @@ def trained_source(ckpt_dir: Path, folder=None, extensions=None, heldout_fractio
     """The corpus a checkpoint was trained on (its `trained_config`: folder, file endings, held-out
     share), with what is given (not None) in place of the run's. Without endings or share given, and
     with the run's corpus manifest at hand (`run_manifest`), the run's own file lists are used, in the
-    given folder too (a corpus moved elsewhere) where all its files are there: a file added or removed
-    since cannot move a training file into the held-out set. A checkpoint without a training log, or
-    an older log, gets the stdlib and the default endings and share."""
+    given folder too (a corpus moved elsewhere) where all its held-out files are there: a file added
+    since, or a training file removed, cannot move a training file into the held-out set (with a
+    held-out file gone the folder is split anew, and `split_against_run` names what crossed). A
+    checkpoint without a training log, or an older log, gets the stdlib and the default endings and
+    share."""
     config = trained_config(ckpt_dir)
     if folder is None and config.get("source") is not None:
         folder = config["source"]

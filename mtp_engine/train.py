@@ -827,8 +827,8 @@ def resumed_config(cfg: TrainConfig, given: set, preset: Optional[str] = None) -
     def same(name, value, old):
         if name in _PATHS and value is not None and old is not None:
             return Path(value).resolve() == Path(old).resolve()
-        if name == "extensions":   # a set of endings: order and repeats do not matter
-            return sorted(set(value)) == sorted(set(old))
+        if name == "extensions":   # a set of endings, matched in any case: order, repeats and case do not matter
+            return sorted({e.lower() for e in value}) == sorted({e.lower() for e in old})
         return json.loads(json.dumps(value)) == old     # tuples were saved as lists
     flags = {"extensions": "--extension", "extra_sources": "--extra-source"}   # repeatable flags' names
     clashes = [f"{flags.get(k, '--' + k.replace('_', '-'))} {getattr(cfg, k)!r} (the run has {saved_value(k)!r})"

@@ -286,6 +286,10 @@ def test_a_run_on_text_files_is_evaluated_and_distilled_on_its_own_corpus(tmp_pa
                  "--prompts", "2", "--prompt-len", "8", "--gen-len", "4", "--steps", "1", "--batch-size", "2",
                  "--warmup-steps", "0", "--device", "cpu"]) == 0
     assert "were held-out files of the run" in capsys.readouterr().err
+    # A training file removed since: a prompt fewer, the same held-out files, nothing to warn of.
+    (src / manifest["train_files"][0]).unlink()
+    assert main(["eval", "--ckpt-dir", str(run), "--json", str(out_json)] + small) == 0
+    assert "warning" not in capsys.readouterr().out and json.loads(out_json.read_text())["heldout_windows"] > 0
     # The corpus moved: eval reads the run's own lists there, and the run resumes on it.
     moved = tmp_path / "moved"
     src.rename(moved)

@@ -599,6 +599,8 @@ def test_cli_resume_continues_the_given_folder_and_refuses_changed_flags(source_
     resumed = resumed_config(dataclasses.replace(cfg, out_dir=str(tmp_path / "copy"), extensions=[".py"],
                                                  heldout_fraction=0.05), {"extensions", "heldout_fraction"})
     assert tuple(resumed.extensions) == (".py",) and resumed.heldout_fraction == 0.05
+    assert resumed_config(dataclasses.replace(cfg, out_dir=str(tmp_path / "copy"), extensions=[".PY", ".py"]),
+                          {"extensions"}).extensions == (".py",)   # endings match in any case: no clash
     with pytest.raises(ValueError, match=r"--extension \['\.txt'\] \(the run has \['\.py'\]\)"):
         resumed_config(dataclasses.replace(cfg, out_dir=str(tmp_path / "copy"), extensions=[".txt"]), {"extensions"})
     (tmp_path / "copy" / "optimizer.pt").unlink()

@@ -141,6 +141,13 @@ def check_one_device(name: str, **tensors) -> None:
                          + ", ".join(f"{arg} on {t.device}" for arg, t in named.items()))
 
 
+def refuse_shared_caches(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor, consequence: str) -> None:
+    """ValueError when k_cache and v_cache are one memory (a kernel writing or moving both would do
+    it twice over one tensor, silently)."""
+    if k_cache.device.type != "meta" and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError(f"{name}: k_cache and v_cache are the same memory: {consequence}")
+
+
 def backend_name() -> str:
     name = os.environ.get("MTP_BACKEND", "auto").strip().lower() or "auto"
     if name not in _CHOICES:
@@ -162,8 +169,8 @@ def eager_under_compile(fn):
     launchers tune, check and synchronize on the host, and Dynamo tracing into them (into the
     interpreter's numpy on a CPU) fails; run eagerly, a compiled model gets eager's results and
     gradients. Outside a compile `fn` is called as it is: torch._disable_dynamo's wrapper imports
-    Dynamo at its first call (about 1 s, as long as torch's own import), which code that never
-    compiles should not pay."""
+    Dynamo at its first call, an import as slow as torch's own that code which never compiles should
+    not pay (tests/test_bad_inputs.py checks it is not imported)."""
     disable = getattr(torch, "_disable_dynamo", None)
     if disable is None:
         return fn

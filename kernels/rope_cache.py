@@ -15,7 +15,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, interpreting, use_triton
+from .backend import check_one_device, interpreting, refuse_shared_caches, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -146,8 +146,7 @@ def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, sl
             b = int(repeated.nonzero()[0, 0])
             raise ValueError(f"{name}: the slots of sequence {b} must be distinct (two tokens would write one "
                              f"slot), got {slots[b].tolist()}")
-    if k_cache.device.type != "meta" and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
-        raise ValueError(f"{name}: k_cache and v_cache are the same memory: v would overwrite k")
+    refuse_shared_caches(name, k_cache, v_cache, "v would overwrite k")
     check_one_device(name, **inputs, freqs_cis=freqs_cis, slots=slots, k_cache=k_cache, v_cache=v_cache)
 
 
@@ -158,8 +157,8 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ci
     caches at `slots`, and return rotated q (B, T, H, Dh) in q's dtype. No autograd (inference).
 
     q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) (any strides, e.g. views of one projection; one whose
-    last stride is not 1 is copied first); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2) shared by the batch;
-    slots: (B, T) int64 or int32, the cache slot of each new token (distinct within a sequence), in
+    last stride is not 1 is copied first); freqs_cis: complex64 (B, T, Dh/2) per token, or (T, Dh/2)
+    shared by the batch; slots: (B, T) int64 or int32, the cache slot of each new token (distinct within a sequence), in
     [0, S); k_cache, v_cache: (>= B, S, Hkv, Dh), written in place. q, k, v, caches:
     float32/float16/bfloat16 (float64 runs the reference).
     Slots are range-checked on the host for CPU tensors (check_slots); on CUDA reading them would

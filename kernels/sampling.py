@@ -530,15 +530,22 @@ def _check_linear_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor) 
     check_one_device(name, hidden=hidden, weight=weight)
 
 
-def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:
+def check_sampling_args(temperature, top_p, prefix: str = "") -> None:
+    """ValueError (message after `prefix`) unless temperature is 0 or in [MIN_TEMPERATURE, inf) and
+    0 < top_p <= 1, both finite real numbers (numpy's too). The generator's and linear_sample's rule."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"linear_sample: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"{prefix}temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"linear_sample: temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+        raise ValueError(f"{prefix}temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
                          f"(1 / temperature must be finite in float32), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"linear_sample: top_p must be a number in (0, 1], got {top_p!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not math.isfinite(top_p) \
+            or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:
+    check_sampling_args(temperature, top_p, "linear_sample: ")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError("linear_sample: generator must be a torch.Generator or None, "

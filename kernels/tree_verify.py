@@ -30,7 +30,8 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, eager_under_compile, graph_capturing, interpreting, use_triton
+from .backend import (check_one_device, eager_under_compile, graph_capturing, interpreting, refuse_shared_caches,
+                      use_triton)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -303,8 +304,7 @@ def compact_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"compact_kv_cache: k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
-    if k_cache.device.type != "meta" and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
-        raise ValueError("compact_kv_cache: k_cache and v_cache are the same memory: it would be compacted twice")
+    refuse_shared_caches("compact_kv_cache", k_cache, v_cache, "it would be compacted twice")
     B_max = k_cache.shape[1]
     if accepted_nodes.dim() != 2 or accepted_nodes.shape[0] > B_max:
         raise ValueError(f"compact_kv_cache: accepted_nodes must be (B, W) with B <= B_max = {B_max}, "

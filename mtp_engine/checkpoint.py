@@ -136,8 +136,7 @@ def read_params(ckpt_dir: PathLike, dtype: Optional[torch.dtype], max_seq_len: O
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    _check_float_dtype(dtype)
     params_path = ckpt_dir / "params.json"
     params = _read_params(params_path)
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -146,6 +145,12 @@ def read_params(ckpt_dir: PathLike, dtype: Optional[torch.dtype], max_seq_len: O
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             params[name] = value.__index__()
     return ckpt_dir, params_path, params
+
+
+def _check_float_dtype(dtype) -> None:
+    """ValueError unless dtype (a loader's or saver's cast) is None or a floating torch.dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
 
 
 def check_weight_dtypes(state: dict, ckpt_dir: Path) -> None:
@@ -423,8 +428,7 @@ def checkpoint_files(model: Transformer, ckpt_dir: PathLike, shards: int = 1, *,
     check_save_target(ckpt_dir, shards)
     if not isinstance(model, Transformer):
         raise ValueError(f"save_checkpoint needs a Transformer, got {type(model).__name__}")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    _check_float_dtype(dtype)
     state = model.state_dict() if state_dict is None else state_dict
     if state_dict is not None:
         _check_state_matches(state_dict, model)

@@ -100,23 +100,33 @@ def _links_inside(folder: Path, real_root: Path) -> bool:
     return target == real_root or real_root in target.parents
 
 
+def check_heldout_fraction(heldout_fraction) -> None:
+    """ValueError unless the held-out share is a number in (0, 1)."""
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+
+
+def _held_by_folder(files: Sequence[Path], root: Path) -> Optional[List[bool]]:
+    """Which files sit inside a HELDOUT_DIRS folder, when that rule decides the split (some do, some
+    do not); None when the hash share decides it."""
+    in_folder = [any(part in HELDOUT_DIRS for part in Path(f).relative_to(root).parts[:-1]) for f in files]
+    return in_folder if any(in_folder) and not all(in_folder) else None
+
+
 def split_files(files: Sequence[Path], root: PathLike, heldout_fraction: float = 0.05
                 ) -> Tuple[List[Path], List[Path]]:
     """(train, heldout) by file. Files inside a HELDOUT_DIRS folder are held out; if there are none,
     a file is held out when a hash of its relative path falls in the first `heldout_fraction`, and
     at least one file goes to each side (the lowest hash held out, the highest trained on)."""
-    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
-            or not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+    check_heldout_fraction(heldout_fraction)
     root = Path(root)
     if len(files) < 2:
         raise ValueError(f"{root} has {len(files)} corpus file(s); the held-out split is by file, so it needs "
                          "at least 2 (cut a single text into several files)")
-    rel = [Path(f).relative_to(root) for f in files]
-    in_test_dir = [any(part in HELDOUT_DIRS for part in r.parts[:-1]) for r in rel]
-    if any(in_test_dir) and not all(in_test_dir):
-        held = in_test_dir
-    else:
+    held = _held_by_folder(files, root)
+    if held is None:
+        rel = [Path(f).relative_to(root) for f in files]
         scores = [_unit_hash(r.as_posix()) for r in rel]
         held = [score < heldout_fraction for score in scores]
         if not any(held):      # a corpus of a few files: a 5% share rounds to none
@@ -146,8 +156,8 @@ class CorpusSource:
     endings read, and the held-out share of a folder without held-out folders. `prepare_corpus`
     splits by it; evaluation and distillation split by the same one (`CorpusSource.of`), or take a
     run's own lists (train_files / heldout_files, relative paths, from its corpus manifest: then
-    nothing is split again, and a file added or removed since cannot move a training file into the
-    held-out set)."""
+    nothing is split again, and a file added since, or a training file removed, cannot move a
+    training file into the held-out set)."""
 
     folder: Optional[str] = None
     extensions: Tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -189,9 +199,8 @@ class CorpusSource:
         kept = [f for f in train if digests[f] not in held]
         if not kept:
             raise ValueError(f"every training file under {root} is a copy of a held-out file")
-        in_folder = [any(part in HELDOUT_DIRS for part in f.relative_to(root).parts[:-1]) for f in files]
-        by_folder = any(in_folder) and not all(in_folder)   # split_files' rule
-        return CorpusSplit(root, kept, heldout, unreadable, len(train) - len(kept), by_folder)
+        return CorpusSplit(root, kept, heldout, unreadable, len(train) - len(kept),
+                           _held_by_folder(files, root) is not None)
 
     @staticmethod
     def _pinned(root: Path, names: Sequence[str]) -> List[Path]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import default_checkpoint
-from .data import CorpusSource, _unit_hash, check_extensions, read_text, stdlib_root
+from .data import CorpusSource, _unit_hash, check_extensions, read_text
 
 CHAIN = "chain"
 
@@ -307,18 +307,23 @@ def trained_seq_len(ckpt_dir: Path) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _run_source(config: dict) -> CorpusSource:
+    """The corpus settings of a training configuration (a log older than a setting: its default)."""
+    return CorpusSource(config.get("source"), tuple(config.get("extensions") or CorpusSource.extensions),
+                        config.get("heldout_fraction", CorpusSource.heldout_fraction))
+
+
 def run_manifest(ckpt_dir: Path) -> Optional[dict]:
     """The corpus manifest (data.prepare_corpus) of the run that trained a checkpoint: manifest.json in
     its config's corpus_dir, if that cache is still the run's (its folder, endings and share; another
     run may have rebuilt a shared cache). None otherwise."""
     config = trained_config(ckpt_dir)
+    run = _run_source(config)
     try:
         manifest = json.loads((Path(config["corpus_dir"]) / "manifest.json").read_text())
-        run_folder = stdlib_root() if config.get("source") is None else Path(config["source"])
-        run_extensions = config.get("extensions") or CorpusSource.extensions
-        same = (Path(manifest["source"]).resolve() == run_folder.resolve()
-                and sorted(manifest["extensions"]) == sorted(run_extensions)
-                and manifest["heldout_fraction"] == config.get("heldout_fraction", CorpusSource.heldout_fraction)
+        same = (Path(manifest["source"]).resolve() == run.root.resolve()
+                and sorted(manifest["extensions"]) == sorted(run.extensions)
+                and manifest["heldout_fraction"] == run.heldout_fraction
                 and all(isinstance(manifest[k], list) for k in ("train_files", "heldout_files")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -334,16 +339,13 @@ def trained_source(ckpt_dir: Path, folder=None, extensions=None, heldout_fractio
     held-out file gone the folder is split anew, and `split_against_run` names what crossed). A
     checkpoint without a training log, or an older log, gets the stdlib and the default endings and
     share."""
-    config = trained_config(ckpt_dir)
-    if folder is None and config.get("source") is not None:
-        folder = config["source"]
-        if not Path(folder).is_dir():
-            raise ValueError(f"{ckpt_dir} was trained on the files under {folder}, which is not here: give --source")
+    run = _run_source(trained_config(ckpt_dir))
+    if folder is None and run.folder is not None and not Path(run.folder).is_dir():
+        raise ValueError(f"{ckpt_dir} was trained on the files under {run.folder}, which is not here: give --source")
     manifest = run_manifest(ckpt_dir) if extensions is None and heldout_fraction is None else None
-    extensions = check_extensions(extensions or config.get("extensions") or CorpusSource.extensions)
-    if heldout_fraction is None:
-        heldout_fraction = config.get("heldout_fraction", CorpusSource.heldout_fraction)
-    source = CorpusSource(None if folder is None else str(folder), extensions, heldout_fraction)
+    source = CorpusSource(run.folder if folder is None else str(folder),
+                          check_extensions(extensions or run.extensions),
+                          run.heldout_fraction if heldout_fraction is None else heldout_fraction)
     if manifest is not None and all((source.root / f).is_file() for f in manifest["heldout_files"]):
         source = dataclasses.replace(source, train_files=tuple(manifest["train_files"]),
                                      heldout_files=tuple(manifest["heldout_files"]))

@@ -4,10 +4,9 @@ Every sequence keeps its own cache length (`cache_seqlens[b]`, per-sequence rota
 prompts of similar length are right-padded for one prefill forward (`prefill_groups`; a long one
 in chunks of PREFILL_CHUNK_TOKENS tokens), never left-padded. A real prompt position only attends
 causally to earlier real ones, and a pad slot is overwritten by the sequence's next token before
-anything reads it, so padding changes no result:
-batched output equals one-prompt-at-a-time output token for token, up to float rounding (matmuls
-over other row counts sum in other orders: two tokens whose scores tie within it can break either
-way; see Generator.generate).
+anything reads it, so padding changes no result: batched output equals one-prompt-at-a-time output
+token for token, up to float rounding (matmuls over other row counts sum in other orders: two
+tokens whose scores tie within it can break either way; see Generator.generate).
 
 Per-sequence state (`SequenceState`) is explicit so that self-speculative decoding, which accepts
 a different number of tokens per sequence and step, reuses the same bookkeeping
@@ -111,9 +110,10 @@ PREFILL_FORWARD_TOKENS = {"cuda": 256}
 PREFILL_FORWARD_TOKENS_DEFAULT = 64
 # The most prompt tokens (rows x positions) one prefill forward takes: a group's prompts go through in
 # chunks of positions, each attending to the chunks before it in the cache. Its activations are then
-# bounded (at the 7B shape about 90 kB a token in 16-bit: the MLP's two hidden projections, q/k/v and
-# the heads' outputs), where 64 prompts of 4096 tokens in one forward held about 24 GB; and a row whose
-# prompt has ended leaves the next chunks. 16k tokens of matmuls take ~100x a weight read on a GPU.
+# bounded (by arithmetic, not a measurement: at the 7B shape about 90 kB a token in 16-bit for the
+# MLP's two hidden projections, q/k/v and the heads' outputs, so 64 prompts of 4096 tokens in one
+# forward would hold about 24 GB); and a row whose prompt has ended leaves the next chunks. At
+# DESIGN.md's matmul rate and bandwidth, 16k tokens of 7B matmuls take ~100x the forward's weight read.
 PREFILL_CHUNK_TOKENS = {"cuda": 16384}
 PREFILL_CHUNK_TOKENS_DEFAULT = 8192
 
@@ -235,9 +235,9 @@ class Generator:
         output has the same distribution as plain sampling (not the same draws).
         "Equal" means up to ties within rounding: both pick greedy tokens from float32-accumulated
         scores (`linear_argmax`, with or without log-probs), but a forward over T tree nodes rounds
-        the hidden states differently from a one-token forward (by ~1e-7 relative in float32, ~1e-2 in
-        bf16/fp16: matmuls of other shapes sum in other orders), so two tokens whose scores are that
-        close can break differently, and the continuations differ after that. The same holds for a
+        the hidden states differently from a one-token forward (matmuls of other shapes sum in other
+        orders: float32's rounding in float32, bf16's far coarser one in bf16), so two tokens whose
+        scores are that close can break differently, and the continuations differ after that. The same holds for a
         prompt alone against it in a batch (other rows, other padding). The tests' random models
         have no such ties; a bf16 model meets them now and then.
         """

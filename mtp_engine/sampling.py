@@ -8,29 +8,10 @@ kept, as in the release (uniform or zeroed logits make such ties).
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
-from mtp_kernels.sampling import MIN_TEMPERATURE
-
-
-def check_sampling_args(temperature: float, top_p: float) -> None:
-    """Raise ValueError unless temperature is 0 or in [MIN_TEMPERATURE, inf) and 0 < top_p <= 1 (both
-    finite numbers)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (1 / temperature must be "
-                         f"finite in float32), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not math.isfinite(top_p):
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+from mtp_kernels.sampling import check_sampling_args  # noqa: F401  (re-exported: the generator's argument rule)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from mtp_kernels import fused_linear_cross_entropy
 
 from .checkpoint import (checkpoint_files, load_checkpoint, read_json_object, refuse_overwrite, replace_together,
                          resolve_device)
-from .data import DEFAULT_EXTENSIONS, PackedTokens, check_extensions, prepare_corpus
+from .data import DEFAULT_EXTENSIONS, PackedTokens, check_extensions, check_heldout_fraction, prepare_corpus
 from .loss import MTPLoss, MTPLossOutput, mtp_targets
 from .model import ModelArgs, Transformer
 
@@ -117,9 +117,7 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         check_optimizer_options(self)
         check_extensions(self.extensions)
-        if isinstance(self.heldout_fraction, bool) or not isinstance(self.heldout_fraction, (int, float)) \
-                or not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        check_heldout_fraction(self.heldout_fraction)
         for name in ("time_budget_s", "extra_max_mb"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -740,6 +738,10 @@ def _cleanup(env) -> None:
 
 
 # ---------------------------------------------------------------------- command line
+# TrainConfig's tuple fields whose flag is given once per value, under a singular name.
+REPEATABLE_FLAGS = {"extensions": "--extension", "extra_sources": "--extra-source"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="starting configuration (default: 'default', one GPU; 'cpu': ~30 min on 2 cores; "
@@ -750,11 +752,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "head_weights":
             parser.add_argument(flag, type=float, nargs="+", default=None, help="per-head loss factors")
         elif f.name == "extensions":
-            parser.add_argument("--extension", dest="extensions", action="append", default=None,
+            parser.add_argument(REPEATABLE_FLAGS[f.name], dest="extensions", action="append", default=None,
                                 help="file ending read from --source and --extra-source, repeatable "
                                      "(default .py), e.g. --extension .txt --extension .md")
         elif f.name == "extra_sources":
-            parser.add_argument("--extra-source", dest="extra_sources", action="append", default=None,
+            parser.add_argument(REPEATABLE_FLAGS[f.name], dest="extra_sources", action="append", default=None,
                                 help="another folder of training files (repeatable), e.g. a site-packages")
         elif f.name == "schedule_to_budget":
             parser.add_argument(flag, action="store_true", default=None,
@@ -830,8 +832,7 @@ def resumed_config(cfg: TrainConfig, given: set, preset: Optional[str] = None) -
         if name == "extensions":   # a set of endings, matched in any case: order, repeats and case do not matter
             return sorted({e.lower() for e in value}) == sorted({e.lower() for e in old})
         return json.loads(json.dumps(value)) == old     # tuples were saved as lists
-    flags = {"extensions": "--extension", "extra_sources": "--extra-source"}   # repeatable flags' names
-    clashes = [f"{flags.get(k, '--' + k.replace('_', '-'))} {getattr(cfg, k)!r} (the run has {saved_value(k)!r})"
+    clashes = [f"{REPEATABLE_FLAGS.get(k, '--' + k.replace('_', '-'))} {getattr(cfg, k)!r} (the run has {saved_value(k)!r})"
                for k in sorted(given - RESUMABLE) if not same(k, getattr(cfg, k), saved_value(k))]
     if preset is not None and run_log.get("preset", preset) != preset:
         clashes.append(f"--preset {preset} (the run was started with --preset {run_log['preset']})")

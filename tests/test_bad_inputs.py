@@ -78,7 +78,7 @@ def test_save_checkpoint_refuses_what_load_would_refuse_and_keeps_the_good_one(t
         with pytest.raises(ValueError, match=match):
             save_checkpoint(model, tmp_path / "good", state_dict=bad)
     for dtype in ("bfloat16", torch.int8):
-        with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        with pytest.raises(ValueError, match="dtype must be None or a floating torch.dtype"):
             save_checkpoint(model, tmp_path / "good", dtype=dtype)
     with pytest.raises(ValueError, match="save_checkpoint needs a Transformer, got OrderedDict"):
         save_checkpoint(state, tmp_path / "other")

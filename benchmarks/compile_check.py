@@ -415,7 +415,7 @@ def scenarios(quick: bool = False):
                 K.sampling._select_launch(hidden, weight, 0.0, None, k, tile)
             K.linear_sample(hidden, weight, temperature=0.8, generator=torch.Generator().manual_seed(1))
             # The top-p fallback samples on the host from the logits the (skipped) kernel would write.
-            with mock.patch.object(reference, "sample_top_p_logits", lambda logits, *_: logits[:, 0].long()):
+            with mock.patch.object(reference, "sample_logits", lambda logits, *_: logits[:, 0].long()):
                 K.linear_sample(hidden, weight, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
 
     def sampling_llama3_vocabulary(dtype):

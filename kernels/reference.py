@@ -5,6 +5,7 @@ Each function has the same signature as its Triton counterpart. They are the CPU
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -304,54 +305,168 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Ten
     return ids
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs: (R, V) float, rows summing to 1. Returns (R,) int64 ids drawn from the top-p nucleus: the
-    Llama release's rule (sort descending, stable so equal probabilities keep id order; drop a token
-    only when the mass before it exceeds top_p, so the token that crosses top_p stays, and so does
-    one whose mass before equals top_p exactly; renormalize; draw)."""
+# Philox-4x32-10 (Salmon et al., 2011), as Triton's tl.philox computes it: the counter-based generator
+# behind the sampling kernel's noise. Here in int64 torch ops: every value is a uint32 held in an
+# int64, and a product of two of them wraps modulo 2^64 in int64, which keeps its 64 bits.
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_UINT32 = 0xFFFFFFFF
+
+
+def philox4x32(key0, key1, c0, c1, c2, c3, rounds: int = 10):
+    """Philox-4x32 with key (key0, key1) on counter (c0, c1, c2, c3): uint32 values held in int64
+    torch tensors or uint64 numpy arrays (broadcastable). Returns the four uint32 outputs in the same
+    kind (Random123's known-answer vectors: tests/test_sampling_kernels.py)."""
+    for _ in range(rounds):
+        p0 = _PHILOX_ROUND_B * c2
+        p1 = _PHILOX_ROUND_A * c0
+        c0, c1, c2, c3 = ((p0 >> 32) & _UINT32) ^ c1 ^ key0, p0 & _UINT32, ((p1 >> 32) & _UINT32) ^ c3 ^ key1, p1 & _UINT32
+        key0 = (key0 + _PHILOX_KEY_A) & _UINT32
+        key1 = (key1 + _PHILOX_KEY_B) & _UINT32
+    return c0, c1, c2, c3
+
+
+def sampling_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, V: int) -> torch.Tensor:
+    """The sampling kernel's uniforms, bit for bit: (R, V) float32 in [0, 1) for seeds (R,) and
+    offsets (R,) int64. Token v of row r takes output v % 4 of Philox keyed by seeds[r] (low word,
+    high word) at counter (v // 4, offsets[r] low word, offsets[r] high word, 0), turned into a float
+    as tl.uint_to_uniform_float does. So a row's noise depends on its (seed, offset) alone, not on
+    the rows beside it nor on the tiling."""
+    words = torch.arange((V + 3) // 4, dtype=torch.int64, device=seeds.device)
+    return _keyed_uniforms(seeds[:, None], offsets[:, None], words[None, :], lane=None)[:, :V]
+
+
+def _token_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`sampling_uniforms`' value for each (seeds[i], offsets[i], tokens[i]), all (n,) int64: the
+    noise of a few tokens without the rest of their rows."""
+    return _keyed_uniforms(seeds, offsets, tokens // 4, lane=tokens % 4)
+
+
+def _keyed_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, lane) -> torch.Tensor:
+    """float32 uniforms from philox4x32 keyed by seeds at counters (words, offsets' two words, 0),
+    int64 tensors that broadcast: output `lane` (a tensor like words) of each, or all four
+    interleaved along the last dim (lane None: word w gives tokens 4w..4w+3). On the CPU in numpy
+    (uint64), whose operations cost a fraction of torch's on these small arrays (one row of 8192
+    tokens: 0.1 ms against 0.4 ms); elsewhere in int64 torch ops."""
+    on_cpu = seeds.device.type == "cpu"
+    if on_cpu:
+        seeds, offsets, words = (t.numpy().astype(np.uint64) for t in (seeds, offsets, words))
+        lane = None if lane is None else lane.numpy()
+    xp = np if on_cpu else torch
+    outputs = philox4x32(seeds & _UINT32, (seeds >> 32) & _UINT32, words, offsets & _UINT32,
+                         (offsets >> 32) & _UINT32, xp.zeros_like(words))
+    if lane is None:
+        bits = xp.stack(outputs, -1)
+        bits = bits.reshape(bits.shape[0], -1)
+    else:
+        bits = xp.stack(outputs)
+        bits = np.take_along_axis(bits, lane[None], 0)[0] if on_cpu else bits.gather(0, lane[None])[0]
+    # As tl.uint_to_uniform_float: read the uint32 as int32, fold a negative x onto -x - 1 (for
+    # b >= 2^31 that is b ^ 0xFFFFFFFF), scale by just under 2^-31.
+    folded = bits ^ ((bits >> 31) * _UINT32)
+    if on_cpu:
+        return torch.from_numpy(folded.astype(np.float32) * np.float32(_UNIFORM_SCALE))
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    # u == 0 gives -log(-log 0) = -inf: that token simply loses.
+    return -torch.log(-torch.log(uniform))
+
+
+_UNIFORM_SCALE = 4.6566127342e-10
+# The Gumbel noise's range with these uniforms: u = 0 (probability 2^-31 per token) gives -inf; else
+# u lies in [scale, (2^31 - 1) * scale] (float32) and G in [-3.07, 21.5].
+_GUMBEL_MIN = float(_gumbel(torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)))
+_GUMBEL_MAX = float(_gumbel(torch.tensor(2 ** 31 - 1, dtype=torch.float32) * torch.tensor(_UNIFORM_SCALE,
+                                                                                          dtype=torch.float32)))
+# A token scoring more than this below its row's best cannot win the Gumbel-max unless the best
+# token's own noise is -inf: the range, plus a margin for log's last-place rounding.
+_CANDIDATE_MARGIN = _GUMBEL_MAX - _GUMBEL_MIN + 1.0
+# Rows whose candidates are at least this share of the logits draw the whole noise: 4 tokens per
+# Philox call beat 1 per call for the candidates.
+_DENSE_NOISE_SHARE = 0.25
+
+
+def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """argmax_v(scores_v + G_v) per row, G the kernel's noise (ties and NaN as `_argmax_nan_as_low`),
+    computing G only where it can matter. G lies in [_GUMBEL_MIN, _GUMBEL_MAX] or is -inf, so a token
+    more than _CANDIDATE_MARGIN below the row's best score cannot beat the best token's perturbed
+    score, unless that one's noise is -inf: a peaked distribution (a trained model at T <= 1) has a
+    handful of candidates out of the vocabulary. A row whose winner does not reach best +
+    _GUMBEL_MIN - 1 (the case left open) draws its whole noise, as do flat distributions.
+    scores: (R, V) float32 without NaN; seeds, offsets (R,) int64."""
+    R, V = scores.shape
+    top = scores.max(dim=-1).values
+    candidates = scores >= (top - _CANDIDATE_MARGIN)[:, None]
+    if int(candidates.sum()) >= _DENSE_NOISE_SHARE * R * V:
+        return _argmax_nan_as_low(scores + _gumbel(sampling_uniforms(seeds, offsets, V)))
+    r_idx, v_idx = candidates.nonzero(as_tuple=True)
+    perturbed = torch.full_like(scores, float("-inf"))
+    perturbed[r_idx, v_idx] = scores[r_idx, v_idx] + _gumbel(_token_uniforms(seeds[r_idx], offsets[r_idx], v_idx))
+    tokens = _argmax_nan_as_low(perturbed)
+    winner = perturbed.gather(1, tokens[:, None])[:, 0]
+    unsure = ~(winner >= top + (_GUMBEL_MIN - 1.0))   # NaN too
+    if bool(unsure.any()):
+        rows = unsure.nonzero()[:, 0]
+        tokens[rows] = _argmax_nan_as_low(scores[rows] + _gumbel(sampling_uniforms(seeds[rows], offsets[rows], V)))
+    return tokens
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs: (R, V) float, rows summing to 1. Returns (R, V) bool, True for the tokens of the top-p
+    nucleus by the Llama release's rule: sort descending (stable, so equal probabilities keep id
+    order), drop a token only when the mass before it exceeds top_p, so the token that crosses top_p
+    stays, and so does one whose mass before equals top_p exactly; the most likely token always stays."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    drop = mass_before > top_p   # the release's `probs_sum - probs_sort > p`
-    drop[..., 0] = False   # the most likely token always survives (a top_p below float32's range is 0 there)
-    probs_sort = probs_sort.masked_fill(drop, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+    drop = (torch.cumsum(probs_sort, dim=-1) - probs_sort) > top_p   # the release's `probs_sum - probs_sort > p`
+    drop[..., 0] = False   # a top_p below float32's range would drop it too
+    return torch.empty_like(drop).scatter_(-1, probs_idx, ~drop)
 
 
-def sample_top_p_logits(logits: torch.Tensor, temperature: float, top_p: float,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1. Returns (R,) int64: one draw per row
-    from softmax(logits / temperature) restricted to the nucleus (`sample_top_p`). Non-finite logits
-    follow the Gumbel-max path's rules: NaN counts as -inf, +inf logits share the row (softmax's limit),
-    and a row with nothing above -inf gives token 0."""
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Llama release's draw: probs (R, V) float, rows summing to 1. Returns (R,) int64 ids drawn
+    with torch.multinomial from the top-p nucleus (`nucleus`), renormalized. (Generation draws with
+    `sample_logits`' keyed Gumbel noise instead: the same distribution.)"""
+    kept = probs.masked_fill(~nucleus(probs, top_p), 0.0)
+    return torch.multinomial(kept / kept.sum(dim=-1, keepdim=True), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor,
+                  offsets: torch.Tensor) -> torch.Tensor:
+    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1, seeds and offsets (R,) int64. Returns
+    (R,) int64: one draw per row from softmax(logits / temperature) restricted to the top-p nucleus,
+    by Gumbel-max, argmax_v(logits_v / T + G_v) over the nucleus, with G = -log(-log U) and U the
+    kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores tie
+    within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
+    renormalized softmax over that subset.
+
+    Non-finite logits: NaN counts as -inf (ranked last, so a row of NaN gives token 0). With
+    top_p == 1 the rule is the kernel's (an +inf logit wins, the first of several); with top_p < 1
+    several +inf logits share the row (softmax's limit) and a row with nothing above -inf gives 0."""
     scores = logits.float() / temperature
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
-    top = scores == float("inf")
-    scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
-    dead = (scores == float("-inf")).all(-1, keepdim=True)
-    scores = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, scores)
-    return sample_top_p(torch.softmax(scores, dim=-1), top_p, generator)
+    if top_p < 1.0:
+        top = scores == float("inf")
+        scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
+        dead = (scores == float("-inf")).all(-1, keepdim=True)
+        scores = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, scores)
+        scores = scores.masked_fill(~nucleus(torch.softmax(scores, dim=-1), top_p), float("-inf"))
+    return _gumbel_argmax(scores, seeds, offsets)
 
 
-def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """hidden: (R, D); weight: (V, D) same dtype. Returns (R,) int64, one draw per row from
-    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top-p nucleus.
-    temperature == 0 -> linear_argmax. top_p == 1: Gumbel-max (argmax of logits / T + Gumbel noise,
-    uniforms from torch.rand with `generator`); top_p < 1: `sample_top_p_logits`. Same
-    distribution as the Triton kernel, not the same draws."""
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float,
+                  seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """hidden: (R, D); weight: (V, D) same dtype; seeds and offsets (R,) int64. Returns (R,) int64,
+    one draw per row from softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the
+    top-p nucleus (`sample_logits`); temperature == 0 -> linear_argmax. The Triton kernel's noise
+    (top_p == 1) and its logits (top_p < 1) with the same seeds and offsets: the same tokens up to
+    ties within rounding."""
     if temperature == 0:
         return linear_argmax(hidden, weight)
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
-        if top_p < 1.0:
-            tokens[rows] = sample_top_p_logits(logits, temperature, top_p, generator)
-        else:
-            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-            # u == 0 gives -log(-log 0) = -inf: that token simply loses.
-            gumbel = -torch.log(-torch.log(uniform))
-            tokens[rows] = _argmax_nan_as_low(logits / temperature + gumbel)
+        tokens[rows] = sample_logits(logits, temperature, top_p, seeds[rows], offsets[rows])
     return tokens
 
 

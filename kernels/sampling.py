@@ -24,14 +24,18 @@ Splitting the vocabulary gives V / BLOCK_V programs even for one row (783 at V =
 batch-1 decode step still spreads the weight read over the whole GPU.
 
 Sampling (Gumbel-max): argmax_v (logits_v / T + G_v) with G_v = -log(-log U_v) i.i.d. Gumbel is an
-exact draw from softmax(logits / T). U comes from Philox (tl.rand) keyed by one int64 seed per call
-and the counter row * V + v, so every (row, token) gets its own uniform whichever program computes
-it. The seed is drawn from the caller's torch.Generator on the device and read by the kernel from
-memory: same generator state -> same tokens, and no host synchronization (CUDA-graph friendly).
+exact draw from softmax(logits / T). U comes from Philox keyed per row: row r's key is seeds[r] and
+token v's counter is (v // 4, offsets[r], 0) (one of the four outputs), so every (row, token) gets
+its own uniform whichever program computes it, and a row's noise does not depend on the rows beside
+it. The generator gives each sequence its own seed and, as offset, the position of the token being
+drawn: a prompt samples the same completion alone or in any batch, and speculative decoding draws
+each position with the same noise as plain decoding. Seeds and offsets are read from device memory:
+no host synchronization (CUDA-graph friendly). `reference.sampling_uniforms` is the same generator
+in torch ops, bit for bit.
 
 top_p < 1 needs the sorted distribution of a whole row; that path writes float32 logits for a
 chunk of rows at a time with the same tile code and samples the nucleus in torch
-(`reference.sample_top_p_logits`).
+(`reference.sample_logits`, the same keyed noise).
 """
 from __future__ import annotations
 
@@ -79,9 +83,31 @@ def _logits_tile(hidden_ptr, weight_ptr, offs_r, offs_v, R, V, D, stride_hr, str
 
 
 @triton.jit
+def _sampling_uniforms(seed_ptr, offset_ptr, stride_seed, stride_offset, offs_r, offs_v, R,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """float32 (BLOCK_R, BLOCK_V) uniforms in [0, 1): token v of row r takes output v % 4 of Philox
+    keyed by seed[r] at counter (v // 4, offset[r] low, offset[r] high, 0) (`reference.sampling_uniforms`
+    bit for bit). Keyed per row, so a row's draw does not depend on the rows beside it, and a token's
+    on the tiling; the kernel computes one Philox per element, as tl.rand does, and keeps a quarter."""
+    row_ok = offs_r < R
+    seed = tl.load(seed_ptr + offs_r * stride_seed, mask=row_ok, other=0).to(tl.uint64)
+    offset = tl.load(offset_ptr + offs_r * stride_offset, mask=row_ok, other=0).to(tl.uint64)
+    zeros = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.uint32)
+    word = zeros + (offs_v // 4).to(tl.uint32)[None, :]
+    offset_lo = zeros + (offset & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    offset_hi = zeros + (offset >> 32).to(tl.uint32)[:, None]
+    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)[:, None]   # keys stay (BLOCK_R, 1): one key step per row
+    seed_hi = (seed >> 32).to(tl.uint32)[:, None]
+    out0, out1, out2, out3 = tl.philox_impl(word, offset_lo, offset_hi, zeros, seed_lo, seed_hi)
+    lane = (offs_v % 4)[None, :]
+    bits = tl.where(lane == 0, out0, tl.where(lane == 1, out1, tl.where(lane == 2, out2, out3)))
+    return tl.uint_to_uniform_float(bits)
+
+
+@triton.jit
 def _linear_select_partial_kernel(
-    hidden_ptr, weight_ptr, seed_ptr, best_score_ptr, best_index_ptr,
-    R, V, D, stride_hr, stride_wv, n_vocab_blocks, inv_temperature,
+    hidden_ptr, weight_ptr, seed_ptr, offset_ptr, best_score_ptr, best_index_ptr,
+    R, V, D, stride_hr, stride_wv, stride_seed, stride_offset, n_vocab_blocks, inv_temperature,
     SAMPLE: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -96,10 +122,8 @@ def _linear_select_partial_kernel(
     logits = _logits_tile(hidden_ptr, weight_ptr, offs_r.to(tl.int64), offs_v.to(tl.int64), R, V, D,
                           stride_hr, stride_wv, BLOCK_R, BLOCK_V, BLOCK_D)
     if SAMPLE:
-        seed = tl.load(seed_ptr)
-        # Counter of (row, token) = row * V + token: the same uniform for that pair in any tiling.
-        counters = offs_r.to(tl.int64)[:, None] * V + offs_v[None, :]
-        uniform = tl.rand(seed, counters)
+        uniform = _sampling_uniforms(seed_ptr, offset_ptr, stride_seed, stride_offset, offs_r, offs_v, R,
+                                     BLOCK_R, BLOCK_V)
         # U == 0 (probability 2^-31) gives -inf: that token loses, which is harmless.
         scores = logits * inv_temperature - tl.log(-tl.log(uniform))
     else:
@@ -444,17 +468,17 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
 
 @eager_under_compile
 def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                                  generator: torch.Generator | None, top_k: int = 1):
+                                  keys: tuple | None, top_k: int = 1):
     """Pass 1: each row's top_k scores within each vocab block. hidden: (R, D), weight: (V, D), same
-    float dtype; scores are the logits (temperature == 0) or logits / temperature + Gumbel noise.
+    float dtype; scores are the logits (temperature == 0, keys None) or logits / temperature + Gumbel
+    noise keyed by keys = (seeds (R,), offsets (R,)) int64 on hidden's device.
     Returns (score (R, n_vocab_blocks, top_k) float32, index (R, n_vocab_blocks, top_k) int32)."""
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
-    sample = temperature > 0
-    tile = None if sample else _select_tile(hidden, weight, top_k)
-    return _select_launch(hidden, weight, temperature, generator, top_k, tile)
+    tile = None if temperature > 0 else _select_tile(hidden, weight, top_k)
+    return _select_launch(hidden, weight, temperature, keys, top_k, tile)
 
 
-def _select_launch(hidden, weight, temperature: float, generator, top_k: int, tile: SelectTile | None):
+def _select_launch(hidden, weight, temperature: float, keys: tuple | None, top_k: int, tile: SelectTile | None):
     """One launch of the selection kernel with `tile` (None: `_launch_config`'s)."""
     R, D = hidden.shape
     V = weight.shape[0]
@@ -465,11 +489,12 @@ def _select_launch(hidden, weight, temperature: float, generator, top_k: int, ti
     n_vocab_blocks = triton.cdiv(V, cfg["BLOCK_V"])
     best_score = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.float32, device=hidden.device)
     best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)
-    seed = _draw_seed(generator, hidden.device) if sample else best_index  # unused pointer when greedy
+    # Unused pointers when greedy. An expanded seed (a generator's one per call) has stride 0.
+    seeds, offsets = keys if sample else (best_index.view(-1), best_index.view(-1))
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), _vocab_grid(n_vocab_blocks))
     _linear_select_partial_kernel[grid](
-        hidden, weight, seed, best_score, best_index,
-        R, V, D, hidden.stride(0), weight.stride(0), n_vocab_blocks,
+        hidden, weight, seeds, offsets, best_score, best_index,
+        R, V, D, hidden.stride(0), weight.stride(0), seeds.stride(0), offsets.stride(0), n_vocab_blocks,
         1.0 / temperature if sample else 1.0,
         SAMPLE=sample, TOP_K=top_k, **cfg)
     return best_score, best_index
@@ -477,10 +502,11 @@ def _select_launch(hidden, weight, temperature: float, generator, top_k: int, ti
 
 @eager_under_compile
 def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                         generator: torch.Generator | None) -> torch.Tensor:
-    """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise.
-    hidden: (R, D), weight: (V, D), same float dtype. Returns (R,) int64."""
-    return TokenCandidates(*linear_select_partials_triton(hidden, weight, temperature, generator)).argmax()
+                         keys: tuple | None) -> torch.Tensor:
+    """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise
+    keyed by keys = (seeds (R,), offsets (R,)). hidden: (R, D), weight: (V, D), same float dtype.
+    Returns (R,) int64."""
+    return TokenCandidates(*linear_select_partials_triton(hidden, weight, temperature, keys)).argmax()
 
 
 @eager_under_compile
@@ -498,14 +524,14 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_top_p_triton(hidden, weight, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _sample_top_p_triton(hidden, weight, temperature: float, top_p: float, seeds, offsets) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         logits = linear_logits_triton(hidden[rows], weight)
-        tokens[rows] = reference.sample_top_p_logits(logits, temperature, top_p, generator)
+        tokens[rows] = reference.sample_logits(logits, temperature, top_p, seeds[rows], offsets[rows])
     return tokens
 
 
@@ -544,14 +570,30 @@ def check_sampling_args(temperature, top_p, prefix: str = "") -> None:
         raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
 
 
-def _check_sampling_args(temperature, top_p, generator, device: torch.device) -> None:
-    check_sampling_args(temperature, top_p, "linear_sample: ")
+def _sampling_keys(R: int, device: torch.device, generator, seeds, offsets, sample: bool) -> tuple | None:
+    """linear_sample's noise keys, (seeds (R,), offsets (R,)) int64 on `device`: the caller's, checked,
+    or, from a generator (None: the global RNG), one seed drawn on the device (no host sync) for
+    every row and the row index as offset. None when not `sample` (greedy: checked, nothing drawn)."""
+    if seeds is None and offsets is None:
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError("linear_sample: generator must be a torch.Generator or None, "
+                                 f"got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise ValueError(f"linear_sample: generator is on {generator.device} but hidden is on {device}")
+        return (_draw_seed(generator, device).expand(R), torch.arange(R, device=device)) if sample else None
+    if seeds is None or offsets is None:
+        raise ValueError("linear_sample: seeds and offsets go together (one per row), got only "
+                         + ("seeds" if offsets is None else "offsets"))
     if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise ValueError("linear_sample: generator must be a torch.Generator or None, "
-                             f"got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"linear_sample: generator is on {generator.device} but hidden is on {device}")
+        raise ValueError("linear_sample: pass a generator or seeds and offsets, not both")
+    for name, t in (("seeds", seeds), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (R,):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"linear_sample: {name} must be an int64 tensor of shape ({R},), one per row, got {got}")
+        if t.device != device:
+            raise ValueError(f"linear_sample: {name} is on {t.device} but hidden is on {device}")
+    return (seeds, offsets) if sample else None
 
 
 def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -569,28 +611,39 @@ def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the top-p
-    nucleus (the Llama release's rule, `reference.sample_top_p`: a token is dropped when the mass
-    sorted before it exceeds top_p).
+    nucleus (the Llama release's rule, `reference.nucleus`: a token is dropped when the mass sorted
+    before it exceeds top_p), by Gumbel-max with counter-based (Philox) noise.
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
     temperature: >= 0; 0 -> `linear_argmax`. top_p in (0, 1]: 1 -> Gumbel-max in the kernel (no
-    logits written); < 1 -> float32 logits for a chunk of rows at a time, nucleus sampled in torch.
-    generator: a torch.Generator on hidden's device type, or None for the global RNG; the same
-    generator state gives the same tokens. Returns (R,) int64.
+    logits written); < 1 -> float32 logits for a chunk of rows at a time, the nucleus in torch.
+    The noise, one of:
+      seeds, offsets: (R,) int64 on hidden's device. Row r's noise is a function of (seeds[r],
+        offsets[r]) alone: a row draws the same token whatever rows share the call, so a sequence
+        with its own seed and its position as offset has its own reproducible stream.
+      generator: a torch.Generator on hidden's device type, or None for the global RNG: one seed
+        drawn from it for the call (on the device, no host sync), offsets the row indices; the same
+        generator state gives the same tokens.
+    The reference path (CPU) draws the kernel's uniforms bit for bit: the same tokens up to ties
+    within rounding. Returns (R,) int64.
     """
     _check_linear_inputs("linear_sample", hidden, weight)
-    _check_sampling_args(temperature, top_p, generator, hidden.device)
+    check_sampling_args(temperature, top_p, "linear_sample: ")
+    keys = _sampling_keys(hidden.shape[0], hidden.device, generator, seeds, offsets, sample=temperature > 0)
     if temperature == 0:
         return linear_argmax(hidden, weight)
     if hidden.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=hidden.device)
+    seeds, offsets = keys
     if not use_triton(hidden, weight):
-        return reference.linear_sample(hidden, weight, temperature=temperature, top_p=top_p, generator=generator)
+        return reference.linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=seeds,
+                                       offsets=offsets)
     if top_p < 1.0:
-        return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), generator)
-    return linear_select_triton(hidden, weight, float(temperature), generator)
+        return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), seeds, offsets)
+    return linear_select_triton(hidden, weight, float(temperature), (seeds, offsets))
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

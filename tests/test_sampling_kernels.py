@@ -1,10 +1,14 @@
 """linear_argmax / linear_sample: Triton kernels (interpreted on CPU) against the references."""
 import math
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mtp_kernels import linear_argmax, linear_logits, linear_sample, linear_topk, reference
+from mtp_kernels.sampling import _sampling_uniforms
 
 
 def _logits(hidden, weight):
@@ -262,6 +266,150 @@ def test_gumbel_noise_does_not_depend_on_the_tiling(triton_backend, monkeypatch)
 
 
 # --------------------------------------------------------------------------------------------
+# keyed noise: Philox per row (seeds, offsets), the same bits on both paths
+# --------------------------------------------------------------------------------------------
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox-4x32-10 (kat_vectors): key, counter -> output."""
+    cases = [((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for key, counter, want in cases:
+        got = reference.philox4x32(*(torch.tensor([v]) for v in key + counter))
+        assert [int(t) for t in got] == list(want)
+        got = reference.philox4x32(*(np.array([v], dtype=np.uint64) for v in key + counter))   # the CPU's few-token path
+        assert [int(t[0]) for t in got] == list(want)
+
+
+def _keys(R, seed=0):
+    """Seeds and offsets that use both 32-bit words of each."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2 ** 63 - 1, (R,), generator=g), torch.randint(0, 2 ** 40, (R,), generator=g)
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, offset_ptr, out_ptr, R, V, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The selection kernel's noise, written out; seeds read with stride 2.
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    u = _sampling_uniforms(seed_ptr, offset_ptr, 2, 1, offs_r, offs_v, R, BLOCK_R, BLOCK_V)
+    tl.store(out_ptr + offs_r[:, None] * V + offs_v[None, :], u, mask=(offs_r[:, None] < R) & (offs_v[None, :] < V))
+
+
+def test_kernel_uniforms_equal_the_reference_bit_for_bit(triton_backend):
+    R, V = 5, 37
+    seeds, offsets = _keys(R)
+    strided_seeds = torch.stack([seeds, torch.zeros_like(seeds)], dim=1).flatten()   # stride 2
+    out = torch.full((R, V), -1.0)
+    _uniforms_kernel[(triton.cdiv(R, 4), triton.cdiv(V, 16))](strided_seeds, offsets, out, R, V, BLOCK_R=4, BLOCK_V=16)
+    want = reference.sampling_uniforms(seeds, offsets, V)
+    assert torch.equal(out, want)
+    assert 0.0 <= float(want.min()) and float(want.max()) < 1.0 and len(want.unique()) == R * V
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_keyed_draws_equal_the_reference_and_ignore_the_batch(request, backend, top_p):
+    """A row's token is a function of its logits and its (seed, offset): the kernel draws the
+    reference's tokens, and a row alone, or in another order among other rows, draws the same."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(3)
+    R, V, D = 9, 1001, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.3
+    seeds, offsets = _keys(R, seed=1)
+    tokens = linear_sample(hidden, weight, temperature=1.3, top_p=top_p, seeds=seeds, offsets=offsets)
+    want = reference.linear_sample(hidden, weight, temperature=1.3, top_p=top_p, seeds=seeds, offsets=offsets)
+    assert torch.equal(tokens, want)
+    order = torch.randperm(R, generator=g)
+    shuffled = linear_sample(hidden[order], weight, temperature=1.3, top_p=top_p, seeds=seeds[order],
+                             offsets=offsets[order])
+    assert torch.equal(shuffled, tokens[order])
+    alone = linear_sample(hidden[4:5], weight, temperature=1.3, top_p=top_p, seeds=seeds[4:5], offsets=offsets[4:5])
+    assert alone.tolist() == tokens[4:5].tolist()
+    # The key matters: another offset (the next position) draws otherwise somewhere in the batch.
+    assert not torch.equal(linear_sample(hidden, weight, temperature=1.3, top_p=top_p, seeds=seeds,
+                                         offsets=offsets + 1), tokens)
+
+
+def test_gumbel_noise_only_where_it_can_win_gives_the_same_tokens(monkeypatch):
+    """The reference draws noise only for tokens within the noise's ceiling of the winner's floor
+    (a peaked row: a handful); against the whole noise, on peaked, flat and non-finite rows."""
+    g = torch.Generator().manual_seed(21)
+    R, V = 400, 257
+    scale = torch.tensor([0.1, 1.0, 5.0, 40.0]).repeat_interleave(R // 4)[:, None]
+    logits = torch.randn(R, V, generator=g) * scale
+    logits[0] = float("-inf")
+    logits[1, 7] = float("inf")
+    logits[2, :5] = float("-inf")
+    logits[3, 9] = float("nan")
+    seeds, offsets = _keys(R, seed=5)
+
+    def draw(share, top_p):
+        monkeypatch.setattr(reference, "_DENSE_NOISE_SHARE", share)
+        return reference.sample_logits(logits, 0.9, top_p, seeds, offsets)
+
+    for top_p in (1.0, 0.9):
+        dense, sparse = draw(0.0, top_p), draw(2.0, top_p)
+        assert torch.equal(dense, sparse), top_p
+        assert dense[0] == 0 and dense[1] == 7
+    monkeypatch.setattr(reference, "_DENSE_NOISE_SHARE", 2.0)
+    calls = []
+    uniforms = reference._token_uniforms
+    monkeypatch.setattr(reference, "_token_uniforms", lambda *args: calls.append(len(args[2])) or uniforms(*args))
+    reference.sample_logits(logits[-100:], 0.9, 1.0, seeds[-100:], offsets[-100:])   # scale 40: peaked rows
+    assert len(calls) == 1 and calls[0] < 100 * 6   # a few candidates per row, of 257 tokens
+    # The case the candidates leave open: the best token's own noise is -inf (u == 0). The row
+    # then draws its whole noise, as the dense path does.
+    peaked = torch.full((1, V), -100.0)
+    peaked[0, 3], peaked[0, 200] = 50.0, 20.0
+    monkeypatch.setattr(reference, "_token_uniforms", lambda s, o, tokens: torch.where(tokens == 3, 0.0, 0.5))
+    dense_uniforms = reference.sampling_uniforms
+    monkeypatch.setattr(reference, "sampling_uniforms",
+                        lambda s, o, V: torch.where(torch.arange(V) == 3, 0.0, dense_uniforms(s, o, V)))
+    assert reference.sample_logits(peaked, 1.0, 1.0, seeds[:1], offsets[:1]).tolist() == [200]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_keyed_draws_follow_softmax(request, use_kernel):
+    """One row repeated under one seed and consecutive offsets (a sequence's positions): the draws
+    are independent samples of softmax(logits / T), with and without a nucleus."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    hidden, weight = _one_vector_many_rows(3000, seed=9)
+    seeds = torch.full((3000,), 12345, dtype=torch.int64)
+    offsets = torch.arange(3000, dtype=torch.int64)
+    probs = torch.softmax(_logits(hidden[:1], weight)[0] / 0.9, dim=0)
+    counts = torch.bincount(linear_sample(hidden, weight, temperature=0.9, seeds=seeds, offsets=offsets),
+                            minlength=weight.shape[0])
+    assert _chi_square_p_value(counts, probs) > 1e-3
+    kept = reference.nucleus(probs[None], 0.7)[0]
+    tokens = linear_sample(hidden, weight, temperature=0.9, top_p=0.7, seeds=seeds, offsets=offsets)
+    assert kept[tokens].all() and 1 < int(kept.sum()) < weight.shape[0]
+    counts = torch.bincount(tokens, minlength=weight.shape[0])[kept]
+    assert _chi_square_p_value(counts, probs[kept] / probs[kept].sum()) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seeds=torch.zeros(2, dtype=torch.int64)), "seeds and offsets go together"),
+    (dict(offsets=torch.zeros(2, dtype=torch.int64)), "seeds and offsets go together"),
+    (dict(seeds=torch.zeros(2, dtype=torch.int64), offsets=torch.zeros(2, dtype=torch.int64),
+          generator=torch.Generator()), "not both"),
+    (dict(seeds=torch.zeros(2, dtype=torch.int32), offsets=torch.zeros(2, dtype=torch.int64)),
+     r"seeds must be an int64 tensor of shape \(2,\).*torch.int32"),
+    (dict(seeds=torch.zeros(2, dtype=torch.int64), offsets=torch.zeros(3, dtype=torch.int64)),
+     r"offsets must be an int64 tensor of shape \(2,\).*\(3,\)"),
+    (dict(seeds=[1, 2], offsets=torch.zeros(2, dtype=torch.int64)), "seeds must be an int64 tensor.*list"),
+    (dict(seeds=torch.zeros(2, dtype=torch.int64, device="meta"), offsets=torch.zeros(2, dtype=torch.int64)),
+     "seeds is on meta but hidden is on cpu"),
+])
+def test_bad_keys(kwargs, match):
+    for temperature in (1.0, 0.0):   # checked when greedy too
+        with pytest.raises(ValueError, match=match):
+            linear_sample(torch.zeros(2, 4), torch.zeros(7, 4), temperature=temperature, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hidden_shape,weight_shape,dtypes,match", [
@@ -343,6 +491,26 @@ def test_gpu_sampling_follows_softmax(top_p):
     assert counts[order[n_kept:]].sum() == 0
     kept = sorted_probs[:n_kept]
     assert _chi_square_p_value(counts[order[:n_kept]], kept / kept.sum()) > 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_keyed_noise_and_draws_equal_the_reference():
+    """The compiled kernel's Philox is the reference's bit for bit (on the CPU in numpy, on CUDA in
+    int64 torch ops), and its keyed bf16 draws are the reference's wherever no two scores tie."""
+    R, V = 64, 32000
+    seeds, offsets = (t.cuda() for t in _keys(R, seed=7))
+    out = torch.empty(R, V, device="cuda")
+    _uniforms_kernel[(triton.cdiv(R, 16), triton.cdiv(V, 128))](
+        torch.stack([seeds, torch.zeros_like(seeds)], dim=1).flatten(), offsets, out, R, V, BLOCK_R=16, BLOCK_V=128)
+    assert torch.equal(out, reference.sampling_uniforms(seeds, offsets, V))
+    assert torch.equal(out.cpu(), reference.sampling_uniforms(seeds.cpu(), offsets.cpu(), V))
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    hidden = torch.randn(R, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(V, 1024, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.03
+    for top_p in (1.0, 0.9):
+        tokens = linear_sample(hidden, weight, temperature=0.8, top_p=top_p, seeds=seeds, offsets=offsets)
+        want = reference.linear_sample(hidden, weight, temperature=0.8, top_p=top_p, seeds=seeds, offsets=offsets)
+        assert (tokens != want).sum() <= 1, top_p   # float32 sums in another order: a rare near-tie
 
 
 @pytest.mark.gpu

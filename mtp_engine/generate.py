@@ -33,7 +33,7 @@ from mtp_kernels.launch_tuner import TritonError
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
-from .sampling import check_sampling_args, token_logprobs
+from .sampling import check_sampling_args, sequence_seeds, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
                           verify_and_score, verify_tokens)
@@ -211,18 +211,19 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, speculative: Optional[str] = None, heads=None, tree=None,
-                 seed: Optional[int] = None, eos_id: Optional[int] = None, logprobs: bool = False) -> GenerationResult:
+                 seed=None, eos_id: Optional[int] = None, logprobs: bool = False) -> GenerationResult:
         """Continue every prompt; prompts may differ in length.
 
         prompt_tokens: list of token-id lists. max_gen_len: most new tokens per prompt, clipped per
         prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
-        otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with a
-        torch.Generator seeded by `seed` (None: torch's global RNG); one generator draws for the
-        whole batch, so with a seed the output is reproducible for the same prompts in the same
-        order, and a prompt's sample changes with the prompts beside it (as in Meta's release): the
-        rows draw in length order (two prompts of one length swapped swap draws) and a row that
-        finishes leaves the later draws to the others. eos_id: None means the
-        tokenizer's eos (never stop early without a tokenizer); a negative id never stops early.
+        otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with noise
+        keyed by the prompt's seed and the position of the token drawn (`linear_sample`), so every
+        prompt has its own stream. seed: a list of ints (one per prompt), an int s (prompt i takes
+        `sampling.prompt_seed(s, i)`, a hash of both), or None (seeds drawn from torch's global CPU
+        RNG). A prompt's completion depends on its prompt, its seed and the model alone, not on the
+        prompts beside it nor their number: with seed=[s] alone it is what it is with s in any
+        position of a list. eos_id: None means the tokenizer's eos (never stop early without a
+        tokenizer); a negative id never stops early.
 
         speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
         head: blockwise parallel decoding) or "tree" (a static token tree of the heads' top-k drafts).
@@ -231,9 +232,10 @@ class Generator:
         ([[0], [1], [0, 0], ...], see mtp_engine.speculative), a preset name ("heads<k>", "chain"),
         or None: the default tree for this many prompts (speculative.default_tree: at most
         `tree_tokens` tree tokens per forward over all rows, so a large batch gets a small tree).
-        Greedy speculative output equals plain greedy output token for token; sampled speculative
-        output has the same distribution as plain sampling (not the same draws).
-        "Equal" means up to ties within rounding: both pick greedy tokens from float32-accumulated
+        Greedy speculative output equals plain greedy output token for token, and so does sampled
+        output with the same seed: every node draws the token at its position with the noise plain
+        decoding draws that position with, so the walk accepts exactly plain decoding's tokens.
+        "Equal" means up to ties within rounding (of the Gumbel-perturbed scores, when sampling): both pick greedy tokens from float32-accumulated
         scores (`linear_argmax`, with or without log-probs), but a forward over T tree nodes rounds
         the hidden states differently from a one-token forward (matmuls of other shapes sum in other
         orders: float32's rounding in float32, bf16's far coarser one in bf16), so two tokens whose
@@ -249,7 +251,7 @@ class Generator:
         if dtype not in GENERATION_DTYPES:
             raise ValueError(f"the model is {dtype}; generation runs in {', '.join(map(str, GENERATION_DTYPES))}: "
                              "model.to(torch.float32) first")
-        max_gen_len, heads, seed = integer(max_gen_len), integer(heads), integer(seed)
+        max_gen_len, heads = integer(max_gen_len), integer(heads)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens)
@@ -273,12 +275,13 @@ class Generator:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
 
-        rng = None
-        if seed is not None:
-            _check_seed(seed)
-        if temperature > 0 and seed is not None:
-            rng = torch.Generator(device=self.device)
-            rng.manual_seed(int(seed))
+        seeds = None   # greedy draws nothing (and leaves torch's RNG alone); a seed is still checked
+        if temperature > 0 or seed is not None:
+            seeds = sequence_seeds(seed, len(prompts))
+        if temperature > 0:   # one per row, rows in length order
+            seeds = torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device)
+        else:
+            seeds = None
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -286,10 +289,10 @@ class Generator:
         if not all(s.done for s in seqs):
             if tree_spec is None:
                 forwards, prefill_time, prompt_lp = self._run_plain(
-                    prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start)
+                    prompts, seqs, temperature, top_p, seeds, eos_id, logprobs, start)
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
-                    prompts, seqs, tree_spec, temperature, top_p, rng, eos_id, logprobs, start)
+                    prompts, seqs, tree_spec, temperature, top_p, seeds, eos_id, logprobs, start)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
                 _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
@@ -325,14 +328,15 @@ class Generator:
             prompt_logprobs=prompt_lp)
 
     # ------------------------------------------------------------------ plain decoding
-    def _run_plain(self, prompts, seqs, temperature, top_p, rng, eos_id, logprobs, start):
-        """One token per sequence per forward. Returns (forwards, prefill_time, prompt_logprobs)."""
+    def _run_plain(self, prompts, seqs, temperature, top_p, seeds, eos_id, logprobs, start):
+        """One token per sequence per forward; seeds (B,) int64 (sampling) key each row's noise, the
+        new token's position its offset. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
         forwards = 1
         prefill_time = time.perf_counter() - start
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
-        next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, rng, logprobs)
+        next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, seeds, cache_seqlens, logprobs)
         whole_step = temperature == 0 and not logprobs   # forward and argmax as one step (one graph)
         while True:
             for b, tok in enumerate(next_tok.tolist()):
@@ -354,7 +358,7 @@ class Generator:
             else:
                 hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
                 cache_seqlens[:rows] += advance
-                next_tok, lps = self._next_tokens(hidden, temperature, top_p, rng, logprobs)
+                next_tok, lps = self._next_tokens(hidden, temperature, top_p, seeds, cache_seqlens[:rows], logprobs)
             forwards += 1
         return forwards, prefill_time, prompt_lp
 
@@ -371,7 +375,7 @@ class Generator:
                              variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
-    def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, rng, eos_id, want_logprobs,
+    def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, seeds, eos_id, want_logprobs,
                          start):
         """Draft with heads 1.., verify a whole token tree per forward with head 0.
 
@@ -402,7 +406,8 @@ class Generator:
         counters = SpeculativeCounters(tree.max_depth)
 
         last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
-        root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, rng)[:, 0]  # (B,)
+        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
+        root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, seeds, cache_seqlens[:, None])[:, 0]
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
         lps = token_logprobs(self._logits(last_hidden[:, 0]), root).tolist() if want_logprobs else None
         for b, tok in enumerate(root.tolist()):
@@ -412,7 +417,6 @@ class Generator:
         forwards = 1
         prefill_time = time.perf_counter() - start
 
-        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
         parked = [False] * len(seqs)
         live_key, live_mask = None, None
         while True:
@@ -430,7 +434,8 @@ class Generator:
                 live_mask = torch.tensor(live_key, device=device)
 
             packed, root, drafts, step_lps = self._verify_step(root[:rows], drafts[:rows], cache_seqlens[:rows],
-                                                               live_mask, tree, temperature, top_p, rng, want_logprobs)
+                                                               live_mask, tree, temperature, top_p,
+                                                               None if seeds is None else seeds[:rows], want_logprobs)
             forwards += 1
             packed = packed.tolist()  # the step's sync
             for b in range(rows):
@@ -520,12 +525,16 @@ class Generator:
         normed hidden (R, D) at the new position."""
         return self._cached_forward(tokens[:, None], cache_seqlens, None)[:, 0, 0]
 
-    def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, rng, logprobs: bool):
+    def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, seeds, positions, logprobs: bool):
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
-        The verifier's own selection (`verify_tokens`: linear_argmax or linear_sample): no logits
-        written for it, and plain and speculative decoding choose from the same float32 scores, so
-        a bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
-        tokens = verify_tokens(hidden[:, None], self.model.output.weight, temperature, top_p, rng)[:, 0]
+        Sampling: row r draws with noise keyed by seeds[r] (the first R of them) and positions[r]
+        (R,), the new token's position. The verifier's own selection (`verify_tokens`: linear_argmax
+        or linear_sample): no logits written for it, and plain and speculative decoding choose from
+        the same float32 scores, so a bf16 near-tie cannot split their greedy tokens nor rounding
+        their sampling distributions."""
+        R = hidden.shape[0]
+        tokens = verify_tokens(hidden[:, None], self.model.output.weight, temperature, top_p,
+                               None if seeds is None else seeds[:R], positions[:, None])[:, 0]
         return tokens, (token_logprobs(self._logits(hidden), tokens).tolist() if logprobs else None)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -552,7 +561,7 @@ class Generator:
         return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
                                          n_heads=n_heads, check_lengths=False)
 
-    def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, temperature, top_p, rng,
+    def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, temperature, top_p, seeds,
                      want_logprobs: bool):
         """One verify step for R rows: root (R,) and drafts (R, heads - 1, top_k) build the tree's
         candidates; one forward over them; head 0's verifier token at every node; tree_accept;
@@ -572,7 +581,9 @@ class Generator:
             if one_read:   # every head at every node scored in the verifier's read
                 verifier, scored = verify_and_score(hidden, weight, top_k)
             else:
-                verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, rng)    # (R, T)
+                # Node t of row r draws the token at position cache_seqlens[r] + depth[t] + 1.
+                positions = cache_seqlens[:, None] + tree.depths[None, :] + 1
+                verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, seeds, positions)  # (R, T)
             outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))

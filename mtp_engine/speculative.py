@@ -18,7 +18,10 @@ into the child whose token equals the verifier token and stops when none does; t
 at the last accepted node is emitted as the bonus. Greedy output therefore equals plain greedy
 output, and sampled output has the model's distribution exactly: every emitted token is a draw from
 the model's conditional at its own prefix, and the drafts only decide which already computed node
-the walk moves into. (Exact in float32; in bf16 near-ties can break differently from plain
+the walk moves into. With keyed noise (`linear_sample`'s seeds and offsets: the sequence's seed,
+the position of the token drawn) the draws are plain decoding's own: the node at position p draws
+with the noise plain decoding draws position p with, so seeded speculative sampling emits plain
+sampling's tokens. (Exact in float32; in bf16 near-ties can break differently from plain
 decoding, see Generator.generate.)
 """
 from __future__ import annotations
@@ -533,16 +536,22 @@ def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) 
 
 
 def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature: float, top_p: float,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """hidden0: (B, T, D) head-0 normed hidden at every node. Returns (B, T) int64: head 0's argmax
-    (temperature 0) or one independent draw per node from softmax(logits / temperature) within the
-    top-p nucleus."""
+    (temperature 0) or one draw per node from softmax(logits / temperature) within the top-p
+    nucleus, node (b, t)'s with noise keyed by seeds[b] and positions[b, t] (`linear_sample`): seeds
+    (B,) and positions (B, T), the position of the token the node draws, int64 or int32. Sampling
+    without seeds draws from torch's global RNG."""
     B, T, D = hidden0.shape
     rows = hidden0.reshape(B * T, D)
     if temperature == 0:
         tokens = linear_argmax(rows, weight)
+    elif seeds is None:
+        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p)
     else:
-        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p, generator=generator)
+        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p,
+                               seeds=seeds[:, None].expand(B, T).reshape(B * T),
+                               offsets=positions.expand(B, T).reshape(B * T).long())
     return tokens.view(B, T)
 
 

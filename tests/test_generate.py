@@ -367,6 +367,56 @@ def test_sampling_reproducible_with_seed(model):
     assert a != c
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_seeded_prompt_samples_the_same_alone_or_in_any_batch(request, model, backend):
+    """Noise keyed by (the prompt's seed, the token's position): a prompt's sample does not depend on
+    the prompts beside it, their order, their lengths, nor on when they finish."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    prompts = random_prompts([1, 4, 9, 4], seed=12)
+    seeds = [7, 8, 2 ** 40 + 9, 10]
+    n = 10 if backend == "reference" else 5
+    gen = Generator(model, max_batch_size=4, max_seq_len=32)
+    kwargs = dict(max_gen_len=n, temperature=1.2, top_p=0.95)
+    batched = gen.generate(prompts, seed=seeds, **kwargs).tokens
+    eos = batched[1][2]   # row 1 stops early; the others go on drawing
+    batched = gen.generate(prompts, seed=seeds, eos_id=eos, **kwargs).tokens
+    assert 0 < len(batched[1]) < n
+    alone = [gen.generate([p], seed=[s], eos_id=eos, **kwargs).tokens[0] for p, s in zip(prompts, seeds)]
+    assert batched == alone
+    swapped = gen.generate(prompts[::-1], seed=seeds[::-1], eos_id=eos, **kwargs).tokens
+    assert swapped == batched[::-1]
+    # Power: other seeds draw otherwise, and so do four copies of one prompt under one int seed.
+    assert gen.generate(prompts, seed=[s + 1 for s in seeds], eos_id=eos, **kwargs).tokens != batched
+    copies = gen.generate([prompts[2]] * 4, seed=5, **kwargs).tokens
+    assert len({tuple(t) for t in copies}) > 1
+
+
+def test_int_seed_gives_prompt_i_a_hashed_seed(model):
+    from mtp_engine.sampling import prompt_seed
+
+    gen = Generator(model, max_batch_size=3, max_seq_len=32)
+    prompts = random_prompts([2, 5, 3], seed=13)
+    kwargs = dict(max_gen_len=8, temperature=1.0)
+    by_int = gen.generate(prompts, seed=5, **kwargs).tokens
+    assert by_int == gen.generate(prompts, seed=[prompt_seed(5, i) for i in range(3)], **kwargs).tokens
+    seeds = {prompt_seed(s, i) for s in range(50) for i in range(50)}
+    assert len(seeds) == 2500 and all(0 <= v < 2 ** 63 for v in seeds)   # seeds s and s + 1 share no stream
+
+
+def test_unseeded_sampling_draws_from_torch_global_rng_and_greedy_leaves_it(model):
+    gen = Generator(model, max_batch_size=2, max_seq_len=32)
+    prompts = random_prompts([3, 6], seed=14)
+    torch.manual_seed(3)
+    first = gen.generate(prompts, max_gen_len=8, temperature=1.0).tokens
+    torch.manual_seed(3)
+    assert gen.generate(prompts, max_gen_len=8, temperature=1.0).tokens == first
+    state = torch.get_rng_state()
+    gen.generate(prompts, max_gen_len=3)
+    gen.generate(prompts, max_gen_len=3, seed=4)
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_tiny_top_p_equals_greedy(model):
     gen = Generator(model, max_batch_size=3, max_seq_len=32)
     prompts = random_prompts([1, 4, 9], seed=8)
@@ -429,6 +479,10 @@ def test_sampling_at_the_limits_is_greedy():
     ([[1]], {"max_gen_len": True}, "max_gen_len must be an int"),
     ([[1]], {"eos_id": True}, "eos_id must be an int"),
     ([[1]], {"seed": 2 ** 70}, "seed must be None or an int"),
+    ([[1]], {"seed": "7"}, "seed must be None or an int"),
+    ([[1], [2]], {"temperature": 0.5, "seed": [1]}, "one per prompt, got 1 for 2"),
+    ([[1]], {"seed": [-1]}, r"seed\[0\] must be an int in \[0, 2\*\*63\), got -1"),
+    ([[1]], {"temperature": 0.5, "seed": [1.5]}, r"seed\[0\] must be an int"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

@@ -58,6 +58,19 @@ def test_triton_generation_batched_equals_single(monkeypatch, grouped):
     assert all(len(t) == 20 for t in batched)
 
 
+def test_seeded_sampling_on_gpu_kernels_ignores_the_batch_and_speculation():
+    """float32 model on the compiled kernels: a seeded prompt samples the same tokens alone and in a
+    batch, and seeded tree speculation emits plain sampling's tokens (keyed noise, GPU Philox)."""
+    model = small_model(torch.float32)
+    gen = Generator(model, max_batch_size=4, max_seq_len=256)
+    prompts = [[1, 5, 9, 33], [7], [2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    kwargs = dict(max_gen_len=24, temperature=0.9, top_p=0.95, seed=[4, 5, 6], eos_id=-1)
+    batched = gen.generate(prompts, **kwargs).tokens
+    alone = [gen.generate([p], **{**kwargs, "seed": [s]}).tokens[0] for p, s in zip(prompts, [4, 5, 6])]
+    assert batched == alone
+    assert gen.generate(prompts, speculative="tree", **kwargs).tokens == batched
+
+
 @pytest.mark.parametrize("prefill", ["one", "grouped", "chunked"])
 @pytest.mark.parametrize("speculative", [None, "tree"])
 def test_bf16_generation_on_triton_kv_attention_is_greedy_under_the_reference(monkeypatch, speculative, prefill):

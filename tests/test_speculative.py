@@ -647,6 +647,51 @@ def test_speculative_sampling_reproducible_with_seed(model4):
     assert a == b and any(a != c for c in others)
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mode, temperature, top_p):
+    """Every node draws the token at its position with the noise plain decoding draws that position
+    with, so seeded speculative sampling emits plain sampling's tokens, several per forward."""
+    prompts = [[1, 5, 2], [3], [4, 4, 6, 1, 0, 7]]
+    gen = Generator(sampling_model, max_batch_size=3, max_seq_len=32)
+    kwargs = dict(max_gen_len=20, temperature=temperature, top_p=top_p, eos_id=-1)
+    plain = gen.generate(prompts, seed=[3, 1, 4], **kwargs)
+    fast = gen.generate(prompts, seed=[3, 1, 4], speculative=mode, heads=3, **kwargs)
+    assert fast.tokens == plain.tokens
+    assert fast.stats["tokens_per_forward"] > 1.1
+    assert plain.tokens != gen.generate(prompts, max_gen_len=20, eos_id=-1).tokens   # real draws
+    assert gen.generate(prompts, seed=[3, 1, 5], speculative=mode, heads=3, **kwargs).tokens[2] != plain.tokens[2]
+
+
+def test_random_batches_sampled_speculative_equals_plain(sampling_model):
+    """Random batches (ragged prompts, eos, tight caches, 2-3 heads, chain and tree, nucleus or not):
+    seeded speculative sampling equals seeded plain sampling token for token."""
+    rng = random.Random(2027)
+    for case in range(16):
+        B = rng.randint(1, 4)
+        max_batch, max_seq_len = rng.randint(B, 5), rng.randint(12, 32)
+        prompts = [[rng.randrange(SAMPLE_VOCAB) for _ in range(rng.randint(1, 8))] for _ in range(B)]
+        gen = Generator(sampling_model, max_batch_size=max_batch, max_seq_len=max_seq_len)
+        kwargs = dict(max_gen_len=rng.randint(1, 16), temperature=rng.choice([0.5, 1.0, 1.7]),
+                      top_p=rng.choice([1.0, 0.8]), seed=rng.randrange(2 ** 63), eos_id=rng.choice([-1, 3]))
+        plain = gen.generate(prompts, **kwargs)
+        mode, heads = rng.choice(["chain", "tree"]), rng.randint(2, 3)
+        fast = gen.generate(prompts, speculative=mode, heads=heads, **kwargs)
+        context = f"case {case}: lens={[len(p) for p in prompts]} cache={max_batch}x{max_seq_len} {kwargs} {mode} {heads}"
+        assert fast.tokens == plain.tokens, context
+        assert fast.finish_reasons == plain.finish_reasons, context
+
+
+def test_sampled_speculative_equals_plain_on_the_triton_path(triton_backend, sampling_model):
+    prompts = [[1, 5, 2], [6]]
+    gen = Generator(sampling_model, max_batch_size=2, max_seq_len=16)
+    kwargs = dict(max_gen_len=6, temperature=1.0, top_p=1.0, seed=[11, 12], eos_id=-1)
+    plain = gen.generate(prompts, **kwargs).tokens
+    assert gen.generate(prompts, speculative="tree", heads=3, **kwargs).tokens == plain
+    assert gen.generate(prompts, speculative="chain", heads=3, **{**kwargs, "top_p": 0.9}).tokens == \
+        gen.generate(prompts, **{**kwargs, "top_p": 0.9}).tokens
+
+
 # ------------------------------------------------------------------------------ CLI
 def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
     from mtp_engine.checkpoint import save_checkpoint

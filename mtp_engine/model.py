@@ -121,6 +121,10 @@ class ModelArgs:
             raise ValueError(f"{source}: n_future_tokens must be >= 1 (got {self.n_future_tokens})")
         if self.n_trunk_layers < 0:
             raise ValueError(f"{source}: n_layers {self.n_layers} must count the {self.n_future_tokens} head blocks")
+        if self.ffn_hidden_dim == 0:   # Meta's rule rounds int(multiplier * hidden) == 0 up to 0
+            raise ValueError(f"{source}: the feed-forward width comes out 0 (dim {self.dim}, ffn_dim_multiplier "
+                             f"{self.ffn_dim_multiplier}, multiple_of {self.multiple_of}): every block would lose "
+                             "its feed-forward; raise ffn_dim_multiplier")
 
 
 class RMSNorm(nn.Module):

@@ -318,6 +318,7 @@ def test_model_args_rejects_unknown_key():
     ({"rope_theta": float("nan")}, "rope_theta must be a positive finite number"),
     ({"max_seq_len": 0}, "max_seq_len must be a positive int"),
     ({"n_future_tokens": 2.0}, "n_future_tokens must be a positive int"),
+    ({"ffn_dim_multiplier": 0.005}, r"the feed-forward width comes out 0 \(dim 64, ffn_dim_multiplier 0.005"),
 ])
 def test_model_args_rejects_bad_values_naming_the_key(change, match):
     params = {"dim": 64, "n_layers": 4, "n_heads": 4, "vocab_size": 10, "n_future_tokens": 2, **change}

@@ -46,7 +46,7 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
                          "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py",
-                         "bench_prefill.py"):
+                         "bench_prefill.py", "bench_sampling.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -109,6 +109,26 @@ def test_bench_prefill_tiny(tmp_path):
     assert rows["one long"]["grouped_tokens"] < rows["one long"]["padded_tokens"]
     assert rows["one long"]["groups"]["forwards"] == 2 and rows["equal"]["groups"]["forwards"] == 1
     assert all(r["prompt_tokens"] <= r["grouped_tokens"] <= r["padded_tokens"] for r in rows.values())
+
+
+def test_bench_sampling_tiny(tmp_path):
+    """Token selection at the unembedding, tiny shapes: every contender timed at every row count, the
+    floors, ratios and the noise's cost (keyed sample / argmax) positive, tokens in the vocabulary."""
+    out = _run([BENCH / "bench_sampling.py", "--tiny"], tmp_path)
+    assert "| sample / argmax |" in out
+    result = json.loads((tmp_path / "sampling_cpu_tiny.json").read_text())
+    assert (tmp_path / "sampling_cpu_tiny.md").exists()
+    assert (result["V"], result["D"], result["dtype"]) == (8192, 64, "float32")
+    assert result["weight_bytes"] == 8192 * 64 * 4 and result["ceilings"]["copy_gbps"] > 0
+    assert [r["R"] for r in result["rows"]] == [1, 8, 64]
+    for row in result["rows"]:
+        for key in ("bytes_floor_ms", "flops_floor_ms", "floor_ms", "sample_vs_argmax", "argmax_speedup_vs_eager",
+                    "sample_speedup_vs_eager", "sample_top_p_speedup_vs_eager"):
+            assert isinstance(row[key], float) and row[key] > 0, (row["R"], key, row[key])
+        for name in ("argmax", "sample", "sample_top_p", "eager_argmax", "eager_sample", "eager_sample_top_p"):
+            entry = row[name]
+            assert entry["status"] == "ok" and entry["ms"] > 0 and entry["vs_floor"] > 0, (row["R"], name, entry)
+            assert entry["tokens_in_range"], (row["R"], name)
 
 
 def test_bench_host_overhead_cpu_smoke(tmp_path):

@@ -376,13 +376,13 @@ def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
 
 _UNIFORM_SCALE = 4.6566127342e-10
 # The Gumbel noise's range with these uniforms: u = 0 (probability 2^-31 per token) gives -inf; else
-# u lies in [scale, (2^31 - 1) * scale] (float32) and G in [-3.07, 21.5].
+# u lies in [scale, (2^31 - 1) * scale], which float32 rounds to 1 - 2^-24, and G in [-3.07, 16.64].
 _GUMBEL_MIN = float(_gumbel(torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)))
 _GUMBEL_MAX = float(_gumbel(torch.tensor(2 ** 31 - 1, dtype=torch.float32) * torch.tensor(_UNIFORM_SCALE,
                                                                                           dtype=torch.float32)))
 # A token scoring more than this below its row's best cannot win the Gumbel-max unless the best
-# token's own noise is -inf: the range, plus a margin for log's last-place rounding.
-_CANDIDATE_MARGIN = _GUMBEL_MAX - _GUMBEL_MIN + 1.0
+# token's own noise is -inf: the range, plus 2 (see _gumbel_argmax: 1 of slack for rounding).
+_CANDIDATE_MARGIN = _GUMBEL_MAX - _GUMBEL_MIN + 2.0
 # Rows whose candidates are at least this share of the logits draw the whole noise: 4 tokens per
 # Philox call beat 1 per call for the candidates.
 _DENSE_NOISE_SHARE = 0.25
@@ -391,12 +391,16 @@ _DENSE_NOISE_SHARE = 0.25
 def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """argmax_v(scores_v + G_v) per row, G the kernel's noise (ties and NaN as `_argmax_nan_as_low`),
     computing G only where it can matter. G lies in [_GUMBEL_MIN, _GUMBEL_MAX] or is -inf, so a token
-    more than _CANDIDATE_MARGIN below the row's best score cannot beat the best token's perturbed
-    score, unless that one's noise is -inf: a peaked distribution (a trained model at T <= 1) has a
-    handful of candidates out of the vocabulary. A row whose winner does not reach best +
-    _GUMBEL_MIN - 1 (the case left open) draws its whole noise, as do flat distributions.
+    more than _CANDIDATE_MARGIN below the row's best score perturbs to under best + _GUMBEL_MIN - 2,
+    while the best token perturbs to at least best + _GUMBEL_MIN unless its noise is -inf: a peaked
+    distribution (a trained model at T <= 1) has a handful of candidates out of the vocabulary. A row
+    whose winner does not reach best + _GUMBEL_MIN - 1 (the case left open; the 1 between the two
+    bounds absorbs rounding) draws its whole noise, as do flat distributions and every row off the
+    CPU (the candidates' count is a host sync, which a CUDA-graph capture refuses; meta tensors).
     scores: (R, V) float32 without NaN; seeds, offsets (R,) int64."""
     R, V = scores.shape
+    if scores.device.type != "cpu":   # no host sync: a sampled step stays capturable in a CUDA graph
+        return _argmax_nan_as_low(scores + _gumbel(sampling_uniforms(seeds, offsets, V)))
     top = scores.max(dim=-1).values
     candidates = scores >= (top - _CANDIDATE_MARGIN)[:, None]
     if int(candidates.sum()) >= _DENSE_NOISE_SHARE * R * V:

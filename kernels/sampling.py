@@ -596,6 +596,11 @@ def _sampling_keys(R: int, device: torch.device, generator, seeds, offsets, samp
     return (seeds, offsets) if sample else None
 
 
+# The reference's noise runs in numpy on the CPU and counts its candidates on the host: its own eager
+# call under torch.compile (Dynamo would trace numpy's uint64 into torch ops that lack it).
+_reference_sample = eager_under_compile(reference.linear_sample)
+
+
 def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Greedy token per row without materializing logits.
 
@@ -632,15 +637,16 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
     """
     _check_linear_inputs("linear_sample", hidden, weight)
     check_sampling_args(temperature, top_p, "linear_sample: ")
-    keys = _sampling_keys(hidden.shape[0], hidden.device, generator, seeds, offsets, sample=temperature > 0)
+    # No rows: nothing drawn (a generator's state stays as it was), the arguments still checked.
+    sample = temperature > 0 and hidden.shape[0] > 0
+    keys = _sampling_keys(hidden.shape[0], hidden.device, generator, seeds, offsets, sample=sample)
     if temperature == 0:
         return linear_argmax(hidden, weight)
-    if hidden.shape[0] == 0:
+    if not sample:
         return torch.empty(0, dtype=torch.int64, device=hidden.device)
     seeds, offsets = keys
     if not use_triton(hidden, weight):
-        return reference.linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=seeds,
-                                       offsets=offsets)
+        return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=seeds, offsets=offsets)
     if top_p < 1.0:
         return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), seeds, offsets)
     return linear_select_triton(hidden, weight, float(temperature), (seeds, offsets))

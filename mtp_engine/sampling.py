@@ -23,6 +23,8 @@ def sequence_seeds(seed, n: int) -> list:
     torch.manual_seed makes a seed=None run repeatable). ValueError names a bad seed."""
     if seed is None:
         return torch.randint(0, 2 ** 63 - 1, (n,), dtype=torch.int64).tolist()
+    if getattr(seed, "ndim", 0) >= 1:   # a tensor or array of seeds counts as the list it holds
+        seed = seed.tolist()
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
         seed = _seed_int(seed, "seed")
         return [prompt_seed(seed, i) for i in range(n)]

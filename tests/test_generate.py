@@ -400,6 +400,11 @@ def test_int_seed_gives_prompt_i_a_hashed_seed(model):
     kwargs = dict(max_gen_len=8, temperature=1.0)
     by_int = gen.generate(prompts, seed=5, **kwargs).tokens
     assert by_int == gen.generate(prompts, seed=[prompt_seed(5, i) for i in range(3)], **kwargs).tokens
+    # A tensor or array of seeds is the list it holds.
+    assert gen.generate(prompts, seed=torch.tensor([1, 2, 3]), **kwargs).tokens == \
+        gen.generate(prompts, seed=np.array([1, 2, 3]), **kwargs).tokens == gen.generate(prompts, seed=[1, 2, 3], **kwargs).tokens
+    with pytest.raises(ValueError, match="one per prompt, got 1 for 3"):
+        gen.generate(prompts, seed=torch.tensor([3]), **kwargs)
     seeds = {prompt_seed(s, i) for s in range(50) for i in range(50)}
     assert len(seeds) == 2500 and all(0 <= v < 2 ** 63 for v in seeds)   # seeds s and s + 1 share no stream
 

@@ -447,6 +447,18 @@ def test_bad_sampling_arguments(kwargs, match):
         linear_sample(torch.zeros(2, 4), torch.zeros(7, 4), **kwargs)
 
 
+def test_meta_tensors_give_shapes_and_no_rows_draw_nothing():
+    hidden, weight = torch.zeros(3, 4, device="meta"), torch.zeros(7, 4, device="meta")
+    seeds, offsets = (torch.zeros(3, dtype=torch.int64, device="meta") for _ in range(2))
+    for top_p in (1.0, 0.9):
+        assert linear_sample(hidden, weight, temperature=1.0, top_p=top_p).shape == (3,)
+        assert linear_sample(hidden, weight, temperature=1.0, top_p=top_p, seeds=seeds, offsets=offsets).shape == (3,)
+    gen = torch.Generator().manual_seed(4)
+    state = gen.get_state()
+    assert linear_sample(torch.zeros(0, 4), torch.zeros(7, 4), temperature=1.0, generator=gen).shape == (0,)
+    assert torch.equal(gen.get_state(), state)
+
+
 def test_generator_on_another_device():
     with pytest.raises(ValueError, match="generator is on cpu but hidden is on meta"):
         linear_sample(torch.zeros(2, 4, device="meta"), torch.zeros(7, 4, device="meta"), temperature=1.0,
@@ -547,7 +559,11 @@ def test_selection_inside_torch_compile_equals_eager(backend, request):
     torch.manual_seed(0)
     hidden, weight = torch.randn(3, 16), torch.randn(37, 16)
 
+    seeds, offsets = _keys(3)
+
     def pick(h):
-        return linear_argmax(torch.tanh(h), weight), linear_topk(torch.tanh(h), weight, 3)
+        return (linear_argmax(torch.tanh(h), weight), linear_topk(torch.tanh(h), weight, 3),
+                linear_sample(torch.tanh(h), weight, temperature=0.7, seeds=seeds, offsets=offsets),
+                linear_sample(torch.tanh(h), weight, temperature=0.7, top_p=0.8, seeds=seeds, offsets=offsets))
     for got, want in zip(torch.compile(pick, backend="aot_eager")(hidden), pick(hidden)):
         assert torch.equal(got, want)

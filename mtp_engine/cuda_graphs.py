@@ -40,8 +40,8 @@ class CUDAGraphSteps:
     """Step functions replayed from CUDA graphs, one per (batch-size bucket, step key).
 
     A step takes per-row tensors (leading dim R) and returns a tuple of per-row tensors: the plain
-    decode or verify forward (`Generator._cached_forward`), or a whole greedy verify step
-    (`Generator._verify_step`). R rounds up to a power-of-two bucket (at most the cache's batch): the
+    decode or verify forward (`Generator._cached_forward`, with log-probs), or a whole plain or verify
+    step (`Generator._plain_step`, `Generator._verify_step`). R rounds up to a power-of-two bucket (at most the cache's batch): the
     padding rows get zeros, i.e. cache length 0 and not live, so their work lands in their own
     rows' first slots and is ignored. A graph is captured on the first call of its key with the
     real inputs. The inputs are loaded again before every warm-up run, before the capture and before
@@ -50,10 +50,10 @@ class CUDAGraphSteps:
     rewritten by the real run. All graphs share one memory pool. New caches, a grown rotary table,
     moved weights or a replaced weight (`start_call`) drop every graph, since graphs hold raw
     pointers. So does a call that finds more than MAX_GRAPHS kept (one per step key, a tree's
-    included: a server verifying many distinct trees would otherwise keep one for each). Sampling
-    stays outside.
+    included: a server verifying many distinct trees would otherwise keep one for each). A sampled
+    step is one too: its noise is keyed by input tensors (seeds, positions), not a generator's state.
     A step that can run several ways gives `variants`, label -> a context that sets the switches
-    while the step is traced (a greedy verify step: its head blocks as concurrent branches
+    while the step is traced (a verify step: its head blocks as concurrent branches
     (branches.py) or in order, times one or two reads of the unembedding; on Hopper every step also
     with its kernels launched programmatically, kernels/dependent_launch.py): each is captured, timed
     over a few replays, and the fastest kept (a tie keeps the first listed); a variant whose capture

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax, linear_logits
+from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax, linear_logits, linear_sample
 from mtp_kernels.launch_tuner import TritonError
 
 from .checkpoint import resolve_device
@@ -145,9 +145,9 @@ class Generator:
 
     Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len); the first
     speculative call grows it by the tree's size - 1 slots (see _ensure_caches).
-    cuda_graphs: replay the cached forwards of decode and verify steps as CUDA graphs, one per
-    batch-size bucket and step shape, and a greedy verify step whole, drafts to next drafts
-    (`CUDAGraphSteps`); None means on for a CUDA model, off
+    cuda_graphs: replay decode and verify steps as CUDA graphs, one per batch-size bucket and step
+    shape, whole (a verify step from drafts to next drafts, greedy or sampled) or, with log-probs,
+    their cached forwards (`CUDAGraphSteps`); None means on for a CUDA model, off
     otherwise. Replay runs the captured kernels on the same inputs; the only difference from eager
     is the padding of the batch to its bucket (GEMMs of more rows), which the GPU test
     (test_cuda_graphs_do_not_change_results) checks changes no token. True fails loudly when a
@@ -235,13 +235,14 @@ class Generator:
         Greedy speculative output equals plain greedy output token for token, and so does sampled
         output with the same seed: every node draws the token at its position with the noise plain
         decoding draws that position with, so the walk accepts exactly plain decoding's tokens.
-        "Equal" means up to ties within rounding (of the Gumbel-perturbed scores, when sampling): both pick greedy tokens from float32-accumulated
-        scores (`linear_argmax`, with or without log-probs), but a forward over T tree nodes rounds
-        the hidden states differently from a one-token forward (matmuls of other shapes sum in other
-        orders: float32's rounding in float32, bf16's far coarser one in bf16), so two tokens whose
-        scores are that close can break differently, and the continuations differ after that. The same holds for a
-        prompt alone against it in a batch (other rows, other padding). The tests' random models
-        have no such ties; a bf16 model meets them now and then.
+        "Equal" means up to ties within rounding (of the Gumbel-perturbed scores, when sampling):
+        both choose from float32-accumulated scores (`linear_argmax`, `linear_sample`, with or
+        without log-probs), but a forward over T tree nodes rounds the hidden states differently
+        from a one-token forward (matmuls of other shapes sum in other orders: float32's rounding in
+        float32, bf16's far coarser one in bf16), so two tokens whose scores are that close can
+        break differently, and the continuations differ after that. The same holds for a prompt
+        alone against it in a batch (other rows, other padding). The tests' random models have no
+        such ties; a bf16 model meets them now and then.
         """
         check_sampling_args(temperature, top_p)
         temperature, top_p = float(temperature), float(top_p)   # a numpy scalar too
@@ -337,7 +338,7 @@ class Generator:
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
         next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, seeds, cache_seqlens, logprobs)
-        whole_step = temperature == 0 and not logprobs   # forward and argmax as one step (one graph)
+        whole_step = not logprobs   # forward and token choice as one step (one graph)
         while True:
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
@@ -353,7 +354,8 @@ class Generator:
                 live_key = tuple(live[:rows])
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
             if whole_step:
-                next_tok, lengths = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance)
+                next_tok, lengths = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance, temperature,
+                                                     top_p, None if seeds is None else seeds[:rows])
                 cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
             else:
                 hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
@@ -362,17 +364,28 @@ class Generator:
             forwards += 1
         return forwards, prefill_time, prompt_lp
 
-    def _plain_step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, advance: torch.Tensor):
-        """A greedy plain step for R rows as one function, one CUDA graph when graphs are on (as the
-        greedy verify step is): the decode forward of tokens (R,) at slots cache_seqlens (R,) int32,
-        head 0's next tokens by `linear_argmax`, and the lengths plus `advance` (R,) int32 (1 for a live
-        row). Returns (next tokens (R,), advanced lengths (R,)); cache_seqlens is not changed."""
-        def step(tokens, lengths, advance):
-            hidden = self._forward(tokens[:, None], lengths, None)[:, 0, 0]
-            return linear_argmax(hidden, self.model.output.weight), lengths + advance
+    def _plain_step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, advance: torch.Tensor,
+                    temperature: float = 0.0, top_p: float = 1.0, seeds: Optional[torch.Tensor] = None):
+        """A plain step for R rows as one function, one CUDA graph when graphs are on (as a verify
+        step is): the decode forward of tokens (R,) at slots cache_seqlens (R,) int32, head 0's next
+        tokens (`linear_argmax`, or `linear_sample` keyed by seeds (R,) and the new position), and the
+        lengths plus `advance` (R,) int32 (1 for a live row). The noise is a function of device
+        tensors, so a sampled step graphs as a greedy one does (one graph per temperature and top_p).
+        Returns (next tokens (R,), advanced lengths (R,)); cache_seqlens is not changed."""
+        weight = self.model.output.weight
 
-        return self._graphed(("plain",), step, (tokens, cache_seqlens, advance),
-                             variants=lambda: self._with_programmatic_launch(None))
+        def step(tokens, lengths, advance, *keys):
+            hidden = self._forward(tokens[:, None], lengths, None)[:, 0, 0]
+            if temperature == 0:
+                return linear_argmax(hidden, weight), lengths + advance
+            # The new token's position is lengths + 1 (a finished row's draw is ignored).
+            return (linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=keys[0],
+                                  offsets=lengths.long() + 1), lengths + advance)
+
+        key, inputs = ("plain",), (tokens, cache_seqlens, advance)
+        if temperature > 0:
+            key, inputs = ("plain", temperature, top_p), inputs + (seeds,)
+        return self._graphed(key, step, inputs, variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
     def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, seeds, eos_id, want_logprobs,
@@ -389,7 +402,8 @@ class Generator:
         Host syncs: one `.tolist()` per step (accepted lengths and tokens, for eos/limit and the
         per-sequence bookkeeping; logprobs=True adds a second one for the accepted nodes' log-probs,
         computed from head 0's logits there); the small host-to-device copies of the live mask happen right
-        after it, when the device is idle. With CUDA graphs a greedy step is one graph (`_verify_step`).
+        after it, when the device is idle. With CUDA graphs a step without log-probs is one graph
+        (`_verify_step`).
         Rows past the last live one leave the forward; finished rows inside it are parked at cache
         length 0 (their nodes are computed and ignored, their compaction length is 0), so they never
         write outside the cache.
@@ -569,12 +583,13 @@ class Generator:
         advances cache_seqlens (R,) int32 in place; the next drafts from the heads at each row's last
         accepted node. Returns (packed (R, 1 + W) int64 on the device: accept_len, then the emitted
         tokens, -1 padded; next root (R,); next drafts; the accepted tokens' log-probs, a list, or
-        None). A greedy step without log-probs is one CUDA graph when graphs are on: no launch from
-        Python inside it. Otherwise the forward is graphed and the rest runs eagerly."""
+        None). A step without log-probs, greedy or sampled, is one CUDA graph when graphs are on: no
+        launch from Python inside it (seeds (R,), keying the sampling noise with the nodes' positions,
+        are one of its inputs). With log-probs the forward is graphed and the rest runs eagerly."""
         weight = self.model.output.weight
         T, heads, top_k = tree.size, tree.heads, tree.top_k
 
-        def step(root, drafts, cache_seqlens, live_mask, forward):
+        def step(root, drafts, cache_seqlens, live_mask, seeds, forward):
             candidates = build_candidates(root, drafts, tree)                              # (R, T)
             hidden = forward(candidates, cache_seqlens)                                    # (R, T, heads, D)
             one_read = self._one_read and temperature == 0
@@ -596,20 +611,25 @@ class Generator:
 
         inputs = (root, drafts, cache_seqlens, live_mask)
         self._one_read = bool(self.shared_unembed)   # eager steps (and a failed capture's fallback)
-        if temperature == 0 and not want_logprobs and self._use_cuda_graphs():
+        if not want_logprobs and self._use_cuda_graphs():
             def graphed_step(*static):
-                packed, next_root, next_drafts, _, _ = step(*static, lambda t, lengths: self._forward(t, lengths, tree))
+                keys = static[4] if temperature > 0 else None
+                packed, next_root, next_drafts, _, _ = step(*static[:4], keys,
+                                                            lambda t, lengths: self._forward(t, lengths, tree))
                 return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
             key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
+            if temperature > 0:
+                key, inputs = key + (temperature, top_p), inputs + (seeds,)
             rows = graph_bucket(root.shape[0], self.model.cache_batch)   # the rows the graph runs
+            # A sampled step reads the unembedding twice (verifier draws, then drafts): no read variants.
+            scored_rows = rows * T * heads if temperature == 0 else None
             packed, next_root, next_drafts, lengths = self._graphed(
                 key, graphed_step, inputs, keep_alive=(tree,),
-                variants=lambda: self._with_programmatic_launch(
-                    self._step_variants(heads, scored_rows=rows * T * heads)))
+                variants=lambda: self._with_programmatic_launch(self._step_variants(heads, scored_rows=scored_rows)))
             cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
             return packed, next_root, next_drafts, None
         packed, next_root, next_drafts, hidden, outcome = step(
-            *inputs, lambda tokens, lengths: self._cached_forward(tokens, lengths, tree))
+            *inputs, seeds, lambda tokens, lengths: self._cached_forward(tokens, lengths, tree))
         step_lps = None
         if want_logprobs:
             row_ids = torch.arange(root.shape[0], device=root.device)

@@ -973,9 +973,10 @@ def test_failed_capture_falls_back_to_eager_or_raises_when_asked(model4, monkeyp
         gen.generate(prompts, max_gen_len=12, speculative=mode)
 
 
-def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monkeypatch):
-    """Sampling (its generator stays outside graphs) and log-probs graph only the forward of a
-    verify step; draws and log-probs equal the eager run's for the same seed."""
+def test_graphed_sampling_is_one_graph_per_step_and_logprobs_graph_the_forward(model4, monkeypatch):
+    """A sampled step draws noise keyed by device tensors (the prompts' seeds, the tokens' positions),
+    so it is one graph per step as a greedy one is, plain and verify, nucleus or not; log-probs graph
+    only the forward of a verify step. Draws and log-probs equal the eager run's."""
     from mtp_engine.generate import CUDAGraphSteps
 
     def record(self, run, load, device):
@@ -992,16 +993,29 @@ def test_graphed_sampling_and_logprobs_keep_the_forward_graph_only(model4, monke
     monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
     eager = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
-    graphed = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
-    monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
-    for kwargs in (dict(temperature=0.8, seed=3), dict(logprobs=True)):
-        want = eager.generate(prompts, max_gen_len=12, speculative="tree", **kwargs)
-        got = graphed.generate(prompts, max_gen_len=12, speculative="tree", **kwargs)
-        assert got.tokens == want.tokens, kwargs
-        if "logprobs" in kwargs:
-            assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
-    assert {key[2] for key in graphed._graphs._graphs} == {"forward"}
-    assert all(e.variant == "in order" for e in graphed._graphs._graphs.values())   # the tie
+
+    def graphed_generator():
+        gen = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
+        monkeypatch.setattr(gen, "_use_cuda_graphs", lambda: True)
+        return gen
+
+    sampled, keys = graphed_generator(), set()
+    for mode in (None, "tree"):   # (the tree's larger caches drop the plain graphs: keys gathered per call)
+        for kwargs in (dict(temperature=2.0, seed=3), dict(temperature=2.0, top_p=0.9, seed=[5, 6])):
+            want = eager.generate(prompts, max_gen_len=12, speculative=mode, **kwargs)
+            assert want.tokens != eager.generate(prompts, max_gen_len=12, speculative=mode).tokens   # real draws
+            for _ in range(2):   # captured, then replayed
+                assert sampled.generate(prompts, max_gen_len=12, speculative=mode, **kwargs).tokens == want.tokens
+                keys |= {key[2:] for key in sampled._graphs._graphs}
+    assert {key[0] for key in keys} == {"plain", "verify"}
+    assert {key[-2:] for key in keys} == {(2.0, 1.0), (2.0, 0.9)}   # one graph per temperature and top_p
+    with_logprobs = graphed_generator()
+    want = eager.generate(prompts, max_gen_len=12, speculative="tree", logprobs=True)
+    got = with_logprobs.generate(prompts, max_gen_len=12, speculative="tree", logprobs=True)
+    assert got.tokens == want.tokens
+    assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
+    assert {key[2] for key in with_logprobs._graphs._graphs} == {"forward"}
+    assert all(e.variant == "in order" for e in with_logprobs._graphs._graphs.values())   # the tie
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -1021,6 +1035,11 @@ def test_cuda_graphs_do_not_change_results(mode):
     for _ in range(2):  # first call captures, second replays
         got = graphed.generate(prompts, max_gen_len=24, speculative=mode)
         assert got.tokens == want.tokens
+    sampled = dict(temperature=0.9, top_p=0.95, seed=[1, 2, 3])   # a whole sampled step per graph too
+    want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
+    for _ in range(2):
+        assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
+    assert any(key[2] in ("plain", "verify") and key[-2:] == (0.9, 0.95) for key in graphed._graphs._graphs)
     if mode is not None:
         plain = eager.generate(prompts, max_gen_len=24)
         assert got.tokens == plain.tokens  # bf16 on GPU too; real-compile Triton kernels

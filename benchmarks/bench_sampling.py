@@ -123,7 +123,6 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
             if row[ours]["status"] == row[eager]["status"] == "ok":
                 row[f"{ours}_speedup_vs_eager"] = row[eager]["ms"] / row[ours]["ms"]
         result["rows"].append(row)
-        del hidden, seeds, offsets, calls
         common.free_memory()
     return result
 

@@ -39,9 +39,9 @@ class _CapturedStep:
 class CUDAGraphSteps:
     """Step functions replayed from CUDA graphs, one per (batch-size bucket, step key).
 
-    A step takes per-row tensors (leading dim R) and returns a tuple of per-row tensors: the plain
-    decode or verify forward (`Generator._cached_forward`, with log-probs), or a whole plain or verify
-    step (`Generator._plain_step`, `Generator._verify_step`). R rounds up to a power-of-two bucket (at most the cache's batch): the
+    A step takes per-row tensors (leading dim R) and returns a tuple of per-row tensors: a whole
+    plain or verify step (`Generator._plain_step`, `Generator._verify_step`), greedy or sampled, with
+    or without log-probs. R rounds up to a power-of-two bucket (at most the cache's batch): the
     padding rows get zeros, i.e. cache length 0 and not live, so their work lands in their own
     rows' first slots and is ignored. A graph is captured on the first call of its key with the
     real inputs. The inputs are loaded again before every warm-up run, before the capture and before

@@ -338,7 +338,6 @@ class Generator:
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
         next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, seeds, cache_seqlens, logprobs)
-        whole_step = not logprobs   # forward and token choice as one step (one graph)
         while True:
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
@@ -353,38 +352,40 @@ class Generator:
             if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
                 live_key = tuple(live[:rows])
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
-            if whole_step:
-                next_tok, lengths = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance, temperature,
-                                                     top_p, None if seeds is None else seeds[:rows])
-                cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
-            else:
-                hidden = self._decode(next_tok[:rows], cache_seqlens[:rows])
-                cache_seqlens[:rows] += advance
-                next_tok, lps = self._next_tokens(hidden, temperature, top_p, seeds, cache_seqlens[:rows], logprobs)
+            next_tok, lengths, *step_lps = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance,
+                                                            temperature, top_p,
+                                                            None if seeds is None else seeds[:rows], logprobs)
+            cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
+            lps = step_lps[0].tolist() if logprobs else None
             forwards += 1
         return forwards, prefill_time, prompt_lp
 
     def _plain_step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, advance: torch.Tensor,
-                    temperature: float = 0.0, top_p: float = 1.0, seeds: Optional[torch.Tensor] = None):
+                    temperature: float = 0.0, top_p: float = 1.0, seeds: Optional[torch.Tensor] = None,
+                    logprobs: bool = False):
         """A plain step for R rows as one function, one CUDA graph when graphs are on (as a verify
         step is): the decode forward of tokens (R,) at slots cache_seqlens (R,) int32, head 0's next
-        tokens (`linear_argmax`, or `linear_sample` keyed by seeds (R,) and the new position), and the
-        lengths plus `advance` (R,) int32 (1 for a live row). The noise is a function of device
-        tensors, so a sampled step graphs as a greedy one does (one graph per temperature and top_p).
-        Returns (next tokens (R,), advanced lengths (R,)); cache_seqlens is not changed."""
+        tokens (`linear_argmax`, or `linear_sample` keyed by seeds (R,) and the new position), the
+        lengths plus `advance` (R,) int32 (1 for a live row), and with logprobs the tokens' log-probs.
+        The noise is a function of device tensors, so a sampled step graphs as a greedy one does (one
+        graph per temperature and top_p). Returns (next tokens (R,), advanced lengths (R,)[, log-probs
+        (R,) float32]); cache_seqlens is not changed."""
         weight = self.model.output.weight
 
         def step(tokens, lengths, advance, *keys):
             hidden = self._forward(tokens[:, None], lengths, None)[:, 0, 0]
             if temperature == 0:
-                return linear_argmax(hidden, weight), lengths + advance
-            # The new token's position is lengths + 1 (a finished row's draw is ignored).
-            return (linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=keys[0],
-                                  offsets=lengths.long() + 1), lengths + advance)
+                next_tokens = linear_argmax(hidden, weight)
+            else:   # the new token's position is lengths + 1 (a finished row's draw is ignored)
+                next_tokens = linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=keys[0],
+                                            offsets=lengths.long() + 1)
+            outputs = (next_tokens, lengths + advance)
+            return outputs + (token_logprobs(self._logits(hidden), next_tokens),) if logprobs else outputs
 
         key, inputs = ("plain",), (tokens, cache_seqlens, advance)
         if temperature > 0:
-            key, inputs = ("plain", temperature, top_p), inputs + (seeds,)
+            key, inputs = key + (temperature, top_p), inputs + (seeds,)
+        key += ("logprobs",) if logprobs else ()
         return self._graphed(key, step, inputs, variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
@@ -400,10 +401,10 @@ class Generator:
         the next drafts from the heads at each row's last accepted node: no extra forward.
 
         Host syncs: one `.tolist()` per step (accepted lengths and tokens, for eos/limit and the
-        per-sequence bookkeeping; logprobs=True adds a second one for the accepted nodes' log-probs,
-        computed from head 0's logits there); the small host-to-device copies of the live mask happen right
-        after it, when the device is idle. With CUDA graphs a step without log-probs is one graph
-        (`_verify_step`).
+        per-sequence bookkeeping; with logprobs=True the accepted tokens' log-probs, computed in the
+        step from head 0's logits there, follow in a second copy that no longer waits); the small
+        host-to-device copies of the live mask happen right after it, when the device is idle. With
+        CUDA graphs a step is one graph (`_verify_step`).
         Rows past the last live one leave the forward; finished rows inside it are parked at cache
         length 0 (their nodes are computed and ignored, their compaction length is 0), so they never
         write outside the cache.
@@ -452,6 +453,7 @@ class Generator:
                                                                None if seeds is None else seeds[:rows], want_logprobs)
             forwards += 1
             packed = packed.tolist()  # the step's sync
+            step_lps = step_lps.tolist() if want_logprobs else None   # computed by then: a copy, no wait
             for b in range(rows):
                 if not live[b]:
                     continue
@@ -534,11 +536,6 @@ class Generator:
             target = tokens[:, t0 + j0 + 1:t0 + j1 + 1, None]
             picked[:, t0 + j0:t0 + j1] = logp.gather(-1, target).squeeze(-1)
 
-    def _decode(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        """tokens: (R,) int64, one new token per row, written at slot cache_seqlens[r]. Returns head 0's
-        normed hidden (R, D) at the new position."""
-        return self._cached_forward(tokens[:, None], cache_seqlens, None)[:, 0, 0]
-
     def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, seeds, positions, logprobs: bool):
         """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
         Sampling: row r draws with noise keyed by seeds[r] (the first R of them) and positions[r]
@@ -557,19 +554,10 @@ class Generator:
         weight = self.model.output.weight
         return linear_logits(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], weight.shape[0])
 
-    def _cached_forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor,
-                        tree: Optional[TokenTree]) -> torch.Tensor:
-        """forward_cached over (R, T) new tokens: a plain decode step (tree None, one head) or a
-        verify step over `tree` (its depths and mask, all its heads), replayed as a CUDA graph when
-        graphs are on. Returns hidden (R, T, n_heads, D)."""
-        key = ("forward", tokens.shape[1]) + (() if tree is None else (tree.heads, tree.packed_mask.words.data_ptr()))
-        return self._graphed(key, lambda tokens, lengths: (self._forward(tokens, lengths, tree),),
-                             (tokens, cache_seqlens), keep_alive=(tree,),
-                             variants=lambda: self._with_programmatic_launch(
-                                 None if tree is None else self._step_variants(tree.heads)))[0]
-
     def _forward(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, tree: Optional[TokenTree]) -> torch.Tensor:
-        """The eager forward_cached of `_cached_forward` (also inside a whole verify-step graph)."""
+        """forward_cached over (R, T) new tokens at slots cache_seqlens (R,): a plain decode step (tree
+        None, one head) or a verify step over `tree` (its depths and mask, all its heads), inside the
+        step functions (`_plain_step`, `_verify_step`). Returns hidden (R, T, n_heads, D)."""
         depths, mask, n_heads = (None, None, 1) if tree is None else (tree.depths, tree.packed_mask, tree.heads)
         # The lengths are kept in range on the host (limit and room): no range check (host sync).
         return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
@@ -582,16 +570,17 @@ class Generator:
         compaction of the accepted nodes' K/V (rows with live_mask (R,) False compact nothing), which
         advances cache_seqlens (R,) int32 in place; the next drafts from the heads at each row's last
         accepted node. Returns (packed (R, 1 + W) int64 on the device: accept_len, then the emitted
-        tokens, -1 padded; next root (R,); next drafts; the accepted tokens' log-probs, a list, or
-        None). A step without log-probs, greedy or sampled, is one CUDA graph when graphs are on: no
-        launch from Python inside it (seeds (R,), keying the sampling noise with the nodes' positions,
-        are one of its inputs). With log-probs the forward is graphed and the rest runs eagerly."""
+        tokens, -1 padded; next root (R,); next drafts; the emitted tokens' log-probs (R, W) float32
+        on the device, from head 0's logits at the accepted nodes, or None). A step, greedy or sampled,
+        with or without log-probs, is one CUDA graph when graphs are on: no launch from Python inside
+        it (seeds (R,), keying the sampling noise with the nodes' positions, are one of its inputs)."""
         weight = self.model.output.weight
         T, heads, top_k = tree.size, tree.heads, tree.top_k
 
-        def step(root, drafts, cache_seqlens, live_mask, seeds, forward):
+        def step(root, drafts, cache_seqlens, live_mask, *keys):
+            seeds = keys[0] if keys else None
             candidates = build_candidates(root, drafts, tree)                              # (R, T)
-            hidden = forward(candidates, cache_seqlens)                                    # (R, T, heads, D)
+            hidden = self._forward(candidates, cache_seqlens, tree)                        # (R, T, heads, D)
             one_read = self._one_read and temperature == 0
             if one_read:   # every head at every node scored in the verifier's read
                 verifier, scored = verify_and_score(hidden, weight, top_k)
@@ -602,41 +591,32 @@ class Generator:
             outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
+            row_ids = torch.arange(root.shape[0], device=root.device)
             if one_read:
                 next_drafts = drafts_from_scores(scored, outcome.last_node, T, heads, top_k)
             else:
-                row_ids = torch.arange(root.shape[0], device=root.device)
                 next_drafts = draft_tokens(hidden[row_ids, outcome.last_node, 1:], weight, top_k)
-            return outcome.packed, outcome.next_root, next_drafts, hidden, outcome
+            outputs = (outcome.packed, outcome.next_root, next_drafts, cache_seqlens)   # the advanced lengths
+            if want_logprobs:   # the emitted tokens' log-probs under head 0 at the accepted nodes
+                node_logits = self._logits(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0])
+                outputs += (torch.log_softmax(node_logits, dim=-1).gather(
+                    -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1),)
+            return outputs
 
         inputs = (root, drafts, cache_seqlens, live_mask)
+        key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
+        if temperature > 0:
+            key, inputs = key + (temperature, top_p), inputs + (seeds,)
+        key += ("logprobs",) if want_logprobs else ()
         self._one_read = bool(self.shared_unembed)   # eager steps (and a failed capture's fallback)
-        if not want_logprobs and self._use_cuda_graphs():
-            def graphed_step(*static):
-                keys = static[4] if temperature > 0 else None
-                packed, next_root, next_drafts, _, _ = step(*static[:4], keys,
-                                                            lambda t, lengths: self._forward(t, lengths, tree))
-                return packed, next_root, next_drafts, static[2]   # static[2]: the advanced lengths
-            key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
-            if temperature > 0:
-                key, inputs = key + (temperature, top_p), inputs + (seeds,)
-            rows = graph_bucket(root.shape[0], self.model.cache_batch)   # the rows the graph runs
-            # A sampled step reads the unembedding twice (verifier draws, then drafts): no read variants.
-            scored_rows = rows * T * heads if temperature == 0 else None
-            packed, next_root, next_drafts, lengths = self._graphed(
-                key, graphed_step, inputs, keep_alive=(tree,),
-                variants=lambda: self._with_programmatic_launch(self._step_variants(heads, scored_rows=scored_rows)))
-            cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
-            return packed, next_root, next_drafts, None
-        packed, next_root, next_drafts, hidden, outcome = step(
-            *inputs, seeds, lambda tokens, lengths: self._cached_forward(tokens, lengths, tree))
-        step_lps = None
-        if want_logprobs:
-            row_ids = torch.arange(root.shape[0], device=root.device)
-            node_logits = self._logits(hidden[row_ids[:, None], outcome.accepted_nodes.clamp(min=0), 0])
-            step_lps = torch.log_softmax(node_logits, dim=-1).gather(
-                -1, outcome.emitted.clamp(min=0)[..., None]).squeeze(-1).tolist()
-        return packed, next_root, next_drafts, step_lps
+        rows = graph_bucket(root.shape[0], self.model.cache_batch)   # the rows a graph runs
+        # A sampled step reads the unembedding twice (verifier draws, then drafts): no read variants.
+        scored_rows = rows * T * heads if temperature == 0 else None
+        packed, next_root, next_drafts, lengths, *step_lps = self._graphed(
+            key, step, inputs, keep_alive=(tree,),
+            variants=lambda: self._with_programmatic_launch(self._step_variants(heads, scored_rows=scored_rows)))
+        cache_seqlens.copy_(lengths)  # the graph advanced its own copy (eagerly: the same tensor)
+        return packed, next_root, next_drafts, step_lps[0] if want_logprobs else None
 
     def _step_variants(self, heads: int, scored_rows: Optional[int] = None) -> dict:
         """The ways a verify step may be captured (CUDAGraphSteps variants): its head blocks as

@@ -353,8 +353,8 @@ def test_greedy_with_eos_limits_and_nearly_full_cache(model4):
     plain = gen.generate(prompts, max_gen_len=16, eos_id=eos)
     assert plain.finish_reasons[0] == "eos" and plain.finish_reasons[1] == "max_seq_len"
     shapes = []
-    forward = gen._cached_forward
-    gen._cached_forward = lambda tokens, *args, **kw: shapes.append(tokens.shape[1]) or forward(tokens, *args, **kw)
+    forward = gen._forward
+    gen._forward = lambda tokens, *args, **kw: shapes.append(tokens.shape[1]) or forward(tokens, *args, **kw)
     for mode, tree, size in (("chain", None, 4), ("tree", "heads4", 48)):
         shapes.clear()
         fast = gen.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode, tree=tree)
@@ -949,7 +949,7 @@ def test_a_variant_whose_replay_disagrees_is_left_out_however_fast(model4, monke
 
 @pytest.mark.parametrize("mode", [None, "tree"])
 def test_failed_capture_falls_back_to_eager_or_raises_when_asked(model4, monkeypatch, mode):
-    """A capture that fails (forward graph, or the whole greedy verify step) leaves the Generator
+    """A capture that fails (a whole plain or verify step) leaves the Generator
     eager with a warning and the same tokens; cuda_graphs=True re-raises instead."""
     from mtp_engine.generate import CUDAGraphSteps
 
@@ -973,10 +973,10 @@ def test_failed_capture_falls_back_to_eager_or_raises_when_asked(model4, monkeyp
         gen.generate(prompts, max_gen_len=12, speculative=mode)
 
 
-def test_graphed_sampling_is_one_graph_per_step_and_logprobs_graph_the_forward(model4, monkeypatch):
+def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatch):
     """A sampled step draws noise keyed by device tensors (the prompts' seeds, the tokens' positions),
-    so it is one graph per step as a greedy one is, plain and verify, nucleus or not; log-probs graph
-    only the forward of a verify step. Draws and log-probs equal the eager run's."""
+    so it is one graph per step as a greedy one is, plain and verify, nucleus or not; so is a step
+    that computes the emitted tokens' log-probs. Draws and log-probs equal the eager run's."""
     from mtp_engine.generate import CUDAGraphSteps
 
     def record(self, run, load, device):
@@ -1009,13 +1009,15 @@ def test_graphed_sampling_is_one_graph_per_step_and_logprobs_graph_the_forward(m
                 keys |= {key[2:] for key in sampled._graphs._graphs}
     assert {key[0] for key in keys} == {"plain", "verify"}
     assert {key[-2:] for key in keys} == {(2.0, 1.0), (2.0, 0.9)}   # one graph per temperature and top_p
-    with_logprobs = graphed_generator()
-    want = eager.generate(prompts, max_gen_len=12, speculative="tree", logprobs=True)
-    got = with_logprobs.generate(prompts, max_gen_len=12, speculative="tree", logprobs=True)
-    assert got.tokens == want.tokens
-    assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
-    assert {key[2] for key in with_logprobs._graphs._graphs} == {"forward"}
-    assert all(e.variant == "in order" for e in with_logprobs._graphs._graphs.values())   # the tie
+    with_logprobs, keys = graphed_generator(), set()
+    for mode, kwargs in ((None, {}), ("tree", {}), ("tree", dict(temperature=2.0, seed=3))):
+        want = eager.generate(prompts, max_gen_len=12, speculative=mode, logprobs=True, **kwargs)
+        for _ in range(2):
+            got = with_logprobs.generate(prompts, max_gen_len=12, speculative=mode, logprobs=True, **kwargs)
+            assert got.tokens == want.tokens
+            assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got.logprobs, want.logprobs))
+            keys |= {key[2:] for key in with_logprobs._graphs._graphs}
+    assert {key[0] for key in keys} == {"plain", "verify"} and all(key[-1] == "logprobs" for key in keys)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -1040,6 +1042,10 @@ def test_cuda_graphs_do_not_change_results(mode):
     for _ in range(2):
         assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
     assert any(key[2] in ("plain", "verify") and key[-2:] == (0.9, 0.95) for key in graphed._graphs._graphs)
+    want_lp = eager.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)   # log-probs in the graph
+    got_lp = graphed.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)
+    assert got_lp.tokens == want_lp.tokens
+    assert all(g == pytest.approx(w, abs=5e-2) for g, w in zip(got_lp.logprobs, want_lp.logprobs))   # bf16
     if mode is not None:
         plain = eager.generate(prompts, max_gen_len=24)
         assert got.tokens == plain.tokens  # bf16 on GPU too; real-compile Triton kernels

@@ -7,10 +7,11 @@ Shape: on CUDA the 7B unembedding, V = 32000, D = 4096, bf16 (float32 on a CPU w
 R (batch x tree nodes) 1, 8, 64, 512 by default. Contenders, each timed with
 benchmarks/common.time_and_peak (do_bench median on CUDA, perf_counter median on a CPU):
   - linear_argmax: greedy, the logits never written;
-  - linear_sample, temperature 0.8, top_p 1.0, keyed by per-row seeds/offsets (int64 on the device,
-    made once outside the timed call, as the Generator keeps them): Gumbel-max in the kernel;
-  - linear_sample, temperature 0.8, top_p 0.9: float32 logits written in chunks of rows, the nucleus
-    in torch;
+  - linear_sample, temperature 0.8, top_p 1.0, keyed by per-row seeds/offsets, the temperature one
+    per row (all three tensors on the device, made once outside the timed call, as the Generator's
+    steps pass them): Gumbel-max in the kernel;
+  - linear_sample, temperature 0.8, top_p 0.9 per row: float32 logits written in chunks of rows, the
+    nucleus in torch;
   - eager PyTorch, the Llama release's way: logits = (hidden @ weight.T).float(); greedy
     logits.argmax(-1) on the bf16 product; sampling softmax(logits / T) then torch.multinomial, and
     for top_p 0.9 its sample_top_p (sort, cumulative sum, mask, renormalise, multinomial, gather).
@@ -93,11 +94,13 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
         hidden = torch.randn(R, D, generator=g).to(device=device, dtype=dtype)
         seeds = torch.randint(0, 2**62, (R,), generator=g, dtype=torch.int64).to(device)
         offsets = torch.arange(R, dtype=torch.int64).add_(1000).to(device)
+        temperatures = torch.full((R,), TEMPERATURE, device=device)
+        top_ps = torch.full((R,), TOP_P, device=device)
         calls = {
             "argmax": lambda: kernels.linear_argmax(hidden, weight),
-            "sample": lambda: kernels.linear_sample(hidden, weight, temperature=TEMPERATURE, seeds=seeds,
+            "sample": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, seeds=seeds,
                                                     offsets=offsets),
-            "sample_top_p": lambda: kernels.linear_sample(hidden, weight, temperature=TEMPERATURE, top_p=TOP_P,
+            "sample_top_p": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, top_p=top_ps,
                                                           seeds=seeds, offsets=offsets),
             "eager_argmax": lambda: (hidden @ weight.T).argmax(-1),
             "eager_sample": lambda: eager_sample(hidden, weight, TEMPERATURE),

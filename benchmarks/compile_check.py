@@ -407,6 +407,8 @@ def scenarios(quick: bool = False):
             K.linear_argmax(hidden, weight)
             for k in (4, K.sampling.MAX_KERNEL_TOP_K):   # a tree's draft width, and the widest in-kernel
                 K.linear_candidates(hidden, weight, k).topk(k)
+            # Sampling as the Generator's steps draw: a temperature per row (0 marks a greedy row).
+            K.linear_sample(hidden, weight, temperature=torch.full((R,), 0.8), generator=torch.Generator())
         # Every tile the selection tuner may time past 64 rows (no tuning on a CPU): an argmax, a
         # one-read verify step's ranks (4) and the widest.
         hidden, weight = randn(256, 256, dtype=dtype), randn(32000, 256, dtype=dtype)

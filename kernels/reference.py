@@ -388,7 +388,8 @@ _CANDIDATE_MARGIN = _GUMBEL_MAX - _GUMBEL_MIN + 2.0
 _DENSE_NOISE_SHARE = 0.25
 
 
-def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
+                   noisy: torch.Tensor | None = None) -> torch.Tensor:
     """argmax_v(scores_v + G_v) per row, G the kernel's noise (ties and NaN as `_argmax_nan_as_low`),
     computing G only where it can matter. G lies in [_GUMBEL_MIN, _GUMBEL_MAX] or is -inf, so a token
     more than _CANDIDATE_MARGIN below the row's best score perturbs to under best + _GUMBEL_MIN - 2,
@@ -397,10 +398,18 @@ def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Ten
     whose winner does not reach best + _GUMBEL_MIN - 1 (the case left open; the 1 between the two
     bounds absorbs rounding) draws its whole noise, as do flat distributions and every row off the
     CPU (the candidates' count is a host sync, which a CUDA-graph capture refuses; meta tensors).
-    scores: (R, V) float32 without NaN; seeds, offsets (R,) int64."""
+    scores: (R, V) float32 without NaN; seeds, offsets (R,) int64; noisy: (R,) bool, False for the
+    rows that take no noise (greedy rows: a plain argmax), None for all noisy."""
     R, V = scores.shape
     if scores.device.type != "cpu":   # no host sync: a sampled step stays capturable in a CUDA graph
-        return _argmax_nan_as_low(scores + _gumbel(sampling_uniforms(seeds, offsets, V)))
+        noise = _gumbel(sampling_uniforms(seeds, offsets, V))
+        return _argmax_nan_as_low(scores + noise if noisy is None else torch.where(noisy[:, None], scores + noise, scores))
+    if noisy is not None and not bool(noisy.all()):
+        tokens = _argmax_nan_as_low(scores)
+        rows = noisy.nonzero()[:, 0]
+        if len(rows):
+            tokens[rows] = _gumbel_argmax(scores[rows], seeds[rows], offsets[rows])
+        return tokens
     top = scores.max(dim=-1).values
     candidates = scores >= (top - _CANDIDATE_MARGIN)[:, None]
     if int(candidates.sum()) >= _DENSE_NOISE_SHARE * R * V:
@@ -417,12 +426,20 @@ def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Ten
     return tokens
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs: (R, V) float, rows summing to 1. Returns (R, V) bool, True for the tokens of the top-p
-    nucleus by the Llama release's rule: sort descending (stable, so equal probabilities keep id
-    order), drop a token only when the mass before it exceeds top_p, so the token that crosses top_p
-    stays, and so does one whose mass before equals top_p exactly; the most likely token always stays."""
+def row_values(values, rows: slice):
+    """A per-row tensor's rows, or a number as it is (a temperature or top_p for every row)."""
+    return values[rows] if isinstance(values, torch.Tensor) else values
+
+
+def nucleus(probs: torch.Tensor, top_p) -> torch.Tensor:
+    """probs: (R, V) float, rows summing to 1; top_p: a number or (R,) per row. Returns (R, V) bool,
+    True for the tokens of the top-p nucleus by the Llama release's rule: sort descending (stable, so
+    equal probabilities keep id order), drop a token only when the mass before it exceeds top_p, so
+    the token that crosses top_p stays, and so does one whose mass before equals top_p exactly; the
+    most likely token always stays."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.to(probs_sort.dtype)[:, None]
     drop = (torch.cumsum(probs_sort, dim=-1) - probs_sort) > top_p   # the release's `probs_sum - probs_sort > p`
     drop[..., 0] = False   # a top_p below float32's range would drop it too
     return torch.empty_like(drop).scatter_(-1, probs_idx, ~drop)
@@ -436,41 +453,51 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     return torch.multinomial(kept / kept.sum(dim=-1, keepdim=True), num_samples=1, generator=generator).squeeze(-1)
 
 
-def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor,
+def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
                   offsets: torch.Tensor) -> torch.Tensor:
-    """logits: (R, V) float32, temperature > 0, 0 < top_p <= 1, seeds and offsets (R,) int64. Returns
-    (R,) int64: one draw per row from softmax(logits / temperature) restricted to the top-p nucleus,
-    by Gumbel-max, argmax_v(logits_v / T + G_v) over the nucleus, with G = -log(-log U) and U the
-    kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores tie
-    within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
+    """logits: (R, V) float32; temperature >= 0 and 0 < top_p <= 1, each a number or (R,) per row (a
+    row at temperature 0 picks greedily, `linear_argmax`'s rule); seeds and offsets (R,) int64.
+    Returns (R,) int64: one draw per row from softmax(logits / temperature) restricted to the top-p
+    nucleus, by Gumbel-max, argmax_v(logits_v / T + G_v) over the nucleus, with G = -log(-log U) and U
+    the kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores
+    tie within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
     renormalized softmax over that subset.
 
     Non-finite logits: NaN counts as -inf (ranked last, so a row of NaN gives token 0). With
     top_p == 1 the rule is the kernel's (an +inf logit wins, the first of several); with top_p < 1
     several +inf logits share the row (softmax's limit) and a row with nothing above -inf gives 0."""
-    scores = logits.float() / temperature
+    noisy = None
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.float()
+        noisy = temperature > 0
+        # Greedy rows keep their logits (divided by 1): the argmax's rule, and no noise below.
+        scores = logits.float() / torch.where(noisy, temperature, 1.0)[:, None]
+    else:
+        scores = logits.float() / temperature
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         top = scores == float("inf")
-        scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
-        dead = (scores == float("-inf")).all(-1, keepdim=True)
-        scores = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, scores)
-        scores = scores.masked_fill(~nucleus(torch.softmax(scores, dim=-1), top_p), float("-inf"))
-    return _gumbel_argmax(scores, seeds, offsets)
+        shared = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
+        dead = (shared == float("-inf")).all(-1, keepdim=True)
+        shared = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
+        kept = shared.masked_fill(~nucleus(torch.softmax(shared, dim=-1), top_p), float("-inf"))
+        scores = kept if noisy is None else torch.where(noisy[:, None], kept, scores)
+    return _gumbel_argmax(scores, seeds, offsets, noisy)
 
 
-def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float,
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p,
                   seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """hidden: (R, D); weight: (V, D) same dtype; seeds and offsets (R,) int64. Returns (R,) int64,
-    one draw per row from softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the
-    top-p nucleus (`sample_logits`); temperature == 0 -> linear_argmax. The Triton kernel's noise
-    (top_p == 1) and its logits (top_p < 1) with the same seeds and offsets: the same tokens up to
-    ties within rounding."""
-    if temperature == 0:
+    """hidden: (R, D); weight: (V, D) same dtype; temperature and top_p each a number or (R,) per row;
+    seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from softmax(hidden @ weight.T
+    / temperature) (float32 logits) restricted to the top-p nucleus (`sample_logits`); a temperature
+    of 0 (all rows) -> linear_argmax. The Triton kernel's noise (top_p == 1) and its logits (top_p <
+    1 or per row) with the same seeds and offsets: the same tokens up to ties within rounding."""
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return linear_argmax(hidden, weight)
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
-        tokens[rows] = sample_logits(logits, temperature, top_p, seeds[rows], offsets[rows])
+        tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
+                                     offsets[rows])
     return tokens
 
 

@@ -106,9 +106,9 @@ def _sampling_uniforms(seed_ptr, offset_ptr, stride_seed, stride_offset, offs_r,
 
 @triton.jit
 def _linear_select_partial_kernel(
-    hidden_ptr, weight_ptr, seed_ptr, offset_ptr, best_score_ptr, best_index_ptr,
+    hidden_ptr, weight_ptr, seed_ptr, offset_ptr, inv_temperature_ptr, best_score_ptr, best_index_ptr,
     R, V, D, stride_hr, stride_wv, stride_seed, stride_offset, n_vocab_blocks, inv_temperature,
-    SAMPLE: tl.constexpr, TOP_K: tl.constexpr,
+    SAMPLE: tl.constexpr, ROW_TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Row blocks on grid axis 0, the fastest: the row blocks of one vocab block run side by side and
@@ -125,7 +125,11 @@ def _linear_select_partial_kernel(
         uniform = _sampling_uniforms(seed_ptr, offset_ptr, stride_seed, stride_offset, offs_r, offs_v, R,
                                      BLOCK_R, BLOCK_V)
         # U == 0 (probability 2^-31) gives -inf: that token loses, which is harmless.
-        scores = logits * inv_temperature - tl.log(-tl.log(uniform))
+        if ROW_TEMPERATURE:   # one inverse temperature per row; 0 marks a greedy row (no noise)
+            row_inv_t = tl.load(inv_temperature_ptr + offs_r, mask=offs_r < R, other=0.0)[:, None]
+            scores = tl.where(row_inv_t > 0, logits * row_inv_t - tl.log(-tl.log(uniform)), logits)
+        else:
+            scores = logits * inv_temperature - tl.log(-tl.log(uniform))
     else:
         scores = logits
     # NaN and -inf scores (a NaN hidden state, an infinite logit) rank last, at the lowest finite
@@ -467,22 +471,25 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
 
 
 @eager_under_compile
-def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+def linear_select_partials_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature,
                                   keys: tuple | None, top_k: int = 1):
     """Pass 1: each row's top_k scores within each vocab block. hidden: (R, D), weight: (V, D), same
     float dtype; scores are the logits (temperature == 0, keys None) or logits / temperature + Gumbel
     noise keyed by keys = (seeds (R,), offsets (R,)) int64 on hidden's device.
     Returns (score (R, n_vocab_blocks, top_k) float32, index (R, n_vocab_blocks, top_k) int32)."""
     hidden, weight = _unit_stride_rows(hidden), _unit_stride_rows(weight)
-    tile = None if temperature > 0 else _select_tile(hidden, weight, top_k)
+    sample = isinstance(temperature, torch.Tensor) or temperature > 0
+    tile = None if sample else _select_tile(hidden, weight, top_k)
     return _select_launch(hidden, weight, temperature, keys, top_k, tile)
 
 
-def _select_launch(hidden, weight, temperature: float, keys: tuple | None, top_k: int, tile: SelectTile | None):
-    """One launch of the selection kernel with `tile` (None: `_launch_config`'s)."""
+def _select_launch(hidden, weight, temperature, keys: tuple | None, top_k: int, tile: SelectTile | None):
+    """One launch of the selection kernel with `tile` (None: `_launch_config`'s). temperature: a
+    float (0: greedy) or (R,) float32 per row on the device (0: that row greedy)."""
     R, D = hidden.shape
     V = weight.shape[0]
-    sample = temperature > 0
+    row_temperature = isinstance(temperature, torch.Tensor)
+    sample = row_temperature or temperature > 0
     # Up to 16 ranks add no spills at any of these tiles on sm_90 in bf16/fp16 (compile_check:
     # 106-254 registers, the most at 256 wide); float32 at 8 warps spills 8 bytes.
     cfg = _launch_config(R, hidden.dtype, hidden.device, sample) if tile is None else tile.config()
@@ -491,17 +498,20 @@ def _select_launch(hidden, weight, temperature: float, keys: tuple | None, top_k
     best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)
     # Unused pointers when greedy. An expanded seed (a generator's one per call) has stride 0.
     seeds, offsets = keys if sample else (best_index.view(-1), best_index.view(-1))
+    # Per-row inverse temperatures (0 for a greedy row); a scalar one is a launch argument.
+    inv_temperature = (torch.where(temperature > 0, 1.0 / temperature.clamp(min=MIN_TEMPERATURE), 0.0).float()
+                       if row_temperature else best_score)
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), _vocab_grid(n_vocab_blocks))
     _linear_select_partial_kernel[grid](
-        hidden, weight, seeds, offsets, best_score, best_index,
+        hidden, weight, seeds, offsets, inv_temperature, best_score, best_index,
         R, V, D, hidden.stride(0), weight.stride(0), seeds.stride(0), offsets.stride(0), n_vocab_blocks,
-        1.0 / temperature if sample else 1.0,
-        SAMPLE=sample, TOP_K=top_k, **cfg)
+        1.0 / temperature if sample and not row_temperature else 1.0,
+        SAMPLE=sample, ROW_TEMPERATURE=row_temperature, TOP_K=top_k, **cfg)
     return best_score, best_index
 
 
 @eager_under_compile
-def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+def linear_select_triton(hidden: torch.Tensor, weight: torch.Tensor, temperature,
                          keys: tuple | None) -> torch.Tensor:
     """argmax_v of hidden @ weight.T (temperature == 0) or of logits / temperature + Gumbel noise
     keyed by keys = (seeds (R,), offsets (R,)). hidden: (R, D), weight: (V, D), same float dtype.
@@ -524,14 +534,15 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_top_p_triton(hidden, weight, temperature: float, top_p: float, seeds, offsets) -> torch.Tensor:
+def _sample_top_p_triton(hidden, weight, temperature, top_p, seeds, offsets) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         logits = linear_logits_triton(hidden[rows], weight)
-        tokens[rows] = reference.sample_logits(logits, temperature, top_p, seeds[rows], offsets[rows])
+        tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
+                                               reference.row_values(top_p, rows), seeds[rows], offsets[rows])
     return tokens
 
 
@@ -615,7 +626,24 @@ def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear_select_triton(hidden, weight, 0.0, None)
 
 
-def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float, top_p: float = 1.0,
+def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.device) -> None:
+    """A per-row temperature or top_p: a floating (R,) tensor on `device`, its values by
+    check_sampling_args' rule, read where they are on the CPU. On a GPU they are not read back (that
+    would be a host sync in every step, and impossible inside a CUDA-graph capture): the caller
+    checks them (the Generator checks its lists before they go to the device)."""
+    if values.dtype not in _FLOAT_DTYPES + (torch.float64,) or values.shape != (R,):
+        raise ValueError(f"linear_sample: {name} as a tensor must be floating, shape ({R},), one per row, got "
+                         f"{values.dtype} {tuple(values.shape)}")
+    if values.device != device:
+        raise ValueError(f"linear_sample: {name} is on {values.device} but hidden is on {device}")
+    if values.device.type != "cpu":
+        return
+    for row, value in enumerate(values.tolist()):
+        args = (value, 1.0) if name == "temperature" else (1.0, value)
+        check_sampling_args(*args, f"linear_sample: row {row}: ")
+
+
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0,
                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
                   offsets: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the top-p
@@ -623,8 +651,12 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
     before it exceeds top_p), by Gumbel-max with counter-based (Philox) noise.
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
-    temperature: >= 0; 0 -> `linear_argmax`. top_p in (0, 1]: 1 -> Gumbel-max in the kernel (no
-    logits written); < 1 -> float32 logits for a chunk of rows at a time, the nucleus in torch.
+    temperature: >= 0, a number (0 -> `linear_argmax`) or an (R,) floating tensor on hidden's device,
+    one per row (a row at 0 picks greedily). top_p in (0, 1]: a number, 1 -> Gumbel-max in the kernel
+    (no logits written), < 1 -> float32 logits for a chunk of rows at a time, the nucleus in torch;
+    or an (R,) tensor, one per row, which always takes the nucleus path (a row at 1 keeps every token).
+    Per-row values are checked where they are on the CPU; on a GPU they are the caller's to check
+    (no host sync).
     The noise, one of:
       seeds, offsets: (R,) int64 on hidden's device. Row r's noise is a function of (seeds[r],
         offsets[r]) alone: a row draws the same token whatever rows share the call, so a sequence
@@ -636,20 +668,30 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: fl
     within rounding. Returns (R,) int64.
     """
     _check_linear_inputs("linear_sample", hidden, weight)
-    check_sampling_args(temperature, top_p, "linear_sample: ")
+    R = hidden.shape[0]
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, torch.Tensor):
+            _check_row_values(name, value, R, hidden.device)
+    check_sampling_args(0.0 if isinstance(temperature, torch.Tensor) else temperature,
+                        1.0 if isinstance(top_p, torch.Tensor) else top_p, "linear_sample: ")
+    greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     # No rows: nothing drawn (a generator's state stays as it was), the arguments still checked.
-    sample = temperature > 0 and hidden.shape[0] > 0
-    keys = _sampling_keys(hidden.shape[0], hidden.device, generator, seeds, offsets, sample=sample)
-    if temperature == 0:
+    sample = not greedy and R > 0
+    keys = _sampling_keys(R, hidden.device, generator, seeds, offsets, sample=sample)
+    if greedy:
         return linear_argmax(hidden, weight)
     if not sample:
         return torch.empty(0, dtype=torch.int64, device=hidden.device)
     seeds, offsets = keys
+    if not isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
+    if not isinstance(top_p, torch.Tensor):
+        top_p = float(top_p)
     if not use_triton(hidden, weight):
         return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=seeds, offsets=offsets)
-    if top_p < 1.0:
-        return _sample_top_p_triton(hidden, weight, float(temperature), float(top_p), seeds, offsets)
-    return linear_select_triton(hidden, weight, float(temperature), (seeds, offsets))
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
+        return _sample_top_p_triton(hidden, weight, temperature, top_p, seeds, offsets)
+    return linear_select_triton(hidden, weight, temperature, (seeds, offsets))
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -370,6 +370,48 @@ def test_gumbel_noise_only_where_it_can_win_gives_the_same_tokens(monkeypatch):
     assert reference.sample_logits(peaked, 1.0, 1.0, seeds[:1], offsets[:1]).tolist() == [200]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
+    """temperature and top_p as (R,) tensors, one per row (0: that row greedy; a top_p tensor takes
+    the nucleus path for every row, a row at 1 keeps all): row r draws what it draws alone with its
+    own numbers, the greedy rows linear_argmax's tokens."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(31)
+    R, V, D = 6, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    seeds, offsets = _keys(R, seed=2)
+    temperatures = torch.tensor([0.7, 0.0, 1.5, 1e-30, 0.0, 2.0])
+    top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.3])
+    greedy = linear_argmax(hidden, weight)
+    for top_p in (1.0, top_ps):
+        tokens = linear_sample(hidden, weight, temperature=temperatures, top_p=top_p, seeds=seeds, offsets=offsets)
+        for r in range(R):
+            alone = linear_sample(hidden[r:r + 1], weight, temperature=float(temperatures[r]),
+                                  top_p=float(top_p[r]) if isinstance(top_p, torch.Tensor) else top_p,
+                                  seeds=seeds[r:r + 1], offsets=offsets[r:r + 1])
+            assert tokens[r] == alone[0], (r, top_p)
+        assert tokens[1] == greedy[1] and tokens[4] == greedy[4]
+    scalar = linear_sample(hidden, weight, temperature=0.9, top_p=0.8, seeds=seeds, offsets=offsets)
+    as_rows = linear_sample(hidden, weight, temperature=torch.full((R,), 0.9), top_p=torch.full((R,), 0.8),
+                            seeds=seeds, offsets=offsets)
+    assert torch.equal(scalar, as_rows)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=torch.tensor([0.5, -1.0])), r"row 1: temperature must be a finite number >= 0"),
+    (dict(temperature=torch.tensor([0.5, 1e-40])), r"row 1: temperature must be 0 \(greedy\) or at least"),
+    (dict(temperature=torch.tensor([0.5, float("nan")])), "row 1: temperature must be"),
+    (dict(temperature=1.0, top_p=torch.tensor([0.5, 0.0])), r"row 1: top_p must be a number in \(0, 1\]"),
+    (dict(temperature=torch.tensor([1, 2])), r"temperature as a tensor must be floating, shape \(2,\)"),
+    (dict(temperature=torch.ones(3)), r"temperature as a tensor must be floating, shape \(2,\).*\(3,\)"),
+    (dict(temperature=1.0, top_p=torch.ones(2, device="meta")), "top_p is on meta but hidden is on cpu"),
+])
+def test_bad_per_row_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        linear_sample(torch.zeros(2, 4), torch.zeros(7, 4), **kwargs)
+
+
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_keyed_draws_follow_softmax(request, use_kernel):
     """One row repeated under one seed and consecutive offsets (a sequence's positions): the draws

@@ -309,7 +309,7 @@ def step_costs(model: Transformer, batches, kv_len: int, tree_nodes, device) -> 
 
             def verify_step(tree=tree, drafts=drafts, lengths=lengths):  # as Generator's greedy loop
                 lengths.copy_(seqlens)   # compaction advances the lengths: start from kv_len every time
-                return gen._verify_step(tokens, drafts, lengths, live, tree, 0.0, 1.0, None, False)[2]
+                return gen._verify_step(tokens, drafts, lengths, live, tree, None, False)[2]
 
             res = common.time_and_peak(verify_step, device=device)
             row[f"verify{T}_ms"] = res.get("ms")

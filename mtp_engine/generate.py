@@ -27,13 +27,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mtp_kernels import compact_kv_cache, dependent_launch, linear_argmax, linear_logits, linear_sample
+from mtp_kernels import compact_kv_cache, dependent_launch, linear_logits
 from mtp_kernels.launch_tuner import TritonError
 
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
-from .sampling import check_sampling_args, sequence_seeds, token_logprobs
+from .sampling import RowSampling, per_prompt, sequence_seeds, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
                           verify_and_score, verify_tokens)
@@ -209,8 +209,8 @@ class Generator:
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
-    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, speculative: Optional[str] = None, heads=None, tree=None,
+    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int = 64, temperature=0.0,
+                 top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id: Optional[int] = None, logprobs: bool = False) -> GenerationResult:
         """Continue every prompt; prompts may differ in length.
 
@@ -218,7 +218,9 @@ class Generator:
         prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
         otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with noise
         keyed by the prompt's seed and the position of the token drawn (`linear_sample`), so every
-        prompt has its own stream. seed: a list of ints (one per prompt), an int s (prompt i takes
+        prompt has its own stream. temperature and top_p: one number for every prompt, or a list
+        with one per prompt (a batch may mix greedy and sampled prompts and nuclei; a step runs them
+        all at once, and its CUDA graph serves any values). seed: a list of ints (one per prompt), an int s (prompt i takes
         `sampling.prompt_seed(s, i)`, a hash of both), or None (seeds drawn from torch's global CPU
         RNG). A prompt's completion depends on its prompt, its seed and the model alone, not on the
         prompts beside it nor their number: with seed=[s] alone it is what it is with s in any
@@ -244,8 +246,6 @@ class Generator:
         alone against it in a batch (other rows, other padding). The tests' random models have no
         such ties; a bf16 model meets them now and then.
         """
-        check_sampling_args(temperature, top_p)
-        temperature, top_p = float(temperature), float(top_p)   # a numpy scalar too
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
         dtype = self.model.output.weight.dtype
@@ -256,6 +256,7 @@ class Generator:
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompts = self._check_prompts(prompt_tokens)
+        temperatures, top_ps = per_prompt(temperature, len(prompts), "temperature"), per_prompt(top_p, len(prompts), "top_p")
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
         # long generation ends first, are the last ones, which then leave the forward. Results come
@@ -276,13 +277,17 @@ class Generator:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
 
+        sampled = any(t > 0 for t in temperatures)
         seeds = None   # greedy draws nothing (and leaves torch's RNG alone); a seed is still checked
-        if temperature > 0 or seed is not None:
+        if sampled or seed is not None:
             seeds = sequence_seeds(seed, len(prompts))
-        if temperature > 0:   # one per row, rows in length order
-            seeds = torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device)
-        else:
-            seeds = None
+        sampling = None
+        if sampled:   # one value per row, rows in length order
+            sampling = RowSampling(
+                torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device),
+                torch.tensor([temperatures[b] for b in order], dtype=torch.float32, device=self.device),
+                1.0 if all(p == 1.0 for p in top_ps) else
+                torch.tensor([top_ps[b] for b in order], dtype=torch.float32, device=self.device))
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -290,10 +295,10 @@ class Generator:
         if not all(s.done for s in seqs):
             if tree_spec is None:
                 forwards, prefill_time, prompt_lp = self._run_plain(
-                    prompts, seqs, temperature, top_p, seeds, eos_id, logprobs, start)
+                    prompts, seqs, sampling, eos_id, logprobs, start)
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
-                    prompts, seqs, tree_spec, temperature, top_p, seeds, eos_id, logprobs, start)
+                    prompts, seqs, tree_spec, sampling, eos_id, logprobs, start)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
                 _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
@@ -329,15 +334,15 @@ class Generator:
             prompt_logprobs=prompt_lp)
 
     # ------------------------------------------------------------------ plain decoding
-    def _run_plain(self, prompts, seqs, temperature, top_p, seeds, eos_id, logprobs, start):
-        """One token per sequence per forward; seeds (B,) int64 (sampling) key each row's noise, the
-        new token's position its offset. Returns (forwards, prefill_time, prompt_logprobs)."""
+    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], eos_id, logprobs, start):
+        """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
+        seed and the new token's position. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
         forwards = 1
         prefill_time = time.perf_counter() - start
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
-        next_tok, lps = self._next_tokens(last_hidden[:, 0], temperature, top_p, seeds, cache_seqlens, logprobs)
+        next_tok, lps = self._next_tokens(last_hidden[:, 0], sampling, cache_seqlens, logprobs)
         while True:
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
@@ -353,43 +358,37 @@ class Generator:
                 live_key = tuple(live[:rows])
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
             next_tok, lengths, *step_lps = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance,
-                                                            temperature, top_p,
-                                                            None if seeds is None else seeds[:rows], logprobs)
+                                                            sampling and sampling.head(rows), logprobs)
             cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
             lps = step_lps[0].tolist() if logprobs else None
             forwards += 1
         return forwards, prefill_time, prompt_lp
 
     def _plain_step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor, advance: torch.Tensor,
-                    temperature: float = 0.0, top_p: float = 1.0, seeds: Optional[torch.Tensor] = None,
-                    logprobs: bool = False):
+                    sampling: Optional[RowSampling] = None, logprobs: bool = False):
         """A plain step for R rows as one function, one CUDA graph when graphs are on (as a verify
         step is): the decode forward of tokens (R,) at slots cache_seqlens (R,) int32, head 0's next
-        tokens (`linear_argmax`, or `linear_sample` keyed by seeds (R,) and the new position), the
-        lengths plus `advance` (R,) int32 (1 for a live row), and with logprobs the tokens' log-probs.
-        The noise is a function of device tensors, so a sampled step graphs as a greedy one does (one
-        graph per temperature and top_p). Returns (next tokens (R,), advanced lengths (R,)[, log-probs
-        (R,) float32]); cache_seqlens is not changed."""
-        weight = self.model.output.weight
-
-        def step(tokens, lengths, advance, *keys):
+        tokens (`linear_argmax`, or `linear_sample` with the R rows' sampling, keyed by their seeds and
+        the new position), the lengths plus `advance` (R,) int32 (1 for a live row), and with logprobs
+        the tokens' log-probs. The noise is a function of device tensors, so a sampled step graphs as
+        a greedy one does. Returns (next tokens (R,), advanced lengths (R,)[, log-probs (R,)
+        float32]); cache_seqlens is not changed."""
+        def step(tokens, lengths, advance, *sampled):
             hidden = self._forward(tokens[:, None], lengths, None)[:, 0, 0]
-            if temperature == 0:
-                next_tokens = linear_argmax(hidden, weight)
-            else:   # the new token's position is lengths + 1 (a finished row's draw is ignored)
-                next_tokens = linear_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=keys[0],
-                                            offsets=lengths.long() + 1)
+            # The new token's position is lengths + 1 (a finished row's draw is ignored).
+            next_tokens = self._choose(hidden[:, None], RowSampling.from_tensors(sampled) if sampled else None,
+                                       lengths[:, None] + 1)[:, 0]
             outputs = (next_tokens, lengths + advance)
             return outputs + (token_logprobs(self._logits(hidden), next_tokens),) if logprobs else outputs
 
         key, inputs = ("plain",), (tokens, cache_seqlens, advance)
-        if temperature > 0:
-            key, inputs = key + (temperature, top_p), inputs + (seeds,)
+        if sampling is not None:
+            key, inputs = key + sampling.graph_key, inputs + sampling.tensors()
         key += ("logprobs",) if logprobs else ()
         return self._graphed(key, step, inputs, variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
-    def _run_speculative(self, prompts, seqs, tree: TokenTree, temperature, top_p, seeds, eos_id, want_logprobs,
+    def _run_speculative(self, prompts, seqs, tree: TokenTree, sampling: Optional[RowSampling], eos_id, want_logprobs,
                          start):
         """Draft with heads 1.., verify a whole token tree per forward with head 0.
 
@@ -422,7 +421,7 @@ class Generator:
 
         last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
         cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
-        root = verify_tokens(last_hidden[:, None, 0], weight, temperature, top_p, seeds, cache_seqlens[:, None])[:, 0]
+        root = self._choose(last_hidden[:, None, 0], sampling, cache_seqlens[:, None])[:, 0]
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
         lps = token_logprobs(self._logits(last_hidden[:, 0]), root).tolist() if want_logprobs else None
         for b, tok in enumerate(root.tolist()):
@@ -449,8 +448,8 @@ class Generator:
                 live_mask = torch.tensor(live_key, device=device)
 
             packed, root, drafts, step_lps = self._verify_step(root[:rows], drafts[:rows], cache_seqlens[:rows],
-                                                               live_mask, tree, temperature, top_p,
-                                                               None if seeds is None else seeds[:rows], want_logprobs)
+                                                               live_mask, tree, sampling and sampling.head(rows),
+                                                               want_logprobs)
             forwards += 1
             packed = packed.tolist()  # the step's sync
             step_lps = step_lps.tolist() if want_logprobs else None   # computed by then: a copy, no wait
@@ -536,17 +535,22 @@ class Generator:
             target = tokens[:, t0 + j0 + 1:t0 + j1 + 1, None]
             picked[:, t0 + j0:t0 + j1] = logp.gather(-1, target).squeeze(-1)
 
-    def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float, seeds, positions, logprobs: bool):
-        """(R,) next tokens from head 0's normed hidden (R, D), and their log-probs (a list) if asked.
-        Sampling: row r draws with noise keyed by seeds[r] (the first R of them) and positions[r]
-        (R,), the new token's position. The verifier's own selection (`verify_tokens`: linear_argmax
-        or linear_sample): no logits written for it, and plain and speculative decoding choose from
-        the same float32 scores, so a bf16 near-tie cannot split their greedy tokens nor rounding
-        their sampling distributions."""
-        R = hidden.shape[0]
-        tokens = verify_tokens(hidden[:, None], self.model.output.weight, temperature, top_p,
-                               None if seeds is None else seeds[:R], positions[:, None])[:, 0]
+    def _next_tokens(self, hidden: torch.Tensor, sampling: Optional[RowSampling], positions, logprobs: bool):
+        """(R,) next tokens from head 0's normed hidden (R, D) (`_choose`, positions (R,) those of the
+        new tokens), and their log-probs (a list) if asked."""
+        tokens = self._choose(hidden[:, None], sampling and sampling.head(hidden.shape[0]), positions[:, None])[:, 0]
         return tokens, (token_logprobs(self._logits(hidden), tokens).tolist() if logprobs else None)
+
+    def _choose(self, hidden0: torch.Tensor, sampling: Optional[RowSampling], positions: torch.Tensor) -> torch.Tensor:
+        """Head 0's token at every node, (R, T) int64, from its normed hidden (R, T, D): the verifier's
+        own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature and
+        top_p, keyed by its seed and positions (R, T), the positions of the tokens drawn). No logits
+        written for it, and plain and speculative decoding choose from the same float32 scores, so a
+        bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
+        weight = self.model.output.weight
+        if sampling is None:
+            return verify_tokens(hidden0, weight, 0.0, 1.0)
+        return verify_tokens(hidden0, weight, sampling.temperature, sampling.top_p, sampling.seeds, positions)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
@@ -563,7 +567,7 @@ class Generator:
         return self.model.forward_cached(tokens, cache_seqlens, node_depths=depths, tree_mask=mask,
                                          n_heads=n_heads, check_lengths=False)
 
-    def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, temperature, top_p, seeds,
+    def _verify_step(self, root, drafts, cache_seqlens, live_mask, tree: TokenTree, sampling: Optional[RowSampling],
                      want_logprobs: bool):
         """One verify step for R rows: root (R,) and drafts (R, heads - 1, top_k) build the tree's
         candidates; one forward over them; head 0's verifier token at every node; tree_accept;
@@ -573,21 +577,20 @@ class Generator:
         tokens, -1 padded; next root (R,); next drafts; the emitted tokens' log-probs (R, W) float32
         on the device, from head 0's logits at the accepted nodes, or None). A step, greedy or sampled,
         with or without log-probs, is one CUDA graph when graphs are on: no launch from Python inside
-        it (seeds (R,), keying the sampling noise with the nodes' positions, are one of its inputs)."""
+        it (the rows' sampling tensors, seeds keying the noise with the nodes' positions, are inputs)."""
         weight = self.model.output.weight
         T, heads, top_k = tree.size, tree.heads, tree.top_k
 
-        def step(root, drafts, cache_seqlens, live_mask, *keys):
-            seeds = keys[0] if keys else None
+        def step(root, drafts, cache_seqlens, live_mask, *sampled):
             candidates = build_candidates(root, drafts, tree)                              # (R, T)
             hidden = self._forward(candidates, cache_seqlens, tree)                        # (R, T, heads, D)
-            one_read = self._one_read and temperature == 0
+            one_read = self._one_read and not sampled
             if one_read:   # every head at every node scored in the verifier's read
                 verifier, scored = verify_and_score(hidden, weight, top_k)
             else:
                 # Node t of row r draws the token at position cache_seqlens[r] + depth[t] + 1.
                 positions = cache_seqlens[:, None] + tree.depths[None, :] + 1
-                verifier = verify_tokens(hidden[:, :, 0], weight, temperature, top_p, seeds, positions)  # (R, T)
+                verifier = self._choose(hidden[:, :, 0], RowSampling.from_tensors(sampled) if sampled else None, positions)
             outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
@@ -605,13 +608,13 @@ class Generator:
 
         inputs = (root, drafts, cache_seqlens, live_mask)
         key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
-        if temperature > 0:
-            key, inputs = key + (temperature, top_p), inputs + (seeds,)
+        if sampling is not None:
+            key, inputs = key + sampling.graph_key, inputs + sampling.tensors()
         key += ("logprobs",) if want_logprobs else ()
         self._one_read = bool(self.shared_unembed)   # eager steps (and a failed capture's fallback)
         rows = graph_bucket(root.shape[0], self.model.cache_batch)   # the rows a graph runs
         # A sampled step reads the unembedding twice (verifier draws, then drafts): no read variants.
-        scored_rows = rows * T * heads if temperature == 0 else None
+        scored_rows = rows * T * heads if sampling is None else None
         packed, next_root, next_drafts, lengths, *step_lps = self._graphed(
             key, step, inputs, keep_alive=(tree,),
             variants=lambda: self._with_programmatic_launch(self._step_variants(heads, scored_rows=scored_rows)))

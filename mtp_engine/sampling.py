@@ -10,11 +10,61 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
-from mtp_kernels.sampling import check_sampling_args  # noqa: F401  (re-exported: the generator's argument rule)
+from mtp_kernels.sampling import check_sampling_args
+
+
+@dataclass
+class RowSampling:
+    """A generate call's sampling, one value per cache row (rows in the Generator's order), on the
+    device: seeds (B,) int64 key each row's noise (with the drawn token's position as offset);
+    temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row (the kernel's Gumbel-max
+    path) or (B,) float32 (the nucleus path for all rows). The tensors are a step's inputs, so one
+    CUDA graph serves any temperatures and top_p values."""
+    seeds: torch.Tensor
+    temperature: torch.Tensor
+    top_p: Union[float, torch.Tensor]
+
+    def head(self, rows: int) -> "RowSampling":
+        """The first `rows` rows' (the rows a step runs)."""
+        top_p = self.top_p[:rows] if isinstance(self.top_p, torch.Tensor) else self.top_p
+        return RowSampling(self.seeds[:rows], self.temperature[:rows], top_p)
+
+    def tensors(self) -> tuple:
+        """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""
+        return (self.seeds, self.temperature) + ((self.top_p,) if isinstance(self.top_p, torch.Tensor) else ())
+
+    @staticmethod
+    def from_tensors(tensors: tuple) -> "RowSampling":
+        return RowSampling(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else 1.0)
+
+    @property
+    def graph_key(self) -> tuple:
+        return ("sampled", isinstance(self.top_p, torch.Tensor))
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    """temperature or top_p for each of n prompts as floats: one number for all, or a sequence
+    (list, tuple, array, tensor) of n, each checked by `check_sampling_args`' rule."""
+    if getattr(value, "ndim", 0) >= 1:   # an array or tensor counts as the list it holds
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        values, labels = list(value), [f"{name}[{i}]: " for i in range(len(value))]
+        if len(values) != n:
+            raise ValueError(f"{name}: a list needs one value per prompt, got {len(values)} for {n} prompt(s)")
+    else:
+        values, labels = [value] * n, [""] * n
+    for v, label in zip(values, labels):
+        if name == "temperature":
+            check_sampling_args(v, 1.0, label)
+        else:
+            check_sampling_args(0.0, v, label)
+    return [float(v) for v in values]
 
 
 def sequence_seeds(seed, n: int) -> list:

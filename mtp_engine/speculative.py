@@ -535,23 +535,27 @@ def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) 
     return candidates
 
 
-def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature: float, top_p: float,
+def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature, top_p,
                   seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """hidden0: (B, T, D) head-0 normed hidden at every node. Returns (B, T) int64: head 0's argmax
     (temperature 0) or one draw per node from softmax(logits / temperature) within the top-p
     nucleus, node (b, t)'s with noise keyed by seeds[b] and positions[b, t] (`linear_sample`): seeds
-    (B,) and positions (B, T), the position of the token the node draws, int64 or int32. Sampling
-    without seeds draws from torch's global RNG."""
+    (B,) and positions (B, T), the position of the token the node draws, int64 or int32.
+    temperature and top_p: numbers, or (B,) tensors, one per sequence (a sequence at temperature 0
+    picks greedily). Sampling without seeds draws from torch's global RNG."""
     B, T, D = hidden0.shape
     rows = hidden0.reshape(B * T, D)
-    if temperature == 0:
+
+    def per_node(value):   # a per-sequence tensor, repeated for each of its nodes
+        return value[:, None].expand(B, T).reshape(B * T) if isinstance(value, torch.Tensor) else value
+
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
         tokens = linear_argmax(rows, weight)
     elif seeds is None:
-        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p)
+        tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p))
     else:
-        tokens = linear_sample(rows, weight, temperature=temperature, top_p=top_p,
-                               seeds=seeds[:, None].expand(B, T).reshape(B * T),
-                               offsets=positions.expand(B, T).reshape(B * T).long())
+        tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p),
+                               seeds=per_node(seeds), offsets=positions.expand(B, T).reshape(B * T).long())
     return tokens.view(B, T)
 
 

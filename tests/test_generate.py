@@ -319,12 +319,10 @@ def test_greedy_choice_does_not_depend_on_logprobs(model, monkeypatch):
     # Plain greedy picks its token with `linear_argmax` (float32 scores) whether or not log-probs are
     # asked for; only the log-probs need the logits. Here the "kernel" disagrees with the logits'
     # argmax on purpose: the flag must not switch which one decides.
-    import mtp_engine.generate as generate_module
     import mtp_engine.speculative as speculative_module
     vocab = model.output.weight.shape[0]
-    for module in (generate_module, speculative_module):   # the whole greedy step's, and verify_tokens'
-        monkeypatch.setattr(module, "linear_argmax",
-                            lambda hidden, weight: torch.full((hidden.shape[0],), vocab - 1, dtype=torch.long))
+    monkeypatch.setattr(speculative_module, "linear_argmax",   # verify_tokens': every step's choice
+                        lambda hidden, weight: torch.full((hidden.shape[0],), vocab - 1, dtype=torch.long))
     gen = Generator(model, max_batch_size=1, max_seq_len=32)
     prompt = random_prompts([5], seed=6)[0]
     plain = gen.generate([prompt], max_gen_len=3).tokens[0]
@@ -390,6 +388,25 @@ def test_a_seeded_prompt_samples_the_same_alone_or_in_any_batch(request, model, 
     assert gen.generate(prompts, seed=[s + 1 for s in seeds], eos_id=eos, **kwargs).tokens != batched
     copies = gen.generate([prompts[2]] * 4, seed=5, **kwargs).tokens
     assert len({tuple(t) for t in copies}) > 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_prompt_temperature_and_top_p(request, model, backend):
+    """A batch mixing greedy and sampled prompts, nuclei or not: each prompt gives what it gives
+    alone with its own temperature, top_p and seed, and speculation changes nothing."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    prompts = random_prompts([3, 6, 2, 5], seed=15)
+    temperatures, top_ps, seeds = [0.0, 0.8, 1.5, 1.0], [1.0, 0.9, 1.0, 0.6], [1, 2, 3, 4]
+    n = 8 if backend == "reference" else 4
+    gen = Generator(model, max_batch_size=4, max_seq_len=32)
+    batched = gen.generate(prompts, max_gen_len=n, temperature=temperatures, top_p=top_ps, seed=seeds).tokens
+    for p, t, tp, sd, got in zip(prompts, temperatures, top_ps, seeds, batched):
+        assert got == gen.generate([p], max_gen_len=n, temperature=t, top_p=tp, seed=[sd]).tokens[0]
+    assert batched[0] == gen.generate(prompts[:1], max_gen_len=n).tokens[0]   # the greedy prompt
+    assert gen.generate(prompts, max_gen_len=n, temperature=np.array(temperatures), top_p=torch.tensor(top_ps),
+                        seed=seeds, speculative="tree").tokens == batched
+    assert gen.generate(prompts, max_gen_len=n, temperature=1.5, seed=seeds).tokens != batched   # power
 
 
 def test_int_seed_gives_prompt_i_a_hashed_seed(model):
@@ -488,6 +505,10 @@ def test_sampling_at_the_limits_is_greedy():
     ([[1], [2]], {"temperature": 0.5, "seed": [1]}, "one per prompt, got 1 for 2"),
     ([[1]], {"seed": [-1]}, r"seed\[0\] must be an int in \[0, 2\*\*63\), got -1"),
     ([[1]], {"temperature": 0.5, "seed": [1.5]}, r"seed\[0\] must be an int"),
+    ([[1], [2]], {"temperature": [0.5]}, "temperature: a list needs one value per prompt, got 1 for 2"),
+    ([[1], [2]], {"temperature": [0.5, -1.0]}, r"temperature\[1\]: temperature must be a finite number >= 0"),
+    ([[1], [2]], {"top_p": [0.5, 0.0]}, r"top_p\[1\]: top_p must be a number in \(0, 1\]"),
+    ([[1]], {"temperature": "0.5"}, "temperature must be a finite number"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

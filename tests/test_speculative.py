@@ -1008,7 +1008,13 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
                 assert sampled.generate(prompts, max_gen_len=12, speculative=mode, **kwargs).tokens == want.tokens
                 keys |= {key[2:] for key in sampled._graphs._graphs}
     assert {key[0] for key in keys} == {"plain", "verify"}
-    assert {key[-2:] for key in keys} == {(2.0, 1.0), (2.0, 0.9)}   # one graph per temperature and top_p
+    # One graph for any values: the Gumbel-max path and the nucleus path, per step kind.
+    assert {key[-2:] for key in keys} == {("sampled", False), ("sampled", True)}
+    captured = len(sampled._graphs._graphs)
+    other = dict(temperature=[1.3, 0.0], top_p=[0.7, 0.95], seed=[8, 9])   # a greedy row among them
+    want = eager.generate(prompts, max_gen_len=12, speculative="tree", **other)
+    assert sampled.generate(prompts, max_gen_len=12, speculative="tree", **other).tokens == want.tokens
+    assert len(sampled._graphs._graphs) == captured   # replayed with the new values
     with_logprobs, keys = graphed_generator(), set()
     for mode, kwargs in ((None, {}), ("tree", {}), ("tree", dict(temperature=2.0, seed=3))):
         want = eager.generate(prompts, max_gen_len=12, speculative=mode, logprobs=True, **kwargs)
@@ -1041,7 +1047,7 @@ def test_cuda_graphs_do_not_change_results(mode):
     want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
     for _ in range(2):
         assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
-    assert any(key[2] in ("plain", "verify") and key[-2:] == (0.9, 0.95) for key in graphed._graphs._graphs)
+    assert any(key[2] in ("plain", "verify") and key[-2:] == ("sampled", True) for key in graphed._graphs._graphs)
     want_lp = eager.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)   # log-probs in the graph
     got_lp = graphed.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)
     assert got_lp.tokens == want_lp.tokens

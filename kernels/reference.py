@@ -481,7 +481,12 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
         dead = (shared == float("-inf")).all(-1, keepdim=True)
         shared = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
         kept = shared.masked_fill(~nucleus(torch.softmax(shared, dim=-1), top_p), float("-inf"))
-        scores = kept if noisy is None else torch.where(noisy[:, None], kept, scores)
+        # Only sampled rows under a nucleus: a greedy row, or one at top_p 1 among per-row values,
+        # keeps the rules it has alone (argmax; Gumbel-max over everything).
+        narrowed = noisy
+        if isinstance(top_p, torch.Tensor):
+            narrowed = (top_p < 1.0) if narrowed is None else narrowed & (top_p < 1.0)
+        scores = kept if narrowed is None else torch.where(narrowed[:, None], kept, scores)
     return _gumbel_argmax(scores, seeds, offsets, noisy)
 
 

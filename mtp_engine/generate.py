@@ -283,11 +283,15 @@ class Generator:
             seeds = sequence_seeds(seed, len(prompts))
         sampling = None
         if sampled:   # one value per row, rows in length order
+            # A greedy prompt's top_p plays no part (nor sends the batch down the nucleus path); a
+            # top_p below float32's range keeps its meaning there (the most likely token alone).
+            top_ps = [p if t > 0 else 1.0 for t, p in zip(temperatures, top_ps)]
             sampling = RowSampling(
                 torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device),
                 torch.tensor([temperatures[b] for b in order], dtype=torch.float32, device=self.device),
                 1.0 if all(p == 1.0 for p in top_ps) else
-                torch.tensor([top_ps[b] for b in order], dtype=torch.float32, device=self.device))
+                torch.tensor([top_ps[b] for b in order], dtype=torch.float32,
+                             device=self.device).clamp(min=torch.finfo(torch.float32).tiny))
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}

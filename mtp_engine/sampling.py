@@ -41,7 +41,10 @@ class RowSampling:
 
     @staticmethod
     def from_tensors(tensors: tuple) -> "RowSampling":
-        return RowSampling(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else 1.0)
+        """Inside a step. A CUDA graph's padding rows hold zeros: temperature 0 makes them greedy, and
+        their top_p 0 is raised to the smallest valid one (keep the most likely token)."""
+        top_p = tensors[2].clamp(min=torch.finfo(torch.float32).tiny) if len(tensors) > 2 else 1.0
+        return RowSampling(tensors[0], tensors[1], top_p)
 
     @property
     def graph_key(self) -> tuple:
@@ -51,8 +54,8 @@ class RowSampling:
 def per_prompt(value, n: int, name: str) -> list:
     """temperature or top_p for each of n prompts as floats: one number for all, or a sequence
     (list, tuple, array, tensor) of n, each checked by `check_sampling_args`' rule."""
-    if getattr(value, "ndim", 0) >= 1:   # an array or tensor counts as the list it holds
-        value = value.tolist()
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):   # an array or tensor: the list it holds,
+        value = value.tolist()                                 # or the number (0-d)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         values, labels = list(value), [f"{name}[{i}]: " for i in range(len(value))]
         if len(values) != n:
@@ -62,9 +65,15 @@ def per_prompt(value, n: int, name: str) -> list:
     for v, label in zip(values, labels):
         if name == "temperature":
             check_sampling_args(v, 1.0, label)
+            if v > FLOAT32_MAX:   # the rows' temperatures are float32 on the device
+                raise ValueError(f"{label}temperature must be at most float32's largest value, {FLOAT32_MAX:.4g}, "
+                                 f"got {v}")
         else:
             check_sampling_args(0.0, v, label)
     return [float(v) for v in values]
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def sequence_seeds(seed, n: int) -> list:

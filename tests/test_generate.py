@@ -407,6 +407,9 @@ def test_per_prompt_temperature_and_top_p(request, model, backend):
     assert gen.generate(prompts, max_gen_len=n, temperature=np.array(temperatures), top_p=torch.tensor(top_ps),
                         seed=seeds, speculative="tree").tokens == batched
     assert gen.generate(prompts, max_gen_len=n, temperature=1.5, seed=seeds).tokens != batched   # power
+    # 0-d arrays are numbers; a top_p below float32's range still means "the most likely token".
+    assert gen.generate(prompts[:2], max_gen_len=3, temperature=np.array(0.0)).tokens == \
+        gen.generate(prompts[:2], max_gen_len=3, temperature=torch.tensor(1.0), top_p=[1e-300, 1e-300], seed=1).tokens
 
 
 def test_int_seed_gives_prompt_i_a_hashed_seed(model):
@@ -509,6 +512,7 @@ def test_sampling_at_the_limits_is_greedy():
     ([[1], [2]], {"temperature": [0.5, -1.0]}, r"temperature\[1\]: temperature must be a finite number >= 0"),
     ([[1], [2]], {"top_p": [0.5, 0.0]}, r"top_p\[1\]: top_p must be a number in \(0, 1\]"),
     ([[1]], {"temperature": "0.5"}, "temperature must be a finite number"),
+    ([[1]], {"temperature": 1e39}, "temperature must be at most float32's largest value"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

@@ -398,6 +398,20 @@ def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
     assert torch.equal(scalar, as_rows)
 
 
+def test_a_row_at_top_p_1_keeps_its_rules_among_nuclei():
+    """Several +inf logits: alone at top_p 1 the first wins (the kernel's Gumbel-max rule); beside
+    a row with a nucleus (a top_p per row, the nucleus path for the call) it still does, and a greedy
+    row still takes the argmax."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    logits[:, [7, 20]] = float("inf")
+    seeds, offsets = _keys(3, seed=4)
+    for r in range(3):
+        alone = reference.sample_logits(logits[r:r + 1], 1.0, 1.0, seeds[r:r + 1], offsets[r:r + 1])
+        assert alone.tolist() == [7]
+    rows = reference.sample_logits(logits, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 0.5]), seeds, offsets)
+    assert rows[:2].tolist() == [7, 7] and rows[2] in (7, 20)   # under a nucleus the +inf tokens share
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=torch.tensor([0.5, -1.0])), r"row 1: temperature must be a finite number >= 0"),
     (dict(temperature=torch.tensor([0.5, 1e-40])), r"row 1: temperature must be 0 \(greedy\) or at least"),

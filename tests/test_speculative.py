@@ -795,6 +795,11 @@ def test_graph_bookkeeping_matches_eager_on_cpu(model4, monkeypatch, mode):
     assert sum(g.replays for g in recorded) > captured
     again = graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode)
     assert again.tokens == want.tokens and len(recorded) == captured       # same shapes: replays only
+    # Sampled, a greedy row among them, a nucleus per row: the padding row (zeros) draws harmlessly.
+    sampled = dict(temperature=[2.0, 0.0, 1.5], top_p=[0.9, 1.0, 0.8], seed=[1, 2, 3], eos_id=eos)
+    want_sampled = eager.generate(prompts, max_gen_len=16, speculative=mode, **sampled)
+    assert graphed.generate(prompts, max_gen_len=16, speculative=mode, **sampled).tokens == want_sampled.tokens
+    captured = len(recorded)
     old_caches = (graphed.model.k_cache, graphed.model.v_cache)   # held: the new ones get other addresses
     graphed.model.setup_caches(4, graphed.model.cache_len)                    # new cache tensors
     assert graphed.generate(prompts, max_gen_len=16, eos_id=eos, speculative=mode).tokens == want.tokens

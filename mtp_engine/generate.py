@@ -146,8 +146,8 @@ class Generator:
     Construction allocates the cache: model.setup_caches(max_batch_size, max_seq_len); the first
     speculative call grows it by the tree's size - 1 slots (see _ensure_caches).
     cuda_graphs: replay decode and verify steps as CUDA graphs, one per batch-size bucket and step
-    shape, whole (a verify step from drafts to next drafts, greedy or sampled) or, with log-probs,
-    their cached forwards (`CUDAGraphSteps`); None means on for a CUDA model, off
+    shape, each step whole (a verify step from drafts to next drafts; greedy or sampled, with or
+    without log-probs) (`CUDAGraphSteps`); None means on for a CUDA model, off
     otherwise. Replay runs the captured kernels on the same inputs; the only difference from eager
     is the padding of the batch to its bucket (GEMMs of more rows), which the GPU test
     (test_cuda_graphs_do_not_change_results) checks changes no token. True fails loudly when a
@@ -220,9 +220,9 @@ class Generator:
         keyed by the prompt's seed and the position of the token drawn (`linear_sample`), so every
         prompt has its own stream. temperature and top_p: one number for every prompt, or a list
         with one per prompt (a batch may mix greedy and sampled prompts and nuclei; a step runs them
-        all at once, and its CUDA graph serves any values). seed: a list of ints (one per prompt), an int s (prompt i takes
-        `sampling.prompt_seed(s, i)`, a hash of both), or None (seeds drawn from torch's global CPU
-        RNG). A prompt's completion depends on its prompt, its seed and the model alone, not on the
+        all at once, and its CUDA graph serves any values). seed: a list of ints (one per prompt), an
+        int s (prompt i takes `sampling.prompt_seed(s, i)`, a hash of both), or None (seeds drawn
+        from torch's global CPU RNG). A prompt's completion depends on its prompt, its seed and the model alone, not on the
         prompts beside it nor their number: with seed=[s] alone it is what it is with s in any
         position of a list. eos_id: None means the tokenizer's eos (never stop early without a
         tokenizer); a negative id never stops early.
@@ -628,15 +628,15 @@ class Generator:
     def _step_variants(self, heads: int, scored_rows: Optional[int] = None) -> dict:
         """The ways a verify step may be captured (CUDAGraphSteps variants): its head blocks as
         concurrent graph branches or in order (where there are several and concurrency is on),
-        times, for a whole greedy step of scored_rows = rows x nodes x heads, one or two reads of
-        the unembedding (shared_unembed, or both where it is None and scored_rows is at most
-        speculative.ONE_READ_MAX_ROWS). Label -> a context that sets the switches while the step is
-        traced."""
+        times, for a greedy step of scored_rows = rows x nodes x heads, one or two reads of the
+        unembedding (shared_unembed, or both where it is None and scored_rows is at most
+        speculative.ONE_READ_MAX_ROWS; scored_rows None: a sampled step, which reads it twice).
+        Label -> a context that sets the switches while the step is traced."""
         model = self.model
         # In order first: CUDAGraphSteps checks every variant against the first listed.
         concurrency = (False, True) if heads > 1 and model.concurrent_heads else (model.concurrent_heads,)
         if scored_rows is None:
-            one_read = (None,)   # a forward alone: no unembedding read in it
+            one_read = (None,)   # a sampled step: the verifier's draws, then the drafts
         elif self.shared_unembed is None:
             one_read = (True, False) if scored_rows <= ONE_READ_MAX_ROWS else (False,)
         else:

@@ -832,7 +832,7 @@ def test_verify_step_variants(model4):
     assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS)) == both
     assert list(gen._step_variants(4, scored_rows=ONE_READ_MAX_ROWS + 1)) == ["in order, two reads",
                                                                              "concurrent, two reads"]
-    assert list(gen._step_variants(4)) == ["in order", "concurrent"]          # a forward alone
+    assert list(gen._step_variants(4)) == ["in order", "concurrent"]          # a sampled step
     assert list(gen._step_variants(1, scored_rows=8)) == ["concurrent, one read", "concurrent, two reads"]
     with gen._step_variants(4, scored_rows=8)["in order, one read"]():
         assert not gen.model.concurrent_heads and gen._one_read

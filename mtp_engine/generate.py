@@ -33,7 +33,7 @@ from mtp_kernels.launch_tuner import TritonError
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
-from .sampling import RowSampling, per_prompt, sequence_seeds, token_logprobs
+from .sampling import RowSampling, per_prompt, per_prompt_values, sequence_seeds, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
                           verify_and_score, verify_tokens)
@@ -72,6 +72,7 @@ class SequenceState:
     prompt: List[int]
     limit: int
     limit_is_gen_len: bool = True  # False when the cache, not max_gen_len, set the limit
+    eos_id: Optional[int] = None   # the token that ends it (not kept); None: none does
     tokens: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
     produced: int = 0   # tokens produced, eos included
@@ -82,10 +83,10 @@ class SequenceState:
     def done(self) -> bool:
         return self.finish is not None
 
-    def accept(self, token: int, eos_id: Optional[int], logprob: Optional[float] = None) -> None:
+    def accept(self, token: int, logprob: Optional[float] = None) -> None:
         """Append one produced token; finish on eos (not kept) or when the limit is reached."""
         self.produced += 1
-        if eos_id is not None and token == eos_id:
+        if self.eos_id is not None and token == self.eos_id:
             self.finish = "eos"
             return
         self.tokens.append(token)
@@ -209,23 +210,24 @@ class Generator:
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
-    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int = 64, temperature=0.0,
+    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
-                 seed=None, eos_id: Optional[int] = None, logprobs: bool = False) -> GenerationResult:
+                 seed=None, eos_id=None, logprobs: bool = False) -> GenerationResult:
         """Continue every prompt; prompts may differ in length.
 
-        prompt_tokens: list of token-id lists. max_gen_len: most new tokens per prompt, clipped per
-        prompt to the room left in the cache (max_seq_len - len(prompt)). temperature 0 is greedy;
-        otherwise softmax(logits / temperature) restricted to the top_p nucleus, drawn with noise
-        keyed by the prompt's seed and the position of the token drawn (`linear_sample`), so every
-        prompt has its own stream. temperature and top_p: one number for every prompt, or a list
-        with one per prompt (a batch may mix greedy and sampled prompts and nuclei; a step runs them
-        all at once, and its CUDA graph serves any values). seed: a list of ints (one per prompt), an
-        int s (prompt i takes `sampling.prompt_seed(s, i)`, a hash of both), or None (seeds drawn
-        from torch's global CPU RNG). A prompt's completion depends on its prompt, its seed and the model alone, not on the
-        prompts beside it nor their number: with seed=[s] alone it is what it is with s in any
-        position of a list. eos_id: None means the tokenizer's eos (never stop early without a
-        tokenizer); a negative id never stops early.
+        prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, seed and
+        eos_id takes one value for every prompt or a list with one per prompt, so a batch may mix
+        requests (greedy and sampled ones among them: a step runs them all at once, and its CUDA
+        graph serves any values).
+        max_gen_len: most new tokens, clipped per prompt to the room left in the cache (max_seq_len -
+        len(prompt)). temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to
+        the top_p nucleus, drawn with noise keyed by the prompt's seed and the position of the token
+        drawn (`linear_sample`), so every prompt has its own stream. seed: ints, or for an int s
+        prompt i takes `sampling.prompt_seed(s, i)` (a hash of both), or None (seeds drawn from
+        torch's global CPU RNG). A prompt's completion depends on its prompt, its own arguments and
+        the model alone, not on the prompts beside it nor their number: with seed=[s] alone it is
+        what it is with s in any position of a list. eos_id: None means the tokenizer's eos (never
+        stop early without a tokenizer); a negative id never stops early.
 
         speculative: None (plain decoding, one token per forward), "chain" (top-1 draft of every
         head: blockwise parallel decoding) or "tree" (a static token tree of the heads' top-k drafts).
@@ -252,10 +254,13 @@ class Generator:
         if dtype not in GENERATION_DTYPES:
             raise ValueError(f"the model is {dtype}; generation runs in {', '.join(map(str, GENERATION_DTYPES))}: "
                              "model.to(torch.float32) first")
-        max_gen_len, heads = integer(max_gen_len), integer(heads)
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
+        heads = integer(heads)
         prompts = self._check_prompts(prompt_tokens)
+        gen_lens, labels = per_prompt_values(max_gen_len, len(prompts), "max_gen_len")
+        gen_lens = [integer(n) for n in gen_lens]
+        for n, label in zip(gen_lens, labels):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{label} must be an int >= 0, got {n!r}")
         temperatures, top_ps = per_prompt(temperature, len(prompts), "temperature"), per_prompt(top_p, len(prompts), "top_p")
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
@@ -264,15 +269,16 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda b: len(prompts[b]))
         prompts = [prompts[b] for b in order]
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
-        eos_id = self._resolve_eos(eos_id)
+        eos_ids = [self._resolve_eos(e, label) for e, label in zip(*per_prompt_values(eos_id, len(order), "eos_id"))]
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
         if self._graphs is not None:
             self._graphs.start_call()
 
         seqs = []
-        for p in prompts:
-            room = self.max_seq_len - len(p)
-            seq = SequenceState(prompt=p, limit=min(max_gen_len, room), limit_is_gen_len=max_gen_len <= room)
+        for b, p in zip(order, prompts):
+            room, gen_len = self.max_seq_len - len(p), gen_lens[b]
+            seq = SequenceState(prompt=p, limit=min(gen_len, room), limit_is_gen_len=gen_len <= room,
+                                eos_id=eos_ids[b])
             if seq.limit == 0:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
@@ -299,10 +305,10 @@ class Generator:
         if not all(s.done for s in seqs):
             if tree_spec is None:
                 forwards, prefill_time, prompt_lp = self._run_plain(
-                    prompts, seqs, sampling, eos_id, logprobs, start)
+                    prompts, seqs, sampling, logprobs, start)
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
-                    prompts, seqs, tree_spec, sampling, eos_id, logprobs, start)
+                    prompts, seqs, tree_spec, sampling, logprobs, start)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
                 _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
@@ -338,7 +344,7 @@ class Generator:
             prompt_logprobs=prompt_lp)
 
     # ------------------------------------------------------------------ plain decoding
-    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], eos_id, logprobs, start):
+    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start):
         """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
         seed and the new token's position. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
@@ -351,7 +357,7 @@ class Generator:
             for b, tok in enumerate(next_tok.tolist()):
                 if not seqs[b].done:
                     seqs[b].forwards += 1
-                    seqs[b].accept(tok, eos_id, lps[b] if lps else None)
+                    seqs[b].accept(tok, lps[b] if lps else None)
             live = [not s.done for s in seqs]
             if not any(live):
                 break
@@ -392,7 +398,7 @@ class Generator:
         return self._graphed(key, step, inputs, variants=lambda: self._with_programmatic_launch(None))
 
     # ------------------------------------------------------------------ self-speculative decoding
-    def _run_speculative(self, prompts, seqs, tree: TokenTree, sampling: Optional[RowSampling], eos_id, want_logprobs,
+    def _run_speculative(self, prompts, seqs, tree: TokenTree, sampling: Optional[RowSampling], want_logprobs,
                          start):
         """Draft with heads 1.., verify a whole token tree per forward with head 0.
 
@@ -431,7 +437,7 @@ class Generator:
         for b, tok in enumerate(root.tolist()):
             if not seqs[b].done:
                 seqs[b].forwards += 1
-                seqs[b].accept(tok, eos_id, lps[b] if lps else None)
+                seqs[b].accept(tok, lps[b] if lps else None)
         forwards = 1
         prefill_time = time.perf_counter() - start
 
@@ -466,7 +472,7 @@ class Generator:
                 for j in range(accept_len):
                     if seq.done:
                         break
-                    seq.accept(emitted[j], eos_id, step_lps[b][j] if step_lps else None)
+                    seq.accept(emitted[j], step_lps[b][j] if step_lps else None)
                 counters.add(accept_len - 1)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
@@ -754,17 +760,17 @@ class Generator:
             with torch.inference_mode(False):  # normal tensors: the model's own forwards write them too
                 self.model.setup_caches(self.max_batch_size, self._cache_len)
 
-    def _resolve_eos(self, eos_id: Optional[int]) -> Optional[int]:
+    def _resolve_eos(self, eos_id: Optional[int], label: str = "eos_id") -> Optional[int]:
         if eos_id is None and self.tokenizer is not None:
             eos_id = self.tokenizer.eos_id
         if eos_id is None:
             return None
         eos_id = integer(eos_id)
         if isinstance(eos_id, bool) or not isinstance(eos_id, int):
-            raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
+            raise ValueError(f"{label} must be an int token id or None, got {eos_id!r}")
         vocab = self.model.vocab_size
         if eos_id >= vocab:
-            raise ValueError(f"eos_id {eos_id} is not a token id of this model (vocab_size {vocab}); "
+            raise ValueError(f"{label} {eos_id} is not a token id of this model (vocab_size {vocab}); "
                              "a negative id means never stop early (None: the tokenizer's eos)")
         return eos_id if eos_id >= 0 else None
 

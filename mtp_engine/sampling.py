@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 
@@ -51,17 +51,24 @@ class RowSampling:
         return ("sampled", isinstance(self.top_p, torch.Tensor))
 
 
-def per_prompt(value, n: int, name: str) -> list:
-    """temperature or top_p for each of n prompts as floats: one number for all, or a sequence
-    (list, tuple, array, tensor) of n, each checked by `check_sampling_args`' rule."""
+def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
+    """A generate argument for each of n prompts: one value for all, or a sequence (list, tuple,
+    array, tensor) of n. Returns (values, labels): the labels name each value in an error message
+    (`name`, or `name[i]` for a list's)."""
     if hasattr(value, "ndim") and hasattr(value, "tolist"):   # an array or tensor: the list it holds,
         value = value.tolist()                                 # or the number (0-d)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        values, labels = list(value), [f"{name}[{i}]: " for i in range(len(value))]
-        if len(values) != n:
-            raise ValueError(f"{name}: a list needs one value per prompt, got {len(values)} for {n} prompt(s)")
-    else:
-        values, labels = [value] * n, [""] * n
+        if len(value) != n:
+            raise ValueError(f"{name}: a list needs one value per prompt, got {len(value)} for {n} prompt(s)")
+        return list(value), [f"{name}[{i}]" for i in range(n)]
+    return [value] * n, [name] * n
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    """temperature or top_p for each of n prompts as floats (`per_prompt_values`), each checked by
+    `check_sampling_args`' rule."""
+    values, labels = per_prompt_values(value, n, name)
+    labels = [f"{label}: " if label != name else "" for label in labels]
     for v, label in zip(values, labels):
         if name == "temperature":
             check_sampling_args(v, 1.0, label)

@@ -412,6 +412,25 @@ def test_per_prompt_temperature_and_top_p(request, model, backend):
         gen.generate(prompts[:2], max_gen_len=3, temperature=torch.tensor(1.0), top_p=[1e-300, 1e-300], seed=1).tokens
 
 
+@pytest.mark.parametrize("speculative", [None, "tree"])
+def test_per_prompt_max_gen_len_and_eos(model, speculative):
+    """max_gen_len and eos_id per prompt: each prompt stops by its own rules, and its tokens are
+    what it gives alone with them (the others going on around it)."""
+    prompts = random_prompts([4, 2, 7], seed=16)
+    gen = Generator(model, max_batch_size=3, max_seq_len=32)
+    free = gen.generate(prompts, max_gen_len=12).tokens
+    eos = [free[0][3], -1, free[2][5]]          # prompt 1 never stops early
+    gen_lens = [12, 2, 9]
+    res = gen.generate(prompts, max_gen_len=gen_lens, eos_id=eos, speculative=speculative)
+    for b in range(3):
+        alone = gen.generate([prompts[b]], max_gen_len=gen_lens[b], eos_id=eos[b], speculative=speculative)
+        assert res.tokens[b] == alone.tokens[0] and res.finish_reasons[b] == alone.finish_reasons[0]
+    assert res.finish_reasons[1] == "max_gen_len" and len(res.tokens[1]) == 2
+    assert res.finish_reasons[0] == "eos" and res.tokens[0] == free[0][:free[0].index(eos[0])]
+    assert gen.generate(prompts, max_gen_len=np.array(gen_lens), eos_id=eos).tokens == \
+        gen.generate(prompts, max_gen_len=gen_lens, eos_id=eos).tokens
+
+
 def test_int_seed_gives_prompt_i_a_hashed_seed(model):
     from mtp_engine.sampling import prompt_seed
 
@@ -513,6 +532,10 @@ def test_sampling_at_the_limits_is_greedy():
     ([[1], [2]], {"top_p": [0.5, 0.0]}, r"top_p\[1\]: top_p must be a number in \(0, 1\]"),
     ([[1]], {"temperature": "0.5"}, "temperature must be a finite number"),
     ([[1]], {"temperature": 1e39}, "temperature must be at most float32's largest value"),
+    ([[1], [2]], {"max_gen_len": [3]}, "max_gen_len: a list needs one value per prompt, got 1 for 2"),
+    ([[1], [2]], {"max_gen_len": [3, -1]}, r"max_gen_len\[1\] must be an int >= 0, got -1"),
+    ([[1], [2]], {"eos_id": [3, VOCAB]}, rf"eos_id\[1\] {VOCAB} is not a token id"),
+    ([[1], [2]], {"eos_id": [3, 2.5]}, r"eos_id\[1\] must be an int token id or None"),
 ])
 def test_bad_input_raises_value_error(model, prompts, kwargs, match):
     gen = Generator(model, max_batch_size=2, max_seq_len=16)

@@ -85,18 +85,16 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def sequence_seeds(seed, n: int) -> list:
     """One sampling seed per prompt, each an int in [0, 2**63): seed an int s -> prompt_seed(s, i) for
-    prompt i, a sequence of n ints -> those, None -> n fresh draws from torch's global CPU RNG (so
-    torch.manual_seed makes a seed=None run repeatable). ValueError names a bad seed."""
+    prompt i, a sequence of n ints (`per_prompt_values`) -> those, None -> n fresh draws from torch's
+    global CPU RNG (so torch.manual_seed makes a seed=None run repeatable). ValueError names a bad
+    seed."""
     if seed is None:
         return torch.randint(0, 2 ** 63 - 1, (n,), dtype=torch.int64).tolist()
-    if getattr(seed, "ndim", 0) >= 1:   # a tensor or array of seeds counts as the list it holds
-        seed = seed.tolist()
-    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        seed = _seed_int(seed, "seed")
+    values, labels = per_prompt_values(seed, n, "seed")
+    if labels[0] == "seed":   # one int for every prompt: a hash per prompt
+        seed = _seed_int(values[0], "seed")
         return [prompt_seed(seed, i) for i in range(n)]
-    if len(seed) != n:
-        raise ValueError(f"seed: a list of seeds needs one per prompt, got {len(seed)} for {n} prompt(s)")
-    return [_seed_int(s, f"seed[{i}]") for i, s in enumerate(seed)]
+    return [_seed_int(s, label) for s, label in zip(values, labels)]
 
 
 def prompt_seed(seed: int, index: int) -> int:

@@ -442,7 +442,7 @@ def test_int_seed_gives_prompt_i_a_hashed_seed(model):
     # A tensor or array of seeds is the list it holds.
     assert gen.generate(prompts, seed=torch.tensor([1, 2, 3]), **kwargs).tokens == \
         gen.generate(prompts, seed=np.array([1, 2, 3]), **kwargs).tokens == gen.generate(prompts, seed=[1, 2, 3], **kwargs).tokens
-    with pytest.raises(ValueError, match="one per prompt, got 1 for 3"):
+    with pytest.raises(ValueError, match="seed: a list needs one value per prompt, got 1 for 3"):
         gen.generate(prompts, seed=torch.tensor([3]), **kwargs)
     seeds = {prompt_seed(s, i) for s in range(50) for i in range(50)}
     assert len(seeds) == 2500 and all(0 <= v < 2 ** 63 for v in seeds)   # seeds s and s + 1 share no stream
@@ -524,7 +524,7 @@ def test_sampling_at_the_limits_is_greedy():
     ([[1]], {"eos_id": True}, "eos_id must be an int"),
     ([[1]], {"seed": 2 ** 70}, "seed must be None or an int"),
     ([[1]], {"seed": "7"}, "seed must be None or an int"),
-    ([[1], [2]], {"temperature": 0.5, "seed": [1]}, "one per prompt, got 1 for 2"),
+    ([[1], [2]], {"temperature": 0.5, "seed": [1]}, "seed: a list needs one value per prompt, got 1 for 2"),
     ([[1]], {"seed": [-1]}, r"seed\[0\] must be an int in \[0, 2\*\*63\), got -1"),
     ([[1]], {"temperature": 0.5, "seed": [1.5]}, r"seed\[0\] must be an int"),
     ([[1], [2]], {"temperature": [0.5]}, "temperature: a list needs one value per prompt, got 1 for 2"),

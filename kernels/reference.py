@@ -346,8 +346,8 @@ def _keyed_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, words: torch.Ten
     """float32 uniforms from philox4x32 keyed by seeds at counters (words, offsets' two words, 0),
     int64 tensors that broadcast: output `lane` (a tensor like words) of each, or all four
     interleaved along the last dim (lane None: word w gives tokens 4w..4w+3). On the CPU in numpy
-    (uint64), whose operations cost a fraction of torch's on these small arrays (one row of 8192
-    tokens: 0.1 ms against 0.4 ms); elsewhere in int64 torch ops."""
+    (uint64: its per-operation overhead is below torch's, which the ~140 small operations of ten
+    Philox rounds pay); elsewhere in int64 torch ops."""
     on_cpu = seeds.device.type == "cpu"
     if on_cpu:
         seeds, offsets, words = (t.numpy().astype(np.uint64) for t in (seeds, offsets, words))
@@ -402,8 +402,8 @@ def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Ten
     rows that take no noise (greedy rows: a plain argmax), None for all noisy."""
     R, V = scores.shape
     if scores.device.type != "cpu":   # no host sync: a sampled step stays capturable in a CUDA graph
-        noise = _gumbel(sampling_uniforms(seeds, offsets, V))
-        return _argmax_nan_as_low(scores + noise if noisy is None else torch.where(noisy[:, None], scores + noise, scores))
+        perturbed = _perturbed(scores, seeds, offsets)
+        return _argmax_nan_as_low(perturbed if noisy is None else torch.where(noisy[:, None], perturbed, scores))
     if noisy is not None and not bool(noisy.all()):
         tokens = _argmax_nan_as_low(scores)
         rows = noisy.nonzero()[:, 0]
@@ -413,7 +413,7 @@ def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Ten
     top = scores.max(dim=-1).values
     candidates = scores >= (top - _CANDIDATE_MARGIN)[:, None]
     if int(candidates.sum()) >= _DENSE_NOISE_SHARE * R * V:
-        return _argmax_nan_as_low(scores + _gumbel(sampling_uniforms(seeds, offsets, V)))
+        return _argmax_nan_as_low(_perturbed(scores, seeds, offsets))
     r_idx, v_idx = candidates.nonzero(as_tuple=True)
     perturbed = torch.full_like(scores, float("-inf"))
     perturbed[r_idx, v_idx] = scores[r_idx, v_idx] + _gumbel(_token_uniforms(seeds[r_idx], offsets[r_idx], v_idx))
@@ -422,8 +422,13 @@ def _gumbel_argmax(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Ten
     unsure = ~(winner >= top + (_GUMBEL_MIN - 1.0))   # NaN too
     if bool(unsure.any()):
         rows = unsure.nonzero()[:, 0]
-        tokens[rows] = _argmax_nan_as_low(scores[rows] + _gumbel(sampling_uniforms(seeds[rows], offsets[rows], V)))
+        tokens[rows] = _argmax_nan_as_low(_perturbed(scores[rows], seeds[rows], offsets[rows]))
     return tokens
+
+
+def _perturbed(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """scores (R, V) plus every token's Gumbel noise (the dense draw)."""
+    return scores + _gumbel(sampling_uniforms(seeds, offsets, scores.shape[-1]))
 
 
 def row_values(values, rows: slice):

@@ -35,7 +35,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (check_one_device, compute_major, descriptors_allowed, eager_under_compile, gpu_launch,
+from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch, kernel_op,
                       interpreting, refuse_double_backward, tma_aligned, use_triton)
 
 LOG2E = 1.4426950408889634
@@ -847,22 +847,49 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = flash_attention_fwd(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        ctx.sm_scale = sm_scale
-        return o
+# The kernels as torch.library custom ops (with shape functions), so torch.compile traces a model
+# around them, fullgraph too, where Dynamo would trace into the launchers; eager calls take the same ops.
+@kernel_op("flash_attention")
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, T, H, Dh) in q's dtype, lse (B, H, T) float32 rows as `_lse_rows` lays them out)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return flash_attention_fwd(q, k, v, causal, sm_scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        refuse_double_backward("flash_attention")
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+
+@torch.library.register_fake(_flash_attention_op)
+def _(q, k, v, causal, sm_scale):
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), _lse_rows(B, H, T, q.device)
+
+
+@kernel_op("flash_attention_backward")
+def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each like its input, contiguous."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+
+
+@torch.library.register_fake(_flash_attention_backward_op)
+def _(do, q, k, v, o, lse, causal, sm_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _flash_attention_setup(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.sm_scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _flash_attention_backward(ctx, do, _dlse):
+    refuse_double_backward("flash_attention")
+    q, k, v, o, lse = ctx.saved_tensors
+    return _flash_attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale) + (None, None)
+
+
+torch.library.register_autograd(_flash_attention_op, _flash_attention_backward, setup_context=_flash_attention_setup)
 
 
 # ============================================================================================
@@ -927,12 +954,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
         if q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.numel():
             return _sdpa(q, k, v, causal, scale)
         return reference.attention(q, k, v, causal=causal, sm_scale=scale)
-    return _flash_attention_triton(q, k, v, bool(causal), scale)
-
-
-@eager_under_compile
-def _flash_attention_triton(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    return _flash_attention_op(q, k, v, bool(causal), scale)[0]
 
 
 def _sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:

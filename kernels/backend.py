@@ -164,6 +164,26 @@ def refuse_double_backward(op: str) -> None:
                            "computed outside autograd, so their own gradient would silently be wrong")
 
 
+_KERNEL_OPS = torch.library.Library("mtp_kernels", "FRAGMENT")   # kept alive: dropping it unregisters the ops
+
+
+def kernel_op(name: str):
+    """Decorator: the launcher `fn` as the torch.library custom op mtp_kernels::`name`, returned (an
+    OpOverload; give it a shape function with torch.library.register_fake, and a backward with
+    torch.library.register_autograd). torch.compile sees the op as one opaque call, fullgraph too,
+    where Dynamo would trace into a launcher that tunes, checks and synchronizes on the host; meta
+    tensors get the shape function. fn's annotations give the schema (tensors, numbers, bools,
+    strings, dtypes, Optional of them; a tensor or a tuple of tensors back), and its outputs may not
+    alias its inputs. Eager calls reach fn directly: torch.library.custom_op would wrap it in
+    torch._disable_dynamo, whose first call imports Dynamo (as slow as importing torch)."""
+    def register(fn):
+        _KERNEL_OPS.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _KERNEL_OPS.impl(name, fn, "CompositeExplicitAutograd")   # every device; meta takes the fake
+        return getattr(torch.ops.mtp_kernels, name).default
+    return register
+
+
+
 def eager_under_compile(fn):
     """`fn` as torch.compile sees it: one opaque eager call (a graph break), never traced. The Triton
     launchers tune, check and synchronize on the host, and Dynamo tracing into them (into the

@@ -27,6 +27,7 @@ from .triton_import import tl, triton
 from . import reference
 from .backend import eager_under_compile, interpreting, use_triton
 from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy, plain_loss_options
+from .linear_ce_op import traced_linear_cross_entropy
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
 
@@ -226,14 +227,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
     """
+    if process_group is None and (torch.compiler.is_compiling() or any(
+            isinstance(t, torch.Tensor) and t.is_meta for t in (hidden, weight, targets))):
+        return traced_linear_cross_entropy(
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, head_weights=head_weights,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, accum_dtype=accum_dtype,
+            max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head)
     return _fused_loss(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
                        head_weights=head_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                        accum_dtype=accum_dtype, max_scratch_bytes=max_scratch_bytes, return_per_head=return_per_head,
                        process_group=process_group)
 
 
-# Inside a compiled model the loss runs as its own eager call (eager_under_compile), on every path:
-# its checks read the targets on the host.
+# Under torch.compile the loss is the custom ops of linear_ce_op.py; the vocabulary-parallel path
+# (whose process group an op cannot take) runs as its own eager call (eager_under_compile).
 @eager_under_compile
 def _fused_loss(hidden, weight, targets, *, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
                 accum_dtype, max_scratch_bytes, return_per_head, process_group):

@@ -135,6 +135,8 @@ def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> Optional[torch
     """The dtype torch.autocast would run `hidden @ weight.T` in on this device, or None when autocast
     is off there (float64 inputs are left alone, as autocast leaves them)."""
     device_type = hidden.device.type
+    if device_type == "meta":   # (autocast knows no meta device: shapes only, in the inputs' dtypes)
+        return None
     if hidden.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE and \
             torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -147,13 +149,18 @@ def to_compute_dtype(rows: torch.Tensor, weight: torch.Tensor, accum_dtype: Opti
     sums the chunks in: accum_dtype, or weight's own dtype when None (so float32 master weights under
     autocast sum straight into their float32 gradient). accum is None when it is the compute dtype."""
     compute = autocast_dtype(rows, weight) or weight.dtype
-    accum = weight.dtype if accum_dtype is None else accum_dtype
+    return rows.to(compute), weight.to(compute), dw_sum_dtype(compute, weight.dtype, accum_dtype)
+
+
+def dw_sum_dtype(compute: torch.dtype, weight_dtype: torch.dtype, accum_dtype) -> Optional[torch.dtype]:
+    """What dW sums the chunks in when it is not the compute dtype (else None), checked."""
+    accum = weight_dtype if accum_dtype is None else accum_dtype
     if accum == torch.float32 and compute == torch.float64:
         accum = compute  # float32 (the default) means "at least float32": float64 stays float64
     if accum != compute and (accum not in (torch.float32, torch.float64) or accum.itemsize < compute.itemsize):
         raise ValueError(f"accum_dtype must be None or a float dtype at least as wide as the {compute} the "
-                         f"matmuls run in (weight {weight.dtype}), got {accum_dtype}")
-    return rows.to(compute), weight.to(compute), (None if accum == compute else accum)
+                         f"matmuls run in (weight {weight_dtype}), got {accum_dtype}")
+    return None if accum == compute else accum
 
 
 def loss_dtype(compute: torch.dtype) -> torch.dtype:
@@ -355,17 +362,27 @@ def per_head_losses(loss_rows, targets, n, N, ignore_index, reduction):
     return totals / (targets.view(n, N) != ignore_index).sum(1).clamp(min=1).to(totals.dtype)
 
 
-def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
-                 accum_dtype, max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
-    """Validate, run the chunks, reduce. For mean/sum the gradient factor is known now, so the
-    requested gradients are computed in the same pass; for "none" they wait for grad_output.
-    Returns (loss, per_head, opts, saved): opts the chunk options, saved (dH, dW) or, for "none",
-    what backward needs."""
+def compute_layout(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+                   accum_dtype):
+    """Validate and lay the heads out for the chunk loop: (rows (M, D) and weight in the compute dtype,
+    targets (M,) int64, lambda per row (M,) and per head (n,) in the loss dtype, n, N, single_head,
+    the chunk options)."""
     rows, flat_t, lam_rows, lam, n, N, single = prepare(
         hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap)
     rows, compute_weight, accum = to_compute_dtype(rows, weight, accum_dtype)
     lam, lam_rows = lam.to(loss_dtype(compute_weight.dtype)), lam_rows.to(loss_dtype(compute_weight.dtype))
     opts = ce_options(ignore_index, label_smoothing, z_loss, softcap, accum, weight.dtype)
+    return rows, compute_weight, flat_t, lam_rows, lam, n, N, single, opts
+
+
+def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
+                 accum_dtype, max_scratch_bytes, ce_chunk, grad_rows: bool, grad_weight: bool):
+    """Validate, run the chunks, reduce. For mean/sum the gradient factor is known now, so the
+    requested gradients are computed in the same pass; for "none" they wait for grad_output.
+    Returns (loss, per_head, opts, saved): opts the chunk options, saved (dH, dW) or, for "none",
+    what `none_backward` needs."""
+    rows, compute_weight, flat_t, lam_rows, lam, n, N, single, opts = compute_layout(
+        hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap, accum_dtype)
     eager_grad = reduction != "none"
     scale = head_factors(flat_t, lam, n, N, ignore_index, reduction) if eager_grad else lam_rows
     with autocast_off(rows.device):
@@ -379,6 +396,22 @@ def forward_pass(hidden, weight, targets, ignore_index, reduction, head_weights,
     else:
         saved = (rows, compute_weight, flat_t, lam_rows)
     return loss, per_head, opts, saved
+
+
+def none_backward(rows, weight, flat_t, lam_rows, grad_out, opts, ce_chunk, max_scratch_bytes, grad_rows: bool,
+                  grad_weight: bool, hidden_dtype, weight_dtype, hidden_shape):
+    """The gradients of a reduction "none" loss, made once grad_out (one factor per token) is known:
+    another pass over the chunks. rows, weight, flat_t, lam_rows: as `compute_layout` gives them.
+    Returns (dH in hidden's shape and dtype or None, dW in weight_dtype or None)."""
+    scale = grad_out.reshape(-1).to(lam_rows.dtype) * lam_rows
+    with autocast_off(rows.device):
+        _, d_rows, d_weight = linear_ce_chunks(
+            rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
+            grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=max_scratch_bytes)
+    d_weight = cast_grad(d_weight, weight_dtype)
+    if d_rows is not None:
+        d_rows = cast_grad(d_rows, hidden_dtype).view(hidden_shape)
+    return d_rows, d_weight
 
 
 def scale_forward_grads(ctx, grad_out, hidden_shape):
@@ -438,14 +471,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             d_rows, d_weight = scale_forward_grads(ctx, grad_out, hidden_shape)
         else:
             rows, weight, flat_t, lam_rows = ctx.saved_tensors
-            scale = grad_out.reshape(-1).to(lam_rows.dtype) * lam_rows
-            with autocast_off(rows.device):
-                _, d_rows, d_weight = linear_ce_chunks(
-                    rows, weight, flat_t, scale.contiguous(), opts, ce_chunk,
-                    grad_rows=grad_rows, grad_weight=grad_weight, max_scratch_bytes=budget)
-            d_weight = cast_grad(d_weight, weight_dtype)
-            if d_rows is not None:
-                d_rows = cast_grad(d_rows, hidden_dtype).view(hidden_shape)
+            d_rows, d_weight = none_backward(rows, weight, flat_t, lam_rows, grad_out, opts, ce_chunk, budget,
+                                             grad_rows, grad_weight, hidden_dtype, weight_dtype, hidden_shape)
         return d_rows, d_weight, None, None, None, None, None, None, None, None, None, None
 
 

@@ -12,7 +12,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (as_rows, check_one_device, eager_under_compile, gpu_launch, interpreting,
+from .backend import (as_rows, check_one_device, gpu_launch, interpreting, kernel_op,
                       refuse_double_backward, sm_count, use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 
@@ -143,20 +143,48 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, x2, rstd = rms_norm_fwd(x, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
-        return y
+# The kernels as torch.library custom ops (with shape functions), so torch.compile traces a model
+# around them, fullgraph too, where Dynamo would trace into the launchers; eager calls take the same ops.
+@kernel_op("rms_norm")
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y like x in x's and weight's promoted dtype, rstd (rows,) float32)."""
+    y, _, rstd = rms_norm_fwd(x, weight, eps)
+    return y, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        refuse_double_backward("rms_norm")
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_bwd(dy, x2, weight, rstd)
-        return dx.view(ctx.x_shape), dw, None
+
+@torch.library.register_fake(_rms_norm_op)
+def _(x, weight, eps):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty((x.numel() // max(x.shape[-1], 1),), dtype=torch.float32))
+
+
+@kernel_op("rms_norm_backward")
+def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx like x, dw like weight)."""
+    dx, dw = rms_norm_bwd(dy, as_rows(x), weight, rstd)
+    return dx.view(x.shape), dw
+
+
+@torch.library.register_fake(_rms_norm_backward_op)
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    refuse_double_backward("rms_norm")
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+torch.library.register_autograd(_rms_norm_op, _rms_norm_backward, setup_context=_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -164,12 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     _check_weight("rms_norm", x, weight, eps)
     if not use_triton(x, weight) or x.numel() == 0:
         return reference.rms_norm(x, weight, eps)
-    return _rms_norm_triton(x, weight, eps)
-
-
-@eager_under_compile
-def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return RMSNormFunction.apply(x, weight, eps)
+    return _rms_norm_op(x, weight, float(eps))[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
@@ -191,11 +214,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         return h, rms_norm(h, weight, eps)
     if not use_triton(x, residual, weight) or x.numel() == 0:
         return reference.add_rms_norm(x, residual, weight, eps)
-    return _add_rms_norm_triton(x, residual, weight, eps)
+    # (the op only under torch.compile: an op call costs dispatcher time that a decode step without
+    # CUDA graphs pays per layer)
+    add_norm = _add_rms_norm_op if torch.compiler.is_compiling() else _add_rms_norm_triton
+    return add_norm(x, residual, weight, float(eps))
 
 
-@eager_under_compile
-def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x2, r2 = as_rows(x), as_rows(residual)
     M, D = x2.shape
     h = torch.empty((M, D), dtype=x.dtype, device=x.device)
@@ -206,3 +232,12 @@ def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.
                                    weight.stride(0), D, eps, BLOCK_D=BLOCK_D, PDL=pdl, num_warps=num_warps,
                                    launch_pdl=pdl)
     return h.view(x.shape), y.view(x.shape)
+
+
+_add_rms_norm_op = kernel_op("add_rms_norm")(_add_rms_norm_triton)
+
+
+@torch.library.register_fake(_add_rms_norm_op)
+def _(x, residual, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)))

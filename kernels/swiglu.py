@@ -13,7 +13,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import as_rows, check_one_device, eager_under_compile, interpreting, use_triton
+from .backend import as_rows, check_one_device, interpreting, kernel_op, use_triton
 from .dependent_launch import await_prior_grid, launch_programmatic
 
 
@@ -55,10 +55,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if needs_grad or not use_triton(gate, up) or gate.numel() == 0 or gate.dim() == 0:
         return reference.swiglu(gate, up)
-    return _swiglu_triton(gate, up)
+    # (the op only under torch.compile: an op call costs dispatcher time that a decode step without
+    # CUDA graphs pays per layer)
+    return (_swiglu_op if torch.compiler.is_compiling() else _swiglu_triton)(gate, up)
 
 
-@eager_under_compile
 def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     R, F = g2.shape
@@ -69,3 +70,13 @@ def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                                                BLOCK=block, PDL=pdl, num_warps=1 if interpreting() else 4,
                                                launch_pdl=pdl)
     return out.view(gate.shape)
+
+
+# The launch as a torch.library custom op (with a shape function), so torch.compile traces a model
+# around it, fullgraph too, where Dynamo would trace into the launcher.
+_swiglu_op = kernel_op("swiglu")(_swiglu_triton)
+
+
+@torch.library.register_fake(_swiglu_op)
+def _(gate, up):
+    return gate.new_empty(gate.shape)

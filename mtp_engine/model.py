@@ -195,10 +195,11 @@ class CacheStep:
 class Linear(nn.Linear):
     """nn.Linear for a block's projections (same parameters, state dict and hooks). Without autograd
     a few rows (a decode step) go through `skinny_linear`: cuBLAS or the weight-streaming kernel,
-    whichever was measured faster for the shape on this GPU; everything else is F.linear."""
+    whichever was measured faster for the shape on this GPU; everything else, and everything under
+    torch.compile (which plans its own GEMMs), is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and not torch.is_grad_enabled():
+        if self.bias is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return skinny_linear(x, self.weight)
         return super().forward(x)
 
@@ -222,8 +223,9 @@ def fuse_rows(*linears: nn.Linear) -> None:
 def rows_view(*linears: nn.Linear) -> Optional[torch.Tensor]:
     """The (sum of out_features, in_features) weight of `linears` as one view, when `fuse_rows` laid
     them out back to back (and nothing has moved them since); else None. Inference only: a view
-    through the first weight would send every gradient to it."""
-    if torch.is_grad_enabled():
+    through the first weight would send every gradient to it. None under torch.compile too: the
+    compiler cannot follow data pointers, and it plans the projections' GEMMs itself."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     first = linears[0].weight
     expected = first.data_ptr()
@@ -658,8 +660,8 @@ class Transformer(nn.Module):
             self.check_uncached_length(tokens.shape[1], f"positions up to {tokens.shape[1]}")
         # The range check reads the ids on the host: a compiled forward would break its graph there
         # (three times) and fullgraph=True would fail, so compiled code skips it (the embedding's own
-        # lookup still fails on an id past the table).
-        if tokens.numel() and not torch.compiler.is_compiling() and (
+        # lookup still fails on an id past the table); meta tensors have no ids to read.
+        if tokens.numel() and not tokens.is_meta and not torch.compiler.is_compiling() and (
                 int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

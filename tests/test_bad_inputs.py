@@ -182,14 +182,19 @@ def test_small_integer_cache_lengths_are_compared_as_numbers():
 
 
 def test_the_triton_path_imports_dynamo_only_when_compiling():
-    """eager_under_compile calls its launcher directly outside a compile: torch._disable_dynamo's own
-    wrapper imports Dynamo at its first call, about 1 s that code which never compiles would pay."""
+    """Outside a compile the launchers are called directly, both those registered as custom ops
+    (backend.kernel_op: torch.library.custom_op would wrap them in torch._disable_dynamo) and those
+    left as graph breaks (backend.eager_under_compile): torch._disable_dynamo's wrapper imports Dynamo
+    at its first call, about 1 s that code which never compiles would pay."""
     import os
     import subprocess
     import sys
 
-    script = ("import sys, torch\nfrom mtp_kernels import rms_norm\n"
-              "rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+    script = ("import sys, torch\nfrom mtp_kernels import fused_linear_cross_entropy, linear_argmax, rms_norm\n"
+              "x = torch.randn(2, 8, requires_grad=True)\n"
+              "rms_norm(x, torch.ones(8)).sum().backward()\n"
+              "fused_linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([1, 4])).backward()\n"
+              "linear_argmax(torch.randn(2, 8), torch.randn(5, 8))\n"
               "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
     env = {**os.environ, "MTP_BACKEND": "triton", "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -609,26 +609,6 @@ def test_float64_head_weights_stay_float64():
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_inside_torch_compile_the_loss_runs_as_its_own_eager_call(request, backend):
-    """A compiled model around the loss: the loss is left out of the graph (its launchers tune and sync
-    on the host; Dynamo tracing into the interpreter's numpy failed) and gives eager's gradients."""
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
-    torch._dynamo.reset()   # a graph compiled for the other backend would be reused: the backend is not guarded
-    hidden, weight, targets = make_inputs(2, 6, 8, 53)
-
-    def step(h, w):
-        return fused_linear_cross_entropy(torch.tanh(h), w, targets)
-    grads = []
-    for fn in (step, torch.compile(step, backend="aot_eager")):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        fn(h, w).backward()
-        grads.append((h.grad, w.grad))
-    for eager, compiled in zip(*grads):
-        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_scratch_bytes="x"), "max_scratch_bytes must be None or a positive int"),
     (dict(max_scratch_bytes=0), "max_scratch_bytes must be None or a positive int"),

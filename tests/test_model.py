@@ -145,7 +145,8 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
             self.ops = collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in self.skip:
+            # (our own custom ops are counted by their Triton launches)
+            if func.overloadpacket.__name__ not in self.skip and func.namespace != "mtp_kernels":
                 self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
@@ -472,38 +473,3 @@ def test_setup_caches_frees_the_old_cache_before_allocating(monkeypatch):
     monkeypatch.setattr(torch, "zeros", recording_zeros)
     model.setup_caches(2, 24)
     assert held == [False, False] and model.k_cache.shape[2] == 24 and model.cache_len == 24
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_a_compiled_training_step_gives_eager_loss_and_gradients(backend, request):
-    """torch.compile around a model's training step (its forward, the fused n-head loss, backward): the
-    Triton launches run as their own eager calls (`backend.eager_under_compile`: Dynamo traced into
-    the launchers, the interpreter's numpy included, and failed) and the token check is skipped while
-    compiling (it read the ids on the host: three graph breaks, and fullgraph failed); results and
-    gradients are eager's. On the reference path the only break left is the loss."""
-    import torch._dynamo
-
-    from mtp_engine.loss import MTPLoss
-
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32,
-                                  n_future_tokens=2))
-    tokens = torch.randint(0, 64, (2, 16))
-
-    def step():
-        return MTPLoss(2)(model.head_hidden(tokens), model.output.weight, tokens).loss
-    results = []
-    for fn in (step, torch.compile(step, backend="aot_eager")):
-        loss = fn()
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
-        model.zero_grad()
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    if backend == "reference":
-        assert torch._dynamo.explain(step)().graph_break_count == 1

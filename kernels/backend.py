@@ -183,7 +183,6 @@ def kernel_op(name: str):
     return register
 
 
-
 def eager_under_compile(fn):
     """`fn` as torch.compile sees it: one opaque eager call (a graph break), never traced. The Triton
     launchers tune, check and synchronize on the host, and Dynamo tracing into them (into the

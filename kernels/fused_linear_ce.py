@@ -226,6 +226,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     process_group: `weight` is this rank's row shard of the unembedding over that group (rank
     order, any shard sizes); the vocabulary-parallel path (vocab_parallel_ce.py) then returns on
     every rank the loss of the full weight, hidden's full gradient and this shard's gradient.
+    Under torch.compile (fullgraph too) and on meta tensors the loss is the custom ops of
+    linear_ce_op.py: the same results; a compiled backward scales copies of the gradients.
     """
     if process_group is None and (torch.compiler.is_compiling() or any(
             isinstance(t, torch.Tensor) and t.is_meta for t in (hidden, weight, targets))):

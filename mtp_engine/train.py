@@ -76,6 +76,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     head_schedule: str = "batched"
     head_weights: Optional[List[float]] = None
+    # torch.compile backend for the training step (forward, loss, backward; fullgraph): "inductor",
+    # or "aot_eager" (no C++ compiler needed); None: eager. Single process, batched heads.
+    compile: Optional[str] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
     # schedule ends when the budget does (a GPU lease of unknown speed); the log records the value,
@@ -138,6 +141,12 @@ class TrainConfig:
         if self.head_schedule == "sequential" and self.distributed == "fsdp":
             raise ValueError("head_schedule 'sequential' runs the blocks outside FSDP's forward hooks; "
                              "use it with distributed 'none' or 'ddp'")
+        if self.compile is not None:
+            check_compile_backend(self.compile)
+            if self.head_schedule != "batched" or self.distributed != "none":
+                raise ValueError("compile traces the batched step of one process: use it with head_schedule "
+                                 f"'batched' and distributed 'none' (got {self.head_schedule!r}, "
+                                 f"{self.distributed!r})")
         if self.schedule_to_budget and (self.time_budget_s is None or self.distributed != "none"):
             raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
@@ -147,6 +156,16 @@ class TrainConfig:
 
 
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_compile_backend(name) -> None:
+    """ValueError unless `name` is a torch.compile backend (imports Dynamo: only when one is asked for)."""
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(name, str) or name not in backends:
+        raise ValueError(f"compile must be None or a torch.compile backend ({', '.join(sorted(backends))}), "
+                         f"got {name!r}")
 
 # Named starting points; any field can be overridden on the command line.
 PRESETS = {
@@ -474,6 +493,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     model.freqs_cis = model.freqs_cis.to(device)
     module = MTPTrainModel(model, cfg.head_weights)
     wrapped = _wrap(module, cfg, env)
+    # The training step compiled whole (the kernels are custom ops the compiler calls as they are);
+    # the module itself stays eager for evaluation and saving.
+    train_step = torch.compile(wrapped, backend=cfg.compile, fullgraph=True) if cfg.compile else wrapped
     optimizer = make_optimizer(module, cfg)
     if resume and state["step"] > 0:
         if not (out / "optimizer.pt").is_file():
@@ -507,6 +529,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     log(f"model: {model.num_params():,} parameters ({model.params.n_trunk_layers} trunk layers + "
         f"{model.n_future_tokens} heads, dim {cfg.dim}), vocabulary {model.vocab_size}; "
         f"{len(train_data):,} training windows of {cfg.seq_len}; device {run_log['device']}")
+    if cfg.compile:
+        log(f"training step compiled with torch.compile (backend {cfg.compile}): the first step includes the compile")
 
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     world = env.world_size if env is not None else 1
@@ -559,7 +583,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                             result = module.forward_backward_sequential(tokens, 1.0 / cfg.grad_accum)
                     else:
                         with autocast():
-                            result = wrapped(tokens)
+                            result = train_step(tokens)
                         (result.loss / cfg.grad_accum).backward()
                 per_head += result.per_head.detach().to(device) / cfg.grad_accum
             if cfg.head_schedule == "sequential" and env is not None:
@@ -761,6 +785,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name == "schedule_to_budget":
             parser.add_argument(flag, action="store_true", default=None,
                                 help="with --time-budget-s: set max_steps from the measured step time")
+        elif f.name == "compile":
+            parser.add_argument(flag, default=None, metavar="BACKEND",
+                                help="compile the training step with torch.compile: inductor (needs a C++ compiler "
+                                     "on a CPU) or aot_eager; default: eager")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")
@@ -800,7 +828,7 @@ def shorter_warmup(warmup_steps: int, steps: int, given_steps) -> int:
 # source folder may move (its files are rebuilt into the cache with the run's own tokenizer, and a
 # resume that finds other token counts says the corpus changed).
 RESUMABLE = frozenset({"out_dir", "max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress",
-                       "device", "source"})
+                       "device", "source", "compile"})
 _PATHS = ("corpus_dir", "source", "tokenizer", "out_dir")
 
 

@@ -15,8 +15,8 @@ import torch
 from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, load_tokens, prepare_corpus,
                              split_files)
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_engine.train import (MTPTrainModel, TrainConfig, absolute_paths, add_arguments, evaluate, init_weights, lr_at,
-                              preset_config, resumed_config, run, train)
+from mtp_engine.train import (RESUMABLE, MTPTrainModel, TrainConfig, absolute_paths, add_arguments, config_from_args,
+                              evaluate, init_weights, lr_at, preset_config, resumed_config, run, train)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ("heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "colorsys.py")
@@ -653,6 +653,40 @@ def test_sequential_schedule_trains_like_batched(source_tree, corpus, tmp_path):
                           eval_every=4, save_every=4)
         runs[schedule] = train(cfg, log=lambda *a: None)["summary"]["final_loss"]
     assert runs["batched"] == pytest.approx(runs["sequential"], rel=1e-4)
+
+
+def test_a_compiled_training_step_trains_like_eager(source_tree, corpus, tmp_path):
+    """--compile: the step (forward, loss, backward) as one fullgraph torch.compile graph. aot_eager
+    needs no C++ compiler; the logged losses of every step equal eager's (up to the compiler's
+    rounding), and the checkpoint is the eager module's (no compile wrapper in its names)."""
+    import torch._dynamo
+
+    logs = {}
+    for backend in (None, "aot_eager"):
+        torch._dynamo.reset()
+        out = tmp_path / str(backend)
+        said = []
+        cfg = tiny_config(source_tree, corpus, out, max_steps=4, log_every=1, eval_every=4, save_every=4,
+                          compile=backend)
+        torch._dynamo.utils.counters.clear()
+        train(cfg, log=said.append)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (backend is not None)
+        logs[backend] = [entry["loss"] for entry in json.loads((out / "train_log.json").read_text())["steps"]]
+        assert any("compiled with torch.compile (backend aot_eager)" in line for line in said) == (backend is not None)
+        assert not any("_orig_mod" in key for key in torch.load(out / "consolidated.00.pth", weights_only=True))
+    assert len(logs[None]) == 4
+    assert logs["aot_eager"] == pytest.approx(logs[None], rel=1e-5)
+
+
+def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, tmp_path):
+    with pytest.raises(ValueError, match="compile must be None or a torch.compile backend"):
+        tiny_config(source_tree, corpus, tmp_path, compile="fastest").validate()
+    with pytest.raises(ValueError, match="compile traces the batched step of one process"):
+        tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", head_schedule="sequential").validate()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile", "aot_eager"])).compile == "aot_eager"
+    assert "compile" in RESUMABLE
 
 
 def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):

@@ -2,7 +2,7 @@
 # One device run: GPU tests, then the benchmarks, results under $OUT (or ./gpu_out).
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: env tests rmsnorm fused_ce profile_ce attention generate head_schedule
 #                                                (default: those), host_overhead, warp_spec_probe, skinny_rows,
-#                                                pdl_probe, prefill, sampling and train (only when named)
+#                                                pdl_probe, prefill, sampling, train_step and train (only when named)
 #   GPU_TESTS="tests/test_a.py tests/test_b.py" limits the test stage to those files (the warp-specialized
 #   skinny tiles' test runs first in any case, unless MTP_SKINNY_WS=0).
 # The stages together take longer than one device call (10 min) and a lease (15 min): pick them.
@@ -99,6 +99,7 @@ for s in "${stages[@]}"; do
     generate) run_stage generate 420 python3 benchmarks/bench_generate.py --out "$RES" ;;   # 177 s on an H100 (seventeenth session)
     prefill) run_stage prefill 180 python3 benchmarks/bench_prefill.py --out "$RES" ;;   # ragged-batch prefill, grouped vs padded (7B shape)
     sampling) run_stage sampling 90 python3 benchmarks/bench_sampling.py --out "$RES" ;;   # linear argmax / sample vs eager, R 1-512 (7B unembedding); estimated < 30 s, not yet run on a GPU
+    train_step) run_stage train_step 240 python3 benchmarks/bench_train_step.py --out "$RES" ;;   # eager vs torch.compile (Inductor) training step, 2 models; mostly Inductor's compile, estimated 90-180 s, not yet run on a GPU
     host_overhead) run_stage host_overhead 120 python3 benchmarks/bench_host_overhead.py --out "$RES" ;;   # 54-59 s on an H200, mostly autotuning
     warp_spec_probe) # opts in by itself; PROBE_PARTS=timing runs that part only (default: flash timing)
                      run_stage warp_spec_probe 240 python3 benchmarks/probe_warp_spec.py --out "$RES" ${PROBE_PARTS:+--parts $PROBE_PARTS} ;;

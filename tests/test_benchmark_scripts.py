@@ -46,7 +46,7 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
                          "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py",
-                         "bench_prefill.py", "bench_sampling.py"):
+                         "bench_prefill.py", "bench_sampling.py", "bench_train_step.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -109,6 +109,23 @@ def test_bench_prefill_tiny(tmp_path):
     assert rows["one long"]["grouped_tokens"] < rows["one long"]["padded_tokens"]
     assert rows["one long"]["groups"]["forwards"] == 2 and rows["equal"]["groups"]["forwards"] == 1
     assert all(r["prompt_tokens"] <= r["grouped_tokens"] <= r["padded_tokens"] for r in rows.values())
+
+
+def test_bench_train_step_tiny(tmp_path):
+    """Eager against compiled training steps, tiny model (aot_eager): both timed, the same loss, the
+    floor from the step's FLOPs, and the compile's first call reported apart."""
+    out = _run([BENCH / "bench_train_step.py", "--tiny"], tmp_path)
+    assert "| compiled / floor |" in out
+    result = json.loads((tmp_path / "train_step_cpu_tiny.json").read_text())
+    assert (tmp_path / "train_step_cpu_tiny.md").exists() and result["backend"] == "aot_eager"
+    (config,) = result["configs"]
+    assert config["eager"]["status"] == config["compiled"]["status"] == "ok", config
+    assert config["compiled"]["loss"] == pytest.approx(config["eager"]["loss"], rel=1e-5)
+    assert config["speedup"] > 0 and config["floor_ms"] > 0 and config["first_compiled_call_s"] > 0
+    # 6 x tokens x (4 blocks' projections + 2 x the unembedding) + the attention term
+    dim, hidden, vocab, tokens = 32, 128, 512, 2 * 64   # (hidden: 2/3 of 4 dim up to a multiple of 64)
+    block = 4 * dim * dim + 3 * dim * hidden
+    assert config["flops"] == 6 * tokens * (4 * block + 2 * vocab * dim) + 6 * 4 * 2 * 64 ** 2 * dim
 
 
 def test_bench_sampling_tiny(tmp_path):

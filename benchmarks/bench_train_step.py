@@ -57,73 +57,77 @@ def _linears(block):
     return [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def run(tiny: bool = False, backend: str = "inductor") -> dict:
+def measure(name: str, fields: dict, batch: int, seq_len: int, n_future: int, device: torch.device, backend: str,
+            rate: float, rep_ms: float) -> dict:
+    """Eager and compiled steps of one model (made here, freed on return)."""
     import torch._dynamo
 
-    common.import_mtp_kernels()
     from mtp_engine.model import ModelArgs, Transformer
     from mtp_engine.train import MTPTrainModel, init_weights
     from mtp_kernels.backend import use_triton
 
+    torch.manual_seed(0)
+    args = ModelArgs(**fields, n_future_tokens=n_future, multiple_of=64, max_seq_len=seq_len)
+    model = Transformer(args)
+    init_weights(model)
+    model.to(device)
+    model.freqs_cis = model.freqs_cis.to(device)
+    module = MTPTrainModel(model)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq_len), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+
+    def step(fn):
+        def call():
+            with autocast:
+                loss = fn(tokens).loss
+            loss.backward()
+            return loss.detach()
+        return call
+
+    def no_grads():
+        module.zero_grad(set_to_none=True)
+    flops = step_flops(model, batch, seq_len)
+    entry = {"config": name, "batch": batch, "seq_len": seq_len, "params": model.num_params(),
+             "n_future": n_future, "flops": flops, "floor_ms": flops / rate * 1e3,
+             "path": "triton" if use_triton(model.output.weight) else "reference"}
+    no_grads()
+    start = time.perf_counter()
+    try:
+        step(compiled)()
+        common._synchronize(device)
+        entry["first_compiled_call_s"] = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001 - recorded; the eager row still runs
+        entry["compile_error"] = f"{type(err).__name__}: {err}"[:2000]
+    for label, fn in (("eager", module), ("compiled", compiled)):
+        if label == "compiled" and "compile_error" in entry:
+            entry[label] = {"status": "error", "error": entry["compile_error"]}
+            continue
+        timed = common.time_and_peak(step(fn), no_grads, device=device, rep_ms=rep_ms)
+        entry[label] = {key: timed.get(key) for key in ("status", "ms", "peak_mib", "error") if key in timed}
+        if timed["status"] == "ok":
+            entry[label]["loss"] = float(timed["result"])
+            entry[label]["vs_floor"] = timed["ms"] / entry["floor_ms"]
+            entry[label]["tokens_per_s"] = batch * seq_len / (timed["ms"] * 1e-3)
+    if entry["eager"]["status"] == entry["compiled"]["status"] == "ok":
+        entry["speedup"] = entry["eager"]["ms"] / entry["compiled"]["ms"]
+    return entry
+
+
+def run(tiny: bool = False, backend: str = "inductor") -> dict:
+    common.import_mtp_kernels()
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     kind = "tiny" if tiny else device.type
     backend = "aot_eager" if tiny else backend
     ceilings = (common.measure_ceilings(device, matmul_size=256, copy_bytes=16 * common.MIB, rep_ms=20.0) if tiny
                 else common.measure_ceilings(device, rep_ms=50.0))
-    rate = ceilings["matmul_tflops"] * 1e12
     result = {"env": common.environment_info(device), "ceilings": ceilings, "backend": backend,
               "autocast": "bfloat16" if device.type == "cuda" else None, "configs": []}
     for name, fields, batch, seq_len in CONFIGS[kind]:
-        torch.manual_seed(0)
-        args = ModelArgs(**fields, n_future_tokens=N_FUTURE[kind], multiple_of=64, max_seq_len=seq_len)
-        model = Transformer(args)
-        init_weights(model)
-        model.to(device)
-        model.freqs_cis = model.freqs_cis.to(device)
-        module = MTPTrainModel(model)
-        tokens = torch.randint(0, args.vocab_size, (batch, seq_len), device=device)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
-        torch._dynamo.reset()
-        compiled = torch.compile(module, backend=backend, fullgraph=True)
-
-        def step(fn):
-            def call():
-                with autocast:
-                    loss = fn(tokens).loss
-                loss.backward()
-                return loss.detach()
-            return call
-
-        def no_grads():
-            module.zero_grad(set_to_none=True)
-        flops = step_flops(model, batch, seq_len)
-        entry = {"config": name, "batch": batch, "seq_len": seq_len, "params": model.num_params(),
-                 "n_future": args.n_future_tokens, "flops": flops, "floor_ms": flops / rate * 1e3,
-                 "path": "triton" if use_triton(model.output.weight) else "reference"}
-        no_grads()
-        start = time.perf_counter()
-        try:
-            step(compiled)()
-            common._synchronize(device)
-            entry["first_compiled_call_s"] = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001 - recorded; the eager row still runs
-            entry["compile_error"] = f"{type(err).__name__}: {err}"[:2000]
-        rep_ms = 50.0 if tiny else 300.0
-        for label, fn in (("eager", module), ("compiled", compiled)):
-            if label == "compiled" and "compile_error" in entry:
-                entry[label] = {"status": "error", "error": entry["compile_error"]}
-                continue
-            timed = common.time_and_peak(step(fn), no_grads, device=device, rep_ms=rep_ms)
-            entry[label] = {key: timed.get(key) for key in ("status", "ms", "peak_mib", "error") if key in timed}
-            if timed["status"] == "ok":
-                entry[label]["loss"] = float(timed["result"])
-                entry[label]["vs_floor"] = timed["ms"] / entry["floor_ms"]
-                entry[label]["tokens_per_s"] = batch * seq_len / (timed["ms"] * 1e-3)
-        if entry["eager"]["status"] == entry["compiled"]["status"] == "ok":
-            entry["speedup"] = entry["eager"]["ms"] / entry["compiled"]["ms"]
-        result["configs"].append(entry)
-        del model, module, compiled
+        result["configs"].append(measure(name, fields, batch, seq_len, N_FUTURE[kind], device, backend,
+                                         ceilings["matmul_tflops"] * 1e12, rep_ms=50.0 if tiny else 300.0))
         common.free_memory()
     return result
 

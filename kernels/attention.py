@@ -35,7 +35,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (check_one_device, compute_major, descriptors_allowed, gpu_launch, kernel_op,
+from .backend import (check_one_device, compute_major, descriptors_allowed, finite_number, gpu_launch, kernel_op,
                       interpreting, refuse_double_backward, tma_aligned, use_triton)
 
 LOG2E = 1.4426950408889634
@@ -929,8 +929,7 @@ def _default_scale(sm_scale, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
     # The FOLD_SCALE forward takes max(q.k) before scaling: a positive scale (and a finite one).
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) \
-            or not sm_scale > 0:
+    if not finite_number(sm_scale) or not sm_scale > 0:
         raise ValueError(f"sm_scale must be None or a finite number > 0, got {sm_scale!r}")
     return float(sm_scale)
 

@@ -21,6 +21,8 @@ Nothing here touches the GPU driver at import time.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 
 import torch
@@ -164,7 +166,23 @@ def refuse_double_backward(op: str) -> None:
                            "computed outside autograd, so their own gradient would silently be wrong")
 
 
-_KERNEL_OPS = torch.library.Library("mtp_kernels", "FRAGMENT")   # kept alive: dropping it unregisters the ops
+def finite_number(value) -> bool:
+    """A finite real number, not a bool: Python's, numpy's, and torch.compile's symbolic ones (a
+    SymInt/SymFloat where Dynamo made an argument dynamic; compared, not passed to math.isfinite,
+    which Dynamo cannot trace). NaN fails both comparisons."""
+    return (isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+            and -math.inf < value < math.inf)
+
+
+def integer(value) -> bool:
+    """An int, not a bool: Python's, numpy's, or torch.compile's SymInt."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+# The ops' namespace is the package's name: "mtp_kernels" as installed, another where the folder is
+# imported under its own name too (`import kernels` from the repo root), so the two do not collide.
+_NAMESPACE = __name__.rpartition(".")[0] or "mtp_kernels"
+_KERNEL_OPS = torch.library.Library(_NAMESPACE, "FRAGMENT")   # kept alive: dropping it unregisters the ops
 
 
 def kernel_op(name: str):
@@ -177,9 +195,12 @@ def kernel_op(name: str):
     alias its inputs. Eager calls reach fn directly: torch.library.custom_op would wrap it in
     torch._disable_dynamo, whose first call imports Dynamo (as slow as importing torch)."""
     def register(fn):
+        if hasattr(getattr(torch.ops, _NAMESPACE), name):
+            raise RuntimeError(f"{_NAMESPACE}::{name} is registered already: a kernels module was imported "
+                               "twice under one name (importlib.reload is not supported); restart the process")
         _KERNEL_OPS.define(name + torch.library.infer_schema(fn, mutates_args=()))
         _KERNEL_OPS.impl(name, fn, "CompositeExplicitAutograd")   # every device; meta takes the fake
-        return getattr(torch.ops.mtp_kernels, name).default
+        return getattr(getattr(torch.ops, _NAMESPACE), name).default
     return register
 
 

@@ -21,14 +21,12 @@ itself) and one cast at the end. `accum_dtype=None` keeps the lighter 16-bit acc
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .backend import as_rows, check_one_device, refuse_double_backward
+from .backend import as_rows, check_one_device, finite_number, integer, refuse_double_backward
 
 DEFAULT_SCRATCH_BYTES = 256 * 1024 * 1024
 REDUCTIONS = ("mean", "sum", "none")
@@ -91,7 +89,8 @@ def linear_ce_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     d_rows = torch.empty_like(rows) if grad_rows else None
     d_weight = None
     if M == 0:
-        return loss, d_rows, (torch.zeros_like(weight) if grad_weight else None)
+        return loss, d_rows, (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if grad_weight
+                              else None)   # (contiguous, as every other dW: zeros_like would keep a view's strides)
     budget = scratch_budget(max_scratch_bytes, V, D, weight.element_size(),
                             wide_dw_sum=grad_weight and opts.dw_cast)
     chunk = rows_per_chunk(M, V, weight.element_size(), budget)
@@ -273,13 +272,18 @@ def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, so
 
 
 def plain_loss_options(label_smoothing, z_loss, softcap, ignore_index):
-    """The loss options as Python numbers (numpy's scalars, which `check_loss_options` accepts, as the
-    floats and ints the kernels take); anything else as it is, for the checks to name."""
-    def as_float(value):
-        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, int)) else value
-    index = int(ignore_index) if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool) \
-        else ignore_index
-    return as_float(label_smoothing), as_float(z_loss), as_float(softcap), index
+    """The loss options with numpy's scalars (which `check_loss_options` accepts) as Python numbers:
+    under torch.compile float() of a numpy scalar is a tensor, which no kernel argument takes.
+    Anything else as it is, for the checks to name (torch.compile's SymInt/SymFloat included)."""
+    return tuple(plain_number(v) for v in (label_smoothing, z_loss, softcap, ignore_index))
+
+
+def plain_number(value):
+    """A numpy scalar as the Python number it holds; anything else as it is. (Under torch.compile
+    isinstance sees no numpy type, and only .item() gives a number: its module tells it apart.)"""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def is_token_dtype(dtype: torch.dtype) -> bool:
@@ -290,16 +294,14 @@ def is_token_dtype(dtype: torch.dtype) -> bool:
 def check_loss_options(label_smoothing, z_loss, softcap, ignore_index: int = -100, head_weights=None) -> None:
     """The loss options' types and ranges (finite numbers: a NaN would pass every comparison and give
     a NaN loss); also run where a loss module is built, before any data."""
-    def number(value) -> bool:   # numpy's numbers included
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
+    number = finite_number   # numpy's numbers and torch.compile's symbolic ones included
     if not number(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if not number(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not number(softcap) or not softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not integer(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if isinstance(head_weights, torch.Tensor) and head_weights.requires_grad:
         raise ValueError("head_weights are constant loss factors and get no gradient: pass a tensor that does not "

@@ -27,7 +27,7 @@ from . import reference
 from .backend import kernel_op, refuse_double_backward, use_triton
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, autocast_dtype, check_inputs, check_loss_options,
                                compute_layout, dw_sum_dtype, forward_pass, loss_dtype, none_backward,
-                               plain_loss_options)
+                               plain_loss_options, plain_number)
 
 Tensor = torch.Tensor
 
@@ -179,12 +179,15 @@ def traced_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, r
     # ValueError (a graph break re-runs the call eagerly; fullgraph's error gives it as its cause);
     # raised in the op's shape function, torch would wrap it in a fake-tensor error. A head-weights
     # tensor's values are checked in the op, on its data.
+    if type(head_weights).__module__ == "numpy":   # an array: its values are checked as a tensor's, in the op
+        head_weights = torch.as_tensor(head_weights, dtype=torch.float64)
+    elif isinstance(head_weights, (list, tuple)):
+        head_weights = [plain_number(w) for w in head_weights]
     weights_tensor = isinstance(head_weights, torch.Tensor)
     check_loss_options(label_smoothing, z_loss, softcap, ignore_index,
                        head_weights if not weights_tensor or head_weights.requires_grad else None)
     if head_weights is not None and not weights_tensor:
-        values = head_weights.tolist() if hasattr(head_weights, "tolist") else list(head_weights)
-        head_weights = torch.tensor(values, dtype=torch.float64)
+        head_weights = torch.tensor(list(head_weights), dtype=torch.float64)
     _check_layout(hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap)
     compute_dtype = autocast_dtype(hidden, weight)
     dw_sum_dtype(compute_dtype or weight.dtype, weight.dtype, accum_dtype)

@@ -6,13 +6,11 @@ kernel bit-compatible with `reference.rms_norm`'s rounding.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import (as_rows, check_one_device, gpu_launch, interpreting, kernel_op,
+from .backend import (as_rows, check_one_device, finite_number, gpu_launch, interpreting, kernel_op,
                       refuse_double_backward, sm_count, use_triton)
 from .dependent_launch import await_prior_grid, launch_programmatic
 
@@ -106,7 +104,7 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, eps: float =
             raise ValueError(f"{name}: {arg} must be a floating tensor, got {t.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name}: x must have a last dim to normalize, got a 0-d tensor")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not finite_number(eps) or eps < 0:
         raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
     if weight.dim() != 1 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")

@@ -77,7 +77,7 @@ class TrainConfig:
     head_schedule: str = "batched"
     head_weights: Optional[List[float]] = None
     # torch.compile backend for the training step (forward, loss, backward; fullgraph): "inductor",
-    # or "aot_eager" (no C++ compiler needed); None: eager. Single process, batched heads.
+    # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Single process, batched heads.
     compile: Optional[str] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
@@ -95,6 +95,10 @@ class TrainConfig:
     distributed: str = "none"        # "none" | "ddp" | "fsdp" (under torchrun)
     export_dtype: str = "bfloat16"   # dtype of the final Meta-format checkpoint
     progress: bool = True
+
+    def __post_init__(self):
+        if self.compile == "none":   # `--compile none`: eager (a resumed run's way back from a backend)
+            self.compile = None
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
@@ -788,7 +792,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name == "compile":
             parser.add_argument(flag, default=None, metavar="BACKEND",
                                 help="compile the training step with torch.compile: inductor (needs a C++ compiler "
-                                     "on a CPU) or aot_eager; default: eager")
+                                     "on a CPU) or aot_eager; none (the default): eager")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")

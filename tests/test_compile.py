@@ -195,6 +195,85 @@ def test_bad_input_under_compile_is_named(path):
                                                                  head_weights=torch.tensor([1.0, -1.0]))
 
 
+def test_dynamic_shapes_and_options_that_change_between_calls(path):
+    """torch.compile(dynamic=True), and a compiled function called with another ignore_index, label
+    smoothing or head-weight list (a schedule): Dynamo makes such arguments symbolic (SymInt,
+    SymFloat) on a recompile, and the checks take them (they raised, or could not be traced)."""
+    import torch._dynamo
+
+    hidden, weight, targets = _loss_inputs(V=13)
+    targets = targets.clamp(min=0)   # ids only: ignore_index varies
+    targets[0, 0], targets[1, 2] = 3, 5
+
+    def loss(h, ignore_index, label_smoothing, head_weights):
+        return fused_linear_cross_entropy(h, weight, targets, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, head_weights=head_weights)
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        for options in ((-100, 0.0, [1.0, 0.5]), (3, 0.1, [1.0, 0.25]), (5, 0.2, [0.5, 0.5])):
+            torch.testing.assert_close(compiled(hidden, *options), loss(hidden, *options), rtol=1e-6, atol=1e-7)
+    model = _model()
+    step = torch.compile(lambda t: MTPLoss(2)(model.head_hidden(t), model.output.weight, t).loss,
+                         backend="aot_eager", fullgraph=True, dynamic=True)
+    for length in (16, 9):
+        tokens = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+        torch.testing.assert_close(step(tokens), MTPLoss(2)(model.head_hidden(tokens), model.output.weight,
+                                                            tokens).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_options_under_compile():
+    """Eager takes numpy's numbers as options; compiled too (Dynamo traces a numpy scalar as a tensor,
+    which no kernel argument takes, and a numpy array's tolist). (np.float32 scalars under fullgraph
+    are left out: torch's own symbolic floats fail on them.)"""
+    import numpy as np
+    import torch._dynamo
+
+    hidden, weight, targets = _loss_inputs(V=13)
+    targets = targets.clamp(min=0)
+    targets[0, 0] = 3
+    for options in (dict(label_smoothing=np.float64(0.1)), dict(softcap=np.float64(5.0)),
+                    dict(ignore_index=np.int64(3)), dict(head_weights=np.array([1.0, 0.5])),
+                    dict(head_weights=[np.float64(1.0), np.float64(0.5)]), dict(z_loss=np.float32(1e-3))):
+        want = fused_linear_cross_entropy(hidden, weight, targets, **options)
+        for fullgraph in (False, True):
+            if fullgraph and options.get("z_loss") is not None:
+                continue
+            torch._dynamo.reset()
+            got = torch.compile(lambda h: fused_linear_cross_entropy(h, weight, targets, **options),
+                                backend="aot_eager", fullgraph=fullgraph)(hidden)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{options} fullgraph={fullgraph}")
+
+
+def test_the_loss_shape_function_agrees_with_the_op_on_the_reference_path():
+    """opcheck on the reference chunk, edge layouts included: no rows (dW made as zeros: contiguous,
+    as the shape function says, also for a transposed weight view), a transposed weight, one head."""
+    from mtp_kernels.linear_ce_op import linear_ce_forward
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(8, 11, generator=g)
+    options = (IGNORE, "mean", 0.0, 0.0, None, torch.float32, 1 << 20, None, True, True)
+    for hidden, weight, targets in ((torch.randn(2, 0, 8, generator=g), base.t(), torch.zeros(2, 0, dtype=torch.long)),
+                                    (torch.randn(2, 3, 8, generator=g), base.t(), torch.randint(0, 11, (2, 3))),
+                                    (torch.randn(5, 8, generator=g), base.t().contiguous(), torch.randint(0, 11, (5,)))):
+        torch.library.opcheck(linear_ce_forward, (hidden.requires_grad_(), weight.detach().requires_grad_(), targets,
+                                                  None, *options))
+
+
+def test_the_kernels_folder_imports_under_both_names():
+    """From the repo root the folder is importable as `kernels` beside the installed `mtp_kernels`: each
+    registers its ops in its own namespace (one namespace raised "registered multiple times")."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import torch, mtp_kernels, kernels.rmsnorm\n"
+              "print(torch.ops.mtp_kernels.rms_norm.default, torch.ops.kernels.rms_norm.default)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "mtp_kernels.rms_norm" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_meta_tensors_give_the_loss_and_gradient_shapes(reduction):
     """Meta tensors have no ids to check or data to compute on: the loss's shape function answers."""

@@ -679,6 +679,7 @@ def test_a_compiled_training_step_trains_like_eager(source_tree, corpus, tmp_pat
 
 
 def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, tmp_path):
+    """--compile names a backend; a resumed run may change it, or go back to eager with none."""
     with pytest.raises(ValueError, match="compile must be None or a torch.compile backend"):
         tiny_config(source_tree, corpus, tmp_path, compile="fastest").validate()
     with pytest.raises(ValueError, match="compile traces the batched step of one process"):
@@ -686,7 +687,16 @@ def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, t
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile", "aot_eager"])).compile == "aot_eager"
-    assert "compile" in RESUMABLE
+    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile", "none"])).compile is None
+    # a run started compiled resumes eagerly with --compile none (and another backend with its name)
+    out = tmp_path / "run"
+    train(tiny_config(source_tree, corpus, out, max_steps=2, save_every=2, eval_every=2, compile="aot_eager"),
+          log=lambda *a: None)
+    for flag, want in (("none", None), ("inductor", "inductor"), (None, "aot_eager")):
+        args = parser.parse_args(["--preset", "tiny", "--resume", "--out-dir", str(out)]
+                                 + (["--compile", flag] if flag else []))
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+        assert resumed_config(absolute_paths(config_from_args(args)), given | {"out_dir"}).compile == want
 
 
 def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):

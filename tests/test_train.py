@@ -15,7 +15,7 @@ import torch
 from mtp_engine.data import (INDENT_SYMBOLS, PackedTokens, find_source_files, load_tokens, prepare_corpus,
                              split_files)
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_engine.train import (RESUMABLE, MTPTrainModel, TrainConfig, absolute_paths, add_arguments, config_from_args,
+from mtp_engine.train import (MTPTrainModel, TrainConfig, absolute_paths, add_arguments, config_from_args,
                               evaluate, init_weights, lr_at, preset_config, resumed_config, run, train)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -56,6 +56,18 @@ def _eager_and_compiled(fn, *leaves, backward_scale=1.0, **compile_kwargs):
     return runs
 
 
+def _model_step_runs(model, step, **compile_kwargs):
+    """[(loss, {name: grad})] of a training step eagerly and compiled fullgraph (Inductor unless the
+    kwargs name another backend)."""
+    runs = []
+    for fn in (step, torch.compile(step, fullgraph=True, **compile_kwargs)):
+        loss = fn()
+        loss.backward()
+        runs.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+        model.zero_grad()
+    return runs
+
+
 def test_a_compiled_training_step_traces_whole_and_gives_eager_loss_and_gradients(path):
     """The model's forward, the n-head loss and backward in one graph (fullgraph=True failed before:
     the Triton launches, the loss among them, were graph breaks run eagerly)."""
@@ -64,13 +76,7 @@ def test_a_compiled_training_step_traces_whole_and_gives_eager_loss_and_gradient
 
     def step():
         return MTPLoss(2, head_weights=[1.0, 0.5])(model.head_hidden(tokens), model.output.weight, tokens).loss
-    results = []
-    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
-        loss = fn()
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
-        model.zero_grad()
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = _model_step_runs(model, step, backend="aot_eager")
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
     for name, grad in eager_grads.items():
         assert grad.abs().sum() > 0, name
@@ -360,15 +366,10 @@ def test_an_inductor_compiled_training_step_gives_eager_loss_and_gradients():
 
     def step():
         return MTPLoss(2)(model.head_hidden(tokens), model.output.weight, tokens).loss
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        loss = fn()
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        model.zero_grad()
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = _model_step_runs(model, step)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, want in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.gpu
@@ -388,14 +389,10 @@ def test_gpu_inductor_compiled_bf16_training_step_equals_eager():
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return MTPLoss(2)(model.head_hidden(tokens), model.output.weight, tokens).loss
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        loss = fn()
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        model.zero_grad()
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
-    for got, want in zip(results[1][1], results[0][1]):
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = _model_step_runs(model, step)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-2, atol=2e-2)
+    for name, want in eager_grads.items():
+        got = compiled_grads[name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
         cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
-        assert cosine > 0.99, cosine
+        assert cosine > 0.99, (name, cosine)

@@ -881,10 +881,13 @@ def _flash_attention_setup(ctx, inputs, output):
     q, k, v, ctx.causal, ctx.sm_scale = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # no zero-filled gradient for lse, which no loss uses
 
 
 def _flash_attention_backward(ctx, do, _dlse):
     refuse_double_backward("flash_attention")
+    if do is None:
+        return None, None, None, None, None
     q, k, v, o, lse = ctx.saved_tensors
     return _flash_attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale) + (None, None)
 

@@ -133,6 +133,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, accum_dtype, max_scratch_bytes, compute_dtype,
                    grad_hidden, grad_weight)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)   # no zero-filled gradients for per_head, dH, dW
     if reduction == "none":
         ctx.has_head_weights = head_weights is not None
         ctx.save_for_backward(hidden, weight, targets, *(() if head_weights is None else (head_weights,)))
@@ -150,6 +151,8 @@ def _scaled(grad: Tensor, factor: Tensor) -> Tensor:
 def _backward(ctx, grad_loss, _per_head, _d_hidden, _d_weight):
     refuse_double_backward("fused_linear_cross_entropy")
     grad_hidden, grad_weight = ctx.grads
+    if grad_loss is None:
+        return (None,) * 14
     if ctx.reduction != "none":
         d_hidden, d_weight = ctx.saved_tensors
         d_hidden = _scaled(d_hidden, grad_loss) if grad_hidden else None

@@ -173,10 +173,13 @@ def _rms_norm_setup(ctx, inputs, output):
     x, weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # no zero-filled gradient for rstd, which no loss uses
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
     refuse_double_backward("rms_norm")
+    if dy is None:
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_backward_op(dy, x, weight, rstd)
     return dx, dw, None

@@ -77,7 +77,8 @@ class TrainConfig:
     head_schedule: str = "batched"
     head_weights: Optional[List[float]] = None
     # torch.compile backend for the training step (forward, loss, backward; fullgraph): "inductor",
-    # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Single process, batched heads.
+    # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Batched heads; one process
+    # or DDP (FSDP is refused).
     compile: Optional[str] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
@@ -147,10 +148,10 @@ class TrainConfig:
                              "use it with distributed 'none' or 'ddp'")
         if self.compile is not None:
             check_compile_backend(self.compile)
-            if self.head_schedule != "batched" or self.distributed != "none":
-                raise ValueError("compile traces the batched step of one process: use it with head_schedule "
-                                 f"'batched' and distributed 'none' (got {self.head_schedule!r}, "
-                                 f"{self.distributed!r})")
+            if self.head_schedule != "batched" or self.distributed == "fsdp":
+                raise ValueError("compile traces the batched step, of one process or under DDP: use it with "
+                                 "head_schedule 'batched' and distributed 'none' or 'ddp' (got "
+                                 f"{self.head_schedule!r}, {self.distributed!r})")
         if self.schedule_to_budget and (self.time_budget_s is None or self.distributed != "none"):
             raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
@@ -498,8 +499,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     module = MTPTrainModel(model, cfg.head_weights)
     wrapped = _wrap(module, cfg, env)
     # The training step compiled whole (the kernels are custom ops the compiler calls as they are);
-    # the module itself stays eager for evaluation and saving.
-    train_step = torch.compile(wrapped, backend=cfg.compile, fullgraph=True) if cfg.compile else wrapped
+    # the module itself stays eager for evaluation and saving. DDP's own forward has a step Dynamo
+    # cannot trace, so under DDP the graph breaks there (fullgraph would refuse it).
+    train_step = (torch.compile(wrapped, backend=cfg.compile, fullgraph=cfg.distributed == "none") if cfg.compile
+                  else wrapped)
     optimizer = make_optimizer(module, cfg)
     if resume and state["step"] > 0:
         if not (out / "optimizer.pt").is_file():
@@ -633,6 +636,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     run_log["summary"] = {"steps": step, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
                           "final_loss": None if math.isnan(last_loss) else last_loss,
                           "final_eval": run_log["evals"][-1] if run_log["evals"] else None}
+    if cfg.compile:   # what Dynamo made in this process: the step in 1 graph, or more where something broke it
+        from torch._dynamo.utils import counters
+
+        run_log["summary"]["compiled_graphs"] = counters["stats"]["unique_graphs"]
     _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=True)
     if env is not None:
         _cleanup(env)

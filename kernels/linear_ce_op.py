@@ -135,7 +135,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)   # no zero-filled gradients for per_head, dH, dW
     if reduction == "none":
-        ctx.has_head_weights = head_weights is not None
         ctx.save_for_backward(hidden, weight, targets, *(() if head_weights is None else (head_weights,)))
     else:
         ctx.save_for_backward(output[2], output[3])

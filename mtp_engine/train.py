@@ -172,6 +172,7 @@ def check_compile_backend(name) -> None:
         raise ValueError(f"compile must be None or a torch.compile backend ({', '.join(sorted(backends))}), "
                          f"got {name!r}")
 
+
 # Named starting points; any field can be overridden on the command line.
 PRESETS = {
     # seconds on a laptop: tests and smoke runs

@@ -686,10 +686,10 @@ def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, t
     """--compile names a backend; a resumed run may change it, or go back to eager with none."""
     with pytest.raises(ValueError, match="compile must be None or a torch.compile backend"):
         tiny_config(source_tree, corpus, tmp_path, compile="fastest").validate()
-    for change in (dict(head_schedule="sequential"), dict(distributed="fsdp")):
-        with pytest.raises(ValueError, match="compile traces the batched step, of one process or under DDP"):
-            tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", **change).validate()
-    tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", distributed="ddp").validate()
+    with pytest.raises(ValueError, match="compile traces the batched step"):
+        tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", head_schedule="sequential").validate()
+    for strategy in ("ddp", "fsdp"):
+        tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", distributed=strategy).validate()
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile", "aot_eager"])).compile == "aot_eager"
@@ -781,10 +781,11 @@ def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, s
     assert all(int(s["step"]) == 9 for s in torch.load(out / "optimizer.pt", weights_only=True)["state"].values())
 
 
-def test_a_compiled_step_under_ddp_trains_like_eager_ddp(source_tree, corpus, tmp_path):
-    """`mtp train --distributed ddp --compile aot_eager` under torchrun (gloo, 2 CPU processes): the
-    same losses and gradient norms as the eager DDP run, step for step (DDP's forward is a graph
-    break, the model inside it compiled)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_training_under_torchrun_trains_like_eager(source_tree, corpus, tmp_path, strategy):
+    """`mtp train --distributed ddp|fsdp --compile aot_eager` under torchrun (gloo, 2 CPU processes):
+    the same losses, gradient norms and held-out evaluation as the eager run, step for step (DDP: the
+    step compiled, its own forward a graph break; FSDP: each block compiled, the gathers between)."""
     import os
     import socket
     import subprocess
@@ -799,7 +800,7 @@ def test_a_compiled_step_under_ddp_trains_like_eager_ddp(source_tree, corpus, tm
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                    "-m", "mtp_engine", "train", "--preset", "tiny", "--source", str(source_tree), "--corpus-dir",
                    str(corpus.dir), "--vocab-size", "400", "--seq-len", "48", "--out-dir", str(out), "--no-progress",
-                   "--distributed", "ddp", "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
+                   "--distributed", strategy, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
                    "--save-every", "3"] + (["--compile", backend] if backend else [])
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=300)
@@ -807,8 +808,9 @@ def test_a_compiled_step_under_ddp_trains_like_eager_ddp(source_tree, corpus, tm
         assert ("compiled with torch.compile" in proc.stdout) == (backend is not None)
         log = json.loads((out / "train_log.json").read_text())
         assert (log["summary"].get("compiled_graphs", 0) >= 1) == (backend is not None)
-        logs[backend] = [(e["loss"], e["grad_norm"]) for e in log["steps"]]
-    assert len(logs[None]) == 3
+        logs[backend] = ([(e["loss"], e["grad_norm"]) for e in log["steps"]]
+                         + [tuple(log["summary"]["final_eval"]["loss"])])
+    assert len(logs[None]) == 4
     for got, want in zip(logs["aot_eager"], logs[None]):
         assert got == pytest.approx(want, rel=1e-5)
 

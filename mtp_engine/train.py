@@ -77,8 +77,8 @@ class TrainConfig:
     head_schedule: str = "batched"
     head_weights: Optional[List[float]] = None
     # torch.compile backend for the training step (forward, loss, backward; fullgraph): "inductor",
-    # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Batched heads; under DDP the
-    # step, under FSDP each block, is compiled.
+    # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Under FSDP or the sequential
+    # head schedule each block is compiled instead of the step.
     compile: Optional[str] = None
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
@@ -148,9 +148,6 @@ class TrainConfig:
                              "use it with distributed 'none' or 'ddp'")
         if self.compile is not None:
             check_compile_backend(self.compile)
-            if self.head_schedule != "batched":
-                raise ValueError("compile traces the batched step: use it with head_schedule 'batched' "
-                                 f"(got {self.head_schedule!r})")
         if self.schedule_to_budget and (self.time_budget_s is None or self.distributed != "none"):
             raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
@@ -497,9 +494,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     # The rotary table is a plain attribute: move it once rather than per call.
     model.freqs_cis = model.freqs_cis.to(device)
     module = MTPTrainModel(model, cfg.head_weights)
-    if cfg.compile and cfg.distributed == "fsdp":
-        # FSDP gathers each block's shards in hooks around the block: each block is compiled on its own
-        # (before the sharding, as FSDP2 asks), the loss and the gathers between them run eagerly.
+    # FSDP gathers each block's shards in hooks around the block, and the sequential schedule runs a
+    # backward per head inside its step: there each block is compiled on its own (before the sharding,
+    # as FSDP2 asks), and the loss and what lies between the blocks run eagerly.
+    compile_blocks = cfg.compile and (cfg.distributed == "fsdp" or cfg.head_schedule == "sequential")
+    if compile_blocks:
         for block in model.blocks():
             block.compile(backend=cfg.compile, fullgraph=True)
     wrapped = _wrap(module, cfg, env)
@@ -507,7 +506,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     # they are); the module itself stays eager for evaluation and saving. DDP's own forward has a step
     # Dynamo cannot trace, so under DDP the graph breaks there (fullgraph would refuse it).
     train_step = (torch.compile(wrapped, backend=cfg.compile, fullgraph=cfg.distributed == "none")
-                  if cfg.compile and cfg.distributed != "fsdp" else wrapped)
+                  if cfg.compile and not compile_blocks else wrapped)
     optimizer = make_optimizer(module, cfg)
     if resume and state["step"] > 0:
         if not (out / "optimizer.pt").is_file():
@@ -542,7 +541,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
         f"{model.n_future_tokens} heads, dim {cfg.dim}), vocabulary {model.vocab_size}; "
         f"{len(train_data):,} training windows of {cfg.seq_len}; device {run_log['device']}")
     if cfg.compile:
-        log(f"training step compiled with torch.compile (backend {cfg.compile}): the first step includes the compile")
+        log(f"{'each block' if compile_blocks else 'the training step'} compiled with torch.compile (backend "
+            f"{cfg.compile}): the first step includes the compile")
 
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     world = env.world_size if env is not None else 1

@@ -160,13 +160,21 @@ _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 def check_compile_backend(name) -> None:
-    """ValueError unless `name` is a torch.compile backend (imports Dynamo: only when one is asked for)."""
+    """ValueError unless `name` is a torch.compile backend for training: Dynamo's listed ones (not its
+    debugging and test-only ones) and aot_eager. Imports Dynamo: only when one is asked for."""
     import torch._dynamo
 
-    backends = torch._dynamo.list_backends(exclude_tags=())
+    backends = sorted({*torch._dynamo.list_backends(), "aot_eager"})
     if not isinstance(name, str) or name not in backends:
-        raise ValueError(f"compile must be None or a torch.compile backend ({', '.join(sorted(backends))}), "
+        raise ValueError(f"compile must be none (eager) or a torch.compile backend ({', '.join(backends)}), "
                          f"got {name!r}")
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 # Named starting points; any field can be overridden on the command line.
@@ -498,6 +506,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     # backward per head inside its step: there each block is compiled on its own (before the sharding,
     # as FSDP2 asks), and the loss and what lies between the blocks run eagerly.
     compile_blocks = cfg.compile and (cfg.distributed == "fsdp" or cfg.head_schedule == "sequential")
+    graphs_before = _compiled_graphs() if cfg.compile else 0
     if compile_blocks:
         for block in model.blocks():
             block.compile(backend=cfg.compile, fullgraph=True)
@@ -549,6 +558,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     rank = env.rank if env is not None else 0
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     progress = Progress(cfg.max_steps, cfg.progress and is_main)
+    if compile_blocks and cfg.schedule_to_budget:
+        # The blocks' no-grad variants would compile at the first evaluation, inside the steps the
+        # schedule is fitted on: compile them now (one evaluation, its result unused).
+        with _gathered(wrapped, cfg, env):
+            evaluate(model, heldout, autocast=autocast)
     module.train()
     step = state["step"]
     start_time = time.perf_counter() - state["train_time_s"]
@@ -641,10 +655,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     run_log["summary"] = {"steps": step, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
                           "final_loss": None if math.isnan(last_loss) else last_loss,
                           "final_eval": run_log["evals"][-1] if run_log["evals"] else None}
-    if cfg.compile:   # what Dynamo made in this process: the step in 1 graph, or more where something broke it
-        from torch._dynamo.utils import counters
-
-        run_log["summary"]["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    if cfg.compile:   # what this run compiled: the step in 1 graph; or the blocks' variants (with and without grad)
+        run_log["summary"]["compiled_graphs"] = _compiled_graphs() - graphs_before
     _save(out, module, wrapped, optimizer, state, run_log, cfg, env, final=True)
     if env is not None:
         _cleanup(env)
@@ -803,8 +815,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="with --time-budget-s: set max_steps from the measured step time")
         elif f.name == "compile":
             parser.add_argument(flag, default=None, metavar="BACKEND",
-                                help="compile the training step with torch.compile: inductor (needs a C++ compiler "
-                                     "on a CPU) or aot_eager; none (the default): eager")
+                                help="compile with torch.compile: inductor (needs a C++ compiler on a CPU) or "
+                                     "aot_eager; the whole training step, or each block under FSDP or the "
+                                     "sequential head schedule. none (the default): eager. --resume keeps the "
+                                     "run's own unless given")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")

@@ -670,8 +670,7 @@ def test_a_compiled_training_step_trains_like_eager(source_tree, corpus, tmp_pat
         said = []
         cfg = tiny_config(source_tree, corpus, out, max_steps=4, log_every=1, eval_every=4, save_every=4,
                           compile=backend, head_schedule=schedule)
-        torch._dynamo.utils.counters.clear()
-        summary = train(cfg, log=said.append)["summary"]
+        summary = train(cfg, log=said.append)["summary"]   # (graphs of earlier runs in this process not counted)
         graphs = summary.get("compiled_graphs")
         if backend is None:
             assert graphs is None
@@ -688,10 +687,36 @@ def test_a_compiled_training_step_trains_like_eager(source_tree, corpus, tmp_pat
             assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_blocks_compiled_for_a_fitted_schedule_compile_their_evaluation_variants_first(source_tree, corpus, tmp_path,
+                                                                                         monkeypatch):
+    """With the blocks compiled (sequential schedule) and the schedule fitted to a time budget, the
+    blocks' no-grad variants are compiled before the first step (one evaluation up front): compiled
+    at the first evaluation, inside the steps the fit times, they read as step time."""
+    import torch._dynamo
+
+    import mtp_engine.train as train_module
+
+    torch._dynamo.reset()   # (no graphs cached by the tests before)
+    calls = []
+    real = train_module.evaluate
+
+    def recording(*args, **kwargs):
+        before = train_module._compiled_graphs()
+        result = real(*args, **kwargs)
+        calls.append(train_module._compiled_graphs() - before)
+        return result
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    cfg = tiny_config(source_tree, corpus, tmp_path / "run", max_steps=30, eval_every=2, save_every=30,
+                      head_schedule="sequential", compile="aot_eager", time_budget_s=1.5, schedule_to_budget=True)
+    train(cfg, log=lambda *a: None)
+    assert len(calls) >= 2 and calls[0] >= 1 and not any(calls[1:]), calls
+
+
 def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, tmp_path):
     """--compile names a backend; a resumed run may change it, or go back to eager with none."""
-    with pytest.raises(ValueError, match="compile must be None or a torch.compile backend"):
-        tiny_config(source_tree, corpus, tmp_path, compile="fastest").validate()
+    for name in ("fastest", "relu_runtime_error_TESTING_ONLY"):   # (the second: one of Dynamo's test backends)
+        with pytest.raises(ValueError, match="compile must be none \\(eager\\) or a torch.compile backend"):
+            tiny_config(source_tree, corpus, tmp_path, compile=name).validate()
     for strategy in ("ddp", "fsdp"):
         tiny_config(source_tree, corpus, tmp_path, compile="aot_eager", distributed=strategy).validate()
     parser = argparse.ArgumentParser()

@@ -193,7 +193,7 @@ def kernel_op(name: str):
     tensors get the shape function. fn's annotations give the schema (tensors, numbers, bools,
     strings, dtypes, Optional of them; a tensor or a tuple of tensors back), and its outputs may not
     alias its inputs. Eager calls reach fn directly: torch.library.custom_op would wrap it in
-    torch._disable_dynamo, whose first call imports Dynamo (as slow as importing torch)."""
+    torch._disable_dynamo, whose first call imports Dynamo (about 0.6 s here, a hand timing)."""
     def register(fn):
         if hasattr(getattr(torch.ops, _NAMESPACE), name):
             raise RuntimeError(f"{_NAMESPACE}::{name} is registered already: a kernels module was imported "

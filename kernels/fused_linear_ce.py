@@ -26,7 +26,8 @@ from .triton_import import tl, triton
 
 from . import reference
 from .backend import eager_under_compile, interpreting, use_triton
-from .linear_ce_driver import DEFAULT_SCRATCH_BYTES, CEOptions, linear_cross_entropy, plain_loss_options
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, check_scratch_bytes, linear_cross_entropy,
+                               plain_loss_options)
 from .linear_ce_op import traced_linear_cross_entropy
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a tl.constexpr
@@ -246,9 +247,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 @eager_under_compile
 def _fused_loss(hidden, weight, targets, *, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap,
                 accum_dtype, max_scratch_bytes, return_per_head, process_group):
-    if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
-                                          or max_scratch_bytes < 1):
-        raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
+    check_scratch_bytes(max_scratch_bytes)
     label_smoothing, z_loss, softcap, ignore_index = plain_loss_options(label_smoothing, z_loss, softcap, ignore_index)
     if process_group is not None:
         from .vocab_parallel_ce import vocab_parallel_cross_entropy

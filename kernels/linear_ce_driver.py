@@ -230,11 +230,34 @@ def _fp32_out_gemm_works(device: torch.device, in_dtype: torch.dtype, out_dtype:
 def prepare(hidden, weight, targets, ignore_index, reduction, head_weights, label_smoothing, z_loss, softcap):
     """Validate, flatten to rows, and return (rows, targets (M,), lambda per row (M,), lambda per head
     (n,), n, N, single_head)."""
+    h3, single_head = check_layout(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap,
+                                   ignore_index, head_weights)
+    return flatten_rows(h3, targets, head_weights, weight.shape[0], ignore_index) + (single_head,)
+
+
+def check_layout(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, head_weights,
+                 head_count=None):
+    """`check_inputs`, a vocabulary of at least one token, and, when head_count is given (the
+    entries of a head-weights tensor whose values are read later), that count against the heads.
+    Every check that needs no data. Returns (hidden as (n, N, D), single_head)."""
     h3, single_head = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap,
                                    ignore_index, head_weights)
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V=0)")
-    return flatten_rows(h3, targets, head_weights, weight.shape[0], ignore_index) + (single_head,)
+    if head_count is not None:
+        check_head_count(head_count, h3.shape[0])
+    return h3, single_head
+
+
+def check_head_count(count: int, n: int) -> None:
+    if count != n:
+        raise ValueError(f"head_weights has {count} entries but there are {n} heads")
+
+
+def check_scratch_bytes(max_scratch_bytes) -> None:
+    if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
+                                          or max_scratch_bytes < 1):
+        raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
 
 
 def check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, head_weights,
@@ -331,8 +354,7 @@ def flatten_rows(h3: torch.Tensor, targets: torch.Tensor, head_weights, vocab_si
         lam = torch.ones(n, dtype=lam_dtype, device=h3.device)
     else:
         lam = torch.as_tensor(head_weights, dtype=lam_dtype).to(h3.device).reshape(-1)
-        if lam.numel() != n:
-            raise ValueError(f"head_weights has {lam.numel()} entries but there are {n} heads")
+        check_head_count(lam.numel(), n)
     rows = as_rows(h3)
     lam_rows = lam[:, None].expand(n, N).reshape(-1).contiguous()
     return rows, flat_t.contiguous(), lam_rows, lam, n, N

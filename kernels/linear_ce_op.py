@@ -25,9 +25,9 @@ import torch
 
 from . import reference
 from .backend import kernel_op, refuse_double_backward, use_triton
-from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, autocast_dtype, check_inputs, check_loss_options,
-                               compute_layout, dw_sum_dtype, forward_pass, loss_dtype, none_backward,
-                               plain_loss_options, plain_number)
+from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, autocast_dtype, check_layout, check_loss_options,
+                               check_scratch_bytes, compute_layout, dw_sum_dtype, forward_pass, loss_dtype,
+                               none_backward, plain_loss_options, plain_number)
 
 Tensor = torch.Tensor
 
@@ -74,23 +74,13 @@ def linear_ce_forward(hidden: Tensor, weight: Tensor, targets: Tensor, head_weig
     return loss, per_head, d_hidden, (_nothing(weight) if d_weight is None else d_weight)
 
 
-def _check_layout(hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    """The checks that need no data (types, shapes, dtypes, devices, options, the head weights'
-    count) under the autocast state in force. Returns (n, N, single_head)."""
-    h3, single = check_inputs(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, None)
-    if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary (V=0)")
-    if head_weights is not None and head_weights.numel() != h3.shape[0]:
-        raise ValueError(f"head_weights has {head_weights.numel()} entries but there are {h3.shape[0]} heads")
-    return h3.shape[0], h3.shape[1], single
-
-
 @torch.library.register_fake(linear_ce_forward)
 def _(hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap, accum_dtype,
       max_scratch_bytes, compute_dtype, grad_hidden, grad_weight):
     with _autocast_as(hidden.device, compute_dtype):
-        n, N, single = _check_layout(hidden, weight, targets, head_weights, ignore_index, reduction,
-                                     label_smoothing, z_loss, softcap)
+        h3, single = check_layout(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
+                                  None, None if head_weights is None else head_weights.numel())
+    n, N, _ = h3.shape
     dtype = loss_dtype(compute_dtype or weight.dtype)
     loss_shape = () if reduction != "none" else ((N,) if single else (n, N))
     eager_grad = reduction != "none"
@@ -173,9 +163,7 @@ def traced_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, r
     """`fused_linear_cross_entropy` as torch.compile traces it and as meta tensors run it: the same
     arguments and results, through the ops above. The option checks run here while tracing; the
     token-id and head-weight value checks run inside the op, on the data."""
-    if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
-                                          or max_scratch_bytes < 1):
-        raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
+    check_scratch_bytes(max_scratch_bytes)
     label_smoothing, z_loss, softcap, ignore_index = plain_loss_options(label_smoothing, z_loss, softcap, ignore_index)
     # Every check that needs no data runs here, in the traced code, where a failed one is the plain
     # ValueError (a graph break re-runs the call eagerly; fullgraph's error gives it as its cause);
@@ -190,7 +178,8 @@ def traced_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, r
                        head_weights if not weights_tensor or head_weights.requires_grad else None)
     if head_weights is not None and not weights_tensor:
         head_weights = torch.tensor(list(head_weights), dtype=torch.float64)
-    _check_layout(hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    check_layout(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index, None,
+                 None if head_weights is None else head_weights.numel())
     compute_dtype = autocast_dtype(hidden, weight)
     dw_sum_dtype(compute_dtype or weight.dtype, weight.dtype, accum_dtype)
     needs_grad = torch.is_grad_enabled()

@@ -121,7 +121,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
     pdl = launch_programmatic(x.device)
     _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), weight.stride(0), D, eps,
                                BLOCK_D=BLOCK_D, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
-    return y.view(*x.shape[:-1], D), x2, rstd
+    return y.view(*x.shape[:-1], D), rstd
 
 
 def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
@@ -146,8 +146,7 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
 @kernel_op("rms_norm")
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y like x in x's and weight's promoted dtype, rstd (rows,) float32)."""
-    y, _, rstd = rms_norm_fwd(x, weight, eps)
-    return y, rstd
+    return rms_norm_fwd(x, weight, eps)
 
 
 @torch.library.register_fake(_rms_norm_op)

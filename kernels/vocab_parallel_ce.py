@@ -34,8 +34,8 @@ from . import reference
 from .backend import interpreting, refuse_double_backward, use_triton
 from .fused_linear_ce import _grad_factors, _online_lse, _softcapped, _write_grad_row
 from .linear_ce_driver import (DEFAULT_SCRATCH_BYTES, CEOptions, accumulate_dw, autocast_dtype, autocast_off,
-                               cast_grad, ce_options, check_inputs, flatten_rows, head_factors, per_head_losses,
-                               reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
+                               cast_grad, ce_options, check_head_count, check_inputs, flatten_rows, head_factors,
+                               per_head_losses, reduce_rows, rows_per_chunk, scale_forward_grads, scratch_budget,
                                to_compute_dtype)
 
 # ------------------------------------------------------------------------------------ kernels
@@ -272,8 +272,8 @@ def _prepare(hidden, weight, targets, group, ignore_index, reduction, head_weigh
                                   head_weights, weight_name="weight (this rank's shard)",
                                   op="vocab_parallel_cross_entropy")
         n, N, D = h3.shape
-        if head_weights is not None and torch.as_tensor(head_weights).numel() != n:
-            raise ValueError(f"head_weights has {torch.as_tensor(head_weights).numel()} entries but there are {n} heads")
+        if head_weights is not None:
+            check_head_count(torch.as_tensor(head_weights).numel(), n)
         flat_t = targets.reshape(-1).to(torch.int64)
         counted = flat_t != ignore_index   # their id range, read in one host sync (none: min > max)
         target_min, target_max = torch.stack([torch.where(counted, flat_t, torch.iinfo(torch.int64).max).min(),

@@ -39,15 +39,13 @@ chunk of rows at a time with the same tile code and samples the nucleus in torch
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, eager_under_compile, gpu_launch, use_triton
+from .backend import check_one_device, eager_under_compile, finite_number, gpu_launch, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -571,14 +569,12 @@ def _check_linear_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor) 
 def check_sampling_args(temperature, top_p, prefix: str = "") -> None:
     """ValueError (message after `prefix`) unless temperature is 0 or in [MIN_TEMPERATURE, inf) and
     0 < top_p <= 1, both finite real numbers (numpy's too). The generator's and linear_sample's rule."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature < 0:
+    if not finite_number(temperature) or temperature < 0:
         raise ValueError(f"{prefix}temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if 0 < temperature < MIN_TEMPERATURE:
         raise ValueError(f"{prefix}temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
                          f"(1 / temperature must be finite in float32), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not math.isfinite(top_p) \
-            or not 0.0 < top_p <= 1.0:
+    if not finite_number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
 
 

@@ -140,11 +140,11 @@ def epilogue_launch_report(kind: str) -> list:
     against the best tile with the epilogue, weight GB/s of both. N: the fused weight's rows.
     "swiglu_norm", "rope_norm": the norm prologue's tuners (the unfused pair: add_rms_norm, then the
     projection as its tuner chose it), with "add": whether the rows carried a residual add."""
-    from mtp_kernels import skinny_linear
+    from mtp_kernels import skinny_fused, skinny_norm
 
-    tuner = {"swiglu": skinny_linear._SWIGLU_TUNER, "rope": skinny_linear._ROPE_TUNER,
-             "swiglu_norm": skinny_linear._NORM_TUNERS["skinny_linear_swiglu"],
-             "rope_norm": skinny_linear._NORM_TUNERS["skinny_linear_rope"]}[kind]
+    tuner = {"swiglu": skinny_fused._SWIGLU_TUNER, "rope": skinny_fused._ROPE_TUNER,
+             "swiglu_norm": skinny_norm._NORM_TUNERS["skinny_linear_swiglu"],
+             "rope_norm": skinny_norm._NORM_TUNERS["skinny_linear_rope"]}[kind]
     rows = []
     for key, times in tuner.times.items():
         dtype, row_tile, N, K = key[1:5]   # N, K: the fused weight's shape

@@ -293,7 +293,7 @@ def scenarios(quick: bool = False):
         # The decode and verify projections of the 7B shape (fused qkv, w2, fused w13, wo) and odd
         # ones, every row tile (1, 16, 32, 64 rows), with every tile the launch tuner may pick
         # (cuBLAS, the other candidate, is not ours to compile).
-        from mtp_kernels import skinny_linear as sl
+        from mtp_kernels import skinny_fused as sf, skinny_linear as sl
 
         for rows, n_out, n_in in ((1, 12288, 4096), (1, 4096, 11008), (8, 22016, 4096), (16, 4096, 4096),
                                   (1, 1000, 333), (32, 4096, 11008), (64, 12288, 4096), (48, 1000, 333)):
@@ -310,7 +310,7 @@ def scenarios(quick: bool = False):
             x, w13 = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype)
             if not sl._kernel_takes(x, w13):
                 continue
-            for launch in sl.swiglu_candidates(rows, x.device)[1:]:   # every twin: the tuner may time any
+            for launch in sf.swiglu_candidates(rows, x.device)[1:]:   # every twin: the tuner may time any
                 sl.skinny_linear_run(x, w13, launch, swiglu=True)
         # The q/k/v GEMM with rotary and the cache write in its epilogue: the 7B's heads (32 + 2 x 8 of
         # 128) at every row tile, and odd ones (6 + 2 x 2 heads of 64, K 333); --quick as above.
@@ -322,30 +322,30 @@ def scenarios(quick: bool = False):
                 continue
             freqs = torch.polar(torch.ones(B, T, D // 2), randn(B, T, D // 2, dtype=torch.float32))
             caches = [randn(B, 128, Hkv, D, dtype=dtype) for _ in range(2)]
-            rope = sl.RotaryCacheWrite(freqs, torch.arange(T).repeat(B, 1), *caches, H, Hkv)
-            for launch in sl.rope_candidates(B * T, x.device)[1:]:
+            rope = sf.RotaryCacheWrite(freqs, torch.arange(T).repeat(B, 1), *caches, H, Hkv)
+            for launch in sf.rope_candidates(B * T, x.device)[1:]:
                 sl.skinny_linear_run(x, wqkv, launch, rope=rope)
 
     def norm_launches(dtype, rows, with_delta):
         # Every launch the norm tuners may time (`norm_candidates`; none past 32 rows) for `rows` rows
         # of the 7B: the gate/up weight with SwiGLU, the q/k/v weight (32 + 2 x 32 heads of 128) with
         # rotary; --quick: the first two of each.
-        from mtp_kernels import skinny_linear as sl
+        from mtp_kernels import skinny_fused as sf, skinny_linear as sl, skinny_norm as sn
 
         x = randn(rows, 4096, dtype=dtype)
         if not sl._kernel_takes(x, randn(16, 4096, dtype=dtype)):
             return
         delta = randn(rows, 4096, dtype=dtype) if with_delta else None
-        norm = sl.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta)
+        norm = sn.NormPrologue(randn(4096, dtype=dtype), 1e-5, delta)
         h_out = torch.empty_like(x) if with_delta else None
         w13 = randn(22016, 4096, dtype=dtype)
-        for launch in sl.norm_candidates(rows, x.device, None, sl.swiglu_candidates)[1:3 if quick else None]:
+        for launch in sn.norm_candidates(rows, x.device, None, sf.swiglu_candidates)[1:3 if quick else None]:
             sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm, h_out=h_out)
         wqkv = randn(12288, 4096, dtype=dtype)
         freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
-        rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
+        rope = sf.RotaryCacheWrite(freqs, torch.arange(rows)[None], *(randn(1, 128, 32, 128, dtype=dtype)
                                                                       for _ in range(2)), 32, 32)
-        for launch in sl.norm_candidates(rows, x.device, None, sl.rope_candidates)[1:3 if quick else None]:
+        for launch in sn.norm_candidates(rows, x.device, None, sf.rope_candidates)[1:3 if quick else None]:
             sl.skinny_linear_run(x, wqkv, launch, rope=rope, norm=norm, h_out=h_out)
 
     def norm_prologue(dtype):
@@ -362,7 +362,7 @@ def scenarios(quick: bool = False):
         # with the early first weight tile (it changes the loop) and waiting first (--quick: the early
         # tile only), the kernels that only wait first, and the norm prologue's launches at one row
         # (not --quick).
-        from mtp_kernels import skinny_linear as sl
+        from mtp_kernels import skinny_fused as sf, skinny_linear as sl
         from mtp_kernels.dependent_launch import programmatic_launch
 
         def skinny(rows):
@@ -370,12 +370,12 @@ def scenarios(quick: bool = False):
             launches = sl.skinny_candidates(rows, x.device)[1:]
             for launch in launches if not quick else launches[:2] + [c for c in launches if c.split_k > 1][:1]:
                 sl.skinny_linear_run(x, w, launch)
-                sl.skinny_linear_run(x, w, sl.swiglu_twin(launch), swiglu=True)
-                if sl.rope_twin(launch) is not None:
+                sl.skinny_linear_run(x, w, sf.swiglu_twin(launch), swiglu=True)
+                if sf.rope_twin(launch) is not None:
                     freqs = torch.polar(torch.ones(1, rows, 64), randn(1, rows, 64, dtype=torch.float32))
                     caches = [randn(1, 128, 32, 128, dtype=dtype) for _ in range(2)]
-                    rope = sl.RotaryCacheWrite(freqs, torch.arange(rows)[None], *caches, 32, 32)
-                    sl.skinny_linear_run(x, w, sl.rope_twin(launch), rope=rope)
+                    rope = sf.RotaryCacheWrite(freqs, torch.arange(rows)[None], *caches, 32, 32)
+                    sl.skinny_linear_run(x, w, sf.rope_twin(launch), rope=rope)
 
         if not sl._kernel_takes(randn(1, 4096, dtype=dtype), randn(16, 4096, dtype=dtype)):
             return   # float32 stays on cuBLAS, and on the reference elsewhere in a step

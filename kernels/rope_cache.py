@@ -122,7 +122,7 @@ def check_cache_write(name: str, B: int, T: int, Hkv: int, D: int, freqs_cis, sl
     `slots`, with `rope_cache_write`'s messages (`name` first): caches that fit, freqs_cis and slots
     of the tokens' shape, slots in [0, S) (read on the host only for CPU tensors, with check_slots:
     on CUDA it would synchronize), and everything, `inputs` (by name) included, on one device. Shared by
-    `rope_cache_write` and the q/k/v GEMM's rotary epilogue (`skinny_linear.skinny_linear_rope`)."""
+    `rope_cache_write` and the q/k/v GEMM's rotary epilogue (`skinny_fused.skinny_linear_rope`)."""
     if not isinstance(v_cache, torch.Tensor) or k_cache.shape != v_cache.shape or k_cache.dim() != 4 \
             or k_cache.shape[0] < B or k_cache.shape[2:] != (Hkv, D) or D % 2:
         raise ValueError(f"{name}: caches {tuple(k_cache.shape)} / {tuple(getattr(v_cache, 'shape', ()))} do not fit "

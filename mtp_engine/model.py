@@ -25,7 +25,9 @@ from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
 from mtp_kernels.attention import flash_attention
 from mtp_kernels.kv_cache_attention import PackedTreeMask, kv_cache_attention, pack_tree_mask
 from mtp_kernels.reference import apply_rotary as apply_rotary_emb
-from mtp_kernels.skinny_linear import NormPrologue, skinny_linear, skinny_linear_rope, skinny_linear_swiglu
+from mtp_kernels.skinny_fused import skinny_linear_rope, skinny_linear_swiglu
+from mtp_kernels.skinny_linear import skinny_linear
+from mtp_kernels.skinny_norm import NormPrologue
 
 from .branches import run_branches
 

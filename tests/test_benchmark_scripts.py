@@ -459,12 +459,12 @@ def test_bench_generate_reports_the_decode_gemm_tuning(monkeypatch, load_script)
 def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_script):
     """The gate/up tuner's report (filled only on a GPU): the unfused pair against the best fused
     tile, GB/s over the whole (2F, K) weight, the choice; and its markdown table."""
-    from mtp_kernels import skinny_linear as sl
+    from mtp_kernels import skinny_fused as sf, skinny_linear as sl
     from mtp_kernels.launch_tuner import LaunchTuner
 
     module = load_script(BENCH / "bench_generate.py")
     tuner = LaunchTuner("skinny_linear_swiglu")
-    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    monkeypatch.setattr(sf, "_SWIGLU_TUNER", tuner)
     tile = sl.SkinnyLaunch(16, 256, True, num_warps=4, num_stages=3, block_m=64, split_k=2)
     key = ("cuda:0", torch.bfloat16, 64, 22016, 4096)
     tuner.times[key] = {None: 0.040, tile: 0.036, sl.SkinnyLaunch(64, 64, True, block_m=64): float("inf")}
@@ -478,7 +478,7 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
     (row,) = module.epilogue_launch_report("swiglu")
     assert row["chosen"] == "unfused"
     rope_tuner = LaunchTuner("skinny_linear_rope")
-    monkeypatch.setattr(sl, "_ROPE_TUNER", rope_tuner)
+    monkeypatch.setattr(sf, "_ROPE_TUNER", rope_tuner)
     rope_key = ("cuda:0", torch.bfloat16, 1, 6144, 4096, 4096)
     rope_tile = sl.SkinnyLaunch(8, 1024, False)
     rope_tuner.times[rope_key] = {None: 0.020, rope_tile: 0.018}
@@ -498,13 +498,13 @@ def test_bench_generate_reports_the_swiglu_epilogue_tuning(monkeypatch, load_scr
 def test_bench_generate_reports_the_norm_prologue_tuning(monkeypatch, load_script):
     """The norm prologue's tuners (filled only on a GPU): the unfused pair against the best launch
     with the prologue, whether the rows carried a residual add, and the markdown table."""
-    from mtp_kernels import skinny_linear as sl
+    from mtp_kernels import skinny_linear as sl, skinny_norm as sn
     from mtp_kernels.launch_tuner import LaunchTuner
 
     module = load_script(BENCH / "bench_generate.py")
     tuner = LaunchTuner("skinny_linear_swiglu_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_rope", LaunchTuner("skinny_linear_rope_norm"))
+    monkeypatch.setitem(sn._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    monkeypatch.setitem(sn._NORM_TUNERS, "skinny_linear_rope", LaunchTuner("skinny_linear_rope_norm"))
     tile = sl.SkinnyLaunch(8, 512, False)
     key = ("cuda:0", torch.bfloat16, 1, 22016, 4096, 0, True)
     tuner.times[key] = {None: 0.048, tile: 0.046}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtp_engine.model import ModelArgs, Transformer
-from mtp_kernels import dependent_launch, skinny_linear, skinny_ws
+from mtp_kernels import dependent_launch, skinny_fused, skinny_linear, skinny_ws
 from mtp_kernels.dependent_launch import launch_programmatic, programmatic_launch, programmatic_supported
 
 from _decode_steps import recorded_decode_step
@@ -63,8 +63,8 @@ def test_decode_step_launches_every_kernel_programmatically_with_the_same_logits
     split = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=4)
     paired = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16)
     monkeypatch.setattr(skinny_linear._TUNER, "choose", lambda *args: split)
-    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: paired)
-    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: paired)
+    monkeypatch.setattr(skinny_fused._SWIGLU_TUNER, "choose", lambda *args: paired)
+    monkeypatch.setattr(skinny_fused._ROPE_TUNER, "choose", lambda *args: paired)
     launches = []
 
     def step():
@@ -110,8 +110,8 @@ def test_gpu_programmatic_decode_step_in_a_graph(monkeypatch, batch, launch):
         return lambda key, *args: tile if key[2] == decode_rows else None
 
     monkeypatch.setattr(skinny_linear._TUNER, "choose", chooser(launch))
-    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", chooser(skinny_linear.swiglu_twin(launch)))
-    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", chooser(skinny_linear.rope_twin(launch)))
+    monkeypatch.setattr(skinny_fused._SWIGLU_TUNER, "choose", chooser(skinny_fused.swiglu_twin(launch)))
+    monkeypatch.setattr(skinny_fused._ROPE_TUNER, "choose", chooser(skinny_fused.rope_twin(launch)))
     torch.manual_seed(0)
     args = ModelArgs(dim=512, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=64,
                      n_future_tokens=2, max_seq_len=64, max_batch_size=batch)

@@ -173,7 +173,7 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
         unfused_out = model.forward_cached(tokens[:, 4:], torch.full((1,), 4, dtype=torch.int32), n_heads=1,
                                            check_lengths=False)
     assert fused.ops["mm"] == 4 * blocks, fused.ops
-    from mtp_kernels import skinny_linear
+    from mtp_kernels import skinny_fused, skinny_linear, skinny_norm
 
     def counted_step():
         """One decode step: (its eager ops, its Triton launches, its logits)."""
@@ -188,7 +188,7 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     # Where the tuner picks a gate/up launch with SwiGLU in its epilogue (a GPU, where timed faster):
     # 3 GEMMs per block left, the gate/up one ours, and no swiglu kernel; the same logits.
     launch = skinny_linear.SkinnyLaunch(16, 16, True, 1, 1, 16)
-    monkeypatch.setattr(skinny_linear._SWIGLU_TUNER, "choose", lambda *args: launch)
+    monkeypatch.setattr(skinny_fused._SWIGLU_TUNER, "choose", lambda *args: launch)
     ops, counts, out = counted_step()
     assert ops["mm"] == 3 * blocks, ops
     assert counts["_skinny_linear_kernel"] == blocks and "_swiglu_kernel" not in counts, counts
@@ -196,7 +196,7 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     torch.testing.assert_close(out, unfused_out, rtol=1e-5, atol=1e-5)
     # And a q/k/v launch that rotates and writes the cache in its epilogue: 2 GEMMs per block left
     # (wo, w2), no rotary kernel; the same logits.
-    monkeypatch.setattr(skinny_linear._ROPE_TUNER, "choose", lambda *args: launch)
+    monkeypatch.setattr(skinny_fused._ROPE_TUNER, "choose", lambda *args: launch)
     ops, counts, out = counted_step()
     assert ops["mm"] == 2 * blocks, ops
     assert counts["_skinny_linear_kernel"] == 2 * blocks and "_rope_cache_kernel" not in counts, counts
@@ -205,7 +205,7 @@ def test_decode_step_launches_few_kernels_per_block(triton_backend, tmp_path, mo
     # And each residual add + norm in the prologue of the launch that reads it (NormPrologue): 3
     # Triton launches per block (q/k/v, attention, gate/up), no norm kernel but the final one; the
     # logits within float32 rounding (the prologue rounds differently, not the same bits).
-    for tuner in skinny_linear._NORM_TUNERS.values():
+    for tuner in skinny_norm._NORM_TUNERS.values():
         monkeypatch.setattr(tuner, "choose", lambda *args: launch)
     ops, counts, out = counted_step()
     assert ops["mm"] == 2 * blocks, ops

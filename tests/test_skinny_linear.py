@@ -4,14 +4,15 @@ stream-K launches (every program count from 1 to one per unit; shared tiles comb
 order), the dispatch rules, tuning on rotated weight copies, and on a GPU the bf16 launches, the
 tuned choice and the split and stream-K launches' determinism. The same for the gate/up form with
 SwiGLU in the epilogue (`skinny_linear_swiglu`) and the q/k/v form with rotary and the cache write
-in it (`skinny_linear_rope`), which also give the unfused pairs' bits."""
+in it (`skinny_linear_rope`; both skinny_fused.py), which also give the unfused pairs' bits, and for
+the residual add and RMSNorm in the prologue (skinny_norm.py)."""
 import gc
 import weakref
 
 import pytest
 import torch
 
-from mtp_kernels import skinny_linear as sl
+from mtp_kernels import skinny_fused as sf, skinny_linear as sl, skinny_norm as sn
 from mtp_kernels.arrival import arrival_counters
 from mtp_kernels.launch_tuner import GRAPH_CALLS, LaunchTuner, close_to, cuda_graph_ms
 
@@ -19,6 +20,13 @@ from mtp_kernels.launch_tuner import GRAPH_CALLS, LaunchTuner, close_to, cuda_gr
 def _inputs(M, N, K, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+
+
+def _patch_run(monkeypatch, run):
+    """run in place of skinny_linear_run wherever it is called: the plain GEMM and the unfused pairs
+    (skinny_linear.py), the epilogues (skinny_fused.py) and the norm prologue (skinny_norm.py)."""
+    for module in (sl, sf, sn):
+        monkeypatch.setattr(module, "skinny_linear_run", run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -261,23 +269,23 @@ def test_warp_specialized_launch_rules_twins_and_labels(triton_backend, monkeypa
         sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, stream_k=1, ws=True))
     with pytest.raises(ValueError, match="warp-specialized launch is an unstreamed tl.dot launch"):
         sl.skinny_linear_run(x[:1], w, sl.SkinnyLaunch(16, 32, False, ws=True))
-    norm = sl.NormPrologue(torch.ones(24), 1e-5)
+    norm = sn.NormPrologue(torch.ones(24), 1e-5)
     with pytest.raises(ValueError, match="norm prologue needs an unsplit kernel launch"):
         sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, ws=True), norm=norm)
     assert sl.SkinnyLaunch(64, 128, True, 4, 4, 32, ws=True, swap_ab=True).label() == "32x64x128 dot w4 s4 ws swap"
     assert sl.SkinnyLaunch(64, 128, True, 4, 3, 64, 2, ws=True).label() == "64x64x128 dot w4 s3 k2 ws"
-    assert sl.swiglu_twin(sl.SkinnyLaunch(128, 128, True, 4, 3, 64, ws=True, swap_ab=True)).block_n == 64
-    assert sl.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 4, 64, ws=True)).block_n == 32
-    kept = sl.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 6, 64, ws=True, swap_ab=True))
+    assert sf.swiglu_twin(sl.SkinnyLaunch(128, 128, True, 4, 3, 64, ws=True, swap_ab=True)).block_n == 64
+    assert sf.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 4, 64, ws=True)).block_n == 32
+    kept = sf.swiglu_twin(sl.SkinnyLaunch(64, 128, True, 4, 6, 64, ws=True, swap_ab=True))
     assert (kept.block_n, kept.num_stages) == (64, 4)    # (64 + 2 x 64) x 128 x 2 = 48 KB a stage: 4 in 200 KB
-    assert sl.ws_paired_stages(sl.SkinnyLaunch(256, 256, True, 4, 4, 64, ws=True)) == 2
-    assert sl.rope_twin(kept) == sl.swiglu_twin(kept)
+    assert sf.ws_paired_stages(sl.SkinnyLaunch(256, 256, True, 4, 4, 64, ws=True)) == 2
+    assert sf.rope_twin(kept) == sf.swiglu_twin(kept)
     monkeypatch.setenv("MTP_CROSS_COMPILE", "90")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu = torch.device("cpu")
     for M in (32, 64):
-        assert any(c.ws for c in sl.swiglu_candidates(M, cpu)[1:])
-        assert not any(c.ws for c in sl.norm_candidates(M, cpu, None, sl.swiglu_candidates)[1:])
+        assert any(c.ws for c in sf.swiglu_candidates(M, cpu)[1:])
+        assert not any(c.ws for c in sn.norm_candidates(M, cpu, None, sf.swiglu_candidates)[1:])
 
 
 def test_warp_specialized_tiles_leave_layouts_tma_cannot_read_to_the_unfused_launch(triton_backend, monkeypatch):
@@ -592,7 +600,7 @@ def test_every_swiglu_candidate_matches_the_oracle(triton_backend, dtype, M, F, 
     first), odd F and K, every row tile, against float64."""
     x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M * 100 + F + K)
     want = _swiglu_oracle(x, w13)
-    candidates = sl.swiglu_candidates(M, x.device)
+    candidates = sf.swiglu_candidates(M, x.device)
     assert candidates[0] is None and any(c.split_k > 1 for c in candidates[1:]) and any(c.stream_k for c in candidates[1:])
     for launch in candidates:
         y = sl.skinny_linear_run(x, w13, launch, swiglu=True)
@@ -613,7 +621,7 @@ def test_swiglu_epilogue_gives_the_unfused_pair_bits(triton_backend, monkeypatch
     from mtp_kernels.swiglu import swiglu
 
     x, w13 = _swiglu_inputs(M, F, K, dtype, seed=M + F + K, gate_scale=gate_scale)
-    for launch in sl.swiglu_candidates(M, x.device)[1:]:
+    for launch in sf.swiglu_candidates(M, x.device)[1:]:
         programs = 1 if launch.stream_k else None   # several programs cut the two GEMMs' units apart differently
         gate, up = sl.skinny_linear_run(x, w13, launch, programs=programs).chunk(2, dim=-1)
         fused = sl.skinny_linear_run(x, w13, launch, programs=programs, swiglu=True)
@@ -652,45 +660,45 @@ def test_swiglu_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch)
     cpu = torch.device("cpu")
     for M in (1, 16, 32, 64):
         plain = sl.skinny_candidates(M, cpu)
-        fused = sl.swiglu_candidates(M, cpu)
+        fused = sf.swiglu_candidates(M, cpu)
         assert fused[0] is None and len(set(fused)) == len(fused) == len(plain)   # no two twins alike here
         assert fused[1:] == [sl.SkinnyLaunch(max(c.block_n // 2, 16 if c.use_dot else 4), c.block_k, c.use_dot,
                                              c.num_warps, c.num_stages, c.block_m, c.split_k, c.stream_k)
-                             if not c.ws else sl.swiglu_twin(c) for c in plain[1:]]
+                             if not c.ws else sf.swiglu_twin(c) for c in plain[1:]]
         times = {c: float(i) for i, c in enumerate(reversed(plain))}   # the last tile the fastest
         times[None] = -1.0                                              # cuBLAS is no tile to pair
         times[plain[-1]] = float("inf")                                 # a launch that failed
-        kept = sl.swiglu_candidates(M, cpu, times)
-        assert kept == [None] + [sl.swiglu_twin(c) for c in (plain[-2], plain[-3], plain[-4])]
-        assert sl.swiglu_candidates(M, cpu, {None: 1.0}) == fused      # nothing timed: every twin
-    assert sl.swiglu_twin(sl.SkinnyLaunch(16, 256, True, block_m=64)).block_n == 16
-    assert sl.swiglu_twin(sl.SkinnyLaunch(8, 1024, False)).block_n == 4
+        kept = sf.swiglu_candidates(M, cpu, times)
+        assert kept == [None] + [sf.swiglu_twin(c) for c in (plain[-2], plain[-3], plain[-4])]
+        assert sf.swiglu_candidates(M, cpu, {None: 1.0}) == fused      # nothing timed: every twin
+    assert sf.swiglu_twin(sl.SkinnyLaunch(16, 256, True, block_m=64)).block_n == 16
+    assert sf.swiglu_twin(sl.SkinnyLaunch(8, 1024, False)).block_n == 4
 
 
 def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
     """Untuned (a CPU tensor is never tuned): the unfused pair; a chosen tile runs; autograd gets the
     eager pair and its gradients; too many rows the unfused pair; a bad weight a clear error."""
     tuner = LaunchTuner("skinny_linear_swiglu")
-    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    monkeypatch.setattr(sf, "_SWIGLU_TUNER", tuner)
     x, w13 = _swiglu_inputs(3, 20, 24, torch.float32, seed=9)
     x3 = x.view(1, 3, 24)
     want = _swiglu_oracle(x, w13).view(1, 3, 20)
     used = []
     run = sl.skinny_linear_run
-    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: used.append((a[2], k.get("swiglu"))) or run(*a, **k))
-    torch.testing.assert_close(sl.skinny_linear_swiglu(x3, w13).double(), want, rtol=1e-5, atol=1e-5)
+    _patch_run(monkeypatch, lambda *a, **k: used.append((a[2], k.get("swiglu"))) or run(*a, **k))
+    torch.testing.assert_close(sf.skinny_linear_swiglu(x3, w13).double(), want, rtol=1e-5, atol=1e-5)
     assert used == [(None, True), (None, None)]   # the pair: skinny_linear's own (untuned: cuBLAS's stand-in)
     launch = sl.SkinnyLaunch(16, 16, True, 1, 1, 16, split_k=2)
     tuner.chosen[("cpu", torch.float32, 16, 40, 24)] = launch
     used.clear()
-    out = sl.skinny_linear_swiglu(x3, w13)
+    out = sf.skinny_linear_swiglu(x3, w13)
     assert used == [(launch, True)] and out.shape == (1, 3, 20)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     used.clear()
     big = torch.randn(65, 24)
-    torch.testing.assert_close(sl.skinny_linear_swiglu(big, w13).double(), _swiglu_oracle(big, w13), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sf.skinny_linear_swiglu(big, w13).double(), _swiglu_oracle(big, w13), rtol=1e-5, atol=1e-5)
     wg = w13.clone().requires_grad_()
-    sl.skinny_linear_swiglu(x3, wg).sum().backward()
+    sf.skinny_linear_swiglu(x3, wg).sum().backward()
     wd = w13.double().requires_grad_()
     _swiglu_oracle(x, wd).sum().backward()
     torch.testing.assert_close(wg.grad.double(), wd.grad, rtol=1e-4, atol=1e-5)
@@ -699,12 +707,12 @@ def test_swiglu_dispatch_rules_and_errors(triton_backend, monkeypatch):
                      (torch.randn(40, 23), r"K = x's last dim 24, got shape \(40, 23\)"),
                      (torch.randn(40), r"got shape \(40,\)")):
         with pytest.raises(ValueError, match=why):
-            sl.skinny_linear_swiglu(x3, bad)
+            sf.skinny_linear_swiglu(x3, bad)
     with pytest.raises(ValueError, match=r"SwiGLU launch takes a \(2F, K\) gate/up weight, got \(41, 24\)"):
         run(x, torch.randn(41, 24), launch, swiglu=True)
 
 
-@pytest.mark.parametrize("fn", [sl.skinny_linear, sl.skinny_linear_swiglu])
+@pytest.mark.parametrize("fn", [sl.skinny_linear, sf.skinny_linear_swiglu])
 def test_operand_errors_name_the_problem(fn):
     """Before F.linear's or a kernel's own message from deep inside; autocast keeps its mixed dtypes."""
     x, w = torch.randn(3, 8), torch.randn(6, 8)
@@ -726,13 +734,13 @@ def test_swiglu_on_the_reference_path_is_the_reference_twin(monkeypatch):
     from mtp_kernels import reference
 
     monkeypatch.setenv("MTP_BACKEND", "reference")
-    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: pytest.fail("launched"))
+    _patch_run(monkeypatch, lambda *a, **k: pytest.fail("launched"))
     x, w13 = _swiglu_inputs(4, 10, 12, torch.bfloat16, seed=2)
     gate, up = torch.nn.functional.linear(x, w13).chunk(2, dim=-1)
-    torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13), torch.nn.functional.silu(gate) * up)
-    assert torch.equal(sl.skinny_linear_swiglu(x, w13), reference.skinny_linear_swiglu(x, w13))
+    torch.testing.assert_close(sf.skinny_linear_swiglu(x, w13), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(sf.skinny_linear_swiglu(x, w13), reference.skinny_linear_swiglu(x, w13))
     wg = w13.float().requires_grad_()
-    sl.skinny_linear_swiglu(x.float(), wg).sum().backward()
+    sf.skinny_linear_swiglu(x.float(), wg).sum().backward()
     assert wg.grad is not None and wg.grad.shape == (20, 12)
 
 
@@ -740,10 +748,10 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     """tune_skinny_swiglu times the unfused pair (None) and every fused tile, each on the next weight
     copy, and keeps the fastest; the dispatcher then runs it without tuning again."""
     tuner = LaunchTuner("skinny_linear_swiglu")
-    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    monkeypatch.setattr(sf, "_SWIGLU_TUNER", tuner)
     x, w13 = _swiglu_inputs(5, 24, 32, torch.float32, seed=3)
     want = _swiglu_oracle(x, w13)
-    candidates = sl.swiglu_candidates(5, x.device)
+    candidates = sf.swiglu_candidates(5, x.device)
     pick = candidates[2]
     seen, ptrs = [], []
     run = sl.skinny_linear_run
@@ -755,7 +763,7 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
             ptrs.append(b.data_ptr())
             launches.append(c)
         return run(a, b, c, **kw)
-    monkeypatch.setattr(sl, "skinny_linear_run", recording_run)
+    _patch_run(monkeypatch, recording_run)
 
     def timer(fn):
         out = fn()
@@ -764,14 +772,14 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
         return 0.5 if len(seen) == 3 else 1.0   # the third candidate timed is the fastest
     key = ("cpu", torch.float32, 16, 48, 32)   # the key skinny_linear_swiglu looks up: row tile, w13's shape
     nbytes = w13.numel() * w13.element_size()
-    times = sl.tune_skinny_swiglu(key, x, w13, timer, l2_bytes=nbytes)   # 2 copies rotate
+    times = sf.tune_skinny_swiglu(key, x, w13, timer, l2_bytes=nbytes)   # 2 copies rotate
     assert list(times) == candidates and tuner.chosen[key] == pick
     assert len(set(ptrs)) == 2 and all(a != b for a, b in zip(ptrs, ptrs[1:]))
     ptrs.clear()
     launches.clear()
-    tune = sl.tune_skinny_swiglu
-    monkeypatch.setattr(sl, "tune_skinny_swiglu", lambda *a, **k: pytest.fail("tuned twice"))
-    torch.testing.assert_close(sl.skinny_linear_swiglu(x, w13).double(), want, rtol=1e-5, atol=1e-5)
+    tune = sf.tune_skinny_swiglu
+    monkeypatch.setattr(sf, "tune_skinny_swiglu", lambda *a, **k: pytest.fail("tuned twice"))
+    torch.testing.assert_close(sf.skinny_linear_swiglu(x, w13).double(), want, rtol=1e-5, atol=1e-5)
     assert ptrs == [w13.data_ptr()] and launches == [pick]
     # Once the plain tuner has timed the fused weight (here by hand: a CPU tensor is never tuned),
     # only the twins of its three fastest tiles are timed.
@@ -781,7 +789,7 @@ def test_swiglu_tuning_times_the_unfused_pair_and_every_tile(triton_backend, mon
     plain.times[("cpu", torch.float32, 16, 48, 32)] = {c: float(len(tiles) - i) for i, c in enumerate(tiles)}
     seen.clear()
     times = tune(("cpu", torch.float32, 16, 48, 32, "again"), x, w13, timer)
-    assert list(times) == [None] + [sl.swiglu_twin(c) for c in tiles[:0:-1][:3]]
+    assert list(times) == [None] + [sf.swiglu_twin(c) for c in tiles[:0:-1][:3]]
 
 
 @pytest.mark.gpu
@@ -791,7 +799,7 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
     tuner's timings; split-K and stream-K launches give the same bits at every run, in a CUDA graph
     too; the dispatcher runs the choice."""
     tuner = LaunchTuner("skinny_linear_swiglu")
-    monkeypatch.setattr(sl, "_SWIGLU_TUNER", tuner)
+    monkeypatch.setattr(sf, "_SWIGLU_TUNER", tuner)
     g = torch.Generator(device="cuda").manual_seed(M + F)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
     w13 = (torch.randn(2 * F, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
@@ -802,12 +810,12 @@ def test_gpu_bf16_swiglu_launches_tuning_and_determinism(monkeypatch, M, F, K):
         errors[len(errors)] = ((fn().double() - want).norm() / want.norm()).item()
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)
-    times = sl.tune_skinny_swiglu(key, x, w13, checked)
+    times = sf.tune_skinny_swiglu(key, x, w13, checked)
     plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(M), 2 * F, K)]   # tuned first
-    assert list(times) == sl.swiglu_candidates(M, x.device, plain_times)
+    assert list(times) == sf.swiglu_candidates(M, x.device, plain_times)
     assert max(errors.values()) < 2e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
-    out = sl.skinny_linear_swiglu(x, w13)
+    out = sf.skinny_linear_swiglu(x, w13)
     assert tuner.chosen[key] == min(times, key=times.get) and list(tuner.times) == [key]
     assert ((out.double() - want).norm() / want.norm()).item() < 2e-2
     for launch in [c for c in times if c is not None and (c.split_k > 1 or c.stream_k)]:
@@ -869,14 +877,14 @@ def test_every_rope_candidate_matches_the_reference(triton_backend, dtype, B, T,
     float64 GEMM."""
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, dtype, seed=B * 100 + T + K, shared_freqs=shared)
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
-    candidates = sl.rope_candidates(B * T, x.device)
+    candidates = sf.rope_candidates(B * T, x.device)
     assert candidates[0] is None and not any(c.stream_k for c in candidates[1:])
     assert any(c.split_k > 1 for c in candidates[1:])   # the rotary epilogue after a split-K combine too
     assert (T == 1 and B == 1) is any(not c.use_dot for c in candidates[1:])
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3)
     for launch in candidates:
         k_cache, v_cache = (c.clone() for c in caches)
-        rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+        rope = sf.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
         q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=rope)
         assert q.shape == (B * T, H * D) and q.dtype == dtype
         for got, expected in zip((q.view(B, T, H, D), k_cache, v_cache), want):
@@ -892,13 +900,13 @@ def test_rope_epilogue_gives_the_unfused_pair_bits(triton_backend, dtype, B, T, 
 
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, dtype, seed=B + T + K, shared_freqs=shared)
     x2 = x.reshape(B * T, K)
-    for launch in sl.rope_candidates(B * T, x.device)[1:]:
+    for launch in sf.rope_candidates(B * T, x.device)[1:]:
         unfused = [c.clone() for c in caches]
         q, k, v = sl.skinny_linear_run(x2, wqkv, launch).view(B, T, -1).split([H * D, Hkv * D, Hkv * D], -1)
         q = rope_cache_write(q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D), freqs, slots,
                              *unfused)
         fused = [c.clone() for c in caches]
-        q_fused = sl.skinny_linear_run(x2, wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, *fused, H, Hkv))
+        q_fused = sl.skinny_linear_run(x2, wqkv, launch, rope=sf.RotaryCacheWrite(freqs, slots, *fused, H, Hkv))
         _assert_same_bits(q_fused.view(B, T, H, D), q, launch)
         _assert_same_bits(fused[0], unfused[0], launch)
         _assert_same_bits(fused[1], unfused[1], launch)
@@ -913,11 +921,11 @@ def test_rope_candidates_are_the_twins_of_the_fastest_plain_tiles(monkeypatch):
     cpu = torch.device("cpu")
     for M in (1, 16, 32, 64):
         plain = [c for c in sl.skinny_candidates(M, cpu)[1:] if not c.stream_k]
-        assert sl.rope_candidates(M, cpu) == [None, *[sl.swiglu_twin(c) for c in plain]]
+        assert sf.rope_candidates(M, cpu) == [None, *[sf.swiglu_twin(c) for c in plain]]
         times = {c: float(i) for i, c in enumerate(reversed(sl.skinny_candidates(M, cpu)[1:]))}   # the last fastest
-        assert sl.rope_candidates(M, cpu, times) == [None, *[sl.swiglu_twin(c) for c in plain[::-1][:3]]]
+        assert sf.rope_candidates(M, cpu, times) == [None, *[sf.swiglu_twin(c) for c in plain[::-1][:3]]]
     x, w = torch.randn(2, 24), torch.randn(24, 24)
-    rope = sl.RotaryCacheWrite(torch.ones(1, 2, dtype=torch.complex64), torch.zeros(1, 2, dtype=torch.int64),
+    rope = sf.RotaryCacheWrite(torch.ones(1, 2, dtype=torch.complex64), torch.zeros(1, 2, dtype=torch.int64),
                                torch.zeros(1, 4, 1, 4), torch.zeros(1, 4, 1, 4), 4, 1)
     with pytest.raises(ValueError, match="rotary epilogue needs a launch without SwiGLU, not stream-K"):
         sl.skinny_linear_run(x, w, sl.SkinnyLaunch(16, 32, True, stream_k=1), rope=rope)
@@ -931,21 +939,20 @@ def test_rope_dispatch_rules_and_errors(triton_backend, monkeypatch):
     """Untuned: the unfused pair; a chosen tile runs; autograd, too many rows or caches in another
     dtype take the unfused pair; a weight or operands that do not fit the heads get a clear error."""
     tuner = LaunchTuner("skinny_linear_rope")
-    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    monkeypatch.setattr(sf, "_ROPE_TUNER", tuner)
     B, T, K, H, Hkv, D = 2, 3, 40, 4, 2, 16
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=8)
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
     used = []
     run = sl.skinny_linear_run
-    monkeypatch.setattr(sl, "skinny_linear_run", lambda *a, **k: used.append((a[2], k.get("rope") is not None)) or
-                        run(*a, **k))
+    _patch_run(monkeypatch, lambda *a, **k: used.append((a[2], k.get("rope") is not None)) or run(*a, **k))
 
     def call(**kw):
         args = dict(x=x, wqkv=wqkv, n_heads=H, n_kv_heads=Hkv, freqs_cis=freqs, slots=slots)
         args.update(kw)
         k_cache, v_cache = kw.pop("caches", None) or [c.clone() for c in caches]
         args.pop("caches", None)
-        q = sl.skinny_linear_rope(k_cache=k_cache, v_cache=v_cache, **args)
+        q = sf.skinny_linear_rope(k_cache=k_cache, v_cache=v_cache, **args)
         return q, k_cache, v_cache
 
     def close(got):
@@ -969,7 +976,7 @@ def test_rope_dispatch_rules_and_errors(triton_backend, monkeypatch):
     with pytest.raises(ValueError, match=r"wqkv must be \(\(n_heads \+ 2 n_kv_heads\) x head_dim, K\) = \(128, 40\)"):
         call(wqkv=wqkv[:-16])
     with pytest.raises(ValueError, match=r"x must be \(B, T, K\)"):
-        sl.skinny_linear_rope(x[0], wqkv, H, Hkv, freqs, slots, *caches)
+        sf.skinny_linear_rope(x[0], wqkv, H, Hkv, freqs, slots, *caches)
     with pytest.raises(ValueError, match=r"slots must be an integer \(2, 3\) tensor"):
         call(slots=slots[:, :2])
     with pytest.raises(ValueError, match=r"freqs_cis must be complex with shape \(2, 3, 8\) or \(3, 8\)"):
@@ -984,13 +991,13 @@ def test_rope_tuning_times_the_unfused_pair_and_the_unsplit_tiles(triton_backend
     """tune_skinny_rope times the unfused pair and every unsplit tile (each call writing the same k
     and v into the same slots), keeps the fastest, and the dispatcher then runs it."""
     tuner = LaunchTuner("skinny_linear_rope")
-    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    monkeypatch.setattr(sf, "_ROPE_TUNER", tuner)
     B, T, K, H, Hkv, D = 1, 5, 32, 2, 1, 8
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=4)
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
     k_cache, v_cache = (c.clone() for c in caches)
-    rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
-    candidates = sl.rope_candidates(B * T, x.device)
+    rope = sf.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+    candidates = sf.rope_candidates(B * T, x.device)
     timed = []
 
     def timer(fn):
@@ -999,7 +1006,7 @@ def test_rope_tuning_times_the_unfused_pair_and_the_unsplit_tiles(triton_backend
         timed.append(len(timed))
         return 0.5 if len(timed) == 2 else 1.0
     key = ("cpu", torch.float32, 16, (H + 2 * Hkv) * D, K, H * D)
-    times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer)
+    times = sf.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer)
     assert list(times) == candidates and tuner.chosen[key] == candidates[1]
     torch.testing.assert_close(k_cache.double(), want[1].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
@@ -1011,12 +1018,12 @@ def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
     """Every rotary launch in bf16 on the 7B q/k/v shape (and an odd one) against the reference pair
     on a float64 GEMM, the tuner's timings, and the dispatcher's choice."""
     tuner = LaunchTuner("skinny_linear_rope")
-    monkeypatch.setattr(sl, "_ROPE_TUNER", tuner)
+    monkeypatch.setattr(sf, "_ROPE_TUNER", tuner)
     x, wqkv, freqs, slots, caches = (t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
                                      for t in _rope_inputs(B, T, K, H, Hkv, D, torch.bfloat16, seed=B + T, S=80))
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
     k_cache, v_cache = (c.clone() for c in caches)
-    rope = sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
+    rope = sf.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)
     errors = {}
 
     def checked(fn):
@@ -1025,13 +1032,13 @@ def test_gpu_bf16_rope_launches_and_tuning(monkeypatch, B, T, K, H, Hkv, D):
                                   for a, b in zip((q, k_cache, v_cache), want))
         return cuda_graph_ms(fn)
     key = (str(x.device), torch.bfloat16, sl.row_tile(B * T), *wqkv.shape, H * D)
-    times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, checked)
+    times = sf.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, checked)
     plain_times = sl._TUNER.times[(str(x.device), torch.bfloat16, sl.row_tile(B * T), *wqkv.shape)]
-    assert list(times) == sl.rope_candidates(B * T, x.device, plain_times)
+    assert list(times) == sf.rope_candidates(B * T, x.device, plain_times)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times
     k2, v2 = (c.clone() for c in caches)
-    q = sl.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, k2, v2)
+    q = sf.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, k2, v2)
     assert tuner.chosen[key] == min(times, key=times.get) and list(tuner.times) == [key]
     for a, b in zip((q, k2, v2), want):
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2
@@ -1082,7 +1089,7 @@ def test_gpu_bf16_warp_specialized_tiles(monkeypatch, M, tile):
         assert int(arrival_counters(x.device, -(-N // tile.block_n)).abs().sum()) == 0
     x = torch.randn(M, 4096, device="cuda", generator=g).bfloat16()
     w13 = (torch.randn(2 * 11008, 4096, device="cuda", generator=g) * 4096 ** -0.5).bfloat16()
-    twin = sl.swiglu_twin(tile)
+    twin = sf.swiglu_twin(tile)
     first = sl.skinny_linear_run(x, w13, twin, swiglu=True)
     assert rel(first, _swiglu_oracle(x, w13)) < 1e-2, twin
     _same_bits_in_a_graph(lambda: sl.skinny_linear_run(x, w13, twin, swiglu=True), first)
@@ -1091,9 +1098,9 @@ def test_gpu_bf16_warp_specialized_tiles(monkeypatch, M, tile):
                                      for t in _rope_inputs(B, T, 4096, H, Hkv, D, torch.bfloat16, seed=M, S=80))
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
     k_cache, v_cache = (c.clone() for c in caches)
-    twin = sl.rope_twin(tile)
+    twin = sf.rope_twin(tile)
     q = sl.skinny_linear_run(x.reshape(B * T, -1), wqkv, twin,
-                             rope=sl.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)).view(B, T, H, D)
+                             rope=sf.RotaryCacheWrite(freqs, slots, k_cache, v_cache, H, Hkv)).view(B, T, H, D)
     assert max(rel(a, b) for a, b in zip((q, k_cache, v_cache), want)) < 1e-2, twin
     odd = torch.randn(M, 333, device="cuda", generator=g).bfloat16()     # 666-byte rows: no TMA
     w_odd = torch.randn(1000, 333, device="cuda", generator=g).bfloat16()
@@ -1119,11 +1126,11 @@ def test_programmatic_launches_give_the_ordinary_bits(triton_backend, monkeypatc
     _, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float16, seed=M, S=max(24, T))
 
     def results(launch):
-        out = [sl.skinny_linear_run(x, w, launch), sl.skinny_linear_run(x, w13, sl.swiglu_twin(launch), swiglu=True)]
-        if sl.rope_twin(launch) is not None:
+        out = [sl.skinny_linear_run(x, w, launch), sl.skinny_linear_run(x, w13, sf.swiglu_twin(launch), swiglu=True)]
+        if sf.rope_twin(launch) is not None:
             written = [c.clone() for c in caches]
-            rope = sl.RotaryCacheWrite(freqs, slots, *written, H, Hkv)
-            out += [sl.skinny_linear_run(x, wqkv, sl.rope_twin(launch), rope=rope), *written]
+            rope = sf.RotaryCacheWrite(freqs, slots, *written, H, Hkv)
+            out += [sl.skinny_linear_run(x, wqkv, sf.rope_twin(launch), rope=rope), *written]
         return out
 
     ordinary = {launch: results(launch) for launch in launches}
@@ -1162,8 +1169,8 @@ def test_every_norm_prologue_swiglu_launch_matches_the_oracle(triton_backend, dt
     _, w13 = _swiglu_inputs(M, F, K, dtype, seed=M + F)
     h_want, normed = _normed_oracle(x, delta, g, 1e-5)
     want = _swiglu_oracle(normed, w13)
-    norm = sl.NormPrologue(g, 1e-5, delta)
-    launches = sl.norm_candidates(M, x.device, None, sl.swiglu_candidates)[1:]
+    norm = sn.NormPrologue(g, 1e-5, delta)
+    launches = sn.norm_candidates(M, x.device, None, sf.swiglu_candidates)[1:]
     assert launches and all(c.split_k == 1 and not c.stream_k for c in launches)
     assert (M == 1) is any(not c.use_dot for c in launches)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
@@ -1184,12 +1191,12 @@ def test_every_norm_prologue_rope_launch_matches_the_reference(triton_backend, d
     _, delta, g = _norm_inputs((B, T, K), dtype, seed=B + T, with_delta=True)
     h_want, normed = _normed_oracle(x, delta, g, 1e-6)
     want = _rope_reference(normed, wqkv.double(), H, Hkv, freqs, slots, [c.double() for c in caches])
-    norm = sl.NormPrologue(g, 1e-6, delta)
+    norm = sn.NormPrologue(g, 1e-6, delta)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    for launch in sl.norm_candidates(B * T, x.device, None, sl.rope_candidates)[1:]:
+    for launch in sn.norm_candidates(B * T, x.device, None, sf.rope_candidates)[1:]:
         k_cache, v_cache = (c.clone() for c in caches)
         h_out = torch.empty(B * T, K, dtype=dtype)
-        q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=sl.RotaryCacheWrite(freqs, slots, k_cache,
+        q = sl.skinny_linear_run(x.reshape(B * T, K), wqkv, launch, rope=sf.RotaryCacheWrite(freqs, slots, k_cache,
                                                                                              v_cache, H, Hkv),
                                  norm=norm, h_out=h_out)
         assert torch.equal(h_out.view(B, T, K), h_want), launch
@@ -1203,7 +1210,7 @@ def _swiglu_norm_tuning(monkeypatch):
     from mtp_kernels import launch_tuner
 
     tuner = LaunchTuner("skinny_linear_swiglu_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    monkeypatch.setitem(sn._NORM_TUNERS, "skinny_linear_swiglu", tuner)
     monkeypatch.setattr(launch_tuner, "tuning_enabled", lambda device: True)
     monkeypatch.setattr(launch_tuner, "cuda_graph_ms", lambda fn, *a, **k: (fn(), 1.0)[1])
     x, delta, g = _norm_inputs((2, 40), torch.float32, seed=8, with_delta=True)
@@ -1220,8 +1227,8 @@ def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypat
     B, T, K, H, Hkv, D = 1, 3, 32, 2, 1, 8
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, K, H, Hkv, D, torch.float32, seed=7)
     want = _rope_reference(x, wqkv, H, Hkv, freqs, slots, caches, dtype=torch.float64)
-    rope = sl.RotaryCacheWrite(freqs, slots, *(c.clone() for c in caches), H, Hkv)
-    bad = sl.rope_candidates(B * T, x.device)[1]
+    rope = sf.RotaryCacheWrite(freqs, slots, *(c.clone() for c in caches), H, Hkv)
+    bad = sf.rope_candidates(B * T, x.device)[1]
 
     corrupt_h = True
 
@@ -1232,44 +1239,44 @@ def test_epilogue_tuners_check_every_write_of_a_launch(triton_backend, monkeypat
         if launch == bad and kwargs.get("h_out") is not None and corrupt_h:
             kwargs["h_out"].mul_(1.05)                # gate right, h 5% off
         return y
-    monkeypatch.setattr(sl, "skinny_linear_run", faulty)
-    monkeypatch.setattr(sl, "_ROPE_TUNER", LaunchTuner("skinny_linear_rope"))
+    _patch_run(monkeypatch, faulty)
+    monkeypatch.setattr(sf, "_ROPE_TUNER", LaunchTuner("skinny_linear_rope"))
     key = ("cpu", torch.float32, 16, (H + 2 * Hkv) * D, K, H * D)
     with pytest.warns(UserWarning, match="disagree with the reference"):
-        times = sl.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer=lambda fn: (fn(), 1.0)[1])
+        times = sf.tune_skinny_rope(key, x.reshape(B * T, K), wqkv, rope, timer=lambda fn: (fn(), 1.0)[1])
     assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
     # The probes leave the caches as the launches write them, here the last candidate's (a right one).
     torch.testing.assert_close(rope.v_cache.double(), want[2].double(), rtol=1e-5, atol=1e-5)
     # The SwiGLU epilogue: a launch whose gate is 5% off.
     xs, w13 = _swiglu_inputs(3, 21, 40, torch.float32, seed=6)
-    bad_swiglu = sl.swiglu_candidates(3, xs.device, None)[1]
+    bad_swiglu = sf.swiglu_candidates(3, xs.device, None)[1]
 
     def wrong_gate(x2, weight, launch, *args, **kwargs):
         y = run(x2, weight, launch, *args, **kwargs)
         return y * 1.05 if launch == bad_swiglu and kwargs.get("swiglu") else y
-    monkeypatch.setattr(sl, "skinny_linear_run", wrong_gate)
-    monkeypatch.setattr(sl, "_SWIGLU_TUNER", LaunchTuner("skinny_linear_swiglu"))
+    _patch_run(monkeypatch, wrong_gate)
+    monkeypatch.setattr(sf, "_SWIGLU_TUNER", LaunchTuner("skinny_linear_swiglu"))
     with pytest.warns(UserWarning, match="disagree with the reference"):
-        times = sl.tune_skinny_swiglu(("cpu", torch.float32, 16, 42, 40), xs, w13, timer=lambda fn: (fn(), 1.0)[1])
+        times = sf.tune_skinny_swiglu(("cpu", torch.float32, 16, 42, 40), xs, w13, timer=lambda fn: (fn(), 1.0)[1])
     assert times[bad_swiglu] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
-    monkeypatch.setattr(sl, "skinny_linear_run", faulty)
+    _patch_run(monkeypatch, faulty)
 
     tuner, x, delta, g, w13 = _swiglu_norm_tuning(monkeypatch)
-    bad = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]
+    bad = sn.norm_candidates(2, x.device, None, sf.swiglu_candidates)[1]
     with pytest.warns(UserWarning, match="disagree with the reference"):
-        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
+        sf.skinny_linear_swiglu(x, w13, norm=sn.NormPrologue(g, 1e-5, delta))
     (_, times), = tuner.times.items()
     assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
     # The rotary projection behind a norm prologue: its tuner checks q, h and the cache writes (here
     # q and h are right, v is not).
     corrupt_h = False
     tuner = LaunchTuner("skinny_linear_rope_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_rope", tuner)
+    monkeypatch.setitem(sn._NORM_TUNERS, "skinny_linear_rope", tuner)
     x, wqkv, freqs, slots, caches = _rope_inputs(B, T, 40, H, Hkv, D, torch.float32, seed=10)
     delta, g = x.flip(-1).clone(), 1 + x[0, 0].abs()
-    bad = sl.norm_candidates(B * T, x.device, None, sl.rope_candidates)[1]
+    bad = sn.norm_candidates(B * T, x.device, None, sf.rope_candidates)[1]
     with pytest.warns(UserWarning, match="disagree with the reference"):
-        sl.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, *caches, norm=sl.NormPrologue(g, 1e-5, delta))
+        sf.skinny_linear_rope(x, wqkv, H, Hkv, freqs, slots, *caches, norm=sn.NormPrologue(g, 1e-5, delta))
     (_, times), = tuner.times.items()
     assert times[bad] == float("inf") and sum(t == 1.0 for t in times.values()) == len(times) - 1
 
@@ -1280,30 +1287,29 @@ def test_norm_prologue_dispatch_tuned_launch_and_unfused_pair(triton_backend, mo
     from mtp_kernels import add_rms_norm
 
     tuner = LaunchTuner("skinny_linear_swiglu_norm")
-    monkeypatch.setitem(sl._NORM_TUNERS, "skinny_linear_swiglu", tuner)
+    monkeypatch.setitem(sn._NORM_TUNERS, "skinny_linear_swiglu", tuner)
     x, delta, g = _norm_inputs((1, 3, 40), torch.float32, seed=5, with_delta=True)
     _, w13 = _swiglu_inputs(3, 21, 40, torch.float32, seed=6)
-    norm = sl.NormPrologue(g, 1e-5, delta)
-    y, h = sl.skinny_linear_swiglu(x, w13, norm=norm)            # nothing tuned on a CPU: the unfused pair
+    norm = sn.NormPrologue(g, 1e-5, delta)
+    y, h = sf.skinny_linear_swiglu(x, w13, norm=norm)            # nothing tuned on a CPU: the unfused pair
     h_pair, normed = add_rms_norm(x, delta, g, 1e-5)
-    assert torch.equal(h, h_pair) and torch.equal(y, sl.skinny_linear_swiglu(normed, w13)) and y.shape == (1, 3, 21)
-    launch = sl.norm_candidates(3, x.device, None, sl.swiglu_candidates)[1]
+    assert torch.equal(h, h_pair) and torch.equal(y, sf.skinny_linear_swiglu(normed, w13)) and y.shape == (1, 3, 21)
+    launch = sn.norm_candidates(3, x.device, None, sf.swiglu_candidates)[1]
     used = []   # (launch, with a norm prologue) of every skinny launch: the tuned one must be the one run
     run = sl.skinny_linear_run
-    monkeypatch.setattr(sl, "skinny_linear_run",
-                        lambda *a, **k: used.append((a[2], k.get("norm") is not None)) or run(*a, **k))
+    _patch_run(monkeypatch, lambda *a, **k: used.append((a[2], k.get("norm") is not None)) or run(*a, **k))
     tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, True)] = launch
-    y_fused, h_fused = sl.skinny_linear_swiglu(x, w13, norm=norm)
+    y_fused, h_fused = sf.skinny_linear_swiglu(x, w13, norm=norm)
     assert used == [(launch, True)]
     assert torch.equal(h_fused, h_pair) and y_fused.shape == (1, 3, 21)
     torch.testing.assert_close(y_fused, y, rtol=1e-4, atol=1e-4)
-    no_delta = sl.NormPrologue(g, 1e-5)
+    no_delta = sn.NormPrologue(g, 1e-5)
     used.clear()
-    y0, h0 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)     # no delta: h is x itself, a key of its own
+    y0, h0 = sf.skinny_linear_swiglu(x, w13, norm=no_delta)     # no delta: h is x itself, a key of its own
     assert h0 is x and all(not with_norm for _, with_norm in used)   # untuned: the unfused pair
     tuner.chosen[(str(x.device), torch.float32, 16, 42, 40, 0, False)] = launch
     used.clear()
-    y1, h1 = sl.skinny_linear_swiglu(x, w13, norm=no_delta)
+    y1, h1 = sf.skinny_linear_swiglu(x, w13, norm=no_delta)
     assert h1 is x and used == [(launch, True)]
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4)
 
@@ -1312,7 +1318,7 @@ def test_norm_prologue_tuning_times_the_unfused_pair_and_unsplit_twins(triton_ba
     """A stand-in timer on the tuning path: the unfused pair first, then the SwiGLU twins without a
     K split or stream-K; the fastest kept."""
     tuner, x, delta, g, w13 = _swiglu_norm_tuning(monkeypatch)
-    y, h = sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta))
+    y, h = sf.skinny_linear_swiglu(x, w13, norm=sn.NormPrologue(g, 1e-5, delta))
     (key, times), = tuner.times.items()
     assert list(times)[0] is None and len(times) > 1
     assert all(c.split_k == 1 and not c.stream_k for c in list(times)[1:])
@@ -1323,17 +1329,17 @@ def test_norm_prologue_errors(triton_backend):
     x, delta, g = _norm_inputs((2, 40), torch.float32, seed=3, with_delta=True)
     _, w13 = _swiglu_inputs(2, 21, 40, torch.float32, seed=4)
     with pytest.raises(ValueError, match=r"norm weight must be \(40,\)"):
-        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g[:7], 1e-5, delta))
+        sf.skinny_linear_swiglu(x, w13, norm=sn.NormPrologue(g[:7], 1e-5, delta))
     with pytest.raises(ValueError, match="delta must have x's shape"):
-        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta[:1]))
+        sf.skinny_linear_swiglu(x, w13, norm=sn.NormPrologue(g, 1e-5, delta[:1]))
     with pytest.raises(ValueError, match="delta on meta"):
-        sl.skinny_linear_swiglu(x, w13, norm=sl.NormPrologue(g, 1e-5, delta.to("meta")))
-    split = next(c for c in sl.swiglu_candidates(2, x.device)[1:] if c.split_k > 1)
+        sf.skinny_linear_swiglu(x, w13, norm=sn.NormPrologue(g, 1e-5, delta.to("meta")))
+    split = next(c for c in sf.swiglu_candidates(2, x.device)[1:] if c.split_k > 1)
     with pytest.raises(ValueError, match="norm prologue needs an unsplit kernel launch"):
-        sl.skinny_linear_run(x, w13, split, swiglu=True, norm=sl.NormPrologue(g, 1e-5, delta), h_out=x.clone())
-    unsplit = sl.norm_candidates(2, x.device, None, sl.swiglu_candidates)[1]
+        sl.skinny_linear_run(x, w13, split, swiglu=True, norm=sn.NormPrologue(g, 1e-5, delta), h_out=x.clone())
+    unsplit = sn.norm_candidates(2, x.device, None, sf.swiglu_candidates)[1]
     with pytest.raises(ValueError, match="give both or neither"):
-        sl.skinny_linear_run(x, w13, unsplit, swiglu=True, norm=sl.NormPrologue(g, 1e-5, delta))
+        sl.skinny_linear_run(x, w13, unsplit, swiglu=True, norm=sn.NormPrologue(g, 1e-5, delta))
 
 
 def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_backend, monkeypatch):
@@ -1365,7 +1371,7 @@ def test_decode_step_with_the_norm_prologue_matches_the_unfused_step(triton_back
         unfused = step()
         assert launches["_add_rms_norm_fwd_kernel"] + launches["_rms_norm_fwd_kernel"] == 2 * 3 + 1
         tile = sl.SkinnyLaunch(16, 16, True, 1, 1, 16)
-        for tuner in sl._NORM_TUNERS.values():
+        for tuner in sn._NORM_TUNERS.values():
             monkeypatch.setattr(tuner, "choose", lambda key, *args: tile if key[2] == 16 else None)
         fused = step()
         assert launches["_add_rms_norm_fwd_kernel"] + launches["_rms_norm_fwd_kernel"] == 1   # the final norm
@@ -1384,8 +1390,8 @@ def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
     choice, and a CUDA graph of the dispatched call replays the same bits."""
     from mtp_kernels import add_rms_norm
 
-    for name in sl._NORM_TUNERS:
-        monkeypatch.setitem(sl._NORM_TUNERS, name, LaunchTuner(name + "_norm"))
+    for name in sn._NORM_TUNERS:
+        monkeypatch.setitem(sn._NORM_TUNERS, name, LaunchTuner(name + "_norm"))
     g = torch.Generator(device="cuda").manual_seed(M)
     K, F = 4096, 11008
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16() * 3
@@ -1394,22 +1400,22 @@ def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
     w13 = (torch.randn(2 * F, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
     h_want, normed = _normed_oracle(x, delta, weight, 1e-5)
     want = _swiglu_oracle(normed, w13)
-    norm = sl.NormPrologue(weight, 1e-5, delta)
-    launches = sl.norm_candidates(M, x.device, None, sl.swiglu_candidates)[1:]
+    norm = sn.NormPrologue(weight, 1e-5, delta)
+    launches = sn.norm_candidates(M, x.device, None, sf.swiglu_candidates)[1:]
     assert launches
     for launch in launches:
         h_out = torch.empty_like(x)
         y = sl.skinny_linear_run(x, w13, launch, swiglu=True, norm=norm, h_out=h_out)
         assert torch.equal(h_out, h_want), launch
         assert ((y.double() - want).norm() / want.norm()).item() < 2e-2, launch
-    y, h = sl.skinny_linear_swiglu(x, w13, norm=norm)          # tunes, then runs the choice
-    (key, times), = sl._NORM_TUNERS["skinny_linear_swiglu"].times.items()
+    y, h = sf.skinny_linear_swiglu(x, w13, norm=norm)          # tunes, then runs the choice
+    (key, times), = sn._NORM_TUNERS["skinny_linear_swiglu"].times.items()
     assert all(0 < t < 5.0 for t in times.values()), times
     assert torch.equal(h, add_rms_norm(x, delta, weight, 1e-5)[0])
     assert ((y.double() - want).norm() / want.norm()).item() < 2e-2
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y_graph, _ = sl.skinny_linear_swiglu(x, w13, norm=norm)
+        y_graph, _ = sf.skinny_linear_swiglu(x, w13, norm=norm)
     graph.replay()
     assert torch.equal(y_graph, y)
     # The rotary form, on a smaller q/k/v weight: q and both caches against the float64 pair.
@@ -1423,7 +1429,7 @@ def test_gpu_bf16_norm_prologue_launches_and_tuning(monkeypatch, M):
     caches = [torch.zeros(B, 64, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     h3_want, normed3 = _normed_oracle(x3, d3, w3, 1e-6)
     want3 = _rope_reference(normed3, wqkv.double(), H, Hkv, freqs, slots, [c.double() for c in caches])
-    q, h3 = sl.skinny_linear_rope(x3, wqkv, H, Hkv, freqs, slots, *caches, norm=sl.NormPrologue(w3, 1e-6, d3))
+    q, h3 = sf.skinny_linear_rope(x3, wqkv, H, Hkv, freqs, slots, *caches, norm=sn.NormPrologue(w3, 1e-6, d3))
     assert torch.equal(h3, h3_want)
     for got, expected in zip((q, *caches), want3):
         assert ((got.double() - expected).norm() / expected.norm()).item() < 2e-2

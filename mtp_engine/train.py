@@ -451,8 +451,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     env = _init_distributed(cfg)
     is_main = env is None or env.is_main
     device = env.device if env is not None else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quiet = (lambda *a, **k: None)
-    log = log if is_main else quiet
+    log = log if is_main else _quiet
     if env is None and cfg.distributed != "none":
         log(f"distributed {cfg.distributed}: one process (not launched by torchrun with several), so one device")
     if saved_state is not None:
@@ -463,44 +462,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                 _cleanup(env)
             return read_json_object(out / "train_log.json")
 
-    corpus_options = dict(extensions=cfg.extensions, heldout_fraction=cfg.heldout_fraction,
-                          max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
-                          extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
-    if saved_state is not None and (out / "tokenizer.model").is_file():
-        # A resume keeps the run's tokenizer: a changed corpus (files added, another Python's stdlib)
-        # would train another one, and the run's weights would go on over other token ids.
-        corpus_options["tokenizer_path"] = str(out / "tokenizer.model")
-    corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=log) if is_main else None
-    if env is not None:
-        _barrier(env)
-        corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **corpus_options, log=quiet)
     log_path = out / "train_log.json"
     previous = read_json_object(log_path) if resume and log_path.is_file() else None
-    if saved_state is not None:
-        before = (previous or {}).get("corpus", {})
-        if before.get("train_tokens") not in (None, corpus.manifest["train_tokens"]):
-            log(f"resume: warning: the corpus changed since the run started ({before['train_tokens']:,} training "
-                f"tokens then, {corpus.manifest['train_tokens']:,} now): it reads other windows than an "
-                "uninterrupted run would")
+    corpus = _load_corpus(cfg, out, saved_state, previous, env, log)
     train_data = PackedTokens(corpus.train_path, cfg.seq_len)
     heldout = PackedTokens(corpus.heldout_path, cfg.seq_len).fixed_windows(cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
-    if saved_state is not None:
-        state = saved_state
-        # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
-        source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
-        model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)
-        log(f"resuming {out} at step {state['step']}")
-    else:
-        if resume:
-            log(f"no trainer_state.json in {out}: starting a new run")
-        model = Transformer(cfg.model_args(corpus.tokenizer.n_words))
-        init_weights(model)
-        model.to(device)
-        state = {"step": 0, "tokens": 0, "train_time_s": 0.0}
-    # The rotary table is a plain attribute: move it once rather than per call.
-    model.freqs_cis = model.freqs_cis.to(device)
+    model, state = _load_or_build_model(cfg, out, saved_state, resume, corpus, device, log)
     module = MTPTrainModel(model, cfg.head_weights)
     # FSDP gathers each block's shards in hooks around the block, and the sequential schedule runs a
     # backward per head inside its step: there each block is compiled on its own (before the sharding,
@@ -518,31 +487,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                   if cfg.compile and not compile_blocks else wrapped)
     optimizer = make_optimizer(module, cfg)
     if resume and state["step"] > 0:
-        if not (out / "optimizer.pt").is_file():
-            # AdamW restarted from empty moments would not take the step the interrupted run would have.
-            raise ValueError(f"{out / 'optimizer.pt'} is missing: the run cannot resume at step {state['step']} "
-                             "with its optimizer state; restore the file or start a new run")
-        saved = torch.load(out / "optimizer.pt", map_location=device, weights_only=True) if is_main else None
-        if is_main:
-            _check_resume_step(saved, state["step"], out)
-        if env is None:
-            optimizer.load_state_dict(saved)
-        else:
-            from .distributed import load_optimizer_state
-
-            load_optimizer_state(wrapped, optimizer, saved, cfg.distributed, env)
-
-    run_log = {"config": dataclasses.asdict(cfg), "device": _device_name(device),
-               "params": model.num_params(), "corpus": {k: corpus.manifest[k] for k in
-                                                        ("source", "train_tokens", "heldout_tokens", "vocab_size")},
-               "steps": [], "evals": []}
-    if preset is not None:   # the --preset the run was started with (a resume may repeat it, not change it)
-        run_log["preset"] = preset
-    if previous is not None:
-        if "preset" in previous:
-            run_log["preset"] = previous["preset"]
-        run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
-        run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
+        _load_optimizer_state(out, state["step"], wrapped, optimizer, cfg, env, device)
+    run_log = _start_run_log(cfg, model, corpus, device, state, previous, preset)
     if is_main:   # made only now: a run that fails on its data or tokenizer leaves no empty folder
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(corpus.tokenizer.model_path, out / "tokenizer.model")
@@ -555,7 +501,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
 
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     world = env.world_size if env is not None else 1
-    rank = env.rank if env is not None else 0
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     progress = Progress(cfg.max_steps, cfg.progress and is_main)
     if compile_blocks and cfg.schedule_to_budget:
@@ -589,34 +534,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
                 else:
                     cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (fit_at - fit_from),
                                                 time.perf_counter() - start_time)
-                    run_log["config"]["max_steps"] = cfg.max_steps
-                    run_log["config"]["warmup_steps"] = cfg.warmup_steps
+                    run_log["config"].update(max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
                     run_log["schedule_fit"] = state["schedule_fit"] = fitted
                     progress.total = cfg.max_steps
                     log(f"schedule fitted to the time budget: {fitted['step_time_s'] * 1e3:.1f} ms per step, "
                         f"max_steps {fitted['max_steps']}")
                     fit_schedule = False
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            per_head = torch.zeros(model.n_future_tokens, device=device)   # on the device: no sync per step
-            for micro in range(cfg.grad_accum):
-                tokens = train_data.windows(windows_read + rank * cfg.batch_size, cfg.batch_size, cfg.seed).to(device)
-                windows_read += world * cfg.batch_size
-                with _no_sync(wrapped, cfg, last=micro == cfg.grad_accum - 1):
-                    if cfg.head_schedule == "sequential":
-                        with autocast():
-                            result = module.forward_backward_sequential(tokens, 1.0 / cfg.grad_accum)
-                    else:
-                        with autocast():
-                            result = train_step(tokens)
-                        (result.loss / cfg.grad_accum).backward()
-                per_head += result.per_head.detach().to(device) / cfg.grad_accum
-            if cfg.head_schedule == "sequential" and env is not None:
-                _sync_grads(module, env)
-            grad_norm = _clip(wrapped, module, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            per_head, grad_norm = _optimizer_step(module, wrapped, train_step, optimizer, lr, train_data,
+                                                  windows_read, cfg, env, device, autocast)
+            windows_read += world * cfg.batch_size * cfg.grad_accum
             step += 1
             window_tokens += tokens_per_step
             state["tokens"] += tokens_per_step
@@ -661,6 +588,125 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     if env is not None:
         _cleanup(env)
     return run_log
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than the main one."""
+
+
+def _load_corpus(cfg: TrainConfig, out: Path, saved_state: Optional[dict], previous: Optional[dict], env, log):
+    """The run's tokenized corpus (`prepare_corpus`): made by the main rank, the others reading it once
+    it is there. A resume keeps the run's tokenizer, and warns when the corpus changed since."""
+    options = dict(extensions=cfg.extensions, heldout_fraction=cfg.heldout_fraction,
+                   max_train_files=cfg.max_train_files, extra_sources=cfg.extra_sources,
+                   extra_max_mb=cfg.extra_max_mb, tokenizer_path=cfg.tokenizer)
+    if saved_state is not None and (out / "tokenizer.model").is_file():
+        # A changed corpus (files added, another Python's stdlib) would train another tokenizer, and
+        # the run's weights would go on over other token ids.
+        options["tokenizer_path"] = str(out / "tokenizer.model")
+    is_main = env is None or env.is_main
+    corpus = prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **options, log=log) if is_main else None
+    if env is not None:
+        _barrier(env)
+        corpus = corpus or prepare_corpus(cfg.corpus_dir, cfg.source, cfg.vocab_size, **options, log=_quiet)
+    if saved_state is not None:
+        before = (previous or {}).get("corpus", {})
+        if before.get("train_tokens") not in (None, corpus.manifest["train_tokens"]):
+            log(f"resume: warning: the corpus changed since the run started ({before['train_tokens']:,} training "
+                f"tokens then, {corpus.manifest['train_tokens']:,} now): it reads other windows than an "
+                "uninterrupted run would")
+    return corpus
+
+
+def _load_or_build_model(cfg: TrainConfig, out: Path, saved_state: Optional[dict], resume: bool, corpus,
+                         device: torch.device, log) -> Tuple[Transformer, dict]:
+    """(model on `device`, trainer state): the saved float32 weights and state of a resumed run, or a
+    freshly initialized model at step 0."""
+    if saved_state is not None:
+        state = saved_state
+        # After a final save, `out` holds the export-dtype release copy and `out/resume` the float32 master.
+        source = out / "resume" if state.get("final") and (out / "resume").is_dir() else out
+        model = load_checkpoint(source, device="cpu", dtype=torch.float32).to(device)
+        log(f"resuming {out} at step {state['step']}")
+    else:
+        if resume:
+            log(f"no trainer_state.json in {out}: starting a new run")
+        model = Transformer(cfg.model_args(corpus.tokenizer.n_words))
+        init_weights(model)
+        model.to(device)
+        state = {"step": 0, "tokens": 0, "train_time_s": 0.0}
+    # The rotary table is a plain attribute: move it once rather than per call.
+    model.freqs_cis = model.freqs_cis.to(device)
+    return model, state
+
+
+def _load_optimizer_state(out: Path, step: int, wrapped: nn.Module, optimizer, cfg: TrainConfig, env,
+                          device: torch.device) -> None:
+    """The interrupted run's AdamW state (optimizer.pt), into every rank's optimizer."""
+    if not (out / "optimizer.pt").is_file():
+        # AdamW restarted from empty moments would not take the step the interrupted run would have.
+        raise ValueError(f"{out / 'optimizer.pt'} is missing: the run cannot resume at step {step} "
+                         "with its optimizer state; restore the file or start a new run")
+    is_main = env is None or env.is_main
+    saved = torch.load(out / "optimizer.pt", map_location=device, weights_only=True) if is_main else None
+    if is_main:
+        _check_resume_step(saved, step, out)
+    if env is None:
+        optimizer.load_state_dict(saved)
+    else:
+        from .distributed import load_optimizer_state
+
+        load_optimizer_state(wrapped, optimizer, saved, cfg.distributed, env)
+
+
+def _start_run_log(cfg: TrainConfig, model: Transformer, corpus, device: torch.device, state: dict,
+                   previous: Optional[dict], preset: Optional[str]) -> dict:
+    """The run's log: its configuration and corpus, and, on a resume, the earlier log's steps and
+    evaluations up to the resumed step."""
+    run_log = {"config": dataclasses.asdict(cfg), "device": _device_name(device),
+               "params": model.num_params(), "corpus": {k: corpus.manifest[k] for k in
+                                                        ("source", "train_tokens", "heldout_tokens", "vocab_size")},
+               "steps": [], "evals": []}
+    if preset is not None:   # the --preset the run was started with (a resume may repeat it, not change it)
+        run_log["preset"] = preset
+    if previous is not None:
+        if "preset" in previous:
+            run_log["preset"] = previous["preset"]
+        run_log["steps"] = [s for s in previous.get("steps", []) if s["step"] <= state["step"]]
+        run_log["evals"] = [e for e in previous.get("evals", []) if e["step"] <= state["step"]]
+    return run_log
+
+
+def _optimizer_step(module: MTPTrainModel, wrapped: nn.Module, train_step, optimizer, lr: float,
+                    train_data: PackedTokens, windows_read: int, cfg: TrainConfig, env, device: torch.device,
+                    autocast):
+    """One optimizer step at learning rate `lr` over grad_accum micro-batches, this rank's windows
+    of the global order from `windows_read` on. Returns (per_head, grad_norm): the (n,) unweighted
+    per-head losses averaged over the micro-batches and the pre-clip gradient norm, both tensors on
+    the device (no host sync)."""
+    world = env.world_size if env is not None else 1
+    rank = env.rank if env is not None else 0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    per_head = torch.zeros(module.model.n_future_tokens, device=device)
+    for micro in range(cfg.grad_accum):
+        first = windows_read + micro * world * cfg.batch_size + rank * cfg.batch_size
+        tokens = train_data.windows(first, cfg.batch_size, cfg.seed).to(device)
+        with _no_sync(wrapped, cfg, last=micro == cfg.grad_accum - 1):
+            if cfg.head_schedule == "sequential":
+                with autocast():
+                    result = module.forward_backward_sequential(tokens, 1.0 / cfg.grad_accum)
+            else:
+                with autocast():
+                    result = train_step(tokens)
+                (result.loss / cfg.grad_accum).backward()
+        per_head += result.per_head.detach().to(device) / cfg.grad_accum
+    if cfg.head_schedule == "sequential" and env is not None:
+        _sync_grads(module, env)
+    grad_norm = _clip(wrapped, module, cfg)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return per_head, grad_norm
 
 
 def _device_name(device: torch.device) -> str:

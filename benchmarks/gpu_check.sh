@@ -12,7 +12,12 @@
 # At most 8 files come back from the device machine, so every stage appends to one log and the
 # results folder (kept outside OUT) is re-packed into OUT/results.tar.gz after each stage; with the
 # train stage's checkpoint pieces that is at most 7 files. Here: tar -xzf results.tar.gz -C DIR.
+# GPU_CHECK_SECONDS (default 540): the whole call's time. Each stage's limit is cut to what is left of
+# it (15 s kept for packing), and a stage that would get under 20 s is skipped: give it about 20 s
+# under the device command's timeout, so that the device's own limit never kills the script
+# mid-stage with nothing packed and no summary.
 set -uo pipefail
+DEADLINE=$(( SECONDS + ${GPU_CHECK_SECONDS:-540} ))
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 RES=${RESULTS_DIR:-/tmp/mtp_gpu_results}
@@ -38,9 +43,15 @@ summary=()
 pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null; }
 run_stage() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
+  local t0=$SECONDS left=$(( DEADLINE - SECONDS - 15 ))
+  if [ "$left" -lt 20 ]; then
+    echo "=== $name skipped: ${left}s left of GPU_CHECK_SECONDS" | tee -a "$LOG"
+    summary+=("$name: skipped (deadline)")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
   local rc=${PIPESTATUS[0]}
   summary+=("$name: rc=$rc $((SECONDS - t0))s")
   pack
@@ -114,3 +125,4 @@ for s in "${stages[@]}"; do
 done
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${summary[@]}" | tee -a "$LOG"
+pack

@@ -6,6 +6,7 @@ at least imported (syntax, imports, module-level names), and gpu_check.sh is par
 """
 import importlib.util
 import json
+import re
 import math
 import os
 import types
@@ -75,6 +76,24 @@ def test_gpu_check_survives_peer_wheels_that_do_not_install(tmp_path):
     assert "did not install" in proc.stdout and "unknown stage no_such_stage" in proc.stdout
     assert "=== summary" in (tmp_path / "out" / "gpu_check.log").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "results.tar.gz"]
+
+
+def test_gpu_check_cuts_its_stages_to_the_calls_time(tmp_path):
+    """GPU_CHECK_SECONDS bounds the whole call: a stage's limit is cut to what is left (15 s kept for
+    packing), and a stage that would get under 20 s is skipped and said so, with the summary and the
+    packed results still written (the device's own limit killed the script mid-stage: no summary, the
+    stage's results unpacked)."""
+    script, env = _scratch_gpu_check(tmp_path)
+    env["GPU_CHECK_SECONDS"] = "50"
+    proc = subprocess.run(["bash", str(script), "env", "env"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert re.search(r"=== env \(.*, limit 3[0-5]s\)", log), log   # 60 s asked, about 35 left
+    env.update(GPU_CHECK_SECONDS="30", OUT=str(tmp_path / "out2"))
+    proc = subprocess.run(["bash", str(script), "env"], env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out2" / "gpu_check.log").read_text()
+    assert "=== env skipped: " in log and "env: skipped (deadline)" in log.split("=== summary")[-1]
+    assert (tmp_path / "out2" / "results.tar.gz").exists()
 
 
 @pytest.mark.parametrize("setting,stages,switched_off", [(None, ["env"], True), ("1", ["env"], False),
@@ -760,6 +779,12 @@ def test_warp_spec_guard_reads_the_gpu_test_results(load_script, tmp_path):
     assert not common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", "")))
     assert common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[3-launch1]", '<failure message="x"/>')))
     assert common.programmatic_tests_failed(junit((f"{every}[64-True]", "")))   # not run
+    # a case skipped because its warp-specialized tile is not offered: the others decide
+    not_offered = '<skipped message="warp-specialized tile not offered here"/>'
+    assert not common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", ""), (f"{pdl}[17-launch2]", not_offered)))
+    assert common.programmatic_tests_failed(junit((f"{pdl}[1-launch0]", '<skipped message="needs CUDA"/>')))
+    assert common.programmatic_tests_failed(junit((f"{pdl}[17-launch2]", not_offered),
+                                                  (f"{pdl}[1-launch0]", '<error message="x"/>')))
     assert "guard_by_tests MTP_PDL programmatic_tests_failed" in script
     # The skinny GEMM's warp-specialized tiles: the benchmarks get the tiles whose every case passed.
     ws = "test_gpu_bf16_warp_specialized_tiles"

@@ -527,7 +527,9 @@ def test_gpu_bf16_launches_and_tuning(monkeypatch, M, N, K):
     key = (str(x.device), torch.bfloat16, sl.row_tile(M), N, K)   # the key skinny_linear looks up
     times = sl.tune_skinny(key, x, w, checked)
     tiles = [c for c in times if isinstance(c, sl.SkinnyLaunch)]
-    assert list(times) == sl.tuned_candidates(M, x.device) and sl.BlasLaunch("cublaslt") in times
+    # (K = 333: bf16 rows TMA cannot read, so the warp-specialized tiles, where offered, sit this one out)
+    assert list(times) == sl._run_as_themselves(sl.tuned_candidates(M, x.device), x, w)
+    assert sl.BlasLaunch("cublaslt") in times
     assert any(c.split_k > 1 for c in tiles) and any(c.stream_k for c in tiles)
     assert max(errors.values()) < 1e-2, errors
     assert all(0 < t < 5.0 for t in times.values()), times

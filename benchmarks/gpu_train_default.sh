@@ -31,8 +31,8 @@ else
   SRC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 fi
 PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# max_steps is only a bound until the schedule is fitted to the time budget at step 25; the run saves
-# once, at the end. shellcheck disable=SC2086 (TRAIN_ARGS is a list of flags)
+# max_steps is only a bound until the schedule is fitted to the time budget (at step 25, or earlier
+# when a fifth of the budget is gone); the run saves once, at the end. shellcheck disable=SC2086 (TRAIN_ARGS is a list of flags)
 "$PY" -m mtp_engine train --preset "${PRESET:-default}" --source "$SRC" --extra-source "$PURELIB" \
   --extra-max-mb "${EXTRA_MB:-400}" --tokenizer mtp_engine/default_model/tokenizer.model --corpus-dir "$WORK/corpus" \
   --out-dir "$WORK/run" --time-budget-s "${TRAIN_SECONDS:-240}" --schedule-to-budget --no-progress \

@@ -290,7 +290,10 @@ def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int, 
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-_FIT_FROM_STEP, _FIT_AT_STEP = 5, 25
+# The schedule fit times steps 5 to 25 of a run (the first ones compile kernels); on a machine too
+# slow for that, it fits as soon as 2 steps are timed and a fifth of the budget has gone (a budget
+# spent before step 25 left the cosine unfitted: it never decayed).
+_FIT_FROM_STEP, _FIT_AT_STEP, _FIT_BY_SHARE = 5, 25, 0.2
 # Held back from the budget for the evaluations and saves the run makes on its way.
 _FIT_RESERVE = 0.05
 
@@ -527,13 +530,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     fit_from, fit_at = step + _FIT_FROM_STEP, step + _FIT_AT_STEP
     try:
         while step < cfg.max_steps:
-            if fit_schedule and step in (fit_from, fit_at):
-                _sync(device)
+            if fit_schedule and step >= fit_from:
+                _sync(device)   # the host's clock times the device's steps: only in the fitting window
+                now = time.perf_counter()
                 if step == fit_from:   # the first steps compile kernels: time the ones after
-                    fit_start = time.perf_counter()
-                else:
-                    cfg, fitted = _fit_schedule(cfg, step, (time.perf_counter() - fit_start) / (fit_at - fit_from),
-                                                time.perf_counter() - start_time)
+                    fit_start = now
+                elif step == fit_at or (step >= fit_from + 2
+                                        and now - start_time >= _FIT_BY_SHARE * cfg.time_budget_s):
+                    cfg, fitted = _fit_schedule(cfg, step, (now - fit_start) / (step - fit_from), now - start_time)
                     run_log["config"].update(max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
                     run_log["schedule_fit"] = state["schedule_fit"] = fitted
                     progress.total = cfg.max_steps

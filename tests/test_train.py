@@ -515,16 +515,16 @@ def test_a_final_save_cut_short_never_leaves_the_release_copy_as_master_weights(
 
 @pytest.fixture
 def step_clock(monkeypatch):
-    """The training loop's clock, moved 0.05 s by each optimizer step and by nothing else: the
+    """The training loop's clock, moved 1/16 s by each optimizer step and by nothing else: the
     schedule fit and the budget then read the same times however busy the machine is (with the real
-    clock a loaded 2-core box ran out of a 4 s budget before the fit at step 25)."""
+    clock a loaded 2-core box ran out of a 4 s budget before the fit at step 25, as the fit was then)."""
     import mtp_engine.train as train_module
 
-    clock = {"now": 1000.0}
+    clock = {"now": 1024.0}   # (1/16 s steps add up exactly)
     real_step = train_module._optimizer_step
 
     def timed_step(*args, **kwargs):
-        clock["now"] += 0.05
+        clock["now"] += 0.0625
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "_optimizer_step", timed_step)
@@ -532,16 +532,23 @@ def step_clock(monkeypatch):
     return clock
 
 
-def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path, step_clock):
-    """A fresh run with schedule_to_budget times steps 5..25 and sets max_steps from that; the cosine
-    then ends (lr at its floor) on the last step, and the fitted value is in the log for a resume."""
+@pytest.mark.parametrize("by_share,at_step", [(0.2, 7), (1.0, 25)])
+def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path, step_clock, monkeypatch, by_share,
+                                            at_step):
+    """A fresh run with schedule_to_budget times steps 5..25 and sets max_steps from that, or fits
+    earlier (at least 2 steps timed) once a fifth of the budget is gone; the cosine then ends (lr at its
+    floor) on the last step, and the fitted value is in the log for a resume."""
+    import mtp_engine.train as train_module
+
+    monkeypatch.setattr(train_module, "_FIT_BY_SHARE", by_share)
     cfg = tiny_config(source_tree, corpus, tmp_path / "fit", max_steps=100_000, warmup_steps=2, log_every=1,
                       eval_every=100_000, save_every=100_000, time_budget_s=2.0, schedule_to_budget=True)
     log = train(cfg, log=lambda *a: None)
     fitted = log["schedule_fit"]
-    # 0.05 s a step: 1.25 s gone at step 25, and 95% of 2 s leaves 0.65 s, 13 steps (up to rounding).
-    assert fitted["at_step"] == 25 and fitted["step_time_s"] == pytest.approx(0.05)
-    assert fitted["max_steps"] in (37, 38)
+    # 1/16 s a step: a fifth of 2 s is gone at step 7 (or 1.5625 s at step 25), and 95% of 2 s leaves
+    # 23 more steps (5): 30 either way.
+    assert fitted["at_step"] == at_step and fitted["step_time_s"] == 0.0625
+    assert fitted["max_steps"] == 30
     assert log["config"]["max_steps"] == fitted["max_steps"] == log["summary"]["steps"]
     fitted_cfg = TrainConfig(**log["config"])
     last = log["steps"][-1]
@@ -552,7 +559,7 @@ def test_schedule_fitted_to_the_time_budget(source_tree, corpus, tmp_path, step_
 
 
 def test_resumed_run_keeps_the_fitted_schedule(source_tree, corpus, tmp_path, monkeypatch, step_clock):
-    """A run stopped after its schedule fit (step 25) resumes on the fitted max_steps and warmup, from
+    """A run stopped after its schedule fit (step 7: a fifth of the budget) resumes on the fitted max_steps and warmup, from
     trainer_state.json: `train(cfg, resume=True)` with the original cfg, as the CLI's path does."""
     import mtp_engine.train as train_module
 
@@ -566,14 +573,14 @@ def test_resumed_run_keeps_the_fitted_schedule(source_tree, corpus, tmp_path, mo
         if state["step"] == 26 and not final:
             raise Stop
 
-    cfg = tiny_config(source_tree, corpus, tmp_path / "fit", max_steps=100_000, warmup_steps=30, log_every=1,
+    cfg = tiny_config(source_tree, corpus, tmp_path / "fit", max_steps=100_000, warmup_steps=20, log_every=1,
                       eval_every=100_000, save_every=26, time_budget_s=2.0, schedule_to_budget=True)
     monkeypatch.setattr(train_module, "_save", save_then_stop)
     with pytest.raises(Stop):
         train(dataclasses.replace(cfg), log=lambda *a: None)
     monkeypatch.setattr(train_module, "_save", save)
     fitted = json.loads((tmp_path / "fit" / "trainer_state.json").read_text())["schedule_fit"]
-    assert fitted["at_step"] == 25 and fitted["warmup_steps"] == 30 < fitted["max_steps"]   # warmup kept
+    assert fitted["at_step"] == 7 and fitted["warmup_steps"] == 20 < fitted["max_steps"]   # warmup kept
     log = train(dataclasses.replace(cfg), resume=True, log=lambda *a: None)
     fitted_cfg = dataclasses.replace(cfg, max_steps=fitted["max_steps"], warmup_steps=fitted["warmup_steps"])
     assert log["config"]["max_steps"] == fitted["max_steps"] and log["schedule_fit"] == fitted

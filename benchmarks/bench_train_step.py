@@ -1,10 +1,14 @@
-"""One training step (forward, the fused n-head loss, backward) eager against torch.compile.
+"""One training step (forward, the fused n-head loss, backward) eager, with activation checkpointing,
+and under torch.compile.
 
     python benchmarks/bench_train_step.py [--out DIR] [--backend inductor] [--tiny]
 
 What `mtp train --compile` changes: the step of `MTPTrainModel` (batched heads) as one
 `torch.compile(fullgraph=True)` graph, the Triton kernels (loss, RMSNorm, flash attention) inside it
-as custom ops, against the same module called eagerly. bf16 autocast over float32 master weights
+as custom ops, against the same module called eagerly. What `mtp train --activation-checkpointing`
+costs and saves: the eager step with every block checkpointed (its forward run again in the
+backward), timed, with the bytes autograd keeps between forward and backward counted for both eager
+steps (common.saved_activation_bytes). bf16 autocast over float32 master weights
 on CUDA, as `mtp train` runs; float32 on a CPU. The timed call is forward + backward with the
 gradients set to None before it (the optimizer step is the same for both and left out).
 Each contender is timed with benchmarks/common.time_and_peak (two warm-up calls, the compile among
@@ -60,7 +64,7 @@ def _linears(block):
 
 def measure(name: str, fields: dict, batch: int, seq_len: int, n_future: int, device: torch.device, backend: str,
             rate: float, rep_ms: float) -> dict:
-    """Eager and compiled steps of one model (made here, freed on return)."""
+    """Eager, checkpointed and compiled steps of one model (made here, freed on return)."""
     import torch._dynamo
 
     from mtp_engine.model import ModelArgs, Transformer
@@ -102,18 +106,26 @@ def measure(name: str, fields: dict, batch: int, seq_len: int, n_future: int, de
         entry["first_compiled_call_s"] = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - recorded; the eager row still runs
         entry["compile_error"] = f"{type(err).__name__}: {err}"[:2000]
-    for label, fn in (("eager", module), ("compiled", compiled)):
+    for label, fn in (("eager", module), ("checkpointed", module), ("compiled", compiled)):
         if label == "compiled" and "compile_error" in entry:
             entry[label] = {"status": "error", "error": entry["compile_error"]}
             continue
+        model.set_activation_checkpointing(label == "checkpointed")
         timed = common.time_and_peak(step(fn), no_grads, device=device, rep_ms=rep_ms)
         entry[label] = {key: timed.get(key) for key in ("status", "ms", "peak_mib", "error") if key in timed}
         if timed["status"] == "ok":
             entry[label]["loss"] = float(timed["result"])
             entry[label]["vs_floor"] = timed["ms"] / entry["floor_ms"]
             entry[label]["tokens_per_s"] = batch * seq_len / (timed["ms"] * 1e-3)
+        if timed["status"] == "ok":
+            with autocast:
+                entry[label]["saved_mib"] = common.saved_activation_bytes(module, lambda: fn(tokens)) / common.MIB
+        no_grads()
+    model.set_activation_checkpointing(False)
     if entry["eager"]["status"] == entry["compiled"]["status"] == "ok":
         entry["speedup"] = entry["eager"]["ms"] / entry["compiled"]["ms"]
+    if entry["eager"]["status"] == entry["checkpointed"]["status"] == "ok":
+        entry["checkpointed_slowdown"] = entry["checkpointed"]["ms"] / entry["eager"]["ms"]
     return entry
 
 
@@ -141,7 +153,7 @@ def _cell(entry: dict, key: str):
 def to_markdown(result: dict) -> str:
     env, ceil = result["env"], result["ceilings"]
     precision = "bf16 autocast over float32 weights" if result["autocast"] else "float32"
-    lines = [f"# Training step, eager against torch.compile on {env['device']} ({precision})", "",
+    lines = [f"# Training step: eager, activation checkpointing, torch.compile on {env['device']} ({precision})", "",
              f"`benchmarks/bench_train_step.py`: forward + fused n-head loss + backward of `MTPTrainModel` "
              f"(batched heads), median ms (`common.time_and_peak`); compiled with backend `{result['backend']}`, "
              f"fullgraph. Floor: the step's matmul FLOPs at the matmul rate measured in this run "
@@ -159,9 +171,23 @@ def to_markdown(result: dict) -> str:
                      c.get("first_compiled_call_s", "-")])
     lines.append(common.markdown_table(headers, rows))
     lines += ["", "speedup = eager ms / compiled ms. Peak: memory above what was allocated before the call "
-              "(CUDA only). path: the kernels that ran (reference = torch ops, as on a CPU)."]
+              "(CUDA only). path: the kernels that ran (reference = torch ops, as on a CPU).", "",
+              "Activation checkpointing (`mtp train --activation-checkpointing`: every block's forward runs "
+              "again in the backward), eager. Kept MiB: what autograd holds between forward and backward, "
+              "parameters left out (`common.saved_activation_bytes`); not the peak, which adds what the step "
+              "holds for a moment (the loss's logit scratch, the backward's tensors).", ""]
+    headers = ["model", "eager ms", "checkpointed ms", "checkpointed / eager", "checkpointed / floor",
+               "eager kept MiB", "checkpointed kept MiB", "compiled kept MiB", "eager peak MiB",
+               "checkpointed peak MiB"]
+    rows = []
+    for c in result["configs"]:
+        e, a, k = c["eager"], c["checkpointed"], c["compiled"]
+        rows.append([c["config"], _cell(e, "ms"), _cell(a, "ms"), c.get("checkpointed_slowdown", "-"),
+                     _cell(a, "vs_floor"), e.get("saved_mib", "-"), a.get("saved_mib", "-"), k.get("saved_mib", "-"),
+                     _cell(e, "peak_mib"), _cell(a, "peak_mib")])
+    lines.append(common.markdown_table(headers, rows))
     errors = [f"{c['config']} {label}: {c[label].get('error')}" for c in result["configs"]
-              for label in ("eager", "compiled") if c[label]["status"] != "ok"]
+              for label in ("eager", "checkpointed", "compiled") if c[label]["status"] != "ok"]
     if errors:
         lines += ["", "Failures:", *[f"- {e}" for e in errors]]
     return "\n".join(lines) + "\n"

@@ -155,6 +155,25 @@ def _cpu_median_ms(call: Callable[[], Any], rep_ms: float, min_runs: int = 3, ma
     return statistics.median(samples)
 
 
+def saved_activation_bytes(module: torch.nn.Module, fn: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for the backward while `fn` (a forward) runs: the distinct storages its
+    saved tensors use, the module's parameters left out. The same count on every device; not the
+    peak, which adds what a step holds for a moment (the fused loss's logit scratch, the backward's
+    own tensors). A checkpointed region's inner tensors go to the checkpoint's own hooks, which keep
+    none; a compiled graph's saved tensors (what its partitioner chose) pass through these hooks too."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
 def time_and_peak(
     fn: Callable[[], Any],
     setup: Optional[Callable[[], Any]] = None,

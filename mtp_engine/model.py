@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mtp_kernels import add_rms_norm, rms_norm, rope_cache_write, swiglu
@@ -317,6 +318,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        # Activation checkpointing (Transformer.set_activation_checkpointing): a plain attribute, so
+        # the state dict and the checkpoint files do not change.
+        self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None,
                 delta: Optional[torch.Tensor] = None, unadded: bool = False):
@@ -324,12 +328,23 @@ class TransformerBlock(nn.Module):
         a pair (h, delta') whose sum is the output: the last residual add is then left to the next
         norm, which does it in the same pass (add_rms_norm: one kernel on a GPU without autograd), as
         the add before ffn_norm is. (Blocks are called, not their methods, so that module hooks,
-        FSDP's among them, run.)"""
+        FSDP's among them, run.)
+        With checkpoint_activations set, a forward under autograd keeps only the block's inputs for
+        the backward, which runs the block's forward again first (torch.utils.checkpoint, the
+        non-reentrant kind that DDP, FSDP2 and torch.compile take). The block draws no random numbers,
+        so no RNG state is saved for the second run."""
         if step is not None and not torch.is_grad_enabled():
             attention, ffn = self.attention, self.feed_forward
             wqkv, w13 = rows_view(attention.wq, attention.wk, attention.wv), rows_view(ffn.w1, ffn.w3)
             if wqkv is not None and w13 is not None and attention.cache is not None:
                 return self._cached_step(x, delta, freqs_cis, step, wqkv, w13, unadded)
+        if self.checkpoint_activations and step is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, freqs_cis, None, delta, unadded,
+                                                     use_reentrant=False, preserve_rng_state=False)
+        return self._forward(x, freqs_cis, step, delta, unadded)
+
+    def _forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep],
+                 delta: Optional[torch.Tensor], unadded: bool):
         if delta is None:
             normed = self.attention_norm(x)
         else:
@@ -392,6 +407,22 @@ class Transformer(nn.Module):
 
     def blocks(self) -> list:
         return [*self.layers, *self.extra_heads]
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint every block's activations in training forwards (TransformerBlock.forward): the
+        backward recomputes each block's forward from its input, so the activations kept between
+        forward and backward are one (B, T, D) input per block instead of everything each block
+        computes (q, k, v, the attention output and its log-sum-exp, the norms, the feed-forward's
+        2 x ffn_dim), for one more forward of the blocks. What the step keeps beside the blocks' inputs
+        is unchanged: the final norm's input over the stacked heads and the fused loss's gradients (dH,
+        n x B x T x D, and dW). The same ops run on the same inputs: the same results and gradients,
+        bit for bit on the CPU. Forward hooks on a block's submodules run twice per step (forward and
+        recompute); hooks on the block itself, FSDP's among them, once. Inference (no autograd, or a
+        KV-cache step) is not affected."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be True or False, got {enabled!r}")
+        for block in self.blocks():
+            block.checkpoint_activations = enabled
 
     def fuse_projections(self) -> None:
         """Lay out each block's wq/wk/wv and w1/w3 weights back to back, so that inference
@@ -480,6 +511,14 @@ class Transformer(nn.Module):
         return h, delta
 
     def _trunk(self, tokens: torch.Tensor, freqs_cis: torch.Tensor, step: Optional[CacheStep] = None):
+        """The trunk's output (B, T, D). Under autograd each block adds its own residual (the next
+        block's add + norm is a plain add and a norm there anyway, the same ops in the same order), so
+        a checkpointed block keeps one input, not the unadded pair."""
+        if torch.is_grad_enabled():
+            h = self.tok_embeddings(tokens)
+            for layer in self.trunk:
+                h = layer(h, freqs_cis, step)
+            return h
         h, delta = self._trunk_parts(tokens, freqs_cis, step)
         return h if delta is None else h + delta
 

@@ -80,6 +80,9 @@ class TrainConfig:
     # or "aot_eager" (no C++ compiler needed); None (or "none"): eager. Under FSDP or the sequential
     # head schedule each block is compiled instead of the step.
     compile: Optional[str] = None
+    # Recompute each block's forward in the backward instead of keeping its activations
+    # (Transformer.set_activation_checkpointing): less memory for a longer step. May change on resume.
+    activation_checkpointing: bool = False
     time_budget_s: Optional[float] = None   # stop (and save) after this much training time
     # With time_budget_s, a fresh run times its first steps and sets max_steps so that the cosine
     # schedule ends when the budget does (a GPU lease of unknown speed); the log records the value,
@@ -148,6 +151,8 @@ class TrainConfig:
                              "use it with distributed 'none' or 'ddp'")
         if self.compile is not None:
             check_compile_backend(self.compile)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be True or False, got {self.activation_checkpointing!r}")
         if self.schedule_to_budget and (self.time_budget_s is None or self.distributed != "none"):
             raise ValueError("schedule_to_budget needs time_budget_s and a single process (distributed 'none')")
         if self.export_dtype not in _EXPORT_DTYPES:
@@ -473,6 +478,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
 
     torch.manual_seed(cfg.seed)
     model, state = _load_or_build_model(cfg, out, saved_state, resume, corpus, device, log)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     module = MTPTrainModel(model, cfg.head_weights)
     # FSDP gathers each block's shards in hooks around the block, and the sequential schedule runs a
     # backward per head inside its step: there each block is compiled on its own (before the sharding,
@@ -501,6 +507,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, preset: Optional[st
     if cfg.compile:
         log(f"{'each block' if compile_blocks else 'the training step'} compiled with torch.compile (backend "
             f"{cfg.compile}): the first step includes the compile")
+    if cfg.activation_checkpointing:
+        log("activation checkpointing: each block's forward runs again in the backward")
 
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     world = env.world_size if env is not None else 1
@@ -869,6 +877,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "aot_eager; the whole training step, or each block under FSDP or the "
                                      "sequential head schedule. none (the default): eager. --resume keeps the "
                                      "run's own unless given")
+        elif f.name == "activation_checkpointing":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help="recompute each block's forward in the backward instead of keeping its "
+                                     "activations: less memory, about one more forward of the blocks per step "
+                                     "(default off; --resume keeps the run's own unless given)")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                                 help="no progress bar")
@@ -908,7 +921,7 @@ def shorter_warmup(warmup_steps: int, steps: int, given_steps) -> int:
 # source folder may move (its files are rebuilt into the cache with the run's own tokenizer, and a
 # resume that finds other token counts says the corpus changed).
 RESUMABLE = frozenset({"out_dir", "max_steps", "time_budget_s", "eval_every", "save_every", "log_every", "progress",
-                       "device", "source", "compile"})
+                       "device", "source", "compile", "activation_checkpointing"})
 _PATHS = ("corpus_dir", "source", "tokenizer", "out_dir")
 
 

@@ -138,8 +138,12 @@ def test_bench_train_step_tiny(tmp_path):
     result = json.loads((tmp_path / "train_step_cpu_tiny.json").read_text())
     assert (tmp_path / "train_step_cpu_tiny.md").exists() and result["backend"] == "aot_eager"
     (config,) = result["configs"]
-    assert config["eager"]["status"] == config["compiled"]["status"] == "ok", config
+    assert config["eager"]["status"] == config["compiled"]["status"] == config["checkpointed"]["status"] == "ok", config
     assert config["compiled"]["loss"] == pytest.approx(config["eager"]["loss"], rel=1e-5)
+    # activation checkpointing: the same loss, far less kept for the backward, a slower step
+    assert config["checkpointed"]["loss"] == config["eager"]["loss"]
+    assert 0 < config["checkpointed"]["saved_mib"] < 0.5 * config["eager"]["saved_mib"]
+    assert config["checkpointed_slowdown"] > 0 and "| checkpointed / eager |" in out
     assert config["speedup"] > 0 and config["floor_ms"] > 0 and config["first_compiled_call_s"] > 0
     # 6 x tokens x (4 blocks' projections + 2 x the unembedding) + the attention term
     dim, hidden, vocab, tokens = 32, 128, 512, 2 * 64   # (hidden: 2/3 of 4 dim up to a multiple of 64)

@@ -761,6 +761,38 @@ def test_compile_flag_is_checked_and_may_change_on_resume(source_tree, corpus, t
         assert resumed_config(absolute_paths(config_from_args(args)), given | {"out_dir"}).compile == want
 
 
+def test_activation_checkpointing_trains_like_the_plain_run_and_may_change_on_resume(source_tree, corpus, tmp_path):
+    """--activation-checkpointing: the same losses, gradient norms and evaluation as the plain run, step
+    for step (both head schedules); the flag is checked, parses both ways, and a resumed run may turn
+    it on or off."""
+    logs = {}
+    for schedule in ("batched", "sequential"):
+        for checkpointed in (False, True):
+            cfg = tiny_config(source_tree, corpus, tmp_path / f"{schedule}{checkpointed}", max_steps=3, log_every=1,
+                              eval_every=3, save_every=3, head_schedule=schedule,
+                              activation_checkpointing=checkpointed)
+            said = []
+            log = train(cfg, log=said.append)
+            assert any("activation checkpointing" in line for line in said) == checkpointed
+            logs[schedule, checkpointed] = ([(e["loss"], e["grad_norm"]) for e in log["steps"]]
+                                            + [tuple(log["summary"]["final_eval"]["loss"])])
+        assert len(logs[schedule, True]) == 4
+        for got, want in zip(logs[schedule, True], logs[schedule, False]):
+            assert got == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="activation_checkpointing must be True or False, got 'yes'"):
+        tiny_config(source_tree, corpus, tmp_path, activation_checkpointing="yes").validate()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, want in (([], False), (["--activation-checkpointing"], True), (["--no-activation-checkpointing"], False)):
+        assert config_from_args(parser.parse_args(["--preset", "tiny"] + flags)).activation_checkpointing is want
+    out = str(tmp_path / "batchedTrue")
+    for flags, want in (([], True), (["--no-activation-checkpointing"], False)):
+        args = parser.parse_args(["--preset", "tiny", "--resume", "--out-dir", out] + flags)
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+        assert resumed_config(absolute_paths(config_from_args(args)), given | {"out_dir"}).activation_checkpointing \
+            is want
+
+
 def test_bad_config_is_a_clear_error(source_tree, corpus, tmp_path):
     with pytest.raises(ValueError, match="head_schedule"):
         tiny_config(source_tree, corpus, tmp_path, head_schedule="zigzag").validate()
@@ -838,37 +870,42 @@ def test_mtp_train_under_torchrun_two_processes(source_tree, corpus, tmp_path, s
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_compiled_training_under_torchrun_trains_like_eager(source_tree, corpus, tmp_path, strategy):
-    """`mtp train --distributed ddp|fsdp --compile aot_eager` under torchrun (gloo, 2 CPU processes):
-    the same losses, gradient norms and held-out evaluation as the eager run, step for step (DDP: the
-    step compiled, its own forward a graph break; FSDP: each block compiled, the gathers between)."""
+def test_compiled_and_checkpointed_training_under_torchrun_trains_like_eager(source_tree, corpus, tmp_path, strategy):
+    """`mtp train --distributed ddp|fsdp` under torchrun (gloo, 2 CPU processes) with `--compile
+    aot_eager`, and with `--activation-checkpointing`: the same losses, gradient norms and held-out
+    evaluation as the eager run, step for step (DDP: the step compiled, its own forward a graph break;
+    FSDP: each block compiled, the gathers between; checkpointed blocks recompute inside FSDP's
+    gathers around each block's backward)."""
     import os
     import socket
     import subprocess
     import sys
 
     logs = {}
-    for backend in (None, "aot_eager"):
+    for variant, flags in (("eager", []), ("compiled", ["--compile", "aot_eager"]),
+                           ("checkpointed", ["--activation-checkpointing"])):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
-        out = tmp_path / str(backend)
+        out = tmp_path / variant
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                    "-m", "mtp_engine", "train", "--preset", "tiny", "--source", str(source_tree), "--corpus-dir",
                    str(corpus.dir), "--vocab-size", "400", "--seq-len", "48", "--out-dir", str(out), "--no-progress",
                    "--distributed", strategy, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
-                   "--save-every", "3"] + (["--compile", backend] if backend else [])
+                   "--save-every", "3"] + flags
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert ("compiled with torch.compile" in proc.stdout) == (backend is not None)
+        assert ("compiled with torch.compile" in proc.stdout) == (variant == "compiled")
+        assert ("activation checkpointing:" in proc.stdout) == (variant == "checkpointed")
         log = json.loads((out / "train_log.json").read_text())
-        assert (log["summary"].get("compiled_graphs", 0) >= 1) == (backend is not None)
-        logs[backend] = ([(e["loss"], e["grad_norm"]) for e in log["steps"]]
+        assert (log["summary"].get("compiled_graphs", 0) >= 1) == (variant == "compiled")
+        logs[variant] = ([(e["loss"], e["grad_norm"]) for e in log["steps"]]
                          + [tuple(log["summary"]["final_eval"]["loss"])])
-    assert len(logs[None]) == 4
-    for got, want in zip(logs["aot_eager"], logs[None]):
-        assert got == pytest.approx(want, rel=1e-5)
+    assert len(logs["eager"]) == 4
+    for variant in ("compiled", "checkpointed"):
+        for got, want in zip(logs[variant], logs["eager"]):
+            assert got == pytest.approx(want, rel=1e-5), variant
 
 
 def test_a_run_shorter_than_the_warmup_keeps_the_presets_warmup_share(monkeypatch):

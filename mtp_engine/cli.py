@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most "
                                + ", ".join(f"{n} tree tokens per forward on {d}" for d, n in DEFAULT_TREE_TOKENS.items())
                                + "), built from the checkpoint's tree.json rates when it has one")
+    complete.add_argument("--stream", action="store_true",
+                          help="print the completion as it is generated (one --prompt); a speculative step "
+                               "prints all the tokens it accepted at once")
     complete.set_defaults(run=run_complete)
 
     demo = sub.add_parser(
@@ -124,14 +127,20 @@ def run_complete(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative is None and (args.heads is not None or args.tree is not None):
         raise ValueError("--heads and --tree need --speculative chain|tree")
+    if args.stream and len(args.prompt) != 1:
+        raise ValueError(f"--stream prints one completion as it is generated: give one --prompt, not "
+                         f"{len(args.prompt)}")
     tree = None if args.tree is None else tree_argument(args.tree)
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
                         max_batch_size=len(args.prompt) if args.max_batch_size is None else args.max_batch_size,
                         device=args.device, dtype=args.dtype, seed=args.seed)
+    on_tokens = _stream_printer(llama.tokenizer, args.prompt[0]) if args.stream else None
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
                                     max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
-                                    tree=tree)
-    for prompt, result in zip(args.prompt, results):
+                                    tree=tree, on_tokens=on_tokens)
+    if args.stream:
+        print("\n")
+    for prompt, result in zip(args.prompt, [] if args.stream else results):
         print(prompt)
         print(f"> {result['generation']}")
         print()
@@ -141,6 +150,20 @@ def run_complete(args: argparse.Namespace) -> int:
         print(f"[note] {full} of {len(args.prompt)} sequence(s) stopped at --max-seq-len {args.max_seq_len} "
               f"(prompt + generated tokens) before --max-gen-len {args.max_gen_len}")
     return 0
+
+
+def _stream_printer(tokenizer, prompt: str):
+    """`mtp complete --stream`: prints the prompt, then returns generate's on_tokens, which prints the
+    completion's text as its tokens arrive (tokenizer.TextStream)."""
+    from .tokenizer import TextStream
+
+    text = TextStream(tokenizer)
+    print(prompt)
+    print("> ", end="", flush=True)
+
+    def on_tokens(index, new_tokens, finish):
+        print(text.push(new_tokens) + (text.finish() if finish else ""), end="", flush=True)
+    return on_tokens
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -76,6 +76,8 @@ class SequenceState:
     tokens: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
     produced: int = 0   # tokens produced, eos included
+    streamed: int = 0   # tokens handed to generate's on_tokens so far
+    told_finish: bool = False   # on_tokens has been given the finish reason
     forwards: int = 0   # forwards that produced tokens for this sequence
     finish: Optional[str] = None
 
@@ -212,7 +214,7 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
-                 seed=None, eos_id=None, logprobs: bool = False) -> GenerationResult:
+                 seed=None, eos_id=None, logprobs: bool = False, on_tokens=None) -> GenerationResult:
         """Continue every prompt; prompts may differ in length.
 
         prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, seed and
@@ -247,7 +249,17 @@ class Generator:
         break differently, and the continuations differ after that. The same holds for a prompt
         alone against it in a batch (other rows, other padding). The tests' random models have no
         such ties; a bf16 model meets them now and then.
+
+        on_tokens: None, or a function called on the host right after each forward, once for every
+        prompt that got tokens from it or finished: on_tokens(index, new_tokens, finish), index the
+        prompt's place in prompt_tokens, new_tokens the token ids it kept from that forward (eos is
+        not kept), finish None or its finish reason ("eos", "max_gen_len", "max_seq_len") once it is
+        done. A speculative forward hands over all the tokens it accepted at once. The tokens are on
+        the host by then (each step's one sync), so streaming costs the function's own time, which
+        counts in the wall time; what it raises ends generate.
         """
+        if on_tokens is not None and not callable(on_tokens):
+            raise ValueError(f"on_tokens must be a function (index, new_tokens, finish) or None, got {on_tokens!r}")
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
         dtype = self.model.output.weight.dtype
@@ -302,13 +314,15 @@ class Generator:
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
+        stream = (lambda: _hand_over(seqs, order, on_tokens)) if on_tokens is not None else (lambda: None)
+        stream()   # prompts with no room or no tokens asked for are done already
         if not all(s.done for s in seqs):
             if tree_spec is None:
                 forwards, prefill_time, prompt_lp = self._run_plain(
-                    prompts, seqs, sampling, logprobs, start)
+                    prompts, seqs, sampling, logprobs, start, stream)
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
-                    prompts, seqs, tree_spec, sampling, logprobs, start)
+                    prompts, seqs, tree_spec, sampling, logprobs, start, stream)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
                 _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
@@ -344,9 +358,10 @@ class Generator:
             prompt_logprobs=prompt_lp)
 
     # ------------------------------------------------------------------ plain decoding
-    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start):
+    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start, stream):
         """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
-        seed and the new token's position. Returns (forwards, prefill_time, prompt_logprobs)."""
+        seed and the new token's position; stream() after each forward hands the new tokens to
+        generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
         forwards = 1
         prefill_time = time.perf_counter() - start
@@ -358,6 +373,7 @@ class Generator:
                 if not seqs[b].done:
                     seqs[b].forwards += 1
                     seqs[b].accept(tok, lps[b] if lps else None)
+            stream()
             live = [not s.done for s in seqs]
             if not any(live):
                 break
@@ -399,7 +415,7 @@ class Generator:
 
     # ------------------------------------------------------------------ self-speculative decoding
     def _run_speculative(self, prompts, seqs, tree: TokenTree, sampling: Optional[RowSampling], want_logprobs,
-                         start):
+                         start, stream):
         """Draft with heads 1.., verify a whole token tree per forward with head 0.
 
         Prefill runs every head: at the last prompt position head 0 gives the first token (the
@@ -438,6 +454,7 @@ class Generator:
             if not seqs[b].done:
                 seqs[b].forwards += 1
                 seqs[b].accept(tok, lps[b] if lps else None)
+        stream()
         forwards = 1
         prefill_time = time.perf_counter() - start
 
@@ -474,6 +491,7 @@ class Generator:
                         break
                     seq.accept(emitted[j], step_lps[b][j] if step_lps else None)
                 counters.add(accept_len - 1)
+            stream()
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
     # ------------------------------------------------------------------ steps
@@ -842,6 +860,17 @@ def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
     }
 
 
+def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens) -> None:
+    """generate's on_tokens for every sequence (rows in length order; order[row] is its caller's
+    index) with tokens it has not handed over yet or a finish it has not told."""
+    for row, seq in enumerate(seqs):
+        new = seq.tokens[seq.streamed:]
+        if new or (seq.done and not seq.told_finish):
+            seq.streamed = len(seq.tokens)
+            seq.told_finish = seq.done
+            on_tokens(order[row], new, seq.finish)
+
+
 def _in_caller_order(items: list, order: List[int]) -> list:
     """items[k] belongs to the caller's row order[k]: the list in the caller's row order."""
     out = [None] * len(items)
@@ -950,14 +979,15 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
-                 speculative: Optional[str] = None, heads: Optional[int] = None, tree=None):
+                 speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree (keyword-only, not in the release): as in Generator.generate.
+        speculative, heads, tree, on_tokens (keyword-only, not in the release): as in
+        Generator.generate (on_tokens gets the generated tokens only, echo or not).
         One difference: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos); only generated tokens stop at eos."""
         res = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
-                                      tree=tree)
+                                      tree=tree, on_tokens=on_tokens)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -969,16 +999,18 @@ class Llama:
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
-                        speculative: Optional[str] = None, heads: Optional[int] = None, tree=None) -> List[dict]:
+                        speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
+                        on_tokens=None) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
-        speculative, heads, tree: self-speculative decoding, as in Generator.generate."""
+        speculative, heads, tree: self-speculative decoding, as in Generator.generate; on_tokens too
+        (token ids as they come: `tokenizer.TextStream` turns them into text pieces)."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single str")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                                    speculative=speculative, heads=heads, tree=tree)
+                                    speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens)
         if logprobs:
             return [{"generation": self.tokenizer.decode(t),
                      "tokens": [self.tokenizer.decode([x]) for x in t],

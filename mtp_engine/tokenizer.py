@@ -107,6 +107,42 @@ class Tokenizer:
         return f"Tokenizer({self.model_path!r}, n_words={self.n_words})"
 
 
+class TextStream:
+    """The text a growing token sequence adds, piece by piece, for printing tokens as they arrive.
+
+        stream = TextStream(tokenizer)
+        for ids in new_ids_per_step: print(stream.push(ids), end="", flush=True)
+        print(stream.finish())
+
+    SentencePiece decodes a sequence as a whole: a word's leading space depends on what comes before
+    it, and byte-fallback pieces spell one UTF-8 character together. So each push decodes all the ids
+    so far and returns what extends the text returned before. A character still missing bytes decodes
+    as U+FFFD: it is held back until its last byte arrives (or `finish`). The pieces returned add up
+    to `decode(all ids)` as long as decoding more ids only extends the text, as SentencePiece's decode
+    does beyond those held-back characters (tested on every token of the default tokenizer); text
+    that would rewrite what was already returned is not returned. Each push decodes everything so
+    far: quadratic in the length, but C++ work."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.text = ""   # what push has returned so far
+
+    def push(self, ids: Iterable[int]) -> str:
+        self.ids.extend(ids)
+        return self._extend(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> str:
+        """What is left: characters held back for their missing bytes (decoded as U+FFFD)."""
+        return self._extend(self.tokenizer.decode(self.ids))
+
+    def _extend(self, text: str) -> str:
+        if not text.startswith(self.text):
+            return ""
+        added, self.text = text[len(self.text):], text
+        return added
+
+
 def _token_id(value) -> int:
     """A token id as a Python int: ints, numpy and torch integer scalars; a float or a bool is a
     ValueError (int() would truncate 300.9 to another token, silently)."""

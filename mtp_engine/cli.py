@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "of paths such as '[[0], [1], [0, 0]]'; default: sized to the batch (at most "
                                + ", ".join(f"{n} tree tokens per forward on {d}" for d, n in DEFAULT_TREE_TOKENS.items())
                                + "), built from the checkpoint's tree.json rates when it has one")
+    complete.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="end a completion where its text reaches TEXT (repeatable; \\n and \\t in TEXT "
+                               "are a newline and a tab), e.g. --stop '\\n\\n' --stop '\\ndef '")
     complete.add_argument("--stream", action="store_true",
                           help="print the completion as it is generated (one --prompt); a speculative step "
                                "prints all the tokens it accepted at once")
@@ -134,10 +138,11 @@ def run_complete(args: argparse.Namespace) -> int:
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
                         max_batch_size=len(args.prompt) if args.max_batch_size is None else args.max_batch_size,
                         device=args.device, dtype=args.dtype, seed=args.seed)
-    on_tokens = _stream_printer(llama.tokenizer, args.prompt[0]) if args.stream else None
+    stop = None if args.stop is None else [_unescape(text) for text in args.stop]
+    on_tokens = _stream_printer(llama.tokenizer, args.prompt[0], stop or ()) if args.stream else None
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p,
                                     max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
-                                    tree=tree, on_tokens=on_tokens)
+                                    tree=tree, on_tokens=on_tokens, stop=stop)
     if args.stream:
         print("\n")
     for prompt, result in zip(args.prompt, [] if args.stream else results):
@@ -152,17 +157,31 @@ def run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_printer(tokenizer, prompt: str):
+def _unescape(text: str) -> str:
+    """--stop's TEXT: backslash-n and backslash-t as a newline and a tab (a shell passes them as
+    typed), a doubled backslash as one; everything else as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def _stream_printer(tokenizer, prompt: str, stop=()):
     """`mtp complete --stream`: prints the prompt, then returns generate's on_tokens, which prints the
-    completion's text as its tokens arrive (tokenizer.TextStream)."""
+    completion's text as its tokens arrive (tokenizer.TextStream). With stop strings it holds back
+    the last characters that could begin one, and prints nothing from a stop string on."""
+    from .generate import first_stop
     from .tokenizer import TextStream
 
     text = TextStream(tokenizer)
+    held = max(map(len, stop), default=1) - 1
+    shown = [0, ""]   # characters printed, the text so far
     print(prompt)
     print("> ", end="", flush=True)
 
     def on_tokens(index, new_tokens, finish):
-        print(text.push(new_tokens) + (text.finish() if finish else ""), end="", flush=True)
+        shown[1] += text.push(new_tokens) + (text.finish() if finish else "")
+        at = first_stop(shown[1], stop) if stop else None
+        end = at if at is not None else len(shown[1]) if finish else max(shown[0], len(shown[1]) - held)
+        print(shown[1][shown[0]:end], end="", flush=True)
+        shown[0] = max(shown[0], end)
     return on_tokens
 
 

@@ -44,8 +44,9 @@ from .speculative import token_tree as speculative_tree
 class GenerationResult:
     """tokens[b]: generated ids of prompt b (eos excluded); text[b]: their decoding (None without a tokenizer).
 
-    finish_reasons[b]: "eos", "max_gen_len", or "max_seq_len" (the cache was full; a prompt of
-    max_seq_len tokens generates nothing).
+    finish_reasons[b]: "eos", "stop" (its text reached one of generate's stop strings: tokens[b]
+    ends with the token that completed it, text[b] ends before it), "max_gen_len", or "max_seq_len"
+    (the cache was full; a prompt of max_seq_len tokens generates nothing).
     logprobs[b] / prompt_logprobs[b]: only when generate(logprobs=True); prompt_logprobs[b][0] is 0.0
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
@@ -78,6 +79,9 @@ class SequenceState:
     produced: int = 0   # tokens produced, eos included
     streamed: int = 0   # tokens handed to generate's on_tokens so far
     told_finish: bool = False   # on_tokens has been given the finish reason
+    stop: Tuple[str, ...] = ()   # stop strings (generate's stop)
+    checked: Tuple[int, int] = (0, 0)   # (tokens, characters of their text) searched for them so far
+    stop_char: Optional[int] = None   # where the first stop string begins in the text of `tokens`
     forwards: int = 0   # forwards that produced tokens for this sequence
     finish: Optional[str] = None
 
@@ -97,9 +101,35 @@ class SequenceState:
         if len(self.tokens) >= self.limit:
             self.finish = "max_gen_len" if self.limit_is_gen_len else "max_seq_len"
 
+    def check_stop(self, decode) -> None:
+        """After a forward: if the text of the tokens (decode(ids) -> str) now holds a stop string,
+        keep the tokens up to the one that completed the first one (a speculative step may have
+        accepted more, and an eos or the limit may have come after it), finish with "stop" and note
+        where the string begins (stop_char). Searches only the text the new tokens can reach."""
+        if not self.stop or len(self.tokens) == self.checked[0]:
+            return
+        tokens, chars = self.checked
+        start = max(0, chars - max(map(len, self.stop)) + 1)
+        text = decode(self.tokens)
+        if first_stop(text, self.stop, start) is None:
+            self.checked = (len(self.tokens), len(text))
+            return
+        for end in range(tokens + 1, len(self.tokens) + 1):   # the token that completed it
+            at = first_stop(decode(self.tokens[:end]), self.stop, start)
+            if at is not None:
+                del self.tokens[end:], self.logprobs[end:]
+                self.finish, self.stop_char = "stop", at
+                return
+
 
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the token selection kernels' dtypes
-FINISH_REASONS = ("eos", "max_gen_len", "max_seq_len")
+FINISH_REASONS = ("eos", "stop", "max_gen_len", "max_seq_len")
+
+
+def first_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]:
+    """Where the first of the stop strings found in text[start:] begins, or None."""
+    found = [at for at in (text.find(stop, start) for stop in stops) if at >= 0]
+    return min(found) if found else None
 # The float32 log-softmax a prefill's prompt log-probs take at once (logprobs=True): a batch of 8
 # prompts of 4096 tokens at V 32000 would otherwise hold 4.2 GB of it.
 PROMPT_LOGPROB_BYTES = 1 << 28
@@ -214,7 +244,7 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
-                 seed=None, eos_id=None, logprobs: bool = False, on_tokens=None) -> GenerationResult:
+                 seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None) -> GenerationResult:
         """Continue every prompt; prompts may differ in length.
 
         prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, seed and
@@ -257,6 +287,11 @@ class Generator:
         done. A speculative forward hands over all the tokens it accepted at once. The tokens are on
         the host by then (each step's one sync), so streaming costs the function's own time, which
         counts in the wall time; what it raises ends generate.
+        stop: strings that end a completion once its text holds one (finish "stop"; needs the
+        tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
+        per prompt. Its tokens end with the one that completed the string (a speculative step's later
+        tokens are dropped) and its text ends before the string. Checked on the host after each
+        forward, by decoding the completion: streamed tokens are handed over after that check.
         """
         if on_tokens is not None and not callable(on_tokens):
             raise ValueError(f"on_tokens must be a function (index, new_tokens, finish) or None, got {on_tokens!r}")
@@ -282,6 +317,7 @@ class Generator:
         prompts = [prompts[b] for b in order]
         tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
         eos_ids = [self._resolve_eos(e, label) for e, label in zip(*per_prompt_values(eos_id, len(order), "eos_id"))]
+        stops = self._check_stop(stop, len(order))
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
         if self._graphs is not None:
             self._graphs.start_call()
@@ -290,7 +326,7 @@ class Generator:
         for b, p in zip(order, prompts):
             room, gen_len = self.max_seq_len - len(p), gen_lens[b]
             seq = SequenceState(prompt=p, limit=min(gen_len, room), limit_is_gen_len=gen_len <= room,
-                                eos_id=eos_ids[b])
+                                eos_id=eos_ids[b], stop=stops[b])
             if seq.limit == 0:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
@@ -314,7 +350,13 @@ class Generator:
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
-        stream = (lambda: _hand_over(seqs, order, on_tokens)) if on_tokens is not None else (lambda: None)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+
+        def stream():   # after each forward: stop strings, then the tokens handed over
+            for seq in seqs:
+                seq.check_stop(decode)
+            if on_tokens is not None:
+                _hand_over(seqs, order, on_tokens)
         stream()   # prompts with no room or no tokens asked for are done already
         if not all(s.done for s in seqs):
             if tree_spec is None:
@@ -351,7 +393,8 @@ class Generator:
         }
         if tree_spec is not None:
             stats["speculative"] = speculative
-        text = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
+        text = ([self.tokenizer.decode(s.tokens)[:s.stop_char] for s in seqs] if self.tokenizer is not None
+                else None)
         return GenerationResult(
             tokens=tokens, text=text, stats=stats, finish_reasons=[s.finish for s in seqs],
             logprobs=[s.logprobs for s in seqs] if logprobs else None,
@@ -778,6 +821,26 @@ class Generator:
             with torch.inference_mode(False):  # normal tensors: the model's own forwards write them too
                 self.model.setup_caches(self.max_batch_size, self._cache_len)
 
+    def _check_stop(self, stop, n: int) -> List[Tuple[str, ...]]:
+        """generate's stop as a tuple of non-empty strings per prompt; ValueError naming what is wrong."""
+        def strings(value, label):
+            if value is None:
+                return ()
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{label} must be a non-empty str or a list of them, got {value!r}")
+            return tuple(value)
+        if isinstance(stop, (list, tuple)) and any(isinstance(v, (list, tuple)) or v is None for v in stop):
+            if len(stop) != n:
+                raise ValueError(f"stop: a list of lists needs one entry per prompt, got {len(stop)} for {n} prompt(s)")
+            stops = [strings(v, f"stop[{i}]") for i, v in enumerate(stop)]
+        else:
+            stops = [strings(stop, "stop")] * n
+        if any(stops) and self.tokenizer is None:
+            raise ValueError("stop strings need the Generator's tokenizer (Generator(model, tokenizer, ...)) "
+                             "to read the text")
+        return stops
+
     def _resolve_eos(self, eos_id: Optional[int], label: str = "eos_id") -> Optional[int]:
         if eos_id is None and self.tokenizer is not None:
             eos_id = self.tokenizer.eos_id
@@ -979,15 +1042,16 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
-                 speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None):
+                 speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None,
+                 stop=None):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree, on_tokens (keyword-only, not in the release): as in
+        speculative, heads, tree, on_tokens, stop (keyword-only, not in the release): as in
         Generator.generate (on_tokens gets the generated tokens only, echo or not).
         One difference: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos); only generated tokens stop at eos."""
         res = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
-                                      tree=tree, on_tokens=on_tokens)
+                                      tree=tree, on_tokens=on_tokens, stop=stop)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -1000,19 +1064,28 @@ class Llama:
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
                         speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
-                        on_tokens=None) -> List[dict]:
+                        on_tokens=None, stop=None) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
         speculative, heads, tree: self-speculative decoding, as in Generator.generate; on_tokens too
-        (token ids as they come: `tokenizer.TextStream` turns them into text pieces)."""
+        (token ids as they come: `tokenizer.TextStream` turns them into text pieces), and stop (the
+        generation then ends before the stop string; "tokens" end with the one that completed it)."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single str")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                                    speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens)
+                                    speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop)
+        if stop is not None:   # the generation ends before its stop string (the tokens end after it)
+            stops = self.generator._check_stop(stop, len(prompts))
+            texts = [self.tokenizer.decode(t) for t in tokens]
+            start = [len(self.tokenizer.decode(p)) if echo else 0 for p in prompt_tokens]
+            cut = [first_stop(text[at:], stop_b) for text, at, stop_b in zip(texts, start, stops)]
+            generations = [text if c is None else text[:at + c] for text, at, c in zip(texts, start, cut)]
+        else:
+            generations = [self.tokenizer.decode(t) for t in tokens]
         if logprobs:
-            return [{"generation": self.tokenizer.decode(t),
+            return [{"generation": generation,
                      "tokens": [self.tokenizer.decode([x]) for x in t],
-                     "logprobs": lp} for t, lp in zip(tokens, lps)]
-        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+                     "logprobs": lp} for generation, t, lp in zip(generations, tokens, lps)]
+        return [{"generation": generation} for generation in generations]

@@ -209,7 +209,7 @@ def test_a_prompt_that_fills_the_cache_generates_nothing(model, speculative):
     alone = gen.generate([prompts[1]], max_gen_len=5, speculative=speculative)
     assert res.tokens == [[], alone.tokens[0], []] and res.logprobs[0] == []
     assert res.finish_reasons == ["max_seq_len", "max_gen_len", "max_seq_len"]
-    assert res.stats["finish_counts"] == {"eos": 0, "max_gen_len": 1, "max_seq_len": 2}
+    assert res.stats["finish_counts"] == {"eos": 0, "stop": 0, "max_gen_len": 1, "max_seq_len": 2}
     assert len(res.prompt_logprobs[0]) == 20
     nothing = gen.generate(prompts[:1], max_gen_len=0)
     assert nothing.tokens == [[]] and nothing.finish_reasons == ["max_gen_len"]

@@ -1,0 +1,129 @@
+"""Stop strings: generate(stop=...) ends a completion once its text holds one (finish "stop"), its
+tokens ending with the one that completed the string and its text before it; the same in every
+decoding mode, streamed, through Llama.text_completion and `mtp complete --stop`."""
+import pytest
+import torch
+
+from mtp_engine.checkpoint import default_checkpoint, load_checkpoint
+from mtp_engine.cli import _unescape, main
+from mtp_engine.generate import Generator, Llama
+from mtp_engine.tokenizer import Tokenizer
+
+PROMPTS = ["import os\n\ndef main(", "class Foo:\n    def __init__(self", "for i in range(", "x = ["]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    ckpt = default_checkpoint()
+    return load_checkpoint(ckpt, device="cpu", dtype=torch.float32).eval(), Tokenizer(str(ckpt / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def gen(default_model):
+    model, tok = default_model
+    return Generator(model, tok, max_batch_size=4, max_seq_len=160)
+
+
+def _encoded(tok):
+    return [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("speculative", [None, "chain", "tree"])
+def test_stop_strings_cut_tokens_and_text(gen, speculative):
+    """Every prompt whose free completion holds a stop string ends with the token that completed the
+    first one; its text is the free text up to that string; the others are untouched. Speculative
+    steps accept past the string and drop the rest: the same tokens as plain decoding."""
+    tok = gen.tokenizer
+    prompts = _encoded(tok)
+    free = gen.generate(prompts, max_gen_len=48)
+    stops = ["):", "\n\n", "self."]
+    res = gen.generate(prompts, max_gen_len=48, stop=stops, speculative=speculative)
+    stopped = 0
+    for b in range(len(prompts)):
+        hits = [at for at in (free.text[b].find(s) for s in stops) if at >= 0]
+        if not hits:
+            assert res.tokens[b] == free.tokens[b] and res.finish_reasons[b] == free.finish_reasons[b]
+            continue
+        stopped += 1
+        assert res.finish_reasons[b] == "stop" and res.text[b] == free.text[b][:min(hits)]
+        n = len(res.tokens[b])
+        assert res.tokens[b] == free.tokens[b][:n]
+        assert any(s in tok.decode(res.tokens[b]) for s in stops)
+        assert not any(s in tok.decode(res.tokens[b][:n - 1]) for s in stops)
+    assert stopped >= 2 and res.stats["finish_counts"]["stop"] == stopped
+    if speculative is None:
+        plain = res
+    else:
+        plain = gen.generate(prompts, max_gen_len=48, stop=stops)
+        assert res.tokens == plain.tokens and res.finish_reasons == plain.finish_reasons
+
+
+def test_stop_per_prompt_streamed_and_with_logprobs(gen):
+    """One list of stop strings per prompt (None: none); streamed tokens are the kept ones (handed
+    over after the check: none past the cut); log-probs are cut with the tokens."""
+    tok = gen.tokenizer
+    prompts = _encoded(tok)[:2]
+    free = gen.generate(prompts, max_gen_len=40)
+    stop_0 = free.text[0][5:8]   # a string the first completion reaches
+    handed = {}
+    res = gen.generate(prompts, max_gen_len=40, stop=[[stop_0], None], logprobs=True, speculative="tree",
+                       on_tokens=lambda i, new, finish: handed.setdefault(i, []).extend(new))
+    assert res.finish_reasons == ["stop", free.finish_reasons[1]] and res.tokens[1] == free.tokens[1]
+    assert res.text[0] == free.text[0][:free.text[0].find(stop_0)]
+    assert handed == {0: res.tokens[0], 1: res.tokens[1]}
+    assert [len(lp) for lp in res.logprobs] == [len(t) for t in res.tokens]
+    plain_lps = gen.generate(prompts, max_gen_len=40, logprobs=True).logprobs
+    torch.testing.assert_close(res.logprobs[0], plain_lps[0][:len(res.tokens[0])], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_stop_is_a_clear_error(gen, default_model):
+    prompts = _encoded(gen.tokenizer)[:2]
+    for stop, match in (("", "stop must be a non-empty str"), ([1], "stop must be a non-empty str"),
+                        ([["a"]], "one entry per prompt, got 1 for 2"), ([["a"], [""]], r"stop\[1\] must be")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(prompts, max_gen_len=2, stop=stop)
+    with pytest.raises(ValueError, match="stop strings need the Generator's tokenizer"):
+        Generator(default_model[0], max_batch_size=1, max_seq_len=32).generate([[1, 2]], max_gen_len=2, stop="x")
+
+
+def test_llama_text_completion_with_stop_and_echo(default_model):
+    model, tok = default_model
+    llama = Llama(model, tok, max_seq_len=160, max_batch_size=2)
+    free = llama.text_completion(PROMPTS[:2], temperature=0.0, max_gen_len=40)
+    got = llama.text_completion(PROMPTS[:2], temperature=0.0, max_gen_len=40, stop=["):", "\n\n"])
+    for f, g in zip(free, got):
+        hits = [at for at in (f["generation"].find(s) for s in ("):", "\n\n")) if at >= 0]
+        assert g["generation"] == f["generation"][:min(hits)] if hits else g["generation"] == f["generation"]
+    echoed = llama.text_completion(PROMPTS[:1], temperature=0.0, max_gen_len=40, stop=["):"], echo=True)
+    assert echoed[0]["generation"].startswith(PROMPTS[0]) and "):" not in echoed[0]["generation"][len(PROMPTS[0]):]
+
+
+def test_cli_stop_with_and_without_stream(capsys):
+    assert _unescape(r"\n\tdef \\n") == "\n\tdef \\n"
+    base = ["complete", "--prompt", PROMPTS[0], "--max-gen-len", "40", "--device", "cpu", "--stop", r"\n\n",
+            "--stop", "):"]
+    assert main(base) == 0
+    whole = capsys.readouterr().out
+    assert main(base + ["--stream", "--speculative", "tree"]) == 0
+    streamed = capsys.readouterr().out
+    assert whole.splitlines()[:-1] == streamed.splitlines()[:-1]
+    assert "):" not in whole.split("> ", 1)[1].rsplit("[stats]", 1)[0]
+
+
+def test_the_stream_printer_holds_back_what_may_begin_a_stop_string(capsys):
+    """--stream --stop: a stop string split over two forwards ("\\n" then "\\n") prints none of it, and
+    text that only looked like its beginning is printed once the next piece shows it was not."""
+    from mtp_engine.cli import _stream_printer
+
+    class Pieces:   # a tokenizer whose ids are pieces of text
+        pieces = ["a = 1", "\n", "b = 2", "\n", "\n", "c"]
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids)
+    on_tokens = _stream_printer(Pieces(), "prompt", ["\n\n"])
+    assert capsys.readouterr().out == "prompt\n> "
+    printed = []
+    for ids, finish in (([0, 1], None), ([2, 3], None), ([4], "stop")):
+        on_tokens(0, ids, finish)
+        printed.append(capsys.readouterr().out)
+    assert printed == ["a = 1", "\nb = 2", ""]

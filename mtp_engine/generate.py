@@ -38,6 +38,7 @@ from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MO
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
                           verify_and_score, verify_tokens)
 from .speculative import token_tree as speculative_tree
+from .tokenizer import TextStream
 
 
 @dataclass
@@ -80,7 +81,8 @@ class SequenceState:
     streamed: int = 0   # tokens handed to generate's on_tokens so far
     told_finish: bool = False   # on_tokens has been given the finish reason
     stop: Tuple[str, ...] = ()   # stop strings (generate's stop)
-    checked: Tuple[int, int] = (0, 0)   # (tokens, characters of their text) searched for them so far
+    stop_text: Optional[TextStream] = None   # the tokens' text, as far as searched for them
+    checked: int = 0   # tokens whose text has been searched
     stop_char: Optional[int] = None   # where the first stop string begins in the text of `tokens`
     forwards: int = 0   # forwards that produced tokens for this sequence
     finish: Optional[str] = None
@@ -101,20 +103,22 @@ class SequenceState:
         if len(self.tokens) >= self.limit:
             self.finish = "max_gen_len" if self.limit_is_gen_len else "max_seq_len"
 
-    def check_stop(self, decode) -> None:
-        """After a forward: if the text of the tokens (decode(ids) -> str) now holds a stop string,
-        keep the tokens up to the one that completed the first one (a speculative step may have
-        accepted more, and an eos or the limit may have come after it), finish with "stop" and note
-        where the string begins (stop_char). Searches only the text the new tokens can reach."""
-        if not self.stop or len(self.tokens) == self.checked[0]:
+    def check_stop(self) -> None:
+        """After a forward: if the tokens' text now holds a stop string, keep the tokens up to the one
+        that completed the first one (a speculative step may have accepted more, and an eos or the
+        limit may have come after it), finish with "stop" and note where the string begins
+        (stop_char). The text grows by the new tokens' (stop_text: no decode of the whole sequence
+        per step) and only what they can reach is searched."""
+        if not self.stop or len(self.tokens) == self.checked:
             return
-        tokens, chars = self.checked
+        checked, chars = self.checked, len(self.stop_text.text)
+        self.stop_text.push(self.tokens[checked:])
+        self.checked = len(self.tokens)
         start = max(0, chars - max(map(len, self.stop)) + 1)
-        text = decode(self.tokens)
-        if first_stop(text, self.stop, start) is None:
-            self.checked = (len(self.tokens), len(text))
+        if first_stop(self.stop_text.text, self.stop, start) is None:
             return
-        for end in range(tokens + 1, len(self.tokens) + 1):   # the token that completed it
+        decode = self.stop_text.tokenizer.decode   # once per sequence: whole decodes are fine here
+        for end in range(checked + 1, len(self.tokens) + 1):   # the token that completed it
             at = first_stop(decode(self.tokens[:end]), self.stop, start)
             if at is not None:
                 del self.tokens[end:], self.logprobs[end:]
@@ -326,7 +330,8 @@ class Generator:
         for b, p in zip(order, prompts):
             room, gen_len = self.max_seq_len - len(p), gen_lens[b]
             seq = SequenceState(prompt=p, limit=min(gen_len, room), limit_is_gen_len=gen_len <= room,
-                                eos_id=eos_ids[b], stop=stops[b])
+                                eos_id=eos_ids[b], stop=stops[b],
+                                stop_text=TextStream(self.tokenizer) if stops[b] else None)
             if seq.limit == 0:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
             seqs.append(seq)
@@ -350,11 +355,9 @@ class Generator:
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
-
         def stream():   # after each forward: stop strings, then the tokens handed over
             for seq in seqs:
-                seq.check_stop(decode)
+                seq.check_stop()
             if on_tokens is not None:
                 _hand_over(seqs, order, on_tokens)
         stream()   # prompts with no room or no tokens asked for are done already

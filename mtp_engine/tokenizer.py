@@ -115,31 +115,41 @@ class TextStream:
         print(stream.finish())
 
     SentencePiece decodes a sequence as a whole: a word's leading space depends on what comes before
-    it, and byte-fallback pieces spell one UTF-8 character together. So each push decodes all the ids
-    so far and returns what extends the text returned before. A character still missing bytes decodes
-    as U+FFFD: it is held back until its last byte arrives (or `finish`). The pieces returned add up
-    to `decode(all ids)` as long as decoding more ids only extends the text, as SentencePiece's decode
-    does beyond those held-back characters (tested on every token of the default tokenizer); text
-    that would rewrite what was already returned is not returned. Each push decodes everything so
-    far: quadratic in the length, but C++ work."""
+    it (the first piece of a decode loses it), and byte-fallback pieces spell one UTF-8 character
+    together. So each push decodes a window of the ids, from the ids of the push before the last
+    one on, and returns what the new ids add to the window's text: the same first piece starts both
+    decodes, so their difference is the new text in context. A character still missing bytes decodes
+    as U+FFFD: a push whose text ends in one returns nothing until its last byte arrives (or `finish`
+    returns it). The pieces add up to `decode(all ids)` (tested on real text and random ids of the
+    default tokenizer). Each push decodes about two pushes' worth of ids, not the whole sequence: the
+    cost per token stays flat however long the text grows."""
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
         self.ids: List[int] = []
-        self.text = ""   # what push has returned so far
+        self.text = ""          # what push and finish have returned so far
+        self._start = 0         # the window: ids from here on are decoded at each push
+        self._returned = 0      # ids whose text has been returned
+        self._returned_text = ""   # decode(ids[_start:_returned])
 
     def push(self, ids: Iterable[int]) -> str:
         self.ids.extend(ids)
-        return self._extend(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        window = self.tokenizer.decode(self.ids[self._start:])
+        if window.endswith("\ufffd") or not window.startswith(self._returned_text):
+            return ""   # a character still missing bytes: wait for them
+        added = window[len(self._returned_text):]
+        self._start, self._returned = self._returned, len(self.ids)
+        self._returned_text = self.tokenizer.decode(self.ids[self._start:self._returned])
+        self.text += added
+        return added
 
     def finish(self) -> str:
-        """What is left: characters held back for their missing bytes (decoded as U+FFFD)."""
-        return self._extend(self.tokenizer.decode(self.ids))
-
-    def _extend(self, text: str) -> str:
-        if not text.startswith(self.text):
-            return ""
-        added, self.text = text[len(self.text):], text
+        """What is left: a character that never got its missing bytes (as U+FFFD), with the text after it."""
+        window = self.tokenizer.decode(self.ids[self._start:])
+        added = window[len(self._returned_text):] if window.startswith(self._returned_text) else ""
+        self._start = self._returned = len(self.ids)
+        self._returned_text = ""
+        self.text += added
         return added
 
 

@@ -164,24 +164,29 @@ def _unescape(text: str) -> str:
 
 
 def _stream_printer(tokenizer, prompt: str, stop=()):
-    """`mtp complete --stream`: prints the prompt, then returns generate's on_tokens, which prints the
-    completion's text as its tokens arrive (tokenizer.TextStream). With stop strings it holds back
-    the last characters that could begin one, and prints nothing from a stop string on."""
+    """`mtp complete --stream`: generate's on_tokens, which prints the prompt at its first call (once
+    generate has checked the inputs), then the completion's text as its tokens arrive
+    (tokenizer.TextStream). With stop strings it holds back the last characters that could begin
+    one, and prints nothing from a stop string on."""
     from .generate import first_stop
     from .tokenizer import TextStream
 
     text = TextStream(tokenizer)
     held = max(map(len, stop), default=1) - 1
-    shown = [0, ""]   # characters printed, the text so far
-    print(prompt)
-    print("> ", end="", flush=True)
+    state = {"started": False, "printed": 0}   # characters of text.text printed
 
     def on_tokens(index, new_tokens, finish):
-        shown[1] += text.push(new_tokens) + (text.finish() if finish else "")
-        at = first_stop(shown[1], stop) if stop else None
-        end = at if at is not None else len(shown[1]) if finish else max(shown[0], len(shown[1]) - held)
-        print(shown[1][shown[0]:end], end="", flush=True)
-        shown[0] = max(shown[0], end)
+        if not state["started"]:   # the first call: the inputs passed generate's checks
+            state["started"] = True
+            print(prompt)
+            print("> ", end="", flush=True)
+        text.push(new_tokens)
+        if finish:
+            text.finish()
+        at = first_stop(text.text, stop) if stop else None
+        end = at if at is not None else len(text.text) if finish else max(state["printed"], len(text.text) - held)
+        print(text.text[state["printed"]:end], end="", flush=True)
+        state["printed"] = max(state["printed"], end)
     return on_tokens
 
 
@@ -243,6 +248,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
     try:
         return args.run(args)
+    except BrokenPipeError:   # the reader left (`mtp complete ... | head`): stop quietly, as a killed writer would
+        try:   # Python flushes stdout again at exit: into nothing, not a second error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 128 + 13   # a SIGPIPE death's status
     except (OSError, ValueError, NotImplementedError) as e:   # OSError: a path that exists as the wrong kind
         message = " ".join(str(e).split())
         print(f"mtp {args.command}: error: {message}", file=sys.stderr)

@@ -115,7 +115,8 @@ class SequenceState:
         self.stop_text.push(self.tokens[checked:])
         self.checked = len(self.tokens)
         start = max(0, chars - max(map(len, self.stop)) + 1)
-        if first_stop(self.stop_text.text, self.stop, start) is None:
+        # held: a character still missing bytes and what came with it, searched too (the row may end here)
+        if first_stop(self.stop_text.text + self.stop_text.held, self.stop, start) is None:
             return
         decode = self.stop_text.tokenizer.decode   # once per sequence: whole decodes are fine here
         for end in range(checked + 1, len(self.tokens) + 1):   # the token that completed it
@@ -175,6 +176,25 @@ def prefill_groups(lengths: Sequence[int], forward_tokens: int) -> List[Tuple[in
         groups.append((cut[end], end))
         end = cut[end]
     return groups[::-1]
+
+
+def _one_call_at_a_time(generate):
+    """The model's KV caches (shared by every Generator on it) and a Generator's step buffers hold
+    the sequences of the call that is running: a second call on the same model while it runs (from
+    its on_tokens, or another thread) would overwrite them and silently corrupt the first call's
+    output. It is refused instead."""
+    @functools.wraps(generate)
+    def guarded(self, *args, **kwargs):
+        if getattr(self.model, "_generating", False):
+            raise RuntimeError("a generate call is already running on this model (generate called again from "
+                               "on_tokens, or from another thread): the model's KV caches hold that call's "
+                               "sequences; call again once it has returned")
+        self.model._generating = True
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            self.model._generating = False
+    return guarded
 
 
 class Generator:
@@ -246,6 +266,7 @@ class Generator:
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
+    @_one_call_at_a_time
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None) -> GenerationResult:
@@ -290,7 +311,8 @@ class Generator:
         not kept), finish None or its finish reason ("eos", "max_gen_len", "max_seq_len") once it is
         done. A speculative forward hands over all the tokens it accepted at once. The tokens are on
         the host by then (each step's one sync), so streaming costs the function's own time, which
-        counts in the wall time; what it raises ends generate.
+        counts in the wall time; what it raises ends generate. It may not call generate on this
+        model again, through any Generator (RuntimeError: the caches hold the running call's sequences).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
@@ -928,8 +950,9 @@ def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
 
 def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens) -> None:
     """generate's on_tokens for every sequence (rows in length order; order[row] is its caller's
-    index) with tokens it has not handed over yet or a finish it has not told."""
-    for row, seq in enumerate(seqs):
+    index) with tokens it has not handed over yet or a finish it has not told, in the caller's order."""
+    for row in sorted(range(len(seqs)), key=order.__getitem__):
+        seq = seqs[row]
         new = seq.tokens[seq.streamed:]
         if new or (seq.done and not seq.told_finish):
             seq.streamed = len(seq.tokens)

@@ -114,43 +114,77 @@ class TextStream:
         for ids in new_ids_per_step: print(stream.push(ids), end="", flush=True)
         print(stream.finish())
 
-    SentencePiece decodes a sequence as a whole: a word's leading space depends on what comes before
-    it (the first piece of a decode loses it), and byte-fallback pieces spell one UTF-8 character
-    together. So each push decodes a window of the ids, from the ids of the push before the last
-    one on, and returns what the new ids add to the window's text: the same first piece starts both
-    decodes, so their difference is the new text in context. A character still missing bytes decodes
-    as U+FFFD: a push whose text ends in one returns nothing until its last byte arrives (or `finish`
-    returns it). The pieces add up to `decode(all ids)` (tested on real text and random ids of the
-    default tokenizer). Each push decodes about two pushes' worth of ids, not the whole sequence: the
-    cost per token stays flat however long the text grows."""
+    SentencePiece decodes a sequence as a whole: it strips the leading whitespace of what it decodes
+    (past pieces that decode to nothing, such as control ids), and byte-fallback pieces spell one
+    UTF-8 character together. So each push decodes a window of the ids, from the end of the push
+    before the last one on, behind an anchor piece (a plain letter, its text then dropped) so that
+    nothing is stripped at the window's start, and returns what the new ids add to the window's text.
+    Until the text holds something other than whitespace the window starts at the first id, as
+    decode(all ids) does. A push whose text ends in a character still missing bytes (U+FFFD) returns
+    nothing (`held` has it) until the bytes arrive, or `finish` returns it. The pieces add up to
+    `decode(all ids)` (fuzzed with Llama-style and default SentencePiece settings, control ids and
+    whitespace pieces among the ids). Each push decodes about two pushes' worth of ids, so the cost
+    per token stays flat however long the text grows; a tokenizer without a SentencePiece model to
+    take an anchor from is decoded whole at every push."""
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
         self.ids: List[int] = []
         self.text = ""          # what push and finish have returned so far
+        self.held = ""          # text decoded but not returned: a character missing bytes, and what follows
+        self._anchor = _anchor_piece(tokenizer)
         self._start = 0         # the window: ids from here on are decoded at each push
         self._returned = 0      # ids whose text has been returned
-        self._returned_text = ""   # decode(ids[_start:_returned])
+        self._returned_text = ""   # the window's text of ids[_start:_returned]
 
     def push(self, ids: Iterable[int]) -> str:
+        ids = list(ids) if isinstance(ids, collections.abc.Iterable) and not isinstance(ids, (str, bytes)) else ids
+        self.tokenizer.decode(ids)   # checks them first: a bad id must not stay in the stream
         self.ids.extend(ids)
-        window = self.tokenizer.decode(self.ids[self._start:])
+        window = self._decode(self.ids[self._start:])
         if window.endswith("\ufffd") or not window.startswith(self._returned_text):
-            return ""   # a character still missing bytes: wait for them
-        added = window[len(self._returned_text):]
-        self._start, self._returned = self._returned, len(self.ids)
-        self._returned_text = self.tokenizer.decode(self.ids[self._start:self._returned])
+            self.held = window[len(self._returned_text):] if window.startswith(self._returned_text) else ""
+            return ""
+        added, self.held = window[len(self._returned_text):], ""
         self.text += added
+        if self._anchor is not None and self.text.strip():   # the window moves on
+            self._start, self._returned = self._returned, len(self.ids)
+        else:
+            self._returned = len(self.ids)
+        self._returned_text = self._decode(self.ids[self._start:self._returned])
         return added
 
     def finish(self) -> str:
         """What is left: a character that never got its missing bytes (as U+FFFD), with the text after it."""
-        window = self.tokenizer.decode(self.ids[self._start:])
-        added = window[len(self._returned_text):] if window.startswith(self._returned_text) else ""
+        window = self._decode(self.ids[self._start:])
+        added = window[len(self._returned_text):] if window.startswith(self._returned_text) else self.held
+        self.held = ""
+        self.text += added
         self._start = self._returned = len(self.ids)
         self._returned_text = ""
-        self.text += added
         return added
+
+    def _decode(self, ids: List[int]) -> str:
+        if self._start == 0 or self._anchor is None:   # the sequence's own start: stripped as decode(all) strips it
+            return self.tokenizer.decode(ids)
+        anchor_id, anchor_text = self._anchor
+        return self.tokenizer.decode([anchor_id] + ids)[len(anchor_text):]
+
+
+def _anchor_piece(tokenizer) -> Optional[tuple]:
+    """(id, text) of a piece that decodes to one plain letter, from the tokenizer's SentencePiece
+    model, or None: TextStream's window starts behind it."""
+    sp = getattr(tokenizer, "sp_model", None)
+    if sp is None:
+        return None
+    for piece in ("a", "e", "x", "\u2581a", "\u2581e"):
+        i = sp.piece_to_id(piece)
+        if 0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == piece and not sp.is_control(i) \
+                and not sp.is_unknown(i) and not sp.is_byte(i):
+            text = tokenizer.decode([i])
+            if len(text) == 1 and text.isalpha():
+                return i, text
+    return None
 
 
 def _token_id(value) -> int:

@@ -121,9 +121,26 @@ def test_the_stream_printer_holds_back_what_may_begin_a_stop_string(capsys):
         def decode(self, ids):
             return "".join(self.pieces[i] for i in ids)
     on_tokens = _stream_printer(Pieces(), "prompt", ["\n\n"])
-    assert capsys.readouterr().out == "prompt\n> "
+    assert capsys.readouterr().out == ""   # the prompt comes with the first tokens, once generate checked it
     printed = []
     for ids, finish in (([0, 1], None), ([2, 3], None), ([4], "stop")):
         on_tokens(0, ids, finish)
         printed.append(capsys.readouterr().out)
-    assert printed == ["a = 1", "\nb = 2", ""]
+    assert printed == ["prompt\n> a = 1", "\nb = 2", ""]
+
+
+def test_a_stop_string_before_a_character_still_missing_bytes_is_found(gen):
+    """A forward whose last token leaves a character unfinished (a byte piece) still has its stop
+    string found, though the text stream holds that forward's text back; the row ends there."""
+    from mtp_engine.generate import SequenceState
+    from mtp_engine.tokenizer import TextStream
+
+    tok = gen.tokenizer
+    ids = tok.encode("x = 1", bos=False, eos=False) + tok.encode("\n\n", bos=False, eos=False)
+    ids += [tok.sp_model.piece_to_id("<0xE2>")]
+    seq = SequenceState(prompt=[1], limit=len(ids), stop=("\n\n",), stop_text=TextStream(tok))
+    for i in ids:
+        seq.accept(i)
+    assert seq.finish == "max_gen_len"
+    seq.check_stop()
+    assert seq.finish == "stop" and tok.decode(seq.tokens)[:seq.stop_char] == "x = 1"

@@ -62,7 +62,8 @@ def test_streamed_tokens_add_up_to_the_result_in_the_callers_order(model, specul
     assert [finished[b] for b in range(4)] == res.finish_reasons == ["max_gen_len", "eos", "max_gen_len",
                                                                     "max_gen_len"]
     assert res.tokens == gen.generate(prompts, max_gen_len=gen_lens, eos_id=eos, speculative=speculative).tokens
-    assert (3, [], "max_gen_len") in calls   # max_gen_len 0: told at once, with no tokens
+    assert calls[0] == (3, [], "max_gen_len")   # max_gen_len 0: told at once, with no tokens
+    assert [index for index, _, _ in calls[1:4]] == [0, 1, 2]   # the prefill's tokens, in the caller's order
     assert all(new or finish for _, new, finish in calls)
     if speculative is None:
         assert max(len(new) for _, new, _ in calls) == 1
@@ -93,6 +94,14 @@ def test_a_callback_that_raises_ends_generate_and_a_bad_one_is_refused(model):
     with pytest.raises(Stop):
         gen.generate(_prompts([4]), max_gen_len=20, on_tokens=stop_after_three)
     assert stop_after_three.seen == 3
+    # generate again from inside on_tokens (any Generator on this model) would overwrite the running
+    # call's caches: refused, and the model stays usable
+    other = Generator(model, max_batch_size=1, max_seq_len=32)
+    for again in (gen, other):
+        def reenter(index, new_tokens, finish, again=again):
+            again.generate(_prompts([3]), max_gen_len=2)
+        with pytest.raises(RuntimeError, match="a generate call is already running on this model"):
+            gen.generate(_prompts([4]), max_gen_len=5, on_tokens=reenter)
     with pytest.raises(ValueError, match="on_tokens must be a function"):
         gen.generate(_prompts([4]), max_gen_len=2, on_tokens="print")
     assert gen.generate(_prompts([4]), max_gen_len=3).tokens == gen.generate(_prompts([4]), max_gen_len=3).tokens
@@ -121,6 +130,76 @@ def test_text_stream_pieces_add_up_to_the_decoded_text(tokenizer):
         assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
 
 
+@pytest.fixture(scope="module")
+def other_tokenizers(tmp_path_factory):
+    """Two SentencePiece models unlike the default one: Llama 2's settings (a dummy prefix, byte
+    fallback, whitespace kept as it is) and SentencePiece's defaults (extra whitespace removed)."""
+    import sysconfig
+    from sentencepiece import SentencePieceTrainer
+
+    folder = tmp_path_factory.mktemp("tokenizers")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join((stdlib / "json" / name).read_text(encoding="utf-8")
+                              for name in ("decoder.py", "encoder.py", "scanner.py"))
+                      + "café naïve 世界 🙂 Ünïcödé ∑ → \n" * 3, encoding="utf-8")
+    settings = {"llama": dict(model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                              remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+                              allow_whitespace_only_pieces=True),
+                "defaults": dict(model_type="unigram")}
+    tokenizers = []
+    for name, options in settings.items():
+        SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / name), vocab_size=400, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.99, minloglevel=2,
+                                   **options)
+        tokenizers.append(Tokenizer(str(folder / f"{name}.model")))
+    return tokenizers
+
+
+def test_text_stream_with_other_sentencepiece_settings(other_tokenizers):
+    """Whitespace-only pieces, control ids (bos/eos/unk) and characters split over byte pieces in the
+    middle of the text: with a dummy prefix, or extra whitespace removed, decode strips the leading
+    whitespace of what it decodes, past pieces that decode to nothing (a window decoded without its
+    anchor lost a space: 'he[' for 'he ['). The pieces add up to decode(all ids)."""
+    rng = random.Random(2)
+    for tok in other_tokenizers:
+        sp = tok.sp_model
+        byte_ids = [i for i in range(tok.n_words) if sp.is_byte(i)]
+        blank = [i for i in range(tok.n_words) if not sp.is_byte(i) and not sp.id_to_piece(i).replace("\u2581", "").strip()]
+        for _ in range(400):
+            ids, n_ids = [], rng.randrange(1, 40)
+            while len(ids) < n_ids:
+                r = rng.random()
+                if r < 0.2 and byte_ids:   # a whole character in byte pieces
+                    char = chr(rng.choice([rng.randrange(0x80, 0x800), rng.randrange(0x800, 0xD800)]))
+                    ids += [sp.piece_to_id(f"<0x{b:02X}>") for b in char.encode()]
+                elif r < 0.3 and byte_ids:
+                    ids.append(rng.choice(byte_ids))
+                elif r < 0.45 and blank:
+                    ids.append(rng.choice(blank))
+                elif r < 0.5:
+                    ids.append(rng.choice([0, 1, 2]))
+                else:
+                    ids.append(rng.randrange(tok.n_words))
+            stream, pieces, at = TextStream(tok), [], 0
+            while at < len(ids):
+                n = rng.choice([1, 1, 2, 3])
+                pieces.append(stream.push(ids[at:at + n]))
+                at += n
+            pieces.append(stream.finish())
+            assert "".join(pieces) == tok.decode(ids), [sp.id_to_piece(i) for i in ids]
+
+
+def test_a_bad_id_is_refused_before_it_enters_the_stream(tokenizer):
+    stream = TextStream(tokenizer)
+    assert stream.push(tokenizer.encode("x = 1", bos=False, eos=False)) == "x = 1"
+    with pytest.raises(ValueError, match="token id 99999 is outside the vocabulary"):
+        stream.push([99999])
+    with pytest.raises(ValueError, match="decode takes a sequence of token ids, got 5"):
+        stream.push(5)
+    assert stream.push(tokenizer.encode(" + 2", bos=False, eos=False)).strip() == "+ 2"
+
+
 def test_cli_stream_prints_what_complete_prints(capsys):
     """`mtp complete --stream` on the default model: the same text as without it, printed as it came;
     several prompts are refused."""
@@ -133,3 +212,20 @@ def test_cli_stream_prints_what_complete_prints(capsys):
         assert streamed[:-1] == whole[:-1] and streamed[-1].startswith("[stats]")
     assert main(base + ["--prompt", "x", "--stream"]) != 0
     assert "--stream prints one completion as it is generated: give one --prompt, not 2" in capsys.readouterr().err
+    assert main(base + ["--max-seq-len", "4", "--stream"]) != 0   # refused by generate: nothing printed before
+    out = capsys.readouterr()
+    assert out.out == "" and "error" in out.err
+
+
+def test_a_reader_that_leaves_ends_the_stream_quietly():
+    """`mtp complete --stream ... | head -c 12`: once the reader has gone, the writer stops with a
+    SIGPIPE death's status and no error message (it said "error: [Errno 32] Broken pipe", status 2)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "mtp_engine", "complete", "--prompt", "def main(", "--max-gen-len",
+                             "300", "--stream", "--device", "cpu", "--stop", "no such text"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(12) == b"def main(\n> "
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == b"", err

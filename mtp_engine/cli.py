@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                + ", ".join(f"{n} tree tokens per forward on {d}" for d, n in DEFAULT_TREE_TOKENS.items())
                                + "), built from the checkpoint's tree.json rates when it has one")
     complete.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                          help="end a completion where its text reaches TEXT (repeatable; \\n and \\t in TEXT "
-                               "are a newline and a tab), e.g. --stop '\\n\\n' --stop '\\ndef '")
+                          help="end a completion where its text reaches TEXT (repeatable; \\n, \\r and \\t in "
+                               "TEXT are a newline, a carriage return and a tab), e.g. --stop '\\n\\n' --stop '\\ndef '")
     complete.add_argument("--stream", action="store_true",
                           help="print the completion as it is generated (one --prompt); a speculative step "
                                "prints all the tokens it accepted at once")
@@ -158,9 +158,9 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def _unescape(text: str) -> str:
-    """--stop's TEXT: backslash-n and backslash-t as a newline and a tab (a shell passes them as
-    typed), a doubled backslash as one; everything else as it is."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+    """--stop's TEXT: backslash-n, -r and -t as a newline, a carriage return and a tab (a shell passes
+    them as typed), a doubled backslash as one; everything else as it is."""
+    return re.sub(r"\\([nrt\\])", lambda m: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _stream_printer(tokenizer, prompt: str, stop=()):

@@ -122,6 +122,8 @@ class SequenceState:
         for end in range(checked + 1, len(self.tokens) + 1):   # the token that completed it
             at = first_stop(decode(self.tokens[:end]), self.stop, start)
             if at is not None:
+                # what the forward produced past it (an eos included) is not output: not counted
+                self.produced -= len(self.tokens) - end + (self.finish == "eos")
                 del self.tokens[end:], self.logprobs[end:]
                 self.finish, self.stop_char = "stop", at
                 return
@@ -308,7 +310,7 @@ class Generator:
         on_tokens: None, or a function called on the host right after each forward, once for every
         prompt that got tokens from it or finished: on_tokens(index, new_tokens, finish), index the
         prompt's place in prompt_tokens, new_tokens the token ids it kept from that forward (eos is
-        not kept), finish None or its finish reason ("eos", "max_gen_len", "max_seq_len") once it is
+        not kept), finish None or its finish reason ("eos", "stop", "max_gen_len", "max_seq_len") once it is
         done. A speculative forward hands over all the tokens it accepted at once. The tokens are on
         the host by then (each step's one sync), so streaming costs the function's own time, which
         counts in the wall time; what it raises ends generate. It may not call generate on this
@@ -316,8 +318,10 @@ class Generator:
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
-        tokens are dropped) and its text ends before the string. Checked on the host after each
-        forward, by decoding the completion: streamed tokens are handed over after that check.
+        tokens are dropped, and not counted in tokens_per_forward) and its text ends before the
+        string. Matched against the completion's own text (as `text` has it: SentencePiece drops the
+        first piece's leading space), on the host after each forward; streamed tokens are handed
+        over after that check.
         """
         if on_tokens is not None and not callable(on_tokens):
             raise ValueError(f"on_tokens must be a function (index, new_tokens, finish) or None, got {on_tokens!r}")
@@ -1065,6 +1069,7 @@ class Llama:
         self.generator = Generator(model, tokenizer, max_batch_size=max_batch_size or model.params.max_batch_size,
                                    max_seq_len=self.max_seq_len, tree_rates=tree_rates)
         self.last_stats: Optional[dict] = None
+        self.last_result: Optional[GenerationResult] = None   # the last generate call's, whole
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
@@ -1075,7 +1080,7 @@ class Llama:
         Generator.generate (on_tokens gets the generated tokens only, echo or not).
         One difference: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos); only generated tokens stop at eos."""
-        res = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
+        res = self.last_result = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
                                       tree=tree, on_tokens=on_tokens, stop=stop)
         self.last_stats = res.stats
@@ -1102,14 +1107,14 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                                     speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop)
-        if stop is not None:   # the generation ends before its stop string (the tokens end after it)
-            stops = self.generator._check_stop(stop, len(prompts))
-            texts = [self.tokenizer.decode(t) for t in tokens]
-            start = [len(self.tokenizer.decode(p)) if echo else 0 for p in prompt_tokens]
-            cut = [first_stop(text[at:], stop_b) for text, at, stop_b in zip(texts, start, stops)]
-            generations = [text if c is None else text[:at + c] for text, at, c in zip(texts, start, cut)]
-        else:
-            generations = [self.tokenizer.decode(t) for t in tokens]
+        generations = [self.tokenizer.decode(t) for t in tokens]
+        res = self.last_result
+        for b, reason in enumerate(res.finish_reasons):
+            if reason == "stop":   # the generation ends before its stop string, where generate found it
+                # (with echo the prompt's text comes first: the completion's own text, res.text[b],
+                # may have dropped a leading space that the echoed decode keeps)
+                before = len(generations[b]) - len(self.tokenizer.decode(res.tokens[b]))
+                generations[b] = generations[b][:before + len(res.text[b])]
         if logprobs:
             return [{"generation": generation,
                      "tokens": [self.tokenizer.decode([x]) for x in t],

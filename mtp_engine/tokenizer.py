@@ -121,11 +121,12 @@ class TextStream:
     nothing is stripped at the window's start, and returns what the new ids add to the window's text.
     Until the text holds something other than whitespace the window starts at the first id, as
     decode(all ids) does. A push whose text ends in a character still missing bytes (U+FFFD) returns
-    nothing (`held` has it) until the bytes arrive, or `finish` returns it. The pieces add up to
-    `decode(all ids)` (fuzzed with Llama-style and default SentencePiece settings, control ids and
-    whitespace pieces among the ids). Each push decodes about two pushes' worth of ids, so the cost
-    per token stays flat however long the text grows; a tokenizer without a SentencePiece model to
-    take an anchor from is decoded whole at every push."""
+    nothing (`held` has it) until the bytes arrive, or `finish` returns it (and ends the stream). The
+    pieces add up to `decode(all ids)` (fuzzed with Llama-style and default SentencePiece settings,
+    control ids and whitespace pieces among the ids). Each push decodes about two pushes' worth of
+    ids, so the cost per token stays flat however long the text grows; not while every push ends in
+    a character missing bytes (the window waits for it), nor for a tokenizer without a SentencePiece
+    model to take an anchor from (decoded whole at every push)."""
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
@@ -136,8 +137,11 @@ class TextStream:
         self._start = 0         # the window: ids from here on are decoded at each push
         self._returned = 0      # ids whose text has been returned
         self._returned_text = ""   # the window's text of ids[_start:_returned]
+        self._finished = False
 
     def push(self, ids: Iterable[int]) -> str:
+        if self._finished:
+            raise ValueError("this TextStream has been finished; start a new one")
         ids = list(ids) if isinstance(ids, collections.abc.Iterable) and not isinstance(ids, (str, bytes)) else ids
         self.tokenizer.decode(ids)   # checks them first: a bad id must not stay in the stream
         self.ids.extend(ids)
@@ -147,7 +151,7 @@ class TextStream:
             return ""
         added, self.held = window[len(self._returned_text):], ""
         self.text += added
-        if self._anchor is not None and self.text.strip():   # the window moves on
+        if self._anchor is not None and self.text:   # the window moves on once text is out (decode strips a start)
             self._start, self._returned = self._returned, len(self.ids)
         else:
             self._returned = len(self.ids)
@@ -158,7 +162,7 @@ class TextStream:
         """What is left: a character that never got its missing bytes (as U+FFFD), with the text after it."""
         window = self._decode(self.ids[self._start:])
         added = window[len(self._returned_text):] if window.startswith(self._returned_text) else self.held
-        self.held = ""
+        self.held, self._finished = "", True
         self.text += added
         self._start = self._returned = len(self.ids)
         self._returned_text = ""

@@ -98,8 +98,77 @@ def test_llama_text_completion_with_stop_and_echo(default_model):
     assert echoed[0]["generation"].startswith(PROMPTS[0]) and "):" not in echoed[0]["generation"][len(PROMPTS[0]):]
 
 
+def test_echo_cuts_where_generate_cut_with_a_tokenizer_that_drops_a_leading_space(tmp_path):
+    """With Llama 2's SentencePiece settings a completion's own text drops its first piece's leading
+    space, which the echoed text (prompt + completion decoded together) keeps: a stop string that
+    generate never matched (" " + the first word) must not cut the echoed generation, and a stop
+    that generate did match cuts it at the same place."""
+    import sysconfig
+    from sentencepiece import SentencePieceTrainer
+    from mtp_engine import ModelArgs, Transformer
+
+    corpus = tmp_path / "corpus.txt"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    corpus.write_text(open(f"{stdlib}/json/decoder.py", encoding="utf-8").read(), encoding="utf-8")
+    SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "llama"), model_type="bpe",
+                               vocab_size=600, byte_fallback=True, normalization_rule_name="identity",
+                               remove_extra_whitespaces=False, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
+                               pad_id=-1, minloglevel=2)
+    tok = Tokenizer(str(tmp_path / "llama.model"))
+    prompt = ["def decode(self, s):"]
+    for seed in range(40):   # a random model whose completion starts with a word piece ("\u2581word")
+        torch.manual_seed(seed)
+        model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=tok.n_words, multiple_of=16,
+                                      n_future_tokens=2, max_seq_len=64)).eval()
+        llama = Llama(model, tok, max_seq_len=64, max_batch_size=1)
+        free = llama.text_completion(prompt, temperature=0.0, max_gen_len=12)[0]["generation"]
+        first = tok.sp_model.id_to_piece(llama.last_result.tokens[0][0])
+        if first.startswith("\u2581") and len(first) > 1 and len(free) > 6:
+            break
+    assert first.startswith("\u2581") and not free.startswith(" ")   # the case at hand
+    unseen = " " + first[1:]
+    echoed = llama.text_completion(prompt, temperature=0.0, max_gen_len=12, stop=[unseen], echo=True)[0]
+    assert llama.last_result.finish_reasons == ["max_gen_len"]
+    assert echoed["generation"] == tok.decode(tok.encode(prompt[0], bos=True, eos=False) + llama.last_result.tokens[0])
+    seen = free[2:5]
+    plain = llama.text_completion(prompt, temperature=0.0, max_gen_len=12, stop=[seen])[0]["generation"]
+    echoed = llama.text_completion(prompt, temperature=0.0, max_gen_len=12, stop=[seen], echo=True)[0]["generation"]
+    assert llama.last_result.finish_reasons == ["stop"] and plain == free[:free.find(seen)]
+    assert echoed.endswith(plain) and seen not in echoed[len(echoed) - len(plain) - 1:]
+
+
+def test_tokens_cut_by_a_stop_are_not_counted_as_produced(gen):
+    """tokens_per_forward counts what a forward produced for the output: when one step accepted past
+    the stop string (more tokens, then an eos), the dropped tokens and the eos do not count."""
+    from mtp_engine.generate import SequenceState
+    from mtp_engine.tokenizer import TextStream
+
+    tok = gen.tokenizer
+    head, tail = tok.encode("x = 1", bos=False, eos=False), tok.encode("\n\ny = 2", bos=False, eos=False)
+    seq = SequenceState(prompt=[1], limit=50, eos_id=tok.eos_id, stop=("\n\n",), stop_text=TextStream(tok))
+    for i in head:   # an earlier step
+        seq.accept(i)
+    seq.check_stop()
+    for i in tail + [tok.eos_id]:   # one step: the stop string, more, then eos
+        seq.accept(i)
+    assert seq.finish == "eos" and seq.produced == len(head) + len(tail) + 1
+    seq.check_stop()
+    assert seq.finish == "stop" and tok.decode(seq.tokens)[:seq.stop_char] == "x = 1"
+    assert seq.produced == len(seq.tokens) and "\n\n" in tok.decode(seq.tokens)
+
+
+def test_a_finished_text_stream_takes_no_more(gen):
+    from mtp_engine.tokenizer import TextStream
+
+    stream = TextStream(gen.tokenizer)
+    stream.push(gen.tokenizer.encode("x", bos=False, eos=False))
+    stream.finish()
+    with pytest.raises(ValueError, match="this TextStream has been finished"):
+        stream.push([5])
+
+
 def test_cli_stop_with_and_without_stream(capsys):
-    assert _unescape(r"\n\tdef \\n") == "\n\tdef \\n"
+    assert _unescape(r"\n\tdef \\n\r") == "\n\tdef \\n\r"
     base = ["complete", "--prompt", PROMPTS[0], "--max-gen-len", "40", "--device", "cpu", "--stop", r"\n\n",
             "--stop", "):"]
     assert main(base) == 0

@@ -137,6 +137,8 @@ def first_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]
     """Where the first of the stop strings found in text[start:] begins, or None."""
     found = [at for at in (text.find(stop, start) for stop in stops) if at >= 0]
     return min(found) if found else None
+
+
 # The float32 log-softmax a prefill's prompt log-probs take at once (logprobs=True): a batch of 8
 # prompts of 4096 tokens at V 32000 would otherwise hold 4.2 GB of it.
 PROMPT_LOGPROB_BYTES = 1 << 28
@@ -381,6 +383,7 @@ class Generator:
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
+
         def stream():   # after each forward: stop strings, then the tokens handed over
             for seq in seqs:
                 seq.check_stop()
@@ -432,8 +435,8 @@ class Generator:
     # ------------------------------------------------------------------ plain decoding
     def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start, stream):
         """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
-        seed and the new token's position; stream() after each forward hands the new tokens to
-        generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
+        seed and the new token's position; stream() after each forward checks the stop strings and
+        hands the new tokens to generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
         last_hidden, prompt_lp = self._prefill(prompts, logprobs)
         forwards = 1
         prefill_time = time.perf_counter() - start

@@ -255,8 +255,7 @@ def check_head_count(count: int, n: int) -> None:
 
 
 def check_scratch_bytes(max_scratch_bytes) -> None:
-    if max_scratch_bytes is not None and (isinstance(max_scratch_bytes, bool) or not isinstance(max_scratch_bytes, int)
-                                          or max_scratch_bytes < 1):
+    if max_scratch_bytes is not None and (not integer(max_scratch_bytes) or max_scratch_bytes < 1):
         raise ValueError(f"max_scratch_bytes must be None or a positive int, got {max_scratch_bytes!r}")
 
 

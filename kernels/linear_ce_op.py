@@ -77,10 +77,9 @@ def linear_ce_forward(hidden: Tensor, weight: Tensor, targets: Tensor, head_weig
 @torch.library.register_fake(linear_ce_forward)
 def _(hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap, accum_dtype,
       max_scratch_bytes, compute_dtype, grad_hidden, grad_weight):
-    with _autocast_as(hidden.device, compute_dtype):
-        h3, single = check_layout(hidden, weight, targets, reduction, label_smoothing, z_loss, softcap, ignore_index,
-                                  None, None if head_weights is None else head_weights.numel())
-    n, N, _ = h3.shape
+    # The layout was checked in the traced code before the op (traced_linear_cross_entropy).
+    single = hidden.dim() == 2
+    n, N = (1, hidden.shape[0]) if single else hidden.shape[:2]
     dtype = loss_dtype(compute_dtype or weight.dtype)
     loss_shape = () if reduction != "none" else ((N,) if single else (n, N))
     eager_grad = reduction != "none"
@@ -119,7 +118,7 @@ def _(grad_loss, hidden, weight, targets, head_weights, ignore_index, label_smoo
 def _setup_context(ctx, inputs, output):
     (hidden, weight, targets, head_weights, ignore_index, reduction, label_smoothing, z_loss, softcap, accum_dtype,
      max_scratch_bytes, compute_dtype, grad_hidden, grad_weight) = inputs
-    ctx.reduction, ctx.grads = reduction, (grad_hidden, grad_weight)
+    ctx.reduction = reduction
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, accum_dtype, max_scratch_bytes, compute_dtype,
                    grad_hidden, grad_weight)
     ctx.mark_non_differentiable(*output[1:])
@@ -139,7 +138,7 @@ def _scaled(grad: Tensor, factor: Tensor) -> Tensor:
 
 def _backward(ctx, grad_loss, _per_head, _d_hidden, _d_weight):
     refuse_double_backward("fused_linear_cross_entropy")
-    grad_hidden, grad_weight = ctx.grads
+    grad_hidden, grad_weight = ctx.options[-2:]
     if grad_loss is None:
         return (None,) * 14
     if ctx.reduction != "none":

@@ -185,7 +185,7 @@ def test_the_triton_path_imports_dynamo_only_when_compiling():
     """Outside a compile the launchers are called directly, both those registered as custom ops
     (backend.kernel_op: torch.library.custom_op would wrap them in torch._disable_dynamo) and those
     left as graph breaks (backend.eager_under_compile): torch._disable_dynamo's wrapper imports Dynamo
-    at its first call, about 1 s that code which never compiles would pay."""
+    at its first call, about 0.6 s in a hand timing that code which never compiles would pay."""
     import os
     import subprocess
     import sys

@@ -183,8 +183,10 @@ def _stream_printer(tokenizer, prompt: str, stop=()):
         text.push(new_tokens)
         if finish:
             text.finish()
-        at = first_stop(text.text, stop) if stop else None
-        end = at if at is not None else len(text.text) if finish else max(state["printed"], len(text.text) - held)
+        if finish == "stop":   # generate found it: it begins past what was printed (held back)
+            end = first_stop(text.text, stop, state["printed"])
+        else:
+            end = len(text.text) if finish else max(state["printed"], len(text.text) - held)
         print(text.text[state["printed"]:end], end="", flush=True)
         state["printed"] = max(state["printed"], end)
     return on_tokens

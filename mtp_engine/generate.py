@@ -81,8 +81,7 @@ class SequenceState:
     streamed: int = 0   # tokens handed to generate's on_tokens so far
     told_finish: bool = False   # on_tokens has been given the finish reason
     stop: Tuple[str, ...] = ()   # stop strings (generate's stop)
-    stop_text: Optional[TextStream] = None   # the tokens' text, as far as searched for them
-    checked: int = 0   # tokens whose text has been searched
+    stop_text: Optional[TextStream] = None   # the text of the tokens searched so far (stop_text.ids)
     stop_char: Optional[int] = None   # where the first stop string begins in the text of `tokens`
     forwards: int = 0   # forwards that produced tokens for this sequence
     finish: Optional[str] = None
@@ -109,11 +108,10 @@ class SequenceState:
         limit may have come after it), finish with "stop" and note where the string begins
         (stop_char). The text grows by the new tokens' (stop_text: no decode of the whole sequence
         per step) and only what they can reach is searched."""
-        if not self.stop or len(self.tokens) == self.checked:
+        if not self.stop or len(self.tokens) == len(self.stop_text.ids):
             return
-        checked, chars = self.checked, len(self.stop_text.text)
+        checked, chars = len(self.stop_text.ids), len(self.stop_text.text)
         self.stop_text.push(self.tokens[checked:])
-        self.checked = len(self.tokens)
         start = max(0, chars - max(map(len, self.stop)) + 1)
         # held: a character still missing bytes and what came with it, searched too (the row may end here)
         if first_stop(self.stop_text.text + self.stop_text.held, self.stop, start) is None:
@@ -185,14 +183,14 @@ def prefill_groups(lengths: Sequence[int], forward_tokens: int) -> List[Tuple[in
 def _one_call_at_a_time(generate):
     """The model's KV caches (shared by every Generator on it) and a Generator's step buffers hold
     the sequences of the call that is running: a second call on the same model while it runs (from
-    its on_tokens, or another thread) would overwrite them and silently corrupt the first call's
-    output. It is refused instead."""
+    its on_tokens) would overwrite them and silently corrupt the first call's output. It is refused
+    instead. (A flag, not a lock: threads must not share a model.)"""
     @functools.wraps(generate)
     def guarded(self, *args, **kwargs):
         if getattr(self.model, "_generating", False):
             raise RuntimeError("a generate call is already running on this model (generate called again from "
-                               "on_tokens, or from another thread): the model's KV caches hold that call's "
-                               "sequences; call again once it has returned")
+                               "its on_tokens?): the model's KV caches hold that call's sequences; call again "
+                               "once it has returned")
         self.model._generating = True
         try:
             return generate(self, *args, **kwargs)

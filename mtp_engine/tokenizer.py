@@ -119,8 +119,7 @@ class TextStream:
     UTF-8 character together. So each push decodes a window of the ids, from the end of the push
     before the last one on, behind an anchor piece (a plain letter, its text then dropped) so that
     nothing is stripped at the window's start, and returns what the new ids add to the window's text.
-    Until the text holds something other than whitespace the window starts at the first id, as
-    decode(all ids) does. A push whose text ends in a character still missing bytes (U+FFFD) returns
+    Until some text is out the window starts at the first id, stripped as decode(all ids) strips it. A push whose text ends in a character still missing bytes (U+FFFD) returns
     nothing (`held` has it) until the bytes arrive, or `finish` returns it (and ends the stream). The
     pieces add up to `decode(all ids)` (fuzzed with Llama-style and default SentencePiece settings,
     control ids and whitespace pieces among the ids). Each push decodes about two pushes' worth of
@@ -142,10 +141,11 @@ class TextStream:
     def push(self, ids: Iterable[int]) -> str:
         if self._finished:
             raise ValueError("this TextStream has been finished; start a new one")
-        ids = list(ids) if isinstance(ids, collections.abc.Iterable) and not isinstance(ids, (str, bytes)) else ids
-        self.tokenizer.decode(ids)   # checks them first: a bad id must not stay in the stream
+        if not isinstance(ids, collections.abc.Iterable) or isinstance(ids, (str, bytes)):
+            self.tokenizer.decode(ids)   # its error names what ids is
+        ids = list(ids)
+        window = self._decode(self.ids[self._start:] + ids)   # checks the ids before they stay in the stream
         self.ids.extend(ids)
-        window = self._decode(self.ids[self._start:])
         if window.endswith("\ufffd") or not window.startswith(self._returned_text):
             self.held = window[len(self._returned_text):] if window.startswith(self._returned_text) else ""
             return ""

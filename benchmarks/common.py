@@ -541,12 +541,6 @@ def _junit_outcomes(junit_xml: str, names: tuple):
             for case in root.iter("testcase") if case.get("name", "").startswith(names)}
 
 
-def _junit_verdicts(junit_xml: str, names: tuple):
-    """{test case name: passed (not failed, errored or skipped)}, or None as `_junit_outcomes`."""
-    outcomes = _junit_outcomes(junit_xml, names)
-    return None if outcomes is None else {name: outcome == "passed" for name, outcome in outcomes.items()}
-
-
 def guard_tests_failed(junit_xml: str, names: tuple, skips_pass: bool = False) -> bool:
     """False only when the GPU test run's JUnit file shows every test named in `names` (by prefix:
     all its parameters) ran and none failed, errored or was skipped; True when one did, when one did
@@ -579,9 +573,10 @@ def skinny_ws_selection(junit_xml: str, chosen: str = "") -> str:
     default until a Triton version is validated (`skinny_ws.SKINNY_WS_VALIDATED_TRITON`).
     chosen: MTP_SKINNY_WS as set by hand ("" or "1": any tile; a list: those only), narrowed to the
     tiles that passed, as every guarded launch is."""
-    cases = _junit_verdicts(junit_xml, SKINNY_WS_GUARD_TESTS)
+    cases = _junit_outcomes(junit_xml, SKINNY_WS_GUARD_TESTS)
     verdicts: dict = {}   # tile id -> every case of it passed
-    for name, ok in (cases or {}).items():
+    for name, outcome in (cases or {}).items():
+        ok = outcome == "passed"
         if "[" in name:
             tile = name[name.index("[") + 1:].rstrip("]").split("-", 1)[-1]
             verdicts[tile] = verdicts.get(tile, True) and ok

@@ -103,7 +103,17 @@ def test_inference_is_untouched():
 
 
 def test_the_switch_is_checked_and_leaves_the_state_dict_alone():
+    """The flag is checked and changes no state dict; a checkpointed training step runs the hooks on
+    a block's submodules twice (forward and recompute) and those on the block once, as the docs say."""
     model = _model(n_layers=3)
+    calls = {"block": 0, "attention": 0}
+    block = model.layers[0]
+    block.register_forward_hook(lambda *args: calls.__setitem__("block", calls["block"] + 1))
+    block.attention.register_forward_hook(lambda *args: calls.__setitem__("attention", calls["attention"] + 1))
+    model.set_activation_checkpointing(True)
+    MTPLoss(2)(model.head_hidden(_tokens(T=9)), model.output.weight, _tokens(T=9)).loss.backward()
+    assert calls == {"block": 1, "attention": 2}
+    model.set_activation_checkpointing(False)
     keys = list(model.state_dict())
     model.set_activation_checkpointing(True)
     assert all(block.checkpoint_activations for block in model.blocks())

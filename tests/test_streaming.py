@@ -190,6 +190,27 @@ def test_text_stream_with_other_sentencepiece_settings(other_tokenizers):
             assert "".join(pieces) == tok.decode(ids), [sp.id_to_piece(i) for i in ids]
 
 
+def test_text_stream_decodes_a_window_not_the_whole_text(tokenizer):
+    """The ids decoded per push stay bounded however long the text grows (a whole decode per push made
+    streaming quadratic): counted, not timed, for code and for a completion of blank lines alike."""
+    class Counting:
+        def __init__(self, tok):
+            self.tok, self.sp_model, self.decoded = tok, tok.sp_model, 0
+
+        def decode(self, ids):
+            ids = list(ids) if not isinstance(ids, int) else ids
+            self.decoded += len(ids)
+            return self.tok.decode(ids)
+    code = tokenizer.encode("def f(x):\n    return x + 1\n" * 200, bos=False, eos=False)
+    blank = tokenizer.encode("\n" * 3000, bos=False, eos=False)
+    for ids in (code, blank):
+        counting = Counting(tokenizer)
+        stream = TextStream(counting)
+        pieces = [stream.push(ids[at:at + 2]) for at in range(0, len(ids), 2)] + [stream.finish()]
+        assert "".join(pieces) == tokenizer.decode(ids) and len(ids) > 1000
+        assert counting.decoded < 12 * len(ids), (counting.decoded, len(ids))
+
+
 def test_a_bad_id_is_refused_before_it_enters_the_stream(tokenizer):
     stream = TextStream(tokenizer)
     assert stream.push(tokenizer.encode("x = 1", bos=False, eos=False)) == "x = 1"

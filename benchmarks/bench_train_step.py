@@ -117,7 +117,6 @@ def measure(name: str, fields: dict, batch: int, seq_len: int, n_future: int, de
             entry[label]["loss"] = float(timed["result"])
             entry[label]["vs_floor"] = timed["ms"] / entry["floor_ms"]
             entry[label]["tokens_per_s"] = batch * seq_len / (timed["ms"] * 1e-3)
-        if timed["status"] == "ok":
             with autocast:
                 entry[label]["saved_mib"] = common.saved_activation_bytes(module, lambda: fn(tokens)) / common.MIB
         no_grads()

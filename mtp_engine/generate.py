@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import inspect
 import json
 import operator
 import os
@@ -46,8 +47,9 @@ class GenerationResult:
     """tokens[b]: generated ids of prompt b (eos excluded); text[b]: their decoding (None without a tokenizer).
 
     finish_reasons[b]: "eos", "stop" (its text reached one of generate's stop strings: tokens[b]
-    ends with the token that completed it, text[b] ends before it), "max_gen_len", or "max_seq_len"
-    (the cache was full; a prompt of max_seq_len tokens generates nothing).
+    ends with the token that completed it, text[b] ends before it), "max_gen_len", "max_seq_len"
+    (the cache was full; a prompt of max_seq_len tokens generates nothing), or "cancelled" (generate's
+    on_tokens returned True for it: tokens[b] are those handed over until then).
     logprobs[b] / prompt_logprobs[b]: only when generate(logprobs=True); prompt_logprobs[b][0] is 0.0
     (the first prompt token has no context), as in the Llama release.
     stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
@@ -128,7 +130,7 @@ class SequenceState:
 
 
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the token selection kernels' dtypes
-FINISH_REASONS = ("eos", "stop", "max_gen_len", "max_seq_len")
+FINISH_REASONS = ("eos", "stop", "max_gen_len", "max_seq_len", "cancelled")
 
 
 def first_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]:
@@ -311,10 +313,14 @@ class Generator:
         prompt that got tokens from it or finished: on_tokens(index, new_tokens, finish), index the
         prompt's place in prompt_tokens, new_tokens the token ids it kept from that forward (eos is
         not kept), finish None or its finish reason ("eos", "stop", "max_gen_len", "max_seq_len") once it is
-        done. A speculative forward hands over all the tokens it accepted at once. The tokens are on
-        the host by then (each step's one sync), so streaming costs the function's own time, which
-        counts in the wall time; what it raises ends generate. It may not call generate on this
-        model again, through any Generator (RuntimeError: the caches hold the running call's sequences).
+        done; with logprobs=True a fourth argument, the new tokens' log-probs (a list of floats as
+        long as new_tokens). A speculative forward hands over all the tokens it accepted at once. The
+        tokens are on the host by then (each step's one sync), so streaming costs the function's own
+        time, which counts in the wall time. Returning True (the bool: any other value, such as the
+        count a write returns, is ignored) cancels that prompt: it generates nothing more (its row
+        leaves the forwards as a finished one does), is not called again, and finishes "cancelled"
+        with the tokens handed over so far; the others go on. What it raises ends generate. It may not call generate on this model
+        again, through any Generator (RuntimeError: the caches hold the running call's sequences).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
@@ -323,10 +329,9 @@ class Generator:
         first piece's leading space), on the host after each forward; streamed tokens are handed
         over after that check.
         """
-        if on_tokens is not None and not callable(on_tokens):
-            raise ValueError(f"on_tokens must be a function (index, new_tokens, finish) or None, got {on_tokens!r}")
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
+        _check_on_tokens(on_tokens, logprobs)
         dtype = self.model.output.weight.dtype
         if dtype not in GENERATION_DTYPES:
             raise ValueError(f"the model is {dtype}; generation runs in {', '.join(map(str, GENERATION_DTYPES))}: "
@@ -386,7 +391,7 @@ class Generator:
             for seq in seqs:
                 seq.check_stop()
             if on_tokens is not None:
-                _hand_over(seqs, order, on_tokens)
+                _hand_over(seqs, order, on_tokens, logprobs)
         stream()   # prompts with no room or no tokens asked for are done already
         if not all(s.done for s in seqs):
             if tree_spec is None:
@@ -953,16 +958,38 @@ def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
     }
 
 
-def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens) -> None:
+def _check_on_tokens(on_tokens, logprobs: bool) -> None:
+    """generate's on_tokens: None, or a function that takes (index, new_tokens, finish), and the
+    new tokens' log-probs after those with logprobs=True; checked before any forward runs."""
+    if on_tokens is None:
+        return
+    arguments = "(index, new_tokens, finish, new_logprobs)" if logprobs else "(index, new_tokens, finish)"
+    if not callable(on_tokens):
+        raise ValueError(f"on_tokens must be a function {arguments} or None, got {on_tokens!r}")
+    try:
+        signature = inspect.signature(on_tokens)
+    except (TypeError, ValueError):   # some builtins have none to read: their first call will tell
+        return
+    try:
+        signature.bind(*range(4 if logprobs else 3))
+    except TypeError:
+        more = " (generate(logprobs=True) hands over the new tokens' log-probs too)" if logprobs else ""
+        raise ValueError(f"on_tokens{signature} cannot be called as on_tokens{arguments}{more}") from None
+
+
+def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens, logprobs: bool) -> None:
     """generate's on_tokens for every sequence (rows in length order; order[row] is its caller's
-    index) with tokens it has not handed over yet or a finish it has not told, in the caller's order."""
+    index) with tokens it has not handed over yet or a finish it has not told, in the caller's order
+    (with the new tokens' log-probs when logprobs); a sequence it returns True for is cancelled."""
     for row in sorted(range(len(seqs)), key=order.__getitem__):
         seq = seqs[row]
         new = seq.tokens[seq.streamed:]
         if new or (seq.done and not seq.told_finish):
             seq.streamed = len(seq.tokens)
             seq.told_finish = seq.done
-            on_tokens(order[row], new, seq.finish)
+            extra = (seq.logprobs[len(seq.tokens) - len(new):],) if logprobs else ()
+            if on_tokens(order[row], new, seq.finish, *extra) is True and not seq.done:
+                seq.finish, seq.told_finish = "cancelled", True
 
 
 def _in_caller_order(items: list, order: List[int]) -> list:

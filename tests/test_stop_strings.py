@@ -65,13 +65,18 @@ def test_stop_per_prompt_streamed_and_with_logprobs(gen):
     prompts = _encoded(tok)[:2]
     free = gen.generate(prompts, max_gen_len=40)
     stop_0 = free.text[0][5:8]   # a string the first completion reaches
-    handed = {}
+    handed, handed_lps = {}, {}
+
+    def on_tokens(i, new, finish, new_logprobs):
+        handed.setdefault(i, []).extend(new)
+        handed_lps.setdefault(i, []).extend(new_logprobs)
     res = gen.generate(prompts, max_gen_len=40, stop=[[stop_0], None], logprobs=True, speculative="tree",
-                       on_tokens=lambda i, new, finish: handed.setdefault(i, []).extend(new))
+                       on_tokens=on_tokens)
     assert res.finish_reasons == ["stop", free.finish_reasons[1]] and res.tokens[1] == free.tokens[1]
     assert res.text[0] == free.text[0][:free.text[0].find(stop_0)]
     assert handed == {0: res.tokens[0], 1: res.tokens[1]}
     assert [len(lp) for lp in res.logprobs] == [len(t) for t in res.tokens]
+    assert handed_lps == {0: res.logprobs[0], 1: res.logprobs[1]}
     plain_lps = gen.generate(prompts, max_gen_len=40, logprobs=True).logprobs
     torch.testing.assert_close(res.logprobs[0], plain_lps[0][:len(res.tokens[0])], rtol=1e-4, atol=1e-4)
 

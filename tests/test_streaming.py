@@ -80,6 +80,63 @@ def test_streaming_changes_nothing_and_sampled_prompts_stream_too(model):
     assert res.tokens == plain.tokens == [got[0], got[1]]
 
 
+@pytest.mark.parametrize("speculative", [None, "chain", "tree"])
+def test_returning_true_cancels_that_prompt_alone(model, speculative):
+    """Prompt 1 is cancelled once it has 3 tokens: it keeps what was handed over (a prefix of its
+    uncancelled completion), finishes "cancelled" and is not called again; the others complete as if
+    alone. Only the bool True cancels (a write's count does not); cancelling every prompt at its
+    first call ends generate after the prefill."""
+    prompts = _prompts([5, 3, 8])
+    gen = Generator(model, max_batch_size=3, max_seq_len=48)
+    kwargs = dict(max_gen_len=14, speculative=speculative)
+    full = gen.generate(prompts, **kwargs)
+    got, calls = {}, []
+
+    def on_tokens(index, new_tokens, finish):
+        calls.append(index)
+        got.setdefault(index, []).extend(new_tokens)
+        if index == 1:
+            return len(got[1]) >= 3   # True once it has 3
+        return 1   # truthy, but not True: goes on
+    res = gen.generate(prompts, on_tokens=on_tokens, **kwargs)
+    assert res.finish_reasons == ["max_gen_len", "cancelled", "max_gen_len"]
+    assert res.stats["finish_counts"]["cancelled"] == 1
+    assert res.tokens[0] == full.tokens[0] and res.tokens[2] == full.tokens[2]
+    assert res.tokens[1] == got[1] and len(got[1]) >= 3 and got[1] == full.tokens[1][:len(got[1])]
+    if speculative is None:
+        assert len(got[1]) == 3
+    last_one = max(i for i, index in enumerate(calls) if index == 1)
+    assert calls[last_one:].count(1) == 1 and len(got[1]) < 14
+    res = gen.generate(prompts, on_tokens=lambda index, new, finish: True, **kwargs)
+    assert res.finish_reasons == ["cancelled"] * 3 and res.stats["forwards"] == 1
+    assert res.tokens == [t[:1] for t in full.tokens]   # the prefill's token
+
+
+@pytest.mark.parametrize("speculative", [None, "tree"])
+def test_with_logprobs_on_tokens_gets_the_new_tokens_log_probs(model, speculative):
+    prompts = _prompts([6, 2], seed=3)
+    gen = Generator(model, max_batch_size=2, max_seq_len=40)
+    got = {}
+
+    def on_tokens(index, new_tokens, finish, new_logprobs):
+        assert len(new_logprobs) == len(new_tokens) and all(isinstance(x, float) for x in new_logprobs)
+        got.setdefault(index, []).extend(new_logprobs)
+    res = gen.generate(prompts, max_gen_len=9, temperature=0.8, seed=[1, 2], logprobs=True,
+                       speculative=speculative, on_tokens=on_tokens)
+    assert [got[0], got[1]] == res.logprobs and all(len(lp) == 9 for lp in res.logprobs)
+    # any function that takes the arguments will do; one that cannot is refused before any forward
+    res = gen.generate(prompts, max_gen_len=2, logprobs=True, on_tokens=lambda *args: None)
+    assert len(res.tokens[0]) == 2
+    for bad, logprobs, says in ((lambda index, new, finish: None, True, r"on_tokens\(index, new, finish\) cannot "
+                                 r"be called as on_tokens\(index, new_tokens, finish, new_logprobs\) "
+                                 r"\(generate\(logprobs=True\)"),
+                                (lambda index, new: None, False, r"cannot be called as on_tokens\(index, "
+                                 r"new_tokens, finish\)$")):
+        with pytest.raises(ValueError, match=says):
+            gen.generate(prompts, max_gen_len=2, logprobs=logprobs, on_tokens=bad)
+    assert gen.generate(prompts, max_gen_len=2, on_tokens=print).tokens == res.tokens   # a builtin: not read
+
+
 def test_a_callback_that_raises_ends_generate_and_a_bad_one_is_refused(model):
     gen = Generator(model, max_batch_size=1, max_seq_len=32)
 

@@ -432,7 +432,7 @@ def _perturbed(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor)
 
 
 def row_values(values, rows: slice):
-    """A per-row tensor's rows, or a number as it is (a temperature or top_p for every row)."""
+    """A per-row tensor's rows, or a number as it is (a temperature, top_p or top_k for every row)."""
     return values[rows] if isinstance(values, torch.Tensor) else values
 
 
@@ -450,6 +450,35 @@ def nucleus(probs: torch.Tensor, top_p) -> torch.Tensor:
     return torch.empty_like(drop).scatter_(-1, probs_idx, ~drop)
 
 
+def top_k_keep(scores: torch.Tensor, top_k) -> torch.Tensor | None:
+    """scores: (R, V) float; top_k: an int or (R,) integer tensor, one per row, 0 (or V and more)
+    keeping every token. Returns (R, V) bool, True for each row's top_k highest scores (equal scores
+    keep id order, as `nucleus` ranks them), or None when a number keeps every token."""
+    V = scores.shape[-1]
+    if not isinstance(top_k, torch.Tensor):
+        if top_k <= 0 or top_k >= V:
+            return None
+        top_k = torch.full((scores.shape[0],), top_k, device=scores.device)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(V, device=scores.device).expand_as(order))
+    k = top_k.to(torch.int64)[:, None]
+    return (ranks < k) | (k <= 0)
+
+
+def filters_rows(top_p, top_k, V: int):
+    """Which rows a top-p nucleus or a top-k cut narrows: None when none does (both numbers that keep
+    every token), True when every row is (a number that narrows), else an (R,) bool tensor."""
+    if (not isinstance(top_p, torch.Tensor) and top_p < 1.0) or (not isinstance(top_k, torch.Tensor) and 0 < top_k < V):
+        return True
+    rows = None
+    if isinstance(top_p, torch.Tensor):
+        rows = top_p < 1.0
+    if isinstance(top_k, torch.Tensor):
+        cut = (top_k > 0) & (top_k < V)
+        rows = cut if rows is None else rows | cut
+    return rows
+
+
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The Llama release's draw: probs (R, V) float, rows summing to 1. Returns (R,) int64 ids drawn
     with torch.multinomial from the top-p nucleus (`nucleus`), renormalized. (Generation draws with
@@ -459,17 +488,19 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 
 
 def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
-                  offsets: torch.Tensor) -> torch.Tensor:
-    """logits: (R, V) float32; temperature >= 0 and 0 < top_p <= 1, each a number or (R,) per row (a
-    row at temperature 0 picks greedily, `linear_argmax`'s rule); seeds and offsets (R,) int64.
-    Returns (R,) int64: one draw per row from softmax(logits / temperature) restricted to the top-p
-    nucleus, by Gumbel-max, argmax_v(logits_v / T + G_v) over the nucleus, with G = -log(-log U) and U
-    the kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores
+                  offsets: torch.Tensor, top_k=0) -> torch.Tensor:
+    """logits: (R, V) float32; temperature >= 0, 0 < top_p <= 1 and top_k >= 0, each a number or (R,)
+    per row (a row at temperature 0 picks greedily, `linear_argmax`'s rule; top_k 0 keeps every
+    token); seeds and offsets (R,) int64. Returns (R,) int64: one draw per row from
+    softmax(logits / temperature) restricted to its top_k highest logits, then to the top-p nucleus
+    of that renormalized distribution (the order Hugging Face's and vLLM's samplers apply them in),
+    by Gumbel-max, argmax_v(logits_v / T + G_v) over the tokens kept, with G = -log(-log U) and U the
+    kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores
     tie within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
     renormalized softmax over that subset.
 
-    Non-finite logits: NaN counts as -inf (ranked last, so a row of NaN gives token 0). With
-    top_p == 1 the rule is the kernel's (an +inf logit wins, the first of several); with top_p < 1
+    Non-finite logits: NaN counts as -inf (ranked last, so a row of NaN gives token 0). Without a
+    nucleus or cut the rule is the kernel's (an +inf logit wins, the first of several); with one,
     several +inf logits share the row (softmax's limit) and a row with nothing above -inf gives 0."""
     noisy = None
     if isinstance(temperature, torch.Tensor):
@@ -480,34 +511,40 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
     else:
         scores = logits.float() / temperature
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
-    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
+    filtered = filters_rows(top_p, top_k, scores.shape[-1])
+    if filtered is not None:
         top = scores == float("inf")
         shared = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
         dead = (shared == float("-inf")).all(-1, keepdim=True)
-        shared = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
-        kept = shared.masked_fill(~nucleus(torch.softmax(shared, dim=-1), top_p), float("-inf"))
-        # Only sampled rows under a nucleus: a greedy row, or one at top_p 1 among per-row values,
-        # keeps the rules it has alone (argmax; Gumbel-max over everything).
+        kept = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
+        cut = top_k_keep(kept, top_k)
+        if cut is not None:
+            kept = kept.masked_fill(~cut, float("-inf"))
+        if isinstance(top_p, torch.Tensor) or top_p < 1.0:   # the nucleus of what the cut kept
+            kept = kept.masked_fill(~nucleus(torch.softmax(kept, dim=-1), top_p), float("-inf"))
+        # Only sampled rows under a nucleus or a cut: a greedy row, or one at top_p 1 and top_k 0
+        # among per-row values, keeps the rules it has alone (argmax; Gumbel-max over everything).
         narrowed = noisy
-        if isinstance(top_p, torch.Tensor):
-            narrowed = (top_p < 1.0) if narrowed is None else narrowed & (top_p < 1.0)
+        if filtered is not True:
+            narrowed = filtered if narrowed is None else narrowed & filtered
         scores = kept if narrowed is None else torch.where(narrowed[:, None], kept, scores)
     return _gumbel_argmax(scores, seeds, offsets, noisy)
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p,
-                  seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """hidden: (R, D); weight: (V, D) same dtype; temperature and top_p each a number or (R,) per row;
-    seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from softmax(hidden @ weight.T
-    / temperature) (float32 logits) restricted to the top-p nucleus (`sample_logits`); a temperature
-    of 0 (all rows) -> linear_argmax. The Triton kernel's noise (top_p == 1) and its logits (top_p <
-    1 or per row) with the same seeds and offsets: the same tokens up to ties within rounding."""
+                  seeds: torch.Tensor, offsets: torch.Tensor, top_k=0) -> torch.Tensor:
+    """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p and top_k each a number or (R,)
+    per row; seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from
+    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top_k highest, then
+    to the top-p nucleus (`sample_logits`); a temperature of 0 (all rows) -> linear_argmax. The
+    Triton kernel's noise (no nucleus nor cut) and its logits (a nucleus, a cut, or values per row)
+    with the same seeds and offsets: the same tokens up to ties within rounding."""
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return linear_argmax(hidden, weight)
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
         tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
-                                     offsets[rows])
+                                     offsets[rows], row_values(top_k, rows))
     return tokens
 
 

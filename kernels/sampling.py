@@ -33,8 +33,8 @@ each position with the same noise as plain decoding. Seeds and offsets are read 
 no host synchronization (CUDA-graph friendly). `reference.sampling_uniforms` is the same generator
 in torch ops, bit for bit.
 
-top_p < 1 needs the sorted distribution of a whole row; that path writes float32 logits for a
-chunk of rows at a time with the same tile code and samples the nucleus in torch
+top_p < 1 and a top_k cut need the sorted distribution of a whole row; that path writes float32
+logits for a chunk of rows at a time with the same tile code and samples the nucleus in torch
 (`reference.sample_logits`, the same keyed noise).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from .triton_import import tl, triton
 
 from . import reference
-from .backend import check_one_device, eager_under_compile, finite_number, gpu_launch, use_triton
+from .backend import check_one_device, eager_under_compile, finite_number, gpu_launch, integer, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -533,7 +533,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_top_p_triton(hidden, weight, temperature, top_p, seeds, offsets) -> torch.Tensor:
+def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, seeds, offsets) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
@@ -541,7 +541,8 @@ def _sample_top_p_triton(hidden, weight, temperature, top_p, seeds, offsets) -> 
         rows = slice(start, start + rows_per_chunk)
         logits = linear_logits_triton(hidden[rows], weight)
         tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
-                                               reference.row_values(top_p, rows), seeds[rows], offsets[rows])
+                                               reference.row_values(top_p, rows), seeds[rows], offsets[rows],
+                                               reference.row_values(top_k, rows))
     return tokens
 
 
@@ -576,6 +577,13 @@ def check_sampling_args(temperature, top_p, prefix: str = "") -> None:
                          f"(1 / temperature must be finite in float32), got {temperature}")
     if not finite_number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def check_top_k(top_k, prefix: str = "") -> None:
+    """ValueError (message after `prefix`) unless top_k is an int >= 0 (numpy's too; 0 keeps every
+    token, as does any k >= V). The generator's and linear_sample's rule."""
+    if not integer(top_k) or top_k < 0:
+        raise ValueError(f"{prefix}top_k must be an int >= 0 (0 = no cut), got {top_k!r}")
 
 
 def _sampling_keys(R: int, device: torch.device, generator, seeds, offsets, sample: bool) -> tuple | None:
@@ -623,35 +631,46 @@ def linear_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear_select_triton(hidden, weight, 0.0, None)
 
 
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.device) -> None:
-    """A per-row temperature or top_p: a floating (R,) tensor on `device`, its values by
-    check_sampling_args' rule, read where they are on the CPU. On a GPU they are not read back (that
-    would be a host sync in every step, and impossible inside a CUDA-graph capture): the caller
-    checks them (the Generator checks its lists before they go to the device)."""
-    if values.dtype not in _FLOAT_DTYPES + (torch.float64,) or values.shape != (R,):
-        raise ValueError(f"linear_sample: {name} as a tensor must be floating, shape ({R},), one per row, got "
+    """A per-row temperature or top_p (a floating (R,) tensor), or top_k (an integer one), on
+    `device`, its values by check_sampling_args' or check_top_k's rule, read where they are on the
+    CPU. On a GPU they are not read back (that would be a host sync in every step, and impossible
+    inside a CUDA-graph capture): the caller checks them (the Generator checks its lists before they
+    go to the device)."""
+    kinds = _INTEGER_DTYPES if name == "top_k" else _FLOAT_DTYPES + (torch.float64,)
+    if values.dtype not in kinds or values.shape != (R,):
+        kind = "integer" if name == "top_k" else "floating"
+        raise ValueError(f"linear_sample: {name} as a tensor must be {kind}, shape ({R},), one per row, got "
                          f"{values.dtype} {tuple(values.shape)}")
     if values.device != device:
         raise ValueError(f"linear_sample: {name} is on {values.device} but hidden is on {device}")
     if values.device.type != "cpu":
         return
     for row, value in enumerate(values.tolist()):
-        args = (value, 1.0) if name == "temperature" else (1.0, value)
-        check_sampling_args(*args, f"linear_sample: row {row}: ")
+        prefix = f"linear_sample: row {row}: "
+        if name == "top_k":
+            check_top_k(value, prefix)
+        else:
+            check_sampling_args(*((value, 1.0) if name == "temperature" else (1.0, value)), prefix)
 
 
-def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0,
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0, top_k=0,
                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
                   offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the top-p
-    nucleus (the Llama release's rule, `reference.nucleus`: a token is dropped when the mass sorted
-    before it exceeds top_p), by Gumbel-max with counter-based (Philox) noise.
+    """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the
+    top_k highest logits and then to the top-p nucleus of what they keep (the Llama release's rule,
+    `reference.nucleus`: a token is dropped when the mass sorted before it exceeds top_p), by
+    Gumbel-max with counter-based (Philox) noise.
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
     temperature: >= 0, a number (0 -> `linear_argmax`) or an (R,) floating tensor on hidden's device,
-    one per row (a row at 0 picks greedily). top_p in (0, 1]: a number, 1 -> Gumbel-max in the kernel
-    (no logits written), < 1 -> float32 logits for a chunk of rows at a time, the nucleus in torch;
-    or an (R,) tensor, one per row, which always takes the nucleus path (a row at 1 keeps every token).
+    one per row (a row at 0 picks greedily). top_p in (0, 1] and top_k >= 0 (0, or V and more, keep
+    every token): numbers, 1 and 0 -> Gumbel-max in the kernel (no logits written), otherwise float32
+    logits for a chunk of rows at a time, the cut and nucleus in torch; or (R,) tensors, one per row
+    (floating top_p, integer top_k), which always take that path (a row at 1 and 0 keeps every token).
     Per-row values are checked where they are on the CPU; on a GPU they are the caller's to check
     (no host sync).
     The noise, one of:
@@ -666,11 +685,13 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     """
     _check_linear_inputs("linear_sample", hidden, weight)
     R = hidden.shape[0]
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
         if isinstance(value, torch.Tensor):
             _check_row_values(name, value, R, hidden.device)
     check_sampling_args(0.0 if isinstance(temperature, torch.Tensor) else temperature,
                         1.0 if isinstance(top_p, torch.Tensor) else top_p, "linear_sample: ")
+    if not isinstance(top_k, torch.Tensor):
+        check_top_k(top_k, "linear_sample: ")
     greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     # No rows: nothing drawn (a generator's state stays as it was), the arguments still checked.
     sample = not greedy and R > 0
@@ -684,10 +705,13 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
         temperature = float(temperature)
     if not isinstance(top_p, torch.Tensor):
         top_p = float(top_p)
+    if not isinstance(top_k, torch.Tensor):
+        top_k = int(top_k)
     if not use_triton(hidden, weight):
-        return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, seeds=seeds, offsets=offsets)
-    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
-        return _sample_top_p_triton(hidden, weight, temperature, top_p, seeds, offsets)
+        return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
+                                 offsets=offsets)
+    if reference.filters_rows(top_p, top_k, weight.shape[0]) is not None:
+        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, seeds, offsets)
     return linear_select_triton(hidden, weight, temperature, (seeds, offsets))
 
 

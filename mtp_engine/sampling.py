@@ -16,39 +16,43 @@ from typing import Tuple, Union
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
-from mtp_kernels.sampling import check_sampling_args
+from mtp_kernels.sampling import check_sampling_args, check_top_k
 
 
 @dataclass
 class RowSampling:
     """A generate call's sampling, one value per cache row (rows in the Generator's order), on the
     device: seeds (B,) int64 key each row's noise (with the drawn token's position as offset);
-    temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row (the kernel's Gumbel-max
-    path) or (B,) float32 (the nucleus path for all rows). The tensors are a step's inputs, so one
-    CUDA graph serves any temperatures and top_p values."""
+    temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row or (B,) float32, and top_k
+    0 for every row or (B,) int64 (either as a tensor sends the call down the kernels' nucleus path:
+    float32 logits, the cut and nucleus in torch; both numbers keep the Gumbel-max kernel). The
+    tensors are a step's inputs, so one CUDA graph serves any temperatures, top_p and top_k values."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
+    top_k: Union[int, torch.Tensor] = 0
 
     def head(self, rows: int) -> "RowSampling":
         """The first `rows` rows' (the rows a step runs)."""
-        top_p = self.top_p[:rows] if isinstance(self.top_p, torch.Tensor) else self.top_p
-        return RowSampling(self.seeds[:rows], self.temperature[:rows], top_p)
+        return self.from_tensors(tuple(t[:rows] for t in self.tensors()))
 
     def tensors(self) -> tuple:
         """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""
-        return (self.seeds, self.temperature) + ((self.top_p,) if isinstance(self.top_p, torch.Tensor) else ())
+        return (self.seeds, self.temperature) + tuple(v for v in (self.top_p, self.top_k) if isinstance(v, torch.Tensor))
 
-    @staticmethod
-    def from_tensors(tensors: tuple) -> "RowSampling":
-        """Inside a step. A CUDA graph's padding rows hold zeros: temperature 0 makes them greedy, and
-        their top_p 0 is raised to the smallest valid one (keep the most likely token)."""
-        top_p = tensors[2].clamp(min=torch.finfo(torch.float32).tiny) if len(tensors) > 2 else 1.0
-        return RowSampling(tensors[0], tensors[1], top_p)
+    def from_tensors(self, tensors: tuple) -> "RowSampling":
+        """This sampling's layout (which of top_p and top_k are per row) over other tensors: inside a
+        step, its inputs. A CUDA graph's padding rows hold zeros: temperature 0 makes them greedy,
+        top_k 0 cuts nothing, and their top_p 0 is raised to the smallest valid one (keep the most
+        likely token)."""
+        rest = list(tensors[2:])
+        top_p = rest.pop(0).clamp(min=torch.finfo(torch.float32).tiny) if isinstance(self.top_p, torch.Tensor) else 1.0
+        top_k = rest.pop(0) if isinstance(self.top_k, torch.Tensor) else 0
+        return RowSampling(tensors[0], tensors[1], top_p, top_k)
 
     @property
     def graph_key(self) -> tuple:
-        return ("sampled", isinstance(self.top_p, torch.Tensor))
+        return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor))
 
 
 def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
@@ -65,10 +69,14 @@ def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
 
 
 def per_prompt(value, n: int, name: str) -> list:
-    """temperature or top_p for each of n prompts as floats (`per_prompt_values`), each checked by
-    `check_sampling_args`' rule."""
+    """temperature, top_p or top_k for each of n prompts (`per_prompt_values`), each checked by
+    `check_sampling_args`' or `check_top_k`'s rule: floats, or ints for top_k."""
     values, labels = per_prompt_values(value, n, name)
     labels = [f"{label}: " if label != name else "" for label in labels]
+    if name == "top_k":
+        for v, label in zip(values, labels):
+            check_top_k(v, label)
+        return [int(v) for v in values]
     for v, label in zip(values, labels):
         if name == "temperature":
             check_sampling_args(v, 1.0, label)

@@ -70,6 +70,11 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     first = capsys.readouterr().out.splitlines()[1]
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines()[1] == first  # same seed, same sample
+    greedy = argv[:argv.index("--temperature")]
+    assert main(greedy) == 0
+    want = capsys.readouterr().out.splitlines()[1]
+    assert main(argv + ["--temperature", "5", "--top-k", "1"]) == 0   # a cut to one token is greedy
+    assert capsys.readouterr().out.splitlines()[1] == want
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -79,6 +84,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--tokenizer-path", "/nonexistent/tok.model"], "tokenizer"),
     (["--max-batch-size", "0"], "max_batch_size must be a positive int, got 0"),
     (["--seed", "99999999999999999999999"], "seed"),
+    (["--temperature", "1", "--top-k", "-2"], "top_k must be an int >= 0 (0 = no cut), got -2"),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):

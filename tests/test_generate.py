@@ -209,7 +209,7 @@ def test_a_prompt_that_fills_the_cache_generates_nothing(model, speculative):
     alone = gen.generate([prompts[1]], max_gen_len=5, speculative=speculative)
     assert res.tokens == [[], alone.tokens[0], []] and res.logprobs[0] == []
     assert res.finish_reasons == ["max_seq_len", "max_gen_len", "max_seq_len"]
-    assert res.stats["finish_counts"] == {"eos": 0, "stop": 0, "max_gen_len": 1, "max_seq_len": 2}
+    assert res.stats["finish_counts"] == {"eos": 0, "stop": 0, "max_gen_len": 1, "max_seq_len": 2, "cancelled": 0}
     assert len(res.prompt_logprobs[0]) == 20
     nothing = gen.generate(prompts[:1], max_gen_len=0)
     assert nothing.tokens == [[]] and nothing.finish_reasons == ["max_gen_len"]
@@ -459,6 +459,47 @@ def test_unseeded_sampling_draws_from_torch_global_rng_and_greedy_leaves_it(mode
     gen.generate(prompts, max_gen_len=3)
     gen.generate(prompts, max_gen_len=3, seed=4)
     assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_prompt_top_k(request, model, backend):
+    """top_k per prompt beside top_p and a greedy prompt: each prompt gives what it gives alone, and
+    every sampled token is among its context's k most likely; a top_k of 1 is greedy at any
+    temperature, and one of the vocabulary or more cuts nothing (the Gumbel-max kernel's draws).
+    (The interpreter, being slow, runs the first and the last.)"""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    prompts = random_prompts([3, 6, 2, 5], seed=17)
+    temperatures, top_ps, top_ks, seeds = [0.0, 1.5, 2.0, 1.0], [1.0, 0.9, 1.0, 1.0], [0, 2, 3, 0], [5, 6, 7, 8]
+    n = 8 if backend == "reference" else 4
+    gen = Generator(model, max_batch_size=4, max_seq_len=32)
+    res = gen.generate(prompts, max_gen_len=n, temperature=temperatures, top_p=top_ps, top_k=top_ks, seed=seeds,
+                       logprobs=True, eos_id=-1)
+    for b in range(4) if backend == "reference" else (1,):
+        assert res.tokens[b] == gen.generate([prompts[b]], max_gen_len=n, temperature=temperatures[b], top_p=top_ps[b],
+                                             top_k=top_ks[b], seed=[seeds[b]]).tokens[0]
+    vocab = model.params.vocab_size
+    free = gen.generate(prompts, max_gen_len=n, temperature=1.5, seed=seeds).tokens
+    assert gen.generate(prompts, max_gen_len=n, temperature=1.5, top_k=vocab, seed=seeds).tokens == free
+    if backend == "triton":
+        return
+    uncached = copy.deepcopy(model)
+    uncached.clear_caches()
+    for b in (1, 2):   # each sampled token ranks among its context's top_k under an uncached forward
+        with torch.no_grad():
+            logits = uncached.forward(torch.tensor([prompts[b] + res.tokens[b]]))[0, len(prompts[b]) - 1:-1, 0]
+        ranks = (logits > logits.gather(1, torch.tensor(res.tokens[b])[:, None])).sum(1)
+        assert (ranks < top_ks[b]).all(), (b, ranks)
+        torch.testing.assert_close(torch.tensor(res.logprobs[b]), torch.log_softmax(logits, -1).gather(
+            1, torch.tensor(res.tokens[b])[:, None])[:, 0], rtol=1e-4, atol=1e-4)
+    greedy = gen.generate(prompts, max_gen_len=n).tokens
+    assert gen.generate(prompts, max_gen_len=n, temperature=3.0, top_k=1, seed=seeds).tokens == greedy
+    assert gen.generate(prompts, max_gen_len=n, temperature=1.5, top_k=np.array(vocab + 1), seed=seeds).tokens == free
+    for top_k, match in ((-1, r"top_k must be an int >= 0 \(0 = no cut\), got -1"), (2.5, "top_k must be an int"),
+                         ([1, 2], "top_k: a list needs one value per prompt, got 2 for 4"),
+                         ([1, 2, -3, 0], r"top_k\[2\]: top_k must be an int >= 0")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(prompts, max_gen_len=2, temperature=1.0, top_k=top_k)
 
 
 def test_tiny_top_p_equals_greedy(model):

@@ -446,6 +446,81 @@ def test_keyed_draws_follow_softmax(request, use_kernel):
     assert _chi_square_p_value(counts, probs[kept] / probs[kept].sum()) > 1e-3
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_top_k_draws_from_the_k_most_likely_then_their_nucleus(request, use_kernel):
+    """top_k alone: the draws follow the softmax renormalized over the k most likely tokens; with
+    top_p: over the nucleus of that renormalized distribution (Hugging Face's and vLLM's order: the
+    cut, then the nucleus), which keeps fewer tokens than the nucleus of the uncut distribution would
+    (the other order would keep those). A k of the vocabulary or more, and 0, cut nothing: the
+    Gumbel-max kernel's own tokens."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    n, k = 3000, 4
+    hidden, weight = _one_vector_many_rows(n, seed=9)
+    V = weight.shape[0]
+    seeds, offsets = torch.full((n,), 777, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+    probs = torch.softmax(_logits(hidden[:1], weight)[0] / 0.9, dim=0)
+    top = torch.topk(probs, k).indices
+    tokens = linear_sample(hidden, weight, temperature=0.9, top_k=k, seeds=seeds, offsets=offsets)
+    assert torch.isin(tokens, top).all()
+    counts = torch.bincount(tokens, minlength=V)[top]
+    assert _chi_square_p_value(counts, probs[top] / probs[top].sum()) > 1e-3
+    # the nucleus of the renormalized top k: fewer tokens than the nucleus of probs (3 of 13 here)
+    renormalized = torch.zeros_like(probs).index_put_((top,), probs[top] / probs[top].sum())
+    kept = reference.nucleus(renormalized[None], 0.6)[0] & (renormalized > 0)
+    assert 1 < int(kept.sum()) < int(reference.nucleus(probs[None], 0.6)[0].sum()) <= k
+    tokens = linear_sample(hidden, weight, temperature=0.9, top_k=k, top_p=0.6, seeds=seeds, offsets=offsets)
+    assert kept[tokens].all()
+    counts = torch.bincount(tokens, minlength=V)[kept]
+    assert _chi_square_p_value(counts, probs[kept] / probs[kept].sum()) > 1e-3
+    free = linear_sample(hidden[:64], weight, temperature=0.9, seeds=seeds[:64], offsets=offsets[:64])
+    for no_cut in (0, V, V + 5, np.int64(0)):
+        assert torch.equal(linear_sample(hidden[:64], weight, temperature=0.9, top_k=no_cut, seeds=seeds[:64],
+                                         offsets=offsets[:64]), free)
+    one = linear_sample(hidden[:64], weight, temperature=5.0, top_k=1, seeds=seeds[:64], offsets=offsets[:64])
+    assert torch.equal(one, linear_argmax(hidden[:64], weight))   # k = 1 is greedy, at any temperature
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_row_top_k_equals_each_row_alone(request, backend):
+    """top_k as an (R,) integer tensor beside per-row temperature and top_p: each row draws what it
+    draws alone with its own numbers (0 and V cut nothing; a greedy row stays greedy)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(32)
+    R, V, D = 6, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    seeds, offsets = _keys(R, seed=3)
+    temperatures = torch.tensor([0.7, 0.0, 1.5, 2.0, 1.0, 2.0])
+    top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.9])
+    top_ks = torch.tensor([3, 2, 0, V, 1, 40], dtype=torch.int32)
+    tokens = linear_sample(hidden, weight, temperature=temperatures, top_p=top_ps, top_k=top_ks, seeds=seeds,
+                           offsets=offsets)
+    for r in range(R):
+        alone = linear_sample(hidden[r:r + 1], weight, temperature=float(temperatures[r]), top_p=float(top_ps[r]),
+                              top_k=int(top_ks[r]), seeds=seeds[r:r + 1], offsets=offsets[r:r + 1])
+        assert tokens[r] == alone[0], r
+    greedy = linear_argmax(hidden, weight)
+    assert tokens[1] == greedy[1] and tokens[4] == greedy[4]
+    logits = _logits(hidden, weight)
+    assert logits[0, tokens[0]] >= logits[0].topk(3).values[-1]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=-1), r"top_k must be an int >= 0 \(0 = no cut\), got -1"),
+    (dict(top_k=2.0), "top_k must be an int >= 0"),
+    (dict(top_k=True), "top_k must be an int >= 0"),
+    (dict(top_k=torch.tensor([1, -3])), r"row 1: top_k must be an int >= 0"),
+    (dict(top_k=torch.tensor([1.0, 2.0])), r"top_k as a tensor must be integer, shape \(2,\)"),
+    (dict(top_k=torch.ones(3, dtype=torch.int64)), r"top_k as a tensor must be integer, shape \(2,\).*\(3,\)"),
+    (dict(top_k=torch.ones(2, dtype=torch.int64, device="meta")), "top_k is on meta but hidden is on cpu"),
+])
+def test_bad_top_k(kwargs, match):
+    for temperature in (1.0, 0.0):   # checked when greedy too
+        with pytest.raises(ValueError, match=match):
+            linear_sample(torch.zeros(2, 4), torch.zeros(7, 4), temperature=temperature, **kwargs)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(seeds=torch.zeros(2, dtype=torch.int64)), "seeds and offsets go together"),
     (dict(offsets=torch.zeros(2, dtype=torch.int64)), "seeds and offsets go together"),

@@ -572,14 +572,18 @@ def sampling_model():
     return model
 
 
-def exact_two_token_probs(model, prompt, temperature, top_p):
-    """P(t1, t2) under plain sampling: (V, V), from uncached forwards (mtp_engine.sampling's nucleus rule)."""
+def exact_two_token_probs(model, prompt, temperature, top_p, top_k=0):
+    """P(t1, t2) under plain sampling: (V, V), from uncached forwards (mtp_engine.sampling's rule: the
+    top_k most likely, renormalized, then their nucleus), in float64."""
     ref = copy.deepcopy(model)
     ref.clear_caches()
 
     def dist(logits):
         probs = torch.softmax(logits.double() / temperature, dim=-1)
         sorted_p, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        if top_k:
+            sorted_p[..., top_k:] = 0.0
+            sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p
         kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
         return kept / kept.sum(-1, keepdim=True)
@@ -616,19 +620,21 @@ def chi_square_pvalue(counts, probs):
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.85)])
-def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temperature, top_p):
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.8, 0.85, 0), (1.0, 1.0, 4), (1.2, 0.9, 5)])
+def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temperature, top_p, top_k):
     prompt = [1, 5, 2]
-    probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p)
+    probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p, top_k)
     counts, stats = sampled_pairs(sampling_model, prompt, rows=500, calls=8, seed=100, temperature=temperature,
-                                  top_p=top_p, speculative="tree", heads=2, tree="heads2")
+                                  top_p=top_p, top_k=top_k, speculative="tree", heads=2, tree="heads2")
     assert stats["acceptance_per_depth"][0] > 0.3  # the tree really accepted sampled drafts
     assert chi_square_pvalue(counts, probs) > 1e-3
     # power: the same counts reject a slightly different temperature's distribution
-    wrong = exact_two_token_probs(sampling_model, prompt, temperature * 1.25, top_p)
+    wrong = exact_two_token_probs(sampling_model, prompt, temperature * 1.25, top_p, top_k)
     assert chi_square_pvalue(counts, wrong) < 1e-6
-    if top_p < 1:
-        assert counts[probs == 0].sum() == 0  # nothing outside the nucleus
+    if top_p < 1 or top_k:
+        assert counts[probs == 0].sum() == 0  # nothing outside the nucleus or the cut
+    if top_k:   # and the cut is a real one: without it the draws would reach more pairs
+        assert (exact_two_token_probs(sampling_model, prompt, temperature, top_p) > 1e-3).sum() > (probs > 0).sum()
 
 
 def test_plain_sampling_passes_the_same_test(sampling_model):
@@ -648,13 +654,13 @@ def test_speculative_sampling_reproducible_with_seed(model4):
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
-def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mode, temperature, top_p):
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.8, 0.9, 0), (0.8, 1.0, [2, 0, 3])])
+def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mode, temperature, top_p, top_k):
     """Every node draws the token at its position with the noise plain decoding draws that position
     with, so seeded speculative sampling emits plain sampling's tokens, several per forward."""
     prompts = [[1, 5, 2], [3], [4, 4, 6, 1, 0, 7]]
     gen = Generator(sampling_model, max_batch_size=3, max_seq_len=32)
-    kwargs = dict(max_gen_len=20, temperature=temperature, top_p=top_p, eos_id=-1)
+    kwargs = dict(max_gen_len=20, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=-1)
     plain = gen.generate(prompts, seed=[3, 1, 4], **kwargs)
     fast = gen.generate(prompts, seed=[3, 1, 4], speculative=mode, heads=3, **kwargs)
     assert fast.tokens == plain.tokens
@@ -664,7 +670,7 @@ def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mo
 
 
 def test_random_batches_sampled_speculative_equals_plain(sampling_model):
-    """Random batches (ragged prompts, eos, tight caches, 2-3 heads, chain and tree, nucleus or not):
+    """Random batches (ragged prompts, eos, tight caches, 2-3 heads, chain and tree, nucleus, top-k cut or not):
     seeded speculative sampling equals seeded plain sampling token for token."""
     rng = random.Random(2027)
     for case in range(16):
@@ -673,7 +679,8 @@ def test_random_batches_sampled_speculative_equals_plain(sampling_model):
         prompts = [[rng.randrange(SAMPLE_VOCAB) for _ in range(rng.randint(1, 8))] for _ in range(B)]
         gen = Generator(sampling_model, max_batch_size=max_batch, max_seq_len=max_seq_len)
         kwargs = dict(max_gen_len=rng.randint(1, 16), temperature=rng.choice([0.5, 1.0, 1.7]),
-                      top_p=rng.choice([1.0, 0.8]), seed=rng.randrange(2 ** 63), eos_id=rng.choice([-1, 3]))
+                      top_p=rng.choice([1.0, 0.8]), top_k=rng.choice([0, 0, 2, 5]), seed=rng.randrange(2 ** 63),
+                      eos_id=rng.choice([-1, 3]))
         plain = gen.generate(prompts, **kwargs)
         mode, heads = rng.choice(["chain", "tree"]), rng.randint(2, 3)
         fast = gen.generate(prompts, speculative=mode, heads=heads, **kwargs)
@@ -690,6 +697,8 @@ def test_sampled_speculative_equals_plain_on_the_triton_path(triton_backend, sam
     assert gen.generate(prompts, speculative="tree", heads=3, **kwargs).tokens == plain
     assert gen.generate(prompts, speculative="chain", heads=3, **{**kwargs, "top_p": 0.9}).tokens == \
         gen.generate(prompts, **{**kwargs, "top_p": 0.9}).tokens
+    assert gen.generate(prompts, speculative="tree", heads=3, **{**kwargs, "top_k": [3, 0]}).tokens == \
+        gen.generate(prompts, **{**kwargs, "top_k": [3, 0]}).tokens
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -1006,15 +1015,16 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
 
     sampled, keys = graphed_generator(), set()
     for mode in (None, "tree"):   # (the tree's larger caches drop the plain graphs: keys gathered per call)
-        for kwargs in (dict(temperature=2.0, seed=3), dict(temperature=2.0, top_p=0.9, seed=[5, 6])):
+        for kwargs in (dict(temperature=2.0, seed=3), dict(temperature=2.0, top_p=0.9, seed=[5, 6]),
+                       dict(temperature=2.0, top_k=[4, 0], seed=[5, 6])):
             want = eager.generate(prompts, max_gen_len=12, speculative=mode, **kwargs)
             assert want.tokens != eager.generate(prompts, max_gen_len=12, speculative=mode).tokens   # real draws
             for _ in range(2):   # captured, then replayed
                 assert sampled.generate(prompts, max_gen_len=12, speculative=mode, **kwargs).tokens == want.tokens
                 keys |= {key[2:] for key in sampled._graphs._graphs}
     assert {key[0] for key in keys} == {"plain", "verify"}
-    # One graph for any values: the Gumbel-max path and the nucleus path, per step kind.
-    assert {key[-2:] for key in keys} == {("sampled", False), ("sampled", True)}
+    # One graph for any values: the Gumbel-max path and the nucleus path (top_p, top_k per row), per step kind.
+    assert {key[-3:] for key in keys} == {("sampled", False, False), ("sampled", True, False), ("sampled", False, True)}
     captured = len(sampled._graphs._graphs)
     other = dict(temperature=[1.3, 0.0], top_p=[0.7, 0.95], seed=[8, 9])   # a greedy row among them
     want = eager.generate(prompts, max_gen_len=12, speculative="tree", **other)
@@ -1048,11 +1058,13 @@ def test_cuda_graphs_do_not_change_results(mode):
     for _ in range(2):  # first call captures, second replays
         got = graphed.generate(prompts, max_gen_len=24, speculative=mode)
         assert got.tokens == want.tokens
-    sampled = dict(temperature=0.9, top_p=0.95, seed=[1, 2, 3])   # a whole sampled step per graph too
-    want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
-    for _ in range(2):
-        assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
-    assert any(key[2] in ("plain", "verify") and key[-2:] == ("sampled", True) for key in graphed._graphs._graphs)
+    for sampled in (dict(temperature=0.9, top_p=0.95, seed=[1, 2, 3]),   # a whole sampled step per graph too
+                    dict(temperature=1.3, top_k=[3, 0, 5], seed=[1, 2, 3])):
+        want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
+        for _ in range(2):
+            assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
+    for per_row in (("sampled", True, False), ("sampled", False, True)):
+        assert any(key[2] in ("plain", "verify") and key[-3:] == per_row for key in graphed._graphs._graphs)
     want_lp = eager.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)   # log-probs in the graph
     got_lp = graphed.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)
     assert got_lp.tokens == want_lp.tokens

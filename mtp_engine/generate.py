@@ -275,7 +275,12 @@ class Generator:
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None,
                  top_k=0) -> GenerationResult:
-        """Continue every prompt; prompts may differ in length.
+        """Continue every prompt; prompts may differ in length, and there may be more of them than
+        max_batch_size: the shortest max_batch_size start in the cache rows, and a row whose sequence
+        is done (finished or cancelled) takes the next waiting prompt, shortest first (continuous
+        batching: a prefill of that prompt alone into the row between two steps). Since a prompt's
+        completion depends on its own arguments alone (below), it is the same whichever row and
+        step it starts in.
 
         prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, top_k, seed
         and eos_id takes one value for every prompt or a list with one per prompt, so a batch may mix
@@ -355,7 +360,7 @@ class Generator:
         # back in the caller's order.
         order = sorted(range(len(prompts)), key=lambda b: len(prompts[b]))
         prompts = [prompts[b] for b in order]
-        tree_spec = self._check_speculative(speculative, heads, tree, rows=len(prompts))
+        tree_spec = self._check_speculative(speculative, heads, tree, rows=min(len(prompts), self.max_batch_size))
         eos_ids = [self._resolve_eos(e, label) for e, label in zip(*per_prompt_values(eos_id, len(order), "eos_id"))]
         stops = self._check_stop(stop, len(order))
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
@@ -411,8 +416,11 @@ class Generator:
                     prompts, seqs, tree_spec, sampling, logprobs, start, stream)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
-                _, prompt_lp = self._prefill(prompts, want_prompt_logprobs=True)
-                forwards, prefill_time = 1, time.perf_counter() - start
+                prompt_lp = []
+                for first in range(0, len(prompts), self.max_batch_size):
+                    prompt_lp += self._prefill(prompts[first:first + self.max_batch_size], want_prompt_logprobs=True)[1]
+                    forwards += 1
+                prefill_time = time.perf_counter() - start
             if tree_spec is not None:
                 extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
         wall = time.perf_counter() - start
@@ -449,19 +457,30 @@ class Generator:
         """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
         seed and the new token's position; stream() after each forward checks the stop strings and
         hands the new tokens to generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
-        last_hidden, prompt_lp = self._prefill(prompts, logprobs)
+        slots = _Slots(len(seqs), self.max_batch_size)
+        row_sampling = sampling and sampling.pick(slots.row_seq)
+        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], logprobs)
+        prompt_lp = slots.all_prompt_logprobs(prompt_lp)
         forwards = 1
         prefill_time = time.perf_counter() - start
-        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
+        cache_seqlens = torch.tensor([len(p) for p in prompts[:slots.rows]], dtype=torch.int32, device=self.device)
         live_key, advance = None, None
-        next_tok, lps = self._next_tokens(last_hidden[:, 0], sampling, cache_seqlens, logprobs)
+        next_tok, lps = self._next_tokens(last_hidden[:, 0], row_sampling, cache_seqlens, logprobs)
         while True:
             for b, tok in enumerate(next_tok.tolist()):
-                if not seqs[b].done:
-                    seqs[b].forwards += 1
-                    seqs[b].accept(tok, lps[b] if lps else None)
+                seq = seqs[slots.row_seq[b]]
+                if not seq.done:
+                    seq.forwards += 1
+                    seq.accept(tok, lps[b] if lps else None)
             stream()
-            live = [not s.done for s in seqs]
+            refills, prefills = self._fill_free_rows(slots, prompts, seqs, sampling, row_sampling, logprobs, 1,
+                                                     prompt_lp, stream)
+            forwards += prefills
+            if refills:
+                next_tok = next_tok.clone()   # (a CUDA graph's output buffer)
+                for row, (first, _) in refills.items():
+                    next_tok[row], cache_seqlens[row] = first, len(prompts[slots.row_seq[row]])
+            live = [not seqs[i].done for i in slots.row_seq]
             if not any(live):
                 break
             # Rows past the last live one leave the forward (the cache is indexed by leading rows);
@@ -471,7 +490,7 @@ class Generator:
                 live_key = tuple(live[:rows])
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
             next_tok, lengths, *step_lps = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance,
-                                                            sampling and sampling.head(rows), logprobs)
+                                                            row_sampling and row_sampling.head(rows), logprobs)
             cache_seqlens[:rows].copy_(lengths)   # the graph advanced its own copy
             lps = step_lps[0].tolist() if logprobs else None
             forwards += 1
@@ -532,11 +551,13 @@ class Generator:
         tree = tree.on(device)
         counters = SpeculativeCounters(tree.max_depth)
 
-        last_hidden, prompt_lp = self._prefill(prompts, want_logprobs, n_heads=tree.heads)   # (B, heads, D)
-        cache_seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
-        root = self._choose(last_hidden[:, None, 0], sampling, cache_seqlens[:, None])[:, 0]
+        slots = _Slots(len(seqs), self.max_batch_size)
+        row_sampling = sampling and sampling.pick(slots.row_seq)
+        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], want_logprobs, n_heads=tree.heads)   # (B, heads, D)
+        prompt_lp = slots.all_prompt_logprobs(prompt_lp)
+        cache_seqlens = torch.tensor([len(p) for p in prompts[:slots.rows]], dtype=torch.int32, device=device)
+        root, lps = self._next_tokens(last_hidden[:, 0], row_sampling, cache_seqlens, want_logprobs)
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
-        lps = token_logprobs(self._logits(last_hidden[:, 0]), root).tolist() if want_logprobs else None
         for b, tok in enumerate(root.tolist()):
             if not seqs[b].done:
                 seqs[b].forwards += 1
@@ -545,13 +566,22 @@ class Generator:
         forwards = 1
         prefill_time = time.perf_counter() - start
 
-        parked = [False] * len(seqs)
+        parked = [False] * slots.rows
         live_key, live_mask = None, None
         while True:
-            live = [not s.done for s in seqs]
+            refills, prefills = self._fill_free_rows(slots, prompts, seqs, sampling, row_sampling, want_logprobs,
+                                                     tree.heads, prompt_lp, stream)
+            forwards += prefills
+            if refills:
+                root, drafts = root.clone(), drafts.clone()   # (a CUDA graph's output buffers)
+                for row, (first, hidden) in refills.items():
+                    root[row], parked[row] = first, False
+                    drafts[row] = draft_tokens(hidden[None, 1:], weight, tree.top_k)[0]
+                    cache_seqlens[row] = len(prompts[slots.row_seq[row]])
+            live = [not seqs[i].done for i in slots.row_seq]
             if not any(live):
                 break
-            park = [b for b, s in enumerate(seqs) if s.done and not parked[b]]
+            park = [b for b, alive in enumerate(live) if not alive and not parked[b]]
             if park:
                 cache_seqlens[torch.tensor(park, device=device)] = 0
                 for b in park:
@@ -562,7 +592,7 @@ class Generator:
                 live_mask = torch.tensor(live_key, device=device)
 
             packed, root, drafts, step_lps = self._verify_step(root[:rows], drafts[:rows], cache_seqlens[:rows],
-                                                               live_mask, tree, sampling and sampling.head(rows),
+                                                               live_mask, tree, row_sampling and row_sampling.head(rows),
                                                                want_logprobs)
             forwards += 1
             packed = packed.tolist()  # the step's sync
@@ -571,7 +601,7 @@ class Generator:
                 if not live[b]:
                     continue
                 accept_len, emitted = packed[b][0], packed[b][1:]
-                seq = seqs[b]
+                seq = seqs[slots.row_seq[b]]
                 seq.forwards += 1
                 for j in range(accept_len):
                     if seq.done:
@@ -580,6 +610,46 @@ class Generator:
                 counters.add(accept_len - 1)
             stream()
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
+
+    # ------------------------------------------------------------------ continuous batching
+    def _fill_free_rows(self, slots: "_Slots", prompts, seqs, sampling: Optional[RowSampling],
+                        row_sampling: Optional[RowSampling], logprobs: bool, n_heads: int, prompt_lp: list, stream):
+        """While prompts wait, every row whose sequence is done takes the next one: a prefill of that
+        prompt alone into the row (`_prefill_rows`), its first token chosen from it (with its own
+        sampling, copied into the row's) and accepted, then stream() (which may finish it: eos, a
+        stop string, a cancel, a limit of 1; the row then takes the next). A waiting prompt with
+        nothing to generate is skipped, unless its log-probs were asked for. Returns ({row: (first
+        token () int64, normed hidden (n_heads, D) at its last prompt position)} for the rows that
+        took a prompt, the last one each, the number of prefills run)."""
+        refills, prefills = {}, 0
+        while slots.waiting:
+            free = [row for row, i in enumerate(slots.row_seq) if seqs[i].done]
+            if not free:
+                break
+            for row in free:
+                while slots.waiting:
+                    i = slots.waiting.pop(0)
+                    if seqs[i].done and not logprobs:
+                        continue
+                    last, lp = self._prefill_rows([prompts[i]], row, logprobs, n_heads)
+                    _check_finite(last, 1)
+                    prefills += 1
+                    if lp:
+                        prompt_lp[i] = lp[0]
+                    slots.row_seq[row] = i
+                    one = None
+                    if sampling is not None:
+                        one = sampling.pick([i])
+                        row_sampling.set_row(row, sampling, i)
+                    position = torch.tensor([len(prompts[i])], dtype=torch.int32, device=self.device)
+                    first, lps = self._next_tokens(last[:, 0], one, position, logprobs)
+                    if not seqs[i].done:
+                        seqs[i].forwards += 1
+                        seqs[i].accept(int(first), lps[0] if lps else None)
+                    refills[row] = (first[0], last[0])
+                    break
+            stream()
+        return refills, prefills
 
     # ------------------------------------------------------------------ steps
     def _prefill(self, prompts: List[List[int]], want_prompt_logprobs: bool = False, n_heads: int = 1):
@@ -594,12 +664,7 @@ class Generator:
             last.append(group_last)
             prompt_lp += group_lp or []
         last = torch.cat(last)
-        # One check (a host sync) per call: NaN or inf here would come out as token 0 and NaN log-probs.
-        finite = torch.isfinite(last).flatten(1).all(1)
-        if not bool(finite.all()):
-            raise ValueError(f"the model's hidden state at the end of {int((~finite).sum())} of {len(prompts)} "
-                             "prompt(s) is not finite (NaN or inf: broken weights, or an fp16 overflow): its "
-                             "tokens would mean nothing")
+        _check_finite(last, len(prompts))
         return last, (prompt_lp if want_prompt_logprobs else None)
 
     def _prefill_rows(self, prompts: List[List[int]], first_row: int, want_prompt_logprobs: bool, n_heads: int):
@@ -909,8 +974,6 @@ class Generator:
                              f"got {type(prompt_tokens).__name__}")
         if len(prompt_tokens) == 0:
             raise ValueError("prompt_tokens is empty: give at least one prompt")
-        if len(prompt_tokens) > self.max_batch_size:
-            raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {self.max_batch_size}")
         vocab = self.model.vocab_size
         prompts = []
         for b, prompt in enumerate(prompt_tokens):
@@ -966,6 +1029,32 @@ def _speculative_stats(tree: TokenTree, counters: SpeculativeCounters) -> dict:
         "acceptance_per_depth": per_depth,
         "acceptance_per_head": {f"head_{d}": rate for d, rate in enumerate(per_depth, start=1)},
     }
+
+
+def _check_finite(last: torch.Tensor, prompts: int) -> None:
+    """One check (a host sync) per prefill: NaN or inf in the prompts' last hidden states (B, n_heads,
+    D) would come out as token 0 and NaN log-probs."""
+    finite = torch.isfinite(last).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"the model's hidden state at the end of {int((~finite).sum())} of {prompts} "
+                         "prompt(s) is not finite (NaN or inf: broken weights, or an fp16 overflow): its "
+                         "tokens would mean nothing")
+
+
+class _Slots:
+    """Continuous batching: which sequence (an index into generate's seqs, shortest prompt first)
+    each cache row holds. The first `rows` (at most max_batch_size) start in rows 0..rows-1; the
+    rest wait, in order, for a row whose sequence is done (`Generator._fill_free_rows`)."""
+
+    def __init__(self, n: int, max_batch_size: int):
+        self.n, self.rows = n, min(n, max_batch_size)
+        self.row_seq = list(range(self.rows))
+        self.waiting = list(range(self.rows, n))
+
+    def all_prompt_logprobs(self, first: Optional[list]) -> Optional[list]:
+        """The first rows' prompt log-probs, as a list over every sequence (the others filled as they
+        take a row), or None when none were asked for."""
+        return None if first is None else first + [None] * (self.n - self.rows)
 
 
 def _check_on_tokens(on_tokens, logprobs: bool) -> None:
@@ -1116,8 +1205,10 @@ class Llama:
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
         speculative, heads, tree, on_tokens, stop, top_k (keyword-only, not in the release): as in
         Generator.generate (on_tokens gets the generated tokens only, echo or not).
-        One difference: an eos inside an echoed prompt is kept with everything after it (the release
-        cuts the echoed output at the prompt's first eos); only generated tokens stop at eos."""
+        Two differences: an eos inside an echoed prompt is kept with everything after it (the release
+        cuts the echoed output at the prompt's first eos; only generated tokens stop at eos), and more
+        prompts than max_batch_size are taken (continuous batching, see Generator.generate) where the
+        release asserts."""
         res = self.last_result = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
                                       tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k)

@@ -33,8 +33,21 @@ class RowSampling:
     top_k: Union[int, torch.Tensor] = 0
 
     def head(self, rows: int) -> "RowSampling":
-        """The first `rows` rows' (the rows a step runs)."""
-        return self.from_tensors(tuple(t[:rows] for t in self.tensors()))
+        """The first `rows` rows' (the rows a step runs): views."""
+        return RowSampling(*(v[:rows] if isinstance(v, torch.Tensor) else v
+                             for v in (self.seeds, self.temperature, self.top_p, self.top_k)))
+
+    def pick(self, indices: Sequence[int]) -> "RowSampling":
+        """A copy holding these rows' values, in this order (the rows a generate call starts with, or
+        one prompt's)."""
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.seeds.device)
+        return self.from_tensors(tuple(t[index] for t in self.tensors()))
+
+    def set_row(self, row: int, source: "RowSampling", index: int) -> None:
+        """Row `row` takes source's row `index` (a waiting prompt moving into a free cache row): device
+        copies, no host sync."""
+        for mine, theirs in zip(self.tensors(), source.tensors()):
+            mine[row] = theirs[index]
 
     def tensors(self) -> tuple:
         """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""

@@ -11,7 +11,7 @@ benchmarks/common.time_and_peak (do_bench median on CUDA, perf_counter median on
     per row (all three tensors on the device, made once outside the timed call, as the Generator's
     steps pass them): Gumbel-max in the kernel;
   - linear_sample, temperature 0.8, top_p 0.9 per row: float32 logits written in chunks of rows, the
-    nucleus in torch;
+    nucleus in torch; and top_k 50 per row, the same path with a cut (a sort) instead;
   - eager PyTorch, the Llama release's way: logits = (hidden @ weight.T).float(); greedy
     logits.argmax(-1) on the bf16 product; sampling softmax(logits / T) then torch.multinomial, and
     for top_p 0.9 its sample_top_p (sort, cumulative sum, mask, renormalise, multinomial, gather).
@@ -42,10 +42,13 @@ ROWS = (1, 8, 64, 512)
 ROWS_TINY = (1, 8, 64)
 TEMPERATURE = 0.8
 TOP_P = 0.9
+TOP_K = 50
 
-CONTENDERS = ("argmax", "sample", "sample_top_p", "eager_argmax", "eager_sample", "eager_sample_top_p")
+CONTENDERS = ("argmax", "sample", "sample_top_p", "sample_top_k", "eager_argmax", "eager_sample",
+              "eager_sample_top_p")
 LABELS = {"argmax": "linear_argmax", "sample": "linear_sample T=0.8 (keyed, in-kernel)",
-          "sample_top_p": f"linear_sample T=0.8 top_p={TOP_P}", "eager_argmax": "eager argmax",
+          "sample_top_p": f"linear_sample T=0.8 top_p={TOP_P}", "sample_top_k": f"linear_sample T=0.8 top_k={TOP_K}",
+          "eager_argmax": "eager argmax",
           "eager_sample": "eager softmax + multinomial", "eager_sample_top_p": f"eager top_p={TOP_P}"}
 
 
@@ -88,7 +91,7 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
     weight_bytes = weight.numel() * weight.element_size()
     bytes_floor_ms = weight_bytes / (ceilings["copy_gbps"] * 1e6)
     result = {"env": common.environment_info(device), "ceilings": ceilings, "V": V, "D": D,
-              "dtype": str(dtype).replace("torch.", ""), "temperature": TEMPERATURE, "top_p": TOP_P,
+              "dtype": str(dtype).replace("torch.", ""), "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K,
               "weight_bytes": weight_bytes, "rows": []}
     for R in rows:
         hidden = torch.randn(R, D, generator=g).to(device=device, dtype=dtype)
@@ -96,11 +99,14 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
         offsets = torch.arange(R, dtype=torch.int64).add_(1000).to(device)
         temperatures = torch.full((R,), TEMPERATURE, device=device)
         top_ps = torch.full((R,), TOP_P, device=device)
+        top_ks = torch.full((R,), TOP_K, dtype=torch.int64, device=device)
         calls = {
             "argmax": lambda: kernels.linear_argmax(hidden, weight),
             "sample": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, seeds=seeds,
                                                     offsets=offsets),
             "sample_top_p": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, top_p=top_ps,
+                                                          seeds=seeds, offsets=offsets),
+            "sample_top_k": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, top_k=top_ks,
                                                           seeds=seeds, offsets=offsets),
             "eager_argmax": lambda: (hidden @ weight.T).argmax(-1),
             "eager_sample": lambda: eager_sample(hidden, weight, TEMPERATURE),
@@ -145,13 +151,14 @@ def to_markdown(result: dict) -> str:
              f"{ceil['matmul_dtype']}). "
              f"torch {env.get('torch')}, triton {env.get('triton')}, {env['date_utc']}.", ""]
     headers = ["R", "path", "bytes floor", "matmul floor", "argmax", "argmax / floor", "sample", "sample / floor",
-               "sample / argmax", f"top_p {result['top_p']}", "eager argmax", "eager sample",
+               "sample / argmax", f"top_p {result['top_p']}", f"top_k {result['top_k']}", "eager argmax", "eager sample",
                f"eager top_p {result['top_p']}", "argmax speedup", "sample speedup", "top_p speedup"]
     rows = []
     for r in result["rows"]:
         rows.append([r["R"], r["path"], r["bytes_floor_ms"], r["flops_floor_ms"],
                      _ms(r["argmax"]), r["argmax"].get("vs_floor", "-"), _ms(r["sample"]),
                      r["sample"].get("vs_floor", "-"), r.get("sample_vs_argmax", "-"), _ms(r["sample_top_p"]),
+                     _ms(r["sample_top_k"]),
                      _ms(r["eager_argmax"]), _ms(r["eager_sample"]), _ms(r["eager_sample_top_p"]),
                      r.get("argmax_speedup_vs_eager", "-"), r.get("sample_speedup_vs_eager", "-"),
                      r.get("sample_top_p_speedup_vs_eager", "-")])

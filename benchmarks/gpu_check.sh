@@ -110,6 +110,7 @@ for s in "${stages[@]}"; do
     generate) run_stage generate 420 python3 benchmarks/bench_generate.py --out "$RES" ;;   # 177 s on an H100 (seventeenth session)
     prefill) run_stage prefill 180 python3 benchmarks/bench_prefill.py --out "$RES" ;;   # ragged-batch prefill, grouped vs padded (7B shape)
     sampling) run_stage sampling 90 python3 benchmarks/bench_sampling.py --out "$RES" ;;   # linear argmax / sample vs eager, R 1-512 (7B unembedding); estimated < 30 s, not yet run on a GPU
+    continuous) run_stage continuous 120 python3 benchmarks/bench_continuous_batching.py --out "$RES" ;;   # continuous vs static batches, default model, plain and tree; not yet run on a GPU
     train_step) run_stage train_step 240 python3 benchmarks/bench_train_step.py --out "$RES" ;;   # eager vs torch.compile (Inductor) training step, 2 models; mostly Inductor's compile, estimated 90-180 s, not yet run on a GPU
     host_overhead) run_stage host_overhead 120 python3 benchmarks/bench_host_overhead.py --out "$RES" ;;   # 54-59 s on an H200, mostly autotuning
     warp_spec_probe) # opts in by itself; PROBE_PARTS=timing runs that part only (default: flash timing)

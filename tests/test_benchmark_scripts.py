@@ -47,7 +47,8 @@ def test_gpu_check_script_parses_and_knows_its_stages():
     for stage_script in ("bench_rmsnorm.py", "bench_fused_ce.py", "profile_fused_ce.py", "bench_attention.py",
                          "bench_generate.py", "bench_head_schedule.py", "bench_host_overhead.py",
                          "probe_warp_spec.py", "probe_skinny_rows.py", "probe_dependent_launch.py",
-                         "bench_prefill.py", "bench_sampling.py", "bench_train_step.py"):
+                         "bench_prefill.py", "bench_sampling.py", "bench_train_step.py",
+                         "bench_continuous_batching.py"):
         assert stage_script in text and (BENCH / stage_script).exists()
 
 
@@ -165,10 +166,26 @@ def test_bench_sampling_tiny(tmp_path):
         for key in ("bytes_floor_ms", "flops_floor_ms", "floor_ms", "sample_vs_argmax", "argmax_speedup_vs_eager",
                     "sample_speedup_vs_eager", "sample_top_p_speedup_vs_eager"):
             assert isinstance(row[key], float) and row[key] > 0, (row["R"], key, row[key])
-        for name in ("argmax", "sample", "sample_top_p", "eager_argmax", "eager_sample", "eager_sample_top_p"):
+        for name in ("argmax", "sample", "sample_top_p", "sample_top_k", "eager_argmax", "eager_sample",
+                     "eager_sample_top_p"):
             entry = row[name]
             assert entry["status"] == "ok" and entry["ms"] > 0 and entry["vs_floor"] > 0, (row["R"], name, entry)
             assert entry["tokens_in_range"], (row["R"], name)
+
+
+def test_bench_continuous_batching_tiny(tmp_path):
+    """Static batches and continuous batching give the same tokens (the script exits 1 otherwise),
+    plain and tree, with their times, rates and forwards; continuous batching runs fewer forwards."""
+    out = _run([BENCH / "bench_continuous_batching.py", "--tiny", "--prompts", "6", "--rows", "2"], tmp_path)
+    assert "| decoding | static ms | continuous ms | speedup |" in out
+    result = json.loads((tmp_path / "continuous_batching_cpu_tiny.json").read_text())
+    assert (result["prompts"], result["rows"]) == (6, 2) and len(result["gen_lens"]) == 6
+    assert [m["mode"] for m in result["modes"]] == ["plain", "tree"]
+    for m in result["modes"]:
+        assert m["same_tokens"] and m["speedup"] > 0
+        assert m["continuous"]["forwards"] < m["static"]["forwards"], m
+        for name in ("static", "continuous"):
+            assert m[name]["ms"] > 0 and m[name]["tokens_per_s"] > 0
 
 
 def test_bench_host_overhead_cpu_smoke(tmp_path):

@@ -450,19 +450,24 @@ def nucleus(probs: torch.Tensor, top_p) -> torch.Tensor:
     return torch.empty_like(drop).scatter_(-1, probs_idx, ~drop)
 
 
-def top_k_keep(scores: torch.Tensor, top_k) -> torch.Tensor | None:
-    """scores: (R, V) float; top_k: an int or (R,) integer tensor, one per row, 0 (or V and more)
-    keeping every token. Returns (R, V) bool, True for each row's top_k highest scores (equal scores
-    keep id order, as `nucleus` ranks them), or None when a number keeps every token."""
+def top_k_keep(scores: torch.Tensor, top_k, max_top_k: int | None = None) -> torch.Tensor | None:
+    """scores: (R, V) float without NaN; top_k: an int or (R,) integer tensor, one per row, 0 (or V and
+    more) keeping every token. Returns (R, V) bool, True for the tokens scoring at least the row's
+    k-th highest score (every token tied with it kept, as Hugging Face's and vLLM's cuts keep them),
+    or None when a number keeps every token. max_top_k: with a tensor, a bound on its values below
+    V, known on the host (the Generator's): the k-th score then comes from torch.topk of that many,
+    not a sort of the whole row; a row above it is cut at it (the caller's to keep: not checked here)."""
     V = scores.shape[-1]
     if not isinstance(top_k, torch.Tensor):
         if top_k <= 0 or top_k >= V:
             return None
-        top_k = torch.full((scores.shape[0],), top_k, device=scores.device)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(V, device=scores.device).expand_as(order))
+        return scores >= torch.topk(scores, top_k, dim=-1).values[:, -1:]
+    bound = V if max_top_k is None else max(1, min(int(max_top_k), V))
+    best = (torch.topk(scores, bound, dim=-1).values if bound < V
+            else torch.sort(scores, dim=-1, descending=True).values)   # (R, bound) highest first
     k = top_k.to(torch.int64)[:, None]
-    return (ranks < k) | (k <= 0)
+    kth = best.gather(-1, k.clamp(min=1, max=bound) - 1)
+    return (scores >= kth) | (k <= 0) | (k >= V)
 
 
 def filters_rows(top_p, top_k, V: int):
@@ -488,12 +493,13 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 
 
 def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
-                  offsets: torch.Tensor, top_k=0) -> torch.Tensor:
+                  offsets: torch.Tensor, top_k=0, max_top_k: int | None = None) -> torch.Tensor:
     """logits: (R, V) float32; temperature >= 0, 0 < top_p <= 1 and top_k >= 0, each a number or (R,)
     per row (a row at temperature 0 picks greedily, `linear_argmax`'s rule; top_k 0 keeps every
-    token); seeds and offsets (R,) int64. Returns (R,) int64: one draw per row from
-    softmax(logits / temperature) restricted to its top_k highest logits, then to the top-p nucleus
-    of that renormalized distribution (the order Hugging Face's and vLLM's samplers apply them in),
+    token); seeds and offsets (R,) int64; max_top_k: see `top_k_keep`. Returns (R,) int64: one draw
+    per row from softmax(logits / temperature) restricted to its top_k highest logits (and those tied
+    with the k-th), then to the top-p nucleus of that renormalized distribution (the order Hugging
+    Face's and vLLM's samplers apply them in),
     by Gumbel-max, argmax_v(logits_v / T + G_v) over the tokens kept, with G = -log(-log U) and U the
     kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores
     tie within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
@@ -517,7 +523,7 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
         shared = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
         dead = (shared == float("-inf")).all(-1, keepdim=True)
         kept = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
-        cut = top_k_keep(kept, top_k)
+        cut = top_k_keep(kept, top_k, max_top_k)
         if cut is not None:
             kept = kept.masked_fill(~cut, float("-inf"))
         if isinstance(top_p, torch.Tensor) or top_p < 1.0:   # the nucleus of what the cut kept
@@ -532,7 +538,7 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p,
-                  seeds: torch.Tensor, offsets: torch.Tensor, top_k=0) -> torch.Tensor:
+                  seeds: torch.Tensor, offsets: torch.Tensor, top_k=0, max_top_k: int | None = None) -> torch.Tensor:
     """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p and top_k each a number or (R,)
     per row; seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from
     softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top_k highest, then
@@ -544,7 +550,7 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
         tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
-                                     offsets[rows], row_values(top_k, rows))
+                                     offsets[rows], row_values(top_k, rows), max_top_k)
     return tokens
 
 

@@ -533,7 +533,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, seeds, offsets) -> torch.Tensor:
+def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, seeds, offsets) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
@@ -542,7 +542,7 @@ def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, seeds, of
         logits = linear_logits_triton(hidden[rows], weight)
         tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
                                                reference.row_values(top_p, rows), seeds[rows], offsets[rows],
-                                               reference.row_values(top_k, rows))
+                                               reference.row_values(top_k, rows), max_top_k)
     return tokens
 
 
@@ -659,7 +659,7 @@ def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.dev
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0, top_k=0,
                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+                  offsets: torch.Tensor | None = None, max_top_k: int | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the
     top_k highest logits and then to the top-p nucleus of what they keep (the Llama release's rule,
     `reference.nucleus`: a token is dropped when the mass sorted before it exceeds top_p), by
@@ -671,6 +671,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     every token): numbers, 1 and 0 -> Gumbel-max in the kernel (no logits written), otherwise float32
     logits for a chunk of rows at a time, the cut and nucleus in torch; or (R,) tensors, one per row
     (floating top_p, integer top_k), which always take that path (a row at 1 and 0 keeps every token).
+    The cut keeps the tokens scoring at least the k-th highest (ties with it too, as Hugging Face's
+    and vLLM's do). max_top_k: None, or with a top_k tensor an int >= 1 that no row's top_k below V
+    exceeds, known on the host: the k-th score then comes from torch.topk of that many instead of
+    a sort of every row (the Generator passes its calls' largest top_k).
     Per-row values are checked where they are on the CPU; on a GPU they are the caller's to check
     (no host sync).
     The noise, one of:
@@ -692,6 +696,14 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
                         1.0 if isinstance(top_p, torch.Tensor) else top_p, "linear_sample: ")
     if not isinstance(top_k, torch.Tensor):
         check_top_k(top_k, "linear_sample: ")
+    if max_top_k is not None:
+        if not integer(max_top_k) or max_top_k < 1:
+            raise ValueError(f"linear_sample: max_top_k must be None or an int >= 1, got {max_top_k!r}")
+        if isinstance(top_k, torch.Tensor) and top_k.device.type == "cpu" and R > 0:
+            over = (top_k > max_top_k) & (top_k < weight.shape[0])
+            if bool(over.any()):
+                row = int(over.nonzero()[0, 0])
+                raise ValueError(f"linear_sample: row {row}: top_k {int(top_k[row])} is above max_top_k {max_top_k}")
     greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     # No rows: nothing drawn (a generator's state stays as it was), the arguments still checked.
     sample = not greedy and R > 0
@@ -709,9 +721,9 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
         top_k = int(top_k)
     if not use_triton(hidden, weight):
         return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
-                                 offsets=offsets)
+                                 offsets=offsets, max_top_k=max_top_k)
     if reference.filters_rows(top_p, top_k, weight.shape[0]) is not None:
-        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, seeds, offsets)
+        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, seeds, offsets)
     return linear_select_triton(hidden, weight, temperature, (seeds, offsets))
 
 

@@ -395,7 +395,9 @@ class Generator:
                 torch.tensor([top_ps[b] for b in order], dtype=torch.float32,
                              device=self.device).clamp(min=torch.finfo(torch.float32).tiny),
                 0 if not any(top_ks) else torch.tensor([top_ks[b] for b in order], dtype=torch.int64,
-                                                       device=self.device))
+                                                       device=self.device),
+                # the cut's torch.topk size: the largest top_k, a power of two (graphs shared by calls)
+                min(next_power_of_two(max(top_ks)), self.model.vocab_size) if any(top_ks) else None)
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -725,13 +727,14 @@ class Generator:
         """Head 0's token at every node, (R, T) int64, from its normed hidden (R, T, D): the verifier's
         own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature and
         top_p and top_k, keyed by its seed and positions (R, T), the positions of the tokens drawn). No logits
-        written for it, and plain and speculative decoding choose from the same float32 scores, so a
+        written for it without a nucleus or cut (with one, float32 logits for chunks of rows: `linear_sample`),
+        and plain and speculative decoding choose from the same float32 scores, so a
         bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
         weight = self.model.output.weight
         if sampling is None:
             return verify_tokens(hidden0, weight, 0.0, 1.0)
         return verify_tokens(hidden0, weight, sampling.temperature, sampling.top_p, sampling.seeds, positions,
-                             top_k=sampling.top_k)
+                             top_k=sampling.top_k, max_top_k=sampling.max_top_k)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
@@ -1069,11 +1072,22 @@ def _check_on_tokens(on_tokens, logprobs: bool) -> None:
         signature = inspect.signature(on_tokens)
     except (TypeError, ValueError):   # some builtins have none to read: their first call will tell
         return
+    if not _binds(signature, 4 if logprobs else 3):
+        more = ""
+        if logprobs:
+            more = " (generate(logprobs=True) hands over the new tokens' log-probs too)"
+        elif _binds(signature, 4):
+            more = " (a fourth argument, the new tokens' log-probs, comes only with generate(logprobs=True))"
+        raise ValueError(f"on_tokens{signature} cannot be called as on_tokens{arguments}{more}")
+
+
+def _binds(signature: inspect.Signature, n: int) -> bool:
+    """Whether a function of this signature can be called with n positional arguments."""
     try:
-        signature.bind(*range(4 if logprobs else 3))
+        signature.bind(*range(n))
+        return True
     except TypeError:
-        more = " (generate(logprobs=True) hands over the new tokens' log-probs too)" if logprobs else ""
-        raise ValueError(f"on_tokens{signature} cannot be called as on_tokens{arguments}{more}") from None
+        return False
 
 
 def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens, logprobs: bool) -> None:

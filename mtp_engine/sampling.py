@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -25,17 +25,20 @@ class RowSampling:
     device: seeds (B,) int64 key each row's noise (with the drawn token's position as offset);
     temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row or (B,) float32, and top_k
     0 for every row or (B,) int64 (either as a tensor sends the call down the kernels' nucleus path:
-    float32 logits, the cut and nucleus in torch; both numbers keep the Gumbel-max kernel). The
-    tensors are a step's inputs, so one CUDA graph serves any temperatures, top_p and top_k values."""
+    float32 logits, the cut and nucleus in torch; both numbers keep the Gumbel-max kernel), with
+    max_top_k a host int bounding the top_k tensor's values (`linear_sample`'s), or None. The tensors
+    are a step's inputs, so one CUDA graph serves any values of one layout (which of top_p and top_k
+    are tensors, and max_top_k: `graph_key`)."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
     top_k: Union[int, torch.Tensor] = 0
+    max_top_k: Optional[int] = None
 
     def head(self, rows: int) -> "RowSampling":
         """The first `rows` rows' (the rows a step runs): views."""
         return RowSampling(*(v[:rows] if isinstance(v, torch.Tensor) else v
-                             for v in (self.seeds, self.temperature, self.top_p, self.top_k)))
+                             for v in (self.seeds, self.temperature, self.top_p, self.top_k)), self.max_top_k)
 
     def pick(self, indices: Sequence[int]) -> "RowSampling":
         """A copy holding these rows' values, in this order (the rows a generate call starts with, or
@@ -61,11 +64,11 @@ class RowSampling:
         rest = list(tensors[2:])
         top_p = rest.pop(0).clamp(min=torch.finfo(torch.float32).tiny) if isinstance(self.top_p, torch.Tensor) else 1.0
         top_k = rest.pop(0) if isinstance(self.top_k, torch.Tensor) else 0
-        return RowSampling(tensors[0], tensors[1], top_p, top_k)
+        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k)
 
     @property
     def graph_key(self) -> tuple:
-        return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor))
+        return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor), self.max_top_k)
 
 
 def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:

@@ -448,7 +448,7 @@ def test_keyed_draws_follow_softmax(request, use_kernel):
 
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_top_k_draws_from_the_k_most_likely_then_their_nucleus(request, use_kernel):
-    """top_k alone: the draws follow the softmax renormalized over the k most likely tokens; with
+    """top_k alone (no ties here): the draws follow the softmax renormalized over the k most likely tokens; with
     top_p: over the nucleus of that renormalized distribution (Hugging Face's and vLLM's order: the
     cut, then the nucleus), which keeps fewer tokens than the nucleus of the uncut distribution would
     (the other order would keep those). A k of the vocabulary or more, and 0, cut nothing: the
@@ -504,6 +504,41 @@ def test_per_row_top_k_equals_each_row_alone(request, backend):
     assert tokens[1] == greedy[1] and tokens[4] == greedy[4]
     logits = _logits(hidden, weight)
     assert logits[0, tokens[0]] >= logits[0].topk(3).values[-1]
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Ties with the k-th score all stay (Hugging Face's and vLLM's cut): [3, 3, 3, 1] at top_k 1 or
+    2 draws tokens 0, 1, 2 about equally, never 3; a per-row tensor does the same, with or without a
+    max_top_k bound (torch.topk of that many instead of a sort)."""
+    n = 3000
+    logits = torch.tensor([[3.0, 3.0, 3.0, 1.0]]).repeat(n, 1)
+    seeds, offsets = torch.full((n,), 7, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+    for top_k, bound in ((1, None), (2, None), (torch.full((n,), 1), None), (torch.full((n,), 2), 2)):
+        counts = torch.bincount(reference.sample_logits(logits, 1.0, 1.0, seeds, offsets, top_k, bound), minlength=4)
+        assert counts[3] == 0 and _chi_square_p_value(counts[:3], torch.full((3,), 1 / 3)) > 1e-3, (top_k, counts)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_max_top_k_bound_changes_no_token(request, backend):
+    """max_top_k (a host bound on a top_k tensor's values, which the Generator passes) takes the k-th
+    score from torch.topk of that many instead of a sort: the same tokens, rows at 0 and at V or more
+    uncut; a row above the bound is refused on the CPU, and a bad bound always."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(40)
+    R, V, D = 8, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    seeds, offsets = _keys(R, seed=5)
+    top_ks = torch.tensor([3, 0, 8, 1, V, 5, 0, 7])
+    want = linear_sample(hidden, weight, temperature=1.5, top_k=top_ks, seeds=seeds, offsets=offsets)
+    for bound in (8, 9, 64, V, 1000):
+        assert torch.equal(linear_sample(hidden, weight, temperature=1.5, top_k=top_ks, max_top_k=bound,
+                                         seeds=seeds, offsets=offsets), want), bound
+    with pytest.raises(ValueError, match="row 2: top_k 8 is above max_top_k 4"):
+        linear_sample(hidden, weight, temperature=1.5, top_k=top_ks, max_top_k=4, seeds=seeds, offsets=offsets)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_top_k must be None or an int >= 1"):
+            linear_sample(hidden, weight, temperature=1.5, top_k=top_ks, max_top_k=bad, seeds=seeds, offsets=offsets)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1024,7 +1024,8 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
                 keys |= {key[2:] for key in sampled._graphs._graphs}
     assert {key[0] for key in keys} == {"plain", "verify"}
     # One graph for any values: the Gumbel-max path and the nucleus path (top_p, top_k per row), per step kind.
-    assert {key[-3:] for key in keys} == {("sampled", False, False), ("sampled", True, False), ("sampled", False, True)}
+    assert {key[-4:] for key in keys} == {("sampled", False, False, None), ("sampled", True, False, None),
+                                          ("sampled", False, True, 4)}   # 4: the largest top_k, a power of two
     captured = len(sampled._graphs._graphs)
     other = dict(temperature=[1.3, 0.0], top_p=[0.7, 0.95], seed=[8, 9])   # a greedy row among them
     want = eager.generate(prompts, max_gen_len=12, speculative="tree", **other)
@@ -1063,8 +1064,8 @@ def test_cuda_graphs_do_not_change_results(mode):
         want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
         for _ in range(2):
             assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
-    for per_row in (("sampled", True, False), ("sampled", False, True)):
-        assert any(key[2] in ("plain", "verify") and key[-3:] == per_row for key in graphed._graphs._graphs)
+    for per_row in (("sampled", True, False, None), ("sampled", False, True, 8)):
+        assert any(key[2] in ("plain", "verify") and key[-4:] == per_row for key in graphed._graphs._graphs)
     want_lp = eager.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)   # log-probs in the graph
     got_lp = graphed.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)
     assert got_lp.tokens == want_lp.tokens

@@ -131,7 +131,10 @@ def test_with_logprobs_on_tokens_gets_the_new_tokens_log_probs(model, speculativ
                                  r"be called as on_tokens\(index, new_tokens, finish, new_logprobs\) "
                                  r"\(generate\(logprobs=True\)"),
                                 (lambda index, new: None, False, r"cannot be called as on_tokens\(index, "
-                                 r"new_tokens, finish\)$")):
+                                 r"new_tokens, finish\)$"),
+                                (lambda index, new, finish, lps: None, False, r"on_tokens\(index, new_tokens, "
+                                 r"finish\) \(a fourth argument, the new tokens' log-probs, comes only with "
+                                 r"generate\(logprobs=True\)\)")):
         with pytest.raises(ValueError, match=says):
             gen.generate(prompts, max_gen_len=2, logprobs=logprobs, on_tokens=bad)
     assert gen.generate(prompts, max_gen_len=2, on_tokens=print).tokens == res.tokens   # a builtin: not read

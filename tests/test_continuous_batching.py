@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtp_engine.generate import Generator, Llama
 
@@ -156,3 +157,24 @@ def test_llama_text_completion_takes_more_prompts_than_its_batch(tmp_path):
     wide = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=48, max_batch_size=5, device="cpu")
     assert got == wide.text_completion(prompts, temperature=0.0, max_gen_len=6)
     assert llama.last_stats["batch_size"] == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "tree"])
+def test_gpu_graphed_queue_equals_eager(mode):
+    """On CUDA in bf16 with the Triton kernels: 6 prompts through 2 rows, graphed (the step graphs
+    captured for the first prompts replayed for the next, their sampling copied into the rows) and
+    eager, greedy and sampled with per-row top_p and top_k: the same tokens."""
+    model, _ = drafting_model(heads=3, seed=6, attention_heads=2)
+    model = model.to("cuda", torch.bfloat16)
+    rng = random.Random(8)
+    prompts = _prompts(rng, 6, longest=12)
+    eager = Generator(model, max_batch_size=2, max_seq_len=64, cuda_graphs=False)
+    graphed = Generator(model, max_batch_size=2, max_seq_len=64, cuda_graphs=True)
+    for kwargs in (dict(max_gen_len=[4, 20, 7, 12, 2, 9]),
+                   dict(max_gen_len=16, temperature=[0.0, 1.1, 0.8, 1.5, 0.0, 1.0], top_p=[1.0, 0.9, 1.0, 1.0, 1.0, 0.8],
+                        top_k=[0, 0, 3, 5, 0, 0], seed=list(range(6)))):
+        want = eager.generate(prompts, speculative=mode, **kwargs)
+        for _ in range(2):   # captured, then replayed
+            assert graphed.generate(prompts, speculative=mode, **kwargs).tokens == want.tokens
+    assert graphed._graphs is not None and graphed._graphs._graphs

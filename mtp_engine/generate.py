@@ -15,6 +15,7 @@ a different number of tokens per sequence and step, reuses the same bookkeeping
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 import inspect
@@ -322,14 +323,15 @@ class Generator:
         prompt that got tokens from it or finished: on_tokens(index, new_tokens, finish), index the
         prompt's place in prompt_tokens, new_tokens the token ids it kept from that forward (eos is
         not kept), finish None or its finish reason ("eos", "stop", "max_gen_len", "max_seq_len") once it is
-        done; with logprobs=True a fourth argument, the new tokens' log-probs (a list of floats as
+        done (a prompt it cancels is not told "cancelled"); with logprobs=True a fourth argument, the new tokens' log-probs (a list of floats as
         long as new_tokens). A speculative forward hands over all the tokens it accepted at once. The
         tokens are on the host by then (each step's one sync), so streaming costs the function's own
         time, which counts in the wall time. Returning True (the bool: any other value, such as the
         count a write returns, is ignored) cancels that prompt: it generates nothing more (its row
-        leaves the forwards as a finished one does), is not called again, and finishes "cancelled"
-        with the tokens handed over so far; the others go on. What it raises ends generate. It may not call generate on this model
-        again, through any Generator (RuntimeError: the caches hold the running call's sequences).
+        leaves the forwards as a finished one does, or takes the next waiting prompt), is not called
+        again, and finishes "cancelled" with the tokens handed over so far; the others go on. What
+        it raises ends generate. It may not call generate on this model again, through any
+        Generator (RuntimeError: the caches hold the running call's sequences).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
@@ -630,7 +632,7 @@ class Generator:
                 break
             for row in free:
                 while slots.waiting:
-                    i = slots.waiting.pop(0)
+                    i = slots.waiting.popleft()
                     if seqs[i].done and not logprobs:
                         continue
                     last, lp = self._prefill_rows([prompts[i]], row, logprobs, n_heads)
@@ -1052,7 +1054,7 @@ class _Slots:
     def __init__(self, n: int, max_batch_size: int):
         self.n, self.rows = n, min(n, max_batch_size)
         self.row_seq = list(range(self.rows))
-        self.waiting = list(range(self.rows, n))
+        self.waiting = collections.deque(range(self.rows, n))
 
     def all_prompt_logprobs(self, first: Optional[list]) -> Optional[list]:
         """The first rows' prompt log-probs, as a list over every sequence (the others filled as they

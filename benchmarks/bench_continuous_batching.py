@@ -123,20 +123,13 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--tiny", action="store_true", help="10 prompts through 3 rows: a check in seconds")
-    parser.add_argument("--prompts", type=_positive_int, default=None, help="default 48 (--tiny 10)")
-    parser.add_argument("--rows", type=_positive_int, default=None, help="cache rows, default 8 (--tiny 3)")
-    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed calls, default 3 (--tiny 1)")
+    parser.add_argument("--prompts", type=common.positive_int, default=None, help="default 48 (--tiny 10)")
+    parser.add_argument("--rows", type=common.positive_int, default=None, help="cache rows, default 8 (--tiny 3)")
+    parser.add_argument("--repeats", type=common.positive_int, default=None, help="timed calls, default 3 (--tiny 1)")
     args = parser.parse_args(argv)
     result = run(args.prompts or (10 if args.tiny else 48), args.rows or (3 if args.tiny else 8), args.tiny,
                  args.repeats or (1 if args.tiny else 3))

@@ -557,11 +557,11 @@ def main() -> int:
                         help="trained MTP checkpoint for end-to-end acceptance (default: mtp_engine/default_model, skipped "
                              "when absent; one named here must exist)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model on the CPU: a check in seconds")
-    parser.add_argument("--gen-len", type=_positive_int, default=None,
+    parser.add_argument("--gen-len", type=common.positive_int, default=None,
                         help="new tokens per prompt (default 128; tiny 8)")
-    parser.add_argument("--tree-tokens", type=_positive_int, nargs="*", default=(),
+    parser.add_argument("--tree-tokens", type=common.positive_int, nargs="*", default=(),
                         help="also run the default tree at these tree-token budgets per forward (end to end)")
-    parser.add_argument("--batches", type=_positive_int, nargs="+", default=None,
+    parser.add_argument("--batches", type=common.positive_int, nargs="+", default=None,
                         help="batch sizes (default 1 8 32 on CUDA, 1 4 on the CPU)")
     args = parser.parse_args()
     if args.ckpt_dir is not None and not (Path(args.ckpt_dir) / "params.json").is_file():
@@ -626,17 +626,6 @@ def main() -> int:
                tree_tokens=tuple(args.tree_tokens))
     save(quiet=False)
     return 0
-
-
-def _positive_int(text: str) -> int:
-    # (--tree-tokens: a budget the run assigns to Generator.tree_tokens directly, past its own check.)
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
 
 
 if __name__ == "__main__":

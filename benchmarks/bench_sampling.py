@@ -172,18 +172,11 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a check in seconds")
-    parser.add_argument("--rows", type=_positive_int, nargs="+", default=None,
+    parser.add_argument("--rows", type=common.positive_int, nargs="+", default=None,
                         help=f"row counts (default {' '.join(map(str, ROWS))}; --tiny {' '.join(map(str, ROWS_TINY))})")
     args = parser.parse_args(argv)
     result = run(args.tiny, args.rows)

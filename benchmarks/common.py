@@ -8,6 +8,7 @@ imported only when used.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import importlib
@@ -402,6 +403,17 @@ def write_markdown(path: Path | str, text: str) -> Path:
     return path
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (the scripts' counts, sizes and budgets)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
 def write_results(out: Path | str, stem: str, result: dict[str, Any], text: str) -> None:
     """A benchmark's results: `stem`.json (result) and `stem`.md (text) in `out`, and the text printed."""
     write_json(Path(out) / f"{stem}.json", result)
@@ -412,8 +424,6 @@ def write_results(out: Path | str, stem: str, result: dict[str, Any], text: str)
 def probe_command_line(doc: str, main: Callable[[str], Any]) -> None:
     """A probe script's command line (its docstring's first line as the description): --out DIR,
     made if missing, then main(DIR)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     out = parser.parse_args().out

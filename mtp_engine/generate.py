@@ -483,7 +483,10 @@ class Generator:
             if refills:
                 next_tok = next_tok.clone()   # (a CUDA graph's output buffer)
                 for row, (first, _) in refills.items():
-                    next_tok[row], cache_seqlens[row] = first, len(prompts[slots.row_seq[row]])
+                    # A row left done re-writes the slot at its length, which for a prompt of
+                    # max_seq_len tokens (taken for its log-probs) is past the cache: 0 instead.
+                    i = slots.row_seq[row]
+                    next_tok[row], cache_seqlens[row] = first, 0 if seqs[i].done else len(prompts[i])
             live = [not seqs[i].done for i in slots.row_seq]
             if not any(live):
                 break

@@ -114,6 +114,15 @@ def test_prompt_log_probs_of_prompts_with_nothing_to_generate(model):
     _same(small.generate(prompts, max_gen_len=lens, logprobs=True),
           Generator(model, max_batch_size=5, max_seq_len=40).generate(prompts, max_gen_len=lens, logprobs=True),
           "one generating")
+    # A prompt that fills the cache (no room: nothing to generate) taken into a row for its log-probs
+    # while a row after it still decodes: its row stays inside the forward, writing nothing past the cache.
+    full = [[1, 2], [3, 4, 5], [6, 7, 8, 9], [5] * 12, [2, 3]]
+    for mode in (None, "tree"):
+        got = Generator(model, max_batch_size=2, max_seq_len=12).generate(full, max_gen_len=[1, 1, 1, 9, 9],
+                                                                          logprobs=True, speculative=mode)
+        _same(got, Generator(model, max_batch_size=5, max_seq_len=12).generate(
+            full, max_gen_len=[1, 1, 1, 9, 9], logprobs=True, speculative=mode), f"a full prompt, {mode}")
+        assert got.finish_reasons[3] == "max_seq_len" and got.tokens[3] == []
 
 
 @pytest.mark.parametrize("mode", [None, "tree"])

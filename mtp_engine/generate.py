@@ -53,10 +53,12 @@ class GenerationResult:
     on_tokens returned True for it: tokens[b] are those handed over until then).
     logprobs[b] / prompt_logprobs[b]: only when generate(logprobs=True); prompt_logprobs[b][0] is 0.0
     (the first prompt token has no context), as in the Llama release.
-    stats: batch_size, prompt_tokens, generated_tokens, forwards (steps that produce tokens: the
-    prefill counts as one), prefill_forwards (the forwards the prefill ran, one per group of similar
-    prompt lengths and chunk of PREFILL_CHUNK_TOKENS), tokens_per_forward (tokens produced per
-    sequence per forward it took part in, eos included: 1.0 for plain decoding), prefill_time_s,
+    stats: batch_size, prompt_tokens, generated_tokens, forwards (decode or verify steps, plus one
+    for the first prefill and one for each refill of a row by a waiting prompt, or one per batch of
+    max_batch_size prompts when nothing is generated), prefill_forwards (the forwards all prefills
+    ran, one per group of similar prompt lengths and chunk of PREFILL_CHUNK_TOKENS),
+    tokens_per_forward (tokens produced per sequence per forward it took part in, eos included: 1.0
+    for plain decoding), prefill_time_s (the first prefill's: refills are inside the steps' time),
     wall_time_s, tokens_per_s, finish_counts (sequences per finish reason). Self-speculative calls
     add speculative ("chain" | "tree"), heads, tree_nodes, verify_steps, mean_accepted_drafts, acceptance_per_depth and
     acceptance_per_head (see `_speculative_stats`).

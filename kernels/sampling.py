@@ -105,8 +105,8 @@ def _sampling_uniforms(seed_ptr, offset_ptr, stride_seed, stride_offset, offs_r,
 @triton.jit
 def _linear_select_partial_kernel(
     hidden_ptr, weight_ptr, seed_ptr, offset_ptr, temperature_ptr, best_score_ptr, best_index_ptr,
-    R, V, D, stride_hr, stride_wv, stride_seed, stride_offset, n_vocab_blocks, inv_temperature,
-    SAMPLE: tl.constexpr, ROW_TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
+    R, V, D, stride_hr, stride_wv, stride_seed, stride_offset, stride_temperature, n_vocab_blocks,
+    inv_temperature, SAMPLE: tl.constexpr, ROW_TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Row blocks on grid axis 0, the fastest: the row blocks of one vocab block run side by side and
@@ -124,7 +124,7 @@ def _linear_select_partial_kernel(
                                      BLOCK_R, BLOCK_V)
         # U == 0 (probability 2^-31) gives -inf: that token loses, which is harmless.
         if ROW_TEMPERATURE:   # one temperature per row (float32); 0 marks a greedy row (no noise)
-            row_t = tl.load(temperature_ptr + offs_r, mask=offs_r < R, other=0.0)[:, None]
+            row_t = tl.load(temperature_ptr + offs_r * stride_temperature, mask=offs_r < R, other=0.0)[:, None]
             sampled = row_t > 0
             scores = tl.where(sampled, logits / tl.where(sampled, row_t, 1.0) - tl.log(-tl.log(uniform)), logits)
         else:
@@ -497,13 +497,15 @@ def _select_launch(hidden, weight, temperature, keys: tuple | None, top_k: int, 
     best_index = torch.empty((R, n_vocab_blocks, top_k), dtype=torch.int32, device=hidden.device)
     # Unused pointers when greedy. An expanded seed (a generator's one per call) has stride 0.
     seeds, offsets = keys if sample else (best_index.view(-1), best_index.view(-1))
-    # Per-row temperatures are read by the kernel (float32: a no-op for the Generator's); a scalar
-    # one is a launch argument, its inverse.
-    temperatures = temperature.float() if row_temperature else best_score   # an unused pointer
+    # Per-row temperatures are read by the kernel (float32: a no-op for the Generator's) at their
+    # stride: a batch of one repeats its temperature for each tree node as a stride-0 view. A
+    # scalar one is a launch argument, its inverse.
+    temperatures = temperature.float() if row_temperature else best_score.view(-1)   # an unused pointer
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), _vocab_grid(n_vocab_blocks))
     _linear_select_partial_kernel[grid](
         hidden, weight, seeds, offsets, temperatures, best_score, best_index,
-        R, V, D, hidden.stride(0), weight.stride(0), seeds.stride(0), offsets.stride(0), n_vocab_blocks,
+        R, V, D, hidden.stride(0), weight.stride(0), seeds.stride(0), offsets.stride(0), temperatures.stride(0),
+        n_vocab_blocks,
         1.0 / temperature if sample and not row_temperature else 1.0,
         SAMPLE=sample, ROW_TEMPERATURE=row_temperature, TOP_K=top_k, **cfg)
     return best_score, best_index

@@ -398,6 +398,39 @@ def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
     assert torch.equal(scalar, as_rows)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("view", ["every_other", "repeated"])
+def test_per_row_values_as_strided_views_draw_what_contiguous_ones_draw(request, backend, view):
+    """Per-row temperature, top_p, top_k, seeds and offsets may be views: every other element of a
+    buffer whose other elements would change the draw, or one value repeated at stride 0 (how
+    verify_tokens repeats a batch of one's values for each tree node). The kernel once read
+    temperatures as if contiguous: a stride-0 view read past its one element."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(37)
+    R, V, D = 5, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    seeds, offsets = _keys(R, seed=4)
+    values = {"temperature": torch.tensor([0.7, 1.3, 0.9, 2.0, 0.5]), "top_p": torch.tensor([1.0, 0.6, 0.9, 1.0, 0.4]),
+              "top_k": torch.tensor([0, 5, 0, 40, 3]), "seeds": seeds, "offsets": offsets}
+    if view == "repeated":
+        values = {name: value[2:3].clone() for name, value in values.items()}
+
+    def as_view(value):
+        if view == "repeated":
+            return value.expand(R)
+        buffer = torch.zeros(2 * R, dtype=value.dtype)   # temperature 0 (greedy), seed 0, top_k 0 between
+        buffer[::2] = value
+        return buffer[::2]
+
+    for names in (("temperature", "seeds", "offsets"), tuple(values)):
+        contiguous = {name: values[name].expand(R).contiguous() for name in names}
+        views = {name: as_view(values[name]) for name in names}
+        assert all(not views[name].is_contiguous() for name in names)
+        expected = linear_sample(hidden, weight, **contiguous)
+        assert torch.equal(linear_sample(hidden, weight, **views), expected), (view, names)
+
+
 def test_a_row_at_top_p_1_keeps_its_rules_among_nuclei():
     """Several +inf logits: alone at top_p 1 the first wins (the kernel's Gumbel-max rule); beside
     a row with a nucleus (a top_p per row, the nucleus path for the call) it still does, and a greedy

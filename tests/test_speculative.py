@@ -701,6 +701,19 @@ def test_sampled_speculative_equals_plain_on_the_triton_path(triton_backend, sam
         gen.generate(prompts, **{**kwargs, "top_k": [3, 0]}).tokens
 
 
+def test_a_sampled_batch_of_one_equals_plain_on_the_triton_path(triton_backend, sampling_model):
+    """A batch of one repeats its temperature for each tree node as a stride-0 view; the kernel once
+    read it as contiguous, past its one element, and sampled the nodes after the first with
+    whatever lay there (a prompt of a fuzz drew token 0 from the seventh step on)."""
+    gen = Generator(sampling_model, max_batch_size=1, max_seq_len=20)
+    kwargs = dict(max_gen_len=16, temperature=0.7, seed=[1076286614705], eos_id=-1)
+    plain = gen.generate([[17 % SAMPLE_VOCAB]], **kwargs)
+    for mode in ("tree", "chain"):
+        fast = gen.generate([[17 % SAMPLE_VOCAB]], speculative=mode, heads=3, **kwargs)
+        assert fast.tokens == plain.tokens, mode
+        assert fast.stats["tokens_per_forward"] > 1.1
+
+
 # ------------------------------------------------------------------------------ CLI
 def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
     from mtp_engine.checkpoint import save_checkpoint

@@ -407,11 +407,15 @@ class Generator:
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
 
-        def stream():   # after each forward: stop strings, then the tokens handed over
-            for seq in seqs:
-                seq.check_stop()
+        def stream(rows: Optional[Sequence[int]] = None):
+            """After each forward: stop strings, then the tokens handed over, for the sequences in
+            `rows` (indices into seqs: those in the cache rows, the only ones a forward changes) or,
+            with None, for all of them."""
+            visit = range(len(seqs)) if rows is None else rows
+            for i in visit:
+                seqs[i].check_stop()
             if on_tokens is not None:
-                _hand_over(seqs, order, on_tokens, logprobs)
+                _hand_over(seqs, visit, order, on_tokens, logprobs)
         stream()   # prompts with no room or no tokens asked for are done already
         if not all(s.done for s in seqs):
             if tree_spec is None:
@@ -478,25 +482,20 @@ class Generator:
                 if not seq.done:
                     seq.forwards += 1
                     seq.accept(tok, lps[b] if lps else None)
-            stream()
+            stream(slots.row_seq)
             refills, prefills = self._fill_free_rows(slots, prompts, seqs, sampling, row_sampling, logprobs, 1,
                                                      prompt_lp, stream)
             forwards += prefills
             if refills:
                 next_tok = next_tok.clone()   # (a CUDA graph's output buffer)
                 for row, (first, _) in refills.items():
-                    # A row left done re-writes the slot at its length, which for a prompt of
-                    # max_seq_len tokens (taken for its log-probs) is past the cache: 0 instead.
-                    i = slots.row_seq[row]
-                    next_tok[row], cache_seqlens[row] = first, 0 if seqs[i].done else len(prompts[i])
-            live = [not seqs[i].done for i in slots.row_seq]
-            if not any(live):
+                    next_tok[row] = first
+            rows = slots.live_rows(seqs, cache_seqlens, prompts, refills)
+            if not rows:
                 break
-            # Rows past the last live one leave the forward (the cache is indexed by leading rows);
-            # finished rows inside it re-write their first free slot, which nothing reads.
-            rows = max(b for b, alive in enumerate(live) if alive) + 1
-            if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
-                live_key = tuple(live[:rows])
+            live = slots.live[:rows]
+            if live != live_key:  # rebuilt only when a row finishes: no copy per step
+                live_key = live
                 advance = torch.tensor(live_key, dtype=torch.int32, device=self.device)
             next_tok, lengths, *step_lps = self._plain_step(next_tok[:rows], cache_seqlens[:rows], advance,
                                                             row_sampling and row_sampling.head(rows), logprobs)
@@ -546,8 +545,8 @@ class Generator:
         host-to-device copies of the live mask happen right after it, when the device is idle. With
         CUDA graphs a step is one graph (`_verify_step`).
         Rows past the last live one leave the forward; finished rows inside it are parked at cache
-        length 0 (their nodes are computed and ignored, their compaction length is 0), so they never
-        write outside the cache.
+        length 0 (`_Slots.live_rows`: their nodes are computed and ignored, their compaction length
+        is 0).
 
         Cache room: every node of a live row needs a slot, also past max_seq_len for the nodes that
         cannot be accepted there; _ensure_caches keeps T - 1 slots beyond max_seq_len for them, so
@@ -571,11 +570,10 @@ class Generator:
             if not seqs[b].done:
                 seqs[b].forwards += 1
                 seqs[b].accept(tok, lps[b] if lps else None)
-        stream()
+        stream(slots.row_seq)
         forwards = 1
         prefill_time = time.perf_counter() - start
 
-        parked = [False] * slots.rows
         live_key, live_mask = None, None
         while True:
             refills, prefills = self._fill_free_rows(slots, prompts, seqs, sampling, row_sampling, want_logprobs,
@@ -584,20 +582,14 @@ class Generator:
             if refills:
                 root, drafts = root.clone(), drafts.clone()   # (a CUDA graph's output buffers)
                 for row, (first, hidden) in refills.items():
-                    root[row], parked[row] = first, False
+                    root[row] = first
                     drafts[row] = draft_tokens(hidden[None, 1:], weight, tree.top_k)[0]
-                    cache_seqlens[row] = len(prompts[slots.row_seq[row]])
-            live = [not seqs[i].done for i in slots.row_seq]
-            if not any(live):
+            rows = slots.live_rows(seqs, cache_seqlens, prompts, refills)
+            if not rows:
                 break
-            park = [b for b, alive in enumerate(live) if not alive and not parked[b]]
-            if park:
-                cache_seqlens[torch.tensor(park, device=device)] = 0
-                for b in park:
-                    parked[b] = True
-            rows = max(b for b, alive in enumerate(live) if alive) + 1
-            if tuple(live[:rows]) != live_key:  # rebuilt only when a row finishes: no copy per step
-                live_key = tuple(live[:rows])
+            live = slots.live[:rows]
+            if live != live_key:  # rebuilt only when a row finishes: no copy per step
+                live_key = live
                 live_mask = torch.tensor(live_key, device=device)
 
             packed, root, drafts, step_lps = self._verify_step(root[:rows], drafts[:rows], cache_seqlens[:rows],
@@ -617,7 +609,7 @@ class Generator:
                         break
                     seq.accept(emitted[j], step_lps[b][j] if step_lps else None)
                 counters.add(accept_len - 1)
-            stream()
+            stream(slots.row_seq)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
     # ------------------------------------------------------------------ continuous batching
@@ -657,7 +649,7 @@ class Generator:
                         seqs[i].accept(int(first), lps[0] if lps else None)
                     refills[row] = (first[0], last[0])
                     break
-            stream()
+            stream(slots.row_seq)
         return refills, prefills
 
     # ------------------------------------------------------------------ steps
@@ -1060,6 +1052,26 @@ class _Slots:
         self.n, self.rows = n, min(n, max_batch_size)
         self.row_seq = list(range(self.rows))
         self.waiting = collections.deque(range(self.rows, n))
+        self.live: Tuple[bool, ...] = ()
+        self.parked = [False] * self.rows
+
+    def live_rows(self, seqs: List[SequenceState], cache_seqlens: torch.Tensor, prompts, refills: dict) -> int:
+        """Before a step: the rows a forward must run, 0 when every sequence is done; `live` then
+        says which of the rows hold a sequence still generating. A row that took a prompt
+        (`refills`) starts at that prompt's length. A done row is parked at cache length 0: inside
+        the forward (rows past the last live one leave it: the cache is indexed by leading rows) it
+        re-writes slot 0 of its own cache, which nothing reads, and attends to nothing; a done row
+        left at its length would read its whole cache every step, and one that took a prompt of
+        max_seq_len tokens (for its log-probs alone) would write past the cache."""
+        for row in refills:
+            cache_seqlens[row], self.parked[row] = len(prompts[self.row_seq[row]]), False
+        self.live = tuple(not seqs[i].done for i in self.row_seq)
+        park = [row for row, alive in enumerate(self.live) if not alive and not self.parked[row]]
+        if park:
+            cache_seqlens[torch.tensor(park, device=cache_seqlens.device)] = 0
+            for row in park:
+                self.parked[row] = True
+        return max((row + 1 for row, alive in enumerate(self.live) if alive), default=0)
 
     def all_prompt_logprobs(self, first: Optional[list]) -> Optional[list]:
         """The first rows' prompt log-probs, as a list over every sequence (the others filled as they
@@ -1097,11 +1109,12 @@ def _binds(signature: inspect.Signature, n: int) -> bool:
         return False
 
 
-def _hand_over(seqs: List[SequenceState], order: List[int], on_tokens, logprobs: bool) -> None:
-    """generate's on_tokens for every sequence (rows in length order; order[row] is its caller's
-    index) with tokens it has not handed over yet or a finish it has not told, in the caller's order
-    (with the new tokens' log-probs when logprobs); a sequence it returns True for is cancelled."""
-    for row in sorted(range(len(seqs)), key=order.__getitem__):
+def _hand_over(seqs: List[SequenceState], visit: Sequence[int], order: List[int], on_tokens, logprobs: bool) -> None:
+    """generate's on_tokens for each sequence seqs[i], i in `visit` (seqs in length order; order[i]
+    is its caller's index), with tokens it has not handed over yet or a finish it has not told, in
+    the caller's order (with the new tokens' log-probs when logprobs); a sequence it returns True
+    for is cancelled."""
+    for row in sorted(visit, key=order.__getitem__):
         seq = seqs[row]
         new = seq.tokens[seq.streamed:]
         if new or (seq.done and not seq.told_finish):

@@ -89,6 +89,41 @@ def test_a_finished_row_takes_the_next_prompt_at_once(model, monkeypatch):
         assert res.stats["forwards"] > res.stats["prefill_forwards"] >= 3
 
 
+def test_done_rows_are_parked_and_the_bookkeeping_visits_the_rows_alone(model, monkeypatch):
+    """A done row that stays inside the forward (a live row after it) sits at cache length 0, so
+    it attends to nothing and re-writes slot 0 alone, in plain and speculative decoding; and after
+    a forward only the sequences in the rows are visited (stop strings, streaming), not the whole
+    queue: the host's work per forward does not grow with the number of waiting prompts."""
+    from mtp_engine.generate import SequenceState
+    decode_lengths, visits = [], []
+    forward_cached, check_stop = type(model).forward_cached, SequenceState.check_stop
+
+    def spy_forward(self, tokens, cache_seqlens, *args, **kwargs):
+        if kwargs.get("first_row", 0) == 0 and tokens.shape[0] == 2:
+            decode_lengths.append(cache_seqlens.tolist())
+            visits.append(0)
+        return forward_cached(self, tokens, cache_seqlens, *args, **kwargs)
+
+    def spy_check_stop(self):
+        if visits:
+            visits[-1] += 1
+        return check_stop(self)
+    monkeypatch.setattr(type(model), "forward_cached", spy_forward)
+    monkeypatch.setattr(SequenceState, "check_stop", spy_check_stop)
+    for mode in (None, "tree"):
+        decode_lengths.clear(), visits.clear()
+        # rows: [3] (2 tokens) then [1, 5] (14): row 0 is done while row 1 decodes on
+        res = Generator(model, max_batch_size=2, max_seq_len=40).generate([[3], [1, 5]], max_gen_len=[2, 14],
+                                                                          speculative=mode)
+        assert [len(t) for t in res.tokens] == [2, 14]
+        assert decode_lengths[-1][0] == 0 and decode_lengths[-1][1] > 2, (mode, decode_lengths)
+        assert all(lengths[0] in (0, 1) for lengths in decode_lengths), (mode, decode_lengths)
+        # 40 prompts through 2 rows: each forward visits the 2 rows' sequences (a refill's too)
+        visits.clear()
+        Generator(model, max_batch_size=2, max_seq_len=40).generate([[1, 5]] * 40, max_gen_len=3, speculative=mode)
+        assert 0 < max(visits) <= 4, (mode, visits)
+
+
 def test_cancelling_frees_the_row_for_the_next_prompt(model):
     """on_tokens returning True for a prompt ends it and its row takes the next waiting prompt; the
     others complete as they would have."""

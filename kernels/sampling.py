@@ -171,7 +171,7 @@ def _linear_logits_kernel(
 
 @triton.jit
 def _merge_candidates_kernel(
-    score_ptr, index_ptr, rows_ptr, out_ptr, N, stride_row, stride_cand,
+    score_ptr, index_ptr, rows_ptr, out_ptr, N, stride_row, stride_cand, stride_rows,
     HAS_ROWS: tl.constexpr, OUT_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Pass 2 on the GPU, one program per output row: the OUT_K best of a row's N candidates (scores
@@ -180,7 +180,8 @@ def _merge_candidates_kernel(
     # where the torch route (`reference.top_k_positions`) takes a dozen small kernels.
     pid = tl.program_id(0)
     if HAS_ROWS:
-        row = tl.load(rows_ptr + pid).to(tl.int64)
+        # Row ids at their stride: a caller's ids may be a view (a column of a table, an expanded id).
+        row = tl.load(rows_ptr + pid.to(tl.int64) * stride_rows).to(tl.int64)
     else:
         row = pid.to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
@@ -297,11 +298,11 @@ def _merge_on_device(score: torch.Tensor) -> bool:
 @eager_under_compile
 def _merge_triton(score: torch.Tensor, index: torch.Tensor, rows, k: int, first_only: bool) -> torch.Tensor:
     """(n_rows, k) int64 from candidates score / index (R, n_blocks, kept), both contiguous as pass
-    1 writes them: the k best of each row in `rows` (all rows when None); first_only: each block's
-    best alone (an argmax needs no more)."""
+    1 writes them: the k best of each row in `rows` (all rows when None; any layout, a view's ids
+    read at their stride); first_only: each block's best alone (an argmax needs no more)."""
     R, n_blocks, kept = score.shape
     score, index = score.contiguous(), index.contiguous()
-    row_ids = None if rows is None else rows.reshape(-1)
+    row_ids = None if rows is None else rows.reshape(-1)   # a 1-D view keeps its stride, maybe 0
     n_rows = R if row_ids is None else row_ids.numel()
     out = torch.empty((n_rows, k), dtype=torch.int64, device=score.device)
     if n_rows == 0:
@@ -311,7 +312,8 @@ def _merge_triton(score: torch.Tensor, index: torch.Tensor, rows, k: int, first_
     num_warps = 1 if not gpu_launch(score.device) else max(1, min(16, block_n // 512))
     _merge_candidates_kernel[(n_rows,)](
         score, index, out if row_ids is None else row_ids, out, n, n_blocks * kept, kept if first_only else 1,
-        HAS_ROWS=row_ids is not None, OUT_K=k, BLOCK_N=block_n, num_warps=num_warps)
+        0 if row_ids is None else row_ids.stride(0), HAS_ROWS=row_ids is not None, OUT_K=k, BLOCK_N=block_n,
+        num_warps=num_warps)
     return out
 
 

@@ -11,7 +11,8 @@ benchmarks/common.time_and_peak (do_bench median on CUDA, perf_counter median on
     per row (all three tensors on the device, made once outside the timed call, as the Generator's
     steps pass them): Gumbel-max in the kernel;
   - linear_sample, temperature 0.8, top_p 0.9 per row: float32 logits written in chunks of rows, the
-    nucleus in torch; and top_k 50 per row, the same path with a cut (a sort) instead;
+    nucleus in torch; top_k 50 per row, the same path with a cut (torch.topk of 64) instead; and
+    min_p 0.05 per row, a cut relative to the row's most likely token;
   - eager PyTorch, the Llama release's way: logits = (hidden @ weight.T).float(); greedy
     logits.argmax(-1) on the bf16 product; sampling softmax(logits / T) then torch.multinomial, and
     for top_p 0.9 its sample_top_p (sort, cumulative sum, mask, renormalise, multinomial, gather).
@@ -43,11 +44,13 @@ ROWS_TINY = (1, 8, 64)
 TEMPERATURE = 0.8
 TOP_P = 0.9
 TOP_K = 50
+MIN_P = 0.05
 
-CONTENDERS = ("argmax", "sample", "sample_top_p", "sample_top_k", "eager_argmax", "eager_sample",
+CONTENDERS = ("argmax", "sample", "sample_top_p", "sample_top_k", "sample_min_p", "eager_argmax", "eager_sample",
               "eager_sample_top_p")
 LABELS = {"argmax": "linear_argmax", "sample": "linear_sample T=0.8 (keyed, in-kernel)",
           "sample_top_p": f"linear_sample T=0.8 top_p={TOP_P}", "sample_top_k": f"linear_sample T=0.8 top_k={TOP_K}",
+          "sample_min_p": f"linear_sample T=0.8 min_p={MIN_P}",
           "eager_argmax": "eager argmax",
           "eager_sample": "eager softmax + multinomial", "eager_sample_top_p": f"eager top_p={TOP_P}"}
 
@@ -92,6 +95,7 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
     bytes_floor_ms = weight_bytes / (ceilings["copy_gbps"] * 1e6)
     result = {"env": common.environment_info(device), "ceilings": ceilings, "V": V, "D": D,
               "dtype": str(dtype).replace("torch.", ""), "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K,
+              "min_p": MIN_P,
               "weight_bytes": weight_bytes, "rows": []}
     for R in rows:
         hidden = torch.randn(R, D, generator=g).to(device=device, dtype=dtype)
@@ -100,6 +104,7 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
         temperatures = torch.full((R,), TEMPERATURE, device=device)
         top_ps = torch.full((R,), TOP_P, device=device)
         top_ks = torch.full((R,), TOP_K, dtype=torch.int64, device=device)
+        min_ps = torch.full((R,), MIN_P, device=device)
         calls = {
             "argmax": lambda: kernels.linear_argmax(hidden, weight),
             "sample": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, seeds=seeds,
@@ -107,6 +112,8 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
             "sample_top_p": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, top_p=top_ps,
                                                           seeds=seeds, offsets=offsets),
             "sample_top_k": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, top_k=top_ks,
+                                                          seeds=seeds, offsets=offsets, max_top_k=64),
+            "sample_min_p": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, min_p=min_ps,
                                                           seeds=seeds, offsets=offsets),
             "eager_argmax": lambda: (hidden @ weight.T).argmax(-1),
             "eager_sample": lambda: eager_sample(hidden, weight, TEMPERATURE),
@@ -151,14 +158,15 @@ def to_markdown(result: dict) -> str:
              f"{ceil['matmul_dtype']}). "
              f"torch {env.get('torch')}, triton {env.get('triton')}, {env['date_utc']}.", ""]
     headers = ["R", "path", "bytes floor", "matmul floor", "argmax", "argmax / floor", "sample", "sample / floor",
-               "sample / argmax", f"top_p {result['top_p']}", f"top_k {result['top_k']}", "eager argmax", "eager sample",
+               "sample / argmax", f"top_p {result['top_p']}", f"top_k {result['top_k']}",
+               f"min_p {result.get('min_p', '-')}", "eager argmax", "eager sample",
                f"eager top_p {result['top_p']}", "argmax speedup", "sample speedup", "top_p speedup"]
     rows = []
     for r in result["rows"]:
         rows.append([r["R"], r["path"], r["bytes_floor_ms"], r["flops_floor_ms"],
                      _ms(r["argmax"]), r["argmax"].get("vs_floor", "-"), _ms(r["sample"]),
                      r["sample"].get("vs_floor", "-"), r.get("sample_vs_argmax", "-"), _ms(r["sample_top_p"]),
-                     _ms(r["sample_top_k"]),
+                     _ms(r["sample_top_k"]), _ms(r["sample_min_p"]) if "sample_min_p" in r else "-",
                      _ms(r["eager_argmax"]), _ms(r["eager_sample"]), _ms(r["eager_sample_top_p"]),
                      r.get("argmax_speedup_vs_eager", "-"), r.get("sample_speedup_vs_eager", "-"),
                      r.get("sample_top_p_speedup_vs_eager", "-")])
@@ -166,7 +174,7 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Times in ms; speedup = eager ms / ours at the same R. path: the kernels that ran "
               "(reference = torch ops, as on a CPU)."]
     errors = [f"R={r['R']} {name}: {r[name].get('error')}" for r in result["rows"] for name in CONTENDERS
-              if r[name]["status"] != "ok"]
+              if name in r and r[name]["status"] != "ok"]
     if errors:
         lines += ["", "Failures:", *[f"- {e}" for e in errors]]
     return "\n".join(lines) + "\n"

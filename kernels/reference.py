@@ -5,6 +5,7 @@ Each function has the same signature as its Triton counterpart. They are the CPU
 """
 from __future__ import annotations
 
+import math
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -470,17 +471,33 @@ def top_k_keep(scores: torch.Tensor, top_k, max_top_k: int | None = None) -> tor
     return (scores >= kth) | (k <= 0) | (k >= V)
 
 
-def filters_rows(top_p, top_k, V: int):
-    """Which rows a top-p nucleus or a top-k cut narrows: None when none does (both numbers that keep
-    every token), True when every row is (a number that narrows), else an (R,) bool tensor."""
-    if (not isinstance(top_p, torch.Tensor) and top_p < 1.0) or (not isinstance(top_k, torch.Tensor) and 0 < top_k < V):
+def min_p_keep(scores: torch.Tensor, min_p) -> torch.Tensor | None:
+    """scores: (R, V) float without NaN, a finite maximum per row; min_p in [0, 1], a number or (R,)
+    per row. Returns (R, V) bool, True for the tokens whose probability is at least min_p times the
+    row's most likely token's (min-p sampling: exp(score - best) >= min_p, so min_p 1 keeps the
+    tokens tied with the best and 0 keeps all), or None when a number keeps every token."""
+    if not isinstance(min_p, torch.Tensor):
+        if min_p <= 0:
+            return None
+        log_min_p = math.log(min_p)
+    else:
+        log_min_p = torch.log(min_p.to(scores.dtype))[:, None]   # log 0 = -inf: that row keeps all
+    return scores - scores.max(dim=-1, keepdim=True).values >= log_min_p
+
+
+def filters_rows(top_p, top_k, V: int, min_p=0.0):
+    """Which rows a top-p nucleus, a top-k cut or a min-p cut narrows: None when none does (numbers
+    that keep every token), True when every row is (a number that narrows), else an (R,) bool tensor."""
+    numbers = ((not isinstance(top_p, torch.Tensor) and top_p < 1.0)
+               or (not isinstance(top_k, torch.Tensor) and 0 < top_k < V)
+               or (not isinstance(min_p, torch.Tensor) and min_p > 0.0))
+    if numbers:
         return True
     rows = None
-    if isinstance(top_p, torch.Tensor):
-        rows = top_p < 1.0
-    if isinstance(top_k, torch.Tensor):
-        cut = (top_k > 0) & (top_k < V)
-        rows = cut if rows is None else rows | cut
+    for value, narrows in ((top_p, lambda v: v < 1.0), (top_k, lambda v: (v > 0) & (v < V)),
+                           (min_p, lambda v: v > 0.0)):
+        if isinstance(value, torch.Tensor):
+            rows = narrows(value) if rows is None else rows | narrows(value)
     return rows
 
 
@@ -493,13 +510,15 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 
 
 def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
-                  offsets: torch.Tensor, top_k=0, max_top_k: int | None = None) -> torch.Tensor:
-    """logits: (R, V) float32; temperature >= 0, 0 < top_p <= 1 and top_k >= 0, each a number or (R,)
-    per row (a row at temperature 0 picks greedily, `linear_argmax`'s rule; top_k 0 keeps every
-    token); seeds and offsets (R,) int64; max_top_k: see `top_k_keep`. Returns (R,) int64: one draw
-    per row from softmax(logits / temperature) restricted to its top_k highest logits (and those tied
-    with the k-th), then to the top-p nucleus of that renormalized distribution (the order Hugging
-    Face's and vLLM's samplers apply them in),
+                  offsets: torch.Tensor, top_k=0, max_top_k: int | None = None, min_p=0.0) -> torch.Tensor:
+    """logits: (R, V) float32; temperature >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1, each
+    a number or (R,) per row (a row at temperature 0 picks greedily, `linear_argmax`'s rule; top_k 0
+    and min_p 0 keep every token); seeds and offsets (R,) int64; max_top_k: see `top_k_keep`.
+    Returns (R,) int64: one draw per row from softmax(logits / temperature) restricted to its top_k
+    highest logits (and those tied with the k-th) and to the tokens at least min_p times as likely
+    as its most likely one (`min_p_keep`; the two cuts commute, since both keep the best token),
+    then to the top-p nucleus of that renormalized distribution (vLLM's order: min-p, top-k, top-p;
+    Hugging Face's applies top-k then top-p, and min-p after them),
     by Gumbel-max, argmax_v(logits_v / T + G_v) over the tokens kept, with G = -log(-log U) and U the
     kernel's uniforms (`sampling_uniforms`): the same draw as the kernel's wherever no two scores
     tie within rounding. An argmax over a subset of Gumbel-perturbed logits is an exact draw from the
@@ -517,19 +536,19 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
     else:
         scores = logits.float() / temperature
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
-    filtered = filters_rows(top_p, top_k, scores.shape[-1])
+    filtered = filters_rows(top_p, top_k, scores.shape[-1], min_p)
     if filtered is not None:
         top = scores == float("inf")
         shared = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, float("-inf")), scores)
         dead = (shared == float("-inf")).all(-1, keepdim=True)
         kept = torch.where(dead & (torch.arange(scores.shape[-1], device=scores.device) == 0), 0.0, shared)
-        cut = top_k_keep(kept, top_k, max_top_k)
-        if cut is not None:
-            kept = kept.masked_fill(~cut, float("-inf"))
+        for cut in (top_k_keep(kept, top_k, max_top_k), min_p_keep(kept, min_p)):
+            if cut is not None:
+                kept = kept.masked_fill(~cut, float("-inf"))
         if isinstance(top_p, torch.Tensor) or top_p < 1.0:   # the nucleus of what the cut kept
             kept = kept.masked_fill(~nucleus(torch.softmax(kept, dim=-1), top_p), float("-inf"))
-        # Only sampled rows under a nucleus or a cut: a greedy row, or one at top_p 1 and top_k 0
-        # among per-row values, keeps the rules it has alone (argmax; Gumbel-max over everything).
+        # Only sampled rows under a nucleus or a cut: a greedy row, or one at top_p 1, top_k 0 and
+        # min_p 0 among per-row values, keeps the rules it has alone (argmax; Gumbel-max over all).
         narrowed = noisy
         if filtered is not True:
             narrowed = filtered if narrowed is None else narrowed & filtered
@@ -538,19 +557,20 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p,
-                  seeds: torch.Tensor, offsets: torch.Tensor, top_k=0, max_top_k: int | None = None) -> torch.Tensor:
-    """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p and top_k each a number or (R,)
-    per row; seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from
-    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top_k highest, then
-    to the top-p nucleus (`sample_logits`); a temperature of 0 (all rows) -> linear_argmax. The
-    Triton kernel's noise (no nucleus nor cut) and its logits (a nucleus, a cut, or values per row)
-    with the same seeds and offsets: the same tokens up to ties within rounding."""
+                  seeds: torch.Tensor, offsets: torch.Tensor, top_k=0, max_top_k: int | None = None,
+                  min_p=0.0) -> torch.Tensor:
+    """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p, top_k and min_p each a number
+    or (R,) per row; seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from
+    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top_k highest and
+    the min-p cut, then to the top-p nucleus (`sample_logits`); a temperature of 0 (all rows) ->
+    linear_argmax. The Triton kernel's noise (no nucleus nor cut) and its logits (a nucleus, a cut,
+    or values per row) with the same seeds and offsets: the same tokens up to ties within rounding."""
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return linear_argmax(hidden, weight)
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
         tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
-                                     offsets[rows], row_values(top_k, rows), max_top_k)
+                                     offsets[rows], row_values(top_k, rows), max_top_k, row_values(min_p, rows))
     return tokens
 
 

@@ -537,7 +537,7 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, seeds, offsets) -> torch.Tensor:
+def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
@@ -546,7 +546,8 @@ def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k
         logits = linear_logits_triton(hidden[rows], weight)
         tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
                                                reference.row_values(top_p, rows), seeds[rows], offsets[rows],
-                                               reference.row_values(top_k, rows), max_top_k)
+                                               reference.row_values(top_k, rows), max_top_k,
+                                               reference.row_values(min_p, rows))
     return tokens
 
 
@@ -588,6 +589,13 @@ def check_top_k(top_k, prefix: str = "") -> None:
     token, as does any k >= V). The generator's and linear_sample's rule."""
     if not integer(top_k) or top_k < 0:
         raise ValueError(f"{prefix}top_k must be an int >= 0 (0 = no cut), got {top_k!r}")
+
+
+def check_min_p(min_p, prefix: str = "") -> None:
+    """ValueError (message after `prefix`) unless min_p is a number in [0, 1] (0 keeps every token, 1
+    the most likely ones alone). The generator's and linear_sample's rule."""
+    if not finite_number(min_p) or not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"{prefix}min_p must be a number in [0, 1] (0 = no cut), got {min_p!r}")
 
 
 def _sampling_keys(R: int, device: torch.device, generator, seeds, offsets, sample: bool) -> tuple | None:
@@ -639,9 +647,9 @@ _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint
 
 
 def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.device) -> None:
-    """A per-row temperature or top_p (a floating (R,) tensor), or top_k (an integer one), on
-    `device`, its values by check_sampling_args' or check_top_k's rule, read where they are on the
-    CPU. On a GPU they are not read back (that would be a host sync in every step, and impossible
+    """A per-row temperature, top_p or min_p (a floating (R,) tensor), or top_k (an integer one), on
+    `device`, its values by check_sampling_args', check_min_p's or check_top_k's rule, read where
+    they are on the CPU. On a GPU they are not read back (that would be a host sync in every step, and impossible
     inside a CUDA-graph capture): the caller checks them (the Generator checks its lists before they
     go to the device)."""
     kinds = _INTEGER_DTYPES if name == "top_k" else _FLOAT_DTYPES + (torch.float64,)
@@ -657,24 +665,28 @@ def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.dev
         prefix = f"linear_sample: row {row}: "
         if name == "top_k":
             check_top_k(value, prefix)
+        elif name == "min_p":
+            check_min_p(value, prefix)
         else:
             check_sampling_args(*((value, 1.0) if name == "temperature" else (1.0, value)), prefix)
 
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0, top_k=0,
                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None, max_top_k: int | None = None) -> torch.Tensor:
+                  offsets: torch.Tensor | None = None, max_top_k: int | None = None, min_p=0.0) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the
-    top_k highest logits and then to the top-p nucleus of what they keep (the Llama release's rule,
-    `reference.nucleus`: a token is dropped when the mass sorted before it exceeds top_p), by
-    Gumbel-max with counter-based (Philox) noise.
+    top_k highest logits and to the tokens at least min_p times as likely as the most likely one,
+    then to the top-p nucleus of what they keep (the Llama release's rule, `reference.nucleus`: a
+    token is dropped when the mass sorted before it exceeds top_p), by Gumbel-max with
+    counter-based (Philox) noise.
 
     hidden: (R, D) float32/float16/bfloat16; weight: (V, D) same dtype and device.
     temperature: >= 0, a number (0 -> `linear_argmax`) or an (R,) floating tensor on hidden's device,
     one per row (a row at 0 picks greedily). top_p in (0, 1] and top_k >= 0 (0, or V and more, keep
-    every token): numbers, 1 and 0 -> Gumbel-max in the kernel (no logits written), otherwise float32
-    logits for a chunk of rows at a time, the cut and nucleus in torch; or (R,) tensors, one per row
-    (floating top_p, integer top_k), which always take that path (a row at 1 and 0 keeps every token).
+    every token) and min_p in [0, 1] (0 keeps every token): numbers, 1, 0 and 0 -> Gumbel-max in the
+    kernel (no logits written), otherwise float32 logits for a chunk of rows at a time, the cuts and
+    nucleus in torch (`reference.sample_logits`); or (R,) tensors, one per row (floating top_p and
+    min_p, integer top_k), which always take that path (a row at 1, 0 and 0 keeps every token).
     The cut keeps the tokens scoring at least the k-th highest (ties with it too, as Hugging Face's
     and vLLM's do). max_top_k: None, or with a top_k tensor an int >= 1 that no row's top_k below V
     exceeds, known on the host: the k-th score then comes from torch.topk of that many instead of
@@ -693,13 +705,15 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     """
     _check_linear_inputs("linear_sample", hidden, weight)
     R = hidden.shape[0]
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p)):
         if isinstance(value, torch.Tensor):
             _check_row_values(name, value, R, hidden.device)
     check_sampling_args(0.0 if isinstance(temperature, torch.Tensor) else temperature,
                         1.0 if isinstance(top_p, torch.Tensor) else top_p, "linear_sample: ")
     if not isinstance(top_k, torch.Tensor):
         check_top_k(top_k, "linear_sample: ")
+    if not isinstance(min_p, torch.Tensor):
+        check_min_p(min_p, "linear_sample: ")
     if max_top_k is not None:
         if not integer(max_top_k) or max_top_k < 1:
             raise ValueError(f"linear_sample: max_top_k must be None or an int >= 1, got {max_top_k!r}")
@@ -723,11 +737,13 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
         top_p = float(top_p)
     if not isinstance(top_k, torch.Tensor):
         top_k = int(top_k)
+    if not isinstance(min_p, torch.Tensor):
+        min_p = float(min_p)
     if not use_triton(hidden, weight):
         return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
-                                 offsets=offsets, max_top_k=max_top_k)
-    if reference.filters_rows(top_p, top_k, weight.shape[0]) is not None:
-        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, seeds, offsets)
+                                 offsets=offsets, max_top_k=max_top_k, min_p=min_p)
+    if reference.filters_rows(top_p, top_k, weight.shape[0], min_p) is not None:
+        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets)
     return linear_select_triton(hidden, weight, temperature, (seeds, offsets))
 
 

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
     complete.add_argument("--top-k", type=int, default=0,
                           help="sample from the k most likely tokens only, before the nucleus (default 0: no cut)")
+    complete.add_argument("--min-p", type=float, default=0.0,
+                          help="sample only tokens at least this fraction as likely as the most likely one, "
+                               "before the nucleus (default 0: no cut)")
     complete.add_argument("--max-gen-len", type=int, default=64, help="most new tokens per prompt (default 64)")
     complete.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length: prompt + new tokens (default 512)")
     complete.add_argument("--max-batch-size", type=int, default=None, help="KV-cache batch (default: number of prompts)")
@@ -143,7 +146,7 @@ def run_complete(args: argparse.Namespace) -> int:
     stop = None if args.stop is None else [_unescape(text) for text in args.stop]
     on_tokens = _stream_printer(llama.tokenizer, args.prompt[0], stop or ()) if args.stream else None
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
+                                    min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
                                     tree=tree, on_tokens=on_tokens, stop=stop)
     if args.stream:
         print("\n")

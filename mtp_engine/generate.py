@@ -277,7 +277,7 @@ class Generator:
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None,
-                 top_k=0) -> GenerationResult:
+                 top_k=0, min_p=0.0) -> GenerationResult:
         """Continue every prompt; prompts may differ in length, and there may be more of them than
         max_batch_size: the shortest max_batch_size start in the cache rows, and a row whose sequence
         is done (finished or cancelled) takes the next waiting prompt, shortest first (continuous
@@ -285,16 +285,17 @@ class Generator:
         completion depends on its own arguments alone (below), it is the same whichever row and
         step it starts in.
 
-        prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, top_k, seed
-        and eos_id takes one value for every prompt or a list with one per prompt, so a batch may mix
+        prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, top_k, min_p,
+        seed and eos_id takes one value for every prompt or a list with one per prompt, so a batch may mix
         requests (greedy and sampled ones among them: a step runs them all at once, and its CUDA
         graph serves any values).
         max_gen_len: most new tokens, clipped per prompt to the room left in the cache (max_seq_len -
         len(prompt)). temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to
-        the top_k most likely tokens (0: no cut), then to the top_p nucleus of what they keep, drawn
-        with noise keyed by the prompt's seed and the position of the token drawn (`linear_sample`),
-        so every prompt has its own stream. A sampled batch with no top_p below 1 and no top_k cut
-        samples in the Gumbel-max kernel without writing logits; otherwise the step writes float32
+        the top_k most likely tokens (0: no cut) and to those at least min_p times as likely as the
+        most likely one (min-p sampling; 0: no cut), then to the top_p nucleus of what they keep,
+        drawn with noise keyed by the prompt's seed and the position of the token drawn
+        (`linear_sample`), so every prompt has its own stream. A sampled batch with no top_p below 1,
+        no top_k cut and no min_p samples in the Gumbel-max kernel without writing logits; otherwise the step writes float32
         logits for its rows (chunked) and cuts them in torch. seed: ints, or for an int s
         prompt i takes `sampling.prompt_seed(s, i)` (a hash of both), or None (seeds drawn from
         torch's global CPU RNG). A prompt's completion depends on its prompt, its own arguments and
@@ -358,6 +359,7 @@ class Generator:
                 raise ValueError(f"{label} must be an int >= 0, got {n!r}")
         temperatures, top_ps = per_prompt(temperature, len(prompts), "temperature"), per_prompt(top_p, len(prompts), "top_p")
         top_ks = per_prompt(top_k, len(prompts), "top_k")
+        min_ps = per_prompt(min_p, len(prompts), "min_p")
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
         # long generation ends first, are the last ones, which then leave the forward. Results come
@@ -392,6 +394,7 @@ class Generator:
             top_ps = [p if t > 0 else 1.0 for t, p in zip(temperatures, top_ps)]
             # So does its top_k, and a top_k of the vocabulary or more cuts nothing: 0.
             top_ks = [k if t > 0 and k < self.model.vocab_size else 0 for t, k in zip(temperatures, top_ks)]
+            min_ps = [m if t > 0 else 0.0 for t, m in zip(temperatures, min_ps)]
             sampling = RowSampling(
                 torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device),
                 torch.tensor([temperatures[b] for b in order], dtype=torch.float32, device=self.device),
@@ -401,7 +404,9 @@ class Generator:
                 0 if not any(top_ks) else torch.tensor([top_ks[b] for b in order], dtype=torch.int64,
                                                        device=self.device),
                 # the cut's torch.topk size: the largest top_k, a power of two (graphs shared by calls)
-                min(next_power_of_two(max(top_ks)), self.model.vocab_size) if any(top_ks) else None)
+                min(next_power_of_two(max(top_ks)), self.model.vocab_size) if any(top_ks) else None,
+                0.0 if not any(min_ps) else torch.tensor([min_ps[b] for b in order], dtype=torch.float32,
+                                                         device=self.device))
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -724,16 +729,17 @@ class Generator:
 
     def _choose(self, hidden0: torch.Tensor, sampling: Optional[RowSampling], positions: torch.Tensor) -> torch.Tensor:
         """Head 0's token at every node, (R, T) int64, from its normed hidden (R, T, D): the verifier's
-        own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature and
-        top_p and top_k, keyed by its seed and positions (R, T), the positions of the tokens drawn). No logits
-        written for it without a nucleus or cut (with one, float32 logits for chunks of rows: `linear_sample`),
+        own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature,
+        top_p, top_k and min_p, keyed by its seed and positions (R, T), the positions of the tokens
+        drawn). No logits written for it without a nucleus or cut (with one, float32 logits for chunks
+        of rows: `linear_sample`),
         and plain and speculative decoding choose from the same float32 scores, so a
         bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
         weight = self.model.output.weight
         if sampling is None:
             return verify_tokens(hidden0, weight, 0.0, 1.0)
         return verify_tokens(hidden0, weight, sampling.temperature, sampling.top_p, sampling.seeds, positions,
-                             top_k=sampling.top_k, max_top_k=sampling.max_top_k)
+                             top_k=sampling.top_k, max_top_k=sampling.max_top_k, min_p=sampling.min_p)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
@@ -1235,9 +1241,9 @@ class Llama:
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
                  speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None,
-                 stop=None, top_k=0):
+                 stop=None, top_k=0, min_p=0.0):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree, on_tokens, stop, top_k (keyword-only, not in the release): as in
+        speculative, heads, tree, on_tokens, stop, top_k, min_p (keyword-only, not in the release): as in
         Generator.generate (on_tokens gets the generated tokens only, echo or not).
         Two differences: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos; only generated tokens stop at eos), and more
@@ -1245,7 +1251,7 @@ class Llama:
         release asserts."""
         res = self.last_result = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
-                                      tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k)
+                                      tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k, min_p=min_p)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -1258,9 +1264,9 @@ class Llama:
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
                         speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
-                        on_tokens=None, stop=None, top_k=0) -> List[dict]:
+                        on_tokens=None, stop=None, top_k=0, min_p=0.0) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
-        speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k and on_tokens too
+        speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k, min_p and on_tokens too
         (token ids as they come: `tokenizer.TextStream` turns them into text pieces), and stop (the
         generation then ends before the stop string; "tokens" end with the one that completed it)."""
         if isinstance(prompts, str):
@@ -1270,7 +1276,7 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                                     speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop,
-                                    top_k=top_k)
+                                    top_k=top_k, min_p=min_p)
         generations = [self.tokenizer.decode(t) for t in tokens]
         res = self.last_result
         for b, reason in enumerate(res.finish_reasons):

@@ -16,29 +16,32 @@ from typing import Optional, Tuple, Union
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
-from mtp_kernels.sampling import check_sampling_args, check_top_k
+from mtp_kernels.sampling import check_min_p, check_sampling_args, check_top_k
 
 
 @dataclass
 class RowSampling:
     """A generate call's sampling, one value per cache row (rows in the Generator's order), on the
     device: seeds (B,) int64 key each row's noise (with the drawn token's position as offset);
-    temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row or (B,) float32, and top_k
-    0 for every row or (B,) int64 (either as a tensor sends the call down the kernels' nucleus path:
-    float32 logits, the cut and nucleus in torch; both numbers keep the Gumbel-max kernel), with
-    max_top_k a host int bounding the top_k tensor's values (`linear_sample`'s), or None. The tensors
-    are a step's inputs, so one CUDA graph serves any values of one layout (which of top_p and top_k
-    are tensors, and max_top_k: `graph_key`)."""
+    temperature (B,) float32, 0 for a greedy row; top_p 1.0 for every row or (B,) float32, top_k 0
+    for every row or (B,) int64, and min_p 0.0 for every row or (B,) float32 (any of them as a tensor
+    sends the call down the kernels' nucleus path: float32 logits, the cuts and nucleus in torch;
+    numbers alone keep the Gumbel-max kernel), with max_top_k a host int bounding the top_k tensor's
+    values (`linear_sample`'s), or None. The tensors are a step's inputs, so one CUDA graph serves
+    any values of one layout (which of top_p, top_k and min_p are tensors, and max_top_k:
+    `graph_key`)."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
     top_k: Union[int, torch.Tensor] = 0
     max_top_k: Optional[int] = None
+    min_p: Union[float, torch.Tensor] = 0.0
 
     def head(self, rows: int) -> "RowSampling":
         """The first `rows` rows' (the rows a step runs): views."""
-        return RowSampling(*(v[:rows] if isinstance(v, torch.Tensor) else v
-                             for v in (self.seeds, self.temperature, self.top_p, self.top_k)), self.max_top_k)
+        first = [v[:rows] if isinstance(v, torch.Tensor) else v
+                 for v in (self.seeds, self.temperature, self.top_p, self.top_k, self.min_p)]
+        return RowSampling(*first[:4], self.max_top_k, first[4])
 
     def pick(self, indices: Sequence[int]) -> "RowSampling":
         """A copy holding these rows' values, in this order (the rows a generate call starts with, or
@@ -54,21 +57,24 @@ class RowSampling:
 
     def tensors(self) -> tuple:
         """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""
-        return (self.seeds, self.temperature) + tuple(v for v in (self.top_p, self.top_k) if isinstance(v, torch.Tensor))
+        return (self.seeds, self.temperature) + tuple(v for v in (self.top_p, self.top_k, self.min_p)
+                                                      if isinstance(v, torch.Tensor))
 
     def from_tensors(self, tensors: tuple) -> "RowSampling":
-        """This sampling's layout (which of top_p and top_k are per row) over other tensors: inside a
-        step, its inputs. A CUDA graph's padding rows hold zeros: temperature 0 makes them greedy,
-        top_k 0 cuts nothing, and their top_p 0 is raised to the smallest valid one (keep the most
-        likely token)."""
+        """This sampling's layout (which of top_p, top_k and min_p are per row) over other tensors:
+        inside a step, its inputs. A CUDA graph's padding rows hold zeros: temperature 0 makes them
+        greedy, top_k and min_p 0 cut nothing, and their top_p 0 is raised to the smallest valid one
+        (keep the most likely token)."""
         rest = list(tensors[2:])
         top_p = rest.pop(0).clamp(min=torch.finfo(torch.float32).tiny) if isinstance(self.top_p, torch.Tensor) else 1.0
         top_k = rest.pop(0) if isinstance(self.top_k, torch.Tensor) else 0
-        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k)
+        min_p = rest.pop(0) if isinstance(self.min_p, torch.Tensor) else 0.0
+        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p)
 
     @property
     def graph_key(self) -> tuple:
-        return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor), self.max_top_k)
+        return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor),
+                isinstance(self.min_p, torch.Tensor), self.max_top_k)
 
 
 def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
@@ -85,8 +91,8 @@ def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
 
 
 def per_prompt(value, n: int, name: str) -> list:
-    """temperature, top_p or top_k for each of n prompts (`per_prompt_values`), each checked by
-    `check_sampling_args`' or `check_top_k`'s rule: floats, or ints for top_k."""
+    """temperature, top_p, top_k or min_p for each of n prompts (`per_prompt_values`), each checked by
+    `check_sampling_args`', `check_top_k`'s or `check_min_p`'s rule: floats, or ints for top_k."""
     values, labels = per_prompt_values(value, n, name)
     labels = [f"{label}: " if label != name else "" for label in labels]
     if name == "top_k":
@@ -94,7 +100,9 @@ def per_prompt(value, n: int, name: str) -> list:
             check_top_k(v, label)
         return [int(v) for v in values]
     for v, label in zip(values, labels):
-        if name == "temperature":
+        if name == "min_p":
+            check_min_p(v, label)
+        elif name == "temperature":
             check_sampling_args(v, 1.0, label)
             if v > FLOAT32_MAX:   # the rows' temperatures are float32 on the device
                 raise ValueError(f"{label}temperature must be at most float32's largest value, {FLOAT32_MAX:.4g}, "

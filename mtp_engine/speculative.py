@@ -537,12 +537,12 @@ def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) 
 
 def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature, top_p,
                   seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
-                  top_k=0, max_top_k: Optional[int] = None) -> torch.Tensor:
+                  top_k=0, max_top_k: Optional[int] = None, min_p=0.0) -> torch.Tensor:
     """hidden0: (B, T, D) head-0 normed hidden at every node. Returns (B, T) int64: head 0's argmax
-    (temperature 0) or one draw per node from softmax(logits / temperature) within the top_k cut
-    and top-p nucleus, node (b, t)'s with noise keyed by seeds[b] and positions[b, t]
+    (temperature 0) or one draw per node from softmax(logits / temperature) within the top_k and
+    min_p cuts and the top-p nucleus, node (b, t)'s with noise keyed by seeds[b] and positions[b, t]
     (`linear_sample`): seeds (B,) and positions (B, T), the position of the token the node draws,
-    int64 or int32. temperature, top_p and top_k: numbers, or (B,) tensors, one per sequence (a
+    int64 or int32. temperature, top_p, top_k and min_p: numbers, or (B,) tensors, one per sequence (a
     sequence at temperature 0 picks greedily); max_top_k: `linear_sample`'s. Sampling without seeds
     draws from torch's global RNG."""
     B, T, D = hidden0.shape
@@ -555,10 +555,11 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature, top_
         tokens = linear_argmax(rows, weight)
     elif seeds is None:
         tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p),
-                               top_k=per_node(top_k), max_top_k=max_top_k)
+                               top_k=per_node(top_k), max_top_k=max_top_k, min_p=per_node(min_p))
     else:
         tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p),
-                               top_k=per_node(top_k), max_top_k=max_top_k, seeds=per_node(seeds),
+                               top_k=per_node(top_k), max_top_k=max_top_k, min_p=per_node(min_p),
+                               seeds=per_node(seeds),
                                offsets=positions.expand(B, T).reshape(B * T).long())
     return tokens.view(B, T)
 

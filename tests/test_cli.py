@@ -75,6 +75,8 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     want = capsys.readouterr().out.splitlines()[1]
     assert main(argv + ["--temperature", "5", "--top-k", "1"]) == 0   # a cut to one token is greedy
     assert capsys.readouterr().out.splitlines()[1] == want
+    assert main(argv + ["--temperature", "5", "--min-p", "1"]) == 0   # the most likely token alone
+    assert capsys.readouterr().out.splitlines()[1] == want
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -85,6 +87,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--max-batch-size", "0"], "max_batch_size must be a positive int, got 0"),
     (["--seed", "99999999999999999999999"], "seed"),
     (["--temperature", "1", "--top-k", "-2"], "top_k must be an int >= 0 (0 = no cut), got -2"),
+    (["--temperature", "1", "--min-p", "2"], "min_p must be a number in [0, 1] (0 = no cut), got 2.0"),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):

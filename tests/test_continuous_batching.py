@@ -35,7 +35,7 @@ def _same(got, want, context):
 
 def test_random_queues_equal_one_batch_with_room_for_all(model):
     """Random calls (2-3 rows for 3-8 prompts of random lengths, per-prompt max_gen_len including 0,
-    an eos, greedy or seeded sampling with top_p / top_k, plain, chain or tree, log-probs or not):
+    an eos, greedy or seeded sampling with top_p / top_k / min_p, plain, chain or tree, log-probs or not):
     tokens, finish reasons and log-probs equal those of one batch that holds every prompt, since a
     prompt's completion depends on its own arguments alone (keyed noise)."""
     rng = random.Random(2028)
@@ -47,7 +47,7 @@ def test_random_queues_equal_one_batch_with_room_for_all(model):
                       eos_id=rng.choice([-1, 5]), logprobs=rng.random() < 0.5)
         if rng.random() < 0.6:
             kwargs.update(temperature=[rng.choice([0.0, 0.7, 1.3]) for _ in range(n)], seed=rng.randrange(2 ** 40),
-                          top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 4]))
+                          top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 4]), min_p=rng.choice([0.0, 0.1]))
         got = Generator(model, max_batch_size=rows, max_seq_len=40).generate(prompts, **kwargs)
         want = Generator(model, max_batch_size=n, max_seq_len=40).generate(prompts, **kwargs)
         _same(got, want, f"case {case}: {rows} rows, lens {[len(p) for p in prompts]}, {kwargs}")
@@ -164,7 +164,7 @@ def test_prompt_log_probs_of_prompts_with_nothing_to_generate(model):
 def test_graphed_steps_take_the_refilled_rows_sampling(model, monkeypatch, mode):
     """The CUDA-graph path emulated on the CPU (test_speculative's _ReplayByRerun): a row's sampling
     values are step inputs that a refill overwrites in place, so the graphs captured for the first
-    prompts serve the next ones with their own temperature, top_p, top_k and seed."""
+    prompts serve the next ones with their own temperature, top_p, top_k, min_p and seed."""
     from mtp_engine.generate import CUDAGraphSteps
 
     def record(self, run, load, device):
@@ -182,7 +182,7 @@ def test_graphed_steps_take_the_refilled_rows_sampling(model, monkeypatch, mode)
     prompts = _prompts(rng, 6)
     kwargs = dict(max_gen_len=[3, 9, 2, 7, 5, 4], temperature=[0.0, 1.1, 0.8, 1.5, 0.0, 1.0],
                   top_p=[1.0, 0.9, 1.0, 1.0, 1.0, 0.8], top_k=[0, 0, 3, 5, 0, 0], seed=list(range(6)),
-                  speculative=mode)
+                  min_p=[0.0, 0.0, 0.1, 0.0, 0.3, 0.05], speculative=mode)
     graphed = Generator(model, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
     monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
     got = graphed.generate(prompts, **kwargs)
@@ -208,7 +208,7 @@ def test_llama_text_completion_takes_more_prompts_than_its_batch(tmp_path):
 def test_gpu_graphed_queue_equals_eager(mode):
     """On CUDA in bf16 with the Triton kernels: 6 prompts through 2 rows, graphed (the step graphs
     captured for the first prompts replayed for the next, their sampling copied into the rows) and
-    eager, greedy and sampled with per-row top_p and top_k: the same tokens."""
+    eager, greedy and sampled with per-row top_p, top_k and min_p: the same tokens."""
     model, _ = drafting_model(heads=3, seed=6, attention_heads=2)
     model = model.to("cuda", torch.bfloat16)
     rng = random.Random(8)
@@ -217,7 +217,7 @@ def test_gpu_graphed_queue_equals_eager(mode):
     graphed = Generator(model, max_batch_size=2, max_seq_len=64, cuda_graphs=True)
     for kwargs in (dict(max_gen_len=[4, 20, 7, 12, 2, 9]),
                    dict(max_gen_len=16, temperature=[0.0, 1.1, 0.8, 1.5, 0.0, 1.0], top_p=[1.0, 0.9, 1.0, 1.0, 1.0, 0.8],
-                        top_k=[0, 0, 3, 5, 0, 0], seed=list(range(6)))):
+                        top_k=[0, 0, 3, 5, 0, 0], min_p=[0.0, 0.0, 0.1, 0.0, 0.3, 0.05], seed=list(range(6)))):
         want = eager.generate(prompts, speculative=mode, **kwargs)
         for _ in range(2):   # captured, then replayed
             assert graphed.generate(prompts, speculative=mode, **kwargs).tokens == want.tokens

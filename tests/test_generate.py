@@ -502,6 +502,38 @@ def test_per_prompt_top_k(request, model, backend):
             gen.generate(prompts, max_gen_len=2, temperature=1.0, top_k=top_k)
 
 
+def test_per_prompt_min_p(model):
+    """min_p per prompt beside top_k, top_p and a greedy prompt: each prompt gives what it gives alone,
+    every sampled token is at least min_p times as likely as its context's best (at the temperature,
+    under an uncached forward); min_p 1 is greedy at any temperature, 0 cuts nothing."""
+    prompts = random_prompts([3, 6, 2, 5], seed=18)
+    temperatures, min_ps, top_ks, seeds = [0.0, 1.5, 2.0, 1.0], [0.5, 0.2, 0.05, 0.0], [0, 0, 3, 0], [5, 6, 7, 8]
+    n = 8
+    gen = Generator(model, max_batch_size=4, max_seq_len=32)
+    res = gen.generate(prompts, max_gen_len=n, temperature=temperatures, min_p=min_ps, top_k=top_ks, seed=seeds,
+                       eos_id=-1)
+    for b in range(4):
+        assert res.tokens[b] == gen.generate([prompts[b]], max_gen_len=n, temperature=temperatures[b],
+                                             min_p=min_ps[b], top_k=top_ks[b], seed=[seeds[b]], eos_id=-1).tokens[0]
+    uncached = copy.deepcopy(model)
+    uncached.clear_caches()
+    with torch.no_grad():
+        logits = uncached.forward(torch.tensor([prompts[1] + res.tokens[1]]))[0, len(prompts[1]) - 1:-1, 0]
+    probs = torch.softmax(logits.double() / temperatures[1], -1)
+    chosen = probs.gather(1, torch.tensor(res.tokens[1])[:, None])[:, 0]
+    assert (chosen >= min_ps[1] * probs.max(1).values * (1 - 1e-6)).all()
+    free = gen.generate(prompts, max_gen_len=n, temperature=1.5, seed=seeds, eos_id=-1).tokens
+    assert gen.generate(prompts, max_gen_len=n, temperature=1.5, min_p=0.0, seed=seeds, eos_id=-1).tokens == free
+    assert gen.generate(prompts, max_gen_len=n, temperature=1.5, min_p=0.3, seed=seeds, eos_id=-1).tokens != free
+    greedy = gen.generate(prompts, max_gen_len=n, eos_id=-1).tokens
+    assert gen.generate(prompts, max_gen_len=n, temperature=3.0, min_p=1.0, seed=seeds, eos_id=-1).tokens == greedy
+    for min_p, match in ((-0.1, r"min_p must be a number in \[0, 1\] \(0 = no cut\), got -0.1"),
+                         ("a", "min_p must be a number"), ([0.1, 0.2], "min_p: a list needs one value per prompt"),
+                         ([0.1, 0.2, 1.5, 0.0], r"min_p\[2\]: min_p must be a number in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(prompts, max_gen_len=2, temperature=1.0, min_p=min_p)
+
+
 def test_tiny_top_p_equals_greedy(model):
     gen = Generator(model, max_batch_size=3, max_seq_len=32)
     prompts = random_prompts([1, 4, 9], seed=8)

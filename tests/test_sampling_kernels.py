@@ -401,7 +401,7 @@ def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("view", ["every_other", "repeated"])
 def test_per_row_values_as_strided_views_draw_what_contiguous_ones_draw(request, backend, view):
-    """Per-row temperature, top_p, top_k, seeds and offsets may be views: every other element of a
+    """Per-row temperature, top_p, top_k, min_p, seeds and offsets may be views: every other element of a
     buffer whose other elements would change the draw, or one value repeated at stride 0 (how
     verify_tokens repeats a batch of one's values for each tree node). The kernel once read
     temperatures as if contiguous: a stride-0 view read past its one element."""
@@ -412,7 +412,8 @@ def test_per_row_values_as_strided_views_draw_what_contiguous_ones_draw(request,
     hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
     seeds, offsets = _keys(R, seed=4)
     values = {"temperature": torch.tensor([0.7, 1.3, 0.9, 2.0, 0.5]), "top_p": torch.tensor([1.0, 0.6, 0.9, 1.0, 0.4]),
-              "top_k": torch.tensor([0, 5, 0, 40, 3]), "seeds": seeds, "offsets": offsets}
+              "top_k": torch.tensor([0, 5, 0, 40, 3]), "min_p": torch.tensor([0.0, 0.1, 0.3, 0.05, 0.2]),
+              "seeds": seeds, "offsets": offsets}
     if view == "repeated":
         values = {name: value[2:3].clone() for name, value in values.items()}
 
@@ -453,6 +454,11 @@ def test_a_row_at_top_p_1_keeps_its_rules_among_nuclei():
     (dict(temperature=torch.tensor([1, 2])), r"temperature as a tensor must be floating, shape \(2,\)"),
     (dict(temperature=torch.ones(3)), r"temperature as a tensor must be floating, shape \(2,\).*\(3,\)"),
     (dict(temperature=1.0, top_p=torch.ones(2, device="meta")), "top_p is on meta but hidden is on cpu"),
+    (dict(temperature=1.0, min_p=torch.tensor([0.5, 1.5])), r"row 1: min_p must be a number in \[0, 1\]"),
+    (dict(temperature=1.0, min_p=torch.tensor([0, 1])), r"min_p as a tensor must be floating"),
+    (dict(temperature=1.0, min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
+    (dict(temperature=1.0, min_p=float("nan")), r"min_p must be a number in \[0, 1\]"),
+    (dict(temperature=1.0, min_p="0.1"), r"min_p must be a number in \[0, 1\]"),
 ])
 def test_bad_per_row_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -537,6 +543,75 @@ def test_per_row_top_k_equals_each_row_alone(request, backend):
     assert tokens[1] == greedy[1] and tokens[4] == greedy[4]
     logits = _logits(hidden, weight)
     assert logits[0, tokens[0]] >= logits[0].topk(3).values[-1]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_min_p_draws_the_tokens_at_least_min_p_times_as_likely_as_the_best(request, use_kernel):
+    """min_p alone: the draws follow the softmax (at the temperature) renormalized over the tokens whose
+    probability is at least min_p times the most likely one's, float64's rule; with top_k the two cuts
+    commute (both keep the best token) and with top_p the nucleus is taken of what they keep. 0 cuts
+    nothing (the Gumbel-max kernel's own tokens), 1 keeps the best token alone (greedy here)."""
+    if use_kernel:
+        request.getfixturevalue("triton_backend")
+    n, min_p = 3000, 0.2
+    hidden, weight = _one_vector_many_rows(n, seed=9)
+    V = weight.shape[0]
+    seeds, offsets = torch.full((n,), 4242, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+    probs = torch.softmax(hidden[:1].double() @ weight.double().T / 0.9, dim=1)[0]
+    kept = probs >= min_p * probs.max()
+    assert ((probs / probs.max() - min_p).abs() > 1e-3).all()   # no token near the threshold
+    assert 2 < int(kept.sum()) < V
+    tokens = linear_sample(hidden, weight, temperature=0.9, min_p=min_p, seeds=seeds, offsets=offsets)
+    assert kept[tokens].all()
+    counts = torch.bincount(tokens, minlength=V)[kept]
+    assert _chi_square_p_value(counts, (probs[kept] / probs[kept].sum()).float()) > 1e-3
+    # with a nucleus: of the renormalized min-p cut (fewer tokens than the cut, more than one)
+    renormalized = torch.where(kept, probs, 0.0) / probs[kept].sum()
+    nucleus = reference.nucleus(renormalized[None].float(), 0.6)[0] & kept
+    assert 1 < int(nucleus.sum()) < int(kept.sum())
+    tokens = linear_sample(hidden, weight, temperature=0.9, min_p=min_p, top_p=0.6, seeds=seeds, offsets=offsets)
+    assert nucleus[tokens].all()
+    # the cuts commute: top_k 2 with min_p keeps the 2 best (both above the threshold)
+    both = linear_sample(hidden[:200], weight, temperature=0.9, min_p=min_p, top_k=2, seeds=seeds[:200],
+                         offsets=offsets[:200])
+    assert torch.equal(both, linear_sample(hidden[:200], weight, temperature=0.9, top_k=2, seeds=seeds[:200],
+                                           offsets=offsets[:200]))
+    free = linear_sample(hidden[:64], weight, temperature=0.9, seeds=seeds[:64], offsets=offsets[:64])
+    for no_cut in (0, 0.0, np.float32(0)):
+        assert torch.equal(linear_sample(hidden[:64], weight, temperature=0.9, min_p=no_cut, seeds=seeds[:64],
+                                         offsets=offsets[:64]), free)
+    best = linear_sample(hidden[:64], weight, temperature=5.0, min_p=1.0, seeds=seeds[:64], offsets=offsets[:64])
+    assert torch.equal(best, linear_argmax(hidden[:64], weight))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_row_min_p_equals_each_row_alone(request, backend):
+    """min_p as an (R,) float tensor beside per-row temperature, top_p and top_k: each row draws what it
+    draws alone with its own numbers (0 cuts nothing; a greedy row stays greedy)."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    g = torch.Generator().manual_seed(33)
+    R, V, D = 6, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    seeds, offsets = _keys(R, seed=5)
+    temperatures = torch.tensor([0.7, 0.0, 1.5, 2.0, 1.0, 2.0])
+    top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.9])
+    top_ks = torch.tensor([0, 2, 0, 40, 0, 0])
+    min_ps = torch.tensor([0.1, 0.5, 0.0, 0.05, 1.0, 0.3])
+    for top_p, top_k in ((1.0, 0), (top_ps, top_ks)):
+        tokens = linear_sample(hidden, weight, temperature=temperatures, top_p=top_p, top_k=top_k, min_p=min_ps,
+                               seeds=seeds, offsets=offsets)
+        for r in range(R):
+            alone = linear_sample(hidden[r:r + 1], weight, temperature=float(temperatures[r]),
+                                  top_p=reference.row_values(top_p, slice(r, r + 1)),
+                                  top_k=reference.row_values(top_k, slice(r, r + 1)), min_p=float(min_ps[r]),
+                                  seeds=seeds[r:r + 1], offsets=offsets[r:r + 1])
+            assert tokens[r] == alone[0], (r, top_p)
+        greedy = linear_argmax(hidden, weight)
+        assert tokens[1] == greedy[1] and tokens[4] == greedy[4]   # greedy, and min_p 1
+    free = linear_sample(hidden, weight, temperature=temperatures, seeds=seeds, offsets=offsets)
+    assert torch.equal(linear_sample(hidden, weight, temperature=temperatures, min_p=torch.zeros(R), seeds=seeds,
+                                     offsets=offsets), free)
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth():

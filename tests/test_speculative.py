@@ -572,9 +572,10 @@ def sampling_model():
     return model
 
 
-def exact_two_token_probs(model, prompt, temperature, top_p, top_k=0):
+def exact_two_token_probs(model, prompt, temperature, top_p, top_k=0, min_p=0.0):
     """P(t1, t2) under plain sampling: (V, V), from uncached forwards (mtp_engine.sampling's rule: the
-    top_k most likely, renormalized, then their nucleus), in float64."""
+    top_k most likely and those at least min_p times as likely as the best, renormalized, then
+    their nucleus), in float64."""
     ref = copy.deepcopy(model)
     ref.clear_caches()
 
@@ -583,7 +584,8 @@ def exact_two_token_probs(model, prompt, temperature, top_p, top_k=0):
         sorted_p, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
         if top_k:
             sorted_p[..., top_k:] = 0.0
-            sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+        sorted_p = torch.where(sorted_p >= min_p * sorted_p[..., :1], sorted_p, 0.0)
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p
         kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
         return kept / kept.sum(-1, keepdim=True)
@@ -620,20 +622,22 @@ def chi_square_pvalue(counts, probs):
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.8, 0.85, 0), (1.0, 1.0, 4), (1.2, 0.9, 5)])
-def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temperature, top_p, top_k):
+@pytest.mark.parametrize("temperature, top_p, top_k, min_p", [(1.0, 1.0, 0, 0.0), (0.8, 0.85, 0, 0.0),
+                                                              (1.0, 1.0, 4, 0.0), (1.2, 0.9, 5, 0.0),
+                                                              (1.2, 1.0, 0, 0.1), (1.2, 0.9, 5, 0.05)])
+def test_speculative_sampling_keeps_the_models_distribution(sampling_model, temperature, top_p, top_k, min_p):
     prompt = [1, 5, 2]
-    probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p, top_k)
+    probs = exact_two_token_probs(sampling_model, prompt, temperature, top_p, top_k, min_p)
     counts, stats = sampled_pairs(sampling_model, prompt, rows=500, calls=8, seed=100, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, speculative="tree", heads=2, tree="heads2")
+                                  top_p=top_p, top_k=top_k, min_p=min_p, speculative="tree", heads=2, tree="heads2")
     assert stats["acceptance_per_depth"][0] > 0.3  # the tree really accepted sampled drafts
     assert chi_square_pvalue(counts, probs) > 1e-3
     # power: the same counts reject a slightly different temperature's distribution
-    wrong = exact_two_token_probs(sampling_model, prompt, temperature * 1.25, top_p, top_k)
+    wrong = exact_two_token_probs(sampling_model, prompt, temperature * 1.25, top_p, top_k, min_p)
     assert chi_square_pvalue(counts, wrong) < 1e-6
-    if top_p < 1 or top_k:
-        assert counts[probs == 0].sum() == 0  # nothing outside the nucleus or the cut
-    if top_k:   # and the cut is a real one: without it the draws would reach more pairs
+    if top_p < 1 or top_k or min_p:
+        assert counts[probs == 0].sum() == 0  # nothing outside the nucleus or the cuts
+    if top_k or min_p:   # and the cut is a real one: without it the draws would reach more pairs
         assert (exact_two_token_probs(sampling_model, prompt, temperature, top_p) > 1e-3).sum() > (probs > 0).sum()
 
 
@@ -654,13 +658,14 @@ def test_speculative_sampling_reproducible_with_seed(model4):
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.8, 0.9, 0), (0.8, 1.0, [2, 0, 3])])
-def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mode, temperature, top_p, top_k):
+@pytest.mark.parametrize("temperature, top_p, top_k, min_p", [(1.0, 1.0, 0, 0.0), (0.8, 0.9, 0, 0.0),
+                                                              (0.8, 1.0, [2, 0, 3], 0.0), (1.5, 1.0, 0, [0.1, 0.0, 0.3])])
+def test_sampled_speculative_equals_plain_with_the_same_seeds(sampling_model, mode, temperature, top_p, top_k, min_p):
     """Every node draws the token at its position with the noise plain decoding draws that position
     with, so seeded speculative sampling emits plain sampling's tokens, several per forward."""
     prompts = [[1, 5, 2], [3], [4, 4, 6, 1, 0, 7]]
     gen = Generator(sampling_model, max_batch_size=3, max_seq_len=32)
-    kwargs = dict(max_gen_len=20, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=-1)
+    kwargs = dict(max_gen_len=20, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, eos_id=-1)
     plain = gen.generate(prompts, seed=[3, 1, 4], **kwargs)
     fast = gen.generate(prompts, seed=[3, 1, 4], speculative=mode, heads=3, **kwargs)
     assert fast.tokens == plain.tokens
@@ -680,7 +685,7 @@ def test_random_batches_sampled_speculative_equals_plain(sampling_model):
         gen = Generator(sampling_model, max_batch_size=max_batch, max_seq_len=max_seq_len)
         kwargs = dict(max_gen_len=rng.randint(1, 16), temperature=rng.choice([0.5, 1.0, 1.7]),
                       top_p=rng.choice([1.0, 0.8]), top_k=rng.choice([0, 0, 2, 5]), seed=rng.randrange(2 ** 63),
-                      eos_id=rng.choice([-1, 3]))
+                      eos_id=rng.choice([-1, 3]), min_p=rng.choice([0.0, 0.0, 0.1]))
         plain = gen.generate(prompts, **kwargs)
         mode, heads = rng.choice(["chain", "tree"]), rng.randint(2, 3)
         fast = gen.generate(prompts, speculative=mode, heads=heads, **kwargs)
@@ -699,6 +704,8 @@ def test_sampled_speculative_equals_plain_on_the_triton_path(triton_backend, sam
         gen.generate(prompts, **{**kwargs, "top_p": 0.9}).tokens
     assert gen.generate(prompts, speculative="tree", heads=3, **{**kwargs, "top_k": [3, 0]}).tokens == \
         gen.generate(prompts, **{**kwargs, "top_k": [3, 0]}).tokens
+    assert gen.generate(prompts, speculative="tree", heads=3, **{**kwargs, "min_p": [0.2, 0.0]}).tokens == \
+        gen.generate(prompts, **{**kwargs, "min_p": [0.2, 0.0]}).tokens
 
 
 def test_a_sampled_batch_of_one_equals_plain_on_the_triton_path(triton_backend, sampling_model):

@@ -370,6 +370,14 @@ def test_gumbel_noise_only_where_it_can_win_gives_the_same_tokens(monkeypatch):
     assert reference.sample_logits(peaked, 1.0, 1.0, seeds[:1], offsets[:1]).tolist() == [200]
 
 
+def _six_rows(generator_seed: int, key_seed: int):
+    """The per-row tests' case: R = 6 rows of D = 16 against V = 301 tokens, and their keys."""
+    g = torch.Generator().manual_seed(generator_seed)
+    R, V, D = 6, 301, 16
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    return (R, V, hidden, weight) + _keys(R, seed=key_seed)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
     """temperature and top_p as (R,) tensors, one per row (0: that row greedy; a top_p tensor takes
@@ -377,10 +385,7 @@ def test_per_row_temperature_and_top_p_equal_each_row_alone(request, backend):
     own numbers, the greedy rows linear_argmax's tokens."""
     if backend == "triton":
         request.getfixturevalue("triton_backend")
-    g = torch.Generator().manual_seed(31)
-    R, V, D = 6, 301, 16
-    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
-    seeds, offsets = _keys(R, seed=2)
+    R, V, hidden, weight, seeds, offsets = _six_rows(generator_seed=31, key_seed=2)
     temperatures = torch.tensor([0.7, 0.0, 1.5, 1e-30, 0.0, 2.0])
     top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.3])
     greedy = linear_argmax(hidden, weight)
@@ -526,10 +531,7 @@ def test_per_row_top_k_equals_each_row_alone(request, backend):
     draws alone with its own numbers (0 and V cut nothing; a greedy row stays greedy)."""
     if backend == "triton":
         request.getfixturevalue("triton_backend")
-    g = torch.Generator().manual_seed(32)
-    R, V, D = 6, 301, 16
-    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
-    seeds, offsets = _keys(R, seed=3)
+    R, V, hidden, weight, seeds, offsets = _six_rows(generator_seed=32, key_seed=3)
     temperatures = torch.tensor([0.7, 0.0, 1.5, 2.0, 1.0, 2.0])
     top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.9])
     top_ks = torch.tensor([3, 2, 0, V, 1, 40], dtype=torch.int32)
@@ -590,10 +592,7 @@ def test_per_row_min_p_equals_each_row_alone(request, backend):
     draws alone with its own numbers (0 cuts nothing; a greedy row stays greedy)."""
     if backend == "triton":
         request.getfixturevalue("triton_backend")
-    g = torch.Generator().manual_seed(33)
-    R, V, D = 6, 301, 16
-    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g) * 0.5
-    seeds, offsets = _keys(R, seed=5)
+    R, V, hidden, weight, seeds, offsets = _six_rows(generator_seed=33, key_seed=5)
     temperatures = torch.tensor([0.7, 0.0, 1.5, 2.0, 1.0, 2.0])
     top_ps = torch.tensor([1.0, 0.5, 0.8, 1.0, 1.0, 0.9])
     top_ks = torch.tensor([0, 2, 0, 40, 0, 0])

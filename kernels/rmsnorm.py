@@ -35,7 +35,8 @@ def _rms_norm_fwd_kernel(
     BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     await_prior_grid(PDL)   # PDL: a programmatic dependent launch (dependent_launch.py)
-    row = tl.program_id(0)
+    # int64: row * stride_x wraps int32 past 524288 rows of 4096 (4 heads' final norm at 32 x 8192 tokens)
+    row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
     x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)
@@ -56,7 +57,7 @@ def _rms_norm_bwd_kernel(
     mask = offs_d < D
     w = tl.load(w_ptr + offs_d * stride_w, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    row_start = pid * ROWS_PER_PROGRAM
+    row_start = pid.to(tl.int64) * ROWS_PER_PROGRAM   # int64: row * stride_x wraps past 2^31 (see the forward)
     for i in range(0, ROWS_PER_PROGRAM):
         row = row_start + i
         if row < M:
@@ -79,7 +80,7 @@ def _add_rms_norm_fwd_kernel(
 ):
     # h = x + r rounded to x's dtype (what torch's add does), then the forward above on h.
     await_prior_grid(PDL)
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)   # int64: row * stride wraps past 2^31 (see the plain forward)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_d < D
     x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask, other=0.0).to(tl.float32)

@@ -564,6 +564,17 @@ def _unfused_rope(x: torch.Tensor, weight: torch.Tensor, rope: RotaryCacheWrite,
                             rope.slots, rope.k_cache, rope.v_cache, check_slots=check_slots)
 
 
+def _int32_rows(x2: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) as the kernels may read it: their row offsets (offs_m * stride_xm, and the norm
+    prologue's delta's) are int32, so a view whose last row starts 2^31 elements or more past its
+    first (each sequence's last position after a prefill: stride T x K, 64 rows at T 16384, K 4096)
+    would wrap; such a view is read from a compact copy (at most 64 rows). Casting the offsets to
+    int64 in the kernels instead changed the registers (and spills) of 45 of the 141 sm_90 variants
+    compile_check.py --quick builds."""
+    M, K = x2.shape
+    return x2.contiguous() if M > 1 and (M - 1) * x2.stride(0) + K > 2 ** 31 - 1 else x2
+
+
 def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[SkinnyLaunch | BlasLaunch],
                       programs: Optional[int] = None, swiglu: bool = False,
                       rope: Optional[RotaryCacheWrite] = None, norm: Optional[NormPrologue] = None,
@@ -604,6 +615,7 @@ def skinny_linear_run(x2: torch.Tensor, weight: torch.Tensor, launch: Optional[S
         if rope is not None:   # x2's rows are the slots' (B, T) tokens
             return _unfused_rope(x2.view(*rope.slots.shape, -1), weight, rope).view(x2.shape[0], -1)
         return _unfused_swiglu(x2, weight) if swiglu else reference.skinny_linear(x2, weight)
+    x2 = _int32_rows(x2)
     M, K = x2.shape
     paired = swiglu or rope is not None
     N = weight.shape[0] // 2 if paired else weight.shape[0]   # outputs: F, or column pairs with rope

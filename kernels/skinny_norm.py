@@ -25,7 +25,7 @@ import torch
 from .backend import as_rows, check_one_device
 from .launch_tuner import LaunchTuner, close_to, rotating_copies
 from .rmsnorm import add_rms_norm, rms_norm
-from .skinny_linear import MAX_ROWS, _kernel_takes, _plain_times, row_tile, skinny_linear_run
+from .skinny_linear import MAX_ROWS, _int32_rows, _kernel_takes, _plain_times, row_tile, skinny_linear_run
 
 if TYPE_CHECKING:   # the rotary epilogue's operands, named in normed_projection's signature only
     from .skinny_fused import RotaryCacheWrite
@@ -51,7 +51,7 @@ class NormPrologue:
         """DELTA .. EPS of `_skinny_linear_kernel`: delta as rows, and h_out (M, K) for h (with a delta)."""
         if self.delta is None:
             return (None, 0, self.weight, None, 0, float(self.eps))
-        delta2 = as_rows(self.delta)
+        delta2 = _int32_rows(as_rows(self.delta))   # int32 row offsets in the kernel, as x's
         return (delta2, delta2.stride(0), self.weight, h_out, h_out.stride(0), float(self.eps))
 
 

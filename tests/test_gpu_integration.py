@@ -69,6 +69,13 @@ def test_seeded_sampling_on_gpu_kernels_ignores_the_batch_and_speculation():
     alone = [gen.generate([p], **{**kwargs, "seed": [s]}).tokens[0] for p, s in zip(prompts, [4, 5, 6])]
     assert batched == alone
     assert gen.generate(prompts, speculative="tree", **kwargs).tokens == batched
+    # top_p 1: the Gumbel-max kernel with per-row temperatures, which a batch of one repeats for each
+    # tree node as a stride-0 view (once read as contiguous, past its one element)
+    one = Generator(model, max_batch_size=1, max_seq_len=256)
+    kernel_kwargs = {**kwargs, "top_p": 1.0, "seed": [4]}
+    plain = one.generate(prompts[:1], **kernel_kwargs).tokens
+    for mode in ("tree", "chain"):
+        assert one.generate(prompts[:1], speculative=mode, **kernel_kwargs).tokens == plain, mode
 
 
 @pytest.mark.parametrize("prefill", ["one", "grouped", "chunked"])

@@ -295,8 +295,8 @@ class Generator:
         most likely one (min-p sampling; 0: no cut), then to the top_p nucleus of what they keep,
         drawn with noise keyed by the prompt's seed and the position of the token drawn
         (`linear_sample`), so every prompt has its own stream. A sampled batch with no top_p below 1,
-        no top_k cut and no min_p samples in the Gumbel-max kernel without writing logits; otherwise the step writes float32
-        logits for its rows (chunked) and cuts them in torch. seed: ints, or for an int s
+        no top_k cut and no min_p samples in the Gumbel-max kernel without writing logits; otherwise
+        the step writes float32 logits for its rows (chunked) and cuts them in torch. seed: ints, or for an int s
         prompt i takes `sampling.prompt_seed(s, i)` (a hash of both), or None (seeds drawn from
         torch's global CPU RNG). A prompt's completion depends on its prompt, its own arguments and
         the model alone, not on the prompts beside it nor their number: with seed=[s] alone it is

@@ -1036,16 +1036,19 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
     sampled, keys = graphed_generator(), set()
     for mode in (None, "tree"):   # (the tree's larger caches drop the plain graphs: keys gathered per call)
         for kwargs in (dict(temperature=2.0, seed=3), dict(temperature=2.0, top_p=0.9, seed=[5, 6]),
-                       dict(temperature=2.0, top_k=[4, 0], seed=[5, 6])):
+                       dict(temperature=2.0, top_k=[4, 0], seed=[5, 6]),
+                       dict(temperature=2.0, min_p=[0.1, 0.0], seed=[5, 6])):
             want = eager.generate(prompts, max_gen_len=12, speculative=mode, **kwargs)
             assert want.tokens != eager.generate(prompts, max_gen_len=12, speculative=mode).tokens   # real draws
             for _ in range(2):   # captured, then replayed
                 assert sampled.generate(prompts, max_gen_len=12, speculative=mode, **kwargs).tokens == want.tokens
                 keys |= {key[2:] for key in sampled._graphs._graphs}
     assert {key[0] for key in keys} == {"plain", "verify"}
-    # One graph for any values: the Gumbel-max path and the nucleus path (top_p, top_k per row), per step kind.
-    assert {key[-4:] for key in keys} == {("sampled", False, False, None), ("sampled", True, False, None),
-                                          ("sampled", False, True, 4)}   # 4: the largest top_k, a power of two
+    # One graph for any values: the Gumbel-max path and the nucleus path (top_p, top_k, min_p per row),
+    # per step kind; the key says which of them are per-row tensors, and the top_k bound.
+    assert {key[-5:] for key in keys} == {("sampled", False, False, False, None), ("sampled", True, False, False, None),
+                                          ("sampled", False, True, False, 4),   # 4: the largest top_k, a power of two
+                                          ("sampled", False, False, True, None)}
     captured = len(sampled._graphs._graphs)
     other = dict(temperature=[1.3, 0.0], top_p=[0.7, 0.95], seed=[8, 9])   # a greedy row among them
     want = eager.generate(prompts, max_gen_len=12, speculative="tree", **other)

@@ -412,11 +412,11 @@ class Generator:
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
         self._prefill_forwards = 0
 
-        def stream(rows: Optional[Sequence[int]] = None):
-            """After each forward: stop strings, then the tokens handed over, for the sequences in
-            `rows` (indices into seqs: those in the cache rows, the only ones a forward changes) or,
-            with None, for all of them."""
-            visit = range(len(seqs)) if rows is None else rows
+        def stream(seq_ids: Optional[Sequence[int]] = None):
+            """After each forward: stop strings, then the tokens handed over, for seqs[i], i in
+            seq_ids (those in the cache rows, the only ones a forward changes) or, with None, for
+            every sequence."""
+            visit = range(len(seqs)) if seq_ids is None else seq_ids
             for i in visit:
                 seqs[i].check_stop()
             if on_tokens is not None:
@@ -1120,14 +1120,14 @@ def _hand_over(seqs: List[SequenceState], visit: Sequence[int], order: List[int]
     is its caller's index), with tokens it has not handed over yet or a finish it has not told, in
     the caller's order (with the new tokens' log-probs when logprobs); a sequence it returns True
     for is cancelled."""
-    for row in sorted(visit, key=order.__getitem__):
-        seq = seqs[row]
+    for i in sorted(visit, key=order.__getitem__):
+        seq = seqs[i]
         new = seq.tokens[seq.streamed:]
         if new or (seq.done and not seq.told_finish):
             seq.streamed = len(seq.tokens)
             seq.told_finish = seq.done
             extra = (seq.logprobs[len(seq.tokens) - len(new):],) if logprobs else ()
-            if on_tokens(order[row], new, seq.finish, *extra) is True and not seq.done:
+            if on_tokens(order[i], new, seq.finish, *extra) is True and not seq.done:
                 seq.finish, seq.told_finish = "cancelled", True
 
 

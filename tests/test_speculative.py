@@ -711,7 +711,7 @@ def test_sampled_speculative_equals_plain_on_the_triton_path(triton_backend, sam
 def test_a_sampled_batch_of_one_equals_plain_on_the_triton_path(triton_backend, sampling_model):
     """A batch of one repeats its temperature for each tree node as a stride-0 view; the kernel once
     read it as contiguous, past its one element, and sampled the nodes after the first with
-    whatever lay there (a prompt of a fuzz drew token 0 from the seventh step on)."""
+    whatever temperature lay there (this seed, from a fuzz, then left plain decoding's tokens)."""
     gen = Generator(sampling_model, max_batch_size=1, max_seq_len=20)
     kwargs = dict(max_gen_len=16, temperature=0.7, seed=[1076286614705], eos_id=-1)
     plain = gen.generate([[17 % SAMPLE_VOCAB]], **kwargs)

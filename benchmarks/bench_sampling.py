@@ -12,7 +12,9 @@ benchmarks/common.time_and_peak (do_bench median on CUDA, perf_counter median on
     steps pass them): Gumbel-max in the kernel;
   - linear_sample, temperature 0.8, top_p 0.9 per row: float32 logits written in chunks of rows, the
     nucleus in torch; top_k 50 per row, the same path with a cut (torch.topk of 64) instead; and
-    min_p 0.05 per row, a cut relative to the row's most likely token;
+    min_p 0.05 per row, a cut relative to the row's most likely token; and repetition 1.2, presence
+    0.5, frequency 0.5 per row against a history of 256 generated tokens and a prompt of 512 per row
+    (kernels/penalties.py on the logits chunks);
   - eager PyTorch, the Llama release's way: logits = (hidden @ weight.T).float(); greedy
     logits.argmax(-1) on the bf16 product; sampling softmax(logits / T) then torch.multinomial, and
     for top_p 0.9 its sample_top_p (sort, cumulative sum, mask, renormalise, multinomial, gather).
@@ -45,12 +47,15 @@ TEMPERATURE = 0.8
 TOP_P = 0.9
 TOP_K = 50
 MIN_P = 0.05
+PENALTIES = (1.2, 0.5, 0.5)   # repetition, presence, frequency
+HISTORY = dict(generated=256, prompt=512)
 
-CONTENDERS = ("argmax", "sample", "sample_top_p", "sample_top_k", "sample_min_p", "eager_argmax", "eager_sample",
-              "eager_sample_top_p")
+CONTENDERS = ("argmax", "sample", "sample_top_p", "sample_top_k", "sample_min_p", "sample_penalties", "eager_argmax",
+              "eager_sample", "eager_sample_top_p")
 LABELS = {"argmax": "linear_argmax", "sample": "linear_sample T=0.8 (keyed, in-kernel)",
           "sample_top_p": f"linear_sample T=0.8 top_p={TOP_P}", "sample_top_k": f"linear_sample T=0.8 top_k={TOP_K}",
           "sample_min_p": f"linear_sample T=0.8 min_p={MIN_P}",
+          "sample_penalties": f"linear_sample T=0.8 penalties {PENALTIES}",
           "eager_argmax": "eager argmax",
           "eager_sample": "eager softmax + multinomial", "eager_sample_top_p": f"eager top_p={TOP_P}"}
 
@@ -95,7 +100,7 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
     bytes_floor_ms = weight_bytes / (ceilings["copy_gbps"] * 1e6)
     result = {"env": common.environment_info(device), "ceilings": ceilings, "V": V, "D": D,
               "dtype": str(dtype).replace("torch.", ""), "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K,
-              "min_p": MIN_P,
+              "min_p": MIN_P, "penalties": list(PENALTIES), "history": HISTORY,
               "weight_bytes": weight_bytes, "rows": []}
     for R in rows:
         hidden = torch.randn(R, D, generator=g).to(device=device, dtype=dtype)
@@ -105,6 +110,13 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
         top_ps = torch.full((R,), TOP_P, device=device)
         top_ks = torch.full((R,), TOP_K, dtype=torch.int64, device=device)
         min_ps = torch.full((R,), MIN_P, device=device)
+        penalties = kernels.TokenPenalties(
+            torch.zeros(R, V, dtype=torch.int32).scatter_add_(
+                1, torch.randint(0, V, (R, HISTORY["generated"]), generator=g),
+                torch.ones(R, HISTORY["generated"], dtype=torch.int32)).to(device),
+            torch.zeros(R, V, dtype=torch.bool).scatter_(
+                1, torch.randint(0, V, (R, HISTORY["prompt"]), generator=g), True).to(device),
+            *(torch.full((R,), value, device=device) for value in PENALTIES))
         calls = {
             "argmax": lambda: kernels.linear_argmax(hidden, weight),
             "sample": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, seeds=seeds,
@@ -115,6 +127,8 @@ def run(tiny: bool = False, rows: tuple = None) -> dict:
                                                           seeds=seeds, offsets=offsets, max_top_k=64),
             "sample_min_p": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, min_p=min_ps,
                                                           seeds=seeds, offsets=offsets),
+            "sample_penalties": lambda: kernels.linear_sample(hidden, weight, temperature=temperatures, seeds=seeds,
+                                                              offsets=offsets, penalties=penalties),
             "eager_argmax": lambda: (hidden @ weight.T).argmax(-1),
             "eager_sample": lambda: eager_sample(hidden, weight, TEMPERATURE),
             "eager_sample_top_p": lambda: eager_sample_top_p(hidden, weight, TEMPERATURE, TOP_P),
@@ -159,7 +173,7 @@ def to_markdown(result: dict) -> str:
              f"torch {env.get('torch')}, triton {env.get('triton')}, {env['date_utc']}.", ""]
     headers = ["R", "path", "bytes floor", "matmul floor", "argmax", "argmax / floor", "sample", "sample / floor",
                "sample / argmax", f"top_p {result['top_p']}", f"top_k {result['top_k']}",
-               f"min_p {result.get('min_p', '-')}", "eager argmax", "eager sample",
+               f"min_p {result.get('min_p', '-')}", "penalties", "eager argmax", "eager sample",
                f"eager top_p {result['top_p']}", "argmax speedup", "sample speedup", "top_p speedup"]
     rows = []
     for r in result["rows"]:
@@ -167,6 +181,7 @@ def to_markdown(result: dict) -> str:
                      _ms(r["argmax"]), r["argmax"].get("vs_floor", "-"), _ms(r["sample"]),
                      r["sample"].get("vs_floor", "-"), r.get("sample_vs_argmax", "-"), _ms(r["sample_top_p"]),
                      _ms(r["sample_top_k"]), _ms(r["sample_min_p"]) if "sample_min_p" in r else "-",
+                     _ms(r["sample_penalties"]) if "sample_penalties" in r else "-",
                      _ms(r["eager_argmax"]), _ms(r["eager_sample"]), _ms(r["eager_sample_top_p"]),
                      r.get("argmax_speedup_vs_eager", "-"), r.get("sample_speedup_vs_eager", "-"),
                      r.get("sample_top_p_speedup_vs_eager", "-")])

@@ -558,17 +558,23 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p,
                   seeds: torch.Tensor, offsets: torch.Tensor, top_k=0, max_top_k: int | None = None,
-                  min_p=0.0) -> torch.Tensor:
+                  min_p=0.0, penalties=None) -> torch.Tensor:
     """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p, top_k and min_p each a number
-    or (R,) per row; seeds and offsets (R,) int64. Returns (R,) int64, one draw per row from
-    softmax(hidden @ weight.T / temperature) (float32 logits) restricted to the top_k highest and
-    the min-p cut, then to the top-p nucleus (`sample_logits`); a temperature of 0 (all rows) ->
-    linear_argmax. The Triton kernel's noise (no nucleus nor cut) and its logits (a nucleus, a cut,
-    or values per row) with the same seeds and offsets: the same tokens up to ties within rounding."""
+    or (R,) per row; seeds and offsets (R,) int64; penalties: a `penalties.TokenPenalties` for the R
+    rows, or None. Returns (R,) int64, one draw per row from softmax(penalized logits / temperature)
+    (float32 logits; `TokenPenalties.apply`) restricted to the top_k highest and the min-p cut, then
+    to the top-p nucleus (`sample_logits`); a temperature of 0 picks the argmax (all rows without
+    penalties: linear_argmax). The Triton kernel's noise (no nucleus nor cut) and its logits (a
+    nucleus, a cut, penalties, or values per row) with the same seeds and offsets: the same tokens up
+    to ties within rounding."""
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
-        return linear_argmax(hidden, weight)
+        if penalties is None:
+            return linear_argmax(hidden, weight)
+        temperature = torch.zeros(hidden.shape[0], device=hidden.device)   # greedy rows: the argmax
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
+        if penalties is not None:
+            logits = penalties.apply(logits, rows)
         tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
                                      offsets[rows], row_values(top_k, rows), max_top_k, row_values(min_p, rows))
     return tokens

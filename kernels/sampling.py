@@ -35,7 +35,8 @@ in torch ops, bit for bit.
 
 top_p < 1 and a top_k cut need the sorted distribution of a whole row; that path writes float32
 logits for a chunk of rows at a time with the same tile code and samples the nucleus in torch
-(`reference.sample_logits`, the same keyed noise).
+(`reference.sample_logits`, the same keyed noise). So do repetition, presence and frequency
+penalties (penalties.py), which change a row's logits by its sequence's history before the draw.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from .triton_import import tl, triton
 from . import reference
 from .backend import check_one_device, eager_under_compile, finite_number, gpu_launch, integer, use_triton
 from .launch_tuner import LaunchTuner, rotating_copies
+from .penalties import TokenPenalties
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -537,13 +539,16 @@ def linear_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 @eager_under_compile
-def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets) -> torch.Tensor:
+def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets,
+                            penalties) -> torch.Tensor:
     # Chunks of rows bound the float32 logits to the reference's budget (64 MiB).
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     rows_per_chunk = max(1, reference._LOGIT_ELEMENTS_PER_CHUNK // weight.shape[0])
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         logits = linear_logits_triton(hidden[rows], weight)
+        if penalties is not None:
+            logits = penalties.apply(logits, rows)
         tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
                                                reference.row_values(top_p, rows), seeds[rows], offsets[rows],
                                                reference.row_values(top_k, rows), max_top_k,
@@ -673,7 +678,8 @@ def _check_row_values(name: str, values: torch.Tensor, R: int, device: torch.dev
 
 def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, top_p=1.0, top_k=0,
                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None, max_top_k: int | None = None, min_p=0.0) -> torch.Tensor:
+                  offsets: torch.Tensor | None = None, max_top_k: int | None = None, min_p=0.0,
+                  penalties: TokenPenalties | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(hidden @ weight.T / temperature), restricted to the
     top_k highest logits and to the tokens at least min_p times as likely as the most likely one,
     then to the top-p nucleus of what they keep (the Llama release's rule, `reference.nucleus`: a
@@ -693,6 +699,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     a sort of every row (the Generator passes its calls' largest top_k).
     Per-row values are checked where they are on the CPU; on a GPU they are the caller's to check
     (no host sync).
+    penalties: None, or a `TokenPenalties` for the R rows (repetition, presence and frequency
+    penalties against each row's sequence history, kernels/penalties.py): applied to the float32
+    logits before the temperature, so the call takes the logits path; greedy rows (temperature 0,
+    also a number) then pick the argmax of the penalized logits.
     The noise, one of:
       seeds, offsets: (R,) int64 on hidden's device. Row r's noise is a function of (seeds[r],
         offsets[r]) alone: a row draws the same token whatever rows share the call, so a sequence
@@ -722,11 +732,20 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
             if bool(over.any()):
                 row = int(over.nonzero()[0, 0])
                 raise ValueError(f"linear_sample: row {row}: top_k {int(top_k[row])} is above max_top_k {max_top_k}")
+    if penalties is not None:
+        if not isinstance(penalties, TokenPenalties):
+            raise ValueError(f"linear_sample: penalties must be a TokenPenalties or None, got {type(penalties).__name__}")
+        penalties.check(R, weight.shape[0], hidden.device, "linear_sample")
     greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     # No rows: nothing drawn (a generator's state stays as it was), the arguments still checked.
     sample = not greedy and R > 0
     keys = _sampling_keys(R, hidden.device, generator, seeds, offsets, sample=sample)
-    if greedy:
+    if greedy and penalties is not None and R > 0:
+        # The argmax of the penalized logits: the logits path with every row greedy (no noise drawn).
+        temperature = torch.zeros(R, device=hidden.device)
+        zeros = torch.zeros(R, dtype=torch.int64, device=hidden.device)
+        keys, sample = keys or (zeros, zeros), True
+    elif greedy:
         return linear_argmax(hidden, weight)
     if not sample:
         return torch.empty(0, dtype=torch.int64, device=hidden.device)
@@ -741,9 +760,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
         min_p = float(min_p)
     if not use_triton(hidden, weight):
         return _reference_sample(hidden, weight, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
-                                 offsets=offsets, max_top_k=max_top_k, min_p=min_p)
-    if reference.filters_rows(top_p, top_k, weight.shape[0], min_p) is not None:
-        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets)
+                                 offsets=offsets, max_top_k=max_top_k, min_p=min_p, penalties=penalties)
+    if penalties is not None or reference.filters_rows(top_p, top_k, weight.shape[0], min_p) is not None:
+        return _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k, min_p, seeds, offsets,
+                                       penalties)
     return linear_select_triton(hidden, weight, temperature, (seeds, offsets))
 
 

@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--min-p", type=float, default=0.0,
                           help="sample only tokens at least this fraction as likely as the most likely one, "
                                "before the nucleus (default 0: no cut)")
+    complete.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="divide a positive logit (multiply a negative one) of a token already in the prompt "
+                               "or the completion by this, greedy too (default 1: none)")
+    complete.add_argument("--presence-penalty", type=float, default=0.0,
+                          help="subtract this from the logit of a token the completion holds (default 0: none)")
+    complete.add_argument("--frequency-penalty", type=float, default=0.0,
+                          help="subtract this from a token's logit per time the completion holds it (default 0: none)")
     complete.add_argument("--max-gen-len", type=int, default=64, help="most new tokens per prompt (default 64)")
     complete.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length: prompt + new tokens (default 512)")
     complete.add_argument("--max-batch-size", type=int, default=None, help="KV-cache batch (default: number of prompts)")
@@ -147,7 +154,8 @@ def run_complete(args: argparse.Namespace) -> int:
     on_tokens = _stream_printer(llama.tokenizer, args.prompt[0], stop or ()) if args.stream else None
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
-                                    tree=tree, on_tokens=on_tokens, stop=stop)
+                                    tree=tree, on_tokens=on_tokens, stop=stop, repetition_penalty=args.repetition_penalty,
+                                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if args.stream:
         print("\n")
     for prompt, result in zip(args.prompt, [] if args.stream else results):

@@ -31,6 +31,7 @@ import torch
 
 from mtp_kernels import compact_kv_cache, dependent_launch, linear_logits
 from mtp_kernels.launch_tuner import TritonError
+from mtp_kernels.penalties import neutral as neutral_penalties
 
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
@@ -38,7 +39,7 @@ from .model import Transformer
 from .sampling import RowSampling, per_prompt, per_prompt_values, sequence_seeds, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
-                          verify_and_score, verify_tokens)
+                          tree_paths, verify_and_score, verify_tokens)
 from .speculative import token_tree as speculative_tree
 from .tokenizer import TextStream
 
@@ -277,7 +278,8 @@ class Generator:
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len=64, temperature=0.0,
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None,
-                 top_k=0, min_p=0.0) -> GenerationResult:
+                 top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                 frequency_penalty=0.0) -> GenerationResult:
         """Continue every prompt; prompts may differ in length, and there may be more of them than
         max_batch_size: the shortest max_batch_size start in the cache rows, and a row whose sequence
         is done (finished or cancelled) takes the next waiting prompt, shortest first (continuous
@@ -286,7 +288,8 @@ class Generator:
         step it starts in.
 
         prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, top_k, min_p,
-        seed and eos_id takes one value for every prompt or a list with one per prompt, so a batch may mix
+        the three penalties, seed and eos_id takes one value for every prompt or a list with one per
+        prompt, so a batch may mix
         requests (greedy and sampled ones among them: a step runs them all at once, and its CUDA
         graph serves any values).
         max_gen_len: most new tokens, clipped per prompt to the room left in the cache (max_seq_len -
@@ -335,6 +338,16 @@ class Generator:
         again, and finishes "cancelled" with the tokens handed over so far; the others go on. What
         it raises ends generate. It may not call generate on this model again, through any
         Generator (RuntimeError: the caches hold the running call's sequences).
+        repetition_penalty (> 0, 1: none), presence_penalty and frequency_penalty (0: none): vLLM's
+        penalties (kernels/penalties.py), applied to the logits before the temperature, greedy
+        prompts too: a token in the prompt or generated so far has its logit divided by the
+        repetition penalty when positive, multiplied by it otherwise; a generated token loses
+        frequency_penalty per time it was generated and presence_penalty once. A call with any
+        penalty writes float32 logits for its rows (the nucleus path above) and keeps each row's
+        token counts on the device ((rows, V) int32 and a (rows, V) bool mask of its prompt). Greedy
+        and seeded speculative decoding still equal plain decoding: a tree node is scored against the
+        history plain decoding has at its position (the accepted tokens plus the drafts on its path).
+        Log-probs stay the model's own (no penalty, no temperature).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
@@ -360,6 +373,9 @@ class Generator:
         temperatures, top_ps = per_prompt(temperature, len(prompts), "temperature"), per_prompt(top_p, len(prompts), "top_p")
         top_ks = per_prompt(top_k, len(prompts), "top_k")
         min_ps = per_prompt(min_p, len(prompts), "min_p")
+        penalty_values = list(zip(per_prompt(repetition_penalty, len(prompts), "repetition_penalty"),
+                                  per_prompt(presence_penalty, len(prompts), "presence_penalty"),
+                                  per_prompt(frequency_penalty, len(prompts), "frequency_penalty")))
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
         # long generation ends first, are the last ones, which then leave the forward. Results come
@@ -384,11 +400,12 @@ class Generator:
             seqs.append(seq)
 
         sampled = any(t > 0 for t in temperatures)
+        penalized = not all(neutral_penalties(*v) for v in penalty_values)
         seeds = None   # greedy draws nothing (and leaves torch's RNG alone); a seed is still checked
         if sampled or seed is not None:
             seeds = sequence_seeds(seed, len(prompts))
         sampling = None
-        if sampled:   # one value per row, rows in length order
+        if sampled or penalized:   # one value per row, rows in length order (greedy rows: temperature 0)
             # A greedy prompt's top_p plays no part (nor sends the batch down the nucleus path); a
             # top_p below float32's range keeps its meaning there (the most likely token alone).
             top_ps = [p if t > 0 else 1.0 for t, p in zip(temperatures, top_ps)]
@@ -396,7 +413,7 @@ class Generator:
             top_ks = [k if t > 0 and k < self.model.vocab_size else 0 for t, k in zip(temperatures, top_ks)]
             min_ps = [m if t > 0 else 0.0 for t, m in zip(temperatures, min_ps)]
             sampling = RowSampling(
-                torch.tensor([seeds[b] for b in order], dtype=torch.int64, device=self.device),
+                torch.tensor([seeds[b] if seeds else 0 for b in order], dtype=torch.int64, device=self.device),
                 torch.tensor([temperatures[b] for b in order], dtype=torch.float32, device=self.device),
                 1.0 if all(p == 1.0 for p in top_ps) else
                 torch.tensor([top_ps[b] for b in order], dtype=torch.float32,
@@ -406,7 +423,9 @@ class Generator:
                 # the cut's torch.topk size: the largest top_k, a power of two (graphs shared by calls)
                 min(next_power_of_two(max(top_ks)), self.model.vocab_size) if any(top_ks) else None,
                 0.0 if not any(min_ps) else torch.tensor([min_ps[b] for b in order], dtype=torch.float32,
-                                                         device=self.device))
+                                                         device=self.device),
+                torch.tensor([penalty_values[b] for b in order], dtype=torch.float32,
+                             device=self.device) if penalized else None)
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -473,7 +492,7 @@ class Generator:
         seed and the new token's position; stream() after each forward checks the stop strings and
         hands the new tokens to generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
         slots = _Slots(len(seqs), self.max_batch_size)
-        row_sampling = sampling and sampling.pick(slots.row_seq)
+        row_sampling = self._row_sampling(sampling, slots, prompts)
         last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], logprobs)
         prompt_lp = slots.all_prompt_logprobs(prompt_lp)
         forwards = 1
@@ -482,6 +501,8 @@ class Generator:
         live_key, advance = None, None
         next_tok, lps = self._next_tokens(last_hidden[:, 0], row_sampling, cache_seqlens, logprobs)
         while True:
+            if row_sampling is not None:
+                row_sampling.count(next_tok)   # before a refill resets a finished row's history
             for b, tok in enumerate(next_tok.tolist()):
                 seq = seqs[slots.row_seq[b]]
                 if not seq.done:
@@ -565,11 +586,13 @@ class Generator:
         counters = SpeculativeCounters(tree.max_depth)
 
         slots = _Slots(len(seqs), self.max_batch_size)
-        row_sampling = sampling and sampling.pick(slots.row_seq)
+        row_sampling = self._row_sampling(sampling, slots, prompts)
         last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], want_logprobs, n_heads=tree.heads)   # (B, heads, D)
         prompt_lp = slots.all_prompt_logprobs(prompt_lp)
         cache_seqlens = torch.tensor([len(p) for p in prompts[:slots.rows]], dtype=torch.int32, device=device)
         root, lps = self._next_tokens(last_hidden[:, 0], row_sampling, cache_seqlens, want_logprobs)
+        if row_sampling is not None:
+            row_sampling.count(root)
         drafts = draft_tokens(last_hidden[:, 1:], weight, tree.top_k)                        # (B, heads-1, top_k)
         for b, tok in enumerate(root.tolist()):
             if not seqs[b].done:
@@ -601,6 +624,8 @@ class Generator:
                                                                live_mask, tree, row_sampling and row_sampling.head(rows),
                                                                want_logprobs)
             forwards += 1
+            if row_sampling is not None:
+                row_sampling.count(packed[:, 1:])   # the emitted tokens (the next root among them)
             packed = packed.tolist()  # the step's sync
             step_lps = step_lps.tolist() if want_logprobs else None   # computed by then: a copy, no wait
             for b in range(rows):
@@ -616,6 +641,16 @@ class Generator:
                 counters.add(accept_len - 1)
             stream(slots.row_seq)
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
+
+    def _row_sampling(self, sampling: Optional[RowSampling], slots: "_Slots", prompts) -> Optional[RowSampling]:
+        """The sampling of the rows a call starts with (slots' first sequences), with their
+        penalties' history (their prompts) where the call has penalties."""
+        if sampling is None:
+            return None
+        row_sampling = sampling.pick(slots.row_seq).with_history(self.model.vocab_size)
+        for row, i in enumerate(slots.row_seq):
+            row_sampling.start_history(row, prompts[i])
+        return row_sampling
 
     # ------------------------------------------------------------------ continuous batching
     def _fill_free_rows(self, slots: "_Slots", prompts, seqs, sampling: Optional[RowSampling],
@@ -645,10 +680,13 @@ class Generator:
                     slots.row_seq[row] = i
                     one = None
                     if sampling is not None:
-                        one = sampling.pick([i])
                         row_sampling.set_row(row, sampling, i)
+                        row_sampling.start_history(row, prompts[i])
+                        one = row_sampling.rows(row, row + 1)
                     position = torch.tensor([len(prompts[i])], dtype=torch.int32, device=self.device)
                     first, lps = self._next_tokens(last[:, 0], one, position, logprobs)
+                    if one is not None:
+                        one.count(first)
                     if not seqs[i].done:
                         seqs[i].forwards += 1
                         seqs[i].accept(int(first), lps[0] if lps else None)
@@ -727,19 +765,23 @@ class Generator:
         tokens = self._choose(hidden[:, None], sampling and sampling.head(hidden.shape[0]), positions[:, None])[:, 0]
         return tokens, (token_logprobs(self._logits(hidden), tokens).tolist() if logprobs else None)
 
-    def _choose(self, hidden0: torch.Tensor, sampling: Optional[RowSampling], positions: torch.Tensor) -> torch.Tensor:
+    def _choose(self, hidden0: torch.Tensor, sampling: Optional[RowSampling], positions: torch.Tensor,
+                node_paths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Head 0's token at every node, (R, T) int64, from its normed hidden (R, T, D): the verifier's
         own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature,
         top_p, top_k and min_p, keyed by its seed and positions (R, T), the positions of the tokens
         drawn). No logits written for it without a nucleus or cut (with one, float32 logits for chunks
         of rows: `linear_sample`),
         and plain and speculative decoding choose from the same float32 scores, so a
-        bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions."""
+        bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions.
+        With penalties, node_paths (R, T, L): each node's drafts below the root (`tree_paths`), or
+        None for T = 1."""
         weight = self.model.output.weight
         if sampling is None:
             return verify_tokens(hidden0, weight, 0.0, 1.0)
         return verify_tokens(hidden0, weight, sampling.temperature, sampling.top_p, sampling.seeds, positions,
-                             top_k=sampling.top_k, max_top_k=sampling.max_top_k, min_p=sampling.min_p)
+                             top_k=sampling.top_k, max_top_k=sampling.max_top_k, min_p=sampling.min_p,
+                             penalties=sampling.token_penalties(), node_paths=node_paths)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
@@ -779,7 +821,9 @@ class Generator:
             else:
                 # Node t of row r draws the token at position cache_seqlens[r] + depth[t] + 1.
                 positions = cache_seqlens[:, None] + tree.depths[None, :] + 1
-                verifier = self._choose(hidden[:, :, 0], sampling.from_tensors(sampled) if sampled else None, positions)
+                step_sampling = sampling.from_tensors(sampled) if sampled else None
+                paths = tree_paths(candidates, tree) if step_sampling and step_sampling.penalties is not None else None
+                verifier = self._choose(hidden[:, :, 0], step_sampling, positions, paths)
             outcome = accept_step(candidates, verifier, tree)
             compact_kv_cache(self.model.k_cache, self.model.v_cache, cache_seqlens, outcome.accepted_nodes,
                              torch.where(live_mask, outcome.accept_len, 0))
@@ -796,6 +840,8 @@ class Generator:
             return outputs
 
         inputs = (root, drafts, cache_seqlens, live_mask)
+        if sampling is not None and sampling.penalties is not None:
+            tree.draft_path_mask   # built here, eagerly, not inside a capture
         key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
         if sampling is not None:
             key, inputs = key + sampling.graph_key, inputs + sampling.tensors()
@@ -1241,17 +1287,20 @@ class Llama:
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
                  speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None,
-                 stop=None, top_k=0, min_p=0.0):
+                 stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree, on_tokens, stop, top_k, min_p (keyword-only, not in the release): as in
-        Generator.generate (on_tokens gets the generated tokens only, echo or not).
+        speculative, heads, tree, on_tokens, stop, top_k, min_p and the three penalties (keyword-only,
+        not in the release): as in Generator.generate (on_tokens gets the generated tokens only, echo
+        or not).
         Two differences: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos; only generated tokens stop at eos), and more
         prompts than max_batch_size are taken (continuous batching, see Generator.generate) where the
         release asserts."""
         res = self.last_result = self.generator.generate(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
-                                      tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k, min_p=min_p)
+                                      tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k, min_p=min_p,
+                                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                      frequency_penalty=frequency_penalty)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -1264,9 +1313,11 @@ class Llama:
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
                         speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
-                        on_tokens=None, stop=None, top_k=0, min_p=0.0) -> List[dict]:
+                        on_tokens=None, stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                        frequency_penalty=0.0) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
-        speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k, min_p and on_tokens too
+        speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k, min_p, the
+        three penalties and on_tokens too
         (token ids as they come: `tokenizer.TextStream` turns them into text pieces), and stop (the
         generation then ends before the stop string; "tokens" end with the one that completed it)."""
         if isinstance(prompts, str):
@@ -1276,7 +1327,8 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                                     speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop,
-                                    top_k=top_k, min_p=min_p)
+                                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         generations = [self.tokenizer.decode(t) for t in tokens]
         res = self.last_result
         for b, reason in enumerate(res.finish_reasons):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import torch
 
 from mtp_kernels.reference import sample_top_p  # noqa: F401  (re-exported: the release's name)
+from mtp_kernels.penalties import TokenPenalties, check_penalties
 from mtp_kernels.sampling import check_min_p, check_sampling_args, check_top_k
 
 
@@ -27,54 +28,102 @@ class RowSampling:
     for every row or (B,) int64, and min_p 0.0 for every row or (B,) float32 (any of them as a tensor
     sends the call down the kernels' nucleus path: float32 logits, the cuts and nucleus in torch;
     numbers alone keep the Gumbel-max kernel), with max_top_k a host int bounding the top_k tensor's
-    values (`linear_sample`'s), or None. The tensors are a step's inputs, so one CUDA graph serves
-    any values of one layout (which of top_p, top_k and min_p are tensors, and max_top_k:
-    `graph_key`)."""
+    values (`linear_sample`'s), or None. penalties: None, or (B, 3) float32, each row's repetition,
+    presence and frequency penalties (kernels/penalties.py; the logits path too), with the rows'
+    history beside them once `with_history` made it: counts (B, V) int32 of the tokens each row
+    generated, prompt_seen (B, V) bool of its prompt's tokens. The tensors are a step's inputs, so one
+    CUDA graph serves any values of one layout (which of top_p, top_k, min_p and penalties are
+    tensors, and max_top_k: `graph_key`)."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
     top_k: Union[int, torch.Tensor] = 0
     max_top_k: Optional[int] = None
     min_p: Union[float, torch.Tensor] = 0.0
+    penalties: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    prompt_seen: Optional[torch.Tensor] = None
 
     def head(self, rows: int) -> "RowSampling":
         """The first `rows` rows' (the rows a step runs): views."""
-        first = [v[:rows] if isinstance(v, torch.Tensor) else v
-                 for v in (self.seeds, self.temperature, self.top_p, self.top_k, self.min_p)]
-        return RowSampling(*first[:4], self.max_top_k, first[4])
+        return self.rows(0, rows)
+
+    def rows(self, start: int, stop: int) -> "RowSampling":
+        """Rows start..stop-1 (a prompt just moved into a row): views, history included."""
+        return self.from_tensors(tuple(t[start:stop] for t in self.tensors()))
 
     def pick(self, indices: Sequence[int]) -> "RowSampling":
         """A copy holding these rows' values, in this order (the rows a generate call starts with, or
-        one prompt's)."""
+        one prompt's); no history."""
         index = torch.tensor(list(indices), dtype=torch.long, device=self.seeds.device)
-        return self.from_tensors(tuple(t[index] for t in self.tensors()))
+        return replace(self, counts=None, prompt_seen=None).from_tensors(tuple(t[index] for t in self._values()))
 
     def set_row(self, row: int, source: "RowSampling", index: int) -> None:
         """Row `row` takes source's row `index` (a waiting prompt moving into a free cache row): device
-        copies, no host sync."""
-        for mine, theirs in zip(self.tensors(), source.tensors()):
+        copies, no host sync. Its history is `start_history`'s to reset."""
+        for mine, theirs in zip(self._values(), source._values()):
             mine[row] = theirs[index]
+
+    def _values(self) -> tuple:
+        """The per-row sampling values (tensors), without the history."""
+        return (self.seeds, self.temperature) + tuple(v for v in (self.top_p, self.top_k, self.min_p, self.penalties)
+                                                      if isinstance(v, torch.Tensor))
 
     def tensors(self) -> tuple:
         """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""
-        return (self.seeds, self.temperature) + tuple(v for v in (self.top_p, self.top_k, self.min_p)
-                                                      if isinstance(v, torch.Tensor))
+        return self._values() + (() if self.counts is None else (self.counts, self.prompt_seen))
 
     def from_tensors(self, tensors: tuple) -> "RowSampling":
-        """This sampling's layout (which of top_p, top_k and min_p are per row) over other tensors:
-        inside a step, its inputs. A CUDA graph's padding rows hold zeros: temperature 0 makes them
-        greedy, top_k and min_p 0 cut nothing, and their top_p 0 is raised to the smallest valid one
-        (keep the most likely token)."""
+        """This sampling's layout (which of top_p, top_k, min_p and penalties are per row, and whether
+        it has a history) over other tensors: inside a step, its inputs. A CUDA graph's padding rows
+        hold zeros: temperature 0 makes them greedy, top_k and min_p 0 cut nothing, their top_p 0 is
+        raised to the smallest valid one (keep the most likely token), and with no history they have
+        seen no token, so no penalty applies."""
         rest = list(tensors[2:])
         top_p = rest.pop(0).clamp(min=torch.finfo(torch.float32).tiny) if isinstance(self.top_p, torch.Tensor) else 1.0
         top_k = rest.pop(0) if isinstance(self.top_k, torch.Tensor) else 0
         min_p = rest.pop(0) if isinstance(self.min_p, torch.Tensor) else 0.0
-        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p)
+        penalties = rest.pop(0) if self.penalties is not None else None
+        counts, prompt_seen = (rest.pop(0), rest.pop(0)) if self.counts is not None else (None, None)
+        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p, penalties, counts, prompt_seen)
 
     @property
     def graph_key(self) -> tuple:
         return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor),
-                isinstance(self.min_p, torch.Tensor), self.max_top_k)
+                isinstance(self.min_p, torch.Tensor), self.max_top_k, self.penalties is not None)
+
+    # -------------------------------------------------------------- penalties' history
+    def with_history(self, vocab_size: int) -> "RowSampling":
+        """With penalties, this sampling with an empty history for each row (`start_history` fills a
+        row's); without, itself."""
+        if self.penalties is None:
+            return self
+        rows, device = self.seeds.shape[0], self.seeds.device
+        return replace(self, counts=torch.zeros(rows, vocab_size, dtype=torch.int32, device=device),
+                       prompt_seen=torch.zeros(rows, vocab_size, dtype=torch.bool, device=device))
+
+    def start_history(self, row: int, prompt: Sequence[int]) -> None:
+        """Row `row` starts a sequence with this prompt: nothing generated, the prompt's tokens seen."""
+        if self.counts is None:
+            return
+        self.counts[row].zero_()
+        self.prompt_seen[row].zero_()
+        self.prompt_seen[row, torch.tensor(list(prompt), dtype=torch.long, device=self.seeds.device)] = True
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """The first R rows generated `tokens`: (R,) or (R, W) int64 on the device, -1 for none (a
+        finished row's count no longer matters: `start_history` resets it). No host sync."""
+        if self.counts is None:
+            return
+        tokens = tokens.reshape(tokens.shape[0], -1)
+        self.counts[:tokens.shape[0]].scatter_add_(1, tokens.clamp(min=0), (tokens >= 0).to(torch.int32))
+
+    def token_penalties(self) -> Optional[TokenPenalties]:
+        """The kernels' penalties for these rows (`linear_sample`), or None without penalties."""
+        if self.penalties is None:
+            return None
+        return TokenPenalties(self.counts, self.prompt_seen, self.penalties[:, 0], self.penalties[:, 1],
+                              self.penalties[:, 2])
 
 
 def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
@@ -91,8 +140,10 @@ def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:
 
 
 def per_prompt(value, n: int, name: str) -> list:
-    """temperature, top_p, top_k or min_p for each of n prompts (`per_prompt_values`), each checked by
-    `check_sampling_args`', `check_top_k`'s or `check_min_p`'s rule: floats, or ints for top_k."""
+    """temperature, top_p, top_k, min_p or a penalty (repetition_penalty, presence_penalty,
+    frequency_penalty) for each of n prompts (`per_prompt_values`), each checked by
+    `check_sampling_args`', `check_top_k`'s, `check_min_p`'s or `check_penalties`' rule: floats, or
+    ints for top_k."""
     values, labels = per_prompt_values(value, n, name)
     labels = [f"{label}: " if label != name else "" for label in labels]
     if name == "top_k":
@@ -102,6 +153,10 @@ def per_prompt(value, n: int, name: str) -> list:
     for v, label in zip(values, labels):
         if name == "min_p":
             check_min_p(v, label)
+        elif name == "repetition_penalty":
+            check_penalties(v, 0.0, 0.0, label)
+        elif name in ("presence_penalty", "frequency_penalty"):
+            check_penalties(1.0, *((v, 0.0) if name == "presence_penalty" else (0.0, v)), label)
         elif name == "temperature":
             check_sampling_args(v, 1.0, label)
             if v > FLOAT32_MAX:   # the rows' temperatures are float32 on the device

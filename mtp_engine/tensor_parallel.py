@@ -193,6 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--max-gen-len", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -219,7 +222,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer.check_vocab(model.vocab_size)
         llama = Llama(model, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
         results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        min_p=args.min_p, max_gen_len=args.max_gen_len)
+                                        min_p=args.min_p, max_gen_len=args.max_gen_len,
+                                        repetition_penalty=args.repetition_penalty,
+                                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
         if env.is_main:
             for prompt, result in zip(args.prompt, results):
                 print(prompt)

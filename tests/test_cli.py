@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from mtp_engine import ModelArgs, Transformer
+from mtp_engine import Llama, ModelArgs, Transformer
 from mtp_engine.cli import main
 
 
@@ -77,6 +77,19 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     assert capsys.readouterr().out.splitlines()[1] == want
     assert main(argv + ["--temperature", "5", "--min-p", "1"]) == 0   # the most likely token alone
     assert capsys.readouterr().out.splitlines()[1] == want
+    assert main(greedy + ["--repetition-penalty", "1", "--presence-penalty", "0"]) == 0   # no penalty
+    assert capsys.readouterr().out.splitlines()[1] == want
+    # below 1 the repetition penalty favours the prompt's tokens (and those generated): a real change
+    penalties = ["--repetition-penalty", "0.05", "--presence-penalty", "0.5", "--frequency-penalty", "2"]
+    assert main(greedy + ["--max-gen-len", "40"] + penalties) == 0
+    penalized = capsys.readouterr().out.splitlines()[1]
+    assert main(greedy + ["--max-gen-len", "40"]) == 0
+    assert penalized != capsys.readouterr().out.splitlines()[1]
+    llama = Llama.build(str(ckpt), str(ckpt.parent / "tokenizer.model"), max_seq_len=16, max_batch_size=1,
+                        device="cpu")
+    want = llama.text_completion(["x = "], temperature=0.0, max_gen_len=40, repetition_penalty=0.05,
+                                 presence_penalty=0.5, frequency_penalty=2)[0]["generation"]
+    assert penalized == f"> {want}"
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -88,6 +101,8 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--seed", "99999999999999999999999"], "seed"),
     (["--temperature", "1", "--top-k", "-2"], "top_k must be an int >= 0 (0 = no cut), got -2"),
     (["--temperature", "1", "--min-p", "2"], "min_p must be a number in [0, 1] (0 = no cut), got 2.0"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0 (1 = none) within float32's range, got 0.0"),
+    (["--presence-penalty", "nan"], "presence_penalty must be a number (0 = none)"),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):

@@ -208,7 +208,8 @@ def test_llama_text_completion_takes_more_prompts_than_its_batch(tmp_path):
 def test_gpu_graphed_queue_equals_eager(mode):
     """On CUDA in bf16 with the Triton kernels: 6 prompts through 2 rows, graphed (the step graphs
     captured for the first prompts replayed for the next, their sampling copied into the rows) and
-    eager, greedy and sampled with per-row top_p, top_k and min_p: the same tokens."""
+    eager, greedy and sampled with per-row top_p, top_k and min_p, and with penalties (each row's
+    history a graph input): the same tokens."""
     model, _ = drafting_model(heads=3, seed=6, attention_heads=2)
     model = model.to("cuda", torch.bfloat16)
     rng = random.Random(8)
@@ -217,7 +218,10 @@ def test_gpu_graphed_queue_equals_eager(mode):
     graphed = Generator(model, max_batch_size=2, max_seq_len=64, cuda_graphs=True)
     for kwargs in (dict(max_gen_len=[4, 20, 7, 12, 2, 9]),
                    dict(max_gen_len=16, temperature=[0.0, 1.1, 0.8, 1.5, 0.0, 1.0], top_p=[1.0, 0.9, 1.0, 1.0, 1.0, 0.8],
-                        top_k=[0, 0, 3, 5, 0, 0], min_p=[0.0, 0.0, 0.1, 0.0, 0.3, 0.05], seed=list(range(6)))):
+                        top_k=[0, 0, 3, 5, 0, 0], min_p=[0.0, 0.0, 0.1, 0.0, 0.3, 0.05], seed=list(range(6))),
+                   dict(max_gen_len=16, temperature=[0.0, 1.1, 0.0, 0.9, 1.2, 0.0], seed=list(range(6)),
+                        repetition_penalty=[1.3, 1.0, 0.8, 1.5, 1.0, 2.0], presence_penalty=[0.0, 0.5, 0.0, 0.0, 0.3, 0.0],
+                        frequency_penalty=[0.2, 0.0, 0.0, 0.4, 0.0, 0.0])):
         want = eager.generate(prompts, speculative=mode, **kwargs)
         for _ in range(2):   # captured, then replayed
             assert graphed.generate(prompts, speculative=mode, **kwargs).tokens == want.tokens

@@ -1,0 +1,124 @@
+"""Repetition, presence and frequency penalties on float32 logits, before temperature and the cuts.
+
+The rules are vLLM's (and, for repetition, Hugging Face's `RepetitionPenaltyLogitsProcessor`, after
+CTRL, Keskar et al. 2019), applied in vLLM's order:
+
+  repetition r   a token seen in the prompt or the generated text: logit / r if the logit is > 0,
+                 logit * r otherwise (r > 1 discourages repeats, r < 1 encourages them, 1 is off);
+  frequency f    logit - f * count, count = times the token was generated (not the prompt);
+  presence p     logit - p * (count > 0).
+
+The history is the sequence's: `counts` (S, V) of generated tokens and `prompt_seen` (S, V), one
+row per sequence, and the rows to score map to sequences by `row_seq`. A tree-verification row (a
+node of a speculative token tree) also has the drafts on its path, tokens generated before it
+that are not yet in `counts`: `path` lists them per row, so a node is scored against exactly the
+history plain decoding would have at its position (and speculative decoding stays lossless).
+
+No Triton kernel: the penalties need a row's whole logits, which only the logits path of
+`linear_sample` writes (float32, a chunk of rows at a time); these torch ops run on those chunks on
+every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .backend import finite_number
+
+
+@dataclass
+class TokenPenalties:
+    """Penalties for R rows scored against S sequences' histories (shapes below; all on the rows'
+    device).
+
+    counts: (S, V) integer, times sequence s generated token v so far; prompt_seen: (S, V) bool, v in
+    s's prompt; repetition (> 0), presence and frequency: (S,) floating (`check_penalties`), one per sequence
+    (1, 0, 0: no penalty). row_seq: (R,) int64, the sequence of each row, or None (row r is sequence
+    r, R = S). path: (R, L) int64, for each row up to L generated tokens that `counts` does not hold
+    yet (a tree node's drafts from the root's child down to the node itself), -1 for none; or None."""
+    counts: torch.Tensor
+    prompt_seen: torch.Tensor
+    repetition: torch.Tensor
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    row_seq: torch.Tensor | None = None
+    path: torch.Tensor | None = None
+
+    def for_nodes(self, paths: torch.Tensor) -> "TokenPenalties":
+        """Rows (b, t) of a (B, T) token tree, row b * T + t, over these B sequences: paths (B, T, L)
+        int64, node (b, t)'s drafts below the root (-1 for none)."""
+        B, T, L = paths.shape
+        row_seq = torch.arange(B, device=paths.device).repeat_interleave(T)
+        return replace(self, row_seq=row_seq, path=paths.reshape(B * T, L))
+
+    def apply(self, logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """logits: (r, V) float32 of rows[`rows`] (a chunk of the R rows). Returns the penalized
+        logits, a new (r, V) float32 tensor."""
+        seq = (torch.arange(self.counts.shape[0], device=logits.device)[rows] if self.row_seq is None
+               else self.row_seq[rows])
+        counts = self.counts[seq].float()                                   # (r, V)
+        if self.path is not None:
+            path = self.path[rows]
+            counts.scatter_add_(1, path.clamp(min=0), (path >= 0).float())
+        generated = counts > 0
+        seen = self.prompt_seen[seq] | generated
+        repetition = self.repetition[seq].float()[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        return (logits - self.frequency[seq].float()[:, None] * counts
+                - self.presence[seq].float()[:, None] * generated.float())
+
+    def check(self, R: int, V: int, device: torch.device, name: str) -> None:
+        """ValueError naming the problem unless the fields fit R rows of a V-token vocabulary on
+        `device`. Values (penalties, row_seq, path) are read where they are on the CPU; on a GPU they
+        are the caller's to check (reading them back would sync every step)."""
+        S = self.counts.shape[0] if isinstance(self.counts, torch.Tensor) and self.counts.dim() == 2 else None
+        want = {"counts": ((S, V), "integer"), "prompt_seen": ((S, V), "bool"),
+                "repetition": ((S,), "floating"), "presence": ((S,), "floating"), "frequency": ((S,), "floating"),
+                "row_seq": ((R,), "int64"), "path": ((R, None), "int64")}
+        for field, (shape, kind) in want.items():
+            t = getattr(self, field)
+            if t is None and field in ("row_seq", "path"):
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name}: penalties.{field} must be a tensor, got {type(t).__name__}")
+            ok_kind = {"integer": not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool,
+                       "bool": t.dtype == torch.bool, "floating": t.dtype.is_floating_point,
+                       "int64": t.dtype == torch.int64}[kind]
+            ok_shape = t.dim() == len(shape) and all(w is None or w == n for w, n in zip(shape, t.shape))
+            if not (ok_kind and ok_shape):
+                dims = ", ".join("L" if w is None else str(w) for w in shape)
+                raise ValueError(f"{name}: penalties.{field} must be {kind} of shape ({dims}{',' if len(shape) == 1 else ''}), "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"{name}: penalties.{field} is on {t.device} but hidden is on {device}")
+        if self.row_seq is None and S != R:
+            raise ValueError(f"{name}: penalties hold {S} sequence(s) for {R} row(s): give row_seq, the sequence of each row")
+        if device.type != "cpu":
+            return
+        for s, (r, p, f) in enumerate(zip(self.repetition.tolist(), self.presence.tolist(), self.frequency.tolist())):
+            check_penalties(r, p, f, f"{name}: sequence {s}: ")
+        if self.row_seq is not None and R and not bool(((self.row_seq >= 0) & (self.row_seq < S)).all()):
+            raise ValueError(f"{name}: penalties.row_seq must hold sequence indices in [0, {S})")
+        if self.path is not None and self.path.numel() and not bool(((self.path >= -1) & (self.path < V)).all()):
+            raise ValueError(f"{name}: penalties.path must hold token ids in [0, {V}) or -1")
+
+
+def check_penalties(repetition, presence, frequency, prefix: str = "") -> None:
+    """ValueError (message after `prefix`) unless repetition is a number > 0 and presence and
+    frequency numbers, all within float32's range (the logits' dtype; repetition at least its
+    smallest normal value), the generator's and linear_sample's rule."""
+    if not finite_number(repetition) or not _FLOAT32.tiny <= repetition <= _FLOAT32.max:
+        raise ValueError(f"{prefix}repetition_penalty must be a number > 0 (1 = none) within float32's range, "
+                         f"got {repetition!r}")
+    for label, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not finite_number(value) or not abs(value) <= _FLOAT32.max:
+            raise ValueError(f"{prefix}{label} must be a number (0 = none) within float32's range, got {value!r}")
+
+
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def neutral(repetition, presence, frequency) -> bool:
+    """True when these values penalize nothing."""
+    return repetition == 1.0 and presence == 0.0 and frequency == 0.0

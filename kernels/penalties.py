@@ -16,7 +16,7 @@ history plain decoding would have at its position (and speculative decoding stay
 
 No Triton kernel: the penalties need a row's whole logits, which only the logits path of
 `linear_sample` writes (float32, a chunk of rows at a time); these torch ops run on those chunks on
-every device.
+every device, in place.
 """
 from __future__ import annotations
 
@@ -52,9 +52,13 @@ class TokenPenalties:
         row_seq = torch.arange(B, device=paths.device).repeat_interleave(T)
         return replace(self, row_seq=row_seq, path=paths.reshape(B * T, L))
 
-    def apply(self, logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """logits: (r, V) float32 of rows[`rows`] (a chunk of the R rows). Returns the penalized
-        logits, a new (r, V) float32 tensor."""
+    def apply_(self, logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Penalizes logits (r, V) float32, the logits of rows[`rows`] (a chunk of the R rows), in
+        place, and returns them. Besides them it holds (r, V) float32 counts and one more float32
+        temporary at a time (and (r, V) bool masks): about three times the chunk."""
+        if logits.dim() != 2 or logits.shape[1] != self.counts.shape[1] or logits.dtype != torch.float32:
+            raise ValueError(f"TokenPenalties.apply_: logits must be float32 (rows, {self.counts.shape[1]}) (the "
+                             f"counts' vocabulary), got {logits.dtype} {tuple(logits.shape)}")
         seq = (torch.arange(self.counts.shape[0], device=logits.device)[rows] if self.row_seq is None
                else self.row_seq[rows])
         counts = self.counts[seq].float()                                   # (r, V)
@@ -62,16 +66,21 @@ class TokenPenalties:
             path = self.path[rows]
             counts.scatter_add_(1, path.clamp(min=0), (path >= 0).float())
         generated = counts > 0
-        seen = self.prompt_seen[seq] | generated
+        seen = self.prompt_seen[seq]
+        seen |= generated
+        positive = logits > 0
         repetition = self.repetition[seq].float()[:, None]
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-        return (logits - self.frequency[seq].float()[:, None] * counts
-                - self.presence[seq].float()[:, None] * generated.float())
+        # Each where writes back into logits: one (r, V) temporary at a time.
+        torch.where(seen & positive, logits / repetition, logits, out=logits)
+        torch.where(seen & ~positive, logits * repetition, logits, out=logits)
+        counts.mul_(self.frequency[seq].float()[:, None])
+        counts.add_(generated * self.presence[seq].float()[:, None])
+        return logits.sub_(counts)
 
     def check(self, R: int, V: int, device: torch.device, name: str) -> None:
         """ValueError naming the problem unless the fields fit R rows of a V-token vocabulary on
-        `device`. Values (penalties, row_seq, path) are read where they are on the CPU; on a GPU they
-        are the caller's to check (reading them back would sync every step)."""
+        `device`. Values (penalties, counts, row_seq, path) are read where they are on the CPU; on a
+        GPU they are the caller's to check (reading them back would sync every step)."""
         S = self.counts.shape[0] if isinstance(self.counts, torch.Tensor) and self.counts.dim() == 2 else None
         want = {"counts": ((S, V), "integer"), "prompt_seen": ((S, V), "bool"),
                 "repetition": ((S,), "floating"), "presence": ((S,), "floating"), "frequency": ((S,), "floating"),
@@ -87,7 +96,8 @@ class TokenPenalties:
                        "int64": t.dtype == torch.int64}[kind]
             ok_shape = t.dim() == len(shape) and all(w is None or w == n for w, n in zip(shape, t.shape))
             if not (ok_kind and ok_shape):
-                dims = ", ".join("L" if w is None else str(w) for w in shape)
+                unknown = "L" if field == "path" else "S"   # any length; S: the sequences counts holds
+                dims = ", ".join(unknown if w is None else str(w) for w in shape)
                 raise ValueError(f"{name}: penalties.{field} must be {kind} of shape ({dims}{',' if len(shape) == 1 else ''}), "
                                  f"got {t.dtype} {tuple(t.shape)}")
             if t.device != device:
@@ -98,6 +108,8 @@ class TokenPenalties:
             return
         for s, (r, p, f) in enumerate(zip(self.repetition.tolist(), self.presence.tolist(), self.frequency.tolist())):
             check_penalties(r, p, f, f"{name}: sequence {s}: ")
+        if self.counts.numel() and int(self.counts.min()) < 0:
+            raise ValueError(f"{name}: penalties.counts must be >= 0 (times each token was generated)")
         if self.row_seq is not None and R and not bool(((self.row_seq >= 0) & (self.row_seq < S)).all()):
             raise ValueError(f"{name}: penalties.row_seq must hold sequence indices in [0, {S})")
         if self.path is not None and self.path.numel() and not bool(((self.path >= -1) & (self.path < V)).all()):

@@ -574,7 +574,7 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
         if penalties is not None:
-            logits = penalties.apply(logits, rows)
+            logits = penalties.apply_(logits, rows)
         tokens[rows] = sample_logits(logits, row_values(temperature, rows), row_values(top_p, rows), seeds[rows],
                                      offsets[rows], row_values(top_k, rows), max_top_k, row_values(min_p, rows))
     return tokens

@@ -548,7 +548,7 @@ def _sample_filtered_triton(hidden, weight, temperature, top_p, top_k, max_top_k
         rows = slice(start, start + rows_per_chunk)
         logits = linear_logits_triton(hidden[rows], weight)
         if penalties is not None:
-            logits = penalties.apply(logits, rows)
+            logits = penalties.apply_(logits, rows)
         tokens[rows] = reference.sample_logits(logits, reference.row_values(temperature, rows),
                                                reference.row_values(top_p, rows), seeds[rows], offsets[rows],
                                                reference.row_values(top_k, rows), max_top_k,

@@ -768,20 +768,14 @@ class Generator:
     def _choose(self, hidden0: torch.Tensor, sampling: Optional[RowSampling], positions: torch.Tensor,
                 node_paths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Head 0's token at every node, (R, T) int64, from its normed hidden (R, T, D): the verifier's
-        own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's temperature,
-        top_p, top_k and min_p, keyed by its seed and positions (R, T), the positions of the tokens
-        drawn). No logits written for it without a nucleus or cut (with one, float32 logits for chunks
-        of rows: `linear_sample`),
-        and plain and speculative decoding choose from the same float32 scores, so a
-        bf16 near-tie cannot split their greedy tokens nor rounding their sampling distributions.
-        With penalties, node_paths (R, T, L): each node's drafts below the root (`tree_paths`), or
-        None for T = 1."""
-        weight = self.model.output.weight
-        if sampling is None:
-            return verify_tokens(hidden0, weight, 0.0, 1.0)
-        return verify_tokens(hidden0, weight, sampling.temperature, sampling.top_p, sampling.seeds, positions,
-                             top_k=sampling.top_k, max_top_k=sampling.max_top_k, min_p=sampling.min_p,
-                             penalties=sampling.token_penalties(), node_paths=node_paths)
+        own selection (`verify_tokens`: linear_argmax, or linear_sample with each row's sampling,
+        keyed by its seed and positions (R, T), the positions of the tokens drawn; with penalties,
+        node_paths (R, T, L) each node's drafts below the root, `tree_paths`, or None for T = 1).
+        No logits written for it without a nucleus, cut or penalty (with one, float32 logits for
+        chunks of rows: `linear_sample`), and plain and speculative decoding choose from the same
+        float32 scores, so a bf16 near-tie cannot split their greedy tokens nor rounding their
+        sampling distributions."""
+        return verify_tokens(hidden0, self.model.output.weight, sampling, positions, node_paths)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of normed hidden (..., D), accumulated in float32 as the selection
@@ -841,7 +835,7 @@ class Generator:
 
         inputs = (root, drafts, cache_seqlens, live_mask)
         if sampling is not None and sampling.penalties is not None:
-            tree.draft_path_mask   # built here, eagerly, not inside a capture
+            tree.draft_path_nodes   # built here, eagerly, not inside a capture
         key = ("verify", T, heads, top_k, tree.packed_mask.words.data_ptr(), self.shared_unembed)
         if sampling is not None:
             key, inputs = key + sampling.graph_key, inputs + sampling.tensors()

@@ -77,13 +77,16 @@ class RowSampling:
         """This sampling's layout (which of top_p, top_k, min_p and penalties are per row, and whether
         it has a history) over other tensors: inside a step, its inputs. A CUDA graph's padding rows
         hold zeros: temperature 0 makes them greedy, top_k and min_p 0 cut nothing, their top_p 0 is
-        raised to the smallest valid one (keep the most likely token), and with no history they have
-        seen no token, so no penalty applies."""
+        raised to the smallest valid one (keep the most likely token), their repetition penalty 0 to
+        1, and with no history they have seen no token, so no penalty applies."""
         rest = list(tensors[2:])
         top_p = rest.pop(0).clamp(min=torch.finfo(torch.float32).tiny) if isinstance(self.top_p, torch.Tensor) else 1.0
         top_k = rest.pop(0) if isinstance(self.top_k, torch.Tensor) else 0
         min_p = rest.pop(0) if isinstance(self.min_p, torch.Tensor) else 0.0
-        penalties = rest.pop(0) if self.penalties is not None else None
+        penalties = None
+        if self.penalties is not None:   # padding rows' zeros: repetition 1, no penalty
+            penalties = rest.pop(0)
+            penalties = torch.cat([torch.where(penalties[:, :1] > 0, penalties[:, :1], 1.0), penalties[:, 1:]], dim=1)
         counts, prompt_seen = (rest.pop(0), rest.pop(0)) if self.counts is not None else (None, None)
         return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p, penalties, counts, prompt_seen)
 

@@ -39,8 +39,9 @@ import torch
 from mtp_kernels import (TokenCandidates, linear_argmax, linear_candidates, linear_sample, linear_topk, reference,
                          tree_accept_tokens, use_triton)
 from mtp_kernels.kv_cache_attention import PackedTreeMask, pack_tree_mask
-from mtp_kernels.penalties import TokenPenalties
 from mtp_kernels.skinny_linear import skinny_linear
+
+from .sampling import RowSampling
 
 Path = Tuple[int, ...]
 TreeSpec = Union[str, Sequence[Sequence[int]]]
@@ -435,14 +436,20 @@ class TokenTree:
         return self._derived["packed"]
 
     @property
-    def draft_path_mask(self) -> torch.Tensor:
-        """(T, T) bool: node i's path below the root holds node j (tree_mask without the root's
-        column), once per tree and device (`tree_paths`)."""
+    def draft_path_nodes(self) -> torch.Tensor:
+        """(T, max_depth) int64: the nodes on node t's path below the root, from depth 1 down to t
+        itself, -1 after them; once per tree and device (`tree_paths`)."""
         if "draft_path" not in self._derived:
+            parents = self.parents.tolist()
+            nodes = torch.full((self.size, self.max_depth), -1, dtype=torch.int64)
+            for t in range(1, self.size):
+                path, node = [], t
+                while node > 0:
+                    path.append(node)
+                    node = parents[node]
+                nodes[t, :len(path)] = torch.tensor(path[::-1])
             with torch.inference_mode(False):
-                mask = self.tree_mask.clone()
-                mask[:, 0] = False
-                self._derived["draft_path"] = mask
+                self._derived["draft_path"] = nodes.to(self.device)
         return self._derived["draft_path"]
 
     def on(self, device) -> "TokenTree":
@@ -548,28 +555,36 @@ def build_candidates(root: torch.Tensor, drafts: torch.Tensor, tree: TokenTree) 
 
 
 def tree_paths(candidates: torch.Tensor, tree: TokenTree) -> torch.Tensor:
-    """candidates (B, T) int64 -> (B, T, T) int64: node t's drafts on its path below the root (the
-    candidates of its ancestors but the root, and its own), in node order, -1 elsewhere. With
-    penalties, the tokens a node's history holds beyond what its sequence has generated."""
-    return torch.where(tree.draft_path_mask[None], candidates[:, None, :], -1)
+    """candidates (B, T) int64 -> (B, T, max_depth) int64: node t's drafts on its path below the root
+    (the candidates of its ancestors but the root, and its own), from depth 1 down, -1 after them.
+    With penalties, the tokens a node's history holds beyond what its sequence has generated."""
+    nodes = tree.draft_path_nodes
+    return torch.where(nodes >= 0, candidates[:, nodes.clamp(min=0)], -1)
 
 
-def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature, top_p,
-                  seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
-                  top_k=0, max_top_k: Optional[int] = None, min_p=0.0,
-                  penalties: Optional[TokenPenalties] = None, node_paths: Optional[torch.Tensor] = None) -> torch.Tensor:
+def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, sampling: Optional[RowSampling] = None,
+                  positions: Optional[torch.Tensor] = None, node_paths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """hidden0: (B, T, D) head-0 normed hidden at every node. Returns (B, T) int64: head 0's argmax
-    (temperature 0) or one draw per node from softmax(logits / temperature) within the top_k and
-    min_p cuts and the top-p nucleus, node (b, t)'s with noise keyed by seeds[b] and positions[b, t]
-    (`linear_sample`): seeds (B,) and positions (B, T), the position of the token the node draws,
-    int64 or int32. temperature, top_p, top_k and min_p: numbers, or (B,) tensors, one per sequence (a
-    sequence at temperature 0 picks greedily); max_top_k: `linear_sample`'s. Sampling without seeds
-    draws from torch's global RNG. penalties: None, or the B sequences' `TokenPenalties`, with
-    node_paths (B, T, L) each node's drafts below the root (`tree_paths`; None when T = 1): node
-    (b, t) is penalized against sequence b's history plus its path."""
+    (sampling None), or by the B sequences' `RowSampling` one draw per node from softmax(logits /
+    temperature) within its top_k and min_p cuts and top-p nucleus (a sequence at temperature 0 picks
+    greedily), node (b, t)'s noise keyed by seeds[b] and positions[b, t] (`linear_sample`), positions
+    (B, T) int64 or int32 the position of the token the node draws. With the sampling's penalties,
+    node (b, t) is penalized against sequence b's history plus the drafts on its path, node_paths
+    (B, T, L) (`tree_paths`; None when T = 1)."""
     B, T, D = hidden0.shape
     rows = hidden0.reshape(B * T, D)
-    if penalties is not None and node_paths is not None:
+    if sampling is None:
+        if node_paths is not None:
+            raise ValueError("verify_tokens: node_paths go with penalties (the drafts a node's history holds)")
+        return linear_argmax(rows, weight).view(B, T)
+    penalties = sampling.token_penalties()
+    if node_paths is not None:
+        if penalties is None:
+            raise ValueError("verify_tokens: node_paths go with penalties (the drafts a node's history holds)")
+        if not isinstance(node_paths, torch.Tensor) or node_paths.dim() != 3 or node_paths.shape[:2] != (B, T) \
+                or node_paths.dtype != torch.int64:
+            got = f"{node_paths.dtype} {tuple(node_paths.shape)}" if isinstance(node_paths, torch.Tensor) else type(node_paths).__name__
+            raise ValueError(f"verify_tokens: node_paths must be int64 of shape ({B}, {T}, L) (tree_paths), got {got}")
         penalties = penalties.for_nodes(node_paths)
     elif penalties is not None and T > 1:
         raise ValueError(f"verify_tokens: penalties over a tree of {T} nodes need node_paths (tree_paths)")
@@ -577,17 +592,10 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, temperature, top_
     def per_node(value):   # a per-sequence tensor, repeated for each of its nodes
         return value[:, None].expand(B, T).reshape(B * T) if isinstance(value, torch.Tensor) else value
 
-    if not isinstance(temperature, torch.Tensor) and temperature == 0 and penalties is None:
-        tokens = linear_argmax(rows, weight)
-    elif seeds is None:
-        tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p),
-                               top_k=per_node(top_k), max_top_k=max_top_k, min_p=per_node(min_p),
-                               penalties=penalties)
-    else:
-        tokens = linear_sample(rows, weight, temperature=per_node(temperature), top_p=per_node(top_p),
-                               top_k=per_node(top_k), max_top_k=max_top_k, min_p=per_node(min_p),
-                               penalties=penalties, seeds=per_node(seeds),
-                               offsets=positions.expand(B, T).reshape(B * T).long())
+    tokens = linear_sample(rows, weight, temperature=per_node(sampling.temperature), top_p=per_node(sampling.top_p),
+                           top_k=per_node(sampling.top_k), max_top_k=sampling.max_top_k,
+                           min_p=per_node(sampling.min_p), penalties=penalties, seeds=per_node(sampling.seeds),
+                           offsets=positions.expand(B, T).reshape(B * T).long())
     return tokens.view(B, T)
 
 

@@ -60,13 +60,13 @@ def test_penalties_follow_the_rule_in_float64(R):
     pen, rows = random_penalties(rng, S, V, R, seen_by_row0=(0, 1, 2))
     logits = torch.randn(S if R is None else R, V) * 3
     logits[0, :3] = torch.tensor([0.0, float("-inf"), 50.0])   # zero, -inf and a large logit stay what the rule says
-    got = pen.apply(logits)
+    got = pen.apply_(logits.clone())
     for r, (history, prompt, rep, pres, freq) in enumerate(rows):
         want = penalized_loop(logits[r], history, prompt, rep, pres, freq)
         torch.testing.assert_close(got[r].double(), want, rtol=1e-6, atol=1e-5, msg=f"row {r}")
     assert got[0, 1] == float("-inf") and got[0, 0] <= 0
     # a chunk of rows reads its own rows' sequences and paths
-    torch.testing.assert_close(pen.apply(logits[2:5], slice(2, 5)), got[2:5])
+    torch.testing.assert_close(pen.apply_(logits[2:5].clone(), slice(2, 5)), got[2:5])
 
 
 def test_neutral_penalties_change_nothing():
@@ -74,7 +74,7 @@ def test_neutral_penalties_change_nothing():
     pen = TokenPenalties(torch.randint(0, 4, (3, V), dtype=torch.int32), torch.rand(3, V) < 0.5,
                          torch.ones(3), torch.zeros(3), torch.zeros(3))
     logits = torch.randn(3, V)
-    assert torch.equal(pen.apply(logits), logits)
+    assert torch.equal(pen.apply_(logits.clone()), logits)
 
 
 # ------------------------------------------------------------------------------ linear_sample
@@ -92,7 +92,7 @@ def test_greedy_with_penalties_is_the_penalized_argmax(R, V, rows_mapped):
     pen, _ = random_penalties(rng, 3 if rows_mapped else R, V, R if rows_mapped else None)
     logits = reference._float32_logits(hidden, weight)
     got = linear_sample(hidden, weight, temperature=0.0, penalties=pen)
-    assert torch.equal(got, pen.apply(logits).argmax(-1))
+    assert torch.equal(got, pen.apply_(logits.clone()).argmax(-1))
     assert not torch.equal(got, logits.argmax(-1))   # the penalties changed some token
     # a greedy row among sampled ones picks the same
     temperature = torch.tensor([0.0] + [1.0] * (R - 1))
@@ -112,7 +112,7 @@ def test_sampled_with_penalties_draws_from_the_penalized_logits():
     for top_p, top_k, min_p in ((1.0, 0, 0.0), (0.9, 0, 0.0), (1.0, 5, 0.05)):
         got = linear_sample(hidden, weight, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             seeds=seeds, offsets=offsets, penalties=pen)
-        want = reference.sample_logits(pen.apply(reference._float32_logits(hidden, weight)), temperature, top_p,
+        want = reference.sample_logits(pen.apply_(reference._float32_logits(hidden, weight)), temperature, top_p,
                                        seeds, offsets, top_k, None, min_p)
         assert torch.equal(got, want), (top_p, top_k, min_p)
 
@@ -151,6 +151,8 @@ def test_triton_path_equals_the_reference_with_penalties(triton_backend, monkeyp
     (dict(path=torch.tensor([[37]] * 5)), r"penalties.path must hold token ids in \[0, 37\) or -1"),
     (dict(path=torch.zeros(5, dtype=torch.int64)), r"penalties.path must be int64 of shape \(5, L\)"),
     (dict(counts=None), r"penalties.counts must be a tensor, got NoneType"),
+    (dict(counts=torch.zeros(37, dtype=torch.int32)), r"penalties.counts must be integer of shape \(S, 37\)"),
+    (dict(counts=torch.full((3, 37), -1, dtype=torch.int32)), r"penalties.counts must be >= 0"),
 ])
 def test_bad_penalties_are_named(change, match):
     V = 37
@@ -162,6 +164,45 @@ def test_bad_penalties_are_named(change, match):
         linear_sample(hidden, weight, temperature=1.0, penalties=TokenPenalties(**{**fields, **change}))
     with pytest.raises(ValueError, match="penalties must be a TokenPenalties or None, got dict"):
         linear_sample(hidden, weight, temperature=1.0, penalties=fields)
+
+
+def test_bad_logits_and_node_paths_are_named():
+    from mtp_engine.sampling import RowSampling
+    from mtp_engine.speculative import verify_tokens
+    V = 37
+    pen = TokenPenalties(torch.zeros(2, V, dtype=torch.int32), torch.zeros(2, V, dtype=torch.bool), torch.ones(2),
+                         torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"logits must be float32 \(rows, 37\) \(the counts' vocabulary\), got "
+                                         r"torch.float32 \(2, 36\)"):
+        pen.apply_(torch.zeros(2, 36))
+    hidden, weight = _problem(2 * 3, 8, V, seed=1)
+    hidden, positions = hidden.view(2, 3, 8), torch.arange(3).expand(2, 3)
+    penalized = RowSampling(torch.zeros(2, dtype=torch.int64), torch.ones(2), 1.0,
+                            penalties=torch.tensor([[1.5, 0.0, 0.0]] * 2)).with_history(V)
+    with pytest.raises(ValueError, match=r"node_paths must be int64 of shape \(2, 3, L\) \(tree_paths\), got "
+                                         r"torch.int64 \(2, 4, 2\)"):
+        verify_tokens(hidden, weight, penalized, positions, node_paths=torch.full((2, 4, 2), -1))
+    for sampling in (None, RowSampling(torch.zeros(2, dtype=torch.int64), torch.ones(2), 1.0)):
+        with pytest.raises(ValueError, match="node_paths go with penalties"):
+            verify_tokens(hidden, weight, sampling, positions, node_paths=torch.full((2, 3, 2), -1))
+    with pytest.raises(ValueError, match="penalties over a tree of 3 nodes need node_paths"):
+        verify_tokens(hidden, weight, penalized, positions)
+
+
+def test_tree_paths_hold_each_nodes_drafts_below_the_root():
+    from mtp_engine.speculative import TokenTree, tree_paths
+    tree = TokenTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], heads=4)
+    candidates = torch.tensor([[100, 101, 102, 103, 104, 105, 106], [200, 201, 202, 203, 204, 205, 206]])
+    paths = tree_paths(candidates, tree)
+    assert paths.shape == (2, 7, 3)
+    parents = tree.parents.tolist()
+    for b in range(2):
+        for t in range(7):
+            want, node = [], t
+            while node > 0:
+                want.insert(0, int(candidates[b, node]))
+                node = parents[node]
+            assert paths[b, t].tolist() == want + [-1] * (3 - len(want))
 
 
 def test_check_penalties_rule():
@@ -346,6 +387,13 @@ def test_graphed_steps_with_penalties_equal_eager(model4, monkeypatch, mode):
     assert all(key[-1] is True for key in graphed._graphs._graphs)   # penalized keys
     assert graphed.generate(PROMPTS, **other).tokens == want_other.tokens
     assert len(graphed._graphs._graphs) == captured   # replayed with the new values
+    # 3 rows in a graph of 4: the padding row's zeros are no penalty (repetition 0 would be refused)
+    three = {key: value[:3] if isinstance(value, list) else value for key, value in kwargs.items()}
+    want = Generator(model4, max_batch_size=4, max_seq_len=48, cuda_graphs=False).generate(PROMPTS[:3], **three)
+    padded = Generator(model4, max_batch_size=4, max_seq_len=48, cuda_graphs=False)
+    monkeypatch.setattr(padded, "_use_cuda_graphs", lambda: True)
+    assert padded.generate(PROMPTS[:3], **three).tokens == want.tokens
+    assert 4 in {key[0] for key in padded._graphs._graphs}   # the bucket of 3 rows: one padding row
 
 
 @pytest.mark.gpu
@@ -359,7 +407,7 @@ def test_gpu_bf16_penalties_draw_from_the_penalized_logits():
     pen, _ = random_penalties(rng, 4, V, R, L=5, device="cuda")
     seeds, offsets = torch.arange(R, device="cuda") + 9, torch.arange(R, device="cuda") * 3
     temperature = torch.tensor([0.0, 0.7, 1.0, 1.3] * 3, device="cuda")
-    penalized = pen.apply(linear_logits(hidden, weight))
+    penalized = pen.apply_(linear_logits(hidden, weight))
     assert torch.equal(linear_sample(hidden, weight, temperature=0.0, penalties=pen), penalized.argmax(-1))
     got = linear_sample(hidden, weight, temperature=temperature, top_k=40, seeds=seeds, offsets=offsets, penalties=pen)
     assert torch.equal(got, reference.sample_logits(penalized, temperature, 1.0, seeds, offsets, 40))

@@ -178,7 +178,7 @@ def test_one_read_verify_and_drafts_equal_the_two_read_ones(request, use_kernel,
     hidden = torch.randint(-2, 3, (B, T, heads, 24), generator=g).float()
     weight = torch.randint(-1, 2, (101, 24), generator=g).float()
     verifier, scored = spec.verify_and_score(hidden, weight, top_k)
-    assert torch.equal(verifier, spec.verify_tokens(hidden[:, :, 0], weight, 0.0, 1.0))
+    assert torch.equal(verifier, spec.verify_tokens(hidden[:, :, 0], weight))
     last_node = torch.randint(0, T, (B,), generator=g)
     drafts = spec.drafts_from_scores(scored, last_node, T, heads, top_k)
     want = spec.draft_tokens(hidden[torch.arange(B), last_node, 1:], weight, top_k)

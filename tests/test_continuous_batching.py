@@ -11,7 +11,7 @@ import torch
 from mtp_engine.generate import Generator, Llama
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_speculative import VOCAB, _ReplayByRerun, drafting_model  # noqa: E402
+from test_speculative import VOCAB, drafting_model, emulate_cuda_graphs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -162,22 +162,10 @@ def test_prompt_log_probs_of_prompts_with_nothing_to_generate(model):
 
 @pytest.mark.parametrize("mode", [None, "tree"])
 def test_graphed_steps_take_the_refilled_rows_sampling(model, monkeypatch, mode):
-    """The CUDA-graph path emulated on the CPU (test_speculative's _ReplayByRerun): a row's sampling
+    """The CUDA-graph path emulated on the CPU (test_speculative's emulate_cuda_graphs): a row's sampling
     values are step inputs that a refill overwrites in place, so the graphs captured for the first
     prompts serve the next ones with their own temperature, top_p, top_k, min_p and seed."""
-    from mtp_engine.generate import CUDAGraphSteps
-
-    def record(self, run, load, device):
-        load()
-        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
-        return graph, graph.outputs
-
-    def replay_ms(graph, load):
-        load()
-        graph.replay()
-        return 1.0
-    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
-    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
+    emulate_cuda_graphs(monkeypatch)
     rng = random.Random(7)
     prompts = _prompts(rng, 6)
     kwargs = dict(max_gen_len=[3, 9, 2, 7, 5, 4], temperature=[0.0, 1.1, 0.8, 1.5, 0.0, 1.0],

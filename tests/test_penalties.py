@@ -11,8 +11,8 @@ from mtp_engine.generate import Generator
 from mtp_kernels import TokenPenalties, linear_sample, reference
 from mtp_kernels.penalties import check_penalties
 
-from test_speculative import (SAMPLE_VOCAB, chi_square_pvalue, drafting_model, exact_two_token_probs,
-                              make_sampling_model, sampled_pairs)
+from test_speculative import (SAMPLE_VOCAB, chi_square_pvalue, drafting_model, emulate_cuda_graphs,
+                              exact_two_token_probs, make_sampling_model, sampled_pairs)
 
 
 def penalized_loop(logits, history, prompt, repetition, presence, frequency):
@@ -359,20 +359,7 @@ def test_graphed_steps_with_penalties_equal_eager(model4, monkeypatch, mode):
     """The CUDA-graph path emulated on the CPU: the rows' histories are step inputs (loaded before
     every replay), so graphs captured for the first prompts serve refilled rows with their own
     history and penalties; one graph per step for any penalty values."""
-    from mtp_engine.generate import CUDAGraphSteps
-    from test_speculative import _ReplayByRerun
-
-    def record(self, run, load, device):
-        load()
-        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
-        return graph, graph.outputs
-
-    def replay_ms(graph, load):
-        load()
-        graph.replay()
-        return 1.0
-    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
-    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
+    emulate_cuda_graphs(monkeypatch)
     kwargs = dict(max_gen_len=[6, 12, 4, 9, 7], temperature=[0.0, 1.1, 0.0, 0.8, 1.0], seed=list(range(5)), eos_id=-1,
                   speculative=mode, **PENALTIES)
     other = {**kwargs, "repetition_penalty": 1.7, "presence_penalty": [0.0, 0.9, 0.1, 0.0, 0.3]}

@@ -756,6 +756,26 @@ def test_cli_complete_speculative_prints_stats(tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+def emulate_cuda_graphs(monkeypatch) -> None:
+    """CUDAGraphSteps on the CPU: a capture runs the step once from the loaded inputs and keeps its
+    outputs (`_ReplayByRerun`), a replay re-runs it into them, and every variant times alike (a tie
+    keeps the first listed)."""
+    from mtp_engine.generate import CUDAGraphSteps
+
+    def record(self, run, load, device):
+        load()
+        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
+        return graph, graph.outputs
+
+    def replay_ms(graph, load):
+        load()
+        graph.replay()
+        return 1.0
+
+    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
+    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
+
+
 class _ReplayByRerun:
     """Stands in for a CUDA graph on the CPU: replay re-runs the captured step and writes its
     results into the outputs captured first, as a graph replay rewrites its output buffers."""
@@ -1015,20 +1035,7 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
     """A sampled step draws noise keyed by device tensors (the prompts' seeds, the tokens' positions),
     so it is one graph per step as a greedy one is, plain and verify, nucleus or not; so is a step
     that computes the emitted tokens' log-probs. Draws and log-probs equal the eager run's."""
-    from mtp_engine.generate import CUDAGraphSteps
-
-    def record(self, run, load, device):
-        load()
-        graph = _ReplayByRerun(run, tuple(out.clone() for out in run()))
-        return graph, graph.outputs
-
-    def replay_ms(graph, load):   # a tie: the first listed (heads in order) is kept
-        load()
-        graph.replay()
-        return 1.0
-
-    monkeypatch.setattr(CUDAGraphSteps, "_record", record)
-    monkeypatch.setattr(CUDAGraphSteps, "_replay_ms", staticmethod(replay_ms))
+    emulate_cuda_graphs(monkeypatch)
     prompts = [[5, 9, 11, 4, 7, 8, 2], [1, 2, 3]]
     eager = Generator(model4, max_batch_size=2, max_seq_len=40, cuda_graphs=False)
 

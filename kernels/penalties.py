@@ -49,7 +49,7 @@ class TokenPenalties:
         """Rows (b, t) of a (B, T) token tree, row b * T + t, over these B sequences: paths (B, T, L)
         int64, node (b, t)'s drafts below the root (-1 for none)."""
         B, T, L = paths.shape
-        row_seq = torch.arange(B, device=paths.device).repeat_interleave(T)
+        row_seq = torch.arange(B * T, device=paths.device) // T   # (repeat_interleave may sync: not in a capture)
         return replace(self, row_seq=row_seq, path=paths.reshape(B * T, L))
 
     def apply_(self, logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Repetition, presence and frequency penalties on float32 logits, before temperature and the cuts.
+"""Logit bias and repetition, presence and frequency penalties on float32 logits, before temperature
+and the cuts.
 
 The rules are vLLM's (and, for repetition, Hugging Face's `RepetitionPenaltyLogitsProcessor`, after
-CTRL, Keskar et al. 2019), applied in vLLM's order:
+CTRL, Keskar et al. 2019; the bias is OpenAI's logit_bias), applied in vLLM's order:
 
+  bias b_v       logit + b_v, a fixed number per sequence and token (0 for most);
   repetition r   a token seen in the prompt or the generated text: logit / r if the logit is > 0,
                  logit * r otherwise (r > 1 discourages repeats, r < 1 encourages them, 1 is off);
   frequency f    logit - f * count, count = times the token was generated (not the prompt);
@@ -24,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .backend import finite_number
+from .backend import finite_number, integer
 
 
 @dataclass
@@ -36,7 +38,8 @@ class TokenPenalties:
     s's prompt; repetition (> 0), presence and frequency: (S,) floating (`check_penalties`), one per sequence
     (1, 0, 0: no penalty). row_seq: (R,) int64, the sequence of each row, or None (row r is sequence
     r, R = S). path: (R, L) int64, for each row up to L generated tokens that `counts` does not hold
-    yet (a tree node's drafts from the root's child down to the node itself), -1 for none; or None."""
+    yet (a tree node's drafts from the root's child down to the node itself), -1 for none; or None.
+    bias: (S, V) floating, finite, added to each sequence's logits first (its logit_bias), or None."""
     counts: torch.Tensor
     prompt_seen: torch.Tensor
     repetition: torch.Tensor
@@ -44,6 +47,7 @@ class TokenPenalties:
     frequency: torch.Tensor
     row_seq: torch.Tensor | None = None
     path: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def for_nodes(self, paths: torch.Tensor) -> "TokenPenalties":
         """Rows (b, t) of a (B, T) token tree, row b * T + t, over these B sequences: paths (B, T, L)
@@ -61,6 +65,8 @@ class TokenPenalties:
                              f"counts' vocabulary), got {logits.dtype} {tuple(logits.shape)}")
         seq = (torch.arange(self.counts.shape[0], device=logits.device)[rows] if self.row_seq is None
                else self.row_seq[rows])
+        if self.bias is not None:
+            logits.add_(self.bias[seq])
         counts = self.counts[seq].float()                                   # (r, V)
         if self.path is not None:
             path = self.path[rows]
@@ -84,10 +90,10 @@ class TokenPenalties:
         S = self.counts.shape[0] if isinstance(self.counts, torch.Tensor) and self.counts.dim() == 2 else None
         want = {"counts": ((S, V), "integer"), "prompt_seen": ((S, V), "bool"),
                 "repetition": ((S,), "floating"), "presence": ((S,), "floating"), "frequency": ((S,), "floating"),
-                "row_seq": ((R,), "int64"), "path": ((R, None), "int64")}
+                "row_seq": ((R,), "int64"), "path": ((R, None), "int64"), "bias": ((S, V), "floating")}
         for field, (shape, kind) in want.items():
             t = getattr(self, field)
-            if t is None and field in ("row_seq", "path"):
+            if t is None and field in ("row_seq", "path", "bias"):
                 continue
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name}: penalties.{field} must be a tensor, got {type(t).__name__}")
@@ -108,6 +114,8 @@ class TokenPenalties:
             return
         for s, (r, p, f) in enumerate(zip(self.repetition.tolist(), self.presence.tolist(), self.frequency.tolist())):
             check_penalties(r, p, f, f"{name}: sequence {s}: ")
+        if self.bias is not None and not bool(self.bias.isfinite().all()):
+            raise ValueError(f"{name}: penalties.bias must be finite")
         if self.counts.numel() and int(self.counts.min()) < 0:
             raise ValueError(f"{name}: penalties.counts must be >= 0 (times each token was generated)")
         if self.row_seq is not None and R and not bool(((self.row_seq >= 0) & (self.row_seq < S)).all()):
@@ -129,6 +137,24 @@ def check_penalties(repetition, presence, frequency, prefix: str = "") -> None:
 
 
 _FLOAT32 = torch.finfo(torch.float32)
+
+
+def check_logit_bias(logit_bias, vocab_size: int, prefix: str = "") -> dict:
+    """logit_bias as {token id: bias} with int ids in [0, vocab_size) and finite float32 biases (the
+    generator's rule; None or {} is no bias). Returns it as a dict of Python ints and floats;
+    ValueError (message after `prefix`) naming the bad id or value."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"{prefix}logit_bias must be a dict {{token id: bias}} or None, got {type(logit_bias).__name__}")
+    checked = {}
+    for token, bias in logit_bias.items():
+        if not integer(token) or not 0 <= token < vocab_size:
+            raise ValueError(f"{prefix}logit_bias: token id {token!r} is not an int in [0, {vocab_size})")
+        if not finite_number(bias) or not abs(bias) <= _FLOAT32.max:
+            raise ValueError(f"{prefix}logit_bias: the bias of token {token} must be a finite number, got {bias!r}")
+        checked[int(token)] = float(bias)
+    return checked
 
 
 def neutral(repetition, presence, frequency) -> bool:

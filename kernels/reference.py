@@ -562,7 +562,7 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     """hidden: (R, D); weight: (V, D) same dtype; temperature, top_p, top_k and min_p each a number
     or (R,) per row; seeds and offsets (R,) int64; penalties: a `penalties.TokenPenalties` for the R
     rows, or None. Returns (R,) int64, one draw per row from softmax(penalized logits / temperature)
-    (float32 logits; `TokenPenalties.apply`) restricted to the top_k highest and the min-p cut, then
+    (float32 logits; `TokenPenalties.apply_`) restricted to the top_k highest and the min-p cut, then
     to the top-p nucleus (`sample_logits`); a temperature of 0 picks the argmax (all rows without
     penalties: linear_argmax). The Triton kernel's noise (no nucleus nor cut) and its logits (a
     nucleus, a cut, penalties, or values per row) with the same seeds and offsets: the same tokens up

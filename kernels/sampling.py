@@ -35,8 +35,9 @@ in torch ops, bit for bit.
 
 top_p < 1 and a top_k cut need the sorted distribution of a whole row; that path writes float32
 logits for a chunk of rows at a time with the same tile code and samples the nucleus in torch
-(`reference.sample_logits`, the same keyed noise). So do repetition, presence and frequency
-penalties (penalties.py), which change a row's logits by its sequence's history before the draw.
+(`reference.sample_logits`, the same keyed noise). So do a logit bias and repetition, presence and
+frequency penalties (penalties.py), which change a row's logits by its sequence's history before
+the draw.
 """
 from __future__ import annotations
 

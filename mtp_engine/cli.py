@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="subtract this from the logit of a token the completion holds (default 0: none)")
     complete.add_argument("--frequency-penalty", type=float, default=0.0,
                           help="subtract this from a token's logit per time the completion holds it (default 0: none)")
+    complete.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=None,
+                          help="add BIAS to token ID's logit, greedy too (-100 bans it in practice); repeat for "
+                               "more tokens")
     complete.add_argument("--max-gen-len", type=int, default=64, help="most new tokens per prompt (default 64)")
     complete.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length: prompt + new tokens (default 512)")
     complete.add_argument("--max-batch-size", type=int, default=None, help="KV-cache batch (default: number of prompts)")
@@ -155,7 +158,8 @@ def run_complete(args: argparse.Namespace) -> int:
     results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
                                     tree=tree, on_tokens=on_tokens, stop=stop, repetition_penalty=args.repetition_penalty,
-                                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                    logit_bias=_logit_bias(args.logit_bias))
     if args.stream:
         print("\n")
     for prompt, result in zip(args.prompt, [] if args.stream else results):
@@ -168,6 +172,21 @@ def run_complete(args: argparse.Namespace) -> int:
         print(f"[note] {full} of {len(args.prompt)} sequence(s) stopped at --max-seq-len {args.max_seq_len} "
               f"(prompt + generated tokens) before --max-gen-len {args.max_gen_len}")
     return 0
+
+
+def _logit_bias(pairs) -> dict | None:
+    """--logit-bias's ID=BIAS pairs as generate's {id: bias} (the ids and values are checked there);
+    ValueError naming a pair that is not an int, '=' and a number."""
+    if pairs is None:
+        return None
+    bias = {}
+    for pair in pairs:
+        token, _, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID=BIAS (an int token id, a number), got {pair!r}") from None
+    return bias
 
 
 def _unescape(text: str) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from mtp_kernels import compact_kv_cache, dependent_launch, linear_logits
 from mtp_kernels.launch_tuner import TritonError
-from mtp_kernels.penalties import neutral as neutral_penalties
+from mtp_kernels.penalties import check_logit_bias, neutral as neutral_penalties
 
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
@@ -279,7 +279,7 @@ class Generator:
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None,
                  top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0) -> GenerationResult:
+                 frequency_penalty=0.0, logit_bias=None) -> GenerationResult:
         """Continue every prompt; prompts may differ in length, and there may be more of them than
         max_batch_size: the shortest max_batch_size start in the cache rows, and a row whose sequence
         is done (finished or cancelled) takes the next waiting prompt, shortest first (continuous
@@ -288,8 +288,8 @@ class Generator:
         step it starts in.
 
         prompt_tokens: list of token-id lists. Each of max_gen_len, temperature, top_p, top_k, min_p,
-        the three penalties, seed and eos_id takes one value for every prompt or a list with one per
-        prompt, so a batch may mix
+        the three penalties, logit_bias, seed and eos_id takes one value for every prompt or a list
+        with one per prompt, so a batch may mix
         requests (greedy and sampled ones among them: a step runs them all at once, and its CUDA
         graph serves any values).
         max_gen_len: most new tokens, clipped per prompt to the room left in the cache (max_seq_len -
@@ -347,7 +347,10 @@ class Generator:
         token counts on the device ((rows, V) int32 and a (rows, V) bool mask of its prompt). Greedy
         and seeded speculative decoding still equal plain decoding: a tree node is scored against the
         history plain decoding has at its position (the accepted tokens plus the drafts on its path).
-        Log-probs stay the model's own (no penalty, no temperature).
+        logit_bias: None or {token id: bias} (OpenAI's and vLLM's), finite numbers added to those
+        tokens' logits before the penalties, greedy prompts too (-100 bans a token in practice, a
+        large positive bias forces it); with one, the rows also keep a (rows, V) float32 bias.
+        Log-probs stay the model's own (no penalty, no bias, no temperature).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
         per prompt. Its tokens end with the one that completed the string (a speculative step's later
@@ -376,6 +379,8 @@ class Generator:
         penalty_values = list(zip(per_prompt(repetition_penalty, len(prompts), "repetition_penalty"),
                                   per_prompt(presence_penalty, len(prompts), "presence_penalty"),
                                   per_prompt(frequency_penalty, len(prompts), "frequency_penalty")))
+        biases = [check_logit_bias(bias, self.model.vocab_size, f"{label}: " if label != "logit_bias" else "")
+                  for bias, label in zip(*per_prompt_values(logit_bias, len(prompts), "logit_bias"))]
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
         # long generation ends first, are the last ones, which then leave the forward. Results come
@@ -400,7 +405,7 @@ class Generator:
             seqs.append(seq)
 
         sampled = any(t > 0 for t in temperatures)
-        penalized = not all(neutral_penalties(*v) for v in penalty_values)
+        penalized = not all(neutral_penalties(*v) for v in penalty_values) or any(biases)
         seeds = None   # greedy draws nothing (and leaves torch's RNG alone); a seed is still checked
         if sampled or seed is not None:
             seeds = sequence_seeds(seed, len(prompts))
@@ -425,7 +430,8 @@ class Generator:
                 0.0 if not any(min_ps) else torch.tensor([min_ps[b] for b in order], dtype=torch.float32,
                                                          device=self.device),
                 torch.tensor([penalty_values[b] for b in order], dtype=torch.float32,
-                             device=self.device) if penalized else None)
+                             device=self.device) if penalized else None,
+                biases=[biases[b] or None for b in order] if any(biases) else None)
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
@@ -1281,10 +1287,11 @@ class Llama:
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
                  speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None,
-                 stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
+                 stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                 logit_bias=None):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree, on_tokens, stop, top_k, min_p and the three penalties (keyword-only,
-        not in the release): as in Generator.generate (on_tokens gets the generated tokens only, echo
+        speculative, heads, tree, on_tokens, stop, top_k, min_p, the three penalties and logit_bias
+        (keyword-only, not in the release): as in Generator.generate (on_tokens gets the generated tokens only, echo
         or not).
         Two differences: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos; only generated tokens stop at eos), and more
@@ -1294,7 +1301,7 @@ class Llama:
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
                                       tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k, min_p=min_p,
                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                      frequency_penalty=frequency_penalty)
+                                      frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -1308,10 +1315,10 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
                         speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
                         on_tokens=None, stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                        frequency_penalty=0.0) -> List[dict]:
+                        frequency_penalty=0.0, logit_bias=None) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
         speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k, min_p, the
-        three penalties and on_tokens too
+        three penalties, logit_bias and on_tokens too
         (token ids as they come: `tokenizer.TextStream` turns them into text pieces), and stop (the
         generation then ends before the stop string; "tokens" end with the one that completed it)."""
         if isinstance(prompts, str):
@@ -1322,7 +1329,8 @@ class Llama:
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                                     speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop,
                                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                    logit_bias=logit_bias)
         generations = [self.tokenizer.decode(t) for t in tokens]
         res = self.last_result
         for b, reason in enumerate(res.finish_reasons):

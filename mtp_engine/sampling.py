@@ -31,9 +31,10 @@ class RowSampling:
     values (`linear_sample`'s), or None. penalties: None, or (B, 3) float32, each row's repetition,
     presence and frequency penalties (kernels/penalties.py; the logits path too), with the rows'
     history beside them once `with_history` made it: counts (B, V) int32 of the tokens each row
-    generated, prompt_seen (B, V) bool of its prompt's tokens. The tensors are a step's inputs, so one
-    CUDA graph serves any values of one layout (which of top_p, top_k, min_p and penalties are
-    tensors, and max_top_k: `graph_key`)."""
+    generated, prompt_seen (B, V) bool of its prompt's tokens, and where biases (a host list, each
+    row's logit_bias dict or None) is given, logit_bias (B, V) float32. The tensors are a step's
+    inputs, so one CUDA graph serves any values of one layout (which of top_p, top_k, min_p,
+    penalties and logit_bias are tensors, and max_top_k: `graph_key`)."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
@@ -43,6 +44,8 @@ class RowSampling:
     penalties: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
     prompt_seen: Optional[torch.Tensor] = None
+    logit_bias: Optional[torch.Tensor] = None
+    biases: Optional[list] = None
 
     def head(self, rows: int) -> "RowSampling":
         """The first `rows` rows' (the rows a step runs): views."""
@@ -56,13 +59,18 @@ class RowSampling:
         """A copy holding these rows' values, in this order (the rows a generate call starts with, or
         one prompt's); no history."""
         index = torch.tensor(list(indices), dtype=torch.long, device=self.seeds.device)
-        return replace(self, counts=None, prompt_seen=None).from_tensors(tuple(t[index] for t in self._values()))
+        picked = replace(self, counts=None, prompt_seen=None, logit_bias=None)
+        picked = picked.from_tensors(tuple(t[index] for t in self._values()))
+        picked.biases = None if self.biases is None else [self.biases[i] for i in indices]
+        return picked
 
     def set_row(self, row: int, source: "RowSampling", index: int) -> None:
         """Row `row` takes source's row `index` (a waiting prompt moving into a free cache row): device
         copies, no host sync. Its history is `start_history`'s to reset."""
         for mine, theirs in zip(self._values(), source._values()):
             mine[row] = theirs[index]
+        if self.biases is not None:
+            self.biases[row] = source.biases[index]
 
     def _values(self) -> tuple:
         """The per-row sampling values (tensors), without the history."""
@@ -71,7 +79,8 @@ class RowSampling:
 
     def tensors(self) -> tuple:
         """The per-row tensors, as a CUDA-graph step takes them (`from_tensors` undoes it)."""
-        return self._values() + (() if self.counts is None else (self.counts, self.prompt_seen))
+        history = () if self.counts is None else (self.counts, self.prompt_seen)
+        return self._values() + history + (() if self.logit_bias is None else (self.logit_bias,))
 
     def from_tensors(self, tensors: tuple) -> "RowSampling":
         """This sampling's layout (which of top_p, top_k, min_p and penalties are per row, and whether
@@ -88,30 +97,42 @@ class RowSampling:
             penalties = rest.pop(0)
             penalties = torch.cat([torch.where(penalties[:, :1] > 0, penalties[:, :1], 1.0), penalties[:, 1:]], dim=1)
         counts, prompt_seen = (rest.pop(0), rest.pop(0)) if self.counts is not None else (None, None)
-        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p, penalties, counts, prompt_seen)
+        logit_bias = rest.pop(0) if self.logit_bias is not None else None
+        return RowSampling(tensors[0], tensors[1], top_p, top_k, self.max_top_k, min_p, penalties, counts, prompt_seen,
+                           logit_bias)
 
     @property
     def graph_key(self) -> tuple:
         return ("sampled", isinstance(self.top_p, torch.Tensor), isinstance(self.top_k, torch.Tensor),
-                isinstance(self.min_p, torch.Tensor), self.max_top_k, self.penalties is not None)
+                isinstance(self.min_p, torch.Tensor), self.max_top_k, self.penalties is not None,
+                self.logit_bias is not None)
 
     # -------------------------------------------------------------- penalties' history
     def with_history(self, vocab_size: int) -> "RowSampling":
         """With penalties, this sampling with an empty history for each row (`start_history` fills a
-        row's); without, itself."""
+        row's), and with biases a zero logit bias; without, itself."""
         if self.penalties is None:
             return self
         rows, device = self.seeds.shape[0], self.seeds.device
         return replace(self, counts=torch.zeros(rows, vocab_size, dtype=torch.int32, device=device),
-                       prompt_seen=torch.zeros(rows, vocab_size, dtype=torch.bool, device=device))
+                       prompt_seen=torch.zeros(rows, vocab_size, dtype=torch.bool, device=device),
+                       logit_bias=None if self.biases is None else torch.zeros(rows, vocab_size, device=device))
 
     def start_history(self, row: int, prompt: Sequence[int]) -> None:
-        """Row `row` starts a sequence with this prompt: nothing generated, the prompt's tokens seen."""
+        """Row `row` starts a sequence with this prompt: nothing generated, the prompt's tokens seen,
+        and its logit bias (`biases[row]`) in place."""
         if self.counts is None:
             return
+        device = self.seeds.device
         self.counts[row].zero_()
         self.prompt_seen[row].zero_()
-        self.prompt_seen[row, torch.tensor(list(prompt), dtype=torch.long, device=self.seeds.device)] = True
+        self.prompt_seen[row, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+        if self.logit_bias is not None:
+            self.logit_bias[row].zero_()
+            bias = self.biases[row] or {}
+            if bias:
+                self.logit_bias[row, torch.tensor(list(bias), dtype=torch.long, device=device)] = torch.tensor(
+                    list(bias.values()), dtype=torch.float32, device=device)
 
     def count(self, tokens: torch.Tensor) -> None:
         """The first R rows generated `tokens`: (R,) or (R, W) int64 on the device, -1 for none (a
@@ -126,7 +147,7 @@ class RowSampling:
         if self.penalties is None:
             return None
         return TokenPenalties(self.counts, self.prompt_seen, self.penalties[:, 0], self.penalties[:, 1],
-                              self.penalties[:, 2])
+                              self.penalties[:, 2], bias=self.logit_bias)
 
 
 def per_prompt_values(value, n: int, name: str) -> Tuple[list, list]:

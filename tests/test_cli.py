@@ -72,7 +72,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     assert capsys.readouterr().out.splitlines()[1] == first  # same seed, same sample
     greedy = argv[:argv.index("--temperature")]
     assert main(greedy) == 0
-    want = capsys.readouterr().out.splitlines()[1]
+    want = greedy_text = capsys.readouterr().out.splitlines()[1]
     assert main(argv + ["--temperature", "5", "--top-k", "1"]) == 0   # a cut to one token is greedy
     assert capsys.readouterr().out.splitlines()[1] == want
     assert main(argv + ["--temperature", "5", "--min-p", "1"]) == 0   # the most likely token alone
@@ -90,6 +90,11 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     want = llama.text_completion(["x = "], temperature=0.0, max_gen_len=40, repetition_penalty=0.05,
                                  presence_penalty=0.5, frequency_penalty=2)[0]["generation"]
     assert penalized == f"> {want}"
+    first = llama.generate([llama.tokenizer.encode("x = ", bos=True, eos=False)], 1, temperature=0.0)[0][0][0]
+    assert main(greedy + ["--logit-bias", f"{first}=-100"]) == 0   # the greedy first token banned
+    banned = capsys.readouterr().out.splitlines()[1]
+    want = llama.text_completion(["x = "], temperature=0.0, max_gen_len=5, logit_bias={first: -100})[0]["generation"]
+    assert banned == f"> {want}" and banned != greedy_text
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -103,6 +108,8 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--temperature", "1", "--min-p", "2"], "min_p must be a number in [0, 1] (0 = no cut), got 2.0"),
     (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0 (1 = none) within float32's range, got 0.0"),
     (["--presence-penalty", "nan"], "presence_penalty must be a number (0 = none)"),
+    (["--logit-bias", "5:1"], "--logit-bias takes ID=BIAS (an int token id, a number), got '5:1'"),
+    (["--logit-bias", "99999=1"], "logit_bias: token id 99999 is not an int in [0, "),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):

@@ -15,9 +15,12 @@ from test_speculative import (SAMPLE_VOCAB, chi_square_pvalue, drafting_model, e
                               exact_two_token_probs, make_sampling_model, sampled_pairs)
 
 
-def penalized_loop(logits, history, prompt, repetition, presence, frequency):
-    """One row's rule, token by token in float64: logits (V,), history the generated tokens."""
+def penalized_loop(logits, history, prompt, repetition, presence, frequency, bias=None):
+    """One row's rule, token by token in float64: logits (V,), history the generated tokens, bias a
+    {token: logit bias} dict (added first)."""
     out = logits.double().clone()
+    for v, b in (bias or {}).items():
+        out[v] += b
     for v in range(out.shape[0]):
         count = history.count(v)
         if v in prompt or count:
@@ -29,7 +32,7 @@ def penalized_loop(logits, history, prompt, repetition, presence, frequency):
 def random_penalties(rng, S, V, R=None, L=3, device="cpu", seen_by_row0=()):
     """TokenPenalties over S sequences (counts, prompts, values drawn), with R rows mapped onto them
     and paths of up to L drafts when R is given; row 0's sequence has the tokens seen_by_row0 in its
-    prompt. Returns (penalties, per-row (history, prompt, r, p, f))."""
+    prompt; a random sparse logit bias. Returns (penalties, per-row (history, prompt, r, p, f, bias))."""
     g = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     counts = torch.randint(0, 3, (S, V), generator=g, dtype=torch.int32) * (torch.rand(S, V, generator=g) < 0.3)
     prompt_seen = torch.rand(S, V, generator=g) < 0.2
@@ -40,15 +43,18 @@ def random_penalties(rng, S, V, R=None, L=3, device="cpu", seen_by_row0=()):
         row_seq = torch.tensor([rng.randrange(S) for _ in range(R)])
         path = torch.tensor([[rng.randrange(V) if rng.random() < 0.6 else -1 for _ in range(L)] for _ in range(R)])
     prompt_seen[0 if row_seq is None else int(row_seq[0]), list(seen_by_row0)] = True
+    bias = torch.randn(S, V, generator=g) * 2 * (torch.rand(S, V, generator=g) < 0.2)
     pen = TokenPenalties(counts.to(device), prompt_seen.to(device), *(values[:, i].contiguous().to(device) for i in range(3)),
-                         None if row_seq is None else row_seq.to(device), None if path is None else path.to(device))
+                         None if row_seq is None else row_seq.to(device), None if path is None else path.to(device),
+                         bias.to(device))
     rows = []
     for r in range(S if R is None else R):
         s = r if row_seq is None else int(row_seq[r])
         history = [v for v in range(V) for _ in range(int(counts[s, v]))]
         if path is not None:
             history += [t for t in path[r].tolist() if t >= 0]
-        rows.append((history, prompt_seen[s].nonzero()[:, 0].tolist(), *values[s].tolist()))
+        rows.append((history, prompt_seen[s].nonzero()[:, 0].tolist(), *values[s].tolist(),
+                     {v: float(bias[s, v]) for v in bias[s].nonzero()[:, 0].tolist()}))
     return pen, rows
 
 
@@ -61,8 +67,8 @@ def test_penalties_follow_the_rule_in_float64(R):
     logits = torch.randn(S if R is None else R, V) * 3
     logits[0, :3] = torch.tensor([0.0, float("-inf"), 50.0])   # zero, -inf and a large logit stay what the rule says
     got = pen.apply_(logits.clone())
-    for r, (history, prompt, rep, pres, freq) in enumerate(rows):
-        want = penalized_loop(logits[r], history, prompt, rep, pres, freq)
+    for r, (history, prompt, rep, pres, freq, bias) in enumerate(rows):
+        want = penalized_loop(logits[r], history, prompt, rep, pres, freq, bias)
         torch.testing.assert_close(got[r].double(), want, rtol=1e-6, atol=1e-5, msg=f"row {r}")
     assert got[0, 1] == float("-inf") and got[0, 0] <= 0
     # a chunk of rows reads its own rows' sequences and paths
@@ -153,6 +159,8 @@ def test_triton_path_equals_the_reference_with_penalties(triton_backend, monkeyp
     (dict(counts=None), r"penalties.counts must be a tensor, got NoneType"),
     (dict(counts=torch.zeros(37, dtype=torch.int32)), r"penalties.counts must be integer of shape \(S, 37\)"),
     (dict(counts=torch.full((3, 37), -1, dtype=torch.int32)), r"penalties.counts must be >= 0"),
+    (dict(bias=torch.zeros(3, 37, dtype=torch.int32)), r"penalties.bias must be floating of shape \(3, 37\)"),
+    (dict(bias=torch.full((3, 37), float("-inf"))), r"penalties.bias must be finite"),
 ])
 def test_bad_penalties_are_named(change, match):
     V = 37
@@ -216,15 +224,15 @@ def test_check_penalties_rule():
 
 
 # ------------------------------------------------------------------------------ the generator
-def naive_penalized(model, prompt, n, repetition=1.0, presence=0.0, frequency=0.0):
-    """Greedy continuation with penalties by full uncached forwards, the rule in float64."""
+def naive_penalized(model, prompt, n, repetition=1.0, presence=0.0, frequency=0.0, bias=None):
+    """Greedy continuation with penalties and logit bias by full uncached forwards, the rule in float64."""
     ref = copy.deepcopy(model)
     ref.clear_caches()
     seq, generated = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
             logits = ref.forward(torch.tensor([seq]))[0, -1, 0]
-            token = int(penalized_loop(logits, generated, prompt, repetition, presence, frequency).argmax())
+            token = int(penalized_loop(logits, generated, prompt, repetition, presence, frequency, bias).argmax())
             seq.append(token)
             generated.append(token)
     return generated
@@ -254,6 +262,57 @@ def test_greedy_with_penalties_equals_uncached_decoding(model4):
         want = naive_penalized(model4, prompt, 20, *(PENALTIES[k][i] for k in PENALTIES))
         assert got.tokens[i] == want, i
     assert got.tokens != gen.generate(PROMPTS, max_gen_len=20, eos_id=-1).tokens
+
+
+BIASES = [{20: -100.0, 25: -100.0}, None, {5: 50.0, 6: 2.5, 0: -1.0}, {}, {0: 50.0, 6: -3.0}]
+
+
+def test_greedy_with_logit_bias_equals_uncached_decoding(model4):
+    """Per-prompt logit biases (a dict, None or {} each) with and without penalties, through
+    continuous batching: a refilled row takes its own prompt's bias."""
+    gen = Generator(model4, max_batch_size=2, max_seq_len=64)
+    unbiased = gen.generate(PROMPTS, max_gen_len=16, eos_id=-1)
+    for penalties in (PENALTIES, {}):
+        got = gen.generate(PROMPTS, max_gen_len=16, eos_id=-1, logit_bias=BIASES, **penalties)
+        for i, prompt in enumerate(PROMPTS):
+            want = naive_penalized(model4, prompt, 16, *(penalties[k][i] for k in penalties), bias=BIASES[i])
+            assert got.tokens[i] == want, (i, penalties)
+    assert unbiased.tokens[0][:2] == [20, 25] and not {20, 25} & set(got.tokens[0])   # banned
+    assert got.tokens[1] == unbiased.tokens[1] and got.tokens[3] == unbiased.tokens[3]   # None, {}: no bias
+    assert got.tokens[2] != unbiased.tokens[2] and got.tokens[4] != unbiased.tokens[4]
+    one_for_all = gen.generate(PROMPTS, max_gen_len=16, eos_id=-1, logit_bias={20: -100.0, 25: -100.0})
+    assert one_for_all.tokens[0] == gen.generate(PROMPTS[:1], max_gen_len=16, eos_id=-1, logit_bias=BIASES[:1]).tokens[0]
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_speculative_with_logit_bias_equals_plain(model4, sampling_model, mode):
+    gen = Generator(model4, max_batch_size=3, max_seq_len=64)
+    plain = gen.generate(PROMPTS, max_gen_len=20, eos_id=-1, logit_bias=BIASES)
+    fast = gen.generate(PROMPTS, max_gen_len=20, eos_id=-1, logit_bias=BIASES, speculative=mode)
+    assert fast.tokens == plain.tokens and fast.stats["tokens_per_forward"] > 1.1
+    prompts = [[1, 5, 2], [3], [4, 4, 6, 1, 0, 7]]
+    gen = Generator(sampling_model, max_batch_size=2, max_seq_len=32)
+    kwargs = dict(max_gen_len=16, temperature=[1.0, 0.0, 1.3], seed=[3, 1, 4], eos_id=-1,
+                  logit_bias=[{2: 1.5, 7: -2.0}, {1: 2.0}, None], presence_penalty=[0.0, 0.0, 0.5])
+    plain = gen.generate(prompts, **kwargs)
+    assert gen.generate(prompts, speculative=mode, heads=3, **kwargs).tokens == plain.tokens
+    assert plain.tokens != gen.generate(prompts, **{**kwargs, "logit_bias": None}).tokens
+
+
+@pytest.mark.parametrize("logit_bias, match", [
+    ({32: 1.0}, r"logit_bias: token id 32 is not an int in \[0, 32\)"),
+    ({-1: 1.0}, r"logit_bias: token id -1 is not an int in \[0, 32\)"),
+    ({"5": 1.0}, r"logit_bias: token id '5' is not an int"),
+    ({5: float("inf")}, r"logit_bias: the bias of token 5 must be a finite number, got inf"),
+    ({5: "big"}, r"the bias of token 5 must be a finite number"),
+    ([{5: 1.0}, {5: float("nan")}], r"logit_bias\[1\]: logit_bias: the bias of token 5 must be a finite number"),
+    ([(5, 1.0), None], r"logit_bias\[0\]: logit_bias must be a dict \{token id: bias\} or None, got tuple"),
+    ([{5: 1.0}], r"logit_bias: a list needs one value per prompt, got 1 for 2"),
+])
+def test_bad_logit_bias(model4, logit_bias, match):
+    gen = Generator(model4, max_batch_size=2, max_seq_len=32)
+    with pytest.raises(ValueError, match=match):
+        gen.generate(PROMPTS[:2], max_gen_len=4, logit_bias=logit_bias)
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
@@ -361,8 +420,9 @@ def test_graphed_steps_with_penalties_equal_eager(model4, monkeypatch, mode):
     history and penalties; one graph per step for any penalty values."""
     emulate_cuda_graphs(monkeypatch)
     kwargs = dict(max_gen_len=[6, 12, 4, 9, 7], temperature=[0.0, 1.1, 0.0, 0.8, 1.0], seed=list(range(5)), eos_id=-1,
-                  speculative=mode, **PENALTIES)
-    other = {**kwargs, "repetition_penalty": 1.7, "presence_penalty": [0.0, 0.9, 0.1, 0.0, 0.3]}
+                  speculative=mode, logit_bias=BIASES, **PENALTIES)
+    other = {**kwargs, "repetition_penalty": 1.7, "presence_penalty": [0.0, 0.9, 0.1, 0.0, 0.3],
+             "logit_bias": [None, {3: 2.0}, {}, {7: -5.0}, {0: 1.0, 1: 1.0}]}
     # (the eager runs first: a second Generator on the model sets its caches up again, dropping graphs)
     eager = Generator(model4, max_batch_size=2, max_seq_len=48, cuda_graphs=False)
     want, want_other = eager.generate(PROMPTS, **kwargs), eager.generate(PROMPTS, **other)
@@ -371,7 +431,7 @@ def test_graphed_steps_with_penalties_equal_eager(model4, monkeypatch, mode):
     monkeypatch.setattr(graphed, "_use_cuda_graphs", lambda: True)
     assert graphed.generate(PROMPTS, **kwargs).tokens == want.tokens
     captured = len(graphed._graphs._graphs)
-    assert all(key[-1] is True for key in graphed._graphs._graphs)   # penalized keys
+    assert all(key[-2:] == (True, True) for key in graphed._graphs._graphs)   # penalties and a logit bias
     assert graphed.generate(PROMPTS, **other).tokens == want_other.tokens
     assert len(graphed._graphs._graphs) == captured   # replayed with the new values
     # 3 rows in a graph of 4: the padding row's zeros are no penalty (repetition 0 would be refused)

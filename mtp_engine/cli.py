@@ -159,7 +159,7 @@ def run_complete(args: argparse.Namespace) -> int:
                                     min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
                                     tree=tree, on_tokens=on_tokens, stop=stop, repetition_penalty=args.repetition_penalty,
                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                    logit_bias=_logit_bias(args.logit_bias))
+                                    logit_bias=logit_bias_argument(args.logit_bias))
     if args.stream:
         print("\n")
     for prompt, result in zip(args.prompt, [] if args.stream else results):
@@ -174,7 +174,7 @@ def run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logit_bias(pairs) -> dict | None:
+def logit_bias_argument(pairs) -> dict | None:
     """--logit-bias's ID=BIAS pairs as generate's {id: bias} (the ids and values are checked there);
     ValueError naming a pair that is not an int, '=' and a number."""
     if pairs is None:

@@ -180,6 +180,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
 def main(argv: Optional[List[str]] = None) -> int:
     """`torchrun --nproc_per_node N -m mtp_engine.tensor_parallel --ckpt-dir DIR --prompt TEXT ...`:
     `mtp complete` with the model split over N ranks; rank 0 prints."""
+    from .cli import logit_bias_argument
     from .distributed import cleanup, init_distributed
     from .generate import Llama, resolve_dtype
     from .tokenizer import Tokenizer, find_tokenizer
@@ -196,6 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=None)
     parser.add_argument("--max-gen-len", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -209,6 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in ("max_gen_len", "max_seq_len"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        logit_bias = logit_bias_argument(args.logit_bias)
         env = init_distributed(args.device)
     except (OSError, ValueError, NotImplementedError) as e:
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -224,7 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                         min_p=args.min_p, max_gen_len=args.max_gen_len,
                                         repetition_penalty=args.repetition_penalty,
-                                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                        logit_bias=logit_bias)
         if env.is_main:
             for prompt, result in zip(args.prompt, results):
                 print(prompt)

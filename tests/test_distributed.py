@@ -399,6 +399,7 @@ def test_tensor_parallel_command_errors_are_one_line(tmp_path, tp_checkpoints, c
     monkeypatch.delenv("WORLD_SIZE", raising=False)   # one process, no torchrun
     for args, match in ((["--ckpt-dir", str(tmp_path / "nope")], "checkpoint directory not found"),
                         (["--max-gen-len", "0"], "--max-gen-len must be >= 1, got 0"),
+                        (["--logit-bias", "x=1"], "--logit-bias takes ID=BIAS (an int token id, a number), got 'x=1'"),
                         ([], "no tokenizer.model in")):
         argv = ["--ckpt-dir", str(tp_checkpoints / "one_shard"), "--prompt", "x", "--device", "cpu"] + args
         assert main(argv) == 2

@@ -1057,10 +1057,11 @@ def test_graphed_sampling_and_logprobs_are_one_graph_per_step(model4, monkeypatc
     assert {key[0] for key in keys} == {"plain", "verify"}
     # One graph for any values: the Gumbel-max path and the nucleus path (top_p, top_k, min_p per row),
     # per step kind; the key says which of them are per-row tensors, and the top_k bound.
-    assert {key[-6:] for key in keys} == {("sampled", False, False, False, None, False),
-                                          ("sampled", True, False, False, None, False),
-                                          ("sampled", False, True, False, 4, False),   # 4: the largest top_k, a power of two
-                                          ("sampled", False, False, True, None, False)}
+    # (the last two: penalties, a logit bias)
+    assert {key[-7:] for key in keys} == {("sampled", False, False, False, None, False, False),
+                                          ("sampled", True, False, False, None, False, False),
+                                          ("sampled", False, True, False, 4, False, False),   # 4: the largest top_k, a power of two
+                                          ("sampled", False, False, True, None, False, False)}
     captured = len(sampled._graphs._graphs)
     other = dict(temperature=[1.3, 0.0], top_p=[0.7, 0.95], seed=[8, 9])   # a greedy row among them
     want = eager.generate(prompts, max_gen_len=12, speculative="tree", **other)
@@ -1097,13 +1098,13 @@ def test_cuda_graphs_do_not_change_results(mode):
     for sampled in (dict(temperature=0.9, top_p=0.95, seed=[1, 2, 3]),   # a whole sampled step per graph too
                     dict(temperature=1.3, top_k=[3, 0, 5], seed=[1, 2, 3]),
                     dict(temperature=[0.0, 1.1, 0.8], repetition_penalty=[1.5, 1.0, 0.7], frequency_penalty=0.4,
-                         seed=[1, 2, 3])):
+                         logit_bias=[{3: 2.0, 5: -100.0}, None, {7: 1.5}], seed=[1, 2, 3])):
         want_sampled = eager.generate(prompts, max_gen_len=24, speculative=mode, **sampled)
         for _ in range(2):
             assert graphed.generate(prompts, max_gen_len=24, speculative=mode, **sampled).tokens == want_sampled.tokens
-    for per_row in (("sampled", True, False, False, None, False), ("sampled", False, True, False, 8, False),
-                    ("sampled", False, False, False, None, True)):
-        assert any(key[2] in ("plain", "verify") and key[-6:] == per_row for key in graphed._graphs._graphs)
+    for per_row in (("sampled", True, False, False, None, False, False), ("sampled", False, True, False, 8, False, False),
+                    ("sampled", False, False, False, None, True, True)):
+        assert any(key[2] in ("plain", "verify") and key[-7:] == per_row for key in graphed._graphs._graphs)
     want_lp = eager.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)   # log-probs in the graph
     got_lp = graphed.generate(prompts, max_gen_len=24, speculative=mode, logprobs=True)
     assert got_lp.tokens == want_lp.tokens

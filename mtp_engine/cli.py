@@ -176,16 +176,19 @@ def run_complete(args: argparse.Namespace) -> int:
 
 def logit_bias_argument(pairs) -> dict | None:
     """--logit-bias's ID=BIAS pairs as generate's {id: bias} (the ids and values are checked there);
-    ValueError naming a pair that is not an int, '=' and a number."""
+    ValueError naming a pair that is not an int, '=' and a number, or a token given twice."""
     if pairs is None:
         return None
     bias = {}
     for pair in pairs:
         token, _, value = pair.partition("=")
         try:
-            bias[int(token)] = float(value)
+            token, value = int(token), float(value)
         except ValueError:
             raise ValueError(f"--logit-bias takes ID=BIAS (an int token id, a number), got {pair!r}") from None
+        if token in bias:
+            raise ValueError(f"--logit-bias gives token {token} twice")
+        bias[token] = value
     return bias
 
 

@@ -347,9 +347,10 @@ class Generator:
         token counts on the device ((rows, V) int32 and a (rows, V) bool mask of its prompt). Greedy
         and seeded speculative decoding still equal plain decoding: a tree node is scored against the
         history plain decoding has at its position (the accepted tokens plus the drafts on its path).
-        logit_bias: None or {token id: bias} (OpenAI's and vLLM's), finite numbers added to those
-        tokens' logits before the penalties, greedy prompts too (-100 bans a token in practice, a
-        large positive bias forces it); with one, the rows also keep a (rows, V) float32 bias.
+        logit_bias: None or {token id: bias} (OpenAI's and vLLM's), numbers added to those tokens'
+        logits before the penalties, greedy prompts too (-100 bans a token in practice, a large
+        positive bias forces it; any value within float32's range is taken, where OpenAI's API takes
+        [-100, 100] and vLLM's server clamps to it); with one, the rows keep a (rows, V) float32 bias.
         Log-probs stay the model's own (no penalty, no bias, no temperature).
         stop: strings that end a completion once its text holds one (finish "stop"; needs the
         tokenizer): a str or a list of them for every prompt, or a list with one such entry (or None)
@@ -379,7 +380,7 @@ class Generator:
         penalty_values = list(zip(per_prompt(repetition_penalty, len(prompts), "repetition_penalty"),
                                   per_prompt(presence_penalty, len(prompts), "presence_penalty"),
                                   per_prompt(frequency_penalty, len(prompts), "frequency_penalty")))
-        biases = [check_logit_bias(bias, self.model.vocab_size, f"{label}: " if label != "logit_bias" else "")
+        biases = [check_logit_bias(bias, self.model.vocab_size, label)
                   for bias, label in zip(*per_prompt_values(logit_bias, len(prompts), "logit_bias"))]
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
@@ -405,12 +406,12 @@ class Generator:
             seqs.append(seq)
 
         sampled = any(t > 0 for t in temperatures)
-        penalized = not all(neutral_penalties(*v) for v in penalty_values) or any(biases)
+        penalized = not all(neutral_penalties(*v) for v in penalty_values)
         seeds = None   # greedy draws nothing (and leaves torch's RNG alone); a seed is still checked
         if sampled or seed is not None:
             seeds = sequence_seeds(seed, len(prompts))
         sampling = None
-        if sampled or penalized:   # one value per row, rows in length order (greedy rows: temperature 0)
+        if sampled or penalized or any(biases):   # one value per row, rows in length order (greedy rows: temperature 0)
             # A greedy prompt's top_p plays no part (nor sends the batch down the nucleus path); a
             # top_p below float32's range keeps its meaning there (the most likely token alone).
             top_ps = [p if t > 0 else 1.0 for t, p in zip(temperatures, top_ps)]

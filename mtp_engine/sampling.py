@@ -31,10 +31,11 @@ class RowSampling:
     values (`linear_sample`'s), or None. penalties: None, or (B, 3) float32, each row's repetition,
     presence and frequency penalties (kernels/penalties.py; the logits path too), with the rows'
     history beside them once `with_history` made it: counts (B, V) int32 of the tokens each row
-    generated, prompt_seen (B, V) bool of its prompt's tokens, and where biases (a host list, each
-    row's logit_bias dict or None) is given, logit_bias (B, V) float32. The tensors are a step's
-    inputs, so one CUDA graph serves any values of one layout (which of top_p, top_k, min_p,
-    penalties and logit_bias are tensors, and max_top_k: `graph_key`)."""
+    generated, prompt_seen (B, V) bool of its prompt's tokens. biases: None, or a host list of each
+    row's logit_bias dict (or None), with logit_bias (B, V) float32 once `with_history` made it (the
+    logits path too). The tensors are a step's inputs, so one CUDA graph serves any values of one
+    layout (which of top_p, top_k, min_p, penalties and logit_bias are tensors, and max_top_k:
+    `graph_key`)."""
     seeds: torch.Tensor
     temperature: torch.Tensor
     top_p: Union[float, torch.Tensor]
@@ -109,24 +110,25 @@ class RowSampling:
 
     # -------------------------------------------------------------- penalties' history
     def with_history(self, vocab_size: int) -> "RowSampling":
-        """With penalties, this sampling with an empty history for each row (`start_history` fills a
-        row's), and with biases a zero logit bias; without, itself."""
-        if self.penalties is None:
-            return self
+        """This sampling with an empty history for each row (`start_history` fills a row's): with
+        penalties, no token generated nor seen; with biases, a zero logit bias."""
         rows, device = self.seeds.shape[0], self.seeds.device
-        return replace(self, counts=torch.zeros(rows, vocab_size, dtype=torch.int32, device=device),
-                       prompt_seen=torch.zeros(rows, vocab_size, dtype=torch.bool, device=device),
-                       logit_bias=None if self.biases is None else torch.zeros(rows, vocab_size, device=device))
+        history = replace(self)
+        if self.penalties is not None:
+            history.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
+            history.prompt_seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        if self.biases is not None:
+            history.logit_bias = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+        return history
 
     def start_history(self, row: int, prompt: Sequence[int]) -> None:
         """Row `row` starts a sequence with this prompt: nothing generated, the prompt's tokens seen,
         and its logit bias (`biases[row]`) in place."""
-        if self.counts is None:
-            return
         device = self.seeds.device
-        self.counts[row].zero_()
-        self.prompt_seen[row].zero_()
-        self.prompt_seen[row, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+        if self.counts is not None:
+            self.counts[row].zero_()
+            self.prompt_seen[row].zero_()
+            self.prompt_seen[row, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
         if self.logit_bias is not None:
             self.logit_bias[row].zero_()
             bias = self.biases[row] or {}
@@ -143,9 +145,10 @@ class RowSampling:
         self.counts[:tokens.shape[0]].scatter_add_(1, tokens.clamp(min=0), (tokens >= 0).to(torch.int32))
 
     def token_penalties(self) -> Optional[TokenPenalties]:
-        """The kernels' penalties for these rows (`linear_sample`), or None without penalties."""
+        """The kernels' penalties and logit bias for these rows (`linear_sample`), or None without
+        either."""
         if self.penalties is None:
-            return None
+            return None if self.logit_bias is None else TokenPenalties(None, None, None, None, None, bias=self.logit_bias)
         return TokenPenalties(self.counts, self.prompt_seen, self.penalties[:, 0], self.penalties[:, 1],
                               self.penalties[:, 2], bias=self.logit_bias)
 

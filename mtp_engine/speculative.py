@@ -570,7 +570,7 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, sampling: Optiona
     greedily), node (b, t)'s noise keyed by seeds[b] and positions[b, t] (`linear_sample`), positions
     (B, T) int64 or int32 the position of the token the node draws. With the sampling's penalties,
     node (b, t) is penalized against sequence b's history plus the drafts on its path, node_paths
-    (B, T, L) (`tree_paths`; None when T = 1)."""
+    (B, T, L) (`tree_paths`; None when T = 1 or without penalties); a logit bias is its sequence's."""
     B, T, D = hidden0.shape
     rows = hidden0.reshape(B * T, D)
     if sampling is None:
@@ -579,15 +579,17 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, sampling: Optiona
         return linear_argmax(rows, weight).view(B, T)
     penalties = sampling.token_penalties()
     if node_paths is not None:
-        if penalties is None:
+        if penalties is None or penalties.counts is None:
             raise ValueError("verify_tokens: node_paths go with penalties (the drafts a node's history holds)")
         if not isinstance(node_paths, torch.Tensor) or node_paths.dim() != 3 or node_paths.shape[:2] != (B, T) \
                 or node_paths.dtype != torch.int64:
             got = f"{node_paths.dtype} {tuple(node_paths.shape)}" if isinstance(node_paths, torch.Tensor) else type(node_paths).__name__
             raise ValueError(f"verify_tokens: node_paths must be int64 of shape ({B}, {T}, L) (tree_paths), got {got}")
-        penalties = penalties.for_nodes(node_paths)
+        penalties = penalties.for_nodes(B, T, node_paths)
     elif penalties is not None and T > 1:
-        raise ValueError(f"verify_tokens: penalties over a tree of {T} nodes need node_paths (tree_paths)")
+        if penalties.counts is not None:
+            raise ValueError(f"verify_tokens: penalties over a tree of {T} nodes need node_paths (tree_paths)")
+        penalties = penalties.for_nodes(B, T)   # a logit bias alone: each node takes its sequence's
 
     def per_node(value):   # a per-sequence tensor, repeated for each of its nodes
         return value[:, None].expand(B, T).reshape(B * T) if isinstance(value, torch.Tensor) else value

@@ -197,7 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
-    parser.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=None)
+    parser.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=None,
+                        help="add BIAS to token ID's logit; repeat for more tokens")
     parser.add_argument("--max-gen-len", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)

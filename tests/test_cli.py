@@ -110,6 +110,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--presence-penalty", "nan"], "presence_penalty must be a number (0 = none)"),
     (["--logit-bias", "5:1"], "--logit-bias takes ID=BIAS (an int token id, a number), got '5:1'"),
     (["--logit-bias", "99999=1"], "logit_bias: token id 99999 is not an int in [0, "),
+    (["--logit-bias", "5=1", "--logit-bias", "5=-1"], "--logit-bias gives token 5 twice"),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):

@@ -156,11 +156,15 @@ def test_triton_path_equals_the_reference_with_penalties(triton_backend, monkeyp
     (dict(row_seq=None), r"penalties hold 3 sequence\(s\) for 5 row\(s\)"),
     (dict(path=torch.tensor([[37]] * 5)), r"penalties.path must hold token ids in \[0, 37\) or -1"),
     (dict(path=torch.zeros(5, dtype=torch.int64)), r"penalties.path must be int64 of shape \(5, L\)"),
-    (dict(counts=None), r"penalties.counts must be a tensor, got NoneType"),
+    (dict(counts=None), r"penalties.counts missing"),
     (dict(counts=torch.zeros(37, dtype=torch.int32)), r"penalties.counts must be integer of shape \(S, 37\)"),
     (dict(counts=torch.full((3, 37), -1, dtype=torch.int32)), r"penalties.counts must be >= 0"),
     (dict(bias=torch.zeros(3, 37, dtype=torch.int32)), r"penalties.bias must be floating of shape \(3, 37\)"),
     (dict(bias=torch.full((3, 37), float("-inf"))), r"penalties.bias must be finite"),
+    (dict(presence=None), r"penalties.presence missing: counts, prompt_seen, repetition, presence and frequency go "
+                          r"together \(all None for a bias alone\)"),
+    (dict(counts=None, prompt_seen=None, repetition=None, presence=None, frequency=None),
+     r"penalties hold neither penalties \(counts, ...\) nor a bias"),
 ])
 def test_bad_penalties_are_named(change, match):
     V = 37
@@ -180,7 +184,7 @@ def test_bad_logits_and_node_paths_are_named():
     V = 37
     pen = TokenPenalties(torch.zeros(2, V, dtype=torch.int32), torch.zeros(2, V, dtype=torch.bool), torch.ones(2),
                          torch.zeros(2), torch.zeros(2))
-    with pytest.raises(ValueError, match=r"logits must be float32 \(rows, 37\) \(the counts' vocabulary\), got "
+    with pytest.raises(ValueError, match=r"logits must be float32 \(rows, 37\) \(the counts' or bias' vocabulary\), got "
                                          r"torch.float32 \(2, 36\)"):
         pen.apply_(torch.zeros(2, 36))
     hidden, weight = _problem(2 * 3, 8, V, seed=1)
@@ -284,6 +288,24 @@ def test_greedy_with_logit_bias_equals_uncached_decoding(model4):
     assert one_for_all.tokens[0] == gen.generate(PROMPTS[:1], max_gen_len=16, eos_id=-1, logit_bias=BIASES[:1]).tokens[0]
 
 
+def test_a_logit_bias_alone_keeps_no_counts_and_any_default_dtype(model4):
+    """A bias without penalties keeps a (rows, V) float32 bias and no token counts; it works whatever
+    torch's default dtype (the bias is float32, as the logits are)."""
+    gen = Generator(model4, max_batch_size=2, max_seq_len=64)
+    want = gen.generate(PROMPTS, max_gen_len=8, eos_id=-1, logit_bias=BIASES, speculative="tree")
+    for i, prompt in enumerate(PROMPTS):
+        assert want.tokens[i] == naive_penalized(model4, prompt, 8, bias=BIASES[i])
+    from mtp_engine.sampling import RowSampling
+    history = RowSampling(torch.zeros(2, dtype=torch.int64), torch.zeros(2), 1.0, biases=[{1: 2.0}, None]).with_history(32)
+    assert history.counts is None and history.logit_bias.dtype == torch.float32
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert gen.generate(PROMPTS, max_gen_len=8, eos_id=-1, logit_bias=BIASES, speculative="tree").tokens == want.tokens
+    finally:
+        torch.set_default_dtype(default)
+
+
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_speculative_with_logit_bias_equals_plain(model4, sampling_model, mode):
     gen = Generator(model4, max_batch_size=3, max_seq_len=64)
@@ -303,10 +325,13 @@ def test_speculative_with_logit_bias_equals_plain(model4, sampling_model, mode):
     ({32: 1.0}, r"logit_bias: token id 32 is not an int in \[0, 32\)"),
     ({-1: 1.0}, r"logit_bias: token id -1 is not an int in \[0, 32\)"),
     ({"5": 1.0}, r"logit_bias: token id '5' is not an int"),
-    ({5: float("inf")}, r"logit_bias: the bias of token 5 must be a finite number, got inf"),
-    ({5: "big"}, r"the bias of token 5 must be a finite number"),
-    ([{5: 1.0}, {5: float("nan")}], r"logit_bias\[1\]: logit_bias: the bias of token 5 must be a finite number"),
-    ([(5, 1.0), None], r"logit_bias\[0\]: logit_bias must be a dict \{token id: bias\} or None, got tuple"),
+    ({5: float("inf")}, r"logit_bias: the bias of token 5 must be a number within float32's range "
+                        r"\(\|bias\| <= 3.403e\+38\), got inf"),
+    ({5: 1e39}, r"the bias of token 5 must be a number within float32's range .*, got 1e\+39"),
+    ({5: 10 ** 400}, r"got 1000000000000000000000000000000000000\.\.\.$"),
+    ({5: "big"}, r"the bias of token 5 must be a number within float32's range"),
+    ([{5: 1.0}, {5: float("nan")}], r"^logit_bias\[1\]: the bias of token 5 must be a number"),
+    ([(5, 1.0), None], r"^logit_bias\[0\] must be a dict \{token id: bias\} or None, got tuple"),
     ([{5: 1.0}], r"logit_bias: a list needs one value per prompt, got 1 for 2"),
 ])
 def test_bad_logit_bias(model4, logit_bias, match):

@@ -650,8 +650,9 @@ class Generator:
         return forwards, prefill_time, prompt_lp, _speculative_stats(tree, counters)
 
     def _row_sampling(self, sampling: Optional[RowSampling], slots: "_Slots", prompts) -> Optional[RowSampling]:
-        """The sampling of the rows a call starts with (slots' first sequences), with their
-        penalties' history (their prompts) where the call has penalties."""
+        """The sampling of the rows a call starts with (slots' first sequences), with their history
+        (`RowSampling.start_history`: their prompts' tokens, their logit biases) where the call has
+        penalties or a bias."""
         if sampling is None:
             return None
         row_sampling = sampling.pick(slots.row_seq).with_history(self.model.vocab_size)

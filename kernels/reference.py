@@ -528,6 +528,8 @@ def sample_logits(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
     nucleus or cut the rule is the kernel's (an +inf logit wins, the first of several); with one,
     several +inf logits share the row (softmax's limit) and a row with nothing above -inf gives 0."""
     noisy = None
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:   # every row greedy (penalized logits)
+        temperature = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.float()
         noisy = temperature > 0
@@ -567,10 +569,8 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     penalties: linear_argmax). The Triton kernel's noise (no nucleus nor cut) and its logits (a
     nucleus, a cut, penalties, or values per row) with the same seeds and offsets: the same tokens up
     to ties within rounding."""
-    if not isinstance(temperature, torch.Tensor) and temperature == 0:
-        if penalties is None:
-            return linear_argmax(hidden, weight)
-        temperature = torch.zeros(hidden.shape[0], device=hidden.device)   # greedy rows: the argmax
+    if not isinstance(temperature, torch.Tensor) and temperature == 0 and penalties is None:
+        return linear_argmax(hidden, weight)
     tokens = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     for rows, logits in _float32_logit_chunks(hidden, weight):
         if penalties is not None:

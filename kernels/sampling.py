@@ -742,10 +742,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, temperature, to
     sample = not greedy and R > 0
     keys = _sampling_keys(R, hidden.device, generator, seeds, offsets, sample=sample)
     if greedy and penalties is not None and R > 0:
-        # The argmax of the penalized logits: the logits path with every row greedy (no noise drawn).
-        temperature = torch.zeros(R, device=hidden.device)
+        # The argmax of the penalized logits: the logits path, where a temperature of 0 draws no noise
+        # (the keys are placeholders).
         zeros = torch.zeros(R, dtype=torch.int64, device=hidden.device)
-        keys, sample = keys or (zeros, zeros), True
+        keys, sample = (zeros, zeros), True
     elif greedy:
         return linear_argmax(hidden, weight)
     if not sample:

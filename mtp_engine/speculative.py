@@ -578,18 +578,18 @@ def verify_tokens(hidden0: torch.Tensor, weight: torch.Tensor, sampling: Optiona
             raise ValueError("verify_tokens: node_paths go with penalties (the drafts a node's history holds)")
         return linear_argmax(rows, weight).view(B, T)
     penalties = sampling.token_penalties()
+    counted = penalties is not None and penalties.counts is not None
     if node_paths is not None:
-        if penalties is None or penalties.counts is None:
+        if not counted:
             raise ValueError("verify_tokens: node_paths go with penalties (the drafts a node's history holds)")
         if not isinstance(node_paths, torch.Tensor) or node_paths.dim() != 3 or node_paths.shape[:2] != (B, T) \
                 or node_paths.dtype != torch.int64:
             got = f"{node_paths.dtype} {tuple(node_paths.shape)}" if isinstance(node_paths, torch.Tensor) else type(node_paths).__name__
             raise ValueError(f"verify_tokens: node_paths must be int64 of shape ({B}, {T}, L) (tree_paths), got {got}")
+    elif counted and T > 1:
+        raise ValueError(f"verify_tokens: penalties over a tree of {T} nodes need node_paths (tree_paths)")
+    if penalties is not None and (T > 1 or node_paths is not None):   # nodes against their sequences' (a bias alone: no paths)
         penalties = penalties.for_nodes(B, T, node_paths)
-    elif penalties is not None and T > 1:
-        if penalties.counts is not None:
-            raise ValueError(f"verify_tokens: penalties over a tree of {T} nodes need node_paths (tree_paths)")
-        penalties = penalties.for_nodes(B, T)   # a logit bias alone: each node takes its sequence's
 
     def per_node(value):   # a per-sequence tensor, repeated for each of its nodes
         return value[:, None].expand(B, T).reshape(B * T) if isinstance(value, torch.Tensor) else value

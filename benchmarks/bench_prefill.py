@@ -1,15 +1,20 @@
 """Prefill of a ragged batch: in groups of similar prompt length (Generator's default) against one
-forward over every prompt right-padded to the longest (what the Generator did before).
+forward over every prompt right-padded to the longest (what the Generator did before), and with
+shared prompt prefixes computed once (Generator's default, mtp_engine/prefix_sharing.py) against
+every prompt computed whole (share_prefixes=False).
 
     python benchmarks/bench_prefill.py [--out DIR] [--tiny]
 
 Model: on CUDA a random-weight model of the 7B_1T_4 shape in bf16 (bench_generate.SHAPE_7B); on the
 CPU the embedded default model in float32. Batches of 8 prompts (lengths scaled to the model's
-context): lengths spread evenly, seven short prompts beside one long one, and equal lengths (the
-control: grouping must cost nothing there). Each case times `Generator.generate(prompts,
-max_gen_len=1)` (the prefill and the first token's selection) both ways with
-benchmarks/common.time_and_peak. Reported: the prompt tokens, the tokens each way computes
-(padding included), the forwards, the time, and the floor: the matmul FLOPs of the real tokens
+context): random prompts with lengths spread evenly, seven short prompts beside one long one, and
+equal lengths (the control: grouping and sharing must cost nothing there); then prompts that begin
+alike: few-shot (one 3/4-context prefix, tails of spread lengths) and n samples (one prompt 8
+times). Each case times `Generator.generate(prompts, max_gen_len=1)` (the prefill and the first
+token's selection) three ways with benchmarks/common.time_and_peak: one padded forward, groups with
+sharing, groups without. Reported: the prompt tokens, the tokens each way computes (padding
+included), the tokens sharing copies instead, the forwards, the times, and the floor: the matmul
+FLOPs of the tokens that must be computed (prompt tokens less those shared)
 (2 x the trunk's and head 0's parameters per token, which a plain prefill runs, plus the unembedding
 at each prompt's last position; attention's scores left out) over the matmul rate measured in the
 same run. Writes prefill_<device-slug>.json and .md into --out (default benchmarks/results).
@@ -35,14 +40,31 @@ from mtp_engine.generate import Generator, prefill_groups  # noqa: E402
 BATCH = 8
 
 
-def cases(context: int) -> dict:
-    """Prompt lengths per case, for a model whose prompts may reach `context` tokens."""
+def cases(context: int, vocab_size: int, g: torch.Generator) -> dict:
+    """Prompts per case, random ids, for a model whose prompts may reach `context` tokens."""
+    def tokens(n):
+        return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
     longest = context
-    return {
+    out = {name: [tokens(n) for n in lengths] for name, lengths in {
         "spread": [round(longest * (i + 1) / BATCH) for i in range(BATCH)],
         "one long": [max(1, longest // 32)] * (BATCH - 1) + [longest],
         "equal": [longest // 2] * BATCH,
-    }
+    }.items()}
+    prefix = tokens(longest * 3 // 4)
+    out["few-shot"] = [prefix + tokens(round((longest - len(prefix)) * (i + 1) / BATCH)) for i in range(BATCH)]
+    out["n samples"] = [tokens(longest // 2)] * BATCH
+    return out
+
+
+@contextlib.contextmanager
+def no_sharing(gen: Generator):
+    """Every prompt computed whole (grouping unchanged)."""
+    gen.share_prefixes = False
+    try:
+        yield
+    finally:
+        gen.share_prefixes = True
 
 
 @contextlib.contextmanager
@@ -85,23 +107,29 @@ def run(tiny: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
     forward_tokens = generate_module.PREFILL_FORWARD_TOKENS.get(device.type,
                                                                 generate_module.PREFILL_FORWARD_TOKENS_DEFAULT)
-    for name, lengths in cases(context).items():
-        prompts = [torch.randint(3, model.vocab_size, (n,), generator=g).tolist() for n in lengths]
-        row = {"case": name, "lengths": lengths, "prompt_tokens": sum(lengths),
-               "floor_ms": (2 * params * sum(lengths) + unembed_flops) / (ceilings["matmul_tflops"] * 1e12) * 1e3}
+    for name, prompts in cases(context, model.vocab_size, g).items():
+        lengths = [len(p) for p in prompts]
+        row = {"case": name, "lengths": lengths, "prompt_tokens": sum(lengths)}
         groups = prefill_groups(sorted(lengths), forward_tokens)
         ordered = sorted(lengths)
         row["grouped_tokens"] = sum((end - start) * ordered[end - 1] for start, end in groups)
         row["padded_tokens"] = BATCH * max(lengths)
-        for label, context_manager in (("one forward", one_forward), ("groups", contextlib.nullcontext)):
+        for label, context_manager in (("one forward", one_forward), ("groups", contextlib.nullcontext),
+                                       ("no sharing", lambda: no_sharing(gen))):
             with context_manager():
                 timed = common.time_and_peak(lambda: gen.generate(prompts, max_gen_len=1).stats, device=device)
             row[label] = {key: timed.get(key) for key in ("status", "ms", "peak_mib", "error")}
             if timed["status"] == "ok":
                 row[label]["forwards"] = timed["result"]["prefill_forwards"]
+                row[label]["shared_tokens"] = timed["result"]["shared_prompt_tokens"]
+        shared = row["groups"].get("shared_tokens", 0)
+        row["floor_ms"] = ((2 * params * (sum(lengths) - shared) + unembed_flops)
+                           / (ceilings["matmul_tflops"] * 1e12) * 1e3)
         if row["one forward"]["status"] == row["groups"]["status"] == "ok":
             row["speedup"] = row["one forward"]["ms"] / row["groups"]["ms"]
             row["groups_vs_floor"] = row["groups"]["ms"] / row["floor_ms"]
+        if row["no sharing"]["status"] == row["groups"]["status"] == "ok":
+            row["sharing_speedup"] = row["no sharing"]["ms"] / row["groups"]["ms"]
         result["rows"].append(row)
     return result
 
@@ -110,23 +138,26 @@ def to_markdown(result: dict) -> str:
     env, ceil = result["env"], result["ceilings"]
     lines = [f"# Ragged-batch prefill on {env['device']} ({result['dtype']})", "",
              f"Model: {result['model']}. Batch {BATCH}; `Generator.generate(prompts, max_gen_len=1)` timed "
-             f"(prefill and the first token's selection), median. Floor: 2 x the trunk's and head 0's "
-             f"parameters x prompt tokens, plus the unembedding at each last position, over the matmul rate "
-             f"measured in this run "
+             f"(prefill and the first token's selection), median: one padded forward, groups of similar "
+             f"length sharing prompt prefixes (the default), and groups without sharing. Floor: 2 x the "
+             f"trunk's and head 0's parameters x the prompt tokens not shared, plus the unembedding at each "
+             f"last position, over the matmul rate measured in this run "
              f"({ceil['matmul_tflops']:.1f} TFLOP/s {ceil['matmul_dtype']}). torch {env.get('torch')}, "
              f"{env['date_utc']}.", ""]
-    headers = ["case", "prompt tokens", "computed: one forward", "computed: groups", "forwards",
-               "one forward ms", "groups ms", "speedup", "groups / floor"]
+    headers = ["case", "prompt tokens", "computed: one forward", "computed: groups", "shared", "forwards",
+               "one forward ms", "groups ms", "no sharing ms", "speedup vs one forward", "sharing speedup",
+               "groups / floor"]
     rows = []
     for r in result["rows"]:
-        one, grouped = r["one forward"], r["groups"]
+        one, grouped, unshared = r["one forward"], r["groups"], r["no sharing"]
         rows.append([r["case"], r["prompt_tokens"], r["padded_tokens"], r["grouped_tokens"],
-                     grouped.get("forwards", "-"),
-                     one["ms"] if one["status"] == "ok" else one["status"],
-                     grouped["ms"] if grouped["status"] == "ok" else grouped["status"],
-                     r.get("speedup", "-"), r.get("groups_vs_floor", "-")])
+                     grouped.get("shared_tokens", "-"), grouped.get("forwards", "-"),
+                     *(t["ms"] if t["status"] == "ok" else t["status"] for t in (one, grouped, unshared)),
+                     r.get("speedup", "-"), r.get("sharing_speedup", "-"), r.get("groups_vs_floor", "-")])
     lines.append(common.markdown_table(headers, rows))
-    lines += ["", "Lengths: " + "; ".join(f"{r['case']}: {r['lengths']}" for r in result["rows"])]
+    lines += ["", "computed: groups counts the tokens of the groups without sharing (with it, the shared "
+              "ones are copied, not computed). Lengths: "
+              + "; ".join(f"{r['case']}: {r['lengths']}" for r in result["rows"])]
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,7 @@ from mtp_kernels.penalties import check_logit_bias, neutral as neutral_penalties
 from .checkpoint import resolve_device
 from .cuda_graphs import CUDAGraphSteps, graph_bucket, next_power_of_two
 from .model import Transformer
+from .prefix_sharing import best_source, cached_tokens, share_plan
 from .sampling import RowSampling, per_prompt, per_prompt_values, sequence_seeds, token_logprobs
 from .speculative import (DEFAULT_TREE_TOKENS, ONE_READ_MAX_ROWS, SPECULATIVE_MODES, TokenTree, accept_step,
                           build_candidates, check_rates, default_tree, draft_tokens, drafts_from_scores,
@@ -57,7 +58,9 @@ class GenerationResult:
     stats: batch_size, prompt_tokens, generated_tokens, forwards (decode or verify steps, plus one
     for the first prefill and one for each refill of a row by a waiting prompt, or one per batch of
     max_batch_size prompts when nothing is generated), prefill_forwards (the forwards all prefills
-    ran, one per group of similar prompt lengths and chunk of PREFILL_CHUNK_TOKENS),
+    ran, one per group of similar prompt lengths and chunk of PREFILL_CHUNK_TOKENS, plus one per
+    group of the rows that share a prefix), shared_prompt_tokens (prompt tokens whose K/V was
+    copied from a row holding them, not computed: Generator's share_prefixes),
     tokens_per_forward (tokens produced per sequence per forward it took part in, eos included: 1.0
     for plain decoding), prefill_time_s (the first prefill's: refills are inside the steps' time),
     wall_time_s, tokens_per_s, finish_counts (sequences per finish reason). Self-speculative calls
@@ -228,17 +231,23 @@ class Generator:
     (rows x nodes x heads) is captured both ways and the faster kept (one read saves a 262 MB weight
     read at the 7B shape but multiplies the rows by the heads, so it wins for few rows only); larger
     and eager steps read twice.
+    share_prefixes: rows of a call whose prompts begin alike compute the shared beginning once and
+    copy its K/V (`prefix_sharing`: n samples of one prompt, few-shot examples, a system prompt);
+    False computes every prompt whole. The tokens are the same either way, up to rounding (the
+    shared prefix's matmuls ran over other shapes).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048,
                  cuda_graphs: Optional[bool] = None, tree_tokens: Optional[int] = None, tree_rates=None,
-                 shared_unembed: Optional[bool] = None):
+                 shared_unembed: Optional[bool] = None, share_prefixes: bool = True):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name, value in (("cuda_graphs", cuda_graphs), ("shared_unembed", shared_unembed)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be None, True or False, got {value!r}")
+        if not isinstance(share_prefixes, bool):
+            raise ValueError(f"share_prefixes must be True or False, got {share_prefixes!r}")
         if tree_tokens is not None and (isinstance(tree_tokens, bool) or not isinstance(tree_tokens, int)
                                         or tree_tokens < 1):
             raise ValueError(f"tree_tokens must be None or a positive int, got {tree_tokens!r}")
@@ -259,6 +268,7 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
         self.shared_unembed = shared_unembed
+        self.share_prefixes = share_prefixes
         self._one_read = False   # what the verify step being traced does (_verify_step's variants)
         self._graphs: Optional[CUDAGraphSteps] = None
         self._cache_len = max_seq_len   # grows by a verify tree's size on the first speculative call
@@ -384,9 +394,15 @@ class Generator:
                   for bias, label in zip(*per_prompt_values(logit_bias, len(prompts), "logit_bias"))]
         # Rows shortest prompt first: prompts of similar length are neighbouring cache rows, which
         # prefill in one forward per group (_prefill), and the rows with the least room, which a
-        # long generation ends first, are the last ones, which then leave the forward. Results come
-        # back in the caller's order.
+        # long generation ends first, are the last ones, which then leave the forward. Among the
+        # rows of the first prefill, those sharing a prefix with another come after the others
+        # (share_plan). Results come back in the caller's order.
         order = sorted(range(len(prompts)), key=lambda b: len(prompts[b]))
+        shares = None
+        if self.share_prefixes and len(prompts) > 1:   # the rows of the first prefill, sharing prefixes
+            rows = min(len(prompts), self.max_batch_size)
+            first, shares = share_plan([prompts[b] for b in order[:rows]], logprobs, self._forward_tokens())
+            order = [order[k] for k in first] + order[rows:]
         prompts = [prompts[b] for b in order]
         tree_spec = self._check_speculative(speculative, heads, tree, rows=min(len(prompts), self.max_batch_size))
         eos_ids = [self._resolve_eos(e, label) for e, label in zip(*per_prompt_values(eos_id, len(order), "eos_id"))]
@@ -436,7 +452,7 @@ class Generator:
 
         start = time.perf_counter()
         forwards, prefill_time, prompt_lp, extra = 0, 0.0, None, {}
-        self._prefill_forwards = 0
+        self._prefill_forwards = self._shared_prompt_tokens = 0
 
         def stream(seq_ids: Optional[Sequence[int]] = None):
             """After each forward: stop strings, then the tokens handed over, for seqs[i], i in
@@ -451,10 +467,10 @@ class Generator:
         if not all(s.done for s in seqs):
             if tree_spec is None:
                 forwards, prefill_time, prompt_lp = self._run_plain(
-                    prompts, seqs, sampling, logprobs, start, stream)
+                    prompts, seqs, sampling, logprobs, start, stream, shares)
             else:
                 forwards, prefill_time, prompt_lp, extra = self._run_speculative(
-                    prompts, seqs, tree_spec, sampling, logprobs, start, stream)
+                    prompts, seqs, tree_spec, sampling, logprobs, start, stream, shares)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
                 prompt_lp = []
@@ -477,6 +493,7 @@ class Generator:
             "generated_tokens": generated,
             "forwards": forwards,
             "prefill_forwards": self._prefill_forwards,
+            "shared_prompt_tokens": self._shared_prompt_tokens,
             "finish_counts": {reason: sum(s.finish == reason for s in seqs) for reason in FINISH_REASONS},
             "tokens_per_forward": (sum(s.produced for s in seqs) / seq_forwards) if seq_forwards else 0.0,
             "prefill_time_s": prefill_time,
@@ -494,13 +511,14 @@ class Generator:
             prompt_logprobs=prompt_lp)
 
     # ------------------------------------------------------------------ plain decoding
-    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start, stream):
+    def _run_plain(self, prompts, seqs, sampling: Optional[RowSampling], logprobs, start, stream, shares=None):
         """One token per sequence per forward; sampling (None: greedy) keys each row's noise by its
         seed and the new token's position; stream() after each forward checks the stop strings and
-        hands the new tokens to generate's on_tokens. Returns (forwards, prefill_time, prompt_logprobs)."""
+        hands the new tokens to generate's on_tokens; shares: the first prefill's shared prefixes
+        (`_prefill`). Returns (forwards, prefill_time, prompt_logprobs)."""
         slots = _Slots(len(seqs), self.max_batch_size)
         row_sampling = self._row_sampling(sampling, slots, prompts)
-        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], logprobs)
+        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], logprobs, shares=shares)
         prompt_lp = slots.all_prompt_logprobs(prompt_lp)
         forwards = 1
         prefill_time = time.perf_counter() - start
@@ -562,7 +580,7 @@ class Generator:
 
     # ------------------------------------------------------------------ self-speculative decoding
     def _run_speculative(self, prompts, seqs, tree: TokenTree, sampling: Optional[RowSampling], want_logprobs,
-                         start, stream):
+                         start, stream, shares=None):
         """Draft with heads 1.., verify a whole token tree per forward with head 0.
 
         Prefill runs every head: at the last prompt position head 0 gives the first token (the
@@ -585,6 +603,7 @@ class Generator:
         cannot be accepted there; _ensure_caches keeps T - 1 slots beyond max_seq_len for them, so
         every step verifies the whole tree (one shape: one CUDA graph, one set of kernel tunings).
 
+        shares: the first prefill's shared prefixes (`_prefill`).
         Returns (forwards, prefill_time, prompt_logprobs, extra stats).
         """
         device = self.device
@@ -594,7 +613,8 @@ class Generator:
 
         slots = _Slots(len(seqs), self.max_batch_size)
         row_sampling = self._row_sampling(sampling, slots, prompts)
-        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], want_logprobs, n_heads=tree.heads)   # (B, heads, D)
+        last_hidden, prompt_lp = self._prefill(prompts[:slots.rows], want_logprobs, n_heads=tree.heads,
+                                               shares=shares)   # (B, heads, D)
         prompt_lp = slots.all_prompt_logprobs(prompt_lp)
         cache_seqlens = torch.tensor([len(p) for p in prompts[:slots.rows]], dtype=torch.int32, device=device)
         root, lps = self._next_tokens(last_hidden[:, 0], row_sampling, cache_seqlens, want_logprobs)
@@ -664,9 +684,10 @@ class Generator:
     def _fill_free_rows(self, slots: "_Slots", prompts, seqs, sampling: Optional[RowSampling],
                         row_sampling: Optional[RowSampling], logprobs: bool, n_heads: int, prompt_lp: list, stream):
         """While prompts wait, every row whose sequence is done takes the next one: a prefill of that
-        prompt alone into the row (`_prefill_rows`), its first token chosen from it (with its own
-        sampling, copied into the row's) and accepted, then stream() (which may finish it: eos, a
-        stop string, a cancel, a limit of 1; the row then takes the next). A waiting prompt with
+        prompt alone into the row (`_prefill_row`: from the end of a prefix some row holds, if any),
+        its first token chosen from it (with its own sampling, copied into the row's) and accepted,
+        then stream() (which may finish it: eos, a stop string, a cancel, a limit of 1; the row then
+        takes the next). A waiting prompt with
         nothing to generate is skipped, unless its log-probs were asked for. Returns ({row: (first
         token () int64, normed hidden (n_heads, D) at its last prompt position)} for the rows that
         took a prompt, the last one each, the number of prefills run)."""
@@ -680,7 +701,7 @@ class Generator:
                     i = slots.waiting.popleft()
                     if seqs[i].done and not logprobs:
                         continue
-                    last, lp = self._prefill_rows([prompts[i]], row, logprobs, n_heads)
+                    last, lp = self._prefill_row(prompts, seqs, slots, prompt_lp, i, row, logprobs, n_heads)
                     _check_finite(last, 1)
                     prefills += 1
                     if lp:
@@ -703,42 +724,89 @@ class Generator:
             stream(slots.row_seq)
         return refills, prefills
 
+    def _prefill_row(self, prompts, seqs, slots: "_Slots", prompt_lp: list, i: int, row: int, logprobs: bool,
+                     n_heads: int):
+        """Prefill prompts[i] alone into cache row `row` (`_prefill_rows`), from the end of the
+        longest prefix some row still holds (`best_source`: the row's own finished sequence, or
+        another row's, copied) when share_prefixes is on."""
+        prompt, start, source_lp = prompts[i], 0, None
+        if self.share_prefixes:
+            held = [None if slots.parked[r] else cached_tokens(prompts[j], seqs[j].tokens)[:len(prompt)]
+                    for r, j in enumerate(slots.row_seq)]
+            source, start = best_source(prompt, held, row, logprobs)
+            if start:
+                self.model.copy_cache_prefix(source, row, start)
+                self._shared_prompt_tokens += start
+                j = slots.row_seq[source]
+                source_lp = [prompt_lp[j] + seqs[j].logprobs] if logprobs else None
+        return self._prefill_rows([prompt], row, logprobs, n_heads, [start], source_lp)
+
     # ------------------------------------------------------------------ steps
-    def _prefill(self, prompts: List[List[int]], want_prompt_logprobs: bool = False, n_heads: int = 1):
-        """The prompts (shortest first, row b in cache row b) in groups of similar length, forwards over
-        each group's right-padded prompts (`prefill_groups`, in chunks: `_prefill_rows`). Returns the
-        normed hidden (B, n_heads, D) of the first n_heads heads at each prompt's last position and,
-        if asked, per-prompt log-probs of each prompt token given the ones before it."""
-        forward_tokens = PREFILL_FORWARD_TOKENS.get(self.device.type, PREFILL_FORWARD_TOKENS_DEFAULT)
+    def _prefill(self, prompts: List[List[int]], want_prompt_logprobs: bool = False, n_heads: int = 1,
+                 shares: Optional[List[Optional[Tuple[int, int]]]] = None):
+        """The prompts (row b in cache row b) in groups of similar length, forwards over each group's
+        right-padded prompts (`prefill_groups`, in chunks: `_prefill_rows`). shares (`share_plan`):
+        None, or per row None (the independent rows, first, shortest first) or (source row, length):
+        those rows, after the others, copy their first `length` slots from the source row and
+        compute the rest (by the length left, shortest first). Returns the normed hidden
+        (B, n_heads, D) of the first n_heads heads at each prompt's last position and, if asked,
+        per-prompt log-probs of each prompt token given the ones before it."""
+        forward_tokens = self._forward_tokens()
+        independent = len(prompts) if shares is None else sum(share is None for share in shares)
+        if shares is not None and any(share is not None for share in shares[:independent]):
+            raise ValueError("_prefill: the rows that share a prefix must come after the others")
         last, prompt_lp = [], []
-        for start, end in prefill_groups([len(p) for p in prompts], forward_tokens):
+        for start, end in prefill_groups([len(p) for p in prompts[:independent]], forward_tokens):
             group_last, group_lp = self._prefill_rows(prompts[start:end], start, want_prompt_logprobs, n_heads)
             last.append(group_last)
             prompt_lp += group_lp or []
+        if independent < len(prompts):
+            rest, starts = prompts[independent:], [length for _, length in shares[independent:]]
+            for row, (source, length) in enumerate(shares[independent:], independent):
+                self.model.copy_cache_prefix(source, row, length)
+            self._shared_prompt_tokens += sum(starts)
+            prefix_lp = [prompt_lp[source] for source, _ in shares[independent:]] if want_prompt_logprobs else None
+            for start, end in prefill_groups([len(p) - s for p, s in zip(rest, starts)], forward_tokens):
+                group_last, group_lp = self._prefill_rows(rest[start:end], independent + start, want_prompt_logprobs,
+                                                          n_heads, starts[start:end],
+                                                          prefix_lp and prefix_lp[start:end])
+                last.append(group_last)
+                prompt_lp += group_lp or []
         last = torch.cat(last)
         _check_finite(last, len(prompts))
         return last, (prompt_lp if want_prompt_logprobs else None)
 
-    def _prefill_rows(self, prompts: List[List[int]], first_row: int, want_prompt_logprobs: bool, n_heads: int):
-        """`prompts` (shortest first), right-padded, into cache rows first_row..: one forward per chunk
-        of positions of at most PREFILL_CHUNK_TOKENS tokens in all, each over the rows whose prompt
-        reaches it (see _prefill)."""
-        B, T = len(prompts), max(len(p) for p in prompts)
-        lengths = [len(p) for p in prompts]
+    def _forward_tokens(self) -> int:
+        """What one more prefill forward costs, in prompt tokens (PREFILL_FORWARD_TOKENS)."""
+        return PREFILL_FORWARD_TOKENS.get(self.device.type, PREFILL_FORWARD_TOKENS_DEFAULT)
+
+    def _prefill_rows(self, prompts: List[List[int]], first_row: int, want_prompt_logprobs: bool, n_heads: int,
+                      starts: Optional[List[int]] = None, prefix_logprobs: Optional[List[List[float]]] = None):
+        """`prompts`, right-padded, into cache rows first_row..: one forward per chunk of positions of
+        at most PREFILL_CHUNK_TOKENS tokens in all, each over the rows whose prompt reaches it (see
+        _prefill). starts: None, or per row the slots already holding its prompt's first tokens (a
+        shared prefix): the row computes positions starts[b].. only, and with log-probs takes those
+        of its tokens 1..starts[b] from prefix_logprobs[b] (the source's log-probs by position).
+        The rows' lengths left to compute must run shortest first."""
+        B = len(prompts)
+        starts = starts or [0] * B
+        rests = [p[s:] for p, s in zip(prompts, starts)]
+        lengths = [len(p) for p in rests]
+        T = max(lengths)
         tokens = torch.zeros((B, T), dtype=torch.long)  # 0 is a valid id; pad slots are overwritten later
-        for b, p in enumerate(prompts):
+        for b, p in enumerate(rests):
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
+        first_slots = torch.tensor(starts, dtype=torch.int32, device=self.device)
         budget = PREFILL_CHUNK_TOKENS.get(self.device.type, PREFILL_CHUNK_TOKENS_DEFAULT)
-        ends = torch.tensor(lengths, device=self.device) - 1   # each row's last prompt position
+        ends = torch.tensor(lengths, device=self.device) - 1   # each row's last prompt position, from its start
         last = None
         picked = torch.zeros(B, T - 1, dtype=torch.float32, device=self.device) if want_prompt_logprobs else None
         t0 = 0
         while t0 < T:
             r = bisect.bisect_right(lengths, t0)   # rows r.. still have prompt at position t0
             t1 = min(T, t0 + max(1, budget // (B - r)))
-            hidden = self.model.forward_cached(tokens[r:, t0:t1], torch.full((B - r,), t0, dtype=torch.int32,
-                                                                             device=self.device),
+            hidden = self.model.forward_cached(tokens[r:, t0:t1], first_slots[r:] + t0,
                                                n_heads=n_heads, first_row=first_row + r)  # (B - r, t1 - t0, n_heads, D)
             self._prefill_forwards += 1
             if last is None:
@@ -753,7 +821,8 @@ class Generator:
         prompt_lp = None
         if picked is not None:
             picked = picked.tolist()
-            prompt_lp = [[0.0] + picked[b][: len(p) - 1] for b, p in enumerate(prompts)]
+            prompt_lp = [[0.0] + (prefix_logprobs[b][1:s + 1] if s else []) + picked[b][: n - 1]
+                         for b, (s, n) in enumerate(zip(starts, lengths))]
         return last, prompt_lp
 
     def _pick_prompt_logprobs(self, picked: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, t0: int) -> None:

@@ -469,6 +469,23 @@ class Transformer(nn.Module):
             self.setup_caches(*cached)
         return module
 
+    def copy_cache_prefix(self, src_row: int, dst_row: int, length: int) -> None:
+        """Copy cache row src_row's first `length` slots (K and V of every trunk and head block, one
+        copy each) into row dst_row: a sequence whose first `length` tokens equal src_row's then
+        attends to them as if it had computed them (a shared prompt prefix, `Generator`). K is
+        stored rotated by its absolute position, which the copy keeps."""
+        if self.k_cache is None:
+            raise RuntimeError("copy_cache_prefix needs Transformer.setup_caches(...) first")
+        for name, row in (("src_row", src_row), ("dst_row", dst_row)):
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.cache_batch:
+                raise ValueError(f"copy_cache_prefix: {name} must be a cache row in [0, {self.cache_batch}), "
+                                 f"got {row!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.cache_len:
+            raise ValueError(f"copy_cache_prefix: length must be an int in [0, {self.cache_len}], got {length!r}")
+        if src_row != dst_row and length:
+            self.k_cache[:, dst_row, :length] = self.k_cache[:, src_row, :length]
+            self.v_cache[:, dst_row, :length] = self.v_cache[:, src_row, :length]
+
     def clear_caches(self) -> None:
         for block in self.blocks():
             block.attention.cache = None

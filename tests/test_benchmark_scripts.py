@@ -119,8 +119,9 @@ def test_gpu_check_without_tests_runs_without_warp_specialization(tmp_path, sett
 
 
 def test_bench_prefill_tiny(tmp_path):
-    """Grouped against one-forward prefill on a tiny model: both timed, the tokens each computes
-    counted (groups compute no more than padding to the longest, equal lengths are one forward)."""
+    """Grouped against one-forward prefill on a tiny model, with and without shared prefixes: all
+    timed, the tokens each computes counted (groups compute no more than padding to the longest,
+    equal lengths are one forward, prompts that begin alike share)."""
     out = _run([BENCH / "bench_prefill.py", "--tiny"], tmp_path)
     assert "| one long |" in out
     result = json.loads(next(tmp_path.glob("prefill_*_tiny.json")).read_text())
@@ -129,6 +130,11 @@ def test_bench_prefill_tiny(tmp_path):
     assert rows["one long"]["grouped_tokens"] < rows["one long"]["padded_tokens"]
     assert rows["one long"]["groups"]["forwards"] == 2 and rows["equal"]["groups"]["forwards"] == 1
     assert all(r["prompt_tokens"] <= r["grouped_tokens"] <= r["padded_tokens"] for r in rows.values())
+    # prompts that begin alike share their prefix (all but the last token of the n samples' prompt)
+    assert all(r["no sharing"]["status"] == "ok" and r["no sharing"]["shared_tokens"] == 0 for r in rows.values())
+    assert rows["spread"]["groups"]["shared_tokens"] == 0 and rows["few-shot"]["groups"]["shared_tokens"] > 0
+    samples = rows["n samples"]
+    assert samples["groups"]["shared_tokens"] == (len(samples["lengths"]) - 1) * (samples["lengths"][0] - 1)
 
 
 def test_bench_train_step_tiny(tmp_path):

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length: prompt + new tokens (default 512)")
     complete.add_argument("--max-batch-size", type=int, default=None, help="KV-cache batch (default: number of prompts)")
     complete.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    complete.add_argument("--samples", type=int, default=1, metavar="N",
+                          help="completions per prompt, each with its own sampling noise (needs --temperature > 0); "
+                               "the prompt is computed once and shared (default 1)")
     complete.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     complete.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                           help="default: bfloat16 on cuda, float32 on cpu")
@@ -146,32 +149,51 @@ def run_complete(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative is None and (args.heads is not None or args.tree is not None):
         raise ValueError("--heads and --tree need --speculative chain|tree")
-    if args.stream and len(args.prompt) != 1:
-        raise ValueError(f"--stream prints one completion as it is generated: give one --prompt, not "
-                         f"{len(args.prompt)}")
+    prompts = repeated_prompts(args.prompt, args.samples, args.temperature)
+    if args.stream and len(prompts) != 1:
+        raise ValueError(f"--stream prints one completion as it is generated: give one --prompt and one sample, not "
+                         f"{len(args.prompt)} x {args.samples}")
     tree = None if args.tree is None else tree_argument(args.tree)
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
-                        max_batch_size=len(args.prompt) if args.max_batch_size is None else args.max_batch_size,
+                        max_batch_size=len(prompts) if args.max_batch_size is None else args.max_batch_size,
                         device=args.device, dtype=args.dtype, seed=args.seed)
     stop = None if args.stop is None else [_unescape(text) for text in args.stop]
     on_tokens = _stream_printer(llama.tokenizer, args.prompt[0], stop or ()) if args.stream else None
-    results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    results = llama.text_completion(prompts, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
                                     tree=tree, on_tokens=on_tokens, stop=stop, repetition_penalty=args.repetition_penalty,
                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                     logit_bias=logit_bias_argument(args.logit_bias))
     if args.stream:
         print("\n")
-    for prompt, result in zip(args.prompt, [] if args.stream else results):
-        print(prompt)
-        print(f"> {result['generation']}")
-        print()
+    else:
+        print_completions(args.prompt, results, args.samples)
     print(format_stats(llama.last_stats))
     full = llama.last_stats["finish_counts"]["max_seq_len"]
     if full:   # asked for more than the cache holds: say why the text is short
-        print(f"[note] {full} of {len(args.prompt)} sequence(s) stopped at --max-seq-len {args.max_seq_len} "
+        print(f"[note] {full} of {len(prompts)} sequence(s) stopped at --max-seq-len {args.max_seq_len} "
               f"(prompt + generated tokens) before --max-gen-len {args.max_gen_len}")
     return 0
+
+
+def repeated_prompts(prompts: List[str], samples: int, temperature: float) -> List[str]:
+    """--samples: each prompt `samples` times in a row (each copy draws its own noise: generate
+    seeds every prompt of a call apart; Generator shares their prefill)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"--samples must be an int >= 1, got {samples!r}")
+    if samples > 1 and not temperature > 0:
+        raise ValueError(f"--samples {samples} needs --temperature > 0: greedy decoding gives {samples} "
+                         "identical completions")
+    return [prompt for prompt in prompts for _ in range(samples)]
+
+
+def print_completions(prompts: List[str], results: List[dict], samples: int) -> None:
+    """Each prompt, then its completions ('> text', or '> [k] text' for sample k of several)."""
+    for i, prompt in enumerate(prompts):
+        print(prompt)
+        for k, result in enumerate(results[i * samples:(i + 1) * samples]):
+            print(f"> [{k + 1}] {result['generation']}" if samples > 1 else f"> {result['generation']}")
+        print()
 
 
 def logit_bias_argument(pairs) -> dict | None:
@@ -250,7 +272,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def format_stats(stats: dict) -> str:
     return (f"[stats] {stats['batch_size']} prompt(s), {stats['generated_tokens']} tokens in "
             f"{stats['wall_time_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s), {stats['forwards']} forwards, "
-            f"{stats['tokens_per_forward']:.2f} tokens/forward per sequence" + _speculative_summary(stats))
+            f"{stats['tokens_per_forward']:.2f} tokens/forward per sequence"
+            + (f", {stats['shared_prompt_tokens']} prompt tokens shared" if stats.get("shared_prompt_tokens") else "")
+            + _speculative_summary(stats))
 
 
 def _speculative_summary(stats: dict) -> str:

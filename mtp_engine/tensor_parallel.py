@@ -180,7 +180,7 @@ def load_tensor_parallel(ckpt_dir, env: DistEnv, dtype: Optional[torch.dtype] = 
 def main(argv: Optional[List[str]] = None) -> int:
     """`torchrun --nproc_per_node N -m mtp_engine.tensor_parallel --ckpt-dir DIR --prompt TEXT ...`:
     `mtp complete` with the model split over N ranks; rank 0 prints."""
-    from .cli import logit_bias_argument
+    from .cli import logit_bias_argument, print_completions, repeated_prompts
     from .distributed import cleanup, init_distributed
     from .generate import Llama, resolve_dtype
     from .tokenizer import Tokenizer, find_tokenizer
@@ -204,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="same on every rank, so sampling agrees")
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="completions per prompt (needs --temperature > 0); the prompt is computed once")
     args = parser.parse_args(argv)
     try:
         # The user's mistakes are one line and exit 2, as `mtp complete`'s (from every rank: each checks).
@@ -213,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         logit_bias = logit_bias_argument(args.logit_bias)
+        prompts = repeated_prompts(args.prompt, args.samples, args.temperature)
         env = init_distributed(args.device)
     except (OSError, ValueError, NotImplementedError) as e:
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -221,20 +224,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer_path = find_tokenizer(args.ckpt_dir, args.tokenizer_path)
         torch.manual_seed(args.seed)
         model = load_tensor_parallel(args.ckpt_dir, env, dtype=resolve_dtype(args.dtype, env.device),
-                                     max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
+                                     max_seq_len=args.max_seq_len, max_batch_size=len(prompts))
         tokenizer = Tokenizer(tokenizer_path)
         tokenizer.check_vocab(model.vocab_size)
-        llama = Llama(model, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=len(args.prompt))
-        results = llama.text_completion(args.prompt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        llama = Llama(model, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=len(prompts))
+        results = llama.text_completion(prompts, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                         min_p=args.min_p, max_gen_len=args.max_gen_len,
                                         repetition_penalty=args.repetition_penalty,
                                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                         logit_bias=logit_bias)
         if env.is_main:
-            for prompt, result in zip(args.prompt, results):
-                print(prompt)
-                print(f"> {result['generation']}")
-                print()
+            print_completions(args.prompt, results, args.samples)
     except (OSError, ValueError, NotImplementedError) as e:
         rank = f" (rank {env.rank})" if env.world_size > 1 else ""
         print(f"{parser.prog}: error{rank}: {' '.join(str(e).split())}", file=sys.stderr)

@@ -334,10 +334,14 @@ def scenario_tensor_parallel(env, ckpt_dir, prompts, max_gen_len, speculative_mo
     for mode in speculative_modes:
         res = gen.generate(prompts, max_gen_len=max_gen_len, temperature=0.0, speculative=mode)
         tokens[mode or "plain"] = res.tokens
+    # one cache row: the second prompt starts with the first, whose slots it keeps (a shared prefix)
+    shared = Generator(model, max_batch_size=1, max_seq_len=64).generate([prompts[0], prompts[0] + [7]],
+                                                                         max_gen_len=max_gen_len)
+    tokens["shared prefix"] = shared.tokens
     with torch.no_grad():
         logits = model(torch.tensor([prompts[0]], device=env.device), return_all_heads=True)
     return dict(tokens=tokens, shapes=shapes, logits=logits, files_read=files_read,
-                concurrent_heads=model.concurrent_heads)
+                concurrent_heads=model.concurrent_heads, shared_prompt_tokens=shared.stats["shared_prompt_tokens"])
 
 
 SCENARIOS = {

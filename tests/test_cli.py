@@ -50,6 +50,34 @@ def test_complete_prints_text_and_stats(tiny_checkpoint, capsys):
     assert lines[-1].startswith("[stats] 2 prompt(s)")
 
 
+def test_complete_samples_each_prompt_and_shares_its_prefill(tiny_checkpoint, capsys):
+    """--samples 3: each prompt then its three completions, the same as text_completion gives the
+    prompt three times; through one cache row each sample after the first reuses the prompt's slots
+    (all but its last token), which the stats line reports. Same text as with sharing off."""
+    ckpt, tok = tiny_checkpoint
+    argv = ["complete", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(tok), "--prompt", "import os",
+            "--prompt", "def f(x):", "--max-gen-len", "6", "--max-seq-len", "32", "--device", "cpu",
+            "--temperature", "1.5", "--seed", "4", "--samples", "3", "--max-batch-size", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "import os" and lines[5] == "def f(x):"
+    texts = [line.split("] ", 1)[1] for line in lines[1:4] + lines[6:9]]
+    assert [line[:5] for line in lines[1:4] + lines[6:9]] == ["> [1]", "> [2]", "> [3]"] * 2
+    llama = Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=1, device="cpu", seed=4)
+    want = llama.text_completion(["import os"] * 3 + ["def f(x):"] * 3, temperature=1.5, top_p=1.0, max_gen_len=6)
+    assert texts == [r["generation"] for r in want]
+    assert len(set(texts[:3])) > 1   # three different samples
+    lengths = [len(llama.tokenizer.encode(p, bos=True, eos=False)) for p in ("import os", "def f(x):")]
+    # (the second prompt's first sample takes the bos from the first prompt's last sample)
+    assert llama.last_stats["shared_prompt_tokens"] == 2 * (lengths[0] - 1) + 1 + 2 * (lengths[1] - 1)
+    assert f"{llama.last_stats['shared_prompt_tokens']} prompt tokens shared" in lines[-1]
+    unshared = Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=1, device="cpu", seed=4)
+    unshared.generator.share_prefixes = False
+    assert [r["generation"] for r in unshared.text_completion(["import os"] * 3 + ["def f(x):"] * 3, temperature=1.5,
+                                                              top_p=1.0, max_gen_len=6)] == texts
+    assert unshared.last_stats["shared_prompt_tokens"] == 0
+
+
 def test_complete_says_when_the_cache_cut_a_generation_short(tiny_checkpoint, capsys):
     ckpt, tok = tiny_checkpoint
     base = ["complete", "--ckpt-dir", str(ckpt), "--tokenizer-path", str(tok), "--prompt", "import os",
@@ -112,6 +140,9 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--logit-bias", "99999=1"], "logit_bias: token id 99999 is not an int in [0, "),
     (["--logit-bias", "5=1", "--logit-bias", "5=-1"], "--logit-bias gives token 5 twice"),
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
+    (["--samples", "0"], "--samples must be an int >= 1, got 0"),
+    (["--samples", "2"], "--samples 2 needs --temperature > 0: greedy decoding gives 2 identical completions"),
+    (["--samples", "2", "--temperature", "1", "--stream"], "give one --prompt and one sample, not 1 x 2"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):
     ckpt, tok = tiny_checkpoint

@@ -364,6 +364,8 @@ def tp_reference(tp_checkpoints):
     modes = _speculative_modes()
     tokens = {mode or "plain": gen.generate(TP_PROMPTS, max_gen_len=TP_GEN_LEN, temperature=0.0,
                                             speculative=mode).tokens for mode in modes}
+    one_row = Generator(model, max_batch_size=1, max_seq_len=64, share_prefixes=False)
+    tokens["shared prefix"] = one_row.generate([TP_PROMPTS[0], TP_PROMPTS[0] + [7]], max_gen_len=TP_GEN_LEN).tokens
     with torch.no_grad():
         logits = model(torch.tensor([TP_PROMPTS[0]]), return_all_heads=True)
     return dict(tokens=tokens, logits=logits, modes=modes, shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
@@ -376,6 +378,7 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path, tp_checkpoin
     assert len(tp_reference["tokens"]["plain"][0]) == TP_GEN_LEN  # no eos: every step compared
     for rank, got in enumerate(ranks):
         assert got["tokens"] == tp_reference["tokens"], f"rank {rank}"
+        assert got["shared_prompt_tokens"] == len(TP_PROMPTS[0])   # each rank copied its share of the K/V
         torch.testing.assert_close(got["logits"], tp_reference["logits"], rtol=1e-5, atol=1e-5)
         # Each rank holds half of every block's attention and FFN weights, and the full embedding/output.
         full = tp_reference["shapes"]
@@ -400,6 +403,7 @@ def test_tensor_parallel_command_errors_are_one_line(tmp_path, tp_checkpoints, c
     for args, match in ((["--ckpt-dir", str(tmp_path / "nope")], "checkpoint directory not found"),
                         (["--max-gen-len", "0"], "--max-gen-len must be >= 1, got 0"),
                         (["--logit-bias", "x=1"], "--logit-bias takes ID=BIAS (an int token id, a number), got 'x=1'"),
+                        (["--samples", "2"], "--samples 2 needs --temperature > 0"),
                         ([], "no tokenizer.model in")):
         argv = ["--ckpt-dir", str(tp_checkpoints / "one_shard"), "--prompt", "x", "--device", "cpu"] + args
         assert main(argv) == 2

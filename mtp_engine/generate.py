@@ -473,10 +473,7 @@ class Generator:
                     prompts, seqs, tree_spec, sampling, logprobs, start, stream, shares)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
-                prompt_lp = []
-                for first in range(0, len(prompts), self.max_batch_size):
-                    prompt_lp += self._prefill(prompts[first:first + self.max_batch_size], want_prompt_logprobs=True)[1]
-                    forwards += 1
+                prompt_lp, forwards = self._score_prompts(prompts)
                 prefill_time = time.perf_counter() - start
             if tree_spec is not None:
                 extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
@@ -723,6 +720,21 @@ class Generator:
                     break
             stream(slots.row_seq)
         return refills, prefills
+
+    def _score_prompts(self, prompts: List[List[int]]) -> Tuple[List[List[float]], int]:
+        """The prompts' log-probs when nothing is generated (scoring, e.g. the choices of a
+        multiple-choice question after one context): prefills of max_batch_size prompts at a time,
+        each sharing prefixes between its rows as the first prefill does (`share_plan`). Returns
+        (log-probs per prompt, prefills run)."""
+        prompt_lp, batches = [], range(0, len(prompts), self.max_batch_size)
+        for first in batches:
+            batch = prompts[first:first + self.max_batch_size]
+            order, shares = list(range(len(batch))), None
+            if self.share_prefixes:
+                order, shares = share_plan(batch, True, self._forward_tokens())
+            scored = self._prefill([batch[k] for k in order], want_prompt_logprobs=True, shares=shares)[1]
+            prompt_lp += _in_caller_order(scored, order)
+        return prompt_lp, len(batches)
 
     def _prefill_row(self, prompts, seqs, slots: "_Slots", prompt_lp: list, i: int, row: int, logprobs: bool,
                      n_heads: int):

@@ -223,3 +223,26 @@ def test_gpu_shared_prefixes_equal_unshared_prefills():
         got, want = _both(model, prompts, rows=3, **kwargs)
         _same(got, want, speculative)
         assert got.stats["shared_prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("rows", [3, 5])
+def test_scoring_choices_after_one_context_shares_it(model, rows, monkeypatch):
+    """max_gen_len=0 with log-probs (scoring: a context and its candidate continuations): each batch
+    of rows computes the context once; the log-probs equal those computed whole, in the caller's order."""
+    monkeypatch.setattr("mtp_engine.generate.PREFILL_FORWARD_TOKENS_DEFAULT", 8)
+    rng = random.Random(12)
+    context = [rng.randrange(VOCAB) for _ in range(30)]
+    choices = [context + [rng.randrange(VOCAB) for _ in range(n)] for n in (1, 3, 1, 3, 1)]
+    # shares nothing: with 3 rows, the second batch computes it before the shorter prompt that shares
+    other = [(context[0] + 1) % VOCAB] + context[1:] + [1, 2, 3, 4]
+    prompts = [other] + choices
+    got, want = _both(model, prompts, rows, max_gen_len=0, logprobs=True)
+    _same(got, want, rows)
+    assert [len(lp) for lp in got.prompt_logprobs] == [len(p) for p in prompts]
+    assert got.stats["forwards"] == -(-len(prompts) // rows)
+    # in a batch, every prompt but one that starts with the context copies it (with log-probs, all
+    # of it but its last token)
+    by_length = sorted(prompts, key=len)
+    batches = [by_length[b:b + rows] for b in range(0, len(prompts), rows)]
+    assert got.stats["shared_prompt_tokens"] == sum(max(0, sum(p[0] == context[0] for p in batch) - 1)
+                                                    for batch in batches) * (len(context) - 1)

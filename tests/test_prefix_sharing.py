@@ -183,20 +183,22 @@ def test_n_samples_of_one_prompt_prefill_it_once(model, speculative, logprobs):
     assert len(set(map(tuple, got.tokens))) > 1   # the seeds give different samples
 
 
-def test_a_refill_copies_the_prefix_a_live_row_holds_generated_tokens_included(model):
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_a_refill_copies_the_prefix_a_live_row_holds_generated_tokens_included(model, logprobs):
     """Row 0 finishes first and takes a prompt that is the live row 1's prompt plus the first 6 tokens
     row 1 generated. Row 1 has fed back 4 of them by then (its 5th is the next step's input, with no
-    K/V yet): row 0 copies the prompt and those 4 from row 1 and computes its last 2 tokens."""
+    K/V yet): row 0 copies the prompt and those 4 from row 1 and computes its last 2 tokens (with
+    log-probs the last 3, the log-probs of the others taken from row 1's prompt and generated ones)."""
     rng = random.Random(3)
     short, long = [rng.randrange(VOCAB) for _ in range(2)], [rng.randrange(VOCAB) for _ in range(6)]
     first = Generator(model, max_batch_size=1, max_seq_len=48).generate([long], max_gen_len=12).tokens[0]
     follow = long + first[:6]
     prompts = [short, long, follow]
-    kwargs = dict(max_gen_len=[5, 12, 4])   # short finishes after the prefill and 4 steps
+    kwargs = dict(max_gen_len=[5, 12, 4], logprobs=logprobs)   # short finishes after the prefill and 4 steps
     got, want = _both(model, prompts, rows=2, **kwargs)
     _same(got, want, kwargs)
     assert got.tokens[1] == first
-    assert got.stats["shared_prompt_tokens"] == len(long) + 4
+    assert got.stats["shared_prompt_tokens"] == len(long) + 4 - logprobs
 
 
 def test_shared_prefixes_on_the_triton_path(triton_backend, monkeypatch):

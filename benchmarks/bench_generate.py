@@ -47,7 +47,8 @@ common.import_mtp_kernels()
 sys.path.insert(0, str(common.REPO_ROOT))
 
 from mtp_engine import ModelArgs, Transformer  # noqa: E402
-from mtp_engine.generate import Generator, read_tree_rates  # noqa: E402
+from mtp_engine.generate import Generator  # noqa: E402
+from mtp_engine.llama import read_tree_rates  # noqa: E402
 from mtp_engine.speculative import (TokenTree, build_tree, default_tree_name, expected_accept_length,  # noqa: E402
                                     prior_rates)
 

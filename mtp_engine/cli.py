@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_complete(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint
-    from .generate import Llama
+    from .llama import Llama
     from .speculative import tree_argument
     from .tokenizer import find_tokenizer
 
@@ -151,8 +151,9 @@ def run_complete(args: argparse.Namespace) -> int:
         raise ValueError("--heads and --tree need --speculative chain|tree")
     prompts = repeated_prompts(args.prompt, args.samples, args.temperature)
     if args.stream and len(prompts) != 1:
-        raise ValueError(f"--stream prints one completion as it is generated: give one --prompt and one sample, not "
-                         f"{len(args.prompt)} x {args.samples}")
+        asked = (f"one --prompt, not {len(args.prompt)}" if args.samples == 1 else
+                 f"one --prompt and --samples 1, not {len(args.prompt)} prompt(s) x --samples {args.samples}")
+        raise ValueError(f"--stream prints one completion as it is generated: give {asked}")
     tree = None if args.tree is None else tree_argument(args.tree)
     llama = Llama.build(args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len,
                         max_batch_size=len(prompts) if args.max_batch_size is None else args.max_batch_size,

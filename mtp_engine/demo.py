@@ -46,7 +46,8 @@ def run_trained_demo(ckpt_dir: Optional[str] = None, max_gen_len: int = 48, prom
                      tokenizer_path: Optional[str] = None) -> str:
     """Greedy completion of `prompt` by the default model, plain and tree-speculative; returns the text."""
     from .checkpoint import default_checkpoint, load_checkpoint
-    from .generate import Generator, read_tree_rates
+    from .generate import Generator
+    from .llama import read_tree_rates
     from .tokenizer import Tokenizer, find_tokenizer
 
     start = time.perf_counter()
@@ -109,7 +110,7 @@ def run_demo(out: Optional[str] = None, max_gen_len: int = 24) -> str:
 
 def _run(out: Path, max_gen_len: int) -> str:
     from .checkpoint import save_checkpoint
-    from .generate import Llama
+    from .llama import Llama
     from .model import Transformer
     from .tokenizer import train_tokenizer
 

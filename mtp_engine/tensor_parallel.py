@@ -182,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     `mtp complete` with the model split over N ranks; rank 0 prints."""
     from .cli import logit_bias_argument, print_completions, repeated_prompts
     from .distributed import cleanup, init_distributed
-    from .generate import Llama, resolve_dtype
+    from .llama import Llama, resolve_dtype
     from .tokenizer import Tokenizer, find_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m mtp_engine.tensor_parallel", description=main.__doc__)

@@ -142,7 +142,7 @@ def test_complete_finds_tokenizer_next_to_checkpoint_and_samples(tiny_checkpoint
     (["--max-seq-len", str(10 ** 12)], "a rotary table of 2000000000000 positions (2 x max_seq_len) needs"),
     (["--samples", "0"], "--samples must be an int >= 1, got 0"),
     (["--samples", "2"], "--samples 2 needs --temperature > 0: greedy decoding gives 2 identical completions"),
-    (["--samples", "2", "--temperature", "1", "--stream"], "give one --prompt and one sample, not 1 x 2"),
+    (["--samples", "2", "--temperature", "1", "--stream"], "give one --prompt and --samples 1, not 1 prompt(s) x --samples 2"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_checkpoint, capsys, extra, match):
     ckpt, tok = tiny_checkpoint

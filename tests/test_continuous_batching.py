@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_engine.generate import Generator, Llama
+from mtp_engine.generate import Generator
+from mtp_engine.llama import Llama
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_speculative import VOCAB, drafting_model, emulate_cuda_graphs  # noqa: E402

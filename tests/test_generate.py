@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mtp_engine import ModelArgs, Transformer
-from mtp_engine.generate import Generator, GenerationResult, Llama
+from mtp_engine.generate import Generator, GenerationResult
+from mtp_engine.llama import Llama
 from mtp_engine.sampling import sample_top_p
 from mtp_kernels import linear_sample
 

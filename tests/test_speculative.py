@@ -299,7 +299,7 @@ def test_generator_default_tree_is_sized_to_the_batch_and_built_from_its_rates(m
 
 def test_tree_rates_read_from_a_checkpoint(tmp_path):
     from mtp_engine.checkpoint import default_checkpoint
-    from mtp_engine.generate import Llama, read_tree_rates
+    from mtp_engine.llama import Llama, read_tree_rates
 
     ckpt = default_checkpoint()
     rates = read_tree_rates(ckpt)

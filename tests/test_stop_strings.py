@@ -6,7 +6,8 @@ import torch
 
 from mtp_engine.checkpoint import default_checkpoint, load_checkpoint
 from mtp_engine.cli import _unescape, main
-from mtp_engine.generate import Generator, Llama
+from mtp_engine.generate import Generator
+from mtp_engine.llama import Llama
 from mtp_engine.tokenizer import Tokenizer
 
 PROMPTS = ["import os\n\ndef main(", "class Foo:\n    def __init__(self", "for i in range(", "x = ["]

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--stop", action="append", default=None, metavar="TEXT",
                           help="end a completion where its text reaches TEXT (repeatable; \\n, \\r and \\t in "
                                "TEXT are a newline, a carriage return and a tab), e.g. --stop '\\n\\n' --stop '\\ndef '")
+    complete.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                          help="end a completion at token ID, as at eos (not printed); repeatable")
     complete.add_argument("--stream", action="store_true",
                           help="print the completion as it is generated (one --prompt); a speculative step "
                                "prints all the tokens it accepted at once")
@@ -164,7 +166,7 @@ def run_complete(args: argparse.Namespace) -> int:
                                     min_p=args.min_p, max_gen_len=args.max_gen_len, speculative=args.speculative, heads=args.heads,
                                     tree=tree, on_tokens=on_tokens, stop=stop, repetition_penalty=args.repetition_penalty,
                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                    logit_bias=logit_bias_argument(args.logit_bias))
+                                    logit_bias=logit_bias_argument(args.logit_bias), stop_token_ids=args.stop_token_id)
     if args.stream:
         print("\n")
     else:

@@ -23,7 +23,7 @@ import operator
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,7 +47,8 @@ class GenerationResult:
     """tokens[b]: generated ids of prompt b (eos excluded); text[b]: their decoding (None without a tokenizer).
 
     finish_reasons[b]: "eos", "stop" (its text reached one of generate's stop strings: tokens[b]
-    ends with the token that completed it, text[b] ends before it), "max_gen_len", "max_seq_len"
+    ends with the token that completed it, text[b] ends before it; or it drew one of generate's
+    stop_token_ids, not kept, as eos is not), "max_gen_len", "max_seq_len"
     (the cache was full; a prompt of max_seq_len tokens generates nothing), or "cancelled" (generate's
     on_tokens returned True for it: tokens[b] are those handed over until then).
     logprobs[b] / prompt_logprobs[b]: only when generate(logprobs=True); prompt_logprobs[b][0] is 0.0
@@ -81,6 +82,8 @@ class SequenceState:
     limit: int
     limit_is_gen_len: bool = True  # False when the cache, not max_gen_len, set the limit
     eos_id: Optional[int] = None   # the token that ends it (not kept); None: none does
+    stop_ids: FrozenSet[int] = frozenset()   # more tokens that end it (not kept), finish "stop"
+    dropped_last: bool = False   # the last token produced ended it and was not kept (eos, a stop id)
     tokens: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
     produced: int = 0   # tokens produced, eos included
@@ -97,10 +100,10 @@ class SequenceState:
         return self.finish is not None
 
     def accept(self, token: int, logprob: Optional[float] = None) -> None:
-        """Append one produced token; finish on eos (not kept) or when the limit is reached."""
+        """Append one produced token; finish on eos or a stop id (not kept) or when the limit is reached."""
         self.produced += 1
-        if self.eos_id is not None and token == self.eos_id:
-            self.finish = "eos"
+        if token == self.eos_id or token in self.stop_ids:
+            self.finish, self.dropped_last = ("eos" if token == self.eos_id else "stop"), True
             return
         self.tokens.append(token)
         if logprob is not None:
@@ -127,7 +130,7 @@ class SequenceState:
             at = first_stop(decode(self.tokens[:end]), self.stop, start)
             if at is not None:
                 # what the forward produced past it (an eos included) is not output: not counted
-                self.produced -= len(self.tokens) - end + (self.finish == "eos")
+                self.produced -= len(self.tokens) - end + self.dropped_last
                 del self.tokens[end:], self.logprobs[end:]
                 self.finish, self.stop_char = "stop", at
                 return
@@ -286,7 +289,7 @@ class Generator:
                  top_p=1.0, speculative: Optional[str] = None, heads=None, tree=None,
                  seed=None, eos_id=None, logprobs: bool = False, on_tokens=None, stop=None,
                  top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0, logit_bias=None) -> GenerationResult:
+                 frequency_penalty=0.0, logit_bias=None, stop_token_ids=None) -> GenerationResult:
         """Continue every prompt; prompts may differ in length, and there may be more of them than
         max_batch_size: the shortest max_batch_size start in the cache rows, and a row whose sequence
         is done (finished or cancelled) takes the next waiting prompt, shortest first (continuous
@@ -366,6 +369,9 @@ class Generator:
         string. Matched against the completion's own text (as `text` has it: SentencePiece drops the
         first piece's leading space), on the host after each forward; streamed tokens are handed
         over after that check.
+        stop_token_ids: token ids that end a completion as eos does (not kept, finish "stop"; vLLM's
+        stop_token_ids, e.g. a chat model's end-of-turn token beside its eos): a list of ints for
+        every prompt, or a list with one such list (or None) per prompt.
         """
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
@@ -404,6 +410,7 @@ class Generator:
         tree_spec = self._check_speculative(speculative, heads, tree, rows=min(len(prompts), self.max_batch_size))
         eos_ids = [self._resolve_eos(e, label) for e, label in zip(*per_prompt_values(eos_id, len(order), "eos_id"))]
         stops = self._check_stop(stop, len(order))
+        stop_ids = self._check_stop_token_ids(stop_token_ids, len(order))
         self._ensure_caches(tree_spec.size if tree_spec is not None else 1)
         if self._graphs is not None:
             self._graphs.start_call()
@@ -412,7 +419,7 @@ class Generator:
         for b, p in zip(order, prompts):
             room, gen_len = self.max_seq_len - len(p), gen_lens[b]
             seq = SequenceState(prompt=p, limit=min(gen_len, room), limit_is_gen_len=gen_len <= room,
-                                eos_id=eos_ids[b], stop=stops[b],
+                                eos_id=eos_ids[b], stop_ids=stop_ids[b], stop=stops[b],
                                 stop_text=TextStream(self.tokenizer) if stops[b] else None)
             if seq.limit == 0:
                 seq.finish = "max_gen_len" if seq.limit_is_gen_len else "max_seq_len"
@@ -1084,6 +1091,30 @@ class Generator:
             raise ValueError("stop strings need the Generator's tokenizer (Generator(model, tokenizer, ...)) "
                              "to read the text")
         return stops
+
+    def _check_stop_token_ids(self, stop_token_ids, n: int) -> List[FrozenSet[int]]:
+        """generate's stop_token_ids as a set of token ids per prompt; ValueError naming what is wrong."""
+        vocab = self.model.vocab_size
+
+        def ids(value, label):
+            if value is None:
+                return frozenset()
+            if not isinstance(value, (list, tuple, set, frozenset)):
+                raise ValueError(f"{label} must be a list of int token ids, got {value!r}")
+            out = set()
+            for token in value:
+                token = integer(token)
+                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                    raise ValueError(f"{label}: {token!r} is not a token id of this model (an int in [0, {vocab}))")
+                out.add(token)
+            return frozenset(out)
+        if isinstance(stop_token_ids, (list, tuple)) and stop_token_ids and all(
+                v is None or isinstance(v, (list, tuple, set, frozenset)) for v in stop_token_ids):
+            if len(stop_token_ids) != n:
+                raise ValueError(f"stop_token_ids: a list of lists needs one entry per prompt, got "
+                                 f"{len(stop_token_ids)} for {n} prompt(s)")
+            return [ids(v, f"stop_token_ids[{i}]") for i, v in enumerate(stop_token_ids)]
+        return [ids(stop_token_ids, "stop_token_ids")] * n
 
     def _resolve_eos(self, eos_id: Optional[int], label: str = "eos_id") -> Optional[int]:
         if eos_id is None and self.tokenizer is not None:

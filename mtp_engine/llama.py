@@ -105,10 +105,10 @@ class Llama:
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, *,
                  speculative: Optional[str] = None, heads: Optional[int] = None, tree=None, on_tokens=None,
                  stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                 logit_bias=None):
+                 logit_bias=None, stop_token_ids=None):
         """The release's Llama.generate: (token lists, logprob lists or None); echo prefixes the prompt.
-        speculative, heads, tree, on_tokens, stop, top_k, min_p, the three penalties and logit_bias
-        (keyword-only, not in the release): as in Generator.generate (on_tokens gets the generated tokens only, echo
+        speculative, heads, tree, on_tokens, stop, top_k, min_p, the three penalties, logit_bias and
+        stop_token_ids (keyword-only, not in the release): as in Generator.generate (on_tokens gets the generated tokens only, echo
         or not).
         Two differences: an eos inside an echoed prompt is kept with everything after it (the release
         cuts the echoed output at the prompt's first eos; only generated tokens stop at eos), and more
@@ -118,7 +118,8 @@ class Llama:
                                       top_p=top_p, logprobs=logprobs, speculative=speculative, heads=heads,
                                       tree=tree, on_tokens=on_tokens, stop=stop, top_k=top_k, min_p=min_p,
                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                      frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+                                      frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                                      stop_token_ids=stop_token_ids)
         self.last_stats = res.stats
         out_tokens, out_logprobs = [], []
         for b, prompt in enumerate(prompt_tokens):
@@ -132,10 +133,10 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
                         speculative: Optional[str] = None, heads: Optional[int] = None, tree=None,
                         on_tokens=None, stop=None, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                        frequency_penalty=0.0, logit_bias=None) -> List[dict]:
+                        frequency_penalty=0.0, logit_bias=None, stop_token_ids=None) -> List[dict]:
         """[{"generation": str}] per prompt (plus "tokens" and "logprobs" when logprobs=True).
         speculative, heads, tree: self-speculative decoding, as in Generator.generate; top_k, min_p, the
-        three penalties, logit_bias and on_tokens too
+        three penalties, logit_bias, stop_token_ids and on_tokens too
         (token ids as they come: `tokenizer.TextStream` turns them into text pieces), and stop (the
         generation then ends before the stop string; "tokens" end with the one that completed it)."""
         if isinstance(prompts, str):
@@ -147,7 +148,7 @@ class Llama:
                                     speculative=speculative, heads=heads, tree=tree, on_tokens=on_tokens, stop=stop,
                                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                    logit_bias=logit_bias)
+                                    logit_bias=logit_bias, stop_token_ids=stop_token_ids)
         generations = [self.tokenizer.decode(t) for t in tokens]
         res = self.last_result
         for b, reason in enumerate(res.finish_reasons):

@@ -199,6 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=None,
                         help="add BIAS to token ID's logit; repeat for more tokens")
+    parser.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                        help="end a completion at token ID, as at eos; repeatable")
     parser.add_argument("--max-gen-len", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -232,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                         min_p=args.min_p, max_gen_len=args.max_gen_len,
                                         repetition_penalty=args.repetition_penalty,
                                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                        logit_bias=logit_bias)
+                                        logit_bias=logit_bias, stop_token_ids=args.stop_token_id)
         if env.is_main:
             print_completions(args.prompt, results, args.samples)
     except (OSError, ValueError, NotImplementedError) as e:

@@ -219,3 +219,70 @@ def test_a_stop_string_before_a_character_still_missing_bytes_is_found(gen):
     assert seq.finish == "max_gen_len"
     seq.check_stop()
     assert seq.finish == "stop" and tok.decode(seq.tokens)[:seq.stop_char] == "x = 1"
+
+
+# ------------------------------------------------------------------------------ stop token ids
+@pytest.mark.parametrize("speculative", [None, "chain", "tree"])
+def test_stop_token_ids_end_as_eos_does(gen, speculative):
+    """stop_token_ids end a completion exactly where an eos of that id would (not kept, the same
+    tokens, log-probs and tokens per forward), with finish "stop"; per prompt, or one list for all."""
+    prompts = _encoded(gen.tokenizer)
+    free = gen.generate(prompts, max_gen_len=30)
+    # per prompt, a token it generates on its way (its 6th), and one it never generates
+    ids = [[t[5], gen.tokenizer.eos_id] for t in free.tokens]
+    ids[1] = None
+    res = gen.generate(prompts, max_gen_len=30, stop_token_ids=ids, speculative=speculative, logprobs=True)
+    for b, (tokens, stop) in enumerate(zip(free.tokens, ids)):
+        if stop is None:
+            assert res.tokens[b] == tokens and res.finish_reasons[b] == free.finish_reasons[b]
+            continue
+        assert res.finish_reasons[b] == "stop"
+        assert res.tokens[b] == tokens[:tokens.index(tokens[5])] and len(res.logprobs[b]) == len(res.tokens[b])
+        as_eos = gen.generate([prompts[b]], max_gen_len=30, eos_id=tokens[5], speculative=speculative)
+        assert as_eos.tokens[0] == res.tokens[b] and as_eos.finish_reasons == ["eos"]
+        assert res.text[b] == gen.tokenizer.decode(res.tokens[b])
+    one = gen.generate(prompts, max_gen_len=30, stop_token_ids=[free.tokens[0][5]], speculative=speculative)
+    for b, tokens in enumerate(free.tokens):
+        cut = tokens.index(free.tokens[0][5]) if free.tokens[0][5] in tokens else len(tokens)
+        assert one.tokens[b] == tokens[:cut]
+        assert one.finish_reasons[b] == ("stop" if cut < len(tokens) else free.finish_reasons[b])
+
+
+def test_a_stop_token_after_a_stop_string_in_one_step_is_not_counted():
+    """As for eos: when one step accepts past a stop string and then draws a stop id, neither the
+    tokens after the string nor the stop id count as produced."""
+    from mtp_engine.generate import SequenceState
+    from mtp_engine.tokenizer import TextStream
+
+    tok = Tokenizer(str(default_checkpoint() / "tokenizer.model"))
+    head, tail = tok.encode("x = 1", bos=False, eos=False), tok.encode("\n\ny = 2", bos=False, eos=False)
+    seq = SequenceState(prompt=[1], limit=50, stop_ids=frozenset({7}), stop=("\n\n",), stop_text=TextStream(tok))
+    for i in head + tail + [7]:
+        seq.accept(i)
+    assert seq.finish == "stop" and seq.produced == len(head) + len(tail) + 1
+    seq.check_stop()
+    assert seq.finish == "stop" and tok.decode(seq.tokens)[:seq.stop_char] == "x = 1"
+    assert seq.produced == len(seq.tokens)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("x", "stop_token_ids must be a list of int token ids, got 'x'"),
+    (5, "stop_token_ids must be a list of int token ids, got 5"),
+    ([1.5], "stop_token_ids: 1.5 is not a token id of this model (an int in [0, 8192))"),
+    ([8192], "stop_token_ids: 8192 is not a token id"),
+    ([True], "stop_token_ids: True is not a token id"),
+    ([[1], None], "stop_token_ids: a list of lists needs one entry per prompt, got 2 for 4 prompt(s)"),
+    ([[1], None, [-1], [2]], "stop_token_ids[2]: -1 is not a token id"),
+])
+def test_bad_stop_token_ids_are_clear_errors(gen, value, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        gen.generate(_encoded(gen.tokenizer), max_gen_len=2, stop_token_ids=value)
+
+
+def test_cli_stop_token_id(gen, capsys):
+    tokens = gen.generate(_encoded(gen.tokenizer)[:1], max_gen_len=20).tokens[0]
+    stop = tokens[3]
+    assert main(["complete", "--prompt", PROMPTS[0], "--max-gen-len", "20", "--device", "cpu",
+                 "--stop-token-id", str(stop)]) == 0
+    printed = capsys.readouterr().out.split("> ", 1)[1].rsplit("\n\n[stats]", 1)[0]
+    assert printed == gen.tokenizer.decode(tokens[:tokens.index(stop)])

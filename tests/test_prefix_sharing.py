@@ -13,6 +13,7 @@ from mtp_engine.generate import Generator
 from mtp_engine.prefix_sharing import best_source, cached_tokens, common_prefix_len, share_plan, usable_prefix
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_continuous_batching import _same  # noqa: E402
 from test_generate import make_model, naive_greedy  # noqa: E402
 from test_speculative import VOCAB, drafting_model  # noqa: E402
 
@@ -20,17 +21,6 @@ from test_speculative import VOCAB, drafting_model  # noqa: E402
 @pytest.fixture(scope="module")
 def model():
     return drafting_model(heads=3)[0]   # drafts partly right: speculation accepts some
-
-
-def _same(got, want, context):
-    assert got.tokens == want.tokens, context
-    assert got.finish_reasons == want.finish_reasons, context
-    for name in ("logprobs", "prompt_logprobs"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert (a is None) == (b is None), context
-        for x, y in zip(a or [], b or []):
-            assert len(x) == len(y), (name, context)
-            assert x == pytest.approx(y, rel=1e-5, abs=1e-5), (name, context)
 
 
 def _both(model, prompts, rows, **kwargs):

@@ -770,7 +770,7 @@ class Generator:
         forward_tokens = self._forward_tokens()
         independent = len(prompts) if shares is None else sum(share is None for share in shares)
         if shares is not None and any(share is not None for share in shares[:independent]):
-            raise ValueError("_prefill: the rows that share a prefix must come after the others")
+            raise RuntimeError("_prefill: the rows that share a prefix must come after the others")
         last, prompt_lp = [], []
         for start, end in prefill_groups([len(p) for p in prompts[:independent]], forward_tokens):
             group_last, group_lp = self._prefill_rows(prompts[start:end], start, want_prompt_logprobs, n_heads)

@@ -814,6 +814,11 @@ class Generator:
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
         first_slots = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        # A chunk writes every row's slots start + t0 .. start + t1 - 1, padding included: with
+        # shared prefixes a row of a long prefix and a short rest, padded to a longer rest beside it,
+        # would write past the cache; chunks stop at the room of the rows still in them (which is at
+        # least their rest, so each chunk moves on).
+        room = [self.model.cache_len - s for s in starts]
         budget = PREFILL_CHUNK_TOKENS.get(self.device.type, PREFILL_CHUNK_TOKENS_DEFAULT)
         ends = torch.tensor(lengths, device=self.device) - 1   # each row's last prompt position, from its start
         last = None
@@ -821,7 +826,7 @@ class Generator:
         t0 = 0
         while t0 < T:
             r = bisect.bisect_right(lengths, t0)   # rows r.. still have prompt at position t0
-            t1 = min(T, t0 + max(1, budget // (B - r)))
+            t1 = min(T, t0 + max(1, budget // (B - r)), min(room[r:]))
             hidden = self.model.forward_cached(tokens[r:, t0:t1], first_slots[r:] + t0,
                                                n_heads=n_heads, first_row=first_row + r)  # (B - r, t1 - t0, n_heads, D)
             self._prefill_forwards += 1

@@ -238,3 +238,22 @@ def test_scoring_choices_after_one_context_shares_it(model, rows, monkeypatch):
     batches = [by_length[b:b + rows] for b in range(0, len(prompts), rows)]
     assert got.stats["shared_prompt_tokens"] == sum(max(0, sum(p[0] == context[0] for p in batch) - 1)
                                                     for batch in batches) * (len(context) - 1)
+
+
+def test_a_long_shared_prefix_padded_to_a_longer_rest_stays_in_the_cache(model, monkeypatch):
+    """Sharing rows prefill together, right-padded to the longest rest: a row that shares 61 of its
+    62 tokens beside one that computes 40 would write pad slots past a 64-slot cache; the chunk
+    stops at the room of its rows instead (a helper's review found the overflow)."""
+    # a forward's price high enough for the two sharing rows to go in one group, low enough for sharing
+    monkeypatch.setattr("mtp_engine.generate.PREFILL_FORWARD_TOKENS_DEFAULT", 60)
+    rng = random.Random(0)
+    long_source = [1] + [rng.randrange(VOCAB) for _ in range(60)]
+    short_source = [9] * 5
+    prompts = [short_source, short_source[:4] + [rng.randrange(1, 9) for _ in range(40)], long_source,
+               long_source + [5]]
+    got = Generator(model, max_batch_size=4, max_seq_len=64).generate(prompts, max_gen_len=2, logprobs=True)
+    want = Generator(model, max_batch_size=4, max_seq_len=64, share_prefixes=False).generate(
+        prompts, max_gen_len=2, logprobs=True)
+    _same(got, want, "overflow")
+    assert got.stats["shared_prompt_tokens"] == 3 + 60
+    assert got.stats["prefill_forwards"] == 1 + 2   # the sources; the sharing rows in two chunks

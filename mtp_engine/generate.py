@@ -57,8 +57,9 @@ class GenerationResult:
     for the first prefill and one for each refill of a row by a waiting prompt, or one per batch of
     max_batch_size prompts when nothing is generated), prefill_forwards (the forwards all prefills
     ran, one per group of similar prompt lengths and chunk of PREFILL_CHUNK_TOKENS, plus one per
-    group of the rows that share a prefix), shared_prompt_tokens (prompt tokens whose K/V was
-    copied from a row holding them, not computed: Generator's share_prefixes),
+    group of the rows that share a prefix), shared_prompt_tokens (prompt tokens not computed: their
+    K/V was copied from a row holding them, or left in place in the row's own slots by its finished
+    sequence; Generator's share_prefixes),
     tokens_per_forward (tokens produced per sequence per forward it took part in, eos included: 1.0
     for plain decoding), prefill_time_s (the first prefill's: refills are inside the steps' time),
     wall_time_s, tokens_per_s, finish_counts (sequences per finish reason). Self-speculative calls
@@ -747,7 +748,7 @@ class Generator:
         another row's, copied) when share_prefixes is on."""
         prompt, start, source_lp = prompts[i], 0, None
         if self.share_prefixes:
-            held = [None if slots.parked[r] else cached_tokens(prompts[j], seqs[j].tokens)[:len(prompt)]
+            held = [None if slots.parked[r] else cached_tokens(prompts[j], seqs[j].tokens, len(prompt))
                     for r, j in enumerate(slots.row_seq)]
             source, start = best_source(prompt, held, row, logprobs)
             if start:

@@ -52,12 +52,16 @@ def usable_prefix(common: int, length: int, logprobs: bool) -> int:
     return max(0, min(common - int(logprobs), length - 1))
 
 
-def cached_tokens(prompt: Sequence[int], tokens: Sequence[int]) -> List[int]:
+def cached_tokens(prompt: Sequence[int], tokens: Sequence[int], limit: Optional[int] = None) -> List[int]:
     """The tokens whose K/V a row holds, in slot order, for a sequence with this prompt and these
     kept tokens: the prompt (its prefill wrote every slot) and each kept token but the last (fed to
-    a later forward, by a decode or a verify step). Conservative: a token dropped after a stop
-    string or an eos (not kept) may have K/V too."""
-    return list(prompt) + list(tokens[:-1])
+    a later forward, by a decode or a verify step); the first `limit` of them only (a refill
+    compares them with a prompt of that length: no list of the whole sequence per row). Conservative:
+    a token dropped after a stop string or an eos (not kept) may have K/V too."""
+    limit = len(prompt) + len(tokens) if limit is None else limit
+    if limit <= len(prompt):
+        return list(prompt[:limit])
+    return list(prompt) + list(tokens[:max(0, min(len(tokens) - 1, limit - len(prompt)))])
 
 
 def best_source(prompt: Sequence[int], rows: Sequence[Optional[Sequence[int]]], prefer: int,

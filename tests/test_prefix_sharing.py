@@ -59,6 +59,9 @@ def test_usable_prefix_keeps_the_last_token_and_the_log_prob_context():
 def test_cached_tokens_and_best_source():
     assert cached_tokens([1, 2], []) == [1, 2]
     assert cached_tokens([1, 2], [7, 8, 9]) == [1, 2, 7, 8]   # the last kept token has no K/V yet
+    for limit in range(7):   # the first `limit` only, never the last kept token
+        assert cached_tokens([1, 2], [7, 8, 9], limit) == [1, 2, 7, 8][:limit], limit
+        assert cached_tokens([1, 2], [], limit) == [1, 2][:limit], limit
     rows = [[1, 2, 3, 4], None, [1, 2, 3, 4], [1, 2]]
     assert best_source([1, 2, 3, 4, 5], rows, prefer=3, logprobs=False) == (0, 4)
     assert best_source([1, 2, 3, 4, 5], rows, prefer=2, logprobs=False) == (2, 4)   # a tie: no copy

@@ -60,11 +60,11 @@ def cases(context: int, vocab_size: int, g: torch.Generator) -> dict:
 @contextlib.contextmanager
 def no_sharing(gen: Generator):
     """Every prompt computed whole (grouping unchanged)."""
-    gen.share_prefixes = False
+    saved, gen.share_prefixes = gen.share_prefixes, False
     try:
         yield
     finally:
-        gen.share_prefixes = True
+        gen.share_prefixes = saved
 
 
 @contextlib.contextmanager

@@ -478,7 +478,7 @@ class Generator:
                     prompts, seqs, tree_spec, sampling, logprobs, start, stream, shares)
         else:
             if logprobs:   # nothing to generate, but the prompts' log-probs were asked for
-                prompt_lp, forwards = self._score_prompts(prompts)
+                prompt_lp, forwards = self._score_prompts(prompts, shares)
                 prefill_time = time.perf_counter() - start
             if tree_spec is not None:
                 extra = _speculative_stats(tree_spec, SpeculativeCounters(tree_spec.max_depth))
@@ -726,16 +726,17 @@ class Generator:
             stream(slots.row_seq)
         return refills, prefills
 
-    def _score_prompts(self, prompts: List[List[int]]) -> Tuple[List[List[float]], int]:
+    def _score_prompts(self, prompts: List[List[int]], first_shares=None) -> Tuple[List[List[float]], int]:
         """The prompts' log-probs when nothing is generated (scoring, e.g. the choices of a
         multiple-choice question after one context): prefills of max_batch_size prompts at a time,
-        each sharing prefixes between its rows as the first prefill does (`share_plan`). Returns
+        each sharing prefixes between its rows as the first prefill does (`share_plan`; the first
+        batch is generate's first rows, already in the order of its plan, first_shares). Returns
         (log-probs per prompt, prefills run)."""
         prompt_lp, batches = [], range(0, len(prompts), self.max_batch_size)
         for first in batches:
             batch = prompts[first:first + self.max_batch_size]
-            order, shares = list(range(len(batch))), None
-            if self.share_prefixes:
+            order, shares = list(range(len(batch))), first_shares if first == 0 else None
+            if self.share_prefixes and first:
                 order, shares = share_plan(batch, True, self._forward_tokens())
             scored = self._prefill([batch[k] for k in order], want_prompt_logprobs=True, shares=shares)[1]
             prompt_lp += _in_caller_order(scored, order)
@@ -750,7 +751,7 @@ class Generator:
         if self.share_prefixes:
             held = [None if slots.parked[r] else cached_tokens(prompts[j], seqs[j].tokens, len(prompt))
                     for r, j in enumerate(slots.row_seq)]
-            source, start = best_source(prompt, held, row, logprobs)
+            source, start = best_source(prompt, held, logprobs, prefer=row)
             if start:
                 self.model.copy_cache_prefix(source, row, start)
                 self._shared_prompt_tokens += start
@@ -768,25 +769,26 @@ class Generator:
         compute the rest (by the length left, shortest first). Returns the normed hidden
         (B, n_heads, D) of the first n_heads heads at each prompt's last position and, if asked,
         per-prompt log-probs of each prompt token given the ones before it."""
-        forward_tokens = self._forward_tokens()
         independent = len(prompts) if shares is None else sum(share is None for share in shares)
         if shares is not None and any(share is not None for share in shares[:independent]):
             raise RuntimeError("_prefill: the rows that share a prefix must come after the others")
         last, prompt_lp = [], []
-        for start, end in prefill_groups([len(p) for p in prompts[:independent]], forward_tokens):
-            group_last, group_lp = self._prefill_rows(prompts[start:end], start, want_prompt_logprobs, n_heads)
-            last.append(group_last)
-            prompt_lp += group_lp or []
-        if independent < len(prompts):
-            rest, starts = prompts[independent:], [length for _, length in shares[independent:]]
-            for row, (source, length) in enumerate(shares[independent:], independent):
-                self.model.copy_cache_prefix(source, row, length)
+        # the independent rows from slot 0, then the sharing rows from the end of their copied prefix
+        for first, end in ((0, independent), (independent, len(prompts))):
+            if first == end:
+                continue
+            starts = [0] * (end - first) if first == 0 else [length for _, length in shares[first:end]]
+            for row, start in enumerate(starts, first):
+                if start:
+                    self.model.copy_cache_prefix(shares[row][0], row, start)
             self._shared_prompt_tokens += sum(starts)
-            prefix_lp = [prompt_lp[source] for source, _ in shares[independent:]] if want_prompt_logprobs else None
-            for start, end in prefill_groups([len(p) - s for p, s in zip(rest, starts)], forward_tokens):
-                group_last, group_lp = self._prefill_rows(rest[start:end], independent + start, want_prompt_logprobs,
-                                                          n_heads, starts[start:end],
-                                                          prefix_lp and prefix_lp[start:end])
+            prefix_lp = None
+            if want_prompt_logprobs and first:
+                prefix_lp = [prompt_lp[source] for source, _ in shares[first:end]]
+            rest = [len(p) - s for p, s in zip(prompts[first:end], starts)]
+            for a, b in prefill_groups(rest, self._forward_tokens()):
+                group_last, group_lp = self._prefill_rows(prompts[first + a:first + b], first + a, want_prompt_logprobs,
+                                                          n_heads, starts[a:b], prefix_lp and prefix_lp[a:b])
                 last.append(group_last)
                 prompt_lp += group_lp or []
         last = torch.cat(last)
@@ -1087,12 +1089,7 @@ class Generator:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{label} must be a non-empty str or a list of them, got {value!r}")
             return tuple(value)
-        if isinstance(stop, (list, tuple)) and any(isinstance(v, (list, tuple)) or v is None for v in stop):
-            if len(stop) != n:
-                raise ValueError(f"stop: a list of lists needs one entry per prompt, got {len(stop)} for {n} prompt(s)")
-            stops = [strings(v, f"stop[{i}]") for i, v in enumerate(stop)]
-        else:
-            stops = [strings(stop, "stop")] * n
+        stops = per_prompt_lists(stop, n, "stop", strings)
         if any(stops) and self.tokenizer is None:
             raise ValueError("stop strings need the Generator's tokenizer (Generator(model, tokenizer, ...)) "
                              "to read the text")
@@ -1114,13 +1111,7 @@ class Generator:
                     raise ValueError(f"{label}: {token!r} is not a token id of this model (an int in [0, {vocab}))")
                 out.add(token)
             return frozenset(out)
-        if isinstance(stop_token_ids, (list, tuple)) and stop_token_ids and all(
-                v is None or isinstance(v, (list, tuple, set, frozenset)) for v in stop_token_ids):
-            if len(stop_token_ids) != n:
-                raise ValueError(f"stop_token_ids: a list of lists needs one entry per prompt, got "
-                                 f"{len(stop_token_ids)} for {n} prompt(s)")
-            return [ids(v, f"stop_token_ids[{i}]") for i, v in enumerate(stop_token_ids)]
-        return [ids(stop_token_ids, "stop_token_ids")] * n
+        return per_prompt_lists(stop_token_ids, n, "stop_token_ids", ids)
 
     def _resolve_eos(self, eos_id: Optional[int], label: str = "eos_id") -> Optional[int]:
         if eos_id is None and self.tokenizer is not None:
@@ -1292,6 +1283,18 @@ def _hand_over(seqs: List[SequenceState], visit: Sequence[int], order: List[int]
             extra = (seq.logprobs[len(seq.tokens) - len(new):],) if logprobs else ()
             if on_tokens(order[i], new, seq.finish, *extra) is True and not seq.done:
                 seq.finish, seq.told_finish = "cancelled", True
+
+
+def per_prompt_lists(value, n: int, name: str, convert) -> list:
+    """An argument whose value is itself a list (stop strings, stop token ids) for n prompts: one
+    value for every prompt, or a list with one entry (a list, or None) per prompt, told apart by
+    entries that are lists or None. convert(entry, label) checks and converts one entry."""
+    if isinstance(value, (list, tuple)) and any(v is None or isinstance(v, (list, tuple, set, frozenset))
+                                                for v in value):
+        if len(value) != n:
+            raise ValueError(f"{name}: a list of lists needs one entry per prompt, got {len(value)} for {n} prompt(s)")
+        return [convert(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return [convert(value, name)] * n
 
 
 def _in_caller_order(items: list, order: List[int]) -> list:

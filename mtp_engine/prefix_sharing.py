@@ -64,11 +64,11 @@ def cached_tokens(prompt: Sequence[int], tokens: Sequence[int], limit: Optional[
     return list(prompt) + list(tokens[:max(0, min(len(tokens) - 1, limit - len(prompt)))])
 
 
-def best_source(prompt: Sequence[int], rows: Sequence[Optional[Sequence[int]]], prefer: int,
-                logprobs: bool) -> Tuple[int, int]:
+def best_source(prompt: Sequence[int], rows: Sequence[Optional[Sequence[int]]], logprobs: bool,
+                prefer: Optional[int] = None) -> Tuple[Optional[int], int]:
     """(row, usable length) of the row whose cached tokens (`rows[r]`, None for a row holding
-    nothing usable) give `prompt` the longest usable prefix, `prefer` (the row taking the prompt:
-    no copy) on a tie; (prefer, 0) when none gives any."""
+    nothing usable) give `prompt` the longest usable prefix: `prefer` (the row taking the prompt:
+    no copy) on a tie, else the first; (prefer, 0) when none gives any."""
     best_row, best = prefer, 0
     for row, held in enumerate(rows):
         if held is None:
@@ -93,15 +93,11 @@ def share_plan(prompts: Sequence[Sequence[int]], logprobs: bool,
     sources: List[int] = []
     shared = {}
     for i, prompt in enumerate(prompts):
-        best_source_i, best = None, 0
-        for s in sources:
-            usable = usable_prefix(common_prefix_len(prompt, prompts[s]), len(prompt), logprobs)
-            if usable > best:
-                best_source_i, best = s, usable
-        if best_source_i is None:
-            sources.append(i)
+        k, best = best_source(prompt, [prompts[s] for s in sources], logprobs)
+        if best:
+            shared[i] = (sources[k], best)
         else:
-            shared[i] = (best_source_i, best)
+            sources.append(i)
     if sum(length for _, length in shared.values()) < max(1, forward_tokens):
         return list(range(len(prompts))), [None] * len(prompts)
     dependents = sorted(shared, key=lambda i: (len(prompts[i]) - shared[i][1], i))

@@ -65,8 +65,10 @@ def test_cached_tokens_and_best_source():
     rows = [[1, 2, 3, 4], None, [1, 2, 3, 4], [1, 2]]
     assert best_source([1, 2, 3, 4, 5], rows, prefer=3, logprobs=False) == (0, 4)
     assert best_source([1, 2, 3, 4, 5], rows, prefer=2, logprobs=False) == (2, 4)   # a tie: no copy
+    assert best_source([1, 2, 3, 4, 5], rows, logprobs=False) == (0, 4)   # no preference: the first
     assert best_source([1, 2, 3, 4, 5], rows, prefer=1, logprobs=True) == (0, 3)
     assert best_source([9, 2], rows, prefer=1, logprobs=False) == (1, 0)
+    assert best_source([9, 2], rows, logprobs=False) == (None, 0)
     assert best_source([1, 2, 3, 4, 5], [None, None], prefer=0, logprobs=False) == (0, 0)
 
 
